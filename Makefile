@@ -1,0 +1,55 @@
+# The two commands a user needs:
+#   make run   installs what is missing, builds, creates the tiny default model, starts lorad
+#   make test  installs what is missing, builds, runs every C++ (ctest) and Python (pytest) test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+BUILD_DIR ?= build
+CUDA ?= ON
+BUILD_TYPE ?= RelWithDebInfo
+CONFIG ?= deploy/lorad.yaml
+# Extra arguments for lorad under `make run`, e.g. ARGS="--model /models/Llama-3.2-1B".
+ARGS ?=
+export CCACHE_DIR ?= $(HOME)/.cache/ccache
+export CCACHE_MAXSIZE ?= 5G
+
+.PHONY: all setup configure build test test-cpp test-py run format clean
+
+all: build
+
+# deploy/setup.sh is idempotent and quick when everything is present; its last line holds the
+# paths the build needs (venv, tiny model, torch CMake config).
+$(BUILD_DIR)/setup.env: deploy/setup.sh deploy/requirements.txt tests/fixtures/make_tiny_model.py tests/fixtures/tiny_corpus.txt
+	@mkdir -p $(BUILD_DIR)
+	bash deploy/setup.sh | tail -n 1 | tr ' ' '\n' | sed 's/^/export /' > $@.tmp
+	@mv $@.tmp $@
+
+setup: $(BUILD_DIR)/setup.env
+
+configure: setup
+	source $(BUILD_DIR)/setup.env && \
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DLORAD_CUDA=$(CUDA) \
+	  -DCMAKE_PREFIX_PATH="$$LORAD_TORCH_CMAKE" -DCUDAToolkit_ROOT=/usr/local/cuda > $(BUILD_DIR)/configure.log || \
+	  { cat $(BUILD_DIR)/configure.log; exit 1; }
+
+build: configure
+	cmake --build $(BUILD_DIR)
+
+test-cpp: build
+	cd $(BUILD_DIR) && ctest --output-on-failure -j2
+
+test-py: build
+	source $(BUILD_DIR)/setup.env && \
+	LORAD_BUILD_DIR=$(abspath $(BUILD_DIR)) "$$LORAD_VENV/bin/python" -m pytest -q tests/e2e tests/parity
+
+test: test-cpp test-py
+
+run: build
+	source $(BUILD_DIR)/setup.env && \
+	exec $(BUILD_DIR)/server/lorad --config $(CONFIG) --model "$$LORAD_MODEL" $(ARGS)
+
+format:
+	find engine kernels server tests clients \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) \
+	  -print0 | xargs -0 clang-format -i
+
+clean:
+	rm -rf $(BUILD_DIR)

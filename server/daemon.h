@@ -1,0 +1,57 @@
+// Daemon: the lorad process. Owns the gRPC server, the HTTP endpoint, the metrics registry and
+// (from the engine issues on) the engine; main.cpp only parses flags and drives its lifecycle.
+//
+// Thread rules: Start() and Shutdown() are called from the main thread; the gRPC and HTTP
+// threads only read the ServingState and the metrics.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/model/model_config.h"
+#include "engine/runtime/device_info.h"
+#include "server/http_server.h"
+#include "server/metrics_registry.h"
+#include "server/server_config.h"
+#include "server/serving_state.h"
+
+namespace grpc {
+class Server;
+class Service;
+}  // namespace grpc
+
+namespace lorad::server {
+
+class Daemon {
+ public:
+  explicit Daemon(ServerConfig config);
+  ~Daemon();
+
+  // Checks the model folder, prepares the data folder, starts HTTP and gRPC. A failure leaves
+  // nothing listening. Model and config problems are INVALID_ARGUMENT / NOT_FOUND (exit code 2).
+  absl::Status Start();
+  // Reports NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops.
+  void Shutdown();
+
+  int grpc_port() const { return grpc_port_; }
+  const MetricsRegistry& metrics() const { return metrics_; }
+
+ private:
+  absl::Status StartGrpc();
+  void RegisterProcessMetrics();
+
+  ServerConfig config_;
+  ServingState state_;
+  MetricsRegistry metrics_;
+  engine::ModelConfig model_config_;
+  engine::DeviceInfo device_;
+  HttpServer http_;
+  std::vector<std::unique_ptr<grpc::Service>> services_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  int grpc_port_ = 0;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace lorad::server

@@ -1,0 +1,43 @@
+#include "server/http_server.h"
+
+#include <httplib.h>
+
+#include "absl/strings/str_cat.h"
+#include "server/server_config.h"
+
+namespace lorad::server {
+
+HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state)
+    : metrics_(metrics), state_(state), server_(std::make_unique<httplib::Server>()) {
+  server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_.Render(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  server_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    res.status = state_.Serving() ? 200 : 503;
+    res.set_content(state_.Name() + "\n", "text/plain");
+  });
+}
+
+HttpServer::~HttpServer() { Stop(); }
+
+absl::Status HttpServer::Start(const std::string& address) {
+  auto host_port = SplitHostPort(address);
+  if (!host_port.ok()) return host_port.status();
+  if (!server_->bind_to_port(host_port->first.c_str(), host_port->second)) {
+    return absl::UnavailableError(
+        absl::StrCat("server.http_address: cannot listen on ", address,
+                     " (port in use or address not local); choose another with --http-address"));
+  }
+  port_ = host_port->second;
+  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  return absl::OkStatus();
+}
+
+void HttpServer::Stop() {
+  if (thread_.joinable()) {
+    server_->stop();
+    thread_.join();
+  }
+}
+
+}  // namespace lorad::server

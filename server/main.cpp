@@ -1,0 +1,91 @@
+// lorad: the daemon. Flags and config in, Daemon started, signals wait, clean stop.
+// Exit codes: 0 after a clean stop, 2 for a bad config, flag or model folder, 1 otherwise.
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+
+#include "server/daemon.h"
+#include "server/server_config.h"
+
+namespace {
+
+constexpr int kExitRuntime = 1;
+constexpr int kExitUsage = 2;
+
+int Fail(int code, const std::string& message) {
+  std::cerr << "lorad: " << message << std::endl;
+  return code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using lorad::server::ServerConfig;
+  CLI::App app{"lorad: QLoRA fine-tuning and multi-adapter serving on one GPU"};
+  std::string config_path;
+  std::vector<std::pair<std::string, std::string>> overrides;  // key, value, in flag order
+  bool print_keys = false;
+  app.add_option("-c,--config", config_path, "YAML config file (deploy/lorad.yaml)");
+  auto add_override = [&](const std::string& flag, const std::string& key,
+                          const std::string& help) {
+    app.add_option_function<std::string>(
+        flag, [&overrides, key](const std::string& v) { overrides.emplace_back(key, v); },
+        help + " (overrides " + key + ")");
+  };
+  add_override("--model", "model.path", "Hugging Face model folder");
+  add_override("--device", "model.device", "auto, cpu or cuda");
+  add_override("--grpc-address", "server.grpc_address", "gRPC listen address host:port");
+  add_override("--http-address", "server.http_address", "HTTP (/metrics, /healthz) host:port");
+  add_override("--data-dir", "storage.data_dir", "folder for jobs, checkpoints and adapters");
+  add_override("--log-level", "logging.level", "trace, debug, info, warn or error");
+  app.add_flag("--print-config-keys", print_keys, "print every config key with its default");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : kExitUsage;
+  }
+
+  if (print_keys) {
+    for (const auto& [key, value] : lorad::server::ConfigKeysWithDefaults()) {
+      std::cout << key << ": " << value << "\n";
+    }
+    return 0;
+  }
+
+  ServerConfig config;
+  if (!config_path.empty()) {
+    auto loaded = lorad::server::LoadServerConfig(config_path);
+    if (!loaded.ok()) return Fail(kExitUsage, std::string(loaded.status().message()));
+    config = *loaded;
+  }
+  for (const auto& [key, value] : overrides) {
+    std::string flag = "flag for " + key;
+    auto status = lorad::server::ApplyConfigOverride(config, key, value, flag);
+    if (!status.ok()) return Fail(kExitUsage, std::string(status.message()));
+  }
+  if (auto status = lorad::server::ValidateServerConfig(config); !status.ok()) {
+    return Fail(kExitUsage, std::string(status.message()));
+  }
+  spdlog::set_level(spdlog::level::from_str(config.logging.level));
+
+  // Block the stop signals before any thread starts so only sigwait below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  lorad::server::Daemon daemon(config);
+  if (auto status = daemon.Start(); !status.ok()) {
+    const bool usage = absl::IsInvalidArgument(status) || absl::IsNotFound(status);
+    return Fail(usage ? kExitUsage : kExitRuntime, std::string(status.message()));
+  }
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  spdlog::info("received {}, shutting down", signal_number == SIGINT ? "SIGINT" : "SIGTERM");
+  daemon.Shutdown();
+  return 0;
+}

@@ -1,0 +1,101 @@
+// MetricsRegistry: counters, gauges and histograms with labels, rendered in the Prometheus text
+// exposition format (version 0.0.4) for /metrics. prometheus-cpp is not packaged here, and the
+// format is small.
+//
+// Thread rules: families are created at start-up (Add* is not meant for hot paths); Inc/Set/
+// Observe and Render may be called from any thread at any time.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace lorad::server {
+
+using LabelValues = std::vector<std::string>;
+
+class CounterFamily {
+ public:
+  // Adds `value` (>= 0) to the series with these label values (created at 0 on first use).
+  void Inc(const LabelValues& labels, double value = 1.0);
+  double Value(const LabelValues& labels) const;
+
+ private:
+  friend class MetricsRegistry;
+  mutable std::mutex mu_;
+  std::map<LabelValues, double> series_;
+};
+
+class GaugeFamily {
+ public:
+  void Set(const LabelValues& labels, double value);
+  void Add(const LabelValues& labels, double delta);
+  double Value(const LabelValues& labels) const;
+
+ private:
+  friend class MetricsRegistry;
+  mutable std::mutex mu_;
+  std::map<LabelValues, double> series_;
+};
+
+class HistogramFamily {
+ public:
+  explicit HistogramFamily(std::vector<double> upper_bounds);
+  void Observe(const LabelValues& labels, double value);
+
+ private:
+  friend class MetricsRegistry;
+  struct Series {
+    std::vector<double> bucket_counts;  // per upper bound, not cumulative; last is +Inf
+    double sum = 0;
+    double count = 0;
+  };
+  std::vector<double> upper_bounds_;  // sorted, finite
+  mutable std::mutex mu_;
+  std::map<LabelValues, Series> series_;
+};
+
+class MetricsRegistry {
+ public:
+  // Names must match [a-zA-Z_:][a-zA-Z0-9_:]*; label names [a-zA-Z_][a-zA-Z0-9_]*.
+  // Returned references stay valid for the registry's lifetime.
+  CounterFamily& AddCounter(const std::string& name, const std::string& help,
+                            std::vector<std::string> label_names = {});
+  GaugeFamily& AddGauge(const std::string& name, const std::string& help,
+                        std::vector<std::string> label_names = {});
+  // A label-less gauge whose value is computed at scrape time (uptime, memory in use).
+  void AddGaugeCallback(const std::string& name, const std::string& help,
+                        std::function<double()> value);
+  HistogramFamily& AddHistogram(const std::string& name, const std::string& help,
+                                std::vector<std::string> label_names,
+                                std::vector<double> upper_bounds);
+
+  // The whole registry in the text exposition format.
+  std::string Render() const;
+
+ private:
+  enum class Kind { kCounter, kGauge, kGaugeCallback, kHistogram };
+  struct Family {
+    std::string name;
+    std::string help;
+    Kind kind;
+    std::vector<std::string> label_names;
+    std::unique_ptr<CounterFamily> counter;
+    std::unique_ptr<GaugeFamily> gauge;
+    std::function<double()> callback;
+    std::unique_ptr<HistogramFamily> histogram;
+  };
+  Family& Add(const std::string& name, const std::string& help, Kind kind,
+              std::vector<std::string> label_names);
+
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<Family>> families_;  // in registration order
+};
+
+// Latency buckets in seconds, from 1 ms to 60 s, for RPC and request histograms.
+std::vector<double> LatencyBucketsSeconds();
+
+}  // namespace lorad::server

@@ -1,0 +1,233 @@
+#include "server/server_config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lorad::server {
+namespace {
+
+// How to set one key from a YAML scalar. `where` is "file:line" or "flag --x" for errors.
+using Setter =
+    std::function<absl::Status(ServerConfig&, const YAML::Node&, const std::string& where)>;
+
+struct Field {
+  Setter set;
+  std::function<std::string(const ServerConfig&)> show;  // the current value, as text
+};
+
+absl::Status TypeError(const std::string& where, const std::string& key, const std::string& want,
+                       const YAML::Node& node) {
+  std::string got = node.IsScalar()     ? absl::StrCat("'", node.Scalar(), "'")
+                    : node.IsMap()      ? "a mapping"
+                    : node.IsSequence() ? "a list"
+                                        : "nothing";
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, ": ", key, ": expected ", want, ", got ", got));
+}
+
+Field StringField(const std::string& key, std::function<std::string&(ServerConfig&)> ref,
+                  std::vector<std::string> allowed = {}) {
+  Field f;
+  f.set = [key, ref, allowed](ServerConfig& c, const YAML::Node& n,
+                              const std::string& where) -> absl::Status {
+    if (!n.IsScalar()) return TypeError(where, key, "a string", n);
+    const std::string v = n.Scalar();
+    if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", key, ": '", v, "' is not one of ",
+                                                     absl::StrJoin(allowed, ", ")));
+    }
+    ref(c) = v;
+    return absl::OkStatus();
+  };
+  f.show = [ref](const ServerConfig& c) { return ref(const_cast<ServerConfig&>(c)); };
+  return f;
+}
+
+Field IntField(const std::string& key, std::function<int64_t&(ServerConfig&)> ref, int64_t min,
+               int64_t max) {
+  Field f;
+  f.set = [key, ref, min, max](ServerConfig& c, const YAML::Node& n,
+                               const std::string& where) -> absl::Status {
+    int64_t v = 0;
+    if (!n.IsScalar() || !absl::SimpleAtoi(n.Scalar(), &v)) {
+      return TypeError(where, key, "an integer", n);
+    }
+    if (v < min || v > max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", key, ": ", v, " is out of range [", min, ", ", max, "]"));
+    }
+    ref(c) = v;
+    return absl::OkStatus();
+  };
+  f.show = [ref](const ServerConfig& c) {
+    return std::to_string(ref(const_cast<ServerConfig&>(c)));
+  };
+  return f;
+}
+
+// The schema: every key lorad knows, in file order. Add a key here and to ServerConfig.
+const std::map<std::string, Field>& Schema() {
+  static const auto* kSchema = new std::map<std::string, Field>{
+      {"model.path",
+       StringField("model.path", [](ServerConfig& c) -> std::string& { return c.model.path; })},
+      {"model.device",
+       StringField("model.device", [](ServerConfig& c) -> std::string& { return c.model.device; },
+                   {"auto", "cpu", "cuda"})},
+      {"server.grpc_address",
+       StringField("server.grpc_address",
+                   [](ServerConfig& c) -> std::string& { return c.server.grpc_address; })},
+      {"server.http_address",
+       StringField("server.http_address",
+                   [](ServerConfig& c) -> std::string& { return c.server.http_address; })},
+      {"server.max_request_bytes",
+       IntField(
+           "server.max_request_bytes",
+           [](ServerConfig& c) -> int64_t& { return c.server.max_request_bytes; }, 1024,
+           int64_t{1} << 30)},
+      {"server.shutdown_grace_seconds",
+       IntField(
+           "server.shutdown_grace_seconds",
+           [](ServerConfig& c) -> int64_t& { return c.server.shutdown_grace_seconds; }, 0, 3600)},
+      {"storage.data_dir",
+       StringField("storage.data_dir",
+                   [](ServerConfig& c) -> std::string& { return c.storage.data_dir; })},
+      {"logging.level",
+       StringField("logging.level", [](ServerConfig& c) -> std::string& { return c.logging.level; },
+                   {"trace", "debug", "info", "warn", "error"})},
+  };
+  return *kSchema;
+}
+
+std::string Where(const std::string& source, const YAML::Node& node) {
+  // yaml-cpp marks are 0-based.
+  return absl::StrCat(source, ":", node.Mark().line + 1);
+}
+
+// Walks a mapping, descending into sections, and sets every leaf through the schema.
+absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string& prefix,
+                  const std::string& source) {
+  for (const auto& kv : map) {
+    const std::string key = prefix.empty() ? kv.first.Scalar() : prefix + "." + kv.first.Scalar();
+    const auto& schema = Schema();
+    auto field = schema.find(key);
+    if (field != schema.end()) {
+      if (kv.second.IsNull()) continue;  // "key:" with no value keeps the default
+      auto status = field->second.set(config, kv.second, Where(source, kv.first));
+      if (!status.ok()) return status;
+      continue;
+    }
+    // A section is a key that prefixes some schema keys.
+    auto section = schema.lower_bound(key + ".");
+    if (section != schema.end() && section->first.rfind(key + ".", 0) == 0) {
+      if (!kv.second.IsMap()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(Where(source, kv.first), ": ", key, ": expected a mapping (section)"));
+      }
+      auto status = Walk(config, kv.second, key, source);
+      if (!status.ok()) return status;
+      continue;
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(source, kv.first), ": unknown key '", key,
+                     "' (see the config reference in README.md, or `lorad --print-config-keys`)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
+                                               const std::string& source) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
+  }
+  ServerConfig config;
+  if (root.IsNull()) return config;  // an empty file means all defaults
+  if (!root.IsMap()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ":1: expected a mapping of sections at the top level"));
+  }
+  try {
+    auto status = Walk(config, root, "", source);
+    if (!status.ok()) return status;
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ":", e.mark.line + 1, ": ", e.msg));
+  }
+  return config;
+}
+
+absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseServerConfig(text.str(), path);
+}
+
+absl::Status ApplyConfigOverride(ServerConfig& config, const std::string& key,
+                                 const std::string& value, const std::string& flag) {
+  auto field = Schema().find(key);
+  if (field == Schema().end()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": unknown key '", key, "'"));
+  }
+  return field->second.set(config, YAML::Node(value), flag);
+}
+
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
+  const auto colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", address, "' is not host:port (e.g. 127.0.0.1:8080)"));
+  }
+  std::string host = address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' has no valid port (1..65535)"));
+  }
+  return std::make_pair(host, port);
+}
+
+absl::Status ValidateServerConfig(const ServerConfig& config) {
+  if (config.model.path.empty()) {
+    return absl::InvalidArgumentError(
+        "model.path: no model folder given; set it in the config or pass --model PATH");
+  }
+  for (auto [key, value] : {std::pair{"server.grpc_address", &config.server.grpc_address},
+                            std::pair{"server.http_address", &config.server.http_address}}) {
+    auto hp = SplitHostPort(*value);
+    if (!hp.ok()) return absl::InvalidArgumentError(absl::StrCat(key, ": ", hp.status().message()));
+  }
+  if (config.server.grpc_address == config.server.http_address) {
+    return absl::InvalidArgumentError("server.http_address: must differ from server.grpc_address");
+  }
+  if (config.storage.data_dir.empty()) {
+    return absl::InvalidArgumentError("storage.data_dir: must not be empty");
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::pair<std::string, std::string>> ConfigKeysWithDefaults() {
+  std::vector<std::pair<std::string, std::string>> keys;
+  const ServerConfig defaults;
+  for (const auto& [key, field] : Schema()) keys.emplace_back(key, field.show(defaults));
+  return keys;
+}
+
+}  // namespace lorad::server

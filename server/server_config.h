@@ -1,0 +1,55 @@
+// ServerConfig: the daemon's typed configuration, read from YAML (deploy/lorad.yaml) and
+// overridden by command-line flags. Every key, its type, default and range are declared once,
+// in server_config.cpp; errors name the key and the file:line (or the flag).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lorad::server {
+
+struct ServerConfig {
+  struct Model {
+    std::string path;             // Hugging Face model folder (config.json, safetensors, tokenizer)
+    std::string device = "auto";  // auto | cpu | cuda
+  } model;
+  struct Server {
+    std::string grpc_address = "127.0.0.1:50051";
+    std::string http_address = "127.0.0.1:8080";  // /metrics and /healthz
+    int64_t max_request_bytes = 4 << 20;          // largest gRPC message accepted
+    int64_t shutdown_grace_seconds = 10;          // how long in-flight RPCs get on shutdown
+  } server;
+  struct Storage {
+    std::string data_dir = "lorad-data";  // job database, checkpoints, adapters
+  } storage;
+  struct Logging {
+    std::string level = "info";  // trace | debug | info | warn | error
+  } logging;
+};
+
+// Parses YAML text; `source` (a file name) prefixes error messages as "source:line: ...".
+absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
+                                               const std::string& source);
+// Reads and parses a YAML file.
+absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path);
+
+// Sets one dotted key ("model.path") from a flag's text value with the same type and range rules
+// as the file; `flag` names the flag in errors.
+absl::Status ApplyConfigOverride(ServerConfig& config, const std::string& key,
+                                 const std::string& value, const std::string& flag);
+
+// Checks what no single key can: address syntax, required keys.
+absl::Status ValidateServerConfig(const ServerConfig& config);
+
+// Every known key with its default, for `lorad --print-config-keys` and the README.
+std::vector<std::pair<std::string, std::string>> ConfigKeysWithDefaults();
+
+// Splits "host:port" (IPv6 as "[::1]:port"); port must be 1..65535.
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);
+
+}  // namespace lorad::server

@@ -1,0 +1,81 @@
+#include "engine/model/model_config.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+namespace lorad::engine {
+namespace {
+
+constexpr const char* kLlama3Config = R"({
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+  "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+  "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+  "tie_word_embeddings": false, "torch_dtype": "bfloat16", "hidden_act": "silu"})";
+
+TEST(ModelConfig, ParsesLlama3WithRopeScalingAndEosList) {
+  auto c = ModelConfig::Parse(kLlama3Config, "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->architecture, "LlamaForCausalLM");
+  EXPECT_EQ(c->num_key_value_heads, 8);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->rope.type, "llama3");
+  EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+  EXPECT_DOUBLE_EQ(c->rope.factor, 8.0);
+  EXPECT_EQ(c->rope.original_max_position_embeddings, 8192);
+  EXPECT_EQ(c->eos_token_ids, (std::vector<int64_t>{128001, 128008, 128009}));
+  EXPECT_EQ(c->torch_dtype, "bfloat16");
+}
+
+TEST(ModelConfig, Qwen2DefaultsToAttentionBias) {
+  auto c = ModelConfig::Parse(R"({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10,
+      "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true})",
+                              "qwen/config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->attention_bias);
+  EXPECT_TRUE(c->tie_word_embeddings);
+}
+
+TEST(ModelConfig, UnknownArchitectureIsNamed) {
+  auto c = ModelConfig::Parse(R"({"architectures": ["GPT2LMHeadModel"]})", "x/config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("GPT2LMHeadModel"), std::string::npos);
+  EXPECT_NE(c.status().message().find("x/config.json"), std::string::npos);
+}
+
+TEST(ModelConfig, MissingFieldIsNamed) {
+  auto c = ModelConfig::Parse(R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 10,
+      "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4})",
+                              "m/config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("intermediate_size"), std::string::npos);
+}
+
+TEST(ModelConfig, MalformedJsonIsAnError) {
+  EXPECT_FALSE(ModelConfig::Parse("{not json", "bad.json").ok());
+}
+
+TEST(ModelConfig, FolderWithoutConfigIsNotAModelFolder) {
+  auto c = ModelConfig::LoadFromFolder(LORAD_SOURCE_DIR "/deploy");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("not a model folder"), std::string::npos);
+  EXPECT_FALSE(ModelConfig::LoadFromFolder("/nonexistent/model").ok());
+}
+
+TEST(ModelConfig, LoadsTheTinyFixtureModel) {
+  const char* folder = std::getenv("LORAD_TINY_MODEL");
+  ASSERT_NE(folder, nullptr) << "LORAD_TINY_MODEL is set by the build (make test)";
+  auto c = ModelConfig::LoadFromFolder(folder);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_attention_heads, 4);
+  EXPECT_EQ(c->num_key_value_heads, 2);
+  EXPECT_EQ(c->rope.type, "default");  // transformers 5 writes rope_parameters
+}
+
+}  // namespace
+}  // namespace lorad::engine

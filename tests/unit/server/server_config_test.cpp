@@ -1,0 +1,83 @@
+#include "server/server_config.h"
+
+#include <gtest/gtest.h>
+
+namespace lorad::server {
+namespace {
+
+TEST(ServerConfig, ShippedDefaultConfigParses) {
+  auto c = LoadServerConfig(LORAD_SOURCE_DIR "/deploy/lorad.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->server.grpc_address, "127.0.0.1:50051");
+  EXPECT_EQ(c->server.http_address, "127.0.0.1:8080");
+}
+
+TEST(ServerConfig, UnknownKeyNamesKeyAndLine) {
+  auto c = ParseServerConfig("server:\n  grpc_address: 127.0.0.1:1\n  grcp_port: 5\n", "a.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().message().substr(0, 9), "a.yaml:3:");
+  EXPECT_NE(c.status().message().find("server.grcp_port"), std::string::npos);
+}
+
+TEST(ServerConfig, WrongTypeNamesKeyAndLine) {
+  auto c =
+      ParseServerConfig("logging:\n  level: info\nserver:\n  max_request_bytes: lots\n", "b.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("b.yaml:4"), std::string::npos);
+  EXPECT_NE(c.status().message().find("server.max_request_bytes"), std::string::npos);
+  EXPECT_NE(c.status().message().find("integer"), std::string::npos);
+}
+
+TEST(ServerConfig, OutOfRangeNamesTheRange) {
+  auto c = ParseServerConfig("server:\n  max_request_bytes: 10\n", "c.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("out of range"), std::string::npos);
+}
+
+TEST(ServerConfig, EnumValuesAreChecked) {
+  auto c = ParseServerConfig("model:\n  device: tpu\n", "d.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("auto, cpu, cuda"), std::string::npos);
+}
+
+TEST(ServerConfig, SectionMustBeAMapping) {
+  auto c = ParseServerConfig("server: 5\n", "e.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("e.yaml:1"), std::string::npos);
+}
+
+TEST(ServerConfig, InvalidYamlIsReportedWithLine) {
+  auto c = ParseServerConfig("server:\n  grpc_address: [1, 2\n", "f.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("f.yaml:"), std::string::npos);
+}
+
+TEST(ServerConfig, FlagsOverrideWithTheSameRules) {
+  ServerConfig c;
+  ASSERT_TRUE(ApplyConfigOverride(c, "model.path", "/m", "--model").ok());
+  EXPECT_EQ(c.model.path, "/m");
+  auto bad = ApplyConfigOverride(c, "model.device", "gpu", "--device");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("--device"), std::string::npos);
+}
+
+TEST(ServerConfig, ValidationRequiresModelAndSaneAddresses) {
+  ServerConfig c;
+  EXPECT_NE(ValidateServerConfig(c).message().find("model.path"), std::string::npos);
+  c.model.path = "/m";
+  EXPECT_TRUE(ValidateServerConfig(c).ok());
+  c.server.http_address = "localhost";
+  EXPECT_NE(ValidateServerConfig(c).message().find("server.http_address"), std::string::npos);
+  c.server.http_address = "[::1]:70000";
+  EXPECT_FALSE(ValidateServerConfig(c).ok());
+}
+
+TEST(ServerConfig, SplitHostPortHandlesIpv6) {
+  auto hp = SplitHostPort("[::1]:8080");
+  ASSERT_TRUE(hp.ok());
+  EXPECT_EQ(hp->first, "::1");
+  EXPECT_EQ(hp->second, 8080);
+}
+
+}  // namespace
+}  // namespace lorad::server
