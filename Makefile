@@ -7,6 +7,9 @@ BUILD_DIR ?= build
 CUDA ?= ON
 BUILD_TYPE ?= RelWithDebInfo
 CONFIG ?= deploy/lorad.yaml
+# deploy/setup.sh options (e.g. --no-model in the Docker build) and extra CMake arguments.
+SETUP_FLAGS ?=
+CMAKE_ARGS ?=
 # Extra arguments for lorad under `make run`, e.g. ARGS="--model /models/Llama-3.2-1B".
 ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
@@ -20,7 +23,7 @@ all: build
 # paths the build needs (venv, tiny model, torch CMake config).
 $(BUILD_DIR)/setup.env: deploy/setup.sh deploy/requirements.txt tests/fixtures/make_tiny_model.py tests/fixtures/tiny_corpus.txt
 	@mkdir -p $(BUILD_DIR)
-	bash deploy/setup.sh | tail -n 1 | tr ' ' '\n' | sed 's/^/export /' > $@.tmp
+	bash deploy/setup.sh $(SETUP_FLAGS) | tail -n 1 | tr ' ' '\n' | sed 's/^/export /' > $@.tmp
 	@mv $@.tmp $@
 
 setup: $(BUILD_DIR)/setup.env
@@ -28,7 +31,7 @@ setup: $(BUILD_DIR)/setup.env
 configure: setup
 	source $(BUILD_DIR)/setup.env && \
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DLORAD_CUDA=$(CUDA) \
-	  -DCMAKE_PREFIX_PATH="$$LORAD_TORCH_CMAKE" -DCUDAToolkit_ROOT=/usr/local/cuda > $(BUILD_DIR)/configure.log || \
+	  -DCMAKE_PREFIX_PATH="$$LORAD_TORCH_CMAKE" -DCUDAToolkit_ROOT=/usr/local/cuda $(CMAKE_ARGS) > $(BUILD_DIR)/configure.log || \
 	  { cat $(BUILD_DIR)/configure.log; exit 1; }
 
 build: configure

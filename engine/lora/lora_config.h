@@ -1,0 +1,31 @@
+// LoraConfig: a LoRA adapter's hyper-parameters (PEFT's adapter_config.json fields). torch-free so
+// the server can validate job specs with it.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace lorad::engine {
+
+struct LoraConfig {
+  int r = 16;
+  double alpha = 16;
+  double dropout = 0;
+  // Short projection names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+  std::vector<std::string> target_modules = {"q_proj", "k_proj",    "v_proj",  "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"};
+  bool use_rslora = false;
+  std::string base_model_name_or_path;
+
+  double scaling() const { return use_rslora ? alpha / std::sqrt(double(r)) : alpha / r; }
+  // r in [1, 1024], alpha > 0, dropout in [0, 1), targets known and not empty.
+  absl::Status Validate() const;
+};
+
+// The seven projections LoRA may target, in PEFT's names.
+const std::vector<std::string>& KnownLoraTargets();
+
+}  // namespace lorad::engine
