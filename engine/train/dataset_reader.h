@@ -1,0 +1,95 @@
+// DatasetReader: reads a fine-tuning dataset (JSONL, or a JSON array) one record at a time and
+// turns each into an Example, whatever the source format. torch-free: the server validates
+// datasets with it when a job is submitted.
+//
+// Formats (DatasetFormat::kAuto detects each record's format from its keys):
+//   alpaca      {"instruction", "input"?, "output"}
+//   chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}...]}
+//   completion  {"prompt", "completion"}
+//   text        {"text"}
+//   qa          {"question", "answer"} (other fields ignored)
+// A malformed record is an error naming the file, the line and the field; with skip_bad_lines the
+// reader counts it and moves on.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lorad::engine {
+
+enum class DatasetFormat { kAuto, kAlpaca, kChat, kCompletion, kText, kQa };
+
+// "auto", "alpaca", "chat", "completion", "text", "qa".
+absl::StatusOr<DatasetFormat> DatasetFormatFromName(const std::string& name);
+const char* DatasetFormatName(DatasetFormat format);
+
+struct ChatMessage {
+  std::string role;  // system, user or assistant
+  std::string content;
+};
+
+// One training record in a format-independent shape. Every format but text becomes a
+// conversation whose assistant turns are the response (what response-only loss trains on).
+struct Example {
+  DatasetFormat format = DatasetFormat::kText;  // the record's own format (never kAuto)
+  std::vector<ChatMessage> messages;            // all formats but text
+  std::string instruction;                      // alpaca: kept apart for the Alpaca template
+  std::string input;                            // alpaca: optional context
+  std::string text;                             // text format only
+  int64_t line = 0;                             // 1-based line where the record starts
+};
+
+struct DatasetReaderOptions {
+  DatasetFormat format = DatasetFormat::kAuto;
+  bool skip_bad_lines = false;
+  int64_t max_record_bytes = 16 << 20;  // a record larger than this is malformed
+};
+
+class DatasetReader {
+ public:
+  // Opens the file and decides between JSONL and a JSON array from its first non-space byte.
+  static absl::StatusOr<std::unique_ptr<DatasetReader>> Open(const std::string& path,
+                                                             DatasetReaderOptions options = {});
+
+  // The next example; std::nullopt at the end of the file. A malformed record is an error unless
+  // skip_bad_lines is set, in which case it is counted in skipped() and skipped over.
+  absl::StatusOr<std::optional<Example>> Next();
+
+  int64_t skipped() const { return skipped_; }
+  // The first skipped record's error, for reports ("skipped 3 records; first: ...").
+  const std::string& first_skip_reason() const { return first_skip_reason_; }
+
+  // Parses one JSON record (already isolated) into an Example; `where` prefixes errors.
+  static absl::StatusOr<Example> ParseRecord(const std::string& json_text, DatasetFormat format,
+                                             const std::string& where);
+
+ private:
+  DatasetReader() = default;
+  // Reads the next raw record text and its starting line; false at the end.
+  absl::StatusOr<bool> NextRecordText(std::string& text, int64_t& line);
+  absl::StatusOr<bool> NextJsonlRecord(std::string& text, int64_t& line);
+  absl::StatusOr<bool> NextArrayElement(std::string& text, int64_t& line);
+
+  std::string path_;
+  DatasetReaderOptions options_;
+  std::ifstream in_;
+  bool array_ = false;       // a JSON array file rather than JSONL
+  bool array_done_ = false;  // the closing bracket was read
+  int64_t line_ = 1;         // current line of the read position
+  int64_t skipped_ = 0;
+  std::string first_skip_reason_;
+};
+
+// Reads a whole dataset (for validation at submit time and small files).
+absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
+                                                 DatasetReaderOptions options = {},
+                                                 int64_t* skipped = nullptr);
+
+}  // namespace lorad::engine

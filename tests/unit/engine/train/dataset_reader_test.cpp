@@ -1,0 +1,128 @@
+#include "engine/train/dataset_reader.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace lorad::engine {
+namespace {
+
+class DatasetReaderTest : public ::testing::Test {
+ protected:
+  std::string Write(const std::string& name, const std::string& body) {
+    const auto dir = std::filesystem::path(::testing::TempDir()) / "dataset_reader_test";
+    std::filesystem::create_directories(dir);
+    const std::string path = (dir / name).string();
+    std::ofstream(path, std::ios::binary) << body;
+    return path;
+  }
+};
+
+TEST_F(DatasetReaderTest, JsonlWithEveryFormatDetected) {
+  const std::string path = Write("all.jsonl",
+                                 R"({"instruction": "Add", "input": "2 and 3", "output": "5"}
+{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+{"prompt": "The sky is", "completion": " blue"}
+{"text": "Plain text."}
+{"question": "Capital of France?", "answer": "Paris", "source": "ignored"}
+)");
+  auto examples = ReadDataset(path);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  ASSERT_EQ(examples->size(), 5u);
+  const auto& alpaca = (*examples)[0];
+  EXPECT_EQ(alpaca.format, DatasetFormat::kAlpaca);
+  EXPECT_EQ(alpaca.instruction, "Add");
+  EXPECT_EQ(alpaca.messages[0].content, "Add\n\n2 and 3");
+  EXPECT_EQ(alpaca.messages[1].role, "assistant");
+  EXPECT_EQ((*examples)[1].format, DatasetFormat::kChat);
+  EXPECT_EQ((*examples)[1].messages.size(), 3u);
+  EXPECT_EQ((*examples)[2].format, DatasetFormat::kCompletion);
+  EXPECT_EQ((*examples)[2].line, 4);  // the blank line 3 is skipped but counted
+  EXPECT_EQ((*examples)[3].text, "Plain text.");
+  EXPECT_EQ((*examples)[4].messages[1].content, "Paris");
+}
+
+TEST_F(DatasetReaderTest, JsonArrayIsReadElementByElementWithLines) {
+  const std::string path = Write("array.json",
+                                 "[\n  {\"text\": \"a, [b] {c}\"},\n"
+                                 "  {\"text\": \"quote \\\" inside\"}\n]\n");
+  auto examples = ReadDataset(path);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  ASSERT_EQ(examples->size(), 2u);
+  EXPECT_EQ((*examples)[0].text, "a, [b] {c}");
+  EXPECT_EQ((*examples)[1].text, "quote \" inside");
+  EXPECT_EQ((*examples)[1].line, 3);
+}
+
+TEST_F(DatasetReaderTest, MalformedLineNamesFileLineAndField) {
+  const std::string path = Write("bad.jsonl",
+                                 "{\"text\": \"ok\"}\n{\"prompt\": \"p\", "
+                                 "\"completion\": 7}\n");
+  auto examples = ReadDataset(path);
+  ASSERT_FALSE(examples.ok());
+  const std::string message(examples.status().message());
+  EXPECT_NE(message.find(path + ":2"), std::string::npos) << message;
+  EXPECT_NE(message.find("'completion'"), std::string::npos) << message;
+}
+
+TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
+  auto bad_role = DatasetReader::ParseRecord(R"({"messages": [{"role": "robot", "content": "x"}]})",
+                                             DatasetFormat::kAuto, "f:1");
+  ASSERT_FALSE(bad_role.ok());
+  EXPECT_NE(bad_role.status().message().find("messages[0].role"), std::string::npos);
+  auto no_assistant = DatasetReader::ParseRecord(
+      R"({"messages": [{"role": "user", "content": "x"}]})", DatasetFormat::kChat, "f:1");
+  ASSERT_FALSE(no_assistant.ok());
+  EXPECT_NE(no_assistant.status().message().find("no assistant"), std::string::npos);
+}
+
+TEST_F(DatasetReaderTest, SkipBadLinesCountsThem) {
+  const std::string path =
+      Write("mixed.jsonl", "{\"text\": \"a\"}\nnot json\n{\"unknown\": 1}\n{\"text\": \"b\"}\n");
+  DatasetReaderOptions options;
+  options.skip_bad_lines = true;
+  int64_t skipped = 0;
+  auto examples = ReadDataset(path, options, &skipped);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  EXPECT_EQ(examples->size(), 2u);
+  EXPECT_EQ(skipped, 2);
+}
+
+TEST_F(DatasetReaderTest, ExplicitFormatRequiresItsFields) {
+  const std::string path = Write("alpaca.jsonl", "{\"text\": \"no instruction here\"}\n");
+  DatasetReaderOptions options;
+  options.format = DatasetFormat::kAlpaca;
+  auto examples = ReadDataset(path, options);
+  ASSERT_FALSE(examples.ok());
+  EXPECT_NE(examples.status().message().find("'instruction' is missing"), std::string::npos);
+}
+
+TEST_F(DatasetReaderTest, UnclosedArrayAndEmptyFileAreErrors) {
+  EXPECT_FALSE(ReadDataset(Write("open.json", "[{\"text\": \"a\"}")).ok());
+  EXPECT_FALSE(ReadDataset(Write("cut.json", "[{\"text\": \"a")).ok());
+  auto empty = ReadDataset(Write("empty.jsonl", "\n\n"));
+  ASSERT_FALSE(empty.ok());
+  EXPECT_NE(empty.status().message().find("no usable records"), std::string::npos);
+  EXPECT_TRUE(absl::IsNotFound(ReadDataset("/nonexistent/data.jsonl").status()));
+}
+
+TEST_F(DatasetReaderTest, OversizedRecordIsAnError) {
+  DatasetReaderOptions options;
+  options.max_record_bytes = 16;
+  auto examples =
+      ReadDataset(Write("big.json", "[{\"text\": \"" + std::string(100, 'x') + "\"}]"), options);
+  ASSERT_FALSE(examples.ok());
+  EXPECT_NE(examples.status().message().find("larger than 16 bytes"), std::string::npos);
+}
+
+TEST(DatasetFormat, NamesRoundTrip) {
+  auto f = DatasetFormatFromName("qa");
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(*f, DatasetFormat::kQa);
+  EXPECT_FALSE(DatasetFormatFromName("csv").ok());
+}
+
+}  // namespace
+}  // namespace lorad::engine
