@@ -1,0 +1,407 @@
+#include "server/job_store.h"
+
+#include <sqlite3.h>
+
+#include <chrono>
+#include <random>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lorad::server {
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL UNIQUE,          -- submission order, for FIFO and pagination
+  spec BLOB NOT NULL,                   -- serialized lorad.v1.JobSpec
+  adapter_name TEXT NOT NULL,
+  state INTEGER NOT NULL,
+  priority INTEGER NOT NULL,
+  created_ms INTEGER NOT NULL,
+  started_ms INTEGER NOT NULL DEFAULT 0,
+  finished_ms INTEGER NOT NULL DEFAULT 0,
+  error TEXT NOT NULL DEFAULT '',
+  adapter_version INTEGER NOT NULL DEFAULT 0,
+  total_steps INTEGER NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS job_steps (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL,
+  epoch REAL, loss REAL, learning_rate REAL, grad_norm REAL, tokens_per_second REAL,
+  step_seconds REAL, elapsed_seconds REAL, eta_seconds REAL,
+  PRIMARY KEY (job_id, step)) WITHOUT ROWID;
+)sql";
+
+constexpr const char* kJobColumns =
+    "id, spec, adapter_name, state, priority, created_ms, started_ms, finished_ms, error, "
+    "adapter_version, total_steps, attempts";
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// "job-" + 16 random hex digits: unguessable enough that ids are not enumerable.
+std::string NewJobId() {
+  static thread_local std::mt19937_64 rng(std::random_device{}());
+  char buf[24];
+  snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+// A prepared statement, finalized when it goes out of scope.
+class Statement {
+ public:
+  Statement(sqlite3* db, const std::string& sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt_, nullptr);
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  absl::Status status() const {
+    return rc_ == SQLITE_OK ? absl::OkStatus()
+                            : absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
+  }
+  Statement& Bind(int i, const std::string& v) {
+    sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  int Index(const char* name) { return sqlite3_bind_parameter_index(stmt_, name); }
+  Statement& BindText(int i, const std::string& v) {
+    sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Statement& Bind(int i, int64_t v) {
+    sqlite3_bind_int64(stmt_, i, v);
+    return *this;
+  }
+  // Binds a named parameter (":now") when the statement has it.
+  Statement& BindNamed(const char* name, int64_t v) {
+    const int i = sqlite3_bind_parameter_index(stmt_, name);
+    if (i > 0) sqlite3_bind_int64(stmt_, i, v);
+    return *this;
+  }
+  Statement& Bind(int i, double v) {
+    sqlite3_bind_double(stmt_, i, v);
+    return *this;
+  }
+  // SQLITE_ROW, SQLITE_DONE, or an error code.
+  int Step() { return sqlite3_step(stmt_); }
+  absl::Status Run() {
+    const int rc = Step();
+    if (rc == SQLITE_DONE || rc == SQLITE_ROW) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
+  }
+  int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
+  double Double(int col) { return sqlite3_column_double(stmt_, col); }
+  std::string Blob(int col) {
+    const void* p = sqlite3_column_blob(stmt_, col);
+    return p ? std::string(static_cast<const char*>(p), sqlite3_column_bytes(stmt_, col)) : "";
+  }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_;
+};
+
+JobRecord ReadJob(Statement& s) {
+  JobRecord r;
+  r.id = s.Blob(0);
+  r.spec = s.Blob(1);
+  r.adapter_name = s.Blob(2);
+  r.state = static_cast<JobState>(s.Int(3));
+  r.priority = static_cast<int32_t>(s.Int(4));
+  r.created_ms = s.Int(5);
+  r.started_ms = s.Int(6);
+  r.finished_ms = s.Int(7);
+  r.error = s.Blob(8);
+  r.adapter_version = s.Int(9);
+  r.total_steps = s.Int(10);
+  r.attempts = s.Int(11);
+  return r;
+}
+
+std::string StateList(const std::vector<JobState>& states) {
+  std::vector<int> ints;
+  for (JobState s : states) ints.push_back(static_cast<int>(s));
+  return absl::StrJoin(ints, ",");
+}
+
+}  // namespace
+
+const char* JobStateName(JobState state) {
+  switch (state) {
+    case JobState::kQueued:
+      return "queued";
+    case JobState::kRunning:
+      return "running";
+    case JobState::kSucceeded:
+      return "succeeded";
+    case JobState::kFailed:
+      return "failed";
+    case JobState::kCancelled:
+      return "cancelled";
+  }
+  return "unknown";
+}
+
+bool IsTerminal(JobState state) {
+  return state == JobState::kSucceeded || state == JobState::kFailed ||
+         state == JobState::kCancelled;
+}
+
+absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
+    std::string message = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return absl::UnavailableError(absl::StrCat("job database '", path, "': ", message));
+  }
+  std::unique_ptr<JobStore> store(new JobStore(db, path));
+  sqlite3_busy_timeout(db, 5000);
+  // WAL keeps readers off the writer's back; synchronous=FULL fsyncs every commit, so a job
+  // event acknowledged is an event kept, even across a power cut.
+  for (const char* pragma :
+       {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;", "PRAGMA foreign_keys=ON;"}) {
+    if (auto s = store->Exec(pragma); !s.ok()) return s;
+  }
+  Statement version(db, "PRAGMA user_version;");
+  if (auto s = version.status(); !s.ok()) return s;
+  const int64_t found = version.Step() == SQLITE_ROW ? version.Int(0) : 0;
+  if (found > kSchemaVersion) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job database '", path, "' has schema version ", found, ", newer than this lorad (",
+        kSchemaVersion, "); upgrade lorad or point storage.data_dir elsewhere"));
+  }
+  if (auto s = store->Exec(kSchema); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat("job database '", path, "': ", s.message()));
+  }
+  if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
+    return s;
+  }
+  return store;
+}
+
+JobStore::~JobStore() { sqlite3_close(db_); }
+
+absl::Status JobStore::Exec(const std::string& sql) {
+  char* error = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
+    std::string message = error ? error : "unknown error";
+    sqlite3_free(error);
+    return absl::InternalError(absl::StrCat("sqlite: ", message));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::string& adapter_name,
+                                           int32_t priority, int64_t total_steps,
+                                           int64_t max_queued) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  auto rollback = [this](absl::Status s) {
+    Exec("ROLLBACK;").IgnoreError();
+    return s;
+  };
+  Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
+  count.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  if (count.Step() != SQLITE_ROW) return rollback(count.status());
+  if (count.Int(0) >= max_queued) {
+    return rollback(absl::ResourceExhaustedError(
+        absl::StrCat("the job queue is full (", max_queued,
+                     " queued jobs); wait for jobs to finish or cancel "
+                     "some")));
+  }
+  const std::string id = NewJobId();
+  Statement insert(db_,
+                   "INSERT INTO jobs (id, seq, spec, adapter_name, state, priority, created_ms, "
+                   "total_steps) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, "
+                   "?, ?, ?);");
+  insert.BindText(1, id).Bind(2, spec).BindText(3, adapter_name);
+  insert.Bind(4, static_cast<int64_t>(JobState::kQueued)).Bind(5, static_cast<int64_t>(priority));
+  insert.Bind(6, NowMs()).Bind(7, total_steps);
+  if (auto s = insert.Run(); !s.ok()) return rollback(s);
+  if (auto s = Exec("COMMIT;"); !s.ok()) return rollback(s);
+  return GetLocked(id);
+}
+
+absl::StatusOr<JobRecord> JobStore::GetLocked(const std::string& id) {
+  Statement s(db_, absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id = ?;"));
+  s.BindText(1, id);
+  const int rc = s.Step();
+  if (rc == SQLITE_ROW) return ReadJob(s);
+  if (rc == SQLITE_DONE) return absl::NotFoundError(absl::StrCat("job '", id, "' does not exist"));
+  return s.status();
+}
+
+absl::StatusOr<JobRecord> JobStore::Get(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return GetLocked(id);
+}
+
+absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int32_t page_size,
+                                       const std::string& page_token) {
+  if (page_size < 1 || page_size > 500) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size: ", page_size, " is out of range [1, 500]"));
+  }
+  int64_t before_seq = INT64_MAX;
+  if (!page_token.empty() && (!absl::SimpleAtoi(page_token, &before_seq) || before_seq < 1)) {
+    return absl::InvalidArgumentError(
+        "page_token: not a token this server issued; pass next_page_token from the last page");
+  }
+  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq < ?");
+  if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(states), ")");
+  absl::StrAppend(&sql, " ORDER BY seq DESC LIMIT ?;");
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, sql);
+  if (auto st = s.status(); !st.ok()) return st;
+  s.Bind(1, before_seq).Bind(2, static_cast<int64_t>(page_size) + 1);
+  JobPage page;
+  int64_t last_seq = 0;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    if (static_cast<int32_t>(page.jobs.size()) == page_size) {
+      page.next_page_token = std::to_string(last_seq);
+      break;
+    }
+    page.jobs.push_back(ReadJob(s));
+    last_seq = s.Int(12);
+  }
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return s.status();
+  return page;
+}
+
+absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
+                                " FROM jobs WHERE state = ? ORDER BY priority DESC, seq LIMIT 1;"));
+  s.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  const int rc = s.Step();
+  if (rc == SQLITE_ROW) return std::optional<JobRecord>(ReadJob(s));
+  if (rc == SQLITE_DONE) return std::optional<JobRecord>();
+  return s.status();
+}
+
+absl::Status JobStore::Transition(const std::string& id, const std::vector<JobState>& from,
+                                  JobState to, const std::string& extra_set_sql,
+                                  const std::string& error, int64_t number) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto job = GetLocked(id);
+  if (!job.ok()) return job.status();
+  if (std::find(from.begin(), from.end(), job->state) == from.end()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", id, "' is ", JobStateName(job->state), "; it cannot become ", JobStateName(to)));
+  }
+  Statement s(db_, absl::StrCat("UPDATE jobs SET state = :state, error = :error, ", extra_set_sql,
+                                " WHERE id = :id;"));
+  s.BindNamed(":state", static_cast<int64_t>(to)).BindNamed(":now", NowMs());
+  s.BindNamed(":number", number);
+  s.BindText(s.Index(":error"), error);
+  s.BindText(s.Index(":id"), id);
+  return s.Run();
+}
+
+absl::Status JobStore::MarkRunning(const std::string& id) {
+  // started_ms keeps the first start across restarts; attempts counts them.
+  return Transition(id, {JobState::kQueued}, JobState::kRunning,
+                    "started_ms = CASE started_ms WHEN 0 THEN :now ELSE started_ms END, "
+                    "attempts = attempts + 1",
+                    "", 0);
+}
+
+absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version) {
+  return Transition(id, {JobState::kRunning}, JobState::kSucceeded,
+                    "finished_ms = :now, adapter_version = :number", "", adapter_version);
+}
+
+absl::Status JobStore::MarkFailed(const std::string& id, const std::string& error) {
+  return Transition(id, {JobState::kQueued, JobState::kRunning}, JobState::kFailed,
+                    "finished_ms = :now", error, 0);
+}
+
+absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
+  auto status = Transition(id, {JobState::kQueued, JobState::kRunning}, JobState::kCancelled,
+                           "finished_ms = :now", "", 0);
+  if (!status.ok() && !absl::IsFailedPrecondition(status)) return status;
+  return Get(id);  // already ended: unchanged
+}
+
+absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // REPLACE: a job resumed from a checkpoint reports the steps after it again.
+  Statement s(db_,
+              "INSERT OR REPLACE INTO job_steps (job_id, step, epoch, loss, learning_rate, "
+              "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, eta_seconds) VALUES "
+              "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?);");
+  s.BindText(1, id).Bind(2, r.step).Bind(3, r.epoch).Bind(4, r.loss).Bind(5, r.learning_rate);
+  s.Bind(6, r.grad_norm).Bind(7, r.tokens_per_second).Bind(8, r.step_seconds);
+  s.Bind(9, r.elapsed_seconds).Bind(10, r.eta_seconds);
+  if (auto st = s.Run(); !st.ok()) {
+    return absl::InternalError(
+        absl::StrCat("job '", id, "': cannot record step ", r.step, ": ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, "
+              "step_seconds, elapsed_seconds, eta_seconds FROM job_steps WHERE job_id = ? AND "
+              "step >= ? ORDER BY step;");
+  s.BindText(1, id).Bind(2, from_step);
+  std::vector<StepRecord> steps;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    StepRecord r;
+    r.step = s.Int(0);
+    r.epoch = s.Double(1);
+    r.loss = s.Double(2);
+    r.learning_rate = s.Double(3);
+    r.grad_norm = s.Double(4);
+    r.tokens_per_second = s.Double(5);
+    r.step_seconds = s.Double(6);
+    r.elapsed_seconds = s.Double(7);
+    r.eta_seconds = s.Double(8);
+    steps.push_back(r);
+  }
+  if (rc != SQLITE_DONE) return s.status();
+  return steps;
+}
+
+absl::StatusOr<std::vector<std::string>> JobStore::RecoverAfterRestart() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::string> ids;
+  Statement select(db_, "SELECT id FROM jobs WHERE state = ? ORDER BY seq;");
+  select.Bind(1, static_cast<int64_t>(JobState::kRunning));
+  while (select.Step() == SQLITE_ROW) ids.push_back(select.Blob(0));
+  Statement update(db_, "UPDATE jobs SET state = ? WHERE state = ?;");
+  update.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  update.Bind(2, static_cast<int64_t>(JobState::kRunning));
+  if (auto s = update.Run(); !s.ok()) return s;
+  return ids;
+}
+
+absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::pair<JobState, int64_t>> counts;
+  for (JobState state : {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
+                         JobState::kFailed, JobState::kCancelled}) {
+    Statement s(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
+    s.Bind(1, static_cast<int64_t>(state));
+    if (s.Step() != SQLITE_ROW) return s.status();
+    counts.emplace_back(state, s.Int(0));
+  }
+  return counts;
+}
+
+}  // namespace lorad::server

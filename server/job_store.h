@@ -1,0 +1,115 @@
+// JobStore: the durable fine-tuning job queue, in SQLite (WAL mode) inside the data folder.
+//
+// Holds every job's spec (the serialized lorad.v1.JobSpec), state, priority, timestamps, error,
+// resulting adapter, and every optimizer step's metrics, so a restart after a crash or kill -9
+// loses nothing: queued jobs stay queued and RecoverAfterRestart() re-queues a job that was
+// running (the trainer resumes it from its last checkpoint).
+//
+// Thread rules: every method may be called from any thread; one connection behind a mutex
+// (writes are small: a row per job event).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+struct sqlite3;
+
+namespace lorad::server {
+
+enum class JobState { kQueued = 1, kRunning = 2, kSucceeded = 3, kFailed = 4, kCancelled = 5 };
+
+const char* JobStateName(JobState state);
+bool IsTerminal(JobState state);
+
+struct JobRecord {
+  std::string id;
+  std::string spec;  // serialized lorad.v1.JobSpec
+  std::string adapter_name;
+  JobState state = JobState::kQueued;
+  int32_t priority = 0;
+  int64_t created_ms = 0;  // Unix epoch milliseconds; 0 = not yet
+  int64_t started_ms = 0;
+  int64_t finished_ms = 0;
+  std::string error;
+  int64_t adapter_version = 0;  // set when the job succeeded and published its adapter
+  int64_t total_steps = 0;
+  int64_t attempts = 0;  // times the job entered running (a restart resumes it)
+};
+
+// One optimizer step's metrics, as the trainer reports them.
+struct StepRecord {
+  int64_t step = 0;
+  double epoch = 0;
+  double loss = 0;
+  double learning_rate = 0;
+  double grad_norm = 0;
+  double tokens_per_second = 0;
+  double step_seconds = 0;
+  double elapsed_seconds = 0;
+  double eta_seconds = 0;
+};
+
+struct JobPage {
+  std::vector<JobRecord> jobs;
+  std::string next_page_token;  // empty on the last page
+};
+
+class JobStore {
+ public:
+  // Opens (creating if needed) the database file. Errors name the path.
+  static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& path);
+  ~JobStore();
+  JobStore(const JobStore&) = delete;
+  JobStore& operator=(const JobStore&) = delete;
+
+  // Queues a new job. RESOURCE_EXHAUSTED when `max_queued` jobs are already queued.
+  absl::StatusOr<JobRecord> Insert(const std::string& spec, const std::string& adapter_name,
+                                   int32_t priority, int64_t total_steps, int64_t max_queued);
+  absl::StatusOr<JobRecord> Get(const std::string& id);
+  // Newest first; `states` empty = all. page_size in [1, 500].
+  absl::StatusOr<JobPage> List(const std::vector<JobState>& states, int32_t page_size,
+                               const std::string& page_token);
+  // The queued job to run next: highest priority, then oldest. nullopt when none is queued.
+  absl::StatusOr<std::optional<JobRecord>> NextQueued();
+
+  // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
+  // the transition is not allowed (e.g. starting a cancelled job).
+  absl::Status MarkRunning(const std::string& id);
+  absl::Status MarkSucceeded(const std::string& id, int64_t adapter_version);
+  absl::Status MarkFailed(const std::string& id, const std::string& error);
+  // Cancels a queued or running job; returns the record after the call. Cancelling a job that
+  // already ended changes nothing.
+  absl::StatusOr<JobRecord> Cancel(const std::string& id);
+
+  absl::Status AppendStep(const std::string& id, const StepRecord& step);
+  // Steps with step >= from_step, in order.
+  absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step);
+
+  // After a restart: every running job goes back to queued (to resume from its checkpoint).
+  // Returns their ids.
+  absl::StatusOr<std::vector<std::string>> RecoverAfterRestart();
+
+  // Jobs per state, for metrics.
+  absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();
+
+ private:
+  explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  absl::Status Exec(const std::string& sql);
+  absl::Status Transition(const std::string& id, const std::vector<JobState>& from, JobState to,
+                          const std::string& extra_set_sql, const std::string& error,
+                          int64_t number);
+  absl::StatusOr<JobRecord> GetLocked(const std::string& id);
+
+  std::mutex mu_;
+  sqlite3* db_;
+  std::string path_;
+};
+
+}  // namespace lorad::server

@@ -1,0 +1,192 @@
+#include "server/job_store.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+namespace lorad::server {
+namespace {
+
+class JobStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           ("job_store_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    path_ = (dir_ / "jobs.db").string();
+  }
+  std::unique_ptr<JobStore> OpenStore() {
+    auto store = JobStore::Open(path_);
+    EXPECT_TRUE(store.ok()) << store.status();
+    return std::move(*store);
+  }
+  std::filesystem::path dir_;
+  std::string path_;
+};
+
+TEST_F(JobStoreTest, InsertGetAndSpecRoundTripBinary) {
+  auto store = OpenStore();
+  const std::string spec = std::string("\x00\x01", 2) + "binary" + "\xff";
+  auto job = store->Insert(spec, "my-adapter", 0, 60, 10);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->state, JobState::kQueued);
+  EXPECT_GT(job->created_ms, 0);
+  auto again = store->Get(job->id);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->spec, spec);
+  EXPECT_EQ(again->adapter_name, "my-adapter");
+  EXPECT_EQ(again->total_steps, 60);
+  EXPECT_TRUE(absl::IsNotFound(store->Get("job-nope").status()));
+}
+
+TEST_F(JobStoreTest, QueueOrderIsPriorityThenSubmission) {
+  auto store = OpenStore();
+  auto a = store->Insert("a", "a", 0, 1, 10);
+  auto b = store->Insert("b", "b", 5, 1, 10);
+  auto c = store->Insert("c", "c", 5, 1, 10);
+  auto next = store->NextQueued();
+  ASSERT_TRUE(next.ok() && next->has_value());
+  EXPECT_EQ((*next)->id, b->id);
+  ASSERT_TRUE(store->MarkRunning(b->id).ok());
+  EXPECT_EQ((*store->NextQueued())->id, c->id);
+  ASSERT_TRUE(store->MarkRunning(c->id).ok());
+  EXPECT_EQ((*store->NextQueued())->id, a->id);
+}
+
+TEST_F(JobStoreTest, FullQueueIsResourceExhausted) {
+  auto store = OpenStore();
+  ASSERT_TRUE(store->Insert("a", "a", 0, 1, 2).ok());
+  ASSERT_TRUE(store->Insert("b", "b", 0, 1, 2).ok());
+  auto full = store->Insert("c", "c", 0, 1, 2);
+  EXPECT_TRUE(absl::IsResourceExhausted(full.status()));
+  EXPECT_NE(full.status().message().find("2 queued jobs"), std::string::npos);
+}
+
+TEST_F(JobStoreTest, TransitionsAreChecked) {
+  auto store = OpenStore();
+  auto job = store->Insert("s", "a", 0, 1, 10);
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkSucceeded(job->id, 1)));
+  ASSERT_TRUE(store->MarkRunning(job->id).ok());
+  ASSERT_TRUE(store->MarkSucceeded(job->id, 3).ok());
+  auto done = store->Get(job->id);
+  EXPECT_EQ(done->state, JobState::kSucceeded);
+  EXPECT_EQ(done->adapter_version, 3);
+  EXPECT_GE(done->finished_ms, done->started_ms);
+  auto cancelled = store->Cancel(job->id);  // already ended: unchanged
+  ASSERT_TRUE(cancelled.ok());
+  EXPECT_EQ(cancelled->state, JobState::kSucceeded);
+  auto failing = store->Insert("s", "b", 0, 1, 10);
+  ASSERT_TRUE(store->MarkFailed(failing->id, "dataset: bad line 3").ok());
+  EXPECT_EQ(store->Get(failing->id)->error, "dataset: bad line 3");
+}
+
+TEST_F(JobStoreTest, CancelWorksQueuedAndRunning) {
+  auto store = OpenStore();
+  auto queued = store->Insert("s", "a", 0, 1, 10);
+  auto running = store->Insert("s", "b", 0, 1, 10);
+  ASSERT_TRUE(store->MarkRunning(running->id).ok());
+  EXPECT_EQ(store->Cancel(queued->id)->state, JobState::kCancelled);
+  EXPECT_EQ(store->Cancel(running->id)->state, JobState::kCancelled);
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkRunning(queued->id)));
+}
+
+TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
+  auto store = OpenStore();
+  auto job = store->Insert("s", "a", 0, 3, 10);
+  for (int64_t step = 1; step <= 3; ++step) {
+    StepRecord r;
+    r.step = step;
+    r.loss = 4.0 / step;
+    ASSERT_TRUE(store->AppendStep(job->id, r).ok());
+  }
+  StepRecord redo;
+  redo.step = 3;
+  redo.loss = 1.5;  // the resumed run reports step 3 again
+  ASSERT_TRUE(store->AppendStep(job->id, redo).ok());
+  auto steps = store->Steps(job->id, 2);
+  ASSERT_TRUE(steps.ok());
+  ASSERT_EQ(steps->size(), 2u);
+  EXPECT_EQ((*steps)[0].step, 2);
+  EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.5);
+}
+
+TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
+  auto store = OpenStore();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(store->Insert("s", "a", 0, 1, 10)->id);
+  ASSERT_TRUE(store->MarkRunning(ids[1]).ok());
+  auto first = store->List({}, 2, "");
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->jobs.size(), 2u);
+  EXPECT_EQ(first->jobs[0].id, ids[4]);
+  auto second = store->List({}, 2, first->next_page_token);
+  EXPECT_EQ(second->jobs[0].id, ids[2]);
+  auto third = store->List({}, 2, second->next_page_token);
+  EXPECT_EQ(third->jobs.size(), 1u);
+  EXPECT_TRUE(third->next_page_token.empty());
+  auto running = store->List({JobState::kRunning}, 10, "");
+  ASSERT_EQ(running->jobs.size(), 1u);
+  EXPECT_EQ(running->jobs[0].id, ids[1]);
+  EXPECT_TRUE(absl::IsInvalidArgument(store->List({}, 0, "").status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(store->List({}, 5, "garbage").status()));
+}
+
+// A process killed with SIGKILL in the middle of recording steps: after reopening, every job
+// row and every acknowledged step is there, and the running job is queued again to resume.
+TEST_F(JobStoreTest, SurvivesKill9AndRequeuesRunningJobs) {
+  std::string running_id;
+  {
+    auto store = OpenStore();
+    ASSERT_TRUE(store->Insert("q", "queued", 0, 1, 10).ok());
+    running_id = store->Insert("r", "running", 0, 100000, 10)->id;
+    ASSERT_TRUE(store->MarkRunning(running_id).ok());
+  }
+  int pipe_fds[2];
+  ASSERT_EQ(pipe(pipe_fds), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto store = JobStore::Open(path_);
+    for (int64_t step = 1;; ++step) {
+      StepRecord r;
+      r.step = step;
+      if (!(*store)->AppendStep(running_id, r).ok()) _exit(3);
+      if (write(pipe_fds[1], &step, sizeof(step)) != sizeof(step)) _exit(4);
+    }
+  }
+  close(pipe_fds[1]);
+  int64_t acknowledged = 0, step = 0;
+  while (acknowledged < 50 && read(pipe_fds[0], &step, sizeof(step)) == sizeof(step)) {
+    acknowledged = step;
+  }
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  close(pipe_fds[0]);
+
+  auto store = OpenStore();
+  auto recovered = store->RecoverAfterRestart();
+  ASSERT_TRUE(recovered.ok());
+  EXPECT_EQ(*recovered, std::vector<std::string>{running_id});
+  EXPECT_EQ(store->Get(running_id)->state, JobState::kQueued);
+  EXPECT_EQ(store->Get(running_id)->attempts, 1);
+  auto steps = store->Steps(running_id, 0);
+  ASSERT_TRUE(steps.ok());
+  EXPECT_GE(static_cast<int64_t>(steps->size()), acknowledged);
+  auto counts = store->CountByState();
+  ASSERT_TRUE(counts.ok());
+  EXPECT_EQ((*counts)[0], std::make_pair(JobState::kQueued, int64_t{2}));
+}
+
+TEST_F(JobStoreTest, UnopenablePathIsAClearError) {
+  auto store = JobStore::Open("/nonexistent-dir/jobs.db");
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find("/nonexistent-dir/jobs.db"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lorad::server
