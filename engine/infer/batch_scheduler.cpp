@@ -1,0 +1,119 @@
+#include "engine/infer/batch_scheduler.h"
+
+#include <algorithm>
+#include <set>
+
+namespace lorad::engine {
+namespace {
+
+// The plan under construction and the resources it has used so far.
+struct Budget {
+  const KvBlockAllocator& kv;
+  const SchedulerLimits& limits;
+  int32_t free_blocks;
+  int64_t tokens_left;
+  std::set<std::string> adapters;  // distinct non-base adapters in the batch
+
+  // Blocks `seq` needs beyond what it holds to have `tokens` tokens cached.
+  int32_t ExtraBlocks(const ScheduledSequence& seq, int64_t tokens) const {
+    return kv.ExtraBlocksFor(seq.id, tokens);
+  }
+};
+
+// Admission rules, one predicate each.
+bool FitsRunningLimit(size_t running, const SchedulerLimits& limits) {
+  return static_cast<int32_t>(running) < limits.max_running;
+}
+bool FitsTokenBudget(const Budget& b, int64_t tokens) {
+  return tokens > 0 && tokens <= b.tokens_left;
+}
+bool FitsKvCache(const Budget& b, const ScheduledSequence& seq) {
+  // The whole prompt plus the first generated token must fit, so an admitted request never
+  // stalls half-way through its prefill.
+  return b.ExtraBlocks(seq, seq.prompt_tokens + 1) <= b.free_blocks;
+}
+bool FitsAdapterLimit(const Budget& b, const std::string& adapter) {
+  return adapter.empty() || b.adapters.count(adapter) > 0 ||
+         static_cast<int32_t>(b.adapters.size()) < b.limits.max_adapters_per_batch;
+}
+
+int64_t ChunkFor(const Budget& b, const ScheduledSequence& seq) {
+  const int64_t remaining = seq.prompt_tokens - seq.computed_tokens;
+  return std::min({remaining, b.limits.prefill_chunk, b.tokens_left});
+}
+
+}  // namespace
+
+StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
+                  const std::vector<ScheduledSequence>& waiting, const KvBlockAllocator& kv,
+                  const SchedulerLimits& limits) {
+  StepPlan plan;
+  Budget b{kv, limits, kv.free_blocks(), limits.token_budget, {}};
+
+  // 1. Decode, preempting from the back (latest arrival) when a token does not fit.
+  std::vector<const ScheduledSequence*> active;
+  for (const auto& seq : running) active.push_back(&seq);
+  std::vector<const ScheduledSequence*> kept;
+  while (!active.empty()) {
+    const ScheduledSequence& seq = *active.front();
+    const bool decoding = seq.computed_tokens >= seq.prompt_tokens;
+    const int64_t target = decoding ? seq.computed_tokens + 1 : seq.computed_tokens;
+    int32_t need = b.ExtraBlocks(seq, target);
+    while (need > b.free_blocks && active.size() > 1) {
+      const ScheduledSequence& victim = *active.back();
+      plan.preempted.push_back(victim.id);
+      b.free_blocks += static_cast<int32_t>(kv.BlockTable(victim.id).size());
+      active.pop_back();
+    }
+    if (need > b.free_blocks) {  // alone and still too big: it must wait for memory too
+      plan.preempted.push_back(seq.id);
+      b.free_blocks += static_cast<int32_t>(kv.BlockTable(seq.id).size());
+      active.erase(active.begin());
+      continue;
+    }
+    b.free_blocks -= need;
+    kept.push_back(&seq);
+    if (!seq.adapter.empty()) b.adapters.insert(seq.adapter);
+    if (decoding && b.tokens_left > 0) {
+      plan.decode.push_back(seq.id);
+      --b.tokens_left;
+    }
+    active.erase(active.begin());
+  }
+  // Preempted sequences go back in arrival order.
+  std::reverse(plan.preempted.begin(), plan.preempted.end());
+
+  // 2. Continue chunked prefills of running sequences.
+  for (const ScheduledSequence* seq : kept) {
+    if (seq->computed_tokens >= seq->prompt_tokens) continue;
+    const int64_t chunk = ChunkFor(b, *seq);
+    if (chunk <= 0) continue;
+    const int32_t need = b.ExtraBlocks(*seq, seq->computed_tokens + chunk);
+    if (need > b.free_blocks) continue;
+    b.free_blocks -= need;
+    b.tokens_left -= chunk;
+    plan.prefill.emplace_back(seq->id, chunk);
+  }
+
+  // 3. Admit waiting requests (none while anything was just preempted: memory is short).
+  size_t running_count = kept.size();
+  if (plan.preempted.empty()) {
+    for (const auto& seq : waiting) {
+      if (!FitsRunningLimit(running_count, limits)) break;
+      const int64_t chunk = ChunkFor(b, seq);
+      if (!FitsTokenBudget(b, chunk)) break;
+      if (!FitsKvCache(b, seq)) break;  // FIFO: a large request is not starved by small ones
+      if (!FitsAdapterLimit(b, seq.adapter)) continue;
+      b.free_blocks -= b.ExtraBlocks(seq, seq.prompt_tokens + 1);
+      b.tokens_left -= chunk;
+      if (!seq.adapter.empty()) b.adapters.insert(seq.adapter);
+      plan.admitted.push_back(seq.id);
+      plan.prefill.emplace_back(seq.id, chunk);
+      ++running_count;
+    }
+  }
+  plan.tokens = limits.token_budget - b.tokens_left;
+  return plan;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,53 @@
+// PlanStep: the continuous-batching scheduler as a pure function from the engine's state to one
+// iteration's plan, so every admission and preemption rule is testable without a device.
+//
+// Each iteration (vLLM / TensorRT-LLM style):
+//   1. every running sequence whose prompt is fully computed decodes one token; when the KV pool
+//      cannot hold that token, the most recently arrived running sequence is preempted (its blocks
+//      are freed and it goes back to the front of the waiting queue, to be recomputed later)
+//      until it fits — a running sequence is never failed for lack of memory;
+//   2. running sequences still in (chunked) prefill get their next chunk;
+//   3. waiting requests are admitted in arrival order while every admission rule holds; a request
+//      whose adapter would exceed the per-batch adapter limit is skipped, the others may pass it.
+// All prefill and decode tokens of an iteration share `token_budget`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/infer/kv_block_allocator.h"
+
+namespace lorad::engine {
+
+struct SchedulerLimits {
+  int32_t max_running = 64;            // sequences decoding together
+  int64_t token_budget = 2048;         // prefill + decode tokens per iteration
+  int64_t prefill_chunk = 512;         // longest prefill piece of one sequence per iteration
+  int32_t max_adapters_per_batch = 8;  // distinct adapters in one batch ("" = base counts none)
+};
+
+// What the scheduler needs to know of a sequence.
+struct ScheduledSequence {
+  SequenceId id = 0;
+  std::string adapter;          // "" for the base model
+  int64_t prompt_tokens = 0;    // tokens to prefill (after a preemption: prompt + generated)
+  int64_t computed_tokens = 0;  // tokens already in the KV cache
+};
+
+struct StepPlan {
+  std::vector<SequenceId> decode;                       // one new token each
+  std::vector<std::pair<SequenceId, int64_t>> prefill;  // (sequence, tokens this iteration)
+  std::vector<SequenceId> admitted;                     // waiting -> running (also in prefill)
+  std::vector<SequenceId> preempted;                    // running -> front of waiting
+  int64_t tokens = 0;                                   // decode + prefill tokens planned
+};
+
+// `running` and `waiting` are each in arrival order. `kv` is read, not changed: the caller
+// applies the plan (Release the preempted, Reserve for the rest).
+StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
+                  const std::vector<ScheduledSequence>& waiting, const KvBlockAllocator& kv,
+                  const SchedulerLimits& limits);
+
+}  // namespace lorad::engine

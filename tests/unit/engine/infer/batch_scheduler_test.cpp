@@ -1,0 +1,80 @@
+#include "engine/infer/batch_scheduler.h"
+
+#include <gtest/gtest.h>
+
+namespace lorad::engine {
+namespace {
+
+ScheduledSequence Seq(SequenceId id, int64_t prompt, int64_t computed = 0,
+                      std::string adapter = "") {
+  return ScheduledSequence{id, std::move(adapter), prompt, computed};
+}
+
+TEST(BatchScheduler, AdmitsInArrivalOrderWithinTheTokenBudgetAndChunksLongPrompts) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.token_budget = 100;
+  limits.prefill_chunk = 64;
+  auto plan = PlanStep({}, {Seq(1, 30), Seq(2, 200), Seq(3, 5)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{1, 2, 3}));
+  ASSERT_EQ(plan.prefill.size(), 3u);
+  EXPECT_EQ(plan.prefill[0], std::make_pair(SequenceId{1}, int64_t{30}));
+  EXPECT_EQ(plan.prefill[1], std::make_pair(SequenceId{2}, int64_t{64}));  // chunked
+  EXPECT_EQ(plan.prefill[2], std::make_pair(SequenceId{3}, int64_t{5}));
+  EXPECT_EQ(plan.tokens, 99);
+}
+
+TEST(BatchScheduler, RunningSequencesDecodeFirstThenPrefillContinues) {
+  KvBlockAllocator kv(100, 16);
+  ASSERT_TRUE(kv.Reserve(1, 11).ok());
+  ASSERT_TRUE(kv.Reserve(2, 201).ok());
+  SchedulerLimits limits;
+  limits.token_budget = 50;
+  auto plan = PlanStep({Seq(1, 10, 10), Seq(2, 200, 64)}, {Seq(3, 8)}, kv, limits);
+  EXPECT_EQ(plan.decode, (std::vector<SequenceId>{1}));
+  ASSERT_EQ(plan.prefill.size(), 1u);  // the budget is spent on sequence 2's next chunk
+  EXPECT_EQ(plan.prefill[0], std::make_pair(SequenceId{2}, int64_t{49}));
+  EXPECT_TRUE(plan.admitted.empty());
+}
+
+TEST(BatchScheduler, FullKvPoolPreemptsTheLatestArrivalInsteadOfFailing) {
+  KvBlockAllocator kv(/*num_blocks=*/4, /*block_size=*/4);
+  ASSERT_TRUE(kv.Reserve(1, 8).ok());  // 2 blocks, full: its next token needs a third
+  ASSERT_TRUE(kv.Reserve(2, 8).ok());  // 2 blocks, full
+  SchedulerLimits limits;
+  auto plan = PlanStep({Seq(1, 5, 8), Seq(2, 5, 8)}, {Seq(3, 2)}, kv, limits);
+  EXPECT_EQ(plan.preempted, (std::vector<SequenceId>{2}));
+  EXPECT_EQ(plan.decode, (std::vector<SequenceId>{1}));
+  EXPECT_TRUE(plan.admitted.empty());  // memory is short: nothing new this iteration
+}
+
+TEST(BatchScheduler, WaitingRequestWaitsWhenThePoolIsFull) {
+  KvBlockAllocator kv(4, 4);
+  ASSERT_TRUE(kv.Reserve(1, 12).ok());  // 3 of 4 blocks
+  SchedulerLimits limits;
+  auto plan = PlanStep({Seq(1, 10, 10)}, {Seq(2, 20), Seq(3, 1)}, kv, limits);
+  EXPECT_EQ(plan.decode, (std::vector<SequenceId>{1}));
+  // Request 2 needs 6 blocks; FIFO keeps request 3 behind it rather than starving it.
+  EXPECT_TRUE(plan.admitted.empty());
+}
+
+TEST(BatchScheduler, AdapterLimitSkipsOnlyTheRequestsOverIt) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.max_adapters_per_batch = 2;
+  auto plan = PlanStep({Seq(1, 4, 4, "a")},
+                       {Seq(2, 4, 0, "b"), Seq(3, 4, 0, "c"), Seq(4, 4, 0, ""), Seq(5, 4, 0, "a")},
+                       kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{2, 4, 5}));
+}
+
+TEST(BatchScheduler, MaxRunningBoundsAdmission) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.max_running = 2;
+  auto plan = PlanStep({Seq(1, 4, 4)}, {Seq(2, 4), Seq(3, 4)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{2}));
+}
+
+}  // namespace
+}  // namespace lorad::engine
