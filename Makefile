@@ -14,6 +14,12 @@ CMAKE_ARGS ?=
 ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_MAXSIZE ?= 5G
+# Build folders of one checkout share cache hits: paths relative to the checkout, and the
+# compiler's working folder (the build folder) left out of the hash.
+export CCACHE_BASEDIR ?= $(CURDIR)
+export CCACHE_NOHASHDIR ?= 1
+# Precompiled headers (torch/torch.h) are cacheable only with these relaxations.
+export CCACHE_SLOPPINESS ?= pch_defines,time_macros,include_file_mtime,include_file_ctime
 
 .PHONY: all setup configure build test test-cpp test-py run format clean
 

@@ -5,57 +5,46 @@
 
 namespace lorad::kernels {
 
-const float kNf4Code[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
-
 uint8_t nf4_nearest_index(float x) {
-  // Walk the midpoints between neighbouring levels: strictly above a midpoint selects the upper
-  // level, so a value exactly on a midpoint keeps the lower one.
+  // Counting (rather than searching) keeps the rule obvious: strictly above a midpoint selects
+  // the upper level, so a value exactly on a midpoint keeps the lower one; NaN compares false.
   uint8_t index = 0;
-  for (int i = 0; i < 15; ++i) {
-    const float midpoint = 0.5f * (kNf4Code[i] + kNf4Code[i + 1]);
-    if (x > midpoint) index = static_cast<uint8_t>(i + 1);
-  }
+  for (int i = 0; i < 15; ++i) index += x > kNf4Midpoints.v[i] ? 1 : 0;
   return index;
 }
 
 void nf4_quantize_cpu(const float* w, int64_t n, uint8_t* packed, float* absmax) {
-  for (int64_t block = 0; block * kNf4BlockSize < n; ++block) {
-    const float* wb = w + block * kNf4BlockSize;
+  const int64_t blocks = Nf4Blocks(n);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kNf4BlockSize;
+    const int64_t end = std::min(n, begin + kNf4BlockSize);
     float amax = 0.f;
-    for (int i = 0; i < kNf4BlockSize; ++i) amax = std::max(amax, std::fabs(wb[i]));
-    absmax[block] = amax;
-    const float inv = amax > 0.f ? 1.f / amax : 0.f;
-    for (int i = 0; i < kNf4BlockSize; i += 2) {
-      const uint8_t hi = nf4_nearest_index(wb[i] * inv);
-      const uint8_t lo = nf4_nearest_index(wb[i + 1] * inv);
-      packed[(block * kNf4BlockSize + i) / 2] = static_cast<uint8_t>((hi << 4) | lo);
+    for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(w[i]));
+    absmax[b] = amax;
+    // bitsandbytes clamps the divisor to 1e-38 (a subnormal float), so an all-zero block scales
+    // to 0 and stores the index of 0.0.
+    const float a = std::max(amax, 1e-38f);
+    const bool full = end - begin == kNf4BlockSize;
+    const float inv = 1.0f / a;
+    for (int64_t i = begin; i < end; ++i) {
+      // A full block multiplies by the reciprocal, the short tail divides: two different
+      // roundings, both as bitsandbytes computes them.
+      const float s = std::clamp(full ? w[i] * inv : w[i] / a, -1.0f, 1.0f);
+      const uint8_t q = nf4_nearest_index(s);
+      if (i % 2 == 0) {
+        packed[i / 2] = static_cast<uint8_t>(q << 4 | kNf4ZeroIndex);
+      } else {
+        packed[i / 2] = static_cast<uint8_t>((packed[i / 2] & 0xF0) | q);
+      }
     }
   }
 }
 
 void nf4_dequantize_cpu(const uint8_t* packed, const float* absmax, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 2) {
+  for (int64_t i = 0; i < n; ++i) {
     const uint8_t byte = packed[i / 2];
-    const float scale = absmax[i / kNf4BlockSize];
-    out[i] = kNf4Code[byte >> 4] * scale;
-    out[i + 1] = kNf4Code[byte & 0x0F] * scale;
+    const uint8_t q = i % 2 == 0 ? byte >> 4 : byte & 0x0F;
+    out[i] = kNf4Code[q] * absmax[i / kNf4BlockSize];
   }
 }
 

@@ -11,13 +11,15 @@
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "lorad/v1/training.grpc.pb.h"
+#include "server/adapter_service.h"
+#include "server/inference_service.h"
 #include "server/rpc_metrics_interceptor.h"
+#include "server/training_service.h"
 
 namespace lorad::server {
 namespace {
 
-// The services the daemon exposes. Their handlers answer UNIMPLEMENTED until the training,
-// inference and adapter issues land; health and reflection list them already.
+// The services the daemon exposes.
 constexpr const char* kServiceNames[] = {
     "lorad.v1.TrainingService",
     "lorad.v1.InferenceService",
@@ -79,12 +81,20 @@ absl::Status Daemon::Start() {
                                                    config_.storage.data_dir, "': ", ec.message()));
   }
 
+  if (auto s = OpenJobStore(); !s.ok()) return s;
   RegisterProcessMetrics();
+  // HTTP first: /healthz says "loading" while the model loads.
   if (auto s = http_.Start(config_.server.http_address); !s.ok()) return s;
-  if (auto s = StartGrpc(); !s.ok()) {
+  if (auto s = StartEngine(); !s.ok()) {
     http_.Stop();
     return s;
   }
+  if (auto s = StartGrpc(); !s.ok()) {
+    engine_->Stop();
+    http_.Stop();
+    return s;
+  }
+  job_runner_->Start();
   state_.Set(Lifecycle::kServing);
   grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("serving gRPC on {} and HTTP (/metrics, /healthz) on {}",
@@ -92,13 +102,137 @@ absl::Status Daemon::Start() {
   return absl::OkStatus();
 }
 
+absl::Status Daemon::StartEngine() {
+  namespace fs = std::filesystem;
+  engine::EngineOptions options;
+  options.model_folder = config_.model.path;
+  options.device = config_.model.device;
+  options.base_weights = config_.model.base_weights;
+  options.chat_template = config_.model.chat_template;
+  options.inference.kv_cache_bytes = config_.engine.kv_cache_bytes;
+  options.inference.scheduler.max_running = static_cast<int32_t>(config_.engine.max_running_requests);
+  options.inference.scheduler.token_budget = config_.engine.max_batch_tokens;
+  options.inference.max_new_tokens_limit = static_cast<int32_t>(config_.limits.max_new_tokens);
+  options.inference.max_queued = static_cast<int32_t>(config_.limits.max_queued_requests);
+  options.max_resident_adapters = static_cast<int32_t>(config_.engine.max_resident_adapters);
+  options.train_share = config_.engine.train_share;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto engine = engine::Engine::Start(options);
+  if (!engine.ok()) {
+    return absl::Status(engine.status().code(),
+                        absl::StrCat("loading the model: ", engine.status().message()));
+  }
+  engine_ = std::move(*engine);
+  spdlog::info("model loaded in {:.1f} s ({} base weights, {:.1f} MiB)",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+               config_.model.base_weights, engine_->Stats().base_bytes / 1048576.0);
+  adapter_root_ = config_.storage.adapter_root.empty()
+                      ? (fs::path(config_.storage.data_dir) / "adapters").string()
+                      : config_.storage.adapter_root;
+  std::error_code ec;
+  fs::create_directories(adapter_root_, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("storage.adapter_root: cannot create '", adapter_root_, "': ", ec.message()));
+  }
+  job_runner_ = std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_,
+                                            (fs::path(config_.storage.data_dir) / "jobs").string(),
+                                            config_.training.max_running_jobs > 0);
+  RegisterEngineMetrics();
+  return absl::OkStatus();
+}
+
+void Daemon::RegisterEngineMetrics() {
+  engine::Engine* e = engine_.get();
+  metrics_.AddGaugeCallback("lorad_num_requests_running", "Generation requests decoding now",
+                            [e] { return e->Stats().inference.running; });
+  metrics_.AddGaugeCallback("lorad_num_requests_waiting",
+                            "Generation requests waiting for admission",
+                            [e] { return e->Stats().inference.waiting; });
+  metrics_.AddGaugeCallback("lorad_kv_cache_usage_perc",
+                            "Fraction of the paged KV cache blocks in use (0..1)",
+                            [e] { return e->Stats().inference.kv_cache_usage; });
+  metrics_.AddGaugeCallback("lorad_num_preemptions",
+                            "Sequences preempted (and later recomputed) since start",
+                            [e] { return static_cast<double>(e->Stats().inference.preemptions); });
+  metrics_.AddGaugeCallback("lorad_adapters_resident", "LoRA adapters on the device now",
+                            [e] { return e->Stats().adapters_resident; });
+  metrics_.AddGaugeCallback("lorad_adapters_loaded", "LoRA adapter versions held (host copies)",
+                            [e] { return static_cast<double>(e->adapters().List().size()); });
+  metrics_.AddGaugeFamilyCallback(
+      "lorad_memory_bytes", "Device memory by use: base model, adapters, KV cache", {"use"}, [e] {
+        const engine::EngineStats s = e->Stats();
+        return std::vector<std::pair<LabelValues, double>>{
+            {{"base"}, static_cast<double>(s.base_bytes)},
+            {{"adapters"}, static_cast<double>(s.adapter_device_bytes)},
+            {{"kv_cache"}, static_cast<double>(s.kv_cache_bytes)}};
+      });
+  metrics_.AddGaugeFamilyCallback(
+      "lorad_gpu_loop_seconds", "GPU loop time spent on each kind of work since start", {"work"},
+      [e] {
+        const engine::EngineStats s = e->Stats();
+        return std::vector<std::pair<LabelValues, double>>{{{"inference"}, s.inference_seconds},
+                                                           {{"training"}, s.train_seconds}};
+      });
+}
+
+absl::Status Daemon::OpenJobStore() {
+  namespace fs = std::filesystem;
+  dataset_root_ = config_.storage.dataset_root.empty()
+                      ? (fs::path(config_.storage.data_dir) / "datasets").string()
+                      : config_.storage.dataset_root;
+  std::error_code ec;
+  fs::create_directories(dataset_root_, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("storage.dataset_root: cannot create '", dataset_root_, "': ", ec.message()));
+  }
+  const std::string db_path = (fs::path(config_.storage.data_dir) / "jobs.db").string();
+  auto store = JobStore::Open(db_path);
+  if (!store.ok()) return store.status();
+  jobs_ = std::move(*store);
+  // A job that was running when the last process died goes back to the queue; its trainer
+  // resumes from the last checkpoint.
+  auto requeued = jobs_->RecoverAfterRestart();
+  if (!requeued.ok()) return requeued.status();
+  for (const auto& id : *requeued)
+    spdlog::warn("job {} was running at the last stop; re-queued", id);
+  JobStore* jobs = jobs_.get();
+  metrics_.AddGaugeFamilyCallback("lorad_jobs", "Training jobs by state", {"state"}, [jobs] {
+    std::vector<std::pair<LabelValues, double>> series;
+    for (JobState state : {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
+                           JobState::kFailed, JobState::kCancelled}) {
+      series.push_back({{JobStateName(state)}, 0.0});
+    }
+    auto counts = jobs->CountByState();
+    if (counts.ok()) {
+      for (const auto& [state, n] : *counts) {
+        for (auto& s : series) {
+          if (s.first[0] == JobStateName(state)) s.second = static_cast<double>(n);
+        }
+      }
+    }
+    return series;
+  });
+  return absl::OkStatus();
+}
+
 absl::Status Daemon::StartGrpc() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
-  services_.push_back(std::make_unique<lorad::v1::TrainingService::Service>());
-  services_.push_back(std::make_unique<lorad::v1::InferenceService::Service>());
-  services_.push_back(std::make_unique<lorad::v1::AdapterService::Service>());
+  TrainingServiceOptions training;
+  training.spec_limits.dataset_root = dataset_root_;
+  training.max_queued_jobs = config_.limits.max_queued_jobs;
+  JobRunner* runner = job_runner_.get();
+  training.on_submit = [runner] { runner->Wake(); };
+  training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
+  services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
+  InferenceLimits inference;
+  inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
+  inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
+  services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference));
+  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_));
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(config_.server.grpc_address, grpc::InsecureServerCredentials(),
@@ -137,6 +271,10 @@ void Daemon::Shutdown() {
     grpc_server_->Wait();
     grpc_server_.reset();
   }
+  // The engine's stop checkpoints a running job (it resumes at the next start); the runner then
+  // records the events still queued.
+  if (engine_) engine_->Stop();
+  if (job_runner_) job_runner_->Stop();
   http_.Stop();
   spdlog::info("stopped");
 }

@@ -12,7 +12,11 @@
 #include "absl/status/status.h"
 #include "engine/model/model_config.h"
 #include "engine/runtime/device_info.h"
+#include "engine/runtime/engine.h"
 #include "server/http_server.h"
+#include "server/job_event_hub.h"
+#include "server/job_runner.h"
+#include "server/job_store.h"
 #include "server/metrics_registry.h"
 #include "server/server_config.h"
 #include "server/serving_state.h"
@@ -40,6 +44,9 @@ class Daemon {
 
  private:
   absl::Status StartGrpc();
+  absl::Status OpenJobStore();
+  absl::Status StartEngine();
+  void RegisterEngineMetrics();
   void RegisterProcessMetrics();
 
   ServerConfig config_;
@@ -48,6 +55,12 @@ class Daemon {
   engine::ModelConfig model_config_;
   engine::DeviceInfo device_;
   HttpServer http_;
+  std::unique_ptr<JobStore> jobs_;
+  JobEventHub job_events_;
+  std::string dataset_root_;
+  std::string adapter_root_;
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<JobRunner> job_runner_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;

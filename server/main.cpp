@@ -41,6 +41,18 @@ int main(int argc, char** argv) {
   add_override("--http-address", "server.http_address", "HTTP (/metrics, /healthz) host:port");
   add_override("--data-dir", "storage.data_dir", "folder for jobs, checkpoints and adapters");
   add_override("--log-level", "logging.level", "trace, debug, info, warn or error");
+  app.add_option_function<std::vector<std::string>>(
+         "--set",
+         [&overrides](const std::vector<std::string>& items) {
+           for (const auto& item : items) {
+             const auto eq = item.find('=');
+             overrides.emplace_back(item.substr(0, eq),
+                                    eq == std::string::npos ? "" : item.substr(eq + 1));
+           }
+         },
+         "KEY=VALUE: set any config key, e.g. --set engine.train_share=0.5 (repeatable)")
+      ->take_all()
+      ->allow_extra_args(false);
   app.add_flag("--print-config-keys", print_keys, "print every config key with its default");
   try {
     app.parse(argc, argv);

@@ -85,6 +85,11 @@ void GaugeFamily::Add(const LabelValues& labels, double delta) {
   series_[labels] += delta;
 }
 
+void GaugeFamily::Remove(const LabelValues& labels) {
+  std::lock_guard<std::mutex> lock(mu_);
+  series_.erase(labels);
+}
+
 double GaugeFamily::Value(const LabelValues& labels) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = series_.find(labels);
@@ -151,6 +156,13 @@ void MetricsRegistry::AddGaugeCallback(const std::string& name, const std::strin
   f.callback = std::move(value);
 }
 
+void MetricsRegistry::AddGaugeFamilyCallback(
+    const std::string& name, const std::string& help, std::vector<std::string> label_names,
+    std::function<std::vector<std::pair<LabelValues, double>>()> series) {
+  Family& f = Add(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
+  f.family_callback = std::move(series);
+}
+
 HistogramFamily& MetricsRegistry::AddHistogram(const std::string& name, const std::string& help,
                                                std::vector<std::string> label_names,
                                                std::vector<double> upper_bounds) {
@@ -188,6 +200,11 @@ std::string MetricsRegistry::Render() const {
       }
       case Kind::kGaugeCallback:
         out += f.name + " " + FormatValue(f.callback()) + "\n";
+        break;
+      case Kind::kGaugeFamilyCallback:
+        for (const auto& [labels, v] : f.family_callback()) {
+          out += f.name + LabelSet(f.label_names, labels) + " " + FormatValue(v) + "\n";
+        }
         break;
       case Kind::kHistogram: {
         const HistogramFamily& h = *f.histogram;

@@ -34,6 +34,8 @@ class GaugeFamily {
   void Set(const LabelValues& labels, double value);
   void Add(const LabelValues& labels, double delta);
   double Value(const LabelValues& labels) const;
+  // Drops the series (a finished job's gauges), so it is no longer exported.
+  void Remove(const LabelValues& labels);
 
  private:
   friend class MetricsRegistry;
@@ -69,6 +71,10 @@ class MetricsRegistry {
   // A label-less gauge whose value is computed at scrape time (uptime, memory in use).
   void AddGaugeCallback(const std::string& name, const std::string& help,
                         std::function<double()> value);
+  // A labelled gauge whose series are computed at scrape time (jobs by state).
+  void AddGaugeFamilyCallback(const std::string& name, const std::string& help,
+                              std::vector<std::string> label_names,
+                              std::function<std::vector<std::pair<LabelValues, double>>()> series);
   HistogramFamily& AddHistogram(const std::string& name, const std::string& help,
                                 std::vector<std::string> label_names,
                                 std::vector<double> upper_bounds);
@@ -77,7 +83,7 @@ class MetricsRegistry {
   std::string Render() const;
 
  private:
-  enum class Kind { kCounter, kGauge, kGaugeCallback, kHistogram };
+  enum class Kind { kCounter, kGauge, kGaugeCallback, kGaugeFamilyCallback, kHistogram };
   struct Family {
     std::string name;
     std::string help;
@@ -86,6 +92,7 @@ class MetricsRegistry {
     std::unique_ptr<CounterFamily> counter;
     std::unique_ptr<GaugeFamily> gauge;
     std::function<double()> callback;
+    std::function<std::vector<std::pair<LabelValues, double>>()> family_callback;
     std::unique_ptr<HistogramFamily> histogram;
   };
   Family& Add(const std::string& name, const std::string& help, Kind kind,

@@ -73,6 +73,26 @@ Field IntField(const std::string& key, std::function<int64_t&(ServerConfig&)> re
   return f;
 }
 
+Field DoubleField(const std::string& key, std::function<double&(ServerConfig&)> ref, double min,
+                  double max) {
+  Field f;
+  f.set = [key, ref, min, max](ServerConfig& c, const YAML::Node& n,
+                               const std::string& where) -> absl::Status {
+    double v = 0;
+    if (!n.IsScalar() || !absl::SimpleAtod(n.Scalar(), &v)) {
+      return TypeError(where, key, "a number", n);
+    }
+    if (!(v >= min && v <= max)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", key, ": ", n.Scalar(), " is out of range [", min, ", ", max, "]"));
+    }
+    ref(c) = v;
+    return absl::OkStatus();
+  };
+  f.show = [ref](const ServerConfig& c) { return absl::StrCat(ref(const_cast<ServerConfig&>(c))); };
+  return f;
+}
+
 // The schema: every key lorad knows, in file order. Add a key here and to ServerConfig.
 const std::map<std::string, Field>& Schema() {
   static const auto* kSchema = new std::map<std::string, Field>{
@@ -81,6 +101,34 @@ const std::map<std::string, Field>& Schema() {
       {"model.device",
        StringField("model.device", [](ServerConfig& c) -> std::string& { return c.model.device; },
                    {"auto", "cpu", "cuda"})},
+      {"model.base_weights",
+       StringField(
+           "model.base_weights", [](ServerConfig& c) -> std::string& { return c.model.base_weights; },
+           {"nf4", "none"})},
+      {"model.chat_template",
+       StringField("model.chat_template",
+                   [](ServerConfig& c) -> std::string& { return c.model.chat_template; },
+                   {"", "llama3", "chatml", "mistral", "alpaca"})},
+      {"engine.kv_cache_bytes",
+       IntField(
+           "engine.kv_cache_bytes", [](ServerConfig& c) -> int64_t& { return c.engine.kv_cache_bytes; },
+           int64_t{1} << 20, int64_t{1} << 40)},
+      {"engine.max_running_requests",
+       IntField(
+           "engine.max_running_requests",
+           [](ServerConfig& c) -> int64_t& { return c.engine.max_running_requests; }, 1, 4096)},
+      {"engine.max_batch_tokens",
+       IntField(
+           "engine.max_batch_tokens",
+           [](ServerConfig& c) -> int64_t& { return c.engine.max_batch_tokens; }, 16, 1 << 20)},
+      {"engine.max_resident_adapters",
+       IntField(
+           "engine.max_resident_adapters",
+           [](ServerConfig& c) -> int64_t& { return c.engine.max_resident_adapters; }, 1, 4096)},
+      {"engine.train_share",
+       DoubleField(
+           "engine.train_share", [](ServerConfig& c) -> double& { return c.engine.train_share; }, 0,
+           0.95)},
       {"server.grpc_address",
        StringField("server.grpc_address",
                    [](ServerConfig& c) -> std::string& { return c.server.grpc_address; })},
@@ -99,6 +147,32 @@ const std::map<std::string, Field>& Schema() {
       {"storage.data_dir",
        StringField("storage.data_dir",
                    [](ServerConfig& c) -> std::string& { return c.storage.data_dir; })},
+      {"storage.dataset_root",
+       StringField("storage.dataset_root",
+                   [](ServerConfig& c) -> std::string& { return c.storage.dataset_root; })},
+      {"storage.adapter_root",
+       StringField("storage.adapter_root",
+                   [](ServerConfig& c) -> std::string& { return c.storage.adapter_root; })},
+      {"limits.max_new_tokens",
+       IntField(
+           "limits.max_new_tokens", [](ServerConfig& c) -> int64_t& { return c.limits.max_new_tokens; },
+           1, 1 << 20)},
+      {"limits.max_queued_requests",
+       IntField(
+           "limits.max_queued_requests",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_queued_requests; }, 1, 1 << 20)},
+      {"limits.max_prompt_bytes",
+       IntField(
+           "limits.max_prompt_bytes",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_prompt_bytes; }, 1, int64_t{1} << 30)},
+      {"limits.max_queued_jobs",
+       IntField(
+           "limits.max_queued_jobs",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_queued_jobs; }, 1, 100000)},
+      {"training.max_running_jobs",
+       IntField(
+           "training.max_running_jobs",
+           [](ServerConfig& c) -> int64_t& { return c.training.max_running_jobs; }, 0, 1)},
       {"logging.level",
        StringField("logging.level", [](ServerConfig& c) -> std::string& { return c.logging.level; },
                    {"trace", "debug", "info", "warn", "error"})},

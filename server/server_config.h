@@ -17,7 +17,16 @@ struct ServerConfig {
   struct Model {
     std::string path;             // Hugging Face model folder (config.json, safetensors, tokenizer)
     std::string device = "auto";  // auto | cpu | cuda
+    std::string base_weights = "nf4";  // nf4 (QLoRA's 4-bit base) | none (keep 16/32-bit)
+    std::string chat_template;         // "" = the model folder's own; llama3 | chatml | ...
   } model;
+  struct Engine {
+    int64_t kv_cache_bytes = int64_t{1} << 30;  // the paged KV cache pool
+    int64_t max_running_requests = 64;          // sequences decoding together
+    int64_t max_batch_tokens = 2048;            // prefill + decode tokens per iteration
+    int64_t max_resident_adapters = 8;          // adapters on the device at once
+    double train_share = 0.3;  // training's least share of the GPU loop while both are busy
+  } engine;
   struct Server {
     std::string grpc_address = "127.0.0.1:50051";
     std::string http_address = "127.0.0.1:8080";  // /metrics and /healthz
@@ -26,7 +35,22 @@ struct ServerConfig {
   } server;
   struct Storage {
     std::string data_dir = "lorad-data";  // job database, checkpoints, adapters
+    // Datasets named by jobs must resolve inside this folder; empty = <data_dir>/datasets.
+    std::string dataset_root;
+    // Adapters loaded over the API must resolve inside this folder; empty = <data_dir>/adapters.
+    std::string adapter_root;
   } storage;
+  struct Limits {
+    int64_t max_queued_jobs = 64;  // SubmitJob answers RESOURCE_EXHAUSTED beyond this
+    int64_t max_new_tokens = 4096;        // per request
+    int64_t max_queued_requests = 1024;   // unfinished generation requests
+    int64_t max_prompt_bytes = 1 << 20;   // of a prompt or a chat's content
+  } limits;
+  struct Training {
+    // Jobs trained at once: 1, or 0 to hold every job in the queue (maintenance; they start when
+    // the daemon is restarted with 1).
+    int64_t max_running_jobs = 1;
+  } training;
   struct Logging {
     std::string level = "info";  // trace | debug | info | warn | error
   } logging;

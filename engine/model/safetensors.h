@@ -33,7 +33,9 @@ struct TensorView {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
-  const uint8_t* data = nullptr;  // valid while the SafetensorsFile (or the caller's buffer) lives
+  // Valid while the SafetensorsFile (or the caller's buffer) lives. Aligned for the dtype when the
+  // header is padded to 8 bytes, as every writer does; a hostile file may not be: copy, don't cast.
+  const uint8_t* data = nullptr;
   size_t nbytes = 0;
   int64_t numel() const;
 };
@@ -48,7 +50,7 @@ class SafetensorsFile {
 
   const std::string& path() const { return path_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
-  // Tensor names in file order.
+  // Tensor names in file (data offset) order.
   std::vector<std::string> names() const;
   // nullptr when absent.
   const TensorView* Find(const std::string& name) const;
@@ -64,8 +66,10 @@ class SafetensorsFile {
   std::map<std::string, size_t> index_;
 };
 
-// Writes tensors (in the given order) to `path` atomically: temp file in the same folder, fsync,
-// rename. Names must be unique and non-empty; nbytes must equal numel x dtype size.
+// Writes tensors to `path` atomically: temp file in the same folder, fsync, rename, fsync the
+// folder. Names must be unique, non-empty UTF-8; nbytes must equal numel x dtype size. Like the
+// Python library, the header is padded to 8 bytes and data is laid out largest dtype first
+// (stable otherwise), so every tensor is aligned for its dtype when the file is mapped.
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorView>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/model/chat_template.h"  // ChatMessage
 
 namespace lorad::engine {
 
@@ -29,11 +30,6 @@ enum class DatasetFormat { kAuto, kAlpaca, kChat, kCompletion, kText, kQa };
 // "auto", "alpaca", "chat", "completion", "text", "qa".
 absl::StatusOr<DatasetFormat> DatasetFormatFromName(const std::string& name);
 const char* DatasetFormatName(DatasetFormat format);
-
-struct ChatMessage {
-  std::string role;  // system, user or assistant
-  std::string content;
-};
 
 // One training record in a format-independent shape. Every format but text becomes a
 // conversation whose assistant turns are the response (what response-only loss trains on).

@@ -53,10 +53,10 @@ def test_metrics_parse_and_count_rpcs_by_method_and_code(daemon, stubs):
     with grpc.insecure_channel(daemon.grpc_address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         training = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        training.ListJobs(stubs.training_pb2.ListJobsRequest(), timeout=5)
         with pytest.raises(grpc.RpcError) as err:
-            training.ListJobs(stubs.training_pb2.ListJobsRequest(), timeout=5)
-        # Training lands in its own issue; until then the handler says so.
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            training.GetJob(stubs.training_pb2.GetJobRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     status, text = daemon.http_get("/metrics")
     assert status == 200
@@ -66,7 +66,8 @@ def test_metrics_parse_and_count_rpcs_by_method_and_code(daemon, stubs):
     counts = {(s.labels["method"], s.labels["code"]): s.value for s in requests.samples
               if s.name == "lorad_rpc_requests_total"}
     assert counts.get(("grpc.health.v1.Health/Check", "OK"), 0) >= 1, (counts, text)
-    assert counts[("lorad.v1.TrainingService/ListJobs", "UNIMPLEMENTED")] == 1
+    assert counts[("lorad.v1.TrainingService/ListJobs", "OK")] == 1
+    assert counts[("lorad.v1.TrainingService/GetJob", "INVALID_ARGUMENT")] == 1
     duration = families["lorad_rpc_duration_seconds"]
     assert duration.type == "histogram"
     buckets = [s for s in duration.samples if s.name.endswith("_bucket")

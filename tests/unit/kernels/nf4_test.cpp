@@ -4,12 +4,20 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
 
 namespace lorad::kernels {
 namespace {
+
+TEST(Nf4, MidpointsAreTheFp32MeansOfNeighbouringLevels) {
+  for (int i = 0; i < 15; ++i) {
+    volatile float a = kNf4Code[i], b = kNf4Code[i + 1];  // computed at run time, not folded
+    EXPECT_EQ(kNf4Midpoints.v[i], 0.5f * (a + b)) << i;
+  }
+}
 
 TEST(Nf4, NearestIndexPicksTheClosestLevel) {
   std::mt19937 rng(3);
@@ -21,6 +29,11 @@ TEST(Nf4, NearestIndexPicksTheClosestLevel) {
       EXPECT_LE(std::fabs(kNf4Code[got] - x), std::fabs(kNf4Code[j] - x)) << "x=" << x;
     }
   }
+}
+
+TEST(Nf4, TiesAtAMidpointGoToTheLowerLevel) {
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(nf4_nearest_index(kNf4Midpoints.v[i]), i);
+  EXPECT_EQ(nf4_nearest_index(std::nanf("")), 0);
 }
 
 TEST(Nf4, LevelsRoundTripExactlyAndPackHighNibbleFirst) {
@@ -58,8 +71,31 @@ TEST(Nf4, AllZeroBlockStaysZero) {
   std::vector<float> w(kNf4BlockSize, 0.f), back(kNf4BlockSize, 1.f), absmax(1);
   std::vector<uint8_t> packed(kNf4BlockSize / 2);
   nf4_quantize_cpu(w.data(), kNf4BlockSize, packed.data(), absmax.data());
+  EXPECT_EQ(absmax[0], 0.f);
+  EXPECT_EQ(packed[0], kNf4ZeroIndex << 4 | kNf4ZeroIndex);
   nf4_dequantize_cpu(packed.data(), absmax.data(), kNf4BlockSize, back.data());
   for (float v : back) EXPECT_EQ(v, 0.f);
+}
+
+TEST(Nf4, ShortLastBlockAndOddCountArePaddedWithTheZeroLevel) {
+  // 64 + 5 values: two blocks, the second of 5; 35 bytes, the last low nibble is padding.
+  const int64_t n = 69;
+  std::vector<float> w(n);
+  for (int64_t i = 0; i < 64; ++i) w[i] = static_cast<float>(i % 7) - 3.f;
+  const float tail[5] = {1.f, 2.f, 3.f, -3.f, -2.f};
+  std::copy(tail, tail + 5, w.begin() + 64);
+  std::vector<uint8_t> packed(Nf4PackedBytes(n));
+  std::vector<float> absmax(Nf4Blocks(n));
+  ASSERT_EQ(packed.size(), 35u);
+  ASSERT_EQ(absmax.size(), 2u);
+  nf4_quantize_cpu(w.data(), n, packed.data(), absmax.data());
+  EXPECT_EQ(absmax[1], 3.f);  // max |w| over elements 64..68 = {1, 2, 3, -3, -2}
+  EXPECT_EQ(packed[34] & 0x0F, kNf4ZeroIndex);
+  std::vector<float> back(n);
+  nf4_dequantize_cpu(packed.data(), absmax.data(), n, back.data());
+  // -3 and 3 are the block's extremes: exactly the levels -1 and 1 times absmax.
+  EXPECT_EQ(back[66], 3.f);
+  EXPECT_EQ(back[67], -3.f);
 }
 
 }  // namespace

@@ -1,0 +1,268 @@
+// Decode GEMV at Llama-3-8B shapes, batch 1, bf16 activations: lorad's NF4 GEMV (packed weights +
+// double-quantized absmax read directly) against the bf16 cuBLAS GEMV (cublasGemmEx) and against
+// dequantize-to-bf16-then-cuBLAS, all measured in this run, next to the device-to-device copy
+// bandwidth measured in this run too.
+//
+// Timing: bench_timer.h (warm-up, CUDA graph of back-to-back runs, CUDA events, median). Every
+// method rotates among enough copies of its weights to exceed the L2 cache several times, so the
+// numbers are HBM numbers. GB/s counts the bytes each method must read and write once.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "bench/bench_timer.h"
+#include "kernels/dynamic_quant8.h"
+#include "kernels/nf4.h"
+#include "kernels/nf4_gemv.h"
+
+namespace lorad::bench {
+namespace {
+
+using kernels::FloatKind;
+
+void CheckBlas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "cuBLAS error %d: %s\n", static_cast<int>(s), what);
+    std::exit(1);
+  }
+}
+
+void CheckKernel(const char* err, const char* what) {
+  if (err != nullptr) {
+    std::fprintf(stderr, "%s: %s\n", what, err);
+    std::exit(1);
+  }
+}
+
+// Roughly normal values (sum of 4 hashed uniforms), std `scale`: never zeros (METHOD.md).
+__global__ void FillKernel(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    for (int k = 0; k < 4; ++k) {
+      h ^= h >> 15;
+      h *= 0x2c1b3c6du;
+      h ^= h >> 12;
+      h *= 0x297a2d39u;
+      h ^= h >> 15;
+      sum += (h & 0xffffff) / 16777216.f - 0.5f;
+    }
+    p[i] = __float2bfloat16_rn(sum * 1.7320508f * scale);
+  }
+}
+
+void Fill(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
+  FillKernel<<<1024, 256>>>(p, n, seed, scale);
+  Check(cudaGetLastError(), "fill");
+}
+
+// A plain 16-byte-per-thread copy kernel: the ceiling a memory-bound kernel can reach here
+// (cudaMemcpyAsync inside a graph became a copy-engine node and moved only ~2.7 TB/s).
+__global__ void CopyKernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = src[i];
+  }
+}
+
+double CopyBandwidthGBs(cudaStream_t stream, int sms) {
+  const size_t bytes = size_t{1} << 30;
+  void *a, *b;
+  Check(cudaMalloc(&a, bytes), "malloc");
+  Check(cudaMalloc(&b, bytes), "malloc");
+  Check(cudaMemset(a, 1, bytes), "memset");
+  bool graphed = false;
+  const double us = MedianMicros(
+      stream,
+      [&](int) {
+        CopyKernel<<<sms * 8, 512, 0, stream>>>(static_cast<const uint4*>(a),
+                                                static_cast<uint4*>(b), bytes / 16);
+      },
+      5, 21, &graphed);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / us / 1e3;  // read + write
+}
+
+struct Row {
+  const char* name;
+  int64_t out, in;
+};
+
+}  // namespace
+}  // namespace lorad::bench
+
+int main() {
+  using namespace lorad::bench;
+  using namespace lorad::kernels;
+  cudaDeviceProp prop;
+  Check(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("device: %s, %d SMs, L2 %d MiB, sm_%d%d\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, prop.major, prop.minor);
+  cudaStream_t stream;
+  Check(cudaStreamCreate(&stream), "stream");
+  cublasHandle_t blas;
+  CheckBlas(cublasCreate(&blas), "create");
+  CheckBlas(cublasSetStream(blas, stream), "stream");
+  const double copy_gbs = CopyBandwidthGBs(stream, prop.multiProcessorCount);
+  std::printf("device-to-device copy bandwidth (read + write): %.0f GB/s\n\n", copy_gbs);
+
+  const Row rows[] = {{"q_proj/o_proj", 4096, 4096},
+                      {"down_proj", 4096, 14336},
+                      {"gate/up_proj", 14336, 4096},
+                      {"k/v_proj", 1024, 4096}};
+  std::printf("%-14s %12s | %9s %7s %6s | %9s %7s | %11s | %8s %8s | %7s %7s | %s\n", "layer",
+              "out x in", "nf4 us", "GB/s", "%copy", "bf16 us", "GB/s", "dq+bf16 us", "vs bf16",
+              "vs dq+", "r/w=1", "r/w=4", "max rel diff");
+  const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
+  for (const Row& r : rows) {
+    const int64_t n = r.out * r.in, blocks = Nf4Blocks(n), blocks2 = (blocks + 255) / 256;
+    // One bf16 weight, its NF4 form with double-quantized absmax (as the engine stores it).
+    __nv_bfloat16* w;
+    Check(cudaMalloc(&w, n * 2), "malloc");
+    Fill(w, n, 1234u + static_cast<uint32_t>(n), 0.02f);
+    uint8_t* packed;
+    float *absmax, *absmax2, *absmax_dq, *code;
+    uint8_t* qabsmax;
+    Check(cudaMalloc(&packed, n / 2), "malloc");
+    Check(cudaMalloc(&absmax, blocks * 4), "malloc");
+    Check(cudaMalloc(&absmax_dq, blocks * 4), "malloc");
+    Check(cudaMalloc(&qabsmax, blocks), "malloc");
+    Check(cudaMalloc(&absmax2, blocks2 * 4), "malloc");
+    Check(cudaMalloc(&code, 256 * 4), "malloc");
+    Check(cudaMemcpy(code, kDynamicMapSigned, 1024, cudaMemcpyHostToDevice), "code");
+    CheckKernel(nf4_quantize_cuda(w, FloatKind::kBF16, n, packed, absmax, stream), "quantize");
+    std::vector<float> absmax_host(blocks);
+    Check(cudaMemcpy(absmax_host.data(), absmax, blocks * 4, cudaMemcpyDeviceToHost), "absmax");
+    double sum = 0;
+    for (float a : absmax_host) sum += a;
+    const float offset = static_cast<float>(sum / blocks);
+    CheckKernel(dynamic_quant8_quantize_cuda(absmax, blocks, offset, 256, code, qabsmax, absmax2,
+                                             stream),
+                "double quant");
+
+    // Rotating copies: NF4 (packed + qabsmax + absmax2) and bf16.
+    const size_t nf4_bytes = n / 2 + blocks + blocks2 * 4;
+    const int nf4_copies = static_cast<int>(std::max<size_t>(2, kRotateBytes / nf4_bytes + 1));
+    const int bf16_copies = static_cast<int>(std::max<size_t>(2, kRotateBytes / (n * 2) + 1));
+    std::vector<uint8_t*> packed_c(nf4_copies), qabsmax_c(nf4_copies);
+    std::vector<float*> absmax2_c(nf4_copies);
+    for (int c = 0; c < nf4_copies; ++c) {
+      Check(cudaMalloc(&packed_c[c], n / 2), "malloc");
+      Check(cudaMalloc(&qabsmax_c[c], blocks), "malloc");
+      Check(cudaMalloc(&absmax2_c[c], blocks2 * 4), "malloc");
+      Check(cudaMemcpy(packed_c[c], packed, n / 2, cudaMemcpyDeviceToDevice), "copy");
+      Check(cudaMemcpy(qabsmax_c[c], qabsmax, blocks, cudaMemcpyDeviceToDevice), "copy");
+      Check(cudaMemcpy(absmax2_c[c], absmax2, blocks2 * 4, cudaMemcpyDeviceToDevice), "copy");
+    }
+    std::vector<__nv_bfloat16*> w_c(bf16_copies);
+    for (int c = 0; c < bf16_copies; ++c) {
+      Check(cudaMalloc(&w_c[c], n * 2), "malloc");
+      // The baseline multiplies the dequantized NF4 weight: the same numbers as the NF4 GEMV.
+      CheckKernel(dynamic_quant8_dequantize_cuda(qabsmax, absmax2, code, blocks, 256, offset,
+                                                 absmax_dq, stream),
+                  "dq absmax");
+      CheckKernel(nf4_dequantize_cuda(packed, absmax_dq, n, w_c[c], FloatKind::kBF16, stream),
+                  "dequantize");
+    }
+    __nv_bfloat16 *x, *y_nf4, *y_blas, *w_tmp;
+    Check(cudaMalloc(&x, r.in * 2), "malloc");
+    Check(cudaMalloc(&y_nf4, r.out * 2), "malloc");
+    Check(cudaMalloc(&y_blas, r.out * 2), "malloc");
+    Check(cudaMalloc(&w_tmp, n * 2), "malloc");
+    Fill(x, r.in, 77u, 1.f);
+    Check(cudaDeviceSynchronize(), "setup");
+
+    const float alpha = 1.f, beta = 0.f;
+    // y = W x with W [out, in] row-major = column-major [in, out]: y = op(A)^T x, lda = in.
+    auto blas_gemv = [&](const __nv_bfloat16* weight, __nv_bfloat16* y) {
+      CheckBlas(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), 1,
+                             static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF,
+                             static_cast<int>(r.in), x, CUDA_R_16BF, static_cast<int>(r.in),
+                             &beta, y, CUDA_R_16BF, static_cast<int>(r.out), CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT),
+                "gemm");
+    };
+    auto nf4_variant = [&](int rows_per_warp, int c) {
+      const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
+      CheckKernel(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, FloatKind::kBF16, 1,
+                                              packed_c[c % nf4_copies], am, r.out, r.in, y_nf4,
+                                              stream),
+                  "nf4 gemv");
+    };
+    auto nf4_gemv = [&](int c) {
+      const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
+      CheckKernel(nf4_gemv_cuda(x, FloatKind::kBF16, 1, packed_c[c % nf4_copies], am, r.out, r.in,
+                                y_nf4, stream),
+                  "nf4 gemv");
+    };
+    auto dq_then_blas = [&](int c) {
+      const int k = c % nf4_copies;
+      CheckKernel(dynamic_quant8_dequantize_cuda(qabsmax_c[k], absmax2_c[k], code, blocks, 256,
+                                                 offset, absmax_dq, stream),
+                  "dq absmax");
+      CheckKernel(nf4_dequantize_cuda(packed_c[k], absmax_dq, n, w_tmp, FloatKind::kBF16, stream),
+                  "dequantize");
+      blas_gemv(w_tmp, y_blas);
+    };
+
+    // Agreement: the NF4 GEMV against cuBLAS on the dequantized weight (both fp32 accumulation).
+    nf4_gemv(0);
+    blas_gemv(w_c[0], y_blas);
+    Check(cudaStreamSynchronize(stream), "check");
+    std::vector<__nv_bfloat16> a(r.out), b(r.out);
+    Check(cudaMemcpy(a.data(), y_nf4, r.out * 2, cudaMemcpyDeviceToHost), "y");
+    Check(cudaMemcpy(b.data(), y_blas, r.out * 2, cudaMemcpyDeviceToHost), "y");
+    double max_diff = 0, max_ref = 0;
+    for (int64_t i = 0; i < r.out; ++i) {
+      max_diff = std::max(max_diff, std::fabs(double(__bfloat162float(a[i])) - __bfloat162float(b[i])));
+      max_ref = std::max(max_ref, std::fabs(double(__bfloat162float(b[i]))));
+    }
+
+    bool g1 = false, g2 = false, g3 = false;
+    const int reps = 50, samples = 41;
+    const double t_nf4 = MedianMicros(stream, nf4_gemv, reps, samples, &g1);
+    const double t_blas = MedianMicros(
+        stream, [&](int c) { blas_gemv(w_c[c % bf16_copies], y_blas); }, reps, samples, &g2);
+    const double t_dq = MedianMicros(stream, dq_then_blas, 10, 21, &g3);
+    bool g4 = false;
+    const double t_r1 =
+        MedianMicros(stream, [&](int c) { nf4_variant(1, c); }, reps, samples, &g4);
+    const double t_r4 =
+        MedianMicros(stream, [&](int c) { nf4_variant(4, c); }, reps, samples, &g4);
+    const double io = (r.in + r.out) * 2.0;
+    const double gbs_nf4 = (nf4_bytes + io) / t_nf4 / 1e3;
+    const double gbs_blas = (n * 2.0 + io) / t_blas / 1e3;
+    std::printf(
+        "%-14s %5lld x %5lld | %9.2f %7.0f %5.0f%% | %9.2f %7.0f | %11.2f | %7.2fx %7.2fx | %7.2f "
+        "%7.2f | %.2e%s\n",
+        r.name, static_cast<long long>(r.out), static_cast<long long>(r.in), t_nf4, gbs_nf4,
+        100.0 * gbs_nf4 / copy_gbs, t_blas, gbs_blas, t_dq, t_blas / t_nf4, t_dq / t_nf4, t_r1,
+        t_r4, max_diff / max_ref, g1 && g2 && g3 && g4 ? "" : "  (some not graphed)");
+
+    for (int c = 0; c < nf4_copies; ++c) {
+      cudaFree(packed_c[c]);
+      cudaFree(qabsmax_c[c]);
+      cudaFree(absmax2_c[c]);
+    }
+    for (auto* p : w_c) cudaFree(p);
+    for (void* p : {static_cast<void*>(w), static_cast<void*>(packed), static_cast<void*>(absmax),
+                    static_cast<void*>(absmax_dq), static_cast<void*>(qabsmax),
+                    static_cast<void*>(absmax2), static_cast<void*>(code), static_cast<void*>(x),
+                    static_cast<void*>(y_nf4), static_cast<void*>(y_blas),
+                    static_cast<void*>(w_tmp)}) {
+      cudaFree(p);
+    }
+  }
+  std::printf("\nnf4 GB/s counts packed weights + 8-bit absmax + absmax2 + x + y; bf16 GB/s the bf16\n"
+              "weight + x + y. 'vs bf16' = bf16 cuBLAS time / NF4 time (above 1: NF4 faster).\n"
+              "r/w=1, r/w=4: the NF4 GEMV with 1 or 4 output rows per warp (default 2), us.\n");
+  cublasDestroy(blas);
+  return 0;
+}

@@ -1,0 +1,84 @@
+#include "clients/loradctl/adapter_commands.h"
+
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "clients/loradctl/exit_codes.h"
+#include "clients/loradctl/text_table.h"
+
+namespace lorad::cli {
+
+namespace {
+
+// "12.3 MiB": adapters range from kilobytes (tiny models) to gigabytes (high rank, 70B).
+std::string FormatBytes(int64_t bytes) {
+  constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  return unit == 0 ? absl::StrCat(bytes, " B") : absl::StrFormat("%.1f %s", value, kUnits[unit]);
+}
+
+std::string Source(const lorad::v1::Adapter& adapter) {
+  if (!adapter.source_job_id().empty()) return adapter.source_job_id();
+  if (!adapter.source_path().empty()) return adapter.source_path();
+  return "-";
+}
+
+std::string Describe(const lorad::v1::Adapter& adapter) {
+  return absl::StrFormat("%s v%d (rank %d, %s)", adapter.name(), adapter.version(), adapter.rank(),
+                         FormatBytes(adapter.bytes()));
+}
+
+}  // namespace
+
+int RunAdaptersList(Connection& connection) {
+  lorad::v1::ListAdaptersResponse response;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.adapters().ListAdapters(
+      context.get(), lorad::v1::ListAdaptersRequest(), &response);
+  if (!status.ok()) return connection.Fail(status);
+  TextTable table(
+      {"NAME", "VERSION", "RANK", "ALPHA", "TARGETS", "SIZE", "SOURCE", "RESIDENT", "ACTIVE"});
+  for (const auto& a : response.adapters()) {
+    table.AddRow({a.name(), absl::StrCat(a.version()), absl::StrCat(a.rank()),
+                  absl::StrCat(a.alpha()), absl::StrJoin(a.target_modules(), ","),
+                  FormatBytes(a.bytes()), Source(a), a.resident() ? "yes" : "no",
+                  absl::StrCat(a.active_requests())});
+  }
+  table.Print(std::cout);
+  return kExitOk;
+}
+
+int RunAdaptersLoad(Connection& connection, const std::string& name, const std::string& path) {
+  lorad::v1::LoadAdapterRequest request;
+  request.set_name(name);
+  request.set_path(path);
+  lorad::v1::Adapter adapter;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.adapters().LoadAdapter(context.get(), request, &adapter);
+  if (!status.ok()) return connection.Fail(status);
+  std::cout << "loaded " << Describe(adapter) << std::endl;
+  return kExitOk;
+}
+
+int RunAdaptersUnload(Connection& connection, const std::string& name, int64_t version) {
+  lorad::v1::UnloadAdapterRequest request;
+  request.set_name(name);
+  request.set_version(version);
+  lorad::v1::UnloadAdapterResponse response;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.adapters().UnloadAdapter(context.get(), request, &response);
+  if (!status.ok()) return connection.Fail(status);
+  for (const auto& adapter : response.unloaded()) {
+    std::cout << "unloaded " << Describe(adapter) << std::endl;
+  }
+  return kExitOk;
+}
+
+}  // namespace lorad::cli

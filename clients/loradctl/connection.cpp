@@ -1,0 +1,73 @@
+#include "clients/loradctl/connection.h"
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "clients/loradctl/exit_codes.h"
+
+namespace lorad::cli {
+
+absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionOptions& options) {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (options.ca_cert_path.empty()) {
+    credentials = grpc::InsecureChannelCredentials();
+  } else {
+    std::ifstream in(options.ca_cert_path);
+    if (!in) {
+      return absl::NotFoundError(
+          absl::StrCat("cannot read the CA certificate --ca-cert ", options.ca_cert_path));
+    }
+    std::stringstream pem;
+    pem << in.rdbuf();
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = pem.str();
+    credentials = grpc::SslCredentials(ssl);
+  }
+  return std::unique_ptr<Connection>(new Connection(options, std::move(credentials)));
+}
+
+Connection::Connection(const ConnectionOptions& options,
+                       std::shared_ptr<grpc::ChannelCredentials> credentials)
+    : options_(options),
+      channel_(grpc::CreateChannel(options.address, std::move(credentials))),
+      training_(lorad::v1::TrainingService::NewStub(channel_)),
+      inference_(lorad::v1::InferenceService::NewStub(channel_)),
+      adapters_(lorad::v1::AdapterService::NewStub(channel_)) {}
+
+std::unique_ptr<grpc::ClientContext> Connection::NewContext(CallKind kind) const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  if (!options_.token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.token);
+  }
+  double seconds = options_.timeout_seconds;
+  if (seconds <= 0 && kind == CallKind::kUnary) seconds = kDefaultUnaryTimeoutSeconds;
+  if (seconds > 0) {
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  }
+  return context;
+}
+
+int Connection::Fail(const grpc::Status& status) const {
+  std::string message = status.error_message();
+  if (message.empty()) {
+    // Handlers the daemon registers but has not implemented yet answer with no text at all.
+    message = status.error_code() == grpc::StatusCode::UNIMPLEMENTED
+                  ? "this lorad does not implement the call yet"
+                  : "(the server gave no details)";
+  }
+  // gRPC's own text for a refused connection never says which address was tried.
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    message = absl::StrCat("cannot reach lorad at ", options_.address, " (", message, ")");
+  } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    message = absl::StrCat(message, " (raise --timeout to wait longer)");
+  }
+  std::cerr << "loradctl: " << GrpcCodeName(status.error_code()) << ": " << message << std::endl;
+  return ExitCodeForGrpc(status.error_code());
+}
+
+}  // namespace lorad::cli

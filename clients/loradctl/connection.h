@@ -1,0 +1,58 @@
+// Connection: one gRPC channel to lorad plus the per-call settings every command shares (bearer
+// token, deadline) and the one way a failed call is reported.
+//
+// Thread rules: used from the main thread only; the stubs are thread-safe but nothing else is.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "lorad/v1/adapters.grpc.pb.h"
+#include "lorad/v1/inference.grpc.pb.h"
+#include "lorad/v1/training.grpc.pb.h"
+
+namespace lorad::cli {
+
+struct ConnectionOptions {
+  std::string address = "127.0.0.1:50051";  // host:port
+  std::string token;                        // empty = no authorization metadata
+  double timeout_seconds = 0;               // 0 = kDefaultUnaryTimeoutSeconds / no stream limit
+  std::string ca_cert_path;                 // non-empty = TLS, trusting this PEM bundle
+};
+
+// Unary calls get a deadline even when the user sets none, so a hung daemon never hangs a script;
+// streams (watch, generate, chat) legitimately run for as long as the job or reply takes.
+constexpr double kDefaultUnaryTimeoutSeconds = 60;
+
+enum class CallKind { kUnary, kStream };
+
+class Connection {
+ public:
+  // Fails only when the CA bundle cannot be read; the channel itself connects lazily.
+  static absl::StatusOr<std::unique_ptr<Connection>> Create(const ConnectionOptions& options);
+
+  // A fresh context for one call, carrying `authorization: Bearer <token>` and the deadline.
+  std::unique_ptr<grpc::ClientContext> NewContext(CallKind kind) const;
+
+  lorad::v1::TrainingService::Stub& training() { return *training_; }
+  lorad::v1::InferenceService::Stub& inference() { return *inference_; }
+  lorad::v1::AdapterService::Stub& adapters() { return *adapters_; }
+
+  // Prints `loradctl: <CODE>: <message>` to stderr and returns the exit code for `status`.
+  int Fail(const grpc::Status& status) const;
+
+ private:
+  explicit Connection(const ConnectionOptions& options,
+                      std::shared_ptr<grpc::ChannelCredentials> credentials);
+
+  ConnectionOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<lorad::v1::TrainingService::Stub> training_;
+  std::unique_ptr<lorad::v1::InferenceService::Stub> inference_;
+  std::unique_ptr<lorad::v1::AdapterService::Stub> adapters_;
+};
+
+}  // namespace lorad::cli

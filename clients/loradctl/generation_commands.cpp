@@ -1,0 +1,123 @@
+#include "clients/loradctl/generation_commands.h"
+
+#include <unistd.h>
+
+#include <iostream>
+#include <iterator>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "clients/loradctl/enum_names.h"
+#include "clients/loradctl/exit_codes.h"
+
+namespace lorad::cli {
+
+namespace {
+
+lorad::v1::SamplingParams ToSamplingParams(const SamplingOptions& options) {
+  lorad::v1::SamplingParams params;
+  if (options.max_new_tokens) params.set_max_new_tokens(*options.max_new_tokens);
+  if (options.temperature) params.set_temperature(*options.temperature);
+  if (options.top_k) params.set_top_k(*options.top_k);
+  if (options.top_p) params.set_top_p(*options.top_p);
+  if (options.min_p) params.set_min_p(*options.min_p);
+  if (options.repetition_penalty) params.set_repetition_penalty(*options.repetition_penalty);
+  if (options.seed) params.set_seed(*options.seed);
+  for (const std::string& stop : options.stop) params.add_stop(stop);
+  return params;
+}
+
+// Copies a reply stream to stdout as it arrives and appends its text to `reply`.
+int StreamReply(Connection& connection,
+                grpc::ClientReaderInterface<lorad::v1::GenerateChunk>& reader, bool show_usage,
+                std::string* reply) {
+  lorad::v1::GenerateChunk chunk;
+  lorad::v1::GenerateChunk last;
+  while (reader.Read(&chunk)) {
+    std::cout << chunk.text() << std::flush;
+    reply->append(chunk.text());
+    if (chunk.finish_reason() != lorad::v1::FINISH_REASON_UNSPECIFIED) last = chunk;
+  }
+  // The reply never has to end in a newline; the terminal prompt (or next line) should.
+  if (!reply->empty() && reply->back() != '\n') std::cout << std::endl;
+  if (grpc::Status status = reader.Finish(); !status.ok()) return connection.Fail(status);
+  if (last.finish_reason() == lorad::v1::FINISH_REASON_ERROR) {
+    std::cerr << "loradctl: generation failed: " << last.error() << std::endl;
+    return kExitError;
+  }
+  if (show_usage) {
+    const auto& u = last.usage();
+    const auto* reason =
+        lorad::v1::FinishReason_descriptor()->FindValueByNumber(last.finish_reason());
+    std::cerr << absl::StrFormat(
+                     "[%d prompt + %d completion tokens, first token %.3fs, total %.3fs, %s]",
+                     u.prompt_tokens(), u.completion_tokens(), u.time_to_first_token_seconds(),
+                     u.total_seconds(), reason != nullptr ? EnumShortName(reason) : "?")
+              << std::endl;
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int RunGenerate(Connection& connection, const GenerationOptions& options, std::string prompt,
+                std::istream& in) {
+  if (prompt == "-") {
+    prompt.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  lorad::v1::GenerateRequest request;
+  request.set_prompt(prompt);
+  request.set_adapter(options.adapter);
+  *request.mutable_sampling() = ToSamplingParams(options.sampling);
+  auto context = connection.NewContext(CallKind::kStream);
+  auto reader = connection.inference().Generate(context.get(), request);
+  std::string reply;
+  return StreamReply(connection, *reader, options.show_usage, &reply);
+}
+
+int RunChat(Connection& connection, const ChatOptions& options, std::istream& in) {
+  lorad::v1::ChatRequest request;
+  request.set_adapter(options.generation.adapter);
+  request.set_template_(options.template_name);
+  *request.mutable_sampling() = ToSamplingParams(options.generation.sampling);
+  auto start_conversation = [&] {
+    request.clear_messages();
+    if (!options.system.empty()) {
+      auto* system = request.add_messages();
+      system->set_role("system");
+      system->set_content(options.system);
+    }
+  };
+  start_conversation();
+  const bool terminal = isatty(STDIN_FILENO) != 0 && &in == &std::cin;
+  if (terminal) std::cerr << "(one message per line; /reset starts over, /exit or Ctrl-D quits)\n";
+  std::string line;
+  while (true) {
+    if (terminal) std::cout << "> " << std::flush;
+    if (!std::getline(in, line)) break;
+    const std::string text(absl::StripAsciiWhitespace(line));
+    if (text.empty()) continue;
+    if (text == "/exit" || text == "/quit") break;
+    if (text == "/reset") {
+      start_conversation();
+      continue;
+    }
+    auto* user = request.add_messages();
+    user->set_role("user");
+    user->set_content(text);
+    auto context = connection.NewContext(CallKind::kStream);
+    auto reader = connection.inference().Chat(context.get(), request);
+    std::string reply;
+    if (int code = StreamReply(connection, *reader, options.generation.show_usage, &reply);
+        code != kExitOk) {
+      return code;
+    }
+    auto* assistant = request.add_messages();
+    assistant->set_role("assistant");
+    assistant->set_content(reply);
+  }
+  if (terminal) std::cout << std::endl;
+  return kExitOk;
+}
+
+}  // namespace lorad::cli

@@ -1,0 +1,47 @@
+// `loradctl generate` and `loradctl chat`: stream completions to stdout as tokens arrive.
+// Each function runs one command and returns the process exit code (exit_codes.h).
+#pragma once
+
+#include <cstdint>
+#include <istream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "clients/loradctl/connection.h"
+
+namespace lorad::cli {
+
+// Sampling flags; an unset value leaves the daemon's default in place.
+struct SamplingOptions {
+  std::optional<int32_t> max_new_tokens;
+  std::optional<double> temperature;  // 0 = greedy
+  std::optional<int32_t> top_k;
+  std::optional<double> top_p;
+  std::optional<double> min_p;
+  std::optional<double> repetition_penalty;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;  // stop strings
+};
+
+struct GenerationOptions {
+  std::string adapter;  // empty = the base model
+  SamplingOptions sampling;
+  bool show_usage = false;  // token counts and timings on stderr after each reply
+};
+
+// `prompt` "-" reads the whole prompt from `in`.
+int RunGenerate(Connection& connection, const GenerationOptions& options, std::string prompt,
+                std::istream& in);
+
+struct ChatOptions {
+  GenerationOptions generation;
+  std::string template_name;  // empty = the model's own chat template
+  std::string system;         // optional system message, first in the conversation
+};
+
+// Reads one user message per line from `in` until end of input or `/exit`, streaming each
+// reply and keeping the whole conversation; `/reset` starts over. Prompts only on a terminal.
+int RunChat(Connection& connection, const ChatOptions& options, std::istream& in);
+
+}  // namespace lorad::cli

@@ -1,0 +1,83 @@
+#include "clients/loradctl/job_progress_printer.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "clients/loradctl/job_text.h"
+
+namespace lorad::cli {
+
+namespace {
+
+constexpr int kBarWidth = 20;
+constexpr const char* kClearToEndOfLine = "\x1b[K";
+
+std::string Bar(int64_t step, int64_t total) {
+  const int64_t filled = std::clamp<int64_t>(step * kBarWidth / total, 0, kBarWidth);
+  return absl::StrCat("[", std::string(filled, '#'), std::string(kBarWidth - filled, '-'), "]");
+}
+
+}  // namespace
+
+std::string JobProgressPrinter::StepText(const lorad::v1::StepMetrics& step) const {
+  return absl::StrFormat("step %s  loss %.4f  lr %.2g  %.0f tok/s  ETA %s",
+                         FormatProgress(step.step(), total_steps_), step.loss(),
+                         step.learning_rate(), step.tokens_per_second(),
+                         FormatDuration(step.eta_seconds()));
+}
+
+void JobProgressPrinter::PrintLine(const std::string& text) {
+  if (bar_open_) out_ << "\r" << kClearToEndOfLine;
+  out_ << text << "\n";
+  bar_open_ = false;
+  out_.flush();
+}
+
+void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
+  using lorad::v1::JobEvent;
+  switch (event.event_case()) {
+    case JobEvent::kState:
+      PrintLine(absl::StrCat("state ", JobStateName(event.state())));
+      break;
+    case JobEvent::kStep:
+      if (!terminal_) {
+        PrintLine(StepText(event.step()));
+        break;
+      }
+      out_ << "\r" << (total_steps_ > 0 ? Bar(event.step().step(), total_steps_) + "  " : "")
+           << StepText(event.step()) << kClearToEndOfLine;
+      out_.flush();
+      bar_open_ = true;
+      break;
+    case JobEvent::kEval:
+      PrintLine(absl::StrFormat("eval at step %d: validation loss %.4f", event.eval().step(),
+                                event.eval().validation_loss()));
+      break;
+    case JobEvent::kCheckpoint:
+      PrintLine(absl::StrCat("checkpoint at step ", event.checkpoint().step(), ": ",
+                             event.checkpoint().path()));
+      break;
+    case JobEvent::kFinished: {
+      const auto& s = event.finished();
+      PrintLine(
+          absl::StrFormat("succeeded: adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s",
+                          s.adapter_name(), s.adapter_version(), s.steps(), s.final_loss(),
+                          s.trained_tokens(), FormatDuration(s.runtime_seconds())));
+      break;
+    }
+    case JobEvent::kFailed:
+      PrintLine(absl::StrCat("failed: ", event.failed()));
+      break;
+    case JobEvent::EVENT_NOT_SET:
+      break;  // an event kind newer than this client: nothing to show
+  }
+}
+
+void JobProgressPrinter::Finish() {
+  if (bar_open_) out_ << "\n";
+  bar_open_ = false;
+  out_.flush();
+}
+
+}  // namespace lorad::cli

@@ -1,0 +1,340 @@
+#include "clients/loradctl/job_spec_yaml.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "clients/loradctl/enum_names.h"
+
+namespace lorad::cli {
+
+namespace {
+
+using google::protobuf::Descriptor;
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+using google::protobuf::Reflection;
+
+// Names users reach for that differ from the proto's field names: {message, alias, field}.
+struct FieldAlias {
+  const char* message;
+  const char* alias;
+  const char* field;
+};
+constexpr FieldAlias kAliases[] = {{"lorad.v1.LoraSpec", "rslora", "use_rslora"}};
+
+constexpr const char* kInlineExample = "lorad.v1.InlineExample";
+
+const FieldDescriptor* FindField(const Descriptor* type, const std::string& key) {
+  if (const FieldDescriptor* field = type->FindFieldByName(key)) return field;
+  for (const auto& alias : kAliases) {
+    if (type->full_name() == alias.message && key == alias.alias) {
+      return type->FindFieldByName(alias.field);
+    }
+  }
+  return nullptr;
+}
+
+std::string KnownKeys(const Descriptor* type) {
+  std::vector<std::string> keys;
+  for (int i = 0; i < type->field_count(); ++i) keys.push_back(type->field(i)->name());
+  return absl::StrJoin(keys, ", ");
+}
+
+class YamlToProto {
+ public:
+  explicit YamlToProto(std::string source) : source_(std::move(source)) {}
+
+  // `path` is the dotted key of `node` ("training"), empty at the top level.
+  absl::Status FillMessage(const YAML::Node& node, const std::string& path, Message* message) {
+    if (node.IsNull()) return absl::OkStatus();  // `lora:` with nothing under it
+    if (!node.IsMap()) {
+      return Error(node, absl::StrCat(Describe(path), " must be a mapping of keys to values"));
+    }
+    const Descriptor* type = message->GetDescriptor();
+    std::set<const FieldDescriptor*> seen;
+    for (const auto& entry : node) {
+      const YAML::Node& key_node = entry.first;
+      const std::string key = key_node.Scalar();
+      const std::string key_path = path.empty() ? key : absl::StrCat(path, ".", key);
+      const FieldDescriptor* field = FindField(type, key);
+      if (field == nullptr) {
+        return Error(key_node, absl::StrCat("unknown key '", key, "' in ", Describe(path),
+                                            " (known keys: ", KnownKeys(type), ")"));
+      }
+      if (!seen.insert(field).second) {
+        return Error(key_node, absl::StrCat("duplicate key '", key_path, "'"));
+      }
+      absl::Status status = field->is_repeated()
+                                ? FillRepeated(entry.second, key_path, field, message)
+                                : FillSingular(entry.second, key_path, field, message);
+      if (!status.ok()) return status;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status FillRepeated(const YAML::Node& node, const std::string& path,
+                            const FieldDescriptor* field, Message* message) {
+    if (node.IsNull()) return absl::OkStatus();
+    if (!node.IsSequence()) return Error(node, absl::StrCat("'", path, "' must be a list"));
+    for (std::size_t i = 0; i < node.size(); ++i) {
+      const std::string item_path = absl::StrCat(path, "[", i, "]");
+      if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+        Message* item = message->GetReflection()->AddMessage(message, field);
+        if (auto status = FillNestedMessage(node[i], item_path, item); !status.ok()) return status;
+        continue;
+      }
+      if (auto status = AddScalar(node[i], item_path, field, message); !status.ok()) return status;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status FillSingular(const YAML::Node& node, const std::string& path,
+                            const FieldDescriptor* field, Message* message) {
+    if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+      return FillNestedMessage(node, path,
+                               message->GetReflection()->MutableMessage(message, field));
+    }
+    return AddScalar(node, path, field, message);
+  }
+
+  // InlineExample holds one dataset record as JSON text; in YAML the record is written as a
+  // mapping (or as the JSON string itself).
+  absl::Status FillNestedMessage(const YAML::Node& node, const std::string& path,
+                                 Message* message) {
+    if (message->GetDescriptor()->full_name() == kInlineExample &&
+        (node.IsScalar() || node.IsMap())) {
+      const FieldDescriptor* json = message->GetDescriptor()->FindFieldByName("json");
+      std::string text = node.IsScalar() ? node.Scalar() : ToJson(node).dump();
+      message->GetReflection()->SetString(message, json, text);
+      return absl::OkStatus();
+    }
+    return FillMessage(node, path, message);
+  }
+
+  // Sets (or, for repeated fields, appends) one scalar value, checked against the field's type.
+  absl::Status AddScalar(const YAML::Node& node, const std::string& path,
+                         const FieldDescriptor* field, Message* message) {
+    if (!node.IsScalar()) {
+      return Error(node, absl::StrCat("'", path, "' must be a single value, not a ",
+                                      node.IsNull() ? "missing value" : "list or mapping"));
+    }
+    const std::string text = node.Scalar();
+    const Reflection* r = message->GetReflection();
+    const bool rep = field->is_repeated();
+    auto bad = [&](const std::string& expected) {
+      return Error(node, absl::StrCat("'", path, "' must be ", expected, ", got '", text, "'"));
+    };
+    switch (field->cpp_type()) {
+      case FieldDescriptor::CPPTYPE_INT32: {
+        int32_t v;
+        if (!absl::SimpleAtoi(text, &v)) return bad("an integer");
+        rep ? r->AddInt32(message, field, v) : r->SetInt32(message, field, v);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_INT64: {
+        int64_t v;
+        if (!absl::SimpleAtoi(text, &v)) return bad("an integer");
+        rep ? r->AddInt64(message, field, v) : r->SetInt64(message, field, v);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_UINT32: {
+        uint32_t v;
+        if (!absl::SimpleAtoi(text, &v)) return bad("a non-negative integer");
+        rep ? r->AddUInt32(message, field, v) : r->SetUInt32(message, field, v);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_UINT64: {
+        uint64_t v;
+        if (!absl::SimpleAtoi(text, &v)) return bad("a non-negative integer");
+        rep ? r->AddUInt64(message, field, v) : r->SetUInt64(message, field, v);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_DOUBLE:
+      case FieldDescriptor::CPPTYPE_FLOAT: {
+        double v;
+        if (!absl::SimpleAtod(text, &v)) return bad("a number");
+        if (field->cpp_type() == FieldDescriptor::CPPTYPE_FLOAT) {
+          rep ? r->AddFloat(message, field, v) : r->SetFloat(message, field, v);
+        } else {
+          rep ? r->AddDouble(message, field, v) : r->SetDouble(message, field, v);
+        }
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_BOOL: {
+        bool v;
+        if (!YAML::convert<bool>::decode(node, v)) return bad("true or false");
+        rep ? r->AddBool(message, field, v) : r->SetBool(message, field, v);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_STRING:
+        rep ? r->AddString(message, field, text) : r->SetString(message, field, text);
+        break;
+      case FieldDescriptor::CPPTYPE_ENUM: {
+        const auto* value = ParseEnumShortName(field->enum_type(), text);
+        if (value == nullptr) {
+          return bad(
+              absl::StrCat("one of ", absl::StrJoin(EnumShortNames(field->enum_type()), ", ")));
+        }
+        rep ? r->AddEnum(message, field, value) : r->SetEnum(message, field, value);
+        break;
+      }
+      case FieldDescriptor::CPPTYPE_MESSAGE:
+        return Error(node, absl::StrCat("'", path, "' must be a mapping"));
+    }
+    return absl::OkStatus();
+  }
+
+  // A YAML record as JSON: plain scalars keep their YAML type, quoted ones stay strings.
+  static nlohmann::json ToJson(const YAML::Node& node) {
+    if (node.IsMap()) {
+      nlohmann::json object = nlohmann::json::object();
+      for (const auto& entry : node) object[entry.first.Scalar()] = ToJson(entry.second);
+      return object;
+    }
+    if (node.IsSequence()) {
+      nlohmann::json array = nlohmann::json::array();
+      for (const auto& item : node) array.push_back(ToJson(item));
+      return array;
+    }
+    if (node.IsNull()) return nullptr;
+    const std::string& text = node.Scalar();
+    if (node.Tag() == "!") return text;  // quoted in the file
+    int64_t i;
+    double d;
+    bool b;
+    if (absl::SimpleAtoi(text, &i)) return i;
+    if (absl::SimpleAtod(text, &d)) return d;
+    if (YAML::convert<bool>::decode(node, b)) return b;
+    return text;
+  }
+
+  static std::string Describe(const std::string& path) {
+    return path.empty() ? "the job spec" : absl::StrCat("'", path, "'");
+  }
+
+  absl::Status Error(const YAML::Node& node, const std::string& message) const {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source_, ":", node.Mark().line + 1, ": ", message));
+  }
+
+  std::string source_;
+};
+
+void EmitScalar(YAML::Emitter& out, const Message& message, const FieldDescriptor* field,
+                int index) {
+  const Reflection* r = message.GetReflection();
+  const bool rep = field->is_repeated();
+  switch (field->cpp_type()) {
+    case FieldDescriptor::CPPTYPE_INT32:
+      out << (rep ? r->GetRepeatedInt32(message, field, index) : r->GetInt32(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_INT64:
+      out << (rep ? r->GetRepeatedInt64(message, field, index) : r->GetInt64(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_UINT32:
+      out << (rep ? r->GetRepeatedUInt32(message, field, index) : r->GetUInt32(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_UINT64:
+      out << (rep ? r->GetRepeatedUInt64(message, field, index) : r->GetUInt64(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_DOUBLE:
+      out << (rep ? r->GetRepeatedDouble(message, field, index) : r->GetDouble(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_FLOAT:
+      out << (rep ? r->GetRepeatedFloat(message, field, index) : r->GetFloat(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_BOOL:
+      out << (rep ? r->GetRepeatedBool(message, field, index) : r->GetBool(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_STRING:
+      out << (rep ? r->GetRepeatedString(message, field, index) : r->GetString(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_ENUM:
+      out << EnumShortName(rep ? r->GetRepeatedEnum(message, field, index)
+                               : r->GetEnum(message, field));
+      break;
+    case FieldDescriptor::CPPTYPE_MESSAGE:
+      break;  // handled by EmitMessage
+  }
+}
+
+void EmitMessage(YAML::Emitter& out, const Message& message) {
+  // The same shorthand the parser reads: a record is its JSON text.
+  if (message.GetDescriptor()->full_name() == kInlineExample) {
+    out << static_cast<const lorad::v1::InlineExample&>(message).json();
+    return;
+  }
+  out << YAML::BeginMap;
+  std::vector<const FieldDescriptor*> fields;
+  message.GetReflection()->ListFields(message, &fields);  // set fields only, in field order
+  for (const FieldDescriptor* field : fields) {
+    out << YAML::Key << field->name() << YAML::Value;
+    const bool is_message = field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE;
+    if (!field->is_repeated()) {
+      if (is_message) {
+        EmitMessage(out, message.GetReflection()->GetMessage(message, field));
+      } else {
+        EmitScalar(out, message, field, 0);
+      }
+      continue;
+    }
+    const int count = message.GetReflection()->FieldSize(message, field);
+    out << (is_message ? YAML::Block : YAML::Flow) << YAML::BeginSeq;
+    for (int i = 0; i < count; ++i) {
+      if (is_message) {
+        EmitMessage(out, message.GetReflection()->GetRepeatedMessage(message, field, i));
+      } else {
+        EmitScalar(out, message, field, i);
+      }
+    }
+    out << YAML::EndSeq;
+  }
+  out << YAML::EndMap;
+}
+
+}  // namespace
+
+absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
+                                                    const std::string& source) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    const std::string where =
+        e.mark.is_null() ? source : absl::StrCat(source, ":", e.mark.line + 1);
+    return absl::InvalidArgumentError(absl::StrCat(where, ": not valid YAML: ", e.msg));
+  }
+  if (!root.IsDefined() || root.IsNull()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": the file is empty"));
+  }
+  lorad::v1::JobSpec spec;
+  if (auto status = YamlToProto(source).FillMessage(root, "", &spec); !status.ok()) return status;
+  return spec;
+}
+
+absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the job file ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseJobSpecYaml(text.str(), path);
+}
+
+std::string JobSpecToYaml(const lorad::v1::JobSpec& spec) {
+  YAML::Emitter out;
+  out.SetDoublePrecision(8);
+  EmitMessage(out, spec);
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace lorad::cli

@@ -1,0 +1,71 @@
+#include "clients/loradctl/job_text.h"
+
+#include <ctime>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
+#include "clients/loradctl/enum_names.h"
+#include "clients/loradctl/job_spec_yaml.h"
+
+namespace lorad::cli {
+
+std::string JobStateName(lorad::v1::JobState state) {
+  return EnumShortName(lorad::v1::JobState_descriptor()->FindValueByNumber(state));
+}
+
+std::string FormatDuration(double seconds) {
+  if (seconds < 0) return "-";
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  if (s < 60) return absl::StrCat(s, "s");
+  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%dh%02dm", s / 3600, (s % 3600) / 60);
+}
+
+std::string FormatTimestamp(const google::protobuf::Timestamp& time) {
+  if (time.seconds() == 0 && time.nanos() == 0) return "-";
+  const std::time_t t = static_cast<std::time_t>(time.seconds());
+  std::tm local{};
+  localtime_r(&t, &local);
+  char buffer[32];
+  std::strftime(buffer, sizeof(buffer), "%Y-%m-%d %H:%M:%S", &local);
+  return buffer;
+}
+
+std::string FormatProgress(int64_t step, int64_t total_steps) {
+  return total_steps > 0 ? absl::StrCat(step, "/", total_steps) : absl::StrCat(step);
+}
+
+std::string FormatJobDetails(const lorad::v1::Job& job) {
+  std::string out;
+  auto line = [&out](const std::string& key, const std::string& value) {
+    absl::StrAppend(&out, key, ": ", value, "\n");
+  };
+  line("id", job.id());
+  line("state", JobStateName(job.state()));
+  line("adapter", job.spec().adapter_name());
+  line("created", FormatTimestamp(job.created()));
+  line("started", FormatTimestamp(job.started()));
+  line("finished", FormatTimestamp(job.finished()));
+  line("progress", FormatProgress(job.last_step().step(), job.total_steps()));
+  if (job.has_last_step() && job.last_step().step() > 0) {
+    const auto& m = job.last_step();
+    line("last step", absl::StrFormat("loss %.4f  lr %.3g  grad_norm %.3g  %.0f tok/s  ETA %s",
+                                      m.loss(), m.learning_rate(), m.grad_norm(),
+                                      m.tokens_per_second(), FormatDuration(m.eta_seconds())));
+  }
+  if (!job.error().empty()) line("error", job.error());
+  if (job.has_summary()) {
+    const auto& s = job.summary();
+    line("result", absl::StrFormat("adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s",
+                                   s.adapter_name(), s.adapter_version(), s.steps(), s.final_loss(),
+                                   s.trained_tokens(), FormatDuration(s.runtime_seconds())));
+  }
+  // Indented so the block is valid YAML both inside this report and on its own.
+  std::string spec = JobSpecToYaml(job.spec());
+  if (!spec.empty() && spec.back() == '\n') spec.pop_back();
+  absl::StrAppend(&out, "spec:\n  ", absl::StrReplaceAll(spec, {{"\n", "\n  "}}), "\n");
+  return out;
+}
+
+}  // namespace lorad::cli

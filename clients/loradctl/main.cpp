@@ -1,0 +1,208 @@
+// loradctl: the command-line client of lorad. Parses the command line (CLI11), opens one gRPC
+// channel and runs one command; the commands themselves live in *_commands.cpp.
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <iostream>
+
+#include "clients/loradctl/adapter_commands.h"
+#include "clients/loradctl/connection.h"
+#include "clients/loradctl/exit_codes.h"
+#include "clients/loradctl/generation_commands.h"
+#include "clients/loradctl/training_commands.h"
+
+namespace {
+
+using lorad::cli::Connection;
+
+// Sampling flags are shared by `generate` and `chat`. CLI11 2.1 has no std::optional options,
+// so values land in plain fields and `count()` says whether the user gave them.
+struct SamplingFlags {
+  int32_t max_new_tokens = 0;
+  double temperature = 0, top_p = 0, min_p = 0, repetition_penalty = 0;
+  int32_t top_k = 0;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  std::vector<std::pair<CLI::Option*, std::function<void(lorad::cli::SamplingOptions&)>>> setters;
+
+  void Add(CLI::App* app) {
+    auto add = [&](CLI::Option* option, std::function<void(lorad::cli::SamplingOptions&)> set) {
+      setters.emplace_back(option, std::move(set));
+    };
+    add(app->add_option("--max-new-tokens", max_new_tokens, "tokens to generate at most")
+            ->check(CLI::PositiveNumber),
+        [this](auto& s) { s.max_new_tokens = max_new_tokens; });
+    add(app->add_option("--temperature", temperature, "0 = greedy"),
+        [this](auto& s) { s.temperature = temperature; });
+    add(app->add_option("--top-k", top_k, "0 = off"), [this](auto& s) { s.top_k = top_k; });
+    add(app->add_option("--top-p", top_p, "nucleus sampling, in (0, 1]"),
+        [this](auto& s) { s.top_p = top_p; });
+    add(app->add_option("--min-p", min_p, "in [0, 1); 0 = off"),
+        [this](auto& s) { s.min_p = min_p; });
+    add(app->add_option("--repetition-penalty", repetition_penalty, "1 = off"),
+        [this](auto& s) { s.repetition_penalty = repetition_penalty; });
+    add(app->add_option("--seed", seed, "makes sampling reproducible"),
+        [this](auto& s) { s.seed = seed; });
+    app->add_option("--stop", stop, "stop string (repeat for several)")->take_all();
+  }
+
+  lorad::cli::SamplingOptions Get() const {
+    lorad::cli::SamplingOptions options;
+    for (const auto& [option, set] : setters) {
+      if (option->count() > 0) set(options);
+    }
+    options.stop = stop;
+    return options;
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "loradctl: submit and watch QLoRA fine-tuning jobs, manage adapters and generate "
+      "text with a running lorad daemon"};
+  app.footer(lorad::cli::ExitCodesHelp());
+  app.require_subcommand(1);
+  app.fallthrough();  // global options may also follow the command
+
+  lorad::cli::ConnectionOptions connection_options;
+  app.add_option("--address", connection_options.address, "lorad gRPC address host:port")
+      ->envname("LORAD_ADDRESS")
+      ->capture_default_str();
+  app.add_option("--token", connection_options.token,
+                 "bearer token, sent as `authorization: Bearer <token>`")
+      ->envname("LORAD_TOKEN");
+  app.add_option("--timeout", connection_options.timeout_seconds,
+                 "deadline per call in seconds (default: 60 for single calls, none for "
+                 "watch/generate/chat)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--ca-cert", connection_options.ca_cert_path,
+                 "use TLS, trusting this PEM CA bundle")
+      ->check(CLI::ExistingFile);
+
+  // The command to run, chosen by the subcommand callbacks once parsing has succeeded.
+  std::function<int(Connection&)> command;
+
+  // ---- train ----
+  CLI::App* train = app.add_subcommand("train", "fine-tuning jobs")->require_subcommand(1);
+  std::string yaml_path, job_id;
+  bool watch_after_submit = false;
+  CLI::App* submit = train->add_subcommand("submit",
+                                           "submit a job described by a YAML file "
+                                           "(fields of lorad.v1.JobSpec); prints its id");
+  submit->add_option("FILE", yaml_path, "job YAML file")->required();
+  submit->add_flag("--watch", watch_after_submit, "then follow the job as `train watch` does");
+  submit->callback([&] {
+    command = [&](Connection& c) {
+      return lorad::cli::RunTrainSubmit(c, yaml_path, watch_after_submit);
+    };
+  });
+
+  int64_t from_step = 0;
+  CLI::App* watch = train->add_subcommand(
+      "watch", "stream a job's progress until it ends; exit 0 only if it succeeded");
+  watch->add_option("ID", job_id, "job id")->required();
+  watch->add_option("--from-step", from_step, "replay history from this step")
+      ->check(CLI::NonNegativeNumber);
+  watch->callback([&] {
+    command = [&](Connection& c) { return lorad::cli::RunTrainWatch(c, job_id, from_step); };
+  });
+
+  std::vector<std::string> states;
+  int limit = 50;
+  CLI::App* list = train->add_subcommand("ls", "list jobs, newest first");
+  list->add_option("--state", states,
+                   "only jobs in this state: queued, running, succeeded, failed, cancelled "
+                   "(repeat for several)");
+  list->add_option("--limit", limit, "show at most N jobs")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  list->callback(
+      [&] { command = [&](Connection& c) { return lorad::cli::RunTrainList(c, states, limit); }; });
+
+  bool show_json = false;
+  CLI::App* show = train->add_subcommand("show", "a job's state, metrics and spec");
+  show->add_option("ID", job_id, "job id")->required();
+  show->add_flag("--json", show_json, "print the whole lorad.v1.Job as JSON");
+  show->callback([&] {
+    command = [&](Connection& c) { return lorad::cli::RunTrainShow(c, job_id, show_json); };
+  });
+
+  CLI::App* cancel = train->add_subcommand("cancel", "cancel a job in any state");
+  cancel->add_option("ID", job_id, "job id")->required();
+  cancel->callback(
+      [&] { command = [&](Connection& c) { return lorad::cli::RunTrainCancel(c, job_id); }; });
+
+  // ---- adapters ----
+  CLI::App* adapters = app.add_subcommand("adapters", "LoRA adapters")->require_subcommand(1);
+  std::string adapter_name, adapter_path;
+  int64_t adapter_version = 0;
+  adapters->add_subcommand("ls", "list loaded adapters and their versions")->callback([&] {
+    command = [](Connection& c) { return lorad::cli::RunAdaptersList(c); };
+  });
+  CLI::App* load = adapters->add_subcommand(
+      "load", "load a PEFT adapter folder (under the daemon's adapter root) as NAME");
+  load->add_option("NAME", adapter_name, "adapter name")->required();
+  load->add_option("PATH", adapter_path, "PEFT folder, as the daemon sees it")->required();
+  load->callback([&] {
+    command = [&](Connection& c) {
+      return lorad::cli::RunAdaptersLoad(c, adapter_name, adapter_path);
+    };
+  });
+  CLI::App* unload = adapters->add_subcommand("unload", "unload an adapter");
+  unload->add_option("NAME", adapter_name, "adapter name")->required();
+  unload->add_option("--version", adapter_version, "only this version (default: all)")
+      ->check(CLI::NonNegativeNumber);
+  unload->callback([&] {
+    command = [&](Connection& c) {
+      return lorad::cli::RunAdaptersUnload(c, adapter_name, adapter_version);
+    };
+  });
+
+  // ---- generate / chat ----
+  lorad::cli::GenerationOptions generation;
+  std::string prompt;
+  SamplingFlags generate_flags;
+  CLI::App* generate = app.add_subcommand("generate", "complete PROMPT, streaming to stdout");
+  generate->add_option("--adapter", generation.adapter, "adapter name (default: base model)");
+  generate->add_flag("--usage", generation.show_usage, "print token counts and timings to stderr");
+  generate_flags.Add(generate);
+  generate->add_option("PROMPT", prompt, "the prompt, or - to read it from stdin")->required();
+  generate->callback([&] {
+    command = [&](Connection& c) {
+      generation.sampling = generate_flags.Get();
+      return lorad::cli::RunGenerate(c, generation, prompt, std::cin);
+    };
+  });
+
+  lorad::cli::ChatOptions chat_options;
+  SamplingFlags chat_flags;
+  CLI::App* chat = app.add_subcommand(
+      "chat", "interactive chat: one message per line on stdin, replies streamed to stdout");
+  chat->add_option("--adapter", chat_options.generation.adapter,
+                   "adapter name (default: base model)");
+  chat->add_option("--template", chat_options.template_name,
+                   "chat template: llama3, chatml, mistral, alpaca (default: the model's)");
+  chat->add_option("--system", chat_options.system, "system message");
+  chat->add_flag("--usage", chat_options.generation.show_usage,
+                 "print token counts and timings to stderr");
+  chat_flags.Add(chat);
+  chat->callback([&] {
+    command = [&](Connection& c) {
+      chat_options.generation.sampling = chat_flags.Get();
+      return lorad::cli::RunChat(c, chat_options, std::cin);
+    };
+  });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? lorad::cli::kExitOk : lorad::cli::kExitUsage;
+  }
+  auto connection = Connection::Create(connection_options);
+  if (!connection.ok()) {
+    std::cerr << "loradctl: " << connection.status().message() << std::endl;
+    return lorad::cli::kExitUsage;
+  }
+  return command(**connection);
+}

@@ -1,0 +1,189 @@
+#include "clients/loradctl/training_commands.h"
+
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "clients/loradctl/enum_names.h"
+#include "clients/loradctl/exit_codes.h"
+#include "clients/loradctl/job_progress_printer.h"
+#include "clients/loradctl/job_spec_yaml.h"
+#include "clients/loradctl/job_text.h"
+#include "clients/loradctl/text_table.h"
+
+namespace lorad::cli {
+
+namespace {
+
+using lorad::v1::Job;
+using lorad::v1::JobEvent;
+using lorad::v1::JobState;
+
+// The server caps a page at 500 jobs; larger --limit values take several pages.
+constexpr int kMaxPageSize = 500;
+
+bool IsTerminal(JobState state) {
+  return state == lorad::v1::JOB_STATE_SUCCEEDED || state == lorad::v1::JOB_STATE_FAILED ||
+         state == lorad::v1::JOB_STATE_CANCELLED;
+}
+
+int ExitCodeForFinalState(JobState state) {
+  switch (state) {
+    case lorad::v1::JOB_STATE_SUCCEEDED:
+      return kExitOk;
+    case lorad::v1::JOB_STATE_CANCELLED:
+      return kExitJobCancelled;
+    default:
+      return kExitJobFailed;
+  }
+}
+
+// The terminal state an event announces, or UNSPECIFIED when it announces none.
+JobState TerminalStateOf(const JobEvent& event) {
+  switch (event.event_case()) {
+    case JobEvent::kState:
+      return IsTerminal(event.state()) ? event.state() : lorad::v1::JOB_STATE_UNSPECIFIED;
+    case JobEvent::kFinished:
+      return lorad::v1::JOB_STATE_SUCCEEDED;
+    case JobEvent::kFailed:
+      return lorad::v1::JOB_STATE_FAILED;
+    default:
+      return lorad::v1::JOB_STATE_UNSPECIFIED;
+  }
+}
+
+grpc::Status GetJob(Connection& connection, const std::string& job_id, Job* job) {
+  lorad::v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  auto context = connection.NewContext(CallKind::kUnary);
+  return connection.training().GetJob(context.get(), request, job);
+}
+
+}  // namespace
+
+int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool watch) {
+  auto spec = LoadJobSpecYaml(yaml_path);
+  if (!spec.ok()) {
+    std::cerr << "loradctl: " << spec.status().message() << std::endl;
+    return spec.status().code() == absl::StatusCode::kInvalidArgument ? kExitUsage : kExitError;
+  }
+  lorad::v1::SubmitJobRequest request;
+  *request.mutable_spec() = *std::move(spec);
+  Job job;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.training().SubmitJob(context.get(), request, &job);
+  if (!status.ok()) return connection.Fail(status);
+  std::cout << job.id() << std::endl;
+  return watch ? RunTrainWatch(connection, job.id(), 0) : kExitOk;
+}
+
+int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t from_step) {
+  // GetJob first: it fails fast on a wrong id and gives the total for the progress bar.
+  Job job;
+  if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {
+    return connection.Fail(status);
+  }
+  JobProgressPrinter printer(std::cout, isatty(STDOUT_FILENO) != 0, job.total_steps());
+  lorad::v1::WatchJobRequest request;
+  request.set_job_id(job_id);
+  request.set_from_step(from_step);
+  auto context = connection.NewContext(CallKind::kStream);
+  auto reader = connection.training().WatchJob(context.get(), request);
+  JobState final_state = lorad::v1::JOB_STATE_UNSPECIFIED;
+  JobEvent event;
+  while (reader->Read(&event)) {
+    printer.Print(event);
+    const JobState terminal = TerminalStateOf(event);
+    if (terminal != lorad::v1::JOB_STATE_UNSPECIFIED) final_state = terminal;
+  }
+  printer.Finish();
+  if (grpc::Status status = reader->Finish(); !status.ok()) return connection.Fail(status);
+  if (final_state == lorad::v1::JOB_STATE_UNSPECIFIED) {
+    // The stream ended without saying how (the daemon draining, say): ask for the state.
+    if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {
+      return connection.Fail(status);
+    }
+    if (!IsTerminal(job.state())) {
+      std::cerr << "loradctl: the event stream ended while " << job_id << " is still "
+                << JobStateName(job.state()) << "; run `loradctl train watch " << job_id
+                << "` again" << std::endl;
+      return kExitError;
+    }
+    final_state = job.state();
+  }
+  return ExitCodeForFinalState(final_state);
+}
+
+int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit) {
+  lorad::v1::ListJobsRequest request;
+  for (const std::string& name : states) {
+    const auto* value = ParseEnumShortName(lorad::v1::JobState_descriptor(), name);
+    if (value == nullptr || value->number() == lorad::v1::JOB_STATE_UNSPECIFIED) {
+      std::cerr << "loradctl: --state: unknown state '" << name
+                << "' (one of queued, running, succeeded, failed, cancelled)" << std::endl;
+      return kExitUsage;
+    }
+    request.add_states(static_cast<JobState>(value->number()));
+  }
+  TextTable table({"ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED"});
+  int listed = 0;
+  while (listed < limit) {
+    request.set_page_size(std::min(limit - listed, kMaxPageSize));
+    lorad::v1::ListJobsResponse response;
+    auto context = connection.NewContext(CallKind::kUnary);
+    grpc::Status status = connection.training().ListJobs(context.get(), request, &response);
+    if (!status.ok()) return connection.Fail(status);
+    for (const Job& job : response.jobs()) {
+      if (listed == limit) break;  // a server that ignores page_size
+      ++listed;
+      const bool has_step = job.last_step().step() > 0;
+      table.AddRow({job.id(), JobStateName(job.state()), job.spec().adapter_name(),
+                    FormatProgress(job.last_step().step(), job.total_steps()),
+                    has_step ? absl::StrFormat("%.4f", job.last_step().loss()) : "-",
+                    FormatTimestamp(job.created())});
+    }
+    if (response.next_page_token().empty() || response.jobs().empty()) break;
+    request.set_page_token(response.next_page_token());
+  }
+  table.Print(std::cout);
+  return kExitOk;
+}
+
+int RunTrainShow(Connection& connection, const std::string& job_id, bool json) {
+  Job job;
+  if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {
+    return connection.Fail(status);
+  }
+  if (!json) {
+    std::cout << FormatJobDetails(job);
+    return kExitOk;
+  }
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  std::string text;
+  if (!google::protobuf::util::MessageToJsonString(job, &text, options).ok()) {
+    std::cerr << "loradctl: cannot print " << job_id << " as JSON" << std::endl;
+    return kExitError;
+  }
+  std::cout << text;
+  return kExitOk;
+}
+
+int RunTrainCancel(Connection& connection, const std::string& job_id) {
+  lorad::v1::CancelJobRequest request;
+  request.set_job_id(job_id);
+  Job job;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.training().CancelJob(context.get(), request, &job);
+  if (!status.ok()) return connection.Fail(status);
+  // Cancelling a finished job is a no-op on the server; the state printed says which happened.
+  std::cout << job.id() << ": " << JobStateName(job.state()) << std::endl;
+  return kExitOk;
+}
+
+}  // namespace lorad::cli

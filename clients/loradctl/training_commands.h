@@ -1,0 +1,29 @@
+// `loradctl train ...`: submit a job from YAML, watch it, list, show and cancel jobs.
+// Each function runs one command and returns the process exit code (exit_codes.h).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "clients/loradctl/connection.h"
+
+namespace lorad::cli {
+
+// Prints the new job's id on stdout (alone, so `ID=$(loradctl train submit job.yaml)` works);
+// with `watch`, then follows it as RunTrainWatch does.
+int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool watch);
+
+// Streams the job's events from `from_step` until it ends. 0 when it succeeded,
+// kExitJobFailed / kExitJobCancelled otherwise.
+int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t from_step);
+
+// A table of the newest `limit` jobs, optionally only those in `states` ("queued", ...).
+int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit);
+
+// The job's details and spec; `json` prints the whole lorad.v1.Job as JSON instead.
+int RunTrainShow(Connection& connection, const std::string& job_id, bool json);
+
+int RunTrainCancel(Connection& connection, const std::string& job_id);
+
+}  // namespace lorad::cli

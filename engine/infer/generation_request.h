@@ -1,0 +1,65 @@
+// GenerationRequest and TokenEvent: what goes into the inference engine and what comes out of it,
+// one event per generated token. torch-free, so the server (which never includes torch) builds
+// requests from the proto and writes stream chunks from the events.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/infer/sampler.h"
+
+namespace lorad::engine {
+
+using RequestId = int64_t;
+
+struct GenerationRequest {
+  // The prompt: `prompt_ids` when not empty (used as given), else `prompt` text, encoded with the
+  // model's special tokens (BOS) added. The server renders chat templates into `prompt`.
+  std::string prompt;
+  std::vector<int32_t> prompt_ids;
+  std::string adapter;  // "" = the base model; else a name in the AdapterStore (latest version)
+  SamplingParams sampling;
+  std::vector<std::string> stop;        // stop strings, matched on the decoded text
+  std::vector<int32_t> stop_token_ids;  // end generation like EOS (the token counts as output)
+  bool ignore_eos = false;              // keep going past the model's EOS tokens
+  // After it the request finishes kCancelled with a DEADLINE_EXCEEDED status.
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+};
+
+enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled, kError };
+
+// "length", "stop", "eos", "cancelled", "error"; "" for kNone.
+const char* FinishReasonName(FinishReason reason);
+
+struct GenerationUsage {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double time_to_first_token_s = 0;  // submission -> first token sampled; 0 if none was
+  int32_t preemptions = 0;           // times the sequence was evicted and recomputed
+};
+
+// One callback invocation. Every generated token gives one event (text may be empty while a
+// UTF-8 character or a possible stop string is incomplete); the last event has `finished` set
+// and may carry no token (cancel, deadline, error).
+struct TokenEvent {
+  RequestId id = 0;
+  std::optional<int32_t> token;          // the sampled token id
+  std::string text;                      // UTF-8 text delta (never splits a character)
+  std::optional<float> logprob;          // when sampling.logprobs > 0
+  std::vector<TokenLogprob> top_logprobs;  // sampling.logprobs entries, most likely first
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+  absl::Status status;                   // why, for kCancelled by deadline and kError
+  GenerationUsage usage;                 // filled on the last event
+};
+
+// Called on the engine's loop thread: it must return quickly (queue the event and leave), must
+// not call Step, and may call Submit or Cancel.
+using TokenCallback = std::function<void(const TokenEvent&)>;
+
+}  // namespace lorad::engine

@@ -1,0 +1,591 @@
+#include "engine/infer/inference_engine.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "engine/infer/kv_block_allocator.h"
+#include "engine/infer/paged_kv_cache.h"
+#include "engine/infer/stop_matcher.h"
+#include "engine/lora/adapter_store.h"
+#include "engine/lora/multi_lora_applier.h"
+#include "engine/model/incremental_detokenizer.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+
+namespace lorad::engine {
+
+using Clock = std::chrono::steady_clock;
+
+const char* FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "";
+}
+
+namespace {
+
+// One request from Submit to its last event. Owned by the inbox, then by the loop thread.
+struct Sequence {
+  RequestId id = 0;
+  GenerationRequest request;
+  TokenCallback on_token;
+  AdapterLease lease;                   // invalid for the base model
+  const LoraAdapter* device = nullptr;  // the lease's resident copy while running
+  std::vector<int32_t> prompt;
+  std::vector<int32_t> generated;
+  std::vector<int32_t> all;         // prompt + generated: the forward's input
+  int64_t computed = 0;             // tokens of `all` in the KV cache
+  int64_t prefill_target = 0;       // tokens to prefill (prompt, or all after a preemption)
+  uint64_t seed = 0;
+  std::unique_ptr<IncrementalDetokenizer> detokenizer;
+  std::unique_ptr<StopMatcher> stops;
+  Clock::time_point submitted;
+  double ttft_s = 0;
+  int32_t preemptions = 0;
+
+  std::string adapter_key() const {
+    return lease.valid() ? absl::StrCat(lease.name(), "@", lease.version()) : "";
+  }
+};
+
+// One row of the step's forward.
+struct Row {
+  Sequence* seq;
+  int64_t tokens;  // new tokens this step
+  bool samples;    // the row's prompt is complete after this step: sample its next token
+};
+
+}  // namespace
+
+struct InferenceEngine::Impl {
+  const LlamaModel* model;
+  const Tokenizer* tokenizer;
+  AdapterStore* adapters;
+  InferenceEngineOptions options;
+  int64_t max_context = 0;
+  Sampler sampler;
+
+  // Inbox: any thread.
+  mutable std::mutex mu;
+  std::vector<std::unique_ptr<Sequence>> submitted;
+  std::set<RequestId> cancelled;
+  RequestId next_id = 1;
+  std::atomic<int64_t> unfinished{0};
+  std::atomic<int32_t> running_count{0};
+  std::atomic<int32_t> waiting_count{0};
+  std::atomic<int64_t> prompt_tokens{0};
+  std::atomic<int64_t> generated_tokens{0};
+  std::atomic<int64_t> preemptions{0};
+  std::atomic<int64_t> steps{0};
+  std::atomic<int32_t> used_blocks{0};
+
+  // Loop thread only.
+  std::deque<std::unique_ptr<Sequence>> waiting;   // arrival order
+  std::vector<std::unique_ptr<Sequence>> running;  // arrival (id) order
+  std::unique_ptr<KvBlockAllocator> kv;
+  std::unique_ptr<PagedKvCache> cache;
+  std::vector<std::string> stack_key;  // the adapters `stack` was built for
+  std::shared_ptr<const LoraStack> stack;
+
+  Impl(const LlamaModel* m, const Tokenizer* t, AdapterStore* a, const InferenceEngineOptions& o)
+      : model(m), tokenizer(t), adapters(a), options(o), sampler(o.logprobs_mode) {}
+
+  absl::Status Validate(const GenerationRequest& r, const std::vector<int32_t>& prompt) const;
+  void DrainInbox();
+  void Emit(Sequence& seq, TokenEvent event);
+  void Finish(Sequence& seq, FinishReason reason, absl::Status status, TokenEvent event);
+  // Removes finished sequences (by id) from running and waiting, releasing their memory.
+  void Remove(const std::set<RequestId>& ids);
+  void FinishAndRemove(std::vector<Sequence*> seqs, FinishReason reason, const absl::Status& st);
+  absl::Status RunBatch(const std::vector<Row>& rows, std::set<RequestId>* finished);
+  void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
+  absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
+                                                            std::vector<int32_t>* slots);
+  void UpdateCounts() {
+    running_count = static_cast<int32_t>(running.size());
+    waiting_count = static_cast<int32_t>(waiting.size());
+    used_blocks = kv->num_blocks() - kv->free_blocks();
+  }
+};
+
+InferenceEngine::InferenceEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+InferenceEngine::~InferenceEngine() = default;
+
+absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
+    const LlamaModel* model, const Tokenizer* tokenizer, AdapterStore* adapters,
+    const InferenceEngineOptions& options) {
+  if (model == nullptr || tokenizer == nullptr) {
+    return absl::InvalidArgumentError("the inference engine needs a model and a tokenizer");
+  }
+  if (options.block_size < 1 || options.max_new_tokens_limit < 1 || options.max_queued < 1 ||
+      options.scheduler.max_running < 1 || options.scheduler.token_budget < 1 ||
+      options.scheduler.prefill_chunk < 1) {
+    return absl::InvalidArgumentError(
+        "inference options block_size, max_new_tokens_limit, max_queued, max_running, "
+        "token_budget and prefill_chunk must each be >= 1");
+  }
+  const ModelConfig& c = model->config();
+  const auto dtype = model->options().dtype;
+  const int64_t per_block = PagedKvCache::BytesPerBlock(c.num_hidden_layers, options.block_size,
+                                                        c.num_key_value_heads, c.head_dim, dtype);
+  const int64_t blocks =
+      options.kv_cache_blocks > 0 ? options.kv_cache_blocks : options.kv_cache_bytes / per_block;
+  if (blocks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_cache_bytes ", options.kv_cache_bytes, " holds no KV block (one block of ",
+                     options.block_size, " tokens needs ", per_block, " bytes)"));
+  }
+  auto impl = std::make_unique<Impl>(model, tokenizer, adapters, options);
+  impl->max_context = c.max_position_embeddings > 0 ? c.max_position_embeddings : int64_t{1} << 20;
+  impl->kv = std::make_unique<KvBlockAllocator>(static_cast<int32_t>(blocks), options.block_size);
+  PagedKvCacheOptions p;
+  p.num_layers = c.num_hidden_layers;
+  p.num_blocks = blocks;
+  p.block_size = options.block_size;
+  p.kv_heads = c.num_key_value_heads;
+  p.head_dim = c.head_dim;
+  p.max_context = impl->max_context;
+  p.dtype = dtype;
+  p.device = model->options().device;
+  try {
+    impl->cache = std::make_unique<PagedKvCache>(p);
+  } catch (const c10::Error& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("allocating the KV cache (", blocks,
+                                                     " blocks, ", blocks * per_block, " bytes): ",
+                                                     e.what_without_backtrace()));
+  }
+  return std::unique_ptr<InferenceEngine>(new InferenceEngine(std::move(impl)));
+}
+
+absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
+                                             const std::vector<int32_t>& prompt) const {
+  if (auto s = r.sampling.Validate(options.max_new_tokens_limit); !s.ok()) return s;
+  if (prompt.empty()) {
+    return absl::InvalidArgumentError("prompt is empty: give prompt text or prompt_ids");
+  }
+  const int64_t vocab = model->config().vocab_size;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt_ids[", i, "] = ", prompt[i],
+                                                     " is outside the vocabulary [0, ", vocab,
+                                                     ")"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  if (n >= max_context) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt has ", n, " tokens; the model's context is ", max_context,
+                     " tokens, which must leave room for at least one new token"));
+  }
+  const int64_t pool = int64_t{kv->num_blocks()} * kv->block_size();
+  if (n + 1 > pool) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt has ", n,
+                                                   " tokens; the KV cache holds only ", pool,
+                                                   " tokens in all (raise kv_cache_bytes)"));
+  }
+  for (size_t i = 0; i < r.stop.size(); ++i) {
+    if (r.stop[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is an empty string"));
+    }
+  }
+  for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
+    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("stop_token_ids[", i, "] = ",
+                                                     r.stop_token_ids[i],
+                                                     " is outside the vocabulary"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
+                                                  TokenCallback on_token) {
+  Impl& m = *impl_;
+  auto seq = std::make_unique<Sequence>();
+  seq->prompt = request.prompt_ids.empty() ? m.tokenizer->Encode(request.prompt, true)
+                                           : request.prompt_ids;
+  if (request.prompt_ids.empty() && request.prompt.empty()) seq->prompt.clear();
+  if (auto s = m.Validate(request, seq->prompt); !s.ok()) return s;
+  if (!request.adapter.empty()) {
+    if (m.adapters == nullptr) {
+      return absl::NotFoundError(absl::StrCat("adapter '", request.adapter,
+                                              "' is not loaded (this engine serves no adapters)"));
+    }
+    auto lease = m.adapters->Acquire(request.adapter);
+    if (!lease.ok()) return lease.status();
+    seq->lease = *std::move(lease);
+  }
+  seq->all = seq->prompt;
+  seq->prefill_target = static_cast<int64_t>(seq->prompt.size());
+  seq->seed = ResolveSeed(request.sampling);
+  seq->detokenizer = std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true);
+  seq->stops = std::make_unique<StopMatcher>(request.stop);
+  seq->submitted = Clock::now();
+  seq->request = std::move(request);
+  seq->on_token = std::move(on_token);
+  std::lock_guard<std::mutex> lock(m.mu);
+  if (m.unfinished >= m.options.max_queued) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the engine already has ", m.options.max_queued, " unfinished requests; retry later"));
+  }
+  seq->id = m.next_id++;
+  const RequestId id = seq->id;
+  m.submitted.push_back(std::move(seq));
+  ++m.unfinished;
+  return id;
+}
+
+void InferenceEngine::Cancel(RequestId id) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->cancelled.insert(id);
+}
+
+bool InferenceEngine::HasWork() const { return impl_->unfinished > 0; }
+
+InferenceStats InferenceEngine::Stats() const {
+  const Impl& m = *impl_;
+  InferenceStats s;
+  s.running = m.running_count;
+  s.waiting = m.waiting_count;
+  s.kv_cache_blocks = m.kv->num_blocks();
+  s.kv_cache_usage = static_cast<double>(m.used_blocks) / m.kv->num_blocks();
+  s.prompt_tokens = m.prompt_tokens;
+  s.generated_tokens = m.generated_tokens;
+  s.preemptions = m.preemptions;
+  s.steps = m.steps;
+  return s;
+}
+
+void InferenceEngine::Impl::DrainInbox() {
+  std::vector<std::unique_ptr<Sequence>> fresh;
+  std::set<RequestId> cancel;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    fresh.swap(submitted);
+    cancel.swap(cancelled);
+  }
+  for (auto& seq : fresh) waiting.push_back(std::move(seq));
+  const auto now = Clock::now();
+  std::vector<Sequence*> to_cancel, expired;
+  auto check = [&](const std::unique_ptr<Sequence>& s) {
+    if (cancel.count(s->id)) {
+      to_cancel.push_back(s.get());
+    } else if (now > s->request.deadline) {
+      expired.push_back(s.get());
+    }
+  };
+  for (const auto& s : running) check(s);
+  for (const auto& s : waiting) check(s);
+  FinishAndRemove(to_cancel, FinishReason::kCancelled, absl::CancelledError("cancelled"));
+  FinishAndRemove(expired, FinishReason::kCancelled,
+                  absl::DeadlineExceededError("the request's deadline passed"));
+}
+
+void InferenceEngine::Impl::Emit(Sequence& seq, TokenEvent event) {
+  event.id = seq.id;
+  if (!seq.on_token) return;
+  try {
+    seq.on_token(event);
+  } catch (...) {
+    // A throwing callback must not take the loop down; the request still finishes normally.
+  }
+}
+
+void InferenceEngine::Impl::Finish(Sequence& seq, FinishReason reason, absl::Status status,
+                                   TokenEvent event) {
+  // Held-back text goes out unless a stop string ended the text (it is dropped from there on).
+  if (reason == FinishReason::kLength || reason == FinishReason::kEos ||
+      (reason == FinishReason::kStop && !seq.stops->stopped())) {
+    event.text += seq.stops->Add(seq.detokenizer->Finish());
+    event.text += seq.stops->Flush();
+  }
+  event.finished = true;
+  event.finish_reason = reason;
+  event.status = std::move(status);
+  event.usage.prompt_tokens = static_cast<int64_t>(seq.prompt.size());
+  event.usage.completion_tokens = static_cast<int64_t>(seq.generated.size());
+  event.usage.time_to_first_token_s = seq.ttft_s;
+  event.usage.preemptions = seq.preemptions;
+  Emit(seq, std::move(event));
+}
+
+void InferenceEngine::Impl::Remove(const std::set<RequestId>& ids) {
+  if (ids.empty()) return;
+  auto done = [&](const std::unique_ptr<Sequence>& s) {
+    if (!ids.count(s->id)) return false;
+    kv->Release(s->id);
+    s->lease.Release();  // may free a retired adapter version
+    --unfinished;
+    return true;
+  };
+  running.erase(std::remove_if(running.begin(), running.end(), done), running.end());
+  waiting.erase(std::remove_if(waiting.begin(), waiting.end(), done), waiting.end());
+}
+
+void InferenceEngine::Impl::FinishAndRemove(std::vector<Sequence*> seqs, FinishReason reason,
+                                            const absl::Status& st) {
+  std::set<RequestId> ids;
+  for (Sequence* s : seqs) {
+    Finish(*s, reason, st, TokenEvent());
+    ids.insert(s->id);
+  }
+  Remove(ids);
+}
+
+absl::Status InferenceEngine::Step() {
+  Impl& m = *impl_;
+  ++m.steps;
+  m.DrainInbox();
+  std::vector<ScheduledSequence> running, waiting;
+  for (const auto& s : m.running) {
+    running.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed});
+  }
+  for (const auto& s : m.waiting) {
+    waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed});
+  }
+  const StepPlan plan = PlanStep(running, waiting, *m.kv, m.options.scheduler);
+
+  // Preempted: free the blocks; recompute prompt + generated when readmitted, in arrival order at
+  // the front of the queue.
+  std::vector<std::unique_ptr<Sequence>> preempted;
+  for (SequenceId id : plan.preempted) {
+    auto it = std::find_if(m.running.begin(), m.running.end(),
+                           [&](const auto& s) { return s->id == id; });
+    if (it == m.running.end()) continue;
+    Sequence& s = **it;
+    m.kv->Release(id);
+    s.computed = 0;
+    s.prefill_target = static_cast<int64_t>(s.all.size());
+    s.lease.Deactivate();
+    s.device = nullptr;
+    ++s.preemptions;
+    ++m.preemptions;
+    preempted.push_back(std::move(*it));
+    m.running.erase(it);
+  }
+  for (auto it = preempted.rbegin(); it != preempted.rend(); ++it) {
+    m.waiting.push_front(std::move(*it));
+  }
+
+  // Admitted: make the adapter resident; one that cannot be (every slot in use) waits.
+  std::set<SequenceId> refused;
+  for (SequenceId id : plan.admitted) {
+    auto it = std::find_if(m.waiting.begin(), m.waiting.end(),
+                           [&](const auto& s) { return s->id == id; });
+    if (it == m.waiting.end()) continue;
+    Sequence& s = **it;
+    if (s.lease.valid()) {
+      auto device = s.lease.Activate();
+      if (!device.ok()) {
+        refused.insert(id);
+        continue;
+      }
+      s.device = *device;
+    }
+    m.running.push_back(std::move(*it));
+    m.waiting.erase(it);
+  }
+  std::sort(m.running.begin(), m.running.end(),
+            [](const auto& a, const auto& b) { return a->id < b->id; });
+
+  // The rows of this step: decodes, then prefill chunks.
+  std::map<SequenceId, Sequence*> by_id;
+  for (auto& s : m.running) by_id[s->id] = s.get();
+  std::vector<Row> rows;
+  std::set<RequestId> finished;
+  std::vector<Sequence*> failed;
+  auto add_row = [&](SequenceId id, int64_t tokens) {
+    auto it = by_id.find(id);
+    if (it == by_id.end() || refused.count(id)) return;
+    Sequence& s = *it->second;
+    if (auto st = m.kv->Reserve(id, s.computed + tokens); !st.ok()) {
+      failed.push_back(&s);  // the plan said it fits; never expected
+      return;
+    }
+    const bool samples = s.computed + tokens >= s.prefill_target;
+    rows.push_back({&s, tokens, samples});
+  };
+  for (SequenceId id : plan.decode) add_row(id, 1);
+  for (const auto& [id, tokens] : plan.prefill) add_row(id, tokens);
+  m.FinishAndRemove(failed, FinishReason::kError,
+                    absl::InternalError("KV cache reservation failed after planning"));
+
+  absl::Status status = absl::OkStatus();
+  if (!rows.empty()) {
+    status = m.RunBatch(rows, &finished);
+    if (!status.ok()) {
+      std::vector<Sequence*> batch;
+      for (const Row& r : rows) {
+        if (!finished.count(r.seq->id)) batch.push_back(r.seq);
+      }
+      m.Remove(finished);
+      m.FinishAndRemove(batch, FinishReason::kError, status);
+      finished.clear();
+    }
+  }
+  m.Remove(finished);
+  if (m.running.empty()) {
+    m.stack.reset();
+    m.stack_key.clear();
+  }
+  m.UpdateCounts();
+  return status;
+}
+
+absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor(
+    const std::vector<Row>& rows, std::vector<int32_t>* slots) {
+  std::vector<std::string> keys;
+  std::vector<const LoraAdapter*> adapters;
+  for (const Row& r : rows) {
+    if (r.seq->device == nullptr) {
+      slots->push_back(-1);
+      continue;
+    }
+    const std::string key = r.seq->adapter_key();
+    auto it = std::find(keys.begin(), keys.end(), key);
+    if (it == keys.end()) {
+      keys.push_back(key);
+      adapters.push_back(r.seq->device);
+      it = keys.end() - 1;
+    }
+    slots->push_back(static_cast<int32_t>(it - keys.begin()));
+  }
+  if (keys.empty()) {
+    stack.reset();  // drop the copies of adapters no request uses any more
+    stack_key.clear();
+    return std::shared_ptr<const LoraStack>();
+  }
+  // Slots follow first appearance, so the same set in another order is a new stack; rebuilding
+  // costs one copy of the adapters, and stable batches (the common case) reuse it.
+  if (stack != nullptr && keys == stack_key) return stack;
+  auto built = LoraStack::Build(adapters, model->config().num_hidden_layers,
+                                model->options().device, model->options().dtype);
+  if (!built.ok()) return built.status();
+  stack = *built;
+  stack_key = keys;
+  return stack;
+}
+
+absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
+                                             std::set<RequestId>* finished) {
+  try {
+    torch::NoGradGuard no_grad;
+    const int64_t batch = static_cast<int64_t>(rows.size());
+    int64_t width = 0;
+    for (const Row& r : rows) width = std::max(width, r.tokens);
+    torch::Tensor ids = torch::zeros({batch, width}, torch::kLong);
+    auto ids_a = ids.accessor<int64_t, 2>();
+    std::vector<int64_t> lengths;
+    std::vector<PagedRow> paged;
+    for (int64_t b = 0; b < batch; ++b) {
+      const Row& r = rows[b];
+      for (int64_t t = 0; t < r.tokens; ++t) ids_a[b][t] = r.seq->all[r.seq->computed + t];
+      lengths.push_back(r.tokens);
+      paged.push_back({kv->BlockTable(r.seq->id), r.seq->computed, r.tokens});
+      if (r.seq->computed < r.seq->prefill_target) prompt_tokens += r.tokens;
+    }
+    if (auto s = cache->Bind(std::move(paged)); !s.ok()) return s;
+    std::vector<int32_t> slots;
+    auto stack_or = StackFor(rows, &slots);
+    if (!stack_or.ok()) return stack_or.status();
+    std::optional<MultiLoraApplier> lora;
+    ForwardOptions forward;
+    forward.logits = LogitsMode::kLast;
+    if (*stack_or != nullptr) {
+      lora.emplace(*stack_or, slots, model->options().device);
+      forward.lora = &*lora;
+    }
+    auto logits = model->Forward({ids, lengths}, cache.get(), forward);
+    if (!logits.ok()) return logits.status();
+    for (const Row& r : rows) r.seq->computed += r.tokens;
+
+    std::vector<int64_t> sample_rows;
+    std::vector<SampleRow> params;
+    std::vector<Sequence*> sampled_seqs;
+    for (int64_t b = 0; b < batch; ++b) {
+      const Row& r = rows[b];
+      if (!r.samples) continue;
+      Sequence& s = *r.seq;
+      sample_rows.push_back(b);
+      SampleRow row;
+      row.params = s.request.sampling;
+      row.seed = s.seed;
+      row.step = s.generated.size();
+      row.prompt = s.prompt;
+      row.generated = s.generated;
+      params.push_back(row);
+      sampled_seqs.push_back(&s);
+    }
+    if (sample_rows.empty()) return absl::OkStatus();
+    const torch::Tensor picked = logits->index_select(
+        0, torch::tensor(sample_rows, torch::kLong).to(logits->device()));
+    auto tokens = sampler.Sample(picked, params);
+    if (!tokens.ok()) return tokens.status();
+    for (size_t i = 0; i < sampled_seqs.size(); ++i) Accept(*sampled_seqs[i], (*tokens)[i], finished);
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("inference step failed: ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("inference step failed: ", e.what()));
+  }
+}
+
+void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
+                                   std::set<RequestId>* finished) {
+  const int32_t token = sampled.token;
+  if (seq.generated.empty()) {
+    seq.ttft_s = std::chrono::duration<double>(Clock::now() - seq.submitted).count();
+  }
+  seq.generated.push_back(token);
+  seq.all.push_back(token);
+  ++generated_tokens;
+  TokenEvent event;
+  event.token = token;
+  if (seq.request.sampling.logprobs > 0) {
+    event.logprob = sampled.logprob;
+    event.top_logprobs = sampled.top_logprobs;
+  }
+  event.text = seq.stops->Add(seq.detokenizer->Add(token));
+
+  FinishReason reason = FinishReason::kNone;
+  const auto& stop_ids = seq.request.stop_token_ids;
+  if (!seq.request.ignore_eos && tokenizer->IsEos(token)) {
+    reason = FinishReason::kEos;
+  } else if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
+    reason = FinishReason::kStop;
+  } else if (seq.stops->stopped()) {
+    reason = FinishReason::kStop;
+  } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||
+             static_cast<int64_t>(seq.all.size()) >= max_context) {
+    reason = FinishReason::kLength;
+  }
+  if (reason == FinishReason::kNone) {
+    Emit(seq, std::move(event));
+    return;
+  }
+  Finish(seq, reason, absl::OkStatus(), std::move(event));
+  finished->insert(seq.id);
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,345 @@
+#include "engine/lora/adapter_store.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/lora/lora_adapter.h"
+
+namespace lorad::engine {
+
+// One version of one adapter. Guarded by State::mu.
+struct AdapterLease::Entry {
+  std::string name;
+  int64_t version = 0;
+  std::string source;
+  std::shared_ptr<const LoraAdapter> host;    // fp32 CPU; reset when freed
+  std::shared_ptr<const LoraAdapter> device;  // resident copy, or null
+  int32_t users = 0;                          // leases held
+  int32_t active = 0;                         // leases activated (running requests)
+  uint64_t last_used = 0;                     // LRU tick of the last Activate
+  bool current = false;
+  bool alive = true;  // false once retired and released by its last user (freed)
+};
+
+struct AdapterStore::State {
+  std::mutex mu;
+  std::condition_variable released;  // signalled when a retired version is freed
+  ModelConfig base;
+  AdapterStoreOptions options;
+  torch::Device device = torch::kCPU;
+  torch::ScalarType dtype = torch::kFloat;
+  std::map<std::string, int64_t> last_version;  // every name ever published
+  std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
+  std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
+  uint64_t tick = 0;
+
+  bool same_as_host() const { return device.is_cpu() && dtype == torch::kFloat; }
+
+  // Frees `e` when it is retired and unused. Caller holds mu.
+  void MaybeFree(const std::shared_ptr<AdapterLease::Entry>& e) {
+    if (e->current || e->users > 0 || !e->alive) return;
+    e->alive = false;
+    e->host.reset();
+    e->device.reset();
+    entries.erase(std::remove(entries.begin(), entries.end(), e), entries.end());
+    released.notify_all();
+  }
+  int32_t Resident() const {
+    int32_t n = 0;
+    for (const auto& e : entries) n += e->device != nullptr;
+    return n;
+  }
+};
+
+namespace {
+
+int64_t HostBytes(const LoraAdapter& a) { return a.bytes(); }
+
+absl::Status CheckName(const std::string& name) {
+  if (name.empty() || name.size() > 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter name must be 1 to 128 characters, got ", name.size()));
+  }
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter name '", name, "' may hold only letters, digits, '-', '_' and '.'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<torch::ScalarType> ParseDtype(const std::string& name) {
+  if (name == "float32") return torch::kFloat;
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kHalf;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "adapter store dtype '", name, "' is unknown (known: float32, bfloat16, float16)"));
+}
+
+}  // namespace
+
+// --- AdapterLease ---
+
+AdapterLease::AdapterLease(AdapterLease&& other) noexcept
+    : store_(other.store_), entry_(std::move(other.entry_)), active_(other.active_) {
+  other.store_ = nullptr;
+  other.active_ = false;
+}
+
+AdapterLease& AdapterLease::operator=(AdapterLease&& other) noexcept {
+  if (this != &other) {
+    Release();
+    store_ = other.store_;
+    entry_ = std::move(other.entry_);
+    active_ = other.active_;
+    other.store_ = nullptr;
+    other.active_ = false;
+  }
+  return *this;
+}
+
+AdapterLease::~AdapterLease() { Release(); }
+
+const std::string& AdapterLease::name() const { return entry_->name; }
+int64_t AdapterLease::version() const { return entry_->version; }
+const LoraAdapter& AdapterLease::host() const { return *entry_->host; }
+
+absl::StatusOr<const LoraAdapter*> AdapterLease::Activate() {
+  AdapterStore::State& s = *store_->state_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  Entry& e = *entry_;
+  if (!active_) {
+    if (e.device == nullptr) {
+      // Evict least recently used resident adapters nobody runs on until one slot is free.
+      while (s.Resident() >= s.options.max_resident) {
+        std::shared_ptr<Entry> victim;
+        for (const auto& other : s.entries) {
+          if (other->device != nullptr && other->active == 0 &&
+              (victim == nullptr || other->last_used < victim->last_used)) {
+            victim = other;
+          }
+        }
+        if (victim == nullptr) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "all ", s.options.max_resident, " resident adapter slots are in use; adapter '",
+              e.name, "' waits for one"));
+        }
+        victim->device.reset();
+      }
+      if (s.same_as_host()) {
+        e.device = e.host;
+      } else {
+        try {
+          auto copy = std::make_shared<LoraAdapter>();
+          copy->config = e.host->config;
+          for (const auto& [path, pair] : e.host->layers) {
+            copy->layers[path] = LoraPair{pair.a.to(s.device, s.dtype), pair.b.to(s.device, s.dtype)};
+          }
+          e.device = std::move(copy);
+        } catch (const c10::Error& err) {
+          return absl::ResourceExhaustedError(absl::StrCat("copying adapter '", e.name, "' v",
+                                                           e.version, " to ", s.device.str(), ": ",
+                                                           err.what_without_backtrace()));
+        }
+      }
+    }
+    ++e.active;
+    active_ = true;
+  }
+  e.last_used = ++s.tick;
+  return e.device.get();
+}
+
+void AdapterLease::Deactivate() {
+  if (!active_) return;
+  std::lock_guard<std::mutex> lock(store_->state_->mu);
+  --entry_->active;
+  active_ = false;
+}
+
+void AdapterLease::Release() {
+  if (entry_ == nullptr) return;
+  Deactivate();
+  {
+    std::lock_guard<std::mutex> lock(store_->state_->mu);
+    --entry_->users;
+    store_->state_->MaybeFree(entry_);
+  }
+  entry_.reset();
+  store_ = nullptr;
+}
+
+// --- AdapterStore ---
+
+AdapterStore::AdapterStore(std::unique_ptr<State> state) : state_(std::move(state)) {}
+AdapterStore::~AdapterStore() = default;
+
+absl::StatusOr<std::unique_ptr<AdapterStore>> AdapterStore::Create(
+    const ModelConfig& base, const AdapterStoreOptions& options) {
+  if (options.max_resident < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter store max_resident must be >= 1, got ", options.max_resident));
+  }
+  auto state = std::make_unique<State>();
+  state->base = base;
+  state->options = options;
+  auto dtype = ParseDtype(options.dtype);
+  if (!dtype.ok()) return dtype.status();
+  state->dtype = *dtype;
+  try {
+    state->device = torch::Device(options.device);
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter store device '", options.device,
+                                                   "' is not a device: ",
+                                                   e.what_without_backtrace()));
+  }
+  return std::unique_ptr<AdapterStore>(new AdapterStore(std::move(state)));
+}
+
+absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const LoraAdapter& adapter,
+                                              const std::string& source) {
+  if (auto st = CheckName(name); !st.ok()) return st;
+  State& s = *state_;
+  if (auto st = adapter.ValidateAgainst(s.base); !st.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter '", name, "' does not fit the base model: ", st.message()));
+  }
+  auto entry = std::make_shared<AdapterLease::Entry>();
+  try {
+    // The host copy is the store's own (fp32, CPU, detached): the publisher may keep training.
+    torch::NoGradGuard no_grad;
+    auto host = std::make_shared<LoraAdapter>();
+    host->config = adapter.config;
+    for (const auto& [path, pair] : adapter.layers) {
+      host->layers[path] = LoraPair{pair.a.detach().to(torch::kCPU, torch::kFloat).clone(),
+                                    pair.b.detach().to(torch::kCPU, torch::kFloat).clone()};
+    }
+    entry->host = std::move(host);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("copying adapter '", name, "': ", e.what_without_backtrace()));
+  }
+  entry->name = name;
+  entry->source = source;
+  entry->current = true;
+  std::lock_guard<std::mutex> lock(s.mu);
+  entry->version = ++s.last_version[name];
+  auto it = s.current.find(name);
+  if (it != s.current.end()) {
+    std::shared_ptr<AdapterLease::Entry> old = it->second;
+    old->current = false;
+    it->second = entry;
+    s.MaybeFree(old);
+  } else {
+    s.current.emplace(name, entry);
+  }
+  s.entries.push_back(entry);
+  return entry->version;
+}
+
+absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name,
+                                               const std::string& folder) {
+  auto adapter = LoraAdapter::ReadPeft(folder);
+  if (!adapter.ok()) return adapter.status();
+  return Publish(name, *adapter, folder);
+}
+
+absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  auto it = state_->current.find(name);
+  if (it == state_->current.end()) {
+    return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
+  }
+  ++it->second->users;
+  return AdapterLease(this, it->second);
+}
+
+bool AdapterStore::Contains(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->current.count(name) > 0;
+}
+
+absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t> version,
+                                  std::chrono::milliseconds timeout) {
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mu);
+  std::vector<std::shared_ptr<AdapterLease::Entry>> targets;
+  for (const auto& e : s.entries) {
+    if (e->name == name && (!version || e->version == *version)) targets.push_back(e);
+  }
+  if (targets.empty()) {
+    return absl::NotFoundError(
+        version ? absl::StrCat("adapter '", name, "' has no loaded version ", *version)
+                : absl::StrCat("adapter '", name, "' is not loaded"));
+  }
+  for (const auto& e : targets) {
+    if (e->current) {
+      e->current = false;
+      s.current.erase(name);
+    }
+    s.MaybeFree(e);
+  }
+  const bool freed = s.released.wait_for(lock, timeout, [&] {
+    return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });
+  });
+  if (!freed) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("adapter '", name, "' is still used by running requests after ",
+                     timeout.count(), " ms; it will be freed when they end"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<AdapterInfo> AdapterStore::List() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  std::vector<AdapterInfo> out;
+  for (const auto& e : state_->entries) {
+    AdapterInfo info;
+    info.name = e->name;
+    info.version = e->version;
+    info.rank = e->host->config.r;
+    info.alpha = e->host->config.alpha;
+    info.target_modules = e->host->config.target_modules;
+    info.bytes = HostBytes(*e->host);
+    info.source = e->source;
+    info.current = e->current;
+    info.resident = e->device != nullptr;
+    info.requests = e->users;
+    out.push_back(std::move(info));
+  }
+  std::sort(out.begin(), out.end(), [](const AdapterInfo& a, const AdapterInfo& b) {
+    return std::tie(a.name, a.version) < std::tie(b.name, b.version);
+  });
+  return out;
+}
+
+int32_t AdapterStore::resident_count() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->Resident();
+}
+
+int64_t AdapterStore::resident_bytes() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  int64_t n = 0;
+  for (const auto& e : state_->entries) {
+    if (e->device != nullptr) n += e->device->bytes();
+  }
+  return n;
+}
+
+int64_t AdapterStore::host_bytes() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  int64_t n = 0;
+  for (const auto& e : state_->entries) n += HostBytes(*e->host);
+  return n;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,131 @@
+// AdapterStore: the named, versioned LoRA adapters the engine serves, with their lifecycle
+// (TensorRT-LLM's PEFT cache: acquire, ensure resident, release):
+//
+//   Publish / LoadPeft  a new version becomes the one new requests get (atomic hot swap); the
+//                       previous version is retired: requests that hold it finish on it, and it
+//                       is freed when the last one releases it.
+//   Acquire             pins the current version of a name for one request (AdapterLease); the
+//                       lease keeps that version alive whatever is published or unloaded after.
+//   Activate            (GPU loop) makes the leased version resident on the device, evicting the
+//                       least recently used resident adapter that no running request uses; at
+//                       most max_resident adapters are resident.
+//   Unload              retires a name (or one version), waits until no request holds it, frees.
+//
+// Every adapter keeps a host copy (fp32, CPU) from which it is made resident again after an
+// eviction. torch-free header, so the server can list, load and unload.
+//
+// Thread rules: every method is thread-safe. Activate/Deactivate do device copies and belong on
+// the GPU loop thread; Unload blocks and must never be called from the GPU loop thread (it waits
+// for requests that only that thread can finish).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/model/model_config.h"
+
+namespace lorad::engine {
+
+struct LoraAdapter;
+
+struct AdapterStoreOptions {
+  int32_t max_resident = 8;    // adapters on the device at once
+  std::string device = "cpu";  // where resident copies live: "cpu", "cuda", "cuda:1"
+  std::string dtype = "float32";  // their dtype: float32, bfloat16, float16 (the compute dtype)
+};
+
+struct AdapterInfo {
+  std::string name;
+  int64_t version = 0;
+  int32_t rank = 0;
+  double alpha = 0;
+  std::vector<std::string> target_modules;
+  int64_t bytes = 0;       // of the host copy
+  std::string source;      // a folder, or "job:<id>"
+  bool current = false;    // new requests get this version
+  bool resident = false;   // on the device now
+  int32_t requests = 0;    // requests holding it
+};
+
+class AdapterStore;
+
+// One request's hold on one adapter version. Movable; releasing (destruction) lets a retired
+// version be freed. Obtained from AdapterStore::Acquire; must not outlive the store.
+class AdapterLease {
+ public:
+  AdapterLease() = default;
+  AdapterLease(AdapterLease&& other) noexcept;
+  AdapterLease& operator=(AdapterLease&& other) noexcept;
+  AdapterLease(const AdapterLease&) = delete;
+  AdapterLease& operator=(const AdapterLease&) = delete;
+  ~AdapterLease();
+
+  bool valid() const { return entry_ != nullptr; }
+  const std::string& name() const;
+  int64_t version() const;
+  // The host copy (fp32, CPU).
+  const LoraAdapter& host() const;
+
+  // GPU loop: makes this version resident and keeps it so until Deactivate (or release); returns
+  // the device copy. RESOURCE_EXHAUSTED when max_resident adapters are resident and all are in
+  // use (the request waits). Idempotent.
+  absl::StatusOr<const LoraAdapter*> Activate();
+  void Deactivate();
+  void Release();
+
+  struct Entry;  // one version's record; defined in adapter_store.cpp
+
+ private:
+  friend class AdapterStore;
+  AdapterLease(AdapterStore* store, std::shared_ptr<Entry> entry)
+      : store_(store), entry_(std::move(entry)) {}
+  AdapterStore* store_ = nullptr;
+  std::shared_ptr<Entry> entry_;
+  bool active_ = false;
+};
+
+class AdapterStore {
+ public:
+  // `base` checks every adapter's shapes before it is published.
+  static absl::StatusOr<std::unique_ptr<AdapterStore>> Create(const ModelConfig& base,
+                                                               const AdapterStoreOptions& options);
+  ~AdapterStore();
+
+  // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version.
+  // InvalidArgument for a bad name or shapes that do not fit the base model.
+  absl::StatusOr<int64_t> Publish(const std::string& name, const LoraAdapter& adapter,
+                                  const std::string& source);
+  // Reads a PEFT folder (LoraAdapter::ReadPeft) and publishes it.
+  absl::StatusOr<int64_t> LoadPeft(const std::string& name, const std::string& folder);
+
+  // The current version of `name` for one request. NotFound naming the adapter.
+  absl::StatusOr<AdapterLease> Acquire(const std::string& name);
+  bool Contains(const std::string& name) const;
+
+  // Retires `name` (every version, or only `version`): new requests get NotFound at once; then
+  // waits until no request holds it and frees it. DeadlineExceeded after `timeout` (it is still
+  // freed when its last request ends). NotFound for an unknown name or version.
+  absl::Status Unload(const std::string& name, std::optional<int64_t> version = std::nullopt,
+                      std::chrono::milliseconds timeout = std::chrono::hours(24));
+
+  // Current versions and retired ones still held by requests, by name then version.
+  std::vector<AdapterInfo> List() const;
+  int32_t resident_count() const;
+  int64_t resident_bytes() const;  // device copies
+  int64_t host_bytes() const;      // host copies of every version still alive
+
+  struct State;  // shared with AdapterLease; defined in adapter_store.cpp
+
+ private:
+  friend class AdapterLease;
+  explicit AdapterStore(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace lorad::engine

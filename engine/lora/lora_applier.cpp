@@ -1,0 +1,58 @@
+#include "engine/lora/lora_applier.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace lorad::engine {
+
+const char* ProjectionName(Projection projection) {
+  switch (projection) {
+    case Projection::kQ:
+      return "q_proj";
+    case Projection::kK:
+      return "k_proj";
+    case Projection::kV:
+      return "v_proj";
+    case Projection::kO:
+      return "o_proj";
+    case Projection::kGate:
+      return "gate_proj";
+    case Projection::kUp:
+      return "up_proj";
+    case Projection::kDown:
+      return "down_proj";
+  }
+  return "";
+}
+
+std::string ProjectionPath(int64_t layer, Projection projection) {
+  const bool attention = static_cast<int>(projection) <= static_cast<int>(Projection::kO);
+  return absl::StrCat("model.layers.", layer, attention ? ".self_attn." : ".mlp.",
+                      ProjectionName(projection));
+}
+
+SingleLoraApplier::SingleLoraApplier(const LoraAdapter& adapter, int64_t num_layers, bool train)
+    : scaling_(adapter.config.scaling()),
+      dropout_(adapter.config.dropout),
+      train_(train),
+      pairs_(static_cast<size_t>(num_layers)) {
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    for (int p = 0; p < kNumProjections; ++p) {
+      auto it = adapter.layers.find(ProjectionPath(layer, static_cast<Projection>(p)));
+      pairs_[layer][p] = it == adapter.layers.end() ? nullptr : &it->second;
+    }
+  }
+}
+
+torch::Tensor SingleLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
+                                       const torch::Tensor& y) const {
+  const LoraPair* pair = pairs_.at(layer)[static_cast<int>(projection)];
+  if (pair == nullptr) return y;
+  const auto options = x.options();
+  const torch::Tensor a = pair->a.to(options);  // [r, in]; no copy when already right
+  const torch::Tensor b = pair->b.to(options);  // [out, r]
+  const torch::Tensor dx = train_ && dropout_ > 0 ? torch::dropout(x, dropout_, true) : x;
+  // Rank r is small: x A^T first keeps the intermediate [..., r].
+  return y + torch::linear(torch::linear(dx, a), b) * scaling_;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,58 @@
+// LoraApplier: adds LoRA updates to the outputs of the base model's projections. The seam between
+// the model's forward and how adapters are applied: the model calls Apply after every targeted
+// projection and knows nothing else about adapters.
+//
+// Semantics, per targeted projection with input x [..., in] and base output y [..., out]:
+//   y += scaling * dropout(x) @ A^T @ B^T      A [r, in], B [out, r]
+// dropout only in training. SingleLoraApplier applies one adapter to every row with torch ops; a
+// multi-adapter implementation (an adapter index per row, SGMV/BGMV kernels) implements the same
+// interface.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine/lora/lora_adapter.h"
+
+namespace lorad::engine {
+
+// The seven projections of a decoder layer, in PEFT's order.
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown };
+constexpr int kNumProjections = 7;
+
+// "q_proj", ..., "down_proj".
+const char* ProjectionName(Projection projection);
+// "model.layers.{layer}.self_attn.q_proj" / "model.layers.{layer}.mlp.gate_proj".
+std::string ProjectionPath(int64_t layer, Projection projection);
+
+class LoraApplier {
+ public:
+  virtual ~LoraApplier() = default;
+  // x [..., in] the projection's input, y [..., out] its base output; returns y plus the update
+  // (y itself when no adapter targets this projection).
+  virtual torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
+                              const torch::Tensor& y) const = 0;
+};
+
+// One adapter for every row of the batch. The adapter's tensors are used as they are when their
+// device and dtype match x (so gradients reach them directly in training), cast otherwise.
+// Borrows `adapter`, which must outlive the applier (and, in training, the backward pass).
+class SingleLoraApplier : public LoraApplier {
+ public:
+  SingleLoraApplier(const LoraAdapter& adapter, int64_t num_layers, bool train);
+  torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
+                      const torch::Tensor& y) const override;
+
+ private:
+  double scaling_ = 1;
+  double dropout_ = 0;
+  bool train_ = false;
+  // [layer][projection] -> the adapter's pair, or nullptr when not targeted.
+  std::vector<std::array<const LoraPair*, kNumProjections>> pairs_;
+};
+
+}  // namespace lorad::engine

@@ -1,0 +1,59 @@
+#include "engine/lora/lora_config.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lorad::engine {
+namespace {
+
+// Beyond this the adapter is as large as the layers it adapts and LoRA stops making sense; the
+// limit also bounds the memory a job spec can ask for.
+constexpr int kMaxRank = 1024;
+
+}  // namespace
+
+const std::vector<std::string>& KnownLoraTargets() {
+  static const std::vector<std::string> kTargets = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"};
+  return kTargets;
+}
+
+absl::Status LoraConfig::Validate() const {
+  if (r < 1 || r > kMaxRank) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoRA field 'r' must be in [1, ", kMaxRank, "], got ", r));
+  }
+  if (!std::isfinite(alpha) || alpha <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoRA field 'alpha' must be a finite number > 0, got ", alpha));
+  }
+  // Written so that NaN fails too.
+  if (!(dropout >= 0 && dropout < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoRA field 'dropout' must be in [0, 1), got ", dropout));
+  }
+  if (target_modules.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoRA field 'target_modules' is empty; choose from ",
+                     absl::StrJoin(KnownLoraTargets(), ", ")));
+  }
+  const auto& known = KnownLoraTargets();
+  std::set<std::string> seen;
+  for (const auto& t : target_modules) {
+    if (std::find(known.begin(), known.end(), t) == known.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LoRA field 'target_modules' has unknown module '", t,
+                       "'; known: ", absl::StrJoin(known, ", ")));
+    }
+    if (!seen.insert(t).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LoRA field 'target_modules' lists '", t, "' twice"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,46 @@
+// AttentionCache: where a sequence's keys and values live between forward calls, and how
+// attention reads them. The seam between the model and the cache layout: the model computes
+// q, k, v (RoPE applied) and hands them over; ContiguousKvCache keeps [B, kv_heads, max, head_dim]
+// per layer, a paged cache implements the same interface.
+//
+// One forward = BeginStep, Attend once per layer (in order), EndStep. Rows are right-padded: row b
+// brings `tokens` new positions starting at lengths()[b], of which only the first valid[b] are
+// kept by EndStep (the rest are overwritten later and never attended by valid tokens).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lorad::engine {
+
+class AttentionCache {
+ public:
+  virtual ~AttentionCache() = default;
+  virtual int64_t batch_size() const = 0;
+  // The most tokens a row can hold.
+  virtual int64_t capacity() const = 0;
+  // Tokens held per row [B]; the next forward's row b starts at position lengths()[b].
+  virtual const std::vector<int64_t>& lengths() const = 0;
+
+  // Starts a forward bringing `tokens` new positions per row. The caller checked capacity.
+  virtual void BeginStep(int64_t tokens) = 0;
+  // Stores layer `layer`'s k, v [B, kv_heads, tokens, head_dim] at each row's new positions and
+  // returns the attention of q [B, heads, tokens, head_dim] over every key of its row at a
+  // position <= its own: [B, heads, tokens, head_dim].
+  virtual torch::Tensor Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v) = 0;
+  // Ends the forward: row b keeps valid[b] of the new positions.
+  virtual void EndStep(const std::vector<int64_t>& valid) = 0;
+};
+
+// softmax(q k^T / sqrt(head_dim) + mask) v with grouped-query heads (each KV head serves
+// heads / kv_heads query heads), through torch's scaled_dot_product_attention.
+//   q [B, heads, T, D], k and v [B, kv_heads, S, D]
+//   mask [B, 1, T, S] bool (true = attend) or undefined for plain causal attention (T == S)
+// Returns [B, heads, T, D].
+torch::Tensor GroupedQueryAttention(const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v, const torch::Tensor& mask);
+
+}  // namespace lorad::engine

@@ -1,0 +1,71 @@
+#include "engine/model/base_linear.h"
+
+namespace lorad::engine {
+namespace {
+
+// y = x W^T with W in NF4. Saves nothing but the (shared, immutable) quantized weight; backward
+// dequantizes again: dx = dy W.
+class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const Nf4Tensor* weight) {
+    ctx->saved_data["weight"] = reinterpret_cast<int64_t>(weight);
+    return weight->Linear(x);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* weight = reinterpret_cast<const Nf4Tensor*>(ctx->saved_data["weight"].toInt());
+    const torch::Tensor& dy = grads[0];
+    return {torch::matmul(dy, weight->Dequantize(dy.scalar_type())), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+BaseLinear BaseLinear::Float(torch::Tensor weight, torch::Tensor bias) {
+  BaseLinear l;
+  l.weight_ = std::move(weight);
+  l.bias_ = std::move(bias);
+  return l;
+}
+
+BaseLinear BaseLinear::Nf4(Nf4Tensor weight, torch::Tensor bias) {
+  BaseLinear l;
+  l.nf4_ = std::move(weight);
+  l.bias_ = std::move(bias);
+  return l;
+}
+
+torch::Tensor BaseLinear::Forward(const torch::Tensor& x) const {
+  if (!nf4_) return torch::linear(x, weight_, bias_);
+  // Only record the custom backward when a gradient is wanted; otherwise the plain call lets
+  // Nf4Tensor::Linear pick its GEMV kernel.
+  torch::Tensor y = torch::GradMode::is_enabled() && x.requires_grad()
+                        ? Nf4LinearFunction::apply(x, &*nf4_)
+                        : nf4_->Linear(x);
+  return bias_.defined() ? y + bias_ : y;
+}
+
+int64_t BaseLinear::in_features() const { return nf4_ ? nf4_->in_features() : weight_.size(1); }
+
+int64_t BaseLinear::out_features() const { return nf4_ ? nf4_->out_features() : weight_.size(0); }
+
+std::vector<torch::Tensor> BaseLinear::tensors() const {
+  std::vector<torch::Tensor> out;
+  if (nf4_) {
+    out = {nf4_->packed, nf4_->qabsmax, nf4_->absmax2, nf4_->code2};
+  } else {
+    out = {weight_};
+  }
+  if (bias_.defined()) out.push_back(bias_);
+  return out;
+}
+
+int64_t BaseLinear::bytes() const {
+  int64_t n = nf4_ ? nf4_->bytes() : static_cast<int64_t>(weight_.nbytes());
+  if (bias_.defined()) n += static_cast<int64_t>(bias_.nbytes());
+  return n;
+}
+
+}  // namespace lorad::engine

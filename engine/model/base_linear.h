@@ -1,0 +1,47 @@
+// BaseLinear: one frozen projection of the base model, y = x W^T (+ b), with W held either as a
+// float tensor (exact, for parity and small models) or as NF4 (QLoRA: 4-bit, shared by every
+// adapter). The base is immutable after load: W never requires grad, and gradients flow through
+// a BaseLinear to its input only.
+//
+// The NF4 path records no dequantized weight for backward: a custom autograd function
+// dequantizes again in backward (dx = dy W), as QLoRA does, so training memory holds 4-bit
+// weights only.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+#include <vector>
+
+#include "engine/model/nf4_tensor.h"
+
+namespace lorad::engine {
+
+class BaseLinear {
+ public:
+  BaseLinear() = default;
+  // weight [out, in] float; bias [out] or undefined.
+  static BaseLinear Float(torch::Tensor weight, torch::Tensor bias = {});
+  static BaseLinear Nf4(Nf4Tensor weight, torch::Tensor bias = {});
+
+  // x [..., in] -> [..., out] in x's dtype. Throws c10::Error on a wrong in_features.
+  torch::Tensor Forward(const torch::Tensor& x) const;
+
+  bool quantized() const { return nf4_.has_value(); }
+  int64_t in_features() const;
+  int64_t out_features() const;
+  // Device bytes of the weight (and bias).
+  int64_t bytes() const;
+  // Every tensor held: weight or NF4 parts, and bias.
+  std::vector<torch::Tensor> tensors() const;
+  // The float weight (undefined when quantized) and the bias (maybe undefined).
+  const torch::Tensor& weight() const { return weight_; }
+  const torch::Tensor& bias() const { return bias_; }
+
+ private:
+  torch::Tensor weight_;          // [out, in], float path only
+  std::optional<Nf4Tensor> nf4_;  // NF4 path only
+  torch::Tensor bias_;            // [out] or undefined
+};
+
+}  // namespace lorad::engine

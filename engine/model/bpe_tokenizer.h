@@ -1,0 +1,86 @@
+// BpeTokenizer: a Hugging Face tokenizer.json with a byte-level BPE model (Llama 3, Qwen2,
+// SmolLM, GPT-2), encoding and decoding as the `tokenizers` library does:
+//   added tokens split out first -> normalizer (none or NFC) -> pre-tokenizer steps (Split regex,
+//   Digits, ByteLevel) -> each piece's bytes mapped to GPT-2's byte alphabet -> BPE merges by
+//   rank -> post-processor (BOS/EOS from TemplateProcessing, or add_bos_token/add_eos_token).
+// Shapes outside that (WordPiece or Unigram models, Metaspace pre-tokenizers, other decoders)
+// are refused with kUnimplemented naming the file and field; LoadTokenizer then falls back to a
+// tokenizer.model when the folder has one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/added_vocabulary.h"
+#include "engine/model/split_regex.h"
+#include "engine/model/tokenizer.h"
+
+namespace lorad::engine {
+
+class BpeTokenizer final : public Tokenizer {
+ public:
+  // Reads and parses `json_path` (a tokenizer.json).
+  static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Load(const std::string& json_path,
+                                                            const TokenizerSettings& settings);
+  // Parses tokenizer.json text; `source` names the file in errors.
+  static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Parse(const std::string& json_text,
+                                                             const std::string& source,
+                                                             const TokenizerSettings& settings);
+
+  std::vector<int32_t> Encode(std::string_view text, bool add_special_tokens) const override;
+  std::string Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const override;
+  std::string TokenBytes(int32_t id) const override;
+  std::string Piece(int32_t id) const override;
+  int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
+  std::optional<int32_t> IdOf(std::string_view piece) const override;
+  bool IsSpecial(int32_t id) const override { return added_.IsSpecial(id); }
+  DecodeRules decode_rules() const override { return DecodeRules{}; }
+
+  // One pre-tokenizer step, applied to every piece the previous steps produced.
+  struct PreTokenizerStep {
+    enum class Kind { kSplit, kByteLevelPrefix };
+    Kind kind = Kind::kSplit;
+    std::unique_ptr<SplitRegex> regex;  // kSplit: isolates each match
+  };
+  // A merge: the pair's rank (lower merges first) and the id of the merged token.
+  struct Merge {
+    int32_t rank = 0;
+    int32_t id = 0;
+  };
+
+ private:
+  BpeTokenizer() = default;
+  friend class BpeTokenizerParser;
+
+  std::vector<std::string> PreTokenize(std::string_view text) const;
+  // Ids for one pre-tokenized piece (raw bytes), through the cache.
+  void EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const;
+  std::vector<int32_t> MergePiece(const std::string& piece) const;
+
+  AddedVocabulary added_;
+  std::unordered_map<std::string, int32_t> vocab_;  // byte-level string -> id
+  std::vector<std::string> pieces_;                 // [vocab_size] id -> vocabulary string
+  std::vector<std::string> token_bytes_;            // [vocab_size] id -> raw bytes
+  std::unordered_map<uint64_t, Merge> merges_;      // (left id << 32 | right id) -> merge
+  int32_t byte_ids_[256];                           // id of each byte's one-character token
+  bool ignore_merges_ = false;  // a piece that is itself a token is not merged (Llama 3)
+  bool byte_fallback_ = false;
+  int32_t unk_id_ = -1;
+  bool fuse_unk_ = false;
+  bool nfc_ = false;
+  std::vector<PreTokenizerStep> pre_tokenizer_;
+  std::vector<int32_t> prefix_ids_;  // added by Encode(..., add_special_tokens=true)
+  std::vector<int32_t> suffix_ids_;
+
+  // Pieces recur (" the"), so their merges are cached. Bounded: cleared when full.
+  static constexpr size_t kCacheCapacity = 1 << 16;
+  mutable std::mutex cache_mutex_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+};
+
+}  // namespace lorad::engine

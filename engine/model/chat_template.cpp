@@ -1,0 +1,242 @@
+#include "engine/model/chat_template.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/model/tokenizer.h"
+#include "engine/model/utf8.h"
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// Stanford Alpaca's preamble, written when the conversation has no system message.
+constexpr std::string_view kAlpacaPreamble =
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.";
+
+// The errors the families' Jinja templates raise, word for word.
+constexpr std::string_view kMistralAlternate =
+    "After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...";
+constexpr std::string_view kMistralRoles =
+    "Only user and assistant roles are supported, with the exception of an initial optional "
+    "system message!";
+constexpr std::string_view kAlpacaRoles = "Only user and assistant roles are supported!";
+
+std::string KnownList() { return absl::StrJoin(ChatTemplate::KnownNames(), ", "); }
+
+// Python's str.strip() (Jinja's `trim`): Unicode White_Space plus the information separators
+// U+001C..U+001F, which Python also counts as whitespace.
+bool IsPythonSpace(char32_t cp) { return IsUnicodeWhitespace(cp) || (cp >= 0x1C && cp <= 0x1F); }
+
+std::string PythonStrip(std::string_view s) {
+  size_t begin = 0;
+  while (begin < s.size()) {
+    size_t next = begin;
+    if (!IsPythonSpace(NextCodePoint(s, &next))) break;
+    begin = next;
+  }
+  size_t end = begin;  // end of the last non-space character
+  for (size_t pos = begin; pos < s.size();) {
+    if (!IsPythonSpace(NextCodePoint(s, &pos))) end = pos;
+  }
+  return std::string(s.substr(begin, end - begin));
+}
+
+absl::Status TemplateError(std::string_view name, std::string_view message) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("chat template '", std::string(name), "': ", std::string(message)));
+}
+
+}  // namespace
+
+const std::vector<std::string>& ChatTemplate::KnownNames() {
+  static const std::vector<std::string> names = {"llama3", "chatml", "mistral", "alpaca"};
+  return names;
+}
+
+absl::StatusOr<ChatTemplate> ChatTemplate::FromName(std::string_view name,
+                                                    std::optional<std::string> bos_token,
+                                                    std::optional<std::string> eos_token) {
+  if (name == "llama3") {
+    return ChatTemplate(Family::kLlama3, "llama3", bos_token.value_or("<|begin_of_text|>"),
+                        eos_token.value_or("<|eot_id|>"));
+  }
+  if (name == "chatml") {
+    return ChatTemplate(Family::kChatMl, "chatml", bos_token.value_or(""),
+                        eos_token.value_or("<|im_end|>"));
+  }
+  if (name == "mistral") {
+    return ChatTemplate(Family::kMistral, "mistral", bos_token.value_or("<s>"),
+                        eos_token.value_or("</s>"));
+  }
+  if (name == "alpaca") {
+    return ChatTemplate(Family::kAlpaca, "alpaca", bos_token.value_or("<s>"),
+                        eos_token.value_or("</s>"));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown chat template '", std::string(name), "' (known: ", KnownList(), ")"));
+}
+
+std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
+  if (jinja.find("<|start_header_id|>") != std::string_view::npos) return "llama3";
+  if (jinja.find("<|im_start|>") != std::string_view::npos) return "chatml";
+  if (jinja.find("[INST]") != std::string_view::npos) return "mistral";
+  if (jinja.find("### Instruction") != std::string_view::npos) return "alpaca";
+  return std::nullopt;
+}
+
+absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& folder,
+                                                               std::string_view override_name) {
+  absl::StatusOr<TokenizerSettings> settings = TokenizerSettings::Load(folder);
+  if (!settings.ok()) return settings.status();
+  // A token set to null in the files stays empty: the template then writes nothing there.
+  if (!override_name.empty()) {
+    return FromName(override_name, settings->bos_token, settings->eos_token);
+  }
+  const fs::path config_path = fs::path(folder) / "tokenizer_config.json";
+  std::string jinja;
+  std::ifstream in(config_path);
+  if (in) {
+    std::stringstream text;
+    text << in.rdbuf();
+    const json config = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+    const json chat = config.is_object() ? config.value("chat_template", json()) : json();
+    if (chat.is_string()) jinja = chat.get<std::string>();
+    // A list of named templates: [{"name": "default", "template": "..."}, ...].
+    if (chat.is_array()) {
+      for (const auto& entry : chat) {
+        if (entry.is_object() && entry.value("name", "") == "default" &&
+            entry.contains("template") && entry["template"].is_string()) {
+          jinja = entry["template"].get<std::string>();
+        }
+      }
+    }
+  }
+  if (jinja.empty()) {  // newer folders keep the template in a file of its own
+    std::ifstream jinja_in(fs::path(folder) / "chat_template.jinja");
+    std::stringstream text;
+    if (jinja_in) text << jinja_in.rdbuf();
+    jinja = text.str();
+  }
+  if (jinja.empty()) {
+    return absl::NotFoundError(
+        absl::StrCat(config_path.string(),
+                     " has no chat_template (and there is no chat_template.jinja): name "
+                     "the template to use, one of: ",
+                     KnownList()));
+  }
+  const std::optional<std::string> name = Recognize(jinja);
+  if (!name) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(config_path.string(),
+                     ": field 'chat_template' is not a template lorad recognises (it "
+                     "renders the families ",
+                     KnownList(), "); name one of them to use it instead"));
+  }
+  return FromName(*name, settings->bos_token, settings->eos_token);
+}
+
+absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>& messages,
+                                                 bool add_generation_prompt) const {
+  if (messages.empty()) return TemplateError(name_, "the conversation has no messages");
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const std::string& role = messages[i].role;
+    if (role != "system" && role != "user" && role != "assistant") {
+      return TemplateError(name_, absl::StrCat("message ", i, " has unknown role '", role,
+                                               "' (known: system, user, assistant)"));
+    }
+  }
+  switch (family_) {
+    case Family::kLlama3:
+      return RenderLlama3(messages, add_generation_prompt);
+    case Family::kChatMl:
+      return RenderChatMl(messages, add_generation_prompt);
+    case Family::kMistral:
+      return RenderMistral(messages);
+    case Family::kAlpaca:
+      return RenderAlpaca(messages, add_generation_prompt);
+  }
+  return TemplateError(name_, "unknown family");
+}
+
+std::string ChatTemplate::RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const {
+  std::string out = bos_token_;
+  for (const ChatMessage& m : messages) {
+    absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",
+                    PythonStrip(m.content), "<|eot_id|>");
+  }
+  if (gen) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  return out;
+}
+
+std::string ChatTemplate::RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const {
+  std::string out;
+  for (const ChatMessage& m : messages) {
+    absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
+  }
+  if (gen) out += "<|im_start|>assistant\n";
+  return out;
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderMistral(
+    const std::vector<ChatMessage>& messages) const {
+  size_t first = 0;
+  const std::string* system = nullptr;
+  if (messages[0].role == "system") {
+    system = &messages[0].content;
+    first = 1;
+  }
+  std::string out = bos_token_;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const size_t index = i - first;
+    // The template's own checks, in its order: alternation first, then the role.
+    if ((m.role == "user") != (index % 2 == 0)) return TemplateError(name_, kMistralAlternate);
+    if (m.role == "user") {
+      if (index == 0 && system != nullptr) {
+        absl::StrAppend(&out, " [INST] ", *system, "\n\n", m.content, " [/INST]");
+      } else {
+        absl::StrAppend(&out, " [INST] ", m.content, " [/INST]");
+      }
+    } else if (m.role == "assistant") {
+      absl::StrAppend(&out, " ", m.content, eos_token_);
+    } else {
+      return TemplateError(name_, kMistralRoles);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderAlpaca(const std::vector<ChatMessage>& messages,
+                                                       bool gen) const {
+  std::string out = bos_token_;
+  size_t first = 0;
+  if (messages[0].role == "system") {
+    absl::StrAppend(&out, messages[0].content, "\n\n");
+    first = 1;
+  } else {
+    absl::StrAppend(&out, std::string(kAlpacaPreamble), "\n\n");
+  }
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "user") {
+      absl::StrAppend(&out, "### Instruction:\n", m.content, "\n\n");
+    } else if (m.role == "assistant") {
+      absl::StrAppend(&out, "### Response:\n", m.content, eos_token_, "\n\n");
+    } else {
+      return TemplateError(name_, kAlpacaRoles);
+    }
+  }
+  if (gen) out += "### Response:\n";
+  return out;
+}
+
+}  // namespace lorad::engine

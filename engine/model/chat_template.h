@@ -1,0 +1,85 @@
+// ChatTemplate: renders a conversation into the prompt text a chat model was trained on. lorad
+// has no Jinja engine; it recognises the template family a model's tokenizer_config.json
+// carries and renders it in C++, string-for-string what transformers' apply_chat_template gives
+// with that family's published Jinja template:
+//   llama3   Llama 3 Instruct: bos + <|start_header_id|>role<|end_header_id|>\n\n content.strip()
+//            <|eot_id|> per message; generation prompt = the assistant header
+//   chatml   <|im_start|>role\ncontent<|im_end|>\n per message (Qwen2, SmolLM, Hermes...)
+//   mistral  Mistral Instruct v0.2: bos + " [INST] user [/INST]" + " assistant</s>"; a leading
+//            system message is folded into the first user message; roles must alternate
+//   alpaca   bos + system (or Alpaca's default preamble) + "### Instruction:\n...\n\n" +
+//            "### Response:\n..." + eos + "\n\n"
+// The rendered text already holds the BOS token where the family writes one, so encode it with
+// Tokenizer::Encode(text, /*add_special_tokens=*/false), as apply_chat_template(tokenize=True)
+// does.
+//
+// Torch-free: the server renders chats. Immutable once built; thread-safe.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace lorad::engine {
+
+struct ChatMessage {
+  std::string role;  // system, user or assistant
+  std::string content;
+};
+
+class ChatTemplate {
+ public:
+  // The template called `name` (see KnownNames), writing `bos_token`/`eos_token` where the
+  // family does; unset tokens take the family's usual ones (<|begin_of_text|>; <s>, </s>).
+  // An unknown name is an error listing the known ones.
+  static absl::StatusOr<ChatTemplate> FromName(std::string_view name,
+                                               std::optional<std::string> bos_token = {},
+                                               std::optional<std::string> eos_token = {});
+
+  // The template of a model folder: recognised from tokenizer_config.json's chat_template (or
+  // chat_template.jinja), with the folder's BOS/EOS tokens. A non-empty `override_name` picks the
+  // template by name instead. Errors name the file and list the known templates.
+  static absl::StatusOr<ChatTemplate> FromTokenizerConfig(const std::string& folder,
+                                                          std::string_view override_name = "");
+
+  // The family of a Jinja chat template, from the markers it writes; nullopt if unrecognised.
+  static std::optional<std::string> Recognize(std::string_view jinja);
+
+  static const std::vector<std::string>& KnownNames();
+
+  // The prompt for `messages`; with add_generation_prompt it ends where the assistant's reply
+  // starts (mistral's template adds nothing). Errors: an empty conversation, a role other than
+  // system/user/assistant, and what the family's template itself refuses (mistral: roles that do
+  // not alternate user/assistant after an optional first system message; a system message
+  // anywhere but first for mistral and alpaca).
+  absl::StatusOr<std::string> Render(const std::vector<ChatMessage>& messages,
+                                     bool add_generation_prompt) const;
+
+  const std::string& name() const { return name_; }
+  const std::string& bos_token() const { return bos_token_; }
+  const std::string& eos_token() const { return eos_token_; }
+
+ private:
+  enum class Family { kLlama3, kChatMl, kMistral, kAlpaca };
+  ChatTemplate(Family family, std::string name, std::string bos, std::string eos)
+      : family_(family),
+        name_(std::move(name)),
+        bos_token_(std::move(bos)),
+        eos_token_(std::move(eos)) {}
+
+  std::string RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const;
+  std::string RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const;
+  absl::StatusOr<std::string> RenderMistral(const std::vector<ChatMessage>& messages) const;
+  absl::StatusOr<std::string> RenderAlpaca(const std::vector<ChatMessage>& messages,
+                                           bool gen) const;
+
+  Family family_;
+  std::string name_;
+  std::string bos_token_;
+  std::string eos_token_;
+};
+
+}  // namespace lorad::engine

@@ -1,0 +1,70 @@
+#include "engine/model/incremental_detokenizer.h"
+
+#include "engine/model/utf8.h"
+
+namespace lorad::engine {
+
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens)
+    : tokenizer_(tokenizer),
+      skip_special_tokens_(skip_special_tokens),
+      rules_(tokenizer.decode_rules()) {}
+
+namespace {
+
+// sentencepiece's byte-fallback pieces: "<0x0A>".
+bool IsBytePiece(const std::string& piece) {
+  return piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>';
+}
+
+}  // namespace
+
+std::string IncrementalDetokenizer::Add(int32_t id) {
+  if (id < 0 || id >= tokenizer_.vocab_size()) return "";
+  if (skip_special_tokens_ && tokenizer_.IsSpecial(id)) return "";
+  if (rules_.replacement_per_byte && IsBytePiece(tokenizer_.Piece(id))) {
+    // transformers' ByteFallback decodes a whole run of byte pieces at once: valid UTF-8 as it
+    // is, else one U+FFFD per piece. So the run is held until it ends.
+    byte_run_ += tokenizer_.TokenBytes(id);
+    ++byte_run_pieces_;
+    return "";
+  }
+  FlushByteRun();
+  Push(tokenizer_.TokenBytes(id));
+  return Drain(/*final=*/false);
+}
+
+void IncrementalDetokenizer::FlushByteRun() {
+  if (byte_run_pieces_ == 0) return;
+  if (IsValidUtf8(byte_run_)) {
+    Push(byte_run_);
+  } else {
+    std::string replaced;
+    for (int i = 0; i < byte_run_pieces_; ++i) replaced += "\xEF\xBF\xBD";
+    Push(replaced);
+  }
+  byte_run_.clear();
+  byte_run_pieces_ = 0;
+}
+
+void IncrementalDetokenizer::Push(std::string bytes) {
+  if (at_start_ && !bytes.empty()) {
+    // Decode strips one space from the start of the whole text (sentencepiece's "▁" of the
+    // first word); the first byte of the stream is that start.
+    if (rules_.strip_leading_space && bytes[0] == ' ') bytes.erase(0, 1);
+    at_start_ = false;
+  }
+  pending_ += bytes;
+}
+
+std::string IncrementalDetokenizer::Finish() {
+  FlushByteRun();
+  return Drain(/*final=*/true);
+}
+
+std::string IncrementalDetokenizer::Drain(bool final) {
+  std::string out;
+  pending_.erase(0, AppendUtf8Lossy(pending_, final, &out, rules_.replacement_per_byte));
+  return out;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,142 @@
+// LlamaModel: the decoder-only forward of the Llama family (LlamaForCausalLM incl. Llama 3.x rope
+// scaling, TinyLlama, SmolLM; MistralForCausalLM; Qwen2ForCausalLM with q/k/v biases) on a frozen
+// base, float or NF4, with LoRA adapters applied as attached data.
+//
+// Numerics follow transformers: RMSNorm in fp32 then cast back, RoPE angles in fp32, SiLU MLP,
+// causal attention through scaled_dot_product_attention with grouped-query heads. CPU fp32 matches
+// transformers within 1e-4 (tests/parity/llama_parity_test.cpp); CUDA runs bf16.
+//
+// Base weights: kFloat keeps every weight in the compute dtype (exact); kNf4 quantizes the seven
+// projections of every layer to NF4 at load (or reads a bitsandbytes pre-quantized checkpoint),
+// embeddings, norms and lm_head stay in the compute dtype. The base never requires grad.
+//
+// Threading: immutable after Load; Forward is const and may run concurrently on different caches
+// (the GPU loop calls it from one thread).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/lora/lora_adapter.h"
+#include "engine/lora/lora_applier.h"
+#include "engine/model/attention_cache.h"
+#include "engine/model/base_linear.h"
+#include "engine/model/contiguous_kv_cache.h"
+#include "engine/model/model_config.h"
+#include "engine/model/model_weights.h"
+#include "engine/model/rope.h"
+
+namespace lorad::engine {
+
+enum class BaseWeights { kFloat, kNf4 };
+// "none" (keep float) or "nf4"; anything else is an error naming the choices.
+absl::StatusOr<BaseWeights> BaseWeightsFromName(const std::string& name);
+
+struct LlamaModelOptions {
+  BaseWeights base = BaseWeights::kFloat;
+  torch::Device device = torch::kCPU;
+  torch::ScalarType dtype = torch::kFloat;  // compute dtype: fp32 on CPU, bf16 on CUDA
+};
+
+// The tokens of one forward. Rows are right-padded to T.
+struct ForwardBatch {
+  torch::Tensor input_ids;       // [B, T] int64 (any device; moved to the model's)
+  std::vector<int64_t> lengths;  // [B] valid tokens per row, 1..T; empty = every row is T long
+};
+
+enum class LogitsMode {
+  kAll,   // [B, T, vocab]
+  kLast,  // [B, vocab]: each row's last valid position (what sampling needs)
+};
+
+// How one forward runs: one adapter for the whole batch (`adapter`), or any LoraApplier (`lora`,
+// e.g. MultiLoraApplier with an adapter per row; it wins over `adapter`). The model only sees a
+// LoraApplier.
+struct ForwardOptions {
+  const LoraAdapter* adapter = nullptr;  // nullptr: the base model; must outlive backward
+  const LoraApplier* lora = nullptr;     // borrowed for the call; inference only
+  bool train = false;  // record autograd (into the adapter's tensors) and apply LoRA dropout
+  LogitsMode logits = LogitsMode::kAll;
+  // Return the final-norm hidden states ([B, T, hidden], or [B, hidden] with kLast) instead of
+  // logits: the trainer applies lm_head() itself, chunk by chunk, so full-vocabulary logits are
+  // never held for the whole batch.
+  bool hidden_states = false;
+};
+
+// The ignored label (transformers' and PyTorch's ignore_index).
+constexpr int64_t kIgnoreLabel = -100;
+
+class LlamaModel {
+ public:
+  // Reads <folder>/config.json and its safetensors checkpoint. Errors name the folder and the
+  // field or tensor at fault.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& folder,
+                                                          const LlamaModelOptions& options);
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> FromWeights(const ModelConfig& config,
+                                                                 const ModelWeights& weights,
+                                                                 const LlamaModelOptions& options);
+
+  // Logits (see LogitsMode) in the compute dtype. With `cache`, row b's tokens take positions
+  // cache->lengths()[b] onwards and attend to what the cache holds (prefill and decode are the
+  // same call: T new tokens per row); without, positions start at 0 and only the batch is
+  // attended. Errors: ids out of range, lengths, cache shape or capacity, adapter shapes.
+  absl::StatusOr<torch::Tensor> Forward(const ForwardBatch& batch, AttentionCache* cache,
+                                        const ForwardOptions& options) const;
+
+  // Training loss: mean next-token cross entropy over labels [B, T] (label at t is the token at
+  // t; positions with kIgnoreLabel, and padding, are skipped), as transformers' ForCausalLMLoss.
+  // A scalar f32 with autograd into the adapter when options.train.
+  absl::StatusOr<torch::Tensor> Loss(const ForwardBatch& batch, const torch::Tensor& labels,
+                                     const ForwardOptions& options) const;
+
+  // A cache for `batch_size` rows of up to `capacity` tokens, on the model's device and dtype.
+  absl::StatusOr<std::unique_ptr<ContiguousKvCache>> NewCache(int64_t batch_size,
+                                                              int64_t capacity) const;
+
+  const ModelConfig& config() const { return config_; }
+  // [vocab, hidden] in the compute dtype; frozen (see ForwardOptions::hidden_states).
+  const torch::Tensor& lm_head() const { return lm_head_; }
+  const LlamaModelOptions& options() const { return options_; }
+  // Device bytes of the base weights.
+  int64_t bytes() const;
+  // Every tensor of the base (float weights, NF4 parts, norms, embeddings): for memory accounting
+  // and for tests that the base stays frozen.
+  std::vector<torch::Tensor> base_tensors() const;
+
+ private:
+  struct DecoderLayer {
+    torch::Tensor input_norm;                             // [hidden]
+    torch::Tensor post_attention_norm;                    // [hidden]
+    std::array<BaseLinear, kNumProjections> projections;  // indexed by Projection
+  };
+
+  LlamaModel() = default;
+  absl::Status CheckBatch(const ForwardBatch& batch, const AttentionCache* cache,
+                          const ForwardOptions& options) const;
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;
+  torch::Tensor Project(const DecoderLayer& layer, int64_t index, Projection projection,
+                        const torch::Tensor& x, const LoraApplier* lora) const;
+  // x [B, T, hidden] -> [B, T, hidden]
+  torch::Tensor Attention(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
+                          const torch::Tensor& cos, const torch::Tensor& sin,
+                          const torch::Tensor& mask, AttentionCache* cache,
+                          const LoraApplier* lora) const;
+  torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
+                    const LoraApplier* lora) const;
+  torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
+                               const ForwardOptions& options) const;
+
+  ModelConfig config_;
+  LlamaModelOptions options_;
+  torch::Tensor embed_tokens_;  // [vocab, hidden]
+  torch::Tensor final_norm_;    // [hidden]
+  torch::Tensor lm_head_;       // [vocab, hidden]; the embedding itself when tied
+  std::vector<DecoderLayer> layers_;
+  RotaryEmbedding rope_;
+};
+
+}  // namespace lorad::engine

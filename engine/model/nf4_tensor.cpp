@@ -1,0 +1,403 @@
+#include "engine/model/nf4_tensor.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kernels/dynamic_quant8.h"
+#include "kernels/nf4.h"
+#include "kernels/nf4_gemv.h"
+#include "nlohmann/json.hpp"
+
+#if defined(LORAD_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace lorad::engine {
+namespace {
+
+using kernels::FloatKind;
+
+std::optional<FloatKind> KindOf(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat:
+      return FloatKind::kF32;
+    case torch::kBFloat16:
+      return FloatKind::kBF16;
+    case torch::kHalf:
+      return FloatKind::kF16;
+    default:
+      return std::nullopt;
+  }
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+torch::Tensor DynamicMapOn(const torch::Device& device) {
+  return torch::from_blob(const_cast<float*>(kernels::kDynamicMapSigned), {256}, torch::kFloat)
+      .to(device, /*non_blocking=*/false, /*copy=*/true);
+}
+
+#if defined(LORAD_WITH_CUDA)
+void* CurrentStream(const torch::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+void CheckLaunch(const char* error, const char* what) {
+  TORCH_CHECK(error == nullptr, what, ": CUDA error: ", error);
+}
+#endif
+
+// Returns the quantized tensor or throws c10::Error; Quantize turns that into a Status.
+Nf4Tensor QuantizeOrThrow(const torch::Tensor& weight) {
+  const int64_t n = weight.numel();
+  const int64_t blocks = kernels::Nf4Blocks(n);
+  const int64_t blocks2 =
+      (blocks + kernels::kDynamicQuant8BlockSize - 1) / kernels::kDynamicQuant8BlockSize;
+  const torch::Device device = weight.device();
+  const auto u8 = torch::TensorOptions().dtype(torch::kUInt8).device(device);
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
+
+  Nf4Tensor t;
+  t.shape = weight.sizes().vec();
+  t.dtype = weight.scalar_type();
+  t.packed = torch::empty({kernels::Nf4PackedBytes(n)}, u8);
+  t.qabsmax = torch::empty({blocks}, u8);
+  t.absmax2 = torch::empty({blocks2}, f32);
+  t.code2 = DynamicMapOn(device);
+  torch::Tensor absmax = torch::empty({blocks}, f32);
+
+  if (device.is_cpu()) {
+    const torch::Tensor w = weight.to(torch::kFloat).contiguous();  // exact for bf16 and fp16
+    kernels::nf4_quantize_cpu(w.data_ptr<float>(), n, t.packed.data_ptr<uint8_t>(),
+                              absmax.data_ptr<float>());
+  } else {
+#if defined(LORAD_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(device);
+    const torch::Tensor w = weight.contiguous();
+    CheckLaunch(kernels::nf4_quantize_cuda(w.data_ptr(), *KindOf(w.scalar_type()), n,
+                                           t.packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                           CurrentStream(device)),
+                "nf4_quantize_cuda");
+#endif
+  }
+
+  // bitsandbytes computes offset = absmax.mean() with torch on the CPU; the same call on the same
+  // values gives the same float (for any device the weight came from), and every qabsmax byte
+  // depends on it.
+  t.offset = absmax.cpu().mean().item<float>();
+
+  if (device.is_cpu()) {
+    kernels::dynamic_quant8_quantize_cpu(
+        absmax.data_ptr<float>(), blocks, t.offset, kernels::kDynamicQuant8BlockSize,
+        t.code2.data_ptr<float>(), t.qabsmax.data_ptr<uint8_t>(), t.absmax2.data_ptr<float>());
+  } else {
+#if defined(LORAD_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(device);
+    CheckLaunch(kernels::dynamic_quant8_quantize_cuda(
+                    absmax.data_ptr<float>(), blocks, t.offset, kernels::kDynamicQuant8BlockSize,
+                    t.code2.data_ptr<float>(), t.qabsmax.data_ptr<uint8_t>(),
+                    t.absmax2.data_ptr<float>(), CurrentStream(device)),
+                "dynamic_quant8_quantize_cuda");
+#endif
+  }
+  return t;
+}
+
+absl::Status CheckPart(const torch::Tensor& t, const std::string& key, torch::ScalarType dtype,
+                       int64_t numel) {
+  if (t.scalar_type() != dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("bitsandbytes weight part '", key, "' is ",
+                                                   c10::toString(t.scalar_type()), ", expected ",
+                                                   c10::toString(dtype)));
+  }
+  if (t.numel() != numel) {
+    return absl::InvalidArgumentError(absl::StrCat("bitsandbytes weight part '", key, "' has ",
+                                                   t.numel(), " values, expected ", numel));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<torch::ScalarType> DTypeFromName(const std::string& name, const std::string& key) {
+  if (name == "float32") return torch::kFloat;
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kHalf;
+  return absl::InvalidArgumentError(
+      absl::StrCat("'", key, "': dtype '", name, "' is not float32, bfloat16 or float16"));
+}
+
+absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, torch::Tensor>& parts,
+                                                  const std::string& name) {
+  auto find = [&](const std::string& suffix) -> const torch::Tensor* {
+    const auto it = parts.find(name + suffix);
+    return it == parts.end() ? nullptr : &it->second;
+  };
+  const torch::Tensor* packed = find("");
+  if (packed == nullptr) {
+    return absl::NotFoundError(absl::StrCat("checkpoint has no tensor '", name, "'"));
+  }
+  const std::string state_key = name + ".quant_state.bitsandbytes__nf4";
+  const torch::Tensor* state = find(".quant_state.bitsandbytes__nf4");
+  if (state == nullptr) {
+    if (find(".quant_state.bitsandbytes__fp4") != nullptr) {
+      return absl::UnimplementedError(absl::StrCat(
+          "'", name, "' is quantized as FP4; lorad reads NF4 (bnb_4bit_quant_type=\"nf4\")"));
+    }
+    return absl::NotFoundError(absl::StrCat(
+        "'", name, "' has no '", state_key,
+        "': not a bitsandbytes 4-bit weight, or saved by a bitsandbytes older than 0.41"));
+  }
+  if (state->scalar_type() != torch::kUInt8) {
+    return absl::InvalidArgumentError(absl::StrCat("'", state_key, "' is not uint8"));
+  }
+  const torch::Tensor state_bytes = state->cpu().contiguous();
+  const std::string text(reinterpret_cast<const char*>(state_bytes.data_ptr<uint8_t>()),
+                         static_cast<size_t>(state_bytes.numel()));
+  const nlohmann::json js = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!js.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat("'", state_key, "' is not a JSON object"));
+  }
+  auto field_error = [&](const char* field, const char* expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", state_key, "': field '", field, "' ", expected, " (got ",
+                     js.contains(field) ? js[field].dump() : "none", ")"));
+  };
+  if (js.value("quant_type", std::string()) != "nf4") return field_error("quant_type", "!= nf4");
+  if (!js.contains("blocksize") || !js["blocksize"].is_number_integer() ||
+      js["blocksize"].get<int64_t>() != kernels::kNf4BlockSize) {
+    return absl::UnimplementedError(
+        absl::StrCat("'", state_key, "': blocksize ",
+                     js.contains("blocksize") ? js["blocksize"].dump() : "missing",
+                     " is not supported; lorad reads bitsandbytes' default blocksize 64"));
+  }
+  if (!js.contains("shape") || !js["shape"].is_array() || js["shape"].size() != 2) {
+    return field_error("shape", "must be [out_features, in_features]");
+  }
+  std::vector<int64_t> shape;
+  for (const auto& d : js["shape"]) {
+    if (!d.is_number_integer() || d.get<int64_t>() <= 0) {
+      return field_error("shape", "must hold positive integers");
+    }
+    shape.push_back(d.get<int64_t>());
+  }
+  if (shape[0] > (int64_t{1} << 40) / shape[1]) return field_error("shape", "is too large");
+  auto dtype = DTypeFromName(js.value("dtype", std::string()), state_key);
+  if (!dtype.ok()) return dtype.status();
+
+  const torch::Tensor* nested_absmax = find(".nested_absmax");
+  if (nested_absmax == nullptr || !js.contains("nested_offset")) {
+    return absl::UnimplementedError(absl::StrCat(
+        "'", name,
+        "' was saved without double quantization (bnb_4bit_use_double_quant=False); lorad reads "
+        "double-quantized NF4 only: re-quantize from the original weights"));
+  }
+  if (!js["nested_offset"].is_number()) return field_error("nested_offset", "must be a number");
+  if (js.value("nested_blocksize", int64_t{0}) != kernels::kDynamicQuant8BlockSize) {
+    return field_error("nested_blocksize", "must be 256");
+  }
+  if (js.value("nested_dtype", std::string()) != "float32") {
+    return field_error("nested_dtype", "must be float32");
+  }
+  const torch::Tensor* absmax = find(".absmax");
+  const torch::Tensor* quant_map = find(".quant_map");
+  const torch::Tensor* nested_quant_map = find(".nested_quant_map");
+  for (const auto& [part, suffix] :
+       {std::pair{absmax, ".absmax"}, std::pair{quant_map, ".quant_map"},
+        std::pair{nested_quant_map, ".nested_quant_map"}}) {
+    if (part == nullptr) {
+      return absl::NotFoundError(absl::StrCat("checkpoint has no tensor '", name, suffix, "'"));
+    }
+  }
+
+  const int64_t n = shape[0] * shape[1];
+  const int64_t blocks = kernels::Nf4Blocks(n);
+  // quant_storage other than uint8 (e.g. bf16 for FSDP) holds the same bytes.
+  torch::Tensor packed_u8 = packed->contiguous().view(torch::kUInt8).flatten();
+  if (packed_u8.numel() != kernels::Nf4PackedBytes(n)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", name, "' holds ", packed_u8.numel(), " bytes, but its quant_state shape ",
+                     ShapeString(shape), " needs ", kernels::Nf4PackedBytes(n)));
+  }
+  if (auto s = CheckPart(*absmax, name + ".absmax", torch::kUInt8, blocks); !s.ok()) return s;
+  if (auto s = CheckPart(*quant_map, name + ".quant_map", torch::kFloat, 16); !s.ok()) return s;
+  if (auto s =
+          CheckPart(*nested_absmax, name + ".nested_absmax", torch::kFloat, (blocks + 255) / 256);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckPart(*nested_quant_map, name + ".nested_quant_map", torch::kFloat, 256);
+      !s.ok()) {
+    return s;
+  }
+  const torch::Tensor code = quant_map->cpu().contiguous();
+  if (std::memcmp(code.data_ptr<float>(), kernels::kNf4Code, sizeof(kernels::kNf4Code)) != 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "'", name, ".quant_map' is not the NF4 code book; lorad reads standard NF4 only"));
+  }
+
+  const torch::Device device = packed->device();
+  Nf4Tensor t;
+  t.shape = shape;
+  t.dtype = *dtype;
+  t.packed = packed_u8.to(device);
+  t.qabsmax = absmax->flatten().contiguous().to(device);
+  t.absmax2 = nested_absmax->flatten().contiguous().to(device);
+  t.code2 = nested_quant_map->flatten().contiguous().to(device);
+  // bitsandbytes writes the fp32 offset's exact value as a JSON double.
+  t.offset = static_cast<float>(js["nested_offset"].get<double>());
+  return t;
+}
+
+}  // namespace
+
+absl::StatusOr<Nf4Tensor> Nf4Tensor::Quantize(const torch::Tensor& weight) {
+  if (!weight.defined()) return absl::InvalidArgumentError("Nf4Tensor::Quantize: no tensor");
+  if (!KindOf(weight.scalar_type())) {
+    return absl::InvalidArgumentError(absl::StrCat("Nf4Tensor::Quantize: weight is ",
+                                                   c10::toString(weight.scalar_type()),
+                                                   "; NF4 quantizes float32, bfloat16 or float16"));
+  }
+  if (weight.dim() != 2 || weight.numel() == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Nf4Tensor::Quantize: weight shape ", ShapeString(weight.sizes().vec()),
+                     " is not a non-empty [out_features, in_features] matrix"));
+  }
+  if (!weight.device().is_cpu()) {
+#if defined(LORAD_WITH_CUDA)
+    if (!weight.device().is_cuda()) {
+#endif
+      return absl::UnimplementedError(absl::StrCat("Nf4Tensor::Quantize: no NF4 kernels for ",
+                                                   weight.device().str(), " in this build"));
+#if defined(LORAD_WITH_CUDA)
+    }
+#endif
+  }
+  try {
+    return QuantizeOrThrow(weight);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("Nf4Tensor::Quantize: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<Nf4Tensor> Nf4Tensor::FromBitsandbytes(
+    const std::map<std::string, torch::Tensor>& parts, const std::string& name) {
+  try {
+    return FromBitsandbytesOrThrow(parts, name);
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reading bitsandbytes weight '", name, "': ", e.what_without_backtrace()));
+  }
+}
+
+int64_t Nf4Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+int64_t Nf4Tensor::bytes() const {
+  int64_t total = 0;
+  for (const torch::Tensor* t : {&packed, &qabsmax, &absmax2, &code2}) {
+    if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  return total;
+}
+
+torch::Tensor Nf4Tensor::Absmax() const {
+  const int64_t blocks = qabsmax.numel();
+  torch::Tensor absmax = torch::empty({blocks}, absmax2.options());
+  if (device().is_cpu()) {
+    kernels::dynamic_quant8_dequantize_cpu(
+        qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(), code2.data_ptr<float>(), blocks,
+        kernels::kDynamicQuant8BlockSize, offset, absmax.data_ptr<float>());
+    return absmax;
+  }
+#if defined(LORAD_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(device());
+  CheckLaunch(kernels::dynamic_quant8_dequantize_cuda(
+                  qabsmax.data_ptr<uint8_t>(), absmax2.data_ptr<float>(), code2.data_ptr<float>(),
+                  blocks, kernels::kDynamicQuant8BlockSize, offset, absmax.data_ptr<float>(),
+                  CurrentStream(device())),
+              "dynamic_quant8_dequantize_cuda");
+  return absmax;
+#else
+  TORCH_CHECK(false, "Nf4Tensor: no NF4 kernels for ", device().str(), " in this build");
+#endif
+}
+
+torch::Tensor Nf4Tensor::Dequantize(torch::ScalarType out_dtype) const {
+  TORCH_CHECK(packed.defined(), "Nf4Tensor::Dequantize: empty tensor");
+  TORCH_CHECK(c10::isFloatingType(out_dtype), "Nf4Tensor::Dequantize: ", c10::toString(out_dtype),
+              " is not a float dtype");
+  const int64_t n = numel();
+  const torch::Tensor absmax = Absmax();
+  if (device().is_cpu()) {
+    torch::Tensor out = torch::empty({n}, absmax.options());
+    kernels::nf4_dequantize_cpu(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                out.data_ptr<float>());
+    return out.view(shape).to(out_dtype);
+  }
+#if defined(LORAD_WITH_CUDA)
+  const auto kind = KindOf(out_dtype);
+  const auto kernel_dtype = kind ? out_dtype : torch::kFloat;
+  torch::Tensor out = torch::empty({n}, absmax.options().dtype(kernel_dtype));
+  const c10::cuda::CUDAGuard guard(device());
+  CheckLaunch(kernels::nf4_dequantize_cuda(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                           out.data_ptr(), kind.value_or(FloatKind::kF32),
+                                           CurrentStream(device())),
+              "nf4_dequantize_cuda");
+  return out.view(shape).to(out_dtype);
+#else
+  TORCH_CHECK(false, "Nf4Tensor: no NF4 kernels for ", device().str(), " in this build");
+#endif
+}
+
+torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features(), "Nf4Tensor::Linear: x has shape ",
+              x.sizes(), ", expected [..., ", in_features(), "]");
+  TORCH_CHECK(x.device() == device(), "Nf4Tensor::Linear: x is on ", x.device().str(),
+              ", the weight on ", device().str());
+#if defined(LORAD_WITH_CUDA)
+  const int64_t rows = x.numel() / in_features();
+  const auto kind = KindOf(x.scalar_type());
+  const bool records_grad = torch::GradMode::is_enabled() && x.requires_grad();
+  if (device().is_cuda() && kind && !records_grad &&
+      kernels::nf4_gemv_cuda_supports(rows, in_features())) {
+    const c10::cuda::CUDAGuard guard(device());
+    torch::Tensor x2 = x.contiguous();
+    // A view may start mid-allocation; the kernel's 16-byte loads need an aligned start.
+    if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = out_features();
+    torch::Tensor y = torch::empty(out_shape, x.options());
+    kernels::Nf4Absmax absmax;
+    absmax.qabsmax = qabsmax.data_ptr<uint8_t>();
+    absmax.absmax2 = absmax2.data_ptr<float>();
+    absmax.code2 = code2.data_ptr<float>();
+    absmax.offset = offset;
+    CheckLaunch(kernels::nf4_gemv_cuda(x2.data_ptr(), *kind, rows, packed.data_ptr<uint8_t>(),
+                                       absmax, out_features(), in_features(), y.data_ptr(),
+                                       CurrentStream(device())),
+                "nf4_gemv_cuda");
+    return y;
+  }
+#endif
+  return torch::matmul(x, Dequantize(x.scalar_type()).t());
+}
+
+Nf4Tensor Nf4Tensor::To(const torch::Device& target) const {
+  Nf4Tensor t = *this;
+  t.packed = packed.to(target);
+  t.qabsmax = qabsmax.to(target);
+  t.absmax2 = absmax2.to(target);
+  t.code2 = code2.to(target);
+  return t;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,37 @@
+// UTF-8 helpers shared by the tokenizers and the incremental detokenizer: validation, decoding
+// with U+FFFD replacement the way Rust's String::from_utf8_lossy does it (the `tokenizers`
+// library's ByteLevel decoder), and the Unicode White_Space property the pre-tokenizer regexes
+// mean by \s.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace lorad::engine {
+
+inline constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
+
+bool IsValidUtf8(std::string_view bytes);
+
+// Appends `bytes` to `out`, replacing each maximal ill-formed subsequence with one U+FFFD
+// (Unicode's "substitution of maximal subparts", as from_utf8_lossy). When `final` is false a
+// trailing sequence that is incomplete but could still become valid is not consumed. With
+// `replacement_per_byte`, every byte of an ill-formed subsequence becomes one U+FFFD instead.
+// Returns the number of bytes consumed.
+size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
+                       bool replacement_per_byte = false);
+
+// The whole of `bytes` with ill-formed subsequences replaced.
+std::string Utf8Lossy(std::string_view bytes);
+
+// Decodes the code point at `pos` (valid UTF-8 expected) and advances `pos`; an ill-formed byte
+// decodes as U+FFFD and advances by one.
+char32_t NextCodePoint(std::string_view text, size_t* pos);
+
+void AppendCodePoint(char32_t cp, std::string* out);
+
+// Unicode White_Space: what Oniguruma's \s matches in the tokenizers library.
+bool IsUnicodeWhitespace(char32_t cp);
+
+}  // namespace lorad::engine

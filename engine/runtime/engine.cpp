@@ -1,0 +1,319 @@
+#include "engine/runtime/engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/trainer.h"
+
+namespace lorad::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// The longest the loop lets training run ahead on credit it has not yet earned: one long
+// micro-batch may overdraw, but the debt is capped so serving recovers within a few steps.
+constexpr double kMaxTrainCreditSeconds = 2.0;
+
+}  // namespace
+
+struct Engine::Impl {
+  EngineOptions options;
+  DeviceInfo device;
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::optional<ChatTemplate> chat_template;  // nullopt when the model names none
+  std::string chat_template_error;
+  std::unique_ptr<AdapterStore> adapters;
+  std::unique_ptr<InferenceEngine> inference;
+
+  // Loop state. `mu` guards the wake-up flags and the training hand-over; the trainer itself is
+  // touched by the loop thread only (Cancel is thread-safe by the Trainer's contract).
+  mutable std::mutex mu;
+  std::condition_variable wake;
+  bool stop = false;
+  bool pending_work = false;
+  struct PendingJob {
+    std::string id;
+    TrainingJobConfig config;
+    TrainingEventCallback on_event;
+  };
+  std::optional<PendingJob> pending_job;
+  std::string active_job_id;  // set from hand-over until the job's last event
+  std::string cancel_job_id;  // a cancel that arrived before the loop took the job
+  std::unique_ptr<Trainer> trainer;
+  std::thread loop;
+
+  std::atomic<double> train_seconds{0};
+  std::atomic<double> inference_seconds{0};
+
+  void Loop();
+  void TakePendingJob();
+  void RunTrainingMicroBatch();
+};
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Engine::~Engine() { Stop(); }
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->device = DeviceInfo::Detect(options.device);
+  if (options.device.rfind("cuda", 0) == 0 && impl->device.cuda_devices == 0) {
+    return absl::FailedPreconditionError(
+        "model.device is '" + options.device +
+        "' but no CUDA device is visible (check the NVIDIA runtime, CUDA_VISIBLE_DEVICES, or "
+        "set model.device: cpu)");
+  }
+  if (!(options.train_share >= 0 && options.train_share <= 0.95)) {
+    return absl::InvalidArgumentError("train_share must be in [0, 0.95]");
+  }
+  try {
+    LlamaModelOptions model_options;
+    const bool cuda = impl->device.device != "cpu";
+    if (cuda) {
+      model_options.device = torch::Device(impl->device.device);
+      model_options.dtype = torch::kBFloat16;
+    }
+    auto base = BaseWeightsFromName(options.base_weights);
+    if (!base.ok()) return base.status();
+    model_options.base = *base;
+    auto model = LlamaModel::Load(options.model_folder, model_options);
+    if (!model.ok()) return model.status();
+    impl->model = std::move(*model);
+
+    auto tokenizer = LoadTokenizer(options.model_folder);
+    if (!tokenizer.ok()) return tokenizer.status();
+    impl->tokenizer = std::move(*tokenizer);
+
+    auto chat = ChatTemplate::FromTokenizerConfig(options.model_folder, options.chat_template);
+    if (chat.ok()) {
+      impl->chat_template = std::move(*chat);
+    } else if (!options.chat_template.empty()) {
+      return chat.status();  // the operator named a template that does not exist
+    } else {
+      impl->chat_template_error = std::string(chat.status().message());
+    }
+
+    AdapterStoreOptions store_options;
+    store_options.max_resident = options.max_resident_adapters;
+    store_options.device = impl->device.device;
+    store_options.dtype = cuda ? "bfloat16" : "float32";
+    auto store = AdapterStore::Create(impl->model->config(), store_options);
+    if (!store.ok()) return store.status();
+    impl->adapters = std::move(*store);
+
+    auto inference = InferenceEngine::Create(impl->model.get(), impl->tokenizer.get(),
+                                             impl->adapters.get(), options.inference);
+    if (!inference.ok()) return inference.status();
+    impl->inference = std::move(*inference);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("loading ", options.model_folder, ": ", e.what()));
+  }
+  Impl* raw = impl.get();
+  impl->loop = std::thread([raw] { raw->Loop(); });
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+void Engine::Stop() {
+  if (!impl_ || !impl_->loop.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stop = true;
+  }
+  impl_->wake.notify_all();
+  impl_->loop.join();
+}
+
+void Engine::Impl::Loop() {
+  // Seconds of training the inference steps have earned (see the class comment).
+  double train_credit = 0;
+  const double ratio = options.train_share / (1.0 - options.train_share);
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      wake.wait(lock, [&] {
+        return stop || pending_work || pending_job || trainer || inference->HasWork();
+      });
+      pending_work = false;
+      if (stop) break;
+    }
+    TakePendingJob();
+    const bool serving = inference->HasWork();
+    if (serving) {
+      const Clock::time_point t0 = Clock::now();
+      // A failed step finished its own requests with kError; the engine keeps serving.
+      (void)inference->Step();
+      const double dt = Seconds(Clock::now() - t0);
+      inference_seconds.store(inference_seconds.load() + dt);
+      train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
+    }
+    if (trainer && (!serving || train_credit > 0)) {
+      const Clock::time_point t0 = Clock::now();
+      RunTrainingMicroBatch();
+      const double dt = Seconds(Clock::now() - t0);
+      train_seconds.store(train_seconds.load() + dt);
+      if (serving) train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
+    }
+  }
+  // Stopping: requests end as cancelled; the training job saves a checkpoint it can resume from
+  // (at an optimizer-step boundary) and ends as cancelled.
+  if (trainer) {
+    if (trainer->at_step_boundary()) (void)trainer->SaveCheckpoint();
+    trainer->Cancel();
+    while (!trainer->done() && trainer->Step().ok()) {
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    trainer.reset();
+  }
+}
+
+void Engine::Impl::TakePendingJob() {
+  std::optional<PendingJob> job;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!pending_job || trainer) return;
+    job = std::move(pending_job);
+    pending_job.reset();
+  }
+  auto on_event = job->on_event;
+  const std::string id = job->id;
+  auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job->config,
+                                 [this, on_event, id](const TrainingEvent& event) {
+                                   on_event(event);
+                                   if (event.kind == TrainingEvent::Kind::kFinished ||
+                                       event.kind == TrainingEvent::Kind::kFailed) {
+                                     std::lock_guard<std::mutex> lock(mu);
+                                     if (active_job_id == id) active_job_id.clear();
+                                   }
+                                 });
+  if (!created.ok()) {
+    TrainingEvent failed;
+    failed.kind = TrainingEvent::Kind::kFailed;
+    failed.error = std::string(created.status().message());
+    on_event(failed);
+    std::lock_guard<std::mutex> lock(mu);
+    active_job_id.clear();
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  trainer = std::move(*created);
+  if (cancel_job_id == id) trainer->Cancel();
+  cancel_job_id.clear();
+}
+
+void Engine::Impl::RunTrainingMicroBatch() {
+  // Step reports its own failure as a kFailed event; either way the job may now be done.
+  (void)trainer->Step();
+  if (!trainer->done()) return;
+  std::unique_ptr<Trainer> finished;
+  {
+    std::lock_guard<std::mutex> lock(mu);  // CancelTraining reads the pointer under the lock
+    finished = std::move(trainer);
+  }
+}
+
+absl::StatusOr<RequestId> Engine::Generate(GenerationRequest request, TokenCallback on_token) {
+  auto id = impl_->inference->Submit(std::move(request), std::move(on_token));
+  if (id.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      impl_->pending_work = true;
+    }
+    impl_->wake.notify_one();
+  }
+  return id;
+}
+
+void Engine::Cancel(RequestId id) {
+  impl_->inference->Cancel(id);
+  impl_->wake.notify_one();
+}
+
+absl::StatusOr<std::string> Engine::RenderChat(const std::vector<ChatMessage>& messages,
+                                               const std::string& name) const {
+  if (!name.empty()) {
+    auto named = ChatTemplate::FromName(name, impl_->chat_template
+                                                  ? std::optional(impl_->chat_template->bos_token())
+                                                  : std::nullopt,
+                                        impl_->chat_template
+                                            ? std::optional(impl_->chat_template->eos_token())
+                                            : std::nullopt);
+    if (!named.ok()) return named.status();
+    return named->Render(messages, /*add_generation_prompt=*/true);
+  }
+  if (!impl_->chat_template) {
+    return absl::FailedPreconditionError(
+        "the model has no chat template lorad recognises (" + impl_->chat_template_error +
+        "); name one in the request's template field or in model.chat_template");
+  }
+  return impl_->chat_template->Render(messages, /*add_generation_prompt=*/true);
+}
+
+AdapterStore& Engine::adapters() { return *impl_->adapters; }
+
+absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobConfig& config,
+                                   TrainingEventCallback on_event) {
+  if (absl::Status s = config.Validate(); !s.ok()) return s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (!impl_->active_job_id.empty()) {
+      return absl::FailedPreconditionError("training job " + impl_->active_job_id +
+                                           " is still running; one job trains at a time");
+    }
+    impl_->active_job_id = job_id;
+    impl_->pending_job = Impl::PendingJob{job_id, config, std::move(on_event)};
+    impl_->pending_work = true;
+  }
+  impl_->wake.notify_one();
+  return absl::OkStatus();
+}
+
+void Engine::CancelTraining(const std::string& job_id) {
+  // The trainer pointer belongs to the loop thread; Trainer::Cancel is thread-safe, but the
+  // pointer may be reset under us, so the request goes through the lock and the loop.
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->active_job_id != job_id) return;
+  if (impl_->pending_job && impl_->pending_job->id == job_id) {
+    impl_->cancel_job_id = job_id;
+  } else if (impl_->trainer) {
+    impl_->trainer->Cancel();
+  }
+  impl_->pending_work = true;
+  impl_->wake.notify_one();
+}
+
+bool Engine::TrainingActive() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return !impl_->active_job_id.empty();
+}
+
+const ModelConfig& Engine::model_config() const { return impl_->model->config(); }
+const DeviceInfo& Engine::device() const { return impl_->device; }
+const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
+
+EngineStats Engine::Stats() const {
+  EngineStats stats;
+  stats.inference = impl_->inference->Stats();
+  stats.adapters_resident = impl_->adapters->resident_count();
+  stats.adapter_device_bytes = impl_->adapters->resident_bytes();
+  stats.base_bytes = impl_->model->bytes();
+  stats.kv_cache_bytes = impl_->options.inference.kv_cache_bytes;
+  stats.train_seconds = impl_->train_seconds.load();
+  stats.inference_seconds = impl_->inference_seconds.load();
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  stats.training = !impl_->active_job_id.empty();
+  stats.training_job_id = impl_->active_job_id;
+  return stats;
+}
+
+}  // namespace lorad::engine

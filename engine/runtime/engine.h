@@ -1,0 +1,109 @@
+// Engine: what the daemon holds of the ML side. It loads the base model once (NF4 on the device),
+// its tokenizer and chat template, owns the adapter store, the inference engine and the training
+// job in progress, and runs the one GPU loop thread that does every device operation
+// (DESIGN.md, "runtime").
+//
+// The GPU loop, each iteration:
+//   1. an inference step (InferenceEngine::Step) while any request is queued or running;
+//   2. training micro-batches while a job is active: all of the device when nothing is served,
+//      else enough that training gets at least `train_share` of the loop's time (inference
+//      first: a micro-batch runs only once the inference steps have earned it the time).
+//   It sleeps when there is nothing to do and wakes on the next submission.
+//
+// torch-free header (pimpl): the server includes it. Thread rules: every public method is
+// thread-safe and returns quickly, except Stop (joins the loop). Callbacks (token events,
+// training events) run on the loop thread and must only queue and return.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/infer/generation_request.h"
+#include "engine/infer/inference_engine.h"
+#include "engine/lora/adapter_store.h"
+#include "engine/model/chat_template.h"
+#include "engine/model/model_config.h"
+#include "engine/runtime/device_info.h"
+#include "engine/train/training_event.h"
+#include "engine/train/training_job_config.h"
+
+namespace lorad::engine {
+
+class Tokenizer;
+
+struct EngineOptions {
+  std::string model_folder;
+  std::string device = "auto";       // auto | cpu | cuda | cuda:N
+  std::string base_weights = "nf4";  // nf4 (4-bit base, as QLoRA) | none (keep 16/32-bit)
+  std::string chat_template;         // a template name; "" = the model folder's own
+  InferenceEngineOptions inference;
+  int32_t max_resident_adapters = 8;
+  // Lower bound on training's share of the loop's time while both train and serve (0..0.95).
+  double train_share = 0.3;
+};
+
+struct EngineStats {
+  InferenceStats inference;
+  int32_t adapters_resident = 0;
+  int64_t adapter_device_bytes = 0;
+  int64_t base_bytes = 0;
+  int64_t kv_cache_bytes = 0;
+  bool training = false;
+  std::string training_job_id;
+  double train_seconds = 0;      // loop time spent on training since start
+  double inference_seconds = 0;  // loop time spent on inference steps since start
+};
+
+// Called on the loop thread for every event of a training job; the last is kFinished (also when
+// cancelled) or kFailed.
+using TrainingEventCallback = std::function<void(const TrainingEvent&)>;
+
+class Engine {
+ public:
+  // Loads the model folder and starts the loop. Errors name the folder and what is wrong.
+  static absl::StatusOr<std::unique_ptr<Engine>> Start(const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Cancels running requests and the training job (which writes its checkpoint), then stops
+  // the loop. Idempotent.
+  void Stop();
+
+  // ---- serving ----
+  absl::StatusOr<RequestId> Generate(GenerationRequest request, TokenCallback on_token);
+  void Cancel(RequestId id);
+  // The prompt text for a conversation, with the template `name` ("" = the model's own).
+  absl::StatusOr<std::string> RenderChat(const std::vector<ChatMessage>& messages,
+                                         const std::string& name) const;
+  AdapterStore& adapters();
+
+  // ---- training ----
+  // Starts a job (one at a time): validates the config, reads the dataset, resumes from the
+  // last checkpoint in config.output_dir if one is there. FailedPrecondition while another job
+  // is active.
+  absl::Status StartTraining(const std::string& job_id, const TrainingJobConfig& config,
+                             TrainingEventCallback on_event);
+  // Asks the active job `job_id` to stop at its next micro-batch; it reports kFinished with
+  // summary.cancelled.
+  void CancelTraining(const std::string& job_id);
+  bool TrainingActive() const;
+
+  const ModelConfig& model_config() const;
+  const DeviceInfo& device() const;
+  const Tokenizer& tokenizer() const;
+  EngineStats Stats() const;
+
+  struct Impl;
+
+ private:
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lorad::engine

@@ -1,0 +1,198 @@
+#include "engine/train/example_formatter.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace lorad::engine {
+namespace {
+
+constexpr char kAlpacaWithInput[] =
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n";
+constexpr char kAlpacaNoInput[] =
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n";
+
+absl::Status Unfit(int64_t line, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("record at line ", line, ": ", what));
+}
+
+size_t CommonPrefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+
+// The (instruction, response) of a conversation the single-turn templates can take:
+// [system], user, assistant.
+absl::StatusOr<std::pair<std::string, std::string>> SingleTurn(const Example& ex,
+                                                               const char* template_name) {
+  std::vector<const ChatMessage*> turns;
+  for (const ChatMessage& m : ex.messages) {
+    if (m.role != "system") turns.push_back(&m);
+  }
+  if (turns.size() != 2 || turns[0]->role != "user" || turns[1]->role != "assistant") {
+    return Unfit(ex.line, absl::StrCat("the ", template_name,
+                                       " template takes one user and one assistant message; use "
+                                       "template 'chat' for multi-turn conversations"));
+  }
+  return std::make_pair(turns[0]->content, turns[1]->content);
+}
+
+}  // namespace
+
+int64_t TokenizedExample::TrainedTokens() const {
+  int64_t n = 0;
+  for (size_t i = 1; i < labels.size(); ++i) n += labels[i] != kNotTrained;
+  return n;
+}
+
+absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& tokenizer,
+                                                          const std::string& model_folder,
+                                                          const ExampleFormatterOptions& options) {
+  if (options.max_seq_length < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_seq_length is ", options.max_seq_length, "; it must be >= 2"));
+  }
+  ExampleFormatter f(tokenizer, options);
+  const std::string& name = options.template_name;
+  if (name.empty() || name == "auto") {
+    f.mode_ = Mode::kAuto;
+  } else if (name == "alpaca") {
+    f.mode_ = Mode::kAlpaca;
+  } else if (name == "raw") {
+    f.mode_ = Mode::kRaw;
+  } else {
+    f.mode_ = Mode::kChat;
+  }
+  if (f.mode_ == Mode::kAuto || f.mode_ == Mode::kChat) {
+    // "auto" and "chat" take the model's own template; any other name picks a family.
+    const std::string family = (name.empty() || name == "auto" || name == "chat") ? "" : name;
+    auto chat = ChatTemplate::FromTokenizerConfig(model_folder, family);
+    if (chat.ok()) {
+      f.chat_ = *std::move(chat);
+    } else if (f.mode_ == Mode::kChat) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dataset.template '", name, "': ", chat.status().message(),
+          " (other choices: auto, alpaca, raw)"));
+    }
+  }
+  auto settings = TokenizerSettings::Load(model_folder);
+  if (!settings.ok()) return settings.status();
+  std::optional<int32_t> eos;
+  if (settings->eos_token.has_value() && !settings->eos_token->empty()) {
+    eos = tokenizer.IdOf(*settings->eos_token);
+  }
+  if (!eos.has_value() && !tokenizer.eos_ids().empty()) eos = *tokenizer.eos_ids().begin();
+  if (!eos.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the tokenizer in ", model_folder,
+        " has no EOS token: training examples must end with one so the model learns to stop"));
+  }
+  f.eos_id_ = *eos;
+  return f;
+}
+
+absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) const {
+  absl::StatusOr<TokenizedExample> out;
+  if (ex.format == DatasetFormat::kText) {
+    TokenizedExample t;
+    t.input_ids = tokenizer_->Encode(ex.text, /*add_special_tokens=*/true);
+    t.labels = t.input_ids;
+    out = std::move(t);
+  } else if (mode_ == Mode::kAlpaca ||
+             (mode_ == Mode::kAuto && (ex.format == DatasetFormat::kAlpaca || !chat_))) {
+    out = FormatAlpaca(ex);
+  } else if (mode_ == Mode::kRaw) {
+    out = FormatRaw(ex);
+  } else {
+    out = FormatChat(ex);
+  }
+  if (!out.ok()) return out.status();
+  out->line = ex.line;
+  Finish(*out);
+  return out;
+}
+
+TokenizedExample ExampleFormatter::FormatPair(const std::string& prompt,
+                                              const std::string& response) const {
+  TokenizedExample t;
+  t.input_ids = tokenizer_->Encode(prompt + response, /*add_special_tokens=*/true);
+  t.labels = t.input_ids;
+  if (options_.response_only) {
+    const size_t n = CommonPrefix(t.input_ids, tokenizer_->Encode(prompt, true));
+    std::fill(t.labels.begin(), t.labels.begin() + static_cast<std::ptrdiff_t>(n), kNotTrained);
+  }
+  return t;
+}
+
+absl::StatusOr<TokenizedExample> ExampleFormatter::FormatAlpaca(const Example& ex) const {
+  std::string instruction = ex.instruction;
+  std::string input = ex.input;
+  std::string response;
+  if (ex.format == DatasetFormat::kAlpaca) {
+    response = ex.messages.back().content;
+  } else {
+    auto turn = SingleTurn(ex, "alpaca");
+    if (!turn.ok()) return turn.status();
+    instruction = turn->first;
+    response = turn->second;
+  }
+  std::string prompt = input.empty() ? kAlpacaNoInput : kAlpacaWithInput;
+  absl::StrAppend(&prompt, "### Instruction:\n", instruction, "\n\n");
+  if (!input.empty()) absl::StrAppend(&prompt, "### Input:\n", input, "\n\n");
+  prompt += "### Response:\n";
+  return FormatPair(prompt, response);
+}
+
+absl::StatusOr<TokenizedExample> ExampleFormatter::FormatRaw(const Example& ex) const {
+  auto turn = SingleTurn(ex, "raw");
+  if (!turn.ok()) return turn.status();
+  return FormatPair(turn->first, turn->second);
+}
+
+absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex) const {
+  auto render = [&](size_t count, bool gen) -> absl::StatusOr<std::vector<int32_t>> {
+    std::vector<ChatMessage> head(ex.messages.begin(),
+                                  ex.messages.begin() + static_cast<std::ptrdiff_t>(count));
+    auto text = chat_->Render(head, gen);
+    if (!text.ok()) return Unfit(ex.line, std::string(text.status().message()));
+    return tokenizer_->Encode(*text, /*add_special_tokens=*/false);
+  };
+  TokenizedExample t;
+  auto all = render(ex.messages.size(), false);
+  if (!all.ok()) return all.status();
+  t.input_ids = *std::move(all);
+  if (!options_.response_only) {
+    t.labels = t.input_ids;
+    return t;
+  }
+  t.labels.assign(t.input_ids.size(), kNotTrained);
+  for (size_t i = 0; i < ex.messages.size(); ++i) {
+    if (ex.messages[i].role != "assistant") continue;
+    auto before = render(i, /*gen=*/true);
+    if (!before.ok()) return before.status();
+    auto upto = render(i + 1, /*gen=*/false);
+    if (!upto.ok()) return upto.status();
+    const size_t begin = std::min(before->size(), t.input_ids.size());
+    const size_t end = std::min(upto->size(), t.input_ids.size());
+    for (size_t k = begin; k < end; ++k) t.labels[k] = t.input_ids[k];
+  }
+  return t;
+}
+
+void ExampleFormatter::Finish(TokenizedExample& t) const {
+  if (t.input_ids.empty() || t.input_ids.back() != eos_id_) {
+    t.input_ids.push_back(eos_id_);
+    t.labels.push_back(eos_id_);
+  }
+  const size_t max = static_cast<size_t>(options_.max_seq_length);
+  if (t.input_ids.size() > max) {
+    t.input_ids.resize(max);
+    t.labels.resize(max);
+    t.truncated = true;
+  }
+}
+
+}  // namespace lorad::engine

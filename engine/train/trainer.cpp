@@ -1,0 +1,432 @@
+#include "engine/train/trainer.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "engine/lora/lora_adapter.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/chunked_cross_entropy.h"
+#include "engine/train/example_formatter.h"
+#include "engine/train/lr_schedule.h"
+#include "engine/train/optimizer.h"
+#include "engine/train/training_checkpoint.h"
+#include "engine/train/training_data.h"
+
+namespace lorad::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// One micro-batch as tensors. Rows right-padded with token 0 (never attended nor scored).
+struct MicroBatchTensors {
+  ForwardBatch batch;
+  torch::Tensor targets;  // [B * T] int64: the label of position t + 1, kIgnoreLabel elsewhere
+  int64_t input_tokens = 0;
+};
+
+MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
+                            const std::vector<int64_t>& indices) {
+  int64_t width = 0;
+  for (int64_t i : indices) {
+    width = std::max<int64_t>(width, static_cast<int64_t>(rows[i].input_ids.size()));
+  }
+  const int64_t b = static_cast<int64_t>(indices.size());
+  torch::Tensor ids = torch::zeros({b, width}, torch::kLong);
+  torch::Tensor targets = torch::full({b, width}, kIgnoreLabel, torch::kLong);
+  auto ids_a = ids.accessor<int64_t, 2>();
+  auto targets_a = targets.accessor<int64_t, 2>();
+  MicroBatchTensors out;
+  for (int64_t r = 0; r < b; ++r) {
+    const TokenizedExample& e = rows[indices[r]];
+    const int64_t n = static_cast<int64_t>(e.input_ids.size());
+    for (int64_t t = 0; t < n; ++t) ids_a[r][t] = e.input_ids[t];
+    for (int64_t t = 0; t + 1 < n; ++t) targets_a[r][t] = e.labels[t + 1];
+    out.batch.lengths.push_back(n);
+    out.input_tokens += n;
+  }
+  out.batch.input_ids = ids;
+  out.targets = targets.view({-1});
+  return out;
+}
+
+}  // namespace
+
+struct Trainer::Impl {
+  const LlamaModel* model = nullptr;
+  TrainingJobConfig config;
+  EventCallback on_event;
+  std::optional<TrainingData> data;
+  LoraAdapter adapter;
+  std::vector<torch::Tensor> params;  // the adapter's tensors, fp32, requires_grad
+  std::unique_ptr<Optimizer> optimizer;
+  std::optional<LrSchedule> schedule;
+  TrainerState state;
+  int64_t total_steps = 0;
+  int64_t per_epoch = 1;
+  bool resumed = false;
+  bool done = false;
+  std::atomic<bool> cancel{false};
+
+  // The optimizer step in progress.
+  int64_t micro_in_step = 0;   // micro-batches of this step already run
+  int64_t step_micro = 0;      // micro-batches in this step
+  int64_t step_tokens = 0;     // trained tokens over the whole step: the loss's denominator
+  int64_t step_input_tokens = 0;
+  double step_loss_sum = 0;
+  Clock::time_point step_start;
+  Clock::time_point job_start = Clock::now();
+  int64_t steps_this_run = 0;
+
+  absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder);
+  absl::Status StepOrThrow();
+  void PlanStep();
+  absl::Status FinishStep();
+  absl::StatusOr<EvalMetrics> Evaluate();
+  absl::Status Finish(bool cancelled, bool early_stopped);
+  absl::StatusOr<std::string> Checkpoint();
+  LoraAdapter AdapterCopy() const;
+  void Emit(const TrainingEvent& e) {
+    if (on_event) on_event(e);
+  }
+  absl::Status Fail(absl::Status status) {
+    done = true;
+    TrainingEvent e;
+    e.kind = TrainingEvent::Kind::kFailed;
+    e.error = std::string(status.message());
+    Emit(e);
+    return status;
+  }
+};
+
+absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder) {
+  ExampleFormatterOptions fo;
+  fo.template_name = config.data.template_name;
+  fo.response_only = config.data.response_only;
+  fo.max_seq_length = config.max_seq_length;
+  auto formatter = ExampleFormatter::Create(tokenizer, model_folder, fo);
+  if (!formatter.ok()) return formatter.status();
+  auto built = TrainingData::Build(config.data, *formatter, config.max_seq_length, config.seed);
+  if (!built.ok()) return built.status();
+  data = *std::move(built);
+  per_epoch = data->MicroBatchesPerEpoch(config.micro_batch_size);
+  total_steps = config.max_steps > 0
+                    ? config.max_steps
+                    : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                               config.num_epochs * static_cast<double>(per_epoch) /
+                                               static_cast<double>(config.grad_accum))));
+  auto kind = LrScheduleKindFromName(config.schedule);
+  if (!kind.ok()) return kind.status();
+  schedule.emplace(*kind, config.learning_rate, config.warmup_steps, total_steps);
+
+  std::optional<TrainingCheckpoint> checkpoint;
+  const std::string latest = config.resume ? LatestCheckpoint(config.output_dir) : "";
+  if (!latest.empty()) {
+    auto c = ReadCheckpoint(latest);
+    if (!c.ok()) return c.status();
+    checkpoint = *std::move(c);
+    adapter = checkpoint->adapter;
+    state = checkpoint->state;
+    resumed = true;
+  } else if (!config.init_adapter_path.empty()) {
+    auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
+    if (!a.ok()) return a.status();
+    adapter = *std::move(a);
+  } else {
+    LoraConfig lora = config.lora;
+    lora.base_model_name_or_path = model_folder;
+    auto a = LoraAdapter::Init(model->config(), lora, config.seed);
+    if (!a.ok()) return a.status();
+    adapter = *std::move(a);
+  }
+  // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
+  // resumed one continues the checkpoint's generator state (restored below).
+  if (!checkpoint) torch::manual_seed(config.seed);
+  if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) return s;
+  // fp32 master weights on the model's device: the optimizer updates these; the forward casts
+  // them to the compute dtype (bf16 on CUDA) with autograd through the cast.
+  for (auto& [name, pair] : adapter.layers) {
+    pair.a = pair.a.detach().to(model->options().device, torch::kFloat).contiguous()
+                 .requires_grad_(true);
+    pair.b = pair.b.detach().to(model->options().device, torch::kFloat).contiguous()
+                 .requires_grad_(true);
+    params.push_back(pair.a);
+    params.push_back(pair.b);
+  }
+  auto okind = OptimizerKindFromName(config.optimizer);
+  if (!okind.ok()) return okind.status();
+  OptimizerOptions oo;
+  oo.beta1 = config.adam_beta1;
+  oo.beta2 = config.adam_beta2;
+  oo.eps = config.adam_eps;
+  oo.weight_decay = config.weight_decay;
+  auto opt = MakeOptimizer(*okind, params, oo);
+  if (!opt.ok()) return opt.status();
+  optimizer = *std::move(opt);
+  if (checkpoint) {
+    if (auto s = optimizer->LoadState(checkpoint->optimizer); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("checkpoint ", latest, ": ", s.message()));
+    }
+    if (checkpoint->rng.defined()) RestoreRngState(checkpoint->rng);
+    if (state.step >= total_steps) done = true;  // finished before; nothing left to do
+  }
+  return absl::OkStatus();
+}
+
+void Trainer::Impl::PlanStep() {
+  step_micro = config.grad_accum;
+  step_tokens = 0;
+  step_input_tokens = 0;
+  step_loss_sum = 0;
+  for (int64_t k = 0; k < step_micro; ++k) {
+    for (int64_t i : data->MicroBatch(state.micro_batches + k, config.micro_batch_size)) {
+      step_tokens += data->train()[i].TrainedTokens();
+    }
+  }
+  step_start = Clock::now();
+}
+
+absl::Status Trainer::Impl::StepOrThrow() {
+  if (micro_in_step == 0) PlanStep();
+  const std::vector<int64_t> rows = data->MicroBatch(state.micro_batches, config.micro_batch_size);
+  MicroBatchTensors mb = MakeBatch(data->train(), rows);
+  ForwardOptions fo;
+  fo.adapter = &adapter;
+  fo.train = true;
+  fo.hidden_states = true;
+  auto hidden = model->Forward(mb.batch, nullptr, fo);  // [B, T, hidden]
+  if (!hidden.ok()) return hidden.status();
+  const torch::Tensor flat = hidden->reshape({-1, hidden->size(2)});
+  const torch::Tensor loss_sum = ChunkedCrossEntropySum(
+      flat, model->lm_head(), mb.targets, config.loss_chunk_tokens, kIgnoreLabel);
+  // Each micro-batch's share of the step's token-weighted mean.
+  (loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens))).backward();
+  step_loss_sum += loss_sum.item<double>();
+  step_input_tokens += mb.input_tokens;
+  ++state.micro_batches;
+  ++micro_in_step;
+  if (micro_in_step < step_micro) return absl::OkStatus();
+  micro_in_step = 0;
+  return FinishStep();
+}
+
+absl::Status Trainer::Impl::FinishStep() {
+  // torch.nn.utils.clip_grad_norm_: total = ||(||g_i||)||, coef = max / (total + 1e-6) <= 1.
+  double grad_norm = 0;
+  {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> norms;
+    for (const torch::Tensor& p : params) {
+      if (p.grad().defined()) norms.push_back(p.grad().norm(2));
+    }
+    if (!norms.empty()) {
+      const torch::Tensor total = torch::stack(norms).norm(2);
+      grad_norm = total.item<double>();
+      if (config.max_grad_norm > 0) {
+        const torch::Tensor coef = torch::clamp_max(config.max_grad_norm / (total + 1e-6), 1.0);
+        for (const torch::Tensor& p : params) {
+          if (p.grad().defined()) p.grad().mul_(coef);
+        }
+      }
+    }
+  }
+  const double lr = schedule->LearningRate(state.step);
+  if (auto s = optimizer->Step(lr); !s.ok()) return s;
+  optimizer->ZeroGrad();
+  ++state.step;
+  ++steps_this_run;
+  const double loss = step_loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens));
+  state.last_loss = loss;
+  state.best_train_loss = state.step == 1 ? loss : std::min(state.best_train_loss, loss);
+
+  const auto now = Clock::now();
+  TrainingEvent e;
+  e.kind = TrainingEvent::Kind::kStep;
+  StepMetrics& m = e.step;
+  m.step = state.step;
+  m.total_steps = total_steps;
+  m.epoch = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
+  m.loss = loss;
+  m.learning_rate = lr;
+  m.grad_norm = grad_norm;
+  m.tokens = step_input_tokens;
+  m.step_time_s = Seconds(now - step_start);
+  m.tokens_per_s = m.step_time_s > 0 ? static_cast<double>(step_input_tokens) / m.step_time_s : 0;
+  m.elapsed_s = Seconds(now - job_start);
+  m.eta_s = m.elapsed_s / static_cast<double>(steps_this_run) *
+            static_cast<double>(total_steps - state.step);
+  Emit(e);
+
+  bool early_stop = false;
+  if (config.eval_every > 0 && state.step % config.eval_every == 0 &&
+      !data->validation().empty()) {
+    auto eval = Evaluate();
+    if (!eval.ok()) return eval.status();
+    TrainingEvent ev;
+    ev.kind = TrainingEvent::Kind::kEval;
+    ev.eval = *eval;
+    Emit(ev);
+    if (!state.has_eval || eval->loss < state.best_eval_loss) {
+      state.best_eval_loss = eval->loss;
+      state.has_eval = true;
+      state.evals_without_improvement = 0;
+    } else {
+      ++state.evals_without_improvement;
+      early_stop = config.early_stopping_patience > 0 &&
+                   state.evals_without_improvement >= config.early_stopping_patience;
+    }
+  }
+  if (state.step >= total_steps || early_stop) return Finish(false, early_stop);
+  if (config.save_every > 0 && state.step % config.save_every == 0) {
+    auto path = Checkpoint();
+    if (!path.ok()) return path.status();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate() {
+  torch::NoGradGuard no_grad;
+  double sum = 0;
+  int64_t tokens = 0;
+  const auto& rows = data->validation();
+  ForwardOptions fo;
+  fo.adapter = &adapter;
+  fo.hidden_states = true;
+  for (size_t start = 0; start < rows.size(); start += config.micro_batch_size) {
+    std::vector<int64_t> idx;
+    for (size_t i = start; i < std::min(rows.size(), start + config.micro_batch_size); ++i) {
+      idx.push_back(static_cast<int64_t>(i));
+      tokens += rows[i].TrainedTokens();
+    }
+    MicroBatchTensors mb = MakeBatch(rows, idx);
+    auto hidden = model->Forward(mb.batch, nullptr, fo);
+    if (!hidden.ok()) return hidden.status();
+    sum += ChunkedCrossEntropySum(hidden->reshape({-1, hidden->size(2)}), model->lm_head(),
+                                  mb.targets, config.loss_chunk_tokens, kIgnoreLabel)
+               .item<double>();
+  }
+  EvalMetrics m;
+  m.step = state.step;
+  m.tokens = tokens;
+  m.loss = sum / static_cast<double>(std::max<int64_t>(1, tokens));
+  return m;
+}
+
+LoraAdapter Trainer::Impl::AdapterCopy() const {
+  LoraAdapter copy;
+  copy.config = adapter.config;
+  for (const auto& [name, pair] : adapter.layers) {
+    copy.layers[name] = {pair.a.detach().to(torch::kCPU).clone(),
+                         pair.b.detach().to(torch::kCPU).clone()};
+  }
+  return copy;
+}
+
+absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
+  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state);
+  if (!path.ok()) return path.status();
+  TrainingEvent e;
+  e.kind = TrainingEvent::Kind::kCheckpoint;
+  e.checkpoint = {state.step, *path};
+  Emit(e);
+  return path;
+}
+
+absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
+  TrainingEvent e;
+  e.kind = TrainingEvent::Kind::kFinished;
+  TrainingSummary& s = e.summary;
+  if (!cancelled) {
+    auto path = Checkpoint();
+    if (!path.ok()) return path.status();
+    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    if (auto st = AdapterCopy().WritePeft(s.adapter_path); !st.ok()) return st;
+  }
+  done = true;
+  s.steps = state.step;
+  s.epochs = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
+  s.runtime_s = Seconds(Clock::now() - job_start);
+  s.final_loss = state.last_loss;
+  s.best_is_eval = state.has_eval;
+  s.best_loss = state.has_eval ? state.best_eval_loss : state.best_train_loss;
+  s.cancelled = cancelled;
+  s.early_stopped = early_stopped;
+  Emit(e);
+  return absl::OkStatus();
+}
+
+Trainer::Trainer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Trainer::~Trainer() = default;
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model,
+                                                         const Tokenizer& tokenizer,
+                                                         const std::string& model_folder,
+                                                         const TrainingJobConfig& config,
+                                                         EventCallback on_event) {
+  if (auto s = config.Validate(); !s.ok()) return s;
+  auto impl = std::make_unique<Impl>();
+  impl->model = &model;
+  impl->config = config;
+  impl->on_event = std::move(on_event);
+  try {
+    if (auto s = impl->Init(tokenizer, model_folder); !s.ok()) return s;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("setting up the training job failed: ", e.what_without_backtrace()));
+  }
+  return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
+}
+
+absl::Status Trainer::Step() {
+  Impl& t = *impl_;
+  if (t.done) return absl::FailedPreconditionError("the training job has already ended");
+  try {
+    if (t.cancel.load()) {
+      for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
+      return t.Finish(/*cancelled=*/true, false);
+    }
+    if (auto s = t.StepOrThrow(); !s.ok()) return t.Fail(s);
+  } catch (const c10::Error& e) {
+    return t.Fail(absl::InternalError(
+        absl::StrCat("training step ", t.state.step + 1, " failed: ", e.what_without_backtrace())));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::Run() {
+  while (!done()) {
+    if (auto s = Step(); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+void Trainer::Cancel() { impl_->cancel.store(true); }
+
+absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
+  if (!at_step_boundary()) {
+    return absl::FailedPreconditionError(
+        "a checkpoint can only be written between optimizer steps");
+  }
+  return impl_->Checkpoint();
+}
+
+bool Trainer::at_step_boundary() const { return impl_->micro_in_step == 0; }
+bool Trainer::done() const { return impl_->done; }
+int64_t Trainer::step() const { return impl_->state.step; }
+int64_t Trainer::total_steps() const { return impl_->total_steps; }
+int64_t Trainer::train_rows() const { return static_cast<int64_t>(impl_->data->train().size()); }
+int64_t Trainer::validation_rows() const {
+  return static_cast<int64_t>(impl_->data->validation().size());
+}
+bool Trainer::resumed() const { return impl_->resumed; }
+
+}  // namespace lorad::engine

@@ -1,0 +1,86 @@
+// Trainer: one QLoRA supervised fine-tuning job, stepped one micro-batch at a time by the GPU
+// loop so training interleaves with inference on the one shared base model.
+//
+// torch-free header (pimpl): the runtime and the server include it; the model and tokenizer are
+// only forward-declared.
+//
+// Life of a job:
+//   auto trainer = Trainer::Create(model, tokenizer, model_folder, config, on_event);
+//   while (!trainer->done()) { if (auto s = trainer->Step(); !s.ok()) break; /* + inference */ }
+// Create reads and tokenizes the dataset, initialises the adapter (PEFT's init, or
+// config.init_adapter_path) and, with config.resume, continues from the newest checkpoint in
+// config.output_dir. Each Step() runs one micro-batch (forward with LoRA, chunked cross entropy,
+// backward into the LoRA weights only); the grad_accum-th micro-batch of an optimizer step also
+// clips the gradient norm, steps the optimizer at the schedule's rate and emits a kStep event,
+// then evaluates (eval_every), checkpoints (save_every) and, after the last step, writes the
+// final checkpoint and <output_dir>/adapter/ and emits kFinished.
+//
+// Loss: per optimizer step, the token-weighted mean over all its micro-batches (the sum of token
+// losses / the step's trained tokens), as transformers' Trainer computes it with gradient
+// accumulation (num_items_in_batch); each micro-batch backpropagates its share.
+//
+// Errors: Step() returns the error and emits kFailed once; the trainer is then done(). libtorch
+// exceptions never escape.
+//
+// Thread rules: Create, Step, SaveCheckpoint and the accessors run on the GPU loop thread;
+// Cancel may be called from any thread. Events are delivered on the thread that calls Step().
+// The model and tokenizer must outlive the trainer.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/train/training_event.h"
+#include "engine/train/training_job_config.h"
+
+namespace lorad::engine {
+
+class LlamaModel;
+class Tokenizer;
+
+class Trainer {
+ public:
+  using EventCallback = std::function<void(const TrainingEvent&)>;
+
+  // `model_folder` supplies the chat template and the EOS token; errors name the config field,
+  // the dataset file:line, or the checkpoint file at fault.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const LlamaModel& model,
+                                                         const Tokenizer& tokenizer,
+                                                         const std::string& model_folder,
+                                                         const TrainingJobConfig& config,
+                                                         EventCallback on_event);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  // Runs one micro-batch (see above). After Cancel(), the next Step() ends the job: kFinished
+  // with summary.cancelled, no checkpoint. A Step() on a done trainer is FailedPrecondition.
+  absl::Status Step();
+  // Steps until done (tests, tools).
+  absl::Status Run();
+  // Thread-safe; takes effect at the next Step().
+  void Cancel();
+
+  // At an optimizer-step boundary (always true between Step() calls with grad_accum 1): writes
+  // a checkpoint now (the daemon's drain on SIGTERM) and returns its folder.
+  absl::StatusOr<std::string> SaveCheckpoint();
+  bool at_step_boundary() const;
+
+  bool done() const;
+  int64_t step() const;         // optimizer steps completed (resumed runs count from the start)
+  int64_t total_steps() const;  // planned optimizer steps
+  int64_t train_rows() const;   // training rows after split and packing
+  int64_t validation_rows() const;
+  bool resumed() const;  // Create continued from a checkpoint
+
+ private:
+  struct Impl;
+  explicit Trainer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lorad::engine

@@ -1,0 +1,184 @@
+#include "engine/train/training_checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr char kPrefix[] = "checkpoint-";
+
+absl::Status Fsync(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot open ", path.string(), " to fsync"));
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return absl::InternalError(absl::StrCat("fsync failed for ", path.string()));
+  return absl::OkStatus();
+}
+
+// fsyncs every file and folder under `root` (the adapter folder was written by WritePeft).
+absl::Status FsyncTree(const fs::path& root) {
+  for (const auto& entry : fs::recursive_directory_iterator(root)) {
+    if (auto s = Fsync(entry.path()); !s.ok()) return s;
+  }
+  return Fsync(root);
+}
+
+torch::Tensor CpuRngState() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void SetCpuRngState(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+json StateToJson(const TrainerState& s) {
+  return json{{"step", s.step},
+              {"micro_batches", s.micro_batches},
+              {"last_loss", s.last_loss},
+              {"best_train_loss", s.best_train_loss},
+              {"best_eval_loss", s.best_eval_loss},
+              {"has_eval", s.has_eval},
+              {"evals_without_improvement", s.evals_without_improvement}};
+}
+
+}  // namespace
+
+std::string CheckpointPath(const std::string& output_dir, int64_t step) {
+  return (fs::path(output_dir) / absl::StrCat(kPrefix, step)).string();
+}
+
+absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
+                                            const LoraAdapter& adapter,
+                                            const OptimizerState& optimizer,
+                                            const TrainerState& state) {
+  const fs::path final_path = CheckpointPath(output_dir, state.step);
+  const fs::path tmp = fs::path(output_dir) / absl::StrCat(".", kPrefix, state.step, ".tmp");
+  try {
+    std::error_code ec;
+    fs::create_directories(output_dir, ec);
+    if (ec) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot create output folder ", output_dir, ": ", ec.message()));
+    }
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    if (auto s = adapter.WritePeft((tmp / "adapter").string()); !s.ok()) return s;
+    {
+      torch::serialize::OutputArchive archive;
+      for (const auto& [key, tensor] : optimizer) archive.write(key, tensor);
+      archive.save_to((tmp / "optimizer.pt").string());
+    }
+    {
+      torch::serialize::OutputArchive archive;
+      archive.write("cpu", CpuRngState());
+      archive.save_to((tmp / "rng.pt").string());
+    }
+    {
+      std::ofstream out(tmp / "trainer_state.json");
+      out << StateToJson(state).dump(2);
+      if (!out.good()) {
+        return absl::InternalError(
+            absl::StrCat("cannot write ", (tmp / "trainer_state.json").string()));
+      }
+    }
+    if (auto s = FsyncTree(tmp); !s.ok()) return s;
+    fs::remove_all(final_path);
+    fs::rename(tmp, final_path);
+    if (auto s = Fsync(output_dir); !s.ok()) return s;
+  } catch (const fs::filesystem_error& e) {
+    return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
+                                            e.what()));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
+                                            e.what_without_backtrace()));
+  }
+  return final_path.string();
+}
+
+std::string LatestCheckpoint(const std::string& output_dir) {
+  std::error_code ec;
+  int64_t best = -1;
+  std::string path;
+  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(kPrefix, 0) != 0 || !entry.is_directory()) continue;
+    int64_t step = -1;
+    try {
+      size_t used = 0;
+      step = std::stoll(name.substr(sizeof(kPrefix) - 1), &used);
+      if (used != name.size() - (sizeof(kPrefix) - 1)) continue;
+    } catch (...) {
+      continue;
+    }
+    if (step > best && fs::exists(entry.path() / "trainer_state.json")) {
+      best = step;
+      path = entry.path().string();
+    }
+  }
+  return path;
+}
+
+absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
+  TrainingCheckpoint ckpt;
+  auto adapter = LoraAdapter::ReadPeft((fs::path(folder) / "adapter").string());
+  if (!adapter.ok()) return adapter.status();
+  ckpt.adapter = *std::move(adapter);
+  const fs::path state_path = fs::path(folder) / "trainer_state.json";
+  try {
+    std::ifstream in(state_path);
+    if (!in) return absl::NotFoundError(absl::StrCat("checkpoint file missing: ", state_path.string()));
+    const json j = json::parse(in);
+    TrainerState& s = ckpt.state;
+    s.step = j.at("step").get<int64_t>();
+    s.micro_batches = j.at("micro_batches").get<int64_t>();
+    s.last_loss = j.at("last_loss").get<double>();
+    s.best_train_loss = j.at("best_train_loss").get<double>();
+    s.best_eval_loss = j.at("best_eval_loss").get<double>();
+    s.has_eval = j.at("has_eval").get<bool>();
+    s.evals_without_improvement = j.at("evals_without_improvement").get<int64_t>();
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));
+  }
+  const fs::path opt_path = fs::path(folder) / "optimizer.pt";
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(opt_path.string());
+    for (const std::string& key : archive.keys()) {
+      torch::Tensor t;
+      archive.read(key, t);
+      ckpt.optimizer[key] = t;
+    }
+    torch::serialize::InputArchive rng;
+    rng.load_from((fs::path(folder) / "rng.pt").string());
+    rng.read("cpu", ckpt.rng);
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", folder,
+                                                   ": cannot read optimizer.pt or rng.pt: ",
+                                                   e.what_without_backtrace()));
+  }
+  return ckpt;
+}
+
+// Restores the generator state captured in a checkpoint (used by the Trainer on resume).
+void RestoreRngState(const torch::Tensor& state) { SetCpuRngState(state); }
+
+}  // namespace lorad::engine

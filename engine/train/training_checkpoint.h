@@ -1,0 +1,60 @@
+// TrainingCheckpoint: what a Trainer needs to continue exactly where it stopped, on disk.
+//
+// Layout of <output_dir>/checkpoint-<step>/ (written as .checkpoint-<step>.tmp, every file
+// fsynced, then renamed, then the parent fsynced: a folder named checkpoint-<step> is complete):
+//   adapter/             the LoRA adapter in PEFT format (loadable by PEFT as it is)
+//   optimizer.pt         the optimizer's SaveState() (torch::serialize archive)
+//   rng.pt               the CPU generator state (LoRA dropout)
+//   trainer_state.json   TrainerState below
+// Thread rules: none; the GPU loop thread writes and reads.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/lora/lora_adapter.h"
+#include "engine/train/optimizer.h"
+
+namespace lorad::engine {
+
+struct TrainerState {
+  int64_t step = 0;              // optimizer steps completed
+  int64_t micro_batches = 0;     // micro-batches consumed: the data cursor
+  double last_loss = 0;
+  double best_train_loss = 0;    // valid once step > 0
+  double best_eval_loss = 0;     // valid when has_eval
+  bool has_eval = false;
+  int64_t evals_without_improvement = 0;
+};
+
+struct TrainingCheckpoint {
+  LoraAdapter adapter;
+  OptimizerState optimizer;
+  torch::Tensor rng;  // uint8, the CPU generator's state
+  TrainerState state;
+};
+
+// The folder name of step `step` inside `output_dir`.
+std::string CheckpointPath(const std::string& output_dir, int64_t step);
+
+// Writes atomically; returns the checkpoint folder. An existing folder of the same step is
+// replaced. Errors name the file that could not be written.
+absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
+                                            const LoraAdapter& adapter,
+                                            const OptimizerState& optimizer,
+                                            const TrainerState& state);
+
+// The newest complete checkpoint folder in output_dir, or "" when there is none.
+std::string LatestCheckpoint(const std::string& output_dir);
+
+// Errors name the folder and the file at fault.
+absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder);
+
+// Sets the CPU generator to a state a checkpoint captured.
+void RestoreRngState(const torch::Tensor& state);
+
+}  // namespace lorad::engine

@@ -1,0 +1,170 @@
+#include "engine/train/training_data.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engine/train/dataset_reader.h"
+
+namespace lorad::engine {
+namespace {
+
+uint64_t SplitMix64(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Streams for Permutation(): distinct so the split and the epoch orders are independent.
+constexpr uint64_t kSplitStream = 0xFFFFFFFF00000001ULL;
+constexpr uint64_t kPackStream = 0xFFFFFFFF00000002ULL;
+
+absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(const std::string& path,
+                                                            const TrainingDataConfig& config,
+                                                            const ExampleFormatter& formatter,
+                                                            int64_t& skipped, int64_t& dropped,
+                                                            int64_t& truncated) {
+  auto format = DatasetFormatFromName(config.format);
+  if (!format.ok()) return format.status();
+  DatasetReaderOptions options;
+  options.format = *format;
+  options.skip_bad_lines = config.skip_bad_lines;
+  auto reader = DatasetReader::Open(path, options);
+  if (!reader.ok()) return reader.status();
+  std::vector<TokenizedExample> out;
+  while (true) {
+    auto next = (*reader)->Next();
+    if (!next.ok()) return next.status();
+    if (!next->has_value()) break;
+    auto t = formatter.Format(**next);
+    if (!t.ok()) {
+      if (config.skip_bad_lines) {
+        ++skipped;
+        continue;
+      }
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", t.status().message()));
+    }
+    if (t->TrainedTokens() == 0) {  // e.g. the response was truncated away
+      ++dropped;
+      continue;
+    }
+    truncated += t->truncated;
+    out.push_back(*std::move(t));
+  }
+  skipped += (*reader)->skipped();
+  if (out.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": no usable training example (", skipped, " records skipped, ", dropped,
+        " without a trained token after truncation to max_seq_length)"));
+  }
+  return out;
+}
+
+std::vector<TokenizedExample> Pack(const std::vector<TokenizedExample>& examples,
+                                   int64_t max_seq_length, uint64_t seed) {
+  std::vector<TokenizedExample> rows;
+  TokenizedExample row;
+  for (int64_t i : Permutation(static_cast<int64_t>(examples.size()), seed, kPackStream)) {
+    const TokenizedExample& e = examples[static_cast<size_t>(i)];
+    if (!row.input_ids.empty() &&
+        static_cast<int64_t>(row.input_ids.size() + e.input_ids.size()) > max_seq_length) {
+      rows.push_back(std::move(row));
+      row = TokenizedExample();
+    }
+    if (row.input_ids.empty()) row.line = e.line;
+    row.input_ids.insert(row.input_ids.end(), e.input_ids.begin(), e.input_ids.end());
+    row.labels.insert(row.labels.end(), e.labels.begin(), e.labels.end());
+  }
+  if (!row.input_ids.empty()) rows.push_back(std::move(row));
+  return rows;
+}
+
+}  // namespace
+
+std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream) {
+  std::vector<int64_t> p(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  for (int64_t i = 0; i < n; ++i) p[static_cast<size_t>(i)] = i;
+  uint64_t state = seed * 0x9E3779B97F4A7C15ULL + stream;
+  for (int64_t i = n - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(i + 1));
+    std::swap(p[static_cast<size_t>(i)], p[static_cast<size_t>(j)]);
+  }
+  return p;
+}
+
+absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& config,
+                                                 const ExampleFormatter& formatter,
+                                                 int64_t max_seq_length, uint64_t seed) {
+  int64_t skipped = 0, dropped = 0, truncated = 0;
+  auto examples = ReadAndFormat(config.path, config, formatter, skipped, dropped, truncated);
+  if (!examples.ok()) return examples.status();
+  std::vector<TokenizedExample> validation;
+  if (!config.validation_path.empty()) {
+    auto v = ReadAndFormat(config.validation_path, config, formatter, skipped, dropped, truncated);
+    if (!v.ok()) return v.status();
+    validation = *std::move(v);
+  }
+  auto data = FromExamples(*std::move(examples), std::move(validation), config, max_seq_length,
+                           seed);
+  if (!data.ok()) return data.status();
+  data->skipped_records_ = skipped;
+  data->dropped_ = dropped;
+  data->truncated_ = truncated;
+  return data;
+}
+
+absl::StatusOr<TrainingData> TrainingData::FromExamples(std::vector<TokenizedExample> examples,
+                                                        std::vector<TokenizedExample> validation,
+                                                        const TrainingDataConfig& config,
+                                                        int64_t max_seq_length, uint64_t seed) {
+  TrainingData data;
+  data.shuffle_ = config.shuffle;
+  data.seed_ = seed;
+  const int64_t n = static_cast<int64_t>(examples.size());
+  if (config.validation_path.empty() && config.validation_fraction > 0) {
+    const int64_t held =
+        std::max<int64_t>(1, std::llround(config.validation_fraction * static_cast<double>(n)));
+    if (held >= n) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dataset.validation_fraction ", config.validation_fraction, " of ", n,
+          " examples leaves none for training"));
+    }
+    const std::vector<int64_t> order = Permutation(n, seed, kSplitStream);
+    std::vector<bool> is_validation(static_cast<size_t>(n), false);
+    for (int64_t i = n - held; i < n; ++i) is_validation[static_cast<size_t>(order[i])] = true;
+    std::vector<TokenizedExample> train;
+    for (int64_t i = 0; i < n; ++i) {
+      (is_validation[static_cast<size_t>(i)] ? validation : train)
+          .push_back(std::move(examples[static_cast<size_t>(i)]));
+    }
+    examples = std::move(train);
+  }
+  data.train_ = config.packing ? Pack(examples, max_seq_length, seed) : std::move(examples);
+  data.validation_ = std::move(validation);
+  return data;
+}
+
+int64_t TrainingData::MicroBatchesPerEpoch(int64_t micro_batch_size) const {
+  const int64_t n = static_cast<int64_t>(train_.size());
+  return (n + micro_batch_size - 1) / micro_batch_size;
+}
+
+std::vector<int64_t> TrainingData::MicroBatch(int64_t k, int64_t micro_batch_size) const {
+  const int64_t per_epoch = MicroBatchesPerEpoch(micro_batch_size);
+  const int64_t epoch = k / per_epoch;
+  const int64_t index = k % per_epoch;
+  const int64_t n = static_cast<int64_t>(train_.size());
+  std::vector<int64_t> order;
+  if (shuffle_) {
+    order = Permutation(n, seed_, static_cast<uint64_t>(epoch));
+  }
+  std::vector<int64_t> rows;
+  for (int64_t i = index * micro_batch_size; i < std::min(n, (index + 1) * micro_batch_size);
+       ++i) {
+    rows.push_back(shuffle_ ? order[static_cast<size_t>(i)] : i);
+  }
+  return rows;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,65 @@
+// TrainingData: a job's dataset, read, formatted and tokenized once, split into training and
+// validation rows, optionally packed, and ordered per epoch from the job's seed. torch-free.
+//
+// Rules (tests/parity/reference_trainer.py follows the unshuffled ones to build the same batches):
+//   - examples with no trained label after truncation are dropped (counted in dropped());
+//   - validation_fraction f > 0: a seeded permutation of the examples; its last
+//     max(1, round(f * n)) go to validation, the rest stay in file order for training;
+//     validation_path instead reads a second file;
+//   - packing: training examples, in a seeded order, are appended greedily into rows of at most
+//     max_seq_length tokens (an example never splits; one that does not fit starts a new row);
+//     attention is not separated between packed examples (as TRL's classic packing);
+//   - epoch e's order: the identity without shuffle, else Permutation(n, seed, e);
+//   - micro-batches: consecutive runs of micro_batch_size rows of an epoch's order; the last one
+//     of an epoch may be shorter. Micro-batch k of the whole run is (epoch, index) =
+//     (k / per_epoch, k % per_epoch).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/train/example_formatter.h"
+#include "engine/train/training_job_config.h"
+
+namespace lorad::engine {
+
+// A seeded permutation of [0, n), the same on every platform (SplitMix64 + Fisher-Yates; the
+// standard library's distributions are implementation-defined).
+std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream);
+
+class TrainingData {
+ public:
+  // Reads config.path (and validation_path), formats every record with `formatter`.
+  static absl::StatusOr<TrainingData> Build(const TrainingDataConfig& config,
+                                            const ExampleFormatter& formatter,
+                                            int64_t max_seq_length, uint64_t seed);
+  // From already tokenized examples (tests).
+  static absl::StatusOr<TrainingData> FromExamples(std::vector<TokenizedExample> examples,
+                                                   std::vector<TokenizedExample> validation,
+                                                   const TrainingDataConfig& config,
+                                                   int64_t max_seq_length, uint64_t seed);
+
+  const std::vector<TokenizedExample>& train() const { return train_; }
+  const std::vector<TokenizedExample>& validation() const { return validation_; }
+
+  int64_t MicroBatchesPerEpoch(int64_t micro_batch_size) const;
+  // Row indices into train() of micro-batch k of the run.
+  std::vector<int64_t> MicroBatch(int64_t k, int64_t micro_batch_size) const;
+
+  int64_t skipped_records() const { return skipped_records_; }
+  int64_t dropped() const { return dropped_; }
+  int64_t truncated() const { return truncated_; }
+
+ private:
+  std::vector<TokenizedExample> train_;
+  std::vector<TokenizedExample> validation_;
+  bool shuffle_ = true;
+  uint64_t seed_ = 0;
+  int64_t skipped_records_ = 0;
+  int64_t dropped_ = 0;
+  int64_t truncated_ = 0;
+};
+
+}  // namespace lorad::engine

@@ -1,0 +1,61 @@
+// TrainingEvent: what a running Trainer reports through its callback, one record per event.
+// torch-free: the server turns each into a JobEvent (proto), a job-store row and metrics.
+//
+// Order: kStep after every optimizer step; kEval after the step it follows (every eval_every
+// steps); kCheckpoint after a checkpoint is durable on disk; exactly one of kFinished or kFailed
+// last (a cancelled job ends with kFinished, summary.cancelled = true).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace lorad::engine {
+
+struct StepMetrics {
+  int64_t step = 0;         // 1-based optimizer step just completed
+  int64_t total_steps = 0;  // planned optimizer steps
+  double epoch = 0;         // fractional passes over the training split so far
+  double loss = 0;          // token-weighted mean loss over the step's micro-batches
+  double learning_rate = 0;  // the rate this step used
+  double grad_norm = 0;      // global L2 norm of the LoRA gradients before clipping
+  int64_t tokens = 0;        // input tokens (padding excluded) in this step
+  double tokens_per_s = 0;
+  double step_time_s = 0;  // wall time of this step's micro-batches and update
+  double elapsed_s = 0;    // since the job started (this process; resumed runs restart it)
+  double eta_s = 0;        // estimated time left, from the mean step time so far
+};
+
+struct EvalMetrics {
+  int64_t step = 0;
+  double loss = 0;  // token-weighted mean over the validation split
+  int64_t tokens = 0;
+};
+
+struct CheckpointWritten {
+  int64_t step = 0;
+  std::string path;  // the checkpoint folder
+};
+
+struct TrainingSummary {
+  int64_t steps = 0;
+  double epochs = 0;
+  double runtime_s = 0;
+  double final_loss = 0;  // last step's training loss
+  double best_loss = 0;   // best validation loss when evaluated, else the best training loss
+  bool best_is_eval = false;
+  bool cancelled = false;
+  bool early_stopped = false;
+  std::string adapter_path;  // the final PEFT adapter folder
+};
+
+struct TrainingEvent {
+  enum class Kind { kStep, kEval, kCheckpoint, kFinished, kFailed };
+  Kind kind = Kind::kStep;
+  StepMetrics step;              // kStep
+  EvalMetrics eval;              // kEval
+  CheckpointWritten checkpoint;  // kCheckpoint
+  TrainingSummary summary;       // kFinished
+  std::string error;             // kFailed: a message a user can act on
+};
+
+}  // namespace lorad::engine

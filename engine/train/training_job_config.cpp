@@ -1,0 +1,68 @@
+#include "engine/train/training_job_config.h"
+
+#include "absl/strings/str_cat.h"
+#include "engine/train/dataset_reader.h"
+#include "engine/train/lr_schedule.h"
+
+namespace lorad::engine {
+namespace {
+
+absl::Status OutOfRange(const char* field, const std::string& range, double value) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("training.", field, " is ", value, "; it must be ", range));
+}
+
+}  // namespace
+
+absl::Status TrainingJobConfig::Validate() const {
+  if (data.path.empty()) return absl::InvalidArgumentError("dataset.path is empty");
+  if (auto f = DatasetFormatFromName(data.format); !f.ok()) return f.status();
+  if (data.validation_fraction < 0 || data.validation_fraction > 0.5) {
+    return OutOfRange("dataset.validation_fraction", "in [0, 0.5]", data.validation_fraction);
+  }
+  if (auto s = lora.Validate(); !s.ok()) return s;
+  if (max_steps < 0) return OutOfRange("max_steps", ">= 0 (0: use num_epochs)", max_steps);
+  if (max_steps == 0 && !(num_epochs > 0 && num_epochs <= 1000)) {
+    return OutOfRange("num_epochs", "in (0, 1000] when max_steps is 0", num_epochs);
+  }
+  if (micro_batch_size < 1 || micro_batch_size > 1024) {
+    return OutOfRange("micro_batch_size", "in [1, 1024]", micro_batch_size);
+  }
+  if (grad_accum < 1 || grad_accum > 1024) return OutOfRange("grad_accum", "in [1, 1024]", grad_accum);
+  if (!(learning_rate > 0 && learning_rate <= 1)) {
+    return OutOfRange("learning_rate", "in (0, 1]", learning_rate);
+  }
+  if (auto k = LrScheduleKindFromName(schedule); !k.ok()) return k.status();
+  if (warmup_steps < 0) return OutOfRange("warmup_steps", ">= 0", warmup_steps);
+  if (weight_decay < 0) return OutOfRange("weight_decay", ">= 0", weight_decay);
+  if (optimizer != "adamw" && optimizer != "adamw_8bit") {
+    return absl::InvalidArgumentError(absl::StrCat("training.optimizer is '", optimizer,
+                                                   "'; it must be adamw or adamw_8bit"));
+  }
+  if (!(adam_beta1 >= 0 && adam_beta1 < 1)) return OutOfRange("adam_beta1", "in [0, 1)", adam_beta1);
+  if (!(adam_beta2 >= 0 && adam_beta2 < 1)) return OutOfRange("adam_beta2", "in [0, 1)", adam_beta2);
+  if (adam_eps < 0) return OutOfRange("adam_eps", ">= 0", adam_eps);
+  if (max_seq_length < 2 || max_seq_length > (1 << 20)) {
+    return OutOfRange("max_seq_length", "in [2, 1048576]", max_seq_length);
+  }
+  if (eval_every < 0) return OutOfRange("eval_every", ">= 0", eval_every);
+  if (save_every < 0) return OutOfRange("save_every", ">= 0", save_every);
+  if (early_stopping_patience < 0) {
+    return OutOfRange("early_stopping_patience", ">= 0", early_stopping_patience);
+  }
+  if (early_stopping_patience > 0 && eval_every == 0) {
+    return absl::InvalidArgumentError(
+        "training.early_stopping_patience needs training.eval_every > 0 (it counts evaluations)");
+  }
+  if ((eval_every > 0 || early_stopping_patience > 0) && data.validation_fraction == 0 &&
+      data.validation_path.empty()) {
+    return absl::InvalidArgumentError(
+        "training.eval_every needs a validation split: set dataset.validation_fraction or "
+        "dataset.validation_path");
+  }
+  if (loss_chunk_tokens < 1) return OutOfRange("loss_chunk_tokens", ">= 1", loss_chunk_tokens);
+  if (output_dir.empty()) return absl::InvalidArgumentError("training.output_dir is empty");
+  return absl::OkStatus();
+}
+
+}  // namespace lorad::engine

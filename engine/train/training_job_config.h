@@ -1,0 +1,78 @@
+// TrainingJobConfig: everything one QLoRA SFT job needs, as plain values. torch-free: the server
+// fills it from a JobSpec (proto) and validates it at submit time with Validate(); the Trainer
+// reads it. Defaults are the notebook recipe users run today (Unsloth / TRL SFTTrainer + PEFT):
+// r=16, alpha=16, dropout 0, all seven projections, lr 2e-4, linear schedule, warmup 5,
+// batch 2 x grad_accum 4, weight decay 0.01, 8-bit AdamW.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "engine/lora/lora_config.h"
+
+namespace lorad::engine {
+
+struct TrainingDataConfig {
+  std::string path;              // JSONL or JSON array (see dataset_reader.h)
+  std::string format = "auto";   // auto | alpaca | chat | completion | text | qa
+  // How conversations become text (example_formatter.h): "auto" (Alpaca records -> alpaca, other
+  // conversations -> the model's chat template, or alpaca when the model has none), "alpaca",
+  // "chat" (the model's chat template), "raw" (prompt + response, no template), or a chat
+  // template family by name (chatml, llama3, mistral).
+  std::string template_name = "auto";
+  bool response_only = true;  // loss on the assistant's tokens only; false: on every token
+  bool packing = false;       // pack several short examples into one row of max_seq_length
+  bool skip_bad_lines = false;
+  bool shuffle = true;               // reshuffle every epoch from the job's seed
+  double validation_fraction = 0.0;  // [0, 0.5]: held out from `path` after a seeded shuffle
+  std::string validation_path;       // a separate validation file (overrides the fraction)
+};
+
+struct TrainingJobConfig {
+  TrainingDataConfig data;
+  LoraConfig lora;
+  // A PEFT adapter folder to start from instead of a fresh PEFT-style initialisation (parity
+  // tests load the same initial weights on both sides; users continue an adapter).
+  std::string init_adapter_path;
+
+  // Length: max_steps optimizer steps when > 0, else num_epochs passes over the training split.
+  int64_t max_steps = 0;
+  double num_epochs = 1.0;
+  int64_t micro_batch_size = 2;
+  int64_t grad_accum = 4;  // micro-batches per optimizer step
+  double learning_rate = 2e-4;
+  std::string schedule = "linear";  // linear | cosine | constant (lr_schedule.h)
+  int64_t warmup_steps = 5;
+  double weight_decay = 0.01;
+  double max_grad_norm = 1.0;         // <= 0: no clipping (the norm is still reported)
+  std::string optimizer = "adamw_8bit";  // adamw | adamw_8bit
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_eps = 1e-8;
+  int64_t max_seq_length = 2048;
+  // Recompute each decoder layer's activations in backward instead of keeping them. Accepted and
+  // validated, but not applied yet: the model's forward has no per-layer checkpointing (see
+  // llama_model.h); training keeps every activation.
+  bool gradient_checkpointing = true;
+  uint64_t seed = 3407;
+
+  int64_t eval_every = 0;               // optimizer steps between validation runs; 0: never
+  int64_t save_every = 0;               // optimizer steps between checkpoints; 0: only the end
+  int64_t early_stopping_patience = 0;  // evals without a better validation loss; 0: off
+  // Rows of the loss computed at once: full-vocabulary fp32 logits exist for this many
+  // positions at a time only.
+  int64_t loss_chunk_tokens = 1024;
+
+  // Checkpoints go to <output_dir>/checkpoint-<step>/, the final adapter to
+  // <output_dir>/adapter/ (a PEFT folder). With resume, the newest complete checkpoint in
+  // output_dir is continued from.
+  std::string output_dir;
+  bool resume = true;
+
+  // Every field in range; the error names the field and the allowed range. Does not touch the
+  // file system (the server checks paths against its roots first).
+  absl::Status Validate() const;
+};
+
+}  // namespace lorad::engine

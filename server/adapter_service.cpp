@@ -1,0 +1,110 @@
+#include "server/adapter_service.h"
+
+#include <cctype>
+#include <chrono>
+#include <optional>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "server/grpc_status.h"
+#include "server/path_policy.h"
+
+namespace lorad::server {
+namespace {
+
+grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+// Adapter names appear in metrics labels, file names and chat requests: keep them plain.
+absl::Status CheckName(const std::string& name) {
+  if (name.empty()) return absl::InvalidArgumentError("name: is empty");
+  if (name.size() > 128) return absl::InvalidArgumentError("name: longer than 128 characters");
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "name: '", name, "' may hold only letters, digits, '-', '_' and '.'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
+  out->set_name(info.name);
+  out->set_version(info.version);
+  out->set_rank(info.rank);
+  out->set_alpha(info.alpha);
+  for (const auto& t : info.target_modules) out->add_target_modules(t);
+  out->set_bytes(info.bytes);
+  if (info.source.rfind("job:", 0) == 0) {
+    out->set_source_job_id(info.source.substr(4));
+  } else {
+    out->set_source_path(info.source);
+  }
+  out->set_resident(info.resident);
+  out->set_active_requests(info.requests);
+}
+
+AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root)
+    : engine_(engine), adapter_root_(std::move(adapter_root)) {}
+
+grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
+                                                       const lorad::v1::ListAdaptersRequest*,
+                                                       lorad::v1::ListAdaptersResponse* response) {
+  for (const auto& info : engine_.adapters().List()) ToProto(info, response->add_adapters());
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContext* context,
+                                                      const lorad::v1::LoadAdapterRequest* request,
+                                                      lorad::v1::Adapter* response) {
+  if (auto s = CheckName(request->name()); !s.ok()) return Finish(context, s);
+  if (request->path().empty()) {
+    return Finish(context, absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
+  }
+  auto folder = ResolveInsideRoot(adapter_root_, request->path(), "path");
+  if (!folder.ok()) return Finish(context, folder.status());
+  auto version = engine_.adapters().LoadPeft(request->name(), *folder);
+  if (!version.ok()) return Finish(context, version.status());
+  for (const auto& info : engine_.adapters().List()) {
+    if (info.name == request->name() && info.version == *version) ToProto(info, response);
+  }
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
+    grpc::CallbackServerContext* context, const lorad::v1::UnloadAdapterRequest* request,
+    lorad::v1::UnloadAdapterResponse* response) {
+  if (auto s = CheckName(request->name()); !s.ok()) return Finish(context, s);
+  std::optional<int64_t> version;
+  if (request->version() < 0) {
+    return Finish(context, absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
+  }
+  if (request->version() > 0) version = request->version();
+  for (const auto& info : engine_.adapters().List()) {
+    if (info.name == request->name() && (!version || info.version == *version)) {
+      ToProto(info, response->add_unloaded());
+    }
+  }
+  // Unload blocks until the adapter's requests finish: wait on a thread of our own, bounded by
+  // the call's deadline, and answer from there.
+  auto* reactor = context->DefaultReactor();
+  const auto deadline = context->deadline();
+  auto timeout = std::chrono::milliseconds(std::chrono::hours(1));
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::system_clock::now());
+    if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
+  }
+  engine::AdapterStore* store = &engine_.adapters();
+  std::thread([reactor, store, name = request->name(), version, timeout] {
+    reactor->Finish(ToGrpcStatus(store->Unload(name, version, timeout)));
+  }).detach();
+  return reactor;
+}
+
+}  // namespace lorad::server

@@ -1,0 +1,37 @@
+// AdapterService: lists, loads and unloads the named, versioned LoRA adapters the engine serves
+// (proto/lorad/v1/adapters.proto). LoadAdapter reads a PEFT folder that must resolve, after
+// symlinks, inside the configured adapter root; loading an existing name publishes a new version
+// (hot swap: running requests finish on the old one). UnloadAdapter waits for the requests that
+// hold the adapter, on a thread of its own so no gRPC thread blocks.
+#pragma once
+
+#include <string>
+
+#include "engine/runtime/engine.h"
+#include "lorad/v1/adapters.grpc.pb.h"
+
+namespace lorad::server {
+
+class AdapterService final : public lorad::v1::AdapterService::CallbackService {
+ public:
+  AdapterService(engine::Engine& engine, std::string adapter_root);
+
+  grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
+                                         const lorad::v1::ListAdaptersRequest* request,
+                                         lorad::v1::ListAdaptersResponse* response) override;
+  grpc::ServerUnaryReactor* LoadAdapter(grpc::CallbackServerContext* context,
+                                        const lorad::v1::LoadAdapterRequest* request,
+                                        lorad::v1::Adapter* response) override;
+  grpc::ServerUnaryReactor* UnloadAdapter(grpc::CallbackServerContext* context,
+                                          const lorad::v1::UnloadAdapterRequest* request,
+                                          lorad::v1::UnloadAdapterResponse* response) override;
+
+ private:
+  engine::Engine& engine_;
+  std::string adapter_root_;
+};
+
+// The proto view of one adapter version.
+void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out);
+
+}  // namespace lorad::server

@@ -1,0 +1,13 @@
+// ToGrpcStatus: the one place engine/server absl::Status codes become gRPC status codes, so
+// clients see INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED... exactly as the error was meant.
+#pragma once
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+
+namespace lorad::server {
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+}  // namespace lorad::server

@@ -1,0 +1,326 @@
+#include "server/inference_service.h"
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/tokenizer.h"
+#include "server/grpc_status.h"
+
+namespace lorad::server {
+namespace {
+
+using lorad::v1::GenerateChunk;
+using Clock = std::chrono::steady_clock;
+
+lorad::v1::FinishReason ToProto(engine::FinishReason reason) {
+  switch (reason) {
+    case engine::FinishReason::kLength:
+      return lorad::v1::FINISH_REASON_LENGTH;
+    case engine::FinishReason::kStop:
+      return lorad::v1::FINISH_REASON_STOP;
+    case engine::FinishReason::kEos:
+      return lorad::v1::FINISH_REASON_EOS;
+    case engine::FinishReason::kCancelled:
+      return lorad::v1::FINISH_REASON_CANCELLED;
+    case engine::FinishReason::kError:
+      return lorad::v1::FINISH_REASON_ERROR;
+    case engine::FinishReason::kNone:
+      break;
+  }
+  return lorad::v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// The engine's request for the proto's sampling fields; range checks are the engine's
+// (SamplingParams::Validate names the field).
+engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
+                                    const InferenceLimits& limits) {
+  engine::GenerationRequest r;
+  engine::SamplingParams& s = r.sampling;
+  s.max_new_tokens = p.max_new_tokens() != 0 ? p.max_new_tokens() : limits.default_max_new_tokens;
+  if (p.has_temperature()) s.temperature = static_cast<float>(p.temperature());
+  s.top_k = p.top_k();
+  if (p.has_top_p()) s.top_p = static_cast<float>(p.top_p());
+  s.min_p = static_cast<float>(p.min_p());
+  if (p.has_repetition_penalty()) s.repetition_penalty = static_cast<float>(p.repetition_penalty());
+  s.presence_penalty = static_cast<float>(p.presence_penalty());
+  s.frequency_penalty = static_cast<float>(p.frequency_penalty());
+  if (p.has_seed()) s.seed = p.seed();
+  s.logprobs = p.logprobs();
+  r.stop.assign(p.stop().begin(), p.stop().end());
+  r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  r.ignore_eos = p.ignore_eos();
+  return r;
+}
+
+// One Generate/Chat stream. The engine's callback holds the shared State, never the reactor:
+// events may still arrive after gRPC is done with the reactor (OnDone clears `reactor`).
+class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
+ public:
+  struct State {
+    std::mutex mu;
+    GenerateStream* reactor = nullptr;  // null once OnDone ran
+    GenerateChunk pending;              // events merged since the last write
+    bool has_pending = false;
+    bool final_queued = false;   // the last event is in `pending` or written
+    bool final_written = false;  // ... and has been handed to StartWrite
+    bool writing = false;
+    bool finished = false;  // Finish was called
+    GenerateChunk current;  // the chunk being written (must outlive StartWrite)
+    grpc::Status end_status;
+    std::string adapter;
+    Clock::time_point submitted = Clock::now();
+    Clock::time_point last_token;
+    bool seen_token = false;
+  };
+
+  GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics)
+      : engine_(engine), metrics_(metrics), state_(std::make_shared<State>()) {
+    state_->reactor = this;
+  }
+
+  void Begin(absl::StatusOr<engine::GenerationRequest> request) {
+    if (!request.ok()) {
+      FinishWith(ToGrpcStatus(request.status()));
+      return;
+    }
+    state_->adapter = request->adapter;
+    std::shared_ptr<State> state = state_;
+    InferenceService::Metrics* metrics = &metrics_;
+    auto id = engine_.Generate(std::move(*request), [state, metrics](const engine::TokenEvent& e) {
+      OnEvent(*state, *metrics, e);
+    });
+    if (!id.ok()) {
+      FinishWith(ToGrpcStatus(id.status()));
+      return;
+    }
+    engine::Engine* engine = &engine_;
+    bool cancelled = false;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      id_ = *id;
+      submitted_ = true;
+      cancelled = cancelled_;
+    }
+    // Outside the lock (the engine's loop may hold its own while it calls OnEvent), and through
+    // copies (after a cancel, OnDone may already have deleted this).
+    if (cancelled) engine->Cancel(*id);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->writing = false;
+      if (ok) {
+        WriteNextLocked(*state_);
+        return;
+      }
+    }
+    OnCancel();  // the client went away
+  }
+
+  void OnCancel() override {
+    // Copies: once Finish is called, OnDone may delete this on another thread.
+    engine::Engine* engine = &engine_;
+    bool submitted = false;
+    engine::RequestId id = 0;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      cancelled_ = true;
+      submitted = submitted_;
+      id = id_;
+      FinishLocked(*state_, grpc::Status::CANCELLED);
+    }
+    if (submitted) engine->Cancel(id);
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  static void OnEvent(State& s, InferenceService::Metrics& m, const engine::TokenEvent& e) {
+    const Clock::time_point now = Clock::now();
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (e.token) {
+      if (s.seen_token) {
+        m.inter_token_latency.Observe({}, std::chrono::duration<double>(now - s.last_token).count());
+      }
+      s.seen_token = true;
+      s.last_token = now;
+      auto* info = s.pending.add_tokens();
+      info->set_token_id(*e.token);
+      if (e.logprob) info->set_logprob(*e.logprob);
+      for (const auto& top : e.top_logprobs) {
+        auto* t = info->add_top_logprobs();
+        t->set_token_id(top.token);
+        t->set_logprob(top.logprob);
+      }
+    }
+    s.pending.mutable_text()->append(e.text);
+    s.has_pending = true;
+    if (e.finished) {
+      s.pending.set_finish_reason(ToProto(e.finish_reason));
+      auto* usage = s.pending.mutable_usage();
+      usage->set_prompt_tokens(static_cast<int32_t>(e.usage.prompt_tokens));
+      usage->set_completion_tokens(static_cast<int32_t>(e.usage.completion_tokens));
+      usage->set_time_to_first_token_seconds(e.usage.time_to_first_token_s);
+      const double total = std::chrono::duration<double>(now - s.submitted).count();
+      usage->set_total_seconds(total);
+      s.pending.set_adapter(s.adapter);
+      if (!e.status.ok()) s.pending.set_error(std::string(e.status.message()));
+      s.final_queued = true;
+      if (e.finish_reason == engine::FinishReason::kError) s.end_status = ToGrpcStatus(e.status);
+      m.e2e_latency.Observe({}, total);
+      if (e.usage.completion_tokens > 0) {
+        m.time_to_first_token.Observe({}, e.usage.time_to_first_token_s);
+      }
+      m.prompt_tokens.Inc({}, static_cast<double>(e.usage.prompt_tokens));
+      m.generation_tokens.Inc({}, static_cast<double>(e.usage.completion_tokens));
+      m.requests.Inc({s.adapter, engine::FinishReasonName(e.finish_reason)});
+    }
+    WriteNextLocked(s);
+  }
+
+  static void WriteNextLocked(State& s) {
+    if (s.reactor == nullptr || s.writing || s.finished) return;
+    if (s.has_pending) {
+      s.current = std::move(s.pending);
+      s.pending.Clear();
+      s.has_pending = false;
+      if (s.final_queued) s.final_written = true;
+      s.writing = true;
+      s.reactor->StartWrite(&s.current);
+      return;
+    }
+    if (s.final_written) FinishLocked(s, s.end_status);
+  }
+
+  static void FinishLocked(State& s, const grpc::Status& status) {
+    if (s.finished || s.reactor == nullptr) return;
+    s.finished = true;
+    s.reactor->Finish(status);
+  }
+
+  void FinishWith(const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    FinishLocked(*state_, status);
+  }
+
+  engine::Engine& engine_;
+  InferenceService::Metrics& metrics_;
+  std::shared_ptr<State> state_;
+  engine::RequestId id_ = 0;
+  bool submitted_ = false;  // guarded by state_->mu
+  bool cancelled_ = false;  // guarded by state_->mu
+};
+
+// The deadline of the call, on the engine's clock; none when the client set none.
+Clock::time_point DeadlineOf(const grpc::CallbackServerContext* context) {
+  const auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
+  const auto left = deadline - std::chrono::system_clock::now();
+  if (left > std::chrono::hours(24 * 365)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
+absl::Status CheckAdapterVersion(engine::Engine& engine, const std::string& name,
+                                 int64_t version) {
+  if (version == 0) return absl::OkStatus();
+  if (name.empty()) return absl::InvalidArgumentError("adapter_version: set without adapter");
+  for (const auto& info : engine.adapters().List()) {
+    if (info.name == name && info.current) {
+      if (info.version == version) return absl::OkStatus();
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter_version: '", name, "' serves version ", info.version,
+                       " to new requests; version ", version, " is not current (use 0)"));
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("adapter: no adapter named '", name, "'"));
+}
+
+}  // namespace
+
+InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metrics,
+                                   InferenceLimits limits)
+    : engine_(engine),
+      limits_(limits),
+      metrics_{metrics.AddHistogram("lorad_time_to_first_token_seconds",
+                                    "Time from submission to the first generated token", {},
+                                    LatencyBucketsSeconds()),
+               metrics.AddHistogram("lorad_inter_token_latency_seconds",
+                                    "Time between consecutive generated tokens of a request", {},
+                                    LatencyBucketsSeconds()),
+               metrics.AddHistogram("lorad_e2e_request_latency_seconds",
+                                    "Time from submission to the last token of a request", {},
+                                    LatencyBucketsSeconds()),
+               metrics.AddCounter("lorad_prompt_tokens_total", "Prompt tokens of finished requests"),
+               metrics.AddCounter("lorad_generation_tokens_total",
+                                  "Tokens generated by finished requests"),
+               metrics.AddCounter("lorad_request_success_total",
+                                  "Finished generation requests by adapter and finish reason",
+                                  {"adapter", "finished_reason"})} {}
+
+grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
+    grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
+  auto* stream = new GenerateStream(engine_, metrics_);
+  if (request.ok()) request->deadline = DeadlineOf(context);
+  stream->Begin(std::move(request));
+  return stream;
+}
+
+grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) {
+  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), limits_);
+  if (request->prompt().empty()) {
+    r = absl::InvalidArgumentError("prompt: is empty");
+  } else if (static_cast<int64_t>(request->prompt().size()) > limits_.max_prompt_bytes) {
+    r = absl::InvalidArgumentError(absl::StrCat("prompt: ", request->prompt().size(),
+                                                " bytes; at most ", limits_.max_prompt_bytes));
+  } else if (auto s = CheckAdapterVersion(engine_, request->adapter(), request->adapter_version());
+             !s.ok()) {
+    r = s;
+  } else {
+    r->adapter = request->adapter();
+    const bool special = !request->has_add_special_tokens() || request->add_special_tokens();
+    r->prompt_ids = engine_.tokenizer().Encode(request->prompt(), special);
+  }
+  return Start(context, std::move(r));
+}
+
+grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
+    grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) {
+  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), limits_);
+  std::vector<engine::ChatMessage> messages;
+  int64_t bytes = 0;
+  for (const auto& m : request->messages()) {
+    messages.push_back({m.role(), m.content()});
+    bytes += static_cast<int64_t>(m.content().size());
+  }
+  if (messages.empty()) {
+    r = absl::InvalidArgumentError("messages: is empty");
+  } else if (bytes > limits_.max_prompt_bytes) {
+    r = absl::InvalidArgumentError(absl::StrCat("messages: ", bytes, " bytes of content; at most ",
+                                                limits_.max_prompt_bytes));
+  } else if (auto s = CheckAdapterVersion(engine_, request->adapter(), request->adapter_version());
+             !s.ok()) {
+    r = s;
+  } else {
+    auto prompt = engine_.RenderChat(messages, request->template_());
+    if (!prompt.ok()) {
+      r = prompt.status();
+    } else {
+      r->adapter = request->adapter();
+      // The rendered text holds the BOS token where the template writes one.
+      r->prompt_ids = engine_.tokenizer().Encode(*prompt, /*add_special_tokens=*/false);
+    }
+  }
+  return Start(context, std::move(r));
+}
+
+}  // namespace lorad::server

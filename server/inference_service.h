@@ -1,0 +1,51 @@
+// InferenceService: Generate and Chat over gRPC (proto/lorad/v1/inference.proto). Each call becomes
+// one engine request; its token events are coalesced into GenerateChunks and streamed, one write
+// in flight at a time, so a slow client never holds up the GPU loop (events queue in the stream
+// and merge into the next chunk). A client cancel or deadline cancels the engine request, which
+// frees its KV blocks at the loop's next step.
+//
+// Thread rules: handlers run on gRPC threads; token events arrive on the engine's loop thread and
+// only queue; both sides meet under the stream's lock.
+#pragma once
+
+#include "engine/runtime/engine.h"
+#include "lorad/v1/inference.grpc.pb.h"
+#include "server/metrics_registry.h"
+
+namespace lorad::server {
+
+struct InferenceLimits {
+  int32_t max_new_tokens = 4096;  // larger requests are INVALID_ARGUMENT
+  int32_t default_max_new_tokens = 256;
+  int64_t max_prompt_bytes = 1 << 20;
+};
+
+class InferenceService final : public lorad::v1::InferenceService::CallbackService {
+ public:
+  InferenceService(engine::Engine& engine, MetricsRegistry& metrics, InferenceLimits limits);
+
+  grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Generate(
+      grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Chat(
+      grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) override;
+
+  // Request metrics, shared by every stream.
+  struct Metrics {
+    HistogramFamily& time_to_first_token;
+    HistogramFamily& inter_token_latency;
+    HistogramFamily& e2e_latency;
+    CounterFamily& prompt_tokens;
+    CounterFamily& generation_tokens;
+    CounterFamily& requests;  // by adapter and finish reason
+  };
+
+ private:
+  grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Start(
+      grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request);
+
+  engine::Engine& engine_;
+  InferenceLimits limits_;
+  Metrics metrics_;
+};
+
+}  // namespace lorad::server

@@ -1,0 +1,37 @@
+// JobEventHub: fans each job's live events out to its WatchJob streams. Publishing never blocks
+// on a watcher: listeners only queue the event (a slow watcher never slows training).
+//
+// Thread rules: any thread may publish, subscribe or unsubscribe. Listeners run on the
+// publisher's thread, under the hub's lock: they must be quick and must not call back into the hub.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "lorad/v1/training.pb.h"
+
+namespace lorad::server {
+
+class JobEventHub {
+ public:
+  using Listener = std::function<void(const lorad::v1::JobEvent&)>;
+
+  // Returns a subscription id for Unsubscribe.
+  int64_t Subscribe(const std::string& job_id, Listener listener);
+  void Unsubscribe(int64_t subscription);
+  void Publish(const lorad::v1::JobEvent& event);
+
+ private:
+  struct Subscription {
+    std::string job_id;
+    Listener listener;
+  };
+  std::mutex mu_;
+  int64_t next_id_ = 1;
+  std::map<int64_t, Subscription> subscriptions_;
+};
+
+}  // namespace lorad::server

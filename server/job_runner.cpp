@@ -1,0 +1,320 @@
+#include "server/job_runner.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "server/training_service.h"
+
+namespace lorad::server {
+namespace {
+
+namespace fs = std::filesystem;
+using engine::TrainingEvent;
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string FormatName(lorad::v1::DatasetFormat format) {
+  switch (format) {
+    case lorad::v1::DATASET_FORMAT_ALPACA:
+      return "alpaca";
+    case lorad::v1::DATASET_FORMAT_CHAT:
+      return "chat";
+    case lorad::v1::DATASET_FORMAT_COMPLETION:
+      return "completion";
+    case lorad::v1::DATASET_FORMAT_TEXT:
+      return "text";
+    case lorad::v1::DATASET_FORMAT_QA:
+      return "qa";
+    default:
+      return "auto";
+  }
+}
+
+// Writes `text` to `path` durably: a temp file beside it, fsync, rename.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n <= 0) {
+      ::close(fd);
+      return absl::InternalError(absl::StrCat("cannot write ", tmp, " (disk full?)"));
+    }
+    done += static_cast<size_t>(n);
+  }
+  const bool synced = ::fsync(fd) == 0;
+  ::close(fd);
+  if (!synced || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("cannot write ", path));
+  }
+  return absl::OkStatus();
+}
+
+lorad::v1::JobEvent EventFor(const std::string& job_id) {
+  lorad::v1::JobEvent e;
+  e.set_job_id(job_id);
+  const int64_t ms = NowMs();
+  e.mutable_time()->set_seconds(ms / 1000);
+  e.mutable_time()->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
+  return e;
+}
+
+}  // namespace
+
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
+                                                                    const std::string& output_dir) {
+  engine::TrainingJobConfig c;
+  const auto& d = spec.dataset();
+  c.output_dir = output_dir;
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+  if (d.inline_examples_size() > 0) {
+    std::string jsonl;
+    for (const auto& example : d.inline_examples()) absl::StrAppend(&jsonl, example.json(), "\n");
+    c.data.path = output_dir + "/inline_dataset.jsonl";
+    if (auto s = WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
+  } else {
+    c.data.path = d.path();
+  }
+  c.data.format = FormatName(d.format());
+  c.data.template_name = d.template_().empty() ? "auto" : d.template_();
+  c.data.response_only = !d.has_response_only() || d.response_only();
+  c.data.packing = d.packing();
+  c.data.skip_bad_lines = d.skip_bad_lines();
+  c.data.validation_fraction = d.validation_fraction();
+  c.data.validation_path = d.validation_path();
+
+  const auto& l = spec.lora();
+  if (l.r() > 0) c.lora.r = l.r();
+  if (l.alpha() > 0) c.lora.alpha = l.alpha();
+  c.lora.dropout = l.dropout();
+  if (l.target_modules_size() > 0) {
+    c.lora.target_modules.assign(l.target_modules().begin(), l.target_modules().end());
+  }
+  c.lora.use_rslora = l.use_rslora();
+
+  const auto& t = spec.training();
+  c.max_steps = t.max_steps();
+  if (t.num_epochs() > 0) c.num_epochs = t.num_epochs();
+  if (t.micro_batch_size() > 0) c.micro_batch_size = t.micro_batch_size();
+  if (t.grad_accum() > 0) c.grad_accum = t.grad_accum();
+  if (t.learning_rate() > 0) c.learning_rate = t.learning_rate();
+  c.schedule = t.schedule() == lorad::v1::LR_SCHEDULE_COSINE     ? "cosine"
+               : t.schedule() == lorad::v1::LR_SCHEDULE_CONSTANT ? "constant"
+                                                                 : "linear";
+  if (t.has_warmup_steps()) c.warmup_steps = t.warmup_steps();
+  if (t.has_weight_decay()) c.weight_decay = t.weight_decay();
+  if (t.has_max_grad_norm()) c.max_grad_norm = t.max_grad_norm();
+  c.optimizer = t.optimizer() == lorad::v1::OPTIMIZER_ADAMW ? "adamw" : "adamw_8bit";
+  if (t.max_seq_length() > 0) c.max_seq_length = t.max_seq_length();
+  c.gradient_checkpointing = !t.has_gradient_checkpointing() || t.gradient_checkpointing();
+  if (t.seed() != 0) c.seed = t.seed();
+  c.eval_every = t.eval_every();
+  c.save_every = t.save_every();
+  c.early_stopping_patience = t.early_stopping_patience();
+  c.resume = true;
+  if (auto s = c.Validate(); !s.ok()) return s;
+  return c;
+}
+
+JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events,
+                     MetricsRegistry& metrics, std::string jobs_dir, bool run_jobs)
+    : engine_(engine),
+      store_(store),
+      events_(events),
+      job_loss_(metrics.AddGauge("lorad_job_loss", "Training loss of the running job's last step",
+                                 {"job_id", "adapter"})),
+      job_lr_(metrics.AddGauge("lorad_job_learning_rate",
+                               "Learning rate of the running job's last step", {"job_id", "adapter"})),
+      job_tokens_per_s_(metrics.AddGauge("lorad_job_tokens_per_second",
+                                         "Training throughput of the running job's last step",
+                                         {"job_id", "adapter"})),
+      job_step_(metrics.AddGauge("lorad_job_step", "Optimizer steps the running job has completed",
+                                 {"job_id", "adapter"})),
+      trained_tokens_(metrics.AddCounter("lorad_train_tokens_total",
+                                         "Tokens trained on, over all jobs")),
+      jobs_dir_(std::move(jobs_dir)),
+      run_jobs_(run_jobs) {}
+
+JobRunner::~JobRunner() { Stop(); }
+
+void JobRunner::Start() { thread_ = std::thread([this] { Loop(); }); }
+
+void JobRunner::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void JobRunner::Wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    look_for_jobs_ = true;
+  }
+  wake_.notify_all();
+}
+
+void JobRunner::Cancel(const std::string& job_id) {
+  // The store already says cancelled; the engine stops the job at its next micro-batch and its
+  // final event is then recorded (the cancelled state stays: MarkSucceeded/Failed refuse).
+  engine_.CancelTraining(job_id);
+  Wake();
+}
+
+void JobRunner::Loop() {
+  while (true) {
+    std::deque<Pending> batch;
+    bool look = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait_for(lock, std::chrono::seconds(1),
+                     [&] { return stop_ || !pending_.empty() || look_for_jobs_; });
+      batch.swap(pending_);
+      look = look_for_jobs_ && running_job_.empty() && !stop_ && run_jobs_;
+      if (look) look_for_jobs_ = false;
+      if (stop_ && batch.empty()) return;
+    }
+    for (const Pending& p : batch) Handle(p);
+    if (look) StartNextJob();
+  }
+}
+
+void JobRunner::StartNextJob() {
+  auto next = store_.NextQueued();
+  if (!next.ok() || !next->has_value()) return;
+  const JobRecord job = **next;
+  lorad::v1::JobSpec spec;
+  if (!spec.ParseFromString(job.spec)) {
+    FailJob(job.id, "the stored job spec is unreadable");
+    return;
+  }
+  auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id);
+  if (!config.ok()) {
+    FailJob(job.id, std::string(config.status().message()));
+    return;
+  }
+  if (auto s = store_.MarkRunning(job.id); !s.ok()) {
+    Wake();  // cancelled meanwhile: look for the next one
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_job_ = job.id;
+  }
+  events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
+  const std::string id = job.id;
+  absl::Status started = engine_.StartTraining(id, *config, [this, id](const TrainingEvent& e) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_.push_back({id, e});
+    }
+    wake_.notify_all();
+  });
+  if (!started.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_job_.clear();
+    }
+    FailJob(id, std::string(started.message()));
+  }
+}
+
+void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
+  if (store_.MarkFailed(job_id, error).ok()) {
+    lorad::v1::JobEvent failed = EventFor(job_id);
+    failed.set_failed(error);
+    events_.Publish(failed);
+    events_.Publish(StateEvent(job_id, JobState::kFailed, NowMs()));
+  }
+  Wake();
+}
+
+void JobRunner::Handle(const Pending& p) {
+  const TrainingEvent& e = p.event;
+  auto record = store_.Get(p.job_id);
+  const std::string adapter = record.ok() ? record->adapter_name : "";
+  const LabelValues labels = {p.job_id, adapter};
+  lorad::v1::JobEvent out = EventFor(p.job_id);
+  switch (e.kind) {
+    case TrainingEvent::Kind::kStep: {
+      StepRecord s;
+      s.step = e.step.step;
+      s.epoch = e.step.epoch;
+      s.loss = e.step.loss;
+      s.learning_rate = e.step.learning_rate;
+      s.grad_norm = e.step.grad_norm;
+      s.tokens_per_second = e.step.tokens_per_s;
+      s.step_seconds = e.step.step_time_s;
+      s.elapsed_seconds = e.step.elapsed_s;
+      s.eta_seconds = e.step.eta_s;
+      // A resumed job re-reports the steps after its checkpoint: the row is replaced.
+      (void)store_.AppendStep(p.job_id, s);
+      job_loss_.Set(labels, s.loss);
+      job_lr_.Set(labels, s.learning_rate);
+      job_tokens_per_s_.Set(labels, s.tokens_per_second);
+      job_step_.Set(labels, static_cast<double>(s.step));
+      trained_tokens_.Inc({}, static_cast<double>(e.step.tokens));
+      *out.mutable_step() = ToProtoStep(s);
+      events_.Publish(out);
+      return;
+    }
+    case TrainingEvent::Kind::kEval:
+      out.mutable_eval()->set_step(e.eval.step);
+      out.mutable_eval()->set_validation_loss(e.eval.loss);
+      events_.Publish(out);
+      return;
+    case TrainingEvent::Kind::kCheckpoint:
+      out.mutable_checkpoint()->set_step(e.checkpoint.step);
+      out.mutable_checkpoint()->set_path(e.checkpoint.path);
+      events_.Publish(out);
+      return;
+    case TrainingEvent::Kind::kFinished:
+    case TrainingEvent::Kind::kFailed:
+      break;
+  }
+  // The job ended.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (running_job_ == p.job_id) running_job_.clear();
+    look_for_jobs_ = true;
+  }
+  for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);
+  if (e.kind == TrainingEvent::Kind::kFailed) {
+    FailJob(p.job_id, e.error);
+    return;
+  }
+  if (e.summary.cancelled) return;  // CancelJob already stored and published the state
+  auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path);
+  if (!version.ok()) {
+    FailJob(p.job_id, absl::StrCat("publishing the adapter '", adapter, "' from ",
+                                   e.summary.adapter_path, " failed: ", version.status().message()));
+    return;
+  }
+  if (!store_.MarkSucceeded(p.job_id, *version).ok()) return;
+  auto* summary = out.mutable_finished();
+  summary->set_runtime_seconds(e.summary.runtime_s);
+  summary->set_final_loss(e.summary.final_loss);
+  if (e.summary.best_is_eval) summary->set_best_validation_loss(e.summary.best_loss);
+  summary->set_steps(e.summary.steps);
+  summary->set_adapter_name(adapter);
+  summary->set_adapter_version(*version);
+  events_.Publish(out);
+  events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, NowMs()));
+}
+
+}  // namespace lorad::server

@@ -1,0 +1,80 @@
+// JobRunner: takes queued jobs from the JobStore, one at a time, runs each on the engine's GPU
+// loop, and turns the trainer's events into durable rows (steps, final state), JobEvents for the
+// WatchJob streams, per-job metrics, and, when a job succeeds, a published adapter version.
+//
+// Every job trains into <jobs_dir>/<job id>/ (checkpoints, then adapter/): a job that was running
+// when the daemon died is queued again by JobStore::RecoverAfterRestart and resumes from its
+// newest checkpoint there.
+//
+// Thread rules: the engine delivers trainer events on its loop thread; they are only queued
+// there. The runner's own thread does the SQLite writes, publishing and the next job's start, so
+// a slow disk never stalls the GPU loop. Cancel may be called from any thread.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "engine/runtime/engine.h"
+#include "lorad/v1/training.pb.h"
+#include "server/job_event_hub.h"
+#include "server/job_store.h"
+#include "server/metrics_registry.h"
+
+namespace lorad::server {
+
+// The engine's view of a stored JobSpec (defaults already filled by ValidateJobSpec). Inline
+// examples are written to <output_dir>/inline_dataset.jsonl first.
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
+                                                                    const std::string& output_dir);
+
+class JobRunner {
+ public:
+  JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events,
+            MetricsRegistry& metrics, std::string jobs_dir, bool run_jobs = true);
+  ~JobRunner();  // Stop()
+
+  // Starts the runner thread; it looks for queued jobs at once and after every Wake().
+  void Start();
+  // Stops taking jobs and waits for the runner thread; the engine's Stop ends a running job
+  // (with a checkpoint) and its final events are still recorded if they arrive before this.
+  void Stop();
+  // A job was queued: look again.
+  void Wake();
+  // A job was cancelled in the store (any state): stop it if it is the running one.
+  void Cancel(const std::string& job_id);
+
+ private:
+  struct Pending {
+    std::string job_id;
+    engine::TrainingEvent event;
+  };
+  void Loop();
+  void StartNextJob();
+  void Handle(const Pending& pending);
+  void FailJob(const std::string& job_id, const std::string& error);
+
+  engine::Engine& engine_;
+  JobStore& store_;
+  JobEventHub& events_;
+  GaugeFamily& job_loss_;
+  GaugeFamily& job_lr_;
+  GaugeFamily& job_tokens_per_s_;
+  GaugeFamily& job_step_;
+  CounterFamily& trained_tokens_;
+  std::string jobs_dir_;
+  bool run_jobs_;  // false: jobs stay queued (training.max_running_jobs: 0)
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<Pending> pending_;
+  std::string running_job_;  // the job handed to the engine and not yet ended
+  bool look_for_jobs_ = true;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace lorad::server

@@ -1,0 +1,188 @@
+#include "server/job_spec_validator.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "engine/lora/lora_config.h"
+#include "engine/train/dataset_reader.h"
+#include "re2/re2.h"
+#include "server/path_policy.h"
+
+namespace lorad::server {
+namespace {
+
+using lorad::v1::JobSpec;
+
+absl::Status Field(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+// In [lo, hi]; NaN fails.
+template <typename T>
+absl::Status InRange(const std::string& field, T value, T lo, T hi) {
+  if (!(value >= lo && value <= hi)) {
+    return Field(field, absl::StrCat(value, " is out of range [", lo, ", ", hi, "]"));
+  }
+  return absl::OkStatus();
+}
+
+engine::DatasetFormat ToEngineFormat(lorad::v1::DatasetFormat f) {
+  switch (f) {
+    case lorad::v1::DATASET_FORMAT_ALPACA:
+      return engine::DatasetFormat::kAlpaca;
+    case lorad::v1::DATASET_FORMAT_CHAT:
+      return engine::DatasetFormat::kChat;
+    case lorad::v1::DATASET_FORMAT_COMPLETION:
+      return engine::DatasetFormat::kCompletion;
+    case lorad::v1::DATASET_FORMAT_TEXT:
+      return engine::DatasetFormat::kText;
+    case lorad::v1::DATASET_FORMAT_QA:
+      return engine::DatasetFormat::kQa;
+    default:
+      return engine::DatasetFormat::kAuto;
+  }
+}
+
+absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
+  if (lora.r() == 0) lora.set_r(16);
+  if (lora.alpha() == 0) lora.set_alpha(16);
+  if (lora.target_modules().empty()) {
+    for (const auto& t : engine::KnownLoraTargets()) lora.add_target_modules(t);
+  }
+  engine::LoraConfig config;
+  config.r = lora.r();
+  config.alpha = lora.alpha();
+  config.dropout = lora.dropout();
+  config.use_rslora = lora.use_rslora();
+  config.target_modules.assign(lora.target_modules().begin(), lora.target_modules().end());
+  if (auto s = config.Validate(); !s.ok()) return Field("lora", std::string(s.message()));
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& limits) {
+  if (t.max_steps() == 0 && t.num_epochs() == 0) t.set_num_epochs(1);
+  if (t.max_steps() != 0) {
+    if (auto s = InRange<int64_t>("training.max_steps", t.max_steps(), 1, limits.max_steps);
+        !s.ok())
+      return s;
+  } else if (auto s = InRange("training.num_epochs", t.num_epochs(), 1e-6, 1000.0); !s.ok()) {
+    return s;
+  }
+  if (t.micro_batch_size() == 0) t.set_micro_batch_size(2);
+  if (t.grad_accum() == 0) t.set_grad_accum(4);
+  if (t.learning_rate() == 0) t.set_learning_rate(2e-4);
+  if (!t.has_warmup_steps()) t.set_warmup_steps(5);
+  if (!t.has_weight_decay()) t.set_weight_decay(0.01);
+  if (!t.has_max_grad_norm()) t.set_max_grad_norm(1.0);
+  if (t.max_seq_length() == 0) t.set_max_seq_length(2048);
+  if (!t.has_gradient_checkpointing()) t.set_gradient_checkpointing(true);
+  const absl::Status checks[] = {
+      InRange("training.micro_batch_size", t.micro_batch_size(), 1, 1024),
+      InRange("training.grad_accum", t.grad_accum(), 1, 4096),
+      InRange("training.learning_rate", t.learning_rate(), 1e-10, 1.0),
+      InRange("training.warmup_steps", t.warmup_steps(), 0, 1000000),
+      InRange("training.weight_decay", t.weight_decay(), 0.0, 10.0),
+      InRange("training.max_grad_norm", t.max_grad_norm(), 0.0, 1e6),
+      InRange("training.max_seq_length", t.max_seq_length(), 8, limits.max_seq_length),
+      InRange("training.eval_every", t.eval_every(), 0, 1000000),
+      InRange("training.save_every", t.save_every(), 0, 1000000),
+      InRange("training.early_stopping_patience", t.early_stopping_patience(), 0, 1000),
+  };
+  for (const auto& s : checks) {
+    if (!s.ok()) return s;
+  }
+  if (t.seed() == 0) t.set_seed(42);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
+                                                 const JobSpecLimits& limits) {
+  if (!d.has_response_only()) d.set_response_only(true);
+  if (!d.template_().empty() && d.template_() != "llama3" && d.template_() != "chatml" &&
+      d.template_() != "mistral" && d.template_() != "alpaca") {
+    return Field("dataset.template", absl::StrCat("'", d.template_(),
+                                                  "' is unknown (known: llama3, chatml, mistral, "
+                                                  "alpaca, or empty for the model's own)"));
+  }
+  if (auto s = InRange("dataset.validation_fraction", d.validation_fraction(), 0.0, 0.5); !s.ok())
+    return s;
+  engine::DatasetReaderOptions options;
+  options.format = ToEngineFormat(d.format());
+  options.skip_bad_lines = d.skip_bad_lines();
+  ValidatedDataset result;
+  const bool has_path = !d.path().empty();
+  const bool has_inline = d.inline_examples_size() > 0;
+  if (has_path == has_inline) {
+    return Field("dataset", "give exactly one of dataset.path and dataset.inline_examples");
+  }
+  if (has_inline) {
+    if (d.inline_examples_size() > limits.max_inline_examples) {
+      return Field("dataset.inline_examples",
+                   absl::StrCat(d.inline_examples_size(), " examples; at most ",
+                                limits.max_inline_examples, " inline (use dataset.path)"));
+    }
+    for (int i = 0; i < d.inline_examples_size(); ++i) {
+      auto ex =
+          engine::DatasetReader::ParseRecord(d.inline_examples(i).json(), options.format,
+                                             absl::StrCat("dataset.inline_examples[", i, "]"));
+      if (ex.ok()) {
+        ++result.examples;
+      } else if (options.skip_bad_lines) {
+        ++result.skipped;
+      } else {
+        return absl::InvalidArgumentError(ex.status().message());
+      }
+    }
+  } else {
+    auto resolved = ResolveInsideRoot(limits.dataset_root, d.path(), "dataset.path");
+    if (!resolved.ok()) return resolved.status();
+    auto examples = engine::ReadDataset(*resolved, options, &result.skipped);
+    if (!examples.ok()) {
+      return Field("dataset.path", std::string(examples.status().message()));
+    }
+    result.examples = static_cast<int64_t>(examples->size());
+    result.resolved_path = *resolved;
+    d.set_path(*resolved);
+  }
+  if (result.examples == 0) return Field("dataset", "no usable examples");
+  if (!d.validation_path().empty()) {
+    auto resolved =
+        ResolveInsideRoot(limits.dataset_root, d.validation_path(), "dataset.validation_path");
+    if (!resolved.ok()) return resolved.status();
+    auto examples = engine::ReadDataset(*resolved, options);
+    if (!examples.ok()) {
+      return Field("dataset.validation_path", std::string(examples.status().message()));
+    }
+    d.set_validation_path(*resolved);
+  }
+  return result;
+}
+
+}  // namespace
+
+absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLimits& limits) {
+  // Adapter names become folder names and metric labels: keep them plain.
+  static const RE2 kName("[A-Za-z0-9][A-Za-z0-9._-]{0,63}");
+  if (!RE2::FullMatch(spec.adapter_name(), kName) ||
+      spec.adapter_name().find("..") != std::string::npos) {
+    return Field("adapter_name", absl::StrCat("'", spec.adapter_name(),
+                                              "' must be 1-64 characters of letters, digits, '.', "
+                                              "'_' or '-', starting with a letter or digit"));
+  }
+  if (auto s = InRange("priority", spec.priority(), -1000, 1000); !s.ok()) return s;
+  if (auto s = ValidateLora(*spec.mutable_lora()); !s.ok()) return s;
+  if (auto s = ValidateTraining(*spec.mutable_training(), limits); !s.ok()) return s;
+  return ValidateDataset(*spec.mutable_dataset(), limits);
+}
+
+int64_t TotalSteps(const JobSpec& spec, int64_t examples) {
+  const auto& t = spec.training();
+  if (t.max_steps() > 0) return t.max_steps();
+  const int64_t per_step = static_cast<int64_t>(t.micro_batch_size()) * t.grad_accum();
+  const double steps = std::ceil(t.num_epochs() * static_cast<double>(examples) / per_step);
+  return std::max<int64_t>(1, static_cast<int64_t>(steps));
+}
+
+}  // namespace lorad::server

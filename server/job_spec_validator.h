@@ -1,0 +1,37 @@
+// ValidateJobSpec: checks a submitted lorad.v1.JobSpec completely before it is queued, and fills
+// in every default so the stored spec says exactly what will run. Errors are INVALID_ARGUMENT
+// naming the field ("training.learning_rate: ..."), or PERMISSION_DENIED for a dataset path
+// outside the dataset root.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "lorad/v1/training.pb.h"
+
+namespace lorad::server {
+
+struct JobSpecLimits {
+  std::string dataset_root;  // resolved dataset paths must stay inside it
+  int64_t max_inline_examples = 10000;
+  int64_t max_steps = 1000000;
+  int32_t max_seq_length = 32768;
+};
+
+// The number of training examples the dataset yields, for the job's step estimate.
+struct ValidatedDataset {
+  std::string resolved_path;  // empty for inline examples
+  int64_t examples = 0;
+  int64_t skipped = 0;
+};
+
+// Validates `spec` in place (defaults filled, dataset path replaced by its resolved form) and
+// reads the dataset once to prove it parses.
+absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
+                                                 const JobSpecLimits& limits);
+
+// Optimizer steps the job will run: max_steps, or epochs over the examples.
+int64_t TotalSteps(const lorad::v1::JobSpec& spec, int64_t examples);
+
+}  // namespace lorad::server

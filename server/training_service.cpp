@@ -1,0 +1,286 @@
+#include "server/training_service.h"
+
+#include <deque>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "server/grpc_status.h"
+
+namespace lorad::server {
+namespace {
+
+using lorad::v1::JobEvent;
+
+void SetTime(google::protobuf::Timestamp* ts, int64_t ms) {
+  ts->set_seconds(ms / 1000);
+  ts->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
+}
+
+grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+absl::Status RequireJobId(const std::string& id) {
+  if (id.empty()) return absl::InvalidArgumentError("job_id: is empty");
+  return absl::OkStatus();
+}
+
+// One WatchJob stream: history first, then live events, one write in flight at a time. The
+// reactor subscribes before reading history so no event falls between the two; live step events
+// the history already holds are dropped.
+class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
+ public:
+  WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request)
+      : events_(events) {
+    if (request.job_id().empty()) {
+      Finish(ToGrpcStatus(absl::InvalidArgumentError("job_id: is empty")));
+      return;
+    }
+    subscription_ = events_.Subscribe(request.job_id(),
+                                      [this](const JobEvent& e) { Enqueue(e, /*live=*/true); });
+    auto record = store.Get(request.job_id());
+    if (!record.ok()) {
+      FinishNow(record.status());
+      return;
+    }
+    auto steps = store.Steps(request.job_id(), request.from_step());
+    if (!steps.ok()) {
+      FinishNow(steps.status());
+      return;
+    }
+
+    std::lock_guard<std::mutex> lock(mu_);
+    std::deque<JobEvent> history;
+    history.push_back(StateEvent(record->id, JobState::kQueued, record->created_ms));
+    if (record->started_ms > 0) {
+      history.push_back(StateEvent(record->id, JobState::kRunning, record->started_ms));
+    }
+    for (const auto& s : *steps) {
+      JobEvent e;
+      e.set_job_id(record->id);
+      *e.mutable_step() = ToProtoStep(s);
+      history.push_back(e);
+      last_history_step_ = s.step;
+    }
+    if (IsTerminal(record->state)) {
+      JobEvent end = StateEvent(record->id, record->state, record->finished_ms);
+      if (record->state == JobState::kFailed) {
+        JobEvent failed;
+        failed.set_job_id(record->id);
+        failed.set_failed(record->error);
+        history.push_back(failed);
+      }
+      history.push_back(end);
+      live_.clear();  // the job is over: nothing live can follow
+    }
+    for (auto& e : live_) history.push_back(std::move(e));
+    queue_ = std::move(history);
+    live_.clear();
+    history_loaded_ = true;
+    WriteNextLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(grpc::Status::CANCELLED);
+      return;
+    }
+    WriteNextLocked();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishLocked(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override {
+    Unsubscribe();
+    delete this;
+  }
+
+ private:
+  static bool IsEnd(const JobEvent& e) {
+    return e.has_state() && (e.state() == lorad::v1::JOB_STATE_SUCCEEDED ||
+                             e.state() == lorad::v1::JOB_STATE_FAILED ||
+                             e.state() == lorad::v1::JOB_STATE_CANCELLED);
+  }
+
+  void Enqueue(const JobEvent& e, bool live) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    if (!history_loaded_) {
+      live_.push_back(e);
+      return;
+    }
+    if (live && e.has_step() && e.step().step() <= last_history_step_) return;
+    // A watcher that cannot keep up loses intermediate steps (they stay in the job's history)
+    // rather than holding memory without bound.
+    if (queue_.size() >= kMaxQueued && e.has_step()) return;
+    queue_.push_back(e);
+    WriteNextLocked();
+  }
+
+  void WriteNextLocked() {
+    if (writing_ || finished_) return;
+    if (queue_.empty()) {
+      if (ended_) FinishLocked(grpc::Status::OK);
+      return;
+    }
+    current_ = std::move(queue_.front());
+    queue_.pop_front();
+    if (IsEnd(current_)) ended_ = true;
+    writing_ = true;
+    StartWrite(&current_);
+  }
+
+  void FinishNow(const absl::Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishLocked(ToGrpcStatus(status));
+  }
+
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  void Unsubscribe() {
+    if (subscription_ != 0) events_.Unsubscribe(subscription_);
+    subscription_ = 0;
+  }
+
+  static constexpr size_t kMaxQueued = 10000;
+  JobEventHub& events_;
+  int64_t subscription_ = 0;
+  std::mutex mu_;
+  std::deque<JobEvent> queue_;
+  std::deque<JobEvent> live_;  // events that arrived while history was read
+  JobEvent current_;           // the event being written (must outlive StartWrite)
+  int64_t last_history_step_ = -1;
+  bool history_loaded_ = false;
+  bool writing_ = false;
+  bool ended_ = false;
+  bool finished_ = false;
+};
+
+}  // namespace
+
+lorad::v1::JobState ToProtoState(JobState state) {
+  return static_cast<lorad::v1::JobState>(static_cast<int>(state));
+}
+
+lorad::v1::StepMetrics ToProtoStep(const StepRecord& s) {
+  lorad::v1::StepMetrics m;
+  m.set_step(s.step);
+  m.set_epoch(s.epoch);
+  m.set_loss(s.loss);
+  m.set_learning_rate(s.learning_rate);
+  m.set_grad_norm(s.grad_norm);
+  m.set_tokens_per_second(s.tokens_per_second);
+  m.set_step_seconds(s.step_seconds);
+  m.set_elapsed_seconds(s.elapsed_seconds);
+  m.set_eta_seconds(s.eta_seconds);
+  return m;
+}
+
+JobEvent StateEvent(const std::string& job_id, JobState state, int64_t time_ms) {
+  JobEvent e;
+  e.set_job_id(job_id);
+  e.set_state(ToProtoState(state));
+  SetTime(e.mutable_time(), time_ms);
+  return e;
+}
+
+TrainingService::TrainingService(JobStore& store, JobEventHub& events,
+                                 TrainingServiceOptions options)
+    : store_(store), events_(events), options_(std::move(options)) {}
+
+absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
+  job->set_id(r.id);
+  if (!job->mutable_spec()->ParseFromString(r.spec)) {
+    return absl::DataLossError(absl::StrCat("job '", r.id, "': stored spec is unreadable"));
+  }
+  job->set_state(ToProtoState(r.state));
+  SetTime(job->mutable_created(), r.created_ms);
+  if (r.started_ms > 0) SetTime(job->mutable_started(), r.started_ms);
+  if (r.finished_ms > 0) SetTime(job->mutable_finished(), r.finished_ms);
+  job->set_error(r.error);
+  job->set_total_steps(r.total_steps);
+  auto steps = store_.Steps(r.id, 0);
+  if (steps.ok() && !steps->empty()) *job->mutable_last_step() = ToProtoStep(steps->back());
+  if (r.state == JobState::kSucceeded) {
+    job->mutable_summary()->set_adapter_name(r.adapter_name);
+    job->mutable_summary()->set_adapter_version(r.adapter_version);
+  }
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext* context,
+                                                     const lorad::v1::SubmitJobRequest* request,
+                                                     lorad::v1::Job* response) {
+  lorad::v1::JobSpec spec = request->spec();
+  auto dataset = ValidateJobSpec(spec, options_.spec_limits);
+  if (!dataset.ok()) return Finish(context, dataset.status());
+  auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
+                              TotalSteps(spec, dataset->examples), options_.max_queued_jobs);
+  if (!record.ok()) return Finish(context, record.status());
+  events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
+  if (options_.on_submit) options_.on_submit();
+  return Finish(context, FillJob(*record, response));
+}
+
+grpc::ServerUnaryReactor* TrainingService::GetJob(grpc::CallbackServerContext* context,
+                                                  const lorad::v1::GetJobRequest* request,
+                                                  lorad::v1::Job* response) {
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return Finish(context, s);
+  auto record = store_.Get(request->job_id());
+  if (!record.ok()) return Finish(context, record.status());
+  return Finish(context, FillJob(*record, response));
+}
+
+grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext* context,
+                                                    const lorad::v1::ListJobsRequest* request,
+                                                    lorad::v1::ListJobsResponse* response) {
+  std::vector<JobState> states;
+  for (int s : request->states()) {
+    if (s < 1 || s > 5) {
+      return Finish(context,
+                    absl::InvalidArgumentError(absl::StrCat("states: ", s, " is not a job state")));
+    }
+    states.push_back(static_cast<JobState>(s));
+  }
+  const int32_t page_size = request->page_size() == 0 ? 50 : request->page_size();
+  auto page = store_.List(states, page_size, request->page_token());
+  if (!page.ok()) return Finish(context, page.status());
+  for (const auto& record : page->jobs) {
+    if (auto s = FillJob(record, response->add_jobs()); !s.ok()) return Finish(context, s);
+  }
+  response->set_next_page_token(page->next_page_token);
+  return Finish(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext* context,
+                                                     const lorad::v1::CancelJobRequest* request,
+                                                     lorad::v1::Job* response) {
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return Finish(context, s);
+  auto before = store_.Get(request->job_id());
+  if (!before.ok()) return Finish(context, before.status());
+  auto record = store_.Cancel(request->job_id());
+  if (!record.ok()) return Finish(context, record.status());
+  if (!IsTerminal(before->state) && record->state == JobState::kCancelled) {
+    if (options_.on_cancel) options_.on_cancel(record->id);
+    events_.Publish(StateEvent(record->id, JobState::kCancelled, record->finished_ms));
+  }
+  return Finish(context, FillJob(*record, response));
+}
+
+grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
+    grpc::CallbackServerContext* /*context*/, const lorad::v1::WatchJobRequest* request) {
+  return new WatchJobReactor(store_, events_, *request);
+}
+
+}  // namespace lorad::server

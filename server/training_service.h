@@ -1,0 +1,61 @@
+// TrainingService: the gRPC face of the job queue (proto/lorad/v1/training.proto). Validates and
+// stores jobs, answers queries, cancels, and streams each job's history and live events.
+// Running a job is the job runner's work (it takes queued jobs from the JobStore and publishes
+// their events on the JobEventHub).
+//
+// Thread rules: handlers run on gRPC's callback threads; state lives in JobStore and JobEventHub,
+// both thread-safe.
+#pragma once
+
+#include <functional>
+
+#include "lorad/v1/training.grpc.pb.h"
+#include "server/job_event_hub.h"
+#include "server/job_spec_validator.h"
+#include "server/job_store.h"
+
+namespace lorad::server {
+
+struct TrainingServiceOptions {
+  JobSpecLimits spec_limits;
+  int64_t max_queued_jobs = 64;
+  // Called after a job is queued, so the job runner looks for work.
+  std::function<void()> on_submit;
+  // Called after a job is cancelled, so a running job can be stopped (set by the job runner).
+  std::function<void(const std::string& job_id)> on_cancel;
+};
+
+class TrainingService final : public lorad::v1::TrainingService::CallbackService {
+ public:
+  TrainingService(JobStore& store, JobEventHub& events, TrainingServiceOptions options);
+
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const lorad::v1::SubmitJobRequest* request,
+                                      lorad::v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const lorad::v1::GetJobRequest* request,
+                                   lorad::v1::Job* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const lorad::v1::ListJobsRequest* request,
+                                     lorad::v1::ListJobsResponse* response) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const lorad::v1::CancelJobRequest* request,
+                                      lorad::v1::Job* response) override;
+  grpc::ServerWriteReactor<lorad::v1::JobEvent>* WatchJob(
+      grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) override;
+
+ private:
+  // The proto view of a stored job, with its latest step.
+  absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
+
+  JobStore& store_;
+  JobEventHub& events_;
+  TrainingServiceOptions options_;
+};
+
+// Proto <-> store conversions shared with the job runner.
+lorad::v1::JobState ToProtoState(JobState state);
+lorad::v1::StepMetrics ToProtoStep(const StepRecord& step);
+lorad::v1::JobEvent StateEvent(const std::string& job_id, JobState state, int64_t time_ms);
+
+}  // namespace lorad::server

@@ -1,0 +1,221 @@
+"""InferenceService and AdapterService over real gRPC against the real daemon (tiny fixture model,
+float base so the output can be compared token for token with transformers + PEFT on CPU)."""
+import math
+import threading
+
+import grpc
+import pytest
+
+from conftest import start_daemon, stop_daemon, tiny_model_path
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "lorad serves adapters"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' model and tokenizer for the fixture, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_path())
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def peft_adapter_dir(tmp_path_factory, reference):
+    """A PEFT adapter made by PEFT itself, with random (non-zero) A and B so it changes output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = reference
+    torch.manual_seed(1234)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False)
+    import copy
+
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    out = tmp_path_factory.mktemp("adapters") / "peft-made"
+    model.save_pretrained(out)
+    return out, model.eval()
+
+
+def greedy_reference(model, tok, prompt, max_new_tokens, repetition_penalty):
+    import torch
+
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             repetition_penalty=repetition_penalty,
+                             pad_token_id=tok.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return [t for t in new if t != tok.eos_token_id]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, stubs):
+    tmp = tmp_path_factory.mktemp("inference")
+    d = start_daemon(tmp, "--set", "model.base_weights=none")
+    channel = grpc.insecure_channel(d.grpc_address)
+    yield (d, stubs.inference_pb2_grpc.InferenceServiceStub(channel), stubs.inference_pb2,
+           stubs.adapters_pb2_grpc.AdapterServiceStub(channel), stubs.adapters_pb2, tmp)
+    channel.close()
+    stop_daemon(d)
+
+
+def collect(stream):
+    chunks = list(stream)
+    ids = [t.token_id for c in chunks for t in c.tokens]
+    return chunks, ids
+
+
+def test_generate_equals_transformers_greedy_with_repetition_penalty(server, reference):
+    _, stub, pb, _, _, _ = server
+    model, tok = reference
+    for prompt in PROMPTS:
+        req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
+            max_new_tokens=12, temperature=0.0, repetition_penalty=1.3))
+        chunks, ids = collect(stub.Generate(req, timeout=60))
+        expected = greedy_reference(model, tok, prompt, 12, 1.3)
+        assert [t for t in ids if t != tok.eos_token_id] == expected, prompt
+        last = chunks[-1]
+        assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert last.usage.prompt_tokens == len(tok(prompt).input_ids)
+        assert last.usage.completion_tokens == len(ids)
+        assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+        text = "".join(c.text for c in chunks)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_chat_renders_the_template_and_streams(server, reference):
+    _, stub, pb, _, _, _ = server
+    _, tok = reference
+    req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="Hello there")],
+                         template="chatml",
+                         sampling=pb.SamplingParams(max_new_tokens=6, temperature=0.0))
+    chunks, ids = collect(stub.Chat(req, timeout=60))
+    assert 1 <= len(ids) <= 6
+    rendered = "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    assert chunks[-1].usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    _, stub, pb, _, _, _ = server
+    params = pb.SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    runs = [collect(stub.Generate(pb.GenerateRequest(prompt="Once upon", sampling=params),
+                                  timeout=60))[1] for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+@pytest.mark.parametrize("field,sampling,code", [
+    ("prompt", None, grpc.StatusCode.INVALID_ARGUMENT),
+    ("temperature", dict(temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT),
+    ("temperature", dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_p", dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
+    ("max_new_tokens", dict(max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
+    ("max_new_tokens", dict(max_new_tokens=10_000_000), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_requests_name_the_field(server, field, sampling, code):
+    _, stub, pb, _, _, _ = server
+    prompt = "" if sampling is None else "hello"
+    req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(**(sampling or {})))
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(req, timeout=30))
+    assert err.value.code() == code
+    assert field in err.value.details()
+    # ... and the daemon keeps serving.
+    ok = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(max_new_tokens=2))
+    assert len(collect(stub.Generate(ok, timeout=30))[1]) >= 1
+
+
+def test_unknown_adapter_is_not_found(server):
+    _, stub, pb, _, _, _ = server
+    req = pb.GenerateRequest(prompt="hi", adapter="nope", sampling=pb.SamplingParams(max_new_tokens=2))
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+
+
+def test_client_cancel_stops_generation_and_frees_it(server):
+    d, stub, pb, _, _, _ = server
+    req = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+        max_new_tokens=4000, ignore_eos=True))
+    stream = stub.Generate(req, timeout=120)
+    first = next(stream)
+    assert first.tokens
+    stream.cancel()
+    # The engine finishes the request as cancelled and keeps serving others.
+    ok = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(max_new_tokens=2))
+    assert len(collect(stub.Generate(ok, timeout=30))[1]) >= 1
+    status, body = d.http_get("/metrics")
+    assert status == 200 and 'finished_reason="cancelled"' in body
+
+
+def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft_adapter_dir, stubs):
+    import shutil
+
+    d, stub, pb, astub, apb, tmp = server
+    model, tok = reference
+    src, peft_model = peft_adapter_dir
+    root = tmp / "data" / "adapters"
+    shutil.copytree(src, root / "made-by-peft")
+
+    loaded = astub.LoadAdapter(apb.LoadAdapterRequest(name="peft-made", path="made-by-peft"),
+                               timeout=60)
+    assert (loaded.name, loaded.version, loaded.rank) == ("peft-made", 1, 8)
+    assert sorted(loaded.target_modules) == ["down_proj", "q_proj", "v_proj"]
+    listed = astub.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+    assert [a.name for a in listed] == ["peft-made"]
+
+    for prompt in PROMPTS[:2]:
+        req = pb.GenerateRequest(prompt=prompt, adapter="peft-made", sampling=pb.SamplingParams(
+            max_new_tokens=10, temperature=0.0, repetition_penalty=1.3))
+        _, ids = collect(stub.Generate(req, timeout=60))
+        expected = greedy_reference(peft_model, tok, prompt, 10, 1.3)
+        base = greedy_reference(model, tok, prompt, 10, 1.3)
+        assert [t for t in ids if t != tok.eos_token_id] == expected
+        assert expected != base, "the test adapter must change the output"
+
+    # Paths must stay inside the adapter root.
+    with pytest.raises(grpc.RpcError) as err:
+        astub.LoadAdapter(apb.LoadAdapterRequest(name="evil", path="../../etc"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    gone = astub.UnloadAdapter(apb.UnloadAdapterRequest(name="peft-made"), timeout=60)
+    assert [a.version for a in gone.unloaded] == [1]
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(pb.GenerateRequest(prompt="hi", adapter="peft-made"), timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_streams_and_metrics(server):
+    d, stub, pb, _, _, _ = server
+    results = {}
+
+    def run(i):
+        req = pb.GenerateRequest(prompt=PROMPTS[i % 3], sampling=pb.SamplingParams(
+            max_new_tokens=8, temperature=0.0))
+        results[i] = collect(stub.Generate(req, timeout=120))[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Batching never changes a greedy result.
+    for i in range(3):
+        assert results[i] == results[i + 3]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = d.http_get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    gen = families["lorad_generation_tokens"].samples
+    assert sum(s.value for s in gen if s.name == "lorad_generation_tokens_total") >= 48
+    ttft = families["lorad_time_to_first_token_seconds"].samples
+    assert any(s.name.endswith("_count") and s.value >= 6 for s in ttft)
+    assert "lorad_kv_cache_usage_perc" in families

@@ -1,0 +1,351 @@
+"""loradctl, the C++ CLI, run as a subprocess against a real lorad daemon: submit a job from
+YAML, list, show, cancel and watch it; YAML mistakes are reported with the key and line; an
+unreachable daemon and services not built yet fail with one clean line and a distinct exit code.
+A small in-process fake TrainingService covers what the daemon cannot show yet (bearer tokens,
+a job that succeeds or fails while watched)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from concurrent import futures
+
+import grpc
+import pytest
+import yaml
+
+from conftest import BUILD, ROOT, free_port, start_daemon, stop_daemon
+
+LORADCTL = BUILD / "clients" / "loradctl"
+QA = ROOT / "tests/fixtures/qa_small.jsonl"
+
+# exit_codes.h: 2 usage, 3 job failed, 4 job cancelled, 10 + gRPC status code.
+EXIT_USAGE, EXIT_JOB_FAILED, EXIT_JOB_CANCELLED = 2, 3, 4
+EXIT_NOT_FOUND, EXIT_UNIMPLEMENTED, EXIT_UNAVAILABLE = 15, 22, 24
+
+JOB_YAML = """\
+adapter_name: qa-yaml
+dataset:
+  path: qa.jsonl
+  format: qa
+lora:
+  r: 8
+  alpha: 32
+  target_modules: [q_proj, v_proj]
+  rslora: true
+training:
+  max_steps: 100000      # never finishes before the test cancels it
+  learning_rate: 1e-4
+  schedule: cosine
+  optimizer: adamw
+  gradient_checkpointing: false
+  seed: 7
+priority: 3
+"""
+
+
+def loradctl(*args, address=None, env=None, stdin=None, timeout=60):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
+    full_env.update(env or {})
+    prefix = ["--address", address] if address else []
+    return subprocess.run([str(LORADCTL), *prefix, *args], capture_output=True, text=True,
+                          input=stdin, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loradctl")
+    d = start_daemon(tmp)
+    root = tmp / "data" / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(QA, root / "qa.jsonl")
+    yield d
+    stop_daemon(d)
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB_YAML)
+    return path
+
+
+def test_submit_list_show_watch_cancel(daemon, job_file, stubs):
+    pb = stubs.training_pb2
+    submitted = loradctl("train", "submit", str(job_file), address=daemon.grpc_address)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert re.fullmatch(r"job-\S+", job_id), submitted.stdout
+
+    # Every YAML key reached the daemon, enums and aliases included.
+    with grpc.insecure_channel(daemon.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+    spec = job.spec
+    assert spec.adapter_name == "qa-yaml" and spec.priority == 3
+    assert spec.dataset.format == pb.DATASET_FORMAT_QA and spec.dataset.path.endswith("qa.jsonl")
+    assert (spec.lora.r, spec.lora.alpha, spec.lora.use_rslora) == (8, 32, True)
+    assert list(spec.lora.target_modules) == ["q_proj", "v_proj"]
+    t = spec.training
+    assert (t.max_steps, t.learning_rate, t.seed) == (100000, 1e-4, 7)
+    assert t.schedule == pb.LR_SCHEDULE_COSINE and t.optimizer == pb.OPTIMIZER_ADAMW
+    assert t.HasField("gradient_checkpointing") and not t.gradient_checkpointing
+
+    listed = loradctl("train", "ls", address=daemon.grpc_address)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED"]
+    row = next(r for r in rows if r.startswith(job_id))
+    assert row.split()[1] in ("queued", "running") and row.split()[2] == "qa-yaml"
+
+    shown = loradctl("train", "show", job_id, address=daemon.grpc_address)
+    assert shown.returncode == 0, shown.stderr
+    assert f"id: {job_id}\n" in shown.stdout and "adapter: qa-yaml\n" in shown.stdout
+    # The spec block is job YAML again: what was submitted, plus the daemon's defaults.
+    shown_spec = yaml.safe_load(textwrap.dedent(shown.stdout.split("spec:\n", 1)[1]))
+    assert shown_spec["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert shown_spec["training"]["schedule"] == "cosine" and shown_spec["priority"] == 3
+
+    cancelled = loradctl("train", "cancel", job_id, address=daemon.grpc_address)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"{job_id}: cancelled"
+    as_json = loradctl("train", "show", "--json", job_id, address=daemon.grpc_address)
+    assert '"state": "JOB_STATE_CANCELLED"' in as_json.stdout
+
+    only_cancelled = loradctl("train", "ls", "--state", "cancelled", address=daemon.grpc_address)
+    assert job_id in only_cancelled.stdout
+    only_queued = loradctl("train", "ls", "--state", "queued", address=daemon.grpc_address)
+    assert job_id not in only_queued.stdout
+
+    # Watching a cancelled job replays its history (one line per event off a terminal) and
+    # exits with the "cancelled" code, so scripts can tell it from success.
+    watched = loradctl("train", "watch", job_id, address=daemon.grpc_address)
+    assert watched.returncode == EXIT_JOB_CANCELLED, watched.stderr
+    assert watched.stdout.splitlines()[-1] == "state cancelled"
+
+
+def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):
+    pb = stubs.training_pb2
+    path = tmp_path / "inline.yaml"
+    path.write_text(textwrap.dedent("""\
+        adapter_name: inline-qa
+        dataset:
+          format: qa
+          inline_examples:
+            - {question: "What is 2+2?", answer: "4"}
+            - question: Capital of France?
+              answer: Paris
+        training: {max_steps: 100000}
+        """))
+    result = loradctl("train", "submit", str(path), address=daemon.grpc_address)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    with grpc.insecure_channel(daemon.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+        stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=10)
+    assert [json.loads(e.json) for e in job.spec.dataset.inline_examples] == [
+        {"question": "What is 2+2?", "answer": "4"},
+        {"question": "Capital of France?", "answer": "Paris"},
+    ]
+
+
+def test_unknown_job_is_not_found(daemon):
+    result = loradctl("train", "show", "job-does-not-exist", address=daemon.grpc_address)
+    assert result.returncode == EXIT_NOT_FOUND
+    assert result.stderr.startswith("loradctl: NOT_FOUND: ")
+
+
+def test_spec_rejected_by_the_daemon_names_the_field(daemon, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter_name: qa\ndataset: {path: qa.jsonl}\ntraining: {learning_rate: 5}\n")
+    result = loradctl("train", "submit", str(bad), address=daemon.grpc_address)
+    assert result.returncode == 13  # 10 + INVALID_ARGUMENT
+    assert result.stderr.startswith("loradctl: INVALID_ARGUMENT: ")
+    assert "training.learning_rate" in result.stderr
+
+
+@pytest.mark.parametrize("body, line, words", [
+    ("adapter_name: a\ntraining:\n  max_steps: 3\n  lerning_rate: 1e-4\n", 4,
+     ["unknown key 'lerning_rate'", "learning_rate"]),
+    ("adapter_name: a\nepochs: 2\n", 2, ["unknown key 'epochs'"]),
+    ("adapter_name: a\ntraining:\n  max_steps: lots\n", 3,
+     ["'training.max_steps' must be an integer", "'lots'"]),
+    ("adapter_name: a\ntraining:\n  optimizer: sgd\n", 3, ["adamw_8bit", "'sgd'"]),
+    ("lora:\n  target_modules: q_proj\n", 2, ["'lora.target_modules' must be a list"]),
+    ("adapter_name: a\nadapter_name: b\n", 2, ["duplicate key 'adapter_name'"]),
+])
+def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
+    path = tmp_path / "job.yaml"
+    path.write_text(body)
+    # Nothing listens on this address: the file is rejected before any call is made.
+    result = loradctl("train", "submit", str(path), address=f"127.0.0.1:{free_port()}")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr.startswith(f"loradctl: {path}:{line}: "), result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_unreachable_daemon_fails_with_one_clear_line():
+    address = f"127.0.0.1:{free_port()}"
+    result = loradctl("train", "ls", address=address, timeout=30)
+    assert result.returncode == EXIT_UNAVAILABLE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"loradctl: UNAVAILABLE: cannot reach lorad at {address}"), result.stderr
+    # LORAD_ADDRESS is the same setting.
+    via_env = loradctl("adapters", "ls", env={"LORAD_ADDRESS": address}, timeout=30)
+    assert via_env.returncode == EXIT_UNAVAILABLE and address in via_env.stderr
+
+
+def assert_result_or_unimplemented(result, check_result):
+    """Inference and adapters may still answer UNIMPLEMENTED while the server grows them."""
+    if result.returncode == EXIT_UNIMPLEMENTED:
+        assert result.stderr.startswith("loradctl: UNIMPLEMENTED:"), result.stderr
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
+    else:
+        assert result.returncode == 0, result.stderr
+        check_result(result.stdout)
+
+
+def test_adapters_ls(daemon):
+    result = loradctl("adapters", "ls", address=daemon.grpc_address)
+    assert_result_or_unimplemented(
+        result, lambda out: out.splitlines()[0].split()[:3] == ["NAME", "VERSION", "RANK"])
+
+
+def test_generate(daemon):
+    result = loradctl("generate", "--max-new-tokens", "4", "--temperature", "0", "--seed", "1",
+                      "Hello", address=daemon.grpc_address)
+    assert_result_or_unimplemented(result, lambda out: out.endswith("\n") and len(out) > 1)
+
+
+def test_chat_reads_piped_stdin(daemon):
+    result = loradctl("chat", "--max-new-tokens", "3", "--system", "Be brief.",
+                      address=daemon.grpc_address, stdin="Hi\nAnd again?\n")
+    # Two user lines, two replies, each ending its own line.
+    assert_result_or_unimplemented(result, lambda out: len(out.splitlines()) >= 2)
+
+
+# ---- a fake TrainingService, for what the daemon cannot show yet ----------------------------
+
+@pytest.fixture
+def fake_training(stubs):
+    pb, pb_grpc = stubs.training_pb2, stubs.training_pb2_grpc
+    seen = {"metadata": []}
+
+    def events(job_id, outcome):
+        yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_RUNNING)
+        for step in (1, 2):
+            yield pb.JobEvent(job_id=job_id, step=pb.StepMetrics(
+                step=step, loss=2.0 / step, learning_rate=1e-4, tokens_per_second=500,
+                eta_seconds=2 - step))
+        if outcome == "ok":
+            yield pb.JobEvent(job_id=job_id, finished=pb.JobSummary(
+                steps=2, final_loss=1.0, adapter_name="fake", adapter_version=1))
+            yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_SUCCEEDED)
+        else:
+            yield pb.JobEvent(job_id=job_id, failed="out of memory: needed 3 GiB")
+            yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_FAILED)
+
+    class Fake(pb_grpc.TrainingServiceServicer):
+        def GetJob(self, request, context):
+            seen["metadata"].append(dict(context.invocation_metadata()))
+            return pb.Job(id=request.job_id, total_steps=2, state=pb.JOB_STATE_RUNNING)
+
+        def ListJobs(self, request, context):
+            seen["metadata"].append(dict(context.invocation_metadata()))
+            return pb.ListJobsResponse()
+
+        def WatchJob(self, request, context):
+            yield from events(request.job_id, request.job_id.split("-")[-1])
+
+    ipb, ipb_grpc = stubs.inference_pb2, stubs.inference_pb2_grpc
+    seen["inference"] = []
+
+    class FakeInference(ipb_grpc.InferenceServiceServicer):
+        def reply(self, request):
+            seen["inference"].append(request)
+            yield ipb.GenerateChunk(text="Hel")
+            yield ipb.GenerateChunk(text="lo", finish_reason=ipb.FINISH_REASON_LENGTH,
+                                    usage=ipb.Usage(prompt_tokens=3, completion_tokens=2))
+
+        def Generate(self, request, context):
+            yield from self.reply(request)
+
+        def Chat(self, request, context):
+            yield from self.reply(request)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TrainingServiceServicer_to_server(Fake(), server)
+    ipb_grpc.add_InferenceServiceServicer_to_server(FakeInference(), server)
+    address = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(address)
+    server.start()
+    yield address, seen
+    server.stop(0)
+
+
+def test_token_is_sent_as_bearer_metadata(fake_training):
+    address, seen = fake_training
+    assert loradctl("train", "ls", "--token", "flag-token-0123456789",
+                    address=address).returncode == 0
+    assert loradctl("train", "ls", address=address,
+                    env={"LORAD_TOKEN": "env-token-0123456789"}).returncode == 0
+    assert loradctl("train", "ls", address=address).returncode == 0
+    auth = [m.get("authorization") for m in seen["metadata"]]
+    assert auth == ["Bearer flag-token-0123456789", "Bearer env-token-0123456789", None]
+
+
+def test_watch_prints_one_line_per_event_and_exits_by_outcome(fake_training):
+    address, _ = fake_training
+    ok = loradctl("train", "watch", "job-ok", address=address)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "state running"
+    assert lines[1].startswith("step 1/2  loss 2.0000  lr 0.0001  500 tok/s  ETA 1s")
+    assert lines[2].startswith("step 2/2  loss 1.0000")
+    assert lines[3].startswith("succeeded: adapter fake v1, 2 steps, final loss 1.0000")
+    assert "\r" not in ok.stdout  # no progress-bar redraws off a terminal
+
+    failed = loradctl("train", "watch", "job-bad", address=address)
+    assert failed.returncode == EXIT_JOB_FAILED
+    assert "failed: out of memory: needed 3 GiB" in failed.stdout.splitlines()
+
+
+def test_help_documents_the_exit_codes():
+    result = loradctl("--help")
+    assert result.returncode == 0
+    assert "24 UNAVAILABLE" in result.stdout
+    assert "22 UNIMPLEMENTED" in result.stdout
+
+
+def test_generate_sends_the_sampling_flags_and_streams_the_reply(fake_training):
+    address, seen = fake_training
+    result = loradctl("generate", "--adapter", "qa-bot", "--max-new-tokens", "5",
+                      "--temperature", "0", "--top-k", "3", "--top-p", "0.9", "--seed", "42",
+                      "--stop", "x", "--stop", "y", "--usage", "What is 2+2?", address=address)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello\n"
+    assert "3 prompt + 2 completion tokens" in result.stderr and "length" in result.stderr
+    request = seen["inference"][0]
+    assert request.prompt == "What is 2+2?" and request.adapter == "qa-bot"
+    sampling = request.sampling
+    assert (sampling.max_new_tokens, sampling.top_k, sampling.seed) == (5, 3, 42)
+    assert sampling.HasField("temperature") and sampling.temperature == 0
+    assert sampling.top_p == pytest.approx(0.9) and list(sampling.stop) == ["x", "y"]
+    assert not sampling.HasField("repetition_penalty")  # unset flags keep the daemon's default
+
+
+def test_chat_keeps_the_conversation(fake_training):
+    address, seen = fake_training
+    result = loradctl("chat", "--system", "Be brief.", "--template", "chatml", address=address,
+                      stdin="Hi\n\nAnd again?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello\nHello\n"
+    first, second = seen["inference"]
+    assert second.template == "chatml"
+    assert [(m.role, m.content) for m in second.messages] == [
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "And again?")]
+    assert len(first.messages) == 2

@@ -1,0 +1,165 @@
+"""The product flow with a real client against the real daemon (tiny fixture model, NF4 base as
+QLoRA): submit a fine-tuning job, watch its loss step by step, see the adapter published, chat
+with it while a second job trains, scrape the metrics, cancel; and crash safety under kill -9."""
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import ROOT, start_daemon, stop_daemon
+
+QA = ROOT / "tests/fixtures/qa_small.jsonl"
+
+
+def job_spec(pb, name, steps, save_every=0, lr=2e-3):
+    return pb.JobSpec(
+        adapter_name=name,
+        dataset=pb.DatasetSpec(path="qa.jsonl"),
+        lora=pb.LoraSpec(r=8, alpha=16),
+        training=pb.TrainingSpec(max_steps=steps, micro_batch_size=2, grad_accum=1,
+                                 learning_rate=lr, warmup_steps=0, max_seq_length=128,
+                                 optimizer=pb.OPTIMIZER_ADAMW, save_every=save_every, seed=11))
+
+
+def prepare(tmp_path):
+    root = tmp_path / "data" / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(QA, root / "qa.jsonl")
+
+
+def watch_until_done(stub, pb, job_id, timeout=300):
+    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout))
+    states = [e.state for e in events if e.WhichOneof("event") == "state"]
+    steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+    return events, states, steps
+
+
+def wait_for_state(stub, pb, job_id, state, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=10)
+        if job.state == state:
+            return job
+        time.sleep(0.05)
+    pytest.fail(f"job {job_id} did not reach state {state}")
+
+
+def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs):
+    tpb, ipb, apb = stubs.training_pb2, stubs.inference_pb2, stubs.adapters_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        infer = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+
+        job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "qa-bot", 12)), timeout=30)
+        events, states, steps = watch_until_done(train, tpb, job.id)
+        assert states[0] == tpb.JOB_STATE_QUEUED and states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+        assert [s.step for s in steps] == list(range(1, 13))
+        losses = [s.loss for s in steps]
+        assert all(loss > 0 for loss in losses)
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
+        assert all(s.learning_rate > 0 and s.tokens_per_second > 0 for s in steps)
+        finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
+        assert finished and finished[0].adapter_name == "qa-bot" and finished[0].adapter_version == 1
+        assert finished[0].final_loss == pytest.approx(losses[-1])
+
+        listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+        assert [(a.name, a.version, a.rank) for a in listed] == [("qa-bot", 1, 8)]
+
+        # A second, longer job trains while we chat with the first job's adapter.
+        long_job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "qa-bot-2", 400)),
+                                   timeout=30)
+        wait_for_state(train, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
+        queued = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "later", 5)), timeout=30)
+        t0 = time.time()
+        chunks = list(infer.Chat(ipb.ChatRequest(
+            messages=[ipb.ChatMessage(role="user", content="What is the capital of France?")],
+            adapter="qa-bot", sampling=ipb.SamplingParams(max_new_tokens=8)), timeout=120))
+        assert chunks and chunks[-1].finish_reason in (ipb.FINISH_REASON_LENGTH,
+                                                       ipb.FINISH_REASON_EOS)
+        assert chunks[-1].adapter == "qa-bot"
+        ttft = chunks[-1].usage.time_to_first_token_seconds
+        print(f"chat while training: time to first token {ttft * 1000:.1f} ms, "
+              f"whole reply {(time.time() - t0) * 1000:.1f} ms")
+        assert train.GetJob(tpb.GetJobRequest(job_id=long_job.id), timeout=10).state == \
+            tpb.JOB_STATE_RUNNING, "the chat should have run while the job trained"
+
+        # Metrics: the running job's loss and the token counters.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            status, body = d.http_get("/metrics")
+            if f'lorad_job_loss{{job_id="{long_job.id}"' in body:
+                break
+            time.sleep(0.1)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        loss = [s for s in families["lorad_job_loss"].samples if s.labels["job_id"] == long_job.id]
+        assert loss and loss[0].value > 0
+        gen = [s for s in families["lorad_generation_tokens"].samples
+               if s.name == "lorad_generation_tokens_total"]
+        assert gen and gen[0].value >= len([t for c in chunks for t in c.tokens])
+        assert any(s.value > 0 for s in families["lorad_train_tokens"].samples)
+        jobs = {s.labels["state"]: s.value for s in families["lorad_jobs"].samples}
+        assert jobs.get("succeeded") == 1 and jobs.get("running") == 1 and jobs.get("queued") == 1
+
+        # Cancel the queued job, then the running one.
+        assert train.CancelJob(tpb.CancelJobRequest(job_id=queued.id), timeout=10).state == \
+            tpb.JOB_STATE_CANCELLED
+        assert train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10).state == \
+            tpb.JOB_STATE_CANCELLED
+        _, states, _ = watch_until_done(train, tpb, long_job.id, timeout=60)
+        assert states[-1] == tpb.JOB_STATE_CANCELLED
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
+def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path, stubs):
+    tpb = stubs.training_pb2
+    spec = job_spec(tpb, "crash", 16, save_every=4)
+
+    # The uninterrupted run.
+    prepare(tmp_path / "a")
+    d = start_daemon(tmp_path / "a")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            _, states, steps = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            reference = [s.loss for s in steps]
+    finally:
+        stop_daemon(d)
+
+    # The same job, killed after its second checkpoint.
+    prepare(tmp_path / "b")
+    d = start_daemon(tmp_path / "b")
+    with grpc.insecure_channel(d.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
+            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 8:
+                break
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+
+    d = start_daemon(tmp_path / "b")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            _, states, steps = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            by_step = {s.step: s.loss for s in steps}
+            assert sorted(by_step) == list(range(1, 17)), "no step lost or repeated"
+            resumed = [by_step[i] for i in range(1, 17)]
+            assert resumed == pytest.approx(reference, rel=1e-5)
+            assert len(stub.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs) == 1
+    finally:
+        stop_daemon(d)

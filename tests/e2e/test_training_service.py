@@ -1,0 +1,180 @@
+"""TrainingService over real gRPC: jobs are validated up front, stored durably, listed, watched
+and cancelled; bad input gets the status code a gRPC user expects, naming the field.
+These daemons hold jobs queued (training.max_running_jobs: 0) so states are deterministic;
+tests/e2e/test_training_end_to_end.py runs jobs."""
+import os
+import shutil
+import threading
+
+import grpc
+import pytest
+
+from conftest import ROOT, start_daemon, stop_daemon
+
+QA = ROOT / "tests/fixtures/qa_small.jsonl"
+HOLD_JOBS = ("--set", "training.max_running_jobs=0")
+
+
+def dataset_root(daemon_tmp):
+    root = daemon_tmp / "data" / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(QA, root / "qa.jsonl")
+    return root
+
+
+@pytest.fixture
+def service(tmp_path, stubs):
+    d = start_daemon(tmp_path, *HOLD_JOBS)
+    root = dataset_root(tmp_path)
+    channel = grpc.insecure_channel(d.grpc_address)
+    yield d, stubs.training_pb2_grpc.TrainingServiceStub(channel), stubs.training_pb2, root
+    channel.close()
+    stop_daemon(d)
+
+
+def spec(pb, **overrides):
+    s = pb.JobSpec(adapter_name="qa-bot", dataset=pb.DatasetSpec(path="qa.jsonl"))
+    for key, value in overrides.items():
+        setattr(s, key, value) if not isinstance(value, dict) else None
+    return s
+
+
+def test_submit_fills_defaults_and_get_returns_the_stored_job(service):
+    _, stub, pb, root = service
+    job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    assert job.id.startswith("job-") and job.state == pb.JOB_STATE_QUEUED
+    t, lora = job.spec.training, job.spec.lora
+    assert (lora.r, lora.alpha, len(lora.target_modules)) == (16, 16, 7)
+    assert (t.micro_batch_size, t.grad_accum, t.learning_rate, t.warmup_steps) == (2, 4, 2e-4, 5)
+    assert t.weight_decay == pytest.approx(0.01) and t.optimizer == pb.OPTIMIZER_ADAMW_8BIT
+    assert job.spec.dataset.response_only is True
+    assert job.spec.dataset.path == str((root / "qa.jsonl").resolve())
+    assert job.total_steps == 2  # 16 examples, 1 epoch, batch 2 x 4
+    again = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
+    assert again.spec == job.spec and again.created.seconds > 0
+
+
+def test_list_filters_and_paginates(service):
+    _, stub, pb, _ = service
+    ids = [stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30).id for _ in range(3)]
+    stub.CancelJob(pb.CancelJobRequest(job_id=ids[0]), timeout=10)
+    page = stub.ListJobs(pb.ListJobsRequest(page_size=2), timeout=10)
+    assert [j.id for j in page.jobs] == [ids[2], ids[1]] and page.next_page_token
+    rest = stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=page.next_page_token), timeout=10)
+    assert [j.id for j in rest.jobs] == [ids[0]] and not rest.next_page_token
+    cancelled = stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_CANCELLED]), timeout=10)
+    assert [j.id for j in cancelled.jobs] == [ids[0]]
+
+
+def test_watch_streams_history_then_live_cancellation(service):
+    _, stub, pb, _ = service
+    job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    events = []
+    stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=30)
+
+    def consume():
+        for event in stream:
+            events.append(event)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    # The first event (history) arrives before we cancel, so cancellation is seen live.
+    for _ in range(100):
+        if events:
+            break
+        threading.Event().wait(0.05)
+    stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "WatchJob did not end after the job was cancelled"
+    assert [e.state for e in events] == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_CANCELLED]
+    # Watching a finished job replays its history and ends.
+    replay = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=10))
+    assert [e.state for e in replay] == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_CANCELLED]
+    # Cancelling again changes nothing.
+    assert stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10).state == pb.JOB_STATE_CANCELLED
+
+
+def expect_code(call, code, *words):
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value.details()
+    for word in words:
+        assert word in err.value.details(), err.value.details()
+
+
+def test_bad_specs_are_invalid_argument_naming_the_field(service):
+    _, stub, pb, root = service
+    submit = lambda s: (lambda: stub.SubmitJob(pb.SubmitJobRequest(spec=s), timeout=30))
+    bad_name = spec(pb)
+    bad_name.adapter_name = "../evil"
+    expect_code(submit(bad_name), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name")
+    bad_lr = spec(pb)
+    bad_lr.training.learning_rate = 5
+    expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT, "training.learning_rate")
+    bad_rank = spec(pb)
+    bad_rank.lora.r = 5000
+    expect_code(submit(bad_rank), grpc.StatusCode.INVALID_ARGUMENT, "lora", "'r'")
+    bad_target = spec(pb)
+    bad_target.lora.target_modules.append("attn")
+    expect_code(submit(bad_target), grpc.StatusCode.INVALID_ARGUMENT, "target_modules", "attn")
+    (root / "broken.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": 1}\n')
+    broken = spec(pb)
+    broken.dataset.path = "broken.jsonl"
+    expect_code(submit(broken), grpc.StatusCode.INVALID_ARGUMENT, "dataset.path", "broken.jsonl:2")
+    missing = spec(pb)
+    missing.dataset.path = "nope.jsonl"
+    expect_code(submit(missing), grpc.StatusCode.INVALID_ARGUMENT, "dataset.path", "nope.jsonl")
+    inline = spec(pb)
+    inline.dataset.path = ""
+    inline.dataset.inline_examples.add(json='{"prompt": "p"}')
+    expect_code(submit(inline), grpc.StatusCode.INVALID_ARGUMENT, "inline_examples[0]", "completion")
+
+
+def test_paths_outside_the_dataset_root_are_permission_denied(service):
+    _, stub, pb, root = service
+    outside = root.parent.parent / "outside.jsonl"
+    shutil.copy(QA, outside)
+    os.symlink(outside, root / "link.jsonl")
+    for path in ["../../outside.jsonl", str(outside), "link.jsonl"]:
+        s = spec(pb)
+        s.dataset.path = path
+        expect_code(lambda: stub.SubmitJob(pb.SubmitJobRequest(spec=s), timeout=30),
+                    grpc.StatusCode.PERMISSION_DENIED, "dataset.path")
+
+
+def test_unknown_job_is_not_found(service):
+    _, stub, pb, _ = service
+    expect_code(lambda: stub.GetJob(pb.GetJobRequest(job_id="job-0"), timeout=10),
+                grpc.StatusCode.NOT_FOUND, "job-0")
+    expect_code(lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=10)),
+                grpc.StatusCode.NOT_FOUND)
+    expect_code(lambda: stub.GetJob(pb.GetJobRequest(), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT, "job_id")
+
+
+def test_full_queue_is_resource_exhausted_and_jobs_survive_a_restart(tmp_path, stubs):
+    pb = stubs.training_pb2
+    config = tmp_path / "lorad.yaml"
+    config.write_text("limits:\n  max_queued_jobs: 2\ntraining:\n  max_running_jobs: 0\n")
+    d = start_daemon(tmp_path, config=config)
+    dataset_root(tmp_path)
+    ids = []
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            ids = [stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30).id for _ in range(2)]
+            expect_code(lambda: stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30),
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full")
+        status, text = d.http_get("/metrics")
+        assert 'lorad_jobs{state="queued"} 2' in text
+    finally:
+        stop_daemon(d)
+    d = start_daemon(tmp_path, config=config)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            listed = stub.ListJobs(pb.ListJobsRequest(), timeout=10)
+            assert sorted(j.id for j in listed.jobs) == sorted(ids)
+            assert all(j.state == pb.JOB_STATE_QUEUED for j in listed.jobs)
+    finally:
+        stop_daemon(d)

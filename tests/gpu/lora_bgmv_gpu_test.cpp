@@ -1,0 +1,229 @@
+// The multi-adapter LoRA CUDA kernels (BGMV for decode rows, SGMV for prefill segments) against
+// the CPU reference (kernels/lora_bgmv.cpp), fp32 and bf16, adapters of different ranks, rows
+// without an adapter, Llama-3-8B projection shapes and odd ones. Needs a CUDA device.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "kernels/bfloat16.h"
+#include "kernels/lora_bgmv.h"
+#include "tests/gpu/gpu_buffer.h"
+
+namespace lorad::kernels {
+namespace {
+
+using gpu_test::GpuBuffer;
+
+// Values of one element type: fp32 as is, bf16 already rounded (so the host copy as fp32 holds
+// exactly what the device reads).
+struct Values {
+  std::vector<float> f;
+  std::vector<char> bytes;
+};
+
+Values MakeValues(size_t n, FloatKind kind, float stddev, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, stddev);
+  Values v;
+  v.f.resize(n);
+  v.bytes.resize(n * FloatKindSize(kind));
+  for (size_t i = 0; i < n; ++i) {
+    float x = normal(rng);
+    if (kind == FloatKind::kBF16) {
+      const uint16_t h = float_to_bf16(x);
+      x = bf16_to_float(h);
+      std::memcpy(&v.bytes[2 * i], &h, 2);
+    } else {
+      std::memcpy(&v.bytes[4 * i], &x, 4);
+    }
+    v.f[i] = x;
+  }
+  return v;
+}
+
+float Get(const std::vector<char>& bytes, FloatKind kind, size_t i) {
+  if (kind == FloatKind::kF32) {
+    float v;
+    std::memcpy(&v, &bytes[4 * i], 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[2 * i], 2);
+  return bf16_to_float(h);
+}
+
+// Adapters on the host (for the reference) and on the device (pointer arrays in device memory).
+struct AdapterSet {
+  std::vector<Values> a, b;
+  std::vector<std::vector<float>> a_abs, b_abs;
+  std::vector<const void*> a_host, b_host, a_abs_ptr, b_abs_ptr;
+  std::vector<int32_t> rank;
+  std::vector<float> scale;
+  std::vector<std::unique_ptr<GpuBuffer<char>>> storage;
+  std::unique_ptr<GpuBuffer<const void*>> a_dev, b_dev;
+  std::unique_ptr<GpuBuffer<int32_t>> rank_dev;
+  std::unique_ptr<GpuBuffer<float>> scale_dev;
+  int32_t max_rank = 0;
+
+  LoraAdapterTable Host() const {
+    return {a_host.data(), b_host.data(), rank.data(), scale.data(),
+            static_cast<int32_t>(rank.size()), max_rank};
+  }
+  LoraAdapterTable HostAbs() const {  // |A|, |B|, |scale| in fp32: the error scale
+    return {a_abs_ptr.data(), b_abs_ptr.data(), rank.data(), scale.data(),
+            static_cast<int32_t>(rank.size()), max_rank};
+  }
+  LoraAdapterTable Device() const {
+    return {a_dev->get(), b_dev->get(), rank_dev->get(), scale_dev->get(),
+            static_cast<int32_t>(rank.size()), max_rank};
+  }
+};
+
+std::unique_ptr<AdapterSet> MakeAdapters(const std::vector<int32_t>& ranks, int64_t in, int64_t out,
+                                         FloatKind kind, std::mt19937& rng) {
+  auto set = std::make_unique<AdapterSet>();
+  std::vector<const void*> a_dev, b_dev;
+  for (const int32_t r : ranks) {
+    set->a.push_back(MakeValues(r * in, kind, 1.f / std::sqrt(float(in)), rng));
+    set->b.push_back(MakeValues(out * r, kind, 0.05f, rng));
+    set->rank.push_back(r);
+    set->scale.push_back(2.f * 16.f / r);  // alpha = 2r at r = 16
+    set->max_rank = std::max(set->max_rank, r);
+  }
+  for (size_t s = 0; s < ranks.size(); ++s) {
+    set->a_host.push_back(set->a[s].bytes.data());
+    set->b_host.push_back(set->b[s].bytes.data());
+    auto abs = [](const std::vector<float>& v) {
+      std::vector<float> r(v.size());
+      for (size_t i = 0; i < v.size(); ++i) r[i] = std::fabs(v[i]);
+      return r;
+    };
+    set->a_abs.push_back(abs(set->a[s].f));
+    set->b_abs.push_back(abs(set->b[s].f));
+    set->storage.push_back(std::make_unique<GpuBuffer<char>>(set->a[s].bytes));
+    a_dev.push_back(set->storage.back()->get());
+    set->storage.push_back(std::make_unique<GpuBuffer<char>>(set->b[s].bytes));
+    b_dev.push_back(set->storage.back()->get());
+  }
+  for (size_t s = 0; s < ranks.size(); ++s) {
+    set->a_abs_ptr.push_back(set->a_abs[s].data());
+    set->b_abs_ptr.push_back(set->b_abs[s].data());
+  }
+  set->a_dev = std::make_unique<GpuBuffer<const void*>>(a_dev);
+  set->b_dev = std::make_unique<GpuBuffer<const void*>>(b_dev);
+  set->rank_dev = std::make_unique<GpuBuffer<int32_t>>(set->rank);
+  set->scale_dev = std::make_unique<GpuBuffer<float>>(set->scale);
+  return set;
+}
+
+// Runs the GPU launcher `gpu` (which writes y_dev in place) and the CPU reference `cpu` (on the
+// host bytes), then compares. Tolerance: the kernels sum the in_features products of A x and the
+// rank products of B t in other orders than the reference; as a random walk that is about
+// sqrt(K) * u * (sum of |terms|) with K = in + rank, u = 2^-24; 8 times that, where the sum of
+// |terms| is the reference itself run on |x|, |A|, |B|, |y|. bf16 adds one unit in the last place
+// of the rounded output (at most 2^-7 of the value). Rows without an adapter must be untouched bit for bit.
+template <typename Gpu, typename Cpu>
+void RunAndCompare(FloatKind kind, int64_t rows, int64_t in, int64_t out, const AdapterSet& set,
+                   const std::vector<int32_t>& row_adapter, std::mt19937& rng, Gpu gpu, Cpu cpu) {
+  const Values x = MakeValues(rows * in, kind, 1.f, rng);
+  const Values y = MakeValues(rows * out, kind, 1.f, rng);
+  GpuBuffer<char> x_dev(x.bytes), y_dev(y.bytes);
+  GpuBuffer<char> scratch(lora_scratch_bytes(rows, set.Device()));
+  LORAD_ASSERT_LAUNCH(gpu(x_dev.get(), y_dev.get(), scratch.get()));
+  const std::vector<char> got = y_dev.Read();
+
+  std::vector<char> want = y.bytes;
+  cpu(x.bytes.data(), kind, set.Host(), want.data());
+  std::vector<float> x_abs(x.f.size()), mag(y.f.size());
+  for (size_t i = 0; i < x.f.size(); ++i) x_abs[i] = std::fabs(x.f[i]);
+  for (size_t i = 0; i < y.f.size(); ++i) mag[i] = std::fabs(y.f[i]);
+  cpu(x_abs.data(), FloatKind::kF32, set.HostAbs(), mag.data());
+
+  const double walk = 8.0 * std::sqrt(double(in + set.max_rank)) * std::ldexp(1.0, -24);
+  const double ulp = kind == FloatKind::kBF16 ? std::ldexp(1.0, -7) : 0.0;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t s = row_adapter[r];
+    const bool none = s < 0 || s >= static_cast<int32_t>(set.rank.size());
+    for (int64_t o = 0; o < out; ++o) {
+      const size_t i = r * out + o;
+      const float g = Get(got, kind, i), w = Get(want, kind, i);
+      const bool ok = none ? std::memcmp(&got[i * FloatKindSize(kind)],
+                                         &y.bytes[i * FloatKindSize(kind)], FloatKindSize(kind)) == 0
+                           : std::fabs(g - w) <= walk * mag[i] + ulp * std::fabs(w);
+      if (!ok && ++bad <= 5) {
+        ADD_FAILURE() << "row " << r << " (adapter " << s << ") o " << o << ": gpu " << g
+                      << " cpu " << w << " mag " << mag[i];
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << "rows " << rows << " in " << in << " out " << out;
+}
+
+struct Shape {
+  int64_t rows, in, out;
+};
+
+class LoraGpu : public ::testing::TestWithParam<FloatKind> {};
+
+TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
+  const FloatKind kind = GetParam();
+  std::mt19937 rng(21);
+  // Decode batches at Llama-3-8B shapes (q: 4096 -> 4096, gate: 4096 -> 14336, down:
+  // 14336 -> 4096, k: 4096 -> 1024) and odd sizes; ranks 8, 16, 64 and an odd 7.
+  for (const Shape& sh : {Shape{1, 4096, 4096}, Shape{32, 4096, 14336}, Shape{13, 14336, 4096},
+                          Shape{64, 4096, 1024}, Shape{5, 77, 45}, Shape{3, 1, 1}}) {
+    const auto set = MakeAdapters({8, 16, 64, 7}, sh.in, sh.out, kind, rng);
+    std::vector<int32_t> index(sh.rows);
+    for (auto& s : index) s = static_cast<int32_t>(rng() % 6) - 1;  // -1..4: 4 is out of range
+    if (sh.rows >= 8) index[1] = index[2] = index[3] = 2;  // a run of one adapter in a tile
+    GpuBuffer<int32_t> index_dev(index);
+    RunAndCompare(
+        kind, sh.rows, sh.in, sh.out, *set, index, rng,
+        [&](const void* x, void* y, void* scratch) {
+          return lora_bgmv_cuda(x, kind, sh.rows, sh.in, index_dev.get(), set->Device(), sh.out,
+                                y, scratch, nullptr);
+        },
+        [&](const void* x, FloatKind k, const LoraAdapterTable& t, void* y) {
+          lora_bgmv_cpu(x, k, sh.rows, sh.in, index.data(), t, sh.out, y);
+        });
+  }
+}
+
+TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {
+  const FloatKind kind = GetParam();
+  std::mt19937 rng(22);
+  // Prefill: segments of many lengths (an empty one, ones not a multiple of the 8-row tile) and a
+  // segment without an adapter.
+  const std::vector<int64_t> starts = {0, 300, 300, 301, 517, 540, 600};
+  const std::vector<int32_t> segment_adapter = {0, 3, 1, -1, 2, 0};
+  const int64_t rows = starts.back();
+  std::vector<int32_t> per_row;
+  for (size_t g = 0; g + 1 < starts.size(); ++g) {
+    for (int64_t r = starts[g]; r < starts[g + 1]; ++r) per_row.push_back(segment_adapter[g]);
+  }
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{4096, 1024}, {1000, 333}}) {
+    const auto set = MakeAdapters({16, 8, 64, 5}, in, out, kind, rng);
+    GpuBuffer<int64_t> starts_dev(starts);
+    GpuBuffer<int32_t> adapter_dev(segment_adapter);
+    const int64_t segments = static_cast<int64_t>(segment_adapter.size());
+    RunAndCompare(
+        kind, rows, in, out, *set, per_row, rng,
+        [&](const void* x, void* y, void* scratch) {
+          return lora_sgmv_cuda(x, kind, rows, in, starts_dev.get(), adapter_dev.get(), segments,
+                                set->Device(), out, y, scratch, nullptr);
+        },
+        [&](const void* x, FloatKind k, const LoraAdapterTable& t, void* y) {
+          lora_sgmv_cpu(x, k, in, starts.data(), segment_adapter.data(), segments, t, out, y);
+        });
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, LoraGpu, ::testing::Values(FloatKind::kF32, FloatKind::kBF16));
+
+}  // namespace
+}  // namespace lorad::kernels

@@ -1,0 +1,179 @@
+// The 4-bit GEMV CUDA kernel against the CPU reference (kernels/nf4_gemv.cpp) at Llama-3-8B
+// shapes and odd ones, for fp32, bf16 and fp16 activations and 1..8 rows, with the weights'
+// absmax double-quantized as bitsandbytes stores it. Needs a CUDA device.
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/bfloat16.h"
+#include "kernels/dynamic_quant8.h"
+#include "kernels/nf4_gemv.h"
+#include "tests/gpu/gpu_buffer.h"
+
+namespace lorad::kernels {
+namespace {
+
+using gpu_test::GpuBuffer;
+
+// An NF4 weight [out, in] with double-quantized absmax, on the host and the device.
+struct Nf4Weight {
+  int64_t out = 0, in = 0;
+  std::vector<uint8_t> packed, qabsmax;
+  std::vector<float> absmax2, absmax;  // absmax: the double-quantized values rebuilt (CPU)
+  float offset = 0.f;
+};
+
+Nf4Weight MakeWeight(int64_t out, int64_t in, uint32_t seed) {
+  Nf4Weight w;
+  w.out = out;
+  w.in = in;
+  const int64_t n = out * in, blocks = Nf4Blocks(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 0.02f);
+  std::vector<float> dense(n);
+  for (auto& v : dense) v = normal(rng);
+  w.packed.resize(Nf4PackedBytes(n));
+  std::vector<float> absmax(blocks);
+  nf4_quantize_cpu(dense.data(), n, w.packed.data(), absmax.data());
+  double sum = 0;
+  for (float a : absmax) sum += a;
+  w.offset = static_cast<float>(sum / blocks);
+  w.qabsmax.resize(blocks);
+  w.absmax2.resize((blocks + 255) / 256);
+  w.absmax.resize(blocks);
+  dynamic_quant8_quantize_cpu(absmax.data(), blocks, w.offset, kDynamicQuant8BlockSize,
+                              kDynamicMapSigned, w.qabsmax.data(), w.absmax2.data());
+  dynamic_quant8_dequantize_cpu(w.qabsmax.data(), w.absmax2.data(), kDynamicMapSigned, blocks,
+                                kDynamicQuant8BlockSize, w.offset, w.absmax.data());
+  return w;
+}
+
+// x rounded to `kind` (values as fp32 for the reference, raw bytes for the device).
+std::vector<char> Encode(std::vector<float>& x, FloatKind kind) {
+  std::vector<char> bytes(x.size() * FloatKindSize(kind));
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (kind == FloatKind::kF32) {
+      std::memcpy(&bytes[4 * i], &x[i], 4);
+    } else if (kind == FloatKind::kBF16) {
+      const uint16_t h = float_to_bf16(x[i]);
+      x[i] = bf16_to_float(h);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    } else {
+      const __half h = __float2half_rn(x[i]);
+      x[i] = __half2float(h);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    }
+  }
+  return bytes;
+}
+
+float Decode(const std::vector<char>& bytes, FloatKind kind, size_t i) {
+  if (kind == FloatKind::kF32) {
+    float v;
+    std::memcpy(&v, &bytes[4 * i], 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[2 * i], 2);
+  if (kind == FloatKind::kBF16) return bf16_to_float(h);
+  __half_raw raw;
+  raw.x = h;
+  return __half2float(__half(raw));
+}
+
+void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32_t seed) {
+  GpuBuffer<uint8_t> packed(w.packed), qabsmax(w.qabsmax);
+  GpuBuffer<float> absmax2(w.absmax2);
+  GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
+  const Nf4Absmax device_absmax{qabsmax.get(), absmax2.get(), code.get(), w.offset};
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (const FloatKind kind : {FloatKind::kF32, FloatKind::kBF16, FloatKind::kF16}) {
+    for (const int64_t rows : row_counts) {
+      std::vector<float> x(rows * w.in);
+      for (auto& v : x) v = normal(rng);
+      const std::vector<char> x_bytes = Encode(x, kind);
+      std::vector<float> ref(rows * w.out), mag(rows * w.out);
+      nf4_gemv_cpu(x.data(), rows, w.packed.data(), w.absmax.data(), w.out, w.in, ref.data());
+      // mag = |x| . |W| row by row (the dequantized weight, as the reference builds it).
+      std::vector<float> wrow(w.in), xabs(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xabs[i] = std::fabs(x[i]);
+      for (int64_t o = 0; o < w.out; ++o) {
+        for (int64_t k = 0; k < w.in; ++k) {
+          const int64_t i = o * w.in + k;
+          const uint8_t q = i % 2 == 0 ? w.packed[i / 2] >> 4 : w.packed[i / 2] & 0xF;
+          wrow[k] = std::fabs(kNf4Code[q] * w.absmax[i / kNf4BlockSize]);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          double m = 0;
+          for (int64_t k = 0; k < w.in; ++k) m += double(wrow[k]) * xabs[r * w.in + k];
+          mag[r * w.out + o] = static_cast<float>(m);
+        }
+      }
+      GpuBuffer<char> x_d(x_bytes);
+      // Tolerance: both sides sum the same in_features fp32 products in different orders (the
+      // kernel per 32-element chunk, scaled by the block's absmax, then across lanes). Rounding
+      // errors of such sums behave like a random walk: about sqrt(K) * u * sum|w x| (u = 2^-24);
+      // 8 times that covers both sums with a wide margin. A single wrong weight (wrong nibble,
+      // wrong block scale) moves y by about sum|w x| / K, which for K >= 64 is above the
+      // tolerance, so indexing bugs still fail. bf16/fp16 outputs may round to the neighbouring
+      // value: one unit in the last place, at most 2^-7 (bf16) or 2^-10 (fp16) of the value.
+      const double walk = 8.0 * std::sqrt(double(w.in)) * std::ldexp(1.0, -24);
+      const double ulp = kind == FloatKind::kBF16  ? std::ldexp(1.0, -7)
+                         : kind == FloatKind::kF16 ? std::ldexp(1.0, -10)
+                                                   : 0.0;
+      for (const int rows_per_warp : {1, 2, 4}) {
+        GpuBuffer<char> y_d(rows * w.out * FloatKindSize(kind));  // poisoned: NaN
+        LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x_d.get(), kind, rows,
+                                                        packed.get(), device_absmax, w.out, w.in,
+                                                        y_d.get(), nullptr));
+        const std::vector<char> y = y_d.Read();
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * w.out; ++i) {
+          const float got = Decode(y, kind, i);
+          const double tol = walk * mag[i] + ulp * std::fabs(ref[i]) + 1e-30;
+          if (!(std::fabs(got - ref[i]) <= tol) && ++bad <= 5) {
+            ADD_FAILURE() << "out " << w.out << " in " << w.in << " rows " << rows << " kind "
+                          << static_cast<int>(kind) << " rows/warp " << rows_per_warp
+                          << " index " << i << ": gpu " << got << " cpu " << ref[i] << " tol "
+                          << tol;
+          }
+        }
+        EXPECT_EQ(bad, 0) << "out " << w.out << " in " << w.in << " rows " << rows
+                          << " rows/warp " << rows_per_warp;
+      }
+    }
+  }
+}
+
+// Llama-3-8B: q/o (4096 x 4096), k/v (1024 x 4096), gate/up (14336 x 4096), down (4096 x 14336).
+TEST(Nf4GemvGpu, LlamaShapesMatchTheCpuReference) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 4096},
+                                {14336, 4096}, {4096, 14336}}) {
+    CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(out + in)), {1, 3, 8}, 1);
+  }
+}
+
+// Odd output counts (a warp's second row missing, a partial CUDA block) and short rows (fewer
+// 16-byte chunks than a warp's lanes), every row count.
+TEST(Nf4GemvGpu, OddShapesMatchTheCpuReference) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 64}, {7, 128}, {33, 192},
+                                {4097, 320}, {9, 1088}, {130, 4160}}) {
+    CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(3 * out + in)), {1, 2, 3, 4, 5, 6, 7, 8},
+              2);
+  }
+}
+
+TEST(Nf4GemvGpu, RejectsShapesItDoesNotHandle) {
+  EXPECT_FALSE(nf4_gemv_cuda_supports(0, 4096));
+  EXPECT_FALSE(nf4_gemv_cuda_supports(kNf4GemvMaxRows + 1, 4096));
+  EXPECT_FALSE(nf4_gemv_cuda_supports(1, 4096 + 32));
+  EXPECT_TRUE(nf4_gemv_cuda_supports(1, 64));
+}
+
+}  // namespace
+}  // namespace lorad::kernels

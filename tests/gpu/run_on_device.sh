@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds only lorad_kernels, the GPU tests and the benchmarks (LORAD_KERNELS_ONLY=ON: CUDA and
+# GoogleTest, nothing else) on the GPU machine, runs them, and writes every log under $OUT.
+# The machine has no network: GoogleTest comes from the Debian packages in .device-debs/ (fetched
+# here with `apt-get download libgtest-dev googletest`, carried with the run), unpacked with
+# dpkg -x into a private prefix.
+#   usage (repository root): bash tests/gpu/run_on_device.sh
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-$ROOT/build-device/out}
+BUILD=${BUILD:-/tmp/lorad-kernels-build}
+PREFIX=/tmp/lorad-gtest
+JOBS=$(nproc)
+mkdir -p "$OUT" "$PREFIX"
+export PATH=/usr/local/cuda/bin:$PATH
+
+step() { echo "=== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
+  | tee -a "$OUT/summary.txt"
+nvcc --version | tail -n 2 | tee -a "$OUT/summary.txt"
+
+step "googletest"
+for deb in "$ROOT"/.device-debs/*.deb; do dpkg -x "$deb" "$PREFIX" || exit 1; done
+GTEST_DIR=$(dirname "$(find "$PREFIX" -name GTestConfig.cmake | head -n 1)")
+
+step "configure"
+GENERATOR=()
+command -v ninja > /dev/null && GENERATOR=(-G Ninja)
+cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" -DLORAD_KERNELS_ONLY=ON -DLORAD_CUDA_ARCHS=90 \
+  -DCMAKE_BUILD_TYPE=Release -DGTest_DIR="$GTEST_DIR" > "$OUT/configure.log" 2>&1 \
+  || { tail -n 40 "$OUT/configure.log"; exit 1; }
+
+step "build"
+cmake --build "$BUILD" -j "$JOBS" > "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -n 60; exit 1; }
+grep -E "spill|registers" "$OUT/build.log" > "$OUT/ptxas.txt" || true
+
+status=0
+step "gpu_tests"
+timeout 270 "$BUILD/tests/gpu/gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" \
+  > "$OUT/gpu_tests.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |^\[==========\]|^\[  FAILED  \]" "$OUT/gpu_tests.log" \
+  | tee -a "$OUT/summary.txt"
+grep -B2 -A6 "Failure" "$OUT/gpu_tests.log" | head -n 80
+
+for bench in nf4_gemv_bench lora_bgmv_bench; do
+  step "$bench"
+  timeout 120 "$BUILD/bench/$bench" > "$OUT/$bench.txt" 2>&1 || status=1
+  cat "$OUT/$bench.txt"
+done
+step "done (status $status)"
+exit $status

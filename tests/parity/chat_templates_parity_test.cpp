@@ -1,0 +1,50 @@
+// ChatTemplate against transformers' apply_chat_template with each family's published Jinja
+// template (reference_chat_templates.py): the same text, and the same refusals.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "engine/model/chat_template.h"
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+namespace {
+
+using nlohmann::json;
+
+TEST(ChatTemplateParity, RendersEveryFamilyLikeTransformers) {
+  const std::string path =
+      std::string(std::getenv("LORAD_PARITY_DIR")) + "/chat_templates/cases.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "missing reference " << path;
+  const json families = json::parse(in);
+  ASSERT_EQ(families.size(), ChatTemplate::KnownNames().size());
+  for (const auto& f : families) {
+    const std::string family = f["family"].get<std::string>();
+    // The family is recognised from the Jinja text in the folder's tokenizer_config.json.
+    auto tmpl = ChatTemplate::FromTokenizerConfig(f["folder"].get<std::string>());
+    ASSERT_TRUE(tmpl.ok()) << family << ": " << tmpl.status();
+    EXPECT_EQ(tmpl->name(), family);
+    for (const auto& r : f["renders"]) {
+      std::vector<ChatMessage> messages;
+      for (const auto& m : r["messages"]) {
+        messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+      }
+      auto text = tmpl->Render(messages, r["add_generation_prompt"].get<bool>());
+      if (r.contains("error")) {
+        ASSERT_FALSE(text.ok()) << family << " accepted " << r["messages"];
+        EXPECT_NE(text.status().message().find(r["error"].get<std::string>()), std::string::npos)
+            << family << ": " << text.status();
+      } else {
+        ASSERT_TRUE(text.ok()) << family << ": " << text.status();
+        EXPECT_EQ(*text, r["text"].get<std::string>())
+            << family << " messages " << r["messages"] << " add_generation_prompt "
+            << r["add_generation_prompt"];
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lorad::engine

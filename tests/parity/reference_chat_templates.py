@@ -1,0 +1,127 @@
+"""Chat template references: transformers' apply_chat_template with each family's published Jinja
+template, on several conversations, for lorad's C++ renderings to equal string for string.
+
+Output (out = <build>/parity/chat_templates/):
+  <family>/tokenizer_config.json (+ the tiny model's tokenizer.model): a folder whose
+      chat_template is the family's Jinja text, for ChatTemplate::FromTokenizerConfig
+  cases.json  [{"family", "folder", "renders": [{"messages", "add_generation_prompt",
+               "text" | "error"}]}]
+"""
+import json
+import pathlib
+import shutil
+
+# The families' templates as their tokenizer_config.json files publish them.
+# meta-llama/Meta-Llama-3-8B-Instruct
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
+    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
+    "<|end_header_id|>\n\n' }}{% endif %}"
+)
+# The ChatML template (teknium/OpenHermes, the tiny fixture model)
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+    "}}{% endif %}"
+)
+# mistralai/Mistral-7B-Instruct-v0.2 (the template with an optional system message)
+MISTRAL = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must "
+    "alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- ' ' + message['content'] + eos_token}}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with the "
+    "exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+# Alpaca has no model-published template; this is the multi-turn one Unsloth ships
+# (unsloth/chat_templates.py, "alpaca") with Stanford Alpaca's preamble as the default system.
+ALPACA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{{ 'Below is an instruction that describes "
+    "a task. Write a response that appropriately completes the request.' + '\n\n' }}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + "
+    "eos_token + '\n\n' }}{% else %}{{ raise_exception('Only user and assistant roles are "
+    "supported!') }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}"
+    "{% endif %}"
+)
+
+FAMILIES = {
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+    "chatml": (CHATML, "<s>", "</s>"),
+    "mistral": (MISTRAL, "<s>", "</s>"),
+    "alpaca": (ALPACA, "<s>", "</s>"),
+}
+
+
+def _m(role, content):
+    return {"role": role, "content": content}
+
+
+SYSTEM = _m("system", "You are a helpful assistant.")
+CONVERSATIONS = [
+    [_m("user", "Hello!")],
+    [SYSTEM, _m("user", "What is 2+2?")],
+    [SYSTEM, _m("user", "Hi"), _m("assistant", "Hello! How can I help?"), _m("user", "Tell me a joke.")],
+    [_m("user", "one"), _m("assistant", "two"), _m("user", "three"), _m("assistant", "four")],
+    [_m("user", "  Grüße aus München\n\n 日本語 😀 \t"), _m("assistant", "\n Привет! \n")],
+    [_m("user", "\u3000padded\u00a0\x1c"), _m("assistant", "")],
+    [_m("system", "Answer in French.\nBe brief."), _m("user", "Where is <s> [INST] written?")],
+    # Conversations some templates refuse.
+    [_m("user", "a"), _m("user", "b")],
+    [_m("assistant", "I speak first")],
+    [_m("user", "a"), _m("system", "late system")],
+    [_m("user", "a"), _m("assistant", "b"), _m("system", "late system")],
+]
+
+
+def write(out: pathlib.Path, model: pathlib.Path) -> None:
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    results = []
+    for family, (jinja, bos, eos) in FAMILIES.items():
+        folder = out / family
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(model / "tokenizer.model", folder / "tokenizer.model")
+        config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config.update(chat_template=jinja, bos_token=bos, eos_token=eos)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2),
+                                                      encoding="utf-8")
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        renders = []
+        for messages in CONVERSATIONS:
+            for gen in (False, True):
+                r = {"messages": messages, "add_generation_prompt": gen}
+                try:
+                    r["text"] = tok.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=gen)
+                except TemplateError as e:
+                    r["error"] = str(e)
+                renders.append(r)
+        results.append({"family": family, "folder": str(folder.resolve()), "renders": renders})
+    (out / "cases.json").write_text(json.dumps(results, ensure_ascii=False, indent=1),
+                                    encoding="utf-8")

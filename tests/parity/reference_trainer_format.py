@@ -1,0 +1,118 @@
+"""Training examples as token ids and labels, formatted with transformers' tokenizer and the
+model's Jinja chat template, by the rules engine/train/example_formatter.h states (written out
+again here, independently of the C++): Alpaca prompt, chat template turns, EOS appended, -100 on
+the prompt when response-only, truncation to max_seq_length."""
+import json
+import pathlib
+
+from transformers import AutoTokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+QA = ROOT / "tests" / "fixtures" / "qa_small.jsonl"
+ALPACA = ROOT / "tests" / "unit" / "engine" / "train" / "alpaca_sample.jsonl"
+IGNORE = -100
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
+                     "provides further context. Write a response that appropriately completes the "
+                     "request.\n\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def to_messages(rec):
+    if "messages" in rec:
+        return rec["messages"]
+    if "instruction" in rec:
+        prompt = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+    if "prompt" in rec:
+        return [{"role": "user", "content": rec["prompt"]},
+                {"role": "assistant", "content": rec["completion"]}]
+    return [{"role": "user", "content": rec["question"]},
+            {"role": "assistant", "content": rec["answer"]}]
+
+
+def finish(tok, ids, labels, max_len):
+    if not ids or ids[-1] != tok.eos_token_id:
+        ids = ids + [tok.eos_token_id]
+        labels = labels + [tok.eos_token_id]
+    return ids[:max_len], labels[:max_len]
+
+
+def format_pair(tok, prompt, response, response_only):
+    ids = tok(prompt + response, add_special_tokens=True)["input_ids"]
+    labels = list(ids)
+    if response_only:
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        n = 0
+        while n < len(p) and n < len(ids) and p[n] == ids[n]:
+            n += 1
+        labels[:n] = [IGNORE] * n
+    return ids, labels
+
+
+def format_alpaca(tok, rec, response_only):
+    if "instruction" in rec:
+        instruction, inp, response = rec["instruction"], rec.get("input") or "", rec["output"]
+    else:
+        msgs = [m for m in to_messages(rec) if m["role"] != "system"]
+        instruction, inp, response = msgs[0]["content"], "", msgs[1]["content"]
+    prompt = ALPACA_WITH_INPUT if inp else ALPACA_NO_INPUT
+    prompt += f"### Instruction:\n{instruction}\n\n"
+    if inp:
+        prompt += f"### Input:\n{inp}\n\n"
+    prompt += "### Response:\n"
+    return format_pair(tok, prompt, response, response_only)
+
+
+def format_chat(tok, rec, response_only):
+    msgs = to_messages(rec)
+
+    def enc(k, gen):
+        text = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=gen)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    ids = enc(len(msgs), False)
+    if not response_only:
+        return ids, list(ids)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        begin, end = min(len(enc(i, True)), len(ids)), min(len(enc(i + 1, False)), len(ids))
+        labels[begin:end] = ids[begin:end]
+    return ids, labels
+
+
+def format_record(tok, rec, template, response_only, max_len):
+    """template: 'alpaca' or 'chat' (the rules of 'auto' for these files)."""
+    if template == "alpaca":
+        ids, labels = format_alpaca(tok, rec, response_only)
+    else:
+        ids, labels = format_chat(tok, rec, response_only)
+    return finish(tok, ids, labels, max_len)
+
+
+CASES = [  # (name, file, template, response_only, max_seq_length)
+    ("qa_chat_response_only", QA, "chat", True, 512),
+    ("qa_chat_all_tokens", QA, "chat", False, 512),
+    ("qa_alpaca", QA, "alpaca", True, 512),
+    ("alpaca_response_only", ALPACA, "alpaca", True, 512),
+    ("alpaca_truncated", ALPACA, "alpaca", False, 40),
+]
+
+
+def write(out: pathlib.Path, model: pathlib.Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(model))
+    cases = []
+    for name, path, template, response_only, max_len in CASES:
+        examples = [format_record(tok, r, template, response_only, max_len)
+                    for r in read_jsonl(path)]
+        cases.append({"name": name, "file": str(path), "template": template,
+                      "response_only": response_only, "max_seq_length": max_len,
+                      "input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
+    (out / "formatting.json").write_text(json.dumps(cases))

@@ -1,0 +1,140 @@
+// AdapterStore: versions and atomic publish, leases that keep a version alive, LRU residency among
+// unused adapters, and unload that waits for users and then frees.
+#include "engine/lora/adapter_store.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+#include "engine/lora/lora_adapter.h"
+
+namespace lorad::engine {
+namespace {
+
+ModelConfig SmallModel() {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.vocab_size = 32;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.head_dim = 8;
+  c.max_position_embeddings = 64;
+  return c;
+}
+
+LoraAdapter Adapter(int r, float fill) {
+  LoraConfig config;
+  config.r = r;
+  config.target_modules = {"q_proj"};
+  auto a = LoraAdapter::Init(SmallModel(), config, 1);
+  EXPECT_TRUE(a.ok()) << a.status();
+  for (auto& [path, pair] : a->layers) pair.b.fill_(fill);
+  return *std::move(a);
+}
+
+float FirstB(const LoraAdapter& a) { return a.layers.begin()->second.b[0][0].item<float>(); }
+
+std::unique_ptr<AdapterStore> Store(int32_t max_resident = 8) {
+  AdapterStoreOptions o;
+  o.max_resident = max_resident;
+  auto s = AdapterStore::Create(SmallModel(), o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return *std::move(s);
+}
+
+TEST(AdapterStoreTest, PublishIsAtomicAndLeasesKeepTheirVersion) {
+  auto store = Store();
+  ASSERT_EQ(*store->Publish("chat", Adapter(4, 1.0f), "job:1"), 1);
+  auto v1 = store->Acquire("chat");
+  ASSERT_TRUE(v1.ok());
+  ASSERT_EQ(*store->Publish("chat", Adapter(4, 2.0f), "job:2"), 2);
+  auto v2 = store->Acquire("chat");
+  ASSERT_TRUE(v2.ok());
+  EXPECT_EQ(v1->version(), 1);
+  EXPECT_EQ(v2->version(), 2);
+  EXPECT_EQ(FirstB(v1->host()), 1.0f);
+  EXPECT_EQ(FirstB(v2->host()), 2.0f);
+  auto list = store->List();
+  ASSERT_EQ(list.size(), 2u);  // v1 lives on while a request holds it
+  EXPECT_FALSE(list[0].current);
+  EXPECT_TRUE(list[1].current);
+  EXPECT_EQ(list[0].requests, 1);
+  v1->Release();
+  list = store->List();
+  ASSERT_EQ(list.size(), 1u);  // freed with its last user
+  EXPECT_EQ(list[0].version, 2);
+  EXPECT_EQ(list[0].source, "job:2");
+}
+
+TEST(AdapterStoreTest, UnknownNamesAndBadAdaptersAreClearErrors) {
+  auto store = Store();
+  auto missing = store->Acquire("nope");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("'nope'"), std::string::npos);
+  EXPECT_EQ(store->Publish("bad name!", Adapter(2, 1), "x").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  LoraAdapter wrong = Adapter(2, 1);
+  wrong.layers.begin()->second.a = torch::zeros({2, 5});
+  auto st = store->Publish("wrong", wrong, "x");
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.status().message().find("q_proj"), std::string::npos) << st.status();
+  EXPECT_EQ(store->Unload("nope").code(), absl::StatusCode::kNotFound);
+}
+
+TEST(AdapterStoreTest, ResidencyEvictsTheLeastRecentlyUsedIdleAdapter) {
+  auto store = Store(/*max_resident=*/2);
+  for (const char* name : {"a", "b", "c"}) ASSERT_TRUE(store->Publish(name, Adapter(2, 1), "").ok());
+  auto a = *store->Acquire("a");
+  auto b = *store->Acquire("b");
+  auto c = *store->Acquire("c");
+  ASSERT_TRUE(a.Activate().ok());
+  ASSERT_TRUE(b.Activate().ok());
+  // Both slots run requests: c must wait.
+  EXPECT_EQ(c.Activate().status().code(), absl::StatusCode::kResourceExhausted);
+  a.Deactivate();
+  b.Deactivate();
+  ASSERT_TRUE(b.Activate().ok());  // b used more recently than a
+  b.Deactivate();
+  ASSERT_TRUE(c.Activate().ok());  // evicts a, the least recently used idle one
+  EXPECT_EQ(store->resident_count(), 2);
+  for (const AdapterInfo& info : store->List()) {
+    EXPECT_EQ(info.resident, info.name != "a") << info.name;
+  }
+}
+
+TEST(AdapterStoreTest, UnloadWaitsForItsUsersThenFrees) {
+  auto store = Store();
+  ASSERT_TRUE(store->Publish("x", Adapter(4, 1), "").ok());
+  auto lease = *store->Acquire("x");
+  ASSERT_TRUE(lease.Activate().ok());
+  std::atomic<bool> returned{false};
+  absl::Status unload;
+  std::thread t([&] {
+    unload = store->Unload("x");
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(returned);
+  EXPECT_EQ(store->Acquire("x").status().code(), absl::StatusCode::kNotFound);  // retired at once
+  EXPECT_GT(store->host_bytes(), 0);
+  lease.Release();
+  t.join();
+  EXPECT_TRUE(unload.ok()) << unload;
+  EXPECT_EQ(store->host_bytes(), 0);
+  EXPECT_EQ(store->resident_bytes(), 0);
+  EXPECT_TRUE(store->List().empty());
+  // A timeout says the adapter is still in use.
+  ASSERT_TRUE(store->Publish("y", Adapter(2, 1), "").ok());
+  auto held = *store->Acquire("y");
+  auto late = store->Unload("y", std::nullopt, std::chrono::milliseconds(10));
+  EXPECT_EQ(late.code(), absl::StatusCode::kDeadlineExceeded);
+  held.Release();
+  EXPECT_TRUE(store->List().empty());
+}
+
+}  // namespace
+}  // namespace lorad::engine

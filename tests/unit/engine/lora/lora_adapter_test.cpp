@@ -1,0 +1,337 @@
+#include "engine/lora/lora_adapter.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "engine/model/safetensors.h"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+// The tiny fixture model's shape (tests/fixtures/make_tiny_model.py), with grouped-query
+// attention so k/v differ from q.
+ModelConfig TinyModel() {
+  ModelConfig m;
+  m.architecture = "LlamaForCausalLM";
+  m.vocab_size = 512;
+  m.hidden_size = 128;
+  m.intermediate_size = 352;
+  m.num_hidden_layers = 2;
+  m.num_attention_heads = 4;
+  m.num_key_value_heads = 2;
+  m.head_dim = 32;
+  return m;
+}
+
+LoraConfig Config(int r, std::vector<std::string> targets = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"}) {
+  LoraConfig c;
+  c.r = r;
+  c.alpha = 2.0 * r;
+  c.target_modules = std::move(targets);
+  return c;
+}
+
+class LoraAdapterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) / "lora_adapter_test" /
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+
+  // A PEFT-style folder with the given adapter_config.json and tensors (name -> tensor).
+  std::string WriteFolder(const std::string& name, const std::string& config_json,
+                          const std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+    const fs::path folder = dir_ / name;
+    fs::create_directories(folder);
+    std::ofstream(folder / "adapter_config.json") << config_json;
+    std::vector<TensorView> views;
+    std::vector<torch::Tensor> keep;
+    for (const auto& [key, t] : tensors) {
+      keep.push_back(t.contiguous());
+      TensorView v;
+      v.name = key;
+      switch (t.scalar_type()) {
+        case torch::kFloat32:
+          v.dtype = DType::kF32;
+          break;
+        case torch::kBFloat16:
+          v.dtype = DType::kBF16;
+          break;
+        case torch::kInt32:
+          v.dtype = DType::kI32;
+          break;
+        default:
+          ADD_FAILURE() << "dtype not handled in the test";
+      }
+      v.shape = t.sizes().vec();
+      v.data = static_cast<const uint8_t*>(keep.back().data_ptr());
+      v.nbytes = keep.back().nbytes();
+      views.push_back(v);
+    }
+    EXPECT_TRUE(WriteSafetensors((folder / "adapter_model.safetensors").string(), views).ok());
+    return folder.string();
+  }
+
+  // adapter_config.json for r=4 targeting q_proj, with `extra` fields merged in.
+  static std::string ConfigText(const std::string& extra = "") {
+    return R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"])" +
+           (extra.empty() ? "" : ", " + extra) + "}";
+  }
+
+  static std::vector<std::pair<std::string, torch::Tensor>> QProjWeights(
+      const std::string& suffix = "weight") {
+    return {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A." + suffix,
+             torch::ones({4, 128})},
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_B." + suffix,
+             torch::full({128, 4}, 0.5f)}};
+  }
+
+  void ExpectReadError(const std::string& folder, const std::string& what) {
+    auto adapter = LoraAdapter::ReadPeft(folder);
+    ASSERT_FALSE(adapter.ok()) << "read a bad adapter: " << folder;
+    EXPECT_THAT(std::string(adapter.status().message()), HasSubstr(what));
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(LoraAdapterTest, InitFollowsPeftShapesAndInitialisation) {
+  const ModelConfig model = TinyModel();
+  auto adapter = LoraAdapter::Init(model, Config(8), /*seed=*/1);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  ASSERT_EQ(adapter->layers.size(), 2u * 7u);
+  const std::map<std::string, std::pair<int64_t, int64_t>> in_out = {
+      {"q_proj", {128, 128}},   {"k_proj", {128, 64}},     {"v_proj", {128, 64}},
+      {"o_proj", {128, 128}},   {"gate_proj", {128, 352}}, {"up_proj", {128, 352}},
+      {"down_proj", {352, 128}}};
+  for (int layer = 0; layer < 2; ++layer) {
+    for (const auto& [proj, io] : in_out) {
+      const std::string sub = proj.size() == 6 ? "self_attn" : "mlp";  // q, k, v, o_proj
+      const std::string path = "model.layers." + std::to_string(layer) + "." + sub + "." + proj;
+      ASSERT_TRUE(adapter->layers.count(path)) << path;
+      const LoraPair& p = adapter->layers.at(path);
+      EXPECT_EQ(p.a.sizes().vec(), (std::vector<int64_t>{8, io.first})) << path;
+      EXPECT_EQ(p.b.sizes().vec(), (std::vector<int64_t>{io.second, 8})) << path;
+      EXPECT_EQ(p.a.scalar_type(), torch::kFloat32);
+      // B = 0: the adapted model starts equal to the base model.
+      EXPECT_EQ(p.b.abs().max().item<float>(), 0.0f) << path;
+      // A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform_ with a = sqrt(5)); std = bound/sqrt(3).
+      const double bound = 1.0 / std::sqrt(double(io.first));
+      EXPECT_LE(p.a.abs().max().item<double>(), bound) << path;
+      EXPECT_NEAR(p.a.std().item<double>(), bound / std::sqrt(3.0), 0.1 * bound) << path;
+      EXPECT_NEAR(p.a.mean().item<double>(), 0.0, 0.1 * bound) << path;
+    }
+  }
+  EXPECT_EQ(adapter->bytes(),
+            2 * 4 * 8 *
+                (128 + 128 + 128 + 64 + 128 + 64 + 128 + 128 + 128 + 352 + 128 + 352 + 352 + 128));
+}
+
+TEST_F(LoraAdapterTest, InitIsDeterministicFromTheSeed) {
+  auto a = LoraAdapter::Init(TinyModel(), Config(4, {"q_proj", "down_proj"}), 7);
+  auto b = LoraAdapter::Init(TinyModel(), Config(4, {"down_proj", "q_proj"}), 7);
+  auto c = LoraAdapter::Init(TinyModel(), Config(4, {"q_proj", "down_proj"}), 8);
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  ASSERT_EQ(a->layers.size(), 4u);
+  for (const auto& [path, pair] : a->layers) {
+    EXPECT_TRUE(torch::equal(pair.a, b->layers.at(path).a)) << path;
+    EXPECT_FALSE(torch::equal(pair.a, c->layers.at(path).a)) << path;
+  }
+}
+
+TEST_F(LoraAdapterTest, InitRejectsAnInvalidConfig) {
+  auto adapter = LoraAdapter::Init(TinyModel(), Config(0), 1);
+  ASSERT_FALSE(adapter.ok());
+  EXPECT_THAT(std::string(adapter.status().message()), HasSubstr("'r'"));
+}
+
+TEST_F(LoraAdapterTest, WriteThenReadGivesTheSameAdapter) {
+  LoraConfig config = Config(4, {"v_proj", "gate_proj"});
+  config.alpha = 12.5;
+  config.dropout = 0.05;
+  config.use_rslora = true;
+  config.base_model_name_or_path = "meta-llama/Llama-3.2-1B";
+  auto adapter = LoraAdapter::Init(TinyModel(), config, 3);
+  ASSERT_TRUE(adapter.ok());
+  for (auto& [path, pair] : adapter->layers) pair.b = torch::randn_like(pair.b);
+  const std::string folder = (dir_ / "out" / "adapter").string();
+  ASSERT_TRUE(adapter->WritePeft(folder).ok());
+
+  auto read = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->config.r, 4);
+  EXPECT_EQ(read->config.alpha, 12.5);
+  EXPECT_EQ(read->config.dropout, 0.05);
+  EXPECT_TRUE(read->config.use_rslora);
+  EXPECT_EQ(read->config.base_model_name_or_path, "meta-llama/Llama-3.2-1B");
+  EXPECT_EQ(read->config.target_modules, config.target_modules);
+  ASSERT_EQ(read->layers.size(), adapter->layers.size());
+  for (const auto& [path, pair] : adapter->layers) {
+    ASSERT_TRUE(read->layers.count(path)) << path;
+    EXPECT_TRUE(torch::equal(read->layers.at(path).a, pair.a)) << path;
+    EXPECT_TRUE(torch::equal(read->layers.at(path).b, pair.b)) << path;
+  }
+  EXPECT_TRUE(read->ValidateAgainst(TinyModel()).ok());
+  // Only the folder itself: the temporary folder was renamed into place.
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_ / "out"), fs::directory_iterator()), 1);
+}
+
+TEST_F(LoraAdapterTest, WriteReplacesAnAdapterButNeverAnotherFolder) {
+  auto first = LoraAdapter::Init(TinyModel(), Config(4, {"q_proj"}), 1);
+  auto second = LoraAdapter::Init(TinyModel(), Config(2, {"o_proj"}), 2);
+  ASSERT_TRUE(first.ok() && second.ok());
+  const std::string folder = (dir_ / "adapter").string();
+  ASSERT_TRUE(first->WritePeft(folder).ok());
+  ASSERT_TRUE(second->WritePeft(folder + "/").ok());  // trailing slash names the same folder
+  auto read = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->config.r, 2);
+  EXPECT_EQ(read->config.target_modules, std::vector<std::string>{"o_proj"});
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);
+
+  const fs::path precious = dir_ / "precious";
+  fs::create_directories(precious);
+  std::ofstream(precious / "notes.txt") << "keep me";
+  auto s = first->WritePeft(precious.string());
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("refusing to replace"));
+  EXPECT_TRUE(fs::exists(precious / "notes.txt"));
+}
+
+TEST_F(LoraAdapterTest, WriteRejectsShapesThatDoNotMatchR) {
+  auto adapter = LoraAdapter::Init(TinyModel(), Config(4, {"q_proj"}), 1);
+  ASSERT_TRUE(adapter.ok());
+  adapter->layers.begin()->second.b = torch::zeros({128, 3});
+  auto s = adapter->WritePeft((dir_ / "a").string());
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("q_proj.lora_B.weight has shape [128, 3]"));
+  EXPECT_TRUE(fs::is_empty(dir_));
+}
+
+TEST_F(LoraAdapterTest, ReadAcceptsAdapterNamesInKeysStringTargetAndBf16) {
+  auto weights = QProjWeights("default.weight");
+  weights[1].second = weights[1].second.to(torch::kBFloat16);
+  const std::string folder = WriteFolder("named", R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                              "target_modules": "q_proj", "rank_pattern": {}, "bias": "none"})",
+                                         weights);
+  auto adapter = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const LoraPair& p = adapter->layers.at("model.layers.0.self_attn.q_proj");
+  EXPECT_EQ(p.b.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::equal(p.b, torch::full({128, 4}, 0.5f)));
+  EXPECT_EQ(adapter->config.target_modules, std::vector<std::string>{"q_proj"});
+}
+
+TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
+  ExpectReadError((dir_ / "absent").string(), "does not exist");
+  fs::create_directories(dir_ / "empty");
+  ExpectReadError((dir_ / "empty").string(), "has no adapter_config.json");
+  struct Case {
+    std::string config;
+    std::string what;
+  };
+  const std::vector<Case> cases = {
+      {"not json", "adapter_config.json: not a JSON object"},
+      {R"({"r": 4})", "'peft_type' is missing"},
+      {R"({"peft_type": "IA3", "target_modules": ["q_proj"]})", "'IA3'"},
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": ".*attn.*"})",
+       "pattern '.*attn.*'; lorad does not read regex targets"},
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]})", "'lm_head'"},
+      {R"({"peft_type": "LORA", "r": 4})", "'target_modules' is missing"},
+      {ConfigText(R"("rank_pattern": {"q_proj": 8})"), "'rank_pattern'"},
+      {ConfigText(R"("alpha_pattern": {"q_proj": 8})"), "'alpha_pattern'"},
+      {ConfigText(R"("bias": "all")"), "'bias'"},
+      {ConfigText(R"("use_dora": true)"), "'use_dora'"},
+      {ConfigText(R"("modules_to_save": ["lm_head"])"), "'modules_to_save'"},
+      {R"({"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]})", "'r' must be in"},
+      {R"({"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]})", "'r' must be an"},
+      {ConfigText(R"("lora_dropout": 1.5)"), "'dropout'"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(cases[i].config);
+    const std::string folder =
+        WriteFolder("c" + std::to_string(i), cases[i].config, QProjWeights());
+    ExpectReadError(folder, folder);
+    ExpectReadError(folder, cases[i].what);
+  }
+}
+
+TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
+  auto w = QProjWeights();
+  ExpectReadError(WriteFolder("no_b", ConfigText(), {w[0]}), "has no matching lora_B");
+  ExpectReadError(WriteFolder("no_a", ConfigText(), {w[1]}), "has no matching lora_A");
+  ExpectReadError(WriteFolder("none", ConfigText(), {}), "holds no LoRA weights");
+  ExpectReadError(
+      WriteFolder("bad_key", ConfigText(), {w[0], w[1], {"lm_head.weight", w[0].second}}),
+      "'lm_head.weight' is not a LoRA weight");
+  ExpectReadError(
+      WriteFolder("embed", ConfigText(),
+                  {{"base_model.model.model.embed_tokens.lora_A.weight", torch::ones({4, 8})}}),
+      "not a LoRA target lorad supports");
+  ExpectReadError(WriteFolder("untargeted", ConfigText(),
+                              {w[0],
+                               w[1],
+                               {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
+                                torch::ones({4, 128})}}),
+                  "adapts k_proj, which target_modules");
+  ExpectReadError(
+      WriteFolder("int", ConfigText(), {{w[0].first, torch::ones({4, 128}, torch::kInt32)}, w[1]}),
+      "has dtype I32");
+  ExpectReadError(WriteFolder("rank", ConfigText(), {{w[0].first, torch::ones({5, 128})}, w[1]}),
+                  "has shape [5, 128] but r is 4");
+  ExpectReadError(
+      WriteFolder("nan", ConfigText(), {{w[0].first, torch::full({4, 128}, NAN)}, w[1]}), "NaN");
+  ExpectReadError(
+      WriteFolder("twice", ConfigText(),
+                  {w[0],
+                   w[1],
+                   {w[0].first.substr(0, w[0].first.size() - 6) + "default.weight", w[0].second}}),
+      "two lora_A tensors");
+  const fs::path pickle = dir_ / "pickle";
+  fs::create_directories(pickle);
+  std::ofstream(pickle / "adapter_config.json") << ConfigText();
+  std::ofstream(pickle / "adapter_model.bin") << "pickle";
+  ExpectReadError(pickle.string(), "does not read pickle files");
+}
+
+TEST_F(LoraAdapterTest, ValidateAgainstNamesTensorShapeAndExpectedShape) {
+  auto adapter = LoraAdapter::Init(TinyModel(), Config(8), 1);
+  ASSERT_TRUE(adapter.ok());
+  EXPECT_TRUE(adapter->ValidateAgainst(TinyModel()).ok());
+
+  ModelConfig wider = TinyModel();
+  wider.hidden_size = 256;
+  wider.head_dim = 64;
+  auto s = adapter->ValidateAgainst(wider);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight has shape "
+                        "[128, 8] but the base model's down_proj needs [256, 8]"));
+
+  ModelConfig shallow = TinyModel();
+  shallow.num_hidden_layers = 1;
+  s = adapter->ValidateAgainst(shallow);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model.layers.1."));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("1 layers"));
+
+  ModelConfig mha = TinyModel();  // 4 KV heads instead of 2: k/v outputs double
+  mha.num_key_value_heads = 4;
+  s = adapter->ValidateAgainst(mha);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("k_proj.lora_B.weight has shape [64, 8]"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("needs [128, 8]"));
+}
+
+}  // namespace
+}  // namespace lorad::engine

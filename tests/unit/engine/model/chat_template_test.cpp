@@ -1,0 +1,112 @@
+#include "engine/model/chat_template.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::vector<ChatMessage> kChat = {{"system", "Be brief."}, {"user", "Hi"}};
+
+fs::path Folder(const std::string& name, const std::string& config) {
+  const fs::path dir = fs::path(::testing::TempDir()) / ("chat_template_test_" + name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  if (!config.empty()) std::ofstream(dir / "tokenizer_config.json") << config;
+  return dir;
+}
+
+TEST(ChatTemplate, TinyModelIsChatMl) {
+  auto t = ChatTemplate::FromTokenizerConfig(std::getenv("LORAD_TINY_MODEL"));
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->name(), "chatml");
+  auto text = t->Render({{"user", "hi"}}, /*add_generation_prompt=*/true);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+}
+
+TEST(ChatTemplate, NameOverridesTheFolderTemplateAndKeepsItsTokens) {
+  auto t = ChatTemplate::FromTokenizerConfig(std::getenv("LORAD_TINY_MODEL"), "mistral");
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto text = t->Render(kChat, false);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, "<s> [INST] Be brief.\n\nHi [/INST]");
+}
+
+TEST(ChatTemplate, UnknownNameListsTheKnownOnes) {
+  auto t = ChatTemplate::FromName("vicuna");
+  ASSERT_FALSE(t.ok());
+  for (const std::string& name : ChatTemplate::KnownNames()) {
+    EXPECT_NE(t.status().message().find(name), std::string::npos) << t.status();
+  }
+}
+
+TEST(ChatTemplate, RecognisesFamiliesByTheirMarkers) {
+  EXPECT_EQ(ChatTemplate::Recognize("{{ '<|start_header_id|>' + role }}"), "llama3");
+  EXPECT_EQ(ChatTemplate::Recognize("{{'<|im_start|>' + message['role']}}"), "chatml");
+  EXPECT_EQ(ChatTemplate::Recognize("{{ '[INST] ' + content }}"), "mistral");
+  EXPECT_EQ(ChatTemplate::Recognize("{{ '### Instruction:\\n' }}"), "alpaca");
+  EXPECT_FALSE(ChatTemplate::Recognize("{{ '<start_of_turn>' }}").has_value());
+}
+
+TEST(ChatTemplate, RolesAreValidated) {
+  for (const std::string& name : ChatTemplate::KnownNames()) {
+    auto t = ChatTemplate::FromName(name);
+    ASSERT_TRUE(t.ok());
+    auto tool = t->Render({{"user", "x"}, {"tool", "y"}}, false);
+    ASSERT_FALSE(tool.ok()) << name;
+    EXPECT_NE(tool.status().message().find("'tool'"), std::string::npos) << tool.status();
+    EXPECT_FALSE(t->Render({}, true).ok()) << name;
+  }
+  auto mistral = ChatTemplate::FromName("mistral");
+  ASSERT_TRUE(mistral.ok());
+  auto twice = mistral->Render({{"user", "a"}, {"user", "b"}}, false);
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.status().message().find("alternate"), std::string::npos);
+}
+
+TEST(ChatTemplate, Llama3TrimsContentAndAddsTheAssistantHeader) {
+  auto t = ChatTemplate::FromName("llama3");
+  ASSERT_TRUE(t.ok());
+  auto text = t->Render({{"user", "  hi \n"}}, true);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+}
+
+TEST(ChatTemplate, FolderTemplatesFromListsAndJinjaFiles) {
+  const fs::path listed = Folder("list", R"({"bos_token": "<s>", "chat_template": [
+      {"name": "tool_use", "template": "{{ '[INST]' }}"},
+      {"name": "default", "template": "{{ '<|start_header_id|>' }}"}]})");
+  auto a = ChatTemplate::FromTokenizerConfig(listed.string());
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->name(), "llama3");
+  EXPECT_EQ(a->bos_token(), "<s>");
+
+  const fs::path file = Folder("file", R"({"eos_token": "<|im_end|>"})");
+  std::ofstream(file / "chat_template.jinja") << "{{ '<|im_start|>' }}";
+  auto b = ChatTemplate::FromTokenizerConfig(file.string());
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->name(), "chatml");
+}
+
+TEST(ChatTemplate, MissingOrUnknownFolderTemplatesAreErrorsNamingTheFile) {
+  auto none = ChatTemplate::FromTokenizerConfig(Folder("none", R"({"bos_token": "<s>"})").string());
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("tokenizer_config.json"), std::string::npos);
+  EXPECT_NE(none.status().message().find("chatml"), std::string::npos);
+
+  auto gemma = ChatTemplate::FromTokenizerConfig(
+      Folder("gemma", R"({"chat_template": "{{ '<start_of_turn>' }}"})").string());
+  ASSERT_FALSE(gemma.ok());
+  EXPECT_NE(gemma.status().message().find("chat_template"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lorad::engine

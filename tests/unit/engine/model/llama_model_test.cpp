@@ -1,0 +1,304 @@
+// LlamaModel on the tiny fixture (CPU fp32): bad checkpoints and bad inputs give errors naming
+// what is wrong; the cached and uncached forwards agree; the NF4 base is a quarter-size base that
+// stays close to the float one. Exact agreement with transformers is tests/parity/.
+#include "engine/model/llama_model.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string TinyModel() { return std::getenv("LORAD_TINY_MODEL"); }
+
+std::unique_ptr<LlamaModel> Tiny(BaseWeights base = BaseWeights::kFloat) {
+  LlamaModelOptions options;
+  options.base = base;
+  auto model = LlamaModel::Load(TinyModel(), options);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return model.ok() ? *std::move(model) : nullptr;
+}
+
+ForwardBatch Tokens(std::vector<std::vector<int64_t>> rows) {
+  ForwardBatch batch;
+  size_t width = 0;
+  for (const auto& r : rows) width = std::max(width, r.size());
+  batch.input_ids =
+      torch::zeros({static_cast<int64_t>(rows.size()), static_cast<int64_t>(width)}, torch::kLong);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (size_t t = 0; t < rows[i].size(); ++t) batch.input_ids[i][t] = rows[i][t];
+    batch.lengths.push_back(static_cast<int64_t>(rows[i].size()));
+  }
+  return batch;
+}
+
+// A copy of the fixture in a temporary folder that a test may break.
+class BrokenModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("lorad_llama_model_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    fs::copy_file(fs::path(TinyModel()) / "config.json", dir_ / "config.json");
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  nlohmann::json Config() {
+    std::ifstream in(dir_ / "config.json");
+    return nlohmann::json::parse(in);
+  }
+  void SetConfig(const nlohmann::json& j) { std::ofstream(dir_ / "config.json") << j.dump(); }
+  // The fixture's tensors, with `drop` left out and `replace` swapped in.
+  void WriteCheckpoint(const std::string& drop,
+                       const std::map<std::string, torch::Tensor>& replace = {}) {
+    auto file = SafetensorsFile::Open((fs::path(TinyModel()) / "model.safetensors").string());
+    ASSERT_TRUE(file.ok());
+    std::vector<TensorView> views;
+    for (const TensorView& v : (*file)->tensors()) {
+      if (v.name == drop) continue;
+      auto it = replace.find(v.name);
+      if (it == replace.end()) {
+        views.push_back(v);
+        continue;
+      }
+      TensorView r = v;
+      r.shape = it->second.sizes().vec();
+      r.data = static_cast<const uint8_t*>(it->second.data_ptr());
+      r.nbytes = it->second.nbytes();
+      views.push_back(r);
+    }
+    ASSERT_TRUE(WriteSafetensors((dir_ / "model.safetensors").string(), views).ok());
+  }
+  absl::Status LoadStatus() { return LlamaModel::Load(dir_.string(), {}).status(); }
+
+  fs::path dir_;
+};
+
+TEST_F(BrokenModelTest, ConfigMissingAFieldNamesIt) {
+  WriteCheckpoint("");
+  nlohmann::json j = Config();
+  j.erase("hidden_size");
+  SetConfig(j);
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("hidden_size"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, UnknownArchitectureIsNamed) {
+  WriteCheckpoint("");
+  nlohmann::json j = Config();
+  j["architectures"] = {"GPT2LMHeadModel"};
+  SetConfig(j);
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("GPT2LMHeadModel"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, MissingTensorIsNamed) {
+  WriteCheckpoint("model.layers.1.mlp.up_proj.weight");
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, MissingLmHeadOfAnUntiedModelSaysWhy) {
+  WriteCheckpoint("lm_head.weight");
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("tie_word_embeddings"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, WrongShapeTensorIsNamedWithBothShapes) {
+  const torch::Tensor wrong = torch::zeros({64, 128});  // q_proj is [4 heads x 32, hidden 128]
+  WriteCheckpoint("", {{"model.layers.0.self_attn.q_proj.weight", wrong}});
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("model.layers.0.self_attn.q_proj.weight"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("[64, 128]"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("[128, 128]"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, ConfigThatDisagreesWithTheCheckpointIsAShapeError) {
+  WriteCheckpoint("");
+  nlohmann::json j = Config();
+  j["intermediate_size"] = 256;
+  SetConfig(j);
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("[352, 128]"), std::string::npos) << s;
+}
+
+TEST_F(BrokenModelTest, Qwen2ConfigNeedsItsAttentionBiases) {
+  WriteCheckpoint("");
+  nlohmann::json j = Config();
+  j["architectures"] = {"Qwen2ForCausalLM"};
+  j["model_type"] = "qwen2";
+  j.erase("attention_bias");
+  SetConfig(j);
+  const absl::Status s = LoadStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("model.layers.0.self_attn.q_proj.bias"), std::string::npos) << s;
+}
+
+TEST(LlamaModelTest, BadInputsAreErrorsNotCrashes) {
+  auto model = Tiny();
+  ASSERT_NE(model, nullptr);
+  ForwardBatch batch = Tokens({{1, 2, 3}});
+  batch.input_ids[0][1] = 512;  // vocab is 512
+  auto r = model->Forward(batch, nullptr, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("512"), std::string::npos) << r.status();
+
+  batch = Tokens({{1, 2, 3}});
+  batch.input_ids[0][0] = -1;
+  EXPECT_FALSE(model->Forward(batch, nullptr, {}).ok());
+
+  batch = Tokens({{1, 2, 3}});
+  batch.lengths = {4};
+  r = model->Forward(batch, nullptr, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("lengths[0]"), std::string::npos) << r.status();
+
+  batch.lengths = {3, 3};
+  EXPECT_FALSE(model->Forward(batch, nullptr, {}).ok());
+
+  ForwardBatch empty;
+  EXPECT_FALSE(model->Forward(empty, nullptr, {}).ok());
+  empty.input_ids = torch::zeros({1, 2}, torch::kFloat);
+  EXPECT_FALSE(model->Forward(empty, nullptr, {}).ok());
+}
+
+TEST(LlamaModelTest, KvCacheOverflowAndRowMismatchAreErrors) {
+  auto model = Tiny();
+  ASSERT_NE(model, nullptr);
+  auto cache = model->NewCache(1, 4);
+  ASSERT_TRUE(cache.ok());
+  ASSERT_TRUE(model->Forward(Tokens({{5, 6, 7}}), cache->get(), {}).ok());
+  auto r = model->Forward(Tokens({{8, 9}}), cache->get(), {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("capacity of 4"), std::string::npos) << r.status();
+  EXPECT_EQ((*cache)->lengths(), std::vector<int64_t>{3});  // the failed call changed nothing
+  EXPECT_TRUE(model->Forward(Tokens({{8}}), cache->get(), {}).ok());
+  EXPECT_FALSE(model->Forward(Tokens({{1}, {2}}), cache->get(), {}).ok());
+  EXPECT_FALSE(model->NewCache(0, 4).ok());
+}
+
+TEST(LlamaModelTest, AdapterForAnotherModelIsRefusedWithTheTensorNamed) {
+  auto model = Tiny();
+  ASSERT_NE(model, nullptr);
+  LoraAdapter adapter;
+  adapter.config.r = 4;
+  adapter.layers["model.layers.0.self_attn.q_proj"] = {torch::zeros({4, 256}),
+                                                       torch::zeros({128, 4})};
+  ForwardOptions options;
+  options.adapter = &adapter;
+  auto r = model->Forward(Tokens({{1, 2}}), nullptr, options);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("q_proj.lora_A"), std::string::npos) << r.status();
+}
+
+TEST(LlamaModelTest, CachedDecodeEqualsOneForwardOverTheWholeSequence) {
+  auto model = Tiny();
+  ASSERT_NE(model, nullptr);
+  const std::vector<int64_t> seq = {1, 40, 41, 300, 7, 99, 12};
+  auto full = model->Forward(Tokens({seq}), nullptr, {});
+  ASSERT_TRUE(full.ok());
+  auto cache = model->NewCache(1, 16);
+  ASSERT_TRUE(cache.ok());
+  const std::vector<int64_t> head(seq.begin(), seq.begin() + 4);
+  auto prefill = model->Forward(Tokens({head}), cache->get(), {});
+  ASSERT_TRUE(prefill.ok());
+  EXPECT_TRUE(torch::allclose((*prefill)[0], (*full)[0].narrow(0, 0, 4), 1e-5, 1e-5));
+  ForwardOptions last;
+  last.logits = LogitsMode::kLast;
+  for (size_t t = 4; t < seq.size(); ++t) {
+    auto step = model->Forward(Tokens({{seq[t]}}), cache->get(), last);
+    ASSERT_TRUE(step.ok());
+    EXPECT_EQ(step->sizes(), (std::vector<int64_t>{1, 512}));
+    EXPECT_TRUE(torch::allclose((*step)[0], (*full)[0][t], 1e-5, 1e-5)) << "position " << t;
+  }
+  EXPECT_EQ((*cache)->lengths(), std::vector<int64_t>{7});
+}
+
+TEST(LlamaModelTest, LastLogitsAreEachRowsLastValidPosition) {
+  auto model = Tiny();
+  ASSERT_NE(model, nullptr);
+  const ForwardBatch batch = Tokens({{3, 4, 5, 6}, {7, 8}});
+  auto all = model->Forward(batch, nullptr, {});
+  ForwardOptions options;
+  options.logits = LogitsMode::kLast;
+  auto last = model->Forward(batch, nullptr, options);
+  ASSERT_TRUE(all.ok() && last.ok());
+  EXPECT_TRUE(torch::allclose((*last)[0], (*all)[0][3]));
+  EXPECT_TRUE(torch::allclose((*last)[1], (*all)[1][1]));
+}
+
+TEST(LlamaModelTest, Nf4BaseIsSmallAndCloseToTheFloatBase) {
+  auto f = Tiny(BaseWeights::kFloat);
+  auto q = Tiny(BaseWeights::kNf4);
+  ASSERT_TRUE(f && q);
+  EXPECT_LT(q->bytes(), f->bytes() / 2);  // projections at ~4.5 bits; embeddings stay fp32
+  const ForwardBatch batch = Tokens({{1, 20, 30, 40, 50}});
+  auto a = f->Forward(batch, nullptr, {});
+  auto b = q->Forward(batch, nullptr, {});
+  ASSERT_TRUE(a.ok() && b.ok());
+  const double diff = (*a - *b).abs().max().item<double>();
+  EXPECT_GT(diff, 0);    // it really is quantized
+  EXPECT_LT(diff, 0.5);  // and still the same model
+}
+
+TEST(LlamaModelTest, TrainingLossReachesOnlyTheAdapter) {
+  auto model = Tiny(BaseWeights::kNf4);
+  ASSERT_NE(model, nullptr);
+  LoraConfig config;
+  config.r = 4;
+  auto adapter = LoraAdapter::Init(model->config(), config, 1);
+  ASSERT_TRUE(adapter.ok());
+  for (auto& [path, pair] : adapter->layers) {
+    pair.a.requires_grad_(true);
+    pair.b.requires_grad_(true);
+  }
+  ForwardBatch batch = Tokens({{1, 2, 3, 4, 5}, {6, 7, 8}});
+  const torch::Tensor labels = batch.input_ids.clone();
+  ForwardOptions options;
+  options.adapter = &*adapter;
+  options.train = true;
+  auto loss = model->Loss(batch, labels, options);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  EXPECT_GT(loss->item<double>(), 0);
+  loss->backward();
+  // PEFT's init has B = 0, so only B gets a gradient on the first step.
+  const LoraPair& q = adapter->layers.at("model.layers.0.self_attn.q_proj");
+  ASSERT_TRUE(q.b.grad().defined());
+  EXPECT_GT(q.b.grad().abs().sum().item<double>(), 0);
+  for (const torch::Tensor& t : model->base_tensors()) EXPECT_FALSE(t.grad().defined());
+
+  torch::Tensor bad = labels.clone();
+  bad[1][1] = 9999;
+  EXPECT_FALSE(model->Loss(batch, bad, options).ok());
+  EXPECT_FALSE(model->Loss(batch, labels.narrow(1, 0, 2), options).ok());
+  EXPECT_FALSE(model->Loss(batch, torch::full_like(labels, kIgnoreLabel), options).ok());
+}
+
+TEST(LlamaModelTest, BaseWeightNamesParse) {
+  EXPECT_EQ(*BaseWeightsFromName("none"), BaseWeights::kFloat);
+  EXPECT_EQ(*BaseWeightsFromName("nf4"), BaseWeights::kNf4);
+  auto bad = BaseWeightsFromName("int8");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("nf4"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lorad::engine

@@ -1,0 +1,201 @@
+#include "engine/train/trainer.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "engine/lora/lora_adapter.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/training_checkpoint.h"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_dir_ = std::getenv("LORAD_TINY_MODEL");
+    auto model = LlamaModel::Load(model_dir_, {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+    auto tokenizer = LoadTokenizer(model_dir_);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = *std::move(tokenizer);
+    out_ = fs::temp_directory_path() /
+           ("lorad_trainer_test_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(out_);
+  }
+  void TearDown() override { fs::remove_all(out_); }
+
+  TrainingJobConfig Config(const std::string& sub) const {
+    TrainingJobConfig c;
+    c.data.path = std::string(LORAD_SOURCE_DIR) + "/tests/fixtures/qa_small.jsonl";
+    c.lora.r = 8;
+    c.max_steps = 20;
+    c.micro_batch_size = 2;
+    c.grad_accum = 2;
+    c.learning_rate = 5e-3;
+    c.warmup_steps = 2;
+    c.optimizer = "adamw";
+    c.max_seq_length = 256;
+    c.seed = 11;
+    c.output_dir = (out_ / sub).string();
+    return c;
+  }
+
+  std::string model_dir_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  fs::path out_;
+};
+
+std::vector<double> Losses(const std::vector<TrainingEvent>& events) {
+  std::vector<double> out;
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kStep) out.push_back(e.step.loss);
+  }
+  return out;
+}
+
+TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
+  TrainingJobConfig config = Config("straight");
+  config.lora.dropout = 0.1;  // the RNG state must be restored too
+  config.save_every = 10;
+  std::vector<TrainingEvent> straight;
+  auto a = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { straight.push_back(e); });
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE((*a)->Run().ok());
+
+  config.output_dir = (out_ / "resumed").string();
+  std::vector<TrainingEvent> first, second;
+  {
+    auto b = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(b.ok());
+    while ((*b)->step() < 10) ASSERT_TRUE((*b)->Step().ok());
+    // Stopped here: as if the daemon was killed after the step-10 checkpoint.
+  }
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-10" / "adapter" /
+                         "adapter_model.safetensors"));
+  auto c = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE((*c)->resumed());
+  EXPECT_EQ((*c)->step(), 10);
+  ASSERT_TRUE((*c)->Run().ok());
+
+  std::vector<double> joined = Losses(first);
+  for (double l : Losses(second)) joined.push_back(l);
+  const std::vector<double> expected = Losses(straight);
+  ASSERT_EQ(expected.size(), 20u);
+  ASSERT_EQ(joined.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(joined[i], expected[i]) << "step " << i + 1;
+  ASSERT_EQ(second.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_EQ(second.back().summary.steps, 20);
+}
+
+TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
+  LlamaModelOptions options;
+  options.base = BaseWeights::kNf4;
+  auto nf4 = LlamaModel::Load(model_dir_, options);
+  ASSERT_TRUE(nf4.ok()) << nf4.status();
+  TrainingJobConfig config = Config("learn");
+  config.max_steps = 60;
+  config.grad_accum = 1;
+  config.learning_rate = 2e-2;
+  config.lora.r = 16;
+  config.lora.alpha = 32;
+  config.optimizer = "adamw_8bit";
+  config.weight_decay = 0.0;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(**nf4, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  const std::vector<double> losses = Losses(events);
+  ASSERT_EQ(losses.size(), 60u);
+  EXPECT_LT(losses.back() * 5, losses.front()) << "first " << losses.front() << " last "
+                                               << losses.back();
+  for (const auto& e : events) {
+    if (e.kind != TrainingEvent::Kind::kStep) continue;
+    EXPECT_GT(e.step.tokens, 0);
+    EXPECT_GT(e.step.tokens_per_s, 0);
+    EXPECT_GE(e.step.grad_norm, 0);
+    EXPECT_EQ(e.step.total_steps, 60);
+  }
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  const TrainingSummary& s = events.back().summary;
+  EXPECT_EQ(s.final_loss, losses.back());
+  auto adapter = LoraAdapter::ReadPeft(s.adapter_path);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_EQ(adapter->config.r, 16);
+  EXPECT_EQ(adapter->layers.size(), 14u);  // 7 projections x 2 layers
+}
+
+TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
+  TrainingJobConfig config = Config("eval");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.early_stopping_patience = 1;
+  config.learning_rate = 0.5;  // diverges: the validation loss stops improving
+  config.max_steps = 40;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->validation_rows(), 4);
+  EXPECT_EQ((*t)->train_rows(), 12);
+  ASSERT_TRUE((*t)->Run().ok());
+  int evals = 0;
+  for (const auto& e : events) evals += e.kind == TrainingEvent::Kind::kEval;
+  EXPECT_GE(evals, 2);
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.early_stopped);
+  EXPECT_TRUE(events.back().summary.best_is_eval);
+  EXPECT_LT(events.back().summary.steps, 40);
+}
+
+TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
+  TrainingJobConfig config = Config("cancel");
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->Step().ok());
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  EXPECT_FALSE((*t)->Step().ok());
+}
+
+TEST_F(TrainerTest, BadDatasetLineIsNamed) {
+  fs::create_directories(out_);
+  const std::string path = (out_ / "bad.jsonl").string();
+  std::ofstream(path) << "{\"question\": \"a\", \"answer\": \"b\"}\n{\"question\": 3}\n";
+  TrainingJobConfig config = Config("bad");
+  config.data.path = path;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find(":2"), std::string::npos) << t.status();
+}
+
+TEST_F(TrainerTest, InvalidConfigNamesTheField) {
+  TrainingJobConfig config = Config("invalid");
+  config.grad_accum = 0;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("grad_accum"), std::string::npos) << t.status();
+}
+
+}  // namespace
+}  // namespace lorad::engine

@@ -1,0 +1,98 @@
+#include "engine/train/training_data.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+
+namespace lorad::engine {
+namespace {
+
+TokenizedExample Ex(int n, int32_t first) {
+  TokenizedExample e;
+  for (int i = 0; i < n; ++i) {
+    e.input_ids.push_back(first + i);
+    e.labels.push_back(i == 0 ? kNotTrained : first + i);
+  }
+  e.line = first;
+  return e;
+}
+
+std::vector<TokenizedExample> Examples(int count, int len) {
+  std::vector<TokenizedExample> out;
+  for (int i = 0; i < count; ++i) out.push_back(Ex(len, 100 * i));
+  return out;
+}
+
+TEST(Permutation, DeterministicFromSeedAndAPermutation) {
+  const auto a = Permutation(50, 7, 0);
+  EXPECT_EQ(a, Permutation(50, 7, 0));
+  EXPECT_NE(a, Permutation(50, 8, 0));
+  EXPECT_NE(a, Permutation(50, 7, 1));
+  std::vector<int64_t> sorted = a;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(sorted[i], i);
+}
+
+TEST(TrainingData, ValidationSplitIsDisjointAndSized) {
+  TrainingDataConfig config;
+  config.validation_fraction = 0.25;
+  auto data = TrainingData::FromExamples(Examples(20, 3), {}, config, 64, 42);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_EQ(data->validation().size(), 5u);
+  EXPECT_EQ(data->train().size(), 15u);
+  std::set<int64_t> lines;
+  for (const auto& e : data->train()) lines.insert(e.line);
+  for (const auto& e : data->validation()) EXPECT_EQ(lines.count(e.line), 0u);
+  // Training rows keep file order.
+  for (size_t i = 1; i < data->train().size(); ++i) {
+    EXPECT_LT(data->train()[i - 1].line, data->train()[i].line);
+  }
+}
+
+TEST(TrainingData, ValidationFractionLeavingNothingIsAnError) {
+  TrainingDataConfig config;
+  config.validation_fraction = 0.5;
+  auto data = TrainingData::FromExamples(Examples(1, 3), {}, config, 64, 42);
+  EXPECT_FALSE(data.ok());
+}
+
+TEST(TrainingData, PackingFillsRowsWithoutSplittingExamples) {
+  TrainingDataConfig config;
+  config.packing = true;
+  auto data = TrainingData::FromExamples(Examples(10, 6), {}, config, 20, 1);
+  ASSERT_TRUE(data.ok());
+  EXPECT_EQ(data->train().size(), 4u);  // 3 examples of 6 per 20-token row: 3 + 3 + 3 + 1
+  int64_t tokens = 0;
+  for (const auto& row : data->train()) {
+    EXPECT_LE(row.input_ids.size(), 20u);
+    EXPECT_EQ(row.input_ids.size() % 6, 0u);
+    EXPECT_EQ(row.input_ids.size(), row.labels.size());
+    tokens += static_cast<int64_t>(row.input_ids.size());
+  }
+  EXPECT_EQ(tokens, 60);
+}
+
+TEST(TrainingData, EpochsCoverEveryRowOnceInSeededOrder) {
+  TrainingDataConfig config;
+  auto data = TrainingData::FromExamples(Examples(7, 3), {}, config, 64, 9);
+  ASSERT_TRUE(data.ok());
+  EXPECT_EQ(data->MicroBatchesPerEpoch(2), 4);
+  std::vector<int64_t> epoch0, epoch1;
+  for (int64_t k = 0; k < 4; ++k) {
+    for (int64_t i : data->MicroBatch(k, 2)) epoch0.push_back(i);
+    for (int64_t i : data->MicroBatch(k + 4, 2)) epoch1.push_back(i);
+  }
+  EXPECT_EQ(data->MicroBatch(3, 2).size(), 1u);  // the last of an epoch is short
+  EXPECT_NE(epoch0, epoch1);                     // reshuffled
+  std::sort(epoch0.begin(), epoch0.end());
+  std::sort(epoch1.begin(), epoch1.end());
+  EXPECT_EQ(epoch0, (std::vector<int64_t>{0, 1, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(epoch1, epoch0);
+  config.shuffle = false;
+  auto ordered = TrainingData::FromExamples(Examples(7, 3), {}, config, 64, 9);
+  EXPECT_EQ(ordered->MicroBatch(1, 2), (std::vector<int64_t>{2, 3}));
+}
+
+}  // namespace
+}  // namespace lorad::engine
