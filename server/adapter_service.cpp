@@ -6,17 +6,12 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 #include "server/path_policy.h"
 
 namespace lorad::server {
 namespace {
-
-grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
-  auto* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
 
 // Adapter names appear in metrics labels, file names and chat requests: keep them plain.
 absl::Status CheckName(const std::string& name) {
@@ -49,40 +44,50 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
   out->set_active_requests(info.requests);
 }
 
-AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root)
-    : engine_(engine), adapter_root_(std::move(adapter_root)) {}
+AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
+                               const TokenAuthenticator* auth)
+    : engine_(engine), adapter_root_(std::move(adapter_root)), auth_(auth) {}
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
                                                        lorad::v1::ListAdaptersResponse* response) {
+  if (auth_ != nullptr) {
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok()) return FinishUnary(context, s);
+  }
   for (const auto& info : engine_.adapters().List()) ToProto(info, response->add_adapters());
-  return Finish(context, absl::OkStatus());
+  return FinishUnary(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContext* context,
                                                       const lorad::v1::LoadAdapterRequest* request,
                                                       lorad::v1::Adapter* response) {
-  if (auto s = CheckName(request->name()); !s.ok()) return Finish(context, s);
+  if (auth_ != nullptr) {
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  }
+  if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
   if (request->path().empty()) {
-    return Finish(context, absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
+    return FinishUnary(context, absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
   }
   auto folder = ResolveInsideRoot(adapter_root_, request->path(), "path");
-  if (!folder.ok()) return Finish(context, folder.status());
+  if (!folder.ok()) return FinishUnary(context, folder.status());
   auto version = engine_.adapters().LoadPeft(request->name(), *folder);
-  if (!version.ok()) return Finish(context, version.status());
+  if (!version.ok()) return FinishUnary(context, version.status());
   for (const auto& info : engine_.adapters().List()) {
     if (info.name == request->name() && info.version == *version) ToProto(info, response);
   }
-  return Finish(context, absl::OkStatus());
+  return FinishUnary(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     grpc::CallbackServerContext* context, const lorad::v1::UnloadAdapterRequest* request,
     lorad::v1::UnloadAdapterResponse* response) {
-  if (auto s = CheckName(request->name()); !s.ok()) return Finish(context, s);
+  if (auth_ != nullptr) {
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  }
+  if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
   std::optional<int64_t> version;
   if (request->version() < 0) {
-    return Finish(context, absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
+    return FinishUnary(context, absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
   }
   if (request->version() > 0) version = request->version();
   for (const auto& info : engine_.adapters().List()) {

@@ -9,12 +9,15 @@
 
 #include "engine/runtime/engine.h"
 #include "lorad/v1/adapters.grpc.pb.h"
+#include "server/token_authenticator.h"
 
 namespace lorad::server {
 
 class AdapterService final : public lorad::v1::AdapterService::CallbackService {
  public:
-  AdapterService(engine::Engine& engine, std::string adapter_root);
+  // `auth` (may be null: open): listing needs the user role, loading and unloading admin.
+  AdapterService(engine::Engine& engine, std::string adapter_root,
+                 const TokenAuthenticator* auth = nullptr);
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -29,6 +32,7 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
  private:
   engine::Engine& engine_;
   std::string adapter_root_;
+  const TokenAuthenticator* auth_;
 };
 
 // The proto view of one adapter version.

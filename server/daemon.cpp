@@ -6,6 +6,8 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "lorad/v1/adapters.grpc.pb.h"
@@ -18,6 +20,14 @@
 
 namespace lorad::server {
 namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& key) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read '", path, "'"));
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
 
 // The services the daemon exposes.
 constexpr const char* kServiceNames[] = {
@@ -81,6 +91,7 @@ absl::Status Daemon::Start() {
                                                    config_.storage.data_dir, "': ", ec.message()));
   }
 
+  if (auto s = LoadTokens(); !s.ok()) return s;
   if (auto s = OpenJobStore(); !s.ok()) return s;
   RegisterProcessMetrics();
   // HTTP first: /healthz says "loading" while the model loads.
@@ -217,6 +228,25 @@ absl::Status Daemon::OpenJobStore() {
   return absl::OkStatus();
 }
 
+absl::Status Daemon::LoadTokens() {
+  for (size_t i = 0; i < config_.auth.tokens.size(); ++i) {
+    const AuthToken& t = config_.auth.tokens[i];
+    auto role = RoleFromName(t.role);
+    absl::Status added = role.ok() ? auth_.Add(t.token, *role, t.name) : role.status();
+    if (!added.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(t.where, ": auth.tokens[", i, "]: ", added.message()));
+    }
+  }
+  if (auth_.enabled()) {
+    spdlog::info("{} bearer token(s) configured", config_.auth.tokens.size());
+  } else {
+    spdlog::warn("no auth.tokens configured: every caller of {} is an admin",
+                 config_.server.grpc_address);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Daemon::StartGrpc() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -227,16 +257,26 @@ absl::Status Daemon::StartGrpc() {
   JobRunner* runner = job_runner_.get();
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
+  training.auth = &auth_;
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
   InferenceLimits inference;
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
   inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
-  services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference));
-  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_));
+  services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
+  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_));
 
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config_.server.grpc_address, grpc::InsecureServerCredentials(),
-                           &grpc_port_);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!config_.server.tls_cert_file.empty()) {
+    auto cert = ReadFile(config_.server.tls_cert_file, "server.tls_cert_file");
+    if (!cert.ok()) return cert.status();
+    auto key = ReadFile(config_.server.tls_key_file, "server.tls_key_file");
+    if (!key.ok()) return key.status();
+    grpc::SslServerCredentialsOptions tls;
+    tls.pem_key_cert_pairs.push_back({*key, *cert});
+    credentials = grpc::SslServerCredentials(tls);
+  }
+  builder.AddListeningPort(config_.server.grpc_address, credentials, &grpc_port_);
   // gRPC sets SO_REUSEPORT by default, which lets a second daemon silently share the port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config_.server.max_request_bytes));

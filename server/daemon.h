@@ -20,6 +20,7 @@
 #include "server/metrics_registry.h"
 #include "server/server_config.h"
 #include "server/serving_state.h"
+#include "server/token_authenticator.h"
 
 namespace grpc {
 class Server;
@@ -46,6 +47,7 @@ class Daemon {
   absl::Status StartGrpc();
   absl::Status OpenJobStore();
   absl::Status StartEngine();
+  absl::Status LoadTokens();
   void RegisterEngineMetrics();
   void RegisterProcessMetrics();
 
@@ -59,6 +61,7 @@ class Daemon {
   JobEventHub job_events_;
   std::string dataset_root_;
   std::string adapter_root_;
+  TokenAuthenticator auth_;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<JobRunner> job_runner_;
   std::vector<std::unique_ptr<grpc::Service>> services_;

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/tokenizer.h"
+#include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 
 namespace lorad::server {
@@ -247,9 +248,10 @@ absl::Status CheckAdapterVersion(engine::Engine& engine, const std::string& name
 }  // namespace
 
 InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metrics,
-                                   InferenceLimits limits)
+                                   InferenceLimits limits, const TokenAuthenticator* auth)
     : engine_(engine),
       limits_(limits),
+      auth_(auth),
       metrics_{metrics.AddHistogram("lorad_time_to_first_token_seconds",
                                     "Time from submission to the first generated token", {},
                                     LatencyBucketsSeconds()),
@@ -269,6 +271,9 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
   auto* stream = new GenerateStream(engine_, metrics_);
+  if (auth_ != nullptr) {
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok()) request = s;
+  }
   if (request.ok()) request->deadline = DeadlineOf(context);
   stream->Begin(std::move(request));
   return stream;

@@ -11,6 +11,7 @@
 #include "engine/runtime/engine.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "server/metrics_registry.h"
+#include "server/token_authenticator.h"
 
 namespace lorad::server {
 
@@ -22,7 +23,9 @@ struct InferenceLimits {
 
 class InferenceService final : public lorad::v1::InferenceService::CallbackService {
  public:
-  InferenceService(engine::Engine& engine, MetricsRegistry& metrics, InferenceLimits limits);
+  // `auth` (may be null: open) must outlive the service; every call needs the user role.
+  InferenceService(engine::Engine& engine, MetricsRegistry& metrics, InferenceLimits limits,
+                   const TokenAuthenticator* auth = nullptr);
 
   grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Generate(
       grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) override;
@@ -45,6 +48,7 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
 
   engine::Engine& engine_;
   InferenceLimits limits_;
+  const TokenAuthenticator* auth_;
   Metrics metrics_;
 };
 

@@ -93,6 +93,66 @@ Field DoubleField(const std::string& key, std::function<double&(ServerConfig&)> 
   return f;
 }
 
+Field BoolField(const std::string& key, std::function<bool&(ServerConfig&)> ref) {
+  Field f;
+  f.set = [key, ref](ServerConfig& c, const YAML::Node& n, const std::string& where) -> absl::Status {
+    const std::string v = n.IsScalar() ? n.Scalar() : "";
+    if (v == "true" || v == "yes" || v == "on") {
+      ref(c) = true;
+    } else if (v == "false" || v == "no" || v == "off") {
+      ref(c) = false;
+    } else {
+      return TypeError(where, key, "true or false", n);
+    }
+    return absl::OkStatus();
+  };
+  f.show = [ref](const ServerConfig& c) {
+    return ref(const_cast<ServerConfig&>(c)) ? std::string("true") : std::string("false");
+  };
+  return f;
+}
+
+// auth.tokens: a list of {name, role, token} mappings.
+Field TokensField() {
+  Field f;
+  f.set = [](ServerConfig& c, const YAML::Node& n, const std::string& where) -> absl::Status {
+    if (!n.IsSequence()) return TypeError(where, "auth.tokens", "a list of {name, role, token}", n);
+    c.auth.tokens.clear();
+    for (size_t i = 0; i < n.size(); ++i) {
+      const YAML::Node& item = n[i];
+      const std::string at = absl::StrCat(where.substr(0, where.rfind(':')), ":",
+                                          item.Mark().line + 1);
+      const std::string key = absl::StrCat("auth.tokens[", i, "]");
+      if (!item.IsMap()) return TypeError(at, key, "a mapping {name, role, token}", item);
+      AuthToken t;
+      t.where = at;
+      for (const auto& kv : item) {
+        const std::string k = kv.first.Scalar();
+        if (!kv.second.IsScalar()) return TypeError(at, key + "." + k, "a string", kv.second);
+        if (k == "name") {
+          t.name = kv.second.Scalar();
+        } else if (k == "role") {
+          t.role = kv.second.Scalar();
+        } else if (k == "token") {
+          t.token = kv.second.Scalar();
+        } else {
+          return absl::InvalidArgumentError(
+              absl::StrCat(at, ": ", key, ": unknown key '", k, "' (known: name, role, token)"));
+        }
+      }
+      if (t.role != "user" && t.role != "admin") {
+        return absl::InvalidArgumentError(
+            absl::StrCat(at, ": ", key, ".role: '", t.role, "' is not one of user, admin"));
+      }
+      if (t.name.empty()) t.name = key;
+      c.auth.tokens.push_back(std::move(t));
+    }
+    return absl::OkStatus();
+  };
+  f.show = [](const ServerConfig& c) { return absl::StrCat("[", c.auth.tokens.size(), " tokens]"); };
+  return f;
+}
+
 // The schema: every key lorad knows, in file order. Add a key here and to ServerConfig.
 const std::map<std::string, Field>& Schema() {
   static const auto* kSchema = new std::map<std::string, Field>{
@@ -144,6 +204,16 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "server.shutdown_grace_seconds",
            [](ServerConfig& c) -> int64_t& { return c.server.shutdown_grace_seconds; }, 0, 3600)},
+      {"server.tls_cert_file",
+       StringField("server.tls_cert_file",
+                   [](ServerConfig& c) -> std::string& { return c.server.tls_cert_file; })},
+      {"server.tls_key_file",
+       StringField("server.tls_key_file",
+                   [](ServerConfig& c) -> std::string& { return c.server.tls_key_file; })},
+      {"auth.tokens", TokensField()},
+      {"auth.allow_remote_without_tokens",
+       BoolField("auth.allow_remote_without_tokens",
+                 [](ServerConfig& c) -> bool& { return c.auth.allow_remote_without_tokens; })},
       {"storage.data_dir",
        StringField("storage.data_dir",
                    [](ServerConfig& c) -> std::string& { return c.storage.data_dir; })},
@@ -293,6 +363,19 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   }
   if (config.storage.data_dir.empty()) {
     return absl::InvalidArgumentError("storage.data_dir: must not be empty");
+  }
+  if (config.server.tls_cert_file.empty() != config.server.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "server.tls_cert_file and server.tls_key_file: give both (TLS) or neither");
+  }
+  if (config.auth.tokens.empty() && !config.auth.allow_remote_without_tokens) {
+    const std::string host = SplitHostPort(config.server.grpc_address)->first;
+    if (host != "127.0.0.1" && host != "localhost" && host != "[::1]" && host != "::1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "server.grpc_address: ", config.server.grpc_address,
+          " is reachable from other machines but no auth.tokens are configured; add tokens, "
+          "bind to 127.0.0.1, or set auth.allow_remote_without_tokens: true"));
+    }
   }
   return absl::OkStatus();
 }

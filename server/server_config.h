@@ -13,6 +13,14 @@
 
 namespace lorad::server {
 
+// One bearer token from auth.tokens.
+struct AuthToken {
+  std::string name;   // who, for logs (never the token itself)
+  std::string role;   // user | admin
+  std::string token;  // at least 16 characters
+  std::string where;  // file:line, for errors found later
+};
+
 struct ServerConfig {
   struct Model {
     std::string path;             // Hugging Face model folder (config.json, safetensors, tokenizer)
@@ -32,7 +40,15 @@ struct ServerConfig {
     std::string http_address = "127.0.0.1:8080";  // /metrics and /healthz
     int64_t max_request_bytes = 4 << 20;          // largest gRPC message accepted
     int64_t shutdown_grace_seconds = 10;          // how long in-flight RPCs get on shutdown
+    std::string tls_cert_file;  // PEM; with tls_key_file, gRPC serves TLS only
+    std::string tls_key_file;
   } server;
+  struct Auth {
+    // Empty: every caller is an admin, and the gRPC address must be loopback unless
+    // allow_remote_without_tokens says otherwise.
+    std::vector<AuthToken> tokens;
+    bool allow_remote_without_tokens = false;
+  } auth;
   struct Storage {
     std::string data_dir = "lorad-data";  // job database, checkpoints, adapters
     // Datasets named by jobs must resolve inside this folder; empty = <data_dir>/datasets.

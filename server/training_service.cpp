@@ -4,6 +4,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 
 namespace lorad::server {
@@ -16,12 +17,6 @@ void SetTime(google::protobuf::Timestamp* ts, int64_t ms) {
   ts->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
 }
 
-grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
-  auto* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
-
 absl::Status RequireJobId(const std::string& id) {
   if (id.empty()) return absl::InvalidArgumentError("job_id: is empty");
   return absl::OkStatus();
@@ -32,8 +27,13 @@ absl::Status RequireJobId(const std::string& id) {
 // the history already holds are dropped.
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
-  WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request)
+  WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
+                  const absl::Status& authorized)
       : events_(events) {
+    if (!authorized.ok()) {
+      Finish(ToGrpcStatus(authorized));
+      return;
+    }
     if (request.job_id().empty()) {
       Finish(ToGrpcStatus(absl::InvalidArgumentError("job_id: is empty")));
       return;
@@ -222,65 +222,74 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
 grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext* context,
                                                      const lorad::v1::SubmitJobRequest* request,
                                                      lorad::v1::Job* response) {
+  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
   lorad::v1::JobSpec spec = request->spec();
   auto dataset = ValidateJobSpec(spec, options_.spec_limits);
-  if (!dataset.ok()) return Finish(context, dataset.status());
+  if (!dataset.ok()) return FinishUnary(context, dataset.status());
   auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
                               TotalSteps(spec, dataset->examples), options_.max_queued_jobs);
-  if (!record.ok()) return Finish(context, record.status());
+  if (!record.ok()) return FinishUnary(context, record.status());
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();
-  return Finish(context, FillJob(*record, response));
+  return FinishUnary(context, FillJob(*record, response));
 }
 
 grpc::ServerUnaryReactor* TrainingService::GetJob(grpc::CallbackServerContext* context,
                                                   const lorad::v1::GetJobRequest* request,
                                                   lorad::v1::Job* response) {
-  if (auto s = RequireJobId(request->job_id()); !s.ok()) return Finish(context, s);
+  if (auto s = Authorize(context, Role::kUser); !s.ok()) return FinishUnary(context, s);
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
   auto record = store_.Get(request->job_id());
-  if (!record.ok()) return Finish(context, record.status());
-  return Finish(context, FillJob(*record, response));
+  if (!record.ok()) return FinishUnary(context, record.status());
+  return FinishUnary(context, FillJob(*record, response));
 }
 
 grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext* context,
                                                     const lorad::v1::ListJobsRequest* request,
                                                     lorad::v1::ListJobsResponse* response) {
+  if (auto s = Authorize(context, Role::kUser); !s.ok()) return FinishUnary(context, s);
   std::vector<JobState> states;
   for (int s : request->states()) {
     if (s < 1 || s > 5) {
-      return Finish(context,
+      return FinishUnary(context,
                     absl::InvalidArgumentError(absl::StrCat("states: ", s, " is not a job state")));
     }
     states.push_back(static_cast<JobState>(s));
   }
   const int32_t page_size = request->page_size() == 0 ? 50 : request->page_size();
   auto page = store_.List(states, page_size, request->page_token());
-  if (!page.ok()) return Finish(context, page.status());
+  if (!page.ok()) return FinishUnary(context, page.status());
   for (const auto& record : page->jobs) {
-    if (auto s = FillJob(record, response->add_jobs()); !s.ok()) return Finish(context, s);
+    if (auto s = FillJob(record, response->add_jobs()); !s.ok()) return FinishUnary(context, s);
   }
   response->set_next_page_token(page->next_page_token);
-  return Finish(context, absl::OkStatus());
+  return FinishUnary(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext* context,
                                                      const lorad::v1::CancelJobRequest* request,
                                                      lorad::v1::Job* response) {
-  if (auto s = RequireJobId(request->job_id()); !s.ok()) return Finish(context, s);
+  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
   auto before = store_.Get(request->job_id());
-  if (!before.ok()) return Finish(context, before.status());
+  if (!before.ok()) return FinishUnary(context, before.status());
   auto record = store_.Cancel(request->job_id());
-  if (!record.ok()) return Finish(context, record.status());
+  if (!record.ok()) return FinishUnary(context, record.status());
   if (!IsTerminal(before->state) && record->state == JobState::kCancelled) {
     if (options_.on_cancel) options_.on_cancel(record->id);
     events_.Publish(StateEvent(record->id, JobState::kCancelled, record->finished_ms));
   }
-  return Finish(context, FillJob(*record, response));
+  return FinishUnary(context, FillJob(*record, response));
 }
 
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
-    grpc::CallbackServerContext* /*context*/, const lorad::v1::WatchJobRequest* request) {
-  return new WatchJobReactor(store_, events_, *request);
+    grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
+  return new WatchJobReactor(store_, events_, *request, Authorize(context, Role::kUser));
+}
+
+absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context,
+                                        Role needed) const {
+  return options_.auth ? AuthorizeCall(*options_.auth, *context, needed) : absl::OkStatus();
 }
 
 }  // namespace lorad::server

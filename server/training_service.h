@@ -13,6 +13,7 @@
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
+#include "server/token_authenticator.h"
 
 namespace lorad::server {
 
@@ -23,6 +24,8 @@ struct TrainingServiceOptions {
   std::function<void()> on_submit;
   // Called after a job is cancelled, so a running job can be stopped (set by the job runner).
   std::function<void(const std::string& job_id)> on_cancel;
+  // Bearer tokens (none configured: open). Submit and cancel need admin; reads need user.
+  const TokenAuthenticator* auth = nullptr;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {
@@ -45,6 +48,7 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
       grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) override;
 
  private:
+  absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed) const;
   // The proto view of a stored job, with its latest step.
   absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
 

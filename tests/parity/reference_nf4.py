@@ -41,7 +41,10 @@ def weight(shape, dtype, seed):
     flat = w.view(-1)
     idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), generator=g)
     flat[idx] *= 40
-    flat[: min(64, flat.numel())] = 0
+    # The zero block is a full one: bitsandbytes' CPU backend clamps a *short last* block's absmax
+    # to 1e-38 (its CUDA kernel and lorad store 0), a difference that changes no dequantized value.
+    if flat.numel() >= 128:
+        flat[:64] = 0
     return w.to(dtype)
 
 

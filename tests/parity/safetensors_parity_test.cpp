@@ -62,7 +62,8 @@ TEST(SafetensorsParity, ReadsEveryDtypePythonWrote) {
   const auto ref = ReadJson(ReferenceDir() + "/all_dtypes.json");
   auto file = SafetensorsFile::Open(ReferenceDir() + "/all_dtypes.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
-  EXPECT_EQ((*file)->metadata(), ref["metadata"].get<std::map<std::string, std::string>>());
+  using Metadata = std::map<std::string, std::string>;
+  EXPECT_EQ((*file)->metadata(), ref["metadata"].get<Metadata>());
   ASSERT_EQ((*file)->tensors().size(), ref["tensors"].size());
   for (const auto& [name, want] : ref["tensors"].items()) {
     SCOPED_TRACE(name);

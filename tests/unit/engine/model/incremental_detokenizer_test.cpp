@@ -100,18 +100,40 @@ TEST(IncrementalDetokenizer, RandomMultilingualTextStreamsToTheFullDecode) {
   }
 }
 
-TEST(IncrementalDetokenizer, HoldsBackByteFallbackTokensUntilTheCharacterIsWhole) {
+TEST(IncrementalDetokenizer, HoldsBackAByteFallbackRunUntilItEnds) {
   auto tok = LoadTokenizer(std::getenv("LORAD_TINY_MODEL"));
   ASSERT_TRUE(tok.ok()) << tok.status();
   const auto ids = (*tok)->Encode("語", false);  // "▁", <0xE8>, <0xAA>, <0x9E>
   ASSERT_EQ(ids.size(), 4u);
   IncrementalDetokenizer detok(**tok, true);
   EXPECT_EQ(detok.Add(ids[0]), "");  // the leading "▁" is stripped, as Decode does
+  // transformers decodes a run of byte pieces as a whole (ByteFallback): the run is held until
+  // a piece that is not a byte, or the end.
   EXPECT_EQ(detok.Add(ids[1]), "");
   EXPECT_EQ(detok.Add(ids[2]), "");
-  EXPECT_EQ(detok.pending_bytes(), 2u);
-  EXPECT_EQ(detok.Add(ids[3]), "語");
-  EXPECT_EQ(detok.Finish(), "");
+  EXPECT_EQ(detok.Add(ids[3]), "");
+  EXPECT_EQ(detok.Finish(), "語");
+
+  IncrementalDetokenizer again(**tok, true);
+  for (int32_t id : ids) again.Add(id);
+  const auto a = (*tok)->Encode(" a", false);
+  std::string tail;
+  for (int32_t id : a) tail += again.Add(id);
+  EXPECT_EQ(tail, "語 a");
+}
+
+TEST(IncrementalDetokenizer, AnIllFormedByteRunIsOneReplacementPerPieceAsTransformersDecodes) {
+  auto tok = LoadTokenizer(std::getenv("LORAD_TINY_MODEL"));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  // "A" then the first two bytes of "語" and no third: ill-formed as a run.
+  const auto lead = (*tok)->Encode("語", false);
+  std::vector<int32_t> ids = {*(*tok)->IdOf("<0x41>"), lead[1], lead[2]};
+  IncrementalDetokenizer detok(**tok, true);
+  std::string text;
+  for (int32_t id : ids) text += detok.Add(id);
+  text += detok.Finish();
+  EXPECT_EQ(text, (*tok)->Decode(ids, true));
+  EXPECT_EQ(text, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
 TEST(IncrementalDetokenizer, StripsOnlyTheFirstSpaceOfTheStream) {

@@ -10,6 +10,8 @@
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/train/dataset_reader.h"
+#include "engine/train/example_formatter.h"
 #include "engine/train/training_checkpoint.h"
 
 namespace lorad::engine {
@@ -102,6 +104,11 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_EQ(second.back().summary.steps, 20);
 }
 
+// The learning requirement of the trainer issue: 60 steps on the Q&A fixture lower the loss at
+// least 5x, and greedy answers to the training questions then contain the reference answers.
+// The fixture model is tiny (2 layers, hidden 128) with frozen random embeddings, so it needs a
+// wider adapter and more examples per step than the notebook recipe: r=32, 8 examples per step,
+// a constant rate. Measured: 6.47 -> 0.99.
 TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
   LlamaModelOptions options;
   options.base = BaseWeights::kNf4;
@@ -109,10 +116,13 @@ TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
   ASSERT_TRUE(nf4.ok()) << nf4.status();
   TrainingJobConfig config = Config("learn");
   config.max_steps = 60;
+  config.micro_batch_size = 8;
   config.grad_accum = 1;
-  config.learning_rate = 2e-2;
-  config.lora.r = 16;
-  config.lora.alpha = 32;
+  config.learning_rate = 3e-3;
+  config.schedule = "constant";
+  config.warmup_steps = 5;
+  config.lora.r = 32;
+  config.lora.alpha = 64;
   config.optimizer = "adamw_8bit";
   config.weight_decay = 0.0;
   std::vector<TrainingEvent> events;
@@ -122,8 +132,8 @@ TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
   ASSERT_TRUE((*t)->Run().ok());
   const std::vector<double> losses = Losses(events);
   ASSERT_EQ(losses.size(), 60u);
-  EXPECT_LT(losses.back() * 5, losses.front()) << "first " << losses.front() << " last "
-                                               << losses.back();
+  EXPECT_LT(losses.back() * 5, losses.front())
+      << "first " << losses.front() << " last " << losses.back();
   for (const auto& e : events) {
     if (e.kind != TrainingEvent::Kind::kStep) continue;
     EXPECT_GT(e.step.tokens, 0);
@@ -136,8 +146,49 @@ TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
   EXPECT_EQ(s.final_loss, losses.back());
   auto adapter = LoraAdapter::ReadPeft(s.adapter_path);
   ASSERT_TRUE(adapter.ok()) << adapter.status();
-  EXPECT_EQ(adapter->config.r, 16);
+  EXPECT_EQ(adapter->config.r, 32);
   EXPECT_EQ(adapter->layers.size(), 14u);  // 7 projections x 2 layers
+
+  // Greedy answers: each question formatted as in training (the prompt part of the example),
+  // then decoded token by token with the trained adapter on the NF4 base.
+  auto formatter = ExampleFormatter::Create(*tokenizer_, model_dir_, {});
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  auto reader = DatasetReader::Open(config.data.path);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  int answered = 0, asked = 0;
+  while (true) {
+    auto next = (*reader)->Next();
+    ASSERT_TRUE(next.ok()) << next.status();
+    if (!next->has_value()) break;
+    auto example = formatter->Format(**next);
+    ASSERT_TRUE(example.ok()) << example.status();
+    std::vector<int64_t> ids;
+    for (size_t i = 0; i < example->input_ids.size() && example->labels[i] == kNotTrained; ++i) {
+      ids.push_back(example->input_ids[i]);
+    }
+    const std::string answer = (*next)->messages.back().content;
+    std::vector<int32_t> generated;
+    ForwardOptions forward;
+    forward.adapter = &*adapter;
+    forward.logits = LogitsMode::kLast;
+    for (int step = 0; step < 32; ++step) {
+      ForwardBatch batch;
+      batch.input_ids = torch::tensor(ids, torch::kLong).unsqueeze(0);
+      auto logits = (*nf4)->Forward(batch, nullptr, forward);
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      const int32_t next_id = static_cast<int32_t>(logits->argmax(-1).item<int64_t>());
+      if (tokenizer_->IsEos(next_id)) break;
+      generated.push_back(next_id);
+      ids.push_back(next_id);
+    }
+    const std::string text = tokenizer_->Decode(generated, /*skip_special_tokens=*/true);
+    ++asked;
+    if (text.find(answer) != std::string::npos) ++answered;
+    std::cout << "[learn] " << (text.find(answer) != std::string::npos ? "ok  " : "miss")
+              << " want \"" << answer << "\" got \"" << text << "\"\n";
+  }
+  EXPECT_EQ(asked, 16);
+  EXPECT_GE(answered, 14) << "of " << asked << " training questions answered";
 }
 
 TEST_F(TrainerTest, EvaluatesAndStopsEarly) {

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Pairs the "RESULT k=v ..." lines of lorad's engine benches with the baseline's from the same
+run and prints each lorad figure next to its baseline and their ratio (lorad / baseline).
+
+  engine_bench_report.py train LOG...      trainer_bench vs hf_baseline.py train
+  engine_bench_report.py generate LOG...   generation_bench vs hf_baseline.py generate
+
+A missing side prints as "-" (e.g. when lorad failed): the report never hides a row.
+"""
+import sys
+
+
+def parse(paths):
+    rows = []
+    for path in paths:
+        try:
+            lines = open(path, errors="replace").read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith("RESULT "):
+                rows.append(dict(kv.split("=", 1) for kv in line.split()[1:]))
+    return rows
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def report_train(rows):
+    rows = [r for r in rows if r.get("bench") == "train"]
+    # The baseline is the loop without gradient checkpointing (lorad's trainer keeps every
+    # activation too); the checkpointed one is printed for reference.
+    base = next((r for r in rows if r["system"] == "hf" and r.get("gc") == "off"), None)
+    print("Training: tokens/s and peak GPU memory (ratio = lorad / transformers+PEFT bf16 LoRA, "
+          "no gradient checkpointing)")
+    print(f"{'system':<44} {'tokens/s':>10} {'ratio':>7} {'peak GiB':>9} {'ratio':>7}")
+    for r in rows:
+        tps, peak = float(r["tokens_per_s"]), float(r["peak_gib"])
+        if r["system"] == "lorad":
+            base_name = "bf16 (unquantized)" if r["base"] == "none" else r["base"]
+            label = f"lorad {base_name} base, {r['optimizer']}"
+            t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None
+            m_ratio = ratio(peak, float(base["peak_gib"])) if base else None
+        else:
+            label = f"transformers+PEFT bf16, adamw, grad ckpt {r.get('gc')}"
+            t_ratio = m_ratio = None
+        print(f"{label:<44} {tps:>10.0f} {fmt(t_ratio, '>7.2f')} {peak:>9.2f} "
+              f"{fmt(m_ratio, '>7.2f')}")
+
+
+def report_generate(rows):
+    rows = [r for r in rows if r.get("bench") == "generate"]
+    hf = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "hf"}
+    lorad = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "lorad"}
+    keys = sorted(set(hf) | set(lorad), key=lambda k: (float(k[2]), int(k[0]), int(k[1])))
+    print("Generation: tokens/s (ratio = lorad NF4 / transformers bf16 generate; with adapters the "
+          "baseline is PEFT's mixed-adapter batch)")
+    print(f"{'batch':>5} {'adapters':>8} {'rep':>5} | {'lorad decode':>12} {'hf decode':>10} "
+          f"{'ratio':>6} | {'lorad e2e':>10} {'hf e2e':>10} {'ratio':>6} | "
+          f"{'lorad GiB':>9} {'hf GiB':>7}")
+    for key in keys:
+        lo, ba = lorad.get(key), hf.get(key)
+
+        def get(r, field):
+            return None if r is None else float(r[field])
+
+        ld, hd = get(lo, "decode_tokens_per_s"), get(ba, "decode_tokens_per_s")
+        le, he = get(lo, "e2e_tokens_per_s"), get(ba, "e2e_tokens_per_s")
+        print(f"{key[0]:>5} {key[1]:>8} {key[2]:>5} | {fmt(ld, '>12.1f')} {fmt(hd, '>10.1f')} "
+              f"{fmt(ratio(ld, hd), '>6.2f')} | {fmt(le, '>10.1f')} {fmt(he, '>10.1f')} "
+              f"{fmt(ratio(le, he), '>6.2f')} | {fmt(get(lo, 'peak_gib'), '>9.2f')} "
+              f"{fmt(get(ba, 'peak_gib'), '>7.2f')}")
+
+
+def main():
+    if len(sys.argv) < 3 or sys.argv[1] not in ("train", "generate"):
+        sys.exit(__doc__)
+    rows = parse(sys.argv[2:])
+    report_train(rows) if sys.argv[1] == "train" else report_generate(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+// trainer_bench: tokens/s and peak GPU memory of lorad's QLoRA Trainer (issue 4's benchmark).
+//
+// Loads the model folder as the daemon does on CUDA (engine/runtime/engine.cpp: bf16 compute,
+// NF4 base by default), runs one training job through the same Trainer the GPU loop steps, and
+// times each micro-batch with the device synchronized around it. The first --warmup steps
+// (kernel loading, allocator growth, optimizer state creation) are not timed; the peak memory is
+// reset after them, so it is the steady-state peak with the base weights counted, as
+// torch.cuda.max_memory_allocated() after torch.cuda.reset_peak_memory_stats() on the Python side.
+// The job's last step writes the final checkpoint and adapter to disk, so it is run but not timed.
+//
+// Prints a human-readable summary and one "RESULT k=v ..." line that
+// bench/engine_bench_report.py pairs with the transformers + PEFT baseline's.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "bench/bench_args.h"
+#include "bench/gpu_stats.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/trainer.h"
+#include "engine/train/training_job_config.h"
+
+namespace lorad::bench {
+namespace {
+
+using engine::TrainingEvent;
+using Clock = std::chrono::steady_clock;
+
+int Run(const BenchArgs& args) {
+  const bool cuda = GpuStats::Available();
+  engine::LlamaModelOptions model_options;
+  auto base = engine::BaseWeightsFromName(args.Get("base"));
+  if (!base.ok()) {
+    std::fprintf(stderr, "--base: %s\n", std::string(base.status().message()).c_str());
+    return 2;
+  }
+  model_options.base = *base;
+  if (cuda) {
+    model_options.device = torch::Device(torch::kCUDA, 0);
+    model_options.dtype = torch::kBFloat16;
+  }
+  const std::string folder = args.Get("model");
+  const Clock::time_point load_start = Clock::now();
+  auto model = engine::LlamaModel::Load(folder, model_options);
+  if (!model.ok()) {
+    std::fprintf(stderr, "loading the model: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  GpuStats::Synchronize();
+  const double load_s = std::chrono::duration<double>(Clock::now() - load_start).count();
+  auto tokenizer = engine::LoadTokenizer(folder);
+  if (!tokenizer.ok()) {
+    std::fprintf(stderr, "loading the tokenizer: %s\n", tokenizer.status().ToString().c_str());
+    return 1;
+  }
+
+  const int64_t warmup = args.Int("warmup");
+  const int64_t measured = args.Int("steps");
+  engine::TrainingJobConfig config;
+  config.data.path = args.Get("data");
+  config.data.format = "text";
+  config.data.response_only = false;  // plain text: every token is trained, as in the baseline
+  config.lora.r = static_cast<int>(args.Int("rank"));
+  config.lora.alpha = args.Double("alpha");
+  config.max_steps = warmup + measured + 1;  // + the untimed last step that writes the adapter
+  config.micro_batch_size = args.Int("micro_batch");
+  config.grad_accum = 1;
+  config.learning_rate = args.Double("lr");
+  config.optimizer = args.Get("optimizer");
+  config.max_seq_length = args.Int("seq");
+  // Not applied by the model yet (training_job_config.h); off so the result says what ran.
+  config.gradient_checkpointing = false;
+  config.output_dir = args.Get("output_dir");
+  config.resume = false;
+  std::filesystem::remove_all(config.output_dir);
+  if (auto s = config.Validate(); !s.ok()) {
+    std::fprintf(stderr, "job config: %s\n", s.ToString().c_str());
+    return 1;
+  }
+
+  std::vector<engine::StepMetrics> steps;
+  std::string failure;
+  auto trainer = engine::Trainer::Create(**model, **tokenizer, folder, config,
+                                         [&](const TrainingEvent& event) {
+                                           if (event.kind == TrainingEvent::Kind::kStep) {
+                                             steps.push_back(event.step);
+                                           } else if (event.kind == TrainingEvent::Kind::kFailed) {
+                                             failure = event.error;
+                                           }
+                                         });
+  if (!trainer.ok()) {
+    std::fprintf(stderr, "creating the trainer: %s\n", trainer.status().ToString().c_str());
+    return 1;
+  }
+
+  double timed_s = 0;
+  int64_t timed_tokens = 0;
+  std::vector<double> step_ms;
+  for (int64_t i = 0; i < warmup + measured && !(*trainer)->done(); ++i) {
+    if (i == warmup) GpuStats::ResetPeak();
+    GpuStats::Synchronize();
+    const Clock::time_point t0 = Clock::now();
+    if (auto s = (*trainer)->Step(); !s.ok()) {
+      std::fprintf(stderr, "step %lld failed: %s\n", static_cast<long long>(i + 1),
+                   s.ToString().c_str());
+      if (!failure.empty()) std::fprintf(stderr, "kFailed event: %s\n", failure.c_str());
+      return 1;
+    }
+    GpuStats::Synchronize();
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double loss = steps.empty() ? 0 : steps.back().loss;
+    std::printf("step %3lld  %8.1f ms  loss %.4f  tokens %lld%s\n", static_cast<long long>(i + 1),
+                dt * 1e3, loss, static_cast<long long>(steps.empty() ? 0 : steps.back().tokens),
+                i < warmup ? "  (warm-up)" : "");
+    if (i >= warmup) {
+      timed_s += dt;
+      timed_tokens += steps.back().tokens;
+      step_ms.push_back(dt * 1e3);
+    }
+  }
+  const int64_t peak = GpuStats::PeakAllocatedBytes();
+  const int64_t peak_reserved = GpuStats::PeakReservedBytes();
+  if (auto s = (*trainer)->Run(); !s.ok()) {  // the last step: adapter + checkpoint
+    std::fprintf(stderr, "final step failed: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  if (timed_s <= 0) {
+    std::fprintf(stderr, "no step was timed (dataset too small for warm-up + steps?)\n");
+    return 1;
+  }
+  std::sort(step_ms.begin(), step_ms.end());
+  const double tokens_per_s = timed_tokens / timed_s;
+  std::printf(
+      "lorad trainer on %s: base %s, %s, r=%d, micro-batch %lld x seq %lld, grad_accum 1\n"
+      "  model load + quantize %.1f s; %lld timed steps, median %.1f ms\n"
+      "  %.0f tokens/s, peak allocated %.2f GiB (reserved %.2f GiB)\n",
+      GpuStats::DeviceName().c_str(), args.Get("base").c_str(), config.optimizer.c_str(),
+      config.lora.r, static_cast<long long>(config.micro_batch_size),
+      static_cast<long long>(config.max_seq_length), load_s,
+      static_cast<long long>(step_ms.size()), step_ms[step_ms.size() / 2], tokens_per_s,
+      peak / kGiB, peak_reserved / kGiB);
+  std::printf(
+      "RESULT bench=train system=lorad base=%s optimizer=%s batch=%lld seq=%lld "
+      "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
+      args.Get("base").c_str(), config.optimizer.c_str(),
+      static_cast<long long>(config.micro_batch_size),
+      static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
+      step_ms[step_ms.size() / 2]);
+  return 0;
+}
+
+}  // namespace
+}  // namespace lorad::bench
+
+int main(int argc, char** argv) {
+  const lorad::bench::BenchArgs args(argc, argv,
+                                     {{"model", ""},
+                                      {"data", ""},
+                                      {"base", "nf4"},
+                                      {"optimizer", "adamw_8bit"},
+                                      {"rank", "16"},
+                                      {"alpha", "16"},
+                                      {"lr", "2e-4"},
+                                      {"micro_batch", "2"},
+                                      {"seq", "512"},
+                                      {"warmup", "3"},
+                                      {"steps", "10"},
+                                      {"output_dir", "/tmp/lorad-trainer-bench"}});
+  try {
+    return lorad::bench::Run(args);
+  } catch (const std::exception& e) {
+    // The engine promises no exceptions across its boundary; one here is a bug worth reporting.
+    std::fprintf(stderr, "uncaught exception: %s\n", e.what());
+    return 3;
+  }
+}

@@ -1,0 +1,102 @@
+"""Bearer tokens and roles over real gRPC: missing and wrong tokens are UNAUTHENTICATED, a user
+token calling an admin method is PERMISSION_DENIED, and the daemon keeps serving; without tokens
+the daemon refuses to listen beyond loopback unless told to."""
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from conftest import LORAD, ROOT, start_daemon, stop_daemon, tiny_model_path
+
+ADMIN = "admin-token-0123456789abcdef"
+USER = "user-token-0123456789abcdef"
+
+
+@pytest.fixture
+def secured(tmp_path, stubs):
+    config = tmp_path / "lorad.yaml"
+    config.write_text(
+        "training:\n  max_running_jobs: 0\n"
+        "auth:\n  tokens:\n"
+        f"    - {{name: ops, role: admin, token: {ADMIN}}}\n"
+        f"    - {{name: app, role: user, token: {USER}}}\n")
+    root = tmp_path / "data" / "datasets"
+    root.mkdir(parents=True)
+    shutil.copy(ROOT / "tests/fixtures/qa_small.jsonl", root / "qa.jsonl")
+    d = start_daemon(tmp_path, config=config)  # health needs no token
+    channel = grpc.insecure_channel(d.grpc_address)
+    yield d, channel
+    channel.close()
+    stop_daemon(d)
+
+
+def bearer(token):
+    return [("authorization", f"Bearer {token}")]
+
+
+def code_of(call):
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_tokens_and_roles(secured, stubs):
+    d, channel = secured
+    tpb, ipb, apb = stubs.training_pb2, stubs.inference_pb2, stubs.adapters_pb2
+    train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+    infer = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+    adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+    spec = tpb.JobSpec(adapter_name="a", dataset=tpb.DatasetSpec(path="qa.jsonl"))
+    submit = lambda md: lambda: train.SubmitJob(tpb.SubmitJobRequest(spec=spec), metadata=md,
+                                                timeout=30)
+
+    assert code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), timeout=10))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), metadata=bearer("x" * 20),
+                                          timeout=10))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), metadata=[("authorization", USER)],
+                                          timeout=10))[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, details = code_of(submit(bearer(USER)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    assert code_of(submit(bearer(ADMIN)))[0] == grpc.StatusCode.OK
+    assert code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), metadata=bearer(USER),
+                                          timeout=10))[0] == grpc.StatusCode.OK
+    assert code_of(lambda: list(train.WatchJob(tpb.WatchJobRequest(job_id="job-1"),
+                                               timeout=10)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: adapters.LoadAdapter(apb.LoadAdapterRequest(name="x", path="y"),
+                                                metadata=bearer(USER), timeout=10))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: adapters.ListAdapters(apb.ListAdaptersRequest(), metadata=bearer(USER),
+                                                 timeout=10))[0] == grpc.StatusCode.OK
+    gen = ipb.GenerateRequest(prompt="hello", sampling=ipb.SamplingParams(max_new_tokens=2))
+    assert code_of(lambda: list(infer.Generate(gen, timeout=30)))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+    chunks = list(infer.Generate(gen, metadata=bearer(USER), timeout=30))
+    assert chunks[-1].usage.completion_tokens >= 1
+    status, body = d.http_get("/metrics")
+    assert 'code="UNAUTHENTICATED"' in body and 'code="PERMISSION_DENIED"' in body
+
+
+def run_lorad(tmp_path, body, *args):
+    config = tmp_path / "lorad.yaml"
+    config.write_text(body)
+    return subprocess.run([str(LORAD), "--config", str(config), "--model", tiny_model_path(),
+                           "--data-dir", str(tmp_path / "data"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_remote_binding_without_tokens_is_refused(tmp_path):
+    result = run_lorad(tmp_path, "server:\n  grpc_address: 0.0.0.0:0\n")
+    assert result.returncode == 2
+    assert "server.grpc_address" in result.stderr and "auth.tokens" in result.stderr
+
+
+def test_bad_tokens_exit_2_naming_the_line(tmp_path):
+    result = run_lorad(tmp_path, "auth:\n  tokens:\n    - {name: a, role: root, token: x}\n")
+    assert result.returncode == 2 and "lorad.yaml:3" in result.stderr and "role" in result.stderr
+    result = run_lorad(tmp_path, "auth:\n  tokens:\n    - {name: a, role: user, token: short}\n")
+    assert result.returncode == 2 and "lorad.yaml:3" in result.stderr
+    assert "auth.tokens[0]" in result.stderr
