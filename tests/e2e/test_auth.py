@@ -89,7 +89,7 @@ def run_lorad(tmp_path, body, *args):
 
 
 def test_remote_binding_without_tokens_is_refused(tmp_path):
-    result = run_lorad(tmp_path, "server:\n  grpc_address: 0.0.0.0:0\n")
+    result = run_lorad(tmp_path, "server:\n  grpc_address: 0.0.0.0:50999\n")
     assert result.returncode == 2
     assert "server.grpc_address" in result.stderr and "auth.tokens" in result.stderr
 
