@@ -1,10 +1,12 @@
 #include "engine/model/llama_model.h"
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/checkpointed_call.h"
 
 namespace lorad::engine {
 namespace {
@@ -346,16 +348,33 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
     mask = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1);  // [B, 1, T, T]
   }
 
-  std::optional<SingleLoraApplier> lora;
+  // Shared: a checkpointed layer recomputes in backward, after this call has returned.
+  std::shared_ptr<SingleLoraApplier> lora;
   if (options.adapter != nullptr && options.lora == nullptr) {
-    lora.emplace(*options.adapter, config_.num_hidden_layers, options.train);
+    lora = std::make_shared<SingleLoraApplier>(*options.adapter, config_.num_hidden_layers,
+                                               options.train);
   }
-  const LoraApplier* applier = options.lora != nullptr ? options.lora : lora ? &*lora : nullptr;
+  const LoraApplier* applier = options.lora != nullptr ? options.lora : lora.get();
 
   if (cache != nullptr) cache->BeginStep(tokens);
   torch::Tensor h = embed_tokens_.index_select(0, ids.reshape({-1})).view({rows, tokens, -1});
+  const bool checkpoint = options.train && options.checkpoint_layers && cache == nullptr &&
+                          options.lora == nullptr && torch::GradMode::is_enabled();
+  // The layer's backward runs only if its input requires grad; the embedding is frozen.
+  if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     const DecoderLayer& layer = layers_[i];
+    if (checkpoint) {
+      h = CheckpointedCall(
+          [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
+            const DecoderLayer& l = layers_[i];
+            const torch::Tensor y =
+                x + Attention(l, i, RmsNorm(x, l.input_norm), cos, sin, mask, nullptr, lora.get());
+            return y + Mlp(l, i, RmsNorm(y, l.post_attention_norm), lora.get());
+          },
+          h);
+      continue;
+    }
     h = h + Attention(layer, i, RmsNorm(h, layer.input_norm), cos, sin, mask, cache, applier);
     h = h + Mlp(layer, i, RmsNorm(h, layer.post_attention_norm), applier);
   }

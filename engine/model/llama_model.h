@@ -65,6 +65,9 @@ struct ForwardOptions {
   // logits: the trainer applies lm_head() itself, chunk by chunk, so full-vocabulary logits are
   // never held for the whole batch.
   bool hidden_states = false;
+  // Training without a cache: keep only each decoder layer's input and recompute the layer in
+  // backward (gradient checkpointing), trading one more forward for the layers' activations.
+  bool checkpoint_layers = false;
 };
 
 // The ignored label (transformers' and PyTorch's ignore_index).

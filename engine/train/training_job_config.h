@@ -51,9 +51,9 @@ struct TrainingJobConfig {
   double adam_beta2 = 0.999;
   double adam_eps = 1e-8;
   int64_t max_seq_length = 2048;
-  // Recompute each decoder layer's activations in backward instead of keeping them. Accepted and
-  // validated, but not applied yet: the model's forward has no per-layer checkpointing (see
-  // llama_model.h); training keeps every activation.
+  // Recompute each decoder layer's activations in backward instead of keeping them (per-layer
+  // gradient checkpointing, ForwardOptions::checkpoint_layers): one more forward per step for
+  // activations of one layer at a time.
   bool gradient_checkpointing = true;
   uint64_t seed = 3407;
 

@@ -1,0 +1,107 @@
+#include "engine/model/checkpointed_call.h"
+
+#include <ATen/core/ivalue.h>
+#include <torch/custom_class.h>
+
+#include <mutex>
+#include <optional>
+
+#if defined(LORAD_WITH_CUDA)
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace lorad::engine {
+namespace {
+
+// The random generators a piece may draw from: the CPU one, and the current CUDA device's.
+struct RngState {
+  torch::Tensor cpu;
+  torch::Tensor cuda;
+  int cuda_device = -1;
+
+  static RngState Capture(bool with_cuda) {
+    RngState s;
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    {
+      std::lock_guard<std::mutex> lock(cpu.mutex());
+      s.cpu = cpu.get_state();
+    }
+#if defined(LORAD_WITH_CUDA)
+    if (with_cuda) {
+      s.cuda_device = c10::cuda::current_device();
+      auto gen = at::cuda::detail::getDefaultCUDAGenerator(s.cuda_device);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      s.cuda = gen.get_state();
+    }
+#else
+    (void)with_cuda;
+#endif
+    return s;
+  }
+
+  void Restore() const {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    {
+      std::lock_guard<std::mutex> lock(cpu.mutex());
+      cpu.set_state(this->cpu);
+    }
+#if defined(LORAD_WITH_CUDA)
+    if (cuda_device >= 0) {
+      auto gen = at::cuda::detail::getDefaultCUDAGenerator(cuda_device);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(cuda);
+    }
+#endif
+  }
+};
+
+// What backward needs, kept alive by the autograd node (a capsule in saved_data).
+struct Saved : torch::CustomClassHolder {
+  CheckpointedFn fn;
+  RngState rng;
+};
+
+class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               CheckpointedFn fn) {
+    auto saved = c10::make_intrusive<Saved>();
+    saved->rng = RngState::Capture(x.is_cuda());
+    saved->fn = std::move(fn);
+    ctx->save_for_backward({x});
+    torch::Tensor y;
+    {
+      torch::NoGradGuard no_grad;
+      y = saved->fn(x);
+    }
+    ctx->saved_data["saved"] = c10::IValue::make_capsule(std::move(saved));
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved =
+        c10::static_intrusive_pointer_cast<Saved>(ctx->saved_data["saved"].toCapsule());
+    const torch::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    // Replay the forward's random draws, then put the generators back where backward found them.
+    const RngState now = RngState::Capture(x.is_cuda());
+    saved->rng.Restore();
+    torch::Tensor y;
+    {
+      torch::AutoGradMode grad(true);
+      y = saved->fn(x);
+    }
+    now.Restore();
+    torch::autograd::backward({y}, {grads[0]});
+    return {x.grad(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x) {
+  return CheckpointFunction::apply(x, std::move(fn));
+}
+
+}  // namespace lorad::engine

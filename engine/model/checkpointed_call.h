@@ -1,0 +1,23 @@
+// CheckpointedCall: gradient checkpointing for one piece of a training forward (a decoder layer).
+// It runs `fn(x)` without recording autograd, keeping only `x`; backward runs `fn` again on `x`
+// with autograd on and back-propagates through that recomputation, so the piece's activations
+// exist only while its backward runs (PyTorch's reentrant torch.utils.checkpoint).
+//
+// Gradients reach every leaf tensor `fn` uses (the LoRA weights) through the recomputation; the
+// result's gradient with respect to `x` flows on. The random state (CPU and the current CUDA
+// device) is replayed for the recomputation, so LoRA dropout draws the same mask twice.
+// `x` must require grad (make the first piece's input require it), or no backward happens.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+
+namespace lorad::engine {
+
+using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
+
+// `fn` is copied and kept until backward; what it captures must stay valid until then.
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x);
+
+}  // namespace lorad::engine
