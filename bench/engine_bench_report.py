@@ -33,23 +33,28 @@ def ratio(a, b):
 
 def report_train(rows):
     rows = [r for r in rows if r.get("bench") == "train"]
-    # The baseline is the loop without gradient checkpointing (lorad's trainer keeps every
-    # activation too); the checkpointed one is printed for reference.
-    base = next((r for r in rows if r["system"] == "hf" and r.get("gc") == "off"), None)
-    print("Training: tokens/s and peak GPU memory (ratio = lorad / transformers+PEFT bf16 LoRA, "
-          "no gradient checkpointing)")
-    print(f"{'system':<44} {'tokens/s':>10} {'ratio':>7} {'peak GiB':>9} {'ratio':>7}")
+    # Each lorad run is compared with the baseline run that has the same gradient checkpointing
+    # setting (lorad prints checkpointing=0/1, the baseline gc=off/on).
+    def baseline_for(r):
+        gc = "on" if r.get("checkpointing") == "1" else "off"
+        return next((b for b in rows if b["system"] == "hf" and b.get("gc") == gc), None)
+
+    print("Training: tokens/s and peak GPU memory (ratio = lorad / transformers+PEFT bf16 LoRA "
+          "with the same gradient checkpointing setting)")
+    print(f"{'system':<52} {'tokens/s':>10} {'ratio':>7} {'peak GiB':>9} {'ratio':>7}")
     for r in rows:
         tps, peak = float(r["tokens_per_s"]), float(r["peak_gib"])
         if r["system"] == "lorad":
             base_name = "bf16 (unquantized)" if r["base"] == "none" else r["base"]
-            label = f"lorad {base_name} base, {r['optimizer']}"
+            ckpt = "on" if r.get("checkpointing") == "1" else "off"
+            label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
+            base = baseline_for(r)
             t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None
             m_ratio = ratio(peak, float(base["peak_gib"])) if base else None
         else:
             label = f"transformers+PEFT bf16, adamw, grad ckpt {r.get('gc')}"
             t_ratio = m_ratio = None
-        print(f"{label:<44} {tps:>10.0f} {fmt(t_ratio, '>7.2f')} {peak:>9.2f} "
+        print(f"{label:<52} {tps:>10.0f} {fmt(t_ratio, '>7.2f')} {peak:>9.2f} "
               f"{fmt(m_ratio, '>7.2f')}")
 
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The trainer issue's benchmark on the GPU machine, in one call: random-init Llama-3.2-1B- and
+# Llama-3-8B-shaped models (vocabulary 128256), batch 2 x 2048 tokens, LoRA r=16 on all seven projections, gradient
+# checkpointing on both sides; lorad's QLoRA trainer (NF4 base, 8-bit AdamW) next to the
+# transformers + PEFT LoRA loop (bf16 base: bitsandbytes is not on the machine). Prints tokens/s,
+# peak memory and their ratios; never asserts a timing.
+#
+#   run(command="bash bench/run_trainer_bench_on_device.sh", carry=[".device-debs-engine"])
+#
+# .device-debs-engine/ is filled as bench/run_engine_bench_on_device.sh says.
+set -uo pipefail
+OUT=${OUT:-/tmp/lorad-trainer-bench-out}
+DATE=${BENCH_DATE:-2026-12-01}
+SHAPES=${BENCH_SHAPES:-1b 8b}
+mkdir -p "$OUT"
+ROOT=$(pwd)
+PY=/opt/torch/.venv/bin/python
+DEPS=/tmp/lorad-bench-deps
+WORK=/tmp/lorad-bench
+BUILD=$ROOT/build-device-bench
+export PYTHONUNBUFFERED=1
+mkdir -p "$DEPS" "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+for shape in $SHAPES; do
+  "$PY" bench/make_bench_model.py --out "$WORK/model-$shape" --shape "$shape" --vocab 128256 \
+    --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model-$shape.log" 2>&1
+done &
+MODEL_PID=$!
+"$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
+  > "$OUT/dataset.log" 2>&1
+
+{
+  for deb in .device-debs-engine/*.deb; do dpkg -x "$deb" "$DEPS"; done
+  sed -i "s|=/usr|=$DEPS/usr|" "$DEPS"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
+  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export PKG_CONFIG_PATH="$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig"
+  PKGCONF=()
+  command -v pkg-config > /dev/null || PKGCONF=(-DPKG_CONFIG_EXECUTABLE="$DEPS/usr/bin/pkgconf")
+  TORCH_CMAKE=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLORAD_BUILD_SERVER=OFF -DLORAD_TESTS=OFF -DLORAD_ENGINE_BENCH=ON -DLORAD_CUDA=ON \
+    -DLORAD_CUDA_ARCHS=90 -DCUDAToolkit_ROOT=/usr/local/cuda \
+    -DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$DEPS/usr" "${PKGCONF[@]}" &&
+  timeout 300 cmake --build "$BUILD" --target trainer_bench -j16
+} > "$OUT/build.log" 2>&1
+BUILD_RC=$?
+log "build exit $BUILD_RC"
+[ $BUILD_RC -eq 0 ] || tail -30 "$OUT/build.log"
+export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+wait $MODEL_PID
+
+header() {
+  echo "# QLoRA training throughput, lorad vs transformers + PEFT, same run"
+  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
+  echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
+  echo "# batch 2 x 2048 tokens, r=16 alpha=16 on all seven projections, gradient checkpointing on both sides,"
+  echo "# 3 warm-up steps then 8 timed. lorad: NF4 base + 8-bit AdamW (QLoRA). Baseline: bf16 base + torch AdamW"
+  echo "# (bitsandbytes is not installed on this machine, so the baseline cannot be 4-bit)."
+  echo
+}
+run() {  # run LIMIT_S COMMAND...
+  local limit=$1
+  shift
+  echo "\$ ${*#$ROOT/}" >> "$RESULT"
+  timeout "$limit" "$@" >> "$RESULT" 2>&1 || echo "!! exit $?" >> "$RESULT"
+  echo >> "$RESULT"
+}
+for shape in $SHAPES; do
+  RESULT=$OUT/$DATE-h200-trainer-$shape-2x2048.txt
+  header > "$RESULT"
+  log "shape $shape: $(tail -1 "$OUT/model-$shape.log")"
+  echo "## shape $shape: $(tail -1 "$OUT/model-$shape.log")" >> "$RESULT"
+  [ $BUILD_RC -eq 0 ] && run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" \
+    --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 \
+    --warmup=3 --steps=8 --gradient_checkpointing=1 --output_dir="$WORK/out-$shape"
+  run 150 "$PY" bench/hf_baseline.py train --model "$WORK/model-$shape" --micro-batch 2 \
+    --seq 2048 --warmup 3 --steps 8 --gradient-checkpointing
+  rm -rf "$WORK/model-$shape"
+  "$PY" bench/engine_bench_report.py train "$RESULT" >> "$RESULT" 2>&1
+  grep -v "^step " "$RESULT"
+done
+log done
