@@ -1,7 +1,9 @@
 // Decode GEMV at Llama-3-8B shapes, batch 1, bf16 activations: lorad's NF4 GEMV (packed weights +
 // double-quantized absmax read directly) against the bf16 cuBLAS GEMV (cublasGemmEx) and against
 // dequantize-to-bf16-then-cuBLAS, all measured in this run, next to the device-to-device copy
-// bandwidth measured in this run too.
+// bandwidth measured in this run too. 'nf4' is nf4_gemv_cuda with plain launches; 'pdl' is
+// nf4_gemv_cuda_overlapped (programmatic dependent launch: each launch in the back-to-back chain
+// fetches its weights while its predecessor finishes, as a chain of decode kernels would).
 //
 // Timing: bench_timer.h (warm-up, CUDA graph of back-to-back runs, CUDA events, median). Every
 // method rotates among enough copies of its weights to exceed the L2 cache several times, so the
@@ -117,9 +119,10 @@ int main() {
                       {"down_proj", 4096, 14336},
                       {"gate/up_proj", 14336, 4096},
                       {"k/v_proj", 1024, 4096}};
-  std::printf("%-14s %12s | %9s %7s %6s | %9s %7s | %11s | %8s %8s | %7s %7s | %s\n", "layer",
-              "out x in", "nf4 us", "GB/s", "%copy", "bf16 us", "GB/s", "dq+bf16 us", "vs bf16",
-              "vs dq+", "r/w=1", "r/w=4", "max rel diff");
+  std::printf("%-14s %12s | %9s %7s %6s | %9s %7s %6s | %9s %7s | %11s | %8s %8s | %7s %7s %7s | %s\n",
+              "layer", "out x in", "nf4 us", "GB/s", "%copy", "pdl us", "GB/s", "%copy", "bf16 us",
+              "GB/s", "dq+bf16 us", "vs bf16", "vs dq+", "r/w=1", "r/w=2", "r/w=4",
+              "max rel diff");
   const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
   for (const Row& r : rows) {
     const int64_t n = r.out * r.in, blocks = Nf4Blocks(n), blocks2 = (blocks + 255) / 256;
@@ -202,6 +205,12 @@ int main() {
                                 y_nf4, stream),
                   "nf4 gemv");
     };
+    auto nf4_overlapped = [&](int c) {
+      const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
+      CheckKernel(nf4_gemv_cuda_overlapped(x, FloatKind::kBF16, 1, packed_c[c % nf4_copies], am,
+                                           r.out, r.in, y_nf4, stream),
+                  "nf4 gemv overlapped");
+    };
     auto dq_then_blas = [&](int c) {
       const int k = c % nf4_copies;
       CheckKernel(dynamic_quant8_dequantize_cuda(qabsmax_c[k], absmax2_c[k], code, blocks, 256,
@@ -232,19 +241,24 @@ int main() {
         stream, [&](int c) { blas_gemv(w_c[c % bf16_copies], y_blas); }, reps, samples, &g2);
     const double t_dq = MedianMicros(stream, dq_then_blas, 10, 21, &g3);
     bool g4 = false;
+    const double t_pdl = MedianMicros(stream, nf4_overlapped, reps, samples, &g4);
     const double t_r1 =
         MedianMicros(stream, [&](int c) { nf4_variant(1, c); }, reps, samples, &g4);
+    const double t_r2 =
+        MedianMicros(stream, [&](int c) { nf4_variant(2, c); }, reps, samples, &g4);
     const double t_r4 =
         MedianMicros(stream, [&](int c) { nf4_variant(4, c); }, reps, samples, &g4);
     const double io = (r.in + r.out) * 2.0;
     const double gbs_nf4 = (nf4_bytes + io) / t_nf4 / 1e3;
+    const double gbs_pdl = (nf4_bytes + io) / t_pdl / 1e3;
     const double gbs_blas = (n * 2.0 + io) / t_blas / 1e3;
     std::printf(
-        "%-14s %5lld x %5lld | %9.2f %7.0f %5.0f%% | %9.2f %7.0f | %11.2f | %7.2fx %7.2fx | %7.2f "
-        "%7.2f | %.2e%s\n",
+        "%-14s %5lld x %5lld | %9.2f %7.0f %5.0f%% | %9.2f %7.0f %5.0f%% | %9.2f %7.0f | %11.2f | "
+        "%7.2fx %7.2fx | %7.2f %7.2f %7.2f | %.2e%s\n",
         r.name, static_cast<long long>(r.out), static_cast<long long>(r.in), t_nf4, gbs_nf4,
-        100.0 * gbs_nf4 / copy_gbs, t_blas, gbs_blas, t_dq, t_blas / t_nf4, t_dq / t_nf4, t_r1,
-        t_r4, max_diff / max_ref, g1 && g2 && g3 && g4 ? "" : "  (some not graphed)");
+        100.0 * gbs_nf4 / copy_gbs, t_pdl, gbs_pdl, 100.0 * gbs_pdl / copy_gbs, t_blas, gbs_blas,
+        t_dq, t_blas / t_nf4, t_dq / t_nf4, t_r1, t_r2, t_r4, max_diff / max_ref,
+        g1 && g2 && g3 && g4 ? "" : "  (some not graphed)");
 
     for (int c = 0; c < nf4_copies; ++c) {
       cudaFree(packed_c[c]);
@@ -262,7 +276,8 @@ int main() {
   }
   std::printf("\nnf4 GB/s counts packed weights + 8-bit absmax + absmax2 + x + y; bf16 GB/s the bf16\n"
               "weight + x + y. 'vs bf16' = bf16 cuBLAS time / NF4 time (above 1: NF4 faster).\n"
-              "r/w=1, r/w=4: the NF4 GEMV with 1 or 4 output rows per warp (default 2), us.\n");
+              "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
+              "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
   cublasDestroy(blas);
   return 0;
 }

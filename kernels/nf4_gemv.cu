@@ -1,23 +1,26 @@
 // CUDA implementation of kernels/nf4_gemv.h. Raw pointers only: no torch headers here.
 //
-// Decode is memory-bound: the packed weights are read once per call and nothing else is large, so
-// the kernel is built to keep HBM busy:
-//   - each warp owns kRowsPerWarp output rows; lane l reads 16-byte chunks l, l + 32, ... of each
-//     row (coalesced 512-byte warp reads) through the non-coherent path without L1 allocation, so
-//     the small x vector keeps L1 to itself;
-//   - kUnroll chunks per row are requested before any is used, so enough bytes are in flight;
-//   - the 16 NF4 levels and the 256 absmax codes sit in shared memory (16 distinct words: a warp's
-//     lookups never conflict on a bank);
-//   - each 16-byte chunk is 32 elements of one 64-block, so the sum over the chunk is scaled by
-//     the block's absmax once; x is converted to fp32 once per chunk and reused for every row.
+// Decode is memory-bound: the packed weights are read once per call and nothing else is large. At
+// Llama-3-8B shapes one call moves only 2-30 MB, about 16-220 KB per SM of an H200, so the kernel
+// must (a) have nearly all of its bytes in flight at once, (b) decode cheaply enough that the
+// arithmetic after the last bytes arrive is short, and (c) spread that arithmetic over every SM.
 //
-// Measured (bench/results/2026-12-01-h200-nf4_gemv.txt, H200, batch 1, bf16): 1.28-1.45x faster
-// than the bf16 cuBLAS GEMV but only 25-37% of the copy bandwidth; 2 rows per warp beat 1 and 4
-// except on the 1024-row k/v shape. The likely limit is issue and shared-memory throughput, not
-// HBM: every element costs a shared-memory code lookup (32 per cycle per SM at most, about the
-// rate HBM delivers NF4 elements) plus nibble extraction and an x conversion. Next steps: a
-// software-pipelined loop (loads of the next chunks in flight while decoding), cheaper decode
-// (pre-shifted nibble offsets), x converted once per block.
+// Version 2 (v1's numbers: bench/results/2026-12-01-h200-nf4_gemv.txt, 25-37% of copy):
+//   - a CUDA block of 8 warps; each warp owns kRows output rows and one of P parts of the reduction
+//     axis (split-K inside the block, P = 1..8, reduced through shared memory in a fixed order), so
+//     small-`out` shapes (k/v: 1024 rows) still give every SM dozens of warps. The launcher picks
+//     the rows per warp and P from the shape and the SM count (MakePlan);
+//   - lane l reads 16-byte chunks (32 codes, half a 64-block) l, l + 32, ... of its part of each
+//     row with ld.global.nc.L1::no_allocate; all kRows x kUnroll loads are issued before the first
+//     is used, and the x chunk (through L1) is converted once and reused for the warp's rows;
+//   - cheaper decode: two shifts and two ANDs turn a 32-bit word into eight byte offsets into the
+//     16-entry code book (a conflict-free shared-memory table), one PRMT extracts each: about 1.5
+//     integer instructions per element instead of ~3;
+//   - the block's absmax is rebuilt once per 32 codes from the byte qabsmax, code2 in shared
+//     memory and absmax2, exactly as the CPU reference does (no fused multiply-add);
+//   - programmatic dependent launch (nf4_gemv_cuda_overlapped, sm_90): the kernel lets its
+//     successor start early, and loads its first weight chunks before waiting for its predecessor,
+//     so a chain of decode kernels overlaps one kernel's weight fetch with the previous one's tail.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -27,9 +30,8 @@
 namespace lorad::kernels {
 namespace {
 
-constexpr int kWarps = 4;               // warps per CUDA block
-constexpr int kDefaultRowsPerWarp = 2;  // output rows per warp, sharing each x chunk
-constexpr int kUnroll = 4;              // 16-byte weight loads in flight per lane and row
+constexpr int kWarps = 8;  // warps per CUDA block
+constexpr int kThreads = kWarps * 32;
 
 struct Codes {
   float code[16];
@@ -37,10 +39,23 @@ struct Codes {
 
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
+}
+
+// Programmatic dependent launch (sm_90+). Without the launch attribute both are no-ops: wait
+// returns at once because the predecessor has completed before this grid started.
+__device__ __forceinline__ void AllowDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitForPredecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // Eight consecutive x values as fp32. p is 16-byte aligned (in_features % 64 == 0).
@@ -76,140 +91,254 @@ __device__ __forceinline__ void Store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void Store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void Store(__half* p, float v) { *p = __float2half_rn(v); }
 
-// The 8 levels of one 32-bit word of packed weights (4 bytes, high nibble first).
+// The code-book entry at byte offset `off` (4 * index) of the shared 16-float table.
+__device__ __forceinline__ float CodeAt(const float* code, uint32_t off) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(code) + off);
+}
+
+// The 8 levels of one 32-bit word of packed weights (4 bytes, high nibble first). Each nibble is
+// moved to bits 2..5 of its byte (4 * index) for all four bytes at once, then one PRMT per element
+// extracts the byte as the table offset.
 __device__ __forceinline__ void Decode8(uint32_t word, const float* code, float out[8]) {
+  const uint32_t hi = (word >> 2) & 0x3C3C3C3Cu;
+  const uint32_t lo = (word << 2) & 0x3C3C3C3Cu;
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
-    out[2 * b] = code[(word >> (8 * b + 4)) & 0xF];
-    out[2 * b + 1] = code[(word >> (8 * b)) & 0xF];
+    out[2 * b] = CodeAt(code, __byte_perm(hi, 0u, 0x4440u | b));
+    out[2 * b + 1] = CodeAt(code, __byte_perm(lo, 0u, 0x4440u | b));
   }
 }
 
-template <typename T, int M, int kRowsPerWarp>
-__global__ void __launch_bounds__(kWarps * 32)
+__device__ __forceinline__ uint32_t Word(const uint4& v, int c) {
+  return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+}
+
+// Loads in flight per lane and iteration: kRows * Unroll<kRows, M>() chunks.
+template <int kRows, int M>
+__host__ __device__ constexpr int Unroll() {
+  return M <= 2 ? (kRows >= 4 ? 1 : 4 / kRows) : 1;
+}
+
+// Block b, warp w: rows [(b * G + w / P) * kRows, +kRows), part w % P of the chunks, G = 8 / P.
+// At most 85 registers for one x row (decode), so 3 blocks (24 warps) fit on an SM.
+template <typename T, int M, int kRows>
+__global__ void __launch_bounds__(kThreads, M == 1 ? 3 : 1)
     nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                     const uint8_t* __restrict__ qabsmax, const float* __restrict__ absmax2,
                     const float* __restrict__ code2_global, float offset, Codes codes,
-                    int64_t out_features, int64_t in_features, T* __restrict__ y) {
+                    int64_t out_features, int64_t in_features, int parts,
+                    T* __restrict__ y) {
+  constexpr int kUnroll = Unroll<kRows, M>();
   __shared__ float code[16];
   __shared__ float code2[256];
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) code2[i] = code2_global[i];
-  if (threadIdx.x < 16) code[threadIdx.x] = codes.code[threadIdx.x];
-  __syncthreads();
+  __shared__ float partial[kWarps][kRows][M];
 
-  const int lane = threadIdx.x & 31;
-  const int64_t row0 =
-      (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kRowsPerWarp;
-  if (row0 >= out_features) return;
-  const int64_t chunks = in_features / 32;  // 16-byte chunks per row
-  const int64_t blocks_per_row = in_features / kNf4BlockSize;
-
-  bool valid[kRowsPerWarp];
-  const uint4* wrow[kRowsPerWarp];
+  AllowDependents();
+  // The code books are constant inputs (like the weights): read before the predecessor finishes.
+  for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = code2_global[i];
+  if (threadIdx.x == 0) {  // constant indices: a run-time index would copy `codes` to local memory
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    valid[r] = row0 + r < out_features;
-    // A missing last row re-reads row0 (always valid memory) and is never stored.
-    wrow[r] =
-        reinterpret_cast<const uint4*>(packed + (valid[r] ? row0 + r : row0) * (in_features / 2));
+    for (int i = 0; i < 16; ++i) code[i] = codes.code[i];
   }
 
-  float acc[kRowsPerWarp][M];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int groups = kWarps / parts;
+  const int part = warp % parts;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * groups + warp / parts) * kRows;
+  const int64_t chunks = in_features / 32;  // 16-byte chunks per row
+  const int64_t blocks_per_row = in_features / kNf4BlockSize;
+  const int64_t j_begin = chunks * part / parts, j_end = chunks * (part + 1) / parts;
+
+  int64_t row[kRows];  // clamped: a missing row re-reads the last one and is never stored
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
+  for (int r = 0; r < kRows; ++r) row[r] = min(row0 + r, out_features - 1);
+
+  float acc[kRows][M];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   }
 
-  for (int64_t j0 = lane; j0 < chunks; j0 += 32 * kUnroll) {
-    uint4 w[kRowsPerWarp][kUnroll];
-    uint8_t qa[kRowsPerWarp][kUnroll];
+  // Every thread runs the first iteration (its loads predicated off past its part), so all of
+  // them meet the one barrier there.
+  bool first = true;
+  for (int64_t j0 = j_begin + lane;; j0 += 32 * kUnroll) {
+    if (!first && j0 >= j_end) break;
+    uint4 w[kRows][kUnroll];
+    uint32_t qa[kRows][kUnroll];
+    float a2[kRows][kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = j0 + 32 * u;
+      const bool in_part = j < j_end;
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const bool in_row = j < chunks;
-        w[r][u] = in_row ? LoadStreaming(wrow[r] + j) : make_uint4(0, 0, 0, 0);
-        qa[r][u] = in_row && valid[r] ? qabsmax[(row0 + r) * blocks_per_row + j / 2] : 0;
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t b = row[r] * blocks_per_row + j / 2;
+        w[r][u] = in_part ? LoadStreaming(reinterpret_cast<const uint4*>(
+                                packed + row[r] * (in_features / 2)) + j)
+                          : make_uint4(0, 0, 0, 0);
+        qa[r][u] = in_part ? __ldg(qabsmax + b) : 0;
+        a2[r][u] = in_part ? __ldg(absmax2 + (b >> 8)) : 0.f;
       }
+    }
+    if (first) {
+      WaitForPredecessor();  // x may be the predecessor's output
+      __syncthreads();       // code and code2 are written
+      first = false;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = j0 + 32 * u;
-      if (j >= chunks) break;
-      float part[kRowsPerWarp][M];
+      if (j >= j_end) break;
+      float part_sum[kRows][M];
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
+      for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) part[r][m] = 0.f;
+        for (int m = 0; m < M; ++m) part_sum[r][m] = 0.f;
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        float wf[kRowsPerWarp][8];
+        float xv[M][8];
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const uint32_t word = c == 0   ? w[r][u].x
-                                : c == 1 ? w[r][u].y
-                                : c == 2 ? w[r][u].z
-                                         : w[r][u].w;
-          Decode8(word, code, wf[r]);
-        }
+        for (int m = 0; m < M; ++m) Load8(x + m * in_features + j * 32 + c * 8, xv[m]);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float xv[8];
-          Load8(x + m * in_features + j * 32 + c * 8, xv);
+        for (int r = 0; r < kRows; ++r) {
+          float wf[8];
+          Decode8(Word(w[r][u], c), code, wf);
 #pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) {
+          for (int m = 0; m < M; ++m) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) part[r][m] = fmaf(wf[r][e], xv[e], part[r][m]);
+            for (int e = 0; e < 8; ++e) part_sum[r][m] = fmaf(wf[e], xv[m][e], part_sum[r][m]);
           }
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add).
-        const int64_t b = (valid[r] ? row0 + r : row0) * blocks_per_row + j / 2;
-        const float scale =
-            __fadd_rn(__fmul_rn(code2[qa[r][u]], __ldg(absmax2 + (b >> 8))), offset);
+        const float scale = __fadd_rn(__fmul_rn(code2[qa[r][u]], a2[r][u]), offset);
 #pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = fmaf(part[r][m], scale, acc[r][m]);
+        for (int m = 0; m < M; ++m) acc[r][m] = fmaf(part_sum[r][m], scale, acc[r][m]);
       }
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float v = acc[r][m];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0 && valid[r]) Store(y + m * out_features + row0 + r, v);
+      acc[r][m] = v;
+    }
+  }
+  if (parts == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (row0 + r >= out_features) break;
+#pragma unroll
+        for (int m = 0; m < M; ++m) Store(y + m * out_features + row0 + r, acc[r][m]);
+      }
+    }
+    return;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) partial[warp][r][m] = acc[r][m];
+    }
+  }
+  __syncthreads();
+  // One thread per (row group, row, x row) sums the parts in order.
+  const int t = threadIdx.x;
+  if (t < groups * kRows * M) {
+    const int g = t / (kRows * M), r = t / M % kRows, m = t % M;
+    const int64_t o = (static_cast<int64_t>(blockIdx.x) * groups + g) * kRows + r;
+    if (o < out_features) {
+      float v = 0.f;
+      for (int p = 0; p < parts; ++p) v += partial[g * parts + p][r][m];
+      Store(y + m * out_features + o, v);
     }
   }
 }
 
-template <typename T, int M, int kRowsPerWarp>
-void LaunchRows(const T* x, const uint8_t* packed, const Nf4Absmax& absmax, const Codes& codes,
-                int64_t out_features, int64_t in_features, T* y, cudaStream_t stream) {
-  constexpr int64_t kRowsPerBlock = kWarps * kRowsPerWarp;
-  const int64_t grid = (out_features + kRowsPerBlock - 1) / kRowsPerBlock;
-  nf4_gemv_kernel<T, M, kRowsPerWarp><<<grid, kWarps * 32, 0, stream>>>(x, packed, absmax.qabsmax, absmax.absmax2,
-                                                          absmax.code2, absmax.offset, codes,
-                                                          out_features, in_features, y);
+int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
 }
 
-template <typename T, int kRowsPerWarp>
-void Launch(const T* x, int64_t rows, const uint8_t* packed, const Nf4Absmax& absmax,
-            int64_t out_features, int64_t in_features, T* y, cudaStream_t stream) {
+// Rows per warp (when not fixed by the caller) and parts of the reduction axis: enough warps to
+// give every SM about kWarpsPerSm of them, parts of at least 32 chunks so every lane has work.
+struct Plan {
+  int rows_per_warp = 1;
+  int parts = 1;
+};
+Plan MakePlan(int rows_per_warp, int64_t out_features, int64_t in_features) {
+  constexpr int64_t kWarpsPerSm = 32;
+  const int64_t target = SmCount() * kWarpsPerSm;
+  const int64_t chunks = in_features / 32;
+  int max_parts = 1;
+  while (max_parts * 2 <= kWarps && chunks / (max_parts * 2) >= 32) max_parts *= 2;
+  Plan plan;
+  plan.rows_per_warp = rows_per_warp;
+  if (plan.rows_per_warp == 0) {
+    // Measured on an H200 (bench/results/2026-12-01-h200-nf4_gemv-v2.txt): 4 rows per warp
+    // unless that leaves fewer than 16 warps per SM even at the most parts (k/v: 2 rows).
+    plan.rows_per_warp = (out_features + 3) / 4 * max_parts >= SmCount() * 16 ? 4 : 2;
+  }
+  const int64_t groups = (out_features + plan.rows_per_warp - 1) / plan.rows_per_warp;
+  while (plan.parts < max_parts && groups * plan.parts < target) plan.parts *= 2;
+  return plan;
+}
+
+template <typename T, int M, int kRows>
+cudaError_t LaunchRows(const T* x, const uint8_t* packed, const Nf4Absmax& absmax,
+                       int64_t out_features, int64_t in_features, int parts, T* y,
+                       cudaStream_t stream, bool overlapped) {
   Codes codes{};
   for (int i = 0; i < 16; ++i) codes.code[i] = kNf4Code[i];
+  const int64_t rows_per_block = static_cast<int64_t>(kWarps / parts) * kRows;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>((out_features + rows_per_block - 1) / rows_per_block));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlapped ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&config, nf4_gemv_kernel<T, M, kRows>, x, packed,
+                                       absmax.qabsmax, absmax.absmax2, absmax.code2, absmax.offset,
+                                       codes, out_features, in_features, parts, y);
+  if (err != cudaSuccess && overlapped) {  // no programmatic launch here: launch plainly
+    cudaGetLastError();
+    config.numAttrs = 0;
+    err = cudaLaunchKernelEx(&config, nf4_gemv_kernel<T, M, kRows>, x, packed, absmax.qabsmax,
+                             absmax.absmax2, absmax.code2, absmax.offset, codes, out_features,
+                             in_features, parts, y);
+  }
+  return err;
+}
+
+template <typename T, int kRows>
+cudaError_t Launch(const T* x, int64_t rows, const uint8_t* packed, const Nf4Absmax& absmax,
+                   int64_t out_features, int64_t in_features, int parts, T* y,
+                   cudaStream_t stream, bool overlapped) {
   switch (rows) {
-#define LORAD_NF4_GEMV_ROWS(M)                                                        \
-  case M:                                                                             \
-    LaunchRows<T, M, kRowsPerWarp>(x, packed, absmax, codes, out_features, in_features, y, stream); \
-    break;
+#define LORAD_NF4_GEMV_ROWS(M) \
+  case M:                      \
+    return LaunchRows<T, M, kRows>(x, packed, absmax, out_features, in_features, parts, y, stream, overlapped);
     LORAD_NF4_GEMV_ROWS(1)
     LORAD_NF4_GEMV_ROWS(2)
     LORAD_NF4_GEMV_ROWS(3)
@@ -220,30 +349,60 @@ void Launch(const T* x, int64_t rows, const uint8_t* packed, const Nf4Absmax& ab
     LORAD_NF4_GEMV_ROWS(8)
 #undef LORAD_NF4_GEMV_ROWS
     default:
-      break;
+      return cudaErrorInvalidValue;
   }
 }
 
-template <int kRowsPerWarp>
-const char* Dispatch(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
-                     const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
-                     cudaStream_t s) {
+template <int kRows>
+cudaError_t Dispatch(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
+                     const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
+                     int parts, void* y, cudaStream_t s, bool overlapped) {
   switch (kind) {
     case FloatKind::kF32:
-      Launch<float, kRowsPerWarp>(static_cast<const float*>(x), rows, packed, absmax,
-                                  out_features, in_features, static_cast<float*>(y), s);
-      break;
+      return Launch<float, kRows>(static_cast<const float*>(x), rows, packed, absmax,
+                                  out_features, in_features, parts, static_cast<float*>(y), s,
+                                  overlapped);
     case FloatKind::kBF16:
-      Launch<__nv_bfloat16, kRowsPerWarp>(static_cast<const __nv_bfloat16*>(x), rows, packed,
-                                          absmax, out_features, in_features,
-                                          static_cast<__nv_bfloat16*>(y), s);
-      break;
+      return Launch<__nv_bfloat16, kRows>(static_cast<const __nv_bfloat16*>(x), rows, packed,
+                                          absmax, out_features, in_features, parts,
+                                          static_cast<__nv_bfloat16*>(y), s, overlapped);
     case FloatKind::kF16:
-      Launch<__half, kRowsPerWarp>(static_cast<const __half*>(x), rows, packed, absmax,
-                                   out_features, in_features, static_cast<__half*>(y), s);
+      return Launch<__half, kRows>(static_cast<const __half*>(x), rows, packed, absmax,
+                                   out_features, in_features, parts, static_cast<__half*>(y), s,
+                                   overlapped);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// rows_per_warp: 1, 2, 4, or 0 for the plan's choice.
+const char* Run(int rows_per_warp, const void* x, FloatKind kind, int64_t rows,
+                const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
+                int64_t in_features, void* y, void* stream, bool overlapped) {
+  if (!nf4_gemv_cuda_supports(rows, in_features)) {
+    return "nf4_gemv_cuda: unsupported shape (needs 1..8 rows and in_features % 64 == 0)";
+  }
+  if (rows_per_warp != 0 && rows_per_warp != 1 && rows_per_warp != 2 && rows_per_warp != 4) {
+    return "nf4_gemv_cuda: rows_per_warp must be 1, 2 or 4";
+  }
+  if (out_features <= 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const Plan plan = MakePlan(rows_per_warp, out_features, in_features);
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (plan.rows_per_warp) {
+    case 1:
+      err = Dispatch<1>(x, kind, rows, packed, absmax, out_features, in_features, plan.parts, y, s,
+                        overlapped);
+      break;
+    case 2:
+      err = Dispatch<2>(x, kind, rows, packed, absmax, out_features, in_features, plan.parts, y, s,
+                        overlapped);
+      break;
+    case 4:
+      err = Dispatch<4>(x, kind, rows, packed, absmax, out_features, in_features, plan.parts, y, s,
+                        overlapped);
       break;
   }
-  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -258,28 +417,22 @@ const char* nf4_gemv_cuda_rows_per_warp(int rows_per_warp, const void* x, FloatK
                                         int64_t rows, const uint8_t* packed,
                                         const Nf4Absmax& absmax, int64_t out_features,
                                         int64_t in_features, void* y, void* stream) {
-  if (!nf4_gemv_cuda_supports(rows, in_features)) {
-    return "nf4_gemv_cuda: unsupported shape (needs 1..8 rows and in_features % 64 == 0)";
-  }
-  if (out_features <= 0) return nullptr;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (rows_per_warp) {
-    case 1:
-      return Dispatch<1>(x, kind, rows, packed, absmax, out_features, in_features, y, s);
-    case 2:
-      return Dispatch<2>(x, kind, rows, packed, absmax, out_features, in_features, y, s);
-    case 4:
-      return Dispatch<4>(x, kind, rows, packed, absmax, out_features, in_features, y, s);
-    default:
-      return "nf4_gemv_cuda: rows_per_warp must be 1, 2 or 4";
-  }
+  if (rows_per_warp == 0) return "nf4_gemv_cuda: rows_per_warp must be 1, 2 or 4";
+  return Run(rows_per_warp, x, kind, rows, packed, absmax, out_features, in_features, y, stream,
+             false);
 }
 
 const char* nf4_gemv_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
                           const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                           void* y, void* stream) {
-  return nf4_gemv_cuda_rows_per_warp(kDefaultRowsPerWarp, x, kind, rows, packed, absmax,
-                                     out_features, in_features, y, stream);
+  return Run(0, x, kind, rows, packed, absmax, out_features, in_features, y, stream, false);
+}
+
+const char* nf4_gemv_cuda_overlapped(const void* x, FloatKind kind, int64_t rows,
+                                     const uint8_t* packed, const Nf4Absmax& absmax,
+                                     int64_t out_features, int64_t in_features, void* y,
+                                     void* stream) {
+  return Run(0, x, kind, rows, packed, absmax, out_features, in_features, y, stream, true);
 }
 
 }  // namespace lorad::kernels

@@ -36,9 +36,20 @@ const char* nf4_gemv_cuda(const void* x, FloatKind kind, int64_t rows, const uin
                           const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                           void* y, void* stream);
 
-// nf4_gemv_cuda with a chosen number of output rows per warp (1, 2 or 4; nf4_gemv_cuda uses 2):
-// more rows share each x chunk, fewer give more warps. For bench/nf4_gemv_bench.cu, which times
-// the variants side by side.
+// nf4_gemv_cuda launched with programmatic dependent launch (sm_90+; elsewhere a plain launch):
+// the kernel may start while the kernel before it on `stream` is still running, and reads the
+// weights (packed, qabsmax, absmax2, code2) before waiting for that kernel to finish; it reads x
+// and writes y only after. So the caller promises that the kernel just before it on the stream
+// does not write the weights. In a chain of decode kernels this overlaps one kernel's weight
+// fetch with its predecessor's tail.
+const char* nf4_gemv_cuda_overlapped(const void* x, FloatKind kind, int64_t rows,
+                                     const uint8_t* packed, const Nf4Absmax& absmax,
+                                     int64_t out_features, int64_t in_features, void* y,
+                                     void* stream);
+
+// nf4_gemv_cuda with a chosen number of output rows per warp (1, 2 or 4; nf4_gemv_cuda picks one
+// from the shape and the SM count): more rows share each x chunk, fewer give more warps. For
+// bench/nf4_gemv_bench.cu, which times the variants side by side.
 const char* nf4_gemv_cuda_rows_per_warp(int rows_per_warp, const void* x, FloatKind kind,
                                         int64_t rows, const uint8_t* packed,
                                         const Nf4Absmax& absmax, int64_t out_features,

@@ -316,13 +316,23 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
              !s.ok()) {
     r = s;
   } else {
-    auto prompt = engine_.RenderChat(messages, request->template_());
-    if (!prompt.ok()) {
-      r = prompt.status();
+    auto chat = engine_.RenderChat(messages, request->template_());
+    if (!chat.ok()) {
+      r = chat.status();
     } else {
       r->adapter = request->adapter();
       // The rendered text holds the BOS token where the template writes one.
-      r->prompt_ids = engine_.tokenizer().Encode(*prompt, /*add_special_tokens=*/false);
+      r->prompt_ids = engine_.tokenizer().Encode(chat->prompt, /*add_special_tokens=*/false);
+      // The reply ends where the template ends a turn: as a token id when the tokenizer has one
+      // (special tokens never reach the text), and as a stop string otherwise.
+      if (!chat->end_of_turn.empty()) {
+        if (auto id = engine_.tokenizer().IdOf(chat->end_of_turn)) {
+          r->stop_token_ids.push_back(*id);
+          if (!engine_.tokenizer().IsSpecial(*id)) r->stop.push_back(chat->end_of_turn);
+        } else {
+          r->stop.push_back(chat->end_of_turn);
+        }
+      }
     }
   }
   return Start(context, std::move(r));

@@ -269,6 +269,7 @@ void JobRunner::Handle(const Pending& p) {
       job_tokens_per_s_.Set(labels, s.tokens_per_second);
       job_step_.Set(labels, static_cast<double>(s.step));
       trained_tokens_.Inc({}, static_cast<double>(e.step.tokens));
+      job_tokens_[p.job_id] += e.step.tokens;
       *out.mutable_step() = ToProtoStep(s);
       events_.Publish(out);
       return;
@@ -294,12 +295,14 @@ void JobRunner::Handle(const Pending& p) {
     look_for_jobs_ = true;
   }
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);
+  const int64_t tokens = job_tokens_[p.job_id];
+  job_tokens_.erase(p.job_id);
   if (e.kind == TrainingEvent::Kind::kFailed) {
     FailJob(p.job_id, e.error);
     return;
   }
   if (e.summary.cancelled) return;  // CancelJob already stored and published the state
-  auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path);
+  auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path, "job:" + p.job_id);
   if (!version.ok()) {
     FailJob(p.job_id, absl::StrCat("publishing the adapter '", adapter, "' from ",
                                    e.summary.adapter_path, " failed: ", version.status().message()));
@@ -311,6 +314,7 @@ void JobRunner::Handle(const Pending& p) {
   summary->set_final_loss(e.summary.final_loss);
   if (e.summary.best_is_eval) summary->set_best_validation_loss(e.summary.best_loss);
   summary->set_steps(e.summary.steps);
+  summary->set_trained_tokens(tokens);  // in this process (a resumed job counts from its restart)
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);
   events_.Publish(out);

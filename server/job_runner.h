@@ -13,6 +13,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -72,6 +73,7 @@ class JobRunner {
   std::condition_variable wake_;
   std::deque<Pending> pending_;
   std::string running_job_;  // the job handed to the engine and not yet ended
+  std::map<std::string, int64_t> job_tokens_;  // runner thread only: tokens trained per job
   bool look_for_jobs_ = true;
   bool stop_ = false;
   std::thread thread_;

@@ -246,10 +246,11 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
 }
 
 absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name,
-                                               const std::string& folder) {
+                                               const std::string& folder,
+                                               const std::string& source) {
   auto adapter = LoraAdapter::ReadPeft(folder);
   if (!adapter.ok()) return adapter.status();
-  return Publish(name, *adapter, folder);
+  return Publish(name, *adapter, source.empty() ? folder : source);
 }
 
 absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {

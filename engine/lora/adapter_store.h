@@ -102,7 +102,9 @@ class AdapterStore {
   absl::StatusOr<int64_t> Publish(const std::string& name, const LoraAdapter& adapter,
                                   const std::string& source);
   // Reads a PEFT folder (LoraAdapter::ReadPeft) and publishes it.
-  absl::StatusOr<int64_t> LoadPeft(const std::string& name, const std::string& folder);
+  // `source` ("job:<id>" for a training job's adapter) defaults to the folder.
+  absl::StatusOr<int64_t> LoadPeft(const std::string& name, const std::string& folder,
+                                   const std::string& source = "");
 
   // The current version of `name` for one request. NotFound naming the adapter.
   absl::StatusOr<AdapterLease> Acquire(const std::string& name);

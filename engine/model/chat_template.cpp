@@ -167,6 +167,19 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
   return TemplateError(name_, "unknown family");
 }
 
+std::string ChatTemplate::end_of_turn() const {
+  switch (family_) {
+    case Family::kLlama3:
+      return "<|eot_id|>";
+    case Family::kChatMl:
+      return "<|im_end|>";
+    case Family::kMistral:
+    case Family::kAlpaca:
+      break;
+  }
+  return eos_token_;
+}
+
 std::string ChatTemplate::RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const {
   std::string out = bos_token_;
   for (const ChatMessage& m : messages) {

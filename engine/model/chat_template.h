@@ -59,6 +59,9 @@ class ChatTemplate {
                                      bool add_generation_prompt) const;
 
   const std::string& name() const { return name_; }
+  // The text that ends an assistant turn in this family ("<|eot_id|>", "<|im_end|>", or the EOS
+  // token): generation of a chat reply stops there.
+  std::string end_of_turn() const;
   const std::string& bos_token() const { return bos_token_; }
   const std::string& eos_token() const { return eos_token_; }
 

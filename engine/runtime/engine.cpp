@@ -239,24 +239,24 @@ void Engine::Cancel(RequestId id) {
   impl_->wake.notify_one();
 }
 
-absl::StatusOr<std::string> Engine::RenderChat(const std::vector<ChatMessage>& messages,
-                                               const std::string& name) const {
+absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMessage>& messages,
+                                                        const std::string& name) const {
+  std::optional<ChatTemplate> named;
   if (!name.empty()) {
-    auto named = ChatTemplate::FromName(name, impl_->chat_template
-                                                  ? std::optional(impl_->chat_template->bos_token())
-                                                  : std::nullopt,
-                                        impl_->chat_template
-                                            ? std::optional(impl_->chat_template->eos_token())
-                                            : std::nullopt);
-    if (!named.ok()) return named.status();
-    return named->Render(messages, /*add_generation_prompt=*/true);
-  }
-  if (!impl_->chat_template) {
+    const auto& own = impl_->chat_template;
+    auto t = ChatTemplate::FromName(name, own ? std::optional(own->bos_token()) : std::nullopt,
+                                    own ? std::optional(own->eos_token()) : std::nullopt);
+    if (!t.ok()) return t.status();
+    named = std::move(*t);
+  } else if (!impl_->chat_template) {
     return absl::FailedPreconditionError(
         "the model has no chat template lorad recognises (" + impl_->chat_template_error +
         "); name one in the request's template field or in model.chat_template");
   }
-  return impl_->chat_template->Render(messages, /*add_generation_prompt=*/true);
+  const ChatTemplate& chat = named ? *named : *impl_->chat_template;
+  auto prompt = chat.Render(messages, /*add_generation_prompt=*/true);
+  if (!prompt.ok()) return prompt.status();
+  return RenderedChat{*std::move(prompt), chat.end_of_turn()};
 }
 
 AdapterStore& Engine::adapters() { return *impl_->adapters; }

@@ -78,9 +78,14 @@ class Engine {
   // ---- serving ----
   absl::StatusOr<RequestId> Generate(GenerationRequest request, TokenCallback on_token);
   void Cancel(RequestId id);
-  // The prompt text for a conversation, with the template `name` ("" = the model's own).
-  absl::StatusOr<std::string> RenderChat(const std::vector<ChatMessage>& messages,
-                                         const std::string& name) const;
+  // The prompt text for a conversation, with the template `name` ("" = the model's own), and the
+  // text that ends the assistant's turn in that template (generation stops there).
+  struct RenderedChat {
+    std::string prompt;
+    std::string end_of_turn;
+  };
+  absl::StatusOr<RenderedChat> RenderChat(const std::vector<ChatMessage>& messages,
+                                          const std::string& name) const;
   AdapterStore& adapters();
 
   // ---- training ----

@@ -71,6 +71,8 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
 
         listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
         assert [(a.name, a.version, a.rank) for a in listed] == [("qa-bot", 1, 8)]
+        assert listed[0].source_job_id == job.id
+        assert finished[0].trained_tokens > 0
 
         # A second, longer job trains while we chat with the first job's adapter.
         long_job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "qa-bot-2", 400)),
@@ -81,8 +83,9 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
         chunks = list(infer.Chat(ipb.ChatRequest(
             messages=[ipb.ChatMessage(role="user", content="What is the capital of France?")],
             adapter="qa-bot", sampling=ipb.SamplingParams(max_new_tokens=8)), timeout=120))
-        assert chunks and chunks[-1].finish_reason in (ipb.FINISH_REASON_LENGTH,
-                                                       ipb.FINISH_REASON_EOS)
+        assert chunks and chunks[-1].finish_reason in (
+            ipb.FINISH_REASON_LENGTH, ipb.FINISH_REASON_EOS, ipb.FINISH_REASON_STOP)
+        assert "<|im_end|>" not in "".join(c.text for c in chunks)
         assert chunks[-1].adapter == "qa-bot"
         ttft = chunks[-1].usage.time_to_first_token_seconds
         print(f"chat while training: time to first token {ttft * 1000:.1f} ms, "

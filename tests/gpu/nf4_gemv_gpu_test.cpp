@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -126,11 +127,21 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
       const double ulp = kind == FloatKind::kBF16  ? std::ldexp(1.0, -7)
                          : kind == FloatKind::kF16 ? std::ldexp(1.0, -10)
                                                    : 0.0;
-      for (const int rows_per_warp : {1, 2, 4}) {
+      // 0: nf4_gemv_cuda (its own plan), -1: nf4_gemv_cuda_overlapped, 1/2/4: rows per warp.
+      for (const int rows_per_warp : {0, -1, 1, 2, 4}) {
         GpuBuffer<char> y_d(rows * w.out * FloatKindSize(kind));  // poisoned: NaN
-        LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x_d.get(), kind, rows,
-                                                        packed.get(), device_absmax, w.out, w.in,
-                                                        y_d.get(), nullptr));
+        if (rows_per_warp == 0) {
+          LORAD_ASSERT_LAUNCH(nf4_gemv_cuda(x_d.get(), kind, rows, packed.get(), device_absmax,
+                                            w.out, w.in, y_d.get(), nullptr));
+        } else if (rows_per_warp == -1) {
+          LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_overlapped(x_d.get(), kind, rows, packed.get(),
+                                                       device_absmax, w.out, w.in, y_d.get(),
+                                                       nullptr));
+        } else {
+          LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x_d.get(), kind, rows,
+                                                          packed.get(), device_absmax, w.out,
+                                                          w.in, y_d.get(), nullptr));
+        }
         const std::vector<char> y = y_d.Read();
         int64_t bad = 0;
         for (int64_t i = 0; i < rows * w.out; ++i) {
@@ -158,11 +169,12 @@ TEST(Nf4GemvGpu, LlamaShapesMatchTheCpuReference) {
   }
 }
 
-// Odd output counts (a warp's second row missing, a partial CUDA block) and short rows (fewer
-// 16-byte chunks than a warp's lanes), every row count.
+// Odd output counts (a warp's last rows missing, a partial CUDA block), short rows (fewer 16-byte
+// chunks than a warp's lanes), and reductions split into parts of unequal length (in = 2112,
+// 4160, 9280: 66, 130, 290 chunks), every row count.
 TEST(Nf4GemvGpu, OddShapesMatchTheCpuReference) {
   for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 64}, {7, 128}, {33, 192},
-                                {4097, 320}, {9, 1088}, {130, 4160}}) {
+                                {4097, 320}, {9, 1088}, {130, 4160}, {3, 2112}, {21, 9280}}) {
     CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(3 * out + in)), {1, 2, 3, 4, 5, 6, 7, 8},
               2);
   }
@@ -173,6 +185,52 @@ TEST(Nf4GemvGpu, RejectsShapesItDoesNotHandle) {
   EXPECT_FALSE(nf4_gemv_cuda_supports(kNf4GemvMaxRows + 1, 4096));
   EXPECT_FALSE(nf4_gemv_cuda_supports(1, 4096 + 32));
   EXPECT_TRUE(nf4_gemv_cuda_supports(1, 64));
+}
+
+// A chain of overlapped launches (programmatic dependent launch) where each GEMV reads the
+// previous one's output as x: every launch must wait for its predecessor before reading x.
+TEST(Nf4GemvGpu, OverlappedChainReadsEachPredecessorsOutput) {
+  const int64_t n = 4096;
+  const Nf4Weight w = MakeWeight(n, n, 99);
+  GpuBuffer<uint8_t> packed(w.packed), qabsmax(w.qabsmax);
+  GpuBuffer<float> absmax2(w.absmax2);
+  GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
+  const Nf4Absmax device_absmax{qabsmax.get(), absmax2.get(), code.get(), w.offset};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x0(n);
+  for (auto& v : x0) v = normal(rng);
+  // The weight's scale (std 0.02, K = 4096: |y| ~ 1.3 |x|) keeps six steps finite.
+  constexpr int kSteps = 6;
+  GpuBuffer<float> b0(x0);
+  std::vector<std::unique_ptr<GpuBuffer<float>>> outs;
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const float* in = b0.get();
+  for (int s = 0; s < kSteps; ++s) {
+    outs.push_back(std::make_unique<GpuBuffer<float>>(n));
+    ASSERT_EQ(nf4_gemv_cuda_overlapped(in, FloatKind::kF32, 1, packed.get(), device_absmax, n, n,
+                                       outs.back()->get(), stream),
+              nullptr);
+    in = outs.back()->get();
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaStreamDestroy(stream);
+  // Step by step: the device's own input (previous output) through the CPU reference; a launch
+  // that read x early would have read NaN (the poisoned buffer) or stale values.
+  std::vector<float> x = x0;
+  for (int s = 0; s < kSteps; ++s) {
+    std::vector<float> expect(n);
+    nf4_gemv_cpu(x.data(), 1, w.packed.data(), w.absmax.data(), n, n, expect.data());
+    const std::vector<float> got = outs[s]->Read();
+    double err = 0, norm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      err += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
+      norm += double(expect[i]) * expect[i];
+    }
+    EXPECT_LE(std::sqrt(err / norm), 1e-5) << "step " << s;
+    x = got;
+  }
 }
 
 }  // namespace
