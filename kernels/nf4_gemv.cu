@@ -21,6 +21,15 @@
 //   - programmatic dependent launch (nf4_gemv_cuda_overlapped, sm_90): the kernel lets its
 //     successor start early, and loads its first weight chunks before waiting for its predecessor,
 //     so a chain of decode kernels overlaps one kernel's weight fetch with the previous one's tail.
+//
+// Measured (bench/results/2026-12-01-h200-nf4_gemv-v2.txt, H200, batch 1, bf16): about v1's speed
+// on the large shapes (24-38% of copy; 4 rows per warp best), k/v 1.3x faster (2 rows per warp:
+// 13%), PDL another 1.3-1.8 us per call; the 70% target is not reached. Diagnosis: every warp
+// issues all its loads, waits, then decodes, so across the SM the load phase and the decode phase
+// do not overlap, and with ~1.3 waves of blocks the pattern runs twice; the decode (~4 issue slots
+// per element) alone is about as long as the HBM time. Next: a persistent grid of one wave with
+// each warp streaming many chunks, loads of chunk i+1 in flight while decoding chunk i (double
+// buffer, or cp.async.bulk into shared memory), and fewer instructions per element (read SASS).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

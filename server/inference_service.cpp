@@ -178,6 +178,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       s.final_queued = true;
       if (e.finish_reason == engine::FinishReason::kError) s.end_status = ToGrpcStatus(e.status);
       m.e2e_latency.Observe({}, total);
+      m.queue_time.Observe({}, e.usage.queue_time_s);
       if (e.usage.completion_tokens > 0) {
         m.time_to_first_token.Observe({}, e.usage.time_to_first_token_s);
       }
@@ -260,6 +261,9 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
                                     LatencyBucketsSeconds()),
                metrics.AddHistogram("lorad_e2e_request_latency_seconds",
                                     "Time from submission to the last token of a request", {},
+                                    LatencyBucketsSeconds()),
+               metrics.AddHistogram("lorad_request_queue_time_seconds",
+                                    "Time a request waited before it joined the running batch", {},
                                     LatencyBucketsSeconds()),
                metrics.AddCounter("lorad_prompt_tokens_total", "Prompt tokens of finished requests"),
                metrics.AddCounter("lorad_generation_tokens_total",

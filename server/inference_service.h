@@ -37,6 +37,7 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
     HistogramFamily& time_to_first_token;
     HistogramFamily& inter_token_latency;
     HistogramFamily& e2e_latency;
+    HistogramFamily& queue_time;
     CounterFamily& prompt_tokens;
     CounterFamily& generation_tokens;
     CounterFamily& requests;  // by adapter and finish reason

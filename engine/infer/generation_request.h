@@ -40,6 +40,7 @@ struct GenerationUsage {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   double time_to_first_token_s = 0;  // submission -> first token sampled; 0 if none was
+  double queue_time_s = 0;           // submission -> first admitted to the batch; 0 if never
   int32_t preemptions = 0;           // times the sequence was evicted and recomputed
 };
 

@@ -61,6 +61,7 @@ struct Sequence {
   std::unique_ptr<StopMatcher> stops;
   Clock::time_point submitted;
   double ttft_s = 0;
+  double queue_s = -1;  // submission -> first admission; -1 until admitted
   int32_t preemptions = 0;
 
   std::string adapter_key() const {
@@ -326,6 +327,7 @@ void InferenceEngine::Impl::Finish(Sequence& seq, FinishReason reason, absl::Sta
   event.usage.prompt_tokens = static_cast<int64_t>(seq.prompt.size());
   event.usage.completion_tokens = static_cast<int64_t>(seq.generated.size());
   event.usage.time_to_first_token_s = seq.ttft_s;
+  event.usage.queue_time_s = std::max(0.0, seq.queue_s);
   event.usage.preemptions = seq.preemptions;
   Emit(seq, std::move(event));
 }
@@ -403,6 +405,7 @@ absl::Status InferenceEngine::Step() {
       }
       s.device = *device;
     }
+    if (s.queue_s < 0) s.queue_s = std::chrono::duration<double>(Clock::now() - s.submitted).count();
     m.running.push_back(std::move(*it));
     m.waiting.erase(it);
   }

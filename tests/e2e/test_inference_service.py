@@ -219,3 +219,5 @@ def test_concurrent_streams_and_metrics(server):
     ttft = families["lorad_time_to_first_token_seconds"].samples
     assert any(s.name.endswith("_count") and s.value >= 6 for s in ttft)
     assert "lorad_kv_cache_usage_perc" in families
+    queue = families["lorad_request_queue_time_seconds"].samples
+    assert any(s.name.endswith("_count") and s.value >= 6 for s in queue)
