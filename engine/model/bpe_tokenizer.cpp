@@ -244,19 +244,7 @@ class BpeTokenizerParser {
       if (t.id >= static_cast<int32_t>(t_->pieces_.size())) t_->pieces_.resize(t.id + 1);
       t_->pieces_[t.id] = t.content;
     }
-    // Named special tokens are special whatever tokenizer.json says (transformers does the same).
-    std::vector<std::string> named = settings.extra_special_tokens;
-    for (const auto* token :
-         {&settings.bos_token, &settings.eos_token, &settings.unk_token, &settings.pad_token}) {
-      if (token->has_value() && !(*token)->empty()) named.push_back(**token);
-    }
-    for (const std::string& content : named) {
-      const std::optional<int32_t> id = t_->IdOf(content);
-      if (!id) continue;
-      AddedToken t = t_->added_.Find(*id) ? *t_->added_.Find(*id) : AddedToken{*id, content};
-      t.special = true;
-      t_->added_.Add(t);
-    }
+    MarkNamedTokensSpecial(settings, *t_, t_->added_);
     t_->token_bytes_.resize(t_->pieces_.size());
     for (size_t id = 0; id < t_->pieces_.size(); ++id) {
       t_->token_bytes_[id] = VocabStringBytes(t_->pieces_[id]);

@@ -75,19 +75,7 @@ absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::
     t->piece_ids_.emplace(t->pieces_[id], id);
   }
 
-  // Named special tokens are special whatever the model file says (transformers does the same).
-  std::vector<std::string> named = settings.extra_special_tokens;
-  for (const auto* token :
-       {&settings.bos_token, &settings.eos_token, &settings.unk_token, &settings.pad_token}) {
-    if (token->has_value() && !(*token)->empty()) named.push_back(**token);
-  }
-  for (const std::string& content : named) {
-    const std::optional<int32_t> id = t->IdOf(content);
-    if (!id) continue;
-    AddedToken token = t->added_.Find(*id) ? *t->added_.Find(*id) : AddedToken{*id, content};
-    token.special = true;
-    t->added_.Add(token);
-  }
+  MarkNamedTokensSpecial(settings, *t, t->added_);
 
   // transformers 5's LlamaTokenizer: add_prefix_space (default true) prepends "▁" to the first
   // segment, or to every segment when legacy=true; its decoder strips that space again.

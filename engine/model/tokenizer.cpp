@@ -203,4 +203,20 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& fold
                                           "Face tokenizers) or tokenizer.model (sentencepiece)"));
 }
 
+void MarkNamedTokensSpecial(const TokenizerSettings& settings, const Tokenizer& tokenizer,
+                            AddedVocabulary& added) {
+  std::vector<std::string> named = settings.extra_special_tokens;
+  for (const auto* token :
+       {&settings.bos_token, &settings.eos_token, &settings.unk_token, &settings.pad_token}) {
+    if (token->has_value() && !(*token)->empty()) named.push_back(**token);
+  }
+  for (const std::string& content : named) {
+    const std::optional<int32_t> id = tokenizer.IdOf(content);
+    if (!id) continue;
+    AddedToken t = added.Find(*id) ? *added.Find(*id) : AddedToken{*id, content};
+    t.special = true;
+    added.Add(t);
+  }
+}
+
 }  // namespace lorad::engine

@@ -102,4 +102,10 @@ class Tokenizer {
 // Loads the tokenizer of a Hugging Face model folder. Errors name the file and field.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& folder);
 
+// Marks every token the settings name (BOS, EOS, UNK, PAD, extra special tokens) special in
+// `added`, whatever the model file says, as transformers does. Tokens `tokenizer` does not know
+// are skipped.
+void MarkNamedTokensSpecial(const TokenizerSettings& settings, const Tokenizer& tokenizer,
+                            AddedVocabulary& added);
+
 }  // namespace lorad::engine
