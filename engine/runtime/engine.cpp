@@ -1,6 +1,7 @@
 #include "engine/runtime/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -11,6 +12,12 @@
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
+#include "engine/train/training_memory.h"
+
+#if defined(LORAD_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace lorad::engine {
 namespace {
@@ -22,6 +29,30 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 // The longest the loop lets training run ahead on credit it has not yet earned: one long
 // micro-batch may overdraw, but the debt is capped so serving recovers within a few steps.
 constexpr double kMaxTrainCreditSeconds = 2.0;
+
+// Device bytes a new allocation can still get: what the driver has free plus what torch's caching
+// allocator holds but does not use. -1 on the CPU (no limit is checked there).
+int64_t AvailableDeviceBytes(const DeviceInfo& device) {
+#if defined(LORAD_WITH_CUDA)
+  if (device.device == "cpu") return -1;
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) return -1;
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+      torch::Device(device.device).index() < 0 ? 0 : torch::Device(device.device).index());
+  const auto& reserved = stats.reserved_bytes[0].current;
+  const auto& allocated = stats.allocated_bytes[0].current;
+  return static_cast<int64_t>(free) + std::max<int64_t>(0, reserved - allocated);
+#else
+  (void)device;
+  return -1;
+#endif
+}
+
+std::string GiB(int64_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  return text;
+}
 
 }  // namespace
 
@@ -187,6 +218,26 @@ void Engine::Impl::TakePendingJob() {
   }
   auto on_event = job->on_event;
   const std::string id = job->id;
+  // The memory planner: refuse a job that cannot fit, saying how much it needs.
+  const int64_t available = AvailableDeviceBytes(device);
+  if (available >= 0) {
+    const TrainingMemoryEstimate need =
+        EstimateTrainingBytes(model->config(), job->config, /*element_bytes=*/2);
+    if (need.total() > available) {
+      TrainingEvent failed;
+      failed.kind = TrainingEvent::Kind::kFailed;
+      failed.error = "the job needs about " + GiB(need.total()) + " of device memory (LoRA " +
+                     GiB(need.lora_bytes) + ", activations " + GiB(need.activation_bytes) +
+                     ", workspace " + GiB(need.workspace_bytes) + ") but " + GiB(available) +
+                     " is free beside the base model and the KV cache; lower "
+                     "training.micro_batch_size or max_seq_length, or turn on "
+                     "gradient_checkpointing";
+      on_event(failed);
+      std::lock_guard<std::mutex> lock(mu);
+      active_job_id.clear();
+      return;
+    }
+  }
   auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job->config,
                                  [this, on_event, id](const TrainingEvent& event) {
                                    on_event(event);

@@ -1,0 +1,59 @@
+#include "engine/train/training_memory.h"
+
+#include <algorithm>
+#include <string>
+
+namespace lorad::engine {
+namespace {
+
+// [in, out] of each projection LoRA may target.
+struct Shape {
+  int64_t in;
+  int64_t out;
+};
+
+Shape ProjectionShape(const ModelConfig& m, const std::string& name) {
+  const int64_t q = m.num_attention_heads * m.head_dim;
+  const int64_t kv = m.num_key_value_heads * m.head_dim;
+  if (name == "q_proj") return {m.hidden_size, q};
+  if (name == "k_proj" || name == "v_proj") return {m.hidden_size, kv};
+  if (name == "o_proj") return {q, m.hidden_size};
+  if (name == "down_proj") return {m.intermediate_size, m.hidden_size};
+  return {m.hidden_size, m.intermediate_size};  // gate_proj, up_proj
+}
+
+}  // namespace
+
+TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
+                                             const TrainingJobConfig& config,
+                                             int64_t element_bytes) {
+  TrainingMemoryEstimate e;
+  int64_t lora_params = 0;
+  int64_t largest_weight = 0;
+  for (const std::string& target : config.lora.target_modules) {
+    const Shape s = ProjectionShape(model, target);
+    lora_params += config.lora.r * (s.in + s.out);
+    largest_weight = std::max(largest_weight, s.in * s.out);
+  }
+  lora_params *= model.num_hidden_layers;
+  // fp32 weights and gradients; AdamW keeps two fp32 moments, 8-bit AdamW two bytes (+ scales).
+  const int64_t optimizer_per_param = config.optimizer == "adamw" ? 8 : 2;
+  e.lora_bytes = lora_params * (4 + 4 + optimizer_per_param);
+
+  const int64_t tokens = config.micro_batch_size * config.max_seq_length;
+  const int64_t h = model.hidden_size;
+  const int64_t i = model.intermediate_size;
+  // One layer's saved tensors in backward: the norms' and attention's inputs and outputs (about
+  // ten hidden-sized tensors per token), the MLP's gate, up, their product and its input (four
+  // intermediate-sized ones).
+  const int64_t layer = tokens * (10 * h + 4 * i) * element_bytes;
+  e.activation_bytes = config.gradient_checkpointing
+                           ? model.num_hidden_layers * tokens * h * element_bytes + layer
+                           : model.num_hidden_layers * layer;
+  const int64_t logits_chunk =
+      std::min(tokens, config.loss_chunk_tokens) * model.vocab_size * 4 * 2;  // + its gradient
+  e.workspace_bytes = 2 * largest_weight * element_bytes + logits_chunk + tokens * h * 4;
+  return e;
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,44 @@
+// The training memory estimate behaves as the planner relies on: gradient checkpointing and the
+// 8-bit optimizer lower it, and activations grow with the tokens of a micro-batch.
+#include "engine/train/training_memory.h"
+
+#include <gtest/gtest.h>
+
+namespace lorad::engine {
+namespace {
+
+ModelConfig Llama3_8B() {
+  ModelConfig m;
+  m.vocab_size = 128256;
+  m.hidden_size = 4096;
+  m.intermediate_size = 14336;
+  m.num_hidden_layers = 32;
+  m.num_attention_heads = 32;
+  m.num_key_value_heads = 8;
+  m.head_dim = 128;
+  return m;
+}
+
+TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 2;
+  c.max_seq_length = 2048;
+  const auto base = EstimateTrainingBytes(Llama3_8B(), c, 2);
+  TrainingJobConfig no_ckpt = c;
+  no_ckpt.gradient_checkpointing = false;
+  EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), no_ckpt, 2).activation_bytes,
+            4 * base.activation_bytes);
+  TrainingJobConfig fp32_adam = c;
+  fp32_adam.optimizer = "adamw";
+  EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), fp32_adam, 2).lora_bytes, base.lora_bytes);
+  TrainingJobConfig longer = c;
+  longer.max_seq_length = 4096;
+  EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), longer, 2).activation_bytes,
+            base.activation_bytes * 19 / 10);
+  // r=16 on all seven projections of the 8B shape is 41.9M LoRA parameters (as PEFT counts
+  // them): fp32 weight + gradient + two 8-bit moments.
+  EXPECT_EQ(base.lora_bytes, int64_t{41943040} * 10);
+}
+
+}  // namespace
+}  // namespace lorad::engine
