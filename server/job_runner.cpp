@@ -125,6 +125,7 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
   c.save_every = t.save_every();
   c.early_stopping_patience = t.early_stopping_patience();
   c.resume = true;
+  if (spec.export_merged()) c.export_merged_dtype = "auto";  // the base checkpoint's 16/32-bit
   if (auto s = c.Validate(); !s.ok()) return s;
   return c;
 }
@@ -314,6 +315,7 @@ void JobRunner::Handle(const Pending& p) {
   summary->set_final_loss(e.summary.final_loss);
   if (e.summary.best_is_eval) summary->set_best_validation_loss(e.summary.best_loss);
   summary->set_steps(e.summary.steps);
+  summary->set_merged_model_path(e.summary.merged_path);
   summary->set_trained_tokens(tokens);  // in this process (a resumed job counts from its restart)
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/lora/lora_adapter.h"
+#include "engine/lora/merged_model_writer.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/chunked_cross_entropy.h"
@@ -88,6 +89,7 @@ struct Trainer::Impl {
   int64_t steps_this_run = 0;
 
   absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder);
+  std::string model_folder;  // the base model's folder (chat template; merged export)
   absl::Status StepOrThrow();
   void PlanStep();
   absl::Status FinishStep();
@@ -109,6 +111,7 @@ struct Trainer::Impl {
 };
 
 absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder) {
+  this->model_folder = model_folder;
   ExampleFormatterOptions fo;
   fo.template_name = config.data.template_name;
   fo.response_only = config.data.response_only;
@@ -350,7 +353,16 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
     auto path = Checkpoint();
     if (!path.ok()) return path.status();
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-    if (auto st = AdapterCopy().WritePeft(s.adapter_path); !st.ok()) return st;
+    const LoraAdapter final_adapter = AdapterCopy();
+    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    if (!config.export_merged_dtype.empty()) {
+      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+      if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,
+                                     config.export_merged_dtype);
+          !st.ok()) {
+        return st;
+      }
+    }
   }
   done = true;
   s.steps = state.step;

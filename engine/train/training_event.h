@@ -46,6 +46,7 @@ struct TrainingSummary {
   bool cancelled = false;
   bool early_stopped = false;
   std::string adapter_path;  // the final PEFT adapter folder
+  std::string merged_path;   // the merged 16-bit model folder, when export_merged_dtype is set
 };
 
 struct TrainingEvent {

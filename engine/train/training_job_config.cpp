@@ -21,6 +21,12 @@ absl::Status TrainingJobConfig::Validate() const {
     return OutOfRange("dataset.validation_fraction", "in [0, 0.5]", data.validation_fraction);
   }
   if (auto s = lora.Validate(); !s.ok()) return s;
+  if (!export_merged_dtype.empty() && export_merged_dtype != "auto" &&
+      export_merged_dtype != "bfloat16" &&
+      export_merged_dtype != "float16" && export_merged_dtype != "float32") {
+    return absl::InvalidArgumentError("export_merged: dtype '" + export_merged_dtype +
+                                      "' is not one of auto, bfloat16, float16, float32");
+  }
   if (max_steps < 0) return OutOfRange("max_steps", ">= 0 (0: use num_epochs)", max_steps);
   if (max_steps == 0 && !(num_epochs > 0 && num_epochs <= 1000)) {
     return OutOfRange("num_epochs", "in (0, 1000] when max_steps is 0", num_epochs);

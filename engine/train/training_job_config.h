@@ -68,6 +68,10 @@ struct TrainingJobConfig {
   // <output_dir>/adapter/ (a PEFT folder). With resume, the newest complete checkpoint in
   // output_dir is continued from.
   std::string output_dir;
+  // Also write <output_dir>/merged/: the base with the adapter merged in, as a model folder
+  // transformers loads ("auto" = the checkpoint's own dtype, "bfloat16", "float16",
+  // "float32"); "" = no merged export.
+  std::string export_merged_dtype;
   bool resume = true;
 
   // Every field in range; the error names the field and the allowed range. Does not touch the

@@ -166,3 +166,40 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
             assert len(stub.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs) == 1
     finally:
         stop_daemon(d)
+
+
+def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
+    """export_merged writes the base with the adapter merged in; transformers loads it and its
+    logits equal PEFT's merge_and_unload() of the job's own adapter on the same base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_model_path
+
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = job_spec(tpb, "merged", 4)
+            spec.export_merged = True
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            events, states, _ = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            summary = [e.finished for e in events if e.WhichOneof("event") == "finished"][0]
+    finally:
+        stop_daemon(d)
+    merged_dir = summary.merged_model_path
+    adapter_dir = str(tmp_path / "data" / "jobs" / job.id / "adapter")
+    assert merged_dir.endswith("/merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        got, want = merged(ids).logits, reference(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)(ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (want - plain).abs().max().item() > 1e-3, "the adapter must change the model"

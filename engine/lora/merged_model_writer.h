@@ -1,0 +1,23 @@
+// WriteMergedModel: a base model folder with a LoRA adapter merged into its projection weights,
+// W + scaling * B A, written as a plain Hugging Face model folder (model.safetensors in the chosen
+// 16/32-bit dtype, config.json, tokenizer and generation files copied), as PEFT's
+// merge_and_unload() + save_pretrained() gives it: transformers loads it without PEFT.
+// (tests/e2e/test_training_end_to_end.py compares it with PEFT's merge.)
+//
+// The merge is computed in fp32 and rounded once to the output dtype. The folder is written
+// atomically (a temp folder beside it, fsynced files, then a rename). A base checkpoint already
+// quantized by bitsandbytes is refused: merge into the 16-bit model it came from.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "engine/lora/lora_adapter.h"
+
+namespace lorad::engine {
+
+// `dtype`: "auto" (each tensor keeps its checkpoint dtype), "bfloat16", "float16" or "float32".
+absl::Status WriteMergedModel(const std::string& base_folder, const LoraAdapter& adapter,
+                              const std::string& out_folder, const std::string& dtype);
+
+}  // namespace lorad::engine
