@@ -61,6 +61,15 @@ fi
 mkdir -p "$CACHE"
 REQ="$ROOT/deploy/requirements.txt"
 REQ_HASH="$(sha256sum "$REQ" | cut -c1-16)"
+if [[ ! -f "$VENV/.lorad-req-$REQ_HASH" ]] && compgen -G "$VENV/.lorad-req-*" > /dev/null &&
+  "$VENV/bin/python" -c 'import torch' 2> /dev/null; then
+  # A complete venv for an older requirements file: pip installs what changed.
+  log "updating the Python venv in $VENV to deploy/requirements.txt"
+  if "$VENV/bin/pip" install -q --no-cache-dir -r "$REQ"; then
+    rm -f "$VENV"/.lorad-req-*
+    touch "$VENV/.lorad-req-$REQ_HASH"
+  fi
+fi
 if [[ ! -f "$VENV/.lorad-req-$REQ_HASH" ]]; then
   PY="${LORAD_PYTHON:-python3}"
   log "creating Python venv in $VENV with $($PY --version 2>&1) (torch + reference stack; a few GB)"

@@ -316,6 +316,12 @@ void JobRunner::Handle(const Pending& p) {
   if (e.summary.best_is_eval) summary->set_best_validation_loss(e.summary.best_loss);
   summary->set_steps(e.summary.steps);
   summary->set_merged_model_path(e.summary.merged_path);
+  if (e.summary.has_eval_report) {
+    summary->set_rouge1(e.summary.rouge.rouge1);
+    summary->set_rouge2(e.summary.rouge.rouge2);
+    summary->set_rouge_l(e.summary.rouge.rouge_l);
+    summary->set_eval_report_path(e.summary.eval_report_path);
+  }
   summary->set_trained_tokens(tokens);  // in this process (a resumed job counts from its restart)
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);

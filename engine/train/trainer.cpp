@@ -1,12 +1,15 @@
 #include "engine/train/trainer.h"
 
+#include <fcntl.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -14,12 +17,14 @@
 #include "engine/lora/merged_model_writer.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/train/answer_evaluation.h"
 #include "engine/train/chunked_cross_entropy.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/lr_schedule.h"
 #include "engine/train/optimizer.h"
 #include "engine/train/training_checkpoint.h"
 #include "engine/train/training_data.h"
+#include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 namespace {
@@ -64,6 +69,7 @@ MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
 
 struct Trainer::Impl {
   const LlamaModel* model = nullptr;
+  const Tokenizer* tokenizer = nullptr;
   TrainingJobConfig config;
   EventCallback on_event;
   std::optional<TrainingData> data;
@@ -94,6 +100,8 @@ struct Trainer::Impl {
   void PlanStep();
   absl::Status FinishStep();
   absl::StatusOr<EvalMetrics> Evaluate();
+  // The held-out report (validation loss, ROUGE of greedy answers) as eval_report.json.
+  absl::Status WriteEvaluationReport(TrainingSummary& summary);
   absl::Status Finish(bool cancelled, bool early_stopped);
   absl::StatusOr<std::string> Checkpoint();
   LoraAdapter AdapterCopy() const;
@@ -112,6 +120,7 @@ struct Trainer::Impl {
 
 absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder) {
   this->model_folder = model_folder;
+  this->tokenizer = &tokenizer;
   ExampleFormatterOptions fo;
   fo.template_name = config.data.template_name;
   fo.response_only = config.data.response_only;
@@ -325,6 +334,50 @@ absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate() {
   return m;
 }
 
+absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary) {
+  auto loss = Evaluate();
+  if (!loss.ok()) return loss.status();
+  auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(),
+                                 /*max_examples=*/32, /*max_new_tokens=*/128);
+  if (!answers.ok()) return answers.status();
+  nlohmann::json report = {{"step", state.step},
+                           {"validation_loss", loss->loss},
+                           {"validation_tokens", loss->tokens},
+                           {"answered", answers->examples.size()},
+                           {"rouge1", answers->mean.rouge1},
+                           {"rouge2", answers->mean.rouge2},
+                           {"rougeL", answers->mean.rouge_l},
+                           {"examples", nlohmann::json::array()}};
+  for (const AnsweredExample& e : answers->examples) {
+    report["examples"].push_back({{"line", e.line},
+                                  {"prediction", e.prediction},
+                                  {"reference", e.reference},
+                                  {"rouge1", e.scores.rouge1},
+                                  {"rouge2", e.scores.rouge2},
+                                  {"rougeL", e.scores.rouge_l}});
+  }
+  const std::filesystem::path path = std::filesystem::path(config.output_dir) / "eval_report.json";
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream file(tmp);
+    file << report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    file.close();
+    if (!file) return absl::InternalError("cannot write " + tmp.string());
+  }
+  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  const bool synced = fd >= 0 && ::fsync(fd) == 0;
+  if (fd >= 0) ::close(fd);
+  if (!synced) return absl::InternalError("cannot fsync " + tmp.string());
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::InternalError("cannot write " + path.string() + ": " + ec.message());
+  summary.eval_report_path = path.string();
+  summary.eval_loss = loss->loss;
+  summary.rouge = answers->mean;
+  summary.has_eval_report = true;
+  return absl::OkStatus();
+}
+
 LoraAdapter Trainer::Impl::AdapterCopy() const {
   LoraAdapter copy;
   copy.config = adapter.config;
@@ -355,6 +408,9 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
     const LoraAdapter final_adapter = AdapterCopy();
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    if (!data->validation().empty()) {
+      if (auto st = WriteEvaluationReport(s); !st.ok()) return st;
+    }
     if (!config.export_merged_dtype.empty()) {
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
       if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "engine/train/rouge.h"
+
 namespace lorad::engine {
 
 struct StepMetrics {
@@ -47,6 +49,12 @@ struct TrainingSummary {
   bool early_stopped = false;
   std::string adapter_path;  // the final PEFT adapter folder
   std::string merged_path;   // the merged 16-bit model folder, when export_merged_dtype is set
+  // With a validation split: the held-out report (loss, ROUGE-1/2/L of greedy answers), also
+  // written as eval_report.json.
+  bool has_eval_report = false;
+  std::string eval_report_path;
+  double eval_loss = 0;
+  RougeScores rouge;  // mean F-measures
 };
 
 struct TrainingEvent {

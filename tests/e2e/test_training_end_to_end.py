@@ -185,12 +185,25 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
             spec = job_spec(tpb, "merged", 4)
             spec.export_merged = True
+            spec.dataset.validation_fraction = 0.25
             job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
             events, states, _ = watch_until_done(stub, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
             summary = [e.finished for e in events if e.WhichOneof("event") == "finished"][0]
     finally:
         stop_daemon(d)
+    # The held-out report: ROUGE of the answers to the 4 held-out questions, recomputed here
+    # with rouge_score from the answers the report lists.
+    import json
+
+    from rouge_score import rouge_scorer
+
+    report = json.loads(open(summary.eval_report_path).read())
+    assert report["answered"] == 4 and report["validation_loss"] > 0
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    mean_l = sum(scorer.score(e["reference"], e["prediction"])["rougeL"].fmeasure
+                 for e in report["examples"]) / 4
+    assert summary.rouge_l == pytest.approx(mean_l, abs=1e-9)
     merged_dir = summary.merged_model_path
     adapter_dir = str(tmp_path / "data" / "jobs" / job.id / "adapter")
     assert merged_dir.endswith("/merged")

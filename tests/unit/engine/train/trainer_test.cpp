@@ -13,6 +13,7 @@
 #include "engine/train/dataset_reader.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/training_checkpoint.h"
+#include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 namespace {
@@ -210,6 +211,20 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   EXPECT_GE(evals, 2);
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.early_stopped);
+  // The held-out report: validation loss and ROUGE of greedy answers, also on disk.
+  const TrainingSummary& summary = events.back().summary;
+  ASSERT_TRUE(summary.has_eval_report);
+  EXPECT_GT(summary.eval_loss, 0);
+  for (double r : {summary.rouge.rouge1, summary.rouge.rouge2, summary.rouge.rouge_l}) {
+    EXPECT_GE(r, 0);
+    EXPECT_LE(r, 1);
+  }
+  std::ifstream report_file(summary.eval_report_path);
+  ASSERT_TRUE(report_file) << summary.eval_report_path;
+  const auto report = nlohmann::json::parse(report_file);
+  EXPECT_EQ(report["answered"].get<int>(), 4);
+  EXPECT_EQ(report["examples"].size(), 4u);
+  EXPECT_DOUBLE_EQ(report["rougeL"].get<double>(), summary.rouge.rouge_l);
   EXPECT_TRUE(events.back().summary.best_is_eval);
   EXPECT_LT(events.back().summary.steps, 40);
 }

@@ -1,0 +1,41 @@
+// EvaluateAnswers: the held-out part of a training job's evaluation report. For each held-out
+// example, the model with the adapter answers the example's prompt greedily (until EOS or a
+// length limit), and the answer is scored against the example's reference response with
+// ROUGE-1/2/L (rouge.h). The trainer adds the validation loss and writes it all as
+// <output_dir>/eval_report.json.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/lora/lora_adapter.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/example_formatter.h"
+#include "engine/train/rouge.h"
+
+namespace lorad::engine {
+
+struct AnsweredExample {
+  int64_t line = 0;  // the record's line in its dataset file
+  std::string prediction;
+  std::string reference;
+  RougeScores scores;
+};
+
+struct AnswerEvaluation {
+  std::vector<AnsweredExample> examples;
+  RougeScores mean;  // the mean of each F-measure over the examples
+};
+
+// Rows are formatted examples whose labels mark the response (kNotTrained on the prompt);
+// rows with no prompt or no response are skipped. At most `max_examples` are answered.
+absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
+                                                 const LoraAdapter& adapter,
+                                                 const Tokenizer& tokenizer,
+                                                 const std::vector<TokenizedExample>& rows,
+                                                 int64_t max_examples, int64_t max_new_tokens);
+
+}  // namespace lorad::engine
