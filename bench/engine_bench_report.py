@@ -47,6 +47,8 @@ def report_train(rows):
         if r["system"] == "lorad":
             base_name = "bf16 (unquantized)" if r["base"] == "none" else r["base"]
             ckpt = "on" if r.get("checkpointing") == "1" else "off"
+            if r.get("offload") == "1":
+                ckpt += " (offloaded)"
             label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
             base = baseline_for(r)
             t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None

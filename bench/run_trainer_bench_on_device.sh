@@ -67,13 +67,18 @@ run() {  # run LIMIT_S COMMAND...
   echo >> "$RESULT"
 }
 for shape in $SHAPES; do
-  RESULT=$OUT/$DATE-h200-trainer-$shape-2x2048.txt
+  RESULT=$OUT/$DATE-h200-trainer-$shape-2x2048${BENCH_OFFLOAD:+-offload}.txt
   header > "$RESULT"
   log "shape $shape: $(tail -1 "$OUT/model-$shape.log")"
   echo "## shape $shape: $(tail -1 "$OUT/model-$shape.log")" >> "$RESULT"
   [ $BUILD_RC -eq 0 ] && run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" \
     --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 \
     --warmup=3 --steps=8 --gradient_checkpointing=1 --output_dir="$WORK/out-$shape"
+  # BENCH_OFFLOAD=1: also with the checkpointed layer inputs in pinned host memory.
+  [ $BUILD_RC -eq 0 ] && [ "${BENCH_OFFLOAD:-0}" = 1 ] && run 150 "$BUILD/trainer_bench" \
+    --model="$WORK/model-$shape" --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit \
+    --micro_batch=2 --seq=2048 --warmup=3 --steps=8 --gradient_checkpointing=1 \
+    --offload_activations=1 --output_dir="$WORK/out-$shape-offload"
   run 150 "$PY" bench/hf_baseline.py train --model "$WORK/model-$shape" --micro-batch 2 \
     --seq 2048 --warmup 3 --steps 8 --gradient-checkpointing
   rm -rf "$WORK/model-$shape"

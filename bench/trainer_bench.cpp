@@ -75,6 +75,7 @@ int Run(const BenchArgs& args) {
   config.optimizer = args.Get("optimizer");
   config.max_seq_length = args.Int("seq");
   config.gradient_checkpointing = args.Int("gradient_checkpointing") != 0;
+  config.offload_activations = args.Int("offload_activations") != 0;
   config.output_dir = args.Get("output_dir");
   config.resume = false;
   std::filesystem::remove_all(config.output_dir);
@@ -145,9 +146,11 @@ int Run(const BenchArgs& args) {
       static_cast<long long>(step_ms.size()), step_ms[step_ms.size() / 2], tokens_per_s,
       peak / kGiB, peak_reserved / kGiB);
   std::printf(
-      "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d batch=%lld seq=%lld "
+      "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d batch=%lld "
+      "seq=%lld "
       "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
       args.Get("base").c_str(), config.optimizer.c_str(), config.gradient_checkpointing ? 1 : 0,
+      config.offload_activations ? 1 : 0,
       static_cast<long long>(config.micro_batch_size),
       static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
       step_ms[step_ms.size() / 2]);
@@ -171,6 +174,7 @@ int main(int argc, char** argv) {
                                       {"warmup", "3"},
                                       {"steps", "10"},
                                       {"gradient_checkpointing", "0"},
+                                      {"offload_activations", "0"},
                                       {"output_dir", "/tmp/lorad-trainer-bench"}});
   try {
     return lorad::bench::Run(args);

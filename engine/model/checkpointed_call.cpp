@@ -60,16 +60,25 @@ struct RngState {
 struct Saved : torch::CustomClassHolder {
   CheckpointedFn fn;
   RngState rng;
+  torch::Tensor offloaded;  // the input in pinned host memory, when offloading
+  torch::Device device = torch::kCPU;
 };
 
 class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               CheckpointedFn fn) {
+                               CheckpointedFn fn, bool offload) {
     auto saved = c10::make_intrusive<Saved>();
     saved->rng = RngState::Capture(x.is_cuda());
     saved->fn = std::move(fn);
-    ctx->save_for_backward({x});
+    saved->device = x.device();
+    if (offload && x.is_cuda()) {
+      saved->offloaded = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
+      saved->offloaded.copy_(x.detach(), /*non_blocking=*/true);
+      ctx->save_for_backward({});
+    } else {
+      ctx->save_for_backward({x});
+    }
     torch::Tensor y;
     {
       torch::NoGradGuard no_grad;
@@ -83,7 +92,11 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
                                                  torch::autograd::variable_list grads) {
     const auto saved =
         c10::static_intrusive_pointer_cast<Saved>(ctx->saved_data["saved"].toCapsule());
-    const torch::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    const torch::Tensor x =
+        (saved->offloaded.defined()
+             ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
+             : ctx->get_saved_variables()[0].detach())
+            .requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
     const RngState now = RngState::Capture(x.is_cuda());
     saved->rng.Restore();
@@ -94,14 +107,14 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     }
     now.Restore();
     torch::autograd::backward({y}, {grads[0]});
-    return {x.grad(), torch::Tensor()};
+    return {x.grad(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 }  // namespace
 
-torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x) {
-  return CheckpointFunction::apply(x, std::move(fn));
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload) {
+  return CheckpointFunction::apply(x, std::move(fn), offload);
 }
 
 }  // namespace lorad::engine

@@ -17,7 +17,10 @@ namespace lorad::engine {
 
 using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
 
-// `fn` is copied and kept until backward; what it captures must stay valid until then.
-torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x);
+// `fn` is copied and kept until backward; what it captures must stay valid until then. With
+// `offload`, a CUDA `x` waits for backward in pinned host memory instead of on the device
+// (Unsloth's "unsloth" checkpointing): the device holds no layer input between forward and
+// backward, at the cost of a copy each way. A CPU `x` is kept as it is.
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false);
 
 }  // namespace lorad::engine

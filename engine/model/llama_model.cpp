@@ -372,7 +372,7 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
                 x + Attention(l, i, RmsNorm(x, l.input_norm), cos, sin, mask, nullptr, lora.get());
             return y + Mlp(l, i, RmsNorm(y, l.post_attention_norm), lora.get());
           },
-          h);
+          h, options.offload_checkpoints);
       continue;
     }
     h = h + Attention(layer, i, RmsNorm(h, layer.input_norm), cos, sin, mask, cache, applier);

@@ -68,6 +68,8 @@ struct ForwardOptions {
   // Training without a cache: keep only each decoder layer's input and recompute the layer in
   // backward (gradient checkpointing), trading one more forward for the layers' activations.
   bool checkpoint_layers = false;
+  // With checkpoint_layers on CUDA: keep the saved layer inputs in pinned host memory.
+  bool offload_checkpoints = false;
 };
 
 // The ignored label (transformers' and PyTorch's ignore_index).

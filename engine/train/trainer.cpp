@@ -216,6 +216,7 @@ absl::Status Trainer::Impl::StepOrThrow() {
   fo.train = true;
   fo.hidden_states = true;
   fo.checkpoint_layers = config.gradient_checkpointing;
+  fo.offload_checkpoints = config.offload_activations;
   auto hidden = model->Forward(mb.batch, nullptr, fo);  // [B, T, hidden]
   if (!hidden.ok()) return hidden.status();
   const torch::Tensor flat = hidden->reshape({-1, hidden->size(2)});

@@ -55,6 +55,9 @@ struct TrainingJobConfig {
   // gradient checkpointing, ForwardOptions::checkpoint_layers): one more forward per step for
   // activations of one layer at a time.
   bool gradient_checkpointing = true;
+  // With gradient_checkpointing on CUDA: the checkpointed layer inputs wait for backward in pinned
+  // host memory (Unsloth's "unsloth" mode), freeing that device memory.
+  bool offload_activations = false;
   uint64_t seed = 3407;
 
   int64_t eval_every = 0;               // optimizer steps between validation runs; 0: never
