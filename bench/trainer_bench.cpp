@@ -115,7 +115,7 @@ int Run(const BenchArgs& args) {
     GpuStats::Synchronize();
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     const double loss = steps.empty() ? 0 : steps.back().loss;
-    std::printf("step %3lld  %8.1f ms  loss %.4f  tokens %lld%s\n", static_cast<long long>(i + 1),
+    std::printf("step %3lld  %8.1f ms  loss %.6f  tokens %lld%s\n", static_cast<long long>(i + 1),
                 dt * 1e3, loss, static_cast<long long>(steps.empty() ? 0 : steps.back().tokens),
                 i < warmup ? "  (warm-up)" : "");
     if (i >= warmup) {
