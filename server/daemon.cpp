@@ -43,12 +43,13 @@ Daemon::Daemon(ServerConfig config) : config_(std::move(config)), http_(metrics_
 Daemon::~Daemon() { Shutdown(); }
 
 void Daemon::RegisterProcessMetrics() {
+  const engine::ModelConfig& model = engine_->model_config();
   metrics_
       .AddGauge("lorad_build_info", "lorad build and runtime facts; the value is always 1",
                 {"version", "torch_version", "device", "cuda_kernels"})
       .Set(
           {
-            LORAD_VERSION, device_.torch_version, device_.device,
+            LORAD_VERSION, engine_->device().torch_version, engine_->device().device,
 #if defined(LORAD_WITH_CUDA)
                 "on"
 #else
@@ -62,8 +63,8 @@ void Daemon::RegisterProcessMetrics() {
   metrics_
       .AddGauge("lorad_model_info", "The served base model; the value is always 1",
                 {"architecture", "layers", "hidden_size", "vocab_size"})
-      .Set({model_config_.architecture, std::to_string(model_config_.num_hidden_layers),
-            std::to_string(model_config_.hidden_size), std::to_string(model_config_.vocab_size)},
+      .Set({model.architecture, std::to_string(model.num_hidden_layers),
+            std::to_string(model.hidden_size), std::to_string(model.vocab_size)},
            1);
 }
 
@@ -73,16 +74,11 @@ absl::Status Daemon::Start() {
   if (!model.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("model.path: ", model.status().message()));
   }
-  model_config_ = *model;
-  device_ = engine::DeviceInfo::Detect(config_.model.device);
-  if (config_.model.device == "cuda" && device_.device == "cpu") {
-    return absl::InvalidArgumentError(
-        "model.device: 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'");
-  }
-  spdlog::info("model {}: {}, {} layers, hidden {}, vocab {}; device {} ({}), torch {}",
-               config_.model.path, model_config_.architecture, model_config_.num_hidden_layers,
-               model_config_.hidden_size, model_config_.vocab_size, device_.device, device_.dtype,
-               device_.torch_version);
+  // The device is the engine's to pick (Engine::Start); this early read of config.json only turns
+  // a wrong model path into one clear line before anything starts.
+  spdlog::info("model {}: {}, {} layers, hidden {}, vocab {}", config_.model.path,
+               model->architecture, model->num_hidden_layers, model->hidden_size,
+               model->vocab_size);
 
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);
@@ -93,13 +89,13 @@ absl::Status Daemon::Start() {
 
   if (auto s = LoadTokens(); !s.ok()) return s;
   if (auto s = OpenJobStore(); !s.ok()) return s;
-  RegisterProcessMetrics();
   // HTTP first: /healthz says "loading" while the model loads.
   if (auto s = http_.Start(config_.server.http_address); !s.ok()) return s;
   if (auto s = StartEngine(); !s.ok()) {
     http_.Stop();
     return s;
   }
+  RegisterProcessMetrics();
   if (auto s = StartGrpc(); !s.ok()) {
     engine_->Stop();
     http_.Stop();
@@ -121,7 +117,8 @@ absl::Status Daemon::StartEngine() {
   options.base_weights = config_.model.base_weights;
   options.chat_template = config_.model.chat_template;
   options.inference.kv_cache_bytes = config_.engine.kv_cache_bytes;
-  options.inference.scheduler.max_running = static_cast<int32_t>(config_.engine.max_running_requests);
+  options.inference.scheduler.max_running =
+      static_cast<int32_t>(config_.engine.max_running_requests);
   options.inference.scheduler.token_budget = config_.engine.max_batch_tokens;
   options.inference.max_new_tokens_limit = static_cast<int32_t>(config_.limits.max_new_tokens);
   options.inference.max_queued = static_cast<int32_t>(config_.limits.max_queued_requests);
@@ -134,9 +131,11 @@ absl::Status Daemon::StartEngine() {
                         absl::StrCat("loading the model: ", engine.status().message()));
   }
   engine_ = std::move(*engine);
-  spdlog::info("model loaded in {:.1f} s ({} base weights, {:.1f} MiB)",
+  const engine::DeviceInfo& device = engine_->device();
+  spdlog::info("model loaded in {:.1f} s ({} base weights, {:.1f} MiB) on {} ({}), torch {}",
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
-               config_.model.base_weights, engine_->Stats().base_bytes / 1048576.0);
+               config_.model.base_weights, engine_->Stats().base_bytes / 1048576.0, device.device,
+               device.dtype, device.torch_version);
   adapter_root_ = config_.storage.adapter_root.empty()
                       ? (fs::path(config_.storage.data_dir) / "adapters").string()
                       : config_.storage.adapter_root;

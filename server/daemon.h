@@ -10,8 +10,6 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "engine/model/model_config.h"
-#include "engine/runtime/device_info.h"
 #include "engine/runtime/engine.h"
 #include "server/http_server.h"
 #include "server/job_event_hub.h"
@@ -54,8 +52,6 @@ class Daemon {
   ServerConfig config_;
   ServingState state_;
   MetricsRegistry metrics_;
-  engine::ModelConfig model_config_;
-  engine::DeviceInfo device_;
   HttpServer http_;
   std::unique_ptr<JobStore> jobs_;
   JobEventHub job_events_;

@@ -1,13 +1,11 @@
 #include "server/job_runner.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 #include "server/training_service.h"
 
 namespace lorad::server {
@@ -39,28 +37,6 @@ std::string FormatName(lorad::v1::DatasetFormat format) {
   }
 }
 
-// Writes `text` to `path` durably: a temp file beside it, fsync, rename.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot write ", tmp));
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n <= 0) {
-      ::close(fd);
-      return absl::InternalError(absl::StrCat("cannot write ", tmp, " (disk full?)"));
-    }
-    done += static_cast<size_t>(n);
-  }
-  const bool synced = ::fsync(fd) == 0;
-  ::close(fd);
-  if (!synced || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return absl::InternalError(absl::StrCat("cannot write ", path));
-  }
-  return absl::OkStatus();
-}
-
 lorad::v1::JobEvent EventFor(const std::string& job_id) {
   lorad::v1::JobEvent e;
   e.set_job_id(job_id);
@@ -79,12 +55,13 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
   c.output_dir = output_dir;
   std::error_code ec;
   fs::create_directories(output_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
   if (d.inline_examples_size() > 0) {
     std::string jsonl;
     for (const auto& example : d.inline_examples()) absl::StrAppend(&jsonl, example.json(), "\n");
     c.data.path = output_dir + "/inline_dataset.jsonl";
-    if (auto s = WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
+    if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
   } else {
     c.data.path = d.path();
   }
@@ -139,20 +116,23 @@ JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& event
       job_loss_(metrics.AddGauge("lorad_job_loss", "Training loss of the running job's last step",
                                  {"job_id", "adapter"})),
       job_lr_(metrics.AddGauge("lorad_job_learning_rate",
-                               "Learning rate of the running job's last step", {"job_id", "adapter"})),
+                               "Learning rate of the running job's last step",
+                               {"job_id", "adapter"})),
       job_tokens_per_s_(metrics.AddGauge("lorad_job_tokens_per_second",
                                          "Training throughput of the running job's last step",
                                          {"job_id", "adapter"})),
       job_step_(metrics.AddGauge("lorad_job_step", "Optimizer steps the running job has completed",
                                  {"job_id", "adapter"})),
-      trained_tokens_(metrics.AddCounter("lorad_train_tokens_total",
-                                         "Tokens trained on, over all jobs")),
+      trained_tokens_(
+          metrics.AddCounter("lorad_train_tokens_total", "Tokens trained on, over all jobs")),
       jobs_dir_(std::move(jobs_dir)),
       run_jobs_(run_jobs) {}
 
 JobRunner::~JobRunner() { Stop(); }
 
-void JobRunner::Start() { thread_ = std::thread([this] { Loop(); }); }
+void JobRunner::Start() {
+  thread_ = std::thread([this] { Loop(); });
+}
 
 void JobRunner::Stop() {
   {
@@ -220,13 +200,15 @@ void JobRunner::StartNextJob() {
   }
   events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
   const std::string id = job.id;
-  absl::Status started = engine_.StartTraining(id, *config, [this, id](const TrainingEvent& e) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      pending_.push_back({id, e});
-    }
-    wake_.notify_all();
-  });
+  const std::string adapter = job.adapter_name;
+  absl::Status started =
+      engine_.StartTraining(id, *config, [this, id, adapter](const TrainingEvent& e) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          pending_.push_back({id, adapter, e});
+        }
+        wake_.notify_all();
+      });
   if (!started.ok()) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -248,8 +230,7 @@ void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
 
 void JobRunner::Handle(const Pending& p) {
   const TrainingEvent& e = p.event;
-  auto record = store_.Get(p.job_id);
-  const std::string adapter = record.ok() ? record->adapter_name : "";
+  const std::string& adapter = p.adapter;
   const LabelValues labels = {p.job_id, adapter};
   lorad::v1::JobEvent out = EventFor(p.job_id);
   switch (e.kind) {
@@ -306,8 +287,9 @@ void JobRunner::Handle(const Pending& p) {
   if (e.summary.cancelled) return;  // CancelJob already stored and published the state
   auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path, "job:" + p.job_id);
   if (!version.ok()) {
-    FailJob(p.job_id, absl::StrCat("publishing the adapter '", adapter, "' from ",
-                                   e.summary.adapter_path, " failed: ", version.status().message()));
+    FailJob(p.job_id,
+            absl::StrCat("publishing the adapter '", adapter, "' from ", e.summary.adapter_path,
+                         " failed: ", version.status().message()));
     return;
   }
   if (!store_.MarkSucceeded(p.job_id, *version).ok()) return;

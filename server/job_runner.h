@@ -51,6 +51,7 @@ class JobRunner {
  private:
   struct Pending {
     std::string job_id;
+    std::string adapter;  // the job's adapter_name
     engine::TrainingEvent event;
   };
   void Loop();

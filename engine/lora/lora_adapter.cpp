@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/model/safetensors.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -351,25 +352,6 @@ absl::StatusOr<torch::Tensor> ToFloatTensor(const TensorView& v, const std::stri
 
 // ---- writing a folder atomically ----
 
-absl::Status SyncPath(const std::string& path, int flags) {
-  const int fd = ::open(path.c_str(), flags | O_CLOEXEC);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot open ", path, ": ", ErrnoText()));
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return absl::InternalError(absl::StrCat("fsync ", path, ": ", ErrnoText()));
-  return absl::OkStatus();
-}
-
-absl::Status WriteSyncedFile(const std::string& path, const std::string& text) {
-  {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
-  }
-  return SyncPath(path, O_RDONLY);
-}
-
 // A folder may be replaced only when it is empty or already an adapter: never a user's folder
 // that happens to have the name.
 bool ReplaceableFolder(const fs::path& folder) {
@@ -578,7 +560,7 @@ absl::Status LoraAdapter::WritePeft(const std::string& folder) const {
       !s.ok()) {
     return cleanup(s);
   }
-  if (auto s = SyncPath(temp, O_RDONLY | O_DIRECTORY); !s.ok()) return cleanup(s);
+  if (auto s = SyncPath(temp); !s.ok()) return cleanup(s);
   ::chmod(temp.c_str(), 0755);  // mkdtemp makes it 0700
   if (replace) {
     // Swap in one step so readers see the old adapter or the new one, never neither; the old
@@ -592,7 +574,7 @@ absl::Status LoraAdapter::WritePeft(const std::string& folder) const {
     return cleanup(absl::InternalError(
         absl::StrCat("cannot rename ", temp, " to ", target.string(), ": ", ErrnoText())));
   }
-  return SyncPath(parent.string(), O_RDONLY | O_DIRECTORY);
+  return SyncPath(parent.string());
 }
 
 absl::Status LoraAdapter::ValidateAgainst(const ModelConfig& model) const {

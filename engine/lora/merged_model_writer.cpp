@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/model/model_weights.h"
 #include "engine/model/safetensors.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -14,9 +15,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // Files of a model folder that travel with the merged weights unchanged.
-constexpr const char* kCopiedFiles[] = {
-    "generation_config.json", "tokenizer.model",  "tokenizer.json",
-    "tokenizer_config.json",  "special_tokens_map.json", "chat_template.jinja"};
+constexpr const char* kCopiedFiles[] = {"generation_config.json",  "tokenizer.model",
+                                        "tokenizer.json",          "tokenizer_config.json",
+                                        "special_tokens_map.json", "chat_template.jinja"};
 
 // "auto" keeps each tensor's checkpoint dtype (kUndefined here).
 absl::StatusOr<torch::ScalarType> OutputDType(const std::string& name) {
@@ -39,18 +40,15 @@ absl::Status WriteConfig(const std::string& base_folder, const std::string& out,
   std::ifstream in(base_folder + "/config.json");
   nlohmann::json config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(base_folder, "/config.json is not a JSON object"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(base_folder, "/config.json is not a JSON object"));
   }
   config.erase("quantization_config");
   if (dtype != "auto") {
     config["torch_dtype"] = dtype;
     if (config.contains("dtype")) config["dtype"] = dtype;
   }
-  std::ofstream file(out + "/config.json");
-  file << config.dump(2) << "\n";
-  file.close();
-  if (!file) return absl::InternalError(absl::StrCat("cannot write ", out, "/config.json"));
-  return absl::OkStatus();
+  return WriteSyncedFile(out + "/config.json", config.dump(2) + "\n");
 }
 
 absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapter& adapter,
@@ -90,10 +88,9 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
         }
         t = t + scaling * delta;
       }
-      const torch::ScalarType target =
-          *out_dtype != torch::ScalarType::Undefined ? *out_dtype
-          : view->dtype == DType::kF64              ? torch::kFloat
-                                                    : TorchDType(view->dtype);
+      const torch::ScalarType target = *out_dtype != torch::ScalarType::Undefined ? *out_dtype
+                                       : view->dtype == DType::kF64               ? torch::kFloat
+                                                                    : TorchDType(view->dtype);
       t = t.to(target).contiguous();
     } else {
       auto read = weights->Get(name, TorchDType(view->dtype), torch::kCPU);
@@ -115,22 +112,27 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
   std::error_code ec;
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
-  if (auto s = WriteSafetensors((tmp / "model.safetensors").string(), views,
-                                {{"format", "pt"}});
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
+  if (auto s = WriteSafetensors((tmp / "model.safetensors").string(), views, {{"format", "pt"}});
       !s.ok()) {
     return s;
   }
   if (auto s = WriteConfig(base_folder, tmp.string(), dtype); !s.ok()) return s;
   for (const char* name : kCopiedFiles) {
     const fs::path from = fs::path(base_folder) / name;
-    if (fs::exists(from)) fs::copy_file(from, tmp / name, fs::copy_options::overwrite_existing, ec);
-    if (ec) return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
+    if (!fs::exists(from)) continue;
+    fs::copy_file(from, tmp / name, fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
+    if (auto s = SyncPath((tmp / name).string()); !s.ok()) return s;
   }
+  if (auto s = SyncPath(tmp.string()); !s.ok()) return s;
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot rename ", tmp.string(), ": ", ec.message()));
-  return absl::OkStatus();
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot rename ", tmp.string(), ": ", ec.message()));
+  return SyncPath(out.parent_path().empty() ? "." : out.parent_path().string());
 }
 
 }  // namespace

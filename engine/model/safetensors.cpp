@@ -14,6 +14,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 
@@ -142,18 +143,6 @@ bool WriteAll(int fd, const uint8_t* bytes, size_t n) {
     n -= static_cast<size_t>(w);
   }
   return true;
-}
-
-// fsync on a folder makes a rename inside it durable.
-absl::Status SyncFolder(const std::string& folder) {
-  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::InternalError(absl::StrCat("cannot open folder ", folder, ": ", ErrnoText()));
-  }
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return absl::InternalError(absl::StrCat("fsync ", folder, ": ", ErrnoText()));
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -413,7 +402,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
     ::unlink(temp.c_str());
     return absl::InternalError(absl::StrCat("cannot rename ", temp, " to ", path, ": ", err));
   }
-  return SyncFolder(folder);
+  return SyncPath(folder);
 }
 
 }  // namespace lorad::engine

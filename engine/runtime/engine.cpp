@@ -1,10 +1,10 @@
 #include "engine/runtime/engine.h"
 
 #include <algorithm>
-#include <cstdio>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 #include <thread>
 
@@ -37,8 +37,8 @@ int64_t AvailableDeviceBytes(const DeviceInfo& device) {
   if (device.device == "cpu") return -1;
   size_t free = 0, total = 0;
   if (cudaMemGetInfo(&free, &total) != cudaSuccess) return -1;
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
-      torch::Device(device.device).index() < 0 ? 0 : torch::Device(device.device).index());
+  const torch::Device d(device.device);
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d.has_index() ? d.index() : 0);
   const auto& reserved = stats.reserved_bytes[0].current;
   const auto& allocated = stats.allocated_bytes[0].current;
   return static_cast<int64_t>(free) + std::max<int64_t>(0, reserved - allocated);
@@ -100,10 +100,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
   impl->options = options;
   impl->device = DeviceInfo::Detect(options.device);
   if (options.device.rfind("cuda", 0) == 0 && impl->device.cuda_devices == 0) {
-    return absl::FailedPreconditionError(
-        "model.device is '" + options.device +
-        "' but no CUDA device is visible (check the NVIDIA runtime, CUDA_VISIBLE_DEVICES, or "
-        "set model.device: cpu)");
+    return absl::InvalidArgumentError(
+        "model.device: '" + options.device +
+        "' was asked for but no CUDA device is visible (check the NVIDIA runtime and "
+        "CUDA_VISIBLE_DEVICES, or use 'auto' or 'cpu')");
   }
   if (!(options.train_share >= 0 && options.train_share <= 0.95)) {
     return absl::InvalidArgumentError("train_share must be in [0, 0.95]");

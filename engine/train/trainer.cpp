@@ -1,15 +1,12 @@
 #include "engine/train/trainer.h"
 
-#include <fcntl.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +14,7 @@
 #include "engine/lora/merged_model_writer.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/runtime/durable_file.h"
 #include "engine/train/answer_evaluation.h"
 #include "engine/train/chunked_cross_entropy.h"
 #include "engine/train/example_formatter.h"
@@ -358,20 +356,9 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary) {
                                   {"rougeL", e.scores.rouge_l}});
   }
   const std::filesystem::path path = std::filesystem::path(config.output_dir) / "eval_report.json";
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream file(tmp);
-    file << report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-    file.close();
-    if (!file) return absl::InternalError("cannot write " + tmp.string());
-  }
-  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
-  const bool synced = fd >= 0 && ::fsync(fd) == 0;
-  if (fd >= 0) ::close(fd);
-  if (!synced) return absl::InternalError("cannot fsync " + tmp.string());
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return absl::InternalError("cannot write " + path.string() + ": " + ec.message());
+  const std::string text =
+      report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  if (auto st = WriteFileAtomically(path.string(), text); !st.ok()) return st;
   summary.eval_report_path = path.string();
   summary.eval_loss = loss->loss;
   summary.rouge = answers->mean;

@@ -1,8 +1,6 @@
 #include "engine/train/training_checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,6 +8,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -20,21 +19,12 @@ using nlohmann::json;
 
 constexpr char kPrefix[] = "checkpoint-";
 
-absl::Status Fsync(const fs::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot open ", path.string(), " to fsync"));
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return absl::InternalError(absl::StrCat("fsync failed for ", path.string()));
-  return absl::OkStatus();
-}
-
 // fsyncs every file and folder under `root` (the adapter folder was written by WritePeft).
 absl::Status FsyncTree(const fs::path& root) {
   for (const auto& entry : fs::recursive_directory_iterator(root)) {
-    if (auto s = Fsync(entry.path()); !s.ok()) return s;
+    if (auto s = SyncPath(entry.path().string()); !s.ok()) return s;
   }
-  return Fsync(root);
+  return SyncPath(root.string());
 }
 
 torch::Tensor CpuRngState() {
@@ -102,7 +92,7 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
     fs::remove_all(final_path);
     fs::rename(tmp, final_path);
-    if (auto s = Fsync(output_dir); !s.ok()) return s;
+    if (auto s = SyncPath(output_dir); !s.ok()) return s;
   } catch (const fs::filesystem_error& e) {
     return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
                                             e.what()));

@@ -1,0 +1,22 @@
+// Durable files: what lorad writes must survive a crash whole or not at all (DESIGN.md: temp
+// file, fsync, rename). These are the one implementation every writer uses (adapters,
+// checkpoints, safetensors, reports, job datasets). torch-free: the server uses them too.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace lorad::engine {
+
+// fsyncs a file or a folder (a folder's fsync makes the renames inside it durable).
+absl::Status SyncPath(const std::string& path);
+
+// Writes `bytes` to `path` (replacing it) and fsyncs the file; no rename.
+absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes);
+
+// Writes `bytes` to <path>.tmp, fsyncs it, renames it over `path` and fsyncs the folder: a reader
+// sees the old file or the new one, never a part.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
+
+}  // namespace lorad::engine
