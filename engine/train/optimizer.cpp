@@ -153,6 +153,35 @@ absl::Status NoLeftovers(const SavedParam& saved, size_t index) {
                                                  "\""));
 }
 
+// The two fields every saved optimizer state starts with.
+OptimizerState StateHeader(OptimizerKind kind, size_t num_params) {
+  return {{"kind", Int64Scalar(KindCode(kind))},
+          {"num_params", Int64Scalar(static_cast<int64_t>(num_params))}};
+}
+
+// What both optimizers' LoadState share: split the saved state per parameter, read each one's
+// step, let `read(saved, index, state)` take its tensors when it has stepped, and refuse any key
+// left over. Nothing is replaced unless every parameter loads.
+template <typename ParamState, typename Read>
+absl::StatusOr<std::vector<ParamState>> LoadParamStates(const OptimizerState& state,
+                                                        OptimizerKind kind, size_t num_params,
+                                                        Read read) {
+  absl::StatusOr<std::vector<SavedParam>> saved = SplitState(state, kind, num_params);
+  if (!saved.ok()) return saved.status();
+  std::vector<ParamState> loaded(num_params);
+  for (size_t i = 0; i < num_params; ++i) {
+    SavedParam& sp = (*saved)[i];
+    absl::StatusOr<int64_t> step = TakeStep(sp, i);
+    if (!step.ok()) return step.status();
+    loaded[i].step = *step;
+    if (*step > 0) {
+      if (absl::Status s = read(sp, i, loaded[i]); !s.ok()) return s;
+    }
+    if (absl::Status s = NoLeftovers(sp, i); !s.ok()) return s;
+  }
+  return loaded;
+}
+
 absl::Status TorchError(const char* what, const c10::Error& e) {
   return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
 }
@@ -205,8 +234,7 @@ class AdamW final : public Optimizer {
   }
 
   OptimizerState SaveState() const override {
-    OptimizerState out{{"kind", Int64Scalar(KindCode(kind()))},
-                       {"num_params", Int64Scalar(static_cast<int64_t>(params_.size()))}};
+    OptimizerState out = StateHeader(kind(), params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
       const ParamState& st = state_[i];
       if (st.step == 0) continue;
@@ -219,25 +247,20 @@ class AdamW final : public Optimizer {
 
   absl::Status LoadState(const OptimizerState& state) override {
     try {
-      absl::StatusOr<std::vector<SavedParam>> saved = SplitState(state, kind(), params_.size());
-      if (!saved.ok()) return saved.status();
-      std::vector<ParamState> loaded(params_.size());
-      for (size_t i = 0; i < params_.size(); ++i) {
-        const torch::Tensor& p = params_[i];
-        absl::StatusOr<int64_t> step = TakeStep((*saved)[i], i);
-        if (!step.ok()) return step.status();
-        loaded[i].step = *step;
-        if (*step > 0) {
-          auto m = TakeTensor((*saved)[i], i, "exp_avg", torch::kFloat, p.sizes(), p.device());
-          if (!m.ok()) return m.status();
-          auto v = TakeTensor((*saved)[i], i, "exp_avg_sq", torch::kFloat, p.sizes(), p.device());
-          if (!v.ok()) return v.status();
-          loaded[i].exp_avg = *std::move(m);
-          loaded[i].exp_avg_sq = *std::move(v);
-        }
-        if (absl::Status s = NoLeftovers((*saved)[i], i); !s.ok()) return s;
-      }
-      state_ = std::move(loaded);
+      auto loaded = LoadParamStates<ParamState>(
+          state, kind(), params_.size(),
+          [&](SavedParam& sp, size_t i, ParamState& st) -> absl::Status {
+            const torch::Tensor& p = params_[i];
+            auto m = TakeTensor(sp, i, "exp_avg", torch::kFloat, p.sizes(), p.device());
+            if (!m.ok()) return m.status();
+            auto v = TakeTensor(sp, i, "exp_avg_sq", torch::kFloat, p.sizes(), p.device());
+            if (!v.ok()) return v.status();
+            st.exp_avg = *std::move(m);
+            st.exp_avg_sq = *std::move(v);
+            return absl::OkStatus();
+          });
+      if (!loaded.ok()) return loaded.status();
+      state_ = *std::move(loaded);
     } catch (const c10::Error& e) {
       return TorchError("AdamW load state", e);
     }
@@ -300,8 +323,7 @@ class AdamW8bit final : public Optimizer {
   }
 
   OptimizerState SaveState() const override {
-    OptimizerState out{{"kind", Int64Scalar(KindCode(kind()))},
-                       {"num_params", Int64Scalar(static_cast<int64_t>(params_.size()))}};
+    OptimizerState out = StateHeader(kind(), params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
       const ParamState& st = state_[i];
       if (st.step == 0) continue;
@@ -318,38 +340,31 @@ class AdamW8bit final : public Optimizer {
 
   absl::Status LoadState(const OptimizerState& state) override {
     try {
-      absl::StatusOr<std::vector<SavedParam>> saved = SplitState(state, kind(), params_.size());
-      if (!saved.ok()) return saved.status();
-      std::vector<ParamState> loaded(params_.size());
-      for (size_t i = 0; i < params_.size(); ++i) {
-        const torch::Tensor& p = params_[i];
-        SavedParam& sp = (*saved)[i];
-        absl::StatusOr<int64_t> step = TakeStep(sp, i);
-        if (!step.ok()) return step.status();
-        loaded[i].step = *step;
-        if (*step > 0) {
-          // The layout follows min_8bit_size: a checkpoint written with another threshold fails
-          // here on the dtype of state1 instead of being misread.
-          const torch::ScalarType dtype = Uses8bit(p) ? torch::kUInt8 : torch::kFloat;
-          auto s1 = TakeTensor(sp, i, "state1", dtype, p.sizes(), p.device());
-          if (!s1.ok()) return s1.status();
-          auto s2 = TakeTensor(sp, i, "state2", dtype, p.sizes(), p.device());
-          if (!s2.ok()) return s2.status();
-          loaded[i].state1 = *std::move(s1);
-          loaded[i].state2 = *std::move(s2);
-          if (Uses8bit(p)) {
+      auto loaded = LoadParamStates<ParamState>(
+          state, kind(), params_.size(),
+          [&](SavedParam& sp, size_t i, ParamState& st) -> absl::Status {
+            const torch::Tensor& p = params_[i];
+            // The layout follows min_8bit_size: a checkpoint written with another threshold
+            // fails here on the dtype of state1 instead of being misread.
+            const torch::ScalarType dtype = Uses8bit(p) ? torch::kUInt8 : torch::kFloat;
+            auto s1 = TakeTensor(sp, i, "state1", dtype, p.sizes(), p.device());
+            if (!s1.ok()) return s1.status();
+            auto s2 = TakeTensor(sp, i, "state2", dtype, p.sizes(), p.device());
+            if (!s2.ok()) return s2.status();
+            st.state1 = *std::move(s1);
+            st.state2 = *std::move(s2);
+            if (!Uses8bit(p)) return absl::OkStatus();
             const std::vector<int64_t> blocks{Blocks(p)};
             auto a1 = TakeTensor(sp, i, "absmax1", torch::kFloat, blocks, p.device());
             if (!a1.ok()) return a1.status();
             auto a2 = TakeTensor(sp, i, "absmax2", torch::kFloat, blocks, p.device());
             if (!a2.ok()) return a2.status();
-            loaded[i].absmax1 = *std::move(a1);
-            loaded[i].absmax2 = *std::move(a2);
-          }
-        }
-        if (absl::Status s = NoLeftovers(sp, i); !s.ok()) return s;
-      }
-      state_ = std::move(loaded);
+            st.absmax1 = *std::move(a1);
+            st.absmax2 = *std::move(a2);
+            return absl::OkStatus();
+          });
+      if (!loaded.ok()) return loaded.status();
+      state_ = *std::move(loaded);
     } catch (const c10::Error& e) {
       return TorchError("AdamW8bit load state", e);
     }
