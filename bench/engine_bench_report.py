@@ -61,9 +61,13 @@ def report_train(rows):
 
 
 def report_generate(rows):
+    bound = [r for r in rows if r.get("bench") == "bound"]
     rows = [r for r in rows if r.get("bench") == "generate"]
     hf = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "hf"}
-    lorad = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "lorad"}
+    lorad = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
+             if r["system"] == "lorad" and r.get("graphs", "1") != "0"}
+    eager = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
+             if r["system"] == "lorad" and r.get("graphs") == "0"}
     keys = sorted(set(hf) | set(lorad), key=lambda k: (float(k[2]), int(k[0]), int(k[1])))
     print("Generation: tokens/s (ratio = lorad NF4 / transformers bf16 generate; with adapters the "
           "baseline is PEFT's mixed-adapter batch)")
@@ -82,6 +86,25 @@ def report_generate(rows):
               f"{fmt(ratio(ld, hd), '>6.2f')} | {fmt(le, '>10.1f')} {fmt(he, '>10.1f')} "
               f"{fmt(ratio(le, he), '>6.2f')} | {fmt(get(lo, 'peak_gib'), '>9.2f')} "
               f"{fmt(get(ba, 'peak_gib'), '>7.2f')}")
+    decode = {k: float(r["decode_tokens_per_s"]) for k, r in lorad.items()}
+    for key, r in eager.items():
+        if key in decode:
+            print(f"CUDA graphs at batch {key[0]}, adapters {key[1]}: {decode[key]:.1f} vs "
+                  f"{float(r['decode_tokens_per_s']):.1f} decode tok/s without "
+                  f"({ratio(decode[key], float(r['decode_tokens_per_s'])):.2f}x)")
+    if bound:
+        b = float(bound[-1]["bound_tokens_per_s"])
+        for key in sorted(k for k in decode if k[0] == "1"):
+            print(f"batch 1, adapters {key[1]}: {decode[key]:.1f} tok/s = "
+                  f"{100 * decode[key] / b:.0f}% of the bandwidth bound {b:.1f} tok/s "
+                  f"(target >= 70%)")
+    for batch in sorted({k[0] for k in decode}, key=int):
+        one = [v for k, v in decode.items() if k[0] == batch and k[1] == "1"]
+        mixed = [(k[1], v) for k, v in decode.items() if k[0] == batch and int(k[1]) > 1]
+        for n, v in mixed:
+            if one:
+                print(f"batch {batch}: {n} mixed adapters {v:.1f} vs one adapter {one[0]:.1f} "
+                      f"decode tok/s ({100 * (v / one[0] - 1):+.1f}%; target within 10%)")
 
 
 def main():

@@ -13,6 +13,11 @@
 // Every configuration runs once untimed before its timed run, so kernel loading, allocator growth
 // and per-shape setup stay out of the figures (the Python baseline does the same).
 //
+// Also, in the same run: the NF4 base's device memory, the device-to-device copy bandwidth and
+// from it the batch-1 bandwidth bound (weight bytes read per decode step / copy bandwidth), a
+// check that CUDA-graph replay gives exactly the tokens of eager decode steps (--verify_graphs),
+// and the time to first token of one --ttft_prompt_tokens prompt.
+//
 // Prints a table and one "RESULT k=v ..." line per run for bench/engine_bench_report.py.
 #include <torch/torch.h>
 
@@ -108,8 +113,8 @@ absl::StatusOr<RunResult> RunOnce(engine::InferenceEngine& engine, const RunSpec
     ttft += Seconds(first[i] - start);
   }
   if (r.tokens != spec.batch * spec.new_tokens) {
-    return absl::InternalError(absl::StrCat("generated ", r.tokens, " tokens, expected ",
-                                            spec.batch * spec.new_tokens));
+    return absl::InternalError(
+        absl::StrCat("generated ", r.tokens, " tokens, expected ", spec.batch * spec.new_tokens));
   }
   r.e2e_tokens_per_s = r.tokens / Seconds(end - start);
   r.decode_tokens_per_s = spec.batch * (spec.new_tokens - 1) / Seconds(end - all_first);
@@ -134,6 +139,48 @@ absl::Status PublishAdapters(engine::AdapterStore& store, const engine::ModelCon
     if (!version.ok()) return version.status();
   }
   return absl::OkStatus();
+}
+
+// Device-to-device copy bandwidth, read + write bytes per second (as bench/nf4_gemv_bench counts).
+double CopyBandwidth() {
+  if (!GpuStats::Available()) return 0;
+  const int64_t bytes = int64_t{1} << 30;
+  const auto options = torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA);
+  torch::Tensor a = torch::ones({bytes}, options), b = torch::empty({bytes}, options);
+  for (int i = 0; i < 3; ++i) b.copy_(a);
+  GpuStats::Synchronize();
+  const int reps = 20;
+  const Clock::time_point start = Clock::now();
+  for (int i = 0; i < reps; ++i) b.copy_(a);
+  GpuStats::Synchronize();
+  return 2.0 * bytes * reps / Seconds(Clock::now() - start);
+}
+
+// Greedy tokens of `batch` requests (request i on adapter i % adapters), stepped to the end.
+absl::StatusOr<std::vector<std::vector<int32_t>>> Tokens(engine::InferenceEngine& engine,
+                                                         int64_t batch, int64_t adapters,
+                                                         int64_t vocab) {
+  std::vector<std::vector<int32_t>> tokens(static_cast<size_t>(batch));
+  std::mt19937_64 rng(99);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(vocab - 1));
+  for (int64_t i = 0; i < batch; ++i) {
+    engine::GenerationRequest request;
+    request.prompt_ids.resize(static_cast<size_t>(16 + 8 * i));
+    for (int32_t& id : request.prompt_ids) id = token(rng);
+    if (adapters > 0 && i % (adapters + 1) != adapters)
+      request.adapter = AdapterName(i % (adapters + 1));
+    request.sampling.max_new_tokens = 48;
+    request.sampling.repetition_penalty = 1.3f;
+    request.ignore_eos = true;
+    auto id = engine.Submit(std::move(request), [&tokens, i](const engine::TokenEvent& event) {
+      if (event.token) tokens[i].push_back(*event.token);
+    });
+    if (!id.ok()) return id.status();
+  }
+  while (engine.HasWork()) {
+    if (auto s = engine.Step(); !s.ok()) return s;
+  }
+  return tokens;
 }
 
 int Run(const BenchArgs& args) {
@@ -174,6 +221,27 @@ int Run(const BenchArgs& args) {
     return 1;
   }
 
+  // Issue 3: the NF4 base's memory; issue 5: the batch-1 bound it implies.
+  const int64_t base_bytes = (*model)->bytes();
+  const int64_t embedding_bytes = config.vocab_size * config.hidden_size *
+                                  static_cast<int64_t>(c10::elementSize(model_options.dtype));
+  // A decode step reads every weight once, except the embedding (one row per token; with tied
+  // embeddings the same matrix is read whole as lm_head).
+  const int64_t step_bytes = base_bytes - (config.tie_word_embeddings ? 0 : embedding_bytes);
+  const double copy_bandwidth = CopyBandwidth();
+  std::printf("base weights (%s): %.2f GiB on the device; a decode step reads %.2f GiB of them\n",
+              args.Get("base").c_str(), base_bytes / kGiB, step_bytes / kGiB);
+  if (copy_bandwidth > 0) {
+    std::printf(
+        "device-to-device copy bandwidth (read + write): %.0f GB/s -> batch-1 bound "
+        "%.2f ms per token = %.1f tokens/s\n",
+        copy_bandwidth / 1e9, step_bytes / copy_bandwidth * 1e3, copy_bandwidth / step_bytes);
+    std::printf(
+        "RESULT bench=bound base_gib=%.3f step_gib=%.3f copy_gbps=%.0f "
+        "bound_tokens_per_s=%.1f\n",
+        base_bytes / kGiB, step_bytes / kGiB, copy_bandwidth / 1e9, copy_bandwidth / step_bytes);
+  }
+
   const std::vector<int64_t> batches = args.IntList("batches");
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   RunSpec spec;
@@ -187,21 +255,23 @@ int Run(const BenchArgs& args) {
   // The whole batch's prompts prefill in one iteration, as generate() does, so the decode phase
   // starts with every sequence running.
   options.scheduler.token_budget = std::max<int64_t>(2048, max_batch * spec.prompt_tokens);
-  options.scheduler.max_adapters_per_batch = static_cast<int32_t>(std::max<int64_t>(8, num_adapters));
-  auto engine = engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(),
-                                                options);
+  options.scheduler.max_adapters_per_batch =
+      static_cast<int32_t>(std::max<int64_t>(8, num_adapters));
+  options.cuda_graphs = args.Int("cuda_graphs") != 0;
+  auto engine =
+      engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(), options);
   if (!engine.ok()) {
     std::fprintf(stderr, "inference engine: %s\n", engine.status().ToString().c_str());
     return 1;
   }
 
   const std::string device = GpuStats::DeviceName();
-  std::printf("lorad InferenceEngine on %s: base %s, %lld prompt + %lld new tokens, greedy, "
-              "repetition penalty %.2f, %lld adapters of rank %lld\n",
-              device.c_str(), args.Get("base").c_str(),
-              static_cast<long long>(spec.prompt_tokens),
-              static_cast<long long>(spec.new_tokens), spec.repetition_penalty,
-              static_cast<long long>(num_adapters), static_cast<long long>(args.Int("rank")));
+  std::printf(
+      "lorad InferenceEngine on %s: base %s, %lld prompt + %lld new tokens, greedy, "
+      "repetition penalty %.2f, %lld adapters of rank %lld\n",
+      device.c_str(), args.Get("base").c_str(), static_cast<long long>(spec.prompt_tokens),
+      static_cast<long long>(spec.new_tokens), spec.repetition_penalty,
+      static_cast<long long>(num_adapters), static_cast<long long>(args.Int("rank")));
   {
     RunSpec warm = spec;
     warm.batch = std::min<int64_t>(4, max_batch);
@@ -213,11 +283,59 @@ int Run(const BenchArgs& args) {
       return 1;
     }
   }
+  if (args.Int("verify_graphs") != 0 && cuda && options.cuda_graphs) {
+    // Graph replay must give exactly the tokens of the same decode steps launched eagerly.
+    engine::InferenceEngineOptions eager_options = options;
+    eager_options.cuda_graphs = false;
+    auto eager = engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(),
+                                                 eager_options);
+    if (!eager.ok()) {
+      std::fprintf(stderr, "eager engine: %s\n", eager.status().ToString().c_str());
+      return 1;
+    }
+    auto graphed = Tokens(**engine, 12, num_adapters, config.vocab_size);
+    auto plain = Tokens(**eager, 12, num_adapters, config.vocab_size);
+    if (!graphed.ok() || !plain.ok()) {
+      std::fprintf(stderr, "verify run failed: %s\n",
+                   (graphed.ok() ? plain.status() : graphed.status()).ToString().c_str());
+      return 1;
+    }
+    int same = 0;
+    for (size_t i = 0; i < graphed->size(); ++i) same += (*graphed)[i] == (*plain)[i];
+    std::printf(
+        "CUDA graph replay vs eager decode steps: %d of %zu requests (12 of them on %lld "
+        "adapters and the base, rep 1.3, 48 tokens) give identical tokens\n",
+        same, graphed->size(), static_cast<long long>(num_adapters));
+    std::printf("RESULT bench=verify_graphs identical=%d of=%zu\n", same, graphed->size());
+  }
+  if (const int64_t ttft_prompt = args.Int("ttft_prompt_tokens"); ttft_prompt > 0) {
+    RunSpec ttft = spec;
+    ttft.batch = 1;
+    ttft.prompt_tokens = ttft_prompt;
+    ttft.new_tokens = 2;
+    ttft.adapters = num_adapters > 0 ? 1 : 0;
+    auto r = RunOnce(**engine, ttft, config.vocab_size, 3);
+    if (r.ok()) r = RunOnce(**engine, ttft, config.vocab_size, 4);
+    if (r.ok()) {
+      std::printf("time to first token, one %lld-token prompt%s: %.1f ms\n",
+                  static_cast<long long>(ttft_prompt), ttft.adapters ? " on an adapter" : "",
+                  r->mean_ttft_s * 1e3);
+      std::printf("RESULT bench=ttft prompt_tokens=%lld ttft_ms=%.1f\n",
+                  static_cast<long long>(ttft_prompt), r->mean_ttft_s * 1e3);
+    } else {
+      std::fprintf(stderr, "ttft run failed: %s\n", r.status().ToString().c_str());
+    }
+  }
   std::printf("%6s %9s %14s %16s %10s %10s\n", "batch", "adapters", "e2e tok/s", "decode tok/s",
               "ttft ms", "peak GiB");
   int failures = 0;
   for (const int64_t batch : batches) {
-    for (const int64_t adapters : {int64_t{0}, num_adapters}) {
+    // The base, every request on one adapter, then num_adapters mixed (issue 5: mixed within 10%
+    // of one adapter).
+    std::vector<int64_t> adapter_counts = {0};
+    if (num_adapters >= 1) adapter_counts.push_back(1);
+    if (num_adapters > 1) adapter_counts.push_back(num_adapters);
+    for (const int64_t adapters : adapter_counts) {
       spec.batch = batch;
       spec.adapters = adapters;
       // An untimed pass at the same shapes first: on the H200 the first pass of a configuration
@@ -236,13 +354,12 @@ int Run(const BenchArgs& args) {
                   static_cast<long long>(adapters), r->e2e_tokens_per_s, r->decode_tokens_per_s,
                   r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
       std::printf(
-          "RESULT bench=generate system=lorad base=%s batch=%lld adapters=%lld rep=%.2f "
-          "e2e_tokens_per_s=%.1f decode_tokens_per_s=%.1f ttft_ms=%.1f peak_gib=%.3f\n",
-          args.Get("base").c_str(), static_cast<long long>(batch),
+          "RESULT bench=generate system=lorad base=%s graphs=%d batch=%lld adapters=%lld "
+          "rep=%.2f e2e_tokens_per_s=%.1f decode_tokens_per_s=%.1f ttft_ms=%.1f peak_gib=%.3f\n",
+          args.Get("base").c_str(), options.cuda_graphs ? 1 : 0, static_cast<long long>(batch),
           static_cast<long long>(adapters), spec.repetition_penalty, r->e2e_tokens_per_s,
           r->decode_tokens_per_s, r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
       std::fflush(stdout);
-      if (num_adapters == 0) break;  // the adapter run would repeat the base run
     }
   }
   return failures == 0 ? 0 : 1;
@@ -261,6 +378,9 @@ int main(int argc, char** argv) {
                                       {"adapters", "4"},
                                       {"rank", "16"},
                                       {"repetition_penalty", "1.0"},
+                                      {"cuda_graphs", "1"},
+                                      {"verify_graphs", "1"},
+                                      {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});
   try {
     return lorad::bench::Run(args);

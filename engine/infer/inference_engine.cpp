@@ -11,6 +11,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "engine/infer/decode_runner.h"
 #include "engine/infer/kv_block_allocator.h"
 #include "engine/infer/paged_kv_cache.h"
 #include "engine/infer/stop_matcher.h"
@@ -53,9 +54,9 @@ struct Sequence {
   const LoraAdapter* device = nullptr;  // the lease's resident copy while running
   std::vector<int32_t> prompt;
   std::vector<int32_t> generated;
-  std::vector<int32_t> all;         // prompt + generated: the forward's input
-  int64_t computed = 0;             // tokens of `all` in the KV cache
-  int64_t prefill_target = 0;       // tokens to prefill (prompt, or all after a preemption)
+  std::vector<int32_t> all;    // prompt + generated: the forward's input
+  int64_t computed = 0;        // tokens of `all` in the KV cache
+  int64_t prefill_target = 0;  // tokens to prefill (prompt, or all after a preemption)
   uint64_t seed = 0;
   std::unique_ptr<IncrementalDetokenizer> detokenizer;
   std::unique_ptr<StopMatcher> stops;
@@ -105,7 +106,8 @@ struct InferenceEngine::Impl {
   std::vector<std::unique_ptr<Sequence>> running;  // arrival (id) order
   std::unique_ptr<KvBlockAllocator> kv;
   std::unique_ptr<PagedKvCache> cache;
-  std::vector<std::string> stack_key;  // the adapters `stack` was built for
+  std::unique_ptr<DecodeRunner> decoder;  // null: decode steps run through Forward
+  std::vector<std::string> stack_key;     // the adapters `stack` was built for
   std::shared_ptr<const LoraStack> stack;
 
   Impl(const LlamaModel* m, const Tokenizer* t, AdapterStore* a, const InferenceEngineOptions& o)
@@ -119,6 +121,8 @@ struct InferenceEngine::Impl {
   void Remove(const std::set<RequestId>& ids);
   void FinishAndRemove(std::vector<Sequence*> seqs, FinishReason reason, const absl::Status& st);
   absl::Status RunBatch(const std::vector<Row>& rows, std::set<RequestId>* finished);
+  // The step's logits [rows, vocab] at each row's last new token.
+  absl::StatusOr<torch::Tensor> Logits(const std::vector<Row>& rows);
   void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
   absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
                                                             std::vector<int32_t>* slots);
@@ -171,10 +175,15 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
   p.device = model->options().device;
   try {
     impl->cache = std::make_unique<PagedKvCache>(p);
+    if (options.paged_decode && DecodeRunner::Supports(*model)) {
+      DecodeRunnerOptions d;
+      d.cuda_graphs = options.cuda_graphs;
+      impl->decoder = std::make_unique<DecodeRunner>(model, impl->cache.get(), d);
+    }
   } catch (const c10::Error& e) {
     return absl::ResourceExhaustedError(absl::StrCat("allocating the KV cache (", blocks,
-                                                     " blocks, ", blocks * per_block, " bytes): ",
-                                                     e.what_without_backtrace()));
+                                                     " blocks, ", blocks * per_block,
+                                                     " bytes): ", e.what_without_backtrace()));
   }
   return std::unique_ptr<InferenceEngine>(new InferenceEngine(std::move(impl)));
 }
@@ -188,9 +197,8 @@ absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
   const int64_t vocab = model->config().vocab_size;
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt_ids[", i, "] = ", prompt[i],
-                                                     " is outside the vocabulary [0, ", vocab,
-                                                     ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt_ids[", i, "] = ", prompt[i], " is outside the vocabulary [0, ", vocab, ")"));
     }
   }
   const int64_t n = static_cast<int64_t>(prompt.size());
@@ -212,9 +220,8 @@ absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
     if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat("stop_token_ids[", i, "] = ",
-                                                     r.stop_token_ids[i],
-                                                     " is outside the vocabulary"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
     }
   }
   return absl::OkStatus();
@@ -224,8 +231,8 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
                                                   TokenCallback on_token) {
   Impl& m = *impl_;
   auto seq = std::make_unique<Sequence>();
-  seq->prompt = request.prompt_ids.empty() ? m.tokenizer->Encode(request.prompt, true)
-                                           : request.prompt_ids;
+  seq->prompt =
+      request.prompt_ids.empty() ? m.tokenizer->Encode(request.prompt, true) : request.prompt_ids;
   if (request.prompt_ids.empty() && request.prompt.empty()) seq->prompt.clear();
   if (auto s = m.Validate(request, seq->prompt); !s.ok()) return s;
   if (!request.adapter.empty()) {
@@ -405,7 +412,8 @@ absl::Status InferenceEngine::Step() {
       }
       s.device = *device;
     }
-    if (s.queue_s < 0) s.queue_s = std::chrono::duration<double>(Clock::now() - s.submitted).count();
+    if (s.queue_s < 0)
+      s.queue_s = std::chrono::duration<double>(Clock::now() - s.submitted).count();
     m.running.push_back(std::move(*it));
     m.waiting.erase(it);
   }
@@ -490,36 +498,53 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor
   return stack;
 }
 
+absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Row>& rows) {
+  const int64_t batch = static_cast<int64_t>(rows.size());
+  std::vector<int32_t> slots;
+  auto stack_or = StackFor(rows, &slots);
+  if (!stack_or.ok()) return stack_or.status();
+  const bool all_decode = std::all_of(rows.begin(), rows.end(),
+                                      [](const Row& r) { return r.tokens == 1 && r.samples; });
+  if (decoder != nullptr && all_decode) {
+    std::vector<DecodeRow> decode(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) {
+      const Sequence& s = *rows[b].seq;
+      decode[b] = {s.all[s.computed], s.computed, kv->BlockTable(s.id), slots[b]};
+    }
+    return decoder->Run(decode, *stack_or);
+  }
+  int64_t width = 0;
+  for (const Row& r : rows) width = std::max(width, r.tokens);
+  torch::Tensor ids = torch::zeros({batch, width}, torch::kLong);
+  auto ids_a = ids.accessor<int64_t, 2>();
+  std::vector<int64_t> lengths;
+  std::vector<PagedRow> paged;
+  for (int64_t b = 0; b < batch; ++b) {
+    const Row& r = rows[b];
+    for (int64_t t = 0; t < r.tokens; ++t) ids_a[b][t] = r.seq->all[r.seq->computed + t];
+    lengths.push_back(r.tokens);
+    paged.push_back({kv->BlockTable(r.seq->id), r.seq->computed, r.tokens});
+  }
+  if (auto s = cache->Bind(std::move(paged)); !s.ok()) return s;
+  std::optional<MultiLoraApplier> lora;
+  ForwardOptions forward;
+  forward.logits = LogitsMode::kLast;
+  if (*stack_or != nullptr) {
+    lora.emplace(*stack_or, slots, model->options().device);
+    forward.lora = &*lora;
+  }
+  return model->Forward({ids, lengths}, cache.get(), forward);
+}
+
 absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
                                              std::set<RequestId>* finished) {
   try {
     torch::NoGradGuard no_grad;
     const int64_t batch = static_cast<int64_t>(rows.size());
-    int64_t width = 0;
-    for (const Row& r : rows) width = std::max(width, r.tokens);
-    torch::Tensor ids = torch::zeros({batch, width}, torch::kLong);
-    auto ids_a = ids.accessor<int64_t, 2>();
-    std::vector<int64_t> lengths;
-    std::vector<PagedRow> paged;
-    for (int64_t b = 0; b < batch; ++b) {
-      const Row& r = rows[b];
-      for (int64_t t = 0; t < r.tokens; ++t) ids_a[b][t] = r.seq->all[r.seq->computed + t];
-      lengths.push_back(r.tokens);
-      paged.push_back({kv->BlockTable(r.seq->id), r.seq->computed, r.tokens});
+    for (const Row& r : rows) {
       if (r.seq->computed < r.seq->prefill_target) prompt_tokens += r.tokens;
     }
-    if (auto s = cache->Bind(std::move(paged)); !s.ok()) return s;
-    std::vector<int32_t> slots;
-    auto stack_or = StackFor(rows, &slots);
-    if (!stack_or.ok()) return stack_or.status();
-    std::optional<MultiLoraApplier> lora;
-    ForwardOptions forward;
-    forward.logits = LogitsMode::kLast;
-    if (*stack_or != nullptr) {
-      lora.emplace(*stack_or, slots, model->options().device);
-      forward.lora = &*lora;
-    }
-    auto logits = model->Forward({ids, lengths}, cache.get(), forward);
+    auto logits = Logits(rows);
     if (!logits.ok()) return logits.status();
     for (const Row& r : rows) r.seq->computed += r.tokens;
 
@@ -541,11 +566,15 @@ absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
       sampled_seqs.push_back(&s);
     }
     if (sample_rows.empty()) return absl::OkStatus();
-    const torch::Tensor picked = logits->index_select(
-        0, torch::tensor(sample_rows, torch::kLong).to(logits->device()));
+    const torch::Tensor picked =
+        static_cast<int64_t>(sample_rows.size()) == batch
+            ? *logits
+            : logits->index_select(0,
+                                   torch::tensor(sample_rows, torch::kLong).to(logits->device()));
     auto tokens = sampler.Sample(picked, params);
     if (!tokens.ok()) return tokens.status();
-    for (size_t i = 0; i < sampled_seqs.size(); ++i) Accept(*sampled_seqs[i], (*tokens)[i], finished);
+    for (size_t i = 0; i < sampled_seqs.size(); ++i)
+      Accept(*sampled_seqs[i], (*tokens)[i], finished);
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("inference step failed: ", e.what_without_backtrace()));

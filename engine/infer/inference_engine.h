@@ -42,6 +42,12 @@ struct InferenceEngineOptions {
   int32_t max_new_tokens_limit = 4096;  // SamplingParams::max_new_tokens upper bound
   int32_t max_queued = 4096;            // unfinished requests; Submit fails beyond
   LogprobsMode logprobs_mode = LogprobsMode::kRaw;
+  // Steps where every row decodes one token run through LlamaModel::DecodeStep with the paged
+  // decode attention kernel (engine/infer/decode_runner.h) when the model allows it; off: every
+  // step runs through Forward (gather + scaled_dot_product_attention).
+  bool paged_decode = true;
+  // With paged_decode on CUDA: replay decode steps from captured CUDA graphs.
+  bool cuda_graphs = true;
 };
 
 struct InferenceStats {
@@ -49,8 +55,8 @@ struct InferenceStats {
   int32_t waiting = 0;
   double kv_cache_usage = 0;  // fraction of KV blocks in use
   int32_t kv_cache_blocks = 0;
-  int64_t prompt_tokens = 0;      // prefilled since start (recomputes included)
-  int64_t generated_tokens = 0;   // sampled since start
+  int64_t prompt_tokens = 0;     // prefilled since start (recomputes included)
+  int64_t generated_tokens = 0;  // sampled since start
   int64_t preemptions = 0;
   int64_t steps = 0;
 };

@@ -65,6 +65,13 @@ class PagedKvCache : public AttentionCache {
   const PagedKvCacheOptions& options() const { return options_; }
   int64_t bytes() const;
 
+  // The pools of one layer, [slots, kv_heads, head_dim] (for DecodeBatch, which reads and writes
+  // them with device-side indices).
+  torch::Tensor& keys(int64_t layer) { return keys_.at(layer); }
+  torch::Tensor& values(int64_t layer) { return values_.at(layer); }
+  // The block no sequence owns: padding writes there (block id num_blocks).
+  int32_t scratch_block() const { return static_cast<int32_t>(options_.num_blocks); }
+
  private:
   int64_t scratch_slot() const { return options_.num_blocks * options_.block_size; }
   // The pool slot of row `row`'s token at `position`, or the scratch slot past its table.

@@ -4,6 +4,13 @@
 
 #include "absl/strings/str_cat.h"
 
+#if defined(LORAD_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/lora_bgmv.h"
+#endif
+
 namespace lorad::engine {
 
 absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
@@ -28,9 +35,9 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
           r_max = std::max<int64_t>(r_max, it->second.a.size(0));
           const int64_t pin = it->second.a.size(1), pout = it->second.b.size(0);
           if ((in != 0 && in != pin) || (out != 0 && out != pout)) {
-            return absl::InvalidArgumentError(
-                absl::StrCat("adapters disagree on the shape of ", path, ": [", out, ", ", in,
-                             "] and [", pout, ", ", pin, "]"));
+            return absl::InvalidArgumentError(absl::StrCat("adapters disagree on the shape of ",
+                                                           path, ": [", out, ", ", in, "] and [",
+                                                           pout, ", ", pin, "]"));
           }
           in = pin;
           out = pout;
@@ -48,6 +55,19 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
           scale[i] = static_cast<float>(adapters[i]->config.scaling());
         }
         e.scale = torch::tensor(scale).to(options);
+        if (device.is_cuda()) {
+          const int64_t n = static_cast<int64_t>(adapters.size());
+          std::vector<int64_t> a_ptr, b_ptr;
+          for (int64_t i = 0; i < n; ++i) {
+            a_ptr.push_back(reinterpret_cast<int64_t>(e.a[i].data_ptr()));
+            b_ptr.push_back(reinterpret_cast<int64_t>(e.b[i].data_ptr()));
+          }
+          e.a_pointers = torch::tensor(a_ptr, torch::kLong).to(device);
+          e.b_pointers = torch::tensor(b_ptr, torch::kLong).to(device);
+          e.ranks = torch::full({n}, static_cast<int32_t>(r_max), torch::kInt).to(device);
+          e.scales_f32 =
+              torch::tensor(std::vector<float>(scale.begin(), scale.begin() + n)).to(device);
+        }
       }
     }
   } catch (const c10::Error& e) {
@@ -71,17 +91,47 @@ int64_t LoraStack::bytes() const {
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
                                    const std::vector<int32_t>& row_slots, torch::Device device)
     : stack_(std::move(stack)) {
-  std::vector<int64_t> rows;
+  std::vector<int32_t> rows;
   rows.reserve(row_slots.size());
   for (int32_t s : row_slots) rows.push_back(s < 0 ? stack_->none_slot() : s);
-  rows_ = torch::tensor(rows, torch::kLong).to(device);
+  rows_ = torch::tensor(rows, torch::kInt).to(device);
 }
+
+MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
+    : stack_(std::move(stack)), rows_(std::move(row_slots)) {}
 
 torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                                       const torch::Tensor& y) const {
   const LoraStack::Entry& e = stack_->entry(layer, projection);
   if (!e.a.defined()) return y;
   const int64_t rows = x.size(0);
+#if defined(LORAD_WITH_CUDA)
+  // Decode rows: BGMV adds each row's own adapter in place, reading only the adapters in use.
+  if (x.is_cuda() && x.numel() == rows * x.size(-1) && e.a_pointers.defined() &&
+      (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat) &&
+      y.scalar_type() == x.scalar_type() && y.is_contiguous() &&
+      e.a.scalar_type() == x.scalar_type()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const torch::Tensor xc = x.contiguous();
+    kernels::LoraAdapterTable table;
+    table.a = reinterpret_cast<const void* const*>(e.a_pointers.data_ptr<int64_t>());
+    table.b = reinterpret_cast<const void* const*>(e.b_pointers.data_ptr<int64_t>());
+    table.rank = e.ranks.data_ptr<int32_t>();
+    table.scale = e.scales_f32.data_ptr<float>();
+    table.num_slots = stack_->num_adapters();
+    table.max_rank = static_cast<int32_t>(e.a.size(1));
+    const torch::Tensor scratch = torch::empty({(kernels::lora_scratch_bytes(rows, table) + 3) / 4},
+                                               x.options().dtype(torch::kFloat));
+    const auto kind =
+        x.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
+    const char* err =
+        kernels::lora_bgmv_cuda(xc.data_ptr(), kind, rows, x.size(-1), rows_.data_ptr<int32_t>(),
+                                table, y.size(-1), y.data_ptr(), scratch.data_ptr(),
+                                c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "lora_bgmv_cuda: ", err);
+    return y;
+  }
+#endif
   const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});                      // [B, T, in]
   const torch::Tensor a = e.a.index_select(0, rows_).to(x.scalar_type());          // [B, r, in]
   const torch::Tensor b = e.b.index_select(0, rows_).to(x.scalar_type());          // [B, out, r]

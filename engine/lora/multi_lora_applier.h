@@ -3,10 +3,11 @@
 //
 //   y[b] += scale[s_b] * (x[b] @ A[s_b]^T) @ B[s_b]^T     s_b = row b's slot, none -> zero slot
 //
-// computed for the whole batch with gathers and batched matmuls in torch (device-agnostic; the
-// CUDA BGMV/SGMV kernels of kernels/ can replace Apply's body without changing the interface).
-// Adapters of different ranks share a stack: each is zero-padded to the largest rank, which adds
-// exact zeros. Rows with no adapter get the all-zero slot, so their outputs are the base's.
+// computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
+// (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter); every
+// other case uses gathers and batched matmuls in torch. Adapters of different ranks share a stack:
+// each is zero-padded to the largest rank, which adds exact zeros. Rows with no adapter get the
+// all-zero slot, so their outputs are the base's.
 //
 // LoraStack holds the stacked weights of one set of adapters and is built once per set (the
 // engine caches it while the set of adapters in its batches does not change).
@@ -40,6 +41,9 @@ class LoraStack {
     torch::Tensor a;      // [slots + 1, r_max, in]; undefined when no adapter targets this
     torch::Tensor b;      // [slots + 1, out, r_max]
     torch::Tensor scale;  // [slots + 1] in the compute dtype; 0 for the none slot
+    // On CUDA, the BGMV kernel's table over the adapter slots (not the none slot): device arrays
+    // of a[s] and b[s] pointers (int64), ranks (int32, all r_max) and scales (fp32).
+    torch::Tensor a_pointers, b_pointers, ranks, scales_f32;
   };
   const Entry& entry(int64_t layer, Projection projection) const {
     return entries_.at(layer)[static_cast<int>(projection)];
@@ -57,12 +61,16 @@ class MultiLoraApplier : public LoraApplier {
   // no autograd into the stack).
   MultiLoraApplier(std::shared_ptr<const LoraStack> stack, const std::vector<int32_t>& row_slots,
                    torch::Device device);
+  // row_slots: [B] int32 on the stack's device, already mapped (none -> stack->none_slot()). The
+  // tensor is read at every Apply, so a caller may refill it in place between forwards (a
+  // captured CUDA graph keeps reading the same buffer).
+  MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots);
   torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                       const torch::Tensor& y) const override;
 
  private:
   std::shared_ptr<const LoraStack> stack_;
-  torch::Tensor rows_;  // [B] int64 slot per row (none -> stack's none slot)
+  torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
 };
 
 }  // namespace lorad::engine

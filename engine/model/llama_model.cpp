@@ -312,6 +312,29 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
   return Project(layer, index, Projection::kDown, torch::silu(gate) * up, lora);
 }
 
+torch::Tensor LlamaModel::Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
+                                const torch::Tensor& sin, const torch::Tensor& mask,
+                                AttentionCache* cache, const LoraApplier* lora) const {
+  const DecoderLayer& layer = layers_[index];
+  const torch::Tensor h =
+      x + Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, cache, lora);
+  return h + Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora);
+}
+
+torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
+                                     AttentionCache* cache, const LoraApplier* lora) const {
+  torch::NoGradGuard no_grad;
+  const int64_t rows = ids.size(0);
+  const auto [cos, sin] = rope_.CosSin(positions.view({rows, 1}), options_.dtype);
+  cache->BeginStep(1);
+  torch::Tensor h = embed_tokens_.index_select(0, ids).view({rows, 1, -1});
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    h = Block(i, h, cos, sin, torch::Tensor(), cache, lora);
+  }
+  cache->EndStep(std::vector<int64_t>(static_cast<size_t>(rows), 1));
+  return torch::linear(RmsNorm(h, final_norm_).select(1, 0), lm_head_);
+}
+
 torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                          const ForwardOptions& options) const {
   std::optional<torch::NoGradGuard> no_grad;
@@ -363,20 +386,15 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   // The layer's backward runs only if its input requires grad; the embedding is frozen.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
-    const DecoderLayer& layer = layers_[i];
     if (checkpoint) {
       h = CheckpointedCall(
           [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
-            const DecoderLayer& l = layers_[i];
-            const torch::Tensor y =
-                x + Attention(l, i, RmsNorm(x, l.input_norm), cos, sin, mask, nullptr, lora.get());
-            return y + Mlp(l, i, RmsNorm(y, l.post_attention_norm), lora.get());
+            return Block(i, x, cos, sin, mask, nullptr, lora.get());
           },
           h, options.offload_checkpoints);
       continue;
     }
-    h = h + Attention(layer, i, RmsNorm(h, layer.input_norm), cos, sin, mask, cache, applier);
-    h = h + Mlp(layer, i, RmsNorm(h, layer.post_attention_norm), applier);
+    h = Block(i, h, cos, sin, mask, cache, applier);
   }
   if (cache != nullptr) cache->EndStep(lengths);
   h = RmsNorm(h, final_norm_);  // [B, T, hidden]

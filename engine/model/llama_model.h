@@ -92,6 +92,14 @@ class LlamaModel {
   absl::StatusOr<torch::Tensor> Forward(const ForwardBatch& batch, AttentionCache* cache,
                                         const ForwardOptions& options) const;
 
+  // One decode token per row with every input already on the model's device, for the inference
+  // engine's decode steps: ids and positions [B] int64, `cache` a DecodeBatch (or any cache that
+  // takes one token per row at the given positions). No host-to-device copy, no check that waits
+  // for the device: a CUDA graph can capture it (the caller validated ids and positions).
+  // Returns logits [B, vocab] in the compute dtype.
+  torch::Tensor DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
+                           AttentionCache* cache, const LoraApplier* lora) const;
+
   // Training loss: mean next-token cross entropy over labels [B, T] (label at t is the token at
   // t; positions with kIgnoreLabel, and padding, are skipped), as transformers' ForCausalLMLoss.
   // A scalar f32 with autograd into the adapter when options.train.
@@ -132,6 +140,10 @@ class LlamaModel {
                           const LoraApplier* lora) const;
   torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                     const LoraApplier* lora) const;
+  // Decoder layer `index`: x + attention, then + MLP, each on the RMS-normed input.
+  torch::Tensor Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
+                      const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
+                      const LoraApplier* lora) const;
   torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                const ForwardOptions& options) const;
 

@@ -45,6 +45,10 @@ torch::Tensor DynamicMapOn(const torch::Device& device) {
 }
 
 #if defined(LORAD_WITH_CUDA)
+// Up to this many rows of x (a decode batch of 32 sequences), Linear runs the GEMV kernel in
+// chunks; more rows (prefill) dequantize once and multiply with cuBLAS.
+constexpr int64_t kNf4GemvChunkedMaxRows = 32;
+
 void* CurrentStream(const torch::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
@@ -367,8 +371,12 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   const int64_t rows = x.numel() / in_features();
   const auto kind = KindOf(x.scalar_type());
   const bool records_grad = torch::GradMode::is_enabled() && x.requires_grad();
-  if (device().is_cuda() && kind && !records_grad &&
-      kernels::nf4_gemv_cuda_supports(rows, in_features())) {
+  // Decode batches: the GEMV kernel in chunks of up to kNf4GemvMaxRows rows. Later chunks find
+  // most of the weights in L2, so up to kNf4GemvChunkedMaxRows rows this reads far fewer bytes
+  // than dequantizing the whole matrix to 16 bits for one matmul.
+  if (device().is_cuda() && kind && !records_grad && rows <= kNf4GemvChunkedMaxRows &&
+      kernels::nf4_gemv_cuda_supports(std::min<int64_t>(rows, kernels::kNf4GemvMaxRows),
+                                      in_features())) {
     const c10::cuda::CUDAGuard guard(device());
     torch::Tensor x2 = x.contiguous();
     // A view may start mid-allocation; the kernel's 16-byte loads need an aligned start.
@@ -381,10 +389,17 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
     absmax.absmax2 = absmax2.data_ptr<float>();
     absmax.code2 = code2.data_ptr<float>();
     absmax.offset = offset;
-    CheckLaunch(kernels::nf4_gemv_cuda(x2.data_ptr(), *kind, rows, packed.data_ptr<uint8_t>(),
-                                       absmax, out_features(), in_features(), y.data_ptr(),
-                                       CurrentStream(device())),
-                "nf4_gemv_cuda");
+    const int64_t element = static_cast<int64_t>(x2.element_size());
+    for (int64_t start = 0; start < rows; start += kernels::kNf4GemvMaxRows) {
+      const int64_t chunk = std::min<int64_t>(kernels::kNf4GemvMaxRows, rows - start);
+      CheckLaunch(
+          kernels::nf4_gemv_cuda(
+              static_cast<const char*>(x2.data_ptr()) + start * in_features() * element, *kind,
+              chunk, packed.data_ptr<uint8_t>(), absmax, out_features(), in_features(),
+              static_cast<char*>(y.data_ptr()) + start * out_features() * element,
+              CurrentStream(device())),
+          "nf4_gemv_cuda");
+    }
     return y;
   }
 #endif

@@ -10,7 +10,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$ROOT/build-device/out}
 BUILD=${BUILD:-/tmp/lorad-kernels-build}
 PREFIX=/tmp/lorad-gtest
-JOBS=$(nproc)
+JOBS=${JOBS:-$(nproc)}
 mkdir -p "$OUT" "$PREFIX"
 export PATH=/usr/local/cuda/bin:$PATH
 
@@ -37,6 +37,9 @@ cmake --build "$BUILD" -j "$JOBS" > "$OUT/build.log" 2>&1 || { grep -E "error" -
 grep -E "spill|registers" "$OUT/build.log" > "$OUT/ptxas.txt" || true
 
 status=0
+# BEFORE_TESTS: a command to run first (e.g. wait until the GPU is free of other work, so the
+# benchmarks below time the kernels alone).
+[ -n "${BEFORE_TESTS:-}" ] && bash -c "$BEFORE_TESTS"
 step "gpu_tests"
 timeout 270 "$BUILD/tests/gpu/gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" \
   > "$OUT/gpu_tests.log" 2>&1 || status=1

@@ -177,6 +177,29 @@ TEST(InferenceEngineTest, MixedAdaptersChunkedPrefillAndPreemptionGiveTheTokensO
   EXPECT_NE(f.Alone(other).tokens, alone[0].tokens);
 }
 
+TEST(InferenceEngineTest, PagedDecodePathGivesTheTokensOfTheGatherPath) {
+  // Decode steps run through DecodeStep + the paged attention kernel's reference by default; the
+  // Forward path (gather + scaled_dot_product_attention) is the independent check.
+  Fixture f;
+  f.Publish("small", 2, 1);
+  f.Publish("large", 8, 2);
+  const std::vector<std::string> adapters = {"small", "", "large"};
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    requests.push_back(Greedy(RandomPrompt(4 + 5 * i, 300 + i), adapters[i % 3], 10));
+  }
+  InferenceEngineOptions gather = Fixture::Small();
+  gather.paged_decode = false;
+  auto paged_engine = f.Engine();
+  auto gather_engine = f.Engine(gather);
+  const std::vector<Result> paged = f.Run(*paged_engine, requests);
+  const std::vector<Result> reference = f.Run(*gather_engine, requests);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(paged[i].tokens, reference[i].tokens) << "request " << i;
+    EXPECT_EQ(paged[i].tokens.size(), 10u);
+  }
+}
+
 TEST(InferenceEngineTest, TextDeltasConcatenateToTheDecodedTokens) {
   Fixture f;
   GenerationRequest r = Greedy({}, "", 20);
@@ -252,11 +275,13 @@ TEST(InferenceEngineTest, HotSwapServesRunningRequestsOnTheOldVersionAndNewOnesO
 
   auto engine = f.Engine();
   std::vector<Result> early(8), late(8);
-  for (int i = 0; i < 8; ++i) ASSERT_TRUE(engine->Submit(requests[i], Fixture::Collector(&early[i])).ok());
+  for (int i = 0; i < 8; ++i)
+    ASSERT_TRUE(engine->Submit(requests[i], Fixture::Collector(&early[i])).ok());
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(engine->Step().ok());
   for (const Result& r : early) EXPECT_FALSE(r.tokens.empty());  // they are streaming
   ASSERT_EQ(f.Publish("swap", 8, 22), 2);
-  for (int i = 0; i < 8; ++i) ASSERT_TRUE(engine->Submit(requests[i], Fixture::Collector(&late[i])).ok());
+  for (int i = 0; i < 8; ++i)
+    ASSERT_TRUE(engine->Submit(requests[i], Fixture::Collector(&late[i])).ok());
   EXPECT_EQ(f.store().List().size(), 2u);  // v1 is alive while its requests run
   Fixture::StepAll(*engine);
 
@@ -280,8 +305,10 @@ TEST(InferenceEngineTest, UnloadWaitsForRunningRequestsAndThenFreesTheAdapter) {
   auto engine = f.Engine();
   std::vector<Result> results(3);
   for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(engine->Submit(Greedy(RandomPrompt(5, 300 + i), "gone", 12),
-                               Fixture::Collector(&results[i])).ok());
+    ASSERT_TRUE(
+        engine
+            ->Submit(Greedy(RandomPrompt(5, 300 + i), "gone", 12), Fixture::Collector(&results[i]))
+            .ok());
   }
   ASSERT_TRUE(engine->Step().ok());
   std::atomic<bool> unloaded{false};
@@ -324,8 +351,7 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   const Result at_token = f.Alone(with_token);
   EXPECT_EQ(at_token.reason, FinishReason::kStop);
   const auto first = std::find(full.tokens.begin(), full.tokens.end(), full.tokens[3]);
-  EXPECT_EQ(at_token.tokens,
-            std::vector<int32_t>(full.tokens.begin(), first + 1));
+  EXPECT_EQ(at_token.tokens, std::vector<int32_t>(full.tokens.begin(), first + 1));
 }
 
 TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issue 5's benchmark (and issue 3's NF4 memory figure) on the GPU machine, in one call: the GPU
+# kernel tests, then a random-init Llama-3-8B-shaped model (vocabulary 128256), 128 prompt + 128
+# new tokens, greedy, repetition penalty 1.3, batch 1 and 32, on the base, on one adapter and on 4
+# mixed adapters: lorad's InferenceEngine (NF4 base, paged decode kernel, CUDA graphs, BGMV) next
+# to transformers + PEFT generate (bf16 base: bitsandbytes is not on the machine), plus the
+# batch-1 bandwidth bound, a graph-replay check and the TTFT of a 2048-token prompt.
+#
+#   run(command="bash bench/run_generation_bench_on_device.sh",
+#       carry=[".device-debs", ".device-debs-engine"])
+#
+# .device-debs/ holds GoogleTest (tests/gpu/run_on_device.sh), .device-debs-engine/ the engine's
+# dependencies (bench/run_engine_bench_on_device.sh says how to fill both). Writes under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/lorad-generation-bench-out}
+DATE=${BENCH_DATE:-$(date +%F)}
+SHAPE=${BENCH_SHAPE:-8b}
+mkdir -p "$OUT"
+ROOT=$(pwd)
+PY=/opt/torch/.venv/bin/python
+DEPS=/tmp/lorad-bench-deps
+WORK=/tmp/lorad-bench
+MODEL=$WORK/model-$SHAPE
+BUILD=$ROOT/build-device-bench
+export PYTHONUNBUFFERED=1
+mkdir -p "$DEPS" "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+log "model ($SHAPE) and kernel tests"
+rm -f "$WORK/model.done"
+("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
+  --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1
+ touch "$WORK/model.done") &
+MODEL_PID=$!
+# The kernel tests and benchmarks build beside the engine and run once the model is written
+# (the GEMV benchmark must have the GPU to itself).
+(OUT=$OUT/gpu-tests JOBS=4 BEFORE_TESTS="while [ ! -f $WORK/model.done ]; do sleep 2; done" \
+  bash tests/gpu/run_on_device.sh > "$OUT/gpu-tests.log" 2>&1) &
+TESTS_PID=$!
+
+{
+  for deb in .device-debs-engine/*.deb; do dpkg -x "$deb" "$DEPS"; done
+  sed -i "s|=/usr|=$DEPS/usr|" "$DEPS"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
+  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export PKG_CONFIG_PATH="$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig"
+  PKGCONF=()
+  command -v pkg-config > /dev/null || PKGCONF=(-DPKG_CONFIG_EXECUTABLE="$DEPS/usr/bin/pkgconf")
+  TORCH_CMAKE=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLORAD_BUILD_SERVER=OFF -DLORAD_TESTS=OFF -DLORAD_ENGINE_BENCH=ON -DLORAD_CUDA=ON \
+    -DLORAD_CUDA_ARCHS=90 -DCUDAToolkit_ROOT=/usr/local/cuda \
+    -DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$DEPS/usr" "${PKGCONF[@]}" &&
+  timeout 330 cmake --build "$BUILD" --target generation_bench -j14
+} > "$OUT/build.log" 2>&1
+BUILD_RC=$?
+log "build exit $BUILD_RC"
+[ $BUILD_RC -eq 0 ] || tail -30 "$OUT/build.log"
+export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+wait $TESTS_PID
+log "gpu tests: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu-tests/summary.txt" | tr '\n' ' ')"
+wait $MODEL_PID
+log "model: $(tail -1 "$OUT/model.log")"
+
+RESULT=$OUT/$DATE-h200-generation-$SHAPE.txt
+{
+  echo "# Generation: lorad InferenceEngine vs transformers + PEFT generate, same run (issue 5)"
+  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log")); tokenizer of the tiny fixture model"
+  echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
+  echo "# bitsandbytes is NOT installed on this machine: the baseline's base model is bf16, not 4-bit"
+  echo "# 128 random prompt ids + 128 new tokens, greedy, repetition penalty 1.3; adapters rank 16;"
+  echo "# 'adapters 1' = every request on one adapter, 'adapters 4' = request i on adapter i % 4"
+  echo "# gpu kernel tests in the same call: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu-tests/summary.txt" | tr '\n' ' ')"
+  echo
+} > "$RESULT"
+run() {  # run LIMIT_S COMMAND...
+  local limit=$1
+  shift
+  echo "\$ ${*#$ROOT/}" >> "$RESULT"
+  timeout "$limit" "$@" >> "$RESULT" 2>&1 || echo "!! exit $?" >> "$RESULT"
+  echo >> "$RESULT"
+  log "$(basename "$1") done"
+}
+if [ $BUILD_RC -eq 0 ]; then
+  run 170 "$BUILD/generation_bench" --model="$MODEL" --batches=1,32 --adapters=4 \
+    --repetition_penalty=1.3 --kv_cache_mib=8192
+  # Without CUDA graphs, for the record (what the graphs buy); batch 1 only, if time allows.
+  [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
+    --adapters=0 --repetition_penalty=1.3 --cuda_graphs=0 --verify_graphs=0 \
+    --ttft_prompt_tokens=0 --kv_cache_mib=8192
+fi
+run $((570 - SECONDS)) "$PY" bench/hf_baseline.py generate --model "$MODEL" --batches 1,32 \
+  --adapters 4 --repetition-penalty 1.3
+"$PY" bench/engine_bench_report.py generate "$RESULT" >> "$RESULT" 2>&1
+cp "$OUT"/gpu-tests/*.txt "$OUT/" 2>/dev/null
+log done
+cat "$RESULT"

@@ -1,0 +1,136 @@
+#include "engine/infer/decode_batch.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/paged_attention.h"
+
+#if defined(LORAD_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace lorad::engine {
+
+DecodeBatch::DecodeBatch(PagedKvCache* cache, int64_t rows) : cache_(cache), rows_(rows) {
+  const PagedKvCacheOptions& o = cache->options();
+  // A row never holds more than the context or the whole pool.
+  max_blocks_ = std::min((o.max_context + o.block_size - 1) / o.block_size, o.num_blocks);
+  const bool cuda = o.device.is_cuda();
+  const auto host = torch::TensorOptions().pinned_memory(cuda);
+  host_longs_ = torch::zeros({3 * rows}, host.dtype(torch::kLong));
+  host_ints_ = torch::zeros({(2 + max_blocks_) * rows}, host.dtype(torch::kInt));
+  device_longs_ = cuda ? host_longs_.to(o.device) : host_longs_;
+  device_ints_ = cuda ? host_ints_.to(o.device) : host_ints_;
+  ids_ = device_longs_.narrow(0, 0, rows);
+  positions_ = device_longs_.narrow(0, rows, rows);
+  write_slots_ = device_longs_.narrow(0, 2 * rows, rows);
+  context_lens_ = device_ints_.narrow(0, 0, rows);
+  lora_slots_ = device_ints_.narrow(0, rows, rows);
+  block_tables_ = device_ints_.narrow(0, 2 * rows, rows * max_blocks_).view({rows, max_blocks_});
+  lengths_.assign(static_cast<size_t>(rows), 0);
+}
+
+absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t pad_lora_slot) {
+  const PagedKvCacheOptions& o = cache_->options();
+  if (static_cast<int64_t>(rows.size()) > rows_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a decode batch of ", rows_, " rows got ", rows.size()));
+  }
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const DecodeRow& row = rows[b];
+    const int64_t covered = static_cast<int64_t>(row.block_table.size()) * o.block_size;
+    if (row.position < 0 || row.position + 1 > o.max_context || covered < row.position + 1 ||
+        static_cast<int64_t>(row.block_table.size()) > max_blocks_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "decode row ", b, ": position ", row.position, " with ", row.block_table.size(),
+          " blocks of ", o.block_size, " tokens (context limit ", o.max_context, ")"));
+    }
+    for (int32_t block : row.block_table) {
+      if (block < 0 || block >= o.num_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("decode row ", b, ": block ", block,
+                                                       " is outside the pool of ", o.num_blocks));
+      }
+    }
+  }
+  int64_t* longs = host_longs_.data_ptr<int64_t>();
+  int32_t* ints = host_ints_.data_ptr<int32_t>();
+  const int32_t scratch = cache_->scratch_block();
+  for (int64_t b = 0; b < rows_; ++b) {
+    const bool real = b < static_cast<int64_t>(rows.size());
+    const int64_t position = real ? rows[b].position : 0;
+    const int32_t block = real ? rows[b].block_table[position / o.block_size] : scratch;
+    longs[b] = real ? rows[b].token : 0;
+    longs[rows_ + b] = position;
+    longs[2 * rows_ + b] = block * o.block_size + position % o.block_size;
+    ints[b] = static_cast<int32_t>(position + 1);
+    ints[rows_ + b] = real ? rows[b].lora_slot : pad_lora_slot;
+    int32_t* table = ints + 2 * rows_ + b * max_blocks_;
+    for (int64_t i = 0; i < max_blocks_; ++i) {
+      table[i] = real && i < static_cast<int64_t>(rows[b].block_table.size())
+                     ? rows[b].block_table[i]
+                     : scratch;
+    }
+    lengths_[b] = position;
+  }
+  if (device_longs_.data_ptr() != host_longs_.data_ptr()) {
+    // Pinned and asynchronous: the caller's previous step ended with a device-to-host copy of its
+    // tokens, so no earlier transfer still reads these host buffers.
+    device_longs_.copy_(host_longs_, /*non_blocking=*/true);
+    device_ints_.copy_(host_ints_, /*non_blocking=*/true);
+  }
+  return absl::OkStatus();
+}
+
+void DecodeBatch::BeginStep(int64_t tokens) {
+  TORCH_CHECK(tokens == 1, "a decode batch brings one token per row, not ", tokens);
+}
+
+void DecodeBatch::EndStep(const std::vector<int64_t>& /*valid*/) {}
+
+torch::Tensor DecodeBatch::Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                                  const torch::Tensor& v) {
+  const PagedKvCacheOptions& o = cache_->options();
+  const int64_t heads = q.size(1);
+  const int64_t d = o.head_dim;
+  torch::Tensor& keys = cache_->keys(layer);
+  torch::Tensor& values = cache_->values(layer);
+  keys.index_copy_(0, write_slots_, k.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
+  values.index_copy_(0, write_slots_, v.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
+  const torch::Tensor qc = q.reshape({rows_, heads, d}).to(keys.scalar_type()).contiguous();
+  torch::Tensor out = torch::empty_like(qc);
+  kernels::PagedAttentionShape shape;
+  shape.rows = rows_;
+  shape.heads = heads;
+  shape.kv_heads = o.kv_heads;
+  shape.head_dim = d;
+  shape.block_size = o.block_size;
+  shape.max_blocks = max_blocks_;
+  TORCH_CHECK(keys.scalar_type() == torch::kFloat || keys.scalar_type() == torch::kBFloat16,
+              "paged decode attention needs fp32 or bf16, not ", keys.scalar_type());
+  const auto kind =
+      keys.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  if (qc.is_cuda()) {
+#if defined(LORAD_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(qc.device());
+    const char* err = kernels::paged_attention_cuda(
+        qc.data_ptr(), keys.data_ptr(), values.data_ptr(), kind, block_tables_.data_ptr<int32_t>(),
+        context_lens_.data_ptr<int32_t>(), shape, scale, out.data_ptr(),
+        c10::cuda::getCurrentCUDAStream(qc.device().index()).stream());
+    TORCH_CHECK(err == nullptr, "paged_attention_cuda: ", err);
+#else
+    TORCH_CHECK(false, "paged decode attention: this build has no CUDA kernels");
+#endif
+  } else {
+    const char* bad = kernels::paged_attention_check(shape);
+    TORCH_CHECK(bad[0] == '\0', bad);
+    kernels::paged_attention_cpu(qc.data_ptr(), keys.data_ptr(), values.data_ptr(), kind,
+                                 block_tables_.data_ptr<int32_t>(),
+                                 context_lens_.data_ptr<int32_t>(), shape, scale, out.data_ptr());
+  }
+  return out.view({rows_, heads, 1, d}).to(q.scalar_type());
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,123 @@
+// The paged decode attention CUDA kernel against its CPU reference (kernels/paged_attention.cpp):
+// fp32 and bf16, Llama-3-8B heads (32 over 8 KV heads, head_dim 128), head_dim 64 and 256,
+// lengths from one key to several tiles, blocks scattered over a pool with foreign blocks between
+// them. Needs a CUDA device.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/bfloat16.h"
+#include "kernels/paged_attention.h"
+#include "tests/gpu/gpu_buffer.h"
+
+namespace lorad::kernels {
+namespace {
+
+using gpu_test::GpuBuffer;
+
+std::vector<char> RandomValues(size_t n, FloatKind kind, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<char> bytes(n * FloatKindSize(kind));
+  for (size_t i = 0; i < n; ++i) {
+    const float x = normal(rng);
+    if (kind == FloatKind::kBF16) {
+      const uint16_t h = float_to_bf16(x);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    } else {
+      std::memcpy(&bytes[4 * i], &x, 4);
+    }
+  }
+  return bytes;
+}
+
+float Get(const std::vector<char>& bytes, FloatKind kind, size_t i) {
+  if (kind == FloatKind::kF32) {
+    float v;
+    std::memcpy(&v, &bytes[4 * i], 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[2 * i], 2);
+  return bf16_to_float(h);
+}
+
+// Tolerance: the kernel's online softmax and its summation order differ from the reference's; the
+// outputs are convex combinations of values of magnitude ~1, so an absolute bound of a few fp32
+// units on fp32 and one bf16 unit (2^-8 relative, plus the fp32 slack) on bf16.
+void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads, int64_t kv_heads,
+             int64_t head_dim, int64_t block_size, uint32_t seed) {
+  std::mt19937 rng(seed);
+  PagedAttentionShape shape;
+  shape.rows = static_cast<int64_t>(lengths.size());
+  shape.heads = heads;
+  shape.kv_heads = kv_heads;
+  shape.head_dim = head_dim;
+  shape.block_size = block_size;
+  int64_t total = 0;
+  shape.max_blocks = 1;
+  for (int32_t n : lengths) {
+    const int64_t blocks = (n + block_size - 1) / block_size;
+    shape.max_blocks = std::max(shape.max_blocks, blocks);
+    total += blocks;
+  }
+  const int64_t pool_blocks = 2 * total + 1;
+  std::vector<int32_t> order(static_cast<size_t>(pool_blocks));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(shape.rows * shape.max_blocks), 0);
+  size_t next = 0;
+  for (int64_t b = 0; b < shape.rows; ++b) {
+    for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; ++i) {
+      tables[b * shape.max_blocks + i] = order[next++];
+    }
+  }
+  const size_t pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
+  const auto q = RandomValues(static_cast<size_t>(shape.rows * heads * head_dim), kind, rng);
+  const auto k = RandomValues(pool, kind, rng), v = RandomValues(pool, kind, rng);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+
+  std::vector<char> want(q.size());
+  paged_attention_cpu(q.data(), k.data(), v.data(), kind, tables.data(), lengths.data(), shape,
+                      scale, want.data());
+  GpuBuffer<char> q_dev(q), k_dev(k), v_dev(v), out_dev(q.size());
+  GpuBuffer<int32_t> tables_dev(tables), lengths_dev(lengths);
+  LORAD_ASSERT_LAUNCH(paged_attention_cuda(q_dev.get(), k_dev.get(), v_dev.get(), kind,
+                                           tables_dev.get(), lengths_dev.get(), shape, scale,
+                                           out_dev.get(), nullptr));
+  const std::vector<char> got = out_dev.Read();
+  const size_t n = q.size() / FloatKindSize(kind);
+  for (size_t i = 0; i < n; ++i) {
+    const float w = Get(want, kind, i), g = Get(got, kind, i);
+    const float tol = kind == FloatKind::kF32 ? 2e-5f : 1e-5f + std::fabs(w) * (1.0f / 256);
+    ASSERT_NEAR(g, w, tol) << "element " << i << " (row " << i / (heads * head_dim) << ")";
+  }
+}
+
+TEST(PagedAttentionGpuTest, Llama8bHeadsFp32) {
+  RunCase(FloatKind::kF32, {1, 15, 16, 17, 64, 65, 300}, 32, 8, 128, 16, 1);
+}
+
+TEST(PagedAttentionGpuTest, Llama8bHeadsBf16) {
+  RunCase(FloatKind::kBF16, {1, 2, 100, 129, 1000, 2048}, 32, 8, 128, 16, 2);
+}
+
+TEST(PagedAttentionGpuTest, OtherHeadDimsAndBlockSizes) {
+  RunCase(FloatKind::kBF16, {3, 77, 200}, 12, 4, 64, 8, 3);
+  RunCase(FloatKind::kF32, {1, 90}, 8, 8, 256, 32, 4);
+  RunCase(FloatKind::kBF16, {5, 33}, 4, 1, 32, 1, 5);
+}
+
+TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
+  PagedAttentionShape shape{1, 4, 4, 48, 16, 1};
+  EXPECT_NE(paged_attention_cuda(nullptr, nullptr, nullptr, FloatKind::kBF16, nullptr, nullptr,
+                                 shape, 1.0f, nullptr, nullptr),
+            nullptr);
+}
+
+}  // namespace
+}  // namespace lorad::kernels
