@@ -258,6 +258,7 @@ int Run(const BenchArgs& args) {
   options.scheduler.max_adapters_per_batch =
       static_cast<int32_t>(std::max<int64_t>(8, num_adapters));
   options.cuda_graphs = args.Int("cuda_graphs") != 0;
+  options.profile_phases = args.Int("profile_phases") != 0;
   auto engine =
       engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(), options);
   if (!engine.ok()) {
@@ -329,6 +330,7 @@ int Run(const BenchArgs& args) {
   std::printf("%6s %9s %14s %16s %10s %10s\n", "batch", "adapters", "e2e tok/s", "decode tok/s",
               "ttft ms", "peak GiB");
   int failures = 0;
+  engine::InferenceStats last = (*engine)->Stats();
   for (const int64_t batch : batches) {
     // The base, every request on one adapter, then num_adapters mixed (issue 5: mixed within 10%
     // of one adapter).
@@ -359,6 +361,22 @@ int Run(const BenchArgs& args) {
           args.Get("base").c_str(), options.cuda_graphs ? 1 : 0, static_cast<long long>(batch),
           static_cast<long long>(adapters), spec.repetition_penalty, r->e2e_tokens_per_s,
           r->decode_tokens_per_s, r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
+      const engine::InferenceStats stats = (*engine)->Stats();
+      std::printf("       graphs: %lld captured, %lld replays%s%s\n",
+                  static_cast<long long>(stats.graphs_captured),
+                  static_cast<long long>(stats.graph_replays),
+                  stats.graph_error.empty() ? "" : "; off: ", stats.graph_error.c_str());
+      if (options.profile_phases) {
+        // Since the previous configuration's stats (steps and times are cumulative).
+        const double steps = static_cast<double>(stats.steps - last.steps);
+        std::printf("       per step (ms, device waited for after each phase): plan %.3f, "
+                    "forward %.3f, sample %.3f, emit %.3f over %.0f steps\n",
+                    (stats.plan_s - last.plan_s) / steps * 1e3,
+                    (stats.forward_s - last.forward_s) / steps * 1e3,
+                    (stats.sample_s - last.sample_s) / steps * 1e3,
+                    (stats.emit_s - last.emit_s) / steps * 1e3, steps);
+      }
+      last = stats;
       std::fflush(stdout);
     }
   }
@@ -379,6 +397,7 @@ int main(int argc, char** argv) {
                                       {"rank", "16"},
                                       {"repetition_penalty", "1.0"},
                                       {"cuda_graphs", "1"},
+                                      {"profile_phases", "0"},
                                       {"verify_graphs", "1"},
                                       {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});

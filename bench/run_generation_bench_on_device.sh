@@ -82,14 +82,16 @@ run() {  # run LIMIT_S COMMAND...
   log "$(basename "$1") done"
 }
 if [ $BUILD_RC -eq 0 ]; then
+  # BENCH_ARGS: extra generation_bench flags (e.g. --profile_phases=1 for a per-phase breakdown).
   run 170 "$BUILD/generation_bench" --model="$MODEL" --batches=1,32 --adapters=4 \
-    --repetition_penalty=1.3 --kv_cache_mib=8192
+    --repetition_penalty=1.3 --kv_cache_mib=8192 ${BENCH_ARGS:-}
   # Without CUDA graphs, for the record (what the graphs buy); batch 1 only, if time allows.
   [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
     --adapters=0 --repetition_penalty=1.3 --cuda_graphs=0 --verify_graphs=0 \
     --ttft_prompt_tokens=0 --kv_cache_mib=8192
 fi
-run $((570 - SECONDS)) "$PY" bench/hf_baseline.py generate --model "$MODEL" --batches 1,32 \
+# BENCH_HF=0 skips the baseline (a diagnosis run).
+[ "${BENCH_HF:-1}" = 1 ] && run $((570 - SECONDS)) "$PY" bench/hf_baseline.py generate --model "$MODEL" --batches 1,32 \
   --adapters 4 --repetition-penalty 1.3
 "$PY" bench/engine_bench_report.py generate "$RESULT" >> "$RESULT" 2>&1
 cp "$OUT"/gpu-tests/*.txt "$OUT/" 2>/dev/null

@@ -15,7 +15,7 @@ namespace lorad::kernels {
 namespace {
 
 constexpr int kTileRows = 8;       // rows per tile, sharing the weights of a run
-constexpr int kShrinkWarps = 4;    // rank rows per shrink block (one warp each)
+constexpr int kShrinkThreads = 256;  // threads splitting in_features for one rank row
 constexpr int kExpandThreads = 256;  // output columns per expand block
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
@@ -65,27 +65,33 @@ __device__ __forceinline__ int RunLength(const int32_t* slots, int j0) {
   return len;
 }
 
-// grid: (tiles, ceil(max_rank / kShrinkWarps)); warp w of block (tile, g) computes rank row
-// r = g * kShrinkWarps + w of t for every row of the tile whose adapter has rank > r.
+// grid: (tiles, max_rank); block (tile, r) computes rank row r of t for every row of the tile
+// whose adapter has rank > r. The block's kShrinkThreads threads split in_features (so a single
+// decode row still keeps max_rank blocks of 256 threads busy), then reduce across warps.
 template <typename T, typename AdapterOf>
-__global__ void __launch_bounds__(kShrinkWarps * 32)
+__global__ void __launch_bounds__(kShrinkThreads)
     lora_shrink_kernel(const T* __restrict__ x, int64_t rows, int64_t in_features,
                        AdapterOf adapter_of, LoraAdapterTable table, float* __restrict__ t) {
   __shared__ int32_t slots[kTileRows];
+  __shared__ float partial[kShrinkThreads / 32][kTileRows];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   LoadTileSlots(adapter_of, row0, rows, table.num_slots, slots);
   const int lane = threadIdx.x & 31;
-  const int r = blockIdx.y * kShrinkWarps + (threadIdx.x >> 5);
+  const int warp = threadIdx.x >> 5;
+  const int r = blockIdx.y;
   for (int j0 = 0; j0 < kTileRows;) {
     const int len = RunLength(slots, j0);
     const int32_t s = slots[j0];
+    // The same for every thread of the block (slots is shared, r is the block's), so the
+    // barriers below are reached by all or none.
     if (s >= 0 && r < table.rank[s]) {
       const T* a = static_cast<const T*>(table.a[s]) + r * in_features;
       const T* xr = x + (row0 + j0) * in_features;
       float acc[kTileRows];
 #pragma unroll
       for (int j = 0; j < kTileRows; ++j) acc[j] = 0.f;
-      for (int64_t k = lane; k < in_features; k += 32) {
+#pragma unroll 4
+      for (int64_t k = threadIdx.x; k < in_features; k += kShrinkThreads) {
         const float av = ToFloat(a[k]);
 #pragma unroll
         for (int j = 0; j < kTileRows; ++j) {
@@ -98,9 +104,17 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
           float v = acc[j];
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-          if (lane == 0) t[(row0 + j0 + j) * table.max_rank + r] = v;
+          if (lane == 0) partial[warp][j] = v;
         }
       }
+      __syncthreads();
+      if (threadIdx.x < len) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kShrinkThreads / 32; ++w) v += partial[w][threadIdx.x];
+        t[(row0 + j0 + threadIdx.x) * table.max_rank + r] = v;
+      }
+      __syncthreads();  // partial is reused by the next run
     }
     j0 += len;
   }
@@ -158,10 +172,9 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
                    cudaStream_t stream) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   if (tiles > 0x7fffffff) return "lora: too many rows";
-  const dim3 shrink_grid(static_cast<unsigned>(tiles),
-                         static_cast<unsigned>((table.max_rank + kShrinkWarps - 1) / kShrinkWarps));
-  lora_shrink_kernel<T><<<shrink_grid, kShrinkWarps * 32, 0, stream>>>(x, rows, in_features,
-                                                                       adapter_of, table, scratch);
+  const dim3 shrink_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(table.max_rank));
+  lora_shrink_kernel<T><<<shrink_grid, kShrinkThreads, 0, stream>>>(x, rows, in_features,
+                                                                    adapter_of, table, scratch);
   const dim3 expand_grid(static_cast<unsigned>(tiles),
                          static_cast<unsigned>((out_features + kExpandThreads - 1) / kExpandThreads));
   const size_t shared = sizeof(float) * kTileRows * table.max_rank;

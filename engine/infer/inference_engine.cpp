@@ -1,5 +1,6 @@
 #include "engine/infer/inference_engine.h"
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -100,6 +101,12 @@ struct InferenceEngine::Impl {
   std::atomic<int64_t> preemptions{0};
   std::atomic<int64_t> steps{0};
   std::atomic<int32_t> used_blocks{0};
+  std::atomic<int64_t> graph_replays{0};
+  std::atomic<int64_t> graphs_captured{0};
+  std::string graph_error;  // under mu
+  // profile_phases: nanoseconds per phase, summed; `phase_start` is when the current phase began.
+  std::atomic<int64_t> plan_ns{0}, forward_ns{0}, sample_ns{0}, emit_ns{0};
+  Clock::time_point phase_start;
 
   // Loop thread only.
   std::deque<std::unique_ptr<Sequence>> waiting;   // arrival order
@@ -126,7 +133,24 @@ struct InferenceEngine::Impl {
   void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
   absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
                                                             std::vector<int32_t>* slots);
+  // Ends the current phase: adds its time to `total` (after waiting for the device's queued
+  // work, so the time is the phase's own) and starts the next one.
+  void EndPhase(std::atomic<int64_t>& total) {
+    if (!options.profile_phases) return;
+    if (model->options().device.is_cuda()) torch::cuda::synchronize();
+    const Clock::time_point now = Clock::now();
+    total += std::chrono::duration_cast<std::chrono::nanoseconds>(now - phase_start).count();
+    phase_start = now;
+  }
   void UpdateCounts() {
+    if (decoder != nullptr) {
+      graph_replays = decoder->graph_replays();
+      graphs_captured = decoder->graphs_captured();
+      if (!decoder->graph_error().empty()) {
+        std::lock_guard<std::mutex> lock(mu);
+        graph_error = decoder->graph_error();
+      }
+    }
     running_count = static_cast<int32_t>(running.size());
     waiting_count = static_cast<int32_t>(waiting.size());
     used_blocks = kv->num_blocks() - kv->free_blocks();
@@ -282,6 +306,16 @@ InferenceStats InferenceEngine::Stats() const {
   s.generated_tokens = m.generated_tokens;
   s.preemptions = m.preemptions;
   s.steps = m.steps;
+  s.graph_replays = m.graph_replays;
+  s.graphs_captured = m.graphs_captured;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    s.graph_error = m.graph_error;
+  }
+  s.plan_s = m.plan_ns * 1e-9;
+  s.forward_s = m.forward_ns * 1e-9;
+  s.sample_s = m.sample_ns * 1e-9;
+  s.emit_s = m.emit_ns * 1e-9;
   return s;
 }
 
@@ -365,6 +399,7 @@ void InferenceEngine::Impl::FinishAndRemove(std::vector<Sequence*> seqs, FinishR
 absl::Status InferenceEngine::Step() {
   Impl& m = *impl_;
   ++m.steps;
+  m.phase_start = Clock::now();
   m.DrainInbox();
   std::vector<ScheduledSequence> running, waiting;
   for (const auto& s : m.running) {
@@ -443,6 +478,7 @@ absl::Status InferenceEngine::Step() {
                     absl::InternalError("KV cache reservation failed after planning"));
 
   absl::Status status = absl::OkStatus();
+  m.EndPhase(m.plan_ns);
   if (!rows.empty()) {
     status = m.RunBatch(rows, &finished);
     if (!status.ok()) {
@@ -546,6 +582,7 @@ absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
     }
     auto logits = Logits(rows);
     if (!logits.ok()) return logits.status();
+    EndPhase(forward_ns);
     for (const Row& r : rows) r.seq->computed += r.tokens;
 
     std::vector<int64_t> sample_rows;
@@ -573,8 +610,11 @@ absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
                                    torch::tensor(sample_rows, torch::kLong).to(logits->device()));
     auto tokens = sampler.Sample(picked, params);
     if (!tokens.ok()) return tokens.status();
-    for (size_t i = 0; i < sampled_seqs.size(); ++i)
+    EndPhase(sample_ns);
+    for (size_t i = 0; i < sampled_seqs.size(); ++i) {
       Accept(*sampled_seqs[i], (*tokens)[i], finished);
+    }
+    EndPhase(emit_ns);
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("inference step failed: ", e.what_without_backtrace()));

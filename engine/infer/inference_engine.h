@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -48,6 +49,9 @@ struct InferenceEngineOptions {
   bool paged_decode = true;
   // With paged_decode on CUDA: replay decode steps from captured CUDA graphs.
   bool cuda_graphs = true;
+  // Benchmarks: wait for the device after each phase of a step and add its time to the stats
+  // (slows every step a little; off in the daemon).
+  bool profile_phases = false;
 };
 
 struct InferenceStats {
@@ -59,6 +63,14 @@ struct InferenceStats {
   int64_t generated_tokens = 0;  // sampled since start
   int64_t preemptions = 0;
   int64_t steps = 0;
+  // Decode steps replayed from CUDA graphs, graphs captured, and why graphs were turned off (empty
+  // while they work or were never used).
+  int64_t graph_replays = 0;
+  int64_t graphs_captured = 0;
+  std::string graph_error;
+  // With InferenceEngineOptions::profile_phases: seconds spent, summed over steps, in planning
+  // and admission, the forward (until its logits are ready), sampling, and emitting tokens.
+  double plan_s = 0, forward_s = 0, sample_s = 0, emit_s = 0;
 };
 
 class InferenceEngine {
