@@ -65,7 +65,8 @@ def report_generate(rows):
     rows = [r for r in rows if r.get("bench") == "generate"]
     hf = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "hf"}
     lorad = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
-             if r["system"] == "lorad" and r.get("graphs", "1") != "0"}
+             if r["system"] == "lorad" and r.get("graphs", "1") != "0" and "variant" not in r}
+    variants = [r for r in rows if r["system"] == "lorad" and "variant" in r]
     eager = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
              if r["system"] == "lorad" and r.get("graphs") == "0"}
     keys = sorted(set(hf) | set(lorad), key=lambda k: (float(k[2]), int(k[0]), int(k[1])))
@@ -92,6 +93,12 @@ def report_generate(rows):
             print(f"CUDA graphs at batch {key[0]}, adapters {key[1]}: {decode[key]:.1f} vs "
                   f"{float(r['decode_tokens_per_s']):.1f} decode tok/s without "
                   f"({ratio(decode[key], float(r['decode_tokens_per_s'])):.2f}x)")
+    for r in variants:
+        key = (r["batch"], r["adapters"], r["rep"])
+        if key in decode:
+            v = float(r["decode_tokens_per_s"])
+            print(f"variant {r['variant']} at batch {key[0]}, adapters {key[1]}: {v:.1f} vs "
+                  f"{decode[key]:.1f} decode tok/s ({ratio(v, decode[key]):.2f}x)")
     if bound:
         b = float(bound[-1]["bound_tokens_per_s"])
         for key in sorted(k for k in decode if k[0] == "1"):

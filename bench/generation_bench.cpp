@@ -36,6 +36,7 @@
 #include "engine/lora/adapter_store.h"
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
+#include "engine/model/nf4_tensor.h"
 #include "engine/model/tokenizer.h"
 
 namespace lorad::bench {
@@ -259,6 +260,7 @@ int Run(const BenchArgs& args) {
       static_cast<int32_t>(std::max<int64_t>(8, num_adapters));
   options.cuda_graphs = args.Int("cuda_graphs") != 0;
   options.profile_phases = args.Int("profile_phases") != 0;
+  if (args.Int("gemv_max_rows") >= 0) engine::Nf4Tensor::SetGemvMaxRows(args.Int("gemv_max_rows"));
   auto engine =
       engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(), options);
   if (!engine.ok()) {
@@ -356,11 +358,12 @@ int Run(const BenchArgs& args) {
                   static_cast<long long>(adapters), r->e2e_tokens_per_s, r->decode_tokens_per_s,
                   r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
       std::printf(
-          "RESULT bench=generate system=lorad base=%s graphs=%d batch=%lld adapters=%lld "
+          "RESULT bench=generate system=lorad base=%s graphs=%d%s%s batch=%lld adapters=%lld "
           "rep=%.2f e2e_tokens_per_s=%.1f decode_tokens_per_s=%.1f ttft_ms=%.1f peak_gib=%.3f\n",
-          args.Get("base").c_str(), options.cuda_graphs ? 1 : 0, static_cast<long long>(batch),
-          static_cast<long long>(adapters), spec.repetition_penalty, r->e2e_tokens_per_s,
-          r->decode_tokens_per_s, r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
+          args.Get("base").c_str(), options.cuda_graphs ? 1 : 0,
+          args.Get("variant").empty() ? "" : " variant=", args.Get("variant").c_str(),
+          static_cast<long long>(batch), static_cast<long long>(adapters), spec.repetition_penalty,
+          r->e2e_tokens_per_s, r->decode_tokens_per_s, r->mean_ttft_s * 1e3, r->peak_bytes / kGiB);
       const engine::InferenceStats stats = (*engine)->Stats();
       std::printf("       graphs: %lld captured, %lld replays%s%s\n",
                   static_cast<long long>(stats.graphs_captured),
@@ -369,12 +372,13 @@ int Run(const BenchArgs& args) {
       if (options.profile_phases) {
         // Since the previous configuration's stats (steps and times are cumulative).
         const double steps = static_cast<double>(stats.steps - last.steps);
-        std::printf("       per step (ms, device waited for after each phase): plan %.3f, "
-                    "forward %.3f, sample %.3f, emit %.3f over %.0f steps\n",
-                    (stats.plan_s - last.plan_s) / steps * 1e3,
-                    (stats.forward_s - last.forward_s) / steps * 1e3,
-                    (stats.sample_s - last.sample_s) / steps * 1e3,
-                    (stats.emit_s - last.emit_s) / steps * 1e3, steps);
+        std::printf(
+            "       per step (ms, device waited for after each phase): plan %.3f, "
+            "forward %.3f, sample %.3f, emit %.3f over %.0f steps\n",
+            (stats.plan_s - last.plan_s) / steps * 1e3,
+            (stats.forward_s - last.forward_s) / steps * 1e3,
+            (stats.sample_s - last.sample_s) / steps * 1e3,
+            (stats.emit_s - last.emit_s) / steps * 1e3, steps);
       }
       last = stats;
       std::fflush(stdout);
@@ -398,6 +402,8 @@ int main(int argc, char** argv) {
                                       {"repetition_penalty", "1.0"},
                                       {"cuda_graphs", "1"},
                                       {"profile_phases", "0"},
+                                      {"gemv_max_rows", "-1"},
+                                      {"variant", ""},
                                       {"verify_graphs", "1"},
                                       {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});

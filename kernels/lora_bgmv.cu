@@ -14,7 +14,7 @@
 namespace lorad::kernels {
 namespace {
 
-constexpr int kTileRows = 8;       // rows per tile, sharing the weights of a run
+constexpr int kTileRows = 8;         // rows per tile, sharing the weights of a run
 constexpr int kShrinkThreads = 256;  // threads splitting in_features for one rank row
 constexpr int kExpandThreads = 256;  // output columns per expand block
 
@@ -175,11 +175,12 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
   const dim3 shrink_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(table.max_rank));
   lora_shrink_kernel<T><<<shrink_grid, kShrinkThreads, 0, stream>>>(x, rows, in_features,
                                                                     adapter_of, table, scratch);
-  const dim3 expand_grid(static_cast<unsigned>(tiles),
-                         static_cast<unsigned>((out_features + kExpandThreads - 1) / kExpandThreads));
+  const dim3 expand_grid(
+      static_cast<unsigned>(tiles),
+      static_cast<unsigned>((out_features + kExpandThreads - 1) / kExpandThreads));
   const size_t shared = sizeof(float) * kTileRows * table.max_rank;
-  lora_expand_kernel<T><<<expand_grid, kExpandThreads, shared, stream>>>(
-      scratch, rows, adapter_of, table, out_features, y);
+  lora_expand_kernel<T><<<expand_grid, kExpandThreads, shared, stream>>>(scratch, rows, adapter_of,
+                                                                         table, out_features, y);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

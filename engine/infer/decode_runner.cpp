@@ -87,7 +87,6 @@ absl::StatusOr<DecodeRunner::Graph*> DecodeRunner::Capture(
   if (stack != nullptr) graph->lora.emplace(stack, graph->batch.lora_slots());
   const LoraApplier* lora = graph->lora ? &*graph->lora : nullptr;
   const auto device = model_->options().device;
-  if (!pool_) pool_ = at::cuda::graph_pool_handle();
   // Capture on a side stream, after the work already queued; warm up once first (lazy cuBLAS
   // and allocator initialisation must not happen inside the capture). The warm-up writes this
   // step's keys and values, which the replay below writes again, identically.
@@ -97,7 +96,9 @@ absl::StatusOr<DecodeRunner::Graph*> DecodeRunner::Capture(
     model_->DecodeStep(graph->batch.ids(), graph->batch.positions(), &graph->batch, lora);
     c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
     // Thread-local: other threads (an RPC copying an adapter to the device) may use CUDA meanwhile.
-    graph->graph.capture_begin(*pool_, cudaStreamCaptureModeThreadLocal);
+    // A private memory pool per graph: a shared one is freed when its last graph goes (a stack
+    // change drops graphs) and PyTorch's allocator then refuses to capture into its id again.
+    graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     graph->logits =
         model_->DecodeStep(graph->batch.ids(), graph->batch.positions(), &graph->batch, lora);
     graph->graph.capture_end();

@@ -5,8 +5,9 @@
 //
 // Graphs are captured lazily, one per (batch size bucket, LoraStack): batch sizes are padded up
 // to 1, 2, 4, 8, then multiples of 8 (padding rows only touch the KV cache's scratch block), and
-// a new stack (another set of adapters in the batch) drops the graphs of the previous one. The
-// graphs share one memory pool; a step's logits stay valid until the next Run. A capture that
+// a new stack (another set of adapters in the batch) drops the graphs of the previous one. Each
+// graph has its own memory pool (a decode step's activations: a few MiB); a step's logits stay
+// valid until the next Run. A capture that
 // fails turns graphs off for good and the runner continues eagerly (graph_error() says why).
 //
 // Owned by the GPU loop thread; not thread-safe.
@@ -64,7 +65,6 @@ class DecodeRunner {
   PagedKvCache* cache_;
   DecodeRunnerOptions options_;
   std::map<std::pair<int64_t, const LoraStack*>, std::unique_ptr<Graph>> graphs_;
-  std::optional<std::pair<unsigned long long, unsigned long long>> pool_;  // shared graph pool
   int64_t graphs_captured_ = 0;
   int64_t graph_replays_ = 0;
   std::string graph_error_;

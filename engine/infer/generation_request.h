@@ -49,14 +49,14 @@ struct GenerationUsage {
 // and may carry no token (cancel, deadline, error).
 struct TokenEvent {
   RequestId id = 0;
-  std::optional<int32_t> token;          // the sampled token id
-  std::string text;                      // UTF-8 text delta (never splits a character)
-  std::optional<float> logprob;          // when sampling.logprobs > 0
+  std::optional<int32_t> token;            // the sampled token id
+  std::string text;                        // UTF-8 text delta (never splits a character)
+  std::optional<float> logprob;            // when sampling.logprobs > 0
   std::vector<TokenLogprob> top_logprobs;  // sampling.logprobs entries, most likely first
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;
-  absl::Status status;                   // why, for kCancelled by deadline and kError
-  GenerationUsage usage;                 // filled on the last event
+  absl::Status status;    // why, for kCancelled by deadline and kError
+  GenerationUsage usage;  // filled on the last event
 };
 
 // Called on the engine's loop thread: it must return quickly (queue the event and leave), must

@@ -27,10 +27,9 @@ absl::Status PagedKvCache::Bind(std::vector<PagedRow> rows) {
     const PagedRow& row = rows[b];
     const int64_t total = row.cached + row.new_tokens;
     if (row.cached < 0 || row.new_tokens < 1 || total > options_.max_context) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("paged KV row ", b, ": ", row.cached, " cached + ", row.new_tokens,
-                       " new tokens must be >= 1 new and fit the context of ",
-                       options_.max_context));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "paged KV row ", b, ": ", row.cached, " cached + ", row.new_tokens,
+          " new tokens must be >= 1 new and fit the context of ", options_.max_context));
     }
     const int64_t covered = static_cast<int64_t>(row.block_table.size()) * options_.block_size;
     if (covered < total) {

@@ -84,10 +84,10 @@ class PagedKvCache : public AttentionCache {
   std::vector<int64_t> lengths_;  // [B] cached tokens per bound row
   // Set by BeginStep for the layers of one forward:
   int64_t tokens_ = 0;
-  int64_t span_ = 0;            // keys gathered per row: the longest row after the step
-  torch::Tensor write_slots_;   // [B * tokens] int64
-  torch::Tensor read_slots_;    // [B * span] int64
-  torch::Tensor mask_;          // [B, 1, tokens, span] bool, key position <= query position
+  int64_t span_ = 0;           // keys gathered per row: the longest row after the step
+  torch::Tensor write_slots_;  // [B * tokens] int64
+  torch::Tensor read_slots_;   // [B * span] int64
+  torch::Tensor mask_;         // [B, 1, tokens, span] bool, key position <= query position
 };
 
 }  // namespace lorad::engine

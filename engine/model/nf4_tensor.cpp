@@ -1,6 +1,7 @@
 #include "engine/model/nf4_tensor.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -47,7 +48,7 @@ torch::Tensor DynamicMapOn(const torch::Device& device) {
 #if defined(LORAD_WITH_CUDA)
 // Up to this many rows of x (a decode batch of 32 sequences), Linear runs the GEMV kernel in
 // chunks; more rows (prefill) dequantize once and multiply with cuBLAS.
-constexpr int64_t kNf4GemvChunkedMaxRows = 32;
+std::atomic<int64_t> gemv_max_rows{32};
 
 void* CurrentStream(const torch::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -362,6 +363,22 @@ torch::Tensor Nf4Tensor::Dequantize(torch::ScalarType out_dtype) const {
 #endif
 }
 
+int64_t Nf4Tensor::GemvMaxRows() {
+#if defined(LORAD_WITH_CUDA)
+  return gemv_max_rows.load();
+#else
+  return 0;
+#endif
+}
+
+void Nf4Tensor::SetGemvMaxRows(int64_t rows) {
+#if defined(LORAD_WITH_CUDA)
+  gemv_max_rows.store(rows);
+#else
+  (void)rows;
+#endif
+}
+
 torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features(), "Nf4Tensor::Linear: x has shape ",
               x.sizes(), ", expected [..., ", in_features(), "]");
@@ -374,7 +391,8 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   // Decode batches: the GEMV kernel in chunks of up to kNf4GemvMaxRows rows. Later chunks find
   // most of the weights in L2, so up to kNf4GemvChunkedMaxRows rows this reads far fewer bytes
   // than dequantizing the whole matrix to 16 bits for one matmul.
-  if (device().is_cuda() && kind && !records_grad && rows <= kNf4GemvChunkedMaxRows &&
+  if (device().is_cuda() && kind && !records_grad &&
+      rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
       kernels::nf4_gemv_cuda_supports(std::min<int64_t>(rows, kernels::kNf4GemvMaxRows),
                                       in_features())) {
     const c10::cuda::CUDAGuard guard(device());
