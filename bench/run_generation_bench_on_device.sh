@@ -91,13 +91,13 @@ if [ $BUILD_RC -eq 0 ]; then
   # BENCH_ARGS: extra generation_bench flags (e.g. --profile_phases=1 for a per-phase breakdown).
   run 170 "$BUILD/generation_bench" --model="$MODEL" --batches=1,32 --adapters=4 \
     --repetition_penalty=1.3 --kv_cache_mib=8192 ${BENCH_ARGS:-}
-  # Without CUDA graphs, for the record (what the graphs buy); batch 1 only, if time allows.
-  [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
-    --adapters=0 --repetition_penalty=1.3 --cuda_graphs=0 --verify_graphs=0 \
-    --ttft_prompt_tokens=0 --kv_cache_mib=8192
-  # Batch 32 with the NF4 weights dequantized + cuBLAS instead of the chunked 4-bit GEMV.
-  [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
-    --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=8 --variant=dequant-matmul \
+  # The torch ops instead of the fused layer kernels (what the fusion buys), batch 1.
+  [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
+    --adapters=0 --repetition_penalty=1.3 --fused_layer_ops=0 --variant=torch-layer-ops \
+    --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
+  # Batch 32 through the chunked 4-bit GEMV instead of dequantize + cuBLAS.
+  [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
+    --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=32 --variant=chunked-gemv \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
 fi
 # BENCH_HF=0 skips the baseline (a diagnosis run).

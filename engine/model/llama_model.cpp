@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/model/checkpointed_call.h"
+#include "engine/model/fused_layer_ops.h"
 
 namespace lorad::engine {
 namespace {
@@ -272,6 +273,7 @@ absl::StatusOr<torch::Tensor> LlamaModel::Forward(const ForwardBatch& batch, Att
 }
 
 torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const {
+  if (UseFusedLayerOps(x)) return FusedRmsNorm(x, weight, config_.rms_norm_eps);
   // transformers: in fp32, then back to the input dtype before the weight.
   const torch::Tensor xf = x.to(torch::kFloat);
   const torch::Tensor variance = xf.pow(2).mean(-1, /*keepdim=*/true);
@@ -294,11 +296,16 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
   auto heads = [&](const torch::Tensor& t) {  // [B, T, n * D] -> [B, n, T, D]
     return t.view({rows, tokens, -1, d}).transpose(1, 2);
   };
-  torch::Tensor q = heads(Project(layer, index, Projection::kQ, x, lora));
-  torch::Tensor k = heads(Project(layer, index, Projection::kK, x, lora));
+  torch::Tensor q = Project(layer, index, Projection::kQ, x, lora);
+  torch::Tensor k = Project(layer, index, Projection::kK, x, lora);
   const torch::Tensor v = heads(Project(layer, index, Projection::kV, x, lora));
-  q = RotaryEmbedding::Apply(q, cos, sin);
-  k = RotaryEmbedding::Apply(k, cos, sin);
+  if (UseFusedLayerOps(q)) {  // rotate in the projection's [B, T, heads, D] layout, one kernel
+    q = FusedRotary(q.view({rows, tokens, -1, d}), cos, sin).transpose(1, 2);
+    k = FusedRotary(k.view({rows, tokens, -1, d}), cos, sin).transpose(1, 2);
+  } else {
+    q = RotaryEmbedding::Apply(heads(q), cos, sin);
+    k = RotaryEmbedding::Apply(heads(k), cos, sin);
+  }
   const torch::Tensor out =
       cache != nullptr ? cache->Attend(index, q, k, v) : GroupedQueryAttention(q, k, v, mask);
   return Project(layer, index, Projection::kO, out.transpose(1, 2).reshape({rows, tokens, -1}),
@@ -309,7 +316,9 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
                               const LoraApplier* lora) const {
   const torch::Tensor gate = Project(layer, index, Projection::kGate, x, lora);
   const torch::Tensor up = Project(layer, index, Projection::kUp, x, lora);
-  return Project(layer, index, Projection::kDown, torch::silu(gate) * up, lora);
+  const torch::Tensor act =
+      UseFusedLayerOps(gate) ? FusedSiluMul(gate, up) : torch::silu(gate) * up;
+  return Project(layer, index, Projection::kDown, act, lora);
 }
 
 torch::Tensor LlamaModel::Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,

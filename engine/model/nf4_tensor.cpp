@@ -46,9 +46,11 @@ torch::Tensor DynamicMapOn(const torch::Device& device) {
 }
 
 #if defined(LORAD_WITH_CUDA)
-// Up to this many rows of x (a decode batch of 32 sequences), Linear runs the GEMV kernel in
-// chunks; more rows (prefill) dequantize once and multiply with cuBLAS.
-std::atomic<int64_t> gemv_max_rows{32};
+// Up to this many rows of x, Linear runs the GEMV kernel (in chunks of kNf4GemvMaxRows); more rows
+// dequantize once and multiply with cuBLAS. Measured on the H200, 8B shape, batch 32 decode
+// (bench/results/2026-12-02-h200-generation-8b-run1.txt): dequantize + cuBLAS 1,198 tokens/s,
+// four chunked GEMV launches 813, so the GEMV takes only what fits one launch.
+std::atomic<int64_t> gemv_max_rows{kernels::kNf4GemvMaxRows};
 
 void* CurrentStream(const torch::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();

@@ -62,8 +62,8 @@ struct Nf4Tensor {
   // 4-bit GEMV kernel reads the packed weight directly (in chunks of kernels::kNf4GemvMaxRows
   // rows); otherwise dequantize + matmul (on CPU always, with the CPU reference dequantization).
   torch::Tensor Linear(const torch::Tensor& x) const;
-  // The most rows of x Linear gives the GEMV kernel (default 32); benchmarks set it to compare
-  // the two paths. Process-wide.
+  // The most rows of x Linear gives the GEMV kernel (default kernels::kNf4GemvMaxRows, one
+  // launch); benchmarks set it to compare the two paths. Process-wide.
   static int64_t GemvMaxRows();
   static void SetGemvMaxRows(int64_t rows);
   // A copy with every part on `device`.

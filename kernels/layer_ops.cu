@@ -1,0 +1,149 @@
+// CUDA implementation of kernels/layer_ops.h. Raw pointers only: no torch headers here.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/layer_ops.h"
+
+namespace lorad::kernels {
+namespace {
+
+constexpr int kNormThreads = 256;
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float Round(float v, float*) { return v; }
+__device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
+template <typename T>
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormKernel(const T* __restrict__ x, const T* __restrict__ weight, int64_t width, float eps,
+                  T* __restrict__ out) {
+  __shared__ float warp_sums[kNormThreads / 32];
+  const T* row = x + blockIdx.x * width;
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
+    const float v = ToFloat(row[i]);
+    sum = fmaf(v, v, sum);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+  const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
+  T* dst = out + blockIdx.x * width;
+  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
+    const float normed = Round(ToFloat(row[i]) * inv, dst);
+    StoreAs(dst + i, __fmul_rn(ToFloat(weight[i]), normed));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    RotaryKernel(const T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin,
+                 int64_t rows, int64_t heads, int64_t head_dim, T* __restrict__ out) {
+  const int64_t n = rows * heads * head_dim;
+  const int64_t half = head_dim / 2;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t d = i % head_dim;
+    const int64_t r = i / (heads * head_dim);
+    const float rot = d < half ? -ToFloat(x[i + half]) : ToFloat(x[i - half]);
+    const float a = Round(__fmul_rn(ToFloat(x[i]), ToFloat(cos[r * head_dim + d])), out);
+    const float b = Round(__fmul_rn(rot, ToFloat(sin[r * head_dim + d])), out);
+    StoreAs(out + i, __fadd_rn(a, b));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    SiluMulKernel(const T* __restrict__ gate, const T* __restrict__ up, int64_t n,
+                  T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const float g = ToFloat(gate[i]);
+    const float silu = Round(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), out);
+    StoreAs(out + i, __fmul_rn(silu, ToFloat(up[i])));
+  }
+}
+
+unsigned Blocks(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+const char* LastError() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
+                          int64_t width, float eps, void* out, void* stream) {
+  if (rows <= 0) return nullptr;
+  if (rows > 0x7fffffff) return "rms_norm: too many rows";
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(rows);
+  if (kind == FloatKind::kF32) {
+    RmsNormKernel<float><<<grid, kNormThreads, 0, s>>>(static_cast<const float*>(x),
+                                                       static_cast<const float*>(weight), width,
+                                                       eps, static_cast<float*>(out));
+  } else if (kind == FloatKind::kBF16) {
+    RmsNormKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(
+        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight), width, eps,
+        static_cast<__nv_bfloat16*>(out));
+  } else {
+    return "rms_norm: fp32 or bf16 only";
+  }
+  return LastError();
+}
+
+const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
+                        int64_t rows, int64_t heads, int64_t head_dim, void* out, void* stream) {
+  if (head_dim % 2 != 0) return "rotary: head_dim must be even";
+  const int64_t n = rows * heads * head_dim;
+  if (n <= 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (kind == FloatKind::kF32) {
+    RotaryKernel<float><<<Blocks(n), kThreads, 0, s>>>(
+        static_cast<const float*>(x), static_cast<const float*>(cos),
+        static_cast<const float*>(sin), rows, heads, head_dim, static_cast<float*>(out));
+  } else if (kind == FloatKind::kBF16) {
+    RotaryKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, s>>>(
+        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(cos),
+        static_cast<const __nv_bfloat16*>(sin), rows, heads, head_dim,
+        static_cast<__nv_bfloat16*>(out));
+  } else {
+    return "rotary: fp32 or bf16 only";
+  }
+  return LastError();
+}
+
+const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,
+                          void* stream) {
+  if (n <= 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (kind == FloatKind::kF32) {
+    SiluMulKernel<float><<<Blocks(n), kThreads, 0, s>>>(static_cast<const float*>(gate),
+                                                        static_cast<const float*>(up), n,
+                                                        static_cast<float*>(out));
+  } else if (kind == FloatKind::kBF16) {
+    SiluMulKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, s>>>(
+        static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
+        static_cast<__nv_bfloat16*>(out));
+  } else {
+    return "silu_mul: fp32 or bf16 only";
+  }
+  return LastError();
+}
+
+}  // namespace lorad::kernels

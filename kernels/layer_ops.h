@@ -1,0 +1,45 @@
+// The elementwise parts of a Llama decoder layer, fused: each is one kernel instead of the 2-7
+// torch ops the model's reference path launches, which matters when a decode step is a chain of
+// ~1,000 tiny kernels (batch 1). Each op rounds where transformers' bf16 code rounds, so the
+// fused and unfused paths agree to the last bit except where a reduction order differs.
+//
+// Element type T (fp32 or bf16) for every tensor; all arithmetic in fp32; round_T() rounds to T
+// (the identity for fp32).
+//
+// rms_norm (transformers' LlamaRMSNorm): for each of `rows` rows of `width`,
+//   r      = 1 / sqrt(sum_i x[i]^2 / width + eps)          (fp32; the sum's order is free)
+//   out[i] = round_T(float(weight[i]) * float(round_T(x[i] * r)))
+//
+// rotary (transformers' apply_rotary_pos_emb on one tensor): x [rows, heads, head_dim] where row
+// r's cos and sin are [head_dim] at cos + r * head_dim; half = head_dim / 2,
+//   rot[d]   = d < half ? -x[d + half] : x[d - half]
+//   out[d]   = round_T(float(round_T(x[d] * cos[d])) + float(round_T(rot[d] * sin[d])))
+//
+// silu_mul (LlamaMLP's act_fn(gate) * up): out[i] = round_T(float(round_T(silu(g[i]))) * u[i]),
+//   silu(g) = g / (1 + exp(-g)).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/float_kind.h"
+
+namespace lorad::kernels {
+
+void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t rows, int64_t width,
+                  float eps, void* out);
+void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
+                int64_t heads, int64_t head_dim, void* out);
+void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, void* out);
+
+#if defined(LORAD_WITH_CUDA)
+// Device pointers, enqueued on `stream` (a cudaStream_t); nullptr on success or an error. kF16 is
+// refused. rotary needs an even head_dim.
+const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
+                          int64_t width, float eps, void* out, void* stream);
+const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
+                        int64_t rows, int64_t heads, int64_t head_dim, void* out, void* stream);
+const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,
+                          void* stream);
+#endif
+
+}  // namespace lorad::kernels
