@@ -262,7 +262,8 @@ int Run(const BenchArgs& args) {
   options.cuda_graphs = args.Int("cuda_graphs") != 0;
   options.profile_phases = args.Int("profile_phases") != 0;
   if (args.Int("gemv_max_rows") >= 0) engine::Nf4Tensor::SetGemvMaxRows(args.Int("gemv_max_rows"));
-  engine::SetFusedLayerOps(args.Int("fused_layer_ops") != 0);
+  engine::SetFusedLayerOps(args.Int("fused_layer_ops") != 0 ? engine::FusedLayerOps::kCuda
+                                                            : engine::FusedLayerOps::kOff);
   auto engine =
       engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(), options);
   if (!engine.ok()) {
@@ -316,9 +317,9 @@ int Run(const BenchArgs& args) {
     std::printf("RESULT bench=verify_graphs identical=%d of=%zu\n", same, graphed->size());
     // The fused layer kernels against the torch ops they replace (RMSNorm sums in another order,
     // so a near-tie of a random model's logits may break the other way).
-    engine::SetFusedLayerOps(false);
+    engine::SetFusedLayerOps(engine::FusedLayerOps::kOff);
     auto unfused = Tokens(**eager, 8, num_adapters, config.vocab_size);
-    engine::SetFusedLayerOps(true);
+    engine::SetFusedLayerOps(engine::FusedLayerOps::kCuda);
     if (unfused.ok()) {
       int equal = 0;
       for (size_t i = 0; i < unfused->size(); ++i) equal += (*unfused)[i] == (*plain)[i];

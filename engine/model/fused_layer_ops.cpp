@@ -12,7 +12,7 @@
 namespace lorad::engine {
 namespace {
 
-std::atomic<bool> enabled{true};
+std::atomic<FusedLayerOps> mode{FusedLayerOps::kCuda};
 
 kernels::FloatKind KindOf(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
@@ -31,31 +31,34 @@ void Check(const char* error, const char* what) {
 }  // namespace
 
 bool UseFusedLayerOps(const torch::Tensor& x) {
+  const FusedLayerOps m = mode.load(std::memory_order_relaxed);
 #if defined(LORAD_WITH_CUDA)
-  return enabled.load(std::memory_order_relaxed) && x.is_cuda() &&
+  const bool device = x.is_cuda() || (x.is_cpu() && m == FusedLayerOps::kAlsoOnCpu);
+#else
+  const bool device = x.is_cpu() && m == FusedLayerOps::kAlsoOnCpu;
+#endif
+  return m != FusedLayerOps::kOff && device &&
          (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16) &&
          !(torch::GradMode::is_enabled() && x.requires_grad());
-#else
-  (void)x;
-  return false;
-#endif
 }
 
-void SetFusedLayerOps(bool on) { enabled.store(on); }
+void SetFusedLayerOps(FusedLayerOps m) { mode.store(m); }
 
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   const torch::Tensor xc = x.contiguous();
   const torch::Tensor w = weight.to(x.scalar_type()).contiguous();
   torch::Tensor out = torch::empty_like(xc);
+  const int64_t width = x.size(-1);
+  if (xc.is_cpu()) {
+    kernels::rms_norm_cpu(xc.data_ptr(), w.data_ptr(), KindOf(xc), xc.numel() / width, width,
+                          static_cast<float>(eps), out.data_ptr());
+    return out;
+  }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t width = x.size(-1);
   Check(kernels::rms_norm_cuda(xc.data_ptr(), w.data_ptr(), KindOf(xc), xc.numel() / width, width,
                                static_cast<float>(eps), out.data_ptr(), Stream(xc)),
         "rms_norm_cuda");
-#else
-  (void)eps;
-  TORCH_CHECK(false, "fused layer ops need CUDA");
 #endif
   return out;
 }
@@ -66,14 +69,17 @@ torch::Tensor FusedRotary(const torch::Tensor& x, const torch::Tensor& cos,
   const torch::Tensor c = cos.to(x.scalar_type()).contiguous();
   const torch::Tensor s = sin.to(x.scalar_type()).contiguous();
   torch::Tensor out = torch::empty_like(xc);
+  const int64_t rows = x.size(0) * x.size(1);
+  if (xc.is_cpu()) {
+    kernels::rotary_cpu(xc.data_ptr(), c.data_ptr(), s.data_ptr(), KindOf(xc), rows, x.size(2),
+                        x.size(3), out.data_ptr());
+    return out;
+  }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0) * x.size(1);
   Check(kernels::rotary_cuda(xc.data_ptr(), c.data_ptr(), s.data_ptr(), KindOf(xc), rows, x.size(2),
                              x.size(3), out.data_ptr(), Stream(xc)),
         "rotary_cuda");
-#else
-  TORCH_CHECK(false, "fused layer ops need CUDA");
 #endif
   return out;
 }
@@ -82,13 +88,15 @@ torch::Tensor FusedSiluMul(const torch::Tensor& gate, const torch::Tensor& up) {
   const torch::Tensor g = gate.contiguous();
   const torch::Tensor u = up.to(gate.scalar_type()).contiguous();
   torch::Tensor out = torch::empty_like(g);
+  if (g.is_cpu()) {
+    kernels::silu_mul_cpu(g.data_ptr(), u.data_ptr(), KindOf(g), g.numel(), out.data_ptr());
+    return out;
+  }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(gate.device());
   Check(kernels::silu_mul_cuda(g.data_ptr(), u.data_ptr(), KindOf(g), g.numel(), out.data_ptr(),
                                Stream(g)),
         "silu_mul_cuda");
-#else
-  TORCH_CHECK(false, "fused layer ops need CUDA");
 #endif
   return out;
 }

@@ -8,10 +8,16 @@
 
 namespace lorad::engine {
 
-// CUDA, fp32 or bf16, nothing for autograd to record, and not turned off.
+enum class FusedLayerOps {
+  kOff,
+  kCuda,       // the default: on CUDA tensors
+  kAlsoOnCpu,  // tests: CPU tensors too, through the kernels' CPU references
+};
+
+// fp32 or bf16 on a device the mode covers, nothing for autograd to record.
 bool UseFusedLayerOps(const torch::Tensor& x);
-// Process-wide switch (default on), for benchmarks that compare the two paths.
-void SetFusedLayerOps(bool enabled);
+// Process-wide switch, for benchmarks and tests that compare the fused and the torch paths.
+void SetFusedLayerOps(FusedLayerOps mode);
 
 // x [..., width], weight [width] of x's dtype.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
