@@ -117,6 +117,7 @@ absl::Status Daemon::StartEngine() {
   options.base_weights = config_.model.base_weights;
   options.chat_template = config_.model.chat_template;
   options.inference.kv_cache_bytes = config_.engine.kv_cache_bytes;
+  options.inference.cuda_graphs = config_.engine.cuda_graphs;
   options.inference.scheduler.max_running =
       static_cast<int32_t>(config_.engine.max_running_requests);
   options.inference.scheduler.token_budget = config_.engine.max_batch_tokens;
@@ -165,6 +166,9 @@ void Daemon::RegisterEngineMetrics() {
   metrics_.AddGaugeCallback("lorad_num_preemptions",
                             "Sequences preempted (and later recomputed) since start",
                             [e] { return static_cast<double>(e->Stats().inference.preemptions); });
+  metrics_.AddGaugeCallback(
+      "lorad_decode_graph_replays", "Decode steps replayed from CUDA graphs since start",
+      [e] { return static_cast<double>(e->Stats().inference.graph_replays); });
   metrics_.AddGaugeCallback("lorad_adapters_resident", "LoRA adapters on the device now",
                             [e] { return e->Stats().adapters_resident; });
   metrics_.AddGaugeCallback("lorad_adapters_loaded", "LoRA adapter versions held (host copies)",

@@ -83,8 +83,8 @@ Field DoubleField(const std::string& key, std::function<double&(ServerConfig&)> 
       return TypeError(where, key, "a number", n);
     }
     if (!(v >= min && v <= max)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": ", key, ": ", n.Scalar(), " is out of range [", min, ", ", max, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", key, ": ", n.Scalar(),
+                                                     " is out of range [", min, ", ", max, "]"));
     }
     ref(c) = v;
     return absl::OkStatus();
@@ -95,7 +95,8 @@ Field DoubleField(const std::string& key, std::function<double&(ServerConfig&)> 
 
 Field BoolField(const std::string& key, std::function<bool&(ServerConfig&)> ref) {
   Field f;
-  f.set = [key, ref](ServerConfig& c, const YAML::Node& n, const std::string& where) -> absl::Status {
+  f.set = [key, ref](ServerConfig& c, const YAML::Node& n,
+                     const std::string& where) -> absl::Status {
     const std::string v = n.IsScalar() ? n.Scalar() : "";
     if (v == "true" || v == "yes" || v == "on") {
       ref(c) = true;
@@ -120,8 +121,8 @@ Field TokensField() {
     c.auth.tokens.clear();
     for (size_t i = 0; i < n.size(); ++i) {
       const YAML::Node& item = n[i];
-      const std::string at = absl::StrCat(where.substr(0, where.rfind(':')), ":",
-                                          item.Mark().line + 1);
+      const std::string at =
+          absl::StrCat(where.substr(0, where.rfind(':')), ":", item.Mark().line + 1);
       const std::string key = absl::StrCat("auth.tokens[", i, "]");
       if (!item.IsMap()) return TypeError(at, key, "a mapping {name, role, token}", item);
       AuthToken t;
@@ -149,7 +150,9 @@ Field TokensField() {
     }
     return absl::OkStatus();
   };
-  f.show = [](const ServerConfig& c) { return absl::StrCat("[", c.auth.tokens.size(), " tokens]"); };
+  f.show = [](const ServerConfig& c) {
+    return absl::StrCat("[", c.auth.tokens.size(), " tokens]");
+  };
   return f;
 }
 
@@ -162,17 +165,18 @@ const std::map<std::string, Field>& Schema() {
        StringField("model.device", [](ServerConfig& c) -> std::string& { return c.model.device; },
                    {"auto", "cpu", "cuda"})},
       {"model.base_weights",
-       StringField(
-           "model.base_weights", [](ServerConfig& c) -> std::string& { return c.model.base_weights; },
-           {"nf4", "none"})},
+       StringField("model.base_weights",
+                   [](ServerConfig& c) -> std::string& { return c.model.base_weights; },
+                   {"nf4", "none"})},
       {"model.chat_template",
        StringField("model.chat_template",
                    [](ServerConfig& c) -> std::string& { return c.model.chat_template; },
                    {"", "llama3", "chatml", "mistral", "alpaca"})},
       {"engine.kv_cache_bytes",
        IntField(
-           "engine.kv_cache_bytes", [](ServerConfig& c) -> int64_t& { return c.engine.kv_cache_bytes; },
-           int64_t{1} << 20, int64_t{1} << 40)},
+           "engine.kv_cache_bytes",
+           [](ServerConfig& c) -> int64_t& { return c.engine.kv_cache_bytes; }, int64_t{1} << 20,
+           int64_t{1} << 40)},
       {"engine.max_running_requests",
        IntField(
            "engine.max_running_requests",
@@ -189,6 +193,9 @@ const std::map<std::string, Field>& Schema() {
        DoubleField(
            "engine.train_share", [](ServerConfig& c) -> double& { return c.engine.train_share; }, 0,
            0.95)},
+      {"engine.cuda_graphs",
+       BoolField("engine.cuda_graphs",
+                 [](ServerConfig& c) -> bool& { return c.engine.cuda_graphs; })},
       {"server.grpc_address",
        StringField("server.grpc_address",
                    [](ServerConfig& c) -> std::string& { return c.server.grpc_address; })},
@@ -225,8 +232,8 @@ const std::map<std::string, Field>& Schema() {
                    [](ServerConfig& c) -> std::string& { return c.storage.adapter_root; })},
       {"limits.max_new_tokens",
        IntField(
-           "limits.max_new_tokens", [](ServerConfig& c) -> int64_t& { return c.limits.max_new_tokens; },
-           1, 1 << 20)},
+           "limits.max_new_tokens",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_new_tokens; }, 1, 1 << 20)},
       {"limits.max_queued_requests",
        IntField(
            "limits.max_queued_requests",
@@ -234,7 +241,8 @@ const std::map<std::string, Field>& Schema() {
       {"limits.max_prompt_bytes",
        IntField(
            "limits.max_prompt_bytes",
-           [](ServerConfig& c) -> int64_t& { return c.limits.max_prompt_bytes; }, 1, int64_t{1} << 30)},
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_prompt_bytes; }, 1,
+           int64_t{1} << 30)},
       {"limits.max_queued_jobs",
        IntField(
            "limits.max_queued_jobs",

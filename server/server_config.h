@@ -34,13 +34,14 @@ struct ServerConfig {
     int64_t max_batch_tokens = 2048;            // prefill + decode tokens per iteration
     int64_t max_resident_adapters = 8;          // adapters on the device at once
     double train_share = 0.3;  // training's least share of the GPU loop while both are busy
+    bool cuda_graphs = true;   // replay decode steps from CUDA graphs (CUDA only)
   } engine;
   struct Server {
     std::string grpc_address = "127.0.0.1:50051";
     std::string http_address = "127.0.0.1:8080";  // /metrics and /healthz
     int64_t max_request_bytes = 4 << 20;          // largest gRPC message accepted
     int64_t shutdown_grace_seconds = 10;          // how long in-flight RPCs get on shutdown
-    std::string tls_cert_file;  // PEM; with tls_key_file, gRPC serves TLS only
+    std::string tls_cert_file;                    // PEM; with tls_key_file, gRPC serves TLS only
     std::string tls_key_file;
   } server;
   struct Auth {
@@ -57,10 +58,10 @@ struct ServerConfig {
     std::string adapter_root;
   } storage;
   struct Limits {
-    int64_t max_queued_jobs = 64;  // SubmitJob answers RESOURCE_EXHAUSTED beyond this
-    int64_t max_new_tokens = 4096;        // per request
-    int64_t max_queued_requests = 1024;   // unfinished generation requests
-    int64_t max_prompt_bytes = 1 << 20;   // of a prompt or a chat's content
+    int64_t max_queued_jobs = 64;        // SubmitJob answers RESOURCE_EXHAUSTED beyond this
+    int64_t max_new_tokens = 4096;       // per request
+    int64_t max_queued_requests = 1024;  // unfinished generation requests
+    int64_t max_prompt_bytes = 1 << 20;  // of a prompt or a chat's content
   } limits;
   struct Training {
     // Jobs trained at once: 1, or 0 to hold every job in the queue (maintenance; they start when

@@ -51,7 +51,8 @@ void ExpectFusedEqualsTorch(torch::ScalarType dtype, double tolerance) {
   // Compare the valid positions only (padding rows hold arbitrary values on both sides).
   for (int64_t b = 0; b < 3; ++b) {
     const int64_t n = lengths[b];
-    const torch::Tensor r = torch::cat({reference[b].narrow(0, 0, n), reference[b].narrow(0, 9, 3)});
+    const torch::Tensor r =
+        torch::cat({reference[b].narrow(0, 0, n), reference[b].narrow(0, 9, 3)});
     const torch::Tensor f = torch::cat({fused[b].narrow(0, 0, n), fused[b].narrow(0, 9, 3)});
     EXPECT_LE((r - f).abs().max().item<double>(), tolerance * r.abs().max().item<double>())
         << "row " << b;
