@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -125,6 +126,8 @@ absl::Status Daemon::StartEngine() {
   options.inference.max_queued = static_cast<int32_t>(config_.limits.max_queued_requests);
   options.max_resident_adapters = static_cast<int32_t>(config_.engine.max_resident_adapters);
   options.train_share = config_.engine.train_share;
+  options.max_training_jobs =
+      static_cast<int32_t>(std::max<int64_t>(1, config_.training.max_running_jobs));
   const auto t0 = std::chrono::steady_clock::now();
   auto engine = engine::Engine::Start(options);
   if (!engine.ok()) {
@@ -148,7 +151,7 @@ absl::Status Daemon::StartEngine() {
   }
   job_runner_ = std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_,
                                             (fs::path(config_.storage.data_dir) / "jobs").string(),
-                                            config_.training.max_running_jobs > 0);
+                                            static_cast<int>(config_.training.max_running_jobs));
   RegisterEngineMetrics();
   return absl::OkStatus();
 }

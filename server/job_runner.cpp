@@ -109,7 +109,7 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
 }
 
 JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events,
-                     MetricsRegistry& metrics, std::string jobs_dir, bool run_jobs)
+                     MetricsRegistry& metrics, std::string jobs_dir, int max_running)
     : engine_(engine),
       store_(store),
       events_(events),
@@ -126,7 +126,7 @@ JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& event
       trained_tokens_(
           metrics.AddCounter("lorad_train_tokens_total", "Tokens trained on, over all jobs")),
       jobs_dir_(std::move(jobs_dir)),
-      run_jobs_(run_jobs) {}
+      max_running_(max_running) {}
 
 JobRunner::~JobRunner() { Stop(); }
 
@@ -164,10 +164,12 @@ void JobRunner::Loop() {
     bool look = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      // Looking is wanted only while there is room: a full (or held) runner must sleep, not spin.
+      const auto room = [&] { return static_cast<int>(running_.size()) < max_running_; };
       wake_.wait_for(lock, std::chrono::seconds(1),
-                     [&] { return stop_ || !pending_.empty() || look_for_jobs_; });
+                     [&] { return stop_ || !pending_.empty() || (look_for_jobs_ && room()); });
       batch.swap(pending_);
-      look = look_for_jobs_ && running_job_.empty() && !stop_ && run_jobs_;
+      look = look_for_jobs_ && room() && !stop_;
       if (look) look_for_jobs_ = false;
       if (stop_ && batch.empty()) return;
     }
@@ -196,7 +198,8 @@ void JobRunner::StartNextJob() {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    running_job_ = job.id;
+    running_.insert(job.id);
+    look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
   }
   events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
   const std::string id = job.id;
@@ -212,7 +215,7 @@ void JobRunner::StartNextJob() {
   if (!started.ok()) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      running_job_.clear();
+      running_.erase(id);
     }
     FailJob(id, std::string(started.message()));
   }
@@ -274,7 +277,7 @@ void JobRunner::Handle(const Pending& p) {
   // The job ended.
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (running_job_ == p.job_id) running_job_.clear();
+    running_.erase(p.job_id);
     look_for_jobs_ = true;
   }
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);

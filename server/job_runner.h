@@ -1,6 +1,7 @@
-// JobRunner: takes queued jobs from the JobStore, one at a time, runs each on the engine's GPU
-// loop, and turns the trainer's events into durable rows (steps, final state), JobEvents for the
-// WatchJob streams, per-job metrics, and, when a job succeeds, a published adapter version.
+// JobRunner: takes queued jobs from the JobStore, in priority order, up to max_running at once
+// (training.max_running_jobs), runs each on the engine's GPU loop, and turns the trainer's events
+// into durable rows (steps, final state), JobEvents for the WatchJob streams, per-job metrics, and,
+// when a job succeeds, a published adapter version.
 //
 // Every job trains into <jobs_dir>/<job id>/ (checkpoints, then adapter/): a job that was running
 // when the daemon died is queued again by JobStore::RecoverAfterRestart and resumes from its
@@ -15,6 +16,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -34,8 +36,8 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
 
 class JobRunner {
  public:
-  JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events,
-            MetricsRegistry& metrics, std::string jobs_dir, bool run_jobs = true);
+  JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events, MetricsRegistry& metrics,
+            std::string jobs_dir, int max_running = 1);
   ~JobRunner();  // Stop()
 
   // Starts the runner thread; it looks for queued jobs at once and after every Wake().
@@ -45,7 +47,7 @@ class JobRunner {
   void Stop();
   // A job was queued: look again.
   void Wake();
-  // A job was cancelled in the store (any state): stop it if it is the running one.
+  // A job was cancelled in the store (any state): stop it if it is running.
   void Cancel(const std::string& job_id);
 
  private:
@@ -68,12 +70,12 @@ class JobRunner {
   GaugeFamily& job_step_;
   CounterFamily& trained_tokens_;
   std::string jobs_dir_;
-  bool run_jobs_;  // false: jobs stay queued (training.max_running_jobs: 0)
+  int max_running_;  // jobs handed to the engine at once; 0: jobs stay queued
 
   std::mutex mu_;
   std::condition_variable wake_;
   std::deque<Pending> pending_;
-  std::string running_job_;  // the job handed to the engine and not yet ended
+  std::set<std::string> running_;              // jobs handed to the engine and not yet ended
   std::map<std::string, int64_t> job_tokens_;  // runner thread only: tokens trained per job
   bool look_for_jobs_ = true;
   bool stop_ = false;

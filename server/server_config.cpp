@@ -250,7 +250,7 @@ const std::map<std::string, Field>& Schema() {
       {"training.max_running_jobs",
        IntField(
            "training.max_running_jobs",
-           [](ServerConfig& c) -> int64_t& { return c.training.max_running_jobs; }, 0, 1)},
+           [](ServerConfig& c) -> int64_t& { return c.training.max_running_jobs; }, 0, 16)},
       {"logging.level",
        StringField("logging.level", [](ServerConfig& c) -> std::string& { return c.logging.level; },
                    {"trace", "debug", "info", "warn", "error"})},

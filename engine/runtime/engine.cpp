@@ -5,10 +5,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <mutex>
+#include <set>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
@@ -77,18 +81,28 @@ struct Engine::Impl {
     TrainingJobConfig config;
     TrainingEventCallback on_event;
   };
-  std::optional<PendingJob> pending_job;
-  std::string active_job_id;  // set from hand-over until the job's last event
-  std::string cancel_job_id;  // a cancel that arrived before the loop took the job
-  std::unique_ptr<Trainer> trainer;
+  std::deque<PendingJob> pending_jobs;
+  std::vector<std::string> active_job_ids;  // from hand-over until each job's last event
+  std::set<std::string> cancel_job_ids;     // cancels that arrived before the loop took the job
+  struct ActiveTrainer {
+    std::string id;
+    std::unique_ptr<Trainer> trainer;
+  };
+  std::vector<ActiveTrainer> trainers;  // the loop's; the vector itself changes under `mu`
+  size_t next_trainer = 0;              // whose micro-batch is next
   std::thread loop;
 
   std::atomic<double> train_seconds{0};
   std::atomic<double> inference_seconds{0};
 
   void Loop();
-  void TakePendingJob();
+  void TakePendingJobs();
+  void StartJob(PendingJob job);
   void RunTrainingMicroBatch();
+  void EndJob(const std::string& id) {  // under mu
+    active_job_ids.erase(std::remove(active_job_ids.begin(), active_job_ids.end(), id),
+                         active_job_ids.end());
+  }
 };
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -107,6 +121,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
   }
   if (!(options.train_share >= 0 && options.train_share <= 0.95)) {
     return absl::InvalidArgumentError("train_share must be in [0, 0.95]");
+  }
+  if (options.max_training_jobs < 1) {
+    return absl::InvalidArgumentError("max_training_jobs must be at least 1");
   }
   try {
     LlamaModelOptions model_options;
@@ -173,12 +190,13 @@ void Engine::Impl::Loop() {
     {
       std::unique_lock<std::mutex> lock(mu);
       wake.wait(lock, [&] {
-        return stop || pending_work || pending_job || trainer || inference->HasWork();
+        return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
+               inference->HasWork();
       });
       pending_work = false;
       if (stop) break;
     }
-    TakePendingJob();
+    TakePendingJobs();
     const bool serving = inference->HasWork();
     if (serving) {
       const Clock::time_point t0 = Clock::now();
@@ -188,7 +206,7 @@ void Engine::Impl::Loop() {
       inference_seconds.store(inference_seconds.load() + dt);
       train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
     }
-    if (trainer && (!serving || train_credit > 0)) {
+    if (!trainers.empty() && (!serving || train_credit > 0)) {
       const Clock::time_point t0 = Clock::now();
       RunTrainingMicroBatch();
       const double dt = Seconds(Clock::now() - t0);
@@ -198,78 +216,90 @@ void Engine::Impl::Loop() {
   }
   // Stopping: requests end as cancelled; the training job saves a checkpoint it can resume from
   // (at an optimizer-step boundary) and ends as cancelled.
-  if (trainer) {
-    if (trainer->at_step_boundary()) (void)trainer->SaveCheckpoint();
-    trainer->Cancel();
-    while (!trainer->done() && trainer->Step().ok()) {
+  for (ActiveTrainer& active : trainers) {
+    Trainer& trainer = *active.trainer;
+    if (trainer.at_step_boundary()) (void)trainer.SaveCheckpoint();
+    trainer.Cancel();
+    while (!trainer.done() && trainer.Step().ok()) {
     }
-    std::lock_guard<std::mutex> lock(mu);
-    trainer.reset();
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  trainers.clear();
+}
+
+void Engine::Impl::TakePendingJobs() {
+  while (true) {
+    std::optional<PendingJob> job;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (pending_jobs.empty()) return;
+      job = std::move(pending_jobs.front());
+      pending_jobs.pop_front();
+    }
+    StartJob(*std::move(job));
   }
 }
 
-void Engine::Impl::TakePendingJob() {
-  std::optional<PendingJob> job;
-  {
+void Engine::Impl::StartJob(PendingJob job) {
+  auto on_event = job.on_event;
+  const std::string id = job.id;
+  auto fail = [&](const std::string& error) {
+    TrainingEvent failed;
+    failed.kind = TrainingEvent::Kind::kFailed;
+    failed.error = error;
+    on_event(failed);
     std::lock_guard<std::mutex> lock(mu);
-    if (!pending_job || trainer) return;
-    job = std::move(pending_job);
-    pending_job.reset();
-  }
-  auto on_event = job->on_event;
-  const std::string id = job->id;
-  // The memory planner: refuse a job that cannot fit, saying how much it needs.
+    EndJob(id);
+    cancel_job_ids.erase(id);
+  };
+  // The memory planner: refuse a job that cannot fit, saying how much it needs. What running
+  // jobs hold is already missing from the free memory it measures.
   const int64_t available = AvailableDeviceBytes(device);
   if (available >= 0) {
     const TrainingMemoryEstimate need =
-        EstimateTrainingBytes(model->config(), job->config, /*element_bytes=*/2);
+        EstimateTrainingBytes(model->config(), job.config, /*element_bytes=*/2);
     if (need.total() > available) {
-      TrainingEvent failed;
-      failed.kind = TrainingEvent::Kind::kFailed;
-      failed.error = "the job needs about " + GiB(need.total()) + " of device memory (LoRA " +
-                     GiB(need.lora_bytes) + ", activations " + GiB(need.activation_bytes) +
-                     ", workspace " + GiB(need.workspace_bytes) + ") but " + GiB(available) +
-                     " is free beside the base model and the KV cache; lower "
-                     "training.micro_batch_size or max_seq_length, or turn on "
-                     "gradient_checkpointing";
-      on_event(failed);
-      std::lock_guard<std::mutex> lock(mu);
-      active_job_id.clear();
+      fail("the job needs about " + GiB(need.total()) + " of device memory (LoRA " +
+           GiB(need.lora_bytes) + ", activations " + GiB(need.activation_bytes) + ", workspace " +
+           GiB(need.workspace_bytes) + ") but " + GiB(available) +
+           " is free beside the base model, the KV cache and the jobs already training; lower "
+           "training.micro_batch_size or max_seq_length, or turn on gradient_checkpointing");
       return;
     }
   }
-  auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job->config,
+  auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job.config,
                                  [this, on_event, id](const TrainingEvent& event) {
                                    on_event(event);
                                    if (event.kind == TrainingEvent::Kind::kFinished ||
                                        event.kind == TrainingEvent::Kind::kFailed) {
                                      std::lock_guard<std::mutex> lock(mu);
-                                     if (active_job_id == id) active_job_id.clear();
+                                     EndJob(id);
                                    }
                                  });
   if (!created.ok()) {
-    TrainingEvent failed;
-    failed.kind = TrainingEvent::Kind::kFailed;
-    failed.error = std::string(created.status().message());
-    on_event(failed);
-    std::lock_guard<std::mutex> lock(mu);
-    active_job_id.clear();
+    fail(std::string(created.status().message()));
     return;
   }
   std::lock_guard<std::mutex> lock(mu);
-  trainer = std::move(*created);
-  if (cancel_job_id == id) trainer->Cancel();
-  cancel_job_id.clear();
+  if (cancel_job_ids.erase(id) > 0) (*created)->Cancel();
+  trainers.push_back({id, *std::move(created)});
 }
 
 void Engine::Impl::RunTrainingMicroBatch() {
+  // The jobs take turns, one micro-batch each.
+  if (next_trainer >= trainers.size()) next_trainer = 0;
+  Trainer& trainer = *trainers[next_trainer].trainer;
   // Step reports its own failure as a kFailed event; either way the job may now be done.
-  (void)trainer->Step();
-  if (!trainer->done()) return;
+  (void)trainer.Step();
+  if (!trainer.done()) {
+    ++next_trainer;
+    return;
+  }
   std::unique_ptr<Trainer> finished;
   {
-    std::lock_guard<std::mutex> lock(mu);  // CancelTraining reads the pointer under the lock
-    finished = std::move(trainer);
+    std::lock_guard<std::mutex> lock(mu);  // CancelTraining reads the trainers under the lock
+    finished = std::move(trainers[next_trainer].trainer);
+    trainers.erase(trainers.begin() + static_cast<std::ptrdiff_t>(next_trainer));
   }
 }
 
@@ -317,12 +347,17 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
   if (absl::Status s = config.Validate(); !s.ok()) return s;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
-    if (!impl_->active_job_id.empty()) {
-      return absl::FailedPreconditionError("training job " + impl_->active_job_id +
-                                           " is still running; one job trains at a time");
+    auto& active = impl_->active_job_ids;
+    if (std::find(active.begin(), active.end(), job_id) != active.end()) {
+      return absl::FailedPreconditionError("training job " + job_id + " is already running");
     }
-    impl_->active_job_id = job_id;
-    impl_->pending_job = Impl::PendingJob{job_id, config, std::move(on_event)};
+    if (static_cast<int32_t>(active.size()) >= impl_->options.max_training_jobs) {
+      return absl::FailedPreconditionError(
+          "training jobs " + absl::StrJoin(active, ", ") + " are running; " +
+          std::to_string(impl_->options.max_training_jobs) + " train at a time");
+    }
+    active.push_back(job_id);
+    impl_->pending_jobs.push_back(Impl::PendingJob{job_id, config, std::move(on_event)});
     impl_->pending_work = true;
   }
   impl_->wake.notify_one();
@@ -333,19 +368,24 @@ void Engine::CancelTraining(const std::string& job_id) {
   // The trainer pointer belongs to the loop thread; Trainer::Cancel is thread-safe, but the
   // pointer may be reset under us, so the request goes through the lock and the loop.
   std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->active_job_id != job_id) return;
-  if (impl_->pending_job && impl_->pending_job->id == job_id) {
-    impl_->cancel_job_id = job_id;
-  } else if (impl_->trainer) {
-    impl_->trainer->Cancel();
+  const auto& active = impl_->active_job_ids;
+  if (std::find(active.begin(), active.end(), job_id) == active.end()) return;
+  bool started = false;
+  for (const auto& t : impl_->trainers) {
+    if (t.id == job_id && t.trainer) {
+      t.trainer->Cancel();
+      started = true;
+    }
   }
+  // Not handed to a trainer yet (pending, or being created): cancel when it is.
+  if (!started) impl_->cancel_job_ids.insert(job_id);
   impl_->pending_work = true;
   impl_->wake.notify_one();
 }
 
 bool Engine::TrainingActive() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return !impl_->active_job_id.empty();
+  return !impl_->active_job_ids.empty();
 }
 
 const ModelConfig& Engine::model_config() const { return impl_->model->config(); }
@@ -362,8 +402,8 @@ EngineStats Engine::Stats() const {
   stats.train_seconds = impl_->train_seconds.load();
   stats.inference_seconds = impl_->inference_seconds.load();
   std::lock_guard<std::mutex> lock(impl_->mu);
-  stats.training = !impl_->active_job_id.empty();
-  stats.training_job_id = impl_->active_job_id;
+  stats.training = !impl_->active_job_ids.empty();
+  stats.training_job_ids = impl_->active_job_ids;
   return stats;
 }
 

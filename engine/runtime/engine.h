@@ -7,7 +7,8 @@
 //   1. an inference step (InferenceEngine::Step) while any request is queued or running;
 //   2. training micro-batches while a job is active: all of the device when nothing is served,
 //      else enough that training gets at least `train_share` of the loop's time (inference
-//      first: a micro-batch runs only once the inference steps have earned it the time).
+//      first: a micro-batch runs only once the inference steps have earned it the time). Up to
+//      `max_training_jobs` jobs train at once, one micro-batch each in turn.
 //   It sleeps when there is nothing to do and wakes on the next submission.
 //
 // torch-free header (pimpl): the server includes it. Thread rules: every public method is
@@ -45,6 +46,8 @@ struct EngineOptions {
   int32_t max_resident_adapters = 8;
   // Lower bound on training's share of the loop's time while both train and serve (0..0.95).
   double train_share = 0.3;
+  // Training jobs active at once (>= 1); they share training's time, micro-batch by micro-batch.
+  int32_t max_training_jobs = 1;
 };
 
 struct EngineStats {
@@ -54,9 +57,9 @@ struct EngineStats {
   int64_t base_bytes = 0;
   int64_t kv_cache_bytes = 0;
   bool training = false;
-  std::string training_job_id;
-  double train_seconds = 0;      // loop time spent on training since start
-  double inference_seconds = 0;  // loop time spent on inference steps since start
+  std::vector<std::string> training_job_ids;  // active jobs, in the order they started
+  double train_seconds = 0;                   // loop time spent on training since start
+  double inference_seconds = 0;               // loop time spent on inference steps since start
 };
 
 // Called on the loop thread for every event of a training job; the last is kFinished (also when
@@ -89,15 +92,15 @@ class Engine {
   AdapterStore& adapters();
 
   // ---- training ----
-  // Starts a job (one at a time): validates the config, reads the dataset, resumes from the
-  // last checkpoint in config.output_dir if one is there. FailedPrecondition while another job
-  // is active.
+  // Starts a job: validates the config, reads the dataset, resumes from the last checkpoint in
+  // config.output_dir if one is there. FailedPrecondition while max_training_jobs jobs are
+  // active, or when job_id is one of them.
   absl::Status StartTraining(const std::string& job_id, const TrainingJobConfig& config,
                              TrainingEventCallback on_event);
   // Asks the active job `job_id` to stop at its next micro-batch; it reports kFinished with
   // summary.cancelled.
   void CancelTraining(const std::string& job_id);
-  bool TrainingActive() const;
+  bool TrainingActive() const;  // any job
 
   const ModelConfig& model_config() const;
   const DeviceInfo& device() const;

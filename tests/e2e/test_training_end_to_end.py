@@ -216,3 +216,51 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)(ids).logits
     assert (got - want).abs().max().item() < 1e-4
     assert (want - plain).abs().max().item() > 1e-3, "the adapter must change the model"
+
+
+def test_two_jobs_train_at_once_with_the_losses_of_each_alone(tmp_path, stubs):
+    """training.max_running_jobs: 2 trains two jobs side by side (micro-batches in turn); a third
+    waits queued; each job's loss curve equals the same spec trained alone."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path, "--set", "training.max_running_jobs=2")
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        solo = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "solo", 30)), timeout=30)
+        _, states, solo_steps = watch_until_done(train, tpb, solo.id)
+        assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+
+        a = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "side-a", 30)), timeout=30)
+        b = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "side-b", 30)), timeout=30)
+        c = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "third", 30)), timeout=30)
+        deadline = time.time() + 60
+        both = False
+        while time.time() < deadline and not both:
+            got = {j: train.GetJob(tpb.GetJobRequest(job_id=j), timeout=10).state
+                   for j in (a.id, b.id, c.id)}
+            both = got[a.id] == got[b.id] == tpb.JOB_STATE_RUNNING
+            if both:
+                assert got[c.id] == tpb.JOB_STATE_QUEUED, "a third job must wait for a slot"
+            time.sleep(0.02)
+        assert both, f"the two jobs never ran at the same time:\n{d.log()}"
+        status, body = d.http_get("/metrics")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        jobs = {s.labels["state"]: s.value for s in families["lorad_jobs"].samples}
+        assert status == 200 and jobs.get("running") == 2, body
+        assert train.CancelJob(tpb.CancelJobRequest(job_id=c.id), timeout=10).state == \
+            tpb.JOB_STATE_CANCELLED
+
+        results = {}
+        for job in (a, b):
+            _, states, steps = watch_until_done(train, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            results[job.id] = [s.loss for s in steps]
+        want = [s.loss for s in solo_steps]
+        for job_id, losses in results.items():
+            assert losses == pytest.approx(want, rel=1e-5), f"job {job_id} trained differently"
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
