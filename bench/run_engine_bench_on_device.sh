@@ -42,29 +42,12 @@ MODEL_PID=$!
 "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 128 >> "$OUT/model.log" 2>&1
 
 # ---- dependencies into a private prefix, then the build ------------------------------------------
-{
-  for deb in .device-debs-engine/*.deb; do dpkg -x "$deb" "$DEPS"; done
-  # The .pc files name /usr; point them at the prefix.
-  sed -i "s|=/usr|=$DEPS/usr|" "$DEPS"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
-  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export PKG_CONFIG_PATH="$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig"
-  PKGCONF=()
-  if ! command -v pkg-config > /dev/null; then
-    PKGCONF=(-DPKG_CONFIG_EXECUTABLE="$DEPS/usr/bin/pkgconf")
-  fi
-  TORCH_CMAKE=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  log "configuring (torch at $TORCH_CMAKE)"
-  timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DLORAD_BUILD_SERVER=OFF -DLORAD_TESTS=OFF -DLORAD_ENGINE_BENCH=ON -DLORAD_CUDA=ON \
-    -DLORAD_CUDA_ARCHS=90 -DCUDAToolkit_ROOT=/usr/local/cuda \
-    -DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$DEPS/usr" "${PKGCONF[@]}" &&
-  log "building" &&
-  timeout 300 cmake --build "$BUILD" --target trainer_bench generation_bench -j16
-} > "$OUT/build.log" 2>&1
+log "building"
+source bench/device_build.sh
+build_engine_bench "$OUT/build.log" trainer_bench generation_bench
 BUILD_RC=$?
 log "build exit code $BUILD_RC (log: build.log)"
 [ $BUILD_RC -eq 0 ] || tail -40 "$OUT/build.log"
-export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 wait $MODEL_PID
 log "model: $(tail -1 "$OUT/model.log")"
 

@@ -30,24 +30,11 @@ MODEL_PID=$!
 "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
   > "$OUT/dataset.log" 2>&1
 
-{
-  for deb in .device-debs-engine/*.deb; do dpkg -x "$deb" "$DEPS"; done
-  sed -i "s|=/usr|=$DEPS/usr|" "$DEPS"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
-  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export PKG_CONFIG_PATH="$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig"
-  PKGCONF=()
-  command -v pkg-config > /dev/null || PKGCONF=(-DPKG_CONFIG_EXECUTABLE="$DEPS/usr/bin/pkgconf")
-  TORCH_CMAKE=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DLORAD_BUILD_SERVER=OFF -DLORAD_TESTS=OFF -DLORAD_ENGINE_BENCH=ON -DLORAD_CUDA=ON \
-    -DLORAD_CUDA_ARCHS=90 -DCUDAToolkit_ROOT=/usr/local/cuda \
-    -DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$DEPS/usr" "${PKGCONF[@]}" &&
-  timeout 300 cmake --build "$BUILD" --target trainer_bench -j16
-} > "$OUT/build.log" 2>&1
+source bench/device_build.sh
+build_engine_bench "$OUT/build.log" trainer_bench
 BUILD_RC=$?
 log "build exit $BUILD_RC"
 [ $BUILD_RC -eq 0 ] || tail -30 "$OUT/build.log"
-export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 wait $MODEL_PID
 
 header() {

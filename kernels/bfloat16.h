@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/float_kind.h"
+
 namespace lorad::kernels {
 
 // bf16 is the upper half of an fp32, so widening is exact.
@@ -22,6 +24,21 @@ inline uint16_t float_to_bf16(float f) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// Element i of a raw fp32 or bf16 buffer, as fp32 (the CPU references' loads).
+inline float LoadFloat(const void* base, FloatKind kind, int64_t i) {
+  if (kind == FloatKind::kF32) return static_cast<const float*>(base)[i];
+  return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+}
+
+// Stores v as element i of a raw fp32 or bf16 buffer (rounded to nearest even for bf16).
+inline void StoreFloat(void* base, FloatKind kind, int64_t i, float v) {
+  if (kind == FloatKind::kF32) {
+    static_cast<float*>(base)[i] = v;
+  } else {
+    static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+  }
 }
 
 }  // namespace lorad::kernels

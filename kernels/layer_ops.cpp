@@ -8,22 +8,9 @@
 namespace lorad::kernels {
 namespace {
 
-float Load(const void* base, FloatKind kind, int64_t i) {
-  if (kind == FloatKind::kF32) return static_cast<const float*>(base)[i];
-  return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-}
-
 // round_T: the value T holds for v, as fp32.
 float Round(FloatKind kind, float v) {
   return kind == FloatKind::kF32 ? v : bf16_to_float(float_to_bf16(v));
-}
-
-void Store(void* base, FloatKind kind, int64_t i, float v) {
-  if (kind == FloatKind::kF32) {
-    static_cast<float*>(base)[i] = v;
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-  }
 }
 
 }  // namespace
@@ -33,13 +20,13 @@ void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t row
   for (int64_t r = 0; r < rows; ++r) {
     float sum = 0.0f;
     for (int64_t i = 0; i < width; ++i) {
-      const float v = Load(x, kind, r * width + i);
+      const float v = LoadFloat(x, kind, r * width + i);
       sum += v * v;
     }
     const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
     for (int64_t i = 0; i < width; ++i) {
-      const float normed = Round(kind, Load(x, kind, r * width + i) * inv);
-      Store(out, kind, r * width + i, Load(weight, kind, i) * normed);
+      const float normed = Round(kind, LoadFloat(x, kind, r * width + i) * inv);
+      StoreFloat(out, kind, r * width + i, LoadFloat(weight, kind, i) * normed);
     }
   }
 }
@@ -52,10 +39,11 @@ void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind,
       const int64_t base = (r * heads + h) * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) {
         const float rot =
-            d < half ? -Load(x, kind, base + d + half) : Load(x, kind, base + d - half);
-        const float a = Round(kind, Load(x, kind, base + d) * Load(cos, kind, r * head_dim + d));
-        const float b = Round(kind, rot * Load(sin, kind, r * head_dim + d));
-        Store(out, kind, base + d, a + b);
+            d < half ? -LoadFloat(x, kind, base + d + half) : LoadFloat(x, kind, base + d - half);
+        const float a =
+            Round(kind, LoadFloat(x, kind, base + d) * LoadFloat(cos, kind, r * head_dim + d));
+        const float b = Round(kind, rot * LoadFloat(sin, kind, r * head_dim + d));
+        StoreFloat(out, kind, base + d, a + b);
       }
     }
   }
@@ -63,9 +51,9 @@ void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind,
 
 void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, void* out) {
   for (int64_t i = 0; i < n; ++i) {
-    const float g = Load(gate, kind, i);
+    const float g = LoadFloat(gate, kind, i);
     const float silu = Round(kind, g / (1.0f + std::exp(-g)));
-    Store(out, kind, i, silu * Load(up, kind, i));
+    StoreFloat(out, kind, i, silu * LoadFloat(up, kind, i));
   }
 }
 

@@ -9,23 +9,6 @@
 #include "kernels/bfloat16.h"
 
 namespace lorad::kernels {
-namespace {
-
-float Load(const void* base, FloatKind kind, int64_t i) {
-  if (kind == FloatKind::kF32) return static_cast<const float*>(base)[i];
-  return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-}
-
-void Store(void* base, FloatKind kind, int64_t i, float v) {
-  if (kind == FloatKind::kF32) {
-    static_cast<float*>(base)[i] = v;
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-  }
-}
-
-}  // namespace
-
 const char* paged_attention_check(const PagedAttentionShape& s) {
   if (s.rows < 0 || s.heads < 1 || s.kv_heads < 1 || s.head_dim < 1 || s.block_size < 1 ||
       s.max_blocks < 1) {
@@ -58,7 +41,7 @@ void paged_attention_cpu(const void* q, const void* k_pool, const void* v_pool, 
       for (int64_t t = 0; t < n; ++t) {
         float dot = 0.0f;
         for (int64_t d = 0; d < d_size; ++d) {
-          dot += Load(q, kind, q_base + d) * Load(k_pool, kind, kv_base(t) + d);
+          dot += LoadFloat(q, kind, q_base + d) * LoadFloat(k_pool, kind, kv_base(t) + d);
         }
         scores[t] = dot * scale;
         max_score = std::max(max_score, scores[t]);
@@ -71,10 +54,10 @@ void paged_attention_cpu(const void* q, const void* k_pool, const void* v_pool, 
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = 0; t < n; ++t) {
         for (int64_t d = 0; d < d_size; ++d) {
-          acc[d] += scores[t] * Load(v_pool, kind, kv_base(t) + d);
+          acc[d] += scores[t] * LoadFloat(v_pool, kind, kv_base(t) + d);
         }
       }
-      for (int64_t d = 0; d < d_size; ++d) Store(out, kind, q_base + d, acc[d] / sum);
+      for (int64_t d = 0; d < d_size; ++d) StoreFloat(out, kind, q_base + d, acc[d] / sum);
     }
   }
 }

@@ -36,7 +36,8 @@ TEST_P(AdamW8bitGpu, EveryStepEqualsTheCpuReference) {
   GpuBuffer<float> code2(std::vector<float>(kDynamicMapUnsigned, kDynamicMapUnsigned + 256));
   for (int64_t step = 1; step <= 3; ++step) {
     // Gradients of varied scale per block (so the block scales differ), a few non-finite.
-    for (int64_t i = 0; i < n; ++i) grad[i] = std::ldexp(normal(rng), -static_cast<int>(i / 256 % 12));
+    for (int64_t i = 0; i < n; ++i)
+      grad[i] = std::ldexp(normal(rng), -static_cast<int>(i / 256 % 12));
     if (n > 1000) {
       grad[17] = std::numeric_limits<float>::quiet_NaN();
       grad[300] = std::numeric_limits<float>::infinity();

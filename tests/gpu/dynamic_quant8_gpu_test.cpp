@@ -34,8 +34,7 @@ TEST_P(DynamicQuant8Gpu, SameCodesAbsmaxAndValuesAsTheCpuReference) {
   const int64_t blocks = (n + 255) / 256;
   std::vector<uint8_t> q(n);
   std::vector<float> absmax(blocks);
-  dynamic_quant8_quantize_cpu(x.data(), n, offset, 256, kDynamicMapSigned, q.data(),
-                              absmax.data());
+  dynamic_quant8_quantize_cpu(x.data(), n, offset, 256, kDynamicMapSigned, q.data(), absmax.data());
 
   GpuBuffer<float> x_d(x), code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
   GpuBuffer<uint8_t> q_d(n);

@@ -10,39 +10,15 @@
 
 #include "kernels/bfloat16.h"
 #include "kernels/layer_ops.h"
+#include "tests/gpu/float_values.h"
 #include "tests/gpu/gpu_buffer.h"
 
 namespace lorad::kernels {
 namespace {
 
 using gpu_test::GpuBuffer;
-
-std::vector<char> Values(size_t n, FloatKind kind, uint32_t seed, float stddev = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.f, stddev);
-  std::vector<char> bytes(n * FloatKindSize(kind));
-  for (size_t i = 0; i < n; ++i) {
-    const float x = normal(rng);
-    if (kind == FloatKind::kBF16) {
-      const uint16_t h = float_to_bf16(x);
-      std::memcpy(&bytes[2 * i], &h, 2);
-    } else {
-      std::memcpy(&bytes[4 * i], &x, 4);
-    }
-  }
-  return bytes;
-}
-
-float Get(const std::vector<char>& bytes, FloatKind kind, size_t i) {
-  if (kind == FloatKind::kF32) {
-    float v;
-    std::memcpy(&v, &bytes[4 * i], 4);
-    return v;
-  }
-  uint16_t h;
-  std::memcpy(&h, &bytes[2 * i], 2);
-  return bf16_to_float(h);
-}
+using gpu_test::RandomValues;
+using gpu_test::ValueAt;
 
 // `ulps` units of the element type's precision, relative to the expected value, plus `floor`.
 void ExpectClose(const std::vector<char>& got, const std::vector<char>& want, FloatKind kind,
@@ -50,7 +26,7 @@ void ExpectClose(const std::vector<char>& got, const std::vector<char>& want, Fl
   const size_t n = want.size() / FloatKindSize(kind);
   const float unit = kind == FloatKind::kF32 ? 1.0f / (1 << 23) : 1.0f / 128;
   for (size_t i = 0; i < n; ++i) {
-    const float w = Get(want, kind, i), g = Get(got, kind, i);
+    const float w = ValueAt(want, kind, i), g = ValueAt(got, kind, i);
     ASSERT_NEAR(g, w, ulps * unit * std::fabs(w) + floor) << "element " << i;
   }
 }
@@ -60,7 +36,7 @@ class LayerOpsGpuTest : public ::testing::TestWithParam<FloatKind> {};
 TEST_P(LayerOpsGpuTest, RmsNorm) {
   const FloatKind kind = GetParam();
   for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}}) {
-    const auto x = Values(rows * width, kind, 1), w = Values(width, kind, 2);
+    const auto x = RandomValues(rows * width, kind, 1), w = RandomValues(width, kind, 2);
     std::vector<char> want(x.size());
     rms_norm_cpu(x.data(), w.data(), kind, rows, width, 1e-5f, want.data());
     GpuBuffer<char> x_dev(x), w_dev(w), out_dev(x.size());
@@ -76,8 +52,8 @@ TEST_P(LayerOpsGpuTest, RotaryIsBitExact) {
   const FloatKind kind = GetParam();
   for (const auto& [rows, heads, d] :
        {std::tuple<int64_t, int64_t, int64_t>{1, 32, 128}, {32, 8, 128}, {5, 3, 64}}) {
-    const auto x = Values(rows * heads * d, kind, 3), c = Values(rows * d, kind, 4),
-               s = Values(rows * d, kind, 5);
+    const auto x = RandomValues(rows * heads * d, kind, 3), c = RandomValues(rows * d, kind, 4),
+               s = RandomValues(rows * d, kind, 5);
     std::vector<char> want(x.size());
     rotary_cpu(x.data(), c.data(), s.data(), kind, rows, heads, d, want.data());
     GpuBuffer<char> x_dev(x), c_dev(c), s_dev(s), out_dev(x.size());
@@ -90,7 +66,7 @@ TEST_P(LayerOpsGpuTest, RotaryIsBitExact) {
 TEST_P(LayerOpsGpuTest, SiluMul) {
   const FloatKind kind = GetParam();
   for (const int64_t n : {int64_t{14336}, int64_t{32 * 14336}, int64_t{77}}) {
-    const auto g = Values(n, kind, 6, 3.0f), u = Values(n, kind, 7);
+    const auto g = RandomValues(n, kind, 6, 3.0f), u = RandomValues(n, kind, 7);
     std::vector<char> want(g.size());
     silu_mul_cpu(g.data(), u.data(), kind, n, want.data());
     GpuBuffer<char> g_dev(g), u_dev(u), out_dev(g.size());

@@ -12,12 +12,14 @@
 
 #include "kernels/bfloat16.h"
 #include "kernels/lora_bgmv.h"
+#include "tests/gpu/float_values.h"
 #include "tests/gpu/gpu_buffer.h"
 
 namespace lorad::kernels {
 namespace {
 
 using gpu_test::GpuBuffer;
+using gpu_test::ValueAt;
 
 // Values of one element type: fp32 as is, bf16 already rounded (so the host copy as fp32 holds
 // exactly what the device reads).
@@ -45,17 +47,6 @@ Values MakeValues(size_t n, FloatKind kind, float stddev, std::mt19937& rng) {
   return v;
 }
 
-float Get(const std::vector<char>& bytes, FloatKind kind, size_t i) {
-  if (kind == FloatKind::kF32) {
-    float v;
-    std::memcpy(&v, &bytes[4 * i], 4);
-    return v;
-  }
-  uint16_t h;
-  std::memcpy(&h, &bytes[2 * i], 2);
-  return bf16_to_float(h);
-}
-
 // Adapters on the host (for the reference) and on the device (pointer arrays in device memory).
 struct AdapterSet {
   std::vector<Values> a, b;
@@ -70,16 +61,25 @@ struct AdapterSet {
   int32_t max_rank = 0;
 
   LoraAdapterTable Host() const {
-    return {a_host.data(), b_host.data(), rank.data(), scale.data(),
-            static_cast<int32_t>(rank.size()), max_rank};
+    return {
+        a_host.data(), b_host.data(), rank.data(), scale.data(), static_cast<int32_t>(rank.size()),
+        max_rank};
   }
   LoraAdapterTable HostAbs() const {  // |A|, |B|, |scale| in fp32: the error scale
-    return {a_abs_ptr.data(), b_abs_ptr.data(), rank.data(), scale.data(),
-            static_cast<int32_t>(rank.size()), max_rank};
+    return {a_abs_ptr.data(),
+            b_abs_ptr.data(),
+            rank.data(),
+            scale.data(),
+            static_cast<int32_t>(rank.size()),
+            max_rank};
   }
   LoraAdapterTable Device() const {
-    return {a_dev->get(), b_dev->get(), rank_dev->get(), scale_dev->get(),
-            static_cast<int32_t>(rank.size()), max_rank};
+    return {a_dev->get(),
+            b_dev->get(),
+            rank_dev->get(),
+            scale_dev->get(),
+            static_cast<int32_t>(rank.size()),
+            max_rank};
   }
 };
 
@@ -125,7 +125,8 @@ std::unique_ptr<AdapterSet> MakeAdapters(const std::vector<int32_t>& ranks, int6
 // rank products of B t in other orders than the reference; as a random walk that is about
 // sqrt(K) * u * (sum of |terms|) with K = in + rank, u = 2^-24; 8 times that, where the sum of
 // |terms| is the reference itself run on |x|, |A|, |B|, |y|. bf16 adds one unit in the last place
-// of the rounded output (at most 2^-7 of the value). Rows without an adapter must be untouched bit for bit.
+// of the rounded output (at most 2^-7 of the value). Rows without an adapter must be untouched bit
+// for bit.
 template <typename Gpu, typename Cpu>
 void RunAndCompare(FloatKind kind, int64_t rows, int64_t in, int64_t out, const AdapterSet& set,
                    const std::vector<int32_t>& row_adapter, std::mt19937& rng, Gpu gpu, Cpu cpu) {
@@ -151,13 +152,14 @@ void RunAndCompare(FloatKind kind, int64_t rows, int64_t in, int64_t out, const 
     const bool none = s < 0 || s >= static_cast<int32_t>(set.rank.size());
     for (int64_t o = 0; o < out; ++o) {
       const size_t i = r * out + o;
-      const float g = Get(got, kind, i), w = Get(want, kind, i);
-      const bool ok = none ? std::memcmp(&got[i * FloatKindSize(kind)],
-                                         &y.bytes[i * FloatKindSize(kind)], FloatKindSize(kind)) == 0
-                           : std::fabs(g - w) <= walk * mag[i] + ulp * std::fabs(w);
+      const float g = ValueAt(got, kind, i), w = ValueAt(want, kind, i);
+      const bool ok = none
+                          ? std::memcmp(&got[i * FloatKindSize(kind)],
+                                        &y.bytes[i * FloatKindSize(kind)], FloatKindSize(kind)) == 0
+                          : std::fabs(g - w) <= walk * mag[i] + ulp * std::fabs(w);
       if (!ok && ++bad <= 5) {
-        ADD_FAILURE() << "row " << r << " (adapter " << s << ") o " << o << ": gpu " << g
-                      << " cpu " << w << " mag " << mag[i];
+        ADD_FAILURE() << "row " << r << " (adapter " << s << ") o " << o << ": gpu " << g << " cpu "
+                      << w << " mag " << mag[i];
       }
     }
   }
@@ -185,8 +187,8 @@ TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
     RunAndCompare(
         kind, sh.rows, sh.in, sh.out, *set, index, rng,
         [&](const void* x, void* y, void* scratch) {
-          return lora_bgmv_cuda(x, kind, sh.rows, sh.in, index_dev.get(), set->Device(), sh.out,
-                                y, scratch, nullptr);
+          return lora_bgmv_cuda(x, kind, sh.rows, sh.in, index_dev.get(), set->Device(), sh.out, y,
+                                scratch, nullptr);
         },
         [&](const void* x, FloatKind k, const LoraAdapterTable& t, void* y) {
           lora_bgmv_cpu(x, k, sh.rows, sh.in, index.data(), t, sh.out, y);

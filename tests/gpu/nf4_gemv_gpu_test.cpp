@@ -134,13 +134,12 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
           LORAD_ASSERT_LAUNCH(nf4_gemv_cuda(x_d.get(), kind, rows, packed.get(), device_absmax,
                                             w.out, w.in, y_d.get(), nullptr));
         } else if (rows_per_warp == -1) {
-          LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_overlapped(x_d.get(), kind, rows, packed.get(),
-                                                       device_absmax, w.out, w.in, y_d.get(),
-                                                       nullptr));
+          LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_overlapped(
+              x_d.get(), kind, rows, packed.get(), device_absmax, w.out, w.in, y_d.get(), nullptr));
         } else {
           LORAD_ASSERT_LAUNCH(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x_d.get(), kind, rows,
-                                                          packed.get(), device_absmax, w.out,
-                                                          w.in, y_d.get(), nullptr));
+                                                          packed.get(), device_absmax, w.out, w.in,
+                                                          y_d.get(), nullptr));
         }
         const std::vector<char> y = y_d.Read();
         int64_t bad = 0;
@@ -149,13 +148,12 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
           const double tol = walk * mag[i] + ulp * std::fabs(ref[i]) + 1e-30;
           if (!(std::fabs(got - ref[i]) <= tol) && ++bad <= 5) {
             ADD_FAILURE() << "out " << w.out << " in " << w.in << " rows " << rows << " kind "
-                          << static_cast<int>(kind) << " rows/warp " << rows_per_warp
-                          << " index " << i << ": gpu " << got << " cpu " << ref[i] << " tol "
-                          << tol;
+                          << static_cast<int>(kind) << " rows/warp " << rows_per_warp << " index "
+                          << i << ": gpu " << got << " cpu " << ref[i] << " tol " << tol;
           }
         }
-        EXPECT_EQ(bad, 0) << "out " << w.out << " in " << w.in << " rows " << rows
-                          << " rows/warp " << rows_per_warp;
+        EXPECT_EQ(bad, 0) << "out " << w.out << " in " << w.in << " rows " << rows << " rows/warp "
+                          << rows_per_warp;
       }
     }
   }
@@ -163,8 +161,8 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
 
 // Llama-3-8B: q/o (4096 x 4096), k/v (1024 x 4096), gate/up (14336 x 4096), down (4096 x 14336).
 TEST(Nf4GemvGpu, LlamaShapesMatchTheCpuReference) {
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 4096},
-                                {14336, 4096}, {4096, 14336}}) {
+  for (const auto& [out, in] :
+       {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}}) {
     CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(out + in)), {1, 3, 8}, 1);
   }
 }
@@ -173,8 +171,14 @@ TEST(Nf4GemvGpu, LlamaShapesMatchTheCpuReference) {
 // chunks than a warp's lanes), and reductions split into parts of unequal length (in = 2112,
 // 4160, 9280: 66, 130, 290 chunks), every row count.
 TEST(Nf4GemvGpu, OddShapesMatchTheCpuReference) {
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 64}, {7, 128}, {33, 192},
-                                {4097, 320}, {9, 1088}, {130, 4160}, {3, 2112}, {21, 9280}}) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 64},
+                                {7, 128},
+                                {33, 192},
+                                {4097, 320},
+                                {9, 1088},
+                                {130, 4160},
+                                {3, 2112},
+                                {21, 9280}}) {
     CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(3 * out + in)), {1, 2, 3, 4, 5, 6, 7, 8},
               2);
   }

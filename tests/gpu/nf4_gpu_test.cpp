@@ -38,8 +38,8 @@ std::vector<float> Weights(int64_t n, uint32_t seed) {
 int64_t Mismatches(const void* a, const void* b, int64_t count, size_t size) {
   int64_t bad = 0;
   for (int64_t i = 0; i < count; ++i) {
-    bad += std::memcmp(static_cast<const char*>(a) + i * size, static_cast<const char*>(b) + i * size,
-                       size) != 0;
+    bad += std::memcmp(static_cast<const char*>(a) + i * size,
+                       static_cast<const char*>(b) + i * size, size) != 0;
   }
   return bad;
 }
@@ -100,8 +100,8 @@ TEST_P(Nf4DequantizeGpu, SameValuesAsTheCpuReferenceInEveryOutputType) {
   GpuBuffer<float> absmax_d(absmax);
 
   GpuBuffer<float> out32(n);
-  LORAD_ASSERT_LAUNCH(
-      nf4_dequantize_cuda(packed_d.get(), absmax_d.get(), n, out32.get(), FloatKind::kF32, nullptr));
+  LORAD_ASSERT_LAUNCH(nf4_dequantize_cuda(packed_d.get(), absmax_d.get(), n, out32.get(),
+                                          FloatKind::kF32, nullptr));
   EXPECT_EQ(Mismatches(out32.Read().data(), ref.data(), n, 4), 0) << "fp32";
 
   GpuBuffer<uint16_t> out16(n);
@@ -146,13 +146,12 @@ TEST(Nf4DoubleQuantGpu, DequantizeThroughTheDoubleQuantizedAbsmax) {
     nf4_dequantize_cpu(packed.data(), absmax_dq.data(), n, ref.data());
 
     GpuBuffer<uint8_t> packed_d(packed), qabsmax_d(qabsmax);
-    GpuBuffer<float> absmax2_d(absmax2), code_d(std::vector<float>(kDynamicMapSigned,
-                                                                   kDynamicMapSigned + 256));
+    GpuBuffer<float> absmax2_d(absmax2),
+        code_d(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
     GpuBuffer<float> absmax_dq_d(blocks), out(n);
-    LORAD_ASSERT_LAUNCH(dynamic_quant8_dequantize_cuda(qabsmax_d.get(), absmax2_d.get(),
-                                                       code_d.get(), blocks,
-                                                       kDynamicQuant8BlockSize, offset,
-                                                       absmax_dq_d.get(), nullptr));
+    LORAD_ASSERT_LAUNCH(dynamic_quant8_dequantize_cuda(
+        qabsmax_d.get(), absmax2_d.get(), code_d.get(), blocks, kDynamicQuant8BlockSize, offset,
+        absmax_dq_d.get(), nullptr));
     EXPECT_EQ(Mismatches(absmax_dq_d.Read().data(), absmax_dq.data(), blocks, 4), 0) << n;
     LORAD_ASSERT_LAUNCH(nf4_dequantize_cuda(packed_d.get(), absmax_dq_d.get(), n, out.get(),
                                             FloatKind::kF32, nullptr));

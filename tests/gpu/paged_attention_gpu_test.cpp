@@ -13,38 +13,15 @@
 
 #include "kernels/bfloat16.h"
 #include "kernels/paged_attention.h"
+#include "tests/gpu/float_values.h"
 #include "tests/gpu/gpu_buffer.h"
 
 namespace lorad::kernels {
 namespace {
 
 using gpu_test::GpuBuffer;
-
-std::vector<char> RandomValues(size_t n, FloatKind kind, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<char> bytes(n * FloatKindSize(kind));
-  for (size_t i = 0; i < n; ++i) {
-    const float x = normal(rng);
-    if (kind == FloatKind::kBF16) {
-      const uint16_t h = float_to_bf16(x);
-      std::memcpy(&bytes[2 * i], &h, 2);
-    } else {
-      std::memcpy(&bytes[4 * i], &x, 4);
-    }
-  }
-  return bytes;
-}
-
-float Get(const std::vector<char>& bytes, FloatKind kind, size_t i) {
-  if (kind == FloatKind::kF32) {
-    float v;
-    std::memcpy(&v, &bytes[4 * i], 4);
-    return v;
-  }
-  uint16_t h;
-  std::memcpy(&h, &bytes[2 * i], 2);
-  return bf16_to_float(h);
-}
+using gpu_test::RandomValues;
+using gpu_test::ValueAt;
 
 // Tolerance: the kernel's online softmax and its summation order differ from the reference's; the
 // outputs are convex combinations of values of magnitude ~1, so an absolute bound of a few fp32
@@ -77,8 +54,8 @@ void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
     }
   }
   const size_t pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
-  const auto q = RandomValues(static_cast<size_t>(shape.rows * heads * head_dim), kind, rng);
-  const auto k = RandomValues(pool, kind, rng), v = RandomValues(pool, kind, rng);
+  const auto q = RandomValues(static_cast<size_t>(shape.rows * heads * head_dim), kind, 3 * seed);
+  const auto k = RandomValues(pool, kind, 3 * seed + 1), v = RandomValues(pool, kind, 3 * seed + 2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
 
   std::vector<char> want(q.size());
@@ -92,7 +69,7 @@ void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
   const std::vector<char> got = out_dev.Read();
   const size_t n = q.size() / FloatKindSize(kind);
   for (size_t i = 0; i < n; ++i) {
-    const float w = Get(want, kind, i), g = Get(got, kind, i);
+    const float w = ValueAt(want, kind, i), g = ValueAt(got, kind, i);
     const float tol = kind == FloatKind::kF32 ? 2e-5f : 1e-5f + std::fabs(w) * (1.0f / 256);
     ASSERT_NEAR(g, w, tol) << "element " << i << " (row " << i / (heads * head_dim) << ")";
   }

@@ -10,26 +10,10 @@
 
 #include "engine/infer/decode_runner.h"
 #include "engine/model/llama_model.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace lorad::engine {
 namespace {
-
-std::unique_ptr<LlamaModel> Tiny() {
-  auto model = LlamaModel::Load(std::getenv("LORAD_TINY_MODEL"), LlamaModelOptions());
-  EXPECT_TRUE(model.ok()) << model.status();
-  return model.ok() ? *std::move(model) : nullptr;
-}
-
-PagedKvCacheOptions OptionsFor(const LlamaModel& m, int64_t blocks, int64_t block_size) {
-  PagedKvCacheOptions o;
-  o.num_layers = m.config().num_hidden_layers;
-  o.num_blocks = blocks;
-  o.block_size = block_size;
-  o.kv_heads = m.config().num_key_value_heads;
-  o.head_dim = m.config().head_dim;
-  o.max_context = m.config().max_position_embeddings;
-  return o;
-}
 
 std::vector<int64_t> RandomIds(int64_t n) {
   const torch::Tensor t = torch::randint(3, 500, {n}, torch::kLong);
@@ -54,9 +38,9 @@ void Prefill(const LlamaModel& m, PagedKvCache& cache, const std::vector<int64_t
 
 TEST(DecodeBatchTest, DecodeStepsOverScatteredBlocksWithPaddingEqualOneForward) {
   torch::manual_seed(5);
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
-  PagedKvCache cache(OptionsFor(*model, 16, 4));
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 16, 4));
   const std::vector<int64_t> a = RandomIds(15), b = RandomIds(8);
   const std::vector<int32_t> table_a = {7, 5, 0, 12}, table_b = {9, 1};
   const torch::Tensor ref_a = Reference(*model, a), ref_b = Reference(*model, b);
@@ -82,9 +66,9 @@ TEST(DecodeBatchTest, DecodeStepsOverScatteredBlocksWithPaddingEqualOneForward) 
 
 TEST(DecodeBatchTest, RunnerEqualsForwardForAStep) {
   torch::manual_seed(6);
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
-  PagedKvCache cache(OptionsFor(*model, 8, 4));
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 8, 4));
   const std::vector<int64_t> a = RandomIds(6);
   const torch::Tensor ref = Reference(*model, a);
   Prefill(*model, cache, a, {3, 6}, 5);
@@ -97,9 +81,9 @@ TEST(DecodeBatchTest, RunnerEqualsForwardForAStep) {
 }
 
 TEST(DecodeBatchTest, RowsOutsideTheirBlocksOrThePoolAreErrors) {
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
-  PagedKvCache cache(OptionsFor(*model, 4, 4));
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 4, 4));
   DecodeBatch batch(&cache, 2);
   EXPECT_FALSE(batch.Fill({{1, 4, {0}, -1}}, -1).ok());  // position 4 needs a second block
   EXPECT_FALSE(batch.Fill({{1, 0, {4}, -1}}, -1).ok());  // block 4 is the scratch block

@@ -8,26 +8,10 @@
 #include <cstdlib>
 
 #include "engine/model/llama_model.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace lorad::engine {
 namespace {
-
-std::unique_ptr<LlamaModel> Tiny() {
-  auto model = LlamaModel::Load(std::getenv("LORAD_TINY_MODEL"), LlamaModelOptions());
-  EXPECT_TRUE(model.ok()) << model.status();
-  return model.ok() ? *std::move(model) : nullptr;
-}
-
-PagedKvCacheOptions OptionsFor(const LlamaModel& m, int64_t blocks, int64_t block_size) {
-  PagedKvCacheOptions o;
-  o.num_layers = m.config().num_hidden_layers;
-  o.num_blocks = blocks;
-  o.block_size = block_size;
-  o.kv_heads = m.config().num_key_value_heads;
-  o.head_dim = m.config().head_dim;
-  o.max_context = m.config().max_position_embeddings;
-  return o;
-}
 
 // Logits [T, vocab] of one uncached forward over `ids`.
 torch::Tensor Reference(const LlamaModel& m, const std::vector<int64_t>& ids) {
@@ -37,9 +21,9 @@ torch::Tensor Reference(const LlamaModel& m, const std::vector<int64_t>& ids) {
 }
 
 TEST(PagedKvCacheTest, ChunkedPrefillAndDecodeOverScatteredBlocksEqualOneForward) {
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
-  PagedKvCache cache(OptionsFor(*model, 16, 4));
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 16, 4));
   const torch::Tensor a_all = torch::randint(3, 500, {21}, torch::kLong);
   const torch::Tensor b_all = torch::randint(3, 500, {9}, torch::kLong);
   std::vector<int64_t> a(a_all.data_ptr<int64_t>(), a_all.data_ptr<int64_t>() + 21);
@@ -95,9 +79,9 @@ TEST(PagedKvCacheTest, ChunkedPrefillAndDecodeOverScatteredBlocksEqualOneForward
 }
 
 TEST(PagedKvCacheTest, TablesThatDoNotCoverTheTokensOrLeaveThePoolAreErrors) {
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
-  PagedKvCache cache(OptionsFor(*model, 4, 4));
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 4, 4));
   auto short_table = cache.Bind({{{0}, 2, 3}});  // 5 tokens need 2 blocks
   EXPECT_EQ(short_table.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(short_table.message().find("5 needed"), std::string::npos) << short_table;

@@ -8,15 +8,10 @@
 #include <cstdlib>
 
 #include "engine/model/llama_model.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace lorad::engine {
 namespace {
-
-std::unique_ptr<LlamaModel> Tiny() {
-  auto model = LlamaModel::Load(std::getenv("LORAD_TINY_MODEL"), LlamaModelOptions());
-  EXPECT_TRUE(model.ok()) << model.status();
-  return model.ok() ? *std::move(model) : nullptr;
-}
 
 // A LoRA adapter with random non-zero A and B (PEFT's init leaves B zero, which would hide B).
 LoraAdapter RandomAdapter(const ModelConfig& model, int r, std::vector<std::string> targets,
@@ -35,7 +30,7 @@ LoraAdapter RandomAdapter(const ModelConfig& model, int r, std::vector<std::stri
 }
 
 TEST(MultiLoraApplierTest, EveryRowGetsItsOwnAdapterWhateverTheRanks) {
-  auto model = Tiny();
+  auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
   const ModelConfig& c = model->config();
   const std::vector<LoraAdapter> adapters = {
@@ -43,8 +38,8 @@ TEST(MultiLoraApplierTest, EveryRowGetsItsOwnAdapterWhateverTheRanks) {
       RandomAdapter(c, 8, KnownLoraTargets(), 2),
       RandomAdapter(c, 4, {"o_proj", "down_proj", "k_proj"}, 3),
   };
-  auto stack = LoraStack::Build({&adapters[0], &adapters[1], &adapters[2]},
-                                c.num_hidden_layers, torch::kCPU, torch::kFloat);
+  auto stack = LoraStack::Build({&adapters[0], &adapters[1], &adapters[2]}, c.num_hidden_layers,
+                                torch::kCPU, torch::kFloat);
   ASSERT_TRUE(stack.ok()) << stack.status();
   // Rows: adapter 1, none, adapter 0, adapter 2, adapter 1 again; prompts of different lengths.
   const std::vector<int32_t> slots = {1, -1, 0, 2, 1};
@@ -62,10 +57,8 @@ TEST(MultiLoraApplierTest, EveryRowGetsItsOwnAdapterWhateverTheRanks) {
     const torch::Tensor row = ids[b].narrow(0, 0, lengths[b]).view({1, -1});
     auto expected = model->Forward({row, {}}, nullptr, alone);
     ASSERT_TRUE(expected.ok()) << expected.status();
-    const double diff = ((*logits)[b].narrow(0, 0, lengths[b]) - (*expected)[0])
-                            .abs()
-                            .max()
-                            .item<double>();
+    const double diff =
+        ((*logits)[b].narrow(0, 0, lengths[b]) - (*expected)[0]).abs().max().item<double>();
     EXPECT_LT(diff, 1e-5) << "row " << b << " (slot " << slots[b] << ")";
   }
   // The adapters change the logits: the test would notice a delta applied to the wrong row.
