@@ -13,6 +13,7 @@ namespace lorad::engine {
 namespace {
 
 std::atomic<FusedLayerOps> mode{FusedLayerOps::kCuda};
+thread_local int torch_ops_scopes = 0;  // ScopedTorchLayerOps alive on this thread
 
 kernels::FloatKind KindOf(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
@@ -37,12 +38,15 @@ bool UseFusedLayerOps(const torch::Tensor& x) {
 #else
   const bool device = x.is_cpu() && m == FusedLayerOps::kAlsoOnCpu;
 #endif
-  return m != FusedLayerOps::kOff && device &&
+  return m != FusedLayerOps::kOff && torch_ops_scopes == 0 && device &&
          (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16) &&
          !(torch::GradMode::is_enabled() && x.requires_grad());
 }
 
 void SetFusedLayerOps(FusedLayerOps m) { mode.store(m); }
+
+ScopedTorchLayerOps::ScopedTorchLayerOps() { ++torch_ops_scopes; }
+ScopedTorchLayerOps::~ScopedTorchLayerOps() { --torch_ops_scopes; }
 
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   const torch::Tensor xc = x.contiguous();

@@ -19,6 +19,17 @@ bool UseFusedLayerOps(const torch::Tensor& x);
 // Process-wide switch, for benchmarks and tests that compare the fused and the torch paths.
 void SetFusedLayerOps(FusedLayerOps mode);
 
+// While one lives, this thread uses the torch ops. Training forwards hold one: a checkpointed layer
+// runs its first forward without autograd and its recompute with it, and both must compute the
+// same values.
+class ScopedTorchLayerOps {
+ public:
+  ScopedTorchLayerOps();
+  ~ScopedTorchLayerOps();
+  ScopedTorchLayerOps(const ScopedTorchLayerOps&) = delete;
+  ScopedTorchLayerOps& operator=(const ScopedTorchLayerOps&) = delete;
+};
+
 // x [..., width], weight [width] of x's dtype.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 // x [B, T, heads, head_dim]; cos, sin [B, T, head_dim]: RotaryEmbedding::Apply in the layout the

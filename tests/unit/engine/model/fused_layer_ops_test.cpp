@@ -65,7 +65,7 @@ TEST(FusedLayerOpsTest, Bf16LogitsEqualTheTorchOps) {
   ExpectFusedEqualsTorch(torch::kBFloat16, 1e-6);  // bit-identical on CPU today
 }
 
-TEST(FusedLayerOpsTest, AutogradKeepsTheTorchOps) {
+TEST(FusedLayerOpsTest, AutogradAndTrainingKeepTheTorchOps) {
   ModeGuard guard;
   SetFusedLayerOps(FusedLayerOps::kAlsoOnCpu);
   const torch::Tensor x = torch::ones({2, 4}).requires_grad_(true);
@@ -73,6 +73,11 @@ TEST(FusedLayerOpsTest, AutogradKeepsTheTorchOps) {
   {
     torch::NoGradGuard no_grad;
     EXPECT_TRUE(UseFusedLayerOps(x));
+  }
+  {
+    torch::NoGradGuard no_grad;
+    const ScopedTorchLayerOps training;
+    EXPECT_FALSE(UseFusedLayerOps(x));  // a training forward's no-grad part (checkpointing)
   }
   SetFusedLayerOps(FusedLayerOps::kCuda);
   EXPECT_FALSE(UseFusedLayerOps(torch::ones({2, 4})));  // CPU tensors: the default leaves them
