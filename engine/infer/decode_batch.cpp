@@ -75,10 +75,12 @@ absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t pad_l
     lengths_[b] = position;
   }
   if (device_longs_.data_ptr() != host_longs_.data_ptr()) {
-    // Pinned and asynchronous: the caller's previous step ended with a device-to-host copy of its
-    // tokens, so no earlier transfer still reads these host buffers.
-    device_longs_.copy_(host_longs_, /*non_blocking=*/true);
-    device_ints_.copy_(host_ints_, /*non_blocking=*/true);
+    // Blocking: the host buffers are rewritten by the next Fill, which must not race a copy still
+    // in flight (a step that failed before its tokens came back would leave one). The stream is
+    // idle here in the normal case (the previous step ended with its tokens' copy to the host), so
+    // the wait is the two small copies' own time.
+    device_longs_.copy_(host_longs_, /*non_blocking=*/false);
+    device_ints_.copy_(host_ints_, /*non_blocking=*/false);
   }
   return absl::OkStatus();
 }
