@@ -2,6 +2,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
 
 namespace lorad::kernels {
@@ -10,14 +11,10 @@ namespace {
 constexpr int kNormThreads = 256;
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float Round(float v, float*) { return v; }
 __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
-__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
 template <typename T>

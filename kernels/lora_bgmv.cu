@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/device_float.cuh"
 #include "kernels/lora_bgmv.h"
 
 namespace lorad::kernels {
@@ -17,11 +18,6 @@ namespace {
 constexpr int kTileRows = 8;         // rows per tile, sharing the weights of a run
 constexpr int kShrinkThreads = 256;  // threads splitting in_features for one rank row
 constexpr int kExpandThreads = 256;  // output columns per expand block
-
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 struct IndexPerRow {  // BGMV
   const int32_t* adapter_index;

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/device_float.cuh"
 #include "kernels/nf4.h"
 
 namespace lorad::kernels {
@@ -24,10 +25,6 @@ Nf4Tables MakeTables() {
   for (int i = 0; i < 15; ++i) t.midpoints[i] = kNf4Midpoints.v[i];
   return t;
 }
-
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 
 template <typename T>
 __device__ __forceinline__ T FromFloat(float v);

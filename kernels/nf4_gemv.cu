@@ -135,8 +135,7 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : 1)
     nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                     const uint8_t* __restrict__ qabsmax, const float* __restrict__ absmax2,
                     const float* __restrict__ code2_global, float offset, Codes codes,
-                    int64_t out_features, int64_t in_features, int parts,
-                    T* __restrict__ y) {
+                    int64_t out_features, int64_t in_features, int parts, T* __restrict__ y) {
   constexpr int kUnroll = Unroll<kRows, M>();
   __shared__ float code[16];
   __shared__ float code2[256];
@@ -185,9 +184,10 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : 1)
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t b = row[r] * blocks_per_row + j / 2;
-        w[r][u] = in_part ? LoadStreaming(reinterpret_cast<const uint4*>(
-                                packed + row[r] * (in_features / 2)) + j)
-                          : make_uint4(0, 0, 0, 0);
+        w[r][u] = in_part
+                      ? LoadStreaming(
+                            reinterpret_cast<const uint4*>(packed + row[r] * (in_features / 2)) + j)
+                      : make_uint4(0, 0, 0, 0);
         qa[r][u] = in_part ? __ldg(qabsmax + b) : 0;
         a2[r][u] = in_part ? __ldg(absmax2 + (b >> 8)) : 0.f;
       }
@@ -318,7 +318,8 @@ cudaError_t LaunchRows(const T* x, const uint8_t* packed, const Nf4Absmax& absma
   for (int i = 0; i < 16; ++i) codes.code[i] = kNf4Code[i];
   const int64_t rows_per_block = static_cast<int64_t>(kWarps / parts) * kRows;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>((out_features + rows_per_block - 1) / rows_per_block));
+  config.gridDim =
+      dim3(static_cast<unsigned>((out_features + rows_per_block - 1) / rows_per_block));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
@@ -342,12 +343,13 @@ cudaError_t LaunchRows(const T* x, const uint8_t* packed, const Nf4Absmax& absma
 
 template <typename T, int kRows>
 cudaError_t Launch(const T* x, int64_t rows, const uint8_t* packed, const Nf4Absmax& absmax,
-                   int64_t out_features, int64_t in_features, int parts, T* y,
-                   cudaStream_t stream, bool overlapped) {
+                   int64_t out_features, int64_t in_features, int parts, T* y, cudaStream_t stream,
+                   bool overlapped) {
   switch (rows) {
-#define LORAD_NF4_GEMV_ROWS(M) \
-  case M:                      \
-    return LaunchRows<T, M, kRows>(x, packed, absmax, out_features, in_features, parts, y, stream, overlapped);
+#define LORAD_NF4_GEMV_ROWS(M)                                                                     \
+  case M:                                                                                          \
+    return LaunchRows<T, M, kRows>(x, packed, absmax, out_features, in_features, parts, y, stream, \
+                                   overlapped);
     LORAD_NF4_GEMV_ROWS(1)
     LORAD_NF4_GEMV_ROWS(2)
     LORAD_NF4_GEMV_ROWS(3)
@@ -364,13 +366,12 @@ cudaError_t Launch(const T* x, int64_t rows, const uint8_t* packed, const Nf4Abs
 
 template <int kRows>
 cudaError_t Dispatch(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
-                     const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
-                     int parts, void* y, cudaStream_t s, bool overlapped) {
+                     const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, int parts,
+                     void* y, cudaStream_t s, bool overlapped) {
   switch (kind) {
     case FloatKind::kF32:
-      return Launch<float, kRows>(static_cast<const float*>(x), rows, packed, absmax,
-                                  out_features, in_features, parts, static_cast<float*>(y), s,
-                                  overlapped);
+      return Launch<float, kRows>(static_cast<const float*>(x), rows, packed, absmax, out_features,
+                                  in_features, parts, static_cast<float*>(y), s, overlapped);
     case FloatKind::kBF16:
       return Launch<__nv_bfloat16, kRows>(static_cast<const __nv_bfloat16*>(x), rows, packed,
                                           absmax, out_features, in_features, parts,

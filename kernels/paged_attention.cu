@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/device_float.cuh"
 #include "kernels/paged_attention.h"
 
 namespace lorad::kernels {
@@ -19,11 +20,6 @@ constexpr int kTile = 64;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxDimsPerLane = kMaxHeadDim / 32;
 constexpr int kMaxDimsPerThread = kMaxHeadDim / kThreads;
-
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

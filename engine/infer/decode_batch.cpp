@@ -4,11 +4,11 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/kernel_launch.h"
 #include "kernels/paged_attention.h"
 
 #if defined(LORAD_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace lorad::engine {
@@ -32,7 +32,7 @@ DecodeBatch::DecodeBatch(PagedKvCache* cache, int64_t rows) : cache_(cache), row
   lengths_.assign(static_cast<size_t>(rows), 0);
 }
 
-absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t pad_lora_slot) {
+absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t none_lora_slot) {
   const PagedKvCacheOptions& o = cache_->options();
   if (static_cast<int64_t>(rows.size()) > rows_) {
     return absl::InvalidArgumentError(
@@ -40,18 +40,11 @@ absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t pad_l
   }
   for (size_t b = 0; b < rows.size(); ++b) {
     const DecodeRow& row = rows[b];
-    const int64_t covered = static_cast<int64_t>(row.block_table.size()) * o.block_size;
-    if (row.position < 0 || row.position + 1 > o.max_context || covered < row.position + 1 ||
-        static_cast<int64_t>(row.block_table.size()) > max_blocks_) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "decode row ", b, ": position ", row.position, " with ", row.block_table.size(),
-          " blocks of ", o.block_size, " tokens (context limit ", o.max_context, ")"));
-    }
-    for (int32_t block : row.block_table) {
-      if (block < 0 || block >= o.num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("decode row ", b, ": block ", block,
-                                                       " is outside the pool of ", o.num_blocks));
-      }
+    if (auto s = cache_->CheckRow(b, {row.block_table, row.position, 1}); !s.ok()) return s;
+    if (static_cast<int64_t>(row.block_table.size()) > max_blocks_) {
+      return absl::InvalidArgumentError(absl::StrCat("decode row ", b, " names ",
+                                                     row.block_table.size(), " blocks; at most ",
+                                                     max_blocks_, " fit a row"));
     }
   }
   int64_t* longs = host_longs_.data_ptr<int64_t>();
@@ -65,7 +58,7 @@ absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t pad_l
     longs[rows_ + b] = position;
     longs[2 * rows_ + b] = block * o.block_size + position % o.block_size;
     ints[b] = static_cast<int32_t>(position + 1);
-    ints[rows_ + b] = real ? rows[b].lora_slot : pad_lora_slot;
+    ints[rows_ + b] = real && rows[b].lora_slot >= 0 ? rows[b].lora_slot : none_lora_slot;
     int32_t* table = ints + 2 * rows_ + b * max_blocks_;
     for (int64_t i = 0; i < max_blocks_; ++i) {
       table[i] = real && i < static_cast<int64_t>(rows[b].block_table.size())
@@ -111,17 +104,16 @@ torch::Tensor DecodeBatch::Attend(int64_t layer, const torch::Tensor& q, const t
   shape.max_blocks = max_blocks_;
   TORCH_CHECK(keys.scalar_type() == torch::kFloat || keys.scalar_type() == torch::kBFloat16,
               "paged decode attention needs fp32 or bf16, not ", keys.scalar_type());
-  const auto kind =
-      keys.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
+  const kernels::FloatKind kind = *FloatKindOf(keys.scalar_type());
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   if (qc.is_cuda()) {
 #if defined(LORAD_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(qc.device());
-    const char* err = kernels::paged_attention_cuda(
-        qc.data_ptr(), keys.data_ptr(), values.data_ptr(), kind, block_tables_.data_ptr<int32_t>(),
-        context_lens_.data_ptr<int32_t>(), shape, scale, out.data_ptr(),
-        c10::cuda::getCurrentCUDAStream(qc.device().index()).stream());
-    TORCH_CHECK(err == nullptr, "paged_attention_cuda: ", err);
+    CheckLaunch(kernels::paged_attention_cuda(qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                              kind, block_tables_.data_ptr<int32_t>(),
+                                              context_lens_.data_ptr<int32_t>(), shape, scale,
+                                              out.data_ptr(), CurrentStream(qc.device())),
+                "paged_attention_cuda");
 #else
     TORCH_CHECK(false, "paged decode attention: this build has no CUDA kernels");
 #endif

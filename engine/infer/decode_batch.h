@@ -29,7 +29,7 @@ struct DecodeRow {
   int64_t token = 0;
   int64_t position = 0;              // tokens already cached; the new one goes here
   std::vector<int32_t> block_table;  // must cover position + 1 tokens
-  int32_t lora_slot = -1;            // the row's slot in the LoraStack, or its none slot
+  int32_t lora_slot = -1;            // the row's slot in the LoraStack; < 0: no adapter
 };
 
 class DecodeBatch : public AttentionCache {
@@ -37,10 +37,11 @@ class DecodeBatch : public AttentionCache {
   // Buffers for up to `rows` rows over `cache` (which must outlive this batch).
   DecodeBatch(PagedKvCache* cache, int64_t rows);
 
-  // Stages `rows` (at most rows() of them; the rest become padding with lora slot `pad_lora_slot`)
-  // and copies them to the device. InvalidArgument when a table does not cover its position, names
-  // a block outside the pool, or the position reaches the context limit.
-  absl::Status Fill(const std::vector<DecodeRow>& rows, int32_t pad_lora_slot);
+  // Stages `rows` (at most rows() of them; the rest become padding) and copies them to the device.
+  // Rows without an adapter, and padding, get lora slot `none_lora_slot` (the stack's none slot).
+  // InvalidArgument when a table does not cover its position, names a block outside the pool, or
+  // the position reaches the context limit.
+  absl::Status Fill(const std::vector<DecodeRow>& rows, int32_t none_lora_slot);
 
   int64_t rows() const { return rows_; }
   const torch::Tensor& ids() const { return ids_; }                // [rows] int64

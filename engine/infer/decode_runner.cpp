@@ -47,16 +47,8 @@ int64_t DecodeRunner::Bucket(int64_t rows) const {
 
 namespace {
 
-int32_t PadSlot(const std::shared_ptr<const LoraStack>& stack) {
+int32_t NoneSlot(const std::shared_ptr<const LoraStack>& stack) {
   return stack != nullptr ? stack->none_slot() : -1;
-}
-
-std::vector<DecodeRow> MapNoneSlots(std::vector<DecodeRow> rows,
-                                    const std::shared_ptr<const LoraStack>& stack) {
-  for (DecodeRow& r : rows) {
-    if (r.lora_slot < 0) r.lora_slot = PadSlot(stack);
-  }
-  return rows;
 }
 
 }  // namespace
@@ -64,7 +56,7 @@ std::vector<DecodeRow> MapNoneSlots(std::vector<DecodeRow> rows,
 absl::StatusOr<torch::Tensor> DecodeRunner::RunEager(
     const std::vector<DecodeRow>& rows, const std::shared_ptr<const LoraStack>& stack) {
   DecodeBatch batch(cache_, static_cast<int64_t>(rows.size()));
-  if (auto s = batch.Fill(MapNoneSlots(rows, stack), PadSlot(stack)); !s.ok()) return s;
+  if (auto s = batch.Fill(rows, NoneSlot(stack)); !s.ok()) return s;
   std::optional<MultiLoraApplier> lora;
   if (stack != nullptr) lora.emplace(stack, batch.lora_slots());
   return model_->DecodeStep(batch.ids(), batch.positions(), &batch, lora ? &*lora : nullptr);
@@ -83,7 +75,7 @@ absl::StatusOr<DecodeRunner::Graph*> DecodeRunner::Capture(
     }
   }
   auto graph = std::make_unique<Graph>(cache_, bucket, stack);
-  if (auto s = graph->batch.Fill(MapNoneSlots(rows, stack), PadSlot(stack)); !s.ok()) return s;
+  if (auto s = graph->batch.Fill(rows, NoneSlot(stack)); !s.ok()) return s;
   if (stack != nullptr) graph->lora.emplace(stack, graph->batch.lora_slots());
   const LoraApplier* lora = graph->lora ? &*graph->lora : nullptr;
   const auto device = model_->options().device;
@@ -140,7 +132,7 @@ absl::StatusOr<torch::Tensor> DecodeRunner::Run(const std::vector<DecodeRow>& ro
     }
   } else {
     graph = it->second.get();
-    if (auto s = graph->batch.Fill(MapNoneSlots(rows, stack), PadSlot(stack)); !s.ok()) return s;
+    if (auto s = graph->batch.Fill(rows, NoneSlot(stack)); !s.ok()) return s;
   }
 #if defined(LORAD_WITH_CUDA)
   graph->graph.replay();

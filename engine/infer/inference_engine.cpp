@@ -10,6 +10,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "engine/infer/decode_runner.h"
@@ -66,6 +67,11 @@ struct Sequence {
   double queue_s = -1;  // submission -> first admission; -1 until admitted
   int32_t preemptions = 0;
 
+  // Orders sequences by adapter (the base model first) without building key strings.
+  std::pair<std::string_view, int64_t> adapter_order() const {
+    if (!lease.valid()) return {std::string_view(), 0};
+    return {lease.name(), lease.version()};
+  }
   std::string adapter_key() const {
     return lease.valid() ? absl::StrCat(lease.name(), "@", lease.version()) : "";
   }
@@ -476,13 +482,9 @@ absl::Status InferenceEngine::Step() {
   for (const auto& [id, tokens] : plan.prefill) add_row(id, tokens);
   // Rows of one adapter side by side: the LoRA kernels share each adapter's weights across a run
   // of consecutive rows, so a batch mixing 4 adapters costs about what one adapter costs.
-  std::vector<std::pair<std::string, size_t>> order;
-  for (size_t i = 0; i < rows.size(); ++i) order.emplace_back(rows[i].seq->adapter_key(), i);
-  std::stable_sort(order.begin(), order.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<Row> sorted;
-  for (const auto& entry : order) sorted.push_back(rows[entry.second]);
-  rows.swap(sorted);
+  std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+    return a.seq->adapter_order() < b.seq->adapter_order();
+  });
   m.FinishAndRemove(failed, FinishReason::kError,
                     absl::InternalError("KV cache reservation failed after planning"));
 

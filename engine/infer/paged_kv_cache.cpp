@@ -22,28 +22,31 @@ int64_t PagedKvCache::BytesPerBlock(int64_t num_layers, int64_t block_size, int6
          static_cast<int64_t>(c10::elementSize(dtype));
 }
 
+absl::Status PagedKvCache::CheckRow(size_t b, const PagedRow& row) const {
+  const int64_t total = row.cached + row.new_tokens;
+  if (row.cached < 0 || row.new_tokens < 1 || total > options_.max_context) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("paged KV row ", b, ": ", row.cached, " cached + ", row.new_tokens,
+                     " new tokens must be >= 1 new and fit the context of ", options_.max_context));
+  }
+  const int64_t covered = static_cast<int64_t>(row.block_table.size()) * options_.block_size;
+  if (covered < total) {
+    return absl::InvalidArgumentError(absl::StrCat("paged KV row ", b, ": its ",
+                                                   row.block_table.size(), " blocks hold ", covered,
+                                                   " tokens, ", total, " needed"));
+  }
+  for (int32_t block : row.block_table) {
+    if (block < 0 || block >= options_.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "paged KV row ", b, ": block ", block, " is outside the pool of ", options_.num_blocks));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PagedKvCache::Bind(std::vector<PagedRow> rows) {
   for (size_t b = 0; b < rows.size(); ++b) {
-    const PagedRow& row = rows[b];
-    const int64_t total = row.cached + row.new_tokens;
-    if (row.cached < 0 || row.new_tokens < 1 || total > options_.max_context) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "paged KV row ", b, ": ", row.cached, " cached + ", row.new_tokens,
-          " new tokens must be >= 1 new and fit the context of ", options_.max_context));
-    }
-    const int64_t covered = static_cast<int64_t>(row.block_table.size()) * options_.block_size;
-    if (covered < total) {
-      return absl::InvalidArgumentError(absl::StrCat("paged KV row ", b, ": its ",
-                                                     row.block_table.size(), " blocks hold ",
-                                                     covered, " tokens, ", total, " needed"));
-    }
-    for (int32_t block : row.block_table) {
-      if (block < 0 || block >= options_.num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("paged KV row ", b, ": block ", block,
-                                                       " is outside the pool of ",
-                                                       options_.num_blocks));
-      }
-    }
+    if (auto s = CheckRow(b, rows[b]); !s.ok()) return s;
   }
   rows_ = std::move(rows);
   lengths_.clear();

@@ -53,6 +53,8 @@ class PagedKvCache : public AttentionCache {
   // Sets the rows of the next forward. InvalidArgument when a table does not cover
   // cached + new_tokens, names a block outside the pool, or a row exceeds max_context.
   absl::Status Bind(std::vector<PagedRow> rows);
+  // Bind's check of one row (b: its index, for the message); DecodeBatch checks its rows with it.
+  absl::Status CheckRow(size_t b, const PagedRow& row) const;
 
   int64_t batch_size() const override { return static_cast<int64_t>(rows_.size()); }
   int64_t capacity() const override { return options_.max_context; }

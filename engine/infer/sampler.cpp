@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/kernel_launch.h"
 #include "kernels/sampling.h"
 
 #if defined(LORAD_WITH_CUDA)
@@ -114,10 +115,6 @@ HistoryArrays Histories(absl::Span<const SampleRow> rows, const std::vector<Samp
 #if defined(LORAD_WITH_CUDA)
 torch::Tensor HostTensor(const void* data, int64_t bytes) {
   return torch::from_blob(const_cast<void*>(data), {bytes}, torch::kUInt8);
-}
-
-void CheckLaunch(const char* error, const char* what) {
-  TORCH_CHECK(error == nullptr, what, ": CUDA error: ", error);
 }
 
 // Penalties, warp and draw on the logits' GPU; returns the tokens (on the CPU).

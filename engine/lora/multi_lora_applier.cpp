@@ -3,10 +3,10 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/kernel_launch.h"
 
 #if defined(LORAD_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "kernels/lora_bgmv.h"
 #endif
@@ -122,13 +122,11 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
     table.max_rank = static_cast<int32_t>(e.a.size(1));
     const torch::Tensor scratch = torch::empty({(kernels::lora_scratch_bytes(rows, table) + 3) / 4},
                                                x.options().dtype(torch::kFloat));
-    const auto kind =
-        x.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
-    const char* err =
-        kernels::lora_bgmv_cuda(xc.data_ptr(), kind, rows, x.size(-1), rows_.data_ptr<int32_t>(),
-                                table, y.size(-1), y.data_ptr(), scratch.data_ptr(),
-                                c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-    TORCH_CHECK(err == nullptr, "lora_bgmv_cuda: ", err);
+    CheckLaunch(
+        kernels::lora_bgmv_cuda(xc.data_ptr(), *FloatKindOf(x.scalar_type()), rows, x.size(-1),
+                                rows_.data_ptr<int32_t>(), table, y.size(-1), y.data_ptr(),
+                                scratch.data_ptr(), CurrentStream(x.device())),
+        "lora_bgmv_cuda");
     return y;
   }
 #endif

@@ -2,11 +2,11 @@
 
 #include <atomic>
 
+#include "engine/model/kernel_launch.h"
 #include "kernels/layer_ops.h"
 
 #if defined(LORAD_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace lorad::engine {
@@ -15,19 +15,8 @@ namespace {
 std::atomic<FusedLayerOps> mode{FusedLayerOps::kCuda};
 thread_local int torch_ops_scopes = 0;  // ScopedTorchLayerOps alive on this thread
 
-kernels::FloatKind KindOf(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kFloat ? kernels::FloatKind::kF32 : kernels::FloatKind::kBF16;
-}
-
-#if defined(LORAD_WITH_CUDA)
-void* Stream(const torch::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
-
-void Check(const char* error, const char* what) {
-  TORCH_CHECK(error == nullptr, what, ": CUDA error: ", error);
-}
-#endif
+// fp32 or bf16: UseFusedLayerOps admits nothing else.
+kernels::FloatKind KindOf(const torch::Tensor& t) { return *FloatKindOf(t.scalar_type()); }
 
 }  // namespace
 
@@ -60,9 +49,10 @@ torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, 
   }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(x.device());
-  Check(kernels::rms_norm_cuda(xc.data_ptr(), w.data_ptr(), KindOf(xc), xc.numel() / width, width,
-                               static_cast<float>(eps), out.data_ptr(), Stream(xc)),
-        "rms_norm_cuda");
+  CheckLaunch(
+      kernels::rms_norm_cuda(xc.data_ptr(), w.data_ptr(), KindOf(xc), xc.numel() / width, width,
+                             static_cast<float>(eps), out.data_ptr(), CurrentStream(xc.device())),
+      "rms_norm_cuda");
 #endif
   return out;
 }
@@ -81,9 +71,10 @@ torch::Tensor FusedRotary(const torch::Tensor& x, const torch::Tensor& cos,
   }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(x.device());
-  Check(kernels::rotary_cuda(xc.data_ptr(), c.data_ptr(), s.data_ptr(), KindOf(xc), rows, x.size(2),
-                             x.size(3), out.data_ptr(), Stream(xc)),
-        "rotary_cuda");
+  CheckLaunch(
+      kernels::rotary_cuda(xc.data_ptr(), c.data_ptr(), s.data_ptr(), KindOf(xc), rows, x.size(2),
+                           x.size(3), out.data_ptr(), CurrentStream(xc.device())),
+      "rotary_cuda");
 #endif
   return out;
 }
@@ -98,9 +89,9 @@ torch::Tensor FusedSiluMul(const torch::Tensor& gate, const torch::Tensor& up) {
   }
 #if defined(LORAD_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(gate.device());
-  Check(kernels::silu_mul_cuda(g.data_ptr(), u.data_ptr(), KindOf(g), g.numel(), out.data_ptr(),
-                               Stream(g)),
-        "silu_mul_cuda");
+  CheckLaunch(kernels::silu_mul_cuda(g.data_ptr(), u.data_ptr(), KindOf(g), g.numel(),
+                                     out.data_ptr(), CurrentStream(g.device())),
+              "silu_mul_cuda");
 #endif
   return out;
 }

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/kernel_launch.h"
 #include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
 #include "kernels/nf4_gemv.h"
@@ -22,19 +23,6 @@ namespace lorad::engine {
 namespace {
 
 using kernels::FloatKind;
-
-std::optional<FloatKind> KindOf(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat:
-      return FloatKind::kF32;
-    case torch::kBFloat16:
-      return FloatKind::kBF16;
-    case torch::kHalf:
-      return FloatKind::kF16;
-    default:
-      return std::nullopt;
-  }
-}
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -51,14 +39,6 @@ torch::Tensor DynamicMapOn(const torch::Device& device) {
 // (bench/results/2026-12-02-h200-generation-8b-run1.txt): dequantize + cuBLAS 1,198 tokens/s,
 // four chunked GEMV launches 813, so the GEMV takes only what fits one launch.
 std::atomic<int64_t> gemv_max_rows{kernels::kNf4GemvMaxRows};
-
-void* CurrentStream(const torch::Device& device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
-}
-
-void CheckLaunch(const char* error, const char* what) {
-  TORCH_CHECK(error == nullptr, what, ": CUDA error: ", error);
-}
 #endif
 
 // Returns the quantized tensor or throws c10::Error; Quantize turns that into a Status.
@@ -88,7 +68,7 @@ Nf4Tensor QuantizeOrThrow(const torch::Tensor& weight) {
 #if defined(LORAD_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(device);
     const torch::Tensor w = weight.contiguous();
-    CheckLaunch(kernels::nf4_quantize_cuda(w.data_ptr(), *KindOf(w.scalar_type()), n,
+    CheckLaunch(kernels::nf4_quantize_cuda(w.data_ptr(), *FloatKindOf(w.scalar_type()), n,
                                            t.packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                                            CurrentStream(device)),
                 "nf4_quantize_cuda");
@@ -265,7 +245,7 @@ absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, to
 
 absl::StatusOr<Nf4Tensor> Nf4Tensor::Quantize(const torch::Tensor& weight) {
   if (!weight.defined()) return absl::InvalidArgumentError("Nf4Tensor::Quantize: no tensor");
-  if (!KindOf(weight.scalar_type())) {
+  if (!FloatKindOf(weight.scalar_type())) {
     return absl::InvalidArgumentError(absl::StrCat("Nf4Tensor::Quantize: weight is ",
                                                    c10::toString(weight.scalar_type()),
                                                    "; NF4 quantizes float32, bfloat16 or float16"));
@@ -351,7 +331,7 @@ torch::Tensor Nf4Tensor::Dequantize(torch::ScalarType out_dtype) const {
     return out.view(shape).to(out_dtype);
   }
 #if defined(LORAD_WITH_CUDA)
-  const auto kind = KindOf(out_dtype);
+  const auto kind = FloatKindOf(out_dtype);
   const auto kernel_dtype = kind ? out_dtype : torch::kFloat;
   torch::Tensor out = torch::empty({n}, absmax.options().dtype(kernel_dtype));
   const c10::cuda::CUDAGuard guard(device());
@@ -362,14 +342,6 @@ torch::Tensor Nf4Tensor::Dequantize(torch::ScalarType out_dtype) const {
   return out.view(shape).to(out_dtype);
 #else
   TORCH_CHECK(false, "Nf4Tensor: no NF4 kernels for ", device().str(), " in this build");
-#endif
-}
-
-int64_t Nf4Tensor::GemvMaxRows() {
-#if defined(LORAD_WITH_CUDA)
-  return gemv_max_rows.load();
-#else
-  return 0;
 #endif
 }
 
@@ -388,11 +360,9 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
               ", the weight on ", device().str());
 #if defined(LORAD_WITH_CUDA)
   const int64_t rows = x.numel() / in_features();
-  const auto kind = KindOf(x.scalar_type());
+  const auto kind = FloatKindOf(x.scalar_type());
   const bool records_grad = torch::GradMode::is_enabled() && x.requires_grad();
-  // Decode batches: the GEMV kernel in chunks of up to kNf4GemvMaxRows rows. Later chunks find
-  // most of the weights in L2, so up to kNf4GemvChunkedMaxRows rows this reads far fewer bytes
-  // than dequantizing the whole matrix to 16 bits for one matmul.
+  // Decode batches of up to gemv_max_rows rows: the GEMV kernel, kNf4GemvMaxRows rows a launch.
   if (device().is_cuda() && kind && !records_grad &&
       rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
       kernels::nf4_gemv_cuda_supports(std::min<int64_t>(rows, kernels::kNf4GemvMaxRows),
