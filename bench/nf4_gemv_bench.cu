@@ -1,9 +1,13 @@
-// Decode GEMV at Llama-3-8B shapes, batch 1, bf16 activations: lorad's NF4 GEMV (packed weights +
+// Decode GEMV at Llama-3-8B shapes, bf16 activations. First table (batch 1): lorad's NF4 GEMV (packed weights +
 // double-quantized absmax read directly) against the bf16 cuBLAS GEMV (cublasGemmEx) and against
 // dequantize-to-bf16-then-cuBLAS, all measured in this run, next to the device-to-device copy
 // bandwidth measured in this run too. 'nf4' is nf4_gemv_cuda with plain launches; 'pdl' is
 // nf4_gemv_cuda_overlapped (programmatic dependent launch: each launch in the back-to-back chain
 // fetches its weights while its predecessor finishes, as a chain of decode kernels would).
+// Second table: the tensor-core kernel (kernels/nf4_mma.h) at batch 1 (the planner's split and
+// each fixed split), batch 8 and batch 32, next to cuBLAS on the bf16 weight and
+// dequantize + cuBLAS at batch 32 (the engine's batch-32 path before this kernel), and the whole
+// decoder layer's bandwidth (its seven products' bytes over their summed times).
 //
 // Timing: bench_timer.h (warm-up, CUDA graph of back-to-back runs, CUDA events, median). Every
 // method rotates among enough copies of its weights to exceed the L2 cache several times, so the
@@ -21,6 +25,7 @@
 #include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
 #include "kernels/nf4_gemv.h"
+#include "kernels/nf4_mma.h"
 
 namespace lorad::bench {
 namespace {
@@ -97,6 +102,49 @@ struct Row {
   int64_t out, in;
 };
 
+// The tensor-core kernel's figures for one shape (us unless named otherwise).
+struct MmaRow {
+  const char* name;
+  int64_t out, in;
+  double bytes;  // packed weights + absmax + x + y at batch 1
+  double t1, t1_pdl, t_parts[4], t8, t32, t32_blas, t32_dq, rel_diff;
+  bool graphed;
+};
+
+void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
+  std::printf("\ntensor-core kernel (nf4_mma_cuda), bf16:\n");
+  std::printf("%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | %s\n",
+              "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "parts=1", "2",
+              "4", "8", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+",
+              "max rel diff b=32");
+  for (const MmaRow& m : rows) {
+    const double gbs = m.bytes / m.t1 / 1e3;
+    std::printf("%-14s %5lld x %5lld | %8.2f %7.0f %5.0f%% | %8.2f %5.0f%% | %7.2f %7.2f %7.2f %7.2f | "
+                "%8.2f | %8.2f %9.2f %9.2f | %7.2fx %7.2fx | %.2e%s\n",
+                m.name, static_cast<long long>(m.out), static_cast<long long>(m.in), m.t1, gbs,
+                100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs,
+                m.t_parts[0], m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t8, m.t32, m.t32_blas,
+                m.t32_dq, m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff,
+                m.graphed ? "" : "  (some not graphed)");
+  }
+  // A Llama-3-8B decoder layer: q, o (4096 x 4096), k, v (1024 x 4096), gate, up, down.
+  double bytes = 0, t1 = 0, t1_pdl = 0, t32 = 0, t32_dq = 0;
+  for (const MmaRow& m : rows) {
+    const int count = m.out == 14336 || (m.out == 4096 && m.in == 4096) || m.out == 1024 ? 2 : 1;
+    bytes += count * m.bytes;
+    t1 += count * m.t1;
+    t1_pdl += count * m.t1_pdl;
+    t32 += count * m.t32;
+    t32_dq += count * m.t32_dq;
+  }
+  std::printf("decoder layer (q,k,v,o,gate,up,down): batch 1 %.1f us = %.0f GB/s = %.0f%% of copy "
+              "(pdl %.1f us = %.0f%%); batch 32 %.1f us vs dequantize + cuBLAS %.1f us (%.2fx)\n",
+              t1, bytes / t1 / 1e3, 100.0 * bytes / t1 / 1e3 / copy_gbs, t1_pdl,
+              100.0 * bytes / t1_pdl / 1e3 / copy_gbs, t32, t32_dq, t32_dq / t32);
+  std::printf("'%%copy' = achieved GB/s over the copy bandwidth above (issue 3's target: >= 70%%).\n"
+              "parts=N: batch 1 with the reduction split N ways (0 = shape does not allow it).\n");
+}
+
 }  // namespace
 }  // namespace lorad::bench
 
@@ -124,6 +172,7 @@ int main() {
               "GB/s", "dq+bf16 us", "vs bf16", "vs dq+", "r/w=1", "r/w=2", "r/w=4",
               "max rel diff");
   const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
+  std::vector<MmaRow> mma_rows;
   for (const Row& r : rows) {
     const int64_t n = r.out * r.in, blocks = Nf4Blocks(n), blocks2 = (blocks + 255) / 256;
     // One bf16 weight, its NF4 form with double-quantized absmax (as the engine stores it).
@@ -175,11 +224,11 @@ int main() {
                   "dequantize");
     }
     __nv_bfloat16 *x, *y_nf4, *y_blas, *w_tmp;
-    Check(cudaMalloc(&x, r.in * 2), "malloc");
-    Check(cudaMalloc(&y_nf4, r.out * 2), "malloc");
-    Check(cudaMalloc(&y_blas, r.out * 2), "malloc");
+    Check(cudaMalloc(&x, kNf4MmaMaxRows * r.in * 2), "malloc");
+    Check(cudaMalloc(&y_nf4, kNf4MmaMaxRows * r.out * 2), "malloc");
+    Check(cudaMalloc(&y_blas, kNf4MmaMaxRows * r.out * 2), "malloc");
     Check(cudaMalloc(&w_tmp, n * 2), "malloc");
-    Fill(x, r.in, 77u, 1.f);
+    Fill(x, kNf4MmaMaxRows * r.in, 77u, 1.f);
     Check(cudaDeviceSynchronize(), "setup");
 
     const float alpha = 1.f, beta = 0.f;
@@ -191,6 +240,24 @@ int main() {
                              &beta, y, CUDA_R_16BF, static_cast<int>(r.out), CUBLAS_COMPUTE_32F,
                              CUBLAS_GEMM_DEFAULT),
                 "gemm");
+    };
+    // The same with `cols` rows of x (y = x W^T as column-major [out, cols]).
+    auto blas_gemm = [&](const __nv_bfloat16* weight, __nv_bfloat16* y, int cols) {
+      CheckBlas(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), cols,
+                             static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF,
+                             static_cast<int>(r.in), x, CUDA_R_16BF, static_cast<int>(r.in),
+                             &beta, y, CUDA_R_16BF, static_cast<int>(r.out), CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT),
+                "gemm");
+    };
+    auto nf4_mma = [&](int c, int rows, int parts, bool overlapped) {
+      const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
+      CheckKernel(parts == 0 ? nf4_mma_cuda(x, FloatKind::kBF16, rows, packed_c[c % nf4_copies],
+                                            am, r.out, r.in, y_nf4, stream, overlapped)
+                             : nf4_mma_cuda_parts(parts, x, FloatKind::kBF16, rows,
+                                                  packed_c[c % nf4_copies], am, r.out, r.in,
+                                                  y_nf4, stream),
+                  "nf4 mma");
     };
     auto nf4_variant = [&](int rows_per_warp, int c) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
@@ -260,6 +327,61 @@ int main() {
         t_dq, t_blas / t_nf4, t_dq / t_nf4, t_r1, t_r2, t_r4, max_diff / max_ref,
         g1 && g2 && g3 && g4 ? "" : "  (some not graphed)");
 
+    {
+      // Agreement: the tensor-core kernel at 32 rows against cuBLAS on the dequantized weight.
+      nf4_mma(0, kNf4MmaMaxRows, 0, false);
+      blas_gemm(w_c[0], y_blas, kNf4MmaMaxRows);
+      Check(cudaStreamSynchronize(stream), "check");
+      std::vector<__nv_bfloat16> ma(kNf4MmaMaxRows * r.out), mb(kNf4MmaMaxRows * r.out);
+      Check(cudaMemcpy(ma.data(), y_nf4, ma.size() * 2, cudaMemcpyDeviceToHost), "y");
+      Check(cudaMemcpy(mb.data(), y_blas, mb.size() * 2, cudaMemcpyDeviceToHost), "y");
+      double diff = 0, ref = 0;
+      for (size_t i = 0; i < ma.size(); ++i) {
+        diff = std::max(diff, std::fabs(double(__bfloat162float(ma[i])) - __bfloat162float(mb[i])));
+        ref = std::max(ref, std::fabs(double(__bfloat162float(mb[i]))));
+      }
+      bool g = true, gi = false;
+      MmaRow m;
+      m.name = r.name;
+      m.out = r.out;
+      m.in = r.in;
+      m.bytes = nf4_bytes + io;
+      m.t1 = MedianMicros(stream, [&](int c) { nf4_mma(c, 1, 0, false); }, reps, samples, &gi);
+      g = g && gi;
+      m.t1_pdl = MedianMicros(stream, [&](int c) { nf4_mma(c, 1, 0, true); }, reps, samples, &gi);
+      g = g && gi;
+      for (int p = 0; p < 4; ++p) {
+        const int parts = 1 << p;
+        m.t_parts[p] = (r.in / 256) % parts == 0
+                           ? MedianMicros(stream, [&](int c) { nf4_mma(c, 1, parts, false); },
+                                          reps, samples, &gi)
+                           : 0.0;
+      }
+      m.t8 = MedianMicros(stream, [&](int c) { nf4_mma(c, 8, 0, false); }, reps, samples, &gi);
+      m.t32 = MedianMicros(stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, 0, false); }, reps,
+                           samples, &gi);
+      g = g && gi;
+      m.t32_blas = MedianMicros(
+          stream, [&](int c) { blas_gemm(w_c[c % bf16_copies], y_blas, kNf4MmaMaxRows); }, reps,
+          samples, &gi);
+      m.t32_dq = MedianMicros(
+          stream,
+          [&](int c) {
+            const int k = c % nf4_copies;
+            CheckKernel(dynamic_quant8_dequantize_cuda(qabsmax_c[k], absmax2_c[k], code, blocks,
+                                                       256, offset, absmax_dq, stream),
+                        "dq absmax");
+            CheckKernel(
+                nf4_dequantize_cuda(packed_c[k], absmax_dq, n, w_tmp, FloatKind::kBF16, stream),
+                "dequantize");
+            blas_gemm(w_tmp, y_blas, kNf4MmaMaxRows);
+          },
+          10, 21, &gi);
+      m.rel_diff = diff / ref;
+      m.graphed = g;
+      mma_rows.push_back(m);
+    }
+
     for (int c = 0; c < nf4_copies; ++c) {
       cudaFree(packed_c[c]);
       cudaFree(qabsmax_c[c]);
@@ -278,6 +400,7 @@ int main() {
               "weight + x + y. 'vs bf16' = bf16 cuBLAS time / NF4 time (above 1: NF4 faster).\n"
               "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
               "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
+  PrintMmaTable(mma_rows, copy_gbs);
   cublasDestroy(blas);
   return 0;
 }

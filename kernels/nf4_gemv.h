@@ -23,6 +23,12 @@ inline constexpr int kNf4GemvMaxRows = 8;
 void nf4_gemv_cpu(const float* x, int64_t rows, const uint8_t* packed, const float* absmax,
                   int64_t out_features, int64_t in_features, float* y);
 
+// nf4_gemv_cpu with another 16-level code book in place of kNf4Code (kernels/nf4_mma.h: the levels
+// rounded to the activations' type, as tensor cores multiply them).
+void nf4_gemv_with_code_cpu(const float code[16], const float* x, int64_t rows,
+                            const uint8_t* packed, const float* absmax, int64_t out_features,
+                            int64_t in_features, float* y);
+
 #if defined(LORAD_WITH_CUDA)
 // Whether nf4_gemv_cuda handles this problem; otherwise dequantize + matmul. Needs
 // in_features % 64 == 0 (every row starts a block and 16-byte loads stay aligned),

@@ -12,6 +12,7 @@
 #include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
 #include "kernels/nf4_gemv.h"
+#include "kernels/nf4_mma.h"
 #include "nlohmann/json.hpp"
 
 #if defined(LORAD_WITH_CUDA)
@@ -34,11 +35,12 @@ torch::Tensor DynamicMapOn(const torch::Device& device) {
 }
 
 #if defined(LORAD_WITH_CUDA)
-// Up to this many rows of x, Linear runs the GEMV kernel (in chunks of kNf4GemvMaxRows); more rows
-// dequantize once and multiply with cuBLAS. Measured on the H200, 8B shape, batch 32 decode
-// (bench/results/2026-12-02-h200-generation-8b-run1.txt): dequantize + cuBLAS 1,198 tokens/s,
-// four chunked GEMV launches 813, so the GEMV takes only what fits one launch.
-std::atomic<int64_t> gemv_max_rows{kernels::kNf4GemvMaxRows};
+// Up to this many rows of x, Linear reads the packed weight directly: the tensor-core kernel
+// (kernels/nf4_mma.h) for bf16/fp16 x, else the GEMV kernel in chunks of kNf4GemvMaxRows; more
+// rows dequantize once and multiply with cuBLAS. (Before the tensor-core kernel, four chunked
+// GEMV launches at batch 32 ran 813 tokens/s against dequantize + cuBLAS's 1,198:
+// bench/results/2026-12-02-h200-generation-8b-run1.txt.)
+std::atomic<int64_t> gemv_max_rows{kernels::kNf4MmaMaxRows};
 #endif
 
 // Returns the quantized tensor or throws c10::Error; Quantize turns that into a Status.
@@ -362,11 +364,13 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   const int64_t rows = x.numel() / in_features();
   const auto kind = FloatKindOf(x.scalar_type());
   const bool records_grad = torch::GradMode::is_enabled() && x.requires_grad();
-  // Decode batches of up to gemv_max_rows rows: the GEMV kernel, kNf4GemvMaxRows rows a launch.
-  if (device().is_cuda() && kind && !records_grad &&
-      rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
-      kernels::nf4_gemv_cuda_supports(std::min<int64_t>(rows, kernels::kNf4GemvMaxRows),
-                                      in_features())) {
+  // Decode batches of up to gemv_max_rows rows: one tensor-core launch, or the GEMV kernel
+  // kNf4GemvMaxRows rows a launch.
+  const bool direct = device().is_cuda() && kind && !records_grad &&
+                      rows <= gemv_max_rows.load(std::memory_order_relaxed);
+  const bool mma = direct && kernels::nf4_mma_cuda_supports(rows, in_features(), *kind);
+  if (mma || (direct && kernels::nf4_gemv_cuda_supports(
+                            std::min<int64_t>(rows, kernels::kNf4GemvMaxRows), in_features()))) {
     const c10::cuda::CUDAGuard guard(device());
     torch::Tensor x2 = x.contiguous();
     // A view may start mid-allocation; the kernel's 16-byte loads need an aligned start.
@@ -379,6 +383,13 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
     absmax.absmax2 = absmax2.data_ptr<float>();
     absmax.code2 = code2.data_ptr<float>();
     absmax.offset = offset;
+    if (mma) {
+      CheckLaunch(kernels::nf4_mma_cuda(x2.data_ptr(), *kind, rows, packed.data_ptr<uint8_t>(),
+                                        absmax, out_features(), in_features(), y.data_ptr(),
+                                        CurrentStream(device()), /*overlapped=*/false),
+                  "nf4_mma_cuda");
+      return y;
+    }
     const int64_t element = static_cast<int64_t>(x2.element_size());
     for (int64_t start = 0; start < rows; start += kernels::kNf4GemvMaxRows) {
       const int64_t chunk = std::min<int64_t>(kernels::kNf4GemvMaxRows, rows - start);

@@ -58,12 +58,13 @@ struct Nf4Tensor {
   // The first-level absmax, [blocks] f32: code2[qabsmax] * absmax2 + offset.
   torch::Tensor Absmax() const;
   // y = x @ W^T for x [..., in_features] -> [..., out_features], same dtype as x. On CUDA, with at
-  // most SetGemvMaxRows' rows, a float dtype, in_features % 64 == 0 and no gradient to record, the
-  // 4-bit GEMV kernel reads the packed weight directly (in chunks of kernels::kNf4GemvMaxRows
-  // rows); otherwise dequantize + matmul (on CPU always, with the CPU reference dequantization).
+  // most SetGemvMaxRows' rows and no gradient to record, a kernel reads the packed weight
+  // directly: the tensor-core kernel (kernels/nf4_mma.h: bf16/fp16, in_features % 256 == 0), else
+  // the 4-bit GEMV (in_features % 64 == 0, in chunks of kernels::kNf4GemvMaxRows rows); otherwise
+  // dequantize + matmul (on CPU always, with the CPU reference dequantization).
   torch::Tensor Linear(const torch::Tensor& x) const;
-  // The most rows of x Linear gives the GEMV kernel (default kernels::kNf4GemvMaxRows, one
-  // launch); benchmarks set it to compare the two paths. Process-wide.
+  // The most rows of x Linear gives those kernels (default kernels::kNf4MmaMaxRows, one
+  // tensor-core launch); benchmarks set it to compare with dequantize + cuBLAS. Process-wide.
   static void SetGemvMaxRows(int64_t rows);
   // A copy with every part on `device`.
   Nf4Tensor To(const torch::Device& device) const;

@@ -1,0 +1,462 @@
+// CUDA implementation of kernels/nf4_mma.h. Raw pointers only: no torch headers here.
+//
+// Why tensor cores for a memory-bound product: nf4_gemv.cu spends about four issue slots per
+// weight (decode one nibble, look it up, convert, multiply-add), which on an H200 is as long as
+// the time HBM needs to deliver that weight, so it reached only 24-41% of the copy bandwidth. Here
+//   - one PRMT turns a packed byte (two weights) plus the lane's offset into a shared-memory
+//     address, and one LDS fetches both weights as a T pair ready for the tensor core: about one
+//     instruction per weight. The 256-entry pair table is replicated once per lane (entry e of lane
+//     l at byte e * 256 + 4 * l, so every lane always reads its own bank: no conflicts);
+//   - mma.sync m16n8k16 does the multiply-adds (fp32 accumulation) for up to 8 rows of x per
+//     tile, 32 with four tiles, so the same decode serves a whole decode batch;
+//   - each warp streams its part of 16 rows in stages of four 64-blocks, the next stage's loads in
+//     flight while the current one is decoded; the grid is persistent (one wave) so the table is
+//     built once per CUDA block.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16 with .bf16/.f16): lane = 4 * g + t. A (16 x 16, weights):
+// a0a1 = (row g, k 2t..2t+1), a2a3 = (row g+8, same k), a4a5 = (row g, k 2t+8..2t+9),
+// a6a7 = (row g+8, k 2t+8..). B (16 x 8, x^T): b0b1 = (k 2t..2t+1, col g), b2b3 = (k 2t+8..,
+// col g). C: c0c1 = (row g, cols 2t, 2t+1), c2c3 = (row g+8, same cols).
+// The k slots of one mma need not be consecutive weights, only the same ones for A and B: lane t
+// owns bytes 8t..8t+7 (weights 16t..16t+15) of every 64-block, and step s (0..3) of a block gives
+// slots 2t, 2t+1 its byte 2s (weights 16t + 4s, +1) and slots 2t+8, 2t+9 its byte 2s+1
+// (16t + 4s + 2, +3). All 16 k of a step lie in one 64-block, so one absmax scales them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "kernels/nf4_mma.h"
+
+namespace lorad::kernels {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStageBlocks = 4;  // 64-blocks per row per pipeline stage
+constexpr int kTileRows = 16;
+// Pair table: entry e (a packed byte) of lane l at byte e * 256 + 4 * l; the last entry's
+// unused half is not allocated.
+constexpr int kPairTableBytes = 255 * 256 + 128;
+static_assert(kPairTableBytes % 16 == 0, "code2 after the table stays aligned");
+
+__constant__ float kCodeDevice[16] = {
+    kNf4Code[0], kNf4Code[1], kNf4Code[2],  kNf4Code[3],  kNf4Code[4],  kNf4Code[5],
+    kNf4Code[6], kNf4Code[7], kNf4Code[8],  kNf4Code[9],  kNf4Code[10], kNf4Code[11],
+    kNf4Code[12], kNf4Code[13], kNf4Code[14], kNf4Code[15]};
+
+template <typename T>
+struct TypeOps;
+template <>
+struct TypeOps<__nv_bfloat16> {
+  // Bits of (lo, hi) rounded to bf16, lo in the low half (the smaller k).
+  static __device__ uint32_t Pair(float lo, float hi) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
+  static __device__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __nv_bfloat16 From(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct TypeOps<__half> {
+  static __device__ uint32_t Pair(float lo, float hi) {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
+  static __device__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __half From(float v) { return __float2half_rn(v); }
+};
+
+__device__ __forceinline__ uint2 LoadStreaming8(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void AllowDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitForPredecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+struct RowPointers {
+  const uint8_t* packed[2];  // rows g and g+8 (clamped), at the lane's byte 8t
+  int64_t first_block[2];    // global index of the row's first 64-block
+};
+
+// A lane's share of one pipeline stage: its 8 bytes of kStageBlocks blocks for rows g and g+8.
+// The buffer rolls: once block u of a stage is decoded, its slot is refilled with block u of the
+// next stage, so a stage's worth of loads is always in flight with one stage of registers.
+struct StageWeights {
+  uint2 w[2][kStageBlocks];
+};
+// The stage's 8-bit absmax codes (4 bytes, one per block, rows g and g+8) and the absmax2 of
+// their group of 256 blocks (4 aligned blocks never straddle a group).
+struct StageScales {
+  uint32_t qa[2];
+  float a2[2];
+};
+
+__device__ __forceinline__ void LoadScales(const RowPointers& rows, int64_t kb,
+                                           const uint8_t* __restrict__ qabsmax,
+                                           const float* __restrict__ absmax2, StageScales& s) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t b = rows.first_block[h] + kb;  // a multiple of 4: blocks per row % 4 == 0
+    s.qa[h] = __ldg(reinterpret_cast<const uint32_t*>(qabsmax + b));
+    s.a2[h] = __ldg(absmax2 + (b >> 8));
+  }
+}
+
+// The T pair of packed byte `i` of `word`, from the lane's column of the pair table.
+__device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t word, int i,
+                                           uint32_t lane_offset) {
+  // Result bytes: [0] = lane_offset (4 * lane), [1] = byte i of word, [2], [3] = 0.
+  const uint32_t offset =
+      __byte_perm(word, lane_offset, 0x5504u | (static_cast<uint32_t>(i) << 4));
+  return *reinterpret_cast<const uint32_t*>(table + offset);
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void ComputeStage(StageWeights& weights, const StageScales& scales,
+                                             const RowPointers& rows, bool more,
+                                             const unsigned char* table, const float* code2,
+                                             float offset, uint32_t lane_offset,
+                                             const T* __restrict__ x, int64_t x_rows,
+                                             int64_t in_features, int64_t kb, int g, int t,
+                                             float acc[NT][4]) {
+#pragma unroll
+  for (int u = 0; u < kStageBlocks; ++u) {
+    // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u.
+    uint32_t xb[NT][8];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int64_t n = 8 * nt + g;
+      if (n < x_rows) {
+        const uint4* p =
+            reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
+        const uint4 lo = __ldg(p), hi = __ldg(p + 1);
+        xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
+        xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
+      }
+    }
+    const uint2 w0 = weights.w[0][u], w1 = weights.w[1][u];
+    if (more) {  // the slot's next stage
+      weights.w[0][u] = LoadStreaming8(rows.packed[0] + (kb + kStageBlocks + u) * 32);
+      weights.w[1][u] = LoadStreaming8(rows.packed[1] + (kb + kStageBlocks + u) * 32);
+    }
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      const uint32_t word0 = step < 2 ? w0.x : w0.y;
+      const uint32_t word1 = step < 2 ? w1.x : w1.y;
+      const int i = 2 * (step & 1);
+      uint32_t a[4];
+      a[0] = PairOf(table, word0, i, lane_offset);
+      a[1] = PairOf(table, word1, i, lane_offset);
+      a[2] = PairOf(table, word0, i + 1, lane_offset);
+      a[3] = PairOf(table, word1, i + 1, lane_offset);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        TypeOps<T>::Mma(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
+      }
+    }
+    // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add).
+    const float scale0 =
+        __fadd_rn(__fmul_rn(code2[(scales.qa[0] >> (8 * u)) & 0xffu], scales.a2[0]), offset);
+    const float scale1 =
+        __fadd_rn(__fmul_rn(code2[(scales.qa[1] >> (8 * u)) & 0xffu], scales.a2[1]), offset);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[nt][0] = fmaf(c[nt][0], scale0, acc[nt][0]);
+      acc[nt][1] = fmaf(c[nt][1], scale0, acc[nt][1]);
+      acc[nt][2] = fmaf(c[nt][2], scale1, acc[nt][2]);
+      acc[nt][3] = fmaf(c[nt][3], scale1, acc[nt][3]);
+    }
+    // Keep each block's table reads with the block: hoisting a whole stage's 64 of them ahead
+    // would need 64 more registers and spill.
+    asm volatile("" ::: "memory");
+  }
+}
+
+// Block b handles block tiles b, b + gridDim.x, ...; a block tile is 8 / parts row tiles of 16
+// rows, each reduced by `parts` warps over consecutive ranges of the 64-blocks.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2)
+    nf4_mma_kernel(const T* __restrict__ x, int64_t x_rows, const uint8_t* __restrict__ packed,
+                   const uint8_t* __restrict__ qabsmax, const float* __restrict__ absmax2,
+                   const float* __restrict__ code2_global, float offset, int64_t out_features,
+                   int64_t in_features, int parts, T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* table = smem;
+  float* code2 = reinterpret_cast<float*>(smem + kPairTableBytes);
+  float* partial = code2 + 256;  // [kWarps][kTileRows][8 * NT]
+  constexpr int kCols = 8 * NT;
+
+  AllowDependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t lane_offset = 4u * lane;
+  const int groups = kWarps / parts;
+  const int part = warp % parts, group = warp / parts;
+  const int64_t blocks_per_row = in_features / 64;
+  const int64_t kb_begin = blocks_per_row / parts * part;
+  const int64_t kb_end = kb_begin + blocks_per_row / parts;
+  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
+  const int64_t block_tiles = (row_tiles + groups - 1) / groups;
+
+  bool first = true;
+#pragma unroll 1
+  for (int64_t bt = blockIdx.x; bt < block_tiles; bt += gridDim.x) {
+    const int64_t row0 = (bt * groups + group) * kTileRows;
+    RowPointers rows;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = min(row0 + g + 8 * h, out_features - 1);  // a missing row is never stored
+      rows.packed[h] = packed + r * (in_features / 2) + 8 * t;
+      rows.first_block[h] = r * blocks_per_row;
+    }
+    StageWeights weights;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < kStageBlocks; ++u) {
+        weights.w[h][u] = LoadStreaming8(rows.packed[h] + (kb_begin + u) * 32);
+      }
+    }
+    StageScales scales;
+    LoadScales(rows, kb_begin, qabsmax, absmax2, scales);
+    if (first) {
+      // The table and code2 are constant inputs: built while the first loads are in flight and
+      // before the predecessor (which may write x) has finished.
+      for (int e = warp; e < 256; e += kWarps) {
+        *reinterpret_cast<uint32_t*>(table + e * 256 + lane_offset) =
+            TypeOps<T>::Pair(kCodeDevice[e >> 4], kCodeDevice[e & 15]);
+      }
+      for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = code2_global[i];
+      WaitForPredecessor();
+      __syncthreads();
+      first = false;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll 1
+    for (int64_t kb = kb_begin; kb < kb_end; kb += kStageBlocks) {
+      const bool more = kb + kStageBlocks < kb_end;
+      StageScales next_scales;
+      if (more) LoadScales(rows, kb + kStageBlocks, qabsmax, absmax2, next_scales);
+      ComputeStage<T, NT>(weights, scales, rows, more, table, code2, offset, lane_offset, x,
+                          x_rows, in_features, kb, g, t, acc);
+      if (more) scales = next_scales;
+    }
+
+    if (parts == 1) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
+          const int64_t col = 8 * nt + 2 * t + (i & 1);
+          if (row < out_features && col < x_rows) y[col * out_features + row] = TypeOps<T>::From(acc[nt][i]);
+        }
+      }
+      continue;
+    }
+    float* mine = partial + warp * kTileRows * kCols;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mine[(g + (i >= 2 ? 8 : 0)) * kCols + 8 * nt + 2 * t + (i & 1)] = acc[nt][i];
+      }
+    }
+    __syncthreads();
+    // One thread per (row tile, row, column) sums the parts in order.
+    const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
+    for (int idx = threadIdx.x; idx < groups * kTileRows * cols; idx += kThreads) {
+      const int gi = idx / (kTileRows * cols), r = idx / cols % kTileRows, col = idx % cols;
+      const int64_t row = (bt * groups + gi) * kTileRows + r;
+      if (row >= out_features) continue;
+      float v = 0.f;
+      for (int p = 0; p < parts; ++p) v += partial[((gi * parts + p) * kTileRows + r) * kCols + col];
+      y[col * out_features + row] = TypeOps<T>::From(v);
+    }
+    __syncthreads();  // partial is rewritten by the next tile
+  }
+}
+
+constexpr size_t SharedBytes(int nt) {
+  return kPairTableBytes + 256 * sizeof(float) + size_t{kWarps} * kTileRows * 8 * nt * sizeof(float);
+}
+
+// Per kernel instantiation: the shared-memory opt-in (once) and how many blocks fit on an SM.
+template <typename T, int NT>
+int ResidentBlocksPerSm() {
+  static std::once_flag once;
+  static int blocks = 0;
+  std::call_once(once, [] {
+    const auto kernel = nf4_mma_kernel<T, NT>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(SharedBytes(NT))) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
+                                                      SharedBytes(NT)) != cudaSuccess) {
+      cudaGetLastError();
+      blocks = 0;
+    }
+  });
+  return blocks;
+}
+
+int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
+}
+
+// The parts of the reduction axis: the candidate (1, 2, 4, 8 dividing the stages of a row) whose
+// rounds of resident blocks times stages per warp (plus two for the pipeline's start and the
+// reduction) is least; ties go to more parts (shorter tail).
+int PlanParts(int64_t out_features, int64_t in_features, int64_t resident_blocks) {
+  const int64_t stages = in_features / 64 / kStageBlocks;
+  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int parts = 1; parts <= kWarps; parts *= 2) {
+    if (stages % parts != 0) continue;
+    const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
+    const int64_t rounds = (block_tiles + resident_blocks - 1) / resident_blocks;
+    const int64_t cost = rounds * (stages / parts + 2);
+    if (best_cost < 0 || cost <= best_cost) {
+      best = parts;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+template <typename T, int NT>
+const char* LaunchTyped(int parts, const void* x, int64_t rows, const uint8_t* packed,
+                        const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
+                        cudaStream_t stream, bool overlapped) {
+  const int per_sm = ResidentBlocksPerSm<T, NT>();
+  if (per_sm <= 0) return "nf4_mma_cuda: the kernel does not fit on this device";
+  const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
+  if (parts == 0) parts = PlanParts(out_features, in_features, resident);
+  if ((in_features / 64 / kStageBlocks) % parts != 0) {
+    return "nf4_mma_cuda: in_features / 256 must be a multiple of parts";
+  }
+  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
+  const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(std::min(block_tiles, resident)));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = SharedBytes(NT);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlapped ? 1 : 0;
+  const T* xt = static_cast<const T*>(x);
+  T* yt = static_cast<T*>(y);
+  cudaError_t err = cudaLaunchKernelEx(&config, nf4_mma_kernel<T, NT>, xt, rows, packed,
+                                       absmax.qabsmax, absmax.absmax2, absmax.code2, absmax.offset,
+                                       out_features, in_features, parts, yt);
+  if (err != cudaSuccess && overlapped) {  // no programmatic launch here: launch plainly
+    cudaGetLastError();
+    config.numAttrs = 0;
+    err = cudaLaunchKernelEx(&config, nf4_mma_kernel<T, NT>, xt, rows, packed, absmax.qabsmax,
+                             absmax.absmax2, absmax.code2, absmax.offset, out_features,
+                             in_features, parts, yt);
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T>
+const char* LaunchTiles(int parts, const void* x, int64_t rows, const uint8_t* packed,
+                        const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
+                        cudaStream_t stream, bool overlapped) {
+  if (rows <= 8) {
+    return LaunchTyped<T, 1>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
+                             overlapped);
+  }
+  if (rows <= 16) {
+    return LaunchTyped<T, 2>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
+                             overlapped);
+  }
+  return LaunchTyped<T, 4>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
+                           overlapped);
+}
+
+const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
+                const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
+                void* stream, bool overlapped) {
+  if (!nf4_mma_cuda_supports(rows, in_features, kind)) {
+    return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
+           "in_features % 256 == 0)";
+  }
+  if (parts != 0 && parts != 1 && parts != 2 && parts != 4 && parts != 8) {
+    return "nf4_mma_cuda: parts must be 1, 2, 4 or 8";
+  }
+  if (out_features <= 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (kind == FloatKind::kBF16) {
+    return LaunchTiles<__nv_bfloat16>(parts, x, rows, packed, absmax, out_features, in_features, y,
+                                      s, overlapped);
+  }
+  return LaunchTiles<__half>(parts, x, rows, packed, absmax, out_features, in_features, y, s,
+                             overlapped);
+}
+
+}  // namespace
+
+bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind) {
+  return (kind == FloatKind::kBF16 || kind == FloatKind::kF16) && rows >= 1 &&
+         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % (64 * kStageBlocks) == 0;
+}
+
+const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
+                         const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
+                         void* y, void* stream, bool overlapped) {
+  return Run(0, x, kind, rows, packed, absmax, out_features, in_features, y, stream, overlapped);
+}
+
+const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
+                               const uint8_t* packed, const Nf4Absmax& absmax,
+                               int64_t out_features, int64_t in_features, void* y, void* stream) {
+  if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4 or 8";
+  return Run(parts, x, kind, rows, packed, absmax, out_features, in_features, y, stream, false);
+}
+
+}  // namespace lorad::kernels

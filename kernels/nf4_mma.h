@@ -1,0 +1,55 @@
+// 4-bit matrix product for decode batches on tensor cores: y = x @ W^T with W held as NF4
+// (kernels/nf4.h) and x 1..kNf4MmaMaxRows rows of bf16 or fp16.
+//
+// Semantics: y[r, o] = sum_k x[r, k] * (code_T[q(o * in + k)] * absmax[(o * in + k) / 64])
+//   where code_T is kNf4Code rounded to nearest (ties to even) in x's type T, because the tensor
+//   cores multiply T by T: each product code_T * x is exact in fp32, the sums are fp32 in an
+//   unspecified order, each 64-block's sum is scaled by its absmax (double-quantized, rebuilt as
+//   the CPU does it), and y is rounded to T. bitsandbytes' own 4-bit GEMV also rounds the levels
+//   to T (and the absmax too); this kernel keeps the absmax in fp32.
+// The CPU reference nf4_mma_cpu is nf4_gemv_cpu with the rounded code book; the kernel matches it
+// within the rounding of fp32 sums taken in another order.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/float_kind.h"
+#include "kernels/nf4.h"
+
+namespace lorad::kernels {
+
+// Rows of x per call: four 8-column tensor-core tiles.
+inline constexpr int kNf4MmaMaxRows = 32;
+
+// kNf4Code rounded to `kind` (bf16 or fp16; fp32 leaves it as is), as fp32 values.
+void nf4_code_rounded_to(FloatKind kind, float code[16]);
+
+// x: [rows, in_features] fp32 holding values of `kind`; packed, absmax as nf4_gemv_cpu;
+// y: [rows, out_features] fp32 (not rounded to `kind`).
+void nf4_mma_cpu(const float* x, int64_t rows, const uint8_t* packed, const float* absmax,
+                 int64_t out_features, int64_t in_features, FloatKind kind, float* y);
+
+#if defined(LORAD_WITH_CUDA)
+// Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
+// in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row), and x and y 16-byte
+// aligned (checked by the caller). Needs sm_80 or later.
+bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind);
+
+// Device pointers; x [rows, in_features] and y [rows, out_features] row-major, of `kind`.
+// absmax: device pointers plus the host-side offset. Enqueued on `stream` (a cudaStream_t);
+// returns nullptr on success or an error string. `overlapped`: programmatic dependent launch, as
+// nf4_gemv_cuda_overlapped (the weights are read before the preceding kernel on the stream ends,
+// x only after).
+const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
+                         const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
+                         void* y, void* stream, bool overlapped);
+
+// nf4_mma_cuda with the reduction axis cut into `parts` (1, 2, 4 or 8) warps per 16-row tile
+// instead of the planner's choice; an error if in_features / 256 is not a multiple of `parts`.
+// For bench/nf4_gemv_bench.cu and the GPU tests.
+const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
+                               const uint8_t* packed, const Nf4Absmax& absmax,
+                               int64_t out_features, int64_t in_features, void* y, void* stream);
+#endif
+
+}  // namespace lorad::kernels

@@ -1,0 +1,352 @@
+// The 4-bit decode products against their CPU references at Llama-3-8B shapes and odd ones, with
+// the weights' absmax double-quantized as bitsandbytes stores it: the GEMV kernel
+// (kernels/nf4_gemv.cpp) for fp32, bf16 and fp16 activations and 1..8 rows, the tensor-core
+// kernel (kernels/nf4_mma.cpp) for bf16 and fp16 and 1..32 rows. Needs a CUDA device.
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "kernels/bfloat16.h"
+#include "kernels/dynamic_quant8.h"
+#include "kernels/nf4_gemv.h"
+#include "kernels/nf4_mma.h"
+#include "tests/gpu/gpu_buffer.h"
+
+namespace lorad::kernels {
+namespace {
+
+using gpu_test::GpuBuffer;
+
+// An NF4 weight [out, in] with double-quantized absmax, on the host and the device.
+struct Nf4Weight {
+  int64_t out = 0, in = 0;
+  std::vector<uint8_t> packed, qabsmax;
+  std::vector<float> absmax2, absmax;  // absmax: the double-quantized values rebuilt (CPU)
+  float offset = 0.f;
+};
+
+Nf4Weight MakeWeight(int64_t out, int64_t in, uint32_t seed) {
+  Nf4Weight w;
+  w.out = out;
+  w.in = in;
+  const int64_t n = out * in, blocks = Nf4Blocks(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 0.02f);
+  std::vector<float> dense(n);
+  for (auto& v : dense) v = normal(rng);
+  w.packed.resize(Nf4PackedBytes(n));
+  std::vector<float> absmax(blocks);
+  nf4_quantize_cpu(dense.data(), n, w.packed.data(), absmax.data());
+  double sum = 0;
+  for (float a : absmax) sum += a;
+  w.offset = static_cast<float>(sum / blocks);
+  w.qabsmax.resize(blocks);
+  w.absmax2.resize((blocks + 255) / 256);
+  w.absmax.resize(blocks);
+  dynamic_quant8_quantize_cpu(absmax.data(), blocks, w.offset, kDynamicQuant8BlockSize,
+                              kDynamicMapSigned, w.qabsmax.data(), w.absmax2.data());
+  dynamic_quant8_dequantize_cpu(w.qabsmax.data(), w.absmax2.data(), kDynamicMapSigned, blocks,
+                                kDynamicQuant8BlockSize, w.offset, w.absmax.data());
+  return w;
+}
+
+// x rounded to `kind` (values as fp32 for the reference, raw bytes for the device).
+std::vector<char> Encode(std::vector<float>& x, FloatKind kind) {
+  std::vector<char> bytes(x.size() * FloatKindSize(kind));
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (kind == FloatKind::kF32) {
+      std::memcpy(&bytes[4 * i], &x[i], 4);
+    } else if (kind == FloatKind::kBF16) {
+      const uint16_t h = float_to_bf16(x[i]);
+      x[i] = bf16_to_float(h);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    } else {
+      const __half h = __float2half_rn(x[i]);
+      x[i] = __half2float(h);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    }
+  }
+  return bytes;
+}
+
+float Decode(const std::vector<char>& bytes, FloatKind kind, size_t i) {
+  if (kind == FloatKind::kF32) {
+    float v;
+    std::memcpy(&v, &bytes[4 * i], 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[2 * i], 2);
+  if (kind == FloatKind::kBF16) return bf16_to_float(h);
+  __half_raw raw;
+  raw.x = h;
+  return __half2float(__half(raw));
+}
+
+// mag[r * out + o] = |x| . |W| row by row (the dequantized weight, as the reference builds it):
+// the scale of the rounding errors a sum of these products may carry.
+std::vector<float> Magnitudes(const Nf4Weight& w, const std::vector<float>& x, int64_t rows) {
+  std::vector<float> mag(rows * w.out), wrow(w.in), xabs(x.size());
+  for (size_t i = 0; i < x.size(); ++i) xabs[i] = std::fabs(x[i]);
+  for (int64_t o = 0; o < w.out; ++o) {
+    for (int64_t k = 0; k < w.in; ++k) {
+      const int64_t i = o * w.in + k;
+      const uint8_t q = i % 2 == 0 ? w.packed[i / 2] >> 4 : w.packed[i / 2] & 0xF;
+      wrow[k] = std::fabs(kNf4Code[q] * w.absmax[i / kNf4BlockSize]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      double m = 0;
+      for (int64_t k = 0; k < w.in; ++k) m += double(wrow[k]) * xabs[r * w.in + k];
+      mag[r * w.out + o] = static_cast<float>(m);
+    }
+  }
+  return mag;
+}
+
+// A kernel variant under test: launches y = x W^T on the device, returns nullptr or the error.
+using Launch = std::function<const char*(const void* x, FloatKind kind, int64_t rows,
+                                         const Nf4Absmax& absmax, const uint8_t* packed, void* y)>;
+// The CPU reference for x of `kind`: y fp32.
+using Reference = std::function<void(const std::vector<float>& x, int64_t rows, FloatKind kind,
+                                     std::vector<float>& y)>;
+
+void CheckAgainstReference(const Nf4Weight& w, const std::vector<int64_t>& row_counts,
+                           uint32_t seed, const std::vector<FloatKind>& kinds,
+                           const Reference& reference,
+                           const std::vector<std::pair<const char*, Launch>>& variants) {
+  GpuBuffer<uint8_t> packed(w.packed), qabsmax(w.qabsmax);
+  GpuBuffer<float> absmax2(w.absmax2);
+  GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
+  const Nf4Absmax device_absmax{qabsmax.get(), absmax2.get(), code.get(), w.offset};
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (const FloatKind kind : kinds) {
+    for (const int64_t rows : row_counts) {
+      std::vector<float> x(rows * w.in);
+      for (auto& v : x) v = normal(rng);
+      const std::vector<char> x_bytes = Encode(x, kind);
+      std::vector<float> ref(rows * w.out);
+      reference(x, rows, kind, ref);
+      const std::vector<float> mag = Magnitudes(w, x, rows);
+      GpuBuffer<char> x_d(x_bytes);
+      // Tolerance: both sides sum the same in_features fp32 products in different orders (the
+      // kernel per 32-element chunk, scaled by the block's absmax, then across lanes). Rounding
+      // errors of such sums behave like a random walk: about sqrt(K) * u * sum|w x| (u = 2^-24);
+      // 8 times that covers both sums with a wide margin. A single wrong weight (wrong nibble,
+      // wrong block scale) moves y by about sum|w x| / K, which for K >= 64 is above the
+      // tolerance, so indexing bugs still fail. bf16/fp16 outputs may round to the neighbouring
+      // value: one unit in the last place, at most 2^-7 (bf16) or 2^-10 (fp16) of the value.
+      const double walk = 8.0 * std::sqrt(double(w.in)) * std::ldexp(1.0, -24);
+      const double ulp = kind == FloatKind::kBF16  ? std::ldexp(1.0, -7)
+                         : kind == FloatKind::kF16 ? std::ldexp(1.0, -10)
+                                                   : 0.0;
+      for (const auto& [name, launch] : variants) {
+        GpuBuffer<char> y_d(rows * w.out * FloatKindSize(kind));  // poisoned: NaN
+        LORAD_ASSERT_LAUNCH(launch(x_d.get(), kind, rows, device_absmax, packed.get(), y_d.get()));
+        const std::vector<char> y = y_d.Read();
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * w.out; ++i) {
+          const float got = Decode(y, kind, i);
+          const double tol = walk * mag[i] + ulp * std::fabs(ref[i]) + 1e-30;
+          if (!(std::fabs(got - ref[i]) <= tol) && ++bad <= 5) {
+            ADD_FAILURE() << name << ": out " << w.out << " in " << w.in << " rows " << rows
+                          << " kind " << static_cast<int>(kind) << " index " << i << ": gpu "
+                          << got << " cpu " << ref[i] << " tol " << tol;
+          }
+        }
+        EXPECT_EQ(bad, 0) << name << ": out " << w.out << " in " << w.in << " rows " << rows;
+      }
+    }
+  }
+}
+
+void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32_t seed) {
+  const Reference reference = [&](const std::vector<float>& x, int64_t rows, FloatKind,
+                                  std::vector<float>& y) {
+    nf4_gemv_cpu(x.data(), rows, w.packed.data(), w.absmax.data(), w.out, w.in, y.data());
+  };
+  std::vector<std::pair<const char*, Launch>> variants;
+  variants.emplace_back("nf4_gemv_cuda", [&](const void* x, FloatKind kind, int64_t rows,
+                                             const Nf4Absmax& a, const uint8_t* p, void* y) {
+    return nf4_gemv_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr);
+  });
+  variants.emplace_back("nf4_gemv_cuda_overlapped", [&](const void* x, FloatKind kind,
+                                                        int64_t rows, const Nf4Absmax& a,
+                                                        const uint8_t* p, void* y) {
+    return nf4_gemv_cuda_overlapped(x, kind, rows, p, a, w.out, w.in, y, nullptr);
+  });
+  for (const char* name : {"rows/warp 1", "rows/warp 2", "rows/warp 4"}) {
+    const int rows_per_warp = name[10] - '0';
+    variants.emplace_back(name, [&w, rows_per_warp](const void* x, FloatKind kind, int64_t rows,
+                                                    const Nf4Absmax& a, const uint8_t* p, void* y) {
+      return nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, kind, rows, p, a, w.out, w.in, y,
+                                         nullptr);
+    });
+  }
+  CheckAgainstReference(w, row_counts, seed, {FloatKind::kF32, FloatKind::kBF16, FloatKind::kF16},
+                        reference, variants);
+}
+
+// The tensor-core kernel against its reference (the code book rounded to x's type), with the
+// planner's split of the reduction axis, every split the shape allows, and programmatic launch.
+void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32_t seed) {
+  const Reference reference = [&](const std::vector<float>& x, int64_t rows, FloatKind kind,
+                                  std::vector<float>& y) {
+    nf4_mma_cpu(x.data(), rows, w.packed.data(), w.absmax.data(), w.out, w.in, kind, y.data());
+  };
+  std::vector<std::pair<const char*, Launch>> variants;
+  variants.emplace_back("nf4_mma_cuda", [&](const void* x, FloatKind kind, int64_t rows,
+                                            const Nf4Absmax& a, const uint8_t* p, void* y) {
+    return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, false);
+  });
+  variants.emplace_back("nf4_mma_cuda overlapped", [&](const void* x, FloatKind kind,
+                                                       int64_t rows, const Nf4Absmax& a,
+                                                       const uint8_t* p, void* y) {
+    return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true);
+  });
+  for (const char* name : {"parts 1", "parts 2", "parts 4", "parts 8"}) {
+    const int parts = name[6] - '0';
+    if ((w.in / 256) % parts != 0) continue;
+    variants.emplace_back(name, [&w, parts](const void* x, FloatKind kind, int64_t rows,
+                                            const Nf4Absmax& a, const uint8_t* p, void* y) {
+      return nf4_mma_cuda_parts(parts, x, kind, rows, p, a, w.out, w.in, y, nullptr);
+    });
+  }
+  CheckAgainstReference(w, row_counts, seed, {FloatKind::kBF16, FloatKind::kF16}, reference,
+                        variants);
+}
+
+// Llama-3-8B: q/o (4096 x 4096), k/v (1024 x 4096), gate/up (14336 x 4096), down (4096 x 14336).
+TEST(Nf4GemvGpu, LlamaShapesMatchTheCpuReference) {
+  for (const auto& [out, in] :
+       {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}}) {
+    CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(out + in)), {1, 3, 8}, 1);
+  }
+}
+
+// Odd output counts (a warp's last rows missing, a partial CUDA block), short rows (fewer 16-byte
+// chunks than a warp's lanes), and reductions split into parts of unequal length (in = 2112,
+// 4160, 9280: 66, 130, 290 chunks), every row count.
+TEST(Nf4GemvGpu, OddShapesMatchTheCpuReference) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 64},
+                                {7, 128},
+                                {33, 192},
+                                {4097, 320},
+                                {9, 1088},
+                                {130, 4160},
+                                {3, 2112},
+                                {21, 9280}}) {
+    CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(3 * out + in)), {1, 2, 3, 4, 5, 6, 7, 8},
+              2);
+  }
+}
+
+TEST(Nf4GemvGpu, RejectsShapesItDoesNotHandle) {
+  EXPECT_FALSE(nf4_gemv_cuda_supports(0, 4096));
+  EXPECT_FALSE(nf4_gemv_cuda_supports(kNf4GemvMaxRows + 1, 4096));
+  EXPECT_FALSE(nf4_gemv_cuda_supports(1, 4096 + 32));
+  EXPECT_TRUE(nf4_gemv_cuda_supports(1, 64));
+}
+
+// A chain of overlapped launches (programmatic dependent launch) where each GEMV reads the
+// previous one's output as x: every launch must wait for its predecessor before reading x.
+TEST(Nf4GemvGpu, OverlappedChainReadsEachPredecessorsOutput) {
+  const int64_t n = 4096;
+  const Nf4Weight w = MakeWeight(n, n, 99);
+  GpuBuffer<uint8_t> packed(w.packed), qabsmax(w.qabsmax);
+  GpuBuffer<float> absmax2(w.absmax2);
+  GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
+  const Nf4Absmax device_absmax{qabsmax.get(), absmax2.get(), code.get(), w.offset};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x0(n);
+  for (auto& v : x0) v = normal(rng);
+  // The weight's scale (std 0.02, K = 4096: |y| ~ 1.3 |x|) keeps six steps finite.
+  constexpr int kSteps = 6;
+  GpuBuffer<float> b0(x0);
+  std::vector<std::unique_ptr<GpuBuffer<float>>> outs;
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const float* in = b0.get();
+  for (int s = 0; s < kSteps; ++s) {
+    outs.push_back(std::make_unique<GpuBuffer<float>>(n));
+    ASSERT_EQ(nf4_gemv_cuda_overlapped(in, FloatKind::kF32, 1, packed.get(), device_absmax, n, n,
+                                       outs.back()->get(), stream),
+              nullptr);
+    in = outs.back()->get();
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaStreamDestroy(stream);
+  // Step by step: the device's own input (previous output) through the CPU reference; a launch
+  // that read x early would have read NaN (the poisoned buffer) or stale values.
+  std::vector<float> x = x0;
+  for (int s = 0; s < kSteps; ++s) {
+    std::vector<float> expect(n);
+    nf4_gemv_cpu(x.data(), 1, w.packed.data(), w.absmax.data(), n, n, expect.data());
+    const std::vector<float> got = outs[s]->Read();
+    double err = 0, norm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      err += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
+      norm += double(expect[i]) * expect[i];
+    }
+    EXPECT_LE(std::sqrt(err / norm), 1e-5) << "step " << s;
+    x = got;
+  }
+}
+
+// Llama-3-8B shapes, a decode batch's row counts (one, two and four 8-column tiles, partial ones).
+TEST(Nf4MmaGpu, LlamaShapesMatchTheCpuReference) {
+  for (const auto& [out, in] :
+       {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}}) {
+    CheckMma(MakeWeight(out, in, static_cast<uint32_t>(out + in)), {1, 8, 13, 32}, 3);
+  }
+}
+
+// Output counts that leave a 16-row tile or a CUDA block's tiles partly empty, short rows (one
+// pipeline stage), every row count from 1 to 32.
+TEST(Nf4MmaGpu, OddShapesMatchTheCpuReference) {
+  std::vector<int64_t> all_rows;
+  for (int64_t r = 1; r <= kNf4MmaMaxRows; ++r) all_rows.push_back(r);
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 256},
+                                {7, 512},
+                                {33, 768},
+                                {130, 2048},
+                                {1000, 256}}) {
+    CheckMma(MakeWeight(out, in, static_cast<uint32_t>(5 * out + in)), all_rows, 4);
+  }
+}
+
+TEST(Nf4MmaGpu, RejectsProblemsItDoesNotHandle) {
+  EXPECT_FALSE(nf4_mma_cuda_supports(1, 4096, FloatKind::kF32));
+  EXPECT_FALSE(nf4_mma_cuda_supports(0, 4096, FloatKind::kBF16));
+  EXPECT_FALSE(nf4_mma_cuda_supports(kNf4MmaMaxRows + 1, 4096, FloatKind::kBF16));
+  EXPECT_FALSE(nf4_mma_cuda_supports(1, 4096 + 64, FloatKind::kBF16));
+  EXPECT_TRUE(nf4_mma_cuda_supports(32, 256, FloatKind::kF16));
+  // 768 / 256 = 3 stages: two parts cannot split them evenly.
+  EXPECT_NE(nf4_mma_cuda_parts(2, nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, 16, 768,
+                               nullptr, nullptr),
+            nullptr);
+}
+
+// The reference itself: the bf16 code book is the levels rounded as the host rounds bf16, and a
+// product with it differs from nf4_gemv_cpu's by no more than that rounding.
+TEST(Nf4MmaGpu, RoundedCodeBookIsTheLevelsInTheActivationType) {
+  float bf16[16], f16[16], f32[16];
+  nf4_code_rounded_to(FloatKind::kBF16, bf16);
+  nf4_code_rounded_to(FloatKind::kF16, f16);
+  nf4_code_rounded_to(FloatKind::kF32, f32);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(bf16[i], bf16_to_float(float_to_bf16(kNf4Code[i]))) << i;
+    EXPECT_EQ(f16[i], __half2float(__float2half_rn(kNf4Code[i]))) << i;
+    EXPECT_EQ(f32[i], kNf4Code[i]) << i;
+  }
+}
+
+}  // namespace
+}  // namespace lorad::kernels
