@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "bench/bench_timer.h"
@@ -107,23 +109,23 @@ struct MmaRow {
   const char* name;
   int64_t out, in;
   double bytes;  // packed weights + absmax + x + y at batch 1
-  double t1, t1_pdl, t_parts[4], t8, t32, t32_blas, t32_dq, rel_diff;
+  double t1, t1_pdl, t_parts[5], t8, t32, t32_blas, t32_dq, rel_diff;
   bool graphed;
 };
 
 void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
   std::printf("\ntensor-core kernel (nf4_mma_cuda), bf16:\n");
-  std::printf("%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | %s\n",
+  std::printf("%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | %s\n",
               "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "parts=1", "2",
-              "4", "8", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+",
+              "4", "8", "16", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+",
               "max rel diff b=32");
   for (const MmaRow& m : rows) {
     const double gbs = m.bytes / m.t1 / 1e3;
-    std::printf("%-14s %5lld x %5lld | %8.2f %7.0f %5.0f%% | %8.2f %5.0f%% | %7.2f %7.2f %7.2f %7.2f | "
+    std::printf("%-14s %5lld x %5lld | %8.2f %7.0f %5.0f%% | %8.2f %5.0f%% | %7.2f %7.2f %7.2f %7.2f %7.2f | "
                 "%8.2f | %8.2f %9.2f %9.2f | %7.2fx %7.2fx | %.2e%s\n",
                 m.name, static_cast<long long>(m.out), static_cast<long long>(m.in), m.t1, gbs,
                 100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs,
-                m.t_parts[0], m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t8, m.t32, m.t32_blas,
+                m.t_parts[0], m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t_parts[4], m.t8, m.t32, m.t32_blas,
                 m.t32_dq, m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff,
                 m.graphed ? "" : "  (some not graphed)");
   }
@@ -173,7 +175,10 @@ int main() {
               "max rel diff");
   const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
   std::vector<MmaRow> mma_rows;
+  // NF4_BENCH_LAYER=<name>: only that layer (e.g. under a profiler).
+  const char* only = std::getenv("NF4_BENCH_LAYER");
   for (const Row& r : rows) {
+    if (only != nullptr && std::string(only) != r.name) continue;
     const int64_t n = r.out * r.in, blocks = Nf4Blocks(n), blocks2 = (blocks + 255) / 256;
     // One bf16 weight, its NF4 form with double-quantized absmax (as the engine stores it).
     __nv_bfloat16* w;
@@ -350,7 +355,7 @@ int main() {
       g = g && gi;
       m.t1_pdl = MedianMicros(stream, [&](int c) { nf4_mma(c, 1, 0, true); }, reps, samples, &gi);
       g = g && gi;
-      for (int p = 0; p < 4; ++p) {
+      for (int p = 0; p < 5; ++p) {
         const int parts = 1 << p;
         m.t_parts[p] = (r.in / 256) % parts == 0
                            ? MedianMicros(stream, [&](int c) { nf4_mma(c, 1, parts, false); },

@@ -82,9 +82,9 @@ if [ $BUILD_RC -eq 0 ]; then
   [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
     --adapters=0 --repetition_penalty=1.3 --fused_layer_ops=0 --variant=torch-layer-ops \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
-  # Batch 32 through the chunked 4-bit GEMV instead of dequantize + cuBLAS.
+  # Batch 32 through dequantize + cuBLAS (the path before the tensor-core 4-bit kernel).
   [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
-    --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=32 --variant=chunked-gemv \
+    --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=8 --variant=dequant-cublas \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
 fi
 # BENCH_HF=0 skips the baseline (a diagnosis run).

@@ -33,18 +33,26 @@
 namespace lorad::kernels {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStageBlocks = 4;  // 64-blocks per row per pipeline stage
+constexpr int kStages = 3;       // ring slots per warp: two stages in flight while one is decoded
 constexpr int kTileRows = 16;
 // Pair table: entry e (a packed byte) of lane l at byte e * 256 + 4 * l; the last entry's
 // unused half is not allocated.
 constexpr int kPairTableBytes = 255 * 256 + 128;
-static_assert(kPairTableBytes % 16 == 0, "code2 after the table stays aligned");
+// A warp's ring slot: 16 rows of kStageBlocks * 32 packed bytes, each row padded to 160 bytes so
+// the lanes' 8-byte reads (row g, byte 32u + 8t) fall in distinct banks; then the rows' 8-bit
+// absmax codes (4 bytes a row) and absmax2 values (one float a row).
+constexpr int kRowStride = kStageBlocks * 32 + 32;
+constexpr int kSlotWeights = kTileRows * kRowStride;
+constexpr int kSlotBytes = kSlotWeights + kTileRows * 4 + kTileRows * 4;
+constexpr int kRingBytes = kWarps * kStages * kSlotBytes;
+static_assert(kPairTableBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte aligned regions");
 
 __constant__ float kCodeDevice[16] = {
-    kNf4Code[0], kNf4Code[1], kNf4Code[2],  kNf4Code[3],  kNf4Code[4],  kNf4Code[5],
-    kNf4Code[6], kNf4Code[7], kNf4Code[8],  kNf4Code[9],  kNf4Code[10], kNf4Code[11],
+    kNf4Code[0],  kNf4Code[1],  kNf4Code[2],  kNf4Code[3], kNf4Code[4],  kNf4Code[5],
+    kNf4Code[6],  kNf4Code[7],  kNf4Code[8],  kNf4Code[9], kNf4Code[10], kNf4Code[11],
     kNf4Code[12], kNf4Code[13], kNf4Code[14], kNf4Code[15]};
 
 template <typename T>
@@ -79,14 +87,6 @@ struct TypeOps<__half> {
   static __device__ __half From(float v) { return __float2half_rn(v); }
 };
 
-__device__ __forceinline__ uint2 LoadStreaming8(const uint8_t* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
-               : "=r"(v.x), "=r"(v.y)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ void AllowDependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -98,32 +98,43 @@ __device__ __forceinline__ void WaitForPredecessor() {
 #endif
 }
 
-struct RowPointers {
-  const uint8_t* packed[2];  // rows g and g+8 (clamped), at the lane's byte 8t
-  int64_t first_block[2];    // global index of the row's first 64-block
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Asynchronous global -> shared copies (sm_80+): 16 bytes through L2 only, 4 bytes through L1.
+__device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void CopyAsync4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void CommitCopies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void WaitCopies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// What a lane copies for its warp's tile: 16-byte pieces (lane + 32 i) / 8 = rows lane / 8 + 4i,
+// piece lane % 8 of each row's stage bytes; lanes 0-15 also the 8-bit absmax codes of row `lane`,
+// lanes 16-31 the absmax2 value of row `lane - 16`.
+struct TileCopy {
+  const uint8_t* rows[4];   // packed row lane / 8 + 4i (clamped), at piece lane % 8
+  const uint8_t* qabsmax;   // lanes 0-15: the row's first 8-bit code
+  int64_t first_block;      // lanes 16-31: the row's first block (for absmax2)
 };
 
-// A lane's share of one pipeline stage: its 8 bytes of kStageBlocks blocks for rows g and g+8.
-// The buffer rolls: once block u of a stage is decoded, its slot is refilled with block u of the
-// next stage, so a stage's worth of loads is always in flight with one stage of registers.
-struct StageWeights {
-  uint2 w[2][kStageBlocks];
-};
-// The stage's 8-bit absmax codes (4 bytes, one per block, rows g and g+8) and the absmax2 of
-// their group of 256 blocks (4 aligned blocks never straddle a group).
-struct StageScales {
-  uint32_t qa[2];
-  float a2[2];
-};
-
-__device__ __forceinline__ void LoadScales(const RowPointers& rows, int64_t kb,
-                                           const uint8_t* __restrict__ qabsmax,
-                                           const float* __restrict__ absmax2, StageScales& s) {
+__device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, int64_t kb,
+                                          const float* __restrict__ absmax2, uint32_t slot) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t b = rows.first_block[h] + kb;  // a multiple of 4: blocks per row % 4 == 0
-    s.qa[h] = __ldg(reinterpret_cast<const uint32_t*>(qabsmax + b));
-    s.a2[h] = __ldg(absmax2 + (b >> 8));
+  for (int i = 0; i < 4; ++i) {
+    CopyAsync16(slot + (lane / 8 + 4 * i) * kRowStride + (lane % 8) * 16, tc.rows[i] + kb * 32);
+  }
+  if (lane < 16) {
+    CopyAsync4(slot + kSlotWeights + lane * 4, tc.qabsmax + kb);  // 4 codes, 4-byte aligned
+  } else {
+    // 4 aligned blocks never straddle a group of 256: one absmax2 for the stage.
+    CopyAsync4(slot + kSlotWeights + kTileRows * 4 + (lane - 16) * 4,
+               absmax2 + ((tc.first_block + kb) >> 8));
   }
 }
 
@@ -136,18 +147,23 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
   return *reinterpret_cast<const uint32_t*>(table + offset);
 }
 
+// Decodes one ring slot (kStageBlocks blocks of the warp's 16 rows) into acc.
 template <typename T, int NT>
-__device__ __forceinline__ void ComputeStage(StageWeights& weights, const StageScales& scales,
-                                             const RowPointers& rows, bool more,
-                                             const unsigned char* table, const float* code2,
-                                             float offset, uint32_t lane_offset,
-                                             const T* __restrict__ x, int64_t x_rows,
-                                             int64_t in_features, int64_t kb, int g, int t,
-                                             float acc[NT][4]) {
-#pragma unroll
-  for (int u = 0; u < kStageBlocks; ++u) {
-    // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u.
-    uint32_t xb[NT][8];
+__device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
+                                             const float* code2, float offset,
+                                             uint32_t lane_offset, const T* __restrict__ x,
+                                             int64_t x_rows, int64_t in_features, int64_t kb,
+                                             int g, int t, float acc[NT][4]) {
+  const uint32_t qa0 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + g * 4);
+  const uint32_t qa1 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + (g + 8) * 4);
+  const float* a2 = reinterpret_cast<const float*>(slot + kSlotWeights + kTileRows * 4);
+  const float a20 = a2[g], a21 = a2[g + 8];
+  // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u. x comes from L2
+  // (the ring leaves little L1), so with one tile all of the stage's are loaded up front: one
+  // round trip per stage, not per block. Four tiles would need 128 registers for that.
+  constexpr int kXBlocks = NT == 1 ? kStageBlocks : 1;
+  uint32_t xs[kXBlocks][NT][8];
+  auto load_x = [&](int u, uint32_t (&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int64_t n = 8 * nt + g;
@@ -162,11 +178,17 @@ __device__ __forceinline__ void ComputeStage(StageWeights& weights, const StageS
         for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
       }
     }
-    const uint2 w0 = weights.w[0][u], w1 = weights.w[1][u];
-    if (more) {  // the slot's next stage
-      weights.w[0][u] = LoadStreaming8(rows.packed[0] + (kb + kStageBlocks + u) * 32);
-      weights.w[1][u] = LoadStreaming8(rows.packed[1] + (kb + kStageBlocks + u) * 32);
-    }
+  };
+  if constexpr (NT == 1) {
+#pragma unroll
+    for (int u = 0; u < kStageBlocks; ++u) load_x(u, xs[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kStageBlocks; ++u) {
+    if constexpr (NT != 1) load_x(u, xs[0]);
+    uint32_t (&xb)[NT][8] = xs[NT == 1 ? u : 0];
+    const uint2 w0 = *reinterpret_cast<const uint2*>(slot + g * kRowStride + u * 32 + t * 8);
+    const uint2 w1 = *reinterpret_cast<const uint2*>(slot + (g + 8) * kRowStride + u * 32 + t * 8);
     float c[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
@@ -186,10 +208,8 @@ __device__ __forceinline__ void ComputeStage(StageWeights& weights, const StageS
       }
     }
     // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add).
-    const float scale0 =
-        __fadd_rn(__fmul_rn(code2[(scales.qa[0] >> (8 * u)) & 0xffu], scales.a2[0]), offset);
-    const float scale1 =
-        __fadd_rn(__fmul_rn(code2[(scales.qa[1] >> (8 * u)) & 0xffu], scales.a2[1]), offset);
+    const float scale0 = __fadd_rn(__fmul_rn(code2[(qa0 >> (8 * u)) & 0xffu], a20), offset);
+    const float scale1 = __fadd_rn(__fmul_rn(code2[(qa1 >> (8 * u)) & 0xffu], a21), offset);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       acc[nt][0] = fmaf(c[nt][0], scale0, acc[nt][0]);
@@ -197,16 +217,13 @@ __device__ __forceinline__ void ComputeStage(StageWeights& weights, const StageS
       acc[nt][2] = fmaf(c[nt][2], scale1, acc[nt][2]);
       acc[nt][3] = fmaf(c[nt][3], scale1, acc[nt][3]);
     }
-    // Keep each block's table reads with the block: hoisting a whole stage's 64 of them ahead
-    // would need 64 more registers and spill.
-    asm volatile("" ::: "memory");
   }
 }
 
-// Block b handles block tiles b, b + gridDim.x, ...; a block tile is 8 / parts row tiles of 16
-// rows, each reduced by `parts` warps over consecutive ranges of the 64-blocks.
+// Block b handles block tiles b, b + gridDim.x, ...; a block tile is kWarps / parts row tiles of
+// 16 rows, each reduced by `parts` warps over consecutive ranges of the 64-blocks.
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 1)
     nf4_mma_kernel(const T* __restrict__ x, int64_t x_rows, const uint8_t* __restrict__ packed,
                    const uint8_t* __restrict__ qabsmax, const float* __restrict__ absmax2,
                    const float* __restrict__ code2_global, float offset, int64_t out_features,
@@ -214,8 +231,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* table = smem;
   float* code2 = reinterpret_cast<float*>(smem + kPairTableBytes);
-  float* partial = code2 + 256;  // [kWarps][kTileRows][8 * NT]
+  unsigned char* ring = smem + kPairTableBytes + 256 * sizeof(float);
   constexpr int kCols = 8 * NT;
+  static_assert(kTileRows * kCols * sizeof(float) <= kSlotBytes, "partials fit a warp's slot");
 
   AllowDependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -228,31 +246,32 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t kb_end = kb_begin + blocks_per_row / parts;
   const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
   const int64_t block_tiles = (row_tiles + groups - 1) / groups;
+  unsigned char* my_ring = ring + warp * kStages * kSlotBytes;
+  const uint32_t my_ring_address = SharedAddress(my_ring);
 
   bool first = true;
 #pragma unroll 1
   for (int64_t bt = blockIdx.x; bt < block_tiles; bt += gridDim.x) {
     const int64_t row0 = (bt * groups + group) * kTileRows;
-    RowPointers rows;
+    TileCopy tc;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = min(row0 + g + 8 * h, out_features - 1);  // a missing row is never stored
-      rows.packed[h] = packed + r * (in_features / 2) + 8 * t;
-      rows.first_block[h] = r * blocks_per_row;
+    for (int i = 0; i < 4; ++i) {  // a missing row re-reads the last one and is never stored
+      const int64_t r = min(row0 + lane / 8 + 4 * i, out_features - 1);
+      tc.rows[i] = packed + r * (in_features / 2) + (lane % 8) * 16;
     }
-    StageWeights weights;
+    const int64_t scale_row = min(row0 + lane % 16, out_features - 1);
+    tc.qabsmax = qabsmax + scale_row * blocks_per_row;
+    tc.first_block = scale_row * blocks_per_row;
+    // Prologue: the first kStages - 1 stages in flight (empty groups keep the count uniform).
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int u = 0; u < kStageBlocks; ++u) {
-        weights.w[h][u] = LoadStreaming8(rows.packed[h] + (kb_begin + u) * 32);
-      }
+    for (int s = 0; s < kStages - 1; ++s) {
+      const int64_t kb = kb_begin + s * kStageBlocks;
+      if (kb < kb_end) CopyStage(tc, lane, kb, absmax2, my_ring_address + s * kSlotBytes);
+      CommitCopies();
     }
-    StageScales scales;
-    LoadScales(rows, kb_begin, qabsmax, absmax2, scales);
     if (first) {
-      // The table and code2 are constant inputs: built while the first loads are in flight and
-      // before the predecessor (which may write x) has finished.
+      // The table and code2 are constant inputs: built while the first copies are in flight
+      // and before the predecessor (which may write x) has finished.
       for (int e = warp; e < 256; e += kWarps) {
         *reinterpret_cast<uint32_t*>(table + e * 256 + lane_offset) =
             TypeOps<T>::Pair(kCodeDevice[e >> 4], kCodeDevice[e & 15]);
@@ -265,15 +284,22 @@ __global__ void __launch_bounds__(kThreads, 2)
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    int slot = 0;
 #pragma unroll 1
     for (int64_t kb = kb_begin; kb < kb_end; kb += kStageBlocks) {
-      const bool more = kb + kStageBlocks < kb_end;
-      StageScales next_scales;
-      if (more) LoadScales(rows, kb + kStageBlocks, qabsmax, absmax2, next_scales);
-      ComputeStage<T, NT>(weights, scales, rows, more, table, code2, offset, lane_offset, x,
-                          x_rows, in_features, kb, g, t, acc);
-      if (more) scales = next_scales;
+      WaitCopies<kStages - 2>();  // this stage's copies (this lane's) have landed
+      __syncwarp();               // ... and every lane's
+      // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
+      const int64_t ahead = kb + (kStages - 1) * kStageBlocks;
+      const int refill = slot == 0 ? kStages - 1 : slot - 1;
+      if (ahead < kb_end) CopyStage(tc, lane, ahead, absmax2, my_ring_address + refill * kSlotBytes);
+      CommitCopies();
+      ComputeStage<T, NT>(my_ring + slot * kSlotBytes, table, code2, offset, lane_offset, x, x_rows,
+                          in_features, kb, g, t, acc);
+      __syncwarp();  // every lane is done with the slot before it is refilled
+      slot = slot == kStages - 1 ? 0 : slot + 1;
     }
+    WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
 
     if (parts == 1) {
 #pragma unroll
@@ -282,12 +308,16 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int i = 0; i < 4; ++i) {
           const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
           const int64_t col = 8 * nt + 2 * t + (i & 1);
-          if (row < out_features && col < x_rows) y[col * out_features + row] = TypeOps<T>::From(acc[nt][i]);
+          if (row < out_features && col < x_rows) {
+            y[col * out_features + row] = TypeOps<T>::From(acc[nt][i]);
+          }
         }
       }
+      __syncwarp();
       continue;
     }
-    float* mine = partial + warp * kTileRows * kCols;
+    // Partial sums in the warp's own first slot: [kTileRows][kCols].
+    float* mine = reinterpret_cast<float*>(my_ring);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -303,16 +333,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int64_t row = (bt * groups + gi) * kTileRows + r;
       if (row >= out_features) continue;
       float v = 0.f;
-      for (int p = 0; p < parts; ++p) v += partial[((gi * parts + p) * kTileRows + r) * kCols + col];
+      for (int p = 0; p < parts; ++p) {
+        const float* theirs =
+            reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * kSlotBytes);
+        v += theirs[r * kCols + col];
+      }
       y[col * out_features + row] = TypeOps<T>::From(v);
     }
-    __syncthreads();  // partial is rewritten by the next tile
+    __syncthreads();  // the ring is refilled by the next tile
   }
 }
 
-constexpr size_t SharedBytes(int nt) {
-  return kPairTableBytes + 256 * sizeof(float) + size_t{kWarps} * kTileRows * 8 * nt * sizeof(float);
-}
+constexpr size_t SharedBytes() { return kPairTableBytes + 256 * sizeof(float) + kRingBytes; }
 
 // Per kernel instantiation: the shared-memory opt-in (once) and how many blocks fit on an SM.
 template <typename T, int NT>
@@ -322,9 +354,9 @@ int ResidentBlocksPerSm() {
   std::call_once(once, [] {
     const auto kernel = nf4_mma_kernel<T, NT>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(SharedBytes(NT))) != cudaSuccess ||
+                             static_cast<int>(SharedBytes())) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
-                                                      SharedBytes(NT)) != cudaSuccess) {
+                                                      SharedBytes()) != cudaSuccess) {
       cudaGetLastError();
       blocks = 0;
     }
@@ -380,7 +412,7 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const uint8_t* p
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(std::min(block_tiles, resident)));
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = SharedBytes(NT);
+  config.dynamicSmemBytes = SharedBytes();
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -426,8 +458,8 @@ const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const ui
     return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
            "in_features % 256 == 0)";
   }
-  if (parts != 0 && parts != 1 && parts != 2 && parts != 4 && parts != 8) {
-    return "nf4_mma_cuda: parts must be 1, 2, 4 or 8";
+  if (parts < 0 || parts > kWarps || (parts & (parts - 1)) != 0) {
+    return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
   }
   if (out_features <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
@@ -455,7 +487,7 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
 const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
                                const uint8_t* packed, const Nf4Absmax& absmax,
                                int64_t out_features, int64_t in_features, void* y, void* stream) {
-  if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4 or 8";
+  if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
   return Run(parts, x, kind, rows, packed, absmax, out_features, in_features, y, stream, false);
 }
 

@@ -44,7 +44,7 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
                          const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                          void* y, void* stream, bool overlapped);
 
-// nf4_mma_cuda with the reduction axis cut into `parts` (1, 2, 4 or 8) warps per 16-row tile
+// nf4_mma_cuda with the reduction axis cut into `parts` (1, 2, 4, 8 or 16) warps per 16-row tile
 // instead of the planner's choice; an error if in_features / 256 is not a multiple of `parts`.
 // For bench/nf4_gemv_bench.cu and the GPU tests.
 const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,

@@ -384,9 +384,11 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
     absmax.code2 = code2.data_ptr<float>();
     absmax.offset = offset;
     if (mma) {
+      // Overlapped (programmatic dependent launch): the kernel fetches its weights while the
+      // kernel before it finishes, and reads x only after; nothing on the stream writes weights.
       CheckLaunch(kernels::nf4_mma_cuda(x2.data_ptr(), *kind, rows, packed.data_ptr<uint8_t>(),
                                         absmax, out_features(), in_features(), y.data_ptr(),
-                                        CurrentStream(device()), /*overlapped=*/false),
+                                        CurrentStream(device()), /*overlapped=*/true),
                   "nf4_mma_cuda");
       return y;
     }

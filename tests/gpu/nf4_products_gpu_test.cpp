@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -210,8 +211,8 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
                                                        const uint8_t* p, void* y) {
     return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true);
   });
-  for (const char* name : {"parts 1", "parts 2", "parts 4", "parts 8"}) {
-    const int parts = name[6] - '0';
+  for (const char* name : {"parts 1", "parts 2", "parts 4", "parts 8", "parts 16"}) {
+    const int parts = std::atoi(name + 6);
     if ((w.in / 256) % parts != 0) continue;
     variants.emplace_back(name, [&w, parts](const void* x, FloatKind kind, int64_t rows,
                                             const Nf4Absmax& a, const uint8_t* p, void* y) {
