@@ -1,13 +1,13 @@
-// Decode GEMV at Llama-3-8B shapes, bf16 activations. First table (batch 1): lorad's NF4 GEMV (packed weights +
-// double-quantized absmax read directly) against the bf16 cuBLAS GEMV (cublasGemmEx) and against
-// dequantize-to-bf16-then-cuBLAS, all measured in this run, next to the device-to-device copy
-// bandwidth measured in this run too. 'nf4' is nf4_gemv_cuda with plain launches; 'pdl' is
-// nf4_gemv_cuda_overlapped (programmatic dependent launch: each launch in the back-to-back chain
-// fetches its weights while its predecessor finishes, as a chain of decode kernels would).
-// Second table: the tensor-core kernel (kernels/nf4_mma.h) at batch 1 (the planner's split and
-// each fixed split), batch 8 and batch 32, next to cuBLAS on the bf16 weight and
-// dequantize + cuBLAS at batch 32 (the engine's batch-32 path before this kernel), and the whole
-// decoder layer's bandwidth (its seven products' bytes over their summed times).
+// Decode GEMV at Llama-3-8B shapes, bf16 activations. First table (batch 1): lorad's NF4 GEMV
+// (packed weights + double-quantized absmax read directly) against the bf16 cuBLAS GEMV
+// (cublasGemmEx) and against dequantize-to-bf16-then-cuBLAS, all measured in this run, next to the
+// device-to-device copy bandwidth measured in this run too. 'nf4' is nf4_gemv_cuda with plain
+// launches; 'pdl' is nf4_gemv_cuda_overlapped (programmatic dependent launch: each launch in the
+// back-to-back chain fetches its weights while its predecessor finishes, as a chain of decode
+// kernels would). Second table: the tensor-core kernel (kernels/nf4_mma.h) at batch 1 (the
+// planner's split and each fixed split), batch 8 and batch 32, next to cuBLAS on the bf16 weight
+// and dequantize + cuBLAS at batch 32 (the engine's batch-32 path before this kernel), and the
+// whole decoder layer's bandwidth (its seven products' bytes over their summed times).
 //
 // Timing: bench_timer.h (warm-up, CUDA graph of back-to-back runs, CUDA events, median). Every
 // method rotates among enough copies of its weights to exceed the L2 cache several times, so the
@@ -115,19 +115,21 @@ struct MmaRow {
 
 void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
   std::printf("\ntensor-core kernel (nf4_mma_cuda), bf16:\n");
-  std::printf("%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | %s\n",
-              "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "parts=1", "2",
-              "4", "8", "16", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+",
-              "max rel diff b=32");
+  std::printf(
+      "%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | "
+      "%s\n",
+      "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "parts=1", "2", "4", "8",
+      "16", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+", "max rel diff b=32");
   for (const MmaRow& m : rows) {
     const double gbs = m.bytes / m.t1 / 1e3;
-    std::printf("%-14s %5lld x %5lld | %8.2f %7.0f %5.0f%% | %8.2f %5.0f%% | %7.2f %7.2f %7.2f %7.2f %7.2f | "
-                "%8.2f | %8.2f %9.2f %9.2f | %7.2fx %7.2fx | %.2e%s\n",
-                m.name, static_cast<long long>(m.out), static_cast<long long>(m.in), m.t1, gbs,
-                100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs,
-                m.t_parts[0], m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t_parts[4], m.t8, m.t32, m.t32_blas,
-                m.t32_dq, m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff,
-                m.graphed ? "" : "  (some not graphed)");
+    std::printf(
+        "%-14s %5lld x %5lld | %8.2f %7.0f %5.0f%% | %8.2f %5.0f%% | %7.2f %7.2f %7.2f %7.2f %7.2f "
+        "| "
+        "%8.2f | %8.2f %9.2f %9.2f | %7.2fx %7.2fx | %.2e%s\n",
+        m.name, static_cast<long long>(m.out), static_cast<long long>(m.in), m.t1, gbs,
+        100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs, m.t_parts[0],
+        m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t_parts[4], m.t8, m.t32, m.t32_blas, m.t32_dq,
+        m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff, m.graphed ? "" : "  (some not graphed)");
   }
   // A Llama-3-8B decoder layer: q, o (4096 x 4096), k, v (1024 x 4096), gate, up, down.
   double bytes = 0, t1 = 0, t1_pdl = 0, t32 = 0, t32_dq = 0;
@@ -139,12 +141,14 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
     t32 += count * m.t32;
     t32_dq += count * m.t32_dq;
   }
-  std::printf("decoder layer (q,k,v,o,gate,up,down): batch 1 %.1f us = %.0f GB/s = %.0f%% of copy "
-              "(pdl %.1f us = %.0f%%); batch 32 %.1f us vs dequantize + cuBLAS %.1f us (%.2fx)\n",
-              t1, bytes / t1 / 1e3, 100.0 * bytes / t1 / 1e3 / copy_gbs, t1_pdl,
-              100.0 * bytes / t1_pdl / 1e3 / copy_gbs, t32, t32_dq, t32_dq / t32);
-  std::printf("'%%copy' = achieved GB/s over the copy bandwidth above (issue 3's target: >= 70%%).\n"
-              "parts=N: batch 1 with the reduction split N ways (0 = shape does not allow it).\n");
+  std::printf(
+      "decoder layer (q,k,v,o,gate,up,down): batch 1 %.1f us = %.0f GB/s = %.0f%% of copy "
+      "(pdl %.1f us = %.0f%%); batch 32 %.1f us vs dequantize + cuBLAS %.1f us (%.2fx)\n",
+      t1, bytes / t1 / 1e3, 100.0 * bytes / t1 / 1e3 / copy_gbs, t1_pdl,
+      100.0 * bytes / t1_pdl / 1e3 / copy_gbs, t32, t32_dq, t32_dq / t32);
+  std::printf(
+      "'%%copy' = achieved GB/s over the copy bandwidth above (issue 3's target: >= 70%%).\n"
+      "parts=N: batch 1 with the reduction split N ways (0 = shape does not allow it).\n");
 }
 
 }  // namespace
@@ -169,10 +173,10 @@ int main() {
                       {"down_proj", 4096, 14336},
                       {"gate/up_proj", 14336, 4096},
                       {"k/v_proj", 1024, 4096}};
-  std::printf("%-14s %12s | %9s %7s %6s | %9s %7s %6s | %9s %7s | %11s | %8s %8s | %7s %7s %7s | %s\n",
-              "layer", "out x in", "nf4 us", "GB/s", "%copy", "pdl us", "GB/s", "%copy", "bf16 us",
-              "GB/s", "dq+bf16 us", "vs bf16", "vs dq+", "r/w=1", "r/w=2", "r/w=4",
-              "max rel diff");
+  std::printf(
+      "%-14s %12s | %9s %7s %6s | %9s %7s %6s | %9s %7s | %11s | %8s %8s | %7s %7s %7s | %s\n",
+      "layer", "out x in", "nf4 us", "GB/s", "%copy", "pdl us", "GB/s", "%copy", "bf16 us", "GB/s",
+      "dq+bf16 us", "vs bf16", "vs dq+", "r/w=1", "r/w=2", "r/w=4", "max rel diff");
   const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
   std::vector<MmaRow> mma_rows;
   // NF4_BENCH_LAYER=<name>: only that layer (e.g. under a profiler).
@@ -200,9 +204,9 @@ int main() {
     double sum = 0;
     for (float a : absmax_host) sum += a;
     const float offset = static_cast<float>(sum / blocks);
-    CheckKernel(dynamic_quant8_quantize_cuda(absmax, blocks, offset, 256, code, qabsmax, absmax2,
-                                             stream),
-                "double quant");
+    CheckKernel(
+        dynamic_quant8_quantize_cuda(absmax, blocks, offset, 256, code, qabsmax, absmax2, stream),
+        "double quant");
 
     // Rotating copies: NF4 (packed + qabsmax + absmax2) and bf16.
     const size_t nf4_bytes = n / 2 + blocks + blocks2 * 4;
@@ -239,37 +243,37 @@ int main() {
     const float alpha = 1.f, beta = 0.f;
     // y = W x with W [out, in] row-major = column-major [in, out]: y = op(A)^T x, lda = in.
     auto blas_gemv = [&](const __nv_bfloat16* weight, __nv_bfloat16* y) {
-      CheckBlas(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), 1,
-                             static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF,
-                             static_cast<int>(r.in), x, CUDA_R_16BF, static_cast<int>(r.in),
-                             &beta, y, CUDA_R_16BF, static_cast<int>(r.out), CUBLAS_COMPUTE_32F,
-                             CUBLAS_GEMM_DEFAULT),
-                "gemm");
+      CheckBlas(
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), 1,
+                       static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF, static_cast<int>(r.in),
+                       x, CUDA_R_16BF, static_cast<int>(r.in), &beta, y, CUDA_R_16BF,
+                       static_cast<int>(r.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "gemm");
     };
     // The same with `cols` rows of x (y = x W^T as column-major [out, cols]).
     auto blas_gemm = [&](const __nv_bfloat16* weight, __nv_bfloat16* y, int cols) {
-      CheckBlas(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), cols,
-                             static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF,
-                             static_cast<int>(r.in), x, CUDA_R_16BF, static_cast<int>(r.in),
-                             &beta, y, CUDA_R_16BF, static_cast<int>(r.out), CUBLAS_COMPUTE_32F,
-                             CUBLAS_GEMM_DEFAULT),
-                "gemm");
+      CheckBlas(
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r.out), cols,
+                       static_cast<int>(r.in), &alpha, weight, CUDA_R_16BF, static_cast<int>(r.in),
+                       x, CUDA_R_16BF, static_cast<int>(r.in), &beta, y, CUDA_R_16BF,
+                       static_cast<int>(r.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "gemm");
     };
     auto nf4_mma = [&](int c, int rows, int parts, bool overlapped) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
-      CheckKernel(parts == 0 ? nf4_mma_cuda(x, FloatKind::kBF16, rows, packed_c[c % nf4_copies],
-                                            am, r.out, r.in, y_nf4, stream, overlapped)
-                             : nf4_mma_cuda_parts(parts, x, FloatKind::kBF16, rows,
-                                                  packed_c[c % nf4_copies], am, r.out, r.in,
-                                                  y_nf4, stream),
-                  "nf4 mma");
+      CheckKernel(
+          parts == 0 ? nf4_mma_cuda(x, FloatKind::kBF16, rows, packed_c[c % nf4_copies], am, r.out,
+                                    r.in, y_nf4, stream, overlapped)
+                     : nf4_mma_cuda_parts(parts, x, FloatKind::kBF16, rows,
+                                          packed_c[c % nf4_copies], am, r.out, r.in, y_nf4, stream),
+          "nf4 mma");
     };
     auto nf4_variant = [&](int rows_per_warp, int c) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
-      CheckKernel(nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, FloatKind::kBF16, 1,
-                                              packed_c[c % nf4_copies], am, r.out, r.in, y_nf4,
-                                              stream),
-                  "nf4 gemv");
+      CheckKernel(
+          nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, FloatKind::kBF16, 1,
+                                      packed_c[c % nf4_copies], am, r.out, r.in, y_nf4, stream),
+          "nf4 gemv");
     };
     auto nf4_gemv = [&](int c) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
@@ -302,7 +306,8 @@ int main() {
     Check(cudaMemcpy(b.data(), y_blas, r.out * 2, cudaMemcpyDeviceToHost), "y");
     double max_diff = 0, max_ref = 0;
     for (int64_t i = 0; i < r.out; ++i) {
-      max_diff = std::max(max_diff, std::fabs(double(__bfloat162float(a[i])) - __bfloat162float(b[i])));
+      max_diff =
+          std::max(max_diff, std::fabs(double(__bfloat162float(a[i])) - __bfloat162float(b[i])));
       max_ref = std::max(max_ref, std::fabs(double(__bfloat162float(b[i]))));
     }
 
@@ -314,12 +319,12 @@ int main() {
     const double t_dq = MedianMicros(stream, dq_then_blas, 10, 21, &g3);
     bool g4 = false;
     const double t_pdl = MedianMicros(stream, nf4_overlapped, reps, samples, &g4);
-    const double t_r1 =
-        MedianMicros(stream, [&](int c) { nf4_variant(1, c); }, reps, samples, &g4);
-    const double t_r2 =
-        MedianMicros(stream, [&](int c) { nf4_variant(2, c); }, reps, samples, &g4);
-    const double t_r4 =
-        MedianMicros(stream, [&](int c) { nf4_variant(4, c); }, reps, samples, &g4);
+    const double t_r1 = MedianMicros(
+        stream, [&](int c) { nf4_variant(1, c); }, reps, samples, &g4);
+    const double t_r2 = MedianMicros(
+        stream, [&](int c) { nf4_variant(2, c); }, reps, samples, &g4);
+    const double t_r4 = MedianMicros(
+        stream, [&](int c) { nf4_variant(4, c); }, reps, samples, &g4);
     const double io = (r.in + r.out) * 2.0;
     const double gbs_nf4 = (nf4_bytes + io) / t_nf4 / 1e3;
     const double gbs_pdl = (nf4_bytes + io) / t_pdl / 1e3;
@@ -351,20 +356,24 @@ int main() {
       m.out = r.out;
       m.in = r.in;
       m.bytes = nf4_bytes + io;
-      m.t1 = MedianMicros(stream, [&](int c) { nf4_mma(c, 1, 0, false); }, reps, samples, &gi);
+      m.t1 = MedianMicros(
+          stream, [&](int c) { nf4_mma(c, 1, 0, false); }, reps, samples, &gi);
       g = g && gi;
-      m.t1_pdl = MedianMicros(stream, [&](int c) { nf4_mma(c, 1, 0, true); }, reps, samples, &gi);
+      m.t1_pdl = MedianMicros(
+          stream, [&](int c) { nf4_mma(c, 1, 0, true); }, reps, samples, &gi);
       g = g && gi;
       for (int p = 0; p < 5; ++p) {
         const int parts = 1 << p;
-        m.t_parts[p] = (r.in / 256) % parts == 0
-                           ? MedianMicros(stream, [&](int c) { nf4_mma(c, 1, parts, false); },
-                                          reps, samples, &gi)
-                           : 0.0;
+        m.t_parts[p] =
+            (r.in / 256) % parts == 0
+                ? MedianMicros(
+                      stream, [&](int c) { nf4_mma(c, 1, parts, false); }, reps, samples, &gi)
+                : 0.0;
       }
-      m.t8 = MedianMicros(stream, [&](int c) { nf4_mma(c, 8, 0, false); }, reps, samples, &gi);
-      m.t32 = MedianMicros(stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, 0, false); }, reps,
-                           samples, &gi);
+      m.t8 = MedianMicros(
+          stream, [&](int c) { nf4_mma(c, 8, 0, false); }, reps, samples, &gi);
+      m.t32 = MedianMicros(
+          stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, 0, false); }, reps, samples, &gi);
       g = g && gi;
       m.t32_blas = MedianMicros(
           stream, [&](int c) { blas_gemm(w_c[c % bf16_copies], y_blas, kNf4MmaMaxRows); }, reps,
@@ -393,18 +402,19 @@ int main() {
       cudaFree(absmax2_c[c]);
     }
     for (auto* p : w_c) cudaFree(p);
-    for (void* p : {static_cast<void*>(w), static_cast<void*>(packed), static_cast<void*>(absmax),
-                    static_cast<void*>(absmax_dq), static_cast<void*>(qabsmax),
-                    static_cast<void*>(absmax2), static_cast<void*>(code), static_cast<void*>(x),
-                    static_cast<void*>(y_nf4), static_cast<void*>(y_blas),
-                    static_cast<void*>(w_tmp)}) {
+    for (void* p :
+         {static_cast<void*>(w), static_cast<void*>(packed), static_cast<void*>(absmax),
+          static_cast<void*>(absmax_dq), static_cast<void*>(qabsmax), static_cast<void*>(absmax2),
+          static_cast<void*>(code), static_cast<void*>(x), static_cast<void*>(y_nf4),
+          static_cast<void*>(y_blas), static_cast<void*>(w_tmp)}) {
       cudaFree(p);
     }
   }
-  std::printf("\nnf4 GB/s counts packed weights + 8-bit absmax + absmax2 + x + y; bf16 GB/s the bf16\n"
-              "weight + x + y. 'vs bf16' = bf16 cuBLAS time / NF4 time (above 1: NF4 faster).\n"
-              "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
-              "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
+  std::printf(
+      "\nnf4 GB/s counts packed weights + 8-bit absmax + absmax2 + x + y; bf16 GB/s the bf16\n"
+      "weight + x + y. 'vs bf16' = bf16 cuBLAS time / NF4 time (above 1: NF4 faster).\n"
+      "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
+      "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
   PrintMmaTable(mma_rows, copy_gbs);
   cublasDestroy(blas);
   return 0;

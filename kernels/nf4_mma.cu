@@ -50,10 +50,10 @@ constexpr int kSlotBytes = kSlotWeights + kTileRows * 4 + kTileRows * 4;
 constexpr int kRingBytes = kWarps * kStages * kSlotBytes;
 static_assert(kPairTableBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte aligned regions");
 
-__constant__ float kCodeDevice[16] = {
-    kNf4Code[0],  kNf4Code[1],  kNf4Code[2],  kNf4Code[3], kNf4Code[4],  kNf4Code[5],
-    kNf4Code[6],  kNf4Code[7],  kNf4Code[8],  kNf4Code[9], kNf4Code[10], kNf4Code[11],
-    kNf4Code[12], kNf4Code[13], kNf4Code[14], kNf4Code[15]};
+__constant__ float kCodeDevice[16] = {kNf4Code[0],  kNf4Code[1],  kNf4Code[2],  kNf4Code[3],
+                                      kNf4Code[4],  kNf4Code[5],  kNf4Code[6],  kNf4Code[7],
+                                      kNf4Code[8],  kNf4Code[9],  kNf4Code[10], kNf4Code[11],
+                                      kNf4Code[12], kNf4Code[13], kNf4Code[14], kNf4Code[15]};
 
 template <typename T>
 struct TypeOps;
@@ -103,12 +103,15 @@ __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
 }
 // Asynchronous global -> shared copies (sm_80+): 16 bytes through L2 only, 4 bytes through L1.
 __device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src)
+               : "memory");
 }
 __device__ __forceinline__ void CopyAsync4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
-__device__ __forceinline__ void CommitCopies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void CommitCopies() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
 template <int kPending>
 __device__ __forceinline__ void WaitCopies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
@@ -118,9 +121,9 @@ __device__ __forceinline__ void WaitCopies() {
 // piece lane % 8 of each row's stage bytes; lanes 0-15 also the 8-bit absmax codes of row `lane`,
 // lanes 16-31 the absmax2 value of row `lane - 16`.
 struct TileCopy {
-  const uint8_t* rows[4];   // packed row lane / 8 + 4i (clamped), at piece lane % 8
-  const uint8_t* qabsmax;   // lanes 0-15: the row's first 8-bit code
-  int64_t first_block;      // lanes 16-31: the row's first block (for absmax2)
+  const uint8_t* rows[4];  // packed row lane / 8 + 4i (clamped), at piece lane % 8
+  const uint8_t* qabsmax;  // lanes 0-15: the row's first 8-bit code
+  int64_t first_block;     // lanes 16-31: the row's first block (for absmax2)
 };
 
 __device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, int64_t kb,
@@ -142,18 +145,17 @@ __device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, int64_t 
 __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t word, int i,
                                            uint32_t lane_offset) {
   // Result bytes: [0] = lane_offset (4 * lane), [1] = byte i of word, [2], [3] = 0.
-  const uint32_t offset =
-      __byte_perm(word, lane_offset, 0x5504u | (static_cast<uint32_t>(i) << 4));
+  const uint32_t offset = __byte_perm(word, lane_offset, 0x5504u | (static_cast<uint32_t>(i) << 4));
   return *reinterpret_cast<const uint32_t*>(table + offset);
 }
 
 // Decodes one ring slot (kStageBlocks blocks of the warp's 16 rows) into acc.
 template <typename T, int NT>
 __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
-                                             const float* code2, float offset,
-                                             uint32_t lane_offset, const T* __restrict__ x,
-                                             int64_t x_rows, int64_t in_features, int64_t kb,
-                                             int g, int t, float acc[NT][4]) {
+                                             const float* code2, float offset, uint32_t lane_offset,
+                                             const T* __restrict__ x, int64_t x_rows,
+                                             int64_t in_features, int64_t kb, int g, int t,
+                                             float acc[NT][4]) {
   const uint32_t qa0 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + g * 4);
   const uint32_t qa1 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + (g + 8) * 4);
   const float* a2 = reinterpret_cast<const float*>(slot + kSlotWeights + kTileRows * 4);
@@ -163,7 +165,7 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   // round trip per stage, not per block. Four tiles would need 128 registers for that.
   constexpr int kXBlocks = NT == 1 ? kStageBlocks : 1;
   uint32_t xs[kXBlocks][NT][8];
-  auto load_x = [&](int u, uint32_t (&xb)[NT][8]) {
+  auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int64_t n = 8 * nt + g;
@@ -186,7 +188,7 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
 #pragma unroll
   for (int u = 0; u < kStageBlocks; ++u) {
     if constexpr (NT != 1) load_x(u, xs[0]);
-    uint32_t (&xb)[NT][8] = xs[NT == 1 ? u : 0];
+    uint32_t(&xb)[NT][8] = xs[NT == 1 ? u : 0];
     const uint2 w0 = *reinterpret_cast<const uint2*>(slot + g * kRowStride + u * 32 + t * 8);
     const uint2 w1 = *reinterpret_cast<const uint2*>(slot + (g + 8) * kRowStride + u * 32 + t * 8);
     float c[NT][4];
@@ -292,7 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
       const int64_t ahead = kb + (kStages - 1) * kStageBlocks;
       const int refill = slot == 0 ? kStages - 1 : slot - 1;
-      if (ahead < kb_end) CopyStage(tc, lane, ahead, absmax2, my_ring_address + refill * kSlotBytes);
+      if (ahead < kb_end)
+        CopyStage(tc, lane, ahead, absmax2, my_ring_address + refill * kSlotBytes);
       CommitCopies();
       ComputeStage<T, NT>(my_ring + slot * kSlotBytes, table, code2, offset, lane_offset, x, x_rows,
                           in_features, kb, g, t, acc);
@@ -355,8 +358,8 @@ int ResidentBlocksPerSm() {
     const auto kernel = nf4_mma_kernel<T, NT>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(SharedBytes())) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
-                                                      SharedBytes()) != cudaSuccess) {
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, SharedBytes()) !=
+            cudaSuccess) {
       cudaGetLastError();
       blocks = 0;
     }
@@ -428,8 +431,8 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const uint8_t* p
     cudaGetLastError();
     config.numAttrs = 0;
     err = cudaLaunchKernelEx(&config, nf4_mma_kernel<T, NT>, xt, rows, packed, absmax.qabsmax,
-                             absmax.absmax2, absmax.code2, absmax.offset, out_features,
-                             in_features, parts, yt);
+                             absmax.absmax2, absmax.code2, absmax.offset, out_features, in_features,
+                             parts, yt);
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -485,8 +488,8 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
 }
 
 const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
-                               const uint8_t* packed, const Nf4Absmax& absmax,
-                               int64_t out_features, int64_t in_features, void* y, void* stream) {
+                               const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
+                               int64_t in_features, void* y, void* stream) {
   if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
   return Run(parts, x, kind, rows, packed, absmax, out_features, in_features, y, stream, false);
 }

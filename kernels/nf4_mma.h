@@ -48,8 +48,8 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
 // instead of the planner's choice; an error if in_features / 256 is not a multiple of `parts`.
 // For bench/nf4_gemv_bench.cu and the GPU tests.
 const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
-                               const uint8_t* packed, const Nf4Absmax& absmax,
-                               int64_t out_features, int64_t in_features, void* y, void* stream);
+                               const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
+                               int64_t in_features, void* y, void* stream);
 #endif
 
 }  // namespace lorad::kernels

@@ -157,8 +157,8 @@ void CheckAgainstReference(const Nf4Weight& w, const std::vector<int64_t>& row_c
           const double tol = walk * mag[i] + ulp * std::fabs(ref[i]) + 1e-30;
           if (!(std::fabs(got - ref[i]) <= tol) && ++bad <= 5) {
             ADD_FAILURE() << name << ": out " << w.out << " in " << w.in << " rows " << rows
-                          << " kind " << static_cast<int>(kind) << " index " << i << ": gpu "
-                          << got << " cpu " << ref[i] << " tol " << tol;
+                          << " kind " << static_cast<int>(kind) << " index " << i << ": gpu " << got
+                          << " cpu " << ref[i] << " tol " << tol;
           }
         }
         EXPECT_EQ(bad, 0) << name << ": out " << w.out << " in " << w.in << " rows " << rows;
@@ -177,11 +177,11 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
                                              const Nf4Absmax& a, const uint8_t* p, void* y) {
     return nf4_gemv_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr);
   });
-  variants.emplace_back("nf4_gemv_cuda_overlapped", [&](const void* x, FloatKind kind,
-                                                        int64_t rows, const Nf4Absmax& a,
-                                                        const uint8_t* p, void* y) {
-    return nf4_gemv_cuda_overlapped(x, kind, rows, p, a, w.out, w.in, y, nullptr);
-  });
+  variants.emplace_back(
+      "nf4_gemv_cuda_overlapped", [&](const void* x, FloatKind kind, int64_t rows,
+                                      const Nf4Absmax& a, const uint8_t* p, void* y) {
+        return nf4_gemv_cuda_overlapped(x, kind, rows, p, a, w.out, w.in, y, nullptr);
+      });
   for (const char* name : {"rows/warp 1", "rows/warp 2", "rows/warp 4"}) {
     const int rows_per_warp = name[10] - '0';
     variants.emplace_back(name, [&w, rows_per_warp](const void* x, FloatKind kind, int64_t rows,
@@ -206,11 +206,10 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
                                             const Nf4Absmax& a, const uint8_t* p, void* y) {
     return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, false);
   });
-  variants.emplace_back("nf4_mma_cuda overlapped", [&](const void* x, FloatKind kind,
-                                                       int64_t rows, const Nf4Absmax& a,
-                                                       const uint8_t* p, void* y) {
-    return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true);
-  });
+  variants.emplace_back(
+      "nf4_mma_cuda overlapped",
+      [&](const void* x, FloatKind kind, int64_t rows, const Nf4Absmax& a, const uint8_t* p,
+          void* y) { return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true); });
   for (const char* name : {"parts 1", "parts 2", "parts 4", "parts 8", "parts 16"}) {
     const int parts = std::atoi(name + 6);
     if ((w.in / 256) % parts != 0) continue;
@@ -314,11 +313,8 @@ TEST(Nf4MmaGpu, LlamaShapesMatchTheCpuReference) {
 TEST(Nf4MmaGpu, OddShapesMatchTheCpuReference) {
   std::vector<int64_t> all_rows;
   for (int64_t r = 1; r <= kNf4MmaMaxRows; ++r) all_rows.push_back(r);
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 256},
-                                {7, 512},
-                                {33, 768},
-                                {130, 2048},
-                                {1000, 256}}) {
+  for (const auto& [out, in] :
+       {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {33, 768}, {130, 2048}, {1000, 256}}) {
     CheckMma(MakeWeight(out, in, static_cast<uint32_t>(5 * out + in)), all_rows, 4);
   }
 }

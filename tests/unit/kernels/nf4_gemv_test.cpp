@@ -61,7 +61,8 @@ TEST(Nf4Mma, EqualsTheProductWithTheLevelsRoundedToTheActivationType) {
     int64_t differs = 0;
     for (int i = 0; i < 16; ++i) {
       // Rounded, not truncated: within half a unit (2^-8 bf16, 2^-11 fp16, relative).
-      const double half_unit = kind == FloatKind::kBF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+      const double half_unit =
+          kind == FloatKind::kBF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
       EXPECT_LE(std::fabs(double(code[i]) - kNf4Code[i]), half_unit * std::fabs(kNf4Code[i]));
       differs += code[i] != kNf4Code[i];
     }
