@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/nf4_gemv.h"
+#include "kernels/programmatic_launch.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -52,19 +53,6 @@ __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// Programmatic dependent launch (sm_90+). Without the launch attribute both are no-ops: wait
-// returns at once because the predecessor has completed before this grid started.
-__device__ __forceinline__ void AllowDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void WaitForPredecessor() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // Eight consecutive x values as fp32. p is 16-byte aligned (in_features % 64 == 0).
@@ -275,17 +263,6 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : 1)
   }
 }
 
-int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
-}
-
 // Rows per warp (when not fixed by the caller) and parts of the reduction axis: enough warps to
 // give every SM about kWarpsPerSm of them, parts of at least 32 chunks so every lane has work.
 struct Plan {
@@ -317,28 +294,10 @@ cudaError_t LaunchRows(const T* x, const uint8_t* packed, const Nf4Absmax& absma
   Codes codes{};
   for (int i = 0; i < 16; ++i) codes.code[i] = kNf4Code[i];
   const int64_t rows_per_block = static_cast<int64_t>(kWarps / parts) * kRows;
-  cudaLaunchConfig_t config{};
-  config.gridDim =
-      dim3(static_cast<unsigned>((out_features + rows_per_block - 1) / rows_per_block));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = overlapped ? 1 : 0;
-  cudaError_t err = cudaLaunchKernelEx(&config, nf4_gemv_kernel<T, M, kRows>, x, packed,
-                                       absmax.qabsmax, absmax.absmax2, absmax.code2, absmax.offset,
-                                       codes, out_features, in_features, parts, y);
-  if (err != cudaSuccess && overlapped) {  // no programmatic launch here: launch plainly
-    cudaGetLastError();
-    config.numAttrs = 0;
-    err = cudaLaunchKernelEx(&config, nf4_gemv_kernel<T, M, kRows>, x, packed, absmax.qabsmax,
-                             absmax.absmax2, absmax.code2, absmax.offset, codes, out_features,
-                             in_features, parts, y);
-  }
-  return err;
+  const dim3 grid(static_cast<unsigned>((out_features + rows_per_block - 1) / rows_per_block));
+  return LaunchMaybeOverlapped(nf4_gemv_kernel<T, M, kRows>, grid, dim3(kThreads), 0, stream,
+                               overlapped, x, packed, absmax.qabsmax, absmax.absmax2, absmax.code2,
+                               absmax.offset, codes, out_features, in_features, parts, y);
 }
 
 template <typename T, int kRows>

@@ -29,6 +29,7 @@
 #include <mutex>
 
 #include "kernels/nf4_mma.h"
+#include "kernels/programmatic_launch.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -86,17 +87,6 @@ struct TypeOps<__half> {
   }
   static __device__ __half From(float v) { return __float2half_rn(v); }
 };
-
-__device__ __forceinline__ void AllowDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void WaitForPredecessor() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -367,17 +357,6 @@ int ResidentBlocksPerSm() {
   return blocks;
 }
 
-int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
-}
-
 // The parts of the reduction axis: the candidate (1, 2, 4, 8 dividing the stages of a row) whose
 // rounds of resident blocks times stages per warp (plus two for the pipeline's start and the
 // reduction) is least; ties go to more parts (shorter tail).
@@ -412,29 +391,11 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const uint8_t* p
   }
   const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
   const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(std::min(block_tiles, resident)));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = SharedBytes();
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = overlapped ? 1 : 0;
-  const T* xt = static_cast<const T*>(x);
-  T* yt = static_cast<T*>(y);
-  cudaError_t err = cudaLaunchKernelEx(&config, nf4_mma_kernel<T, NT>, xt, rows, packed,
-                                       absmax.qabsmax, absmax.absmax2, absmax.code2, absmax.offset,
-                                       out_features, in_features, parts, yt);
-  if (err != cudaSuccess && overlapped) {  // no programmatic launch here: launch plainly
-    cudaGetLastError();
-    config.numAttrs = 0;
-    err = cudaLaunchKernelEx(&config, nf4_mma_kernel<T, NT>, xt, rows, packed, absmax.qabsmax,
-                             absmax.absmax2, absmax.code2, absmax.offset, out_features, in_features,
-                             parts, yt);
-  }
-  if (err == cudaSuccess) err = cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(std::min(block_tiles, resident)));
+  const cudaError_t err = LaunchMaybeOverlapped(
+      nf4_mma_kernel<T, NT>, grid, dim3(kThreads), SharedBytes(), stream, overlapped,
+      static_cast<const T*>(x), rows, packed, absmax.qabsmax, absmax.absmax2, absmax.code2,
+      absmax.offset, out_features, in_features, parts, static_cast<T*>(y));
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

@@ -1,0 +1,64 @@
+// Programmatic dependent launch (PDL, sm_90+) for the decode kernels that read constant weights:
+// such a kernel may start while the kernel before it on the stream is still running, fetch its
+// weights, and only then wait for its predecessor before reading activations. Shared by
+// nf4_gemv.cu and nf4_mma.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace lorad::kernels {
+
+// Lets the next PDL-launched kernel on the stream start. Without the launch attribute (or before
+// sm_90) a no-op.
+__device__ __forceinline__ void AllowDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Waits until the predecessor grid has completed and its writes are visible. Without the launch
+// attribute it returns at once: the predecessor completed before this grid started.
+__device__ __forceinline__ void WaitForPredecessor() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The current device's SM count (132, an H100/H200's, if the query fails).
+inline int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
+}
+
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), with programmatic stream
+// serialization when `overlapped`; where the device or driver refuses that, launches plainly.
+template <typename... Params, typename... Args>
+cudaError_t LaunchMaybeOverlapped(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  size_t shared_bytes, cudaStream_t stream, bool overlapped,
+                                  Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlapped ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  if (err != cudaSuccess && overlapped) {
+    cudaGetLastError();
+    config.numAttrs = 0;
+    err = cudaLaunchKernelEx(&config, kernel, args...);
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err;
+}
+
+}  // namespace lorad::kernels
