@@ -128,6 +128,7 @@ absl::Status Daemon::StartEngine() {
   options.train_share = config_.engine.train_share;
   options.max_training_jobs =
       static_cast<int32_t>(std::max<int64_t>(1, config_.training.max_running_jobs));
+  options.training_memory_budget_bytes = config_.training.memory_budget_mib << 20;
   const auto t0 = std::chrono::steady_clock::now();
   auto engine = engine::Engine::Start(options);
   if (!engine.ok()) {

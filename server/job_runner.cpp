@@ -192,6 +192,14 @@ void JobRunner::StartNextJob() {
     FailJob(job.id, std::string(config.status().message()));
     return;
   }
+  // The memory planner: a job that can never fit fails saying what it needs; one that fits only
+  // once a running job ends stays queued (the runner looks again when a job ends).
+  absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config);
+  if (!fits.ok()) {
+    FailJob(job.id, std::string(fits.status().message()));
+    return;
+  }
+  if (!*fits) return;
   if (auto s = store_.MarkRunning(job.id); !s.ok()) {
     Wake();  // cancelled meanwhile: look for the next one
     return;

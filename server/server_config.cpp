@@ -251,6 +251,11 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "training.max_running_jobs",
            [](ServerConfig& c) -> int64_t& { return c.training.max_running_jobs; }, 0, 16)},
+      {"training.memory_budget_mib",
+       IntField(
+           "training.memory_budget_mib",
+           [](ServerConfig& c) -> int64_t& { return c.training.memory_budget_mib; }, 0,
+           int64_t{1} << 24)},
       {"logging.level",
        StringField("logging.level", [](ServerConfig& c) -> std::string& { return c.logging.level; },
                    {"trace", "debug", "info", "warn", "error"})},

@@ -67,6 +67,9 @@ struct ServerConfig {
     // Jobs trained at once: 1, or 0 to hold every job in the queue (maintenance; they start when
     // the daemon is restarted with 1).
     int64_t max_running_jobs = 1;
+    // Memory the running jobs may hold together by the planner's estimate, MiB; 0 = no budget
+    // (on CUDA a job is still refused when the device's free memory cannot hold it).
+    int64_t memory_budget_mib = 0;
   } training;
   struct Logging {
     std::string level = "info";  // trace | debug | info | warn | error

@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -52,10 +53,21 @@ int64_t AvailableDeviceBytes(const DeviceInfo& device) {
 #endif
 }
 
+// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
 std::string GiB(int64_t bytes) {
   char text[32];
-  std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  if (bytes < (int64_t{1} << 30)) {
+    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  } else {
+    std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  }
   return text;
+}
+
+// What EstimateTrainingBytes says a job needs, in words: total and parts.
+std::string DescribeNeed(const TrainingMemoryEstimate& need) {
+  return "about " + GiB(need.total()) + " (LoRA " + GiB(need.lora_bytes) + ", activations " +
+         GiB(need.activation_bytes) + ", workspace " + GiB(need.workspace_bytes) + ")";
 }
 
 }  // namespace
@@ -82,8 +94,9 @@ struct Engine::Impl {
     TrainingEventCallback on_event;
   };
   std::deque<PendingJob> pending_jobs;
-  std::vector<std::string> active_job_ids;  // from hand-over until each job's last event
-  std::set<std::string> cancel_job_ids;     // cancels that arrived before the loop took the job
+  std::vector<std::string> active_job_ids;   // from hand-over until each job's last event
+  std::map<std::string, int64_t> job_bytes;  // each active job's estimated memory
+  std::set<std::string> cancel_job_ids;      // cancels that arrived before the loop took the job
   struct ActiveTrainer {
     std::string id;
     std::unique_ptr<Trainer> trainer;
@@ -102,6 +115,26 @@ struct Engine::Impl {
   void EndJob(const std::string& id) {  // under mu
     active_job_ids.erase(std::remove(active_job_ids.begin(), active_job_ids.end(), id),
                          active_job_ids.end());
+    job_bytes.erase(id);
+  }
+  // The estimate for a job on this device (bf16 on CUDA, fp32 on the CPU).
+  TrainingMemoryEstimate Need(const TrainingJobConfig& config) const {
+    return EstimateTrainingBytes(model->config(), config, device.device == "cpu" ? 4 : 2);
+  }
+  // TrainingFitsNow's answer, under mu.
+  absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need) const {
+    const int64_t budget = options.training_memory_budget_bytes;
+    if (budget <= 0) return true;
+    if (need.total() > budget) {
+      return absl::ResourceExhaustedError(
+          "the job needs " + DescribeNeed(need) + " of training memory but " +
+          "training.memory_budget_mib allows " + GiB(budget) +
+          "; raise the budget, or lower micro_batch_size or max_seq_length, or turn on "
+          "gradient_checkpointing");
+    }
+    int64_t held = 0;
+    for (const auto& [id, bytes] : job_bytes) held += bytes;
+    return need.total() <= budget - held;
   }
 };
 
@@ -124,6 +157,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
   }
   if (options.max_training_jobs < 1) {
     return absl::InvalidArgumentError("max_training_jobs must be at least 1");
+  }
+  if (options.training_memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError("training_memory_budget_bytes must be 0 (none) or more");
   }
   try {
     LlamaModelOptions model_options;
@@ -247,21 +283,21 @@ void Engine::Impl::StartJob(PendingJob job) {
     TrainingEvent failed;
     failed.kind = TrainingEvent::Kind::kFailed;
     failed.error = error;
+    {
+      // Ended before the event goes out: whoever hears it may start the next job at once.
+      std::lock_guard<std::mutex> lock(mu);
+      EndJob(id);
+      cancel_job_ids.erase(id);
+    }
     on_event(failed);
-    std::lock_guard<std::mutex> lock(mu);
-    EndJob(id);
-    cancel_job_ids.erase(id);
   };
   // The memory planner: refuse a job that cannot fit, saying how much it needs. What running
   // jobs hold is already missing from the free memory it measures.
   const int64_t available = AvailableDeviceBytes(device);
   if (available >= 0) {
-    const TrainingMemoryEstimate need =
-        EstimateTrainingBytes(model->config(), job.config, /*element_bytes=*/2);
+    const TrainingMemoryEstimate need = Need(job.config);
     if (need.total() > available) {
-      fail("the job needs about " + GiB(need.total()) + " of device memory (LoRA " +
-           GiB(need.lora_bytes) + ", activations " + GiB(need.activation_bytes) + ", workspace " +
-           GiB(need.workspace_bytes) + ") but " + GiB(available) +
+      fail("the job needs " + DescribeNeed(need) + " of device memory but " + GiB(available) +
            " is free beside the base model, the KV cache and the jobs already training; lower "
            "training.micro_batch_size or max_seq_length, or turn on gradient_checkpointing");
       return;
@@ -269,12 +305,14 @@ void Engine::Impl::StartJob(PendingJob job) {
   }
   auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job.config,
                                  [this, on_event, id](const TrainingEvent& event) {
-                                   on_event(event);
+                                   // The job's slot and memory are free before its last event
+                                   // goes out, so the next job can start on hearing it.
                                    if (event.kind == TrainingEvent::Kind::kFinished ||
                                        event.kind == TrainingEvent::Kind::kFailed) {
                                      std::lock_guard<std::mutex> lock(mu);
                                      EndJob(id);
                                    }
+                                   on_event(event);
                                  });
   if (!created.ok()) {
     fail(std::string(created.status().message()));
@@ -356,12 +394,28 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
           "training jobs " + absl::StrJoin(active, ", ") + " are running; " +
           std::to_string(impl_->options.max_training_jobs) + " train at a time");
     }
+    const TrainingMemoryEstimate need = impl_->Need(config);
+    absl::StatusOr<bool> fits = impl_->FitsNow(need);
+    if (!fits.ok()) return fits.status();
+    if (!*fits) {
+      return absl::ResourceExhaustedError(
+          "the job needs " + DescribeNeed(need) + " of training memory; the jobs " +
+          absl::StrJoin(active, ", ") + " hold the rest of training.memory_budget_mib (" +
+          GiB(impl_->options.training_memory_budget_bytes) + "): start it when one of them ends");
+    }
     active.push_back(job_id);
+    impl_->job_bytes[job_id] = need.total();
     impl_->pending_jobs.push_back(Impl::PendingJob{job_id, config, std::move(on_event)});
     impl_->pending_work = true;
   }
   impl_->wake.notify_one();
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config) const {
+  const TrainingMemoryEstimate need = impl_->Need(config);
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->FitsNow(need);
 }
 
 void Engine::CancelTraining(const std::string& job_id) {

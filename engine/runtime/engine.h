@@ -48,6 +48,10 @@ struct EngineOptions {
   double train_share = 0.3;
   // Training jobs active at once (>= 1); they share training's time, micro-batch by micro-batch.
   int32_t max_training_jobs = 1;
+  // Memory the active training jobs may hold together, by their EstimateTrainingBytes
+  // (engine/train/training_memory.h), beside the base model and the KV cache; 0 = no budget. On
+  // CUDA the device's free memory is checked as well when a job starts.
+  int64_t training_memory_budget_bytes = 0;
 };
 
 struct EngineStats {
@@ -92,9 +96,14 @@ class Engine {
   AdapterStore& adapters();
 
   // ---- training ----
+  // The memory planner's answer for a job with `config` under training_memory_budget_bytes:
+  // true when it fits beside the active jobs now; false when it fits only once some of them end
+  // (keep it queued); RESOURCE_EXHAUSTED, saying how much it needs, when it cannot fit even alone.
+  absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config) const;
   // Starts a job: validates the config, reads the dataset, resumes from the last checkpoint in
   // config.output_dir if one is there. FailedPrecondition while max_training_jobs jobs are
-  // active, or when job_id is one of them.
+  // active, or when job_id is one of them; RESOURCE_EXHAUSTED when it does not fit the training
+  // memory budget now (TrainingFitsNow).
   absl::Status StartTraining(const std::string& job_id, const TrainingJobConfig& config,
                              TrainingEventCallback on_event);
   // Asks the active job `job_id` to stop at its next micro-batch; it reports kFinished with

@@ -1,6 +1,8 @@
 """The product flow with a real client against the real daemon (tiny fixture model, NF4 base as
 QLoRA): submit a fine-tuning job, watch its loss step by step, see the adapter published, chat
 with it while a second job trains, scrape the metrics, cancel; and crash safety under kill -9."""
+import math
+import re
 import shutil
 import signal
 import threading
@@ -261,6 +263,59 @@ def test_two_jobs_train_at_once_with_the_losses_of_each_alone(tmp_path, stubs):
         want = [s.loss for s in solo_steps]
         for job_id, losses in results.items():
             assert losses == pytest.approx(want, rel=1e-5), f"job {job_id} trained differently"
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
+def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_later(tmp_path, stubs):
+    """training.memory_budget_mib: a job whose estimate exceeds the budget fails at once with a
+    message that says how much it needs, and the daemon keeps serving; with room for one job of
+    two (max_running_jobs 2), the second waits queued until the first ends, then trains."""
+    tpb = stubs.training_pb2
+    first_dir, second_dir = tmp_path / "one-mib", tmp_path / "room-for-one"
+    prepare(first_dir)
+    d = start_daemon(first_dir, "--set", "training.memory_budget_mib=1")
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        big = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "too-big", 5)), timeout=30)
+        job = wait_for_state(train, tpb, big.id, tpb.JOB_STATE_FAILED)
+        found = re.search(r"needs about ([0-9.]+) MiB", job.error)
+        assert found and "training.memory_budget_mib allows 1.0 MiB" in job.error, job.error
+        need_mib = float(found.group(1))
+        assert need_mib > 1, job.error
+        listed = train.ListJobs(tpb.ListJobsRequest(), timeout=10)
+        assert [j.id for j in listed.jobs] == [big.id]
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+    prepare(second_dir)
+    budget = math.ceil(need_mib * 1.5)  # one job fits, two do not
+    d = start_daemon(second_dir, "--set", "training.max_running_jobs=2",
+                     "--set", f"training.memory_budget_mib={budget}")
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        a = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "first", 30)), timeout=30)
+        b = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "second", 30)), timeout=30)
+        seen_waiting = False
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            got = {j: train.GetJob(tpb.GetJobRequest(job_id=j), timeout=10).state
+                   for j in (a.id, b.id)}
+            assert not (got[a.id] == got[b.id] == tpb.JOB_STATE_RUNNING), \
+                "two jobs ran at once beyond the memory budget"
+            seen_waiting |= got[a.id] == tpb.JOB_STATE_RUNNING and got[b.id] == tpb.JOB_STATE_QUEUED
+            if got[b.id] != tpb.JOB_STATE_QUEUED:
+                break  # the first ended and the second started (or ended)
+            time.sleep(0.02)
+        assert seen_waiting, "the second job should wait queued while the first trains"
+        for job in (a, b):
+            _, states, steps = watch_until_done(train, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            assert len(steps) == 30
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
