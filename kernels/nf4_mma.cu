@@ -26,8 +26,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
+#include <type_traits>
 
+#include "kernels/device_float.cuh"
 #include "kernels/nf4_mma.h"
 #include "kernels/programmatic_launch.cuh"
 
@@ -56,37 +59,33 @@ __constant__ float kCodeDevice[16] = {kNf4Code[0],  kNf4Code[1],  kNf4Code[2],  
                                       kNf4Code[8],  kNf4Code[9],  kNf4Code[10], kNf4Code[11],
                                       kNf4Code[12], kNf4Code[13], kNf4Code[14], kNf4Code[15]};
 
+// Bits of (lo, hi) rounded to T, lo in the low half (the smaller k).
 template <typename T>
-struct TypeOps;
-template <>
-struct TypeOps<__nv_bfloat16> {
-  // Bits of (lo, hi) rounded to bf16, lo in the low half (the smaller k).
-  static __device__ uint32_t Pair(float lo, float hi) {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
+__device__ __forceinline__ uint32_t Pair(float lo, float hi) {
+  T p[2];
+  StoreAs(&p[0], lo);
+  StoreAs(&p[1], hi);
+  uint32_t bits;
+  memcpy(&bits, p, sizeof bits);
+  return bits;
+}
+
+// c += A B for one m16n8k16 tile, T = bf16 or fp16, fp32 accumulation.
+#define LORAD_NF4_MMA(TYPE)                                  \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE \
+      ".f32 {%0, %1, %2, %3}, "                              \
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"        \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <typename T>
+__device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    LORAD_NF4_MMA("bf16");
+  } else {
+    LORAD_NF4_MMA("f16");
   }
-  static __device__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __nv_bfloat16 From(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct TypeOps<__half> {
-  static __device__ uint32_t Pair(float lo, float hi) {
-    const __half2 p = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
-  }
-  static __device__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __half From(float v) { return __float2half_rn(v); }
-};
+}
+#undef LORAD_NF4_MMA
 
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -196,7 +195,7 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
       a[3] = PairOf(table, word1, i + 1, lane_offset);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        TypeOps<T>::Mma(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
+        Mma<T>(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
       }
     }
     // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add).
@@ -266,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // and before the predecessor (which may write x) has finished.
       for (int e = warp; e < 256; e += kWarps) {
         *reinterpret_cast<uint32_t*>(table + e * 256 + lane_offset) =
-            TypeOps<T>::Pair(kCodeDevice[e >> 4], kCodeDevice[e & 15]);
+            Pair<T>(kCodeDevice[e >> 4], kCodeDevice[e & 15]);
       }
       for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = code2_global[i];
       WaitForPredecessor();
@@ -302,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
           const int64_t col = 8 * nt + 2 * t + (i & 1);
           if (row < out_features && col < x_rows) {
-            y[col * out_features + row] = TypeOps<T>::From(acc[nt][i]);
+            StoreAs(&y[col * out_features + row], acc[nt][i]);
           }
         }
       }
@@ -331,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * kSlotBytes);
         v += theirs[r * kCols + col];
       }
-      y[col * out_features + row] = TypeOps<T>::From(v);
+      StoreAs(&y[col * out_features + row], v);
     }
     __syncthreads();  // the ring is refilled by the next tile
   }
