@@ -159,9 +159,10 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   const uint32_t qa1 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + (g + 8) * 4);
   const float* a2 = reinterpret_cast<const float*>(slot + kSlotWeights + kTileRows * 4);
   const float a20 = a2[g], a21 = a2[g + 8];
-  // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u. x comes from L2
-  // (the ring leaves little L1), so with one tile all of the stage's are loaded up front: one
-  // round trip per stage, not per block. Four tiles would need 128 registers for that.
+  // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u. With one tile all
+  // of the stage's are loaded up front (one round trip per stage, not per block, should x miss
+  // the little L1 the ring leaves; measured neutral on the H200); four tiles would need 128
+  // registers for that.
   constexpr int kXBlocks = NT == 1 ? kStageBlocks : 1;
   uint32_t xs[kXBlocks][NT][8];
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
