@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Sourced by bench/run_*_on_device.sh: the GPU machine has CUDA, CMake, ninja and torch
-# (/opt/torch/.venv) but not the engine's C++ dependencies, which .device-debs-engine/ carries as
-# Debian packages (see bench/run_engine_bench_on_device.sh for how to fill it).
+# Sourced by bench/run_*_on_device.sh (from the repository root): the places and helpers they
+# share, and the engine build. The GPU machine has CUDA, CMake, ninja and torch (/opt/torch/.venv)
+# but not the engine's C++ dependencies, which .device-debs-engine/ carries as Debian packages
+# (see bench/run_engine_bench_on_device.sh for how to fill it).
+ROOT=$(pwd)
+PY=/opt/torch/.venv/bin/python
+[ -x "$PY" ] || PY=python3
+DEPS=/tmp/lorad-bench-deps  # the unpacked .device-debs-engine/
+WORK=/tmp/lorad-bench       # models and datasets
+BUILD=$ROOT/build-device-bench
+export PYTHONUNBUFFERED=1
+mkdir -p "$DEPS" "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
 #
 #   build_engine_bench LOG TARGET...
 # unpacks them into $DEPS (never into /), configures $BUILD for the engine benchmarks (sm_90,
@@ -26,4 +36,13 @@ build_engine_bench() {
       -DCMAKE_PREFIX_PATH="$torch_cmake;$DEPS/usr" "${pkgconf[@]}" &&
       timeout 330 cmake --build "$BUILD" --target "$@" -j14
   } > "$log" 2>&1
+}
+
+#   build_and_report LOG TARGET...
+# build_engine_bench, then its exit code in BUILD_RC, a log line, and the log's tail on failure.
+build_and_report() {
+  build_engine_bench "$@"
+  BUILD_RC=$?
+  log "build exit $BUILD_RC (log: $(basename "$1"))"
+  [ $BUILD_RC -eq 0 ] || tail -40 "$1"
 }

@@ -22,17 +22,8 @@ OUT=${OUT:-/tmp/lorad-engine-bench-out}
 DATE=${BENCH_DATE:-2026-12-01}
 SHAPE=${BENCH_SHAPE:-1b}
 mkdir -p "$OUT"
-ROOT=$(pwd)
-PY=/opt/torch/.venv/bin/python
-[ -x "$PY" ] || PY=python3
-DEPS=/tmp/lorad-bench-deps
-WORK=/tmp/lorad-bench
+source bench/device_build.sh
 MODEL=$WORK/model-$SHAPE
-BUILD=$ROOT/build-device-bench
-export PYTHONUNBUFFERED=1
-mkdir -p "$DEPS" "$WORK"
-
-log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 # ---- the model, on the GPU, while the C++ builds on the CPUs --------------------------------------
 log "generating the $SHAPE random model"
@@ -43,11 +34,7 @@ MODEL_PID=$!
 
 # ---- dependencies into a private prefix, then the build ------------------------------------------
 log "building"
-source bench/device_build.sh
-build_engine_bench "$OUT/build.log" trainer_bench generation_bench
-BUILD_RC=$?
-log "build exit code $BUILD_RC (log: build.log)"
-[ $BUILD_RC -eq 0 ] || tail -40 "$OUT/build.log"
+build_and_report "$OUT/build.log" trainer_bench generation_bench
 wait $MODEL_PID
 log "model: $(tail -1 "$OUT/model.log")"
 

@@ -16,15 +16,8 @@ OUT=${OUT:-/tmp/lorad-generation-bench-out}
 DATE=${BENCH_DATE:-$(date +%F)}
 SHAPE=${BENCH_SHAPE:-8b}
 mkdir -p "$OUT"
-ROOT=$(pwd)
-PY=/opt/torch/.venv/bin/python
-DEPS=/tmp/lorad-bench-deps
-WORK=/tmp/lorad-bench
+source bench/device_build.sh
 MODEL=$WORK/model-$SHAPE
-BUILD=$ROOT/build-device-bench
-export PYTHONUNBUFFERED=1
-mkdir -p "$DEPS" "$WORK"
-log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 log "model ($SHAPE) and kernel tests"
 rm -f "$WORK/model.done"
@@ -44,11 +37,7 @@ else
 fi
 TESTS_PID=$!
 
-source bench/device_build.sh
-build_engine_bench "$OUT/build.log" generation_bench
-BUILD_RC=$?
-log "build exit $BUILD_RC"
-[ $BUILD_RC -eq 0 ] || tail -30 "$OUT/build.log"
+build_and_report "$OUT/build.log" generation_bench
 wait $TESTS_PID
 log "gpu tests: $(grep -E '^\[  (PASSED|FAILED)|skipped' "$OUT/gpu-tests/summary.txt" | tr '\n' ' ')"
 wait $MODEL_PID

@@ -13,14 +13,7 @@ OUT=${OUT:-/tmp/lorad-trainer-bench-out}
 DATE=${BENCH_DATE:-2026-12-01}
 SHAPES=${BENCH_SHAPES:-1b 8b}
 mkdir -p "$OUT"
-ROOT=$(pwd)
-PY=/opt/torch/.venv/bin/python
-DEPS=/tmp/lorad-bench-deps
-WORK=/tmp/lorad-bench
-BUILD=$ROOT/build-device-bench
-export PYTHONUNBUFFERED=1
-mkdir -p "$DEPS" "$WORK"
-log() { echo "[$(date +%H:%M:%S)] $*"; }
+source bench/device_build.sh
 
 for shape in $SHAPES; do
   "$PY" bench/make_bench_model.py --out "$WORK/model-$shape" --shape "$shape" --vocab 128256 \
@@ -30,11 +23,7 @@ MODEL_PID=$!
 "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
   > "$OUT/dataset.log" 2>&1
 
-source bench/device_build.sh
-build_engine_bench "$OUT/build.log" trainer_bench
-BUILD_RC=$?
-log "build exit $BUILD_RC"
-[ $BUILD_RC -eq 0 ] || tail -30 "$OUT/build.log"
+build_and_report "$OUT/build.log" trainer_bench
 wait $MODEL_PID
 
 header() {
