@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace lorad::kernels {
 
 // Lets the next PDL-launched kernel on the stream start. Without the launch attribute (or before
@@ -23,15 +25,27 @@ __device__ __forceinline__ void WaitForPredecessor() {
 #endif
 }
 
-// The current device's SM count (132, an H100/H200's, if the query fails).
+// The current device's SM count (132, an H100/H200's, if the query fails). Asked of the driver
+// once per device: the decode kernels plan every launch with it.
 inline int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    if (const int sms = known[device].load(std::memory_order_relaxed); sms > 0) return sms;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       sms <= 0) {
     cudaGetLastError();
     return 132;
   }
+  if (cacheable) known[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 

@@ -54,7 +54,7 @@ int64_t AvailableDeviceBytes(const DeviceInfo& device) {
 }
 
 // "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
-std::string GiB(int64_t bytes) {
+std::string ReadableBytes(int64_t bytes) {
   char text[32];
   if (bytes < (int64_t{1} << 30)) {
     std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
@@ -66,8 +66,9 @@ std::string GiB(int64_t bytes) {
 
 // What EstimateTrainingBytes says a job needs, in words: total and parts.
 std::string DescribeNeed(const TrainingMemoryEstimate& need) {
-  return "about " + GiB(need.total()) + " (LoRA " + GiB(need.lora_bytes) + ", activations " +
-         GiB(need.activation_bytes) + ", workspace " + GiB(need.workspace_bytes) + ")";
+  return "about " + ReadableBytes(need.total()) + " (LoRA " + ReadableBytes(need.lora_bytes) +
+         ", activations " + ReadableBytes(need.activation_bytes) + ", workspace " +
+         ReadableBytes(need.workspace_bytes) + ")";
 }
 
 }  // namespace
@@ -128,7 +129,7 @@ struct Engine::Impl {
     if (need.total() > budget) {
       return absl::ResourceExhaustedError(
           "the job needs " + DescribeNeed(need) + " of training memory but " +
-          "training.memory_budget_mib allows " + GiB(budget) +
+          "training.memory_budget_mib allows " + ReadableBytes(budget) +
           "; raise the budget, or lower micro_batch_size or max_seq_length, or turn on "
           "gradient_checkpointing");
     }
@@ -297,7 +298,8 @@ void Engine::Impl::StartJob(PendingJob job) {
   if (available >= 0) {
     const TrainingMemoryEstimate need = Need(job.config);
     if (need.total() > available) {
-      fail("the job needs " + DescribeNeed(need) + " of device memory but " + GiB(available) +
+      fail("the job needs " + DescribeNeed(need) + " of device memory but " +
+           ReadableBytes(available) +
            " is free beside the base model, the KV cache and the jobs already training; lower "
            "training.micro_batch_size or max_seq_length, or turn on gradient_checkpointing");
       return;
@@ -401,7 +403,8 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
       return absl::ResourceExhaustedError(
           "the job needs " + DescribeNeed(need) + " of training memory; the jobs " +
           absl::StrJoin(active, ", ") + " hold the rest of training.memory_budget_mib (" +
-          GiB(impl_->options.training_memory_budget_bytes) + "): start it when one of them ends");
+          ReadableBytes(impl_->options.training_memory_budget_bytes) +
+          "): start it when one of them ends");
     }
     active.push_back(job_id);
     impl_->job_bytes[job_id] = need.total();

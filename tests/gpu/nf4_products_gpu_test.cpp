@@ -6,11 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/bfloat16.h"
@@ -120,7 +120,7 @@ using Reference = std::function<void(const std::vector<float>& x, int64_t rows, 
 void CheckAgainstReference(const Nf4Weight& w, const std::vector<int64_t>& row_counts,
                            uint32_t seed, const std::vector<FloatKind>& kinds,
                            const Reference& reference,
-                           const std::vector<std::pair<const char*, Launch>>& variants) {
+                           const std::vector<std::pair<std::string, Launch>>& variants) {
   GpuBuffer<uint8_t> packed(w.packed), qabsmax(w.qabsmax);
   GpuBuffer<float> absmax2(w.absmax2);
   GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
@@ -172,7 +172,7 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
                                   std::vector<float>& y) {
     nf4_gemv_cpu(x.data(), rows, w.packed.data(), w.absmax.data(), w.out, w.in, y.data());
   };
-  std::vector<std::pair<const char*, Launch>> variants;
+  std::vector<std::pair<std::string, Launch>> variants;
   variants.emplace_back("nf4_gemv_cuda", [&](const void* x, FloatKind kind, int64_t rows,
                                              const Nf4Absmax& a, const uint8_t* p, void* y) {
     return nf4_gemv_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr);
@@ -182,13 +182,13 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
                                       const Nf4Absmax& a, const uint8_t* p, void* y) {
         return nf4_gemv_cuda_overlapped(x, kind, rows, p, a, w.out, w.in, y, nullptr);
       });
-  for (const char* name : {"rows/warp 1", "rows/warp 2", "rows/warp 4"}) {
-    const int rows_per_warp = name[10] - '0';
-    variants.emplace_back(name, [&w, rows_per_warp](const void* x, FloatKind kind, int64_t rows,
-                                                    const Nf4Absmax& a, const uint8_t* p, void* y) {
-      return nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, kind, rows, p, a, w.out, w.in, y,
-                                         nullptr);
-    });
+  for (const int rows_per_warp : {1, 2, 4}) {
+    variants.emplace_back("rows/warp " + std::to_string(rows_per_warp),
+                          [&w, rows_per_warp](const void* x, FloatKind kind, int64_t rows,
+                                              const Nf4Absmax& a, const uint8_t* p, void* y) {
+                            return nf4_gemv_cuda_rows_per_warp(rows_per_warp, x, kind, rows, p, a,
+                                                               w.out, w.in, y, nullptr);
+                          });
   }
   CheckAgainstReference(w, row_counts, seed, {FloatKind::kF32, FloatKind::kBF16, FloatKind::kF16},
                         reference, variants);
@@ -201,7 +201,7 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
                                   std::vector<float>& y) {
     nf4_mma_cpu(x.data(), rows, w.packed.data(), w.absmax.data(), w.out, w.in, kind, y.data());
   };
-  std::vector<std::pair<const char*, Launch>> variants;
+  std::vector<std::pair<std::string, Launch>> variants;
   variants.emplace_back("nf4_mma_cuda", [&](const void* x, FloatKind kind, int64_t rows,
                                             const Nf4Absmax& a, const uint8_t* p, void* y) {
     return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, false);
@@ -210,13 +210,14 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
       "nf4_mma_cuda overlapped",
       [&](const void* x, FloatKind kind, int64_t rows, const Nf4Absmax& a, const uint8_t* p,
           void* y) { return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true); });
-  for (const char* name : {"parts 1", "parts 2", "parts 4", "parts 8", "parts 16"}) {
-    const int parts = std::atoi(name + 6);
+  for (const int parts : {1, 2, 4, 8, 16}) {
     if ((w.in / 256) % parts != 0) continue;
-    variants.emplace_back(name, [&w, parts](const void* x, FloatKind kind, int64_t rows,
-                                            const Nf4Absmax& a, const uint8_t* p, void* y) {
-      return nf4_mma_cuda_parts(parts, x, kind, rows, p, a, w.out, w.in, y, nullptr);
-    });
+    variants.emplace_back("parts " + std::to_string(parts),
+                          [&w, parts](const void* x, FloatKind kind, int64_t rows,
+                                      const Nf4Absmax& a, const uint8_t* p, void* y) {
+                            return nf4_mma_cuda_parts(parts, x, kind, rows, p, a, w.out, w.in, y,
+                                                      nullptr);
+                          });
   }
   CheckAgainstReference(w, row_counts, seed, {FloatKind::kBF16, FloatKind::kF16}, reference,
                         variants);
