@@ -354,9 +354,11 @@ int Run(const BenchArgs& args) {
   for (const int64_t batch : batches) {
     // The base, every request on one adapter, then num_adapters mixed (issue 5: mixed within 10%
     // of one adapter).
+    // --adapter_cases: a subset of these (a profile of one case).
     std::vector<int64_t> adapter_counts = {0};
     if (num_adapters >= 1) adapter_counts.push_back(1);
     if (num_adapters > 1) adapter_counts.push_back(num_adapters);
+    if (!args.Get("adapter_cases").empty()) adapter_counts = args.IntList("adapter_cases");
     for (const int64_t adapters : adapter_counts) {
       spec.batch = batch;
       spec.adapters = adapters;
@@ -416,6 +418,7 @@ int main(int argc, char** argv) {
                                       {"prompt_tokens", "128"},
                                       {"new_tokens", "128"},
                                       {"adapters", "4"},
+                                      {"adapter_cases", ""},
                                       {"rank", "16"},
                                       {"repetition_penalty", "1.0"},
                                       {"cuda_graphs", "1"},

@@ -1,5 +1,6 @@
 // Multi-adapter LoRA at Llama-3-8B's q_proj shape (4096 -> 4096), bf16, rank 16: BGMV for decode
-// batches with 1 and 4 different adapters mixed, and SGMV for a 2048-row prefill in 4 segments.
+// batches with 1 and 4 different adapters mixed, and SGMV for a 2048-row prefill in 4 segments;
+// then q, k and v (4096 -> 4096, 1024, 1024) as three launches and as one group launch.
 // The LoRA delta should cost little next to the base GEMV; 4 adapters should cost about as much
 // as 1. Timing: bench_timer.h (graphs, events, median).
 #include <cuda_bf16.h>
@@ -74,7 +75,7 @@ int main() {
   __nv_bfloat16* x = Alloc(kMaxRows * kIn, 1.f);
   __nv_bfloat16* y = Alloc(kMaxRows * kOut, 1.f);
   void* scratch;
-  Check(cudaMalloc(&scratch, lora_scratch_bytes(kMaxRows, table)), "malloc");
+  Check(cudaMalloc(&scratch, lora_scratch_bytes(kMaxRows, kIn, 3 * kRank)), "malloc");
   int32_t* index_d;
   Check(cudaMalloc(&index_d, kMaxRows * 4), "malloc");
 
@@ -116,5 +117,38 @@ int main() {
       },
       10, 21, &graphed);
   std::printf("%-34s %10.2f\n", "sgmv 2048 rows, 4 segments", us);
+
+  // q, k and v of one decoder layer (k and v use the first 1024 rows of the same B).
+  constexpr int64_t kKv = 1024;
+  __nv_bfloat16* y_k = Alloc(32 * kKv, 1.f);
+  __nv_bfloat16* y_v = Alloc(32 * kKv, 1.f);
+  const LoraTarget qkv[3] = {{table, kOut, y}, {table, kKv, y_k}, {table, kKv, y_v}};
+  for (const int64_t batch : {1, 32}) {
+    std::vector<int32_t> index(batch);
+    for (int64_t i = 0; i < batch; ++i) index[i] = static_cast<int32_t>(i % 4);
+    Check(cudaMemcpy(index_d, index.data(), batch * 4, cudaMemcpyHostToDevice), "copy");
+    const double three = MedianMicros(
+        stream,
+        [&](int) {
+          for (const LoraTarget& t : qkv) {
+            Fail(lora_bgmv_cuda(x, FloatKind::kBF16, batch, kIn, index_d, t.table, t.out_features,
+                                t.y, scratch, stream));
+          }
+        },
+        50, 41, &graphed);
+    const double group = MedianMicros(
+        stream,
+        [&](int) {
+          Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, batch, kIn, index_d, qkv, 3, scratch,
+                                    stream));
+        },
+        50, 41, &graphed);
+    char name[64];
+    std::snprintf(name, sizeof(name), "q,k,v batch %lld: 3 launches",
+                  static_cast<long long>(batch));
+    std::printf("%-34s %10.2f\n", name, three);
+    std::snprintf(name, sizeof(name), "q,k,v batch %lld: one group", static_cast<long long>(batch));
+    std::printf("%-34s %10.2f   (%.2fx)\n", name, group, three / group);
+  }
   return 0;
 }

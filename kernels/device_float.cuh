@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 namespace lorad::kernels {
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
@@ -15,5 +17,60 @@ __device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 __device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
 __device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void StoreAs(__half* p, float v) { *p = __float2half_rn(v); }
+
+// N consecutive elements at p into fp32, in the widest loads their alignment allows: p must be
+// aligned to N * sizeof(T) rounded down to a power of two (at most 16 bytes). fp32 and bf16.
+template <int N>
+__device__ __forceinline__ void LoadFloats(const float* p, float* out) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(p + i);
+      out[i] = v.x, out[i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = p[i];
+  }
+}
+
+// A 32-bit word of two bf16 values (the lower address in the low half) into two floats: a bf16 is
+// the high half of its fp32.
+__device__ __forceinline__ void Bf16PairToFloats(uint32_t w, float* out) {
+  out[0] = __uint_as_float(w << 16);
+  out[1] = __uint_as_float(w & 0xffff0000u);
+}
+
+template <int N>
+__device__ __forceinline__ void LoadFloats(const __nv_bfloat16* p, float* out) {
+  if constexpr (N % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 8) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p + i);
+      Bf16PairToFloats(v.x, out + i), Bf16PairToFloats(v.y, out + i + 2);
+      Bf16PairToFloats(v.z, out + i + 4), Bf16PairToFloats(v.w, out + i + 6);
+    }
+  } else if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p + i);
+      Bf16PairToFloats(v.x, out + i), Bf16PairToFloats(v.y, out + i + 2);
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      Bf16PairToFloats(*reinterpret_cast<const uint32_t*>(p + i), out + i);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = ToFloat(p[i]);
+  }
+}
 
 }  // namespace lorad::kernels

@@ -1,9 +1,14 @@
 // CUDA implementation of kernels/layer_ops.h. Raw pointers only: no torch headers here.
+//
+// Every kernel is launched with programmatic dependent launch (kernels/programmatic_launch.cuh):
+// it lets the next kernel start at once and waits for its predecessor before reading anything,
+// so in a decode step's chain of small kernels each launch overlaps the tail of the one before.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
+#include "kernels/programmatic_launch.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -21,6 +26,8 @@ template <typename T>
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(const T* __restrict__ x, const T* __restrict__ weight, int64_t width, float eps,
                   T* __restrict__ out) {
+  AllowDependents();
+  WaitForPredecessor();
   __shared__ float warp_sums[kNormThreads / 32];
   const T* row = x + blockIdx.x * width;
   float sum = 0.0f;
@@ -47,6 +54,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     RotaryKernel(const T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin,
                  int64_t rows, int64_t heads, int64_t head_dim, T* __restrict__ out) {
+  AllowDependents();
+  WaitForPredecessor();
   const int64_t n = rows * heads * head_dim;
   const int64_t half = head_dim / 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
@@ -64,6 +73,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     SiluMulKernel(const T* __restrict__ gate, const T* __restrict__ up, int64_t n,
                   T* __restrict__ out) {
+  AllowDependents();
+  WaitForPredecessor();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const float g = ToFloat(gate[i]);
@@ -77,8 +88,11 @@ unsigned Blocks(int64_t n) {
   return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
 }
 
-const char* LastError() {
-  const cudaError_t err = cudaGetLastError();
+template <typename... Params, typename... Args>
+const char* Launch(void (*kernel)(Params...), unsigned grid, int threads, cudaStream_t stream,
+                   Args... args) {
+  const cudaError_t err = LaunchMaybeOverlapped(kernel, dim3(grid), dim3(threads), 0, stream,
+                                                /*overlapped=*/true, args...);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -91,17 +105,15 @@ const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(rows);
   if (kind == FloatKind::kF32) {
-    RmsNormKernel<float><<<grid, kNormThreads, 0, s>>>(static_cast<const float*>(x),
-                                                       static_cast<const float*>(weight), width,
-                                                       eps, static_cast<float*>(out));
+    return Launch(RmsNormKernel<float>, grid, kNormThreads, s, static_cast<const float*>(x),
+                  static_cast<const float*>(weight), width, eps, static_cast<float*>(out));
   } else if (kind == FloatKind::kBF16) {
-    RmsNormKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight), width, eps,
-        static_cast<__nv_bfloat16*>(out));
+    return Launch(RmsNormKernel<__nv_bfloat16>, grid, kNormThreads, s,
+                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight),
+                  width, eps, static_cast<__nv_bfloat16*>(out));
   } else {
     return "rms_norm: fp32 or bf16 only";
   }
-  return LastError();
 }
 
 const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
@@ -111,18 +123,17 @@ const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKi
   if (n <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
   if (kind == FloatKind::kF32) {
-    RotaryKernel<float><<<Blocks(n), kThreads, 0, s>>>(
-        static_cast<const float*>(x), static_cast<const float*>(cos),
-        static_cast<const float*>(sin), rows, heads, head_dim, static_cast<float*>(out));
+    return Launch(RotaryKernel<float>, Blocks(n), kThreads, s, static_cast<const float*>(x),
+                  static_cast<const float*>(cos), static_cast<const float*>(sin), rows, heads,
+                  head_dim, static_cast<float*>(out));
   } else if (kind == FloatKind::kBF16) {
-    RotaryKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(cos),
-        static_cast<const __nv_bfloat16*>(sin), rows, heads, head_dim,
-        static_cast<__nv_bfloat16*>(out));
+    return Launch(RotaryKernel<__nv_bfloat16>, Blocks(n), kThreads, s,
+                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(cos),
+                  static_cast<const __nv_bfloat16*>(sin), rows, heads, head_dim,
+                  static_cast<__nv_bfloat16*>(out));
   } else {
     return "rotary: fp32 or bf16 only";
   }
-  return LastError();
 }
 
 const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,
@@ -130,17 +141,15 @@ const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int6
   if (n <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
   if (kind == FloatKind::kF32) {
-    SiluMulKernel<float><<<Blocks(n), kThreads, 0, s>>>(static_cast<const float*>(gate),
-                                                        static_cast<const float*>(up), n,
-                                                        static_cast<float*>(out));
+    return Launch(SiluMulKernel<float>, Blocks(n), kThreads, s, static_cast<const float*>(gate),
+                  static_cast<const float*>(up), n, static_cast<float*>(out));
   } else if (kind == FloatKind::kBF16) {
-    SiluMulKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
-        static_cast<__nv_bfloat16*>(out));
+    return Launch(SiluMulKernel<__nv_bfloat16>, Blocks(n), kThreads, s,
+                  static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
+                  static_cast<__nv_bfloat16*>(out));
   } else {
     return "silu_mul: fp32 or bf16 only";
   }
-  return LastError();
 }
 
 }  // namespace lorad::kernels

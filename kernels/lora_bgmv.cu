@@ -1,23 +1,40 @@
 // CUDA implementation of kernels/lora_bgmv.h. Raw pointers only: no torch headers here.
 //
-// Two launches, as Punica's shrink/expand: t = A x into an fp32 scratch [rows, max_rank], then
-// y += scale * B t. Both cut the rows into tiles of kTileRows consecutive rows; inside a tile, a
-// run of rows with the same adapter shares every weight it reads (a prefill segment is one long
-// run, so A and B are read once per tile instead of once per row; a decode batch of different
-// adapters degrades to runs of one row, which is BGMV). The row -> adapter map is the only
-// difference between BGMV (an index per row) and SGMV (a binary search over segment starts).
+// Two launches, as Punica's shrink/expand, for up to kMaxLoraTargets projections of the same x at
+// once (q, k and v; gate and up): the shrink computes t = A x in partial sums, one per
+// kChunk-wide slice of in_features and one block per (row, slice, target), into an fp32 scratch;
+// the expand adds those slices up (in slice order) for a tile of kTileRows rows and adds
+// scale * B t to y. Each row reads its own adapter (rows of one adapter share it through the
+// caches). The row -> adapter map is the only difference between BGMV (an index per row) and SGMV
+// (a binary search over segment starts).
+//
+// Decode is latency-bound, not bandwidth-bound (rank-16 weights are a few hundred KB per
+// projection): what counts is the number of dependent memory round trips. Before (one block per
+// rank row looping over all of in_features, and a launch pair per projection) LoRA took 20 us per
+// projection in the engine at batch 1, and at batch 1 an adapter cost 44% of the decode speed.
+// Now the slices give many small blocks whose loads are independent, the sums of a row do not
+// depend on the other rows (a request decodes the same alone or in any batch), the weights are
+// read before the wait for the previous kernel, and both kernels are launched with programmatic
+// dependent launch, so each starts while the kernel before it drains.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "kernels/device_float.cuh"
 #include "kernels/lora_bgmv.h"
+#include "kernels/programmatic_launch.cuh"
 
 namespace lorad::kernels {
 namespace {
 
-constexpr int kTileRows = 8;         // rows per tile, sharing the weights of a run
-constexpr int kShrinkThreads = 256;  // threads splitting in_features for one rank row
+constexpr int kTileRows = 8;         // rows per expand block
+constexpr int kShrinkThreads = 256;  // 8 warps, each one rank row at a time
+constexpr int kChunk = 512;          // in_features per shrink block: 16 elements per lane
 constexpr int kExpandThreads = 256;  // output columns per expand block
+
+int64_t Chunks(int64_t in_features) { return (in_features + kChunk - 1) / kChunk; }
 
 struct IndexPerRow {  // BGMV
   const int32_t* adapter_index;
@@ -42,161 +59,275 @@ struct Segments {  // SGMV: the last segment whose start is <= row
   }
 };
 
-// The tile's adapter slots into shared memory (-1 for no adapter or a row past the end).
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// What both kernels know of a launch's targets (a kernel parameter, copied by value).
+struct Targets {
+  LoraTarget t[kMaxLoraTargets];
+  int64_t partial_offset[kMaxLoraTargets];  // floats into the scratch, [chunks, rows, max_rank]
+  int32_t
+      first_column_block[kMaxLoraTargets + 1];  // expand blocks of target i: [first[i], first[i+1])
+  int32_t count = 0;
+  int32_t max_rank = 0;  // over the targets: sizes the expand's shared t
+};
+
+// The adapter slot of `row`, -1 for none (or a slot out of range).
 template <typename AdapterOf>
-__device__ __forceinline__ void LoadTileSlots(AdapterOf adapter_of, int64_t row0, int64_t rows,
-                                              int32_t num_slots, int32_t* slots) {
-  if (threadIdx.x < kTileRows) {
-    const int64_t row = row0 + threadIdx.x;
-    int32_t s = row < rows ? adapter_of(row) : -1;
-    if (s < 0 || s >= num_slots) s = -1;
-    slots[threadIdx.x] = s;
+__device__ __forceinline__ int32_t SlotOf(AdapterOf adapter_of, int64_t row, int64_t rows,
+                                          int32_t num_slots) {
+  const int32_t s = row < rows ? adapter_of(row) : -1;
+  return s >= 0 && s < num_slots ? s : -1;
+}
+
+// Both kernels read what no kernel of a forward writes (the slots, the tables, the weights) before
+// WaitForPredecessor, so under programmatic launch that overlaps the previous kernel's tail; only
+// x, the partials and y are read after it.
+
+// A lane's kPerLane elements of one row's chunk: with `vectorized` (in_features a multiple of
+// 16 bytes' worth of elements and the row 16-byte aligned) 16-byte loads of consecutive
+// elements, lane l taking vectors l, l + 32, ...; else single elements l, l + 32, ... Elements
+// past in_features read as 0.
+constexpr int kPerLane = kChunk / 32;
+template <typename T>
+__device__ __forceinline__ void LoadLaneSlice(const T* row, int64_t chunk0, int lane,
+                                              int64_t in_features, bool vectorized, float* out) {
+  if (vectorized) {
+    constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+    for (int m = 0; m < kPerLane / kVec; ++m) {
+      const int64_t k = chunk0 + (static_cast<int64_t>(m) * 32 + lane) * kVec;
+      if (k < in_features) {
+        LoadFloats<kVec>(row + k, out + m * kVec);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) out[m * kVec + e] = 0.f;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int64_t k = chunk0 + lane + 32 * e;
+      out[e] = k < in_features ? ToFloat(row[k]) : 0.f;
+    }
   }
-  __syncthreads();
 }
 
-__device__ __forceinline__ int RunLength(const int32_t* slots, int j0) {
-  int len = 1;
-  while (j0 + len < kTileRows && slots[j0 + len] == slots[j0]) ++len;
-  return len;
-}
-
-// grid: (tiles, max_rank); block (tile, r) computes rank row r of t for every row of the tile
-// whose adapter has rank > r. The block's kShrinkThreads threads split in_features (so a single
-// decode row still keeps max_rank blocks of 256 threads busy), then reduce across warps.
-template <typename T, typename AdapterOf>
+// grid: (rows, chunks, targets). Block (row, c, i) writes, if the row has an adapter s, for every
+// r < rank[s]: partial[c][row][r] = sum over k in chunk c of A_s[r, k] x[row, k] (target i's A).
+// Warp w takes the rank rows r = w, w + 8, ...; the lanes split the chunk (LoadLaneSlice), so a
+// lane's loads are independent. A row per block (not a tile of rows): a decode row's sums are a
+// handful of dependent memory round trips, not one per row.
+// kVectorizable: in_features is a multiple of 16 bytes' worth of elements and x is 16-byte aligned
+// (the launcher checks); each A is checked here.
+template <typename T, bool kVectorizable, typename AdapterOf>
 __global__ void __launch_bounds__(kShrinkThreads)
     lora_shrink_kernel(const T* __restrict__ x, int64_t rows, int64_t in_features,
-                       AdapterOf adapter_of, LoraAdapterTable table, float* __restrict__ t) {
-  __shared__ int32_t slots[kTileRows];
-  __shared__ float partial[kShrinkThreads / 32][kTileRows];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  LoadTileSlots(adapter_of, row0, rows, table.num_slots, slots);
-  const int lane = threadIdx.x & 31;
+                       AdapterOf adapter_of, Targets targets, float* __restrict__ scratch) {
+  AllowDependents();
+  constexpr int kWarps = kShrinkThreads / 32;
+  const LoraAdapterTable& table = targets.t[blockIdx.z].table;
+  const int64_t row = blockIdx.x;
+  const int32_t s = SlotOf(adapter_of, row, rows, table.num_slots);
+  if (s < 0) return;
+  const int32_t rank = table.rank[s];
   const int warp = threadIdx.x >> 5;
-  const int r = blockIdx.y;
-  for (int j0 = 0; j0 < kTileRows;) {
-    const int len = RunLength(slots, j0);
-    const int32_t s = slots[j0];
-    // The same for every thread of the block (slots is shared, r is the block's), so the
-    // barriers below are reached by all or none.
-    if (s >= 0 && r < table.rank[s]) {
-      const T* a = static_cast<const T*>(table.a[s]) + r * in_features;
-      const T* xr = x + (row0 + j0) * in_features;
-      float acc[kTileRows];
+  if (warp >= rank) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * kChunk;
+  const T* a = static_cast<const T*>(table.a[s]);
+  const bool vec = kVectorizable && (reinterpret_cast<uintptr_t>(a) & 15) == 0;
+  // The first two rank rows of this warp (all of them up to rank 16), before the wait.
+  const int r1 = warp + kWarps;
+  float a0[kPerLane], a1[kPerLane] = {};
+  LoadLaneSlice(a + warp * in_features, chunk0, lane, in_features, vec, a0);
+  if (r1 < rank) LoadLaneSlice(a + r1 * in_features, chunk0, lane, in_features, vec, a1);
+  WaitForPredecessor();  // x is the predecessor's output
+  float xv[kPerLane];
+  LoadLaneSlice(x + row * in_features, chunk0, lane, in_features, vec, xv);
+  float* partial = scratch + targets.partial_offset[blockIdx.z] +
+                   (static_cast<int64_t>(blockIdx.y) * rows + row) * table.max_rank;
+  float acc0 = 0.f, acc1 = 0.f;
 #pragma unroll
-      for (int j = 0; j < kTileRows; ++j) acc[j] = 0.f;
-#pragma unroll 4
-      for (int64_t k = threadIdx.x; k < in_features; k += kShrinkThreads) {
-        const float av = ToFloat(a[k]);
+  for (int e = 0; e < kPerLane; ++e) {
+    acc0 = fmaf(a0[e], xv[e], acc0);
+    acc1 = fmaf(a1[e], xv[e], acc1);
+  }
+  acc0 = WarpSum(acc0);
+  acc1 = WarpSum(acc1);
+  if (lane == 0) {
+    partial[warp] = acc0;
+    if (r1 < rank) partial[r1] = acc1;
+  }
+  for (int r = r1 + kWarps; r < rank; r += kWarps) {  // ranks above 16
+    float ar[kPerLane];
+    LoadLaneSlice(a + r * in_features, chunk0, lane, in_features, vec, ar);
+    float acc = 0.f;
 #pragma unroll
-        for (int j = 0; j < kTileRows; ++j) {
-          if (j < len) acc[j] = fmaf(av, ToFloat(xr[j * in_features + k]), acc[j]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kTileRows; ++j) {
-        if (j < len) {
-          float v = acc[j];
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-          if (lane == 0) partial[warp][j] = v;
-        }
-      }
-      __syncthreads();
-      if (threadIdx.x < len) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < kShrinkThreads / 32; ++w) v += partial[w][threadIdx.x];
-        t[(row0 + j0 + threadIdx.x) * table.max_rank + r] = v;
-      }
-      __syncthreads();  // partial is reused by the next run
-    }
-    j0 += len;
+    for (int e = 0; e < kPerLane; ++e) acc = fmaf(ar[e], xv[e], acc);
+    acc = WarpSum(acc);
+    if (lane == 0) partial[r] = acc;
   }
 }
 
-// grid: (tiles, ceil(out_features / kExpandThreads)); thread o adds scale * B_s[o, :] . t[row, :]
-// to y[row, o] for every row of the tile. The tile's t rows sit in shared memory (broadcast).
+// B_s[o, :] . t in r order; R consecutive elements in the widest loads (b 16-byte aligned, as the
+// row of a 16-byte aligned B is when R * sizeof(T) is a multiple of 16).
+template <int R, typename T>
+__device__ __forceinline__ float DotRow(const T* b, const float* t) {
+  float bv[R];
+  LoadFloats<R>(b, bv);
+  float acc = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc = fmaf(bv[r], t[r], acc);
+  return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ float DotRow(const T* b, int32_t rank, bool aligned, const float* t) {
+  if (aligned) {
+    switch (rank) {
+      case 8:
+        return DotRow<8>(b, t);
+      case 16:
+        return DotRow<16>(b, t);
+      case 32:
+        return DotRow<32>(b, t);
+      case 64:
+        return DotRow<64>(b, t);
+    }
+  }
+  float acc = 0.f;
+  for (int r = 0; r < rank; ++r) acc = fmaf(ToFloat(b[r]), t[r], acc);
+  return acc;
+}
+
+// grid: (tiles, column blocks of all targets). Block (tile, b) belongs to the target i with
+// first_column_block[i] <= b < first_column_block[i + 1]; it sums the tile's t rows from the
+// partials (chunk 0, 1, ... in order) into shared memory, then thread o adds
+// scale * B_s[o, :] . t[row, :] to y[row, o] for every row of the tile with an adapter.
 template <typename T, typename AdapterOf>
 __global__ void __launch_bounds__(kExpandThreads)
-    lora_expand_kernel(const float* __restrict__ t, int64_t rows, AdapterOf adapter_of,
-                       LoraAdapterTable table, int64_t out_features, T* __restrict__ y) {
+    lora_expand_kernel(const float* __restrict__ scratch, int64_t rows, int64_t chunks,
+                       AdapterOf adapter_of, Targets targets) {
+  AllowDependents();
   extern __shared__ float t_tile[];  // [kTileRows, max_rank]
-  __shared__ int32_t slots[kTileRows];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  for (int i = threadIdx.x; i < kTileRows * table.max_rank; i += blockDim.x) {
-    const int64_t row = row0 + i / table.max_rank;
-    t_tile[i] = row < rows ? t[row0 * table.max_rank + i] : 0.f;
+  int i = 0;
+  while (i + 1 < targets.count &&
+         static_cast<int32_t>(blockIdx.y) >= targets.first_column_block[i + 1]) {
+    ++i;
   }
-  LoadTileSlots(adapter_of, row0, rows, table.num_slots, slots);  // also the barrier for t_tile
-  const int64_t o = static_cast<int64_t>(blockIdx.y) * kExpandThreads + threadIdx.x;
-  if (o >= out_features) return;
-  for (int j0 = 0; j0 < kTileRows;) {
-    const int len = RunLength(slots, j0);
-    const int32_t s = slots[j0];
-    if (s >= 0) {
-      const int32_t rank = table.rank[s];
-      const T* b = static_cast<const T*>(table.b[s]) + o * rank;
-      float acc[kTileRows];
+  const LoraTarget& target = targets.t[i];
+  const LoraAdapterTable& table = target.table;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t o =
+      static_cast<int64_t>(blockIdx.y - targets.first_column_block[i]) * kExpandThreads +
+      threadIdx.x;
+  const bool column = o < target.out_features;
+  int32_t slot[kTileRows], rank[kTileRows];
+  bool aligned[kTileRows];
+  const T* b[kTileRows];
 #pragma unroll
-      for (int j = 0; j < kTileRows; ++j) acc[j] = 0.f;
-      for (int r = 0; r < rank; ++r) {
-        const float bv = ToFloat(b[r]);
-#pragma unroll
-        for (int j = 0; j < kTileRows; ++j) {
-          if (j < len) acc[j] = fmaf(bv, t_tile[(j0 + j) * table.max_rank + r], acc[j]);
-        }
-      }
-      const float scale = table.scale[s];
-#pragma unroll
-      for (int j = 0; j < kTileRows; ++j) {
-        if (j < len) {
-          T* p = y + (row0 + j0 + j) * out_features + o;
-          // Two roundings, as the CPU reference writes it (y + scale * acc).
-          StoreAs(p, __fadd_rn(ToFloat(*p), __fmul_rn(scale, acc[j])));
-        }
-      }
+  for (int j = 0; j < kTileRows; ++j) {
+    slot[j] = SlotOf(adapter_of, row0 + j, rows, table.num_slots);
+    rank[j] = slot[j] >= 0 ? table.rank[slot[j]] : 0;
+    b[j] = slot[j] >= 0 ? static_cast<const T*>(table.b[slot[j]]) + o * rank[j] : nullptr;
+    aligned[j] = (reinterpret_cast<uintptr_t>(b[j]) & 15) == 0;
+    // B_s[o, :] towards L2 while the partials are still being written.
+    if (column && rank[j] > 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(b[j]));
+  }
+  WaitForPredecessor();  // the partials, and y, are earlier kernels' outputs
+  const float* partial = scratch + targets.partial_offset[i];
+  const int32_t max_rank = table.max_rank;
+  for (int e = threadIdx.x; e < kTileRows * max_rank; e += blockDim.x) {
+    const int j = e / max_rank, r = e % max_rank;
+    const int32_t s = SlotOf(adapter_of, row0 + j, rows, table.num_slots);
+    float v = 0.f;
+    if (s >= 0 && r < table.rank[s]) {
+      const float* p = partial + (row0 + j) * max_rank + r;
+#pragma unroll 4
+      for (int64_t c = 0; c < chunks; ++c) v += p[c * rows * max_rank];
     }
-    j0 += len;
+    t_tile[e] = v;
+  }
+  __syncthreads();
+  if (!column) return;
+  T* y = static_cast<T*>(target.y);
+  float y_old[kTileRows];
+#pragma unroll
+  for (int j = 0; j < kTileRows; ++j) {
+    y_old[j] = slot[j] >= 0 ? ToFloat(y[(row0 + j) * target.out_features + o]) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kTileRows; ++j) {
+    if (slot[j] < 0) continue;
+    const float acc = DotRow(b[j], rank[j], aligned[j], t_tile + j * max_rank);
+    // Two roundings, as the CPU reference writes it (y + scale * acc).
+    StoreAs(y + (row0 + j) * target.out_features + o,
+            __fadd_rn(y_old[j], __fmul_rn(table.scale[slot[j]], acc)));
   }
 }
 
 template <typename T, typename AdapterOf>
 const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adapter_of,
-                   const LoraAdapterTable& table, int64_t out_features, T* y, float* scratch,
-                   cudaStream_t stream) {
+                   const Targets& targets, float* scratch, cudaStream_t stream) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  if (tiles > 0x7fffffff) return "lora: too many rows";
-  const dim3 shrink_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(table.max_rank));
-  lora_shrink_kernel<T><<<shrink_grid, kShrinkThreads, 0, stream>>>(x, rows, in_features,
-                                                                    adapter_of, table, scratch);
-  const dim3 expand_grid(
-      static_cast<unsigned>(tiles),
-      static_cast<unsigned>((out_features + kExpandThreads - 1) / kExpandThreads));
-  const size_t shared = sizeof(float) * kTileRows * table.max_rank;
-  lora_expand_kernel<T><<<expand_grid, kExpandThreads, shared, stream>>>(scratch, rows, adapter_of,
-                                                                         table, out_features, y);
-  const cudaError_t err = cudaGetLastError();
+  const int64_t chunks = Chunks(in_features);
+  if (rows > 0x7fffffff || chunks > 65535) return "lora: too many rows or in_features";
+  const dim3 shrink_grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
+                         static_cast<unsigned>(targets.count));
+  // 16-byte loads when every row of x starts 16-byte aligned (the kernel checks each A).
+  const bool vectorized =
+      in_features % (16 / sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  cudaError_t err = LaunchMaybeOverlapped(
+      vectorized ? lora_shrink_kernel<T, true, AdapterOf> : lora_shrink_kernel<T, false, AdapterOf>,
+      shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true, x, rows, in_features,
+      adapter_of, targets, scratch);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const dim3 expand_grid(static_cast<unsigned>(tiles),
+                         static_cast<unsigned>(targets.first_column_block[targets.count]));
+  const size_t shared = sizeof(float) * kTileRows * targets.max_rank;
+  err = LaunchMaybeOverlapped(
+      lora_expand_kernel<T, AdapterOf>, expand_grid, dim3(kExpandThreads), shared, stream,
+      /*overlapped=*/true, static_cast<const float*>(scratch), rows, chunks, adapter_of, targets);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <typename AdapterOf>
 const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
-                     AdapterOf adapter_of, const LoraAdapterTable& table, int64_t out_features,
-                     void* y, void* scratch, void* stream) {
-  if (rows <= 0 || out_features <= 0 || table.max_rank <= 0 || table.num_slots <= 0) {
-    return nullptr;  // nothing to add
+                     AdapterOf adapter_of, const LoraTarget* list, int num_targets, void* scratch,
+                     void* stream) {
+  if (num_targets < 0 || num_targets > kMaxLoraTargets) return "lora: 0 to 3 targets per launch";
+  if (rows <= 0 || in_features <= 0) return nullptr;  // nothing to add
+  Targets targets;
+  int64_t offset = 0;
+  int64_t column_blocks = 0;
+  for (int i = 0; i < num_targets; ++i) {
+    const LoraTarget& t = list[i];
+    if (t.out_features <= 0 || t.table.max_rank <= 0 || t.table.num_slots <= 0) continue;
+    if (t.table.max_rank > 1024) return "lora: max_rank above 1024";
+    const int c = targets.count++;
+    targets.t[c] = t;
+    targets.partial_offset[c] = offset;
+    offset += Chunks(in_features) * rows * t.table.max_rank;
+    targets.first_column_block[c] = static_cast<int32_t>(column_blocks);
+    column_blocks += (t.out_features + kExpandThreads - 1) / kExpandThreads;
+    if (column_blocks > 65535) return "lora: out_features too large for one launch";
+    targets.max_rank = std::max(targets.max_rank, t.table.max_rank);
   }
-  if (table.max_rank > 1024) return "lora: max_rank above 1024";
+  if (targets.count == 0) return nullptr;
+  targets.first_column_block[targets.count] = static_cast<int32_t>(column_blocks);
   const auto s = static_cast<cudaStream_t>(stream);
+  auto* partials = static_cast<float*>(scratch);
   switch (kind) {
     case FloatKind::kF32:
-      return Launch(static_cast<const float*>(x), rows, in_features, adapter_of, table,
-                    out_features, static_cast<float*>(y), static_cast<float*>(scratch), s);
+      return Launch(static_cast<const float*>(x), rows, in_features, adapter_of, targets, partials,
+                    s);
     case FloatKind::kBF16:
-      return Launch(static_cast<const __nv_bfloat16*>(x), rows, in_features, adapter_of, table,
-                    out_features, static_cast<__nv_bfloat16*>(y), static_cast<float*>(scratch), s);
+      return Launch(static_cast<const __nv_bfloat16*>(x), rows, in_features, adapter_of, targets,
+                    partials, s);
     case FloatKind::kF16:
       break;
   }
@@ -205,14 +336,22 @@ const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_fea
 
 }  // namespace
 
-int64_t lora_scratch_bytes(int64_t rows, const LoraAdapterTable& table) {
-  return static_cast<int64_t>(sizeof(float)) * rows * table.max_rank;
+int64_t lora_scratch_bytes(int64_t rows, int64_t in_features, int64_t total_max_rank) {
+  return static_cast<int64_t>(sizeof(float)) * Chunks(in_features) * rows * total_max_rank;
 }
 
 const char* lora_bgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                            const int32_t* adapter_index, const LoraAdapterTable& table,
                            int64_t out_features, void* y, void* scratch, void* stream) {
-  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, table, out_features, y,
+  const LoraTarget target{table, out_features, y};
+  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, &target, 1, scratch,
+                  stream);
+}
+
+const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
+                                 const int32_t* adapter_index, const LoraTarget* targets,
+                                 int num_targets, void* scratch, void* stream) {
+  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
                   scratch, stream);
 }
 
@@ -221,9 +360,10 @@ const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t 
                            int64_t num_segments, const LoraAdapterTable& table,
                            int64_t out_features, void* y, void* scratch, void* stream) {
   if (num_segments <= 0) return nullptr;
+  const LoraTarget target{table, out_features, y};
   return Dispatch(x, kind, rows, in_features,
-                  Segments{segment_starts, segment_adapter, num_segments}, table, out_features, y,
-                  scratch, stream);
+                  Segments{segment_starts, segment_adapter, num_segments}, &target, 1, scratch,
+                  stream);
 }
 
 }  // namespace lorad::kernels

@@ -51,16 +51,36 @@ void lora_sgmv_cpu(const void* x, FloatKind kind, int64_t in_features,
                    int64_t num_segments, const LoraAdapterTable& table, int64_t out_features,
                    void* y);
 
+// The projections of a decoder layer that share their input (q, k and v; gate and up) take their
+// LoRA deltas in one launch pair: one target per projection, each with its own adapters (tables of
+// the same slots), output width and output.
+struct LoraTarget {
+  LoraAdapterTable table;
+  int64_t out_features = 0;
+  void* y = nullptr;  // [rows, out_features] of the kind of x, updated in place
+};
+constexpr int kMaxLoraTargets = 3;
+
 #if defined(LORAD_WITH_CUDA)
-// Bytes of device scratch the CUDA launchers need for `rows` rows: the fp32 intermediate
-// t = A x, [rows, max_rank].
-int64_t lora_scratch_bytes(int64_t rows, const LoraAdapterTable& table);
+// Bytes of device scratch the CUDA launchers need: the fp32 partial sums of t = A x, one per
+// 512-wide chunk of in_features, [chunks, rows, max_rank] per target. total_max_rank: the sum of
+// table.max_rank over the targets of the launch (table.max_rank for the single-target launchers).
+int64_t lora_scratch_bytes(int64_t rows, int64_t in_features, int64_t total_max_rank);
 
 // Device pointers (see LoraAdapterTable), enqueued on `stream` (a cudaStream_t). scratch: at least
-// lora_scratch_bytes(rows, table) bytes, 4-byte aligned. Return nullptr on success or an error.
+// lora_scratch_bytes(rows, in_features, table.max_rank) bytes, 4-byte aligned. Return nullptr on
+// success or an error. Launched with programmatic dependent launch (the launches overlap the
+// previous kernel's tail), so adapter_index and segment_* must be written before the kernel that
+// precedes them on the stream starts (as host-to-device copies before a forward are).
 const char* lora_bgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                            const int32_t* adapter_index, const LoraAdapterTable& table,
                            int64_t out_features, void* y, void* scratch, void* stream);
+
+// BGMV for 1..kMaxLoraTargets projections of the same x and the same rows: the same result as
+// lora_bgmv_cuda on each target in turn, in two launches instead of two per target.
+const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
+                                 const int32_t* adapter_index, const LoraTarget* targets,
+                                 int num_targets, void* scratch, void* stream);
 
 // rows: segment_starts[num_segments], passed from the host because the launch grid depends on it.
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,

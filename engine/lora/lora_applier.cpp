@@ -30,6 +30,18 @@ std::string ProjectionPath(int64_t layer, Projection projection) {
                       ProjectionName(projection));
 }
 
+std::vector<torch::Tensor> LoraApplier::ApplyShared(int64_t layer,
+                                                    const std::vector<Projection>& projections,
+                                                    const torch::Tensor& x,
+                                                    const std::vector<torch::Tensor>& ys) const {
+  std::vector<torch::Tensor> out;
+  out.reserve(ys.size());
+  for (size_t i = 0; i < projections.size() && i < ys.size(); ++i) {
+    out.push_back(Apply(layer, projections[i], x, ys[i]));
+  }
+  return out;
+}
+
 SingleLoraApplier::SingleLoraApplier(const LoraAdapter& adapter, int64_t num_layers, bool train)
     : scaling_(adapter.config.scaling()),
       dropout_(adapter.config.dropout),

@@ -36,6 +36,13 @@ class LoraApplier {
   // (y itself when no adapter targets this projection).
   virtual torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                               const torch::Tensor& y) const = 0;
+  // Projections that share their input x (q, k and v; gate and up) with their base outputs `ys`
+  // in the same order: returns each y plus its update, as Apply on each in turn (which is what
+  // this default does; a multi-adapter applier adds them all in one launch).
+  virtual std::vector<torch::Tensor> ApplyShared(int64_t layer,
+                                                 const std::vector<Projection>& projections,
+                                                 const torch::Tensor& x,
+                                                 const std::vector<torch::Tensor>& ys) const;
 };
 
 // One adapter for every row of the batch. The adapter's tensors are used as they are when their

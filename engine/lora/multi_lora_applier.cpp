@@ -100,36 +100,72 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
     : stack_(std::move(stack)), rows_(std::move(row_slots)) {}
 
+bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
+                                   const torch::Tensor& x,
+                                   const std::vector<torch::Tensor>& ys) const {
+#if defined(LORAD_WITH_CUDA)
+  // Decode rows (one token each) only: BGMV adds each row's own adapter in place, reading only
+  // the adapters in use, for all the projections of x in one launch pair.
+  const int64_t rows = x.size(0);
+  if (!x.is_cuda() || x.numel() != rows * x.size(-1) ||
+      (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kFloat) ||
+      projections.size() > static_cast<size_t>(kernels::kMaxLoraTargets) ||
+      projections.size() != ys.size()) {
+    return false;
+  }
+  std::vector<kernels::LoraTarget> targets;
+  int64_t total_rank = 0;
+  for (size_t i = 0; i < projections.size(); ++i) {
+    const LoraStack::Entry& e = stack_->entry(layer, projections[i]);
+    if (!e.a.defined()) continue;  // no adapter targets this projection
+    const torch::Tensor& y = ys[i];
+    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type() ||
+        y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
+      return false;  // checked for all before any launch: the torch path takes them all
+    }
+    kernels::LoraTarget& t = targets.emplace_back();
+    t.table.a = reinterpret_cast<const void* const*>(e.a_pointers.data_ptr<int64_t>());
+    t.table.b = reinterpret_cast<const void* const*>(e.b_pointers.data_ptr<int64_t>());
+    t.table.rank = e.ranks.data_ptr<int32_t>();
+    t.table.scale = e.scales_f32.data_ptr<float>();
+    t.table.num_slots = stack_->num_adapters();
+    t.table.max_rank = static_cast<int32_t>(e.a.size(1));
+    t.out_features = y.size(-1);
+    t.y = y.data_ptr();
+    total_rank += t.table.max_rank;
+  }
+  if (targets.empty()) return true;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const torch::Tensor xc = x.contiguous();
+  const int64_t in_features = x.size(-1);
+  const torch::Tensor scratch =
+      torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
+                   x.options().dtype(torch::kFloat));
+  CheckLaunch(kernels::lora_bgmv_group_cuda(xc.data_ptr(), *FloatKindOf(x.scalar_type()), rows,
+                                            in_features, rows_.data_ptr<int32_t>(), targets.data(),
+                                            static_cast<int>(targets.size()), scratch.data_ptr(),
+                                            CurrentStream(x.device())),
+              "lora_bgmv_group_cuda");
+  return true;
+#else
+  (void)layer, (void)projections, (void)x, (void)ys;
+  return false;
+#endif
+}
+
+std::vector<torch::Tensor> MultiLoraApplier::ApplyShared(
+    int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x,
+    const std::vector<torch::Tensor>& ys) const {
+  if (AddOnDevice(layer, projections, x, ys)) return ys;
+  return LoraApplier::ApplyShared(layer, projections, x, ys);
+}
+
 torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                                       const torch::Tensor& y) const {
   const LoraStack::Entry& e = stack_->entry(layer, projection);
   if (!e.a.defined()) return y;
+  if (AddOnDevice(layer, {projection}, x, {y})) return y;
   const int64_t rows = x.size(0);
-#if defined(LORAD_WITH_CUDA)
-  // Decode rows: BGMV adds each row's own adapter in place, reading only the adapters in use.
-  if (x.is_cuda() && x.numel() == rows * x.size(-1) && e.a_pointers.defined() &&
-      (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat) &&
-      y.scalar_type() == x.scalar_type() && y.is_contiguous() &&
-      e.a.scalar_type() == x.scalar_type()) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const torch::Tensor xc = x.contiguous();
-    kernels::LoraAdapterTable table;
-    table.a = reinterpret_cast<const void* const*>(e.a_pointers.data_ptr<int64_t>());
-    table.b = reinterpret_cast<const void* const*>(e.b_pointers.data_ptr<int64_t>());
-    table.rank = e.ranks.data_ptr<int32_t>();
-    table.scale = e.scales_f32.data_ptr<float>();
-    table.num_slots = stack_->num_adapters();
-    table.max_rank = static_cast<int32_t>(e.a.size(1));
-    const torch::Tensor scratch = torch::empty({(kernels::lora_scratch_bytes(rows, table) + 3) / 4},
-                                               x.options().dtype(torch::kFloat));
-    CheckLaunch(
-        kernels::lora_bgmv_cuda(xc.data_ptr(), *FloatKindOf(x.scalar_type()), rows, x.size(-1),
-                                rows_.data_ptr<int32_t>(), table, y.size(-1), y.data_ptr(),
-                                scratch.data_ptr(), CurrentStream(x.device())),
-        "lora_bgmv_cuda");
-    return y;
-  }
-#endif
   const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});                      // [B, T, in]
   const torch::Tensor a = e.a.index_select(0, rows_).to(x.scalar_type());          // [B, r, in]
   const torch::Tensor b = e.b.index_select(0, rows_).to(x.scalar_type());          // [B, out, r]

@@ -4,7 +4,8 @@
 //   y[b] += scale[s_b] * (x[b] @ A[s_b]^T) @ B[s_b]^T     s_b = row b's slot, none -> zero slot
 //
 // computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
-// (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter); every
+// (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter; q, k, v
+// and gate, up each as one launch pair through ApplyShared); every
 // other case uses gathers and batched matmuls in torch. Adapters of different ranks share a stack:
 // each is zero-padded to the largest rank, which adds exact zeros. Rows with no adapter get the
 // all-zero slot, so their outputs are the base's.
@@ -67,8 +68,16 @@ class MultiLoraApplier : public LoraApplier {
   MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots);
   torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                       const torch::Tensor& y) const override;
+  std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
+                                         const torch::Tensor& x,
+                                         const std::vector<torch::Tensor>& ys) const override;
 
  private:
+  // The BGMV kernels, in place on `ys`, for decode rows on CUDA; false (nothing done) when the
+  // inputs are not such rows, and the torch path must add the updates.
+  bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
+                   const torch::Tensor& x, const std::vector<torch::Tensor>& ys) const;
+
   std::shared_ptr<const LoraStack> stack_;
   torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
 };

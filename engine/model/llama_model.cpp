@@ -286,6 +286,18 @@ torch::Tensor LlamaModel::Project(const DecoderLayer& layer, int64_t index, Proj
   return lora == nullptr ? y : lora->Apply(index, projection, x, y);
 }
 
+std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, int64_t index,
+                                                     const std::vector<Projection>& projections,
+                                                     const torch::Tensor& x,
+                                                     const LoraApplier* lora) const {
+  std::vector<torch::Tensor> ys;
+  ys.reserve(projections.size());
+  for (const Projection p : projections) {
+    ys.push_back(layer.projections[static_cast<int>(p)].Forward(x));
+  }
+  return lora == nullptr ? ys : lora->ApplyShared(index, projections, x, ys);
+}
+
 torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
                                     const torch::Tensor& x, const torch::Tensor& cos,
                                     const torch::Tensor& sin, const torch::Tensor& mask,
@@ -296,9 +308,11 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
   auto heads = [&](const torch::Tensor& t) {  // [B, T, n * D] -> [B, n, T, D]
     return t.view({rows, tokens, -1, d}).transpose(1, 2);
   };
-  torch::Tensor q = Project(layer, index, Projection::kQ, x, lora);
-  torch::Tensor k = Project(layer, index, Projection::kK, x, lora);
-  const torch::Tensor v = heads(Project(layer, index, Projection::kV, x, lora));
+  std::vector<torch::Tensor> qkv =
+      ProjectShared(layer, index, {Projection::kQ, Projection::kK, Projection::kV}, x, lora);
+  torch::Tensor q = std::move(qkv[0]);
+  torch::Tensor k = std::move(qkv[1]);
+  const torch::Tensor v = heads(qkv[2]);
   if (UseFusedLayerOps(q)) {  // rotate in the projection's [B, T, heads, D] layout, one kernel
     q = FusedRotary(q.view({rows, tokens, -1, d}), cos, sin).transpose(1, 2);
     k = FusedRotary(k.view({rows, tokens, -1, d}), cos, sin).transpose(1, 2);
@@ -314,8 +328,10 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
 
 torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                               const LoraApplier* lora) const {
-  const torch::Tensor gate = Project(layer, index, Projection::kGate, x, lora);
-  const torch::Tensor up = Project(layer, index, Projection::kUp, x, lora);
+  const std::vector<torch::Tensor> gate_up =
+      ProjectShared(layer, index, {Projection::kGate, Projection::kUp}, x, lora);
+  const torch::Tensor& gate = gate_up[0];
+  const torch::Tensor& up = gate_up[1];
   const torch::Tensor act =
       UseFusedLayerOps(gate) ? FusedSiluMul(gate, up) : torch::silu(gate) * up;
   return Project(layer, index, Projection::kDown, act, lora);

@@ -133,7 +133,7 @@ void RunAndCompare(FloatKind kind, int64_t rows, int64_t in, int64_t out, const 
   const Values x = MakeValues(rows * in, kind, 1.f, rng);
   const Values y = MakeValues(rows * out, kind, 1.f, rng);
   GpuBuffer<char> x_dev(x.bytes), y_dev(y.bytes);
-  GpuBuffer<char> scratch(lora_scratch_bytes(rows, set.Device()));
+  GpuBuffer<char> scratch(lora_scratch_bytes(rows, in, set.max_rank));
   LORAD_ASSERT_LAUNCH(gpu(x_dev.get(), y_dev.get(), scratch.get()));
   const std::vector<char> got = y_dev.Read();
 
@@ -222,6 +222,47 @@ TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {
         [&](const void* x, FloatKind k, const LoraAdapterTable& t, void* y) {
           lora_sgmv_cpu(x, k, in, starts.data(), segment_adapter.data(), segments, t, out, y);
         });
+  }
+}
+
+// A group launch (q, k, v of one layer: one x, three outputs) must give bit for bit what one
+// launch per target gives (that one is checked against the CPU reference above), with targets of
+// different widths and adapters of different ranks, and leave rows without an adapter untouched.
+TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
+  const FloatKind kind = GetParam();
+  std::mt19937 rng(23);
+  for (const Shape& sh : {Shape{1, 4096, 0}, Shape{13, 4096, 0}, Shape{32, 1000, 0}}) {
+    const std::vector<int64_t> outs = {sh.in, 1024, 333};
+    std::vector<std::unique_ptr<AdapterSet>> sets;
+    for (const int64_t out : outs) sets.push_back(MakeAdapters({16, 8, 64}, sh.in, out, kind, rng));
+    std::vector<int32_t> index(sh.rows);
+    for (auto& s : index) s = static_cast<int32_t>(rng() % 5) - 1;  // -1..3: 3 is out of range
+    index[0] = 0;
+    GpuBuffer<int32_t> index_dev(index);
+    const Values x = MakeValues(sh.rows * sh.in, kind, 1.f, rng);
+    GpuBuffer<char> x_dev(x.bytes);
+    std::vector<Values> ys;
+    std::vector<std::unique_ptr<GpuBuffer<char>>> group_y, single_y;
+    std::vector<LoraTarget> targets;
+    int64_t total_rank = 0;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      ys.push_back(MakeValues(sh.rows * outs[i], kind, 1.f, rng));
+      group_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
+      single_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
+      targets.push_back({sets[i]->Device(), outs[i], group_y.back()->get()});
+      total_rank += sets[i]->max_rank;
+    }
+    GpuBuffer<char> scratch(lora_scratch_bytes(sh.rows, sh.in, total_rank));
+    LORAD_ASSERT_LAUNCH(lora_bgmv_group_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
+                                             targets.data(), 3, scratch.get(), nullptr));
+    for (size_t i = 0; i < outs.size(); ++i) {
+      LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
+                                         sets[i]->Device(), outs[i], single_y[i]->get(),
+                                         scratch.get(), nullptr));
+      const std::vector<char> group = group_y[i]->Read(), single = single_y[i]->Read();
+      EXPECT_EQ(group, single) << "target " << i << " (out " << outs[i] << "), rows " << sh.rows;
+      EXPECT_NE(single, ys[i].bytes) << "target " << i << ": no row took an adapter";
+    }
   }
 }
 

@@ -25,7 +25,8 @@ using gpu_test::ValueAt;
 
 // Tolerance: the kernel's online softmax and its summation order differ from the reference's; the
 // outputs are convex combinations of values of magnitude ~1, so an absolute bound of a few fp32
-// units on fp32 and one bf16 unit (2^-8 relative, plus the fp32 slack) on bf16.
+// units on fp32, and on bf16 one unit in the last place (the fp32 results may round to the two
+// neighbours of a midpoint; a bf16 unit is at most 2^-7 of the value), plus the fp32 slack.
 void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads, int64_t kv_heads,
              int64_t head_dim, int64_t block_size, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -70,7 +71,7 @@ void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
   const size_t n = q.size() / FloatKindSize(kind);
   for (size_t i = 0; i < n; ++i) {
     const float w = ValueAt(want, kind, i), g = ValueAt(got, kind, i);
-    const float tol = kind == FloatKind::kF32 ? 2e-5f : 1e-5f + std::fabs(w) * (1.0f / 256);
+    const float tol = kind == FloatKind::kF32 ? 2e-5f : 1e-5f + std::fabs(w) * (1.0f / 128);
     ASSERT_NEAR(g, w, tol) << "element " << i << " (row " << i / (heads * head_dim) << ")";
   }
 }
