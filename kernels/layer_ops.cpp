@@ -31,14 +31,6 @@ void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t row
   }
 }
 
-void add_rms_norm_cpu(const void* x, const void* y, const void* weight, FloatKind kind,
-                      int64_t rows, int64_t width, float eps, void* sum, void* out) {
-  for (int64_t i = 0; i < rows * width; ++i) {
-    StoreFloat(sum, kind, i, LoadFloat(x, kind, i) + LoadFloat(y, kind, i));
-  }
-  rms_norm_cpu(sum, weight, kind, rows, width, eps, out);
-}
-
 void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
                 int64_t heads, int64_t head_dim, void* out) {
   const int64_t half = head_dim / 2;

@@ -50,36 +50,6 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
-// One block per row: the rounded sums written and squared, then RmsNormKernel's second half on
-// them (each thread reads back only the elements it wrote).
-template <typename T>
-__global__ void __launch_bounds__(kNormThreads)
-    AddRmsNormKernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ weight,
-                     int64_t width, float eps, T* __restrict__ sum, T* __restrict__ out) {
-  AllowDependents();
-  WaitForPredecessor();
-  __shared__ float warp_sums[kNormThreads / 32];
-  const int64_t base = blockIdx.x * width;
-  float squares = 0.0f;
-  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
-    const float v = Round(__fadd_rn(ToFloat(x[base + i]), ToFloat(y[base + i])), sum);
-    StoreAs(sum + base + i, v);
-    squares = fmaf(v, v, squares);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = squares;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
-  const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
-  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
-    const float normed = Round(ToFloat(sum[base + i]) * inv, out);
-    StoreAs(out + base + i, __fmul_rn(ToFloat(weight[i]), normed));
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     RotaryKernel(const T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin,
@@ -143,27 +113,6 @@ const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int
                   width, eps, static_cast<__nv_bfloat16*>(out));
   } else {
     return "rms_norm: fp32 or bf16 only";
-  }
-}
-
-const char* add_rms_norm_cuda(const void* x, const void* y, const void* weight, FloatKind kind,
-                              int64_t rows, int64_t width, float eps, void* sum, void* out,
-                              void* stream) {
-  if (rows <= 0) return nullptr;
-  if (rows > 0x7fffffff) return "add_rms_norm: too many rows";
-  const auto s = static_cast<cudaStream_t>(stream);
-  const unsigned grid = static_cast<unsigned>(rows);
-  if (kind == FloatKind::kF32) {
-    return Launch(AddRmsNormKernel<float>, grid, kNormThreads, s, static_cast<const float*>(x),
-                  static_cast<const float*>(y), static_cast<const float*>(weight), width, eps,
-                  static_cast<float*>(sum), static_cast<float*>(out));
-  } else if (kind == FloatKind::kBF16) {
-    return Launch(AddRmsNormKernel<__nv_bfloat16>, grid, kNormThreads, s,
-                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(y),
-                  static_cast<const __nv_bfloat16*>(weight), width, eps,
-                  static_cast<__nv_bfloat16*>(sum), static_cast<__nv_bfloat16*>(out));
-  } else {
-    return "add_rms_norm: fp32 or bf16 only";
   }
 }
 

@@ -10,10 +10,6 @@
 //   r      = 1 / sqrt(sum_i x[i]^2 / width + eps)          (fp32; the sum's order is free)
 //   out[i] = round_T(float(weight[i]) * float(round_T(x[i] * r)))
 //
-// add_rms_norm (the residual add and the norm after it, as one kernel): for each row,
-//   sum[i] = round_T(float(x[i]) + float(y[i]))      (what `x + y` gives in T)
-//   out    = rms_norm(sum) as above
-//
 // rotary (transformers' apply_rotary_pos_emb on one tensor): x [rows, heads, head_dim] where row
 // r's cos and sin are [head_dim] at cos + r * head_dim; half = head_dim / 2,
 //   rot[d]   = d < half ? -x[d + half] : x[d - half]
@@ -31,8 +27,6 @@ namespace lorad::kernels {
 
 void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t rows, int64_t width,
                   float eps, void* out);
-void add_rms_norm_cpu(const void* x, const void* y, const void* weight, FloatKind kind,
-                      int64_t rows, int64_t width, float eps, void* sum, void* out);
 void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
                 int64_t heads, int64_t head_dim, void* out);
 void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, void* out);
@@ -42,10 +36,6 @@ void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, v
 // refused. rotary needs an even head_dim.
 const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
                           int64_t width, float eps, void* out, void* stream);
-// sum and out must not overlap x, y or each other.
-const char* add_rms_norm_cuda(const void* x, const void* y, const void* weight, FloatKind kind,
-                              int64_t rows, int64_t width, float eps, void* sum, void* out,
-                              void* stream);
 const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
                         int64_t rows, int64_t heads, int64_t head_dim, void* out, void* stream);
 const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,

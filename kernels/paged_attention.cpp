@@ -62,15 +62,4 @@ void paged_attention_cpu(const void* q, const void* k_pool, const void* v_pool, 
   }
 }
 
-void paged_kv_write_cpu(const void* k, const void* v, FloatKind kind, const int64_t* slots,
-                        int64_t rows, int64_t width, void* k_pool, void* v_pool) {
-  const size_t row_bytes = static_cast<size_t>(width) * FloatKindSize(kind);
-  for (int64_t b = 0; b < rows; ++b) {
-    const size_t from = static_cast<size_t>(b) * row_bytes;
-    const size_t to = static_cast<size_t>(slots[b]) * row_bytes;
-    std::memcpy(static_cast<char*>(k_pool) + to, static_cast<const char*>(k) + from, row_bytes);
-    std::memcpy(static_cast<char*>(v_pool) + to, static_cast<const char*>(v) + from, row_bytes);
-  }
-}
-
 }  // namespace lorad::kernels

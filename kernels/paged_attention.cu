@@ -16,8 +16,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
 #include "kernels/device_float.cuh"
 #include "kernels/paged_attention.h"
 #include "kernels/programmatic_launch.cuh"
@@ -134,21 +132,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grid: (rows, 2): block (b, 0) copies row b of k into its slot of k_pool, (b, 1) row b of v. W is
-// the unit of the copy (16 bytes when every row and the pools allow it, else one element).
-template <typename W>
-__global__ void __launch_bounds__(kThreads)
-    PagedKvWriteKernel(const W* __restrict__ k, const W* __restrict__ v,
-                       const int64_t* __restrict__ slots, int64_t units_per_row,
-                       W* __restrict__ k_pool, W* __restrict__ v_pool) {
-  AllowDependents();
-  WaitForPredecessor();  // k and v are earlier kernels' outputs
-  const int64_t b = blockIdx.x;
-  const W* from = (blockIdx.y == 0 ? k : v) + b * units_per_row;
-  W* to = (blockIdx.y == 0 ? k_pool : v_pool) + slots[b] * units_per_row;
-  for (int64_t i = threadIdx.x; i < units_per_row; i += kThreads) to[i] = from[i];
-}
-
 template <typename T, int kDimsPerLane>
 const char* LaunchDims(const void* q, const void* k_pool, const void* v_pool,
                        const int32_t* block_tables, const int32_t* context_lens,
@@ -209,40 +192,6 @@ const char* paged_attention_cuda(const void* q, const void* k_pool, const void* 
       break;
   }
   return "paged attention (CUDA): q, k and v must be fp32 or bf16";
-}
-
-const char* paged_kv_write_cuda(const void* k, const void* v, FloatKind kind, const int64_t* slots,
-                                int64_t rows, int64_t width, void* k_pool, void* v_pool,
-                                void* stream) {
-  if (rows <= 0 || width <= 0) return nullptr;
-  if (rows > 0x7fffffff) return "paged kv write: too many rows for one launch";
-  if (kind == FloatKind::kF16) return "paged kv write: fp32 or bf16 only";
-  const int64_t row_bytes = width * static_cast<int64_t>(FloatKindSize(kind));
-  const bool aligned =
-      row_bytes % 16 == 0 &&
-      ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |
-        reinterpret_cast<uintptr_t>(k_pool) | reinterpret_cast<uintptr_t>(v_pool)) &
-       15) == 0;
-  const dim3 grid(static_cast<unsigned>(rows), 2);
-  const auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t err;
-  if (aligned) {
-    err = LaunchMaybeOverlapped(PagedKvWriteKernel<uint4>, grid, dim3(kThreads), 0, s,
-                                /*overlapped=*/true, static_cast<const uint4*>(k),
-                                static_cast<const uint4*>(v), slots, row_bytes / 16,
-                                static_cast<uint4*>(k_pool), static_cast<uint4*>(v_pool));
-  } else if (kind == FloatKind::kF32) {
-    err = LaunchMaybeOverlapped(PagedKvWriteKernel<uint32_t>, grid, dim3(kThreads), 0, s,
-                                /*overlapped=*/true, static_cast<const uint32_t*>(k),
-                                static_cast<const uint32_t*>(v), slots, width,
-                                static_cast<uint32_t*>(k_pool), static_cast<uint32_t*>(v_pool));
-  } else {
-    err = LaunchMaybeOverlapped(PagedKvWriteKernel<uint16_t>, grid, dim3(kThreads), 0, s,
-                                /*overlapped=*/true, static_cast<const uint16_t*>(k),
-                                static_cast<const uint16_t*>(v), slots, width,
-                                static_cast<uint16_t*>(k_pool), static_cast<uint16_t*>(v_pool));
-  }
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace lorad::kernels

@@ -14,12 +14,6 @@
 // only the first ceil(n / block_size) entries of a row are read. The CPU reference computes the
 // softmax in three passes in the order written; the CUDA kernel uses an online softmax over tiles
 // of keys, so the two agree within rounding, not bit for bit.
-//
-// paged_kv_write: the decode step's new keys and values into the pool before the attention, row
-// b's at pool slot slots[b] (slots int64, one per row):
-//   k_pool[slots[b], j] = k[b, j],  v_pool[slots[b], j] = v[b, j]     j < width = kv_heads *
-//   head_dim
-// a copy (no arithmetic), so the CUDA kernel equals the CPU reference bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -44,19 +38,12 @@ void paged_attention_cpu(const void* q, const void* k_pool, const void* v_pool, 
                          const int32_t* block_tables, const int32_t* context_lens,
                          const PagedAttentionShape& shape, float scale, void* out);
 
-void paged_kv_write_cpu(const void* k, const void* v, FloatKind kind, const int64_t* slots,
-                        int64_t rows, int64_t width, void* k_pool, void* v_pool);
-
 #if defined(LORAD_WITH_CUDA)
 // Device pointers, enqueued on `stream` (a cudaStream_t). Returns nullptr on success or an error.
 const char* paged_attention_cuda(const void* q, const void* k_pool, const void* v_pool,
                                  FloatKind kind, const int32_t* block_tables,
                                  const int32_t* context_lens, const PagedAttentionShape& shape,
                                  float scale, void* out, void* stream);
-// One launch for both pools.
-const char* paged_kv_write_cuda(const void* k, const void* v, FloatKind kind, const int64_t* slots,
-                                int64_t rows, int64_t width, void* k_pool, void* v_pool,
-                                void* stream);
 #endif
 
 }  // namespace lorad::kernels

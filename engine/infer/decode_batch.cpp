@@ -91,25 +91,8 @@ torch::Tensor DecodeBatch::Attend(int64_t layer, const torch::Tensor& q, const t
   const int64_t d = o.head_dim;
   torch::Tensor& keys = cache_->keys(layer);
   torch::Tensor& values = cache_->values(layer);
-  const torch::Tensor kc = k.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()).contiguous();
-  const torch::Tensor vc = v.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()).contiguous();
-#if defined(LORAD_WITH_CUDA)
-  if (kc.is_cuda() && keys.is_contiguous() && values.is_contiguous() &&
-      (keys.scalar_type() == torch::kFloat || keys.scalar_type() == torch::kBFloat16)) {
-    // Both writes in one kernel that overlaps the previous one's tail (two index_copy_ were two
-    // plain launches per layer).
-    const c10::cuda::CUDAGuard guard(kc.device());
-    CheckLaunch(kernels::paged_kv_write_cuda(
-                    kc.data_ptr(), vc.data_ptr(), *FloatKindOf(keys.scalar_type()),
-                    write_slots_.data_ptr<int64_t>(), rows_, o.kv_heads * d, keys.data_ptr(),
-                    values.data_ptr(), CurrentStream(kc.device())),
-                "paged_kv_write_cuda");
-  } else
-#endif
-  {
-    keys.index_copy_(0, write_slots_, kc);
-    values.index_copy_(0, write_slots_, vc);
-  }
+  keys.index_copy_(0, write_slots_, k.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
+  values.index_copy_(0, write_slots_, v.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
   const torch::Tensor qc = q.reshape({rows_, heads, d}).to(keys.scalar_type()).contiguous();
   torch::Tensor out = torch::empty_like(qc);
   kernels::PagedAttentionShape shape;

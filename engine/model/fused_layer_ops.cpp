@@ -57,32 +57,6 @@ torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, 
   return out;
 }
 
-std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
-                                                        const torch::Tensor& y,
-                                                        const torch::Tensor& weight, double eps) {
-  const torch::Tensor xc = x.contiguous();
-  const torch::Tensor yc = y.to(x.scalar_type()).contiguous();
-  const torch::Tensor w = weight.to(x.scalar_type()).contiguous();
-  torch::Tensor sum = torch::empty_like(xc);
-  torch::Tensor out = torch::empty_like(xc);
-  const int64_t width = x.size(-1);
-  if (xc.is_cpu()) {
-    kernels::add_rms_norm_cpu(xc.data_ptr(), yc.data_ptr(), w.data_ptr(), KindOf(xc),
-                              xc.numel() / width, width, static_cast<float>(eps), sum.data_ptr(),
-                              out.data_ptr());
-    return {sum, out};
-  }
-#if defined(LORAD_WITH_CUDA)
-  const c10::cuda::CUDAGuard guard(x.device());
-  CheckLaunch(
-      kernels::add_rms_norm_cuda(xc.data_ptr(), yc.data_ptr(), w.data_ptr(), KindOf(xc),
-                                 xc.numel() / width, width, static_cast<float>(eps), sum.data_ptr(),
-                                 out.data_ptr(), CurrentStream(xc.device())),
-      "add_rms_norm_cuda");
-#endif
-  return {sum, out};
-}
-
 torch::Tensor FusedRotary(const torch::Tensor& x, const torch::Tensor& cos,
                           const torch::Tensor& sin) {
   const torch::Tensor xc = x.contiguous();

@@ -6,8 +6,6 @@
 
 #include <torch/torch.h>
 
-#include <utility>
-
 namespace lorad::engine {
 
 enum class FusedLayerOps {
@@ -34,11 +32,6 @@ class ScopedTorchLayerOps {
 
 // x [..., width], weight [width] of x's dtype.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-// (x + y, FusedRmsNorm(x + y)): the residual add and the norm after it in one kernel; x, y
-// [..., width] of one shape.
-std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
-                                                        const torch::Tensor& y,
-                                                        const torch::Tensor& weight, double eps);
 // x [B, T, heads, head_dim]; cos, sin [B, T, head_dim]: RotaryEmbedding::Apply in the layout the
 // projection produced (before the heads are transposed).
 torch::Tensor FusedRotary(const torch::Tensor& x, const torch::Tensor& cos,

@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <memory>
 #include <optional>
-#include <tuple>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -339,39 +337,13 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
   return Project(layer, index, Projection::kDown, act, lora);
 }
 
-std::pair<torch::Tensor, torch::Tensor> LlamaModel::AddRmsNorm(const torch::Tensor& x,
-                                                               const torch::Tensor& y,
-                                                               const torch::Tensor& weight) const {
-  if (UseFusedLayerOps(x) && x.sizes() == y.sizes() && y.scalar_type() == x.scalar_type()) {
-    return FusedAddRmsNorm(x, y, weight, config_.rms_norm_eps);
-  }
-  torch::Tensor sum = x + y;
-  torch::Tensor normed = RmsNorm(sum, weight);
-  return {std::move(sum), std::move(normed)};
-}
-
-std::pair<torch::Tensor, torch::Tensor> LlamaModel::BlockParts(
-    int64_t index, const torch::Tensor& x, const torch::Tensor& pending, const torch::Tensor& cos,
-    const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
-    const LoraApplier* lora) const {
-  const DecoderLayer& layer = layers_[index];
-  torch::Tensor residual = x;
-  torch::Tensor normed;
-  if (pending.defined()) {
-    std::tie(residual, normed) = AddRmsNorm(x, pending, layer.input_norm);
-  } else {
-    normed = RmsNorm(x, layer.input_norm);
-  }
-  const torch::Tensor attention = Attention(layer, index, normed, cos, sin, mask, cache, lora);
-  auto [h, normed_h] = AddRmsNorm(residual, attention, layer.post_attention_norm);
-  return {std::move(h), Mlp(layer, index, normed_h, lora)};
-}
-
 torch::Tensor LlamaModel::Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                                 const torch::Tensor& sin, const torch::Tensor& mask,
                                 AttentionCache* cache, const LoraApplier* lora) const {
-  const auto [h, mlp] = BlockParts(index, x, torch::Tensor(), cos, sin, mask, cache, lora);
-  return h + mlp;
+  const DecoderLayer& layer = layers_[index];
+  const torch::Tensor h =
+      x + Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, cache, lora);
+  return h + Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora);
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
@@ -380,15 +352,12 @@ torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tens
   const int64_t rows = ids.size(0);
   const auto [cos, sin] = rope_.CosSin(positions.view({rows, 1}), options_.dtype);
   cache->BeginStep(1);
-  // Each layer's last residual add is left to the next norm (AddRmsNorm: one kernel for both).
   torch::Tensor h = embed_tokens_.index_select(0, ids).view({rows, 1, -1});
-  torch::Tensor pending;
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
-    std::tie(h, pending) = BlockParts(i, h, pending, cos, sin, torch::Tensor(), cache, lora);
+    h = Block(i, h, cos, sin, torch::Tensor(), cache, lora);
   }
   cache->EndStep(std::vector<int64_t>(static_cast<size_t>(rows), 1));
-  const torch::Tensor normed = AddRmsNorm(h, pending, final_norm_).second;
-  return torch::linear(normed.select(1, 0), lm_head_);
+  return torch::linear(RmsNorm(h, final_norm_).select(1, 0), lm_head_);
 }
 
 torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,

@@ -18,7 +18,6 @@
 
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -132,9 +131,6 @@ class LlamaModel {
   absl::Status CheckBatch(const ForwardBatch& batch, const AttentionCache* cache,
                           const ForwardOptions& options) const;
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;
-  // (x + y, RmsNorm(x + y)), one kernel when the fused layer ops apply.
-  std::pair<torch::Tensor, torch::Tensor> AddRmsNorm(const torch::Tensor& x, const torch::Tensor& y,
-                                                     const torch::Tensor& weight) const;
   torch::Tensor Project(const DecoderLayer& layer, int64_t index, Projection projection,
                         const torch::Tensor& x, const LoraApplier* lora) const;
   // Projections of one input (q, k, v; gate, up): the base outputs, then the LoRA updates of all
@@ -149,13 +145,6 @@ class LlamaModel {
                           const LoraApplier* lora) const;
   torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                     const LoraApplier* lora) const;
-  // Decoder layer `index` on the residual stream x + pending (pending undefined: x alone), its
-  // last residual add left undone: returns (h, mlp) whose sum is the layer's output, so the next
-  // norm can do the add (AddRmsNorm).
-  std::pair<torch::Tensor, torch::Tensor> BlockParts(
-      int64_t index, const torch::Tensor& x, const torch::Tensor& pending, const torch::Tensor& cos,
-      const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
-      const LoraApplier* lora) const;
   // Decoder layer `index`: x + attention, then + MLP, each on the RMS-normed input.
   torch::Tensor Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                       const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,

@@ -90,29 +90,6 @@ TEST(PagedAttentionGpuTest, OtherHeadDimsAndBlockSizes) {
   RunCase(FloatKind::kBF16, {5, 33}, 4, 1, 32, 1, 5);
 }
 
-// The decode step's cache write: bit for bit the reference, for rows whose width allows 16-byte
-// copies (8 KV heads of 128) and for odd widths, and no other slot touched.
-TEST(PagedAttentionGpuTest, KvWriteEqualsTheReference) {
-  for (const FloatKind kind : {FloatKind::kBF16, FloatKind::kF32}) {
-    for (const int64_t width : {int64_t{1024}, int64_t{77}}) {
-      const int64_t rows = 5, pool_slots = 40;
-      const std::vector<int64_t> slots = {17, 3, 39, 0, 22};
-      const auto k = RandomValues(static_cast<size_t>(rows * width), kind, 11);
-      const auto v = RandomValues(static_cast<size_t>(rows * width), kind, 12);
-      auto k_pool = RandomValues(static_cast<size_t>(pool_slots * width), kind, 13);
-      auto v_pool = RandomValues(static_cast<size_t>(pool_slots * width), kind, 14);
-      GpuBuffer<char> k_dev(k), v_dev(v), k_pool_dev(k_pool), v_pool_dev(v_pool);
-      GpuBuffer<int64_t> slots_dev(slots);
-      LORAD_ASSERT_LAUNCH(paged_kv_write_cuda(k_dev.get(), v_dev.get(), kind, slots_dev.get(), rows,
-                                              width, k_pool_dev.get(), v_pool_dev.get(), nullptr));
-      paged_kv_write_cpu(k.data(), v.data(), kind, slots.data(), rows, width, k_pool.data(),
-                         v_pool.data());
-      EXPECT_EQ(k_pool_dev.Read(), k_pool) << "width " << width;
-      EXPECT_EQ(v_pool_dev.Read(), v_pool) << "width " << width;
-    }
-  }
-}
-
 TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
   PagedAttentionShape shape{1, 4, 4, 48, 16, 1};
   EXPECT_NE(paged_attention_cuda(nullptr, nullptr, nullptr, FloatKind::kBF16, nullptr, nullptr,

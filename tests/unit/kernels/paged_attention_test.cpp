@@ -165,24 +165,5 @@ TEST(PagedAttentionTest, CheckNamesTheProblem) {
   EXPECT_STRNE(paged_attention_check(s), "");
 }
 
-TEST(PagedKvWriteTest, EachRowLandsInItsSlotAndNothingElseChanges) {
-  const int64_t rows = 3, width = 6, pool_slots = 8;
-  const std::vector<int64_t> slots = {5, 0, 7};
-  std::vector<float> k(rows * width), v(rows * width);
-  std::iota(k.begin(), k.end(), 100.f);
-  std::iota(v.begin(), v.end(), 200.f);
-  std::vector<float> k_pool(pool_slots * width, -1.f), v_pool(pool_slots * width, -2.f);
-  paged_kv_write_cpu(k.data(), v.data(), FloatKind::kF32, slots.data(), rows, width, k_pool.data(),
-                     v_pool.data());
-  for (int64_t slot = 0; slot < pool_slots; ++slot) {
-    const auto it = std::find(slots.begin(), slots.end(), slot);
-    const int64_t row = it == slots.end() ? -1 : it - slots.begin();
-    for (int64_t j = 0; j < width; ++j) {
-      EXPECT_EQ(k_pool[slot * width + j], row < 0 ? -1.f : k[row * width + j]) << slot << "," << j;
-      EXPECT_EQ(v_pool[slot * width + j], row < 0 ? -2.f : v[row * width + j]) << slot << "," << j;
-    }
-  }
-}
-
 }  // namespace
 }  // namespace lorad::kernels

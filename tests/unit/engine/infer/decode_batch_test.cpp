@@ -9,7 +9,6 @@
 #include <cstdlib>
 
 #include "engine/infer/decode_runner.h"
-#include "engine/model/fused_layer_ops.h"
 #include "engine/model/llama_model.h"
 #include "tests/unit/engine/tiny_model.h"
 
@@ -79,24 +78,6 @@ TEST(DecodeBatchTest, RunnerEqualsForwardForAStep) {
   ASSERT_EQ(logits->size(0), 1);
   EXPECT_LT(((*logits)[0] - ref[5]).abs().max().item<float>(), 1e-4);
   EXPECT_EQ(runner.graphs_captured(), 0);  // CPU runs eagerly
-}
-
-// The decode step with the fused layer kernels (through their CPU references here): the residual
-// adds fused into the norms that follow them give the forward's logits too.
-TEST(DecodeBatchTest, RunnerWithFusedLayerOpsEqualsForward) {
-  torch::manual_seed(7);
-  auto model = test_fixtures::LoadTinyModel();
-  ASSERT_NE(model, nullptr);
-  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 8, 4));
-  const std::vector<int64_t> a = RandomIds(6);
-  const torch::Tensor ref = Reference(*model, a);
-  Prefill(*model, cache, a, {3, 6}, 5);
-  DecodeRunner runner(model.get(), &cache, DecodeRunnerOptions());
-  SetFusedLayerOps(FusedLayerOps::kAlsoOnCpu);
-  auto logits = runner.Run({{a[5], 5, {3, 6}, -1}}, nullptr);
-  SetFusedLayerOps(FusedLayerOps::kCuda);
-  ASSERT_TRUE(logits.ok()) << logits.status();
-  EXPECT_LT(((*logits)[0] - ref[5]).abs().max().item<float>(), 1e-4);
 }
 
 TEST(DecodeBatchTest, RowsOutsideTheirBlocksOrThePoolAreErrors) {
