@@ -1,20 +1,21 @@
 """Adds up Nsight Compute's per-kernel durations (ncu --csv --print-units base --metrics
-gpu__time_duration.sum) by kernel name: count, total and share, largest first.
+gpu__time_duration.sum) by kernel name and launch shape: count, total and share, largest first.
 
     python3 bench/kernel_time_summary.py ncu-output.csv
 """
 import csv
 import io
+import re
 import sys
 from collections import defaultdict
 
 
 def short_name(name: str) -> str:
-    # Template arguments and parameter lists make every instantiation unique; keep the function.
-    for cut in ("(", "<"):
-        if cut in name:
-            name = name[: name.index(cut)]
-    return name.split("::")[-1] or name
+    """The kernel function's own name: no return type, namespaces, template arguments or
+    parameter list (every instantiation of a template is one row per launch shape instead)."""
+    name = name.replace("(anonymous namespace)::", "")
+    match = re.search(r"(\w+)\s*[<(]", name)
+    return match.group(1) if match else name[:48]
 
 
 def main(path: str) -> None:
@@ -33,15 +34,19 @@ def main(path: str) -> None:
             ns = float(row["Metric Value"].replace(",", ""))
         except ValueError:
             continue
-        name = short_name(row["Kernel Name"])
+        # The launch shape tells apart the projections (and batch sizes) of one kernel.
+        name = f'{short_name(row["Kernel Name"])} {row.get("Grid Size", "")} {row.get("Block Size", "")}'
+
         total_ns[name] += ns
         count[name] += 1
     grand = sum(total_ns.values())
     launches = sum(count.values())
     print(f"{launches} kernels, {grand / 1e3:.1f} us in all")
-    print(f"{'kernel':<48} {'count':>6} {'total us':>10} {'mean us':>9} {'share':>6}")
+    print("(each kernel timed alone; a kernel launched with programmatic dependent launch also counts")
+    print(" its wait for the kernel before it, so read those as upper bounds)")
+    print(f"{'kernel, grid, block':<72} {'count':>6} {'total us':>10} {'mean us':>9} {'share':>6}")
     for name, ns in sorted(total_ns.items(), key=lambda kv: -kv[1]):
-        print(f"{name[:48]:<48} {count[name]:>6} {ns / 1e3:>10.1f} {ns / 1e3 / count[name]:>9.2f}"
+        print(f"{name[:72]:<72} {count[name]:>6} {ns / 1e3:>10.1f} {ns / 1e3 / count[name]:>9.2f}"
               f" {100 * ns / grand:>5.1f}%")
 
 
