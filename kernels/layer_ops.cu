@@ -6,8 +6,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
 #include "kernels/programmatic_launch.cuh"
@@ -23,78 +21,19 @@ __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-// 16 bytes of T (4 floats or 8 bf16) as fp32 values, and back (rounded to T).
-__device__ __forceinline__ void UnpackVector(const uint4& u, float* v, const float*) {
-  v[0] = __uint_as_float(u.x), v[1] = __uint_as_float(u.y);
-  v[2] = __uint_as_float(u.z), v[3] = __uint_as_float(u.w);
-}
-__device__ __forceinline__ void UnpackVector(const uint4& u, float* v, const __nv_bfloat16*) {
-  Bf16PairToFloats(u.x, v), Bf16PairToFloats(u.y, v + 2);
-  Bf16PairToFloats(u.z, v + 4), Bf16PairToFloats(u.w, v + 6);
-}
-__device__ __forceinline__ uint4 PackVector(const float* v, float*) {
-  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-                    __float_as_uint(v[3]));
-}
-__device__ __forceinline__ uint32_t PackBf16Pair(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-}
-__device__ __forceinline__ uint4 PackVector(const float* v, __nv_bfloat16*) {
-  return make_uint4(PackBf16Pair(v[0], v[1]), PackBf16Pair(v[2], v[3]), PackBf16Pair(v[4], v[5]),
-                    PackBf16Pair(v[6], v[7]));
-}
-
-// RmsNormKernel keeps a row in registers when it is at most this many 16-byte vectors per thread.
-constexpr int kNormVectorsPerThread = 4;
-
 // One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
-// kInRegisters (width a multiple of 16 bytes' worth of elements, at most kNormVectorsPerThread
-// vectors per thread, every pointer 16-byte aligned): each thread loads its vectors of the row
-// once, in 16-byte loads all in flight together, and the weight before waiting for the kernel
-// that writes x. Otherwise one element at a time, the row read twice. A decode step normalises
-// one row per sequence twice per layer, so the round trips to memory are the cost.
-template <typename T, bool kInRegisters>
+template <typename T>
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(const T* __restrict__ x, const T* __restrict__ weight, int64_t width, float eps,
                   T* __restrict__ out) {
   AllowDependents();
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kHeld = kInRegisters ? kNormVectorsPerThread : 1;
-  uint4 x_raw[kHeld], w_raw[kHeld];  // as loaded: 4 registers per 16 bytes
-  const int64_t vectors = width / kVec;
-  if constexpr (kInRegisters) {
-#pragma unroll
-    for (int j = 0; j < kNormVectorsPerThread; ++j) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(j) * kNormThreads;
-      if (v < vectors) w_raw[j] = reinterpret_cast<const uint4*>(weight)[v];
-    }
-  }
   WaitForPredecessor();
   __shared__ float warp_sums[kNormThreads / 32];
   const T* row = x + blockIdx.x * width;
   float sum = 0.0f;
-  if constexpr (kInRegisters) {
-#pragma unroll
-    for (int j = 0; j < kNormVectorsPerThread; ++j) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(j) * kNormThreads;
-      if (v < vectors) x_raw[j] = reinterpret_cast<const uint4*>(row)[v];
-    }
-#pragma unroll
-    for (int j = 0; j < kNormVectorsPerThread; ++j) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(j) * kNormThreads;
-      if (v < vectors) {
-        float xv[kVec];
-        UnpackVector(x_raw[j], xv, row);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) sum = fmaf(xv[e], xv[e], sum);
-      }
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
-      const float v = ToFloat(row[i]);
-      sum = fmaf(v, v, sum);
-    }
+  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
+    const float v = ToFloat(row[i]);
+    sum = fmaf(v, v, sum);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -105,24 +44,9 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
   const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
   T* dst = out + blockIdx.x * width;
-  if constexpr (kInRegisters) {
-#pragma unroll
-    for (int j = 0; j < kNormVectorsPerThread; ++j) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(j) * kNormThreads;
-      if (v < vectors) {
-        float xv[kVec], wv[kVec], result[kVec];
-        UnpackVector(x_raw[j], xv, row);
-        UnpackVector(w_raw[j], wv, weight);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) result[e] = __fmul_rn(wv[e], Round(xv[e] * inv, dst));
-        *reinterpret_cast<uint4*>(dst + v * kVec) = PackVector(result, dst);
-      }
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
-      const float normed = Round(ToFloat(row[i]) * inv, dst);
-      StoreAs(dst + i, __fmul_rn(ToFloat(weight[i]), normed));
-    }
+  for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
+    const float normed = Round(ToFloat(row[i]) * inv, dst);
+    StoreAs(dst + i, __fmul_rn(ToFloat(weight[i]), normed));
   }
 }
 
@@ -174,31 +98,22 @@ const char* Launch(void (*kernel)(Params...), unsigned grid, int threads, cudaSt
 
 }  // namespace
 
-template <typename T>
-const char* LaunchRmsNorm(const void* x, const void* weight, int64_t rows, int64_t width, float eps,
-                          void* out, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool in_registers = width % kVec == 0 &&
-                            width / kVec <= kNormThreads * kNormVectorsPerThread &&
-                            ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
-                              reinterpret_cast<uintptr_t>(out)) &
-                             15) == 0;
-  const unsigned grid = static_cast<unsigned>(rows);
-  return Launch(in_registers ? RmsNormKernel<T, true> : RmsNormKernel<T, false>, grid, kNormThreads,
-                stream, static_cast<const T*>(x), static_cast<const T*>(weight), width, eps,
-                static_cast<T*>(out));
-}
-
 const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
                           int64_t width, float eps, void* out, void* stream) {
   if (rows <= 0) return nullptr;
   if (rows > 0x7fffffff) return "rms_norm: too many rows";
   const auto s = static_cast<cudaStream_t>(stream);
-  if (kind == FloatKind::kF32) return LaunchRmsNorm<float>(x, weight, rows, width, eps, out, s);
-  if (kind == FloatKind::kBF16) {
-    return LaunchRmsNorm<__nv_bfloat16>(x, weight, rows, width, eps, out, s);
+  const unsigned grid = static_cast<unsigned>(rows);
+  if (kind == FloatKind::kF32) {
+    return Launch(RmsNormKernel<float>, grid, kNormThreads, s, static_cast<const float*>(x),
+                  static_cast<const float*>(weight), width, eps, static_cast<float*>(out));
+  } else if (kind == FloatKind::kBF16) {
+    return Launch(RmsNormKernel<__nv_bfloat16>, grid, kNormThreads, s,
+                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight),
+                  width, eps, static_cast<__nv_bfloat16*>(out));
+  } else {
+    return "rms_norm: fp32 or bf16 only";
   }
-  return "rms_norm: fp32 or bf16 only";
 }
 
 const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,

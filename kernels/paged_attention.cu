@@ -110,9 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     running_max = new_max;
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) acc[i] *= rescale;
-    // Several keys' value loads in flight per warp (eight where the registers allow).
-    constexpr int kKeysInFlight = kDimsPerLane == 4 || kDimsPerLane == 8 ? 8 : 4;
-#pragma unroll(kKeysInFlight)
+#pragma unroll 4
     for (int key = warp; key < count; key += kWarps) {
       float v[kDimsPerLane];
       LoadFloats<kDimsPerLane>(v_pool + s_base[key] + lane * kDimsPerLane, v);
