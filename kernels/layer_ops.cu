@@ -9,6 +9,7 @@
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
 #include "kernels/programmatic_launch.cuh"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -35,8 +36,7 @@ __global__ void __launch_bounds__(kNormThreads)
     const float v = ToFloat(row[i]);
     sum = fmaf(v, v, sum);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum = WarpSum(sum);
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
   __syncthreads();
   float total = 0.0f;

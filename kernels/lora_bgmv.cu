@@ -25,6 +25,7 @@
 #include "kernels/device_float.cuh"
 #include "kernels/lora_bgmv.h"
 #include "kernels/programmatic_launch.cuh"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -58,12 +59,6 @@ struct Segments {  // SGMV: the last segment whose start is <= row
     return adapter[lo];
   }
 };
-
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // What both kernels know of a launch's targets (a kernel parameter, copied by value).
 struct Targets {

@@ -19,6 +19,7 @@
 #include "kernels/device_float.cuh"
 #include "kernels/paged_attention.h"
 #include "kernels/programmatic_launch.cuh"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -27,17 +28,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = kThreads;
 constexpr int kMaxHeadDim = 256;
-
-__device__ __forceinline__ float WarpMax(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // kDimsPerLane = head_dim / 32.
 template <typename T, int kDimsPerLane>
