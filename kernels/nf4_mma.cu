@@ -9,19 +9,24 @@
 //     l at byte e * 256 + 4 * l, so every lane always reads its own bank: no conflicts);
 //   - mma.sync m16n8k16 does the multiply-adds (fp32 accumulation) for up to 8 rows of x per
 //     tile, 32 with four tiles, so the same decode serves a whole decode batch;
-//   - each warp streams its part of 16 rows in stages of four 64-blocks through a ring of three
-//     shared-memory slots filled by cp.async (two stages in flight while one is decoded, no
-//     registers held for them); the grid is persistent (one 16-warp block per SM) so the table is
-//     built once per block, and the reduction axis is split over `parts` warps of the block.
+//   - each warp streams its part of 16 rows (32 from 9 rows of x on: WarpTile) in stages of 2 KB
+//     through a ring of three shared-memory slots filled by cp.async (two stages in flight while
+//     one is decoded, no registers held for them); the grid is persistent (one 16-warp block per
+//     SM) so the table is built once per block, and the reduction axis is split over `parts`
+//     warps of the block;
+//   - up to three weights sharing x (q, k, v; gate, up) run as one launch (TargetTable), each warp
+//     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle.
 //
 // Measured (bench/results/2026-12-02-h200-nf4_mma.txt, H200): batch 1 at 26-48% of the copy
-// bandwidth on the large shapes (35-58% with programmatic launch), batch 32 in 2.3-2.8x batch
-// 1's time and 3.5x faster than dequantize + cuBLAS per decoder layer. Under ncu (down_proj,
-// batch 1) it is latency-bound, not bandwidth- or issue-bound: 4 warps per scheduler (the 64 KB
-// table and the 126 KB ring leave room for one 16-warp block per SM; 128 registers), one
-// instruction issued every ~9 cycles per warp, DRAM 30% busy. Next: more independent work per
-// warp (two row tiles per warp sharing x), a smaller table (fewer copies, accept some bank
-// conflicts) to fit a second block, and q/k/v and gate/up in one launch each.
+// bandwidth on the large shapes (35-58% with programmatic launch). Under ncu (down_proj, batch 1)
+// it is latency-bound, not bandwidth- or issue-bound: 4 warps per scheduler (the 64 KB table and
+// the 126 KB ring leave room for one 16-warp block per SM; 128 registers), one instruction issued
+// every ~9 cycles per warp, DRAM 30% busy. At batch 32 (gate_proj, one 16-row tile per warp) the
+// L1 was the busiest unit (67%; DRAM 10%), most of it the x fragment loads, which every 16-row tile
+// repeated: two tiles per warp took a decoder layer from 188 to 172 us
+// (2026-12-02-h200-nf4_mma-two-tiles.txt), still 0.7-1.0x cuBLAS on bf16 weights.
+// Next: a smaller table (fewer copies, accept some bank conflicts) to fit a second block; x
+// staged once per block in shared memory at batch 32.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .bf16/.f16): lane = 4 * g + t. A (16 x 16, weights):
 // a0a1 = (row g, k 2t..2t+1), a2a3 = (row g+8, same k), a4a5 = (row g, k 2t+8..2t+9),
@@ -49,20 +54,39 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStageBlocks = 4;  // 64-blocks per row per pipeline stage
-constexpr int kStages = 3;       // ring slots per warp: two stages in flight while one is decoded
-constexpr int kTileRows = 16;
+constexpr int kStages = 3;  // ring slots per warp: two stages in flight while one is decoded
 // Pair table: entry e (a packed byte) of lane l at byte e * 256 + 4 * l; the last entry's
 // unused half is not allocated.
 constexpr int kPairTableBytes = 255 * 256 + 128;
-// A warp's ring slot: 16 rows of kStageBlocks * 32 packed bytes, each row padded to 160 bytes so
-// the lanes' 8-byte reads (row g, byte 32u + 8t) fall in distinct banks; then the rows' 8-bit
-// absmax codes (4 bytes a row) and absmax2 values (one float a row).
-constexpr int kRowStride = kStageBlocks * 32 + 32;
-constexpr int kSlotWeights = kTileRows * kRowStride;
-constexpr int kSlotBytes = kSlotWeights + kTileRows * 4 + kTileRows * 4;
-constexpr int kRingBytes = kWarps * kStages * kSlotBytes;
-static_assert(kPairTableBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte aligned regions");
+
+// A warp's tile: MT 16-row tensor-core tiles of W. One tile (MT = 1) for up to 8 rows of x; two
+// (MT = 2) for 9..32 rows, so that each x fragment, loaded from L1 into registers, serves 32
+// rows of W instead of 16: at 32 rows of x the x loads, not the weights, were what kept the
+// L1 busiest (ncu, gate_proj at batch 32: L1 67% busy, DRAM 10%).
+template <int MT>
+struct WarpTile {
+  static constexpr int kRows = 16 * MT;
+  // 64-blocks per row per pipeline stage: a stage is 2 KB of packed weights either way.
+  static constexpr int kStageBlocks = 4 / MT;
+  static constexpr int kPiecesPerRow = kStageBlocks * 2;   // 16-byte cp.async pieces
+  static constexpr int kRowsPerCopy = 32 / kPiecesPerRow;  // rows one warp-wide copy covers
+  // Bytes from one row to the next in a ring slot. MT = 1 pads each row to 160 bytes so the
+  // lanes' 8-byte reads (row g, byte 32u + 8t) fall in distinct banks; MT = 2 packs rows at 64
+  // bytes and swaps the two 32-byte blocks of rows with bit 1 set (BlockOffset) for the same.
+  static constexpr int kRowStride = MT == 1 ? kStageBlocks * 32 + 32 : kStageBlocks * 32;
+  static constexpr int kSlotWeights = kRows * kRowStride;
+  // Then each row's 8-bit absmax codes (one aligned 4-byte word: 4 blocks) and absmax2 value.
+  static constexpr int kSlotBytes = kSlotWeights + kRows * 4 + kRows * 4;
+  static constexpr int kRingBytes = kWarps * kStages * kSlotBytes;
+  static_assert(kSlotBytes % 16 == 0 && kRowStride % 16 == 0, "16-byte aligned regions");
+
+  // Where block u of tile row r starts within the row. Rows r and r + kRowsPerCopy agree on
+  // bit 1 (kRowsPerCopy is 4 or 8), so one lane's pieces all land at the same offset in a row.
+  __device__ static __forceinline__ int BlockOffset(int r, int u) {
+    return MT == 1 ? u * 32 : (u ^ ((r >> 1) & 1)) * 32;
+  }
+};
+static_assert(kPairTableBytes % 16 == 0, "16-byte aligned regions");
 
 __constant__ float kCodeDevice[16] = {kNf4Code[0],  kNf4Code[1],  kNf4Code[2],  kNf4Code[3],
                                       kNf4Code[4],  kNf4Code[5],  kNf4Code[6],  kNf4Code[7],
@@ -116,28 +140,37 @@ __device__ __forceinline__ void WaitCopies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// What a lane copies for its warp's tile: 16-byte pieces (lane + 32 i) / 8 = rows lane / 8 + 4i,
-// piece lane % 8 of each row's stage bytes; lanes 0-15 also the 8-bit absmax codes of row `lane`,
-// lanes 16-31 the absmax2 value of row `lane - 16`.
+// What a lane copies for its warp's tile: 16-byte pieces p = lane + 32 i (i < 4: a stage is
+// 2 KB), which are piece lane % kPiecesPerRow of rows lane / kPiecesPerRow + kRowsPerCopy i.
+// Absmax: with MT = 1, lanes 0-15 copy the 8-bit codes of row `lane`, lanes 16-31 the absmax2
+// value of row `lane - 16`; with MT = 2 every lane copies both for row `lane`. Pointers are kept
+// to one per kind (and the piece offsets recomputed) to spare registers.
 struct TileCopy {
-  const uint8_t* rows[4];  // packed row lane / 8 + 4i (clamped), at piece lane % 8
-  const uint8_t* qabsmax;  // lanes 0-15: the row's first 8-bit code
-  int64_t first_block;     // lanes 16-31: the row's first block (for absmax2)
+  const uint8_t* packed;   // W's packed bytes at the lane's piece
+  int64_t row_bytes;       // in_features / 2
+  int64_t row;             // the lane's first row
+  int64_t last_row;        // out_features - 1: a missing row re-reads it and is never stored
+  uint32_t dst;            // where the lane's first piece goes in a ring slot
+  const uint8_t* qabsmax;  // the row's first 8-bit code
+  int64_t first_block;     // the row's first block (for absmax2)
 };
 
+template <int MT>
 __device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, int64_t kb,
                                           const float* __restrict__ absmax2, uint32_t slot) {
+  using W = WarpTile<MT>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    CopyAsync16(slot + (lane / 8 + 4 * i) * kRowStride + (lane % 8) * 16, tc.rows[i] + kb * 32);
+    const int64_t row = min(tc.row + i * W::kRowsPerCopy, tc.last_row);
+    CopyAsync16(slot + tc.dst + i * W::kRowsPerCopy * W::kRowStride,
+                tc.packed + row * tc.row_bytes + kb * 32);
   }
-  if (lane < 16) {
-    CopyAsync4(slot + kSlotWeights + lane * 4, tc.qabsmax + kb);  // 4 codes, 4-byte aligned
-  } else {
-    // 4 aligned blocks never straddle a group of 256: one absmax2 for the stage.
-    CopyAsync4(slot + kSlotWeights + kTileRows * 4 + (lane - 16) * 4,
-               absmax2 + ((tc.first_block + kb) >> 8));
-  }
+  // The aligned word of 4 codes holding this stage's; a stage's aligned blocks never straddle
+  // a group of 256, so one absmax2 value serves the stage.
+  const uint32_t codes = slot + W::kSlotWeights + (lane % W::kRows) * 4;
+  const uint32_t scale2 = slot + W::kSlotWeights + W::kRows * 4 + (lane % W::kRows) * 4;
+  if (MT != 1 || lane < 16) CopyAsync4(codes, tc.qabsmax + (kb & ~int64_t{3}));
+  if (MT != 1 || lane >= 16) CopyAsync4(scale2, absmax2 + ((tc.first_block + kb) >> 8));
 }
 
 // The T pair of packed byte `i` of `word`, from the lane's column of the pair table.
@@ -148,22 +181,32 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
   return *reinterpret_cast<const uint32_t*>(table + offset);
 }
 
-// Decodes one ring slot (kStageBlocks blocks of the warp's 16 rows) into acc.
-template <typename T, int NT>
+// Decodes one ring slot (kStageBlocks blocks of the warp's MT * 16 rows) into acc.
+template <typename T, int NT, int MT>
 __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
                                              const float* code2, float offset, uint32_t lane_offset,
                                              const T* __restrict__ x, int64_t x_rows,
                                              int64_t in_features, int64_t kb, int g, int t,
-                                             float acc[NT][4]) {
-  const uint32_t qa0 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + g * 4);
-  const uint32_t qa1 = *reinterpret_cast<const uint32_t*>(slot + kSlotWeights + (g + 8) * 4);
-  const float* a2 = reinterpret_cast<const float*>(slot + kSlotWeights + kTileRows * 4);
-  const float a20 = a2[g], a21 = a2[g + 8];
+                                             float acc[MT][NT][4]) {
+  using W = WarpTile<MT>;
+  const float* a2s = reinterpret_cast<const float*>(slot + W::kSlotWeights + W::kRows * 4);
+  // With one tile the rows' code words and absmax2 values are read once per stage; with two,
+  // where they are used (registers are short there).
+  uint32_t qa_stage[2] = {0u, 0u};
+  float a2_stage[2] = {0.f, 0.f};
+  if constexpr (MT == 1) {
+    for (int h = 0; h < 2; ++h) {
+      qa_stage[h] = *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + (g + 8 * h) * 4);
+      a2_stage[h] = a2s[g + 8 * h];
+    }
+  }
+  // The stage's first code in the word (MT = 1: stages are whole words).
+  const int code_shift = MT == 1 ? 0 : 8 * static_cast<int>(kb & 3);
   // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u. With one tile all
   // of the stage's are loaded up front (one round trip per stage, not per block, should x miss
   // the little L1 the ring leaves; measured neutral on the H200); four tiles would need 128
   // registers for that.
-  constexpr int kXBlocks = NT == 1 ? kStageBlocks : 1;
+  constexpr int kXBlocks = NT == 1 ? W::kStageBlocks : 1;
   uint32_t xs[kXBlocks][NT][8];
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
@@ -183,59 +226,91 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   };
   if constexpr (NT == 1) {
 #pragma unroll
-    for (int u = 0; u < kStageBlocks; ++u) load_x(u, xs[u]);
+    for (int u = 0; u < W::kStageBlocks; ++u) load_x(u, xs[u]);
   }
 #pragma unroll
-  for (int u = 0; u < kStageBlocks; ++u) {
+  for (int u = 0; u < W::kStageBlocks; ++u) {
     if constexpr (NT != 1) load_x(u, xs[0]);
     uint32_t(&xb)[NT][8] = xs[NT == 1 ? u : 0];
-    const uint2 w0 = *reinterpret_cast<const uint2*>(slot + g * kRowStride + u * 32 + t * 8);
-    const uint2 w1 = *reinterpret_cast<const uint2*>(slot + (g + 8) * kRowStride + u * 32 + t * 8);
-    float c[NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+    for (int m = 0; m < MT; ++m) {
+      const int r0 = g + 16 * m, r1 = r0 + 8;
+      const uint2 w0 = *reinterpret_cast<const uint2*>(slot + r0 * W::kRowStride +
+                                                       W::BlockOffset(r0, u) + t * 8);
+      const uint2 w1 = *reinterpret_cast<const uint2*>(slot + r1 * W::kRowStride +
+                                                       W::BlockOffset(r1, u) + t * 8);
+      float c[NT][4];
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      const uint32_t word0 = step < 2 ? w0.x : w0.y;
-      const uint32_t word1 = step < 2 ? w1.x : w1.y;
-      const int i = 2 * (step & 1);
-      uint32_t a[4];
-      a[0] = PairOf(table, word0, i, lane_offset);
-      a[1] = PairOf(table, word1, i, lane_offset);
-      a[2] = PairOf(table, word0, i + 1, lane_offset);
-      a[3] = PairOf(table, word1, i + 1, lane_offset);
+      for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+      for (int step = 0; step < 4; ++step) {
+        const uint32_t word0 = step < 2 ? w0.x : w0.y;
+        const uint32_t word1 = step < 2 ? w1.x : w1.y;
+        const int i = 2 * (step & 1);
+        uint32_t a[4];
+        a[0] = PairOf(table, word0, i, lane_offset);
+        a[1] = PairOf(table, word1, i, lane_offset);
+        a[2] = PairOf(table, word0, i + 1, lane_offset);
+        a[3] = PairOf(table, word1, i + 1, lane_offset);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          Mma<T>(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
+        }
+      }
+      // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add),
+      // from the rows' code words and absmax2 values.
+      const int shift = code_shift + 8 * u;
+      const auto code_word = [&](int r) {
+        return *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + r * 4);
+      };
+      const uint32_t qa0 = MT == 1 ? qa_stage[0] : code_word(r0);
+      const uint32_t qa1 = MT == 1 ? qa_stage[1] : code_word(r1);
+      const float a20 = MT == 1 ? a2_stage[0] : a2s[r0];
+      const float a21 = MT == 1 ? a2_stage[1] : a2s[r1];
+      const float scale0 = __fadd_rn(__fmul_rn(code2[(qa0 >> shift) & 0xffu], a20), offset);
+      const float scale1 = __fadd_rn(__fmul_rn(code2[(qa1 >> shift) & 0xffu], a21), offset);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        Mma<T>(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
+        acc[m][nt][0] = fmaf(c[nt][0], scale0, acc[m][nt][0]);
+        acc[m][nt][1] = fmaf(c[nt][1], scale0, acc[m][nt][1]);
+        acc[m][nt][2] = fmaf(c[nt][2], scale1, acc[m][nt][2]);
+        acc[m][nt][3] = fmaf(c[nt][3], scale1, acc[m][nt][3]);
       }
-    }
-    // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add).
-    const float scale0 = __fadd_rn(__fmul_rn(code2[(qa0 >> (8 * u)) & 0xffu], a20), offset);
-    const float scale1 = __fadd_rn(__fmul_rn(code2[(qa1 >> (8 * u)) & 0xffu], a21), offset);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      acc[nt][0] = fmaf(c[nt][0], scale0, acc[nt][0]);
-      acc[nt][1] = fmaf(c[nt][1], scale0, acc[nt][1]);
-      acc[nt][2] = fmaf(c[nt][2], scale1, acc[nt][2]);
-      acc[nt][3] = fmaf(c[nt][3], scale1, acc[nt][3]);
     }
   }
 }
 
-// Block b handles block tiles b, b + gridDim.x, ...; a block tile is kWarps / parts row tiles of
-// 16 rows, each reduced by `parts` warps over consecutive ranges of the 64-blocks.
-template <typename T, int NT>
+// The weights of one launch (one, or a group sharing x) and where each one's warp tiles end in
+// the launch's tile order: tiles [tile_end[i - 1], tile_end[i]) belong to weight i.
+struct TargetTable {
+  Nf4MmaTarget t[kNf4MmaMaxTargets];
+  int64_t tile_end[kNf4MmaMaxTargets];
+  int count;
+};
+
+__device__ __forceinline__ int TargetOf(const TargetTable& targets, int64_t tile) {
+  int i = 0;
+#pragma unroll
+  for (int j = 0; j + 1 < kNf4MmaMaxTargets; ++j)
+    i += (j + 1 < targets.count && tile >= targets.tile_end[j]);
+  return i;
+}
+
+// Block b handles block tiles b, b + gridDim.x, ...; a block tile is kWarps / parts warp tiles
+// of MT * 16 rows (of one weight each), each reduced by `parts` warps over consecutive ranges of
+// the 64-blocks.
+template <typename T, int NT, int MT>
 __global__ void __launch_bounds__(kThreads, 1)
-    nf4_mma_kernel(const T* __restrict__ x, int64_t x_rows, const uint8_t* __restrict__ packed,
-                   const uint8_t* __restrict__ qabsmax, const float* __restrict__ absmax2,
-                   const float* __restrict__ code2_global, float offset, int64_t out_features,
-                   int64_t in_features, int parts, T* __restrict__ y) {
+    nf4_mma_kernel(const T* __restrict__ x, int64_t x_rows,
+                   const __grid_constant__ TargetTable targets, int64_t in_features, int parts) {
+  using W = WarpTile<MT>;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* table = smem;
-  float* code2 = reinterpret_cast<float*>(smem + kPairTableBytes);
-  unsigned char* ring = smem + kPairTableBytes + 256 * sizeof(float);
+  float* code2s = reinterpret_cast<float*>(smem + kPairTableBytes);  // [count][256]
+  unsigned char* ring = smem + kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float);
   constexpr int kCols = 8 * NT;
-  static_assert(kTileRows * kCols * sizeof(float) <= kSlotBytes, "partials fit a warp's slot");
+  static_assert(W::kRows * kCols * sizeof(float) <= kStages * W::kSlotBytes,
+                "partials fit a warp's ring");
 
   AllowDependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -246,29 +321,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t blocks_per_row = in_features / 64;
   const int64_t kb_begin = blocks_per_row / parts * part;
   const int64_t kb_end = kb_begin + blocks_per_row / parts;
-  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
+  const int64_t row_tiles = targets.tile_end[targets.count - 1];
   const int64_t block_tiles = (row_tiles + groups - 1) / groups;
-  unsigned char* my_ring = ring + warp * kStages * kSlotBytes;
+  unsigned char* my_ring = ring + warp * kStages * W::kSlotBytes;
   const uint32_t my_ring_address = SharedAddress(my_ring);
 
+  TileCopy tc;
+  const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
+  tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
+  tc.row_bytes = in_features / 2;
   bool first = true;
 #pragma unroll 1
   for (int64_t bt = blockIdx.x; bt < block_tiles; bt += gridDim.x) {
-    const int64_t row0 = (bt * groups + group) * kTileRows;
-    TileCopy tc;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // a missing row re-reads the last one and is never stored
-      const int64_t r = min(row0 + lane / 8 + 4 * i, out_features - 1);
-      tc.rows[i] = packed + r * (in_features / 2) + (lane % 8) * 16;
-    }
-    const int64_t scale_row = min(row0 + lane % 16, out_features - 1);
-    tc.qabsmax = qabsmax + scale_row * blocks_per_row;
+    // This warp's tile: of weight `ti`, from its row row0 (past the last tile: a copy of the
+    // last weight's last rows, computed and never stored).
+    const int64_t tile = bt * groups + group;
+    const int ti = TargetOf(targets, tile);
+    const Nf4MmaTarget& target = targets.t[ti];
+    const int64_t row0 = (tile - (ti == 0 ? 0 : targets.tile_end[ti - 1])) * W::kRows;
+    const int64_t out_features = target.out_features;
+    const float* code2 = code2s + ti * 256;
+    const float offset = target.absmax.offset;
+    const float* absmax2 = target.absmax.absmax2;
+    T* y = static_cast<T*>(target.y);
+    tc.packed = target.packed + piece * 16;
+    tc.last_row = out_features - 1;
+    tc.row = row0 + first_row;
+    const int64_t scale_row = min(row0 + lane % W::kRows, out_features - 1);
+    tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
     tc.first_block = scale_row * blocks_per_row;
     // Prologue: the first kStages - 1 stages in flight (empty groups keep the count uniform).
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      const int64_t kb = kb_begin + s * kStageBlocks;
-      if (kb < kb_end) CopyStage(tc, lane, kb, absmax2, my_ring_address + s * kSlotBytes);
+      const int64_t kb = kb_begin + s * W::kStageBlocks;
+      if (kb < kb_end) CopyStage<MT>(tc, lane, kb, absmax2, my_ring_address + s * W::kSlotBytes);
       CommitCopies();
     }
     if (first) {
@@ -278,88 +364,111 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(table + e * 256 + lane_offset) =
             Pair<T>(kCodeDevice[e >> 4], kCodeDevice[e & 15]);
       }
-      for (int i = threadIdx.x; i < 256; i += kThreads) code2[i] = code2_global[i];
+      for (int i = threadIdx.x; i < 256 * targets.count; i += kThreads) {
+        code2s[i] = targets.t[i / 256].absmax.code2[i % 256];
+      }
       WaitForPredecessor();
       __syncthreads();
       first = false;
     }
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        acc[m][nt][0] = acc[m][nt][1] = acc[m][nt][2] = acc[m][nt][3] = 0.f;
+      }
+    }
     int slot = 0;
 #pragma unroll 1
-    for (int64_t kb = kb_begin; kb < kb_end; kb += kStageBlocks) {
+    for (int64_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
       WaitCopies<kStages - 2>();  // this stage's copies (this lane's) have landed
       __syncwarp();               // ... and every lane's
       // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
-      const int64_t ahead = kb + (kStages - 1) * kStageBlocks;
+      const int64_t ahead = kb + (kStages - 1) * W::kStageBlocks;
       const int refill = slot == 0 ? kStages - 1 : slot - 1;
-      if (ahead < kb_end)
-        CopyStage(tc, lane, ahead, absmax2, my_ring_address + refill * kSlotBytes);
+      if (ahead < kb_end) {
+        CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
+      }
       CommitCopies();
-      ComputeStage<T, NT>(my_ring + slot * kSlotBytes, table, code2, offset, lane_offset, x, x_rows,
-                          in_features, kb, g, t, acc);
+      ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset, x,
+                              x_rows, in_features, kb, g, t, acc);
       __syncwarp();  // every lane is done with the slot before it is refilled
       slot = slot == kStages - 1 ? 0 : slot + 1;
     }
     WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
 
+    // Fragment element i of tile (m, nt): tile row 16 m + g (+8 for i >= 2), column
+    // 8 nt + 2 t (+1 for odd i).
     if (parts == 1) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+      for (int m = 0; m < MT; ++m) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
-          const int64_t col = 8 * nt + 2 * t + (i & 1);
-          if (row < out_features && col < x_rows) {
-            StoreAs(&y[col * out_features + row], acc[nt][i]);
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t row = row0 + 16 * m + g + (i >= 2 ? 8 : 0);
+            const int64_t col = 8 * nt + 2 * t + (i & 1);
+            if (row < out_features && col < x_rows) {
+              StoreAs(&y[col * out_features + row], acc[m][nt][i]);
+            }
           }
         }
       }
       __syncwarp();
       continue;
     }
-    // Partial sums in the warp's own first slot: [kTileRows][kCols].
+    // Partial sums in the warp's own ring: [W::kRows][kCols].
     float* mine = reinterpret_cast<float*>(my_ring);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        mine[(g + (i >= 2 ? 8 : 0)) * kCols + 8 * nt + 2 * t + (i & 1)] = acc[nt][i];
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          mine[(16 * m + g + (i >= 2 ? 8 : 0)) * kCols + 8 * nt + 2 * t + (i & 1)] = acc[m][nt][i];
+        }
       }
     }
     __syncthreads();
-    // One thread per (row tile, row, column) sums the parts in order.
+    // One thread per (warp tile, row, column) sums the parts in order.
     const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
-    for (int idx = threadIdx.x; idx < groups * kTileRows * cols; idx += kThreads) {
-      const int gi = idx / (kTileRows * cols), r = idx / cols % kTileRows, col = idx % cols;
-      const int64_t row = (bt * groups + gi) * kTileRows + r;
-      if (row >= out_features) continue;
+    for (int idx = threadIdx.x; idx < groups * W::kRows * cols; idx += kThreads) {
+      const int gi = idx / (W::kRows * cols), r = idx / cols % W::kRows, col = idx % cols;
+      const int64_t their_tile = bt * groups + gi;
+      const int their_ti = TargetOf(targets, their_tile);
+      const Nf4MmaTarget& theirs_target = targets.t[their_ti];
+      const int64_t row =
+          (their_tile - (their_ti == 0 ? 0 : targets.tile_end[their_ti - 1])) * W::kRows + r;
+      if (row >= theirs_target.out_features) continue;
       float v = 0.f;
       for (int p = 0; p < parts; ++p) {
         const float* theirs =
-            reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * kSlotBytes);
+            reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * W::kSlotBytes);
         v += theirs[r * kCols + col];
       }
-      StoreAs(&y[col * out_features + row], v);
+      StoreAs(&static_cast<T*>(theirs_target.y)[col * theirs_target.out_features + row], v);
     }
     __syncthreads();  // the ring is refilled by the next tile
   }
 }
 
-constexpr size_t SharedBytes() { return kPairTableBytes + 256 * sizeof(float) + kRingBytes; }
+template <int MT>
+constexpr size_t SharedBytes() {
+  return kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float) + WarpTile<MT>::kRingBytes;
+}
 
 // Per kernel instantiation: the shared-memory opt-in (once) and how many blocks fit on an SM.
-template <typename T, int NT>
+template <typename T, int NT, int MT>
 int ResidentBlocksPerSm() {
   static std::once_flag once;
   static int blocks = 0;
   std::call_once(once, [] {
-    const auto kernel = nf4_mma_kernel<T, NT>;
+    const auto kernel = nf4_mma_kernel<T, NT, MT>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(SharedBytes())) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, SharedBytes()) !=
-            cudaSuccess) {
+                             static_cast<int>(SharedBytes<MT>())) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
+                                                      SharedBytes<MT>()) != cudaSuccess) {
       cudaGetLastError();
       blocks = 0;
     }
@@ -370,9 +479,9 @@ int ResidentBlocksPerSm() {
 // The parts of the reduction axis: the candidate (1, 2, 4, 8 dividing the stages of a row) whose
 // rounds of resident blocks times stages per warp (plus two for the pipeline's start and the
 // reduction) is least; ties go to more parts (shorter tail).
-int PlanParts(int64_t out_features, int64_t in_features, int64_t resident_blocks) {
-  const int64_t stages = in_features / 64 / kStageBlocks;
-  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
+template <int MT>
+int PlanParts(int64_t row_tiles, int64_t in_features, int64_t resident_blocks) {
+  const int64_t stages = in_features / 64 / WarpTile<MT>::kStageBlocks;
   int best = 1;
   int64_t best_cost = -1;
   for (int parts = 1; parts <= kWarps; parts *= 2) {
@@ -388,46 +497,67 @@ int PlanParts(int64_t out_features, int64_t in_features, int64_t resident_blocks
   return best;
 }
 
-template <typename T, int NT>
-const char* LaunchTyped(int parts, const void* x, int64_t rows, const uint8_t* packed,
-                        const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
-                        cudaStream_t stream, bool overlapped) {
-  const int per_sm = ResidentBlocksPerSm<T, NT>();
+// The launch's weights in tile order, with MT * 16-row tiles.
+template <int MT>
+TargetTable TableOf(const Nf4MmaTarget* targets, int count) {
+  TargetTable table{};
+  table.count = count;
+  int64_t tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    table.t[i] = targets[i];
+    tiles += (targets[i].out_features + WarpTile<MT>::kRows - 1) / WarpTile<MT>::kRows;
+    table.tile_end[i] = tiles;
+  }
+  return table;
+}
+
+template <typename T, int NT, int MT>
+const char* LaunchTyped(int parts, const void* x, int64_t rows, const Nf4MmaTarget* targets,
+                        int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
+  using W = WarpTile<MT>;
+  const int per_sm = ResidentBlocksPerSm<T, NT, MT>();
   if (per_sm <= 0) return "nf4_mma_cuda: the kernel does not fit on this device";
   const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
-  if (parts == 0) parts = PlanParts(out_features, in_features, resident);
-  if ((in_features / 64 / kStageBlocks) % parts != 0) {
-    return "nf4_mma_cuda: in_features / 256 must be a multiple of parts";
+  const TargetTable table = TableOf<MT>(targets, count);
+  const int64_t row_tiles = table.tile_end[count - 1];
+  if (parts == 0) parts = PlanParts<MT>(row_tiles, in_features, resident);
+  if ((in_features / 64 / W::kStageBlocks) % parts != 0) {
+    return MT == 1 ? "nf4_mma_cuda: in_features / 256 must be a multiple of parts"
+                   : "nf4_mma_cuda: in_features / 128 must be a multiple of parts";
   }
-  const int64_t row_tiles = (out_features + kTileRows - 1) / kTileRows;
   const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
   const dim3 grid(static_cast<unsigned>(std::min(block_tiles, resident)));
   const cudaError_t err = LaunchMaybeOverlapped(
-      nf4_mma_kernel<T, NT>, grid, dim3(kThreads), SharedBytes(), stream, overlapped,
-      static_cast<const T*>(x), rows, packed, absmax.qabsmax, absmax.absmax2, absmax.code2,
-      absmax.offset, out_features, in_features, parts, static_cast<T*>(y));
+      nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), SharedBytes<MT>(), stream, overlapped,
+      static_cast<const T*>(x), rows, table, in_features, parts);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// Up to 8 rows of x: one tensor-core tile of W per warp (MT = 1). More: two (MT = 2), which
+// halves the x loads, where the 32-row tiles still give at least one block per two SMs; with
+// fewer (k/v_proj's 1024 rows alone: 32 tiles) half the GPU would idle, so those keep MT = 1.
 template <typename T>
-const char* LaunchTiles(int parts, const void* x, int64_t rows, const uint8_t* packed,
-                        const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
-                        cudaStream_t stream, bool overlapped) {
-  if (rows <= 8) {
-    return LaunchTyped<T, 1>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
-                             overlapped);
+const char* LaunchTiles(int parts, const void* x, int64_t rows, const Nf4MmaTarget* targets,
+                        int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
+  int64_t tiles32 = 0;
+  for (int i = 0; i < count; ++i) {
+    tiles32 += (targets[i].out_features + WarpTile<2>::kRows - 1) / WarpTile<2>::kRows;
   }
+  const bool two_tiles = tiles32 * 2 >= SmCount();
+#define LORAD_NF4_MMA_LAUNCH(NT, MT) \
+  return LaunchTyped<T, NT, MT>(parts, x, rows, targets, count, in_features, stream, overlapped)
+  if (rows <= 8) LORAD_NF4_MMA_LAUNCH(1, 1);
   if (rows <= 16) {
-    return LaunchTyped<T, 2>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
-                             overlapped);
+    if (two_tiles) LORAD_NF4_MMA_LAUNCH(2, 2);
+    LORAD_NF4_MMA_LAUNCH(2, 1);
   }
-  return LaunchTyped<T, 4>(parts, x, rows, packed, absmax, out_features, in_features, y, stream,
-                           overlapped);
+  if (two_tiles) LORAD_NF4_MMA_LAUNCH(4, 2);
+  LORAD_NF4_MMA_LAUNCH(4, 1);
+#undef LORAD_NF4_MMA_LAUNCH
 }
 
-const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
-                const Nf4Absmax& absmax, int64_t out_features, int64_t in_features, void* y,
-                void* stream, bool overlapped) {
+const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const Nf4MmaTarget* targets,
+                int count, int64_t in_features, void* stream, bool overlapped) {
   if (!nf4_mma_cuda_supports(rows, in_features, kind)) {
     return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
            "in_features % 256 == 0)";
@@ -435,34 +565,58 @@ const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const ui
   if (parts < 0 || parts > kWarps || (parts & (parts - 1)) != 0) {
     return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
   }
-  if (out_features <= 0) return nullptr;
+  if (count < 1 || count > kNf4MmaMaxTargets) {
+    return "nf4_mma_group_cuda: count must be 1 .. kNf4MmaMaxTargets (3)";
+  }
+  // Weights without rows take no tiles: drop them.
+  Nf4MmaTarget kept[kNf4MmaMaxTargets];
+  int n = 0;
+  for (int i = 0; i < count; ++i) {
+    if (targets[i].out_features > 0) kept[n++] = targets[i];
+  }
+  if (n == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
   if (kind == FloatKind::kBF16) {
-    return LaunchTiles<__nv_bfloat16>(parts, x, rows, packed, absmax, out_features, in_features, y,
-                                      s, overlapped);
+    return LaunchTiles<__nv_bfloat16>(parts, x, rows, kept, n, in_features, s, overlapped);
   }
-  return LaunchTiles<__half>(parts, x, rows, packed, absmax, out_features, in_features, y, s,
-                             overlapped);
+  return LaunchTiles<__half>(parts, x, rows, kept, n, in_features, s, overlapped);
+}
+
+Nf4MmaTarget Single(const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features, void* y) {
+  Nf4MmaTarget target;
+  target.packed = packed;
+  target.absmax = absmax;
+  target.out_features = out_features;
+  target.y = y;
+  return target;
 }
 
 }  // namespace
 
 bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind) {
   return (kind == FloatKind::kBF16 || kind == FloatKind::kF16) && rows >= 1 &&
-         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % (64 * kStageBlocks) == 0;
+         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % 256 == 0;
 }
 
 const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
                          const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                          void* y, void* stream, bool overlapped) {
-  return Run(0, x, kind, rows, packed, absmax, out_features, in_features, y, stream, overlapped);
+  const Nf4MmaTarget target = Single(packed, absmax, out_features, y);
+  return Run(0, x, kind, rows, &target, 1, in_features, stream, overlapped);
+}
+
+const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
+                               const Nf4MmaTarget* targets, int count, int64_t in_features,
+                               void* stream, bool overlapped) {
+  return Run(0, x, kind, rows, targets, count, in_features, stream, overlapped);
 }
 
 const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
                                const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
                                int64_t in_features, void* y, void* stream) {
   if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
-  return Run(parts, x, kind, rows, packed, absmax, out_features, in_features, y, stream, false);
+  const Nf4MmaTarget target = Single(packed, absmax, out_features, y);
+  return Run(parts, x, kind, rows, &target, 1, in_features, stream, false);
 }
 
 }  // namespace lorad::kernels

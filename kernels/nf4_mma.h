@@ -20,6 +20,8 @@ namespace lorad::kernels {
 
 // Rows of x per call: four 8-column tensor-core tiles.
 inline constexpr int kNf4MmaMaxRows = 32;
+// Weights per grouped call (nf4_mma_group_cuda): q, k, v of an attention layer.
+inline constexpr int kNf4MmaMaxTargets = 3;
 
 // kNf4Code rounded to `kind` (bf16 or fp16; fp32 leaves it as is), as fp32 values.
 void nf4_code_rounded_to(FloatKind kind, float code[16]);
@@ -43,6 +45,22 @@ bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind);
 const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,
                          const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                          void* y, void* stream, bool overlapped);
+
+// One weight of a grouped product: y = x @ W^T, W [out_features, in_features] as NF4 (device
+// pointers; absmax with its own code book and offset), y [rows, out_features] of x's kind.
+struct Nf4MmaTarget {
+  const uint8_t* packed = nullptr;
+  Nf4Absmax absmax;
+  int64_t out_features = 0;
+  void* y = nullptr;
+};
+
+// nf4_mma_cuda for 1..kNf4MmaMaxTargets weights sharing x and in_features, in one launch (q, k and
+// v of a layer; gate and up): each output is what nf4_mma_cuda gives for its weight alone, and
+// one launch fills the GPU where k's and v's 1024 rows alone would leave half of it idle.
+const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
+                               const Nf4MmaTarget* targets, int count, int64_t in_features,
+                               void* stream, bool overlapped);
 
 // nf4_mma_cuda with the reduction axis cut into `parts` (1, 2, 4, 8 or 16) warps per 16-row tile
 // instead of the planner's choice; an error if in_features / 256 is not a multiple of `parts`.

@@ -47,6 +47,24 @@ torch::Tensor BaseLinear::Forward(const torch::Tensor& x) const {
   return bias_.defined() ? y + bias_ : y;
 }
 
+std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const BaseLinear*>& linears,
+                                                     const torch::Tensor& x) {
+  std::vector<const Nf4Tensor*> weights;
+  for (const BaseLinear* l : linears) {
+    if (l->nf4_) weights.push_back(&*l->nf4_);
+  }
+  std::vector<torch::Tensor> ys;
+  if (weights.size() != linears.size() || (torch::GradMode::is_enabled() && x.requires_grad())) {
+    for (const BaseLinear* l : linears) ys.push_back(l->Forward(x));
+    return ys;
+  }
+  ys = Nf4Tensor::LinearGroup(weights, x);
+  for (size_t i = 0; i < ys.size(); ++i) {
+    if (linears[i]->bias_.defined()) ys[i] = ys[i] + linears[i]->bias_;
+  }
+  return ys;
+}
+
 int64_t BaseLinear::in_features() const { return nf4_ ? nf4_->in_features() : weight_.size(1); }
 
 int64_t BaseLinear::out_features() const { return nf4_ ? nf4_->out_features() : weight_.size(0); }

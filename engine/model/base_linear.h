@@ -26,6 +26,10 @@ class BaseLinear {
 
   // x [..., in] -> [..., out] in x's dtype. Throws c10::Error on a wrong in_features.
   torch::Tensor Forward(const torch::Tensor& x) const;
+  // Forward of several projections on one x (q, k, v; gate, up): all NF4 and no gradient to
+  // record, through Nf4Tensor::LinearGroup (one kernel launch on CUDA); else one Forward each.
+  static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
+                                                  const torch::Tensor& x);
 
   bool quantized() const { return nf4_.has_value(); }
   int64_t in_features() const;

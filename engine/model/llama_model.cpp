@@ -290,11 +290,12 @@ std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, 
                                                      const std::vector<Projection>& projections,
                                                      const torch::Tensor& x,
                                                      const LoraApplier* lora) const {
-  std::vector<torch::Tensor> ys;
-  ys.reserve(projections.size());
+  std::vector<const BaseLinear*> linears;
+  linears.reserve(projections.size());
   for (const Projection p : projections) {
-    ys.push_back(layer.projections[static_cast<int>(p)].Forward(x));
+    linears.push_back(&layer.projections[static_cast<int>(p)]);
   }
+  std::vector<torch::Tensor> ys = BaseLinear::ForwardShared(linears, x);
   return lora == nullptr ? ys : lora->ApplyShared(index, projections, x, ys);
 }
 

@@ -133,8 +133,9 @@ class LlamaModel {
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;
   torch::Tensor Project(const DecoderLayer& layer, int64_t index, Projection projection,
                         const torch::Tensor& x, const LoraApplier* lora) const;
-  // Projections of one input (q, k, v; gate, up): the base outputs, then the LoRA updates of all
-  // of them at once (LoraApplier::ApplyShared).
+  // Projections of one input (q, k, v; gate, up): the base outputs at once
+  // (BaseLinear::ForwardShared), then the LoRA updates of all of them at once
+  // (LoraApplier::ApplyShared).
   std::vector<torch::Tensor> ProjectShared(const DecoderLayer& layer, int64_t index,
                                            const std::vector<Projection>& projections,
                                            const torch::Tensor& x, const LoraApplier* lora) const;

@@ -355,11 +355,44 @@ void Nf4Tensor::SetGemvMaxRows(int64_t rows) {
 #endif
 }
 
+namespace {
+
+#if defined(LORAD_WITH_CUDA)
+// x made contiguous and 16-byte aligned (the kernels' vector loads); a view may start
+// mid-allocation.
+torch::Tensor KernelInput(const torch::Tensor& x) {
+  torch::Tensor x2 = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();
+  return x2;
+}
+
+kernels::Nf4Absmax AbsmaxOf(const Nf4Tensor& w) {
+  kernels::Nf4Absmax absmax;
+  absmax.qabsmax = w.qabsmax.data_ptr<uint8_t>();
+  absmax.absmax2 = w.absmax2.data_ptr<float>();
+  absmax.code2 = w.code2.data_ptr<float>();
+  absmax.offset = w.offset;
+  return absmax;
+}
+
+torch::Tensor OutputFor(const torch::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = out_features;
+  return torch::empty(out_shape, x.options());
+}
+#endif
+
+void CheckInput(const Nf4Tensor& w, const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.in_features(), "Nf4Tensor::Linear: x has shape ",
+              x.sizes(), ", expected [..., ", w.in_features(), "]");
+  TORCH_CHECK(x.device() == w.device(), "Nf4Tensor::Linear: x is on ", x.device().str(),
+              ", the weight on ", w.device().str());
+}
+
+}  // namespace
+
 torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features(), "Nf4Tensor::Linear: x has shape ",
-              x.sizes(), ", expected [..., ", in_features(), "]");
-  TORCH_CHECK(x.device() == device(), "Nf4Tensor::Linear: x is on ", x.device().str(),
-              ", the weight on ", device().str());
+  CheckInput(*this, x);
 #if defined(LORAD_WITH_CUDA)
   const int64_t rows = x.numel() / in_features();
   const auto kind = FloatKindOf(x.scalar_type());
@@ -372,17 +405,9 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   if (mma || (direct && kernels::nf4_gemv_cuda_supports(
                             std::min<int64_t>(rows, kernels::kNf4GemvMaxRows), in_features()))) {
     const c10::cuda::CUDAGuard guard(device());
-    torch::Tensor x2 = x.contiguous();
-    // A view may start mid-allocation; the kernel's 16-byte loads need an aligned start.
-    if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();
-    std::vector<int64_t> out_shape = x.sizes().vec();
-    out_shape.back() = out_features();
-    torch::Tensor y = torch::empty(out_shape, x.options());
-    kernels::Nf4Absmax absmax;
-    absmax.qabsmax = qabsmax.data_ptr<uint8_t>();
-    absmax.absmax2 = absmax2.data_ptr<float>();
-    absmax.code2 = code2.data_ptr<float>();
-    absmax.offset = offset;
+    const torch::Tensor x2 = KernelInput(x);
+    torch::Tensor y = OutputFor(x, out_features());
+    const kernels::Nf4Absmax absmax = AbsmaxOf(*this);
     if (mma) {
       // Overlapped (programmatic dependent launch): the kernel fetches its weights while the
       // kernel before it finishes, and reads x only after; nothing on the stream writes weights.
@@ -407,6 +432,43 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   }
 #endif
   return torch::matmul(x, Dequantize(x.scalar_type()).t());
+}
+
+std::vector<torch::Tensor> Nf4Tensor::LinearGroup(const std::vector<const Nf4Tensor*>& weights,
+                                                  const torch::Tensor& x) {
+  TORCH_CHECK(!weights.empty(), "Nf4Tensor::LinearGroup: no weights");
+  for (const Nf4Tensor* w : weights) CheckInput(*w, x);
+#if defined(LORAD_WITH_CUDA)
+  const Nf4Tensor& first = *weights.front();
+  const int64_t rows = x.numel() / first.in_features();
+  const auto kind = FloatKindOf(x.scalar_type());
+  const bool grouped =
+      weights.size() > 1 && weights.size() <= static_cast<size_t>(kernels::kNf4MmaMaxTargets) &&
+      first.device().is_cuda() && kind && !(torch::GradMode::is_enabled() && x.requires_grad()) &&
+      rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
+      kernels::nf4_mma_cuda_supports(rows, first.in_features(), *kind);
+  if (grouped) {
+    const c10::cuda::CUDAGuard guard(first.device());
+    const torch::Tensor x2 = KernelInput(x);
+    std::vector<torch::Tensor> ys;
+    kernels::Nf4MmaTarget targets[kernels::kNf4MmaMaxTargets];
+    for (size_t i = 0; i < weights.size(); ++i) {
+      ys.push_back(OutputFor(x, weights[i]->out_features()));
+      targets[i].packed = weights[i]->packed.data_ptr<uint8_t>();
+      targets[i].absmax = AbsmaxOf(*weights[i]);
+      targets[i].out_features = weights[i]->out_features();
+      targets[i].y = ys.back().data_ptr();
+    }
+    CheckLaunch(kernels::nf4_mma_group_cuda(x2.data_ptr(), *kind, rows, targets,
+                                            static_cast<int>(weights.size()), first.in_features(),
+                                            CurrentStream(first.device()), /*overlapped=*/true),
+                "nf4_mma_group_cuda");
+    return ys;
+  }
+#endif
+  std::vector<torch::Tensor> ys;
+  for (const Nf4Tensor* w : weights) ys.push_back(w->Linear(x));
+  return ys;
 }
 
 Nf4Tensor Nf4Tensor::To(const torch::Device& target) const {

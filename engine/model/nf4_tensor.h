@@ -63,6 +63,12 @@ struct Nf4Tensor {
   // the 4-bit GEMV (in_features % 64 == 0, in chunks of kernels::kNf4GemvMaxRows rows); otherwise
   // dequantize + matmul (on CPU always, with the CPU reference dequantization).
   torch::Tensor Linear(const torch::Tensor& x) const;
+  // Linear of several weights with the same in_features on one x (q, k, v; gate, up): where
+  // Linear would take the tensor-core kernel for each, one grouped launch for all
+  // (kernels/nf4_mma_group_cuda, at most kernels::kNf4MmaMaxTargets weights); else one Linear
+  // each. Same results as Linear up to the order of fp32 sums.
+  static std::vector<torch::Tensor> LinearGroup(const std::vector<const Nf4Tensor*>& weights,
+                                                const torch::Tensor& x);
   // The most rows of x Linear gives those kernels (default kernels::kNf4MmaMaxRows, one
   // tensor-core launch); benchmarks set it to compare with dequantize + cuBLAS. Process-wide.
   static void SetGemvMaxRows(int64_t rows);

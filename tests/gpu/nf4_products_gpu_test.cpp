@@ -195,7 +195,8 @@ void CheckGemv(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint3
 }
 
 // The tensor-core kernel against its reference (the code book rounded to x's type), with the
-// planner's split of the reduction axis, every split the shape allows, and programmatic launch.
+// planner's split of the reduction axis, every split the shape allows, programmatic launch, and
+// as one weight of a grouped launch.
 void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32_t seed) {
   const Reference reference = [&](const std::vector<float>& x, int64_t rows, FloatKind kind,
                                   std::vector<float>& y) {
@@ -218,6 +219,46 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
                             return nf4_mma_cuda_parts(parts, x, kind, rows, p, a, w.out, w.in, y,
                                                       nullptr);
                           });
+  }
+  // Grouped launches: w first, second and last of three weights sharing x (the other two of 1000
+  // and 40 rows: partial tiles, a weight smaller than a tile), each with its own absmax offset.
+  const Nf4Weight others[2] = {MakeWeight(1000, w.in, seed + 1), MakeWeight(40, w.in, seed + 2)};
+  std::vector<std::unique_ptr<GpuBuffer<uint8_t>>> other_bytes;
+  std::vector<std::unique_ptr<GpuBuffer<float>>> other_floats;
+  std::vector<std::unique_ptr<GpuBuffer<char>>> other_ys;
+  Nf4MmaTarget other_targets[2];
+  for (int i = 0; i < 2; ++i) {
+    const Nf4Weight& o = others[i];
+    other_bytes.push_back(std::make_unique<GpuBuffer<uint8_t>>(o.packed));
+    other_bytes.push_back(std::make_unique<GpuBuffer<uint8_t>>(o.qabsmax));
+    other_floats.push_back(std::make_unique<GpuBuffer<float>>(o.absmax2));
+    other_floats.push_back(std::make_unique<GpuBuffer<float>>(
+        std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256)));
+    other_ys.push_back(std::make_unique<GpuBuffer<char>>(kNf4MmaMaxRows * o.out * 2));
+    other_targets[i].packed = other_bytes[2 * i]->get();
+    other_targets[i].absmax = {other_bytes[2 * i + 1]->get(), other_floats[2 * i]->get(),
+                               other_floats[2 * i + 1]->get(), o.offset};
+    other_targets[i].out_features = o.out;
+    other_targets[i].y = other_ys[i]->get();
+  }
+  for (int position = 0; position < 3; ++position) {
+    variants.emplace_back(
+        "group, weight " + std::to_string(position) + " of 3",
+        [&w, &other_targets, position](const void* x, FloatKind kind, int64_t rows,
+                                       const Nf4Absmax& a, const uint8_t* p, void* y) {
+          Nf4MmaTarget targets[3];
+          for (int i = 0, o = 0; i < 3; ++i) {
+            if (i == position) {
+              targets[i].packed = p;
+              targets[i].absmax = a;
+              targets[i].out_features = w.out;
+              targets[i].y = y;
+            } else {
+              targets[i] = other_targets[o++];
+            }
+          }
+          return nf4_mma_group_cuda(x, kind, rows, targets, 3, w.in, nullptr, true);
+        });
   }
   CheckAgainstReference(w, row_counts, seed, {FloatKind::kBF16, FloatKind::kF16}, reference,
                         variants);
@@ -309,13 +350,18 @@ TEST(Nf4MmaGpu, LlamaShapesMatchTheCpuReference) {
   }
 }
 
-// Output counts that leave a 16-row tile or a CUDA block's tiles partly empty, short rows (one
-// pipeline stage), every row count from 1 to 32.
+// Output counts that leave a warp's 16- or 32-row tile or a CUDA block's tiles partly empty (4100
+// rows: enough for two 16-row tiles per warp from 9 rows of x on, the last one 4 rows long), short
+// rows (one pipeline stage), every row count from 1 to 32.
 TEST(Nf4MmaGpu, OddShapesMatchTheCpuReference) {
   std::vector<int64_t> all_rows;
   for (int64_t r = 1; r <= kNf4MmaMaxRows; ++r) all_rows.push_back(r);
-  for (const auto& [out, in] :
-       {std::pair<int64_t, int64_t>{1, 256}, {7, 512}, {33, 768}, {130, 2048}, {1000, 256}}) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1, 256},
+                                {7, 512},
+                                {33, 768},
+                                {130, 2048},
+                                {1000, 256},
+                                {4100, 512}}) {
     CheckMma(MakeWeight(out, in, static_cast<uint32_t>(5 * out + in)), all_rows, 4);
   }
 }
@@ -326,6 +372,12 @@ TEST(Nf4MmaGpu, RejectsProblemsItDoesNotHandle) {
   EXPECT_FALSE(nf4_mma_cuda_supports(kNf4MmaMaxRows + 1, 4096, FloatKind::kBF16));
   EXPECT_FALSE(nf4_mma_cuda_supports(1, 4096 + 64, FloatKind::kBF16));
   EXPECT_TRUE(nf4_mma_cuda_supports(32, 256, FloatKind::kF16));
+  Nf4MmaTarget none[kNf4MmaMaxTargets + 1];
+  EXPECT_NE(nf4_mma_group_cuda(nullptr, FloatKind::kBF16, 1, none, kNf4MmaMaxTargets + 1, 256,
+                               nullptr, false),
+            nullptr);
+  EXPECT_NE(nf4_mma_group_cuda(nullptr, FloatKind::kBF16, 1, none, 0, 256, nullptr, false),
+            nullptr);
   // 768 / 256 = 3 stages: two parts cannot split them evenly.
   EXPECT_NE(nf4_mma_cuda_parts(2, nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, 16, 768,
                                nullptr, nullptr),

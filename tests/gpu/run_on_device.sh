@@ -5,7 +5,8 @@
 # here with `apt-get download libgtest-dev googletest`, carried with the run), unpacked with
 # dpkg -x into a private prefix.
 #   usage (repository root): bash tests/gpu/run_on_device.sh
-#   env: GTEST_FILTER (a subset of the tests), PROFILE_LAYER (see the end), BEFORE_TESTS, OUT, BUILD
+#   env: GTEST_FILTER (a subset of the tests), BENCHES (default: nf4_gemv_bench lora_bgmv_bench),
+#   PROFILE_LAYER, NCU_SKIP (see the end), BEFORE_TESTS, OUT, BUILD
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$ROOT/build-device/out}
@@ -48,19 +49,21 @@ grep -E "^\[  (PASSED|FAILED) |^\[==========\]|^\[  FAILED  \]" "$OUT/gpu_tests.
   | tee -a "$OUT/summary.txt"
 grep -B2 -A6 "Failure" "$OUT/gpu_tests.log" | head -n 80
 
-for bench in nf4_gemv_bench lora_bgmv_bench; do
+for bench in ${BENCHES-nf4_gemv_bench lora_bgmv_bench}; do
   step "$bench"
   timeout 120 "$BUILD/bench/$bench" > "$OUT/$bench.txt" 2>&1 || status=1
   cat "$OUT/$bench.txt"
 done
 # PROFILE_LAYER=<nf4_gemv_bench layer name, e.g. down_proj>: Nsight Compute on the tensor-core
 # kernel's second launch for that layer (batch 1, the planner's split), saved as $OUT/ncu.txt.
+# NCU_SKIP=0: the first launch instead (32 rows: the bench's agreement check).
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 if [ -n "${PROFILE_LAYER:-}" ] && [ -n "$NCU" ]; then
   step "ncu nf4_mma ($PROFILE_LAYER)"
-  NF4_BENCH_LAYER=$PROFILE_LAYER timeout 300 "$NCU" -k regex:nf4_mma_kernel -s 1 -c 1 \
+  NF4_BENCH_LAYER=$PROFILE_LAYER timeout 300 "$NCU" -k regex:nf4_mma_kernel -s "${NCU_SKIP:-1}" -c 1 \
     --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
     --section Occupancy --section SchedulerStats --section LaunchStats \
+    --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
     "$BUILD/bench/nf4_gemv_bench" > "$OUT/ncu.txt" 2>&1 || status=1
   grep -E "Duration|Throughput|Eligible|Issued Warp|Warp Cycles Per Issued|Active Warps" \
     "$OUT/ncu.txt" | head -n 20
