@@ -9,6 +9,9 @@
 //   to T (and the absmax too); this kernel keeps the absmax in fp32.
 // The CPU reference nf4_mma_cpu is nf4_gemv_cpu with the rounded code book; the kernel matches it
 // within the rounding of fp32 sums taken in another order.
+// A row of y never depends on the values of the other rows of x, but the order of the fp32 sums
+// follows the launch's tiling, which depends on the number of rows (up to 8, or more) and on the
+// weights launched together: the same row may differ in its last bits between those cases.
 #pragma once
 
 #include <cstdint>
