@@ -15,8 +15,7 @@
 //
 // Also, in the same run: the NF4 base's device memory, the device-to-device copy bandwidth and
 // from it the batch-1 bandwidth bound (weight bytes read per decode step / copy bandwidth), a
-// check that CUDA-graph replay gives exactly the tokens of eager decode steps (--verify_graphs;
-// also the LoRA updates as the 4-bit product's epilogue against their own launch, --lora_epilogue),
+// check that CUDA-graph replay gives exactly the tokens of eager decode steps (--verify_graphs),
 // and the time to first token of one --ttft_prompt_tokens prompt.
 //
 // Prints a table and one "RESULT k=v ..." line per run for bench/engine_bench_report.py.
@@ -36,7 +35,6 @@
 #include "engine/infer/inference_engine.h"
 #include "engine/lora/adapter_store.h"
 #include "engine/lora/lora_adapter.h"
-#include "engine/lora/multi_lora_applier.h"
 #include "engine/model/fused_layer_ops.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/nf4_tensor.h"
@@ -266,7 +264,6 @@ int Run(const BenchArgs& args) {
   if (args.Int("gemv_max_rows") >= 0) engine::Nf4Tensor::SetGemvMaxRows(args.Int("gemv_max_rows"));
   engine::SetFusedLayerOps(args.Int("fused_layer_ops") != 0 ? engine::FusedLayerOps::kCuda
                                                             : engine::FusedLayerOps::kOff);
-  engine::SetLoraEpilogue(args.Int("lora_epilogue") != 0);
   auto engine =
       engine::InferenceEngine::Create(model->get(), tokenizer->get(), store->get(), options);
   if (!engine.ok()) {
@@ -320,23 +317,6 @@ int Run(const BenchArgs& args) {
     std::printf("RESULT bench=verify_graphs identical=%d of=%zu\n", same, graphed->size());
     // The fused layer kernels against the torch ops they replace (RMSNorm sums in another order,
     // so a near-tie of a random model's logits may break the other way).
-    // The LoRA updates as the 4-bit product's epilogue against their own expand launch: the same
-    // functions on the same numbers, so the same tokens.
-    if (num_adapters > 0) {
-      engine::SetLoraEpilogue(false);
-      auto separate = Tokens(**eager, 8, num_adapters, config.vocab_size);
-      engine::SetLoraEpilogue(true);
-      if (separate.ok()) {
-        int equal = 0;
-        for (size_t i = 0; i < separate->size(); ++i) equal += (*separate)[i] == (*plain)[i];
-        std::printf(
-            "LoRA updates in the 4-bit product's epilogue vs their own expand launch (eager): %d "
-            "of %zu requests give identical tokens\n",
-            equal, separate->size());
-        std::printf("RESULT bench=verify_lora_epilogue identical=%d of=%zu\n", equal,
-                    separate->size());
-      }
-    }
     engine::SetFusedLayerOps(engine::FusedLayerOps::kOff);
     auto unfused = Tokens(**eager, 8, num_adapters, config.vocab_size);
     engine::SetFusedLayerOps(engine::FusedLayerOps::kCuda);
@@ -446,7 +426,6 @@ int main(int argc, char** argv) {
                                       {"gemv_max_rows", "-1"},
                                       {"variant", ""},
                                       {"fused_layer_ops", "1"},
-                                      {"lora_epilogue", "1"},
                                       {"verify_graphs", "1"},
                                       {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});

@@ -71,11 +71,6 @@ if [ $BUILD_RC -eq 0 ]; then
   [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
     --adapters=0 --repetition_penalty=1.3 --fused_layer_ops=0 --variant=torch-layer-ops \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
-  # Batch 32 on 4 adapters with each LoRA update in its own expand launch (what putting them in
-  # the 4-bit product's epilogue buys).
-  [ $SECONDS -lt 300 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
-    --adapters=4 --adapter_cases=4 --repetition_penalty=1.3 --lora_epilogue=0 --variant=lora-expand \
-    --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
   # Batch 32 through dequantize + cuBLAS (the path before the tensor-core 4-bit kernel).
   [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
     --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=8 --variant=dequant-cublas \

@@ -24,7 +24,6 @@
 
 #include "kernels/device_float.cuh"
 #include "kernels/lora_bgmv.h"
-#include "kernels/lora_delta.cuh"
 #include "kernels/programmatic_launch.cuh"
 #include "kernels/warp_reduce.cuh"
 
@@ -75,7 +74,8 @@ struct Targets {
 template <typename AdapterOf>
 __device__ __forceinline__ int32_t SlotOf(AdapterOf adapter_of, int64_t row, int64_t rows,
                                           int32_t num_slots) {
-  return ValidSlot(row < rows ? adapter_of(row) : -1, num_slots);
+  const int32_t s = row < rows ? adapter_of(row) : -1;
+  return s >= 0 && s < num_slots ? s : -1;
 }
 
 // Both kernels read what no kernel of a forward writes (the slots, the tables, the weights) before
@@ -168,6 +168,37 @@ __global__ void __launch_bounds__(kShrinkThreads)
   }
 }
 
+// B_s[o, :] . t in r order; R consecutive elements in the widest loads (b 16-byte aligned, as the
+// row of a 16-byte aligned B is when R * sizeof(T) is a multiple of 16).
+template <int R, typename T>
+__device__ __forceinline__ float DotRow(const T* b, const float* t) {
+  float bv[R];
+  LoadFloats<R>(b, bv);
+  float acc = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc = fmaf(bv[r], t[r], acc);
+  return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ float DotRow(const T* b, int32_t rank, bool aligned, const float* t) {
+  if (aligned) {
+    switch (rank) {
+      case 8:
+        return DotRow<8>(b, t);
+      case 16:
+        return DotRow<16>(b, t);
+      case 32:
+        return DotRow<32>(b, t);
+      case 64:
+        return DotRow<64>(b, t);
+    }
+  }
+  float acc = 0.f;
+  for (int r = 0; r < rank; ++r) acc = fmaf(ToFloat(b[r]), t[r], acc);
+  return acc;
+}
+
 // grid: (tiles, column blocks of all targets). Block (tile, b) belongs to the target i with
 // first_column_block[i] <= b < first_column_block[i + 1]; it sums the tile's t rows from the
 // partials (chunk 0, 1, ... in order) into shared memory, then thread o adds
@@ -208,9 +239,13 @@ __global__ void __launch_bounds__(kExpandThreads)
   for (int e = threadIdx.x; e < kTileRows * max_rank; e += blockDim.x) {
     const int j = e / max_rank, r = e % max_rank;
     const int32_t s = SlotOf(adapter_of, row0 + j, rows, table.num_slots);
-    t_tile[e] = s >= 0 && r < table.rank[s]
-                    ? SumPartials(partial + (row0 + j) * max_rank + r, chunks, rows * max_rank)
-                    : 0.f;
+    float v = 0.f;
+    if (s >= 0 && r < table.rank[s]) {
+      const float* p = partial + (row0 + j) * max_rank + r;
+#pragma unroll 4
+      for (int64_t c = 0; c < chunks; ++c) v += p[c * rows * max_rank];
+    }
+    t_tile[e] = v;
   }
   __syncthreads();
   if (!column) return;
@@ -224,15 +259,15 @@ __global__ void __launch_bounds__(kExpandThreads)
   for (int j = 0; j < kTileRows; ++j) {
     if (slot[j] < 0) continue;
     const float acc = DotRow(b[j], rank[j], aligned[j], t_tile + j * max_rank);
+    // Two roundings, as the CPU reference writes it (y + scale * acc).
     StoreAs(y + (row0 + j) * target.out_features + o,
-            WithDelta(y_old[j], table.scale[slot[j]], acc));
+            __fadd_rn(y_old[j], __fmul_rn(table.scale[slot[j]], acc)));
   }
 }
 
-// expand = false: the shrink alone (a later kernel adds the deltas from the partials).
 template <typename T, typename AdapterOf>
 const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adapter_of,
-                   const Targets& targets, float* scratch, cudaStream_t stream, bool expand) {
+                   const Targets& targets, float* scratch, cudaStream_t stream) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t chunks = Chunks(in_features);
   if (rows > 0x7fffffff || chunks > 65535) return "lora: too many rows or in_features";
@@ -246,7 +281,6 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
       shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true, x, rows, in_features,
       adapter_of, targets, scratch);
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (!expand) return nullptr;
   const dim3 expand_grid(static_cast<unsigned>(tiles),
                          static_cast<unsigned>(targets.first_column_block[targets.count]));
   const size_t shared = sizeof(float) * kTileRows * targets.max_rank;
@@ -256,12 +290,10 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// partial_offsets (optional, [num_targets]): where each target's partials start in the scratch
-// (floats), -1 for a target that takes no delta.
 template <typename AdapterOf>
 const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                      AdapterOf adapter_of, const LoraTarget* list, int num_targets, void* scratch,
-                     void* stream, bool expand = true, int64_t* partial_offsets = nullptr) {
+                     void* stream) {
   if (num_targets < 0 || num_targets > kMaxLoraTargets) return "lora: 0 to 3 targets per launch";
   if (rows <= 0 || in_features <= 0) return nullptr;  // nothing to add
   Targets targets;
@@ -269,13 +301,11 @@ const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_fea
   int64_t column_blocks = 0;
   for (int i = 0; i < num_targets; ++i) {
     const LoraTarget& t = list[i];
-    if (partial_offsets != nullptr) partial_offsets[i] = -1;
     if (t.out_features <= 0 || t.table.max_rank <= 0 || t.table.num_slots <= 0) continue;
     if (t.table.max_rank > 1024) return "lora: max_rank above 1024";
     const int c = targets.count++;
     targets.t[c] = t;
     targets.partial_offset[c] = offset;
-    if (partial_offsets != nullptr) partial_offsets[i] = offset;
     offset += Chunks(in_features) * rows * t.table.max_rank;
     targets.first_column_block[c] = static_cast<int32_t>(column_blocks);
     column_blocks += (t.out_features + kExpandThreads - 1) / kExpandThreads;
@@ -289,10 +319,10 @@ const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_fea
   switch (kind) {
     case FloatKind::kF32:
       return Launch(static_cast<const float*>(x), rows, in_features, adapter_of, targets, partials,
-                    s, expand);
+                    s);
     case FloatKind::kBF16:
       return Launch(static_cast<const __nv_bfloat16*>(x), rows, in_features, adapter_of, targets,
-                    partials, s, expand);
+                    partials, s);
     case FloatKind::kF16:
       break;
   }
@@ -319,16 +349,6 @@ const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, in
   return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
                   scratch, stream);
 }
-
-const char* lora_shrink_group_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
-                                   const int32_t* adapter_index, const LoraTarget* targets,
-                                   int num_targets, void* scratch, void* stream,
-                                   int64_t* partial_offsets) {
-  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
-                  scratch, stream, /*expand=*/false, partial_offsets);
-}
-
-int64_t lora_chunks(int64_t in_features) { return Chunks(in_features); }
 
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                            const int64_t* segment_starts, const int32_t* segment_adapter,

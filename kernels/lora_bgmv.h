@@ -82,18 +82,6 @@ const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, in
                                  const int32_t* adapter_index, const LoraTarget* targets,
                                  int num_targets, void* scratch, void* stream);
 
-// The shrink half of lora_bgmv_group_cuda alone, for a kernel that adds the deltas itself (the
-// 4-bit product's LoRA epilogue, kernels/nf4_mma.h, with the same functions as the expand, so the
-// same bits). partial_offsets[i] (host, [num_targets]): where target i's partials start in
-// scratch, in floats, laid out [lora_chunks(in_features), rows, table.max_rank]; -1 for a target
-// without a delta (no rows, rank or slots). x must be bf16 or fp32.
-const char* lora_shrink_group_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
-                                   const int32_t* adapter_index, const LoraTarget* targets,
-                                   int num_targets, void* scratch, void* stream,
-                                   int64_t* partial_offsets);
-// The number of 512-wide chunks of in_features the shrink writes a partial for.
-int64_t lora_chunks(int64_t in_features);
-
 // rows: segment_starts[num_segments], passed from the host because the launch grid depends on it.
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                            const int64_t* segment_starts, const int32_t* segment_adapter,

@@ -46,7 +46,6 @@
 #include <type_traits>
 
 #include "kernels/device_float.cuh"
-#include "kernels/lora_delta.cuh"
 #include "kernels/nf4_mma.h"
 #include "kernels/programmatic_launch.cuh"
 
@@ -283,57 +282,11 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
 
 // The weights of one launch (one, or a group sharing x) and where each one's warp tiles end in
 // the launch's tile order: tiles [tile_end[i - 1], tile_end[i]) belong to weight i.
-// t_offset: where weight i's LoRA t vectors ([rows][table.max_rank]) start in the block's shared
-// t region, in floats.
 struct TargetTable {
   Nf4MmaTarget t[kNf4MmaMaxTargets];
   int64_t tile_end[kNf4MmaMaxTargets];
-  int32_t t_offset[kNf4MmaMaxTargets];
   int count;
-  bool lora;  // any weight with a LoRA delta
 };
-
-// The LoRA t vectors of every weight with a delta, for every row of x, summed from the shrink's
-// partials in chunk order (as the expand kernel does) into shared memory, by the whole block.
-__device__ __forceinline__ void SumLoraT(const TargetTable& targets, int64_t x_rows,
-                                         float* t_smem) {
-  for (int i = 0; i < targets.count; ++i) {
-    const Nf4MmaLora& lora = targets.t[i].lora;
-    if (lora.partials == nullptr) continue;
-    const int32_t max_rank = lora.table.max_rank;
-    for (int64_t e = threadIdx.x; e < x_rows * max_rank; e += blockDim.x) {
-      const int64_t col = e / max_rank;
-      const int32_t r = static_cast<int32_t>(e % max_rank);
-      const int32_t s = ValidSlot(lora.adapter_index[col], lora.table.num_slots);
-      t_smem[targets.t_offset[i] + e] =
-          s >= 0 && r < lora.table.rank[s]
-              ? SumPartials(lora.partials + e, lora.chunks, x_rows * max_rank)
-              : 0.f;
-    }
-  }
-}
-
-// What is stored for y[col, row] of weight `target`: acc rounded to T, plus the LoRA delta of
-// x row `col`'s adapter if the weight has one (rounded as the expand kernel rounds it).
-template <typename T>
-__device__ __forceinline__ float OutputValue(float acc, const Nf4MmaTarget& target,
-                                             const float* t_smem, int64_t row, int64_t col) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const Nf4MmaLora& lora = target.lora;
-    if (lora.partials == nullptr) return acc;
-    const int32_t s = ValidSlot(lora.adapter_index[col], lora.table.num_slots);
-    if (s < 0) return acc;
-    const int32_t rank = lora.table.rank[s];
-    const T* b = static_cast<const T*>(lora.table.b[s]) + row * rank;
-    const bool aligned = (reinterpret_cast<uintptr_t>(b) & 15) == 0;
-    T rounded;
-    StoreAs(&rounded, acc);
-    return WithDelta(ToFloat(rounded), lora.table.scale[s],
-                     DotRow(b, rank, aligned, t_smem + col * lora.table.max_rank));
-  } else {
-    return acc;  // the launcher rejects LoRA deltas for other types
-  }
-}
 
 __device__ __forceinline__ int TargetOf(const TargetTable& targets, int64_t tile) {
   int i = 0;
@@ -355,7 +308,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* table = smem;
   float* code2s = reinterpret_cast<float*>(smem + kPairTableBytes);  // [count][256]
   unsigned char* ring = smem + kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float);
-  float* t_smem = reinterpret_cast<float*>(ring + W::kRingBytes);  // LoRA t vectors
   constexpr int kCols = 8 * NT;
   static_assert(W::kRows * kCols * sizeof(float) <= kStages * W::kSlotBytes,
                 "partials fit a warp's ring");
@@ -416,8 +368,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         code2s[i] = targets.t[i / 256].absmax.code2[i % 256];
       }
       WaitForPredecessor();
-      // The LoRA partials are the predecessor's (the shrink's) output.
-      if (targets.lora) SumLoraT(targets, x_rows, t_smem);
       __syncthreads();
       first = false;
     }
@@ -460,9 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int64_t row = row0 + 16 * m + g + (i >= 2 ? 8 : 0);
             const int64_t col = 8 * nt + 2 * t + (i & 1);
             if (row < out_features && col < x_rows) {
-              StoreAs(
-                  &y[col * out_features + row],
-                  OutputValue<T>(acc[m][nt][i], target, t_smem + targets.t_offset[ti], row, col));
+              StoreAs(&y[col * out_features + row], acc[m][nt][i]);
             }
           }
         }
@@ -499,19 +447,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * W::kSlotBytes);
         v += theirs[r * kCols + col];
       }
-      StoreAs(&static_cast<T*>(theirs_target.y)[col * theirs_target.out_features + row],
-              OutputValue<T>(v, theirs_target, t_smem + targets.t_offset[their_ti], row, col));
+      StoreAs(&static_cast<T*>(theirs_target.y)[col * theirs_target.out_features + row], v);
     }
     __syncthreads();  // the ring is refilled by the next tile
   }
 }
 
-// Without LoRA t vectors (a launch adds t_floats * 4 bytes for them).
 template <int MT>
 constexpr size_t SharedBytes() {
   return kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float) + WarpTile<MT>::kRingBytes;
 }
-constexpr size_t kMaxLoraTBytes = sizeof(float) * kNf4MmaMaxRows * kNf4MmaMaxLoraRank;
 
 // Per kernel instantiation: the shared-memory opt-in (once) and how many blocks fit on an SM.
 template <typename T, int NT, int MT>
@@ -520,11 +465,10 @@ int ResidentBlocksPerSm() {
   static int blocks = 0;
   std::call_once(once, [] {
     const auto kernel = nf4_mma_kernel<T, NT, MT>;
-    const size_t most = SharedBytes<MT>() + kMaxLoraTBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(most)) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, most) !=
-            cudaSuccess) {
+                             static_cast<int>(SharedBytes<MT>())) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
+                                                      SharedBytes<MT>()) != cudaSuccess) {
       cudaGetLastError();
       blocks = 0;
     }
@@ -553,23 +497,16 @@ int PlanParts(int64_t row_tiles, int64_t in_features, int64_t resident_blocks) {
   return best;
 }
 
-// The launch's weights in tile order, with MT * 16-row tiles, and their LoRA t vectors' places
-// (*t_floats: how many floats those take).
+// The launch's weights in tile order, with MT * 16-row tiles.
 template <int MT>
-TargetTable TableOf(const Nf4MmaTarget* targets, int count, int64_t rows, int64_t* t_floats) {
+TargetTable TableOf(const Nf4MmaTarget* targets, int count) {
   TargetTable table{};
   table.count = count;
   int64_t tiles = 0;
-  *t_floats = 0;
   for (int i = 0; i < count; ++i) {
     table.t[i] = targets[i];
     tiles += (targets[i].out_features + WarpTile<MT>::kRows - 1) / WarpTile<MT>::kRows;
     table.tile_end[i] = tiles;
-    table.t_offset[i] = static_cast<int32_t>(*t_floats);
-    if (targets[i].lora.partials != nullptr) {
-      table.lora = true;
-      *t_floats += rows * targets[i].lora.table.max_rank;
-    }
   }
   return table;
 }
@@ -581,8 +518,7 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const Nf4MmaTarg
   const int per_sm = ResidentBlocksPerSm<T, NT, MT>();
   if (per_sm <= 0) return "nf4_mma_cuda: the kernel does not fit on this device";
   const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
-  int64_t t_floats = 0;
-  const TargetTable table = TableOf<MT>(targets, count, rows, &t_floats);
+  const TargetTable table = TableOf<MT>(targets, count);
   const int64_t row_tiles = table.tile_end[count - 1];
   if (parts == 0) parts = PlanParts<MT>(row_tiles, in_features, resident);
   if ((in_features / 64 / W::kStageBlocks) % parts != 0) {
@@ -592,8 +528,8 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const Nf4MmaTarg
   const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
   const dim3 grid(static_cast<unsigned>(std::min(block_tiles, resident)));
   const cudaError_t err = LaunchMaybeOverlapped(
-      nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), SharedBytes<MT>() + t_floats * sizeof(float),
-      stream, overlapped, static_cast<const T*>(x), rows, table, in_features, parts);
+      nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), SharedBytes<MT>(), stream, overlapped,
+      static_cast<const T*>(x), rows, table, in_features, parts);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -631,21 +567,6 @@ const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const Nf
   }
   if (count < 1 || count > kNf4MmaMaxTargets) {
     return "nf4_mma_group_cuda: count must be 1 .. kNf4MmaMaxTargets (3)";
-  }
-  int64_t lora_rank = 0;
-  for (int i = 0; i < count; ++i) {
-    const Nf4MmaLora& lora = targets[i].lora;
-    if (lora.partials == nullptr) continue;
-    if (kind != FloatKind::kBF16) return "nf4_mma_group_cuda: a LoRA delta needs bf16 x";
-    if (lora.table.max_rank <= 0 || lora.table.num_slots <= 0 || lora.chunks <= 0 ||
-        lora.adapter_index == nullptr) {
-      return "nf4_mma_group_cuda: a LoRA delta needs ranks, slots, chunks and adapter_index";
-    }
-    lora_rank += lora.table.max_rank;
-  }
-  if (lora_rank > kNf4MmaMaxLoraRank) {
-    return "nf4_mma_group_cuda: the LoRA ranks of one launch add up to more than "
-           "kNf4MmaMaxLoraRank (192)";
   }
   // Weights without rows take no tiles: drop them.
   Nf4MmaTarget kept[kNf4MmaMaxTargets];

@@ -17,7 +17,6 @@
 #include <cstdint>
 
 #include "kernels/float_kind.h"
-#include "kernels/lora_bgmv.h"
 #include "kernels/nf4.h"
 
 namespace lorad::kernels {
@@ -35,34 +34,6 @@ void nf4_code_rounded_to(FloatKind kind, float code[16]);
 void nf4_mma_cpu(const float* x, int64_t rows, const uint8_t* packed, const float* absmax,
                  int64_t out_features, int64_t in_features, FloatKind kind, float* y);
 
-// A multi-adapter LoRA delta added in the product's epilogue (bf16 x only): for each row b of x
-// with an adapter s = adapter_index[b] (0 <= s < table.num_slots),
-//   y[b, o] = round(float(round(x W^T)[b, o]) + scale[s] * B_s[o, :] . t_b)
-// with t_b summed from lora_shrink_group_cuda's partials: bit for bit what
-// lora_bgmv_group_cuda's expand adds to nf4_mma_cuda's output (kernels/lora_delta.cuh), in one
-// launch fewer and without writing y twice. Device pointers; table.a is not read.
-struct Nf4MmaLora {
-  // This weight's partials, [chunks, rows, table.max_rank]; nullptr: no delta.
-  const float* partials = nullptr;
-  int64_t chunks = 0;  // lora_chunks(in_features)
-  LoraAdapterTable table;
-  const int32_t* adapter_index = nullptr;  // [rows]
-};
-// The t vectors of a launch's LoRA deltas live in shared memory: the sum of table.max_rank over
-// the weights with one may be at most this.
-inline constexpr int kNf4MmaMaxLoraRank = 192;
-
-// One weight of a grouped product: y = x @ W^T, W [out_features, in_features] as NF4 (device
-// pointers; absmax with its own code book and offset), y [rows, out_features] of x's kind, and
-// optionally a LoRA delta.
-struct Nf4MmaTarget {
-  const uint8_t* packed = nullptr;
-  Nf4Absmax absmax;
-  int64_t out_features = 0;
-  void* y = nullptr;
-  Nf4MmaLora lora;
-};
-
 #if defined(LORAD_WITH_CUDA)
 // Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
 // in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row), and x and y 16-byte
@@ -78,11 +49,18 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
                          const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                          void* y, void* stream, bool overlapped);
 
+// One weight of a grouped product: y = x @ W^T, W [out_features, in_features] as NF4 (device
+// pointers; absmax with its own code book and offset), y [rows, out_features] of x's kind.
+struct Nf4MmaTarget {
+  const uint8_t* packed = nullptr;
+  Nf4Absmax absmax;
+  int64_t out_features = 0;
+  void* y = nullptr;
+};
+
 // nf4_mma_cuda for 1..kNf4MmaMaxTargets weights sharing x and in_features, in one launch (q, k and
-// v of a layer; gate and up), each with its LoRA delta if it names one (bf16 x; the shrink's
-// partials written before this launch): each output is what nf4_mma_cuda (and the expand) gives
-// for its weight alone, up to the order of fp32 sums, and one launch fills the GPU where k's and
-// v's 1024 rows alone would leave half of it idle.
+// v of a layer; gate and up): each output is what nf4_mma_cuda gives for its weight alone, and
+// one launch fills the GPU where k's and v's 1024 rows alone would leave half of it idle.
 const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
                                const Nf4MmaTarget* targets, int count, int64_t in_features,
                                void* stream, bool overlapped);

@@ -141,8 +141,7 @@ absl::StatusOr<const LoraAdapter*> AdapterLease::Activate() {
           auto copy = std::make_shared<LoraAdapter>();
           copy->config = e.host->config;
           for (const auto& [path, pair] : e.host->layers) {
-            copy->layers[path] =
-                LoraPair{pair.a.to(s.device, s.dtype), pair.b.to(s.device, s.dtype)};
+            copy->layers[path] = LoraPair{pair.a.to(s.device, s.dtype), pair.b.to(s.device, s.dtype)};
           }
           e.device = std::move(copy);
         } catch (const c10::Error& err) {
@@ -198,9 +197,9 @@ absl::StatusOr<std::unique_ptr<AdapterStore>> AdapterStore::Create(
   try {
     state->device = torch::Device(options.device);
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("adapter store device '", options.device,
-                     "' is not a device: ", e.what_without_backtrace()));
+    return absl::InvalidArgumentError(absl::StrCat("adapter store device '", options.device,
+                                                   "' is not a device: ",
+                                                   e.what_without_backtrace()));
   }
   return std::unique_ptr<AdapterStore>(new AdapterStore(std::move(state)));
 }
@@ -246,7 +245,8 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   return entry->version;
 }
 
-absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const std::string& folder,
+absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name,
+                                               const std::string& folder,
                                                const std::string& source) {
   auto adapter = LoraAdapter::ReadPeft(folder);
   if (!adapter.ok()) return adapter.status();

@@ -35,8 +35,8 @@ namespace lorad::engine {
 struct LoraAdapter;
 
 struct AdapterStoreOptions {
-  int32_t max_resident = 8;       // adapters on the device at once
-  std::string device = "cpu";     // where resident copies live: "cpu", "cuda", "cuda:1"
+  int32_t max_resident = 8;    // adapters on the device at once
+  std::string device = "cpu";  // where resident copies live: "cpu", "cuda", "cuda:1"
   std::string dtype = "float32";  // their dtype: float32, bfloat16, float16 (the compute dtype)
 };
 
@@ -46,11 +46,11 @@ struct AdapterInfo {
   int32_t rank = 0;
   double alpha = 0;
   std::vector<std::string> target_modules;
-  int64_t bytes = 0;      // of the host copy
-  std::string source;     // a folder, or "job:<id>"
-  bool current = false;   // new requests get this version
-  bool resident = false;  // on the device now
-  int32_t requests = 0;   // requests holding it
+  int64_t bytes = 0;       // of the host copy
+  std::string source;      // a folder, or "job:<id>"
+  bool current = false;    // new requests get this version
+  bool resident = false;   // on the device now
+  int32_t requests = 0;    // requests holding it
 };
 
 class AdapterStore;
@@ -94,7 +94,7 @@ class AdapterStore {
  public:
   // `base` checks every adapter's shapes before it is published.
   static absl::StatusOr<std::unique_ptr<AdapterStore>> Create(const ModelConfig& base,
-                                                              const AdapterStoreOptions& options);
+                                                               const AdapterStoreOptions& options);
   ~AdapterStore();
 
   // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version.

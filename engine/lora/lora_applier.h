@@ -13,12 +13,10 @@
 
 #include <array>
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "engine/lora/lora_adapter.h"
-#include "kernels/nf4_mma.h"
 
 namespace lorad::engine {
 
@@ -45,23 +43,6 @@ class LoraApplier {
                                                  const std::vector<Projection>& projections,
                                                  const torch::Tensor& x,
                                                  const std::vector<torch::Tensor>& ys) const;
-
-  // The updates of projections that share x, added by the base product itself in its epilogue
-  // (Nf4Tensor::LinearGroup on CUDA: one launch fewer per projection group): launches the first
-  // half (t = A x, the shrink) now and returns one epilogue per projection (partials == nullptr:
-  // no update for that one) and the scratch they read, which must live until the product is
-  // launched. nullopt where this applier cannot (then ApplyShared after the product); the default
-  // never can.
-  struct Epilogues {
-    std::vector<kernels::Nf4MmaLora> lora;
-    torch::Tensor scratch;
-  };
-  virtual std::optional<Epilogues> ShrinkForEpilogue(int64_t layer,
-                                                     const std::vector<Projection>& projections,
-                                                     const torch::Tensor& x) const {
-    (void)layer, (void)projections, (void)x;
-    return std::nullopt;
-  }
 };
 
 // One adapter for every row of the batch. The adapter's tensors are used as they are when their

@@ -1,7 +1,6 @@
 #include "engine/lora/multi_lora_applier.h"
 
 #include <algorithm>
-#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/kernel_launch.h"
@@ -101,67 +100,44 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
     : stack_(std::move(stack)), rows_(std::move(row_slots)) {}
 
-namespace {
-std::atomic<bool> lora_epilogue{true};
-}  // namespace
-
-void SetLoraEpilogue(bool enabled) { lora_epilogue.store(enabled); }
-bool LoraEpilogueEnabled() { return lora_epilogue.load(); }
-
-bool MultiLoraApplier::KernelTargets(int64_t layer, const std::vector<Projection>& projections,
-                                     const torch::Tensor& x, const std::vector<torch::Tensor>* ys,
-                                     std::vector<kernels::LoraTarget>* targets,
-                                     std::vector<size_t>* projection_of,
-                                     int64_t* total_rank) const {
-  // Decode rows (one token each) only: each row adds its own adapter, reading only the adapters
-  // in use, for all the projections of x in one launch (pair).
+bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
+                                   const torch::Tensor& x,
+                                   const std::vector<torch::Tensor>& ys) const {
+#if defined(LORAD_WITH_CUDA)
+  // Decode rows (one token each) only: BGMV adds each row's own adapter in place, reading only
+  // the adapters in use, for all the projections of x in one launch pair.
   const int64_t rows = x.size(0);
   if (!x.is_cuda() || x.numel() != rows * x.size(-1) ||
       (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kFloat) ||
       projections.size() > static_cast<size_t>(kernels::kMaxLoraTargets) ||
-      (ys != nullptr && projections.size() != ys->size())) {
+      projections.size() != ys.size()) {
     return false;
   }
-  *total_rank = 0;
+  std::vector<kernels::LoraTarget> targets;
+  int64_t total_rank = 0;
   for (size_t i = 0; i < projections.size(); ++i) {
     const LoraStack::Entry& e = stack_->entry(layer, projections[i]);
     if (!e.a.defined()) continue;  // no adapter targets this projection
-    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type()) return false;
-    kernels::LoraTarget& t = targets->emplace_back();
-    if (ys != nullptr) {
-      const torch::Tensor& y = (*ys)[i];
-      if (y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
-        return false;  // checked for all before any launch: the torch path takes them all
-      }
-      t.y = y.data_ptr();
+    const torch::Tensor& y = ys[i];
+    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type() ||
+        y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
+      return false;  // checked for all before any launch: the torch path takes them all
     }
+    kernels::LoraTarget& t = targets.emplace_back();
     t.table.a = reinterpret_cast<const void* const*>(e.a_pointers.data_ptr<int64_t>());
     t.table.b = reinterpret_cast<const void* const*>(e.b_pointers.data_ptr<int64_t>());
     t.table.rank = e.ranks.data_ptr<int32_t>();
     t.table.scale = e.scales_f32.data_ptr<float>();
     t.table.num_slots = stack_->num_adapters();
     t.table.max_rank = static_cast<int32_t>(e.a.size(1));
-    t.out_features = e.b.size(1);
-    projection_of->push_back(i);
-    *total_rank += t.table.max_rank;
-  }
-  return true;
-}
-
-bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
-                                   const torch::Tensor& x,
-                                   const std::vector<torch::Tensor>& ys) const {
-#if defined(LORAD_WITH_CUDA)
-  std::vector<kernels::LoraTarget> targets;
-  std::vector<size_t> projection_of;
-  int64_t total_rank = 0;
-  if (!KernelTargets(layer, projections, x, &ys, &targets, &projection_of, &total_rank)) {
-    return false;
+    t.out_features = y.size(-1);
+    t.y = y.data_ptr();
+    total_rank += t.table.max_rank;
   }
   if (targets.empty()) return true;
   const c10::cuda::CUDAGuard guard(x.device());
   const torch::Tensor xc = x.contiguous();
-  const int64_t rows = x.size(0), in_features = x.size(-1);
+  const int64_t in_features = x.size(-1);
   const torch::Tensor scratch =
       torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
                    x.options().dtype(torch::kFloat));
@@ -174,46 +150,6 @@ bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>&
 #else
   (void)layer, (void)projections, (void)x, (void)ys;
   return false;
-#endif
-}
-
-std::optional<LoraApplier::Epilogues> MultiLoraApplier::ShrinkForEpilogue(
-    int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x) const {
-#if defined(LORAD_WITH_CUDA)
-  if (!LoraEpilogueEnabled() || x.scalar_type() != torch::kBFloat16) return std::nullopt;
-  std::vector<kernels::LoraTarget> targets;
-  std::vector<size_t> projection_of;
-  int64_t total_rank = 0;
-  if (!KernelTargets(layer, projections, x, nullptr, &targets, &projection_of, &total_rank) ||
-      total_rank > kernels::kNf4MmaMaxLoraRank) {
-    return std::nullopt;
-  }
-  Epilogues out;
-  out.lora.resize(projections.size());
-  if (targets.empty()) return out;  // no update: every epilogue empty
-  const c10::cuda::CUDAGuard guard(x.device());
-  const torch::Tensor xc = x.contiguous();
-  const int64_t rows = x.size(0), in_features = x.size(-1);
-  out.scratch = torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
-                             x.options().dtype(torch::kFloat));
-  int64_t offsets[kernels::kMaxLoraTargets];
-  CheckLaunch(kernels::lora_shrink_group_cuda(
-                  xc.data_ptr(), kernels::FloatKind::kBF16, rows, in_features,
-                  rows_.data_ptr<int32_t>(), targets.data(), static_cast<int>(targets.size()),
-                  out.scratch.data_ptr(), CurrentStream(x.device()), offsets),
-              "lora_shrink_group_cuda");
-  for (size_t j = 0; j < targets.size(); ++j) {
-    if (offsets[j] < 0) continue;
-    kernels::Nf4MmaLora& e = out.lora[projection_of[j]];
-    e.partials = out.scratch.data_ptr<float>() + offsets[j];
-    e.chunks = kernels::lora_chunks(in_features);
-    e.table = targets[j].table;
-    e.adapter_index = rows_.data_ptr<int32_t>();
-  }
-  return out;
-#else
-  (void)layer, (void)projections, (void)x;
-  return std::nullopt;
 #endif
 }
 

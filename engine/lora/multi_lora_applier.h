@@ -5,8 +5,7 @@
 //
 // computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
 // (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter; q, k, v
-// and gate, up each as one launch pair through ApplyShared), or, with bf16 activations, as the
-// shrink launch plus an epilogue of the 4-bit base product (ShrinkForEpilogue); every
+// and gate, up each as one launch pair through ApplyShared); every
 // other case uses gathers and batched matmuls in torch. Adapters of different ranks share a stack:
 // each is zero-padded to the largest rank, which adds exact zeros. Rows with no adapter get the
 // all-zero slot, so their outputs are the base's.
@@ -20,7 +19,6 @@
 #include <array>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -58,12 +56,6 @@ class LoraStack {
   std::vector<std::array<Entry, kNumProjections>> entries_;  // [layer][projection]
 };
 
-// Whether MultiLoraApplier offers its decode updates as epilogues of the base product (default
-// on); process-wide. Off, they take their own expand launch: the same bits, one launch more (for
-// benchmarks and checks).
-void SetLoraEpilogue(bool enabled);
-bool LoraEpilogueEnabled();
-
 class MultiLoraApplier : public LoraApplier {
  public:
   // row_slots[b]: row b's slot in `stack`, or -1 for the base model. Inference only (no dropout,
@@ -79,19 +71,8 @@ class MultiLoraApplier : public LoraApplier {
   std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
                                          const torch::Tensor& x,
                                          const std::vector<torch::Tensor>& ys) const override;
-  // Decode rows of bf16 on CUDA, while LoraEpilogueEnabled().
-  std::optional<Epilogues> ShrinkForEpilogue(int64_t layer,
-                                             const std::vector<Projection>& projections,
-                                             const torch::Tensor& x) const override;
 
  private:
-  // The BGMV kernels' targets for `projections` (their outputs ys[i], or none when ys is null),
-  // with projection_of[j] the index into `projections` of target j; false when x is not decode
-  // rows on CUDA that the kernels take.
-  bool KernelTargets(int64_t layer, const std::vector<Projection>& projections,
-                     const torch::Tensor& x, const std::vector<torch::Tensor>* ys,
-                     std::vector<kernels::LoraTarget>* targets, std::vector<size_t>* projection_of,
-                     int64_t* total_rank) const;
   // The BGMV kernels, in place on `ys`, for decode rows on CUDA; false (nothing done) when the
   // inputs are not such rows, and the torch path must add the updates.
   bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,

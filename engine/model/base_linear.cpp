@@ -65,26 +65,6 @@ std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const Bas
   return ys;
 }
 
-bool BaseLinear::TakesLoraEpilogues(const std::vector<const BaseLinear*>& linears,
-                                    const torch::Tensor& x) {
-  std::vector<const Nf4Tensor*> weights;
-  for (const BaseLinear* l : linears) {
-    if (!l->nf4_ || l->bias_.defined()) return false;
-    weights.push_back(&*l->nf4_);
-  }
-  return Nf4Tensor::GroupKernelTakes(weights, x);
-}
-
-std::vector<torch::Tensor> BaseLinear::ForwardSharedWithLora(
-    const std::vector<const BaseLinear*>& linears, const torch::Tensor& x,
-    const std::vector<kernels::Nf4MmaLora>& lora) {
-  TORCH_CHECK(TakesLoraEpilogues(linears, x),
-              "BaseLinear::ForwardSharedWithLora: these projections cannot take LoRA epilogues");
-  std::vector<const Nf4Tensor*> weights;
-  for (const BaseLinear* l : linears) weights.push_back(&*l->nf4_);
-  return Nf4Tensor::LinearGroup(weights, x, &lora);
-}
-
 int64_t BaseLinear::in_features() const { return nf4_ ? nf4_->in_features() : weight_.size(1); }
 
 int64_t BaseLinear::out_features() const { return nf4_ ? nf4_->out_features() : weight_.size(0); }

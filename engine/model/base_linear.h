@@ -30,16 +30,6 @@ class BaseLinear {
   // record, through Nf4Tensor::LinearGroup (one kernel launch on CUDA); else one Forward each.
   static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
                                                   const torch::Tensor& x);
-  // Whether ForwardShared can take LoRA epilogues for these projections and x: all NF4 without a
-  // bias (a bias is added after the product, the update after the bias) and the grouped kernel
-  // takes them (Nf4Tensor::GroupKernelTakes).
-  static bool TakesLoraEpilogues(const std::vector<const BaseLinear*>& linears,
-                                 const torch::Tensor& x);
-  // ForwardShared with each projection's LoRA update added by the product (TakesLoraEpilogues
-  // must hold; lora: one per projection).
-  static std::vector<torch::Tensor> ForwardSharedWithLora(
-      const std::vector<const BaseLinear*>& linears, const torch::Tensor& x,
-      const std::vector<kernels::Nf4MmaLora>& lora);
 
   bool quantized() const { return nf4_.has_value(); }
   int64_t in_features() const;

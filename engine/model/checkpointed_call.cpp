@@ -73,8 +73,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     saved->fn = std::move(fn);
     saved->device = x.device();
     if (offload && x.is_cuda()) {
-      saved->offloaded =
-          torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
+      saved->offloaded = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
       saved->offloaded.copy_(x.detach(), /*non_blocking=*/true);
       ctx->save_for_backward({});
     } else {
@@ -94,8 +93,9 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     const auto saved =
         c10::static_intrusive_pointer_cast<Saved>(ctx->saved_data["saved"].toCapsule());
     const torch::Tensor x =
-        (saved->offloaded.defined() ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
-                                    : ctx->get_saved_variables()[0].detach())
+        (saved->offloaded.defined()
+             ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
+             : ctx->get_saved_variables()[0].detach())
             .requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
     const RngState now = RngState::Capture(x.is_cuda());

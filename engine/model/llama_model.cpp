@@ -282,8 +282,8 @@ torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& w
 
 torch::Tensor LlamaModel::Project(const DecoderLayer& layer, int64_t index, Projection projection,
                                   const torch::Tensor& x, const LoraApplier* lora) const {
-  if (lora != nullptr) return ProjectShared(layer, index, {projection}, x, lora).front();
-  return layer.projections[static_cast<int>(projection)].Forward(x);
+  torch::Tensor y = layer.projections[static_cast<int>(projection)].Forward(x);
+  return lora == nullptr ? y : lora->Apply(index, projection, x, y);
 }
 
 std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, int64_t index,
@@ -294,12 +294,6 @@ std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, 
   linears.reserve(projections.size());
   for (const Projection p : projections) {
     linears.push_back(&layer.projections[static_cast<int>(p)]);
-  }
-  if (lora != nullptr && BaseLinear::TakesLoraEpilogues(linears, x)) {
-    // The updates as epilogues of the base product: the shrink now, the rest in the product.
-    if (const auto epilogues = lora->ShrinkForEpilogue(index, projections, x)) {
-      return BaseLinear::ForwardSharedWithLora(linears, x, epilogues->lora);
-    }
   }
   std::vector<torch::Tensor> ys = BaseLinear::ForwardShared(linears, x);
   return lora == nullptr ? ys : lora->ApplyShared(index, projections, x, ys);

@@ -434,40 +434,20 @@ torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   return torch::matmul(x, Dequantize(x.scalar_type()).t());
 }
 
-bool Nf4Tensor::GroupKernelTakes(const std::vector<const Nf4Tensor*>& weights,
-                                 const torch::Tensor& x) {
-#if defined(LORAD_WITH_CUDA)
-  if (weights.empty() || weights.size() > static_cast<size_t>(kernels::kNf4MmaMaxTargets)) {
-    return false;
-  }
-  const Nf4Tensor& first = *weights.front();
-  const auto kind = FloatKindOf(x.scalar_type());
-  const int64_t rows = x.numel() / first.in_features();
-  for (const Nf4Tensor* w : weights) {
-    if (w->in_features() != first.in_features() || w->device() != x.device()) return false;
-  }
-  return x.is_cuda() && kind && x.size(-1) == first.in_features() &&
-         !(torch::GradMode::is_enabled() && x.requires_grad()) &&
-         rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
-         kernels::nf4_mma_cuda_supports(rows, first.in_features(), *kind);
-#else
-  (void)weights, (void)x;
-  return false;
-#endif
-}
-
 std::vector<torch::Tensor> Nf4Tensor::LinearGroup(const std::vector<const Nf4Tensor*>& weights,
-                                                  const torch::Tensor& x,
-                                                  const std::vector<kernels::Nf4MmaLora>* lora) {
+                                                  const torch::Tensor& x) {
   TORCH_CHECK(!weights.empty(), "Nf4Tensor::LinearGroup: no weights");
   for (const Nf4Tensor* w : weights) CheckInput(*w, x);
-  TORCH_CHECK(lora == nullptr || lora->size() == weights.size(),
-              "Nf4Tensor::LinearGroup: ", weights.size(), " weights but ",
-              lora == nullptr ? 0 : lora->size(), " LoRA epilogues");
 #if defined(LORAD_WITH_CUDA)
-  // A single weight without an epilogue takes Linear (which also has the GEMV fallbacks).
-  if (GroupKernelTakes(weights, x) && (weights.size() > 1 || lora != nullptr)) {
-    const Nf4Tensor& first = *weights.front();
+  const Nf4Tensor& first = *weights.front();
+  const int64_t rows = x.numel() / first.in_features();
+  const auto kind = FloatKindOf(x.scalar_type());
+  const bool grouped =
+      weights.size() > 1 && weights.size() <= static_cast<size_t>(kernels::kNf4MmaMaxTargets) &&
+      first.device().is_cuda() && kind && !(torch::GradMode::is_enabled() && x.requires_grad()) &&
+      rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
+      kernels::nf4_mma_cuda_supports(rows, first.in_features(), *kind);
+  if (grouped) {
     const c10::cuda::CUDAGuard guard(first.device());
     const torch::Tensor x2 = KernelInput(x);
     std::vector<torch::Tensor> ys;
@@ -478,17 +458,14 @@ std::vector<torch::Tensor> Nf4Tensor::LinearGroup(const std::vector<const Nf4Ten
       targets[i].absmax = AbsmaxOf(*weights[i]);
       targets[i].out_features = weights[i]->out_features();
       targets[i].y = ys.back().data_ptr();
-      if (lora != nullptr) targets[i].lora = (*lora)[i];
     }
-    CheckLaunch(kernels::nf4_mma_group_cuda(x2.data_ptr(), *FloatKindOf(x.scalar_type()),
-                                            x.numel() / first.in_features(), targets,
+    CheckLaunch(kernels::nf4_mma_group_cuda(x2.data_ptr(), *kind, rows, targets,
                                             static_cast<int>(weights.size()), first.in_features(),
                                             CurrentStream(first.device()), /*overlapped=*/true),
                 "nf4_mma_group_cuda");
     return ys;
   }
 #endif
-  TORCH_CHECK(lora == nullptr, "Nf4Tensor::LinearGroup: LoRA epilogues need the grouped kernel");
   std::vector<torch::Tensor> ys;
   for (const Nf4Tensor* w : weights) ys.push_back(w->Linear(x));
   return ys;

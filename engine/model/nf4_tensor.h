@@ -25,7 +25,6 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/nf4_mma.h"
 
 namespace lorad::engine {
 
@@ -65,17 +64,11 @@ struct Nf4Tensor {
   // dequantize + matmul (on CPU always, with the CPU reference dequantization).
   torch::Tensor Linear(const torch::Tensor& x) const;
   // Linear of several weights with the same in_features on one x (q, k, v; gate, up): where
-  // GroupKernelTakes, one grouped launch for all (kernels/nf4_mma_group_cuda), with each weight's
-  // LoRA epilogue from `lora` if given ([weights.size()]); else one Linear each (and `lora` must be
-  // null). Same results as Linear up to the order of fp32 sums.
-  static std::vector<torch::Tensor> LinearGroup(
-      const std::vector<const Nf4Tensor*>& weights, const torch::Tensor& x,
-      const std::vector<kernels::Nf4MmaLora>* lora = nullptr);
-  // Whether LinearGroup launches the grouped tensor-core kernel for these weights and x: on CUDA,
-  // bf16 or fp16 x of at most SetGemvMaxRows' (and 32) rows, in_features % 256 == 0, 1 to 3
-  // weights, no gradient to record.
-  static bool GroupKernelTakes(const std::vector<const Nf4Tensor*>& weights,
-                               const torch::Tensor& x);
+  // Linear would take the tensor-core kernel for each, one grouped launch for all
+  // (kernels/nf4_mma_group_cuda, at most kernels::kNf4MmaMaxTargets weights); else one Linear
+  // each. Same results as Linear up to the order of fp32 sums.
+  static std::vector<torch::Tensor> LinearGroup(const std::vector<const Nf4Tensor*>& weights,
+                                                const torch::Tensor& x);
   // The most rows of x Linear gives those kernels (default kernels::kNf4MmaMaxRows, one
   // tensor-core launch); benchmarks set it to compare with dequantize + cuBLAS. Process-wide.
   static void SetGemvMaxRows(int64_t rows);

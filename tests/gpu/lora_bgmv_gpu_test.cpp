@@ -1,7 +1,6 @@
 // The multi-adapter LoRA CUDA kernels (BGMV for decode rows, SGMV for prefill segments) against
 // the CPU reference (kernels/lora_bgmv.cpp), fp32 and bf16, adapters of different ranks, rows
-// without an adapter, Llama-3-8B projection shapes and odd ones; and the 4-bit product's LoRA
-// epilogue (kernels/nf4_mma.h) against the expand kernel. Needs a CUDA device.
+// without an adapter, Llama-3-8B projection shapes and odd ones. Needs a CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,7 +12,6 @@
 
 #include "kernels/bfloat16.h"
 #include "kernels/lora_bgmv.h"
-#include "kernels/nf4_mma.h"
 #include "tests/gpu/float_values.h"
 #include "tests/gpu/gpu_buffer.h"
 
@@ -269,125 +267,6 @@ TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, LoraGpu, ::testing::Values(FloatKind::kF32, FloatKind::kBF16));
-
-// Random NF4 bytes on the device (the comparison below does not need a quantized weight, only the
-// same one on both sides): packed weights, 8-bit absmax codes, positive absmax2, the code book.
-struct DeviceNf4 {
-  std::unique_ptr<GpuBuffer<uint8_t>> packed, qabsmax;
-  std::unique_ptr<GpuBuffer<float>> absmax2, code2;
-  Nf4Absmax absmax;
-};
-
-std::unique_ptr<DeviceNf4> MakeDeviceNf4(int64_t out, int64_t in, std::mt19937& rng) {
-  auto w = std::make_unique<DeviceNf4>();
-  const int64_t blocks = out * in / 64;
-  std::vector<uint8_t> packed(out * in / 2), qabsmax(blocks);
-  for (auto& b : packed) b = static_cast<uint8_t>(rng());
-  for (auto& b : qabsmax) b = static_cast<uint8_t>(rng());
-  std::vector<float> absmax2((blocks + 255) / 256), code(256);
-  std::uniform_real_distribution<float> uniform(0.01f, 0.05f), signed_unit(-1.f, 1.f);
-  for (auto& v : absmax2) v = uniform(rng);
-  for (auto& v : code) v = signed_unit(rng);
-  w->packed = std::make_unique<GpuBuffer<uint8_t>>(packed);
-  w->qabsmax = std::make_unique<GpuBuffer<uint8_t>>(qabsmax);
-  w->absmax2 = std::make_unique<GpuBuffer<float>>(absmax2);
-  w->code2 = std::make_unique<GpuBuffer<float>>(code);
-  w->absmax = {w->qabsmax->get(), w->absmax2->get(), w->code2->get(), 0.03f};
-  return w;
-}
-
-// The 4-bit product with LoRA deltas in its epilogue (after lora_shrink_group_cuda) gives exactly
-// the bytes of the product followed by lora_bgmv_group_cuda (shrink and expand), which the tests
-// above check against the CPU reference: for q/k/v-like groups at Llama-3-8B shapes and odd ones,
-// 1, 13 and 32 rows (both tilings of the product), rows without an adapter or with an
-// out-of-range slot, adapters of ranks 8, 16, 32 and 7, and one weight of a group without LoRA.
-TEST(LoraEpilogueGpu, Nf4ProductWithLoraEqualsProductThenExpand) {
-  std::mt19937 rng(99);
-  struct GroupShape {
-    int64_t in;
-    std::vector<int64_t> outs;
-    std::vector<bool> lora;
-  };
-  for (const GroupShape& sh :
-       {GroupShape{4096, {4096, 1024, 1024}, {true, true, true}},
-        GroupShape{512, {4100, 40}, {true, false}}, GroupShape{14336, {4096}, {true}}}) {
-    const int n = static_cast<int>(sh.outs.size());
-    std::vector<std::unique_ptr<DeviceNf4>> weights;
-    std::vector<std::unique_ptr<AdapterSet>> sets;
-    for (int i = 0; i < n; ++i) {
-      weights.push_back(MakeDeviceNf4(sh.outs[i], sh.in, rng));
-      sets.push_back(MakeAdapters({16, 8, 32, 7}, sh.in, sh.outs[i], FloatKind::kBF16, rng));
-    }
-    for (const int64_t rows : {int64_t{1}, int64_t{13}, int64_t{32}}) {
-      std::vector<int32_t> index(rows);
-      for (auto& s : index) s = static_cast<int32_t>(rng() % 6) - 1;  // -1..4: 4 is out of range
-      index[0] = 0;                                                   // at least one adapter
-      GpuBuffer<int32_t> index_dev(index);
-      const Values x = MakeValues(rows * sh.in, FloatKind::kBF16, 1.f, rng);
-      GpuBuffer<char> x_dev(x.bytes);
-      std::vector<std::unique_ptr<GpuBuffer<char>>> y_two, y_fused;
-      std::vector<Nf4MmaTarget> plain(n);
-      std::vector<LoraTarget> lora_targets;
-      int64_t total_rank = 0;
-      for (int i = 0; i < n; ++i) {
-        y_two.push_back(std::make_unique<GpuBuffer<char>>(rows * sh.outs[i] * 2));
-        y_fused.push_back(std::make_unique<GpuBuffer<char>>(rows * sh.outs[i] * 2));
-        plain[i].packed = weights[i]->packed->get();
-        plain[i].absmax = weights[i]->absmax;
-        plain[i].out_features = sh.outs[i];
-        plain[i].y = y_two[i]->get();
-        if (sh.lora[i]) {
-          lora_targets.push_back({sets[i]->Device(), sh.outs[i], y_two[i]->get()});
-          total_rank += sets[i]->max_rank;
-        }
-      }
-      GpuBuffer<char> scratch(lora_scratch_bytes(rows, sh.in, total_rank));
-      // Two steps: the product, then shrink + expand on its output.
-      LORAD_ASSERT_LAUNCH(nf4_mma_group_cuda(x_dev.get(), FloatKind::kBF16, rows, plain.data(), n,
-                                             sh.in, nullptr, true));
-      LORAD_ASSERT_LAUNCH(lora_bgmv_group_cuda(
-          x_dev.get(), FloatKind::kBF16, rows, sh.in, index_dev.get(), lora_targets.data(),
-          static_cast<int>(lora_targets.size()), scratch.get(), nullptr));
-      // Fused: the shrink, then the product with the deltas in its epilogue.
-      int64_t offsets[kMaxLoraTargets];
-      LORAD_ASSERT_LAUNCH(lora_shrink_group_cuda(
-          x_dev.get(), FloatKind::kBF16, rows, sh.in, index_dev.get(), lora_targets.data(),
-          static_cast<int>(lora_targets.size()), scratch.get(), nullptr, offsets));
-      std::vector<Nf4MmaTarget> fused = plain;
-      for (int i = 0, l = 0; i < n; ++i) {
-        fused[i].y = y_fused[i]->get();
-        if (!sh.lora[i]) continue;
-        ASSERT_GE(offsets[l], 0);
-        fused[i].lora.partials = reinterpret_cast<const float*>(scratch.get()) + offsets[l++];
-        fused[i].lora.chunks = lora_chunks(sh.in);
-        fused[i].lora.table = sets[i]->Device();
-        fused[i].lora.adapter_index = index_dev.get();
-      }
-      LORAD_ASSERT_LAUNCH(nf4_mma_group_cuda(x_dev.get(), FloatKind::kBF16, rows, fused.data(), n,
-                                             sh.in, nullptr, true));
-      for (int i = 0; i < n; ++i) {
-        EXPECT_EQ(y_fused[i]->Read(), y_two[i]->Read())
-            << "weight " << i << " (out " << sh.outs[i] << ", in " << sh.in << "), rows " << rows;
-      }
-    }
-  }
-}
-
-TEST(LoraEpilogueGpu, RejectsWhatItCannotAdd) {
-  Nf4MmaTarget target;
-  target.out_features = 16;
-  target.lora.partials = reinterpret_cast<const float*>(16);  // never read: rejected first
-  target.lora.chunks = 1;
-  target.lora.table.num_slots = 1;
-  target.lora.table.max_rank = 16;
-  int32_t index = 0;
-  target.lora.adapter_index = &index;
-  EXPECT_NE(nf4_mma_group_cuda(nullptr, FloatKind::kF16, 1, &target, 1, 256, nullptr, false),
-            nullptr);  // fp16 x
-  target.lora.table.max_rank = kNf4MmaMaxLoraRank + 1;
-  EXPECT_NE(nf4_mma_group_cuda(nullptr, FloatKind::kBF16, 1, &target, 1, 256, nullptr, false),
-            nullptr);  // t would not fit in shared memory
-}
 
 }  // namespace
 }  // namespace lorad::kernels
