@@ -109,7 +109,7 @@ struct MmaRow {
   const char* name;
   int64_t out, in;
   double bytes;  // packed weights + absmax + x + y at batch 1
-  double t1, t1_pdl, t_parts[5], t8, t32, t32_blas, t32_dq, rel_diff;
+  double t1, t1_pdl, t_parts[5], t32_parts[5], t8, t32, t32_blas, t32_dq, rel_diff;
   bool graphed;
 };
 
@@ -149,6 +149,15 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
   std::printf(
       "'%%copy' = achieved GB/s over the copy bandwidth above (issue 3's target: >= 70%%).\n"
       "parts=N: batch 1 with the reduction split N ways (0 = shape does not allow it).\n");
+  std::printf(
+      "\nbatch 32 with the reduction split N ways (us; the planner's choice is b=32 above):\n");
+  std::printf("%-14s %12s | %7s %7s %7s %7s %7s\n", "layer", "out x in", "parts=1", "2", "4", "8",
+              "16");
+  for (const MmaRow& m : rows) {
+    std::printf("%-14s %5lld x %5lld | %7.2f %7.2f %7.2f %7.2f %7.2f\n", m.name,
+                static_cast<long long>(m.out), static_cast<long long>(m.in), m.t32_parts[0],
+                m.t32_parts[1], m.t32_parts[2], m.t32_parts[3], m.t32_parts[4]);
+  }
 }
 
 }  // namespace
@@ -369,6 +378,14 @@ int main() {
                 ? MedianMicros(
                       stream, [&](int c) { nf4_mma(c, 1, parts, false); }, reps, samples, &gi)
                 : 0.0;
+      }
+      for (int p = 0; p < 5; ++p) {
+        const int parts = 1 << p;
+        m.t32_parts[p] = (r.in / 256) % parts == 0
+                             ? MedianMicros(
+                                   stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, parts, false); },
+                                   reps, samples, &gi)
+                             : 0.0;
       }
       m.t8 = MedianMicros(
           stream, [&](int c) { nf4_mma(c, 8, 0, false); }, reps, samples, &gi);

@@ -54,19 +54,31 @@ for bench in ${BENCHES-nf4_gemv_bench lora_bgmv_bench}; do
   timeout 120 "$BUILD/bench/$bench" > "$OUT/$bench.txt" 2>&1 || status=1
   cat "$OUT/$bench.txt"
 done
-# PROFILE_LAYER=<nf4_gemv_bench layer name, e.g. down_proj>: Nsight Compute on the tensor-core
-# kernel's second launch for that layer (batch 1, the planner's split), saved as $OUT/ncu.txt.
-# NCU_SKIP=0: the first launch instead (32 rows: the bench's agreement check).
+# PROFILE_LAYER=<nf4_gemv_bench layer names, e.g. "down_proj gate/up_proj">: Nsight Compute on
+# the tensor-core kernel's second launch for each layer (batch 1, the planner's split), with the
+# warps' stall reasons, saved as $OUT/ncu-<layer>.txt. NCU_SKIP=0: the first launch instead (32
+# rows: the bench's agreement check).
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 if [ -n "${PROFILE_LAYER:-}" ] && [ -n "$NCU" ]; then
-  step "ncu nf4_mma ($PROFILE_LAYER)"
-  NF4_BENCH_LAYER=$PROFILE_LAYER timeout 300 "$NCU" -k regex:nf4_mma_kernel -s "${NCU_SKIP:-1}" -c 1 \
-    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-    --section Occupancy --section SchedulerStats --section LaunchStats \
-    --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
-    "$BUILD/bench/nf4_gemv_bench" > "$OUT/ncu.txt" 2>&1 || status=1
-  grep -E "Duration|Throughput|Eligible|Issued Warp|Warp Cycles Per Issued|Active Warps" \
-    "$OUT/ncu.txt" | head -n 20
+  for layer in $PROFILE_LAYER; do
+    step "ncu nf4_mma ($layer)"
+    log_file="$OUT/ncu-${layer//\//-}.txt"
+    sections=(--section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis
+      --section Occupancy --section SchedulerStats --section LaunchStats --section SourceCounters)
+    metrics="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+    metrics+=",l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts_mem_lg.sum"
+    metrics+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,lts__t_sectors_srcunit_tex_op_read.sum"
+    metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum"
+    # The stall reasons as extra metrics; without them should this ncu not know one.
+    NF4_BENCH_LAYER=$layer timeout 300 "$NCU" -k regex:nf4_mma_kernel -s "${NCU_SKIP:-1}" -c 1 \
+      --clock-control none "${sections[@]}" --metrics "$metrics" \
+      "$BUILD/bench/nf4_gemv_bench" > "$log_file" 2>&1 ||
+      NF4_BENCH_LAYER=$layer timeout 300 "$NCU" -k regex:nf4_mma_kernel -s "${NCU_SKIP:-1}" -c 1 \
+        --clock-control none "${sections[@]}" "$BUILD/bench/nf4_gemv_bench" >> "$log_file" 2>&1 ||
+      status=1
+    grep -E "Duration|Eligible|Issued Warp|Warp Cycles Per Issued|stalled_(long|short|mio|math|wait|barrier|lg|tex|not_sel|no_inst|drain|dispatch)" \
+      "$log_file" | head -n 30
+  done
 fi
 step "done (status $status)"
 exit $status
