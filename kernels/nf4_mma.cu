@@ -24,9 +24,14 @@
 // every ~9 cycles per warp, DRAM 30% busy. At batch 32 (gate_proj, one 16-row tile per warp) the
 // L1 was the busiest unit (67%; DRAM 10%), most of it the x fragment loads, which every 16-row tile
 // repeated: two tiles per warp took a decoder layer from 188 to 172 us
-// (2026-12-02-h200-nf4_mma-two-tiles.txt), still 0.7-1.0x cuBLAS on bf16 weights.
-// Next: a smaller table (fewer copies, accept some bank conflicts) to fit a second block; x
-// staged once per block in shared memory at batch 32.
+// (2026-12-02-h200-nf4_mma-two-tiles.txt), still 0.7-1.0x cuBLAS on bf16 weights. There
+// (2026-12-02-h200-nf4_mma-batch32-profile.txt) a warp issues ~820 instructions per stage at
+// 0.3-0.4 per cycle per scheduler, waiting mostly on the table lookups (short scoreboard) and the
+// x loads; and the split that fills the GPU leaves each warp two or four stages, so start-up
+// weighs. Adding the LoRA update in this kernel's epilogue (instead of its own expand launch) was
+// measured slower and reverted (2026-12-02-h200-generation-8b-lora-epilogue-reverted.txt).
+// Next: fewer instructions per weight, the next step's lookups issued before this step's
+// tensor-core ops, a smaller table (fewer copies) to fit a second block, x staged once per block.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .bf16/.f16): lane = 4 * g + t. A (16 x 16, weights):
 // a0a1 = (row g, k 2t..2t+1), a2a3 = (row g+8, same k), a4a5 = (row g, k 2t+8..2t+9),
