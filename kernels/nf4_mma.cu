@@ -216,16 +216,28 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int64_t n = 8 * nt + g;
-      if (n < x_rows) {
+      if constexpr (NT * MT < 8) {
+        // Columns past x_rows read the last row (never stored): no zeroing, no branch, and 30%
+        // fewer instructions in the batch-1 loop.
+        const int n = min(8 * nt + g, static_cast<int>(x_rows) - 1);
         const uint4* p =
             reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
         const uint4 lo = __ldg(p), hi = __ldg(p + 1);
         xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
         xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
       } else {
+        // Four x tiles and two weight tiles (registers short): zeroing schedules better there.
+        const int64_t n = 8 * nt + g;
+        if (n < x_rows) {
+          const uint4* p =
+              reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
+          const uint4 lo = __ldg(p), hi = __ldg(p + 1);
+          xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
+          xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
+        } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
+          for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
+        }
       }
     }
   };
