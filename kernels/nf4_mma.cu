@@ -213,6 +213,13 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   // registers for that.
   constexpr int kXBlocks = NT == 1 ? W::kStageBlocks : 1;
   uint32_t xs[kXBlocks][NT][8];
+  // Lane t's 16 x values (32 bytes) of block kb + u of x row n, as 8 T pairs.
+  auto load_row = [&](auto n, int u, uint32_t(&out)[8]) {
+    const uint4* p = reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
+    const uint4 lo = __ldg(p), hi = __ldg(p + 1);
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+  };
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -220,20 +227,12 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
         // Columns past x_rows read the last row (never stored): no zeroing, no branch, and 30%
         // fewer instructions in the batch-1 loop.
         const int n = min(8 * nt + g, static_cast<int>(x_rows) - 1);
-        const uint4* p =
-            reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
-        const uint4 lo = __ldg(p), hi = __ldg(p + 1);
-        xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
-        xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
+        load_row(n, u, xb[nt]);
       } else {
         // Four x tiles and two weight tiles (registers short): zeroing schedules better there.
         const int64_t n = 8 * nt + g;
         if (n < x_rows) {
-          const uint4* p =
-              reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
-          const uint4 lo = __ldg(p), hi = __ldg(p + 1);
-          xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
-          xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
+          load_row(n, u, xb[nt]);
         } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
