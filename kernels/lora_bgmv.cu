@@ -16,6 +16,12 @@
 // depend on the other rows (a request decodes the same alone or in any batch), the weights are
 // read before the wait for the previous kernel, and both kernels are launched with programmatic
 // dependent launch, so each starts while the kernel before it drains.
+// Tried and reverted: both steps in one launch (the first blocks to take a ticket shrink, the
+// rest expand once a counter says every shrink block is done). The q, k, v group took 13.1 us
+// instead of 9.4 at batch 32 (6.5 instead of 3.8 at batch 1), and decoding at batch 32 on 4
+// adapters fell from 3,957 to 3,652 tokens/s
+// (bench/results/2026-12-02-h200-generation-8b-paged-attention-gqa.txt): the expand blocks spin
+// on SMs the shrink needs, and the next kernel may only start once the counters are reset.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -50,6 +50,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "kernels/async_copy.cuh"
 #include "kernels/device_float.cuh"
 #include "kernels/nf4_mma.h"
 #include "kernels/programmatic_launch.cuh"
@@ -125,25 +126,6 @@ __device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0
   }
 }
 #undef LORAD_NF4_MMA
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// Asynchronous global -> shared copies (sm_80+): 16 bytes through L2 only, 4 bytes through L1.
-__device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src)
-               : "memory");
-}
-__device__ __forceinline__ void CopyAsync4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void CommitCopies() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void WaitCopies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
 
 // What a lane copies for its warp's tile: 16-byte pieces p = lane + 32 i (i < 4: a stage is
 // 2 KB), which are piece lane % kPiecesPerRow of rows lane / kPiecesPerRow + kRowsPerCopy i.

@@ -1,21 +1,31 @@
 // CUDA implementation of kernels/paged_attention.h. Raw pointers only: no torch headers here.
 //
-// One block per (row, query head), kThreads threads; keys in tiles of kTile = kThreads, one key
-// per thread. A thread reads its key's whole row (head_dim values in 16-byte loads, all in flight
-// at once) and takes the dot product with q from shared memory; the block reduces the tile's max
-// and sum, and an online softmax (running max and sum, rescaled when the max grows) carries them
-// across tiles. For p * v, warp w takes the tile's keys w, w + 8, ... and lane l the head dims
-// [l * D / 32, (l + 1) * D / 32), so each key's value row is one coalesced warp load; the warps'
-// partial sums meet in shared memory at the end, in warp order.
+// One block per (row, group of kHeads query heads sharing a KV head), kThreads threads; keys in
+// tiles of up to 128. A tile's key and value rows come into shared memory together by
+// asynchronous copies, in one memory round trip; two threads per key then take the dot products
+// with the block's queries, the block reduces the tile's max and sum per head, and an online
+// softmax (running max and sum, rescaled when the max grows) carries them across tiles. For
+// p * v, warp w takes the tile's keys w, w + 8, ... and lane l the head dims
+// [l * D / 32, (l + 1) * D / 32); the warps' partial sums meet in shared memory at the end, in
+// warp order.
 //
-// Decode attention is latency-bound: a step reads little (128 keys x 8 KV heads x 256 B for the
-// 8B shape), so what counts is how many dependent memory round trips a block makes. The first
-// version (a warp per key, one key at a time, 64-key tiles) took 36 us per layer at batch 1 with
-// 160 keys, as long as the layer's q and o products together; this one makes about three per
-// tile. Launched with programmatic dependent launch: it starts while the kernel before drains.
+// Decode attention is latency-bound: a step reads little (a few hundred keys x 8 KV heads x
+// 256 B per row for the 8B shape), so what counts is how many dependent memory round trips a
+// block makes. The version before this one read each key row into registers (the compiler kept
+// three 16-byte loads in flight: about five round trips), then the value rows four keys at a
+// time (eight more per 256 keys), and each query head's block read its KV head's rows again:
+// with 4 query heads per KV head (Llama-3-8B) 4x the traffic and 1024 blocks at batch 32. Now a
+// tile is one round trip, and from 2 rows per KV head on (PlanHeadsPerBlock) one block serves
+// all the query heads of its KV head. Launched with programmatic dependent launch: it starts
+// while the kernel before drains.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "kernels/async_copy.cuh"
 #include "kernels/device_float.cuh"
 #include "kernels/paged_attention.h"
 #include "kernels/programmatic_launch.cuh"
@@ -26,11 +36,41 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = kThreads;
 constexpr int kMaxHeadDim = 256;
+constexpr int kMaxTileKeys = kThreads / 2;  // two threads per key for the scores
+constexpr int kRowsBytes = 32 * 1024;       // the staged key (or value) rows of a tile
 
-// kDimsPerLane = head_dim / 32.
+// Keys per tile: two threads per key, fewer where their rows would pass kRowsBytes.
 template <typename T, int kDimsPerLane>
+__host__ __device__ constexpr int TileKeys() {
+  constexpr int row_bytes = 32 * kDimsPerLane * static_cast<int>(sizeof(T));
+  return kRowsBytes / row_bytes < kMaxTileKeys ? kRowsBytes / row_bytes : kMaxTileKeys;
+}
+
+// Dynamic shared memory: the tile's key rows, then its value rows; at the end the warps' partial
+// sums in their place.
+template <typename T, int kDimsPerLane, int kHeads>
+constexpr size_t DynamicBytes() {
+  const size_t rows = 2 * size_t{32} * kDimsPerLane * sizeof(T) * TileKeys<T, kDimsPerLane>();
+  const size_t partials = sizeof(float) * kWarps * kHeads * 32 * kDimsPerLane;
+  return rows > partials ? rows : partials;
+}
+
+// A 16-byte piece of a row as fp32.
+__device__ __forceinline__ void PieceToFloats(uint4 v, float* out) {
+  out[0] = __uint_as_float(v.x), out[1] = __uint_as_float(v.y);
+  out[2] = __uint_as_float(v.z), out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void PieceToFloats(uint4 v, __nv_bfloat16 /*kind*/, float* out) {
+  Bf16PairToFloats(v.x, out), Bf16PairToFloats(v.y, out + 2);
+  Bf16PairToFloats(v.z, out + 4), Bf16PairToFloats(v.w, out + 6);
+}
+__device__ __forceinline__ void PieceToFloats(uint4 v, float /*kind*/, float* out) {
+  PieceToFloats(v, out);
+}
+
+// kDimsPerLane = head_dim / 32; kHeads query heads of one KV head per block.
+template <typename T, int kDimsPerLane, int kHeads>
 __global__ void __launch_bounds__(kThreads)
     PagedAttentionKernel(const T* __restrict__ q, const T* __restrict__ k_pool,
                          const T* __restrict__ v_pool, const int32_t* __restrict__ block_tables,
@@ -39,100 +79,198 @@ __global__ void __launch_bounds__(kThreads)
   AllowDependents();
   WaitForPredecessor();  // q and the cache are earlier kernels' outputs
   constexpr int kHeadDim = 32 * kDimsPerLane;
-  // A key row in chunks of up to 32 elements (64 bytes of bf16), loaded together.
-  constexpr int kChunk = kHeadDim < 32 ? kHeadDim : 32;
-  __shared__ float s_q[kHeadDim];
-  __shared__ float s_p[kTile];       // the tile's probabilities
-  __shared__ int64_t s_base[kTile];  // element offset of each key's (slot, kv head) row
-  __shared__ float s_max[kWarps], s_sum[kWarps];
-  __shared__ float s_acc[kWarps][kHeadDim];
+  constexpr int kTile = TileKeys<T, kDimsPerLane>();
+  constexpr int kPieces = kHeadDim * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
+  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(T));
+  constexpr int kRowBytes = kPieces * 16;
+  extern __shared__ __align__(16) unsigned char dynamic[];
+  unsigned char* s_k = dynamic;  // [kTile] rows, pieces rotated
+  const T* s_v = reinterpret_cast<const T*>(dynamic + kTile * kRowBytes);  // [kTile][kHeadDim]
+  float* s_acc = reinterpret_cast<float*>(dynamic);  // [kWarps][kHeads][kHeadDim], at the end
+  __shared__ __align__(16) float s_q[kHeads][kHeadDim];
+  __shared__ float s_p[kHeads][kTile];  // the tile's probabilities
+  __shared__ float s_max[kWarps][kHeads], s_sum[kWarps][kHeads];
+  __shared__ float s_total[kHeads];  // the softmax denominators, for the last step
   const int64_t b = blockIdx.x;
-  const int64_t h = blockIdx.y;
-  const int64_t g = h / (shape.heads / shape.kv_heads);
+  const int64_t group_blocks = shape.heads / shape.kv_heads / kHeads;
+  const int64_t g = blockIdx.y / group_blocks;
+  const int64_t h0 = g * (shape.heads / shape.kv_heads) + blockIdx.y % group_blocks * kHeads;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
+  // Scores: thread 2 * key + half takes the odd (half 1) or even pieces of the key's row.
+  const int key = threadIdx.x / 2, half = threadIdx.x % 2;
   const int64_t n = context_lens[b];
   const int32_t* table = block_tables + b * shape.max_blocks;
-  const T* q_row = q + (b * shape.heads + h) * kHeadDim;
-  for (int d = threadIdx.x; d < kHeadDim; d += kThreads) s_q[d] = ToFloat(q_row[d]);
-  __syncthreads();
+  for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
+    s_q[e / kHeadDim][e % kHeadDim] = ToFloat(q[(b * shape.heads + h0) * kHeadDim + e]);
+  }
 
-  float acc[kDimsPerLane] = {};  // this warp's keys, dims lane * kDimsPerLane + i
-  float running_max = -INFINITY;
-  float running_sum = 0.0f;
+  float acc[kHeads][kDimsPerLane] = {};  // this warp's keys, dims lane * kDimsPerLane + i
+  float running_max[kHeads], running_sum[kHeads];
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
+  const uint32_t s_k_address = SharedAddress(s_k);
+  const uint32_t s_v_address = SharedAddress(s_v);
   for (int64_t start = 0; start < n; start += kTile) {
     const int count = static_cast<int>(n - start < kTile ? n - start : kTile);
-    const int j = threadIdx.x;
-    float score = -INFINITY;
-    if (j < count) {
-      const int64_t t = start + j;
+    // The tile's key and value rows into shared memory in one round trip, each thread half of
+    // its key's. Key piece c of row j goes to position (c + 2 j) % kPieces of the row, so the
+    // eight threads of a 16-byte shared load (four keys, both halves) read distinct banks.
+    if (key < count) {
+      const int64_t t = start + key;
       const int64_t slot = static_cast<int64_t>(table[t / shape.block_size]) * shape.block_size +
                            t % shape.block_size;
       const int64_t base = (slot * shape.kv_heads + g) * kHeadDim;
-      s_base[j] = base;
-      float dot = 0.0f;
+      const auto* k_row = reinterpret_cast<const unsigned char*>(k_pool + base);
+      const auto* v_row = reinterpret_cast<const unsigned char*>(v_pool + base);
 #pragma unroll
-      for (int c = 0; c < kHeadDim; c += kChunk) {
-        float k[kChunk];
-        LoadFloats<kChunk>(k_pool + base + c, k);
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) dot = fmaf(s_q[c + e], k[e], dot);
+      for (int c = half; c < kPieces; c += 2) {
+        CopyAsync16(s_k_address + key * kRowBytes + (c + 2 * key) % kPieces * 16, k_row + c * 16);
+        CopyAsync16(s_v_address + key * kRowBytes + c * 16, v_row + c * 16);
       }
-      score = dot * scale;
     }
-    const float warp_max = WarpMax(score);
-    if (lane == 0) s_max[warp] = warp_max;
+    CommitCopies();
+    WaitCopies<0>();
+    __syncthreads();  // the rows (and, on the first tile, the queries) are in
+    float dot[kHeads] = {};
+    if (key < count) {
+#pragma unroll
+      for (int c = half; c < kPieces; c += 2) {
+        const uint4 piece =
+            *reinterpret_cast<const uint4*>(s_k + key * kRowBytes + (c + 2 * key) % kPieces * 16);
+        float k[kPerPiece];
+        PieceToFloats(piece, T{}, k);
+#pragma unroll
+        for (int e = 0; e < kPerPiece; ++e) {
+#pragma unroll
+          for (int h = 0; h < kHeads; ++h) dot[h] = fmaf(s_q[h][c * kPerPiece + e], k[e], dot[h]);
+        }
+      }
+    }
+    float score[kHeads];
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], 1);  // the partner half's sum
+      score[h] = key < count ? dot[h] * scale : -INFINITY;
+    }
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      const float warp_max = WarpMax(score[h]);
+      if (lane == 0) s_max[warp][h] = warp_max;
+    }
     __syncthreads();
-    float tile_max = s_max[0];
+    float rescale[kHeads];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_max[w]);
-    const float new_max = fmaxf(running_max, tile_max);
-    const float rescale = expf(running_max - new_max);  // 0 on the first tile
-    const float p = j < count ? expf(score - new_max) : 0.0f;
-    s_p[j] = p;
-    const float warp_sum = WarpSum(p);
-    if (lane == 0) s_sum[warp] = warp_sum;
+    for (int h = 0; h < kHeads; ++h) {
+      float tile_max = s_max[0][h];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_max[w][h]);
+      const float new_max = fmaxf(running_max[h], tile_max);
+      rescale[h] = expf(running_max[h] - new_max);  // 0 on the first tile
+      running_max[h] = new_max;
+      // Each key's probability once (half 0), in the sum and in s_p.
+      const float p = key < count && half == 0 ? expf(score[h] - new_max) : 0.0f;
+      if (key < kTile && half == 0) s_p[h][key] = p;
+      const float warp_sum = WarpSum(p);
+      if (lane == 0) s_sum[warp][h] = warp_sum;
+    }
     __syncthreads();
-    float tile_sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) tile_sum += s_sum[w];
-    running_sum = running_sum * rescale + tile_sum;
-    running_max = new_max;
+    for (int h = 0; h < kHeads; ++h) {
+      float tile_sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kDimsPerLane; ++i) acc[i] *= rescale;
+      for (int w = 0; w < kWarps; ++w) tile_sum += s_sum[w][h];
+      running_sum[h] = running_sum[h] * rescale[h] + tile_sum;
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) acc[h][i] *= rescale[h];
+    }
 #pragma unroll 4
-    for (int key = warp; key < count; key += kWarps) {
+    for (int j = warp; j < count; j += kWarps) {
       float v[kDimsPerLane];
-      LoadFloats<kDimsPerLane>(v_pool + s_base[key] + lane * kDimsPerLane, v);
-      const float pk = s_p[key];
+      LoadFloats<kDimsPerLane>(s_v + j * kHeadDim + lane * kDimsPerLane, v);
 #pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) acc[i] = fmaf(pk, v[i], acc[i]);
+      for (int h = 0; h < kHeads; ++h) {
+        const float pj = s_p[h][j];
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) acc[h][i] = fmaf(pj, v[i], acc[h][i]);
+      }
     }
-    __syncthreads();  // the next tile overwrites s_p, s_base, s_max and s_sum
+    __syncthreads();  // the next tile overwrites the rows, s_p, s_max and s_sum
   }
 #pragma unroll
-  for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][lane * kDimsPerLane + i] = acc[i];
+  for (int h = 0; h < kHeads; ++h) {
+    if (threadIdx.x == 0) s_total[h] = running_sum[h];
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      s_acc[(warp * kHeads + h) * kHeadDim + lane * kDimsPerLane + i] = acc[h][i];
+    }
+  }
   __syncthreads();
-  T* out_row = out + (b * shape.heads + h) * kHeadDim;
-  for (int d = threadIdx.x; d < kHeadDim; d += kThreads) {
+  T* out_rows = out + (b * shape.heads + h0) * kHeadDim;
+  for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += s_acc[w][d];
-    StoreAs(out_row + d, sum / running_sum);
+    for (int w = 0; w < kWarps; ++w) sum += s_acc[w * kHeads * kHeadDim + e];
+    StoreAs(out_rows + e, sum / s_total[e / kHeadDim]);
   }
+}
+
+template <typename T, int kDimsPerLane, int kHeads>
+const char* LaunchHeads(const void* q, const void* k_pool, const void* v_pool,
+                        const int32_t* block_tables, const int32_t* context_lens,
+                        const PagedAttentionShape& shape, float scale, void* out, void* stream) {
+  const auto kernel = PagedAttentionKernel<T, kDimsPerLane, kHeads>;
+  constexpr size_t kShared = DynamicBytes<T, kDimsPerLane, kHeads>();
+  static std::once_flag once;
+  static cudaError_t opt_in = cudaSuccess;
+  std::call_once(once, [&] {
+    opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kShared));
+    cudaGetLastError();
+  });
+  if (opt_in != cudaSuccess) return cudaGetErrorString(opt_in);
+  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(shape.heads / kHeads));
+  const cudaError_t err = LaunchMaybeOverlapped(
+      kernel, grid, dim3(kThreads), kShared, static_cast<cudaStream_t>(stream),
+      /*overlapped=*/true, static_cast<const T*>(q), static_cast<const T*>(k_pool),
+      static_cast<const T*>(v_pool), block_tables, context_lens, shape, scale,
+      static_cast<T*>(out));
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// Query heads per block: all those of a KV head (up to 8) when that still gives a block per SM,
+// fewer (down to one) when the batch is too small for that; head dims of 64 and 128 only (the
+// common ones: the others keep one head per block and compile once).
+int PlanHeadsPerBlock(const PagedAttentionShape& shape) {
+  if (shape.head_dim != 64 && shape.head_dim != 128) return 1;
+  const int64_t group = shape.heads / shape.kv_heads;
+  for (int h = 8; h > 1; h /= 2) {
+    if (group % h == 0 && shape.rows * (shape.heads / h) >= SmCount()) return h;
+  }
+  return 1;
 }
 
 template <typename T, int kDimsPerLane>
 const char* LaunchDims(const void* q, const void* k_pool, const void* v_pool,
                        const int32_t* block_tables, const int32_t* context_lens,
                        const PagedAttentionShape& shape, float scale, void* out, void* stream) {
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(shape.heads));
-  const cudaError_t err = LaunchMaybeOverlapped(
-      PagedAttentionKernel<T, kDimsPerLane>, grid, dim3(kThreads), 0,
-      static_cast<cudaStream_t>(stream), /*overlapped=*/true, static_cast<const T*>(q),
-      static_cast<const T*>(k_pool), static_cast<const T*>(v_pool), block_tables, context_lens,
-      shape, scale, static_cast<T*>(out));
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  if constexpr (kDimsPerLane == 2 || kDimsPerLane == 4) {
+    switch (PlanHeadsPerBlock(shape)) {
+      case 8:
+        return LaunchHeads<T, kDimsPerLane, 8>(q, k_pool, v_pool, block_tables, context_lens, shape,
+                                               scale, out, stream);
+      case 4:
+        return LaunchHeads<T, kDimsPerLane, 4>(q, k_pool, v_pool, block_tables, context_lens, shape,
+                                               scale, out, stream);
+      case 2:
+        return LaunchHeads<T, kDimsPerLane, 2>(q, k_pool, v_pool, block_tables, context_lens, shape,
+                                               scale, out, stream);
+      default:
+        break;
+    }
+  }
+  return LaunchHeads<T, kDimsPerLane, 1>(q, k_pool, v_pool, block_tables, context_lens, shape,
+                                         scale, out, stream);
 }
 
 template <typename T>
@@ -171,6 +309,9 @@ const char* paged_attention_cuda(const void* q, const void* k_pool, const void* 
     return "paged attention (CUDA): too many rows or heads for one launch";
   }
   if (shape.rows == 0) return nullptr;
+  if ((reinterpret_cast<uintptr_t>(k_pool) | reinterpret_cast<uintptr_t>(v_pool)) % 16 != 0) {
+    return "paged attention (CUDA): the key and value pools must be 16-byte aligned";
+  }
   switch (kind) {
     case FloatKind::kF32:
       return Launch<float>(q, k_pool, v_pool, block_tables, context_lens, shape, scale, out,

@@ -1,7 +1,7 @@
 // The paged decode attention CUDA kernel against its CPU reference (kernels/paged_attention.cpp):
 // fp32 and bf16, Llama-3-8B heads (32 over 8 KV heads, head_dim 128), head_dim 64 and 256,
 // lengths from one key to several tiles, blocks scattered over a pool with foreign blocks between
-// them. Needs a CUDA device.
+// them, one query head per block and 2, 4 or 8 sharing one. Needs a CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -88,6 +88,25 @@ TEST(PagedAttentionGpuTest, OtherHeadDimsAndBlockSizes) {
   RunCase(FloatKind::kBF16, {3, 77, 200}, 12, 4, 64, 8, 3);
   RunCase(FloatKind::kF32, {1, 90}, 8, 8, 256, 32, 4);
   RunCase(FloatKind::kBF16, {5, 33}, 4, 1, 32, 1, 5);
+}
+
+// From a block per SM on, one block serves all the query heads of a KV head (2, 4 or 8 of them;
+// head dims 64 and 128): a decode batch of 64 rows takes those paths on any GPU of up to 256 SMs.
+std::vector<int32_t> Lengths(int rows, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> length(1, 400);
+  std::vector<int32_t> lengths(static_cast<size_t>(rows));
+  for (int32_t& n : lengths) n = length(rng);
+  lengths[0] = 1, lengths[1] = 128, lengths[2] = 129;  // one key, one tile, a tile and one key
+  return lengths;
+}
+
+TEST(PagedAttentionGpuTest, QueryHeadsSharingABlock) {
+  RunCase(FloatKind::kBF16, Lengths(64, 6), 32, 8, 128, 16, 6);  // 4 per KV head (Llama-3-8B)
+  RunCase(FloatKind::kF32, Lengths(64, 7), 32, 8, 128, 16, 7);
+  RunCase(FloatKind::kBF16, Lengths(64, 8), 32, 4, 128, 16, 8);    // 8 (TinyLlama)
+  RunCase(FloatKind::kBF16, Lengths(64, 9), 16, 8, 64, 16, 9);     // 2, head_dim 64
+  RunCase(FloatKind::kBF16, Lengths(64, 10), 28, 4, 128, 16, 10);  // 7 (Qwen2-7B): one per block
 }
 
 TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
