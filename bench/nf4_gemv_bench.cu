@@ -109,7 +109,7 @@ struct MmaRow {
   const char* name;
   int64_t out, in;
   double bytes;  // packed weights + absmax + x + y at batch 1
-  double t1, t1_pdl, t_parts[5], t32_parts[5], t8, t32, t32_blas, t32_dq, rel_diff;
+  double t1, t1_pdl, t_blocks[5], t32_blocks[5], t8, t32, t32_blas, t32_dq, rel_diff;
   bool graphed;
 };
 
@@ -118,8 +118,9 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
   std::printf(
       "%-14s %12s | %8s %7s %6s | %8s %6s | %7s %7s %7s %7s %7s | %8s | %8s %9s %9s | %8s %8s | "
       "%s\n",
-      "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "parts=1", "2", "4", "8",
-      "16", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+", "max rel diff b=32");
+      "layer", "out x in", "b=1 us", "GB/s", "%copy", "pdl us", "%copy", "grid=16", "32", "64",
+      "112", "128", "b=8 us", "b=32 us", "bf16 b=32", "dq+ b=32", "vs bf16", "vs dq+",
+      "max rel diff b=32");
   for (const MmaRow& m : rows) {
     const double gbs = m.bytes / m.t1 / 1e3;
     std::printf(
@@ -127,9 +128,10 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
         "| "
         "%8.2f | %8.2f %9.2f %9.2f | %7.2fx %7.2fx | %.2e%s\n",
         m.name, static_cast<long long>(m.out), static_cast<long long>(m.in), m.t1, gbs,
-        100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs, m.t_parts[0],
-        m.t_parts[1], m.t_parts[2], m.t_parts[3], m.t_parts[4], m.t8, m.t32, m.t32_blas, m.t32_dq,
-        m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff, m.graphed ? "" : "  (some not graphed)");
+        100.0 * gbs / copy_gbs, m.t1_pdl, 100.0 * m.bytes / m.t1_pdl / 1e3 / copy_gbs,
+        m.t_blocks[0], m.t_blocks[1], m.t_blocks[2], m.t_blocks[3], m.t_blocks[4], m.t8, m.t32,
+        m.t32_blas, m.t32_dq, m.t32_blas / m.t32, m.t32_dq / m.t32, m.rel_diff,
+        m.graphed ? "" : "  (some not graphed)");
   }
   // A Llama-3-8B decoder layer: q, o (4096 x 4096), k, v (1024 x 4096), gate, up, down.
   double bytes = 0, t1 = 0, t1_pdl = 0, t32 = 0, t32_dq = 0;
@@ -148,15 +150,15 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
       100.0 * bytes / t1_pdl / 1e3 / copy_gbs, t32, t32_dq, t32_dq / t32);
   std::printf(
       "'%%copy' = achieved GB/s over the copy bandwidth above (issue 3's target: >= 70%%).\n"
-      "parts=N: batch 1 with the reduction split N ways (0 = shape does not allow it).\n");
-  std::printf(
-      "\nbatch 32 with the reduction split N ways (us; the planner's choice is b=32 above):\n");
-  std::printf("%-14s %12s | %7s %7s %7s %7s %7s\n", "layer", "out x in", "parts=1", "2", "4", "8",
-              "16");
+      "grid=N: batch 1 on N blocks (fewer where the weight has fewer row tiles) instead of the\n"
+      "planner's one per SM (or per tile).\n");
+  std::printf("\nbatch 32 on N blocks (us; the planner's grid is b=32 above):\n");
+  std::printf("%-14s %12s | %7s %7s %7s %7s %7s\n", "layer", "out x in", "grid=16", "32", "64",
+              "112", "128");
   for (const MmaRow& m : rows) {
     std::printf("%-14s %5lld x %5lld | %7.2f %7.2f %7.2f %7.2f %7.2f\n", m.name,
-                static_cast<long long>(m.out), static_cast<long long>(m.in), m.t32_parts[0],
-                m.t32_parts[1], m.t32_parts[2], m.t32_parts[3], m.t32_parts[4]);
+                static_cast<long long>(m.out), static_cast<long long>(m.in), m.t32_blocks[0],
+                m.t32_blocks[1], m.t32_blocks[2], m.t32_blocks[3], m.t32_blocks[4]);
   }
 }
 
@@ -268,14 +270,14 @@ int main() {
                        static_cast<int>(r.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           "gemm");
     };
-    auto nf4_mma = [&](int c, int rows, int parts, bool overlapped) {
+    auto nf4_mma = [&](int c, int rows, int blocks, bool overlapped) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
-      CheckKernel(
-          parts == 0 ? nf4_mma_cuda(x, FloatKind::kBF16, rows, packed_c[c % nf4_copies], am, r.out,
-                                    r.in, y_nf4, stream, overlapped)
-                     : nf4_mma_cuda_parts(parts, x, FloatKind::kBF16, rows,
-                                          packed_c[c % nf4_copies], am, r.out, r.in, y_nf4, stream),
-          "nf4 mma");
+      CheckKernel(blocks == 0 ? nf4_mma_cuda(x, FloatKind::kBF16, rows, packed_c[c % nf4_copies],
+                                             am, r.out, r.in, y_nf4, stream, overlapped)
+                              : nf4_mma_cuda_blocks(blocks, x, FloatKind::kBF16, rows,
+                                                    packed_c[c % nf4_copies], am, r.out, r.in,
+                                                    y_nf4, stream),
+                  "nf4 mma");
     };
     auto nf4_variant = [&](int rows_per_warp, int c) {
       const Nf4Absmax am{qabsmax_c[c % nf4_copies], absmax2_c[c % nf4_copies], code, offset};
@@ -371,21 +373,13 @@ int main() {
       m.t1_pdl = MedianMicros(
           stream, [&](int c) { nf4_mma(c, 1, 0, true); }, reps, samples, &gi);
       g = g && gi;
+      constexpr int kGrids[5] = {16, 32, 64, 112, 128};
       for (int p = 0; p < 5; ++p) {
-        const int parts = 1 << p;
-        m.t_parts[p] =
-            (r.in / 256) % parts == 0
-                ? MedianMicros(
-                      stream, [&](int c) { nf4_mma(c, 1, parts, false); }, reps, samples, &gi)
-                : 0.0;
-      }
-      for (int p = 0; p < 5; ++p) {
-        const int parts = 1 << p;
-        m.t32_parts[p] = (r.in / 256) % parts == 0
-                             ? MedianMicros(
-                                   stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, parts, false); },
-                                   reps, samples, &gi)
-                             : 0.0;
+        m.t_blocks[p] = MedianMicros(
+            stream, [&](int c) { nf4_mma(c, 1, kGrids[p], false); }, reps, samples, &gi);
+        m.t32_blocks[p] = MedianMicros(
+            stream, [&](int c) { nf4_mma(c, kNf4MmaMaxRows, kGrids[p], false); }, reps, samples,
+            &gi);
       }
       m.t8 = MedianMicros(
           stream, [&](int c) { nf4_mma(c, 8, 0, false); }, reps, samples, &gi);

@@ -12,8 +12,8 @@
 //   - each warp streams its part of 16 rows (32 from 9 rows of x on: WarpTile) in stages of 2 KB
 //     through a ring of three shared-memory slots filled by cp.async (two stages in flight while
 //     one is decoded, no registers held for them); the grid is persistent (one 16-warp block per
-//     SM) so the table is built once per block, and the reduction axis is split over `parts`
-//     warps of the block;
+//     SM) so the table is built once per block, and each block's warps split the stages of its
+//     range of tiles evenly (a warp's share may cross from one tile into the next);
 //   - up to three weights sharing x (q, k, v; gate, up) run as one launch (TargetTable), each warp
 //     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle.
 //
@@ -30,6 +30,15 @@
 // x loads; and the split that fills the GPU leaves each warp two or four stages, so start-up
 // weighs. Adding the LoRA update in this kernel's epilogue (instead of its own expand launch) was
 // measured slower and reverted (2026-12-02-h200-generation-8b-lora-epilogue-reverted.txt).
+// The split into equal parts of a tile left gate/up (896 tiles of 32 rows at batch 32) on 112
+// SMs with 16 stages per warp; ranges of tiles per SM (see the kernel) give 14 and took the layer
+// at batch 32 from 171.7 to 165.0 us (gate/up 43.1 -> 38.7; 2026-12-02-h200-nf4_mma-ranges.txt).
+// Two things that cost: 64-bit divisions in the per-range sums (paid on every launch), and
+// shared memory above 195 KB, after which the SM keeps 28 KB of L1 for the x loads instead of
+// 60 (every other shape 4-20% slower: 2026-12-02-h200-generation-8b-nf4-ranges-l1.txt), hence
+// the boundary buffers only where needed. The 32-bit copy state also took the batch-32 loop from
+// 610 to 593 instructions (16 spill reloads to 8). k/v alone at batch 1 (64 tiles, a stage per
+// warp) went from 5.9 to 6.9 us; in the engine k and v run with q.
 // Next: fewer instructions per weight, the next step's lookups issued before this step's
 // tensor-core ops, a smaller table (fewer copies) to fit a second block, x staged once per block.
 //
@@ -131,32 +140,33 @@ __device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0
 // 2 KB), which are piece lane % kPiecesPerRow of rows lane / kPiecesPerRow + kRowsPerCopy i.
 // Absmax: with MT = 1, lanes 0-15 copy the 8-bit codes of row `lane`, lanes 16-31 the absmax2
 // value of row `lane - 16`; with MT = 2 every lane copies both for row `lane`. Pointers are kept
-// to one per kind (and the piece offsets recomputed) to spare registers.
+// to one per kind (and the piece offsets recomputed) to spare registers; rows, row bytes and
+// block numbers are 32-bit (the launcher checks), which spares more.
 struct TileCopy {
   const uint8_t* packed;   // W's packed bytes at the lane's piece
-  int64_t row_bytes;       // in_features / 2
-  int64_t row;             // the lane's first row
-  int64_t last_row;        // out_features - 1: a missing row re-reads it and is never stored
+  uint32_t row_bytes;      // in_features / 2
+  uint32_t row;            // the lane's first row
+  uint32_t last_row;       // out_features - 1: a missing row re-reads it and is never stored
   uint32_t dst;            // where the lane's first piece goes in a ring slot
   const uint8_t* qabsmax;  // the row's first 8-bit code
-  int64_t first_block;     // the row's first block (for absmax2)
+  uint32_t first_block;    // the row's first block (for absmax2)
 };
 
 template <int MT>
-__device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, int64_t kb,
+__device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, uint32_t kb,
                                           const float* __restrict__ absmax2, uint32_t slot) {
   using W = WarpTile<MT>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int64_t row = min(tc.row + i * W::kRowsPerCopy, tc.last_row);
+    const uint32_t row = min(tc.row + i * W::kRowsPerCopy, tc.last_row);
     CopyAsync16(slot + tc.dst + i * W::kRowsPerCopy * W::kRowStride,
-                tc.packed + row * tc.row_bytes + kb * 32);
+                tc.packed + static_cast<uint64_t>(row) * tc.row_bytes + kb * 32u);
   }
   // The aligned word of 4 codes holding this stage's; a stage's aligned blocks never straddle
   // a group of 256, so one absmax2 value serves the stage.
   const uint32_t codes = slot + W::kSlotWeights + (lane % W::kRows) * 4;
   const uint32_t scale2 = slot + W::kSlotWeights + W::kRows * 4 + (lane % W::kRows) * 4;
-  if (MT != 1 || lane < 16) CopyAsync4(codes, tc.qabsmax + (kb & ~int64_t{3}));
+  if (MT != 1 || lane < 16) CopyAsync4(codes, tc.qabsmax + (kb & ~3u));
   if (MT != 1 || lane >= 16) CopyAsync4(scale2, absmax2 + ((tc.first_block + kb) >> 8));
 }
 
@@ -173,7 +183,7 @@ template <typename T, int NT, int MT>
 __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
                                              const float* code2, float offset, uint32_t lane_offset,
                                              const T* __restrict__ x, int64_t x_rows,
-                                             int64_t in_features, int64_t kb, int g, int t,
+                                             int64_t in_features, uint32_t kb, int g, int t,
                                              float acc[MT][NT][4]) {
   using W = WarpTile<MT>;
   const float* a2s = reinterpret_cast<const float*>(slot + W::kSlotWeights + W::kRows * 4);
@@ -294,66 +304,109 @@ __device__ __forceinline__ int TargetOf(const TargetTable& targets, int64_t tile
   return i;
 }
 
-// Block b handles block tiles b, b + gridDim.x, ...; a block tile is kWarps / parts warp tiles
-// of MT * 16 rows (of one weight each), each reduced by `parts` warps over consecutive ranges of
-// the 64-blocks.
+// Work split: the row tiles (of all the launch's weights, in order) are cut into `ranges`
+// contiguous ranges of nearly equal length (at most RangeLayout::kMaxTiles tiles), block b taking
+// ranges b, b + gridDim.x, ... A range of T tiles of S stages is T * S units of work (one stage of
+// one tile), which the block's warps split evenly: warp w takes units [w U / 16, (w + 1) U / 16).
+// Since a warp's share is at most S, it covers the end of one tile and the start of the next at
+// most (two segments, each its own pipeline run). So every SM has work even where the tiles do not
+// divide evenly among them (gate and up at batch 32: 896 tiles on 132 SMs, 6 or 7 per block, 14
+// stages per warp; the earlier split into equal parts of a tile left 20 SMs idle and gave 16).
+// A warp's partial sums go to its own ring when its last segment ends them, or to the boundary
+// buffer of the tile when a second segment follows; then the block adds up each tile's
+// contributions in warp order and writes y.
+template <int NT, int MT>
+struct RangeLayout {
+  static constexpr int kCols = 8 * NT;
+  static constexpr size_t kPartialBytes = sizeof(float) * WarpTile<MT>::kRows * kCols;
+  static constexpr size_t kBaseBytes =
+      kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float) + WarpTile<MT>::kRingBytes;
+  static constexpr size_t kSharedLimit = 227 * 1024;  // an sm_90 block's opt-in maximum
+  static constexpr int kMaxTiles =
+      static_cast<int>(std::min<size_t>(kWarps, 1 + (kSharedLimit - kBaseBytes) / kPartialBytes));
+  static constexpr size_t kSharedBytes = kBaseBytes + (kMaxTiles - 1) * kPartialBytes;
+  static_assert(kMaxTiles >= 2, "boundary buffers fit");
+};
+
+// The tile of weight `ti` that launch tile `tile` is, as the row its warp tile starts at.
+__device__ __forceinline__ int64_t FirstRowOf(const TargetTable& targets, int64_t tile, int ti,
+                                              int rows_per_tile) {
+  return (tile - (ti == 0 ? 0 : targets.tile_end[ti - 1])) * rows_per_tile;
+}
+
 template <typename T, int NT, int MT>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_mma_kernel(const T* __restrict__ x, int64_t x_rows,
-                   const __grid_constant__ TargetTable targets, int64_t in_features, int parts) {
+                   const __grid_constant__ TargetTable targets, int64_t in_features, int ranges) {
   using W = WarpTile<MT>;
+  using L = RangeLayout<NT, MT>;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* table = smem;
   float* code2s = reinterpret_cast<float*>(smem + kPairTableBytes);  // [count][256]
   unsigned char* ring = smem + kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float);
-  constexpr int kCols = 8 * NT;
-  static_assert(W::kRows * kCols * sizeof(float) <= kStages * W::kSlotBytes,
-                "partials fit a warp's ring");
+  float* boundary = reinterpret_cast<float*>(ring + W::kRingBytes);  // [kMaxTiles - 1][rows][cols]
+  constexpr int kCols = L::kCols;
+  static_assert(L::kPartialBytes <= kStages * W::kSlotBytes, "partials fit a warp's ring");
 
   AllowDependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane_offset = 4u * lane;
-  const int groups = kWarps / parts;
-  const int part = warp % parts, group = warp / parts;
   const int64_t blocks_per_row = in_features / 64;
-  const int64_t kb_begin = blocks_per_row / parts * part;
-  const int64_t kb_end = kb_begin + blocks_per_row / parts;
+  // Stages per tile; range-local unit and tile numbers are 32-bit (a range has at most 16
+  // tiles), so the divisions below are cheap.
+  const int stages = static_cast<int>(blocks_per_row / W::kStageBlocks);
   const int64_t row_tiles = targets.tile_end[targets.count - 1];
-  const int64_t block_tiles = (row_tiles + groups - 1) / groups;
   unsigned char* my_ring = ring + warp * kStages * W::kSlotBytes;
   const uint32_t my_ring_address = SharedAddress(my_ring);
 
   TileCopy tc;
   const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
   tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
-  tc.row_bytes = in_features / 2;
-  bool first = true;
-#pragma unroll 1
-  for (int64_t bt = blockIdx.x; bt < block_tiles; bt += gridDim.x) {
-    // This warp's tile: of weight `ti`, from its row row0 (past the last tile: a copy of the
-    // last weight's last rows, computed and never stored).
-    const int64_t tile = bt * groups + group;
-    const int ti = TargetOf(targets, tile);
+  tc.row_bytes = static_cast<uint32_t>(in_features / 2);
+  // Segment state: the tile's weight and its first row, and the stage range [kb_begin, kb_end).
+  int ti = 0;
+  int64_t row0 = 0;
+  uint32_t kb_begin = 0, kb_end = 0;
+  // Points tc and the segment state at units [u, u_end) of the range starting at tile t0 (all
+  // within one tile).
+  const auto begin_segment = [&](int64_t t0, int u, int u_end) {
+    const int64_t tile = t0 + u / stages;
+    ti = TargetOf(targets, tile);
     const Nf4MmaTarget& target = targets.t[ti];
-    const int64_t row0 = (tile - (ti == 0 ? 0 : targets.tile_end[ti - 1])) * W::kRows;
-    const int64_t out_features = target.out_features;
-    const float* code2 = code2s + ti * 256;
-    const float offset = target.absmax.offset;
-    const float* absmax2 = target.absmax.absmax2;
-    T* y = static_cast<T*>(target.y);
+    row0 = FirstRowOf(targets, tile, ti, W::kRows);
+    kb_begin = static_cast<uint32_t>(u % stages * W::kStageBlocks);
+    kb_end = kb_begin + static_cast<uint32_t>(u_end - u) * W::kStageBlocks;
     tc.packed = target.packed + piece * 16;
-    tc.last_row = out_features - 1;
-    tc.row = row0 + first_row;
-    const int64_t scale_row = min(row0 + lane % W::kRows, out_features - 1);
+    tc.last_row = static_cast<uint32_t>(target.out_features - 1);
+    tc.row = static_cast<uint32_t>(row0 + first_row);
+    const int64_t scale_row = min(row0 + lane % W::kRows, target.out_features - 1);
     tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
-    tc.first_block = scale_row * blocks_per_row;
-    // Prologue: the first kStages - 1 stages in flight (empty groups keep the count uniform).
+    tc.first_block = static_cast<uint32_t>(scale_row * blocks_per_row);
+  };
+  // The first kStages - 1 stages of the segment in flight (empty groups keep the count uniform).
+  const auto prologue = [&] {
+    const float* absmax2 = targets.t[ti].absmax.absmax2;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      const int64_t kb = kb_begin + s * W::kStageBlocks;
+      const uint32_t kb = kb_begin + s * W::kStageBlocks;
       if (kb < kb_end) CopyStage<MT>(tc, lane, kb, absmax2, my_ring_address + s * W::kSlotBytes);
       CommitCopies();
+    }
+  };
+  bool first = true;
+#pragma unroll 1
+  for (int64_t range = blockIdx.x; range < ranges; range += gridDim.x) {
+    const int64_t t0 = range * row_tiles / ranges, t1 = (range + 1) * row_tiles / ranges;
+    const int tiles_here = static_cast<int>(t1 - t0);
+    const int units = tiles_here * stages;
+    const int u_begin = warp * units / kWarps, u_end = (warp + 1) * units / kWarps;
+    // Segment 1 ends at the end of its tile or of the warp's share; segment 2 is the rest.
+    const int u_split = min(u_end, (u_begin / stages + 1) * stages);
+    const int segments = u_begin == u_end ? 0 : (u_split < u_end ? 2 : 1);
+    if (segments > 0) {
+      begin_segment(t0, u_begin, u_split);
+      prologue();
     }
     if (first) {
       // The table and code2 are constant inputs: built while the first copies are in flight
@@ -369,91 +422,89 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       first = false;
     }
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        acc[m][nt][0] = acc[m][nt][1] = acc[m][nt][2] = acc[m][nt][3] = 0.f;
-      }
-    }
-    int slot = 0;
 #pragma unroll 1
-    for (int64_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
-      WaitCopies<kStages - 2>();  // this stage's copies (this lane's) have landed
-      __syncwarp();               // ... and every lane's
-      // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
-      const int64_t ahead = kb + (kStages - 1) * W::kStageBlocks;
-      const int refill = slot == 0 ? kStages - 1 : slot - 1;
-      if (ahead < kb_end) {
-        CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
+    for (int seg = 0; seg < segments; ++seg) {
+      if (seg == 1) {
+        begin_segment(t0, u_split, u_end);
+        prologue();
       }
-      CommitCopies();
-      ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset, x,
-                              x_rows, in_features, kb, g, t, acc);
-      __syncwarp();  // every lane is done with the slot before it is refilled
-      slot = slot == kStages - 1 ? 0 : slot + 1;
-    }
-    WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
-
-    // Fragment element i of tile (m, nt): tile row 16 m + g (+8 for i >= 2), column
-    // 8 nt + 2 t (+1 for odd i).
-    if (parts == 1) {
+      const float* code2 = code2s + ti * 256;
+      const float offset = targets.t[ti].absmax.offset;
+      const float* absmax2 = targets.t[ti].absmax.absmax2;
+      float acc[MT][NT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[m][nt][0] = acc[m][nt][1] = acc[m][nt][2] = acc[m][nt][3] = 0.f;
+        }
+      }
+      int slot = 0;
+#pragma unroll 1
+      for (uint32_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
+        WaitCopies<kStages - 2>();  // this stage's copies (this lane's) have landed
+        __syncwarp();               // ... and every lane's
+        // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
+        const uint32_t ahead = kb + (kStages - 1) * W::kStageBlocks;
+        const int refill = slot == 0 ? kStages - 1 : slot - 1;
+        if (ahead < kb_end) {
+          CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
+        }
+        CommitCopies();
+        ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset,
+                                x, x_rows, in_features, kb, g, t, acc);
+        __syncwarp();  // every lane is done with the slot before it is refilled
+        slot = slot == kStages - 1 ? 0 : slot + 1;
+      }
+      WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
+      // Partial sums [W::kRows][kCols]: a first segment of two into its tile's boundary buffer,
+      // the last one into the warp's own ring. Fragment element i of tile (m, nt): tile row
+      // 16 m + g (+8 for i >= 2), column 8 nt + 2 t (+1 for odd i).
+      float* mine = seg + 1 < segments ? boundary + (u_begin / stages) * (W::kRows * kCols)
+                                       : reinterpret_cast<float*>(my_ring);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const int64_t row = row0 + 16 * m + g + (i >= 2 ? 8 : 0);
-            const int64_t col = 8 * nt + 2 * t + (i & 1);
-            if (row < out_features && col < x_rows) {
-              StoreAs(&y[col * out_features + row], acc[m][nt][i]);
-            }
+            mine[(16 * m + g + (i >= 2 ? 8 : 0)) * kCols + 8 * nt + 2 * t + (i & 1)] =
+                acc[m][nt][i];
           }
         }
       }
       __syncwarp();
-      continue;
-    }
-    // Partial sums in the warp's own ring: [W::kRows][kCols].
-    float* mine = reinterpret_cast<float*>(my_ring);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          mine[(16 * m + g + (i >= 2 ? 8 : 0)) * kCols + 8 * nt + 2 * t + (i & 1)] = acc[m][nt][i];
-        }
-      }
     }
     __syncthreads();
-    // One thread per (warp tile, row, column) sums the parts in order.
+    // One thread per (tile, row, column) adds the warps' contributions in warp order (compile-
+    // time divisors: this runs after every range).
     const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
-    for (int idx = threadIdx.x; idx < groups * W::kRows * cols; idx += kThreads) {
-      const int gi = idx / (W::kRows * cols), r = idx / cols % W::kRows, col = idx % cols;
-      const int64_t their_tile = bt * groups + gi;
-      const int their_ti = TargetOf(targets, their_tile);
-      const Nf4MmaTarget& theirs_target = targets.t[their_ti];
-      const int64_t row =
-          (their_tile - (their_ti == 0 ? 0 : targets.tile_end[their_ti - 1])) * W::kRows + r;
-      if (row >= theirs_target.out_features) continue;
+    for (int idx = threadIdx.x; idx < tiles_here * W::kRows * kCols; idx += kThreads) {
+      const int col = idx % kCols;
+      if (col >= cols) continue;
+      const int r = idx / kCols % W::kRows, local = idx / (kCols * W::kRows);
+      const int64_t tile = t0 + local;
+      const int their_ti = TargetOf(targets, tile);
+      const Nf4MmaTarget& theirs = targets.t[their_ti];
+      const int64_t row = FirstRowOf(targets, tile, their_ti, W::kRows) + r;
+      if (row >= theirs.out_features) continue;
+      // The tile's units [local S, (local + 1) S); warp w's share is [w U / 16, (w + 1) U / 16),
+      // and warps with an empty share wrote nothing.
+      const int first_unit = local * stages, end_unit = first_unit + stages;
       float v = 0.f;
-      for (int p = 0; p < parts; ++p) {
-        const float* theirs =
-            reinterpret_cast<const float*>(ring + (gi * parts + p) * kStages * W::kSlotBytes);
-        v += theirs[r * kCols + col];
+      for (int w = first_unit * kWarps / units; w < kWarps; ++w) {
+        const int w_begin = w * units / kWarps, w_end = (w + 1) * units / kWarps;
+        if (w_begin >= end_unit) break;
+        if (w_end <= first_unit || w_begin == w_end) continue;
+        const float* part =
+            w_end > end_unit ? boundary + local * (W::kRows * kCols)
+                             : reinterpret_cast<const float*>(ring + w * kStages * W::kSlotBytes);
+        v += part[r * kCols + col];
       }
-      StoreAs(&static_cast<T*>(theirs_target.y)[col * theirs_target.out_features + row], v);
+      StoreAs(&static_cast<T*>(theirs.y)[col * theirs.out_features + row], v);
     }
-    __syncthreads();  // the ring is refilled by the next tile
+    __syncthreads();  // the rings and boundary buffers are reused by the next range
   }
-}
-
-template <int MT>
-constexpr size_t SharedBytes() {
-  return kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float) + WarpTile<MT>::kRingBytes;
 }
 
 // Per kernel instantiation: the shared-memory opt-in (once) and how many blocks fit on an SM.
@@ -463,10 +514,11 @@ int ResidentBlocksPerSm() {
   static int blocks = 0;
   std::call_once(once, [] {
     const auto kernel = nf4_mma_kernel<T, NT, MT>;
+    constexpr size_t kShared = RangeLayout<NT, MT>::kSharedBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(SharedBytes<MT>())) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads,
-                                                      SharedBytes<MT>()) != cudaSuccess) {
+                             static_cast<int>(kShared)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kShared) !=
+            cudaSuccess) {
       cudaGetLastError();
       blocks = 0;
     }
@@ -474,25 +526,13 @@ int ResidentBlocksPerSm() {
   return blocks;
 }
 
-// The parts of the reduction axis: the candidate (1, 2, 4, 8 dividing the stages of a row) whose
-// rounds of resident blocks times stages per warp (plus two for the pipeline's start and the
-// reduction) is least; ties go to more parts (shorter tail).
-template <int MT>
-int PlanParts(int64_t row_tiles, int64_t in_features, int64_t resident_blocks) {
-  const int64_t stages = in_features / 64 / WarpTile<MT>::kStageBlocks;
-  int best = 1;
-  int64_t best_cost = -1;
-  for (int parts = 1; parts <= kWarps; parts *= 2) {
-    if (stages % parts != 0) continue;
-    const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
-    const int64_t rounds = (block_tiles + resident_blocks - 1) / resident_blocks;
-    const int64_t cost = rounds * (stages / parts + 2);
-    if (best_cost < 0 || cost <= best_cost) {
-      best = parts;
-      best_cost = cost;
-    }
-  }
-  return best;
+// The ranges of a launch: one per resident block (or per tile, when there are fewer tiles), more
+// in rounds of that many when a range would pass kMaxTiles tiles.
+template <int NT, int MT>
+int64_t PlanRanges(int64_t row_tiles, int64_t resident_blocks) {
+  const int64_t blocks = std::min(row_tiles, resident_blocks);
+  const int64_t per_round = blocks * RangeLayout<NT, MT>::kMaxTiles;
+  return blocks * ((row_tiles + per_round - 1) / per_round);
 }
 
 // The launch's weights in tile order, with MT * 16-row tiles.
@@ -509,25 +549,51 @@ TargetTable TableOf(const Nf4MmaTarget* targets, int count) {
   return table;
 }
 
+// The boundary buffers a launch needs: a range of T tiles needs T - 1 when some warp's share
+// crosses a tile's end, none otherwise (ranges have row_tiles / ranges tiles, or one more). A
+// launch only asks for the shared memory it uses: beyond 195 KB the SM keeps 28 KB of L1 for the
+// x loads instead of 60 (measured: 10-20% slower on the shapes that need no boundary buffer).
+int BoundaryBuffers(int64_t row_tiles, int64_t ranges, int64_t stages) {
+  int buffers = 0;
+  const int64_t q = row_tiles / ranges;
+  for (int64_t tiles = q; tiles <= q + 1; ++tiles) {
+    if (tiles == 0 || (tiles == q + 1 && row_tiles % ranges == 0)) continue;
+    const int64_t units = tiles * stages;
+    for (int w = 0; w < kWarps; ++w) {
+      const int64_t begin = w * units / kWarps, end = (w + 1) * units / kWarps;
+      if (begin < end && begin / stages != (end - 1) / stages) {
+        buffers = std::max(buffers, static_cast<int>(tiles - 1));
+      }
+    }
+  }
+  return buffers;
+}
+
+// blocks: 0 for the planner's grid, else that many blocks (each range at most kMaxTiles tiles).
 template <typename T, int NT, int MT>
-const char* LaunchTyped(int parts, const void* x, int64_t rows, const Nf4MmaTarget* targets,
+const char* LaunchTyped(int64_t blocks, const void* x, int64_t rows, const Nf4MmaTarget* targets,
                         int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
-  using W = WarpTile<MT>;
+  using L = RangeLayout<NT, MT>;
   const int per_sm = ResidentBlocksPerSm<T, NT, MT>();
   if (per_sm <= 0) return "nf4_mma_cuda: the kernel does not fit on this device";
   const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
   const TargetTable table = TableOf<MT>(targets, count);
   const int64_t row_tiles = table.tile_end[count - 1];
-  if (parts == 0) parts = PlanParts<MT>(row_tiles, in_features, resident);
-  if ((in_features / 64 / W::kStageBlocks) % parts != 0) {
-    return MT == 1 ? "nf4_mma_cuda: in_features / 256 must be a multiple of parts"
-                   : "nf4_mma_cuda: in_features / 128 must be a multiple of parts";
+  int64_t ranges = 0;
+  if (blocks == 0) {
+    ranges = PlanRanges<NT, MT>(row_tiles, resident);
+  } else {
+    blocks = std::min(blocks, row_tiles);
+    ranges = blocks * ((row_tiles + blocks * L::kMaxTiles - 1) / (blocks * L::kMaxTiles));
   }
-  const int64_t block_tiles = (row_tiles + kWarps / parts - 1) / (kWarps / parts);
-  const dim3 grid(static_cast<unsigned>(std::min(block_tiles, resident)));
+  if (ranges > 0x7fffffff) return "nf4_mma_cuda: too many row tiles";
+  const dim3 grid(static_cast<unsigned>(std::min(ranges, resident)));
+  const int64_t stages = in_features / 64 / WarpTile<MT>::kStageBlocks;
+  const size_t shared =
+      L::kBaseBytes + BoundaryBuffers(row_tiles, ranges, stages) * L::kPartialBytes;
   const cudaError_t err = LaunchMaybeOverlapped(
-      nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), SharedBytes<MT>(), stream, overlapped,
-      static_cast<const T*>(x), rows, table, in_features, parts);
+      nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), shared, stream, overlapped,
+      static_cast<const T*>(x), rows, table, in_features, static_cast<int>(ranges));
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -535,7 +601,7 @@ const char* LaunchTyped(int parts, const void* x, int64_t rows, const Nf4MmaTarg
 // halves the x loads, where the 32-row tiles still give at least one block per two SMs; with
 // fewer (k/v_proj's 1024 rows alone: 32 tiles) half the GPU would idle, so those keep MT = 1.
 template <typename T>
-const char* LaunchTiles(int parts, const void* x, int64_t rows, const Nf4MmaTarget* targets,
+const char* LaunchTiles(int64_t blocks, const void* x, int64_t rows, const Nf4MmaTarget* targets,
                         int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
   int64_t tiles32 = 0;
   for (int i = 0; i < count; ++i) {
@@ -543,7 +609,7 @@ const char* LaunchTiles(int parts, const void* x, int64_t rows, const Nf4MmaTarg
   }
   const bool two_tiles = tiles32 * 2 >= SmCount();
 #define LORAD_NF4_MMA_LAUNCH(NT, MT) \
-  return LaunchTyped<T, NT, MT>(parts, x, rows, targets, count, in_features, stream, overlapped)
+  return LaunchTyped<T, NT, MT>(blocks, x, rows, targets, count, in_features, stream, overlapped)
   if (rows <= 8) LORAD_NF4_MMA_LAUNCH(1, 1);
   if (rows <= 16) {
     if (two_tiles) LORAD_NF4_MMA_LAUNCH(2, 2);
@@ -554,15 +620,14 @@ const char* LaunchTiles(int parts, const void* x, int64_t rows, const Nf4MmaTarg
 #undef LORAD_NF4_MMA_LAUNCH
 }
 
-const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const Nf4MmaTarget* targets,
-                int count, int64_t in_features, void* stream, bool overlapped) {
+const char* Run(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
+                const Nf4MmaTarget* targets, int count, int64_t in_features, void* stream,
+                bool overlapped) {
   if (!nf4_mma_cuda_supports(rows, in_features, kind)) {
     return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
            "in_features % 256 == 0)";
   }
-  if (parts < 0 || parts > kWarps || (parts & (parts - 1)) != 0) {
-    return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
-  }
+  if (blocks < 0) return "nf4_mma_cuda: blocks must be 0 (the planner's) or more";
   if (count < 1 || count > kNf4MmaMaxTargets) {
     return "nf4_mma_group_cuda: count must be 1 .. kNf4MmaMaxTargets (3)";
   }
@@ -571,13 +636,17 @@ const char* Run(int parts, const void* x, FloatKind kind, int64_t rows, const Nf
   int n = 0;
   for (int i = 0; i < count; ++i) {
     if (targets[i].out_features > 0) kept[n++] = targets[i];
+    // TileCopy's 32-bit rows and block numbers.
+    if (targets[i].out_features * (in_features / 64) >= (int64_t{1} << 32)) {
+      return "nf4_mma_cuda: weight too large (out_features * in_features / 64 must be below 2^32)";
+    }
   }
   if (n == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
   if (kind == FloatKind::kBF16) {
-    return LaunchTiles<__nv_bfloat16>(parts, x, rows, kept, n, in_features, s, overlapped);
+    return LaunchTiles<__nv_bfloat16>(blocks, x, rows, kept, n, in_features, s, overlapped);
   }
-  return LaunchTiles<__half>(parts, x, rows, kept, n, in_features, s, overlapped);
+  return LaunchTiles<__half>(blocks, x, rows, kept, n, in_features, s, overlapped);
 }
 
 Nf4MmaTarget Single(const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features, void* y) {
@@ -609,12 +678,12 @@ const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
   return Run(0, x, kind, rows, targets, count, in_features, stream, overlapped);
 }
 
-const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
-                               const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
-                               int64_t in_features, void* y, void* stream) {
-  if (parts == 0) return "nf4_mma_cuda: parts must be 1, 2, 4, 8 or 16";
+const char* nf4_mma_cuda_blocks(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
+                                const uint8_t* packed, const Nf4Absmax& absmax,
+                                int64_t out_features, int64_t in_features, void* y, void* stream) {
+  if (blocks <= 0) return "nf4_mma_cuda_blocks: blocks must be at least 1";
   const Nf4MmaTarget target = Single(packed, absmax, out_features, y);
-  return Run(parts, x, kind, rows, &target, 1, in_features, stream, false);
+  return Run(blocks, x, kind, rows, &target, 1, in_features, stream, false);
 }
 
 }  // namespace lorad::kernels

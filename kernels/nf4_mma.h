@@ -65,12 +65,13 @@ const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
                                const Nf4MmaTarget* targets, int count, int64_t in_features,
                                void* stream, bool overlapped);
 
-// nf4_mma_cuda with the reduction axis cut into `parts` (1, 2, 4, 8 or 16) warps per 16-row tile
-// instead of the planner's choice; an error if in_features / 256 is not a multiple of `parts`.
-// For bench/nf4_gemv_bench.cu and the GPU tests.
-const char* nf4_mma_cuda_parts(int parts, const void* x, FloatKind kind, int64_t rows,
-                               const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features,
-                               int64_t in_features, void* y, void* stream);
+// nf4_mma_cuda on `blocks` blocks (at most one per row tile and per resident block; more tiles
+// per block than its shared memory allows run in rounds) instead of the planner's grid, so that
+// the tiles and their reduction axis are split in other ways. For bench/nf4_gemv_bench.cu and the
+// GPU tests.
+const char* nf4_mma_cuda_blocks(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
+                                const uint8_t* packed, const Nf4Absmax& absmax,
+                                int64_t out_features, int64_t in_features, void* y, void* stream);
 #endif
 
 }  // namespace lorad::kernels

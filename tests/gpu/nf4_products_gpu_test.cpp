@@ -211,13 +211,14 @@ void CheckMma(const Nf4Weight& w, const std::vector<int64_t>& row_counts, uint32
       "nf4_mma_cuda overlapped",
       [&](const void* x, FloatKind kind, int64_t rows, const Nf4Absmax& a, const uint8_t* p,
           void* y) { return nf4_mma_cuda(x, kind, rows, p, a, w.out, w.in, y, nullptr, true); });
-  for (const int parts : {1, 2, 4, 8, 16}) {
-    if ((w.in / 256) % parts != 0) continue;
-    variants.emplace_back("parts " + std::to_string(parts),
-                          [&w, parts](const void* x, FloatKind kind, int64_t rows,
-                                      const Nf4Absmax& a, const uint8_t* p, void* y) {
-                            return nf4_mma_cuda_parts(parts, x, kind, rows, p, a, w.out, w.in, y,
-                                                      nullptr);
+  // Other grids: one block (ranges of up to the shared memory's limit, in rounds), and 3, 7 and
+  // 50 blocks, whose ranges split the tiles unevenly and whose warps' shares cross tile ends.
+  for (const int64_t blocks : {1, 3, 7, 50}) {
+    variants.emplace_back("blocks " + std::to_string(blocks),
+                          [&w, blocks](const void* x, FloatKind kind, int64_t rows,
+                                       const Nf4Absmax& a, const uint8_t* p, void* y) {
+                            return nf4_mma_cuda_blocks(blocks, x, kind, rows, p, a, w.out, w.in, y,
+                                                       nullptr);
                           });
   }
   // Grouped launches: w first, second and last of three weights sharing x (the other two of 1000
@@ -378,9 +379,12 @@ TEST(Nf4MmaGpu, RejectsProblemsItDoesNotHandle) {
             nullptr);
   EXPECT_NE(nf4_mma_group_cuda(nullptr, FloatKind::kBF16, 1, none, 0, 256, nullptr, false),
             nullptr);
-  // 768 / 256 = 3 stages: two parts cannot split them evenly.
-  EXPECT_NE(nf4_mma_cuda_parts(2, nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, 16, 768,
-                               nullptr, nullptr),
+  EXPECT_NE(nf4_mma_cuda_blocks(0, nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, 16, 768,
+                                nullptr, nullptr),
+            nullptr);
+  // Rows and block numbers past 32 bits.
+  EXPECT_NE(nf4_mma_cuda(nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, int64_t{1} << 26, 4096,
+                         nullptr, nullptr, false),
             nullptr);
 }
 
