@@ -34,4 +34,16 @@ class JobEventHub {
   std::map<int64_t, Subscription> subscriptions_;
 };
 
+// What a WatchJob stream's history holds: it is read from the job store after the stream
+// subscribed, and the job runner stores a step or a state before it publishes it, so an event
+// that arrived live while the history was read may be in the history too.
+struct WatchHistory {
+  int64_t last_step = -1;  // the history's last step, -1 for none
+  lorad::v1::JobState last_state = lorad::v1::JOB_STATE_UNSPECIFIED;  // its last state event
+};
+
+// Whether `live` (an event that arrived while the history was read) is already in it: a step up
+// to its last one, or its last state again.
+bool HistoryHolds(const WatchHistory& history, const lorad::v1::JobEvent& live);
+
 }  // namespace lorad::server

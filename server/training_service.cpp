@@ -23,8 +23,8 @@ absl::Status RequireJobId(const std::string& id) {
 }
 
 // One WatchJob stream: history first, then live events, one write in flight at a time. The
-// reactor subscribes before reading history so no event falls between the two; live step events
-// the history already holds are dropped.
+// reactor subscribes before reading history so no event falls between the two; live events the
+// history already holds (HistoryHolds) are dropped, so none is sent twice.
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
@@ -57,12 +57,14 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     if (record->started_ms > 0) {
       history.push_back(StateEvent(record->id, JobState::kRunning, record->started_ms));
     }
+    history_.last_state =
+        ToProtoState(record->started_ms > 0 ? JobState::kRunning : JobState::kQueued);
     for (const auto& s : *steps) {
       JobEvent e;
       e.set_job_id(record->id);
       *e.mutable_step() = ToProtoStep(s);
       history.push_back(e);
-      last_history_step_ = s.step;
+      history_.last_step = s.step;
     }
     if (IsTerminal(record->state)) {
       JobEvent end = StateEvent(record->id, record->state, record->finished_ms);
@@ -73,9 +75,12 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
         history.push_back(failed);
       }
       history.push_back(end);
+      history_.last_state = end.state();
       live_.clear();  // the job is over: nothing live can follow
     }
-    for (auto& e : live_) history.push_back(std::move(e));
+    for (auto& e : live_) {
+      if (!HistoryHolds(history_, e)) history.push_back(std::move(e));
+    }
     queue_ = std::move(history);
     live_.clear();
     history_loaded_ = true;
@@ -116,7 +121,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       live_.push_back(e);
       return;
     }
-    if (live && e.has_step() && e.step().step() <= last_history_step_) return;
+    if (live && e.has_step() && HistoryHolds(history_, e)) return;
     // A watcher that cannot keep up loses intermediate steps (they stay in the job's history)
     // rather than holding memory without bound.
     if (queue_.size() >= kMaxQueued && e.has_step()) return;
@@ -160,7 +165,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   std::deque<JobEvent> queue_;
   std::deque<JobEvent> live_;  // events that arrived while history was read
   JobEvent current_;           // the event being written (must outlive StartWrite)
-  int64_t last_history_step_ = -1;
+  WatchHistory history_;       // what the history sent first holds
   bool history_loaded_ = false;
   bool writing_ = false;
   bool ended_ = false;
@@ -251,8 +256,8 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
   std::vector<JobState> states;
   for (int s : request->states()) {
     if (s < 1 || s > 5) {
-      return FinishUnary(context,
-                    absl::InvalidArgumentError(absl::StrCat("states: ", s, " is not a job state")));
+      return FinishUnary(
+          context, absl::InvalidArgumentError(absl::StrCat("states: ", s, " is not a job state")));
     }
     states.push_back(static_cast<JobState>(s));
   }
