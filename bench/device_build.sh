@@ -10,8 +10,20 @@ DEPS=/tmp/lorad-bench-deps  # the unpacked .device-debs-engine/
 WORK=/tmp/lorad-bench       # models and datasets
 BUILD=$ROOT/build-device-bench
 export PYTHONUNBUFFERED=1
+# bitsandbytes, when the run carries it (bench/fetch_bitsandbytes.sh): the 4-bit QLoRA baselines.
+if [ -d "$ROOT/.device-python" ]; then
+  export PYTHONPATH="$ROOT/.device-python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$DEPS" "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
+# A results-file line saying which base the transformers baseline has (hf_baseline.py --base auto).
+baseline_note() {
+  if "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
+    echo "# bitsandbytes $("$PY" -c 'import bitsandbytes; print(bitsandbytes.__version__)') carried: the baseline's base model is 4-bit NF4 (QLoRA)"
+  else
+    echo "# bitsandbytes is NOT installed on this machine: the baseline's base model is bf16, not 4-bit"
+  fi
+}
 #
 #   build_engine_bench LOG TARGET...
 # unpacks them into $DEPS (never into /), configures $BUILD for the engine benchmarks (sm_90,

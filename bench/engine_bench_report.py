@@ -34,13 +34,16 @@ def ratio(a, b):
 def report_train(rows):
     rows = [r for r in rows if r.get("bench") == "train"]
     # Each lorad run is compared with the baseline run that has the same gradient checkpointing
-    # setting (lorad prints checkpointing=0/1, the baseline gc=off/on).
+    # setting (lorad prints checkpointing=0/1, the baseline gc=off/on), on the same base when
+    # there is one (the 4-bit QLoRA baseline needs bitsandbytes on the GPU machine).
     def baseline_for(r):
         gc = "on" if r.get("checkpointing") == "1" else "off"
-        return next((b for b in rows if b["system"] == "hf" and b.get("gc") == gc), None)
+        same_gc = [b for b in rows if b["system"] == "hf" and b.get("gc") == gc]
+        same_base = [b for b in same_gc if b.get("base") == r.get("base")]
+        return (same_base or same_gc or [None])[0]
 
-    print("Training: tokens/s and peak GPU memory (ratio = lorad / transformers+PEFT bf16 LoRA "
-          "with the same gradient checkpointing setting)")
+    print("Training: tokens/s and peak GPU memory (ratio = lorad / transformers+PEFT with the same "
+          "gradient checkpointing setting, on the same base when measured)")
     print(f"{'system':<52} {'tokens/s':>10} {'ratio':>7} {'peak GiB':>9} {'ratio':>7}")
     for r in rows:
         tps, peak = float(r["tokens_per_s"]), float(r["peak_gib"])
@@ -54,7 +57,8 @@ def report_train(rows):
             t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None
             m_ratio = ratio(peak, float(base["peak_gib"])) if base else None
         else:
-            label = f"transformers+PEFT bf16, adamw, grad ckpt {r.get('gc')}"
+            label = (f"transformers+PEFT {r.get('base', 'bf16')}, {r.get('optimizer', 'adamw')}, "
+                     f"grad ckpt {r.get('gc')}")
             t_ratio = m_ratio = None
         print(f"{label:<52} {tps:>10.0f} {fmt(t_ratio, '>7.2f')} {peak:>9.2f} "
               f"{fmt(m_ratio, '>7.2f')}")
@@ -63,15 +67,18 @@ def report_train(rows):
 def report_generate(rows):
     bound = [r for r in rows if r.get("bench") == "bound"]
     rows = [r for r in rows if r.get("bench") == "generate"]
-    hf = {(r["batch"], r["adapters"], r["rep"]): r for r in rows if r["system"] == "hf"}
+    # The 4-bit baseline where the run measured one (bitsandbytes carried), else bf16.
+    hf_rows = sorted((r for r in rows if r["system"] == "hf"), key=lambda r: r.get("base") == "nf4")
+    hf = {(r["batch"], r["adapters"], r["rep"]): r for r in hf_rows}
+    hf_base = "4-bit (bitsandbytes)" if any(r.get("base") == "nf4" for r in hf_rows) else "bf16"
     lorad = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
              if r["system"] == "lorad" and r.get("graphs", "1") != "0" and "variant" not in r}
     variants = [r for r in rows if r["system"] == "lorad" and "variant" in r]
     eager = {(r["batch"], r["adapters"], r["rep"]): r for r in rows
              if r["system"] == "lorad" and r.get("graphs") == "0"}
     keys = sorted(set(hf) | set(lorad), key=lambda k: (float(k[2]), int(k[0]), int(k[1])))
-    print("Generation: tokens/s (ratio = lorad NF4 / transformers bf16 generate; with adapters the "
-          "baseline is PEFT's mixed-adapter batch)")
+    print(f"Generation: tokens/s (ratio = lorad NF4 / transformers {hf_base} generate; with adapters "
+          "the baseline is PEFT's mixed-adapter batch)")
     print(f"{'batch':>5} {'adapters':>8} {'rep':>5} | {'lorad decode':>12} {'hf decode':>10} "
           f"{'ratio':>6} | {'lorad e2e':>10} {'hf e2e':>10} {'ratio':>6} | "
           f"{'lorad GiB':>9} {'hf GiB':>7}")

@@ -7,9 +7,12 @@
 Each prints a readable line and a "RESULT k=v ..." line in the format of lorad's benches
 (trainer_bench, generation_bench) so bench/engine_bench_report.py can pair them.
 
-The base is bf16: bitsandbytes is not installed on the GPU machine, so the notebook's 4-bit
-QLoRA (load_in_4bit) cannot be the baseline; bf16 LoRA is the faster of the two in transformers
-anyway (no dequantization), so the comparison favours the baseline on speed and lorad on memory.
+--base nf4 is the notebook's QLoRA: the base loaded 4-bit by bitsandbytes (load_in_4bit, NF4,
+double quantization, bf16 compute), prepare_model_for_kbit_training, and for training
+bitsandbytes' 8-bit AdamW. --base bf16 loads the base unquantized (bf16 LoRA: in transformers the
+faster of the two, no dequantization, so it favours the baseline on speed and lorad on memory).
+--base auto (the default) takes nf4 when bitsandbytes imports, else bf16: the GPU machine has no
+bitsandbytes unless the run carries it (bench/fetch_bitsandbytes.sh).
 """
 import argparse
 import importlib.util
@@ -21,12 +24,30 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GIB = 1024**3
 
 
-def load_model(folder):
+def resolve_base(base):
+    if base != "auto":
+        return base
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or no library for this CUDA
+        return "bf16"
+    return "nf4"
+
+
+def load_model(folder, base):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").cuda()
-    return model
+    if base == "bf16":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                    attn_implementation="sdpa").cuda()
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                attn_implementation="sdpa",
+                                                quantization_config=quant, device_map={"": 0})
 
 
 def lora_config(rank, alpha):
@@ -36,25 +57,41 @@ def lora_config(rank, alpha):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def bnb_note():
+def base_note(base):
+    if base == "nf4":
+        return "4-bit NF4 base by bitsandbytes (QLoRA)"
     have = importlib.util.find_spec("bitsandbytes") is not None
-    return "bitsandbytes installed" if have else "bitsandbytes NOT installed: bf16 base, not 4-bit"
+    return "bf16 base" + ("" if have else " (bitsandbytes NOT installed: not 4-bit)")
 
 
 def train(args):
     from peft import get_peft_model
 
-    model = load_model(args.model)
+    base = resolve_base(args.base)
+    optimizer_name = args.optimizer if args.optimizer != "auto" else (
+        "adamw_8bit" if base == "nf4" else "adamw")
+    model = load_model(args.model, base)
     model.config.use_cache = False
+    if base == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     # PEFT's default autocast_adapter_dtype keeps the LoRA weights in fp32 (master weights),
     # as lorad's trainer does.
     model = get_peft_model(model, lora_config(args.rank, args.alpha))
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and base != "nf4":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if optimizer_name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=0.01)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     times, tokens = [], args.micro_batch * args.seq
@@ -77,16 +114,16 @@ def train(args):
     tps = tokens * len(times) / sum(times)
     median_ms = sorted(times)[len(times) // 2] * 1e3
     gc = "on" if args.gradient_checkpointing else "off"
-    print(f"transformers+PEFT train on {torch.cuda.get_device_name()}: bf16 base ({bnb_note()}), "
-          f"torch.optim.AdamW, r={args.rank}, batch {args.micro_batch} x {args.seq}, "
+    print(f"transformers+PEFT train on {torch.cuda.get_device_name()}: {base_note(base)}, "
+          f"{optimizer_name}, r={args.rank}, batch {args.micro_batch} x {args.seq}, "
           f"gradient checkpointing {gc}: {tps:.0f} tokens/s, median step {median_ms:.1f} ms, "
           f"peak {peak:.2f} GiB", flush=True)
-    print(f"RESULT bench=train system=hf base=bf16 optimizer=adamw gc={gc} "
+    print(f"RESULT bench=train system=hf base={base} optimizer={optimizer_name} gc={gc} "
           f"batch={args.micro_batch} seq={args.seq} tokens_per_s={tps:.1f} peak_gib={peak:.3f} "
           f"step_ms={median_ms:.2f}", flush=True)
 
 
-def add_random_adapters(model, count, rank):
+def add_random_adapters(model, count, rank, base):
     """Wraps `model` in PEFT with `count` adapters whose B is small and random (PEFT's init
     leaves B = 0, a no-op that some code paths could skip)."""
     from peft import get_peft_model
@@ -101,7 +138,12 @@ def add_random_adapters(model, count, rank):
         for pname, p in peft_model.named_parameters():
             if "lora_B" in pname:
                 p.copy_(torch.randn_like(p) * 0.01)
-    peft_model.to(torch.bfloat16)
+    if base == "nf4":  # a 4-bit model refuses .to(dtype): only the adapters are cast
+        for pname, p in peft_model.named_parameters():
+            if "lora_" in pname:
+                p.data = p.data.to(torch.bfloat16)
+    else:
+        peft_model.to(torch.bfloat16)
     peft_model.eval()
     return peft_model, names
 
@@ -133,11 +175,12 @@ def time_generate(model, batch, prompt, new, vocab, rep, adapter_names=None):
 
 
 def generate(args):
-    model = load_model(args.model)
+    args.base = resolve_base(args.base)
+    model = load_model(args.model, args.base)
     model.eval()
     vocab = model.config.vocab_size
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"transformers generate on {torch.cuda.get_device_name()}: bf16 base ({bnb_note()}), "
+    print(f"transformers generate on {torch.cuda.get_device_name()}: {base_note(args.base)}, "
           f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens, greedy, repetition "
           f"penalty {args.repetition_penalty}", flush=True)
     rows = []  # (batch, adapters, result)
@@ -149,7 +192,7 @@ def generate(args):
                                                  args.repetition_penalty)))
             print_row(args, *rows[-1])
         if args.adapters > 0:
-            peft_model, names = add_random_adapters(model, args.adapters, args.rank)
+            peft_model, names = add_random_adapters(model, args.adapters, args.rank, args.base)
             # PEFT's mixed-adapter batches: one name per row (peft >= 0.10).
             time_generate(peft_model, 2, 16, 8, vocab, args.repetition_penalty,
                           adapter_names=names[:2])
@@ -166,7 +209,7 @@ def print_row(args, batch, adapters, result):
     e2e, decode, ttft_ms, peak = result
     print(f"  batch {batch:3d}, adapters {adapters}: {e2e:9.1f} e2e tok/s, {decode:9.1f} decode "
           f"tok/s, first token {ttft_ms:.1f} ms, peak {peak:.2f} GiB", flush=True)
-    print(f"RESULT bench=generate system=hf base=bf16 batch={batch} adapters={adapters} "
+    print(f"RESULT bench=generate system=hf base={args.base} batch={batch} adapters={adapters} "
           f"rep={args.repetition_penalty:.2f} e2e_tokens_per_s={e2e:.1f} "
           f"decode_tokens_per_s={decode:.1f} ttft_ms={ttft_ms:.1f} peak_gib={peak:.3f}",
           flush=True)
@@ -185,6 +228,9 @@ def main():
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--base", choices=["auto", "bf16", "nf4"], default="auto")
+    t.add_argument("--optimizer", choices=["auto", "adamw", "adamw_8bit"], default="auto",
+                   help="auto: adamw_8bit on an nf4 base (the notebook's), else adamw")
     g = sub.add_parser("generate")
     g.add_argument("--model", required=True)
     g.add_argument("--batches", default="1,8,32")
@@ -193,6 +239,7 @@ def main():
     g.add_argument("--adapters", type=int, default=4)
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--base", choices=["auto", "bf16", "nf4"], default="auto")
     args = ap.parse_args()
     train(args) if args.cmd == "train" else generate(args)
 

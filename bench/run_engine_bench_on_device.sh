@@ -2,7 +2,8 @@
 # Builds lorad's engine benchmarks on the GPU machine and runs them next to their transformers +
 # PEFT baselines, all in one call (the device is lent by the minute):
 #
-#   run(command="bash bench/run_engine_bench_on_device.sh", carry=[".device-debs-engine"])
+#   run(command="bash bench/run_engine_bench_on_device.sh",
+#       carry=[".device-debs-engine", ".device-python"])
 #
 # The machine has CUDA, CMake, ninja and torch (/opt/torch/.venv) but not the engine's C++
 # dependencies, so .device-debs-engine/ (ignored; see the apt-get download line below) carries
@@ -43,8 +44,7 @@ header() {  # what every results file starts with
   echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
   echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log")); tokenizer of the tiny fixture model"
   echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>&1)"
-  "$PY" -c 'import bitsandbytes' > /dev/null 2>&1 && echo "# bitsandbytes installed" ||
-    echo "# bitsandbytes is NOT installed on this machine: the baseline's base model is bf16, not 4-bit"
+  baseline_note
   echo "# lorad build: $([ $BUILD_RC -eq 0 ] && echo ok || echo "FAILED (exit $BUILD_RC), see build.log")"
   echo
 }

@@ -3,11 +3,12 @@
 # kernel tests, then a random-init Llama-3-8B-shaped model (vocabulary 128256), 128 prompt + 128
 # new tokens, greedy, repetition penalty 1.3, batch 1 and 32, on the base, on one adapter and on 4
 # mixed adapters: lorad's InferenceEngine (NF4 base, paged decode kernel, CUDA graphs, BGMV) next
-# to transformers + PEFT generate (bf16 base: bitsandbytes is not on the machine), plus the
+# to transformers + PEFT generate (4-bit base when the run carries bitsandbytes, else bf16), plus the
 # batch-1 bandwidth bound, a graph-replay check and the TTFT of a 2048-token prompt.
 #
 #   run(command="bash bench/run_generation_bench_on_device.sh",
-#       carry=[".device-debs", ".device-debs-engine"])
+#       carry=[".device-debs", ".device-debs-engine", ".device-python"])
+# .device-python/ (bench/fetch_bitsandbytes.sh, optional) makes the baseline the 4-bit one.
 #
 # .device-debs/ holds GoogleTest (tests/gpu/run_on_device.sh), .device-debs-engine/ the engine's
 # dependencies (bench/run_engine_bench_on_device.sh says how to fill both). Writes under $OUT.
@@ -49,7 +50,7 @@ RESULT=$OUT/$DATE-h200-generation-$SHAPE.txt
   echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
   echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log")); tokenizer of the tiny fixture model"
   echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
-  echo "# bitsandbytes is NOT installed on this machine: the baseline's base model is bf16, not 4-bit"
+  baseline_note
   echo "# 128 random prompt ids + 128 new tokens, greedy, repetition penalty 1.3; adapters rank 16;"
   echo "# 'adapters 1' = every request on one adapter, 'adapters 4' = request i on adapter i % 4"
   echo "# gpu kernel tests in the same call: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu-tests/summary.txt" | tr '\n' ' ')"

@@ -2,10 +2,13 @@
 # The trainer issue's benchmark on the GPU machine, in one call: random-init Llama-3.2-1B- and
 # Llama-3-8B-shaped models (vocabulary 128256), batch 2 x 2048 tokens, LoRA r=16 on all seven projections, gradient
 # checkpointing on both sides; lorad's QLoRA trainer (NF4 base, 8-bit AdamW) next to the
-# transformers + PEFT LoRA loop (bf16 base: bitsandbytes is not on the machine). Prints tokens/s,
+# transformers + PEFT LoRA loop (4-bit QLoRA when the run carries bitsandbytes, else bf16). Prints tokens/s,
 # peak memory and their ratios; never asserts a timing.
 #
-#   run(command="bash bench/run_trainer_bench_on_device.sh", carry=[".device-debs-engine"])
+#   run(command="bash bench/run_trainer_bench_on_device.sh",
+#       carry=[".device-debs-engine", ".device-python"])
+# .device-python/ (bench/fetch_bitsandbytes.sh, optional) makes the baseline the notebook's
+# QLoRA: 4-bit base by bitsandbytes and its 8-bit AdamW.
 #
 # .device-debs-engine/ is filled as bench/run_engine_bench_on_device.sh says.
 set -uo pipefail
@@ -31,8 +34,9 @@ header() {
   echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
   echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
   echo "# batch 2 x 2048 tokens, r=16 alpha=16 on all seven projections, gradient checkpointing on both sides,"
-  echo "# 3 warm-up steps then 8 timed. lorad: NF4 base + 8-bit AdamW (QLoRA). Baseline: bf16 base + torch AdamW"
-  echo "# (bitsandbytes is not installed on this machine, so the baseline cannot be 4-bit)."
+  echo "# 3 warm-up steps then 8 timed. lorad: NF4 base + 8-bit AdamW (QLoRA). Baseline: hf_baseline.py --base auto"
+  echo "# (4-bit base + bitsandbytes' 8-bit AdamW when bitsandbytes is carried, else bf16 base + torch AdamW)."
+  baseline_note
   echo
 }
 run() {  # run LIMIT_S COMMAND...
