@@ -21,7 +21,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <mutex>
 
@@ -54,19 +53,6 @@ constexpr size_t DynamicBytes() {
   const size_t rows = 2 * size_t{32} * kDimsPerLane * sizeof(T) * TileKeys<T, kDimsPerLane>();
   const size_t partials = sizeof(float) * kWarps * kHeads * 32 * kDimsPerLane;
   return rows > partials ? rows : partials;
-}
-
-// A 16-byte piece of a row as fp32.
-__device__ __forceinline__ void PieceToFloats(uint4 v, float* out) {
-  out[0] = __uint_as_float(v.x), out[1] = __uint_as_float(v.y);
-  out[2] = __uint_as_float(v.z), out[3] = __uint_as_float(v.w);
-}
-__device__ __forceinline__ void PieceToFloats(uint4 v, __nv_bfloat16 /*kind*/, float* out) {
-  Bf16PairToFloats(v.x, out), Bf16PairToFloats(v.y, out + 2);
-  Bf16PairToFloats(v.z, out + 4), Bf16PairToFloats(v.w, out + 6);
-}
-__device__ __forceinline__ void PieceToFloats(uint4 v, float /*kind*/, float* out) {
-  PieceToFloats(v, out);
 }
 
 // kDimsPerLane = head_dim / 32; kHeads query heads of one KV head per block.
@@ -136,10 +122,9 @@ __global__ void __launch_bounds__(kThreads)
     if (key < count) {
 #pragma unroll
       for (int c = half; c < kPieces; c += 2) {
-        const uint4 piece =
-            *reinterpret_cast<const uint4*>(s_k + key * kRowBytes + (c + 2 * key) % kPieces * 16);
-        float k[kPerPiece];
-        PieceToFloats(piece, T{}, k);
+        float k[kPerPiece];  // one 16-byte load
+        LoadFloats<kPerPiece>(
+            reinterpret_cast<const T*>(s_k + key * kRowBytes + (c + 2 * key) % kPieces * 16), k);
 #pragma unroll
         for (int e = 0; e < kPerPiece; ++e) {
 #pragma unroll
