@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "kernels/adamw8bit.h"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -49,7 +50,7 @@ __device__ __forceinline__ uint8_t CodeIndex(const float* code, float lower_boun
 // Maximum over the thread block. fmaxf ignores NaN, as std::fmax does in the CPU reference; the
 // order of a max reduction does not change its result. scratch: [kWarps] in shared memory.
 __device__ __forceinline__ float BlockMax(float x, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  x = WarpMax(x);
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
   __syncthreads();
   float r = scratch[0];

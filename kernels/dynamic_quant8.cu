@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/dynamic_quant8.h"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -40,7 +41,7 @@ __global__ void dynamic_quant8_quantize_kernel(const float* __restrict__ x, int6
   const float v = i < n ? __fadd_rn(x[i], -offset) : 0.f;
   // fmaxf ignores NaN, as the CPU reference's `v > amax` does.
   float amax = fabsf(v);
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  amax = WarpMax(amax);
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
   __syncthreads();
   amax = warp_max[0];

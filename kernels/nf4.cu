@@ -8,6 +8,7 @@
 
 #include "kernels/device_float.cuh"
 #include "kernels/nf4.h"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -62,10 +63,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ w, int64_t n,
   const float v0 = i0 < n ? ToFloat(w[i0]) : 0.f;
   const float v1 = i0 + 1 < n ? ToFloat(w[i0 + 1]) : 0.f;
   float amax = fmaxf(fabsf(v0), fabsf(v1));
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  }
+  amax = WarpMax(amax);
   if (lane == 0) absmax[block] = amax;
   if (i0 >= n) return;
   const float a = fmaxf(amax, 1e-38f);

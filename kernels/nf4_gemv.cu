@@ -36,6 +36,7 @@
 
 #include "kernels/nf4_gemv.h"
 #include "kernels/programmatic_launch.cuh"
+#include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
 namespace {
@@ -225,10 +226,7 @@ __global__ void __launch_bounds__(kThreads, M == 1 ? 3 : 1)
   for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      acc[r][m] = v;
+      acc[r][m] = WarpSum(acc[r][m]);
     }
   }
   if (parts == 1) {
