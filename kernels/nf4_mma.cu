@@ -364,9 +364,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
   tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
   tc.row_bytes = static_cast<uint32_t>(in_features / 2);
-  // Segment state: the tile's weight and its first row, and the stage range [kb_begin, kb_end).
+  // Segment state: the tile's weight and the stage range [kb_begin, kb_end).
   int ti = 0;
-  int64_t row0 = 0;
   uint32_t kb_begin = 0, kb_end = 0;
   // Points tc and the segment state at units [u, u_end) of the range starting at tile t0 (all
   // within one tile).
@@ -374,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t tile = t0 + u / stages;
     ti = TargetOf(targets, tile);
     const Nf4MmaTarget& target = targets.t[ti];
-    row0 = FirstRowOf(targets, tile, ti, W::kRows);
+    const int64_t row0 = FirstRowOf(targets, tile, ti, W::kRows);
     kb_begin = static_cast<uint32_t>(u % stages * W::kStageBlocks);
     kb_end = kb_begin + static_cast<uint32_t>(u_end - u) * W::kStageBlocks;
     tc.packed = target.packed + piece * 16;
@@ -526,11 +525,12 @@ int ResidentBlocksPerSm() {
   return blocks;
 }
 
-// The ranges of a launch: one per resident block (or per tile, when there are fewer tiles), more
-// in rounds of that many when a range would pass kMaxTiles tiles.
+// The ranges of a launch on `blocks` blocks (the resident ones for the planner's grid): one per
+// block (or per tile, when there are fewer tiles), more in rounds of that many when a range would
+// pass kMaxTiles tiles.
 template <int NT, int MT>
-int64_t PlanRanges(int64_t row_tiles, int64_t resident_blocks) {
-  const int64_t blocks = std::min(row_tiles, resident_blocks);
+int64_t PlanRanges(int64_t row_tiles, int64_t blocks_wanted) {
+  const int64_t blocks = std::min(row_tiles, blocks_wanted);
   const int64_t per_round = blocks * RangeLayout<NT, MT>::kMaxTiles;
   return blocks * ((row_tiles + per_round - 1) / per_round);
 }
@@ -579,13 +579,7 @@ const char* LaunchTyped(int64_t blocks, const void* x, int64_t rows, const Nf4Mm
   const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
   const TargetTable table = TableOf<MT>(targets, count);
   const int64_t row_tiles = table.tile_end[count - 1];
-  int64_t ranges = 0;
-  if (blocks == 0) {
-    ranges = PlanRanges<NT, MT>(row_tiles, resident);
-  } else {
-    blocks = std::min(blocks, row_tiles);
-    ranges = blocks * ((row_tiles + blocks * L::kMaxTiles - 1) / (blocks * L::kMaxTiles));
-  }
+  const int64_t ranges = PlanRanges<NT, MT>(row_tiles, blocks == 0 ? resident : blocks);
   if (ranges > 0x7fffffff) return "nf4_mma_cuda: too many row tiles";
   const dim3 grid(static_cast<unsigned>(std::min(ranges, resident)));
   const int64_t stages = in_features / 64 / WarpTile<MT>::kStageBlocks;
