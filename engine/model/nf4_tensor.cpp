@@ -380,6 +380,46 @@ torch::Tensor OutputFor(const torch::Tensor& x, int64_t out_features) {
   out_shape.back() = out_features;
   return torch::empty(out_shape, x.options());
 }
+
+// Decode batches of up to gemv_max_rows rows with no gradient to record, on CUDA: what the 4-bit
+// kernels (tensor-core product or GEMV) take instead of dequantize + matmul.
+bool ForDecodeKernels(const Nf4Tensor& w, const torch::Tensor& x) {
+  return w.device().is_cuda() && FloatKindOf(x.scalar_type()) &&
+         !(torch::GradMode::is_enabled() && x.requires_grad()) &&
+         x.numel() / w.in_features() <= gemv_max_rows.load(std::memory_order_relaxed);
+}
+
+// y = x @ W^T for each of `weights` (sharing x and in_features) in one tensor-core launch; empty
+// when that launch does not apply.
+std::vector<torch::Tensor> MmaProducts(const std::vector<const Nf4Tensor*>& weights,
+                                       const torch::Tensor& x) {
+  const Nf4Tensor& first = *weights.front();
+  const int64_t rows = x.numel() / first.in_features();
+  const auto kind = FloatKindOf(x.scalar_type());
+  if (weights.size() > static_cast<size_t>(kernels::kNf4MmaMaxTargets) ||
+      !ForDecodeKernels(first, x) ||
+      !kernels::nf4_mma_cuda_supports(rows, first.in_features(), *kind)) {
+    return {};
+  }
+  const c10::cuda::CUDAGuard guard(first.device());
+  const torch::Tensor x2 = KernelInput(x);
+  std::vector<torch::Tensor> ys;
+  kernels::Nf4MmaTarget targets[kernels::kNf4MmaMaxTargets];
+  for (size_t i = 0; i < weights.size(); ++i) {
+    ys.push_back(OutputFor(x, weights[i]->out_features()));
+    targets[i].packed = weights[i]->packed.data_ptr<uint8_t>();
+    targets[i].absmax = AbsmaxOf(*weights[i]);
+    targets[i].out_features = weights[i]->out_features();
+    targets[i].y = ys.back().data_ptr();
+  }
+  // Overlapped (programmatic dependent launch): the kernel fetches its weights while the kernel
+  // before it finishes, and reads x only after; nothing on the stream writes weights.
+  CheckLaunch(kernels::nf4_mma_group_cuda(x2.data_ptr(), *kind, rows, targets,
+                                          static_cast<int>(weights.size()), first.in_features(),
+                                          CurrentStream(first.device()), /*overlapped=*/true),
+              "nf4_mma_group_cuda");
+  return ys;
+}
 #endif
 
 void CheckInput(const Nf4Tensor& w, const torch::Tensor& x) {
@@ -394,29 +434,18 @@ void CheckInput(const Nf4Tensor& w, const torch::Tensor& x) {
 torch::Tensor Nf4Tensor::Linear(const torch::Tensor& x) const {
   CheckInput(*this, x);
 #if defined(LORAD_WITH_CUDA)
-  const int64_t rows = x.numel() / in_features();
-  const auto kind = FloatKindOf(x.scalar_type());
-  const bool records_grad = torch::GradMode::is_enabled() && x.requires_grad();
   // Decode batches of up to gemv_max_rows rows: one tensor-core launch, or the GEMV kernel
   // kNf4GemvMaxRows rows a launch.
-  const bool direct = device().is_cuda() && kind && !records_grad &&
-                      rows <= gemv_max_rows.load(std::memory_order_relaxed);
-  const bool mma = direct && kernels::nf4_mma_cuda_supports(rows, in_features(), *kind);
-  if (mma || (direct && kernels::nf4_gemv_cuda_supports(
-                            std::min<int64_t>(rows, kernels::kNf4GemvMaxRows), in_features()))) {
+  if (std::vector<torch::Tensor> ys = MmaProducts({this}, x); !ys.empty()) return ys.front();
+  const int64_t rows = x.numel() / in_features();
+  if (ForDecodeKernels(*this, x) &&
+      kernels::nf4_gemv_cuda_supports(std::min<int64_t>(rows, kernels::kNf4GemvMaxRows),
+                                      in_features())) {
     const c10::cuda::CUDAGuard guard(device());
     const torch::Tensor x2 = KernelInput(x);
     torch::Tensor y = OutputFor(x, out_features());
     const kernels::Nf4Absmax absmax = AbsmaxOf(*this);
-    if (mma) {
-      // Overlapped (programmatic dependent launch): the kernel fetches its weights while the
-      // kernel before it finishes, and reads x only after; nothing on the stream writes weights.
-      CheckLaunch(kernels::nf4_mma_cuda(x2.data_ptr(), *kind, rows, packed.data_ptr<uint8_t>(),
-                                        absmax, out_features(), in_features(), y.data_ptr(),
-                                        CurrentStream(device()), /*overlapped=*/true),
-                  "nf4_mma_cuda");
-      return y;
-    }
+    const auto kind = FloatKindOf(x.scalar_type());
     const int64_t element = static_cast<int64_t>(x2.element_size());
     for (int64_t start = 0; start < rows; start += kernels::kNf4GemvMaxRows) {
       const int64_t chunk = std::min<int64_t>(kernels::kNf4GemvMaxRows, rows - start);
@@ -439,31 +468,8 @@ std::vector<torch::Tensor> Nf4Tensor::LinearGroup(const std::vector<const Nf4Ten
   TORCH_CHECK(!weights.empty(), "Nf4Tensor::LinearGroup: no weights");
   for (const Nf4Tensor* w : weights) CheckInput(*w, x);
 #if defined(LORAD_WITH_CUDA)
-  const Nf4Tensor& first = *weights.front();
-  const int64_t rows = x.numel() / first.in_features();
-  const auto kind = FloatKindOf(x.scalar_type());
-  const bool grouped =
-      weights.size() > 1 && weights.size() <= static_cast<size_t>(kernels::kNf4MmaMaxTargets) &&
-      first.device().is_cuda() && kind && !(torch::GradMode::is_enabled() && x.requires_grad()) &&
-      rows <= gemv_max_rows.load(std::memory_order_relaxed) &&
-      kernels::nf4_mma_cuda_supports(rows, first.in_features(), *kind);
-  if (grouped) {
-    const c10::cuda::CUDAGuard guard(first.device());
-    const torch::Tensor x2 = KernelInput(x);
-    std::vector<torch::Tensor> ys;
-    kernels::Nf4MmaTarget targets[kernels::kNf4MmaMaxTargets];
-    for (size_t i = 0; i < weights.size(); ++i) {
-      ys.push_back(OutputFor(x, weights[i]->out_features()));
-      targets[i].packed = weights[i]->packed.data_ptr<uint8_t>();
-      targets[i].absmax = AbsmaxOf(*weights[i]);
-      targets[i].out_features = weights[i]->out_features();
-      targets[i].y = ys.back().data_ptr();
-    }
-    CheckLaunch(kernels::nf4_mma_group_cuda(x2.data_ptr(), *kind, rows, targets,
-                                            static_cast<int>(weights.size()), first.in_features(),
-                                            CurrentStream(first.device()), /*overlapped=*/true),
-                "nf4_mma_group_cuda");
-    return ys;
+  if (weights.size() > 1) {
+    if (std::vector<torch::Tensor> ys = MmaProducts(weights, x); !ys.empty()) return ys;
   }
 #endif
   std::vector<torch::Tensor> ys;
