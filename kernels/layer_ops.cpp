@@ -57,4 +57,36 @@ void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, v
   }
 }
 
+void rms_norm_backward_cpu(const void* x, const void* weight, const void* dy, FloatKind kind,
+                           int64_t rows, int64_t width, float eps, void* dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float squares = 0.0f;
+    float dot = 0.0f;  // sum_j g[j] * x[j]
+    for (int64_t i = 0; i < width; ++i) {
+      const float v = LoadFloat(x, kind, r * width + i);
+      squares += v * v;
+      dot += Round(kind, LoadFloat(dy, kind, r * width + i) * LoadFloat(weight, kind, i)) * v;
+    }
+    const float inv = 1.0f / std::sqrt(squares / static_cast<float>(width) + eps);
+    const float along_x = inv * inv * inv * dot / static_cast<float>(width);
+    for (int64_t i = 0; i < width; ++i) {
+      const float g = Round(kind, LoadFloat(dy, kind, r * width + i) * LoadFloat(weight, kind, i));
+      StoreFloat(dx, kind, r * width + i, g * inv - LoadFloat(x, kind, r * width + i) * along_x);
+    }
+  }
+}
+
+void silu_mul_backward_cpu(const void* gate, const void* up, const void* dy, FloatKind kind,
+                           int64_t n, void* d_gate, void* d_up) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = LoadFloat(gate, kind, i);
+    const float grad = LoadFloat(dy, kind, i);
+    const float e = 1.0f + std::exp(-g);
+    const float s = 1.0f / e;
+    StoreFloat(d_up, kind, i, grad * Round(kind, g / e));
+    const float d_silu = Round(kind, grad * LoadFloat(up, kind, i));
+    StoreFloat(d_gate, kind, i, d_silu * (s * (1.0f + g * (1.0f - s))));
+  }
+}
+
 }  // namespace lorad::kernels

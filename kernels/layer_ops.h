@@ -17,6 +17,20 @@
 //
 // silu_mul (LlamaMLP's act_fn(gate) * up): out[i] = round_T(float(round_T(silu(g[i]))) * u[i]),
 //   silu(g) = g / (1 + exp(-g)).
+//
+// The backward passes, for training (the layer's weights are frozen: only the input gradients):
+//
+// rms_norm_backward: dy the gradient of out, r as above,
+//   g[i]  = round_T(dy[i] * weight[i])
+//   dx[i] = round_T(g[i] * r - x[i] * r^3 * (sum_j g[j] * x[j]) / width)
+//   (torch's autograd of the reference ops: the same roundings, the fp32 sums in another order)
+//
+// rotary backward is rotary itself with -sin, when each row's sin repeats across its two halves
+// (sin[d] == sin[d + half], as RoPE's cat(freqs, freqs) builds it): no kernel of its own.
+//
+// silu_mul_backward: dy the gradient of out, s = 1 / (1 + exp(-g)),
+//   d_up[i]   = round_T(dy[i] * round_T(silu(g[i])))      (the forward's silu, as it rounded it)
+//   d_gate[i] = round_T(round_T(dy[i] * u[i]) * s * (1 + g[i] * (1 - s)))
 #pragma once
 
 #include <cstdint>
@@ -30,6 +44,10 @@ void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t row
 void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
                 int64_t heads, int64_t head_dim, void* out);
 void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, void* out);
+void rms_norm_backward_cpu(const void* x, const void* weight, const void* dy, FloatKind kind,
+                           int64_t rows, int64_t width, float eps, void* dx);
+void silu_mul_backward_cpu(const void* gate, const void* up, const void* dy, FloatKind kind,
+                           int64_t n, void* d_gate, void* d_up);
 
 #if defined(LORAD_WITH_CUDA)
 // Device pointers, enqueued on `stream` (a cudaStream_t); nullptr on success or an error. kF16 is
@@ -40,6 +58,11 @@ const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKi
                         int64_t rows, int64_t heads, int64_t head_dim, void* out, void* stream);
 const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,
                           void* stream);
+const char* rms_norm_backward_cuda(const void* x, const void* weight, const void* dy,
+                                   FloatKind kind, int64_t rows, int64_t width, float eps, void* dx,
+                                   void* stream);
+const char* silu_mul_backward_cuda(const void* gate, const void* up, const void* dy, FloatKind kind,
+                                   int64_t n, void* d_gate, void* d_up, void* stream);
 #endif
 
 }  // namespace lorad::kernels

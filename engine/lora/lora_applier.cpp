@@ -64,7 +64,20 @@ torch::Tensor SingleLoraApplier::Apply(int64_t layer, Projection projection, con
   const torch::Tensor b = pair->b.to(options);  // [out, r]
   const torch::Tensor dx = train_ && dropout_ > 0 ? torch::dropout(x, dropout_, true) : x;
   // Rank r is small: x A^T first keeps the intermediate [..., r].
-  return y + torch::linear(torch::linear(dx, a), b) * scaling_;
+  const torch::Tensor h = torch::linear(dx, a);
+  if (!y.is_contiguous() || y.dim() < 2 || y.dim() > 3) {
+    return y + torch::linear(h, b) * scaling_;
+  }
+  // One GEMM adds scaling * h B^T into y in place (beta 1, alpha scaling): no [..., out]
+  // temporaries for the product, its scaling and the sum, which at 4,096 training tokens are
+  // each as large as y. On y itself rather than a view of it, so that autograd needs no copy.
+  torch::Tensor out = y;
+  if (y.dim() == 2) {
+    out.addmm_(h, b.t(), 1, scaling_);
+  } else {
+    out.baddbmm_(h, b.t().expand({y.size(0), -1, -1}), 1, scaling_);
+  }
+  return out;
 }
 
 }  // namespace lorad::engine

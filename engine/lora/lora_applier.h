@@ -33,7 +33,8 @@ class LoraApplier {
  public:
   virtual ~LoraApplier() = default;
   // x [..., in] the projection's input, y [..., out] its base output; returns y plus the update
-  // (y itself when no adapter targets this projection).
+  // (y itself when no adapter targets this projection). May add into y in place and return it:
+  // the caller hands over y, which nothing else may read.
   virtual torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                               const torch::Tensor& y) const = 0;
   // Projections that share their input x (q, k and v; gate and up) with their base outputs `ys`

@@ -365,8 +365,6 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
                                          const ForwardOptions& options) const {
   std::optional<torch::NoGradGuard> no_grad;
   if (!options.train) no_grad.emplace();
-  std::optional<ScopedTorchLayerOps> torch_ops;  // training computes with the reference ops
-  if (options.train) torch_ops.emplace();
   const auto device = options_.device;
   const torch::Tensor ids = batch.input_ids.to(device, torch::kLong);  // [B, T]
   const int64_t rows = ids.size(0);

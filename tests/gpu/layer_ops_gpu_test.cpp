@@ -76,6 +76,40 @@ TEST_P(LayerOpsGpuTest, SiluMul) {
   }
 }
 
+TEST_P(LayerOpsGpuTest, RmsNormBackward) {
+  const FloatKind kind = GetParam();
+  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{1, 4096}, {64, 4096}, {3, 100}}) {
+    const auto x = RandomValues(rows * width, kind, 8), w = RandomValues(width, kind, 9),
+               dy = RandomValues(rows * width, kind, 10);
+    std::vector<char> want(x.size());
+    rms_norm_backward_cpu(x.data(), w.data(), dy.data(), kind, rows, width, 1e-5f, want.data());
+    GpuBuffer<char> x_dev(x), w_dev(w), dy_dev(dy), dx_dev(x.size());
+    LORAD_ASSERT_LAUNCH(rms_norm_backward_cuda(x_dev.get(), w_dev.get(), dy_dev.get(), kind, rows,
+                                               width, 1e-5f, dx_dev.get(), nullptr));
+    // Two sums reduced in another order, and a difference of two terms that may cancel: relative
+    // to the row's scale (the floor) rather than to each element.
+    ExpectClose(dx_dev.Read(), want, kind, kind == FloatKind::kF32 ? 256 : 2.01f,
+                kind == FloatKind::kF32 ? 1e-5f : 2e-2f);
+  }
+}
+
+TEST_P(LayerOpsGpuTest, SiluMulBackward) {
+  const FloatKind kind = GetParam();
+  for (const int64_t n : {int64_t{14336}, int64_t{64 * 14336}, int64_t{77}}) {
+    const auto g = RandomValues(n, kind, 11, 3.0f), u = RandomValues(n, kind, 12),
+               dy = RandomValues(n, kind, 13);
+    std::vector<char> want_gate(g.size()), want_up(g.size());
+    silu_mul_backward_cpu(g.data(), u.data(), dy.data(), kind, n, want_gate.data(), want_up.data());
+    GpuBuffer<char> g_dev(g), u_dev(u), dy_dev(dy), d_gate(g.size()), d_up(g.size());
+    LORAD_ASSERT_LAUNCH(silu_mul_backward_cuda(g_dev.get(), u_dev.get(), dy_dev.get(), kind, n,
+                                               d_gate.get(), d_up.get(), nullptr));
+    // expf on the device and std::exp on the host may differ by an ulp or two, which the
+    // sigmoid's derivative and bf16's rounding of silu may carry one unit further.
+    ExpectClose(d_up.Read(), want_up, kind, kind == FloatKind::kF32 ? 8 : 2.01f, 1e-30f);
+    ExpectClose(d_gate.Read(), want_gate, kind, kind == FloatKind::kF32 ? 64 : 2.01f, 1e-6f);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, LayerOpsGpuTest,
                          ::testing::Values(FloatKind::kF32, FloatKind::kBF16));
 

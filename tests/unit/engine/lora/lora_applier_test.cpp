@@ -30,9 +30,21 @@ TEST(LoraApplierTest, AddsScaledLowRankUpdateOnTargetsOnly) {
   const torch::Tensor y = torch::randn({2, 5, 3});
   const LoraPair& p = adapter.layers.at("model.layers.1.mlp.down_proj");
   const torch::Tensor want = y + 4.0 * torch::matmul(torch::matmul(x, p.a.t()), p.b.t());
-  EXPECT_TRUE(torch::allclose(applier.Apply(1, Projection::kDown, x, y), want, 1e-5, 1e-5));
-  EXPECT_TRUE(torch::equal(applier.Apply(0, Projection::kDown, x, y), y));
-  EXPECT_TRUE(torch::equal(applier.Apply(1, Projection::kUp, torch::randn({2, 5, 4}), y), y));
+  // Apply owns the y it is given (it adds in place), so each call gets its own copy.
+  EXPECT_TRUE(torch::allclose(applier.Apply(1, Projection::kDown, x, y.clone()), want, 1e-5, 1e-5));
+  EXPECT_TRUE(
+      torch::allclose(applier.Apply(1, Projection::kDown, x.view({10, 6}), y.clone().view({10, 3})),
+                      want.view({10, 3}), 1e-5, 1e-5));
+  // A y that is not contiguous (a column slice) gets a new tensor and is left as it was.
+  const torch::Tensor wide = torch::randn({2, 5, 7});
+  const torch::Tensor slice = wide.narrow(2, 2, 3);
+  const torch::Tensor before = slice.clone();
+  EXPECT_TRUE(torch::allclose(applier.Apply(1, Projection::kDown, x, slice), before + (want - y),
+                              1e-5, 1e-5));
+  EXPECT_TRUE(torch::equal(slice, before));
+  EXPECT_TRUE(torch::equal(applier.Apply(0, Projection::kDown, x, y.clone()), y));
+  EXPECT_TRUE(
+      torch::equal(applier.Apply(1, Projection::kUp, torch::randn({2, 5, 4}), y.clone()), y));
 }
 
 TEST(LoraApplierTest, DropoutOnlyWhenTraining) {
@@ -41,11 +53,11 @@ TEST(LoraApplierTest, DropoutOnlyWhenTraining) {
   const torch::Tensor x = torch::randn({4, 6});
   const torch::Tensor y = torch::zeros({4, 3});
   const SingleLoraApplier eval(adapter, 2, false);
-  EXPECT_TRUE(
-      torch::equal(eval.Apply(1, Projection::kDown, x, y), eval.Apply(1, Projection::kDown, x, y)));
+  EXPECT_TRUE(torch::equal(eval.Apply(1, Projection::kDown, x, y.clone()),
+                           eval.Apply(1, Projection::kDown, x, y.clone())));
   const SingleLoraApplier train(adapter, 2, true);
-  EXPECT_FALSE(torch::equal(train.Apply(1, Projection::kDown, x, y),
-                            eval.Apply(1, Projection::kDown, x, y)));
+  EXPECT_FALSE(torch::equal(train.Apply(1, Projection::kDown, x, y.clone()),
+                            eval.Apply(1, Projection::kDown, x, y.clone())));
 }
 
 TEST(LoraApplierTest, GradientsReachTheAdapter) {
@@ -54,10 +66,20 @@ TEST(LoraApplierTest, GradientsReachTheAdapter) {
   p.a.requires_grad_(true);
   p.b.requires_grad_(true);
   const SingleLoraApplier applier(adapter, 2, true);
-  applier.Apply(1, Projection::kDown, torch::randn({3, 6}), torch::zeros({3, 3})).sum().backward();
+  // Through the in-place sum, to the adapter and to the base output y (the input of a frozen
+  // base projection upstream still needs its gradient).
+  const torch::Tensor x = torch::randn({3, 6}).requires_grad_(true);
+  const torch::Tensor y = (torch::randn({3, 3}).requires_grad_(true) * 1.0);
+  torch::Tensor out = applier.Apply(1, Projection::kDown, x, y);
+  const torch::Tensor weights = torch::randn({3, 3});
+  (out * weights).sum().backward();
   EXPECT_TRUE(p.a.grad().defined());
   EXPECT_TRUE(p.b.grad().defined());
   EXPECT_GT(p.b.grad().abs().sum().item<double>(), 0);
+  // dL/dx = (weights B) A * scaling, as the update is scaling * x A^T B^T.
+  const torch::Tensor want_dx =
+      4.0 * torch::matmul(torch::matmul(weights, p.b.detach()), p.a.detach());
+  EXPECT_TRUE(torch::allclose(x.grad(), want_dx, 1e-5, 1e-5));
 }
 
 }  // namespace
