@@ -53,6 +53,8 @@ def report_train(rows):
             if r.get("offload") == "1":
                 ckpt += " (offloaded)"
             label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
+            if r.get("layer_ops") == "torch":
+                label += ", torch layer ops"
             base = baseline_for(r)
             t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None
             m_ratio = ratio(peak, float(base["peak_gib"])) if base else None
@@ -62,6 +64,20 @@ def report_train(rows):
             t_ratio = m_ratio = None
         print(f"{label:<52} {tps:>10.0f} {fmt(t_ratio, '>7.2f')} {peak:>9.2f} "
               f"{fmt(m_ratio, '>7.2f')}")
+    # With both baselines in the run (bf16 LoRA, the reference, and 4-bit QLoRA), each
+    # lorad run against each of them.
+    hf_rows = [b for b in rows if b["system"] == "hf"]
+    if len({b.get("base") for b in hf_rows}) > 1:
+        print("lorad tokens/s against each baseline with the same gradient checkpointing setting:")
+        for r in rows:
+            if r["system"] != "lorad":
+                continue
+            gc = "on" if r.get("checkpointing") == "1" else "off"
+            parts = [f"{ratio(float(r['tokens_per_s']), float(b['tokens_per_s'])):.2f}x "
+                     f"transformers+PEFT {b.get('base')}"
+                     for b in hf_rows if b.get("gc") == gc]
+            ops = ", torch layer ops" if r.get("layer_ops") == "torch" else ""
+            print(f"  lorad ({r['optimizer']}{ops}): " + "; ".join(parts))
 
 
 def report_generate(rows):

@@ -11,12 +11,24 @@
 # QLoRA: 4-bit base by bitsandbytes and its 8-bit AdamW.
 #
 # .device-debs-engine/ is filled as bench/run_engine_bench_on_device.sh says.
+#
+# env: BENCH_SHAPES (default "1b 8b"); BENCH_GPU_TESTS=1 also builds and runs the GPU kernel tests
+# (tests/gpu/run_on_device.sh, needs .device-debs carried) before the benchmark starts;
+# BENCH_TORCH_OPS=1 also runs lorad's trainer with the reference torch ops in place of the fused
+# layer ops (a same-run before/after); PROFILE_STEPS=N then profiles N more steps kernel by kernel.
 set -uo pipefail
 OUT=${OUT:-/tmp/lorad-trainer-bench-out}
-DATE=${BENCH_DATE:-2026-12-01}
+DATE=${BENCH_DATE:-$(date +%F)}
 SHAPES=${BENCH_SHAPES:-1b 8b}
 mkdir -p "$OUT"
 source bench/device_build.sh
+
+if [ "${BENCH_GPU_TESTS:-0}" = 1 ]; then
+  (OUT=$OUT/gpu-tests JOBS=4 bash tests/gpu/run_on_device.sh > "$OUT/gpu-tests.log" 2>&1) &
+else
+  true &
+fi
+TESTS_PID=$!
 
 for shape in $SHAPES; do
   "$PY" bench/make_bench_model.py --out "$WORK/model-$shape" --shape "$shape" --vocab 128256 \
@@ -28,6 +40,9 @@ MODEL_PID=$!
 
 build_and_report "$OUT/build.log" trainer_bench
 wait $MODEL_PID
+wait $TESTS_PID  # the GPU to the benchmark alone
+[ -f "$OUT/gpu-tests/summary.txt" ] &&
+  log "gpu tests: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu-tests/summary.txt" | tr '\n' ' ')"
 
 header() {
   echo "# QLoRA training throughput, lorad vs transformers + PEFT, same run"
@@ -53,14 +68,24 @@ for shape in $SHAPES; do
   echo "## shape $shape: $(tail -1 "$OUT/model-$shape.log")" >> "$RESULT"
   [ $BUILD_RC -eq 0 ] && run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" \
     --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 \
-    --warmup=3 --steps=8 --gradient_checkpointing=1 --output_dir="$WORK/out-$shape"
+    --warmup=3 --steps=8 --gradient_checkpointing=1 --output_dir="$WORK/out-$shape" \
+    --profile_steps="${PROFILE_STEPS:-0}"
+  [ $BUILD_RC -eq 0 ] && [ "${BENCH_TORCH_OPS:-0}" = 1 ] && run 150 "$BUILD/trainer_bench" \
+    --model="$WORK/model-$shape" --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit \
+    --micro_batch=2 --seq=2048 --warmup=3 --steps=8 --gradient_checkpointing=1 \
+    --layer_ops=torch --output_dir="$WORK/out-$shape-torch-ops" \
+    --profile_steps="${PROFILE_STEPS:-0}"
   # BENCH_OFFLOAD=1: also with the checkpointed layer inputs in pinned host memory.
   [ $BUILD_RC -eq 0 ] && [ "${BENCH_OFFLOAD:-0}" = 1 ] && run 150 "$BUILD/trainer_bench" \
     --model="$WORK/model-$shape" --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit \
     --micro_batch=2 --seq=2048 --warmup=3 --steps=8 --gradient_checkpointing=1 \
     --offload_activations=1 --output_dir="$WORK/out-$shape-offload"
-  run 150 "$PY" bench/hf_baseline.py train --model "$WORK/model-$shape" --micro-batch 2 \
-    --seq 2048 --warmup 3 --steps 8 --gradient-checkpointing
+  # BENCH_BASELINES (default auto): hf_baseline.py --base for each baseline, e.g. "bf16 nf4" for
+  # both the issue's bf16 LoRA loop and the 4-bit QLoRA one.
+  for hf_base in ${BENCH_BASELINES:-auto}; do
+    run 240 "$PY" bench/hf_baseline.py train --model "$WORK/model-$shape" --micro-batch 2 \
+      --seq 2048 --warmup 3 --steps 8 --gradient-checkpointing --base "$hf_base"
+  done
   rm -rf "$WORK/model-$shape"
   "$PY" bench/engine_bench_report.py train "$RESULT" >> "$RESULT" 2>&1
   grep -v "^step " "$RESULT"

@@ -21,6 +21,8 @@
 
 #include "bench/bench_args.h"
 #include "bench/gpu_stats.h"
+#include "bench/kernel_profile.h"
+#include "engine/model/fused_layer_ops.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
@@ -41,6 +43,14 @@ int Run(const BenchArgs& args) {
     return 2;
   }
   model_options.base = *base;
+  // --layer_ops=torch: the reference torch ops instead of the fused kernels (a before/after).
+  if (args.Get("layer_ops") == "torch") {
+    engine::SetFusedLayerOps(engine::FusedLayerOps::kOff);
+  } else if (args.Get("layer_ops") != "fused") {
+    std::fprintf(stderr, "--layer_ops must be fused or torch, got '%s'\n",
+                 args.Get("layer_ops").c_str());
+    return 2;
+  }
   if (cuda) {
     model_options.device = torch::Device(torch::kCUDA, 0);
     model_options.dtype = torch::kBFloat16;
@@ -62,13 +72,15 @@ int Run(const BenchArgs& args) {
 
   const int64_t warmup = args.Int("warmup");
   const int64_t measured = args.Int("steps");
+  const int64_t profiled = cuda ? args.Int("profile_steps") : 0;
   engine::TrainingJobConfig config;
   config.data.path = args.Get("data");
   config.data.format = "text";
   config.data.response_only = false;  // plain text: every token is trained, as in the baseline
   config.lora.r = static_cast<int>(args.Int("rank"));
   config.lora.alpha = args.Double("alpha");
-  config.max_steps = warmup + measured + 1;  // + the untimed last step that writes the adapter
+  // + the profiled steps, + the untimed last step that writes the adapter
+  config.max_steps = warmup + measured + profiled + 1;
   config.micro_batch_size = args.Int("micro_batch");
   config.grad_accum = 1;
   config.learning_rate = args.Double("lr");
@@ -126,6 +138,20 @@ int Run(const BenchArgs& args) {
   }
   const int64_t peak = GpuStats::PeakAllocatedBytes();
   const int64_t peak_reserved = GpuStats::PeakReservedBytes();
+  if (profiled > 0 && !(*trainer)->done()) {  // after the timed steps, so they are not slowed
+    KernelProfile::Start();
+    const Clock::time_point t0 = Clock::now();
+    int64_t n = 0;
+    for (; n < profiled && !(*trainer)->done(); ++n) {
+      if (auto s = (*trainer)->Step(); !s.ok()) {
+        std::fprintf(stderr, "profiled step failed: %s\n", s.ToString().c_str());
+        return 1;
+      }
+    }
+    GpuStats::Synchronize();
+    KernelProfile::StopAndPrint(
+        n, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
   if (auto s = (*trainer)->Run(); !s.ok()) {  // the last step: adapter + checkpoint
     std::fprintf(stderr, "final step failed: %s\n", s.ToString().c_str());
     return 1;
@@ -146,11 +172,11 @@ int Run(const BenchArgs& args) {
       static_cast<long long>(step_ms.size()), step_ms[step_ms.size() / 2], tokens_per_s,
       peak / kGiB, peak_reserved / kGiB);
   std::printf(
-      "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d batch=%lld "
-      "seq=%lld "
+      "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d "
+      "layer_ops=%s batch=%lld seq=%lld "
       "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
       args.Get("base").c_str(), config.optimizer.c_str(), config.gradient_checkpointing ? 1 : 0,
-      config.offload_activations ? 1 : 0,
+      config.offload_activations ? 1 : 0, args.Get("layer_ops").c_str(),
       static_cast<long long>(config.micro_batch_size),
       static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
       step_ms[step_ms.size() / 2]);
@@ -175,6 +201,8 @@ int main(int argc, char** argv) {
                                       {"steps", "10"},
                                       {"gradient_checkpointing", "0"},
                                       {"offload_activations", "0"},
+                                      {"profile_steps", "0"},
+                                      {"layer_ops", "fused"},
                                       {"output_dir", "/tmp/lorad-trainer-bench"}});
   try {
     return lorad::bench::Run(args);

@@ -6,6 +6,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
 #include "kernels/programmatic_launch.cuh"
@@ -20,6 +23,16 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ float Round(float v, float*) { return v; }
 __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// N values to p: StoreFloats for a vector, StoreAs for one.
+template <int N, typename T>
+__device__ __forceinline__ void Store(T* p, const float* v) {
+  if constexpr (N == 1) {
+    StoreAs(p, v[0]);
+  } else {
+    StoreFloats<N>(p, v);
+  }
 }
 
 // One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
@@ -69,18 +82,102 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The same per element, for training's large tensors: a thread takes 8 consecutive d of one
+// row and head's first half and their 8 partners d + half, in 16-byte loads and stores (fp32:
+// two each). Needs half % 8 == 0 and 16-byte aligned tensors.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    SiluMulKernel(const T* __restrict__ gate, const T* __restrict__ up, int64_t n,
-                  T* __restrict__ out) {
+    RotaryPairsKernel(const T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin,
+                      int64_t rows, int64_t heads, int64_t head_dim, T* __restrict__ out) {
   AllowDependents();
   WaitForPredecessor();
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float g = ToFloat(gate[i]);
-    const float silu = Round(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), out);
-    StoreAs(out + i, __fmul_rn(silu, ToFloat(up[i])));
+  const int64_t half = head_dim / 2;
+  const int64_t per_head = half / 8;
+  const int64_t n = rows * heads * per_head;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t row_head = t / per_head;
+    const int64_t d = (t - row_head * per_head) * 8;
+    const int64_t r = row_head / heads;
+    const int64_t lo = row_head * head_dim + d;
+    const int64_t angle = r * head_dim + d;
+    float x_lo[8], x_hi[8], c_lo[8], c_hi[8], s_lo[8], s_hi[8], o_lo[8], o_hi[8];
+    LoadFloats<8>(x + lo, x_lo), LoadFloats<8>(x + lo + half, x_hi);
+    LoadFloats<8>(cos + angle, c_lo), LoadFloats<8>(cos + angle + half, c_hi);
+    LoadFloats<8>(sin + angle, s_lo), LoadFloats<8>(sin + angle + half, s_hi);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      o_lo[k] = __fadd_rn(Round(__fmul_rn(x_lo[k], c_lo[k]), out),
+                          Round(__fmul_rn(-x_hi[k], s_lo[k]), out));
+      o_hi[k] = __fadd_rn(Round(__fmul_rn(x_hi[k], c_hi[k]), out),
+                          Round(__fmul_rn(x_lo[k], s_hi[k]), out));
+    }
+    StoreFloats<8>(out + lo, o_lo), StoreFloats<8>(out + lo + half, o_hi);
   }
+}
+
+// Elementwise kernels walk kVec consecutive elements per thread and step (16-byte loads and
+// stores when kVec is 8; tensors then 16-byte aligned), then the first block does the last
+// n % kVec one by one.
+template <int kVec, typename Body>
+__device__ __forceinline__ void ForEachGroup(int64_t n, Body body) {
+  const int64_t groups = n / kVec;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * kThreads) {
+    body.template Group<kVec>(g * kVec);
+  }
+  if (blockIdx.x != 0) return;
+  for (int64_t i = groups * kVec + threadIdx.x; i < n; i += kThreads) body.template Group<1>(i);
+}
+
+template <typename T>
+struct SiluMulBody {
+  const T* __restrict__ gate;
+  const T* __restrict__ up;
+  T* __restrict__ out;
+
+  template <int N>
+  __device__ __forceinline__ void Group(int64_t i) const {
+    float g[N], u[N], o[N];
+    LoadFloats<N>(gate + i, g), LoadFloats<N>(up + i, u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float silu = Round(__fdiv_rn(g[k], __fadd_rn(1.0f, expf(-g[k]))), out);
+      o[k] = __fmul_rn(silu, u[k]);
+    }
+    Store<N>(out + i, o);
+  }
+};
+
+template <typename T>
+struct SiluMulBackwardBody {
+  const T* __restrict__ gate;
+  const T* __restrict__ up;
+  const T* __restrict__ dy;
+  T* __restrict__ d_gate;
+  T* __restrict__ d_up;
+
+  template <int N>
+  __device__ __forceinline__ void Group(int64_t i) const {
+    float g[N], u[N], grad[N], dg[N], du[N];
+    LoadFloats<N>(gate + i, g), LoadFloats<N>(up + i, u), LoadFloats<N>(dy + i, grad);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float e = __fadd_rn(1.0f, expf(-g[k]));
+      const float s = __fdiv_rn(1.0f, e);
+      du[k] = __fmul_rn(grad[k], Round(__fdiv_rn(g[k], e), d_up));
+      const float d_silu = Round(__fmul_rn(grad[k], u[k]), d_gate);
+      dg[k] = d_silu * (s * (1.0f + g[k] * (1.0f - s)));
+    }
+    Store<N>(d_gate + i, dg), Store<N>(d_up + i, du);
+  }
+};
+
+template <int kVec, typename Body>
+__global__ void __launch_bounds__(kThreads) ElementwiseKernel(int64_t n, Body body) {
+  AllowDependents();
+  WaitForPredecessor();
+  ForEachGroup<kVec>(n, body);
 }
 
 // One block per row, as RmsNormKernel: two block-wide sums (of x^2 and of g * x), then the row.
@@ -123,25 +220,6 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    SiluMulBackwardKernel(const T* __restrict__ gate, const T* __restrict__ up,
-                          const T* __restrict__ dy, int64_t n, T* __restrict__ d_gate,
-                          T* __restrict__ d_up) {
-  AllowDependents();
-  WaitForPredecessor();
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float g = ToFloat(gate[i]);
-    const float grad = ToFloat(dy[i]);
-    const float e = __fadd_rn(1.0f, expf(-g));
-    const float s = __fdiv_rn(1.0f, e);
-    StoreAs(d_up + i, __fmul_rn(grad, Round(__fdiv_rn(g, e), d_up)));
-    const float d_silu = Round(__fmul_rn(grad, ToFloat(up[i])), d_gate);
-    StoreAs(d_gate + i, d_silu * (s * (1.0f + g * (1.0f - s))));
-  }
-}
-
 unsigned Blocks(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
@@ -153,6 +231,20 @@ const char* Launch(void (*kernel)(Params...), unsigned grid, int threads, cudaSt
   const cudaError_t err = LaunchMaybeOverlapped(kernel, dim3(grid), dim3(threads), 0, stream,
                                                 /*overlapped=*/true, args...);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+bool Aligned16(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// An elementwise Body over n elements: 8 per thread and step when `vec`, else one.
+template <typename Body>
+const char* LaunchElementwise(bool vec, int64_t n, cudaStream_t stream, Body body) {
+  return vec ? Launch(ElementwiseKernel<8, Body>, Blocks(n / 8), kThreads, stream, n, body)
+             : Launch(ElementwiseKernel<1, Body>, Blocks(n), kThreads, stream, n, body);
 }
 
 }  // namespace
@@ -181,15 +273,25 @@ const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKi
   const int64_t n = rows * heads * head_dim;
   if (n <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
+  const bool pairs = (head_dim / 2) % 8 == 0 && Aligned16({x, cos, sin, out});
   if (kind == FloatKind::kF32) {
-    return Launch(RotaryKernel<float>, Blocks(n), kThreads, s, static_cast<const float*>(x),
-                  static_cast<const float*>(cos), static_cast<const float*>(sin), rows, heads,
-                  head_dim, static_cast<float*>(out));
+    const auto* xf = static_cast<const float*>(x);
+    const auto* cf = static_cast<const float*>(cos);
+    const auto* sf = static_cast<const float*>(sin);
+    auto* of = static_cast<float*>(out);
+    return pairs ? Launch(RotaryPairsKernel<float>, Blocks(n / 16), kThreads, s, xf, cf, sf, rows,
+                          heads, head_dim, of)
+                 : Launch(RotaryKernel<float>, Blocks(n), kThreads, s, xf, cf, sf, rows, heads,
+                          head_dim, of);
   } else if (kind == FloatKind::kBF16) {
-    return Launch(RotaryKernel<__nv_bfloat16>, Blocks(n), kThreads, s,
-                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(cos),
-                  static_cast<const __nv_bfloat16*>(sin), rows, heads, head_dim,
-                  static_cast<__nv_bfloat16*>(out));
+    const auto* xb = static_cast<const __nv_bfloat16*>(x);
+    const auto* cb = static_cast<const __nv_bfloat16*>(cos);
+    const auto* sb = static_cast<const __nv_bfloat16*>(sin);
+    auto* ob = static_cast<__nv_bfloat16*>(out);
+    return pairs ? Launch(RotaryPairsKernel<__nv_bfloat16>, Blocks(n / 16), kThreads, s, xb, cb, sb,
+                          rows, heads, head_dim, ob)
+                 : Launch(RotaryKernel<__nv_bfloat16>, Blocks(n), kThreads, s, xb, cb, sb, rows,
+                          heads, head_dim, ob);
   } else {
     return "rotary: fp32 or bf16 only";
   }
@@ -199,13 +301,17 @@ const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int6
                           void* stream) {
   if (n <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = Aligned16({gate, up, out});
   if (kind == FloatKind::kF32) {
-    return Launch(SiluMulKernel<float>, Blocks(n), kThreads, s, static_cast<const float*>(gate),
-                  static_cast<const float*>(up), n, static_cast<float*>(out));
+    return LaunchElementwise(
+        vec, n, s,
+        SiluMulBody<float>{static_cast<const float*>(gate), static_cast<const float*>(up),
+                           static_cast<float*>(out)});
   } else if (kind == FloatKind::kBF16) {
-    return Launch(SiluMulKernel<__nv_bfloat16>, Blocks(n), kThreads, s,
-                  static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up), n,
-                  static_cast<__nv_bfloat16*>(out));
+    return LaunchElementwise(vec, n, s,
+                             SiluMulBody<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(gate),
+                                                        static_cast<const __nv_bfloat16*>(up),
+                                                        static_cast<__nv_bfloat16*>(out)});
   } else {
     return "silu_mul: fp32 or bf16 only";
   }
@@ -236,16 +342,20 @@ const char* silu_mul_backward_cuda(const void* gate, const void* up, const void*
                                    int64_t n, void* d_gate, void* d_up, void* stream) {
   if (n <= 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = Aligned16({gate, up, dy, d_gate, d_up});
   if (kind == FloatKind::kF32) {
-    return Launch(SiluMulBackwardKernel<float>, Blocks(n), kThreads, s,
-                  static_cast<const float*>(gate), static_cast<const float*>(up),
-                  static_cast<const float*>(dy), n, static_cast<float*>(d_gate),
-                  static_cast<float*>(d_up));
+    return LaunchElementwise(
+        vec, n, s,
+        SiluMulBackwardBody<float>{static_cast<const float*>(gate), static_cast<const float*>(up),
+                                   static_cast<const float*>(dy), static_cast<float*>(d_gate),
+                                   static_cast<float*>(d_up)});
   } else if (kind == FloatKind::kBF16) {
-    return Launch(SiluMulBackwardKernel<__nv_bfloat16>, Blocks(n), kThreads, s,
-                  static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up),
-                  static_cast<const __nv_bfloat16*>(dy), n, static_cast<__nv_bfloat16*>(d_gate),
-                  static_cast<__nv_bfloat16*>(d_up));
+    return LaunchElementwise(
+        vec, n, s,
+        SiluMulBackwardBody<__nv_bfloat16>{
+            static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up),
+            static_cast<const __nv_bfloat16*>(dy), static_cast<__nv_bfloat16*>(d_gate),
+            static_cast<__nv_bfloat16*>(d_up)});
   } else {
     return "silu_mul_backward: fp32 or bf16 only";
   }

@@ -6,8 +6,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "kernels/device_float.cuh"
+#include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
+#include "kernels/programmatic_launch.cuh"
 #include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
@@ -99,6 +103,85 @@ const char* LastError() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// Where a dequantizing kernel finds block b's absmax: an fp32 array, or rebuilt from the
+// double-quantized codes as Nf4Absmax specifies (multiply, then add: two roundings).
+struct FloatAbsmax {
+  const float* values;
+  __device__ __forceinline__ float operator()(int64_t b) const { return values[b]; }
+};
+struct DoubleQuantAbsmax {
+  Nf4Absmax a;
+  __device__ __forceinline__ float operator()(int64_t b) const {
+    return __fadd_rn(__fmul_rn(a.code2[a.qabsmax[b]], a.absmax2[b / kDynamicQuant8BlockSize]),
+                     a.offset);
+  }
+};
+
+constexpr int kDequantThreads = 256;
+constexpr int kDequantGroup = 16;  // values per thread and step: 8 packed bytes
+
+// Training dequantizes every projection three times a step, so this runs at memory speed: each
+// thread loads 8 packed bytes at once and writes their 16 values in 16-byte stores, with one
+// absmax (an NF4 block is 4 groups). packed 8-byte and out 16-byte aligned; the last n % 16
+// values go through the first block one by one.
+template <typename T, typename AbsmaxAt>
+__global__ void __launch_bounds__(kDequantThreads)
+    nf4_dequantize_groups_kernel(const uint8_t* __restrict__ packed, AbsmaxAt absmax_at, int64_t n,
+                                 T* __restrict__ out, Nf4Tables tables) {
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = tables.code[threadIdx.x];
+  __syncthreads();
+  const int64_t groups = n / kDequantGroup;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(kDequantThreads) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * kDequantThreads) {
+    const uint2 bytes = __ldg(reinterpret_cast<const uint2*>(packed) + g);
+    const float scale = absmax_at(g / (kNf4BlockSize / kDequantGroup));
+    float v[16];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t byte = ((k < 4 ? bytes.x : bytes.y) >> (8 * (k & 3))) & 0xFF;
+      v[2 * k] = __fmul_rn(code[byte >> 4], scale);
+      v[2 * k + 1] = __fmul_rn(code[byte & 0x0F], scale);
+    }
+    StoreFloats<kDequantGroup>(out + g * kDequantGroup, v);
+  }
+  if (blockIdx.x != 0) return;
+  for (int64_t i = groups * kDequantGroup + threadIdx.x; i < n; i += kDequantThreads) {
+    const uint8_t byte = packed[i / 2];
+    const uint8_t index = i % 2 == 0 ? byte >> 4 : byte & 0x0F;
+    out[i] = FromFloat<T>(__fmul_rn(code[index], absmax_at(i / kNf4BlockSize)));
+  }
+}
+
+template <typename AbsmaxAt>
+const char* DequantizeGroups(const uint8_t* packed, AbsmaxAt absmax_at, int64_t n, void* out,
+                             FloatKind out_kind, cudaStream_t stream) {
+  const int64_t groups = n / kDequantGroup;
+  const int64_t grid = std::max<int64_t>(
+      1,
+      std::min<int64_t>((groups + kDequantThreads - 1) / kDequantThreads, int64_t{SmCount()} * 16));
+  const Nf4Tables tables = MakeTables();
+  switch (out_kind) {
+    case FloatKind::kF32:
+      nf4_dequantize_groups_kernel<<<grid, kDequantThreads, 0, stream>>>(
+          packed, absmax_at, n, static_cast<float*>(out), tables);
+      break;
+    case FloatKind::kBF16:
+      nf4_dequantize_groups_kernel<<<grid, kDequantThreads, 0, stream>>>(
+          packed, absmax_at, n, static_cast<__nv_bfloat16*>(out), tables);
+      break;
+    case FloatKind::kF16:
+      nf4_dequantize_groups_kernel<<<grid, kDequantThreads, 0, stream>>>(
+          packed, absmax_at, n, static_cast<__half*>(out), tables);
+      break;
+  }
+  return LastError();
+}
+
+bool GroupsAligned(const uint8_t* packed, const void* out) {
+  return reinterpret_cast<uintptr_t>(packed) % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+}
+
 }  // namespace
 
 const char* nf4_quantize_cuda(const void* w, FloatKind w_kind, int64_t n, uint8_t* packed,
@@ -128,6 +211,10 @@ const char* nf4_quantize_cuda(const void* w, FloatKind w_kind, int64_t n, uint8_
 const char* nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, int64_t n, void* out,
                                 FloatKind out_kind, void* stream) {
   if (n <= 0) return nullptr;
+  if (GroupsAligned(packed, out)) {
+    return DequantizeGroups(packed, FloatAbsmax{absmax}, n, out, out_kind,
+                            static_cast<cudaStream_t>(stream));
+  }
   constexpr int kThreads = 256;
   const int64_t grid = (Nf4PackedBytes(n) + kThreads - 1) / kThreads;
   const auto s = static_cast<cudaStream_t>(stream);
@@ -147,6 +234,14 @@ const char* nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, int6
       break;
   }
   return LastError();
+}
+
+const char* nf4_dequantize_double_cuda(const uint8_t* packed, const Nf4Absmax& absmax, int64_t n,
+                                       void* out, FloatKind out_kind, void* stream) {
+  if (n <= 0) return nullptr;
+  if (!GroupsAligned(packed, out)) return "nf4_dequantize_double: packed or out misaligned";
+  return DequantizeGroups(packed, DoubleQuantAbsmax{absmax}, n, out, out_kind,
+                          static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace lorad::kernels

@@ -104,6 +104,11 @@ const char* nf4_quantize_cuda(const void* w, FloatKind w_kind, int64_t n, uint8_
 // out: [n] of `out_kind`.
 const char* nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, int64_t n, void* out,
                                 FloatKind out_kind, void* stream);
+// The same from the double-quantized absmax, rebuilt as Nf4Absmax says inside the one kernel
+// (dynamic_quant8_dequantize_cpu then nf4_dequantize_cpu, bit for bit). packed must be 8-byte and
+// out 16-byte aligned (what torch allocations are).
+const char* nf4_dequantize_double_cuda(const uint8_t* packed, const Nf4Absmax& absmax, int64_t n,
+                                       void* out, FloatKind out_kind, void* stream);
 #endif
 
 }  // namespace lorad::kernels

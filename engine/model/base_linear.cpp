@@ -1,23 +1,37 @@
 #include "engine/model/base_linear.h"
 
+#include "engine/model/checkpointed_call.h"
+
 namespace lorad::engine {
 namespace {
 
-// y = x W^T with W in NF4. Saves nothing but the (shared, immutable) quantized weight; backward
-// dequantizes again: dx = dy W.
+// y = x W^T with W in NF4. Saves the (shared, immutable) quantized weight; backward dequantizes
+// again, dx = dy W, except in a checkpointed layer's recompute, whose backward follows at once:
+// there the forward keeps its dequantized W for it (one dequantization fewer per projection and
+// step, for one layer's weights in 16-bit at a time).
 class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const Nf4Tensor* weight) {
     ctx->saved_data["weight"] = reinterpret_cast<int64_t>(weight);
-    return weight->Linear(x);
+    if (!InCheckpointRecompute()) return weight->Linear(x);
+    const torch::Tensor w = weight->Dequantize(x.scalar_type());
+    ctx->saved_data["dequantized"] = w;
+    return torch::matmul(x, w.t());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto* weight = reinterpret_cast<const Nf4Tensor*>(ctx->saved_data["weight"].toInt());
     const torch::Tensor& dy = grads[0];
-    return {torch::matmul(dy, weight->Dequantize(dy.scalar_type())), torch::Tensor()};
+    torch::Tensor w;
+    if (auto it = ctx->saved_data.find("dequantized"); it != ctx->saved_data.end()) {
+      w = it->second.toTensor();
+      ctx->saved_data.erase(it);  // free it with this node's backward, not with the graph
+    } else {
+      w = reinterpret_cast<const Nf4Tensor*>(ctx->saved_data["weight"].toInt())
+              ->Dequantize(dy.scalar_type());
+    }
+    return {torch::matmul(dy, w.to(dy.scalar_type())), torch::Tensor()};
   }
 };
 

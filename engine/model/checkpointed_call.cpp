@@ -14,6 +14,8 @@
 namespace lorad::engine {
 namespace {
 
+thread_local int recomputing = 0;  // CheckpointFunction::backward calls in their recompute
+
 // The random generators a piece may draw from: the CPU one, and the current CUDA device's.
 struct RngState {
   torch::Tensor cpu;
@@ -73,7 +75,8 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     saved->fn = std::move(fn);
     saved->device = x.device();
     if (offload && x.is_cuda()) {
-      saved->offloaded = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
+      saved->offloaded =
+          torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
       saved->offloaded.copy_(x.detach(), /*non_blocking=*/true);
       ctx->save_for_backward({});
     } else {
@@ -93,9 +96,8 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     const auto saved =
         c10::static_intrusive_pointer_cast<Saved>(ctx->saved_data["saved"].toCapsule());
     const torch::Tensor x =
-        (saved->offloaded.defined()
-             ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
-             : ctx->get_saved_variables()[0].detach())
+        (saved->offloaded.defined() ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
+                                    : ctx->get_saved_variables()[0].detach())
             .requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
     const RngState now = RngState::Capture(x.is_cuda());
@@ -103,7 +105,14 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor y;
     {
       torch::AutoGradMode grad(true);
-      y = saved->fn(x);
+      ++recomputing;
+      try {
+        y = saved->fn(x);
+      } catch (...) {
+        --recomputing;
+        throw;
+      }
+      --recomputing;
     }
     now.Restore();
     torch::autograd::backward({y}, {grads[0]});
@@ -112,6 +121,8 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
 };
 
 }  // namespace
+
+bool InCheckpointRecompute() { return recomputing > 0; }
 
 torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload) {
   return CheckpointFunction::apply(x, std::move(fn), offload);

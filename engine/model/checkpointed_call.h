@@ -23,4 +23,10 @@ using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
 // backward, at the cost of a copy each way. A CPU `x` is kept as it is.
 torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false);
 
+// True on this thread while a checkpointed piece recomputes its forward for backward. The
+// piece's backward follows at once, so an op may keep more for it (the NF4 base projections keep
+// their dequantized weight instead of dequantizing it again): the memory lasts one piece's
+// backward, not the whole forward's.
+bool InCheckpointRecompute();
+
 }  // namespace lorad::engine

@@ -320,27 +320,44 @@ torch::Tensor Nf4Tensor::Absmax() const {
 #endif
 }
 
+#if defined(LORAD_WITH_CUDA)
+namespace {
+
+// The kernels' view of w's double-quantized absmax.
+kernels::Nf4Absmax AbsmaxOf(const Nf4Tensor& w) {
+  kernels::Nf4Absmax absmax;
+  absmax.qabsmax = w.qabsmax.data_ptr<uint8_t>();
+  absmax.absmax2 = w.absmax2.data_ptr<float>();
+  absmax.code2 = w.code2.data_ptr<float>();
+  absmax.offset = w.offset;
+  return absmax;
+}
+
+}  // namespace
+#endif
+
 torch::Tensor Nf4Tensor::Dequantize(torch::ScalarType out_dtype) const {
   TORCH_CHECK(packed.defined(), "Nf4Tensor::Dequantize: empty tensor");
   TORCH_CHECK(c10::isFloatingType(out_dtype), "Nf4Tensor::Dequantize: ", c10::toString(out_dtype),
               " is not a float dtype");
   const int64_t n = numel();
-  const torch::Tensor absmax = Absmax();
   if (device().is_cpu()) {
+    const torch::Tensor absmax = Absmax();
     torch::Tensor out = torch::empty({n}, absmax.options());
     kernels::nf4_dequantize_cpu(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
                                 out.data_ptr<float>());
     return out.view(shape).to(out_dtype);
   }
 #if defined(LORAD_WITH_CUDA)
+  // One kernel rebuilds each block's absmax from the double-quantized codes as it goes.
   const auto kind = FloatKindOf(out_dtype);
   const auto kernel_dtype = kind ? out_dtype : torch::kFloat;
-  torch::Tensor out = torch::empty({n}, absmax.options().dtype(kernel_dtype));
+  torch::Tensor out = torch::empty({n}, absmax2.options().dtype(kernel_dtype));
   const c10::cuda::CUDAGuard guard(device());
-  CheckLaunch(kernels::nf4_dequantize_cuda(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                           out.data_ptr(), kind.value_or(FloatKind::kF32),
-                                           CurrentStream(device())),
-              "nf4_dequantize_cuda");
+  CheckLaunch(kernels::nf4_dequantize_double_cuda(packed.data_ptr<uint8_t>(), AbsmaxOf(*this), n,
+                                                  out.data_ptr(), kind.value_or(FloatKind::kF32),
+                                                  CurrentStream(device())),
+              "nf4_dequantize_double_cuda");
   return out.view(shape).to(out_dtype);
 #else
   TORCH_CHECK(false, "Nf4Tensor: no NF4 kernels for ", device().str(), " in this build");
@@ -364,15 +381,6 @@ torch::Tensor KernelInput(const torch::Tensor& x) {
   torch::Tensor x2 = x.contiguous();
   if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();
   return x2;
-}
-
-kernels::Nf4Absmax AbsmaxOf(const Nf4Tensor& w) {
-  kernels::Nf4Absmax absmax;
-  absmax.qabsmax = w.qabsmax.data_ptr<uint8_t>();
-  absmax.absmax2 = w.absmax2.data_ptr<float>();
-  absmax.code2 = w.code2.data_ptr<float>();
-  absmax.offset = w.offset;
-  return absmax;
 }
 
 torch::Tensor OutputFor(const torch::Tensor& x, int64_t out_features) {

@@ -128,7 +128,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Nf4DequantizeGpu,
 // compress_statistics=True: the absmax is stored as 8-bit codes (blocks of 256, mean offset) and
 // rebuilt on the device (dynamic_quant8_dequantize_cuda) before dequantizing the weights.
 TEST(Nf4DoubleQuantGpu, DequantizeThroughTheDoubleQuantizedAbsmax) {
-  for (const int64_t n : {int64_t{4096} * 4096, int64_t{1000001}}) {
+  for (const int64_t n : {int64_t{4096} * 4096, int64_t{1000001}, int64_t{77}}) {
     const std::vector<float> w = Weights(n, 99);
     std::vector<uint8_t> packed(Nf4PackedBytes(n));
     const int64_t blocks = Nf4Blocks(n);
@@ -156,6 +156,23 @@ TEST(Nf4DoubleQuantGpu, DequantizeThroughTheDoubleQuantizedAbsmax) {
     LORAD_ASSERT_LAUNCH(nf4_dequantize_cuda(packed_d.get(), absmax_dq_d.get(), n, out.get(),
                                             FloatKind::kF32, nullptr));
     EXPECT_EQ(Mismatches(out.Read().data(), ref.data(), n, 4), 0) << n;
+
+    // The fused kernel: the absmax rebuilt inside it, fp32 and bf16 out.
+    Nf4Absmax fused;
+    fused.qabsmax = qabsmax_d.get();
+    fused.absmax2 = absmax2_d.get();
+    fused.code2 = code_d.get();
+    fused.offset = offset;
+    GpuBuffer<float> out_fused(n);
+    LORAD_ASSERT_LAUNCH(nf4_dequantize_double_cuda(packed_d.get(), fused, n, out_fused.get(),
+                                                   FloatKind::kF32, nullptr));
+    EXPECT_EQ(Mismatches(out_fused.Read().data(), ref.data(), n, 4), 0) << "fused fp32, " << n;
+    GpuBuffer<uint16_t> out_bf16(n);
+    LORAD_ASSERT_LAUNCH(nf4_dequantize_double_cuda(packed_d.get(), fused, n, out_bf16.get(),
+                                                   FloatKind::kBF16, nullptr));
+    std::vector<uint16_t> want(n);
+    for (int64_t i = 0; i < n; ++i) want[i] = float_to_bf16(ref[i]);
+    EXPECT_EQ(Mismatches(out_bf16.Read().data(), want.data(), n, 2), 0) << "fused bf16, " << n;
   }
 }
 
