@@ -5,10 +5,6 @@
 #include "engine/model/kernel_launch.h"
 #include "kernels/layer_ops.h"
 
-#if defined(LORAD_WITH_CUDA)
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace lorad::engine {
 namespace {
 
@@ -24,23 +20,6 @@ bool Records(std::initializer_list<const torch::Tensor*> inputs) {
     if (t->requires_grad()) return true;
   }
   return false;
-}
-
-// Calls a layer-ops kernel: its CPU reference for CPU tensors, its CUDA version on the tensors'
-// device. `cpu` and `cuda` take the same arguments but the stream.
-template <typename Cpu, typename Cuda>
-void RunKernel(const torch::Tensor& on, const char* name, Cpu cpu, Cuda cuda) {
-  if (on.is_cpu()) {
-    cpu();
-    return;
-  }
-#if defined(LORAD_WITH_CUDA)
-  const c10::cuda::CUDAGuard guard(on.device());
-  CheckLaunch(cuda(CurrentStream(on.device())), name);
-#else
-  (void)name;
-  (void)cuda;
-#endif
 }
 
 torch::Tensor RmsNormKernel(const torch::Tensor& x, const torch::Tensor& weight, double eps) {

@@ -10,6 +10,7 @@
 #include "kernels/float_kind.h"
 
 #if defined(LORAD_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -40,5 +41,23 @@ inline void* CurrentStream(const torch::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 #endif
+
+// Runs a kernel of kernels/ on the device of `on`: `cpu()` (the CPU reference) for a CPU tensor,
+// else `cuda(stream)` on that device's current stream, whose error string becomes a c10::Error
+// naming `what`.
+template <typename Cpu, typename Cuda>
+void RunKernel(const torch::Tensor& on, const char* what, Cpu cpu, Cuda cuda) {
+  if (on.is_cpu()) {
+    cpu();
+    return;
+  }
+#if defined(LORAD_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(on.device());
+  CheckLaunch(cuda(CurrentStream(on.device())), what);
+#else
+  (void)cuda;
+  TORCH_CHECK(false, what, ": no CUDA kernels in this build for ", on.device().str());
+#endif
+}
 
 }  // namespace lorad::engine

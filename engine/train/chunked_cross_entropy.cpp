@@ -2,29 +2,50 @@
 
 #include <algorithm>
 
+#include "engine/model/kernel_launch.h"
+#include "kernels/cross_entropy.h"
+
 namespace lorad::engine {
 namespace {
 
-// Loss and d(loss)/d(hidden) of one chunk. h [n, H], targets [n].
+// Loss and d(loss)/d(hidden) of one chunk. h [n, H], targets [n]. The loss rows and the
+// gradient of the logits come from one kernel (kernels/cross_entropy.h) on the logits as the
+// lm_head product left them (fp32 or bf16).
 std::pair<torch::Tensor, torch::Tensor> ChunkLossAndGrad(const torch::Tensor& h,
                                                          const torch::Tensor& w,
                                                          const torch::Tensor& targets,
                                                          int64_t ignore_index, bool want_grad) {
-  const torch::Tensor logits = torch::linear(h, w).to(torch::kFloat);  // [n, V]
-  const torch::Tensor valid = targets != ignore_index;                 // [n]
-  const torch::Tensor safe = torch::where(valid, targets, torch::zeros_like(targets));
-  const torch::Tensor lse = torch::logsumexp(logits, -1);                    // [n]
-  const torch::Tensor picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1);  // [n]
-  const torch::Tensor loss = ((lse - picked) * valid.to(torch::kFloat)).sum();
+  torch::Tensor logits = torch::linear(h, w);  // [n, V]
+  if (logits.scalar_type() != torch::kFloat && logits.scalar_type() != torch::kBFloat16) {
+    logits = logits.to(torch::kFloat);
+  }
+  logits = logits.contiguous();
+  // The kernel skips targets outside the vocabulary: the ignored ones become -1.
+  const torch::Tensor t =
+      torch::where(targets == ignore_index, torch::full_like(targets, -1), targets).contiguous();
+  const int64_t rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const kernels::FloatKind kind = *FloatKindOf(logits.scalar_type());
+  torch::Tensor loss_rows = torch::empty({rows}, logits.options().dtype(torch::kFloat));
+  torch::Tensor grad = want_grad ? torch::empty_like(logits) : torch::Tensor();
+  void* grad_ptr = want_grad ? grad.data_ptr() : nullptr;
+  RunKernel(
+      logits, "cross_entropy_rows_cuda",
+      [&] {
+        kernels::cross_entropy_rows_cpu(logits.data_ptr(), kind, t.data_ptr<int64_t>(), rows, vocab,
+                                        loss_rows.data_ptr<float>(), grad_ptr);
+      },
+      [&](void* stream) {
+        return kernels::cross_entropy_rows_cuda(logits.data_ptr(), kind, t.data_ptr<int64_t>(),
+                                                rows, vocab, loss_rows.data_ptr<float>(), grad_ptr,
+                                                stream);
+      });
+  const torch::Tensor loss = loss_rows.sum();
   if (!want_grad) return {loss, torch::Tensor()};
-  torch::Tensor g = torch::exp(logits - lse.unsqueeze(1));  // softmax, [n, V]
-  g.scatter_add_(1, safe.unsqueeze(1), -torch::ones({g.size(0), 1}, g.options()));
-  g.mul_(valid.to(torch::kFloat).unsqueeze(1));
-  return {loss, torch::matmul(g.to(h.scalar_type()), w)};  // [n, H]
+  return {loss, torch::matmul(grad.to(h.scalar_type()), w)};  // [n, H]
 }
 
-class ChunkedCrossEntropyFunction
-    : public torch::autograd::Function<ChunkedCrossEntropyFunction> {
+class ChunkedCrossEntropyFunction : public torch::autograd::Function<ChunkedCrossEntropyFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
                                const torch::Tensor& lm_head, const torch::Tensor& targets,
