@@ -49,8 +49,9 @@ header() {
   echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
   echo "# $("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
   echo "# batch 2 x 2048 tokens, r=16 alpha=16 on all seven projections, gradient checkpointing on both sides,"
-  echo "# 3 warm-up steps then 8 timed. lorad: NF4 base + 8-bit AdamW (QLoRA). Baseline: hf_baseline.py --base auto"
-  echo "# (4-bit base + bitsandbytes' 8-bit AdamW when bitsandbytes is carried, else bf16 base + torch AdamW)."
+  echo "# 3 warm-up steps then 8 timed. lorad: NF4 base + 8-bit AdamW (QLoRA). Baselines: hf_baseline.py --base"
+  echo "# ${BENCH_BASELINES:-auto} (nf4: 4-bit base + bitsandbytes' 8-bit AdamW; bf16: bf16 base + torch AdamW;"
+  echo "# auto: nf4 when bitsandbytes is carried, else bf16)."
   baseline_note
   echo
 }

@@ -49,15 +49,6 @@ __device__ __forceinline__ MaxSum WarpMerge(MaxSum v) {
   return v;
 }
 
-template <int N, typename T>
-__device__ __forceinline__ void StoreGroup(T* p, const float* v) {
-  if constexpr (N == 1) {
-    StoreAs(p, v[0]);
-  } else {
-    StoreFloats<N>(p, v);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     CrossEntropyRowsKernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
@@ -75,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     if (grad_row == nullptr) return;
     const float zeros[kVec] = {};
     for (int64_t g = threadIdx.x; g < groups; g += kThreads)
-      StoreGroup<kVec>(grad_row + g * kVec, zeros);
+      StoreFloats<kVec>(grad_row + g * kVec, zeros);
     for (int64_t j = groups * kVec + threadIdx.x; j < vocab; j += kThreads)
       StoreAs(grad_row + j, 0.0f);
     return;
@@ -111,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
       const float p = expf(v[k] - lse);
       v[k] = g * kVec + k == t ? p - 1.0f : p;
     }
-    StoreGroup<kVec>(grad_row + g * kVec, v);
+    StoreFloats<kVec>(grad_row + g * kVec, v);
   }
   for (int64_t j = groups * kVec + threadIdx.x; j < vocab; j += kThreads) {
     const float p = expf(ToFloat(row[j]) - lse);

@@ -73,14 +73,19 @@ __device__ __forceinline__ void LoadFloats(const __nv_bfloat16* p, float* out) {
   }
 }
 
-// N values into consecutive elements at p in the widest stores: p aligned to 16 bytes, N a
-// multiple of 4 (fp32) or 8 (bf16, fp16); each value rounded to nearest even.
+// N values into consecutive elements at p, each rounded to nearest even: one plain store for
+// N == 1, else 16-byte stores (p 16-byte aligned, N a multiple of 4 for fp32, of 8 for bf16 and
+// fp16).
 template <int N>
 __device__ __forceinline__ void StoreFloats(float* p, const float* v) {
-  static_assert(N % 4 == 0, "StoreFloats<N>(float*): N must be a multiple of 4");
+  static_assert(N == 1 || N % 4 == 0, "StoreFloats<N>(float*): N must be 1 or a multiple of 4");
+  if constexpr (N == 1) {
+    *p = v[0];
+  } else {
 #pragma unroll
-  for (int i = 0; i < N; i += 4) {
-    *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    for (int i = 0; i < N; i += 4) {
+      *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    }
   }
 }
 
@@ -93,15 +98,19 @@ __device__ __forceinline__ __half RoundTo(float v, __half*) { return __float2hal
 
 template <int N, typename T>
 __device__ __forceinline__ void StoreFloats(T* p, const float* v) {
-  static_assert(N % 8 == 0, "StoreFloats<N>(16-bit*): N must be a multiple of 8");
+  static_assert(N == 1 || N % 8 == 0, "StoreFloats<N>(16-bit*): N must be 1 or a multiple of 8");
+  if constexpr (N == 1) {
+    *p = RoundTo(v[0], p);
+  } else {
 #pragma unroll
-  for (int i = 0; i < N; i += 8) {
-    uint32_t w[4];
+    for (int i = 0; i < N; i += 8) {
+      uint32_t w[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      w[k] = BitsOf(RoundTo(v[i + 2 * k], p)) | BitsOf(RoundTo(v[i + 2 * k + 1], p)) << 16;
+      for (int k = 0; k < 4; ++k) {
+        w[k] = BitsOf(RoundTo(v[i + 2 * k], p)) | BitsOf(RoundTo(v[i + 2 * k + 1], p)) << 16;
+      }
+      *reinterpret_cast<uint4*>(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
     }
-    *reinterpret_cast<uint4*>(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 

@@ -25,16 +25,6 @@ __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-// N values to p: StoreFloats for a vector, StoreAs for one.
-template <int N, typename T>
-__device__ __forceinline__ void Store(T* p, const float* v) {
-  if constexpr (N == 1) {
-    StoreAs(p, v[0]);
-  } else {
-    StoreFloats<N>(p, v);
-  }
-}
-
 // One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads)
@@ -145,7 +135,7 @@ struct SiluMulBody {
       const float silu = Round(__fdiv_rn(g[k], __fadd_rn(1.0f, expf(-g[k]))), out);
       o[k] = __fmul_rn(silu, u[k]);
     }
-    Store<N>(out + i, o);
+    StoreFloats<N>(out + i, o);
   }
 };
 
@@ -169,7 +159,7 @@ struct SiluMulBackwardBody {
       const float d_silu = Round(__fmul_rn(grad[k], u[k]), d_gate);
       dg[k] = d_silu * (s * (1.0f + g[k] * (1.0f - s)));
     }
-    Store<N>(d_gate + i, dg), Store<N>(d_up + i, du);
+    StoreFloats<N>(d_gate + i, dg), StoreFloats<N>(d_up + i, du);
   }
 };
 
