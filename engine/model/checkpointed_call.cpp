@@ -16,6 +16,14 @@ namespace {
 
 thread_local int recomputing = 0;  // CheckpointFunction::backward calls in their recompute
 
+// Marks this thread as recomputing while it lives (InCheckpointRecompute).
+struct RecomputeScope {
+  RecomputeScope() { ++recomputing; }
+  ~RecomputeScope() { --recomputing; }
+  RecomputeScope(const RecomputeScope&) = delete;
+  RecomputeScope& operator=(const RecomputeScope&) = delete;
+};
+
 // The random generators a piece may draw from: the CPU one, and the current CUDA device's.
 struct RngState {
   torch::Tensor cpu;
@@ -105,14 +113,8 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor y;
     {
       torch::AutoGradMode grad(true);
-      ++recomputing;
-      try {
-        y = saved->fn(x);
-      } catch (...) {
-        --recomputing;
-        throw;
-      }
-      --recomputing;
+      const RecomputeScope recompute;
+      y = saved->fn(x);
     }
     now.Restore();
     torch::autograd::backward({y}, {grads[0]});
