@@ -29,11 +29,18 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
                                              int64_t element_bytes) {
   TrainingMemoryEstimate e;
   int64_t lora_params = 0;
-  int64_t largest_weight = 0;
   for (const std::string& target : config.lora.target_modules) {
     const Shape s = ProjectionShape(model, target);
     lora_params += config.lora.r * (s.in + s.out);
+  }
+  // Every base projection is dequantized, targeted or not.
+  int64_t largest_weight = 0;
+  int64_t layer_weights = 0;
+  for (const char* name :
+       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}) {
+    const Shape s = ProjectionShape(model, name);
     largest_weight = std::max(largest_weight, s.in * s.out);
+    layer_weights += s.in * s.out;
   }
   lora_params *= model.num_hidden_layers;
   // fp32 weights and gradients; AdamW keeps two fp32 moments, 8-bit AdamW two bytes (+ scales).
@@ -50,9 +57,15 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
   e.activation_bytes = config.gradient_checkpointing
                            ? model.num_hidden_layers * tokens * h * element_bytes + layer
                            : model.num_hidden_layers * layer;
-  const int64_t logits_chunk =
-      std::min(tokens, config.loss_chunk_tokens) * model.vocab_size * 4 * 2;  // + its gradient
-  e.workspace_bytes = 2 * largest_weight * element_bytes + logits_chunk + tokens * h * 4;
+  // A chunk of logits and their gradient: 8 bytes a logit covers fp32, and fp16's fp32 copy
+  // (bf16 needs 4).
+  const int64_t logits_chunk = std::min(tokens, config.loss_chunk_tokens) * model.vocab_size * 8;
+  // Dequantized base weights: a checkpointed layer's recompute keeps all seven for the backward
+  // that follows (engine/model/base_linear.cpp); otherwise a projection's forward and backward
+  // each dequantize one at a time.
+  const int64_t dequantized =
+      config.gradient_checkpointing ? layer_weights + largest_weight : 2 * largest_weight;
+  e.workspace_bytes = dequantized * element_bytes + logits_chunk + tokens * h * 4;
   return e;
 }
 

@@ -38,6 +38,10 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
   // r=16 on all seven projections of the 8B shape is 41.9M LoRA parameters (as PEFT counts
   // them): fp32 weight + gradient + two 8-bit moments.
   EXPECT_EQ(base.lora_bytes, int64_t{41943040} * 10);
+  // A checkpointed layer's backward keeps its seven dequantized base weights (218M elements at
+  // the 8B shape), more than the two at a time of a plain backward.
+  EXPECT_GE(base.workspace_bytes, int64_t{218103808} * 2);
+  EXPECT_GT(base.workspace_bytes, EstimateTrainingBytes(Llama3_8B(), no_ckpt, 2).workspace_bytes);
 }
 
 }  // namespace
