@@ -12,6 +12,7 @@
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/rope.h"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace lorad::engine {
 namespace {
@@ -152,35 +153,13 @@ TEST(FusedLayerOpsTest, TrainingLossAndLoraGradientsEqualTheTorchOps) {
   ASSERT_TRUE(model.ok()) << model.status();
   LoraConfig config;
   config.r = 4;
+  torch::manual_seed(4);
+  const torch::Tensor ids = torch::randint(3, 500, {2, 12}, torch::kLong);
   auto run = [&](FusedLayerOps mode) {
     SetFusedLayerOps(mode);
-    auto adapter = LoraAdapter::Init((*model)->config(), config, 1);
-    EXPECT_TRUE(adapter.ok());
-    {
-      torch::NoGradGuard no_grad;
-      torch::manual_seed(3);
-      for (auto& [path, pair] : adapter->layers) pair.b.normal_(0, 0.05);  // B = 0 hides A's
-    }
-    for (auto& [path, pair] : adapter->layers) {
-      pair.a.requires_grad_(true);
-      pair.b.requires_grad_(true);
-    }
-    torch::manual_seed(4);
-    const torch::Tensor ids = torch::randint(3, 500, {2, 12}, torch::kLong);
     ForwardOptions options;
-    options.adapter = &*adapter;
-    options.train = true;
     options.checkpoint_layers = true;
-    torch::AutoGradMode grad(true);
-    auto loss = (*model)->Loss({ids, {}}, ids, options);
-    EXPECT_TRUE(loss.ok()) << loss.status();
-    loss->backward();
-    std::vector<torch::Tensor> out = {loss->detach()};
-    for (auto& [path, pair] : adapter->layers) {
-      out.push_back(pair.a.grad().clone());
-      out.push_back(pair.b.grad().clone());
-    }
-    return out;
+    return test_fixtures::LossAndLoraGradients(**model, config, {ids, {}}, options);
   };
   const auto reference = run(FusedLayerOps::kOff);
   const auto fused = run(FusedLayerOps::kAlsoOnCpu);

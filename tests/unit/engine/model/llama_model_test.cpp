@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "nlohmann/json.hpp"
+#include "tests/unit/engine/tiny_model.h"
 
 namespace lorad::engine {
 namespace {
@@ -320,32 +321,11 @@ TEST(LlamaModelTest, CheckpointedLayersGiveTheSameLossAndGradients) {
   LoraConfig config;
   config.r = 4;
   config.dropout = 0.2;
+  const ForwardBatch batch = Tokens({{1, 2, 3, 4, 5}, {6, 7, 8}});
   auto run = [&](bool checkpoint) {
-    torch::manual_seed(3);
-    auto adapter = LoraAdapter::Init(model->config(), config, 1);
-    EXPECT_TRUE(adapter.ok());
-    torch::NoGradGuard no_grad;
-    for (auto& [path, pair] : adapter->layers) pair.b.normal_(0, 0.05);  // B = 0 hides A's grads
-    for (auto& [path, pair] : adapter->layers) {
-      pair.a.requires_grad_(true);
-      pair.b.requires_grad_(true);
-    }
-    ForwardBatch batch = Tokens({{1, 2, 3, 4, 5}, {6, 7, 8}});
     ForwardOptions options;
-    options.adapter = &*adapter;
-    options.train = true;
     options.checkpoint_layers = checkpoint;
-    torch::manual_seed(5);
-    torch::AutoGradMode grad(true);
-    auto loss = model->Loss(batch, batch.input_ids.clone(), options);
-    EXPECT_TRUE(loss.ok()) << loss.status();
-    loss->backward();
-    std::vector<torch::Tensor> out = {loss->detach()};
-    for (auto& [path, pair] : adapter->layers) {
-      out.push_back(pair.a.grad().clone());
-      out.push_back(pair.b.grad().clone());
-    }
-    return out;
+    return test_fixtures::LossAndLoraGradients(*model, config, batch, options);
   };
   const auto plain = run(false);
   const auto checkpointed = run(true);
