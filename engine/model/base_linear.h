@@ -5,7 +5,8 @@
 //
 // The NF4 path records no dequantized weight for backward: a custom autograd function
 // dequantizes again in backward (dx = dy W), as QLoRA does, so training memory holds 4-bit
-// weights only.
+// weights only. The exception is a checkpointed layer's recompute (InCheckpointRecompute), whose
+// backward follows at once: it keeps the weight it dequantized, for one layer at a time.
 #pragma once
 
 #include <torch/torch.h>
