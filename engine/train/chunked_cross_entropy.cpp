@@ -83,6 +83,11 @@ torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::T
               "ChunkedCrossEntropySum: targets [N] expected");
   TORCH_CHECK(chunk >= 1, "ChunkedCrossEntropySum: chunk must be >= 1");
   const torch::Tensor t = targets.to(hidden.device(), torch::kLong);
+  // The kernel would skip a target outside the vocabulary as if ignored: refuse it instead.
+  const int64_t vocab = lm_head.size(0);
+  TORCH_CHECK(((t == ignore_index) | ((t >= 0) & (t < vocab))).all().item<bool>(),
+              "ChunkedCrossEntropySum: a target is outside the vocabulary [0, ", vocab,
+              ") and is not the ignored label ", ignore_index);
   if (torch::GradMode::is_enabled() && hidden.requires_grad()) {
     return ChunkedCrossEntropyFunction::apply(hidden, lm_head.detach(), t, chunk, ignore_index);
   }

@@ -32,11 +32,25 @@ TEST(ChunkedCrossEntropy, EqualsFullCrossEntropyAndGradient) {
 
 TEST(ChunkedCrossEntropy, AllIgnoredIsZero) {
   torch::Tensor h = torch::randn({4, 8}).requires_grad_(true);
-  torch::Tensor loss = ChunkedCrossEntropySum(h, torch::randn({10, 8}),
-                                              torch::full({4}, -100, torch::kLong), 2);
+  torch::Tensor loss =
+      ChunkedCrossEntropySum(h, torch::randn({10, 8}), torch::full({4}, -100, torch::kLong), 2);
   EXPECT_EQ(loss.item<double>(), 0.0);
   loss.backward();
   EXPECT_EQ(h.grad().abs().sum().item<double>(), 0.0);
+}
+
+TEST(ChunkedCrossEntropy, TargetOutsideTheVocabularyIsAnError) {
+  const torch::Tensor h = torch::randn({3, 8});
+  const torch::Tensor w = torch::randn({10, 8});
+  for (const int64_t bad : {int64_t{10}, int64_t{-1}}) {
+    try {
+      ChunkedCrossEntropySum(h, w, torch::tensor({int64_t{1}, bad, int64_t{-100}}), 2);
+      ADD_FAILURE() << "target " << bad << " was accepted";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("outside the vocabulary [0, 10)"), std::string::npos)
+          << e.what();
+    }
+  }
 }
 
 }  // namespace
