@@ -8,21 +8,19 @@
 namespace lorad::engine {
 namespace {
 
-// Loss and d(loss)/d(hidden) of one chunk. h [n, H], targets [n]. The loss rows and the
-// gradient of the logits come from one kernel (kernels/cross_entropy.h) on the logits as the
+// Loss and d(loss)/d(hidden) of one chunk. h [n, H], targets [n] (-1: ignored). The loss rows and
+// the gradient of the logits come from one kernel (kernels/cross_entropy.h) on the logits as the
 // lm_head product left them (fp32 or bf16).
 std::pair<torch::Tensor, torch::Tensor> ChunkLossAndGrad(const torch::Tensor& h,
                                                          const torch::Tensor& w,
                                                          const torch::Tensor& targets,
-                                                         int64_t ignore_index, bool want_grad) {
+                                                         bool want_grad) {
   torch::Tensor logits = torch::linear(h, w);  // [n, V]
   if (logits.scalar_type() != torch::kFloat && logits.scalar_type() != torch::kBFloat16) {
     logits = logits.to(torch::kFloat);
   }
   logits = logits.contiguous();
-  // The kernel skips targets outside the vocabulary: the ignored ones become -1.
-  const torch::Tensor t =
-      torch::where(targets == ignore_index, torch::full_like(targets, -1), targets).contiguous();
+  const torch::Tensor t = targets.contiguous();
   const int64_t rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const kernels::FloatKind kind = *FloatKindOf(logits.scalar_type());
@@ -49,14 +47,14 @@ class ChunkedCrossEntropyFunction : public torch::autograd::Function<ChunkedCros
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
                                const torch::Tensor& lm_head, const torch::Tensor& targets,
-                               int64_t chunk, int64_t ignore_index) {
+                               int64_t chunk) {
     const int64_t n = hidden.size(0);
     torch::Tensor total = torch::zeros({}, hidden.options().dtype(torch::kFloat));
     torch::Tensor grad = torch::empty_like(hidden);
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
       auto [loss, g] = ChunkLossAndGrad(hidden.narrow(0, start, len), lm_head,
-                                        targets.narrow(0, start, len), ignore_index, true);
+                                        targets.narrow(0, start, len), true);
       total += loss;
       grad.narrow(0, start, len).copy_(g);
     }
@@ -68,7 +66,7 @@ class ChunkedCrossEntropyFunction : public torch::autograd::Function<ChunkedCros
                                                  torch::autograd::variable_list grad_out) {
     const torch::Tensor grad = ctx->get_saved_variables()[0];
     return {grad * grad_out[0].to(grad.scalar_type()), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
+            torch::Tensor()};
   }
 };
 
@@ -82,21 +80,22 @@ torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::T
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0),
               "ChunkedCrossEntropySum: targets [N] expected");
   TORCH_CHECK(chunk >= 1, "ChunkedCrossEntropySum: chunk must be >= 1");
-  const torch::Tensor t = targets.to(hidden.device(), torch::kLong);
+  torch::Tensor t = targets.to(hidden.device(), torch::kLong);
   // The kernel would skip a target outside the vocabulary as if ignored: refuse it instead.
   const int64_t vocab = lm_head.size(0);
-  TORCH_CHECK(((t == ignore_index) | ((t >= 0) & (t < vocab))).all().item<bool>(),
+  const torch::Tensor ignored = t == ignore_index;
+  TORCH_CHECK((ignored | ((t >= 0) & (t < vocab))).all().item<bool>(),
               "ChunkedCrossEntropySum: a target is outside the vocabulary [0, ", vocab,
               ") and is not the ignored label ", ignore_index);
+  t = torch::where(ignored, torch::full_like(t, -1), t);  // what the kernel skips
   if (torch::GradMode::is_enabled() && hidden.requires_grad()) {
-    return ChunkedCrossEntropyFunction::apply(hidden, lm_head.detach(), t, chunk, ignore_index);
+    return ChunkedCrossEntropyFunction::apply(hidden, lm_head.detach(), t, chunk);
   }
   torch::NoGradGuard no_grad;
   torch::Tensor total = torch::zeros({}, hidden.options().dtype(torch::kFloat));
   for (int64_t start = 0; start < hidden.size(0); start += chunk) {
     const int64_t len = std::min(chunk, hidden.size(0) - start);
-    total += ChunkLossAndGrad(hidden.narrow(0, start, len), lm_head, t.narrow(0, start, len),
-                              ignore_index, false)
+    total += ChunkLossAndGrad(hidden.narrow(0, start, len), lm_head, t.narrow(0, start, len), false)
                  .first;
   }
   return total;
