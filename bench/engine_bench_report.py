@@ -52,6 +52,8 @@ def report_train(rows):
             ckpt = "on" if r.get("checkpointing") == "1" else "off"
             if r.get("offload") == "1":
                 ckpt += " (offloaded)"
+            if r.get("kept_layers", "0") != "0":
+                ckpt += f" (last {r['kept_layers']} kept)"
             label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
             if r.get("layer_ops") == "torch":
                 label += ", torch layer ops"
@@ -77,6 +79,8 @@ def report_train(rows):
                      f"transformers+PEFT {b.get('base')}"
                      for b in hf_rows if b.get("gc") == gc]
             ops = ", torch layer ops" if r.get("layer_ops") == "torch" else ""
+            if r.get("kept_layers", "0") != "0":
+                ops += f", last {r['kept_layers']} layers kept"
             print(f"  lorad ({r['optimizer']}{ops}): " + "; ".join(parts))
 
 

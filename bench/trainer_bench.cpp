@@ -88,6 +88,7 @@ int Run(const BenchArgs& args) {
   config.max_seq_length = args.Int("seq");
   config.gradient_checkpointing = args.Int("gradient_checkpointing") != 0;
   config.offload_activations = args.Int("offload_activations") != 0;
+  config.keep_activations_layers = args.Int("keep_activations_layers");
   config.output_dir = args.Get("output_dir");
   config.resume = false;
   std::filesystem::remove_all(config.output_dir);
@@ -168,16 +169,15 @@ int Run(const BenchArgs& args) {
       "  %.0f tokens/s, peak allocated %.2f GiB (reserved %.2f GiB)\n",
       GpuStats::DeviceName().c_str(), args.Get("base").c_str(), config.optimizer.c_str(),
       config.lora.r, static_cast<long long>(config.micro_batch_size),
-      static_cast<long long>(config.max_seq_length), load_s,
-      static_cast<long long>(step_ms.size()), step_ms[step_ms.size() / 2], tokens_per_s,
-      peak / kGiB, peak_reserved / kGiB);
+      static_cast<long long>(config.max_seq_length), load_s, static_cast<long long>(step_ms.size()),
+      step_ms[step_ms.size() / 2], tokens_per_s, peak / kGiB, peak_reserved / kGiB);
   std::printf(
       "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d "
-      "layer_ops=%s batch=%lld seq=%lld "
+      "kept_layers=%lld layer_ops=%s batch=%lld seq=%lld "
       "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
       args.Get("base").c_str(), config.optimizer.c_str(), config.gradient_checkpointing ? 1 : 0,
-      config.offload_activations ? 1 : 0, args.Get("layer_ops").c_str(),
-      static_cast<long long>(config.micro_batch_size),
+      config.offload_activations ? 1 : 0, static_cast<long long>(config.keep_activations_layers),
+      args.Get("layer_ops").c_str(), static_cast<long long>(config.micro_batch_size),
       static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
       step_ms[step_ms.size() / 2]);
   return 0;
@@ -201,6 +201,7 @@ int main(int argc, char** argv) {
                                       {"steps", "10"},
                                       {"gradient_checkpointing", "0"},
                                       {"offload_activations", "0"},
+                                      {"keep_activations_layers", "0"},
                                       {"profile_steps", "0"},
                                       {"layer_ops", "fused"},
                                       {"output_dir", "/tmp/lorad-trainer-bench"}});

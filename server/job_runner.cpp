@@ -98,6 +98,7 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
   if (t.max_seq_length() > 0) c.max_seq_length = t.max_seq_length();
   c.gradient_checkpointing = !t.has_gradient_checkpointing() || t.gradient_checkpointing();
   c.offload_activations = t.offload_activations();
+  c.keep_activations_layers = t.keep_activations_layers();
   if (t.seed() != 0) c.seed = t.seed();
   c.eval_every = t.eval_every();
   c.save_every = t.save_every();

@@ -89,6 +89,7 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
       InRange("training.eval_every", t.eval_every(), 0, 1000000),
       InRange("training.save_every", t.save_every(), 0, 1000000),
       InRange("training.early_stopping_patience", t.early_stopping_patience(), 0, 1000),
+      InRange("training.keep_activations_layers", t.keep_activations_layers(), 0, 1024),
   };
   for (const auto& s : checks) {
     if (!s.ok()) return s;

@@ -1,5 +1,7 @@
 #include "engine/lora/lora_applier.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace lorad::engine {
@@ -64,7 +66,35 @@ torch::Tensor SingleLoraApplier::Apply(int64_t layer, Projection projection, con
   const torch::Tensor b = pair->b.to(options);  // [out, r]
   const torch::Tensor dx = train_ && dropout_ > 0 ? torch::dropout(x, dropout_, true) : x;
   // Rank r is small: x A^T first keeps the intermediate [..., r].
-  const torch::Tensor h = torch::linear(dx, a);
+  return AddUpdate(y, torch::linear(dx, a), b);
+}
+
+std::vector<torch::Tensor> SingleLoraApplier::ApplyShared(
+    int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x,
+    const std::vector<torch::Tensor>& ys) const {
+  std::vector<const LoraPair*> pairs;
+  for (const Projection p : projections) pairs.push_back(pairs_.at(layer)[static_cast<int>(p)]);
+  const bool all_targeted =
+      std::all_of(pairs.begin(), pairs.end(), [](const LoraPair* p) { return p != nullptr; });
+  if (pairs.size() < 2 || pairs.size() != ys.size() || !all_targeted || (train_ && dropout_ > 0)) {
+    return LoraApplier::ApplyShared(layer, projections, x, ys);
+  }
+  std::vector<torch::Tensor> as;
+  for (const LoraPair* p : pairs) as.push_back(p->a);
+  // Stacked in the adapter's dtype, then cast once; autograd splits A's gradient back.
+  const torch::Tensor h_all = torch::linear(x, torch::cat(as, 0).to(x.options()));
+  std::vector<torch::Tensor> out;
+  int64_t offset = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const int64_t r = pairs[i]->a.size(0);
+    out.push_back(AddUpdate(ys[i], h_all.narrow(-1, offset, r), pairs[i]->b.to(x.options())));
+    offset += r;
+  }
+  return out;
+}
+
+torch::Tensor SingleLoraApplier::AddUpdate(const torch::Tensor& y, const torch::Tensor& h,
+                                           const torch::Tensor& b) const {
   if (!y.is_contiguous() || y.dim() < 2 || y.dim() > 3) {
     return y + torch::linear(h, b) * scaling_;
   }

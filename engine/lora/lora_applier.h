@@ -54,8 +54,19 @@ class SingleLoraApplier : public LoraApplier {
   SingleLoraApplier(const LoraAdapter& adapter, int64_t num_layers, bool train);
   torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                       const torch::Tensor& y) const override;
+  // Without dropout (which draws a mask per projection), the projections' A matrices are stacked
+  // so one product x [A_1; A_2; ...]^T serves them all: x is read once instead of once per
+  // projection, and in backward one product gives their whole share of dx (and one their A
+  // gradients) instead of one product and one sum each.
+  std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
+                                         const torch::Tensor& x,
+                                         const std::vector<torch::Tensor>& ys) const override;
 
  private:
+  // y + scaling * h B^T, in place on y where one GEMM can do it.
+  torch::Tensor AddUpdate(const torch::Tensor& y, const torch::Tensor& h,
+                          const torch::Tensor& b) const;
+
   double scaling_ = 1;
   double dropout_ = 0;
   bool train_ = false;

@@ -35,6 +35,28 @@ class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
   }
 };
 
+// A product whose value is never read: forward leaves the result uninitialized and records only
+// what backward needs, dx = dy W (see BaseLinear::ForwardGraphOnly).
+class GraphOnlyLinearFunction : public torch::autograd::Function<GraphOnlyLinearFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const BaseLinear* linear) {
+    ctx->saved_data["linear"] = reinterpret_cast<int64_t>(linear);
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = linear->out_features();
+    return torch::empty(sizes, x.options());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::Tensor& dy = grads[0];
+    const auto* linear = reinterpret_cast<const BaseLinear*>(ctx->saved_data["linear"].toInt());
+    const torch::Tensor w = linear->quantized() ? linear->nf4()->Dequantize(dy.scalar_type())
+                                                : linear->weight().to(dy.scalar_type());
+    return {torch::matmul(dy, w), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 BaseLinear BaseLinear::Float(torch::Tensor weight, torch::Tensor bias) {
@@ -59,6 +81,13 @@ torch::Tensor BaseLinear::Forward(const torch::Tensor& x) const {
                         ? Nf4LinearFunction::apply(x, &*nf4_)
                         : nf4_->Linear(x);
   return bias_.defined() ? y + bias_ : y;
+}
+
+torch::Tensor BaseLinear::ForwardGraphOnly(const torch::Tensor& x) const {
+  if (!torch::GradMode::is_enabled() || !x.requires_grad()) return Forward(x);
+  TORCH_CHECK(x.size(-1) == in_features(), "BaseLinear: input has ", x.size(-1),
+              " features, the weight expects ", in_features());
+  return GraphOnlyLinearFunction::apply(x, this);
 }
 
 std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const BaseLinear*>& linears,

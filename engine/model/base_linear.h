@@ -27,6 +27,13 @@ class BaseLinear {
 
   // x [..., in] -> [..., out] in x's dtype. Throws c10::Error on a wrong in_features.
   torch::Tensor Forward(const torch::Tensor& x) const;
+  // Forward's autograd graph without its value: the result has Forward's shape and dtype but
+  // undefined values (no product is computed), and its backward is Forward's (dx = dy W). For a
+  // product nothing reads: a checkpointed layer's recompute runs only for its backward, which
+  // never reads the layer's output, so its last projection need not be computed (at Llama-3-8B
+  // shapes a 4096 x 14336 product per layer and step). Without a gradient to record it is
+  // Forward(x). The result's backward uses this BaseLinear, which must outlive it.
+  torch::Tensor ForwardGraphOnly(const torch::Tensor& x) const;
   // Forward of several projections on one x (q, k, v; gate, up): all NF4 and no gradient to
   // record, through Nf4Tensor::LinearGroup (one kernel launch on CUDA); else one Forward each.
   static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
@@ -42,6 +49,8 @@ class BaseLinear {
   // The float weight (undefined when quantized) and the bias (maybe undefined).
   const torch::Tensor& weight() const { return weight_; }
   const torch::Tensor& bias() const { return bias_; }
+  // The NF4 weight (empty when float).
+  const std::optional<Nf4Tensor>& nf4() const { return nf4_; }
 
  private:
   torch::Tensor weight_;          // [out, in], float path only

@@ -281,8 +281,10 @@ torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& w
 }
 
 torch::Tensor LlamaModel::Project(const DecoderLayer& layer, int64_t index, Projection projection,
-                                  const torch::Tensor& x, const LoraApplier* lora) const {
-  torch::Tensor y = layer.projections[static_cast<int>(projection)].Forward(x);
+                                  const torch::Tensor& x, const LoraApplier* lora,
+                                  bool value_needed) const {
+  const BaseLinear& base = layer.projections[static_cast<int>(projection)];
+  torch::Tensor y = value_needed ? base.Forward(x) : base.ForwardGraphOnly(x);
   return lora == nullptr ? y : lora->Apply(index, projection, x, y);
 }
 
@@ -328,23 +330,24 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
 }
 
 torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
-                              const LoraApplier* lora) const {
+                              const LoraApplier* lora, bool value_needed) const {
   const std::vector<torch::Tensor> gate_up =
       ProjectShared(layer, index, {Projection::kGate, Projection::kUp}, x, lora);
   const torch::Tensor& gate = gate_up[0];
   const torch::Tensor& up = gate_up[1];
   const torch::Tensor act =
       UseFusedLayerOps(gate) ? FusedSiluMul(gate, up) : torch::silu(gate) * up;
-  return Project(layer, index, Projection::kDown, act, lora);
+  return Project(layer, index, Projection::kDown, act, lora, value_needed);
 }
 
 torch::Tensor LlamaModel::Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                                 const torch::Tensor& sin, const torch::Tensor& mask,
-                                AttentionCache* cache, const LoraApplier* lora) const {
+                                AttentionCache* cache, const LoraApplier* lora,
+                                bool output_needed) const {
   const DecoderLayer& layer = layers_[index];
   const torch::Tensor h =
       x + Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, cache, lora);
-  return h + Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora);
+  return h + Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora, output_needed);
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
@@ -411,11 +414,14 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
                           options.lora == nullptr && torch::GradMode::is_enabled();
   // The layer's backward runs only if its input requires grad; the embedding is frozen.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
+  const int64_t first_kept = config_.num_hidden_layers - options.checkpoint_skip_last;
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
-    if (checkpoint) {
+    if (checkpoint && i < first_kept) {
       h = CheckpointedCall(
           [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
-            return Block(i, x, cos, sin, mask, nullptr, lora.get());
+            // The recompute runs only for the layer's backward, which never reads its output.
+            return Block(i, x, cos, sin, mask, nullptr, lora.get(),
+                         /*output_needed=*/!InCheckpointRecompute());
           },
           h, options.offload_checkpoints);
       continue;

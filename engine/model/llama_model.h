@@ -70,6 +70,10 @@ struct ForwardOptions {
   bool checkpoint_layers = false;
   // With checkpoint_layers on CUDA: keep the saved layer inputs in pinned host memory.
   bool offload_checkpoints = false;
+  // With checkpoint_layers: the last N decoder layers are not checkpointed but keep their
+  // activations for backward, which then skips their recompute (their backward comes first, so
+  // they are held only until the backward starts). Values above the layer count mean every layer.
+  int64_t checkpoint_skip_last = 0;
 };
 
 // The ignored label (transformers' and PyTorch's ignore_index).
@@ -131,8 +135,10 @@ class LlamaModel {
   absl::Status CheckBatch(const ForwardBatch& batch, const AttentionCache* cache,
                           const ForwardOptions& options) const;
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;
+  // value_needed false: only the autograd graph is wanted (BaseLinear::ForwardGraphOnly).
   torch::Tensor Project(const DecoderLayer& layer, int64_t index, Projection projection,
-                        const torch::Tensor& x, const LoraApplier* lora) const;
+                        const torch::Tensor& x, const LoraApplier* lora,
+                        bool value_needed = true) const;
   // Projections of one input (q, k, v; gate, up): the base outputs at once
   // (BaseLinear::ForwardShared), then the LoRA updates of all of them at once
   // (LoraApplier::ApplyShared).
@@ -145,11 +151,13 @@ class LlamaModel {
                           const torch::Tensor& mask, AttentionCache* cache,
                           const LoraApplier* lora) const;
   torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
-                    const LoraApplier* lora) const;
-  // Decoder layer `index`: x + attention, then + MLP, each on the RMS-normed input.
+                    const LoraApplier* lora, bool value_needed = true) const;
+  // Decoder layer `index`: x + attention, then + MLP, each on the RMS-normed input. With
+  // output_needed false (a checkpointed layer's recompute, run only for its backward) the result
+  // carries the exact backward but undefined values: the down projection is not computed.
   torch::Tensor Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                       const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
-                      const LoraApplier* lora) const;
+                      const LoraApplier* lora, bool output_needed = true) const;
   torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                const ForwardOptions& options) const;
 

@@ -80,14 +80,17 @@ torch::Tensor ChunkedCrossEntropySum(const torch::Tensor& hidden, const torch::T
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0),
               "ChunkedCrossEntropySum: targets [N] expected");
   TORCH_CHECK(chunk >= 1, "ChunkedCrossEntropySum: chunk must be >= 1");
-  torch::Tensor t = targets.to(hidden.device(), torch::kLong);
-  // The kernel would skip a target outside the vocabulary as if ignored: refuse it instead.
+  // The kernel would skip a target outside the vocabulary as if ignored: refuse it instead. The
+  // check runs where the targets are: on the host (the trainer's) it need not wait for the
+  // forward queued on the device, and the copy after it does not wait either.
+  torch::Tensor t = targets.to(torch::kLong);
   const int64_t vocab = lm_head.size(0);
   const torch::Tensor ignored = t == ignore_index;
   TORCH_CHECK((ignored | ((t >= 0) & (t < vocab))).all().item<bool>(),
               "ChunkedCrossEntropySum: a target is outside the vocabulary [0, ", vocab,
               ") and is not the ignored label ", ignore_index);
-  t = torch::where(ignored, torch::full_like(t, -1), t);  // what the kernel skips
+  t = torch::where(ignored, torch::full_like(t, -1), t)  // what the kernel skips
+          .to(hidden.device(), torch::kLong, /*non_blocking=*/true);
   if (torch::GradMode::is_enabled() && hidden.requires_grad()) {
     return ChunkedCrossEntropyFunction::apply(hidden, lm_head.detach(), t, chunk);
   }

@@ -83,11 +83,11 @@ struct Trainer::Impl {
   std::atomic<bool> cancel{false};
 
   // The optimizer step in progress.
-  int64_t micro_in_step = 0;   // micro-batches of this step already run
-  int64_t step_micro = 0;      // micro-batches in this step
-  int64_t step_tokens = 0;     // trained tokens over the whole step: the loss's denominator
+  int64_t micro_in_step = 0;  // micro-batches of this step already run
+  int64_t step_micro = 0;     // micro-batches in this step
+  int64_t step_tokens = 0;    // trained tokens over the whole step: the loss's denominator
   int64_t step_input_tokens = 0;
-  double step_loss_sum = 0;
+  torch::Tensor step_loss_sum;  // the step's summed token losses so far, on the device, fp64
   Clock::time_point step_start;
   Clock::time_point job_start = Clock::now();
   int64_t steps_this_run = 0;
@@ -165,9 +165,13 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   // fp32 master weights on the model's device: the optimizer updates these; the forward casts
   // them to the compute dtype (bf16 on CUDA) with autograd through the cast.
   for (auto& [name, pair] : adapter.layers) {
-    pair.a = pair.a.detach().to(model->options().device, torch::kFloat).contiguous()
+    pair.a = pair.a.detach()
+                 .to(model->options().device, torch::kFloat)
+                 .contiguous()
                  .requires_grad_(true);
-    pair.b = pair.b.detach().to(model->options().device, torch::kFloat).contiguous()
+    pair.b = pair.b.detach()
+                 .to(model->options().device, torch::kFloat)
+                 .contiguous()
                  .requires_grad_(true);
     params.push_back(pair.a);
     params.push_back(pair.b);
@@ -196,7 +200,7 @@ void Trainer::Impl::PlanStep() {
   step_micro = config.grad_accum;
   step_tokens = 0;
   step_input_tokens = 0;
-  step_loss_sum = 0;
+  step_loss_sum = torch::Tensor();
   for (int64_t k = 0; k < step_micro; ++k) {
     for (int64_t i : data->MicroBatch(state.micro_batches + k, config.micro_batch_size)) {
       step_tokens += data->train()[i].TrainedTokens();
@@ -215,14 +219,18 @@ absl::Status Trainer::Impl::StepOrThrow() {
   fo.hidden_states = true;
   fo.checkpoint_layers = config.gradient_checkpointing;
   fo.offload_checkpoints = config.offload_activations;
+  fo.checkpoint_skip_last = config.keep_activations_layers;
   auto hidden = model->Forward(mb.batch, nullptr, fo);  // [B, T, hidden]
   if (!hidden.ok()) return hidden.status();
   const torch::Tensor flat = hidden->reshape({-1, hidden->size(2)});
-  const torch::Tensor loss_sum = ChunkedCrossEntropySum(
-      flat, model->lm_head(), mb.targets, config.loss_chunk_tokens, kIgnoreLabel);
+  const torch::Tensor loss_sum = ChunkedCrossEntropySum(flat, model->lm_head(), mb.targets,
+                                                        config.loss_chunk_tokens, kIgnoreLabel);
   // Each micro-batch's share of the step's token-weighted mean.
   (loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens))).backward();
-  step_loss_sum += loss_sum.item<double>();
+  // Summed on the device and read once the step's optimizer update is enqueued: a read here
+  // would leave the GPU idle while the host launches the update.
+  const torch::Tensor micro_loss = loss_sum.detach().to(torch::kDouble);
+  step_loss_sum = step_loss_sum.defined() ? step_loss_sum + micro_loss : micro_loss;
   step_input_tokens += mb.input_tokens;
   ++state.micro_batches;
   ++micro_in_step;
@@ -233,7 +241,7 @@ absl::Status Trainer::Impl::StepOrThrow() {
 
 absl::Status Trainer::Impl::FinishStep() {
   // torch.nn.utils.clip_grad_norm_: total = ||(||g_i||)||, coef = max / (total + 1e-6) <= 1.
-  double grad_norm = 0;
+  torch::Tensor grad_norm_device;
   {
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> grads;
@@ -244,7 +252,7 @@ absl::Status Trainer::Impl::FinishStep() {
       // The multi-tensor kernels, as clip_grad_norm_ takes on CUDA: a few launches for the
       // adapter's 448 tensors (8B, all seven projections) instead of two each.
       const torch::Tensor total = torch::stack(at::_foreach_norm(grads, 2)).norm(2);
-      grad_norm = total.item<double>();
+      grad_norm_device = total;
       if (config.max_grad_norm > 0) {
         const torch::Tensor coef = torch::clamp_max(config.max_grad_norm / (total + 1e-6), 1.0);
         at::_foreach_mul_(grads, coef);
@@ -254,9 +262,13 @@ absl::Status Trainer::Impl::FinishStep() {
   const double lr = schedule->LearningRate(state.step);
   if (auto s = optimizer->Step(lr); !s.ok()) return s;
   optimizer->ZeroGrad();
+  // The host reads the step's figures only now, after the update is enqueued (each read waits
+  // for the device).
+  const double grad_norm = grad_norm_device.defined() ? grad_norm_device.item<double>() : 0.0;
+  const double loss_sum = step_loss_sum.defined() ? step_loss_sum.item<double>() : 0.0;
   ++state.step;
   ++steps_this_run;
-  const double loss = step_loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens));
+  const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens));
   state.last_loss = loss;
   state.best_train_loss = state.step == 1 ? loss : std::min(state.best_train_loss, loss);
 
@@ -279,8 +291,7 @@ absl::Status Trainer::Impl::FinishStep() {
   Emit(e);
 
   bool early_stop = false;
-  if (config.eval_every > 0 && state.step % config.eval_every == 0 &&
-      !data->validation().empty()) {
+  if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty()) {
     auto eval = Evaluate();
     if (!eval.ok()) return eval.status();
     TrainingEvent ev;

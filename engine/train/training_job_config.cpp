@@ -22,8 +22,8 @@ absl::Status TrainingJobConfig::Validate() const {
   }
   if (auto s = lora.Validate(); !s.ok()) return s;
   if (!export_merged_dtype.empty() && export_merged_dtype != "auto" &&
-      export_merged_dtype != "bfloat16" &&
-      export_merged_dtype != "float16" && export_merged_dtype != "float32") {
+      export_merged_dtype != "bfloat16" && export_merged_dtype != "float16" &&
+      export_merged_dtype != "float32") {
     return absl::InvalidArgumentError("export_merged: dtype '" + export_merged_dtype +
                                       "' is not one of auto, bfloat16, float16, float32");
   }
@@ -34,7 +34,8 @@ absl::Status TrainingJobConfig::Validate() const {
   if (micro_batch_size < 1 || micro_batch_size > 1024) {
     return OutOfRange("micro_batch_size", "in [1, 1024]", micro_batch_size);
   }
-  if (grad_accum < 1 || grad_accum > 1024) return OutOfRange("grad_accum", "in [1, 1024]", grad_accum);
+  if (grad_accum < 1 || grad_accum > 1024)
+    return OutOfRange("grad_accum", "in [1, 1024]", grad_accum);
   if (!(learning_rate > 0 && learning_rate <= 1)) {
     return OutOfRange("learning_rate", "in (0, 1]", learning_rate);
   }
@@ -42,14 +43,19 @@ absl::Status TrainingJobConfig::Validate() const {
   if (warmup_steps < 0) return OutOfRange("warmup_steps", ">= 0", warmup_steps);
   if (weight_decay < 0) return OutOfRange("weight_decay", ">= 0", weight_decay);
   if (optimizer != "adamw" && optimizer != "adamw_8bit") {
-    return absl::InvalidArgumentError(absl::StrCat("training.optimizer is '", optimizer,
-                                                   "'; it must be adamw or adamw_8bit"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("training.optimizer is '", optimizer, "'; it must be adamw or adamw_8bit"));
   }
-  if (!(adam_beta1 >= 0 && adam_beta1 < 1)) return OutOfRange("adam_beta1", "in [0, 1)", adam_beta1);
-  if (!(adam_beta2 >= 0 && adam_beta2 < 1)) return OutOfRange("adam_beta2", "in [0, 1)", adam_beta2);
+  if (!(adam_beta1 >= 0 && adam_beta1 < 1))
+    return OutOfRange("adam_beta1", "in [0, 1)", adam_beta1);
+  if (!(adam_beta2 >= 0 && adam_beta2 < 1))
+    return OutOfRange("adam_beta2", "in [0, 1)", adam_beta2);
   if (adam_eps < 0) return OutOfRange("adam_eps", ">= 0", adam_eps);
   if (max_seq_length < 2 || max_seq_length > (1 << 20)) {
     return OutOfRange("max_seq_length", "in [2, 1048576]", max_seq_length);
+  }
+  if (keep_activations_layers < 0) {
+    return OutOfRange("keep_activations_layers", ">= 0", keep_activations_layers);
   }
   if (eval_every < 0) return OutOfRange("eval_every", ">= 0", eval_every);
   if (save_every < 0) return OutOfRange("save_every", ">= 0", save_every);

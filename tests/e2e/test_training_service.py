@@ -111,6 +111,10 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     bad_lr = spec(pb)
     bad_lr.training.learning_rate = 5
     expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT, "training.learning_rate")
+    bad_keep = spec(pb)
+    bad_keep.training.keep_activations_layers = -1
+    expect_code(submit(bad_keep), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.keep_activations_layers")
     bad_rank = spec(pb)
     bad_rank.lora.r = 5000
     expect_code(submit(bad_rank), grpc.StatusCode.INVALID_ARGUMENT, "lora", "'r'")

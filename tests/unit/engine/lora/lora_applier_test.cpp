@@ -84,3 +84,84 @@ TEST(LoraApplierTest, GradientsReachTheAdapter) {
 
 }  // namespace
 }  // namespace lorad::engine
+
+namespace lorad::engine {
+namespace {
+
+// ApplyShared stacks the A matrices of projections that share x (q, k, v with ranks 2, 3, 2):
+// outputs and the gradients of x, every A and every B equal Apply on each projection in turn, for
+// [B, T, in] and [N, in] inputs; an untargeted projection in the group falls back to Apply.
+TEST(LoraApplierTest, SharedProjectionsEqualOneApplyEach) {
+  LoraAdapter adapter;
+  adapter.config.r = 2;
+  adapter.config.alpha = 8;
+  torch::manual_seed(4);
+  const std::vector<std::pair<Projection, int64_t>> group = {
+      {Projection::kQ, 5}, {Projection::kK, 3}, {Projection::kV, 3}};
+  int64_t rank = 2;
+  for (const auto& [p, out] : group) {
+    adapter.layers[ProjectionPath(0, p)] = {torch::randn({rank, 6}).requires_grad_(true),
+                                            torch::randn({out, rank}).requires_grad_(true)};
+    rank = rank == 2 ? 3 : 2;
+  }
+  const SingleLoraApplier applier(adapter, 1, /*train=*/true);
+  const std::vector<Projection> projections = {Projection::kQ, Projection::kK, Projection::kV};
+  for (const std::vector<int64_t>& lead : {std::vector<int64_t>{2, 4}, std::vector<int64_t>{8}}) {
+    auto run = [&](bool shared) {
+      for (auto& [path, pair] : adapter.layers) {
+        pair.a.mutable_grad().reset();
+        pair.b.mutable_grad().reset();
+      }
+      torch::manual_seed(9);
+      std::vector<int64_t> x_shape = lead;
+      x_shape.push_back(6);
+      torch::Tensor x = torch::randn(x_shape).requires_grad_(true);
+      std::vector<torch::Tensor> ys;
+      for (const auto& [p, out] : group) {
+        std::vector<int64_t> y_shape = lead;
+        y_shape.push_back(out);
+        ys.push_back(torch::randn(y_shape));
+      }
+      std::vector<torch::Tensor> outs;
+      if (shared) {
+        outs = applier.ApplyShared(0, projections, x, ys);
+      } else {
+        for (size_t i = 0; i < ys.size(); ++i) {
+          outs.push_back(applier.Apply(0, projections[i], x, ys[i]));
+        }
+      }
+      torch::Tensor loss = torch::zeros({});
+      for (const torch::Tensor& o : outs) loss = loss + (o * o).sum();
+      loss.backward();
+      std::vector<torch::Tensor> result = outs;
+      result.push_back(x.grad());
+      for (auto& [path, pair] : adapter.layers) {
+        result.push_back(pair.a.grad().clone());
+        result.push_back(pair.b.grad().clone());
+      }
+      return result;
+    };
+    const auto one_each = run(false);
+    const auto shared = run(true);
+    ASSERT_EQ(one_each.size(), shared.size());
+    for (size_t i = 0; i < one_each.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(shared[i].detach(), one_each[i].detach(), 1e-5, 1e-5))
+          << "tensor " << i << " of lead " << lead.size();
+    }
+  }
+  // k_proj untargeted: the group falls back to one Apply each, and k's y is left as it was.
+  adapter.layers.erase(ProjectionPath(0, Projection::kK));
+  const SingleLoraApplier partial(adapter, 1, /*train=*/false);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = torch::randn({3, 6});
+  const std::vector<torch::Tensor> ys = {torch::randn({3, 5}), torch::randn({3, 3}),
+                                         torch::randn({3, 3})};
+  const torch::Tensor k_before = ys[1].clone();
+  const auto outs = partial.ApplyShared(0, projections, x, {ys[0].clone(), ys[1], ys[2].clone()});
+  EXPECT_TRUE(torch::equal(outs[1], k_before));
+  EXPECT_TRUE(
+      torch::allclose(outs[0], partial.Apply(0, Projection::kQ, x, ys[0].clone()), 1e-6, 1e-6));
+}
+
+}  // namespace
+}  // namespace lorad::engine

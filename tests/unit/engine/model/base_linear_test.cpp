@@ -43,3 +43,36 @@ TEST(BaseLinearTest, Nf4BackwardEqualsTheDequantizedWeights) {
 
 }  // namespace
 }  // namespace lorad::engine
+
+namespace lorad::engine {
+namespace {
+
+// ForwardGraphOnly computes no product but records Forward's backward: the input gradient equals
+// Forward's for float and NF4 weights, and without a gradient to record it is Forward itself.
+TEST(BaseLinearTest, GraphOnlyForwardHasForwardsBackward) {
+  torch::manual_seed(2);
+  auto q = Nf4Tensor::Quantize(torch::randn({64, 128}) * 0.05);
+  ASSERT_TRUE(q.ok()) << q.status();
+  const std::vector<BaseLinear> linears = {BaseLinear::Float(torch::randn({64, 128})),
+                                           BaseLinear::Nf4(*q, torch::randn({64}))};
+  const torch::Tensor x0 = torch::randn({3, 5, 128});
+  const torch::Tensor g = torch::randn({3, 5, 64});
+  for (const BaseLinear& l : linears) {
+    torch::Tensor x = x0.clone().requires_grad_(true);
+    const torch::Tensor y = l.ForwardGraphOnly(x);
+    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{3, 5, 64}));
+    EXPECT_EQ(y.scalar_type(), x.scalar_type());
+    y.backward(g);
+    torch::Tensor xr = x0.clone().requires_grad_(true);
+    l.Forward(xr).backward(g);
+    EXPECT_TRUE(torch::allclose(x.grad(), xr.grad(), 1e-5, 1e-6)) << "quantized " << l.quantized();
+    EXPECT_GT(x.grad().abs().sum().item<double>(), 0);
+
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(torch::equal(l.ForwardGraphOnly(x0), l.Forward(x0)));
+  }
+  EXPECT_THROW(linears[0].ForwardGraphOnly(torch::randn({2, 7}).requires_grad_(true)), c10::Error);
+}
+
+}  // namespace
+}  // namespace lorad::engine

@@ -28,6 +28,17 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
   no_ckpt.gradient_checkpointing = false;
   EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), no_ckpt, 2).activation_bytes,
             4 * base.activation_bytes);
+  // Keeping the last 4 layers' activations costs about 3 more layers' worth than the one
+  // layer a checkpointed backward holds at a time; keeping them all is no checkpointing.
+  TrainingJobConfig keep4 = c;
+  keep4.keep_activations_layers = 4;
+  const int64_t one_layer = base.activation_bytes - 31 * int64_t{2 * 2048 * 4096 * 2};
+  EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), keep4, 2).activation_bytes,
+            base.activation_bytes + 2 * one_layer);
+  TrainingJobConfig keep_all = c;
+  keep_all.keep_activations_layers = 99;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), keep_all, 2).activation_bytes,
+            EstimateTrainingBytes(Llama3_8B(), no_ckpt, 2).activation_bytes);
   TrainingJobConfig fp32_adam = c;
   fp32_adam.optimizer = "adamw";
   EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), fp32_adam, 2).lora_bytes, base.lora_bytes);
