@@ -69,11 +69,12 @@ if [ $BUILD_RC -eq 0 ]; then
   run 170 "$BUILD/generation_bench" --model="$MODEL" --batches=1,32 --adapters=4 \
     --repetition_penalty=1.3 --kv_cache_mib=8192 ${BENCH_ARGS:-}
   # The torch ops instead of the fused layer kernels (what the fusion buys), batch 1.
-  [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
+  # BENCH_VARIANTS=0 skips the two variants below (a short call).
+  [ "${BENCH_VARIANTS:-1}" = 1 ] && [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
     --adapters=0 --repetition_penalty=1.3 --fused_layer_ops=0 --variant=torch-layer-ops \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
   # Batch 32 through dequantize + cuBLAS (the path before the tensor-core 4-bit kernel).
-  [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
+  [ "${BENCH_VARIANTS:-1}" = 1 ] && [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
     --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=8 --variant=dequant-cublas \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
 fi
