@@ -80,15 +80,19 @@ std::vector<torch::Tensor> SingleLoraApplier::ApplyShared(
     return LoraApplier::ApplyShared(layer, projections, x, ys);
   }
   std::vector<torch::Tensor> as;
-  for (const LoraPair* p : pairs) as.push_back(p->a);
-  // Stacked in the adapter's dtype, then cast once; autograd splits A's gradient back.
+  std::vector<int64_t> ranks;
+  for (const LoraPair* p : pairs) {
+    as.push_back(p->a);
+    ranks.push_back(p->a.size(0));
+  }
+  // Stacked in the adapter's dtype, then cast once; autograd splits A's gradient back. The
+  // split's backward is one concatenation of the parts' gradients (narrow's would zero-fill and
+  // sum a full-width buffer per part).
   const torch::Tensor h_all = torch::linear(x, torch::cat(as, 0).to(x.options()));
+  const std::vector<torch::Tensor> hs = h_all.split_with_sizes(ranks, -1);
   std::vector<torch::Tensor> out;
-  int64_t offset = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {
-    const int64_t r = pairs[i]->a.size(0);
-    out.push_back(AddUpdate(ys[i], h_all.narrow(-1, offset, r), pairs[i]->b.to(x.options())));
-    offset += r;
+    out.push_back(AddUpdate(ys[i], hs[i], pairs[i]->b.to(x.options())));
   }
   return out;
 }
