@@ -51,9 +51,7 @@ class GraphOnlyLinearFunction : public torch::autograd::Function<GraphOnlyLinear
                                                  torch::autograd::variable_list grads) {
     const torch::Tensor& dy = grads[0];
     const auto* linear = reinterpret_cast<const BaseLinear*>(ctx->saved_data["linear"].toInt());
-    const torch::Tensor w = linear->quantized() ? linear->nf4()->Dequantize(dy.scalar_type())
-                                                : linear->weight().to(dy.scalar_type());
-    return {torch::matmul(dy, w), torch::Tensor()};
+    return {torch::matmul(dy, linear->DenseWeight(dy.scalar_type())), torch::Tensor()};
   }
 };
 
@@ -106,6 +104,10 @@ std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const Bas
     if (linears[i]->bias_.defined()) ys[i] = ys[i] + linears[i]->bias_;
   }
   return ys;
+}
+
+torch::Tensor BaseLinear::DenseWeight(torch::ScalarType dtype) const {
+  return nf4_ ? nf4_->Dequantize(dtype) : weight_.to(dtype);
 }
 
 int64_t BaseLinear::in_features() const { return nf4_ ? nf4_->in_features() : weight_.size(1); }

@@ -49,8 +49,8 @@ class BaseLinear {
   // The float weight (undefined when quantized) and the bias (maybe undefined).
   const torch::Tensor& weight() const { return weight_; }
   const torch::Tensor& bias() const { return bias_; }
-  // The NF4 weight (empty when float).
-  const std::optional<Nf4Tensor>& nf4() const { return nf4_; }
+  // The weight as a dense [out, in] tensor of `dtype` (dequantized when NF4).
+  torch::Tensor DenseWeight(torch::ScalarType dtype) const;
 
  private:
   torch::Tensor weight_;          // [out, in], float path only
