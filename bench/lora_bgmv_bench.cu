@@ -1,6 +1,7 @@
 // Multi-adapter LoRA at Llama-3-8B's q_proj shape (4096 -> 4096), bf16, rank 16: BGMV for decode
 // batches with 1 and 4 different adapters mixed, and SGMV for a 2048-row prefill in 4 segments;
-// then q, k and v (4096 -> 4096, 1024, 1024) as three launches and as one group launch.
+// then q, k and v (4096 -> 4096, 1024, 1024) as three launches and as one group launch, and the
+// MLP's gate, up (one group) and down at batch 32.
 // The LoRA delta should cost little next to the base GEMV; 4 adapters should cost about as much
 // as 1. Timing: bench_timer.h (graphs, events, median).
 #include <cuda_bf16.h>
@@ -150,5 +151,48 @@ int main() {
     std::snprintf(name, sizeof(name), "q,k,v batch %lld: one group", static_cast<long long>(batch));
     std::printf("%-34s %10.2f   (%.2fx)\n", name, group, three / group);
   }
+
+  // The MLP's two launch pairs of a decoder layer at batch 32 on 4 adapters: gate and up
+  // (4096 -> 14336, one group) and down (14336 -> 4096: 28 chunks of partial sums per t).
+  constexpr int64_t kInter = 14336, kBatch = 32;
+  std::vector<const void*> a_mlp(kSlots), b_mlp(kSlots), a_down(kSlots), b_down(kSlots);
+  for (int s = 0; s < kSlots; ++s) {
+    a_mlp[s] = a[s];  // [16, 4096]
+    b_mlp[s] = Alloc(kInter * kRank, 0.03f);
+    a_down[s] = Alloc(kRank * kInter, 0.03f);
+    b_down[s] = b[s];  // [4096, 16]
+  }
+  const void** mlp_d;
+  Check(cudaMalloc(&mlp_d, 4 * kSlots * sizeof(void*)), "malloc");
+  for (const auto& [k, v] : {std::pair{0, &a_mlp}, {1, &b_mlp}, {2, &a_down}, {3, &b_down}}) {
+    Check(cudaMemcpy(mlp_d + k * kSlots, v->data(), kSlots * sizeof(void*), cudaMemcpyHostToDevice),
+          "copy");
+  }
+  const LoraAdapterTable gate_up{mlp_d, mlp_d + kSlots, rank_d, scale_d, kSlots, kRank};
+  const LoraAdapterTable down{
+      mlp_d + 2 * kSlots, mlp_d + 3 * kSlots, rank_d, scale_d, kSlots, kRank};
+  __nv_bfloat16* y_gate = Alloc(kBatch * kInter, 1.f);
+  __nv_bfloat16* y_up = Alloc(kBatch * kInter, 1.f);
+  __nv_bfloat16* h = Alloc(kBatch * kInter, 1.f);
+  const LoraTarget gu[2] = {{gate_up, kInter, y_gate}, {gate_up, kInter, y_up}};
+  std::vector<int32_t> index(kBatch);
+  for (int64_t i = 0; i < kBatch; ++i) index[i] = static_cast<int32_t>(i % 4);
+  Check(cudaMemcpy(index_d, index.data(), kBatch * 4, cudaMemcpyHostToDevice), "copy");
+  const double gate_up_us = MedianMicros(
+      stream,
+      [&](int) {
+        Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, kBatch, kIn, index_d, gu, 2, scratch,
+                                  stream));
+      },
+      50, 41, &graphed);
+  std::printf("%-34s %10.2f\n", "gate,up batch 32, 4 adapters", gate_up_us);
+  const double down_us = MedianMicros(
+      stream,
+      [&](int) {
+        Fail(lora_bgmv_cuda(h, FloatKind::kBF16, kBatch, kInter, index_d, down, kOut, y, scratch,
+                            stream));
+      },
+      50, 41, &graphed);
+  std::printf("%-34s %10.2f\n", "down batch 32, 4 adapters", down_us);
   return 0;
 }

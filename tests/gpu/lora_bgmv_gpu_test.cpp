@@ -176,9 +176,11 @@ TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
   const FloatKind kind = GetParam();
   std::mt19937 rng(21);
   // Decode batches at Llama-3-8B shapes (q: 4096 -> 4096, gate: 4096 -> 14336, down:
-  // 14336 -> 4096, k: 4096 -> 1024) and odd sizes; ranks 8, 16, 64 and an odd 7.
-  for (const Shape& sh : {Shape{1, 4096, 4096}, Shape{32, 4096, 14336}, Shape{13, 14336, 4096},
-                          Shape{64, 4096, 1024}, Shape{5, 77, 45}, Shape{3, 1, 1}}) {
+  // 14336 -> 4096, k: 4096 -> 1024) and odd sizes; ranks 8, 16, 64 and an odd 7. The expand sums
+  // t from 16 chunks of partial sums at a time: 17000 gives 34 chunks (two full groups and a part).
+  for (const Shape& sh :
+       {Shape{1, 4096, 4096}, Shape{32, 4096, 14336}, Shape{13, 14336, 4096}, Shape{64, 4096, 1024},
+        Shape{5, 77, 45}, Shape{3, 1, 1}, Shape{9, 17000, 40}}) {
     const auto set = MakeAdapters({8, 16, 64, 7}, sh.in, sh.out, kind, rng);
     std::vector<int32_t> index(sh.rows);
     for (auto& s : index) s = static_cast<int32_t>(rng() % 6) - 1;  // -1..4: 4 is out of range
