@@ -233,7 +233,8 @@ __device__ __forceinline__ float SumChunks(const float* p, int64_t chunks, int64
 // the SMs at two blocks each takes 1 (the compiler keeps more loads in flight: ~120 registers);
 // a larger one (gate/up at batch 32: 448 blocks) takes 4 (64 registers), so that it runs in one
 // wave. Measured at batch 32 on 4 adapters (bench/lora_bgmv_bench, H200), against one build for
-// all (76 registers): q/k/v 9.30 -> 8.04 us, gate/up 14.81 -> 10.77, down 11.23 -> 8.99.
+// all (76 registers): q/k/v 9.30 -> 8.04 us, gate/up 14.81 -> 10.77, down 11.23 -> 8.99
+// (bench/results/2026-12-02-h200-lora_bgmv-expand-per-grid.txt).
 // Loading every row's B before the first store (so none waits behind a store to y, which may
 // alias B for the compiler) was measured slower at batch 1 (3.79 against 3.34 us).
 template <typename T, typename AdapterOf, int kMinBlocks>
