@@ -295,22 +295,29 @@ __global__ void __launch_bounds__(kExpandThreads, kMinBlocks)
   }
 }
 
+// Which of the two launches to enqueue.
+enum class Phase { kBoth, kShrink, kExpand };
+
 template <typename T, typename AdapterOf>
 const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adapter_of,
-                   const Targets& targets, float* scratch, cudaStream_t stream) {
+                   const Targets& targets, float* scratch, cudaStream_t stream, Phase phase) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t chunks = Chunks(in_features);
   if (rows > 0x7fffffff || chunks > 65535) return "lora: too many rows or in_features";
-  const dim3 shrink_grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
-                         static_cast<unsigned>(targets.count));
-  // 16-byte loads when every row of x starts 16-byte aligned (the kernel checks each A).
-  const bool vectorized =
-      in_features % (16 / sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-  cudaError_t err = LaunchMaybeOverlapped(
-      vectorized ? lora_shrink_kernel<T, true, AdapterOf> : lora_shrink_kernel<T, false, AdapterOf>,
-      shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true, x, rows, in_features,
-      adapter_of, targets, scratch);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  cudaError_t err = cudaSuccess;
+  if (phase != Phase::kExpand) {
+    const dim3 shrink_grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
+                           static_cast<unsigned>(targets.count));
+    // 16-byte loads when every row of x starts 16-byte aligned (the kernel checks each A).
+    const bool vectorized =
+        in_features % (16 / sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+    err = LaunchMaybeOverlapped(vectorized ? lora_shrink_kernel<T, true, AdapterOf>
+                                           : lora_shrink_kernel<T, false, AdapterOf>,
+                                shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true,
+                                x, rows, in_features, adapter_of, targets, scratch);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  if (phase == Phase::kShrink) return nullptr;
   const dim3 expand_grid(static_cast<unsigned>(tiles),
                          static_cast<unsigned>(targets.first_column_block[targets.count]));
   const size_t shared = sizeof(float) * kTileRows * targets.max_rank;
@@ -325,7 +332,7 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
 template <typename AdapterOf>
 const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                      AdapterOf adapter_of, const LoraTarget* list, int num_targets, void* scratch,
-                     void* stream) {
+                     void* stream, Phase phase = Phase::kBoth) {
   if (num_targets < 0 || num_targets > kMaxLoraTargets) return "lora: 0 to 3 targets per launch";
   if (rows <= 0 || in_features <= 0) return nullptr;  // nothing to add
   Targets targets;
@@ -351,10 +358,10 @@ const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_fea
   switch (kind) {
     case FloatKind::kF32:
       return Launch(static_cast<const float*>(x), rows, in_features, adapter_of, targets, partials,
-                    s);
+                    s, phase);
     case FloatKind::kBF16:
       return Launch(static_cast<const __nv_bfloat16*>(x), rows, in_features, adapter_of, targets,
-                    partials, s);
+                    partials, s, phase);
     case FloatKind::kF16:
       break;
   }
@@ -380,6 +387,21 @@ const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, in
                                  int num_targets, void* scratch, void* stream) {
   return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
                   scratch, stream);
+}
+
+const char* lora_bgmv_group_shrink_cuda(const void* x, FloatKind kind, int64_t rows,
+                                        int64_t in_features, const int32_t* adapter_index,
+                                        const LoraTarget* targets, int num_targets, void* scratch,
+                                        void* stream) {
+  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
+                  scratch, stream, Phase::kShrink);
+}
+
+const char* lora_bgmv_group_expand_cuda(FloatKind kind, int64_t rows, int64_t in_features,
+                                        const int32_t* adapter_index, const LoraTarget* targets,
+                                        int num_targets, void* scratch, void* stream) {
+  return Dispatch(nullptr, kind, rows, in_features, IndexPerRow{adapter_index}, targets,
+                  num_targets, scratch, stream, Phase::kExpand);
 }
 
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
