@@ -6,7 +6,9 @@
 // the expand adds those slices up (in slice order) for a tile of kTileRows rows and adds
 // scale * B t to y. Each row reads its own adapter (rows of one adapter share it through the
 // caches). The row -> adapter map is the only difference between BGMV (an index per row) and SGMV
-// (a binary search over segment starts).
+// (a binary search over segment starts). The two launches may also come from two calls
+// (lora_bgmv_group_shrink_cuda, lora_bgmv_group_expand_cuda): the engine runs the shrink on a side
+// stream beside the base product, whose persistent grid leaves some SMs idle.
 //
 // Decode is latency-bound, not bandwidth-bound (rank-16 weights are a few hundred KB per
 // projection): what counts is the number of dependent memory round trips. Before (one block per
@@ -207,8 +209,8 @@ __device__ __forceinline__ float DotRow(const T* b, int32_t rank, bool aligned, 
 
 // t[r] of one row: the partial sums of chunks 0, 1, ... at p (stride apart) added in chunk order.
 // kHeldChunks at a time, every load issued before the first add: down_proj's 28 chunks wait for two
-// round trips to L2 instead of seven (four loads per unrolled group before); 16 keeps the expand
-// kernel at three blocks per SM (32 took it from 78 to 98 registers).
+// round trips to L2 instead of seven (four loads per unrolled group before); 32 at a time cost 20
+// more registers.
 constexpr int kHeldChunks = 16;
 __device__ __forceinline__ float SumChunks(const float* p, int64_t chunks, int64_t stride) {
   float v = 0.f;
