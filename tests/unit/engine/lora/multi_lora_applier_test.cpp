@@ -78,5 +78,61 @@ TEST(MultiLoraApplierTest, AdaptersThatDisagreeOnAShapeAreRefused) {
   EXPECT_NE(stack.status().message().find("q_proj"), std::string::npos) << stack.status();
 }
 
+// What MultiLoraApplier's side-stream shrink relies on: the model calls Prepare for each group of
+// projections that share an input (q/k/v, o, gate/up, down) with the tensor it then projects, and
+// the Apply or ApplyShared that follows names the same layer, projections and input, with no
+// other applier call between them.
+class RecordingApplier : public LoraApplier {
+ public:
+  struct Call {
+    bool prepare;
+    int64_t layer;
+    std::vector<Projection> projections;
+    const void* x;
+  };
+  torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
+                      const torch::Tensor& y) const override {
+    calls.push_back({false, layer, {projection}, x.data_ptr()});
+    return y;
+  }
+  std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
+                                         const torch::Tensor& x,
+                                         const std::vector<torch::Tensor>& ys) const override {
+    calls.push_back({false, layer, projections, x.data_ptr()});
+    return ys;
+  }
+  void Prepare(int64_t layer, const std::vector<Projection>& projections,
+               const torch::Tensor& x) const override {
+    calls.push_back({true, layer, projections, x.data_ptr()});
+  }
+  mutable std::vector<Call> calls;
+};
+
+TEST(MultiLoraApplierTest, ModelPreparesEachProjectionGroupWithTheInputItThenApplies) {
+  auto model = test_fixtures::LoadTinyModel();
+  ASSERT_NE(model, nullptr);
+  const int64_t layers = model->config().num_hidden_layers;
+  RecordingApplier recorder;
+  ForwardOptions options;
+  options.lora = &recorder;
+  auto logits = model->Forward({torch::randint(3, 50, {2, 4}, torch::kLong), {}}, nullptr, options);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  using P = Projection;
+  const std::vector<std::vector<Projection>> groups = {
+      {P::kQ, P::kK, P::kV}, {P::kO}, {P::kGate, P::kUp}, {P::kDown}};
+  ASSERT_EQ(recorder.calls.size(), static_cast<size_t>(layers) * groups.size() * 2);
+  for (size_t i = 0; i < recorder.calls.size(); i += 2) {
+    const RecordingApplier::Call& prepare = recorder.calls[i];
+    const RecordingApplier::Call& apply = recorder.calls[i + 1];
+    const int64_t layer = static_cast<int64_t>(i / 2 / groups.size());
+    EXPECT_TRUE(prepare.prepare && !apply.prepare) << "call " << i;
+    EXPECT_EQ(prepare.layer, layer) << "call " << i;
+    EXPECT_EQ(apply.layer, layer) << "call " << i;
+    EXPECT_EQ(prepare.projections, groups[i / 2 % groups.size()]) << "call " << i;
+    EXPECT_EQ(apply.projections, prepare.projections) << "call " << i;
+    EXPECT_EQ(apply.x, prepare.x) << "call " << i << ": Apply got another input than Prepare";
+  }
+}
+
 }  // namespace
 }  // namespace lorad::engine
