@@ -231,6 +231,14 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Tokens(engine::InferenceEngine
   return tokens;
 }
 
+// How many requests of two runs of Tokens gave identical tokens.
+int SameRequests(const std::vector<std::vector<int32_t>>& a,
+                 const std::vector<std::vector<int32_t>>& b) {
+  int same = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) same += a[i] == b[i];
+  return same;
+}
+
 int Run(const BenchArgs& args) {
   const bool cuda = GpuStats::Available();
   engine::LlamaModelOptions model_options;
@@ -355,8 +363,7 @@ int Run(const BenchArgs& args) {
                    (graphed.ok() ? plain.status() : graphed.status()).ToString().c_str());
       return 1;
     }
-    int same = 0;
-    for (size_t i = 0; i < graphed->size(); ++i) same += (*graphed)[i] == (*plain)[i];
+    const int same = SameRequests(*graphed, *plain);
     std::printf(
         "CUDA graph replay vs eager decode steps: %d of %zu requests (on %lld adapters "
         "and the base, rep 1.3, 48 tokens) give identical tokens\n",
@@ -369,8 +376,7 @@ int Run(const BenchArgs& args) {
     auto unfused = Tokens(**eager, 8, num_adapters, config.vocab_size);
     engine::SetFusedLayerOps(engine::FusedLayerOps::kCuda);
     if (unfused.ok()) {
-      int equal = 0;
-      for (size_t i = 0; i < unfused->size(); ++i) equal += (*unfused)[i] == (*plain)[i];
+      const int equal = SameRequests(*unfused, *plain);
       std::printf(
           "fused layer kernels vs torch ops (eager): %d of %zu requests give identical "
           "tokens\n",
@@ -383,8 +389,7 @@ int Run(const BenchArgs& args) {
     auto other = Tokens(**eager, 8, num_adapters, config.vocab_size);
     engine::SetLoraShrinkOverlap(overlap);
     if (other.ok()) {
-      int equal = 0;
-      for (size_t i = 0; i < other->size(); ++i) equal += (*other)[i] == (*plain)[i];
+      const int equal = SameRequests(*other, *plain);
       std::printf(
           "LoRA shrink on a side stream vs on the forward's stream (eager): %d of %zu requests "
           "give identical tokens\n",

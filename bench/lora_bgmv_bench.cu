@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <functional>
 #include <vector>
 
 #include "bench/bench_timer.h"
@@ -35,6 +36,20 @@ __nv_bfloat16* Alloc(int64_t n, float scale) {
   FillKernel<<<256, 256>>>(p, n, scale);
   Check(cudaGetLastError(), "fill");
   return p;
+}
+
+// Row i of a batch on adapter i % adapters, in index_d.
+void UploadIndex(int32_t* index_d, int64_t batch, int adapters) {
+  std::vector<int32_t> index(batch);
+  for (int64_t i = 0; i < batch; ++i) index[i] = static_cast<int32_t>(i % adapters);
+  Check(cudaMemcpy(index_d, index.data(), batch * 4, cudaMemcpyHostToDevice), "copy");
+}
+
+// The median of 41 timings of 50 back-to-back launches (bench_timer.h), us per launch.
+double Micros(cudaStream_t stream, const std::function<void()>& launch) {
+  bool graphed = false;
+  return MedianMicros(
+      stream, [&](int) { launch(); }, 50, 41, &graphed);
 }
 
 void Fail(const char* err) {
@@ -84,17 +99,11 @@ int main() {
   for (const int64_t batch : {1, 32}) {
     for (const int adapters : {1, 4}) {
       if (batch == 1 && adapters == 4) continue;
-      std::vector<int32_t> index(batch);
-      for (int64_t i = 0; i < batch; ++i) index[i] = static_cast<int32_t>(i % adapters);
-      Check(cudaMemcpy(index_d, index.data(), batch * 4, cudaMemcpyHostToDevice), "copy");
-      bool graphed = false;
-      const double us = MedianMicros(
-          stream,
-          [&](int) {
-            Fail(lora_bgmv_cuda(x, FloatKind::kBF16, batch, kIn, index_d, table, kOut, y, scratch,
-                                stream));
-          },
-          50, 41, &graphed);
+      UploadIndex(index_d, batch, adapters);
+      const double us = Micros(stream, [&] {
+        Fail(lora_bgmv_cuda(x, FloatKind::kBF16, batch, kIn, index_d, table, kOut, y, scratch,
+                            stream));
+      });
       char name[64];
       std::snprintf(name, sizeof(name), "bgmv batch %lld, %d adapter(s)",
                     static_cast<long long>(batch), adapters);
@@ -125,25 +134,16 @@ int main() {
   __nv_bfloat16* y_v = Alloc(32 * kKv, 1.f);
   const LoraTarget qkv[3] = {{table, kOut, y}, {table, kKv, y_k}, {table, kKv, y_v}};
   for (const int64_t batch : {1, 32}) {
-    std::vector<int32_t> index(batch);
-    for (int64_t i = 0; i < batch; ++i) index[i] = static_cast<int32_t>(i % 4);
-    Check(cudaMemcpy(index_d, index.data(), batch * 4, cudaMemcpyHostToDevice), "copy");
-    const double three = MedianMicros(
-        stream,
-        [&](int) {
-          for (const LoraTarget& t : qkv) {
-            Fail(lora_bgmv_cuda(x, FloatKind::kBF16, batch, kIn, index_d, t.table, t.out_features,
-                                t.y, scratch, stream));
-          }
-        },
-        50, 41, &graphed);
-    const double group = MedianMicros(
-        stream,
-        [&](int) {
-          Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, batch, kIn, index_d, qkv, 3, scratch,
-                                    stream));
-        },
-        50, 41, &graphed);
+    UploadIndex(index_d, batch, 4);
+    const double three = Micros(stream, [&] {
+      for (const LoraTarget& t : qkv) {
+        Fail(lora_bgmv_cuda(x, FloatKind::kBF16, batch, kIn, index_d, t.table, t.out_features, t.y,
+                            scratch, stream));
+      }
+    });
+    const double group = Micros(stream, [&] {
+      Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, batch, kIn, index_d, qkv, 3, scratch, stream));
+    });
     char name[64];
     std::snprintf(name, sizeof(name), "q,k,v batch %lld: 3 launches",
                   static_cast<long long>(batch));
@@ -175,24 +175,15 @@ int main() {
   __nv_bfloat16* y_up = Alloc(kBatch * kInter, 1.f);
   __nv_bfloat16* h = Alloc(kBatch * kInter, 1.f);
   const LoraTarget gu[2] = {{gate_up, kInter, y_gate}, {gate_up, kInter, y_up}};
-  std::vector<int32_t> index(kBatch);
-  for (int64_t i = 0; i < kBatch; ++i) index[i] = static_cast<int32_t>(i % 4);
-  Check(cudaMemcpy(index_d, index.data(), kBatch * 4, cudaMemcpyHostToDevice), "copy");
-  const double gate_up_us = MedianMicros(
-      stream,
-      [&](int) {
-        Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, kBatch, kIn, index_d, gu, 2, scratch,
-                                  stream));
-      },
-      50, 41, &graphed);
+  UploadIndex(index_d, kBatch, 4);
+  const double gate_up_us = Micros(stream, [&] {
+    Fail(lora_bgmv_group_cuda(x, FloatKind::kBF16, kBatch, kIn, index_d, gu, 2, scratch, stream));
+  });
   std::printf("%-34s %10.2f\n", "gate,up batch 32, 4 adapters", gate_up_us);
-  const double down_us = MedianMicros(
-      stream,
-      [&](int) {
-        Fail(lora_bgmv_cuda(h, FloatKind::kBF16, kBatch, kInter, index_d, down, kOut, y, scratch,
-                            stream));
-      },
-      50, 41, &graphed);
+  const double down_us = Micros(stream, [&] {
+    Fail(lora_bgmv_cuda(h, FloatKind::kBF16, kBatch, kInter, index_d, down, kOut, y, scratch,
+                        stream));
+  });
   std::printf("%-34s %10.2f\n", "down batch 32, 4 adapters", down_us);
   return 0;
 }

@@ -95,6 +95,14 @@ namespace {
 
 std::atomic<bool> shrink_overlap{true};
 
+#if defined(LORAD_WITH_CUDA)
+// The BGMV kernels' fp32 scratch for decode rows x [rows, in] and targets of total_rank ranks.
+torch::Tensor LoraScratch(const torch::Tensor& x, int64_t total_rank) {
+  const int64_t bytes = kernels::lora_scratch_bytes(x.size(0), x.size(-1), total_rank);
+  return torch::empty({(bytes + 3) / 4}, x.options().dtype(torch::kFloat));
+}
+#endif
+
 }  // namespace
 
 void SetLoraShrinkOverlap(bool on) { shrink_overlap.store(on); }
@@ -195,9 +203,7 @@ void MultiLoraApplier::Prepare(int64_t layer, const std::vector<Projection>& pro
   pending->layer = layer;
   pending->projections = projections;
   pending->x = x.data_ptr();
-  pending->scratch =
-      torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
-                   x.options().dtype(torch::kFloat));
+  pending->scratch = LoraScratch(x, total_rank);
   // Fork: the side stream starts where the forward's stream is now (x written), runs the shrink
   // and records `done`; the base product goes on meanwhile. Under CUDA-graph capture this is a
   // branch of the graph.
@@ -243,9 +249,7 @@ bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>&
     return true;
   }
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor scratch =
-      torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
-                   x.options().dtype(torch::kFloat));
+  const torch::Tensor scratch = LoraScratch(x, total_rank);
   CheckLaunch(kernels::lora_bgmv_group_cuda(xc.data_ptr(), kind, rows, in_features,
                                             rows_.data_ptr<int32_t>(), targets.data(), count,
                                             scratch.data_ptr(), stream),
