@@ -36,7 +36,6 @@
 #include "engine/infer/sampler.h"
 #include "engine/lora/adapter_store.h"
 #include "engine/lora/lora_adapter.h"
-#include "engine/lora/multi_lora_applier.h"
 #include "engine/model/fused_layer_ops.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/nf4_tensor.h"
@@ -316,7 +315,6 @@ int Run(const BenchArgs& args) {
   options.cuda_graphs = args.Int("cuda_graphs") != 0;
   options.profile_phases = args.Int("profile_phases") != 0;
   if (args.Int("gemv_max_rows") >= 0) engine::Nf4Tensor::SetGemvMaxRows(args.Int("gemv_max_rows"));
-  engine::SetLoraShrinkOverlap(args.Int("lora_overlap") != 0);
   engine::SetFusedLayerOps(args.Int("fused_layer_ops") != 0 ? engine::FusedLayerOps::kCuda
                                                             : engine::FusedLayerOps::kOff);
   auto engine =
@@ -381,20 +379,6 @@ int Run(const BenchArgs& args) {
           "fused layer kernels vs torch ops (eager): %d of %zu requests give identical "
           "tokens\n",
           equal, unfused->size());
-    }
-    // The LoRA shrink on its side stream (beside the base product) against the same kernels on
-    // the forward's own stream: the same sums, so the same tokens.
-    const bool overlap = args.Int("lora_overlap") != 0;
-    engine::SetLoraShrinkOverlap(!overlap);
-    auto other = Tokens(**eager, 8, num_adapters, config.vocab_size);
-    engine::SetLoraShrinkOverlap(overlap);
-    if (other.ok()) {
-      const int equal = SameRequests(*other, *plain);
-      std::printf(
-          "LoRA shrink on a side stream vs on the forward's stream (eager): %d of %zu requests "
-          "give identical tokens\n",
-          equal, other->size());
-      std::printf("RESULT bench=verify_lora_overlap identical=%d of=%zu\n", equal, other->size());
     }
   }
   if (const int64_t ttft_prompt = args.Int("ttft_prompt_tokens"); ttft_prompt > 0) {
@@ -494,7 +478,6 @@ int main(int argc, char** argv) {
                                       {"gemv_max_rows", "-1"},
                                       {"variant", ""},
                                       {"fused_layer_ops", "1"},
-                                      {"lora_overlap", "1"},
                                       {"verify_graphs", "1"},
                                       {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});

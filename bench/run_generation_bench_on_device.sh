@@ -73,11 +73,6 @@ if [ $BUILD_RC -eq 0 ]; then
   [ "${BENCH_VARIANTS:-1}" = 1 ] && [ $SECONDS -lt 360 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=1 \
     --adapters=0 --repetition_penalty=1.3 --fused_layer_ops=0 --variant=torch-layer-ops \
     --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
-  # The LoRA shrink on the forward's own stream instead of a side stream beside the base product
-  # (MultiLoraApplier::Prepare): what the overlap buys, batch 1 and 32 on 1 and 4 adapters.
-  [ "${BENCH_VARIANTS:-1}" = 1 ] && [ $SECONDS -lt 300 ] && run 90 "$BUILD/generation_bench" --model="$MODEL" --batches=1,32 \
-    --adapters=4 --adapter_cases=1,4 --repetition_penalty=1.3 --lora_overlap=0 --variant=lora-shrink-in-line \
-    --verify_graphs=0 --ttft_prompt_tokens=0 --kv_cache_mib=8192
   # Batch 32 through dequantize + cuBLAS (the path before the tensor-core 4-bit kernel).
   [ "${BENCH_VARIANTS:-1}" = 1 ] && [ $SECONDS -lt 330 ] && run 60 "$BUILD/generation_bench" --model="$MODEL" --batches=32 \
     --adapters=0 --repetition_penalty=1.3 --gemv_max_rows=8 --variant=dequant-cublas \

@@ -6,9 +6,7 @@
 // the expand adds those slices up (in slice order) for a tile of kTileRows rows and adds
 // scale * B t to y. Each row reads its own adapter (rows of one adapter share it through the
 // caches). The row -> adapter map is the only difference between BGMV (an index per row) and SGMV
-// (a binary search over segment starts). The two launches may also come from two calls
-// (lora_bgmv_group_shrink_cuda, lora_bgmv_group_expand_cuda): the engine runs the shrink on a side
-// stream beside the base product, whose persistent grid leaves some SMs idle.
+// (a binary search over segment starts).
 //
 // Decode is latency-bound, not bandwidth-bound (rank-16 weights are a few hundred KB per
 // projection): what counts is the number of dependent memory round trips. Before (one block per
@@ -24,6 +22,11 @@
 // adapters fell from 3,957 to 3,652 tokens/s
 // (bench/results/2026-12-02-h200-generation-8b-paged-attention-gqa.txt): the expand blocks spin
 // on SMs the shrink needs, and the next kernel may only start once the counters are reset.
+// Also tried and reverted: the shrink on a side stream (a branch of the decode graph) beside the
+// base product, whose persistent grid leaves 4-36 SMs idle, and only the expand after it. In one
+// run against the same engine with the shrink in line it was slower: batch 1 on one adapter 248.8
+// against 257.4 tokens/s, batch 32 on one adapter 4,008 against 4,107, on 4 adapters 4,075
+// against 4,086 (bench/results/2026-12-02-h200-generation-8b-lora-shrink-side-stream-reverted.txt).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -297,29 +300,22 @@ __global__ void __launch_bounds__(kExpandThreads, kMinBlocks)
   }
 }
 
-// Which of the two launches to enqueue.
-enum class Phase { kBoth, kShrink, kExpand };
-
 template <typename T, typename AdapterOf>
 const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adapter_of,
-                   const Targets& targets, float* scratch, cudaStream_t stream, Phase phase) {
+                   const Targets& targets, float* scratch, cudaStream_t stream) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t chunks = Chunks(in_features);
   if (rows > 0x7fffffff || chunks > 65535) return "lora: too many rows or in_features";
-  cudaError_t err = cudaSuccess;
-  if (phase != Phase::kExpand) {
-    const dim3 shrink_grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
-                           static_cast<unsigned>(targets.count));
-    // 16-byte loads when every row of x starts 16-byte aligned (the kernel checks each A).
-    const bool vectorized =
-        in_features % (16 / sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-    err = LaunchMaybeOverlapped(vectorized ? lora_shrink_kernel<T, true, AdapterOf>
-                                           : lora_shrink_kernel<T, false, AdapterOf>,
-                                shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true,
-                                x, rows, in_features, adapter_of, targets, scratch);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  if (phase == Phase::kShrink) return nullptr;
+  const dim3 shrink_grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
+                         static_cast<unsigned>(targets.count));
+  // 16-byte loads when every row of x starts 16-byte aligned (the kernel checks each A).
+  const bool vectorized =
+      in_features % (16 / sizeof(T)) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  cudaError_t err = LaunchMaybeOverlapped(
+      vectorized ? lora_shrink_kernel<T, true, AdapterOf> : lora_shrink_kernel<T, false, AdapterOf>,
+      shrink_grid, dim3(kShrinkThreads), 0, stream, /*overlapped=*/true, x, rows, in_features,
+      adapter_of, targets, scratch);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
   const dim3 expand_grid(static_cast<unsigned>(tiles),
                          static_cast<unsigned>(targets.first_column_block[targets.count]));
   const size_t shared = sizeof(float) * kTileRows * targets.max_rank;
@@ -334,7 +330,7 @@ const char* Launch(const T* x, int64_t rows, int64_t in_features, AdapterOf adap
 template <typename AdapterOf>
 const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                      AdapterOf adapter_of, const LoraTarget* list, int num_targets, void* scratch,
-                     void* stream, Phase phase = Phase::kBoth) {
+                     void* stream) {
   if (num_targets < 0 || num_targets > kMaxLoraTargets) return "lora: 0 to 3 targets per launch";
   if (rows <= 0 || in_features <= 0) return nullptr;  // nothing to add
   Targets targets;
@@ -360,10 +356,10 @@ const char* Dispatch(const void* x, FloatKind kind, int64_t rows, int64_t in_fea
   switch (kind) {
     case FloatKind::kF32:
       return Launch(static_cast<const float*>(x), rows, in_features, adapter_of, targets, partials,
-                    s, phase);
+                    s);
     case FloatKind::kBF16:
       return Launch(static_cast<const __nv_bfloat16*>(x), rows, in_features, adapter_of, targets,
-                    partials, s, phase);
+                    partials, s);
     case FloatKind::kF16:
       break;
   }
@@ -389,21 +385,6 @@ const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, in
                                  int num_targets, void* scratch, void* stream) {
   return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
                   scratch, stream);
-}
-
-const char* lora_bgmv_group_shrink_cuda(const void* x, FloatKind kind, int64_t rows,
-                                        int64_t in_features, const int32_t* adapter_index,
-                                        const LoraTarget* targets, int num_targets, void* scratch,
-                                        void* stream) {
-  return Dispatch(x, kind, rows, in_features, IndexPerRow{adapter_index}, targets, num_targets,
-                  scratch, stream, Phase::kShrink);
-}
-
-const char* lora_bgmv_group_expand_cuda(FloatKind kind, int64_t rows, int64_t in_features,
-                                        const int32_t* adapter_index, const LoraTarget* targets,
-                                        int num_targets, void* scratch, void* stream) {
-  return Dispatch(nullptr, kind, rows, in_features, IndexPerRow{adapter_index}, targets,
-                  num_targets, scratch, stream, Phase::kExpand);
 }
 
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,

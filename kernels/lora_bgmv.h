@@ -82,21 +82,6 @@ const char* lora_bgmv_group_cuda(const void* x, FloatKind kind, int64_t rows, in
                                  const int32_t* adapter_index, const LoraTarget* targets,
                                  int num_targets, void* scratch, void* stream);
 
-// lora_bgmv_group_cuda's two launches, one call each, for a caller that runs the shrink beside
-// other work: the base projection, on another stream (engine/lora/multi_lora_applier.cpp). The
-// shrink reads x and the A matrices and writes `scratch`; it ignores the targets' y. The expand
-// reads `scratch` and the B matrices and adds into each y; it must be enqueued after the shrink
-// has completed (the same stream, or a stream that waits for an event recorded after the shrink)
-// with the same rows, in_features, adapter_index, targets (the y pointers set) and scratch. The
-// pair gives bit for bit what lora_bgmv_group_cuda gives.
-const char* lora_bgmv_group_shrink_cuda(const void* x, FloatKind kind, int64_t rows,
-                                        int64_t in_features, const int32_t* adapter_index,
-                                        const LoraTarget* targets, int num_targets, void* scratch,
-                                        void* stream);
-const char* lora_bgmv_group_expand_cuda(FloatKind kind, int64_t rows, int64_t in_features,
-                                        const int32_t* adapter_index, const LoraTarget* targets,
-                                        int num_targets, void* scratch, void* stream);
-
 // rows: segment_starts[num_segments], passed from the host because the launch grid depends on it.
 const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t in_features,
                            const int64_t* segment_starts, const int32_t* segment_adapter,

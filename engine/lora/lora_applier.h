@@ -44,14 +44,6 @@ class LoraApplier {
                                                  const std::vector<Projection>& projections,
                                                  const torch::Tensor& x,
                                                  const std::vector<torch::Tensor>& ys) const;
-  // Called with x before the base products of `projections` are launched; Apply or ApplyShared
-  // of the same layer, projections and x follows. An applier may start here the part of its work
-  // that needs only x, beside the base products (the multi-adapter applier launches its shrink on
-  // another stream). The default does nothing.
-  virtual void Prepare(int64_t layer, const std::vector<Projection>& projections,
-                       const torch::Tensor& x) const {
-    (void)layer, (void)projections, (void)x;
-  }
 };
 
 // One adapter for every row of the batch. The adapter's tensors are used as they are when their

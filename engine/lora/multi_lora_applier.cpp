@@ -1,15 +1,12 @@
 #include "engine/lora/multi_lora_applier.h"
 
 #include <algorithm>
-#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/kernel_launch.h"
 
 #if defined(LORAD_WITH_CUDA)
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "kernels/lora_bgmv.h"
 #endif
@@ -91,35 +88,6 @@ int64_t LoraStack::bytes() const {
   return n;
 }
 
-namespace {
-
-std::atomic<bool> shrink_overlap{true};
-
-#if defined(LORAD_WITH_CUDA)
-// The BGMV kernels' fp32 scratch for decode rows x [rows, in] and targets of total_rank ranks.
-torch::Tensor LoraScratch(const torch::Tensor& x, int64_t total_rank) {
-  const int64_t bytes = kernels::lora_scratch_bytes(x.size(0), x.size(-1), total_rank);
-  return torch::empty({(bytes + 3) / 4}, x.options().dtype(torch::kFloat));
-}
-#endif
-
-}  // namespace
-
-void SetLoraShrinkOverlap(bool on) { shrink_overlap.store(on); }
-
-// A shrink launched on a side stream by Prepare, for the expand of the same layer, projections
-// and x. The scratch was allocated on the forward's stream, which only frees it after the expand
-// it enqueues once it has waited for `done`.
-struct MultiLoraApplier::PendingShrink {
-  int64_t layer = -1;
-  std::vector<Projection> projections;
-  const void* x = nullptr;
-  torch::Tensor scratch;
-#if defined(LORAD_WITH_CUDA)
-  at::cuda::CUDAEvent done;
-#endif
-};
-
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
                                    const std::vector<int32_t>& row_slots, torch::Device device)
     : stack_(std::move(stack)) {
@@ -132,127 +100,51 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
     : stack_(std::move(stack)), rows_(std::move(row_slots)) {}
 
-MultiLoraApplier::~MultiLoraApplier() {
-  // A shrink nothing waited for (a forward that failed between Prepare and Apply) must finish
-  // before its scratch goes back to the allocator.
-  if (pending_ != nullptr) TakePending();
-}
-
-bool MultiLoraApplier::DeviceTargets(int64_t layer, const std::vector<Projection>& projections,
-                                     const torch::Tensor& x, const std::vector<torch::Tensor>* ys,
-                                     std::vector<kernels::LoraTarget>* targets,
-                                     int64_t* total_rank) const {
+bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
+                                   const torch::Tensor& x,
+                                   const std::vector<torch::Tensor>& ys) const {
+#if defined(LORAD_WITH_CUDA)
   // Decode rows (one token each) only: BGMV adds each row's own adapter in place, reading only
   // the adapters in use, for all the projections of x in one launch pair.
   const int64_t rows = x.size(0);
   if (!x.is_cuda() || x.numel() != rows * x.size(-1) ||
       (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kFloat) ||
       projections.size() > static_cast<size_t>(kernels::kMaxLoraTargets) ||
-      (ys != nullptr && projections.size() != ys->size())) {
+      projections.size() != ys.size()) {
     return false;
   }
-  targets->clear();
-  *total_rank = 0;
+  std::vector<kernels::LoraTarget> targets;
+  int64_t total_rank = 0;
   for (size_t i = 0; i < projections.size(); ++i) {
     const LoraStack::Entry& e = stack_->entry(layer, projections[i]);
     if (!e.a.defined()) continue;  // no adapter targets this projection
-    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type()) return false;
-    kernels::LoraTarget& t = targets->emplace_back();
-    if (ys != nullptr) {
-      const torch::Tensor& y = (*ys)[i];
-      if (y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
-        return false;  // checked for all before any launch: the torch path takes them all
-      }
-      t.y = y.data_ptr();
+    const torch::Tensor& y = ys[i];
+    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type() ||
+        y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
+      return false;  // checked for all before any launch: the torch path takes them all
     }
+    kernels::LoraTarget& t = targets.emplace_back();
     t.table.a = reinterpret_cast<const void* const*>(e.a_pointers.data_ptr<int64_t>());
     t.table.b = reinterpret_cast<const void* const*>(e.b_pointers.data_ptr<int64_t>());
     t.table.rank = e.ranks.data_ptr<int32_t>();
     t.table.scale = e.scales_f32.data_ptr<float>();
     t.table.num_slots = stack_->num_adapters();
     t.table.max_rank = static_cast<int32_t>(e.a.size(1));
-    t.out_features = e.b.size(1);
-    *total_rank += t.table.max_rank;
+    t.out_features = y.size(-1);
+    t.y = y.data_ptr();
+    total_rank += t.table.max_rank;
   }
-  return true;
-}
-
-std::unique_ptr<MultiLoraApplier::PendingShrink> MultiLoraApplier::TakePending() const {
-  std::unique_ptr<PendingShrink> pending = std::move(pending_);
-#if defined(LORAD_WITH_CUDA)
-  if (pending != nullptr) {
-    pending->done.block(c10::cuda::getCurrentCUDAStream(pending->scratch.device().index()));
-  }
-#endif
-  return pending;
-}
-
-void MultiLoraApplier::Prepare(int64_t layer, const std::vector<Projection>& projections,
-                               const torch::Tensor& x) const {
-#if defined(LORAD_WITH_CUDA)
-  TakePending();  // an earlier one nothing took: waited for, dropped
-  std::vector<kernels::LoraTarget> targets;
-  int64_t total_rank = 0;
-  if (!shrink_overlap.load() || !x.is_contiguous() ||
-      !DeviceTargets(layer, projections, x, nullptr, &targets, &total_rank) || targets.empty()) {
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), in_features = x.size(-1);
-  auto pending = std::make_unique<PendingShrink>();
-  pending->layer = layer;
-  pending->projections = projections;
-  pending->x = x.data_ptr();
-  pending->scratch = LoraScratch(x, total_rank);
-  // Fork: the side stream starts where the forward's stream is now (x written), runs the shrink
-  // and records `done`; the base product goes on meanwhile. Under CUDA-graph capture this is a
-  // branch of the graph.
-  const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(x.device().index());
-  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, x.device().index());
-  if (side == main) side = c10::cuda::getStreamFromPool(false, x.device().index());
-  at::cuda::CUDAEvent forked;
-  forked.record(main);
-  forked.block(side);
-  CheckLaunch(kernels::lora_bgmv_group_shrink_cuda(x.data_ptr(), *FloatKindOf(x.scalar_type()),
-                                                   rows, in_features, rows_.data_ptr<int32_t>(),
-                                                   targets.data(), static_cast<int>(targets.size()),
-                                                   pending->scratch.data_ptr(), side.stream()),
-              "lora_bgmv_group_shrink_cuda");
-  pending->done.record(side);
-  pending_ = std::move(pending);
-#else
-  (void)layer, (void)projections, (void)x;
-#endif
-}
-
-bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
-                                   const torch::Tensor& x,
-                                   const std::vector<torch::Tensor>& ys) const {
-#if defined(LORAD_WITH_CUDA)
-  // Joined first, whatever follows: a graph capture fails on a branch that never joins.
-  const std::unique_ptr<PendingShrink> pending = TakePending();
-  std::vector<kernels::LoraTarget> targets;
-  int64_t total_rank = 0;
-  if (!DeviceTargets(layer, projections, x, &ys, &targets, &total_rank)) return false;
   if (targets.empty()) return true;
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), in_features = x.size(-1);
-  const auto kind = *FloatKindOf(x.scalar_type());
-  const int count = static_cast<int>(targets.size());
-  void* stream = CurrentStream(x.device());
-  if (pending != nullptr && pending->layer == layer && pending->projections == projections &&
-      pending->x == x.data_ptr()) {
-    CheckLaunch(kernels::lora_bgmv_group_expand_cuda(kind, rows, in_features,
-                                                     rows_.data_ptr<int32_t>(), targets.data(),
-                                                     count, pending->scratch.data_ptr(), stream),
-                "lora_bgmv_group_expand_cuda");
-    return true;
-  }
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor scratch = LoraScratch(x, total_rank);
-  CheckLaunch(kernels::lora_bgmv_group_cuda(xc.data_ptr(), kind, rows, in_features,
-                                            rows_.data_ptr<int32_t>(), targets.data(), count,
-                                            scratch.data_ptr(), stream),
+  const int64_t in_features = x.size(-1);
+  const torch::Tensor scratch =
+      torch::empty({(kernels::lora_scratch_bytes(rows, in_features, total_rank) + 3) / 4},
+                   x.options().dtype(torch::kFloat));
+  CheckLaunch(kernels::lora_bgmv_group_cuda(xc.data_ptr(), *FloatKindOf(x.scalar_type()), rows,
+                                            in_features, rows_.data_ptr<int32_t>(), targets.data(),
+                                            static_cast<int>(targets.size()), scratch.data_ptr(),
+                                            CurrentStream(x.device())),
               "lora_bgmv_group_cuda");
   return true;
 #else

@@ -5,9 +5,7 @@
 //
 // computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
 // (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter; q, k, v
-// and gate, up each as one launch pair through ApplyShared). Prepare launches the pair's shrink
-// (t = A x, which needs only x) on a side stream, where it runs beside the base product on the
-// SMs that product leaves idle; Apply then waits for it and launches the expand. Every
+// and gate, up each as one launch pair through ApplyShared); every
 // other case uses gathers and batched matmuls in torch. Adapters of different ranks share a stack:
 // each is zero-padded to the largest rank, which adds exact zeros. Rows with no adapter get the
 // all-zero slot, so their outputs are the base's.
@@ -26,7 +24,6 @@
 #include "absl/status/statusor.h"
 #include "engine/lora/lora_adapter.h"
 #include "engine/lora/lora_applier.h"
-#include "kernels/lora_bgmv.h"
 
 namespace lorad::engine {
 
@@ -59,10 +56,6 @@ class LoraStack {
   std::vector<std::array<Entry, kNumProjections>> entries_;  // [layer][projection]
 };
 
-// Process-wide switch for the side-stream shrink of decode rows (on by default): off, Prepare does
-// nothing and Apply launches both halves itself. For benchmarks that compare the two.
-void SetLoraShrinkOverlap(bool on);
-
 class MultiLoraApplier : public LoraApplier {
  public:
   // row_slots[b]: row b's slot in `stack`, or -1 for the base model. Inference only (no dropout,
@@ -73,24 +66,13 @@ class MultiLoraApplier : public LoraApplier {
   // tensor is read at every Apply, so a caller may refill it in place between forwards (a
   // captured CUDA graph keeps reading the same buffer).
   MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots);
-  ~MultiLoraApplier() override;
   torch::Tensor Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                       const torch::Tensor& y) const override;
   std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
                                          const torch::Tensor& x,
                                          const std::vector<torch::Tensor>& ys) const override;
-  void Prepare(int64_t layer, const std::vector<Projection>& projections,
-               const torch::Tensor& x) const override;
 
  private:
-  struct PendingShrink;
-  // The kernel targets of `projections` for decode rows x on CUDA (the y pointers from `ys`, or
-  // unset without), and the sum of their ranks; false when the BGMV kernels do not apply.
-  bool DeviceTargets(int64_t layer, const std::vector<Projection>& projections,
-                     const torch::Tensor& x, const std::vector<torch::Tensor>* ys,
-                     std::vector<kernels::LoraTarget>* targets, int64_t* total_rank) const;
-  // Makes the current stream wait for a pending shrink and hands it over (nullptr when none).
-  std::unique_ptr<PendingShrink> TakePending() const;
   // The BGMV kernels, in place on `ys`, for decode rows on CUDA; false (nothing done) when the
   // inputs are not such rows, and the torch path must add the updates.
   bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
@@ -98,8 +80,6 @@ class MultiLoraApplier : public LoraApplier {
 
   std::shared_ptr<const LoraStack> stack_;
   torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
-  // The shrink Prepare launched, until Apply or ApplyShared takes it (one forward at a time).
-  mutable std::unique_ptr<PendingShrink> pending_;
 };
 
 }  // namespace lorad::engine

@@ -284,7 +284,6 @@ torch::Tensor LlamaModel::Project(const DecoderLayer& layer, int64_t index, Proj
                                   const torch::Tensor& x, const LoraApplier* lora,
                                   bool value_needed) const {
   const BaseLinear& base = layer.projections[static_cast<int>(projection)];
-  if (lora != nullptr) lora->Prepare(index, {projection}, x);
   torch::Tensor y = value_needed ? base.Forward(x) : base.ForwardGraphOnly(x);
   return lora == nullptr ? y : lora->Apply(index, projection, x, y);
 }
@@ -298,7 +297,6 @@ std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, 
   for (const Projection p : projections) {
     linears.push_back(&layer.projections[static_cast<int>(p)]);
   }
-  if (lora != nullptr) lora->Prepare(index, projections, x);
   std::vector<torch::Tensor> ys = BaseLinear::ForwardShared(linears, x);
   return lora == nullptr ? ys : lora->ApplyShared(index, projections, x, ys);
 }

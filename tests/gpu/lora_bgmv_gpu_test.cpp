@@ -229,8 +229,7 @@ TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {
 
 // A group launch (q, k, v of one layer: one x, three outputs) must give bit for bit what one
 // launch per target gives (that one is checked against the CPU reference above), with targets of
-// different widths and adapters of different ranks, and leave rows without an adapter untouched;
-// so must its shrink and expand as two calls.
+// different widths and adapters of different ranks, and leave rows without an adapter untouched.
 TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
   const FloatKind kind = GetParam();
   std::mt19937 rng(23);
@@ -245,38 +244,25 @@ TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
     const Values x = MakeValues(sh.rows * sh.in, kind, 1.f, rng);
     GpuBuffer<char> x_dev(x.bytes);
     std::vector<Values> ys;
-    std::vector<std::unique_ptr<GpuBuffer<char>>> group_y, single_y, split_y;
-    std::vector<LoraTarget> targets, split_targets;
+    std::vector<std::unique_ptr<GpuBuffer<char>>> group_y, single_y;
+    std::vector<LoraTarget> targets;
     int64_t total_rank = 0;
     for (size_t i = 0; i < outs.size(); ++i) {
       ys.push_back(MakeValues(sh.rows * outs[i], kind, 1.f, rng));
       group_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
       single_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
-      split_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
       targets.push_back({sets[i]->Device(), outs[i], group_y.back()->get()});
-      split_targets.push_back({sets[i]->Device(), outs[i], split_y.back()->get()});
       total_rank += sets[i]->max_rank;
     }
     GpuBuffer<char> scratch(lora_scratch_bytes(sh.rows, sh.in, total_rank));
     LORAD_ASSERT_LAUNCH(lora_bgmv_group_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
                                              targets.data(), 3, scratch.get(), nullptr));
-    // The same as two calls (shrink, then expand), the shrink's targets without their y.
-    std::vector<LoraTarget> shrink_targets = split_targets;
-    for (LoraTarget& t : shrink_targets) t.y = nullptr;
-    GpuBuffer<char> split_scratch(lora_scratch_bytes(sh.rows, sh.in, total_rank));
-    LORAD_ASSERT_LAUNCH(lora_bgmv_group_shrink_cuda(x_dev.get(), kind, sh.rows, sh.in,
-                                                    index_dev.get(), shrink_targets.data(), 3,
-                                                    split_scratch.get(), nullptr));
-    LORAD_ASSERT_LAUNCH(lora_bgmv_group_expand_cuda(kind, sh.rows, sh.in, index_dev.get(),
-                                                    split_targets.data(), 3, split_scratch.get(),
-                                                    nullptr));
     for (size_t i = 0; i < outs.size(); ++i) {
       LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
                                          sets[i]->Device(), outs[i], single_y[i]->get(),
                                          scratch.get(), nullptr));
       const std::vector<char> group = group_y[i]->Read(), single = single_y[i]->Read();
       EXPECT_EQ(group, single) << "target " << i << " (out " << outs[i] << "), rows " << sh.rows;
-      EXPECT_EQ(split_y[i]->Read(), group) << "shrink + expand calls, target " << i;
       EXPECT_NE(single, ys[i].bytes) << "target " << i << ": no row took an adapter";
     }
   }
