@@ -39,6 +39,13 @@
 // the boundary buffers only where needed. The 32-bit copy state also took the batch-32 loop from
 // 610 to 593 instructions (16 spill reloads to 8). k/v alone at batch 1 (64 tiles, a stage per
 // warp) went from 5.9 to 6.9 us; in the engine k and v run with q.
+// Asking L2 for a warp's whole share up front (cp.async.bulk.prefetch.L2, a row per lane, before
+// the wait for the predecessor) made batch 1 slower (down_proj 17.6 -> 19.5 us, the layer with
+// PDL 66.3 -> 73.2 us): more bytes in flight is not what batch 1 lacks. The x row pointers
+// computed once per kernel (rows past x_rows clamped for every tile count) removed the 64-bit
+// address arithmetic, parameter loads and zeroing that the batch-32 loop (590 instructions a
+// stage in SASS) did per block, but no time (2026-12-02-h200-nf4_mma-x-rows-prefetch.txt): the
+// loop waits on shared memory and the tensor cores more than it issues.
 // Next: fewer instructions per weight, the next step's lookups issued before this step's
 // tensor-core ops, a smaller table (fewer copies) to fit a second block, x staged once per block.
 //
@@ -182,9 +189,8 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
 template <typename T, int NT, int MT>
 __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
                                              const float* code2, float offset, uint32_t lane_offset,
-                                             const T* __restrict__ x, int64_t x_rows,
-                                             int64_t in_features, uint32_t kb, int g, int t,
-                                             float acc[MT][NT][4]) {
+                                             const T* const (&xrow)[NT], uint32_t kb, int g,
+                                             int t, float acc[MT][NT][4]) {
   using W = WarpTile<MT>;
   const float* a2s = reinterpret_cast<const float*>(slot + W::kSlotWeights + W::kRows * 4);
   // With one tile the rows' code words and absmax2 values are read once per stage; with two,
@@ -205,31 +211,15 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   // registers for that.
   constexpr int kXBlocks = NT == 1 ? W::kStageBlocks : 1;
   uint32_t xs[kXBlocks][NT][8];
-  // Lane t's 16 x values (32 bytes) of block kb + u of x row n, as 8 T pairs.
-  auto load_row = [&](auto n, int u, uint32_t(&out)[8]) {
-    const uint4* p = reinterpret_cast<const uint4*>(x + n * in_features + (kb + u) * 64 + 16 * t);
-    const uint4 lo = __ldg(p), hi = __ldg(p + 1);
-    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
-    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
-  };
+  // Lane t's 16 x values (32 bytes) of block kb + u of each of its x rows, as 8 T pairs (xrow:
+  // the kernel's row pointers, so only the stage's offset is added here).
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (NT * MT < 8) {
-        // Columns past x_rows read the last row (never stored): no zeroing, no branch, and 30%
-        // fewer instructions in the batch-1 loop.
-        const int n = min(8 * nt + g, static_cast<int>(x_rows) - 1);
-        load_row(n, u, xb[nt]);
-      } else {
-        // Four x tiles and two weight tiles (registers short): zeroing schedules better there.
-        const int64_t n = 8 * nt + g;
-        if (n < x_rows) {
-          load_row(n, u, xb[nt]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) xb[nt][i] = 0u;
-        }
-      }
+      const uint4* p = reinterpret_cast<const uint4*>(xrow[nt] + (kb + u) * 64);
+      const uint4 lo = __ldg(p), hi = __ldg(p + 1);
+      xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
+      xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
     }
   };
   if constexpr (NT == 1) {
@@ -360,6 +350,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* my_ring = ring + warp * kStages * W::kSlotBytes;
   const uint32_t my_ring_address = SharedAddress(my_ring);
 
+  // Lane (g, t)'s x rows 8 nt + g at weight 16 t; rows past x_rows read the last row (their
+  // columns are never stored): no zeroing and no branch in the loop, and the 64-bit address
+  // arithmetic done once here instead of for every block (a third of the batch-32 loop).
+  const T* xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    xrow[nt] = x + min(static_cast<int64_t>(8 * nt + g), x_rows - 1) * in_features + 16 * t;
+  }
   TileCopy tc;
   const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
   tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
@@ -451,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         CommitCopies();
         ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset,
-                                x, x_rows, in_features, kb, g, t, acc);
+                                xrow, kb, g, t, acc);
         __syncwarp();  // every lane is done with the slot before it is refilled
         slot = slot == kStages - 1 ? 0 : slot + 1;
       }
