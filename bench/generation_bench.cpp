@@ -44,48 +44,56 @@
 namespace lorad::bench {
 namespace {
 
-// The sampler on the GPU (its staging of parameters and histories, and the kernels) against the
+// The sampler on the GPU (its upload of parameters and histories, and the kernels) against the
 // same sampler on the CPU (the kernels' references): 32 rows of random fp32 logits over the
 // model's vocabulary, half greedy and half seeded top-p sampling, all with every penalty and a
-// history; the tokens must be identical.
+// history; the tokens must be identical. Four rounds on one Sampler, as a decode loop calls it:
+// the histories grow (so the upload's buffers grow), and one round has no penalty at all.
 void VerifySampler(int64_t vocab) {
   constexpr int64_t kRows = 32;
+  constexpr int kRounds = 4;
   torch::manual_seed(11);
-  const torch::Tensor logits = torch::randn({kRows, vocab}) * 4;
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(vocab - 1));
   std::vector<std::vector<int32_t>> prompts(kRows), generated(kRows);
-  std::vector<engine::SampleRow> rows(kRows);
-  for (int64_t b = 0; b < kRows; ++b) {
-    for (int i = 0; i < 100 + b; ++i) prompts[b].push_back(token(rng));
-    for (int i = 0; i < 3 * b; ++i) generated[b].push_back(token(rng) % 64);
-    engine::SamplingParams& p = rows[b].params;
-    p.temperature = b % 2 == 0 ? 0.0f : 0.8f;
-    p.top_p = 0.9f;
-    p.repetition_penalty = 1.3f;
-    p.presence_penalty = 0.5f;
-    p.frequency_penalty = 0.25f;
-    rows[b].seed = 1000 + static_cast<uint64_t>(b);
-    rows[b].step = generated[b].size();
-    rows[b].prompt = prompts[b];
-    rows[b].generated = generated[b];
-  }
   const engine::Sampler sampler;
-  auto on_gpu = sampler.Sample(logits.to(torch::kCUDA), rows);
-  auto on_cpu = sampler.Sample(logits, rows);
-  if (!on_gpu.ok() || !on_cpu.ok()) {
-    std::printf("sampler check failed: %s\n",
-                (on_gpu.ok() ? on_cpu.status() : on_gpu.status()).ToString().c_str());
-    return;
-  }
   int same = 0;
-  for (int64_t b = 0; b < kRows; ++b) same += (*on_gpu)[b].token == (*on_cpu)[b].token;
+  for (int round = 0; round < kRounds; ++round) {
+    const torch::Tensor logits = torch::randn({kRows, vocab}) * 4;
+    const bool penalties = round != 2;
+    std::vector<engine::SampleRow> rows(kRows);
+    for (int64_t b = 0; b < kRows; ++b) {
+      const int prompt = round == 0 ? 100 + static_cast<int>(b) : 0;
+      for (int i = 0; i < prompt; ++i) prompts[b].push_back(token(rng));
+      for (int i = 0; i < (round + 1) * 40 * (1 + static_cast<int>(b) % 4); ++i) {
+        generated[b].push_back(token(rng) % 64);
+      }
+      engine::SamplingParams& p = rows[b].params;
+      p.temperature = b % 2 == 0 ? 0.0f : 0.8f;
+      p.top_p = 0.9f;
+      p.repetition_penalty = penalties ? 1.3f : 1.0f;
+      p.presence_penalty = penalties ? 0.5f : 0.0f;
+      p.frequency_penalty = penalties ? 0.25f : 0.0f;
+      rows[b].seed = 1000 + static_cast<uint64_t>(b);
+      rows[b].step = generated[b].size();
+      rows[b].prompt = prompts[b];
+      rows[b].generated = generated[b];
+    }
+    auto on_gpu = sampler.Sample(logits.to(torch::kCUDA), rows);
+    auto on_cpu = sampler.Sample(logits, rows);
+    if (!on_gpu.ok() || !on_cpu.ok()) {
+      std::printf("sampler check failed: %s\n",
+                  (on_gpu.ok() ? on_cpu.status() : on_gpu.status()).ToString().c_str());
+      return;
+    }
+    for (int64_t b = 0; b < kRows; ++b) same += (*on_gpu)[b].token == (*on_cpu)[b].token;
+  }
   std::printf(
-      "sampler on the GPU vs its CPU reference: %d of %lld rows (greedy and top-p, every "
-      "penalty) give identical tokens\n",
-      same, static_cast<long long>(kRows));
+      "sampler on the GPU vs its CPU reference: %d of %lld rows in %d rounds (greedy and top-p, "
+      "every penalty or none, growing histories) give identical tokens\n",
+      same, static_cast<long long>(kRows * kRounds), kRounds);
   std::printf("RESULT bench=verify_sampler identical=%d of=%lld\n", same,
-              static_cast<long long>(kRows));
+              static_cast<long long>(kRows * kRounds));
 }
 
 using Clock = std::chrono::steady_clock;

@@ -189,8 +189,8 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
 template <typename T, int NT, int MT>
 __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
                                              const float* code2, float offset, uint32_t lane_offset,
-                                             const T* const (&xrow)[NT], uint32_t kb, int g,
-                                             int t, float acc[MT][NT][4]) {
+                                             const T* const (&xrow)[NT], uint32_t kb, int g, int t,
+                                             float acc[MT][NT][4]) {
   using W = WarpTile<MT>;
   const float* a2s = reinterpret_cast<const float*>(slot + W::kSlotWeights + W::kRows * 4);
   // With one tile the rows' code words and absmax2 values are read once per stage; with two,

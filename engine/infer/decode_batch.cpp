@@ -9,6 +9,7 @@
 
 #if defined(LORAD_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace lorad::engine {
@@ -47,6 +48,9 @@ absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t none_
                                                      max_blocks_, " fit a row"));
     }
   }
+#if defined(LORAD_WITH_CUDA)
+  if (copied_.has_value()) copied_->synchronize();
+#endif
   int64_t* longs = host_longs_.data_ptr<int64_t>();
   int32_t* ints = host_ints_.data_ptr<int32_t>();
   const int32_t scratch = cache_->scratch_block();
@@ -68,12 +72,15 @@ absl::Status DecodeBatch::Fill(const std::vector<DecodeRow>& rows, int32_t none_
     lengths_[b] = position;
   }
   if (device_longs_.data_ptr() != host_longs_.data_ptr()) {
-    // Blocking: the host buffers are rewritten by the next Fill, which must not race a copy still
-    // in flight (a step that failed before its tokens came back would leave one). The stream is
-    // idle here in the normal case (the previous step ended with its tokens' copy to the host), so
-    // the wait is the two small copies' own time.
-    device_longs_.copy_(host_longs_, /*non_blocking=*/false);
-    device_ints_.copy_(host_ints_, /*non_blocking=*/false);
+#if defined(LORAD_WITH_CUDA)
+    // Asynchronous, so the host goes on to launch the step at once (a blocking copy waited for a
+    // round trip to the device twice a step); copied_ keeps the next Fill from rewriting the host
+    // buffers under a copy still in flight.
+    device_longs_.copy_(host_longs_, /*non_blocking=*/true);
+    device_ints_.copy_(host_ints_, /*non_blocking=*/true);
+    if (!copied_.has_value()) copied_.emplace();
+    copied_->record(c10::cuda::getCurrentCUDAStream(device_longs_.device().index()));
+#endif
   }
   return absl::OkStatus();
 }

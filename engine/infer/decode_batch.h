@@ -2,9 +2,9 @@
 // fixed size, and the AttentionCache that step uses over a PagedKvCache's pools. Nothing in the
 // step's forward copies from the host or waits for the device: Fill() stages every index (token
 // ids, positions, KV write slots, block tables, context lengths, adapter slots) and copies them in
-// two transfers before the forward, and the forward reads them on the device. So a CUDA graph
-// captured over LlamaModel::DecodeStep with this batch replays correctly after every Fill()
-// (engine/infer/decode_runner.h).
+// two asynchronous transfers before the forward, and the forward reads them on the device. So a
+// CUDA graph captured over LlamaModel::DecodeStep with this batch replays correctly after every
+// Fill() (engine/infer/decode_runner.h).
 //
 // Attention runs the paged decode kernel (kernels/paged_attention.h: its CPU reference on CPU), so
 // a sequence's keys are read where its blocks lie, with no gather. Rows past the filled ones are
@@ -16,11 +16,16 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "engine/infer/paged_kv_cache.h"
 #include "engine/model/attention_cache.h"
+
+#if defined(LORAD_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#endif
 
 namespace lorad::engine {
 
@@ -68,6 +73,12 @@ class DecodeBatch : public AttentionCache {
   torch::Tensor host_longs_, host_ints_, device_longs_, device_ints_;
   torch::Tensor ids_, positions_, write_slots_;             // int64 views
   torch::Tensor context_lens_, block_tables_, lora_slots_;  // int32 views
+#if defined(LORAD_WITH_CUDA)
+  // The last Fill's copies out of the host buffers, which the next Fill waits for before it
+  // rewrites them (in a running engine they finished long before: the step ended with its tokens'
+  // copy to the host).
+  std::optional<at::cuda::CUDAEvent> copied_;
+#endif
 };
 
 }  // namespace lorad::engine

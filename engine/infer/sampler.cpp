@@ -2,20 +2,72 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/kernel_launch.h"
 #include "kernels/sampling.h"
 
 #if defined(LORAD_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace lorad::engine {
+
+// Where the CUDA path's per-step inputs (the rows' kernel parameters and penalty histories) go:
+// one pinned host buffer and one device buffer, kept between steps and grown when too small, and
+// one asynchronous copy a step. Copies from pageable memory each waited for the stream, that is
+// for the forward still running on it; now the host enqueues the sampler's kernels behind the
+// forward and waits once, for the tokens.
+struct Sampler::Upload {
+#if defined(LORAD_WITH_CUDA)
+  torch::Tensor host;    // pinned bytes
+  torch::Tensor device;  // bytes on the logits' device
+  // The last copy out of `host`, then (RunCuda) the last kernel reading `device`.
+  std::optional<at::cuda::CUDAEvent> done;
+
+  // The device addresses of `pieces` (each 16-byte aligned), after one copy on `stream`.
+  std::vector<void*> Send(const std::vector<std::pair<const void*, size_t>>& pieces,
+                          const torch::Device& on, const c10::cuda::CUDAStream& stream) {
+    std::vector<size_t> offsets;
+    size_t total = 0;
+    for (const auto& piece : pieces) {
+      offsets.push_back(total);
+      total += (piece.second + 15) / 16 * 16;
+    }
+    total = std::max<size_t>(total, 16);
+    if (done.has_value()) done->synchronize();  // both buffers free (long since, in a loop)
+    const auto capacity = static_cast<int64_t>(std::max<size_t>(
+        total, host.defined() ? 2 * static_cast<size_t>(host.numel()) : size_t{4096}));
+    if (!host.defined() || static_cast<size_t>(host.numel()) < total) {
+      host =
+          torch::empty({capacity}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+    }
+    if (!device.defined() || device.numel() < host.numel() || device.device() != on) {
+      device = torch::empty({host.numel()}, torch::TensorOptions().dtype(torch::kUInt8).device(on));
+    }
+    uint8_t* staged = host.data_ptr<uint8_t>();
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      if (pieces[i].second > 0) std::memcpy(staged + offsets[i], pieces[i].first, pieces[i].second);
+    }
+    const auto n = static_cast<int64_t>(total);
+    device.narrow(0, 0, n).copy_(host.narrow(0, 0, n), /*non_blocking=*/true);
+    if (!done.has_value()) done.emplace();
+    done->record(stream);
+    std::vector<void*> out;
+    for (const size_t offset : offsets) out.push_back(device.data_ptr<uint8_t>() + offset);
+    return out;
+  }
+#endif
+};
+
 namespace {
 
 using kernels::SamplingRow;
@@ -113,38 +165,31 @@ HistoryArrays Histories(absl::Span<const SampleRow> rows, const std::vector<Samp
 }
 
 #if defined(LORAD_WITH_CUDA)
-torch::Tensor HostTensor(const void* data, int64_t bytes) {
-  return torch::from_blob(const_cast<void*>(data), {bytes}, torch::kUInt8);
-}
-
-// Penalties, warp and draw on the logits' GPU; returns the tokens (on the CPU).
+// Penalties, warp and draw on the logits' GPU; returns the tokens (on the CPU). Nothing here
+// waits for the device but the tokens' copy back.
 torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
-                      const HistoryArrays* history) {
+                      const HistoryArrays* history, Sampler::Upload& upload) {
   const torch::Device device = work.device();
   const c10::cuda::CUDAGuard guard(device);
-  void* stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const c10::cuda::CUDAStream cuda_stream = c10::cuda::getCurrentCUDAStream(device.index());
+  void* stream = cuda_stream.stream();
   const int64_t batch = work.size(0), vocab = work.size(1);
-  const torch::Tensor rows =
-      HostTensor(k.data(), static_cast<int64_t>(k.size() * sizeof(SamplingRow))).to(device);
-  const auto* rows_ptr = reinterpret_cast<const SamplingRow*>(rows.data_ptr<uint8_t>());
+  std::vector<std::pair<const void*, size_t>> pieces = {{k.data(), k.size() * sizeof(SamplingRow)}};
   if (history != nullptr) {
-    const auto i32 = torch::TensorOptions().dtype(torch::kInt32);
-    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    const torch::Tensor tokens =
-        torch::from_blob(const_cast<int32_t*>(history->tokens.data()),
-                         {static_cast<int64_t>(history->tokens.size())}, i32)
-            .to(device);
-    const torch::Tensor row_begin =
-        torch::from_blob(const_cast<int64_t*>(history->row_begin.data()), {batch + 1}, i64)
-            .to(device);
-    const torch::Tensor generated_begin =
-        torch::from_blob(const_cast<int64_t*>(history->generated_begin.data()), {batch}, i64)
-            .to(device);
-    torch::Tensor scratch = torch::zeros({batch, vocab}, i32.device(device));
+    pieces.push_back({history->tokens.data(), history->tokens.size() * sizeof(int32_t)});
+    pieces.push_back({history->row_begin.data(), history->row_begin.size() * sizeof(int64_t)});
+    pieces.push_back(
+        {history->generated_begin.data(), history->generated_begin.size() * sizeof(int64_t)});
+  }
+  const std::vector<void*> on_device = upload.Send(pieces, device, cuda_stream);
+  const auto* rows_ptr = static_cast<const SamplingRow*>(on_device[0]);
+  if (history != nullptr) {
+    torch::Tensor scratch =
+        torch::zeros({batch, vocab}, torch::dtype(torch::kInt32).device(device));
     TokenHistory h;
-    h.tokens = tokens.data_ptr<int32_t>();
-    h.row_begin = row_begin.data_ptr<int64_t>();
-    h.generated_begin = generated_begin.data_ptr<int64_t>();
+    h.tokens = static_cast<const int32_t*>(on_device[1]);
+    h.row_begin = static_cast<const int64_t*>(on_device[2]);
+    h.generated_begin = static_cast<const int64_t*>(on_device[3]);
     CheckLaunch(kernels::sampling_penalties_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr, h,
                                                  scratch.data_ptr<int32_t>(), stream),
                 "sampling_penalties_cuda");
@@ -155,6 +200,8 @@ torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
   CheckLaunch(kernels::sampling_draw_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr,
                                           tokens.data_ptr<int32_t>(), stream),
               "sampling_draw_cuda");
+  // The kernels are the last readers of the device buffer: the next upload waits for them too.
+  upload.done->record(cuda_stream);
   return tokens.cpu();
 }
 #endif
@@ -204,6 +251,9 @@ void AddLogprobs(const torch::Tensor& scores, absl::Span<const SampleRow> rows,
 }
 
 }  // namespace
+
+Sampler::Sampler(LogprobsMode mode) : mode_(mode), upload_(std::make_unique<Upload>()) {}
+Sampler::~Sampler() = default;
 
 absl::Status SamplingParams::Validate(int32_t max_new_tokens_limit) const {
   if (max_new_tokens < 1 || max_new_tokens > max_new_tokens_limit) {
@@ -277,7 +327,7 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Sample(const torch::Tensor& l
     torch::Tensor tokens;
     if (work.is_cuda()) {
 #if defined(LORAD_WITH_CUDA)
-      tokens = RunCuda(work, k, h);
+      tokens = RunCuda(work, k, h, *upload_);
 #endif
     } else {
       tokens = RunCpu(work, k, h);

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -78,10 +79,14 @@ struct SampledToken {
 
 enum class LogprobsMode { kRaw, kProcessed };
 
-// Stateless apart from its mode; called from the GPU loop thread.
+// Holds its mode and, on CUDA, the buffers its per-step upload goes through; one caller at a time
+// (the GPU loop thread).
 class Sampler {
  public:
-  explicit Sampler(LogprobsMode mode = LogprobsMode::kRaw) : mode_(mode) {}
+  explicit Sampler(LogprobsMode mode = LogprobsMode::kRaw);
+  ~Sampler();
+  Sampler(const Sampler&) = delete;
+  Sampler& operator=(const Sampler&) = delete;
 
   // logits: [batch, vocab] fp32, bf16 or fp16, CPU or CUDA (left unchanged); rows: [batch].
   // Returns one token per row, in row order. InvalidArgument for a shape, a parameter or a token
@@ -89,8 +94,12 @@ class Sampler {
   absl::StatusOr<std::vector<SampledToken>> Sample(const at::Tensor& logits,
                                                    absl::Span<const SampleRow> rows) const;
 
+  // The rows' parameters and histories on their way to the device (opaque: sampler.cpp).
+  struct Upload;
+
  private:
   LogprobsMode mode_;
+  std::unique_ptr<Upload> upload_;
 };
 
 }  // namespace lorad::engine
