@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Same-call A/B of decode speed on the GPU machine: the engine as at a git revision ("old") against
+# the working tree ("new"), both built here, then generation_bench run old, new, old, new, ... on
+# one machine and one model. Changes of a few percent are within the spread between machines of
+# one kind (about 3%), so this is how they are judged.
+#
+#   bash bench/prepare_ab.sh REV        (here: writes .device-ab/, the files that differ)
+#   run(command="bash bench/run_generation_ab_on_device.sh",
+#       carry=[".device-debs-engine", ".device-python", ".device-ab"])
+#
+# env: AB_ROUNDS (default 2), AB_ARGS (generation_bench flags; default batch 1 and 32, no adapter
+# and 4 mixed adapters, repetition penalty 1.3), BENCH_DATE, BENCH_SHAPE (default 8b).
+# The first round of each side also runs generation_bench's checks (graph replay vs eager, the GPU
+# sampler vs its CPU reference). bench/ keeps the working tree's files for both builds (the same
+# measuring code, and a script is never rewritten while it runs); the rest of the tree is swapped.
+# Writes $OUT/<date>-h200-generation-<shape>-ab.txt and the two build logs. Never asserts a timing.
+set -uo pipefail
+OUT=${OUT:-/tmp/lorad-generation-ab-out}
+DATE=${BENCH_DATE:-$(date +%F)}
+SHAPE=${BENCH_SHAPE:-8b}
+ROUNDS=${AB_ROUNDS:-2}
+ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=0 --kv_cache_mib=8192}
+AB=.device-ab
+[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
+mkdir -p "$OUT"
+source bench/device_build.sh
+MODEL=$WORK/model-$SHAPE
+RESULT=$OUT/$DATE-h200-generation-$SHAPE-ab.txt
+
+# Puts one side's files in place: copies $AB/<side>/ over the tree (bench/ excepted) and removes
+# the files that side does not have.
+swap_to() {  # swap_to old|new
+  local side=$1 gone
+  [ "$side" = old ] && gone=$AB/added.txt || gone=$AB/deleted.txt
+  (cd "$AB/$side" && find . -type f | sed 's|^\./||') | grep -v '^bench/' |
+    while read -r f; do mkdir -p "$(dirname "$f")" && cp "$AB/$side/$f" "$f"; done
+  grep -v '^bench/' "$gone" | while read -r f; do rm -f "$f"; done
+}
+
+log "model ($SHAPE)"
+("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
+  --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1) &
+MODEL_PID=$!
+build_and_report "$OUT/build-new.log" generation_bench
+NEW_RC=$BUILD_RC
+cp "$BUILD/generation_bench" /tmp/generation_bench-new 2> /dev/null
+swap_to old
+build_and_report "$OUT/build-old.log" generation_bench
+OLD_RC=$BUILD_RC
+cp "$BUILD/generation_bench" /tmp/generation_bench-old 2> /dev/null
+swap_to new
+wait $MODEL_PID
+log "model: $(tail -1 "$OUT/model.log")"
+
+{
+  echo "# Generation A/B, same call: old = $(head -1 $AB/rev.txt), new = the working tree"
+  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log"))"
+  echo "# builds: new exit $NEW_RC, old exit $OLD_RC; rounds: $ROUNDS, each old then new"
+  echo "# generation_bench $ARGS"
+  sed 's/^/# /' "$AB/rev.txt"
+  echo
+} > "$RESULT"
+if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    for side in old new; do
+      checks=0
+      [ "$round" = 1 ] && checks=1
+      echo "== $side, round $round" >> "$RESULT"
+      # shellcheck disable=SC2086
+      timeout 200 /tmp/generation_bench-$side --model="$MODEL" $ARGS --verify_graphs=$checks \
+        --variant="$side" 2>&1 | grep -E "RESULT|identical|failed|rror" >> "$RESULT" ||
+        echo "!! exit ${PIPESTATUS[0]}" >> "$RESULT"
+      log "$side round $round done"
+    done
+  done
+  # Decode tokens/s per case: each round's old and new, and new / old of the means.
+  "$PY" - "$RESULT" >> "$RESULT" << 'PYEOF'
+import re, sys, collections
+runs = collections.defaultdict(lambda: {"old": [], "new": []})
+for line in open(sys.argv[1]):
+    if not line.startswith("RESULT bench=generate"):
+        continue
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    runs[(int(kv["batch"]), int(kv["adapters"]))][kv["variant"]].append(float(kv["decode_tokens_per_s"]))
+print("\ndecode tokens/s            old                  new                  new / old (means)")
+for (batch, adapters), v in sorted(runs.items()):
+    old, new = v["old"], v["new"]
+    ratio = (sum(new) / len(new)) / (sum(old) / len(old)) if old and new else float("nan")
+    fmt = lambda xs: ", ".join(f"{x:,.1f}" for x in xs)
+    print(f"batch {batch:2d}, {adapters} adapters   {fmt(old):20s} {fmt(new):20s} {ratio:.3f}")
+PYEOF
+fi
+log done
+cat "$RESULT"
