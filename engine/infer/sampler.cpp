@@ -43,7 +43,11 @@ struct Sampler::Upload {
       total += (piece.second + 15) / 16 * 16;
     }
     total = std::max<size_t>(total, 16);
-    if (done.has_value()) done->synchronize();  // both buffers free (long since, in a loop)
+    if (done.has_value()) {
+      done->synchronize();  // both buffers free (long since, in a loop)
+      // An event records on its own device only: logits on another GPU start a new one.
+      if (done->device_index() != on.index()) done.reset();
+    }
     const auto capacity = static_cast<int64_t>(std::max<size_t>(
         total, host.defined() ? 2 * static_cast<size_t>(host.numel()) : size_t{4096}));
     if (!host.defined() || static_cast<size_t>(host.numel()) < total) {
