@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Lane (g, t)'s x rows 8 nt + g at weight 16 t; rows past x_rows read the last row (their
   // columns are never stored): no zeroing and no branch in the loop, and the 64-bit address
-  // arithmetic done once here instead of for every block (a third of the batch-32 loop).
+  // arithmetic done once here instead of for every block.
   const T* xrow[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
