@@ -150,10 +150,11 @@ __device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0
 // to one per kind (and the piece offsets recomputed) to spare registers; rows, row bytes and
 // block numbers are 32-bit (the launcher checks), which spares more.
 struct TileCopy {
-  const uint8_t* packed;   // W's packed bytes at the lane's piece
-  uint32_t row_bytes;      // in_features / 2
-  uint32_t row;            // the lane's first row
-  uint32_t last_row;       // out_features - 1: a missing row re-reads it and is never stored
+  const uint8_t* packed;  // W's packed bytes at the lane's piece of its first row
+  // Bytes from that row to rows + kRowsPerCopy i (i = 1..3), rows past the last one clamped to
+  // it (a missing row re-reads the last and is never stored): a stage's addresses are then one
+  // 64-bit add each, not a row multiply.
+  uint32_t row_offset[3];
   uint32_t dst;            // where the lane's first piece goes in a ring slot
   const uint8_t* qabsmax;  // the row's first 8-bit code
   uint32_t first_block;    // the row's first block (for absmax2)
@@ -165,9 +166,9 @@ __device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, uint32_t
   using W = WarpTile<MT>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t row = min(tc.row + i * W::kRowsPerCopy, tc.last_row);
+    const uint8_t* stage = tc.packed + kb * 32u;
     CopyAsync16(slot + tc.dst + i * W::kRowsPerCopy * W::kRowStride,
-                tc.packed + static_cast<uint64_t>(row) * tc.row_bytes + kb * 32u);
+                i == 0 ? stage : stage + tc.row_offset[i - 1]);
   }
   // The aligned word of 4 codes holding this stage's; a stage's aligned blocks never straddle
   // a group of 256, so one absmax2 value serves the stage.
@@ -185,26 +186,49 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
   return *reinterpret_cast<const uint32_t*>(table + offset);
 }
 
+// The code2 level of byte shift / 8 of a word of 8-bit absmax codes, from the weight's 256 levels
+// at shared address code2: a PRMT and a LEA (shift and mask, then index arithmetic from the
+// weight number, took four).
+__device__ __forceinline__ float Code2At(uint32_t code2, uint32_t word, int shift) {
+  const uint32_t code = __byte_perm(word, 0u, 0x4440u | static_cast<uint32_t>(shift >> 3));
+  float level;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(level) : "r"(code2 + 4 * code));
+  return level;
+}
+
 // Decodes one ring slot (kStageBlocks blocks of the warp's MT * 16 rows) into acc.
 template <typename T, int NT, int MT>
-__device__ __forceinline__ void ComputeStage(const unsigned char* slot, const unsigned char* table,
-                                             const float* code2, float offset, uint32_t lane_offset,
+__device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned char* table,
+                                             uint32_t code2, float offset, uint32_t lane_offset,
                                              const T* const (&xrow)[NT], uint32_t kb, int g, int t,
                                              float acc[MT][NT][4]) {
   using W = WarpTile<MT>;
   const float* a2s = reinterpret_cast<const float*>(slot + W::kSlotWeights + W::kRows * 4);
-  // With one tile the rows' code words and absmax2 values are read once per stage; with two,
-  // where they are used (registers are short there).
-  uint32_t qa_stage[2] = {0u, 0u};
-  float a2_stage[2] = {0.f, 0.f};
+  // The blocks' absmax exactly as the CPU reference rebuilds it (no fused multiply-add) from the
+  // rows' code words and absmax2 values. With one tile, lane t decodes block t's of rows g and
+  // g + 8 for its group's four lanes and leaves them in the rows' padding, where each lane reads
+  // its rows' four at once: two decodes a lane instead of eight. With two tiles (no padding), each
+  // lane decodes its own where they are used (registers are short there).
+  const auto decode = [&](int r, int u) {
+    const uint32_t codes = *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + r * 4);
+    const int shift = 8 * (MT == 1 ? u : static_cast<int>(kb & 3) + u);
+    return __fadd_rn(__fmul_rn(Code2At(code2, codes, shift), a2s[r]), offset);
+  };
+  float scale_stage[2][4];
   if constexpr (MT == 1) {
+    unsigned char* padding = slot + W::kStageBlocks * 32;
+#pragma unroll
     for (int h = 0; h < 2; ++h) {
-      qa_stage[h] = *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + (g + 8 * h) * 4);
-      a2_stage[h] = a2s[g + 8 * h];
+      *reinterpret_cast<float*>(padding + (g + 8 * h) * W::kRowStride + 4 * t) = decode(g + 8 * h, t);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float4 s = *reinterpret_cast<const float4*>(padding + (g + 8 * h) * W::kRowStride);
+      scale_stage[h][0] = s.x, scale_stage[h][1] = s.y, scale_stage[h][2] = s.z;
+      scale_stage[h][3] = s.w;
     }
   }
-  // The stage's first code in the word (MT = 1: stages are whole words).
-  const int code_shift = MT == 1 ? 0 : 8 * static_cast<int>(kb & 3);
   // x^T fragments: column n = 8 * nt + g, weights 16t..16t+15 of block kb + u. With one tile all
   // of the stage's are loaded up front (one round trip per stage, not per block, should x miss
   // the little L1 the ring leaves; measured neutral on the H200); four tiles would need 128
@@ -213,10 +237,15 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
   uint32_t xs[kXBlocks][NT][8];
   // Lane t's 16 x values (32 bytes) of block kb + u of each of its x rows, as 8 T pairs (xrow:
   // the kernel's row pointers, so only the stage's offset is added here).
+  // The stage's x, once per row: its blocks are then constant offsets (kb + u in 32 bits would
+  // make the compiler redo the 64-bit address for every block).
+  const T* xk[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xk[nt] = xrow[nt] + kb * 64u;
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const uint4* p = reinterpret_cast<const uint4*>(xrow[nt] + (kb + u) * 64);
+      const uint4* p = reinterpret_cast<const uint4*>(xk[nt] + u * 64);
       const uint4 lo = __ldg(p), hi = __ldg(p + 1);
       xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
       xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
@@ -255,18 +284,8 @@ __device__ __forceinline__ void ComputeStage(const unsigned char* slot, const un
           Mma<T>(c[nt], a, xb[nt][2 * step], xb[nt][2 * step + 1]);
         }
       }
-      // The block's absmax exactly as the CPU reference rebuilds it (no fused multiply-add),
-      // from the rows' code words and absmax2 values.
-      const int shift = code_shift + 8 * u;
-      const auto code_word = [&](int r) {
-        return *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + r * 4);
-      };
-      const uint32_t qa0 = MT == 1 ? qa_stage[0] : code_word(r0);
-      const uint32_t qa1 = MT == 1 ? qa_stage[1] : code_word(r1);
-      const float a20 = MT == 1 ? a2_stage[0] : a2s[r0];
-      const float a21 = MT == 1 ? a2_stage[1] : a2s[r1];
-      const float scale0 = __fadd_rn(__fmul_rn(code2[(qa0 >> shift) & 0xffu], a20), offset);
-      const float scale1 = __fadd_rn(__fmul_rn(code2[(qa1 >> shift) & 0xffu], a21), offset);
+      const float scale0 = MT == 1 ? scale_stage[0][u] : decode(r0, u);
+      const float scale1 = MT == 1 ? scale_stage[1][u] : decode(r1, u);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         acc[m][nt][0] = fmaf(c[nt][0], scale0, acc[m][nt][0]);
@@ -361,7 +380,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   TileCopy tc;
   const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
   tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
-  tc.row_bytes = static_cast<uint32_t>(in_features / 2);
   // Segment state: the tile's weight and the stage range [kb_begin, kb_end).
   int ti = 0;
   uint32_t kb_begin = 0, kb_end = 0;
@@ -374,9 +392,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t row0 = FirstRowOf(targets, tile, ti, W::kRows);
     kb_begin = static_cast<uint32_t>(u % stages * W::kStageBlocks);
     kb_end = kb_begin + static_cast<uint32_t>(u_end - u) * W::kStageBlocks;
-    tc.packed = target.packed + piece * 16;
-    tc.last_row = static_cast<uint32_t>(target.out_features - 1);
-    tc.row = static_cast<uint32_t>(row0 + first_row);
+    const int64_t row = min(row0 + first_row, target.out_features - 1);
+    tc.packed = target.packed + row * (in_features / 2) + piece * 16;
+#pragma unroll
+    for (int i = 1; i < 4; ++i) {
+      const int64_t row_i = min(row + i * W::kRowsPerCopy, target.out_features - 1);
+      tc.row_offset[i - 1] = static_cast<uint32_t>((row_i - row) * (in_features / 2));
+    }
     const int64_t scale_row = min(row0 + lane % W::kRows, target.out_features - 1);
     tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
     tc.first_block = static_cast<uint32_t>(scale_row * blocks_per_row);
@@ -425,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         begin_segment(t0, u_split, u_end);
         prologue();
       }
-      const float* code2 = code2s + ti * 256;
+      const uint32_t code2 = SharedAddress(code2s + ti * 256);
       const float offset = targets.t[ti].absmax.offset;
       const float* absmax2 = targets.t[ti].absmax.absmax2;
       float acc[MT][NT][4];
