@@ -46,6 +46,12 @@
 // address arithmetic, parameter loads and zeroing that the batch-32 loop (590 instructions a
 // stage in SASS) did per block, but no time (2026-12-02-h200-nf4_mma-x-rows-prefetch.txt): the
 // loop waits on shared memory and the tensor cores more than it issues.
+// The batch-1 loop cut from 319 to 263 SASS instructions a stage (copies addressed by per-row
+// offsets, not row multiplies; x addressed once a stage; absmax2 levels by PRMT; each block's
+// scale decoded once per four lanes and shared through the rows' padding) took the layer at
+// batch 1 from 84.1 to 80.4 us (PDL 66.8 -> 64.0; 2026-12-03-h200-nf4_mma-lean-loop.txt).
+// ncu (down_proj, batch 1): 4 warps per scheduler issue 38-43% of cycles; shared memory, LSU and
+// DRAM all below half their peaks; the loop waits on latency (short scoreboard, MIO throttle).
 // Next: fewer instructions per weight, the next step's lookups issued before this step's
 // tensor-core ops, a smaller table (fewer copies) to fit a second block, x staged once per block.
 //
@@ -219,7 +225,8 @@ __device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned
     unsigned char* padding = slot + W::kStageBlocks * 32;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      *reinterpret_cast<float*>(padding + (g + 8 * h) * W::kRowStride + 4 * t) = decode(g + 8 * h, t);
+      *reinterpret_cast<float*>(padding + (g + 8 * h) * W::kRowStride + 4 * t) =
+          decode(g + 8 * h, t);
     }
     __syncwarp();
 #pragma unroll
@@ -639,7 +646,7 @@ const char* Run(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
                 bool overlapped) {
   if (!nf4_mma_cuda_supports(rows, in_features, kind)) {
     return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
-           "in_features % 256 == 0)";
+           "in_features a multiple of 256 below 2^32 / 12)";
   }
   if (blocks < 0) return "nf4_mma_cuda: blocks must be 0 (the planner's) or more";
   if (count < 1 || count > kNf4MmaMaxTargets) {
@@ -650,7 +657,7 @@ const char* Run(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
   int n = 0;
   for (int i = 0; i < count; ++i) {
     if (targets[i].out_features > 0) kept[n++] = targets[i];
-    // TileCopy's 32-bit rows and block numbers.
+    // TileCopy's 32-bit block numbers (its row offsets: in_features below 2^32 / 12, above).
     if (targets[i].out_features * (in_features / 64) >= (int64_t{1} << 32)) {
       return "nf4_mma_cuda: weight too large (out_features * in_features / 64 must be below 2^32)";
     }
@@ -676,7 +683,9 @@ Nf4MmaTarget Single(const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_
 
 bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind) {
   return (kind == FloatKind::kBF16 || kind == FloatKind::kF16) && rows >= 1 &&
-         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % 256 == 0;
+         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % 256 == 0 &&
+         // TileCopy's 32-bit row offsets span up to 24 rows of in_features / 2 bytes.
+         12 * in_features < (int64_t{1} << 32);
 }
 
 const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,

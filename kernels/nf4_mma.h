@@ -36,8 +36,8 @@ void nf4_mma_cpu(const float* x, int64_t rows, const uint8_t* packed, const floa
 
 #if defined(LORAD_WITH_CUDA)
 // Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
-// in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row), and x and y 16-byte
-// aligned (checked by the caller). Needs sm_80 or later.
+// in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row) and below 2^32 / 12
+// (32-bit row offsets), and x and y 16-byte aligned (checked by the caller). Needs sm_80 or later.
 bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind);
 
 // Device pointers; x [rows, in_features] and y [rows, out_features] row-major, of `kind`.
