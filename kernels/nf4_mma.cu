@@ -149,32 +149,80 @@ __device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0
 }
 #undef LORAD_NF4_MMA
 
+// Where a lane's 16-byte piece i (< 4) of a stage of W lies: row `row` + kRowsPerCopy i (rows
+// past the last one clamped to it: a missing row re-reads the last and is never stored), piece
+// `piece` of the row's stage. Two ways, each the faster where it is used. One tile (batch 1):
+// the bytes from the first row to the other three, so a stage's addresses are one add each,
+// not a row multiply (part of the loop's 319 -> 263 instructions).
+template <int kRowsPerCopy>
+struct PieceByRowOffset {
+  const uint8_t* packed;   // W's packed bytes at the piece of the lane's first row
+  uint32_t row_offset[3];  // bytes from that row to rows + kRowsPerCopy i, i = 1..3
+
+  __device__ __forceinline__ void Init(int64_t /*row_bytes: given to each Point*/) {}
+  __device__ __forceinline__ void Point(const uint8_t* weight, int64_t row, int64_t last_row,
+                                        int64_t row_bytes, int piece) {
+    row = min(row, last_row);
+    packed = weight + row * row_bytes + piece * 16;
+#pragma unroll
+    for (int i = 1; i < 4; ++i) {
+      const int64_t row_i = min(row + i * kRowsPerCopy, last_row);
+      row_offset[i - 1] = static_cast<uint32_t>((row_i - row) * row_bytes);
+    }
+  }
+  __device__ __forceinline__ const uint8_t* At(uint32_t kb, int i) const {
+    const uint8_t* stage = packed + kb * 32u;
+    return i == 0 ? stage : stage + row_offset[i - 1];
+  }
+};
+
+// Two tiles (batch 9-32): the row multiplied out per piece. The offsets (with x addressed once a
+// stage, see ComputeStage) took that kernel's spills from 108 to 220 bytes and the engine's
+// batch-32 decode 5% slower (2026-12-03-h200-generation-8b-ab-lean-loop.txt).
+template <int kRowsPerCopy>
+struct PieceByRowMultiply {
+  const uint8_t* packed;  // W's packed bytes at the lane's piece
+  uint32_t row_bytes;     // in_features / 2
+  uint32_t row;           // the lane's first row
+  uint32_t last_row;      // out_features - 1
+
+  // Row bytes once per kernel: set in each Point, they spilled more (144 bytes, not 108).
+  __device__ __forceinline__ void Init(int64_t bytes) { row_bytes = static_cast<uint32_t>(bytes); }
+  __device__ __forceinline__ void Point(const uint8_t* weight, int64_t first_row, int64_t last,
+                                        int64_t /*row_bytes: Init's*/, int piece) {
+    packed = weight + piece * 16;
+    row = static_cast<uint32_t>(first_row);
+    last_row = static_cast<uint32_t>(last);
+  }
+  __device__ __forceinline__ const uint8_t* At(uint32_t kb, int i) const {
+    const uint32_t r = min(row + i * kRowsPerCopy, last_row);
+    return packed + static_cast<uint64_t>(r) * row_bytes + kb * 32u;
+  }
+};
+
 // What a lane copies for its warp's tile: 16-byte pieces p = lane + 32 i (i < 4: a stage is
 // 2 KB), which are piece lane % kPiecesPerRow of rows lane / kPiecesPerRow + kRowsPerCopy i.
 // Absmax: with MT = 1, lanes 0-15 copy the 8-bit codes of row `lane`, lanes 16-31 the absmax2
 // value of row `lane - 16`; with MT = 2 every lane copies both for row `lane`. Pointers are kept
 // to one per kind (and the piece offsets recomputed) to spare registers; rows, row bytes and
 // block numbers are 32-bit (the launcher checks), which spares more.
+template <int MT>
 struct TileCopy {
-  const uint8_t* packed;  // W's packed bytes at the lane's piece of its first row
-  // Bytes from that row to rows + kRowsPerCopy i (i = 1..3), rows past the last one clamped to
-  // it (a missing row re-reads the last and is never stored): a stage's addresses are then one
-  // 64-bit add each, not a row multiply.
-  uint32_t row_offset[3];
+  static constexpr int kRowsPerCopy = WarpTile<MT>::kRowsPerCopy;
+  std::conditional_t<MT == 1, PieceByRowOffset<kRowsPerCopy>, PieceByRowMultiply<kRowsPerCopy>>
+      pieces;
   uint32_t dst;            // where the lane's first piece goes in a ring slot
   const uint8_t* qabsmax;  // the row's first 8-bit code
   uint32_t first_block;    // the row's first block (for absmax2)
 };
 
 template <int MT>
-__device__ __forceinline__ void CopyStage(const TileCopy& tc, int lane, uint32_t kb,
+__device__ __forceinline__ void CopyStage(const TileCopy<MT>& tc, int lane, uint32_t kb,
                                           const float* __restrict__ absmax2, uint32_t slot) {
   using W = WarpTile<MT>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint8_t* stage = tc.packed + kb * 32u;
-    CopyAsync16(slot + tc.dst + i * W::kRowsPerCopy * W::kRowStride,
-                i == 0 ? stage : stage + tc.row_offset[i - 1]);
+    CopyAsync16(slot + tc.dst + i * W::kRowsPerCopy * W::kRowStride, tc.pieces.At(kb, i));
   }
   // The aligned word of 4 codes holding this stage's; a stage's aligned blocks never straddle
   // a group of 256, so one absmax2 value serves the stage.
@@ -198,14 +246,15 @@ __device__ __forceinline__ uint32_t PairOf(const unsigned char* table, uint32_t 
 __device__ __forceinline__ float Code2At(uint32_t code2, uint32_t word, int shift) {
   const uint32_t code = __byte_perm(word, 0u, 0x4440u | static_cast<uint32_t>(shift >> 3));
   float level;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(level) : "r"(code2 + 4 * code));
+  // Not volatile: the levels do not change while the kernel runs, so it may be scheduled freely.
+  asm("ld.shared.f32 %0, [%1];" : "=f"(level) : "r"(code2 + 4 * code));
   return level;
 }
 
 // Decodes one ring slot (kStageBlocks blocks of the warp's MT * 16 rows) into acc.
 template <typename T, int NT, int MT>
 __device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned char* table,
-                                             uint32_t code2, float offset, uint32_t lane_offset,
+                                             const float* code2, float offset, uint32_t lane_offset,
                                              const T* const (&xrow)[NT], uint32_t kb, int g, int t,
                                              float acc[MT][NT][4]) {
   using W = WarpTile<MT>;
@@ -218,7 +267,10 @@ __device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned
   const auto decode = [&](int r, int u) {
     const uint32_t codes = *reinterpret_cast<const uint32_t*>(slot + W::kSlotWeights + r * 4);
     const int shift = 8 * (MT == 1 ? u : static_cast<int>(kb & 3) + u);
-    return __fadd_rn(__fmul_rn(Code2At(code2, codes, shift), a2s[r]), offset);
+    // (Two tiles: the plain indexing, which spilled less there.)
+    const float level =
+        MT == 1 ? Code2At(SharedAddress(code2), codes, shift) : code2[(codes >> shift) & 0xffu];
+    return __fadd_rn(__fmul_rn(level, a2s[r]), offset);
   };
   float scale_stage[2][4];
   if constexpr (MT == 1) {
@@ -244,15 +296,16 @@ __device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned
   uint32_t xs[kXBlocks][NT][8];
   // Lane t's 16 x values (32 bytes) of block kb + u of each of its x rows, as 8 T pairs (xrow:
   // the kernel's row pointers, so only the stage's offset is added here).
-  // The stage's x, once per row: its blocks are then constant offsets (kb + u in 32 bits would
-  // make the compiler redo the 64-bit address for every block).
+  // With one x tile, the stage's x address once: its blocks are then constant offsets (kb + u
+  // in 32 bits would make the compiler redo the 64-bit address for every block). With more, the
+  // extra live pointers spilled (batch 32: 108 -> 220 spilled bytes, 5% slower), so per block.
   const T* xk[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xk[nt] = xrow[nt] + kb * 64u;
+  if constexpr (NT == 1) xk[0] = xrow[0] + kb * 64u;
   auto load_x = [&](int u, uint32_t(&xb)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const uint4* p = reinterpret_cast<const uint4*>(xk[nt] + u * 64);
+      const T* at = NT == 1 ? xk[0] + u * 64 : xrow[nt] + (kb + u) * 64;
+      const uint4* p = reinterpret_cast<const uint4*>(at);
       const uint4 lo = __ldg(p), hi = __ldg(p + 1);
       xb[nt][0] = lo.x, xb[nt][1] = lo.y, xb[nt][2] = lo.z, xb[nt][3] = lo.w;
       xb[nt][4] = hi.x, xb[nt][5] = hi.y, xb[nt][6] = hi.z, xb[nt][7] = hi.w;
@@ -384,7 +437,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int nt = 0; nt < NT; ++nt) {
     xrow[nt] = x + min(static_cast<int64_t>(8 * nt + g), x_rows - 1) * in_features + 16 * t;
   }
-  TileCopy tc;
+  TileCopy<MT> tc;
+  tc.pieces.Init(in_features / 2);
   const int piece = lane % W::kPiecesPerRow, first_row = lane / W::kPiecesPerRow;
   tc.dst = first_row * W::kRowStride + W::BlockOffset(first_row, piece / 2) + (piece % 2) * 16;
   // Segment state: the tile's weight and the stage range [kb_begin, kb_end).
@@ -399,13 +453,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t row0 = FirstRowOf(targets, tile, ti, W::kRows);
     kb_begin = static_cast<uint32_t>(u % stages * W::kStageBlocks);
     kb_end = kb_begin + static_cast<uint32_t>(u_end - u) * W::kStageBlocks;
-    const int64_t row = min(row0 + first_row, target.out_features - 1);
-    tc.packed = target.packed + row * (in_features / 2) + piece * 16;
-#pragma unroll
-    for (int i = 1; i < 4; ++i) {
-      const int64_t row_i = min(row + i * W::kRowsPerCopy, target.out_features - 1);
-      tc.row_offset[i - 1] = static_cast<uint32_t>((row_i - row) * (in_features / 2));
-    }
+    tc.pieces.Point(target.packed, row0 + first_row, target.out_features - 1, in_features / 2,
+                    piece);
     const int64_t scale_row = min(row0 + lane % W::kRows, target.out_features - 1);
     tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
     tc.first_block = static_cast<uint32_t>(scale_row * blocks_per_row);
@@ -454,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         begin_segment(t0, u_split, u_end);
         prologue();
       }
-      const uint32_t code2 = SharedAddress(code2s + ti * 256);
+      const float* code2 = code2s + ti * 256;
       const float offset = targets.t[ti].absmax.offset;
       const float* absmax2 = targets.t[ti].absmax.absmax2;
       float acc[MT][NT][4];
