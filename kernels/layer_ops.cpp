@@ -2,6 +2,8 @@
 #include "kernels/layer_ops.h"
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "kernels/bfloat16.h"
 
@@ -31,6 +33,14 @@ void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t row
   }
 }
 
+void add_rms_norm_cpu(const void* x, const void* delta, const void* weight, FloatKind kind,
+                      int64_t rows, int64_t width, float eps, void* sum, void* out) {
+  for (int64_t i = 0; i < rows * width; ++i) {
+    StoreFloat(sum, kind, i, LoadFloat(x, kind, i) + LoadFloat(delta, kind, i));
+  }
+  rms_norm_cpu(sum, weight, kind, rows, width, eps, out);
+}
+
 void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
                 int64_t heads, int64_t head_dim, void* out) {
   const int64_t half = head_dim / 2;
@@ -46,6 +56,21 @@ void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind,
         StoreFloat(out, kind, base + d, a + b);
       }
     }
+  }
+}
+
+void rotary_store_cpu(const RotaryStoreArgs& a, FloatKind kind) {
+  const size_t element = kind == FloatKind::kF32 ? 4 : 2;
+  const int64_t kv_row = a.kv_heads * a.head_dim;  // elements of one row of k (and of a slot)
+  rotary_cpu(a.q, a.cos, a.sin, kind, a.rows, a.heads, a.head_dim, a.q_out);
+  std::vector<unsigned char> k_rotated(static_cast<size_t>(a.rows * kv_row) * element);
+  rotary_cpu(a.k, a.cos, a.sin, kind, a.rows, a.kv_heads, a.head_dim, k_rotated.data());
+  const size_t bytes = static_cast<size_t>(kv_row) * element;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const size_t to = static_cast<size_t>(a.slots[r]) * bytes;
+    std::memcpy(static_cast<unsigned char*>(a.k_pool) + to, k_rotated.data() + r * bytes, bytes);
+    std::memcpy(static_cast<unsigned char*>(a.v_pool) + to,
+                static_cast<const unsigned char*>(a.v) + r * bytes, bytes);
   }
 }
 

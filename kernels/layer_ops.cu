@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
@@ -25,18 +26,28 @@ __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-// One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row.
-template <typename T>
+// One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row. With
+// kAdd, the row is first x + delta, rounded and stored to `sum`; each thread reads back only
+// what it stored, so the second pass needs no further barrier.
+template <typename T, bool kAdd>
 __global__ void __launch_bounds__(kNormThreads)
-    RmsNormKernel(const T* __restrict__ x, const T* __restrict__ weight, int64_t width, float eps,
+    RmsNormKernel(const T* __restrict__ x, const T* __restrict__ delta,
+                  const T* __restrict__ weight, int64_t width, float eps, T* __restrict__ sum_out,
                   T* __restrict__ out) {
   AllowDependents();
   WaitForPredecessor();
   __shared__ float warp_sums[kNormThreads / 32];
-  const T* row = x + blockIdx.x * width;
+  const int64_t first = blockIdx.x * width;
+  const T* row = kAdd ? sum_out + first : x + first;
   float sum = 0.0f;
   for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
-    const float v = ToFloat(row[i]);
+    float v;
+    if constexpr (kAdd) {
+      v = Round(__fadd_rn(ToFloat(x[first + i]), ToFloat(delta[first + i])), sum_out);
+      StoreAs(sum_out + first + i, v);
+    } else {
+      v = ToFloat(row[i]);
+    }
     sum = fmaf(v, v, sum);
   }
   sum = WarpSum(sum);
@@ -46,11 +57,23 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
   for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
   const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
-  T* dst = out + blockIdx.x * width;
+  T* dst = out + first;
   for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
     const float normed = Round(ToFloat(row[i]) * inv, dst);
     StoreAs(dst + i, __fmul_rn(ToFloat(weight[i]), normed));
   }
+}
+
+// Element d of the rotated head vector at x (head_dim elements; angle: the row's cos, sin).
+template <typename T>
+__device__ __forceinline__ float RotatedAt(const T* __restrict__ x, const T* __restrict__ cos,
+                                           const T* __restrict__ sin, int64_t d, int64_t head_dim,
+                                           T* round_as) {
+  const int64_t half = head_dim / 2;
+  const float rot = d < half ? -ToFloat(x[d + half]) : ToFloat(x[d - half]);
+  const float a = Round(__fmul_rn(ToFloat(x[d]), ToFloat(cos[d])), round_as);
+  const float b = Round(__fmul_rn(rot, ToFloat(sin[d])), round_as);
+  return __fadd_rn(a, b);
 }
 
 template <typename T>
@@ -60,15 +83,45 @@ __global__ void __launch_bounds__(kThreads)
   AllowDependents();
   WaitForPredecessor();
   const int64_t n = rows * heads * head_dim;
-  const int64_t half = head_dim / 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t d = i % head_dim;
     const int64_t r = i / (heads * head_dim);
-    const float rot = d < half ? -ToFloat(x[i + half]) : ToFloat(x[i - half]);
-    const float a = Round(__fmul_rn(ToFloat(x[i]), ToFloat(cos[r * head_dim + d])), out);
-    const float b = Round(__fmul_rn(rot, ToFloat(sin[r * head_dim + d])), out);
-    StoreAs(out + i, __fadd_rn(a, b));
+    StoreAs(out + i,
+            RotatedAt(x + (i - d), cos + r * head_dim, sin + r * head_dim, d, head_dim, out));
+  }
+}
+
+// rotary_store: one thread per element of q, then of k, then of v (a decode step's few rows).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    RotaryStoreKernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                      const T* __restrict__ cos, const T* __restrict__ sin,
+                      const int64_t* __restrict__ slots, T* __restrict__ q_out,
+                      T* __restrict__ k_pool, T* __restrict__ v_pool, int64_t rows, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim) {
+  AllowDependents();
+  WaitForPredecessor();
+  const int64_t q_row = heads * head_dim, kv_row = kv_heads * head_dim;
+  const int64_t nq = rows * q_row, nkv = rows * kv_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < nq + 2 * nkv;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    if (i < nq) {
+      const int64_t d = i % head_dim, r = i / q_row;
+      StoreAs(q_out + i,
+              RotatedAt(q + (i - d), cos + r * head_dim, sin + r * head_dim, d, head_dim, q_out));
+      continue;
+    }
+    const int64_t j = i < nq + nkv ? i - nq : i - nq - nkv;
+    const int64_t r = j / kv_row, in_row = j - r * kv_row;
+    const int64_t to = slots[r] * kv_row + in_row;
+    if (i < nq + nkv) {
+      const int64_t d = in_row % head_dim;
+      StoreAs(k_pool + to,
+              RotatedAt(k + (j - d), cos + r * head_dim, sin + r * head_dim, d, head_dim, k_pool));
+    } else {
+      v_pool[to] = v[j];
+    }
   }
 }
 
@@ -239,22 +292,44 @@ const char* LaunchElementwise(bool vec, int64_t n, cudaStream_t stream, Body bod
 
 }  // namespace
 
-const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
-                          int64_t width, float eps, void* out, void* stream) {
+namespace {
+
+// rms_norm_cuda and add_rms_norm_cuda: delta and sum nullptr for the plain norm.
+const char* LaunchRmsNorm(const void* x, const void* delta, const void* weight, FloatKind kind,
+                          int64_t rows, int64_t width, float eps, void* sum, void* out,
+                          cudaStream_t stream) {
   if (rows <= 0) return nullptr;
   if (rows > 0x7fffffff) return "rms_norm: too many rows";
-  const auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(rows);
-  if (kind == FloatKind::kF32) {
-    return Launch(RmsNormKernel<float>, grid, kNormThreads, s, static_cast<const float*>(x),
-                  static_cast<const float*>(weight), width, eps, static_cast<float*>(out));
-  } else if (kind == FloatKind::kBF16) {
-    return Launch(RmsNormKernel<__nv_bfloat16>, grid, kNormThreads, s,
-                  static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight),
-                  width, eps, static_cast<__nv_bfloat16*>(out));
-  } else {
-    return "rms_norm: fp32 or bf16 only";
-  }
+  const auto launch = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const auto* xt = static_cast<const T*>(x);
+    const auto* dt = static_cast<const T*>(delta);
+    const auto* wt = static_cast<const T*>(weight);
+    return delta != nullptr ? Launch(RmsNormKernel<T, true>, grid, kNormThreads, stream, xt, dt, wt,
+                                     width, eps, static_cast<T*>(sum), static_cast<T*>(out))
+                            : Launch(RmsNormKernel<T, false>, grid, kNormThreads, stream, xt, dt,
+                                     wt, width, eps, static_cast<T*>(sum), static_cast<T*>(out));
+  };
+  if (kind == FloatKind::kF32) return launch(static_cast<float*>(nullptr));
+  if (kind == FloatKind::kBF16) return launch(static_cast<__nv_bfloat16*>(nullptr));
+  return "rms_norm: fp32 or bf16 only";
+}
+
+}  // namespace
+
+const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
+                          int64_t width, float eps, void* out, void* stream) {
+  return LaunchRmsNorm(x, nullptr, weight, kind, rows, width, eps, nullptr, out,
+                       static_cast<cudaStream_t>(stream));
+}
+
+const char* add_rms_norm_cuda(const void* x, const void* delta, const void* weight, FloatKind kind,
+                              int64_t rows, int64_t width, float eps, void* sum, void* out,
+                              void* stream) {
+  if (delta == nullptr || sum == nullptr) return "add_rms_norm: delta and sum are required";
+  return LaunchRmsNorm(x, delta, weight, kind, rows, width, eps, sum, out,
+                       static_cast<cudaStream_t>(stream));
 }
 
 const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
@@ -285,6 +360,24 @@ const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKi
   } else {
     return "rotary: fp32 or bf16 only";
   }
+}
+
+const char* rotary_store_cuda(const RotaryStoreArgs& a, FloatKind kind, void* stream) {
+  if (a.head_dim % 2 != 0) return "rotary_store: head_dim must be even";
+  const int64_t n = a.rows * (a.heads + 2 * a.kv_heads) * a.head_dim;
+  if (n <= 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const auto launch = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    return Launch(RotaryStoreKernel<T>, Blocks(n), kThreads, s, static_cast<const T*>(a.q),
+                  static_cast<const T*>(a.k), static_cast<const T*>(a.v),
+                  static_cast<const T*>(a.cos), static_cast<const T*>(a.sin), a.slots,
+                  static_cast<T*>(a.q_out), static_cast<T*>(a.k_pool), static_cast<T*>(a.v_pool),
+                  a.rows, a.heads, a.kv_heads, a.head_dim);
+  };
+  if (kind == FloatKind::kF32) return launch(static_cast<float*>(nullptr));
+  if (kind == FloatKind::kBF16) return launch(static_cast<__nv_bfloat16*>(nullptr));
+  return "rotary_store: fp32 or bf16 only";
 }
 
 const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,

@@ -10,10 +10,20 @@
 //   r      = 1 / sqrt(sum_i x[i]^2 / width + eps)          (fp32; the sum's order is free)
 //   out[i] = round_T(float(weight[i]) * float(round_T(x[i] * r)))
 //
+// add_rms_norm (a residual add and the RMSNorm after it, as one kernel: inference only):
+//   sum[i] = round_T(x[i] + delta[i]), then out = rms_norm(sum) as above.
+//
 // rotary (transformers' apply_rotary_pos_emb on one tensor): x [rows, heads, head_dim] where row
 // r's cos and sin are [head_dim] at cos + r * head_dim; half = head_dim / 2,
 //   rot[d]   = d < half ? -x[d + half] : x[d - half]
 //   out[d]   = round_T(float(round_T(x[d] * cos[d])) + float(round_T(rot[d] * sin[d])))
+//
+// rotary_store (a decode step's rotary and paged KV-cache write, as one kernel): for row r <
+// rows, with slot s = slots[r] (int64),
+//   q_out[r]  = rotary(q[r])     q, q_out [rows, heads, head_dim], cos and sin as above
+//   k_pool[s] = rotary(k[r])     k [rows, kv_heads, head_dim], k_pool [slots, kv_heads, head_dim]
+//   v_pool[s] = v[r]             v, v_pool likewise
+// Rows sharing a slot (a decode batch's padding rows) leave one of theirs there.
 //
 // silu_mul (LlamaMLP's act_fn(gate) * up): out[i] = round_T(float(round_T(silu(g[i]))) * u[i]),
 //   silu(g) = g / (1 + exp(-g)).
@@ -41,8 +51,27 @@ namespace lorad::kernels {
 
 void rms_norm_cpu(const void* x, const void* weight, FloatKind kind, int64_t rows, int64_t width,
                   float eps, void* out);
+void add_rms_norm_cpu(const void* x, const void* delta, const void* weight, FloatKind kind,
+                      int64_t rows, int64_t width, float eps, void* sum, void* out);
 void rotary_cpu(const void* x, const void* cos, const void* sin, FloatKind kind, int64_t rows,
                 int64_t heads, int64_t head_dim, void* out);
+// The tensors of rotary_store.
+struct RotaryStoreArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  const int64_t* slots = nullptr;
+  void* q_out = nullptr;
+  void* k_pool = nullptr;
+  void* v_pool = nullptr;
+  int64_t rows = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+};
+void rotary_store_cpu(const RotaryStoreArgs& args, FloatKind kind);
 void silu_mul_cpu(const void* gate, const void* up, FloatKind kind, int64_t n, void* out);
 void rms_norm_backward_cpu(const void* x, const void* weight, const void* dy, FloatKind kind,
                            int64_t rows, int64_t width, float eps, void* dx);
@@ -51,11 +80,15 @@ void silu_mul_backward_cpu(const void* gate, const void* up, const void* dy, Flo
 
 #if defined(LORAD_WITH_CUDA)
 // Device pointers, enqueued on `stream` (a cudaStream_t); nullptr on success or an error. kF16 is
-// refused. rotary needs an even head_dim.
+// refused. rotary and rotary_store need an even head_dim.
 const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
                           int64_t width, float eps, void* out, void* stream);
+const char* add_rms_norm_cuda(const void* x, const void* delta, const void* weight, FloatKind kind,
+                              int64_t rows, int64_t width, float eps, void* sum, void* out,
+                              void* stream);
 const char* rotary_cuda(const void* x, const void* cos, const void* sin, FloatKind kind,
                         int64_t rows, int64_t heads, int64_t head_dim, void* out, void* stream);
+const char* rotary_store_cuda(const RotaryStoreArgs& args, FloatKind kind, void* stream);
 const char* silu_mul_cuda(const void* gate, const void* up, FloatKind kind, int64_t n, void* out,
                           void* stream);
 const char* rms_norm_backward_cuda(const void* x, const void* weight, const void* dy,

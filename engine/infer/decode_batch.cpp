@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/kernel_launch.h"
+#include "kernels/layer_ops.h"
 #include "kernels/paged_attention.h"
 
 #if defined(LORAD_WITH_CUDA)
@@ -94,13 +95,52 @@ void DecodeBatch::EndStep(const std::vector<int64_t>& /*valid*/) {}
 torch::Tensor DecodeBatch::Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                                   const torch::Tensor& v) {
   const PagedKvCacheOptions& o = cache_->options();
-  const int64_t heads = q.size(1);
   const int64_t d = o.head_dim;
   torch::Tensor& keys = cache_->keys(layer);
   torch::Tensor& values = cache_->values(layer);
   keys.index_copy_(0, write_slots_, k.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
   values.index_copy_(0, write_slots_, v.reshape({rows_, o.kv_heads, d}).to(keys.scalar_type()));
-  const torch::Tensor qc = q.reshape({rows_, heads, d}).to(keys.scalar_type()).contiguous();
+  const torch::Tensor qc = q.reshape({rows_, q.size(1), d}).to(keys.scalar_type()).contiguous();
+  return PagedAttend(layer, qc).to(q.scalar_type());
+}
+
+torch::Tensor DecodeBatch::AttendRotating(int64_t layer, const torch::Tensor& q,
+                                          const torch::Tensor& k, const torch::Tensor& v,
+                                          const torch::Tensor& cos, const torch::Tensor& sin) {
+  const PagedKvCacheOptions& o = cache_->options();
+  torch::Tensor& keys = cache_->keys(layer);
+  torch::Tensor& values = cache_->values(layer);
+  const torch::ScalarType dtype = keys.scalar_type();
+  const bool fused_dtype = dtype == torch::kFloat || dtype == torch::kBFloat16;
+  if (!fused_dtype || q.scalar_type() != dtype || k.scalar_type() != dtype ||
+      v.scalar_type() != dtype || values.scalar_type() != dtype || q.size(1) != 1 ||
+      q.device() != keys.device()) {
+    return torch::Tensor();
+  }
+  const int64_t d = o.head_dim;
+  const int64_t heads = q.size(2);
+  const torch::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const torch::Tensor c = cos.to(dtype).contiguous(), s = sin.to(dtype).contiguous();
+  torch::Tensor q_rotated = torch::empty({rows_, heads, d}, q.options());
+  kernels::RotaryStoreArgs args;
+  args.q = qc.data_ptr(), args.k = kc.data_ptr(), args.v = vc.data_ptr();
+  args.cos = c.data_ptr(), args.sin = s.data_ptr(), args.slots = write_slots_.data_ptr<int64_t>();
+  args.q_out = q_rotated.data_ptr(), args.k_pool = keys.data_ptr();
+  args.v_pool = values.data_ptr();
+  args.rows = rows_, args.heads = heads, args.kv_heads = o.kv_heads, args.head_dim = d;
+  const kernels::FloatKind kind = *FloatKindOf(dtype);
+  RunKernel(
+      qc, "rotary_store_cuda", [&] { kernels::rotary_store_cpu(args, kind); },
+      [&](void* stream) { return kernels::rotary_store_cuda(args, kind, stream); });
+  return PagedAttend(layer, q_rotated);
+}
+
+torch::Tensor DecodeBatch::PagedAttend(int64_t layer, const torch::Tensor& qc) {
+  const PagedKvCacheOptions& o = cache_->options();
+  const int64_t heads = qc.size(1);
+  const int64_t d = o.head_dim;
+  const torch::Tensor& keys = cache_->keys(layer);
+  const torch::Tensor& values = cache_->values(layer);
   torch::Tensor out = torch::empty_like(qc);
   kernels::PagedAttentionShape shape;
   shape.rows = rows_;
@@ -131,7 +171,7 @@ torch::Tensor DecodeBatch::Attend(int64_t layer, const torch::Tensor& q, const t
                                  block_tables_.data_ptr<int32_t>(),
                                  context_lens_.data_ptr<int32_t>(), shape, scale, out.data_ptr());
   }
-  return out.view({rows_, heads, 1, d}).to(q.scalar_type());
+  return out.view({rows_, heads, 1, d});
 }
 
 }  // namespace lorad::engine

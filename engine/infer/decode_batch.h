@@ -61,9 +61,19 @@ class DecodeBatch : public AttentionCache {
   void BeginStep(int64_t tokens) override;
   torch::Tensor Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                        const torch::Tensor& v) override;
+  // The fused path on fp32 or bf16 when q, k, v and the pools share a dtype (else undefined):
+  // rotary of q and k and the cache write in one kernel (kernels/layer_ops.h, rotary_store),
+  // then the paged attention.
+  torch::Tensor AttendRotating(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& cos,
+                               const torch::Tensor& sin) override;
   void EndStep(const std::vector<int64_t>& valid) override;
 
  private:
+  // The paged attention of q [rows, heads, head_dim] (the pools' dtype, contiguous) over layer
+  // `layer`'s cache: [rows, heads, 1, head_dim].
+  torch::Tensor PagedAttend(int64_t layer, const torch::Tensor& q);
+
   PagedKvCache* cache_;
   int64_t rows_;
   int64_t max_blocks_;

@@ -31,6 +31,16 @@ class AttentionCache {
   // position <= its own: [B, heads, tokens, head_dim].
   virtual torch::Tensor Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v) = 0;
+  // Attend with RoPE applied on the way in: q, k and v [B, T, n, head_dim] as the projections
+  // gave them (q and k not yet rotated, heads not transposed), cos and sin [B, T, head_dim]
+  // (RotaryEmbedding::CosSin's). A cache that rotates while it stores, in fewer kernels, returns
+  // what Attend would for the rotated q and k; the default returns an undefined tensor, and the
+  // caller rotates and calls Attend.
+  virtual torch::Tensor AttendRotating(int64_t /*layer*/, const torch::Tensor& /*q*/,
+                                       const torch::Tensor& /*k*/, const torch::Tensor& /*v*/,
+                                       const torch::Tensor& /*cos*/, const torch::Tensor& /*sin*/) {
+    return torch::Tensor();
+  }
   // Ends the forward: row b keeps valid[b] of the new positions.
   virtual void EndStep(const std::vector<int64_t>& valid) = 0;
 };

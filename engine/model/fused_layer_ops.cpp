@@ -42,6 +42,30 @@ torch::Tensor RmsNormKernel(const torch::Tensor& x, const torch::Tensor& weight,
   return out;
 }
 
+std::pair<torch::Tensor, torch::Tensor> AddRmsNormKernel(const torch::Tensor& x,
+                                                         const torch::Tensor& delta,
+                                                         const torch::Tensor& weight, double eps) {
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor dc = delta.to(x.scalar_type()).contiguous();
+  const torch::Tensor w = weight.to(x.scalar_type()).contiguous();
+  torch::Tensor sum = torch::empty_like(xc);
+  torch::Tensor out = torch::empty_like(xc);
+  const int64_t width = x.size(-1);
+  const int64_t rows = xc.numel() / width;
+  const auto e = static_cast<float>(eps);
+  RunKernel(
+      xc, "add_rms_norm_cuda",
+      [&] {
+        kernels::add_rms_norm_cpu(xc.data_ptr(), dc.data_ptr(), w.data_ptr(), KindOf(xc), rows,
+                                  width, e, sum.data_ptr(), out.data_ptr());
+      },
+      [&](void* stream) {
+        return kernels::add_rms_norm_cuda(xc.data_ptr(), dc.data_ptr(), w.data_ptr(), KindOf(xc),
+                                          rows, width, e, sum.data_ptr(), out.data_ptr(), stream);
+      });
+  return {sum, out};
+}
+
 torch::Tensor RmsNormBackwardKernel(const torch::Tensor& x, const torch::Tensor& weight,
                                     const torch::Tensor& dy, double eps) {
   const torch::Tensor xc = x.contiguous();
@@ -191,6 +215,18 @@ void SetFusedLayerOps(FusedLayerOps m) { mode.store(m); }
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(!weight.requires_grad(), "FusedRmsNorm: the norm weight must be frozen");
   return Records({&x}) ? RmsNormFunction::apply(x, weight, eps) : RmsNormKernel(x, weight, eps);
+}
+
+std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
+                                                        const torch::Tensor& delta,
+                                                        const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(!weight.requires_grad(), "FusedAddRmsNorm: the norm weight must be frozen");
+  TORCH_CHECK(x.sizes() == delta.sizes(), "FusedAddRmsNorm: x and delta differ in shape");
+  if (Records({&x, &delta})) {  // no backward of its own: the add, then the norm's Function
+    torch::Tensor sum = x + delta;
+    return {sum, FusedRmsNorm(sum, weight, eps)};
+  }
+  return AddRmsNormKernel(x, delta, weight, eps);
 }
 
 torch::Tensor FusedRotary(const torch::Tensor& x, const torch::Tensor& cos,

@@ -9,6 +9,8 @@
 
 #include <torch/torch.h>
 
+#include <utility>
+
 namespace lorad::engine {
 
 enum class FusedLayerOps {
@@ -24,6 +26,11 @@ void SetFusedLayerOps(FusedLayerOps mode);
 
 // x [..., width], weight [width] of x's dtype.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// The residual add and the RMSNorm after it: (x + delta, FusedRmsNorm(x + delta, weight, eps)),
+// as one kernel when autograd does not record (else the add, then FusedRmsNorm).
+std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
+                                                        const torch::Tensor& delta,
+                                                        const torch::Tensor& weight, double eps);
 // x [B, T, heads, head_dim]; cos, sin [B, T, head_dim]: RotaryEmbedding::Apply in the layout the
 // projection produced (before the heads are transposed). Its backward needs sin[d] == sin[d +
 // head_dim / 2], as RotaryEmbedding::CosSin makes it.

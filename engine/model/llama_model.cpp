@@ -315,6 +315,16 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
       ProjectShared(layer, index, {Projection::kQ, Projection::kK, Projection::kV}, x, lora);
   torch::Tensor q = std::move(qkv[0]);
   torch::Tensor k = std::move(qkv[1]);
+  const auto output = [&](const torch::Tensor& out) {  // [B, heads, T, D]
+    return Project(layer, index, Projection::kO, out.transpose(1, 2).reshape({rows, tokens, -1}),
+                   lora);
+  };
+  if (cache != nullptr && UseFusedLayerOps(q)) {  // a cache that rotates as it stores: one kernel
+    auto split = [&](const torch::Tensor& t) { return t.view({rows, tokens, -1, d}); };
+    const torch::Tensor out =
+        cache->AttendRotating(index, split(q), split(k), split(qkv[2]), cos, sin);
+    if (out.defined()) return output(out);
+  }
   const torch::Tensor v = heads(qkv[2]);
   if (UseFusedLayerOps(q)) {  // rotate in the projection's [B, T, heads, D] layout, one kernel
     q = FusedRotary(q.view({rows, tokens, -1, d}), cos, sin).transpose(1, 2);
@@ -323,10 +333,8 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
     q = RotaryEmbedding::Apply(heads(q), cos, sin);
     k = RotaryEmbedding::Apply(heads(k), cos, sin);
   }
-  const torch::Tensor out =
-      cache != nullptr ? cache->Attend(index, q, k, v) : GroupedQueryAttention(q, k, v, mask);
-  return Project(layer, index, Projection::kO, out.transpose(1, 2).reshape({rows, tokens, -1}),
-                 lora);
+  return output(cache != nullptr ? cache->Attend(index, q, k, v)
+                                 : GroupedQueryAttention(q, k, v, mask));
 }
 
 torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
@@ -340,14 +348,25 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
   return Project(layer, index, Projection::kDown, act, lora, value_needed);
 }
 
-torch::Tensor LlamaModel::Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
-                                const torch::Tensor& sin, const torch::Tensor& mask,
-                                AttentionCache* cache, const LoraApplier* lora,
-                                bool output_needed) const {
+std::pair<torch::Tensor, torch::Tensor> LlamaModel::AddRmsNorm(const Residual& r,
+                                                               const torch::Tensor& weight) const {
+  if (!r.pending.defined()) return {r.stream, RmsNorm(r.stream, weight)};
+  if (UseFusedLayerOps(r.stream)) {
+    return FusedAddRmsNorm(r.stream, r.pending, weight, config_.rms_norm_eps);
+  }
+  torch::Tensor sum = r.stream + r.pending;
+  return {sum, RmsNorm(sum, weight)};
+}
+
+LlamaModel::Residual LlamaModel::Block(int64_t index, const Residual& r, const torch::Tensor& cos,
+                                       const torch::Tensor& sin, const torch::Tensor& mask,
+                                       AttentionCache* cache, const LoraApplier* lora,
+                                       bool output_needed) const {
   const DecoderLayer& layer = layers_[index];
-  const torch::Tensor h =
-      x + Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, cache, lora);
-  return h + Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora, output_needed);
+  const auto [x, x_normed] = AddRmsNorm(r, layer.input_norm);
+  const Residual attended{x, Attention(layer, index, x_normed, cos, sin, mask, cache, lora)};
+  const auto [h, h_normed] = AddRmsNorm(attended, layer.post_attention_norm);
+  return {h, Mlp(layer, index, h_normed, lora, output_needed)};
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
@@ -356,12 +375,12 @@ torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tens
   const int64_t rows = ids.size(0);
   const auto [cos, sin] = rope_.CosSin(positions.view({rows, 1}), options_.dtype);
   cache->BeginStep(1);
-  torch::Tensor h = embed_tokens_.index_select(0, ids).view({rows, 1, -1});
+  Residual h{embed_tokens_.index_select(0, ids).view({rows, 1, -1}), torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     h = Block(i, h, cos, sin, torch::Tensor(), cache, lora);
   }
   cache->EndStep(std::vector<int64_t>(static_cast<size_t>(rows), 1));
-  return torch::linear(RmsNorm(h, final_norm_).select(1, 0), lm_head_);
+  return torch::linear(AddRmsNorm(h, final_norm_).second.select(1, 0), lm_head_);
 }
 
 torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
@@ -415,21 +434,29 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   // The layer's backward runs only if its input requires grad; the embedding is frozen.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   const int64_t first_kept = config_.num_hidden_layers - options.checkpoint_skip_last;
+  Residual residual{h, torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
-      h = CheckpointedCall(
-          [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
-            // The recompute runs only for the layer's backward, which never reads its output.
-            return Block(i, x, cos, sin, mask, nullptr, lora.get(),
-                         /*output_needed=*/!InCheckpointRecompute());
-          },
-          h, options.offload_checkpoints);
+      // A checkpointed layer takes and returns one tensor: the pending add is done here.
+      const torch::Tensor x =
+          residual.pending.defined() ? residual.stream + residual.pending : residual.stream;
+      residual = {CheckpointedCall(
+                      [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
+                        // The recompute runs only for the layer's backward, which never reads
+                        // its output.
+                        const Residual out =
+                            Block(i, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
+                                  /*output_needed=*/!InCheckpointRecompute());
+                        return out.stream + out.pending;
+                      },
+                      x, options.offload_checkpoints),
+                  torch::Tensor()};
       continue;
     }
-    h = Block(i, h, cos, sin, mask, cache, applier);
+    residual = Block(i, residual, cos, sin, mask, cache, applier);
   }
   if (cache != nullptr) cache->EndStep(lengths);
-  h = RmsNorm(h, final_norm_);  // [B, T, hidden]
+  h = AddRmsNorm(residual, final_norm_).second;  // [B, T, hidden]
   if (options.logits == LogitsMode::kLast) {
     const torch::Tensor last =
         (torch::tensor(lengths, torch::kLong).to(device) - 1).view({rows, 1, 1});

@@ -152,12 +152,23 @@ class LlamaModel {
                           const LoraApplier* lora) const;
   torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                     const LoraApplier* lora, bool value_needed = true) const;
-  // Decoder layer `index`: x + attention, then + MLP, each on the RMS-normed input. With
-  // output_needed false (a checkpointed layer's recompute, run only for its backward) the result
-  // carries the exact backward but undefined values: the down projection is not computed.
-  torch::Tensor Block(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
-                      const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
-                      const LoraApplier* lora, bool output_needed = true) const;
+  // The residual stream between layers with its last add deferred: its value is stream +
+  // pending (pending undefined: nothing to add), so the add can run in the kernel of the RMSNorm
+  // that reads it (FusedAddRmsNorm) instead of a launch of its own.
+  struct Residual {
+    torch::Tensor stream;
+    torch::Tensor pending;
+  };
+  // (stream + pending, RmsNorm of it); the add fused into the norm where the fused ops run.
+  std::pair<torch::Tensor, torch::Tensor> AddRmsNorm(const Residual& r,
+                                                     const torch::Tensor& weight) const;
+  // Decoder layer `index` on the residual stream r: attention on the RMS-normed r, added, then
+  // the MLP on the normed sum, whose output is left pending. With output_needed false (a
+  // checkpointed layer's recompute, run only for its backward) the result carries the exact
+  // backward but undefined values: the down projection is not computed.
+  Residual Block(int64_t index, const Residual& r, const torch::Tensor& cos,
+                 const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
+                 const LoraApplier* lora, bool output_needed = true) const;
   torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                const ForwardOptions& options) const;
 

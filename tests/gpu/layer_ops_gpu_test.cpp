@@ -48,6 +48,23 @@ TEST_P(LayerOpsGpuTest, RmsNorm) {
   }
 }
 
+TEST_P(LayerOpsGpuTest, AddRmsNorm) {
+  const FloatKind kind = GetParam();
+  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}}) {
+    const auto x = RandomValues(rows * width, kind, 11),
+               delta = RandomValues(rows * width, kind, 12), w = RandomValues(width, kind, 13);
+    std::vector<char> want_sum(x.size()), want(x.size());
+    add_rms_norm_cpu(x.data(), delta.data(), w.data(), kind, rows, width, 1e-5f, want_sum.data(),
+                     want.data());
+    GpuBuffer<char> x_dev(x), d_dev(delta), w_dev(w), sum_dev(x.size()), out_dev(x.size());
+    LORAD_ASSERT_LAUNCH(add_rms_norm_cuda(x_dev.get(), d_dev.get(), w_dev.get(), kind, rows, width,
+                                          1e-5f, sum_dev.get(), out_dev.get(), nullptr));
+    EXPECT_EQ(sum_dev.Read(), want_sum);  // one rounded add: bit for bit
+    // The norm as RmsNorm above (the sum of squares in another order).
+    ExpectClose(out_dev.Read(), want, kind, kind == FloatKind::kF32 ? 64 : 2.01f, 1e-6f);
+  }
+}
+
 TEST_P(LayerOpsGpuTest, RotaryIsBitExact) {
   const FloatKind kind = GetParam();
   for (const auto& [rows, heads, d] :
@@ -60,6 +77,42 @@ TEST_P(LayerOpsGpuTest, RotaryIsBitExact) {
     LORAD_ASSERT_LAUNCH(rotary_cuda(x_dev.get(), c_dev.get(), s_dev.get(), kind, rows, heads, d,
                                     out_dev.get(), nullptr));
     EXPECT_EQ(out_dev.Read(), want);  // same operations, same order: bit for bit
+  }
+}
+
+// A decode step's rotary of q and k and its paged-cache write: rows scattered over a pool, slots
+// not in row order, the pool's other slots left as they were.
+TEST_P(LayerOpsGpuTest, RotaryStoreIsBitExact) {
+  const FloatKind kind = GetParam();
+  for (const auto& [rows, heads, kv_heads, d] :
+       {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 32, 8, 128},
+        {32, 32, 8, 128},
+        {3, 4, 2, 12}}) {
+    const int64_t pool_slots = 2 * rows + 5;
+    std::vector<int64_t> slots(rows);
+    for (int64_t r = 0; r < rows; ++r) slots[r] = (7 * r + 3) % pool_slots;  // distinct
+    const auto q = RandomValues(rows * heads * d, kind, 21),
+               k = RandomValues(rows * kv_heads * d, kind, 22),
+               v = RandomValues(rows * kv_heads * d, kind, 23),
+               c = RandomValues(rows * d, kind, 24), s = RandomValues(rows * d, kind, 25),
+               pool = RandomValues(pool_slots * kv_heads * d, kind, 26);
+    std::vector<char> want_q(q.size()), want_k = pool, want_v = pool;
+    RotaryStoreArgs args;
+    args.q = q.data(), args.k = k.data(), args.v = v.data(), args.cos = c.data();
+    args.sin = s.data(), args.slots = slots.data(), args.q_out = want_q.data();
+    args.k_pool = want_k.data(), args.v_pool = want_v.data();
+    args.rows = rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = d;
+    rotary_store_cpu(args, kind);
+    GpuBuffer<char> q_dev(q), k_dev(k), v_dev(v), c_dev(c), s_dev(s), q_out(q.size()), k_pool(pool),
+        v_pool(pool);
+    GpuBuffer<int64_t> slots_dev(slots);
+    args.q = q_dev.get(), args.k = k_dev.get(), args.v = v_dev.get(), args.cos = c_dev.get();
+    args.sin = s_dev.get(), args.slots = slots_dev.get(), args.q_out = q_out.get();
+    args.k_pool = k_pool.get(), args.v_pool = v_pool.get();
+    LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
+    EXPECT_EQ(q_out.Read(), want_q);
+    EXPECT_EQ(k_pool.Read(), want_k);
+    EXPECT_EQ(v_pool.Read(), want_v);
   }
 }
 

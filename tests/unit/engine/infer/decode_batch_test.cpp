@@ -1,7 +1,8 @@
 // DecodeBatch + LlamaModel::DecodeStep (the paged decode path the inference engine and its CUDA
 // graphs use) under the tiny fixture model: after a prefill through Forward, decoding token by
 // token with device-side indices, scattered blocks and padding rows gives the logits of one
-// uncached forward over each whole sequence; the DecodeRunner gives the same; bad rows are errors.
+// uncached forward over each whole sequence, with the torch ops and with the fused ones (the GPU's
+// path, through the kernels' CPU references); the DecodeRunner gives the same; bad rows are errors.
 #include "engine/infer/decode_batch.h"
 
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <cstdlib>
 
 #include "engine/infer/decode_runner.h"
+#include "engine/model/fused_layer_ops.h"
 #include "engine/model/llama_model.h"
 #include "tests/unit/engine/tiny_model.h"
 
@@ -36,7 +38,13 @@ void Prefill(const LlamaModel& m, PagedKvCache& cache, const std::vector<int64_t
   ASSERT_TRUE(logits.ok()) << logits.status();
 }
 
-TEST(DecodeBatchTest, DecodeStepsOverScatteredBlocksWithPaddingEqualOneForward) {
+// With `mode` for the whole test (kAlsoOnCpu: the GPU's fused path through the kernels' CPU
+// references: the rotary and cache write in one kernel, the residual adds in the norms').
+void ExpectDecodeStepsEqualOneForward(FusedLayerOps mode) {
+  SetFusedLayerOps(mode);
+  struct Restore {
+    ~Restore() { SetFusedLayerOps(FusedLayerOps::kCuda); }
+  } restore;
   torch::manual_seed(5);
   auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
@@ -62,6 +70,15 @@ TEST(DecodeBatchTest, DecodeStepsOverScatteredBlocksWithPaddingEqualOneForward) 
   }
   // The scratch block is the only one padding touched: a block nobody owns is still zero.
   EXPECT_EQ(cache.keys(0).narrow(0, 3 * 4, 4).abs().sum().item<float>(), 0.0f);
+  EXPECT_EQ(cache.values(0).narrow(0, 3 * 4, 4).abs().sum().item<float>(), 0.0f);
+}
+
+TEST(DecodeBatchTest, DecodeStepsOverScatteredBlocksWithPaddingEqualOneForward) {
+  ExpectDecodeStepsEqualOneForward(FusedLayerOps::kOff);
+}
+
+TEST(DecodeBatchTest, FusedOpsDecodeStepsOverScatteredBlocksEqualOneForward) {
+  ExpectDecodeStepsEqualOneForward(FusedLayerOps::kAlsoOnCpu);
 }
 
 TEST(DecodeBatchTest, RunnerEqualsForwardForAStep) {
