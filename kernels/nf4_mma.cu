@@ -82,7 +82,6 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 3;  // ring slots per warp: two stages in flight while one is decoded
 // Pair table: entry e (a packed byte) of lane l at byte e * 256 + 4 * l; the last entry's
 // unused half is not allocated.
 constexpr int kPairTableBytes = 255 * 256 + 128;
@@ -105,6 +104,11 @@ struct WarpTile {
   static constexpr int kSlotWeights = kRows * kRowStride;
   // Then each row's 8-bit absmax codes (one aligned 4-byte word: 4 blocks) and absmax2 value.
   static constexpr int kSlotBytes = kSlotWeights + kRows * 4 + kRows * 4;
+  // Ring slots per warp: kStages - 1 stages in flight while one is decoded. One tile (batch 1)
+  // takes 2, which ran 2-5% faster than 3 (the layer 80.2 -> 78.2 us, PDL 64.0 -> 62.4;
+  // 2026-12-03-h200-nf4_mma-more-warps.txt), probably as the smaller ring (shared memory about
+  // 160 KB instead of 198) leaves L1 more room for the x loads.
+  static constexpr int kStages = MT == 1 ? 2 : 3;
   static constexpr int kRingBytes = kWarps * kStages * kSlotBytes;
   static_assert(kSlotBytes % 16 == 0 && kRowStride % 16 == 0, "16-byte aligned regions");
 
@@ -415,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* ring = smem + kPairTableBytes + kNf4MmaMaxTargets * 256 * sizeof(float);
   float* boundary = reinterpret_cast<float*>(ring + W::kRingBytes);  // [kMaxTiles - 1][rows][cols]
   constexpr int kCols = L::kCols;
-  static_assert(L::kPartialBytes <= kStages * W::kSlotBytes, "partials fit a warp's ring");
+  static_assert(L::kPartialBytes <= W::kStages * W::kSlotBytes, "partials fit a warp's ring");
 
   AllowDependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -426,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // tiles), so the divisions below are cheap.
   const int stages = static_cast<int>(blocks_per_row / W::kStageBlocks);
   const int64_t row_tiles = targets.tile_end[targets.count - 1];
-  unsigned char* my_ring = ring + warp * kStages * W::kSlotBytes;
+  unsigned char* my_ring = ring + warp * W::kStages * W::kSlotBytes;
   const uint32_t my_ring_address = SharedAddress(my_ring);
 
   // Lane (g, t)'s x rows 8 nt + g at weight 16 t; rows past x_rows read the last row (their
@@ -463,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto prologue = [&] {
     const float* absmax2 = targets.t[ti].absmax.absmax2;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < W::kStages - 1; ++s) {
       const uint32_t kb = kb_begin + s * W::kStageBlocks;
       if (kb < kb_end) CopyStage<MT>(tc, lane, kb, absmax2, my_ring_address + s * W::kSlotBytes);
       CommitCopies();
@@ -517,11 +521,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       int slot = 0;
 #pragma unroll 1
       for (uint32_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
-        WaitCopies<kStages - 2>();  // this stage's copies (this lane's) have landed
-        __syncwarp();               // ... and every lane's
+        WaitCopies<W::kStages - 2>();  // this stage's copies (this lane's) have landed
+        __syncwarp();                  // ... and every lane's
         // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
-        const uint32_t ahead = kb + (kStages - 1) * W::kStageBlocks;
-        const int refill = slot == 0 ? kStages - 1 : slot - 1;
+        const uint32_t ahead = kb + (W::kStages - 1) * W::kStageBlocks;
+        const int refill = slot == 0 ? W::kStages - 1 : slot - 1;
         if (ahead < kb_end) {
           CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
         }
@@ -529,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset,
                                 xrow, kb, g, t, acc);
         __syncwarp();  // every lane is done with the slot before it is refilled
-        slot = slot == kStages - 1 ? 0 : slot + 1;
+        slot = slot == W::kStages - 1 ? 0 : slot + 1;
       }
       WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
       // Partial sums [W::kRows][kCols]: a first segment of two into its tile's boundary buffer,
@@ -572,8 +576,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (w_begin >= end_unit) break;
         if (w_end <= first_unit || w_begin == w_end) continue;
         const float* part =
-            w_end > end_unit ? boundary + local * (W::kRows * kCols)
-                             : reinterpret_cast<const float*>(ring + w * kStages * W::kSlotBytes);
+            w_end > end_unit
+                ? boundary + local * (W::kRows * kCols)
+                : reinterpret_cast<const float*>(ring + w * W::kStages * W::kSlotBytes);
         v += part[r * kCols + col];
       }
       StoreAs(&static_cast<T*>(theirs.y)[col * theirs.out_features + row], v);
