@@ -10,10 +10,11 @@
 //   - mma.sync m16n8k16 does the multiply-adds (fp32 accumulation) for up to 8 rows of x per
 //     tile, 32 with four tiles, so the same decode serves a whole decode batch;
 //   - each warp streams its part of 16 rows (32 from 9 rows of x on: WarpTile) in stages of 2 KB
-//     through a ring of three shared-memory slots filled by cp.async (two stages in flight while
-//     one is decoded, no registers held for them); the grid is persistent (one 16-warp block per
-//     SM) so the table is built once per block, and each block's warps split the stages of its
-//     range of tiles evenly (a warp's share may cross from one tile into the next);
+//     through a ring of shared-memory slots filled by cp.async (WarpTile::kStages: 2 for 16
+//     rows, one stage in flight while one is decoded; 3 for 32 rows; no registers held for
+//     them); the grid is persistent (one 16-warp block per SM) so the table is built once per
+//     block, and each block's warps split the stages of its range of tiles evenly (a warp's
+//     share may cross from one tile into the next);
 //   - up to three weights sharing x (q, k, v; gate, up) run as one launch (TargetTable), each warp
 //     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle.
 //
