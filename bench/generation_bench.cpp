@@ -16,7 +16,8 @@
 // Also, in the same run: the NF4 base's device memory, the device-to-device copy bandwidth and
 // from it the batch-1 bandwidth bound (weight bytes read per decode step / copy bandwidth), a
 // check that CUDA-graph replay gives exactly the tokens of eager decode steps (--verify_graphs),
-// and the time to first token of one --ttft_prompt_tokens prompt.
+// the decode forward's own time per step for --forward_alone batches (ForwardAlone below), and
+// the time to first token of one --ttft_prompt_tokens prompt.
 //
 // Prints a table and one "RESULT k=v ..." line per run for bench/engine_bench_report.py.
 #include <torch/torch.h>
@@ -31,8 +32,10 @@
 #include "absl/strings/str_cat.h"
 #include "bench/bench_args.h"
 #include "bench/gpu_stats.h"
+#include "engine/infer/decode_runner.h"
 #include "engine/infer/generation_request.h"
 #include "engine/infer/inference_engine.h"
+#include "engine/infer/paged_kv_cache.h"
 #include "engine/infer/sampler.h"
 #include "engine/lora/adapter_store.h"
 #include "engine/lora/lora_adapter.h"
@@ -246,6 +249,68 @@ int SameRequests(const std::vector<std::vector<int32_t>>& a,
   return same;
 }
 
+// The decode forward alone, for --forward_alone batches: one step of `batch` rows at position
+// 192 (mid-way through 128 + 128 tokens; no adapters, no sampling) captured by a DecodeRunner, then
+// replayed 64 times back to back (the host never waits: the GPU's own time per step) and 64 times
+// waiting for each (as the engine waits for each step's tokens: adds the launch and wake-up
+// latency between steps). Against the engine's decode tokens/s this says how much of a step is
+// the forward's GPU time and how much the rest (sampling, the host, the gaps between steps).
+void ForwardAlone(const engine::LlamaModel& model, const std::vector<int64_t>& batches) {
+  if (!engine::DecodeRunner::Supports(model)) return;
+  constexpr int64_t kPosition = 192;
+  constexpr int64_t kBlockSize = 16;
+  constexpr int kSteps = 64;
+  const int64_t blocks_per_row = kPosition / kBlockSize + 1;
+  for (const int64_t batch : batches) {
+    engine::PagedKvCacheOptions o;
+    o.num_layers = model.config().num_hidden_layers;
+    o.num_blocks = batch * blocks_per_row;
+    o.block_size = kBlockSize;
+    o.kv_heads = model.config().num_key_value_heads;
+    o.head_dim = model.config().head_dim;
+    o.max_context = model.config().max_position_embeddings;
+    o.dtype = model.options().dtype;
+    o.device = model.options().device;
+    engine::PagedKvCache cache(o);
+    engine::DecodeRunner runner(&model, &cache, engine::DecodeRunnerOptions());
+    std::vector<engine::DecodeRow> rows(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) {
+      rows[b].token = 3 + b;
+      rows[b].position = kPosition;
+      for (int64_t i = 0; i < blocks_per_row; ++i) {
+        rows[b].block_table.push_back(static_cast<int32_t>(b * blocks_per_row + i));
+      }
+    }
+    // Capture, then one replay, before timing.
+    for (int i = 0; i < 2; ++i) {
+      if (auto r = runner.Run(rows, nullptr); !r.ok()) {
+        std::fprintf(stderr, "forward alone, batch %lld: %s\n", static_cast<long long>(batch),
+                     r.status().ToString().c_str());
+        return;
+      }
+    }
+    GpuStats::Synchronize();
+    const auto start = Clock::now();
+    for (int i = 0; i < kSteps; ++i) (void)runner.Run(rows, nullptr);
+    GpuStats::Synchronize();
+    const auto back_to_back = Clock::now();
+    for (int i = 0; i < kSteps; ++i) {
+      (void)runner.Run(rows, nullptr);
+      GpuStats::Synchronize();
+    }
+    const double free_ms = Seconds(back_to_back - start) / kSteps * 1e3;
+    const double waited_ms = Seconds(Clock::now() - back_to_back) / kSteps * 1e3;
+    std::printf(
+        "decode forward alone, batch %lld (a captured step, no adapters, no sampling): %.3f ms "
+        "a step back to back, %.3f ms waiting for each (%.1f / %.1f steps/s; %lld graph "
+        "replays)\n",
+        static_cast<long long>(batch), free_ms, waited_ms, 1e3 / free_ms, 1e3 / waited_ms,
+        static_cast<long long>(runner.graph_replays()));
+    std::printf("RESULT bench=forward_alone batch=%lld ms_back_to_back=%.3f ms_waited=%.3f\n",
+                static_cast<long long>(batch), free_ms, waited_ms);
+  }
+}
+
 int Run(const BenchArgs& args) {
   const bool cuda = GpuStats::Available();
   engine::LlamaModelOptions model_options;
@@ -389,6 +454,9 @@ int Run(const BenchArgs& args) {
           equal, unfused->size());
     }
   }
+  if (cuda && !args.Get("forward_alone").empty()) {
+    ForwardAlone(**model, args.IntList("forward_alone"));
+  }
   if (const int64_t ttft_prompt = args.Int("ttft_prompt_tokens"); ttft_prompt > 0) {
     RunSpec ttft = spec;
     ttft.batch = 1;
@@ -487,6 +555,7 @@ int main(int argc, char** argv) {
                                       {"variant", ""},
                                       {"fused_layer_ops", "1"},
                                       {"verify_graphs", "1"},
+                                      {"forward_alone", "1,32"},
                                       {"ttft_prompt_tokens", "2048"},
                                       {"kv_cache_mib", "4096"}});
   try {

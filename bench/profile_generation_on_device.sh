@@ -46,7 +46,7 @@ for c in ${PROFILE_CASES:-1:1 32:4}; do
   adapters=${c##*:}
   args=(--model="$MODEL" --batches="$batch" --adapters="$adapters" --adapter_cases="$adapters"
     --repetition_penalty=1.3
-    --new_tokens="${PROFILE_NEW_TOKENS:-64}" --verify_graphs=0 --ttft_prompt_tokens=0
+    --new_tokens="${PROFILE_NEW_TOKENS:-64}" --verify_graphs=0 --ttft_prompt_tokens=0 --forward_alone=
     --kv_cache_mib=8192)
   name=b${batch}-a${adapters}
   if [ -n "$NSYS" ]; then
