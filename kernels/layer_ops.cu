@@ -290,10 +290,6 @@ const char* LaunchElementwise(bool vec, int64_t n, cudaStream_t stream, Body bod
              : Launch(ElementwiseKernel<1, Body>, Blocks(n), kThreads, stream, n, body);
 }
 
-}  // namespace
-
-namespace {
-
 // rms_norm_cuda and add_rms_norm_cuda: delta and sum nullptr for the plain norm.
 const char* LaunchRmsNorm(const void* x, const void* delta, const void* weight, FloatKind kind,
                           int64_t rows, int64_t width, float eps, void* sum, void* out,

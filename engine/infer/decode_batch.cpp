@@ -113,8 +113,7 @@ torch::Tensor DecodeBatch::AttendRotating(int64_t layer, const torch::Tensor& q,
   const torch::ScalarType dtype = keys.scalar_type();
   const bool fused_dtype = dtype == torch::kFloat || dtype == torch::kBFloat16;
   if (!fused_dtype || q.scalar_type() != dtype || k.scalar_type() != dtype ||
-      v.scalar_type() != dtype || values.scalar_type() != dtype || q.size(1) != 1 ||
-      q.device() != keys.device()) {
+      v.scalar_type() != dtype || q.size(1) != 1 || q.device() != keys.device()) {
     return torch::Tensor();
   }
   const int64_t d = o.head_dim;

@@ -350,11 +350,10 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
 
 std::pair<torch::Tensor, torch::Tensor> LlamaModel::AddRmsNorm(const Residual& r,
                                                                const torch::Tensor& weight) const {
-  if (!r.pending.defined()) return {r.stream, RmsNorm(r.stream, weight)};
-  if (UseFusedLayerOps(r.stream)) {
+  if (r.pending.defined() && UseFusedLayerOps(r.stream)) {
     return FusedAddRmsNorm(r.stream, r.pending, weight, config_.rms_norm_eps);
   }
-  torch::Tensor sum = r.stream + r.pending;
+  torch::Tensor sum = r.Value();
   return {sum, RmsNorm(sum, weight)};
 }
 
@@ -438,16 +437,14 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
       // A checkpointed layer takes and returns one tensor: the pending add is done here.
-      const torch::Tensor x =
-          residual.pending.defined() ? residual.stream + residual.pending : residual.stream;
+      const torch::Tensor x = residual.Value();
       residual = {CheckpointedCall(
                       [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
                         // The recompute runs only for the layer's backward, which never reads
                         // its output.
-                        const Residual out =
-                            Block(i, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
-                                  /*output_needed=*/!InCheckpointRecompute());
-                        return out.stream + out.pending;
+                        return Block(i, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
+                                     /*output_needed=*/!InCheckpointRecompute())
+                            .Value();
                       },
                       x, options.offload_checkpoints),
                   torch::Tensor()};

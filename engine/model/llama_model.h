@@ -158,6 +158,8 @@ class LlamaModel {
   struct Residual {
     torch::Tensor stream;
     torch::Tensor pending;
+    // stream + pending, the add done now.
+    torch::Tensor Value() const { return pending.defined() ? stream + pending : stream; }
   };
   // (stream + pending, RmsNorm of it); the add fused into the norm where the fused ops run.
   std::pair<torch::Tensor, torch::Tensor> AddRmsNorm(const Residual& r,
