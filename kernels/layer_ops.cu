@@ -64,6 +64,74 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+// RmsNormKernel for rows that fit in registers (the decode case: one row of 4096 at batch 1):
+// every thread loads its kChunks 16-byte pieces of the row (and of delta) at once, so the block
+// waits for memory once instead of once per loop step, and keeps them for the second pass. The
+// weight is constant, so its pieces are fetched before waiting for the predecessor. Same
+// roundings as RmsNormKernel; only the order of the sum of squares differs.
+constexpr int kNormChunks = 4;  // pieces per thread: rows up to 8192 bf16 or 4096 fp32 elements
+
+template <typename T, bool kAdd>
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormInRegistersKernel(const T* __restrict__ x, const T* __restrict__ delta,
+                             const T* __restrict__ weight, int64_t width, float eps,
+                             T* __restrict__ sum_out, T* __restrict__ out) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte piece
+  __shared__ float warp_sums[kNormThreads / 32];
+  const int pieces = static_cast<int>(width / kPer);
+  uint4 w[kNormChunks];  // kept packed until the end: fewer registers
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int piece = threadIdx.x + c * kNormThreads;
+    if (piece < pieces) w[c] = *reinterpret_cast<const uint4*>(weight + piece * kPer);
+  }
+  AllowDependents();
+  WaitForPredecessor();
+  const int64_t first = blockIdx.x * width;
+  float v[kNormChunks][kPer];
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int piece = threadIdx.x + c * kNormThreads;
+    if (piece < pieces) {
+      LoadFloats<kPer>(x + first + piece * kPer, v[c]);
+      if constexpr (kAdd) {
+        float d[kPer];
+        LoadFloats<kPer>(delta + first + piece * kPer, d);
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) v[c][e] = Round(__fadd_rn(v[c][e], d[e]), sum_out);
+      }
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int piece = threadIdx.x + c * kNormThreads;
+    if (piece < pieces) {
+      if constexpr (kAdd) StoreFloats<kPer>(sum_out + first + piece * kPer, v[c]);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) sum = fmaf(v[c][e], v[c][e], sum);
+    }
+  }
+  sum = WarpSum(sum);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w8 = 0; w8 < kNormThreads / 32; ++w8) total += warp_sums[w8];
+  const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int piece = threadIdx.x + c * kNormThreads;
+    if (piece < pieces) {
+      float y[kPer];
+      LoadFloats<kPer>(reinterpret_cast<const T*>(&w[c]), y);
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) y[e] = __fmul_rn(y[e], Round(v[c][e] * inv, out));
+      StoreFloats<kPer>(out + first + piece * kPer, y);
+    }
+  }
+}
+
 // Element d of the rotated head vector at x (head_dim elements; angle: the row's cos, sin).
 template <typename T>
 __device__ __forceinline__ float RotatedAt(const T* __restrict__ x, const T* __restrict__ cos,
@@ -302,10 +370,20 @@ const char* LaunchRmsNorm(const void* x, const void* delta, const void* weight, 
     const auto* xt = static_cast<const T*>(x);
     const auto* dt = static_cast<const T*>(delta);
     const auto* wt = static_cast<const T*>(weight);
+    auto* st = static_cast<T*>(sum);
+    auto* ot = static_cast<T*>(out);
+    constexpr int64_t kPer = 16 / sizeof(T);
+    if (width % kPer == 0 && width <= kNormChunks * kNormThreads * kPer &&
+        Aligned16({x, delta, weight, sum, out})) {
+      return delta != nullptr ? Launch(RmsNormInRegistersKernel<T, true>, grid, kNormThreads,
+                                       stream, xt, dt, wt, width, eps, st, ot)
+                              : Launch(RmsNormInRegistersKernel<T, false>, grid, kNormThreads,
+                                       stream, xt, dt, wt, width, eps, st, ot);
+    }
     return delta != nullptr ? Launch(RmsNormKernel<T, true>, grid, kNormThreads, stream, xt, dt, wt,
-                                     width, eps, static_cast<T*>(sum), static_cast<T*>(out))
+                                     width, eps, st, ot)
                             : Launch(RmsNormKernel<T, false>, grid, kNormThreads, stream, xt, dt,
-                                     wt, width, eps, static_cast<T*>(sum), static_cast<T*>(out));
+                                     wt, width, eps, st, ot);
   };
   if (kind == FloatKind::kF32) return launch(static_cast<float*>(nullptr));
   if (kind == FloatKind::kBF16) return launch(static_cast<__nv_bfloat16*>(nullptr));

@@ -18,6 +18,13 @@
 // tile is one round trip, and from 2 rows per KV head on (PlanHeadsPerBlock) one block serves
 // all the query heads of its KV head. Launched with programmatic dependent launch: it starts
 // while the kernel before drains.
+//
+// At batch 1 and 2 that is too few blocks for the GPU (32 at batch 1 for Llama-3-8B's heads), so
+// each block's keys are split over a cluster of 2 or 4 blocks (sm_90, flash-decoding's split):
+// each takes a contiguous range of the keys, and the cluster's first block merges the others'
+// maxima, sums and partial outputs through distributed shared memory: no workspace, no second
+// kernel.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -76,7 +83,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) float s_q[kHeads][kHeadDim];
   __shared__ float s_p[kHeads][kTile];  // the tile's probabilities
   __shared__ float s_max[kWarps][kHeads], s_sum[kWarps][kHeads];
-  __shared__ float s_total[kHeads];  // the softmax denominators, for the last step
+  __shared__ float s_total[kHeads];      // the softmax denominators, for the last step
+  __shared__ float s_final_max[kHeads];  // and the maxima they are relative to (for a split)
   const int64_t b = blockIdx.x;
   const int64_t group_blocks = shape.heads / shape.kv_heads / kHeads;
   const int64_t g = blockIdx.y / group_blocks;
@@ -86,6 +94,10 @@ __global__ void __launch_bounds__(kThreads)
   // Scores: thread 2 * key + half takes the odd (half 1) or even pieces of the key's row.
   const int key = threadIdx.x / 2, half = threadIdx.x % 2;
   const int64_t n = context_lens[b];
+  // This block's keys: the blockIdx.z-th of gridDim.z contiguous ranges (the cluster's split).
+  const int64_t per_split = (n + gridDim.z - 1) / gridDim.z;
+  const int64_t begin = per_split * blockIdx.z < n ? per_split * blockIdx.z : n;
+  const int64_t end = begin + per_split < n ? begin + per_split : n;
   const int32_t* table = block_tables + b * shape.max_blocks;
   for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
     s_q[e / kHeadDim][e % kHeadDim] = ToFloat(q[(b * shape.heads + h0) * kHeadDim + e]);
@@ -97,8 +109,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int h = 0; h < kHeads; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
   const uint32_t s_k_address = SharedAddress(s_k);
   const uint32_t s_v_address = SharedAddress(s_v);
-  for (int64_t start = 0; start < n; start += kTile) {
-    const int count = static_cast<int>(n - start < kTile ? n - start : kTile);
+  for (int64_t start = begin; start < end; start += kTile) {
+    const int count = static_cast<int>(end - start < kTile ? end - start : kTile);
     // The tile's key and value rows into shared memory in one round trip, each thread half of
     // its key's. Key piece c of row j goes to position (c + 2 j) % kPieces of the row, so the
     // eight threads of a 16-byte shared load (four keys, both halves) read distinct banks.
@@ -184,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) {
-    if (threadIdx.x == 0) s_total[h] = running_sum[h];
+    if (threadIdx.x == 0) s_total[h] = running_sum[h], s_final_max[h] = running_max[h];
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       s_acc[(warp * kHeads + h) * kHeadDim + lane * kDimsPerLane + i] = acc[h][i];
@@ -196,8 +208,47 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += s_acc[w * kHeads * kHeadDim + e];
-    StoreAs(out_rows + e, sum / s_total[e / kHeadDim]);
+    if (gridDim.z == 1) {
+      StoreAs(out_rows + e, sum / s_total[e / kHeadDim]);
+    } else {
+      s_acc[e] = sum;  // in warp 0's place: only this thread reads or writes column e
+    }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.z > 1) {
+    // The split: the cluster's first block rescales every block's partial output and sum to the
+    // largest of their maxima (exp(-inf) = 0 for a block without keys) and divides.
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();  // every block's s_acc, s_total and s_final_max are written
+    if (blockIdx.z == 0) {
+      for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
+        const int h = e / kHeadDim;
+        float max = -INFINITY;
+        for (unsigned r = 0; r < gridDim.z; ++r) {
+          max = fmaxf(max, *cluster.map_shared_rank(&s_final_max[h], r));
+        }
+        float sum = 0.0f, total = 0.0f;
+        for (unsigned r = 0; r < gridDim.z; ++r) {
+          const float weight = expf(*cluster.map_shared_rank(&s_final_max[h], r) - max);
+          sum = fmaf(weight, *cluster.map_shared_rank(&s_acc[e], r), sum);
+          total = fmaf(weight, *cluster.map_shared_rank(&s_total[h], r), total);
+        }
+        StoreAs(out_rows + e, sum / total);
+      }
+    }
+    cluster.sync();  // the other blocks keep their shared memory until the first has read it
+  }
+#endif
+}
+
+// Blocks per cluster that split a block's keys: 1 (no split) once there are half as many blocks
+// as SMs, else the most of 2 and 4 that keeps one wave (sm_90 devices only).
+unsigned PlanSplits(const PagedAttentionShape& shape, int heads_per_block) {
+  if (!HasClusters()) return 1;
+  const int64_t blocks = shape.rows * (shape.heads / heads_per_block);
+  unsigned splits = 1;
+  while (splits < 4 && blocks * splits * 2 <= SmCount()) splits *= 2;
+  return splits;
 }
 
 template <typename T, int kDimsPerLane, int kHeads>
@@ -208,18 +259,31 @@ const char* LaunchHeads(const void* q, const void* k_pool, const void* v_pool,
   constexpr size_t kShared = DynamicBytes<T, kDimsPerLane, kHeads>();
   static std::once_flag once;
   static cudaError_t opt_in = cudaSuccess;
+  static bool merges_splits = false;  // the code that runs has the cluster merge (sm_90 on)
   std::call_once(once, [&] {
     opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kShared));
+    cudaFuncAttributes attributes{};
+    merges_splits = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+                    attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
     cudaGetLastError();
   });
   if (opt_in != cudaSuccess) return cudaGetErrorString(opt_in);
-  const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(shape.heads / kHeads));
-  const cudaError_t err = LaunchMaybeOverlapped(
-      kernel, grid, dim3(kThreads), kShared, static_cast<cudaStream_t>(stream),
-      /*overlapped=*/true, static_cast<const T*>(q), static_cast<const T*>(k_pool),
-      static_cast<const T*>(v_pool), block_tables, context_lens, shape, scale,
-      static_cast<T*>(out));
+  const auto launch = [&](unsigned splits) {
+    const dim3 grid(static_cast<unsigned>(shape.rows), static_cast<unsigned>(shape.heads / kHeads),
+                    splits);
+    return LaunchInClusters(kernel, grid, dim3(kThreads), dim3(1, 1, splits), kShared,
+                            static_cast<cudaStream_t>(stream), /*overlapped=*/true,
+                            static_cast<const T*>(q), static_cast<const T*>(k_pool),
+                            static_cast<const T*>(v_pool), block_tables, context_lens, shape, scale,
+                            static_cast<T*>(out));
+  };
+  const unsigned splits = merges_splits ? PlanSplits(shape, kHeads) : 1;
+  cudaError_t err = launch(splits);
+  if (err != cudaSuccess && splits > 1) {  // clusters refused (resources): one block a head
+    cudaGetLastError();
+    err = launch(1);
+  }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

@@ -35,7 +35,9 @@ class LayerOpsGpuTest : public ::testing::TestWithParam<FloatKind> {};
 
 TEST_P(LayerOpsGpuTest, RmsNorm) {
   const FloatKind kind = GetParam();
-  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}}) {
+  // 4096: the row in registers; 10240 (both kinds) and 100 (bf16): the looping kernel.
+  for (const auto& [rows, width] :
+       {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}, {2, 10240}}) {
     const auto x = RandomValues(rows * width, kind, 1), w = RandomValues(width, kind, 2);
     std::vector<char> want(x.size());
     rms_norm_cpu(x.data(), w.data(), kind, rows, width, 1e-5f, want.data());
@@ -50,7 +52,9 @@ TEST_P(LayerOpsGpuTest, RmsNorm) {
 
 TEST_P(LayerOpsGpuTest, AddRmsNorm) {
   const FloatKind kind = GetParam();
-  for (const auto& [rows, width] : {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}}) {
+  // 4096: the row in registers; 10240 (both kinds) and 100 (bf16): the looping kernel.
+  for (const auto& [rows, width] :
+       {std::pair<int64_t, int64_t>{1, 4096}, {32, 4096}, {3, 100}, {2, 10240}}) {
     const auto x = RandomValues(rows * width, kind, 11),
                delta = RandomValues(rows * width, kind, 12), w = RandomValues(width, kind, 13);
     std::vector<char> want_sum(x.size()), want(x.size());

@@ -1,7 +1,8 @@
 // The paged decode attention CUDA kernel against its CPU reference (kernels/paged_attention.cpp):
 // fp32 and bf16, Llama-3-8B heads (32 over 8 KV heads, head_dim 128), head_dim 64 and 256,
 // lengths from one key to several tiles, blocks scattered over a pool with foreign blocks between
-// them, one query head per block and 2, 4 or 8 sharing one. Needs a CUDA device.
+// them, one query head per block and 2, 4 or 8 sharing one, one block's keys split over a
+// cluster. Needs a CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -107,6 +108,18 @@ TEST(PagedAttentionGpuTest, QueryHeadsSharingABlock) {
   RunCase(FloatKind::kBF16, Lengths(64, 8), 32, 4, 128, 16, 8);    // 8 (TinyLlama)
   RunCase(FloatKind::kBF16, Lengths(64, 9), 16, 8, 64, 16, 9);     // 2, head_dim 64
   RunCase(FloatKind::kBF16, Lengths(64, 10), 28, 4, 128, 16, 10);  // 7 (Qwen2-7B): one per block
+}
+
+// At batch 1 and 2 (on sm_90) each block's keys are split over a cluster of 2 or 4 blocks, merged
+// by the first: lengths with fewer keys than splits (empty ranges), one tile a split, several.
+TEST(PagedAttentionGpuTest, KeysSplitOverAClusterAtSmallBatches) {
+  for (const int32_t n : {1, 3, 129, 300, 2048}) {
+    RunCase(FloatKind::kBF16, {n}, 32, 8, 128, 16, 20 + n);
+    RunCase(FloatKind::kF32, {n}, 32, 8, 128, 16, 21 + n);
+  }
+  RunCase(FloatKind::kBF16, {5, 700}, 32, 8, 128, 16, 11);  // two rows: 2 splits
+  RunCase(FloatKind::kBF16, {2, 333}, 12, 4, 64, 8, 12);
+  RunCase(FloatKind::kF32, {90}, 8, 8, 256, 32, 13);
 }
 
 TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
