@@ -42,6 +42,17 @@ build_engine_bench() {
     command -v pkg-config > /dev/null || pkgconf=(-DPKG_CONFIG_EXECUTABLE="$DEPS/usr/bin/pkgconf")
     local torch_cmake
     torch_cmake=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+    # Ninja rebuilds by time stamps, but a later call copies the tree in with the time stamps it
+    # has here, which may be older than objects an earlier call built from other contents (an
+    # A/B's old side): touch every source whose contents changed since the last build here.
+    mkdir -p "$BUILD"
+    find CMakeLists.txt bench engine kernels proto server tests -type f \( -name '*.cpp' \
+      -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.proto' -o -name '*.cmake' \
+      -o -name CMakeLists.txt \) 2> /dev/null | xargs md5sum | sort > "$BUILD/sources.md5.new"
+    if [ -f "$BUILD/sources.md5" ]; then
+      comm -13 "$BUILD/sources.md5" "$BUILD/sources.md5.new" | awk '{print $2}' | xargs -r touch
+    fi
+    mv "$BUILD/sources.md5.new" "$BUILD/sources.md5"
     timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DLORAD_BUILD_SERVER=OFF -DLORAD_TESTS=OFF -DLORAD_ENGINE_BENCH=ON -DLORAD_CUDA=ON \
       -DLORAD_CUDA_ARCHS=90 -DCUDAToolkit_ROOT=/usr/local/cuda \
