@@ -122,6 +122,13 @@ absl::Status Daemon::StartEngine() {
   options.inference.scheduler.max_running =
       static_cast<int32_t>(config_.engine.max_running_requests);
   options.inference.scheduler.token_budget = config_.engine.max_batch_tokens;
+  // A long prompt prefills in pieces of at most this many tokens, one piece per iteration; by
+  // default as many as an iteration holds, so a lone 2,048-token prompt takes one iteration (each
+  // piece reads every base weight once more).
+  options.inference.scheduler.prefill_chunk =
+      config_.engine.max_prefill_chunk > 0
+          ? std::min(config_.engine.max_prefill_chunk, config_.engine.max_batch_tokens)
+          : config_.engine.max_batch_tokens;
   options.inference.max_new_tokens_limit = static_cast<int32_t>(config_.limits.max_new_tokens);
   options.inference.max_queued = static_cast<int32_t>(config_.limits.max_queued_requests);
   options.max_resident_adapters = static_cast<int32_t>(config_.engine.max_resident_adapters);

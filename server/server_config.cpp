@@ -185,6 +185,10 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "engine.max_batch_tokens",
            [](ServerConfig& c) -> int64_t& { return c.engine.max_batch_tokens; }, 16, 1 << 20)},
+      {"engine.max_prefill_chunk",
+       IntField(
+           "engine.max_prefill_chunk",
+           [](ServerConfig& c) -> int64_t& { return c.engine.max_prefill_chunk; }, 0, 1 << 20)},
       {"engine.max_resident_adapters",
        IntField(
            "engine.max_resident_adapters",

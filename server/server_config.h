@@ -32,7 +32,8 @@ struct ServerConfig {
     int64_t kv_cache_bytes = int64_t{1} << 30;  // the paged KV cache pool
     int64_t max_running_requests = 64;          // sequences decoding together
     int64_t max_batch_tokens = 2048;            // prefill + decode tokens per iteration
-    int64_t max_resident_adapters = 8;          // adapters on the device at once
+    int64_t max_prefill_chunk = 0;  // longest prefill piece of one request; 0 = max_batch_tokens
+    int64_t max_resident_adapters = 8;  // adapters on the device at once
     double train_share = 0.3;  // training's least share of the GPU loop while both are busy
     bool cuda_graphs = true;   // replay decode steps from CUDA graphs (CUDA only)
   } engine;

@@ -24,7 +24,7 @@ namespace lorad::engine {
 struct SchedulerLimits {
   int32_t max_running = 64;            // sequences decoding together
   int64_t token_budget = 2048;         // prefill + decode tokens per iteration
-  int64_t prefill_chunk = 512;         // longest prefill piece of one sequence per iteration
+  int64_t prefill_chunk = 2048;        // longest prefill piece of one sequence per iteration
   int32_t max_adapters_per_batch = 8;  // distinct adapters in one batch ("" = base counts none)
 };
 

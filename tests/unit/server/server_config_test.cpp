@@ -10,6 +10,7 @@ TEST(ServerConfig, ShippedDefaultConfigParses) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->server.grpc_address, "127.0.0.1:50051");
   EXPECT_EQ(c->server.http_address, "127.0.0.1:8080");
+  EXPECT_EQ(c->engine.max_prefill_chunk, 0);  // prefill pieces as large as an iteration
 }
 
 TEST(ServerConfig, UnknownKeyNamesKeyAndLine) {
