@@ -136,6 +136,14 @@ struct InferenceEngine::Impl {
   absl::Status RunBatch(const std::vector<Row>& rows, std::set<RequestId>* finished);
   // The step's logits [rows, vocab] at each row's last new token.
   absl::StatusOr<torch::Tensor> Logits(const std::vector<Row>& rows);
+  // Logits for rows that each bring one token and sample (the decode runner) and for any rows
+  // (the padded forward: every row as wide as the widest); slots[b] is row b's adapter slot.
+  absl::StatusOr<torch::Tensor> DecodeLogits(const std::vector<Row>& rows,
+                                             const std::vector<int32_t>& slots,
+                                             const std::shared_ptr<const LoraStack>& stack);
+  absl::StatusOr<torch::Tensor> PaddedLogits(const std::vector<Row>& rows,
+                                             const std::vector<int32_t>& slots,
+                                             const std::shared_ptr<const LoraStack>& stack);
   void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
   absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
                                                             std::vector<int32_t>* slots);
@@ -546,20 +554,56 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor
 }
 
 absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Row>& rows) {
-  const int64_t batch = static_cast<int64_t>(rows.size());
   std::vector<int32_t> slots;
   auto stack_or = StackFor(rows, &slots);
   if (!stack_or.ok()) return stack_or.status();
-  const bool all_decode = std::all_of(rows.begin(), rows.end(),
-                                      [](const Row& r) { return r.tokens == 1 && r.samples; });
-  if (decoder != nullptr && all_decode) {
-    std::vector<DecodeRow> decode(static_cast<size_t>(batch));
-    for (int64_t b = 0; b < batch; ++b) {
-      const Sequence& s = *rows[b].seq;
-      decode[b] = {s.all[s.computed], s.computed, kv->BlockTable(s.id), slots[b]};
-    }
-    return decoder->Run(decode, *stack_or);
+  const auto decodes = [](const Row& r) { return r.tokens == 1 && r.samples; };
+  const int64_t decode_rows = std::count_if(rows.begin(), rows.end(), decodes);
+  if (decoder == nullptr || decode_rows == 0) return PaddedLogits(rows, slots, *stack_or);
+  if (decode_rows == static_cast<int64_t>(rows.size())) {
+    return DecodeLogits(rows, slots, *stack_or);
   }
+  // Decode rows beside prefill pieces: each through its own path. In the padded forward every
+  // row is as wide as the widest piece, so 31 decoding sequences beside a new 2,048-token prompt
+  // would cost 32 x 2,048 tokens of compute instead of 31 + 2,048.
+  std::vector<Row> parts[2];
+  std::vector<int32_t> part_slots[2];
+  std::vector<int64_t> part_index[2];
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const int p = decodes(rows[b]) ? 0 : 1;
+    parts[p].push_back(rows[b]);
+    part_slots[p].push_back(slots[b]);
+    part_index[p].push_back(static_cast<int64_t>(b));
+  }
+  torch::Tensor out;
+  for (int p = 0; p < 2; ++p) {
+    auto logits = p == 0 ? DecodeLogits(parts[p], part_slots[p], *stack_or)
+                         : PaddedLogits(parts[p], part_slots[p], *stack_or);
+    if (!logits.ok()) return logits.status();
+    if (!out.defined())
+      out = torch::empty({static_cast<int64_t>(rows.size()), logits->size(1)}, logits->options());
+    // Copied out at once: the decode runner's logits are only valid until its next run.
+    out.index_copy_(0, torch::tensor(part_index[p], torch::kLong).to(out.device()),
+                    logits->to(out.scalar_type()));
+  }
+  return out;
+}
+
+absl::StatusOr<torch::Tensor> InferenceEngine::Impl::DecodeLogits(
+    const std::vector<Row>& rows, const std::vector<int32_t>& slots,
+    const std::shared_ptr<const LoraStack>& stack) {
+  std::vector<DecodeRow> decode(rows.size());
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const Sequence& s = *rows[b].seq;
+    decode[b] = {s.all[s.computed], s.computed, kv->BlockTable(s.id), slots[b]};
+  }
+  return decoder->Run(decode, stack);
+}
+
+absl::StatusOr<torch::Tensor> InferenceEngine::Impl::PaddedLogits(
+    const std::vector<Row>& rows, const std::vector<int32_t>& slots,
+    const std::shared_ptr<const LoraStack>& stack) {
+  const int64_t batch = static_cast<int64_t>(rows.size());
   int64_t width = 0;
   for (const Row& r : rows) width = std::max(width, r.tokens);
   torch::Tensor ids = torch::zeros({batch, width}, torch::kLong);
@@ -576,8 +620,8 @@ absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Ro
   std::optional<MultiLoraApplier> lora;
   ForwardOptions forward;
   forward.logits = LogitsMode::kLast;
-  if (*stack_or != nullptr) {
-    lora.emplace(*stack_or, slots, model->options().device);
+  if (stack != nullptr) {
+    lora.emplace(stack, slots, model->options().device);
     forward.lora = &*lora;
   }
   return model->Forward({ids, lengths}, cache.get(), forward);

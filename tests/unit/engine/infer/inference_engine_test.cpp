@@ -177,6 +177,44 @@ TEST(InferenceEngineTest, MixedAdaptersChunkedPrefillAndPreemptionGiveTheTokensO
   EXPECT_NE(f.Alone(other).tokens, alone[0].tokens);
 }
 
+// Requests submitted while others decode: their prompts prefill in the same steps as the others'
+// decode tokens (the decode rows through the decode runner, the prefill rows through the padded
+// forward), and every request still gets the tokens it gets alone.
+TEST(InferenceEngineTest, RequestsArrivingWhileOthersDecodeGetTheTokensOfEachAlone) {
+  Fixture f;
+  f.Publish("small", 2, 1);
+  f.Publish("large", 8, 2);
+  const std::vector<std::string> adapters = {"small", "", "large"};
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    requests.push_back(Greedy(RandomPrompt(5 + 7 * i, 500 + i), adapters[i % 3], 10));
+  }
+  std::vector<Result> alone;
+  for (const auto& r : requests) alone.push_back(f.Alone(r));
+
+  auto engine = f.Engine();
+  std::vector<Result> together(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (i > 0 && i % 2 == 0) {
+      // The requests before are decoding (each has tokens, none has finished) as these arrive.
+      for (size_t j = 0; j < i; ++j) {
+        EXPECT_GT(together[j].tokens.size(), 0u) << "request " << j;
+        EXPECT_EQ(together[j].finished_events, 0) << "request " << j;
+      }
+    }
+    auto id = engine->Submit(requests[i], Fixture::Collector(&together[i]));
+    ASSERT_TRUE(id.ok()) << id.status();
+    if (i % 2 == 1) {  // two steps between arrivals
+      for (int step = 0; step < 2; ++step) ASSERT_TRUE(engine->Step().ok());
+    }
+  }
+  Fixture::StepAll(*engine);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i].tokens.size(), 10u);
+  }
+}
+
 TEST(InferenceEngineTest, PagedDecodePathGivesTheTokensOfTheGatherPath) {
   // Decode steps run through DecodeStep + the paged attention kernel's reference by default; the
   // Forward path (gather + scaled_dot_product_attention) is the independent check.
