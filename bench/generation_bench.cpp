@@ -17,7 +17,8 @@
 // from it the batch-1 bandwidth bound (weight bytes read per decode step / copy bandwidth), a
 // check that CUDA-graph replay gives exactly the tokens of eager decode steps (--verify_graphs),
 // the decode forward's own time per step for --forward_alone batches (ForwardAlone below), and
-// the time to first token of one --ttft_prompt_tokens prompt.
+// the time to first token of one --ttft_prompt_tokens prompt, and with --arrival=RUNNING:PROMPT
+// that of a prompt arriving while RUNNING requests decode (RunArrival).
 //
 // Prints a table and one "RESULT k=v ..." line per run for bench/engine_bench_report.py.
 #include <torch/torch.h>
@@ -179,6 +180,71 @@ absl::StatusOr<RunResult> RunOnce(engine::InferenceEngine& engine, const RunSpec
   r.mean_ttft_s = ttft / spec.batch;
   r.peak_bytes = GpuStats::PeakAllocatedBytes();
   return r;
+}
+
+// A prompt arriving while others decode (continuous batching's common case): `running` requests
+// (--prompt_tokens prompts, request i on adapter i % adapters) decode until each has 8 tokens,
+// then one `prompt_tokens`-token request arrives. Measured: its time to first token and the
+// longest gap between two tokens of a decoding request from its arrival to that first token
+// (what the arrival costs the others).
+struct ArrivalResult {
+  double ttft_s = 0;
+  double longest_gap_s = 0;
+};
+
+absl::StatusOr<ArrivalResult> RunArrival(engine::InferenceEngine& engine, const RunSpec& spec,
+                                         int64_t running, int64_t prompt_tokens, int64_t vocab) {
+  std::mt19937_64 rng(7);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(vocab - 1));
+  const auto make = [&](int64_t tokens, int64_t new_tokens, int64_t i) {
+    engine::GenerationRequest request;
+    request.prompt_ids.resize(static_cast<size_t>(tokens));
+    for (int32_t& id : request.prompt_ids) id = token(rng);
+    if (spec.adapters > 0) request.adapter = AdapterName(i % spec.adapters);
+    request.sampling.max_new_tokens = static_cast<int32_t>(new_tokens);
+    request.sampling.temperature = 0;
+    request.sampling.repetition_penalty = spec.repetition_penalty;
+    request.ignore_eos = true;
+    return request;
+  };
+  std::vector<int64_t> generated(static_cast<size_t>(running), 0);
+  std::vector<Clock::time_point> last(static_cast<size_t>(running));
+  Clock::time_point arrived{}, first{};
+  bool measuring = false, answered = false;
+  double longest = 0;
+  std::vector<engine::RequestId> ids;
+  for (int64_t i = 0; i < running; ++i) {
+    auto id =
+        engine.Submit(make(spec.prompt_tokens, 1000, i), [&, i](const engine::TokenEvent& e) {
+          if (!e.token) return;
+          const Clock::time_point now = Clock::now();
+          if (measuring && !answered)
+            longest = std::max(longest, Seconds(now - std::max(last[i], arrived)));
+          last[i] = now;
+          ++generated[i];
+        });
+    if (!id.ok()) return id.status();
+    ids.push_back(*id);
+  }
+  const auto least = [&] { return *std::min_element(generated.begin(), generated.end()); };
+  while (least() < 8) {
+    if (auto s = engine.Step(); !s.ok()) return s;
+  }
+  GpuStats::Synchronize();
+  arrived = Clock::now();
+  measuring = true;
+  auto id = engine.Submit(make(prompt_tokens, 2, running), [&](const engine::TokenEvent& e) {
+    if (e.token && !answered) first = Clock::now(), answered = true;
+  });
+  if (!id.ok()) return id.status();
+  while (!answered) {
+    if (auto s = engine.Step(); !s.ok()) return s;
+  }
+  for (const engine::RequestId running_id : ids) engine.Cancel(running_id);
+  while (engine.HasWork()) {
+    if (auto s = engine.Step(); !s.ok()) return s;
+  }
+  return ArrivalResult{Seconds(first - arrived), longest};
 }
 
 // PEFT's init leaves B = 0, which would make every adapter a no-op; small random B makes the
@@ -475,6 +541,32 @@ int Run(const BenchArgs& args) {
       std::fprintf(stderr, "ttft run failed: %s\n", r.status().ToString().c_str());
     }
   }
+  if (const std::string arrival = args.Get("arrival"); !arrival.empty()) {
+    // --arrival=RUNNING:PROMPT, e.g. 31:2048 (on one adapter when there are adapters).
+    const size_t colon = arrival.find(':');
+    const int64_t running = std::stoll(arrival.substr(0, colon));
+    const int64_t prompt =
+        colon == std::string::npos ? 2048 : std::stoll(arrival.substr(colon + 1));
+    RunSpec a = spec;
+    a.adapters = num_adapters > 0 ? 1 : 0;
+    auto r = RunArrival(**engine, a, running, prompt, config.vocab_size);
+    if (r.ok()) r = RunArrival(**engine, a, running, prompt, config.vocab_size);
+    if (r.ok()) {
+      std::printf(
+          "one %lld-token prompt arriving while %lld requests decode%s: its first token after "
+          "%.1f ms; the decoding requests' longest gap between tokens meanwhile %.1f ms\n",
+          static_cast<long long>(prompt), static_cast<long long>(running),
+          a.adapters ? " (on an adapter)" : "", r->ttft_s * 1e3, r->longest_gap_s * 1e3);
+      std::printf(
+          "RESULT bench=arrival running=%lld prompt_tokens=%lld ttft_ms=%.1f%s%s "
+          "longest_gap_ms=%.1f\n",
+          static_cast<long long>(running), static_cast<long long>(prompt), r->ttft_s * 1e3,
+          args.Get("variant").empty() ? "" : " variant=", args.Get("variant").c_str(),
+          r->longest_gap_s * 1e3);
+    } else {
+      std::fprintf(stderr, "arrival run failed: %s\n", r.status().ToString().c_str());
+    }
+  }
   std::printf("%6s %9s %14s %16s %10s %10s\n", "batch", "adapters", "e2e tok/s", "decode tok/s",
               "ttft ms", "peak GiB");
   int failures = 0;
@@ -557,6 +649,7 @@ int main(int argc, char** argv) {
                                       {"verify_graphs", "1"},
                                       {"forward_alone", "1,32"},
                                       {"ttft_prompt_tokens", "2048"},
+                                      {"arrival", ""},
                                       {"kv_cache_mib", "4096"}});
   try {
     return lorad::bench::Run(args);
