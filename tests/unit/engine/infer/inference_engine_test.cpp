@@ -138,6 +138,20 @@ GenerationRequest Greedy(std::vector<int32_t> prompt, const std::string& adapter
   return r;
 }
 
+// Publishes adapters "small" (r=2) and "large" (r=8) and returns six greedy requests of 10 tokens
+// on small, the base and large in turn, prompt i of first + step * i random tokens.
+std::vector<GenerationRequest> SixOnTwoAdaptersAndTheBase(Fixture& f, int first, int step,
+                                                          uint64_t seed) {
+  f.Publish("small", 2, 1);
+  f.Publish("large", 8, 2);
+  const std::vector<std::string> adapters = {"small", "", "large"};
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    requests.push_back(Greedy(RandomPrompt(first + step * i, seed + i), adapters[i % 3], 10));
+  }
+  return requests;
+}
+
 TEST(InferenceEngineTest, MixedAdaptersChunkedPrefillAndPreemptionGiveTheTokensOfEachAlone) {
   Fixture f;
   f.Publish("small", 2, 1);
@@ -182,13 +196,7 @@ TEST(InferenceEngineTest, MixedAdaptersChunkedPrefillAndPreemptionGiveTheTokensO
 // forward), and every request still gets the tokens it gets alone.
 TEST(InferenceEngineTest, RequestsArrivingWhileOthersDecodeGetTheTokensOfEachAlone) {
   Fixture f;
-  f.Publish("small", 2, 1);
-  f.Publish("large", 8, 2);
-  const std::vector<std::string> adapters = {"small", "", "large"};
-  std::vector<GenerationRequest> requests;
-  for (int i = 0; i < 6; ++i) {
-    requests.push_back(Greedy(RandomPrompt(5 + 7 * i, 500 + i), adapters[i % 3], 10));
-  }
+  const std::vector<GenerationRequest> requests = SixOnTwoAdaptersAndTheBase(f, 5, 7, 500);
   std::vector<Result> alone;
   for (const auto& r : requests) alone.push_back(f.Alone(r));
 
@@ -219,13 +227,7 @@ TEST(InferenceEngineTest, PagedDecodePathGivesTheTokensOfTheGatherPath) {
   // Decode steps run through DecodeStep + the paged attention kernel's reference by default; the
   // Forward path (gather + scaled_dot_product_attention) is the independent check.
   Fixture f;
-  f.Publish("small", 2, 1);
-  f.Publish("large", 8, 2);
-  const std::vector<std::string> adapters = {"small", "", "large"};
-  std::vector<GenerationRequest> requests;
-  for (int i = 0; i < 6; ++i) {
-    requests.push_back(Greedy(RandomPrompt(4 + 5 * i, 300 + i), adapters[i % 3], 10));
-  }
+  const std::vector<GenerationRequest> requests = SixOnTwoAdaptersAndTheBase(f, 4, 5, 300);
   InferenceEngineOptions gather = Fixture::Small();
   gather.paged_decode = false;
   auto paged_engine = f.Engine();
