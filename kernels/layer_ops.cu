@@ -26,6 +26,19 @@ __device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
+// 1 / sqrt(mean of squares + eps) of a row whose squares the block's threads summed in part
+// (`sum`, this thread's), the parts added up in warp order. Every thread of the block calls it.
+__device__ __forceinline__ float InverseRms(float sum, int64_t width, float eps) {
+  __shared__ float warp_sums[kNormThreads / 32];
+  sum = WarpSum(sum);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+  return 1.0f / sqrtf(total / static_cast<float>(width) + eps);
+}
+
 // One block per row: a block-wide sum of squares, then the scaled, rounded, weighted row. With
 // kAdd, the row is first x + delta, rounded and stored to `sum`; each thread reads back only
 // what it stored, so the second pass needs no further barrier.
@@ -36,7 +49,6 @@ __global__ void __launch_bounds__(kNormThreads)
                   T* __restrict__ out) {
   AllowDependents();
   WaitForPredecessor();
-  __shared__ float warp_sums[kNormThreads / 32];
   const int64_t first = blockIdx.x * width;
   const T* row = kAdd ? sum_out + first : x + first;
   float sum = 0.0f;
@@ -50,13 +62,7 @@ __global__ void __launch_bounds__(kNormThreads)
     }
     sum = fmaf(v, v, sum);
   }
-  sum = WarpSum(sum);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
-  const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
+  const float inv = InverseRms(sum, width, eps);
   T* dst = out + first;
   for (int64_t i = threadIdx.x; i < width; i += kNormThreads) {
     const float normed = Round(ToFloat(row[i]) * inv, dst);
@@ -77,7 +83,6 @@ __global__ void __launch_bounds__(kNormThreads)
                              const T* __restrict__ weight, int64_t width, float eps,
                              T* __restrict__ sum_out, T* __restrict__ out) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte piece
-  __shared__ float warp_sums[kNormThreads / 32];
   const int pieces = static_cast<int>(width / kPer);
   uint4 w[kNormChunks];  // kept packed until the end: fewer registers
 #pragma unroll
@@ -112,13 +117,7 @@ __global__ void __launch_bounds__(kNormThreads)
       for (int e = 0; e < kPer; ++e) sum = fmaf(v[c][e], v[c][e], sum);
     }
   }
-  sum = WarpSum(sum);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w8 = 0; w8 < kNormThreads / 32; ++w8) total += warp_sums[w8];
-  const float inv = 1.0f / sqrtf(total / static_cast<float>(width) + eps);
+  const float inv = InverseRms(sum, width, eps);
 #pragma unroll
   for (int c = 0; c < kNormChunks; ++c) {
     const int piece = threadIdx.x + c * kNormThreads;
