@@ -151,6 +151,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(std::make_tuple(int64_t{16}, int64_t{32000}, false),  // Llama 2 vocabulary
                       std::make_tuple(int64_t{8}, int64_t{128256}, false),  // Llama 3
                       std::make_tuple(int64_t{24}, int64_t{1000}, true),    // ties everywhere
+                      std::make_tuple(int64_t{4}, int64_t{5003}, true),     // not by float4
                       std::make_tuple(int64_t{3}, int64_t{511}, false),     // below one chunk
                       std::make_tuple(int64_t{5}, int64_t{1}, false)));     // one token
 
