@@ -557,33 +557,65 @@ absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Ro
   std::vector<int32_t> slots;
   auto stack_or = StackFor(rows, &slots);
   if (!stack_or.ok()) return stack_or.status();
-  const auto decodes = [](const Row& r) { return r.tokens == 1 && r.samples; };
-  const int64_t decode_rows = std::count_if(rows.begin(), rows.end(), decodes);
-  if (decoder == nullptr || decode_rows == 0) return PaddedLogits(rows, slots, *stack_or);
-  if (decode_rows == static_cast<int64_t>(rows.size())) {
-    return DecodeLogits(rows, slots, *stack_or);
+  // The step's rows in parts, each one pass over the base weights: the decode rows through the
+  // decode runner, the rest (prefill pieces) through the padded forward, where every row is as
+  // wide as the widest of its part. A piece starts a new part when it is more than
+  // kMaxPaddingTokens shorter than its part's widest: a padded token costs about what it costs to
+  // compute it, an extra part one more pass over the weights (for an 8B NF4 base about as long
+  // as 270 tokens of compute). So 31 decoding sequences beside a new 2,048-token prompt cost
+  // 31 + 2,048 tokens, not 32 x 2,048, and a 10-token prompt beside it is not padded to 2,048.
+  constexpr int64_t kMaxPaddingTokens = 256;
+  const auto decodes = [this](const Row& r) {
+    return decoder != nullptr && r.tokens == 1 && r.samples;
+  };
+  std::vector<int> part_of(rows.size(), -1);
+  int parts = 0;
+  if (std::any_of(rows.begin(), rows.end(), decodes)) {
+    for (size_t b = 0; b < rows.size(); ++b) {
+      if (decodes(rows[b])) part_of[b] = 0;
+    }
+    parts = 1;
   }
-  // Decode rows beside prefill pieces: each through its own path. In the padded forward every
-  // row is as wide as the widest piece, so 31 decoding sequences beside a new 2,048-token prompt
-  // would cost 32 x 2,048 tokens of compute instead of 31 + 2,048.
-  std::vector<Row> parts[2];
-  std::vector<int32_t> part_slots[2];
-  std::vector<int64_t> part_index[2];
+  const bool decode_part = parts == 1;
+  std::vector<size_t> widest_first;
   for (size_t b = 0; b < rows.size(); ++b) {
-    const int p = decodes(rows[b]) ? 0 : 1;
-    parts[p].push_back(rows[b]);
-    part_slots[p].push_back(slots[b]);
-    part_index[p].push_back(static_cast<int64_t>(b));
+    if (part_of[b] < 0) widest_first.push_back(b);
   }
+  std::stable_sort(widest_first.begin(), widest_first.end(),
+                   [&](size_t a, size_t b) { return rows[a].tokens > rows[b].tokens; });
+  int64_t width = 0;
+  for (size_t i = 0; i < widest_first.size(); ++i) {
+    const Row& r = rows[widest_first[i]];
+    if (i == 0 || width - r.tokens > kMaxPaddingTokens) {
+      width = r.tokens;
+      ++parts;
+    }
+    part_of[widest_first[i]] = parts - 1;
+  }
+  const auto run = [&](int part, const std::vector<Row>& part_rows,
+                       const std::vector<int32_t>& part_slots) {
+    return decode_part && part == 0 ? DecodeLogits(part_rows, part_slots, *stack_or)
+                                    : PaddedLogits(part_rows, part_slots, *stack_or);
+  };
+  if (parts == 1) return run(0, rows, slots);
   torch::Tensor out;
-  for (int p = 0; p < 2; ++p) {
-    auto logits = p == 0 ? DecodeLogits(parts[p], part_slots[p], *stack_or)
-                         : PaddedLogits(parts[p], part_slots[p], *stack_or);
+  for (int part = 0; part < parts; ++part) {
+    std::vector<Row> part_rows;
+    std::vector<int32_t> part_slots;
+    std::vector<int64_t> index;
+    for (size_t b = 0; b < rows.size(); ++b) {
+      if (part_of[b] != part) continue;
+      part_rows.push_back(rows[b]);
+      part_slots.push_back(slots[b]);
+      index.push_back(static_cast<int64_t>(b));
+    }
+    auto logits = run(part, part_rows, part_slots);
     if (!logits.ok()) return logits.status();
-    if (!out.defined())
+    if (!out.defined()) {
       out = torch::empty({static_cast<int64_t>(rows.size()), logits->size(1)}, logits->options());
+    }
     // Copied out at once: the decode runner's logits are only valid until its next run.
-    out.index_copy_(0, torch::tensor(part_index[p], torch::kLong).to(out.device()),
+    out.index_copy_(0, torch::tensor(index, torch::kLong).to(out.device()),
                     logits->to(out.scalar_type()));
   }
   return out;

@@ -223,6 +223,30 @@ TEST(InferenceEngineTest, RequestsArrivingWhileOthersDecodeGetTheTokensOfEachAlo
   }
 }
 
+// Prompts of very different lengths in one step: the short ones are not padded to the long one's
+// width (they prefill in a forward of their own), and each still gets its tokens alone, with the
+// decode runner and without it.
+TEST(InferenceEngineTest, PromptsOfVeryDifferentLengthsTogetherGiveTheTokensOfEachAlone) {
+  Fixture f;
+  f.Publish("small", 2, 1);
+  std::vector<GenerationRequest> requests;
+  for (const int length : {600, 7, 330, 12, 590}) {
+    requests.push_back(Greedy(RandomPrompt(length, 700 + length), length % 2 ? "small" : "", 6));
+  }
+  std::vector<Result> alone;
+  for (const auto& r : requests) alone.push_back(f.Alone(r));
+  for (const bool paged_decode : {true, false}) {
+    InferenceEngineOptions options = Fixture::Small();
+    options.paged_decode = paged_decode;
+    auto engine = f.Engine(options);
+    const std::vector<Result> together = f.Run(*engine, requests);
+    for (size_t i = 0; i < requests.size(); ++i) {
+      EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i << ", " << paged_decode;
+      EXPECT_EQ(together[i].tokens.size(), 6u);
+    }
+  }
+}
+
 TEST(InferenceEngineTest, PagedDecodePathGivesTheTokensOfTheGatherPath) {
   // Decode steps run through DecodeStep + the paged attention kernel's reference by default; the
   // Forward path (gather + scaled_dot_product_attention) is the independent check.
