@@ -1,6 +1,7 @@
 #include "engine/lora/multi_lora_applier.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/kernel_launch.h"
@@ -17,10 +18,20 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
     const std::vector<const LoraAdapter*>& adapters, int64_t num_layers, torch::Device device,
     torch::ScalarType dtype) {
   auto stack = std::make_shared<LoraStack>();
-  const int64_t slots = static_cast<int64_t>(adapters.size()) + 1;
-  stack->num_adapters_ = static_cast<int32_t>(adapters.size());
+  const int64_t n = static_cast<int64_t>(adapters.size());
+  const int64_t slots = n + 1;
+  stack->num_adapters_ = static_cast<int32_t>(n);
   stack->entries_.resize(static_cast<size_t>(num_layers));
   const auto options = torch::TensorOptions().dtype(dtype).device(device);
+  // Every entry's small tables (its slot scales, and on CUDA the kernels' pointer, rank and
+  // scale arrays) are gathered on the host and go to the device in one copy per kind, each entry
+  // a view of them: a copy per table and entry (five for each of 224 entries of an 8B model)
+  // each waited for the stream, and a request on an adapter that found the engine idle waited
+  // for all of them before its first token.
+  std::vector<Entry*> entries;
+  std::vector<int64_t> pointers;                  // per entry: a[0..n), then b[0..n)
+  std::vector<int32_t> ranks;                     // per entry: [n]
+  std::vector<float> kernel_scales, slot_scales;  // per entry: [n] and [slots]
   try {
     torch::NoGradGuard no_grad;
     for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -46,28 +57,50 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
         Entry& e = stack->entries_[layer][p];
         e.a = torch::zeros({slots, r_max, in}, options);
         e.b = torch::zeros({slots, out, r_max}, options);
-        std::vector<float> scale(static_cast<size_t>(slots), 0.0f);
-        for (size_t i = 0; i < pairs.size(); ++i) {
-          if (pairs[i] == nullptr) continue;
-          const int64_t r = pairs[i]->a.size(0);
-          e.a[static_cast<int64_t>(i)].narrow(0, 0, r).copy_(pairs[i]->a);
-          e.b[static_cast<int64_t>(i)].narrow(1, 0, r).copy_(pairs[i]->b);
-          scale[i] = static_cast<float>(adapters[i]->config.scaling());
-        }
-        e.scale = torch::tensor(scale).to(options);
-        if (device.is_cuda()) {
-          const int64_t n = static_cast<int64_t>(adapters.size());
-          std::vector<int64_t> a_ptr, b_ptr;
-          for (int64_t i = 0; i < n; ++i) {
-            a_ptr.push_back(reinterpret_cast<int64_t>(e.a[i].data_ptr()));
-            b_ptr.push_back(reinterpret_cast<int64_t>(e.b[i].data_ptr()));
+        entries.push_back(&e);
+        std::vector<int64_t> b_pointers;
+        for (int64_t i = 0; i < n; ++i) {
+          const LoraPair* pair = pairs[static_cast<size_t>(i)];
+          if (pair != nullptr) {
+            const int64_t r = pair->a.size(0);
+            e.a[i].narrow(0, 0, r).copy_(pair->a);
+            e.b[i].narrow(1, 0, r).copy_(pair->b);
           }
-          e.a_pointers = torch::tensor(a_ptr, torch::kLong).to(device);
-          e.b_pointers = torch::tensor(b_ptr, torch::kLong).to(device);
-          e.ranks = torch::full({n}, static_cast<int32_t>(r_max), torch::kInt).to(device);
-          e.scales_f32 =
-              torch::tensor(std::vector<float>(scale.begin(), scale.begin() + n)).to(device);
+          const float scale =
+              pair == nullptr ? 0.0f : static_cast<float>(adapters[i]->config.scaling());
+          pointers.push_back(reinterpret_cast<int64_t>(e.a[i].data_ptr()));
+          b_pointers.push_back(reinterpret_cast<int64_t>(e.b[i].data_ptr()));
+          ranks.push_back(static_cast<int32_t>(r_max));
+          kernel_scales.push_back(scale);
+          slot_scales.push_back(scale);
         }
+        pointers.insert(pointers.end(), b_pointers.begin(), b_pointers.end());
+        slot_scales.push_back(0.0f);  // the none slot
+      }
+    }
+    // Owned host tensors (on the CPU, .to(device) returns them as they are).
+    const auto upload = [&](const auto& values, torch::ScalarType type) {
+      torch::Tensor host = torch::empty({static_cast<int64_t>(values.size())}, type);
+      if (!values.empty()) {
+        std::memcpy(host.data_ptr(), values.data(), values.size() * sizeof(values[0]));
+      }
+      return host.to(device);
+    };
+    const torch::Tensor all_slot_scales = upload(slot_scales, torch::kFloat).to(dtype);
+    const bool tables = device.is_cuda() && !entries.empty();
+    const torch::Tensor all_pointers = tables ? upload(pointers, torch::kLong) : torch::Tensor();
+    const torch::Tensor all_ranks = tables ? upload(ranks, torch::kInt) : torch::Tensor();
+    const torch::Tensor all_scales =
+        tables ? upload(kernel_scales, torch::kFloat) : torch::Tensor();
+    for (size_t k = 0; k < entries.size(); ++k) {
+      Entry& e = *entries[k];
+      const int64_t at = static_cast<int64_t>(k);
+      e.scale = all_slot_scales.narrow(0, at * slots, slots);
+      if (tables) {
+        e.a_pointers = all_pointers.narrow(0, 2 * n * at, n);
+        e.b_pointers = all_pointers.narrow(0, 2 * n * at + n, n);
+        e.ranks = all_ranks.narrow(0, n * at, n);
+        e.scales_f32 = all_scales.narrow(0, n * at, n);
       }
     }
   } catch (const c10::Error& e) {
