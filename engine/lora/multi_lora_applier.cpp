@@ -205,6 +205,15 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   const torch::Tensor scale = e.scale.index_select(0, rows_).to(x.scalar_type());  // [B]
   // Rank first, as PEFT does: the intermediate is [B, T, r].
   const torch::Tensor h = torch::bmm(x3, a.transpose(1, 2));
+  if (y.is_contiguous() && !y.requires_grad()) {
+    // Added into y by one batched GEMM (beta 1) with each row's scale folded into its B: no
+    // [B, T, out] temporaries for the product, its scaling and the sum (a prefill of 2,048
+    // tokens made three of each projection's output size).
+    const torch::Tensor scaled_b = b * scale.view({rows, 1, 1});
+    torch::Tensor y3 = y.view({rows, -1, y.size(-1)});
+    y3.baddbmm_(h, scaled_b.transpose(1, 2));
+    return y;
+  }
   const torch::Tensor delta = torch::bmm(h, b.transpose(1, 2)) * scale.view({rows, 1, 1});
   return y + delta.view(y.sizes());
 }
