@@ -42,8 +42,9 @@ class LoraStack {
     torch::Tensor a;      // [slots + 1, r_max, in]; undefined when no adapter targets this
     torch::Tensor b;      // [slots + 1, out, r_max]
     torch::Tensor scale;  // [slots + 1] in the compute dtype; 0 for the none slot
-    // On CUDA, the BGMV kernel's table over the adapter slots (not the none slot): device arrays
-    // of a[s] and b[s] pointers (int64), ranks (int32, all r_max) and scales (fp32).
+    // The BGMV kernel's table over the adapter slots (not the none slot), used on CUDA: arrays
+    // of a[s] and b[s] pointers (int64), ranks (int32, all r_max) and scales (fp32), on the
+    // stack's device.
     torch::Tensor a_pointers, b_pointers, ranks, scales_f32;
   };
   const Entry& entry(int64_t layer, Projection projection) const {

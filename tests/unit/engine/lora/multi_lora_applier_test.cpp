@@ -68,6 +68,45 @@ TEST(MultiLoraApplierTest, EveryRowGetsItsOwnAdapterWhateverTheRanks) {
   EXPECT_GT(((*logits)[0] - (*plain)[0]).abs().max().item<double>(), 1e-3);
 }
 
+// The CUDA kernels' view of a stack (kernels/lora_bgmv.h's LoraAdapterTable): per projection,
+// slot s's A and B pointers at its rows of the padded stacks, every rank r_max (the stacks are
+// zero-padded to it), the adapter's scaling where it targets the projection and 0 where not, and
+// the torch path's slot scales with 0 for the none slot.
+TEST(MultiLoraApplierTest, KernelTablesPointAtEachSlotOfTheStacks) {
+  auto model = test_fixtures::LoadTinyModel();
+  ASSERT_NE(model, nullptr);
+  const ModelConfig& c = model->config();
+  const std::vector<LoraAdapter> adapters = {RandomAdapter(c, 2, {"q_proj", "down_proj"}, 4),
+                                             RandomAdapter(c, 8, {"q_proj", "v_proj"}, 5)};
+  auto stack = LoraStack::Build({&adapters[0], &adapters[1]}, c.num_hidden_layers, torch::kCPU,
+                                torch::kFloat);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  const std::vector<double> scaling = {adapters[0].config.scaling(), adapters[1].config.scaling()};
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    for (const auto& [projection, targeted] : std::vector<std::pair<Projection, std::vector<bool>>>{
+             {Projection::kQ, {true, true}},
+             {Projection::kV, {false, true}},
+             {Projection::kDown, {true, false}}}) {
+      const LoraStack::Entry& e = (*stack)->entry(layer, projection);
+      ASSERT_TRUE(e.a_pointers.defined());
+      const int64_t r_max = targeted[1] ? 8 : 2;
+      EXPECT_EQ(e.a.size(1), r_max);
+      for (int64_t s = 0; s < 2; ++s) {
+        EXPECT_EQ(e.a_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(e.a[s].data_ptr()));
+        EXPECT_EQ(e.b_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(e.b[s].data_ptr()));
+        EXPECT_EQ(e.ranks[s].item<int32_t>(), r_max);
+        const float want = targeted[s] ? static_cast<float>(scaling[s]) : 0.0f;
+        EXPECT_EQ(e.scales_f32[s].item<float>(), want) << "layer " << layer << ", slot " << s;
+        EXPECT_EQ(e.scale[s].item<float>(), want);
+      }
+      EXPECT_EQ(e.scale[2].item<float>(), 0.0f);  // the none slot
+      EXPECT_EQ(e.scale.numel(), 3);
+      EXPECT_EQ(e.a_pointers.numel(), 2);
+    }
+    EXPECT_FALSE((*stack)->entry(layer, Projection::kO).a.defined());  // no adapter targets it
+  }
+}
+
 TEST(MultiLoraApplierTest, AdaptersThatDisagreeOnAShapeAreRefused) {
   LoraAdapter a, b;
   a.config.r = b.config.r = 2;
