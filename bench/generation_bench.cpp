@@ -214,15 +214,14 @@ absl::StatusOr<ArrivalResult> RunArrival(engine::InferenceEngine& engine, const 
   double longest = 0;
   std::vector<engine::RequestId> ids;
   for (int64_t i = 0; i < running; ++i) {
-    auto id =
-        engine.Submit(make(spec.prompt_tokens, 1000, i), [&, i](const engine::TokenEvent& e) {
-          if (!e.token) return;
-          const Clock::time_point now = Clock::now();
-          if (measuring && !answered)
-            longest = std::max(longest, Seconds(now - std::max(last[i], arrived)));
-          last[i] = now;
-          ++generated[i];
-        });
+    auto id = engine.Submit(make(spec.prompt_tokens, 1000, i), [&, i](const engine::TokenEvent& e) {
+      if (!e.token) return;
+      const Clock::time_point now = Clock::now();
+      if (measuring && !answered)
+        longest = std::max(longest, Seconds(now - std::max(last[i], arrived)));
+      last[i] = now;
+      ++generated[i];
+    });
     if (!id.ok()) return id.status();
     ids.push_back(*id);
   }
@@ -535,8 +534,9 @@ int Run(const BenchArgs& args) {
       std::printf("time to first token, one %lld-token prompt%s: %.1f ms\n",
                   static_cast<long long>(ttft_prompt), ttft.adapters ? " on an adapter" : "",
                   r->mean_ttft_s * 1e3);
-      std::printf("RESULT bench=ttft prompt_tokens=%lld ttft_ms=%.1f\n",
-                  static_cast<long long>(ttft_prompt), r->mean_ttft_s * 1e3);
+      std::printf("RESULT bench=ttft prompt_tokens=%lld ttft_ms=%.1f%s%s\n",
+                  static_cast<long long>(ttft_prompt), r->mean_ttft_s * 1e3,
+                  args.Get("variant").empty() ? "" : " variant=", args.Get("variant").c_str());
     } else {
       std::fprintf(stderr, "ttft run failed: %s\n", r.status().ToString().c_str());
     }

@@ -9,7 +9,8 @@
 #       carry=[".device-debs-engine", ".device-python", ".device-ab"])
 #
 # env: AB_ROUNDS (default 2), AB_ARGS (generation_bench flags; default batch 1 and 32, no adapter
-# and 4 mixed adapters, repetition penalty 1.3), BENCH_DATE, BENCH_SHAPE (default 8b).
+# and 4 mixed adapters, repetition penalty 1.3, the time to first token of a 2,048-token prompt
+# alone and beside 31 decoding requests), BENCH_DATE, BENCH_SHAPE (default 8b).
 # The first round of each side also runs generation_bench's checks (graph replay vs eager, the GPU
 # sampler vs its CPU reference). bench/ keeps the working tree's files for both builds (the same
 # measuring code, and a script is never rewritten while it runs); the rest of the tree is swapped.
@@ -19,7 +20,7 @@ OUT=${OUT:-/tmp/lorad-generation-ab-out}
 DATE=${BENCH_DATE:-$(date +%F)}
 SHAPE=${BENCH_SHAPE:-8b}
 ROUNDS=${AB_ROUNDS:-2}
-ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=0 --kv_cache_mib=8192}
+ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=2048 --arrival=31:2048 --kv_cache_mib=8192}
 AB=.device-ab
 [ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
 mkdir -p "$OUT"
@@ -83,12 +84,26 @@ for line in open(sys.argv[1]):
         continue
     kv = dict(re.findall(r"(\w+)=(\S+)", line))
     runs[(int(kv["batch"]), int(kv["adapters"]))][kv["variant"]].append(float(kv["decode_tokens_per_s"]))
+fmt = lambda xs: ", ".join(f"{x:,.1f}" for x in xs)
 print("\ndecode tokens/s            old                  new                  new / old (means)")
 for (batch, adapters), v in sorted(runs.items()):
     old, new = v["old"], v["new"]
     ratio = (sum(new) / len(new)) / (sum(old) / len(old)) if old and new else float("nan")
-    fmt = lambda xs: ", ".join(f"{x:,.1f}" for x in xs)
     print(f"batch {batch:2d}, {adapters} adapters   {fmt(old):20s} {fmt(new):20s} {ratio:.3f}")
+# Latencies (lower is better): time to first token alone, and with --arrival beside decoding ones.
+latency = collections.defaultdict(lambda: {"old": [], "new": []})
+for line in open(sys.argv[1]):
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    if line.startswith("RESULT bench=ttft") and "variant" in kv:
+        latency[f"ttft ms, {kv['prompt_tokens']}-token prompt"][kv["variant"]].append(float(kv["ttft_ms"]))
+    elif line.startswith("RESULT bench=arrival") and "variant" in kv:
+        where = f"{kv['prompt_tokens']}-token prompt beside {kv['running']}"
+        latency[f"arrival ttft ms, {where}"][kv["variant"]].append(float(kv["ttft_ms"]))
+        latency[f"arrival longest gap ms, {where}"][kv["variant"]].append(float(kv["longest_gap_ms"]))
+for name, v in latency.items():
+    old, new = v["old"], v["new"]
+    ratio = (sum(new) / len(new)) / (sum(old) / len(old)) if old and new else float("nan")
+    print(f"{name}: old {fmt(old)}, new {fmt(new)}, new / old {ratio:.3f}")
 PYEOF
 fi
 log done
