@@ -64,23 +64,28 @@ void PagedKvCache::BeginStep(int64_t tokens) {
   const int64_t rows = batch_size();
   tokens_ = tokens;
   span_ = 0;
-  for (const PagedRow& row : rows_) span_ = std::max(span_, row.cached + tokens);
+  fresh_ = tokens > 1;
+  for (const PagedRow& row : rows_) {
+    span_ = std::max(span_, row.cached + tokens);
+    fresh_ = fresh_ && row.cached == 0 && row.new_tokens == tokens;
+  }
   // Slot indices are built on the host (tables are host data) and copied once per forward.
   std::vector<int64_t> write(static_cast<size_t>(rows * tokens));
-  std::vector<int64_t> read(static_cast<size_t>(rows * span_));
+  std::vector<int64_t> read(static_cast<size_t>(fresh_ ? 0 : rows * span_));
   for (int64_t b = 0; b < rows; ++b) {
     const PagedRow& row = rows_[b];
     for (int64_t t = 0; t < tokens; ++t) {
       // Padding past the row's new tokens goes to scratch, never into a block of the row.
       write[b * tokens + t] = t < row.new_tokens ? SlotOf(row, row.cached + t) : scratch_slot();
     }
-    for (int64_t s = 0; s < span_; ++s) {
+    for (int64_t s = 0; s < span_ && !fresh_; ++s) {
       read[b * span_ + s] = s < row.cached + row.new_tokens ? SlotOf(row, s) : scratch_slot();
     }
   }
   const auto device = options_.device;
   const auto long_options = torch::TensorOptions().dtype(torch::kLong);
   write_slots_ = torch::tensor(write, long_options).to(device);
+  if (fresh_) return;  // Attend reads the step's own keys: no gather, no mask
   read_slots_ = torch::tensor(read, long_options).to(device);
   const torch::Tensor start = torch::tensor(lengths_, long_options).to(device).view({rows, 1});
   const torch::Tensor positions =
@@ -102,6 +107,11 @@ torch::Tensor PagedKvCache::Attend(int64_t layer, const torch::Tensor& q, const 
   };
   keys.index_copy_(0, write_slots_, flat(k));
   values.index_copy_(0, write_slots_, flat(v));
+  if (fresh_) {
+    // The keys as the cache holds them (rounded to its dtype), as later steps will read them.
+    return GroupedQueryAttention(q, k.to(keys.scalar_type()).to(q.scalar_type()),
+                                 v.to(values.scalar_type()).to(q.scalar_type()), torch::Tensor());
+  }
   auto gather = [&](const torch::Tensor& pool) {  // -> [B, kv_heads, span, D]
     return pool.index_select(0, read_slots_).view({rows, span_, kv_heads, d}).transpose(1, 2);
   };

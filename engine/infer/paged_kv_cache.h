@@ -90,6 +90,9 @@ class PagedKvCache : public AttentionCache {
   torch::Tensor write_slots_;  // [B * tokens] int64
   torch::Tensor read_slots_;   // [B * span] int64
   torch::Tensor mask_;         // [B, 1, tokens, span] bool, key position <= query position
+  // Every row a whole prompt from position 0, none padded: the step attends to its own keys
+  // only, causally, without the gather and the mask (the flash kernel on CUDA).
+  bool fresh_ = false;
 };
 
 }  // namespace lorad::engine

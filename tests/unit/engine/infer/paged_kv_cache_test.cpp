@@ -1,6 +1,7 @@
 // PagedKvCache under the tiny fixture model: a sequence split over scattered blocks, prefilled in
 // chunks and decoded token by token beside other sequences of other lengths, gives the logits of
-// one uncached forward over the whole sequence; bad block tables are errors.
+// one uncached forward over the whole sequence; so do fresh prompts, which attend to their own
+// keys; bad block tables are errors.
 #include "engine/infer/paged_kv_cache.h"
 
 #include <gtest/gtest.h>
@@ -76,6 +77,37 @@ TEST(PagedKvCacheTest, ChunkedPrefillAndDecodeOverScatteredBlocksEqualOneForward
   }
   EXPECT_EQ(pos_a, 21);
   EXPECT_EQ(pos_b, 9);
+}
+
+// Whole prompts of one length from position 0 (the step attends to its own keys, causally,
+// without gathering them back from the pool), then a second piece and decode steps that read
+// what that step wrote: every step gives the logits of one uncached forward.
+TEST(PagedKvCacheTest, FreshPromptsAttendToTheirOwnKeysAndLeaveThemForLaterSteps) {
+  auto model = test_fixtures::LoadTinyModel();
+  ASSERT_NE(model, nullptr);
+  PagedKvCache cache(test_fixtures::PagedOptionsFor(*model, 16, 4));
+  const int64_t total = 17;
+  const torch::Tensor all = torch::randint(3, 500, {2, total}, torch::kLong);
+  const std::vector<std::vector<int32_t>> tables = {{4, 0, 9, 2, 13}, {1, 8, 3, 15, 6}};
+  std::vector<torch::Tensor> refs;
+  for (int64_t r = 0; r < 2; ++r) {
+    const torch::Tensor row = all[r].contiguous();
+    refs.push_back(Reference(
+        *model, std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + total)));
+  }
+  int64_t pos = 0;
+  for (const int64_t n : {12, 3, 1, 1}) {  // the fresh step, a second piece, two decode steps
+    ASSERT_TRUE(cache.Bind({{tables[0], pos, n}, {tables[1], pos, n}}).ok());
+    auto logits =
+        model->Forward({all.narrow(1, pos, n).contiguous(), {}}, &cache, ForwardOptions());
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    for (int64_t r = 0; r < 2; ++r) {
+      const double diff = ((*logits)[r] - refs[r].narrow(0, pos, n)).abs().max().item<double>();
+      EXPECT_LT(diff, 1e-5) << "row " << r << " at " << pos;
+    }
+    pos += n;
+  }
+  EXPECT_EQ(pos, total);
 }
 
 TEST(PagedKvCacheTest, TablesThatDoNotCoverTheTokensOrLeaveThePoolAreErrors) {
