@@ -559,11 +559,12 @@ absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Ro
   if (!stack_or.ok()) return stack_or.status();
   // The step's rows in parts, each one pass over the base weights: the decode rows through the
   // decode runner, the rest (prefill pieces) through the padded forward, where every row is as
-  // wide as the widest of its part. A piece starts a new part when it is more than
-  // kMaxPaddingTokens shorter than its part's widest: a padded token costs about what it costs to
-  // compute it, an extra part one more pass over the weights (for an 8B NF4 base about as long
-  // as 270 tokens of compute). So 31 decoding sequences beside a new 2,048-token prompt cost
-  // 31 + 2,048 tokens, not 32 x 2,048, and a 10-token prompt beside it is not padded to 2,048.
+  // wide as the widest of its part. Widest first, a piece joins the current part while the
+  // part's padding stays within kMaxPaddingTokens, else it starts the next: a padded token costs
+  // about what it costs to compute it, an extra part one more pass over the weights (for an 8B
+  // NF4 base about as long as 270 tokens of compute). So 31 decoding sequences beside a new
+  // 2,048-token prompt cost 31 + 2,048 tokens, not 32 x 2,048, and a 10-token prompt beside it
+  // is not padded to 2,048.
   constexpr int64_t kMaxPaddingTokens = 256;
   const auto decodes = [this](const Row& r) {
     return decoder != nullptr && r.tokens == 1 && r.samples;
@@ -583,13 +584,15 @@ absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Ro
   }
   std::stable_sort(widest_first.begin(), widest_first.end(),
                    [&](size_t a, size_t b) { return rows[a].tokens > rows[b].tokens; });
-  int64_t width = 0;
+  int64_t width = 0, padding = 0;
   for (size_t i = 0; i < widest_first.size(); ++i) {
     const Row& r = rows[widest_first[i]];
-    if (i == 0 || width - r.tokens > kMaxPaddingTokens) {
+    if (i == 0 || padding + (width - r.tokens) > kMaxPaddingTokens) {
       width = r.tokens;
+      padding = 0;
       ++parts;
     }
+    padding += width - r.tokens;
     part_of[widest_first[i]] = parts - 1;
   }
   const auto run = [&](int part, const std::vector<Row>& part_rows,
