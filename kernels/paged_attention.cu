@@ -242,9 +242,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Blocks per cluster that split a block's keys: 1 (no split) once there are half as many blocks
-// as SMs, else the most of 2 and 4 that keeps one wave (sm_90 devices only).
+// as SMs, else the most of 2 and 4 that keeps one wave.
 unsigned PlanSplits(const PagedAttentionShape& shape, int heads_per_block) {
-  if (!HasClusters()) return 1;
   const int64_t blocks = shape.rows * (shape.heads / heads_per_block);
   unsigned splits = 1;
   while (splits < 4 && blocks * splits * 2 <= SmCount()) splits *= 2;
@@ -259,7 +258,9 @@ const char* LaunchHeads(const void* q, const void* k_pool, const void* v_pool,
   constexpr size_t kShared = DynamicBytes<T, kDimsPerLane, kHeads>();
   static std::once_flag once;
   static cudaError_t opt_in = cudaSuccess;
-  static bool merges_splits = false;  // the code that runs has the cluster merge (sm_90 on)
+  // The code that runs on this device has the cluster merge (built for sm_90 or later, which
+  // also says the device has clusters).
+  static bool merges_splits = false;
   std::call_once(once, [&] {
     opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kShared));

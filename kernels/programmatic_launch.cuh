@@ -2,7 +2,7 @@
 // such a kernel may start while the kernel before it on the stream is still running, fetch its
 // weights, and only then wait for its predecessor before reading activations. Shared by the
 // decode kernels (nf4_gemv.cu, nf4_mma.cu, layer_ops.cu, paged_attention.cu, ...), with the
-// device facts they plan their launches by.
+// SM count they plan their launches by.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,35 +26,28 @@ __device__ __forceinline__ void WaitForPredecessor() {
 #endif
 }
 
-// An attribute of the current device, asked of the driver once per device (`fallback`, an
-// H100/H200's value, if the query fails): the decode kernels plan every launch with these.
-template <cudaDeviceAttr kAttribute>
-int CachedDeviceAttribute(int fallback) {
+// The current device's SM count (132, an H100/H200's, if the query fails). Asked of the driver
+// once per device: the decode kernels plan every launch with it.
+inline int SmCount() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> known[kMaxDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return fallback;
+    return 132;
   }
   const bool cacheable = device >= 0 && device < kMaxDevices;
   if (cacheable) {
-    if (const int value = known[device].load(std::memory_order_relaxed); value > 0) return value;
+    if (const int sms = known[device].load(std::memory_order_relaxed); sms > 0) return sms;
   }
-  int value = 0;
-  if (cudaDeviceGetAttribute(&value, kAttribute, device) != cudaSuccess || value <= 0) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
     cudaGetLastError();
-    return fallback;
+    return 132;
   }
-  if (cacheable) known[device].store(value, std::memory_order_relaxed);
-  return value;
-}
-
-inline int SmCount() { return CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(132); }
-
-// Thread block clusters (and their distributed shared memory) need sm_90.
-inline bool HasClusters() {
-  return CachedDeviceAttribute<cudaDevAttrComputeCapabilityMajor>(9) >= 9;
+  if (cacheable) known[device].store(sms, std::memory_order_relaxed);
+  return sms;
 }
 
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) in clusters of `cluster`

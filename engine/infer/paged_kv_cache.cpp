@@ -71,21 +71,24 @@ void PagedKvCache::BeginStep(int64_t tokens) {
   }
   // Slot indices are built on the host (tables are host data) and copied once per forward.
   std::vector<int64_t> write(static_cast<size_t>(rows * tokens));
-  std::vector<int64_t> read(static_cast<size_t>(fresh_ ? 0 : rows * span_));
   for (int64_t b = 0; b < rows; ++b) {
     const PagedRow& row = rows_[b];
     for (int64_t t = 0; t < tokens; ++t) {
       // Padding past the row's new tokens goes to scratch, never into a block of the row.
       write[b * tokens + t] = t < row.new_tokens ? SlotOf(row, row.cached + t) : scratch_slot();
     }
-    for (int64_t s = 0; s < span_ && !fresh_; ++s) {
-      read[b * span_ + s] = s < row.cached + row.new_tokens ? SlotOf(row, s) : scratch_slot();
-    }
   }
   const auto device = options_.device;
   const auto long_options = torch::TensorOptions().dtype(torch::kLong);
   write_slots_ = torch::tensor(write, long_options).to(device);
   if (fresh_) return;  // Attend reads the step's own keys: no gather, no mask
+  std::vector<int64_t> read(static_cast<size_t>(rows * span_));
+  for (int64_t b = 0; b < rows; ++b) {
+    const PagedRow& row = rows_[b];
+    for (int64_t s = 0; s < span_; ++s) {
+      read[b * span_ + s] = s < row.cached + row.new_tokens ? SlotOf(row, s) : scratch_slot();
+    }
+  }
   read_slots_ = torch::tensor(read, long_options).to(device);
   const torch::Tensor start = torch::tensor(lengths_, long_options).to(device).view({rows, 1});
   const torch::Tensor positions =

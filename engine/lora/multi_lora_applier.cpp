@@ -29,9 +29,9 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
   // each waited for the stream, and a request on an adapter that found the engine idle waited
   // for all of them before its first token.
   std::vector<Entry*> entries;
-  std::vector<int64_t> pointers;                  // per entry: a[0..n), then b[0..n)
-  std::vector<int32_t> ranks;                     // per entry: [n]
-  std::vector<float> kernel_scales, slot_scales;  // per entry: [n] and [slots]
+  std::vector<int64_t> pointers;  // per entry: a[0..n), then b[0..n)
+  std::vector<int32_t> ranks;     // per entry: [n]
+  std::vector<float> scales;      // per entry: [slots], the none slot last
   try {
     torch::NoGradGuard no_grad;
     for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -71,11 +71,10 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
           pointers.push_back(reinterpret_cast<int64_t>(e.a[i].data_ptr()));
           b_pointers.push_back(reinterpret_cast<int64_t>(e.b[i].data_ptr()));
           ranks.push_back(static_cast<int32_t>(r_max));
-          kernel_scales.push_back(scale);
-          slot_scales.push_back(scale);
+          scales.push_back(scale);
         }
         pointers.insert(pointers.end(), b_pointers.begin(), b_pointers.end());
-        slot_scales.push_back(0.0f);  // the none slot
+        scales.push_back(0.0f);  // the none slot
       }
     }
     // Owned host tensors (on the CPU, .to(device) returns them as they are).
@@ -86,24 +85,20 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
       }
       return host.to(device);
     };
-    const torch::Tensor all_slot_scales = upload(slot_scales, torch::kFloat).to(dtype);
     // The kernels' tables are built on every device (on the CPU they are a few bytes), so that
-    // the CPU tests check them too.
-    const bool tables = !entries.empty();
-    const torch::Tensor all_pointers = tables ? upload(pointers, torch::kLong) : torch::Tensor();
-    const torch::Tensor all_ranks = tables ? upload(ranks, torch::kInt) : torch::Tensor();
-    const torch::Tensor all_scales =
-        tables ? upload(kernel_scales, torch::kFloat) : torch::Tensor();
+    // the CPU tests check them too. Their fp32 scales are the slot scales without the none slot.
+    const torch::Tensor all_scales = upload(scales, torch::kFloat);
+    const torch::Tensor all_slot_scales = all_scales.to(dtype);
+    const torch::Tensor all_pointers = upload(pointers, torch::kLong);
+    const torch::Tensor all_ranks = upload(ranks, torch::kInt);
     for (size_t k = 0; k < entries.size(); ++k) {
       Entry& e = *entries[k];
       const int64_t at = static_cast<int64_t>(k);
       e.scale = all_slot_scales.narrow(0, at * slots, slots);
-      if (tables) {
-        e.a_pointers = all_pointers.narrow(0, 2 * n * at, n);
-        e.b_pointers = all_pointers.narrow(0, 2 * n * at + n, n);
-        e.ranks = all_ranks.narrow(0, n * at, n);
-        e.scales_f32 = all_scales.narrow(0, n * at, n);
-      }
+      e.scales_f32 = all_scales.narrow(0, at * slots, n);
+      e.a_pointers = all_pointers.narrow(0, 2 * n * at, n);
+      e.b_pointers = all_pointers.narrow(0, 2 * n * at + n, n);
+      e.ranks = all_ranks.narrow(0, n * at, n);
     }
   } catch (const c10::Error& e) {
     return absl::ResourceExhaustedError(absl::StrCat("stacking ", adapters.size(),
