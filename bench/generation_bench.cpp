@@ -122,12 +122,26 @@ struct RunSpec {
 
 std::string AdapterName(int64_t i) { return absl::StrCat("bench-", i); }
 
+// A greedy request of `tokens` random prompt ids (ids 0..2 are <unk>, <s>, </s>: kept out) and
+// exactly `new_tokens` new ones, request i on adapter i % spec.adapters (none without adapters).
+engine::GenerationRequest BenchRequest(const RunSpec& spec, int64_t tokens, int64_t new_tokens,
+                                       int64_t i, int64_t vocab, std::mt19937_64& rng) {
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(vocab - 1));
+  engine::GenerationRequest request;
+  request.prompt_ids.resize(static_cast<size_t>(tokens));
+  for (int32_t& id : request.prompt_ids) id = token(rng);
+  if (spec.adapters > 0) request.adapter = AdapterName(i % spec.adapters);
+  request.sampling.max_new_tokens = static_cast<int32_t>(new_tokens);
+  request.sampling.temperature = 0;
+  request.sampling.repetition_penalty = spec.repetition_penalty;
+  request.ignore_eos = true;
+  return request;
+}
+
 // Submits spec.batch requests at once and steps the engine until idle.
 absl::StatusOr<RunResult> RunOnce(engine::InferenceEngine& engine, const RunSpec& spec,
                                   int64_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  // Ids 0..2 are <unk>, <s>, </s>: keep the prompts free of special tokens.
-  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(vocab - 1));
   std::vector<Clock::time_point> first(spec.batch), last(spec.batch);
   std::vector<int64_t> generated(spec.batch, 0);
   std::vector<std::string> errors;
@@ -135,15 +149,9 @@ absl::StatusOr<RunResult> RunOnce(engine::InferenceEngine& engine, const RunSpec
   GpuStats::ResetPeak();
   const Clock::time_point start = Clock::now();
   for (int64_t i = 0; i < spec.batch; ++i) {
-    engine::GenerationRequest request;
-    request.prompt_ids.resize(spec.prompt_tokens);
-    for (int32_t& id : request.prompt_ids) id = token(rng);
-    if (spec.adapters > 0) request.adapter = AdapterName(i % spec.adapters);
-    request.sampling.max_new_tokens = static_cast<int32_t>(spec.new_tokens);
-    request.sampling.temperature = 0;
-    request.sampling.repetition_penalty = spec.repetition_penalty;
+    engine::GenerationRequest request =
+        BenchRequest(spec, spec.prompt_tokens, spec.new_tokens, i, vocab, rng);
     request.sampling.seed = seed;
-    request.ignore_eos = true;
     auto id = engine.Submit(std::move(request), [&, i](const engine::TokenEvent& event) {
       if (event.token) {
         if (generated[i]++ == 0) first[i] = Clock::now();
@@ -195,17 +203,8 @@ struct ArrivalResult {
 absl::StatusOr<ArrivalResult> RunArrival(engine::InferenceEngine& engine, const RunSpec& spec,
                                          int64_t running, int64_t prompt_tokens, int64_t vocab) {
   std::mt19937_64 rng(7);
-  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(vocab - 1));
   const auto make = [&](int64_t tokens, int64_t new_tokens, int64_t i) {
-    engine::GenerationRequest request;
-    request.prompt_ids.resize(static_cast<size_t>(tokens));
-    for (int32_t& id : request.prompt_ids) id = token(rng);
-    if (spec.adapters > 0) request.adapter = AdapterName(i % spec.adapters);
-    request.sampling.max_new_tokens = static_cast<int32_t>(new_tokens);
-    request.sampling.temperature = 0;
-    request.sampling.repetition_penalty = spec.repetition_penalty;
-    request.ignore_eos = true;
-    return request;
+    return BenchRequest(spec, tokens, new_tokens, i, vocab, rng);
   };
   std::vector<int64_t> generated(static_cast<size_t>(running), 0);
   std::vector<Clock::time_point> last(static_cast<size_t>(running));
