@@ -180,6 +180,10 @@ void Daemon::RegisterEngineMetrics() {
   metrics_.AddGaugeCallback(
       "lorad_decode_graph_replays", "Decode steps replayed from CUDA graphs since start",
       [e] { return static_cast<double>(e->Stats().inference.graph_replays); });
+  metrics_.AddGaugeCallback(
+      "lorad_adapter_stack_builds",
+      "Copies of a new set of adapters into the batch's LoRA stack since start",
+      [e] { return static_cast<double>(e->Stats().inference.lora_stacks_built); });
   metrics_.AddGaugeCallback("lorad_adapters_resident", "LoRA adapters on the device now",
                             [e] { return e->Stats().adapters_resident; });
   metrics_.AddGaugeCallback("lorad_adapters_loaded", "LoRA adapter versions held (host copies)",

@@ -67,13 +67,7 @@ absl::StatusOr<DecodeRunner::Graph*> DecodeRunner::Capture(
     const std::shared_ptr<const LoraStack>& stack) {
 #if defined(LORAD_WITH_CUDA)
   // Another set of adapters: the graphs of the old stack would keep its copies alive.
-  for (auto it = graphs_.begin(); it != graphs_.end();) {
-    if (it->first.second != nullptr && it->first.second != stack.get()) {
-      it = graphs_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  DropAdapterGraphsExcept(stack.get());
   auto graph = std::make_unique<Graph>(cache_, bucket, stack);
   if (auto s = graph->batch.Fill(rows, NoneSlot(stack)); !s.ok()) return s;
   if (stack != nullptr) graph->lora.emplace(stack, graph->batch.lora_slots());
@@ -106,6 +100,13 @@ absl::StatusOr<DecodeRunner::Graph*> DecodeRunner::Capture(
   (void)stack;
   return absl::FailedPreconditionError("this build has no CUDA graphs");
 #endif
+}
+
+void DecodeRunner::DropAdapterGraphsExcept(const LoraStack* keep) {
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    const LoraStack* stack = it->first.second;
+    it = stack != nullptr && stack != keep ? graphs_.erase(it) : std::next(it);
+  }
 }
 
 absl::StatusOr<torch::Tensor> DecodeRunner::Run(const std::vector<DecodeRow>& rows,

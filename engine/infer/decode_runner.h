@@ -49,6 +49,10 @@ class DecodeRunner {
   absl::StatusOr<torch::Tensor> Run(const std::vector<DecodeRow>& rows,
                                     const std::shared_ptr<const LoraStack>& stack);
 
+  // Drops the graphs captured with a stack (they keep its adapter copies alive); the base
+  // model's graphs stay.
+  void DropAdapterGraphs() { DropAdapterGraphsExcept(nullptr); }
+
   int64_t graphs_captured() const { return graphs_captured_; }
   int64_t graph_replays() const { return graph_replays_; }
   const std::string& graph_error() const { return graph_error_; }
@@ -56,6 +60,7 @@ class DecodeRunner {
  private:
   struct Graph;
   int64_t Bucket(int64_t rows) const;
+  void DropAdapterGraphsExcept(const LoraStack* keep);
   absl::StatusOr<torch::Tensor> RunEager(const std::vector<DecodeRow>& rows,
                                          const std::shared_ptr<const LoraStack>& stack);
   absl::StatusOr<Graph*> Capture(const std::vector<DecodeRow>& rows, int64_t bucket,

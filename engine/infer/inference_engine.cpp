@@ -109,6 +109,7 @@ struct InferenceEngine::Impl {
   std::atomic<int32_t> used_blocks{0};
   std::atomic<int64_t> graph_replays{0};
   std::atomic<int64_t> graphs_captured{0};
+  std::atomic<int64_t> lora_stacks_built{0};
   std::string graph_error;  // under mu
   // profile_phases: nanoseconds per phase, summed; `phase_start` is when the current phase began.
   std::atomic<int64_t> plan_ns{0}, forward_ns{0}, sample_ns{0}, emit_ns{0};
@@ -145,6 +146,9 @@ struct InferenceEngine::Impl {
                                              const std::vector<int32_t>& slots,
                                              const std::shared_ptr<const LoraStack>& stack);
   void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
+  // With no request running: keeps the stack (and its decode graphs) while every adapter in it
+  // is the current, resident version of its name; drops both otherwise.
+  void KeepStackWhileCurrent();
   absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
                                                             std::vector<int32_t>* slots);
   // Ends the current phase: adds its time to `total` (after waiting for the device's queued
@@ -322,6 +326,7 @@ InferenceStats InferenceEngine::Stats() const {
   s.steps = m.steps;
   s.graph_replays = m.graph_replays;
   s.graphs_captured = m.graphs_captured;
+  s.lora_stacks_built = m.lora_stacks_built;
   {
     std::lock_guard<std::mutex> lock(m.mu);
     s.graph_error = m.graph_error;
@@ -511,12 +516,32 @@ absl::Status InferenceEngine::Step() {
     }
   }
   m.Remove(finished);
-  if (m.running.empty()) {
-    m.stack.reset();
-    m.stack_key.clear();
-  }
+  if (m.running.empty()) m.KeepStackWhileCurrent();
   m.UpdateCounts();
   return status;
+}
+
+void InferenceEngine::Impl::KeepStackWhileCurrent() {
+  if (stack == nullptr) return;
+  // Idle: the next request on the same adapters (a user's next chat turn) finds the stack and
+  // its decode graphs ready, instead of waiting for a copy of every adapter matrix before its
+  // first token and a graph capture before its second. Copies of a version that is no longer
+  // current or no longer resident (replaced, unloaded, evicted) are dropped here; the store
+  // frees its own copy when the version's last request ends.
+  std::set<std::string> current;
+  if (adapters != nullptr) {
+    for (const AdapterInfo& info : adapters->List()) {
+      if (info.current && info.resident) current.insert(absl::StrCat(info.name, "@", info.version));
+    }
+  }
+  for (const std::string& key : stack_key) {
+    if (current.count(key) == 0) {
+      if (decoder != nullptr) decoder->DropAdapterGraphs();  // they hold the stack too
+      stack.reset();
+      stack_key.clear();
+      return;
+    }
+  }
 }
 
 absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor(
@@ -537,17 +562,16 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor
     }
     slots->push_back(static_cast<int32_t>(it - keys.begin()));
   }
-  if (keys.empty()) {
-    stack.reset();  // drop the copies of adapters no request uses any more
-    stack_key.clear();
-    return std::shared_ptr<const LoraStack>();
-  }
+  // No adapter in this step: the stack stays for the next step that has them (a base-model
+  // request between two on an adapter costs no rebuild).
+  if (keys.empty()) return std::shared_ptr<const LoraStack>();
   // Slots follow first appearance, so the same set in another order is a new stack; rebuilding
   // costs one copy of the adapters, and stable batches (the common case) reuse it.
   if (stack != nullptr && keys == stack_key) return stack;
   auto built = LoraStack::Build(adapters, model->config().num_hidden_layers,
                                 model->options().device, model->options().dtype);
   if (!built.ok()) return built.status();
+  ++lora_stacks_built;
   stack = *built;
   stack_key = keys;
   return stack;

@@ -68,6 +68,9 @@ struct InferenceStats {
   int64_t graph_replays = 0;
   int64_t graphs_captured = 0;
   std::string graph_error;
+  // Copies of the step's adapter set into one stack (multi_lora_applier.h): one per new set; an
+  // idle engine keeps the last one while its versions stay current.
+  int64_t lora_stacks_built = 0;
   // With InferenceEngineOptions::profile_phases: seconds spent, summed over steps, in planning
   // and admission, the forward (until its logits are ready), sampling, and emitting tokens.
   double plan_s = 0, forward_s = 0, sample_s = 0, emit_s = 0;

@@ -363,6 +363,27 @@ TEST(InferenceEngineTest, HotSwapServesRunningRequestsOnTheOldVersionAndNewOnesO
   EXPECT_EQ(list[0].version, 2);
 }
 
+TEST(InferenceEngineTest, AnIdleEngineKeepsItsAdapterStackWhileTheVersionIsCurrent) {
+  Fixture f;
+  f.Publish("chat", 4, 41);
+  const GenerationRequest turn = Greedy(RandomPrompt(9, 410), "chat", 8);
+  auto engine = f.Engine();
+  const Result first = f.Run(*engine, {turn})[0];
+  EXPECT_EQ(engine->Stats().lora_stacks_built, 1);
+  // The engine went idle; a base-model request, then the same adapter again: no new copy.
+  const Result base = f.Run(*engine, {Greedy(RandomPrompt(9, 410), "", 8)})[0];
+  const Result again = f.Run(*engine, {turn})[0];
+  EXPECT_EQ(engine->Stats().lora_stacks_built, 1);
+  EXPECT_EQ(again.tokens, first.tokens);
+  EXPECT_NE(base.tokens, first.tokens) << "the adapter should change the tokens";
+  // A new version while idle: the next request copies it and generates what v2 gives alone.
+  ASSERT_EQ(f.Publish("chat", 4, 42), 2);
+  const Result on_v2 = f.Run(*engine, {turn})[0];
+  EXPECT_EQ(engine->Stats().lora_stacks_built, 2);
+  EXPECT_EQ(on_v2.tokens, f.Alone(turn).tokens);
+  EXPECT_NE(on_v2.tokens, first.tokens);
+}
+
 TEST(InferenceEngineTest, UnloadWaitsForRunningRequestsAndThenFreesTheAdapter) {
   Fixture f;
   f.Publish("gone", 4, 31);
