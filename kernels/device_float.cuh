@@ -18,6 +18,24 @@ __device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
 __device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void StoreAs(__half* p, float v) { *p = __float2half_rn(v); }
 
+// v rounded to nearest even in the pointee's type, as fp32 (the pointer only picks the type).
+__device__ __forceinline__ float Round(float v, const float*) { return v; }
+__device__ __forceinline__ float Round(float v, const __nv_bfloat16*) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float Round(float v, const __half*) {
+  return __half2float(__float2half_rn(v));
+}
+
+// LlamaMLP's act_fn(gate) * up for one element of T (kernels/layer_ops.h, silu_mul): silu(g)
+// rounded to T, times u, in fp32 (the caller rounds the product as it stores it). One definition
+// for silu_mul and the 4-bit gate/up product that ends in it, so both give the same bits.
+template <typename T>
+__device__ __forceinline__ float SiluTimes(float g, float u) {
+  const float silu = Round(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), static_cast<const T*>(nullptr));
+  return __fmul_rn(silu, u);
+}
+
 // N consecutive elements at p into fp32, in the widest loads their alignment allows: p must be
 // aligned to N * sizeof(T) rounded down to a power of two (at most 16 bytes). fp32 and bf16.
 template <int N>

@@ -21,11 +21,6 @@ namespace {
 constexpr int kNormThreads = 256;
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float Round(float v, float*) { return v; }
-__device__ __forceinline__ float Round(float v, __nv_bfloat16*) {
-  return __bfloat162float(__float2bfloat16_rn(v));
-}
-
 // 1 / sqrt(mean of squares + eps) of a row whose squares the block's threads summed in part
 // (`sum`, this thread's), the parts added up in warp order. Every thread of the block calls it.
 __device__ __forceinline__ float InverseRms(float sum, int64_t width, float eps) {
@@ -251,10 +246,7 @@ struct SiluMulBody {
     float g[N], u[N], o[N];
     LoadFloats<N>(gate + i, g), LoadFloats<N>(up + i, u);
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float silu = Round(__fdiv_rn(g[k], __fadd_rn(1.0f, expf(-g[k]))), out);
-      o[k] = __fmul_rn(silu, u[k]);
-    }
+    for (int k = 0; k < N; ++k) o[k] = SiluTimes<T>(g[k], u[k]);
     StoreFloats<N>(out + i, o);
   }
 };

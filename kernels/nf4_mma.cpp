@@ -1,8 +1,10 @@
 #include "kernels/nf4_mma.h"
 
 #include <cstring>
+#include <vector>
 
 #include "kernels/bfloat16.h"
+#include "kernels/layer_ops.h"
 #include "kernels/nf4_gemv.h"
 
 namespace lorad::kernels {
@@ -43,6 +45,25 @@ void nf4_mma_cpu(const float* x, int64_t rows, const uint8_t* packed, const floa
   float code[16];
   nf4_code_rounded_to(kind, code);
   nf4_gemv_with_code_cpu(code, x, rows, packed, absmax, out_features, in_features, y);
+}
+
+void nf4_mma_silu_mul_cpu(const float* x, int64_t rows, const uint8_t* gate_packed,
+                          const float* gate_absmax, const uint8_t* up_packed,
+                          const float* up_absmax, int64_t out_features, int64_t in_features,
+                          float* out) {
+  const int64_t n = rows * out_features;
+  std::vector<float> gate(n), up(n);
+  nf4_mma_cpu(x, rows, gate_packed, gate_absmax, out_features, in_features, FloatKind::kBF16,
+              gate.data());
+  nf4_mma_cpu(x, rows, up_packed, up_absmax, out_features, in_features, FloatKind::kBF16,
+              up.data());
+  std::vector<uint16_t> gate16(n), up16(n), out16(n);
+  for (int64_t i = 0; i < n; ++i) {
+    gate16[i] = float_to_bf16(gate[i]);
+    up16[i] = float_to_bf16(up[i]);
+  }
+  silu_mul_cpu(gate16.data(), up16.data(), FloatKind::kBF16, n, out16.data());
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(out16[i]);
 }
 
 }  // namespace lorad::kernels

@@ -11,10 +11,10 @@
 //     tile, 32 with four tiles, so the same decode serves a whole decode batch;
 //   - each warp streams its part of 16 rows (32 from 9 rows of x on: WarpTile) in stages of 2 KB
 //     through a ring of shared-memory slots filled by cp.async (WarpTile::kStages: 2 for 16
-//     rows, one stage in flight while one is decoded; 3 for 32 rows; no registers held for
-//     them); the grid is persistent (one 16-warp block per SM) so the table is built once per
-//     block, and each block's warps split the stages of its range of tiles evenly (a warp's
-//     share may cross from one tile into the next);
+//     rows, two stages in flight while the warp waits, one while it decodes; 3 for 32 rows; no
+//     registers held for them); the grid is persistent (one 16-warp block per SM) so the table is
+//     built once per block, and each block's warps split the stages of its range of tiles evenly (a
+//     warp's share may cross from one tile into the next);
 //   - up to three weights sharing x (q, k, v; gate, up) run as one launch (TargetTable), each warp
 //     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle.
 //
@@ -105,7 +105,8 @@ struct WarpTile {
   static constexpr int kSlotWeights = kRows * kRowStride;
   // Then each row's 8-bit absmax codes (one aligned 4-byte word: 4 blocks) and absmax2 value.
   static constexpr int kSlotBytes = kSlotWeights + kRows * 4 + kRows * 4;
-  // Ring slots per warp: kStages - 1 stages in flight while one is decoded. One tile (batch 1)
+  // Ring slots per warp: kStages stages in flight while the warp waits, kStages - 1 while it
+  // decodes one. One tile (batch 1)
   // takes 2, which ran 2-5% faster than 3 (the layer 80.2 -> 78.2 us, PDL 64.0 -> 62.4;
   // 2026-12-03-h200-nf4_mma-more-warps.txt), probably as the smaller ring (shared memory about
   // 160 KB instead of 198) leaves L1 more room for the x loads.
@@ -364,13 +365,23 @@ __device__ __forceinline__ void ComputeStage(unsigned char* slot, const unsigned
 
 // The weights of one launch (one, or a group sharing x) and where each one's warp tiles end in
 // the launch's tile order: tiles [tile_end[i - 1], tile_end[i]) belong to weight i.
+// silu_mul: t[0] is gate and t[1] up (as many rows), their tiles interleaved (tile 2j is gate's
+// tile j, 2j + 1 up's) and ranges cut between pairs, so one block sums both halves of a pair and
+// writes silu(gate) * up to t[0].y: the MLP's activation without gate and up ever reaching memory.
 struct TargetTable {
   Nf4MmaTarget t[kNf4MmaMaxTargets];
   int64_t tile_end[kNf4MmaMaxTargets];
   int count;
+  int silu_mul;  // 0 or 1
 };
 
+// Tiles a range boundary may not split: the gate/up pairs of a silu_mul launch.
+__device__ __host__ __forceinline__ int TilesPerGroup(const TargetTable& targets) {
+  return targets.silu_mul ? 2 : 1;
+}
+
 __device__ __forceinline__ int TargetOf(const TargetTable& targets, int64_t tile) {
+  if (targets.silu_mul) return static_cast<int>(tile & 1);
   int i = 0;
 #pragma unroll
   for (int j = 0; j + 1 < kNf4MmaMaxTargets; ++j)
@@ -405,6 +416,7 @@ struct RangeLayout {
 // The tile of weight `ti` that launch tile `tile` is, as the row its warp tile starts at.
 __device__ __forceinline__ int64_t FirstRowOf(const TargetTable& targets, int64_t tile, int ti,
                                               int rows_per_tile) {
+  if (targets.silu_mul) return (tile >> 1) * rows_per_tile;
   return (tile - (ti == 0 ? 0 : targets.tile_end[ti - 1])) * rows_per_tile;
 }
 
@@ -464,11 +476,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
     tc.first_block = static_cast<uint32_t>(scale_row * blocks_per_row);
   };
-  // The first kStages - 1 stages of the segment in flight (empty groups keep the count uniform).
+  // The segment's first kStages stages in flight, one per ring slot (empty groups keep the count
+  // uniform).
   const auto prologue = [&] {
     const float* absmax2 = targets.t[ti].absmax.absmax2;
 #pragma unroll
-    for (int s = 0; s < W::kStages - 1; ++s) {
+    for (int s = 0; s < W::kStages; ++s) {
       const uint32_t kb = kb_begin + s * W::kStageBlocks;
       if (kb < kb_end) CopyStage<MT>(tc, lane, kb, absmax2, my_ring_address + s * W::kSlotBytes);
       CommitCopies();
@@ -477,7 +490,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   bool first = true;
 #pragma unroll 1
   for (int64_t range = blockIdx.x; range < ranges; range += gridDim.x) {
-    const int64_t t0 = range * row_tiles / ranges, t1 = (range + 1) * row_tiles / ranges;
+    const int per_group = TilesPerGroup(targets);
+    const int64_t groups = row_tiles / per_group;
+    const int64_t t0 = range * groups / ranges * per_group;
+    const int64_t t1 = (range + 1) * groups / ranges * per_group;
     const int tiles_here = static_cast<int>(t1 - t0);
     const int units = tiles_here * stages;
     const int u_begin = warp * units / kWarps, u_end = (warp + 1) * units / kWarps;
@@ -522,18 +538,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       int slot = 0;
 #pragma unroll 1
       for (uint32_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
-        WaitCopies<W::kStages - 2>();  // this stage's copies (this lane's) have landed
+        WaitCopies<W::kStages - 1>();  // this stage's copies (this lane's) have landed
         __syncwarp();                  // ... and every lane's
-        // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
-        const uint32_t ahead = kb + (W::kStages - 1) * W::kStageBlocks;
-        const int refill = slot == 0 ? W::kStages - 1 : slot - 1;
-        if (ahead < kb_end) {
-          CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
-        }
-        CommitCopies();
         ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset,
                                 xrow, kb, g, t, acc);
         __syncwarp();  // every lane is done with the slot before it is refilled
+        // The slot just decoded takes the stage kStages ahead. Refilled after the decode, not
+        // before it into the slot decoded last: kStages stages are in flight while the warp
+        // waits (kStages - 1 while it decodes) instead of kStages - 1 (and kStages - 2), with
+        // the same ring. At batch 1 a warp has 2-16 stages of a launch, so most of its time is
+        // waiting, and one more stage in flight halves the round trips of a 2-stage share.
+        const uint32_t ahead = kb + W::kStages * W::kStageBlocks;
+        if (ahead < kb_end) {
+          CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + slot * W::kSlotBytes);
+        }
+        CommitCopies();
         slot = slot == W::kStages - 1 ? 0 : slot + 1;
       }
       WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
@@ -556,20 +575,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
     }
     __syncthreads();
-    // One thread per (tile, row, column) adds the warps' contributions in warp order (compile-
-    // time divisors: this runs after every range).
-    const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
-    for (int idx = threadIdx.x; idx < tiles_here * W::kRows * kCols; idx += kThreads) {
-      const int col = idx % kCols;
-      if (col >= cols) continue;
-      const int r = idx / kCols % W::kRows, local = idx / (kCols * W::kRows);
-      const int64_t tile = t0 + local;
-      const int their_ti = TargetOf(targets, tile);
-      const Nf4MmaTarget& theirs = targets.t[their_ti];
-      const int64_t row = FirstRowOf(targets, tile, their_ti, W::kRows) + r;
-      if (row >= theirs.out_features) continue;
-      // The tile's units [local S, (local + 1) S); warp w's share is [w U / 16, (w + 1) U / 16),
-      // and warps with an empty share wrote nothing.
+    // Tile `local`'s sum at (r, col): the warps' contributions added in warp order. The tile's
+    // units are [local S, (local + 1) S); warp w's share is [w U / 16, (w + 1) U / 16), and
+    // warps with an empty share wrote nothing.
+    const auto tile_sum = [&](int local, int r, int col) {
       const int first_unit = local * stages, end_unit = first_unit + stages;
       float v = 0.f;
       for (int w = first_unit * kWarps / units; w < kWarps; ++w) {
@@ -582,7 +591,29 @@ __global__ void __launch_bounds__(kThreads, 1)
                 : reinterpret_cast<const float*>(ring + w * W::kStages * W::kSlotBytes);
         v += part[r * kCols + col];
       }
-      StoreAs(&static_cast<T*>(theirs.y)[col * theirs.out_features + row], v);
+      return v;
+    };
+    // One thread per (tile or gate/up pair, row, column) (compile-time divisors: this runs after
+    // every range).
+    const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
+    for (int idx = threadIdx.x; idx < tiles_here / per_group * W::kRows * kCols; idx += kThreads) {
+      const int col = idx % kCols;
+      if (col >= cols) continue;
+      const int r = idx / kCols % W::kRows, local = idx / (kCols * W::kRows) * per_group;
+      const int64_t tile = t0 + local;
+      const int their_ti = TargetOf(targets, tile);
+      const Nf4MmaTarget& theirs = targets.t[their_ti];
+      const int64_t row = FirstRowOf(targets, tile, their_ti, W::kRows) + r;
+      if (row >= theirs.out_features) continue;
+      T* y = static_cast<T*>(theirs.y) + col * theirs.out_features + row;
+      if (targets.silu_mul) {
+        // gate and up rounded to T as their own products would store them, then silu_mul.
+        const float gate = Round(tile_sum(local, r, col), y);
+        const float up = Round(tile_sum(local + 1, r, col), y);
+        StoreAs(y, SiluTimes<T>(gate, up));
+      } else {
+        StoreAs(y, tile_sum(local, r, col));
+      }
     }
     __syncthreads();  // the rings and boundary buffers are reused by the next range
   }
@@ -610,18 +641,21 @@ int ResidentBlocksPerSm() {
 // The ranges of a launch on `blocks` blocks (the resident ones for the planner's grid): one per
 // block (or per tile, when there are fewer tiles), more in rounds of that many when a range would
 // pass kMaxTiles tiles.
+// Ranges are cut between groups of per_group tiles (a silu_mul launch's gate/up pairs).
 template <int NT, int MT>
-int64_t PlanRanges(int64_t row_tiles, int64_t blocks_wanted) {
-  const int64_t blocks = std::min(row_tiles, blocks_wanted);
-  const int64_t per_round = blocks * RangeLayout<NT, MT>::kMaxTiles;
-  return blocks * ((row_tiles + per_round - 1) / per_round);
+int64_t PlanRanges(int64_t row_tiles, int64_t blocks_wanted, int per_group) {
+  const int64_t groups = row_tiles / per_group;
+  const int64_t blocks = std::min(groups, blocks_wanted);
+  const int64_t per_round = blocks * (RangeLayout<NT, MT>::kMaxTiles / per_group);
+  return blocks * ((groups + per_round - 1) / per_round);
 }
 
 // The launch's weights in tile order, with MT * 16-row tiles.
 template <int MT>
-TargetTable TableOf(const Nf4MmaTarget* targets, int count) {
+TargetTable TableOf(const Nf4MmaTarget* targets, int count, bool silu_mul) {
   TargetTable table{};
   table.count = count;
+  table.silu_mul = silu_mul ? 1 : 0;
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) {
     table.t[i] = targets[i];
@@ -635,11 +669,11 @@ TargetTable TableOf(const Nf4MmaTarget* targets, int count) {
 // crosses a tile's end, none otherwise (ranges have row_tiles / ranges tiles, or one more). A
 // launch only asks for the shared memory it uses: beyond 195 KB the SM keeps 28 KB of L1 for the
 // x loads instead of 60 (measured: 10-20% slower on the shapes that need no boundary buffer).
-int BoundaryBuffers(int64_t row_tiles, int64_t ranges, int64_t stages) {
+int BoundaryBuffers(int64_t row_tiles, int64_t ranges, int64_t stages, int per_group) {
   int buffers = 0;
-  const int64_t q = row_tiles / ranges;
-  for (int64_t tiles = q; tiles <= q + 1; ++tiles) {
-    if (tiles == 0 || (tiles == q + 1 && row_tiles % ranges == 0)) continue;
+  const int64_t groups = row_tiles / per_group, q = groups / ranges;
+  for (int64_t tiles = q * per_group; tiles <= (q + 1) * per_group; tiles += per_group) {
+    if (tiles == 0 || (tiles > q * per_group && groups % ranges == 0)) continue;
     const int64_t units = tiles * stages;
     for (int w = 0; w < kWarps; ++w) {
       const int64_t begin = w * units / kWarps, end = (w + 1) * units / kWarps;
@@ -654,19 +688,21 @@ int BoundaryBuffers(int64_t row_tiles, int64_t ranges, int64_t stages) {
 // blocks: 0 for the planner's grid, else that many blocks (each range at most kMaxTiles tiles).
 template <typename T, int NT, int MT>
 const char* LaunchTyped(int64_t blocks, const void* x, int64_t rows, const Nf4MmaTarget* targets,
-                        int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
+                        int count, bool silu_mul, int64_t in_features, cudaStream_t stream,
+                        bool overlapped) {
   using L = RangeLayout<NT, MT>;
   const int per_sm = ResidentBlocksPerSm<T, NT, MT>();
   if (per_sm <= 0) return "nf4_mma_cuda: the kernel does not fit on this device";
   const int64_t resident = static_cast<int64_t>(per_sm) * SmCount();
-  const TargetTable table = TableOf<MT>(targets, count);
+  const TargetTable table = TableOf<MT>(targets, count, silu_mul);
+  const int per_group = TilesPerGroup(table);
   const int64_t row_tiles = table.tile_end[count - 1];
-  const int64_t ranges = PlanRanges<NT, MT>(row_tiles, blocks == 0 ? resident : blocks);
+  const int64_t ranges = PlanRanges<NT, MT>(row_tiles, blocks == 0 ? resident : blocks, per_group);
   if (ranges > 0x7fffffff) return "nf4_mma_cuda: too many row tiles";
   const dim3 grid(static_cast<unsigned>(std::min(ranges, resident)));
   const int64_t stages = in_features / 64 / WarpTile<MT>::kStageBlocks;
   const size_t shared =
-      L::kBaseBytes + BoundaryBuffers(row_tiles, ranges, stages) * L::kPartialBytes;
+      L::kBaseBytes + BoundaryBuffers(row_tiles, ranges, stages, per_group) * L::kPartialBytes;
   const cudaError_t err = LaunchMaybeOverlapped(
       nf4_mma_kernel<T, NT, MT>, grid, dim3(kThreads), shared, stream, overlapped,
       static_cast<const T*>(x), rows, table, in_features, static_cast<int>(ranges));
@@ -678,14 +714,16 @@ const char* LaunchTyped(int64_t blocks, const void* x, int64_t rows, const Nf4Mm
 // fewer (k/v_proj's 1024 rows alone: 32 tiles) half the GPU would idle, so those keep MT = 1.
 template <typename T>
 const char* LaunchTiles(int64_t blocks, const void* x, int64_t rows, const Nf4MmaTarget* targets,
-                        int count, int64_t in_features, cudaStream_t stream, bool overlapped) {
+                        int count, bool silu_mul, int64_t in_features, cudaStream_t stream,
+                        bool overlapped) {
   int64_t tiles32 = 0;
   for (int i = 0; i < count; ++i) {
     tiles32 += (targets[i].out_features + WarpTile<2>::kRows - 1) / WarpTile<2>::kRows;
   }
   const bool two_tiles = tiles32 * 2 >= SmCount();
-#define LORAD_NF4_MMA_LAUNCH(NT, MT) \
-  return LaunchTyped<T, NT, MT>(blocks, x, rows, targets, count, in_features, stream, overlapped)
+#define LORAD_NF4_MMA_LAUNCH(NT, MT)                                                            \
+  return LaunchTyped<T, NT, MT>(blocks, x, rows, targets, count, silu_mul, in_features, stream, \
+                                overlapped)
   if (rows <= 8) LORAD_NF4_MMA_LAUNCH(1, 1);
   if (rows <= 16) {
     if (two_tiles) LORAD_NF4_MMA_LAUNCH(2, 2);
@@ -697,8 +735,8 @@ const char* LaunchTiles(int64_t blocks, const void* x, int64_t rows, const Nf4Mm
 }
 
 const char* Run(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
-                const Nf4MmaTarget* targets, int count, int64_t in_features, void* stream,
-                bool overlapped) {
+                const Nf4MmaTarget* targets, int count, bool silu_mul, int64_t in_features,
+                void* stream, bool overlapped) {
   if (!nf4_mma_cuda_supports(rows, in_features, kind)) {
     return "nf4_mma_cuda: unsupported problem (needs bf16 or fp16 x, 1..32 rows and "
            "in_features a multiple of 256 below 2^32 / 12)";
@@ -718,11 +756,15 @@ const char* Run(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
     }
   }
   if (n == 0) return nullptr;
+  if (silu_mul && (count != 2 || targets[0].out_features != targets[1].out_features)) {
+    return "nf4_mma_silu_mul_cuda: gate and up must have as many rows";
+  }
   const auto s = static_cast<cudaStream_t>(stream);
   if (kind == FloatKind::kBF16) {
-    return LaunchTiles<__nv_bfloat16>(blocks, x, rows, kept, n, in_features, s, overlapped);
+    return LaunchTiles<__nv_bfloat16>(blocks, x, rows, kept, n, silu_mul, in_features, s,
+                                      overlapped);
   }
-  return LaunchTiles<__half>(blocks, x, rows, kept, n, in_features, s, overlapped);
+  return LaunchTiles<__half>(blocks, x, rows, kept, n, silu_mul, in_features, s, overlapped);
 }
 
 Nf4MmaTarget Single(const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_features, void* y) {
@@ -747,13 +789,25 @@ const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint
                          const Nf4Absmax& absmax, int64_t out_features, int64_t in_features,
                          void* y, void* stream, bool overlapped) {
   const Nf4MmaTarget target = Single(packed, absmax, out_features, y);
-  return Run(0, x, kind, rows, &target, 1, in_features, stream, overlapped);
+  return Run(0, x, kind, rows, &target, 1, false, in_features, stream, overlapped);
 }
 
 const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
                                const Nf4MmaTarget* targets, int count, int64_t in_features,
                                void* stream, bool overlapped) {
-  return Run(0, x, kind, rows, targets, count, in_features, stream, overlapped);
+  return Run(0, x, kind, rows, targets, count, false, in_features, stream, overlapped);
+}
+
+const char* nf4_mma_silu_mul_cuda(const void* x, FloatKind kind, int64_t rows,
+                                  const Nf4MmaTarget& gate, const Nf4MmaTarget& up,
+                                  int64_t in_features, void* out, void* stream, bool overlapped,
+                                  int64_t blocks) {
+  if (blocks < 0) return "nf4_mma_silu_mul_cuda: blocks must be 0 (the planner's) or more";
+  if (kind != FloatKind::kBF16) return "nf4_mma_silu_mul_cuda: bf16 x only";
+  Nf4MmaTarget targets[2] = {gate, up};
+  targets[0].y = out;
+  targets[1].y = nullptr;
+  return Run(blocks, x, kind, rows, targets, 2, true, in_features, stream, overlapped);
 }
 
 const char* nf4_mma_cuda_blocks(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
@@ -761,7 +815,7 @@ const char* nf4_mma_cuda_blocks(int64_t blocks, const void* x, FloatKind kind, i
                                 int64_t out_features, int64_t in_features, void* y, void* stream) {
   if (blocks <= 0) return "nf4_mma_cuda_blocks: blocks must be at least 1";
   const Nf4MmaTarget target = Single(packed, absmax, out_features, y);
-  return Run(blocks, x, kind, rows, &target, 1, in_features, stream, false);
+  return Run(blocks, x, kind, rows, &target, 1, false, in_features, stream, false);
 }
 
 }  // namespace lorad::kernels

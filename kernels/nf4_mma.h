@@ -34,6 +34,14 @@ void nf4_code_rounded_to(FloatKind kind, float code[16]);
 void nf4_mma_cpu(const float* x, int64_t rows, const uint8_t* packed, const float* absmax,
                  int64_t out_features, int64_t in_features, FloatKind kind, float* y);
 
+// An MLP's activation from its gate and up weights (as many rows, sharing x), for bf16 x:
+// out = silu_mul(round_bf16(gate), round_bf16(up)) (kernels/layer_ops.h), gate and up each as
+// nf4_mma_cpu gives them. out: [rows, out_features] fp32 holding bf16 values.
+void nf4_mma_silu_mul_cpu(const float* x, int64_t rows, const uint8_t* gate_packed,
+                          const float* gate_absmax, const uint8_t* up_packed,
+                          const float* up_absmax, int64_t out_features, int64_t in_features,
+                          float* out);
+
 #if defined(LORAD_WITH_CUDA)
 // Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
 // in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row) and below 2^32 / 12
@@ -64,6 +72,16 @@ struct Nf4MmaTarget {
 const char* nf4_mma_group_cuda(const void* x, FloatKind kind, int64_t rows,
                                const Nf4MmaTarget* targets, int count, int64_t in_features,
                                void* stream, bool overlapped);
+
+// nf4_mma_silu_mul_cpu on the device, bf16 only: gate and up in one launch whose blocks each sum
+// both halves of a pair of 16- or 32-row tiles and write out = silu(gate) * up, so the MLP's gate
+// and up outputs never reach memory and no activation kernel follows. gate.y and up.y are
+// ignored; out [rows, out_features] bf16. `blocks`: 0 for the planner's grid, else that many
+// blocks (the GPU tests).
+const char* nf4_mma_silu_mul_cuda(const void* x, FloatKind kind, int64_t rows,
+                                  const Nf4MmaTarget& gate, const Nf4MmaTarget& up,
+                                  int64_t in_features, void* out, void* stream, bool overlapped,
+                                  int64_t blocks = 0);
 
 // nf4_mma_cuda on `blocks` blocks (at most one per row tile and per resident block; more tiles
 // per block than its shared memory allows run in rounds) instead of the planner's grid, so that

@@ -44,6 +44,9 @@ class LoraApplier {
                                                  const std::vector<Projection>& projections,
                                                  const torch::Tensor& x,
                                                  const std::vector<torch::Tensor>& ys) const;
+  // Whether Apply may change this projection's output (false: it returns y as it is), so the
+  // model may fuse what follows the base product (the MLP's gate and up with their activation).
+  virtual bool Targets(int64_t layer, Projection projection) const = 0;
 };
 
 // One adapter for every row of the batch. The adapter's tensors are used as they are when their
@@ -61,6 +64,9 @@ class SingleLoraApplier : public LoraApplier {
   std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
                                          const torch::Tensor& x,
                                          const std::vector<torch::Tensor>& ys) const override;
+  bool Targets(int64_t layer, Projection projection) const override {
+    return pairs_.at(layer)[static_cast<int>(projection)] != nullptr;
+  }
 
  private:
   // y + scaling * h B^T, in place on y where one GEMM can do it.

@@ -72,6 +72,9 @@ class MultiLoraApplier : public LoraApplier {
   std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
                                          const torch::Tensor& x,
                                          const std::vector<torch::Tensor>& ys) const override;
+  bool Targets(int64_t layer, Projection projection) const override {
+    return stack_->entry(layer, projection).a.defined();
+  }
 
  private:
   // The BGMV kernels, in place on `ys`, for decode rows on CUDA; false (nothing done) when the

@@ -106,6 +106,12 @@ std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const Bas
   return ys;
 }
 
+torch::Tensor BaseLinear::SiluMulShared(const BaseLinear& gate, const BaseLinear& up,
+                                        const torch::Tensor& x) {
+  if (!gate.nf4_ || !up.nf4_ || gate.bias_.defined() || up.bias_.defined()) return {};
+  return Nf4Tensor::SiluMulProduct(*gate.nf4_, *up.nf4_, x);
+}
+
 torch::Tensor BaseLinear::DenseWeight(torch::ScalarType dtype) const {
   return nf4_ ? nf4_->Dequantize(dtype) : weight_.to(dtype);
 }

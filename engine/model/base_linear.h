@@ -39,6 +39,11 @@ class BaseLinear {
   static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
                                                   const torch::Tensor& x);
 
+  // The MLP's activation silu(gate(x)) * up(x) in one launch (Nf4Tensor::SiluMulProduct) when
+  // both are NF4 without bias and that launch applies; undefined otherwise.
+  static torch::Tensor SiluMulShared(const BaseLinear& gate, const BaseLinear& up,
+                                     const torch::Tensor& x);
+
   bool quantized() const { return nf4_.has_value(); }
   int64_t in_features() const;
   int64_t out_features() const;

@@ -339,6 +339,15 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
 
 torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                               const LoraApplier* lora, bool value_needed) const {
+  // Decode rows whose adapters (if any) leave gate and up alone: one launch for both products
+  // and the activation.
+  if (UseFusedLayerOps(x) && (lora == nullptr || (!lora->Targets(index, Projection::kGate) &&
+                                                  !lora->Targets(index, Projection::kUp)))) {
+    const torch::Tensor act =
+        BaseLinear::SiluMulShared(layer.projections[static_cast<int>(Projection::kGate)],
+                                  layer.projections[static_cast<int>(Projection::kUp)], x);
+    if (act.defined()) return Project(layer, index, Projection::kDown, act, lora, value_needed);
+  }
   const std::vector<torch::Tensor> gate_up =
       ProjectShared(layer, index, {Projection::kGate, Projection::kUp}, x, lora);
   const torch::Tensor& gate = gate_up[0];

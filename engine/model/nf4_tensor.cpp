@@ -397,6 +397,16 @@ bool ForDecodeKernels(const Nf4Tensor& w, const torch::Tensor& x) {
          x.numel() / w.in_features() <= gemv_max_rows.load(std::memory_order_relaxed);
 }
 
+// One weight of a tensor-core launch, its output at y.
+kernels::Nf4MmaTarget TargetOf(const Nf4Tensor& w, void* y) {
+  kernels::Nf4MmaTarget target;
+  target.packed = w.packed.data_ptr<uint8_t>();
+  target.absmax = AbsmaxOf(w);
+  target.out_features = w.out_features();
+  target.y = y;
+  return target;
+}
+
 // y = x @ W^T for each of `weights` (sharing x and in_features) in one tensor-core launch; empty
 // when that launch does not apply.
 std::vector<torch::Tensor> MmaProducts(const std::vector<const Nf4Tensor*>& weights,
@@ -415,10 +425,7 @@ std::vector<torch::Tensor> MmaProducts(const std::vector<const Nf4Tensor*>& weig
   kernels::Nf4MmaTarget targets[kernels::kNf4MmaMaxTargets];
   for (size_t i = 0; i < weights.size(); ++i) {
     ys.push_back(OutputFor(x, weights[i]->out_features()));
-    targets[i].packed = weights[i]->packed.data_ptr<uint8_t>();
-    targets[i].absmax = AbsmaxOf(*weights[i]);
-    targets[i].out_features = weights[i]->out_features();
-    targets[i].y = ys.back().data_ptr();
+    targets[i] = TargetOf(*weights[i], ys.back().data_ptr());
   }
   // Overlapped (programmatic dependent launch): the kernel fetches its weights while the kernel
   // before it finishes, and reads x only after; nothing on the stream writes weights.
@@ -483,6 +490,29 @@ std::vector<torch::Tensor> Nf4Tensor::LinearGroup(const std::vector<const Nf4Ten
   std::vector<torch::Tensor> ys;
   for (const Nf4Tensor* w : weights) ys.push_back(w->Linear(x));
   return ys;
+}
+
+torch::Tensor Nf4Tensor::SiluMulProduct(const Nf4Tensor& gate, const Nf4Tensor& up,
+                                        const torch::Tensor& x) {
+  CheckInput(gate, x);
+  CheckInput(up, x);
+#if defined(LORAD_WITH_CUDA)
+  const int64_t rows = x.numel() / gate.in_features();
+  if (x.scalar_type() == torch::kBFloat16 && gate.shape == up.shape && ForDecodeKernels(gate, x) &&
+      kernels::nf4_mma_cuda_supports(rows, gate.in_features(), kernels::FloatKind::kBF16)) {
+    const c10::cuda::CUDAGuard guard(gate.device());
+    const torch::Tensor x2 = KernelInput(x);
+    torch::Tensor out = OutputFor(x, gate.out_features());
+    // Overlapped, as MmaProducts.
+    CheckLaunch(kernels::nf4_mma_silu_mul_cuda(x2.data_ptr(), kernels::FloatKind::kBF16, rows,
+                                               TargetOf(gate, nullptr), TargetOf(up, nullptr),
+                                               gate.in_features(), out.data_ptr(),
+                                               CurrentStream(gate.device()), /*overlapped=*/true),
+                "nf4_mma_silu_mul_cuda");
+    return out;
+  }
+#endif
+  return torch::Tensor();
 }
 
 Nf4Tensor Nf4Tensor::To(const torch::Device& target) const {

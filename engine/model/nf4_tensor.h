@@ -69,6 +69,13 @@ struct Nf4Tensor {
   // each. Same results as Linear up to the order of fp32 sums.
   static std::vector<torch::Tensor> LinearGroup(const std::vector<const Nf4Tensor*>& weights,
                                                 const torch::Tensor& x);
+  // The MLP's activation silu(x @ gate^T) * (x @ up^T) in one tensor-core launch
+  // (kernels/nf4_mma_silu_mul_cuda: gate and up never reach memory, no activation kernel), where
+  // LinearGroup would take that kernel for both and x is bf16; undefined otherwise (the caller
+  // runs LinearGroup and its activation). The same values as those two steps up to the order of
+  // the fp32 sums.
+  static torch::Tensor SiluMulProduct(const Nf4Tensor& gate, const Nf4Tensor& up,
+                                      const torch::Tensor& x);
   // The most rows of x Linear gives those kernels (default kernels::kNf4MmaMaxRows, one
   // tensor-core launch); benchmarks set it to compare with dequantize + cuBLAS. Process-wide.
   static void SetGemvMaxRows(int64_t rows);

@@ -388,6 +388,91 @@ TEST(Nf4MmaGpu, RejectsProblemsItDoesNotHandle) {
             nullptr);
 }
 
+// The MLP's gate and up in one launch ending in silu(gate) * up, against nf4_mma_silu_mul_cpu,
+// with the planner's grid, programmatic launch, and grids of 1, 3 and 7 blocks (ranges of several
+// gate/up pairs, warps' shares crossing from one tile into the next). Tolerance: gate and up each
+// within CheckAgainstReference's bound plus one bf16 unit (their rounding), carried through
+// silu(g) * u (|silu'| <= 1.1), plus one unit for the silu's rounding and one for the output's.
+void CheckSiluMul(int64_t out, int64_t in, const std::vector<int64_t>& row_counts,
+                  const std::vector<int64_t>& grids, uint32_t seed) {
+  const Nf4Weight gate = MakeWeight(out, in, seed), up = MakeWeight(out, in, seed + 1);
+  GpuBuffer<float> code(std::vector<float>(kDynamicMapSigned, kDynamicMapSigned + 256));
+  GpuBuffer<uint8_t> gate_packed(gate.packed), gate_q(gate.qabsmax), up_packed(up.packed),
+      up_q(up.qabsmax);
+  GpuBuffer<float> gate_a2(gate.absmax2), up_a2(up.absmax2);
+  Nf4MmaTarget gate_t, up_t;
+  gate_t.packed = gate_packed.get();
+  gate_t.absmax = {gate_q.get(), gate_a2.get(), code.get(), gate.offset};
+  gate_t.out_features = out;
+  up_t.packed = up_packed.get();
+  up_t.absmax = {up_q.get(), up_a2.get(), code.get(), up.offset};
+  up_t.out_features = out;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const double walk = 8.0 * std::sqrt(double(in)) * std::ldexp(1.0, -24);
+  const double ulp = std::ldexp(1.0, -7);
+  for (const int64_t rows : row_counts) {
+    std::vector<float> x(rows * in);
+    for (auto& v : x) v = normal(rng);
+    GpuBuffer<char> x_d(Encode(x, FloatKind::kBF16));
+    std::vector<float> ref(rows * out), g(rows * out), u(rows * out);
+    nf4_mma_silu_mul_cpu(x.data(), rows, gate.packed.data(), gate.absmax.data(), up.packed.data(),
+                         up.absmax.data(), out, in, ref.data());
+    nf4_mma_cpu(x.data(), rows, gate.packed.data(), gate.absmax.data(), out, in, FloatKind::kBF16,
+                g.data());
+    nf4_mma_cpu(x.data(), rows, up.packed.data(), up.absmax.data(), out, in, FloatKind::kBF16,
+                u.data());
+    const std::vector<float> gate_mag = Magnitudes(gate, x, rows), up_mag = Magnitudes(up, x, rows);
+    for (const int64_t blocks : grids) {
+      for (const bool overlapped : {false, true}) {
+        GpuBuffer<char> y_d(rows * out * 2);  // poisoned: NaN
+        LORAD_ASSERT_LAUNCH(nf4_mma_silu_mul_cuda(x_d.get(), FloatKind::kBF16, rows, gate_t, up_t,
+                                                  in, y_d.get(), nullptr, overlapped, blocks));
+        const std::vector<char> y = y_d.Read();
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * out; ++i) {
+          const double dg = walk * gate_mag[i] + ulp * std::fabs(g[i]);
+          const double du = walk * up_mag[i] + ulp * std::fabs(u[i]);
+          const double silu = std::fabs(g[i] / (1.0 + std::exp(-double(g[i]))));
+          const double tol = 1.1 * (std::fabs(u[i]) + du) * dg + (1 + ulp) * silu * du +
+                             ulp * silu * std::fabs(u[i]) + ulp * std::fabs(ref[i]) + 1e-30;
+          const float got = Decode(y, FloatKind::kBF16, i);
+          if (!(std::fabs(got - ref[i]) <= tol) && ++bad <= 5) {
+            ADD_FAILURE() << "blocks " << blocks << " overlapped " << overlapped << ": out " << out
+                          << " in " << in << " rows " << rows << " index " << i << ": gpu " << got
+                          << " cpu " << ref[i] << " tol " << tol;
+          }
+        }
+        EXPECT_EQ(bad, 0) << "blocks " << blocks << ": out " << out << " in " << in << " rows "
+                          << rows;
+      }
+    }
+  }
+}
+
+// Llama-3-8B's gate/up (14336 x 4096) and shapes whose last tile pair is partial or whose pairs
+// are fewer than the blocks.
+TEST(Nf4MmaGpu, SiluMulOfGateAndUpMatchesTheCpuReference) {
+  CheckSiluMul(14336, 4096, {1, 32}, {0, 7}, 11);
+  for (const auto& [out, in] :
+       {std::pair<int64_t, int64_t>{1, 256}, {33, 768}, {130, 2048}, {1000, 256}}) {
+    CheckSiluMul(out, in, {1, 8, 13, 32}, {0, 1, 3, 7}, static_cast<uint32_t>(out + in));
+  }
+}
+
+TEST(Nf4MmaGpu, SiluMulRefusesWhatItDoesNotHandle) {
+  Nf4MmaTarget gate, up;
+  gate.out_features = 64;
+  up.out_features = 48;
+  EXPECT_NE(
+      nf4_mma_silu_mul_cuda(nullptr, FloatKind::kBF16, 1, gate, up, 256, nullptr, nullptr, false),
+      nullptr);  // gate and up differ in rows
+  up.out_features = 64;
+  EXPECT_NE(
+      nf4_mma_silu_mul_cuda(nullptr, FloatKind::kF16, 1, gate, up, 256, nullptr, nullptr, false),
+      nullptr);  // bf16 only
+}
+
 // The reference itself: the bf16 code book is the levels rounded as the host rounds bf16, and a
 // product with it differs from nf4_gemv_cpu's by no more than that rounding.
 TEST(Nf4MmaGpu, RoundedCodeBookIsTheLevelsInTheActivationType) {
