@@ -11,50 +11,20 @@
 //     tile, 32 with four tiles, so the same decode serves a whole decode batch;
 //   - each warp streams its part of 16 rows (32 from 9 rows of x on: WarpTile) in stages of 2 KB
 //     through a ring of shared-memory slots filled by cp.async (WarpTile::kStages: 2 for 16
-//     rows, two stages in flight while the warp waits, one while it decodes; 3 for 32 rows; no
-//     registers held for them); the grid is persistent (one 16-warp block per SM) so the table is
-//     built once per block, and each block's warps split the stages of its range of tiles evenly (a
-//     warp's share may cross from one tile into the next);
+//     rows, one stage in flight while one is decoded; 3 for 32 rows; no registers held for
+//     them); the grid is persistent (one 16-warp block per SM) so the table is built once per
+//     block, and each block's warps split the stages of its range of tiles evenly (a warp's
+//     share may cross from one tile into the next);
 //   - up to three weights sharing x (q, k, v; gate, up) run as one launch (TargetTable), each warp
-//     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle.
+//     tile within one weight: k's and v's 1024 rows alone would leave half the GPU idle;
+//   - gate and up may end in the MLP's activation (TargetTable::silu_mul): their tiles
+//     interleaved, each block sums both of a pair and writes silu(gate) * up, so neither output
+//     reaches memory and no activation kernel follows (32 launches fewer a decode step).
 //
-// Measured (bench/results/2026-12-02-h200-nf4_mma.txt, H200): batch 1 at 26-48% of the copy
-// bandwidth on the large shapes (35-58% with programmatic launch). Under ncu (down_proj, batch 1)
-// it is latency-bound, not bandwidth- or issue-bound: 4 warps per scheduler (the 64 KB table and
-// the 126 KB ring leave room for one 16-warp block per SM; 128 registers), one instruction issued
-// every ~9 cycles per warp, DRAM 30% busy. At batch 32 (gate_proj, one 16-row tile per warp) the
-// L1 was the busiest unit (67%; DRAM 10%), most of it the x fragment loads, which every 16-row tile
-// repeated: two tiles per warp took a decoder layer from 188 to 172 us
-// (2026-12-02-h200-nf4_mma-two-tiles.txt), still 0.7-1.0x cuBLAS on bf16 weights. There
-// (2026-12-02-h200-nf4_mma-batch32-profile.txt) a warp issues ~820 instructions per stage at
-// 0.3-0.4 per cycle per scheduler, waiting mostly on the table lookups (short scoreboard) and the
-// x loads; and the split that fills the GPU leaves each warp two or four stages, so start-up
-// weighs. Adding the LoRA update in this kernel's epilogue (instead of its own expand launch) was
-// measured slower and reverted (2026-12-02-h200-generation-8b-lora-epilogue-reverted.txt).
-// The split into equal parts of a tile left gate/up (896 tiles of 32 rows at batch 32) on 112
-// SMs with 16 stages per warp; ranges of tiles per SM (see the kernel) give 14 and took the layer
-// at batch 32 from 171.7 to 165.0 us (gate/up 43.1 -> 38.7; 2026-12-02-h200-nf4_mma-ranges.txt).
-// Two things that cost: 64-bit divisions in the per-range sums (paid on every launch), and
-// shared memory above 195 KB, after which the SM keeps 28 KB of L1 for the x loads instead of
-// 60 (every other shape 4-20% slower: 2026-12-02-h200-generation-8b-nf4-ranges-l1.txt), hence
-// the boundary buffers only where needed. The 32-bit copy state also took the batch-32 loop from
-// 610 to 593 instructions (16 spill reloads to 8). k/v alone at batch 1 (64 tiles, a stage per
-// warp) went from 5.9 to 6.9 us; in the engine k and v run with q.
-// Asking L2 for a warp's whole share up front (cp.async.bulk.prefetch.L2, a row per lane, before
-// the wait for the predecessor) made batch 1 slower (down_proj 17.6 -> 19.5 us, the layer with
-// PDL 66.3 -> 73.2 us): more bytes in flight is not what batch 1 lacks. The x row pointers
-// computed once per kernel (rows past x_rows clamped for every tile count) removed the 64-bit
-// address arithmetic, parameter loads and zeroing that the batch-32 loop (590 instructions a
-// stage in SASS) did per block, but no time (2026-12-02-h200-nf4_mma-x-rows-prefetch.txt): the
-// loop waits on shared memory and the tensor cores more than it issues.
-// The batch-1 loop cut from 319 to 263 SASS instructions a stage (copies addressed by per-row
-// offsets, not row multiplies; x addressed once a stage; absmax2 levels by PRMT; each block's
-// scale decoded once per four lanes and shared through the rows' padding) took the layer at
-// batch 1 from 84.1 to 80.4 us (PDL 66.8 -> 64.0; 2026-12-03-h200-nf4_mma-lean-loop.txt).
-// ncu (down_proj, batch 1): 4 warps per scheduler issue 38-43% of cycles; shared memory, LSU and
-// DRAM all below half their peaks; the loop waits on latency (short scoreboard, MIO throttle).
-// Next: fewer instructions per weight, the next step's lookups issued before this step's
-// tensor-core ops, a smaller table (fewer copies) to fit a second block, x staged once per block.
+// What was measured, tried and reverted (ring depth and order, L2 prefetch, LoRA in the
+// epilogue, range splits, the shared-memory limit past which the SM's L1 shrinks) is in
+// bench/results/nf4_mma-history.md. In short: batch 1 is latency-bound (4 warps per scheduler,
+// short-scoreboard and MIO waits, DRAM about half busy), and more bytes in flight did not help.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .bf16/.f16): lane = 4 * g + t. A (16 x 16, weights):
 // a0a1 = (row g, k 2t..2t+1), a2a3 = (row g+8, same k), a4a5 = (row g, k 2t+8..2t+9),
@@ -105,8 +75,7 @@ struct WarpTile {
   static constexpr int kSlotWeights = kRows * kRowStride;
   // Then each row's 8-bit absmax codes (one aligned 4-byte word: 4 blocks) and absmax2 value.
   static constexpr int kSlotBytes = kSlotWeights + kRows * 4 + kRows * 4;
-  // Ring slots per warp: kStages stages in flight while the warp waits, kStages - 1 while it
-  // decodes one. One tile (batch 1)
+  // Ring slots per warp: kStages - 1 stages in flight while one is decoded. One tile (batch 1)
   // takes 2, which ran 2-5% faster than 3 (the layer 80.2 -> 78.2 us, PDL 64.0 -> 62.4;
   // 2026-12-03-h200-nf4_mma-more-warps.txt), probably as the smaller ring (shared memory about
   // 160 KB instead of 198) leaves L1 more room for the x loads.
@@ -476,12 +445,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     tc.qabsmax = target.absmax.qabsmax + scale_row * blocks_per_row;
     tc.first_block = static_cast<uint32_t>(scale_row * blocks_per_row);
   };
-  // The segment's first kStages stages in flight, one per ring slot (empty groups keep the count
-  // uniform).
+  // The first kStages - 1 stages of the segment in flight (empty groups keep the count uniform).
   const auto prologue = [&] {
     const float* absmax2 = targets.t[ti].absmax.absmax2;
 #pragma unroll
-    for (int s = 0; s < W::kStages; ++s) {
+    for (int s = 0; s < W::kStages - 1; ++s) {
       const uint32_t kb = kb_begin + s * W::kStageBlocks;
       if (kb < kb_end) CopyStage<MT>(tc, lane, kb, absmax2, my_ring_address + s * W::kSlotBytes);
       CommitCopies();
@@ -490,10 +458,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   bool first = true;
 #pragma unroll 1
   for (int64_t range = blockIdx.x; range < ranges; range += gridDim.x) {
-    const int per_group = TilesPerGroup(targets);
-    const int64_t groups = row_tiles / per_group;
-    const int64_t t0 = range * groups / ranges * per_group;
-    const int64_t t1 = (range + 1) * groups / ranges * per_group;
+    // Ranges of whole groups (gate/up pairs); shifts, not divisions, by the group size.
+    const int per_group = TilesPerGroup(targets), group_shift = per_group - 1;
+    const int64_t groups = row_tiles >> group_shift;
+    const int64_t t0 = (range * groups / ranges) << group_shift;
+    const int64_t t1 = ((range + 1) * groups / ranges) << group_shift;
     const int tiles_here = static_cast<int>(t1 - t0);
     const int units = tiles_here * stages;
     const int u_begin = warp * units / kWarps, u_end = (warp + 1) * units / kWarps;
@@ -538,21 +507,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       int slot = 0;
 #pragma unroll 1
       for (uint32_t kb = kb_begin; kb < kb_end; kb += W::kStageBlocks) {
-        WaitCopies<W::kStages - 1>();  // this stage's copies (this lane's) have landed
+        WaitCopies<W::kStages - 2>();  // this stage's copies (this lane's) have landed
         __syncwarp();                  // ... and every lane's
+        // Refill the slot decoded in the previous iteration with the stage kStages - 1 ahead.
+        // (Refilling the slot just decoded after its decode instead, with kStages stages in
+        // flight while the warp waits, made the batch-1 layer 5% slower and batch-1 decode 4%:
+        // 2026-12-03-h200-generation-8b-ab-refill-after-decode-reverted.txt.)
+        const uint32_t ahead = kb + (W::kStages - 1) * W::kStageBlocks;
+        const int refill = slot == 0 ? W::kStages - 1 : slot - 1;
+        if (ahead < kb_end) {
+          CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + refill * W::kSlotBytes);
+        }
+        CommitCopies();
         ComputeStage<T, NT, MT>(my_ring + slot * W::kSlotBytes, table, code2, offset, lane_offset,
                                 xrow, kb, g, t, acc);
         __syncwarp();  // every lane is done with the slot before it is refilled
-        // The slot just decoded takes the stage kStages ahead. Refilled after the decode, not
-        // before it into the slot decoded last: kStages stages are in flight while the warp
-        // waits (kStages - 1 while it decodes) instead of kStages - 1 (and kStages - 2), with
-        // the same ring. At batch 1 a warp has 2-16 stages of a launch, so most of its time is
-        // waiting, and one more stage in flight halves the round trips of a 2-stage share.
-        const uint32_t ahead = kb + W::kStages * W::kStageBlocks;
-        if (ahead < kb_end) {
-          CopyStage<MT>(tc, lane, ahead, absmax2, my_ring_address + slot * W::kSlotBytes);
-        }
-        CommitCopies();
         slot = slot == W::kStages - 1 ? 0 : slot + 1;
       }
       WaitCopies<0>();  // nothing in flight into the ring before it holds partial sums
@@ -596,10 +565,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // One thread per (tile or gate/up pair, row, column) (compile-time divisors: this runs after
     // every range).
     const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
-    for (int idx = threadIdx.x; idx < tiles_here / per_group * W::kRows * kCols; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < (tiles_here >> group_shift) * W::kRows * kCols;
+         idx += kThreads) {
       const int col = idx % kCols;
       if (col >= cols) continue;
-      const int r = idx / kCols % W::kRows, local = idx / (kCols * W::kRows) * per_group;
+      const int r = idx / kCols % W::kRows, local = idx / (kCols * W::kRows) << group_shift;
       const int64_t tile = t0 + local;
       const int their_ti = TargetOf(targets, tile);
       const Nf4MmaTarget& theirs = targets.t[their_ti];
