@@ -69,3 +69,15 @@ build_and_report() {
   log "build exit $BUILD_RC (log: $(basename "$1"))"
   [ $BUILD_RC -eq 0 ] || tail -40 "$1"
 }
+
+# A/B runs (bench/prepare_ab.sh wrote $AB): puts one side's files in place, copying $AB/<side>/
+# over the tree (bench/ excepted: both builds measure with the working tree's benchmarks) and
+# removing the files that side does not have.
+AB=.device-ab
+swap_to() {  # swap_to old|new
+  local side=$1 gone
+  [ "$side" = old ] && gone=$AB/added.txt || gone=$AB/deleted.txt
+  (cd "$AB/$side" && find . -type f | sed 's|^\./||') | grep -v '^bench/' |
+    while read -r f; do mkdir -p "$(dirname "$f")" && cp "$AB/$side/$f" "$f"; done
+  grep -v '^bench/' "$gone" | while read -r f; do rm -f "$f"; done
+}

@@ -21,22 +21,11 @@ DATE=${BENCH_DATE:-$(date +%F)}
 SHAPE=${BENCH_SHAPE:-8b}
 ROUNDS=${AB_ROUNDS:-2}
 ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=2048 --arrival=31:2048 --kv_cache_mib=8192}
-AB=.device-ab
-[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
 mkdir -p "$OUT"
 source bench/device_build.sh
+[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
 MODEL=$WORK/model-$SHAPE
 RESULT=$OUT/$DATE-h200-generation-$SHAPE-ab.txt
-
-# Puts one side's files in place: copies $AB/<side>/ over the tree (bench/ excepted) and removes
-# the files that side does not have.
-swap_to() {  # swap_to old|new
-  local side=$1 gone
-  [ "$side" = old ] && gone=$AB/added.txt || gone=$AB/deleted.txt
-  (cd "$AB/$side" && find . -type f | sed 's|^\./||') | grep -v '^bench/' |
-    while read -r f; do mkdir -p "$(dirname "$f")" && cp "$AB/$side/$f" "$f"; done
-  grep -v '^bench/' "$gone" | while read -r f; do rm -f "$f"; done
-}
 
 log "model ($SHAPE)"
 ("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \

@@ -165,6 +165,35 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   }
 };
 
+// The residual add and the norm of the sum: one kernel forward (not the add, then the norm),
+// and backward d(sum) + the norm's backward for both inputs (the add's gradient is the identity).
+class AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const torch::Tensor& x, const torch::Tensor& delta,
+                                                const torch::Tensor& weight, double eps) {
+    auto [sum, normed] = AddRmsNormKernel(x, delta, weight, eps);
+    ctx->save_for_backward({sum, weight});
+    ctx->saved_data["eps"] = eps;
+    return {sum, normed};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& d_sum = grads[0];
+    const torch::Tensor& d_normed = grads[1];
+    torch::Tensor d;
+    if (d_normed.defined()) {
+      d = RmsNormBackwardKernel(saved[0], saved[1], d_normed, ctx->saved_data["eps"].toDouble());
+      if (d_sum.defined()) d.add_(d_sum.to(d.scalar_type()));
+    } else {
+      d = d_sum;
+    }
+    return {d, d, torch::Tensor(), torch::Tensor()};
+  }
+};
+
 class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -222,9 +251,9 @@ std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
                                                         const torch::Tensor& weight, double eps) {
   TORCH_CHECK(!weight.requires_grad(), "FusedAddRmsNorm: the norm weight must be frozen");
   TORCH_CHECK(x.sizes() == delta.sizes(), "FusedAddRmsNorm: x and delta differ in shape");
-  if (Records({&x, &delta})) {  // no backward of its own: the add, then the norm's Function
-    torch::Tensor sum = x + delta;
-    return {sum, FusedRmsNorm(sum, weight, eps)};
+  if (Records({&x, &delta})) {
+    const torch::autograd::variable_list out = AddRmsNormFunction::apply(x, delta, weight, eps);
+    return {out[0], out[1]};
   }
   return AddRmsNormKernel(x, delta, weight, eps);
 }

@@ -27,7 +27,7 @@ void SetFusedLayerOps(FusedLayerOps mode);
 // x [..., width], weight [width] of x's dtype.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 // The residual add and the RMSNorm after it: (x + delta, FusedRmsNorm(x + delta, weight, eps)),
-// as one kernel when autograd does not record (else the add, then FusedRmsNorm).
+// as one kernel (under autograd too: its backward is the norm's kernel plus d(sum)).
 std::pair<torch::Tensor, torch::Tensor> FusedAddRmsNorm(const torch::Tensor& x,
                                                         const torch::Tensor& delta,
                                                         const torch::Tensor& weight, double eps);

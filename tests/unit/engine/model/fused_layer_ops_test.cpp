@@ -130,6 +130,21 @@ void ExpectOpGradientsEqualAutograd(torch::ScalarType dtype, double tolerance) {
         return RotaryEmbedding::Apply(in[0].transpose(1, 2), cos, sin).transpose(1, 2);
       },
       tolerance);
+  // The residual add and the norm: both outputs (the sum goes on as the residual stream) carry
+  // gradient, which reaches both inputs.
+  ExpectSameGradients(
+      {torch::randn({3, 5, 64}, options), torch::randn({3, 5, 64}, options)},
+      [&](const std::vector<torch::Tensor>& in) {
+        const auto [sum, normed] = FusedAddRmsNorm(in[0], in[1], weight, 1e-5);
+        return torch::cat({sum, normed}, -1);
+      },
+      [&](const std::vector<torch::Tensor>& in) {
+        const torch::Tensor sum = in[0] + in[1];
+        const torch::Tensor xf = sum.to(torch::kFloat);
+        const torch::Tensor inv = torch::rsqrt(xf.pow(2).mean(-1, true) + 1e-5);
+        return torch::cat({sum, weight * (xf * inv).to(dtype)}, -1);
+      },
+      tolerance);
   ExpectSameGradients(
       {torch::randn({4, 96}, options) * 3, torch::randn({4, 96}, options)},
       [&](const std::vector<torch::Tensor>& in) { return FusedSiluMul(in[0], in[1]); },

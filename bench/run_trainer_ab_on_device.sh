@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Same-call A/B of QLoRA training speed on the GPU machine: the trainer as at a git revision
+# ("old") against the working tree ("new"), both built here, then trainer_bench run old, new, old,
+# new, ... on one random-init model. Changes of a few percent are within the spread between
+# machines of one kind, so this is how they are judged (as bench/run_generation_ab_on_device.sh
+# for decode).
+#
+#   bash bench/prepare_ab.sh REV        (here: writes .device-ab/, the files that differ)
+#   run(command="bash bench/run_trainer_ab_on_device.sh",
+#       carry=[".device-debs-engine", ".device-ab"])
+#
+# env: AB_ROUNDS (default 2), BENCH_SHAPE (default 8b), BENCH_DATE. Batch 2 x 2048 tokens, r=16
+# on all seven projections, 8-bit AdamW, gradient checkpointing: issue 4's benchmark setting.
+# Writes $OUT/<date>-h200-trainer-<shape>-ab.txt and the two build logs. Never asserts a timing.
+set -uo pipefail
+OUT=${OUT:-/tmp/lorad-trainer-ab-out}
+DATE=${BENCH_DATE:-$(date +%F)}
+SHAPE=${BENCH_SHAPE:-8b}
+ROUNDS=${AB_ROUNDS:-2}
+mkdir -p "$OUT"
+source bench/device_build.sh
+[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
+MODEL=$WORK/model-$SHAPE
+RESULT=$OUT/$DATE-h200-trainer-$SHAPE-ab.txt
+
+log "model ($SHAPE) and dataset"
+("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
+  --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1 &&
+  "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
+    > "$OUT/dataset.log" 2>&1) &
+PREP_PID=$!
+build_and_report "$OUT/build-new.log" trainer_bench
+NEW_RC=$BUILD_RC
+cp "$BUILD/trainer_bench" /tmp/trainer_bench-new 2> /dev/null
+swap_to old
+build_and_report "$OUT/build-old.log" trainer_bench
+OLD_RC=$BUILD_RC
+cp "$BUILD/trainer_bench" /tmp/trainer_bench-old 2> /dev/null
+swap_to new
+wait $PREP_PID
+log "model: $(tail -1 "$OUT/model.log")"
+
+{
+  echo "# Training A/B, same call: old = $(head -1 $AB/rev.txt), new = the working tree"
+  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log"))"
+  echo "# builds: new exit $NEW_RC, old exit $OLD_RC; rounds: $ROUNDS, each old then new"
+  sed 's/^/# /' "$AB/rev.txt"
+  echo
+} > "$RESULT"
+if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    for side in old new; do
+      echo "== $side, round $round" >> "$RESULT"
+      timeout 150 /tmp/trainer_bench-$side --model="$MODEL" --data="$WORK/train.jsonl" \
+        --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 --warmup=3 --steps=8 \
+        --gradient_checkpointing=1 --output_dir="$WORK/out-$side" 2>&1 |
+        grep -E "RESULT|tokens/s|rror" | sed "s/^RESULT /RESULT variant=$side /" \
+        >> "$RESULT" || echo "!! exit ${PIPESTATUS[0]}" >> "$RESULT"
+      log "$side round $round done"
+    done
+  done
+  "$PY" - "$RESULT" >> "$RESULT" << 'PYEOF'
+import re, sys
+steps = {"old": [], "new": []}
+for line in open(sys.argv[1]):
+    if line.startswith("RESULT variant=") and "bench=train" in line:
+        kv = dict(re.findall(r"(\w+)=(\S+)", line))
+        steps[kv["variant"]].append(float(kv["step_ms"]))
+if steps["old"] and steps["new"]:
+    old = sum(steps["old"]) / len(steps["old"])
+    new = sum(steps["new"]) / len(steps["new"])
+    print(f"\nmedian step ms: old {steps['old']}, new {steps['new']}; tokens/s new / old {old / new:.3f}")
+PYEOF
+fi
+log done
+cat "$RESULT"
