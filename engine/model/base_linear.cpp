@@ -1,5 +1,8 @@
 #include "engine/model/base_linear.h"
 
+#include <string>
+#include <vector>
+
 #include "engine/model/checkpointed_call.h"
 
 namespace lorad::engine {
@@ -32,6 +35,60 @@ class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
               ->Dequantize(dy.scalar_type());
     }
     return {torch::matmul(dy, w.to(dy.scalar_type())), torch::Tensor()};
+  }
+};
+
+// The NF4 products of several weights on one x (q, k, v; gate, up) under autograd: forward as
+// Nf4LinearFunction for each, backward dx = sum_i dy_i W_i accumulated by the GEMMs themselves
+// (one product, then one accumulating product per further weight) instead of one product per
+// weight and an add kernel for each further one.
+class Nf4GroupLinearFunction : public torch::autograd::Function<Nf4GroupLinearFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const torch::Tensor& x,
+                                                const std::vector<const Nf4Tensor*>& weights) {
+    std::vector<int64_t> pointers;
+    const bool keep = InCheckpointRecompute();
+    torch::autograd::variable_list ys;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      pointers.push_back(reinterpret_cast<int64_t>(weights[i]));
+      if (!keep) {
+        ys.push_back(weights[i]->Linear(x));
+        continue;
+      }
+      const torch::Tensor w = weights[i]->Dequantize(x.scalar_type());
+      ctx->saved_data["dequantized" + std::to_string(i)] = w;
+      ys.push_back(torch::matmul(x, w.t()));
+    }
+    ctx->saved_data["weights"] = pointers;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    return ys;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::vector<int64_t> pointers = ctx->saved_data["weights"].toIntVector();
+    torch::Tensor dx;  // [rows, in]
+    for (size_t i = 0; i < pointers.size(); ++i) {
+      if (!grads[i].defined()) continue;
+      const torch::Tensor& dy = grads[i];
+      torch::Tensor w;
+      const std::string key = "dequantized" + std::to_string(i);
+      if (auto it = ctx->saved_data.find(key); it != ctx->saved_data.end()) {
+        w = it->second.toTensor().to(dy.scalar_type());
+        ctx->saved_data.erase(it);  // free it now, not with the graph
+      } else {
+        w = reinterpret_cast<const Nf4Tensor*>(pointers[i])->Dequantize(dy.scalar_type());
+      }
+      const torch::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
+      if (!dx.defined()) {
+        dx = dy2.mm(w);
+      } else {
+        dx.addmm_(dy2, w);
+      }
+    }
+    if (dx.defined()) dx = dx.view(ctx->saved_data["x_sizes"].toIntVector());
+    return {dx, torch::Tensor()};
   }
 };
 
@@ -95,11 +152,13 @@ std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const Bas
     if (l->nf4_) weights.push_back(&*l->nf4_);
   }
   std::vector<torch::Tensor> ys;
-  if (weights.size() != linears.size() || (torch::GradMode::is_enabled() && x.requires_grad())) {
+  if (weights.size() != linears.size()) {
     for (const BaseLinear* l : linears) ys.push_back(l->Forward(x));
     return ys;
   }
-  ys = Nf4Tensor::LinearGroup(weights, x);
+  ys = torch::GradMode::is_enabled() && x.requires_grad()
+           ? Nf4GroupLinearFunction::apply(x, weights)
+           : Nf4Tensor::LinearGroup(weights, x);
   for (size_t i = 0; i < ys.size(); ++i) {
     if (linears[i]->bias_.defined()) ys[i] = ys[i] + linears[i]->bias_;
   }

@@ -34,8 +34,10 @@ class BaseLinear {
   // shapes a 4096 x 14336 product per layer and step). Without a gradient to record it is
   // Forward(x). The result's backward uses this BaseLinear, which must outlive it.
   torch::Tensor ForwardGraphOnly(const torch::Tensor& x) const;
-  // Forward of several projections on one x (q, k, v; gate, up): all NF4 and no gradient to
-  // record, through Nf4Tensor::LinearGroup (one kernel launch on CUDA); else one Forward each.
+  // Forward of several projections on one x (q, k, v; gate, up). All NF4: through
+  // Nf4Tensor::LinearGroup (one kernel launch on CUDA) when no gradient is recorded, else as
+  // Forward for each but with one backward node whose products accumulate dx themselves (no add
+  // kernel per further weight). Otherwise one Forward each.
   static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
                                                   const torch::Tensor& x);
 
