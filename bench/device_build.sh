@@ -81,3 +81,40 @@ swap_to() {  # swap_to old|new
     while read -r f; do mkdir -p "$(dirname "$f")" && cp "$AB/$side/$f" "$f"; done
   grep -v '^bench/' "$gone" | while read -r f; do rm -f "$f"; done
 }
+
+#   build_both_sides TARGET
+# builds TARGET for the working tree ("new") and for $AB's old side into /tmp/TARGET-new and
+# /tmp/TARGET-old (logs $OUT/build-new.log, build-old.log), leaving the tree as new; sets NEW_RC
+# and OLD_RC.
+build_both_sides() {
+  local target=$1
+  build_and_report "$OUT/build-new.log" "$target"
+  NEW_RC=$BUILD_RC
+  cp "$BUILD/$target" "/tmp/$target-new" 2> /dev/null
+  swap_to old
+  build_and_report "$OUT/build-old.log" "$target"
+  OLD_RC=$BUILD_RC
+  cp "$BUILD/$target" "/tmp/$target-old" 2> /dev/null
+  swap_to new
+}
+
+# The header of an A/B results file: what was compared, on what, with which builds.
+ab_header() {  # ab_header TITLE
+  echo "# $1 A/B, same call: old = $(head -1 "$AB/rev.txt"), new = the working tree"
+  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log"))"
+  echo "# builds: new exit $NEW_RC, old exit $OLD_RC; rounds: $ROUNDS, each old then new"
+  sed 's/^/# /' "$AB/rev.txt"
+}
+
+# The random-init model of shape $SHAPE at $MODEL (log $OUT/model.log).
+make_model() {
+  "$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
+    --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1
+}
+
+# The start of an A/B run: $AB must be there (bench/prepare_ab.sh); sets MODEL.
+ab_start() {
+  [ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
+  MODEL=$WORK/model-$SHAPE
+}

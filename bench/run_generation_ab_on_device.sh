@@ -23,32 +23,19 @@ ROUNDS=${AB_ROUNDS:-2}
 ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=2048 --arrival=31:2048 --kv_cache_mib=8192}
 mkdir -p "$OUT"
 source bench/device_build.sh
-[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
-MODEL=$WORK/model-$SHAPE
+ab_start
 RESULT=$OUT/$DATE-h200-generation-$SHAPE-ab.txt
 
 log "model ($SHAPE)"
-("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
-  --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1) &
+make_model &
 MODEL_PID=$!
-build_and_report "$OUT/build-new.log" generation_bench
-NEW_RC=$BUILD_RC
-cp "$BUILD/generation_bench" /tmp/generation_bench-new 2> /dev/null
-swap_to old
-build_and_report "$OUT/build-old.log" generation_bench
-OLD_RC=$BUILD_RC
-cp "$BUILD/generation_bench" /tmp/generation_bench-old 2> /dev/null
-swap_to new
+build_both_sides generation_bench
 wait $MODEL_PID
 log "model: $(tail -1 "$OUT/model.log")"
 
 {
-  echo "# Generation A/B, same call: old = $(head -1 $AB/rev.txt), new = the working tree"
-  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log"))"
-  echo "# builds: new exit $NEW_RC, old exit $OLD_RC; rounds: $ROUNDS, each old then new"
+  ab_header Generation
   echo "# generation_bench $ARGS"
-  sed 's/^/# /' "$AB/rev.txt"
   echo
 } > "$RESULT"
 if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then

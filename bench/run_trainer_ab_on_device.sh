@@ -19,33 +19,19 @@ SHAPE=${BENCH_SHAPE:-8b}
 ROUNDS=${AB_ROUNDS:-2}
 mkdir -p "$OUT"
 source bench/device_build.sh
-[ -f "$AB/rev.txt" ] || { echo "no $AB/: run bench/prepare_ab.sh REV first and carry $AB"; exit 1; }
-MODEL=$WORK/model-$SHAPE
+ab_start
 RESULT=$OUT/$DATE-h200-trainer-$SHAPE-ab.txt
 
 log "model ($SHAPE) and dataset"
-("$PY" bench/make_bench_model.py --out "$MODEL" --shape "$SHAPE" --vocab 128256 \
-  --tokenizer-from .device-debs-engine/tiny-tokenizer > "$OUT/model.log" 2>&1 &&
-  "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
+(make_model && "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \
     > "$OUT/dataset.log" 2>&1) &
 PREP_PID=$!
-build_and_report "$OUT/build-new.log" trainer_bench
-NEW_RC=$BUILD_RC
-cp "$BUILD/trainer_bench" /tmp/trainer_bench-new 2> /dev/null
-swap_to old
-build_and_report "$OUT/build-old.log" trainer_bench
-OLD_RC=$BUILD_RC
-cp "$BUILD/trainer_bench" /tmp/trainer_bench-old 2> /dev/null
-swap_to new
+build_both_sides trainer_bench
 wait $PREP_PID
 log "model: $(tail -1 "$OUT/model.log")"
 
 {
-  echo "# Training A/B, same call: old = $(head -1 $AB/rev.txt), new = the working tree"
-  echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-  echo "# model: random-init Llama, $SHAPE shape ($(tail -1 "$OUT/model.log"))"
-  echo "# builds: new exit $NEW_RC, old exit $OLD_RC; rounds: $ROUNDS, each old then new"
-  sed 's/^/# /' "$AB/rev.txt"
+  ab_header Training
   echo
 } > "$RESULT"
 if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
