@@ -110,6 +110,7 @@ struct InferenceEngine::Impl {
   std::atomic<int64_t> graph_replays{0};
   std::atomic<int64_t> graphs_captured{0};
   std::atomic<int64_t> lora_stacks_built{0};
+  std::atomic<int32_t> lora_stack_adapters{0};
   std::string graph_error;  // under mu
   // profile_phases: nanoseconds per phase, summed; `phase_start` is when the current phase began.
   std::atomic<int64_t> plan_ns{0}, forward_ns{0}, sample_ns{0}, emit_ns{0};
@@ -327,6 +328,7 @@ InferenceStats InferenceEngine::Stats() const {
   s.graph_replays = m.graph_replays;
   s.graphs_captured = m.graphs_captured;
   s.lora_stacks_built = m.lora_stacks_built;
+  s.lora_stack_adapters = m.lora_stack_adapters;
   {
     std::lock_guard<std::mutex> lock(m.mu);
     s.graph_error = m.graph_error;
@@ -521,6 +523,10 @@ absl::Status InferenceEngine::Step() {
   return status;
 }
 
+void InferenceEngine::ReleaseIdleAdapters() {
+  if (impl_->running.empty()) impl_->KeepStackWhileCurrent();
+}
+
 void InferenceEngine::Impl::KeepStackWhileCurrent() {
   if (stack == nullptr) return;
   // Idle: the next request on the same adapters (a user's next chat turn) finds the stack and
@@ -539,6 +545,7 @@ void InferenceEngine::Impl::KeepStackWhileCurrent() {
       if (decoder != nullptr) decoder->DropAdapterGraphs();  // they hold the stack too
       stack.reset();
       stack_key.clear();
+      lora_stack_adapters = 0;
       return;
     }
   }
@@ -574,6 +581,7 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor
   ++lora_stacks_built;
   stack = *built;
   stack_key = keys;
+  lora_stack_adapters = static_cast<int32_t>(keys.size());
   return stack;
 }
 

@@ -71,6 +71,7 @@ struct InferenceStats {
   // Copies of the step's adapter set into one stack (multi_lora_applier.h): one per new set; an
   // idle engine keeps the last one while its versions stay current.
   int64_t lora_stacks_built = 0;
+  int32_t lora_stack_adapters = 0;  // adapters in the stack held now (kept while idle)
   // With InferenceEngineOptions::profile_phases: seconds spent, summed over steps, in planning
   // and admission, the forward (until its logits are ready), sampling, and emitting tokens.
   double plan_s = 0, forward_s = 0, sample_s = 0, emit_s = 0;
@@ -103,6 +104,12 @@ class InferenceEngine {
   // the requests of that batch then finished with FinishReason::kError and the engine keeps
   // serving the others.
   absl::Status Step();
+
+  // GPU loop thread, while no request runs: drops the adapter stack kept from the last batch (and
+  // its decode graphs) when one of its versions is no longer current or resident. The loop calls
+  // it when the adapter store reports a retired version (AdapterStore::SetRetireListener), so an
+  // adapter unloaded while the engine is idle leaves the device at once.
+  void ReleaseIdleAdapters();
 
   // True while any request is queued or running.
   bool HasWork() const;

@@ -39,6 +39,7 @@ struct AdapterStore::State {
   std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
   std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
   uint64_t tick = 0;
+  std::function<void()> on_retire;  // SetRetireListener's
 
   bool same_as_host() const { return device.is_cpu() && dtype == torch::kFloat; }
 
@@ -141,7 +142,8 @@ absl::StatusOr<const LoraAdapter*> AdapterLease::Activate() {
           auto copy = std::make_shared<LoraAdapter>();
           copy->config = e.host->config;
           for (const auto& [path, pair] : e.host->layers) {
-            copy->layers[path] = LoraPair{pair.a.to(s.device, s.dtype), pair.b.to(s.device, s.dtype)};
+            copy->layers[path] =
+                LoraPair{pair.a.to(s.device, s.dtype), pair.b.to(s.device, s.dtype)};
           }
           e.device = std::move(copy);
         } catch (const c10::Error& err) {
@@ -197,9 +199,9 @@ absl::StatusOr<std::unique_ptr<AdapterStore>> AdapterStore::Create(
   try {
     state->device = torch::Device(options.device);
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(absl::StrCat("adapter store device '", options.device,
-                                                   "' is not a device: ",
-                                                   e.what_without_backtrace()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter store device '", options.device,
+                     "' is not a device: ", e.what_without_backtrace()));
   }
   return std::unique_ptr<AdapterStore>(new AdapterStore(std::move(state)));
 }
@@ -230,10 +232,11 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   entry->name = name;
   entry->source = source;
   entry->current = true;
-  std::lock_guard<std::mutex> lock(s.mu);
+  std::unique_lock<std::mutex> lock(s.mu);
   entry->version = ++s.last_version[name];
   auto it = s.current.find(name);
-  if (it != s.current.end()) {
+  const bool replaced = it != s.current.end();
+  if (replaced) {
     std::shared_ptr<AdapterLease::Entry> old = it->second;
     old->current = false;
     it->second = entry;
@@ -242,11 +245,18 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
     s.current.emplace(name, entry);
   }
   s.entries.push_back(entry);
-  return entry->version;
+  const int64_t version = entry->version;
+  lock.unlock();
+  if (replaced && s.on_retire) s.on_retire();
+  return version;
 }
 
-absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name,
-                                               const std::string& folder,
+void AdapterStore::SetRetireListener(std::function<void()> listener) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->on_retire = std::move(listener);
+}
+
+absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const std::string& folder,
                                                const std::string& source) {
   auto adapter = LoraAdapter::ReadPeft(folder);
   if (!adapter.ok()) return adapter.status();
@@ -281,12 +291,19 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
         version ? absl::StrCat("adapter '", name, "' has no loaded version ", *version)
                 : absl::StrCat("adapter '", name, "' is not loaded"));
   }
+  bool retired = false;
   for (const auto& e : targets) {
     if (e->current) {
       e->current = false;
       s.current.erase(name);
+      retired = true;
     }
     s.MaybeFree(e);
+  }
+  if (retired && s.on_retire) {
+    lock.unlock();
+    s.on_retire();
+    lock.lock();
   }
   const bool freed = s.released.wait_for(lock, timeout, [&] {
     return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });

@@ -21,6 +21,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -35,8 +36,8 @@ namespace lorad::engine {
 struct LoraAdapter;
 
 struct AdapterStoreOptions {
-  int32_t max_resident = 8;    // adapters on the device at once
-  std::string device = "cpu";  // where resident copies live: "cpu", "cuda", "cuda:1"
+  int32_t max_resident = 8;       // adapters on the device at once
+  std::string device = "cpu";     // where resident copies live: "cpu", "cuda", "cuda:1"
   std::string dtype = "float32";  // their dtype: float32, bfloat16, float16 (the compute dtype)
 };
 
@@ -46,11 +47,11 @@ struct AdapterInfo {
   int32_t rank = 0;
   double alpha = 0;
   std::vector<std::string> target_modules;
-  int64_t bytes = 0;       // of the host copy
-  std::string source;      // a folder, or "job:<id>"
-  bool current = false;    // new requests get this version
-  bool resident = false;   // on the device now
-  int32_t requests = 0;    // requests holding it
+  int64_t bytes = 0;      // of the host copy
+  std::string source;     // a folder, or "job:<id>"
+  bool current = false;   // new requests get this version
+  bool resident = false;  // on the device now
+  int32_t requests = 0;   // requests holding it
 };
 
 class AdapterStore;
@@ -94,7 +95,7 @@ class AdapterStore {
  public:
   // `base` checks every adapter's shapes before it is published.
   static absl::StatusOr<std::unique_ptr<AdapterStore>> Create(const ModelConfig& base,
-                                                               const AdapterStoreOptions& options);
+                                                              const AdapterStoreOptions& options);
   ~AdapterStore();
 
   // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version.
@@ -115,6 +116,11 @@ class AdapterStore {
   // freed when its last request ends). NotFound for an unknown name or version.
   absl::Status Unload(const std::string& name, std::optional<int64_t> version = std::nullopt,
                       std::chrono::milliseconds timeout = std::chrono::hours(24));
+
+  // Called (on the calling thread, without the store's lock) whenever a version stops being
+  // current: a newer one was published, or it was unloaded. The engine uses it to wake its loop,
+  // which then releases its own copies of that version while idle. Set once, before use.
+  void SetRetireListener(std::function<void()> listener);
 
   // Current versions and retired ones still held by requests, by name then version.
   std::vector<AdapterInfo> List() const;

@@ -196,6 +196,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
     auto store = AdapterStore::Create(impl->model->config(), store_options);
     if (!store.ok()) return store.status();
     impl->adapters = std::move(*store);
+    // A retired adapter version wakes the loop, which releases the inference engine's copies of
+    // it if the engine is idle (else its next step does).
+    Impl* owner = impl.get();
+    impl->adapters->SetRetireListener([owner] {
+      {
+        std::lock_guard<std::mutex> lock(owner->mu);
+        owner->pending_work = true;
+      }
+      owner->wake.notify_all();
+    });
 
     auto inference = InferenceEngine::Create(impl->model.get(), impl->tokenizer.get(),
                                              impl->adapters.get(), options.inference);
@@ -222,6 +232,7 @@ void Engine::Stop() {
 void Engine::Impl::Loop() {
   // Seconds of training the inference steps have earned (see the class comment).
   double train_credit = 0;
+  bool poked = false;  // woken by pending_work (a job, a retired adapter version, ...)
   const double ratio = options.train_share / (1.0 - options.train_share);
   while (true) {
     {
@@ -230,11 +241,13 @@ void Engine::Impl::Loop() {
         return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
                inference->HasWork();
       });
+      poked = pending_work;
       pending_work = false;
       if (stop) break;
     }
     TakePendingJobs();
     const bool serving = inference->HasWork();
+    if (poked && !serving) inference->ReleaseIdleAdapters();
     if (serving) {
       const Clock::time_point t0 = Clock::now();
       // A failed step finished its own requests with kError; the engine keeps serving.

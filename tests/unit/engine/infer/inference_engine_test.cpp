@@ -382,6 +382,17 @@ TEST(InferenceEngineTest, AnIdleEngineKeepsItsAdapterStackWhileTheVersionIsCurre
   EXPECT_EQ(engine->Stats().lora_stacks_built, 2);
   EXPECT_EQ(on_v2.tokens, f.Alone(turn).tokens);
   EXPECT_NE(on_v2.tokens, first.tokens);
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 1);
+  // Unloaded while the engine is idle: the loop's call (on the store's retire signal) drops the
+  // engine's copy too; the next request on another adapter builds a new stack.
+  ASSERT_TRUE(f.store().Unload("chat").ok());
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 1);
+  engine->ReleaseIdleAdapters();
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 0);
+  f.Publish("other", 4, 43);
+  const Result other = f.Run(*engine, {Greedy(RandomPrompt(9, 410), "other", 8)})[0];
+  EXPECT_EQ(other.tokens.size(), 8u);
+  EXPECT_EQ(engine->Stats().lora_stacks_built, 3);
 }
 
 TEST(InferenceEngineTest, UnloadWaitsForRunningRequestsAndThenFreesTheAdapter) {

@@ -70,6 +70,25 @@ TEST(AdapterStoreTest, PublishIsAtomicAndLeasesKeepTheirVersion) {
   EXPECT_EQ(list[0].source, "job:2");
 }
 
+// The retire listener hears every version that stops being current: replaced by a newer one,
+// or unloaded; a first publish retires nothing. It may call back into the store.
+TEST(AdapterStoreTest, RetireListenerHearsReplacedAndUnloadedVersions) {
+  auto store = Store();
+  int heard = 0;
+  store->SetRetireListener([&] {
+    ++heard;
+    (void)store->List();  // called without the store's lock
+  });
+  ASSERT_EQ(*store->Publish("chat", Adapter(4, 1.0f), "a"), 1);
+  EXPECT_EQ(heard, 0);
+  ASSERT_EQ(*store->Publish("chat", Adapter(4, 2.0f), "b"), 2);
+  EXPECT_EQ(heard, 1);
+  ASSERT_TRUE(store->Unload("chat").ok());
+  EXPECT_EQ(heard, 2);
+  EXPECT_EQ(store->Unload("chat").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(heard, 2);
+}
+
 TEST(AdapterStoreTest, UnknownNamesAndBadAdaptersAreClearErrors) {
   auto store = Store();
   auto missing = store->Acquire("nope");
@@ -87,7 +106,8 @@ TEST(AdapterStoreTest, UnknownNamesAndBadAdaptersAreClearErrors) {
 
 TEST(AdapterStoreTest, ResidencyEvictsTheLeastRecentlyUsedIdleAdapter) {
   auto store = Store(/*max_resident=*/2);
-  for (const char* name : {"a", "b", "c"}) ASSERT_TRUE(store->Publish(name, Adapter(2, 1), "").ok());
+  for (const char* name : {"a", "b", "c"})
+    ASSERT_TRUE(store->Publish(name, Adapter(2, 1), "").ok());
   auto a = *store->Acquire("a");
   auto b = *store->Acquire("b");
   auto c = *store->Acquire("c");
