@@ -772,7 +772,6 @@ const char* nf4_mma_silu_mul_cuda(const void* x, FloatKind kind, int64_t rows,
                                   const Nf4MmaTarget& gate, const Nf4MmaTarget& up,
                                   int64_t in_features, void* out, void* stream, bool overlapped,
                                   int64_t blocks) {
-  if (blocks < 0) return "nf4_mma_silu_mul_cuda: blocks must be 0 (the planner's) or more";
   if (kind != FloatKind::kBF16) return "nf4_mma_silu_mul_cuda: bf16 x only";
   Nf4MmaTarget targets[2] = {gate, up};
   targets[0].y = out;

@@ -47,6 +47,11 @@ const char* FinishReasonName(FinishReason reason) {
 
 namespace {
 
+// A version of an adapter as the engine names it in its stack keys.
+std::string AdapterKey(const std::string& name, int64_t version) {
+  return absl::StrCat(name, "@", version);
+}
+
 // One request from Submit to its last event. Owned by the inbox, then by the loop thread.
 struct Sequence {
   RequestId id = 0;
@@ -73,7 +78,7 @@ struct Sequence {
     return {lease.name(), lease.version()};
   }
   std::string adapter_key() const {
-    return lease.valid() ? absl::StrCat(lease.name(), "@", lease.version()) : "";
+    return lease.valid() ? AdapterKey(lease.name(), lease.version()) : "";
   }
 };
 
@@ -537,7 +542,7 @@ void InferenceEngine::Impl::KeepStackWhileCurrent() {
   std::set<std::string> current;
   if (adapters != nullptr) {
     for (const AdapterInfo& info : adapters->List()) {
-      if (info.current && info.resident) current.insert(absl::StrCat(info.name, "@", info.version));
+      if (info.current && info.resident) current.insert(AdapterKey(info.name, info.version));
     }
   }
   for (const std::string& key : stack_key) {

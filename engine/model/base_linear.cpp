@@ -8,40 +8,12 @@
 namespace lorad::engine {
 namespace {
 
-// y = x W^T with W in NF4. Saves the (shared, immutable) quantized weight; backward dequantizes
-// again, dx = dy W, except in a checkpointed layer's recompute, whose backward follows at once:
-// there the forward keeps its dequantized W for it (one dequantization fewer per projection and
-// step, for one layer's weights in 16-bit at a time).
-class Nf4LinearFunction : public torch::autograd::Function<Nf4LinearFunction> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const Nf4Tensor* weight) {
-    ctx->saved_data["weight"] = reinterpret_cast<int64_t>(weight);
-    if (!InCheckpointRecompute()) return weight->Linear(x);
-    const torch::Tensor w = weight->Dequantize(x.scalar_type());
-    ctx->saved_data["dequantized"] = w;
-    return torch::matmul(x, w.t());
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const torch::Tensor& dy = grads[0];
-    torch::Tensor w;
-    if (auto it = ctx->saved_data.find("dequantized"); it != ctx->saved_data.end()) {
-      w = it->second.toTensor();
-      ctx->saved_data.erase(it);  // free it with this node's backward, not with the graph
-    } else {
-      w = reinterpret_cast<const Nf4Tensor*>(ctx->saved_data["weight"].toInt())
-              ->Dequantize(dy.scalar_type());
-    }
-    return {torch::matmul(dy, w.to(dy.scalar_type())), torch::Tensor()};
-  }
-};
-
-// The NF4 products of several weights on one x (q, k, v; gate, up) under autograd: forward as
-// Nf4LinearFunction for each, backward dx = sum_i dy_i W_i accumulated by the GEMMs themselves
-// (one product, then one accumulating product per further weight) instead of one product per
-// weight and an add kernel for each further one.
+// y_i = x W_i^T for one or several NF4 weights on one x (q, k, v; gate, up) under autograd. Saves
+// the (shared, immutable) quantized weights; backward dequantizes again, dx = sum_i dy_i W_i,
+// accumulated by the GEMMs themselves (one product, then one accumulating product per further
+// weight, not an add kernel each), except in a checkpointed layer's recompute, whose backward
+// follows at once: there the forward keeps its dequantized weights for it (one dequantization
+// fewer per projection and step, for one layer's weights in 16-bit at a time).
 class Nf4GroupLinearFunction : public torch::autograd::Function<Nf4GroupLinearFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -133,7 +105,7 @@ torch::Tensor BaseLinear::Forward(const torch::Tensor& x) const {
   // Only record the custom backward when a gradient is wanted; otherwise the plain call lets
   // Nf4Tensor::Linear pick its GEMV kernel.
   torch::Tensor y = torch::GradMode::is_enabled() && x.requires_grad()
-                        ? Nf4LinearFunction::apply(x, &*nf4_)
+                        ? Nf4GroupLinearFunction::apply(x, std::vector<const Nf4Tensor*>{&*nf4_})[0]
                         : nf4_->Linear(x);
   return bias_.defined() ? y + bias_ : y;
 }

@@ -232,9 +232,9 @@ void Engine::Stop() {
 void Engine::Impl::Loop() {
   // Seconds of training the inference steps have earned (see the class comment).
   double train_credit = 0;
-  bool poked = false;  // woken by pending_work (a job, a retired adapter version, ...)
   const double ratio = options.train_share / (1.0 - options.train_share);
   while (true) {
+    bool poked = false;  // woken by pending_work (a job, a retired adapter version, ...)
     {
       std::unique_lock<std::mutex> lock(mu);
       wake.wait(lock, [&] {
