@@ -246,8 +246,10 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   }
   s.entries.push_back(entry);
   const int64_t version = entry->version;
+  // The listener copied under the lock, called without it (it may take the engine's).
+  const std::function<void()> notify = replaced ? s.on_retire : nullptr;
   lock.unlock();
-  if (replaced && s.on_retire) s.on_retire();
+  if (notify) notify();
   return version;
 }
 
@@ -301,8 +303,9 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
     s.MaybeFree(e);
   }
   if (retired && s.on_retire) {
+    const std::function<void()> notify = s.on_retire;
     lock.unlock();
-    s.on_retire();
+    notify();
     lock.lock();
   }
   const bool freed = s.released.wait_for(lock, timeout, [&] {
