@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bench/bench_timer.h"
+#include "bench/nf4_mma_timeline_report.h"
 #include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
 #include "kernels/nf4_gemv.h"
@@ -190,6 +191,9 @@ int main() {
       "dq+bf16 us", "vs bf16", "vs dq+", "r/w=1", "r/w=2", "r/w=4", "max rel diff");
   const size_t kRotateBytes = size_t{256} << 20;  // > 4x the L2 of an H100/H200
   std::vector<MmaRow> mma_rows;
+#if defined(LORAD_NF4_MMA_TIMELINE)
+  std::vector<std::string> timelines;
+#endif
   // NF4_BENCH_LAYER=<name>: only that layer (e.g. under a profiler).
   const char* only = std::getenv("NF4_BENCH_LAYER");
   for (const Row& r : rows) {
@@ -405,6 +409,10 @@ int main() {
       m.rel_diff = diff / ref;
       m.graphed = g;
       mma_rows.push_back(m);
+#if defined(LORAD_NF4_MMA_TIMELINE)
+      timelines.push_back(MmaTimelineRow(
+          r.name, [&](int c) { nf4_mma(c, 1, 0, true); }, stream));
+#endif
     }
 
     for (int c = 0; c < nf4_copies; ++c) {
@@ -427,6 +435,9 @@ int main() {
       "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
       "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
   PrintMmaTable(mma_rows, copy_gbs);
+#if defined(LORAD_NF4_MMA_TIMELINE)
+  PrintMmaTimeline(timelines);
+#endif
   cublasDestroy(blas);
   return 0;
 }

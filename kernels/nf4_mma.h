@@ -90,6 +90,29 @@ const char* nf4_mma_silu_mul_cuda(const void* x, FloatKind kind, int64_t rows,
 const char* nf4_mma_cuda_blocks(int64_t blocks, const void* x, FloatKind kind, int64_t rows,
                                 const uint8_t* packed, const Nf4Absmax& absmax,
                                 int64_t out_features, int64_t in_features, void* y, void* stream);
+
+#if defined(LORAD_NF4_MMA_TIMELINE)
+// Diagnostics (kernels/nf4_mma_timeline.cuh): what the kernel records per block of a launch.
+inline constexpr int kNf4TimelineLaunches = 8, kNf4TimelineBlocks = 1024, kNf4TimelinePoints = 32;
+enum Nf4MmaTimelinePoint {
+  kTimelineStartNs,     // %globaltimer at the block's start
+  kTimelineEndNs,       // ... and at its end
+  kTimelineSm,          // %smid
+  kTimelineStart,       // clock64 (thread 0 unless said) at the start,
+  kTimelineRanged,      // the block's range and the warp's share of it known,
+  kTimelinePointed,     // the first segment's addresses known,
+  kTimelineIssued,      // the first copies issued,
+  kTimelineTableBuilt,  // pair table and code2 built,
+  kTimelineWaited,      // the predecessor waited for,
+  kTimelineSynced,      // the block's barrier after that,
+  kTimelineFirstStage,  // the first stage landed,
+  kTimelineReduce,      // every warp done with its stages (the barrier after them),
+  kTimelineEnd,         // y stored;
+  kTimelineWarpDone,    // + w: warp w done with its stages (its lane 0)
+};
+// Copies g_nf4_timeline ([launch slot][block][point]) to `host` and clears it; nonzero on error.
+int nf4_mma_timeline_copy(unsigned long long* host);
+#endif  // LORAD_NF4_MMA_TIMELINE
 #endif
 
 }  // namespace lorad::kernels
