@@ -24,7 +24,9 @@
 // What was measured, tried and reverted (ring depth and order, L2 prefetch, LoRA in the
 // epilogue, range splits, the shared-memory limit past which the SM's L1 shrinks) is in
 // bench/results/nf4_mma-history.md. In short: batch 1 is latency-bound (4 warps per scheduler,
-// short-scoreboard and MIO waits, DRAM about half busy), and more bytes in flight did not help.
+// short-scoreboard and MIO waits, DRAM about half busy), and more bytes in flight did not help;
+// each batch-1 launch also pays about 3-4 us before and after its stream (its setup, the table,
+// the sums; 2026-12-03-h200-nf4_mma-launch-timeline.txt, from the -DLORAD_NF4_MMA_TIMELINE build).
 // The warp tile, its copies and its decode (the tensor-core fragment layout) are in
 // nf4_mma_stage.cuh.
 #include <cuda_bf16.h>
