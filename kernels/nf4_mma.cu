@@ -303,30 +303,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) LORAD_NF4_TIMELINE(kTimelineWarpDone + warp, clock64());
     __syncthreads();
     if (threadIdx.x == 0) LORAD_NF4_TIMELINE(kTimelineReduce, clock64());
-    // Tile `local`'s sum at (r, col): the warps' contributions added in warp order. The tile's
-    // units are [local S, (local + 1) S); warp w's share is [w U / 16, (w + 1) U / 16), and
-    // warps with an empty share wrote nothing.
+    // Warp w's partial sums for tile `local`, or nullptr where it has none. The tile's units are
+    // [local S, (local + 1) S); warp w's share is [w U / 16, (w + 1) U / 16) (an empty one wrote
+    // nothing); a share running past the tile's end left them in the tile's boundary buffer.
+    const auto partials_of = [&](int local, int w) -> const float* {
+      const int first_unit = local * stages, end_unit = first_unit + stages;
+      const int w_begin = w * units / kWarps, w_end = (w + 1) * units / kWarps;
+      if (w_begin >= end_unit || w_end <= first_unit || w_begin == w_end) return nullptr;
+      return w_end > end_unit
+                 ? boundary + local * (W::kRows * kCols)
+                 : reinterpret_cast<const float*>(ring + w * W::kStages * W::kSlotBytes);
+    };
+    // Tile `local`'s sum at (r, col): the warps' contributions added in warp order.
     const auto tile_sum = [&](int local, int r, int col) {
       const int first_unit = local * stages, end_unit = first_unit + stages;
       float v = 0.f;
-      for (int w = first_unit * kWarps / units; w < kWarps; ++w) {
-        const int w_begin = w * units / kWarps, w_end = (w + 1) * units / kWarps;
-        if (w_begin >= end_unit) break;
-        if (w_end <= first_unit || w_begin == w_end) continue;
-        const float* part =
-            w_end > end_unit
-                ? boundary + local * (W::kRows * kCols)
-                : reinterpret_cast<const float*>(ring + w * W::kStages * W::kSlotBytes);
-        v += part[r * kCols + col];
+      for (int w = first_unit * kWarps / units; w < kWarps && w * units / kWarps < end_unit; ++w) {
+        if (const float* part = partials_of(local, w)) v += part[r * kCols + col];
       }
       return v;
     };
     const int cols = static_cast<int>(x_rows < kCols ? x_rows : kCols);
     const int sums = (tiles_here >> group_shift) * W::kRows * cols;  // y values (or pairs) to write
-    bool summed = false;
-    if constexpr (NT == 1) {
-      if (sums <= 4 * kWarps) summed = true;
-    }
+    const bool summed = NT == 1 && sums <= 4 * kWarps;
     if (summed) {
       // Few sums (batch 1 apart from gate/up: 16-64 a block): a half-warp per (tile, row, column),
       // its lane h reading warp h's contribution and a shuffle tree adding them, so a sum is four
@@ -334,25 +333,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       // about 1.0-1.4 us to 0.6-1.0. With more sums (gate/up, batch 8) the warps' many rounds cost
       // more than the loop (gate/up at batch 8: 18.4 -> 28.5 us).
       const int h = lane & 15;
-      const int h_begin = h * units / kWarps, h_end = (h + 1) * units / kWarps;
       const auto tile_sum_by_halves = [&](int local, int r, int col) {
-        const int first_unit = local * stages, end_unit = first_unit + stages;
-        float v = 0.f;
-        if (h_begin < end_unit && h_end > first_unit && h_begin != h_end) {
-          const float* part =
-              h_end > end_unit
-                  ? boundary + local * (W::kRows * kCols)
-                  : reinterpret_cast<const float*>(ring + h * W::kStages * W::kSlotBytes);
-          v = part[r * kCols + col];
-        }
+        const float* part = partials_of(local, h);
+        float v = part != nullptr ? part[r * kCols + col] : 0.f;
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         return v;
       };
-      const int items = sums;
       // Both halves of a warp run every iteration (the shuffles need all 32 lanes).
-      for (int pair = 2 * warp; pair < items; pair += 2 * kWarps) {
-        const int item = min(pair + (lane >> 4), items - 1);
+      for (int pair = 2 * warp; pair < sums; pair += 2 * kWarps) {
+        const int item = min(pair + (lane >> 4), sums - 1);
         const int col = item % cols, r = item / cols % W::kRows;
         const int local = item / (cols * W::kRows) << group_shift;
         const int64_t tile = t0 + local;
@@ -362,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t row = FirstRowOf(targets, tile, their_ti, W::kRows) + r;
         T* y = static_cast<T*>(Pick(targets, their_ti, [](const Nf4MmaTarget& w) { return w.y; })) +
                col * out_features + row;
-        const bool store = h == 0 && pair + (lane >> 4) < items && row < out_features;
+        const bool store = h == 0 && pair + (lane >> 4) < sums && row < out_features;
         if (targets.silu_mul) {
           const float gate = tile_sum_by_halves(local, r, col);
           const float up = tile_sum_by_halves(local + 1, r, col);

@@ -43,6 +43,17 @@ struct AdapterStore::State {
 
   bool same_as_host() const { return device.is_cpu() && dtype == torch::kFloat; }
 
+  // Tells the retire listener, if any, that a version stopped being current: called with `lock`
+  // (on mu) held, it copies the listener, releases the lock for the call (the listener may take
+  // the engine's lock or call back into the store) and takes it again.
+  void NotifyRetired(std::unique_lock<std::mutex>& lock) {
+    if (!on_retire) return;
+    const std::function<void()> notify = on_retire;
+    lock.unlock();
+    notify();
+    lock.lock();
+  }
+
   // Frees `e` when it is retired and unused. Caller holds mu.
   void MaybeFree(const std::shared_ptr<AdapterLease::Entry>& e) {
     if (e->current || e->users > 0 || !e->alive) return;
@@ -246,10 +257,7 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   }
   s.entries.push_back(entry);
   const int64_t version = entry->version;
-  // The listener copied under the lock, called without it (it may take the engine's).
-  const std::function<void()> notify = replaced ? s.on_retire : nullptr;
-  lock.unlock();
-  if (notify) notify();
+  if (replaced) s.NotifyRetired(lock);
   return version;
 }
 
@@ -302,12 +310,7 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
     }
     s.MaybeFree(e);
   }
-  if (retired && s.on_retire) {
-    const std::function<void()> notify = s.on_retire;
-    lock.unlock();
-    notify();
-    lock.lock();
-  }
+  if (retired) s.NotifyRetired(lock);
   const bool freed = s.released.wait_for(lock, timeout, [&] {
     return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });
   });
