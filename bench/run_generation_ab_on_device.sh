@@ -12,7 +12,10 @@
 # and 4 mixed adapters, repetition penalty 1.3, the time to first token of a 2,048-token prompt
 # alone and beside 31 decoding requests), BENCH_DATE, BENCH_SHAPE (default 8b).
 # The first round of each side also runs generation_bench's checks (graph replay vs eager, the GPU
-# sampler vs its CPU reference). bench/ keeps the working tree's files for both builds (the same
+# sampler vs its CPU reference).
+# AB_FLAGS="OLD_FLAGS|NEW_FLAGS": instead of two builds, one build of the working tree run with
+# OLD_FLAGS as "old" and NEW_FLAGS as "new" (e.g. "--norm_tails=0|--norm_tails=1": a switch of the
+# working tree measured on and off; no .device-ab needed). bench/ keeps the working tree's files for both builds (the same
 # measuring code, and a script is never rewritten while it runs); the rest of the tree is swapped.
 # Writes $OUT/<date>-h200-generation-<shape>-ab.txt and the two build logs. Never asserts a timing.
 set -uo pipefail
@@ -21,15 +24,30 @@ DATE=${BENCH_DATE:-$(date +%F)}
 SHAPE=${BENCH_SHAPE:-8b}
 ROUNDS=${AB_ROUNDS:-2}
 ARGS=${AB_ARGS:---batches=1,32 --adapters=4 --adapter_cases=0,4 --repetition_penalty=1.3 --ttft_prompt_tokens=2048 --arrival=31:2048 --kv_cache_mib=8192}
+FLAGS_OLD=${AB_FLAGS:-}; FLAGS_OLD=${FLAGS_OLD%%|*}
+FLAGS_NEW=${AB_FLAGS:-}; FLAGS_NEW=${FLAGS_NEW#*|}
 mkdir -p "$OUT"
 source bench/device_build.sh
-ab_start
+if [ -n "${AB_FLAGS:-}" ]; then
+  MODEL=$WORK/model-$SHAPE
+  mkdir -p "$AB" && echo "flags: old = $FLAGS_OLD, new = $FLAGS_NEW (one build)" > "$AB/rev.txt"
+else
+  ab_start
+fi
 RESULT=$OUT/$DATE-h200-generation-$SHAPE-ab.txt
 
 log "model ($SHAPE)"
 make_model &
 MODEL_PID=$!
-build_both_sides generation_bench
+if [ -n "${AB_FLAGS:-}" ]; then
+  build_and_report "$OUT/build-new.log" generation_bench
+  NEW_RC=$BUILD_RC
+  OLD_RC=$BUILD_RC
+  cp "$BUILD/generation_bench" /tmp/generation_bench-new 2> /dev/null
+  cp "$BUILD/generation_bench" /tmp/generation_bench-old 2> /dev/null
+else
+  build_both_sides generation_bench
+fi
 wait $MODEL_PID
 log "model: $(tail -1 "$OUT/model.log")"
 
@@ -43,9 +61,11 @@ if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
     for side in old new; do
       checks=0
       [ "$round" = 1 ] && checks=1
+      flags=""
+      [ -n "${AB_FLAGS:-}" ] && { [ "$side" = old ] && flags=$FLAGS_OLD || flags=$FLAGS_NEW; }
       echo "== $side, round $round" >> "$RESULT"
       # shellcheck disable=SC2086
-      timeout 200 /tmp/generation_bench-$side --model="$MODEL" $ARGS --verify_graphs=$checks \
+      timeout 200 /tmp/generation_bench-$side --model="$MODEL" $ARGS $flags --verify_graphs=$checks \
         --variant="$side" 2>&1 | grep -E "RESULT|identical|failed|rror" >> "$RESULT" ||
         echo "!! exit ${PIPESTATUS[0]}" >> "$RESULT"
       log "$side round $round done"
