@@ -14,9 +14,10 @@
 # The first round of each side also runs generation_bench's checks (graph replay vs eager, the GPU
 # sampler vs its CPU reference).
 # AB_FLAGS="OLD_FLAGS|NEW_FLAGS": instead of two builds, one build of the working tree run with
-# OLD_FLAGS as "old" and NEW_FLAGS as "new" (e.g. "--norm_tails=0|--norm_tails=1": a switch of the
-# working tree measured on and off; no .device-ab needed). bench/ keeps the working tree's files for both builds (the same
-# measuring code, and a script is never rewritten while it runs); the rest of the tree is swapped.
+# OLD_FLAGS as "old" and NEW_FLAGS as "new" (e.g. "--fused_layer_ops=0|--fused_layer_ops=1": a
+# switch of the working tree measured off and on; no .device-ab needed). bench/ keeps the working
+# tree's files for both builds (the same measuring code, and a script is never rewritten while it
+# runs); the rest of the tree is swapped.
 # Writes $OUT/<date>-h200-generation-<shape>-ab.txt and the two build logs. Never asserts a timing.
 set -uo pipefail
 OUT=${OUT:-/tmp/lorad-generation-ab-out}
