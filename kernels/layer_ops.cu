@@ -13,6 +13,7 @@
 #include "kernels/device_float.cuh"
 #include "kernels/layer_ops.h"
 #include "kernels/programmatic_launch.cuh"
+#include "kernels/rotary_math.cuh"
 #include "kernels/warp_reduce.cuh"
 
 namespace lorad::kernels {
@@ -124,18 +125,6 @@ __global__ void __launch_bounds__(kNormThreads)
       StoreFloats<kPer>(out + first + piece * kPer, y);
     }
   }
-}
-
-// Element d of the rotated head vector at x (head_dim elements; angle: the row's cos, sin).
-template <typename T>
-__device__ __forceinline__ float RotatedAt(const T* __restrict__ x, const T* __restrict__ cos,
-                                           const T* __restrict__ sin, int64_t d, int64_t head_dim,
-                                           T* round_as) {
-  const int64_t half = head_dim / 2;
-  const float rot = d < half ? -ToFloat(x[d + half]) : ToFloat(x[d - half]);
-  const float a = Round(__fmul_rn(ToFloat(x[d]), ToFloat(cos[d])), round_as);
-  const float b = Round(__fmul_rn(rot, ToFloat(sin[d])), round_as);
-  return __fadd_rn(a, b);
 }
 
 template <typename T>

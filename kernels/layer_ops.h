@@ -18,7 +18,8 @@
 //   rot[d]   = d < half ? -x[d + half] : x[d - half]
 //   out[d]   = round_T(float(round_T(x[d] * cos[d])) + float(round_T(rot[d] * sin[d])))
 //
-// rotary_store (a decode step's rotary and paged KV-cache write, as one kernel): for row r <
+// rotary_store (a decode step's rotary and paged KV-cache write, as one kernel; the engine's CUDA
+// decode has the attention launch do it, kernels/paged_attention_rotary_cuda): for row r <
 // rows, with slot s = slots[r] (int64),
 //   q_out[r]  = rotary(q[r])     q, q_out [rows, heads, head_dim], cos and sin as above
 //   k_pool[s] = rotary(k[r])     k [rows, kv_heads, head_dim], k_pool [slots, kv_heads, head_dim]

@@ -38,12 +38,34 @@ void paged_attention_cpu(const void* q, const void* k_pool, const void* v_pool, 
                          const int32_t* block_tables, const int32_t* context_lens,
                          const PagedAttentionShape& shape, float scale, void* out);
 
+// A decode step's rotary embedding and cache write (kernels/layer_ops.h, rotary_store) done by the
+// attention launch itself (paged_attention_rotary_cuda): q is the projection's q before rotation,
+// and each row's new key (rotated) and value go to the pools at slots[row], which must be the slot
+// of the row's last key (position context_lens[row] - 1). No rotated q is written.
+struct PagedAttentionRotary {
+  const void* k = nullptr;         // [rows, kv_heads, head_dim], before rotation
+  const void* v = nullptr;         // [rows, kv_heads, head_dim]
+  const void* cos = nullptr;       // [rows, head_dim]
+  const void* sin = nullptr;       // [rows, head_dim]
+  const int64_t* slots = nullptr;  // [rows]
+};
+
 #if defined(LORAD_WITH_CUDA)
 // Device pointers, enqueued on `stream` (a cudaStream_t). Returns nullptr on success or an error.
 const char* paged_attention_cuda(const void* q, const void* k_pool, const void* v_pool,
                                  FloatKind kind, const int32_t* block_tables,
                                  const int32_t* context_lens, const PagedAttentionShape& shape,
                                  float scale, void* out, void* stream);
+
+// rotary_store_cuda then paged_attention_cuda in one launch, the same bits (and one kernel fewer
+// a decoder layer): the blocks that attend to a row's last key rotate it and write it and its
+// value to the pools first, and every block rotates its queries as it loads them. fp32 or bf16;
+// k, v, cos and sin of q's kind.
+const char* paged_attention_rotary_cuda(const void* q, void* k_pool, void* v_pool, FloatKind kind,
+                                        const int32_t* block_tables, const int32_t* context_lens,
+                                        const PagedAttentionShape& shape, float scale,
+                                        const PagedAttentionRotary& rotary, void* out,
+                                        void* stream);
 #endif
 
 }  // namespace lorad::kernels

@@ -120,6 +120,13 @@ torch::Tensor DecodeBatch::AttendRotating(int64_t layer, const torch::Tensor& q,
   const int64_t heads = q.size(2);
   const torch::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const torch::Tensor c = cos.to(dtype).contiguous(), s = sin.to(dtype).contiguous();
+  if (qc.is_cuda()) {  // one launch: the attention rotates and writes the new keys itself
+    kernels::PagedAttentionRotary rotary;
+    rotary.k = kc.data_ptr(), rotary.v = vc.data_ptr();
+    rotary.cos = c.data_ptr(), rotary.sin = s.data_ptr();
+    rotary.slots = write_slots_.data_ptr<int64_t>();
+    return PagedAttend(layer, qc.view({rows_, heads, d}), &rotary);
+  }
   torch::Tensor q_rotated = torch::empty({rows_, heads, d}, q.options());
   kernels::RotaryStoreArgs args;
   args.q = qc.data_ptr(), args.k = kc.data_ptr(), args.v = vc.data_ptr();
@@ -134,7 +141,8 @@ torch::Tensor DecodeBatch::AttendRotating(int64_t layer, const torch::Tensor& q,
   return PagedAttend(layer, q_rotated);
 }
 
-torch::Tensor DecodeBatch::PagedAttend(int64_t layer, const torch::Tensor& qc) {
+torch::Tensor DecodeBatch::PagedAttend(int64_t layer, const torch::Tensor& qc,
+                                       const kernels::PagedAttentionRotary* rotary) {
   const PagedKvCacheOptions& o = cache_->options();
   const int64_t heads = qc.size(1);
   const int64_t d = o.head_dim;
@@ -155,15 +163,24 @@ torch::Tensor DecodeBatch::PagedAttend(int64_t layer, const torch::Tensor& qc) {
   if (qc.is_cuda()) {
 #if defined(LORAD_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(qc.device());
-    CheckLaunch(kernels::paged_attention_cuda(qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                                              kind, block_tables_.data_ptr<int32_t>(),
-                                              context_lens_.data_ptr<int32_t>(), shape, scale,
-                                              out.data_ptr(), CurrentStream(qc.device())),
-                "paged_attention_cuda");
+    if (rotary != nullptr) {
+      CheckLaunch(kernels::paged_attention_rotary_cuda(
+                      qc.data_ptr(), keys.data_ptr(), values.data_ptr(), kind,
+                      block_tables_.data_ptr<int32_t>(), context_lens_.data_ptr<int32_t>(), shape,
+                      scale, *rotary, out.data_ptr(), CurrentStream(qc.device())),
+                  "paged_attention_rotary_cuda");
+    } else {
+      CheckLaunch(kernels::paged_attention_cuda(qc.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                                kind, block_tables_.data_ptr<int32_t>(),
+                                                context_lens_.data_ptr<int32_t>(), shape, scale,
+                                                out.data_ptr(), CurrentStream(qc.device())),
+                  "paged_attention_cuda");
+    }
 #else
     TORCH_CHECK(false, "paged decode attention: this build has no CUDA kernels");
 #endif
   } else {
+    TORCH_CHECK(rotary == nullptr, "paged decode attention: the rotary launch is CUDA only");
     const char* bad = kernels::paged_attention_check(shape);
     TORCH_CHECK(bad[0] == '\0', bad);
     kernels::paged_attention_cpu(qc.data_ptr(), keys.data_ptr(), values.data_ptr(), kind,

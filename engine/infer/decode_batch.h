@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "engine/infer/paged_kv_cache.h"
 #include "engine/model/attention_cache.h"
+#include "kernels/paged_attention.h"
 
 #if defined(LORAD_WITH_CUDA)
 #include <ATen/cuda/CUDAEvent.h>
@@ -62,8 +63,9 @@ class DecodeBatch : public AttentionCache {
   torch::Tensor Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                        const torch::Tensor& v) override;
   // The fused path on fp32 or bf16 when q, k, v and the pools share a dtype (else undefined):
-  // rotary of q and k and the cache write in one kernel (kernels/layer_ops.h, rotary_store),
-  // then the paged attention.
+  // rotary of q and k and the cache write, then the paged attention; on CUDA one launch
+  // (kernels/paged_attention_rotary_cuda), on CPU the references of rotary_store and the
+  // attention.
   torch::Tensor AttendRotating(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& cos,
                                const torch::Tensor& sin) override;
@@ -72,7 +74,10 @@ class DecodeBatch : public AttentionCache {
  private:
   // The paged attention of q [rows, heads, head_dim] (the pools' dtype, contiguous) over layer
   // `layer`'s cache: [rows, heads, 1, head_dim].
-  torch::Tensor PagedAttend(int64_t layer, const torch::Tensor& q);
+  // rotary: the step's rotary and cache write done by the attention launch (CUDA only); q then
+  // is the projection's q before rotation.
+  torch::Tensor PagedAttend(int64_t layer, const torch::Tensor& q,
+                            const kernels::PagedAttentionRotary* rotary = nullptr);
 
   PagedKvCache* cache_;
   int64_t rows_;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/bfloat16.h"
+#include "kernels/layer_ops.h"
 #include "kernels/paged_attention.h"
 #include "tests/gpu/float_values.h"
 #include "tests/gpu/gpu_buffer.h"
@@ -120,6 +121,89 @@ TEST(PagedAttentionGpuTest, KeysSplitOverAClusterAtSmallBatches) {
   RunCase(FloatKind::kBF16, {5, 700}, 32, 8, 128, 16, 11);  // two rows: 2 splits
   RunCase(FloatKind::kBF16, {2, 333}, 12, 4, 64, 8, 12);
   RunCase(FloatKind::kF32, {90}, 8, 8, 256, 32, 13);
+}
+
+// The step's rotary and cache write done by the attention launch (paged_attention_rotary_cuda)
+// against rotary_store_cuda and then paged_attention_cuda: the output and both pools the same
+// bits, for one row (keys split over a cluster, a split without keys), a few rows and a batch
+// whose blocks serve several query heads, at every length from one key on.
+void RunRotaryCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
+                   int64_t kv_heads, int64_t head_dim, int64_t block_size, uint32_t seed) {
+  std::mt19937 rng(seed);
+  PagedAttentionShape shape;
+  shape.rows = static_cast<int64_t>(lengths.size());
+  shape.heads = heads;
+  shape.kv_heads = kv_heads;
+  shape.head_dim = head_dim;
+  shape.block_size = block_size;
+  shape.max_blocks = 1;
+  int64_t total = 0;
+  for (int32_t n : lengths) {
+    shape.max_blocks = std::max<int64_t>(shape.max_blocks, (n + block_size - 1) / block_size);
+    total += (n + block_size - 1) / block_size;
+  }
+  const int64_t pool_blocks = 2 * total + 1;
+  std::vector<int32_t> order(static_cast<size_t>(pool_blocks));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(shape.rows * shape.max_blocks), 0);
+  std::vector<int64_t> slots(static_cast<size_t>(shape.rows));
+  size_t next = 0;
+  for (int64_t b = 0; b < shape.rows; ++b) {
+    for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; ++i) {
+      tables[b * shape.max_blocks + i] = order[next++];
+    }
+    const int64_t last = lengths[b] - 1;  // the new token's key
+    slots[b] =
+        int64_t{tables[b * shape.max_blocks + last / block_size]} * block_size + last % block_size;
+  }
+  const size_t pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
+  const size_t q_size = static_cast<size_t>(shape.rows * heads * head_dim);
+  const size_t kv_size = static_cast<size_t>(shape.rows * kv_heads * head_dim);
+  const auto q = RandomValues(q_size, kind, 5 * seed);
+  const auto k_new = RandomValues(kv_size, kind, 5 * seed + 1);
+  const auto v_new = RandomValues(kv_size, kind, 5 * seed + 2);
+  const auto cos = RandomValues(static_cast<size_t>(shape.rows * head_dim), kind, 5 * seed + 3);
+  const auto sin = RandomValues(static_cast<size_t>(shape.rows * head_dim), kind, 5 * seed + 4);
+  const auto k = RandomValues(pool, kind, 7 * seed), v = RandomValues(pool, kind, 7 * seed + 1);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  GpuBuffer<char> q_dev(q), k_new_dev(k_new), v_new_dev(v_new), cos_dev(cos), sin_dev(sin);
+  GpuBuffer<int32_t> tables_dev(tables), lengths_dev(lengths);
+  GpuBuffer<int64_t> slots_dev(slots);
+
+  // Two launches: rotary_store, then attention on its rotated q.
+  GpuBuffer<char> k_ref(k), v_ref(v), q_rotated(q.size()), out_ref(q.size());
+  RotaryStoreArgs args;
+  args.q = q_dev.get(), args.k = k_new_dev.get(), args.v = v_new_dev.get();
+  args.cos = cos_dev.get(), args.sin = sin_dev.get(), args.slots = slots_dev.get();
+  args.q_out = q_rotated.get(), args.k_pool = k_ref.get(), args.v_pool = v_ref.get();
+  args.rows = shape.rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = head_dim;
+  LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
+  LORAD_ASSERT_LAUNCH(paged_attention_cuda(q_rotated.get(), k_ref.get(), v_ref.get(), kind,
+                                           tables_dev.get(), lengths_dev.get(), shape, scale,
+                                           out_ref.get(), nullptr));
+  // One.
+  GpuBuffer<char> k_dev(k), v_dev(v), out_dev(q.size());
+  PagedAttentionRotary rotary;
+  rotary.k = k_new_dev.get(), rotary.v = v_new_dev.get();
+  rotary.cos = cos_dev.get(), rotary.sin = sin_dev.get(), rotary.slots = slots_dev.get();
+  LORAD_ASSERT_LAUNCH(paged_attention_rotary_cuda(q_dev.get(), k_dev.get(), v_dev.get(), kind,
+                                                  tables_dev.get(), lengths_dev.get(), shape, scale,
+                                                  rotary, out_dev.get(), nullptr));
+  EXPECT_TRUE(out_dev.Read() == out_ref.Read()) << "attention output differs";
+  EXPECT_TRUE(k_dev.Read() == k_ref.Read()) << "key pool differs";
+  EXPECT_TRUE(v_dev.Read() == v_ref.Read()) << "value pool differs";
+}
+
+TEST(PagedAttentionGpuTest, RotaryInTheLaunchGivesTheBitsOfRotaryStoreThenAttention) {
+  for (const int32_t n : {1, 3, 17, 129, 300}) {
+    RunRotaryCase(FloatKind::kBF16, {n}, 32, 8, 128, 16, 40 + n);  // batch 1: a cluster split
+    RunRotaryCase(FloatKind::kF32, {n}, 32, 8, 128, 16, 41 + n);
+  }
+  RunRotaryCase(FloatKind::kBF16, {5, 700, 1, 64}, 32, 8, 128, 16, 42);
+  RunRotaryCase(FloatKind::kBF16, Lengths(64, 43), 32, 8, 128, 16, 43);  // 4 heads a block
+  RunRotaryCase(FloatKind::kF32, Lengths(64, 44), 16, 8, 64, 16, 44);    // 2, head_dim 64
+  RunRotaryCase(FloatKind::kBF16, {2, 333}, 12, 4, 64, 8, 45);
 }
 
 TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
