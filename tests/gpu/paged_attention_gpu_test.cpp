@@ -25,14 +25,18 @@ using gpu_test::GpuBuffer;
 using gpu_test::RandomValues;
 using gpu_test::ValueAt;
 
-// Tolerance: the kernel's online softmax and its summation order differ from the reference's; the
-// outputs are convex combinations of values of magnitude ~1, so an absolute bound of a few fp32
-// units on fp32, and on bf16 one unit in the last place (the fp32 results may round to the two
-// neighbours of a midpoint; a bf16 unit is at most 2^-7 of the value), plus the fp32 slack.
-void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads, int64_t kv_heads,
-             int64_t head_dim, int64_t block_size, uint32_t seed) {
-  std::mt19937 rng(seed);
+// A batch's layout in a pool: each row's blocks scattered over a pool twice as large (foreign
+// blocks between them), the shape, block tables and the pool's element count.
+struct PagedLayout {
   PagedAttentionShape shape;
+  std::vector<int32_t> tables;
+  size_t pool = 0;  // elements of each of the key and value pools
+};
+
+PagedLayout MakeLayout(const std::vector<int32_t>& lengths, int64_t heads, int64_t kv_heads,
+                       int64_t head_dim, int64_t block_size, std::mt19937& rng) {
+  PagedLayout layout;
+  PagedAttentionShape& shape = layout.shape;
   shape.rows = static_cast<int64_t>(lengths.size());
   shape.heads = heads;
   shape.kv_heads = kv_heads;
@@ -49,14 +53,28 @@ void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
   std::vector<int32_t> order(static_cast<size_t>(pool_blocks));
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
-  std::vector<int32_t> tables(static_cast<size_t>(shape.rows * shape.max_blocks), 0);
+  layout.tables.assign(static_cast<size_t>(shape.rows * shape.max_blocks), 0);
   size_t next = 0;
   for (int64_t b = 0; b < shape.rows; ++b) {
     for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; ++i) {
-      tables[b * shape.max_blocks + i] = order[next++];
+      layout.tables[b * shape.max_blocks + i] = order[next++];
     }
   }
-  const size_t pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
+  layout.pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
+  return layout;
+}
+
+// Tolerance: the kernel's online softmax and its summation order differ from the reference's; the
+// outputs are convex combinations of values of magnitude ~1, so an absolute bound of a few fp32
+// units on fp32, and on bf16 one unit in the last place (the fp32 results may round to the two
+// neighbours of a midpoint; a bf16 unit is at most 2^-7 of the value), plus the fp32 slack.
+void RunCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads, int64_t kv_heads,
+             int64_t head_dim, int64_t block_size, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const PagedLayout layout = MakeLayout(lengths, heads, kv_heads, head_dim, block_size, rng);
+  const PagedAttentionShape& shape = layout.shape;
+  const std::vector<int32_t>& tables = layout.tables;
+  const size_t pool = layout.pool;
   const auto q = RandomValues(static_cast<size_t>(shape.rows * heads * head_dim), kind, 3 * seed);
   const auto k = RandomValues(pool, kind, 3 * seed + 1), v = RandomValues(pool, kind, 3 * seed + 2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
@@ -130,34 +148,16 @@ TEST(PagedAttentionGpuTest, KeysSplitOverAClusterAtSmallBatches) {
 void RunRotaryCase(FloatKind kind, const std::vector<int32_t>& lengths, int64_t heads,
                    int64_t kv_heads, int64_t head_dim, int64_t block_size, uint32_t seed) {
   std::mt19937 rng(seed);
-  PagedAttentionShape shape;
-  shape.rows = static_cast<int64_t>(lengths.size());
-  shape.heads = heads;
-  shape.kv_heads = kv_heads;
-  shape.head_dim = head_dim;
-  shape.block_size = block_size;
-  shape.max_blocks = 1;
-  int64_t total = 0;
-  for (int32_t n : lengths) {
-    shape.max_blocks = std::max<int64_t>(shape.max_blocks, (n + block_size - 1) / block_size);
-    total += (n + block_size - 1) / block_size;
-  }
-  const int64_t pool_blocks = 2 * total + 1;
-  std::vector<int32_t> order(static_cast<size_t>(pool_blocks));
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng);
-  std::vector<int32_t> tables(static_cast<size_t>(shape.rows * shape.max_blocks), 0);
+  const PagedLayout layout = MakeLayout(lengths, heads, kv_heads, head_dim, block_size, rng);
+  const PagedAttentionShape& shape = layout.shape;
+  const std::vector<int32_t>& tables = layout.tables;
+  const size_t pool = layout.pool;
   std::vector<int64_t> slots(static_cast<size_t>(shape.rows));
-  size_t next = 0;
   for (int64_t b = 0; b < shape.rows; ++b) {
-    for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; ++i) {
-      tables[b * shape.max_blocks + i] = order[next++];
-    }
     const int64_t last = lengths[b] - 1;  // the new token's key
     slots[b] =
         int64_t{tables[b * shape.max_blocks + last / block_size]} * block_size + last % block_size;
   }
-  const size_t pool = static_cast<size_t>(pool_blocks * block_size * kv_heads * head_dim);
   const size_t q_size = static_cast<size_t>(shape.rows * heads * head_dim);
   const size_t kv_size = static_cast<size_t>(shape.rows * kv_heads * head_dim);
   const auto q = RandomValues(q_size, kind, 5 * seed);
