@@ -72,8 +72,8 @@ constexpr size_t DynamicBytes() {
 // kDimsPerLane = head_dim / 32; kHeads query heads of one KV head per block.
 template <typename T, int kDimsPerLane, int kHeads>
 __global__ void __launch_bounds__(kThreads)
-    PagedAttentionKernel(const T* __restrict__ q, const T* __restrict__ k_pool,
-                         const T* __restrict__ v_pool, const int32_t* __restrict__ block_tables,
+    PagedAttentionKernel(const T* __restrict__ q, T* __restrict__ k_pool, T* __restrict__ v_pool,
+                         const int32_t* __restrict__ block_tables,
                          const int32_t* __restrict__ context_lens, PagedAttentionShape shape,
                          float scale, const PagedAttentionRotary rotary, T* __restrict__ out) {
   AllowDependents();
@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t to = (rotary.slots[b] * shape.kv_heads + g) * kHeadDim;
       const T* k_new = static_cast<const T*>(rotary.k) + from;
       for (int d = threadIdx.x; d < kHeadDim; d += kThreads) {
-        StoreAs(const_cast<T*>(k_pool) + to + d, RotatedAt(k_new, cos, sin, d, kHeadDim, k_pool));
-        const_cast<T*>(v_pool)[to + d] = static_cast<const T*>(rotary.v)[from + d];
+        StoreAs(k_pool + to + d, RotatedAt(k_new, cos, sin, d, kHeadDim, k_pool));
+        v_pool[to + d] = static_cast<const T*>(rotary.v)[from + d];
       }
       __syncthreads();  // written before any thread's copies of the tile read them
     }
@@ -307,9 +307,11 @@ const char* LaunchHeads(const void* q, const void* k_pool, const void* v_pool,
                     splits);
     return LaunchInClusters(kernel, grid, dim3(kThreads), dim3(1, 1, splits), kShared,
                             static_cast<cudaStream_t>(stream), /*overlapped=*/true,
-                            static_cast<const T*>(q), static_cast<const T*>(k_pool),
-                            static_cast<const T*>(v_pool), block_tables, context_lens, shape, scale,
-                            rotary, static_cast<T*>(out));
+                            static_cast<const T*>(q),
+                            // Written only by the rotary launch (paged_attention_rotary_cuda).
+                            const_cast<T*>(static_cast<const T*>(k_pool)),
+                            const_cast<T*>(static_cast<const T*>(v_pool)), block_tables,
+                            context_lens, shape, scale, rotary, static_cast<T*>(out));
   };
   const unsigned splits = merges_splits ? PlanSplits(shape, kHeads) : 1;
   cudaError_t err = launch(splits);
@@ -378,10 +380,6 @@ const char* Launch(const void* q, const void* k_pool, const void* v_pool,
   }
   return "paged attention (CUDA): head_dim must be a multiple of 32, at most 256";
 }
-
-}  // namespace
-
-namespace {
 
 const char* Run(const void* q, const void* k_pool, const void* v_pool, FloatKind kind,
                 const int32_t* block_tables, const int32_t* context_lens,
