@@ -7,13 +7,17 @@
 //     radix-select histograms, the draw's prefix sums;
 //   - the reference's sorts become radix selects over order-preserving float keys (Key): the same
 //     threshold without sorting the row.
-// One CUDA block per row for warp and draw: a decode batch has tens of rows, each a vocabulary of
-// 32k-256k logits that stays in L2 between the passes.
+// One CUDA block per row for warp, and a cluster of up to 8 per row for draw (sm_90; one block
+// elsewhere): a decode batch has tens of rows, each a vocabulary of 32k-256k logits that stays in
+// L2 between the passes.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <mutex>
 
+#include "kernels/programmatic_launch.cuh"
 #include "kernels/sampling.h"
 #include "kernels/sampling_math.h"
 
@@ -23,6 +27,8 @@ namespace {
 namespace sm = sampling_math;
 
 constexpr int kRowThreads = 512;          // threads per row in warp and draw (1024 would spill)
+constexpr unsigned kMaxDrawSplit = 8;     // blocks per row in draw (a portable cluster size)
+constexpr int64_t kMaxDrawRows = 65535;   // draw's rows are its grid's y dimension
 constexpr int kHistoryThreads = 256;      // threads per row in the penalty kernels
 constexpr int32_t kPromptFlag = 1 << 30;  // scratch: the token occurs in the prompt
 constexpr int32_t kCountMask = kPromptFlag - 1;  // scratch: occurrences among generated tokens
@@ -101,7 +107,6 @@ struct RowShared {
   unsigned long long histogram[256];
   unsigned long long u64;
   uint32_t u32;
-  int32_t token;
 };
 
 __device__ uint32_t MaxKey(const float* x, int64_t vocab, RowShared& s) {
@@ -208,18 +213,51 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// The row's blocks in draw: a cluster of gridDim.x blocks (sm_90), or one block. The barrier
+// makes every block's shared-memory writes before it visible to the others (and waits for all).
+__device__ __forceinline__ void SyncRow() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.x > 1) {
+    cooperative_groups::this_cluster().sync();
+    return;
+  }
+#endif
+  __syncthreads();
+}
+
+// `*value` as block `rank` of the row holds it (its shared memory).
+template <typename V>
+__device__ __forceinline__ V ReadFromBlock(V* value, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.x > 1) return *cooperative_groups::this_cluster().map_shared_rank(value, rank);
+#endif
+  (void)rank;
+  return *value;
+}
+
+// One row per cluster of gridDim.x blocks (grid: split x batch), each block a contiguous slice of
+// the row in id order; the blocks exchange their argmax candidates and their masses through
+// distributed shared memory. A row of 128k logits read by one block took 15 us at batch 1 (one
+// SM's bandwidth); split over 8 SMs it is a few. Every value combined is an integer (packed keys,
+// fixed-point masses), so the split changes no result.
 __global__ void __launch_bounds__(kRowThreads)
     draw_kernel(const float* __restrict__ logits, int64_t vocab,
                 const SamplingRow* __restrict__ rows, int32_t* __restrict__ tokens) {
   __shared__ RowShared s;
-  const SamplingRow row = rows[blockIdx.x];
-  const float* x = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  __shared__ unsigned long long s_best, s_mass;  // this block's, read by the row's others
+  const int64_t b = blockIdx.y;
+  const unsigned split = gridDim.x, rank = blockIdx.x;
+  const SamplingRow row = rows[b];
+  const float* x = logits + b * vocab;
+  // A row of 16-byte aligned float4s (vocab % 4 == 0, as 32000 and 128256) is read 4 logits a
+  // load, and its slices are whole float4s.
+  const bool by_float4 = vocab % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const int64_t unit = by_float4 ? 4 : 1, units = vocab / unit;
+  const int64_t begin = rank * units / split * unit, end = (rank + 1) * units / split * unit;
 
   // Argmax with the lowest id among ties: the max of (key, ~id) packed into 64 bits. kArgmaxLoads
-  // loads in flight per thread before the first compare: one block reads a whole row (128k
-  // logits, 500 KB), and one load at a time left it waiting on L2 (batch 1: 20 us a step).
-  // A row of 16-byte aligned float4s (vocab % 4 == 0, as 32000 and 128256) is read 4 logits a
-  // load: 4x the bytes in flight, which is what one block's pass over a row waits on.
+  // loads in flight per thread before the first compare (one at a time left a block waiting on
+  // L2).
   constexpr int kArgmaxLoads = 8;
   unsigned long long best = 0;
   const auto consider = [&best](float v, int64_t j) {
@@ -227,69 +265,89 @@ __global__ void __launch_bounds__(kRowThreads)
                                       (0xffffffffu - static_cast<uint32_t>(j));
     best = max(best, packed);
   };
-  const bool by_float4 = vocab % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const int64_t quads = by_float4 ? vocab / 4 : 0;
-  for (int64_t base = 0; base < quads; base += int64_t{kArgmaxLoads} * kRowThreads) {
-    float4 v[kArgmaxLoads];
+  if (by_float4) {
+    const int64_t q_end = end / 4;
+    for (int64_t base = begin / 4; base < q_end; base += int64_t{kArgmaxLoads} * kRowThreads) {
+      float4 v[kArgmaxLoads];
 #pragma unroll
-    for (int u = 0; u < kArgmaxLoads; ++u) {
-      const int64_t q = base + u * kRowThreads + threadIdx.x;
-      v[u] = q < quads ? reinterpret_cast<const float4*>(x)[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int64_t q = base + u * kRowThreads + threadIdx.x;
+        v[u] = q < q_end ? reinterpret_cast<const float4*>(x)[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
 #pragma unroll
-    for (int u = 0; u < kArgmaxLoads; ++u) {
-      const int64_t q = base + u * kRowThreads + threadIdx.x;
-      if (q >= quads) break;
-      consider(v[u].x, 4 * q), consider(v[u].y, 4 * q + 1);
-      consider(v[u].z, 4 * q + 2), consider(v[u].w, 4 * q + 3);
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int64_t q = base + u * kRowThreads + threadIdx.x;
+        if (q >= q_end) break;
+        consider(v[u].x, 4 * q), consider(v[u].y, 4 * q + 1);
+        consider(v[u].z, 4 * q + 2), consider(v[u].w, 4 * q + 3);
+      }
     }
-  }
-  for (int64_t base = 4 * quads; base < vocab; base += int64_t{kArgmaxLoads} * kRowThreads) {
-    float v[kArgmaxLoads];
+  } else {
+    for (int64_t base = begin; base < end; base += int64_t{kArgmaxLoads} * kRowThreads) {
+      float v[kArgmaxLoads];
 #pragma unroll
-    for (int u = 0; u < kArgmaxLoads; ++u) {
-      const int64_t j = base + u * kRowThreads + threadIdx.x;
-      v[u] = j < vocab ? x[j] : 0.0f;
-    }
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int64_t j = base + u * kRowThreads + threadIdx.x;
+        v[u] = j < end ? x[j] : 0.0f;
+      }
 #pragma unroll
-    for (int u = 0; u < kArgmaxLoads; ++u) {
-      const int64_t j = base + u * kRowThreads + threadIdx.x;
-      if (j >= vocab) break;
-      consider(v[u], j);
-    }
-  }
-  best = BlockReduceU64(s.reduce64).Reduce(best, MaxOf());  // valid in thread 0 only
-  if (threadIdx.x == 0) {
-    s.token = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(best));
-    s.u32 = static_cast<uint32_t>(best >> 32);
-  }
-  __syncthreads();
-  const uint32_t max_key = s.u32;
-  __syncthreads();
-
-  if (row.temperature > 0.0f) {
-    const float m = sm::KeyFloat(max_key);
-    const unsigned long long total = TotalMass(x, vocab, m, s);
-    if (total > 0) {
-      const unsigned long long u = sm::ScaleDraw(sm::DrawBits(row.seed, row.step), total);
-      // The lowest id whose inclusive prefix mass exceeds u, one chunk of the row at a time.
-      unsigned long long before = 0;
-      for (int64_t base = 0; base < vocab; base += kRowThreads) {
-        const int64_t j = base + threadIdx.x;
-        const unsigned long long w = j < vocab ? sm::Mass(sm::Sub(x[j], m)) : 0ull;
-        unsigned long long inclusive, chunk_total;
-        BlockScanU64(s.scan64).InclusiveSum(w, inclusive, chunk_total);
-        if (before + inclusive > u && before + inclusive - w <= u) {
-          s.token = static_cast<int32_t>(j);  // exactly one thread: the crossing is unique
-        }
-        if (before + chunk_total > u) break;  // uniform: every thread holds the same totals
-        before += chunk_total;
-        __syncthreads();  // the scan storage is reused
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int64_t j = base + u * kRowThreads + threadIdx.x;
+        if (j >= end) break;
+        consider(v[u], j);
       }
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) tokens[blockIdx.x] = s.token;
+  best = BlockReduceU64(s.reduce64).Reduce(best, MaxOf());  // valid in thread 0 only
+  if (threadIdx.x == 0) s_best = best;
+  SyncRow();  // every block's candidate is written
+  unsigned long long row_best = 0;
+  for (unsigned r = 0; r < split; ++r) row_best = max(row_best, ReadFromBlock(&s_best, r));
+  const uint32_t max_key = static_cast<uint32_t>(row_best >> 32);
+  const auto argmax = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(row_best));
+
+  if (!(row.temperature > 0.0f)) {
+    if (rank == 0 && threadIdx.x == 0) tokens[b] = argmax;
+    SyncRow();  // no block leaves while another still reads its candidate
+    return;
+  }
+  // w[j] = Mass(x[j] - max): this slice's sum, then the row's total and the sum of the slices
+  // before this one.
+  const float m = sm::KeyFloat(max_key);
+  unsigned long long mass = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kRowThreads) {
+    mass += sm::Mass(sm::Sub(x[j], m));
+  }
+  mass = BlockReduceU64(s.reduce64).Sum(mass);  // valid in thread 0 only
+  if (threadIdx.x == 0) s_mass = mass;
+  SyncRow();  // every block's mass is written (and every candidate read)
+  unsigned long long total = 0, before = 0;
+  for (unsigned r = 0; r < split; ++r) {
+    const unsigned long long v = ReadFromBlock(&s_mass, r);
+    total += v;
+    before += r < rank ? v : 0ull;
+  }
+  const unsigned long long mine = s_mass;
+  SyncRow();         // every mass read: from here on no block reads another's shared memory
+  if (total == 0) {  // no finite logit: the argmax, as for greedy rows
+    if (rank == 0 && threadIdx.x == 0) tokens[b] = argmax;
+    return;
+  }
+  const unsigned long long u = sm::ScaleDraw(sm::DrawBits(row.seed, row.step), total);
+  if (u < before || u - before >= mine) return;  // the crossing is in another block's slice
+  // The lowest id whose inclusive prefix mass exceeds u, one chunk of the slice at a time.
+  for (int64_t base = begin; base < end; base += kRowThreads) {
+    const int64_t j = base + threadIdx.x;
+    const unsigned long long w = j < end ? sm::Mass(sm::Sub(x[j], m)) : 0ull;
+    unsigned long long inclusive, chunk_total;
+    BlockScanU64(s.scan64).InclusiveSum(w, inclusive, chunk_total);
+    if (before + inclusive > u && before + inclusive - w <= u) {
+      tokens[b] = static_cast<int32_t>(j);  // exactly one thread: the crossing is unique
+    }
+    if (before + chunk_total > u) break;  // uniform: every thread holds the same totals
+    before += chunk_total;
+    __syncthreads();  // the scan storage is reused
+  }
 }
 
 const char* LastError() {
@@ -322,9 +380,32 @@ const char* sampling_warp_cuda(float* logits, int64_t batch, int64_t vocab, cons
 const char* sampling_draw_cuda(const float* logits, int64_t batch, int64_t vocab,
                                const SamplingRow* rows, int32_t* tokens, void* stream) {
   if (batch <= 0 || vocab <= 0) return nullptr;
-  draw_kernel<<<static_cast<unsigned>(batch), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      logits, vocab, rows, tokens);
-  return LastError();
+  if (batch > kMaxDrawRows) return "sampling_draw_cuda: more than 65535 rows in one launch";
+  // Clusters only where the code that runs has them (built for sm_90 or later, which also says
+  // the device has clusters).
+  static std::once_flag once;
+  static bool clustered = false;
+  std::call_once(once, [] {
+    cudaFuncAttributes attributes{};
+    clustered = cudaFuncGetAttributes(&attributes, draw_kernel) == cudaSuccess &&
+                attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+    cudaGetLastError();
+  });
+  // Blocks per row: up to kMaxDrawSplit while the grid stays within two blocks an SM.
+  unsigned split = 1;
+  while (clustered && split < kMaxDrawSplit && batch * split * 2 <= 2 * SmCount()) split *= 2;
+  const auto launch = [&](unsigned blocks_per_row) {
+    return LaunchInClusters(draw_kernel, dim3(blocks_per_row, static_cast<unsigned>(batch)),
+                            dim3(kRowThreads), dim3(blocks_per_row, 1, 1), 0,
+                            static_cast<cudaStream_t>(stream), /*overlapped=*/false, logits, vocab,
+                            rows, tokens);
+  };
+  cudaError_t err = launch(split);
+  if (err != cudaSuccess && split > 1) {  // clusters refused: one block a row
+    cudaGetLastError();
+    err = launch(1);
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace lorad::kernels

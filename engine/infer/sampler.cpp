@@ -32,6 +32,9 @@ struct Sampler::Upload {
   torch::Tensor device;  // bytes on the logits' device
   // The last copy out of `host`, then (RunCuda) the last kernel reading `device`.
   std::optional<at::cuda::CUDAEvent> done;
+  // The penalty kernels' counting scratch: all zero between steps (they leave it so), so it is
+  // zeroed once, not every step. Dropped if a launch fails half-way.
+  torch::Tensor penalty_scratch;
 
   // The device addresses of `pieces` (each 16-byte aligned), after one copy on `stream`.
   std::vector<void*> Send(const std::vector<std::pair<const void*, size_t>>& pieces,
@@ -188,8 +191,10 @@ torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
   const std::vector<void*> on_device = upload.Send(pieces, device, cuda_stream);
   const auto* rows_ptr = static_cast<const SamplingRow*>(on_device[0]);
   if (history != nullptr) {
-    torch::Tensor scratch =
-        torch::zeros({batch, vocab}, torch::dtype(torch::kInt32).device(device));
+    torch::Tensor scratch = std::move(upload.penalty_scratch);  // back after a clean launch
+    if (!scratch.defined() || scratch.numel() < batch * vocab || scratch.device() != device) {
+      scratch = torch::zeros({batch * vocab}, torch::dtype(torch::kInt32).device(device));
+    }
     TokenHistory h;
     h.tokens = static_cast<const int32_t*>(on_device[1]);
     h.row_begin = static_cast<const int64_t*>(on_device[2]);
@@ -197,9 +202,13 @@ torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
     CheckLaunch(kernels::sampling_penalties_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr, h,
                                                  scratch.data_ptr<int32_t>(), stream),
                 "sampling_penalties_cuda");
+    upload.penalty_scratch = std::move(scratch);
   }
-  CheckLaunch(kernels::sampling_warp_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr, stream),
-              "sampling_warp_cuda");
+  // The warpers leave greedy rows alone: no launch when every row is greedy.
+  if (std::any_of(k.begin(), k.end(), [](const SamplingRow& r) { return r.temperature > 0.0f; })) {
+    CheckLaunch(kernels::sampling_warp_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr, stream),
+                "sampling_warp_cuda");
+  }
   torch::Tensor tokens = torch::empty({batch}, torch::dtype(torch::kInt32).device(device));
   CheckLaunch(kernels::sampling_draw_cuda(work.data_ptr<float>(), batch, vocab, rows_ptr,
                                           tokens.data_ptr<int32_t>(), stream),

@@ -148,12 +148,16 @@ TEST_P(SamplingGpu, EveryOpEqualsTheCpuReference) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SamplingGpu,
-    ::testing::Values(std::make_tuple(int64_t{16}, int64_t{32000}, false),  // Llama 2 vocabulary
-                      std::make_tuple(int64_t{8}, int64_t{128256}, false),  // Llama 3
-                      std::make_tuple(int64_t{24}, int64_t{1000}, true),    // ties everywhere
-                      std::make_tuple(int64_t{4}, int64_t{5003}, true),     // not by float4
-                      std::make_tuple(int64_t{3}, int64_t{511}, false),     // below one chunk
-                      std::make_tuple(int64_t{5}, int64_t{1}, false)));     // one token
+    ::testing::Values(std::make_tuple(int64_t{1}, int64_t{128256}, false),   // batch 1: 8 blocks
+                      std::make_tuple(int64_t{2}, int64_t{32001}, true),     // split, by floats
+                      std::make_tuple(int64_t{16}, int64_t{32000}, false),   // Llama 2 vocabulary
+                      std::make_tuple(int64_t{8}, int64_t{128256}, false),   // Llama 3
+                      std::make_tuple(int64_t{24}, int64_t{1000}, true),     // ties everywhere
+                      std::make_tuple(int64_t{4}, int64_t{5003}, true),      // not by float4
+                      std::make_tuple(int64_t{3}, int64_t{511}, false),      // below one chunk
+                      std::make_tuple(int64_t{5}, int64_t{1}, false),        // one token
+                      std::make_tuple(int64_t{70}, int64_t{4096}, false),    // 2 blocks a row
+                      std::make_tuple(int64_t{300}, int64_t{1000}, true)));  // 1 block a row
 
 TEST(SamplingGpuEdges, RowsWithoutAFiniteLogitFallBackToTheArgmax) {
   const int64_t vocab = 700;
