@@ -304,7 +304,8 @@ std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, 
 torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
                                     const torch::Tensor& x, const torch::Tensor& cos,
                                     const torch::Tensor& sin, const torch::Tensor& mask,
-                                    AttentionCache* cache, const LoraApplier* lora) const {
+                                    AttentionCache* cache, const LoraApplier* lora,
+                                    bool value_needed) const {
   const int64_t rows = x.size(0);
   const int64_t tokens = x.size(1);
   const int64_t d = config_.head_dim;
@@ -317,7 +318,7 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
   torch::Tensor k = std::move(qkv[1]);
   const auto output = [&](const torch::Tensor& out) {  // [B, heads, T, D]
     return Project(layer, index, Projection::kO, out.transpose(1, 2).reshape({rows, tokens, -1}),
-                   lora);
+                   lora, value_needed);
   };
   if (cache != nullptr && UseFusedLayerOps(q)) {  // a cache that rotates as it stores: one kernel
     auto split = [&](const torch::Tensor& t) { return t.view({rows, tokens, -1, d}); };
@@ -375,6 +376,38 @@ LlamaModel::Residual LlamaModel::Block(int64_t index, const Residual& r, const t
   const Residual attended{x, Attention(layer, index, x_normed, cos, sin, mask, cache, lora)};
   const auto [h, h_normed] = AddRmsNorm(attended, layer.post_attention_norm);
   return {h, Mlp(layer, index, h_normed, lora, output_needed)};
+}
+
+LlamaModel::Residual LlamaModel::CheckpointedBlock(
+    int64_t index, const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+    const torch::Tensor& mask, const std::shared_ptr<const LoraApplier>& lora, bool offload) const {
+  // The pieces are copied into the autograd graph and run again in backward, after this call
+  // has returned: they hold the applier (shared) and the tensors themselves.
+  if (offload) {
+    return {CheckpointedCall(
+                [this, index, cos, sin, mask, lora](const torch::Tensor& x) {
+                  return Block(index, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
+                               /*output_needed=*/!InCheckpointRecompute())
+                      .Value();
+                },
+                x, /*offload=*/true),
+            torch::Tensor()};
+  }
+  const torch::Tensor attended = CheckpointedCall(
+      [this, index, cos, sin, mask, lora](const torch::Tensor& x) {
+        const DecoderLayer& layer = layers_[index];
+        return Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, nullptr,
+                         lora.get(), /*value_needed=*/!InCheckpointRecompute());
+      },
+      x);
+  const torch::Tensor h = x + attended;
+  return {h, CheckpointedCall(
+                 [this, index, lora](const torch::Tensor& h) {
+                   const DecoderLayer& layer = layers_[index];
+                   return Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora.get(),
+                              /*value_needed=*/!InCheckpointRecompute());
+                 },
+                 h)};
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
@@ -445,18 +478,9 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   Residual residual{h, torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
-      // A checkpointed layer takes and returns one tensor: the pending add is done here.
-      const torch::Tensor x = residual.Value();
-      residual = {CheckpointedCall(
-                      [this, i, cos, sin, mask, lora](const torch::Tensor& x) {
-                        // The recompute runs only for the layer's backward, which never reads
-                        // its output.
-                        return Block(i, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
-                                     /*output_needed=*/!InCheckpointRecompute())
-                            .Value();
-                      },
-                      x, options.offload_checkpoints),
-                  torch::Tensor()};
+      // A checkpointed piece takes one tensor: the pending add is done here.
+      residual =
+          CheckpointedBlock(i, residual.Value(), cos, sin, mask, lora, options.offload_checkpoints);
       continue;
     }
     residual = Block(i, residual, cos, sin, mask, cache, applier);

@@ -54,11 +54,15 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
   // ten hidden-sized tensors per token), the MLP's gate, up, their product and its input (four
   // intermediate-sized ones).
   const int64_t layer = tokens * (10 * h + 4 * i) * element_bytes;
+  // A checkpointed layer keeps its input and its attention half's output (two hidden-sized
+  // tensors per token; LlamaModel::CheckpointedBlock), or with offloading one, on the host.
   const int64_t kept = std::min(model.num_hidden_layers, config.keep_activations_layers);
-  e.activation_bytes = config.gradient_checkpointing
-                           ? (model.num_hidden_layers - kept) * tokens * h * element_bytes +
-                                 std::max<int64_t>(kept, 1) * layer
-                           : model.num_hidden_layers * layer;
+  const int64_t inputs_kept = config.offload_activations ? 0 : 2;
+  e.activation_bytes =
+      config.gradient_checkpointing
+          ? (model.num_hidden_layers - kept) * inputs_kept * tokens * h * element_bytes +
+                std::max<int64_t>(kept, 1) * layer
+          : model.num_hidden_layers * layer;
   // A chunk of logits and their gradient: 8 bytes a logit covers fp32, and fp16's fp32 copy
   // (bf16 needs 4).
   const int64_t logits_chunk = std::min(tokens, config.loss_chunk_tokens) * model.vocab_size * 8;

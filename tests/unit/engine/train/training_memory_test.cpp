@@ -32,7 +32,7 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
   // layer a checkpointed backward holds at a time; keeping them all is no checkpointing.
   TrainingJobConfig keep4 = c;
   keep4.keep_activations_layers = 4;
-  const int64_t one_layer = base.activation_bytes - 31 * int64_t{2 * 2048 * 4096 * 2};
+  const int64_t one_layer = base.activation_bytes - 31 * int64_t{2 * 2 * 2048 * 4096 * 2};
   EXPECT_GT(EstimateTrainingBytes(Llama3_8B(), keep4, 2).activation_bytes,
             base.activation_bytes + 2 * one_layer);
   TrainingJobConfig keep_all = c;
