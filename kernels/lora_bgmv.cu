@@ -22,6 +22,11 @@
 // adapters fell from 3,957 to 3,652 tokens/s
 // (bench/results/2026-12-02-h200-generation-8b-paged-attention-gqa.txt): the expand blocks spin
 // on SMs the shrink needs, and the next kernel may only start once the counters are reset.
+// Also tried and reverted (2026-12-04): both steps in one launch for up to 8 rows, a cluster of 8
+// blocks per 2048 columns exchanging the partial sums through distributed shared memory (bit for
+// bit these kernels' sums): a q, k, v group at batch 1 took 4.30 us instead of 3.44, and decoding
+// at batch 1 on an adapter fell from 316.4 to 264.3 tokens/s
+// (bench/results/2026-12-04-h200-generation-8b-ab-lora-one-launch-reverted.txt).
 // Also tried and reverted: the shrink on a side stream (a branch of the decode graph) beside the
 // base product, whose persistent grid leaves 4-36 SMs idle, and only the expand after it. In one
 // run against the same engine with the shrink in line it was slower: batch 1 on one adapter 248.8

@@ -268,6 +268,50 @@ TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
   }
 }
 
+// A row's delta must be the same bits in any batch, so a request decodes the same alone or beside
+// others (the expand takes rows in tiles of 8; the shrink a row per block): the rows of a 13-row
+// batch against the same rows in batches of 1, 3, 8 and 1, at the 8B shapes and odd ones.
+TEST_P(LoraGpu, SmallBatchesGiveTheBitsOfALargeOne) {
+  const FloatKind kind = GetParam();
+  const size_t size = FloatKindSize(kind);
+  std::mt19937 rng(24);
+  const int64_t rows = 13;
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{4096, 4096},
+                                {14336, 4096},
+                                {4096, 14336},
+                                {77, 45},
+                                {17000, 40}}) {
+    for (const std::vector<int32_t>& ranks :
+         {std::vector<int32_t>{16, 8, 7, 32}, std::vector<int32_t>{64, 16}}) {
+      const auto set = MakeAdapters(ranks, in, out, kind, rng);
+      std::vector<int32_t> index(rows);
+      for (auto& s : index) s = static_cast<int32_t>(rng() % (ranks.size() + 2)) - 1;
+      index[0] = 0;
+      GpuBuffer<int32_t> index_dev(index);
+      const Values x = MakeValues(rows * in, kind, 1.f, rng);
+      const Values y = MakeValues(rows * out, kind, 1.f, rng);
+      GpuBuffer<char> x_dev(x.bytes), large_y(y.bytes), small_y(y.bytes);
+      GpuBuffer<char> scratch(lora_scratch_bytes(rows, in, set->max_rank));
+      LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(x_dev.get(), kind, rows, in, index_dev.get(),
+                                         set->Device(), out, large_y.get(), scratch.get(),
+                                         nullptr));
+      for (const auto& [begin, n] : {std::pair<int64_t, int64_t>{0, 1}, {1, 3}, {4, 8}, {12, 1}}) {
+        LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(
+            x_dev.get() + begin * in * size, kind, n, in, index_dev.get() + begin, set->Device(),
+            out, small_y.get() + begin * out * size, scratch.get(), nullptr));
+      }
+      const std::vector<char> large = large_y.Read(), small = small_y.Read();
+      EXPECT_NE(large, y.bytes) << "no row took an adapter";
+      for (int64_t r = 0; r < rows; ++r) {
+        EXPECT_TRUE(std::equal(small.begin() + r * out * size, small.begin() + (r + 1) * out * size,
+                               large.begin() + r * out * size))
+            << "row " << r << " (adapter " << index[r] << "), in " << in << " out " << out
+            << ", ranks up to " << set->max_rank;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, LoraGpu, ::testing::Values(FloatKind::kF32, FloatKind::kBF16));
 
 }  // namespace
