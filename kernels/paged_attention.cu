@@ -19,8 +19,8 @@
 // all the query heads of its KV head. Launched with programmatic dependent launch: it starts
 // while the kernel before drains.
 //
-// At batch 1 and 2 that is too few blocks for the GPU (32 at batch 1 for Llama-3-8B's heads), so
-// each block's keys are split over a cluster of 2 or 4 blocks (sm_90, flash-decoding's split):
+// At batch 1 to 4 that is too few blocks for the GPU (32 at batch 1 for Llama-3-8B's heads), so
+// each block's keys are split over a cluster of 2 to 8 blocks (sm_90, flash-decoding's split):
 // each takes a contiguous range of the keys, and the cluster's first block merges the others'
 // maxima, sums and partial outputs through distributed shared memory: no workspace, no second
 // kernel.
@@ -272,12 +272,15 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// Blocks per cluster that split a block's keys: 1 (no split) once there are half as many blocks
-// as SMs, else the most of 2 and 4 that keeps one wave.
+// Blocks per cluster that split a block's keys: the most of 1, 2, 4 and 8 that keeps the grid
+// within two blocks an SM. Measured at batch 1 on the 8B shape (32 blocks before the split;
+// bench/results/2026-12-04-h200-generation-8b-ab-attention-splits.txt), decode against 4 splits
+// (one wave): no split 0.895x, 8 splits 1.023x, 16 splits (a non-portable cluster, four blocks an
+// SM) 0.950x.
 unsigned PlanSplits(const PagedAttentionShape& shape, int heads_per_block) {
   const int64_t blocks = shape.rows * (shape.heads / heads_per_block);
   unsigned splits = 1;
-  while (splits < 4 && blocks * splits * 2 <= SmCount()) splits *= 2;
+  while (splits < 8 && blocks * splits * 2 <= 2 * SmCount()) splits *= 2;
   return splits;
 }
 

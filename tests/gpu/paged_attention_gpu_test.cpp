@@ -129,8 +129,9 @@ TEST(PagedAttentionGpuTest, QueryHeadsSharingABlock) {
   RunCase(FloatKind::kBF16, Lengths(64, 10), 28, 4, 128, 16, 10);  // 7 (Qwen2-7B): one per block
 }
 
-// At batch 1 and 2 (on sm_90) each block's keys are split over a cluster of 2 or 4 blocks, merged
-// by the first: lengths with fewer keys than splits (empty ranges), one tile a split, several.
+// At batches of 1 to 4 (on sm_90) each block's keys are split over a cluster of 2 to 8 blocks,
+// merged by the first: lengths with fewer keys than splits (empty ranges), one tile a split,
+// several.
 TEST(PagedAttentionGpuTest, KeysSplitOverAClusterAtSmallBatches) {
   for (const int32_t n : {1, 3, 129, 300, 2048}) {
     RunCase(FloatKind::kBF16, {n}, 32, 8, 128, 16, 20 + n);
