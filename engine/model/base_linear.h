@@ -29,9 +29,10 @@ class BaseLinear {
   torch::Tensor Forward(const torch::Tensor& x) const;
   // Forward's autograd graph without its value: the result has Forward's shape and dtype but
   // undefined values (no product is computed), and its backward is Forward's (dx = dy W). For a
-  // product nothing reads: a checkpointed layer's recompute runs only for its backward, which
-  // never reads the layer's output, so its last projection need not be computed (at Llama-3-8B
-  // shapes a 4096 x 14336 product per layer and step). Without a gradient to record it is
+  // product nothing reads: a checkpointed piece's recompute runs only for its backward, which
+  // never reads the piece's output, so its last projection need not be computed (o_proj and
+  // down_proj: at Llama-3-8B shapes a 4096 x 4096 and a 4096 x 14336 product per layer and
+  // step). Without a gradient to record it is
   // Forward(x). The result's backward uses this BaseLinear, which must outlive it.
   torch::Tensor ForwardGraphOnly(const torch::Tensor& x) const;
   // Forward of several projections on one x (q, k, v; gate, up). All NF4: through
