@@ -55,5 +55,19 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
   EXPECT_GT(base.workspace_bytes, EstimateTrainingBytes(Llama3_8B(), no_ckpt, 2).workspace_bytes);
 }
 
+// A checkpointed layer keeps two [tokens, hidden] tensors on the device (its input and its
+// attention half's output); offloaded, it keeps none there (one waits in host memory).
+TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 2;
+  c.max_seq_length = 2048;
+  TrainingJobConfig offloaded = c;
+  offloaded.offload_activations = true;
+  const int64_t inputs = int64_t{32} * 2 * 2 * 2048 * 4096 * 2;  // 32 layers x 2 bf16 tensors
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes -
+                EstimateTrainingBytes(Llama3_8B(), offloaded, 2).activation_bytes,
+            inputs);
+}
+
 }  // namespace
 }  // namespace lorad::engine
