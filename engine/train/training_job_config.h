@@ -61,7 +61,8 @@ struct TrainingJobConfig {
   // With gradient_checkpointing: the last N decoder layers keep their activations instead
   // (ForwardOptions::checkpoint_skip_last), so backward skips their recompute. Each costs one
   // layer's activations and saves its recompute: at Llama-3-8B shapes and 2 x 2048 tokens about
-  // 0.4 GiB and 1.7 ms of a 343 ms step per layer (bench/results/2026-12-02-h200-trainer-8b-*).
+  // 0.35 GiB and 2 ms of a 343 ms step per layer
+  // (bench/results/2026-12-04-h200-trainer-8b-ab-checkpoint-halves.txt).
   int64_t keep_activations_layers = 0;
   uint64_t seed = 3407;
 
