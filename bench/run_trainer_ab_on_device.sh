@@ -11,7 +11,9 @@
 #
 # env: AB_ROUNDS (default 2), BENCH_SHAPE (default 8b), BENCH_DATE. Batch 2 x 2048 tokens, r=16
 # on all seven projections, 8-bit AdamW, gradient checkpointing: issue 4's benchmark setting.
-# Writes $OUT/<date>-h200-trainer-<shape>-ab.txt and the two build logs. Never asserts a timing.
+# Writes $OUT/<date>-h200-trainer-<shape>-ab.txt (with every step's loss, and whether the first
+# round's losses of the two sides are equal: the same data and seed, so a change meant to keep the
+# numerics shows them identical) and the two build logs. Never asserts a timing.
 set -uo pipefail
 OUT=${OUT:-/tmp/lorad-trainer-ab-out}
 DATE=${BENCH_DATE:-$(date +%F)}
@@ -41,7 +43,7 @@ if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
       timeout 150 /tmp/trainer_bench-$side --model="$MODEL" --data="$WORK/train.jsonl" \
         --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 --warmup=3 --steps=8 \
         --gradient_checkpointing=1 --output_dir="$WORK/out-$side" 2>&1 |
-        grep -E "RESULT|tokens/s|rror" | sed "s/^RESULT /RESULT variant=$side /" \
+        grep -E "RESULT|tokens/s|rror|^step " | sed "s/^RESULT /RESULT variant=$side /" \
         >> "$RESULT" || echo "!! exit ${PIPESTATUS[0]}" >> "$RESULT"
       log "$side round $round done"
     done
@@ -49,14 +51,30 @@ if [ "$NEW_RC" = 0 ] && [ "$OLD_RC" = 0 ]; then
   "$PY" - "$RESULT" >> "$RESULT" << 'PYEOF'
 import re, sys
 steps = {"old": [], "new": []}
+losses = {"old": [], "new": []}  # each run's per-step losses, in order
+side = None
 for line in open(sys.argv[1]):
-    if line.startswith("RESULT variant=") and "bench=train" in line:
+    if line.startswith("== "):
+        side = line.split()[1].rstrip(",")
+        losses[side].append([])
+    elif line.startswith("step ") and side:
+        m = re.search(r"loss (\S+)", line)
+        if m:
+            losses[side][-1].append(float(m.group(1)))
+    elif line.startswith("RESULT variant=") and "bench=train" in line:
         kv = dict(re.findall(r"(\w+)=(\S+)", line))
         steps[kv["variant"]].append(float(kv["step_ms"]))
 if steps["old"] and steps["new"]:
     old = sum(steps["old"]) / len(steps["old"])
     new = sum(steps["new"]) / len(steps["new"])
     print(f"\nmedian step ms: old {steps['old']}, new {steps['new']}; tokens/s new / old {old / new:.3f}")
+# The same data and seed on both sides: a change meant to keep the numerics shows equal losses.
+if losses["old"] and losses["new"] and losses["old"][0] and losses["new"][0]:
+    a, b = losses["old"][0], losses["new"][0]
+    n = min(len(a), len(b))
+    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a[:n], b[:n]))
+    same = "identical" if a[:n] == b[:n] else f"differ, at most {worst:.2e} relative"
+    print(f"losses of round 1, {n} steps, old vs new: {same}")
 PYEOF
 fi
 log done
