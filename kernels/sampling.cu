@@ -237,9 +237,10 @@ __device__ __forceinline__ V ReadFromBlock(V* value, unsigned rank) {
 
 // One row per cluster of gridDim.x blocks (grid: split x batch), each block a contiguous slice of
 // the row in id order; the blocks exchange their argmax candidates and their masses through
-// distributed shared memory. A row of 128k logits read by one block took 15 us at batch 1 (one
-// SM's bandwidth); split over 8 SMs it is a few. Every value combined is an integer (packed keys,
-// fixed-point masses), so the split changes no result.
+// distributed shared memory. A row of 128k logits read by one block took 15.4 us at batch 1 (one
+// SM's bandwidth); split over 8 SMs 6.0 us (ncu, H200; bench/results/
+// 2026-12-04-h200-generation-8b-ab-sampler-clusters.txt). Every value combined is an integer
+// (packed keys, fixed-point masses), so the split changes no result.
 __global__ void __launch_bounds__(kRowThreads)
     draw_kernel(const float* __restrict__ logits, int64_t vocab,
                 const SamplingRow* __restrict__ rows, int32_t* __restrict__ tokens) {
