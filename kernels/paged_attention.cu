@@ -299,10 +299,7 @@ const char* LaunchHeads(const void* q, const void* k_pool, const void* v_pool,
   std::call_once(once, [&] {
     opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kShared));
-    cudaFuncAttributes attributes{};
-    merges_splits = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-                    attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
-    cudaGetLastError();
+    merges_splits = HasClusterCode(kernel);
   });
   if (opt_in != cudaSuccess) return cudaGetErrorString(opt_in);
   const auto launch = [&](unsigned splits) {

@@ -50,6 +50,17 @@ inline int SmCount() {
   return sms;
 }
 
+// Whether the code of `kernel` that runs on this device has thread-block clusters: built for
+// sm_90 or later, which also says the device has them. Asks the driver: callers keep the answer.
+template <typename... Params>
+bool HasClusterCode(void (*kernel)(Params...)) {
+  cudaFuncAttributes attributes{};
+  const bool clustered = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+                         attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+  cudaGetLastError();
+  return clustered;
+}
+
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) in clusters of `cluster`
 // blocks (1 x 1 x 1: none; sm_90), with programmatic stream serialization when `overlapped`;
 // where the device or driver refuses that, launches without it.

@@ -15,7 +15,6 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <mutex>
 
 #include "kernels/programmatic_launch.cuh"
 #include "kernels/sampling.h"
@@ -382,16 +381,7 @@ const char* sampling_draw_cuda(const float* logits, int64_t batch, int64_t vocab
                                const SamplingRow* rows, int32_t* tokens, void* stream) {
   if (batch <= 0 || vocab <= 0) return nullptr;
   if (batch > kMaxDrawRows) return "sampling_draw_cuda: more than 65535 rows in one launch";
-  // Clusters only where the code that runs has them (built for sm_90 or later, which also says
-  // the device has clusters).
-  static std::once_flag once;
-  static bool clustered = false;
-  std::call_once(once, [] {
-    cudaFuncAttributes attributes{};
-    clustered = cudaFuncGetAttributes(&attributes, draw_kernel) == cudaSuccess &&
-                attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
-    cudaGetLastError();
-  });
+  static const bool clustered = HasClusterCode(draw_kernel);
   // Blocks per row: up to kMaxDrawSplit while the grid stays within two blocks an SM.
   unsigned split = 1;
   while (clustered && split < kMaxDrawSplit && batch * split * 2 <= 2 * SmCount()) split *= 2;
