@@ -180,6 +180,18 @@ void JobRunner::Loop() {
 }
 
 void JobRunner::StartNextJob() {
+  {
+    // The engine frees a job's memory before its last event reaches pending_; while that event
+    // waits, the store still says the job runs. Handle it first (it looks again after), so the
+    // store never shows a job started in memory that a finished one still holds there.
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Pending& p : pending_) {
+      if (p.event.kind == TrainingEvent::Kind::kFinished ||
+          p.event.kind == TrainingEvent::Kind::kFailed) {
+        return;
+      }
+    }
+  }
   auto next = store_.NextQueued();
   if (!next.ok() || !next->has_value()) return;
   const JobRecord job = **next;

@@ -303,8 +303,9 @@ def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_late
         seen_waiting = False
         deadline = time.time() + 120
         while time.time() < deadline:
-            got = {j: train.GetJob(tpb.GetJobRequest(job_id=j), timeout=10).state
-                   for j in (a.id, b.id)}
+            # One ListJobs answer is one snapshot of the store: two GetJob calls could straddle
+            # the moment the first job ends and the second starts, and see both running.
+            got = {j.id: j.state for j in train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs}
             assert not (got[a.id] == got[b.id] == tpb.JOB_STATE_RUNNING), \
                 "two jobs ran at once beyond the memory budget"
             seen_waiting |= got[a.id] == tpb.JOB_STATE_RUNNING and got[b.id] == tpb.JOB_STATE_QUEUED
@@ -316,6 +317,9 @@ def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_late
             _, states, steps = watch_until_done(train, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
             assert len(steps) == 30
+        first, second = (train.GetJob(tpb.GetJobRequest(job_id=j.id), timeout=10) for j in (a, b))
+        assert second.started.ToMilliseconds() >= first.finished.ToMilliseconds(), \
+            (first, second)
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
