@@ -239,8 +239,7 @@ def test_two_jobs_train_at_once_with_the_losses_of_each_alone(tmp_path, stubs):
         deadline = time.time() + 60
         both = False
         while time.time() < deadline and not both:
-            got = {j: train.GetJob(tpb.GetJobRequest(job_id=j), timeout=10).state
-                   for j in (a.id, b.id, c.id)}
+            got = {j.id: j.state for j in train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs}
             both = got[a.id] == got[b.id] == tpb.JOB_STATE_RUNNING
             if both:
                 assert got[c.id] == tpb.JOB_STATE_QUEUED, "a third job must wait for a slot"
