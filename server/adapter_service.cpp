@@ -19,8 +19,8 @@ absl::Status CheckName(const std::string& name) {
   if (name.size() > 128) return absl::InvalidArgumentError("name: longer than 128 characters");
   for (char c : name) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "name: '", name, "' may hold only letters, digits, '-', '_' and '.'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("name: '", name, "' may hold only letters, digits, '-', '_' and '.'"));
     }
   }
   return absl::OkStatus();
@@ -52,7 +52,8 @@ grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerConte
                                                        const lorad::v1::ListAdaptersRequest*,
                                                        lorad::v1::ListAdaptersResponse* response) {
   if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok()) return FinishUnary(context, s);
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok())
+      return FinishUnary(context, s);
   }
   for (const auto& info : engine_.adapters().List()) ToProto(info, response->add_adapters());
   return FinishUnary(context, absl::OkStatus());
@@ -62,11 +63,13 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
                                                       const lorad::v1::LoadAdapterRequest* request,
                                                       lorad::v1::Adapter* response) {
   if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
+      return FinishUnary(context, s);
   }
   if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
   if (request->path().empty()) {
-    return FinishUnary(context, absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
+    return FinishUnary(context,
+                       absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
   }
   auto folder = ResolveInsideRoot(adapter_root_, request->path(), "path");
   if (!folder.ok()) return FinishUnary(context, folder.status());
@@ -82,12 +85,14 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     grpc::CallbackServerContext* context, const lorad::v1::UnloadAdapterRequest* request,
     lorad::v1::UnloadAdapterResponse* response) {
   if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
+      return FinishUnary(context, s);
   }
   if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
   std::optional<int64_t> version;
   if (request->version() < 0) {
-    return FinishUnary(context, absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
+    return FinishUnary(context,
+                       absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
   }
   if (request->version() > 0) version = request->version();
   for (const auto& info : engine_.adapters().List()) {

@@ -15,7 +15,7 @@ struct LoraConfig {
   double alpha = 16;
   double dropout = 0;
   // Short projection names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
-  std::vector<std::string> target_modules = {"q_proj", "k_proj",    "v_proj",  "o_proj",
+  std::vector<std::string> target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
   std::string base_model_name_or_path;

@@ -14,8 +14,8 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/durable_file.h"
 #include "absl/strings/str_join.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {

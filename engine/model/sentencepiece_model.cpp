@@ -23,9 +23,9 @@ bool ReadVarint(const std::string& s, size_t* pos, uint64_t* value) {
 
 struct Field {
   uint32_t number = 0;
-  uint64_t varint = 0;  // wire type 0
-  uint32_t fixed32 = 0; // wire type 5
-  std::string payload;  // wire type 2
+  uint64_t varint = 0;   // wire type 0
+  uint32_t fixed32 = 0;  // wire type 5
+  std::string payload;   // wire type 2
   bool is_bytes = false;
 };
 
@@ -93,9 +93,10 @@ std::string SentencePieceModel::LoadFromSerialized(const std::string& bytes) {
   for (const Field& f : fields) {
     if (f.number == 2 && f.is_bytes) {  // ModelProto.trainer_spec
       std::vector<Field> spec;
-      if (!ReadFields(f.payload, &spec)) return "not a sentencepiece model (malformed trainer_spec)";
+      if (!ReadFields(f.payload, &spec))
+        return "not a sentencepiece model (malformed trainer_spec)";
       for (const Field& g : spec) {
-        if (g.number == 3 && !g.is_bytes) model_type = g.varint;        // model_type
+        if (g.number == 3 && !g.is_bytes) model_type = g.varint;       // model_type
         if (g.number == 35 && !g.is_bytes) byte_fallback_ = g.varint;  // byte_fallback
       }
     }
@@ -186,7 +187,8 @@ std::vector<int> SentencePieceModel::Encode(const std::string& text) const {
     if (it == mergeable_.end()) return;
     agenda.push({scores_[it->second], left, right, size});
   };
-  for (size_t i = 1; i < symbols.size(); ++i) consider(static_cast<int>(i) - 1, static_cast<int>(i));
+  for (size_t i = 1; i < symbols.size(); ++i)
+    consider(static_cast<int>(i) - 1, static_cast<int>(i));
 
   while (!agenda.empty()) {
     const Candidate top = agenda.top();

@@ -41,10 +41,10 @@ class SentencePieceModel {
 
  private:
   std::vector<Piece> pieces_;
-  std::vector<float> scores_;                         // indexed by id
-  std::unordered_map<std::string, int> mergeable_;    // normal + user-defined pieces -> id
-  std::vector<std::string> user_defined_;             // longest first
-  std::array<int, 256> byte_ids_{};                   // -1 where the model has no <0xXX>
+  std::vector<float> scores_;                       // indexed by id
+  std::unordered_map<std::string, int> mergeable_;  // normal + user-defined pieces -> id
+  std::vector<std::string> user_defined_;           // longest first
+  std::array<int, 256> byte_ids_{};                 // -1 where the model has no <0xXX>
   bool byte_fallback_ = false;
   int unk_id_ = 0;
 };

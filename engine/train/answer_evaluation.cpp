@@ -57,8 +57,8 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
       out.examples.push_back(std::move(e));
     }
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("answering held-out prompts: ",
-                                            e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("answering held-out prompts: ", e.what_without_backtrace()));
   }
   if (!out.examples.empty()) {
     const double n = static_cast<double>(out.examples.size());

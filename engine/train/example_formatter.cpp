@@ -73,9 +73,9 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
     if (chat.ok()) {
       f.chat_ = *std::move(chat);
     } else if (f.mode_ == Mode::kChat) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "dataset.template '", name, "': ", chat.status().message(),
-          " (other choices: auto, alpaca, raw)"));
+      return absl::InvalidArgumentError(absl::StrCat("dataset.template '", name,
+                                                     "': ", chat.status().message(),
+                                                     " (other choices: auto, alpaca, raw)"));
     }
   }
   auto settings = TokenizerSettings::Load(model_folder);

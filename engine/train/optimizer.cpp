@@ -36,10 +36,10 @@ absl::Status CheckGrad(size_t index, const torch::Tensor& param, const torch::Te
   }
   if (grad.sizes() != param.sizes() || grad.scalar_type() != torch::kFloat ||
       grad.device() != param.device()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "optimizer: parameter ", index, " (", c10::str(param.sizes()), " fp32 on ",
-        param.device().str(), ") has a gradient of ", c10::str(grad.sizes()), " ",
-        c10::toString(grad.scalar_type()), " on ", grad.device().str()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("optimizer: parameter ", index, " (", c10::str(param.sizes()), " fp32 on ",
+                     param.device().str(), ") has a gradient of ", c10::str(grad.sizes()), " ",
+                     c10::toString(grad.scalar_type()), " on ", grad.device().str()));
   }
   return absl::OkStatus();
 }
@@ -60,8 +60,8 @@ struct SavedParam {
 
 // Checks "kind" and "num_params" and groups the "params.<i>.<name>" entries by i. Any other key is
 // an error: a checkpoint from another layout must not load half-way.
-absl::StatusOr<std::vector<SavedParam>> SplitState(const OptimizerState& state,
-                                                   OptimizerKind kind, size_t num_params) {
+absl::StatusOr<std::vector<SavedParam>> SplitState(const OptimizerState& state, OptimizerKind kind,
+                                                   size_t num_params) {
   auto scalar = [&](const std::string& key) -> absl::StatusOr<int64_t> {
     auto it = state.find(key);
     if (it == state.end()) {
@@ -84,9 +84,8 @@ absl::StatusOr<std::vector<SavedParam>> SplitState(const OptimizerState& state,
   absl::StatusOr<int64_t> saved_params = scalar("num_params");
   if (!saved_params.ok()) return saved_params.status();
   if (*saved_params != static_cast<int64_t>(num_params)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("optimizer state: saved for ", *saved_params, " parameters, this optimizer has ",
-                     num_params));
+    return absl::InvalidArgumentError(absl::StrCat("optimizer state: saved for ", *saved_params,
+                                                   " parameters, this optimizer has ", num_params));
   }
   std::vector<SavedParam> out(num_params);
   for (const auto& [key, tensor] : state) {
@@ -131,26 +130,26 @@ absl::StatusOr<int64_t> TakeStep(SavedParam& saved, size_t index) {
   auto it = saved.tensors.find("step");
   if (it == saved.tensors.end()) {
     if (!saved.tensors.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "optimizer state: \"", ParamKey(index, saved.tensors.begin()->first.c_str()),
-          "\" without \"", ParamKey(index, "step"), "\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat("optimizer state: \"", ParamKey(index, saved.tensors.begin()->first.c_str()),
+                       "\" without \"", ParamKey(index, "step"), "\""));
     }
     return 0;
   }
   const torch::Tensor t = it->second;
   saved.tensors.erase(it);
   if (t.scalar_type() != torch::kInt64 || t.numel() != 1 || t.item<int64_t>() < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "optimizer state: \"", ParamKey(index, "step"), "\" must be an int64 [1] >= 1"));
+    return absl::InvalidArgumentError(absl::StrCat("optimizer state: \"", ParamKey(index, "step"),
+                                                   "\" must be an int64 [1] >= 1"));
   }
   return t.item<int64_t>();
 }
 
 absl::Status NoLeftovers(const SavedParam& saved, size_t index) {
   if (saved.tensors.empty()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("optimizer state: unexpected key \"",
-                                                 ParamKey(index, saved.tensors.begin()->first.c_str()),
-                                                 "\""));
+  return absl::InvalidArgumentError(
+      absl::StrCat("optimizer state: unexpected key \"",
+                   ParamKey(index, saved.tensors.begin()->first.c_str()), "\""));
 }
 
 // The two fields every saved optimizer state starts with.
@@ -416,9 +415,8 @@ class AdamW8bit final : public Optimizer {
     torch::Tensor& p = params_[index];
     const torch::Tensor g = p.grad().contiguous();
     st.step += 1;
-    const kernels::AdamW8bitScalars s =
-        kernels::adamw8bit_scalars(lr, options_.beta1, options_.beta2, options_.eps,
-                                   options_.weight_decay, st.step);
+    const kernels::AdamW8bitScalars s = kernels::adamw8bit_scalars(
+        lr, options_.beta1, options_.beta2, options_.eps, options_.weight_decay, st.step);
     float* param = p.data_ptr<float>();
     const float* grad = g.data_ptr<float>();
     uint8_t* q1 = st.state1.data_ptr<uint8_t>();
@@ -525,10 +523,10 @@ absl::StatusOr<std::unique_ptr<Optimizer>> MakeOptimizer(OptimizerKind kind,
       return absl::InvalidArgumentError(absl::StrCat("optimizer: parameter ", i, " is undefined"));
     }
     if (p.scalar_type() != torch::kFloat || !p.is_contiguous() || p.layout() != torch::kStrided) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "optimizer: parameter ", i, " is ", c10::toString(p.scalar_type()),
-          p.is_contiguous() ? "" : " non-contiguous",
-          "; the optimizer updates contiguous fp32 master weights"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("optimizer: parameter ", i, " is ", c10::toString(p.scalar_type()),
+                       p.is_contiguous() ? "" : " non-contiguous",
+                       "; the optimizer updates contiguous fp32 master weights"));
     }
     if (!p.is_cpu() && !p.is_cuda() && !p.is_meta()) {
       return absl::InvalidArgumentError(absl::StrCat("optimizer: parameter ", i, " is on ",

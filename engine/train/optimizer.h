@@ -5,9 +5,10 @@
 //                              p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps)
 //   AdamW8bit  ("adamw_8bit")  bitsandbytes' bnb.optim.AdamW8bit (what transformers'
 //                              optim="adamw_8bit" uses): parameters with >= min_8bit_size elements
-//                              keep m and v as 8-bit block-wise dynamic codes (kernels/adamw8bit.h);
-//                              smaller ones keep fp32 moments with bitsandbytes' 32-bit update
-//                              (p *= 1 - lr*wd; p += -lr*c2/c1 * m / (sqrt(v) + eps*c2)).
+//                              keep m and v as 8-bit block-wise dynamic codes
+//                              (kernels/adamw8bit.h); smaller ones keep fp32 moments with
+//                              bitsandbytes' 32-bit update (p *= 1 - lr*wd; p += -lr*c2/c1 * m /
+//                              (sqrt(v) + eps*c2)).
 // t counts the steps of each parameter: a parameter without .grad at a Step is skipped and its t
 // does not advance (as in torch and bitsandbytes). Moments are allocated at a parameter's first
 // update, on its device (CPU reference kernels or CUDA).

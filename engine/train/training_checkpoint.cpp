@@ -94,11 +94,11 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     fs::rename(tmp, final_path);
     if (auto s = SyncPath(output_dir); !s.ok()) return s;
   } catch (const fs::filesystem_error& e) {
-    return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
-                                            e.what()));
+    return absl::InternalError(
+        absl::StrCat("writing checkpoint ", final_path.string(), ": ", e.what()));
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
-                                            e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("writing checkpoint ", final_path.string(), ": ", e.what_without_backtrace()));
   }
   return final_path.string();
 }
@@ -134,7 +134,8 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
   const fs::path state_path = fs::path(folder) / "trainer_state.json";
   try {
     std::ifstream in(state_path);
-    if (!in) return absl::NotFoundError(absl::StrCat("checkpoint file missing: ", state_path.string()));
+    if (!in)
+      return absl::NotFoundError(absl::StrCat("checkpoint file missing: ", state_path.string()));
     const json j = json::parse(in);
     TrainerState& s = ckpt.state;
     s.step = j.at("step").get<int64_t>();
@@ -161,9 +162,9 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     rng.load_from((fs::path(folder) / "rng.pt").string());
     rng.read("cpu", ckpt.rng);
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", folder,
-                                                   ": cannot read optimizer.pt or rng.pt: ",
-                                                   e.what_without_backtrace()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", folder,
+                     ": cannot read optimizer.pt or rng.pt: ", e.what_without_backtrace()));
   }
   return ckpt;
 }

@@ -22,11 +22,11 @@
 namespace lorad::engine {
 
 struct TrainerState {
-  int64_t step = 0;              // optimizer steps completed
-  int64_t micro_batches = 0;     // micro-batches consumed: the data cursor
+  int64_t step = 0;           // optimizer steps completed
+  int64_t micro_batches = 0;  // micro-batches consumed: the data cursor
   double last_loss = 0;
-  double best_train_loss = 0;    // valid once step > 0
-  double best_eval_loss = 0;     // valid when has_eval
+  double best_train_loss = 0;  // valid once step > 0
+  double best_eval_loss = 0;   // valid when has_eval
   bool has_eval = false;
   int64_t evals_without_improvement = 0;
 };

@@ -54,9 +54,9 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(const std::string& p
   }
   skipped += (*reader)->skipped();
   if (out.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": no usable training example (", skipped, " records skipped, ", dropped,
-        " without a trained token after truncation to max_seq_length)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": no usable training example (", skipped, " records skipped, ", dropped,
+                     " without a trained token after truncation to max_seq_length)"));
   }
   return out;
 }
@@ -105,8 +105,8 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
     if (!v.ok()) return v.status();
     validation = *std::move(v);
   }
-  auto data = FromExamples(*std::move(examples), std::move(validation), config, max_seq_length,
-                           seed);
+  auto data =
+      FromExamples(*std::move(examples), std::move(validation), config, max_seq_length, seed);
   if (!data.ok()) return data.status();
   data->skipped_records_ = skipped;
   data->dropped_ = dropped;
@@ -126,9 +126,9 @@ absl::StatusOr<TrainingData> TrainingData::FromExamples(std::vector<TokenizedExa
     const int64_t held =
         std::max<int64_t>(1, std::llround(config.validation_fraction * static_cast<double>(n)));
     if (held >= n) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "dataset.validation_fraction ", config.validation_fraction, " of ", n,
-          " examples leaves none for training"));
+      return absl::InvalidArgumentError(absl::StrCat("dataset.validation_fraction ",
+                                                     config.validation_fraction, " of ", n,
+                                                     " examples leaves none for training"));
     }
     const std::vector<int64_t> order = Permutation(n, seed, kSplitStream);
     std::vector<bool> is_validation(static_cast<size_t>(n), false);
@@ -160,8 +160,7 @@ std::vector<int64_t> TrainingData::MicroBatch(int64_t k, int64_t micro_batch_siz
     order = Permutation(n, seed_, static_cast<uint64_t>(epoch));
   }
   std::vector<int64_t> rows;
-  for (int64_t i = index * micro_batch_size; i < std::min(n, (index + 1) * micro_batch_size);
-       ++i) {
+  for (int64_t i = index * micro_batch_size; i < std::min(n, (index + 1) * micro_batch_size); ++i) {
     rows.push_back(shuffle_ ? order[static_cast<size_t>(i)] : i);
   }
   return rows;

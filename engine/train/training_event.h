@@ -14,10 +14,10 @@
 namespace lorad::engine {
 
 struct StepMetrics {
-  int64_t step = 0;         // 1-based optimizer step just completed
-  int64_t total_steps = 0;  // planned optimizer steps
-  double epoch = 0;         // fractional passes over the training split so far
-  double loss = 0;          // token-weighted mean loss over the step's micro-batches
+  int64_t step = 0;          // 1-based optimizer step just completed
+  int64_t total_steps = 0;   // planned optimizer steps
+  double epoch = 0;          // fractional passes over the training split so far
+  double loss = 0;           // token-weighted mean loss over the step's micro-batches
   double learning_rate = 0;  // the rate this step used
   double grad_norm = 0;      // global L2 norm of the LoRA gradients before clipping
   int64_t tokens = 0;        // input tokens (padding excluded) in this step

@@ -18,9 +18,9 @@
 namespace lorad::engine {
 
 struct TrainingMemoryEstimate {
-  int64_t lora_bytes = 0;         // weights + gradients + optimizer state
-  int64_t activation_bytes = 0;   // kept for backward, plus one layer's working set
-  int64_t workspace_bytes = 0;    // dequantized base weights, logits chunk
+  int64_t lora_bytes = 0;        // weights + gradients + optimizer state
+  int64_t activation_bytes = 0;  // kept for backward, plus one layer's working set
+  int64_t workspace_bytes = 0;   // dequantized base weights, logits chunk
   int64_t total() const { return lora_bytes + activation_bytes + workspace_bytes; }
 };
 

@@ -51,9 +51,9 @@ class GpuBuffer {
 }  // namespace lorad::kernels::gpu_test
 
 // A launcher's result (nullptr or an error string), then the kernel's own completion.
-#define LORAD_ASSERT_LAUNCH(expr)                                     \
-  do {                                                                \
-    const char* lorad_err_ = (expr);                                  \
+#define LORAD_ASSERT_LAUNCH(expr)                                      \
+  do {                                                                 \
+    const char* lorad_err_ = (expr);                                   \
     ASSERT_TRUE(lorad_err_ == nullptr) << #expr << ": " << lorad_err_; \
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << #expr;         \
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << #expr;          \
   } while (0)

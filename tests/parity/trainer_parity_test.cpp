@@ -67,11 +67,11 @@ TEST_P(TrainerParity, LossCurveAndFinalWeightsEqualPeft) {
 
   std::vector<StepMetrics> steps;
   TrainingSummary summary;
-  auto trainer = Trainer::Create(**model, **tokenizer, model_dir, config,
-                                 [&](const TrainingEvent& e) {
-                                   if (e.kind == TrainingEvent::Kind::kStep) steps.push_back(e.step);
-                                   if (e.kind == TrainingEvent::Kind::kFinished) summary = e.summary;
-                                 });
+  auto trainer =
+      Trainer::Create(**model, **tokenizer, model_dir, config, [&](const TrainingEvent& e) {
+        if (e.kind == TrainingEvent::Kind::kStep) steps.push_back(e.step);
+        if (e.kind == TrainingEvent::Kind::kFinished) summary = e.summary;
+      });
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   ASSERT_TRUE((*trainer)->Run().ok());
 

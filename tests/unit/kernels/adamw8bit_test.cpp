@@ -22,7 +22,11 @@ struct State {
   std::vector<uint8_t> q1, q2;
   std::vector<float> absmax1, absmax2;
   explicit State(int64_t n)
-      : param(n), grad(n), q1(n, 0), q2(n, 0), absmax1((n + 255) / 256, 0.f),
+      : param(n),
+        grad(n),
+        q1(n, 0),
+        q2(n, 0),
+        absmax1((n + 255) / 256, 0.f),
         absmax2((n + 255) / 256, 0.f) {}
   double m(int64_t i) const { return kDynamicMapSigned[q1[i]] * absmax1[i / 256]; }
   double v(int64_t i) const { return kDynamicMapUnsigned[q2[i]] * absmax2[i / 256]; }
@@ -46,7 +50,8 @@ TEST(AdamW8bit, CodeIndexIsTheNearestCode) {
       const uint8_t got = dynamic_code_index(code, is_signed ? -1.f : 0.f, v);
       float best = std::numeric_limits<float>::infinity();
       for (int c = 0; c < 256; ++c) best = std::fmin(best, std::fabs(code[c] - v));
-      EXPECT_LE(std::fabs(code[got] - v), best * (1 + 1e-6f)) << "x " << v << " signed " << is_signed;
+      EXPECT_LE(std::fabs(code[got] - v), best * (1 + 1e-6f))
+          << "x " << v << " signed " << is_signed;
     }
   }
 }
@@ -66,7 +71,8 @@ TEST(AdamW8bit, TwoStepsFollowAdamWOnTheDequantizedMoments) {
       const double g = before.grad[i];
       const double m = kBeta1 * before.m(i) + (1 - kBeta1) * g;
       const double v = kBeta2 * before.v(i) + (1 - kBeta2) * g * g;
-      const double p = before.param[i] * (1 - kLr * kWd) - kLr * c2 / c1 * m / (std::sqrt(v) + kEps * c2);
+      const double p =
+          before.param[i] * (1 - kLr * kWd) - kLr * c2 / c1 * m / (std::sqrt(v) + kEps * c2);
       EXPECT_NEAR(s.param[i], p, 1e-6 * std::fabs(p) + 1e-7) << "step " << step << " i " << i;
       // Half the widest gap between neighbouring codes near +-1 (the coarsest part of both maps).
       EXPECT_NEAR(s.m(i), m, 0.0075 * s.absmax1[i / 256] + 1e-12) << "step " << step << " i " << i;

@@ -23,12 +23,14 @@ struct Adapters {
   LoraAdapterTable Table() const {
     int32_t max_rank = 0;
     for (int32_t r : rank) max_rank = std::max(max_rank, r);
-    return {a_ptr.data(), b_ptr.data(), rank.data(), scale.data(),
-            static_cast<int32_t>(rank.size()), max_rank};
+    return {
+        a_ptr.data(), b_ptr.data(), rank.data(), scale.data(), static_cast<int32_t>(rank.size()),
+        max_rank};
   }
 };
 
-Adapters MakeAdapters(const std::vector<int32_t>& ranks, int64_t in, int64_t out, std::mt19937& rng) {
+Adapters MakeAdapters(const std::vector<int32_t>& ranks, int64_t in, int64_t out,
+                      std::mt19937& rng) {
   std::normal_distribution<float> normal(0.f, 0.1f);
   Adapters ad;
   for (const int32_t r : ranks) {
@@ -143,7 +145,7 @@ TEST(LoraBgmv, Bf16IsTheFp32ResultOfTheBf16ValuesRoundedOnce) {
 
 TEST(Bfloat16, RoundsToNearestEven) {
   EXPECT_EQ(float_to_bf16(1.0f), 0x3f80);
-  EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 1.0f / 256)), 1.0f);  // tie, to even
+  EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 1.0f / 256)), 1.0f);               // tie, to even
   EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 3.0f / 256)), 1.0f + 4.0f / 256);  // tie, to even
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
 }

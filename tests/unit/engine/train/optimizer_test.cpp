@@ -14,7 +14,7 @@ namespace {
 std::vector<torch::Tensor> LoraShapedParams() {
   // r=16 on q, k, v, o, gate, up, down of one Llama-3-8B layer: A [16, in], B [out, 16].
   const std::vector<std::pair<int64_t, int64_t>> in_out = {
-      {4096, 4096}, {4096, 1024}, {4096, 1024}, {4096, 4096},
+      {4096, 4096},  {4096, 1024},  {4096, 1024}, {4096, 4096},
       {4096, 14336}, {4096, 14336}, {14336, 4096}};
   std::vector<torch::Tensor> params;
   torch::manual_seed(0);
