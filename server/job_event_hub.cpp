@@ -24,7 +24,7 @@ void JobEventHub::Publish(const lorad::v1::JobEvent& event) {
 bool HistoryHolds(const WatchHistory& history, const lorad::v1::JobEvent& live) {
   if (live.has_step()) return live.step().step() <= history.last_step;
   if (live.has_state()) return live.state() == history.last_state;
-  return false;
+  return history.stored.count(live.SerializeAsString()) > 0;
 }
 
 }  // namespace lorad::server

@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include "lorad/v1/training.pb.h"
@@ -40,10 +41,11 @@ class JobEventHub {
 struct WatchHistory {
   int64_t last_step = -1;  // the history's last step, -1 for none
   lorad::v1::JobState last_state = lorad::v1::JOB_STATE_UNSPECIFIED;  // its last state event
+  std::set<std::string> stored;  // the stored events it replayed, serialized as published
 };
 
-// Whether `live` (an event that arrived while the history was read) is already in it: a step up
-// to its last one, or its last state again.
+// Whether `live` (an event published after the history's store read began) is already in it: a
+// step up to its last one, its last state again, or a stored event it replayed.
 bool HistoryHolds(const WatchHistory& history, const lorad::v1::JobEvent& live);
 
 }  // namespace lorad::server

@@ -284,11 +284,17 @@ void JobRunner::Handle(const Pending& p) {
     case TrainingEvent::Kind::kEval:
       out.mutable_eval()->set_step(e.eval.step);
       out.mutable_eval()->set_validation_loss(e.eval.loss);
+      // Kept with the job (WatchJob replays it later), then published.
+      (void)store_.AppendEvent(
+          p.job_id, {e.eval.step, lorad::v1::JobEvent::kEvalFieldNumber, out.SerializeAsString()});
       events_.Publish(out);
       return;
     case TrainingEvent::Kind::kCheckpoint:
       out.mutable_checkpoint()->set_step(e.checkpoint.step);
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
+      (void)store_.AppendEvent(p.job_id,
+                               {e.checkpoint.step, lorad::v1::JobEvent::kCheckpointFieldNumber,
+                                out.SerializeAsString()});
       events_.Publish(out);
       return;
     case TrainingEvent::Kind::kFinished:
@@ -316,7 +322,6 @@ void JobRunner::Handle(const Pending& p) {
                          " failed: ", version.status().message()));
     return;
   }
-  if (!store_.MarkSucceeded(p.job_id, *version).ok()) return;
   auto* summary = out.mutable_finished();
   summary->set_runtime_seconds(e.summary.runtime_s);
   summary->set_final_loss(e.summary.final_loss);
@@ -332,6 +337,15 @@ void JobRunner::Handle(const Pending& p) {
   summary->set_trained_tokens(tokens);  // in this process (a resumed job counts from its restart)
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);
+  summary->set_skipped_lines(e.summary.skipped_records);
+  // The summary is stored with the state change (GetJob and a later WatchJob return it).
+  if (!store_
+           .MarkSucceeded(p.job_id, *version,
+                          {e.summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber,
+                           out.SerializeAsString()})
+           .ok()) {
+    return;  // cancelled meanwhile: CancelJob stored and published that
+  }
   events_.Publish(out);
   events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, NowMs()));
 }

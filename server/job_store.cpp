@@ -12,6 +12,8 @@
 namespace lorad::server {
 namespace {
 
+// Tables added since (job_events) are created by kSchema's IF NOT EXISTS: an older database
+// gains them on open, and an older lorad that opens a newer database ignores them.
 constexpr int kSchemaVersion = 1;
 
 constexpr const char* kSchema = R"sql(
@@ -36,6 +38,12 @@ CREATE TABLE IF NOT EXISTS job_steps (
   epoch REAL, loss REAL, learning_rate REAL, grad_norm REAL, tokens_per_second REAL,
   step_seconds REAL, elapsed_seconds REAL, eta_seconds REAL,
   PRIMARY KEY (job_id, step)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_events (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL,
+  kind INTEGER NOT NULL,                -- the lorad.v1.JobEvent field number
+  event BLOB NOT NULL,                  -- serialized lorad.v1.JobEvent
+  PRIMARY KEY (job_id, step, kind)) WITHOUT ROWID;
 )sql";
 
 constexpr const char* kJobColumns =
@@ -295,6 +303,12 @@ absl::Status JobStore::Transition(const std::string& id, const std::vector<JobSt
                                   JobState to, const std::string& extra_set_sql,
                                   const std::string& error, int64_t number) {
   std::lock_guard<std::mutex> lock(mu_);
+  return TransitionLocked(id, from, to, extra_set_sql, error, number);
+}
+
+absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector<JobState>& from,
+                                        JobState to, const std::string& extra_set_sql,
+                                        const std::string& error, int64_t number) {
   auto job = GetLocked(id);
   if (!job.ok()) return job.status();
   if (std::find(from.begin(), from.end(), job->state) == from.end()) {
@@ -318,9 +332,17 @@ absl::Status JobStore::MarkRunning(const std::string& id) {
                     "", 0);
 }
 
-absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version) {
-  return Transition(id, {JobState::kRunning}, JobState::kSucceeded,
-                    "finished_ms = :now, adapter_version = :number", "", adapter_version);
+absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,
+                                     const StoredEvent& final_event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  absl::Status s =
+      TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
+                       "finished_ms = :now, adapter_version = :number", "", adapter_version);
+  if (s.ok()) s = AppendEventLocked(id, final_event);
+  if (s.ok()) s = Exec("COMMIT;");
+  if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
+  return s;
 }
 
 absl::Status JobStore::MarkFailed(const std::string& id, const std::string& error) {
@@ -376,6 +398,55 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
   }
   if (rc != SQLITE_DONE) return s.status();
   return steps;
+}
+
+absl::Status JobStore::AppendEvent(const std::string& id, const StoredEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return AppendEventLocked(id, event);
+}
+
+absl::Status JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event) {
+  Statement s(db_,
+              "INSERT OR REPLACE INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);");
+  s.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
+  s.Bind(4, event.event);
+  if (auto st = s.Run(); !st.ok()) {
+    return absl::InternalError(absl::StrCat("job '", id, "': cannot record an event of step ",
+                                            event.step, ": ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,
+                                                          int64_t from_step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "SELECT step, kind, event FROM job_events WHERE job_id = ? AND step >= ? ORDER BY "
+              "step, kind;");
+  s.BindText(1, id).Bind(2, from_step);
+  std::vector<StoredEvent> events;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    events.push_back({s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)});
+  }
+  if (rc != SQLITE_DONE) return s.status();
+  return events;
+}
+
+absl::StatusOr<std::optional<StoredEvent>> JobStore::LastEvent(const std::string& id,
+                                                               int32_t kind) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "SELECT step, kind, event FROM job_events WHERE job_id = ? AND kind = ? ORDER BY "
+              "step DESC LIMIT 1;");
+  s.BindText(1, id).Bind(2, static_cast<int64_t>(kind));
+  const int rc = s.Step();
+  if (rc == SQLITE_ROW) {
+    return std::optional<StoredEvent>(
+        StoredEvent{s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)});
+  }
+  if (rc == SQLITE_DONE) return std::optional<StoredEvent>();
+  return s.status();
 }
 
 absl::StatusOr<std::vector<std::string>> JobStore::RecoverAfterRestart() {

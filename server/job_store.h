@@ -56,6 +56,16 @@ struct StepRecord {
   double eta_seconds = 0;
 };
 
+// An event kept beside a job's steps and states: an evaluation, a checkpoint or the final
+// summary, as a serialized lorad.v1.JobEvent the store does not read. `kind` (the JobEvent field
+// number) orders the events of one step; a resumed job that reports the same (step, kind) again
+// replaces the row.
+struct StoredEvent {
+  int64_t step = 0;
+  int32_t kind = 0;
+  std::string event;
+};
+
 struct JobPage {
   std::vector<JobRecord> jobs;
   std::string next_page_token;  // empty on the last page
@@ -82,7 +92,10 @@ class JobStore {
   // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
   // the transition is not allowed (e.g. starting a cancelled job).
   absl::Status MarkRunning(const std::string& id);
-  absl::Status MarkSucceeded(const std::string& id, int64_t adapter_version);
+  // Also stores `final_event` (the job's summary) in the same transaction, so a job that reads
+  // as succeeded always has its summary.
+  absl::Status MarkSucceeded(const std::string& id, int64_t adapter_version,
+                             const StoredEvent& final_event);
   absl::Status MarkFailed(const std::string& id, const std::string& error);
   // Cancels a queued or running job; returns the record after the call. Cancelling a job that
   // already ended changes nothing.
@@ -91,6 +104,12 @@ class JobStore {
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
   // Steps with step >= from_step, in order.
   absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step);
+
+  absl::Status AppendEvent(const std::string& id, const StoredEvent& event);
+  // Events with step >= from_step, by step, then kind.
+  absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step);
+  // The event of `kind` with the highest step; nullopt when there is none.
+  absl::StatusOr<std::optional<StoredEvent>> LastEvent(const std::string& id, int32_t kind);
 
   // After a restart: every running job goes back to queued (to resume from its checkpoint).
   // Returns their ids.
@@ -105,6 +124,10 @@ class JobStore {
   absl::Status Transition(const std::string& id, const std::vector<JobState>& from, JobState to,
                           const std::string& extra_set_sql, const std::string& error,
                           int64_t number);
+  absl::Status TransitionLocked(const std::string& id, const std::vector<JobState>& from,
+                                JobState to, const std::string& extra_set_sql,
+                                const std::string& error, int64_t number);
+  absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
 
   std::mutex mu_;

@@ -50,6 +50,11 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       FinishNow(steps.status());
       return;
     }
+    auto stored = store.Events(request.job_id(), request.from_step());
+    if (!stored.ok()) {
+      FinishNow(stored.status());
+      return;
+    }
 
     std::lock_guard<std::mutex> lock(mu_);
     std::deque<JobEvent> history;
@@ -59,13 +64,26 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     }
     history_.last_state =
         ToProtoState(record->started_ms > 0 ? JobState::kRunning : JobState::kQueued);
+    // Steps and the stored events (evaluations, checkpoints, the summary) merged by step: a
+    // step's own events follow it.
+    auto next_stored = stored->begin();
+    auto add_stored_through = [&](int64_t step) {
+      for (; next_stored != stored->end() && next_stored->step <= step; ++next_stored) {
+        JobEvent e;
+        if (!e.ParseFromString(next_stored->event)) continue;  // unreadable: not replayed
+        history_.stored.insert(next_stored->event);
+        history.push_back(std::move(e));
+      }
+    };
     for (const auto& s : *steps) {
+      add_stored_through(s.step - 1);
       JobEvent e;
       e.set_job_id(record->id);
       *e.mutable_step() = ToProtoStep(s);
       history.push_back(e);
       history_.last_step = s.step;
     }
+    add_stored_through(INT64_MAX);
     if (IsTerminal(record->state)) {
       JobEvent end = StateEvent(record->id, record->state, record->finished_ms);
       if (record->state == JobState::kFailed) {
@@ -77,9 +95,14 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       history.push_back(end);
       history_.last_state = end.state();
       live_.clear();  // the job is over: nothing live can follow
+      closed_ = true;
     }
     for (auto& e : live_) {
-      if (!HistoryHolds(history_, e)) history.push_back(std::move(e));
+      if (closed_) break;
+      if (HistoryHolds(history_, e)) continue;
+      if (e.has_state()) history_.last_state = e.state();
+      if (IsEnd(e)) closed_ = true;
+      history.push_back(std::move(e));
     }
     queue_ = std::move(history);
     live_.clear();
@@ -121,7 +144,13 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       live_.push_back(e);
       return;
     }
-    if (live && e.has_step() && HistoryHolds(history_, e)) return;
+    // The end was queued: the stream sends nothing after it (a failed job publishes its error
+    // and its state after storing both, so the history may hold them already).
+    if (closed_) return;
+    // Published after the history read them (the store is written first).
+    if (live && HistoryHolds(history_, e)) return;
+    if (e.has_state()) history_.last_state = e.state();
+    if (IsEnd(e)) closed_ = true;
     // A watcher that cannot keep up loses intermediate steps (they stay in the job's history)
     // rather than holding memory without bound.
     if (queue_.size() >= kMaxQueued && e.has_step()) return;
@@ -167,6 +196,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   JobEvent current_;           // the event being written (must outlive StartWrite)
   WatchHistory history_;       // what the history sent first holds
   bool history_loaded_ = false;
+  bool closed_ = false;  // the end state is queued: nothing may follow it
   bool writing_ = false;
   bool ended_ = false;
   bool finished_ = false;
@@ -218,6 +248,13 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   auto steps = store_.Steps(r.id, 0);
   if (steps.ok() && !steps->empty()) *job->mutable_last_step() = ToProtoStep(steps->back());
   if (r.state == JobState::kSucceeded) {
+    // The summary stored with the state change (none for a job that succeeded before lorad kept
+    // them: then only the adapter is known).
+    auto stored = store_.LastEvent(r.id, JobEvent::kFinishedFieldNumber);
+    JobEvent finished;
+    if (stored.ok() && stored->has_value() && finished.ParseFromString((*stored)->event)) {
+      *job->mutable_summary() = finished.finished();
+    }
     job->mutable_summary()->set_adapter_name(r.adapter_name);
     job->mutable_summary()->set_adapter_version(r.adapter_version);
   }

@@ -428,6 +428,7 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   s.best_loss = state.has_eval ? state.best_eval_loss : state.best_train_loss;
   s.cancelled = cancelled;
   s.early_stopped = early_stopped;
+  s.skipped_records = data->skipped_records();
   Emit(e);
   return absl::OkStatus();
 }

@@ -47,8 +47,9 @@ struct TrainingSummary {
   bool best_is_eval = false;
   bool cancelled = false;
   bool early_stopped = false;
-  std::string adapter_path;  // the final PEFT adapter folder
-  std::string merged_path;   // the merged 16-bit model folder, when export_merged_dtype is set
+  int64_t skipped_records = 0;  // bad dataset records skipped (DatasetConfig::skip_bad_lines)
+  std::string adapter_path;     // the final PEFT adapter folder
+  std::string merged_path;      // the merged 16-bit model folder, when export_merged_dtype is set
   // With a validation split: the held-out report (loss, ROUGE-1/2/L of greedy answers), also
   // written as eval_report.json.
   bool has_eval_report = false;

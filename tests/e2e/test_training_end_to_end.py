@@ -39,6 +39,18 @@ def watch_until_done(stub, pb, job_id, timeout=300):
     return events, states, steps
 
 
+def without_times(pb, events):
+    """The events with their time stamps cleared (a state's stored time and the time it was
+    published differ by a millisecond or so)."""
+    out = []
+    for e in events:
+        copy = pb.JobEvent()
+        copy.CopyFrom(e)
+        copy.ClearField("time")
+        out.append(copy)
+    return out
+
+
 def wait_for_state(stub, pb, job_id, state, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -70,6 +82,13 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
         finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
         assert finished and finished[0].adapter_name == "qa-bot" and finished[0].adapter_version == 1
         assert finished[0].final_loss == pytest.approx(losses[-1])
+        assert finished[0].steps == 12 and finished[0].runtime_seconds > 0
+
+        # The job's record keeps it all: a later watch replays the same events, each once, and
+        # GetJob carries the summary.
+        replay, _, _ = watch_until_done(train, tpb, job.id)
+        assert without_times(tpb, replay) == without_times(tpb, events)
+        assert train.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).summary == finished[0]
 
         listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
         assert [(a.name, a.version, a.rank) for a in listed] == [("qa-bot", 1, 8)]
@@ -159,8 +178,14 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
     try:
         with grpc.insecure_channel(d.grpc_address) as channel:
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            _, states, steps = watch_until_done(stub, tpb, job.id)
+            events, states, steps = watch_until_done(stub, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            kinds = [e.WhichOneof("event") for e in events]
+            assert kinds.count("finished") == 1 and states.count(tpb.JOB_STATE_SUCCEEDED) == 1
+            checkpoints = [e.checkpoint.step for e in events if e.HasField("checkpoint")]
+            assert checkpoints == [4, 8, 12, 16], "each checkpoint once, in order, across the kill"
+            summary = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).summary
+            assert summary.steps == 16 and summary.adapter_name == "crash"
             by_step = {s.step: s.loss for s in steps}
             assert sorted(by_step) == list(range(1, 17)), "no step lost or repeated"
             resumed = [by_step[i] for i in range(1, 17)]

@@ -70,9 +70,11 @@ TEST_F(JobStoreTest, FullQueueIsResourceExhausted) {
 TEST_F(JobStoreTest, TransitionsAreChecked) {
   auto store = OpenStore();
   auto job = store->Insert("s", "a", 0, 1, 10);
-  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkSucceeded(job->id, 1)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkSucceeded(job->id, 1, {1, 7, "early"})));
+  EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value()) << "a refused change stores nothing";
   ASSERT_TRUE(store->MarkRunning(job->id).ok());
-  ASSERT_TRUE(store->MarkSucceeded(job->id, 3).ok());
+  ASSERT_TRUE(store->MarkSucceeded(job->id, 3, {1, 7, "summary"}).ok());
+  EXPECT_EQ((*store->LastEvent(job->id, 7))->event, "summary");
   auto done = store->Get(job->id);
   EXPECT_EQ(done->state, JobState::kSucceeded);
   EXPECT_EQ(done->adapter_version, 3);
@@ -113,6 +115,24 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   ASSERT_EQ(steps->size(), 2u);
   EXPECT_EQ((*steps)[0].step, 2);
   EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.5);
+}
+
+TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {
+  auto store = OpenStore();
+  auto job = store->Insert("s", "a", 0, 4, 10);
+  ASSERT_TRUE(store->AppendEvent(job->id, {4, 6, "checkpoint 4"}).ok());
+  ASSERT_TRUE(store->AppendEvent(job->id, {2, 6, "checkpoint 2"}).ok());
+  ASSERT_TRUE(store->AppendEvent(job->id, {2, 5, "eval 2"}).ok());
+  ASSERT_TRUE(store->AppendEvent(job->id, {4, 6, "checkpoint 4 again"}).ok());  // resumed
+  auto all = store->Events(job->id, 0);
+  ASSERT_TRUE(all.ok());
+  std::vector<std::string> texts;
+  for (const StoredEvent& e : *all) texts.push_back(e.event);
+  EXPECT_EQ(texts, (std::vector<std::string>{"eval 2", "checkpoint 2", "checkpoint 4 again"}));
+  EXPECT_EQ(store->Events(job->id, 3)->size(), 1u);
+  EXPECT_EQ((*store->LastEvent(job->id, 6))->event, "checkpoint 4 again");
+  EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value());
+  EXPECT_TRUE(store->Events("job-unknown", 0)->empty());
 }
 
 TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
