@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <chrono>
+#include <filesystem>
 #include <optional>
 #include <thread>
 
@@ -73,11 +74,21 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   }
   auto folder = ResolveInsideRoot(adapter_root_, request->path(), "path");
   if (!folder.ok()) return FinishUnary(context, folder.status());
-  auto version = engine_.adapters().LoadPeft(request->name(), *folder);
-  if (!version.ok()) return FinishUnary(context, version.status());
-  for (const auto& info : engine_.adapters().List()) {
-    if (info.name == request->name() && info.version == *version) ToProto(info, response);
+  // The files read from the folder must stay inside the root too: a symlink in the folder
+  // could point anywhere.
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+    const std::string inside = absl::StrCat(*folder, "/", file);
+    std::error_code ec;
+    if (!std::filesystem::exists(std::filesystem::symlink_status(inside, ec))) continue;
+    auto resolved = ResolveInsideRoot(adapter_root_, inside, "path");
+    if (!resolved.ok()) return FinishUnary(context, resolved.status());
   }
+  // The record as published: by the time List() runs, a load of the same name just after this
+  // one may already have retired this version.
+  engine::AdapterInfo published;
+  auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published);
+  if (!version.ok()) return FinishUnary(context, version.status());
+  ToProto(published, response);
   return FinishUnary(context, absl::OkStatus());
 }
 

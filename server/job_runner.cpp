@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/durable_file.h"
+#include "server/job_spec_validator.h"
 #include "server/training_service.h"
 
 namespace lorad::server {
@@ -18,23 +19,6 @@ int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-std::string FormatName(lorad::v1::DatasetFormat format) {
-  switch (format) {
-    case lorad::v1::DATASET_FORMAT_ALPACA:
-      return "alpaca";
-    case lorad::v1::DATASET_FORMAT_CHAT:
-      return "chat";
-    case lorad::v1::DATASET_FORMAT_COMPLETION:
-      return "completion";
-    case lorad::v1::DATASET_FORMAT_TEXT:
-      return "text";
-    case lorad::v1::DATASET_FORMAT_QA:
-      return "qa";
-    default:
-      return "auto";
-  }
 }
 
 lorad::v1::JobEvent EventFor(const std::string& job_id) {
@@ -50,61 +34,18 @@ lorad::v1::JobEvent EventFor(const std::string& job_id) {
 
 absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
                                                                     const std::string& output_dir) {
-  engine::TrainingJobConfig c;
-  const auto& d = spec.dataset();
-  c.output_dir = output_dir;
   std::error_code ec;
   fs::create_directories(output_dir, ec);
   if (ec)
     return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
-  if (d.inline_examples_size() > 0) {
+  engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
+  if (spec.dataset().inline_examples_size() > 0) {
     std::string jsonl;
-    for (const auto& example : d.inline_examples()) absl::StrAppend(&jsonl, example.json(), "\n");
-    c.data.path = output_dir + "/inline_dataset.jsonl";
+    for (const auto& example : spec.dataset().inline_examples()) {
+      absl::StrAppend(&jsonl, example.json(), "\n");
+    }
     if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
-  } else {
-    c.data.path = d.path();
   }
-  c.data.format = FormatName(d.format());
-  c.data.template_name = d.template_().empty() ? "auto" : d.template_();
-  c.data.response_only = !d.has_response_only() || d.response_only();
-  c.data.packing = d.packing();
-  c.data.skip_bad_lines = d.skip_bad_lines();
-  c.data.validation_fraction = d.validation_fraction();
-  c.data.validation_path = d.validation_path();
-
-  const auto& l = spec.lora();
-  if (l.r() > 0) c.lora.r = l.r();
-  if (l.alpha() > 0) c.lora.alpha = l.alpha();
-  c.lora.dropout = l.dropout();
-  if (l.target_modules_size() > 0) {
-    c.lora.target_modules.assign(l.target_modules().begin(), l.target_modules().end());
-  }
-  c.lora.use_rslora = l.use_rslora();
-
-  const auto& t = spec.training();
-  c.max_steps = t.max_steps();
-  if (t.num_epochs() > 0) c.num_epochs = t.num_epochs();
-  if (t.micro_batch_size() > 0) c.micro_batch_size = t.micro_batch_size();
-  if (t.grad_accum() > 0) c.grad_accum = t.grad_accum();
-  if (t.learning_rate() > 0) c.learning_rate = t.learning_rate();
-  c.schedule = t.schedule() == lorad::v1::LR_SCHEDULE_COSINE     ? "cosine"
-               : t.schedule() == lorad::v1::LR_SCHEDULE_CONSTANT ? "constant"
-                                                                 : "linear";
-  if (t.has_warmup_steps()) c.warmup_steps = t.warmup_steps();
-  if (t.has_weight_decay()) c.weight_decay = t.weight_decay();
-  if (t.has_max_grad_norm()) c.max_grad_norm = t.max_grad_norm();
-  c.optimizer = t.optimizer() == lorad::v1::OPTIMIZER_ADAMW ? "adamw" : "adamw_8bit";
-  if (t.max_seq_length() > 0) c.max_seq_length = t.max_seq_length();
-  c.gradient_checkpointing = !t.has_gradient_checkpointing() || t.gradient_checkpointing();
-  c.offload_activations = t.offload_activations();
-  c.keep_activations_layers = t.keep_activations_layers();
-  if (t.seed() != 0) c.seed = t.seed();
-  c.eval_every = t.eval_every();
-  c.save_every = t.save_every();
-  c.early_stopping_patience = t.early_stopping_patience();
-  c.resume = true;
-  if (spec.export_merged()) c.export_merged_dtype = "auto";  // the base checkpoint's 16/32-bit
   if (auto s = c.Validate(); !s.ok()) return s;
   return c;
 }

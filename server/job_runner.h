@@ -29,8 +29,8 @@
 
 namespace lorad::server {
 
-// The engine's view of a stored JobSpec (defaults already filled by ValidateJobSpec). Inline
-// examples are written to <output_dir>/inline_dataset.jsonl first.
+// The engine's view of a stored JobSpec (TrainingJobConfigOf), after creating `output_dir` and
+// writing the inline examples to <output_dir>/inline_dataset.jsonl.
 absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
                                                                     const std::string& output_dir);
 

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/lora/lora_config.h"
 #include "engine/train/dataset_reader.h"
+#include "engine/train/training_job_config.h"
 #include "re2/re2.h"
 #include "server/path_policy.h"
 
@@ -43,6 +44,30 @@ engine::DatasetFormat ToEngineFormat(lorad::v1::DatasetFormat f) {
     default:
       return engine::DatasetFormat::kAuto;
   }
+}
+
+std::string FormatName(lorad::v1::DatasetFormat format) {
+  switch (format) {
+    case lorad::v1::DATASET_FORMAT_ALPACA:
+      return "alpaca";
+    case lorad::v1::DATASET_FORMAT_CHAT:
+      return "chat";
+    case lorad::v1::DATASET_FORMAT_COMPLETION:
+      return "completion";
+    case lorad::v1::DATASET_FORMAT_TEXT:
+      return "text";
+    case lorad::v1::DATASET_FORMAT_QA:
+      return "qa";
+    default:
+      return "auto";
+  }
+}
+
+// An enum field holds any int32 on the wire: a number the proto does not name is refused, not
+// run as the default.
+absl::Status KnownEnum(const std::string& field, int value, bool (*is_valid)(int)) {
+  if (is_valid(value)) return absl::OkStatus();
+  return Field(field, absl::StrCat(value, " is not one of its values (see training.proto)"));
 }
 
 absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
@@ -94,6 +119,11 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
   for (const auto& s : checks) {
     if (!s.ok()) return s;
   }
+  if (auto s = KnownEnum("training.optimizer", t.optimizer(), lorad::v1::Optimizer_IsValid);
+      !s.ok())
+    return s;
+  if (auto s = KnownEnum("training.schedule", t.schedule(), lorad::v1::LrSchedule_IsValid); !s.ok())
+    return s;
   if (t.seed() == 0) t.set_seed(42);
   return absl::OkStatus();
 }
@@ -109,6 +139,12 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
   }
   if (auto s = InRange("dataset.validation_fraction", d.validation_fraction(), 0.0, 0.5); !s.ok())
     return s;
+  if (auto s = KnownEnum("dataset.format", d.format(), lorad::v1::DatasetFormat_IsValid); !s.ok())
+    return s;
+  if (d.validation_fraction() > 0 && !d.validation_path().empty()) {
+    return Field("dataset.validation_fraction",
+                 "set it or dataset.validation_path, not both (the file is the validation split)");
+  }
   engine::DatasetReaderOptions options;
   options.format = ToEngineFormat(d.format());
   options.skip_bad_lines = d.skip_bad_lines();
@@ -175,7 +211,63 @@ absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLim
   if (auto s = InRange("priority", spec.priority(), -1000, 1000); !s.ok()) return s;
   if (auto s = ValidateLora(*spec.mutable_lora()); !s.ok()) return s;
   if (auto s = ValidateTraining(*spec.mutable_training(), limits); !s.ok()) return s;
-  return ValidateDataset(*spec.mutable_dataset(), limits);
+  auto dataset = ValidateDataset(*spec.mutable_dataset(), limits);
+  if (!dataset.ok()) return dataset.status();
+  // The rules across fields (evaluation needs a validation split, early stopping needs
+  // evaluation, ...) are the trainer's own: checked here so a job that would fail at its start
+  // is refused at submission.
+  if (auto s = TrainingJobConfigOf(spec, "<job folder>").Validate(); !s.ok()) {
+    return absl::InvalidArgumentError(s.message());
+  }
+  return dataset;
+}
+
+engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::string& output_dir) {
+  engine::TrainingJobConfig c;
+  const auto& d = spec.dataset();
+  c.output_dir = output_dir;
+  c.data.path = d.inline_examples_size() > 0 ? output_dir + "/inline_dataset.jsonl" : d.path();
+  c.data.format = FormatName(d.format());
+  c.data.template_name = d.template_().empty() ? "auto" : d.template_();
+  c.data.response_only = !d.has_response_only() || d.response_only();
+  c.data.packing = d.packing();
+  c.data.skip_bad_lines = d.skip_bad_lines();
+  c.data.validation_fraction = d.validation_fraction();
+  c.data.validation_path = d.validation_path();
+
+  const auto& l = spec.lora();
+  if (l.r() > 0) c.lora.r = l.r();
+  if (l.alpha() > 0) c.lora.alpha = l.alpha();
+  c.lora.dropout = l.dropout();
+  if (l.target_modules_size() > 0) {
+    c.lora.target_modules.assign(l.target_modules().begin(), l.target_modules().end());
+  }
+  c.lora.use_rslora = l.use_rslora();
+
+  const auto& t = spec.training();
+  c.max_steps = t.max_steps();
+  if (t.num_epochs() > 0) c.num_epochs = t.num_epochs();
+  if (t.micro_batch_size() > 0) c.micro_batch_size = t.micro_batch_size();
+  if (t.grad_accum() > 0) c.grad_accum = t.grad_accum();
+  if (t.learning_rate() > 0) c.learning_rate = t.learning_rate();
+  c.schedule = t.schedule() == lorad::v1::LR_SCHEDULE_COSINE     ? "cosine"
+               : t.schedule() == lorad::v1::LR_SCHEDULE_CONSTANT ? "constant"
+                                                                 : "linear";
+  if (t.has_warmup_steps()) c.warmup_steps = t.warmup_steps();
+  if (t.has_weight_decay()) c.weight_decay = t.weight_decay();
+  if (t.has_max_grad_norm()) c.max_grad_norm = t.max_grad_norm();
+  c.optimizer = t.optimizer() == lorad::v1::OPTIMIZER_ADAMW ? "adamw" : "adamw_8bit";
+  if (t.max_seq_length() > 0) c.max_seq_length = t.max_seq_length();
+  c.gradient_checkpointing = !t.has_gradient_checkpointing() || t.gradient_checkpointing();
+  c.offload_activations = t.offload_activations();
+  c.keep_activations_layers = t.keep_activations_layers();
+  if (t.seed() != 0) c.seed = t.seed();
+  c.eval_every = t.eval_every();
+  c.save_every = t.save_every();
+  c.early_stopping_patience = t.early_stopping_patience();
+  c.resume = true;
+  if (spec.export_merged()) c.export_merged_dtype = "auto";  // the base checkpoint's 16/32-bit
+  return c;
 }
 
 int64_t TotalSteps(const JobSpec& spec, int64_t examples) {

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/train/training_job_config.h"
 #include "lorad/v1/training.pb.h"
 
 namespace lorad::server {
@@ -30,6 +31,12 @@ struct ValidatedDataset {
 // reads the dataset once to prove it parses.
 absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
                                                  const JobSpecLimits& limits);
+
+// The engine's view of a validated spec (defaults filled), for a job whose files go to
+// `output_dir`; inline examples are read from <output_dir>/inline_dataset.jsonl (the job runner
+// writes it). No file is touched here.
+engine::TrainingJobConfig TrainingJobConfigOf(const lorad::v1::JobSpec& spec,
+                                              const std::string& output_dir);
 
 // Optimizer steps the job will run: max_steps, or epochs over the examples.
 int64_t TotalSteps(const lorad::v1::JobSpec& spec, int64_t examples);

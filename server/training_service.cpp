@@ -19,6 +19,12 @@ void SetTime(google::protobuf::Timestamp* ts, int64_t ms) {
 
 absl::Status RequireJobId(const std::string& id) {
   if (id.empty()) return absl::InvalidArgumentError("job_id: is empty");
+  // Ids are "job-" and 16 hex digits; a long one is not echoed back (error details travel in
+  // gRPC metadata, which has a size limit).
+  if (id.size() > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("job_id: ", id.size(), " characters; job ids look like job-0123456789abcdef"));
+  }
   return absl::OkStatus();
 }
 
@@ -34,8 +40,8 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       Finish(ToGrpcStatus(authorized));
       return;
     }
-    if (request.job_id().empty()) {
-      Finish(ToGrpcStatus(absl::InvalidArgumentError("job_id: is empty")));
+    if (auto s = RequireJobId(request.job_id()); !s.ok()) {
+      Finish(ToGrpcStatus(s));
       return;
     }
     subscription_ = events_.Subscribe(request.job_id(),

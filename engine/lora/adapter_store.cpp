@@ -7,10 +7,12 @@
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <set>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/lora/lora_adapter.h"
+#include "engine/lora/lora_applier.h"
 
 namespace lorad::engine {
 
@@ -217,8 +219,34 @@ absl::StatusOr<std::unique_ptr<AdapterStore>> AdapterStore::Create(
   return std::unique_ptr<AdapterStore>(new AdapterStore(std::move(state)));
 }
 
+namespace {
+
+// One version's record as List reports it; under the store's lock.
+AdapterInfo InfoOf(const AdapterLease::Entry& e) {
+  AdapterInfo info;
+  info.name = e.name;
+  info.version = e.version;
+  info.rank = e.host->config.r;
+  info.alpha = e.host->config.alpha;
+  // The projections the adapter has weights for (a config may name more than its file holds).
+  std::set<std::string> targets;
+  for (const auto& [path, pair] : e.host->layers) targets.insert(path.substr(path.rfind('.') + 1));
+  for (int p = 0; p < kNumProjections; ++p) {  // in the model's order
+    const char* projection = ProjectionName(static_cast<Projection>(p));
+    if (targets.count(projection) > 0) info.target_modules.push_back(projection);
+  }
+  info.bytes = HostBytes(*e.host);
+  info.source = e.source;
+  info.current = e.current;
+  info.resident = e.device != nullptr;
+  info.requests = e.users;
+  return info;
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const LoraAdapter& adapter,
-                                              const std::string& source) {
+                                              const std::string& source, AdapterInfo* published) {
   if (auto st = CheckName(name); !st.ok()) return st;
   State& s = *state_;
   if (auto st = adapter.ValidateAgainst(s.base); !st.ok()) {
@@ -257,6 +285,7 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   }
   s.entries.push_back(entry);
   const int64_t version = entry->version;
+  if (published != nullptr) *published = InfoOf(*entry);
   if (replaced) s.NotifyRetired(lock);
   return version;
 }
@@ -267,10 +296,10 @@ void AdapterStore::SetRetireListener(std::function<void()> listener) {
 }
 
 absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const std::string& folder,
-                                               const std::string& source) {
+                                               const std::string& source, AdapterInfo* published) {
   auto adapter = LoraAdapter::ReadPeft(folder);
   if (!adapter.ok()) return adapter.status();
-  return Publish(name, *adapter, source.empty() ? folder : source);
+  return Publish(name, *adapter, source.empty() ? folder : source, published);
 }
 
 absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {
@@ -325,20 +354,7 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
 std::vector<AdapterInfo> AdapterStore::List() const {
   std::lock_guard<std::mutex> lock(state_->mu);
   std::vector<AdapterInfo> out;
-  for (const auto& e : state_->entries) {
-    AdapterInfo info;
-    info.name = e->name;
-    info.version = e->version;
-    info.rank = e->host->config.r;
-    info.alpha = e->host->config.alpha;
-    info.target_modules = e->host->config.target_modules;
-    info.bytes = HostBytes(*e->host);
-    info.source = e->source;
-    info.current = e->current;
-    info.resident = e->device != nullptr;
-    info.requests = e->users;
-    out.push_back(std::move(info));
-  }
+  for (const auto& e : state_->entries) out.push_back(InfoOf(*e));
   std::sort(out.begin(), out.end(), [](const AdapterInfo& a, const AdapterInfo& b) {
     return std::tie(a.name, a.version) < std::tie(b.name, b.version);
   });

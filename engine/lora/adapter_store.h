@@ -98,14 +98,17 @@ class AdapterStore {
                                                               const AdapterStoreOptions& options);
   ~AdapterStore();
 
-  // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version.
-  // InvalidArgument for a bad name or shapes that do not fit the base model.
+  // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version,
+  // and its record as published in `published` (a List() after the call may already miss it:
+  // a newer version retires an unused one at once). InvalidArgument for a bad name or shapes
+  // that do not fit the base model.
   absl::StatusOr<int64_t> Publish(const std::string& name, const LoraAdapter& adapter,
-                                  const std::string& source);
+                                  const std::string& source, AdapterInfo* published = nullptr);
   // Reads a PEFT folder (LoraAdapter::ReadPeft) and publishes it.
   // `source` ("job:<id>" for a training job's adapter) defaults to the folder.
   absl::StatusOr<int64_t> LoadPeft(const std::string& name, const std::string& folder,
-                                   const std::string& source = "");
+                                   const std::string& source = "",
+                                   AdapterInfo* published = nullptr);
 
   // The current version of `name` for one request. NotFound naming the adapter.
   absl::StatusOr<AdapterLease> Acquire(const std::string& name);

@@ -402,6 +402,11 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
         absl::StrCat("adapter folder '", folder, "' does not exist or is not a directory"));
   }
   const std::string config_path = (fs::path(folder) / kConfigFile).string();
+  if (fs::exists(config_path, ec)) {
+    if (auto s = RequireRegularFile(config_path, absl::StrCat("'", config_path, "'")); !s.ok()) {
+      return s;
+    }
+  }
   std::ifstream in(config_path);
   if (!in) {
     return absl::NotFoundError(

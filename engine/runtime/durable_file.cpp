@@ -1,6 +1,7 @@
 #include "engine/runtime/durable_file.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -62,6 +63,24 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
   }
   const std::filesystem::path folder = std::filesystem::path(path).parent_path();
   return SyncPath(folder.empty() ? "." : folder.string());
+}
+
+absl::Status RequireRegularFile(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT || err == ENOTDIR) {
+      return absl::NotFoundError(absl::StrCat(what, " does not exist"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(what, " cannot be read: ", std::strerror(err)));
+  }
+  if (S_ISREG(st.st_mode)) return absl::OkStatus();
+  const char* kind = S_ISDIR(st.st_mode)                          ? "a directory"
+                     : S_ISFIFO(st.st_mode)                       ? "a named pipe (FIFO)"
+                     : S_ISSOCK(st.st_mode)                       ? "a socket"
+                     : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                                                                  : "not a regular file";
+  return absl::InvalidArgumentError(absl::StrCat(what, " is ", kind, "; name a regular file"));
 }
 
 }  // namespace lorad::engine

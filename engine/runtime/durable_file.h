@@ -19,4 +19,10 @@ absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes);
 // sees the old file or the new one, never a part.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
 
+// Before reading a file a request named: `path` (after symlinks) must be a regular file. A FIFO
+// would block the reader until some writer opened it, and a device may never end. NotFound when
+// it does not exist, InvalidArgument naming what it is otherwise; `what` starts the message
+// ("dataset 'x.jsonl'").
+absl::Status RequireRegularFile(const std::string& path, const std::string& what);
+
 }  // namespace lorad::engine

@@ -3,6 +3,7 @@
 #include <cctype>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -156,6 +157,7 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
   std::unique_ptr<DatasetReader> reader(new DatasetReader());
   reader->path_ = path;
   reader->options_ = options;
+  if (auto s = RequireRegularFile(path, absl::StrCat("dataset '", path, "'")); !s.ok()) return s;
   reader->in_.open(path, std::ios::binary);
   if (!reader->in_) {
     return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));

@@ -193,6 +193,47 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_each_answer(
+        server, peft_adapter_dir):
+    """A weights file that is a symlink out of the adapter root is PERMISSION_DENIED; a named
+    pipe in its place is refused at once (reading it would wait for a writer forever); 16 loads
+    of one name at once each answer the version they published."""
+    import concurrent.futures
+    import os
+    import shutil
+
+    d, stub, pb, astub, apb, tmp = server
+    src, _ = peft_adapter_dir
+    root = tmp / "data" / "adapters"
+    outside = tmp / "outside-the-root"
+    shutil.copytree(src, outside, dirs_exist_ok=True)
+    (root / "escapes").mkdir(parents=True)
+    shutil.copy(src / "adapter_config.json", root / "escapes")
+    os.symlink(outside / "adapter_model.safetensors", root / "escapes" / "adapter_model.safetensors")
+    with pytest.raises(grpc.RpcError) as err:
+        astub.LoadAdapter(apb.LoadAdapterRequest(name="escapes", path="escapes"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "outside the root" in err.value.details()
+
+    (root / "pipe").mkdir()
+    shutil.copy(src / "adapter_config.json", root / "pipe")
+    os.mkfifo(root / "pipe" / "adapter_model.safetensors")
+    with pytest.raises(grpc.RpcError) as err:
+        astub.LoadAdapter(apb.LoadAdapterRequest(name="pipe", path="pipe"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a regular file" in err.value.details()
+
+    shutil.copytree(src, root / "same")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(
+            lambda _: astub.LoadAdapter(apb.LoadAdapterRequest(name="same", path="same"),
+                                        timeout=60), range(16)))
+    assert sorted(a.version for a in answers) == list(range(1, 17))
+    assert all(a.name == "same" and a.rank == 8 for a in answers)
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="same"), timeout=60)
+    assert d.proc.poll() is None
+
+
 def test_concurrent_streams_and_metrics(server):
     d, stub, pb, _, _, _ = server
     results = {}

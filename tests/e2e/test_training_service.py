@@ -132,6 +132,34 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     inline.dataset.path = ""
     inline.dataset.inline_examples.add(json='{"prompt": "p"}')
     expect_code(submit(inline), grpc.StatusCode.INVALID_ARGUMENT, "inline_examples[0]", "completion")
+    # Files that are not regular files: a named pipe would block the reader for ever.
+    os.mkfifo(root / "pipe.jsonl")
+    (root / "folder.jsonl").mkdir()
+    for name, words in [("pipe.jsonl", ["named pipe"]), ("folder.jsonl", ["a directory"])]:
+        odd = spec(pb)
+        odd.dataset.path = name
+        expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.path", *words)
+    # Numbers an enum does not name, and fields that need others, are refused at submission
+    # rather than when the job starts.
+    for field, value, word in [("schedule", 99, "training.schedule"),
+                               ("optimizer", 7, "training.optimizer")]:
+        odd = spec(pb)
+        setattr(odd.training, field, value)
+        expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, word, str(value))
+    odd = spec(pb)
+    odd.dataset.format = 42
+    expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.format", "42")
+    no_split = spec(pb)
+    no_split.training.eval_every = 1
+    expect_code(submit(no_split), grpc.StatusCode.INVALID_ARGUMENT, "eval_every", "validation")
+    no_eval = spec(pb)
+    no_eval.training.early_stopping_patience = 2
+    no_eval.dataset.validation_fraction = 0.25
+    expect_code(submit(no_eval), grpc.StatusCode.INVALID_ARGUMENT, "early_stopping_patience")
+    both = spec(pb)
+    both.dataset.validation_fraction = 0.25
+    both.dataset.validation_path = "qa.jsonl"
+    expect_code(submit(both), grpc.StatusCode.INVALID_ARGUMENT, "validation_fraction", "not both")
 
 
 def test_paths_outside_the_dataset_root_are_permission_denied(service):
@@ -148,6 +176,8 @@ def test_paths_outside_the_dataset_root_are_permission_denied(service):
 
 def test_unknown_job_is_not_found(service):
     _, stub, pb, _ = service
+    expect_code(lambda: stub.GetJob(pb.GetJobRequest(job_id="x" * 10000), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT, "job_id", "10000 characters")
     expect_code(lambda: stub.GetJob(pb.GetJobRequest(job_id="job-0"), timeout=10),
                 grpc.StatusCode.NOT_FOUND, "job-0")
     expect_code(lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=10)),
