@@ -161,6 +161,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       for (const auto& top : e.top_logprobs) {
         auto* t = info->add_top_logprobs();
         t->set_token_id(top.token);
+        t->set_token(top.text);
         t->set_logprob(top.logprob);
       }
     }
@@ -175,6 +176,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       const double total = std::chrono::duration<double>(now - s.submitted).count();
       usage->set_total_seconds(total);
       s.pending.set_adapter(s.adapter);
+      s.pending.set_adapter_version(e.usage.adapter_version);
       if (!e.status.ok()) s.pending.set_error(std::string(e.status.message()));
       s.final_queued = true;
       if (e.finish_reason == engine::FinishReason::kError) s.end_status = ToGrpcStatus(e.status);

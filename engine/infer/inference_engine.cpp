@@ -22,6 +22,7 @@
 #include "engine/model/incremental_detokenizer.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/model/utf8.h"
 
 namespace lorad::engine {
 
@@ -387,6 +388,8 @@ void InferenceEngine::Impl::Finish(Sequence& seq, FinishReason reason, absl::Sta
       (reason == FinishReason::kStop && !seq.stops->stopped())) {
     event.text += seq.stops->Add(seq.detokenizer->Finish());
     event.text += seq.stops->Flush();
+    // The held-back text completed a stop string: the text ends there, so that is the reason.
+    if (seq.stops->stopped() && reason != FinishReason::kStop) reason = FinishReason::kStop;
   }
   event.finished = true;
   event.finish_reason = reason;
@@ -396,6 +399,7 @@ void InferenceEngine::Impl::Finish(Sequence& seq, FinishReason reason, absl::Sta
   event.usage.time_to_first_token_s = seq.ttft_s;
   event.usage.queue_time_s = std::max(0.0, seq.queue_s);
   event.usage.preemptions = seq.preemptions;
+  event.usage.adapter_version = seq.lease.valid() ? seq.lease.version() : 0;
   Emit(seq, std::move(event));
 }
 
@@ -764,6 +768,9 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
   if (seq.request.sampling.logprobs > 0) {
     event.logprob = sampled.logprob;
     event.top_logprobs = sampled.top_logprobs;
+    for (TokenLogprob& top : event.top_logprobs) {
+      top.text = Utf8Lossy(tokenizer->TokenBytes(top.token));
+    }
   }
   event.text = seq.stops->Add(seq.detokenizer->Add(token));
 
@@ -774,6 +781,12 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
   } else if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
     reason = FinishReason::kStop;
   } else if (seq.stops->stopped()) {
+    reason = FinishReason::kStop;
+  } else if (seq.detokenizer->pending_bytes() > 0 &&
+             seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
+    // The stop string is complete in text held back only because more bytes could follow (a
+    // run of byte pieces): ended here, the text is exactly that, so end here (Finish releases
+    // it and cuts at the stop).
     reason = FinishReason::kStop;
   } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||
              static_cast<int64_t>(seq.all.size()) >= max_context) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -69,6 +70,7 @@ struct SampleRow {
 struct TokenLogprob {
   int32_t token = 0;
   float logprob = 0.0f;
+  std::string text;  // the token's own bytes as text (invalid UTF-8 as U+FFFD); set by the engine
 };
 
 struct SampledToken {

@@ -34,6 +34,13 @@ std::string StopMatcher::Add(std::string_view delta) {
   return out;
 }
 
+bool StopMatcher::WouldStop(std::string_view more) const {
+  if (stopped_ || stops_.empty() || more.empty()) return false;
+  const std::string text = held_ + std::string(more);
+  return std::any_of(stops_.begin(), stops_.end(),
+                     [&](const std::string& stop) { return text.find(stop) != std::string::npos; });
+}
+
 std::string StopMatcher::Flush() {
   std::string out;
   if (!stopped_) out.swap(held_);

@@ -61,6 +61,11 @@ std::string IncrementalDetokenizer::Finish() {
   return Drain(/*final=*/true);
 }
 
+std::string IncrementalDetokenizer::TextIfEndedNow() const {
+  IncrementalDetokenizer copy(*this);
+  return copy.Finish();
+}
+
 std::string IncrementalDetokenizer::Drain(bool final) {
   std::string out;
   pending_.erase(0, AppendUtf8Lossy(pending_, final, &out, rules_.replacement_per_byte));

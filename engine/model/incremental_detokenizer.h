@@ -32,8 +32,12 @@ class IncrementalDetokenizer {
   // The end of the sequence: returns what was held back, an incomplete character as U+FFFD.
   std::string Finish();
 
-  // Bytes held back, waiting for the rest of a character.
-  size_t pending_bytes() const { return pending_.size(); }
+  // Bytes held back, waiting for the rest of a character or the end of a byte-piece run.
+  size_t pending_bytes() const { return pending_.size() + byte_run_.size(); }
+
+  // What Finish() would return if the sequence ended now, without ending it: a stop string may
+  // already be complete in text that is held back only because more bytes could follow.
+  std::string TextIfEndedNow() const;
 
  private:
   std::string Drain(bool final);

@@ -92,6 +92,36 @@ def test_generate_equals_transformers_greedy_with_repetition_penalty(server, ref
         assert text == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_logprobs_equal_transformers_log_softmax_and_name_their_tokens(server, reference):
+    """logprobs=3: each chosen token's log-probability and its top 3 (ids, values and the
+    tokens' own text) equal log_softmax of transformers' logits before any penalty."""
+    import torch
+
+    _, stub, pb, _, _, _ = server
+    model, tok = reference
+    req = pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParams(
+        max_new_tokens=6, temperature=0.0, logprobs=3))
+    chunks, ids = collect(stub.Generate(req, timeout=60))
+    infos = [t for c in chunks for t in c.tokens]
+    prompt_ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(torch.cat([prompt_ids, torch.tensor([ids])], dim=1)).logits[0]
+    logp = torch.log_softmax(logits.double(), dim=-1)[prompt_ids.shape[1] - 1:-1]
+    for i, info in enumerate(infos):
+        assert info.logprob == pytest.approx(logp[i, info.token_id].item(), abs=1e-4)
+        top = torch.topk(logp[i], 3)
+        assert [t.token_id for t in info.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in info.top_logprobs] == pytest.approx(top.values.tolist(),
+                                                                       abs=1e-4)
+        for t in info.top_logprobs:
+            piece = tok.convert_ids_to_tokens(t.token_id)
+            want = tok.convert_tokens_to_string([piece]) if not piece.startswith("<0x") else None
+            assert t.token, f"token {t.token_id} has no text"
+            if want is not None and not piece.startswith("\u2581"):
+                assert t.token == want, (t.token_id, piece)
+    assert chunks[-1].adapter == "" and chunks[-1].adapter_version == 0
+
+
 def test_chat_renders_the_template_and_streams(server, reference):
     _, stub, pb, _, _, _ = server
     _, tok = reference
@@ -175,7 +205,8 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     for prompt in PROMPTS[:2]:
         req = pb.GenerateRequest(prompt=prompt, adapter="peft-made", sampling=pb.SamplingParams(
             max_new_tokens=10, temperature=0.0, repetition_penalty=1.3))
-        _, ids = collect(stub.Generate(req, timeout=60))
+        chunks, ids = collect(stub.Generate(req, timeout=60))
+        assert (chunks[-1].adapter, chunks[-1].adapter_version) == ("peft-made", 1)
         expected = greedy_reference(peft_model, tok, prompt, 10, 1.3)
         base = greedy_reference(model, tok, prompt, 10, 1.3)
         assert [t for t in ids if t != tok.eos_token_id] == expected

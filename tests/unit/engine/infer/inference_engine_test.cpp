@@ -18,6 +18,7 @@
 #include "engine/model/incremental_detokenizer.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/model/utf8.h"
 
 namespace lorad::engine {
 namespace {
@@ -441,6 +442,30 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   EXPECT_EQ(stopped.reason, FinishReason::kStop);
   EXPECT_EQ(stopped.text, full.text.substr(0, full.text.find(with_stop.stop[0])));
   EXPECT_LT(stopped.tokens.size(), full.tokens.size());
+  // Generation ends at the token that completes a stop string, also when that token's text is
+  // still held back (a run of byte pieces that more bytes could extend): for stops taken from
+  // every part of the text, the tokens are the shortest prefix whose decoded text holds the stop.
+  const auto& tok = f.tokenizer();
+  for (size_t at = 0; at + 1 < full.text.size(); at += 2) {
+    for (size_t length : {1, 2}) {
+      GenerationRequest stop_here = r;
+      stop_here.stop = {full.text.substr(at, length)};
+      if (!IsValidUtf8(stop_here.stop[0])) continue;
+      // (A byte run's text depends on where it ends: bytes that decode as text at the end of
+      // a shorter sequence may turn into U+FFFD in the full one.)
+      size_t shortest = 1;
+      std::string decoded;
+      for (; shortest <= full.tokens.size(); ++shortest) {
+        decoded = tok.Decode({full.tokens.begin(), full.tokens.begin() + shortest}, true);
+        if (decoded.find(stop_here.stop[0]) != std::string::npos) break;
+      }
+      ASSERT_LE(shortest, full.tokens.size());
+      const Result got = f.Alone(stop_here);
+      EXPECT_EQ(got.reason, FinishReason::kStop) << "stop '" << stop_here.stop[0] << "'";
+      EXPECT_EQ(got.tokens.size(), shortest) << "stop '" << stop_here.stop[0] << "'";
+      EXPECT_EQ(got.text, decoded.substr(0, decoded.find(stop_here.stop[0])));
+    }
+  }
   // A stop token: generation ends on it (it counts as output).
   GenerationRequest with_token = r;
   with_token.stop_token_ids = {full.tokens[3]};
