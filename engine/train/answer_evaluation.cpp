@@ -10,7 +10,13 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
                                                  const LoraAdapter& adapter,
                                                  const Tokenizer& tokenizer,
                                                  const std::vector<TokenizedExample>& rows,
-                                                 int64_t max_examples, int64_t max_new_tokens) {
+                                                 int64_t max_examples, int64_t max_new_tokens,
+                                                 const std::string& end_of_turn) {
+  // The text up to the end of turn (all of it without one).
+  const auto reply = [&](std::string text) {
+    if (!end_of_turn.empty()) text = text.substr(0, text.find(end_of_turn));
+    return text;
+  };
   AnswerEvaluation out;
   try {
     torch::NoGradGuard no_grad;
@@ -44,12 +50,13 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
         const auto next = static_cast<int32_t>(logits->argmax(-1).item<int64_t>());
         if (tokenizer.IsEos(next)) break;
         generated.push_back(next);
+        if (!end_of_turn.empty() && tokenizer.Piece(next) == end_of_turn) break;
         batch.input_ids = torch::tensor({static_cast<int64_t>(next)}, torch::kLong).view({1, 1});
       }
       AnsweredExample e;
       e.line = row.line;
-      e.prediction = tokenizer.Decode(generated, /*skip_special_tokens=*/true);
-      e.reference = tokenizer.Decode(response, /*skip_special_tokens=*/true);
+      e.prediction = reply(tokenizer.Decode(generated, /*skip_special_tokens=*/true));
+      e.reference = reply(tokenizer.Decode(response, /*skip_special_tokens=*/true));
       e.scores = Rouge(e.prediction, e.reference);
       out.mean.rouge1 += e.scores.rouge1;
       out.mean.rouge2 += e.scores.rouge2;

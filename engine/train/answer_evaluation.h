@@ -31,11 +31,14 @@ struct AnswerEvaluation {
 };
 
 // Rows are formatted examples whose labels mark the response (kNotTrained on the prompt);
-// rows with no prompt or no response are skipped. At most `max_examples` are answered.
+// rows with no prompt or no response are skipped. At most `max_examples` are answered. A
+// non-empty `end_of_turn` (the chat template's) ends an answer where it appears, and is cut from
+// answers and references alike: it is markup, not part of the reply.
 absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
                                                  const LoraAdapter& adapter,
                                                  const Tokenizer& tokenizer,
                                                  const std::vector<TokenizedExample>& rows,
-                                                 int64_t max_examples, int64_t max_new_tokens);
+                                                 int64_t max_examples, int64_t max_new_tokens,
+                                                 const std::string& end_of_turn = "");
 
 }  // namespace lorad::engine

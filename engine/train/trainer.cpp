@@ -68,6 +68,7 @@ MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
 struct Trainer::Impl {
   const LlamaModel* model = nullptr;
   const Tokenizer* tokenizer = nullptr;
+  std::string end_of_turn;  // the chat template's, where evaluated answers end
   TrainingJobConfig config;
   EventCallback on_event;
   std::optional<TrainingData> data;
@@ -125,6 +126,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   fo.max_seq_length = config.max_seq_length;
   auto formatter = ExampleFormatter::Create(tokenizer, model_folder, fo);
   if (!formatter.ok()) return formatter.status();
+  end_of_turn = formatter->end_of_turn();
   auto built = TrainingData::Build(config.data, *formatter, config.max_seq_length, config.seed);
   if (!built.ok()) return built.status();
   data = *std::move(built);
@@ -289,6 +291,14 @@ absl::Status Trainer::Impl::FinishStep() {
   m.eta_s = m.elapsed_s / static_cast<double>(steps_this_run) *
             static_cast<double>(total_steps - state.step);
   Emit(e);
+  if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+    // The update just applied was not finite either: every later step, checkpoint and the
+    // adapter would carry it. Stop here; the checkpoints written so far stay.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "training diverged at step ", state.step, ": the loss is ", loss, " and the gradient norm ",
+        grad_norm, "; lower training.learning_rate (", config.learning_rate, ") or lora.alpha (",
+        config.lora.alpha, "), or set training.max_grad_norm"));
+  }
 
   bool early_stop = false;
   if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty()) {
@@ -348,7 +358,7 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary) {
   auto loss = Evaluate();
   if (!loss.ok()) return loss.status();
   auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(),
-                                 /*max_examples=*/32, /*max_new_tokens=*/128);
+                                 /*max_examples=*/32, /*max_new_tokens=*/128, end_of_turn);
   if (!answers.ok()) return answers.status();
   nlohmann::json report = {{"step", state.step},
                            {"validation_loss", loss->loss},
@@ -409,6 +419,19 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!data->validation().empty()) {
       if (auto st = WriteEvaluationReport(s); !st.ok()) return st;
+      // The report's validation loss is the last step's evaluation: reported (and counted for
+      // the best) unless the eval_every cadence evaluated this step already.
+      if (!(config.eval_every > 0 && state.step % config.eval_every == 0)) {
+        TrainingEvent ev;
+        ev.kind = TrainingEvent::Kind::kEval;
+        ev.eval.step = state.step;
+        ev.eval.loss = s.eval_loss;
+        Emit(ev);
+        if (!state.has_eval || s.eval_loss < state.best_eval_loss) {
+          state.best_eval_loss = s.eval_loss;
+          state.has_eval = true;
+        }
+      }
     }
     if (!config.export_merged_dtype.empty()) {
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -225,8 +226,64 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   EXPECT_EQ(report["answered"].get<int>(), 4);
   EXPECT_EQ(report["examples"].size(), 4u);
   EXPECT_DOUBLE_EQ(report["rougeL"].get<double>(), summary.rouge.rouge_l);
+  for (const auto& example : report["examples"]) {  // the template's end of turn is cut off
+    const std::string reference = example["reference"], prediction = example["prediction"];
+    EXPECT_FALSE(reference.empty());
+    EXPECT_EQ(reference.find("<|im_end|>"), std::string::npos) << reference;
+    EXPECT_EQ(prediction.find("<|im_end|>"), std::string::npos) << prediction;
+  }
   EXPECT_TRUE(events.back().summary.best_is_eval);
   EXPECT_LT(events.back().summary.steps, 40);
+}
+
+TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
+  TrainingJobConfig config = Config("final-eval");
+  config.data.validation_fraction = 0.25;
+  config.max_steps = 3;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  std::vector<const TrainingEvent*> evals;
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kEval) evals.push_back(&e);
+  }
+  ASSERT_EQ(evals.size(), 1u);
+  EXPECT_EQ(evals[0]->eval.step, 3);
+  const TrainingSummary& summary = events.back().summary;
+  EXPECT_DOUBLE_EQ(evals[0]->eval.loss, summary.eval_loss);
+  EXPECT_TRUE(summary.best_is_eval);
+  EXPECT_DOUBLE_EQ(summary.best_loss, summary.eval_loss);
+}
+
+TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
+  TrainingJobConfig config = Config("diverge");
+  config.lora.alpha = 1e9;  // a scale no update survives
+  config.learning_rate = 1.0;
+  config.max_grad_norm = 0;  // no clipping to hide it
+  config.warmup_steps = 0;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  absl::Status status;
+  for (int i = 0; i < 200 && status.ok() && !(*t)->done(); ++i) status = (*t)->Step();
+  ASSERT_FALSE(status.ok()) << "20 steps at alpha 1e9 and lr 1 should diverge";
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(status.message().find("diverged"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("learning_rate"), std::string::npos) << status;
+  // The steps (the last one non-finite, reported so the curve shows it), then the failure.
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFailed);
+  EXPECT_EQ(events.back().error, status.message());
+  const TrainingEvent& last_step = events[events.size() - 2];
+  ASSERT_EQ(last_step.kind, TrainingEvent::Kind::kStep);
+  EXPECT_FALSE(std::isfinite(last_step.step.loss) && std::isfinite(last_step.step.grad_norm));
+  for (size_t i = 0; i + 2 < events.size(); ++i) {
+    EXPECT_TRUE(std::isfinite(events[i].step.loss)) << "it stops at the first non-finite step";
+  }
+  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "adapter"));
 }
 
 TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
