@@ -8,6 +8,7 @@
 #include "engine/runtime/durable_file.h"
 #include "server/job_spec_validator.h"
 #include "server/training_service.h"
+#include "spdlog/spdlog.h"
 
 namespace lorad::server {
 namespace {
@@ -164,6 +165,8 @@ void JobRunner::StartNextJob() {
     look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
   }
   events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
+  spdlog::info("job {} ({}) started{}", job.id, job.adapter_name,
+               job.attempts > 0 ? " again: resuming from its last checkpoint" : "");
   const std::string id = job.id;
   const std::string adapter = job.adapter_name;
   absl::Status started =
@@ -185,6 +188,7 @@ void JobRunner::StartNextJob() {
 
 void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
   if (store_.MarkFailed(job_id, error).ok()) {
+    spdlog::warn("job {} failed: {}", job_id, error);
     lorad::v1::JobEvent failed = EventFor(job_id);
     failed.set_failed(error);
     events_.Publish(failed);
@@ -218,6 +222,12 @@ void JobRunner::Handle(const Pending& p) {
       job_step_.Set(labels, static_cast<double>(s.step));
       trained_tokens_.Inc({}, static_cast<double>(e.step.tokens));
       job_tokens_[p.job_id] += e.step.tokens;
+      if (auto [it, added] = job_total_steps_.try_emplace(p.job_id, -1);
+          it->second != e.step.total_steps) {
+        if (store_.SetTotalSteps(p.job_id, e.step.total_steps).ok()) {
+          it->second = e.step.total_steps;
+        }
+      }
       *out.mutable_step() = ToProtoStep(s);
       events_.Publish(out);
       return;
@@ -251,11 +261,15 @@ void JobRunner::Handle(const Pending& p) {
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);
   const int64_t tokens = job_tokens_[p.job_id];
   job_tokens_.erase(p.job_id);
+  job_total_steps_.erase(p.job_id);
   if (e.kind == TrainingEvent::Kind::kFailed) {
     FailJob(p.job_id, e.error);
     return;
   }
-  if (e.summary.cancelled) return;  // CancelJob already stored and published the state
+  if (e.summary.cancelled) {  // CancelJob already stored and published the state
+    spdlog::info("job {} cancelled after {} steps", p.job_id, e.summary.steps);
+    return;
+  }
   auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path, "job:" + p.job_id);
   if (!version.ok()) {
     FailJob(p.job_id,
@@ -289,6 +303,9 @@ void JobRunner::Handle(const Pending& p) {
   }
   events_.Publish(out);
   events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, NowMs()));
+  spdlog::info("job {} succeeded: {} steps in {:.1f} s, final loss {:.4f}; adapter {} version {}",
+               p.job_id, e.summary.steps, e.summary.runtime_s, e.summary.final_loss, adapter,
+               *version);
 }
 
 }  // namespace lorad::server

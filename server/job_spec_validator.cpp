@@ -103,6 +103,7 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
   if (!t.has_max_grad_norm()) t.set_max_grad_norm(1.0);
   if (t.max_seq_length() == 0) t.set_max_seq_length(2048);
   if (!t.has_gradient_checkpointing()) t.set_gradient_checkpointing(true);
+  if (!t.has_keep_checkpoints()) t.set_keep_checkpoints(2);
   const absl::Status checks[] = {
       InRange("training.micro_batch_size", t.micro_batch_size(), 1, 1024),
       InRange("training.grad_accum", t.grad_accum(), 1, 4096),
@@ -113,6 +114,7 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
       InRange("training.max_seq_length", t.max_seq_length(), 8, limits.max_seq_length),
       InRange("training.eval_every", t.eval_every(), 0, 1000000),
       InRange("training.save_every", t.save_every(), 0, 1000000),
+      InRange("training.keep_checkpoints", t.keep_checkpoints(), 0, 1000000),
       InRange("training.early_stopping_patience", t.early_stopping_patience(), 0, 1000),
       InRange("training.keep_activations_layers", t.keep_activations_layers(), 0, 1024),
   };
@@ -264,6 +266,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   if (t.seed() != 0) c.seed = t.seed();
   c.eval_every = t.eval_every();
   c.save_every = t.save_every();
+  if (t.has_keep_checkpoints()) c.keep_checkpoints = t.keep_checkpoints();
   c.early_stopping_patience = t.early_stopping_patience();
   c.resume = true;
   if (spec.export_merged()) c.export_merged_dtype = "auto";  // the base checkpoint's 16/32-bit

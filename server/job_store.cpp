@@ -64,6 +64,18 @@ std::string NewJobId() {
   return buf;
 }
 
+// The connection's last error as a status: a full disk is RESOURCE_EXHAUSTED with what to do,
+// anything else INTERNAL.
+absl::Status SqliteError(sqlite3* db) {
+  const int code = sqlite3_extended_errcode(db) & 0xff;
+  if (code == SQLITE_FULL) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the job database's disk is full (", sqlite3_errmsg(db),
+        "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
+  }
+  return absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db)));
+}
+
 // A prepared statement, finalized when it goes out of scope.
 class Statement {
  public:
@@ -71,10 +83,7 @@ class Statement {
     rc_ = sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt_, nullptr);
   }
   ~Statement() { sqlite3_finalize(stmt_); }
-  absl::Status status() const {
-    return rc_ == SQLITE_OK ? absl::OkStatus()
-                            : absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
-  }
+  absl::Status status() const { return rc_ == SQLITE_OK ? absl::OkStatus() : SqliteError(db_); }
   Statement& Bind(int i, const std::string& v) {
     sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
     return *this;
@@ -103,7 +112,7 @@ class Statement {
   absl::Status Run() {
     const int rc = Step();
     if (rc == SQLITE_DONE || rc == SQLITE_ROW) return absl::OkStatus();
-    return absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
+    return SqliteError(db_);
   }
   int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
   double Double(int col) { return sqlite3_column_double(stmt_, col); }
@@ -201,11 +210,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
 JobStore::~JobStore() { sqlite3_close(db_); }
 
 absl::Status JobStore::Exec(const std::string& sql) {
-  char* error = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-    std::string message = error ? error : "unknown error";
-    sqlite3_free(error);
-    return absl::InternalError(absl::StrCat("sqlite: ", message));
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) {
+    return SqliteError(db_);
   }
   return absl::OkStatus();
 }
@@ -372,6 +378,13 @@ absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
         absl::StrCat("job '", id, "': cannot record step ", r.step, ": ", st.message()));
   }
   return absl::OkStatus();
+}
+
+absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE jobs SET total_steps = ? WHERE id = ?;");
+  s.Bind(1, total_steps).BindText(2, id);
+  return s.Run();
 }
 
 absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step) {

@@ -102,6 +102,8 @@ class JobStore {
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
 
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
+  // The trainer's count of the job's steps, once it has read the dataset.
+  absl::Status SetTotalSteps(const std::string& id, int64_t total_steps);
   // Steps with step >= from_step, in order.
   absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step);
 

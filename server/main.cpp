@@ -46,8 +46,10 @@ int main(int argc, char** argv) {
          [&overrides](const std::vector<std::string>& items) {
            for (const auto& item : items) {
              const auto eq = item.find('=');
-             overrides.emplace_back(item.substr(0, eq),
-                                    eq == std::string::npos ? "" : item.substr(eq + 1));
+             if (eq == std::string::npos || eq == 0) {
+               throw CLI::ValidationError("--set", "'" + item + "' is not KEY=VALUE");
+             }
+             overrides.emplace_back(item.substr(0, eq), item.substr(eq + 1));
            }
          },
          "KEY=VALUE: set any config key, e.g. --set engine.train_share=0.5 (repeatable)")

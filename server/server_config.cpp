@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/runtime/durable_file.h"
 
 namespace lorad::server {
 namespace {
@@ -275,8 +276,15 @@ std::string Where(const std::string& source, const YAML::Node& node) {
 // Walks a mapping, descending into sections, and sets every leaf through the schema.
 absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string& prefix,
                   const std::string& source) {
+  std::map<std::string, int> first_line;  // YAML lets a later key silently replace an earlier one
   for (const auto& kv : map) {
     const std::string key = prefix.empty() ? kv.first.Scalar() : prefix + "." + kv.first.Scalar();
+    const auto [seen, added] = first_line.emplace(key, kv.first.Mark().line + 1);
+    if (!added) {
+      return absl::InvalidArgumentError(absl::StrCat(Where(source, kv.first), ": '", key,
+                                                     "' is set twice (also at line ", seen->second,
+                                                     "); keep one"));
+    }
     const auto& schema = Schema();
     auto field = schema.find(key);
     if (field != schema.end()) {
@@ -330,6 +338,10 @@ absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
 }
 
 absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
+  if (auto s = engine::RequireRegularFile(path, absl::StrCat("config file '", path, "'"));
+      !s.ok()) {
+    return s;
+  }
   std::ifstream in(path);
   if (!in) {
     return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read"));

@@ -398,7 +398,8 @@ LoraAdapter Trainer::Impl::AdapterCopy() const {
 }
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
-  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state);
+  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state,
+                              config.keep_checkpoints);
   if (!path.ok()) return path.status();
   TrainingEvent e;
   e.kind = TrainingEvent::Kind::kCheckpoint;

@@ -2,10 +2,13 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/durable_file.h"
@@ -55,12 +58,33 @@ std::string CheckpointPath(const std::string& output_dir, int64_t step) {
   return (fs::path(output_dir) / absl::StrCat(kPrefix, step)).string();
 }
 
-absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
-                                            const LoraAdapter& adapter,
-                                            const OptimizerState& optimizer,
-                                            const TrainerState& state) {
-  const fs::path final_path = CheckpointPath(output_dir, state.step);
-  const fs::path tmp = fs::path(output_dir) / absl::StrCat(".", kPrefix, state.step, ".tmp");
+namespace {
+
+// Every complete checkpoint folder in output_dir (checkpoint-<step> holding trainer_state.json),
+// with its step, in no particular order.
+std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string& output_dir) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(kPrefix, 0) != 0 || !entry.is_directory()) continue;
+    int64_t step = -1;
+    try {
+      size_t used = 0;
+      step = std::stoll(name.substr(sizeof(kPrefix) - 1), &used);
+      if (used != name.size() - (sizeof(kPrefix) - 1)) continue;
+    } catch (...) {
+      continue;
+    }
+    if (fs::exists(entry.path() / "trainer_state.json")) found.emplace_back(step, entry.path());
+  }
+  return found;
+}
+
+// Writes the checkpoint into `tmp`, fsyncs it, and renames it to `final_path`.
+absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_path,
+                                   const std::string& output_dir, const LoraAdapter& adapter,
+                                   const OptimizerState& optimizer, const TrainerState& state) {
   try {
     std::error_code ec;
     fs::create_directories(output_dir, ec);
@@ -92,7 +116,7 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
     fs::remove_all(final_path);
     fs::rename(tmp, final_path);
-    if (auto s = SyncPath(output_dir); !s.ok()) return s;
+    return SyncPath(output_dir);
   } catch (const fs::filesystem_error& e) {
     return absl::InternalError(
         absl::StrCat("writing checkpoint ", final_path.string(), ": ", e.what()));
@@ -100,27 +124,42 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     return absl::InternalError(
         absl::StrCat("writing checkpoint ", final_path.string(), ": ", e.what_without_backtrace()));
   }
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
+                                            const LoraAdapter& adapter,
+                                            const OptimizerState& optimizer,
+                                            const TrainerState& state, int64_t keep) {
+  const fs::path final_path = CheckpointPath(output_dir, state.step);
+  const fs::path tmp = fs::path(output_dir) / absl::StrCat(".", kPrefix, state.step, ".tmp");
+  absl::Status written =
+      WriteCheckpointFolder(tmp, final_path, output_dir, adapter, optimizer, state);
+  if (!written.ok()) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);  // a full disk must not stay full of a half-written checkpoint
+    return written;
+  }
+  if (keep > 0) {
+    auto all = CompleteCheckpoints(output_dir);
+    std::sort(all.begin(), all.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t i = static_cast<size_t>(keep); i < all.size(); ++i) {
+      std::error_code ec;
+      fs::remove_all(all[i].second, ec);  // best effort: a leftover costs space, not correctness
+    }
+  }
   return final_path.string();
 }
 
 std::string LatestCheckpoint(const std::string& output_dir) {
-  std::error_code ec;
   int64_t best = -1;
   std::string path;
-  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind(kPrefix, 0) != 0 || !entry.is_directory()) continue;
-    int64_t step = -1;
-    try {
-      size_t used = 0;
-      step = std::stoll(name.substr(sizeof(kPrefix) - 1), &used);
-      if (used != name.size() - (sizeof(kPrefix) - 1)) continue;
-    } catch (...) {
-      continue;
-    }
-    if (step > best && fs::exists(entry.path() / "trainer_state.json")) {
+  for (const auto& [step, folder] : CompleteCheckpoints(output_dir)) {
+    if (step > best) {
       best = step;
-      path = entry.path().string();
+      path = folder.string();
     }
   }
   return path;

@@ -42,11 +42,12 @@ struct TrainingCheckpoint {
 std::string CheckpointPath(const std::string& output_dir, int64_t step);
 
 // Writes atomically; returns the checkpoint folder. An existing folder of the same step is
-// replaced. Errors name the file that could not be written.
+// replaced; then all but the newest `keep` checkpoints are deleted (0: none is). Errors name the
+// file that could not be written; a failed write leaves no partial folder behind.
 absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
                                             const OptimizerState& optimizer,
-                                            const TrainerState& state);
+                                            const TrainerState& state, int64_t keep = 0);
 
 // The newest complete checkpoint folder in output_dir, or "" when there is none.
 std::string LatestCheckpoint(const std::string& output_dir);

@@ -59,6 +59,7 @@ absl::Status TrainingJobConfig::Validate() const {
   }
   if (eval_every < 0) return OutOfRange("eval_every", ">= 0", eval_every);
   if (save_every < 0) return OutOfRange("save_every", ">= 0", save_every);
+  if (keep_checkpoints < 0) return OutOfRange("keep_checkpoints", ">= 0", keep_checkpoints);
   if (early_stopping_patience < 0) {
     return OutOfRange("early_stopping_patience", ">= 0", early_stopping_patience);
   }

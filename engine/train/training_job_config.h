@@ -68,6 +68,7 @@ struct TrainingJobConfig {
 
   int64_t eval_every = 0;               // optimizer steps between validation runs; 0: never
   int64_t save_every = 0;               // optimizer steps between checkpoints; 0: only the end
+  int64_t keep_checkpoints = 2;         // newest checkpoints kept on disk; 0: all
   int64_t early_stopping_patience = 0;  // evals without a better validation loss; 0: off
   // Rows of the loss computed at once: full-vocabulary fp32 logits exist for this many
   // positions at a time only.

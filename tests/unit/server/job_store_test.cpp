@@ -110,6 +110,8 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   redo.step = 3;
   redo.loss = 1.5;  // the resumed run reports step 3 again
   ASSERT_TRUE(store->AppendStep(job->id, redo).ok());
+  ASSERT_TRUE(store->SetTotalSteps(job->id, 7).ok());
+  EXPECT_EQ(store->Get(job->id)->total_steps, 7);
   auto steps = store->Steps(job->id, 2);
   ASSERT_TRUE(steps.ok());
   ASSERT_EQ(steps->size(), 2u);

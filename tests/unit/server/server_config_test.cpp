@@ -53,6 +53,26 @@ TEST(ServerConfig, InvalidYamlIsReportedWithLine) {
   EXPECT_NE(c.status().message().find("f.yaml:"), std::string::npos);
 }
 
+TEST(ServerConfig, AKeyOrSectionSetTwiceIsAnError) {
+  auto key = ParseServerConfig("limits:\n  max_queued_jobs: 1\n  max_queued_jobs: 3\n", "g.yaml");
+  ASSERT_FALSE(key.ok());
+  EXPECT_EQ(key.status().message().substr(0, 9), "g.yaml:3:") << key.status();
+  EXPECT_NE(key.status().message().find("limits.max_queued_jobs' is set twice (also at line 2)"),
+            std::string::npos)
+      << key.status();
+  auto section =
+      ParseServerConfig("limits:\n  max_queued_jobs: 1\nlimits:\n  max_new_tokens: 9\n", "h.yaml");
+  ASSERT_FALSE(section.ok());
+  EXPECT_NE(section.status().message().find("h.yaml:3"), std::string::npos) << section.status();
+}
+
+TEST(ServerConfig, AConfigPathThatIsNotAFileIsAnError) {
+  auto folder = LoadServerConfig(LORAD_SOURCE_DIR "/deploy");
+  ASSERT_FALSE(folder.ok());
+  EXPECT_NE(folder.status().message().find("is a directory"), std::string::npos) << folder.status();
+  EXPECT_EQ(LoadServerConfig("/no/such/lorad.yaml").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(ServerConfig, FlagsOverrideWithTheSameRules) {
   ServerConfig c;
   ASSERT_TRUE(ApplyConfigOverride(c, "model.path", "/m", "--model").ok());

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
@@ -284,6 +285,28 @@ TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
     EXPECT_TRUE(std::isfinite(events[i].step.loss)) << "it stops at the first non-finite step";
   }
   EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "adapter"));
+}
+
+TEST_F(TrainerTest, KeepsTheNewestCheckpointsOnly) {
+  for (int64_t keep : {2, 0}) {
+    TrainingJobConfig config = Config("keep-" + std::to_string(keep));
+    config.max_steps = 9;
+    config.save_every = 2;
+    config.keep_checkpoints = keep;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+    std::set<std::string> names;
+    for (const auto& entry : fs::directory_iterator(config.output_dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.find("checkpoint") != std::string::npos) names.insert(name);
+    }
+    const std::set<std::string> expected =
+        keep == 2 ? std::set<std::string>{"checkpoint-8", "checkpoint-9"}
+                  : std::set<std::string>{"checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                          "checkpoint-8", "checkpoint-9"};
+    EXPECT_EQ(names, expected) << "keep_checkpoints " << keep;
+  }
 }
 
 TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
