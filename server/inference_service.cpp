@@ -1,6 +1,8 @@
 #include "server/inference_service.h"
 
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <mutex>
 
@@ -33,6 +35,17 @@ lorad::v1::FinishReason ToProto(engine::FinishReason reason) {
   return lorad::v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// A double for a float field, rounded toward zero but never to zero: a value inside a range
+// like (0, 1] or [0, 1) stays inside it (1e-300 for top_p, 0.999999999999 for min_p), and a huge
+// finite one stays finite.
+float Narrow(double v) {
+  if (!std::isfinite(v)) return static_cast<float>(v);
+  float f = static_cast<float>(v);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
+  if (v != 0 && f == 0) f = std::copysign(std::numeric_limits<float>::denorm_min(), v);
+  return f;
+}
+
 // The engine's request for the proto's sampling fields; range checks are the engine's
 // (SamplingParams::Validate names the field).
 engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
@@ -40,13 +53,13 @@ engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
   engine::GenerationRequest r;
   engine::SamplingParams& s = r.sampling;
   s.max_new_tokens = p.max_new_tokens() != 0 ? p.max_new_tokens() : limits.default_max_new_tokens;
-  if (p.has_temperature()) s.temperature = static_cast<float>(p.temperature());
+  if (p.has_temperature()) s.temperature = Narrow(p.temperature());
   s.top_k = p.top_k();
-  if (p.has_top_p()) s.top_p = static_cast<float>(p.top_p());
-  s.min_p = static_cast<float>(p.min_p());
-  if (p.has_repetition_penalty()) s.repetition_penalty = static_cast<float>(p.repetition_penalty());
-  s.presence_penalty = static_cast<float>(p.presence_penalty());
-  s.frequency_penalty = static_cast<float>(p.frequency_penalty());
+  if (p.has_top_p()) s.top_p = Narrow(p.top_p());
+  s.min_p = Narrow(p.min_p());
+  if (p.has_repetition_penalty()) s.repetition_penalty = Narrow(p.repetition_penalty());
+  s.presence_penalty = Narrow(p.presence_penalty());
+  s.frequency_penalty = Narrow(p.frequency_penalty());
   if (p.has_seed()) s.seed = p.seed();
   s.logprobs = p.logprobs();
   r.stop.assign(p.stop().begin(), p.stop().end());
@@ -237,12 +250,20 @@ Clock::time_point DeadlineOf(const grpc::CallbackServerContext* context) {
 absl::Status CheckAdapterVersion(engine::Engine& engine, const std::string& name, int64_t version) {
   if (version == 0) return absl::OkStatus();
   if (name.empty()) return absl::InvalidArgumentError("adapter_version: set without adapter");
+  if (version < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter_version: ", version, " is negative (0 = the current version)"));
+  }
   for (const auto& info : engine.adapters().List()) {
     if (info.name == name && info.current) {
       if (info.version == version) return absl::OkStatus();
+      if (version > info.version) {
+        return absl::NotFoundError(absl::StrCat("adapter_version: '", name, "' has no version ",
+                                                version, "; the newest is ", info.version));
+      }
       return absl::FailedPreconditionError(
           absl::StrCat("adapter_version: '", name, "' serves version ", info.version,
-                       " to new requests; version ", version, " is not current (use 0)"));
+                       " to new requests; version ", version, " is retired (use 0)"));
     }
   }
   return absl::NotFoundError(absl::StrCat("adapter: no adapter named '", name, "'"));

@@ -190,8 +190,14 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
 }
 
 absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::string& file) {
-  ordered_json j = ordered_json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return ConfigError(file, "not a JSON object");
+  ordered_json j;
+  try {
+    j = ordered_json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    // e.what() names the byte offset and what the parser expected there.
+    return ConfigError(file, absl::StrCat("not valid JSON: ", e.what()));
+  }
+  if (!j.is_object()) return ConfigError(file, "not a JSON object");
   auto type = j.find("peft_type");
   if (type == j.end() || !type->is_string()) {
     return ConfigError(file, "field 'peft_type' is missing: not a PEFT adapter config");

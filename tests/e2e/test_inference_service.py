@@ -163,6 +163,17 @@ def test_bad_requests_name_the_field(server, field, sampling, code):
     assert len(collect(stub.Generate(ok, timeout=30))[1]) >= 1
 
 
+def test_values_inside_a_range_are_accepted_however_close_to_its_edge(server):
+    """The sampling fields are doubles on the wire and floats in the engine: a value inside its
+    range stays inside when narrowed (tiny top_p, min_p just under 1, a huge temperature)."""
+    _, stub, pb, _, _, _ = server
+    for sampling in [dict(top_p=1e-300), dict(min_p=0.999999999999), dict(temperature=1e39),
+                     dict(repetition_penalty=1e-300)]:
+        req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
+            max_new_tokens=2, seed=1, **sampling))
+        assert len(collect(stub.Generate(req, timeout=30))[1]) >= 1, sampling
+
+
 def test_unknown_adapter_is_not_found(server):
     _, stub, pb, _, _, _ = server
     req = pb.GenerateRequest(prompt="hi", adapter="nope", sampling=pb.SamplingParams(max_new_tokens=2))
@@ -211,6 +222,14 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
         base = greedy_reference(model, tok, prompt, 10, 1.3)
         assert [t for t in ids if t != tok.eos_token_id] == expected
         assert expected != base, "the test adapter must change the output"
+
+    # A version that does not exist (yet) is NOT_FOUND, a negative one INVALID_ARGUMENT.
+    for version, code in [(7, grpc.StatusCode.NOT_FOUND), (-1, grpc.StatusCode.INVALID_ARGUMENT)]:
+        req = pb.GenerateRequest(prompt="hi", adapter="peft-made", adapter_version=version,
+                                 sampling=pb.SamplingParams(max_new_tokens=2))
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Generate(req, timeout=30))
+        assert err.value.code() == code and "adapter_version" in err.value.details()
 
     # Paths must stay inside the adapter root.
     with pytest.raises(grpc.RpcError) as err:

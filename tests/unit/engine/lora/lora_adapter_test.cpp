@@ -241,7 +241,9 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
     std::string what;
   };
   const std::vector<Case> cases = {
-      {"not json", "adapter_config.json: not a JSON object"},
+      {"not json", "adapter_config.json: not valid JSON: [json.exception.parse_error.101]"},
+      {R"({"r": 4,})", "not valid JSON"},
+      {"[1, 2]", "adapter_config.json: not a JSON object"},
       {R"({"r": 4})", "'peft_type' is missing"},
       {R"({"peft_type": "IA3", "target_modules": ["q_proj"]})", "'IA3'"},
       {R"({"peft_type": "LORA", "r": 4, "target_modules": ".*attn.*"})",
