@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -323,10 +324,19 @@ absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
 }
 
 absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the job file ", path));
+  // All of these are a bad job file (exit 2), whatever the reason.
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": ", std::filesystem::exists(path, ec) ? "not a regular file" : "no such file"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot be read"));
   std::stringstream text;
   text << in.rdbuf();
+  if (text.str().find('\0') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a text file (it holds NUL bytes)"));
+  }
   return ParseJobSpecYaml(text.str(), path);
 }
 

@@ -187,6 +187,16 @@ def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
         assert word in result.stderr
 
 
+def test_job_files_that_are_not_yaml_text_are_usage_errors(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    for path, words in [(binary, "not a text file"), (tmp_path, "not a regular file"),
+                        (tmp_path / "missing.yaml", "no such file")]:
+        result = loradctl("train", "submit", str(path), address=f"127.0.0.1:{free_port()}")
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert result.stderr.startswith(f"loradctl: {path}: {words}"), result.stderr
+
+
 def test_unreachable_daemon_fails_with_one_clear_line():
     address = f"127.0.0.1:{free_port()}"
     result = loradctl("train", "ls", address=address, timeout=30)
