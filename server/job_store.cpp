@@ -83,7 +83,16 @@ class Statement {
     rc_ = sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt_, nullptr);
   }
   ~Statement() { sqlite3_finalize(stmt_); }
+  // Whether the statement compiled.
   absl::Status status() const { return rc_ == SQLITE_OK ? absl::OkStatus() : SqliteError(db_); }
+  // Why the last Step() did not give what the caller needed: the error it (or the compile) met,
+  // or, when it simply found no row, that. Never OK.
+  absl::Status StepError() const {
+    if (rc_ != SQLITE_OK || (step_rc_ != SQLITE_ROW && step_rc_ != SQLITE_DONE)) {
+      return SqliteError(db_);
+    }
+    return absl::InternalError("sqlite: the query returned no row");
+  }
   Statement& Bind(int i, const std::string& v) {
     sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
     return *this;
@@ -108,7 +117,7 @@ class Statement {
     return *this;
   }
   // SQLITE_ROW, SQLITE_DONE, or an error code.
-  int Step() { return sqlite3_step(stmt_); }
+  int Step() { return step_rc_ = sqlite3_step(stmt_); }
   absl::Status Run() {
     const int rc = Step();
     if (rc == SQLITE_DONE || rc == SQLITE_ROW) return absl::OkStatus();
@@ -125,7 +134,13 @@ class Statement {
   sqlite3* db_;
   sqlite3_stmt* stmt_ = nullptr;
   int rc_;
+  int step_rc_ = SQLITE_OK;
 };
+
+// A row of "SELECT step, kind, event FROM job_events".
+StoredEvent ReadEvent(Statement& s) {
+  return {s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)};
+}
 
 JobRecord ReadJob(Statement& s) {
   JobRecord r;
@@ -227,7 +242,7 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
   };
   Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
   count.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  if (count.Step() != SQLITE_ROW) return rollback(count.status());
+  if (count.Step() != SQLITE_ROW) return rollback(count.StepError());
   if (count.Int(0) >= max_queued) {
     return rollback(absl::ResourceExhaustedError(
         absl::StrCat("the job queue is full (", max_queued,
@@ -253,7 +268,7 @@ absl::StatusOr<JobRecord> JobStore::GetLocked(const std::string& id) {
   const int rc = s.Step();
   if (rc == SQLITE_ROW) return ReadJob(s);
   if (rc == SQLITE_DONE) return absl::NotFoundError(absl::StrCat("job '", id, "' does not exist"));
-  return s.status();
+  return s.StepError();
 }
 
 absl::StatusOr<JobRecord> JobStore::Get(const std::string& id) {
@@ -290,7 +305,7 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
     page.jobs.push_back(ReadJob(s));
     last_seq = s.Int(12);
   }
-  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return s.status();
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return s.StepError();
   return page;
 }
 
@@ -302,7 +317,7 @@ absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
   const int rc = s.Step();
   if (rc == SQLITE_ROW) return std::optional<JobRecord>(ReadJob(s));
   if (rc == SQLITE_DONE) return std::optional<JobRecord>();
-  return s.status();
+  return s.StepError();
 }
 
 absl::Status JobStore::Transition(const std::string& id, const std::vector<JobState>& from,
@@ -409,7 +424,7 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
     r.eta_seconds = s.Double(8);
     steps.push_back(r);
   }
-  if (rc != SQLITE_DONE) return s.status();
+  if (rc != SQLITE_DONE) return s.StepError();
   return steps;
 }
 
@@ -439,10 +454,8 @@ absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,
   s.BindText(1, id).Bind(2, from_step);
   std::vector<StoredEvent> events;
   int rc;
-  while ((rc = s.Step()) == SQLITE_ROW) {
-    events.push_back({s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)});
-  }
-  if (rc != SQLITE_DONE) return s.status();
+  while ((rc = s.Step()) == SQLITE_ROW) events.push_back(ReadEvent(s));
+  if (rc != SQLITE_DONE) return s.StepError();
   return events;
 }
 
@@ -454,12 +467,9 @@ absl::StatusOr<std::optional<StoredEvent>> JobStore::LastEvent(const std::string
               "step DESC LIMIT 1;");
   s.BindText(1, id).Bind(2, static_cast<int64_t>(kind));
   const int rc = s.Step();
-  if (rc == SQLITE_ROW) {
-    return std::optional<StoredEvent>(
-        StoredEvent{s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)});
-  }
+  if (rc == SQLITE_ROW) return std::optional<StoredEvent>(ReadEvent(s));
   if (rc == SQLITE_DONE) return std::optional<StoredEvent>();
-  return s.status();
+  return s.StepError();
 }
 
 absl::StatusOr<std::vector<std::string>> JobStore::RecoverAfterRestart() {
@@ -482,7 +492,7 @@ absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState
                          JobState::kFailed, JobState::kCancelled}) {
     Statement s(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
     s.Bind(1, static_cast<int64_t>(state));
-    if (s.Step() != SQLITE_ROW) return s.status();
+    if (s.Step() != SQLITE_ROW) return s.StepError();
     counts.emplace_back(state, s.Int(0));
   }
   return counts;
