@@ -80,6 +80,13 @@ absl::Status Daemon::Start() {
   spdlog::info("model {}: {}, {} layers, hidden {}, vocab {}", config_.model.path,
                model->architecture, model->num_hidden_layers, model->hidden_size,
                model->vocab_size);
+  if (model->sliding_window > 0) {
+    spdlog::warn(
+        "the model attends within a sliding window of {} tokens; lorad attends to whole "
+        "sequences, which is the same only while they fit in the window: its context (prompt "
+        "and output, and training sequences) is capped at {} tokens",
+        model->sliding_window, model->max_position_embeddings);
+  }
 
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);

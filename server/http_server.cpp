@@ -2,6 +2,8 @@
 
 #include <httplib.h>
 
+#include <chrono>
+
 #include "absl/strings/str_cat.h"
 #include "server/server_config.h"
 
@@ -29,7 +31,17 @@ absl::Status HttpServer::Start(const std::string& address) {
                      " (port in use or address not local); choose another with --http-address"));
   }
   port_ = host_port->second;
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  listen_returned_ = false;
+  thread_ = std::thread([this] {
+    server_->listen_after_bind();
+    listen_returned_ = true;
+  });
+  // httplib's stop() does nothing until the loop has marked itself running, and the loop then
+  // serves for ever: wait for it here, so that a Stop() right after Start() (a model that fails
+  // to load) always ends it.
+  while (!server_->is_running() && !listen_returned_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   return absl::OkStatus();
 }
 

@@ -3,6 +3,7 @@
 // Runs on its own thread; Stop() may be called from any thread.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -32,6 +33,7 @@ class HttpServer {
   const ServingState& state_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
+  std::atomic<bool> listen_returned_{false};  // the serving loop ended (or never started)
   int port_ = 0;
 };
 

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -32,11 +34,36 @@ absl::StatusOr<int64_t> RequiredInt(const json& j, const std::string& source,
   return v;
 }
 
+// A field of the wrong JSON type ("rms_norm_eps": "1e-6"); Parse turns it into an error that
+// names the field.
+struct WrongType {
+  std::string key;
+  std::string expected;
+};
+
 template <typename T>
 T Optional(const json& j, const std::string& key, T fallback) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
-  return it->get<T>();
+  try {
+    return it->get<T>();
+  } catch (const json::type_error&) {
+    throw WrongType{key, std::is_same_v<T, bool>          ? "true or false"
+                         : std::is_same_v<T, std::string> ? "a string"
+                                                          : "a number"};
+  }
+}
+
+// A field transformers requires for this rope type.
+template <typename T>
+absl::StatusOr<T> RequiredRopeField(const json& params, const std::string& source,
+                                    const std::string& key) {
+  auto it = params.find(key);
+  if (it == params.end() || it->is_null()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": the llama3 rope parameters need '",
+                                                   key, "' (transformers requires it too)"));
+  }
+  return Optional<T>(params, key, T{});
 }
 
 // bos/eos ids are an int, a list of ints, or null.
@@ -72,36 +99,68 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": rope type '", rope.type, "' is not supported (supported: default, llama3)"));
   }
-  rope.factor = Optional<double>(*params, "factor", rope.factor);
-  rope.low_freq_factor = Optional<double>(*params, "low_freq_factor", rope.low_freq_factor);
-  rope.high_freq_factor = Optional<double>(*params, "high_freq_factor", rope.high_freq_factor);
+  for (auto [field, key] :
+       {std::pair{&rope.factor, "factor"}, std::pair{&rope.low_freq_factor, "low_freq_factor"},
+        std::pair{&rope.high_freq_factor, "high_freq_factor"}}) {
+    auto v = RequiredRopeField<double>(*params, source, key);
+    if (!v.ok()) return v.status();
+    *field = *v;
+  }
+  // transformers' default: the model's own max_position_embeddings.
   rope.original_max_position_embeddings =
-      Optional<int64_t>(*params, "original_max_position_embeddings", 8192);
+      Optional<int64_t>(*params, "original_max_position_embeddings",
+                        Optional<int64_t>(j, "max_position_embeddings", 4096));
   return rope;
 }
 
-}  // namespace
-
-const std::vector<std::string>& SupportedArchitectures() {
-  static const std::vector<std::string> kArchitectures = {"LlamaForCausalLM", "MistralForCausalLM",
-                                                          "Qwen2ForCausalLM"};
-  return kArchitectures;
+// The window of the layers that slide, as transformers decides it; 0 when none does.
+int64_t SlidingWindow(const json& j, const ModelConfig& c) {
+  const int64_t window = Optional<int64_t>(j, "sliding_window", 0);
+  if (window <= 0) return 0;
+  if (j.contains("layer_types") && j["layer_types"].is_array()) {
+    for (const auto& t : j["layer_types"]) {
+      if (t.is_string() && t.get<std::string>() == "sliding_attention") return window;
+    }
+    return 0;
+  }
+  if (c.architecture == "Qwen2ForCausalLM") {
+    // Layers from max_window_layers on slide, and only with use_sliding_window.
+    if (!Optional<bool>(j, "use_sliding_window", false)) return 0;
+    return Optional<int64_t>(j, "max_window_layers", c.num_hidden_layers) < c.num_hidden_layers
+               ? window
+               : 0;
+  }
+  return window;  // Mistral: every layer
 }
 
-absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& json_text,
-                                               const std::string& source) {
-  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
-  }
+absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source) {
   ModelConfig c;
-  if (!j.contains("architectures") || !j["architectures"].is_array() ||
-      j["architectures"].empty() || !j["architectures"][0].is_string()) {
+  if (j.contains("quantization_config") && j["quantization_config"].is_object()) {
+    const json& q = j["quantization_config"];
+    const std::string method = Optional<std::string>(q, "quant_method", "bitsandbytes");
+    if (method != "bitsandbytes" || Optional<bool>(q, "load_in_8bit", false)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": quantization_config says '", method,
+                       Optional<bool>(q, "load_in_8bit", false) ? " 8-bit" : "",
+                       "'; lorad reads 16/32-bit checkpoints (and quantizes them to NF4 itself) or "
+                       "bitsandbytes 4-bit ones: point it at the unquantized model folder"));
+    }
+  }
+  // transformers falls back on model_type when there is no architectures list.
+  static const std::map<std::string, std::string> kByModelType = {{"llama", "LlamaForCausalLM"},
+                                                                  {"mistral", "MistralForCausalLM"},
+                                                                  {"qwen2", "Qwen2ForCausalLM"}};
+  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+      j["architectures"][0].is_string()) {
+    c.architecture = j["architectures"][0].get<std::string>();
+  } else if (auto it = kByModelType.find(Optional<std::string>(j, "model_type", ""));
+             it != kByModelType.end()) {
+    c.architecture = it->second;
+  } else {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": field 'architectures' is missing; expected one of ",
                      absl::StrJoin(SupportedArchitectures(), ", ")));
   }
-  c.architecture = j["architectures"][0].get<std::string>();
   const auto& known = SupportedArchitectures();
   if (std::find(known.begin(), known.end(), c.architecture) == known.end()) {
     return absl::InvalidArgumentError(
@@ -125,6 +184,7 @@ absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& json_text,
   c.tie_word_embeddings = Optional<bool>(j, "tie_word_embeddings", false);
   c.attention_bias = Optional<bool>(j, "attention_bias", c.architecture == "Qwen2ForCausalLM");
   c.hidden_act = Optional<std::string>(j, "hidden_act", c.hidden_act);
+  if (c.hidden_act == "swish") c.hidden_act = "silu";  // the same function (transformers' ACT2FN)
   c.torch_dtype =
       Optional<std::string>(j, "torch_dtype", Optional<std::string>(j, "dtype", "float32"));
   c.bos_token_ids = TokenIds(j, "bos_token_id");
@@ -147,7 +207,35 @@ absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& json_text,
     return absl::InvalidArgumentError(absl::StrCat(source, ": hidden_act '", c.hidden_act,
                                                    "' is not supported (supported: silu)"));
   }
+  c.sliding_window = SlidingWindow(j, c);
+  if (c.sliding_window > 0 && c.sliding_window < c.max_position_embeddings) {
+    c.max_position_embeddings = c.sliding_window;
+  } else {
+    c.sliding_window = 0;  // no sequence can outgrow it
+  }
   return c;
+}
+
+}  // namespace
+
+const std::vector<std::string>& SupportedArchitectures() {
+  static const std::vector<std::string> kArchitectures = {"LlamaForCausalLM", "MistralForCausalLM",
+                                                          "Qwen2ForCausalLM"};
+  return kArchitectures;
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& json_text,
+                                               const std::string& source) {
+  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  }
+  try {
+    return ParseFields(j, source);
+  } catch (const WrongType& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": field '", e.key, "' must be ", e.expected));
+  }
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::LoadFromFolder(const std::string& folder) {

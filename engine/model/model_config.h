@@ -30,7 +30,11 @@ struct ModelConfig {
   int64_t num_attention_heads = 0;
   int64_t num_key_value_heads = 0;  // < num_attention_heads means grouped-query attention
   int64_t head_dim = 0;             // hidden_size / num_attention_heads unless given
+  // The context lorad serves: config.json's max_position_embeddings, or the sliding window when
+  // the model has one that is shorter (lorad attends to the whole context, which equals
+  // sliding-window attention exactly as long as no sequence outgrows the window).
   int64_t max_position_embeddings = 0;
+  int64_t sliding_window = 0;  // the window of the layers that have one; 0: none
   double rms_norm_eps = 1e-6;
   RopeConfig rope;
   bool tie_word_embeddings = false;

@@ -123,6 +123,9 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   ExampleFormatterOptions fo;
   fo.template_name = config.data.template_name;
   fo.response_only = config.data.response_only;
+  // A model with a sliding window is exact only on sequences that fit in it (ModelConfig).
+  const int64_t window = model->config().sliding_window;
+  if (window > 0 && config.max_seq_length > window) config.max_seq_length = window;
   fo.max_seq_length = config.max_seq_length;
   auto formatter = ExampleFormatter::Create(tokenizer, model_folder, fo);
   if (!formatter.ok()) return formatter.status();

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 namespace lorad::engine {
 namespace {
@@ -54,6 +56,97 @@ TEST(ModelConfig, MissingFieldIsNamed) {
                               "m/config.json");
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("intermediate_size"), std::string::npos);
+}
+
+// A small config of `architecture` with `extra` fields (JSON members, comma-led) appended.
+std::string SmallConfig(const std::string& architecture, const std::string& extra) {
+  return R"({"architectures": [")" + architecture + R"("], "vocab_size": 10, "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "max_position_embeddings": 32)" +
+         extra + "}";
+}
+
+TEST(ModelConfig, AFieldOfTheWrongTypeIsNamed) {
+  for (const std::string& extra :
+       {std::string(R"(, "rms_norm_eps": "1e-6")"), std::string(R"(, "tie_word_embeddings": "no")"),
+        std::string(R"(, "rope_parameters": {"rope_type": "default", "rope_theta": "1e4"})")}) {
+    SCOPED_TRACE(extra);
+    auto c = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", extra), "t/config.json");
+    ASSERT_FALSE(c.ok());
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find("t/config.json: field '"), std::string::npos) << c.status();
+    EXPECT_NE(c.status().message().find("' must be "), std::string::npos) << c.status();
+  }
+}
+
+TEST(ModelConfig, Llama3RopeFollowsTransformersDefaultsAndRequirements) {
+  const std::string rope =
+      R"(, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+         "low_freq_factor": 1.0, "high_freq_factor": 4.0})";
+  auto c = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", rope), "r/config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope.original_max_position_embeddings, 32);  // max_position_embeddings
+  auto missing = ModelConfig::Parse(
+      SmallConfig("LlamaForCausalLM",
+                  R"(, "rope_parameters": {"rope_type": "llama3", "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0})"),
+      "r/config.json");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("'factor'"), std::string::npos) << missing.status();
+}
+
+TEST(ModelConfig, ModelTypeStandsInForArchitecturesAndSwishIsSilu) {
+  auto c = ModelConfig::Parse(R"({"model_type": "mistral", "vocab_size": 10, "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+      "hidden_act": "swish"})",
+                              "n/config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->architecture, "MistralForCausalLM");
+  EXPECT_EQ(c->hidden_act, "silu");
+}
+
+TEST(ModelConfig, OtherQuantizationMethodsAreRefusedByName) {
+  for (const std::string& q :
+       {std::string(R"({"quant_method": "gptq", "bits": 4})"),
+        std::string(R"({"quant_method": "bitsandbytes", "load_in_8bit": true})")}) {
+    auto c = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", ", \"quantization_config\": " + q),
+                                "q/config.json");
+    ASSERT_FALSE(c.ok()) << q;
+    EXPECT_NE(c.status().message().find("unquantized model folder"), std::string::npos)
+        << c.status();
+  }
+  auto nf4 = ModelConfig::Parse(
+      SmallConfig("LlamaForCausalLM",
+                  R"(, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true,
+                     "bnb_4bit_quant_type": "nf4"})"),
+      "q/config.json");
+  EXPECT_TRUE(nf4.ok()) << nf4.status();
+}
+
+TEST(ModelConfig, ASlidingWindowShorterThanTheContextCapsIt) {
+  struct Case {
+    std::string architecture, extra;
+    int64_t window, context;
+  };
+  const std::vector<Case> cases = {
+      {"MistralForCausalLM", R"(, "sliding_window": 4)", 4, 4},
+      {"MistralForCausalLM", R"(, "sliding_window": 64)", 0, 32},
+      {"MistralForCausalLM", R"(, "sliding_window": null)", 0, 32},
+      {"Qwen2ForCausalLM", R"(, "sliding_window": 4, "use_sliding_window": false)", 0, 32},
+      {"Qwen2ForCausalLM",
+       R"(, "sliding_window": 4, "use_sliding_window": true, "max_window_layers": 1)", 4, 4},
+      {"Qwen2ForCausalLM",
+       R"(, "sliding_window": 4, "use_sliding_window": true, "max_window_layers": 2)", 0, 32},
+      {"LlamaForCausalLM",
+       R"(, "sliding_window": 4, "layer_types": ["full_attention", "full_attention"])", 0, 32},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.architecture + k.extra);
+    auto c = ModelConfig::Parse(SmallConfig(k.architecture, k.extra), "w/config.json");
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->sliding_window, k.window);
+    EXPECT_EQ(c->max_position_embeddings, k.context);
+  }
 }
 
 TEST(ModelConfig, MalformedJsonIsAnError) {
