@@ -46,8 +46,8 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
 }
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
-                               const TokenAuthenticator* auth)
-    : engine_(engine), adapter_root_(std::move(adapter_root)), auth_(auth) {}
+                               const TokenAuthenticator* auth, JobStore* record)
+    : engine_(engine), adapter_root_(std::move(adapter_root)), auth_(auth), record_(record) {}
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
@@ -88,6 +88,9 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   engine::AdapterInfo published;
   auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published);
   if (!version.ok()) return FinishUnary(context, version.status());
+  if (record_ != nullptr) {
+    (void)record_->RecordAdapter({request->name(), *version, *folder, *folder, /*served=*/true});
+  }
   ToProto(published, response);
   return FinishUnary(context, absl::OkStatus());
 }
@@ -106,11 +109,15 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
                        absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
   }
   if (request->version() > 0) version = request->version();
+  bool current_unloaded = false;
   for (const auto& info : engine_.adapters().List()) {
     if (info.name == request->name() && (!version || info.version == *version)) {
       ToProto(info, response->add_unloaded());
+      current_unloaded |= info.current;
     }
   }
+  // The name serves nothing after this: a restart must not bring it back.
+  if (current_unloaded && record_ != nullptr) (void)record_->MarkAdapterUnserved(request->name());
   // Unload blocks until the adapter's requests finish: wait on a thread of our own, bounded by
   // the call's deadline, and answer from there.
   auto* reactor = context->DefaultReactor();

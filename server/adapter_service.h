@@ -9,6 +9,7 @@
 
 #include "engine/runtime/engine.h"
 #include "lorad/v1/adapters.grpc.pb.h"
+#include "server/job_store.h"
 #include "server/token_authenticator.h"
 
 namespace lorad::server {
@@ -16,8 +17,9 @@ namespace lorad::server {
 class AdapterService final : public lorad::v1::AdapterService::CallbackService {
  public:
   // `auth` (may be null: open): listing needs the user role, loading and unloading admin.
+  // `record` (may be null) keeps what is loaded and unloaded, so a restart serves it again.
   AdapterService(engine::Engine& engine, std::string adapter_root,
-                 const TokenAuthenticator* auth = nullptr);
+                 const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr);
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -33,6 +35,7 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   engine::Engine& engine_;
   std::string adapter_root_;
   const TokenAuthenticator* auth_;
+  JobStore* record_;
 };
 
 // The proto view of one adapter version.

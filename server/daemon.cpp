@@ -1,13 +1,19 @@
 #include "server/daemon.h"
 
+#include <fcntl.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -95,6 +101,7 @@ absl::Status Daemon::Start() {
                                                    config_.storage.data_dir, "': ", ec.message()));
   }
 
+  if (auto s = LockDataDir(); !s.ok()) return s;
   if (auto s = LoadTokens(); !s.ok()) return s;
   if (auto s = OpenJobStore(); !s.ok()) return s;
   // HTTP first: /healthz says "loading" while the model loads.
@@ -104,6 +111,7 @@ absl::Status Daemon::Start() {
     return s;
   }
   RegisterProcessMetrics();
+  ServeRecordedAdapters();
   if (auto s = StartGrpc(); !s.ok()) {
     engine_->Stop();
     http_.Stop();
@@ -212,6 +220,77 @@ void Daemon::RegisterEngineMetrics() {
       });
 }
 
+absl::Status Daemon::LockDataDir() {
+  // Two daemons on one data folder would both resume its running jobs into the same folders.
+  // The lock is the kernel's: it ends with the process, also after kill -9.
+  const std::string path =
+      (std::filesystem::path(config_.storage.data_dir) / "lorad.lock").string();
+  data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (data_dir_lock_ < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("storage.data_dir: cannot open ", path, ": ", std::strerror(errno)));
+  }
+  if (::flock(data_dir_lock_, LOCK_EX | LOCK_NB) != 0) {
+    char pid[32] = {};
+    const ssize_t n = ::pread(data_dir_lock_, pid, sizeof(pid) - 1, 0);
+    ::close(data_dir_lock_);
+    data_dir_lock_ = -1;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "storage.data_dir '", config_.storage.data_dir, "' is in use by another lorad",
+        n > 0 ? absl::StrCat(" (pid ", std::string(pid, static_cast<size_t>(n)), ")") : "",
+        "; stop it, or give this one another --data-dir"));
+  }
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(data_dir_lock_, 0) == 0) {
+    (void)::pwrite(data_dir_lock_, pid.data(), pid.size(), 0);
+  }
+  return absl::OkStatus();
+}
+
+void Daemon::ServeRecordedAdapters() {
+  auto recorded = jobs_->Adapters();
+  if (!recorded.ok()) {
+    spdlog::warn("the adapters served before the last stop are not known: {}",
+                 std::string(recorded.status().message()));
+    return;
+  }
+  std::vector<ServedAdapter> adapters = *std::move(recorded);
+  // A data folder from before lorad recorded adapters: the newest succeeded job of each name.
+  std::set<std::string> known;
+  for (const auto& a : adapters) known.insert(a.name);
+  std::string page_token;
+  do {
+    auto page = jobs_->List({JobState::kSucceeded}, 500, page_token);
+    if (!page.ok()) break;
+    for (const JobRecord& job : page->jobs) {  // newest first
+      if (!known.insert(job.adapter_name).second) continue;
+      adapters.push_back(
+          {job.adapter_name, job.adapter_version,
+           (std::filesystem::path(config_.storage.data_dir) / "jobs" / job.id / "adapter").string(),
+           "job:" + job.id, /*served=*/true});
+      (void)jobs_->RecordAdapter(adapters.back());
+    }
+    page_token = page->next_page_token;
+  } while (!page_token.empty());
+
+  engine::AdapterStore& store = engine_->adapters();
+  for (const ServedAdapter& a : adapters) {
+    if (!a.served) {
+      store.ContinueVersionsAfter(a.name, a.version);
+      continue;
+    }
+    store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
+    auto version = store.LoadPeft(a.name, a.path, a.source);
+    if (!version.ok()) {
+      store.ContinueVersionsAfter(a.name, a.version);
+      spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
+                   std::string(version.status().message()));
+      continue;
+    }
+    spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
+  }
+}
+
 absl::Status Daemon::OpenJobStore() {
   namespace fs = std::filesystem;
   dataset_root_ = config_.storage.dataset_root.empty()
@@ -288,7 +367,8 @@ absl::Status Daemon::StartGrpc() {
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
   inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
   services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
-  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_));
+  services_.push_back(
+      std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_, jobs_.get()));
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
@@ -331,6 +411,7 @@ void Daemon::Shutdown() {
   if (grpc_server_) {
     grpc_server_->GetHealthCheckService()->SetServingStatus(false);
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
+    job_events_.CloseAll();  // job watches never end by themselves
     grpc_server_->Shutdown(std::chrono::system_clock::now() +
                            std::chrono::seconds(config_.server.shutdown_grace_seconds));
     grpc_server_->Wait();

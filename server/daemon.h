@@ -43,6 +43,10 @@ class Daemon {
 
  private:
   absl::Status StartGrpc();
+  // Publishes again the adapters that were served at the last stop, with the same versions.
+  void ServeRecordedAdapters();
+  // Takes <data_dir>/lorad.lock for the life of the process: one daemon per data folder.
+  absl::Status LockDataDir();
   absl::Status OpenJobStore();
   absl::Status StartEngine();
   absl::Status LoadTokens();
@@ -63,6 +67,7 @@ class Daemon {
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
+  int data_dir_lock_ = -1;  // held (flock) while the daemon lives; the kernel drops it on exit
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 

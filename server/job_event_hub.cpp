@@ -2,11 +2,21 @@
 
 namespace lorad::server {
 
-int64_t JobEventHub::Subscribe(const std::string& job_id, Listener listener) {
+int64_t JobEventHub::Subscribe(const std::string& job_id, Listener listener,
+                               std::function<void()> on_close) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return 0;
   const int64_t id = next_id_++;
-  subscriptions_[id] = {job_id, std::move(listener)};
+  subscriptions_[id] = {job_id, std::move(listener), std::move(on_close)};
   return id;
+}
+
+void JobEventHub::CloseAll() {
+  std::lock_guard<std::mutex> lock(mu_);
+  closed_ = true;
+  for (auto& [id, sub] : subscriptions_) {
+    if (sub.on_close) sub.on_close();
+  }
 }
 
 void JobEventHub::Unsubscribe(int64_t subscription) {

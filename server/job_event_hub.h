@@ -20,16 +20,23 @@ class JobEventHub {
  public:
   using Listener = std::function<void(const lorad::v1::JobEvent&)>;
 
-  // Returns a subscription id for Unsubscribe.
-  int64_t Subscribe(const std::string& job_id, Listener listener);
+  // Returns a subscription id for Unsubscribe, or 0 once CloseAll ran (the daemon is stopping).
+  // `on_close` runs (under the hub's lock, like listeners) when CloseAll ends every stream.
+  int64_t Subscribe(const std::string& job_id, Listener listener,
+                    std::function<void()> on_close = nullptr);
   void Unsubscribe(int64_t subscription);
   void Publish(const lorad::v1::JobEvent& event);
+  // The daemon is stopping: every watcher's stream ends now (a stream open on a running job
+  // would otherwise hold the shutdown for its whole grace period), and no new one starts.
+  void CloseAll();
 
  private:
   struct Subscription {
     std::string job_id;
     Listener listener;
+    std::function<void()> on_close;
   };
+  bool closed_ = false;
   std::mutex mu_;
   int64_t next_id_ = 1;
   std::map<int64_t, Subscription> subscriptions_;

@@ -221,7 +221,6 @@ void JobRunner::Handle(const Pending& p) {
       job_tokens_per_s_.Set(labels, s.tokens_per_second);
       job_step_.Set(labels, static_cast<double>(s.step));
       trained_tokens_.Inc({}, static_cast<double>(e.step.tokens));
-      job_tokens_[p.job_id] += e.step.tokens;
       if (auto [it, added] = job_total_steps_.try_emplace(p.job_id, -1);
           it->second != e.step.total_steps) {
         if (store_.SetTotalSteps(p.job_id, e.step.total_steps).ok()) {
@@ -259,15 +258,26 @@ void JobRunner::Handle(const Pending& p) {
     look_for_jobs_ = true;
   }
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);
-  const int64_t tokens = job_tokens_[p.job_id];
-  job_tokens_.erase(p.job_id);
   job_total_steps_.erase(p.job_id);
   if (e.kind == TrainingEvent::Kind::kFailed) {
     FailJob(p.job_id, e.error);
     return;
   }
   if (e.summary.cancelled) {  // CancelJob already stored and published the state
-    spdlog::info("job {} cancelled after {} steps", p.job_id, e.summary.steps);
+    // ... unless the engine stopped it for the daemon's shutdown: then it is still running.
+    auto record = store_.Get(p.job_id);
+    if (record.ok() && record->state == JobState::kRunning) {
+      spdlog::info("job {} stopped after {} steps for the shutdown; it resumes at the next start",
+                   p.job_id, e.summary.steps);
+    } else {
+      spdlog::info("job {} cancelled after {} steps", p.job_id, e.summary.steps);
+    }
+    return;
+  }
+  // Cancelled after training ended but before this: publish nothing. From here on a cancel
+  // leaves the job to succeed or fail.
+  if (!store_.BeginPublishing(p.job_id).ok()) {
+    spdlog::info("job {} was cancelled as it finished; its adapter is not published", p.job_id);
     return;
   }
   auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path, "job:" + p.job_id);
@@ -277,6 +287,9 @@ void JobRunner::Handle(const Pending& p) {
                          " failed: ", version.status().message()));
     return;
   }
+  // Kept, so that a restart serves it again (a failure to record costs only that).
+  (void)store_.RecordAdapter(
+      {adapter, *version, e.summary.adapter_path, "job:" + p.job_id, /*served=*/true});
   auto* summary = out.mutable_finished();
   summary->set_runtime_seconds(e.summary.runtime_s);
   summary->set_final_loss(e.summary.final_loss);
@@ -289,7 +302,7 @@ void JobRunner::Handle(const Pending& p) {
     summary->set_rouge_l(e.summary.rouge.rouge_l);
     summary->set_eval_report_path(e.summary.eval_report_path);
   }
-  summary->set_trained_tokens(tokens);  // in this process (a resumed job counts from its restart)
+  summary->set_trained_tokens(e.summary.trained_tokens);  // over every run of a resumed job
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);
   summary->set_skipped_lines(e.summary.skipped_records);

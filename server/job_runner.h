@@ -75,8 +75,7 @@ class JobRunner {
   std::mutex mu_;
   std::condition_variable wake_;
   std::deque<Pending> pending_;
-  std::set<std::string> running_;              // jobs handed to the engine and not yet ended
-  std::map<std::string, int64_t> job_tokens_;  // runner thread only: tokens trained per job
+  std::set<std::string> running_;  // jobs handed to the engine and not yet ended
   // Runner thread only: the total steps stored for each running job, as its trainer counts them
   // (the dataset is read again when the job starts and may have changed since submission).
   std::map<std::string, int64_t> job_total_steps_;

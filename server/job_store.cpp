@@ -12,8 +12,8 @@
 namespace lorad::server {
 namespace {
 
-// Tables added since (job_events) are created by kSchema's IF NOT EXISTS: an older database
-// gains them on open, and an older lorad that opens a newer database ignores them.
+// Tables added since (job_events, adapters) are created by kSchema's IF NOT EXISTS: an older
+// database gains them on open, and an older lorad that opens a newer database ignores them.
 constexpr int kSchemaVersion = 1;
 
 constexpr const char* kSchema = R"sql(
@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS job_events (
   kind INTEGER NOT NULL,                -- the lorad.v1.JobEvent field number
   event BLOB NOT NULL,                  -- serialized lorad.v1.JobEvent
   PRIMARY KEY (job_id, step, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS adapters (
+  name TEXT PRIMARY KEY,
+  version INTEGER NOT NULL,             -- the newest version published under the name
+  path TEXT NOT NULL,                   -- its PEFT folder
+  source TEXT NOT NULL,                 -- the folder, or "job:<id>"
+  served INTEGER NOT NULL) WITHOUT ROWID;
 )sql";
 
 constexpr const char* kJobColumns =
@@ -199,11 +205,18 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   }
   std::unique_ptr<JobStore> store(new JobStore(db, path));
   sqlite3_busy_timeout(db, 5000);
+  // A damaged file fails at the pragmas or the schema below: say which file, and what to do.
+  const auto damaged = [&path](const absl::Status& s) {
+    if (absl::IsResourceExhausted(s)) return s;  // a full disk says so itself
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job database '", path, "': ", s.message(),
+        "; move the file aside to start with an empty job queue (the job folders beside it stay)"));
+  };
   // WAL keeps readers off the writer's back; synchronous=FULL fsyncs every commit, so a job
   // event acknowledged is an event kept, even across a power cut.
   for (const char* pragma :
        {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;", "PRAGMA foreign_keys=ON;"}) {
-    if (auto s = store->Exec(pragma); !s.ok()) return s;
+    if (auto s = store->Exec(pragma); !s.ok()) return damaged(s);
   }
   Statement version(db, "PRAGMA user_version;");
   if (auto s = version.status(); !s.ok()) return s;
@@ -213,9 +226,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         "job database '", path, "' has schema version ", found, ", newer than this lorad (",
         kSchemaVersion, "); upgrade lorad or point storage.data_dir elsewhere"));
   }
-  if (auto s = store->Exec(kSchema); !s.ok()) {
-    return absl::UnavailableError(absl::StrCat("job database '", path, "': ", s.message()));
-  }
+  if (auto s = store->Exec(kSchema); !s.ok()) return damaged(s);
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
     return s;
   }
@@ -356,6 +367,7 @@ absl::Status JobStore::MarkRunning(const std::string& id) {
 absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,
                                      const StoredEvent& final_event) {
   std::lock_guard<std::mutex> lock(mu_);
+  publishing_.erase(id);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   absl::Status s =
       TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
@@ -367,15 +379,32 @@ absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_vers
 }
 
 absl::Status JobStore::MarkFailed(const std::string& id, const std::string& error) {
-  return Transition(id, {JobState::kQueued, JobState::kRunning}, JobState::kFailed,
-                    "finished_ms = :now", error, 0);
+  std::lock_guard<std::mutex> lock(mu_);
+  publishing_.erase(id);
+  return TransitionLocked(id, {JobState::kQueued, JobState::kRunning}, JobState::kFailed,
+                          "finished_ms = :now", error, 0);
 }
 
 absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
-  auto status = Transition(id, {JobState::kQueued, JobState::kRunning}, JobState::kCancelled,
-                           "finished_ms = :now", "", 0);
-  if (!status.ok() && !absl::IsFailedPrecondition(status)) return status;
-  return Get(id);  // already ended: unchanged
+  std::lock_guard<std::mutex> lock(mu_);
+  if (publishing_.count(id) == 0) {
+    auto status = TransitionLocked(id, {JobState::kQueued, JobState::kRunning},
+                                   JobState::kCancelled, "finished_ms = :now", "", 0);
+    if (!status.ok() && !absl::IsFailedPrecondition(status)) return status;
+  }
+  return GetLocked(id);  // already ended, or publishing: unchanged
+}
+
+absl::Status JobStore::BeginPublishing(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto job = GetLocked(id);
+  if (!job.ok()) return job.status();
+  if (job->state != JobState::kRunning) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job '", id, "' is ", JobStateName(job->state), "; it publishes nothing"));
+  }
+  publishing_.insert(id);
+  return absl::OkStatus();
 }
 
 absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
@@ -470,6 +499,35 @@ absl::StatusOr<std::optional<StoredEvent>> JobStore::LastEvent(const std::string
   if (rc == SQLITE_ROW) return std::optional<StoredEvent>(ReadEvent(s));
   if (rc == SQLITE_DONE) return std::optional<StoredEvent>();
   return s.StepError();
+}
+
+absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "INSERT OR REPLACE INTO adapters (name, version, path, source, served) VALUES "
+              "(?, ?, ?, ?, ?);");
+  s.BindText(1, a.name).Bind(2, a.version).BindText(3, a.path).BindText(4, a.source);
+  s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0));
+  return s.Run();
+}
+
+absl::Status JobStore::MarkAdapterUnserved(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE adapters SET served = 0 WHERE name = ?;");
+  s.BindText(1, name);
+  return s.Run();
+}
+
+absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "SELECT name, version, path, source, served FROM adapters ORDER BY name;");
+  std::vector<ServedAdapter> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0});
+  }
+  if (rc != SQLITE_DONE) return s.StepError();
+  return out;
 }
 
 absl::StatusOr<std::vector<std::string>> JobStore::RecoverAfterRestart() {

@@ -1,4 +1,5 @@
-// JobStore: the durable fine-tuning job queue, in SQLite (WAL mode) inside the data folder.
+// JobStore: the durable fine-tuning job queue, in SQLite (WAL mode) inside the data folder, and
+// the record of the adapters it serves (so a restart serves them again).
 //
 // Holds every job's spec (the serialized lorad.v1.JobSpec), state, priority, timestamps, error,
 // resulting adapter, and every optimizer step's metrics, so a restart after a crash or kill -9
@@ -13,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -66,6 +68,17 @@ struct StoredEvent {
   std::string event;
 };
 
+// An adapter name lorad serves (or served), kept so that a restart serves it again: its newest
+// version and the folder and source it was read from. `served` turns false when the name is
+// unloaded; the row stays, so that its versions keep growing after a restart.
+struct ServedAdapter {
+  std::string name;
+  int64_t version = 0;
+  std::string path;    // the PEFT folder
+  std::string source;  // as AdapterStore takes it: the folder, or "job:<id>"
+  bool served = true;
+};
+
 struct JobPage {
   std::vector<JobRecord> jobs;
   std::string next_page_token;  // empty on the last page
@@ -98,8 +111,12 @@ class JobStore {
                              const StoredEvent& final_event);
   absl::Status MarkFailed(const std::string& id, const std::string& error);
   // Cancels a queued or running job; returns the record after the call. Cancelling a job that
-  // already ended changes nothing.
+  // already ended, or one that is publishing its adapter, changes nothing.
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
+  // A running job whose training ended is about to publish its adapter: from now on it can only
+  // succeed or fail (a cancel that comes later leaves it running, and says so). FAILED_PRECONDITION
+  // when it is no longer running (cancelled first: nothing may be published).
+  absl::Status BeginPublishing(const std::string& id);
 
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
   // The trainer's count of the job's steps, once it has read the dataset.
@@ -112,6 +129,12 @@ class JobStore {
   absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step);
   // The event of `kind` with the highest step; nullopt when there is none.
   absl::StatusOr<std::optional<StoredEvent>> LastEvent(const std::string& id, int32_t kind);
+
+  // The adapters (ServedAdapter), by name: a publish records its version, an unload of the
+  // current one marks the name not served.
+  absl::Status RecordAdapter(const ServedAdapter& adapter);
+  absl::Status MarkAdapterUnserved(const std::string& name);
+  absl::StatusOr<std::vector<ServedAdapter>> Adapters();
 
   // After a restart: every running job goes back to queued (to resume from its checkpoint).
   // Returns their ids.
@@ -133,6 +156,7 @@ class JobStore {
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
 
   std::mutex mu_;
+  std::set<std::string> publishing_;  // BeginPublishing's jobs, until they succeed or fail
   sqlite3* db_;
   std::string path_;
 };

@@ -5,7 +5,9 @@
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
+#include <thread>
 
 #include "server/daemon.h"
 #include "server/server_config.h"
@@ -99,7 +101,17 @@ int main(int argc, char** argv) {
   }
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
-  spdlog::info("received {}, shutting down", signal_number == SIGINT ? "SIGINT" : "SIGTERM");
+  spdlog::info("received {}, shutting down (a second signal stops at once)",
+               signal_number == SIGINT ? "SIGINT" : "SIGTERM");
+  std::thread([&stop_signals] {
+    int again = 0;
+    sigwait(&stop_signals, &again);
+    spdlog::warn(
+        "second stop signal: exiting now; running jobs resume from their last checkpoint at the "
+        "next start");
+    spdlog::shutdown();
+    std::_Exit(kExitRuntime);
+  }).detach();
   daemon.Shutdown();
   return 0;
 }

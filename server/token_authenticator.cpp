@@ -2,6 +2,7 @@
 
 #include <cctype>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorad::server {
@@ -50,7 +51,9 @@ absl::StatusOr<Principal> TokenAuthenticator::Authorize(const std::string& heade
                                                         Role needed) const {
   if (!enabled()) return Principal{"anonymous", Role::kAdmin};
   constexpr const char kPrefix[] = "Bearer ";
-  if (header.rfind(kPrefix, 0) != 0 || header.size() == sizeof(kPrefix) - 1) {
+  // The scheme name is case-insensitive (RFC 7235): "bearer x" is the same header.
+  if (header.size() <= sizeof(kPrefix) - 1 ||
+      !absl::EqualsIgnoreCase(header.substr(0, sizeof(kPrefix) - 1), kPrefix)) {
     return absl::UnauthenticatedError(
         "missing bearer token: send the metadata 'authorization: Bearer <token>'");
   }

@@ -44,8 +44,15 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       Finish(ToGrpcStatus(s));
       return;
     }
-    subscription_ = events_.Subscribe(request.job_id(),
-                                      [this](const JobEvent& e) { Enqueue(e, /*live=*/true); });
+    const absl::Status stopping =
+        absl::UnavailableError("lorad is stopping; watch the job again once it is back");
+    subscription_ = events_.Subscribe(
+        request.job_id(), [this](const JobEvent& e) { Enqueue(e, /*live=*/true); },
+        [this, stopping] { FinishNow(stopping); });
+    if (subscription_ == 0) {
+      Finish(ToGrpcStatus(stopping));
+      return;
+    }
     auto record = store.Get(request.job_id());
     if (!record.ok()) {
       FinishNow(record.status());

@@ -302,6 +302,12 @@ absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const st
   return Publish(name, *adapter, source.empty() ? folder : source, published);
 }
 
+void AdapterStore::ContinueVersionsAfter(const std::string& name, int64_t version) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  int64_t& last = state_->last_version[name];
+  last = std::max(last, version);
+}
+
 absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {
   std::lock_guard<std::mutex> lock(state_->mu);
   auto it = state_->current.find(name);

@@ -110,6 +110,9 @@ class AdapterStore {
                                    const std::string& source = "",
                                    AdapterInfo* published = nullptr);
 
+  // The next version published under `name` will be at least `version` + 1 (a restart restores
+  // the versions a name had, so that they only grow).
+  void ContinueVersionsAfter(const std::string& name, int64_t version);
   // The current version of `name` for one request. NotFound naming the adapter.
   absl::StatusOr<AdapterLease> Acquire(const std::string& name);
   bool Contains(const std::string& name) const;

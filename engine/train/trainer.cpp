@@ -91,6 +91,7 @@ struct Trainer::Impl {
   torch::Tensor step_loss_sum;  // the step's summed token losses so far, on the device, fp64
   Clock::time_point step_start;
   Clock::time_point job_start = Clock::now();
+  double seconds_before_this_run = 0;  // a resumed job's time up to its checkpoint
   int64_t steps_this_run = 0;
 
   absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder);
@@ -151,6 +152,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     checkpoint = *std::move(c);
     adapter = checkpoint->adapter;
     state = checkpoint->state;
+    seconds_before_this_run = state.train_seconds;
     resumed = true;
   } else if (!config.init_adapter_path.empty()) {
     auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
@@ -196,7 +198,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
       return absl::Status(s.code(), absl::StrCat("checkpoint ", latest, ": ", s.message()));
     }
     if (checkpoint->rng.defined()) RestoreRngState(checkpoint->rng);
-    if (state.step >= total_steps) done = true;  // finished before; nothing left to do
+    // A checkpoint at the last step (the end writes one before the adapter): Step() only ends it.
   }
   return absl::OkStatus();
 }
@@ -273,6 +275,7 @@ absl::Status Trainer::Impl::FinishStep() {
   const double loss_sum = step_loss_sum.defined() ? step_loss_sum.item<double>() : 0.0;
   ++state.step;
   ++steps_this_run;
+  state.trained_tokens += step_input_tokens;
   const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens));
   state.last_loss = loss;
   state.best_train_loss = state.step == 1 ? loss : std::min(state.best_train_loss, loss);
@@ -401,6 +404,7 @@ LoraAdapter Trainer::Impl::AdapterCopy() const {
 }
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
+  state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state,
                               config.keep_checkpoints);
   if (!path.ok()) return path.status();
@@ -449,7 +453,8 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   done = true;
   s.steps = state.step;
   s.epochs = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
-  s.runtime_s = Seconds(Clock::now() - job_start);
+  s.runtime_s = seconds_before_this_run + Seconds(Clock::now() - job_start);
+  s.trained_tokens = state.trained_tokens;
   s.final_loss = state.last_loss;
   s.best_is_eval = state.has_eval;
   s.best_loss = state.has_eval ? state.best_eval_loss : state.best_train_loss;
@@ -490,10 +495,20 @@ absl::Status Trainer::Step() {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       return t.Finish(/*cancelled=*/true, false);
     }
+    // Resumed from the checkpoint its end writes first (the process stopped before the adapter
+    // was written): nothing is left to train, only the end.
+    if (t.micro_in_step == 0 && t.state.step >= t.total_steps) return t.Finish(false, false);
+    if (t.micro_in_step == 0 && t.config.early_stopping_patience > 0 &&
+        t.state.evals_without_improvement >= t.config.early_stopping_patience) {
+      return t.Finish(false, /*early_stopped=*/true);
+    }
     if (auto s = t.StepOrThrow(); !s.ok()) return t.Fail(s);
   } catch (const c10::Error& e) {
     return t.Fail(absl::InternalError(
         absl::StrCat("training step ", t.state.step + 1, " failed: ", e.what_without_backtrace())));
+  } catch (const std::exception& e) {  // e.g. a stream's failure on a full disk
+    return t.Fail(absl::InternalError(
+        absl::StrCat("training step ", t.state.step + 1, " failed: ", e.what())));
   }
   return absl::OkStatus();
 }

@@ -49,7 +49,9 @@ json StateToJson(const TrainerState& s) {
               {"best_train_loss", s.best_train_loss},
               {"best_eval_loss", s.best_eval_loss},
               {"has_eval", s.has_eval},
-              {"evals_without_improvement", s.evals_without_improvement}};
+              {"evals_without_improvement", s.evals_without_improvement},
+              {"trained_tokens", s.trained_tokens},
+              {"train_seconds", s.train_seconds}};
 }
 
 }  // namespace
@@ -123,6 +125,9 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("writing checkpoint ", final_path.string(), ": ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {  // a stream that failed (a full disk: std::ios_failure)
+    return absl::InternalError(absl::StrCat("writing checkpoint ", final_path.string(), ": ",
+                                            e.what(), " (is the disk full?)"));
   }
 }
 
@@ -184,6 +189,9 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     s.best_eval_loss = j.at("best_eval_loss").get<double>();
     s.has_eval = j.at("has_eval").get<bool>();
     s.evals_without_improvement = j.at("evals_without_improvement").get<int64_t>();
+    // Absent from checkpoints of older lorad versions: the totals then start there.
+    s.trained_tokens = j.value("trained_tokens", int64_t{0});
+    s.train_seconds = j.value("train_seconds", 0.0);
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));

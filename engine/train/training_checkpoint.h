@@ -29,6 +29,9 @@ struct TrainerState {
   double best_eval_loss = 0;   // valid when has_eval
   bool has_eval = false;
   int64_t evals_without_improvement = 0;
+  // Totals over every run of the job up to this step (a resumed job continues them).
+  int64_t trained_tokens = 0;
+  double train_seconds = 0;
 };
 
 struct TrainingCheckpoint {

@@ -347,3 +347,70 @@ def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_late
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
+
+
+def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, stubs):
+    """Adapters published by jobs or loaded by hand are served again after a restart, with their
+    versions; an unloaded name stays unloaded; the next version of a name follows the last one.
+    A second daemon on the same data folder refuses to start; a stop does not wait on a job
+    watch for its whole grace period."""
+    import subprocess
+
+    from conftest import LORAD, free_port, tiny_model_path
+
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path, "--set", "server.shutdown_grace_seconds=120")
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+        for _ in range(2):  # "keep" versions 1 and 2
+            job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "keep", 3)), timeout=30)
+            _, states, _ = watch_until_done(train, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+        folder = tmp_path / "data" / "jobs" / job.id / "adapter"
+        shutil.copytree(folder, tmp_path / "data" / "adapters" / "copy")
+        for name in ("by-hand", "dropped"):
+            adapters.LoadAdapter(apb.LoadAdapterRequest(name=name, path="copy"), timeout=30)
+        adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="dropped"), timeout=30)
+
+        second = subprocess.run(
+            [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model",
+             tiny_model_path(), "--data-dir", str(tmp_path / "data"),
+             "--grpc-address", f"127.0.0.1:{free_port()}",
+             "--http-address", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "in use by another lorad" in second.stderr, second
+
+        # A watch on a long job is still open when the daemon stops.
+        long_job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "long", 100000)),
+                                   timeout=30)
+        wait_for_state(train, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
+        watch = train.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=300)
+        next(watch)
+        channel.close()
+    finally:
+        started = time.time()
+        assert stop_daemon(d) == 0, d.log()
+    assert time.time() - started < 60, "the stop waited on the open watch"
+
+    d = start_daemon(tmp_path)
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+        listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+        assert sorted((a.name, a.version) for a in listed) == [("by-hand", 1), ("keep", 2)], \
+            d.log()
+        train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+        job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "keep", 3)), timeout=30)
+        _, states, _ = watch_until_done(train, tpb, job.id)
+        assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+        assert train.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).summary.adapter_version \
+            == 3
+        again = adapters.LoadAdapter(apb.LoadAdapterRequest(name="dropped", path="copy"), timeout=30)
+        assert again.version == 2, "versions of an unloaded name go on too"
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()

@@ -97,6 +97,20 @@ TEST_F(JobStoreTest, CancelWorksQueuedAndRunning) {
   EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkRunning(queued->id)));
 }
 
+TEST_F(JobStoreTest, APublishingJobCannotBeCancelledAndACancelledOneCannotPublish) {
+  auto store = OpenStore();
+  auto publishing = store->Insert("s", "a", 0, 1, 10);
+  ASSERT_TRUE(store->MarkRunning(publishing->id).ok());
+  ASSERT_TRUE(store->BeginPublishing(publishing->id).ok());
+  EXPECT_EQ(store->Cancel(publishing->id)->state, JobState::kRunning) << "too late to cancel";
+  ASSERT_TRUE(store->MarkSucceeded(publishing->id, 1, {1, 7, "summary"}).ok());
+
+  auto cancelled = store->Insert("s", "b", 0, 1, 10);
+  ASSERT_TRUE(store->MarkRunning(cancelled->id).ok());
+  EXPECT_EQ(store->Cancel(cancelled->id)->state, JobState::kCancelled);
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->BeginPublishing(cancelled->id)));
+}
+
 TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   auto store = OpenStore();
   auto job = store->Insert("s", "a", 0, 3, 10);

@@ -22,6 +22,8 @@ TEST(TokenAuthenticator, RolesGrantTheirCalls) {
   EXPECT_EQ(admin->name, "ops");
   EXPECT_TRUE(auth.Authorize(std::string("Bearer ") + kAdminToken, Role::kUser).ok());
   EXPECT_TRUE(auth.Authorize(std::string("Bearer ") + kUserToken, Role::kUser).ok());
+  EXPECT_TRUE(auth.Authorize(std::string("bearer ") + kUserToken, Role::kUser).ok());
+  EXPECT_TRUE(auth.Authorize(std::string("BEARER ") + kUserToken, Role::kUser).ok());
 }
 
 TEST(TokenAuthenticator, UserTokenOnAdminCallIsPermissionDenied) {

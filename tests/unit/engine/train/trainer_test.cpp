@@ -309,6 +309,32 @@ TEST_F(TrainerTest, KeepsTheNewestCheckpointsOnly) {
   }
 }
 
+TEST_F(TrainerTest, AJobStoppedAfterItsFinalCheckpointEndsWhenResumed) {
+  // The end writes the last checkpoint, then the adapter: a process killed between the two
+  // resumes at the last step and must only finish.
+  TrainingJobConfig config = Config("final");
+  config.max_steps = 4;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+  }
+  fs::remove_all(fs::path(config.output_dir) / "adapter");
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE((*t)->resumed());
+  const absl::Status stepped = (*t)->Step();
+  ASSERT_TRUE(stepped.ok()) << stepped;
+  EXPECT_TRUE((*t)->done());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_EQ(events.back().summary.steps, 4);
+  for (const auto& e : events) EXPECT_NE(e.kind, TrainingEvent::Kind::kStep) << "no step 5";
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+}
+
 TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   TrainingJobConfig config = Config("cancel");
   std::vector<TrainingEvent> events;
