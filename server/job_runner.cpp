@@ -287,9 +287,6 @@ void JobRunner::Handle(const Pending& p) {
                          " failed: ", version.status().message()));
     return;
   }
-  // Kept, so that a restart serves it again (a failure to record costs only that).
-  (void)store_.RecordAdapter(
-      {adapter, *version, e.summary.adapter_path, "job:" + p.job_id, /*served=*/true});
   auto* summary = out.mutable_finished();
   summary->set_runtime_seconds(e.summary.runtime_s);
   summary->set_final_loss(e.summary.final_loss);
@@ -310,7 +307,9 @@ void JobRunner::Handle(const Pending& p) {
   if (!store_
            .MarkSucceeded(p.job_id, *version,
                           {e.summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber,
-                           out.SerializeAsString()})
+                           out.SerializeAsString()},
+                          {adapter, *version, e.summary.adapter_path, "job:" + p.job_id,
+                           /*served=*/true})
            .ok()) {
     return;  // cancelled meanwhile: CancelJob stored and published that
   }

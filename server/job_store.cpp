@@ -365,7 +365,7 @@ absl::Status JobStore::MarkRunning(const std::string& id) {
 }
 
 absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,
-                                     const StoredEvent& final_event) {
+                                     const StoredEvent& final_event, const ServedAdapter& adapter) {
   std::lock_guard<std::mutex> lock(mu_);
   publishing_.erase(id);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
@@ -373,6 +373,7 @@ absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_vers
       TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
                        "finished_ms = :now, adapter_version = :number", "", adapter_version);
   if (s.ok()) s = AppendEventLocked(id, final_event);
+  if (s.ok()) s = RecordAdapterLocked(adapter);
   if (s.ok()) s = Exec("COMMIT;");
   if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
   return s;
@@ -503,6 +504,10 @@ absl::StatusOr<std::optional<StoredEvent>> JobStore::LastEvent(const std::string
 
 absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
   std::lock_guard<std::mutex> lock(mu_);
+  return RecordAdapterLocked(a);
+}
+
+absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
   Statement s(db_,
               "INSERT OR REPLACE INTO adapters (name, version, path, source, served) VALUES "
               "(?, ?, ?, ?, ?);");

@@ -105,10 +105,12 @@ class JobStore {
   // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
   // the transition is not allowed (e.g. starting a cancelled job).
   absl::Status MarkRunning(const std::string& id);
-  // Also stores `final_event` (the job's summary) in the same transaction, so a job that reads
-  // as succeeded always has its summary.
+  // Also stores `final_event` (the job's summary) and records `adapter` (RecordAdapter) in the
+  // same transaction: a job that reads as succeeded always has its summary, and a published
+  // adapter is served again after a restart exactly when its job is done (a job killed before
+  // this runs its end again and publishes then).
   absl::Status MarkSucceeded(const std::string& id, int64_t adapter_version,
-                             const StoredEvent& final_event);
+                             const StoredEvent& final_event, const ServedAdapter& adapter);
   absl::Status MarkFailed(const std::string& id, const std::string& error);
   // Cancels a queued or running job; returns the record after the call. Cancelling a job that
   // already ended, or one that is publishing its adapter, changes nothing.
@@ -153,6 +155,7 @@ class JobStore {
                                 JobState to, const std::string& extra_set_sql,
                                 const std::string& error, int64_t number);
   absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
+  absl::Status RecordAdapterLocked(const ServedAdapter& adapter);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
 
   std::mutex mu_;

@@ -83,6 +83,13 @@ std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string&
   return found;
 }
 
+// Serializes `archive` in memory, then writes it to `path` (fsynced).
+absl::Status WriteArchive(torch::serialize::OutputArchive& archive, const fs::path& path) {
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  return WriteSyncedFile(path.string(), bytes.str());
+}
+
 // Writes the checkpoint into `tmp`, fsyncs it, and renames it to `final_path`.
 absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_path,
                                    const std::string& output_dir, const LoraAdapter& adapter,
@@ -97,23 +104,21 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
     fs::remove_all(tmp);
     fs::create_directories(tmp);
     if (auto s = adapter.WritePeft((tmp / "adapter").string()); !s.ok()) return s;
+    // The archives are built in memory and written as plain files: torch's file writer fails
+    // on a full disk by throwing from its destructor, which ends the process.
     {
       torch::serialize::OutputArchive archive;
       for (const auto& [key, tensor] : optimizer) archive.write(key, tensor);
-      archive.save_to((tmp / "optimizer.pt").string());
+      if (auto s = WriteArchive(archive, tmp / "optimizer.pt"); !s.ok()) return s;
     }
     {
       torch::serialize::OutputArchive archive;
       archive.write("cpu", CpuRngState());
-      archive.save_to((tmp / "rng.pt").string());
+      if (auto s = WriteArchive(archive, tmp / "rng.pt"); !s.ok()) return s;
     }
-    {
-      std::ofstream out(tmp / "trainer_state.json");
-      out << StateToJson(state).dump(2);
-      if (!out.good()) {
-        return absl::InternalError(
-            absl::StrCat("cannot write ", (tmp / "trainer_state.json").string()));
-      }
+    if (auto s = WriteSyncedFile((tmp / "trainer_state.json").string(), StateToJson(state).dump(2));
+        !s.ok()) {
+      return s;
     }
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
     fs::remove_all(final_path);

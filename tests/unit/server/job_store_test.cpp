@@ -70,11 +70,16 @@ TEST_F(JobStoreTest, FullQueueIsResourceExhausted) {
 TEST_F(JobStoreTest, TransitionsAreChecked) {
   auto store = OpenStore();
   auto job = store->Insert("s", "a", 0, 1, 10);
-  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkSucceeded(job->id, 1, {1, 7, "early"})));
+  EXPECT_TRUE(absl::IsFailedPrecondition(
+      store->MarkSucceeded(job->id, 1, {1, 7, "early"}, {"a", 1, "/x", "job:x"})));
   EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value()) << "a refused change stores nothing";
   ASSERT_TRUE(store->MarkRunning(job->id).ok());
-  ASSERT_TRUE(store->MarkSucceeded(job->id, 3, {1, 7, "summary"}).ok());
+  ASSERT_TRUE(store->MarkSucceeded(job->id, 3, {1, 7, "summary"}, {"a", 3, "/x", "job:x"}).ok());
   EXPECT_EQ((*store->LastEvent(job->id, 7))->event, "summary");
+  auto recorded = store->Adapters();  // the adapter is recorded with the success, not before
+  ASSERT_TRUE(recorded.ok());
+  ASSERT_EQ(recorded->size(), 1u);
+  EXPECT_EQ((*recorded)[0].version, 3);
   auto done = store->Get(job->id);
   EXPECT_EQ(done->state, JobState::kSucceeded);
   EXPECT_EQ(done->adapter_version, 3);
@@ -103,7 +108,8 @@ TEST_F(JobStoreTest, APublishingJobCannotBeCancelledAndACancelledOneCannotPublis
   ASSERT_TRUE(store->MarkRunning(publishing->id).ok());
   ASSERT_TRUE(store->BeginPublishing(publishing->id).ok());
   EXPECT_EQ(store->Cancel(publishing->id)->state, JobState::kRunning) << "too late to cancel";
-  ASSERT_TRUE(store->MarkSucceeded(publishing->id, 1, {1, 7, "summary"}).ok());
+  ASSERT_TRUE(
+      store->MarkSucceeded(publishing->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x"}).ok());
 
   auto cancelled = store->Insert("s", "b", 0, 1, 10);
   ASSERT_TRUE(store->MarkRunning(cancelled->id).ok());
