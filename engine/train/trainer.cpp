@@ -382,6 +382,8 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary) {
                                   {"rouge2", e.scores.rouge2},
                                   {"rougeL", e.scores.rouge_l}});
   }
+  std::error_code ec;
+  std::filesystem::create_directories(config.output_dir, ec);  // a write below names a failure
   const std::filesystem::path path = std::filesystem::path(config.output_dir) / "eval_report.json";
   const std::string text =
       report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
@@ -420,11 +422,8 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   e.kind = TrainingEvent::Kind::kFinished;
   TrainingSummary& s = e.summary;
   if (!cancelled) {
-    auto path = Checkpoint();
-    if (!path.ok()) return path.status();
-    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-    const LoraAdapter final_adapter = AdapterCopy();
-    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    // The held-out evaluation first: its event then precedes the last checkpoint's, as a
+    // cadence evaluation's does (and as a replayed history orders them).
     if (!data->validation().empty()) {
       if (auto st = WriteEvaluationReport(s); !st.ok()) return st;
       // The report's validation loss is the last step's evaluation: reported (and counted for
@@ -441,6 +440,11 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
         }
       }
     }
+    auto path = Checkpoint();
+    if (!path.ok()) return path.status();
+    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    const LoraAdapter final_adapter = AdapterCopy();
+    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!config.export_merged_dtype.empty()) {
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
       if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,

@@ -217,6 +217,12 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
             events, states, _ = watch_until_done(stub, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
             summary = [e.finished for e in events if e.WhichOneof("event") == "finished"][0]
+            # The last step's evaluation is reported, and a replay orders it as it came live.
+            evals = [e.eval for e in events if e.WhichOneof("event") == "eval"]
+            assert [v.step for v in evals] == [4] and summary.best_validation_loss == \
+                evals[0].validation_loss
+            replay, _, _ = watch_until_done(stub, tpb, job.id)
+            assert without_times(tpb, replay) == without_times(tpb, events)
     finally:
         stop_daemon(d)
     # The held-out report: ROUGE of the answers to the 4 held-out questions, recomputed here
