@@ -784,10 +784,7 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
     reason = FinishReason::kStop;
   } else if (seq.detokenizer->pending_bytes() > 0 &&
              seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
-    // The stop string is complete in text held back only because more bytes could follow (a
-    // run of byte pieces): ended here, the text is exactly that, so end here (Finish releases
-    // it and cuts at the stop).
-    reason = FinishReason::kStop;
+    reason = FinishReason::kStop;  // complete in held-back text, which ending here makes final
   } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||
              static_cast<int64_t>(seq.all.size()) >= max_context) {
     reason = FinishReason::kLength;
