@@ -186,6 +186,15 @@ void JobRunner::StartNextJob() {
   }
 }
 
+void JobRunner::PublishKept(const std::string& job_id, int64_t step,
+                            const lorad::v1::JobEvent& event) {
+  // Kept with the job (WatchJob replays it), then published, unless a first run of a resumed
+  // job reported it already (its watchers got it from the history).
+  auto added = store_.AppendEvent(
+      job_id, {step, static_cast<int32_t>(event.event_case()), event.SerializeAsString()});
+  if (!added.ok() || *added) events_.Publish(event);
+}
+
 void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
   if (store_.MarkFailed(job_id, error).ok()) {
     spdlog::warn("job {} failed: {}", job_id, error);
@@ -234,18 +243,12 @@ void JobRunner::Handle(const Pending& p) {
     case TrainingEvent::Kind::kEval:
       out.mutable_eval()->set_step(e.eval.step);
       out.mutable_eval()->set_validation_loss(e.eval.loss);
-      // Kept with the job (WatchJob replays it later), then published.
-      (void)store_.AppendEvent(
-          p.job_id, {e.eval.step, lorad::v1::JobEvent::kEvalFieldNumber, out.SerializeAsString()});
-      events_.Publish(out);
+      PublishKept(p.job_id, e.eval.step, out);
       return;
     case TrainingEvent::Kind::kCheckpoint:
       out.mutable_checkpoint()->set_step(e.checkpoint.step);
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
-      (void)store_.AppendEvent(p.job_id,
-                               {e.checkpoint.step, lorad::v1::JobEvent::kCheckpointFieldNumber,
-                                out.SerializeAsString()});
-      events_.Publish(out);
+      PublishKept(p.job_id, e.checkpoint.step, out);
       return;
     case TrainingEvent::Kind::kFinished:
     case TrainingEvent::Kind::kFailed:

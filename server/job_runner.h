@@ -59,6 +59,8 @@ class JobRunner {
   void Loop();
   void StartNextJob();
   void Handle(const Pending& pending);
+  // Stores an evaluation or checkpoint event with the job and publishes it if it is new.
+  void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event);
   void FailJob(const std::string& job_id, const std::string& error);
 
   engine::Engine& engine_;

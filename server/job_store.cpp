@@ -458,9 +458,14 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
   return steps;
 }
 
-absl::Status JobStore::AppendEvent(const std::string& id, const StoredEvent& event) {
+absl::StatusOr<bool> JobStore::AppendEvent(const std::string& id, const StoredEvent& event) {
   std::lock_guard<std::mutex> lock(mu_);
-  return AppendEventLocked(id, event);
+  Statement seen(db_, "SELECT 1 FROM job_events WHERE job_id = ? AND step = ? AND kind = ?;");
+  seen.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
+  const int rc = seen.Step();
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return seen.StepError();
+  if (auto s = AppendEventLocked(id, event); !s.ok()) return s;
+  return rc == SQLITE_DONE;
 }
 
 absl::Status JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event) {

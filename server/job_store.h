@@ -126,7 +126,9 @@ class JobStore {
   // Steps with step >= from_step, in order.
   absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step);
 
-  absl::Status AppendEvent(const std::string& id, const StoredEvent& event);
+  // Returns whether the job had no event of that (step, kind) yet: a resumed job reports again
+  // what its first run may have reported, and a watcher must not get it twice.
+  absl::StatusOr<bool> AppendEvent(const std::string& id, const StoredEvent& event);
   // Events with step >= from_step, by step, then kind.
   absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step);
   // The event of `kind` with the highest step; nullopt when there is none.

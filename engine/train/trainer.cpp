@@ -80,6 +80,7 @@ struct Trainer::Impl {
   int64_t total_steps = 0;
   int64_t per_epoch = 1;
   bool resumed = false;
+  std::string resumed_from;  // the checkpoint folder, until the first Step reports it
   bool done = false;
   std::atomic<bool> cancel{false};
 
@@ -154,6 +155,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     state = checkpoint->state;
     seconds_before_this_run = state.train_seconds;
     resumed = true;
+    resumed_from = latest;
   } else if (!config.init_adapter_path.empty()) {
     auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
     if (!a.ok()) return a.status();
@@ -498,6 +500,15 @@ absl::Status Trainer::Step() {
     if (t.cancel.load()) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       return t.Finish(/*cancelled=*/true, false);
+    }
+    if (!t.resumed_from.empty()) {
+      // Reported again: a process killed between writing it and reporting it never did (the
+      // job's history keeps one event per checkpoint).
+      TrainingEvent resumed;
+      resumed.kind = TrainingEvent::Kind::kCheckpoint;
+      resumed.checkpoint = {t.state.step, t.resumed_from};
+      t.resumed_from.clear();
+      t.Emit(resumed);
     }
     // Resumed from the checkpoint its end writes first (the process stopped before the adapter
     // was written): nothing is left to train, only the end.

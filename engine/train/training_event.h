@@ -2,8 +2,9 @@
 // torch-free: the server turns each into a JobEvent (proto), a job-store row and metrics.
 //
 // Order: kStep after every optimizer step; kEval after the step it follows (every eval_every
-// steps); kCheckpoint after a checkpoint is durable on disk; exactly one of kFinished or kFailed
-// last (a cancelled job ends with kFinished, summary.cancelled = true).
+// steps); kCheckpoint after a checkpoint is durable on disk, and once more for the checkpoint a
+// resumed job starts from; exactly one of kFinished or kFailed last (a cancelled job ends with
+// kFinished, summary.cancelled = true).
 #pragma once
 
 #include <cstdint>

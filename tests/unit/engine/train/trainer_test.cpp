@@ -96,6 +96,10 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_TRUE((*c)->resumed());
   EXPECT_EQ((*c)->step(), 10);
   ASSERT_TRUE((*c)->Run().ok());
+  // The checkpoint it resumed from is reported first (the first run may have died before it did).
+  ASSERT_FALSE(second.empty());
+  EXPECT_EQ(second.front().kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(second.front().checkpoint.step, 10);
 
   std::vector<double> joined = Losses(first);
   for (double l : Losses(second)) joined.push_back(l);
