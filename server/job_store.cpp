@@ -513,9 +513,12 @@ absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
 }
 
 absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
+  // Never back to an older version: two loads of one name may record in either order.
   Statement s(db_,
-              "INSERT OR REPLACE INTO adapters (name, version, path, source, served) VALUES "
-              "(?, ?, ?, ?, ?);");
+              "INSERT INTO adapters (name, version, path, source, served) VALUES (?, ?, ?, ?, ?) "
+              "ON CONFLICT(name) DO UPDATE SET version = excluded.version, path = excluded.path, "
+              "source = excluded.source, served = excluded.served WHERE excluded.version >= "
+              "adapters.version;");
   s.BindText(1, a.name).Bind(2, a.version).BindText(3, a.path).BindText(4, a.source);
   s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0));
   return s.Run();

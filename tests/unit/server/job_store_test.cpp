@@ -157,6 +157,21 @@ TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {
   EXPECT_TRUE(store->Events("job-unknown", 0)->empty());
 }
 
+TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {
+  auto store = OpenStore();
+  ASSERT_TRUE(store->RecordAdapter({"a", 4, "/v4", "/v4"}).ok());
+  ASSERT_TRUE(store->RecordAdapter({"a", 3, "/v3", "/v3"}).ok());  // a slower load, recorded late
+  ASSERT_TRUE(store->RecordAdapter({"b", 1, "/b", "job:x"}).ok());
+  ASSERT_TRUE(store->MarkAdapterUnserved("b").ok());
+  auto all = store->Adapters();
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0].version, 4);
+  EXPECT_EQ((*all)[0].path, "/v4");
+  EXPECT_TRUE((*all)[0].served);
+  EXPECT_FALSE((*all)[1].served);
+}
+
 TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
   auto store = OpenStore();
   std::vector<std::string> ids;
