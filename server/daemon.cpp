@@ -172,8 +172,7 @@ absl::Status Daemon::StartEngine() {
     return absl::InvalidArgumentError(
         absl::StrCat("storage.adapter_root: cannot create '", adapter_root_, "': ", ec.message()));
   }
-  job_runner_ = std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_,
-                                            (fs::path(config_.storage.data_dir) / "jobs").string(),
+  job_runner_ = std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_, JobsDir(),
                                             static_cast<int>(config_.training.max_running_jobs));
   RegisterEngineMetrics();
   return absl::OkStatus();
@@ -220,6 +219,10 @@ void Daemon::RegisterEngineMetrics() {
       });
 }
 
+std::string Daemon::JobsDir() const {
+  return (std::filesystem::path(config_.storage.data_dir) / "jobs").string();
+}
+
 absl::Status Daemon::LockDataDir() {
   // Two daemons on one data folder would both resume its running jobs into the same folders.
   // The lock is the kernel's: it ends with the process, also after kill -9.
@@ -255,23 +258,24 @@ void Daemon::ServeRecordedAdapters() {
     return;
   }
   std::vector<ServedAdapter> adapters = *std::move(recorded);
-  // A data folder from before lorad recorded adapters: the newest succeeded job of each name.
-  std::set<std::string> known;
-  for (const auto& a : adapters) known.insert(a.name);
-  std::string page_token;
-  do {
-    auto page = jobs_->List({JobState::kSucceeded}, 500, page_token);
-    if (!page.ok()) break;
-    for (const JobRecord& job : page->jobs) {  // newest first
-      if (!known.insert(job.adapter_name).second) continue;
-      adapters.push_back(
-          {job.adapter_name, job.adapter_version,
-           (std::filesystem::path(config_.storage.data_dir) / "jobs" / job.id / "adapter").string(),
-           "job:" + job.id, /*served=*/true});
-      (void)jobs_->RecordAdapter(adapters.back());
-    }
-    page_token = page->next_page_token;
-  } while (!page_token.empty());
+  // A data folder from before lorad recorded adapters (its first start since): the newest
+  // succeeded job of each name. Every later success is recorded with the job's state.
+  if (adapters.empty()) {
+    std::set<std::string> names;
+    std::string page_token;
+    do {
+      auto page = jobs_->List({JobState::kSucceeded}, 500, page_token);
+      if (!page.ok()) break;
+      for (const JobRecord& job : page->jobs) {  // newest first
+        if (!names.insert(job.adapter_name).second) continue;
+        adapters.push_back({job.adapter_name, job.adapter_version,
+                            (std::filesystem::path(JobsDir()) / job.id / "adapter").string(),
+                            "job:" + job.id, /*served=*/true});
+        (void)jobs_->RecordAdapter(adapters.back());
+      }
+      page_token = page->next_page_token;
+    } while (!page_token.empty());
+  }
 
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {

@@ -47,6 +47,8 @@ class Daemon {
   void ServeRecordedAdapters();
   // Takes <data_dir>/lorad.lock for the life of the process: one daemon per data folder.
   absl::Status LockDataDir();
+  // <data_dir>/jobs: each job's folder (checkpoints, its adapter).
+  std::string JobsDir() const;
   absl::Status OpenJobStore();
   absl::Status StartEngine();
   absl::Status LoadTokens();

@@ -46,23 +46,6 @@ engine::DatasetFormat ToEngineFormat(lorad::v1::DatasetFormat f) {
   }
 }
 
-std::string FormatName(lorad::v1::DatasetFormat format) {
-  switch (format) {
-    case lorad::v1::DATASET_FORMAT_ALPACA:
-      return "alpaca";
-    case lorad::v1::DATASET_FORMAT_CHAT:
-      return "chat";
-    case lorad::v1::DATASET_FORMAT_COMPLETION:
-      return "completion";
-    case lorad::v1::DATASET_FORMAT_TEXT:
-      return "text";
-    case lorad::v1::DATASET_FORMAT_QA:
-      return "qa";
-    default:
-      return "auto";
-  }
-}
-
 // An enum field holds any int32 on the wire: a number the proto does not name is refused, not
 // run as the default.
 absl::Status KnownEnum(const std::string& field, int value, bool (*is_valid)(int)) {
@@ -229,7 +212,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   const auto& d = spec.dataset();
   c.output_dir = output_dir;
   c.data.path = d.inline_examples_size() > 0 ? output_dir + "/inline_dataset.jsonl" : d.path();
-  c.data.format = FormatName(d.format());
+  c.data.format = engine::DatasetFormatName(ToEngineFormat(d.format()));
   c.data.template_name = d.template_().empty() ? "auto" : d.template_();
   c.data.response_only = !d.has_response_only() || d.response_only();
   c.data.packing = d.packing();

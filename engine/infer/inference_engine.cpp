@@ -782,7 +782,7 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
     reason = FinishReason::kStop;
   } else if (seq.stops->stopped()) {
     reason = FinishReason::kStop;
-  } else if (seq.detokenizer->pending_bytes() > 0 &&
+  } else if (seq.stops->watching() && seq.detokenizer->pending_bytes() > 0 &&
              seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
     reason = FinishReason::kStop;  // complete in held-back text, which ending here makes final
   } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||

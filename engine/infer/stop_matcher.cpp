@@ -35,7 +35,7 @@ std::string StopMatcher::Add(std::string_view delta) {
 }
 
 bool StopMatcher::WouldStop(std::string_view more) const {
-  if (stopped_ || stops_.empty() || more.empty()) return false;
+  if (!watching() || more.empty()) return false;
   const std::string text = held_ + std::string(more);
   return std::any_of(stops_.begin(), stops_.end(),
                      [&](const std::string& stop) { return text.find(stop) != std::string::npos; });

@@ -24,6 +24,8 @@ class StopMatcher {
   // The end of the stream (length, EOS): releases what was held back.
   std::string Flush();
   bool stopped() const { return stopped_; }
+  // Whether there is a stop string still to watch for.
+  bool watching() const { return !stopped_ && !stops_.empty(); }
   // Whether Add(more) would match a stop string (nothing changes).
   bool WouldStop(std::string_view more) const;
 

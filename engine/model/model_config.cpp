@@ -138,10 +138,10 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
   if (j.contains("quantization_config") && j["quantization_config"].is_object()) {
     const json& q = j["quantization_config"];
     const std::string method = Optional<std::string>(q, "quant_method", "bitsandbytes");
-    if (method != "bitsandbytes" || Optional<bool>(q, "load_in_8bit", false)) {
+    const bool eight_bit = Optional<bool>(q, "load_in_8bit", false);
+    if (method != "bitsandbytes" || eight_bit) {
       return absl::InvalidArgumentError(
-          absl::StrCat(source, ": quantization_config says '", method,
-                       Optional<bool>(q, "load_in_8bit", false) ? " 8-bit" : "",
+          absl::StrCat(source, ": quantization_config says '", method, eight_bit ? " 8-bit" : "",
                        "'; lorad reads 16/32-bit checkpoints (and quantizes them to NF4 itself) or "
                        "bitsandbytes 4-bit ones: point it at the unquantized model folder"));
     }

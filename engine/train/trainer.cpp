@@ -103,6 +103,17 @@ struct Trainer::Impl {
   absl::StatusOr<EvalMetrics> Evaluate();
   // The held-out report (validation loss, ROUGE of greedy answers) as eval_report.json.
   absl::Status WriteEvaluationReport(TrainingSummary& summary);
+  // Reports an evaluation and keeps the best; returns whether it improved on the best.
+  bool ReportEvaluation(const EvalMetrics& eval) {
+    TrainingEvent ev;
+    ev.kind = TrainingEvent::Kind::kEval;
+    ev.eval = eval;
+    Emit(ev);
+    if (state.has_eval && eval.loss >= state.best_eval_loss) return false;
+    state.best_eval_loss = eval.loss;
+    state.has_eval = true;
+    return true;
+  }
   absl::Status Finish(bool cancelled, bool early_stopped);
   absl::StatusOr<std::string> Checkpoint();
   LoraAdapter AdapterCopy() const;
@@ -312,13 +323,7 @@ absl::Status Trainer::Impl::FinishStep() {
   if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty()) {
     auto eval = Evaluate();
     if (!eval.ok()) return eval.status();
-    TrainingEvent ev;
-    ev.kind = TrainingEvent::Kind::kEval;
-    ev.eval = *eval;
-    Emit(ev);
-    if (!state.has_eval || eval->loss < state.best_eval_loss) {
-      state.best_eval_loss = eval->loss;
-      state.has_eval = true;
+    if (ReportEvaluation(*eval)) {
       state.evals_without_improvement = 0;
     } else {
       ++state.evals_without_improvement;
@@ -431,15 +436,10 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
       // The report's validation loss is the last step's evaluation: reported (and counted for
       // the best) unless the eval_every cadence evaluated this step already.
       if (!(config.eval_every > 0 && state.step % config.eval_every == 0)) {
-        TrainingEvent ev;
-        ev.kind = TrainingEvent::Kind::kEval;
-        ev.eval.step = state.step;
-        ev.eval.loss = s.eval_loss;
-        Emit(ev);
-        if (!state.has_eval || s.eval_loss < state.best_eval_loss) {
-          state.best_eval_loss = s.eval_loss;
-          state.has_eval = true;
-        }
+        EvalMetrics last;
+        last.step = state.step;
+        last.loss = s.eval_loss;
+        ReportEvaluation(last);
       }
     }
     auto path = Checkpoint();
