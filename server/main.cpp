@@ -6,7 +6,9 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <future>
 #include <iostream>
+#include <mutex>
 #include <thread>
 
 #include "server/daemon.h"
@@ -21,6 +23,8 @@ int Fail(int code, const std::string& message) {
   std::cerr << "lorad: " << message << std::endl;
   return code;
 }
+
+const char* SignalName(int number) { return number == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 }  // namespace
 
@@ -87,31 +91,57 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(spdlog::level::from_str(config.logging.level));
 
-  // Block the stop signals before any thread starts so only sigwait below receives them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-
-  lorad::server::Daemon daemon(config);
-  if (auto status = daemon.Start(); !status.ok()) {
-    const bool usage = absl::IsInvalidArgument(status) || absl::IsNotFound(status);
-    return Fail(usage ? kExitUsage : kExitRuntime, std::string(status.message()));
-  }
-  int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
-  spdlog::info("received {}, shutting down (a second signal stops at once)",
-               signal_number == SIGINT ? "SIGINT" : "SIGTERM");
-  std::thread([&stop_signals] {
+  // Block the stop signals before any thread starts so only the thread below receives them.
+  // One thread takes them from here on. A first signal during start-up exits at once: loading a
+  // large model takes minutes, no job runs yet and nothing is half-written (a signal in the
+  // instant between the end of Start and `serving` below is treated the same, as kill -9 would
+  // be: running jobs resume from their last checkpoint). After start-up the first signal starts
+  // the clean shutdown below, and a second one exits at once. The state is never freed: the
+  // thread may still wait on it while the process exits.
+  struct StopSignals {
+    sigset_t set;
+    std::mutex mutex;
+    bool serving = false;
+    std::promise<int> first_while_serving;
+  };
+  auto* stop = new StopSignals;
+  sigemptyset(&stop->set);
+  sigaddset(&stop->set, SIGINT);
+  sigaddset(&stop->set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop->set, nullptr);
+  std::thread([stop] {
+    int first = 0;
+    sigwait(&stop->set, &first);
+    {
+      std::lock_guard<std::mutex> lock(stop->mutex);
+      if (!stop->serving) {
+        spdlog::warn("received {} during start-up: stopped before serving", SignalName(first));
+        spdlog::shutdown();
+        std::_Exit(0);
+      }
+    }
+    stop->first_while_serving.set_value(first);
     int again = 0;
-    sigwait(&stop_signals, &again);
+    sigwait(&stop->set, &again);
     spdlog::warn(
         "second stop signal: exiting now; running jobs resume from their last checkpoint at the "
         "next start");
     spdlog::shutdown();
     std::_Exit(kExitRuntime);
   }).detach();
+
+  lorad::server::Daemon daemon(config);
+  if (auto status = daemon.Start(); !status.ok()) {
+    const bool usage = absl::IsInvalidArgument(status) || absl::IsNotFound(status);
+    return Fail(usage ? kExitUsage : kExitRuntime, std::string(status.message()));
+  }
+  std::future<int> stop_signal = stop->first_while_serving.get_future();
+  {
+    std::lock_guard<std::mutex> lock(stop->mutex);
+    stop->serving = true;
+  }
+  spdlog::info("received {}, shutting down (a second signal stops at once)",
+               SignalName(stop_signal.get()));
   daemon.Shutdown();
   return 0;
 }

@@ -1,6 +1,7 @@
 """The daemon as a user meets it: it starts on the tiny model, lists its services through
 reflection, answers health checks, exposes parseable metrics, refuses bad configs with one
 clear line and exit code 2, and stops cleanly on Ctrl-C / SIGTERM."""
+import pathlib
 import signal
 import subprocess
 
@@ -131,3 +132,47 @@ def test_stop_signals_exit_cleanly(tmp_path, sig):
     d = start_daemon(tmp_path)
     assert stop_daemon(d, sig) == 0
     assert "stopped" in d.log()
+
+
+def test_a_stop_signal_during_start_up_stops_at_once(tmp_path):
+    """A model on slow storage: config.json arrives through a pipe that is never finished, so the
+    daemon is still starting when SIGTERM comes. It stops at once, exit 0, without serving."""
+    import os
+    import threading
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in pathlib.Path(tiny_model_path()).iterdir():
+        if item.name != "config.json":
+            (model / item.name).symlink_to(item)
+    os.mkfifo(model / "config.json")
+    log_path = tmp_path / "lorad.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model", str(model),
+             "--grpc-address", f"127.0.0.1:{free_port()}",
+             "--http-address", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data")],
+            stdout=log, stderr=subprocess.STDOUT)
+    opened = threading.Event()
+    writer = {}
+
+    def open_pipe():  # returns once the daemon has opened config.json for reading
+        writer["pipe"] = open(model / "config.json", "w")
+        writer["pipe"].write('{"architectures": ["LlamaForCausalLM"],')
+        writer["pipe"].flush()
+        opened.set()
+
+    threading.Thread(target=open_pipe, daemon=True).start()
+    try:
+        assert opened.wait(timeout=60), "lorad never opened config.json"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if "pipe" in writer:
+            writer["pipe"].close()
+    log_text = log_path.read_text()
+    assert "received SIGTERM during start-up" in log_text, log_text
+    assert "serving gRPC" not in log_text
