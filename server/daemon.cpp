@@ -94,6 +94,13 @@ absl::Status Daemon::Start() {
         model->sliding_window, model->max_position_embeddings);
   }
 
+  // Absolute from here on: the paths a job reports (adapter, checkpoints, merged model, eval
+  // report) are then usable by a client whatever its working folder.
+  for (std::string* path :
+       {&config_.storage.data_dir, &config_.storage.dataset_root, &config_.storage.adapter_root}) {
+    std::error_code ec;
+    if (!path->empty()) *path = std::filesystem::absolute(*path, ec).lexically_normal().string();
+  }
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);
   if (ec) {
@@ -188,14 +195,14 @@ void Daemon::RegisterEngineMetrics() {
   metrics_.AddGaugeCallback("lorad_kv_cache_usage_perc",
                             "Fraction of the paged KV cache blocks in use (0..1)",
                             [e] { return e->Stats().inference.kv_cache_usage; });
-  metrics_.AddGaugeCallback("lorad_num_preemptions",
-                            "Sequences preempted (and later recomputed) since start",
-                            [e] { return static_cast<double>(e->Stats().inference.preemptions); });
-  metrics_.AddGaugeCallback(
-      "lorad_decode_graph_replays", "Decode steps replayed from CUDA graphs since start",
+  metrics_.AddCounterCallback(
+      "lorad_preemptions_total", "Sequences preempted (and later recomputed) since start",
+      [e] { return static_cast<double>(e->Stats().inference.preemptions); });
+  metrics_.AddCounterCallback(
+      "lorad_decode_graph_replays_total", "Decode steps replayed from CUDA graphs since start",
       [e] { return static_cast<double>(e->Stats().inference.graph_replays); });
-  metrics_.AddGaugeCallback(
-      "lorad_adapter_stack_builds",
+  metrics_.AddCounterCallback(
+      "lorad_adapter_stack_builds_total",
       "Copies of a new set of adapters into the batch's LoRA stack since start",
       [e] { return static_cast<double>(e->Stats().inference.lora_stacks_built); });
   metrics_.AddGaugeCallback("lorad_adapters_resident", "LoRA adapters on the device now",
@@ -210,9 +217,9 @@ void Daemon::RegisterEngineMetrics() {
             {{"adapters"}, static_cast<double>(s.adapter_device_bytes)},
             {{"kv_cache"}, static_cast<double>(s.kv_cache_bytes)}};
       });
-  metrics_.AddGaugeFamilyCallback(
-      "lorad_gpu_loop_seconds", "GPU loop time spent on each kind of work since start", {"work"},
-      [e] {
+  metrics_.AddCounterFamilyCallback(
+      "lorad_gpu_loop_seconds_total", "GPU loop time spent on each kind of work since start",
+      {"work"}, [e] {
         const engine::EngineStats s = e->Stats();
         return std::vector<std::pair<LabelValues, double>>{{{"inference"}, s.inference_seconds},
                                                            {{"training"}, s.train_seconds}};
@@ -422,7 +429,8 @@ void Daemon::Shutdown() {
     grpc_server_.reset();
   }
   // The engine's stop checkpoints a running job (it resumes at the next start); the runner then
-  // records the events still queued.
+  // records the events still queued, and starts no queued job meanwhile.
+  if (job_runner_) job_runner_->StopStartingJobs();
   if (engine_) engine_->Stop();
   if (job_runner_) job_runner_->Stop();
   http_.Stop();

@@ -1,6 +1,7 @@
 #include "server/http_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <chrono>
 
@@ -11,6 +12,13 @@ namespace lorad::server {
 
 HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state)
     : metrics_(metrics), state_(state), server_(std::make_unique<httplib::Server>()) {
+  // httplib's default sets SO_REUSEPORT, with which a second daemon binds the same port and the
+  // kernel spreads scrapes over both. SO_REUSEADDR alone still allows a quick restart (a port in
+  // TIME_WAIT) but makes a port in use an error.
+  server_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_.Render(), "text/plain; version=0.0.4; charset=utf-8");
   });

@@ -89,8 +89,12 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     bool seen_token = false;
   };
 
-  GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics)
-      : engine_(engine), metrics_(metrics), state_(std::make_shared<State>()) {
+  GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
+                 std::chrono::system_clock::time_point deadline)
+      : engine_(engine),
+        metrics_(metrics),
+        state_(std::make_shared<State>()),
+        call_deadline_(deadline) {
     state_->reactor = this;
   }
 
@@ -144,7 +148,12 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       cancelled_ = true;
       submitted = submitted_;
       id = id_;
-      FinishLocked(*state_, grpc::Status::CANCELLED);
+      // gRPC cancels a call whose deadline passed: say which it was (the client sees
+      // DEADLINE_EXCEEDED either way; the status counts in lorad_rpc_requests_total).
+      FinishLocked(*state_, std::chrono::system_clock::now() >= call_deadline_
+                                ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                               "the call's deadline passed")
+                                : grpc::Status::CANCELLED);
     }
     if (submitted) engine->Cancel(id);
   }
@@ -192,7 +201,9 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       s.pending.set_adapter_version(e.usage.adapter_version);
       if (!e.status.ok()) s.pending.set_error(std::string(e.status.message()));
       s.final_queued = true;
-      if (e.finish_reason == engine::FinishReason::kError) s.end_status = ToGrpcStatus(e.status);
+      // An error, or a deadline the engine saw pass before gRPC did: the call's status says so
+      // (a client cancel has an OK status here and the call is finished already).
+      if (!e.status.ok()) s.end_status = ToGrpcStatus(e.status);
       m.e2e_latency.Observe({}, total);
       m.queue_time.Observe({}, e.usage.queue_time_s);
       if (e.usage.completion_tokens > 0) {
@@ -234,8 +245,9 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   InferenceService::Metrics& metrics_;
   std::shared_ptr<State> state_;
   engine::RequestId id_ = 0;
-  bool submitted_ = false;  // guarded by state_->mu
-  bool cancelled_ = false;  // guarded by state_->mu
+  bool submitted_ = false;                               // guarded by state_->mu
+  bool cancelled_ = false;                               // guarded by state_->mu
+  std::chrono::system_clock::time_point call_deadline_;  // max() when the client set none
 };
 
 // The deadline of the call, on the engine's clock; none when the client set none.
@@ -298,7 +310,7 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
-  auto* stream = new GenerateStream(engine_, metrics_);
+  auto* stream = new GenerateStream(engine_, metrics_, context->deadline());
   if (auth_ != nullptr) {
     if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok()) request = s;
   }

@@ -1,11 +1,13 @@
 #include "server/job_runner.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/durable_file.h"
+#include "engine/train/checkpoint_folders.h"
 #include "server/job_spec_validator.h"
 #include "server/training_service.h"
 #include "spdlog/spdlog.h"
@@ -42,8 +44,13 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
   engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
   if (spec.dataset().inline_examples_size() > 0) {
     std::string jsonl;
+    // One example a line, whatever its layout: a line break in JSON is only ever whitespace
+    // between tokens (inside a string it is escaped), so a space in its place means the same.
     for (const auto& example : spec.dataset().inline_examples()) {
-      absl::StrAppend(&jsonl, example.json(), "\n");
+      std::string line = example.json();
+      std::replace(line.begin(), line.end(), '\n', ' ');
+      std::replace(line.begin(), line.end(), '\r', ' ');
+      absl::StrAppend(&jsonl, line, "\n");
     }
     if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
   }
@@ -86,6 +93,11 @@ void JobRunner::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+void JobRunner::StopStartingJobs() {
+  std::lock_guard<std::mutex> lock(mu_);
+  starting_stopped_ = true;
+}
+
 void JobRunner::Wake() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -112,7 +124,7 @@ void JobRunner::Loop() {
       wake_.wait_for(lock, std::chrono::seconds(1),
                      [&] { return stop_ || !pending_.empty() || (look_for_jobs_ && room()); });
       batch.swap(pending_);
-      look = look_for_jobs_ && room() && !stop_;
+      look = look_for_jobs_ && room() && !stop_ && !starting_stopped_;
       if (look) look_for_jobs_ = false;
       if (stop_ && batch.empty()) return;
     }
@@ -165,8 +177,18 @@ void JobRunner::StartNextJob() {
     look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
   }
   events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
-  spdlog::info("job {} ({}) started{}", job.id, job.adapter_name,
-               job.attempts > 0 ? " again: resuming from its last checkpoint" : "");
+  if (job.attempts == 0) {
+    spdlog::info("job {} ({}) started", job.id, job.adapter_name);
+  } else if (const std::string checkpoint = engine::LatestCheckpoint(config->output_dir);
+             !checkpoint.empty()) {
+    spdlog::info("job {} ({}) started again: resuming from {}", job.id, job.adapter_name,
+                 checkpoint);
+  } else {
+    spdlog::info(
+        "job {} ({}) started again from its first step: it stopped before writing a "
+        "checkpoint",
+        job.id, job.adapter_name);
+  }
   const std::string id = job.id;
   const std::string adapter = job.adapter_name;
   absl::Status started =
@@ -306,6 +328,8 @@ void JobRunner::Handle(const Pending& p) {
   summary->set_adapter_name(adapter);
   summary->set_adapter_version(*version);
   summary->set_skipped_lines(e.summary.skipped_records);
+  summary->set_dropped_examples(e.summary.dropped_examples);
+  summary->set_truncated_examples(e.summary.truncated_examples);
   // The summary is stored with the state change (GetJob and a later WatchJob return it).
   if (!store_
            .MarkSucceeded(p.job_id, *version,

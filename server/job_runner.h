@@ -45,6 +45,9 @@ class JobRunner {
   // Stops taking jobs and waits for the runner thread; the engine's Stop ends a running job
   // (with a checkpoint) and its final events are still recorded if they arrive before this.
   void Stop();
+  // The daemon is shutting down: start no queued job from now on (running ones end with the
+  // engine's Stop, and their events are still recorded until Stop()).
+  void StopStartingJobs();
   // A job was queued: look again.
   void Wake();
   // A job was cancelled in the store (any state): stop it if it is running.
@@ -83,6 +86,7 @@ class JobRunner {
   std::map<std::string, int64_t> job_total_steps_;
   bool look_for_jobs_ = true;
   bool stop_ = false;
+  bool starting_stopped_ = false;  // StopStartingJobs
   std::thread thread_;
 };
 

@@ -3,10 +3,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "engine/lora/lora_config.h"
 #include "engine/train/dataset_reader.h"
+#include "engine/train/training_data.h"
 #include "engine/train/training_job_config.h"
 #include "re2/re2.h"
 #include "server/path_policy.h"
@@ -109,18 +111,21 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
     return s;
   if (auto s = KnownEnum("training.schedule", t.schedule(), lorad::v1::LrSchedule_IsValid); !s.ok())
     return s;
-  if (t.seed() == 0) t.set_seed(42);
+  // 0 is proto3's "unset": the engine's default, Unsloth's random_state.
+  if (t.seed() == 0) t.set_seed(engine::TrainingJobConfig().seed);
   return absl::OkStatus();
 }
 
 absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
                                                  const JobSpecLimits& limits) {
   if (!d.has_response_only()) d.set_response_only(true);
-  if (!d.template_().empty() && d.template_() != "llama3" && d.template_() != "chatml" &&
-      d.template_() != "mistral" && d.template_() != "alpaca") {
-    return Field("dataset.template", absl::StrCat("'", d.template_(),
-                                                  "' is unknown (known: llama3, chatml, mistral, "
-                                                  "alpaca, or empty for the model's own)"));
+  static const std::set<std::string> kTemplates = {"auto",   "chat",   "raw",    "alpaca",
+                                                   "llama3", "chatml", "mistral"};
+  if (!d.template_().empty() && kTemplates.count(d.template_()) == 0) {
+    return Field("dataset.template",
+                 absl::StrCat("'", d.template_(),
+                              "' is unknown (known: auto or empty, chat, raw, alpaca, llama3, "
+                              "chatml, mistral)"));
   }
   if (auto s = InRange("dataset.validation_fraction", d.validation_fraction(), 0.0, 0.5); !s.ok())
     return s;
@@ -169,6 +174,13 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
     d.set_path(*resolved);
   }
   if (result.examples == 0) return Field("dataset", "no usable examples");
+  if (d.validation_path().empty() && d.validation_fraction() > 0 &&
+      engine::HeldOutExamples(d.validation_fraction(), result.examples) >= result.examples) {
+    return Field("dataset.validation_fraction",
+                 absl::StrCat(d.validation_fraction(), " of ", result.examples,
+                              " examples leaves none for training; add examples or give a "
+                              "validation_path"));
+  }
   if (!d.validation_path().empty()) {
     auto resolved =
         ResolveInsideRoot(limits.dataset_root, d.validation_path(), "dataset.validation_path");

@@ -34,7 +34,9 @@ int main(int argc, char** argv) {
   std::string config_path;
   std::vector<std::pair<std::string, std::string>> overrides;  // key, value, in flag order
   bool print_keys = false;
-  app.add_option("-c,--config", config_path, "YAML config file (deploy/lorad.yaml)");
+  app.add_option("-c,--config", config_path,
+                 "YAML config file, e.g. deploy/lorad.yaml (without one: the built-in defaults, "
+                 "see --print-config-keys)");
   auto add_override = [&](const std::string& flag, const std::string& key,
                           const std::string& help) {
     app.add_option_function<std::string>(

@@ -163,6 +163,21 @@ void MetricsRegistry::AddGaugeFamilyCallback(
   f.family_callback = std::move(series);
 }
 
+void MetricsRegistry::AddCounterCallback(const std::string& name, const std::string& help,
+                                         std::function<double()> value) {
+  Family& f = Add(name, help, Kind::kGaugeCallback, {});
+  f.callback = std::move(value);
+  f.callback_is_counter = true;
+}
+
+void MetricsRegistry::AddCounterFamilyCallback(
+    const std::string& name, const std::string& help, std::vector<std::string> label_names,
+    std::function<std::vector<std::pair<LabelValues, double>>()> series) {
+  Family& f = Add(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
+  f.family_callback = std::move(series);
+  f.callback_is_counter = true;
+}
+
 HistogramFamily& MetricsRegistry::AddHistogram(const std::string& name, const std::string& help,
                                                std::vector<std::string> label_names,
                                                std::vector<double> upper_bounds) {
@@ -176,9 +191,9 @@ std::string MetricsRegistry::Render() const {
   std::string out;
   for (const auto& fp : families_) {
     const Family& f = *fp;
-    const char* type = f.kind == Kind::kCounter     ? "counter"
-                       : f.kind == Kind::kHistogram ? "histogram"
-                                                    : "gauge";
+    const char* type = f.kind == Kind::kCounter || f.callback_is_counter ? "counter"
+                       : f.kind == Kind::kHistogram                      ? "histogram"
+                                                                         : "gauge";
     // The 0.0.4 text format names the family exactly as its samples (counters keep _total);
     // prometheus_client's parser and Prometheus itself both expect that.
     out += "# HELP " + f.name + " " + Escape(f.help, false) + "\n";

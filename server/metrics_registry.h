@@ -75,6 +75,13 @@ class MetricsRegistry {
   void AddGaugeFamilyCallback(const std::string& name, const std::string& help,
                               std::vector<std::string> label_names,
                               std::function<std::vector<std::pair<LabelValues, double>>()> series);
+  // The same for counts kept elsewhere that only grow (preemptions since start): typed counter,
+  // so rate() applies; the name ends in _total.
+  void AddCounterCallback(const std::string& name, const std::string& help,
+                          std::function<double()> value);
+  void AddCounterFamilyCallback(
+      const std::string& name, const std::string& help, std::vector<std::string> label_names,
+      std::function<std::vector<std::pair<LabelValues, double>>()> series);
   HistogramFamily& AddHistogram(const std::string& name, const std::string& help,
                                 std::vector<std::string> label_names,
                                 std::vector<double> upper_bounds);
@@ -94,6 +101,7 @@ class MetricsRegistry {
     std::function<double()> callback;
     std::function<std::vector<std::pair<LabelValues, double>>()> family_callback;
     std::unique_ptr<HistogramFamily> histogram;
+    bool callback_is_counter = false;  // a callback family typed counter
   };
   Family& Add(const std::string& name, const std::string& help, Kind kind,
               std::vector<std::string> label_names);

@@ -42,8 +42,12 @@ Field StringField(const std::string& key, std::function<std::string&(ServerConfi
     if (!n.IsScalar()) return TypeError(where, key, "a string", n);
     const std::string v = n.Scalar();
     if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": ", key, ": '", v, "' is not one of ",
-                                                     absl::StrJoin(allowed, ", ")));
+      // An empty choice reads as "" (model.chat_template's "the model folder's own").
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": ", key, ": '", v, "' is not one of ",
+          absl::StrJoin(allowed, ", ", [](std::string* out, const std::string& choice) {
+            absl::StrAppend(out, choice.empty() ? "\"\"" : choice);
+          })));
     }
     ref(c) = v;
     return absl::OkStatus();

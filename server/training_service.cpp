@@ -1,5 +1,6 @@
 #include "server/training_service.h"
 
+#include <algorithm>
 #include <deque>
 #include <mutex>
 
@@ -63,11 +64,18 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       FinishNow(steps.status());
       return;
     }
-    auto stored = store.Events(request.job_id(), request.from_step());
+    // from_step skips earlier steps and their evaluations and checkpoints, never the summary.
+    auto stored = store.Events(request.job_id(), 0);
     if (!stored.ok()) {
       FinishNow(stored.status());
       return;
     }
+    stored->erase(std::remove_if(stored->begin(), stored->end(),
+                                 [&](const StoredEvent& e) {
+                                   return e.step < request.from_step() &&
+                                          e.kind != JobEvent::kFinishedFieldNumber;
+                                 }),
+                  stored->end());
 
     std::lock_guard<std::mutex> lock(mu_);
     std::deque<JobEvent> history;

@@ -23,6 +23,13 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionO
     }
     std::stringstream pem;
     pem << in.rdbuf();
+    // gRPC takes any bytes here and only fails on connecting, with debug lines and "empty
+    // address list": say what is wrong with the file instead.
+    if (pem.str().find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--ca-cert ", options.ca_cert_path,
+                       ": not a PEM certificate bundle (no '-----BEGIN CERTIFICATE-----' line)"));
+    }
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = pem.str();
     credentials = grpc::SslCredentials(ssl);

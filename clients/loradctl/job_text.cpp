@@ -1,9 +1,12 @@
 #include "clients/loradctl/job_text.h"
 
 #include <ctime>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "clients/loradctl/enum_names.h"
 #include "clients/loradctl/job_spec_yaml.h"
@@ -36,6 +39,24 @@ std::string FormatProgress(int64_t step, int64_t total_steps) {
   return total_steps > 0 ? absl::StrCat(step, "/", total_steps) : absl::StrCat(step);
 }
 
+std::string FormatDatasetLosses(const lorad::v1::JobSummary& s) {
+  std::vector<std::string> parts;
+  auto count = [](int64_t n, const char* one, const char* many) {
+    return absl::StrCat(n, " ", n == 1 ? one : many);
+  };
+  if (s.skipped_lines() > 0) {
+    parts.push_back(count(s.skipped_lines(), "bad line skipped", "bad lines skipped"));
+  }
+  if (s.dropped_examples() > 0) {
+    parts.push_back(absl::StrCat(count(s.dropped_examples(), "example", "examples"),
+                                 " dropped (no response within max_seq_length)"));
+  }
+  if (s.truncated_examples() > 0) {
+    parts.push_back(absl::StrCat(s.truncated_examples(), " truncated at max_seq_length"));
+  }
+  return parts.empty() ? "" : absl::StrCat("; ", absl::StrJoin(parts, ", "));
+}
+
 std::string FormatJobDetails(const lorad::v1::Job& job) {
   std::string out;
   auto line = [&out](const std::string& key, const std::string& value) {
@@ -57,9 +78,20 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
   if (!job.error().empty()) line("error", job.error());
   if (job.has_summary()) {
     const auto& s = job.summary();
-    line("result", absl::StrFormat("adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s",
+    line("result", absl::StrFormat("adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s%s",
                                    s.adapter_name(), s.adapter_version(), s.steps(), s.final_loss(),
-                                   s.trained_tokens(), FormatDuration(s.runtime_seconds())));
+                                   s.trained_tokens(), FormatDuration(s.runtime_seconds()),
+                                   FormatDatasetLosses(s)));
+    if (s.best_validation_loss() > 0 || !s.eval_report_path().empty()) {
+      std::string validation = absl::StrFormat("best loss %.4f", s.best_validation_loss());
+      if (!s.eval_report_path().empty()) {
+        absl::StrAppend(&validation, absl::StrFormat(", ROUGE-1 %.3f, ROUGE-2 %.3f, ROUGE-L %.3f",
+                                                     s.rouge1(), s.rouge2(), s.rouge_l()));
+      }
+      line("validation", validation);
+    }
+    if (!s.eval_report_path().empty()) line("eval report", s.eval_report_path());
+    if (!s.merged_model_path().empty()) line("merged model", s.merged_model_path());
   }
   // Indented so the block is valid YAML both inside this report and on its own.
   std::string spec = JobSpecToYaml(job.spec());

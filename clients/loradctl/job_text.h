@@ -20,6 +20,10 @@ std::string FormatTimestamp(const google::protobuf::Timestamp& time);
 // "12/40" or "12" when the total is unknown.
 std::string FormatProgress(int64_t step, int64_t total_steps);
 
+// What the dataset lost, for a finished job's result line: "" or "; 2 bad lines skipped, 1 example
+// dropped (no response within max_seq_length), 3 truncated at max_seq_length".
+std::string FormatDatasetLosses(const lorad::v1::JobSummary& summary);
+
 // Several "key: value" lines, then the spec as job YAML under "spec:".
 std::string FormatJobDetails(const lorad::v1::Job& job);
 

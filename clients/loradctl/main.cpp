@@ -12,6 +12,22 @@
 
 namespace {
 
+// CLI11's PositiveNumber / NonNegativeNumber print their range with DBL_MAX written out in full
+// ("not in range 0.000000 to 17976931348623157..."): say the bound instead.
+CLI::Validator AtLeast(double minimum) {
+  const std::string bound = ">= " + std::to_string(static_cast<int>(minimum));
+  return CLI::Validator(
+      [minimum, bound](std::string& value) -> std::string {
+        double number = 0;
+        if (!CLI::detail::lexical_cast(value, number) || number < minimum)
+          return "must be " + bound;
+        return "";
+      },
+      bound);
+}
+const CLI::Validator kAtLeastOne = AtLeast(1);
+const CLI::Validator kNotNegative = AtLeast(0);
+
 using lorad::cli::Connection;
 
 // Sampling flags are shared by `generate` and `chat`. CLI11 2.1 has no std::optional options,
@@ -29,7 +45,7 @@ struct SamplingFlags {
       setters.emplace_back(option, std::move(set));
     };
     add(app->add_option("--max-new-tokens", max_new_tokens, "tokens to generate at most")
-            ->check(CLI::PositiveNumber),
+            ->check(kAtLeastOne),
         [this](auto& s) { s.max_new_tokens = max_new_tokens; });
     add(app->add_option("--temperature", temperature, "0 = greedy"),
         [this](auto& s) { s.temperature = temperature; });
@@ -75,7 +91,7 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", connection_options.timeout_seconds,
                  "deadline per call in seconds (default: 60 for single calls, none for "
                  "watch/generate/chat)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNotNegative);
   app.add_option("--ca-cert", connection_options.ca_cert_path,
                  "use TLS, trusting this PEM CA bundle")
       ->check(CLI::ExistingFile);
@@ -102,8 +118,7 @@ int main(int argc, char** argv) {
   CLI::App* watch = train->add_subcommand(
       "watch", "stream a job's progress until it ends; exit 0 only if it succeeded");
   watch->add_option("ID", job_id, "job id")->required();
-  watch->add_option("--from-step", from_step, "replay history from this step")
-      ->check(CLI::NonNegativeNumber);
+  watch->add_option("--from-step", from_step, "replay history from this step")->check(kNotNegative);
   watch->callback([&] {
     command = [&](Connection& c) { return lorad::cli::RunTrainWatch(c, job_id, from_step); };
   });
@@ -115,7 +130,7 @@ int main(int argc, char** argv) {
                    "only jobs in this state: queued, running, succeeded, failed, cancelled "
                    "(repeat for several)");
   list->add_option("--limit", limit, "show at most N jobs")
-      ->check(CLI::PositiveNumber)
+      ->check(kAtLeastOne)
       ->capture_default_str();
   list->callback(
       [&] { command = [&](Connection& c) { return lorad::cli::RunTrainList(c, states, limit); }; });
@@ -123,9 +138,16 @@ int main(int argc, char** argv) {
   bool show_json = false;
   CLI::App* show = train->add_subcommand("show", "a job's state, metrics and spec");
   show->add_option("ID", job_id, "job id")->required();
+  bool show_spec = false;
   show->add_flag("--json", show_json, "print the whole lorad.v1.Job as JSON");
+  show->add_flag("--spec", show_spec,
+                 "print only the spec, as a job file `train submit` takes (edit and resubmit)")
+      ->excludes("--json");
   show->callback([&] {
-    command = [&](Connection& c) { return lorad::cli::RunTrainShow(c, job_id, show_json); };
+    const auto format = show_json   ? lorad::cli::JobShowFormat::kJson
+                        : show_spec ? lorad::cli::JobShowFormat::kSpec
+                                    : lorad::cli::JobShowFormat::kText;
+    command = [&, format](Connection& c) { return lorad::cli::RunTrainShow(c, job_id, format); };
   });
 
   CLI::App* cancel = train->add_subcommand("cancel", "cancel a job in any state");
@@ -152,7 +174,7 @@ int main(int argc, char** argv) {
   CLI::App* unload = adapters->add_subcommand("unload", "unload an adapter");
   unload->add_option("NAME", adapter_name, "adapter name")->required();
   unload->add_option("--version", adapter_version, "only this version (default: all)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNotNegative);
   unload->callback([&] {
     command = [&](Connection& c) {
       return lorad::cli::RunAdaptersUnload(c, adapter_name, adapter_version);

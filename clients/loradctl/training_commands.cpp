@@ -153,13 +153,17 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
   return kExitOk;
 }
 
-int RunTrainShow(Connection& connection, const std::string& job_id, bool json) {
+int RunTrainShow(Connection& connection, const std::string& job_id, JobShowFormat format) {
   Job job;
   if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {
     return connection.Fail(status);
   }
-  if (!json) {
+  if (format == JobShowFormat::kText) {
     std::cout << FormatJobDetails(job);
+    return kExitOk;
+  }
+  if (format == JobShowFormat::kSpec) {
+    std::cout << JobSpecToYaml(job.spec());
     return kExitOk;
   }
   google::protobuf::util::JsonPrintOptions options;

@@ -21,8 +21,10 @@ int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t fro
 // A table of the newest `limit` jobs, optionally only those in `states` ("queued", ...).
 int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit);
 
-// The job's details and spec; `json` prints the whole lorad.v1.Job as JSON instead.
-int RunTrainShow(Connection& connection, const std::string& job_id, bool json);
+// How `train show` prints a job: its details and spec; the whole lorad.v1.Job as JSON; or only
+// the spec as a job file (`train submit` takes it back).
+enum class JobShowFormat { kText, kJson, kSpec };
+int RunTrainShow(Connection& connection, const std::string& job_id, JobShowFormat format);
 
 int RunTrainCancel(Connection& connection, const std::string& job_id);
 

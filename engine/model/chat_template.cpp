@@ -154,15 +154,25 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
                                                "' (known: system, user, assistant)"));
     }
   }
+  return RenderFamily(messages, add_generation_prompt);
+}
+
+std::string ChatTemplate::AssistantStart() const {
+  auto text = RenderFamily({}, /*gen=*/true);
+  return text.ok() ? *text : bos_token_;
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderFamily(const std::vector<ChatMessage>& messages,
+                                                       bool gen) const {
   switch (family_) {
     case Family::kLlama3:
-      return RenderLlama3(messages, add_generation_prompt);
+      return RenderLlama3(messages, gen);
     case Family::kChatMl:
-      return RenderChatMl(messages, add_generation_prompt);
+      return RenderChatMl(messages, gen);
     case Family::kMistral:
       return RenderMistral(messages);
     case Family::kAlpaca:
-      return RenderAlpaca(messages, add_generation_prompt);
+      return RenderAlpaca(messages, gen);
   }
   return TemplateError(name_, "unknown family");
 }
@@ -203,7 +213,7 @@ absl::StatusOr<std::string> ChatTemplate::RenderMistral(
     const std::vector<ChatMessage>& messages) const {
   size_t first = 0;
   const std::string* system = nullptr;
-  if (messages[0].role == "system") {
+  if (!messages.empty() && messages[0].role == "system") {
     system = &messages[0].content;
     first = 1;
   }
@@ -232,7 +242,7 @@ absl::StatusOr<std::string> ChatTemplate::RenderAlpaca(const std::vector<ChatMes
                                                        bool gen) const {
   std::string out = bos_token_;
   size_t first = 0;
-  if (messages[0].role == "system") {
+  if (!messages.empty() && messages[0].role == "system") {
     absl::StrAppend(&out, messages[0].content, "\n\n");
     first = 1;
   } else {

@@ -57,6 +57,9 @@ class ChatTemplate {
   // anywhere but first for mistral and alpaca).
   absl::StatusOr<std::string> Render(const std::vector<ChatMessage>& messages,
                                      bool add_generation_prompt) const;
+  // What a conversation that opens with the assistant renders before its first reply (transformers'
+  // apply_chat_template([], add_generation_prompt=True)): training masks it like any prompt.
+  std::string AssistantStart() const;
 
   const std::string& name() const { return name_; }
   // The text that ends an assistant turn in this family ("<|eot_id|>", "<|im_end|>", or the EOS
@@ -75,6 +78,8 @@ class ChatTemplate {
 
   std::string RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const;
   std::string RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const;
+  absl::StatusOr<std::string> RenderFamily(const std::vector<ChatMessage>& messages,
+                                           bool gen) const;
   absl::StatusOr<std::string> RenderMistral(const std::vector<ChatMessage>& messages) const;
   absl::StatusOr<std::string> RenderAlpaca(const std::vector<ChatMessage>& messages,
                                            bool gen) const;

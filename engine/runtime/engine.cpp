@@ -122,16 +122,21 @@ struct Engine::Impl {
   TrainingMemoryEstimate Need(const TrainingJobConfig& config) const {
     return EstimateTrainingBytes(model->config(), config, device.device == "cpu" ? 4 : 2);
   }
+  // What makes a job smaller, for the messages of jobs that cannot fit.
+  static std::string ShrinkHint(const TrainingJobConfig& config) {
+    return std::string("lower training.micro_batch_size or max_seq_length") +
+           (config.gradient_checkpointing ? "" : ", or turn on gradient_checkpointing");
+  }
   // TrainingFitsNow's answer, under mu.
-  absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need) const {
+  absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need,
+                               const TrainingJobConfig& config) const {
     const int64_t budget = options.training_memory_budget_bytes;
     if (budget <= 0) return true;
     if (need.total() > budget) {
       return absl::ResourceExhaustedError(
           "the job needs " + DescribeNeed(need) + " of training memory but " +
-          "training.memory_budget_mib allows " + ReadableBytes(budget) +
-          "; raise the budget, or lower micro_batch_size or max_seq_length, or turn on "
-          "gradient_checkpointing");
+          "training.memory_budget_mib allows " + ReadableBytes(budget) + "; raise the budget, or " +
+          ShrinkHint(config));
     }
     int64_t held = 0;
     for (const auto& [id, bytes] : job_bytes) held += bytes;
@@ -265,10 +270,17 @@ void Engine::Impl::Loop() {
     }
   }
   // Stopping: requests end as cancelled; the training job saves a checkpoint it can resume from
-  // (at an optimizer-step boundary) and ends as cancelled.
+  // and ends as cancelled. A checkpoint is an optimizer-step boundary, so the step in progress
+  // is finished first (at most grad_accum - 1 micro-batches); a job its user cancelled ends at
+  // once.
   for (ActiveTrainer& active : trainers) {
     Trainer& trainer = *active.trainer;
-    if (trainer.at_step_boundary()) (void)trainer.SaveCheckpoint();
+    while (!trainer.done() && !trainer.cancelled() && !trainer.at_step_boundary() &&
+           trainer.Step().ok()) {
+    }
+    if (!trainer.done() && !trainer.cancelled() && trainer.at_step_boundary()) {
+      (void)trainer.SaveCheckpoint();
+    }
     trainer.Cancel();
     while (!trainer.done() && trainer.Step().ok()) {
     }
@@ -313,8 +325,8 @@ void Engine::Impl::StartJob(PendingJob job) {
     if (need.total() > available) {
       fail("the job needs " + DescribeNeed(need) + " of device memory but " +
            ReadableBytes(available) +
-           " is free beside the base model, the KV cache and the jobs already training; lower "
-           "training.micro_batch_size or max_seq_length, or turn on gradient_checkpointing");
+           " is free beside the base model, the KV cache and the jobs already training; " +
+           ShrinkHint(job.config));
       return;
     }
   }
@@ -410,7 +422,7 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
           std::to_string(impl_->options.max_training_jobs) + " train at a time");
     }
     const TrainingMemoryEstimate need = impl_->Need(config);
-    absl::StatusOr<bool> fits = impl_->FitsNow(need);
+    absl::StatusOr<bool> fits = impl_->FitsNow(need, config);
     if (!fits.ok()) return fits.status();
     if (!*fits) {
       return absl::ResourceExhaustedError(
@@ -421,7 +433,10 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
     }
     active.push_back(job_id);
     impl_->job_bytes[job_id] = need.total();
-    impl_->pending_jobs.push_back(Impl::PendingJob{job_id, config, std::move(on_event)});
+    TrainingJobConfig job = config;
+    // Training formats conversations with the template serving renders chats with.
+    job.data.model_chat_template = impl_->options.chat_template;
+    impl_->pending_jobs.push_back(Impl::PendingJob{job_id, std::move(job), std::move(on_event)});
     impl_->pending_work = true;
   }
   impl_->wake.notify_one();
@@ -431,7 +446,7 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
 absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config) const {
   const TrainingMemoryEstimate need = impl_->Need(config);
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->FitsNow(need);
+  return impl_->FitsNow(need, config);
 }
 
 void Engine::CancelTraining(const std::string& job_id) {

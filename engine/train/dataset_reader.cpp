@@ -1,6 +1,8 @@
 #include "engine/train/dataset_reader.h"
 
 #include <cctype>
+#include <string>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/durable_file.h"
@@ -105,8 +107,18 @@ const char* DatasetFormatName(DatasetFormat format) {
 
 absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
                                                    DatasetFormat format, const std::string& where) {
-  json record = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (record.is_discarded()) return Bad(where, "not valid JSON");
+  json record;
+  try {
+    record = json::parse(json_text);
+  } catch (const json::parse_error& e) {
+    // "[json.exception.parse_error.101] parse error at line 1, column 9: syntax error ...":
+    // the reason, without the library's code.
+    std::string_view reason = e.what();
+    if (const size_t at = reason.find("] "); at != std::string_view::npos) {
+      reason.remove_prefix(at + 2);
+    }
+    return Bad(where, absl::StrCat("not valid JSON (", std::string(reason), ")"));
+  }
   if (!record.is_object()) return Bad(where, "expected a JSON object");
   Example ex;
   ex.format = format == DatasetFormat::kAuto ? DetectFormat(record) : format;
@@ -162,6 +174,13 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
   if (!reader->in_) {
     return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));
   }
+  // A UTF-8 byte order mark (as some Windows editors write) is not part of the JSON.
+  char bom[3] = {};
+  reader->in_.read(bom, 3);
+  if (reader->in_.gcount() != 3 || std::string_view(bom, 3) != "\xEF\xBB\xBF") {
+    reader->in_.clear();
+    reader->in_.seekg(0);
+  }
   // Skip leading white space to see whether this is a JSON array.
   int c;
   while ((c = reader->in_.peek()) != EOF && std::isspace(c)) {
@@ -188,22 +207,49 @@ absl::StatusOr<bool> DatasetReader::NextJsonlRecord(std::string& text, int64_t& 
   return false;
 }
 
+// A JSON array read one element at a time, as strictly as Python's json reads the whole file:
+// elements separated by single commas, no comma before ']', nothing but white space after it.
 absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t& line) {
   if (array_done_) return false;
   text.clear();
-  int depth = 0;
-  bool in_string = false, escaped = false, started = false;
+  const auto here = [this] { return absl::StrCat(path_, ":", line_); };
+  bool after_comma = false;
   int c;
-  while ((c = in_.get()) != EOF) {
+  while (true) {  // white space and the separator before the next element
+    c = in_.get();
+    if (c == EOF) return Bad(here(), "the JSON array is not closed with ']'");
     if (c == '\n') ++line_;
-    if (!started) {
-      if (std::isspace(c) || c == ',') continue;
-      if (c == ']') {
-        array_done_ = true;
-        return false;
+    if (std::isspace(c)) continue;
+    if (c == ']') {
+      if (after_comma) return Bad(here(), "a ',' right before ']' (JSON allows no trailing comma)");
+      array_done_ = true;
+      while ((c = in_.get()) != EOF) {
+        if (c == '\n') ++line_;
+        if (!std::isspace(c)) return Bad(here(), "text after the JSON array's closing ']'");
       }
-      started = true;
-      line = line_;
+      return false;
+    }
+    if (c == ',') {
+      if (!array_element_read_ || after_comma) return Bad(here(), "a ',' where a record belongs");
+      after_comma = true;
+      continue;
+    }
+    if (array_element_read_ && !after_comma) {
+      return Bad(here(), "expected ',' or ']' after the previous record");
+    }
+    break;
+  }
+  array_element_read_ = true;
+  line = line_;
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (;; c = in_.get()) {
+    if (c == EOF) return Bad(absl::StrCat(path_, ":", line), "the file ends inside a record");
+    if (c == '\n') ++line_;
+    text.push_back(static_cast<char>(c));
+    if (static_cast<int64_t>(text.size()) > options_.max_record_bytes) {
+      return Bad(absl::StrCat(path_, ":", line),
+                 absl::StrCat("record is larger than ", options_.max_record_bytes, " bytes"));
     }
     if (in_string) {
       if (escaped) {
@@ -212,29 +258,21 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
         escaped = true;
       } else if (c == '"') {
         in_string = false;
+        if (depth == 0) return true;  // a bare string: not a record, which the parse then says
       }
-    } else if (c == '"') {
+      continue;
+    }
+    if (c == '"') {
       in_string = true;
     } else if (c == '{' || c == '[') {
       ++depth;
     } else if (c == '}' || c == ']') {
-      if (depth == 0) {  // the array's closing bracket right after a scalar element
-        array_done_ = true;
-        return true;
-      }
-      --depth;
-    } else if (c == ',' && depth == 0) {
-      return true;
+      if (--depth <= 0) return true;
+    } else if (depth == 0) {  // a bare number or literal ends before a separator
+      const int next = in_.peek();
+      if (next == EOF || next == ',' || next == ']' || std::isspace(next)) return true;
     }
-    text.push_back(static_cast<char>(c));
-    if (static_cast<int64_t>(text.size()) > options_.max_record_bytes) {
-      return Bad(absl::StrCat(path_, ":", line),
-                 absl::StrCat("record is larger than ", options_.max_record_bytes, " bytes"));
-    }
-    if (depth == 0 && !in_string && (c == '}' || c == ']')) return true;
   }
-  if (started) return Bad(absl::StrCat(path_, ":", line), "the file ends inside a record");
-  return Bad(absl::StrCat(path_, ":", line_), "the JSON array is not closed with ']'");
 }
 
 absl::StatusOr<bool> DatasetReader::NextRecordText(std::string& text, int64_t& line) {
@@ -248,7 +286,14 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     auto more = NextRecordText(text, line);
     if (!more.ok()) return more.status();  // the file's structure is broken: nothing to skip to
     if (!*more) return std::optional<Example>();
-    auto example = ParseRecord(text, options_.format, absl::StrCat(path_, ":", line));
+    const std::string where = absl::StrCat(path_, ":", line);
+    // A JSONL line is read whole; one over the limit is a bad record like any other (an array
+    // element stops the read at the limit, see NextArrayElement).
+    auto example =
+        static_cast<int64_t>(text.size()) > options_.max_record_bytes
+            ? absl::StatusOr<Example>(Bad(where, absl::StrCat("record is larger than ",
+                                                              options_.max_record_bytes, " bytes")))
+            : ParseRecord(text, options_.format, where);
     if (example.ok()) {
       example->line = line;
       return std::optional<Example>(std::move(*example));

@@ -68,7 +68,8 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
   }
   if (f.mode_ == Mode::kAuto || f.mode_ == Mode::kChat) {
     // "auto" and "chat" take the model's own template; any other name picks a family.
-    const std::string family = (name.empty() || name == "auto" || name == "chat") ? "" : name;
+    const std::string family =
+        (name.empty() || name == "auto" || name == "chat") ? options.model_chat_template : name;
     auto chat = ChatTemplate::FromTokenizerConfig(model_folder, family);
     if (chat.ok()) {
       f.chat_ = *std::move(chat);
@@ -96,6 +97,7 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
 
 absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) const {
   absl::StatusOr<TokenizedExample> out;
+  bool chat = false;
   if (ex.format == DatasetFormat::kText) {
     TokenizedExample t;
     t.input_ids = tokenizer_->Encode(ex.text, /*add_special_tokens=*/true);
@@ -108,10 +110,11 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
     out = FormatRaw(ex);
   } else {
     out = FormatChat(ex);
+    chat = true;
   }
   if (!out.ok()) return out.status();
   out->line = ex.line;
-  Finish(*out);
+  Finish(*out, /*append_eos=*/!chat);
   return out;
 }
 
@@ -171,7 +174,8 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   t.labels.assign(t.input_ids.size(), kNotTrained);
   for (size_t i = 0; i < ex.messages.size(); ++i) {
     if (ex.messages[i].role != "assistant") continue;
-    auto before = render(i, /*gen=*/true);
+    auto before =
+        i == 0 ? tokenizer_->Encode(chat_->AssistantStart(), false) : render(i, /*gen=*/true);
     if (!before.ok()) return before.status();
     auto upto = render(i + 1, /*gen=*/false);
     if (!upto.ok()) return upto.status();
@@ -182,8 +186,8 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   return t;
 }
 
-void ExampleFormatter::Finish(TokenizedExample& t) const {
-  if (t.input_ids.empty() || t.input_ids.back() != eos_id_) {
+void ExampleFormatter::Finish(TokenizedExample& t, bool append_eos) const {
+  if (append_eos && (t.input_ids.empty() || t.input_ids.back() != eos_id_)) {
     t.input_ids.push_back(eos_id_);
     t.labels.push_back(eos_id_);
   }

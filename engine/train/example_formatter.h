@@ -12,6 +12,8 @@
 //           template has no place for and drops).
 //   raw     prompt + response, nothing between (TRL's prompt-completion concatenation).
 //   chat    the model's chat template (or a family by name: chatml, llama3, mistral), every turn.
+//           "The model's" is the one the operator named (model.chat_template, so training and
+//           serving agree), else the one its tokenizer_config.json names.
 //   auto    alpaca for Alpaca records, chat for other conversations (alpaca when the model has
 //           no chat template); text records are always their text.
 // Tokens:
@@ -19,11 +21,15 @@
 //     longest common prefix of ids and Encode(prompt, true) (TRL's completion mask).
 //   chat: ids = Encode(Render(all), false) (the template writes BOS itself); assistant turn i
 //     covers [len(Encode(Render(messages[:i], gen=true))), len(Encode(Render(messages[:i+1]))))
-//     ("assistant_only_loss": only the assistant's content and end-of-turn markers train).
+//     ("assistant_only_loss": only the assistant's content and end-of-turn markers train); a
+//     conversation that opens with the assistant has the template's AssistantStart() before it.
+//     Nothing is appended: as in TRL, every assistant turn ends with the template's own end of
+//     turn, where a chat reply stops, and a conversation that ends with a user turn has nothing
+//     trained after it.
 //   text: ids = Encode(text, true), all trained.
-//   Then the tokenizer's EOS is appended (unless the ids already end with it) and trained, so the
-//   model learns to stop. labels = ids, with kNotTrained outside the response when response_only.
-//   Finally both are truncated to max_seq_length.
+//   alpaca, raw and text then get the tokenizer's EOS appended (unless the ids already end with
+//   it) and trained, so the model learns to stop. labels = ids, with kNotTrained outside the
+//   response when response_only. Finally both are truncated to max_seq_length.
 #pragma once
 
 #include <cstdint>
@@ -53,6 +59,9 @@ struct TokenizedExample {
 
 struct ExampleFormatterOptions {
   std::string template_name = "auto";
+  // The family "auto" and "chat" take as the model's own when not empty (the operator's
+  // model.chat_template), instead of the one tokenizer_config.json names.
+  std::string model_chat_template;
   bool response_only = true;
   int64_t max_seq_length = 2048;
 };
@@ -85,7 +94,7 @@ class ExampleFormatter {
   absl::StatusOr<TokenizedExample> FormatChat(const Example& example) const;
   absl::StatusOr<TokenizedExample> FormatAlpaca(const Example& example) const;
   absl::StatusOr<TokenizedExample> FormatRaw(const Example& example) const;
-  void Finish(TokenizedExample& out) const;
+  void Finish(TokenizedExample& out, bool append_eos) const;
 
   const Tokenizer* tokenizer_;
   ExampleFormatterOptions options_;

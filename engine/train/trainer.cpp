@@ -135,6 +135,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   this->tokenizer = &tokenizer;
   ExampleFormatterOptions fo;
   fo.template_name = config.data.template_name;
+  fo.model_chat_template = config.data.model_chat_template;
   fo.response_only = config.data.response_only;
   // A model with a sliding window is exact only on sequences that fit in it (ModelConfig).
   const int64_t window = model->config().sliding_window;
@@ -467,6 +468,8 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   s.cancelled = cancelled;
   s.early_stopped = early_stopped;
   s.skipped_records = data->skipped_records();
+  s.dropped_examples = data->dropped();
+  s.truncated_examples = data->truncated();
   Emit(e);
   return absl::OkStatus();
 }
@@ -536,6 +539,7 @@ absl::Status Trainer::Run() {
 }
 
 void Trainer::Cancel() { impl_->cancel.store(true); }
+bool Trainer::cancelled() const { return impl_->cancel.load(); }
 
 absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   if (!at_step_boundary()) {

@@ -71,6 +71,7 @@ class Trainer {
   bool at_step_boundary() const;
 
   bool done() const;
+  bool cancelled() const;       // Cancel() was called
   int64_t step() const;         // optimizer steps completed (resumed runs count from the start)
   int64_t total_steps() const;  // planned optimizer steps
   int64_t train_rows() const;   // training rows after split and packing

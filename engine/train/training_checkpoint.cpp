@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/durable_file.h"
+#include "engine/train/checkpoint_folders.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -19,8 +20,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-constexpr char kPrefix[] = "checkpoint-";
 
 // fsyncs every file and folder under `root` (the adapter folder was written by WritePeft).
 absl::Status FsyncTree(const fs::path& root) {
@@ -52,35 +51,6 @@ json StateToJson(const TrainerState& s) {
               {"evals_without_improvement", s.evals_without_improvement},
               {"trained_tokens", s.trained_tokens},
               {"train_seconds", s.train_seconds}};
-}
-
-}  // namespace
-
-std::string CheckpointPath(const std::string& output_dir, int64_t step) {
-  return (fs::path(output_dir) / absl::StrCat(kPrefix, step)).string();
-}
-
-namespace {
-
-// Every complete checkpoint folder in output_dir (checkpoint-<step> holding trainer_state.json),
-// with its step, in no particular order.
-std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string& output_dir) {
-  std::vector<std::pair<int64_t, fs::path>> found;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind(kPrefix, 0) != 0 || !entry.is_directory()) continue;
-    int64_t step = -1;
-    try {
-      size_t used = 0;
-      step = std::stoll(name.substr(sizeof(kPrefix) - 1), &used);
-      if (used != name.size() - (sizeof(kPrefix) - 1)) continue;
-    } catch (...) {
-      continue;
-    }
-    if (fs::exists(entry.path() / "trainer_state.json")) found.emplace_back(step, entry.path());
-  }
-  return found;
 }
 
 // Serializes `archive` in memory, then writes it to `path` (fsynced).
@@ -143,7 +113,8 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const OptimizerState& optimizer,
                                             const TrainerState& state, int64_t keep) {
   const fs::path final_path = CheckpointPath(output_dir, state.step);
-  const fs::path tmp = fs::path(output_dir) / absl::StrCat(".", kPrefix, state.step, ".tmp");
+  const fs::path tmp =
+      fs::path(output_dir) / absl::StrCat(".", kCheckpointPrefix, state.step, ".tmp");
   absl::Status written =
       WriteCheckpointFolder(tmp, final_path, output_dir, adapter, optimizer, state);
   if (!written.ok()) {
@@ -161,18 +132,6 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     }
   }
   return final_path.string();
-}
-
-std::string LatestCheckpoint(const std::string& output_dir) {
-  int64_t best = -1;
-  std::string path;
-  for (const auto& [step, folder] : CompleteCheckpoints(output_dir)) {
-    if (step > best) {
-      best = step;
-      path = folder.string();
-    }
-  }
-  return path;
 }
 
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {

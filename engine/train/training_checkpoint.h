@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/lora/lora_adapter.h"
+#include "engine/train/checkpoint_folders.h"
 #include "engine/train/optimizer.h"
 
 namespace lorad::engine {
@@ -41,9 +42,6 @@ struct TrainingCheckpoint {
   TrainerState state;
 };
 
-// The folder name of step `step` inside `output_dir`.
-std::string CheckpointPath(const std::string& output_dir, int64_t step);
-
 // Writes atomically; returns the checkpoint folder. An existing folder of the same step is
 // replaced; then all but the newest `keep` checkpoints are deleted (0: none is). Errors name the
 // file that could not be written; a failed write leaves no partial folder behind.
@@ -51,9 +49,6 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
                                             const OptimizerState& optimizer,
                                             const TrainerState& state, int64_t keep = 0);
-
-// The newest complete checkpoint folder in output_dir, or "" when there is none.
-std::string LatestCheckpoint(const std::string& output_dir);
 
 // Errors name the folder and the file at fault.
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder);

@@ -82,6 +82,10 @@ std::vector<TokenizedExample> Pack(const std::vector<TokenizedExample>& examples
 
 }  // namespace
 
+int64_t HeldOutExamples(double validation_fraction, int64_t n) {
+  return std::max<int64_t>(1, std::llround(validation_fraction * static_cast<double>(n)));
+}
+
 std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream) {
   std::vector<int64_t> p(static_cast<size_t>(std::max<int64_t>(n, 0)));
   for (int64_t i = 0; i < n; ++i) p[static_cast<size_t>(i)] = i;
@@ -123,8 +127,7 @@ absl::StatusOr<TrainingData> TrainingData::FromExamples(std::vector<TokenizedExa
   data.seed_ = seed;
   const int64_t n = static_cast<int64_t>(examples.size());
   if (config.validation_path.empty() && config.validation_fraction > 0) {
-    const int64_t held =
-        std::max<int64_t>(1, std::llround(config.validation_fraction * static_cast<double>(n)));
+    const int64_t held = HeldOutExamples(config.validation_fraction, n);
     if (held >= n) {
       return absl::InvalidArgumentError(absl::StrCat("dataset.validation_fraction ",
                                                      config.validation_fraction, " of ", n,

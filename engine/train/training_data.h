@@ -25,6 +25,10 @@
 
 namespace lorad::engine {
 
+// How many of n examples validation_fraction holds out (at least one; TrainingData::Build fails
+// when that leaves none for training, and SubmitJob checks the same up front).
+int64_t HeldOutExamples(double validation_fraction, int64_t n);
+
 // A seeded permutation of [0, n), the same on every platform (SplitMix64 + Fisher-Yates; the
 // standard library's distributions are implementation-defined).
 std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream);

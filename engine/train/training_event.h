@@ -49,9 +49,12 @@ struct TrainingSummary {
   bool cancelled = false;
   bool early_stopped = false;
   int64_t skipped_records = 0;  // bad dataset records skipped (DatasetConfig::skip_bad_lines)
-  int64_t trained_tokens = 0;   // input tokens of every step, over all runs of a resumed job
-  std::string adapter_path;     // the final PEFT adapter folder
-  std::string merged_path;      // the merged 16-bit model folder, when export_merged_dtype is set
+  // Examples left out for having no trained token within max_seq_length, and examples cut there.
+  int64_t dropped_examples = 0;
+  int64_t truncated_examples = 0;
+  int64_t trained_tokens = 0;  // input tokens of every step, over all runs of a resumed job
+  std::string adapter_path;    // the final PEFT adapter folder
+  std::string merged_path;     // the merged 16-bit model folder, when export_merged_dtype is set
   // With a validation split: the held-out report (loss, ROUGE-1/2/L of greedy answers), also
   // written as eval_report.json.
   bool has_eval_report = false;

@@ -21,6 +21,9 @@ struct TrainingDataConfig {
   // "chat" (the model's chat template), "raw" (prompt + response, no template), or a chat
   // template family by name (chatml, llama3, mistral).
   std::string template_name = "auto";
+  // The operator's model.chat_template (EngineOptions::chat_template), which "auto" and "chat"
+  // take as the model's own: set by the engine, not by the job.
+  std::string model_chat_template;
   bool response_only = true;  // loss on the assistant's tokens only; false: on every token
   bool packing = false;       // pack several short examples into one row of max_seq_length
   bool skip_bad_lines = false;

@@ -77,6 +77,11 @@ def test_metrics_parse_and_count_rpcs_by_method_and_code(daemon, stubs):
     build = families["lorad_build_info"].samples[0]
     assert build.value == 1 and build.labels["torch_version"].startswith("2.11")
     assert families["lorad_process_uptime_seconds"].samples[0].value > 0
+    # Counts that only grow are counters (rate() applies), named with _total.
+    for name in ["lorad_preemptions", "lorad_decode_graph_replays", "lorad_adapter_stack_builds",
+                 "lorad_gpu_loop_seconds"]:
+        assert families[name].type == "counter", name
+        assert families[name].samples[0].name == name + "_total"
 
 
 def run_lorad(*args, timeout=60):
@@ -123,6 +128,12 @@ def test_taken_port_is_a_clear_error(tmp_path):
                            "--data-dir", str(tmp_path / "b"))
         assert result.returncode == 1
         assert "server.grpc_address" in result.stderr and first.grpc_address in result.stderr
+        # The HTTP port too: no second daemon shares it (scrapes would go to either one).
+        result = run_lorad("--model", tiny_model_path(), "--grpc-address", f"127.0.0.1:{free_port()}",
+                           "--http-address", first.http_address,
+                           "--data-dir", str(tmp_path / "c"))
+        assert result.returncode == 1, result.stderr
+        assert "server.http_address" in result.stderr and first.http_address in result.stderr
     finally:
         stop_daemon(first)
 

@@ -197,6 +197,56 @@ def test_client_cancel_stops_generation_and_frees_it(server):
     assert status == 200 and 'finished_reason="cancelled"' in body
 
 
+def rpc_count(daemon, method, code):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, text = daemon.http_get("/metrics")
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (s.name == "lorad_rpc_requests_total" and s.labels.get("method") == method
+                    and s.labels.get("code") == code):
+                return s.value
+    return 0
+
+
+def test_a_passed_deadline_is_deadline_exceeded_never_ok(tmp_path, stubs):
+    """Whichever notices first, gRPC's timer or the engine's own deadline check, the call ends as
+    DEADLINE_EXCEEDED: never OK with cut output, never counted as a client's cancel. One request
+    decodes at a time here, so requests queued behind a backlog outlive their deadlines."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none",
+                     "--set", "engine.max_running_requests=1")
+    pb = stubs.inference_pb2
+    method = "lorad.v1.InferenceService/Generate"
+    long_req = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+        max_new_tokens=4000, ignore_eos=True))
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel, ThreadPoolExecutor(40) as pool:
+            stub = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+            backlog = [pool.submit(lambda: collect(stub.Generate(long_req, timeout=300)))
+                       for _ in range(40)]
+            started = time.time()
+            while rpc_count(d, method, "OK") < 1:  # the backlog is being served
+                assert time.time() - started < 120, d.log()
+                time.sleep(0.01)
+            for timeout in (0.05, 0.2):
+                with pytest.raises(grpc.RpcError) as err:
+                    collect(stub.Generate(long_req, timeout=timeout))
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for f in backlog:
+                f.result()
+        deadline = time.time() + 30
+        while rpc_count(d, method, "DEADLINE_EXCEEDED") < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert rpc_count(d, method, "DEADLINE_EXCEEDED") == 2
+        assert rpc_count(d, method, "OK") == 40
+        assert rpc_count(d, method, "CANCELLED") == 0
+    finally:
+        stop_daemon(d)
+
+
 def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft_adapter_dir, stubs):
     import shutil
 

@@ -107,6 +107,19 @@ def test_submit_list_show_watch_cancel(daemon, job_file, stubs):
     assert shown_spec["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert shown_spec["training"]["schedule"] == "cosine" and shown_spec["priority"] == 3
 
+    # --spec prints a job file: submitted again, it makes a job with the same spec.
+    spec_only = loradctl("train", "show", "--spec", job_id, address=daemon.grpc_address)
+    assert spec_only.returncode == 0, spec_only.stderr
+    again_file = job_file.parent / "again.yaml"
+    again_file.write_text(spec_only.stdout)
+    again = loradctl("train", "submit", str(again_file), address=daemon.grpc_address)
+    assert again.returncode == 0, again.stderr
+    with grpc.insecure_channel(daemon.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        resubmitted = stub.GetJob(pb.GetJobRequest(job_id=again.stdout.strip()), timeout=10)
+        stub.CancelJob(pb.CancelJobRequest(job_id=resubmitted.id), timeout=10)
+    assert resubmitted.spec == job.spec
+
     cancelled = loradctl("train", "cancel", job_id, address=daemon.grpc_address)
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.strip() == f"{job_id}: cancelled"
@@ -195,6 +208,25 @@ def test_job_files_that_are_not_yaml_text_are_usage_errors(tmp_path):
         result = loradctl("train", "submit", str(path), address=f"127.0.0.1:{free_port()}")
         assert result.returncode == EXIT_USAGE, result.stderr
         assert result.stderr.startswith(f"loradctl: {path}: {words}"), result.stderr
+
+
+def test_flags_below_their_bound_say_the_bound():
+    for args, bound in [(["train", "ls", "--limit", "0"], ">= 1"),
+                        (["generate", "--max-new-tokens", "0", "hi"], ">= 1"),
+                        (["--timeout", "-1", "adapters", "ls"], ">= 0")]:
+        result = loradctl(*args, address=f"127.0.0.1:{free_port()}")
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert f"must be {bound}" in result.stderr and "17976931348623157" not in result.stderr
+
+
+def test_a_ca_cert_that_is_not_pem_is_one_clear_line(tmp_path):
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("hello\n")
+    result = loradctl("--ca-cert", str(not_pem), "adapters", "ls",
+                      address=f"127.0.0.1:{free_port()}")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr == f"loradctl: --ca-cert {not_pem}: not a PEM certificate bundle " \
+                            "(no '-----BEGIN CERTIFICATE-----' line)\n"
 
 
 def test_unreachable_daemon_fails_with_one_clear_line():

@@ -195,6 +195,42 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
         stop_daemon(d)
 
 
+def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_path, stubs):
+    """Ctrl-C while a job is between micro-batches of a step (grad_accum 4): the step is finished
+    and checkpointed, the queued job is not started on the way out, and the next start resumes
+    from that checkpoint."""
+    tpb = stubs.training_pb2
+    spec = job_spec(tpb, "ctrl-c", 100000)
+    spec.training.grad_accum = 4
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    with grpc.insecure_channel(d.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        queued = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "queued", 5)), timeout=30)
+        for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
+            if event.WhichOneof("event") == "step" and event.step.step >= 2:
+                break
+    assert stop_daemon(d, signal.SIGINT) == 0
+    first_log = d.log()
+    checkpoints = sorted((tmp_path / "data" / "jobs" / job.id).glob("checkpoint-*"))
+    assert checkpoints, first_log
+    assert f"job {queued.id} (queued) started" not in first_log
+
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            wait_for_state(stub, tpb, job.id, tpb.JOB_STATE_RUNNING)
+            deadline = time.time() + 60
+            while f"resuming from {checkpoints[-1]}" not in d.log() and time.time() < deadline:
+                time.sleep(0.1)
+            assert f"resuming from {checkpoints[-1]}" in d.log(), d.log()
+            stub.CancelJob(tpb.CancelJobRequest(job_id=job.id), timeout=10)
+    finally:
+        stop_daemon(d)
+
+
 def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
     """export_merged writes the base with the adapter merged in; transformers loads it and its
     logits equal PEFT's merge_and_unload() of the job's own adapter on the same base."""
@@ -223,6 +259,18 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
                 evals[0].validation_loss
             replay, _, _ = watch_until_done(stub, tpb, job.id)
             assert without_times(tpb, replay) == without_times(tpb, events)
+            # loradctl's report shows the summary's paths, absolute, and the validation result.
+            import subprocess
+
+            from conftest import BUILD
+
+            shown = subprocess.run([str(BUILD / "clients" / "loradctl"), "--address",
+                                    d.grpc_address, "train", "show", job.id],
+                                   capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            assert f"merged model: {summary.merged_model_path}\n" in shown.stdout
+            assert f"eval report: {summary.eval_report_path}\n" in shown.stdout
+            assert summary.merged_model_path.startswith("/") and "ROUGE-L" in shown.stdout
     finally:
         stop_daemon(d)
     # The held-out report: ROUGE of the answers to the 4 held-out questions, recomputed here
@@ -420,3 +468,39 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
+
+
+def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, stubs):
+    """Inline examples laid out over several lines (as YAML block scalars or json.dumps(indent=2)
+    give them) train like one-line ones, here with template 'raw' (TRL's prompt + completion).
+    The summary counts the example whose prompt alone passes max_seq_length (128) as dropped and
+    the one whose answer does as truncated."""
+    import json
+
+    pb = stubs.training_pb2
+    records = [json.loads(line) for line in QA.read_text().splitlines()[:4]]
+    long_text = " ".join(["words"] * 400)
+    records += [{"question": long_text, "answer": "short"},
+                {"question": "Say many words.", "answer": long_text}]
+    spec = job_spec(pb, "inline-raw", steps=2)
+    spec.dataset.path = ""
+    spec.dataset.template = "raw"
+    for record in records:
+        spec.dataset.inline_examples.add(json=json.dumps(record, indent=2))
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=30)
+            _, states, steps = watch_until_done(stub, pb, job.id)
+            done = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
+            assert states[-1] == pb.JOB_STATE_SUCCEEDED, done.error
+            assert [s.step for s in steps] == [1, 2]
+            assert (done.summary.dropped_examples, done.summary.truncated_examples) == (1, 1)
+            # A replay from past the last step still ends with the summary.
+            late = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id, from_step=1000),
+                                      timeout=30))
+            kinds = [e.WhichOneof("event") for e in late]
+            assert "step" not in kinds and kinds[-2:] == ["finished", "state"], kinds
+    finally:
+        stop_daemon(d)

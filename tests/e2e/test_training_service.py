@@ -160,6 +160,16 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     both.dataset.validation_fraction = 0.25
     both.dataset.validation_path = "qa.jsonl"
     expect_code(submit(both), grpc.StatusCode.INVALID_ARGUMENT, "validation_fraction", "not both")
+    # One inline example cannot be split; an unknown template is named.
+    tiny = spec(pb)
+    tiny.dataset.path = ""
+    tiny.dataset.inline_examples.add(json='{"question": "q", "answer": "a"}')
+    tiny.dataset.validation_fraction = 0.2
+    expect_code(submit(tiny), grpc.StatusCode.INVALID_ARGUMENT, "dataset.validation_fraction",
+                "1 examples leaves none")
+    odd = spec(pb)
+    odd.dataset.template = "gemma"
+    expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.template", "'gemma'", "raw")
 
 
 def test_paths_outside_the_dataset_root_are_permission_denied(service):

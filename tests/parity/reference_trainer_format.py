@@ -1,7 +1,9 @@
 """Training examples as token ids and labels, formatted with transformers' tokenizer and the
 model's Jinja chat template, by the rules engine/train/example_formatter.h states (written out
-again here, independently of the C++): Alpaca prompt, chat template turns, EOS appended, -100 on
-the prompt when response-only, truncation to max_seq_length."""
+again here, independently of the C++): Alpaca prompt, raw prompt + response, chat template turns
+(nothing appended: each assistant turn ends with the template's end of turn, as in TRL), EOS
+appended to the others, -100 outside the responses when response-only, truncation to
+max_seq_length."""
 import json
 import pathlib
 
@@ -10,6 +12,7 @@ from transformers import AutoTokenizer
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QA = ROOT / "tests" / "fixtures" / "qa_small.jsonl"
 ALPACA = ROOT / "tests" / "unit" / "engine" / "train" / "alpaca_sample.jsonl"
+CHAT = ROOT / "tests" / "unit" / "engine" / "train" / "chat_sample.jsonl"
 IGNORE = -100
 
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
@@ -36,8 +39,8 @@ def to_messages(rec):
             {"role": "assistant", "content": rec["answer"]}]
 
 
-def finish(tok, ids, labels, max_len):
-    if not ids or ids[-1] != tok.eos_token_id:
+def finish(tok, ids, labels, max_len, append_eos):
+    if append_eos and (not ids or ids[-1] != tok.eos_token_id):
         ids = ids + [tok.eos_token_id]
         labels = labels + [tok.eos_token_id]
     return ids[:max_len], labels[:max_len]
@@ -79,22 +82,34 @@ def format_chat(tok, rec, response_only):
     ids = enc(len(msgs), False)
     if not response_only:
         return ids, list(ids)
+    def assistant_start():  # a conversation opening with the assistant: what precedes its text
+        text = tok.apply_chat_template(msgs[:1], tokenize=False)
+        return tok(text[:text.index(msgs[0]["content"])], add_special_tokens=False)["input_ids"]
+
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        begin, end = min(len(enc(i, True)), len(ids)), min(len(enc(i + 1, False)), len(ids))
+        before = enc(i, True) if i > 0 else assistant_start()
+        begin, end = min(len(before), len(ids)), min(len(enc(i + 1, False)), len(ids))
         labels[begin:end] = ids[begin:end]
     return ids, labels
 
 
+def format_raw(tok, rec, response_only):
+    msgs = [m for m in to_messages(rec) if m["role"] != "system"]
+    return format_pair(tok, msgs[0]["content"], msgs[1]["content"], response_only)
+
+
 def format_record(tok, rec, template, response_only, max_len):
-    """template: 'alpaca' or 'chat' (the rules of 'auto' for these files)."""
+    """template: 'alpaca', 'raw' or 'chat' (the rules of 'auto' for these files)."""
     if template == "alpaca":
         ids, labels = format_alpaca(tok, rec, response_only)
+    elif template == "raw":
+        ids, labels = format_raw(tok, rec, response_only)
     else:
         ids, labels = format_chat(tok, rec, response_only)
-    return finish(tok, ids, labels, max_len)
+    return finish(tok, ids, labels, max_len, append_eos=template != "chat")
 
 
 CASES = [  # (name, file, template, response_only, max_seq_length)
@@ -103,6 +118,10 @@ CASES = [  # (name, file, template, response_only, max_seq_length)
     ("qa_alpaca", QA, "alpaca", True, 512),
     ("alpaca_response_only", ALPACA, "alpaca", True, 512),
     ("alpaca_truncated", ALPACA, "alpaca", False, 40),
+    # System turn, two assistant turns, a conversation ending with a user turn (nothing trained
+    # after it), one opening with the assistant.
+    ("chat_turns", CHAT, "chat", True, 512),
+    ("qa_raw", QA, "raw", True, 512),
 ]
 
 

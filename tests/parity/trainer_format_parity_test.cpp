@@ -20,7 +20,7 @@ TEST(TrainerFormatParity, TokenIdsAndLabelsEqualTheReference) {
   std::ifstream in(path);
   ASSERT_TRUE(in) << "missing reference " << path;
   const auto cases = nlohmann::json::parse(in);
-  ASSERT_EQ(cases.size(), 5u);
+  ASSERT_EQ(cases.size(), 7u);
   auto tokenizer = LoadTokenizer(model);
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
   for (const auto& c : cases) {

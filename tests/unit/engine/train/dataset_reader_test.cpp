@@ -117,6 +117,61 @@ TEST_F(DatasetReaderTest, OversizedRecordIsAnError) {
   EXPECT_NE(examples.status().message().find("larger than 16 bytes"), std::string::npos);
 }
 
+TEST_F(DatasetReaderTest, OversizedJsonlLineIsABadRecordThatCanBeSkipped) {
+  DatasetReaderOptions options;
+  options.max_record_bytes = 32;
+  const std::string path =
+      Write("big.jsonl", "{\"text\": \"" + std::string(100, 'x') + "\"}\n{\"text\": \"ok\"}\n");
+  auto strict = ReadDataset(path, options);
+  ASSERT_FALSE(strict.ok());
+  EXPECT_NE(strict.status().message().find(path + ":1"), std::string::npos) << strict.status();
+  EXPECT_NE(strict.status().message().find("larger than 32 bytes"), std::string::npos);
+  options.skip_bad_lines = true;
+  int64_t skipped = 0;
+  auto lenient = ReadDataset(path, options, &skipped);
+  ASSERT_TRUE(lenient.ok()) << lenient.status();
+  EXPECT_EQ(lenient->size(), 1u);
+  EXPECT_EQ(skipped, 1);
+}
+
+// The array forms Python's json.load refuses are errors naming the line; a byte order mark is not.
+TEST_F(DatasetReaderTest, ArraysAreReadAsStrictlyAsPythonJson) {
+  auto bom =
+      ReadDataset(Write("bom.json", "\xEF\xBB\xBF[\n{\"text\": \"a\"},\n{\"text\": \"b\"}\n]\n"));
+  ASSERT_TRUE(bom.ok()) << bom.status();
+  EXPECT_EQ(bom->size(), 2u);
+  auto bom_jsonl = ReadDataset(Write("bom.jsonl", "\xEF\xBB\xBF{\"text\": \"a\"}\n"));
+  ASSERT_TRUE(bom_jsonl.ok()) << bom_jsonl.status();
+  const struct {
+    const char* name;
+    const char* body;
+    const char* words;
+  } cases[] = {
+      {"trailing.json", "[{\"text\": \"a\"},\n]", "trailing comma"},
+      {"missing.json", "[{\"text\": \"a\"}\n {\"text\": \"b\"}]", "expected ',' or ']'"},
+      {"after.json", "[{\"text\": \"a\"}]\ngarbage", "after the JSON array"},
+      {"double.json", "[{\"text\": \"a\"},,{\"text\": \"b\"}]", "where a record belongs"},
+      {"leading.json", "[,{\"text\": \"a\"}]", "where a record belongs"},
+  };
+  for (const auto& c : cases) {
+    const std::string path = Write(c.name, c.body);
+    auto examples = ReadDataset(path);
+    ASSERT_FALSE(examples.ok()) << c.name;
+    const std::string message(examples.status().message());
+    EXPECT_NE(message.find(c.words), std::string::npos) << message;
+    EXPECT_NE(message.find(path + ":"), std::string::npos) << message;
+  }
+}
+
+TEST_F(DatasetReaderTest, InvalidJsonSaysWhy) {
+  auto examples = ReadDataset(Write("utf8.jsonl", "{\"text\": \"caf\xE9\"}\n"));
+  ASSERT_FALSE(examples.ok());
+  const std::string message(examples.status().message());
+  EXPECT_NE(message.find("not valid JSON ("), std::string::npos) << message;
+  EXPECT_NE(message.find("UTF-8"), std::string::npos) << message;
+  EXPECT_EQ(message.find("json.exception"), std::string::npos) << message;
+}
+
 TEST(DatasetFormat, NamesRoundTrip) {
   auto f = DatasetFormatFromName("qa");
   ASSERT_TRUE(f.ok());
