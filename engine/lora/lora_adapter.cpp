@@ -186,6 +186,33 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
   if (save != j.end() && !save->is_null() && !(save->is_array() && save->empty())) {
     return not_supported("modules_to_save", save->dump());
   }
+  // Variants whose forward is not base + scale * B A on every token (activated LoRA, replicated
+  // or reordered layers, trainable token rows, block-diagonal and KaSA updates, Arrow routing,
+  // parameter targets, MonteCLoRA): served as plain LoRA they would give other output than PEFT.
+  for (const char* field :
+       {"alora_invocation_tokens", "layer_replication", "trainable_token_indices",
+        "target_parameters", "use_bdlora", "kasa_config", "arrow_config", "monteclora_config"}) {
+    auto it = j.find(field);
+    const bool unset = it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
+                       ((it->is_array() || it->is_object()) && it->empty());
+    if (!unset) return not_supported(field, it->dump());
+  }
+  // Inits that move part of the base weights into the adapter: PEFT rebuilds that base when it
+  // loads such an adapter; lorad serves every adapter on the unchanged base.
+  auto init = j.find("init_lora_weights");
+  if (init != j.end() && init->is_string()) {
+    const std::string name = init->get<std::string>();
+    for (const char* prefix : {"pissa", "olora", "loftq", "corda", "lora_ga"}) {
+      if (name.rfind(prefix, 0) == 0) {
+        return ConfigError(
+            file, absl::StrCat("field 'init_lora_weights' is \"", name,
+                               "\": that init changes the base weights, and lorad serves adapters "
+                               "on the unchanged base; convert it to a plain LoRA adapter first "
+                               "(PEFT: save_pretrained(..., "
+                               "path_initial_model_for_weight_conversion=...))"));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
