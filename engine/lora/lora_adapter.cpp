@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/match.h"
@@ -22,6 +23,7 @@
 #include "engine/model/safetensors.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
+#include "re2/re2.h"
 
 namespace lorad::engine {
 namespace {
@@ -165,12 +167,6 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
     return ConfigError(
         file, absl::StrCat("field '", field, "' is ", value, ", which lorad does not support"));
   };
-  for (const char* field : {"rank_pattern", "alpha_pattern"}) {
-    auto it = j.find(field);
-    if (it != j.end() && !it->is_null() && !(it->is_object() && it->empty())) {
-      return not_supported(field, it->dump());
-    }
-  }
   for (const char* field : {"use_dora", "lora_bias", "fan_in_fan_out"}) {
     auto it = j.find(field);
     if (it != j.end() && !it->is_null() && !(it->is_boolean() && !it->get<bool>())) {
@@ -216,7 +212,45 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::string& file) {
+// rank_pattern / alpha_pattern: per-module ranks and alphas, keyed by Python regular expressions
+// that PEFT matches against the end of a module's name (peft.utils.other.get_pattern_key), the
+// first key in the file's order that matches winning.
+struct ModulePatterns {
+  std::vector<std::pair<std::string, double>> rank, alpha;
+};
+
+absl::StatusOr<std::vector<std::pair<std::string, double>>> ParsePattern(const ordered_json& j,
+                                                                         const char* field,
+                                                                         const std::string& file) {
+  std::vector<std::pair<std::string, double>> out;
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return out;
+  if (!it->is_object())
+    return ConfigError(file, absl::StrCat("field '", field, "' must be an object"));
+  for (const auto& [key, value] : it->items()) {
+    if (!value.is_number()) {
+      return ConfigError(file, absl::StrCat("field '", field, "': '", key, "' must be a number"));
+    }
+    if (!RE2(absl::StrCat("(.*\\.)?(", key, ")")).ok()) {
+      return ConfigError(file, absl::StrCat("field '", field, "': '", key,
+                                            "' is not a regular expression lorad can read"));
+    }
+    out.emplace_back(key, value.get<double>());
+  }
+  return out;
+}
+
+// The value of the first pattern that matches `module` (PEFT: re.match(rf"(.*\.)?({key})$")).
+std::optional<double> PatternValue(const std::vector<std::pair<std::string, double>>& patterns,
+                                   const std::string& module) {
+  for (const auto& [key, value] : patterns) {
+    if (RE2::FullMatch(module, RE2(absl::StrCat("(.*\\.)?(", key, ")")))) return value;
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::string& file,
+                                       ModulePatterns* patterns) {
   ordered_json j;
   try {
     j = ordered_json::parse(text);
@@ -265,6 +299,18 @@ absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::strin
   auto targets = ParseTargets(j, file);
   if (!targets.ok()) return targets.status();
   c.target_modules = *targets;
+  auto rank = ParsePattern(j, "rank_pattern", file);
+  if (!rank.ok()) return rank.status();
+  auto alpha = ParsePattern(j, "alpha_pattern", file);
+  if (!alpha.ok()) return alpha.status();
+  for (const auto& [key, value] : *rank) {
+    if (value != std::floor(value) || value < 1 || value > 1024) {
+      return ConfigError(file, absl::StrCat("field 'rank_pattern': '", key, "' is ", value,
+                                            "; ranks are whole numbers in [1, 1024]"));
+    }
+  }
+  patterns->rank = *std::move(rank);
+  patterns->alpha = *std::move(alpha);
   if (auto s = c.Validate(); !s.ok()) return ConfigError(file, std::string(s.message()));
   return c;
 }
@@ -428,6 +474,41 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
   }
 }
 
+namespace {
+
+// An adapter with per-module ranks and alphas, made one that every module shares: the largest
+// rank, the smaller ones padded with zero rows of A and zero columns of B (which add nothing),
+// and each module's scaling folded into its B, so that scaling() * B' A' equals the module's own
+// scaling * B A. Serving then needs one rank and one scale per adapter.
+absl::Status MakeUniform(LoraAdapter& adapter, const ModulePatterns& patterns) {
+  LoraConfig& c = adapter.config;
+  int64_t max_rank = 0;
+  for (const auto& [path, pair] : adapter.layers) max_rank = std::max(max_rank, pair.a.size(0));
+  const double alpha = c.alpha;
+  auto module_scaling = [&](const std::string& path, int64_t r) {
+    LoraConfig m = c;
+    m.r = static_cast<int>(r);
+    m.alpha = PatternValue(patterns.alpha, path).value_or(alpha);
+    return m.scaling();
+  };
+  c.r = static_cast<int>(max_rank);
+  if (auto s = c.Validate(); !s.ok()) return s;
+  for (auto& [path, pair] : adapter.layers) {
+    const int64_t r = pair.a.size(0);
+    const double factor = module_scaling(path, r) / c.scaling();
+    if (r < max_rank) {
+      pair.a = torch::cat({pair.a, torch::zeros({max_rank - r, pair.a.size(1)}, pair.a.options())});
+      pair.b =
+          torch::cat({pair.b, torch::zeros({pair.b.size(0), max_rank - r}, pair.b.options())}, 1);
+    }
+    if (factor != 1.0) pair.b = pair.b * factor;
+  }
+  adapter.from_patterns = true;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
   std::error_code ec;
   if (!fs::is_directory(folder, ec)) {
@@ -447,7 +528,8 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
   }
   std::stringstream text;
   text << in.rdbuf();
-  auto config = ParseConfig(text.str(), config_path);
+  ModulePatterns patterns;
+  auto config = ParseConfig(text.str(), config_path, &patterns);
   if (!config.ok()) return config.status();
 
   const std::string weights_path = (fs::path(folder) / kWeightsFile).string();
@@ -487,12 +569,15 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
       }
       auto t = ToFloatTensor(v, weights_path);
       if (!t.ok()) return t.status();
-      // A is [r, in], B is [out, r]; the rank side must be the config's r (no rank_pattern).
+      // A is [r, in], B is [out, r]; the rank side must be the module's r (rank_pattern's, or
+      // the config's).
+      const int64_t module_r = static_cast<int64_t>(
+          PatternValue(patterns.rank, path).value_or(static_cast<double>(config->r)));
       const int64_t rank = factor == 'A' ? t->size(0) : t->size(1);
-      if (rank != config->r) {
+      if (rank != module_r) {
         return absl::InvalidArgumentError(absl::StrCat(
             weights_path, ": tensor '", v.name, "' has shape ", ShapeString(*t), " but r is ",
-            config->r, " in ", kConfigFile,
+            module_r, " in ", kConfigFile,
             factor == 'A' ? " (lora_A is [r, in_features])" : " (lora_B is [out_features, r])"));
       }
       auto& factors = factor == 'A' ? a_factors : b_factors;
@@ -517,6 +602,11 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
     }
     if (adapter.layers.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(weights_path, ": holds no LoRA weights"));
+    }
+    if (!patterns.rank.empty() || !patterns.alpha.empty()) {
+      if (auto s = MakeUniform(adapter, patterns); !s.ok()) {
+        return ConfigError(config_path, std::string(s.message()));
+      }
     }
     return adapter;
   } catch (const c10::Error& e) {

@@ -35,6 +35,10 @@ struct LoraAdapter {
   LoraConfig config;
   // Key: the module path inside the base model, e.g. "model.layers.0.self_attn.q_proj".
   std::map<std::string, LoraPair> layers;
+  // Read from a PEFT folder with rank_pattern / alpha_pattern: its modules' ranks and scalings were
+  // made one (padded ranks, scaling folded into B; see ReadPeft). Serves exactly; training it
+  // further would not follow PEFT's per-module scaling, so the trainer refuses it.
+  bool from_patterns = false;
 
   // PEFT's initialisation for every targeted projection of every layer: A Kaiming-uniform
   // (a = sqrt(5), as torch.nn.Linear), B zeros. fp32 on CPU; deterministic from `seed`.

@@ -171,6 +171,12 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   } else if (!config.init_adapter_path.empty()) {
     auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
     if (!a.ok()) return a.status();
+    if (a->from_patterns) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init_adapter_path: ", config.init_adapter_path,
+          " has per-module ranks or alphas (rank_pattern / alpha_pattern): lorad serves such "
+          "adapters but does not train them further"));
+    }
     adapter = *std::move(a);
   } else {
     LoraConfig lora = config.lora;

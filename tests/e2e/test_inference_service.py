@@ -293,6 +293,43 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_rank_and_alpha_patterns_serve_like_peft(server, reference, stubs):
+    """PEFT's per-module ranks and alphas (rank_pattern, alpha_pattern; EVA writes them too): the
+    same greedy tokens as PEFT, and the listed rank is the largest."""
+    import copy
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    d, stub, pb, astub, apb, tmp = server
+    base, tok = reference
+    torch.manual_seed(77)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+                     alpha_pattern={"down_proj": 64, "layers.1.self_attn.q_proj": 2},
+                     init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    model.eval()
+    folder = tmp / "data" / "adapters" / "patterns"
+    model.save_pretrained(folder)
+    loaded = astub.LoadAdapter(apb.LoadAdapterRequest(name="patterns", path="patterns"),
+                               timeout=60)
+    assert loaded.rank == 8
+    for prompt in PROMPTS:
+        req = pb.GenerateRequest(prompt=prompt, adapter="patterns", sampling=pb.SamplingParams(
+            max_new_tokens=12, temperature=0.0, repetition_penalty=1.3))
+        _, ids = collect(stub.Generate(req, timeout=60))
+        expected = greedy_reference(model, tok, prompt, 12, 1.3)
+        assert [t for t in ids if t != tok.eos_token_id] == expected, prompt
+        assert expected != greedy_reference(base, tok, prompt, 12, 1.3)
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="patterns"), timeout=60)
+
+
 def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_each_answer(
         server, peft_adapter_dir):
     """A weights file that is a symlink out of the adapter root is PERMISSION_DENIED; a named

@@ -250,8 +250,8 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
        "pattern '.*attn.*'; lorad does not read regex targets"},
       {R"({"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]})", "'lm_head'"},
       {R"({"peft_type": "LORA", "r": 4})", "'target_modules' is missing"},
-      {ConfigText(R"("rank_pattern": {"q_proj": 8})"), "'rank_pattern'"},
-      {ConfigText(R"("alpha_pattern": {"q_proj": 8})"), "'alpha_pattern'"},
+      {ConfigText(R"("rank_pattern": {"q_proj": 8})"), "has shape [4, 128] but r is 8"},
+      {ConfigText(R"("rank_pattern": {"q_proj": 2.5})"), "ranks are whole numbers"},
       {ConfigText(R"("bias": "all")"), "'bias'"},
       {ConfigText(R"("use_dora": true)"), "'use_dora'"},
       {ConfigText(R"("modules_to_save": ["lm_head"])"), "'modules_to_save'"},
@@ -276,6 +276,37 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
     ExpectReadError(folder, folder);
     ExpectReadError(folder, cases[i].what);
   }
+}
+
+// rank_pattern / alpha_pattern: the module with the smaller rank is padded with zeros and its
+// own scaling (alpha 2 / r 2 = 1) folded into B against the adapter's (alpha 8 / r 4 = 2).
+TEST_F(LoraAdapterTest, PerModuleRanksAndAlphasBecomeOneRankAndScale) {
+  auto w = QProjWeights();
+  w.push_back(
+      {"base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight", torch::ones({2, 128})});
+  w.push_back({"base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
+               torch::full({32, 2}, 0.5f)});
+  const std::string folder = WriteFolder(
+      "patterns",
+      R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+          "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers\\.0\\.self_attn\\.v_proj": 2}})",
+      w);
+  auto adapter = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_TRUE(adapter->from_patterns);
+  EXPECT_EQ(adapter->config.r, 4);
+  const LoraPair& v = adapter->layers.at("model.layers.0.self_attn.v_proj");
+  ASSERT_EQ(v.a.sizes(), (std::vector<int64_t>{4, 128}));
+  ASSERT_EQ(v.b.sizes(), (std::vector<int64_t>{32, 4}));
+  // scaling() * B' A' equals the module's own 1.0 * B A.
+  const torch::Tensor own = torch::full({32, 2}, 0.5f).matmul(torch::ones({2, 128}));
+  EXPECT_TRUE(torch::allclose(adapter->config.scaling() * v.b.matmul(v.a), own));
+  EXPECT_EQ(v.a.slice(0, 2).abs().sum().item<float>(), 0.0f);
+  // The q_proj module keeps the adapter's own rank and scaling: untouched.
+  const LoraPair& q = adapter->layers.at("model.layers.0.self_attn.q_proj");
+  EXPECT_TRUE(torch::equal(q.b, torch::full({128, 4}, 0.5f)));
+  ExpectReadError(WriteFolder("bad_pattern", ConfigText(R"("rank_pattern": {"q_proj(": 4})"), w),
+                  "'rank_pattern': 'q_proj(' is not a regular expression");
 }
 
 TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
