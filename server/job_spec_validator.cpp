@@ -271,9 +271,15 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
 int64_t TotalSteps(const JobSpec& spec, int64_t examples) {
   const auto& t = spec.training();
   if (t.max_steps() > 0) return t.max_steps();
-  const int64_t per_step = static_cast<int64_t>(t.micro_batch_size()) * t.grad_accum();
-  const double steps = std::ceil(t.num_epochs() * static_cast<double>(examples) / per_step);
-  return std::max<int64_t>(1, static_cast<int64_t>(steps));
+  // The trainer's own count (an estimate still: packing and examples dropped at max_seq_length
+  // change the rows; the first step event carries the exact total).
+  const auto& d = spec.dataset();
+  const int64_t train = d.validation_path().empty() && d.validation_fraction() > 0
+                            ? examples - engine::HeldOutExamples(d.validation_fraction(), examples)
+                            : examples;
+  const int64_t micro_batches = (std::max<int64_t>(train, 1) + t.micro_batch_size() - 1) /
+                                static_cast<int64_t>(t.micro_batch_size());
+  return engine::TrainingStepsForEpochs(t.num_epochs(), micro_batches, t.grad_accum());
 }
 
 }  // namespace lorad::server

@@ -150,9 +150,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   per_epoch = data->MicroBatchesPerEpoch(config.micro_batch_size);
   total_steps = config.max_steps > 0
                     ? config.max_steps
-                    : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
-                                               config.num_epochs * static_cast<double>(per_epoch) /
-                                               static_cast<double>(config.grad_accum))));
+                    : TrainingStepsForEpochs(config.num_epochs, per_epoch, config.grad_accum);
   auto kind = LrScheduleKindFromName(config.schedule);
   if (!kind.ok()) return kind.status();
   schedule.emplace(*kind, config.learning_rate, config.warmup_steps, total_steps);
@@ -224,7 +222,9 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
 }
 
 void Trainer::Impl::PlanStep() {
-  step_micro = config.grad_accum;
+  // As transformers' Trainer: a step never runs into the next epoch, so an epoch whose
+  // micro-batches grad_accum does not divide ends with a shorter step.
+  step_micro = std::min(config.grad_accum, per_epoch - state.micro_batches % per_epoch);
   step_tokens = 0;
   step_input_tokens = 0;
   step_loss_sum = torch::Tensor();

@@ -82,6 +82,13 @@ std::vector<TokenizedExample> Pack(const std::vector<TokenizedExample>& examples
 
 }  // namespace
 
+int64_t TrainingStepsForEpochs(double num_epochs, int64_t micro_batches_per_epoch,
+                               int64_t grad_accum) {
+  const int64_t per_epoch = (micro_batches_per_epoch + grad_accum - 1) / grad_accum;
+  return std::max<int64_t>(
+      1, static_cast<int64_t>(std::ceil(num_epochs * static_cast<double>(per_epoch))));
+}
+
 int64_t HeldOutExamples(double validation_fraction, int64_t n) {
   return std::max<int64_t>(1, std::llround(validation_fraction * static_cast<double>(n)));
 }

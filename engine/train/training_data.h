@@ -25,6 +25,12 @@
 
 namespace lorad::engine {
 
+// Optimizer steps for num_epochs passes over micro_batches_per_epoch micro-batches, as
+// transformers' Trainer counts them: ceil(micro-batches / grad_accum) a pass (the last step of a
+// pass takes what is left), times num_epochs, rounded up; at least 1.
+int64_t TrainingStepsForEpochs(double num_epochs, int64_t micro_batches_per_epoch,
+                               int64_t grad_accum);
+
 // How many of n examples validation_fraction holds out (at least one; TrainingData::Build fails
 // when that leaves none for training, and SubmitJob checks the same up front).
 int64_t HeldOutExamples(double validation_fraction, int64_t n);

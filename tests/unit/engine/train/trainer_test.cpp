@@ -339,6 +339,30 @@ TEST_F(TrainerTest, AJobStoppedAfterItsFinalCheckpointEndsWhenResumed) {
   EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
 }
 
+// Steps as transformers' Trainer counts them: 16 examples in micro-batches of 2 are 8 a pass;
+// with grad_accum 3 a pass is steps of 3, 3 and 2 micro-batches (no step runs into the next pass),
+// and 1.5 passes are ceil(1.5 * 3) = 5 steps.
+TEST_F(TrainerTest, StepsFollowEpochsAsTransformersTrainerCountsThem) {
+  for (const auto& [epochs, want] : std::vector<std::pair<double, std::vector<double>>>{
+           {1.0, {0.375, 0.75, 1.0}}, {1.5, {0.375, 0.75, 1.0, 1.375, 1.75}}}) {
+    SCOPED_TRACE(epochs);
+    TrainingJobConfig config = Config("epochs-" + std::to_string(epochs));
+    config.max_steps = 0;
+    config.num_epochs = epochs;
+    config.grad_accum = 3;
+    std::vector<double> seen;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, [&](const TrainingEvent& e) {
+      if (e.kind == TrainingEvent::Kind::kStep) {
+        seen.push_back(e.step.epoch);
+        EXPECT_EQ(e.step.total_steps, static_cast<int64_t>(want.size()));
+      }
+    });
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+    EXPECT_EQ(seen, want);
+  }
+}
+
 TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   TrainingJobConfig config = Config("cancel");
   std::vector<TrainingEvent> events;
