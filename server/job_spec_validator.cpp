@@ -83,7 +83,11 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
   if (t.micro_batch_size() == 0) t.set_micro_batch_size(2);
   if (t.grad_accum() == 0) t.set_grad_accum(4);
   if (t.learning_rate() == 0) t.set_learning_rate(2e-4);
-  if (!t.has_warmup_steps()) t.set_warmup_steps(5);
+  if (auto s = InRange("training.warmup_ratio", t.warmup_ratio(), 0.0, 1.0); !s.ok()) return s;
+  if (t.warmup_ratio() > 0 && t.has_warmup_steps()) {
+    return Field("training.warmup_ratio", "give warmup_ratio or warmup_steps, not both");
+  }
+  if (!t.has_warmup_steps() && t.warmup_ratio() == 0) t.set_warmup_steps(5);
   if (!t.has_weight_decay()) t.set_weight_decay(0.01);
   if (!t.has_max_grad_norm()) t.set_max_grad_norm(1.0);
   if (t.max_seq_length() == 0) t.set_max_seq_length(2048);
@@ -251,6 +255,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
                : t.schedule() == lorad::v1::LR_SCHEDULE_CONSTANT ? "constant"
                                                                  : "linear";
   if (t.has_warmup_steps()) c.warmup_steps = t.warmup_steps();
+  c.warmup_ratio = t.warmup_ratio();
   if (t.has_weight_decay()) c.weight_decay = t.weight_decay();
   if (t.has_max_grad_norm()) c.max_grad_norm = t.max_grad_norm();
   c.optimizer = t.optimizer() == lorad::v1::OPTIMIZER_ADAMW ? "adamw" : "adamw_8bit";

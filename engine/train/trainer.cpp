@@ -153,7 +153,11 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
                     : TrainingStepsForEpochs(config.num_epochs, per_epoch, config.grad_accum);
   auto kind = LrScheduleKindFromName(config.schedule);
   if (!kind.ok()) return kind.status();
-  schedule.emplace(*kind, config.learning_rate, config.warmup_steps, total_steps);
+  const int64_t warmup =
+      config.warmup_ratio > 0
+          ? static_cast<int64_t>(std::ceil(config.warmup_ratio * static_cast<double>(total_steps)))
+          : config.warmup_steps;
+  schedule.emplace(*kind, config.learning_rate, warmup, total_steps);
 
   std::optional<TrainingCheckpoint> checkpoint;
   const std::string latest = config.resume ? LatestCheckpoint(config.output_dir) : "";

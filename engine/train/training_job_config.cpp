@@ -41,6 +41,9 @@ absl::Status TrainingJobConfig::Validate() const {
   }
   if (auto k = LrScheduleKindFromName(schedule); !k.ok()) return k.status();
   if (warmup_steps < 0) return OutOfRange("warmup_steps", ">= 0", warmup_steps);
+  if (!(warmup_ratio >= 0 && warmup_ratio <= 1)) {
+    return OutOfRange("warmup_ratio", "in [0, 1]", warmup_ratio);
+  }
   if (weight_decay < 0) return OutOfRange("weight_decay", ">= 0", weight_decay);
   if (optimizer != "adamw" && optimizer != "adamw_8bit") {
     return absl::InvalidArgumentError(

@@ -47,6 +47,9 @@ struct TrainingJobConfig {
   double learning_rate = 2e-4;
   std::string schedule = "linear";  // linear | cosine | constant (lr_schedule.h)
   int64_t warmup_steps = 5;
+  // > 0: warmup is ceil(warmup_ratio * total steps) instead of warmup_steps (transformers'
+  // TrainingArguments.warmup_ratio).
+  double warmup_ratio = 0;
   double weight_decay = 0.01;
   double max_grad_norm = 1.0;            // <= 0: no clipping (the norm is still reported)
   std::string optimizer = "adamw_8bit";  // adamw | adamw_8bit

@@ -167,6 +167,11 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     tiny.dataset.validation_fraction = 0.2
     expect_code(submit(tiny), grpc.StatusCode.INVALID_ARGUMENT, "dataset.validation_fraction",
                 "1 examples leaves none")
+    both_warmups = spec(pb)
+    both_warmups.training.warmup_ratio = 0.1
+    both_warmups.training.warmup_steps = 3
+    expect_code(submit(both_warmups), grpc.StatusCode.INVALID_ARGUMENT, "training.warmup_ratio",
+                "not both")
     odd = spec(pb)
     odd.dataset.template = "gemma"
     expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.template", "'gemma'", "raw")

@@ -363,6 +363,26 @@ TEST_F(TrainerTest, StepsFollowEpochsAsTransformersTrainerCountsThem) {
   }
 }
 
+// warmup_ratio 0.25 of 8 steps is ceil(2.0) = 2 warmup steps: the learning rates of warmup_steps 2.
+TEST_F(TrainerTest, WarmupRatioIsAShareOfTheSteps) {
+  auto rates = [&](const std::string& sub, int64_t warmup_steps, double warmup_ratio) {
+    TrainingJobConfig config = Config(sub);
+    config.max_steps = 8;
+    config.warmup_steps = warmup_steps;
+    config.warmup_ratio = warmup_ratio;
+    std::vector<double> lr;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, [&](const TrainingEvent& e) {
+      if (e.kind == TrainingEvent::Kind::kStep) lr.push_back(e.step.learning_rate);
+    });
+    EXPECT_TRUE(t.ok() && (*t)->Run().ok());
+    return lr;
+  };
+  const std::vector<double> by_ratio = rates("ratio", 0, 0.25);
+  ASSERT_EQ(by_ratio.size(), 8u);
+  EXPECT_EQ(by_ratio, rates("steps", 2, 0));
+  EXPECT_NE(by_ratio, rates("none", 0, 0));
+}
+
 TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   TrainingJobConfig config = Config("cancel");
   std::vector<TrainingEvent> events;
