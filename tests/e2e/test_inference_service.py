@@ -23,26 +23,32 @@ def reference():
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def peft_adapter_dir(tmp_path_factory, reference):
-    """A PEFT adapter made by PEFT itself, with random (non-zero) A and B so it changes output."""
+def random_peft_model(base, seed, **lora_config):
+    """PEFT's own LoRA model on a copy of `base`, with random (non-zero, B scaled up) A and B so
+    it changes the output."""
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
 
-    base, _ = reference
-    torch.manual_seed(1234)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False)
-    import copy
-
-    model = get_peft_model(copy.deepcopy(base), cfg)
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora_config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def peft_adapter_dir(tmp_path_factory, reference):
+    """A PEFT adapter made by PEFT itself, with random (non-zero) A and B so it changes output."""
+    base, _ = reference
+    model = random_peft_model(base, 1234, r=8, lora_alpha=16,
+                              target_modules=["q_proj", "v_proj", "down_proj"])
     out = tmp_path_factory.mktemp("adapters") / "peft-made"
     model.save_pretrained(out)
-    return out, model.eval()
+    return out, model
 
 
 def greedy_reference(model, tok, prompt, max_new_tokens, repetition_penalty):
@@ -296,25 +302,12 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
 def test_rank_and_alpha_patterns_serve_like_peft(server, reference, stubs):
     """PEFT's per-module ranks and alphas (rank_pattern, alpha_pattern; EVA writes them too): the
     same greedy tokens as PEFT, and the listed rank is the largest."""
-    import copy
-    import shutil
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     d, stub, pb, astub, apb, tmp = server
     base, tok = reference
-    torch.manual_seed(77)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                     rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
-                     alpha_pattern={"down_proj": 64, "layers.1.self_attn.q_proj": 2},
-                     init_lora_weights=False)
-    model = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(4.0)
-    model.eval()
+    model = random_peft_model(base, 77, r=8, lora_alpha=16,
+                              target_modules=["q_proj", "v_proj", "down_proj"],
+                              rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+                              alpha_pattern={"down_proj": 64, "layers.1.self_attn.q_proj": 2})
     folder = tmp / "data" / "adapters" / "patterns"
     model.save_pretrained(folder)
     loaded = astub.LoadAdapter(apb.LoadAdapterRequest(name="patterns", path="patterns"),
