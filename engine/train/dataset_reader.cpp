@@ -38,14 +38,18 @@ DatasetFormat DetectFormat(const json& record) {
   return DatasetFormat::kAuto;  // none matched
 }
 
-absl::Status ParseChat(const json& record, const std::string& where, Example& ex) {
-  const json& messages = record["messages"];
+// The list of {role, content} in record[key], appended to ex.messages; an error unless it has an
+// assistant message when `needs_assistant`.
+absl::Status ParseMessages(const json& record, const char* key, bool needs_assistant,
+                           const std::string& where, Example& ex) {
+  const json& messages = record[key];
   if (!messages.is_array() || messages.empty()) {
-    return Bad(where, "field 'messages' must be a non-empty list of {role, content}");
+    return Bad(where,
+               absl::StrCat("field '", key, "' must be a non-empty list of {role, content}"));
   }
   bool has_assistant = false;
   for (size_t i = 0; i < messages.size(); ++i) {
-    const std::string field = absl::StrCat("messages[", i, "]");
+    const std::string field = absl::StrCat(key, "[", i, "]");
     if (!messages[i].is_object())
       return Bad(where, absl::StrCat("field '", field, "' must be an object"));
     auto role = StringField(messages[i], "role", absl::StrCat(where, ": ", field));
@@ -59,8 +63,9 @@ absl::Status ParseChat(const json& record, const std::string& where, Example& ex
     has_assistant |= *role == "assistant";
     ex.messages.push_back({*role, *content});
   }
-  if (!has_assistant) {
-    return Bad(where, "field 'messages' has no assistant message: there is nothing to learn");
+  if (needs_assistant && !has_assistant) {
+    return Bad(where, absl::StrCat("field '", key,
+                                   "' has no assistant message: there is nothing to learn"));
   }
   return absl::OkStatus();
 }
@@ -130,7 +135,7 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
                  "output | prompt+completion | question+answer | text");
     case DatasetFormat::kChat:
       if (!record.contains("messages")) return Bad(where, "field 'messages' is missing");
-      status = ParseChat(record, where, ex);
+      status = ParseMessages(record, "messages", /*needs_assistant=*/true, where, ex);
       break;
     case DatasetFormat::kAlpaca: {
       auto instruction = StringField(record, "instruction", where);
@@ -147,7 +152,19 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
       break;
     }
     case DatasetFormat::kCompletion:
-      status = ParsePair(record, where, "prompt", "completion", ex);
+      if (record.contains("prompt") && record["prompt"].is_array()) {
+        // TRL's conversational prompt-completion: message lists; the completion's train.
+        status = ParseMessages(record, "prompt", /*needs_assistant=*/false, where, ex);
+        ex.first_trained_message = ex.messages.size();
+        if (status.ok() && !record.contains("completion")) {
+          status = Bad(where, "field 'completion' is missing");
+        }
+        if (status.ok()) {
+          status = ParseMessages(record, "completion", /*needs_assistant=*/true, where, ex);
+        }
+      } else {
+        status = ParsePair(record, where, "prompt", "completion", ex);
+      }
       break;
     case DatasetFormat::kQa:
       status = ParsePair(record, where, "question", "answer", ex);

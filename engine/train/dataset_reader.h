@@ -5,7 +5,8 @@
 // Formats (DatasetFormat::kAuto detects each record's format from its keys):
 //   alpaca      {"instruction", "input"?, "output"}
 //   chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}...]}
-//   completion  {"prompt", "completion"}
+//   completion  {"prompt", "completion"}: strings, or lists of messages (TRL's conversational
+//               prompt-completion: the completion's assistant turns train, not the prompt's)
 //   text        {"text"}
 //   qa          {"question", "answer"} (other fields ignored)
 // A malformed record is an error naming the file, the line and the field; with skip_bad_lines the
@@ -40,6 +41,9 @@ struct Example {
   std::string input;                            // alpaca: optional context
   std::string text;                             // text format only
   int64_t line = 0;                             // 1-based line where the record starts
+  // The first message whose assistant turns train: 0, or the length of a conversational prompt
+  // (TRL's {"prompt": [messages], "completion": [messages]}: only the completion trains).
+  size_t first_trained_message = 0;
 };
 
 struct DatasetReaderOptions {

@@ -173,7 +173,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   }
   t.labels.assign(t.input_ids.size(), kNotTrained);
   for (size_t i = 0; i < ex.messages.size(); ++i) {
-    if (ex.messages[i].role != "assistant") continue;
+    if (ex.messages[i].role != "assistant" || i < ex.first_trained_message) continue;
     auto before =
         i == 0 ? tokenizer_->Encode(chat_->AssistantStart(), false) : render(i, /*gen=*/true);
     if (!before.ok()) return before.status();

@@ -29,6 +29,8 @@ def read_jsonl(path):
 def to_messages(rec):
     if "messages" in rec:
         return rec["messages"]
+    if isinstance(rec.get("prompt"), list):  # TRL's conversational prompt-completion
+        return rec["prompt"] + rec["completion"]
     if "instruction" in rec:
         prompt = rec["instruction"] + ("\n\n" + rec["input"] if rec.get("input") else "")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
@@ -86,9 +88,11 @@ def format_chat(tok, rec, response_only):
         text = tok.apply_chat_template(msgs[:1], tokenize=False)
         return tok(text[:text.index(msgs[0]["content"])], add_special_tokens=False)["input_ids"]
 
+    # A conversational prompt's own assistant turns do not train (TRL: only the completion).
+    first_trained = len(rec["prompt"]) if isinstance(rec.get("prompt"), list) else 0
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
         before = enc(i, True) if i > 0 else assistant_start()
         begin, end = min(len(before), len(ids)), min(len(enc(i + 1, False)), len(ids))
@@ -119,7 +123,7 @@ CASES = [  # (name, file, template, response_only, max_seq_length)
     ("alpaca_response_only", ALPACA, "alpaca", True, 512),
     ("alpaca_truncated", ALPACA, "alpaca", False, 40),
     # System turn, two assistant turns, a conversation ending with a user turn (nothing trained
-    # after it), one opening with the assistant.
+    # after it), one opening with the assistant, TRL's conversational prompt-completion.
     ("chat_turns", CHAT, "chat", True, 512),
     ("qa_raw", QA, "raw", True, 512),
 ]

@@ -78,6 +78,28 @@ TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
   EXPECT_NE(no_assistant.status().message().find("no assistant"), std::string::npos);
 }
 
+// TRL's conversational prompt-completion: message lists; the completion's assistant turns train.
+TEST_F(DatasetReaderTest, ConversationalPromptCompletionIsOneConversation) {
+  auto ex = DatasetReader::ParseRecord(
+      R"({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                     {"role": "user", "content": "c"}],
+          "completion": [{"role": "assistant", "content": "d"}]})",
+      DatasetFormat::kAuto, "f:1");
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  EXPECT_EQ(ex->format, DatasetFormat::kCompletion);
+  ASSERT_EQ(ex->messages.size(), 4u);
+  EXPECT_EQ(ex->messages[3].content, "d");
+  EXPECT_EQ(ex->first_trained_message, 3u);
+  auto no_reply = DatasetReader::ParseRecord(
+      R"({"prompt": [{"role": "user", "content": "a"}],
+          "completion": [{"role": "user", "content": "d"}]})",
+      DatasetFormat::kCompletion, "f:2");
+  ASSERT_FALSE(no_reply.ok());
+  EXPECT_NE(no_reply.status().message().find("'completion' has no assistant message"),
+            std::string::npos)
+      << no_reply.status();
+}
+
 TEST_F(DatasetReaderTest, SkipBadLinesCountsThem) {
   const std::string path =
       Write("mixed.jsonl", "{\"text\": \"a\"}\nnot json\n{\"unknown\": 1}\n{\"text\": \"b\"}\n");
