@@ -268,6 +268,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   c.save_every = t.save_every();
   if (t.has_keep_checkpoints()) c.keep_checkpoints = t.keep_checkpoints();
   c.early_stopping_patience = t.early_stopping_patience();
+  c.load_best_at_end = t.load_best_at_end();
   c.resume = true;
   if (spec.export_merged()) c.export_merged_dtype = "auto";  // the base checkpoint's 16/32-bit
   return c;

@@ -115,6 +115,14 @@ struct Trainer::Impl {
     return true;
   }
   absl::Status Finish(bool cancelled, bool early_stopped);
+  // With load_best_at_end: the adapter of the best evaluation so far, on disk (a resumed job
+  // still has it).
+  std::string BestAdapterPath() const {
+    return (std::filesystem::path(config.output_dir) / "best-adapter").string();
+  }
+  absl::Status KeepBest() const {
+    return config.load_best_at_end ? AdapterCopy().WritePeft(BestAdapterPath()) : absl::OkStatus();
+  }
   absl::StatusOr<std::string> Checkpoint();
   LoraAdapter AdapterCopy() const;
   void Emit(const TrainingEvent& e) {
@@ -336,6 +344,7 @@ absl::Status Trainer::Impl::FinishStep() {
     if (!eval.ok()) return eval.status();
     if (ReportEvaluation(*eval)) {
       state.evals_without_improvement = 0;
+      if (auto s = KeepBest(); !s.ok()) return s;
     } else {
       ++state.evals_without_improvement;
       early_stop = config.early_stopping_patience > 0 &&
@@ -450,13 +459,20 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
         EvalMetrics last;
         last.step = state.step;
         last.loss = s.eval_loss;
-        ReportEvaluation(last);
+        if (ReportEvaluation(last)) {
+          if (auto st = KeepBest(); !st.ok()) return st;
+        }
       }
     }
     auto path = Checkpoint();
     if (!path.ok()) return path.status();
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-    const LoraAdapter final_adapter = AdapterCopy();
+    LoraAdapter final_adapter = AdapterCopy();
+    if (config.load_best_at_end && std::filesystem::exists(BestAdapterPath())) {
+      auto best = LoraAdapter::ReadPeft(BestAdapterPath());
+      if (!best.ok()) return best.status();
+      final_adapter = *std::move(best);
+    }
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!config.export_merged_dtype.empty()) {
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();

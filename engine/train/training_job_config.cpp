@@ -66,6 +66,10 @@ absl::Status TrainingJobConfig::Validate() const {
   if (early_stopping_patience < 0) {
     return OutOfRange("early_stopping_patience", ">= 0", early_stopping_patience);
   }
+  if (load_best_at_end && eval_every == 0) {
+    return absl::InvalidArgumentError(
+        "training.load_best_at_end needs training.eval_every > 0 (it picks among evaluations)");
+  }
   if (early_stopping_patience > 0 && eval_every == 0) {
     return absl::InvalidArgumentError(
         "training.early_stopping_patience needs training.eval_every > 0 (it counts evaluations)");

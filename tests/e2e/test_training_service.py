@@ -172,6 +172,9 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     both_warmups.training.warmup_steps = 3
     expect_code(submit(both_warmups), grpc.StatusCode.INVALID_ARGUMENT, "training.warmup_ratio",
                 "not both")
+    best = spec(pb)
+    best.training.load_best_at_end = True
+    expect_code(submit(best), grpc.StatusCode.INVALID_ARGUMENT, "load_best_at_end", "eval_every")
     odd = spec(pb)
     odd.dataset.template = "gemma"
     expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.template", "'gemma'", "raw")

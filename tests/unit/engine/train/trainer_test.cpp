@@ -241,6 +241,36 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   EXPECT_LT(events.back().summary.steps, 40);
 }
 
+// load_best_at_end: a job stopped early (its last evaluation was no better) publishes the adapter
+// of its best evaluation, not the last step's weights (its final checkpoint).
+TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
+  TrainingJobConfig config = Config("best");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.early_stopping_patience = 1;
+  config.learning_rate = 0.5;  // diverges: the validation loss stops improving
+  config.max_steps = 40;
+  config.load_best_at_end = true;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  const TrainingSummary& summary = events.back().summary;
+  ASSERT_TRUE(summary.early_stopped);
+  auto published = LoraAdapter::ReadPeft(summary.adapter_path);
+  auto best = LoraAdapter::ReadPeft(config.output_dir + "/best-adapter");
+  auto last = LoraAdapter::ReadPeft(CheckpointPath(config.output_dir, summary.steps) + "/adapter");
+  ASSERT_TRUE(published.ok() && best.ok() && last.ok()) << last.status();
+  bool equals_best = true, equals_last = true;
+  for (const auto& [path, pair] : published->layers) {
+    equals_best &= torch::equal(pair.b, best->layers.at(path).b);
+    equals_last &= torch::equal(pair.b, last->layers.at(path).b);
+  }
+  EXPECT_TRUE(equals_best);
+  EXPECT_FALSE(equals_last);
+}
+
 TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
   TrainingJobConfig config = Config("final-eval");
   config.data.validation_fraction = 0.25;
