@@ -55,6 +55,18 @@ class TrainerTest : public ::testing::Test {
     return c;
   }
 
+  // Evaluated every 2 steps on a quarter of the file, with a learning rate that diverges: the
+  // validation loss stops improving and early stopping (patience 1) ends the job.
+  TrainingJobConfig StoppingEarlyConfig(const std::string& sub) const {
+    TrainingJobConfig c = Config(sub);
+    c.data.validation_fraction = 0.25;
+    c.eval_every = 2;
+    c.early_stopping_patience = 1;
+    c.learning_rate = 0.5;
+    c.max_steps = 40;
+    return c;
+  }
+
   std::string model_dir_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -199,12 +211,7 @@ TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
 }
 
 TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
-  TrainingJobConfig config = Config("eval");
-  config.data.validation_fraction = 0.25;
-  config.eval_every = 2;
-  config.early_stopping_patience = 1;
-  config.learning_rate = 0.5;  // diverges: the validation loss stops improving
-  config.max_steps = 40;
+  TrainingJobConfig config = StoppingEarlyConfig("eval");
   std::vector<TrainingEvent> events;
   auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
                            [&](const TrainingEvent& e) { events.push_back(e); });
@@ -244,12 +251,7 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
 // load_best_at_end: a job stopped early (its last evaluation was no better) publishes the adapter
 // of its best evaluation, not the last step's weights (its final checkpoint).
 TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
-  TrainingJobConfig config = Config("best");
-  config.data.validation_fraction = 0.25;
-  config.eval_every = 2;
-  config.early_stopping_patience = 1;
-  config.learning_rate = 0.5;  // diverges: the validation loss stops improving
-  config.max_steps = 40;
+  TrainingJobConfig config = StoppingEarlyConfig("best");
   config.load_best_at_end = true;
   std::vector<TrainingEvent> events;
   auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
