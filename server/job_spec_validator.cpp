@@ -1,13 +1,15 @@
 #include "server/job_spec_validator.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/lora/lora_config.h"
 #include "engine/train/dataset_reader.h"
+#include "engine/train/example_formatter.h"
 #include "engine/train/training_data.h"
 #include "engine/train/training_job_config.h"
 #include "re2/re2.h"
@@ -123,13 +125,12 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
 absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
                                                  const JobSpecLimits& limits) {
   if (!d.has_response_only()) d.set_response_only(true);
-  static const std::set<std::string> kTemplates = {"auto",   "chat",   "raw",    "alpaca",
-                                                   "llama3", "chatml", "mistral"};
-  if (!d.template_().empty() && kTemplates.count(d.template_()) == 0) {
+  const std::vector<std::string> templates = engine::ExampleFormatter::TemplateNames();
+  if (!d.template_().empty() &&
+      std::find(templates.begin(), templates.end(), d.template_()) == templates.end()) {
     return Field("dataset.template",
-                 absl::StrCat("'", d.template_(),
-                              "' is unknown (known: auto or empty, chat, raw, alpaca, llama3, "
-                              "chatml, mistral)"));
+                 absl::StrCat("'", d.template_(), "' is unknown (known: empty, ",
+                              absl::StrJoin(templates, ", "), ")"));
   }
   if (auto s = InRange("dataset.validation_fraction", d.validation_fraction(), 0.0, 0.5); !s.ok())
     return s;

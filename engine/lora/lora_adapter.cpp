@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <optional>
 #include <sstream>
 
@@ -215,14 +216,18 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
 // rank_pattern / alpha_pattern: per-module ranks and alphas, keyed by Python regular expressions
 // that PEFT matches against the end of a module's name (peft.utils.other.get_pattern_key), the
 // first key in the file's order that matches winning.
+struct ModulePattern {
+  std::string key;
+  std::shared_ptr<const RE2> matcher;  // (.*\.)?(key), matched against the whole module name
+  double value = 0;
+};
 struct ModulePatterns {
-  std::vector<std::pair<std::string, double>> rank, alpha;
+  std::vector<ModulePattern> rank, alpha;
 };
 
-absl::StatusOr<std::vector<std::pair<std::string, double>>> ParsePattern(const ordered_json& j,
-                                                                         const char* field,
-                                                                         const std::string& file) {
-  std::vector<std::pair<std::string, double>> out;
+absl::StatusOr<std::vector<ModulePattern>> ParsePattern(const ordered_json& j, const char* field,
+                                                        const std::string& file) {
+  std::vector<ModulePattern> out;
   auto it = j.find(field);
   if (it == j.end() || it->is_null()) return out;
   if (!it->is_object())
@@ -231,20 +236,21 @@ absl::StatusOr<std::vector<std::pair<std::string, double>>> ParsePattern(const o
     if (!value.is_number()) {
       return ConfigError(file, absl::StrCat("field '", field, "': '", key, "' must be a number"));
     }
-    if (!RE2(absl::StrCat("(.*\\.)?(", key, ")")).ok()) {
+    auto matcher = std::make_shared<const RE2>(absl::StrCat("(.*\\.)?(", key, ")"));
+    if (!matcher->ok()) {
       return ConfigError(file, absl::StrCat("field '", field, "': '", key,
                                             "' is not a regular expression lorad can read"));
     }
-    out.emplace_back(key, value.get<double>());
+    out.push_back({key, std::move(matcher), value.get<double>()});
   }
   return out;
 }
 
 // The value of the first pattern that matches `module` (PEFT: re.match(rf"(.*\.)?({key})$")).
-std::optional<double> PatternValue(const std::vector<std::pair<std::string, double>>& patterns,
+std::optional<double> PatternValue(const std::vector<ModulePattern>& patterns,
                                    const std::string& module) {
-  for (const auto& [key, value] : patterns) {
-    if (RE2::FullMatch(module, RE2(absl::StrCat("(.*\\.)?(", key, ")")))) return value;
+  for (const ModulePattern& p : patterns) {
+    if (RE2::FullMatch(module, *p.matcher)) return p.value;
   }
   return std::nullopt;
 }
@@ -303,9 +309,9 @@ absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::strin
   if (!rank.ok()) return rank.status();
   auto alpha = ParsePattern(j, "alpha_pattern", file);
   if (!alpha.ok()) return alpha.status();
-  for (const auto& [key, value] : *rank) {
-    if (value != std::floor(value) || value < 1 || value > 1024) {
-      return ConfigError(file, absl::StrCat("field 'rank_pattern': '", key, "' is ", value,
+  for (const ModulePattern& p : *rank) {
+    if (p.value != std::floor(p.value) || p.value < 1 || p.value > 1024) {
+      return ConfigError(file, absl::StrCat("field 'rank_pattern': '", p.key, "' is ", p.value,
                                             "; ranks are whole numbers in [1, 1024]"));
     }
   }

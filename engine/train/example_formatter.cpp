@@ -48,6 +48,12 @@ int64_t TokenizedExample::TrainedTokens() const {
   return n;
 }
 
+std::vector<std::string> ExampleFormatter::TemplateNames() {
+  std::vector<std::string> names = {"auto", "chat", "raw"};
+  for (const std::string& family : ChatTemplate::KnownNames()) names.push_back(family);
+  return names;
+}
+
 absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& tokenizer,
                                                           const std::string& model_folder,
                                                           const ExampleFormatterOptions& options) {

@@ -75,6 +75,10 @@ class ExampleFormatter {
                                                  const std::string& model_folder,
                                                  const ExampleFormatterOptions& options);
 
+  // Every dataset.template name Create takes: auto, chat, raw and the chat template families
+  // (alpaca among them, meaning the Alpaca prompt).
+  static std::vector<std::string> TemplateNames();
+
   // Errors name the record's line and what the template cannot take (e.g. a multi-turn
   // conversation under the alpaca template).
   absl::StatusOr<TokenizedExample> Format(const Example& example) const;

@@ -103,8 +103,9 @@ struct Trainer::Impl {
   absl::StatusOr<EvalMetrics> Evaluate();
   // The held-out report (validation loss, ROUGE of greedy answers) as eval_report.json.
   absl::Status WriteEvaluationReport(TrainingSummary& summary);
-  // Reports an evaluation and keeps the best; returns whether it improved on the best.
-  bool ReportEvaluation(const EvalMetrics& eval) {
+  // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
+  // so a resumed job still has it); returns whether it improved on the best.
+  absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
     TrainingEvent ev;
     ev.kind = TrainingEvent::Kind::kEval;
     ev.eval = eval;
@@ -112,16 +113,14 @@ struct Trainer::Impl {
     if (state.has_eval && eval.loss >= state.best_eval_loss) return false;
     state.best_eval_loss = eval.loss;
     state.has_eval = true;
+    if (config.load_best_at_end) {
+      if (auto s = AdapterCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
+    }
     return true;
   }
   absl::Status Finish(bool cancelled, bool early_stopped);
-  // With load_best_at_end: the adapter of the best evaluation so far, on disk (a resumed job
-  // still has it).
   std::string BestAdapterPath() const {
     return (std::filesystem::path(config.output_dir) / "best-adapter").string();
-  }
-  absl::Status KeepBest() const {
-    return config.load_best_at_end ? AdapterCopy().WritePeft(BestAdapterPath()) : absl::OkStatus();
   }
   absl::StatusOr<std::string> Checkpoint();
   LoraAdapter AdapterCopy() const;
@@ -342,9 +341,10 @@ absl::Status Trainer::Impl::FinishStep() {
   if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty()) {
     auto eval = Evaluate();
     if (!eval.ok()) return eval.status();
-    if (ReportEvaluation(*eval)) {
+    auto improved = ReportEvaluation(*eval);
+    if (!improved.ok()) return improved.status();
+    if (*improved) {
       state.evals_without_improvement = 0;
-      if (auto s = KeepBest(); !s.ok()) return s;
     } else {
       ++state.evals_without_improvement;
       early_stop = config.early_stopping_patience > 0 &&
@@ -459,9 +459,7 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
         EvalMetrics last;
         last.step = state.step;
         last.loss = s.eval_loss;
-        if (ReportEvaluation(last)) {
-          if (auto st = KeepBest(); !st.ok()) return st;
-        }
+        if (auto st = ReportEvaluation(last); !st.ok()) return st.status();
       }
     }
     auto path = Checkpoint();
