@@ -295,6 +295,7 @@ absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string
       if (kv.second.IsNull()) continue;  // "key:" with no value keeps the default
       auto status = field->second.set(config, kv.second, Where(source, kv.first));
       if (!status.ok()) return status;
+      config.set_at[key] = Where(source, kv.first);
       continue;
     }
     // A section is a key that prefixes some schema keys.
@@ -361,7 +362,9 @@ absl::Status ApplyConfigOverride(ServerConfig& config, const std::string& key,
   if (field == Schema().end()) {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": unknown key '", key, "'"));
   }
-  return field->second.set(config, YAML::Node(value), flag);
+  if (auto s = field->second.set(config, YAML::Node(value), flag); !s.ok()) return s;
+  config.set_at[key] = flag;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
@@ -382,32 +385,44 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
 }
 
 absl::Status ValidateServerConfig(const ServerConfig& config) {
-  if (config.model.path.empty()) {
+  // "<file:line or flag>: <key>: <message>" for the first of `keys` that was set, else the key.
+  auto error = [&](std::initializer_list<const char*> keys, const std::string& message) {
+    std::string where;
+    for (const char* key : keys) {
+      if (auto it = config.set_at.find(key); it != config.set_at.end()) {
+        where = it->second + ": ";
+        break;
+      }
+    }
     return absl::InvalidArgumentError(
-        "model.path: no model folder given; set it in the config or pass --model PATH");
+        absl::StrCat(where, absl::StrJoin(keys, " and "), ": ", message));
+  };
+  if (config.model.path.empty()) {
+    return error({"model.path"},
+                 "no model folder given; set it in the config or pass --model PATH");
   }
-  for (auto [key, value] : {std::pair{"server.grpc_address", &config.server.grpc_address},
-                            std::pair{"server.http_address", &config.server.http_address}}) {
-    auto hp = SplitHostPort(*value);
-    if (!hp.ok()) return absl::InvalidArgumentError(absl::StrCat(key, ": ", hp.status().message()));
+  for (const char* key : {"server.grpc_address", "server.http_address"}) {
+    const std::string& value = std::string(key) == "server.grpc_address"
+                                   ? config.server.grpc_address
+                                   : config.server.http_address;
+    auto hp = SplitHostPort(value);
+    if (!hp.ok()) return error({key}, std::string(hp.status().message()));
   }
   if (config.server.grpc_address == config.server.http_address) {
-    return absl::InvalidArgumentError("server.http_address: must differ from server.grpc_address");
+    return error({"server.http_address"}, "must differ from server.grpc_address");
   }
-  if (config.storage.data_dir.empty()) {
-    return absl::InvalidArgumentError("storage.data_dir: must not be empty");
-  }
+  if (config.storage.data_dir.empty()) return error({"storage.data_dir"}, "must not be empty");
   if (config.server.tls_cert_file.empty() != config.server.tls_key_file.empty()) {
-    return absl::InvalidArgumentError(
-        "server.tls_cert_file and server.tls_key_file: give both (TLS) or neither");
+    return error({"server.tls_cert_file", "server.tls_key_file"}, "give both (TLS) or neither");
   }
   if (config.auth.tokens.empty() && !config.auth.allow_remote_without_tokens) {
     const std::string host = SplitHostPort(config.server.grpc_address)->first;
     if (host != "127.0.0.1" && host != "localhost" && host != "[::1]" && host != "::1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "server.grpc_address: ", config.server.grpc_address,
-          " is reachable from other machines but no auth.tokens are configured; add tokens, "
-          "bind to 127.0.0.1, or set auth.allow_remote_without_tokens: true"));
+      return error({"server.grpc_address"},
+                   absl::StrCat(config.server.grpc_address,
+                                " is reachable from other machines but no auth.tokens are "
+                                "configured; add tokens, bind to 127.0.0.1, or set "
+                                "auth.allow_remote_without_tokens: true"));
     }
   }
   return absl::OkStatus();

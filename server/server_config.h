@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,6 +76,9 @@ struct ServerConfig {
   struct Logging {
     std::string level = "info";  // trace | debug | info | warn | error
   } logging;
+  // Where each key was last set ("file:line" or the flag), so that ValidateServerConfig's errors
+  // about a key, or about two keys together, point at the line to change.
+  std::map<std::string, std::string> set_at;
 };
 
 // Parses YAML text; `source` (a file name) prefixes error messages as "source:line: ...".

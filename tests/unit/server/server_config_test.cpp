@@ -93,6 +93,28 @@ TEST(ServerConfig, ValidationRequiresModelAndSaneAddresses) {
   EXPECT_FALSE(ValidateServerConfig(c).ok());
 }
 
+// Errors about a key that only validation can see (or about two keys together) point at the line
+// or the flag that set it.
+TEST(ServerConfig, ValidationErrorsNameTheFileLineOrFlag) {
+  auto c = ParseServerConfig(
+      "model:\n  path: /m\nserver:\n  grpc_address: 127.0.0.1:1\n  tls_key_file: key.pem\n",
+      "lorad.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto tls = ValidateServerConfig(*c);
+  ASSERT_FALSE(tls.ok());
+  EXPECT_EQ(tls.message().rfind("lorad.yaml:5: server.tls_cert_file and server.tls_key_file", 0),
+            0u)
+      << tls;
+  c->server.tls_key_file.clear();
+  ASSERT_TRUE(ApplyConfigOverride(*c, "server.grpc_address", "0.0.0.0:1", "--grpc-address").ok());
+  auto remote = ValidateServerConfig(*c);
+  ASSERT_FALSE(remote.ok());
+  EXPECT_EQ(remote.message().rfind("--grpc-address: server.grpc_address: 0.0.0.0:1", 0), 0u)
+      << remote;
+  ASSERT_TRUE(ApplyConfigOverride(*c, "server.http_address", "localhost", "--http-address").ok());
+  EXPECT_EQ(ValidateServerConfig(*c).message().rfind("--http-address: server.http_address", 0), 0u);
+}
+
 TEST(ServerConfig, SplitHostPortHandlesIpv6) {
   auto hp = SplitHostPort("[::1]:8080");
   ASSERT_TRUE(hp.ok());
