@@ -101,8 +101,9 @@ struct Trainer::Impl {
   void PlanStep();
   absl::Status FinishStep();
   absl::StatusOr<EvalMetrics> Evaluate();
-  // The held-out report (validation loss, ROUGE of greedy answers) as eval_report.json.
-  absl::Status WriteEvaluationReport(TrainingSummary& summary);
+  // The held-out report (validation loss, ROUGE of greedy answers) of the current weights as
+  // eval_report.json; `loss` is their evaluation when one was just made (else it is computed).
+  absl::Status WriteEvaluationReport(TrainingSummary& summary, std::optional<EvalMetrics> loss);
   // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
   // so a resumed job still has it); returns whether it improved on the best.
   absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
@@ -112,6 +113,7 @@ struct Trainer::Impl {
     Emit(ev);
     if (state.has_eval && eval.loss >= state.best_eval_loss) return false;
     state.best_eval_loss = eval.loss;
+    state.best_eval_step = eval.step;
     state.has_eval = true;
     if (config.load_best_at_end) {
       if (auto s = AdapterCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
@@ -124,6 +126,8 @@ struct Trainer::Impl {
   }
   absl::StatusOr<std::string> Checkpoint();
   LoraAdapter AdapterCopy() const;
+  // Copies a saved adapter's weights (the same modules and ranks) into the trained one.
+  absl::Status LoadWeights(const LoraAdapter& saved);
   void Emit(const TrainingEvent& e) {
     if (on_event) on_event(e);
   }
@@ -387,13 +391,18 @@ absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate() {
   return m;
 }
 
-absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary) {
-  auto loss = Evaluate();
-  if (!loss.ok()) return loss.status();
+absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary,
+                                                  std::optional<EvalMetrics> loss) {
+  if (!loss) {
+    auto evaluated = Evaluate();
+    if (!evaluated.ok()) return evaluated.status();
+    loss = *evaluated;
+  }
   auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(),
                                  /*max_examples=*/32, /*max_new_tokens=*/128, end_of_turn);
   if (!answers.ok()) return answers.status();
   nlohmann::json report = {{"step", state.step},
+                           {"adapter_step", loss->step},
                            {"validation_loss", loss->loss},
                            {"validation_tokens", loss->tokens},
                            {"answered", answers->examples.size()},
@@ -432,6 +441,22 @@ LoraAdapter Trainer::Impl::AdapterCopy() const {
   return copy;
 }
 
+absl::Status Trainer::Impl::LoadWeights(const LoraAdapter& saved) {
+  torch::NoGradGuard no_grad;
+  for (auto& [name, pair] : adapter.layers) {
+    auto it = saved.layers.find(name);
+    if (it == saved.layers.end() || !it->second.a.sizes().equals(pair.a.sizes()) ||
+        !it->second.b.sizes().equals(pair.b.sizes())) {
+      return absl::DataLossError(absl::StrCat(
+          BestAdapterPath(), " does not hold the job's LoRA weights for ", name,
+          " (was the folder changed?); delete it and resume, or submit the job again"));
+    }
+    pair.a.copy_(it->second.a);
+    pair.b.copy_(it->second.b);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state,
@@ -449,28 +474,36 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   e.kind = TrainingEvent::Kind::kFinished;
   TrainingSummary& s = e.summary;
   if (!cancelled) {
-    // The held-out evaluation first: its event then precedes the last checkpoint's, as a
-    // cadence evaluation's does (and as a replayed history orders them).
-    if (!data->validation().empty()) {
-      if (auto st = WriteEvaluationReport(s); !st.ok()) return st;
-      // The report's validation loss is the last step's evaluation: reported (and counted for
-      // the best) unless the eval_every cadence evaluated this step already.
-      if (!(config.eval_every > 0 && state.step % config.eval_every == 0)) {
-        EvalMetrics last;
-        last.step = state.step;
-        last.loss = s.eval_loss;
-        if (auto st = ReportEvaluation(last); !st.ok()) return st.status();
-      }
+    // The last step's evaluation (unless the eval_every cadence made it) counts for the best, and
+    // its event precedes the last checkpoint's, as a cadence evaluation's does (and as a replayed
+    // history orders them).
+    std::optional<EvalMetrics> scored;
+    if (!data->validation().empty() &&
+        !(config.eval_every > 0 && state.step % config.eval_every == 0)) {
+      auto last = Evaluate();
+      if (!last.ok()) return last.status();
+      if (auto st = ReportEvaluation(*last); !st.ok()) return st.status();
+      scored = *last;
     }
-    auto path = Checkpoint();
+    auto path = Checkpoint();  // the last step's weights: what a resume continues from
     if (!path.ok()) return path.status();
-    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-    LoraAdapter final_adapter = AdapterCopy();
-    if (config.load_best_at_end && std::filesystem::exists(BestAdapterPath())) {
+    // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so the
+    // held-out report scores, and the merged model holds, what the job publishes.
+    if (config.load_best_at_end && state.has_eval && state.best_eval_step != state.step &&
+        std::filesystem::exists(BestAdapterPath())) {
       auto best = LoraAdapter::ReadPeft(BestAdapterPath());
       if (!best.ok()) return best.status();
-      final_adapter = *std::move(best);
+      if (auto st = LoadWeights(*best); !st.ok()) return st;
+      auto evaluated = Evaluate();
+      if (!evaluated.ok()) return evaluated.status();
+      scored = *evaluated;
+      scored->step = state.best_eval_step;  // the weights' step, not the job's
     }
+    if (!data->validation().empty()) {
+      if (auto st = WriteEvaluationReport(s, scored); !st.ok()) return st;
+    }
+    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    const LoraAdapter final_adapter = AdapterCopy();
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!config.export_merged_dtype.empty()) {
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();

@@ -47,6 +47,7 @@ json StateToJson(const TrainerState& s) {
               {"last_loss", s.last_loss},
               {"best_train_loss", s.best_train_loss},
               {"best_eval_loss", s.best_eval_loss},
+              {"best_eval_step", s.best_eval_step},
               {"has_eval", s.has_eval},
               {"evals_without_improvement", s.evals_without_improvement},
               {"trained_tokens", s.trained_tokens},
@@ -156,6 +157,7 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     // Absent from checkpoints of older lorad versions: the totals then start there.
     s.trained_tokens = j.value("trained_tokens", int64_t{0});
     s.train_seconds = j.value("train_seconds", 0.0);
+    s.best_eval_step = j.value("best_eval_step", int64_t{0});
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));

@@ -28,6 +28,7 @@ struct TrainerState {
   double last_loss = 0;
   double best_train_loss = 0;  // valid once step > 0
   double best_eval_loss = 0;   // valid when has_eval
+  int64_t best_eval_step = 0;  // the step of that evaluation
   bool has_eval = false;
   int64_t evals_without_improvement = 0;
   // Totals over every run of the job up to this step (a resumed job continues them).

@@ -271,6 +271,21 @@ TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
   }
   EXPECT_TRUE(equals_best);
   EXPECT_FALSE(equals_last);
+  // The held-out report scores the published weights: its loss is the best evaluation's (the
+  // same forward over the same rows), and it names that evaluation's step.
+  const TrainingEvent* best_eval = nullptr;
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kEval && e.eval.loss == summary.best_loss) best_eval = &e;
+  }
+  ASSERT_NE(best_eval, nullptr);
+  EXPECT_LT(best_eval->eval.step, summary.steps);
+  ASSERT_TRUE(summary.has_eval_report);
+  EXPECT_NEAR(summary.eval_loss, summary.best_loss, 1e-6 * summary.best_loss);
+  std::ifstream report_file(summary.eval_report_path);
+  ASSERT_TRUE(report_file) << summary.eval_report_path;
+  const auto report = nlohmann::json::parse(report_file);
+  EXPECT_EQ(report["adapter_step"].get<int64_t>(), best_eval->eval.step);
+  EXPECT_EQ(report["step"].get<int64_t>(), summary.steps);
 }
 
 TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
