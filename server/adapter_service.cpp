@@ -1,6 +1,5 @@
 #include "server/adapter_service.h"
 
-#include <cctype>
 #include <chrono>
 #include <filesystem>
 #include <optional>
@@ -9,25 +8,10 @@
 #include "absl/strings/str_cat.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
+#include "server/job_spec_validator.h"
 #include "server/path_policy.h"
 
 namespace lorad::server {
-namespace {
-
-// Adapter names appear in metrics labels, file names and chat requests: keep them plain.
-absl::Status CheckName(const std::string& name) {
-  if (name.empty()) return absl::InvalidArgumentError("name: is empty");
-  if (name.size() > 128) return absl::InvalidArgumentError("name: longer than 128 characters");
-  for (char c : name) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("name: '", name, "' may hold only letters, digits, '-', '_' and '.'"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
   out->set_name(info.name);
@@ -67,22 +51,13 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
     if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
       return FinishUnary(context, s);
   }
-  if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
+  if (auto s = CheckAdapterName(request->name(), "name"); !s.ok()) return FinishUnary(context, s);
   if (request->path().empty()) {
     return FinishUnary(context,
                        absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
   }
-  auto folder = ResolveInsideRoot(adapter_root_, request->path(), "path");
+  auto folder = ResolveAdapterFolder(adapter_root_, request->path(), "path");
   if (!folder.ok()) return FinishUnary(context, folder.status());
-  // The files read from the folder must stay inside the root too: a symlink in the folder
-  // could point anywhere.
-  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
-    const std::string inside = absl::StrCat(*folder, "/", file);
-    std::error_code ec;
-    if (!std::filesystem::exists(std::filesystem::symlink_status(inside, ec))) continue;
-    auto resolved = ResolveInsideRoot(adapter_root_, inside, "path");
-    if (!resolved.ok()) return FinishUnary(context, resolved.status());
-  }
   // The record as published: by the time List() runs, a load of the same name just after this
   // one may already have retired this version.
   engine::AdapterInfo published;
@@ -102,7 +77,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
       return FinishUnary(context, s);
   }
-  if (auto s = CheckName(request->name()); !s.ok()) return FinishUnary(context, s);
+  if (auto s = CheckAdapterName(request->name(), "name"); !s.ok()) return FinishUnary(context, s);
   std::optional<int64_t> version;
   if (request->version() < 0) {
     return FinishUnary(context,

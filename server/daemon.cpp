@@ -22,6 +22,7 @@
 #include "lorad/v1/training.grpc.pb.h"
 #include "server/adapter_service.h"
 #include "server/inference_service.h"
+#include "server/path_policy.h"
 #include "server/rpc_metrics_interceptor.h"
 #include "server/training_service.h"
 
@@ -179,8 +180,9 @@ absl::Status Daemon::StartEngine() {
     return absl::InvalidArgumentError(
         absl::StrCat("storage.adapter_root: cannot create '", adapter_root_, "': ", ec.message()));
   }
-  job_runner_ = std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_, JobsDir(),
-                                            static_cast<int>(config_.training.max_running_jobs));
+  job_runner_ =
+      std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_, JobsDir(), dataset_root_,
+                                  static_cast<int>(config_.training.max_running_jobs));
   RegisterEngineMetrics();
   return absl::OkStatus();
 }
@@ -290,8 +292,19 @@ void Daemon::ServeRecordedAdapters() {
       store.ContinueVersionsAfter(a.name, a.version);
       continue;
     }
-    store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
-    auto version = store.LoadPeft(a.name, a.path, a.source);
+    // The folder must still be where the roots allow: it may have been replaced by a symlink
+    // to elsewhere while lorad was stopped.
+    const bool from_job = a.source.rfind("job:", 0) == 0;
+    absl::StatusOr<std::string> folder =
+        ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
+                             from_job ? "the job's adapter folder" : "storage.adapter_root");
+    absl::StatusOr<int64_t> version = absl::UnknownError("not loaded");
+    if (folder.ok()) {
+      store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
+      version = store.LoadPeft(a.name, *folder, a.source);
+    } else {
+      version = folder.status();
+    }
     if (!version.ok()) {
       store.ContinueVersionsAfter(a.name, a.version);
       spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
@@ -368,6 +381,7 @@ absl::Status Daemon::StartGrpc() {
 
   TrainingServiceOptions training;
   training.spec_limits.dataset_root = dataset_root_;
+  training.spec_limits.model_layers = engine_->model_config().num_hidden_layers;
   training.max_queued_jobs = config_.limits.max_queued_jobs;
   JobRunner* runner = job_runner_.get();
   training.on_submit = [runner] { runner->Wake(); };

@@ -6,11 +6,18 @@
 #include <grpcpp/support/server_callback.h>
 #include <grpcpp/support/status.h>
 
+#include <chrono>
+
 #include "absl/status/status.h"
 
 namespace lorad::server {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// The status of a call gRPC cancelled (OnCancel): DEADLINE_EXCEEDED when its deadline has passed
+// (gRPC cancels such a call too), else CANCELLED. The client sees its own status either way; this
+// is the one lorad_rpc_requests_total counts.
+grpc::Status CancelledCallStatus(std::chrono::system_clock::time_point deadline);
 
 // Ends a unary callback call with `status` (its response as filled so far when OK).
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,

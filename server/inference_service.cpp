@@ -1,5 +1,6 @@
 #include "server/inference_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -52,7 +53,12 @@ engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
                                     const InferenceLimits& limits) {
   engine::GenerationRequest r;
   engine::SamplingParams& s = r.sampling;
-  s.max_new_tokens = p.max_new_tokens() != 0 ? p.max_new_tokens() : limits.default_max_new_tokens;
+  // Unset: the default, within the configured limit (a limit below it must not refuse requests
+  // that never asked for more).
+  s.max_new_tokens = p.max_new_tokens() != 0
+                         ? p.max_new_tokens()
+                         : static_cast<int32_t>(std::min<int64_t>(limits.default_max_new_tokens,
+                                                                  limits.max_new_tokens));
   if (p.has_temperature()) s.temperature = Narrow(p.temperature());
   s.top_k = p.top_k();
   if (p.has_top_p()) s.top_p = Narrow(p.top_p());
@@ -148,12 +154,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       cancelled_ = true;
       submitted = submitted_;
       id = id_;
-      // gRPC cancels a call whose deadline passed: say which it was (the client sees
-      // DEADLINE_EXCEEDED either way; the status counts in lorad_rpc_requests_total).
-      FinishLocked(*state_, std::chrono::system_clock::now() >= call_deadline_
-                                ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                               "the call's deadline passed")
-                                : grpc::Status::CANCELLED);
+      FinishLocked(*state_, CancelledCallStatus(call_deadline_));
     }
     if (submitted) engine->Cancel(id);
   }

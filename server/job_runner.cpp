@@ -9,6 +9,7 @@
 #include "engine/runtime/durable_file.h"
 #include "engine/train/checkpoint_folders.h"
 #include "server/job_spec_validator.h"
+#include "server/path_policy.h"
 #include "server/training_service.h"
 #include "spdlog/spdlog.h"
 
@@ -24,10 +25,9 @@ int64_t NowMs() {
       .count();
 }
 
-lorad::v1::JobEvent EventFor(const std::string& job_id) {
+lorad::v1::JobEvent EventFor(const std::string& job_id, int64_t ms) {
   lorad::v1::JobEvent e;
   e.set_job_id(job_id);
-  const int64_t ms = NowMs();
   e.mutable_time()->set_seconds(ms / 1000);
   e.mutable_time()->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
   return e;
@@ -35,8 +35,21 @@ lorad::v1::JobEvent EventFor(const std::string& job_id) {
 
 }  // namespace
 
-absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
-                                                                    const std::string& output_dir) {
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
+    const lorad::v1::JobSpec& spec, const std::string& output_dir,
+    const std::string& dataset_root) {
+  for (const auto& [field, path] :
+       {std::pair{"dataset.path", &spec.dataset().path()},
+        std::pair{"dataset.validation_path", &spec.dataset().validation_path()}}) {
+    if (path->empty()) continue;
+    if (auto resolved = ResolveInsideRoot(dataset_root, *path, field); !resolved.ok()) {
+      return resolved.status();
+    } else if (*resolved != *path) {  // stored resolved at submit: a symlink appeared since
+      return absl::PermissionDeniedError(
+          absl::StrCat(field, ": '", *path, "' now resolves to '", *resolved,
+                       "'; it changed since the job was submitted; submit the job again"));
+    }
+  }
   std::error_code ec;
   fs::create_directories(output_dir, ec);
   if (ec)
@@ -59,7 +72,8 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad:
 }
 
 JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events,
-                     MetricsRegistry& metrics, std::string jobs_dir, int max_running)
+                     MetricsRegistry& metrics, std::string jobs_dir, std::string dataset_root,
+                     int max_running)
     : engine_(engine),
       store_(store),
       events_(events),
@@ -76,6 +90,7 @@ JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& event
       trained_tokens_(
           metrics.AddCounter("lorad_train_tokens_total", "Tokens trained on, over all jobs")),
       jobs_dir_(std::move(jobs_dir)),
+      dataset_root_(std::move(dataset_root)),
       max_running_(max_running) {}
 
 JobRunner::~JobRunner() { Stop(); }
@@ -154,7 +169,7 @@ void JobRunner::StartNextJob() {
     FailJob(job.id, "the stored job spec is unreadable");
     return;
   }
-  auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id);
+  auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id, dataset_root_);
   if (!config.ok()) {
     FailJob(job.id, std::string(config.status().message()));
     return;
@@ -167,7 +182,8 @@ void JobRunner::StartNextJob() {
     return;
   }
   if (!*fits) return;
-  if (auto s = store_.MarkRunning(job.id); !s.ok()) {
+  const int64_t started_ms = NowMs();  // stored and published alike: a replay shows the same
+  if (auto s = store_.MarkRunning(job.id, started_ms); !s.ok()) {
     Wake();  // cancelled meanwhile: look for the next one
     return;
   }
@@ -176,7 +192,7 @@ void JobRunner::StartNextJob() {
     running_.insert(job.id);
     look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
   }
-  events_.Publish(StateEvent(job.id, JobState::kRunning, NowMs()));
+  events_.Publish(StateEvent(job.id, JobState::kRunning, started_ms));
   if (job.attempts == 0) {
     spdlog::info("job {} ({}) started", job.id, job.adapter_name);
   } else if (const std::string checkpoint = engine::LatestCheckpoint(config->output_dir);
@@ -218,12 +234,13 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
 }
 
 void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
-  if (store_.MarkFailed(job_id, error).ok()) {
+  const int64_t now = NowMs();
+  if (store_.MarkFailed(job_id, error, now).ok()) {
     spdlog::warn("job {} failed: {}", job_id, error);
-    lorad::v1::JobEvent failed = EventFor(job_id);
+    lorad::v1::JobEvent failed = EventFor(job_id, now);
     failed.set_failed(error);
     events_.Publish(failed);
-    events_.Publish(StateEvent(job_id, JobState::kFailed, NowMs()));
+    events_.Publish(StateEvent(job_id, JobState::kFailed, now));
   }
   Wake();
 }
@@ -232,7 +249,8 @@ void JobRunner::Handle(const Pending& p) {
   const TrainingEvent& e = p.event;
   const std::string& adapter = p.adapter;
   const LabelValues labels = {p.job_id, adapter};
-  lorad::v1::JobEvent out = EventFor(p.job_id);
+  const int64_t now = NowMs();
+  lorad::v1::JobEvent out = EventFor(p.job_id, now);
   switch (e.kind) {
     case TrainingEvent::Kind::kStep: {
       StepRecord s;
@@ -245,6 +263,7 @@ void JobRunner::Handle(const Pending& p) {
       s.step_seconds = e.step.step_time_s;
       s.elapsed_seconds = e.step.elapsed_s;
       s.eta_seconds = e.step.eta_s;
+      s.time_ms = now;
       // A resumed job re-reports the steps after its checkpoint: the row is replaced.
       (void)store_.AppendStep(p.job_id, s);
       job_loss_.Set(labels, s.loss);
@@ -330,18 +349,23 @@ void JobRunner::Handle(const Pending& p) {
   summary->set_skipped_lines(e.summary.skipped_records);
   summary->set_dropped_examples(e.summary.dropped_examples);
   summary->set_truncated_examples(e.summary.truncated_examples);
+  summary->set_adapter_path(e.summary.adapter_path);
+  summary->set_adapter_step(e.summary.adapter_step);
+  summary->set_early_stopped(e.summary.early_stopped);
+  summary->set_answered_examples(e.summary.answered);
   // The summary is stored with the state change (GetJob and a later WatchJob return it).
   if (!store_
            .MarkSucceeded(p.job_id, *version,
                           {e.summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber,
                            out.SerializeAsString()},
                           {adapter, *version, e.summary.adapter_path, "job:" + p.job_id,
-                           /*served=*/true})
+                           /*served=*/true},
+                          now)
            .ok()) {
     return;  // cancelled meanwhile: CancelJob stored and published that
   }
   events_.Publish(out);
-  events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, NowMs()));
+  events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, now));
   spdlog::info("job {} succeeded: {} steps in {:.1f} s, final loss {:.4f}; adapter {} version {}",
                p.job_id, e.summary.steps, e.summary.runtime_s, e.summary.final_loss, adapter,
                *version);

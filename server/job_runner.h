@@ -30,14 +30,16 @@
 namespace lorad::server {
 
 // The engine's view of a stored JobSpec (TrainingJobConfigOf), after creating `output_dir` and
-// writing the inline examples to <output_dir>/inline_dataset.jsonl.
-absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(const lorad::v1::JobSpec& spec,
-                                                                    const std::string& output_dir);
+// writing the inline examples to <output_dir>/inline_dataset.jsonl. The dataset files are checked
+// again against `dataset_root`: one may have been replaced by a symlink to elsewhere while the job
+// waited in the queue.
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
+    const lorad::v1::JobSpec& spec, const std::string& output_dir, const std::string& dataset_root);
 
 class JobRunner {
  public:
   JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events, MetricsRegistry& metrics,
-            std::string jobs_dir, int max_running = 1);
+            std::string jobs_dir, std::string dataset_root, int max_running = 1);
   ~JobRunner();  // Stop()
 
   // Starts the runner thread; it looks for queued jobs at once and after every Wake().
@@ -75,6 +77,7 @@ class JobRunner {
   GaugeFamily& job_step_;
   CounterFamily& trained_tokens_;
   std::string jobs_dir_;
+  std::string dataset_root_;
   int max_running_;  // jobs handed to the engine at once; 0: jobs stay queued
 
   std::mutex mu_;

@@ -63,6 +63,15 @@ absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
   if (lora.target_modules().empty()) {
     for (const auto& t : engine::KnownLoraTargets()) lora.add_target_modules(t);
   }
+  // alpha / r scales every update: beyond 1e6 it overflows bf16 activations at the first step.
+  const absl::Status checks[] = {
+      InRange("lora.r", lora.r(), 1, engine::kMaxLoraRank),
+      InRange("lora.alpha", static_cast<double>(lora.alpha()), 1e-6, 1e6),
+      InRange("lora.dropout", static_cast<double>(lora.dropout()), 0.0, 0.99),
+  };
+  for (const auto& s : checks) {
+    if (!s.ok()) return s;
+  }
   engine::LoraConfig config;
   config.r = lora.r();
   config.alpha = lora.alpha();
@@ -107,10 +116,23 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
       InRange("training.save_every", t.save_every(), 0, 1000000),
       InRange("training.keep_checkpoints", t.keep_checkpoints(), 0, 1000000),
       InRange("training.early_stopping_patience", t.early_stopping_patience(), 0, 1000),
-      InRange("training.keep_activations_layers", t.keep_activations_layers(), 0, 1024),
+      InRange("training.keep_activations_layers", t.keep_activations_layers(), 0,
+              limits.model_layers > 0 ? static_cast<int32_t>(limits.model_layers) : 1024),
   };
   for (const auto& s : checks) {
     if (!s.ok()) return s;
+  }
+  if (!t.gradient_checkpointing()) {  // both shape what checkpointing keeps
+    if (t.offload_activations()) {
+      return Field("training.offload_activations",
+                   "needs training.gradient_checkpointing (it offloads the checkpointed layers' "
+                   "inputs)");
+    }
+    if (t.keep_activations_layers() > 0) {
+      return Field("training.keep_activations_layers",
+                   "needs training.gradient_checkpointing (without it every layer keeps its "
+                   "activations)");
+    }
   }
   if (auto s = KnownEnum("training.optimizer", t.optimizer(), lorad::v1::Optimizer_IsValid);
       !s.ok())
@@ -201,15 +223,18 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
 
 }  // namespace
 
-absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLimits& limits) {
-  // Adapter names become folder names and metric labels: keep them plain.
+absl::Status CheckAdapterName(const std::string& name, const std::string& field) {
   static const RE2 kName("[A-Za-z0-9][A-Za-z0-9._-]{0,63}");
-  if (!RE2::FullMatch(spec.adapter_name(), kName) ||
-      spec.adapter_name().find("..") != std::string::npos) {
-    return Field("adapter_name", absl::StrCat("'", spec.adapter_name(),
-                                              "' must be 1-64 characters of letters, digits, '.', "
-                                              "'_' or '-', starting with a letter or digit"));
+  if (!RE2::FullMatch(name, kName) || name.find("..") != std::string::npos) {
+    return Field(field, absl::StrCat("'", name,
+                                     "' must be 1-64 characters of letters, digits, '.', '_' or "
+                                     "'-', starting with a letter or digit, without '..'"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLimits& limits) {
+  if (auto s = CheckAdapterName(spec.adapter_name(), "adapter_name"); !s.ok()) return s;
   if (auto s = InRange("priority", spec.priority(), -1000, 1000); !s.ok()) return s;
   if (auto s = ValidateLora(*spec.mutable_lora()); !s.ok()) return s;
   if (auto s = ValidateTraining(*spec.mutable_training(), limits); !s.ok()) return s;

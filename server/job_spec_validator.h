@@ -18,6 +18,7 @@ struct JobSpecLimits {
   int64_t max_inline_examples = 10000;
   int64_t max_steps = 1000000;
   int32_t max_seq_length = 32768;
+  int64_t model_layers = 0;  // the served model's decoder layers; 0 = not checked
 };
 
 // The number of training examples the dataset yields, for the job's step estimate.
@@ -26,6 +27,10 @@ struct ValidatedDataset {
   int64_t examples = 0;
   int64_t skipped = 0;
 };
+
+// An adapter name, as a job publishes it (`adapter_name`) or LoadAdapter serves it (`name`): it
+// becomes a folder name and a metric label, so it stays plain. INVALID_ARGUMENT naming `field`.
+absl::Status CheckAdapterName(const std::string& name, const std::string& field);
 
 // Validates `spec` in place (defaults filled, dataset path replaced by its resolved form) and
 // reads the dataset once to prove it parses.

@@ -14,6 +14,7 @@ namespace {
 
 // Tables added since (job_events, adapters) are created by kSchema's IF NOT EXISTS: an older
 // database gains them on open, and an older lorad that opens a newer database ignores them.
+// Columns added since (job_steps.time_ms) are added on open with a default, for the same reason.
 constexpr int kSchemaVersion = 1;
 
 constexpr const char* kSchema = R"sql(
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS job_steps (
   step INTEGER NOT NULL,
   epoch REAL, loss REAL, learning_rate REAL, grad_norm REAL, tokens_per_second REAL,
   step_seconds REAL, elapsed_seconds REAL, eta_seconds REAL,
+  time_ms INTEGER NOT NULL DEFAULT 0,   -- added after schema version 1 (see Open)
   PRIMARY KEY (job_id, step)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_events (
   job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -227,6 +229,17 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         kSchemaVersion, "); upgrade lorad or point storage.data_dir elsewhere"));
   }
   if (auto s = store->Exec(kSchema); !s.ok()) return damaged(s);
+  {
+    Statement column(db, "SELECT 1 FROM pragma_table_info('job_steps') WHERE name = 'time_ms';");
+    if (auto s = column.status(); !s.ok()) return damaged(s);
+    if (column.Step() != SQLITE_ROW) {
+      if (auto s =
+              store->Exec("ALTER TABLE job_steps ADD COLUMN time_ms INTEGER NOT NULL DEFAULT 0;");
+          !s.ok()) {
+        return damaged(s);
+      }
+    }
+  }
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
     return s;
   }
@@ -333,14 +346,14 @@ absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
 
 absl::Status JobStore::Transition(const std::string& id, const std::vector<JobState>& from,
                                   JobState to, const std::string& extra_set_sql,
-                                  const std::string& error, int64_t number) {
+                                  const std::string& error, int64_t number, int64_t at_ms) {
   std::lock_guard<std::mutex> lock(mu_);
-  return TransitionLocked(id, from, to, extra_set_sql, error, number);
+  return TransitionLocked(id, from, to, extra_set_sql, error, number, at_ms);
 }
 
 absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector<JobState>& from,
                                         JobState to, const std::string& extra_set_sql,
-                                        const std::string& error, int64_t number) {
+                                        const std::string& error, int64_t number, int64_t at_ms) {
   auto job = GetLocked(id);
   if (!job.ok()) return job.status();
   if (std::find(from.begin(), from.end(), job->state) == from.end()) {
@@ -349,29 +362,30 @@ absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector
   }
   Statement s(db_, absl::StrCat("UPDATE jobs SET state = :state, error = :error, ", extra_set_sql,
                                 " WHERE id = :id;"));
-  s.BindNamed(":state", static_cast<int64_t>(to)).BindNamed(":now", NowMs());
+  s.BindNamed(":state", static_cast<int64_t>(to)).BindNamed(":now", at_ms > 0 ? at_ms : NowMs());
   s.BindNamed(":number", number);
   s.BindText(s.Index(":error"), error);
   s.BindText(s.Index(":id"), id);
   return s.Run();
 }
 
-absl::Status JobStore::MarkRunning(const std::string& id) {
+absl::Status JobStore::MarkRunning(const std::string& id, int64_t at_ms) {
   // started_ms keeps the first start across restarts; attempts counts them.
   return Transition(id, {JobState::kQueued}, JobState::kRunning,
                     "started_ms = CASE started_ms WHEN 0 THEN :now ELSE started_ms END, "
                     "attempts = attempts + 1",
-                    "", 0);
+                    "", 0, at_ms);
 }
 
 absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,
-                                     const StoredEvent& final_event, const ServedAdapter& adapter) {
+                                     const StoredEvent& final_event, const ServedAdapter& adapter,
+                                     int64_t at_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   publishing_.erase(id);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   absl::Status s =
       TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
-                       "finished_ms = :now, adapter_version = :number", "", adapter_version);
+                       "finished_ms = :now, adapter_version = :number", "", adapter_version, at_ms);
   if (s.ok()) s = AppendEventLocked(id, final_event);
   if (s.ok()) s = RecordAdapterLocked(adapter);
   if (s.ok()) s = Exec("COMMIT;");
@@ -379,11 +393,11 @@ absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_vers
   return s;
 }
 
-absl::Status JobStore::MarkFailed(const std::string& id, const std::string& error) {
+absl::Status JobStore::MarkFailed(const std::string& id, const std::string& error, int64_t at_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   publishing_.erase(id);
   return TransitionLocked(id, {JobState::kQueued, JobState::kRunning}, JobState::kFailed,
-                          "finished_ms = :now", error, 0);
+                          "finished_ms = :now", error, 0, at_ms);
 }
 
 absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
@@ -413,11 +427,11 @@ absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
   // REPLACE: a job resumed from a checkpoint reports the steps after it again.
   Statement s(db_,
               "INSERT OR REPLACE INTO job_steps (job_id, step, epoch, loss, learning_rate, "
-              "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, eta_seconds) VALUES "
-              "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?);");
+              "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, eta_seconds, "
+              "time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);");
   s.BindText(1, id).Bind(2, r.step).Bind(3, r.epoch).Bind(4, r.loss).Bind(5, r.learning_rate);
   s.Bind(6, r.grad_norm).Bind(7, r.tokens_per_second).Bind(8, r.step_seconds);
-  s.Bind(9, r.elapsed_seconds).Bind(10, r.eta_seconds);
+  s.Bind(9, r.elapsed_seconds).Bind(10, r.eta_seconds).Bind(11, r.time_ms);
   if (auto st = s.Run(); !st.ok()) {
     return absl::InternalError(
         absl::StrCat("job '", id, "': cannot record step ", r.step, ": ", st.message()));
@@ -436,7 +450,8 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_,
               "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, "
-              "step_seconds, elapsed_seconds, eta_seconds FROM job_steps WHERE job_id = ? AND "
+              "step_seconds, elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE "
+              "job_id = ? AND "
               "step >= ? ORDER BY step;");
   s.BindText(1, id).Bind(2, from_step);
   std::vector<StepRecord> steps;
@@ -452,6 +467,7 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
     r.step_seconds = s.Double(6);
     r.elapsed_seconds = s.Double(7);
     r.eta_seconds = s.Double(8);
+    r.time_ms = s.Int(9);
     steps.push_back(r);
   }
   if (rc != SQLITE_DONE) return s.StepError();

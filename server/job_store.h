@@ -56,6 +56,7 @@ struct StepRecord {
   double step_seconds = 0;
   double elapsed_seconds = 0;
   double eta_seconds = 0;
+  int64_t time_ms = 0;  // when it was reported (0 in rows of older lorad versions)
 };
 
 // An event kept beside a job's steps and states: an evaluation, a checkpoint or the final
@@ -103,15 +104,17 @@ class JobStore {
   absl::StatusOr<std::optional<JobRecord>> NextQueued();
 
   // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
-  // the transition is not allowed (e.g. starting a cancelled job).
-  absl::Status MarkRunning(const std::string& id);
+  // the transition is not allowed (e.g. starting a cancelled job). `at_ms` is the time stored
+  // (the time of the state event the caller publishes, so a replay shows the same); 0 = now.
+  absl::Status MarkRunning(const std::string& id, int64_t at_ms = 0);
   // Also stores `final_event` (the job's summary) and records `adapter` (RecordAdapter) in the
   // same transaction: a job that reads as succeeded always has its summary, and a published
   // adapter is served again after a restart exactly when its job is done (a job killed before
   // this runs its end again and publishes then).
   absl::Status MarkSucceeded(const std::string& id, int64_t adapter_version,
-                             const StoredEvent& final_event, const ServedAdapter& adapter);
-  absl::Status MarkFailed(const std::string& id, const std::string& error);
+                             const StoredEvent& final_event, const ServedAdapter& adapter,
+                             int64_t at_ms = 0);
+  absl::Status MarkFailed(const std::string& id, const std::string& error, int64_t at_ms = 0);
   // Cancels a queued or running job; returns the record after the call. Cancelling a job that
   // already ended, or one that is publishing its adapter, changes nothing.
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
@@ -152,10 +155,10 @@ class JobStore {
   absl::Status Exec(const std::string& sql);
   absl::Status Transition(const std::string& id, const std::vector<JobState>& from, JobState to,
                           const std::string& extra_set_sql, const std::string& error,
-                          int64_t number);
+                          int64_t number, int64_t at_ms = 0);
   absl::Status TransitionLocked(const std::string& id, const std::vector<JobState>& from,
                                 JobState to, const std::string& extra_set_sql,
-                                const std::string& error, int64_t number);
+                                const std::string& error, int64_t number, int64_t at_ms = 0);
   absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
   absl::Status RecordAdapterLocked(const ServedAdapter& adapter);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);

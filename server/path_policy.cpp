@@ -40,4 +40,18 @@ absl::StatusOr<std::string> ResolveInsideRoot(const std::string& root, const std
   return resolved.string();
 }
 
+absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const std::string& path,
+                                                 const std::string& field) {
+  auto folder = ResolveInsideRoot(root, path, field);
+  if (!folder.ok()) return folder.status();
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+    const std::string inside = absl::StrCat(*folder, "/", file);
+    std::error_code ec;
+    if (!std::filesystem::exists(std::filesystem::symlink_status(inside, ec))) continue;
+    auto resolved = ResolveInsideRoot(root, inside, field);
+    if (!resolved.ok()) return resolved.status();
+  }
+  return folder;
+}
+
 }  // namespace lorad::server

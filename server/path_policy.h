@@ -15,4 +15,10 @@ namespace lorad::server {
 absl::StatusOr<std::string> ResolveInsideRoot(const std::string& root, const std::string& requested,
                                               const std::string& field);
 
+// A PEFT adapter folder inside `root`, with the files read from it (adapter_config.json,
+// adapter_model.safetensors) inside `root` too: a symlink in the folder could point anywhere.
+// Checked when an adapter is loaded and again when a restart serves it again.
+absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const std::string& path,
+                                                 const std::string& field);
+
 }  // namespace lorad::server

@@ -1,6 +1,9 @@
 #include "server/rpc_metrics_interceptor.h"
 
+#include <google/protobuf/descriptor.h>
+
 #include <chrono>
+#include <set>
 
 namespace lorad::server {
 namespace {
@@ -51,7 +54,20 @@ grpc::experimental::Interceptor* RpcMetricsInterceptorFactory::CreateServerInter
 std::string MethodLabel(const char* full_method) {
   std::string m = full_method == nullptr ? "" : full_method;
   if (!m.empty() && m.front() == '/') m.erase(0, 1);
-  return m;
+  // Only methods lorad serves get their own label: a caller naming made-up methods (no token is
+  // needed to be refused) would otherwise add series to /metrics without end.
+  static const std::set<std::string> kLibraryMethods = {
+      "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch", "grpc.health.v1.Health/List",
+      "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+      "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"};
+  if (kLibraryMethods.count(m) > 0) return m;
+  const auto slash = m.find('/');
+  if (m.rfind("lorad.v1.", 0) == 0 && slash != std::string::npos &&
+      google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
+          m.substr(0, slash) + "." + m.substr(slash + 1)) != nullptr) {
+    return m;
+  }
+  return "unknown";
 }
 
 std::string StatusCodeName(int code) {

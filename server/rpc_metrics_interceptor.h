@@ -21,7 +21,8 @@ class RpcMetricsInterceptorFactory : public grpc::experimental::ServerIntercepto
   HistogramFamily& duration_;
 };
 
-// "/lorad.v1.TrainingService/SubmitJob" -> "lorad.v1.TrainingService/SubmitJob".
+// "/lorad.v1.TrainingService/SubmitJob" -> "lorad.v1.TrainingService/SubmitJob"; a method lorad
+// does not serve (nor the health and reflection services) -> "unknown".
 std::string MethodLabel(const char* full_method);
 // grpc::StatusCode -> "OK", "INVALID_ARGUMENT", ...
 std::string StatusCodeName(int code);

@@ -1,6 +1,7 @@
 #include "server/training_service.h"
 
 #include <algorithm>
+#include <chrono>
 #include <deque>
 #include <mutex>
 
@@ -35,14 +36,19 @@ absl::Status RequireJobId(const std::string& id) {
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
-                  const absl::Status& authorized)
-      : events_(events) {
+                  const absl::Status& authorized, std::chrono::system_clock::time_point deadline)
+      : events_(events), deadline_(deadline) {
     if (!authorized.ok()) {
       Finish(ToGrpcStatus(authorized));
       return;
     }
     if (auto s = RequireJobId(request.job_id()); !s.ok()) {
       Finish(ToGrpcStatus(s));
+      return;
+    }
+    if (request.from_step() < 0) {
+      Finish(ToGrpcStatus(absl::InvalidArgumentError(
+          absl::StrCat("from_step: ", request.from_step(), " is negative; 0 replays every step"))));
       return;
     }
     const absl::Status stopping =
@@ -100,6 +106,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       add_stored_through(s.step - 1);
       JobEvent e;
       e.set_job_id(record->id);
+      if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
       *e.mutable_step() = ToProtoStep(s);
       history.push_back(e);
       history_.last_step = s.step;
@@ -110,6 +117,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       if (record->state == JobState::kFailed) {
         JobEvent failed;
         failed.set_job_id(record->id);
+        SetTime(failed.mutable_time(), record->finished_ms);
         failed.set_failed(record->error);
         history.push_back(failed);
       }
@@ -143,7 +151,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
 
   void OnCancel() override {
     std::lock_guard<std::mutex> lock(mu_);
-    FinishLocked(grpc::Status::CANCELLED);
+    FinishLocked(CancelledCallStatus(deadline_));
   }
 
   void OnDone() override {
@@ -210,6 +218,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
 
   static constexpr size_t kMaxQueued = 10000;
   JobEventHub& events_;
+  const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
   int64_t subscription_ = 0;
   std::mutex mu_;
   std::deque<JobEvent> queue_;
@@ -347,7 +356,8 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
 
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
-  return new WatchJobReactor(store_, events_, *request, Authorize(context, Role::kUser));
+  return new WatchJobReactor(store_, events_, *request, Authorize(context, Role::kUser),
+                             context->deadline());
 }
 
 absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context,

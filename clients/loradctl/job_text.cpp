@@ -71,22 +71,37 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
   line("progress", FormatProgress(job.last_step().step(), job.total_steps()));
   if (job.has_last_step() && job.last_step().step() > 0) {
     const auto& m = job.last_step();
-    line("last step", absl::StrFormat("loss %.4f  lr %.3g  grad_norm %.3g  %.0f tok/s  ETA %s",
-                                      m.loss(), m.learning_rate(), m.grad_norm(),
-                                      m.tokens_per_second(), FormatDuration(m.eta_seconds())));
+    std::string last = absl::StrFormat("loss %.4f  lr %.3g  grad_norm %.3g  %.0f tok/s", m.loss(),
+                                       m.learning_rate(), m.grad_norm(), m.tokens_per_second());
+    if (job.state() == lorad::v1::JOB_STATE_RUNNING) {  // an ended job has nothing left to wait
+      absl::StrAppend(&last, "  ETA ", FormatDuration(m.eta_seconds()));
+    }
+    line("last step", last);
   }
   if (!job.error().empty()) line("error", job.error());
   if (job.has_summary()) {
     const auto& s = job.summary();
-    line("result", absl::StrFormat("adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s%s",
-                                   s.adapter_name(), s.adapter_version(), s.steps(), s.final_loss(),
+    line("result", absl::StrFormat("adapter %s v%d, %d steps%s, final loss %.4f, %d tokens in %s%s",
+                                   s.adapter_name(), s.adapter_version(), s.steps(),
+                                   s.early_stopped() ? " (stopped early)" : "", s.final_loss(),
                                    s.trained_tokens(), FormatDuration(s.runtime_seconds()),
                                    FormatDatasetLosses(s)));
+    if (!s.adapter_path().empty()) {
+      line("adapter folder", s.adapter_step() > 0 && s.adapter_step() != s.steps()
+                                 ? absl::StrCat(s.adapter_path(), " (step ", s.adapter_step(), ")")
+                                 : s.adapter_path());
+    }
     if (s.best_validation_loss() > 0 || !s.eval_report_path().empty()) {
       std::string validation = absl::StrFormat("best loss %.4f", s.best_validation_loss());
-      if (!s.eval_report_path().empty()) {
+      // (Jobs of older lorad versions have ROUGE without the count of answers.)
+      if (s.answered_examples() > 0 || s.rouge1() > 0 || s.rouge2() > 0 || s.rouge_l() > 0) {
         absl::StrAppend(&validation, absl::StrFormat(", ROUGE-1 %.3f, ROUGE-2 %.3f, ROUGE-L %.3f",
                                                      s.rouge1(), s.rouge2(), s.rouge_l()));
+        if (s.answered_examples() > 0) {
+          absl::StrAppend(&validation, " over ", s.answered_examples(), " answers");
+        }
+      } else if (!s.eval_report_path().empty()) {
+        absl::StrAppend(&validation, ", no ROUGE (no held-out example has a prompt to answer)");
       }
       line("validation", validation);
     }

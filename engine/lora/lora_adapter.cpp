@@ -109,8 +109,9 @@ std::string ShapeString(const torch::Tensor& t) {
   return absl::StrCat("[", absl::StrJoin(t.sizes(), ", "), "]");
 }
 
-bool Contains(const std::vector<std::string>& v, const std::string& s) {
-  return std::find(v.begin(), v.end(), s) != v.end();
+template <typename T>
+bool Contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
 }
 
 std::string ErrnoText() { return std::strerror(errno); }
@@ -223,6 +224,7 @@ struct ModulePattern {
 };
 struct ModulePatterns {
   std::vector<ModulePattern> rank, alpha;
+  std::vector<int64_t> layers;  // layers_to_transform: the only layers adapted; empty = all
 };
 
 absl::StatusOr<std::vector<ModulePattern>> ParsePattern(const ordered_json& j, const char* field,
@@ -317,6 +319,18 @@ absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::strin
   }
   patterns->rank = *std::move(rank);
   patterns->alpha = *std::move(alpha);
+  // layers_to_transform: PEFT adapts only the layers listed (one index or a list).
+  if (auto it = j.find("layers_to_transform"); it != j.end() && !it->is_null()) {
+    const ordered_json list = it->is_array() ? *it : ordered_json::array({*it});
+    for (const auto& v : list) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0) {
+        return ConfigError(file,
+                           "field 'layers_to_transform' must be a layer index or a list of "
+                           "layer indices");
+      }
+      patterns->layers.push_back(v.get<int64_t>());
+    }
+  }
   if (auto s = c.Validate(); !s.ok()) return ConfigError(file, std::string(s.message()));
   return c;
 }
@@ -572,6 +586,12 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
         return absl::InvalidArgumentError(
             absl::StrCat(weights_path, ": tensor '", v.name, "' adapts ", module->projection,
                          ", which target_modules in ", kConfigFile, " does not list"));
+      }
+      // PEFT would leave such a tensor unused; serving it would change the output.
+      if (!patterns.layers.empty() && !Contains(patterns.layers, module->layer)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(weights_path, ": tensor '", v.name, "' adapts layer ", module->layer,
+                         ", which layers_to_transform in ", kConfigFile, " does not list"));
       }
       auto t = ToFloatTensor(v, weights_path);
       if (!t.ok()) return t.status();

@@ -7,13 +7,6 @@
 #include "absl/strings/str_join.h"
 
 namespace lorad::engine {
-namespace {
-
-// Beyond this the adapter is as large as the layers it adapts and LoRA stops making sense; the
-// limit also bounds the memory a job spec can ask for.
-constexpr int kMaxRank = 1024;
-
-}  // namespace
 
 const std::vector<std::string>& KnownLoraTargets() {
   static const std::vector<std::string> kTargets = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
@@ -22,9 +15,9 @@ const std::vector<std::string>& KnownLoraTargets() {
 }
 
 absl::Status LoraConfig::Validate() const {
-  if (r < 1 || r > kMaxRank) {
+  if (r < 1 || r > kMaxLoraRank) {
     return absl::InvalidArgumentError(
-        absl::StrCat("LoRA field 'r' must be in [1, ", kMaxRank, "], got ", r));
+        absl::StrCat("LoRA field 'r' must be in [1, ", kMaxLoraRank, "], got ", r));
   }
   if (!std::isfinite(alpha) || alpha <= 0) {
     return absl::InvalidArgumentError(

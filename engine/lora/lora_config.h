@@ -25,6 +25,10 @@ struct LoraConfig {
   absl::Status Validate() const;
 };
 
+// The largest rank lorad trains or serves. Beyond it the adapter is as large as the layers it
+// adapts and LoRA stops making sense; the limit also bounds the memory a job spec can ask for.
+constexpr int kMaxLoraRank = 1024;
+
 // The seven projections LoRA may target, in PEFT's names.
 const std::vector<std::string>& KnownLoraTargets();
 

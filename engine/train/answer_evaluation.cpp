@@ -12,8 +12,16 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
                                                  const std::vector<TokenizedExample>& rows,
                                                  int64_t max_examples, int64_t max_new_tokens,
                                                  const std::string& end_of_turn) {
-  // The text up to the end of turn (all of it without one).
-  const auto reply = [&](std::string text) {
+  // The reply's text: its tokens up to the end-of-turn token (a special token that decoding
+  // would drop, so it is found by id first), decoded, then cut at the end-of-turn text (which
+  // may span several tokens); all of it without an end of turn.
+  const auto reply = [&](std::vector<int32_t> ids) {
+    if (!end_of_turn.empty()) {
+      auto end = std::find_if(ids.begin(), ids.end(),
+                              [&](int32_t id) { return tokenizer.Piece(id) == end_of_turn; });
+      ids.erase(end, ids.end());
+    }
+    std::string text = tokenizer.Decode(ids, /*skip_special_tokens=*/true);
     if (!end_of_turn.empty()) text = text.substr(0, text.find(end_of_turn));
     return text;
   };
@@ -22,16 +30,11 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
     torch::NoGradGuard no_grad;
     for (const TokenizedExample& row : rows) {
       if (static_cast<int64_t>(out.examples.size()) >= max_examples) break;
-      std::vector<int64_t> prompt;
-      std::vector<int32_t> response;
-      for (size_t i = 0; i < row.input_ids.size(); ++i) {
-        if (row.labels[i] == kNotTrained && response.empty()) {
-          prompt.push_back(row.input_ids[i]);
-        } else {
-          response.push_back(row.input_ids[i]);
-        }
-      }
-      if (prompt.empty() || response.empty()) continue;
+      if (row.response_start <= 0) continue;  // plain text: no prompt to answer
+      const std::vector<int64_t> prompt(row.input_ids.begin(),
+                                        row.input_ids.begin() + row.response_start);
+      const std::vector<int32_t> response(row.input_ids.begin() + row.response_start,
+                                          row.input_ids.end());
       const int64_t budget =
           std::min<int64_t>(max_new_tokens, model.config().max_position_embeddings -
                                                 static_cast<int64_t>(prompt.size()));
@@ -55,8 +58,8 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
       }
       AnsweredExample e;
       e.line = row.line;
-      e.prediction = reply(tokenizer.Decode(generated, /*skip_special_tokens=*/true));
-      e.reference = reply(tokenizer.Decode(response, /*skip_special_tokens=*/true));
+      e.prediction = reply(generated);
+      e.reference = reply(response);
       e.scores = Rouge(e.prediction, e.reference);
       out.mean.rouge1 += e.scores.rouge1;
       out.mean.rouge2 += e.scores.rouge2;

@@ -30,10 +30,10 @@ struct AnswerEvaluation {
   RougeScores mean;  // the mean of each F-measure over the examples
 };
 
-// Rows are formatted examples whose labels mark the response (kNotTrained on the prompt);
-// rows with no prompt or no response are skipped. At most `max_examples` are answered. A
-// non-empty `end_of_turn` (the chat template's) ends an answer where it appears, and is cut from
-// answers and references alike: it is markup, not part of the reply.
+// Rows are formatted examples: each is answered from its response_start (the prompt before it,
+// the reference from it); rows without one (plain text) are skipped. At most `max_examples` are
+// answered. A non-empty `end_of_turn` (the chat template's) ends an answer where it appears, and is
+// cut from answers and references alike: it is markup, not part of the reply.
 absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
                                                  const LoraAdapter& adapter,
                                                  const Tokenizer& tokenizer,

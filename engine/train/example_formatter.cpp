@@ -129,8 +129,9 @@ TokenizedExample ExampleFormatter::FormatPair(const std::string& prompt,
   TokenizedExample t;
   t.input_ids = tokenizer_->Encode(prompt + response, /*add_special_tokens=*/true);
   t.labels = t.input_ids;
+  const size_t n = CommonPrefix(t.input_ids, tokenizer_->Encode(prompt, true));
+  t.response_start = static_cast<int64_t>(n);
   if (options_.response_only) {
-    const size_t n = CommonPrefix(t.input_ids, tokenizer_->Encode(prompt, true));
     std::fill(t.labels.begin(), t.labels.begin() + static_cast<std::ptrdiff_t>(n), kNotTrained);
   }
   return t;
@@ -173,22 +174,21 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   auto all = render(ex.messages.size(), false);
   if (!all.ok()) return all.status();
   t.input_ids = *std::move(all);
-  if (!options_.response_only) {
-    t.labels = t.input_ids;
-    return t;
-  }
   t.labels.assign(t.input_ids.size(), kNotTrained);
   for (size_t i = 0; i < ex.messages.size(); ++i) {
     if (ex.messages[i].role != "assistant" || i < ex.first_trained_message) continue;
     auto before =
         i == 0 ? tokenizer_->Encode(chat_->AssistantStart(), false) : render(i, /*gen=*/true);
     if (!before.ok()) return before.status();
+    const size_t begin = std::min(before->size(), t.input_ids.size());
+    if (t.response_start == 0) t.response_start = static_cast<int64_t>(begin);
+    if (!options_.response_only) break;  // every label trains: only the first start is needed
     auto upto = render(i + 1, /*gen=*/false);
     if (!upto.ok()) return upto.status();
-    const size_t begin = std::min(before->size(), t.input_ids.size());
     const size_t end = std::min(upto->size(), t.input_ids.size());
     for (size_t k = begin; k < end; ++k) t.labels[k] = t.input_ids[k];
   }
+  if (!options_.response_only) t.labels = t.input_ids;
   return t;
 }
 
@@ -203,6 +203,7 @@ void ExampleFormatter::Finish(TokenizedExample& t, bool append_eos) const {
     t.labels.resize(max);
     t.truncated = true;
   }
+  if (t.response_start >= static_cast<int64_t>(t.input_ids.size())) t.response_start = 0;
 }
 
 }  // namespace lorad::engine

@@ -52,6 +52,9 @@ struct TokenizedExample {
   std::vector<int32_t> labels;     // [T], the token itself or kNotTrained
   int64_t line = 0;                // the record's line in its file, for messages
   bool truncated = false;
+  // Where the first response starts (the first assistant turn that trains), whatever the loss
+  // covers; 0 when there is none (plain text). A held-out example is answered from here.
+  int64_t response_start = 0;
 
   // Labels the loss will score: those at positions >= 1 (the first token is never predicted).
   int64_t TrainedTokens() const;

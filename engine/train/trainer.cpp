@@ -29,6 +29,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The held-out examples the report answers for ROUGE (the first ones with a prompt): greedy
+// answers on the training job's turn of the GPU loop, so a bounded number.
+constexpr int64_t kAnsweredExamples = 32;
+
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 // One micro-batch as tensors. Rows right-padded with token 0 (never attended nor scored).
@@ -328,8 +332,10 @@ absl::Status Trainer::Impl::FinishStep() {
   m.tokens = step_input_tokens;
   m.step_time_s = Seconds(now - step_start);
   m.tokens_per_s = m.step_time_s > 0 ? static_cast<double>(step_input_tokens) / m.step_time_s : 0;
-  m.elapsed_s = Seconds(now - job_start);
-  m.eta_s = m.elapsed_s / static_cast<double>(steps_this_run) *
+  // A resumed job's time goes on from its checkpoint's (as the summary's runtime does); the
+  // ETA is from this run's pace.
+  m.elapsed_s = seconds_before_this_run + Seconds(now - job_start);
+  m.eta_s = Seconds(now - job_start) / static_cast<double>(steps_this_run) *
             static_cast<double>(total_steps - state.step);
   Emit(e);
   if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -338,7 +344,8 @@ absl::Status Trainer::Impl::FinishStep() {
     return absl::FailedPreconditionError(absl::StrCat(
         "training diverged at step ", state.step, ": the loss is ", loss, " and the gradient norm ",
         grad_norm, "; lower training.learning_rate (", config.learning_rate, ") or lora.alpha (",
-        config.lora.alpha, "), or set training.max_grad_norm"));
+        config.lora.alpha, ")",
+        config.max_grad_norm > 0 ? "" : ", or set training.max_grad_norm (clipping is off)"));
   }
 
   bool early_stop = false;
@@ -398,17 +405,21 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary,
     if (!evaluated.ok()) return evaluated.status();
     loss = *evaluated;
   }
-  auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(),
-                                 /*max_examples=*/32, /*max_new_tokens=*/128, end_of_turn);
+  auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(), kAnsweredExamples,
+                                 /*max_new_tokens=*/128, end_of_turn);
   if (!answers.ok()) return answers.status();
+  // ROUGE is null, not 0, when no held-out example had a prompt to answer (plain text).
+  const bool answered = !answers->examples.empty();
+  auto score = [&](double v) { return answered ? nlohmann::json(v) : nlohmann::json(); };
   nlohmann::json report = {{"step", state.step},
                            {"adapter_step", loss->step},
                            {"validation_loss", loss->loss},
                            {"validation_tokens", loss->tokens},
+                           {"held_out", data->validation().size()},
                            {"answered", answers->examples.size()},
-                           {"rouge1", answers->mean.rouge1},
-                           {"rouge2", answers->mean.rouge2},
-                           {"rougeL", answers->mean.rouge_l},
+                           {"rouge1", score(answers->mean.rouge1)},
+                           {"rouge2", score(answers->mean.rouge2)},
+                           {"rougeL", score(answers->mean.rouge_l)},
                            {"examples", nlohmann::json::array()}};
   for (const AnsweredExample& e : answers->examples) {
     report["examples"].push_back({{"line", e.line},
@@ -427,6 +438,7 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary,
   summary.eval_report_path = path.string();
   summary.eval_loss = loss->loss;
   summary.rouge = answers->mean;
+  summary.answered = static_cast<int64_t>(answers->examples.size());
   summary.has_eval_report = true;
   return absl::OkStatus();
 }
@@ -489,6 +501,7 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
     if (!path.ok()) return path.status();
     // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so the
     // held-out report scores, and the merged model holds, what the job publishes.
+    int64_t scored_step = state.step;
     if (config.load_best_at_end && state.has_eval && state.best_eval_step != state.step &&
         std::filesystem::exists(BestAdapterPath())) {
       auto best = LoraAdapter::ReadPeft(BestAdapterPath());
@@ -498,11 +511,13 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
       if (!evaluated.ok()) return evaluated.status();
       scored = *evaluated;
       scored->step = state.best_eval_step;  // the weights' step, not the job's
+      scored_step = state.best_eval_step;
     }
     if (!data->validation().empty()) {
       if (auto st = WriteEvaluationReport(s, scored); !st.ok()) return st;
     }
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    s.adapter_step = scored_step;
     const LoraAdapter final_adapter = AdapterCopy();
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!config.export_merged_dtype.empty()) {

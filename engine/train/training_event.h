@@ -24,7 +24,7 @@ struct StepMetrics {
   int64_t tokens = 0;        // input tokens (padding excluded) in this step
   double tokens_per_s = 0;
   double step_time_s = 0;  // wall time of this step's micro-batches and update
-  double elapsed_s = 0;    // since the job started (this process; resumed runs restart it)
+  double elapsed_s = 0;    // training time so far (a resumed job goes on from its checkpoint's)
   double eta_s = 0;        // estimated time left, from the mean step time so far
 };
 
@@ -54,13 +54,15 @@ struct TrainingSummary {
   int64_t truncated_examples = 0;
   int64_t trained_tokens = 0;  // input tokens of every step, over all runs of a resumed job
   std::string adapter_path;    // the final PEFT adapter folder
+  int64_t adapter_step = 0;    // the step whose weights it holds (load_best_at_end: the best's)
   std::string merged_path;     // the merged 16-bit model folder, when export_merged_dtype is set
   // With a validation split: the held-out report (loss, ROUGE-1/2/L of greedy answers), also
   // written as eval_report.json.
   bool has_eval_report = false;
   std::string eval_report_path;
   double eval_loss = 0;
-  RougeScores rouge;  // mean F-measures
+  int64_t answered = 0;  // held-out examples answered for ROUGE (0: no ROUGE)
+  RougeScores rouge;     // mean F-measures
 };
 
 struct TrainingEvent {

@@ -18,6 +18,7 @@ def secured(tmp_path, stubs):
     config = tmp_path / "lorad.yaml"
     config.write_text(
         "training:\n  max_running_jobs: 0\n"
+        "limits:\n  max_new_tokens: 3\n"
         "auth:\n  tokens:\n"
         f"    - {{name: ops, role: admin, token: {ADMIN}}}\n"
         f"    - {{name: app, role: user, token: {USER}}}\n")
@@ -76,6 +77,10 @@ def test_tokens_and_roles(secured, stubs):
         grpc.StatusCode.UNAUTHENTICATED
     chunks = list(infer.Generate(gen, metadata=bearer(USER), timeout=30))
     assert chunks[-1].usage.completion_tokens >= 1
+    # max_new_tokens unset: the default (256) within limits.max_new_tokens (3), not refused.
+    unset = ipb.GenerateRequest(prompt="hello", sampling=ipb.SamplingParams(ignore_eos=True))
+    chunks = list(infer.Generate(unset, metadata=bearer(USER), timeout=30))
+    assert chunks[-1].usage.completion_tokens == 3
     status, body = d.http_get("/metrics")
     assert 'code="UNAUTHENTICATED"' in body and 'code="PERMISSION_DENIED"' in body
 

@@ -58,6 +58,10 @@ def test_metrics_parse_and_count_rpcs_by_method_and_code(daemon, stubs):
         with pytest.raises(grpc.RpcError) as err:
             training.GetJob(stubs.training_pb2.GetJobRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for bogus in ("/lorad.v1.TrainingService/Bogus", "/made.up.Service/X"):  # one label
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(bogus)(b"", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     status, text = daemon.http_get("/metrics")
     assert status == 200
@@ -69,6 +73,8 @@ def test_metrics_parse_and_count_rpcs_by_method_and_code(daemon, stubs):
     assert counts.get(("grpc.health.v1.Health/Check", "OK"), 0) >= 1, (counts, text)
     assert counts[("lorad.v1.TrainingService/ListJobs", "OK")] == 1
     assert counts[("lorad.v1.TrainingService/GetJob", "INVALID_ARGUMENT")] == 1
+    assert counts[("unknown", "UNIMPLEMENTED")] == 2
+    assert not [m for m, _ in counts if "Bogus" in m or "made.up" in m], counts
     duration = families["lorad_rpc_duration_seconds"]
     assert duration.type == "histogram"
     buckets = [s for s in duration.samples if s.name.endswith("_bucket")

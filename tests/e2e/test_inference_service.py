@@ -237,7 +237,8 @@ def test_a_passed_deadline_is_deadline_exceeded_never_ok(tmp_path, stubs):
             while rpc_count(d, method, "OK") < 1:  # the backlog is being served
                 assert time.time() - started < 120, d.log()
                 time.sleep(0.01)
-            for timeout in (0.05, 0.2):
+            # Long enough to reach the server on a loaded machine, far shorter than the backlog.
+            for timeout in (2.0, 3.0):
                 with pytest.raises(grpc.RpcError) as err:
                     collect(stub.Generate(long_req, timeout=timeout))
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -326,8 +327,9 @@ def test_rank_and_alpha_patterns_serve_like_peft(server, reference, stubs):
 def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_each_answer(
         server, peft_adapter_dir):
     """A weights file that is a symlink out of the adapter root is PERMISSION_DENIED; a named
-    pipe in its place is refused at once (reading it would wait for a writer forever); 16 loads
-    of one name at once each answer the version they published."""
+    pipe in its place is refused at once (reading it would wait for a writer forever); names a
+    job could not publish are refused; 16 loads of one name at once each answer the version they
+    published."""
     import concurrent.futures
     import os
     import shutil
@@ -354,6 +356,12 @@ def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_eac
     assert "not a regular file" in err.value.details()
 
     shutil.copytree(src, root / "same")
+    # The names a job may publish, no others: "-x" reads as a flag, ".." as a folder.
+    for bad in ("..", "-x", ".hidden", "a" * 65):
+        with pytest.raises(grpc.RpcError) as err:
+            astub.LoadAdapter(apb.LoadAdapterRequest(name=bad, path="same"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("name:"), err.value.details()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(
             lambda _: astub.LoadAdapter(apb.LoadAdapterRequest(name="same", path="same"),

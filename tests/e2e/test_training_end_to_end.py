@@ -39,18 +39,6 @@ def watch_until_done(stub, pb, job_id, timeout=300):
     return events, states, steps
 
 
-def without_times(pb, events):
-    """The events with their time stamps cleared (a state's stored time and the time it was
-    published differ by a millisecond or so)."""
-    out = []
-    for e in events:
-        copy = pb.JobEvent()
-        copy.CopyFrom(e)
-        copy.ClearField("time")
-        out.append(copy)
-    return out
-
-
 def wait_for_state(stub, pb, job_id, state, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -84,10 +72,11 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
         assert finished[0].final_loss == pytest.approx(losses[-1])
         assert finished[0].steps == 12 and finished[0].runtime_seconds > 0
 
-        # The job's record keeps it all: a later watch replays the same events, each once, and
-        # GetJob carries the summary.
+        # The job's record keeps it all: a later watch replays the same events, each once, with
+        # the same times, and GetJob carries the summary.
         replay, _, _ = watch_until_done(train, tpb, job.id)
-        assert without_times(tpb, replay) == without_times(tpb, events)
+        assert all(e.time.seconds > 0 for e in replay)
+        assert replay == events
         assert train.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).summary == finished[0]
 
         listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
@@ -258,7 +247,7 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
             assert [v.step for v in evals] == [4] and summary.best_validation_loss == \
                 evals[0].validation_loss
             replay, _, _ = watch_until_done(stub, tpb, job.id)
-            assert without_times(tpb, replay) == without_times(tpb, events)
+            assert replay == events
             # loradctl's report shows the summary's paths, absolute, and the validation result.
             import subprocess
 
@@ -407,7 +396,8 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
     """Adapters published by jobs or loaded by hand are served again after a restart, with their
     versions; an unloaded name stays unloaded; the next version of a name follows the last one.
     A second daemon on the same data folder refuses to start; a stop does not wait on a job
-    watch for its whole grace period."""
+    watch for its whole grace period. An adapter folder or a queued job's dataset replaced by a
+    link out of its root while the daemon was stopped is refused, not read."""
     import subprocess
 
     from conftest import LORAD, free_port, tiny_model_path
@@ -424,9 +414,10 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
             _, states, _ = watch_until_done(train, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
         folder = tmp_path / "data" / "jobs" / job.id / "adapter"
-        shutil.copytree(folder, tmp_path / "data" / "adapters" / "copy")
-        for name in ("by-hand", "dropped"):
-            adapters.LoadAdapter(apb.LoadAdapterRequest(name=name, path="copy"), timeout=30)
+        for copy in ("copy", "moved"):
+            shutil.copytree(folder, tmp_path / "data" / "adapters" / copy)
+        for name, path in (("by-hand", "copy"), ("dropped", "copy"), ("moved", "moved")):
+            adapters.LoadAdapter(apb.LoadAdapterRequest(name=name, path=path), timeout=30)
         adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="dropped"), timeout=30)
 
         second = subprocess.run(
@@ -443,11 +434,22 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         wait_for_state(train, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
         watch = train.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=300)
         next(watch)
+        datasets = tmp_path / "data" / "datasets"
+        shutil.copy(QA, datasets / "swapped.jsonl")
+        queued = job_spec(tpb, "swapped", 3)
+        queued.dataset.path = "swapped.jsonl"
+        queued = train.SubmitJob(tpb.SubmitJobRequest(spec=queued), timeout=30)  # behind long
         channel.close()
     finally:
         started = time.time()
         assert stop_daemon(d) == 0, d.log()
     assert time.time() - started < 60, "the stop waited on the open watch"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for link, target in ((datasets / "swapped.jsonl", outside / "swapped.jsonl"),
+                         (tmp_path / "data" / "adapters" / "moved", outside / "moved")):
+        shutil.move(link, target)
+        link.symlink_to(target)
 
     d = start_daemon(tmp_path)
     try:
@@ -457,7 +459,11 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
         assert sorted((a.name, a.version) for a in listed) == [("by-hand", 1), ("keep", 2)], \
             d.log()
+        assert re.search(r"adapter moved version 1 is not served again: .*outside the root",
+                         d.log()), d.log()
         train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+        failed = wait_for_state(train, tpb, queued.id, tpb.JOB_STATE_FAILED)
+        assert "outside the root" in failed.error, failed.error
         job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "keep", 3)), timeout=30)
         _, states, _ = watch_until_done(train, tpb, job.id)
         assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()

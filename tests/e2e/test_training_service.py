@@ -67,8 +67,21 @@ def test_list_filters_and_paginates(service):
 
 
 def test_watch_streams_history_then_live_cancellation(service):
-    _, stub, pb, _ = service
+    d, stub, pb, _ = service
     job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    # A watch whose deadline passes (the job stays queued) ends DEADLINE_EXCEEDED, and is counted
+    # so, not as CANCELLED.
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    watch = 'method="lorad.v1.TrainingService/WatchJob"'
+    for _ in range(50):  # the server finishes the call just after the client gave up
+        metrics = d.http_get("/metrics")[1]
+        if f'{{{watch},code="DEADLINE_EXCEEDED"}} 1' in metrics:
+            break
+        threading.Event().wait(0.1)
+    assert f'{{{watch},code="DEADLINE_EXCEEDED"}} 1' in metrics, metrics
+    assert f'{{{watch},code="CANCELLED"}}' not in metrics
     events = []
     stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=30)
 
@@ -108,6 +121,9 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     bad_name = spec(pb)
     bad_name.adapter_name = "../evil"
     expect_code(submit(bad_name), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name")
+    # A huge value is quoted shortened: the status still fits the client's header limit.
+    bad_name.adapter_name = "a" * 100_000
+    expect_code(submit(bad_name), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name", "left out")
     bad_lr = spec(pb)
     bad_lr.training.learning_rate = 5
     expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT, "training.learning_rate")
@@ -117,7 +133,19 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
                 "training.keep_activations_layers")
     bad_rank = spec(pb)
     bad_rank.lora.r = 5000
-    expect_code(submit(bad_rank), grpc.StatusCode.INVALID_ARGUMENT, "lora", "'r'")
+    expect_code(submit(bad_rank), grpc.StatusCode.INVALID_ARGUMENT, "lora.r:", "1024")
+    bad_alpha = spec(pb)
+    bad_alpha.lora.alpha = 1e308  # would overflow at the first step
+    expect_code(submit(bad_alpha), grpc.StatusCode.INVALID_ARGUMENT, "lora.alpha:")
+    too_many = spec(pb)
+    too_many.training.keep_activations_layers = 3  # the tiny model has 2
+    expect_code(submit(too_many), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.keep_activations_layers", "[0, 2]")
+    no_checkpoints = spec(pb)
+    no_checkpoints.training.gradient_checkpointing = False
+    no_checkpoints.training.offload_activations = True
+    expect_code(submit(no_checkpoints), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.offload_activations", "gradient_checkpointing")
     bad_target = spec(pb)
     bad_target.lora.target_modules.append("attn")
     expect_code(submit(bad_target), grpc.StatusCode.INVALID_ARGUMENT, "target_modules", "attn")
@@ -200,6 +228,9 @@ def test_unknown_job_is_not_found(service):
                 grpc.StatusCode.NOT_FOUND, "job-0")
     expect_code(lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=10)),
                 grpc.StatusCode.NOT_FOUND)
+    expect_code(lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="job-0", from_step=-1),
+                                           timeout=10)),
+                grpc.StatusCode.INVALID_ARGUMENT, "from_step")
     expect_code(lambda: stub.GetJob(pb.GetJobRequest(), timeout=10),
                 grpc.StatusCode.INVALID_ARGUMENT, "job_id")
 

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sqlite3.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -129,6 +130,7 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   StepRecord redo;
   redo.step = 3;
   redo.loss = 1.5;  // the resumed run reports step 3 again
+  redo.time_ms = 1764892800123;
   ASSERT_TRUE(store->AppendStep(job->id, redo).ok());
   ASSERT_TRUE(store->SetTotalSteps(job->id, 7).ok());
   EXPECT_EQ(store->Get(job->id)->total_steps, 7);
@@ -137,6 +139,32 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   ASSERT_EQ(steps->size(), 2u);
   EXPECT_EQ((*steps)[0].step, 2);
   EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.5);
+  EXPECT_EQ((*steps)[1].time_ms, 1764892800123);
+}
+
+// A database of an older lorad (job_steps without time_ms) gains the column on open; its rows
+// read with time 0.
+TEST_F(JobStoreTest, OlderDatabasesGainTheStepTimeColumn) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "CREATE TABLE job_steps (job_id TEXT NOT NULL, step INTEGER NOT NULL, "
+                         "epoch REAL, loss REAL, learning_rate REAL, grad_norm REAL, "
+                         "tokens_per_second REAL, step_seconds REAL, elapsed_seconds REAL, "
+                         "eta_seconds REAL, PRIMARY KEY (job_id, step)) WITHOUT ROWID;"
+                         "INSERT INTO job_steps (job_id, step, loss) VALUES ('job-old', 1, 2.5);"
+                         "PRAGMA user_version=1;",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto store = OpenStore();
+  auto old = store->Steps("job-old", 0);
+  ASSERT_TRUE(old.ok()) << old.status();
+  ASSERT_EQ(old->size(), 1u);
+  EXPECT_DOUBLE_EQ((*old)[0].loss, 2.5);
+  EXPECT_EQ((*old)[0].time_ms, 0);
+  store.reset();
+  EXPECT_TRUE(OpenStore() != nullptr);  // and opens again once it has it
 }
 
 TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {

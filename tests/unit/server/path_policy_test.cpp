@@ -52,6 +52,18 @@ TEST_F(PathPolicyTest, PrefixLookalikeIsNotInside) {
   EXPECT_TRUE(absl::IsPermissionDenied(r.status()));
 }
 
+// An adapter folder inside the root whose weights file links out of it is refused too.
+TEST_F(PathPolicyTest, AdapterFolderFilesMustStayInsideTheRoot) {
+  fs::create_directories(root_ / "ok");
+  std::ofstream(root_ / "ok" / "adapter_config.json") << "{}";
+  EXPECT_TRUE(ResolveAdapterFolder(root_.string(), "ok", "path").ok());
+  fs::create_symlink(base_ / "secret" / "key", root_ / "ok" / "adapter_model.safetensors");
+  auto r = ResolveAdapterFolder(root_.string(), "ok", "path");
+  EXPECT_TRUE(absl::IsPermissionDenied(r.status())) << r.status();
+  EXPECT_TRUE(
+      absl::IsPermissionDenied(ResolveAdapterFolder(root_.string(), "escape", "p").status()));
+}
+
 TEST_F(PathPolicyTest, EmptyPathIsInvalid) {
   EXPECT_TRUE(absl::IsInvalidArgument(ResolveInsideRoot(root_.string(), "", "f").status()));
 }

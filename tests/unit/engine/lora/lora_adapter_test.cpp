@@ -327,6 +327,16 @@ TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
                                {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
                                 torch::ones({4, 128})}}),
                   "adapts k_proj, which target_modules");
+  // layers_to_transform: PEFT leaves a tensor of another layer unused, so it is refused.
+  ExpectReadError(WriteFolder("other_layer", ConfigText(R"("layers_to_transform": [1])"), w),
+                  "adapts layer 0, which layers_to_transform");
+  ExpectReadError(WriteFolder("bad_layers", ConfigText(R"("layers_to_transform": "all")"), w),
+                  "'layers_to_transform' must be a layer index or a list");
+  for (const char* listed : {"0", "[0, 1]", "null"}) {
+    auto read = LoraAdapter::ReadPeft(
+        WriteFolder("layers", ConfigText(std::string(R"("layers_to_transform": )") + listed), w));
+    EXPECT_TRUE(read.ok()) << listed << ": " << read.status();
+  }
   ExpectReadError(
       WriteFolder("int", ConfigText(), {{w[0].first, torch::ones({4, 128}, torch::kInt32)}, w[1]}),
       "has dtype I32");

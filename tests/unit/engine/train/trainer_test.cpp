@@ -12,6 +12,7 @@
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
+#include "engine/train/answer_evaluation.h"
 #include "engine/train/dataset_reader.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/training_checkpoint.h"
@@ -236,6 +237,9 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   ASSERT_TRUE(report_file) << summary.eval_report_path;
   const auto report = nlohmann::json::parse(report_file);
   EXPECT_EQ(report["answered"].get<int>(), 4);
+  EXPECT_EQ(report["held_out"].get<int>(), 4);
+  EXPECT_EQ(summary.answered, 4);
+  EXPECT_EQ(summary.adapter_step, summary.steps);
   EXPECT_EQ(report["examples"].size(), 4u);
   EXPECT_DOUBLE_EQ(report["rougeL"].get<double>(), summary.rouge.rouge_l);
   for (const auto& example : report["examples"]) {  // the template's end of turn is cut off
@@ -285,7 +289,54 @@ TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
   ASSERT_TRUE(report_file) << summary.eval_report_path;
   const auto report = nlohmann::json::parse(report_file);
   EXPECT_EQ(report["adapter_step"].get<int64_t>(), best_eval->eval.step);
+  EXPECT_EQ(summary.adapter_step, best_eval->eval.step);
   EXPECT_EQ(report["step"].get<int64_t>(), summary.steps);
+}
+
+// A held-out conversation is answered from its first trained assistant turn, and the reference is
+// that turn alone: also when the end-of-turn marker is a special token (decoding drops it, as
+// ChatML models mark it), and when the loss covers the whole example (response_only off).
+TEST_F(TrainerTest, HeldOutAnswersAreTheFirstTurnWhateverTheLossCovers) {
+  const fs::path special = out_ / "special-markers";
+  fs::create_directories(special);
+  for (const auto& f : fs::directory_iterator(model_dir_)) {
+    fs::copy(f.path(), special / f.path().filename());
+  }
+  nlohmann::json tc = nlohmann::json::parse(std::ifstream(special / "tokenizer_config.json"));
+  tc["added_tokens_decoder"] = {{"3", {{"content", "<|im_start|>"}, {"special", true}}},
+                                {"4", {{"content", "<|im_end|>"}, {"special", true}}}};
+  std::ofstream(special / "tokenizer_config.json") << tc.dump();
+  auto tokenizer = LoadTokenizer(special.string());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_EQ((*tokenizer)->Piece(4), "<|im_end|>");
+  auto example = DatasetReader::ParseRecord(
+      R"({"messages": [{"role": "user", "content": "Capital of Austria?"},
+          {"role": "assistant", "content": "Vienna is the capital."},
+          {"role": "user", "content": "And of Peru?"},
+          {"role": "assistant", "content": "Lima."}]})",
+      DatasetFormat::kChat, "test");
+  ASSERT_TRUE(example.ok()) << example.status();
+  LoraConfig lora;
+  lora.r = 4;
+  lora.target_modules = {"q_proj"};
+  auto adapter = LoraAdapter::Init(model_->config(), lora, 1);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  int64_t start = -1;
+  for (bool response_only : {true, false}) {
+    ExampleFormatterOptions options;
+    options.response_only = response_only;
+    auto formatter = ExampleFormatter::Create(**tokenizer, special.string(), options);
+    ASSERT_TRUE(formatter.ok()) << formatter.status();
+    auto row = formatter->Format(*example);
+    ASSERT_TRUE(row.ok()) << row.status();
+    EXPECT_GT(row->response_start, 0);
+    if (start >= 0) EXPECT_EQ(row->response_start, start) << "the same start either way";
+    start = row->response_start;
+    auto answers = EvaluateAnswers(*model_, *adapter, **tokenizer, {*row}, 1, 4, "<|im_end|>");
+    ASSERT_TRUE(answers.ok()) << answers.status();
+    ASSERT_EQ(answers->examples.size(), 1u) << "response_only " << response_only;
+    EXPECT_EQ(answers->examples[0].reference, "Vienna is the capital.");
+  }
 }
 
 TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
