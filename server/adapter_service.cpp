@@ -64,7 +64,17 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published);
   if (!version.ok()) return FinishUnary(context, version.status());
   if (record_ != nullptr) {
-    (void)record_->RecordAdapter({request->name(), *version, *folder, *folder, /*served=*/true});
+    // Served only if recorded: an acknowledged load must come back after a restart. A failed
+    // record (a full disk) takes the new version down again (it never served: it was just
+    // made current, and requests that took it since finish on it).
+    if (auto s =
+            record_->RecordAdapter({request->name(), *version, *folder, *folder, /*served=*/true});
+        !s.ok()) {
+      (void)engine_.adapters().Unload(request->name(), *version, std::chrono::seconds(0));
+      return FinishUnary(context,
+                         absl::Status(s.code(), absl::StrCat("recording adapter '", request->name(),
+                                                             "' failed: ", s.message())));
+    }
   }
   ToProto(published, response);
   return FinishUnary(context, absl::OkStatus());
@@ -91,8 +101,15 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
       current_unloaded |= info.current;
     }
   }
-  // The name serves nothing after this: a restart must not bring it back.
-  if (current_unloaded && record_ != nullptr) (void)record_->MarkAdapterUnserved(request->name());
+  // The name serves nothing after this: a restart must not bring it back. Recorded first: an
+  // unload that a restart would undo is refused (a full disk).
+  if (current_unloaded && record_ != nullptr) {
+    if (auto s = record_->MarkAdapterUnserved(request->name()); !s.ok()) {
+      return FinishUnary(
+          context, absl::Status(s.code(), absl::StrCat("recording the unload of '", request->name(),
+                                                       "' failed: ", s.message())));
+    }
+  }
   // Unload blocks until the adapter's requests finish: wait on a thread of our own, bounded by
   // the call's deadline, and answer from there.
   auto* reactor = context->DefaultReactor();

@@ -97,8 +97,8 @@ absl::Status Daemon::Start() {
 
   // Absolute from here on: the paths a job reports (adapter, checkpoints, merged model, eval
   // report) are then usable by a client whatever its working folder.
-  for (std::string* path :
-       {&config_.storage.data_dir, &config_.storage.dataset_root, &config_.storage.adapter_root}) {
+  for (std::string* path : {&config_.storage.data_dir, &config_.storage.dataset_root,
+                            &config_.storage.adapter_root, &config_.model.path}) {
     std::error_code ec;
     if (!path->empty()) *path = std::filesystem::absolute(*path, ec).lexically_normal().string();
   }
@@ -175,7 +175,9 @@ absl::Status Daemon::StartEngine() {
                       ? (fs::path(config_.storage.data_dir) / "adapters").string()
                       : config_.storage.adapter_root;
   std::error_code ec;
-  fs::create_directories(adapter_root_, ec);
+  if (fs::create_directories(adapter_root_, ec)) {
+    spdlog::info("created the adapter root {} (storage.adapter_root)", adapter_root_);
+  }
   if (ec) {
     return absl::InvalidArgumentError(
         absl::StrCat("storage.adapter_root: cannot create '", adapter_root_, "': ", ec.message()));
@@ -234,27 +236,32 @@ std::string Daemon::JobsDir() const {
 
 absl::Status Daemon::LockDataDir() {
   // Two daemons on one data folder would both resume its running jobs into the same folders.
-  // The lock is the kernel's: it ends with the process, also after kill -9.
-  const std::string path =
-      (std::filesystem::path(config_.storage.data_dir) / "lorad.lock").string();
-  data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  // The lock is the kernel's, on the folder itself (a lock file could be deleted under a running
+  // daemon, taken for a stale pid file): it ends with the process, also after kill -9.
+  const std::string& dir = config_.storage.data_dir;
+  data_dir_lock_ = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (data_dir_lock_ < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("storage.data_dir: cannot open ", path, ": ", std::strerror(errno)));
+        absl::StrCat("storage.data_dir: cannot open ", dir, ": ", std::strerror(errno)));
   }
+  // The holder's pid, for the message a second daemon gives.
+  const std::string pid_path = (std::filesystem::path(dir) / "lorad.lock").string();
   if (::flock(data_dir_lock_, LOCK_EX | LOCK_NB) != 0) {
-    char pid[32] = {};
-    const ssize_t n = ::pread(data_dir_lock_, pid, sizeof(pid) - 1, 0);
     ::close(data_dir_lock_);
     data_dir_lock_ = -1;
-    return absl::FailedPreconditionError(absl::StrCat(
-        "storage.data_dir '", config_.storage.data_dir, "' is in use by another lorad",
-        n > 0 ? absl::StrCat(" (pid ", std::string(pid, static_cast<size_t>(n)), ")") : "",
-        "; stop it, or give this one another --data-dir"));
+    std::string pid;
+    std::ifstream(pid_path) >> pid;
+    return absl::FailedPreconditionError(
+        absl::StrCat("storage.data_dir '", dir, "' is in use by another lorad",
+                     pid.empty() ? "" : absl::StrCat(" (pid ", pid, ")"),
+                     "; stop it, or give this one another --data-dir"));
   }
-  const std::string pid = std::to_string(::getpid());
-  if (::ftruncate(data_dir_lock_, 0) == 0) {
-    (void)::pwrite(data_dir_lock_, pid.data(), pid.size(), 0);
+  std::ofstream pid_file(pid_path, std::ios::trunc);
+  pid_file << ::getpid() << "\n";
+  pid_file.flush();
+  if (!pid_file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("storage.data_dir: cannot write ", pid_path, ": ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }
@@ -321,7 +328,9 @@ absl::Status Daemon::OpenJobStore() {
                       ? (fs::path(config_.storage.data_dir) / "datasets").string()
                       : config_.storage.dataset_root;
   std::error_code ec;
-  fs::create_directories(dataset_root_, ec);
+  if (fs::create_directories(dataset_root_, ec)) {
+    spdlog::info("created the dataset root {} (storage.dataset_root)", dataset_root_);
+  }
   if (ec) {
     return absl::InvalidArgumentError(
         absl::StrCat("storage.dataset_root: cannot create '", dataset_root_, "': ", ec.message()));
@@ -330,10 +339,36 @@ absl::Status Daemon::OpenJobStore() {
   auto store = JobStore::Open(db_path);
   if (!store.ok()) return store.status();
   jobs_ = std::move(*store);
+  // A database that knows no job beside a jobs folder that holds some was lost or replaced (a
+  // deleted or truncated file opens as a new, empty one): starting would forget those jobs and
+  // publish their adapter names from version 1 again.
+  // A damaged page shows only when read: say which file, and what to do.
+  const auto damaged = [&db_path](const absl::Status& s) {
+    if (absl::IsResourceExhausted(s)) return s;
+    return absl::FailedPreconditionError(
+        absl::StrCat("job database '", db_path, "': ", s.message(),
+                     "; move the file aside to start with an empty job queue"));
+  };
+  auto counts = jobs_->CountByState();
+  if (!counts.ok()) return damaged(counts.status());
+  int64_t known = 0;
+  for (const auto& [state, n] : *counts) known += n;
+  if (known == 0) {
+    int64_t folders = 0;
+    for (const auto& entry : fs::directory_iterator(JobsDir(), ec)) {
+      folders += entry.is_directory() && entry.path().filename().string().rfind("job-", 0) == 0;
+    }
+    if (folders > 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job database '", db_path, "' holds no job, but ", JobsDir(), " holds ", folders,
+          " job folders: the database was lost or replaced; restore it, or move ", JobsDir(),
+          " aside to start with an empty job queue (and adapter versions from 1)"));
+    }
+  }
   // A job that was running when the last process died goes back to the queue; its trainer
   // resumes from the last checkpoint.
   auto requeued = jobs_->RecoverAfterRestart();
-  if (!requeued.ok()) return requeued.status();
+  if (!requeued.ok()) return damaged(requeued.status());
   for (const auto& id : *requeued)
     spdlog::warn("job {} was running at the last stop; re-queued", id);
   JobStore* jobs = jobs_.get();

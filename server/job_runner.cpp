@@ -144,6 +144,7 @@ void JobRunner::Loop() {
       if (stop_ && batch.empty()) return;
     }
     for (const Pending& p : batch) Handle(p);
+    RecordFailuresAgain();
     if (look) StartNextJob();
   }
 }
@@ -235,14 +236,36 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
 
 void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
   const int64_t now = NowMs();
-  if (store_.MarkFailed(job_id, error, now).ok()) {
-    spdlog::warn("job {} failed: {}", job_id, error);
-    lorad::v1::JobEvent failed = EventFor(job_id, now);
-    failed.set_failed(error);
-    events_.Publish(failed);
-    events_.Publish(StateEvent(job_id, JobState::kFailed, now));
+  const absl::Status stored = store_.MarkFailed(job_id, error, now);
+  if (absl::IsFailedPrecondition(stored) || absl::IsNotFound(stored)) {  // cancelled meanwhile
+    Wake();
+    return;
   }
+  if (stored.ok()) {
+    spdlog::warn("job {} failed: {}", job_id, error);
+  } else {
+    spdlog::error("job {} failed: {}; the job database could not record that ({}); retrying",
+                  job_id, error, std::string(stored.message()));
+    unrecorded_failures_[job_id] = error;
+  }
+  // Watchers learn it now either way; the record follows once the store takes it.
+  lorad::v1::JobEvent failed = EventFor(job_id, now);
+  failed.set_failed(error);
+  events_.Publish(failed);
+  events_.Publish(StateEvent(job_id, JobState::kFailed, now));
   Wake();
+}
+
+void JobRunner::RecordFailuresAgain() {
+  for (auto it = unrecorded_failures_.begin(); it != unrecorded_failures_.end();) {
+    const absl::Status stored = store_.MarkFailed(it->first, it->second);
+    if (stored.ok()) spdlog::info("job {}: its failure is recorded now", it->first);
+    if (stored.ok() || absl::IsFailedPrecondition(stored) || absl::IsNotFound(stored)) {
+      it = unrecorded_failures_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 void JobRunner::Handle(const Pending& p) {

@@ -87,6 +87,10 @@ class JobRunner {
   // Runner thread only: the total steps stored for each running job, as its trainer counts them
   // (the dataset is read again when the job starts and may have changed since submission).
   std::map<std::string, int64_t> job_total_steps_;
+  // Runner thread only: failures the store could not record yet (a full disk), retried on every
+  // turn of the loop, so a failed job never reads as running for ever.
+  std::map<std::string, std::string> unrecorded_failures_;
+  void RecordFailuresAgain();
   bool look_for_jobs_ = true;
   bool stop_ = false;
   bool starting_stopped_ = false;  // StopStartingJobs

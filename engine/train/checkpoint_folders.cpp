@@ -10,6 +10,13 @@ std::string CheckpointPath(const std::string& output_dir, int64_t step) {
   return (fs::path(output_dir) / absl::StrCat(kCheckpointPrefix, step)).string();
 }
 
+const std::vector<std::string>& CheckpointFiles() {
+  static const std::vector<std::string> kFiles = {"trainer_state.json", "optimizer.pt", "rng.pt",
+                                                  "adapter/adapter_config.json",
+                                                  "adapter/adapter_model.safetensors"};
+  return kFiles;
+}
+
 std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string& output_dir) {
   constexpr size_t kPrefixLength = sizeof(kCheckpointPrefix) - 1;
   std::vector<std::pair<int64_t, fs::path>> found;
@@ -25,7 +32,11 @@ std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string&
     } catch (...) {
       continue;
     }
-    if (fs::exists(entry.path() / "trainer_state.json")) found.emplace_back(step, entry.path());
+    bool complete = true;
+    for (const std::string& file : CheckpointFiles()) {
+      complete = complete && fs::is_regular_file(entry.path() / file, ec);
+    }
+    if (complete) found.emplace_back(step, entry.path());
   }
   return found;
 }
@@ -40,6 +51,26 @@ std::string LatestCheckpoint(const std::string& output_dir) {
     }
   }
   return path;
+}
+
+void RemoveFolder(const fs::path& folder) {
+  std::error_code ec;
+  const fs::path doomed = folder.parent_path() / (".deleting-" + folder.filename().string());
+  fs::remove_all(doomed, ec);
+  fs::rename(folder, doomed, ec);
+  fs::remove_all(ec ? folder : doomed, ec);
+}
+
+void RemoveLeftovers(const std::string& output_dir) {
+  std::error_code ec;
+  std::vector<fs::path> leftovers;
+  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool tmp = name.rfind(absl::StrCat(".", kCheckpointPrefix), 0) == 0 && name.size() > 4 &&
+                     name.compare(name.size() - 4, 4, ".tmp") == 0;
+    if (tmp || name.rfind(".deleting-", 0) == 0) leftovers.push_back(entry.path());
+  }
+  for (const fs::path& p : leftovers) fs::remove_all(p, ec);
 }
 
 }  // namespace lorad::engine

@@ -1,5 +1,5 @@
 // Where a training job's checkpoints live in its output folder: checkpoint-<step>/ folders, a
-// complete one holding trainer_state.json (written last). torch-free, so the server can ask which
+// complete one holding every file a resume reads. torch-free, so the server can ask which
 // checkpoint a job resumes from; training_checkpoint.h reads and writes them.
 #pragma once
 
@@ -16,11 +16,24 @@ inline constexpr char kCheckpointPrefix[] = "checkpoint-";
 // output_dir/checkpoint-<step>
 std::string CheckpointPath(const std::string& output_dir, int64_t step);
 
+// The files a resume reads from a checkpoint folder; a folder missing one is not complete (a
+// kill during a delete may leave part of a folder behind).
+const std::vector<std::string>& CheckpointFiles();
+
 // Every complete checkpoint folder in output_dir, with its step, in no particular order.
 std::vector<std::pair<int64_t, std::filesystem::path>> CompleteCheckpoints(
     const std::string& output_dir);
 
 // The newest complete checkpoint folder in output_dir, or "" when there is none.
 std::string LatestCheckpoint(const std::string& output_dir);
+
+// Deletes a folder so that no part of it is ever seen under its name: it is first renamed to a
+// hidden name beside it (".deleting-<name>"), which RemoveLeftovers also clears. Best effort: a
+// folder left behind costs space, not correctness.
+void RemoveFolder(const std::filesystem::path& folder);
+
+// Clears what a killed process may have left in output_dir: half-written (".checkpoint-*.tmp")
+// and half-deleted (".deleting-*") folders.
+void RemoveLeftovers(const std::string& output_dir);
 
 }  // namespace lorad::engine

@@ -7,9 +7,12 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <optional>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/lora/lora_adapter.h"
 #include "engine/lora/merged_model_writer.h"
 #include "engine/model/llama_model.h"
@@ -34,6 +37,27 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kAnsweredExamples = 32;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// "<size>:<FNV-1a 64 of the bytes>" of each file, ";"-joined: enough to tell a changed dataset
+// (not a defence against a crafted one: the operator owns these files).
+absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths) {
+  std::string out;
+  for (const std::string& path : paths) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));
+    uint64_t hash = 14695981039346656037ULL;
+    uint64_t size = 0;
+    std::vector<char> buffer(1 << 20);
+    while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount()) {
+      for (std::streamsize i = 0; i < in.gcount(); ++i) {
+        hash = (hash ^ static_cast<unsigned char>(buffer[i])) * 1099511628211ULL;
+      }
+      size += static_cast<uint64_t>(in.gcount());
+    }
+    absl::StrAppend(&out, out.empty() ? "" : ";", size, ":", absl::Hex(hash, absl::kZeroPad16));
+  }
+  return out;
+}
 
 // One micro-batch as tensors. Rows right-padded with token 0 (never attended nor scored).
 struct MicroBatchTensors {
@@ -175,6 +199,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   schedule.emplace(*kind, config.learning_rate, warmup, total_steps);
 
   std::optional<TrainingCheckpoint> checkpoint;
+  if (config.resume) RemoveLeftovers(config.output_dir);  // of a process killed mid-write
   const std::string latest = config.resume ? LatestCheckpoint(config.output_dir) : "";
   if (!latest.empty()) {
     auto c = ReadCheckpoint(latest);
@@ -205,6 +230,19 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
   // resumed one continues the checkpoint's generator state (restored below).
   if (!checkpoint) torch::manual_seed(config.seed);
+  std::vector<std::string> dataset_files = {config.data.path};
+  if (!config.data.validation_path.empty()) dataset_files.push_back(config.data.validation_path);
+  auto fingerprint = FilesFingerprint(dataset_files);
+  if (!fingerprint.ok()) return fingerprint.status();
+  if (checkpoint && !state.dataset_fingerprint.empty() &&
+      state.dataset_fingerprint != *fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the dataset (", absl::StrJoin(dataset_files, ", "),
+        ") changed since the job started: ", resumed_from,
+        " was trained on other contents, and resuming would train the rest of the "
+        "job on other examples; put the original file back to resume, or submit a new job"));
+  }
+  state.dataset_fingerprint = *fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) return s;
   // fp32 master weights on the model's device: the optimizer updates these; the forward casts
   // them to the compute dtype (bf16 on CUDA) with autograd through the cast.

@@ -51,7 +51,8 @@ json StateToJson(const TrainerState& s) {
               {"has_eval", s.has_eval},
               {"evals_without_improvement", s.evals_without_improvement},
               {"trained_tokens", s.trained_tokens},
-              {"train_seconds", s.train_seconds}};
+              {"train_seconds", s.train_seconds},
+              {"dataset_fingerprint", s.dataset_fingerprint}};
 }
 
 // Serializes `archive` in memory, then writes it to `path` (fsynced).
@@ -92,7 +93,9 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
       return s;
     }
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
-    fs::remove_all(final_path);
+    // A folder of this step already there (a resumed job writes its step again) leaves by a
+    // rename first, so a kill mid-delete never leaves a part of it under the name.
+    if (fs::exists(final_path)) RemoveFolder(final_path);
     fs::rename(tmp, final_path);
     return SyncPath(output_dir);
   } catch (const fs::filesystem_error& e) {
@@ -127,10 +130,7 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
     auto all = CompleteCheckpoints(output_dir);
     std::sort(all.begin(), all.end(),
               [](const auto& a, const auto& b) { return a.first > b.first; });
-    for (size_t i = static_cast<size_t>(keep); i < all.size(); ++i) {
-      std::error_code ec;
-      fs::remove_all(all[i].second, ec);  // best effort: a leftover costs space, not correctness
-    }
+    for (size_t i = static_cast<size_t>(keep); i < all.size(); ++i) RemoveFolder(all[i].second);
   }
   return final_path.string();
 }
@@ -158,6 +158,7 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     s.trained_tokens = j.value("trained_tokens", int64_t{0});
     s.train_seconds = j.value("train_seconds", 0.0);
     s.best_eval_step = j.value("best_eval_step", int64_t{0});
+    s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));

@@ -420,12 +420,19 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
             adapters.LoadAdapter(apb.LoadAdapterRequest(name=name, path=path), timeout=30)
         adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="dropped"), timeout=30)
 
-        second = subprocess.run(
-            [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model",
-             tiny_model_path(), "--data-dir", str(tmp_path / "data"),
-             "--grpc-address", f"127.0.0.1:{free_port()}",
-             "--http-address", f"127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=120)
+        def start_another():
+            return subprocess.run(
+                [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model",
+                 tiny_model_path(), "--data-dir", str(tmp_path / "data"),
+                 "--grpc-address", f"127.0.0.1:{free_port()}",
+                 "--http-address", f"127.0.0.1:{free_port()}"],
+                capture_output=True, text=True, timeout=120)
+
+        second = start_another()
+        assert second.returncode != 0 and "in use by another lorad" in second.stderr, second
+        assert f"(pid {d.proc.pid})" in second.stderr, second.stderr
+        (tmp_path / "data" / "lorad.lock").unlink()  # taken for a stale pid file: still refused
+        second = start_another()
         assert second.returncode != 0 and "in use by another lorad" in second.stderr, second
 
         # A watch on a long job is still open when the daemon stops.
@@ -474,6 +481,12 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
+    # A lost job database (deleted, or truncated to nothing) beside job folders is refused, not
+    # taken for a new, empty queue that would publish every name from version 1 again.
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "data" / f"jobs.db{suffix}").unlink(missing_ok=True)
+    lost = start_another()
+    assert lost.returncode != 0 and "holds no job" in lost.stderr, lost.stderr
 
 
 def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, stubs):

@@ -124,6 +124,33 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_EQ(second.back().summary.steps, 20);
 }
 
+// A job's dataset that changed between its checkpoint and a resume is refused, naming the file:
+// the rest of the job would train on other examples.
+TEST_F(TrainerTest, AResumeRefusesADatasetThatChanged) {
+  TrainingJobConfig config = Config("changed");
+  fs::create_directories(out_);
+  const fs::path copy = out_ / "qa.jsonl";
+  fs::copy_file(config.data.path, copy);
+  config.data.path = copy.string();
+  config.save_every = 2;
+  {
+    auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(first.ok()) << first.status();
+    while ((*first)->step() < 2) ASSERT_TRUE((*first)->Step().ok());
+  }
+  auto same = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_TRUE((*same)->resumed());
+  std::ofstream(copy, std::ios::app) << R"({"question": "Added later?", "answer": "Yes."})"
+                                     << "\n";
+  auto changed = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_FALSE(changed.ok());
+  EXPECT_EQ(changed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(changed.status().message().find(copy.string() + ") changed since the job started"),
+            std::string::npos)
+      << changed.status();
+}
+
 // The learning requirement of the trainer issue: 60 steps on the Q&A fixture lower the loss at
 // least 5x, and greedy answers to the training questions then contain the reference answers.
 // The fixture model is tiny (2 layers, hidden 128) with frozen random embeddings, so it needs a

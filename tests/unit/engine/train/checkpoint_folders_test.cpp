@@ -1,0 +1,60 @@
+#include "engine/train/checkpoint_folders.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CheckpointFoldersTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) / ("checkpoint_folders_" + std::to_string(getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  // A checkpoint folder holding every file a resume reads, less `missing`.
+  void Make(int64_t step, const std::string& missing = "") {
+    const fs::path folder = CheckpointPath(dir_.string(), step);
+    for (const std::string& file : CheckpointFiles()) {
+      if (file == missing) continue;
+      fs::create_directories((folder / file).parent_path());
+      std::ofstream(folder / file) << "x";
+    }
+  }
+  fs::path dir_;
+};
+
+// A kill during a delete can leave part of a folder: the newest complete one is the resume point.
+TEST_F(CheckpointFoldersTest, AFolderMissingAnyFileIsNotComplete) {
+  Make(5);
+  Make(10, "optimizer.pt");
+  Make(15, "adapter/adapter_model.safetensors");
+  EXPECT_EQ(LatestCheckpoint(dir_.string()), CheckpointPath(dir_.string(), 5));
+  Make(20);
+  EXPECT_EQ(LatestCheckpoint(dir_.string()), CheckpointPath(dir_.string(), 20));
+  EXPECT_EQ(CompleteCheckpoints(dir_.string()).size(), 2u);
+}
+
+TEST_F(CheckpointFoldersTest, RemovedFoldersLeaveNoPartUnderTheirNameAndLeftoversGo) {
+  Make(5);
+  RemoveFolder(CheckpointPath(dir_.string(), 5));
+  EXPECT_FALSE(fs::exists(CheckpointPath(dir_.string(), 5)));
+  EXPECT_TRUE(fs::is_empty(dir_));
+  fs::create_directories(dir_ / ".checkpoint-7.tmp" / "adapter");
+  fs::create_directories(dir_ / ".deleting-checkpoint-3");
+  fs::create_directories(dir_ / "adapter");  // the job's own output stays
+  RemoveLeftovers(dir_.string());
+  EXPECT_FALSE(fs::exists(dir_ / ".checkpoint-7.tmp"));
+  EXPECT_FALSE(fs::exists(dir_ / ".deleting-checkpoint-3"));
+  EXPECT_TRUE(fs::exists(dir_ / "adapter"));
+}
+
+}  // namespace
+}  // namespace lorad::engine
