@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <future>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -32,7 +33,10 @@ int main(int argc, char** argv) {
   using lorad::server::ServerConfig;
   CLI::App app{"lorad: QLoRA fine-tuning and multi-adapter serving on one GPU"};
   std::string config_path;
-  std::vector<std::pair<std::string, std::string>> overrides;  // key, value, in flag order
+  struct Override {
+    std::string key, value, flag;
+  };
+  std::vector<Override> overrides;
   bool print_keys = false;
   app.add_option("-c,--config", config_path,
                  "YAML config file, e.g. deploy/lorad.yaml (without one: the built-in defaults, "
@@ -40,7 +44,10 @@ int main(int argc, char** argv) {
   auto add_override = [&](const std::string& flag, const std::string& key,
                           const std::string& help) {
     app.add_option_function<std::string>(
-        flag, [&overrides, key](const std::string& v) { overrides.emplace_back(key, v); },
+        flag,
+        [&overrides, key, flag](const std::string& v) {
+          overrides.push_back({key, v, flag});
+        },
         help + " (overrides " + key + ")");
   };
   add_override("--model", "model.path", "Hugging Face model folder");
@@ -57,7 +64,7 @@ int main(int argc, char** argv) {
              if (eq == std::string::npos || eq == 0) {
                throw CLI::ValidationError("--set", "'" + item + "' is not KEY=VALUE");
              }
-             overrides.emplace_back(item.substr(0, eq), item.substr(eq + 1));
+             overrides.push_back({item.substr(0, eq), item.substr(eq + 1), "--set"});
            }
          },
          "KEY=VALUE: set any config key, e.g. --set engine.train_share=0.5 (repeatable)")
@@ -83,9 +90,15 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) return Fail(kExitUsage, std::string(loaded.status().message()));
     config = *loaded;
   }
-  for (const auto& [key, value] : overrides) {
-    std::string flag = "flag for " + key;
-    auto status = lorad::server::ApplyConfigOverride(config, key, value, flag);
+  // CLI11 runs the callbacks by option, not in command-line order: a key given twice (--set and
+  // its own flag) would silently take either value, so it is an error.
+  std::map<std::string, std::string> set_by;
+  for (const Override& o : overrides) {
+    if (auto [it, added] = set_by.emplace(o.key, o.flag); !added) {
+      return Fail(kExitUsage, o.key + ": set twice on the command line (" + it->second + " and " +
+                                  o.flag + "); give it once");
+    }
+    auto status = lorad::server::ApplyConfigOverride(config, o.key, o.value, o.flag);
     if (!status.ok()) return Fail(kExitUsage, std::string(status.message()));
   }
   if (auto status = lorad::server::ValidateServerConfig(config); !status.ok()) {

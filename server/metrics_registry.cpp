@@ -138,8 +138,12 @@ MetricsRegistry::Family& MetricsRegistry::Add(const std::string& name, const std
 
 CounterFamily& MetricsRegistry::AddCounter(const std::string& name, const std::string& help,
                                            std::vector<std::string> label_names) {
+  const bool unlabelled = label_names.empty();
   Family& f = Add(name, help, Kind::kCounter, std::move(label_names));
   f.counter = std::make_unique<CounterFamily>();
+  // One series and no label to wait for: exported as 0 from the start (rate() and absent() then
+  // see it before the first event).
+  if (unlabelled) f.counter->series_[{}] = 0;
   return *f.counter;
 }
 
@@ -181,8 +185,12 @@ void MetricsRegistry::AddCounterFamilyCallback(
 HistogramFamily& MetricsRegistry::AddHistogram(const std::string& name, const std::string& help,
                                                std::vector<std::string> label_names,
                                                std::vector<double> upper_bounds) {
+  const bool unlabelled = label_names.empty();
   Family& f = Add(name, help, Kind::kHistogram, std::move(label_names));
   f.histogram = std::make_unique<HistogramFamily>(std::move(upper_bounds));
+  if (unlabelled) {  // as an unlabelled counter: all zeros from the start
+    f.histogram->series_[{}].bucket_counts.assign(f.histogram->upper_bounds_.size() + 1, 0.0);
+  }
   return *f.histogram;
 }
 

@@ -1,12 +1,17 @@
 #include "server/server_config.h"
 
+#include <openssl/bio.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <yaml-cpp/yaml.h>
 
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -150,7 +155,14 @@ Field TokensField() {
         return absl::InvalidArgumentError(
             absl::StrCat(at, ": ", key, ".role: '", t.role, "' is not one of user, admin"));
       }
-      if (t.name.empty()) t.name = key;
+      if (t.name.empty()) t.name = key;  // logs and errors name the caller by it
+      for (const AuthToken& other : c.auth.tokens) {
+        if (other.name == t.name) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(at, ": ", key, ".name: '", t.name, "' is also the name of the token at ",
+                           other.where, "; give each token its own name"));
+        }
+      }
       c.auth.tokens.push_back(std::move(t));
     }
     return absl::OkStatus();
@@ -322,7 +334,14 @@ absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
                                                const std::string& source) {
   YAML::Node root;
   try {
-    root = YAML::Load(yaml_text);
+    // One document: a second ("---") would otherwise be read by nobody, its keys silently lost.
+    std::vector<YAML::Node> documents = YAML::LoadAll(yaml_text);
+    if (documents.size() > 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", documents[1].Mark().line + 1,
+                       ": a second YAML document ('---'); lorad reads one: merge them"));
+    }
+    if (!documents.empty()) root = documents[0];
   } catch (const YAML::ParserException& e) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
@@ -384,6 +403,47 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
   return std::make_pair(host, port);
 }
 
+namespace {
+
+// The certificate chain and private key gRPC will serve: PEM, readable, and a pair. Errors start
+// with the key at fault ("server.tls_key_file: ...").
+absl::Status CheckTlsFiles(const std::string& cert_path, const std::string& key_path) {
+  for (const auto& [key, path] : {std::pair{"server.tls_cert_file", &cert_path},
+                                  std::pair{"server.tls_key_file", &key_path}}) {
+    if (auto s = engine::RequireRegularFile(*path, absl::StrCat("'", *path, "'")); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(key, ": ", s.message()));
+    }
+  }
+  std::unique_ptr<BIO, decltype(&BIO_free)> cert_bio(BIO_new_file(cert_path.c_str(), "r"),
+                                                     &BIO_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      cert_bio ? PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr) : nullptr,
+      &X509_free);
+  if (!cert) {
+    return absl::InvalidArgumentError(absl::StrCat("server.tls_cert_file: '", cert_path,
+                                                   "' cannot be read as a PEM certificate"));
+  }
+  std::unique_ptr<BIO, decltype(&BIO_free)> key_bio(BIO_new_file(key_path.c_str(), "r"), &BIO_free);
+  // An empty passphrase callback: an encrypted key fails here instead of prompting.
+  auto no_passphrase = [](char*, int, int, void*) { return 0; };
+  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
+      key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, no_passphrase, nullptr) : nullptr,
+      &EVP_PKEY_free);
+  if (!key) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "server.tls_key_file: '", key_path,
+        "' cannot be read as an unencrypted PEM private key (remove a passphrase first)"));
+  }
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("server.tls_key_file: '", key_path,
+                                                   "' is not the key of the certificate in '",
+                                                   cert_path, "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status ValidateServerConfig(const ServerConfig& config) {
   // "<file:line or flag>: <key>: <message>" for the first of `keys` that was set, else the key.
   auto error = [&](std::initializer_list<const char*> keys, const std::string& message) {
@@ -414,6 +474,15 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   if (config.storage.data_dir.empty()) return error({"storage.data_dir"}, "must not be empty");
   if (config.server.tls_cert_file.empty() != config.server.tls_key_file.empty()) {
     return error({"server.tls_cert_file", "server.tls_key_file"}, "give both (TLS) or neither");
+  }
+  if (!config.server.tls_cert_file.empty()) {
+    // Read here, before the model loads: gRPC would only fail at listen, as if the port were
+    // taken.
+    if (auto s = CheckTlsFiles(config.server.tls_cert_file, config.server.tls_key_file); !s.ok()) {
+      const bool key = absl::StartsWith(s.message(), "server.tls_key_file");
+      return error({key ? "server.tls_key_file" : "server.tls_cert_file"},
+                   std::string(s.message().substr(s.message().find(": ") + 2)));
+    }
   }
   if (config.auth.tokens.empty() && !config.auth.allow_remote_without_tokens) {
     const std::string host = SplitHostPort(config.server.grpc_address)->first;

@@ -4,6 +4,7 @@
 #include <functional>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
 #include "clients/loradctl/adapter_commands.h"
 #include "clients/loradctl/connection.h"
 #include "clients/loradctl/exit_codes.h"
@@ -19,8 +20,8 @@ CLI::Validator AtLeast(double minimum) {
   return CLI::Validator(
       [minimum, bound](std::string& value) -> std::string {
         double number = 0;
-        if (!CLI::detail::lexical_cast(value, number) || number < minimum)
-          return "must be " + bound;
+        if (!CLI::detail::lexical_cast(value, number)) return "'" + value + "' is not a number";
+        if (number < minimum) return "must be " + bound;
         return "";
       },
       bound);
@@ -56,7 +57,17 @@ struct SamplingFlags {
         [this](auto& s) { s.min_p = min_p; });
     add(app->add_option("--repetition-penalty", repetition_penalty, "1 = off"),
         [this](auto& s) { s.repetition_penalty = repetition_penalty; });
-    add(app->add_option("--seed", seed, "makes sampling reproducible"),
+    // A whole number in [0, 2^64): CLI11 would wrap "-5" into 2^64 - 5.
+    add(app->add_option("--seed", seed, "makes sampling reproducible (0 .. 2^64-1)")
+            ->check(CLI::Validator(
+                [](std::string& value) -> std::string {
+                  uint64_t parsed = 0;
+                  return absl::SimpleAtoi(value, &parsed) && value.front() != '-' &&
+                                 value.front() != '+'
+                             ? ""
+                             : "'" + value + "' is not a whole number in [0, 2^64)";
+                },
+                "UINT")),
         [this](auto& s) { s.seed = seed; });
     app->add_option("--stop", stop, "stop string (repeat for several)")->take_all();
   }

@@ -5,7 +5,9 @@
 #include <queue>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "engine/model/utf8.h"
 #include "nlohmann/json.hpp"
 
@@ -18,6 +20,9 @@ namespace lorad::engine {
 namespace {
 
 using nlohmann::json;
+
+// Sentencepiece's word marker, U+2581, that Metaspace puts for spaces.
+constexpr char kWordMarker[] = "\xE2\x96\x81";
 
 // GPT-2's pre-tokenizer regex, used by ByteLevel(use_regex=true).
 constexpr std::string_view kGpt2Regex =
@@ -79,6 +84,19 @@ std::string Nfc(std::string_view s) {
 #endif
 }
 
+// The byte a byte-fallback token stands for ("<0x0A>" -> 10: two uppercase hex digits, as
+// sentencepiece and tokenizers write them), or -1.
+int ByteTokenValue(std::string_view piece) {
+  if (piece.size() != 6 || piece.substr(0, 3) != "<0x" || piece[5] != '>') return -1;
+  int value = 0;
+  for (char c : piece.substr(3, 2)) {
+    const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
+}
+
 uint64_t PairKey(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
@@ -118,10 +136,20 @@ class BpeTokenizerParser {
         !s.ok()) {
       return s;
     }
-    if (!byte_level) {
-      return Unsupported("pre_tokenizer", "has no ByteLevel step (not a byte-level BPE)");
+    if (byte_level == t_->metaspace_) {
+      return Unsupported("pre_tokenizer", byte_level ? "has both ByteLevel and Metaspace steps"
+                                                     : "has no ByteLevel or Metaspace step");
     }
-    if (absl::Status s = ParseDecoder(root.value("decoder", json()), "decoder"); !s.ok()) return s;
+    if (t_->byte_fallback_ && !t_->metaspace_) {
+      return Unsupported("model.byte_fallback", "is true in a byte-level BPE");
+    }
+    if (absl::Status s = t_->metaspace_
+                             ? ParseMetaspaceDecoder(root.value("decoder", json()), "decoder")
+                             : ParseDecoder(root.value("decoder", json()), "decoder");
+        !s.ok()) {
+      return s;
+    }
+    SetTokenBytes();
     std::vector<int32_t> prefix, suffix;
     if (absl::Status s = ParsePostProcessor(root.value("post_processor", json()), "post_processor",
                                             &prefix, &suffix);
@@ -155,9 +183,7 @@ class BpeTokenizerParser {
         return Unsupported(absl::StrCat("model.", key), "is set");
       }
     }
-    if (BoolField(model, "byte_fallback", false)) {
-      return Unsupported("model.byte_fallback", "is true");
-    }
+    t_->byte_fallback_ = BoolField(model, "byte_fallback", false);
     auto vocab = model.find("vocab");
     if (vocab == model.end() || !vocab->is_object()) {
       return Invalid("model.vocab", "must be an object of token -> id");
@@ -244,12 +270,37 @@ class BpeTokenizerParser {
       if (t.id >= static_cast<int32_t>(t_->pieces_.size())) t_->pieces_.resize(t.id + 1);
       t_->pieces_[t.id] = t.content;
     }
-    MarkNamedTokensSpecial(settings, *t_, t_->added_);
-    t_->token_bytes_.resize(t_->pieces_.size());
-    for (size_t id = 0; id < t_->pieces_.size(); ++id) {
-      t_->token_bytes_[id] = VocabStringBytes(t_->pieces_[id]);
-    }
+    // transformers 5 decodes a tokenizer.json through `tokenizers`, which skips its own special
+    // tokens and BOS/EOS/UNK/PAD, but not the extra special tokens tokenizer_config.json lists
+    // when tokenizer.json has them as plain added tokens (as it saves Llama 2 chat markers).
+    TokenizerSettings named = settings;
+    named.extra_special_tokens.clear();
+    MarkNamedTokensSpecial(named, *t_, t_->added_);
     return absl::OkStatus();
+  }
+
+  // The bytes each id decodes to: byte-level strings mapped back through GPT-2's alphabet, or
+  // (sentencepiece-style) "▁" as a space and <0xXX> tokens as their byte.
+  void SetTokenBytes() {
+    const size_t n = t_->pieces_.size();
+    t_->token_bytes_.resize(n);
+    std::fill(std::begin(t_->fallback_ids_), std::end(t_->fallback_ids_), -1);
+    t_->byte_value_.assign(t_->metaspace_ ? n : 0, -1);
+    for (size_t id = 0; id < n; ++id) {
+      const std::string& piece = t_->pieces_[id];
+      if (!t_->metaspace_) {
+        t_->token_bytes_[id] = VocabStringBytes(piece);
+        continue;
+      }
+      const int byte = t_->byte_fallback_ ? ByteTokenValue(piece) : -1;
+      if (byte >= 0 && !t_->added_.Find(static_cast<int32_t>(id))) {
+        t_->byte_value_[id] = static_cast<int16_t>(byte);
+        t_->fallback_ids_[byte] = static_cast<int32_t>(id);
+        t_->token_bytes_[id] = std::string(1, static_cast<char>(byte));
+      } else {
+        t_->token_bytes_[id] = absl::StrReplaceAll(piece, {{kWordMarker, " "}});
+      }
+    }
   }
 
   absl::Status ParseNormalizer(const json& n, const std::string& field) {
@@ -321,6 +372,26 @@ class BpeTokenizerParser {
       return AddSplit(SplitRegex::Compile(
           BoolField(p, "individual_digits", false) ? R"(\p{N})" : R"(\p{N}+)", where));
     }
+    if (type == "Metaspace") {
+      if (p.value("replacement", "") != kWordMarker) {
+        return Unsupported(field + ".replacement", "is not \"\u2581\"");
+      }
+      t_->metaspace_ = true;
+      // prepend_scheme (tokenizers >= 0.15), else the older add_prefix_space.
+      const std::string scheme =
+          p.value("prepend_scheme", BoolField(p, "add_prefix_space", true) ? "always" : "never");
+      if (scheme == "always") {
+        t_->prepend_ = BpeTokenizer::Prepend::kAlways;
+      } else if (scheme == "first") {
+        t_->prepend_ = BpeTokenizer::Prepend::kFirst;
+      } else if (scheme == "never") {
+        t_->prepend_ = BpeTokenizer::Prepend::kNever;
+      } else {
+        return Unsupported(field + ".prepend_scheme", absl::StrCat("is '", scheme, "'"));
+      }
+      t_->metaspace_split_ = BoolField(p, "split", true);
+      return absl::OkStatus();
+    }
     if (type == "ByteLevel") {
       *byte_level = true;
       if (BoolField(p, "add_prefix_space", false)) {
@@ -343,6 +414,43 @@ class BpeTokenizerParser {
     }
     return Unsupported(field + ".type", absl::StrCat("is '", type.empty() ? "null" : type,
                                                      "' (expected ByteLevel)"));
+  }
+
+  // Sentencepiece-style decoders: Metaspace (older files), or the Sequence transformers writes:
+  // Replace("▁" -> " "), ByteFallback, Fuse, Strip(" ", 1, 0). Either drops the first space.
+  absl::Status ParseMetaspaceDecoder(const json& d, const std::string& field) {
+    const std::string type = TypeOf(d);
+    if (type == "Metaspace") {
+      t_->strip_leading_space_ =
+          d.value("prepend_scheme", BoolField(d, "add_prefix_space", true) ? "always" : "never") !=
+          "never";
+      return absl::OkStatus();
+    }
+    if (type != "Sequence") {
+      return Unsupported(field + ".type", absl::StrCat("is '", type.empty() ? "null" : type,
+                                                       "' (expected Metaspace or a Sequence)"));
+    }
+    const json& list = d.value("decoders", json::array());
+    for (size_t i = 0; i < list.size(); ++i) {
+      const json& step = list[i];
+      const std::string step_type = TypeOf(step);
+      const std::string at = absl::StrCat(field, ".decoders[", i, "]");
+      if (step_type == "Replace") {
+        const json& pattern = step.value("pattern", json::object());
+        if (pattern.value("String", "") != kWordMarker || step.value("content", "") != " ") {
+          return Unsupported(at, "replaces something else than \"\u2581\" by a space");
+        }
+      } else if (step_type == "Strip") {
+        if (step.value("content", "") != " " || step.value("start", 0) != 1 ||
+            step.value("stop", 0) != 0) {
+          return Unsupported(at, "strips something else than one leading space");
+        }
+        t_->strip_leading_space_ = true;
+      } else if (step_type != "ByteFallback" && step_type != "Fuse") {
+        return Unsupported(at + ".type", absl::StrCat("is '", step_type, "'"));
+      }
+    }
+    return absl::OkStatus();
   }
 
   absl::Status ParsePostProcessor(const json& p, const std::string& field,
@@ -463,10 +571,15 @@ std::vector<std::string> BpeTokenizer::PreTokenize(std::string_view text) const 
 std::vector<int32_t> BpeTokenizer::MergePiece(const std::string& piece) const {
   if (ignore_merges_) {
     std::string mapped;
-    for (char c : piece) mapped += Alphabet().chars[static_cast<uint8_t>(c)];
+    if (metaspace_) {
+      mapped = piece;
+    } else {
+      for (char c : piece) mapped += Alphabet().chars[static_cast<uint8_t>(c)];
+    }
     if (auto it = vocab_.find(mapped); it != vocab_.end()) return {it->second};
   }
-  // The word as a linked list of symbols, one per byte to start with.
+  // The word as a linked list of symbols, one per byte (byte-level) or character
+  // (sentencepiece-style) to start with.
   struct Symbol {
     int32_t id;
     int prev;
@@ -475,15 +588,41 @@ std::vector<int32_t> BpeTokenizer::MergePiece(const std::string& piece) const {
   };
   std::vector<Symbol> symbols;
   symbols.reserve(piece.size());
-  for (char c : piece) {
-    int32_t id = byte_ids_[static_cast<uint8_t>(c)];
+  auto add = [&](int32_t id) {
     if (id < 0) {
-      if (unk_id_ < 0) continue;  // no token and no unk: the byte is dropped, as in tokenizers
-      if (fuse_unk_ && !symbols.empty() && symbols.back().id == unk_id_) continue;
+      if (unk_id_ < 0) return;  // no token and no unk: dropped, as in tokenizers
+      if (fuse_unk_ && !symbols.empty() && symbols.back().id == unk_id_) return;
       id = unk_id_;
     }
     const int index = static_cast<int>(symbols.size());
     symbols.push_back({id, index - 1, index + 1, true});
+  };
+  if (!metaspace_) {
+    for (char c : piece) add(byte_ids_[static_cast<uint8_t>(c)]);
+  } else {
+    for (size_t pos = 0; pos < piece.size();) {
+      const size_t start = pos;
+      NextCodePoint(piece, &pos);
+      const std::string character = piece.substr(start, pos - start);
+      if (auto it = vocab_.find(character); it != vocab_.end()) {
+        add(it->second);
+        continue;
+      }
+      // Byte fallback: the character's bytes as <0xXX> tokens when all exist.
+      bool all = byte_fallback_;
+      for (size_t i = start; all && i < pos; ++i) {
+        all = fallback_ids_[static_cast<uint8_t>(piece[i])] >= 0;
+      }
+      if (!all) {
+        add(-1);
+        continue;
+      }
+      for (size_t i = start; i < pos; ++i) {
+        const int index = static_cast<int>(symbols.size());
+        symbols.push_back(
+            {fallback_ids_[static_cast<uint8_t>(piece[i])], index - 1, index + 1, true});
+      }
+    }
   }
   if (symbols.empty()) return {};
   symbols.back().next = -1;
@@ -556,19 +695,70 @@ std::vector<int32_t> BpeTokenizer::Encode(std::string_view text, bool add_specia
       continue;
     }
     const std::string normalized = nfc_ ? Nfc(seg.text) : std::string(seg.text);
+    if (metaspace_) {
+      EncodeMetaspace(normalized, seg.offset == 0, &ids);
+      continue;
+    }
     for (const std::string& piece : PreTokenize(normalized)) EncodePiece(piece, &ids);
   }
   if (add_special_tokens) ids.insert(ids.end(), suffix_ids_.begin(), suffix_ids_.end());
   return ids;
 }
 
+void BpeTokenizer::EncodeMetaspace(const std::string& text, bool at_start,
+                                   std::vector<int32_t>* ids) const {
+  // tokenizers' Metaspace: spaces become "▁", and "▁" goes in front unless the text starts
+  // with one already (prepend_scheme "first": only the input's start, not after an added token).
+  std::string s = absl::StrReplaceAll(text, {{" ", kWordMarker}});
+  const bool prepend = prepend_ == Prepend::kAlways || (prepend_ == Prepend::kFirst && at_start);
+  if (prepend && !absl::StartsWith(s, kWordMarker)) s.insert(0, kWordMarker);
+  if (!metaspace_split_) {
+    EncodePiece(s, ids);
+    return;
+  }
+  // split: each piece starts at a "▁" (the delimiter merged with what follows it).
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t next = s.find(kWordMarker, start + 1);
+    if (start == 0 && !absl::StartsWith(s, kWordMarker)) next = s.find(kWordMarker);
+    if (next == std::string::npos) next = s.size();
+    EncodePiece(s.substr(start, next - start), ids);
+    start = next;
+  }
+}
+
 std::string BpeTokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
+  if (metaspace_) {  // the ByteFallback decoder: runs of <0xXX> tokens judged as a whole
+    std::string out, run;
+    for (int32_t id : ids) {
+      if (id < 0 || id >= vocab_size() || (skip_special_tokens && IsSpecial(id))) continue;
+      if (byte_value_[id] >= 0) {
+        run.push_back(static_cast<char>(byte_value_[id]));
+        continue;
+      }
+      AppendByteFallbackRun(run, &out);
+      run.clear();
+      out += token_bytes_[id];
+    }
+    AppendByteFallbackRun(run, &out);
+    if (strip_leading_space_ && !out.empty() && out[0] == ' ') out.erase(0, 1);
+    return out;
+  }
   std::string bytes;
   for (int32_t id : ids) {
     if (id < 0 || id >= vocab_size() || (skip_special_tokens && IsSpecial(id))) continue;
     bytes += token_bytes_[id];
   }
   return Utf8Lossy(bytes);
+}
+
+DecodeRules BpeTokenizer::decode_rules() const {
+  DecodeRules rules;
+  if (metaspace_) {
+    rules.strip_leading_space = strip_leading_space_;
+    rules.replacement_per_byte = true;
+  }
+  return rules;
 }
 
 std::string BpeTokenizer::TokenBytes(int32_t id) const {

@@ -1,10 +1,16 @@
-// BpeTokenizer: a Hugging Face tokenizer.json with a byte-level BPE model (Llama 3, Qwen2,
-// SmolLM, GPT-2), encoding and decoding as the `tokenizers` library does:
-//   added tokens split out first -> normalizer (none or NFC) -> pre-tokenizer steps (Split regex,
-//   Digits, ByteLevel) -> each piece's bytes mapped to GPT-2's byte alphabet -> BPE merges by
-//   rank -> post-processor (BOS/EOS from TemplateProcessing, or add_bos_token/add_eos_token).
-// Shapes outside that (WordPiece or Unigram models, Metaspace pre-tokenizers, other decoders)
-// are refused with kUnimplemented naming the file and field; LoadTokenizer then falls back to a
+// BpeTokenizer: a Hugging Face tokenizer.json with a BPE model, encoding and decoding as the
+// `tokenizers` library does, in one of two shapes:
+//   byte-level (Llama 3, Qwen2, SmolLM, GPT-2): added tokens split out first -> normalizer (none
+//   or NFC) -> pre-tokenizer steps (Split regex, Digits, ByteLevel) -> each piece's bytes mapped
+//   to GPT-2's byte alphabet -> BPE merges by rank -> post-processor (BOS/EOS from
+//   TemplateProcessing, or add_bos_token/add_eos_token);
+//   sentencepiece-style (Llama 2, Mistral, TinyLlama as transformers 5 saves them): added tokens
+//   split out -> Metaspace (" " becomes "▁", "▁" put in front of the text) -> BPE over characters,
+//   a character missing from the vocabulary as its <0xXX> byte tokens (byte fallback) -> the
+//   same post-processor; decoding turns "▁" back into spaces, byte tokens into bytes and drops
+//   the first leading space.
+// Shapes outside those (WordPiece or Unigram models, other normalizers or decoders) are refused
+// with kUnimplemented naming the file and field; LoadTokenizer then falls back to a
 // tokenizer.model when the folder has one.
 #pragma once
 
@@ -39,7 +45,7 @@ class BpeTokenizer final : public Tokenizer {
   int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
   std::optional<int32_t> IdOf(std::string_view piece) const override;
   bool IsSpecial(int32_t id) const override { return added_.IsSpecial(id); }
-  DecodeRules decode_rules() const override { return DecodeRules{}; }
+  DecodeRules decode_rules() const override;
 
   // One pre-tokenizer step, applied to every piece the previous steps produced.
   struct PreTokenizerStep {
@@ -61,6 +67,8 @@ class BpeTokenizer final : public Tokenizer {
   // Ids for one pre-tokenized piece (raw bytes), through the cache.
   void EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const;
   std::vector<int32_t> MergePiece(const std::string& piece) const;
+  // Sentencepiece-style: one text run between added tokens (`at_start`: it opens the input).
+  void EncodeMetaspace(const std::string& text, bool at_start, std::vector<int32_t>* ids) const;
 
   AddedVocabulary added_;
   std::unordered_map<std::string, int32_t> vocab_;  // byte-level string -> id
@@ -70,6 +78,14 @@ class BpeTokenizer final : public Tokenizer {
   int32_t byte_ids_[256];                           // id of each byte's one-character token
   bool ignore_merges_ = false;  // a piece that is itself a token is not merged (Llama 3)
   bool byte_fallback_ = false;
+  // Sentencepiece-style: symbols are characters and the word marker is "▁" (Metaspace).
+  bool metaspace_ = false;
+  enum class Prepend { kAlways, kFirst, kNever };
+  Prepend prepend_ = Prepend::kAlways;  // where "▁" goes in front (first: the text's start only)
+  bool metaspace_split_ = true;         // pieces start at each "▁"
+  bool strip_leading_space_ = false;    // the decoder drops the decoded text's first space
+  std::vector<int16_t> byte_value_;     // [vocab_size] the byte of a <0xXX> token, else -1
+  int32_t fallback_ids_[256];           // the <0xXX> token of each byte, or -1
   int32_t unk_id_ = -1;
   bool fuse_unk_ = false;
   bool nfc_ = false;

@@ -43,9 +43,18 @@ bool IsQkv(Projection p) {
   return p == Projection::kQ || p == Projection::kK || p == Projection::kV;
 }
 
+// Whether transformers' module for this projection has a bias: Qwen2's q/k/v; Llama's attention
+// projections under attention_bias and MLP under mlp_bias; Mistral none. A bias the module does
+// not have is not read even when the checkpoint holds one (transformers drops it as unexpected).
+bool HasBias(const ModelConfig& config, Projection p) {
+  if (config.architecture == "MistralForCausalLM") return false;
+  if (config.architecture == "Qwen2ForCausalLM") return config.attention_bias && IsQkv(p);
+  const bool attention = IsQkv(p) || p == Projection::kO;
+  return attention ? config.attention_bias : config.mlp_bias;
+}
+
 // Loads one projection: float or NF4 per `options.base`, from a float or a bitsandbytes 4-bit
-// checkpoint tensor. The bias is required for q/k/v under attention_bias (Qwen2) and otherwise
-// used when the checkpoint has one (Llama's attention_bias o_proj, mlp_bias).
+// checkpoint tensor, with its bias where the module has one (HasBias).
 absl::StatusOr<BaseLinear> LoadProjection(const ModelConfig& config, const ModelWeights& weights,
                                           const LlamaModelOptions& options, int64_t layer,
                                           Projection p) {
@@ -54,7 +63,7 @@ absl::StatusOr<BaseLinear> LoadProjection(const ModelConfig& config, const Model
   const std::string bias_name = path + ".bias";
   const Shape shape = ProjectionShape(config, p);
   torch::Tensor bias;
-  if ((config.attention_bias && IsQkv(p)) || weights.Contains(bias_name)) {
+  if (HasBias(config, p)) {
     auto b = weights.Get(bias_name, options.dtype, options.device, Shape{shape[0]});
     if (!b.ok()) return b.status();
     bias = *b;
@@ -126,8 +135,15 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
     auto norm = weights.Get("model.norm.weight", o.dtype, o.device, hidden);
     if (!norm.ok()) return norm.status();
     m->final_norm_ = *norm;
+    // transformers 5 ties only when the checkpoint has no lm_head of other values than the
+    // embedding: a distinct one (a fine-tune saved untied) is used as it is.
     if (config.tie_word_embeddings) {
       m->lm_head_ = m->embed_tokens_;
+      if (weights.Contains("lm_head.weight")) {
+        auto head = weights.Get("lm_head.weight", o.dtype, o.device, embedding);
+        if (!head.ok()) return head.status();
+        if (!torch::equal(*head, m->embed_tokens_)) m->lm_head_ = *head;
+      }
     } else {
       auto head = weights.Get("lm_head.weight", o.dtype, o.device, embedding);
       if (!head.ok()) {
@@ -187,7 +203,7 @@ absl::StatusOr<std::unique_ptr<ContiguousKvCache>> LlamaModel::NewCache(int64_t 
 
 int64_t LlamaModel::bytes() const {
   int64_t n = static_cast<int64_t>(embed_tokens_.nbytes() + final_norm_.nbytes());
-  if (!config_.tie_word_embeddings) n += static_cast<int64_t>(lm_head_.nbytes());
+  if (!lm_head_.is_same(embed_tokens_)) n += static_cast<int64_t>(lm_head_.nbytes());
   for (const DecoderLayer& layer : layers_) {
     n += static_cast<int64_t>(layer.input_norm.nbytes() + layer.post_attention_norm.nbytes());
     for (const BaseLinear& p : layer.projections) n += p.bytes();

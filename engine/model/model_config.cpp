@@ -85,10 +85,13 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source) {
   rope.theta = Optional<double>(j, "rope_theta", rope.theta);
   // transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
   const json* params = nullptr;
+  std::string field;
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     params = &j["rope_parameters"];
+    field = "rope_parameters";
   } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
     params = &j["rope_scaling"];
+    field = "rope_scaling";
   }
   if (params == nullptr) return rope;
   rope.theta = Optional<double>(*params, "rope_theta", rope.theta);
@@ -97,7 +100,10 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source) {
   if (rope.type == "default") return rope;
   if (rope.type != "llama3") {
     return absl::InvalidArgumentError(absl::StrCat(
-        source, ": rope type '", rope.type, "' is not supported (supported: default, llama3)"));
+        source, ": ", field, ".", params->contains("rope_type") ? "rope_type" : "type", " '",
+        rope.type,
+        "' is not supported (supported: default, llama3); lorad cannot serve this model's "
+        "positions exactly: pick a model without that context extension"));
   }
   for (auto [field, key] :
        {std::pair{&rope.factor, "factor"}, std::pair{&rope.low_freq_factor, "low_freq_factor"},
@@ -178,11 +184,18 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
     *field = *v;
   }
   c.num_key_value_heads = Optional<int64_t>(j, "num_key_value_heads", c.num_attention_heads);
+  if (!j.contains("head_dim") && c.num_attention_heads > 0 &&
+      c.hidden_size % c.num_attention_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": hidden_size (", c.hidden_size, ") is not a multiple of num_attention_heads (",
+        c.num_attention_heads, ") and no head_dim is given"));
+  }
   c.head_dim = Optional<int64_t>(j, "head_dim", c.hidden_size / c.num_attention_heads);
   c.max_position_embeddings = Optional<int64_t>(j, "max_position_embeddings", 4096);
   c.rms_norm_eps = Optional<double>(j, "rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings = Optional<bool>(j, "tie_word_embeddings", false);
   c.attention_bias = Optional<bool>(j, "attention_bias", c.architecture == "Qwen2ForCausalLM");
+  c.mlp_bias = Optional<bool>(j, "mlp_bias", false);
   c.hidden_act = Optional<std::string>(j, "hidden_act", c.hidden_act);
   if (c.hidden_act == "swish") c.hidden_act = "silu";  // the same function (transformers' ACT2FN)
   c.torch_dtype =

@@ -38,7 +38,8 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   RopeConfig rope;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v projections carry a bias (Qwen2)
+  bool attention_bias = false;  // q/k/v (Llama: and o) projections carry a bias (Qwen2: always)
+  bool mlp_bias = false;        // gate/up/down carry a bias (Llama's mlp_bias)
   std::string hidden_act = "silu";
   std::string torch_dtype = "float32";  // the checkpoint's dtype: float32, bfloat16, float16
   std::vector<int64_t> bos_token_ids;

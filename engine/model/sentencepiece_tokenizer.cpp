@@ -132,13 +132,7 @@ std::string SentencePieceTokenizer::Decode(const std::vector<int32_t>& ids,
   std::string out;
   std::string run;  // consecutive byte-fallback bytes
   auto flush_run = [&] {
-    // transformers' ByteFallback decoder: a run that is not valid UTF-8 as a whole becomes one
-    // U+FFFD per byte.
-    if (IsValidUtf8(run)) {
-      out += run;
-    } else {
-      for (size_t i = 0; i < run.size(); ++i) out += kReplacementChar;
-    }
+    AppendByteFallbackRun(run, &out);
     run.clear();
   };
   for (int32_t id : ids) {

@@ -162,10 +162,15 @@ absl::StatusOr<TokenizerSettings> TokenizerSettings::Load(const std::string& fol
       return st;
     }
   }
+  // As transformers' generate: generation_config.json's eos list when it has one, else
+  // config.json's (from which transformers then builds the generation config).
   for (const char* name : {"generation_config.json", "config.json"}) {
     absl::StatusOr<std::optional<json>> j = ReadJsonIfPresent(dir / name);
     if (!j.ok()) return j.status();
-    if (j->has_value()) ReadTokenIds(**j, "eos_token_id", &s.extra_eos_ids);
+    if (j->has_value() && (**j).contains("eos_token_id") && !(**j)["eos_token_id"].is_null()) {
+      ReadTokenIds(**j, "eos_token_id", &s.extra_eos_ids);
+      break;
+    }
   }
   return s;
 }
@@ -188,8 +193,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& fold
     // A sentencepiece-style tokenizer.json (Metaspace, byte fallback) beside tokenizer.model:
     // transformers rebuilds that pipeline from the tokenizer class, and so does lorad, from the
     // sentencepiece model.
-    if (bpe.status().code() != absl::StatusCode::kUnimplemented || !has_model) {
-      return bpe.status();
+    if (bpe.status().code() != absl::StatusCode::kUnimplemented) return bpe.status();
+    if (!has_model) {  // transformers 5 saves Llama 2 / Mistral tokenizers this way, without it
+      return absl::InvalidArgumentError(
+          absl::StrCat(bpe.status().message(),
+                       "; lorad reads a sentencepiece-style tokenizer.json only beside the model's "
+                       "tokenizer.model: copy tokenizer.model from the original model folder into ",
+                       folder));
     }
   }
   if (has_model) {

@@ -52,7 +52,7 @@ struct TokenizerSettings {
   std::optional<bool> add_prefix_space;
   std::optional<bool> legacy;
   std::vector<AddedToken> added_tokens;  // tokenizer_config.json "added_tokens_decoder"
-  std::vector<int32_t> extra_eos_ids;    // generation_config.json and config.json eos_token_id
+  std::vector<int32_t> extra_eos_ids;  // generation_config.json's eos_token_id, else config.json's
 
   // Reads the files that exist in `folder`; a file that exists but does not parse is an error.
   static absl::StatusOr<TokenizerSettings> Load(const std::string& folder);

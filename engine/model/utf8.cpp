@@ -82,6 +82,14 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
   return i;
 }
 
+void AppendByteFallbackRun(std::string_view run, std::string* out) {
+  if (IsValidUtf8(run)) {
+    out->append(run);
+    return;
+  }
+  for (size_t i = 0; i < run.size(); ++i) out->append(kReplacementChar);
+}
+
 std::string Utf8Lossy(std::string_view bytes) {
   std::string out;
   out.reserve(bytes.size());

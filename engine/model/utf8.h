@@ -25,6 +25,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
 // The whole of `bytes` with ill-formed subsequences replaced.
 std::string Utf8Lossy(std::string_view bytes);
 
+// A run of byte-fallback tokens' bytes (<0x41>...) as the ByteFallback decoder writes it: as is
+// when the run is valid UTF-8 as a whole, else one U+FFFD per byte.
+void AppendByteFallbackRun(std::string_view run, std::string* out);
+
 // Decodes the code point at `pos` (valid UTF-8 expected) and advances `pos`; an ill-formed byte
 // decodes as U+FFFD and advances by one.
 char32_t NextCodePoint(std::string_view text, size_t* pos);

@@ -3,6 +3,7 @@ token calling an admin method is PERMISSION_DENIED, and the daemon keeps serving
 the daemon refuses to listen beyond loopback unless told to."""
 import shutil
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -105,3 +106,63 @@ def test_bad_tokens_exit_2_naming_the_line(tmp_path):
     result = run_lorad(tmp_path, "auth:\n  tokens:\n    - {name: a, role: user, token: short}\n")
     assert result.returncode == 2 and "lorad.yaml:3" in result.stderr
     assert "auth.tokens[0]" in result.stderr
+    result = run_lorad(tmp_path, "auth:\n  tokens:\n"
+                       f"    - {{name: a, role: user, token: {USER}}}\n"
+                       f"    - {{name: a, role: admin, token: {ADMIN}}}\n")
+    assert result.returncode == 2 and "lorad.yaml:4: auth.tokens[1].name: 'a'" in result.stderr
+
+
+def make_certificate(folder, name):
+    """A self-signed certificate for 127.0.0.1 and its unencrypted key, as PEM files."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, stubs):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import free_port
+
+    cert, key = make_certificate(tmp_path, "server")
+    _, other_key = make_certificate(tmp_path, "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for cert_file, key_file, words in ((cert, other_key, "lorad.yaml:3: server.tls_key_file"),
+                                       (garbage, key, "lorad.yaml:2: server.tls_cert_file"),
+                                       (cert, garbage, "lorad.yaml:3: server.tls_key_file")):
+        result = run_lorad(tmp_path, f"server:\n  tls_cert_file: {cert_file}\n"
+                                     f"  tls_key_file: {key_file}\n")
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "tls.yaml"
+    config.write_text(f"server:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n")
+    proc = subprocess.Popen(
+        [str(LORAD), "--config", str(config), "--model", tiny_model_path(), "--data-dir",
+         str(tmp_path / "data"), "--grpc-address", address,
+         "--http-address", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(address, credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(600):
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    time.sleep(0.1)
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            assert list(adapters.ListAdapters(stubs.adapters_pb2.ListAdaptersRequest(),
+                                              timeout=10).adapters) == []
+        with grpc.insecure_channel(address) as plain:  # TLS only
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

@@ -1,6 +1,8 @@
 """Tokenizer references: token ids and decoded text from Hugging Face `transformers` (which runs
-the `tokenizers` library) for the tiny sentencepiece model and three byte-level BPE tokenizers
-trained here on tests/fixtures/tiny_corpus.txt in the shapes of Llama 3, Qwen2 and GPT-2.
+the `tokenizers` library) for the tiny sentencepiece model, the same tokenizer as transformers 5
+saves it (a sentencepiece-style tokenizer.json without tokenizer.model), and three byte-level BPE
+tokenizers trained here on tests/fixtures/tiny_corpus.txt in the shapes of Llama 3, Qwen2 and
+GPT-2.
 
 Output (out = <build>/parity/tokenizers/):
   <name>/                 the trained tokenizer folders (tokenizer.json, tokenizer_config.json,
@@ -206,8 +208,26 @@ def _references(folder, specials):
             "stream": stream}
 
 
+def _resaved_by_transformers(out, model):
+    """The tiny model's tokenizer saved again by transformers 5, as users' Llama 2 / Mistral
+    folders are: a sentencepiece-style tokenizer.json (Metaspace, byte fallback) and no
+    tokenizer.model."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = out / "sentencepiece_json"
+    shutil.rmtree(folder, ignore_errors=True)
+    AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(folder))
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    shutil.copy(model / "generation_config.json", folder / "generation_config.json")
+    return folder
+
+
 def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets = {"sentencepiece": (model, "<|im_start|>", "<|im_end|>", "<s>")}
+    targets["sentencepiece_json"] = (_resaved_by_transformers(out, pathlib.Path(model)),
+                                     "<|im_start|>", "<|im_end|>", "<s>")
     targets.update(_fixtures(out))
     for name, (folder, *specials) in targets.items():
         refs = _references(pathlib.Path(folder), specials)

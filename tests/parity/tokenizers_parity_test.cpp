@@ -110,7 +110,8 @@ TEST_P(TokenizerParity, StreamedTextEqualsTransformersDecode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, TokenizerParity,
-                         ::testing::Values("sentencepiece", "llama3_bpe", "qwen2_bpe", "gpt2_bpe"),
+                         ::testing::Values("sentencepiece", "sentencepiece_json", "llama3_bpe",
+                                           "qwen2_bpe", "gpt2_bpe"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

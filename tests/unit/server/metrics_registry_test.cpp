@@ -37,6 +37,17 @@ TEST(MetricsRegistry, HistogramBucketsAreCumulative) {
   EXPECT_TRUE(Contains(text, "lorad_latency_seconds_sum{m=\"x\"} 5.55\n"));
 }
 
+// A family without labels has its one series from the start, at 0.
+TEST(MetricsRegistry, UnlabelledCountersAndHistogramsStartAtZero) {
+  MetricsRegistry r;
+  r.AddCounter("lorad_tokens_total", "Tokens");
+  r.AddHistogram("lorad_wait_seconds", "Wait", {}, {0.1});
+  const std::string text = r.Render();
+  EXPECT_TRUE(Contains(text, "lorad_tokens_total 0\n")) << text;
+  EXPECT_TRUE(Contains(text, "lorad_wait_seconds_bucket{le=\"+Inf\"} 0\n")) << text;
+  EXPECT_TRUE(Contains(text, "lorad_wait_seconds_count 0\n")) << text;
+}
+
 TEST(MetricsRegistry, LabelValuesAreEscaped) {
   MetricsRegistry r;
   r.AddGauge("lorad_g", "G", {"v"}).Set({"a\"b\\c\nd"}, 1.5);

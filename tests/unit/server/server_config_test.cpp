@@ -115,6 +115,17 @@ TEST(ServerConfig, ValidationErrorsNameTheFileLineOrFlag) {
   EXPECT_EQ(ValidateServerConfig(*c).message().rfind("--http-address: server.http_address", 0), 0u);
 }
 
+TEST(ServerConfig, ASecondYamlDocumentIsAnError) {
+  auto c = ParseServerConfig(
+      "engine:\n  max_running_requests: 2\n---\nengine:\n"
+      "  max_running_requests: 3\n",
+      "lorad.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("lorad.yaml:4: a second YAML document"), std::string::npos)
+      << c.status();
+  EXPECT_TRUE(ParseServerConfig("---\nengine:\n  max_running_requests: 2\n", "f").ok());
+}
+
 TEST(ServerConfig, SplitHostPortHandlesIpv6) {
   auto hp = SplitHostPort("[::1]:8080");
   ASSERT_TRUE(hp.ok());

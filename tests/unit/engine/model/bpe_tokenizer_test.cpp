@@ -112,8 +112,8 @@ TEST(BpeTokenizer, UnsupportedShapesNameTheField) {
     Spec spec;
   };
   std::vector<Case> cases(4);
-  cases[0] = {"pre_tokenizer.type", Spec()};
-  cases[0].spec.pre_tokenizer = R"({"type": "Metaspace", "replacement": "▁"})";
+  cases[0] = {"pre_tokenizer.replacement", Spec()};
+  cases[0].spec.pre_tokenizer = R"({"type": "Metaspace", "replacement": "_"})";
   cases[1] = {"normalizer.type", Spec()};
   cases[1].spec.normalizer = R"({"type": "Lowercase"})";
   cases[2] = {"decoder.type", Spec()};

@@ -60,9 +60,10 @@ class BrokenModelTest : public ::testing::Test {
     return nlohmann::json::parse(in);
   }
   void SetConfig(const nlohmann::json& j) { std::ofstream(dir_ / "config.json") << j.dump(); }
-  // The fixture's tensors, with `drop` left out and `replace` swapped in.
+  // The fixture's tensors, with `drop` left out, `replace` swapped in and `add` added.
   void WriteCheckpoint(const std::string& drop,
-                       const std::map<std::string, torch::Tensor>& replace = {}) {
+                       const std::map<std::string, torch::Tensor>& replace = {},
+                       const std::map<std::string, torch::Tensor>& add = {}) {
     auto file = SafetensorsFile::Open((fs::path(TinyModel()) / "model.safetensors").string());
     ASSERT_TRUE(file.ok());
     std::vector<TensorView> views;
@@ -78,6 +79,15 @@ class BrokenModelTest : public ::testing::Test {
       r.data = static_cast<const uint8_t*>(it->second.data_ptr());
       r.nbytes = it->second.nbytes();
       views.push_back(r);
+    }
+    for (const auto& [name, t] : add) {
+      TensorView v;
+      v.name = name;
+      v.dtype = DType::kF32;
+      v.shape = t.sizes().vec();
+      v.data = static_cast<const uint8_t*>(t.data_ptr());
+      v.nbytes = t.nbytes();
+      views.push_back(v);
     }
     ASSERT_TRUE(WriteSafetensors((dir_ / "model.safetensors").string(), views).ok());
   }
@@ -138,6 +148,25 @@ TEST_F(BrokenModelTest, ConfigThatDisagreesWithTheCheckpointIsAShapeError) {
   const absl::Status s = LoadStatus();
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("[352, 128]"), std::string::npos) << s;
+}
+
+// As transformers 5 loads them: an lm_head of other values than the embedding is used even
+// under tie_word_embeddings, and a bias the config does not give the module is not read.
+TEST_F(BrokenModelTest, TheCheckpointsHeadAndOnlyTheConfigsBiasesAreUsed) {
+  const torch::Tensor bias = torch::full({352}, 3.0f);
+  WriteCheckpoint("", {}, {{"model.layers.0.mlp.up_proj.bias", bias}});
+  nlohmann::json j = Config();
+  j["tie_word_embeddings"] = true;
+  SetConfig(j);
+  auto model = LlamaModel::Load(dir_.string(), {});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto reference = Tiny();
+  ASSERT_NE(reference, nullptr);
+  const ForwardBatch batch = Tokens({{1, 17, 42, 99}});
+  auto got = (*model)->Forward(batch, nullptr, {});
+  auto want = reference->Forward(batch, nullptr, {});
+  ASSERT_TRUE(got.ok() && want.ok());
+  EXPECT_TRUE(torch::equal(*got, *want));
 }
 
 TEST_F(BrokenModelTest, Qwen2ConfigNeedsItsAttentionBiases) {

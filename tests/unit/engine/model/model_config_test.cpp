@@ -66,6 +66,33 @@ std::string SmallConfig(const std::string& architecture, const std::string& extr
          extra + "}";
 }
 
+// What transformers refuses, named by the field at fault: a rope type lorad cannot run (as
+// rope_parameters.rope_type, or the older rope_scaling.type), and heads that do not split the
+// hidden size without a head_dim.
+TEST(ModelConfig, UnsupportedRopeAndUnevenHeadsNameTheField) {
+  for (const auto& [extra, field] :
+       {std::pair{std::string(R"(, "rope_parameters": {"rope_type": "yarn", "factor": 4.0})"),
+                  "rope_parameters.rope_type 'yarn'"},
+        std::pair{std::string(R"(, "rope_scaling": {"type": "linear", "factor": 2.0})"),
+                  "rope_scaling.type 'linear'"}}) {
+    auto c = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", extra), "t/config.json");
+    ASSERT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status();
+  }
+  auto uneven = ModelConfig::Parse(
+      R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 6})",
+      "u/config.json");
+  ASSERT_FALSE(uneven.ok());
+  EXPECT_NE(uneven.status().message().find("hidden_size (64) is not a multiple of "
+                                           "num_attention_heads (6)"),
+            std::string::npos)
+      << uneven.status();
+  auto mlp = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", R"(, "mlp_bias": true)"), "m");
+  ASSERT_TRUE(mlp.ok()) << mlp.status();
+  EXPECT_TRUE(mlp->mlp_bias);
+}
+
 TEST(ModelConfig, AFieldOfTheWrongTypeIsNamed) {
   for (const std::string& extra :
        {std::string(R"(, "rms_norm_eps": "1e-6")"), std::string(R"(, "tie_word_embeddings": "no")"),

@@ -107,14 +107,40 @@ TEST(LoadTokenizer, WordPieceTokenizerJsonIsRefusedNamingTheField) {
 }
 
 TEST(LoadTokenizer, SentencePieceStyleTokenizerJsonFallsBackToTokenizerModel) {
-  // Llama 2 / Mistral folders ship both files; the tokenizer.json is not byte-level.
+  // Llama 2 / Mistral folders ship both files; an older tokenizer.json shape (the word marker
+  // put by the normalizer, no pre-tokenizer) is read from tokenizer.model instead.
   TokenizerFolder folder("both");
   folder.Write("tokenizer.json", R"({"model": {"type": "BPE", "vocab": {}, "merges": []},
-      "added_tokens": [], "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+      "added_tokens": [], "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+      "pre_tokenizer": null,
       "decoder": {"type": "Sequence", "decoders": []}})");
   auto tok = LoadTokenizer(folder.path());
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_EQ((*tok)->vocab_size(), 512);
+  // Without it (transformers 5 saves such folders so): a model-folder error saying what to do.
+  folder.Remove("tokenizer.model");
+  tok = LoadTokenizer(folder.path());
+  ASSERT_FALSE(tok.ok());
+  EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tok.status().message().find("copy tokenizer.model from the original model folder"),
+            std::string::npos)
+      << tok.status();
+}
+
+// As transformers' generate: generation_config.json's eos list, not config.json's, when it has one.
+TEST(LoadTokenizer, GenerationConfigEosListWinsOverConfigJson) {
+  TokenizerFolder folder("eos_sources");
+  folder.Write("config.json", R"({"eos_token_id": [2, 7, 9]})");
+  folder.Write("generation_config.json", R"({"eos_token_id": 2})");
+  auto tok = LoadTokenizer(folder.path());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->eos_ids(), (std::set<int32_t>{2}));
+  folder.Write("generation_config.json", R"({"max_new_tokens": 5})");
+  tok = LoadTokenizer(folder.path());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->eos_ids(), (std::set<int32_t>{2, 7, 9}));
 }
 
 TEST(TokenizerSettings, ReadsTokensAsStringsOrAddedTokenObjects) {
