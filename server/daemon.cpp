@@ -166,6 +166,12 @@ absl::Status Daemon::StartEngine() {
                         absl::StrCat("loading the model: ", engine.status().message()));
   }
   engine_ = std::move(*engine);
+  if (const std::string note = engine_->chat_template_note(); !note.empty()) {
+    spdlog::warn(
+        "chat template: {}; give chats a system message of your own, or set "
+        "model.chat_template",
+        note);
+  }
   const engine::DeviceInfo& device = engine_->device();
   spdlog::info("model loaded in {:.1f} s ({} base weights, {:.1f} MiB) on {} ({}), torch {}",
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),

@@ -15,8 +15,8 @@ namespace lorad::server {
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // The status of a call gRPC cancelled (OnCancel): DEADLINE_EXCEEDED when its deadline has passed
-// (gRPC cancels such a call too), else CANCELLED. The client sees its own status either way; this
-// is the one lorad_rpc_requests_total counts.
+// or is within 100 ms (gRPC cancels such a call too), else CANCELLED. The client sees its own
+// status either way; this is the one lorad_rpc_requests_total counts.
 grpc::Status CancelledCallStatus(std::chrono::system_clock::time_point deadline);
 
 // Ends a unary callback call with `status` (its response as filled so far when OK).

@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 
 #include <chrono>
+#include <limits>
 #include <random>
 
 #include "absl/strings/numbers.h"
@@ -132,7 +133,11 @@ class Statement {
     return SqliteError(db_);
   }
   int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
-  double Double(int col) { return sqlite3_column_double(stmt_, col); }
+  // SQLite stores a NaN as NULL: it reads back as NaN (a diverged step's loss or norm), not 0.
+  double Double(int col) {
+    return sqlite3_column_type(stmt_, col) == SQLITE_NULL ? std::numeric_limits<double>::quiet_NaN()
+                                                          : sqlite3_column_double(stmt_, col);
+  }
   std::string Blob(int col) {
     const void* p = sqlite3_column_blob(stmt_, col);
     return p ? std::string(static_cast<const char*>(p), sqlite3_column_bytes(stmt_, col)) : "";

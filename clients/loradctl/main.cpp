@@ -95,7 +95,12 @@ int main(int argc, char** argv) {
   lorad::cli::ConnectionOptions connection_options;
   app.add_option("--address", connection_options.address, "lorad gRPC address host:port")
       ->envname("LORAD_ADDRESS")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& value) -> std::string {
+            return value.find(':') == std::string::npos ? "'" + value + "' is not host:port" : "";
+          },
+          "HOST:PORT"));
   app.add_option("--token", connection_options.token,
                  "bearer token, sent as `authorization: Bearer <token>`")
       ->envname("LORAD_TOKEN");
@@ -230,6 +235,13 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    // "loradctl bogus": CLI11 would say only that a subcommand is required.
+    if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr && !app.remaining().empty()) {
+      std::cerr << "loradctl: unknown command '" << app.remaining().front()
+                << "' (commands: train, adapters, generate, chat; see loradctl --help)"
+                << std::endl;
+      return lorad::cli::kExitUsage;
+    }
     return app.exit(e) == 0 ? lorad::cli::kExitOk : lorad::cli::kExitUsage;
   }
   auto connection = Connection::Create(connection_options);

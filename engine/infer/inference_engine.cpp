@@ -296,7 +296,9 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   seq->all = seq->prompt;
   seq->prefill_target = static_cast<int64_t>(seq->prompt.size());
   seq->seed = ResolveSeed(request.sampling);
-  seq->detokenizer = std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true);
+  // The text continues the prompt: a first word keeps its space (stop strings see it too).
+  seq->detokenizer = std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true,
+                                                              /*continues_text=*/true);
   seq->stops = std::make_unique<StopMatcher>(request.stop);
   seq->submitted = Clock::now();
   seq->request = std::move(request);

@@ -82,7 +82,7 @@ using kernels::TokenHistory;
 
 absl::Status OutOfRange(const char* field, const char* range, float got) {
   return absl::InvalidArgumentError(
-      absl::StrCat("sampling parameter ", field, " must be ", range, ", got ", got));
+      absl::StrCat("sampling.", field, ": must be ", range, ", got ", got));
 }
 
 // Everything Validate checks except max_new_tokens, whose limit the sampler does not know.
@@ -92,7 +92,7 @@ absl::Status ValidateDistribution(const SamplingParams& p) {
   }
   if (p.top_k < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("sampling parameter top_k must be >= 0 (0 = off), got ", p.top_k));
+        absl::StrCat("sampling.top_k: must be >= 0 (0 = off), got ", p.top_k));
   }
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
     return OutOfRange("top_p", "in (0, 1] (1 = off)", p.top_p);
@@ -110,8 +110,8 @@ absl::Status ValidateDistribution(const SamplingParams& p) {
     return OutOfRange("frequency_penalty", "finite (0 = off)", p.frequency_penalty);
   }
   if (p.logprobs < 0 || p.logprobs > kMaxLogprobs) {
-    return absl::InvalidArgumentError(absl::StrCat("sampling parameter logprobs must be in [0, ",
-                                                   kMaxLogprobs, "], got ", p.logprobs));
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.logprobs: must be in [0, ", kMaxLogprobs, "], got ", p.logprobs));
   }
   return absl::OkStatus();
 }
@@ -270,9 +270,9 @@ Sampler::~Sampler() = default;
 
 absl::Status SamplingParams::Validate(int32_t max_new_tokens_limit) const {
   if (max_new_tokens < 1 || max_new_tokens > max_new_tokens_limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sampling parameter max_new_tokens must be in [1, ", max_new_tokens_limit,
-                     "] (the server's limit), got ", max_new_tokens));
+    return absl::InvalidArgumentError(absl::StrCat("sampling.max_new_tokens: must be in [1, ",
+                                                   max_new_tokens_limit,
+                                                   "] (the server's limit), got ", max_new_tokens));
   }
   return ValidateDistribution(*this);
 }

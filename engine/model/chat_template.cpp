@@ -9,6 +9,7 @@
 #include "engine/model/tokenizer.h"
 #include "engine/model/utf8.h"
 #include "nlohmann/json.hpp"
+#include "re2/re2.h"
 
 namespace lorad::engine {
 namespace {
@@ -93,6 +94,32 @@ std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
   return std::nullopt;
 }
 
+namespace {
+
+// The fixed system message a ChatML template writes when the conversation opens without one, as
+// Qwen2's does: a Jinja string literal '<|im_start|>system\n...<|im_end|>\n' (the conditional
+// one around it splices messages[0]['content'] in, so it is not a single literal). "" if none.
+std::string DefaultSystemTurn(const std::string& jinja) {
+  // The newlines as Jinja escapes ("\\n" in the source) or as themselves.
+  static const RE2 kLiteral(
+      R"re((['"])<\|im_start\|>system(?:\\n|\n)((?:[^'"\\]|\\.)*?)<\|im_end\|>(?:\\n|\n)['"])re");
+  re2::StringPiece input(jinja);
+  std::string quote, text;
+  if (!RE2::PartialMatch(input, kLiteral, &quote, &text)) return "";
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {  // Python/Jinja string escapes
+    if (text[i] != '\\' || i + 1 == text.size()) {
+      out += text[i];
+      continue;
+    }
+    const char next = text[++i];
+    out += next == 'n' ? '\n' : next == 't' ? '\t' : next;
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& folder,
                                                                std::string_view override_name) {
   absl::StatusOr<TokenizerSettings> settings = TokenizerSettings::Load(folder);
@@ -141,7 +168,15 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
                      "renders the families ",
                      KnownList(), "); name one of them to use it instead"));
   }
-  return FromName(*name, settings->bos_token, settings->eos_token);
+  absl::StatusOr<ChatTemplate> t = FromName(*name, settings->bos_token, settings->eos_token);
+  if (!t.ok()) return t;
+  if (t->family_ == Family::kChatMl) t->default_system_ = DefaultSystemTurn(jinja);
+  if (t->family_ == Family::kLlama3 && jinja.find("Cutting Knowledge Date") != std::string::npos) {
+    t->unrendered_ =
+        "the model's chat template also writes a system header with a knowledge cutoff and "
+        "today's date (Llama 3.1 and later), which lorad's llama3 rendering leaves out";
+  }
+  return t;
 }
 
 absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>& messages,
@@ -150,8 +185,8 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
   for (size_t i = 0; i < messages.size(); ++i) {
     const std::string& role = messages[i].role;
     if (role != "system" && role != "user" && role != "assistant") {
-      return TemplateError(name_, absl::StrCat("message ", i, " has unknown role '", role,
-                                               "' (known: system, user, assistant)"));
+      return absl::InvalidArgumentError(absl::StrCat("messages[", i, "].role: '", role,
+                                                     "' is not one of system, user, assistant"));
     }
   }
   return RenderFamily(messages, add_generation_prompt);
@@ -202,6 +237,9 @@ std::string ChatTemplate::RenderLlama3(const std::vector<ChatMessage>& messages,
 
 std::string ChatTemplate::RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const {
   std::string out;
+  if (!default_system_.empty() && (messages.empty() || messages[0].role != "system")) {
+    absl::StrAppend(&out, "<|im_start|>system\n", default_system_, "<|im_end|>\n");
+  }
   for (const ChatMessage& m : messages) {
     absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
   }

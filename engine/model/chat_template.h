@@ -4,7 +4,9 @@
 // with that family's published Jinja template:
 //   llama3   Llama 3 Instruct: bos + <|start_header_id|>role<|end_header_id|>\n\n content.strip()
 //            <|eot_id|> per message; generation prompt = the assistant header
-//   chatml   <|im_start|>role\ncontent<|im_end|>\n per message (Qwen2, SmolLM, Hermes...)
+//   chatml   <|im_start|>role\ncontent<|im_end|>\n per message (Qwen2, SmolLM, Hermes...); a
+//            model template that writes a fixed system turn when the conversation has none
+//            (Qwen2-Instruct's "You are a helpful assistant.") has it rendered the same way
 //   mistral  Mistral Instruct v0.2: bos + " [INST] user [/INST]" + " assistant</s>"; a leading
 //            system message is folded into the first user message; roles must alternate
 //   alpaca   bos + system (or Alpaca's default preamble) + "### Instruction:\n...\n\n" +
@@ -67,6 +69,9 @@ class ChatTemplate {
   std::string end_of_turn() const;
   const std::string& bos_token() const { return bos_token_; }
   const std::string& eos_token() const { return eos_token_; }
+  // What the model's own template writes that its family's rendering leaves out (Llama 3.1+'s
+  // system header with dates), for a warning at start-up; "" when nothing known is left out.
+  const std::string& unrendered() const { return unrendered_; }
 
  private:
   enum class Family { kLlama3, kChatMl, kMistral, kAlpaca };
@@ -88,6 +93,8 @@ class ChatTemplate {
   std::string name_;
   std::string bos_token_;
   std::string eos_token_;
+  std::string default_system_;  // chatml: the system turn's text when a conversation has none
+  std::string unrendered_;
 };
 
 }  // namespace lorad::engine

@@ -6,10 +6,7 @@
 #include <mutex>
 #include <optional>
 
-#if defined(LORAD_WITH_CUDA)
-#include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <c10/cuda/CUDAFunctions.h>
-#endif
+#include "engine/runtime/random_state.h"
 
 namespace lorad::engine {
 namespace {
@@ -24,52 +21,10 @@ struct RecomputeScope {
   RecomputeScope& operator=(const RecomputeScope&) = delete;
 };
 
-// The random generators a piece may draw from: the CPU one, and the current CUDA device's.
-struct RngState {
-  torch::Tensor cpu;
-  torch::Tensor cuda;
-  int cuda_device = -1;
-
-  static RngState Capture(bool with_cuda) {
-    RngState s;
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    {
-      std::lock_guard<std::mutex> lock(cpu.mutex());
-      s.cpu = cpu.get_state();
-    }
-#if defined(LORAD_WITH_CUDA)
-    if (with_cuda) {
-      s.cuda_device = c10::cuda::current_device();
-      auto gen = at::cuda::detail::getDefaultCUDAGenerator(s.cuda_device);
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      s.cuda = gen.get_state();
-    }
-#else
-    (void)with_cuda;
-#endif
-    return s;
-  }
-
-  void Restore() const {
-    auto cpu = at::detail::getDefaultCPUGenerator();
-    {
-      std::lock_guard<std::mutex> lock(cpu.mutex());
-      cpu.set_state(this->cpu);
-    }
-#if defined(LORAD_WITH_CUDA)
-    if (cuda_device >= 0) {
-      auto gen = at::cuda::detail::getDefaultCUDAGenerator(cuda_device);
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(cuda);
-    }
-#endif
-  }
-};
-
 // What backward needs, kept alive by the autograd node (a capsule in saved_data).
 struct Saved : torch::CustomClassHolder {
   CheckpointedFn fn;
-  RngState rng;
+  RandomState rng;
   torch::Tensor offloaded;  // the input in pinned host memory, when offloading
   torch::Device device = torch::kCPU;
 };
@@ -79,7 +34,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                CheckpointedFn fn, bool offload) {
     auto saved = c10::make_intrusive<Saved>();
-    saved->rng = RngState::Capture(x.is_cuda());
+    saved->rng = RandomState::Capture(x.is_cuda());
     saved->fn = std::move(fn);
     saved->device = x.device();
     if (offload && x.is_cuda()) {
@@ -108,7 +63,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
                                     : ctx->get_saved_variables()[0].detach())
             .requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
-    const RngState now = RngState::Capture(x.is_cuda());
+    const RandomState now = RandomState::Capture(x.is_cuda());
     saved->rng.Restore();
     torch::Tensor y;
     {

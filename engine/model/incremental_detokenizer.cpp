@@ -4,10 +4,12 @@
 
 namespace lorad::engine {
 
-IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens)
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens,
+                                               bool continues_text)
     : tokenizer_(tokenizer),
       skip_special_tokens_(skip_special_tokens),
-      rules_(tokenizer.decode_rules()) {}
+      rules_(tokenizer.decode_rules()),
+      at_start_(!continues_text) {}
 
 namespace {
 

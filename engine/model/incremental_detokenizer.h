@@ -3,7 +3,9 @@
 // delta never ends inside a UTF-8 sequence: bytes of a character split across tokens
 // (sentencepiece <0xE6><0x97><0xA5>, byte-level BPE tokens holding part of a character) are held
 // back until the character is complete. The sentencepiece leading-space rule applies to the
-// first character of the whole stream, as in Decode.
+// first character of the whole stream, as in Decode, unless the stream continues a text (a
+// generation continues its prompt: its first word keeps its space, so prompt + text reads as
+// the whole, as vLLM and OpenAI's API return it).
 //
 // One instance per sequence; not thread-safe (the GPU loop owns it). The tokenizer must outlive
 // it.
@@ -23,7 +25,8 @@ namespace lorad::engine {
 
 class IncrementalDetokenizer {
  public:
-  IncrementalDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens);
+  IncrementalDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens,
+                         bool continues_text = false);
 
   // Adds one token; returns the text that is now final (often empty while a character is
   // incomplete).

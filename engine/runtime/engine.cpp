@@ -261,12 +261,16 @@ void Engine::Impl::Loop() {
       inference_seconds.store(inference_seconds.load() + dt);
       train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
     }
-    if (!trainers.empty() && (!serving || train_credit > 0)) {
+    // While serving, training spends all the credit the step earned (a share above a half earns
+    // more than one micro-batch per step); idle, one micro-batch a turn, so that a request that
+    // arrives waits for one at most.
+    while (!trainers.empty() && (!serving || train_credit > 0)) {
       const Clock::time_point t0 = Clock::now();
       RunTrainingMicroBatch();
       const double dt = Seconds(Clock::now() - t0);
       train_seconds.store(train_seconds.load() + dt);
-      if (serving) train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
+      if (!serving) break;
+      train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
     }
   }
   // Stopping: requests end as cancelled; the training job saves a checkpoint it can resume from
@@ -383,6 +387,10 @@ absl::StatusOr<RequestId> Engine::Generate(GenerationRequest request, TokenCallb
 void Engine::Cancel(RequestId id) {
   impl_->inference->Cancel(id);
   impl_->wake.notify_one();
+}
+
+std::string Engine::chat_template_note() const {
+  return impl_->chat_template ? impl_->chat_template->unrendered() : "";
 }
 
 absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMessage>& messages,

@@ -93,6 +93,9 @@ class Engine {
   };
   absl::StatusOr<RenderedChat> RenderChat(const std::vector<ChatMessage>& messages,
                                           const std::string& name) const;
+  // What the model's own chat template writes that lorad's rendering of it leaves out, for a
+  // warning at start-up ("" when nothing known; ChatTemplate::unrendered).
+  std::string chat_template_note() const;
   AdapterStore& adapters();
 
   // ---- training ----

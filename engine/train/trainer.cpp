@@ -18,6 +18,7 @@
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/runtime/durable_file.h"
+#include "engine/runtime/random_state.h"
 #include "engine/train/answer_evaluation.h"
 #include "engine/train/chunked_cross_entropy.h"
 #include "engine/train/example_formatter.h"
@@ -122,6 +123,9 @@ struct Trainer::Impl {
   Clock::time_point job_start = Clock::now();
   double seconds_before_this_run = 0;  // a resumed job's time up to its checkpoint
   int64_t steps_this_run = 0;
+  // This job's random stream (LoRA dropout), installed in the default generators while it steps:
+  // jobs that take turns on the GPU loop never draw from each other's.
+  RandomState random;
 
   absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder);
   std::string model_folder;  // the base model's folder (chat template; merged export)
@@ -275,6 +279,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     if (checkpoint->rng.defined()) RestoreRngState(checkpoint->rng);
     // A checkpoint at the last step (the end writes one before the adapter): Step() only ends it.
   }
+  random = RandomState::Capture(model->options().device.is_cuda());
   return absl::OkStatus();
 }
 
@@ -609,6 +614,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
 absl::Status Trainer::Step() {
   Impl& t = *impl_;
   if (t.done) return absl::FailedPreconditionError("the training job has already ended");
+  // The job's own random stream for this step, kept for its next one whatever happens here.
+  struct InstalledRandomState {
+    Impl& t;
+    explicit InstalledRandomState(Impl& job) : t(job) { t.random.Restore(); }
+    ~InstalledRandomState() {
+      t.random = RandomState::Capture(t.model->options().device.is_cuda());
+    }
+  } installed(t);
   try {
     if (t.cancel.load()) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();

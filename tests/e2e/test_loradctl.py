@@ -218,10 +218,13 @@ def test_flags_below_their_bound_say_the_bound():
         assert result.returncode == EXIT_USAGE, result.stderr
         assert f"must be {bound}" in result.stderr and "17976931348623157" not in result.stderr
     for args, words in [(["train", "ls", "--limit", "abc"], "'abc' is not a number"),
+                        (["bogus"], "unknown command 'bogus'"),
                         (["generate", "--seed", "-5", "hi"], "'-5' is not a whole number"),
                         (["generate", "--seed", "18446744073709551616", "hi"], "2^64")]:
         result = loradctl(*args, address=f"127.0.0.1:{free_port()}")
         assert result.returncode == EXIT_USAGE and words in result.stderr, result.stderr
+    result = loradctl("--address", "", "adapters", "ls")
+    assert result.returncode == EXIT_USAGE and "is not host:port" in result.stderr, result.stderr
 
 
 def test_a_ca_cert_that_is_not_pem_is_one_clear_line(tmp_path):

@@ -19,13 +19,13 @@ TEST(ChatTemplateParity, RendersEveryFamilyLikeTransformers) {
   std::ifstream in(path);
   ASSERT_TRUE(in) << "missing reference " << path;
   const json families = json::parse(in);
-  ASSERT_EQ(families.size(), ChatTemplate::KnownNames().size());
+  ASSERT_GT(families.size(), ChatTemplate::KnownNames().size());  // and model variants
   for (const auto& f : families) {
     const std::string family = f["family"].get<std::string>();
     // The family is recognised from the Jinja text in the folder's tokenizer_config.json.
     auto tmpl = ChatTemplate::FromTokenizerConfig(f["folder"].get<std::string>());
     ASSERT_TRUE(tmpl.ok()) << family << ": " << tmpl.status();
-    EXPECT_EQ(tmpl->name(), family);
+    EXPECT_EQ(tmpl->name(), f["recognised"].get<std::string>());
     for (const auto& r : f["renders"]) {
       std::vector<ChatMessage> messages;
       for (const auto& m : r["messages"]) {

@@ -4,8 +4,8 @@ template, on several conversations, for lorad's C++ renderings to equal string f
 Output (out = <build>/parity/chat_templates/):
   <family>/tokenizer_config.json (+ the tiny model's tokenizer.model): a folder whose
       chat_template is the family's Jinja text, for ChatTemplate::FromTokenizerConfig
-  cases.json  [{"family", "folder", "renders": [{"messages", "add_generation_prompt",
-               "text" | "error"}]}]
+  cases.json  [{"family", "recognised", "folder", "renders": [{"messages",
+               "add_generation_prompt", "text" | "error"}]}]
 """
 import json
 import pathlib
@@ -69,11 +69,22 @@ ALPACA = (
     "{% endif %}"
 )
 
+# Qwen/Qwen2-7B-Instruct: ChatML with a default system turn when the conversation has none
+# (the Jinja source writes the newlines as \\n escapes, as the tokenizer_config.json does).
+QWEN2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# folder name -> (template, bos, eos, the family lorad recognises it as)
 FAMILIES = {
-    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
-    "chatml": (CHATML, "<s>", "</s>"),
-    "mistral": (MISTRAL, "<s>", "</s>"),
-    "alpaca": (ALPACA, "<s>", "</s>"),
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
+    "chatml": (CHATML, "<s>", "</s>", "chatml"),
+    "qwen2": (QWEN2, None, "<|im_end|>", "chatml"),
+    "mistral": (MISTRAL, "<s>", "</s>", "mistral"),
+    "alpaca": (ALPACA, "<s>", "</s>", "alpaca"),
 }
 
 
@@ -103,7 +114,7 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     from transformers import AutoTokenizer
 
     results = []
-    for family, (jinja, bos, eos) in FAMILIES.items():
+    for family, (jinja, bos, eos, recognised) in FAMILIES.items():
         folder = out / family
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(model / "tokenizer.model", folder / "tokenizer.model")
@@ -122,6 +133,7 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
                 except TemplateError as e:
                     r["error"] = str(e)
                 renders.append(r)
-        results.append({"family": family, "folder": str(folder.resolve()), "renders": renders})
+        results.append({"family": family, "recognised": recognised,
+                        "folder": str(folder.resolve()), "renders": renders})
     (out / "cases.json").write_text(json.dumps(results, ensure_ascii=False, indent=1),
                                     encoding="utf-8")

@@ -6,7 +6,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 
 namespace lorad::server {
 namespace {
@@ -131,6 +133,7 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   redo.step = 3;
   redo.loss = 1.5;  // the resumed run reports step 3 again
   redo.time_ms = 1764892800123;
+  redo.grad_norm = std::numeric_limits<double>::quiet_NaN();  // a diverged step's, kept as NaN
   ASSERT_TRUE(store->AppendStep(job->id, redo).ok());
   ASSERT_TRUE(store->SetTotalSteps(job->id, 7).ok());
   EXPECT_EQ(store->Get(job->id)->total_steps, 7);
@@ -140,6 +143,7 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   EXPECT_EQ((*steps)[0].step, 2);
   EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.5);
   EXPECT_EQ((*steps)[1].time_ms, 1764892800123);
+  EXPECT_TRUE(std::isnan((*steps)[1].grad_norm));
 }
 
 // A database of an older lorad (job_steps without time_ms) gains the column on open; its rows

@@ -271,10 +271,12 @@ TEST(InferenceEngineTest, TextDeltasConcatenateToTheDecodedTokens) {
   r.prompt = "The quick brown fox";
   const Result res = f.Alone(r);
   ASSERT_EQ(res.tokens.size(), 20u);
-  // The stream is the incremental detokenizer's text of the tokens: Decode's text, except that
-  // the random fixture emits ill-formed byte-fallback runs, where sentencepiece's Decode replaces
-  // the whole run and the stream only the ill-formed bytes (incremental_detokenizer.h).
-  IncrementalDetokenizer detokenizer(f.tokenizer(), /*skip_special_tokens=*/true);
+  // The stream is the incremental detokenizer's text of the tokens as a continuation of the
+  // prompt (a first word keeps its space): Decode's text, except that the random fixture emits
+  // ill-formed byte-fallback runs, where sentencepiece's Decode replaces the whole run and the
+  // stream only the ill-formed bytes (incremental_detokenizer.h).
+  IncrementalDetokenizer detokenizer(f.tokenizer(), /*skip_special_tokens=*/true,
+                                     /*continues_text=*/true);
   std::string expected;
   for (int32_t t : res.tokens) expected += detokenizer.Add(t);
   expected += detokenizer.Finish();
@@ -456,7 +458,11 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
       size_t shortest = 1;
       std::string decoded;
       for (; shortest <= full.tokens.size(); ++shortest) {
-        decoded = tok.Decode({full.tokens.begin(), full.tokens.begin() + shortest}, true);
+        // The prefix's text as the stream has it: continuing the prompt, as if it ended here.
+        IncrementalDetokenizer prefix(tok, /*skip_special_tokens=*/true, /*continues_text=*/true);
+        decoded.clear();
+        for (size_t i = 0; i < shortest; ++i) decoded += prefix.Add(full.tokens[i]);
+        decoded += prefix.Finish();
         if (decoded.find(stop_here.stop[0]) != std::string::npos) break;
       }
       ASSERT_LE(shortest, full.tokens.size());

@@ -60,7 +60,7 @@ TEST(ChatTemplate, RolesAreValidated) {
     ASSERT_TRUE(t.ok());
     auto tool = t->Render({{"user", "x"}, {"tool", "y"}}, false);
     ASSERT_FALSE(tool.ok()) << name;
-    EXPECT_NE(tool.status().message().find("'tool'"), std::string::npos) << tool.status();
+    EXPECT_EQ(tool.status().message().rfind("messages[1].role: 'tool'", 0), 0u) << tool.status();
     EXPECT_FALSE(t->Render({}, true).ok()) << name;
   }
   auto mistral = ChatTemplate::FromName("mistral");
@@ -94,6 +94,20 @@ TEST(ChatTemplate, FolderTemplatesFromListsAndJinjaFiles) {
   auto b = ChatTemplate::FromTokenizerConfig(file.string());
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ(b->name(), "chatml");
+}
+
+// A Llama 3.1+ template's dated system header is not rendered: the template says so, for the
+// start-up warning; a plain Llama 3 template has nothing left out.
+TEST(ChatTemplate, LeftOutPartsOfAModelTemplateAreNamed) {
+  const fs::path dated = Folder("dated", R"({"chat_template":
+      "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Cutting Knowledge Date: December 2023\\n' }}"})");
+  auto a = ChatTemplate::FromTokenizerConfig(dated.string());
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_NE(a->unrendered().find("knowledge cutoff"), std::string::npos);
+  const fs::path plain = Folder("plain", R"({"chat_template": "{{ '<|start_header_id|>' }}"})");
+  auto b = ChatTemplate::FromTokenizerConfig(plain.string());
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(b->unrendered().empty());
 }
 
 TEST(ChatTemplate, MissingOrUnknownFolderTemplatesAreErrorsNamingTheFile) {

@@ -124,6 +124,36 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_EQ(second.back().summary.steps, 20);
 }
 
+// Jobs that take turns step by step (the GPU loop's way with several jobs) draw LoRA dropout from
+// their own streams: each one's losses equal its run alone.
+TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
+  TrainingJobConfig a = Config("alone");
+  a.lora.dropout = 0.1;
+  a.max_steps = 4;
+  std::vector<TrainingEvent> alone, a_events, b_events;
+  auto solo = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                              [&](const TrainingEvent& e) { alone.push_back(e); });
+  ASSERT_TRUE(solo.ok()) << solo.status();
+  ASSERT_TRUE((*solo)->Run().ok());
+
+  a.output_dir = (out_ / "together-a").string();
+  TrainingJobConfig b = Config("together-b");
+  b.lora.dropout = 0.2;
+  b.seed = 5;
+  b.max_steps = 4;
+  auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                               [&](const TrainingEvent& e) { a_events.push_back(e); });
+  auto second = Trainer::Create(*model_, *tokenizer_, model_dir_, b,
+                                [&](const TrainingEvent& e) { b_events.push_back(e); });
+  ASSERT_TRUE(first.ok() && second.ok());
+  while (!(*first)->done() || !(*second)->done()) {
+    if (!(*first)->done()) ASSERT_TRUE((*first)->Step().ok());
+    if (!(*second)->done()) ASSERT_TRUE((*second)->Step().ok());
+  }
+  EXPECT_EQ(Losses(a_events), Losses(alone));
+  EXPECT_EQ(Losses(a_events).size(), 4u);
+}
+
 // A job's dataset that changed between its checkpoint and a resume is refused, naming the file:
 // the rest of the job would train on other examples.
 TEST_F(TrainerTest, AResumeRefusesADatasetThatChanged) {
