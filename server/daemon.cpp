@@ -22,6 +22,7 @@
 #include "lorad/v1/training.grpc.pb.h"
 #include "server/adapter_service.h"
 #include "server/inference_service.h"
+#include "server/job_spec_validator.h"
 #include "server/path_policy.h"
 #include "server/rpc_metrics_interceptor.h"
 #include "server/training_service.h"
@@ -428,6 +429,12 @@ absl::Status Daemon::StartGrpc() {
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
   training.auth = &auth_;
+  // A job that could never fit the training memory is refused at once, not queued to fail later
+  // (it would wait behind running jobs to learn it).
+  training.check_fits = [engine = engine_.get()](const lorad::v1::JobSpec& spec) {
+    auto fits = engine->TrainingFitsNow(TrainingJobConfigOf(spec, ""));
+    return fits.ok() ? absl::OkStatus() : fits.status();
+  };
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
   InferenceLimits inference;
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);

@@ -26,6 +26,9 @@ struct TrainingServiceOptions {
   std::function<void(const std::string& job_id)> on_cancel;
   // Bearer tokens (none configured: open). Submit and cancel need admin; reads need user.
   const TokenAuthenticator* auth = nullptr;
+  // A validated spec that could never fit the training memory, even alone, is refused at submit
+  // with this status (RESOURCE_EXHAUSTED saying how much it needs); unset: not checked.
+  std::function<absl::Status(const lorad::v1::JobSpec&)> check_fits;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {

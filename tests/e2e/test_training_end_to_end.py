@@ -335,10 +335,11 @@ def test_two_jobs_train_at_once_with_the_losses_of_each_alone(tmp_path, stubs):
         assert stop_daemon(d) == 0, d.log()
 
 
-def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_later(tmp_path, stubs):
-    """training.memory_budget_mib: a job whose estimate exceeds the budget fails at once with a
-    message that says how much it needs, and the daemon keeps serving; with room for one job of
-    two (max_running_jobs 2), the second waits queued until the first ends, then trains."""
+def test_memory_budget_refuses_a_job_that_never_fits_and_queues_one_that_fits_later(tmp_path, stubs):
+    """training.memory_budget_mib: a job whose estimate exceeds the budget is refused at submit
+    with a message that says how much it needs, and the daemon keeps serving; with room for one
+    job of two (max_running_jobs 2), the second waits queued until the first ends, then
+    trains."""
     tpb = stubs.training_pb2
     first_dir, second_dir = tmp_path / "one-mib", tmp_path / "room-for-one"
     prepare(first_dir)
@@ -346,14 +347,15 @@ def test_memory_budget_fails_a_job_that_never_fits_and_queues_one_that_fits_late
     try:
         channel = grpc.insecure_channel(d.grpc_address)
         train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-        big = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "too-big", 5)), timeout=30)
-        job = wait_for_state(train, tpb, big.id, tpb.JOB_STATE_FAILED)
-        found = re.search(r"needs about ([0-9.]+) MiB", job.error)
-        assert found and "training.memory_budget_mib allows 1.0 MiB" in job.error, job.error
+        with pytest.raises(grpc.RpcError) as err:
+            train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "too-big", 5)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        found = re.search(r"needs about ([0-9.]+) MiB", err.value.details())
+        assert found and "training.memory_budget_mib allows 1.0 MiB" in err.value.details(), \
+            err.value.details()
         need_mib = float(found.group(1))
-        assert need_mib > 1, job.error
-        listed = train.ListJobs(tpb.ListJobsRequest(), timeout=10)
-        assert [j.id for j in listed.jobs] == [big.id]
+        assert need_mib > 1, err.value.details()
+        assert list(train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs) == []
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
