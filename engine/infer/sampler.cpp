@@ -103,11 +103,12 @@ absl::Status ValidateDistribution(const SamplingParams& p) {
   if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0.0f) {
     return OutOfRange("repetition_penalty", "finite and > 0 (1 = off)", p.repetition_penalty);
   }
-  if (!std::isfinite(p.presence_penalty)) {
-    return OutOfRange("presence_penalty", "finite (0 = off)", p.presence_penalty);
+  // OpenAI's range (vLLM's too): beyond it a penalty only ever bans or forces tokens.
+  if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f)) {
+    return OutOfRange("presence_penalty", "in [-2, 2] (0 = off)", p.presence_penalty);
   }
-  if (!std::isfinite(p.frequency_penalty)) {
-    return OutOfRange("frequency_penalty", "finite (0 = off)", p.frequency_penalty);
+  if (!(p.frequency_penalty >= -2.0f && p.frequency_penalty <= 2.0f)) {
+    return OutOfRange("frequency_penalty", "in [-2, 2] (0 = off)", p.frequency_penalty);
   }
   if (p.logprobs < 0 || p.logprobs > kMaxLogprobs) {
     return absl::InvalidArgumentError(

@@ -231,8 +231,9 @@ TEST(Sampler, BadParametersNameTheFieldAndItsRange) {
       {[=](SamplingParams& p) { p.min_p = -0.1f; }, "min_p", "[0, 1)"},
       {[=](SamplingParams& p) { p.repetition_penalty = 0.0f; }, "repetition_penalty", "> 0"},
       {[=](SamplingParams& p) { p.repetition_penalty = inf; }, "repetition_penalty", "finite"},
-      {[=](SamplingParams& p) { p.presence_penalty = nan; }, "presence_penalty", "finite"},
-      {[=](SamplingParams& p) { p.frequency_penalty = -inf; }, "frequency_penalty", "finite"},
+      {[=](SamplingParams& p) { p.presence_penalty = nan; }, "presence_penalty", "[-2, 2]"},
+      {[=](SamplingParams& p) { p.presence_penalty = 2.5f; }, "presence_penalty", "[-2, 2]"},
+      {[=](SamplingParams& p) { p.frequency_penalty = -inf; }, "frequency_penalty", "[-2, 2]"},
       {[=](SamplingParams& p) { p.logprobs = 21; }, "logprobs", "[0, 20]"},
       {[=](SamplingParams& p) { p.logprobs = -1; }, "logprobs", "[0, 20]"},
   };
