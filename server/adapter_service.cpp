@@ -67,8 +67,11 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
     // Served only if recorded: an acknowledged load must come back after a restart. A failed
     // record (a full disk) takes the new version down again (it never served: it was just
     // made current, and requests that took it since finish on it).
-    if (auto s =
-            record_->RecordAdapter({request->name(), *version, *folder, *folder, /*served=*/true});
+    // Read once more for the record: a restart serves this version again only from the same
+    // contents (the files were just read whole; a fingerprint that fails records none).
+    const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
+    if (auto s = record_->RecordAdapter(
+            {request->name(), *version, *folder, *folder, /*served=*/true, fingerprint});
         !s.ok()) {
       (void)engine_.adapters().Unload(request->name(), *version, std::chrono::seconds(0));
       return FinishUnary(context,

@@ -313,6 +313,12 @@ void Daemon::ServeRecordedAdapters() {
         ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
                              from_job ? "the job's adapter folder" : "storage.adapter_root");
     absl::StatusOr<int64_t> version = absl::UnknownError("not loaded");
+    if (folder.ok() && !a.fingerprint.empty() &&
+        AdapterFolderFingerprint(*folder).value_or("") != a.fingerprint) {
+      folder = absl::FailedPreconditionError(
+          absl::StrCat(a.path, " holds other files than when version ", a.version,
+                       " was loaded; load it again to serve them as a new version"));
+    }
     if (folder.ok()) {
       store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
       version = store.LoadPeft(a.name, *folder, a.source);

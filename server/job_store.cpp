@@ -5,6 +5,7 @@
 #include <chrono>
 #include <limits>
 #include <random>
+#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS adapters (
   version INTEGER NOT NULL,             -- the newest version published under the name
   path TEXT NOT NULL,                   -- its PEFT folder
   source TEXT NOT NULL,                 -- the folder, or "job:<id>"
-  served INTEGER NOT NULL) WITHOUT ROWID;
+  served INTEGER NOT NULL,
+  fingerprint TEXT NOT NULL DEFAULT '') WITHOUT ROWID;  -- added after schema version 1
 )sql";
 
 constexpr const char* kJobColumns =
@@ -234,12 +236,16 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         kSchemaVersion, "); upgrade lorad or point storage.data_dir elsewhere"));
   }
   if (auto s = store->Exec(kSchema); !s.ok()) return damaged(s);
-  {
-    Statement column(db, "SELECT 1 FROM pragma_table_info('job_steps') WHERE name = 'time_ms';");
-    if (auto s = column.status(); !s.ok()) return damaged(s);
-    if (column.Step() != SQLITE_ROW) {
-      if (auto s =
-              store->Exec("ALTER TABLE job_steps ADD COLUMN time_ms INTEGER NOT NULL DEFAULT 0;");
+  // Columns added since schema version 1, with their defaults.
+  for (const auto& [table, column, definition] :
+       {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"}}) {
+    Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
+                                       "') WHERE name = '", column, "';"));
+    if (auto s = present.status(); !s.ok()) return damaged(s);
+    if (present.Step() != SQLITE_ROW) {
+      if (auto s = store->Exec(
+              absl::StrCat("ALTER TABLE ", table, " ADD COLUMN ", column, " ", definition, ";"));
           !s.ok()) {
         return damaged(s);
       }
@@ -536,12 +542,12 @@ absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
 absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
   // Never back to an older version: two loads of one name may record in either order.
   Statement s(db_,
-              "INSERT INTO adapters (name, version, path, source, served) VALUES (?, ?, ?, ?, ?) "
-              "ON CONFLICT(name) DO UPDATE SET version = excluded.version, path = excluded.path, "
-              "source = excluded.source, served = excluded.served WHERE excluded.version >= "
-              "adapters.version;");
+              "INSERT INTO adapters (name, version, path, source, served, fingerprint) VALUES (?, "
+              "?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET version = excluded.version, path = "
+              "excluded.path, source = excluded.source, served = excluded.served, fingerprint = "
+              "excluded.fingerprint WHERE excluded.version >= adapters.version;");
   s.BindText(1, a.name).Bind(2, a.version).BindText(3, a.path).BindText(4, a.source);
-  s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0));
+  s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0)).BindText(6, a.fingerprint);
   return s.Run();
 }
 
@@ -554,11 +560,13 @@ absl::Status JobStore::MarkAdapterUnserved(const std::string& name) {
 
 absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, "SELECT name, version, path, source, served FROM adapters ORDER BY name;");
+  Statement s(db_,
+              "SELECT name, version, path, source, served, fingerprint FROM adapters ORDER BY "
+              "name;");
   std::vector<ServedAdapter> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
-    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0});
+    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0, s.Blob(5)});
   }
   if (rc != SQLITE_DONE) return s.StepError();
   return out;

@@ -78,6 +78,9 @@ struct ServedAdapter {
   std::string path;    // the PEFT folder
   std::string source;  // as AdapterStore takes it: the folder, or "job:<id>"
   bool served = true;
+  // What the folder's files held when it was loaded (engine::FilesFingerprint); "" = not known.
+  // A restart serves the version again only from the same contents.
+  std::string fingerprint;
 };
 
 struct JobPage {

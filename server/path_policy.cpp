@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/file_fingerprint.h"
 
 namespace lorad::server {
 
@@ -52,6 +53,11 @@ absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const 
     if (!resolved.ok()) return resolved.status();
   }
   return folder;
+}
+
+absl::StatusOr<std::string> AdapterFolderFingerprint(const std::string& folder) {
+  return engine::FilesFingerprint({absl::StrCat(folder, "/adapter_config.json"),
+                                   absl::StrCat(folder, "/adapter_model.safetensors")});
 }
 
 }  // namespace lorad::server

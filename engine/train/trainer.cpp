@@ -18,6 +18,7 @@
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/runtime/durable_file.h"
+#include "engine/runtime/file_fingerprint.h"
 #include "engine/runtime/random_state.h"
 #include "engine/train/answer_evaluation.h"
 #include "engine/train/chunked_cross_entropy.h"
@@ -38,27 +39,6 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kAnsweredExamples = 32;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-// "<size>:<FNV-1a 64 of the bytes>" of each file, ";"-joined: enough to tell a changed dataset
-// (not a defence against a crafted one: the operator owns these files).
-absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths) {
-  std::string out;
-  for (const std::string& path : paths) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));
-    uint64_t hash = 14695981039346656037ULL;
-    uint64_t size = 0;
-    std::vector<char> buffer(1 << 20);
-    while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount()) {
-      for (std::streamsize i = 0; i < in.gcount(); ++i) {
-        hash = (hash ^ static_cast<unsigned char>(buffer[i])) * 1099511628211ULL;
-      }
-      size += static_cast<uint64_t>(in.gcount());
-    }
-    absl::StrAppend(&out, out.empty() ? "" : ";", size, ":", absl::Hex(hash, absl::kZeroPad16));
-  }
-  return out;
-}
 
 // One micro-batch as tensors. Rows right-padded with token 0 (never attended nor scored).
 struct MicroBatchTensors {

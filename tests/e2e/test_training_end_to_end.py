@@ -416,9 +416,10 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
             _, states, _ = watch_until_done(train, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
         folder = tmp_path / "data" / "jobs" / job.id / "adapter"
-        for copy in ("copy", "moved"):
+        for copy in ("copy", "moved", "changed"):
             shutil.copytree(folder, tmp_path / "data" / "adapters" / copy)
-        for name, path in (("by-hand", "copy"), ("dropped", "copy"), ("moved", "moved")):
+        for name, path in (("by-hand", "copy"), ("dropped", "copy"), ("moved", "moved"),
+                           ("changed", "changed")):
             adapters.LoadAdapter(apb.LoadAdapterRequest(name=name, path=path), timeout=30)
         adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="dropped"), timeout=30)
 
@@ -453,6 +454,12 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         started = time.time()
         assert stop_daemon(d) == 0, d.log()
     assert time.time() - started < 60, "the stop waited on the open watch"
+    # Other weights in a loaded folder (one weight's last byte changed): not served again as the
+    # version they were not.
+    weights = tmp_path / "data" / "adapters" / "changed" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
     outside = tmp_path / "outside"
     outside.mkdir()
     for link, target in ((datasets / "swapped.jsonl", outside / "swapped.jsonl"),
@@ -470,6 +477,11 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
             d.log()
         assert re.search(r"adapter moved version 1 is not served again: .*outside the root",
                          d.log()), d.log()
+        assert re.search(r"adapter changed version 1 is not served again: .*holds other files",
+                         d.log()), d.log()
+        reloaded = adapters.LoadAdapter(apb.LoadAdapterRequest(name="changed", path="changed"),
+                                        timeout=30)
+        assert reloaded.version == 2
         train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
         failed = wait_for_state(train, tpb, queued.id, tpb.JOB_STATE_FAILED)
         assert "outside the root" in failed.error, failed.error

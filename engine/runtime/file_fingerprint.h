@@ -1,0 +1,17 @@
+// FilesFingerprint: what a set of files held, as "<size>:<FNV-1a 64 of the bytes>" per file,
+// ";"-joined. Enough to tell that a dataset or an adapter folder changed between two reads (not a
+// defence against a crafted file: the operator owns these files). Torch-free; reads each file
+// once, in 1 MiB pieces.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace lorad::engine {
+
+// NOT_FOUND naming the first file that cannot be read.
+absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths);
+
+}  // namespace lorad::engine
