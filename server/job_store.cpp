@@ -317,10 +317,24 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
     return absl::InvalidArgumentError(
         absl::StrCat("page_size: ", page_size, " is out of range [1, 500]"));
   }
+  // A token is "<seq>.<states>": the page continues below seq, and only for the states filter it
+  // was issued for (AIP-158; a bare "<seq>" is an older lorad's token, taken as it is).
+  int64_t states_mask = 0;
+  for (JobState state : states) states_mask |= int64_t{1} << static_cast<int>(state);
   int64_t before_seq = INT64_MAX;
-  if (!page_token.empty() && (!absl::SimpleAtoi(page_token, &before_seq) || before_seq < 1)) {
-    return absl::InvalidArgumentError(
-        "page_token: not a token this server issued; pass next_page_token from the last page");
+  if (!page_token.empty()) {
+    const size_t dot = page_token.find('.');
+    int64_t token_mask = states_mask;
+    if (!absl::SimpleAtoi(page_token.substr(0, dot), &before_seq) || before_seq < 1 ||
+        (dot != std::string::npos && !absl::SimpleAtoi(page_token.substr(dot + 1), &token_mask))) {
+      return absl::InvalidArgumentError(
+          "page_token: not a token this server issued; pass next_page_token from the last page");
+    }
+    if (token_mask != states_mask) {
+      return absl::InvalidArgumentError(
+          "page_token: was issued for another states filter; keep the filter while paging, or "
+          "start again without a page_token");
+    }
   }
   std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq < ?");
   if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(states), ")");
@@ -334,7 +348,7 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
     if (static_cast<int32_t>(page.jobs.size()) == page_size) {
-      page.next_page_token = std::to_string(last_seq);
+      page.next_page_token = absl::StrCat(last_seq, ".", states_mask);
       break;
     }
     page.jobs.push_back(ReadJob(s));

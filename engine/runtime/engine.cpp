@@ -400,7 +400,9 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
     const auto& own = impl_->chat_template;
     auto t = ChatTemplate::FromName(name, own ? std::optional(own->bos_token()) : std::nullopt,
                                     own ? std::optional(own->eos_token()) : std::nullopt);
-    if (!t.ok()) return t.status();
+    if (!t.ok()) {  // the request's field
+      return absl::Status(t.status().code(), absl::StrCat("template: ", t.status().message()));
+    }
     named = std::move(*t);
   } else if (!impl_->chat_template) {
     return absl::FailedPreconditionError(

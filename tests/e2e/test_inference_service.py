@@ -142,6 +142,14 @@ def test_chat_renders_the_template_and_streams(server, reference):
     assert 1 <= len(ids) <= 6
     rendered = "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
     assert chunks[-1].usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
+    # Bad fields are named: an unknown template, an unknown role.
+    for bad, field in ((pb.ChatRequest(messages=req.messages, template="nope"), "template: "),
+                       (pb.ChatRequest(messages=[pb.ChatMessage(role="robot", content="x")]),
+                        "messages[0].role: ")):
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Chat(bad, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(field), err.value.details()
 
 
 def test_seeded_sampling_is_reproducible(server):

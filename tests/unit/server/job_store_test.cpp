@@ -223,6 +223,13 @@ TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
   EXPECT_EQ(running->jobs[0].id, ids[1]);
   EXPECT_TRUE(absl::IsInvalidArgument(store->List({}, 0, "").status()));
   EXPECT_TRUE(absl::IsInvalidArgument(store->List({}, 5, "garbage").status()));
+  // A token pages only the filter it was issued for.
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      store->List({JobState::kQueued}, 2, first->next_page_token).status()));
+  auto queued = store->List({JobState::kQueued}, 2, "");
+  ASSERT_TRUE(queued.ok() && !queued->next_page_token.empty());
+  EXPECT_TRUE(store->List({JobState::kQueued}, 2, queued->next_page_token).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(store->List({}, 2, queued->next_page_token).status()));
 }
 
 // A process killed with SIGKILL in the middle of recording steps: after reopening, every job
