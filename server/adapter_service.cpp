@@ -64,11 +64,9 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published);
   if (!version.ok()) return FinishUnary(context, version.status());
   if (record_ != nullptr) {
-    // Served only if recorded: an acknowledged load must come back after a restart. A failed
-    // record (a full disk) takes the new version down again (it never served: it was just
-    // made current, and requests that took it since finish on it).
-    // Read once more for the record: a restart serves this version again only from the same
-    // contents (the files were just read whole; a fingerprint that fails records none).
+    // Served only if recorded, so an acknowledged load comes back after a restart, and only
+    // from the same files (their fingerprint; none when they cannot be read again). A failed
+    // record (a full disk) takes the new version down again; requests that took it finish on it.
     const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
     if (auto s = record_->RecordAdapter(
             {request->name(), *version, *folder, *folder, /*served=*/true, fingerprint});

@@ -273,6 +273,22 @@ absl::Status Daemon::LockDataDir() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a) const {
+  // The folder must still be where the roots allow (it may have been replaced by a symlink to
+  // elsewhere while lorad was stopped) and hold the files it was loaded from.
+  const bool from_job = a.source.rfind("job:", 0) == 0;
+  auto folder =
+      ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
+                           from_job ? "the job's adapter folder" : "storage.adapter_root");
+  if (folder.ok() && !a.fingerprint.empty() &&
+      AdapterFolderFingerprint(*folder).value_or("") != a.fingerprint) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(a.path, " holds other files than when version ", a.version,
+                     " was loaded; load it again to serve them as a new version"));
+  }
+  return folder;
+}
+
 void Daemon::ServeRecordedAdapters() {
   auto recorded = jobs_->Adapters();
   if (!recorded.ok()) {
@@ -306,32 +322,20 @@ void Daemon::ServeRecordedAdapters() {
       store.ContinueVersionsAfter(a.name, a.version);
       continue;
     }
-    // The folder must still be where the roots allow: it may have been replaced by a symlink
-    // to elsewhere while lorad was stopped.
-    const bool from_job = a.source.rfind("job:", 0) == 0;
-    absl::StatusOr<std::string> folder =
-        ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
-                             from_job ? "the job's adapter folder" : "storage.adapter_root");
-    absl::StatusOr<int64_t> version = absl::UnknownError("not loaded");
-    if (folder.ok() && !a.fingerprint.empty() &&
-        AdapterFolderFingerprint(*folder).value_or("") != a.fingerprint) {
-      folder = absl::FailedPreconditionError(
-          absl::StrCat(a.path, " holds other files than when version ", a.version,
-                       " was loaded; load it again to serve them as a new version"));
-    }
-    if (folder.ok()) {
+    const absl::StatusOr<std::string> folder = RecordedAdapterFolder(a);
+    absl::Status refused = folder.status();
+    if (refused.ok()) {
       store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
-      version = store.LoadPeft(a.name, *folder, a.source);
-    } else {
-      version = folder.status();
+      auto version = store.LoadPeft(a.name, *folder, a.source);
+      if (version.ok()) {
+        spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
+        continue;
+      }
+      refused = version.status();
     }
-    if (!version.ok()) {
-      store.ContinueVersionsAfter(a.name, a.version);
-      spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
-                   std::string(version.status().message()));
-      continue;
-    }
-    spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
+    store.ContinueVersionsAfter(a.name, a.version);
+    spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
+                 std::string(refused.message()));
   }
 }
 

@@ -45,6 +45,8 @@ class Daemon {
   absl::Status StartGrpc();
   // Publishes again the adapters that were served at the last stop, with the same versions.
   void ServeRecordedAdapters();
+  // A recorded adapter's folder, resolved, if it may be served again; else why not.
+  absl::StatusOr<std::string> RecordedAdapterFolder(const ServedAdapter& a) const;
   // Takes <data_dir>/lorad.lock for the life of the process: one daemon per data folder.
   absl::Status LockDataDir();
   // <data_dir>/jobs: each job's folder (checkpoints, its adapter).

@@ -461,11 +461,9 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
     return error({"model.path"},
                  "no model folder given; set it in the config or pass --model PATH");
   }
-  for (const char* key : {"server.grpc_address", "server.http_address"}) {
-    const std::string& value = std::string(key) == "server.grpc_address"
-                                   ? config.server.grpc_address
-                                   : config.server.http_address;
-    auto hp = SplitHostPort(value);
+  for (const auto& [key, value] : {std::pair{"server.grpc_address", &config.server.grpc_address},
+                                   std::pair{"server.http_address", &config.server.http_address}}) {
+    auto hp = SplitHostPort(*value);
     if (!hp.ok()) return error({key}, std::string(hp.status().message()));
   }
   if (config.server.grpc_address == config.server.http_address) {

@@ -28,24 +28,6 @@ namespace lorad::engine {
 
 using Clock = std::chrono::steady_clock;
 
-const char* FinishReasonName(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kNone:
-      return "";
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kStop:
-      return "stop";
-    case FinishReason::kEos:
-      return "eos";
-    case FinishReason::kCancelled:
-      return "cancelled";
-    case FinishReason::kError:
-      return "error";
-  }
-  return "";
-}
-
 namespace {
 
 // A version of an adapter as the engine names it in its stack keys.
@@ -297,8 +279,8 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   seq->prefill_target = static_cast<int64_t>(seq->prompt.size());
   seq->seed = ResolveSeed(request.sampling);
   // The text continues the prompt: a first word keeps its space (stop strings see it too).
-  seq->detokenizer = std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true,
-                                                              /*continues_text=*/true);
+  seq->detokenizer =
+      std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true, /*continues_text=*/true);
   seq->stops = std::make_unique<StopMatcher>(request.stop);
   seq->submitted = Clock::now();
   seq->request = std::move(request);

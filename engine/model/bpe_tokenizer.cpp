@@ -84,19 +84,6 @@ std::string Nfc(std::string_view s) {
 #endif
 }
 
-// The byte a byte-fallback token stands for ("<0x0A>" -> 10: two uppercase hex digits, as
-// sentencepiece and tokenizers write them), or -1.
-int ByteTokenValue(std::string_view piece) {
-  if (piece.size() != 6 || piece.substr(0, 3) != "<0x" || piece[5] != '>') return -1;
-  int value = 0;
-  for (char c : piece.substr(3, 2)) {
-    const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-    if (digit < 0) return -1;
-    value = value * 16 + digit;
-  }
-  return value;
-}
-
 uint64_t PairKey(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
@@ -292,7 +279,7 @@ class BpeTokenizerParser {
         t_->token_bytes_[id] = VocabStringBytes(piece);
         continue;
       }
-      const int byte = t_->byte_fallback_ ? ByteTokenValue(piece) : -1;
+      const int byte = t_->byte_fallback_ ? ByteFallbackValue(piece) : -1;
       if (byte >= 0 && !t_->added_.Find(static_cast<int32_t>(id))) {
         t_->byte_value_[id] = static_cast<int16_t>(byte);
         t_->fallback_ids_[byte] = static_cast<int32_t>(id);

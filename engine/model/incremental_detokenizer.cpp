@@ -11,19 +11,10 @@ IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer, bool 
       rules_(tokenizer.decode_rules()),
       at_start_(!continues_text) {}
 
-namespace {
-
-// sentencepiece's byte-fallback pieces: "<0x0A>".
-bool IsBytePiece(const std::string& piece) {
-  return piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>';
-}
-
-}  // namespace
-
 std::string IncrementalDetokenizer::Add(int32_t id) {
   if (id < 0 || id >= tokenizer_.vocab_size()) return "";
   if (skip_special_tokens_ && tokenizer_.IsSpecial(id)) return "";
-  if (rules_.replacement_per_byte && IsBytePiece(tokenizer_.Piece(id))) {
+  if (rules_.replacement_per_byte && ByteFallbackValue(tokenizer_.Piece(id)) >= 0) {
     // transformers' ByteFallback decodes a whole run of byte pieces at once: valid UTF-8 as it
     // is, else one U+FFFD per piece. So the run is held until it ends.
     byte_run_ += tokenizer_.TokenBytes(id);

@@ -12,14 +12,6 @@ namespace {
 
 constexpr std::string_view kWordMarker = "\xE2\x96\x81";  // "▁" U+2581
 
-// "<0xE6>" -> 0xE6; -1 when `piece` is not a byte piece.
-int16_t ByteOfPiece(const std::string& piece) {
-  if (piece.size() != 6 || piece.compare(0, 3, "<0x") != 0 || piece[5] != '>') return -1;
-  char* end = nullptr;
-  const long v = std::strtol(piece.substr(3, 2).c_str(), &end, 16);
-  return (*end == '\0') ? static_cast<int16_t>(v) : -1;
-}
-
 std::string ReplaceAll(std::string_view s, std::string_view from, std::string_view to) {
   std::string out;
   out.reserve(s.size());
@@ -67,7 +59,7 @@ absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::
   for (size_t id = 0; id < pieces.size(); ++id) {
     t->pieces_[id] = pieces[id].text;
     if (pieces[id].type == SentencePieceModel::Type::kByte) {
-      t->byte_value_[id] = ByteOfPiece(pieces[id].text);
+      t->byte_value_[id] = static_cast<int16_t>(ByteFallbackValue(pieces[id].text));
     }
   }
   for (int32_t id = 0; id < t->vocab_size_; ++id) {

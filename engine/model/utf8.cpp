@@ -82,6 +82,20 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
   return i;
 }
 
+int ByteFallbackValue(std::string_view piece) {
+  if (piece.size() != 6 || piece.substr(0, 3) != "<0x" || piece[5] != '>') return -1;
+  int value = 0;
+  for (char c : piece.substr(3, 2)) {
+    const int digit = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                             : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
+}
+
 void AppendByteFallbackRun(std::string_view run, std::string* out) {
   if (IsValidUtf8(run)) {
     out->append(run);

@@ -25,6 +25,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
 // The whole of `bytes` with ill-formed subsequences replaced.
 std::string Utf8Lossy(std::string_view bytes);
 
+// The byte a byte-fallback piece stands for ("<0x0A>" -> 10, as sentencepiece and tokenizers
+// write them), or -1 when `piece` is not one.
+int ByteFallbackValue(std::string_view piece);
+
 // A run of byte-fallback tokens' bytes (<0x41>...) as the ByteFallback decoder writes it: as is
 // when the run is valid UTF-8 as a whole, else one U+FFFD per byte.
 void AppendByteFallbackRun(std::string_view run, std::string* out);

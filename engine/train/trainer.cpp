@@ -212,7 +212,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     adapter = *std::move(a);
   }
   // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
-  // resumed one continues the checkpoint's generator state (restored below).
+  // resumed one continues the checkpoint's generator state (taken below).
   if (!checkpoint) torch::manual_seed(config.seed);
   std::vector<std::string> dataset_files = {config.data.path};
   if (!config.data.validation_path.empty()) dataset_files.push_back(config.data.validation_path);
@@ -256,10 +256,11 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     if (auto s = optimizer->LoadState(checkpoint->optimizer); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("checkpoint ", latest, ": ", s.message()));
     }
-    if (checkpoint->rng.defined()) RestoreRngState(checkpoint->rng);
     // A checkpoint at the last step (the end writes one before the adapter): Step() only ends it.
   }
+  // The job's stream: its seed's (set above) or the checkpoint's CPU state.
   random = RandomState::Capture(model->options().device.is_cuda());
+  if (checkpoint && checkpoint->rng.defined()) random.cpu = checkpoint->rng;
   return absl::OkStatus();
 }
 
@@ -494,7 +495,9 @@ absl::Status Trainer::Impl::LoadWeights(const LoraAdapter& saved) {
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
-  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(), state,
+  // Called while the job steps: its stream is the one installed in the default generators.
+  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(),
+                              RandomState::Capture(/*with_cuda=*/false).cpu, state,
                               config.keep_checkpoints);
   if (!path.ok()) return path.status();
   TrainingEvent e;

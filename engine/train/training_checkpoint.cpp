@@ -1,11 +1,8 @@
 #include "engine/train/training_checkpoint.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -27,18 +24,6 @@ absl::Status FsyncTree(const fs::path& root) {
     if (auto s = SyncPath(entry.path().string()); !s.ok()) return s;
   }
   return SyncPath(root.string());
-}
-
-torch::Tensor CpuRngState() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void SetCpuRngState(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
 }
 
 json StateToJson(const TrainerState& s) {
@@ -65,7 +50,8 @@ absl::Status WriteArchive(torch::serialize::OutputArchive& archive, const fs::pa
 // Writes the checkpoint into `tmp`, fsyncs it, and renames it to `final_path`.
 absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_path,
                                    const std::string& output_dir, const LoraAdapter& adapter,
-                                   const OptimizerState& optimizer, const TrainerState& state) {
+                                   const OptimizerState& optimizer, const torch::Tensor& rng,
+                                   const TrainerState& state) {
   try {
     std::error_code ec;
     fs::create_directories(output_dir, ec);
@@ -85,7 +71,7 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
     }
     {
       torch::serialize::OutputArchive archive;
-      archive.write("cpu", CpuRngState());
+      archive.write("cpu", rng);
       if (auto s = WriteArchive(archive, tmp / "rng.pt"); !s.ok()) return s;
     }
     if (auto s = WriteSyncedFile((tmp / "trainer_state.json").string(), StateToJson(state).dump(2));
@@ -115,12 +101,13 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
 absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
                                             const OptimizerState& optimizer,
-                                            const TrainerState& state, int64_t keep) {
+                                            const torch::Tensor& rng, const TrainerState& state,
+                                            int64_t keep) {
   const fs::path final_path = CheckpointPath(output_dir, state.step);
   const fs::path tmp =
       fs::path(output_dir) / absl::StrCat(".", kCheckpointPrefix, state.step, ".tmp");
   absl::Status written =
-      WriteCheckpointFolder(tmp, final_path, output_dir, adapter, optimizer, state);
+      WriteCheckpointFolder(tmp, final_path, output_dir, adapter, optimizer, rng, state);
   if (!written.ok()) {
     std::error_code ec;
     fs::remove_all(tmp, ec);  // a full disk must not stay full of a half-written checkpoint
@@ -182,8 +169,5 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
   }
   return ckpt;
 }
-
-// Restores the generator state captured in a checkpoint (used by the Trainer on resume).
-void RestoreRngState(const torch::Tensor& state) { SetCpuRngState(state); }
 
 }  // namespace lorad::engine

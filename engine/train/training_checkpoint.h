@@ -49,16 +49,15 @@ struct TrainingCheckpoint {
 
 // Writes atomically; returns the checkpoint folder. An existing folder of the same step is
 // replaced; then all but the newest `keep` checkpoints are deleted (0: none is). Errors name the
-// file that could not be written; a failed write leaves no partial folder behind.
+// file that could not be written; a failed write leaves no partial folder behind. `rng` is the
+// job's CPU generator state (its LoRA dropout stream).
 absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
                                             const OptimizerState& optimizer,
-                                            const TrainerState& state, int64_t keep = 0);
+                                            const torch::Tensor& rng, const TrainerState& state,
+                                            int64_t keep = 0);
 
 // Errors name the folder and the file at fault.
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder);
-
-// Sets the CPU generator to a state a checkpoint captured.
-void RestoreRngState(const torch::Tensor& state);
 
 }  // namespace lorad::engine
