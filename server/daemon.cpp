@@ -95,6 +95,21 @@ absl::Status Daemon::Start() {
         "and output, and training sequences) is capped at {} tokens",
         model->sliding_window, model->max_position_embeddings);
   }
+  if (config_.model.generation_config == "auto") {
+    auto defaults = engine::GenerationDefaults::Load(config_.model.path);
+    if (!defaults.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.generation_config: ", defaults.status().message(),
+                       "; correct the file, or set model.generation_config: none to ignore it"));
+    }
+    generation_defaults_ = *std::move(defaults);
+    if (generation_defaults_.from_file) {
+      spdlog::info(
+          "requests' unset sampling fields take the model's generation_config.json: {} "
+          "(model.generation_config: none ignores it)",
+          generation_defaults_.Describe());
+    }
+  }
 
   // Absolute from here on: the paths a job reports (adapter, checkpoints, merged model, eval
   // report) are then usable by a client whatever its working folder.
@@ -309,7 +324,7 @@ void Daemon::ServeRecordedAdapters() {
         if (!names.insert(job.adapter_name).second) continue;
         adapters.push_back({job.adapter_name, job.adapter_version,
                             (std::filesystem::path(JobsDir()) / job.id / "adapter").string(),
-                            "job:" + job.id, /*served=*/true});
+                            "job:" + job.id, /*served=*/true, /*fingerprint=*/""});
         (void)jobs_->RecordAdapter(adapters.back());
       }
       page_token = page->next_page_token;
@@ -446,9 +461,10 @@ absl::Status Daemon::StartGrpc() {
     return fits.ok() ? absl::OkStatus() : fits.status();
   };
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
-  InferenceLimits inference;
+  InferenceOptions inference;
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
   inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
+  inference.defaults = generation_defaults_;
   services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
   services_.push_back(
       std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_, jobs_.get()));

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "server/http_server.h"
 #include "server/job_event_hub.h"
@@ -67,6 +68,8 @@ class Daemon {
   std::string adapter_root_;
   TokenAuthenticator auth_;
   std::unique_ptr<engine::Engine> engine_;
+  // Sampling for requests' unset fields (model.generation_config).
+  engine::GenerationDefaults generation_defaults_;
   std::unique_ptr<JobRunner> job_runner_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;

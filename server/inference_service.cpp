@@ -47,22 +47,24 @@ float Narrow(double v) {
   return f;
 }
 
-// The engine's request for the proto's sampling fields; range checks are the engine's
-// (SamplingParams::Validate names the field).
+// The engine's request for the proto's sampling fields, the model's defaults for those left unset;
+// range checks are the engine's (SamplingParams::Validate names the field).
 engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
-                                    const InferenceLimits& limits) {
+                                    const InferenceOptions& options) {
   engine::GenerationRequest r;
   engine::SamplingParams& s = r.sampling;
+  s = options.defaults.sampling;
   // Unset: the default, within the configured limit (a limit below it must not refuse requests
   // that never asked for more).
-  s.max_new_tokens = p.max_new_tokens() != 0
-                         ? p.max_new_tokens()
-                         : static_cast<int32_t>(std::min<int64_t>(limits.default_max_new_tokens,
-                                                                  limits.max_new_tokens));
+  s.max_new_tokens =
+      p.max_new_tokens() != 0
+          ? p.max_new_tokens()
+          : std::min(options.defaults.max_new_tokens.value_or(options.default_max_new_tokens),
+                     options.max_new_tokens);
   if (p.has_temperature()) s.temperature = Narrow(p.temperature());
-  s.top_k = p.top_k();
+  if (p.has_top_k()) s.top_k = p.top_k();
   if (p.has_top_p()) s.top_p = Narrow(p.top_p());
-  s.min_p = Narrow(p.min_p());
+  if (p.has_min_p()) s.min_p = Narrow(p.min_p());
   if (p.has_repetition_penalty()) s.repetition_penalty = Narrow(p.repetition_penalty());
   s.presence_penalty = Narrow(p.presence_penalty());
   s.frequency_penalty = Narrow(p.frequency_penalty());
@@ -285,9 +287,9 @@ absl::Status CheckAdapterVersion(engine::Engine& engine, const std::string& name
 }  // namespace
 
 InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metrics,
-                                   InferenceLimits limits, const TokenAuthenticator* auth)
+                                   InferenceOptions options, const TokenAuthenticator* auth)
     : engine_(engine),
-      limits_(limits),
+      options_(std::move(options)),
       auth_(auth),
       metrics_{
           metrics.AddHistogram("lorad_time_to_first_token_seconds",
@@ -322,12 +324,12 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) {
-  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), limits_);
+  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
   if (request->prompt().empty()) {
     r = absl::InvalidArgumentError("prompt: is empty");
-  } else if (static_cast<int64_t>(request->prompt().size()) > limits_.max_prompt_bytes) {
+  } else if (static_cast<int64_t>(request->prompt().size()) > options_.max_prompt_bytes) {
     r = absl::InvalidArgumentError(absl::StrCat("prompt: ", request->prompt().size(),
-                                                " bytes; at most ", limits_.max_prompt_bytes));
+                                                " bytes; at most ", options_.max_prompt_bytes));
   } else if (auto s = CheckAdapterVersion(engine_, request->adapter(), request->adapter_version());
              !s.ok()) {
     r = s;
@@ -341,7 +343,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) {
-  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), limits_);
+  absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
   std::vector<engine::ChatMessage> messages;
   int64_t bytes = 0;
   for (const auto& m : request->messages()) {
@@ -350,9 +352,9 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
   }
   if (messages.empty()) {
     r = absl::InvalidArgumentError("messages: is empty");
-  } else if (bytes > limits_.max_prompt_bytes) {
-    r = absl::InvalidArgumentError(
-        absl::StrCat("messages: ", bytes, " bytes of content; at most ", limits_.max_prompt_bytes));
+  } else if (bytes > options_.max_prompt_bytes) {
+    r = absl::InvalidArgumentError(absl::StrCat("messages: ", bytes, " bytes of content; at most ",
+                                                options_.max_prompt_bytes));
   } else if (auto s = CheckAdapterVersion(engine_, request->adapter(), request->adapter_version());
              !s.ok()) {
     r = s;

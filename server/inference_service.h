@@ -8,6 +8,7 @@
 // only queue; both sides meet under the stream's lock.
 #pragma once
 
+#include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "server/metrics_registry.h"
@@ -15,16 +16,19 @@
 
 namespace lorad::server {
 
-struct InferenceLimits {
-  int32_t max_new_tokens = 4096;  // larger requests are INVALID_ARGUMENT
-  int32_t default_max_new_tokens = 256;
+struct InferenceOptions {
+  int32_t max_new_tokens = 4096;         // larger requests are INVALID_ARGUMENT
+  int32_t default_max_new_tokens = 256;  // unless `defaults` has the model's own
   int64_t max_prompt_bytes = 1 << 20;
+  // What a request gets for the sampling fields it leaves unset (the model's
+  // generation_config.json under model.generation_config: auto; else greedy).
+  engine::GenerationDefaults defaults;
 };
 
 class InferenceService final : public lorad::v1::InferenceService::CallbackService {
  public:
   // `auth` (may be null: open) must outlive the service; every call needs the user role.
-  InferenceService(engine::Engine& engine, MetricsRegistry& metrics, InferenceLimits limits,
+  InferenceService(engine::Engine& engine, MetricsRegistry& metrics, InferenceOptions options,
                    const TokenAuthenticator* auth = nullptr);
 
   grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Generate(
@@ -48,7 +52,7 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
       grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request);
 
   engine::Engine& engine_;
-  InferenceLimits limits_;
+  InferenceOptions options_;
   const TokenAuthenticator* auth_;
   Metrics metrics_;
 };

@@ -382,7 +382,7 @@ void JobRunner::Handle(const Pending& p) {
                           {e.summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber,
                            out.SerializeAsString()},
                           {adapter, *version, e.summary.adapter_path, "job:" + p.job_id,
-                           /*served=*/true},
+                           /*served=*/true, /*fingerprint=*/""},
                           now)
            .ok()) {
     return;  // cancelled meanwhile: CancelJob stored and published that

@@ -189,6 +189,10 @@ const std::map<std::string, Field>& Schema() {
        StringField("model.chat_template",
                    [](ServerConfig& c) -> std::string& { return c.model.chat_template; },
                    {"", "llama3", "chatml", "mistral", "alpaca"})},
+      {"model.generation_config",
+       StringField("model.generation_config",
+                   [](ServerConfig& c) -> std::string& { return c.model.generation_config; },
+                   {"auto", "none"})},
       {"engine.kv_cache_bytes",
        IntField(
            "engine.kv_cache_bytes",

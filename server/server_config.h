@@ -28,6 +28,8 @@ struct ServerConfig {
     std::string device = "auto";  // auto | cpu | cuda
     std::string base_weights = "nf4";  // nf4 (QLoRA's 4-bit base) | none (keep 16/32-bit)
     std::string chat_template;         // "" = the model folder's own; llama3 | chatml | ...
+    // auto: requests' unset sampling fields take generation_config.json's values; none: greedy.
+    std::string generation_config = "auto";
   } model;
   struct Engine {
     int64_t kv_cache_bytes = int64_t{1} << 30;  // the paged KV cache pool

@@ -82,8 +82,9 @@ class Daemon:
         return pathlib.Path(self.log_path).read_text(errors="replace")
 
 
-def start_daemon(tmp_path, *extra_args, config=None):
-    """Starts lorad and returns a Daemon once health answers SERVING (or fails the test)."""
+def start_daemon(tmp_path, *extra_args, config=None, model=None):
+    """Starts lorad (on `model`, else the tiny fixture model) and returns a Daemon once health
+    answers SERVING (or fails the test)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -93,7 +94,7 @@ def start_daemon(tmp_path, *extra_args, config=None):
     log_path = tmp_path / "lorad.log"
     args = [
         str(LORAD), "--config", str(config or ROOT / "deploy" / "lorad.yaml"),
-        "--model", tiny_model_path(), "--grpc-address", grpc_address,
+        "--model", str(model or tiny_model_path()), "--grpc-address", grpc_address,
         "--http-address", http_address, "--data-dir", str(tmp_path / "data"), *extra_args,
     ]
     log = open(log_path, "w")

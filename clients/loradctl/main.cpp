@@ -48,7 +48,9 @@ struct SamplingFlags {
     add(app->add_option("--max-new-tokens", max_new_tokens, "tokens to generate at most")
             ->check(kAtLeastOne),
         [this](auto& s) { s.max_new_tokens = max_new_tokens; });
-    add(app->add_option("--temperature", temperature, "0 = greedy"),
+    add(app->add_option("--temperature", temperature,
+                        "0 = greedy; a flag left out takes the model's default "
+                        "(generation_config.json)"),
         [this](auto& s) { s.temperature = temperature; });
     add(app->add_option("--top-k", top_k, "0 = off"), [this](auto& s) { s.top_k = top_k; });
     add(app->add_option("--top-p", top_p, "nucleus sampling, in (0, 1]"),

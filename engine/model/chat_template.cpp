@@ -1,5 +1,6 @@
 #include "engine/model/chat_template.h"
 
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -172,9 +173,12 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   if (!t.ok()) return t;
   if (t->family_ == Family::kChatMl) t->default_system_ = DefaultSystemTurn(jinja);
   if (t->family_ == Family::kLlama3 && jinja.find("Cutting Knowledge Date") != std::string::npos) {
-    t->unrendered_ =
-        "the model's chat template also writes a system header with a knowledge cutoff and "
-        "today's date (Llama 3.1 and later), which lorad's llama3 rendering leaves out";
+    t->dated_header_ = ReadDatedSystemHeader(jinja);
+    if (!t->dated_header_) {
+      t->unrendered_ =
+          "the model's chat template also writes a system header with a knowledge cutoff and "
+          "a date in a form lorad does not recognise, which lorad's llama3 rendering leaves out";
+    }
   }
   return t;
 }
@@ -225,9 +229,59 @@ std::string ChatTemplate::end_of_turn() const {
   return eos_token_;
 }
 
+std::optional<ChatTemplate::DatedSystemHeader> ChatTemplate::ReadDatedSystemHeader(
+    const std::string& jinja) {
+  // The Jinja source as tokenizer_config.json holds it: string literals with "\n" escapes (or,
+  // in a chat_template.jinja file, real newlines).
+  static const RE2 kCutoff(R"re(Cutting Knowledge Date: ((?:[^"'\\\n])*)(?:\\n|\n))re");
+  static const RE2 kToday(R"re(Today Date: ["']\s*\+\s*date_string)re");
+  static const RE2 kFixed(R"re(set\s+date_string\s*=\s*["']([^"'\\]*)["'])re");
+  static const RE2 kStrftime(R"re(strftime_now\(\s*["']([^"'\\]*)["']\s*\))re");
+  DatedSystemHeader h;
+  if (!RE2::PartialMatch(jinja, kCutoff, &h.cutoff) || !RE2::PartialMatch(jinja, kToday)) {
+    return std::nullopt;
+  }
+  // Llama 3.2's templates take today's date when transformers provides strftime_now (it always
+  // does), else the fixed one; Llama 3.1's has only the fixed one.
+  if (RE2::PartialMatch(jinja, kStrftime, &h.today_format)) return h;
+  if (RE2::PartialMatch(jinja, kFixed, &h.date)) return h;
+  return std::nullopt;
+}
+
+ChatTemplate ChatTemplate::WithDate(std::string date) const {
+  ChatTemplate t = *this;
+  if (t.dated_header_) {
+    t.dated_header_->date = std::move(date);
+    t.dated_header_->today_format.clear();
+  }
+  return t;
+}
+
 std::string ChatTemplate::RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const {
   std::string out = bos_token_;
-  for (const ChatMessage& m : messages) {
+  size_t first = 0;
+  if (dated_header_) {
+    std::string date = dated_header_->date;
+    if (!dated_header_->today_format.empty()) {  // as Python's datetime.now().strftime(format)
+      const std::time_t now = std::time(nullptr);
+      std::tm local{};
+      localtime_r(&now, &local);
+      char buffer[128];
+      const size_t n =
+          std::strftime(buffer, sizeof buffer, dated_header_->today_format.c_str(), &local);
+      date.assign(buffer, n);
+    }
+    std::string system;
+    if (!messages.empty() && messages[0].role == "system") {
+      system = PythonStrip(messages[0].content);
+      first = 1;
+    }
+    absl::StrAppend(&out, "<|start_header_id|>system<|end_header_id|>\n\n",
+                    "Cutting Knowledge Date: ", dated_header_->cutoff, "\nToday Date: ", date,
+                    "\n\n", system, "<|eot_id|>");
+  }
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
     absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n",
                     PythonStrip(m.content), "<|eot_id|>");
   }

@@ -3,7 +3,11 @@
 // carries and renders it in C++, string-for-string what transformers' apply_chat_template gives
 // with that family's published Jinja template:
 //   llama3   Llama 3 Instruct: bos + <|start_header_id|>role<|end_header_id|>\n\n content.strip()
-//            <|eot_id|> per message; generation prompt = the assistant header
+//            <|eot_id|> per message; generation prompt = the assistant header. A Llama 3.1+
+//            template opens every conversation with a system turn "Cutting Knowledge Date: ...\n
+//            Today Date: <date>\n\n" + the conversation's first system message (stripped), with
+//            the cutoff and the date rule (a fixed date_string, or today's by strftime_now) read
+//            from the template
 //   chatml   <|im_start|>role\ncontent<|im_end|>\n per message (Qwen2, SmolLM, Hermes...); a
 //            model template that writes a fixed system turn when the conversation has none
 //            (Qwen2-Instruct's "You are a helpful assistant.") has it rendered the same way
@@ -63,14 +67,20 @@ class ChatTemplate {
   // apply_chat_template([], add_generation_prompt=True)): training masks it like any prompt.
   std::string AssistantStart() const;
 
+  // This template rendering `date` as its date_string (transformers'
+  // apply_chat_template(date_string=...)) instead of its own; templates without a dated system
+  // header are unchanged.
+  ChatTemplate WithDate(std::string date) const;
+
   const std::string& name() const { return name_; }
   // The text that ends an assistant turn in this family ("<|eot_id|>", "<|im_end|>", or the EOS
   // token): generation of a chat reply stops there.
   std::string end_of_turn() const;
   const std::string& bos_token() const { return bos_token_; }
   const std::string& eos_token() const { return eos_token_; }
-  // What the model's own template writes that its family's rendering leaves out (Llama 3.1+'s
-  // system header with dates), for a warning at start-up; "" when nothing known is left out.
+  // What the model's own template writes that its family's rendering leaves out (a Llama 3.1+
+  // style dated header lorad cannot read the date rule of), for a warning at start-up; "" when
+  // nothing known is left out.
   const std::string& unrendered() const { return unrendered_; }
 
  private:
@@ -80,6 +90,14 @@ class ChatTemplate {
         name_(std::move(name)),
         bos_token_(std::move(bos)),
         eos_token_(std::move(eos)) {}
+
+  // Llama 3.1+: the system turn the template writes before every conversation.
+  struct DatedSystemHeader {
+    std::string cutoff;        // "December 2023", as the template writes it
+    std::string date;          // a fixed date_string ("26 Jul 2024"); "" = today's
+    std::string today_format;  // strftime format of today's date ("%d %b %Y")
+  };
+  static std::optional<DatedSystemHeader> ReadDatedSystemHeader(const std::string& jinja);
 
   std::string RenderLlama3(const std::vector<ChatMessage>& messages, bool gen) const;
   std::string RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const;
@@ -94,6 +112,7 @@ class ChatTemplate {
   std::string bos_token_;
   std::string eos_token_;
   std::string default_system_;  // chatml: the system turn's text when a conversation has none
+  std::optional<DatedSystemHeader> dated_header_;  // llama3: Llama 3.1+'s
   std::string unrendered_;
 };
 

@@ -4,9 +4,10 @@ template, on several conversations, for lorad's C++ renderings to equal string f
 Output (out = <build>/parity/chat_templates/):
   <family>/tokenizer_config.json (+ the tiny model's tokenizer.model): a folder whose
       chat_template is the family's Jinja text, for ChatTemplate::FromTokenizerConfig
-  cases.json  [{"family", "recognised", "folder", "renders": [{"messages",
-               "add_generation_prompt", "text" | "error"}]}]
+  cases.json  [{"family", "recognised", "folder", "today" (the date strftime_now gave),
+               "renders": [{"messages", "add_generation_prompt", "text" | "error"}]}]
 """
+import datetime
 import json
 import pathlib
 import shutil
@@ -78,9 +79,69 @@ QWEN2 = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Llama 3.1 and 3.2 Instruct open every conversation with a system turn holding the knowledge
+# cutoff and a date: 3.1 a fixed date_string, 3.2 today's (transformers defines strftime_now).
+# The parts for tools are left out (lorad's Chat has no tools); the rest is as
+# meta-llama/Llama-3.1-8B-Instruct and meta-llama/Llama-3.2-1B-Instruct publish it.
+_LLAMA31_DATE = """{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+"""
+_LLAMA32_DATE = """{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+"""
+_LLAMA3X_BODY = r"""{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+_LLAMA3X_HEAD = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+"""
+LLAMA31 = _LLAMA3X_HEAD + _LLAMA31_DATE + _LLAMA3X_BODY
+LLAMA32 = _LLAMA3X_HEAD + _LLAMA32_DATE + _LLAMA3X_BODY
+
 # folder name -> (template, bos, eos, the family lorad recognises it as)
 FAMILIES = {
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
+    "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
+    "llama3.2": (LLAMA32, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
     "chatml": (CHATML, "<s>", "</s>", "chatml"),
     "qwen2": (QWEN2, None, "<|im_end|>", "chatml"),
     "mistral": (MISTRAL, "<s>", "</s>", "mistral"),
@@ -123,17 +184,21 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2),
                                                       encoding="utf-8")
         tok = AutoTokenizer.from_pretrained(str(folder))
-        renders = []
-        for messages in CONVERSATIONS:
-            for gen in (False, True):
-                r = {"messages": messages, "add_generation_prompt": gen}
-                try:
-                    r["text"] = tok.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=gen)
-                except TemplateError as e:
-                    r["error"] = str(e)
-                renders.append(r)
+        while True:  # again if the day changed while rendering (strftime_now's date)
+            today = datetime.datetime.now().strftime("%d %b %Y")
+            renders = []
+            for messages in CONVERSATIONS:
+                for gen in (False, True):
+                    r = {"messages": messages, "add_generation_prompt": gen}
+                    try:
+                        r["text"] = tok.apply_chat_template(messages, tokenize=False,
+                                                            add_generation_prompt=gen)
+                    except TemplateError as e:
+                        r["error"] = str(e)
+                    renders.append(r)
+            if datetime.datetime.now().strftime("%d %b %Y") == today:
+                break
         results.append({"family": family, "recognised": recognised,
-                        "folder": str(folder.resolve()), "renders": renders})
+                        "folder": str(folder.resolve()), "renders": renders, "today": today})
     (out / "cases.json").write_text(json.dumps(results, ensure_ascii=False, indent=1),
                                     encoding="utf-8")

@@ -96,8 +96,8 @@ TEST(ChatTemplate, FolderTemplatesFromListsAndJinjaFiles) {
   EXPECT_EQ(b->name(), "chatml");
 }
 
-// A Llama 3.1+ template's dated system header is not rendered: the template says so, for the
-// start-up warning; a plain Llama 3 template has nothing left out.
+// A dated system header lorad cannot read the date rule of is not rendered: the template says so,
+// for the start-up warning; a plain Llama 3 template has nothing left out.
 TEST(ChatTemplate, LeftOutPartsOfAModelTemplateAreNamed) {
   const fs::path dated = Folder("dated", R"({"chat_template":
       "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Cutting Knowledge Date: December 2023\\n' }}"})");

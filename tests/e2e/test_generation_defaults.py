@@ -1,0 +1,114 @@
+"""A request that leaves sampling fields unset generates with the model's generation_config.json, as
+transformers' model.generate(**inputs) does with that folder (and vLLM's --generation-config auto):
+the real daemon on copies of the tiny fixture model with their own generation configs."""
+import json
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from conftest import LORAD, ROOT, free_port, start_daemon, stop_daemon, tiny_model_path
+
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+
+
+def model_with_generation_config(folder, config):
+    shutil.copytree(tiny_model_path(), folder)
+    base = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": base["bos_token_id"], "eos_token_id": base["eos_token_id"],
+                    **config}))
+    return folder
+
+
+def generate(daemon, stubs, prompt, **sampling):
+    pb = stubs.inference_pb2
+    with grpc.insecure_channel(daemon.grpc_address) as channel:
+        stub = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+        request = pb.GenerateRequest(prompt=prompt)
+        if sampling:
+            request.sampling.CopyFrom(pb.SamplingParams(**sampling))
+        chunks = list(stub.Generate(request, timeout=60))
+    return [t.token_id for c in chunks for t in c.tokens], chunks[-1]
+
+
+def test_unset_fields_generate_as_transformers_generate_with_the_folder_config(tmp_path, stubs):
+    """do_sample false: greedy (the file's temperature is ignored, as transformers ignores it),
+    with the file's repetition_penalty and max_new_tokens; token ids equal transformers'
+    generate() called with nothing but the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_with_generation_config(tmp_path / "model", {
+        "do_sample": False, "temperature": 0.6, "repetition_penalty": 1.3, "max_new_tokens": 9})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    d = start_daemon(tmp_path / "run", "--set", "model.base_weights=none", model=folder)
+    try:
+        assert "repetition_penalty 1.3, max_new_tokens 9" in d.log()
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, pad_token_id=tok.eos_token_id)
+            expected = out[0, ids.shape[1]:].tolist()
+            got, last = generate(d, stubs, prompt)
+            assert got == expected, prompt
+            assert last.usage.completion_tokens == len(expected) <= 9
+            # A field the request sets still wins over the file's.
+            got, _ = generate(d, stubs, prompt, max_new_tokens=3)
+            assert got == expected[:3]
+    finally:
+        stop_daemon(d)
+
+
+def test_sampling_config_fills_only_the_fields_a_request_leaves_unset(tmp_path, stubs):
+    """do_sample true: an unset request samples with the file's temperature and top_p and
+    transformers' own top_k default, exactly as a request giving those values explicitly
+    (same seed); model.generation_config: none makes the same request greedy again."""
+    from transformers import GenerationConfig
+
+    hf_top_k = GenerationConfig._get_default_generation_params()["top_k"]
+    folder = model_with_generation_config(tmp_path / "model", {
+        "do_sample": True, "temperature": 1.7, "top_p": 0.95})
+    d = start_daemon(tmp_path / "run", model=folder)
+    try:
+        for prompt in PROMPTS:
+            unset, _ = generate(d, stubs, prompt, max_new_tokens=16, seed=11)
+            explicit, _ = generate(d, stubs, prompt, max_new_tokens=16, seed=11, temperature=1.7,
+                                   top_p=0.95, top_k=hf_top_k, min_p=0.0, repetition_penalty=1.0)
+            greedy, _ = generate(d, stubs, prompt, max_new_tokens=16, temperature=0.0)
+            assert unset == explicit, prompt
+            assert unset != greedy, prompt
+    finally:
+        stop_daemon(d)
+    d = start_daemon(tmp_path / "ignored", "--set", "model.generation_config=none", model=folder)
+    try:
+        for prompt in PROMPTS:
+            unset, _ = generate(d, stubs, prompt, max_new_tokens=16, seed=11)
+            greedy, _ = generate(d, stubs, prompt, max_new_tokens=16, temperature=0.0)
+            assert unset == greedy, prompt
+    finally:
+        stop_daemon(d)
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"do_sample": True, "top_p": 0}, "top_p"),
+    ({"do_sample": False, "temperature": "warm"}, "temperature"),
+    ({"top_k": 2.5}, "top_k"),
+])
+def test_a_bad_generation_config_stops_start_up_naming_the_file_and_field(tmp_path, config,
+                                                                         field):
+    folder = model_with_generation_config(tmp_path / "model", config)
+    args = [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model", str(folder),
+            "--data-dir", str(tmp_path / "data"), "--grpc-address", f"127.0.0.1:{free_port()}",
+            "--http-address", f"127.0.0.1:{free_port()}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "generation_config.json" in lines[0] and f"'{field}'" in lines[0], lines[0]
+    assert "model.generation_config: none" in lines[0], lines[0]
+    # ... which starts it, ignoring the file.
+    d = start_daemon(tmp_path / "run", "--set", "model.generation_config=none", model=folder)
+    stop_daemon(d)
