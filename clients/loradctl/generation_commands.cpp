@@ -93,7 +93,11 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
   if (terminal) std::cerr << "(one message per line; /reset starts over, /exit or Ctrl-D quits)\n";
   std::string line;
   while (true) {
-    if (terminal) std::cout << "> " << std::flush;
+    // The prompt goes to stderr (as bash's `read -p`): `loradctl chat > file` keeps only replies.
+    if (terminal) {
+      std::cout << std::flush;
+      std::cerr << "> " << std::flush;
+    }
     if (!std::getline(in, line)) break;
     const std::string text(absl::StripAsciiWhitespace(line));
     if (text.empty()) continue;

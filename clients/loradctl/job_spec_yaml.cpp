@@ -101,6 +101,8 @@ class YamlToProto {
 
   absl::Status FillSingular(const YAML::Node& node, const std::string& path,
                             const FieldDescriptor* field, Message* message) {
+    // `seed:` with no value keeps the default, as a key with no value does in lorad.yaml.
+    if (node.IsNull()) return absl::OkStatus();
     if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
       return FillNestedMessage(node, path,
                                message->GetReflection()->MutableMessage(message, field));
@@ -195,7 +197,10 @@ class YamlToProto {
     return absl::OkStatus();
   }
 
-  // A YAML record as JSON: plain scalars keep their YAML type, quoted ones stay strings.
+  // A YAML record as JSON. Every field of a dataset record is text, so scalars stay strings as
+  // written (`answer: yes` is "yes", `answer: 42` is "42": YAML 1.1 would make them a boolean
+  // and a number, which the record then refuses); only a missing value (`input:`, `~`, null)
+  // is null.
   static nlohmann::json ToJson(const YAML::Node& node) {
     if (node.IsMap()) {
       nlohmann::json object = nlohmann::json::object();
@@ -208,15 +213,7 @@ class YamlToProto {
       return array;
     }
     if (node.IsNull()) return nullptr;
-    const std::string& text = node.Scalar();
-    if (node.Tag() == "!") return text;  // quoted in the file
-    int64_t i;
-    double d;
-    bool b;
-    if (absl::SimpleAtoi(text, &i)) return i;
-    if (absl::SimpleAtod(text, &d)) return d;
-    if (YAML::convert<bool>::decode(node, b)) return b;
-    return text;
+    return node.Scalar();
   }
 
   static std::string Describe(const std::string& path) {
@@ -309,7 +306,15 @@ absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
                                                     const std::string& source) {
   YAML::Node root;
   try {
-    root = YAML::Load(text);
+    // One job per file: a second document (after `---`) would be silently left out.
+    std::vector<YAML::Node> documents = YAML::LoadAll(text);
+    if (documents.size() > 1 && !documents[1].IsNull()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", documents[1].Mark().line + 1,
+                       ": a second YAML document; a job file holds one job (submit each "
+                       "job from a file of its own)"));
+    }
+    if (!documents.empty()) root = documents[0];
   } catch (const YAML::Exception& e) {
     const std::string where =
         e.mark.is_null() ? source : absl::StrCat(source, ":", e.mark.line + 1);

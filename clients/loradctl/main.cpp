@@ -3,8 +3,12 @@
 #include <CLI/CLI.hpp>
 #include <functional>
 #include <iostream>
+#include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
 #include "clients/loradctl/adapter_commands.h"
 #include "clients/loradctl/connection.h"
 #include "clients/loradctl/exit_codes.h"
@@ -84,6 +88,41 @@ struct SamplingFlags {
   }
 };
 
+// host:port with a port in 1..65535 ("[::1]:50051" too); gRPC target URIs ("unix:/path",
+// "dns:///host:port") pass as they are. gRPC itself would dial port 0 for "host:notaport" and
+// wrap 99999 around, and only say it cannot connect.
+std::string CheckAddress(std::string& value) {
+  if (absl::StartsWith(value, "unix:") || absl::StrContains(value, "://")) return "";
+  const size_t colon = value.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || colon == 0) {
+    return "'" + value + "' is not host:port";
+  }
+  if (!absl::SimpleAtoi(value.substr(colon + 1), &port) || port < 1 || port > 65535 ||
+      value[colon + 1] == '+' || value[colon + 1] == '-') {
+    return "'" + value + "' has no valid port (1..65535)";
+  }
+  return "";
+}
+
+// The commands one level under the deepest command given ("submit, watch, ..." after "train").
+std::string CommandNames(const CLI::App& app) {
+  const CLI::App* level = &app;
+  for (bool deeper = true; deeper;) {
+    deeper = false;
+    for (const CLI::App* sub : level->get_subcommands({})) {
+      if (sub->parsed()) {
+        level = sub;
+        deeper = true;
+        break;
+      }
+    }
+  }
+  std::vector<std::string> names;
+  for (const CLI::App* sub : level->get_subcommands({})) names.push_back(sub->get_name());
+  return absl::StrJoin(names, ", ");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -92,17 +131,14 @@ int main(int argc, char** argv) {
       "text with a running lorad daemon"};
   app.footer(lorad::cli::ExitCodesHelp());
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("loradctl ") + LORAD_VERSION);
   app.fallthrough();  // global options may also follow the command
 
   lorad::cli::ConnectionOptions connection_options;
   app.add_option("--address", connection_options.address, "lorad gRPC address host:port")
       ->envname("LORAD_ADDRESS")
       ->capture_default_str()
-      ->check(CLI::Validator(
-          [](std::string& value) -> std::string {
-            return value.find(':') == std::string::npos ? "'" + value + "' is not host:port" : "";
-          },
-          "HOST:PORT"));
+      ->check(CLI::Validator(CheckAddress, "HOST:PORT"));
   app.add_option("--token", connection_options.token,
                  "bearer token, sent as `authorization: Bearer <token>`")
       ->envname("LORAD_TOKEN");
@@ -240,8 +276,7 @@ int main(int argc, char** argv) {
     // "loradctl bogus": CLI11 would say only that a subcommand is required.
     if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr && !app.remaining().empty()) {
       std::cerr << "loradctl: unknown command '" << app.remaining().front()
-                << "' (commands: train, adapters, generate, chat; see loradctl --help)"
-                << std::endl;
+                << "' (commands: " << CommandNames(app) << "; see loradctl --help)" << std::endl;
       return lorad::cli::kExitUsage;
     }
     return app.exit(e) == 0 ? lorad::cli::kExitOk : lorad::cli::kExitUsage;

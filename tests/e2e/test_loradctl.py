@@ -149,8 +149,15 @@ def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):
             - {question: "What is 2+2?", answer: "4"}
             - question: Capital of France?
               answer: Paris
-        training: {max_steps: 100000}
+            - question: Is the sky blue?
+              answer: yes
+              input:
+            - {question: "6*7?", answer: 42}
+        training:
+          max_steps: 100000
+          seed:
         """))
+    # (`seed:` with no value keeps the default, as a key with no value does in lorad.yaml.)
     result = loradctl("train", "submit", str(path), address=daemon.grpc_address)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
@@ -161,6 +168,9 @@ def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):
     assert [json.loads(e.json) for e in job.spec.dataset.inline_examples] == [
         {"question": "What is 2+2?", "answer": "4"},
         {"question": "Capital of France?", "answer": "Paris"},
+        # Record fields are text: YAML 1.1's `yes` and numbers stay as written.
+        {"question": "Is the sky blue?", "answer": "yes", "input": None},
+        {"question": "6*7?", "answer": "42"},
     ]
 
 
@@ -188,6 +198,7 @@ def test_spec_rejected_by_the_daemon_names_the_field(daemon, tmp_path):
     ("adapter_name: a\ntraining:\n  optimizer: sgd\n", 3, ["adamw_8bit", "'sgd'"]),
     ("lora:\n  target_modules: q_proj\n", 2, ["'lora.target_modules' must be a list"]),
     ("adapter_name: a\nadapter_name: b\n", 2, ["duplicate key 'adapter_name'"]),
+    ("adapter_name: a\n---\nadapter_name: b\n", 3, ["second YAML document"]),
 ])
 def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
     path = tmp_path / "job.yaml"
@@ -218,13 +229,20 @@ def test_flags_below_their_bound_say_the_bound():
         assert result.returncode == EXIT_USAGE, result.stderr
         assert f"must be {bound}" in result.stderr and "17976931348623157" not in result.stderr
     for args, words in [(["train", "ls", "--limit", "abc"], "'abc' is not a number"),
-                        (["bogus"], "unknown command 'bogus'"),
+                        (["bogus"], "unknown command 'bogus' (commands: train, adapters,"),
+                        (["train", "bogus"], "unknown command 'bogus' (commands: submit, "),
                         (["generate", "--seed", "-5", "hi"], "'-5' is not a whole number"),
                         (["generate", "--seed", "18446744073709551616", "hi"], "2^64")]:
         result = loradctl(*args, address=f"127.0.0.1:{free_port()}")
         assert result.returncode == EXIT_USAGE and words in result.stderr, result.stderr
     result = loradctl("--address", "", "adapters", "ls")
     assert result.returncode == EXIT_USAGE and "is not host:port" in result.stderr, result.stderr
+    for address in ["127.0.0.1:notaport", "127.0.0.1:99999", "127.0.0.1:0", "host:"]:
+        result = loradctl("--address", address, "adapters", "ls")
+        assert result.returncode == EXIT_USAGE, (address, result.stderr)
+        assert "no valid port (1..65535)" in result.stderr, result.stderr
+    result = loradctl("--version")
+    assert result.returncode == 0 and result.stdout.startswith("loradctl "), result.stdout
 
 
 def test_a_ca_cert_that_is_not_pem_is_one_clear_line(tmp_path):
