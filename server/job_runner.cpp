@@ -122,8 +122,12 @@ void JobRunner::Wake() {
 }
 
 void JobRunner::Cancel(const std::string& job_id) {
-  // The store already says cancelled; the engine stops the job at its next micro-batch and its
-  // final event is then recorded (the cancelled state stays: MarkSucceeded/Failed refuse).
+  // The store already says cancelled, and the caller publishes that next; the engine stops the
+  // job at its next micro-batch (the cancelled state stays: MarkSucceeded/Failed refuse).
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (running_.count(job_id) > 0) cancelled_.insert(job_id);
+  }
   engine_.CancelTraining(job_id);
   Wake();
 }
@@ -274,6 +278,10 @@ void JobRunner::Handle(const Pending& p) {
   const LabelValues labels = {p.job_id, adapter};
   const int64_t now = NowMs();
   lorad::v1::JobEvent out = EventFor(p.job_id, now);
+  if (e.kind != TrainingEvent::Kind::kFinished && e.kind != TrainingEvent::Kind::kFailed) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_.count(p.job_id) > 0) return;  // progress after the published end
+  }
   switch (e.kind) {
     case TrainingEvent::Kind::kStep: {
       StepRecord s;
@@ -322,6 +330,7 @@ void JobRunner::Handle(const Pending& p) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     running_.erase(p.job_id);
+    cancelled_.erase(p.job_id);
     look_for_jobs_ = true;
   }
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);

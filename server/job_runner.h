@@ -84,6 +84,10 @@ class JobRunner {
   std::condition_variable wake_;
   std::deque<Pending> pending_;
   std::set<std::string> running_;  // jobs handed to the engine and not yet ended
+  // Running jobs CancelJob has ended (and published as cancelled): steps the engine still
+  // finishes are neither recorded nor published, so a live watch, which ends at the cancelled
+  // state, and a later replay tell the same history.
+  std::set<std::string> cancelled_;
   // Runner thread only: the total steps stored for each running job, as its trainer counts them
   // (the dataset is read again when the job starts and may have changed since submission).
   std::map<std::string, int64_t> job_total_steps_;

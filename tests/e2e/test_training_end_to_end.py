@@ -122,13 +122,27 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
         jobs = {s.labels["state"]: s.value for s in families["lorad_jobs"].samples}
         assert jobs.get("succeeded") == 1 and jobs.get("running") == 1 and jobs.get("queued") == 1
 
-        # Cancel the queued job, then the running one.
+        # Cancel the queued job, then the running one, which a live watch follows: the step the
+        # engine was in when the cancel came is not added after the cancelled state (the live
+        # watch ends there), so a replay tells the same history and GetJob the same last step.
         assert train.CancelJob(tpb.CancelJobRequest(job_id=queued.id), timeout=10).state == \
             tpb.JOB_STATE_CANCELLED
+        live = []
+        watcher = threading.Thread(target=lambda: live.extend(
+            train.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=60)))
+        watcher.start()
+        while not any(e.WhichOneof("event") == "step" for e in live):
+            time.sleep(0.01)
         assert train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10).state == \
             tpb.JOB_STATE_CANCELLED
-        _, states, _ = watch_until_done(train, tpb, long_job.id, timeout=60)
+        watcher.join()
+        time.sleep(1)  # the engine ends the job at its next micro-batch
+        replay, states, steps = watch_until_done(train, tpb, long_job.id, timeout=60)
         assert states[-1] == tpb.JOB_STATE_CANCELLED
+        assert [e for e in replay if e.WhichOneof("event") == "step"] == \
+            [e for e in live if e.WhichOneof("event") == "step"]
+        assert train.GetJob(tpb.GetJobRequest(job_id=long_job.id), timeout=10).last_step == \
+            steps[-1]
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
