@@ -25,12 +25,20 @@ export CCACHE_SLOPPINESS ?= pch_defines,time_macros,include_file_mtime,include_f
 
 all: build
 
-# deploy/setup.sh is idempotent and quick when everything is present; its last line holds the
-# paths the build needs (venv, tiny model, torch CMake config).
-$(BUILD_DIR)/setup.env: deploy/setup.sh deploy/requirements.txt tests/fixtures/make_tiny_model.py tests/fixtures/tiny_corpus.txt
+# deploy/setup.sh is idempotent and quick when everything is present; it prints the paths the
+# build needs (venv, tiny model, torch CMake config) as quoted `export NAME=value` lines.
+# It also re-runs when the venv that setup.env names is gone (~/.cache/lorad deleted): the file
+# would otherwise look up to date and point at nothing. (Running it every time costs ~3 s: the
+# torch import.)
+SETUP_STALE := $(shell . "$(abspath $(BUILD_DIR))/setup.env" 2>/dev/null && \
+  [ -x "$${LORAD_VENV:-}/bin/python" ] || echo setup-force)
+$(BUILD_DIR)/setup.env: deploy/setup.sh deploy/requirements.txt tests/fixtures/make_tiny_model.py tests/fixtures/tiny_corpus.txt $(SETUP_STALE)
 	@mkdir -p $(BUILD_DIR)
-	bash deploy/setup.sh $(SETUP_FLAGS) | tail -n 1 | tr ' ' '\n' | sed 's/^/export /' > $@.tmp
+	bash deploy/setup.sh $(SETUP_FLAGS) | grep '^export LORAD_' > $@.tmp
 	@mv $@.tmp $@
+
+.PHONY: setup-force
+setup-force:
 
 setup: $(BUILD_DIR)/setup.env
 

@@ -5,6 +5,12 @@
 #   deploy/collect_runtime_libs.sh BUILD_DIR DEST   ->  DEST/bin/lorad, DEST/lib/*.so*
 #   deploy/collect_runtime_libs.sh BUILD_DIR --list ->  prints the libraries it would copy
 #
+# ldd sees only the libraries linked at build time. torch dlopen()s more once it runs (cuDNN's
+# libcudnn_*.so.9 pieces, libnvrtc*, libcaffe2_nvrtc.so, libtorch_cuda_linalg.so with cuSOLVER,
+# libnvJitLink, ...), so every library of the torch wheel's lib folder and of the nvidia/*/lib
+# folders beside it (the CUDA wheels torch was built against) is copied too: a few GB, but no
+# CUDA op fails later for a library that only loads on first use.
+#
 # The NVIDIA driver libraries (libcuda, libnvidia-*) are left out: the NVIDIA container runtime
 # mounts the host's. glibc's own libraries are left out: the runtime image has them.
 set -euo pipefail
@@ -13,18 +19,39 @@ DEST="${2:?usage: collect_runtime_libs.sh BUILD_DIR DEST}"
 BIN="$BUILD/server/lorad"
 [[ -x "$BIN" ]] || { echo "collect_runtime_libs.sh: $BIN not built (run make build)" >&2; exit 2; }
 
-missing=$(ldd "$BIN" | awk '/not found/ {print $1}')
+LDD="$(ldd "$BIN")"
+missing=$(awk '/not found/ {print $1}' <<< "$LDD")
 if [[ -n "$missing" ]]; then
   echo "collect_runtime_libs.sh: unresolved libraries: $missing" >&2
   exit 1
 fi
+# The venv's torch/lib is where ldd found libc10.so; its CUDA wheels are in site-packages/nvidia.
+c10="$(awk '$1 == "libc10.so" {print $3}' <<< "$LDD")"
+[[ -n "$c10" ]] || { echo "collect_runtime_libs.sh: $BIN does not link libc10.so (torch)" >&2; exit 1; }
+torch_lib="$(realpath "$(dirname "$c10")")"
+shopt -s nullglob
+dlopened=()
+for f in "$torch_lib"/*.so* "$(dirname "$(dirname "$torch_lib")")"/nvidia/*/lib/*.so*; do
+  case "$(basename "$f")" in
+    libtorch_python.so) ;;  # torch's Python bindings: needs libpython, never loaded by lorad
+    # Multi-node plug-ins: they need MPI, UCX, libfabric or ibverbs, which the image lacks, and
+    # one GPU never loads them.
+    nvshmem_bootstrap_*|nvshmem_transport_*|libcufile_rdma.so*) ;;
+    *) [[ -f "$f" ]] && dlopened+=("$f") ;;
+  esac
+done
+
+# One file per name: ldd reaches some of the same libraries by other paths (torch/lib/../../nvidia).
+declare -A seen=()
 libs=()
 while read -r lib; do
-  case "$(basename "$lib")" in
+  [[ -n "$lib" ]] || continue
+  name="$(basename "$lib")"
+  case "$name" in
     libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libcuda.so*|libnvidia-*) ;;
-    *) libs+=("$lib") ;;
+    *) [[ -n "${seen[$name]:-}" ]] || { seen[$name]=1; libs+=("$lib"); } ;;
   esac
-done < <(ldd "$BIN" | awk '/=> \// {print $3}')
+done < <(awk '/=> \// {print $3}' <<< "$LDD"; printf '%s\n' "${dlopened[@]}")
 if [[ "$DEST" == "--list" ]]; then
   printf '%s\n' "${libs[@]}"
   exit 0

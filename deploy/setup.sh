@@ -10,7 +10,9 @@
 # generator changes. Everything lands in $LORAD_CACHE (default ~/.cache/lorad), outside the
 # checkout, so fresh clones and CI runs on the same machine re-use it.
 #
-# Prints, as its last line, the variables the Makefile needs (LORAD_VENV=..., LORAD_MODEL=...).
+# Ends its stdout with the variables the Makefile needs, one `export NAME=value` line each,
+# quoted for bash (a LORAD_CACHE with spaces stays one word), for build/setup.env:
+#   export LORAD_VENV=...  export LORAD_MODEL=...  export LORAD_TORCH_CMAKE=...
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,11 +50,12 @@ if [[ $DO_APT == 1 ]]; then
   done
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
-    SUDO=""
-    [[ $(id -u) != 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-      "${missing[@]}" >/dev/null
+    # The lock timeout waits for apt on a fresh VM (unattended-upgrades) instead of failing at
+    # once. `env` sets the variable after sudo, whose env_reset would drop it if set before.
+    APT=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+    [[ $(id -u) != 0 ]] && APT=(sudo "${APT[@]}")
+    "${APT[@]}" update -qq
+    "${APT[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     log "Debian packages: all present"
   fi
@@ -103,4 +106,4 @@ if [[ $DO_MODEL == 1 ]]; then
   fi
 fi
 
-echo "LORAD_VENV=$VENV LORAD_MODEL=$MODEL_DIR LORAD_TORCH_CMAKE=$TORCH_CMAKE"
+printf 'export %s=%q\n' LORAD_VENV "$VENV" LORAD_MODEL "$MODEL_DIR" LORAD_TORCH_CMAKE "$TORCH_CMAKE"
