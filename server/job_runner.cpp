@@ -126,6 +126,7 @@ void JobRunner::Cancel(const std::string& job_id) {
   // job at its next micro-batch (the cancelled state stays: MarkSucceeded/Failed refuse).
   {
     std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> progress(progress_mu_);
     if (running_.count(job_id) > 0) cancelled_.insert(job_id);
   }
   engine_.CancelTraining(job_id);
@@ -278,9 +279,10 @@ void JobRunner::Handle(const Pending& p) {
   const LabelValues labels = {p.job_id, adapter};
   const int64_t now = NowMs();
   lorad::v1::JobEvent out = EventFor(p.job_id, now);
+  std::unique_lock<std::mutex> progress;
   if (e.kind != TrainingEvent::Kind::kFinished && e.kind != TrainingEvent::Kind::kFailed) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (cancelled_.count(p.job_id) > 0) return;  // progress after the published end
+    progress = std::unique_lock<std::mutex>(progress_mu_);  // until it is published
+    if (cancelled_.count(p.job_id) > 0) return;             // progress after the published end
   }
   switch (e.kind) {
     case TrainingEvent::Kind::kStep: {
@@ -330,8 +332,11 @@ void JobRunner::Handle(const Pending& p) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     running_.erase(p.job_id);
-    cancelled_.erase(p.job_id);
     look_for_jobs_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    cancelled_.erase(p.job_id);
   }
   for (GaugeFamily* g : {&job_loss_, &job_lr_, &job_tokens_per_s_, &job_step_}) g->Remove(labels);
   job_total_steps_.erase(p.job_id);

@@ -86,7 +86,10 @@ class JobRunner {
   std::set<std::string> running_;  // jobs handed to the engine and not yet ended
   // Running jobs CancelJob has ended (and published as cancelled): steps the engine still
   // finishes are neither recorded nor published, so a live watch, which ends at the cancelled
-  // state, and a later replay tell the same history.
+  // state, and a later replay tell the same history. progress_mu_ is held while a job's progress
+  // is checked against it, recorded and published, and while Cancel adds to it: a step is then
+  // either published before the cancelled state or not at all.
+  std::mutex progress_mu_;
   std::set<std::string> cancelled_;
   // Runner thread only: the total steps stored for each running job, as its trainer counts them
   // (the dataset is read again when the job starts and may have changed since submission).
