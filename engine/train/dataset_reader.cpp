@@ -1,10 +1,14 @@
 #include "engine/train/dataset_reader.h"
 
 #include <cctype>
+#include <initializer_list>
 #include <string>
 #include <string_view>
+#include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
@@ -23,7 +27,8 @@ absl::StatusOr<std::string> StringField(const json& record, const char* key,
   auto it = record.find(key);
   if (it == record.end() || it->is_null()) {
     if (!required) return std::string();
-    return Bad(where, absl::StrCat("field '", key, "' is missing"));
+    return Bad(where, absl::StrCat("field '", key, "' is ",
+                                   it == record.end() ? "missing" : "null; it must be a string"));
   }
   if (!it->is_string()) return Bad(where, absl::StrCat("field '", key, "' must be a string"));
   return it->get<std::string>();
@@ -113,6 +118,10 @@ const char* DatasetFormatName(DatasetFormat format) {
 absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
                                                    DatasetFormat format, const std::string& where) {
   json record;
+  // The parser takes a NUL as the end of its input: what follows it would go unread.
+  if (const size_t nul = json_text.find('\0'); nul != std::string::npos) {
+    return Bad(where, absl::StrCat("not valid JSON (a NUL byte at column ", nul + 1, ")"));
+  }
   try {
     record = json::parse(json_text);
   } catch (const json::parse_error& e) {
@@ -191,13 +200,31 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
   if (!reader->in_) {
     return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));
   }
-  // A UTF-8 byte order mark (as some Windows editors write) is not part of the JSON.
-  char bom[3] = {};
-  reader->in_.read(bom, 3);
-  if (reader->in_.gcount() != 3 || std::string_view(bom, 3) != "\xEF\xBB\xBF") {
-    reader->in_.clear();
-    reader->in_.seekg(0);
+  // Files that are not UTF-8 JSON, by their first bytes: say what they are rather than show
+  // a parse error full of binary.
+  char head[4] = {};
+  reader->in_.read(head, 4);
+  const absl::string_view magic(head, static_cast<size_t>(reader->in_.gcount()));
+  reader->in_.clear();
+  reader->in_.seekg(0);
+  for (const auto& [prefix, what] : std::initializer_list<std::pair<absl::string_view, const char*>>{
+           {"\x1F\x8B", "gzip-compressed: decompress it (gunzip) first"},
+           {"PK\x03\x04", "a zip archive: extract the JSON/JSONL file from it"},
+           {"(\xB5/\xFD", "zstd-compressed: decompress it (unzstd) first"},
+           {"BZh", "bzip2-compressed: decompress it (bunzip2) first"},
+           {"PAR1",
+            "a Parquet file: convert it to JSONL first (e.g. pandas.read_parquet(...)"
+            ".to_json(path, orient='records', lines=True))"},
+           {"\xFF\xFE", "UTF-16 text: save it as UTF-8"},
+           {"\xFE\xFF", "UTF-16 text: save it as UTF-8"}}) {
+    if (absl::StartsWith(magic, prefix)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dataset '", path, "' is ", what, " (lorad reads UTF-8 JSON Lines or a JSON array)"));
+    }
   }
+  // A UTF-8 byte order mark (as some Windows editors write) is not part of the JSON.
+  if (absl::StartsWith(magic, "\xEF\xBB\xBF")) reader->in_.seekg(3);
+  if (absl::EndsWith(path, ".jsonl")) return reader;  // JSON Lines by name
   // Skip leading white space to see whether this is a JSON array.
   int c;
   while ((c = reader->in_.peek()) != EOF && std::isspace(c)) {
@@ -313,8 +340,20 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
             : ParseRecord(text, options_.format, where);
     if (example.ok()) {
       example->line = line;
+      record_parsed_ = true;
       return std::optional<Example>(std::move(*example));
     }
+    // A pretty-printed object fails on its first line ("{"): say what the file must be instead.
+    if (!array_ && !record_parsed_ &&
+        absl::StrContains(example.status().message(), "not valid JSON") &&
+        absl::StartsWith(absl::StripLeadingAsciiWhitespace(text), "{")) {
+      example =
+          Bad(where,
+              absl::StrCat(absl::StripPrefix(example.status().message(), absl::StrCat(where, ": ")),
+                           "; JSON Lines hold one whole record per line (a "
+                           "pretty-printed file must be a JSON array of records)"));
+    }
+    record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();
     if (skipped_++ == 0) first_skip_reason_ = std::string(example.status().message());
   }
@@ -333,7 +372,12 @@ absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
   }
   if (skipped != nullptr) *skipped = (*reader)->skipped();
   if (examples.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("dataset '", path, "' has no usable records"));
+    const std::string& why = (*reader)->first_skip_reason();
+    return absl::InvalidArgumentError(
+        absl::StrCat("dataset '", path, "' has no usable records",
+                     why.empty() ? std::string()
+                                 : absl::StrCat(" (", (*reader)->skipped(),
+                                                " bad records skipped; the first: ", why, ")")));
   }
   return examples;
 }

@@ -54,7 +54,9 @@ struct DatasetReaderOptions {
 
 class DatasetReader {
  public:
-  // Opens the file and decides between JSONL and a JSON array from its first non-space byte.
+  // Opens the file and decides between JSONL and a JSON array: a .jsonl file is always JSON
+  // Lines (one bad first line starting with '[' must not turn it into an array), any other from
+  // its first non-space byte. A compressed, UTF-16 or Parquet file is refused by name.
   static absl::StatusOr<std::unique_ptr<DatasetReader>> Open(const std::string& path,
                                                              DatasetReaderOptions options = {});
 
@@ -86,6 +88,7 @@ class DatasetReader {
   int64_t line_ = 1;                 // current line of the read position
   int64_t skipped_ = 0;
   std::string first_skip_reason_;
+  bool record_parsed_ = false;  // a record came before (good or bad)
 };
 
 // Reads a whole dataset (for validation at submit time and small files).

@@ -14,9 +14,8 @@ constexpr char kAlpacaNoInput[] =
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n";
 
-absl::Status Unfit(int64_t line, const std::string& what) {
-  return absl::InvalidArgumentError(absl::StrCat("record at line ", line, ": ", what));
-}
+// The record cannot take this template (the caller names the file and line).
+absl::Status Unfit(const std::string& what) { return absl::InvalidArgumentError(what); }
 
 size_t CommonPrefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
   size_t n = 0;
@@ -33,9 +32,9 @@ absl::StatusOr<std::pair<std::string, std::string>> SingleTurn(const Example& ex
     if (m.role != "system") turns.push_back(&m);
   }
   if (turns.size() != 2 || turns[0]->role != "user" || turns[1]->role != "assistant") {
-    return Unfit(ex.line, absl::StrCat("the ", template_name,
-                                       " template takes one user and one assistant message; use "
-                                       "template 'chat' for multi-turn conversations"));
+    return Unfit(absl::StrCat("the ", template_name,
+                              " template takes one user and one assistant message; use "
+                              "template 'chat' for multi-turn conversations"));
   }
   return std::make_pair(turns[0]->content, turns[1]->content);
 }
@@ -79,6 +78,8 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
     auto chat = ChatTemplate::FromTokenizerConfig(model_folder, family);
     if (chat.ok()) {
       f.chat_ = *std::move(chat);
+    } else if (f.mode_ == Mode::kAuto && !absl::IsNotFound(chat.status())) {
+      f.unusable_chat_template_ = std::string(chat.status().message());
     } else if (f.mode_ == Mode::kChat) {
       return absl::InvalidArgumentError(absl::StrCat("dataset.template '", name,
                                                      "': ", chat.status().message(),
@@ -109,6 +110,13 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
     t.input_ids = tokenizer_->Encode(ex.text, /*add_special_tokens=*/true);
     t.labels = t.input_ids;
     out = std::move(t);
+  } else if (mode_ == Mode::kAuto && ex.format != DatasetFormat::kAlpaca &&
+             !unusable_chat_template_.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dataset.template 'auto' formats conversations with the model's chat template, which "
+        "lorad cannot render (",
+        unusable_chat_template_,
+        "): set dataset.template to alpaca or raw, or name a family (chatml, llama3, mistral)"));
   } else if (mode_ == Mode::kAlpaca ||
              (mode_ == Mode::kAuto && (ex.format == DatasetFormat::kAlpaca || !chat_))) {
     out = FormatAlpaca(ex);
@@ -167,7 +175,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
     std::vector<ChatMessage> head(ex.messages.begin(),
                                   ex.messages.begin() + static_cast<std::ptrdiff_t>(count));
     auto text = chat_->Render(head, gen);
-    if (!text.ok()) return Unfit(ex.line, std::string(text.status().message()));
+    if (!text.ok()) return Unfit(std::string(text.status().message()));
     return tokenizer_->Encode(*text, /*add_special_tokens=*/false);
   };
   TokenizedExample t;

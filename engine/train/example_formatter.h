@@ -3,7 +3,8 @@
 // tests/parity/reference_trainer_format.py, and the parity test holds the two equal.
 //
 // Text, per template (TrainingDataConfig::template_name):
-//   alpaca  Stanford Alpaca's prompt (the one Unsloth's notebooks use):
+//   alpaca  Stanford Alpaca's prompts (Unsloth's notebooks use the with-input one, also with an
+//           empty input; lorad, as Stanford's and TRL's Alpaca examples, the no-input one then):
 //             "Below is an instruction that describes a task[, paired with an input that provides
 //             further context]. Write a response that appropriately completes the request.\n\n"
 //             "### Instruction:\n{instruction}\n\n" ["### Input:\n{input}\n\n"] "### Response:\n"
@@ -15,7 +16,8 @@
 //           "The model's" is the one the operator named (model.chat_template, so training and
 //           serving agree), else the one its tokenizer_config.json names.
 //   auto    alpaca for Alpaca records, chat for other conversations (alpaca when the model has
-//           no chat template); text records are always their text.
+//           no chat template; an error when it has one lorad does not recognise); text records
+//           are always their text.
 // Tokens:
 //   alpaca/raw: ids = Encode(prompt + response, add_special_tokens=true); the prompt part is the
 //     longest common prefix of ids and Encode(prompt, true) (TRL's completion mask).
@@ -107,6 +109,9 @@ class ExampleFormatter {
   ExampleFormatterOptions options_;
   Mode mode_ = Mode::kAuto;
   std::optional<ChatTemplate> chat_;  // unset when the model has none (auto falls back to alpaca)
+  // auto: why the model's template could not be used when it has one lorad does not recognise;
+  // a conversation then is an error rather than silently Alpaca-formatted.
+  std::string unusable_chat_template_;
   int32_t eos_id_ = -1;
 };
 

@@ -20,11 +20,11 @@ uint64_t SplitMix64(uint64_t& state) {
 constexpr uint64_t kSplitStream = 0xFFFFFFFF00000001ULL;
 constexpr uint64_t kPackStream = 0xFFFFFFFF00000002ULL;
 
-absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(const std::string& path,
-                                                            const TrainingDataConfig& config,
-                                                            const ExampleFormatter& formatter,
-                                                            int64_t& skipped, int64_t& dropped,
-                                                            int64_t& truncated) {
+// The examples of one file (`role`: "training" or "validation", for messages), counting the
+// records skipped as bad, dropped (nothing trained after truncation) and truncated.
+absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
+    const std::string& path, const char* role, const TrainingDataConfig& config,
+    const ExampleFormatter& formatter, int64_t& skipped, int64_t& dropped, int64_t& truncated) {
   auto format = DatasetFormatFromName(config.format);
   if (!format.ok()) return format.status();
   DatasetReaderOptions options;
@@ -33,17 +33,18 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(const std::string& p
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;
+  std::string first_bad;  // why the first skipped record was skipped
   while (true) {
     auto next = (*reader)->Next();
     if (!next.ok()) return next.status();
     if (!next->has_value()) break;
     auto t = formatter.Format(**next);
     if (!t.ok()) {
-      if (config.skip_bad_lines) {
-        ++skipped;
-        continue;
-      }
-      return absl::InvalidArgumentError(absl::StrCat(path, ": ", t.status().message()));
+      const std::string why = absl::StrCat(path, ":", (**next).line, ": ", t.status().message());
+      if (!config.skip_bad_lines) return absl::InvalidArgumentError(why);
+      if (first_bad.empty()) first_bad = why;
+      ++skipped;
+      continue;
     }
     if (t->TrainedTokens() == 0) {  // e.g. the response was truncated away
       ++dropped;
@@ -53,10 +54,12 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(const std::string& p
     out.push_back(*std::move(t));
   }
   skipped += (*reader)->skipped();
+  if (!(*reader)->first_skip_reason().empty()) first_bad = (*reader)->first_skip_reason();
   if (out.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": no usable training example (", skipped, " records skipped, ", dropped,
-                     " without a trained token after truncation to max_seq_length)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": no usable ", role, " example (", skipped, " records skipped, ", dropped,
+        " without a trained token after truncation to max_seq_length",
+        first_bad.empty() ? std::string() : absl::StrCat("; the first skipped: ", first_bad), ")"));
   }
   return out;
 }
@@ -108,11 +111,16 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
                                                  const ExampleFormatter& formatter,
                                                  int64_t max_seq_length, uint64_t seed) {
   int64_t skipped = 0, dropped = 0, truncated = 0;
-  auto examples = ReadAndFormat(config.path, config, formatter, skipped, dropped, truncated);
+  auto examples =
+      ReadAndFormat(config.path, "training", config, formatter, skipped, dropped, truncated);
   if (!examples.ok()) return examples.status();
   std::vector<TokenizedExample> validation;
   if (!config.validation_path.empty()) {
-    auto v = ReadAndFormat(config.validation_path, config, formatter, skipped, dropped, truncated);
+    // Its bad records count as skipped (lines of the job's data), its drops and truncations not:
+    // those counts describe the training examples.
+    int64_t validation_dropped = 0, validation_truncated = 0;
+    auto v = ReadAndFormat(config.validation_path, "validation", config, formatter, skipped,
+                           validation_dropped, validation_truncated);
     if (!v.ok()) return v.status();
     validation = *std::move(v);
   }

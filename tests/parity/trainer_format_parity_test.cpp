@@ -44,8 +44,11 @@ TEST(TrainerFormatParity, TokenIdsAndLabelsEqualTheReference) {
       EXPECT_LE(static_cast<int64_t>(t->input_ids.size()), options.max_seq_length);
     }
     // Response-only cases really mask something; all-token cases mask nothing.
-    if (options.response_only) EXPECT_GT(masked, 0);
-    if (!options.response_only) EXPECT_EQ(masked, 0);
+    if (options.response_only) {
+      EXPECT_GT(masked, 0);
+    } else {
+      EXPECT_EQ(masked, 0);
+    }
   }
 }
 

@@ -4,6 +4,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <tuple>
+#include <vector>
 
 namespace lorad::engine {
 namespace {
@@ -192,6 +195,68 @@ TEST_F(DatasetReaderTest, InvalidJsonSaysWhy) {
   EXPECT_NE(message.find("not valid JSON ("), std::string::npos) << message;
   EXPECT_NE(message.find("UTF-8"), std::string::npos) << message;
   EXPECT_EQ(message.find("json.exception"), std::string::npos) << message;
+}
+
+// Files users have that are not what lorad reads are named for what they are.
+TEST_F(DatasetReaderTest, CompressedAndUtf16FilesAreNamed) {
+  for (const auto& [name, body, words] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"g.jsonl.gz", std::string("\x1F\x8B\x08\x00rest", 8), "gzip-compressed"},
+           {"u.jsonl", std::string("\xFF\xFE{\0\"\0", 6), "UTF-16"},
+           {"p.parquet", "PAR1....", "Parquet"}}) {
+    auto examples = ReadDataset(Write(name, body));
+    ASSERT_FALSE(examples.ok()) << name;
+    EXPECT_NE(examples.status().message().find(words), std::string::npos) << examples.status();
+  }
+}
+
+// nlohmann's parser stops at a NUL: the rest of the line would go unread, not refused.
+TEST_F(DatasetReaderTest, ANulByteInALineIsAnError) {
+  const std::string body = std::string("{\"text\": \"a\"}") + '\0' + "{\"text\": \"lost\"}\n";
+  auto examples = ReadDataset(Write("nul.jsonl", body));
+  ASSERT_FALSE(examples.ok());
+  EXPECT_NE(
+      examples.status().message().find("nul.jsonl:1: not valid JSON (a NUL byte at column 14)"),
+      std::string::npos)
+      << examples.status();
+}
+
+// A .jsonl file is JSON Lines: a bad first line that opens with '[' is one bad record (skipped
+// when asked), not the start of a JSON array that swallows the rest.
+TEST_F(DatasetReaderTest, AJsonlFileIsLinesEvenWhenItsFirstLineIsAnArray) {
+  const std::string path =
+      Write("first-array.jsonl", "[1, 2]\n{\"question\": \"q\", \"answer\": \"a\"}\n");
+  DatasetReaderOptions options;
+  options.skip_bad_lines = true;
+  int64_t skipped = 0;
+  auto examples = ReadDataset(path, options, &skipped);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  EXPECT_EQ(examples->size(), 1u);
+  EXPECT_EQ(skipped, 1);
+  EXPECT_EQ((*examples)[0].line, 2);
+}
+
+TEST_F(DatasetReaderTest, NullFieldsAndPrettyPrintedObjectsSayWhatIsWrong) {
+  auto null_output = ReadDataset(
+      Write("null.jsonl", "{\"instruction\": \"i\", \"input\": null, \"output\": null}\n"));
+  ASSERT_FALSE(null_output.ok());
+  EXPECT_NE(null_output.status().message().find("field 'output' is null; it must be a string"),
+            std::string::npos)
+      << null_output.status();
+  auto pretty = ReadDataset(Write("pretty.json", "{\n  \"data\": [{\"text\": \"a\"}]\n}\n"));
+  ASSERT_FALSE(pretty.ok());
+  EXPECT_NE(pretty.status().message().find("pretty.json:1: not valid JSON"), std::string::npos)
+      << pretty.status();
+  EXPECT_NE(pretty.status().message().find("must be a JSON array of records"), std::string::npos)
+      << pretty.status();
+  // Every record skipped: the error says why the first one was.
+  DatasetReaderOptions skip;
+  skip.skip_bad_lines = true;
+  auto none = ReadDataset(Write("none.jsonl", "{\"text\": 5}\n"), skip);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("the first: "), std::string::npos) << none.status();
+  EXPECT_NE(none.status().message().find("field 'text' must be a string"), std::string::npos)
+      << none.status();
 }
 
 TEST(DatasetFormat, NamesRoundTrip) {

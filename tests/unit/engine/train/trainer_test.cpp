@@ -147,8 +147,12 @@ TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
                                 [&](const TrainingEvent& e) { b_events.push_back(e); });
   ASSERT_TRUE(first.ok() && second.ok());
   while (!(*first)->done() || !(*second)->done()) {
-    if (!(*first)->done()) ASSERT_TRUE((*first)->Step().ok());
-    if (!(*second)->done()) ASSERT_TRUE((*second)->Step().ok());
+    if (!(*first)->done()) {
+      ASSERT_TRUE((*first)->Step().ok());
+    }
+    if (!(*second)->done()) {
+      ASSERT_TRUE((*second)->Step().ok());
+    }
   }
   EXPECT_EQ(Losses(a_events), Losses(alone));
   EXPECT_EQ(Losses(a_events).size(), 4u);
@@ -353,6 +357,36 @@ TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
 // A held-out conversation is answered from its first trained assistant turn, and the reference is
 // that turn alone: also when the end-of-turn marker is a special token (decoding drops it, as
 // ChatML models mark it), and when the loss covers the whole example (response_only off).
+// A model whose chat template lorad cannot render: "auto" formats Alpaca records with the
+// Alpaca prompt as ever, but refuses conversations rather than silently Alpaca-format them (the
+// model has a template of its own that chat requests would then not match).
+TEST_F(TrainerTest, AutoRefusesConversationsForAModelTemplateLoradCannotRender) {
+  const fs::path zephyr = out_ / "zephyr-template";
+  fs::create_directories(zephyr);
+  for (const auto& f : fs::directory_iterator(model_dir_)) {
+    fs::copy(f.path(), zephyr / f.path().filename());
+  }
+  nlohmann::json tc = nlohmann::json::parse(std::ifstream(zephyr / "tokenizer_config.json"));
+  tc["chat_template"] =
+      "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+      "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+  std::ofstream(zephyr / "tokenizer_config.json") << tc.dump();
+  auto formatter = ExampleFormatter::Create(*tokenizer_, zephyr.string(), {});
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  auto qa = DatasetReader::ParseRecord(R"({"question": "Capital of Peru?", "answer": "Lima."})",
+                                       DatasetFormat::kAuto, "test");
+  ASSERT_TRUE(qa.ok()) << qa.status();
+  auto refused = formatter->Format(*qa);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("set dataset.template to alpaca or raw"),
+            std::string::npos)
+      << refused.status();
+  auto alpaca = DatasetReader::ParseRecord(R"({"instruction": "Add 2 and 3.", "output": "5"})",
+                                           DatasetFormat::kAuto, "test");
+  ASSERT_TRUE(alpaca.ok()) << alpaca.status();
+  EXPECT_TRUE(formatter->Format(*alpaca).ok());
+}
+
 TEST_F(TrainerTest, HeldOutAnswersAreTheFirstTurnWhateverTheLossCovers) {
   const fs::path special = out_ / "special-markers";
   fs::create_directories(special);
@@ -387,7 +421,9 @@ TEST_F(TrainerTest, HeldOutAnswersAreTheFirstTurnWhateverTheLossCovers) {
     auto row = formatter->Format(*example);
     ASSERT_TRUE(row.ok()) << row.status();
     EXPECT_GT(row->response_start, 0);
-    if (start >= 0) EXPECT_EQ(row->response_start, start) << "the same start either way";
+    if (start >= 0) {
+      EXPECT_EQ(row->response_start, start) << "the same start either way";
+    }
     start = row->response_start;
     auto answers = EvaluateAnswers(*model_, *adapter, **tokenizer, {*row}, 1, 4, "<|im_end|>");
     ASSERT_TRUE(answers.ok()) << answers.status();
