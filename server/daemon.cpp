@@ -507,6 +507,15 @@ void Daemon::Shutdown() {
     return;
   }
   state_.Set(Lifecycle::kDraining);
+  // Training first: running jobs checkpoint now (they resume at the next start), not after the
+  // RPC grace period, which a container's stop timeout may not outlast.
+  if (job_runner_) job_runner_->StopStartingJobs();
+  if (engine_) {
+    if (const int jobs = engine_->StopTraining(); jobs > 0) {
+      spdlog::info(
+          "training stopped: {} running job(s) checkpointed; they resume at the next start", jobs);
+    }
+  }
   if (grpc_server_) {
     grpc_server_->GetHealthCheckService()->SetServingStatus(false);
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
@@ -516,9 +525,7 @@ void Daemon::Shutdown() {
     grpc_server_->Wait();
     grpc_server_.reset();
   }
-  // The engine's stop checkpoints a running job (it resumes at the next start); the runner then
-  // records the events still queued, and starts no queued job meanwhile.
-  if (job_runner_) job_runner_->StopStartingJobs();
+  // The runner then records the events still queued.
   if (engine_) engine_->Stop();
   if (job_runner_) job_runner_->Stop();
   http_.Stop();

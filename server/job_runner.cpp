@@ -226,6 +226,12 @@ void JobRunner::StartNextJob() {
       std::lock_guard<std::mutex> lock(mu_);
       running_.erase(id);
     }
+    // The shutdown stopped training as this job started: it stays running in the store, and
+    // starts again at the next start like any job a shutdown interrupted.
+    if (absl::IsUnavailable(started)) {
+      spdlog::info("job {} starts at the next start: {}", id, std::string(started.message()));
+      return;
+    }
     FailJob(id, std::string(started.message()));
   }
 }

@@ -89,6 +89,10 @@ struct Engine::Impl {
   std::condition_variable wake;
   bool stop = false;
   bool pending_work = false;
+  // StopTraining: asked, then done (the loop checkpointed and ended every job; no more start).
+  bool stop_training = false;
+  bool training_stopped = false;
+  std::condition_variable training_stopped_cv;
   struct PendingJob {
     std::string id;
     TrainingJobConfig config;
@@ -110,6 +114,7 @@ struct Engine::Impl {
   std::atomic<double> inference_seconds{0};
 
   void Loop();
+  void StopTrainers();
   void TakePendingJobs();
   void StartJob(PendingJob job);
   void RunTrainingMicroBatch();
@@ -231,6 +236,7 @@ void Engine::Stop() {
     impl_->stop = true;
   }
   impl_->wake.notify_all();
+  impl_->training_stopped_cv.notify_all();  // a StopTraining waiting: the loop ends anyway
   impl_->loop.join();
 }
 
@@ -244,13 +250,26 @@ void Engine::Impl::Loop() {
       std::unique_lock<std::mutex> lock(mu);
       wake.wait(lock, [&] {
         return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
-               inference->HasWork();
+               inference->HasWork() || (stop_training && !training_stopped);
       });
       poked = pending_work;
       pending_work = false;
       if (stop) break;
     }
     TakePendingJobs();
+    bool stop_training_now = false;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop_training_now = stop_training && !training_stopped;
+    }
+    if (stop_training_now) {
+      StopTrainers();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        training_stopped = true;
+      }
+      training_stopped_cv.notify_all();
+    }
     const bool serving = inference->HasWork();
     if (poked && !serving) inference->ReleaseIdleAdapters();
     if (serving) {
@@ -273,10 +292,15 @@ void Engine::Impl::Loop() {
       train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
     }
   }
-  // Stopping: requests end as cancelled; the training job saves a checkpoint it can resume from
-  // and ends as cancelled. A checkpoint is an optimizer-step boundary, so the step in progress
-  // is finished first (at most grad_accum - 1 micro-batches); a job its user cancelled ends at
-  // once.
+  // Stopping: requests end as cancelled (InferenceEngine's destructor); the training jobs stop
+  // as StopTraining stops them.
+  StopTrainers();
+}
+
+void Engine::Impl::StopTrainers() {
+  // Each job saves a checkpoint it can resume from and ends as cancelled. A checkpoint is an
+  // optimizer-step boundary, so the step in progress is finished first (at most grad_accum - 1
+  // micro-batches); a job its user cancelled ends at once.
   for (ActiveTrainer& active : trainers) {
     Trainer& trainer = *active.trainer;
     while (!trainer.done() && !trainer.cancelled() && !trainer.at_step_boundary() &&
@@ -422,6 +446,9 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
   if (absl::Status s = config.Validate(); !s.ok()) return s;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
+    if (impl_->stop_training) {
+      return absl::UnavailableError("training is stopped: lorad is shutting down");
+    }
     auto& active = impl_->active_job_ids;
     if (std::find(active.begin(), active.end(), job_id) != active.end()) {
       return absl::FailedPreconditionError("training job " + job_id + " is already running");
@@ -457,6 +484,16 @@ absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config) co
   const TrainingMemoryEstimate need = impl_->Need(config);
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->FitsNow(need, config);
+}
+
+int Engine::StopTraining() {
+  std::unique_lock<std::mutex> lock(impl_->mu);
+  if (!impl_->loop.joinable()) return 0;
+  const int active = static_cast<int>(impl_->active_job_ids.size());
+  impl_->stop_training = true;
+  impl_->wake.notify_all();
+  impl_->training_stopped_cv.wait(lock, [&] { return impl_->training_stopped || impl_->stop; });
+  return active;
 }
 
 void Engine::CancelTraining(const std::string& job_id) {

@@ -109,6 +109,11 @@ class Engine {
   // memory budget now (TrainingFitsNow).
   absl::Status StartTraining(const std::string& job_id, const TrainingJobConfig& config,
                              TrainingEventCallback on_event);
+  // For a shutdown: every active job finishes its optimizer step, saves a checkpoint it resumes
+  // from at the next start and ends (kFinished with summary.cancelled), while serving goes on;
+  // later StartTraining calls are UNAVAILABLE. Blocks until the jobs have ended; returns how
+  // many were active.
+  int StopTraining();
   // Asks the active job `job_id` to stop at its next micro-batch; it reports kFinished with
   // summary.cancelled.
   void CancelTraining(const std::string& job_id);

@@ -218,6 +218,10 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
     first_log = d.log()
     checkpoints = sorted((tmp_path / "data" / "jobs" / job.id).glob("checkpoint-*"))
     assert checkpoints, first_log
+    # The job checkpoints before the RPCs' grace period, which a container's stop timeout
+    # (docker: 10 s, the default grace) may not outlast.
+    stopped = first_log.find("training stopped: 1 running job(s) checkpointed")
+    assert 0 <= stopped < first_log.find("draining: in-flight RPCs"), first_log
     assert f"job {queued.id} (queued) started" not in first_log
 
     d = start_daemon(tmp_path)
