@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -126,6 +127,8 @@ absl::Status Daemon::Start() {
   }
 
   if (auto s = LockDataDir(); !s.ok()) return s;
+  // Scratch folders of submissions a previous run did not finish (killed meanwhile).
+  std::filesystem::remove_all(std::filesystem::path(config_.storage.data_dir) / "tmp", ec);
   if (auto s = LoadTokens(); !s.ok()) return s;
   if (auto s = OpenJobStore(); !s.ok()) return s;
   // HTTP first: /healthz says "loading" while the model loads.
@@ -250,6 +253,30 @@ void Daemon::RegisterEngineMetrics() {
         return std::vector<std::pair<LabelValues, double>>{{{"inference"}, s.inference_seconds},
                                                            {{"training"}, s.train_seconds}};
       });
+}
+
+absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
+  // The records the job's template cannot take and files with no usable example, found by
+  // formatting the first records of each file as the job will (a large dataset is not tokenized
+  // twice). Inline examples go to a scratch folder first, as the job writes them.
+  constexpr int64_t kCheckedRecords = 4096;
+  namespace fs = std::filesystem;
+  const fs::path scratch_root = fs::path(config_.storage.data_dir) / "tmp";
+  std::error_code ec;
+  fs::create_directories(scratch_root, ec);
+  std::string scratch = (scratch_root / "submit-XXXXXX").string();
+  if (ec || mkdtemp(scratch.data()) == nullptr) {
+    return absl::InternalError(
+        absl::StrCat("cannot create a scratch folder in ", scratch_root.string()));
+  }
+  auto config = TrainingJobConfigFromSpec(spec, scratch, dataset_root_);
+  absl::Status checked =
+      config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords) : config.status();
+  fs::remove_all(scratch, ec);
+  if (absl::IsInvalidArgument(checked)) {
+    return absl::InvalidArgumentError(absl::StrCat("dataset: ", checked.message()));
+  }
+  return checked;
 }
 
 std::string Daemon::JobsDir() const {
@@ -454,11 +481,12 @@ absl::Status Daemon::StartGrpc() {
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
   training.auth = &auth_;
-  // A job that could never fit the training memory is refused at once, not queued to fail later
-  // (it would wait behind running jobs to learn it).
-  training.check_fits = [engine = engine_.get()](const lorad::v1::JobSpec& spec) {
-    auto fits = engine->TrainingFitsNow(TrainingJobConfigOf(spec, ""));
-    return fits.ok() ? absl::OkStatus() : fits.status();
+  // A job is refused at once, not queued to fail later (after waiting behind running jobs),
+  // when it could never fit the training memory or its data would fail at its start.
+  training.check_job = [this](const lorad::v1::JobSpec& spec) -> absl::Status {
+    auto fits = engine_->TrainingFitsNow(TrainingJobConfigOf(spec, ""));
+    if (!fits.ok()) return fits.status();
+    return CheckJobData(spec);
   };
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
   InferenceOptions inference;

@@ -52,6 +52,8 @@ class Daemon {
   absl::Status LockDataDir();
   // <data_dir>/jobs: each job's folder (checkpoints, its adapter).
   std::string JobsDir() const;
+  // INVALID_ARGUMENT naming the file and line when a submitted job's data would fail at its start.
+  absl::Status CheckJobData(const lorad::v1::JobSpec& spec) const;
   absl::Status OpenJobStore();
   absl::Status StartEngine();
   absl::Status LoadTokens();

@@ -298,8 +298,8 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   lorad::v1::JobSpec spec = request->spec();
   auto dataset = ValidateJobSpec(spec, options_.spec_limits);
   if (!dataset.ok()) return FinishUnary(context, dataset.status());
-  if (options_.check_fits) {
-    if (auto s = options_.check_fits(spec); !s.ok()) return FinishUnary(context, s);
+  if (options_.check_job) {
+    if (auto s = options_.check_job(spec); !s.ok()) return FinishUnary(context, s);
   }
   auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
                               TotalSteps(spec, dataset->examples), options_.max_queued_jobs);

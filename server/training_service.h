@@ -26,9 +26,10 @@ struct TrainingServiceOptions {
   std::function<void(const std::string& job_id)> on_cancel;
   // Bearer tokens (none configured: open). Submit and cancel need admin; reads need user.
   const TokenAuthenticator* auth = nullptr;
-  // A validated spec that could never fit the training memory, even alone, is refused at submit
-  // with this status (RESOURCE_EXHAUSTED saying how much it needs); unset: not checked.
-  std::function<absl::Status(const lorad::v1::JobSpec&)> check_fits;
+  // The checks of a validated spec that need the model, whose error refuses it at submit: a job
+  // that could never fit the training memory (RESOURCE_EXHAUSTED saying how much it needs), data
+  // that would fail at the job's start (INVALID_ARGUMENT naming the file and line); unset: none.
+  std::function<absl::Status(const lorad::v1::JobSpec&)> check_job;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {

@@ -72,6 +72,21 @@ MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
   return out;
 }
 
+// The formatter a job's examples go through. A model with a sliding window is exact only on
+// sequences that fit in it (ModelConfig): config.max_seq_length is capped at the window.
+absl::StatusOr<ExampleFormatter> FormatterFor(const LlamaModel& model, const Tokenizer& tokenizer,
+                                              const std::string& model_folder,
+                                              TrainingJobConfig& config) {
+  ExampleFormatterOptions fo;
+  fo.template_name = config.data.template_name;
+  fo.model_chat_template = config.data.model_chat_template;
+  fo.response_only = config.data.response_only;
+  const int64_t window = model.config().sliding_window;
+  if (window > 0 && config.max_seq_length > window) config.max_seq_length = window;
+  fo.max_seq_length = config.max_seq_length;
+  return ExampleFormatter::Create(tokenizer, model_folder, fo);
+}
+
 }  // namespace
 
 struct Trainer::Impl {
@@ -156,15 +171,7 @@ struct Trainer::Impl {
 absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder) {
   this->model_folder = model_folder;
   this->tokenizer = &tokenizer;
-  ExampleFormatterOptions fo;
-  fo.template_name = config.data.template_name;
-  fo.model_chat_template = config.data.model_chat_template;
-  fo.response_only = config.data.response_only;
-  // A model with a sliding window is exact only on sequences that fit in it (ModelConfig).
-  const int64_t window = model->config().sliding_window;
-  if (window > 0 && config.max_seq_length > window) config.max_seq_length = window;
-  fo.max_seq_length = config.max_seq_length;
-  auto formatter = ExampleFormatter::Create(tokenizer, model_folder, fo);
+  auto formatter = FormatterFor(*model, tokenizer, model_folder, config);
   if (!formatter.ok()) return formatter.status();
   end_of_turn = formatter->end_of_turn();
   auto built = TrainingData::Build(config.data, *formatter, config.max_seq_length, config.seed);
@@ -592,6 +599,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
         absl::StrCat("setting up the training job failed: ", e.what_without_backtrace()));
   }
   return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
+}
+
+absl::Status Trainer::CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
+                                const std::string& model_folder, const TrainingJobConfig& config,
+                                int64_t max_records) {
+  TrainingJobConfig checked = config;
+  auto formatter = FormatterFor(model, tokenizer, model_folder, checked);
+  if (!formatter.ok()) return formatter.status();
+  return TrainingData::Check(checked.data, *formatter, max_records);
 }
 
 absl::Status Trainer::Step() {

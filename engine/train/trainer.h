@@ -53,6 +53,11 @@ class Trainer {
                                                          const std::string& model_folder,
                                                          const TrainingJobConfig& config,
                                                          EventCallback on_event);
+  // What Create would refuse about the data (TrainingData::Check, at most `max_records` records
+  // of each file), without building anything: for a check when a job is submitted.
+  static absl::Status CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
+                                const std::string& model_folder, const TrainingJobConfig& config,
+                                int64_t max_records);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/train/dataset_reader.h"
@@ -21,10 +22,13 @@ constexpr uint64_t kSplitStream = 0xFFFFFFFF00000001ULL;
 constexpr uint64_t kPackStream = 0xFFFFFFFF00000002ULL;
 
 // The examples of one file (`role`: "training" or "validation", for messages), counting the
-// records skipped as bad, dropped (nothing trained after truncation) and truncated.
+// records skipped as bad, dropped (nothing trained after truncation) and truncated. With
+// max_records > 0 it stops after that many records (a check): no usable example among them is an
+// error only when they were the whole file.
 absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     const std::string& path, const char* role, const TrainingDataConfig& config,
-    const ExampleFormatter& formatter, int64_t& skipped, int64_t& dropped, int64_t& truncated) {
+    const ExampleFormatter& formatter, int64_t& skipped, int64_t& dropped, int64_t& truncated,
+    int64_t max_records = 0) {
   auto format = DatasetFormatFromName(config.format);
   if (!format.ok()) return format.status();
   DatasetReaderOptions options;
@@ -34,7 +38,12 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;
   std::string first_bad;  // why the first skipped record was skipped
-  while (true) {
+  bool whole_file = true;
+  for (int64_t records = 0;; ++records) {
+    if (max_records > 0 && records == max_records) {
+      whole_file = false;
+      break;
+    }
     auto next = (*reader)->Next();
     if (!next.ok()) return next.status();
     if (!next->has_value()) break;
@@ -54,8 +63,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     out.push_back(*std::move(t));
   }
   skipped += (*reader)->skipped();
-  if (!(*reader)->first_skip_reason().empty()) first_bad = (*reader)->first_skip_reason();
-  if (out.empty()) {
+  if (first_bad.empty()) first_bad = (*reader)->first_skip_reason();
+  if (out.empty() && whole_file) {
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": no usable ", role, " example (", skipped, " records skipped, ", dropped,
         " without a trained token after truncation to max_seq_length",
@@ -131,6 +140,19 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
   data->dropped_ = dropped;
   data->truncated_ = truncated;
   return data;
+}
+
+absl::Status TrainingData::Check(const TrainingDataConfig& config,
+                                 const ExampleFormatter& formatter, int64_t max_records) {
+  for (const auto& [path, role] :
+       {std::pair{&config.path, "training"}, std::pair{&config.validation_path, "validation"}}) {
+    if (path->empty()) continue;
+    int64_t skipped = 0, dropped = 0, truncated = 0;
+    auto examples =
+        ReadAndFormat(*path, role, config, formatter, skipped, dropped, truncated, max_records);
+    if (!examples.ok()) return examples.status();
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<TrainingData> TrainingData::FromExamples(std::vector<TokenizedExample> examples,

@@ -45,6 +45,11 @@ class TrainingData {
   static absl::StatusOr<TrainingData> Build(const TrainingDataConfig& config,
                                             const ExampleFormatter& formatter,
                                             int64_t max_seq_length, uint64_t seed);
+  // What Build would refuse, from at most `max_records` records of each file (a check when a
+  // job is submitted, without tokenizing a large dataset twice): a record the template cannot
+  // take, or no usable example in a file read whole.
+  static absl::Status Check(const TrainingDataConfig& config, const ExampleFormatter& formatter,
+                            int64_t max_records);
   // From already tokenized examples (tests).
   static absl::StatusOr<TrainingData> FromExamples(std::vector<TokenizedExample> examples,
                                                    std::vector<TokenizedExample> validation,

@@ -206,6 +206,28 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     odd = spec(pb)
     odd.dataset.template = "gemma"
     expect_code(submit(odd), grpc.StatusCode.INVALID_ARGUMENT, "dataset.template", "'gemma'", "raw")
+    # Data the job would refuse at its start is refused at submission, naming the file and line:
+    # a conversation the Alpaca template cannot take, a file whose answers all get cut away.
+    (root / "multi-turn.jsonl").write_text(
+        '{"question": "q", "answer": "a"}\n'
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},'
+        ' {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n')
+    alpaca = spec(pb)
+    alpaca.dataset.path = "multi-turn.jsonl"
+    alpaca.dataset.template = "alpaca"
+    expect_code(submit(alpaca), grpc.StatusCode.INVALID_ARGUMENT, "dataset:", "multi-turn.jsonl:2",
+                "alpaca")
+    (root / "long.jsonl").write_text('{"question": "' + "word " * 100 + '", "answer": "x"}\n')
+    cut = spec(pb)
+    cut.dataset.path = "long.jsonl"
+    cut.training.max_seq_length = 16
+    expect_code(submit(cut), grpc.StatusCode.INVALID_ARGUMENT, "long.jsonl",
+                "no usable training example")
+    inline_cut = spec(pb)
+    inline_cut.dataset.path = ""
+    inline_cut.dataset.inline_examples.add(json='{"question": "' + "word " * 100 + '", "answer": "x"}')
+    inline_cut.training.max_seq_length = 16
+    expect_code(submit(inline_cut), grpc.StatusCode.INVALID_ARGUMENT, "no usable training example")
 
 
 def test_paths_outside_the_dataset_root_are_permission_denied(service):
