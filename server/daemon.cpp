@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
@@ -255,6 +256,71 @@ void Daemon::RegisterEngineMetrics() {
       });
 }
 
+absl::Status Daemon::FollowMovedFolders() {
+  namespace fs = std::filesystem;
+  // The folders as configured (absolute) and with symlinks resolved (dataset paths are stored
+  // resolved, job adapter folders as configured).
+  const std::string adapter_root = config_.storage.adapter_root.empty()
+                                       ? (fs::path(config_.storage.data_dir) / "adapters").string()
+                                       : config_.storage.adapter_root;
+  std::vector<std::pair<std::string, std::string>> now;  // (meta key, folder)
+  for (const auto& [key, folder] :
+       {std::pair{"data_dir", config_.storage.data_dir}, std::pair{"dataset_root", dataset_root_},
+        std::pair{"adapter_root", adapter_root}}) {
+    std::error_code ec;
+    const fs::path canonical = fs::weakly_canonical(folder, ec);
+    now.emplace_back(key, fs::path(folder).lexically_normal().string());
+    now.emplace_back(absl::StrCat(key, ".resolved"), ec ? now.back().second : canonical.string());
+  }
+  // Where each was at the last start -> where it is now; the longest match wins, so a root that
+  // stayed keeps its paths even inside a data folder that moved.
+  std::vector<std::pair<std::string, std::string>> moves;
+  bool moved = false;
+  for (const auto& [key, folder] : now) {
+    auto before = jobs_->GetMeta(key);
+    if (!before.ok()) return before.status();
+    if (!before->has_value()) continue;
+    moves.emplace_back(**before, folder);
+    moved |= **before != folder;
+  }
+  if (moved) {
+    std::sort(moves.begin(), moves.end(),
+              [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    const auto relocate = [&moves](const std::string& path) -> std::optional<std::string> {
+      for (const auto& [before, after] : moves) {
+        if (path == before || absl::StartsWith(path, before + "/")) {
+          return before == after ? std::optional<std::string>()
+                                 : std::optional<std::string>(after + path.substr(before.size()));
+        }
+      }
+      return std::nullopt;
+    };
+    const auto rewrite_spec = [&relocate](const std::string& blob) -> std::optional<std::string> {
+      lorad::v1::JobSpec spec;
+      if (!spec.ParseFromString(blob)) return std::nullopt;
+      bool changed = false;
+      for (std::string* path : {spec.mutable_dataset()->mutable_path(),
+                                spec.mutable_dataset()->mutable_validation_path()}) {
+        if (auto moved_path = relocate(*path)) {
+          *path = *std::move(moved_path);
+          changed = true;
+        }
+      }
+      return changed ? std::optional<std::string>(spec.SerializeAsString()) : std::nullopt;
+    };
+    auto rewritten = jobs_->RewritePaths(rewrite_spec, relocate);
+    if (!rewritten.ok()) return rewritten.status();
+    spdlog::warn(
+        "the data folder (or a root in storage) moved since the last start; {} recorded dataset "
+        "and adapter paths now point at the new place",
+        *rewritten);
+  }
+  for (const auto& [key, folder] : now) {
+    if (auto s = jobs_->SetMeta(key, folder); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
   // The records the job's template cannot take and files with no usable example, found by
   // formatting the first records of each file as the job will (a large dataset is not tokenized
@@ -424,6 +490,7 @@ absl::Status Daemon::OpenJobStore() {
           " aside to start with an empty job queue (and adapter versions from 1)"));
     }
   }
+  if (auto s = FollowMovedFolders(); !s.ok()) return damaged(s);
   // A job that was running when the last process died goes back to the queue; its trainer
   // resumes from the last checkpoint.
   auto requeued = jobs_->RecoverAfterRestart();

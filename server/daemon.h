@@ -52,6 +52,10 @@ class Daemon {
   absl::Status LockDataDir();
   // <data_dir>/jobs: each job's folder (checkpoints, its adapter).
   std::string JobsDir() const;
+  // When storage.data_dir (or the dataset or adapter root) is not where the job database saw it at
+  // the last start (the folder was moved or mounted elsewhere), the dataset and adapter paths it
+  // holds are moved along; then records where the folders are now.
+  absl::Status FollowMovedFolders();
   // INVALID_ARGUMENT naming the file and line when a submitted job's data would fail at its start.
   absl::Status CheckJobData(const lorad::v1::JobSpec& spec) const;
   absl::Status OpenJobStore();

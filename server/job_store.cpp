@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS adapters (
   source TEXT NOT NULL,                 -- the folder, or "job:<id>"
   served INTEGER NOT NULL,
   fingerprint TEXT NOT NULL DEFAULT '') WITHOUT ROWID;  -- added after schema version 1
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL) WITHOUT ROWID;     -- added after schema version 1
 )sql";
 
 constexpr const char* kJobColumns =
@@ -610,6 +613,62 @@ absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState
     counts.emplace_back(state, s.Int(0));
   }
   return counts;
+}
+
+absl::StatusOr<std::optional<std::string>> JobStore::GetMeta(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "SELECT value FROM meta WHERE key = ?;");
+  s.BindText(1, key);
+  const int rc = s.Step();
+  if (rc == SQLITE_ROW) return std::optional<std::string>(s.Blob(0));
+  if (rc != SQLITE_DONE) return s.StepError();
+  return std::optional<std::string>();
+}
+
+absl::Status JobStore::SetMeta(const std::string& key, const std::string& value) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value "
+              "= excluded.value;");
+  s.BindText(1, key).BindText(2, value);
+  return s.Run();
+}
+
+absl::StatusOr<int64_t> JobStore::RewritePaths(
+    const std::function<std::optional<std::string>(const std::string& spec)>& rewrite_spec,
+    const std::function<std::optional<std::string>(const std::string& path)>& relocate) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  auto rollback = [this](absl::Status s) {
+    Exec("ROLLBACK;").IgnoreError();
+    return s;
+  };
+  std::vector<std::pair<std::string, std::string>> specs, paths;  // (key, new value)
+  Statement jobs(db_, "SELECT id, spec FROM jobs;");
+  int rc;
+  while ((rc = jobs.Step()) == SQLITE_ROW) {
+    if (auto spec = rewrite_spec(jobs.Blob(1))) specs.emplace_back(jobs.Blob(0), *std::move(spec));
+  }
+  if (rc != SQLITE_DONE) return rollback(jobs.StepError());
+  Statement adapters(db_, "SELECT name, path FROM adapters;");
+  while ((rc = adapters.Step()) == SQLITE_ROW) {
+    if (auto path = relocate(adapters.Blob(1))) {
+      paths.emplace_back(adapters.Blob(0), *std::move(path));
+    }
+  }
+  if (rc != SQLITE_DONE) return rollback(adapters.StepError());
+  for (const auto& [id, spec] : specs) {
+    Statement update(db_, "UPDATE jobs SET spec = ? WHERE id = ?;");
+    update.Bind(1, spec).BindText(2, id);
+    if (auto s = update.Run(); !s.ok()) return rollback(s);
+  }
+  for (const auto& [name, path] : paths) {
+    Statement update(db_, "UPDATE adapters SET path = ? WHERE name = ?;");
+    update.BindText(1, path).BindText(2, name);
+    if (auto s = update.Run(); !s.ok()) return rollback(s);
+  }
+  if (auto s = Exec("COMMIT;"); !s.ok()) return rollback(s);
+  return static_cast<int64_t>(specs.size() + paths.size());
 }
 
 }  // namespace lorad::server

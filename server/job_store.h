@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -152,6 +153,17 @@ class JobStore {
 
   // Jobs per state, for metrics.
   absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();
+
+  // Small facts about the data folder kept with the jobs ("data_dir": where it was at the last
+  // start); nullopt for a key never set.
+  absl::StatusOr<std::optional<std::string>> GetMeta(const std::string& key);
+  absl::Status SetMeta(const std::string& key, const std::string& value);
+  // In one transaction: every job's spec through `rewrite_spec` and every adapter's folder
+  // through `relocate` (each returns the new value, or nullopt to keep it). Returns how many
+  // rows changed.
+  absl::StatusOr<int64_t> RewritePaths(
+      const std::function<std::optional<std::string>(const std::string& spec)>& rewrite_spec,
+      const std::function<std::optional<std::string>(const std::string& path)>& relocate);
 
  private:
   explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}

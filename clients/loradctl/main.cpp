@@ -219,7 +219,9 @@ int main(int argc, char** argv) {
   CLI::App* load = adapters->add_subcommand(
       "load", "load a PEFT adapter folder (under the daemon's adapter root) as NAME");
   load->add_option("NAME", adapter_name, "adapter name")->required();
-  load->add_option("PATH", adapter_path, "PEFT folder, as the daemon sees it")->required();
+  load->add_option("PATH", adapter_path,
+                   "PEFT folder on the daemon's machine: absolute, or relative to its adapter root")
+      ->required();
   load->callback([&] {
     command = [&](Connection& c) {
       return lorad::cli::RunAdaptersLoad(c, adapter_name, adapter_path);

@@ -479,7 +479,13 @@ absl::Status InferenceEngine::Step() {
     auto it = by_id.find(id);
     if (it == by_id.end() || refused.count(id)) return;
     Sequence& s = *it->second;
-    if (auto st = m.kv->Reserve(id, s.computed + tokens); !st.ok()) {
+    // A prefill holds the blocks of its whole prompt and first token from its first piece on, as
+    // the plan counted them at admission: blocks taken piece by piece could go to the decoders
+    // meanwhile, and a pool full of half-prefilled sequences moved no more.
+    const int64_t hold = s.computed < s.prefill_target
+                             ? std::max(s.computed + tokens, s.prefill_target + 1)
+                             : s.computed + tokens;
+    if (auto st = m.kv->Reserve(id, hold); !st.ok()) {
       failed.push_back(&s);  // the plan said it fits; never expected
       return;
     }

@@ -238,6 +238,47 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
         stop_daemon(d)
 
 
+def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
+    """The data folder moved (or mounted elsewhere, as into a container) between two starts:
+    the adapters are served again and an interrupted job resumes, from the new place."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    first = tmp_path / "first"
+    prepare(first)
+    d = start_daemon(first)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "moved", 3)), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED
+            long_job = stub.SubmitJob(
+                tpb.SubmitJobRequest(spec=job_spec(tpb, "long", 100000, save_every=2)), timeout=30)
+            for event in stub.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=120):
+                if event.WhichOneof("event") == "checkpoint":
+                    break
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    second = tmp_path / "second"
+    shutil.move(first, second)
+    d = start_daemon(second)
+    try:
+        assert "moved since the last start" in d.log(), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+            assert [(a.name, a.version) for a in listed] == [("moved", 1)], d.log()
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = wait_for_state(stub, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
+            assert job.spec.dataset.path.startswith(str(second)), job.spec.dataset.path
+            deadline = time.time() + 60
+            while "resuming from" not in d.log() and time.time() < deadline:
+                time.sleep(0.1)
+            assert f"resuming from {second}" in d.log(), d.log()
+            stub.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+    finally:
+        stop_daemon(d)
+
+
 def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
     """export_merged writes the base with the adapter merged in; transformers loads it and its
     logits equal PEFT's merge_and_unload() of the job's own adapter on the same base."""

@@ -192,6 +192,30 @@ TEST(InferenceEngineTest, MixedAdaptersChunkedPrefillAndPreemptionGiveTheTokensO
   EXPECT_NE(f.Alone(other).tokens, alone[0].tokens);
 }
 
+// Long prompts prefilled in small pieces into a pool that cannot hold them all: every admitted
+// request holds the blocks of its whole prompt from the start, so prefills never wait on
+// memory the decoders took meanwhile (they did, and with the pool full no sequence could move:
+// the engine spun for ever). Every request still finishes with the tokens it gets alone.
+TEST(InferenceEngineTest, ChunkedPrefillsIntoAFullPoolNeverStall) {
+  Fixture f;
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 10; ++i) requests.push_back(Greedy(RandomPrompt(30, 300 + i), "", 24));
+  std::vector<Result> alone;
+  for (const auto& r : requests) alone.push_back(f.Alone(r));
+  InferenceEngineOptions tight;
+  tight.kv_cache_blocks = 30;  // 120 tokens: two of the 54-token sequences, with room to spare
+  tight.block_size = 4;
+  tight.scheduler.prefill_chunk = 4;
+  tight.scheduler.token_budget = 64;
+  auto engine = f.Engine(tight);
+  const std::vector<Result> together = f.Run(*engine, requests);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i].reason, FinishReason::kLength) << "request " << i;
+  }
+  EXPECT_EQ(engine->Stats().kv_cache_usage, 0.0);
+}
+
 // Requests submitted while others decode: their prompts prefill in the same steps as the others'
 // decode tokens (the decode rows through the decode runner, the prefill rows through the padded
 // forward), and every request still gets the tokens it gets alone.
