@@ -188,7 +188,7 @@ const std::map<std::string, Field>& Schema() {
       {"model.chat_template",
        StringField("model.chat_template",
                    [](ServerConfig& c) -> std::string& { return c.model.chat_template; },
-                   {"", "llama3", "chatml", "mistral", "alpaca"})},
+                   {"", "llama3", "chatml", "llama2", "mistral", "alpaca"})},
       {"model.generation_config",
        StringField("model.generation_config",
                    [](ServerConfig& c) -> std::string& { return c.model.generation_config; },

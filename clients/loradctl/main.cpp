@@ -260,7 +260,7 @@ int main(int argc, char** argv) {
   chat->add_option("--adapter", chat_options.generation.adapter,
                    "adapter name (default: base model)");
   chat->add_option("--template", chat_options.template_name,
-                   "chat template: llama3, chatml, mistral, alpaca (default: the model's)");
+                   "chat template: llama3, chatml, llama2, mistral, alpaca (default: the model's)");
   chat->add_option("--system", chat_options.system, "system message");
   chat->add_flag("--usage", chat_options.generation.show_usage,
                  "print token counts and timings to stderr");

@@ -31,6 +31,8 @@ constexpr std::string_view kMistralRoles =
     "Only user and assistant roles are supported, with the exception of an initial optional "
     "system message!";
 constexpr std::string_view kAlpacaRoles = "Only user and assistant roles are supported!";
+constexpr std::string_view kLlama2Alternate =
+    "Conversation roles must alternate user/assistant/user/assistant/...";
 
 std::string KnownList() { return absl::StrJoin(ChatTemplate::KnownNames(), ", "); }
 
@@ -60,7 +62,7 @@ absl::Status TemplateError(std::string_view name, std::string_view message) {
 }  // namespace
 
 const std::vector<std::string>& ChatTemplate::KnownNames() {
-  static const std::vector<std::string> names = {"llama3", "chatml", "mistral", "alpaca"};
+  static const std::vector<std::string> names = {"llama3", "chatml", "llama2", "mistral", "alpaca"};
   return names;
 }
 
@@ -74,6 +76,10 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromName(std::string_view name,
   if (name == "chatml") {
     return ChatTemplate(Family::kChatMl, "chatml", bos_token.value_or(""),
                         eos_token.value_or("<|im_end|>"));
+  }
+  if (name == "llama2") {
+    return ChatTemplate(Family::kLlama2, "llama2", bos_token.value_or("<s>"),
+                        eos_token.value_or("</s>"));
   }
   if (name == "mistral") {
     return ChatTemplate(Family::kMistral, "mistral", bos_token.value_or("<s>"),
@@ -90,7 +96,19 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromName(std::string_view name,
 std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
   if (jinja.find("<|start_header_id|>") != std::string_view::npos) return "llama3";
   if (jinja.find("<|im_start|>") != std::string_view::npos) return "chatml";
-  if (jinja.find("[INST]") != std::string_view::npos) return "mistral";
+  // [INST] templates differ in their spacing, which changes the tokens: only the published ones
+  // lorad renders are recognised (Llama 2 Chat's, with <<SYS>>; Mistral v0.2's " [INST] ").
+  if (jinja.find("<<SYS>>") != std::string_view::npos) {
+    const bool canonical =
+        jinja.find("bos_token + '[INST] ' + content.strip() + ' [/INST]'") !=
+            std::string_view::npos &&
+        jinja.find("' '  + content.strip() + ' ' + eos_token") != std::string_view::npos &&
+        jinja.find("set system_message = '") == std::string_view::npos &&  // a default system
+        jinja.find("add_generation_prompt") == std::string_view::npos;
+    return canonical ? std::optional<std::string>("llama2") : std::nullopt;
+  }
+  if (jinja.find("' [INST] '") != std::string_view::npos) return "mistral";
+  if (jinja.find("[INST]") != std::string_view::npos) return std::nullopt;
   if (jinja.find("### Instruction") != std::string_view::npos) return "alpaca";
   return std::nullopt;
 }
@@ -208,6 +226,8 @@ absl::StatusOr<std::string> ChatTemplate::RenderFamily(const std::vector<ChatMes
       return RenderLlama3(messages, gen);
     case Family::kChatMl:
       return RenderChatMl(messages, gen);
+    case Family::kLlama2:
+      return RenderLlama2(messages);
     case Family::kMistral:
       return RenderMistral(messages);
     case Family::kAlpaca:
@@ -222,6 +242,7 @@ std::string ChatTemplate::end_of_turn() const {
       return "<|eot_id|>";
     case Family::kChatMl:
       return "<|im_end|>";
+    case Family::kLlama2:
     case Family::kMistral:
     case Family::kAlpaca:
       break;
@@ -298,6 +319,33 @@ std::string ChatTemplate::RenderChatMl(const std::vector<ChatMessage>& messages,
     absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
   }
   if (gen) out += "<|im_start|>assistant\n";
+  return out;
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderLlama2(
+    const std::vector<ChatMessage>& messages) const {
+  size_t first = 0;
+  const std::string* system = nullptr;
+  if (!messages.empty() && messages[0].role == "system") {
+    system = &messages[0].content;
+    first = 1;
+  }
+  std::string out;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const size_t index = i - first;
+    if ((m.role == "user") != (index % 2 == 0)) return TemplateError(name_, kLlama2Alternate);
+    // The system text joins the first message before the strip, as the template concatenates.
+    const std::string content =
+        index == 0 && system != nullptr
+            ? PythonStrip(absl::StrCat("<<SYS>>\n", *system, "\n<</SYS>>\n\n", m.content))
+            : PythonStrip(m.content);
+    if (m.role == "user") {
+      absl::StrAppend(&out, bos_token_, "[INST] ", content, " [/INST]");
+    } else if (m.role == "assistant") {
+      absl::StrAppend(&out, " ", content, " ", eos_token_);
+    }  // a system message later on (at an odd place) writes nothing, as in the template
+  }
   return out;
 }
 

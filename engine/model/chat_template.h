@@ -11,8 +11,12 @@
 //   chatml   <|im_start|>role\ncontent<|im_end|>\n per message (Qwen2, SmolLM, Hermes...); a
 //            model template that writes a fixed system turn when the conversation has none
 //            (Qwen2-Instruct's "You are a helpful assistant.") has it rendered the same way
+//   llama2   Llama 2 Chat: bos + "[INST] " + user.strip() + " [/INST]" and " " +
+//            assistant.strip() + " " + eos; a leading system message goes into the first user
+//            message as "<<SYS>>\n...\n<</SYS>>\n\n"; roles must alternate
 //   mistral  Mistral Instruct v0.2: bos + " [INST] user [/INST]" + " assistant</s>"; a leading
-//            system message is folded into the first user message; roles must alternate
+//            system message is folded into the first user message; roles must alternate. Other
+//            [INST] templates (Mistral v0.1/v0.3 spacing) are not recognised: name one instead
 //   alpaca   bos + system (or Alpaca's default preamble) + "### Instruction:\n...\n\n" +
 //            "### Response:\n..." + eos + "\n\n"
 // The rendered text already holds the BOS token where the family writes one, so encode it with
@@ -84,7 +88,7 @@ class ChatTemplate {
   const std::string& unrendered() const { return unrendered_; }
 
  private:
-  enum class Family { kLlama3, kChatMl, kMistral, kAlpaca };
+  enum class Family { kLlama3, kChatMl, kLlama2, kMistral, kAlpaca };
   ChatTemplate(Family family, std::string name, std::string bos, std::string eos)
       : family_(family),
         name_(std::move(name)),
@@ -103,6 +107,7 @@ class ChatTemplate {
   std::string RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const;
   absl::StatusOr<std::string> RenderFamily(const std::vector<ChatMessage>& messages,
                                            bool gen) const;
+  absl::StatusOr<std::string> RenderLlama2(const std::vector<ChatMessage>& messages) const;
   absl::StatusOr<std::string> RenderMistral(const std::vector<ChatMessage>& messages) const;
   absl::StatusOr<std::string> RenderAlpaca(const std::vector<ChatMessage>& messages,
                                            bool gen) const;

@@ -56,6 +56,20 @@ MISTRAL = (
     "    {%- endif %}\n"
     "{%- endfor %}\n"
 )
+# meta-llama/Llama-2-7b-chat-hf
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+    "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
+    "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
 # Alpaca has no model-published template; this is the multi-turn one Unsloth ships
 # (unsloth/chat_templates.py, "alpaca") with Stanford Alpaca's preamble as the default system.
 ALPACA = (
@@ -144,6 +158,7 @@ FAMILIES = {
     "llama3.2": (LLAMA32, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
     "chatml": (CHATML, "<s>", "</s>", "chatml"),
     "qwen2": (QWEN2, None, "<|im_end|>", "chatml"),
+    "llama2": (LLAMA2, "<s>", "</s>", "llama2"),
     "mistral": (MISTRAL, "<s>", "</s>", "mistral"),
     "alpaca": (ALPACA, "<s>", "</s>", "alpaca"),
 }

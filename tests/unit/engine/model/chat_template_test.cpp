@@ -49,7 +49,13 @@ TEST(ChatTemplate, UnknownNameListsTheKnownOnes) {
 TEST(ChatTemplate, RecognisesFamiliesByTheirMarkers) {
   EXPECT_EQ(ChatTemplate::Recognize("{{ '<|start_header_id|>' + role }}"), "llama3");
   EXPECT_EQ(ChatTemplate::Recognize("{{'<|im_start|>' + message['role']}}"), "chatml");
-  EXPECT_EQ(ChatTemplate::Recognize("{{ '[INST] ' + content }}"), "mistral");
+  EXPECT_EQ(ChatTemplate::Recognize("{{ ' [INST] ' + content }}"), "mistral");
+  // Other [INST] spacings render other tokens: not taken for Mistral v0.2's.
+  EXPECT_FALSE(ChatTemplate::Recognize("{{ '[INST] ' + content + '[/INST]' }}").has_value());
+  // A Llama 2 template with a default system prompt writes text lorad would leave out.
+  EXPECT_FALSE(
+      ChatTemplate::Recognize("{% set system_message = 'You are helpful' %}{{ '<<SYS>>\\n' }}")
+          .has_value());
   EXPECT_EQ(ChatTemplate::Recognize("{{ '### Instruction:\\n' }}"), "alpaca");
   EXPECT_FALSE(ChatTemplate::Recognize("{{ '<start_of_turn>' }}").has_value());
 }
