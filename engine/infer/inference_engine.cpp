@@ -235,14 +235,14 @@ absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
   const int64_t n = static_cast<int64_t>(prompt.size());
   if (n >= max_context) {
     return absl::InvalidArgumentError(
-        absl::StrCat("prompt has ", n, " tokens; the model's context is ", max_context,
+        absl::StrCat("prompt: ", n, " tokens; the model's context is ", max_context,
                      " tokens, which must leave room for at least one new token"));
   }
   const int64_t pool = int64_t{kv->num_blocks()} * kv->block_size();
   if (n + 1 > pool) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt has ", n,
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", n,
                                                    " tokens; the KV cache holds only ", pool,
-                                                   " tokens in all (raise kv_cache_bytes)"));
+                                                   " tokens in all (raise engine.kv_cache_bytes)"));
   }
   for (size_t i = 0; i < r.stop.size(); ++i) {
     if (r.stop[i].empty()) {
@@ -762,13 +762,17 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
       top.text = Utf8Lossy(tokenizer->TokenBytes(top.token));
     }
   }
-  event.text = seq.stops->Add(seq.detokenizer->Add(token));
+  const auto& stop_ids = seq.request.stop_token_ids;
+  const bool eos = !seq.request.ignore_eos && tokenizer->IsEos(token);
+  const bool stop_token =
+      !eos && std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end();
+  // A stop token's own text is not output (vLLM's default; the token is, in tokens and usage).
+  if (!stop_token) event.text = seq.stops->Add(seq.detokenizer->Add(token));
 
   FinishReason reason = FinishReason::kNone;
-  const auto& stop_ids = seq.request.stop_token_ids;
-  if (!seq.request.ignore_eos && tokenizer->IsEos(token)) {
+  if (eos) {
     reason = FinishReason::kEos;
-  } else if (std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end()) {
+  } else if (stop_token) {
     reason = FinishReason::kStop;
   } else if (seq.stops->stopped()) {
     reason = FinishReason::kStop;

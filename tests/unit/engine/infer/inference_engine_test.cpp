@@ -503,6 +503,13 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   EXPECT_EQ(at_token.reason, FinishReason::kStop);
   const auto first = std::find(full.tokens.begin(), full.tokens.end(), full.tokens[3]);
   EXPECT_EQ(at_token.tokens, std::vector<int32_t>(full.tokens.begin(), first + 1));
+  // ... but its text is not (vLLM's default): the text is that of the tokens before it.
+  IncrementalDetokenizer before(f.tokenizer(), /*skip_special_tokens=*/true,
+                                /*continues_text=*/true);
+  std::string expected;
+  for (auto it = full.tokens.begin(); it != first; ++it) expected += before.Add(*it);
+  expected += before.Finish();
+  EXPECT_EQ(at_token.text, expected);
 }
 
 TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {
