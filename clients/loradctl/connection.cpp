@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "clients/loradctl/exit_codes.h"
 
@@ -70,6 +71,11 @@ int Connection::Fail(const grpc::Status& status) const {
   // gRPC's own text for a refused connection never says which address was tried.
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
     message = absl::StrCat("cannot reach lorad at ", options_.address, " (", message, ")");
+    // A plaintext client at a TLS port sees the server close the socket on its first bytes.
+    if (options_.ca_cert_path.empty() &&
+        absl::StrContains(status.error_message(), "Socket closed")) {
+      absl::StrAppend(&message, "; if lorad serves TLS there, give --ca-cert");
+    }
   } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
     message = absl::StrCat(message, " (raise --timeout to wait longer)");
   }

@@ -54,6 +54,12 @@ std::string PythonStrip(std::string_view s) {
   return std::string(s.substr(begin, end - begin));
 }
 
+// The [INST] templates' "messages[0] is system": its text, which they fold into the first user
+// turn, or null.
+const std::string* LeadingSystem(const std::vector<ChatMessage>& messages) {
+  return !messages.empty() && messages[0].role == "system" ? &messages[0].content : nullptr;
+}
+
 absl::Status TemplateError(std::string_view name, std::string_view message) {
   return absl::InvalidArgumentError(
       absl::StrCat("chat template '", std::string(name), "': ", std::string(message)));
@@ -324,12 +330,8 @@ std::string ChatTemplate::RenderChatMl(const std::vector<ChatMessage>& messages,
 
 absl::StatusOr<std::string> ChatTemplate::RenderLlama2(
     const std::vector<ChatMessage>& messages) const {
-  size_t first = 0;
-  const std::string* system = nullptr;
-  if (!messages.empty() && messages[0].role == "system") {
-    system = &messages[0].content;
-    first = 1;
-  }
+  const std::string* system = LeadingSystem(messages);
+  const size_t first = system != nullptr ? 1 : 0;
   std::string out;
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
@@ -351,12 +353,8 @@ absl::StatusOr<std::string> ChatTemplate::RenderLlama2(
 
 absl::StatusOr<std::string> ChatTemplate::RenderMistral(
     const std::vector<ChatMessage>& messages) const {
-  size_t first = 0;
-  const std::string* system = nullptr;
-  if (!messages.empty() && messages[0].role == "system") {
-    system = &messages[0].content;
-    first = 1;
-  }
+  const std::string* system = LeadingSystem(messages);
+  const size_t first = system != nullptr ? 1 : 0;
   std::string out = bos_token_;
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];

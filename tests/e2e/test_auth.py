@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from conftest import LORAD, ROOT, start_daemon, stop_daemon, tiny_model_path
+from conftest import BUILD, LORAD, ROOT, start_daemon, stop_daemon, tiny_model_path
 
 ADMIN = "admin-token-0123456789abcdef"
 USER = "user-token-0123456789abcdef"
@@ -163,6 +163,11 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
         with grpc.insecure_channel(address) as plain:  # TLS only
             with pytest.raises(grpc.RpcError):
                 health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        # loradctl without --ca-cert at a TLS port says what is missing.
+        plain_ctl = subprocess.run([str(BUILD / "clients" / "loradctl"), "--address", address,
+                                    "adapters", "ls"], capture_output=True, text=True, timeout=60)
+        assert plain_ctl.returncode == 24, plain_ctl.stderr
+        assert "give --ca-cert" in plain_ctl.stderr, plain_ctl.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0

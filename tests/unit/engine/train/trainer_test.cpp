@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 
 #include "engine/lora/lora_adapter.h"
@@ -54,6 +55,20 @@ class TrainerTest : public ::testing::Test {
     c.seed = 11;
     c.output_dir = (out_ / sub).string();
     return c;
+  }
+
+  // A copy of the tiny model in out_/name whose tokenizer_config.json `edit` changes.
+  fs::path ModelWithTokenizerConfig(const std::string& name,
+                                    const std::function<void(nlohmann::json&)>& edit) const {
+    const fs::path folder = out_ / name;
+    fs::create_directories(folder);
+    for (const auto& f : fs::directory_iterator(model_dir_)) {
+      fs::copy(f.path(), folder / f.path().filename());
+    }
+    nlohmann::json tc = nlohmann::json::parse(std::ifstream(folder / "tokenizer_config.json"));
+    edit(tc);
+    std::ofstream(folder / "tokenizer_config.json") << tc.dump();
+    return folder;
   }
 
   // Evaluated every 2 steps on a quarter of the file, with a learning rate that diverges: the
@@ -361,16 +376,11 @@ TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
 // Alpaca prompt as ever, but refuses conversations rather than silently Alpaca-format them (the
 // model has a template of its own that chat requests would then not match).
 TEST_F(TrainerTest, AutoRefusesConversationsForAModelTemplateLoradCannotRender) {
-  const fs::path zephyr = out_ / "zephyr-template";
-  fs::create_directories(zephyr);
-  for (const auto& f : fs::directory_iterator(model_dir_)) {
-    fs::copy(f.path(), zephyr / f.path().filename());
-  }
-  nlohmann::json tc = nlohmann::json::parse(std::ifstream(zephyr / "tokenizer_config.json"));
-  tc["chat_template"] =
-      "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
-      "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
-  std::ofstream(zephyr / "tokenizer_config.json") << tc.dump();
+  const fs::path zephyr = ModelWithTokenizerConfig("zephyr-template", [](nlohmann::json& tc) {
+    tc["chat_template"] =
+        "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+  });
   auto formatter = ExampleFormatter::Create(*tokenizer_, zephyr.string(), {});
   ASSERT_TRUE(formatter.ok()) << formatter.status();
   auto qa = DatasetReader::ParseRecord(R"({"question": "Capital of Peru?", "answer": "Lima."})",
@@ -388,15 +398,10 @@ TEST_F(TrainerTest, AutoRefusesConversationsForAModelTemplateLoradCannotRender) 
 }
 
 TEST_F(TrainerTest, HeldOutAnswersAreTheFirstTurnWhateverTheLossCovers) {
-  const fs::path special = out_ / "special-markers";
-  fs::create_directories(special);
-  for (const auto& f : fs::directory_iterator(model_dir_)) {
-    fs::copy(f.path(), special / f.path().filename());
-  }
-  nlohmann::json tc = nlohmann::json::parse(std::ifstream(special / "tokenizer_config.json"));
-  tc["added_tokens_decoder"] = {{"3", {{"content", "<|im_start|>"}, {"special", true}}},
-                                {"4", {{"content", "<|im_end|>"}, {"special", true}}}};
-  std::ofstream(special / "tokenizer_config.json") << tc.dump();
+  const fs::path special = ModelWithTokenizerConfig("special-markers", [](nlohmann::json& tc) {
+    tc["added_tokens_decoder"] = {{"3", {{"content", "<|im_start|>"}, {"special", true}}},
+                                  {"4", {{"content", "<|im_end|>"}, {"special", true}}}};
+  });
   auto tokenizer = LoadTokenizer(special.string());
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
   ASSERT_EQ((*tokenizer)->Piece(4), "<|im_end|>");
