@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -135,7 +136,15 @@ class YamlToProto {
     const Reflection* r = message->GetReflection();
     const bool rep = field->is_repeated();
     auto bad = [&](const std::string& expected) {
-      return Error(node, absl::StrCat("'", path, "' must be ", expected, ", got '", text, "'"));
+      // A whole number too large for the field is out of range, not "not an integer".
+      const bool digits = !text.empty() &&
+                          text.find_first_not_of("+-0123456789") == std::string::npos &&
+                          text.find_first_of("0123456789") != std::string::npos;
+      const std::string what =
+          digits && absl::StrContains(expected, "integer")
+              ? absl::StrCat(expected, " the field can hold (", field->cpp_type_name(), ")")
+              : expected;
+      return Error(node, absl::StrCat("'", path, "' must be ", what, ", got '", text, "'"));
     };
     switch (field->cpp_type()) {
       case FieldDescriptor::CPPTYPE_INT32: {

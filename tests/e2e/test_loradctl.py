@@ -199,6 +199,8 @@ def test_spec_rejected_by_the_daemon_names_the_field(daemon, tmp_path):
     ("lora:\n  target_modules: q_proj\n", 2, ["'lora.target_modules' must be a list"]),
     ("adapter_name: a\nadapter_name: b\n", 2, ["duplicate key 'adapter_name'"]),
     ("adapter_name: a\n---\nadapter_name: b\n", 3, ["second YAML document"]),
+    ("adapter_name: a\ntraining:\n  micro_batch_size: 99999999999\n", 3,
+     ["'training.micro_batch_size' must be an integer the field can hold (int32)"]),
 ])
 def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
     path = tmp_path / "job.yaml"
