@@ -314,16 +314,19 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
   auto* stream = new GenerateStream(engine_, metrics_, context->deadline());
-  if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser); !s.ok()) request = s;
-  }
   if (request.ok()) request->deadline = DeadlineOf(context);
   stream->Begin(std::move(request));
   return stream;
 }
 
+absl::Status InferenceService::Authorize(const grpc::CallbackServerContext* context) const {
+  return auth_ != nullptr ? AuthorizeCall(*auth_, *context, Role::kUser) : absl::OkStatus();
+}
+
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) {
+  // The caller first: tokenizing a prompt is work an unauthenticated caller must not get done.
+  if (auto s = Authorize(context); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
   if (request->prompt().empty()) {
     r = absl::InvalidArgumentError("prompt: is empty");
@@ -343,18 +346,25 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) {
+  if (auto s = Authorize(context); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
-  std::vector<engine::ChatMessage> messages;
+  // Roles count with the contents: half a million empty messages still render megabytes.
   int64_t bytes = 0;
   for (const auto& m : request->messages()) {
-    messages.push_back({m.role(), m.content()});
-    bytes += static_cast<int64_t>(m.content().size());
+    bytes += static_cast<int64_t>(m.content().size() + m.role().size());
   }
-  if (messages.empty()) {
+  std::vector<engine::ChatMessage> messages;
+  if (request->messages_size() <= kMaxChatMessages && bytes <= options_.max_prompt_bytes) {
+    for (const auto& m : request->messages()) messages.push_back({m.role(), m.content()});
+  }
+  if (request->messages().empty()) {
     r = absl::InvalidArgumentError("messages: is empty");
+  } else if (request->messages_size() > kMaxChatMessages) {
+    r = absl::InvalidArgumentError(absl::StrCat("messages: ", request->messages_size(),
+                                                " messages; at most ", kMaxChatMessages));
   } else if (bytes > options_.max_prompt_bytes) {
-    r = absl::InvalidArgumentError(absl::StrCat("messages: ", bytes, " bytes of content; at most ",
-                                                options_.max_prompt_bytes));
+    r = absl::InvalidArgumentError(absl::StrCat(
+        "messages: ", bytes, " bytes of roles and content; at most ", options_.max_prompt_bytes));
   } else if (auto s = CheckAdapterVersion(engine_, request->adapter(), request->adapter_version());
              !s.ok()) {
     r = s;

@@ -16,6 +16,9 @@
 
 namespace lorad::server {
 
+// A chat's messages at most (each is rendered and tokenized before the request is queued).
+inline constexpr int kMaxChatMessages = 4096;
+
 struct InferenceOptions {
   int32_t max_new_tokens = 4096;         // larger requests are INVALID_ARGUMENT
   int32_t default_max_new_tokens = 256;  // unless `defaults` has the model's own
@@ -50,6 +53,9 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
  private:
   grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Start(
       grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request);
+
+  // UNAUTHENTICATED / PERMISSION_DENIED unless the caller holds the user role (open: OK).
+  absl::Status Authorize(const grpc::CallbackServerContext* context) const;
 
   engine::Engine& engine_;
   InferenceOptions options_;

@@ -17,6 +17,11 @@ namespace lorad::engine {
 
 using RequestId = int64_t;
 
+// Limits on a request's stop conditions (each is checked on every generated token).
+inline constexpr size_t kMaxStopStrings = 64;
+inline constexpr size_t kMaxStopStringBytes = 1024;
+inline constexpr size_t kMaxStopTokenIds = 1024;
+
 struct GenerationRequest {
   // The prompt: `prompt_ids` when not empty (used as given), else `prompt` text, encoded with the
   // model's special tokens (BOS) added. The server renders chat templates into `prompt`.

@@ -244,10 +244,24 @@ absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
                                                    " tokens; the KV cache holds only ", pool,
                                                    " tokens in all (raise engine.kv_cache_bytes)"));
   }
+  // Every stop string is matched against every token's text on the loop thread: bounded, so one
+  // request cannot slow the whole batch (nor hold megabytes while it waits).
+  if (r.stop.size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
+  }
   for (size_t i = 0; i < r.stop.size(); ++i) {
     if (r.stop[i].empty()) {
       return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is an empty string"));
     }
+    if (r.stop[i].size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: ", r.stop[i].size(),
+                                                     " bytes; at most ", kMaxStopStringBytes));
+    }
+  }
+  if (r.stop_token_ids.size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat("stop_token_ids: ", r.stop_token_ids.size(),
+                                                   " ids; at most ", kMaxStopTokenIds));
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
     if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {

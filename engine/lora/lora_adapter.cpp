@@ -317,6 +317,12 @@ absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::strin
                                             "; ranks are whole numbers in [1, 1024]"));
     }
   }
+  for (const ModulePattern& p : *alpha) {
+    if (!(p.value > 0 && p.value <= kMaxLoraAlpha)) {
+      return ConfigError(file, absl::StrCat("field 'alpha_pattern': '", p.key, "' is ", p.value,
+                                            "; alphas are in (0, ", kMaxLoraAlpha, "]"));
+    }
+  }
   patterns->rank = *std::move(rank);
   patterns->alpha = *std::move(alpha);
   // layers_to_transform: PEFT adapts only the layers listed (one index or a list).
@@ -561,7 +567,8 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
                  "with safe_serialization=True)"
                : ""));
   }
-  auto file = SafetensorsFile::Open(weights_path);
+  // Read, not mapped: the folder is the operator's or a client's, and may be rewritten meanwhile.
+  auto file = SafetensorsFile::Open(weights_path, SafetensorsFile::Access::kRead);
   if (!file.ok()) return file.status();
 
   try {

@@ -19,9 +19,9 @@ absl::Status LoraConfig::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("LoRA field 'r' must be in [1, ", kMaxLoraRank, "], got ", r));
   }
-  if (!std::isfinite(alpha) || alpha <= 0) {
+  if (!(alpha > 0 && alpha <= kMaxLoraAlpha)) {  // NaN fails too
     return absl::InvalidArgumentError(
-        absl::StrCat("LoRA field 'alpha' must be a finite number > 0, got ", alpha));
+        absl::StrCat("LoRA field 'alpha' must be in (0, ", kMaxLoraAlpha, "], got ", alpha));
   }
   // Written so that NaN fails too.
   if (!(dropout >= 0 && dropout < 1)) {

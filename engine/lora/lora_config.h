@@ -28,6 +28,8 @@ struct LoraConfig {
 // The largest rank lorad trains or serves. Beyond it the adapter is as large as the layers it
 // adapts and LoRA stops making sense; the limit also bounds the memory a job spec can ask for.
 constexpr int kMaxLoraRank = 1024;
+// alpha / r scales every update: beyond this it overflows bf16 activations (NaN output).
+constexpr double kMaxLoraAlpha = 1e6;
 
 // The seven projections LoRA may target, in PEFT's names.
 const std::vector<std::string>& KnownLoraTargets();

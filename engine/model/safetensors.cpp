@@ -21,6 +21,7 @@
 namespace lorad::engine {
 namespace {
 
+using nlohmann::json;
 using nlohmann::ordered_json;
 
 // The header length is read as a little-endian u64 and tensors are viewed in place.
@@ -73,8 +74,7 @@ std::optional<size_t> CheckedBytes(const std::vector<int64_t>& shape, size_t ele
 
 // Parses one tensor entry of the header. `data_size` is the data section's length.
 absl::StatusOr<TensorView> ParseEntry(const std::string& where, const std::string& name,
-                                      const ordered_json& entry, const uint8_t* data,
-                                      size_t data_size) {
+                                      const json& entry, const uint8_t* data, size_t data_size) {
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": tensor '", name, "': ", what));
   };
@@ -175,7 +175,8 @@ int64_t TensorView::numel() const {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
+                                                                       Access access) {
   // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (fstat below then
   // refuses it); for a regular file the flag changes nothing.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
@@ -197,18 +198,37 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
         absl::StrCat(path, ": file is ", size,
                      " bytes, too short for a safetensors header (truncated or not safetensors)"));
   }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const std::string map_err = ErrnoText();
-  ::close(fd);  // the mapping keeps the file alive
-  if (map == MAP_FAILED) {
-    return absl::InternalError(absl::StrCat("cannot mmap ", path, ": ", map_err));
-  }
   // From here the destructor unmaps, on success and on every error path.
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  file->map_ = map;
-  file->map_size_ = size;
-  const uint8_t* base = static_cast<const uint8_t*>(map);
+  const uint8_t* base = nullptr;
+  if (access == Access::kRead) {
+    file->bytes_.resize(size);
+    size_t done = 0;
+    while (done < size) {
+      const ssize_t n =
+          ::pread(fd, file->bytes_.data() + done, size - done, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const std::string err = n < 0 ? ErrnoText() : "the file got shorter while being read";
+        ::close(fd);
+        return absl::UnavailableError(absl::StrCat("cannot read ", path, ": ", err));
+      }
+      done += static_cast<size_t>(n);
+    }
+    ::close(fd);
+    base = file->bytes_.data();
+  } else {
+    void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    const std::string map_err = ErrnoText();
+    ::close(fd);  // the mapping keeps the file alive
+    if (map == MAP_FAILED) {
+      return absl::InternalError(absl::StrCat("cannot mmap ", path, ": ", map_err));
+    }
+    file->map_ = map;
+    file->map_size_ = size;
+    base = static_cast<const uint8_t*>(map);
+  }
 
   uint64_t header_len = 0;
   std::memcpy(&header_len, base, sizeof(header_len));
@@ -227,18 +247,19 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const size_t data_size = size - kHeaderLengthBytes - header_len;
 
   // The callback sees every top-level key, so duplicates (which a JSON object would silently
-  // collapse to the last one) are caught.
+  // collapse to the last one) are caught. A sorted object, not an insertion-ordered one: its
+  // inserts are linear, so a hostile header of millions of entries took hours (the tensors are
+  // put in data order below anyway).
   std::set<std::string> seen;
   std::string duplicate;
-  auto on_event = [&](int depth, ordered_json::parse_event_t event, ordered_json& parsed) {
-    if (depth == 1 && event == ordered_json::parse_event_t::key && duplicate.empty()) {
+  auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth == 1 && event == json::parse_event_t::key && duplicate.empty()) {
       const std::string key = parsed.get<std::string>();
       if (!seen.insert(key).second) duplicate = key;
     }
     return true;
   };
-  ordered_json j = ordered_json::parse(header, header + header_len, on_event,
-                                       /*allow_exceptions=*/false);
+  json j = json::parse(header, header + header_len, on_event, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": header (", header_len, " bytes) is not a JSON object"));

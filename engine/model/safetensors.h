@@ -42,8 +42,13 @@ struct TensorView {
 
 class SafetensorsFile {
  public:
-  // Maps and validates the whole header. Errors name `path`.
-  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // How the file's bytes are held: kMap maps the file (zero-copy, for base models, whose files
+  // the operator owns); kRead reads it into memory, for files others may rewrite meanwhile
+  // (adapters): a mapped file that shrinks kills the process with SIGBUS on the next access.
+  enum class Access { kMap, kRead };
+  // Maps (or reads) the file and validates the whole header. Errors name `path`.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path,
+                                                               Access access = Access::kMap);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -59,8 +64,9 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
   std::string path_;
-  void* map_ = nullptr;  // mmap base
+  void* map_ = nullptr;  // mmap base (kMap)
   size_t map_size_ = 0;
+  std::vector<uint8_t> bytes_;  // the file (kRead)
   std::map<std::string, std::string> metadata_;
   std::vector<TensorView> tensors_;
   std::map<std::string, size_t> index_;

@@ -78,6 +78,13 @@ def test_tokens_and_roles(secured, stubs):
         grpc.StatusCode.UNAUTHENTICATED
     chunks = list(infer.Generate(gen, metadata=bearer(USER), timeout=30))
     assert chunks[-1].usage.completion_tokens >= 1
+    # The caller is checked before any work on the request: a chat too large to render is
+    # UNAUTHENTICATED without a token, and only with one is it refused for its size.
+    many = ipb.ChatRequest(messages=[ipb.ChatMessage(role="user", content="")] * 5000)
+    assert code_of(lambda: list(infer.Chat(many, timeout=30)))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+    code, details = code_of(lambda: list(infer.Chat(many, metadata=bearer(USER), timeout=30)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "messages: 5000 messages" in details, details
     # max_new_tokens unset: the default (256) within limits.max_new_tokens (3), not refused.
     unset = ipb.GenerateRequest(prompt="hello", sampling=ipb.SamplingParams(ignore_eos=True))
     chunks = list(infer.Generate(unset, metadata=bearer(USER), timeout=30))

@@ -575,6 +575,14 @@ TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
   r = good;
   r.stop = {"ok", ""};
   expect_error(r, absl::StatusCode::kInvalidArgument, "stop[1]");
+  // Stop conditions are checked on every token: their number and size are bounded.
+  r.stop = std::vector<std::string>(kMaxStopStrings + 1, "x");
+  expect_error(r, absl::StatusCode::kInvalidArgument, "stop: 65 strings; at most 64");
+  r.stop = {std::string(kMaxStopStringBytes + 1, 'x')};
+  expect_error(r, absl::StatusCode::kInvalidArgument, "stop[0]: 1025 bytes");
+  r = good;
+  r.stop_token_ids = std::vector<int32_t>(kMaxStopTokenIds + 1, 1);
+  expect_error(r, absl::StatusCode::kInvalidArgument, "stop_token_ids: 1025 ids");
   EXPECT_FALSE(engine->HasWork());
   const Result res = f.Run(*engine, {good})[0];
   EXPECT_EQ(res.tokens.size(), 4u);

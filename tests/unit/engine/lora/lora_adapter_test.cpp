@@ -252,6 +252,10 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {R"({"peft_type": "LORA", "r": 4})", "'target_modules' is missing"},
       {ConfigText(R"("rank_pattern": {"q_proj": 8})"), "has shape [4, 128] but r is 8"},
       {ConfigText(R"("rank_pattern": {"q_proj": 2.5})"), "ranks are whole numbers"},
+      // Scales that overflow the activations (NaN output), as training refuses them.
+      {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 1e308, "target_modules": ["q_proj"]})",
+       "'alpha' must be in (0, 1e+06]"},
+      {ConfigText(R"("alpha_pattern": {"q_proj": -1e308})"), "alphas are in (0, 1e+06]"},
       {ConfigText(R"("bias": "all")"), "'bias'"},
       {ConfigText(R"("use_dora": true)"), "'use_dora'"},
       {ConfigText(R"("modules_to_save": ["lm_head"])"), "'modules_to_save'"},

@@ -36,12 +36,12 @@ TEST(LoraConfigTest, RankOutsideRangeNamesR) {
   }
 }
 
-TEST(LoraConfigTest, AlphaMustBePositiveAndFinite) {
-  for (double alpha : {0.0, -1.0, std::numeric_limits<double>::infinity(),
+TEST(LoraConfigTest, AlphaMustBePositiveAndAtMostAMillion) {
+  for (double alpha : {0.0, -1.0, 1e308, std::numeric_limits<double>::infinity(),
                        std::numeric_limits<double>::quiet_NaN()}) {
     LoraConfig c;
     c.alpha = alpha;
-    ExpectInvalid(c, "alpha", "> 0");
+    ExpectInvalid(c, "alpha", "(0, 1e+06]");
   }
 }
 
