@@ -263,17 +263,22 @@ absl::Status Daemon::FollowMovedFolders() {
   const std::string adapter_root = config_.storage.adapter_root.empty()
                                        ? (fs::path(config_.storage.data_dir) / "adapters").string()
                                        : config_.storage.adapter_root;
-  std::vector<std::pair<std::string, std::string>> now;  // (meta key, folder)
+  // The resolved forms first: where a folder's old plain and resolved forms are the same path
+  // (the folder is now reached through a symlink), the resolved new one is the place itself,
+  // which dataset paths, stored resolved, must keep.
+  std::vector<std::pair<std::string, std::string>> now, plain;  // (meta key, folder)
   for (const auto& [key, folder] :
        {std::pair{"data_dir", config_.storage.data_dir}, std::pair{"dataset_root", dataset_root_},
         std::pair{"adapter_root", adapter_root}}) {
     std::error_code ec;
     const fs::path canonical = fs::weakly_canonical(folder, ec);
-    now.emplace_back(key, fs::path(folder).lexically_normal().string());
-    now.emplace_back(absl::StrCat(key, ".resolved"), ec ? now.back().second : canonical.string());
+    const std::string normal = fs::path(folder).lexically_normal().string();
+    plain.emplace_back(key, normal);
+    now.emplace_back(absl::StrCat(key, ".resolved"), ec ? normal : canonical.string());
   }
-  // Where each was at the last start -> where it is now; the longest match wins, so a root that
-  // stayed keeps its paths even inside a data folder that moved.
+  now.insert(now.end(), plain.begin(), plain.end());
+  // Where each was at the last start -> where it is now; the longest match wins (then the
+  // resolved form), so a root that stayed keeps its paths even inside a data folder that moved.
   std::vector<std::pair<std::string, std::string>> moves;
   bool moved = false;
   for (const auto& [key, folder] : now) {
@@ -284,8 +289,8 @@ absl::Status Daemon::FollowMovedFolders() {
     moved |= **before != folder;
   }
   if (moved) {
-    std::sort(moves.begin(), moves.end(),
-              [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    std::stable_sort(moves.begin(), moves.end(),
+                     [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
     const auto relocate = [&moves](const std::string& path) -> std::optional<std::string> {
       for (const auto& [before, after] : moves) {
         if (path == before || absl::StartsWith(path, before + "/")) {
@@ -308,12 +313,36 @@ absl::Status Daemon::FollowMovedFolders() {
       }
       return changed ? std::optional<std::string>(spec.SerializeAsString()) : std::nullopt;
     };
-    auto rewritten = jobs_->RewritePaths(rewrite_spec, relocate);
+    // The paths jobs reported: checkpoints, and the summary's outputs.
+    const auto rewrite_event = [&relocate](const std::string& blob) -> std::optional<std::string> {
+      lorad::v1::JobEvent event;
+      if (!event.ParseFromString(blob)) return std::nullopt;
+      // Only the event's own case: a mutable_ accessor of another would switch the oneof.
+      std::vector<std::string*> paths;
+      if (event.has_checkpoint()) paths.push_back(event.mutable_checkpoint()->mutable_path());
+      if (event.has_finished()) {
+        lorad::v1::JobSummary* summary = event.mutable_finished();
+        paths.insert(paths.end(),
+                     {summary->mutable_adapter_path(), summary->mutable_merged_model_path(),
+                      summary->mutable_eval_report_path()});
+      }
+      bool changed = false;
+      for (std::string* path : paths) {
+        if (auto moved_path = relocate(*path)) {
+          *path = *std::move(moved_path);
+          changed = true;
+        }
+      }
+      return changed ? std::optional<std::string>(event.SerializeAsString()) : std::nullopt;
+    };
+    auto rewritten = jobs_->RewritePaths(rewrite_spec, rewrite_event, relocate);
     if (!rewritten.ok()) return rewritten.status();
-    spdlog::warn(
-        "the data folder (or a root in storage) moved since the last start; {} recorded dataset "
-        "and adapter paths now point at the new place",
-        *rewritten);
+    if (*rewritten > 0) {
+      spdlog::warn(
+          "the data folder (or a root in storage) moved since the last start; {} recorded "
+          "dataset, adapter and output paths now point at the new place",
+          *rewritten);
+    }
   }
   for (const auto& [key, folder] : now) {
     if (auto s = jobs_->SetMeta(key, folder); !s.ok()) return s;

@@ -7,6 +7,7 @@
 #include <random>
 #include <tuple>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -634,41 +635,64 @@ absl::Status JobStore::SetMeta(const std::string& key, const std::string& value)
   return s.Run();
 }
 
-absl::StatusOr<int64_t> JobStore::RewritePaths(
-    const std::function<std::optional<std::string>(const std::string& spec)>& rewrite_spec,
-    const std::function<std::optional<std::string>(const std::string& path)>& relocate) {
+absl::StatusOr<int64_t> JobStore::RewritePaths(const Rewrite& rewrite_spec,
+                                               const Rewrite& rewrite_event,
+                                               const Rewrite& relocate) {
   std::lock_guard<std::mutex> lock(mu_);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   auto rollback = [this](absl::Status s) {
     Exec("ROLLBACK;").IgnoreError();
     return s;
   };
-  std::vector<std::pair<std::string, std::string>> specs, paths;  // (key, new value)
-  Statement jobs(db_, "SELECT id, spec FROM jobs;");
-  int rc;
-  while ((rc = jobs.Step()) == SQLITE_ROW) {
-    if (auto spec = rewrite_spec(jobs.Blob(1))) specs.emplace_back(jobs.Blob(0), *std::move(spec));
-  }
-  if (rc != SQLITE_DONE) return rollback(jobs.StepError());
-  Statement adapters(db_, "SELECT name, path FROM adapters;");
-  while ((rc = adapters.Step()) == SQLITE_ROW) {
-    if (auto path = relocate(adapters.Blob(1))) {
-      paths.emplace_back(adapters.Blob(0), *std::move(path));
+  // Each table's rows through its rewrite: (the row's key columns as bound text, new value).
+  struct Change {
+    std::vector<std::string> keys;
+    std::string value;
+  };
+  int64_t changed = 0;
+  const auto rewrite_column = [&](const std::string& select, const std::string& update,
+                                  int key_columns, const Rewrite& rewrite) -> absl::Status {
+    std::vector<Change> changes;
+    Statement rows(db_, select);
+    int rc;
+    while ((rc = rows.Step()) == SQLITE_ROW) {
+      if (auto value = rewrite(rows.Blob(key_columns))) {
+        Change c{{}, *std::move(value)};
+        for (int k = 0; k < key_columns; ++k) c.keys.push_back(rows.Blob(k));
+        changes.push_back(std::move(c));
+      }
     }
-  }
-  if (rc != SQLITE_DONE) return rollback(adapters.StepError());
-  for (const auto& [id, spec] : specs) {
-    Statement update(db_, "UPDATE jobs SET spec = ? WHERE id = ?;");
-    update.Bind(1, spec).BindText(2, id);
-    if (auto s = update.Run(); !s.ok()) return rollback(s);
-  }
-  for (const auto& [name, path] : paths) {
-    Statement update(db_, "UPDATE adapters SET path = ? WHERE name = ?;");
-    update.BindText(1, path).BindText(2, name);
-    if (auto s = update.Run(); !s.ok()) return rollback(s);
+    if (rc != SQLITE_DONE) return rows.StepError();
+    for (const Change& c : changes) {
+      Statement write(db_, update);
+      write.Bind(1, c.value);
+      for (size_t k = 0; k < c.keys.size(); ++k) {
+        write.BindText(static_cast<int>(k) + 2, c.keys[k]);
+      }
+      if (auto s = write.Run(); !s.ok()) return s;
+    }
+    changed += static_cast<int64_t>(changes.size());
+    return absl::OkStatus();
+  };
+  // An adapter's source is its folder, or "job:<id>" (no path).
+  const Rewrite relocate_source = [&relocate](const std::string& source) {
+    return absl::StartsWith(source, "job:") ? std::nullopt : relocate(source);
+  };
+  for (absl::Status s :
+       {rewrite_column("SELECT id, spec FROM jobs;", "UPDATE jobs SET spec = ? WHERE id = ?;", 1,
+                       rewrite_spec),
+        rewrite_column(
+            "SELECT job_id, step, kind, event FROM job_events;",
+            "UPDATE job_events SET event = ? WHERE job_id = ? AND step = ? AND kind = ?;", 3,
+            rewrite_event),
+        rewrite_column("SELECT name, path FROM adapters;",
+                       "UPDATE adapters SET path = ? WHERE name = ?;", 1, relocate),
+        rewrite_column("SELECT name, source FROM adapters;",
+                       "UPDATE adapters SET source = ? WHERE name = ?;", 1, relocate_source)}) {
+    if (!s.ok()) return rollback(s);
   }
   if (auto s = Exec("COMMIT;"); !s.ok()) return rollback(s);
-  return static_cast<int64_t>(specs.size() + paths.size());
+  return changed;
 }
 
 }  // namespace lorad::server

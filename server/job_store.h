@@ -158,12 +158,12 @@ class JobStore {
   // start); nullopt for a key never set.
   absl::StatusOr<std::optional<std::string>> GetMeta(const std::string& key);
   absl::Status SetMeta(const std::string& key, const std::string& value);
-  // In one transaction: every job's spec through `rewrite_spec` and every adapter's folder
-  // through `relocate` (each returns the new value, or nullopt to keep it). Returns how many
-  // rows changed.
-  absl::StatusOr<int64_t> RewritePaths(
-      const std::function<std::optional<std::string>(const std::string& spec)>& rewrite_spec,
-      const std::function<std::optional<std::string>(const std::string& path)>& relocate);
+  // In one transaction: every job's spec through `rewrite_spec`, every stored event through
+  // `rewrite_event`, and every adapter's folder (and source folder) through `relocate` (each
+  // returns the new value, or nullopt to keep it). Returns how many rows changed.
+  using Rewrite = std::function<std::optional<std::string>(const std::string&)>;
+  absl::StatusOr<int64_t> RewritePaths(const Rewrite& rewrite_spec, const Rewrite& rewrite_event,
+                                       const Rewrite& relocate);
 
  private:
   explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}

@@ -258,9 +258,12 @@ def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
                     break
     finally:
         assert stop_daemon(d) == 0, d.log()
+    # Moved, and reached through a symlink (a mount point, say): paths follow to the place itself.
     second = tmp_path / "second"
     shutil.move(first, second)
-    d = start_daemon(second)
+    link = tmp_path / "link"
+    link.symlink_to(second)
+    d = start_daemon(link)
     try:
         assert "moved since the last start" in d.log(), d.log()
         with grpc.insecure_channel(d.grpc_address) as channel:
@@ -268,12 +271,14 @@ def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
             listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
             assert [(a.name, a.version) for a in listed] == [("moved", 1)], d.log()
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            summary = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10).summary
+            assert summary.adapter_path.startswith(str(second)), summary.adapter_path
             job = wait_for_state(stub, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
             assert job.spec.dataset.path.startswith(str(second)), job.spec.dataset.path
             deadline = time.time() + 60
             while "resuming from" not in d.log() and time.time() < deadline:
                 time.sleep(0.1)
-            assert f"resuming from {second}" in d.log(), d.log()
+            assert f"resuming from {link}" in d.log(), d.log()  # the job folder as configured
             stub.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
     finally:
         stop_daemon(d)
