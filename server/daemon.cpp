@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <sstream>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
@@ -100,9 +102,13 @@ absl::Status Daemon::Start() {
   if (config_.model.generation_config == "auto") {
     auto defaults = engine::GenerationDefaults::Load(config_.model.path);
     if (!defaults.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("model.generation_config: ", defaults.status().message(),
-                       "; correct the file, or set model.generation_config: none to ignore it"));
+      // A field lorad would use can be ignored; a file it cannot read is read for its EOS
+      // ids as well (as transformers reads it), so it must be corrected.
+      const bool field = absl::StrContains(defaults.status().message(), "field '");
+      return absl::InvalidArgumentError(absl::StrCat(
+          "model.generation_config: ", defaults.status().message(),
+          field ? "; correct the file, or set model.generation_config: none to ignore it"
+                : "; correct the file"));
     }
     generation_defaults_ = *std::move(defaults);
     if (generation_defaults_.from_file) {
@@ -368,10 +374,24 @@ absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
   absl::Status checked =
       config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords) : config.status();
   fs::remove_all(scratch, ec);
-  if (absl::IsInvalidArgument(checked)) {
-    return absl::InvalidArgumentError(absl::StrCat("dataset: ", checked.message()));
+  if (!absl::IsInvalidArgument(checked)) return checked;
+  // The scratch file is gone: an inline record is named as the request has it.
+  std::string message(checked.message());
+  const std::string inline_file = config.ok() ? config->data.path + ":" : std::string();
+  if (const size_t at = message.find(inline_file);
+      !spec.dataset().inline_examples().empty() && at != std::string::npos) {
+    const size_t digits = at + inline_file.size();
+    size_t end = digits;
+    while (end < message.size() && std::isdigit(static_cast<unsigned char>(message[end]))) ++end;
+    int64_t line = 0;
+    if (end > digits && absl::SimpleAtoi(message.substr(digits, end - digits), &line)) {
+      message.replace(at, end - at, absl::StrCat("dataset.inline_examples[", line - 1, "]"));
+    } else {
+      message.replace(at, inline_file.size() - 1, "dataset.inline_examples");
+    }
+    return absl::InvalidArgumentError(message);
   }
-  return checked;
+  return absl::InvalidArgumentError(absl::StrCat("dataset: ", message));
 }
 
 std::string Daemon::JobsDir() const {

@@ -34,6 +34,40 @@ constexpr std::string_view kAlpacaRoles = "Only user and assistant roles are sup
 constexpr std::string_view kLlama2Alternate =
     "Conversation roles must alternate user/assistant/user/assistant/...";
 
+// meta-llama/Llama-2-7b-chat-hf's chat_template, the one family "llama2" renders.
+constexpr std::string_view kLlama2ChatJinja =
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+    "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
+    "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}";
+
+// The template without the white space between its tags (line breaks and indentation: output
+// the published template has none of), to compare templates however they are laid out; white
+// space inside a tag, which can be inside a string literal, stays.
+std::string WithoutSpace(std::string_view s) {
+  std::string out;
+  bool in_tag = false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (!in_tag && i + 1 < s.size() && s[i] == '{' && (s[i + 1] == '{' || s[i + 1] == '%')) {
+      in_tag = true;
+    } else if (in_tag && i > 0 && s[i] == '}' && (s[i - 1] == '}' || s[i - 1] == '%')) {
+      in_tag = false;
+      out += s[i];
+      continue;
+    }
+    if (!in_tag && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) continue;
+    out += s[i];
+  }
+  return out;
+}
+
 std::string KnownList() { return absl::StrJoin(ChatTemplate::KnownNames(), ", "); }
 
 // Python's str.strip() (Jinja's `trim`): Unicode White_Space plus the information separators
@@ -105,13 +139,11 @@ std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
   // [INST] templates differ in their spacing, which changes the tokens: only the published ones
   // lorad renders are recognised (Llama 2 Chat's, with <<SYS>>; Mistral v0.2's " [INST] ").
   if (jinja.find("<<SYS>>") != std::string_view::npos) {
-    const bool canonical =
-        jinja.find("bos_token + '[INST] ' + content.strip() + ' [/INST]'") !=
-            std::string_view::npos &&
-        jinja.find("' '  + content.strip() + ' ' + eos_token") != std::string_view::npos &&
-        jinja.find("set system_message = '") == std::string_view::npos &&  // a default system
-        jinja.find("add_generation_prompt") == std::string_view::npos;
-    return canonical ? std::optional<std::string>("llama2") : std::nullopt;
+    // Only Llama 2 Chat's published template, whatever its white space: variants (a default
+    // system prompt, system turns later on, a generation prompt) render other text.
+    return WithoutSpace(jinja) == WithoutSpace(kLlama2ChatJinja)
+               ? std::optional<std::string>("llama2")
+               : std::nullopt;
   }
   if (jinja.find("' [INST] '") != std::string_view::npos) return "mistral";
   if (jinja.find("[INST]") != std::string_view::npos) return std::nullopt;

@@ -116,7 +116,8 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
         "dataset.template 'auto' formats conversations with the model's chat template, which "
         "lorad cannot render (",
         unusable_chat_template_,
-        "): set dataset.template to alpaca or raw, or name a family (chatml, llama3, mistral)"));
+        "): set dataset.template to alpaca or raw, or name a family (chatml, llama3, llama2, "
+        "mistral)"));
   } else if (mode_ == Mode::kAlpaca ||
              (mode_ == Mode::kAuto && (ex.format == DatasetFormat::kAlpaca || !chat_))) {
     out = FormatAlpaca(ex);

@@ -12,7 +12,8 @@
 //           instruction (one user and one assistant message, optionally a system one, which the
 //           template has no place for and drops).
 //   raw     prompt + response, nothing between (TRL's prompt-completion concatenation).
-//   chat    the model's chat template (or a family by name: chatml, llama3, mistral), every turn.
+//   chat    the model's chat template (or a family by name: chatml, llama3, llama2, mistral),
+//           every turn.
 //           "The model's" is the one the operator named (model.chat_template, so training and
 //           serving agree), else the one its tokenizer_config.json names.
 //   auto    alpaca for Alpaca records, chat for other conversations (alpaca when the model has

@@ -19,7 +19,7 @@ struct TrainingDataConfig {
   // How conversations become text (example_formatter.h): "auto" (Alpaca records -> alpaca, other
   // conversations -> the model's chat template, or alpaca when the model has none), "alpaca",
   // "chat" (the model's chat template), "raw" (prompt + response, no template), or a chat
-  // template family by name (chatml, llama3, mistral).
+  // template family by name (chatml, llama3, llama2, mistral).
   std::string template_name = "auto";
   // The operator's model.chat_template (EngineOptions::chat_template), which "auto" and "chat"
   // take as the model's own: set by the engine, not by the job.

@@ -227,7 +227,16 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     inline_cut.dataset.path = ""
     inline_cut.dataset.inline_examples.add(json='{"question": "' + "word " * 100 + '", "answer": "x"}')
     inline_cut.training.max_seq_length = 16
-    expect_code(submit(inline_cut), grpc.StatusCode.INVALID_ARGUMENT, "no usable training example")
+    expect_code(submit(inline_cut), grpc.StatusCode.INVALID_ARGUMENT,
+                "dataset.inline_examples: no usable training example")
+    # An inline record is named as the request has it, not by the job's scratch file.
+    inline_turns = spec(pb)
+    inline_turns.dataset.path = ""
+    inline_turns.dataset.template = "alpaca"
+    for line in (root / "multi-turn.jsonl").read_text().splitlines():
+        inline_turns.dataset.inline_examples.add(json=line)
+    expect_code(submit(inline_turns), grpc.StatusCode.INVALID_ARGUMENT,
+                "dataset.inline_examples[1]: ", "alpaca")
 
 
 def test_paths_outside_the_dataset_root_are_permission_denied(service):
