@@ -207,7 +207,8 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
   const absl::string_view magic(head, static_cast<size_t>(reader->in_.gcount()));
   reader->in_.clear();
   reader->in_.seekg(0);
-  for (const auto& [prefix, what] : std::initializer_list<std::pair<absl::string_view, const char*>>{
+  for (const auto& [prefix, what] :
+       std::initializer_list<std::pair<absl::string_view, const char*>>{
            {"\x1F\x8B", "gzip-compressed: decompress it (gunzip) first"},
            {"PK\x03\x04", "a zip archive: extract the JSON/JSONL file from it"},
            {"(\xB5/\xFD", "zstd-compressed: decompress it (unzstd) first"},
@@ -239,7 +240,7 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
 
 absl::StatusOr<bool> DatasetReader::NextJsonlRecord(std::string& text, int64_t& line) {
   std::string buffer;
-  while (std::getline(in_, buffer)) {
+  while (ReadLineKeepingAtMost(options_.max_record_bytes + 1, buffer)) {
     line = line_++;
     if (!buffer.empty() && buffer.back() == '\r') buffer.pop_back();
     bool blank = true;
@@ -249,6 +250,22 @@ absl::StatusOr<bool> DatasetReader::NextJsonlRecord(std::string& text, int64_t& 
     return true;
   }
   return false;
+}
+
+// One line (without its '\n') into `buffer`, keeping at most `keep` bytes of it: the rest of an
+// overlong line is read past, not held (a 600 MB line held 1 GB only to be refused as too large).
+// False at the end of the file.
+bool DatasetReader::ReadLineKeepingAtMost(int64_t keep, std::string& buffer) {
+  buffer.clear();
+  std::streambuf* bytes = in_.rdbuf();
+  bool any = false;
+  while (true) {
+    const int c = bytes->sbumpc();
+    if (c == std::char_traits<char>::eof()) return any;
+    any = true;
+    if (c == '\n') return true;
+    if (static_cast<int64_t>(buffer.size()) < keep) buffer.push_back(static_cast<char>(c));
+  }
 }
 
 // A JSON array read one element at a time, as strictly as Python's json reads the whole file:

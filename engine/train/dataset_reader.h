@@ -77,6 +77,7 @@ class DatasetReader {
   // Reads the next raw record text and its starting line; false at the end.
   absl::StatusOr<bool> NextRecordText(std::string& text, int64_t& line);
   absl::StatusOr<bool> NextJsonlRecord(std::string& text, int64_t& line);
+  bool ReadLineKeepingAtMost(int64_t keep, std::string& buffer);
   absl::StatusOr<bool> NextArrayElement(std::string& text, int64_t& line);
 
   std::string path_;

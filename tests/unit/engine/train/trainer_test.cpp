@@ -460,7 +460,7 @@ TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
 
 TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
   TrainingJobConfig config = Config("diverge");
-  config.lora.alpha = 1e9;  // a scale no update survives
+  config.lora.alpha = 1e6;  // the largest scale allowed: no update survives it
   config.learning_rate = 1.0;
   config.max_grad_norm = 0;  // no clipping to hide it
   config.warmup_steps = 0;
@@ -470,7 +470,7 @@ TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
   ASSERT_TRUE(t.ok()) << t.status();
   absl::Status status;
   for (int i = 0; i < 200 && status.ok() && !(*t)->done(); ++i) status = (*t)->Step();
-  ASSERT_FALSE(status.ok()) << "20 steps at alpha 1e9 and lr 1 should diverge";
+  ASSERT_FALSE(status.ok()) << "steps at alpha 1e6 and lr 1 should diverge";
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(status.message().find("diverged"), std::string::npos) << status;
   EXPECT_NE(status.message().find("learning_rate"), std::string::npos) << status;
