@@ -498,6 +498,10 @@ int Engine::StopTraining() {
   if (!impl_->loop.joinable()) return 0;
   const int active = static_cast<int>(impl_->active_job_ids.size());
   impl_->stop_training = true;
+  // A long evaluation under way would hold the loop (and the checkpoint) for minutes.
+  for (const auto& t : impl_->trainers) {
+    if (t.trainer) t.trainer->Interrupt();
+  }
   impl_->wake.notify_all();
   impl_->training_stopped_cv.wait(lock, [&] { return impl_->training_stopped || impl_->stop; });
   return active;

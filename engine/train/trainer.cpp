@@ -107,6 +107,7 @@ struct Trainer::Impl {
   std::string resumed_from;  // the checkpoint folder, until the first Step reports it
   bool done = false;
   std::atomic<bool> cancel{false};
+  std::atomic<bool> interrupt{false};  // Interrupt(): skip periodic evaluations
 
   // The optimizer step in progress.
   int64_t micro_in_step = 0;  // micro-batches of this step already run
@@ -127,7 +128,8 @@ struct Trainer::Impl {
   absl::Status StepOrThrow();
   void PlanStep();
   absl::Status FinishStep();
-  absl::StatusOr<EvalMetrics> Evaluate();
+  // The validation loss. With `interruptible`, ABORTED as soon as Interrupt() is called.
+  absl::StatusOr<EvalMetrics> Evaluate(bool interruptible = false);
   // The held-out report (validation loss, ROUGE of greedy answers) of the current weights as
   // eval_report.json; `loss` is their evaluation when one was just made (else it is computed).
   absl::Status WriteEvaluationReport(TrainingSummary& summary, std::optional<EvalMetrics> loss);
@@ -380,8 +382,10 @@ absl::Status Trainer::Impl::FinishStep() {
   }
 
   bool early_stop = false;
-  if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty()) {
-    auto eval = Evaluate();
+  if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty() &&
+      !interrupt.load()) {
+    auto eval = Evaluate(/*interruptible=*/true);
+    if (absl::IsAborted(eval.status())) return absl::OkStatus();  // the step itself is done
     if (!eval.ok()) return eval.status();
     auto improved = ReportEvaluation(*eval);
     if (!improved.ok()) return improved.status();
@@ -401,7 +405,7 @@ absl::Status Trainer::Impl::FinishStep() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate() {
+absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate(bool interruptible) {
   torch::NoGradGuard no_grad;
   double sum = 0;
   int64_t tokens = 0;
@@ -410,6 +414,7 @@ absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate() {
   fo.adapter = &adapter;
   fo.hidden_states = true;
   for (size_t start = 0; start < rows.size(); start += config.micro_batch_size) {
+    if (interruptible && interrupt.load()) return absl::AbortedError("evaluation interrupted");
     std::vector<int64_t> idx;
     for (size_t i = start; i < std::min(rows.size(), start + config.micro_batch_size); ++i) {
       idx.push_back(static_cast<int64_t>(i));
@@ -661,6 +666,7 @@ absl::Status Trainer::Run() {
 }
 
 void Trainer::Cancel() { impl_->cancel.store(true); }
+void Trainer::Interrupt() { impl_->interrupt.store(true); }
 bool Trainer::cancelled() const { return impl_->cancel.load(); }
 
 absl::StatusOr<std::string> Trainer::SaveCheckpoint() {

@@ -69,6 +69,10 @@ class Trainer {
   absl::Status Run();
   // Thread-safe; takes effect at the next Step().
   void Cancel();
+  // Thread-safe: a periodic evaluation in progress (or the next one) stops at its next batch and
+  // is skipped, so that a Step() under way returns soon: the daemon's shutdown then checkpoints
+  // the job without that evaluation (it may take minutes on a large validation split).
+  void Interrupt();
 
   // At an optimizer-step boundary (always true between Step() calls with grad_accum 1): writes
   // a checkpoint now (the daemon's drain on SIGTERM) and returns its folder.

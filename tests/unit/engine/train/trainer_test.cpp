@@ -287,6 +287,33 @@ TEST_F(TrainerTest, LearnsTheQaFileOnAnNf4Base) {
   EXPECT_GE(answered, 14) << "of " << asked << " training questions answered";
 }
 
+// The shutdown's Interrupt: steps go on without their periodic evaluations (which may take
+// minutes), so a checkpoint comes at the next step boundary; the training itself is unchanged.
+TEST_F(TrainerTest, InterruptSkipsEvaluationsButNotTraining) {
+  TrainingJobConfig config = StoppingEarlyConfig("interrupted");
+  config.learning_rate = 5e-3;  // no divergence: every step would evaluate and go on
+  config.eval_every = 1;
+  config.early_stopping_patience = 0;
+  config.max_steps = 4;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  auto evals = [&] {
+    int n = 0;
+    for (const auto& e : events) n += e.kind == TrainingEvent::Kind::kEval;
+    return n;
+  };
+  EXPECT_EQ(evals(), 2);
+  (*t)->Interrupt();
+  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_EQ(evals(), 2) << "an interrupted job evaluates no more";
+  ASSERT_TRUE((*t)->at_step_boundary());
+  ASSERT_TRUE((*t)->SaveCheckpoint().ok());
+  EXPECT_EQ(Losses(events).size(), 3u);
+}
+
 TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   TrainingJobConfig config = StoppingEarlyConfig("eval");
   std::vector<TrainingEvent> events;
