@@ -19,6 +19,15 @@ HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
+  // httplib serves each connection on a pool thread until it closes: its default pool (the
+  // number of cores, at least 8) let 8 slow clients hold every thread and starve the health
+  // checks. More threads, short keep-alives and a short read timeout raise that bar; the port
+  // should still face trusted networks only (loopback by default), as httplib bounds neither a
+  // request's header count nor its total time.
+  server_->new_task_queue = [] { return new httplib::ThreadPool(64); };
+  server_->set_read_timeout(5, 0);
+  server_->set_keep_alive_max_count(20);
+  server_->set_payload_max_length(1 << 20);
   server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_.Render(), "text/plain; version=0.0.4; charset=utf-8");
   });

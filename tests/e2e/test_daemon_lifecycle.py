@@ -94,6 +94,41 @@ def run_lorad(*args, timeout=60):
     return subprocess.run([str(LORAD), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def test_slow_http_clients_do_not_starve_the_health_check(daemon):
+    """Sixteen connections that send half a request each and wait: /healthz still answers (the
+    HTTP server's default pool, 8 threads on a small machine, was held by 8 such clients)."""
+    import socket
+    import threading
+
+    host, port = daemon.http_address.split(":")
+    slow = []
+    done = threading.Event()
+
+    def trickle():  # a header line now and then: each read's timeout starts again
+        while not done.wait(0.5):
+            for sock in slow:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+
+    trickler = threading.Thread(target=trickle)
+    try:
+        for _ in range(16):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            slow.append(sock)
+        trickler.start()
+        status, body = daemon.http_get("/healthz")
+        assert (status, body) == (200, "serving\n")
+    finally:
+        done.set()
+        if trickler.is_alive():
+            trickler.join()
+        for sock in slow:
+            sock.close()
+
+
 def test_unknown_config_key_exits_2_naming_key_and_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  device: cpu\nserver:\n  grpc_adress: 127.0.0.1:1\n")
