@@ -335,7 +335,11 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
   auto page = store_.List(states, page_size, request->page_token());
   if (!page.ok()) return FinishUnary(context, page.status());
   for (const auto& record : page->jobs) {
-    if (auto s = FillJob(record, response->add_jobs()); !s.ok()) return FinishUnary(context, s);
+    lorad::v1::Job* job = response->add_jobs();
+    if (auto s = FillJob(record, job); !s.ok()) return FinishUnary(context, s);
+    // A page of 500 jobs with megabytes of inline examples each made responses of gigabytes:
+    // lists leave them out (GetJob has them).
+    job->mutable_spec()->mutable_dataset()->clear_inline_examples();
   }
   response->set_next_page_token(page->next_page_token);
   return FinishUnary(context, absl::OkStatus());

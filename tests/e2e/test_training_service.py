@@ -64,6 +64,17 @@ def test_list_filters_and_paginates(service):
     assert [j.id for j in rest.jobs] == [ids[0]] and not rest.next_page_token
     cancelled = stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_CANCELLED]), timeout=10)
     assert [j.id for j in cancelled.jobs] == [ids[0]]
+    # Lists leave inline examples out (a page of them could reach gigabytes); GetJob has them.
+    inline = spec(pb)
+    inline.dataset.path = ""
+    for i in range(16):
+        inline.dataset.inline_examples.add(json=f'{{"question": "q{i}", "answer": "a{i}"}}')
+    job = stub.SubmitJob(pb.SubmitJobRequest(spec=inline), timeout=30)
+    listed = stub.ListJobs(pb.ListJobsRequest(page_size=1), timeout=10).jobs[0]
+    assert listed.id == job.id and len(listed.spec.dataset.inline_examples) == 0
+    assert listed.spec.adapter_name == inline.adapter_name
+    got = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
+    assert len(got.spec.dataset.inline_examples) == 16
 
 
 def test_watch_streams_history_then_live_cancellation(service):
