@@ -34,7 +34,10 @@ build_engine_bench() {
   shift
   export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   {
-    for deb in .device-debs-engine/*.deb; do dpkg -x "$deb" "$DEPS"; done
+    # .device-debs/ (GoogleTest), when carried, for tests/gpu/engine_gpu_test.cpp.
+    for deb in .device-debs-engine/*.deb .device-debs/*.deb; do
+      [ -f "$deb" ] && dpkg -x "$deb" "$DEPS"
+    done
     # The .pc files name /usr; point them at the prefix.
     sed -i "s|=/usr|=$DEPS/usr|" "$DEPS"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
     export PKG_CONFIG_PATH="$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig"

@@ -13,3 +13,13 @@ foreach(bench trainer_bench generation_bench)
     target_link_libraries(${bench} PRIVATE ${C10_CUDA_LIBRARY})
   endif()
 endforeach()
+
+# engine_gpu_test: the Engine's GPU loop on a CUDA device (tests/gpu/engine_gpu_test.cpp), when
+# GoogleTest is found (tests/gpu/run_engine_gpu_test.sh passes GTest_DIR).
+find_package(GTest QUIET)
+if(GTest_FOUND)
+  add_executable(engine_gpu_test ${PROJECT_SOURCE_DIR}/tests/gpu/engine_gpu_test.cpp)
+  target_link_libraries(engine_gpu_test PRIVATE lorad_engine GTest::gtest GTest::gtest_main
+                                                absl::status absl::statusor)
+  target_compile_options(engine_gpu_test PRIVATE ${LORAD_WARNINGS})
+endif()

@@ -1,5 +1,7 @@
 #include "engine/infer/generation_request.h"
 
+#include "absl/strings/str_cat.h"
+
 namespace lorad::engine {
 
 const char* FinishReasonName(FinishReason reason) {
@@ -18,6 +20,60 @@ const char* FinishReasonName(FinishReason reason) {
       return "error";
   }
   return "";
+}
+
+absl::Status ValidateGenerationRequest(const GenerationRequest& r,
+                                       const std::vector<int32_t>& prompt,
+                                       const RequestLimits& limits) {
+  if (auto s = r.sampling.Validate(limits.max_new_tokens); !s.ok()) return s;
+  if (prompt.empty()) {
+    return absl::InvalidArgumentError("prompt is empty: give prompt text or prompt_ids");
+  }
+  const int64_t vocab = limits.vocab_size;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt_ids[", i, "] = ", prompt[i], " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  if (n >= limits.max_context) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt: ", n, " tokens; the model's context is ", limits.max_context,
+                     " tokens, which must leave room for at least one new token"));
+  }
+  const int64_t pool = limits.kv_pool_tokens;
+  if (n + 1 > pool) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", n,
+                                                   " tokens; the KV cache holds only ", pool,
+                                                   " tokens in all (raise engine.kv_cache_bytes)"));
+  }
+  // Every stop string is matched against every token's text on the loop thread: bounded, so one
+  // request cannot slow the whole batch (nor hold megabytes while it waits).
+  if (r.stop.size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
+  }
+  for (size_t i = 0; i < r.stop.size(); ++i) {
+    if (r.stop[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is an empty string"));
+    }
+    if (r.stop[i].size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: ", r.stop[i].size(),
+                                                     " bytes; at most ", kMaxStopStringBytes));
+    }
+  }
+  if (r.stop_token_ids.size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat("stop_token_ids: ", r.stop_token_ids.size(),
+                                                   " ids; at most ", kMaxStopTokenIds));
+  }
+  for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
+    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace lorad::engine

@@ -65,6 +65,20 @@ struct TokenEvent {
   GenerationUsage usage;  // filled on the last event
 };
 
+// What a request is checked against (InferenceEngine::Submit fills it from the engine).
+struct RequestLimits {
+  int32_t max_new_tokens = 0;  // InferenceEngineOptions::max_new_tokens_limit
+  int64_t vocab_size = 0;
+  int64_t max_context = 0;     // the model's context, prompt and new tokens together
+  int64_t kv_pool_tokens = 0;  // tokens the whole KV pool holds
+};
+
+// InvalidArgument naming the first field of `request` out of range (sampling, the encoded
+// `prompt`, stop strings and ids) and its limit.
+absl::Status ValidateGenerationRequest(const GenerationRequest& request,
+                                       const std::vector<int32_t>& prompt,
+                                       const RequestLimits& limits);
+
 // Called on the engine's loop thread: it must return quickly (queue the event and leave), must
 // not call Step, and may call Submit or Cancel.
 using TokenCallback = std::function<void(const TokenEvent&)>;

@@ -116,7 +116,6 @@ struct InferenceEngine::Impl {
   Impl(const LlamaModel* m, const Tokenizer* t, AdapterStore* a, const InferenceEngineOptions& o)
       : model(m), tokenizer(t), adapters(a), options(o), sampler(o.logprobs_mode) {}
 
-  absl::Status Validate(const GenerationRequest& r, const std::vector<int32_t>& prompt) const;
   void DrainInbox();
   void Emit(Sequence& seq, TokenEvent event);
   void Finish(Sequence& seq, FinishReason reason, absl::Status status, TokenEvent event);
@@ -219,59 +218,6 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
   return std::unique_ptr<InferenceEngine>(new InferenceEngine(std::move(impl)));
 }
 
-absl::Status InferenceEngine::Impl::Validate(const GenerationRequest& r,
-                                             const std::vector<int32_t>& prompt) const {
-  if (auto s = r.sampling.Validate(options.max_new_tokens_limit); !s.ok()) return s;
-  if (prompt.empty()) {
-    return absl::InvalidArgumentError("prompt is empty: give prompt text or prompt_ids");
-  }
-  const int64_t vocab = model->config().vocab_size;
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt_ids[", i, "] = ", prompt[i], " is outside the vocabulary [0, ", vocab, ")"));
-    }
-  }
-  const int64_t n = static_cast<int64_t>(prompt.size());
-  if (n >= max_context) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt: ", n, " tokens; the model's context is ", max_context,
-                     " tokens, which must leave room for at least one new token"));
-  }
-  const int64_t pool = int64_t{kv->num_blocks()} * kv->block_size();
-  if (n + 1 > pool) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt: ", n,
-                                                   " tokens; the KV cache holds only ", pool,
-                                                   " tokens in all (raise engine.kv_cache_bytes)"));
-  }
-  // Every stop string is matched against every token's text on the loop thread: bounded, so one
-  // request cannot slow the whole batch (nor hold megabytes while it waits).
-  if (r.stop.size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
-  }
-  for (size_t i = 0; i < r.stop.size(); ++i) {
-    if (r.stop[i].empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is an empty string"));
-    }
-    if (r.stop[i].size() > kMaxStopStringBytes) {
-      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: ", r.stop[i].size(),
-                                                     " bytes; at most ", kMaxStopStringBytes));
-    }
-  }
-  if (r.stop_token_ids.size() > kMaxStopTokenIds) {
-    return absl::InvalidArgumentError(absl::StrCat("stop_token_ids: ", r.stop_token_ids.size(),
-                                                   " ids; at most ", kMaxStopTokenIds));
-  }
-  for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
-    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
                                                   TokenCallback on_token) {
   Impl& m = *impl_;
@@ -279,7 +225,12 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   seq->prompt =
       request.prompt_ids.empty() ? m.tokenizer->Encode(request.prompt, true) : request.prompt_ids;
   if (request.prompt_ids.empty() && request.prompt.empty()) seq->prompt.clear();
-  if (auto s = m.Validate(request, seq->prompt); !s.ok()) return s;
+  RequestLimits limits;
+  limits.max_new_tokens = m.options.max_new_tokens_limit;
+  limits.vocab_size = m.model->config().vocab_size;
+  limits.max_context = m.max_context;
+  limits.kv_pool_tokens = int64_t{m.kv->num_blocks()} * m.kv->block_size();
+  if (auto s = ValidateGenerationRequest(request, seq->prompt, limits); !s.ok()) return s;
   if (!request.adapter.empty()) {
     if (m.adapters == nullptr) {
       return absl::NotFoundError(absl::StrCat("adapter '", request.adapter,

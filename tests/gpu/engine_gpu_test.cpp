@@ -1,0 +1,322 @@
+// The Engine (engine/runtime/engine.h) on a CUDA device with the tiny fixture model: the paths the
+// CPU tests cover only on the CPU, where the GPU loop interleaves work the CPU tests run apart.
+//   - training and serving in one loop (the train-credit loop), with chunked prefills that must
+//     reserve their whole prompt's KV blocks in a pool too small for all of them at once;
+//   - a trained adapter published to the store (read, not mapped) and served;
+//   - StopTraining's checkpoint, and a new engine resuming from it to the same loss curve as a run
+//     that never stopped (within bf16's run-to-run agreement);
+//   - two jobs training at once, each on its own random stream (dropout, shuffling): same seed,
+//     same losses, whatever the interleaving.
+// Built by bench/engine_benches.cmake when GoogleTest is found, run by
+// tests/gpu/run_engine_gpu_test.sh on the GPU machine (LORAD_TINY_MODEL: the model folder,
+// LORAD_QA_DATA: tests/fixtures/qa_small.jsonl).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "engine/runtime/engine.h"
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::seconds;
+
+std::string EnvOrEmpty(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
+
+// A fresh, empty folder for one test's job outputs.
+std::string FreshFolder(const std::string& name) {
+  fs::path folder = fs::temp_directory_path() / ("lorad-engine-gpu-" + name);
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  return folder.string();
+}
+
+EngineOptions TinyEngineOptions() {
+  EngineOptions options;
+  options.model_folder = EnvOrEmpty("LORAD_TINY_MODEL");
+  options.device = "cuda";
+  options.base_weights = "nf4";
+  // 24 blocks of 16 tokens: two of the long prompts below do not fit at once, and prefills come
+  // in pieces of 32 tokens, so a prefill holds its whole prompt's blocks from its first piece.
+  options.inference.kv_cache_blocks = 24;
+  options.inference.block_size = 16;
+  options.inference.scheduler.token_budget = 64;
+  options.inference.scheduler.prefill_chunk = 32;
+  return options;
+}
+
+TrainingJobConfig TinyJob(const std::string& output_dir, int64_t max_steps) {
+  TrainingJobConfig config;
+  config.data.path = EnvOrEmpty("LORAD_QA_DATA");
+  config.lora.r = 8;
+  config.lora.alpha = 16;
+  config.lora.dropout = 0.1;  // draws from the job's random stream every micro-batch
+  config.max_steps = max_steps;
+  config.micro_batch_size = 2;
+  config.grad_accum = 2;
+  config.learning_rate = 2e-3;
+  config.warmup_steps = 2;
+  config.max_seq_length = 128;
+  config.seed = 11;
+  config.output_dir = output_dir;
+  return config;
+}
+
+// Collects a job's events from the loop thread; the test thread waits on them.
+class JobEvents {
+ public:
+  TrainingEventCallback Callback() {
+    return [this](const TrainingEvent& event) {
+      std::lock_guard<std::mutex> lock(mu_);
+      events_.push_back(event);
+      cv_.notify_all();
+    };
+  }
+  // True once a kStep event with step >= `step`, or the end, has come within `timeout`.
+  bool WaitForStep(int64_t step, seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] {
+      for (const auto& e : events_) {
+        if ((e.kind == TrainingEvent::Kind::kStep && e.step.step >= step) || Ended(e)) return true;
+      }
+      return false;
+    });
+  }
+  bool WaitForEnd(seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return !events_.empty() && Ended(events_.back()); });
+  }
+  std::vector<TrainingEvent> events() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return events_;
+  }
+  // Step -> loss.
+  std::map<int64_t, double> Losses() const {
+    std::map<int64_t, double> losses;
+    for (const auto& e : events()) {
+      if (e.kind == TrainingEvent::Kind::kStep) losses[e.step.step] = e.step.loss;
+    }
+    return losses;
+  }
+  TrainingEvent Last() const { return events().back(); }
+
+ private:
+  static bool Ended(const TrainingEvent& e) {
+    return e.kind == TrainingEvent::Kind::kFinished || e.kind == TrainingEvent::Kind::kFailed;
+  }
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<TrainingEvent> events_;
+};
+
+// Collects the last event of each generation request.
+class Finishes {
+ public:
+  TokenCallback Callback() {
+    return [this](const TokenEvent& event) {
+      if (!event.finished) return;
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_.push_back(event);
+      cv_.notify_all();
+    };
+  }
+  bool WaitFor(size_t count, seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return finished_.size() >= count; });
+  }
+  std::vector<TokenEvent> finished() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return finished_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<TokenEvent> finished_;
+};
+
+GenerationRequest LongPrompt(int64_t length, int32_t salt, const std::string& adapter = "") {
+  GenerationRequest request;
+  for (int64_t i = 0; i < length; ++i) {
+    request.prompt_ids.push_back(static_cast<int32_t>(3 + (i * 37 + salt * 101) % 500));
+  }
+  request.adapter = adapter;
+  request.sampling.max_new_tokens = 20;
+  request.sampling.repetition_penalty = 1.3f;
+  request.ignore_eos = true;
+  return request;
+}
+
+std::unique_ptr<Engine> StartEngine(EngineOptions options) {
+  auto engine = Engine::Start(options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return nullptr;
+  EXPECT_EQ((*engine)->device().device.rfind("cuda", 0), 0u) << "the engine did not take the GPU";
+  return *std::move(engine);
+}
+
+double MaxRelativeDifference(const std::map<int64_t, double>& a,
+                             const std::map<int64_t, double>& b) {
+  double worst = 0;
+  for (const auto& [step, loss] : a) {
+    auto other = b.find(step);
+    if (other == b.end()) return INFINITY;
+    worst = std::max(worst, std::abs(loss - other->second) / std::max(1e-6, std::abs(loss)));
+  }
+  return worst;
+}
+
+TEST(EngineGpuTest, TrainsWhileServingChunkedPrefillsInAFullPoolThenServesTheAdapter) {
+  ASSERT_FALSE(EnvOrEmpty("LORAD_TINY_MODEL").empty()) << "set LORAD_TINY_MODEL";
+  auto engine = StartEngine(TinyEngineOptions());
+  ASSERT_NE(engine, nullptr);
+  JobEvents job;
+  const std::string out = FreshFolder("train-serve");
+  ASSERT_TRUE(engine->StartTraining("train-serve", TinyJob(out, 15), job.Callback()).ok());
+
+  // 360 prompt tokens + 20 new = 24 blocks: the whole pool; the others need 11-15 blocks each.
+  Finishes finishes;
+  const std::vector<int64_t> lengths = {360, 170, 200, 230, 160, 210, 190, 220};
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    auto id =
+        engine->Generate(LongPrompt(lengths[i], static_cast<int32_t>(i)), finishes.Callback());
+    ASSERT_TRUE(id.ok()) << id.status();
+  }
+  ASSERT_TRUE(finishes.WaitFor(lengths.size(), seconds(180)))
+      << "requests stalled: " << finishes.finished().size() << " of " << lengths.size()
+      << " finished";
+  for (const auto& f : finishes.finished()) {
+    EXPECT_EQ(f.finish_reason, FinishReason::kLength) << f.status;
+    EXPECT_EQ(f.usage.completion_tokens, 20);
+  }
+
+  ASSERT_TRUE(job.WaitForEnd(seconds(180)));
+  const TrainingEvent last = job.Last();
+  ASSERT_EQ(last.kind, TrainingEvent::Kind::kFinished) << last.error;
+  EXPECT_FALSE(last.summary.cancelled);
+  EXPECT_EQ(last.summary.steps, 15);
+  const auto losses = job.Losses();
+  ASSERT_EQ(losses.size(), 15u);
+  for (const auto& [step, loss] : losses) EXPECT_TRUE(std::isfinite(loss)) << "step " << step;
+  EXPECT_LT(losses.rbegin()->second, losses.begin()->second) << "training did not lower the loss";
+  const EngineStats stats = engine->Stats();
+  EXPECT_GT(stats.train_seconds, 0);
+  EXPECT_GT(stats.inference_seconds, 0);
+  EXPECT_EQ(stats.inference.running + stats.inference.waiting, 0);
+
+  // The job's adapter, published and served beside the base model.
+  auto version = engine->adapters().LoadPeft("gpu-job", last.summary.adapter_path);
+  ASSERT_TRUE(version.ok()) << version.status();
+  Finishes served;
+  ASSERT_TRUE(engine->Generate(LongPrompt(40, 1, "gpu-job"), served.Callback()).ok());
+  ASSERT_TRUE(engine->Generate(LongPrompt(40, 1), served.Callback()).ok());
+  ASSERT_TRUE(served.WaitFor(2, seconds(60)));
+  for (const auto& f : served.finished()) EXPECT_EQ(f.finish_reason, FinishReason::kLength);
+  engine->Stop();
+}
+
+TEST(EngineGpuTest, StopTrainingCheckpointsAndANewEngineResumesToTheSameLosses) {
+  const int64_t kSteps = 12;
+  std::map<int64_t, double> uninterrupted;
+  {
+    auto engine = StartEngine(TinyEngineOptions());
+    ASSERT_NE(engine, nullptr);
+    JobEvents job;
+    ASSERT_TRUE(
+        engine->StartTraining("whole", TinyJob(FreshFolder("whole"), kSteps), job.Callback()).ok());
+    ASSERT_TRUE(job.WaitForEnd(seconds(180)));
+    ASSERT_EQ(job.Last().kind, TrainingEvent::Kind::kFinished) << job.Last().error;
+    uninterrupted = job.Losses();
+    engine->Stop();
+  }
+  ASSERT_EQ(uninterrupted.size(), size_t(kSteps));
+
+  const std::string out = FreshFolder("stopped");
+  std::map<int64_t, double> resumed;
+  {
+    auto engine = StartEngine(TinyEngineOptions());
+    ASSERT_NE(engine, nullptr);
+    JobEvents job;
+    ASSERT_TRUE(engine->StartTraining("stopped", TinyJob(out, kSteps), job.Callback()).ok());
+    ASSERT_TRUE(job.WaitForStep(4, seconds(120)));
+    EXPECT_EQ(engine->StopTraining(), 1);
+    ASSERT_TRUE(job.WaitForEnd(seconds(60)));
+    const TrainingEvent last = job.Last();
+    ASSERT_EQ(last.kind, TrainingEvent::Kind::kFinished) << last.error;
+    EXPECT_TRUE(last.summary.cancelled);
+    bool checkpointed = false;
+    for (const auto& e : job.events()) checkpointed |= e.kind == TrainingEvent::Kind::kCheckpoint;
+    EXPECT_TRUE(checkpointed) << "StopTraining ended the job without a checkpoint";
+    resumed = job.Losses();
+    engine->Stop();
+  }
+  const int64_t stopped_at = resumed.rbegin()->first;
+  ASSERT_LT(stopped_at, kSteps) << "the job ran to its end before StopTraining";
+  {
+    auto engine = StartEngine(TinyEngineOptions());
+    ASSERT_NE(engine, nullptr);
+    JobEvents job;
+    ASSERT_TRUE(engine->StartTraining("stopped", TinyJob(out, kSteps), job.Callback()).ok());
+    ASSERT_TRUE(job.WaitForEnd(seconds(180)));
+    ASSERT_EQ(job.Last().kind, TrainingEvent::Kind::kFinished) << job.Last().error;
+    const auto after = job.Losses();
+    ASSERT_FALSE(after.empty());
+    EXPECT_EQ(after.begin()->first, stopped_at + 1) << "the job did not resume where it stopped";
+    for (const auto& [step, loss] : after) resumed[step] = loss;
+    engine->Stop();
+  }
+  const double worst = MaxRelativeDifference(uninterrupted, resumed);
+  std::printf("stopped at step %lld; resumed vs uninterrupted loss: max relative difference %.2e\n",
+              static_cast<long long>(stopped_at), worst);
+  EXPECT_LT(worst, 1e-2);
+}
+
+TEST(EngineGpuTest, TwoJobsTrainingAtOnceEachKeepTheirOwnRandomStream) {
+  EngineOptions options = TinyEngineOptions();
+  options.max_training_jobs = 2;
+  std::map<int64_t, double> alone;
+  {
+    auto engine = StartEngine(options);
+    ASSERT_NE(engine, nullptr);
+    JobEvents job;
+    ASSERT_TRUE(
+        engine->StartTraining("alone", TinyJob(FreshFolder("alone"), 8), job.Callback()).ok());
+    ASSERT_TRUE(job.WaitForEnd(seconds(120)));
+    ASSERT_EQ(job.Last().kind, TrainingEvent::Kind::kFinished) << job.Last().error;
+    alone = job.Losses();
+    engine->Stop();
+  }
+  auto engine = StartEngine(options);
+  ASSERT_NE(engine, nullptr);
+  JobEvents first, second;
+  ASSERT_TRUE(
+      engine->StartTraining("first", TinyJob(FreshFolder("first"), 8), first.Callback()).ok());
+  ASSERT_TRUE(
+      engine->StartTraining("second", TinyJob(FreshFolder("second"), 8), second.Callback()).ok());
+  ASSERT_TRUE(first.WaitForEnd(seconds(120)));
+  ASSERT_TRUE(second.WaitForEnd(seconds(120)));
+  ASSERT_EQ(first.Last().kind, TrainingEvent::Kind::kFinished) << first.Last().error;
+  ASSERT_EQ(second.Last().kind, TrainingEvent::Kind::kFinished) << second.Last().error;
+  const double between = MaxRelativeDifference(first.Losses(), second.Losses());
+  const double vs_alone = MaxRelativeDifference(alone, first.Losses());
+  std::printf("interleaved jobs: max relative loss difference %.2e between them, %.2e vs alone\n",
+              between, vs_alone);
+  EXPECT_LT(between, 1e-3);
+  EXPECT_LT(vs_alone, 1e-3);
+  engine->Stop();
+}
+
+}  // namespace
+}  // namespace lorad::engine
