@@ -43,10 +43,16 @@ std::string FreshFolder(const std::string& name) {
   return folder.string();
 }
 
+// LORAD_ENGINE_DEVICE=cpu runs the same test on the CPU (a check of the test itself).
+std::string DeviceUnderTest() {
+  const std::string device = EnvOrEmpty("LORAD_ENGINE_DEVICE");
+  return device.empty() ? "cuda" : device;
+}
+
 EngineOptions TinyEngineOptions() {
   EngineOptions options;
   options.model_folder = EnvOrEmpty("LORAD_TINY_MODEL");
-  options.device = "cuda";
+  options.device = DeviceUnderTest();
   options.base_weights = "nf4";
   // 24 blocks of 16 tokens: two of the long prompts below do not fit at once, and prefills come
   // in pieces of 32 tokens, so a prefill holds its whole prompt's blocks from its first piece.
@@ -163,7 +169,8 @@ std::unique_ptr<Engine> StartEngine(EngineOptions options) {
   auto engine = Engine::Start(options);
   EXPECT_TRUE(engine.ok()) << engine.status();
   if (!engine.ok()) return nullptr;
-  EXPECT_EQ((*engine)->device().device.rfind("cuda", 0), 0u) << "the engine did not take the GPU";
+  EXPECT_EQ((*engine)->device().device.rfind(DeviceUnderTest(), 0), 0u)
+      << "the engine runs on " << (*engine)->device().device;
   return *std::move(engine);
 }
 
