@@ -2,14 +2,13 @@
 
 #include <climits>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "engine/model/json_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -37,18 +36,11 @@ absl::StatusOr<std::optional<double>> ReadNumber(const json& j, const char* key,
 
 absl::StatusOr<GenerationDefaults> GenerationDefaults::Load(const std::string& model_folder) {
   GenerationDefaults d;
-  const fs::path path = fs::path(model_folder) / "generation_config.json";
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return d;
-  const std::string source = path.string();
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(source, ": cannot be read"));
-  std::stringstream text;
-  text << in.rdbuf();
-  const json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
-  }
+  const std::string source = (fs::path(model_folder) / "generation_config.json").string();
+  absl::StatusOr<std::optional<json>> file = ReadJsonObjectIfPresent(source);
+  if (!file.ok()) return file.status();
+  if (!file->has_value()) return d;
+  const json& j = **file;
   d.from_file = true;
 
   bool do_sample = false;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/utf8.h"
 #include "nlohmann/json.hpp"
@@ -187,12 +188,10 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   }
   const fs::path config_path = fs::path(folder) / "tokenizer_config.json";
   std::string jinja;
-  std::ifstream in(config_path);
-  if (in) {
-    std::stringstream text;
-    text << in.rdbuf();
-    const json config = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-    const json chat = config.is_object() ? config.value("chat_template", json()) : json();
+  absl::StatusOr<std::optional<json>> config = ReadJsonObjectIfPresent(config_path.string());
+  if (!config.ok()) return config.status();
+  if (config->has_value()) {
+    const json chat = (**config).value("chat_template", json());
     if (chat.is_string()) jinja = chat.get<std::string>();
     // A list of named templates: [{"name": "default", "template": "..."}, ...].
     if (chat.is_array()) {

@@ -1,11 +1,10 @@
 #include "engine/model/tokenizer.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/bpe_tokenizer.h"
+#include "engine/model/json_file.h"
 #include "engine/model/sentencepiece_tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -14,21 +13,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-// Reads and parses `path`; nullopt when the file does not exist.
-absl::StatusOr<std::optional<json>> ReadJsonIfPresent(const fs::path& path) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return std::optional<json>();
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot be read"));
-  std::stringstream text;
-  text << in.rdbuf();
-  json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
-  }
-  return std::optional<json>(std::move(j));
-}
 
 // A special token is written as a string, as {"content": "..."} (AddedToken), or as null.
 // Leaves `out` alone when the key is absent.
@@ -141,7 +125,7 @@ absl::StatusOr<TokenizerSettings> TokenizerSettings::Load(const std::string& fol
   const fs::path dir(folder);
   // special_tokens_map.json first: tokenizer_config.json, the newer file, wins where both speak.
   const fs::path map_path = dir / "special_tokens_map.json";
-  absl::StatusOr<std::optional<json>> map = ReadJsonIfPresent(map_path);
+  absl::StatusOr<std::optional<json>> map = ReadJsonObjectIfPresent(map_path.string());
   if (!map.ok()) return map.status();
   if (map->has_value()) {
     for (auto [key, field] : {std::pair{"bos_token", &s.bos_token},
@@ -155,7 +139,7 @@ absl::StatusOr<TokenizerSettings> TokenizerSettings::Load(const std::string& fol
     ReadExtraSpecialTokens(**map, &s.extra_special_tokens);
   }
   const fs::path config_path = dir / "tokenizer_config.json";
-  absl::StatusOr<std::optional<json>> config = ReadJsonIfPresent(config_path);
+  absl::StatusOr<std::optional<json>> config = ReadJsonObjectIfPresent(config_path.string());
   if (!config.ok()) return config.status();
   if (config->has_value()) {
     if (absl::Status st = ReadTokenizerConfig(**config, config_path.string(), &s); !st.ok()) {
@@ -165,7 +149,7 @@ absl::StatusOr<TokenizerSettings> TokenizerSettings::Load(const std::string& fol
   // As transformers' generate: generation_config.json's eos list when it has one, else
   // config.json's (from which transformers then builds the generation config).
   for (const char* name : {"generation_config.json", "config.json"}) {
-    absl::StatusOr<std::optional<json>> j = ReadJsonIfPresent(dir / name);
+    absl::StatusOr<std::optional<json>> j = ReadJsonObjectIfPresent((dir / name).string());
     if (!j.ok()) return j.status();
     if (j->has_value() && (**j).contains("eos_token_id") && !(**j)["eos_token_id"].is_null()) {
       ReadTokenIds(**j, "eos_token_id", &s.extra_eos_ids);
