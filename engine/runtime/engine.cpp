@@ -93,15 +93,24 @@ struct Engine::Impl {
   bool stop_training = false;
   bool training_stopped = false;
   std::condition_variable training_stopped_cv;
+  // A job's data is read and tokenized on a thread of its own (Trainer::PrepareData: seconds for
+  // a large dataset, which on the loop thread would stall every stream); the job then waits in
+  // pending_jobs for the loop to build its trainer.
   struct PendingJob {
     std::string id;
     TrainingJobConfig config;
     TrainingEventCallback on_event;
+    absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> prepared;
   };
   std::deque<PendingJob> pending_jobs;
-  std::vector<std::string> active_job_ids;   // from hand-over until each job's last event
-  std::map<std::string, int64_t> job_bytes;  // each active job's estimated memory
-  std::set<std::string> cancel_job_ids;      // cancels that arrived before the loop took the job
+  struct Preparation {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> abandon;  // a cancel, StopTraining or Stop
+  };
+  std::map<std::string, Preparation> preparations;  // by job id, until the loop takes the job
+  std::vector<std::string> active_job_ids;          // from hand-over until each job's last event
+  std::map<std::string, int64_t> job_bytes;         // each active job's estimated memory
+  std::set<std::string> cancel_job_ids;  // cancels that arrived before the loop took the job
   struct ActiveTrainer {
     std::string id;
     std::unique_ptr<Trainer> trainer;
@@ -117,6 +126,10 @@ struct Engine::Impl {
   void StopTrainers();
   void TakePendingJobs();
   void StartJob(PendingJob job);
+  // Ends a job that never trained as cancelled (a cancel or a shutdown during its preparation).
+  void EndUnstartedJob(const PendingJob& job);
+  // Abandons every preparation and joins its thread (the loop thread or Stop; without mu).
+  void JoinPreparations();
   void RunTrainingMicroBatch();
   void EndJob(const std::string& id) {  // under mu
     active_job_ids.erase(std::remove(active_job_ids.begin(), active_job_ids.end(), id),
@@ -238,6 +251,7 @@ void Engine::Stop() {
   impl_->wake.notify_all();
   impl_->training_stopped_cv.notify_all();  // a StopTraining waiting: the loop ends anyway
   impl_->loop.join();
+  impl_->JoinPreparations();  // jobs still reading their data end with the engine, unreported
 }
 
 void Engine::Impl::Loop() {
@@ -256,12 +270,14 @@ void Engine::Impl::Loop() {
       pending_work = false;
       if (stop) break;
     }
-    TakePendingJobs();
     bool stop_training_now = false;
     {
       std::lock_guard<std::mutex> lock(mu);
       stop_training_now = stop_training && !training_stopped;
     }
+    // Jobs still reading their data stop reading and end unstarted (StartJob).
+    if (stop_training_now) JoinPreparations();
+    TakePendingJobs();
     if (stop_training_now) {
       StopTrainers();
       {
@@ -330,9 +346,49 @@ void Engine::Impl::TakePendingJobs() {
   }
 }
 
+void Engine::Impl::EndUnstartedJob(const PendingJob& job) {
+  TrainingEvent ended;
+  ended.kind = TrainingEvent::Kind::kFinished;
+  ended.summary.cancelled = true;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EndJob(job.id);
+    cancel_job_ids.erase(job.id);
+  }
+  job.on_event(ended);
+}
+
+void Engine::Impl::JoinPreparations() {
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& [id, p] : preparations) {
+      p.abandon->store(true);
+      threads.push_back(std::move(p.thread));
+    }
+    preparations.clear();
+  }
+  for (std::thread& t : threads) t.join();
+}
+
 void Engine::Impl::StartJob(PendingJob job) {
   auto on_event = job.on_event;
   const std::string id = job.id;
+  std::thread preparer;
+  bool unstarted = false;  // cancelled, or training stopped, while its data was prepared
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (auto it = preparations.find(id); it != preparations.end()) {
+      preparer = std::move(it->second.thread);
+      preparations.erase(it);
+    }
+    unstarted = stop_training || cancel_job_ids.count(id) > 0;
+  }
+  if (preparer.joinable()) preparer.join();  // it queued the job as its last act
+  if (unstarted || absl::IsCancelled(job.prepared.status())) {
+    EndUnstartedJob(job);
+    return;
+  }
   auto fail = [&](const std::string& error) {
     TrainingEvent failed;
     failed.kind = TrainingEvent::Kind::kFailed;
@@ -358,7 +414,11 @@ void Engine::Impl::StartJob(PendingJob job) {
       return;
     }
   }
-  auto created = Trainer::Create(*model, *tokenizer, options.model_folder, job.config,
+  if (!job.prepared.ok()) {
+    fail(std::string(job.prepared.status().message()));
+    return;
+  }
+  auto created = Trainer::Create(*model, *tokenizer, options.model_folder, *std::move(job.prepared),
                                  [this, on_event, id](const TrainingEvent& event) {
                                    // The job's slot and memory are free before its last event
                                    // goes out, so the next job can start on hearing it.
@@ -473,10 +533,22 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
     TrainingJobConfig job = config;
     // Training formats conversations with the template serving renders chats with.
     job.data.model_chat_template = impl_->options.chat_template;
-    impl_->pending_jobs.push_back(Impl::PendingJob{job_id, std::move(job), std::move(on_event)});
-    impl_->pending_work = true;
+    auto abandon = std::make_shared<std::atomic<bool>>(false);
+    Impl* impl = impl_.get();
+    impl_->preparations[job_id] = Impl::Preparation{
+        std::thread([impl, job_id, job, on_event = std::move(on_event), abandon]() mutable {
+          auto prepared = Trainer::PrepareData(*impl->model, *impl->tokenizer,
+                                               impl->options.model_folder, job, abandon.get());
+          {
+            std::lock_guard<std::mutex> lock(impl->mu);
+            impl->pending_jobs.push_back(
+                Impl::PendingJob{job_id, std::move(job), std::move(on_event), std::move(prepared)});
+            impl->pending_work = true;
+          }
+          impl->wake.notify_one();
+        }),
+        abandon};
   }
-  impl_->wake.notify_one();
   return absl::OkStatus();
 }
 
@@ -502,6 +574,7 @@ int Engine::StopTraining() {
   for (const auto& t : impl_->trainers) {
     if (t.trainer) t.trainer->Interrupt();
   }
+  for (auto& [id, p] : impl_->preparations) p.abandon->store(true);  // and so would a large read
   impl_->wake.notify_all();
   impl_->training_stopped_cv.wait(lock, [&] { return impl_->training_stopped || impl_->stop; });
   return active;
@@ -520,8 +593,13 @@ void Engine::CancelTraining(const std::string& job_id) {
       started = true;
     }
   }
-  // Not handed to a trainer yet (pending, or being created): cancel when it is.
-  if (!started) impl_->cancel_job_ids.insert(job_id);
+  // Not handed to a trainer yet (its data being prepared, or pending): cancel when it is.
+  if (!started) {
+    impl_->cancel_job_ids.insert(job_id);
+    if (auto it = impl_->preparations.find(job_id); it != impl_->preparations.end()) {
+      it->second.abandon->store(true);
+    }
+  }
   impl_->pending_work = true;
   impl_->wake.notify_one();
 }
@@ -547,6 +625,7 @@ EngineStats Engine::Stats() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   stats.training = !impl_->active_job_ids.empty();
   stats.training_job_ids = impl_->active_job_ids;
+  stats.training_jobs_preparing = static_cast<int32_t>(impl_->preparations.size());
   return stats;
 }
 

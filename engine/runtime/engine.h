@@ -11,6 +11,9 @@
 //      `max_training_jobs` jobs train at once, one micro-batch each in turn.
 //   It sleeps when there is nothing to do and wakes on the next submission.
 //
+// A job's dataset is read and tokenized on a thread of its own before the loop builds its trainer
+// (Trainer::PrepareData), so serving goes on meanwhile.
+//
 // torch-free header (pimpl): the server includes it. Thread rules: every public method is
 // thread-safe and returns quickly, except Stop (joins the loop). Callbacks (token events,
 // training events) run on the loop thread and must only queue and return.
@@ -62,6 +65,7 @@ struct EngineStats {
   int64_t kv_cache_bytes = 0;
   bool training = false;
   std::vector<std::string> training_job_ids;  // active jobs, in the order they started
+  int32_t training_jobs_preparing = 0;        // of them, still reading and tokenizing their data
   double train_seconds = 0;                   // loop time spent on training since start
   double inference_seconds = 0;               // loop time spent on inference steps since start
 };

@@ -89,6 +89,13 @@ absl::StatusOr<ExampleFormatter> FormatterFor(const LlamaModel& model, const Tok
 
 }  // namespace
 
+struct Trainer::PreparedData {
+  TrainingJobConfig config;  // as given, max_seq_length capped at the model's sliding window
+  std::string end_of_turn;   // the chat template's, where evaluated answers end
+  std::string dataset_fingerprint;
+  std::optional<TrainingData> data;
+};
+
 struct Trainer::Impl {
   const LlamaModel* model = nullptr;
   const Tokenizer* tokenizer = nullptr;
@@ -123,7 +130,8 @@ struct Trainer::Impl {
   // jobs that take turns on the GPU loop never draw from each other's.
   RandomState random;
 
-  absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder);
+  absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder,
+                    PreparedData prepared);
   std::string model_folder;  // the base model's folder (chat template; merged export)
   absl::Status StepOrThrow();
   void PlanStep();
@@ -170,15 +178,12 @@ struct Trainer::Impl {
   }
 };
 
-absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder) {
+absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder,
+                                 PreparedData prepared) {
   this->model_folder = model_folder;
   this->tokenizer = &tokenizer;
-  auto formatter = FormatterFor(*model, tokenizer, model_folder, config);
-  if (!formatter.ok()) return formatter.status();
-  end_of_turn = formatter->end_of_turn();
-  auto built = TrainingData::Build(config.data, *formatter, config.max_seq_length, config.seed);
-  if (!built.ok()) return built.status();
-  data = *std::move(built);
+  end_of_turn = std::move(prepared.end_of_turn);
+  data = std::move(prepared.data);
   per_epoch = data->MicroBatchesPerEpoch(config.micro_batch_size);
   total_steps = config.max_steps > 0
                     ? config.max_steps
@@ -223,19 +228,18 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
   // resumed one continues the checkpoint's generator state (taken below).
   if (!checkpoint) torch::manual_seed(config.seed);
-  std::vector<std::string> dataset_files = {config.data.path};
-  if (!config.data.validation_path.empty()) dataset_files.push_back(config.data.validation_path);
-  auto fingerprint = FilesFingerprint(dataset_files);
-  if (!fingerprint.ok()) return fingerprint.status();
+  const std::string& fingerprint = prepared.dataset_fingerprint;
   if (checkpoint && !state.dataset_fingerprint.empty() &&
-      state.dataset_fingerprint != *fingerprint) {
+      state.dataset_fingerprint != fingerprint) {
+    std::vector<std::string> dataset_files = {config.data.path};
+    if (!config.data.validation_path.empty()) dataset_files.push_back(config.data.validation_path);
     return absl::FailedPreconditionError(absl::StrCat(
         "the dataset (", absl::StrJoin(dataset_files, ", "),
         ") changed since the job started: ", resumed_from,
         " was trained on other contents, and resuming would train the rest of the "
         "job on other examples; put the original file back to resume, or submit a new job"));
   }
-  state.dataset_fingerprint = *fingerprint;
+  state.dataset_fingerprint = fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) return s;
   // fp32 master weights on the model's device: the optimizer updates these; the forward casts
   // them to the compute dtype (bf16 on CUDA) with autograd through the cast.
@@ -592,13 +596,48 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
                                                          const std::string& model_folder,
                                                          const TrainingJobConfig& config,
                                                          EventCallback on_event) {
+  auto prepared = PrepareData(model, tokenizer, model_folder, config);
+  if (!prepared.ok()) return prepared.status();
+  return Create(model, tokenizer, model_folder, *std::move(prepared), std::move(on_event));
+}
+
+absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
+    const LlamaModel& model, const Tokenizer& tokenizer, const std::string& model_folder,
+    const TrainingJobConfig& config, const std::atomic<bool>* abandon) {
   if (auto s = config.Validate(); !s.ok()) return s;
+  auto prepared = std::make_shared<PreparedData>();
+  prepared->config = config;
+  TrainingJobConfig& c = prepared->config;
+  auto formatter = FormatterFor(model, tokenizer, model_folder, c);
+  if (!formatter.ok()) return formatter.status();
+  prepared->end_of_turn = formatter->end_of_turn();
+  // Fingerprinted before the read: a file changed during it then fails the next resume's check
+  // rather than passing it with examples of two versions.
+  std::vector<std::string> dataset_files = {c.data.path};
+  if (!c.data.validation_path.empty()) dataset_files.push_back(c.data.validation_path);
+  auto fingerprint = FilesFingerprint(dataset_files);
+  if (!fingerprint.ok()) return fingerprint.status();
+  prepared->dataset_fingerprint = *std::move(fingerprint);
+  auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
+  if (!built.ok()) return built.status();
+  prepared->data = *std::move(built);
+  return prepared;
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model,
+                                                         const Tokenizer& tokenizer,
+                                                         const std::string& model_folder,
+                                                         std::shared_ptr<PreparedData> data,
+                                                         EventCallback on_event) {
+  if (data == nullptr || !data->data.has_value()) {
+    return absl::FailedPreconditionError("Trainer::Create: the job's data was not prepared");
+  }
   auto impl = std::make_unique<Impl>();
   impl->model = &model;
-  impl->config = config;
+  impl->config = data->config;
   impl->on_event = std::move(on_event);
   try {
-    if (auto s = impl->Init(tokenizer, model_folder); !s.ok()) return s;
+    if (auto s = impl->Init(tokenizer, model_folder, std::move(*data)); !s.ok()) return s;
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("setting up the training job failed: ", e.what_without_backtrace()));

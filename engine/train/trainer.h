@@ -23,10 +23,11 @@
 // exceptions never escape.
 //
 // Thread rules: Create, Step, SaveCheckpoint and the accessors run on the GPU loop thread;
-// Cancel may be called from any thread. Events are delivered on the thread that calls Step().
-// The model and tokenizer must outlive the trainer.
+// PrepareData on any thread; Cancel and Interrupt may be called from any thread. Events are
+// delivered on the thread that calls Step(). The model and tokenizer must outlive the trainer.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -47,11 +48,26 @@ class Trainer {
   using EventCallback = std::function<void(const TrainingEvent&)>;
 
   // `model_folder` supplies the chat template and the EOS token; errors name the config field,
-  // the dataset file:line, or the checkpoint file at fault.
+  // the dataset file:line, or the checkpoint file at fault. PrepareData, then Create with it.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const LlamaModel& model,
                                                          const Tokenizer& tokenizer,
                                                          const std::string& model_folder,
                                                          const TrainingJobConfig& config,
+                                                         EventCallback on_event);
+  // A job's dataset, read, formatted and tokenized (and fingerprinted, for its resume check):
+  // the part of Create that uses no device and takes the longest (seconds for tens of thousands
+  // of records), so the runtime runs it on a thread of its own while the GPU loop goes on
+  // serving. Thread-safe. CANCELLED as soon as `*abandon` turns true.
+  struct PreparedData;
+  static absl::StatusOr<std::shared_ptr<PreparedData>> PrepareData(
+      const LlamaModel& model, const Tokenizer& tokenizer, const std::string& model_folder,
+      const TrainingJobConfig& config, const std::atomic<bool>* abandon = nullptr);
+  // The rest of Create (the adapter, the optimizer, a checkpoint to resume from), on the GPU loop
+  // thread, with what PrepareData made of the same config.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const LlamaModel& model,
+                                                         const Tokenizer& tokenizer,
+                                                         const std::string& model_folder,
+                                                         std::shared_ptr<PreparedData> data,
                                                          EventCallback on_event);
   // What Create would refuse about the data (TrainingData::Check, at most `max_records` records
   // of each file), without building anything: for a check when a job is submitted.

@@ -28,7 +28,7 @@ constexpr uint64_t kPackStream = 0xFFFFFFFF00000002ULL;
 absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     const std::string& path, const char* role, const TrainingDataConfig& config,
     const ExampleFormatter& formatter, int64_t& skipped, int64_t& dropped, int64_t& truncated,
-    int64_t max_records = 0) {
+    int64_t max_records = 0, const std::atomic<bool>* abandon = nullptr) {
   auto format = DatasetFormatFromName(config.format);
   if (!format.ok()) return format.status();
   DatasetReaderOptions options;
@@ -43,6 +43,9 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     if (max_records > 0 && records == max_records) {
       whole_file = false;
       break;
+    }
+    if (abandon != nullptr && records % 64 == 0 && abandon->load()) {
+      return absl::CancelledError(absl::StrCat("reading ", path, " was abandoned"));
     }
     auto next = (*reader)->Next();
     if (!next.ok()) return next.status();
@@ -118,10 +121,11 @@ std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream) {
 
 absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& config,
                                                  const ExampleFormatter& formatter,
-                                                 int64_t max_seq_length, uint64_t seed) {
+                                                 int64_t max_seq_length, uint64_t seed,
+                                                 const std::atomic<bool>* abandon) {
   int64_t skipped = 0, dropped = 0, truncated = 0;
-  auto examples =
-      ReadAndFormat(config.path, "training", config, formatter, skipped, dropped, truncated);
+  auto examples = ReadAndFormat(config.path, "training", config, formatter, skipped, dropped,
+                                truncated, 0, abandon);
   if (!examples.ok()) return examples.status();
   std::vector<TokenizedExample> validation;
   if (!config.validation_path.empty()) {
@@ -129,7 +133,7 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
     // those counts describe the training examples.
     int64_t validation_dropped = 0, validation_truncated = 0;
     auto v = ReadAndFormat(config.validation_path, "validation", config, formatter, skipped,
-                           validation_dropped, validation_truncated);
+                           validation_dropped, validation_truncated, 0, abandon);
     if (!v.ok()) return v.status();
     validation = *std::move(v);
   }

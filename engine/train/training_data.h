@@ -15,6 +15,7 @@
 //     (k / per_epoch, k % per_epoch).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -41,10 +42,12 @@ std::vector<int64_t> Permutation(int64_t n, uint64_t seed, uint64_t stream);
 
 class TrainingData {
  public:
-  // Reads config.path (and validation_path), formats every record with `formatter`.
+  // Reads config.path (and validation_path), formats every record with `formatter`. CANCELLED
+  // soon after `*abandon` turns true (a job cancelled, or a shutdown, while it reads).
   static absl::StatusOr<TrainingData> Build(const TrainingDataConfig& config,
                                             const ExampleFormatter& formatter,
-                                            int64_t max_seq_length, uint64_t seed);
+                                            int64_t max_seq_length, uint64_t seed,
+                                            const std::atomic<bool>* abandon = nullptr);
   // What Build would refuse, from at most `max_records` records of each file (a check when a
   // job is submitted, without tokenizing a large dataset twice): a record the template cannot
   // take, or no usable example in a file read whole.

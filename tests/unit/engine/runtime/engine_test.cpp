@@ -1,0 +1,173 @@
+// Engine (engine/runtime/engine.h) on the CPU with the tiny fixture model: a job's data is read
+// and tokenized beside the GPU loop, which goes on serving, and a cancel or a shutdown during
+// that read ends the job without training it. (The daemon's e2e tests cover the rest of the
+// engine through gRPC; tests/gpu/engine_gpu_test.cpp runs the loop on a GPU.)
+#include "engine/runtime/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::seconds;
+
+// A fresh folder for one test.
+fs::path FreshFolder(const std::string& name) {
+  const fs::path folder = fs::path(::testing::TempDir()) / ("lorad-engine-test-" + name);
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  return folder;
+}
+
+// A question/answer file of `records` records: large enough that reading and tokenizing it
+// takes far longer than a few generated tokens.
+std::string LargeDataset(const fs::path& folder, int records) {
+  const fs::path path = folder / "large.jsonl";
+  std::ofstream out(path);
+  for (int i = 0; i < records; ++i) {
+    out << "{\"question\": \"What is item number " << i
+        << " of the long list of things?\", \"answer\": \"Item " << i
+        << " is a thing on the list, the same as the others.\"}\n";
+  }
+  return path.string();
+}
+
+std::unique_ptr<Engine> StartTinyEngine() {
+  EngineOptions options;
+  options.model_folder = std::getenv("LORAD_TINY_MODEL");
+  options.device = "cpu";
+  auto engine = Engine::Start(options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return engine.ok() ? *std::move(engine) : nullptr;
+}
+
+TrainingJobConfig JobOn(const std::string& data, const fs::path& output_dir) {
+  TrainingJobConfig config;
+  config.data.path = data;
+  config.lora.r = 4;
+  config.max_steps = 2;
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.max_seq_length = 64;
+  config.output_dir = output_dir.string();
+  return config;
+}
+
+// The events of one job and of one generation request, from the loop thread.
+struct Observed {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<TrainingEvent> job_events;
+  std::optional<TokenEvent> finished;
+  int32_t preparing_when_finished = -1;  // Stats().training_jobs_preparing as the request ended
+
+  bool JobEnded() {
+    return !job_events.empty() && (job_events.back().kind == TrainingEvent::Kind::kFinished ||
+                                   job_events.back().kind == TrainingEvent::Kind::kFailed);
+  }
+};
+
+TEST(EngineTest, ServesWhileAJobReadsItsDataAndACancelThenEndsItUntrained) {
+  auto engine = StartTinyEngine();
+  ASSERT_NE(engine, nullptr);
+  const fs::path folder = FreshFolder("serve-while-preparing");
+  Observed seen;
+  ASSERT_TRUE(engine
+                  ->StartTraining("big", JobOn(LargeDataset(folder, 200000), folder / "job"),
+                                  [&](const TrainingEvent& e) {
+                                    std::lock_guard<std::mutex> lock(seen.mu);
+                                    seen.job_events.push_back(e);
+                                    seen.cv.notify_all();
+                                  })
+                  .ok());
+  GenerationRequest request;
+  request.prompt = "Hello";
+  request.sampling.max_new_tokens = 4;
+  request.ignore_eos = true;
+  Engine* raw = engine.get();
+  ASSERT_TRUE(raw->Generate(request,
+                            [&](const TokenEvent& e) {
+                              if (!e.finished) return;
+                              const int32_t preparing = raw->Stats().training_jobs_preparing;
+                              std::lock_guard<std::mutex> lock(seen.mu);
+                              seen.finished = e;
+                              seen.preparing_when_finished = preparing;
+                              seen.cv.notify_all();
+                            })
+                  .ok());
+  {
+    std::unique_lock<std::mutex> lock(seen.mu);
+    ASSERT_TRUE(seen.cv.wait_for(lock, seconds(120), [&] { return seen.finished.has_value(); }));
+    EXPECT_EQ(seen.finished->finish_reason, FinishReason::kLength);
+    // The request was served while the job's data was still being read (on the loop thread, the
+    // read would have held it until the end).
+    EXPECT_EQ(seen.preparing_when_finished, 1);
+    EXPECT_TRUE(seen.job_events.empty());
+  }
+  engine->CancelTraining("big");
+  std::unique_lock<std::mutex> lock(seen.mu);
+  ASSERT_TRUE(seen.cv.wait_for(lock, seconds(120), [&] { return seen.JobEnded(); }));
+  ASSERT_EQ(seen.job_events.size(), 1u) << "a job cancelled while reading its data trained";
+  EXPECT_EQ(seen.job_events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(seen.job_events.back().summary.cancelled);
+  EXPECT_EQ(seen.job_events.back().summary.steps, 0);
+  EXPECT_FALSE(engine->TrainingActive());
+}
+
+TEST(EngineTest, StopTrainingDuringADataReadEndsTheJobUntrainedAndAnotherEngineTrainsIt) {
+  const fs::path folder = FreshFolder("stop-while-preparing");
+  const std::string data = LargeDataset(folder, 200000);
+  {
+    auto engine = StartTinyEngine();
+    ASSERT_NE(engine, nullptr);
+    Observed seen;
+    ASSERT_TRUE(engine
+                    ->StartTraining("big", JobOn(data, folder / "job"),
+                                    [&](const TrainingEvent& e) {
+                                      std::lock_guard<std::mutex> lock(seen.mu);
+                                      seen.job_events.push_back(e);
+                                      seen.cv.notify_all();
+                                    })
+                    .ok());
+    EXPECT_EQ(engine->StopTraining(), 1);
+    std::lock_guard<std::mutex> lock(seen.mu);
+    ASSERT_TRUE(seen.JobEnded()) << "StopTraining returned before the job ended";
+    EXPECT_EQ(seen.job_events.size(), 1u);
+    EXPECT_TRUE(seen.job_events.back().summary.cancelled);
+    EXPECT_FALSE(fs::exists(folder / "job" / "adapter"));
+  }
+  // The next start trains it from the beginning (nothing was checkpointed).
+  auto engine = StartTinyEngine();
+  ASSERT_NE(engine, nullptr);
+  Observed seen;
+  ASSERT_TRUE(engine
+                  ->StartTraining("big", JobOn(data, folder / "job"),
+                                  [&](const TrainingEvent& e) {
+                                    std::lock_guard<std::mutex> lock(seen.mu);
+                                    seen.job_events.push_back(e);
+                                    seen.cv.notify_all();
+                                  })
+                  .ok());
+  std::unique_lock<std::mutex> lock(seen.mu);
+  ASSERT_TRUE(seen.cv.wait_for(lock, seconds(300), [&] { return seen.JobEnded(); }));
+  ASSERT_EQ(seen.job_events.back().kind, TrainingEvent::Kind::kFinished)
+      << seen.job_events.back().error;
+  EXPECT_FALSE(seen.job_events.back().summary.cancelled);
+  EXPECT_EQ(seen.job_events.back().summary.steps, 2);
+  EXPECT_EQ(seen.job_events.front().kind, TrainingEvent::Kind::kStep);
+  EXPECT_EQ(seen.job_events.front().step.step, 1);
+}
+
+}  // namespace
+}  // namespace lorad::engine
