@@ -401,6 +401,10 @@ void Engine::Impl::StartJob(PendingJob job) {
     }
     on_event(failed);
   };
+  if (!job.prepared.ok()) {
+    fail(std::string(job.prepared.status().message()));
+    return;
+  }
   // The memory planner: refuse a job that cannot fit, saying how much it needs. What running
   // jobs hold is already missing from the free memory it measures.
   const int64_t available = AvailableDeviceBytes(device);
@@ -413,10 +417,6 @@ void Engine::Impl::StartJob(PendingJob job) {
            ShrinkHint(job.config));
       return;
     }
-  }
-  if (!job.prepared.ok()) {
-    fail(std::string(job.prepared.status().message()));
-    return;
   }
   auto created = Trainer::Create(*model, *tokenizer, options.model_folder, *std::move(job.prepared),
                                  [this, on_event, id](const TrainingEvent& event) {
