@@ -72,6 +72,13 @@ struct Observed {
   std::optional<TokenEvent> finished;
   int32_t preparing_when_finished = -1;  // Stats().training_jobs_preparing as the request ended
 
+  TrainingEventCallback JobCallback() {
+    return [this](const TrainingEvent& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      job_events.push_back(e);
+      cv.notify_all();
+    };
+  }
   bool JobEnded() {
     return !job_events.empty() && (job_events.back().kind == TrainingEvent::Kind::kFinished ||
                                    job_events.back().kind == TrainingEvent::Kind::kFailed);
@@ -85,11 +92,7 @@ TEST(EngineTest, ServesWhileAJobReadsItsDataAndACancelThenEndsItUntrained) {
   Observed seen;
   ASSERT_TRUE(engine
                   ->StartTraining("big", JobOn(LargeDataset(folder, 200000), folder / "job"),
-                                  [&](const TrainingEvent& e) {
-                                    std::lock_guard<std::mutex> lock(seen.mu);
-                                    seen.job_events.push_back(e);
-                                    seen.cv.notify_all();
-                                  })
+                                  seen.JobCallback())
                   .ok());
   GenerationRequest request;
   request.prompt = "Hello";
@@ -132,14 +135,7 @@ TEST(EngineTest, StopTrainingDuringADataReadEndsTheJobUntrainedAndAnotherEngineT
     auto engine = StartTinyEngine();
     ASSERT_NE(engine, nullptr);
     Observed seen;
-    ASSERT_TRUE(engine
-                    ->StartTraining("big", JobOn(data, folder / "job"),
-                                    [&](const TrainingEvent& e) {
-                                      std::lock_guard<std::mutex> lock(seen.mu);
-                                      seen.job_events.push_back(e);
-                                      seen.cv.notify_all();
-                                    })
-                    .ok());
+    ASSERT_TRUE(engine->StartTraining("big", JobOn(data, folder / "job"), seen.JobCallback()).ok());
     EXPECT_EQ(engine->StopTraining(), 1);
     std::lock_guard<std::mutex> lock(seen.mu);
     ASSERT_TRUE(seen.JobEnded()) << "StopTraining returned before the job ended";
@@ -151,14 +147,7 @@ TEST(EngineTest, StopTrainingDuringADataReadEndsTheJobUntrainedAndAnotherEngineT
   auto engine = StartTinyEngine();
   ASSERT_NE(engine, nullptr);
   Observed seen;
-  ASSERT_TRUE(engine
-                  ->StartTraining("big", JobOn(data, folder / "job"),
-                                  [&](const TrainingEvent& e) {
-                                    std::lock_guard<std::mutex> lock(seen.mu);
-                                    seen.job_events.push_back(e);
-                                    seen.cv.notify_all();
-                                  })
-                  .ok());
+  ASSERT_TRUE(engine->StartTraining("big", JobOn(data, folder / "job"), seen.JobCallback()).ok());
   std::unique_lock<std::mutex> lock(seen.mu);
   ASSERT_TRUE(seen.cv.wait_for(lock, seconds(300), [&] { return seen.JobEnded(); }));
   ASSERT_EQ(seen.job_events.back().kind, TrainingEvent::Kind::kFinished)
