@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -264,7 +265,7 @@ void Engine::Impl::Loop() {
       std::unique_lock<std::mutex> lock(mu);
       wake.wait(lock, [&] {
         return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
-               inference->HasWork() || (stop_training && !training_stopped);
+               inference->HasWork() || (stop_training && !training_stopped && preparations.empty());
       });
       poked = pending_work;
       pending_work = false;
@@ -275,16 +276,17 @@ void Engine::Impl::Loop() {
       std::lock_guard<std::mutex> lock(mu);
       stop_training_now = stop_training && !training_stopped;
     }
-    // Jobs still reading their data stop reading and end unstarted (StartJob).
-    if (stop_training_now) JoinPreparations();
     TakePendingJobs();
     if (stop_training_now) {
       StopTrainers();
+      // Jobs still reading their data were told to stop (StopTraining); each ends unstarted once
+      // it reaches the loop (StartJob), which serves meanwhile.
+      bool stopped = false;
       {
         std::lock_guard<std::mutex> lock(mu);
-        training_stopped = true;
+        stopped = training_stopped = preparations.empty() && pending_jobs.empty();
       }
-      training_stopped_cv.notify_all();
+      if (stopped) training_stopped_cv.notify_all();
     }
     const bool serving = inference->HasWork();
     if (poked && !serving) inference->ReleaseIdleAdapters();
@@ -506,7 +508,7 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
   if (absl::Status s = config.Validate(); !s.ok()) return s;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
-    if (impl_->stop_training) {
+    if (impl_->stop_training || impl_->stop) {
       return absl::UnavailableError("training is stopped: lorad is shutting down");
     }
     auto& active = impl_->active_job_ids;
@@ -535,19 +537,26 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
     job.data.model_chat_template = impl_->options.chat_template;
     auto abandon = std::make_shared<std::atomic<bool>>(false);
     Impl* impl = impl_.get();
-    impl_->preparations[job_id] = Impl::Preparation{
-        std::thread([impl, job_id, job, on_event = std::move(on_event), abandon]() mutable {
-          auto prepared = Trainer::PrepareData(*impl->model, *impl->tokenizer,
-                                               impl->options.model_folder, job, abandon.get());
-          {
-            std::lock_guard<std::mutex> lock(impl->mu);
-            impl->pending_jobs.push_back(
-                Impl::PendingJob{job_id, std::move(job), std::move(on_event), std::move(prepared)});
-            impl->pending_work = true;
-          }
-          impl->wake.notify_one();
-        }),
-        abandon};
+    std::thread preparer;
+    try {
+      preparer =
+          std::thread([impl, job_id, job, on_event = std::move(on_event), abandon]() mutable {
+            auto prepared = Trainer::PrepareData(*impl->model, *impl->tokenizer,
+                                                 impl->options.model_folder, job, abandon.get());
+            {
+              std::lock_guard<std::mutex> lock(impl->mu);
+              impl->pending_jobs.push_back(Impl::PendingJob{
+                  job_id, std::move(job), std::move(on_event), std::move(prepared)});
+              impl->pending_work = true;
+            }
+            impl->wake.notify_one();
+          });
+    } catch (const std::system_error& e) {
+      impl_->EndJob(job_id);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot start a thread to read the job's data: ", e.what()));
+    }
+    impl_->preparations[job_id] = Impl::Preparation{std::move(preparer), abandon};
   }
   return absl::OkStatus();
 }
@@ -586,9 +595,12 @@ void Engine::CancelTraining(const std::string& job_id) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   const auto& active = impl_->active_job_ids;
   if (std::find(active.begin(), active.end(), job_id) == active.end()) return;
+  // A job still preparing is not started, even if an earlier job of the same id is still
+  // leaving `trainers`.
+  const auto preparing = impl_->preparations.find(job_id);
   bool started = false;
   for (const auto& t : impl_->trainers) {
-    if (t.id == job_id && t.trainer) {
+    if (preparing == impl_->preparations.end() && t.id == job_id && t.trainer) {
       t.trainer->Cancel();
       started = true;
     }
@@ -596,9 +608,7 @@ void Engine::CancelTraining(const std::string& job_id) {
   // Not handed to a trainer yet (its data being prepared, or pending): cancel when it is.
   if (!started) {
     impl_->cancel_job_ids.insert(job_id);
-    if (auto it = impl_->preparations.find(job_id); it != impl_->preparations.end()) {
-      it->second.abandon->store(true);
-    }
+    if (preparing != impl_->preparations.end()) preparing->second.abandon->store(true);
   }
   impl_->pending_work = true;
   impl_->wake.notify_one();

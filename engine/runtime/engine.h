@@ -65,9 +65,10 @@ struct EngineStats {
   int64_t kv_cache_bytes = 0;
   bool training = false;
   std::vector<std::string> training_job_ids;  // active jobs, in the order they started
-  int32_t training_jobs_preparing = 0;        // of them, still reading and tokenizing their data
-  double train_seconds = 0;                   // loop time spent on training since start
-  double inference_seconds = 0;               // loop time spent on inference steps since start
+  // Of them, those not handed to the loop yet: reading and tokenizing their data (or just done).
+  int32_t training_jobs_preparing = 0;
+  double train_seconds = 0;      // loop time spent on training since start
+  double inference_seconds = 0;  // loop time spent on inference steps since start
 };
 
 // Called on the loop thread for every event of a training job; the last is kFinished (also when

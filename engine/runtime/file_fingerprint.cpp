@@ -7,7 +7,8 @@
 
 namespace lorad::engine {
 
-absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths) {
+absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
+                                             const std::atomic<bool>* abandon) {
   std::string out;
   std::vector<char> buffer(1 << 20);
   for (const std::string& path : paths) {
@@ -16,6 +17,9 @@ absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& pat
     uint64_t hash = 14695981039346656037ULL;
     uint64_t size = 0;
     while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount()) {
+      if (abandon != nullptr && abandon->load()) {
+        return absl::CancelledError(absl::StrCat("reading '", path, "' was abandoned"));
+      }
       for (std::streamsize i = 0; i < in.gcount(); ++i) {
         hash = (hash ^ static_cast<unsigned char>(buffer[i])) * 1099511628211ULL;
       }

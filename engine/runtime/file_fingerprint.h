@@ -4,6 +4,7 @@
 // once, in 1 MiB pieces.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -11,7 +12,9 @@
 
 namespace lorad::engine {
 
-// NOT_FOUND naming the first file that cannot be read.
-absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths);
+// NOT_FOUND naming the first file that cannot be read; CANCELLED soon after `*abandon` turns
+// true (a large file takes about a second a GB).
+absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
+                                             const std::atomic<bool>* abandon = nullptr);
 
 }  // namespace lorad::engine

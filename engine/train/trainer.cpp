@@ -615,7 +615,7 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   // rather than passing it with examples of two versions.
   std::vector<std::string> dataset_files = {c.data.path};
   if (!c.data.validation_path.empty()) dataset_files.push_back(c.data.validation_path);
-  auto fingerprint = FilesFingerprint(dataset_files);
+  auto fingerprint = FilesFingerprint(dataset_files, abandon);
   if (!fingerprint.ok()) return fingerprint.status();
   prepared->dataset_fingerprint = *std::move(fingerprint);
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);

@@ -158,5 +158,16 @@ TEST(EngineTest, StopTrainingDuringADataReadEndsTheJobUntrainedAndAnotherEngineT
   EXPECT_EQ(seen.job_events.front().step.step, 1);
 }
 
+TEST(EngineTest, AStoppedEngineRefusesTrainingJobs) {
+  auto engine = StartTinyEngine();
+  ASSERT_NE(engine, nullptr);
+  const fs::path folder = FreshFolder("stopped-engine");
+  engine->Stop();
+  absl::Status started = engine->StartTraining(
+      "late", JobOn(LargeDataset(folder, 10), folder / "job"), [](const TrainingEvent&) {});
+  EXPECT_TRUE(absl::IsUnavailable(started)) << started;
+  EXPECT_EQ(engine->Stats().training_jobs_preparing, 0);
+}
+
 }  // namespace
 }  // namespace lorad::engine
