@@ -475,32 +475,50 @@ absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps)
   return s.Run();
 }
 
-absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step) {
+namespace {
+
+constexpr const char* kStepColumns =
+    "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, step_seconds, "
+    "elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE job_id = ? ";
+
+StepRecord StepOfRow(Statement& s) {
+  StepRecord r;
+  r.step = s.Int(0);
+  r.epoch = s.Double(1);
+  r.loss = s.Double(2);
+  r.learning_rate = s.Double(3);
+  r.grad_norm = s.Double(4);
+  r.tokens_per_second = s.Double(5);
+  r.step_seconds = s.Double(6);
+  r.elapsed_seconds = s.Double(7);
+  r.eta_seconds = s.Double(8);
+  r.time_ms = s.Int(9);
+  return r;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step,
+                                                        int64_t limit) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_,
-              "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, "
-              "step_seconds, elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE "
-              "job_id = ? AND "
-              "step >= ? ORDER BY step;");
-  s.BindText(1, id).Bind(2, from_step);
+  // LIMIT -1: no limit.
+  Statement s(db_, absl::StrCat(kStepColumns, "AND step >= ? ORDER BY step LIMIT ?;"));
+  s.BindText(1, id).Bind(2, from_step).Bind(3, limit > 0 ? limit : int64_t{-1});
   std::vector<StepRecord> steps;
   int rc;
-  while ((rc = s.Step()) == SQLITE_ROW) {
-    StepRecord r;
-    r.step = s.Int(0);
-    r.epoch = s.Double(1);
-    r.loss = s.Double(2);
-    r.learning_rate = s.Double(3);
-    r.grad_norm = s.Double(4);
-    r.tokens_per_second = s.Double(5);
-    r.step_seconds = s.Double(6);
-    r.elapsed_seconds = s.Double(7);
-    r.eta_seconds = s.Double(8);
-    r.time_ms = s.Int(9);
-    steps.push_back(r);
-  }
+  while ((rc = s.Step()) == SQLITE_ROW) steps.push_back(StepOfRow(s));
   if (rc != SQLITE_DONE) return s.StepError();
   return steps;
+}
+
+absl::StatusOr<std::optional<StepRecord>> JobStore::LastStep(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, absl::StrCat(kStepColumns, "ORDER BY step DESC LIMIT 1;"));
+  s.BindText(1, id);
+  const int rc = s.Step();
+  if (rc == SQLITE_ROW) return std::optional<StepRecord>(StepOfRow(s));
+  if (rc != SQLITE_DONE) return s.StepError();
+  return std::optional<StepRecord>();
 }
 
 absl::StatusOr<bool> JobStore::AppendEvent(const std::string& id, const StoredEvent& event) {

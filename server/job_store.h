@@ -130,8 +130,12 @@ class JobStore {
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
   // The trainer's count of the job's steps, once it has read the dataset.
   absl::Status SetTotalSteps(const std::string& id, int64_t total_steps);
-  // Steps with step >= from_step, in order.
-  absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step);
+  // Steps with step >= from_step, in order; at most `limit` of them when limit > 0 (a page: a
+  // long job has hundreds of thousands).
+  absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& id, int64_t from_step,
+                                                int64_t limit = 0);
+  // The job's latest step; nullopt before its first.
+  absl::StatusOr<std::optional<StepRecord>> LastStep(const std::string& id);
 
   // Returns whether the job had no event of that (step, kind) yet: a resumed job reports again
   // what its first run may have reported, and a watcher must not get it twice.

@@ -30,14 +30,15 @@ absl::Status RequireJobId(const std::string& id) {
   return absl::OkStatus();
 }
 
-// One WatchJob stream: history first, then live events, one write in flight at a time. The
-// reactor subscribes before reading history so no event falls between the two; live events the
-// history already holds (HistoryHolds) are dropped, so none is sent twice.
+// One WatchJob stream: history first (read a page of steps at a time), then live events, one
+// write in flight at a time. The reactor subscribes before reading history so no event falls
+// between the two; live events the history already holds (HistoryHolds) are dropped, so none is
+// sent twice.
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
                   const absl::Status& authorized, std::chrono::system_clock::time_point deadline)
-      : events_(events), deadline_(deadline) {
+      : store_(store), events_(events), deadline_(deadline) {
     if (!authorized.ok()) {
       Finish(ToGrpcStatus(authorized));
       return;
@@ -65,11 +66,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       FinishNow(record.status());
       return;
     }
-    auto steps = store.Steps(request.job_id(), request.from_step());
-    if (!steps.ok()) {
-      FinishNow(steps.status());
-      return;
-    }
     // from_step skips earlier steps and their evaluations and checkpoints, never the summary.
     auto stored = store.Events(request.job_id(), 0);
     if (!stored.ok()) {
@@ -84,61 +80,21 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
                   stored->end());
 
     std::lock_guard<std::mutex> lock(mu_);
-    std::deque<JobEvent> history;
-    history.push_back(StateEvent(record->id, JobState::kQueued, record->created_ms));
-    if (record->started_ms > 0) {
-      history.push_back(StateEvent(record->id, JobState::kRunning, record->started_ms));
+    record_ = *std::move(record);
+    stored_ = *std::move(stored);
+    next_step_ = request.from_step();
+    queue_.push_back(StateEvent(record_.id, JobState::kQueued, record_.created_ms));
+    if (record_.started_ms > 0) {
+      queue_.push_back(StateEvent(record_.id, JobState::kRunning, record_.started_ms));
     }
     history_.last_state =
-        ToProtoState(record->started_ms > 0 ? JobState::kRunning : JobState::kQueued);
-    // Steps and the stored events (evaluations, checkpoints, the summary) merged by step: a
-    // step's own events follow it.
-    auto next_stored = stored->begin();
-    auto add_stored_through = [&](int64_t step) {
-      for (; next_stored != stored->end() && next_stored->step <= step; ++next_stored) {
-        JobEvent e;
-        if (!e.ParseFromString(next_stored->event)) continue;  // unreadable: not replayed
-        history_.stored.insert(next_stored->event);
-        history.push_back(std::move(e));
-      }
-    };
-    for (const auto& s : *steps) {
-      add_stored_through(s.step - 1);
-      JobEvent e;
-      e.set_job_id(record->id);
-      if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
-      *e.mutable_step() = ToProtoStep(s);
-      history.push_back(e);
-      history_.last_step = s.step;
+        ToProtoState(record_.started_ms > 0 ? JobState::kRunning : JobState::kQueued);
+    if (auto s = LoadStepsLocked(); !s.ok()) {
+      FinishLocked(ToGrpcStatus(s));
+      return;
     }
-    add_stored_through(INT64_MAX);
-    if (IsTerminal(record->state)) {
-      JobEvent end = StateEvent(record->id, record->state, record->finished_ms);
-      if (record->state == JobState::kFailed) {
-        JobEvent failed;
-        failed.set_job_id(record->id);
-        SetTime(failed.mutable_time(), record->finished_ms);
-        failed.set_failed(record->error);
-        history.push_back(failed);
-      }
-      history.push_back(end);
-      history_.last_state = end.state();
-      live_.clear();  // the job is over: nothing live can follow
-      closed_ = true;
-    }
-    for (auto& e : live_) {
-      if (closed_) break;
-      if (HistoryHolds(history_, e)) continue;
-      if (e.has_state()) history_.last_state = e.state();
-      if (IsEnd(e)) closed_ = true;
-      history.push_back(std::move(e));
-    }
-    queue_ = std::move(history);
-    live_.clear();
-    history_loaded_ = true;
     WriteNextLocked();
   }
-
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
     writing_ = false;
@@ -170,7 +126,9 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_) return;
     if (!history_loaded_) {
-      live_.push_back(e);
+      // A step is stored before it is published, so the history's pages still to read hold it;
+      // keeping only the rest bounds what a long replay holds.
+      if (!e.has_step()) live_.push_back(e);
       return;
     }
     // The end was queued: the stream sends nothing after it (a failed job publishes its error
@@ -187,8 +145,76 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     WriteNextLocked();
   }
 
+  // The history is sent a page of steps at a time (a long job has hundreds of thousands, too
+  // many to hold for every watcher): the next page is read once the queue has run dry.
+  static constexpr int64_t kStepsPerPage = 1000;
+
+  // Queues the next page of steps, each after the stored events (evaluations, checkpoints) of
+  // the steps before it; after the last page, the rest of the history (FinishHistoryLocked).
+  absl::Status LoadStepsLocked() {
+    auto steps = store_.Steps(record_.id, next_step_, kStepsPerPage);
+    if (!steps.ok()) return steps.status();
+    for (const auto& s : *steps) {
+      QueueStoredThroughLocked(s.step - 1);
+      JobEvent e;
+      e.set_job_id(record_.id);
+      if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
+      *e.mutable_step() = ToProtoStep(s);
+      queue_.push_back(std::move(e));
+      history_.last_step = s.step;
+      next_step_ = s.step + 1;
+    }
+    if (static_cast<int64_t>(steps->size()) < kStepsPerPage) FinishHistoryLocked();
+    return absl::OkStatus();
+  }
+
+  void QueueStoredThroughLocked(int64_t step) {
+    for (; next_stored_ < stored_.size() && stored_[next_stored_].step <= step; ++next_stored_) {
+      JobEvent e;
+      if (!e.ParseFromString(stored_[next_stored_].event)) continue;  // unreadable: not replayed
+      history_.stored.insert(stored_[next_stored_].event);
+      queue_.push_back(std::move(e));
+    }
+  }
+
+  // After the last step: the remaining stored events, the end of a job that had ended when the
+  // stream began, then what arrived live meanwhile and the history does not hold.
+  void FinishHistoryLocked() {
+    QueueStoredThroughLocked(INT64_MAX);
+    stored_.clear();
+    if (IsTerminal(record_.state)) {
+      JobEvent end = StateEvent(record_.id, record_.state, record_.finished_ms);
+      if (record_.state == JobState::kFailed) {
+        JobEvent failed;
+        failed.set_job_id(record_.id);
+        SetTime(failed.mutable_time(), record_.finished_ms);
+        failed.set_failed(record_.error);
+        queue_.push_back(failed);
+      }
+      queue_.push_back(end);
+      history_.last_state = end.state();
+      live_.clear();  // the job is over: nothing live can follow
+      closed_ = true;
+    }
+    for (auto& e : live_) {
+      if (closed_) break;
+      if (HistoryHolds(history_, e)) continue;
+      if (e.has_state()) history_.last_state = e.state();
+      if (IsEnd(e)) closed_ = true;
+      queue_.push_back(std::move(e));
+    }
+    live_.clear();
+    history_loaded_ = true;
+  }
+
   void WriteNextLocked() {
     if (writing_ || finished_) return;
+    if (queue_.empty() && !history_loaded_) {
+      if (auto s = LoadStepsLocked(); !s.ok()) {
+        FinishLocked(ToGrpcStatus(s));
+        return;
+      }
+    }
     if (queue_.empty()) {
       if (ended_) FinishLocked(grpc::Status::OK);
       return;
@@ -217,14 +243,19 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   }
 
   static constexpr size_t kMaxQueued = 10000;
+  JobStore& store_;
   JobEventHub& events_;
   const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
   int64_t subscription_ = 0;
   std::mutex mu_;
   std::deque<JobEvent> queue_;
-  std::deque<JobEvent> live_;  // events that arrived while history was read
-  JobEvent current_;           // the event being written (must outlive StartWrite)
-  WatchHistory history_;       // what the history sent first holds
+  std::deque<JobEvent> live_;        // events other than steps that arrived while history was read
+  JobRecord record_;                 // the job as the stream began
+  std::vector<StoredEvent> stored_;  // its stored events not yet queued, from next_stored_ on
+  size_t next_stored_ = 0;
+  int64_t next_step_ = 0;  // the first step of the history's next page
+  JobEvent current_;       // the event being written (must outlive StartWrite)
+  WatchHistory history_;   // what the history sent first holds
   bool history_loaded_ = false;
   bool closed_ = false;  // the end state is queued: nothing may follow it
   bool writing_ = false;
@@ -275,8 +306,8 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   if (r.finished_ms > 0) SetTime(job->mutable_finished(), r.finished_ms);
   job->set_error(r.error);
   job->set_total_steps(r.total_steps);
-  auto steps = store_.Steps(r.id, 0);
-  if (steps.ok() && !steps->empty()) *job->mutable_last_step() = ToProtoStep(steps->back());
+  auto last = store_.LastStep(r.id);
+  if (last.ok() && last->has_value()) *job->mutable_last_step() = ToProtoStep(**last);
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept
     // them: then only the adapter is known).

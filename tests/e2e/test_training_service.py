@@ -118,6 +118,59 @@ def test_watch_streams_history_then_live_cancellation(service):
     assert stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10).state == pb.JOB_STATE_CANCELLED
 
 
+def test_watch_replays_a_long_history_in_order_from_any_step(tmp_path, stubs):
+    """A job of 2,500 steps (more than one page of the history the stream reads at a time) with
+    an evaluation every 100 steps, written into the job database as the job runner writes them:
+    the watch replays every step once, in order, each evaluation right after its step."""
+    import sqlite3
+
+    pb = stubs.training_pb2
+    d = start_daemon(tmp_path, *HOLD_JOBS)
+    dataset_root(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+            stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
+    finally:
+        stop_daemon(d)
+    steps = 2500
+    with sqlite3.connect(tmp_path / "data" / "jobs.db") as db:
+        db.executemany(
+            "INSERT INTO job_steps (job_id, step, epoch, loss, learning_rate, grad_norm, "
+            "tokens_per_second, step_seconds, elapsed_seconds, eta_seconds, time_ms) "
+            "VALUES (?, ?, 0, ?, 0.0002, 1, 100, 0.1, ?, 0, ?)",
+            [(job.id, n, 1.0 / n, 0.1 * n, 1_700_000_000_000 + n) for n in range(1, steps + 1)])
+        for n in range(100, steps + 1, 100):
+            event = pb.JobEvent(job_id=job.id, eval=pb.EvalMetrics(step=n, validation_loss=2.0 / n))
+            db.execute("INSERT INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?)",
+                       (job.id, n, pb.JobEvent.DESCRIPTOR.fields_by_name["eval"].number,
+                        event.SerializeToString()))
+    d = start_daemon(tmp_path, *HOLD_JOBS)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            for from_step in (0, 1001, 2500):
+                events = list(stub.WatchJob(
+                    pb.WatchJobRequest(job_id=job.id, from_step=from_step), timeout=60))
+                first = max(from_step, 1)
+                expected = [("state", pb.JOB_STATE_QUEUED)]
+                for n in range(first, steps + 1):
+                    expected.append(("step", n))
+                    if n % 100 == 0:
+                        expected.append(("eval", n))
+                expected.append(("state", pb.JOB_STATE_CANCELLED))
+                got = [(e.WhichOneof("event"),
+                        e.state if e.HasField("state") else
+                        e.step.step if e.HasField("step") else e.eval.step) for e in events]
+                assert got == expected, (from_step, got[:5], got[-5:])
+                assert [e.step.loss for e in events if e.HasField("step")][:1] == [1.0 / first]
+            # GetJob's last step is the job's latest, read alone.
+            assert stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).last_step.step == steps
+    finally:
+        stop_daemon(d)
+
+
 def expect_code(call, code, *words):
     with pytest.raises(grpc.RpcError) as err:
         call()

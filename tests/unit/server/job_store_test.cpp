@@ -146,6 +146,18 @@ TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.5);
   EXPECT_EQ((*steps)[1].time_ms, 1764892800123);
   EXPECT_TRUE(std::isnan((*steps)[1].grad_norm));
+  // A page, and the latest step alone.
+  auto page = store->Steps(job->id, 1, 1);
+  ASSERT_TRUE(page.ok());
+  ASSERT_EQ(page->size(), 1u);
+  EXPECT_EQ((*page)[0].step, 1);
+  auto last = store->LastStep(job->id);
+  ASSERT_TRUE(last.ok() && last->has_value());
+  EXPECT_EQ((*last)->step, 3);
+  EXPECT_DOUBLE_EQ((*last)->loss, 1.5);
+  auto none = store->LastStep("job-without-steps");
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
 }
 
 // A database of an older lorad (job_steps without time_ms) gains the column on open; its rows
