@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "engine/model/tokenizer.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/rouge.h"
+#include "engine/train/training_event.h"
 
 namespace lorad::engine {
 
@@ -28,7 +30,18 @@ struct AnsweredExample {
 struct AnswerEvaluation {
   std::vector<AnsweredExample> examples;
   RougeScores mean;  // the mean of each F-measure over the examples
+
+  void Add(AnsweredExample example);
+
+ private:
+  RougeScores sum_;
 };
+
+// One example answered and scored, as EvaluateAnswers does each (the trainer answers one a
+// step, so the GPU loop serves between them); nullopt for a row without a prompt to answer.
+absl::StatusOr<std::optional<AnsweredExample>> AnswerExample(
+    const LlamaModel& model, const LoraAdapter& adapter, const Tokenizer& tokenizer,
+    const TokenizedExample& row, int64_t max_new_tokens, const std::string& end_of_turn);
 
 // Rows are formatted examples: each is answered from its response_start (the prompt before it,
 // the reference from it); rows without one (plain text) are skipped. At most `max_examples` are
@@ -40,5 +53,10 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
                                                  const std::vector<TokenizedExample>& rows,
                                                  int64_t max_examples, int64_t max_new_tokens,
                                                  const std::string& end_of_turn = "");
+
+// eval_report.json's text: the job's step, the validation loss of the weights it publishes (their
+// step), how many examples were held out, and each answered one with its ROUGE scores.
+std::string EvaluationReportJson(int64_t step, const EvalMetrics& loss, size_t held_out,
+                                 const AnswerEvaluation& answers);
 
 }  // namespace lorad::engine

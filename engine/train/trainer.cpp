@@ -27,7 +27,6 @@
 #include "engine/train/optimizer.h"
 #include "engine/train/training_checkpoint.h"
 #include "engine/train/training_data.h"
-#include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 namespace {
@@ -137,13 +136,44 @@ struct Trainer::Impl {
   void PlanStep();
   absl::Status FinishStep();
   // The validation loss. With `interruptible`, ABORTED as soon as Interrupt() is called.
-  absl::StatusOr<EvalMetrics> Evaluate(bool interruptible = false);
-  // The held-out report (validation loss, ROUGE of greedy answers) of the current weights as
-  // eval_report.json; `loss` is their evaluation when one was just made (else it is computed).
-  absl::Status WriteEvaluationReport(TrainingSummary& summary, std::optional<EvalMetrics> loss);
+  // Work that follows an optimizer step runs a piece per Step(), so that the GPU loop serves
+  // between pieces (an evaluation of a large validation split, or the held-out answers, took
+  // minutes in one piece): a periodic evaluation, one validation micro-batch a piece; and once
+  // training ends, the finishing stages (Finishing).
+  struct EvalProgress {
+    size_t next_row = 0;
+    double sum = 0;
+    int64_t tokens = 0;
+  };
+  std::optional<EvalProgress> periodic_eval;  // the evaluation after the step just completed
+  std::optional<EvalMetrics> last_eval;       // the latest evaluation's result
+  struct Finishing {
+    // The last step's evaluation (unless the cadence made it), its checkpoint, the best weights'
+    // evaluation (load_best_at_end), the held-out answers (one example a piece), the files.
+    enum class Stage { kLastEval, kBestEval, kAnswers, kFiles } stage = Stage::kLastEval;
+    bool early_stopped = false;
+    EvalProgress eval;
+    bool best_loaded = false;
+    std::optional<EvalMetrics> scored;  // the evaluation of the weights the job publishes
+    int64_t scored_step = 0;
+    size_t next_answer_row = 0;
+    AnswerEvaluation answers;
+  };
+  std::optional<Finishing> finishing;
+  // One validation micro-batch into `progress`; true once every row is in.
+  absl::StatusOr<bool> EvaluateSome(EvalProgress& progress);
+  EvalMetrics EvaluationOf(const EvalProgress& progress) const;
+  absl::Status ContinuePeriodicEvaluation();
+  // After a step and its evaluation: the end, or a checkpoint when the cadence says so.
+  absl::Status AfterStep(bool early_stop);
+  absl::Status ContinueFinishing();
+  // The held-out report (the validation loss, ROUGE of the greedy answers) as eval_report.json.
+  absl::Status WriteEvaluationReport(TrainingSummary& summary, const EvalMetrics& loss,
+                                     const AnswerEvaluation& answers);
   // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
   // so a resumed job still has it); returns whether it improved on the best.
   absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
+    last_eval = eval;
     TrainingEvent ev;
     ev.kind = TrainingEvent::Kind::kEval;
     ev.eval = eval;
@@ -157,7 +187,9 @@ struct Trainer::Impl {
     }
     return true;
   }
+  // Cancelled: ends now. Else starts the finishing stages (ContinueFinishing ends the job).
   absl::Status Finish(bool cancelled, bool early_stopped);
+  absl::Status EmitFinished(bool cancelled, bool early_stopped, TrainingSummary summary);
   std::string BestAdapterPath() const {
     return (std::filesystem::path(config.output_dir) / "best-adapter").string();
   }
@@ -385,22 +417,15 @@ absl::Status Trainer::Impl::FinishStep() {
         config.max_grad_norm > 0 ? "" : ", or set training.max_grad_norm (clipping is off)"));
   }
 
-  bool early_stop = false;
   if (config.eval_every > 0 && state.step % config.eval_every == 0 && !data->validation().empty() &&
       !interrupt.load()) {
-    auto eval = Evaluate(/*interruptible=*/true);
-    if (absl::IsAborted(eval.status())) return absl::OkStatus();  // the step itself is done
-    if (!eval.ok()) return eval.status();
-    auto improved = ReportEvaluation(*eval);
-    if (!improved.ok()) return improved.status();
-    if (*improved) {
-      state.evals_without_improvement = 0;
-    } else {
-      ++state.evals_without_improvement;
-      early_stop = config.early_stopping_patience > 0 &&
-                   state.evals_without_improvement >= config.early_stopping_patience;
-    }
+    periodic_eval.emplace();  // the next Step() calls go to it
+    return absl::OkStatus();
   }
+  return AfterStep(/*early_stop=*/false);
+}
+
+absl::Status Trainer::Impl::AfterStep(bool early_stop) {
   if (state.step >= total_steps || early_stop) return Finish(false, early_stop);
   if (config.save_every > 0 && state.step % config.save_every == 0) {
     auto path = Checkpoint();
@@ -409,76 +434,76 @@ absl::Status Trainer::Impl::FinishStep() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<EvalMetrics> Trainer::Impl::Evaluate(bool interruptible) {
+absl::Status Trainer::Impl::ContinuePeriodicEvaluation() {
+  // Interrupt(): skipped, and so is what followed it; the next Step() ends the job if it was
+  // the last step.
+  if (interrupt.load()) {
+    periodic_eval.reset();
+    return absl::OkStatus();
+  }
+  auto complete = EvaluateSome(*periodic_eval);
+  if (!complete.ok()) return complete.status();
+  if (!*complete) return absl::OkStatus();
+  const EvalMetrics eval = EvaluationOf(*periodic_eval);
+  periodic_eval.reset();
+  auto improved = ReportEvaluation(eval);
+  if (!improved.ok()) return improved.status();
+  bool early_stop = false;
+  if (*improved) {
+    state.evals_without_improvement = 0;
+  } else {
+    ++state.evals_without_improvement;
+    early_stop = config.early_stopping_patience > 0 &&
+                 state.evals_without_improvement >= config.early_stopping_patience;
+  }
+  return AfterStep(early_stop);
+}
+
+absl::StatusOr<bool> Trainer::Impl::EvaluateSome(EvalProgress& progress) {
   torch::NoGradGuard no_grad;
-  double sum = 0;
-  int64_t tokens = 0;
   const auto& rows = data->validation();
-  ForwardOptions fo;
-  fo.adapter = &adapter;
-  fo.hidden_states = true;
-  for (size_t start = 0; start < rows.size(); start += config.micro_batch_size) {
-    if (interruptible && interrupt.load()) return absl::AbortedError("evaluation interrupted");
+  if (progress.next_row < rows.size()) {
+    ForwardOptions fo;
+    fo.adapter = &adapter;
+    fo.hidden_states = true;
     std::vector<int64_t> idx;
-    for (size_t i = start; i < std::min(rows.size(), start + config.micro_batch_size); ++i) {
+    const size_t end =
+        std::min(rows.size(), progress.next_row + static_cast<size_t>(config.micro_batch_size));
+    for (size_t i = progress.next_row; i < end; ++i) {
       idx.push_back(static_cast<int64_t>(i));
-      tokens += rows[i].TrainedTokens();
+      progress.tokens += rows[i].TrainedTokens();
     }
     MicroBatchTensors mb = MakeBatch(rows, idx);
     auto hidden = model->Forward(mb.batch, nullptr, fo);
     if (!hidden.ok()) return hidden.status();
-    sum += ChunkedCrossEntropySum(hidden->reshape({-1, hidden->size(2)}), model->lm_head(),
-                                  mb.targets, config.loss_chunk_tokens, kIgnoreLabel)
-               .item<double>();
+    progress.sum += ChunkedCrossEntropySum(hidden->reshape({-1, hidden->size(2)}), model->lm_head(),
+                                           mb.targets, config.loss_chunk_tokens, kIgnoreLabel)
+                        .item<double>();
+    progress.next_row = end;
   }
+  return progress.next_row >= rows.size();
+}
+
+EvalMetrics Trainer::Impl::EvaluationOf(const EvalProgress& progress) const {
   EvalMetrics m;
   m.step = state.step;
-  m.tokens = tokens;
-  m.loss = sum / static_cast<double>(std::max<int64_t>(1, tokens));
+  m.tokens = progress.tokens;
+  m.loss = progress.sum / static_cast<double>(std::max<int64_t>(1, progress.tokens));
   return m;
 }
 
-absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary,
-                                                  std::optional<EvalMetrics> loss) {
-  if (!loss) {
-    auto evaluated = Evaluate();
-    if (!evaluated.ok()) return evaluated.status();
-    loss = *evaluated;
-  }
-  auto answers = EvaluateAnswers(*model, adapter, *tokenizer, data->validation(), kAnsweredExamples,
-                                 /*max_new_tokens=*/128, end_of_turn);
-  if (!answers.ok()) return answers.status();
-  // ROUGE is null, not 0, when no held-out example had a prompt to answer (plain text).
-  const bool answered = !answers->examples.empty();
-  auto score = [&](double v) { return answered ? nlohmann::json(v) : nlohmann::json(); };
-  nlohmann::json report = {{"step", state.step},
-                           {"adapter_step", loss->step},
-                           {"validation_loss", loss->loss},
-                           {"validation_tokens", loss->tokens},
-                           {"held_out", data->validation().size()},
-                           {"answered", answers->examples.size()},
-                           {"rouge1", score(answers->mean.rouge1)},
-                           {"rouge2", score(answers->mean.rouge2)},
-                           {"rougeL", score(answers->mean.rouge_l)},
-                           {"examples", nlohmann::json::array()}};
-  for (const AnsweredExample& e : answers->examples) {
-    report["examples"].push_back({{"line", e.line},
-                                  {"prediction", e.prediction},
-                                  {"reference", e.reference},
-                                  {"rouge1", e.scores.rouge1},
-                                  {"rouge2", e.scores.rouge2},
-                                  {"rougeL", e.scores.rouge_l}});
-  }
+absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary, const EvalMetrics& loss,
+                                                  const AnswerEvaluation& answers) {
   std::error_code ec;
   std::filesystem::create_directories(config.output_dir, ec);  // a write below names a failure
   const std::filesystem::path path = std::filesystem::path(config.output_dir) / "eval_report.json";
   const std::string text =
-      report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+      EvaluationReportJson(state.step, loss, data->validation().size(), answers);
   if (auto st = WriteFileAtomically(path.string(), text); !st.ok()) return st;
   summary.eval_report_path = path.string();
-  summary.eval_loss = loss->loss;
-  summary.rouge = answers->mean;
-  summary.answered = static_cast<int64_t>(answers->examples.size());
+  summary.eval_loss = loss.loss;
+  summary.rouge = answers.mean;
+  summary.answered = static_cast<int64_t>(answers.examples.size());
   summary.has_eval_report = true;
   return absl::OkStatus();
 }
@@ -524,54 +549,99 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
 }
 
 absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
-  TrainingEvent e;
-  e.kind = TrainingEvent::Kind::kFinished;
-  TrainingSummary& s = e.summary;
-  if (!cancelled) {
-    // The last step's evaluation (unless the eval_every cadence made it) counts for the best, and
-    // its event precedes the last checkpoint's, as a cadence evaluation's does (and as a replayed
-    // history orders them).
-    std::optional<EvalMetrics> scored;
-    if (!data->validation().empty() &&
-        !(config.eval_every > 0 && state.step % config.eval_every == 0)) {
-      auto last = Evaluate();
-      if (!last.ok()) return last.status();
-      if (auto st = ReportEvaluation(*last); !st.ok()) return st.status();
-      scored = *last;
+  if (cancelled) return EmitFinished(true, early_stopped, TrainingSummary());
+  if (!finishing) {
+    finishing.emplace();
+    finishing->early_stopped = early_stopped;
+    finishing->scored_step = state.step;
+  }
+  return ContinueFinishing();
+}
+
+absl::Status Trainer::Impl::ContinueFinishing() {
+  Finishing& f = *finishing;
+  const bool validating = !data->validation().empty();
+  // A stage returns after a piece of work (a validation micro-batch, an answer), and goes on to
+  // the next one when it has none left.
+  if (f.stage == Finishing::Stage::kLastEval) {
+    // The last step's evaluation counts for the best, and its event precedes the last
+    // checkpoint's, as a cadence evaluation's does (and as a replayed history orders them). The
+    // cadence's own is reused, not repeated.
+    const bool cadence = config.eval_every > 0 && state.step % config.eval_every == 0;
+    if (validating && last_eval && last_eval->step == state.step) {
+      f.scored = last_eval;
+    } else if (validating) {
+      auto complete = EvaluateSome(f.eval);
+      if (!complete.ok()) return complete.status();
+      if (!*complete) return absl::OkStatus();
+      f.scored = EvaluationOf(f.eval);
+      if (!cadence) {
+        if (auto st = ReportEvaluation(*f.scored); !st.ok()) return st.status();
+      }
     }
     auto path = Checkpoint();  // the last step's weights: what a resume continues from
     if (!path.ok()) return path.status();
-    // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so the
-    // held-out report scores, and the merged model holds, what the job publishes.
-    int64_t scored_step = state.step;
+    f.stage = Finishing::Stage::kBestEval;
+    f.eval = EvalProgress();
+  }
+  if (f.stage == Finishing::Stage::kBestEval) {
+    // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so
+    // the held-out report scores, and the merged model holds, what the job publishes.
     if (config.load_best_at_end && state.has_eval && state.best_eval_step != state.step &&
-        std::filesystem::exists(BestAdapterPath())) {
-      auto best = LoraAdapter::ReadPeft(BestAdapterPath());
-      if (!best.ok()) return best.status();
-      if (auto st = LoadWeights(*best); !st.ok()) return st;
-      auto evaluated = Evaluate();
-      if (!evaluated.ok()) return evaluated.status();
-      scored = *evaluated;
-      scored->step = state.best_eval_step;  // the weights' step, not the job's
-      scored_step = state.best_eval_step;
+        (f.best_loaded || std::filesystem::exists(BestAdapterPath()))) {
+      if (!f.best_loaded) {
+        auto best = LoraAdapter::ReadPeft(BestAdapterPath());
+        if (!best.ok()) return best.status();
+        if (auto st = LoadWeights(*best); !st.ok()) return st;
+        f.best_loaded = true;
+      }
+      auto complete = EvaluateSome(f.eval);
+      if (!complete.ok()) return complete.status();
+      if (!*complete) return absl::OkStatus();
+      f.scored = EvaluationOf(f.eval);
+      f.scored->step = state.best_eval_step;  // the weights' step, not the job's
+      f.scored_step = state.best_eval_step;
     }
-    if (!data->validation().empty()) {
-      if (auto st = WriteEvaluationReport(s, scored); !st.ok()) return st;
-    }
-    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-    s.adapter_step = scored_step;
-    const LoraAdapter final_adapter = AdapterCopy();
-    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
-    if (!config.export_merged_dtype.empty()) {
-      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-      if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,
-                                     config.export_merged_dtype);
-          !st.ok()) {
-        return st;
+    f.stage = validating ? Finishing::Stage::kAnswers : Finishing::Stage::kFiles;
+  }
+  if (f.stage == Finishing::Stage::kAnswers) {
+    // One held-out example a piece (up to 128 greedy tokens each).
+    const auto& rows = data->validation();
+    while (f.next_answer_row < rows.size() &&
+           static_cast<int64_t>(f.answers.examples.size()) < kAnsweredExamples) {
+      auto answered = AnswerExample(*model, adapter, *tokenizer, rows[f.next_answer_row++],
+                                    /*max_new_tokens=*/128, end_of_turn);
+      if (!answered.ok()) return answered.status();
+      if (answered->has_value()) {
+        f.answers.Add(**std::move(answered));
+        return absl::OkStatus();
       }
     }
+    f.stage = Finishing::Stage::kFiles;
   }
+  TrainingSummary s;
+  if (validating) {
+    if (auto st = WriteEvaluationReport(s, *f.scored, f.answers); !st.ok()) return st;
+  }
+  s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+  s.adapter_step = f.scored_step;
+  const LoraAdapter final_adapter = AdapterCopy();
+  if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+  if (!config.export_merged_dtype.empty()) {
+    s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+    if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,
+                                   config.export_merged_dtype);
+        !st.ok()) {
+      return st;
+    }
+  }
+  return EmitFinished(false, f.early_stopped, std::move(s));
+}
+
+absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, TrainingSummary s) {
   done = true;
+  TrainingEvent e;
+  e.kind = TrainingEvent::Kind::kFinished;
   s.steps = state.step;
   s.epochs = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
   s.runtime_s = seconds_before_this_run + Seconds(Clock::now() - job_start);
@@ -584,6 +654,7 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
   s.skipped_records = data->skipped_records();
   s.dropped_examples = data->dropped();
   s.truncated_examples = data->truncated();
+  e.summary = std::move(s);
   Emit(e);
   return absl::OkStatus();
 }
@@ -679,6 +750,8 @@ absl::Status Trainer::Step() {
       t.resumed_from.clear();
       t.Emit(resumed);
     }
+    if (t.finishing) return t.ContinueFinishing();
+    if (t.periodic_eval) return t.ContinuePeriodicEvaluation();
     // Resumed from the checkpoint its end writes first (the process stopped before the adapter
     // was written): nothing is left to train, only the end.
     if (t.micro_in_step == 0 && t.state.step >= t.total_steps) return t.Finish(false, false);

@@ -11,9 +11,11 @@
 // config.init_adapter_path) and, with config.resume, continues from the newest checkpoint in
 // config.output_dir. Each Step() runs one micro-batch (forward with LoRA, chunked cross entropy,
 // backward into the LoRA weights only); the grad_accum-th micro-batch of an optimizer step also
-// clips the gradient norm, steps the optimizer at the schedule's rate and emits a kStep event,
-// then evaluates (eval_every), checkpoints (save_every) and, after the last step, writes the
-// final checkpoint and <output_dir>/adapter/ and emits kFinished.
+// clips the gradient norm, steps the optimizer at the schedule's rate and emits a kStep event.
+// The work after a step comes in pieces, one per Step() call, so that the GPU loop serves
+// between them: an evaluation (eval_every) one validation micro-batch a call, then the
+// checkpoint (save_every); after the last step, the last evaluation, the final checkpoint, the
+// held-out answers (one example a call), then <output_dir>/adapter/ and kFinished.
 //
 // Loss: per optimizer step, the token-weighted mean over all its micro-batches (the sum of token
 // losses / the step's trained tokens), as transformers' Trainer computes it with gradient

@@ -299,13 +299,14 @@ TEST_F(TrainerTest, InterruptSkipsEvaluationsButNotTraining) {
   auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
                            [&](const TrainingEvent& e) { events.push_back(e); });
   ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
   auto evals = [&] {
     int n = 0;
     for (const auto& e : events) n += e.kind == TrainingEvent::Kind::kEval;
     return n;
   };
-  EXPECT_EQ(evals(), 2);
+  // An evaluation runs a validation micro-batch per Step(), after its step.
+  while (evals() < 2) ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_EQ((*t)->step(), 2);
   (*t)->Interrupt();
   while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
   EXPECT_EQ(evals(), 2) << "an interrupted job evaluates no more";
@@ -485,6 +486,47 @@ TEST_F(TrainerTest, ValidationLossOfTheLastStepIsReportedWithoutACadence) {
   EXPECT_DOUBLE_EQ(summary.best_loss, summary.eval_loss);
 }
 
+// The GPU loop serves between Step() calls: an evaluation runs one validation micro-batch a call
+// and the end one held-out answer a call, instead of all of it in the call of the last step.
+TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
+  TrainingJobConfig config = Config("pieces");
+  config.data.validation_fraction = 0.25;  // 4 of the 16 examples
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.eval_every = 2;
+  config.max_steps = 2;
+  std::vector<TrainingEvent> events;
+  std::vector<size_t> events_after_call;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while (!(*t)->done()) {
+    ASSERT_TRUE((*t)->Step().ok());
+    events_after_call.push_back(events.size());
+  }
+  auto call_of = [&](TrainingEvent::Kind kind) {  // the Step() call that emitted it
+    for (size_t e = 0; e < events.size(); ++e) {
+      if (events[e].kind != kind) continue;
+      for (size_t c = 0; c < events_after_call.size(); ++c) {
+        if (events_after_call[c] > e) return static_cast<int64_t>(c);
+      }
+    }
+    return int64_t{-1};
+  };
+  // Calls 0 and 1 train steps 1 and 2; 2..5 evaluate the 4 validation rows, the last of them
+  // then checkpoints and answers the first held-out example; 6..8 answer the other three; 9
+  // writes the files.
+  EXPECT_EQ(call_of(TrainingEvent::Kind::kEval), 5);
+  EXPECT_EQ(call_of(TrainingEvent::Kind::kCheckpoint), 5);
+  EXPECT_EQ(events_after_call.size(), 10u);
+  const TrainingSummary& summary = events.back().summary;
+  EXPECT_EQ(summary.answered, 4);
+  // The pieces add up to the evaluation the held-out report holds.
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kEval) EXPECT_DOUBLE_EQ(e.eval.loss, summary.eval_loss);
+  }
+}
+
 TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
   TrainingJobConfig config = Config("diverge");
   config.lora.alpha = 1e6;  // the largest scale allowed: no update survives it
@@ -552,8 +594,8 @@ TEST_F(TrainerTest, AJobStoppedAfterItsFinalCheckpointEndsWhenResumed) {
                            [&](const TrainingEvent& e) { events.push_back(e); });
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_TRUE((*t)->resumed());
-  const absl::Status stepped = (*t)->Step();
-  ASSERT_TRUE(stepped.ok()) << stepped;
+  const absl::Status finished = (*t)->Run();  // the finishing stages, a piece per Step()
+  ASSERT_TRUE(finished.ok()) << finished;
   EXPECT_TRUE((*t)->done());
   ASSERT_FALSE(events.empty());
   EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
