@@ -76,6 +76,9 @@ TrainingJobConfig TinyJob(const std::string& output_dir, int64_t max_steps) {
   config.warmup_steps = 2;
   config.max_seq_length = 128;
   config.seed = 11;
+  // Evaluations and the held-out answers run a piece per loop turn, beside the requests.
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 5;
   config.output_dir = output_dir;
   return config;
 }
