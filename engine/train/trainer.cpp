@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <optional>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "engine/train/chunked_cross_entropy.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/lr_schedule.h"
+#include "engine/train/micro_batch.h"
 #include "engine/train/optimizer.h"
 #include "engine/train/training_checkpoint.h"
 #include "engine/train/training_data.h"
@@ -38,38 +40,6 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kAnsweredExamples = 32;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-// One micro-batch as tensors. Rows right-padded with token 0 (never attended nor scored).
-struct MicroBatchTensors {
-  ForwardBatch batch;
-  torch::Tensor targets;  // [B * T] int64: the label of position t + 1, kIgnoreLabel elsewhere
-  int64_t input_tokens = 0;
-};
-
-MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
-                            const std::vector<int64_t>& indices) {
-  int64_t width = 0;
-  for (int64_t i : indices) {
-    width = std::max<int64_t>(width, static_cast<int64_t>(rows[i].input_ids.size()));
-  }
-  const int64_t b = static_cast<int64_t>(indices.size());
-  torch::Tensor ids = torch::zeros({b, width}, torch::kLong);
-  torch::Tensor targets = torch::full({b, width}, kIgnoreLabel, torch::kLong);
-  auto ids_a = ids.accessor<int64_t, 2>();
-  auto targets_a = targets.accessor<int64_t, 2>();
-  MicroBatchTensors out;
-  for (int64_t r = 0; r < b; ++r) {
-    const TokenizedExample& e = rows[indices[r]];
-    const int64_t n = static_cast<int64_t>(e.input_ids.size());
-    for (int64_t t = 0; t < n; ++t) ids_a[r][t] = e.input_ids[t];
-    for (int64_t t = 0; t + 1 < n; ++t) targets_a[r][t] = e.labels[t + 1];
-    out.batch.lengths.push_back(n);
-    out.input_tokens += n;
-  }
-  out.batch.input_ids = ids;
-  out.targets = targets.view({-1});
-  return out;
-}
 
 // The formatter a job's examples go through. A model with a sliding window is exact only on
 // sequences that fit in it (ModelConfig): config.max_seq_length is capped at the window.
@@ -158,6 +128,9 @@ struct Trainer::Impl {
     int64_t scored_step = 0;
     size_t next_answer_row = 0;
     AnswerEvaluation answers;
+    bool files_written = false;  // the report and the adapter; the merged export may go on
+    std::future<absl::Status> merged_export;
+    TrainingSummary summary;
   };
   std::optional<Finishing> finishing;
   // One validation micro-batch into `progress`; true once every row is in.
@@ -619,21 +592,32 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     }
     f.stage = Finishing::Stage::kFiles;
   }
-  TrainingSummary s;
-  if (validating) {
-    if (auto st = WriteEvaluationReport(s, *f.scored, f.answers); !st.ok()) return st;
-  }
-  s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
-  s.adapter_step = f.scored_step;
-  const LoraAdapter final_adapter = AdapterCopy();
-  if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
-  if (!config.export_merged_dtype.empty()) {
-    s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-    if (auto st = WriteMergedModel(model_folder, final_adapter, s.merged_path,
-                                   config.export_merged_dtype);
-        !st.ok()) {
-      return st;
+  TrainingSummary& s = f.summary;
+  if (!f.files_written) {
+    if (validating) {
+      if (auto st = WriteEvaluationReport(s, *f.scored, f.answers); !st.ok()) return st;
     }
+    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    s.adapter_step = f.scored_step;
+    LoraAdapter final_adapter = AdapterCopy();  // on the host
+    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    if (!config.export_merged_dtype.empty()) {
+      // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
+      // large model a minute of it, on a thread of its own while the loop serves.
+      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+      f.merged_export = std::async(std::launch::async,
+                                   [folder = model_folder, adapter = std::move(final_adapter),
+                                    path = s.merged_path, dtype = config.export_merged_dtype] {
+                                     return WriteMergedModel(folder, adapter, path, dtype);
+                                   });
+    }
+    f.files_written = true;
+  }
+  if (f.merged_export.valid()) {
+    if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
+      return absl::OkStatus();
+    }
+    if (auto st = f.merged_export.get(); !st.ok()) return st;
   }
   return EmitFinished(false, f.early_stopped, std::move(s));
 }
@@ -750,16 +734,22 @@ absl::Status Trainer::Step() {
       t.resumed_from.clear();
       t.Emit(resumed);
     }
-    if (t.finishing) return t.ContinueFinishing();
-    if (t.periodic_eval) return t.ContinuePeriodicEvaluation();
-    // Resumed from the checkpoint its end writes first (the process stopped before the adapter
-    // was written): nothing is left to train, only the end.
-    if (t.micro_in_step == 0 && t.state.step >= t.total_steps) return t.Finish(false, false);
-    if (t.micro_in_step == 0 && t.config.early_stopping_patience > 0 &&
-        t.state.evals_without_improvement >= t.config.early_stopping_patience) {
-      return t.Finish(false, /*early_stopped=*/true);
+    absl::Status s;
+    if (t.finishing) {
+      s = t.ContinueFinishing();
+    } else if (t.periodic_eval) {
+      s = t.ContinuePeriodicEvaluation();
+    } else if (t.micro_in_step == 0 && t.state.step >= t.total_steps) {
+      // Resumed from the checkpoint its end writes first (the process stopped before the
+      // adapter was written): nothing is left to train, only the end.
+      s = t.Finish(false, false);
+    } else if (t.micro_in_step == 0 && t.config.early_stopping_patience > 0 &&
+               t.state.evals_without_improvement >= t.config.early_stopping_patience) {
+      s = t.Finish(false, /*early_stopped=*/true);
+    } else {
+      s = t.StepOrThrow();
     }
-    if (auto s = t.StepOrThrow(); !s.ok()) return t.Fail(s);
+    if (!s.ok()) return t.Fail(s);
   } catch (const c10::Error& e) {
     return t.Fail(absl::InternalError(
         absl::StrCat("training step ", t.state.step + 1, " failed: ", e.what_without_backtrace())));
