@@ -18,7 +18,10 @@ mkdir -p "$DEPS" "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 # A results-file line saying which base the transformers baseline has (hf_baseline.py --base auto).
 baseline_note() {
-  if "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
+  if [ -n "${BENCH_BASELINES:-}" ] && [[ " $BENCH_BASELINES " != *" nf4 "* ]] &&
+    [[ " $BENCH_BASELINES " != *" auto "* ]]; then
+    echo "# the baseline's base model is bf16 (BENCH_BASELINES=$BENCH_BASELINES), not 4-bit"
+  elif "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
     echo "# bitsandbytes $("$PY" -c 'import bitsandbytes; print(bitsandbytes.__version__)') carried: the baseline's base model is 4-bit NF4 (QLoRA)"
   else
     echo "# bitsandbytes is NOT installed on this machine: the baseline's base model is bf16, not 4-bit"
