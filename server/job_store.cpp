@@ -161,6 +161,25 @@ StoredEvent ReadEvent(Statement& s) {
   return {s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)};
 }
 
+constexpr const char* kStepColumns =
+    "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, step_seconds, "
+    "elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE job_id = ? ";
+
+StepRecord ReadStep(Statement& s) {
+  StepRecord r;
+  r.step = s.Int(0);
+  r.epoch = s.Double(1);
+  r.loss = s.Double(2);
+  r.learning_rate = s.Double(3);
+  r.grad_norm = s.Double(4);
+  r.tokens_per_second = s.Double(5);
+  r.step_seconds = s.Double(6);
+  r.elapsed_seconds = s.Double(7);
+  r.eta_seconds = s.Double(8);
+  r.time_ms = s.Int(9);
+  return r;
+}
+
 JobRecord ReadJob(Statement& s) {
   JobRecord r;
   r.id = s.Blob(0);
@@ -475,29 +494,6 @@ absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps)
   return s.Run();
 }
 
-namespace {
-
-constexpr const char* kStepColumns =
-    "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, step_seconds, "
-    "elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE job_id = ? ";
-
-StepRecord StepOfRow(Statement& s) {
-  StepRecord r;
-  r.step = s.Int(0);
-  r.epoch = s.Double(1);
-  r.loss = s.Double(2);
-  r.learning_rate = s.Double(3);
-  r.grad_norm = s.Double(4);
-  r.tokens_per_second = s.Double(5);
-  r.step_seconds = s.Double(6);
-  r.elapsed_seconds = s.Double(7);
-  r.eta_seconds = s.Double(8);
-  r.time_ms = s.Int(9);
-  return r;
-}
-
-}  // namespace
-
 absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step,
                                                         int64_t limit) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -506,7 +502,7 @@ absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, i
   s.BindText(1, id).Bind(2, from_step).Bind(3, limit > 0 ? limit : int64_t{-1});
   std::vector<StepRecord> steps;
   int rc;
-  while ((rc = s.Step()) == SQLITE_ROW) steps.push_back(StepOfRow(s));
+  while ((rc = s.Step()) == SQLITE_ROW) steps.push_back(ReadStep(s));
   if (rc != SQLITE_DONE) return s.StepError();
   return steps;
 }
@@ -516,7 +512,7 @@ absl::StatusOr<std::optional<StepRecord>> JobStore::LastStep(const std::string& 
   Statement s(db_, absl::StrCat(kStepColumns, "ORDER BY step DESC LIMIT 1;"));
   s.BindText(1, id);
   const int rc = s.Step();
-  if (rc == SQLITE_ROW) return std::optional<StepRecord>(StepOfRow(s));
+  if (rc == SQLITE_ROW) return std::optional<StepRecord>(ReadStep(s));
   if (rc != SQLITE_DONE) return s.StepError();
   return std::optional<StepRecord>();
 }
