@@ -321,6 +321,7 @@ void Engine::Impl::StopTrainers() {
   // micro-batches); a job its user cancelled ends at once.
   for (ActiveTrainer& active : trainers) {
     Trainer& trainer = *active.trainer;
+    trainer.Interrupt();  // an evaluation under way is skipped, as StopTraining asks
     while (!trainer.done() && !trainer.cancelled() && !trainer.at_step_boundary() &&
            trainer.Step().ok()) {
     }

@@ -22,6 +22,7 @@
 #include "engine/runtime/file_fingerprint.h"
 #include "engine/runtime/random_state.h"
 #include "engine/train/answer_evaluation.h"
+#include "engine/train/checkpoint_folders.h"
 #include "engine/train/chunked_cross_entropy.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/lr_schedule.h"
@@ -721,7 +722,9 @@ absl::Status Trainer::Step() {
     }
   } installed(t);
   try {
-    if (t.cancel.load()) {
+    // Once its files are written the job is done but for the merged export: a cancel then
+    // would report a written adapter as cancelled, and wait for the export at destruction.
+    if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       return t.Finish(/*cancelled=*/true, false);
     }
@@ -775,6 +778,11 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   if (!at_step_boundary()) {
     return absl::FailedPreconditionError(
         "a checkpoint can only be written between optimizer steps");
+  }
+  // Past the last evaluation the end has written the last step's checkpoint, and the weights
+  // may be the best evaluation's by now (load_best_at_end): that checkpoint stays as it is.
+  if (impl_->finishing && impl_->finishing->stage != Impl::Finishing::Stage::kLastEval) {
+    return CheckpointPath(impl_->config.output_dir, impl_->state.step);
   }
   return impl_->Checkpoint();
 }

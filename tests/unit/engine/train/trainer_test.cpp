@@ -1,6 +1,7 @@
 #include "engine/train/trainer.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -9,9 +10,11 @@
 #include <fstream>
 #include <functional>
 #include <set>
+#include <thread>
 
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/llama_model.h"
+#include "engine/model/model_weights.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/answer_evaluation.h"
 #include "engine/train/dataset_reader.h"
@@ -88,6 +91,11 @@ class TrainerTest : public ::testing::Test {
   std::unique_ptr<Tokenizer> tokenizer_;
   fs::path out_;
 };
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
 
 std::vector<double> Losses(const std::vector<TrainingEvent>& events) {
   std::vector<double> out;
@@ -525,6 +533,92 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
   for (const auto& e : events) {
     if (e.kind == TrainingEvent::Kind::kEval) EXPECT_DOUBLE_EQ(e.eval.loss, summary.eval_loss);
   }
+}
+
+// Once its report and adapter are written a job only waits for its merged export: a cancel (or a
+// shutdown's) then still ends it as finished, with the export written, rather than reporting a
+// written adapter as cancelled and leaving the export to block the trainer's destruction.
+TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
+  // The model folder's weight index is a FIFO: the export waits on it until it is written.
+  const fs::path slow = out_ / "slow-model";
+  fs::create_directories(slow);
+  for (const auto& f : fs::directory_iterator(model_dir_)) {
+    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
+  }
+  fs::create_symlink(fs::path(model_dir_) / "model.safetensors", slow / "weights.safetensors");
+  ASSERT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  TrainingJobConfig config = Config("cancel-export");
+  config.max_steps = 2;
+  config.export_merged_dtype = "float32";
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, slow.string(), config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  const fs::path adapter = fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors";
+  while (!fs::exists(adapter)) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_FALSE((*t)->done());
+  std::thread index_writer([&] {
+    auto weights = ModelWeights::Open(model_dir_);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    nlohmann::json index;
+    for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
+    std::ofstream(slow / "model.safetensors.index.json") << index.dump();
+  });
+  const absl::Status ran = (*t)->Run();
+  index_writer.join();
+  ASSERT_TRUE(ran.ok()) << ran;
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_FALSE(events.back().summary.cancelled);
+  EXPECT_TRUE(fs::exists(fs::path(events.back().summary.merged_path) / "config.json"));
+}
+
+// A shutdown's checkpoint during a job's end (after the best evaluation's weights replaced the
+// last step's, with load_best_at_end) keeps the end's checkpoint of the last step: a resume
+// reports the last step's evaluation as the first run did.
+TEST_F(TrainerTest, ACheckpointDuringTheEndKeepsTheLastStepsWeights) {
+  TrainingJobConfig config = Config("checkpoint-during-end");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.learning_rate = 0.7;  // step 3 evaluates worse than step 2: the best is step 2's
+  config.max_steps = 3;
+  config.load_best_at_end = true;
+  std::vector<TrainingEvent> first, second;
+  auto eval_of = [](const std::vector<TrainingEvent>& events, int64_t step) {
+    for (const auto& e : events) {
+      if (e.kind == TrainingEvent::Kind::kEval && e.eval.step == step) return e.eval.loss;
+    }
+    return -1.0;
+  };
+  const std::string last =
+      CheckpointPath(config.output_dir, 3) + "/adapter/adapter_model.safetensors";
+  std::string written;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    while (!fs::exists(last)) ASSERT_TRUE((*t)->Step().ok());
+    ASSERT_GT(eval_of(first, 3), eval_of(first, 2)) << "the test needs step 2 to be the best";
+    written = ReadFile(last);
+    ASSERT_TRUE((*t)->Step().ok());  // the best weights loaded, a first validation micro-batch
+    ASSERT_FALSE((*t)->done());
+    // Engine::StopTrainers:
+    ASSERT_TRUE((*t)->at_step_boundary());
+    ASSERT_TRUE((*t)->SaveCheckpoint().ok());
+    (*t)->Cancel();
+    ASSERT_TRUE((*t)->Step().ok());
+    ASSERT_TRUE((*t)->done());
+  }
+  EXPECT_EQ(ReadFile(last), written) << "checkpoint-3 no longer holds step 3's weights";
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  EXPECT_DOUBLE_EQ(eval_of(second, 3), eval_of(first, 3));
+  EXPECT_FALSE(second.back().summary.cancelled);
+  EXPECT_EQ(second.back().summary.adapter_step, 2);
 }
 
 TEST_F(TrainerTest, DivergenceStopsTheJobAtTheFirstNonFiniteLoss) {
