@@ -57,6 +57,13 @@ absl::StatusOr<ExampleFormatter> FormatterFor(const LlamaModel& model, const Tok
   return ExampleFormatter::Create(tokenizer, model_folder, fo);
 }
 
+// The files a job reads: its dataset, and its validation file when it has one.
+std::vector<std::string> DatasetFiles(const TrainingJobConfig& config) {
+  std::vector<std::string> files = {config.data.path};
+  if (!config.data.validation_path.empty()) files.push_back(config.data.validation_path);
+  return files;
+}
+
 }  // namespace
 
 struct Trainer::PreparedData {
@@ -106,7 +113,6 @@ struct Trainer::Impl {
   absl::Status StepOrThrow();
   void PlanStep();
   absl::Status FinishStep();
-  // The validation loss. With `interruptible`, ABORTED as soon as Interrupt() is called.
   // Work that follows an optimizer step runs a piece per Step(), so that the GPU loop serves
   // between pieces (an evaluation of a large validation split, or the held-out answers, took
   // minutes in one piece): a periodic evaluation, one validation micro-batch a piece; and once
@@ -237,10 +243,8 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   const std::string& fingerprint = prepared.dataset_fingerprint;
   if (checkpoint && !state.dataset_fingerprint.empty() &&
       state.dataset_fingerprint != fingerprint) {
-    std::vector<std::string> dataset_files = {config.data.path};
-    if (!config.data.validation_path.empty()) dataset_files.push_back(config.data.validation_path);
     return absl::FailedPreconditionError(absl::StrCat(
-        "the dataset (", absl::StrJoin(dataset_files, ", "),
+        "the dataset (", absl::StrJoin(DatasetFiles(config), ", "),
         ") changed since the job started: ", resumed_from,
         " was trained on other contents, and resuming would train the rest of the "
         "job on other examples; put the original file back to resume, or submit a new job"));
@@ -669,9 +673,7 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   prepared->end_of_turn = formatter->end_of_turn();
   // Fingerprinted before the read: a file changed during it then fails the next resume's check
   // rather than passing it with examples of two versions.
-  std::vector<std::string> dataset_files = {c.data.path};
-  if (!c.data.validation_path.empty()) dataset_files.push_back(c.data.validation_path);
-  auto fingerprint = FilesFingerprint(dataset_files, abandon);
+  auto fingerprint = FilesFingerprint(DatasetFiles(c), abandon);
   if (!fingerprint.ok()) return fingerprint.status();
   prepared->dataset_fingerprint = *std::move(fingerprint);
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
