@@ -9,59 +9,94 @@
 
 namespace lorad::engine {
 
-absl::StatusOr<std::optional<AnsweredExample>> AnswerExample(
-    const LlamaModel& model, const LoraAdapter& adapter, const Tokenizer& tokenizer,
-    const TokenizedExample& row, int64_t max_new_tokens, const std::string& end_of_turn) {
-  // The reply's text: its tokens up to the end-of-turn token (a special token that decoding
-  // would drop, so it is found by id first), decoded, then cut at the end-of-turn text (which
-  // may span several tokens); all of it without an end of turn.
-  const auto reply = [&](std::vector<int32_t> ids) {
-    if (!end_of_turn.empty()) {
-      auto end = std::find_if(ids.begin(), ids.end(),
-                              [&](int32_t id) { return tokenizer.Piece(id) == end_of_turn; });
-      ids.erase(end, ids.end());
-    }
-    std::string text = tokenizer.Decode(ids, /*skip_special_tokens=*/true);
-    if (!end_of_turn.empty()) text = text.substr(0, text.find(end_of_turn));
-    return text;
-  };
-  if (row.response_start <= 0) return std::optional<AnsweredExample>();  // no prompt to answer
+absl::StatusOr<std::optional<ExampleAnswerer>> ExampleAnswerer::Start(const LlamaModel& model,
+                                                                      const Tokenizer& tokenizer,
+                                                                      const TokenizedExample& row,
+                                                                      int64_t max_new_tokens,
+                                                                      std::string end_of_turn) {
+  if (row.response_start <= 0) return std::optional<ExampleAnswerer>();  // no prompt to answer
+  const int64_t budget = std::min<int64_t>(
+      max_new_tokens, model.config().max_position_embeddings - row.response_start);
+  if (budget <= 0) return std::optional<ExampleAnswerer>();
+  ExampleAnswerer a;
+  a.model_ = &model;
+  a.tokenizer_ = &tokenizer;
+  a.row_ = &row;
+  a.end_of_turn_ = std::move(end_of_turn);
+  a.budget_ = budget;
+  try {
+    auto cache = model.NewCache(1, row.response_start + budget);
+    if (!cache.ok()) return cache.status();
+    a.cache_ = *std::move(cache);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("answering held-out prompts: ", e.what_without_backtrace()));
+  }
+  a.next_input_.assign(row.input_ids.begin(), row.input_ids.begin() + row.response_start);
+  return std::optional<ExampleAnswerer>(std::move(a));
+}
+
+absl::StatusOr<std::optional<AnsweredExample>> ExampleAnswerer::Advance(
+    const LoraAdapter& adapter) {
+  if (forwards_ >= budget_) return std::optional<AnsweredExample>(Scored());
   try {
     torch::NoGradGuard no_grad;
-    const std::vector<int64_t> prompt(row.input_ids.begin(),
-                                      row.input_ids.begin() + row.response_start);
-    const std::vector<int32_t> response(row.input_ids.begin() + row.response_start,
-                                        row.input_ids.end());
-    const int64_t budget =
-        std::min<int64_t>(max_new_tokens, model.config().max_position_embeddings -
-                                              static_cast<int64_t>(prompt.size()));
-    if (budget <= 0) return std::optional<AnsweredExample>();
-    auto cache = model.NewCache(1, static_cast<int64_t>(prompt.size()) + budget);
-    if (!cache.ok()) return cache.status();
     ForwardOptions options;
     options.adapter = &adapter;
     options.logits = LogitsMode::kLast;
     ForwardBatch batch;
-    batch.input_ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);
-    std::vector<int32_t> generated;
-    for (int64_t step = 0; step < budget; ++step) {
-      auto logits = model.Forward(batch, cache->get(), options);
-      if (!logits.ok()) return logits.status();
-      const auto next = static_cast<int32_t>(logits->argmax(-1).item<int64_t>());
-      if (tokenizer.IsEos(next)) break;
-      generated.push_back(next);
-      if (!end_of_turn.empty() && tokenizer.Piece(next) == end_of_turn) break;
-      batch.input_ids = torch::tensor({static_cast<int64_t>(next)}, torch::kLong).view({1, 1});
+    batch.input_ids = torch::tensor(next_input_, torch::kLong).unsqueeze(0);
+    auto logits = model_->Forward(batch, cache_.get(), options);
+    if (!logits.ok()) return logits.status();
+    ++forwards_;
+    const auto next = static_cast<int32_t>(logits->argmax(-1).item<int64_t>());
+    if (tokenizer_->IsEos(next)) return std::optional<AnsweredExample>(Scored());
+    generated_.push_back(next);
+    if ((!end_of_turn_.empty() && tokenizer_->Piece(next) == end_of_turn_) ||
+        forwards_ >= budget_) {
+      return std::optional<AnsweredExample>(Scored());
     }
-    AnsweredExample e;
-    e.line = row.line;
-    e.prediction = reply(generated);
-    e.reference = reply(response);
-    e.scores = Rouge(e.prediction, e.reference);
-    return std::optional<AnsweredExample>(std::move(e));
+    next_input_ = {static_cast<int64_t>(next)};
+    return std::optional<AnsweredExample>();
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("answering held-out prompts: ", e.what_without_backtrace()));
+  }
+}
+
+std::string ExampleAnswerer::Reply(std::vector<int32_t> ids) const {
+  // The end-of-turn token is a special token that decoding would drop, so it is found by id
+  // first; its text may also span several tokens, so the decoded text is cut at it too.
+  if (!end_of_turn_.empty()) {
+    auto end = std::find_if(ids.begin(), ids.end(),
+                            [&](int32_t id) { return tokenizer_->Piece(id) == end_of_turn_; });
+    ids.erase(end, ids.end());
+  }
+  std::string text = tokenizer_->Decode(ids, /*skip_special_tokens=*/true);
+  if (!end_of_turn_.empty()) text = text.substr(0, text.find(end_of_turn_));
+  return text;
+}
+
+AnsweredExample ExampleAnswerer::Scored() const {
+  AnsweredExample e;
+  e.line = row_->line;
+  e.prediction = Reply(generated_);
+  e.reference = Reply(
+      std::vector<int32_t>(row_->input_ids.begin() + row_->response_start, row_->input_ids.end()));
+  e.scores = Rouge(e.prediction, e.reference);
+  e.generated_tokens = forwards_;
+  return e;
+}
+
+absl::StatusOr<std::optional<AnsweredExample>> AnswerExample(
+    const LlamaModel& model, const LoraAdapter& adapter, const Tokenizer& tokenizer,
+    const TokenizedExample& row, int64_t max_new_tokens, const std::string& end_of_turn) {
+  auto answerer = ExampleAnswerer::Start(model, tokenizer, row, max_new_tokens, end_of_turn);
+  if (!answerer.ok()) return answerer.status();
+  if (!answerer->has_value()) return std::optional<AnsweredExample>();
+  while (true) {
+    auto answered = (*answerer)->Advance(adapter);
+    if (!answered.ok() || answered->has_value()) return answered;
   }
 }
 
@@ -109,6 +144,7 @@ std::string EvaluationReportJson(int64_t step, const EvalMetrics& loss, size_t h
     report["examples"].push_back({{"line", e.line},
                                   {"prediction", e.prediction},
                                   {"reference", e.reference},
+                                  {"prediction_tokens", e.generated_tokens},
                                   {"rouge1", e.scores.rouge1},
                                   {"rouge2", e.scores.rouge2},
                                   {"rougeL", e.scores.rouge_l}});

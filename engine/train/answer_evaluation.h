@@ -6,12 +6,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/lora/lora_adapter.h"
+#include "engine/model/contiguous_kv_cache.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/example_formatter.h"
@@ -25,6 +27,9 @@ struct AnsweredExample {
   std::string prediction;
   std::string reference;
   RougeScores scores;
+  // Tokens the model generated, its end (EOS or end of turn) included: one forward each. At the
+  // length limit the answer was cut there.
+  int64_t generated_tokens = 0;
 };
 
 struct AnswerEvaluation {
@@ -37,8 +42,40 @@ struct AnswerEvaluation {
   RougeScores sum_;
 };
 
-// One example answered and scored, as EvaluateAnswers does each (the trainer answers one a
-// step, so the GPU loop serves between them); nullopt for a row without a prompt to answer.
+// One held-out example answered greedily a forward at a time: the prompt's, then one per new
+// token. The trainer's end advances it once per Step(), so the GPU loop serves between tokens (a
+// whole answer at 8B held it for seconds).
+class ExampleAnswerer {
+ public:
+  // nullopt for a row without a prompt to answer (plain text), or without room after its prompt
+  // in the model's context.
+  static absl::StatusOr<std::optional<ExampleAnswerer>> Start(const LlamaModel& model,
+                                                              const Tokenizer& tokenizer,
+                                                              const TokenizedExample& row,
+                                                              int64_t max_new_tokens,
+                                                              std::string end_of_turn);
+  // One forward with `adapter`; the scored answer once it has ended, else nullopt.
+  absl::StatusOr<std::optional<AnsweredExample>> Advance(const LoraAdapter& adapter);
+
+ private:
+  ExampleAnswerer() = default;
+  // The reply's text of `ids`: up to the end of turn, decoded, without the end-of-turn markup.
+  std::string Reply(std::vector<int32_t> ids) const;
+  AnsweredExample Scored() const;
+
+  const LlamaModel* model_ = nullptr;
+  const Tokenizer* tokenizer_ = nullptr;
+  const TokenizedExample* row_ = nullptr;
+  std::string end_of_turn_;
+  int64_t budget_ = 0;
+  std::unique_ptr<ContiguousKvCache> cache_;
+  std::vector<int64_t> next_input_;  // the prompt, then the last generated token
+  std::vector<int32_t> generated_;
+  int64_t forwards_ = 0;
+};
+
+// One example answered and scored whole (ExampleAnswerer advanced to its end); nullopt for a row
+// without a prompt to answer.
 absl::StatusOr<std::optional<AnsweredExample>> AnswerExample(
     const LlamaModel& model, const LoraAdapter& adapter, const Tokenizer& tokenizer,
     const TokenizedExample& row, int64_t max_new_tokens, const std::string& end_of_turn);

@@ -126,7 +126,7 @@ struct Trainer::Impl {
   std::optional<EvalMetrics> last_eval;       // the latest evaluation's result
   struct Finishing {
     // The last step's evaluation (unless the cadence made it), its checkpoint, the best weights'
-    // evaluation (load_best_at_end), the held-out answers (one example a piece), the files.
+    // evaluation (load_best_at_end), the held-out answers (one forward a piece), the files.
     enum class Stage { kLastEval, kBestEval, kAnswers, kFiles } stage = Stage::kLastEval;
     bool early_stopped = false;
     EvalProgress eval;
@@ -134,6 +134,7 @@ struct Trainer::Impl {
     std::optional<EvalMetrics> scored;  // the evaluation of the weights the job publishes
     int64_t scored_step = 0;
     size_t next_answer_row = 0;
+    std::optional<ExampleAnswerer> answering;  // the held-out example being answered
     AnswerEvaluation answers;
     bool files_written = false;  // the report and the adapter; the merged export may go on
     std::future<absl::Status> merged_export;
@@ -539,8 +540,8 @@ absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
 absl::Status Trainer::Impl::ContinueFinishing() {
   Finishing& f = *finishing;
   const bool validating = !data->validation().empty();
-  // A stage returns after a piece of work (a validation micro-batch, an answer), and goes on to
-  // the next one when it has none left.
+  // A stage returns after a piece of work (a validation micro-batch, a token of an answer), and
+  // goes on to the next one when it has none left.
   if (f.stage == Finishing::Stage::kLastEval) {
     // The last step's evaluation counts for the best, and its event precedes the last
     // checkpoint's, as a cadence evaluation's does (and as a replayed history orders them). The
@@ -583,17 +584,23 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     f.stage = validating ? Finishing::Stage::kAnswers : Finishing::Stage::kFiles;
   }
   if (f.stage == Finishing::Stage::kAnswers) {
-    // One held-out example a piece (up to 128 greedy tokens each).
+    // One forward a piece: an example's prompt, then each token of its answer (up to 128).
     const auto& rows = data->validation();
-    while (f.next_answer_row < rows.size() &&
+    while (!f.answering && f.next_answer_row < rows.size() &&
            static_cast<int64_t>(f.answers.examples.size()) < kAnsweredExamples) {
-      auto answered = AnswerExample(*model, adapter, *tokenizer, rows[f.next_answer_row++],
-                                    /*max_new_tokens=*/128, end_of_turn);
+      auto started = ExampleAnswerer::Start(*model, *tokenizer, rows[f.next_answer_row++],
+                                            /*max_new_tokens=*/128, end_of_turn);
+      if (!started.ok()) return started.status();
+      f.answering = *std::move(started);
+    }
+    if (f.answering) {
+      auto answered = f.answering->Advance(adapter);
       if (!answered.ok()) return answered.status();
       if (answered->has_value()) {
         f.answers.Add(**std::move(answered));
-        return absl::OkStatus();
+        f.answering.reset();
       }
+      return absl::OkStatus();
     }
     f.stage = Finishing::Stage::kFiles;
   }

@@ -522,13 +522,22 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
     return int64_t{-1};
   };
   // Calls 0 and 1 train steps 1 and 2; 2..5 evaluate the 4 validation rows, the last of them
-  // then checkpoints and answers the first held-out example; 6..8 answer the other three; 9
-  // writes the files.
+  // then checkpoints and runs the first held-out prompt; then a call per generated token (the
+  // first token of each later answer comes with its prompt); and a last call writes the files.
   EXPECT_EQ(call_of(TrainingEvent::Kind::kEval), 5);
   EXPECT_EQ(call_of(TrainingEvent::Kind::kCheckpoint), 5);
-  EXPECT_EQ(events_after_call.size(), 10u);
   const TrainingSummary& summary = events.back().summary;
   EXPECT_EQ(summary.answered, 4);
+  std::ifstream report_file(summary.eval_report_path);
+  const auto report = nlohmann::json::parse(report_file);
+  int64_t generated = 0;
+  for (const auto& example : report["examples"]) {
+    const int64_t tokens = example["prediction_tokens"].get<int64_t>();
+    EXPECT_GE(tokens, 1);
+    EXPECT_LE(tokens, 128);
+    generated += tokens;
+  }
+  EXPECT_EQ(static_cast<int64_t>(events_after_call.size()), 5 + generated + 1);
   // The pieces add up to the evaluation the held-out report holds.
   for (const auto& e : events) {
     if (e.kind == TrainingEvent::Kind::kEval) EXPECT_DOUBLE_EQ(e.eval.loss, summary.eval_loss);
