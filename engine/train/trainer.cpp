@@ -735,6 +735,12 @@ absl::Status Trainer::Step() {
     // would report a written adapter as cancelled, and wait for the export at destruction.
     if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
+      // Trained to its last step, with that step's checkpoint not yet written (its evaluation
+      // was under way): the checkpoint first, so that a cancel at the end keeps what was
+      // trained (its adapter/ folder loads like any adapter).
+      if (t.finishing && t.finishing->stage == Impl::Finishing::Stage::kLastEval) {
+        if (auto path = t.Checkpoint(); !path.ok()) return t.Fail(path.status());
+      }
       return t.Finish(/*cancelled=*/true, false);
     }
     if (!t.resumed_from.empty()) {

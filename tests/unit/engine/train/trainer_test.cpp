@@ -540,7 +540,9 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
   EXPECT_EQ(static_cast<int64_t>(events_after_call.size()), 5 + generated + 1);
   // The pieces add up to the evaluation the held-out report holds.
   for (const auto& e : events) {
-    if (e.kind == TrainingEvent::Kind::kEval) EXPECT_DOUBLE_EQ(e.eval.loss, summary.eval_loss);
+    if (e.kind == TrainingEvent::Kind::kEval) {
+      EXPECT_DOUBLE_EQ(e.eval.loss, summary.eval_loss);
+    }
   }
 }
 
@@ -764,6 +766,41 @@ TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   EXPECT_FALSE((*t)->Step().ok());
+}
+
+// A cancel once the last step is trained, during the evaluation that precedes its checkpoint,
+// still writes that checkpoint: what was trained is kept (the cancelled job publishes nothing).
+TEST_F(TrainerTest, ACancelDuringTheLastEvaluationKeepsTheLastStepsCheckpoint) {
+  TrainingJobConfig config = Config("cancel-at-end");
+  config.data.validation_fraction = 0.25;  // 4 of the 16 examples, one a Step() call
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.max_steps = 2;
+  config.save_every = 0;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->Step().ok());  // the last evaluation's first validation row
+  const std::string checkpoint = CheckpointPath(config.output_dir, 2);
+  ASSERT_FALSE(fs::exists(checkpoint)) << "the evaluation of 4 rows cannot have ended";
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  EXPECT_TRUE(events.back().summary.adapter_path.empty()) << "nothing is published";
+  ASSERT_GE(events.size(), 2u);
+  ASSERT_EQ(events[events.size() - 2].kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(events[events.size() - 2].checkpoint.path, checkpoint);
+  auto saved = LoraAdapter::ReadPeft(checkpoint + "/adapter");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  // The checkpoint holds the trained weights: a resume from it has nothing left to train.
+  auto resumed = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_TRUE((*resumed)->resumed());
+  EXPECT_EQ((*resumed)->step(), 2);
 }
 
 TEST_F(TrainerTest, BadDatasetLineIsNamed) {
