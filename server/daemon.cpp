@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/json_file.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "lorad/v1/training.grpc.pb.h"
@@ -100,15 +101,20 @@ absl::Status Daemon::Start() {
         model->sliding_window, model->max_position_embeddings);
   }
   if (config_.model.generation_config == "auto") {
-    auto defaults = engine::GenerationDefaults::Load(config_.model.path);
+    // A file lorad cannot read must be corrected (transformers reads it for its EOS ids too);
+    // a field lorad would use can be ignored instead.
+    const std::string source =
+        (std::filesystem::path(config_.model.path) / "generation_config.json").string();
+    auto file = engine::ReadJsonObjectIfPresent(source);
+    if (!file.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.generation_config: ", file.status().message(), "; correct the file"));
+    }
+    auto defaults = engine::GenerationDefaults::FromFile(*file, source);
     if (!defaults.ok()) {
-      // A field lorad would use can be ignored; a file it cannot read is read for its EOS
-      // ids as well (as transformers reads it), so it must be corrected.
-      const bool field = absl::StrContains(defaults.status().message(), "field '");
-      return absl::InvalidArgumentError(absl::StrCat(
-          "model.generation_config: ", defaults.status().message(),
-          field ? "; correct the file, or set model.generation_config: none to ignore it"
-                : "; correct the file"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.generation_config: ", defaults.status().message(),
+                       "; correct the file, or set model.generation_config: none to ignore it"));
     }
     generation_defaults_ = *std::move(defaults);
     if (generation_defaults_.from_file) {

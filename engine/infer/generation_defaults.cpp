@@ -1,20 +1,17 @@
 #include "engine/infer/generation_defaults.h"
 
 #include <climits>
-#include <filesystem>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
-#include "engine/model/json_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr int32_t kTransformersTopK = 50;  // GenerationConfig._get_default_generation_params
@@ -34,13 +31,11 @@ absl::StatusOr<std::optional<double>> ReadNumber(const json& j, const char* key,
 
 }  // namespace
 
-absl::StatusOr<GenerationDefaults> GenerationDefaults::Load(const std::string& model_folder) {
+absl::StatusOr<GenerationDefaults> GenerationDefaults::FromFile(const std::optional<json>& file,
+                                                                const std::string& source) {
   GenerationDefaults d;
-  const std::string source = (fs::path(model_folder) / "generation_config.json").string();
-  absl::StatusOr<std::optional<json>> file = ReadJsonObjectIfPresent(source);
-  if (!file.ok()) return file.status();
-  if (!file->has_value()) return d;
-  const json& j = **file;
+  if (!file.has_value()) return d;
+  const json& j = *file;
   d.from_file = true;
 
   bool do_sample = false;

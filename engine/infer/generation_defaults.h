@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/infer/sampler.h"
+#include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 
@@ -27,9 +28,12 @@ struct GenerationDefaults {
   std::optional<int32_t> max_new_tokens;  // the file's, when it has one
   bool from_file = false;                 // generation_config.json was there
 
-  // Reads `<model_folder>/generation_config.json` (absent: the built-in defaults, greedy).
-  // A field of the wrong type or out of range is InvalidArgument naming the file and the field.
-  static absl::StatusOr<GenerationDefaults> Load(const std::string& model_folder);
+  // The defaults in `file`, generation_config.json's object as ReadJsonObjectIfPresent read it
+  // from `source` (nullopt, no file: the built-in defaults, greedy). A field of the wrong type or
+  // out of range is InvalidArgument naming `source` and the field. (The file is read apart so
+  // that a caller tells a file it cannot read from a field it could ignore.)
+  static absl::StatusOr<GenerationDefaults> FromFile(const std::optional<nlohmann::json>& file,
+                                                     const std::string& source);
 
   // "temperature 0.6, top_p 0.9, top_k 50" (the fields that differ from lorad's built-in
   // defaults), or "greedy" when none does; for the start-up log.

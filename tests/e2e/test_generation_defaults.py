@@ -92,6 +92,18 @@ def test_sampling_config_fills_only_the_fields_a_request_leaves_unset(tmp_path, 
         stop_daemon(d)
 
 
+def start_up_error(folder, data_dir):
+    """The one line lorad prints when it refuses to start on the model folder."""
+    args = [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model", str(folder),
+            "--data-dir", str(data_dir), "--grpc-address", f"127.0.0.1:{free_port()}",
+            "--http-address", f"127.0.0.1:{free_port()}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize("config, field", [
     ({"do_sample": True, "top_p": 0}, "top_p"),
     ({"do_sample": False, "temperature": "warm"}, "temperature"),
@@ -100,15 +112,18 @@ def test_sampling_config_fills_only_the_fields_a_request_leaves_unset(tmp_path, 
 def test_a_bad_generation_config_stops_start_up_naming_the_file_and_field(tmp_path, config,
                                                                          field):
     folder = model_with_generation_config(tmp_path / "model", config)
-    args = [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model", str(folder),
-            "--data-dir", str(tmp_path / "data"), "--grpc-address", f"127.0.0.1:{free_port()}",
-            "--http-address", f"127.0.0.1:{free_port()}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "generation_config.json" in lines[0] and f"'{field}'" in lines[0], lines[0]
-    assert "model.generation_config: none" in lines[0], lines[0]
+    line = start_up_error(folder, tmp_path / "data")
+    assert "generation_config.json" in line and f"'{field}'" in line, line
+    assert "model.generation_config: none" in line, line
     # ... which starts it, ignoring the file.
     d = start_daemon(tmp_path / "run", "--set", "model.generation_config=none", model=folder)
     stop_daemon(d)
+
+
+def test_a_generation_config_that_is_not_json_must_be_corrected(tmp_path):
+    """A file lorad cannot read is not offered `none` (transformers reads it for its EOS ids too)."""
+    folder = model_with_generation_config(tmp_path / "model", {})
+    (folder / "generation_config.json").write_text('{"do_sample": true,')
+    line = start_up_error(folder, tmp_path / "data")
+    assert "generation_config.json" in line and "correct the file" in line, line
+    assert "model.generation_config: none" not in line, line
