@@ -9,9 +9,9 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -409,13 +409,19 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
 
 namespace {
 
-// The certificate chain and private key gRPC will serve: PEM, readable, and a pair. Errors start
-// with the key at fault ("server.tls_key_file: ...").
-absl::Status CheckTlsFiles(const std::string& cert_path, const std::string& key_path) {
-  for (const auto& [key, path] : {std::pair{"server.tls_cert_file", &cert_path},
-                                  std::pair{"server.tls_key_file", &key_path}}) {
+struct TlsFileProblem {
+  const char* key;  // the config key of the file at fault
+  std::string message;
+};
+
+// The certificate chain and private key gRPC will serve: PEM, readable, and a pair.
+std::optional<TlsFileProblem> CheckTlsFiles(const std::string& cert_path,
+                                            const std::string& key_path) {
+  constexpr const char* kCert = "server.tls_cert_file";
+  constexpr const char* kKey = "server.tls_key_file";
+  for (const auto& [key, path] : {std::pair{kCert, &cert_path}, std::pair{kKey, &key_path}}) {
     if (auto s = engine::RequireRegularFile(*path, absl::StrCat("'", *path, "'")); !s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(key, ": ", s.message()));
+      return TlsFileProblem{key, std::string(s.message())};
     }
   }
   std::unique_ptr<BIO, decltype(&BIO_free)> cert_bio(BIO_new_file(cert_path.c_str(), "r"),
@@ -424,8 +430,8 @@ absl::Status CheckTlsFiles(const std::string& cert_path, const std::string& key_
       cert_bio ? PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr) : nullptr,
       &X509_free);
   if (!cert) {
-    return absl::InvalidArgumentError(absl::StrCat("server.tls_cert_file: '", cert_path,
-                                                   "' cannot be read as a PEM certificate"));
+    return TlsFileProblem{kCert,
+                          absl::StrCat("'", cert_path, "' cannot be read as a PEM certificate")};
   }
   std::unique_ptr<BIO, decltype(&BIO_free)> key_bio(BIO_new_file(key_path.c_str(), "r"), &BIO_free);
   // An empty passphrase callback: an encrypted key fails here instead of prompting.
@@ -434,16 +440,17 @@ absl::Status CheckTlsFiles(const std::string& cert_path, const std::string& key_
       key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, no_passphrase, nullptr) : nullptr,
       &EVP_PKEY_free);
   if (!key) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "server.tls_key_file: '", key_path,
-        "' cannot be read as an unencrypted PEM private key (remove a passphrase first)"));
+    return TlsFileProblem{
+        kKey, absl::StrCat("'", key_path,
+                           "' cannot be read as an unencrypted PEM private key (remove a "
+                           "passphrase first)")};
   }
   if (X509_check_private_key(cert.get(), key.get()) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("server.tls_key_file: '", key_path,
-                                                   "' is not the key of the certificate in '",
-                                                   cert_path, "'"));
+    return TlsFileProblem{
+        kKey,
+        absl::StrCat("'", key_path, "' is not the key of the certificate in '", cert_path, "'")};
   }
-  return absl::OkStatus();
+  return std::nullopt;
 }
 
 }  // namespace
@@ -480,10 +487,8 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   if (!config.server.tls_cert_file.empty()) {
     // Read here, before the model loads: gRPC would only fail at listen, as if the port were
     // taken.
-    if (auto s = CheckTlsFiles(config.server.tls_cert_file, config.server.tls_key_file); !s.ok()) {
-      const bool key = absl::StartsWith(s.message(), "server.tls_key_file");
-      return error({key ? "server.tls_key_file" : "server.tls_cert_file"},
-                   std::string(s.message().substr(s.message().find(": ") + 2)));
+    if (auto problem = CheckTlsFiles(config.server.tls_cert_file, config.server.tls_key_file)) {
+      return error({problem->key}, problem->message);
     }
   }
   if (config.auth.tokens.empty() && !config.auth.allow_remote_without_tokens) {
