@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -19,7 +18,6 @@
 #include <sstream>
 
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/json_file.h"
 #include "lorad/v1/adapters.grpc.pb.h"
@@ -381,23 +379,10 @@ absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
       config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords) : config.status();
   fs::remove_all(scratch, ec);
   if (!absl::IsInvalidArgument(checked)) return checked;
-  // The scratch file is gone: an inline record is named as the request has it.
-  std::string message(checked.message());
-  const std::string inline_file = config.ok() ? config->data.path + ":" : std::string();
-  if (const size_t at = message.find(inline_file);
-      !spec.dataset().inline_examples().empty() && at != std::string::npos) {
-    const size_t digits = at + inline_file.size();
-    size_t end = digits;
-    while (end < message.size() && std::isdigit(static_cast<unsigned char>(message[end]))) ++end;
-    int64_t line = 0;
-    if (end > digits && absl::SimpleAtoi(message.substr(digits, end - digits), &line)) {
-      message.replace(at, end - at, absl::StrCat("dataset.inline_examples[", line - 1, "]"));
-    } else {
-      message.replace(at, inline_file.size() - 1, "dataset.inline_examples");
-    }
-    return absl::InvalidArgumentError(message);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("dataset: ", message));
+  // Inline records are named as the request has them (the scratch file is gone); a file is
+  // named by its path.
+  if (absl::StartsWith(checked.message(), kInlineExamples)) return checked;
+  return absl::InvalidArgumentError(absl::StrCat("dataset: ", checked.message()));
 }
 
 std::string Daemon::JobsDir() const {

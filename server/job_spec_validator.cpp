@@ -173,14 +173,13 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
   }
   if (has_inline) {
     if (d.inline_examples_size() > limits.max_inline_examples) {
-      return Field("dataset.inline_examples",
+      return Field(std::string(kInlineExamples),
                    absl::StrCat(d.inline_examples_size(), " examples; at most ",
                                 limits.max_inline_examples, " inline (use dataset.path)"));
     }
     for (int i = 0; i < d.inline_examples_size(); ++i) {
-      auto ex =
-          engine::DatasetReader::ParseRecord(d.inline_examples(i).json(), options.format,
-                                             absl::StrCat("dataset.inline_examples[", i, "]"));
+      auto ex = engine::DatasetReader::ParseRecord(d.inline_examples(i).json(), options.format,
+                                                   absl::StrCat(kInlineExamples, "[", i, "]"));
       if (ex.ok()) {
         ++result.examples;
       } else if (options.skip_bad_lines) {
@@ -253,7 +252,12 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   engine::TrainingJobConfig c;
   const auto& d = spec.dataset();
   c.output_dir = output_dir;
-  c.data.path = d.inline_examples_size() > 0 ? output_dir + "/inline_dataset.jsonl" : d.path();
+  if (d.inline_examples_size() > 0) {
+    c.data.path = output_dir + "/inline_dataset.jsonl";  // the job runner writes it, one a line
+    c.data.inline_name = std::string(kInlineExamples);
+  } else {
+    c.data.path = d.path();
+  }
   c.data.format = engine::DatasetFormatName(ToEngineFormat(d.format()));
   c.data.template_name = d.template_().empty() ? "auto" : d.template_();
   c.data.response_only = !d.has_response_only() || d.response_only();

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "engine/train/training_job_config.h"
 #include "lorad/v1/training.pb.h"
 
@@ -37,9 +38,12 @@ absl::Status CheckAdapterName(const std::string& name, const std::string& field)
 absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
                                                  const JobSpecLimits& limits);
 
+// What errors call a request's inline records: "dataset.inline_examples[2]" (0-based).
+inline constexpr absl::string_view kInlineExamples = "dataset.inline_examples";
+
 // The engine's view of a validated spec (defaults filled), for a job whose files go to
 // `output_dir`; inline examples are read from <output_dir>/inline_dataset.jsonl (the job runner
-// writes it). No file is touched here.
+// writes it), and errors name them as the request does. No file is touched here.
 engine::TrainingJobConfig TrainingJobConfigOf(const lorad::v1::JobSpec& spec,
                                               const std::string& output_dir);
 

@@ -273,7 +273,7 @@ bool DatasetReader::ReadLineKeepingAtMost(int64_t keep, std::string& buffer) {
 absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t& line) {
   if (array_done_) return false;
   text.clear();
-  const auto here = [this] { return absl::StrCat(path_, ":", line_); };
+  const auto here = [this] { return Where(line_); };
   bool after_comma = false;
   int c;
   while (true) {  // white space and the separator before the next element
@@ -305,11 +305,11 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
   int depth = 0;
   bool in_string = false, escaped = false;
   for (;; c = in_.get()) {
-    if (c == EOF) return Bad(absl::StrCat(path_, ":", line), "the file ends inside a record");
+    if (c == EOF) return Bad(Where(line), "the file ends inside a record");
     if (c == '\n') ++line_;
     text.push_back(static_cast<char>(c));
     if (static_cast<int64_t>(text.size()) > options_.max_record_bytes) {
-      return Bad(absl::StrCat(path_, ":", line),
+      return Bad(Where(line),
                  absl::StrCat("record is larger than ", options_.max_record_bytes, " bytes"));
     }
     if (in_string) {
@@ -336,6 +336,15 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
   }
 }
 
+std::string DatasetReader::Where(int64_t line) const {
+  if (!options_.inline_name.empty()) return absl::StrCat(options_.inline_name, "[", line - 1, "]");
+  return absl::StrCat(path_, ":", line);
+}
+
+const std::string& DatasetReader::name() const {
+  return options_.inline_name.empty() ? path_ : options_.inline_name;
+}
+
 absl::StatusOr<bool> DatasetReader::NextRecordText(std::string& text, int64_t& line) {
   return array_ ? NextArrayElement(text, line) : NextJsonlRecord(text, line);
 }
@@ -347,7 +356,7 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     auto more = NextRecordText(text, line);
     if (!more.ok()) return more.status();  // the file's structure is broken: nothing to skip to
     if (!*more) return std::optional<Example>();
-    const std::string where = absl::StrCat(path_, ":", line);
+    const std::string where = Where(line);
     // A JSONL line is read whole; one over the limit is a bad record like any other (an array
     // element stops the read at the limit, see NextArrayElement).
     auto example =

@@ -50,6 +50,9 @@ struct DatasetReaderOptions {
   DatasetFormat format = DatasetFormat::kAuto;
   bool skip_bad_lines = false;
   int64_t max_record_bytes = 16 << 20;  // a record larger than this is malformed
+  // Non-empty: the file holds a request's inline records, one a line, and errors name them as
+  // the request does ("dataset.inline_examples[2]", 0-based) rather than "<file>:3".
+  std::string inline_name;
 };
 
 class DatasetReader {
@@ -63,6 +66,11 @@ class DatasetReader {
   // The next example; std::nullopt at the end of the file. A malformed record is an error unless
   // skip_bad_lines is set, in which case it is counted in skipped() and skipped over.
   absl::StatusOr<std::optional<Example>> Next();
+
+  // How errors name the record that starts at `line`: "<file>:<line>", or the inline record.
+  std::string Where(int64_t line) const;
+  // How errors name the whole file: its path, or the inline records' name.
+  const std::string& name() const;
 
   int64_t skipped() const { return skipped_; }
   // The first skipped record's error, for reports ("skipped 3 records; first: ...").

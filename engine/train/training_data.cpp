@@ -34,6 +34,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   DatasetReaderOptions options;
   options.format = *format;
   options.skip_bad_lines = config.skip_bad_lines;
+  if (path == config.path) options.inline_name = config.inline_name;
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;
@@ -52,7 +53,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     if (!next->has_value()) break;
     auto t = formatter.Format(**next);
     if (!t.ok()) {
-      const std::string why = absl::StrCat(path, ":", (**next).line, ": ", t.status().message());
+      const std::string why =
+          absl::StrCat((*reader)->Where((**next).line), ": ", t.status().message());
       if (!config.skip_bad_lines) return absl::InvalidArgumentError(why);
       if (first_bad.empty()) first_bad = why;
       ++skipped;
@@ -69,8 +71,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   if (first_bad.empty()) first_bad = (*reader)->first_skip_reason();
   if (out.empty() && whole_file) {
     return absl::InvalidArgumentError(absl::StrCat(
-        path, ": no usable ", role, " example (", skipped, " records skipped, ", dropped,
-        " without a trained token after truncation to max_seq_length",
+        (*reader)->name(), ": no usable ", role, " example (", skipped, " records skipped, ",
+        dropped, " without a trained token after truncation to max_seq_length",
         first_bad.empty() ? std::string() : absl::StrCat("; the first skipped: ", first_bad), ")"));
   }
   return out;

@@ -14,7 +14,10 @@
 namespace lorad::engine {
 
 struct TrainingDataConfig {
-  std::string path;             // JSONL or JSON array (see dataset_reader.h)
+  std::string path;  // JSONL or JSON array (see dataset_reader.h)
+  // Non-empty when `path` holds a request's inline records: what errors call them
+  // (DatasetReaderOptions::inline_name).
+  std::string inline_name;
   std::string format = "auto";  // auto | alpaca | chat | completion | text | qa
   // How conversations become text (example_formatter.h): "auto" (Alpaca records -> alpaca, other
   // conversations -> the model's chat template, or alpaca when the model has none), "alpaca",

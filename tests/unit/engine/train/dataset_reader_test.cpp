@@ -70,6 +70,19 @@ TEST_F(DatasetReaderTest, MalformedLineNamesFileLineAndField) {
   EXPECT_NE(message.find("'completion'"), std::string::npos) << message;
 }
 
+// A request's inline records (written one a line) are named as the request has them, 0-based.
+TEST_F(DatasetReaderTest, InlineRecordsAreNamedByTheirIndex) {
+  const std::string path = Write("inline_dataset.jsonl",
+                                 "{\"text\": \"ok\"}\n{\"text\": \"ok\"}\n{\"prompt\": \"p\"}\n");
+  DatasetReaderOptions options;
+  options.inline_name = "dataset.inline_examples";
+  auto examples = ReadDataset(path, options);
+  ASSERT_FALSE(examples.ok());
+  const std::string message(examples.status().message());
+  EXPECT_EQ(message.rfind("dataset.inline_examples[2]: ", 0), 0u) << message;
+  EXPECT_EQ(message.find(path), std::string::npos) << message;
+}
+
 TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
   auto bad_role = DatasetReader::ParseRecord(R"({"messages": [{"role": "robot", "content": "x"}]})",
                                              DatasetFormat::kAuto, "f:1");
