@@ -79,7 +79,11 @@ struct InferenceEngine::Impl {
   const Tokenizer* tokenizer;
   AdapterStore* adapters;
   InferenceEngineOptions options;
-  int64_t max_context = 0;
+  int64_t max_context = 0;  // the model's: prompt and new tokens together
+  // Tokens one sequence may hold: the model's context, or the whole KV pool when that is smaller.
+  // A sequence ends with kLength there (as at the model's context): one that outgrew the pool
+  // could never be admitted again, and the requests queued behind it would wait for ever.
+  int64_t max_sequence = 0;
   Sampler sampler;
 
   // Inbox: any thread.
@@ -194,6 +198,7 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(
   auto impl = std::make_unique<Impl>(model, tokenizer, adapters, options);
   impl->max_context = c.max_position_embeddings > 0 ? c.max_position_embeddings : int64_t{1} << 20;
   impl->kv = std::make_unique<KvBlockAllocator>(static_cast<int32_t>(blocks), options.block_size);
+  impl->max_sequence = std::min<int64_t>(impl->max_context, blocks * options.block_size);
   PagedKvCacheOptions p;
   p.num_layers = c.num_hidden_layers;
   p.num_blocks = blocks;
@@ -745,7 +750,7 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
              seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
     reason = FinishReason::kStop;  // complete in held-back text, which ending here makes final
   } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||
-             static_cast<int64_t>(seq.all.size()) >= max_context) {
+             static_cast<int64_t>(seq.all.size()) >= max_sequence) {
     reason = FinishReason::kLength;
   }
   if (reason == FinishReason::kNone) {

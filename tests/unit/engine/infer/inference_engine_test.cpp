@@ -219,6 +219,37 @@ TEST(InferenceEngineTest, ChunkedPrefillsIntoAFullPoolNeverStall) {
 // Requests submitted while others decode: their prompts prefill in the same steps as the others'
 // decode tokens (the decode rows through the decode runner, the prefill rows through the padded
 // forward), and every request still gets the tokens it gets alone.
+// A request whose prompt and max_new_tokens together exceed the KV pool (not the model's context)
+// ends with kLength when it fills the pool: preempted there, it could never be admitted again,
+// and every request queued behind it waited for ever. Those run after it.
+TEST(InferenceEngineTest, ASequenceThatFillsThePoolEndsThereAndTheQueueGoesOn) {
+  Fixture f;
+  InferenceEngineOptions o;
+  o.kv_cache_blocks = 4;  // 16 tokens in all; the fixture's context is far longer
+  o.block_size = 4;
+  auto engine = f.Engine(o);
+  ASSERT_GT(f.model().config().max_position_embeddings, 16);
+  std::vector<Result> results(3);
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(5, 71), "", 100), Fixture::Collector(&results[0])).ok());
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(3, 72), "", 2), Fixture::Collector(&results[1])).ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(engine->Step().ok());
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(3, 73), "", 2), Fixture::Collector(&results[2])).ok());
+  Fixture::StepAll(*engine);
+  EXPECT_EQ(results[0].finished_events, 1);
+  EXPECT_EQ(results[0].reason, FinishReason::kLength);
+  EXPECT_EQ(results[0].tokens.size(), 16u - 5u) << "prompt and output fill the 16-token pool";
+  for (int i = 1; i < 3; ++i) {
+    EXPECT_EQ(results[i].finished_events, 1) << i;
+    EXPECT_EQ(results[i].tokens.size(), 2u) << i;
+  }
+  // Its tokens are those it gives alone in a pool that never runs out, up to the cut.
+  Result alone = f.Alone(Greedy(RandomPrompt(5, 71), "", 11));
+  EXPECT_EQ(results[0].tokens, alone.tokens);
+}
+
 TEST(InferenceEngineTest, RequestsArrivingWhileOthersDecodeGetTheTokensOfEachAlone) {
   Fixture f;
   const std::vector<GenerationRequest> requests = SixOnTwoAdaptersAndTheBase(f, 5, 7, 500);
