@@ -492,9 +492,7 @@ absl::Status InferenceEngine::Step() {
   return status;
 }
 
-void InferenceEngine::ReleaseIdleAdapters() {
-  if (impl_->running.empty()) impl_->KeepStackWhileCurrent();
-}
+void InferenceEngine::ReleaseIdleAdapters() { impl_->KeepStackWhileCurrent(); }
 
 void InferenceEngine::Impl::KeepStackWhileCurrent() {
   if (stack == nullptr) return;
@@ -509,8 +507,15 @@ void InferenceEngine::Impl::KeepStackWhileCurrent() {
       if (info.current && info.resident) current.insert(AdapterKey(info.name, info.version));
     }
   }
+  // While requests run, a stale copy goes once none of them uses it (base-model requests could
+  // otherwise keep an unloaded adapter on the device for ever); running requests on the stack's
+  // other adapters get a new stack at their next step.
+  std::set<std::string> in_use;
+  for (const auto& seq : running) {
+    if (seq->device != nullptr) in_use.insert(seq->adapter_key());
+  }
   for (const std::string& key : stack_key) {
-    if (current.count(key) == 0) {
+    if (current.count(key) == 0 && in_use.count(key) == 0) {
       if (decoder != nullptr) decoder->DropAdapterGraphs();  // they hold the stack too
       stack.reset();
       stack_key.clear();

@@ -105,10 +105,11 @@ class InferenceEngine {
   // serving the others.
   absl::Status Step();
 
-  // GPU loop thread, while no request runs: drops the adapter stack kept from the last batch (and
-  // its decode graphs) when one of its versions is no longer current or resident. The loop calls
-  // it when the adapter store reports a retired version (AdapterStore::SetRetireListener), so an
-  // adapter unloaded while the engine is idle leaves the device at once.
+  // GPU loop thread, between steps: drops the adapter stack kept from earlier batches (and its
+  // decode graphs) when one of its versions is no longer current or resident and no running
+  // request uses it. The loop calls it when the adapter store reports a retired version
+  // (AdapterStore::SetRetireListener), so an unloaded adapter leaves the device at once, also
+  // while base-model requests keep the engine busy.
   void ReleaseIdleAdapters();
 
   // True while any request is queued or running.

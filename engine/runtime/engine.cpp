@@ -289,7 +289,7 @@ void Engine::Impl::Loop() {
       if (stopped) training_stopped_cv.notify_all();
     }
     const bool serving = inference->HasWork();
-    if (poked && !serving) inference->ReleaseIdleAdapters();
+    if (poked) inference->ReleaseIdleAdapters();
     if (serving) {
       const Clock::time_point t0 = Clock::now();
       // A failed step finished its own requests with kError; the engine keeps serving.

@@ -453,6 +453,46 @@ TEST(InferenceEngineTest, AnIdleEngineKeepsItsAdapterStackWhileTheVersionIsCurre
   EXPECT_EQ(engine->Stats().lora_stacks_built, 3);
 }
 
+// An adapter unloaded while base-model requests keep the engine busy leaves the device at the
+// retire signal's call, not only once the engine goes idle; one still in use stays.
+TEST(InferenceEngineTest, AnUnloadedAdaptersCopyGoesWhileBaseRequestsRun) {
+  Fixture f;
+  f.Publish("gone", 4, 51);
+  f.Publish("kept", 4, 52);
+  auto engine = f.Engine();
+  Result on_gone, on_kept, base;
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(4, 510), "gone", 2), Fixture::Collector(&on_gone)).ok());
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(4, 512), "", 300), Fixture::Collector(&base)).ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(engine->Step().ok());
+  ASSERT_EQ(on_gone.finished_events, 1);
+  ASSERT_EQ(engine->Stats().lora_stack_adapters, 1) << "kept for the next request on 'gone'";
+  ASSERT_TRUE(f.store().Unload("gone").ok());
+  engine->ReleaseIdleAdapters();  // what the loop does on the retire signal
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 0);
+  // Unloading an adapter still in use waits for its request, and its copy stays meanwhile.
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(4, 511), "kept", 20), Fixture::Collector(&on_kept)).ok());
+  for (int i = 0; i < 100 && on_kept.tokens.empty(); ++i) ASSERT_TRUE(engine->Step().ok());
+  ASSERT_EQ(engine->Stats().lora_stack_adapters, 1);
+  std::thread unloader([&] { EXPECT_TRUE(f.store().Unload("kept").ok()); });
+  for (int i = 0; i < 200 && f.store().Contains("kept"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  engine->ReleaseIdleAdapters();
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 1) << "'kept' is still in use";
+  for (int i = 0; i < 200 && on_kept.finished_events == 0; ++i) ASSERT_TRUE(engine->Step().ok());
+  ASSERT_EQ(on_kept.finished_events, 1);
+  unloader.join();
+  engine->ReleaseIdleAdapters();
+  ASSERT_EQ(base.finished_events, 0) << "the base-model request still runs";
+  EXPECT_EQ(engine->Stats().lora_stack_adapters, 0);
+  Fixture::StepAll(*engine);
+  EXPECT_EQ(base.tokens.size(), 300u);
+  EXPECT_EQ(on_kept.tokens.size(), 20u);
+}
+
 TEST(InferenceEngineTest, UnloadWaitsForRunningRequestsAndThenFreesTheAdapter) {
   Fixture f;
   f.Publish("gone", 4, 31);
