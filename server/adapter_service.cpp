@@ -61,21 +61,28 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   // The record as published: by the time List() runs, a load of the same name just after this
   // one may already have retired this version.
   engine::AdapterInfo published;
-  auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published);
-  if (!version.ok()) return FinishUnary(context, version.status());
+  // Served only once recorded (before it replaces the version that serves now), so that an
+  // acknowledged load comes back after a restart, and only from the same files (their
+  // fingerprint; none when they cannot be read again). A record that fails (a full disk) leaves
+  // the current version serving.
+  engine::AdapterStore::BeforePublish record;
+  absl::Status recorded;
   if (record_ != nullptr) {
-    // Served only if recorded, so an acknowledged load comes back after a restart, and only
-    // from the same files (their fingerprint; none when they cannot be read again). A failed
-    // record (a full disk) takes the new version down again; requests that took it finish on it.
-    const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
-    if (auto s = record_->RecordAdapter(
-            {request->name(), *version, *folder, *folder, /*served=*/true, fingerprint});
-        !s.ok()) {
-      (void)engine_.adapters().Unload(request->name(), *version, std::chrono::seconds(0));
-      return FinishUnary(context,
-                         absl::Status(s.code(), absl::StrCat("recording adapter '", request->name(),
-                                                             "' failed: ", s.message())));
+    record = [&](int64_t version) {
+      const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
+      recorded = record_->RecordAdapter(
+          {request->name(), version, *folder, *folder, /*served=*/true, fingerprint});
+      return recorded;
+    };
+  }
+  auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published, record);
+  if (!version.ok()) {
+    if (!recorded.ok()) {
+      return FinishUnary(context, absl::Status(recorded.code(),
+                                               absl::StrCat("recording adapter '", request->name(),
+                                                            "' failed: ", recorded.message())));
     }
+    return FinishUnary(context, version.status());
   }
   ToProto(published, response);
   return FinishUnary(context, absl::OkStatus());

@@ -150,6 +150,7 @@ void JobRunner::Loop() {
     }
     for (const Pending& p : batch) Handle(p);
     RecordFailuresAgain();
+    RecordSuccessesAgain();
     if (look) StartNextJob();
   }
 }
@@ -221,19 +222,31 @@ void JobRunner::StartNextJob() {
         }
         wake_.notify_all();
       });
-  if (!started.ok()) {
+  if (started.ok()) {
+    // A CancelJob since MarkRunning reached the engine before the job did, which ignored it.
+    bool cancelled = false;
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      running_.erase(id);
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      cancelled = cancelled_.count(id) > 0;
     }
-    // The shutdown stopped training as this job started: it stays running in the store, and
-    // starts again at the next start like any job a shutdown interrupted.
-    if (absl::IsUnavailable(started)) {
-      spdlog::info("job {} starts at the next start: {}", id, std::string(started.message()));
-      return;
-    }
-    FailJob(id, std::string(started.message()));
+    if (cancelled) engine_.CancelTraining(id);
+    return;
   }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_.erase(id);
+  }
+  {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    cancelled_.erase(id);
+  }
+  // The shutdown stopped training as this job started: it stays running in the store, and
+  // starts again at the next start like any job a shutdown interrupted.
+  if (absl::IsUnavailable(started)) {
+    spdlog::info("job {} starts at the next start: {}", id, std::string(started.message()));
+    return;
+  }
+  FailJob(id, std::string(started.message()));
 }
 
 void JobRunner::PublishKept(const std::string& job_id, int64_t step,
@@ -361,57 +374,100 @@ void JobRunner::Handle(const Pending& p) {
     }
     return;
   }
+  Succeed(p);
+}
+
+void JobRunner::Succeed(const Pending& p) {
+  const engine::TrainingSummary& summary = p.event.summary;
+  const std::string& adapter = p.adapter;
   // Cancelled after training ended but before this: publish nothing. From here on a cancel
   // leaves the job to succeed or fail.
   if (!store_.BeginPublishing(p.job_id).ok()) {
     spdlog::info("job {} was cancelled as it finished; its adapter is not published", p.job_id);
     return;
   }
-  auto version = engine_.adapters().LoadPeft(adapter, e.summary.adapter_path, "job:" + p.job_id);
-  if (!version.ok()) {
-    FailJob(p.job_id,
-            absl::StrCat("publishing the adapter '", adapter, "' from ", e.summary.adapter_path,
-                         " failed: ", version.status().message()));
+  const int64_t now = NowMs();
+  lorad::v1::JobEvent out = EventFor(p.job_id, now);
+  // The job is recorded as succeeded, with its adapter as served, before the new version serves
+  // (LoadPeft's hook): a record the store refuses (a full disk) publishes nothing, and is tried
+  // again (RecordSuccessesAgain) rather than leave a served adapter's job running for ever.
+  bool hook_ran = false;
+  absl::Status recorded;
+  auto record = [&](int64_t version) {
+    hook_ran = true;
+    auto* s = out.mutable_finished();
+    s->set_runtime_seconds(summary.runtime_s);
+    s->set_final_loss(summary.final_loss);
+    if (summary.best_is_eval) s->set_best_validation_loss(summary.best_loss);
+    s->set_steps(summary.steps);
+    s->set_merged_model_path(summary.merged_path);
+    if (summary.has_eval_report) {
+      s->set_rouge1(summary.rouge.rouge1);
+      s->set_rouge2(summary.rouge.rouge2);
+      s->set_rouge_l(summary.rouge.rouge_l);
+      s->set_eval_report_path(summary.eval_report_path);
+    }
+    s->set_trained_tokens(summary.trained_tokens);  // over every run of a resumed job
+    s->set_adapter_name(adapter);
+    s->set_adapter_version(version);
+    s->set_skipped_lines(summary.skipped_records);
+    s->set_dropped_examples(summary.dropped_examples);
+    s->set_truncated_examples(summary.truncated_examples);
+    s->set_adapter_path(summary.adapter_path);
+    s->set_adapter_step(summary.adapter_step);
+    s->set_early_stopped(summary.early_stopped);
+    s->set_answered_examples(summary.answered);
+    // The summary is stored with the state change (GetJob and a later WatchJob return it).
+    recorded = store_.MarkSucceeded(
+        p.job_id, version,
+        {summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber, out.SerializeAsString()},
+        {adapter, version, summary.adapter_path, "job:" + p.job_id, /*served=*/true,
+         /*fingerprint=*/""},
+        now);
+    return recorded;
+  };
+  auto version = engine_.adapters().LoadPeft(adapter, summary.adapter_path, "job:" + p.job_id,
+                                             nullptr, record);
+  if (!version.ok() && hook_ran) {
+    if (absl::IsFailedPrecondition(recorded) || absl::IsNotFound(recorded)) {
+      return;  // cancelled meanwhile (after a record that failed): CancelJob published that
+    }
+    if (unrecorded_successes_.count(p.job_id) == 0) {
+      spdlog::error(
+          "job {} finished, but the job database could not record it ({}); its adapter serves "
+          "once it does; retrying",
+          p.job_id, std::string(recorded.message()));
+    }
+    unrecorded_successes_[p.job_id] = {p, std::chrono::steady_clock::now()};
     return;
   }
-  auto* summary = out.mutable_finished();
-  summary->set_runtime_seconds(e.summary.runtime_s);
-  summary->set_final_loss(e.summary.final_loss);
-  if (e.summary.best_is_eval) summary->set_best_validation_loss(e.summary.best_loss);
-  summary->set_steps(e.summary.steps);
-  summary->set_merged_model_path(e.summary.merged_path);
-  if (e.summary.has_eval_report) {
-    summary->set_rouge1(e.summary.rouge.rouge1);
-    summary->set_rouge2(e.summary.rouge.rouge2);
-    summary->set_rouge_l(e.summary.rouge.rouge_l);
-    summary->set_eval_report_path(e.summary.eval_report_path);
-  }
-  summary->set_trained_tokens(e.summary.trained_tokens);  // over every run of a resumed job
-  summary->set_adapter_name(adapter);
-  summary->set_adapter_version(*version);
-  summary->set_skipped_lines(e.summary.skipped_records);
-  summary->set_dropped_examples(e.summary.dropped_examples);
-  summary->set_truncated_examples(e.summary.truncated_examples);
-  summary->set_adapter_path(e.summary.adapter_path);
-  summary->set_adapter_step(e.summary.adapter_step);
-  summary->set_early_stopped(e.summary.early_stopped);
-  summary->set_answered_examples(e.summary.answered);
-  // The summary is stored with the state change (GetJob and a later WatchJob return it).
-  if (!store_
-           .MarkSucceeded(p.job_id, *version,
-                          {e.summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber,
-                           out.SerializeAsString()},
-                          {adapter, *version, e.summary.adapter_path, "job:" + p.job_id,
-                           /*served=*/true, /*fingerprint=*/""},
-                          now)
-           .ok()) {
-    return;  // cancelled meanwhile: CancelJob stored and published that
+  unrecorded_successes_.erase(p.job_id);
+  if (!version.ok()) {
+    FailJob(p.job_id, absl::StrCat("publishing the adapter '", adapter, "' from ",
+                                   summary.adapter_path, " failed: ", version.status().message()));
+    return;
   }
   events_.Publish(out);
   events_.Publish(StateEvent(p.job_id, JobState::kSucceeded, now));
   spdlog::info("job {} succeeded: {} steps in {:.1f} s, final loss {:.4f}; adapter {} version {}",
-               p.job_id, e.summary.steps, e.summary.runtime_s, e.summary.final_loss, adapter,
-               *version);
+               p.job_id, summary.steps, summary.runtime_s, summary.final_loss, adapter, *version);
+}
+
+void JobRunner::RecordSuccessesAgain() {
+  // Every few seconds, not every turn: each try reads the adapter folder again.
+  constexpr auto kRetryEvery = std::chrono::seconds(5);
+  std::vector<Pending> due;
+  for (const auto& [id, unrecorded] : unrecorded_successes_) {
+    if (std::chrono::steady_clock::now() - unrecorded.last_try >= kRetryEvery) {
+      due.push_back(unrecorded.pending);
+    }
+  }
+  for (const Pending& p : due) {
+    Succeed(p);
+    if (unrecorded_successes_.count(p.job_id) == 0) {
+      spdlog::info("job {}: its success is recorded now", p.job_id);
+    }
+  }
 }
 
 }  // namespace lorad::server

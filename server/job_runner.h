@@ -12,6 +12,7 @@
 // a slow disk never stalls the GPU loop. Cancel may be called from any thread.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -67,6 +68,8 @@ class JobRunner {
   // Stores an evaluation or checkpoint event with the job and publishes it if it is new.
   void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event);
   void FailJob(const std::string& job_id, const std::string& error);
+  // A job that trained to its end: recorded as succeeded and its adapter published.
+  void Succeed(const Pending& finished);
 
   engine::Engine& engine_;
   JobStore& store_;
@@ -98,6 +101,14 @@ class JobRunner {
   // turn of the loop, so a failed job never reads as running for ever.
   std::map<std::string, std::string> unrecorded_failures_;
   void RecordFailuresAgain();
+  // Runner thread only: ended jobs whose success the store could not record yet (their adapter
+  // serves only once it does), retried every few seconds.
+  struct UnrecordedSuccess {
+    Pending pending;
+    std::chrono::steady_clock::time_point last_try;
+  };
+  std::map<std::string, UnrecordedSuccess> unrecorded_successes_;
+  void RecordSuccessesAgain();
   bool look_for_jobs_ = true;
   bool stop_ = false;
   bool starting_stopped_ = false;  // StopStartingJobs

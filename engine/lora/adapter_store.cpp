@@ -246,7 +246,8 @@ AdapterInfo InfoOf(const AdapterLease::Entry& e) {
 }  // namespace
 
 absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const LoraAdapter& adapter,
-                                              const std::string& source, AdapterInfo* published) {
+                                              const std::string& source, AdapterInfo* published,
+                                              const BeforePublish& before_publish) {
   if (auto st = CheckName(name); !st.ok()) return st;
   State& s = *state_;
   if (auto st = adapter.ValidateAgainst(s.base); !st.ok()) {
@@ -270,10 +271,26 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   }
   entry->name = name;
   entry->source = source;
-  entry->current = true;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    entry->version = ++s.last_version[name];
+  }
+  if (before_publish) {
+    if (auto st = before_publish(entry->version); !st.ok()) {
+      // The number goes back unless a later one was taken meanwhile: versions only grow.
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (s.last_version[name] == entry->version) --s.last_version[name];
+      return st;
+    }
+  }
   std::unique_lock<std::mutex> lock(s.mu);
-  entry->version = ++s.last_version[name];
   auto it = s.current.find(name);
+  if (it != s.current.end() && it->second->version > entry->version) {
+    // A newer version was published while this one was recorded: it never serves.
+    if (published != nullptr) *published = InfoOf(*entry);
+    return entry->version;
+  }
+  entry->current = true;
   const bool replaced = it != s.current.end();
   if (replaced) {
     std::shared_ptr<AdapterLease::Entry> old = it->second;
@@ -296,10 +313,11 @@ void AdapterStore::SetRetireListener(std::function<void()> listener) {
 }
 
 absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const std::string& folder,
-                                               const std::string& source, AdapterInfo* published) {
+                                               const std::string& source, AdapterInfo* published,
+                                               const BeforePublish& before_publish) {
   auto adapter = LoraAdapter::ReadPeft(folder);
   if (!adapter.ok()) return adapter.status();
-  return Publish(name, *adapter, source.empty() ? folder : source, published);
+  return Publish(name, *adapter, source.empty() ? folder : source, published, before_publish);
 }
 
 void AdapterStore::ContinueVersionsAfter(const std::string& name, int64_t version) {

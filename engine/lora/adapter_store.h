@@ -98,17 +98,24 @@ class AdapterStore {
                                                               const AdapterStoreOptions& options);
   ~AdapterStore();
 
+  // Called with a new version's number once it is checked and copied, before it serves (without
+  // the store's lock): the server records it there, so that a version it could not record never
+  // serves. An error publishes nothing (the number is used again unless a later one was
+  // taken meanwhile) and is Publish's result.
+  using BeforePublish = std::function<absl::Status(int64_t version)>;
+
   // Publishes `adapter` as the next version of `name` (1 for a new name); returns the version,
   // and its record as published in `published` (a List() after the call may already miss it:
-  // a newer version retires an unused one at once). InvalidArgument for a bad name or shapes
-  // that do not fit the base model.
+  // a newer version retires an unused one at once, and one published while `before_publish` ran
+  // retires this one). InvalidArgument for a bad name or shapes that do not fit the base model.
   absl::StatusOr<int64_t> Publish(const std::string& name, const LoraAdapter& adapter,
-                                  const std::string& source, AdapterInfo* published = nullptr);
+                                  const std::string& source, AdapterInfo* published = nullptr,
+                                  const BeforePublish& before_publish = nullptr);
   // Reads a PEFT folder (LoraAdapter::ReadPeft) and publishes it.
   // `source` ("job:<id>" for a training job's adapter) defaults to the folder.
   absl::StatusOr<int64_t> LoadPeft(const std::string& name, const std::string& folder,
-                                   const std::string& source = "",
-                                   AdapterInfo* published = nullptr);
+                                   const std::string& source = "", AdapterInfo* published = nullptr,
+                                   const BeforePublish& before_publish = nullptr);
 
   // The next version published under `name` will be at least `version` + 1 (a restart restores
   // the versions a name had, so that they only grow).

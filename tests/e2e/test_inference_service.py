@@ -1,6 +1,7 @@
 """InferenceService and AdapterService over real gRPC against the real daemon (tiny fixture model,
 float base so the output can be compared token for token with transformers + PEFT on CPU)."""
 import math
+import shutil
 import threading
 
 import grpc
@@ -412,3 +413,37 @@ def test_concurrent_streams_and_metrics(server):
     assert "lorad_kv_cache_usage_perc" in families
     queue = families["lorad_request_queue_time_seconds"].samples
     assert any(s.name.endswith("_count") and s.value >= 6 for s in queue)
+
+
+def test_a_hot_swap_the_database_cannot_record_leaves_the_served_version(server, peft_adapter_dir):
+    """LoadAdapter records a new version before it serves: while the job database refuses writes
+    (what a full disk does; here another connection holds its write lock) a hot swap fails, and
+    the version that served goes on serving."""
+    import sqlite3
+
+    d, stub, pb, astub, apb, tmp = server
+    folder, _ = peft_adapter_dir
+    root = tmp / "data" / "adapters"
+    shutil.copytree(folder, root / "swap-v1", dirs_exist_ok=True)
+    first = astub.LoadAdapter(apb.LoadAdapterRequest(name="swap", path="swap-v1"), timeout=60)
+    req = pb.GenerateRequest(prompt="Hello", adapter="swap",
+                             sampling=pb.SamplingParams(max_new_tokens=4, temperature=0.0))
+    _, before = collect(stub.Generate(req, timeout=60))
+    blocker = sqlite3.connect(tmp / "data" / "jobs.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(grpc.RpcError) as err:  # after the store's 5 s busy timeout
+            astub.LoadAdapter(apb.LoadAdapterRequest(name="swap", path="swap-v1"), timeout=60)
+        assert "recording adapter 'swap'" in err.value.details(), err.value.details()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    listed = [(a.name, a.version) for a in
+              astub.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters if a.name == "swap"]
+    assert listed == [("swap", first.version)]
+    chunks, after = collect(stub.Generate(req, timeout=60))
+    assert after == before and chunks[-1].adapter_version == first.version
+    # Once writes work again the swap goes through, as the next version.
+    again = astub.LoadAdapter(apb.LoadAdapterRequest(name="swap", path="swap-v1"), timeout=60)
+    assert again.version == first.version + 1
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="swap"), timeout=60)

@@ -72,6 +72,40 @@ TEST(AdapterStoreTest, PublishIsAtomicAndLeasesKeepTheirVersion) {
 
 // The retire listener hears every version that stops being current: replaced by a newer one,
 // or unloaded; a first publish retires nothing. It may call back into the store.
+// The server records a version before it serves (the hook): one it cannot record never serves,
+// the version before it stays current, and its number is used again.
+TEST(AdapterStoreTest, AVersionItsHookRefusesIsNotPublished) {
+  auto store = Store();
+  ASSERT_EQ(*store->Publish("chat", Adapter(4, 1.0f), "v1"), 1);
+  int64_t hooked = 0;
+  auto refused = store->Publish("chat", Adapter(4, 2.0f), "v2", nullptr, [&](int64_t version) {
+    hooked = version;
+    EXPECT_TRUE(store->Contains("chat"));
+    return absl::ResourceExhaustedError("the disk is full");
+  });
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  EXPECT_EQ(hooked, 2);
+  auto lease = store->Acquire("chat");
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  EXPECT_EQ(lease->version(), 1);
+  EXPECT_EQ(FirstB(lease->host()), 1.0f);
+  lease->Release();
+  // A newer version published while one is recorded retires it at once.
+  AdapterInfo info;
+  auto overtaken = store->Publish("chat", Adapter(4, 3.0f), "v2", &info, [&](int64_t version) {
+    EXPECT_EQ(version, 2);
+    EXPECT_EQ(*store->Publish("chat", Adapter(4, 4.0f), "v3"), 3);
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(overtaken.ok()) << overtaken.status();
+  EXPECT_EQ(*overtaken, 2);
+  EXPECT_FALSE(info.current);
+  auto current = store->Acquire("chat");
+  ASSERT_TRUE(current.ok()) << current.status();
+  EXPECT_EQ(current->version(), 3);
+  EXPECT_EQ(FirstB(current->host()), 4.0f);
+}
+
 TEST(AdapterStoreTest, RetireListenerHearsReplacedAndUnloadedVersions) {
   auto store = Store();
   int heard = 0;

@@ -1,0 +1,158 @@
+#include "server/job_runner.h"
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "server/job_event_hub.h"
+#include "server/job_spec_validator.h"
+#include "server/job_store.h"
+#include "server/metrics_registry.h"
+
+namespace lorad::server {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+// A JobRunner with everything real: the engine on the tiny fixture model (CPU), a job store in a
+// temporary folder, the event hub; one job of `steps` steps on the Q&A fixture, queued.
+class Rig {
+ public:
+  Rig(const std::string& name, int steps) {
+    dir_ = fs::path(::testing::TempDir()) / ("job_runner_test-" + name);
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "datasets");
+    fs::copy_file(fs::path(LORAD_SOURCE_DIR) / "tests/fixtures/qa_small.jsonl",
+                  dir_ / "datasets/qa.jsonl");
+    engine::EngineOptions options;
+    const char* model = std::getenv("LORAD_TINY_MODEL");
+    options.model_folder = model != nullptr ? model : LORAD_TINY_MODEL_DEFAULT;
+    options.device = "cpu";
+    auto started = engine::Engine::Start(options);
+    EXPECT_TRUE(started.ok()) << started.status();
+    engine_ = *std::move(started);
+    auto store = JobStore::Open(db_path());
+    EXPECT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+    lorad::v1::JobSpec spec;
+    spec.set_adapter_name("runner-bot");
+    spec.mutable_dataset()->set_path("qa.jsonl");
+    spec.mutable_training()->set_max_steps(steps);
+    spec.mutable_training()->set_micro_batch_size(2);
+    spec.mutable_training()->set_grad_accum(1);
+    spec.mutable_training()->set_max_seq_length(128);
+    spec.mutable_training()->set_save_every(0);
+    spec.mutable_lora()->set_r(4);
+    JobSpecLimits limits;
+    limits.dataset_root = (dir_ / "datasets").string();
+    auto validated = ValidateJobSpec(spec, limits);
+    EXPECT_TRUE(validated.ok()) << validated.status();
+    auto record = store_->Insert(spec.SerializeAsString(), "runner-bot", 0, steps, 64);
+    EXPECT_TRUE(record.ok()) << record.status();
+    job_id_ = record->id;
+    runner_ = std::make_unique<JobRunner>(*engine_, *store_, hub_, metrics_,
+                                          (dir_ / "jobs").string(), limits.dataset_root, 1);
+  }
+
+  ~Rig() {
+    runner_->Stop();
+    engine_->Stop();
+  }
+
+  std::string db_path() const { return (dir_ / "jobs.db").string(); }
+  fs::path job_dir() const { return dir_ / "jobs" / job_id_; }
+  const std::string& job_id() const { return job_id_; }
+  engine::Engine& engine() { return *engine_; }
+  JobStore& store() { return *store_; }
+  JobEventHub& hub() { return hub_; }
+  JobRunner& runner() { return *runner_; }
+
+  JobState State() {
+    auto job = store_->Get(job_id_);
+    EXPECT_TRUE(job.ok()) << job.status();
+    return job.ok() ? job->state : JobState::kQueued;
+  }
+
+  // Waits up to `seconds` for `done`; whether it came.
+  static bool WaitFor(const std::function<bool()>& done, int seconds) {
+    const auto end = Clock::now() + std::chrono::seconds(seconds);
+    while (!done()) {
+      if (Clock::now() > end) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return true;
+  }
+
+ private:
+  fs::path dir_;
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<JobStore> store_;
+  JobEventHub hub_;
+  MetricsRegistry metrics_;
+  std::unique_ptr<JobRunner> runner_;
+  std::string job_id_;
+};
+
+// A CancelJob that lands as the job starts (after the store marked it running, before the engine
+// had it, which then ignored the cancel) stops it: it trained every step before. The hub's
+// listeners run on the runner's thread, and the RUNNING state is published in that window.
+TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {
+  Rig rig("cancel-at-start", 400);
+  std::atomic<bool> cancelled{false};
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    if (e.has_state() && e.state() == lorad::v1::JOB_STATE_RUNNING && !cancelled.exchange(true)) {
+      // TrainingService::CancelJob's sequence, minus gRPC.
+      ASSERT_TRUE(rig.store().Cancel(rig.job_id()).ok());
+      rig.runner().Cancel(rig.job_id());
+    }
+  });
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return cancelled.load(); }, 60));
+  ASSERT_TRUE(Rig::WaitFor([&] { return !rig.engine().TrainingActive(); }, 120))
+      << "the cancelled job still trains";
+  rig.hub().Unsubscribe(subscription);
+  EXPECT_EQ(rig.State(), JobState::kCancelled);
+  EXPECT_FALSE(fs::exists(rig.job_dir() / "adapter")) << "it trained to its end";
+  EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"));
+}
+
+// A job that ends while the job database refuses writes (what a full disk does; here another
+// connection holds its write lock) publishes its adapter only once its success is recorded: it
+// never serves while the job reads as running, and the runner records it when writes work again.
+TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRecorded) {
+  Rig rig("refused-writes", 1);
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
+  std::atomic<bool> locked{false};
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    if (e.has_state() && e.state() == lorad::v1::JOB_STATE_RUNNING && !locked.exchange(true)) {
+      ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+    }
+  });
+  rig.runner().Start();
+  // Each refused write waits out the store's busy timeout (5 s): the step, then the success.
+  ASSERT_TRUE(Rig::WaitFor([&] { return fs::exists(rig.job_dir() / "adapter"); }, 120));
+  std::this_thread::sleep_for(std::chrono::seconds(12));
+  EXPECT_EQ(rig.State(), JobState::kRunning);
+  EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"))
+      << "the adapter serves while its job reads as running";
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60));
+  EXPECT_TRUE(rig.engine().adapters().Contains("runner-bot"));
+  auto job = rig.store().Get(rig.job_id());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->adapter_version, 1) << "the failed tries published no version";
+  rig.hub().Unsubscribe(subscription);
+}
+
+}  // namespace
+}  // namespace lorad::server
