@@ -83,6 +83,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     record_ = *std::move(record);
     stored_ = *std::move(stored);
     next_step_ = request.from_step();
+    from_step_ = request.from_step();
     queue_.push_back(StateEvent(record_.id, JobState::kQueued, record_.created_ms));
     if (record_.started_ms > 0) {
       queue_.push_back(StateEvent(record_.id, JobState::kRunning, record_.started_ms));
@@ -122,9 +123,20 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
                              e.state() == lorad::v1::JOB_STATE_CANCELLED);
   }
 
+  // The step a step, evaluation or checkpoint event belongs to; -1 for other events.
+  static int64_t StepOf(const JobEvent& e) {
+    if (e.has_step()) return e.step().step();
+    if (e.has_eval()) return e.eval().step();
+    if (e.has_checkpoint()) return e.checkpoint().step();
+    return -1;
+  }
+
   void Enqueue(const JobEvent& e, bool live) {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_) return;
+    // from_step holds for live events too (a job resumed from a checkpoint reports again the
+    // steps after it).
+    if (StepOf(e) >= 0 && StepOf(e) < from_step_) return;
     if (!history_loaded_) {
       // A step is stored before it is published, so the history's pages still to read hold it;
       // keeping only the rest bounds what a long replay holds.
@@ -156,16 +168,32 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     if (!steps.ok()) return steps.status();
     for (const auto& s : *steps) {
       QueueStoredThroughLocked(s.step - 1);
+      QueueLiveThroughLocked(s.step - 1);
       JobEvent e;
       e.set_job_id(record_.id);
       if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
       *e.mutable_step() = ToProtoStep(s);
       queue_.push_back(std::move(e));
       history_.last_step = s.step;
+      last_step_ms_ = s.time_ms;
       next_step_ = s.step + 1;
     }
     if (static_cast<int64_t>(steps->size()) < kStepsPerPage) FinishHistoryLocked();
     return absl::OkStatus();
+  }
+
+  // Evaluations and checkpoints published while the history is read go after their own step,
+  // not after the history's last page (steps come from the pages: the store has them first).
+  void QueueLiveThroughLocked(int64_t step) {
+    for (auto it = live_.begin(); it != live_.end();) {
+      const int64_t of = StepOf(*it);
+      if (of < 0 || of > step) {
+        ++it;
+        continue;
+      }
+      if (!HistoryHolds(history_, *it)) queue_.push_back(std::move(*it));
+      it = live_.erase(it);
+    }
   }
 
   void QueueStoredThroughLocked(int64_t step) {
@@ -182,6 +210,13 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   void FinishHistoryLocked() {
     QueueStoredThroughLocked(INT64_MAX);
     stored_.clear();
+    if (record_.state == JobState::kQueued && record_.started_ms > 0) {
+      // Started, then queued again by a restart (it resumes when its turn comes): the history
+      // ends queued, so the RUNNING of its next start is sent too.
+      queue_.push_back(
+          StateEvent(record_.id, JobState::kQueued, std::max(record_.started_ms, last_step_ms_)));
+      history_.last_state = lorad::v1::JOB_STATE_QUEUED;
+    }
     if (IsTerminal(record_.state)) {
       JobEvent end = StateEvent(record_.id, record_.state, record_.finished_ms);
       if (record_.state == JobState::kFailed) {
@@ -253,9 +288,11 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   JobRecord record_;                 // the job as the stream began
   std::vector<StoredEvent> stored_;  // its stored events not yet queued, from next_stored_ on
   size_t next_stored_ = 0;
-  int64_t next_step_ = 0;  // the first step of the history's next page
-  JobEvent current_;       // the event being written (must outlive StartWrite)
-  WatchHistory history_;   // what the history sent first holds
+  int64_t next_step_ = 0;     // the first step of the history's next page
+  int64_t from_step_ = 0;     // the request's: earlier steps are not sent, live or replayed
+  int64_t last_step_ms_ = 0;  // the time of the history's last step
+  JobEvent current_;          // the event being written (must outlive StartWrite)
+  WatchHistory history_;      // what the history sent first holds
   bool history_loaded_ = false;
   bool closed_ = false;  // the end state is queued: nothing may follow it
   bool writing_ = false;

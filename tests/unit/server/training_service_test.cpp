@@ -1,0 +1,239 @@
+// WatchJob over real gRPC (TrainingService in process, a JobStore and a JobEventHub), with the job
+// runner's writes done as JobRunner does them: stored first, then published.
+#include "server/training_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lorad/v1/training.grpc.pb.h"
+#include "server/job_event_hub.h"
+#include "server/job_store.h"
+
+namespace lorad::server {
+namespace {
+
+namespace fs = std::filesystem;
+using lorad::v1::JobEvent;
+
+class Rig {
+ public:
+  explicit Rig(const std::string& name) {
+    dir_ = fs::path(::testing::TempDir()) / ("training_service_test-" + name);
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    auto store = JobStore::Open(db_path());
+    EXPECT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+    service_ = std::make_unique<TrainingService>(*store_, hub_, TrainingServiceOptions{});
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    // A slow link: a small receive window that does not grow, so a long history is still being
+    // sent while the job goes on.
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16384);
+    stub_ = lorad::v1::TrainingService::NewStub(grpc::CreateCustomChannel(
+        "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args));
+  }
+  ~Rig() { server_->Shutdown(std::chrono::system_clock::now()); }
+
+  std::string db_path() const { return (dir_ / "jobs.db").string(); }
+  JobStore& store() { return *store_; }
+  JobEventHub& hub() { return hub_; }
+  lorad::v1::TrainingService::Stub& stub() { return *stub_; }
+
+  std::string RunningJob() {
+    auto job = store_->Insert("", "bot", 0, 0, 64);
+    EXPECT_TRUE(job.ok()) << job.status();
+    EXPECT_TRUE(store_->MarkRunning(job->id, 1700000000000).ok());
+    return job->id;
+  }
+
+  // Steps 1..n written straight into the database in one transaction (as many as a long job has).
+  void BulkSteps(const std::string& id, int64_t n) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(db_path().c_str(), &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    std::string sql = "BEGIN;";
+    for (int64_t s = 1; s <= n; ++s) {
+      sql +=
+          "INSERT INTO job_steps (job_id, step, epoch, loss, learning_rate, grad_norm, "
+          "tokens_per_second, step_seconds, elapsed_seconds, eta_seconds, time_ms) VALUES ('" +
+          id + "', " + std::to_string(s) + ", 0, 0.5, 0.0002, 1, 100, 0.1, 1, 0, " +
+          std::to_string(1700000000000 + s) + ");";
+    }
+    sql += "COMMIT;";
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+  }
+
+  // JobRunner::Handle for a step, and PublishKept for an evaluation.
+  void Step(const std::string& id, int64_t n) {
+    StepRecord s;
+    s.step = n;
+    s.loss = 1.0 / static_cast<double>(n);
+    s.time_ms = 1700000000000 + n;
+    ASSERT_TRUE(store_->AppendStep(id, s).ok());
+    JobEvent e;
+    e.set_job_id(id);
+    *e.mutable_step() = ToProtoStep(s);
+    hub_.Publish(e);
+  }
+  void Eval(const std::string& id, int64_t n) {
+    JobEvent e;
+    e.set_job_id(id);
+    e.mutable_eval()->set_step(n);
+    e.mutable_eval()->set_validation_loss(2.0 / static_cast<double>(n));
+    auto added =
+        store_->AppendEvent(id, {n, static_cast<int32_t>(e.event_case()), e.SerializeAsString()});
+    ASSERT_TRUE(added.ok()) << added.status();
+    if (*added) hub_.Publish(e);
+  }
+  void Fail(const std::string& id) {
+    ASSERT_TRUE(store_->MarkFailed(id, "boom", 1800000000000).ok());
+    JobEvent failed;
+    failed.set_job_id(id);
+    failed.set_failed("boom");
+    hub_.Publish(failed);
+    hub_.Publish(StateEvent(id, JobState::kFailed, 1800000000000));
+  }
+
+ private:
+  fs::path dir_;
+  std::unique_ptr<JobStore> store_;
+  JobEventHub hub_;
+  std::unique_ptr<TrainingService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<lorad::v1::TrainingService::Stub> stub_;
+};
+
+std::string Describe(const JobEvent& e) {
+  if (e.has_step()) return "step " + std::to_string(e.step().step());
+  if (e.has_eval()) return "eval " + std::to_string(e.eval().step());
+  if (e.has_state()) return lorad::v1::JobState_Name(e.state());
+  if (e.has_failed()) return "failed";
+  return "other";
+}
+
+// A watch of `id` whose first event has been read (the stream is open; the rest waits on the
+// client, which reads nothing more until Rest()).
+class Watch {
+ public:
+  Watch(Rig& rig, const std::string& id, int64_t from_step) {
+    context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    lorad::v1::WatchJobRequest request;
+    request.set_job_id(id);
+    request.set_from_step(from_step);
+    reader_ = rig.stub().WatchJob(&context_, request);
+    events_.emplace_back();
+    EXPECT_TRUE(reader_->Read(&events_.back()));
+  }
+  std::vector<JobEvent> Rest() {
+    JobEvent e;
+    while (reader_->Read(&e)) events_.push_back(e);
+    EXPECT_TRUE(reader_->Finish().ok());
+    return events_;
+  }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReader<JobEvent>> reader_;
+  std::vector<JobEvent> events_;
+};
+
+// While a long history (many pages of steps) is still being sent, the job goes on: its new
+// evaluations come right after their own steps, as a replay of the finished job gives them, not
+// after the last page.
+TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
+  Rig rig("long-replay");
+  const std::string id = rig.RunningJob();
+  constexpr int64_t kHistory = 100000;
+  rig.BulkSteps(id, kHistory);
+  Watch watch(rig, id, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int64_t n = kHistory + 1; n <= kHistory + 3; ++n) {
+    rig.Step(id, n);
+    rig.Eval(id, n);
+  }
+  rig.Fail(id);
+  const std::vector<JobEvent> events = watch.Rest();
+  int64_t steps = 0, evals = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i].has_step()) {
+      ++steps;
+      EXPECT_EQ(events[i].step().step(), steps) << "steps in order, each once";
+    }
+    if (events[i].has_eval()) {
+      ++evals;
+      ASSERT_GT(i, 0u);
+      EXPECT_TRUE(events[i - 1].has_step() &&
+                  events[i - 1].step().step() == events[i].eval().step())
+          << "eval " << events[i].eval().step() << " follows " << Describe(events[i - 1]);
+    }
+  }
+  EXPECT_EQ(steps, kHistory + 3);
+  EXPECT_EQ(evals, 3);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(Describe(events[events.size() - 2]), "failed");
+  EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
+}
+
+// from_step leaves out earlier steps live as well as replayed (a job resumed from a checkpoint
+// reports the steps after it again).
+TEST(TrainingServiceTest, FromStepHoldsForLiveEventsToo) {
+  Rig rig("from-step");
+  const std::string id = rig.RunningJob();
+  for (int64_t n = 1; n <= 5; ++n) rig.Step(id, n);
+  Watch watch(rig, id, 4);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  for (int64_t n = 2; n <= 6; ++n) {  // resumed from step 1's checkpoint
+    rig.Step(id, n);
+    rig.Eval(id, n);
+  }
+  rig.Fail(id);
+  std::vector<std::string> got;
+  for (const JobEvent& e : watch.Rest()) got.push_back(Describe(e));
+  const std::vector<std::string> expected = {"JOB_STATE_QUEUED", "JOB_STATE_RUNNING",
+                                             "step 4",           "step 5",
+                                             "eval 4",           "eval 5",
+                                             "step 6",           "eval 6",
+                                             "failed",           "JOB_STATE_FAILED"};
+  // Steps 4 and 5 come once (from the history); their evaluations arrived live.
+  EXPECT_EQ(got, expected);
+}
+
+// A running job that a restart queued again ends its replay queued, and its next start is sent.
+TEST(TrainingServiceTest, AJobARestartQueuedAgainIsWatchedQueuedThenRunning) {
+  Rig rig("requeued");
+  const std::string id = rig.RunningJob();
+  for (int64_t n = 1; n <= 3; ++n) rig.Step(id, n);
+  auto requeued = rig.store().RecoverAfterRestart();
+  ASSERT_TRUE(requeued.ok()) << requeued.status();
+  ASSERT_EQ(*requeued, std::vector<std::string>{id});
+  Watch watch(rig, id, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ASSERT_TRUE(rig.store().MarkRunning(id, 1750000000000).ok());
+  rig.hub().Publish(StateEvent(id, JobState::kRunning, 1750000000000));
+  rig.Step(id, 4);
+  rig.Fail(id);
+  std::vector<std::string> got;
+  for (const JobEvent& e : watch.Rest()) got.push_back(Describe(e));
+  const std::vector<std::string> expected = {
+      "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "step 1", "step 2", "step 3",
+      "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "step 4", "failed", "JOB_STATE_FAILED"};
+  EXPECT_EQ(got, expected);
+}
+
+}  // namespace
+}  // namespace lorad::server
