@@ -140,11 +140,14 @@ void JobRunner::Loop() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       // Looking is wanted only while there is room: a full (or held) runner must sleep, not spin.
-      const auto room = [&] { return static_cast<int>(running_.size()) < max_running_; };
+      // (Nor one that starts no more jobs, for the shutdown.)
+      const auto room = [&] {
+        return static_cast<int>(running_.size()) < max_running_ && !starting_stopped_;
+      };
       wake_.wait_for(lock, std::chrono::seconds(1),
                      [&] { return stop_ || !pending_.empty() || (look_for_jobs_ && room()); });
       batch.swap(pending_);
-      look = look_for_jobs_ && room() && !stop_ && !starting_stopped_;
+      look = look_for_jobs_ && room() && !stop_;
       if (look) look_for_jobs_ = false;
       if (stop_ && batch.empty()) return;
     }
