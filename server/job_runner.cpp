@@ -258,6 +258,10 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   // job reported it already (its watchers got it from the history).
   auto added = store_.AppendEvent(
       job_id, {step, static_cast<int32_t>(event.event_case()), event.SerializeAsString()});
+  if (!added.ok()) {
+    spdlog::warn("job {}: an event of step {} is not in the job's history: {}", job_id, step,
+                 std::string(added.status().message()));
+  }
   if (!added.ok() || *added) events_.Publish(event);
 }
 
@@ -319,8 +323,12 @@ void JobRunner::Handle(const Pending& p) {
       s.elapsed_seconds = e.step.elapsed_s;
       s.eta_seconds = e.step.eta_s;
       s.time_ms = now;
-      // A resumed job re-reports the steps after its checkpoint: the row is replaced.
-      (void)store_.AppendStep(p.job_id, s);
+      // A resumed job re-reports the steps after its checkpoint: the row is replaced. One the
+      // store refuses (a full disk) is still sent to watchers, but a later replay lacks it.
+      if (auto stored = store_.AppendStep(p.job_id, s); !stored.ok()) {
+        spdlog::warn("job {}: step {} is not in the job's history: {}", p.job_id, s.step,
+                     std::string(stored.message()));
+      }
       job_loss_.Set(labels, s.loss);
       job_lr_.Set(labels, s.learning_rate);
       job_tokens_per_s_.Set(labels, s.tokens_per_second);

@@ -774,4 +774,29 @@ int64_t LoraAdapter::bytes() const {
   return n;
 }
 
+LoraAdapter LoraAdapter::HostCopy() const {
+  LoraAdapter copy = *this;  // the config and flags; the tensors are replaced below
+  for (auto& [path, pair] : copy.layers) {
+    pair = {pair.a.detach().to(torch::kCPU).clone(), pair.b.detach().to(torch::kCPU).clone()};
+  }
+  return copy;
+}
+
+absl::Status LoraAdapter::CopyWeightsFrom(const LoraAdapter& other) {
+  torch::NoGradGuard no_grad;
+  for (auto& [path, pair] : layers) {
+    auto it = other.layers.find(path);
+    if (it == other.layers.end() || !it->second.a.sizes().equals(pair.a.sizes()) ||
+        !it->second.b.sizes().equals(pair.b.sizes())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("no weights of the same shapes for ", path));
+    }
+  }
+  for (auto& [path, pair] : layers) {
+    pair.a.copy_(other.layers.at(path).a);
+    pair.b.copy_(other.layers.at(path).b);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace lorad::engine

@@ -52,6 +52,12 @@ struct LoraAdapter {
   // the shape the base layer needs.
   absl::Status ValidateAgainst(const ModelConfig& model) const;
   int64_t bytes() const;
+  // A detached copy on the host (CPU), in the weights' own dtype: what a writer saves while this
+  // one goes on training.
+  LoraAdapter HostCopy() const;
+  // Copies `other`'s weights into this adapter's tensors in place (their device and dtype stay).
+  // FailedPrecondition naming the module `other` lacks or holds in another shape.
+  absl::Status CopyWeightsFrom(const LoraAdapter& other);
 };
 
 }  // namespace lorad::engine

@@ -18,4 +18,20 @@ struct RandomState {
   void Restore() const;
 };
 
+// Installs `state` in the default generators for a scope and, as the scope ends, captures into it
+// what the scope drew: a training job's own stream across its turns on the GPU loop.
+class ScopedRandomState {
+ public:
+  ScopedRandomState(RandomState& state, bool with_cuda) : state_(state), with_cuda_(with_cuda) {
+    state_.Restore();
+  }
+  ~ScopedRandomState() { state_ = RandomState::Capture(with_cuda_); }
+  ScopedRandomState(const ScopedRandomState&) = delete;
+  ScopedRandomState& operator=(const ScopedRandomState&) = delete;
+
+ private:
+  RandomState& state_;
+  bool with_cuda_;
+};
+
 }  // namespace lorad::engine

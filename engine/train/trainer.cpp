@@ -155,6 +155,7 @@ struct Trainer::Impl {
   // so a resumed job still has it); returns whether it improved on the best.
   absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
     last_eval = eval;
+    state.last_eval_step = eval.step;
     TrainingEvent ev;
     ev.kind = TrainingEvent::Kind::kEval;
     ev.eval = eval;
@@ -164,7 +165,7 @@ struct Trainer::Impl {
     state.best_eval_step = eval.step;
     state.has_eval = true;
     if (config.load_best_at_end) {
-      if (auto s = AdapterCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
+      if (auto s = adapter.HostCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
     }
     return true;
   }
@@ -175,9 +176,6 @@ struct Trainer::Impl {
     return (std::filesystem::path(config.output_dir) / "best-adapter").string();
   }
   absl::StatusOr<std::string> Checkpoint();
-  LoraAdapter AdapterCopy() const;
-  // Copies a saved adapter's weights (the same modules and ranks) into the trained one.
-  absl::Status LoadWeights(const LoraAdapter& saved);
   void Emit(const TrainingEvent& e) {
     if (on_event) on_event(e);
   }
@@ -487,36 +485,10 @@ absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary, cons
   return absl::OkStatus();
 }
 
-LoraAdapter Trainer::Impl::AdapterCopy() const {
-  LoraAdapter copy;
-  copy.config = adapter.config;
-  for (const auto& [name, pair] : adapter.layers) {
-    copy.layers[name] = {pair.a.detach().to(torch::kCPU).clone(),
-                         pair.b.detach().to(torch::kCPU).clone()};
-  }
-  return copy;
-}
-
-absl::Status Trainer::Impl::LoadWeights(const LoraAdapter& saved) {
-  torch::NoGradGuard no_grad;
-  for (auto& [name, pair] : adapter.layers) {
-    auto it = saved.layers.find(name);
-    if (it == saved.layers.end() || !it->second.a.sizes().equals(pair.a.sizes()) ||
-        !it->second.b.sizes().equals(pair.b.sizes())) {
-      return absl::DataLossError(absl::StrCat(
-          BestAdapterPath(), " does not hold the job's LoRA weights for ", name,
-          " (was the folder changed?); delete it and resume, or submit the job again"));
-    }
-    pair.a.copy_(it->second.a);
-    pair.b.copy_(it->second.b);
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   // Called while the job steps: its stream is the one installed in the default generators.
-  auto path = WriteCheckpoint(config.output_dir, AdapterCopy(), optimizer->SaveState(),
+  auto path = WriteCheckpoint(config.output_dir, adapter.HostCopy(), optimizer->SaveState(),
                               RandomState::Capture(/*with_cuda=*/false).cpu, state,
                               config.keep_checkpoints);
   if (!path.ok()) return path.status();
@@ -546,7 +518,12 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     // The last step's evaluation counts for the best, and its event precedes the last
     // checkpoint's, as a cadence evaluation's does (and as a replayed history orders them). The
     // cadence's own is reused, not repeated.
-    const bool cadence = config.eval_every > 0 && state.step % config.eval_every == 0;
+    // Reported already when the job resumed from this step's checkpoint (written after it), not
+    // when a shutdown interrupted the cadence's evaluation before it. A checkpoint of an older
+    // lorad version does not say: then the cadence's was reported.
+    const bool reported = state.last_eval_step >= 0
+                              ? state.last_eval_step == state.step
+                              : config.eval_every > 0 && state.step % config.eval_every == 0;
     if (validating && last_eval && last_eval->step == state.step) {
       f.scored = last_eval;
     } else if (validating) {
@@ -554,7 +531,7 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       if (!complete.ok()) return complete.status();
       if (!*complete) return absl::OkStatus();
       f.scored = EvaluationOf(f.eval);
-      if (!cadence) {
+      if (!reported) {
         if (auto st = ReportEvaluation(*f.scored); !st.ok()) return st.status();
       }
     }
@@ -571,7 +548,11 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       if (!f.best_loaded) {
         auto best = LoraAdapter::ReadPeft(BestAdapterPath());
         if (!best.ok()) return best.status();
-        if (auto st = LoadWeights(*best); !st.ok()) return st;
+        if (auto st = adapter.CopyWeightsFrom(*best); !st.ok()) {
+          return absl::DataLossError(absl::StrCat(
+              BestAdapterPath(), " does not hold the job's LoRA weights: ", st.message(),
+              " (was the folder changed?); delete it and resume, or submit the job again"));
+        }
         f.best_loaded = true;
       }
       auto complete = EvaluateSome(f.eval);
@@ -611,7 +592,7 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     }
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
     s.adapter_step = f.scored_step;
-    LoraAdapter final_adapter = AdapterCopy();  // on the host
+    LoraAdapter final_adapter = adapter.HostCopy();
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
     if (!config.export_merged_dtype.empty()) {
       // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
@@ -723,22 +704,19 @@ absl::Status Trainer::Step() {
   Impl& t = *impl_;
   if (t.done) return absl::FailedPreconditionError("the training job has already ended");
   // The job's own random stream for this step, kept for its next one whatever happens here.
-  struct InstalledRandomState {
-    Impl& t;
-    explicit InstalledRandomState(Impl& job) : t(job) { t.random.Restore(); }
-    ~InstalledRandomState() {
-      t.random = RandomState::Capture(t.model->options().device.is_cuda());
-    }
-  } installed(t);
+  ScopedRandomState installed(t.random, t.model->options().device.is_cuda());
   try {
     // Once its files are written the job is done but for the merged export: a cancel then
     // would report a written adapter as cancelled, and wait for the export at destruction.
     if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       // Trained to its last step, with that step's checkpoint not yet written (its evaluation
-      // was under way): the checkpoint first, so that a cancel at the end keeps what was
-      // trained (its adapter/ folder loads like any adapter).
-      if (t.finishing && t.finishing->stage == Impl::Finishing::Stage::kLastEval) {
+      // was under way, the end's or the cadence's): the checkpoint first, so that a cancel at
+      // the end keeps what was trained (its adapter/ folder loads like any adapter).
+      const bool last_step_unsaved =
+          (t.finishing && t.finishing->stage == Impl::Finishing::Stage::kLastEval) ||
+          (t.periodic_eval && t.state.step >= t.total_steps);
+      if (last_step_unsaved) {
         if (auto path = t.Checkpoint(); !path.ok()) return t.Fail(path.status());
       }
       return t.Finish(/*cancelled=*/true, false);
@@ -799,6 +777,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   if (impl_->finishing && impl_->finishing->stage != Impl::Finishing::Stage::kLastEval) {
     return CheckpointPath(impl_->config.output_dir, impl_->state.step);
   }
+  // Between steps the generators hold whichever job stepped last: the job's own stream is saved.
+  ScopedRandomState installed(impl_->random, impl_->model->options().device.is_cuda());
   return impl_->Checkpoint();
 }
 

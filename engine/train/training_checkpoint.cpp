@@ -35,6 +35,7 @@ json StateToJson(const TrainerState& s) {
               {"best_eval_step", s.best_eval_step},
               {"has_eval", s.has_eval},
               {"evals_without_improvement", s.evals_without_improvement},
+              {"last_eval_step", s.last_eval_step},
               {"trained_tokens", s.trained_tokens},
               {"train_seconds", s.train_seconds},
               {"dataset_fingerprint", s.dataset_fingerprint}};
@@ -145,6 +146,7 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     s.trained_tokens = j.value("trained_tokens", int64_t{0});
     s.train_seconds = j.value("train_seconds", 0.0);
     s.best_eval_step = j.value("best_eval_step", int64_t{0});
+    s.last_eval_step = j.value("last_eval_step", int64_t{-1});
     s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(

@@ -31,6 +31,10 @@ struct TrainerState {
   int64_t best_eval_step = 0;  // the step of that evaluation
   bool has_eval = false;
   int64_t evals_without_improvement = 0;
+  // The step of the last evaluation reported (0: none yet), so that a resume neither repeats an
+  // evaluation nor misses one a shutdown interrupted. -1 in checkpoints of older lorad versions
+  // (unknown).
+  int64_t last_eval_step = 0;
   // Totals over every run of the job up to this step (a resumed job continues them).
   int64_t trained_tokens = 0;
   double train_seconds = 0;

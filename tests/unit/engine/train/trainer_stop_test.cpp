@@ -1,0 +1,380 @@
+// The trainer stopped, cancelled and resumed at awkward moments: a resume continues exactly (the
+// loss curve, the evaluations, each job's random stream), and what was trained is never lost.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "engine/model/model_weights.h"
+#include "engine/train/checkpoint_folders.h"
+#include "engine/train/trainer.h"
+#include "engine/train/training_checkpoint.h"
+#include "nlohmann/json.hpp"
+#include "tests/unit/engine/train/trainer_test_fixture.h"
+
+namespace lorad::engine {
+namespace {
+
+// What Engine::StopTrainers does to one trainer: its periodic evaluation skipped, the step under
+// way finished, a checkpoint at the step boundary, then the job ends cancelled.
+void StopLikeTheEngine(Trainer& t) {
+  t.Interrupt();
+  while (!t.done() && !t.cancelled() && !t.at_step_boundary() && t.Step().ok()) {
+  }
+  if (!t.done() && !t.cancelled() && t.at_step_boundary()) {
+    ASSERT_TRUE(t.SaveCheckpoint().ok());
+  }
+  t.Cancel();
+  while (!t.done() && t.Step().ok()) {
+  }
+}
+
+TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
+  TrainingJobConfig config = Config("straight");
+  config.lora.dropout = 0.1;  // the RNG state must be restored too
+  config.save_every = 10;
+  std::vector<TrainingEvent> straight;
+  auto a = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { straight.push_back(e); });
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE((*a)->Run().ok());
+
+  config.output_dir = (out_ / "resumed").string();
+  std::vector<TrainingEvent> first, second;
+  {
+    auto b = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(b.ok());
+    while ((*b)->step() < 10) ASSERT_TRUE((*b)->Step().ok());
+    // Stopped here: as if the daemon was killed after the step-10 checkpoint.
+  }
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-10" / "adapter" /
+                         "adapter_model.safetensors"));
+  auto c = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE((*c)->resumed());
+  EXPECT_EQ((*c)->step(), 10);
+  ASSERT_TRUE((*c)->Run().ok());
+  // The checkpoint it resumed from is reported first (the first run may have died before it did).
+  ASSERT_FALSE(second.empty());
+  EXPECT_EQ(second.front().kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(second.front().checkpoint.step, 10);
+
+  std::vector<double> joined = Losses(first);
+  for (double l : Losses(second)) joined.push_back(l);
+  const std::vector<double> expected = Losses(straight);
+  ASSERT_EQ(expected.size(), 20u);
+  ASSERT_EQ(joined.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(joined[i], expected[i]) << "step " << i + 1;
+  ASSERT_EQ(second.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_EQ(second.back().summary.steps, 20);
+}
+
+// Jobs that take turns step by step (the GPU loop's way with several jobs) draw LoRA dropout from
+// their own streams: each one's losses equal its run alone.
+TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
+  TrainingJobConfig a = Config("alone");
+  a.lora.dropout = 0.1;
+  a.max_steps = 4;
+  std::vector<TrainingEvent> alone, a_events, b_events;
+  auto solo = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                              [&](const TrainingEvent& e) { alone.push_back(e); });
+  ASSERT_TRUE(solo.ok()) << solo.status();
+  ASSERT_TRUE((*solo)->Run().ok());
+
+  a.output_dir = (out_ / "together-a").string();
+  TrainingJobConfig b = Config("together-b");
+  b.lora.dropout = 0.2;
+  b.seed = 5;
+  b.max_steps = 4;
+  auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                               [&](const TrainingEvent& e) { a_events.push_back(e); });
+  auto second = Trainer::Create(*model_, *tokenizer_, model_dir_, b,
+                                [&](const TrainingEvent& e) { b_events.push_back(e); });
+  ASSERT_TRUE(first.ok() && second.ok());
+  while (!(*first)->done() || !(*second)->done()) {
+    if (!(*first)->done()) {
+      ASSERT_TRUE((*first)->Step().ok());
+    }
+    if (!(*second)->done()) {
+      ASSERT_TRUE((*second)->Step().ok());
+    }
+  }
+  EXPECT_EQ(Losses(a_events), Losses(alone));
+  EXPECT_EQ(Losses(a_events).size(), 4u);
+}
+
+// Once its report and adapter are written a job only waits for its merged export: a cancel (or a
+// shutdown's) then still ends it as finished, with the export written, rather than reporting a
+// written adapter as cancelled and leaving the export to block the trainer's destruction.
+TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
+  // The model folder's weight index is a FIFO: the export waits on it until it is written.
+  const fs::path slow = out_ / "slow-model";
+  fs::create_directories(slow);
+  for (const auto& f : fs::directory_iterator(model_dir_)) {
+    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
+  }
+  fs::create_symlink(fs::path(model_dir_) / "model.safetensors", slow / "weights.safetensors");
+  ASSERT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  TrainingJobConfig config = Config("cancel-export");
+  config.max_steps = 2;
+  config.export_merged_dtype = "float32";
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, slow.string(), config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  const fs::path adapter = fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors";
+  while (!fs::exists(adapter)) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_FALSE((*t)->done());
+  std::thread index_writer([&] {
+    auto weights = ModelWeights::Open(model_dir_);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    nlohmann::json index;
+    for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
+    std::ofstream(slow / "model.safetensors.index.json") << index.dump();
+  });
+  const absl::Status ran = (*t)->Run();
+  index_writer.join();
+  ASSERT_TRUE(ran.ok()) << ran;
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_FALSE(events.back().summary.cancelled);
+  EXPECT_TRUE(fs::exists(fs::path(events.back().summary.merged_path) / "config.json"));
+}
+
+// A shutdown's checkpoint during a job's end (after the best evaluation's weights replaced the
+// last step's, with load_best_at_end) keeps the end's checkpoint of the last step, and the resumed
+// job publishes the best evaluation's adapter.
+TEST_F(TrainerTest, ACheckpointDuringTheEndKeepsTheLastStepsWeights) {
+  TrainingJobConfig config = Config("checkpoint-during-end");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.learning_rate = 0.7;  // step 3 evaluates worse than step 2: the best is step 2's
+  config.max_steps = 3;
+  config.load_best_at_end = true;
+  std::vector<TrainingEvent> first, second;
+  auto eval_of = [](const std::vector<TrainingEvent>& events, int64_t step) {
+    for (const auto& e : events) {
+      if (e.kind == TrainingEvent::Kind::kEval && e.eval.step == step) return e.eval.loss;
+    }
+    return -1.0;
+  };
+  const std::string last =
+      CheckpointPath(config.output_dir, 3) + "/adapter/adapter_model.safetensors";
+  std::string written;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    while (!fs::exists(last)) ASSERT_TRUE((*t)->Step().ok());
+    ASSERT_GT(eval_of(first, 3), eval_of(first, 2)) << "the test needs step 2 to be the best";
+    written = ReadFile(last);
+    ASSERT_TRUE((*t)->Step().ok());  // the best weights loaded, a first validation micro-batch
+    ASSERT_FALSE((*t)->done());
+    // Engine::StopTrainers:
+    ASSERT_TRUE((*t)->at_step_boundary());
+    ASSERT_TRUE((*t)->SaveCheckpoint().ok());
+    (*t)->Cancel();
+    ASSERT_TRUE((*t)->Step().ok());
+    ASSERT_TRUE((*t)->done());
+  }
+  EXPECT_EQ(ReadFile(last), written) << "checkpoint-3 no longer holds step 3's weights";
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  // Step 3's evaluation was reported before its checkpoint was written: not again.
+  EXPECT_EQ(eval_of(second, 3), -1.0);
+  EXPECT_DOUBLE_EQ(second.back().summary.best_loss, eval_of(first, 2));
+  EXPECT_FALSE(second.back().summary.cancelled);
+  EXPECT_EQ(second.back().summary.adapter_step, 2);
+}
+
+TEST_F(TrainerTest, AJobStoppedAfterItsFinalCheckpointEndsWhenResumed) {
+  // The end writes the last checkpoint, then the adapter: a process killed between the two
+  // resumes at the last step and must only finish.
+  TrainingJobConfig config = Config("final");
+  config.max_steps = 4;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+  }
+  fs::remove_all(fs::path(config.output_dir) / "adapter");
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE((*t)->resumed());
+  const absl::Status finished = (*t)->Run();  // the finishing stages, a piece per Step()
+  ASSERT_TRUE(finished.ok()) << finished;
+  EXPECT_TRUE((*t)->done());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_EQ(events.back().summary.steps, 4);
+  for (const auto& e : events) EXPECT_NE(e.kind, TrainingEvent::Kind::kStep) << "no step 5";
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+}
+
+TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
+  TrainingJobConfig config = Config("cancel");
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->Step().ok());
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  EXPECT_FALSE((*t)->Step().ok());
+}
+
+// A cancel once the last step is trained, during the evaluation that precedes its checkpoint,
+// still writes that checkpoint: what was trained is kept (the cancelled job publishes nothing).
+TEST_F(TrainerTest, ACancelDuringTheLastEvaluationKeepsTheLastStepsCheckpoint) {
+  TrainingJobConfig config = Config("cancel-at-end");
+  config.data.validation_fraction = 0.25;  // 4 of the 16 examples, one a Step() call
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.max_steps = 2;
+  config.save_every = 0;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->Step().ok());  // the last evaluation's first validation row
+  const std::string checkpoint = CheckpointPath(config.output_dir, 2);
+  ASSERT_FALSE(fs::exists(checkpoint)) << "the evaluation of 4 rows cannot have ended";
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  EXPECT_TRUE(events.back().summary.adapter_path.empty()) << "nothing is published";
+  ASSERT_GE(events.size(), 2u);
+  ASSERT_EQ(events[events.size() - 2].kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(events[events.size() - 2].checkpoint.path, checkpoint);
+  auto saved = LoraAdapter::ReadPeft(checkpoint + "/adapter");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  // The checkpoint holds the trained weights: a resume from it has nothing left to train.
+  auto resumed = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_TRUE((*resumed)->resumed());
+  EXPECT_EQ((*resumed)->step(), 2);
+}
+
+// A shutdown while the last step's cadence evaluation is pending: the resumed job evaluates that
+// step and reports it (it was evaluated but never reported: missing from the history, from the
+// best validation loss and from load_best_at_end's choice).
+TEST_F(TrainerTest, AShutdownBeforeTheLastStepsCadenceEvaluationReportsItOnResume) {
+  TrainingJobConfig config = Config("straight");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.max_steps = 4;
+  std::vector<TrainingEvent> straight, first, second;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { straight.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+  }
+  config.output_dir = (out_ / "stopped").string();
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    while ((*t)->step() < 4) ASSERT_TRUE((*t)->Step().ok());  // step 4 trained, its eval next
+    StopLikeTheEngine(**t);
+  }
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  std::vector<int64_t> evals = EvalSteps(first);
+  for (int64_t s : EvalSteps(second)) evals.push_back(s);
+  EXPECT_EQ(EvalSteps(straight), (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(evals, (std::vector<int64_t>{2, 4}));
+  EXPECT_DOUBLE_EQ(second.back().summary.best_loss, straight.back().summary.best_loss);
+  // ... and a job resumed from its final checkpoint (written after the last evaluation) does not
+  // report that evaluation again.
+  std::vector<TrainingEvent> again;
+  fs::remove_all(fs::path(config.output_dir) / "adapter");
+  auto resumed = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                                 [&](const TrainingEvent& e) { again.push_back(e); });
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_TRUE((*resumed)->Run().ok());
+  EXPECT_TRUE(EvalSteps(again).empty());
+  EXPECT_DOUBLE_EQ(again.back().summary.best_loss, straight.back().summary.best_loss);
+}
+
+// A cancel during the last step's cadence evaluation writes that step's checkpoint first, as one
+// during the end's own evaluation does.
+TEST_F(TrainerTest, ACancelDuringTheLastStepsCadenceEvaluationKeepsItsCheckpoint) {
+  TrainingJobConfig config = Config("cancel-at-end");
+  config.data.validation_fraction = 0.25;
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.max_steps = 2;
+  config.eval_every = 2;
+  config.save_every = 0;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->Step().ok());  // the evaluation's first validation row
+  ASSERT_FALSE(fs::exists(CheckpointPath(config.output_dir, 2)));
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->done());
+  EXPECT_TRUE(fs::exists(CheckpointPath(config.output_dir, 2)));
+}
+
+// Two jobs taking turns, stopped for a shutdown: a job checkpointed between its steps saves its
+// own random stream (the default generators hold the other job's), so it resumes to the losses
+// it has alone.
+TEST_F(TrainerTest, AShutdownCheckpointBetweenStepsKeepsTheJobsOwnRandomStream) {
+  TrainingJobConfig a = Config("alone");
+  a.lora.dropout = 0.1;
+  a.max_steps = 4;
+  std::vector<TrainingEvent> alone, a1, a2;
+  {
+    auto solo = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                                [&](const TrainingEvent& e) { alone.push_back(e); });
+    ASSERT_TRUE(solo.ok()) << solo.status();
+    ASSERT_TRUE((*solo)->Run().ok());
+  }
+  a.output_dir = (out_ / "together-a").string();
+  TrainingJobConfig b = Config("together-b");
+  b.lora.dropout = 0.2;
+  b.seed = 5;
+  {
+    auto ja = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                              [&](const TrainingEvent& e) { a1.push_back(e); });
+    auto jb = Trainer::Create(*model_, *tokenizer_, model_dir_, b, nullptr);
+    ASSERT_TRUE(ja.ok() && jb.ok());
+    while ((*ja)->step() < 2) {  // the loop's turns: A, B, A, B, ...
+      ASSERT_TRUE((*ja)->Step().ok());
+      ASSERT_TRUE((*jb)->Step().ok());
+    }
+    StopLikeTheEngine(**ja);  // A is at a step boundary: checkpointed without a Step()
+    StopLikeTheEngine(**jb);
+  }
+  auto ra = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                            [&](const TrainingEvent& e) { a2.push_back(e); });
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  ASSERT_EQ((*ra)->step(), 2);
+  ASSERT_TRUE((*ra)->Run().ok());
+  std::vector<double> joined = Losses(a1);
+  for (double l : Losses(a2)) joined.push_back(l);
+  EXPECT_EQ(joined, Losses(alone));
+}
+
+}  // namespace
+}  // namespace lorad::engine

@@ -1,0 +1,111 @@
+// TrainerTest: the fixture of the trainer's tests (trainer_test.cpp, trainer_stop_test.cpp): the
+// tiny fixture model and its tokenizer, a job on the Q&A fixture file, an output folder per test.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/train/trainer.h"
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+
+namespace fs = std::filesystem;
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_dir_ = std::getenv("LORAD_TINY_MODEL");
+    auto model = LlamaModel::Load(model_dir_, {});
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+    auto tokenizer = LoadTokenizer(model_dir_);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = *std::move(tokenizer);
+    out_ = fs::temp_directory_path() /
+           ("lorad_trainer_test_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(out_);
+  }
+  void TearDown() override { fs::remove_all(out_); }
+
+  TrainingJobConfig Config(const std::string& sub) const {
+    TrainingJobConfig c;
+    c.data.path = std::string(LORAD_SOURCE_DIR) + "/tests/fixtures/qa_small.jsonl";
+    c.lora.r = 8;
+    c.max_steps = 20;
+    c.micro_batch_size = 2;
+    c.grad_accum = 2;
+    c.learning_rate = 5e-3;
+    c.warmup_steps = 2;
+    c.optimizer = "adamw";
+    c.max_seq_length = 256;
+    c.seed = 11;
+    c.output_dir = (out_ / sub).string();
+    return c;
+  }
+
+  // A copy of the tiny model in out_/name whose tokenizer_config.json `edit` changes.
+  fs::path ModelWithTokenizerConfig(const std::string& name,
+                                    const std::function<void(nlohmann::json&)>& edit) const {
+    const fs::path folder = out_ / name;
+    fs::create_directories(folder);
+    for (const auto& f : fs::directory_iterator(model_dir_)) {
+      fs::copy(f.path(), folder / f.path().filename());
+    }
+    nlohmann::json tc = nlohmann::json::parse(std::ifstream(folder / "tokenizer_config.json"));
+    edit(tc);
+    std::ofstream(folder / "tokenizer_config.json") << tc.dump();
+    return folder;
+  }
+
+  // Evaluated every 2 steps on a quarter of the file, with a learning rate that diverges: the
+  // validation loss stops improving and early stopping (patience 1) ends the job.
+  TrainingJobConfig StoppingEarlyConfig(const std::string& sub) const {
+    TrainingJobConfig c = Config(sub);
+    c.data.validation_fraction = 0.25;
+    c.eval_every = 2;
+    c.early_stopping_patience = 1;
+    c.learning_rate = 0.5;
+    c.max_steps = 40;
+    return c;
+  }
+
+  std::string model_dir_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  fs::path out_;
+};
+
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+inline std::vector<double> Losses(const std::vector<TrainingEvent>& events) {
+  std::vector<double> out;
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kStep) out.push_back(e.step.loss);
+  }
+  return out;
+}
+
+inline std::vector<int64_t> EvalSteps(const std::vector<TrainingEvent>& events) {
+  std::vector<int64_t> out;
+  for (const auto& e : events) {
+    if (e.kind == TrainingEvent::Kind::kEval) out.push_back(e.eval.step);
+  }
+  return out;
+}
+
+}  // namespace lorad::engine
