@@ -1,15 +1,60 @@
 #include "engine/model/added_vocabulary.h"
 
 #include <algorithm>
+#include <cctype>
 
 #include "engine/model/utf8.h"
+
+#if defined(LORAD_HAVE_ICU)
+#include <unicode/uchar.h>
+#else
+#include <re2/re2.h>
+#endif
 
 namespace lorad::engine {
 namespace {
 
-bool IsWordByte(char c) {
-  const auto b = static_cast<unsigned char>(c);
-  return b >= 0x80 || std::isalnum(b) || b == '_';
+// A word character, beside which a single_word token does not match: as Hugging Face tokenizers
+// decides it (the Rust regex crate's \w), in any script: Alphabetic, a mark, a decimal digit,
+// a connector ('_') or a joiner (ZWNJ, ZWJ). `ch` holds one UTF-8 character.
+bool IsWordCharacter(std::string_view ch) {
+  size_t pos = 0;
+  const char32_t c = NextCodePoint(ch, &pos);
+  if (c < 0x80) return c == '_' || std::isalnum(static_cast<int>(c)) != 0;
+#if defined(LORAD_HAVE_ICU)
+  const auto u = static_cast<UChar32>(c);
+  if (u_hasBinaryProperty(u, UCHAR_ALPHABETIC) || u_hasBinaryProperty(u, UCHAR_JOIN_CONTROL)) {
+    return true;
+  }
+  switch (u_charType(u)) {
+    case U_NON_SPACING_MARK:
+    case U_ENCLOSING_MARK:
+    case U_COMBINING_SPACING_MARK:
+    case U_DECIMAL_DIGIT_NUMBER:
+    case U_CONNECTOR_PUNCTUATION:
+      return true;
+    default:
+      return false;
+  }
+#else
+  // Without ICU, by general category: the few Alphabetic characters outside them (e.g. some
+  // circled letters, So) are missed.
+  static const RE2 kWord("[\\p{L}\\p{M}\\p{Nd}\\p{Nl}\\p{Pc}\\x{200C}\\x{200D}]");
+  return RE2::FullMatch(ch, kWord);
+#endif
+}
+
+// Whether the character that ends at `end` (exclusive), or starts at `begin`, is a word character.
+bool WordCharacterBefore(std::string_view text, size_t end) {
+  size_t start = end - 1;
+  while (start > 0 && (static_cast<unsigned char>(text[start]) & 0xC0) == 0x80) --start;
+  return IsWordCharacter(text.substr(start, end - start));
+}
+
+bool WordCharacterAfter(std::string_view text, size_t begin) {
+  size_t end = begin;
+  NextCodePoint(text, &end);
+  return IsWordCharacter(text.substr(begin, end - begin));
 }
 
 // Length of the whitespace run ending at `end` (exclusive), not crossing `floor`.
@@ -72,7 +117,8 @@ std::vector<AddedVocabulary::Segment> AddedVocabulary::Split(std::string_view te
       if (text.compare(i, t.content.size(), t.content) != 0) continue;
       if (t.single_word) {
         const size_t end = i + t.content.size();
-        if ((i > 0 && IsWordByte(text[i - 1])) || (end < text.size() && IsWordByte(text[end]))) {
+        if ((i > 0 && WordCharacterBefore(text, i)) ||
+            (end < text.size() && WordCharacterAfter(text, end))) {
           continue;
         }
       }

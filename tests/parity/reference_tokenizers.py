@@ -2,7 +2,7 @@
 the `tokenizers` library) for the tiny sentencepiece model, the same tokenizer as transformers 5
 saves it (a sentencepiece-style tokenizer.json without tokenizer.model), and three byte-level BPE
 tokenizers trained here on tests/fixtures/tiny_corpus.txt in the shapes of Llama 3, Qwen2 and
-GPT-2.
+GPT-2, and the Llama 3 one with added tokens (single_word, lstrip/rstrip) beside many characters.
 
 Output (out = <build>/parity/tokenizers/):
   <name>/                 the trained tokenizer folders (tokenizer.json, tokenizer_config.json,
@@ -164,6 +164,34 @@ def _fixtures(out):
             "gpt2_bpe": (gpt2, "<|im_start|>", "<|im_end|>", "<|endoftext|>")}
 
 
+# Characters beside added tokens: single_word tokens match only between non-word characters
+# (alphanumerics and '_' are word characters, in any script), lstrip/rstrip ones take the white
+# space around them.
+NEIGHBOURS = ["", " ", "a", "é", "日", "。", "—", "\u00a0", "\u3000", "_", "1", "٣", "😀", "\n", "-",
+              "ß", "\u0301", "\u2003", "\u200b", "ǅ", "Ⅻ", "½"]
+
+
+def _with_added_tokens(out, llama3):
+    """The Llama 3-shaped tokenizer with added tokens of each kind: single_word (special and not,
+    normalized and not) and lstrip/rstrip; and the texts that put every neighbour beside them."""
+    import shutil
+
+    folder = out / "llama3_added"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(llama3, folder)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    n = max([t["id"] for t in data["added_tokens"]] + list(data["model"]["vocab"].values())) + 1
+    added = [("<tool>", True, False, False, True), ("<ls>", False, True, True, True),
+             ("word", True, False, False, False)]
+    for i, (content, single_word, lstrip, rstrip, special) in enumerate(added):
+        data["added_tokens"].append({"id": n + i, "content": content, "single_word": single_word,
+                                     "lstrip": lstrip, "rstrip": rstrip,
+                                     "normalized": not special, "special": special})
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    texts = [a + content + b for a in NEIGHBOURS for b in NEIGHBOURS for content, *_ in added]
+    return folder, texts
+
+
 def _eos_ids(tok, folder):
     from transformers import GenerationConfig
 
@@ -176,13 +204,13 @@ def _eos_ids(tok, folder):
     return sorted(ids)
 
 
-def _references(folder, specials):
+def _references(folder, specials, extra_cases=()):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     rng = random.Random(20240531)
     cases = []
-    for c in CASES:
+    for c in CASES + list(extra_cases):
         text = c.replace("{S0}", specials[0]).replace("{S1}", specials[1]).replace("{S2}", specials[2])
         ids = tok(text, add_special_tokens=True).input_ids
         cases.append({
@@ -229,7 +257,10 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets["sentencepiece_json"] = (_resaved_by_transformers(out, pathlib.Path(model)),
                                      "<|im_start|>", "<|im_end|>", "<s>")
     targets.update(_fixtures(out))
+    added, added_texts = _with_added_tokens(out, targets["llama3_bpe"][0])
+    targets["llama3_added"] = (added, *targets["llama3_bpe"][1:])
     for name, (folder, *specials) in targets.items():
-        refs = _references(pathlib.Path(folder), specials)
+        extra = added_texts if name == "llama3_added" else ()
+        refs = _references(pathlib.Path(folder), specials, extra)
         (out / f"{name}.json").write_text(json.dumps(refs, ensure_ascii=False, indent=1),
                                           encoding="utf-8")
