@@ -16,6 +16,7 @@
 #include <optional>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -200,15 +201,18 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
   auto init = j.find("init_lora_weights");
   if (init != j.end() && init->is_string()) {
     const std::string name = init->get<std::string>();
+    // As PEFT tells them apart: by prefix, and OLoRA in any case ("OLoRA" is its own spelling).
+    bool changes_base = absl::AsciiStrToLower(name) == "olora";
     for (const char* prefix : {"pissa", "olora", "loftq", "corda", "lora_ga"}) {
-      if (name.rfind(prefix, 0) == 0) {
-        return ConfigError(
-            file, absl::StrCat("field 'init_lora_weights' is \"", name,
-                               "\": that init changes the base weights, and lorad serves adapters "
-                               "on the unchanged base; convert it to a plain LoRA adapter first "
-                               "(PEFT: save_pretrained(..., "
-                               "path_initial_model_for_weight_conversion=...))"));
-      }
+      changes_base |= absl::StartsWith(name, prefix);
+    }
+    if (changes_base) {
+      return ConfigError(
+          file, absl::StrCat("field 'init_lora_weights' is \"", name,
+                             "\": that init changes the base weights, and lorad serves adapters "
+                             "on the unchanged base; convert it to a plain LoRA adapter first "
+                             "(PEFT: save_pretrained(..., "
+                             "path_initial_model_for_weight_conversion=...))"));
     }
   }
   return absl::OkStatus();

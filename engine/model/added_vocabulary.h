@@ -12,6 +12,11 @@
 
 namespace lorad::engine {
 
+// The largest token id lorad reads: the largest vocabularies hold about 262k tokens, and the
+// tokenizer keeps tables indexed by id, so a larger id in a tokenizer file is an error rather than
+// gigabytes of tables.
+inline constexpr int32_t kMaxTokenId = (1 << 22) - 1;
+
 struct AddedToken {
   int32_t id = -1;
   std::string content;

@@ -177,8 +177,9 @@ class BpeTokenizerParser {
     }
     int32_t max_id = -1;
     for (const auto& [token, id] : vocab->items()) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX) {
-        return Invalid(absl::StrCat("model.vocab['", token, "']"), "must be a non-negative id");
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > kMaxTokenId) {
+        return Invalid(absl::StrCat("model.vocab['", token, "']"),
+                       absl::StrCat("must be an id in [0, ", kMaxTokenId, "]"));
       }
       t_->vocab_[token] = id.get<int32_t>();
       max_id = std::max(max_id, id.get<int32_t>());
@@ -239,8 +240,10 @@ class BpeTokenizerParser {
     for (size_t i = 0; i < list.size(); ++i) {
       const json& a = list[i];
       if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() ||
-          !a.contains("content") || !a["content"].is_string() || a["id"].get<int64_t>() < 0) {
-        return Invalid(absl::StrCat("added_tokens[", i, "]"), "must have an id and a content");
+          !a.contains("content") || !a["content"].is_string() || a["id"].get<int64_t>() < 0 ||
+          a["id"].get<int64_t>() > kMaxTokenId) {
+        return Invalid(absl::StrCat("added_tokens[", i, "]"),
+                       absl::StrCat("must have an id in [0, ", kMaxTokenId, "] and a content"));
       }
       AddedToken t;
       t.id = a["id"].get<int32_t>();

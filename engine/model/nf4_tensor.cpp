@@ -152,12 +152,21 @@ absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, to
   if (!js.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat("'", state_key, "' is not a JSON object"));
   }
+  // A field's value of the type it must have; "" or 0 for one of another type (refused below).
+  auto text_field = [&](const char* field) {
+    auto it = js.find(field);
+    return it != js.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  auto int_field = [&](const char* field) {
+    auto it = js.find(field);
+    return it != js.end() && it->is_number_integer() ? it->get<int64_t>() : int64_t{0};
+  };
   auto field_error = [&](const char* field, const char* expected) {
     return absl::InvalidArgumentError(
         absl::StrCat("'", state_key, "': field '", field, "' ", expected, " (got ",
                      js.contains(field) ? js[field].dump() : "none", ")"));
   };
-  if (js.value("quant_type", std::string()) != "nf4") return field_error("quant_type", "!= nf4");
+  if (text_field("quant_type") != "nf4") return field_error("quant_type", "!= nf4");
   if (!js.contains("blocksize") || !js["blocksize"].is_number_integer() ||
       js["blocksize"].get<int64_t>() != kernels::kNf4BlockSize) {
     return absl::UnimplementedError(
@@ -176,7 +185,7 @@ absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, to
     shape.push_back(d.get<int64_t>());
   }
   if (shape[0] > (int64_t{1} << 40) / shape[1]) return field_error("shape", "is too large");
-  auto dtype = DTypeFromName(js.value("dtype", std::string()), state_key);
+  auto dtype = DTypeFromName(text_field("dtype"), state_key);
   if (!dtype.ok()) return dtype.status();
 
   const torch::Tensor* nested_absmax = find(".nested_absmax");
@@ -187,10 +196,10 @@ absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, to
         "double-quantized NF4 only: re-quantize from the original weights"));
   }
   if (!js["nested_offset"].is_number()) return field_error("nested_offset", "must be a number");
-  if (js.value("nested_blocksize", int64_t{0}) != kernels::kDynamicQuant8BlockSize) {
+  if (int_field("nested_blocksize") != kernels::kDynamicQuant8BlockSize) {
     return field_error("nested_blocksize", "must be 256");
   }
-  if (js.value("nested_dtype", std::string()) != "float32") {
+  if (text_field("nested_dtype") != "float32") {
     return field_error("nested_dtype", "must be float32");
   }
   const torch::Tensor* absmax = find(".absmax");
@@ -281,6 +290,9 @@ absl::StatusOr<Nf4Tensor> Nf4Tensor::FromBitsandbytes(
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("reading bitsandbytes weight '", name, "': ", e.what_without_backtrace()));
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reading bitsandbytes weight '", name, "': its quant_state: ", e.what()));
   }
 }
 

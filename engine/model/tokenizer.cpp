@@ -47,11 +47,16 @@ absl::Status ReadBool(const json& j, const std::string& key, const std::string& 
 void ReadTokenIds(const json& j, const std::string& key, std::vector<int32_t>* out) {
   auto it = j.find(key);
   if (it == j.end()) return;
-  if (it->is_number_integer()) out->push_back(it->get<int32_t>());
+  // Ids outside the vocabulary's range are ignored (they name no token lorad could emit).
+  auto add = [&](const json& v) {
+    if (!v.is_number_integer()) return;
+    const int64_t id = v.get<int64_t>();
+    if (id >= 0 && id <= kMaxTokenId) out->push_back(static_cast<int32_t>(id));
+  };
   if (it->is_array()) {
-    for (const auto& v : *it) {
-      if (v.is_number_integer()) out->push_back(v.get<int32_t>());
-    }
+    for (const auto& v : *it) add(v);
+  } else {
+    add(*it);
   }
 }
 
@@ -87,12 +92,24 @@ absl::Status ReadAddedTokensDecoder(const json& j, const std::string& source,
       return absl::InvalidArgumentError(absl::StrCat(source, ": added_tokens_decoder['", key,
                                                      "'] must map an id to {\"content\": ...}"));
     }
+    if (id > kMaxTokenId) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": added_tokens_decoder['", key,
+                       "']: the id is above the largest lorad reads (", kMaxTokenId, ")"));
+    }
     t.id = static_cast<int32_t>(id);
     t.content = value["content"].get<std::string>();
-    t.special = value.value("special", false);
-    t.lstrip = value.value("lstrip", false);
-    t.rstrip = value.value("rstrip", false);
-    t.single_word = value.value("single_word", false);
+    for (auto [field, flag] :
+         {std::pair{"special", &t.special}, std::pair{"lstrip", &t.lstrip},
+          std::pair{"rstrip", &t.rstrip}, std::pair{"single_word", &t.single_word}}) {
+      auto f = value.find(field);
+      if (f == value.end() || f->is_null()) continue;
+      if (!f->is_boolean()) {
+        return absl::InvalidArgumentError(absl::StrCat(source, ": added_tokens_decoder['", key,
+                                                       "'].", field, " must be true or false"));
+      }
+      *flag = f->get<bool>();
+    }
     out->push_back(std::move(t));
   }
   return absl::OkStatus();

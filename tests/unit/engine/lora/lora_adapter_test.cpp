@@ -269,6 +269,7 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {ConfigText(R"("init_lora_weights": "pissa_niter_4")"),
        "'init_lora_weights' is \"pissa_niter_4\": that init changes the base weights"},
       {ConfigText(R"("init_lora_weights": "olora")"), "path_initial_model_for_weight_conversion"},
+      {ConfigText(R"("init_lora_weights": "OLoRA")"), "\"OLoRA\": that init changes the base"},
       {R"({"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]})", "'r' must be in"},
       {R"({"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]})", "'r' must be an"},
       {ConfigText(R"("lora_dropout": 1.5)"), "'dropout'"},

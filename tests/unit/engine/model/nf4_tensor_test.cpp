@@ -207,6 +207,17 @@ TEST(Nf4Tensor, FromBitsandbytesNamesWhatIsMissingOrInconsistent) {
   expect_error(with_state("{\"quant_type\": \"nf4\", \"blocksize\": 64, \"shape\": [8, 128], "
                           "\"dtype\": \"int8\"}"),
                absl::StatusCode::kInvalidArgument, "int8");
+  // Fields of the wrong type are errors naming them, not exceptions.
+  expect_error(with_state("{\"quant_type\": 5}"), absl::StatusCode::kInvalidArgument,
+               "field 'quant_type'");
+  const std::string head = "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"shape\": [8, 128], ";
+  expect_error(with_state(head + "\"dtype\": 16}"), absl::StatusCode::kInvalidArgument, "dtype");
+  expect_error(with_state(head + "\"dtype\": \"bfloat16\", \"nested_offset\": 0.5, "
+                                 "\"nested_blocksize\": \"256\"}"),
+               absl::StatusCode::kInvalidArgument, "field 'nested_blocksize'");
+  expect_error(with_state(head + "\"dtype\": \"bfloat16\", \"nested_offset\": 0.5, "
+                                 "\"nested_blocksize\": 256, \"nested_dtype\": 32}"),
+               absl::StatusCode::kInvalidArgument, "field 'nested_dtype'");
 }
 
 TEST(Nf4Tensor, ToKeepsTheValues) {

@@ -162,5 +162,28 @@ TEST(TokenizerSettings, ReadsTokensAsStringsOrAddedTokenObjects) {
   EXPECT_EQ((*tok)->Decode((*tok)->Encode("<|im_start|>x", false), true), "x");
 }
 
+// A hostile or broken tokenizer_config.json is an error naming the entry: an id far beyond any
+// vocabulary would size the tokenizer's tables (1.5e9 ids: tens of GB), a flag of the wrong type
+// threw.
+TEST(TokenizerSettings, AddedTokenIdsBeyondAnyVocabularyAndBadFlagsAreNamed) {
+  TokenizerFolder folder("hostile_added");
+  folder.Write("tokenizer_config.json",
+               R"({"added_tokens_decoder": {"1500000000": {"content": "<x>"}}})");
+  auto tok = LoadTokenizer(folder.path());
+  ASSERT_FALSE(tok.ok());
+  EXPECT_NE(tok.status().message().find("added_tokens_decoder['1500000000']"), std::string::npos)
+      << tok.status();
+  folder.Write("tokenizer_config.json",
+               R"({"added_tokens_decoder": {"4294967296": {"content": "<x>"}}})");
+  tok = LoadTokenizer(folder.path());
+  ASSERT_FALSE(tok.ok()) << "an id above int32 must not wrap to 0";
+  folder.Write("tokenizer_config.json",
+               R"({"added_tokens_decoder": {"3": {"content": "<x>", "special": "yes"}}})");
+  tok = LoadTokenizer(folder.path());
+  ASSERT_FALSE(tok.ok());
+  EXPECT_NE(tok.status().message().find("added_tokens_decoder['3'].special"), std::string::npos)
+      << tok.status();
+}
+
 }  // namespace
 }  // namespace lorad::engine
