@@ -542,8 +542,14 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
     try {
       preparer =
           std::thread([impl, job_id, job, on_event = std::move(on_event), abandon]() mutable {
-            auto prepared = Trainer::PrepareData(*impl->model, *impl->tokenizer,
-                                                 impl->options.model_folder, job, abandon.get());
+            absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> prepared;
+            try {  // an exception here would end the process (e.g. bad_alloc on a huge file)
+              prepared = Trainer::PrepareData(*impl->model, *impl->tokenizer,
+                                              impl->options.model_folder, job, abandon.get());
+            } catch (const std::exception& e) {
+              prepared =
+                  absl::InternalError(absl::StrCat("reading the job's dataset failed: ", e.what()));
+            }
             {
               std::lock_guard<std::mutex> lock(impl->mu);
               impl->pending_jobs.push_back(Impl::PendingJob{

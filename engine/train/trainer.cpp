@@ -282,7 +282,11 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   }
   // The job's stream: its seed's (set above) or the checkpoint's CPU state.
   random = RandomState::Capture(model->options().device.is_cuda());
-  if (checkpoint && checkpoint->rng.defined()) random.cpu = checkpoint->rng;
+  if (checkpoint && checkpoint->rng.cpu.defined()) random.cpu = checkpoint->rng.cpu;
+  // The CUDA generator's too when both runs are on a GPU (the dropout masks are drawn there).
+  if (checkpoint && checkpoint->rng.cuda.defined() && random.cuda_device >= 0) {
+    random.cuda = checkpoint->rng.cuda;
+  }
   return absl::OkStatus();
 }
 
@@ -489,7 +493,7 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   // Called while the job steps: its stream is the one installed in the default generators.
   auto path = WriteCheckpoint(config.output_dir, adapter.HostCopy(), optimizer->SaveState(),
-                              RandomState::Capture(/*with_cuda=*/false).cpu, state,
+                              RandomState::Capture(model->options().device.is_cuda()), state,
                               config.keep_checkpoints);
   if (!path.ok()) return path.status();
   TrainingEvent e;
@@ -687,6 +691,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("setting up the training job failed: ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {  // e.g. the output folder's listing (filesystem_error)
+    return absl::InternalError(absl::StrCat("setting up the training job failed: ", e.what()));
   }
   return std::unique_ptr<Trainer>(new Trainer(std::move(impl)));
 }

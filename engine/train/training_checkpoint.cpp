@@ -51,7 +51,7 @@ absl::Status WriteArchive(torch::serialize::OutputArchive& archive, const fs::pa
 // Writes the checkpoint into `tmp`, fsyncs it, and renames it to `final_path`.
 absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_path,
                                    const std::string& output_dir, const LoraAdapter& adapter,
-                                   const OptimizerState& optimizer, const torch::Tensor& rng,
+                                   const OptimizerState& optimizer, const RandomState& rng,
                                    const TrainerState& state) {
   try {
     std::error_code ec;
@@ -72,7 +72,8 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
     }
     {
       torch::serialize::OutputArchive archive;
-      archive.write("cpu", rng);
+      archive.write("cpu", rng.cpu);
+      if (rng.cuda.defined()) archive.write("cuda", rng.cuda);
       if (auto s = WriteArchive(archive, tmp / "rng.pt"); !s.ok()) return s;
     }
     if (auto s = WriteSyncedFile((tmp / "trainer_state.json").string(), StateToJson(state).dump(2));
@@ -101,9 +102,8 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
 
 absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
-                                            const OptimizerState& optimizer,
-                                            const torch::Tensor& rng, const TrainerState& state,
-                                            int64_t keep) {
+                                            const OptimizerState& optimizer, const RandomState& rng,
+                                            const TrainerState& state, int64_t keep) {
   const fs::path final_path = CheckpointPath(output_dir, state.step);
   const fs::path tmp =
       fs::path(output_dir) / absl::StrCat(".", kCheckpointPrefix, state.step, ".tmp");
@@ -163,7 +163,9 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     }
     torch::serialize::InputArchive rng;
     rng.load_from((fs::path(folder) / "rng.pt").string());
-    rng.read("cpu", ckpt.rng);
+    rng.read("cpu", ckpt.rng.cpu);
+    torch::Tensor cuda;
+    if (rng.try_read("cuda", cuda)) ckpt.rng.cuda = cuda;  // absent: trained on the CPU
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint ", folder,

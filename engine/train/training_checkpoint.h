@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/lora/lora_adapter.h"
+#include "engine/runtime/random_state.h"
 #include "engine/train/checkpoint_folders.h"
 #include "engine/train/optimizer.h"
 
@@ -47,19 +48,20 @@ struct TrainerState {
 struct TrainingCheckpoint {
   LoraAdapter adapter;
   OptimizerState optimizer;
-  torch::Tensor rng;  // uint8, the CPU generator's state
+  // The job's random stream: the CPU generator's state, and the CUDA one's when it trained on a
+  // GPU (LoRA dropout draws there); cuda_device is not kept.
+  RandomState rng;
   TrainerState state;
 };
 
 // Writes atomically; returns the checkpoint folder. An existing folder of the same step is
 // replaced; then all but the newest `keep` checkpoints are deleted (0: none is). Errors name the
 // file that could not be written; a failed write leaves no partial folder behind. `rng` is the
-// job's CPU generator state (its LoRA dropout stream).
+// job's random stream (its LoRA dropout draws).
 absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
                                             const LoraAdapter& adapter,
-                                            const OptimizerState& optimizer,
-                                            const torch::Tensor& rng, const TrainerState& state,
-                                            int64_t keep = 0);
+                                            const OptimizerState& optimizer, const RandomState& rng,
+                                            const TrainerState& state, int64_t keep = 0);
 
 // Errors name the folder and the file at fault.
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder);

@@ -34,8 +34,8 @@ absl::Status TrainingJobConfig::Validate() const {
   if (micro_batch_size < 1 || micro_batch_size > 1024) {
     return OutOfRange("micro_batch_size", "in [1, 1024]", micro_batch_size);
   }
-  if (grad_accum < 1 || grad_accum > 1024)
-    return OutOfRange("grad_accum", "in [1, 1024]", grad_accum);
+  if (grad_accum < 1 || grad_accum > 4096)
+    return OutOfRange("grad_accum", "in [1, 4096]", grad_accum);
   if (!(learning_rate > 0 && learning_rate <= 1)) {
     return OutOfRange("learning_rate", "in (0, 1]", learning_rate);
   }

@@ -376,5 +376,43 @@ TEST_F(TrainerTest, AShutdownCheckpointBetweenStepsKeepsTheJobsOwnRandomStream) 
   EXPECT_EQ(joined, Losses(alone));
 }
 
+// A job that trained on a GPU keeps the CUDA generator's state too (its dropout masks are drawn
+// there), so a resume there repeats them; one that trained on the CPU has none.
+TEST(TrainingCheckpoint, KeepsTheCudaGeneratorsStateWhenTheJobHasOne) {
+  const fs::path out = fs::path(::testing::TempDir()) / "training_checkpoint_rng";
+  fs::remove_all(out);
+  LoraConfig lora;
+  lora.r = 2;
+  lora.target_modules = {"q_proj"};
+  ModelConfig model;
+  model.hidden_size = 8;
+  model.intermediate_size = 16;
+  model.num_hidden_layers = 1;
+  model.num_attention_heads = 2;
+  model.num_key_value_heads = 2;
+  model.head_dim = 4;
+  model.vocab_size = 16;
+  auto adapter = LoraAdapter::Init(model, lora, 1);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  RandomState rng = RandomState::Capture(/*with_cuda=*/false);
+  TrainerState state;
+  state.step = 1;
+  auto cpu_only = WriteCheckpoint(out.string(), *adapter, {}, rng, state);
+  ASSERT_TRUE(cpu_only.ok()) << cpu_only.status();
+  auto read = ReadCheckpoint(*cpu_only);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(torch::equal(read->rng.cpu, rng.cpu));
+  EXPECT_FALSE(read->rng.cuda.defined());
+  rng.cuda = torch::arange(16, torch::kUInt8);  // the shape of a CUDA generator's state
+  state.step = 2;
+  auto with_cuda = WriteCheckpoint(out.string(), *adapter, {}, rng, state);
+  ASSERT_TRUE(with_cuda.ok()) << with_cuda.status();
+  read = ReadCheckpoint(*with_cuda);
+  ASSERT_TRUE(read.ok()) << read.status();
+  ASSERT_TRUE(read->rng.cuda.defined());
+  EXPECT_TRUE(torch::equal(read->rng.cuda, rng.cuda));
+  fs::remove_all(out);
+}
+
 }  // namespace
 }  // namespace lorad::engine
