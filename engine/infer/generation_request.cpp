@@ -52,25 +52,25 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
   // request cannot slow the whole batch (nor hold megabytes while it waits).
   if (r.stop.size() > kMaxStopStrings) {
     return absl::InvalidArgumentError(
-        absl::StrCat("stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
+        absl::StrCat("sampling.stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
   }
   for (size_t i = 0; i < r.stop.size(); ++i) {
     if (r.stop[i].empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] is an empty string"));
+      return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i, "] is an empty string"));
     }
     if (r.stop[i].size() > kMaxStopStringBytes) {
-      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: ", r.stop[i].size(),
+      return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i, "]: ", r.stop[i].size(),
                                                      " bytes; at most ", kMaxStopStringBytes));
     }
   }
   if (r.stop_token_ids.size() > kMaxStopTokenIds) {
-    return absl::InvalidArgumentError(absl::StrCat("stop_token_ids: ", r.stop_token_ids.size(),
+    return absl::InvalidArgumentError(absl::StrCat("sampling.stop_token_ids: ", r.stop_token_ids.size(),
                                                    " ids; at most ", kMaxStopTokenIds));
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
     if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
+          "sampling.stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
     }
   }
   return absl::OkStatus();

@@ -648,12 +648,12 @@ TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
   expect_error(r, absl::StatusCode::kInvalidArgument, "stop[1]");
   // Stop conditions are checked on every token: their number and size are bounded.
   r.stop = std::vector<std::string>(kMaxStopStrings + 1, "x");
-  expect_error(r, absl::StatusCode::kInvalidArgument, "stop: 65 strings; at most 64");
+  expect_error(r, absl::StatusCode::kInvalidArgument, "sampling.stop: 65 strings; at most 64");
   r.stop = {std::string(kMaxStopStringBytes + 1, 'x')};
-  expect_error(r, absl::StatusCode::kInvalidArgument, "stop[0]: 1025 bytes");
+  expect_error(r, absl::StatusCode::kInvalidArgument, "sampling.stop[0]: 1025 bytes");
   r = good;
   r.stop_token_ids = std::vector<int32_t>(kMaxStopTokenIds + 1, 1);
-  expect_error(r, absl::StatusCode::kInvalidArgument, "stop_token_ids: 1025 ids");
+  expect_error(r, absl::StatusCode::kInvalidArgument, "sampling.stop_token_ids: 1025 ids");
   EXPECT_FALSE(engine->HasWork());
   const Result res = f.Run(*engine, {good})[0];
   EXPECT_EQ(res.tokens.size(), 4u);

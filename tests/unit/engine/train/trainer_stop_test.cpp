@@ -74,7 +74,7 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
 }
 
 // Jobs that take turns step by step (the GPU loop's way with several jobs) draw LoRA dropout from
-// their own streams: each one's losses equal its run alone.
+// their own streams: each one's losses equal its run alone, also across a shutdown and resume.
 TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
   TrainingJobConfig a = Config("alone");
   a.lora.dropout = 0.1;
@@ -105,6 +105,32 @@ TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
   }
   EXPECT_EQ(Losses(a_events), Losses(alone));
   EXPECT_EQ(Losses(a_events).size(), 4u);
+
+  // Stopped for a shutdown after step 2 and resumed: a job checkpointed between its steps saves
+  // its own stream (the default generators hold the other job's), and resumes to the same losses.
+  a.output_dir = (out_ / "stopped-a").string();
+  b.output_dir = (out_ / "stopped-b").string();
+  std::vector<TrainingEvent> before, after;
+  {
+    auto ja = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                              [&](const TrainingEvent& e) { before.push_back(e); });
+    auto jb = Trainer::Create(*model_, *tokenizer_, model_dir_, b, nullptr);
+    ASSERT_TRUE(ja.ok() && jb.ok());
+    while ((*ja)->step() < 2) {
+      ASSERT_TRUE((*ja)->Step().ok());
+      ASSERT_TRUE((*jb)->Step().ok());
+    }
+    StopLikeTheEngine(**ja);  // A is at a step boundary: checkpointed without a Step()
+    StopLikeTheEngine(**jb);
+  }
+  auto resumed = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
+                                 [&](const TrainingEvent& e) { after.push_back(e); });
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_EQ((*resumed)->step(), 2);
+  ASSERT_TRUE((*resumed)->Run().ok());
+  std::vector<double> joined = Losses(before);
+  for (double l : Losses(after)) joined.push_back(l);
+  EXPECT_EQ(joined, Losses(alone));
 }
 
 // Once its report and adapter are written a job only waits for its merged export: a cancel (or a
@@ -336,63 +362,14 @@ TEST_F(TrainerTest, ACancelDuringTheLastStepsCadenceEvaluationKeepsItsCheckpoint
   EXPECT_TRUE(fs::exists(CheckpointPath(config.output_dir, 2)));
 }
 
-// Two jobs taking turns, stopped for a shutdown: a job checkpointed between its steps saves its
-// own random stream (the default generators hold the other job's), so it resumes to the losses
-// it has alone.
-TEST_F(TrainerTest, AShutdownCheckpointBetweenStepsKeepsTheJobsOwnRandomStream) {
-  TrainingJobConfig a = Config("alone");
-  a.lora.dropout = 0.1;
-  a.max_steps = 4;
-  std::vector<TrainingEvent> alone, a1, a2;
-  {
-    auto solo = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
-                                [&](const TrainingEvent& e) { alone.push_back(e); });
-    ASSERT_TRUE(solo.ok()) << solo.status();
-    ASSERT_TRUE((*solo)->Run().ok());
-  }
-  a.output_dir = (out_ / "together-a").string();
-  TrainingJobConfig b = Config("together-b");
-  b.lora.dropout = 0.2;
-  b.seed = 5;
-  {
-    auto ja = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
-                              [&](const TrainingEvent& e) { a1.push_back(e); });
-    auto jb = Trainer::Create(*model_, *tokenizer_, model_dir_, b, nullptr);
-    ASSERT_TRUE(ja.ok() && jb.ok());
-    while ((*ja)->step() < 2) {  // the loop's turns: A, B, A, B, ...
-      ASSERT_TRUE((*ja)->Step().ok());
-      ASSERT_TRUE((*jb)->Step().ok());
-    }
-    StopLikeTheEngine(**ja);  // A is at a step boundary: checkpointed without a Step()
-    StopLikeTheEngine(**jb);
-  }
-  auto ra = Trainer::Create(*model_, *tokenizer_, model_dir_, a,
-                            [&](const TrainingEvent& e) { a2.push_back(e); });
-  ASSERT_TRUE(ra.ok()) << ra.status();
-  ASSERT_EQ((*ra)->step(), 2);
-  ASSERT_TRUE((*ra)->Run().ok());
-  std::vector<double> joined = Losses(a1);
-  for (double l : Losses(a2)) joined.push_back(l);
-  EXPECT_EQ(joined, Losses(alone));
-}
-
 // A job that trained on a GPU keeps the CUDA generator's state too (its dropout masks are drawn
 // there), so a resume there repeats them; one that trained on the CPU has none.
-TEST(TrainingCheckpoint, KeepsTheCudaGeneratorsStateWhenTheJobHasOne) {
-  const fs::path out = fs::path(::testing::TempDir()) / "training_checkpoint_rng";
-  fs::remove_all(out);
+TEST_F(TrainerTest, ACheckpointKeepsTheCudaGeneratorsStateWhenTheJobHasOne) {
+  const fs::path out = out_ / "rng";
   LoraConfig lora;
   lora.r = 2;
   lora.target_modules = {"q_proj"};
-  ModelConfig model;
-  model.hidden_size = 8;
-  model.intermediate_size = 16;
-  model.num_hidden_layers = 1;
-  model.num_attention_heads = 2;
-  model.num_key_value_heads = 2;
-  model.head_dim = 4;
-  model.vocab_size = 16;
-  auto adapter = LoraAdapter::Init(model, lora, 1);
+  auto adapter = LoraAdapter::Init(model_->config(), lora, 1);
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   RandomState rng = RandomState::Capture(/*with_cuda=*/false);
   TrainerState state;
@@ -411,7 +388,6 @@ TEST(TrainingCheckpoint, KeepsTheCudaGeneratorsStateWhenTheJobHasOne) {
   ASSERT_TRUE(read.ok()) << read.status();
   ASSERT_TRUE(read->rng.cuda.defined());
   EXPECT_TRUE(torch::equal(read->rng.cuda, rng.cuda));
-  fs::remove_all(out);
 }
 
 }  // namespace
