@@ -1,63 +1,134 @@
 #include "engine/train/answer_evaluation.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 
-absl::StatusOr<std::optional<ExampleAnswerer>> ExampleAnswerer::Start(const LlamaModel& model,
-                                                                      const Tokenizer& tokenizer,
-                                                                      const TokenizedExample& row,
-                                                                      int64_t max_new_tokens,
-                                                                      std::string end_of_turn) {
-  if (row.response_start <= 0) return std::optional<ExampleAnswerer>();  // no prompt to answer
-  const int64_t budget = std::min<int64_t>(
-      max_new_tokens, model.config().max_position_embeddings - row.response_start);
-  if (budget <= 0) return std::optional<ExampleAnswerer>();
+int64_t ExampleAnswerer::Budget(const LlamaModel& model, const TokenizedExample& row,
+                                int64_t max_new_tokens) {
+  if (row.response_start <= 0) return 0;  // no prompt to answer
+  return std::max<int64_t>(
+      0, std::min<int64_t>(max_new_tokens,
+                           model.config().max_position_embeddings - row.response_start));
+}
+
+std::vector<const TokenizedExample*> ExampleAnswerer::NextGroup(
+    const LlamaModel& model, const std::vector<TokenizedExample>& rows, size_t* next,
+    int64_t max_rows, int64_t max_new_tokens, int64_t max_tokens) {
+  std::vector<const TokenizedExample*> group;
+  int64_t widest = 0;
+  while (*next < rows.size() && static_cast<int64_t>(group.size()) < max_rows) {
+    const TokenizedExample& row = rows[*next];
+    const int64_t budget = Budget(model, row, max_new_tokens);
+    if (budget <= 0) {
+      ++*next;
+      continue;
+    }
+    const int64_t w = std::max(widest, row.response_start);
+    const auto n = static_cast<int64_t>(group.size()) + 1;
+    if (!group.empty() && (budget < max_new_tokens || n * (w + max_new_tokens) > max_tokens)) {
+      break;
+    }
+    group.push_back(&row);
+    ++*next;
+    widest = w;
+    if (budget < max_new_tokens) break;  // alone
+  }
+  return group;
+}
+
+absl::StatusOr<ExampleAnswerer> ExampleAnswerer::Start(const LlamaModel& model,
+                                                       const Tokenizer& tokenizer,
+                                                       std::vector<const TokenizedExample*> rows,
+                                                       int64_t max_new_tokens,
+                                                       std::string end_of_turn) {
+  if (rows.empty()) return absl::InvalidArgumentError("ExampleAnswerer: no rows to answer");
   ExampleAnswerer a;
   a.model_ = &model;
   a.tokenizer_ = &tokenizer;
-  a.row_ = &row;
   a.end_of_turn_ = std::move(end_of_turn);
-  a.budget_ = budget;
+  a.budget_ = Budget(model, *rows[0], max_new_tokens);
+  int64_t widest = 0;
+  for (const TokenizedExample* row : rows) {
+    // Every row of a group generates up to the same budget: then no row's positions run past
+    // the model's context while it waits for the others.
+    if (Budget(model, *row, max_new_tokens) != a.budget_ || a.budget_ <= 0) {
+      return absl::InvalidArgumentError(
+          "ExampleAnswerer: the rows of a group need the same budget, above 0");
+    }
+    widest = std::max<int64_t>(widest, row->response_start);
+    Answer answer;
+    answer.row = row;
+    a.answers_.push_back(std::move(answer));
+  }
   try {
-    auto cache = model.NewCache(1, row.response_start + budget);
+    auto cache = model.NewCache(static_cast<int64_t>(rows.size()), widest + a.budget_);
     if (!cache.ok()) return cache.status();
     a.cache_ = *std::move(cache);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("answering held-out prompts: ", e.what_without_backtrace()));
   }
-  a.next_input_.assign(row.input_ids.begin(), row.input_ids.begin() + row.response_start);
-  return std::optional<ExampleAnswerer>(std::move(a));
+  return a;
 }
 
-absl::StatusOr<std::optional<AnsweredExample>> ExampleAnswerer::Advance(
+absl::StatusOr<std::optional<std::vector<AnsweredExample>>> ExampleAnswerer::Advance(
     const LoraAdapter& adapter) {
-  if (forwards_ >= budget_) return std::optional<AnsweredExample>(Scored());
+  using Result = std::optional<std::vector<AnsweredExample>>;
+  const auto rows = static_cast<int64_t>(answers_.size());
   try {
     torch::NoGradGuard no_grad;
     ForwardOptions options;
     options.adapter = &adapter;
     options.logits = LogitsMode::kLast;
     ForwardBatch batch;
-    batch.input_ids = torch::tensor(next_input_, torch::kLong).unsqueeze(0);
+    if (!prefilled_) {  // every prompt, right-padded to the longest
+      int64_t widest = 0;
+      for (const Answer& a : answers_) widest = std::max(widest, a.row->response_start);
+      batch.input_ids = torch::zeros({rows, widest}, torch::kLong);
+      auto ids = batch.input_ids.accessor<int64_t, 2>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const TokenizedExample& row = *answers_[r].row;
+        for (int64_t t = 0; t < row.response_start; ++t) ids[r][t] = row.input_ids[t];
+        batch.lengths.push_back(row.response_start);
+      }
+    } else {  // each answer's last token (an ended one's too: its output is not read)
+      batch.input_ids = torch::zeros({rows, 1}, torch::kLong);
+      auto ids = batch.input_ids.accessor<int64_t, 2>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const Answer& a = answers_[r];
+        ids[r][0] = a.generated.empty() ? 0 : a.generated.back();
+      }
+    }
     auto logits = model_->Forward(batch, cache_.get(), options);
     if (!logits.ok()) return logits.status();
-    ++forwards_;
-    const auto next = static_cast<int32_t>(logits->argmax(-1).item<int64_t>());
-    if (tokenizer_->IsEos(next)) return std::optional<AnsweredExample>(Scored());
-    generated_.push_back(next);
-    if ((!end_of_turn_.empty() && tokenizer_->Piece(next) == end_of_turn_) ||
-        forwards_ >= budget_) {
-      return std::optional<AnsweredExample>(Scored());
+    prefilled_ = true;
+    const torch::Tensor next = logits->argmax(-1).to(torch::kCPU, torch::kLong).contiguous();
+    const int64_t* next_ids = next.data_ptr<int64_t>();
+    bool all_ended = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      Answer& a = answers_[r];
+      if (a.ended) continue;
+      ++a.forwards;
+      const auto token = static_cast<int32_t>(next_ids[r]);
+      if (tokenizer_->IsEos(token)) {
+        a.ended = true;
+        continue;
+      }
+      a.generated.push_back(token);
+      a.ended = (!end_of_turn_.empty() && tokenizer_->Piece(token) == end_of_turn_) ||
+                a.forwards >= budget_;
+      all_ended &= a.ended;
     }
-    next_input_ = {static_cast<int64_t>(next)};
-    return std::optional<AnsweredExample>();
+    if (!all_ended) return Result();
+    return Result(Scored());
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("answering held-out prompts: ", e.what_without_backtrace()));
@@ -77,26 +148,33 @@ std::string ExampleAnswerer::Reply(std::vector<int32_t> ids) const {
   return text;
 }
 
-AnsweredExample ExampleAnswerer::Scored() const {
-  AnsweredExample e;
-  e.line = row_->line;
-  e.prediction = Reply(generated_);
-  e.reference = Reply(
-      std::vector<int32_t>(row_->input_ids.begin() + row_->response_start, row_->input_ids.end()));
-  e.scores = Rouge(e.prediction, e.reference);
-  e.generated_tokens = forwards_;
-  return e;
+std::vector<AnsweredExample> ExampleAnswerer::Scored() const {
+  std::vector<AnsweredExample> out;
+  for (const Answer& a : answers_) {
+    AnsweredExample e;
+    e.line = a.row->line;
+    e.prediction = Reply(a.generated);
+    e.reference = Reply(std::vector<int32_t>(a.row->input_ids.begin() + a.row->response_start,
+                                             a.row->input_ids.end()));
+    e.scores = Rouge(e.prediction, e.reference);
+    e.generated_tokens = a.forwards;
+    out.push_back(std::move(e));
+  }
+  return out;
 }
 
 absl::StatusOr<std::optional<AnsweredExample>> AnswerExample(
     const LlamaModel& model, const LoraAdapter& adapter, const Tokenizer& tokenizer,
     const TokenizedExample& row, int64_t max_new_tokens, const std::string& end_of_turn) {
-  auto answerer = ExampleAnswerer::Start(model, tokenizer, row, max_new_tokens, end_of_turn);
+  if (ExampleAnswerer::Budget(model, row, max_new_tokens) <= 0) {
+    return std::optional<AnsweredExample>();
+  }
+  auto answerer = ExampleAnswerer::Start(model, tokenizer, {&row}, max_new_tokens, end_of_turn);
   if (!answerer.ok()) return answerer.status();
-  if (!answerer->has_value()) return std::optional<AnsweredExample>();
   while (true) {
-    auto answered = (*answerer)->Advance(adapter);
-    if (!answered.ok() || answered->has_value()) return answered;
+    auto answered = answerer->Advance(adapter);
+    if (!answered.ok()) return answered.status();
+    if (answered->has_value()) return std::optional<AnsweredExample>((**answered)[0]);
   }
 }
 
@@ -150,6 +228,22 @@ std::string EvaluationReportJson(int64_t step, const EvalMetrics& loss, size_t h
                                   {"rougeL", e.scores.rouge_l}});
   }
   return report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+absl::Status WriteEvaluationReport(const std::string& output_dir, int64_t step,
+                                   const EvalMetrics& loss, size_t held_out,
+                                   const AnswerEvaluation& answers, TrainingSummary& summary) {
+  std::error_code ec;
+  std::filesystem::create_directories(output_dir, ec);  // a write below names a failure
+  const std::filesystem::path path = std::filesystem::path(output_dir) / "eval_report.json";
+  const std::string text = EvaluationReportJson(step, loss, held_out, answers);
+  if (auto st = WriteFileAtomically(path.string(), text); !st.ok()) return st;
+  summary.eval_report_path = path.string();
+  summary.eval_loss = loss.loss;
+  summary.rouge = answers.mean;
+  summary.answered = static_cast<int64_t>(answers.examples.size());
+  summary.has_eval_report = true;
+  return absl::OkStatus();
 }
 
 }  // namespace lorad::engine

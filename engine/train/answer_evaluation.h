@@ -42,36 +42,52 @@ struct AnswerEvaluation {
   RougeScores sum_;
 };
 
-// One held-out example answered greedily a forward at a time: the prompt's, then one per new
-// token. The trainer's end advances it once per Step(), so the GPU loop serves between tokens (a
-// whole answer at 8B held it for seconds).
+// Held-out examples answered greedily together, a forward at a time: their prompts in one padded
+// forward, then a token of every unfinished answer per forward. The trainer's end advances it
+// once per Step(), so the GPU loop serves between forwards (a whole answer at 8B held it for
+// seconds), and answers a group of rows at once (a forward costs about the same for one row as
+// for several).
 class ExampleAnswerer {
  public:
-  // nullopt for a row without a prompt to answer (plain text), or without room after its prompt
-  // in the model's context.
-  static absl::StatusOr<std::optional<ExampleAnswerer>> Start(const LlamaModel& model,
-                                                              const Tokenizer& tokenizer,
-                                                              const TokenizedExample& row,
-                                                              int64_t max_new_tokens,
-                                                              std::string end_of_turn);
-  // One forward with `adapter`; the scored answer once it has ended, else nullopt.
-  absl::StatusOr<std::optional<AnsweredExample>> Advance(const LoraAdapter& adapter);
+  // The tokens `row` may generate: max_new_tokens, or less where its prompt leaves less room in
+  // the model's context; 0 when it cannot be answered (no prompt, as plain text, or no room).
+  static int64_t Budget(const LlamaModel& model, const TokenizedExample& row,
+                        int64_t max_new_tokens);
+  // The next group of `rows` to answer together, from rows[*next] on (*next moves past it, and
+  // past rows that cannot be answered): at most `max_rows`, while rows x (the longest prompt +
+  // max_new_tokens) stays within `max_tokens` (one row at least); a row whose context leaves
+  // less than max_new_tokens goes alone. Empty when no row is left.
+  static std::vector<const TokenizedExample*> NextGroup(const LlamaModel& model,
+                                                        const std::vector<TokenizedExample>& rows,
+                                                        size_t* next, int64_t max_rows,
+                                                        int64_t max_new_tokens, int64_t max_tokens);
+  // `rows` (one or more, each with a Budget > 0, and the same one when there are several) must
+  // outlive the answerer.
+  static absl::StatusOr<ExampleAnswerer> Start(const LlamaModel& model, const Tokenizer& tokenizer,
+                                               std::vector<const TokenizedExample*> rows,
+                                               int64_t max_new_tokens, std::string end_of_turn);
+  // One forward with `adapter`; once every answer has ended, them all scored, in the rows' order.
+  absl::StatusOr<std::optional<std::vector<AnsweredExample>>> Advance(const LoraAdapter& adapter);
 
  private:
   ExampleAnswerer() = default;
   // The reply's text of `ids`: up to the end of turn, decoded, without the end-of-turn markup.
   std::string Reply(std::vector<int32_t> ids) const;
-  AnsweredExample Scored() const;
+  std::vector<AnsweredExample> Scored() const;
 
+  struct Answer {
+    const TokenizedExample* row = nullptr;
+    std::vector<int32_t> generated;
+    int64_t forwards = 0;  // while it was unfinished: one token each
+    bool ended = false;
+  };
   const LlamaModel* model_ = nullptr;
   const Tokenizer* tokenizer_ = nullptr;
-  const TokenizedExample* row_ = nullptr;
   std::string end_of_turn_;
   int64_t budget_ = 0;
+  std::vector<Answer> answers_;
   std::unique_ptr<ContiguousKvCache> cache_;
-  std::vector<int64_t> next_input_;  // the prompt, then the last generated token
-  std::vector<int32_t> generated_;
-  int64_t forwards_ = 0;
+  bool prefilled_ = false;
 };
 
 // One example answered and scored whole (ExampleAnswerer advanced to its end); nullopt for a row
@@ -95,5 +111,10 @@ absl::StatusOr<AnswerEvaluation> EvaluateAnswers(const LlamaModel& model,
 // step), how many examples were held out, and each answered one with its ROUGE scores.
 std::string EvaluationReportJson(int64_t step, const EvalMetrics& loss, size_t held_out,
                                  const AnswerEvaluation& answers);
+
+// Writes it as <output_dir>/eval_report.json (atomically) and fills the summary's report fields.
+absl::Status WriteEvaluationReport(const std::string& output_dir, int64_t step,
+                                   const EvalMetrics& loss, size_t held_out,
+                                   const AnswerEvaluation& answers, TrainingSummary& summary);
 
 }  // namespace lorad::engine

@@ -39,6 +39,7 @@ using Clock = std::chrono::steady_clock;
 // The held-out examples the report answers for ROUGE (the first ones with a prompt): greedy
 // answers on the training job's turn of the GPU loop, so a bounded number.
 constexpr int64_t kAnsweredExamples = 32;
+constexpr int64_t kAnswerTokens = 128;  // the longest answer
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
@@ -148,9 +149,6 @@ struct Trainer::Impl {
   // After a step and its evaluation: the end, or a checkpoint when the cadence says so.
   absl::Status AfterStep(bool early_stop);
   absl::Status ContinueFinishing();
-  // The held-out report (the validation loss, ROUGE of the greedy answers) as eval_report.json.
-  absl::Status WriteEvaluationReport(TrainingSummary& summary, const EvalMetrics& loss,
-                                     const AnswerEvaluation& answers);
   // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
   // so a resumed job still has it); returns whether it improved on the best.
   absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
@@ -473,22 +471,6 @@ EvalMetrics Trainer::Impl::EvaluationOf(const EvalProgress& progress) const {
   return m;
 }
 
-absl::Status Trainer::Impl::WriteEvaluationReport(TrainingSummary& summary, const EvalMetrics& loss,
-                                                  const AnswerEvaluation& answers) {
-  std::error_code ec;
-  std::filesystem::create_directories(config.output_dir, ec);  // a write below names a failure
-  const std::filesystem::path path = std::filesystem::path(config.output_dir) / "eval_report.json";
-  const std::string text =
-      EvaluationReportJson(state.step, loss, data->validation().size(), answers);
-  if (auto st = WriteFileAtomically(path.string(), text); !st.ok()) return st;
-  summary.eval_report_path = path.string();
-  summary.eval_loss = loss.loss;
-  summary.rouge = answers.mean;
-  summary.answered = static_cast<int64_t>(answers.examples.size());
-  summary.has_eval_report = true;
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   // Called while the job steps: its stream is the one installed in the default generators.
@@ -569,20 +551,25 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     f.stage = validating ? Finishing::Stage::kAnswers : Finishing::Stage::kFiles;
   }
   if (f.stage == Finishing::Stage::kAnswers) {
-    // One forward a piece: an example's prompt, then each token of its answer (up to 128).
-    const auto& rows = data->validation();
-    while (!f.answering && f.next_answer_row < rows.size() &&
-           static_cast<int64_t>(f.answers.examples.size()) < kAnsweredExamples) {
-      auto started = ExampleAnswerer::Start(*model, *tokenizer, rows[f.next_answer_row++],
-                                            /*max_new_tokens=*/128, end_of_turn);
-      if (!started.ok()) return started.status();
-      f.answering = *std::move(started);
+    // One forward a piece: a group's prompts, then a token of each of its answers (up to 128).
+    // A group's cache and prompts take about what a training micro-batch took.
+    if (!f.answering && static_cast<int64_t>(f.answers.examples.size()) < kAnsweredExamples) {
+      auto group = ExampleAnswerer::NextGroup(
+          *model, data->validation(), &f.next_answer_row,
+          kAnsweredExamples - static_cast<int64_t>(f.answers.examples.size()), kAnswerTokens,
+          config.micro_batch_size * config.max_seq_length);
+      if (!group.empty()) {
+        auto started = ExampleAnswerer::Start(*model, *tokenizer, std::move(group), kAnswerTokens,
+                                              end_of_turn);
+        if (!started.ok()) return started.status();
+        f.answering = *std::move(started);
+      }
     }
     if (f.answering) {
       auto answered = f.answering->Advance(adapter);
       if (!answered.ok()) return answered.status();
       if (answered->has_value()) {
-        f.answers.Add(**std::move(answered));
+        for (AnsweredExample& e : **answered) f.answers.Add(std::move(e));
         f.answering.reset();
       }
       return absl::OkStatus();
@@ -592,7 +579,11 @@ absl::Status Trainer::Impl::ContinueFinishing() {
   TrainingSummary& s = f.summary;
   if (!f.files_written) {
     if (validating) {
-      if (auto st = WriteEvaluationReport(s, *f.scored, f.answers); !st.ok()) return st;
+      if (auto st = WriteEvaluationReport(config.output_dir, state.step, *f.scored,
+                                          data->validation().size(), f.answers, s);
+          !st.ok()) {
+        return st;
+      }
     }
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
     s.adapter_step = f.scored_step;

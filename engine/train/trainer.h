@@ -15,7 +15,8 @@
 // The work after a step comes in pieces, one per Step() call, so that the GPU loop serves
 // between them: an evaluation (eval_every) one validation micro-batch a call, then the
 // checkpoint (save_every); after the last step, the last evaluation, the final checkpoint, the
-// held-out answers (one forward a call: a prompt, or a token of an answer), then
+// held-out answers (one forward a call, for a group of them: their prompts, or a token of
+// each), then
 // <output_dir>/adapter/ and kFinished.
 //
 // Loss: per optimizer step, the token-weighted mean over all its micro-batches (the sum of token

@@ -278,6 +278,66 @@ TEST_F(TrainerTest, AutoRefusesConversationsForAModelTemplateLoradCannotRender) 
   EXPECT_TRUE(formatter->Format(*alpaca).ok());
 }
 
+// Held-out rows answered together (their prompts in one padded forward, then a token of each per
+// forward) give each one's answer alone, in as many forwards as the longest answer takes; a group
+// holds as many rows as its token budget allows.
+TEST_F(TrainerTest, HeldOutRowsAnsweredTogetherGiveEachOnesAnswerAlone) {
+  auto examples = ReadDataset(std::string(LORAD_SOURCE_DIR) + "/tests/fixtures/qa_small.jsonl");
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  auto formatter = ExampleFormatter::Create(*tokenizer_, model_dir_, ExampleFormatterOptions());
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  std::vector<TokenizedExample> rows;
+  for (size_t i = 0; i < 5; ++i) {
+    auto row = formatter->Format((*examples)[i]);
+    ASSERT_TRUE(row.ok()) << row.status();
+    rows.push_back(*std::move(row));
+  }
+  ASSERT_NE(rows[0].response_start, rows[1].response_start) << "prompts of different lengths";
+  LoraConfig lora;
+  lora.r = 4;
+  auto adapter = LoraAdapter::Init(model_->config(), lora, 3);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  torch::manual_seed(3);
+  for (auto& [path, pair] : adapter->layers) pair.b = 0.3 * torch::randn_like(pair.b);
+  constexpr int64_t kNew = 12;
+  std::vector<AnsweredExample> alone;
+  for (const TokenizedExample& row : rows) {
+    auto answered = AnswerExample(*model_, *adapter, *tokenizer_, row, kNew, "");
+    ASSERT_TRUE(answered.ok() && answered->has_value()) << answered.status();
+    alone.push_back(**answered);
+  }
+  size_t next = 0;
+  auto group = ExampleAnswerer::NextGroup(*model_, rows, &next, 32, kNew, 1 << 20);
+  ASSERT_EQ(group.size(), rows.size());
+  EXPECT_EQ(next, rows.size());
+  auto answerer = ExampleAnswerer::Start(*model_, *tokenizer_, group, kNew, "");
+  ASSERT_TRUE(answerer.ok()) << answerer.status();
+  int64_t forwards = 0;
+  std::optional<std::vector<AnsweredExample>> together;
+  while (!together) {
+    auto answered = answerer->Advance(*adapter);
+    ASSERT_TRUE(answered.ok()) << answered.status();
+    ++forwards;
+    together = *std::move(answered);
+  }
+  ASSERT_EQ(together->size(), rows.size());
+  int64_t longest = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ((*together)[i].prediction, alone[i].prediction) << "row " << i;
+    EXPECT_EQ((*together)[i].generated_tokens, alone[i].generated_tokens) << "row " << i;
+    EXPECT_EQ((*together)[i].line, rows[i].line);
+    longest = std::max(longest, alone[i].generated_tokens);
+  }
+  EXPECT_EQ(forwards, longest);
+  // A budget of two rows' tokens: groups of two, then the last row alone.
+  next = 0;
+  const int64_t two = 2 * (std::max(rows[0].response_start, rows[1].response_start) + kNew);
+  EXPECT_EQ(ExampleAnswerer::NextGroup(*model_, rows, &next, 32, kNew, two).size(), 2u);
+  EXPECT_EQ(ExampleAnswerer::NextGroup(*model_, rows, &next, 2, kNew, 1 << 20).size(), 2u);
+  EXPECT_EQ(ExampleAnswerer::NextGroup(*model_, rows, &next, 32, kNew, 1).size(), 1u);
+  EXPECT_TRUE(ExampleAnswerer::NextGroup(*model_, rows, &next, 32, kNew, 1 << 20).empty());
+}
+
 TEST_F(TrainerTest, HeldOutAnswersAreTheFirstTurnWhateverTheLossCovers) {
   const fs::path special = ModelWithTokenizerConfig("special-markers", [](nlohmann::json& tc) {
     tc["added_tokens_decoder"] = {{"3", {{"content", "<|im_start|>"}, {"special", true}}},
