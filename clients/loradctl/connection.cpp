@@ -60,7 +60,7 @@ std::unique_ptr<grpc::ClientContext> Connection::NewContext(CallKind kind) const
   return context;
 }
 
-int Connection::Fail(const grpc::Status& status) const {
+int Connection::Fail(const grpc::Status& status, bool answered) const {
   std::string message = status.error_message();
   if (message.empty()) {
     // Handlers the daemon registers but has not implemented yet answer with no text at all.
@@ -69,7 +69,10 @@ int Connection::Fail(const grpc::Status& status) const {
                   : "(the server gave no details)";
   }
   // gRPC's own text for a refused connection never says which address was tried.
-  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE && answered) {
+    message = absl::StrCat("lost the connection to lorad at ", options_.address, " (", message,
+                           "); is it still running?");
+  } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
     message = absl::StrCat("cannot reach lorad at ", options_.address, " (", message, ")");
     // A plaintext client at a TLS port sees the server close the socket on its first bytes.
     if (options_.ca_cert_path.empty() &&

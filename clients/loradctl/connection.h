@@ -42,7 +42,8 @@ class Connection {
   lorad::v1::AdapterService::Stub& adapters() { return *adapters_; }
 
   // Prints `loradctl: <CODE>: <message>` to stderr and returns the exit code for `status`.
-  int Fail(const grpc::Status& status) const;
+  // `answered`: the call had a reply before it failed (a stream cut short), so lorad was reached.
+  int Fail(const grpc::Status& status, bool answered = false) const;
 
  private:
   explicit Connection(const ConnectionOptions& options,

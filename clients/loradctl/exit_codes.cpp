@@ -25,9 +25,9 @@ std::string GrpcCodeName(grpc::StatusCode code) {
 std::string ExitCodesHelp() {
   std::string text = absl::StrCat(
       "Exit codes:\n", "  ", kExitOk, "   success (for `train watch`: the job succeeded)\n", "  ",
-      kExitError, "   local error (the stream ended early, the generation failed, output failed)\n", "  ",
-      kExitUsage, "   bad command line, or a job file missing, unreadable or invalid\n", "  ", kExitJobFailed,
-      "   `train watch`: the job failed\n", "  ", kExitJobCancelled,
+      kExitError, "   local error (the stream ended early, the generation failed, output failed)\n",
+      "  ", kExitUsage, "   bad command line, or a job file missing, unreadable or invalid\n", "  ",
+      kExitJobFailed, "   `train watch`: the job failed\n", "  ", kExitJobCancelled,
       "   `train watch`: the job was cancelled\n", "  ", kExitGrpcBase,
       "+N gRPC error with status code N, printed as `loradctl: <CODE>: <message>`:\n");
   for (int code = 1; code < kCodeCount; ++code) {

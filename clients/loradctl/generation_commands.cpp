@@ -33,14 +33,18 @@ int StreamReply(Connection& connection,
                 std::string* reply) {
   lorad::v1::GenerateChunk chunk;
   lorad::v1::GenerateChunk last;
+  bool answered = false;
   while (reader.Read(&chunk)) {
+    answered = true;
     std::cout << chunk.text() << std::flush;
     reply->append(chunk.text());
     if (chunk.finish_reason() != lorad::v1::FINISH_REASON_UNSPECIFIED) last = chunk;
   }
   // The reply never has to end in a newline; the terminal prompt (or next line) should.
   if (!reply->empty() && reply->back() != '\n') std::cout << std::endl;
-  if (grpc::Status status = reader.Finish(); !status.ok()) return connection.Fail(status);
+  if (grpc::Status status = reader.Finish(); !status.ok()) {
+    return connection.Fail(status, answered);
+  }
   if (last.finish_reason() == lorad::v1::FINISH_REASON_ERROR) {
     std::cerr << "loradctl: generation failed: " << last.error() << std::endl;
     return kExitError;

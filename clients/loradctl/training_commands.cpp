@@ -95,13 +95,17 @@ int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t fro
   auto reader = connection.training().WatchJob(context.get(), request);
   JobState final_state = lorad::v1::JOB_STATE_UNSPECIFIED;
   JobEvent event;
+  bool answered = false;
   while (reader->Read(&event)) {
+    answered = true;
     printer.Print(event);
     const JobState terminal = TerminalStateOf(event);
     if (terminal != lorad::v1::JOB_STATE_UNSPECIFIED) final_state = terminal;
   }
   printer.Finish();
-  if (grpc::Status status = reader->Finish(); !status.ok()) return connection.Fail(status);
+  if (grpc::Status status = reader->Finish(); !status.ok()) {
+    return connection.Fail(status, answered);
+  }
   if (final_state == lorad::v1::JOB_STATE_UNSPECIFIED) {
     // The stream ended without saying how (the daemon draining, say): ask for the state.
     if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {

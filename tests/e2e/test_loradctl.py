@@ -329,6 +329,9 @@ def fake_training(stubs):
             return pb.ListJobsResponse()
 
         def WatchJob(self, request, context):
+            if request.job_id.endswith("-cut"):  # the daemon goes away mid-stream
+                yield pb.JobEvent(job_id=request.job_id, state=pb.JOB_STATE_RUNNING)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
             yield from events(request.job_id, request.job_id.split("-")[-1])
 
     ipb, ipb_grpc = stubs.inference_pb2, stubs.inference_pb2_grpc
@@ -382,6 +385,16 @@ def test_watch_prints_one_line_per_event_and_exits_by_outcome(fake_training):
     failed = loradctl("train", "watch", "job-bad", address=address)
     assert failed.returncode == EXIT_JOB_FAILED
     assert "failed: out of memory: needed 3 GiB" in failed.stdout.splitlines()
+
+
+def test_a_stream_cut_short_says_the_connection_was_lost(fake_training):
+    """A watch whose daemon went away mid-stream: lorad was reached, so no hint about TLS."""
+    address, _ = fake_training
+    cut = loradctl("train", "watch", "job-cut", address=address)
+    assert cut.returncode == EXIT_UNAVAILABLE, cut.stderr
+    assert cut.stdout.splitlines()[0] == "state running"
+    assert f"lost the connection to lorad at {address}" in cut.stderr, cut.stderr
+    assert "--ca-cert" not in cut.stderr
 
 
 def test_help_documents_the_exit_codes():
