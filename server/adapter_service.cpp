@@ -102,17 +102,17 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
                        absl::InvalidArgumentError("version: must be >= 0 (0 = every version)"));
   }
   if (request->version() > 0) version = request->version();
-  bool current_unloaded = false;
+  std::optional<int64_t> current_unloaded;  // the version that served, when it goes
   for (const auto& info : engine_.adapters().List()) {
     if (info.name == request->name() && (!version || info.version == *version)) {
       ToProto(info, response->add_unloaded());
-      current_unloaded |= info.current;
+      if (info.current) current_unloaded = info.version;
     }
   }
   // The name serves nothing after this: a restart must not bring it back. Recorded first: an
   // unload that a restart would undo is refused (a full disk).
   if (current_unloaded && record_ != nullptr) {
-    if (auto s = record_->MarkAdapterUnserved(request->name()); !s.ok()) {
+    if (auto s = record_->MarkAdapterUnserved(request->name(), *current_unloaded); !s.ok()) {
       return FinishUnary(
           context, absl::Status(s.code(), absl::StrCat("recording the unload of '", request->name(),
                                                        "' failed: ", s.message())));

@@ -583,10 +583,10 @@ absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
   return s.Run();
 }
 
-absl::Status JobStore::MarkAdapterUnserved(const std::string& name) {
+absl::Status JobStore::MarkAdapterUnserved(const std::string& name, int64_t version) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, "UPDATE adapters SET served = 0 WHERE name = ?;");
-  s.BindText(1, name);
+  Statement s(db_, "UPDATE adapters SET served = 0 WHERE name = ? AND version <= ?;");
+  s.BindText(1, name).Bind(2, version);
   return s.Run();
 }
 

@@ -146,9 +146,10 @@ class JobStore {
   absl::StatusOr<std::optional<StoredEvent>> LastEvent(const std::string& id, int32_t kind);
 
   // The adapters (ServedAdapter), by name: a publish records its version, an unload of the
-  // current one marks the name not served.
+  // current one marks the name not served, unless a newer version than `version` (the one
+  // unloaded) was recorded meanwhile (a load racing the unload: that one serves).
   absl::Status RecordAdapter(const ServedAdapter& adapter);
-  absl::Status MarkAdapterUnserved(const std::string& name);
+  absl::Status MarkAdapterUnserved(const std::string& name, int64_t version);
   absl::StatusOr<std::vector<ServedAdapter>> Adapters();
 
   // After a restart: every running job goes back to queued (to resume from its checkpoint).

@@ -209,14 +209,18 @@ TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {
   ASSERT_TRUE(
       store->RecordAdapter({"a", 3, "/v3", "/v3", true, ""}).ok());  // a slower load, recorded late
   ASSERT_TRUE(store->RecordAdapter({"b", 1, "/b", "job:x", true, ""}).ok());
-  ASSERT_TRUE(store->MarkAdapterUnserved("b").ok());
+  ASSERT_TRUE(store->RecordAdapter({"c", 2, "/c2", "/c2", true, ""}).ok());
+  ASSERT_TRUE(store->MarkAdapterUnserved("b", 1).ok());
+  // An unload of version 1 after version 2 was recorded (a load racing it) leaves 2 served.
+  ASSERT_TRUE(store->MarkAdapterUnserved("c", 1).ok());
   auto all = store->Adapters();
   ASSERT_TRUE(all.ok());
-  ASSERT_EQ(all->size(), 2u);
+  ASSERT_EQ(all->size(), 3u);
   EXPECT_EQ((*all)[0].version, 4);
   EXPECT_EQ((*all)[0].path, "/v4");
   EXPECT_TRUE((*all)[0].served);
   EXPECT_FALSE((*all)[1].served);
+  EXPECT_TRUE((*all)[2].served);
 }
 
 TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
