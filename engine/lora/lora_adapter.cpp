@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "engine/model/json_file.h"
 #include "engine/model/safetensors.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
@@ -263,6 +264,7 @@ std::optional<double> PatternValue(const std::vector<ModulePattern>& patterns,
 
 absl::StatusOr<LoraConfig> ParseConfig(const std::string& text, const std::string& file,
                                        ModulePatterns* patterns) {
+  if (auto s = CheckJsonNesting(text, file); !s.ok()) return s;
   ordered_json j;
   try {
     j = ordered_json::parse(text);

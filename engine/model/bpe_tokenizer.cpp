@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "engine/model/json_file.h"
 #include "engine/model/utf8.h"
 #include "nlohmann/json.hpp"
 
@@ -525,6 +526,7 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Load(
 
 absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Parse(
     const std::string& json_text, const std::string& source, const TokenizerSettings& settings) {
+  if (auto s = CheckJsonNesting(json_text, source); !s.ok()) return s;
   const json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) return absl::InvalidArgumentError(source + ": not valid JSON");
   std::unique_ptr<BpeTokenizer> t(new BpeTokenizer());

@@ -5,11 +5,21 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
+
+// The deepest nesting of arrays and objects lorad reads in a JSON file or record (the files it
+// reads hold a few levels). Deeper text is refused before it is parsed: printing or walking such
+// a value recurses once a level, and a million levels ran the stack out.
+inline constexpr int kMaxJsonNesting = 64;
+
+// InvalidArgument naming `source` when `text` nests arrays or objects deeper than
+// kMaxJsonNesting (brackets inside strings do not count; the text need not be valid JSON).
+absl::Status CheckJsonNesting(std::string_view text, const std::string& source);
 
 // The object in the file at `path`; nullopt when there is no such file. NotFound when it cannot
 // be read, InvalidArgument when it is not one JSON object.

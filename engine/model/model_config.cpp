@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -239,6 +240,7 @@ const std::vector<std::string>& SupportedArchitectures() {
 
 absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& json_text,
                                                const std::string& source) {
+  if (auto s = CheckJsonNesting(json_text, source); !s.ok()) return s;
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -41,6 +42,7 @@ absl::StatusOr<std::map<std::string, std::string>> ReadIndex(const fs::path& ind
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", index_path.string()));
   std::stringstream text;
   text << in.rdbuf();
+  if (auto s = CheckJsonNesting(text.str(), index_path.string()); !s.ok()) return s;
   const auto j = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") ||
       !j["weight_map"].is_object()) {

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
 #include "engine/model/kernel_launch.h"
 #include "kernels/dynamic_quant8.h"
 #include "kernels/nf4.h"
@@ -148,6 +149,7 @@ absl::StatusOr<Nf4Tensor> FromBitsandbytesOrThrow(const std::map<std::string, to
   const torch::Tensor state_bytes = state->cpu().contiguous();
   const std::string text(reinterpret_cast<const char*>(state_bytes.data_ptr<uint8_t>()),
                          static_cast<size_t>(state_bytes.numel()));
+  if (auto s = CheckJsonNesting(text, "'" + state_key + "'"); !s.ok()) return s;
   const nlohmann::json js = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!js.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat("'", state_key, "' is not a JSON object"));

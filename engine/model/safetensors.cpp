@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
@@ -259,6 +260,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     return true;
   };
+  if (auto s = CheckJsonNesting(std::string_view(header, header_len), path + ": header"); !s.ok()) {
+    return s;
+  }
   json j = json::parse(header, header + header_len, on_event, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "engine/model/json_file.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
@@ -122,6 +123,7 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   if (const size_t nul = json_text.find('\0'); nul != std::string::npos) {
     return Bad(where, absl::StrCat("not valid JSON (a NUL byte at column ", nul + 1, ")"));
   }
+  if (auto s = CheckJsonNesting(json_text, where); !s.ok()) return s;
   try {
     record = json::parse(json_text);
   } catch (const json::parse_error& e) {

@@ -273,6 +273,9 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {R"({"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]})", "'r' must be in"},
       {R"({"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]})", "'r' must be an"},
       {ConfigText(R"("lora_dropout": 1.5)"), "'dropout'"},
+      // Nested a million levels deep: refused before it is parsed (printing it recursed).
+      {ConfigText("\"modules_to_save\": " + std::string(1000000, '[') + std::string(1000000, ']')),
+       "adapter_config.json: JSON nested more than 64 levels deep"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     SCOPED_TRACE(cases[i].config);

@@ -217,6 +217,12 @@ TEST_F(SafetensorsTest, HeaderThatIsNotAJsonObjectIsAnError) {
   ExpectError(WriteRaw("utf8.safetensors", "{\"\xff\": 1}"), "not a JSON object");
   ExpectError(WriteRaw("entry.safetensors", R"({"a": 7})"), "tensor 'a': header entry is not");
   ExpectError(WriteRaw("meta.safetensors", R"({"__metadata__": {"k": 1}})"), "'k' is not a string");
+  // A shape nested a million levels deep: refused before it is parsed (printing it in the error
+  // recursed a level a frame and ran the stack out).
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  ExpectError(WriteRaw("deep.safetensors", "{\"a\": {\"dtype\": \"F32\", \"shape\": " + deep +
+                                               ", \"data_offsets\": [0, 4]}}"),
+              "nested more than 64 levels");
 }
 
 TEST_F(SafetensorsTest, BadTensorEntriesNameTheTensorAndTheProblem) {

@@ -83,6 +83,26 @@ TEST_F(DatasetReaderTest, InlineRecordsAreNamedByTheirIndex) {
   EXPECT_EQ(message.find(path), std::string::npos) << message;
 }
 
+// A record nested deeper than any dataset needs is a bad record naming its line, refused before it
+// is parsed (printing such a value in an error recursed a level a frame).
+TEST_F(DatasetReaderTest, ARecordNestedTooDeepIsABadRecord) {
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  const std::string path =
+      Write("deep.jsonl", "{\"text\": \"ok\"}\n{\"text\": " + deep + "}\n{\"text\": \"b\"}\n");
+  auto examples = ReadDataset(path);
+  ASSERT_FALSE(examples.ok());
+  EXPECT_NE(examples.status().message().find(path + ":2: JSON nested more than 64 levels deep"),
+            std::string::npos)
+      << examples.status().message().substr(0, 300);
+  DatasetReaderOptions skip;
+  skip.skip_bad_lines = true;
+  int64_t skipped = 0;
+  auto kept = ReadDataset(path, skip, &skipped);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->size(), 2u);
+  EXPECT_EQ(skipped, 1);
+}
+
 TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
   auto bad_role = DatasetReader::ParseRecord(R"({"messages": [{"role": "robot", "content": "x"}]})",
                                              DatasetFormat::kAuto, "f:1");
