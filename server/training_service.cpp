@@ -337,6 +337,7 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   if (!job->mutable_spec()->ParseFromString(r.spec)) {
     return absl::DataLossError(absl::StrCat("job '", r.id, "': stored spec is unreadable"));
   }
+  job->mutable_spec()->DiscardUnknownFields();  // jobs stored before SubmitJob dropped them
   job->set_state(ToProtoState(r.state));
   SetTime(job->mutable_created(), r.created_ms);
   if (r.started_ms > 0) SetTime(job->mutable_started(), r.started_ms);
@@ -364,6 +365,9 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
                                                      lorad::v1::Job* response) {
   if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
   lorad::v1::JobSpec spec = request->spec();
+  // Fields this lorad does not know are not stored: they served nothing, and a client could
+  // make every listing of jobs megabytes with them.
+  spec.DiscardUnknownFields();
   auto dataset = ValidateJobSpec(spec, options_.spec_limits);
   if (!dataset.ok()) return FinishUnary(context, dataset.status());
   if (options_.check_job) {

@@ -52,6 +52,11 @@ def test_submit_fills_defaults_and_get_returns_the_stored_job(service):
     assert job.total_steps == 2  # 16 examples, 1 epoch, batch 2 x 4
     again = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
     assert again.spec == job.spec and again.created.seconds > 0
+    # A field this lorad does not know (number 1000, 64 KiB) is not stored.
+    unknown = b"\xc2\x3e" + b"\x80\x80\x04" + b"x" * 65536
+    padded = pb.JobSpec.FromString(spec(pb).SerializeToString() + unknown)
+    stored = stub.SubmitJob(pb.SubmitJobRequest(spec=padded), timeout=30)
+    assert len(stored.spec.SerializeToString()) == len(job.spec.SerializeToString())
 
 
 def test_list_filters_and_paginates(service):
