@@ -5,6 +5,8 @@
 // hold the adapter, on a thread of its own so no gRPC thread blocks.
 #pragma once
 
+#include <atomic>
+#include <memory>
 #include <string>
 
 #include "engine/runtime/engine.h"
@@ -36,6 +38,10 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   std::string adapter_root_;
   const TokenAuthenticator* auth_;
   JobStore* record_;
+  // UnloadAdapter calls waiting for their adapter's requests (a thread each): at most
+  // kMaxUnloadWaiters; shared with the waiting threads, which may outlive a call's reactor.
+  static constexpr int kMaxUnloadWaiters = 16;
+  std::shared_ptr<std::atomic<int>> unload_waiters_ = std::make_shared<std::atomic<int>>(0);
 };
 
 // The proto view of one adapter version.

@@ -3,6 +3,7 @@ float base so the output can be compared token for token with transformers + PEF
 import math
 import shutil
 import threading
+import time
 
 import grpc
 import pytest
@@ -447,3 +448,39 @@ def test_a_hot_swap_the_database_cannot_record_leaves_the_served_version(server,
     again = astub.LoadAdapter(apb.LoadAdapterRequest(name="swap", path="swap-v1"), timeout=60)
     assert again.version == first.version + 1
     astub.UnloadAdapter(apb.UnloadAdapterRequest(name="swap"), timeout=60)
+
+
+def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
+    """Each UnloadAdapter call waits for its adapter's requests on a thread of its own: beyond 16
+    waiting at once, a call is refused (RESOURCE_EXHAUSTED) rather than start another thread;
+    the waiting ones finish once the request ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, stub, pb, astub, apb, tmp = server
+    folder, _ = peft_adapter_dir
+    shutil.copytree(folder, tmp / "data" / "adapters" / "busy", dirs_exist_ok=True)
+    astub.LoadAdapter(apb.LoadAdapterRequest(name="busy", path="busy"), timeout=60)
+    req = pb.GenerateRequest(prompt="Hello", adapter="busy", sampling=pb.SamplingParams(
+        max_new_tokens=1000, temperature=0.0, ignore_eos=True))
+    stream = stub.Generate(req, timeout=120)
+    next(stream)  # it runs on the adapter
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        def unload(timeout=120):
+            try:
+                astub.UnloadAdapter(apb.UnloadAdapterRequest(name="busy"), timeout=timeout)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                return e.code()
+        waiting = [pool.submit(unload) for _ in range(16)]
+        # Until all 16 wait, a probe may become a waiter itself: its short deadline ends it.
+        deadline = time.time() + 30
+        refused = None
+        while time.time() < deadline and not any(f.done() for f in waiting):
+            time.sleep(0.1)
+            refused = unload(timeout=2)
+            if refused == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                break
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert not any(f.done() for f in waiting), "the request should still hold the adapter"
+        list(stream)  # the request ends ...
+        assert [f.result(timeout=60) for f in waiting] == [grpc.StatusCode.OK] * 16  # ... and so do they
