@@ -599,6 +599,7 @@ absl::Status Daemon::StartGrpc() {
   InferenceOptions inference;
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
   inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
+  inference.max_open_streams = config_.limits.max_queued_requests;
   inference.defaults = generation_defaults_;
   services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
   services_.push_back(

@@ -97,14 +97,18 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     bool seen_token = false;
   };
 
+  // `open_streams` counts this stream until it is done.
   GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
-                 std::chrono::system_clock::time_point deadline)
+                 std::chrono::system_clock::time_point deadline,
+                 std::shared_ptr<std::atomic<int64_t>> open_streams)
       : engine_(engine),
         metrics_(metrics),
         state_(std::make_shared<State>()),
-        call_deadline_(deadline) {
+        call_deadline_(deadline),
+        open_streams_(std::move(open_streams)) {
     state_->reactor = this;
   }
+  ~GenerateStream() override { open_streams_->fetch_sub(1); }
 
   void Begin(absl::StatusOr<engine::GenerationRequest> request) {
     if (!request.ok()) {
@@ -251,6 +255,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   bool submitted_ = false;                               // guarded by state_->mu
   bool cancelled_ = false;                               // guarded by state_->mu
   std::chrono::system_clock::time_point call_deadline_;  // max() when the client set none
+  std::shared_ptr<std::atomic<int64_t>> open_streams_;
 };
 
 // The deadline of the call, on the engine's clock; none when the client set none.
@@ -313,7 +318,14 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
-  auto* stream = new GenerateStream(engine_, metrics_, context->deadline());
+  const bool over = open_streams_->fetch_add(1) >= options_.max_open_streams;
+  auto* stream = new GenerateStream(engine_, metrics_, context->deadline(), open_streams_);
+  if (over && request.ok()) {
+    request = absl::ResourceExhaustedError(absl::StrCat(
+        options_.max_open_streams,
+        " generation streams are open (limits.max_queued_requests), some of them finished but "
+        "not yet read by their clients; retry later"));
+  }
   if (request.ok()) request->deadline = DeadlineOf(context);
   stream->Begin(std::move(request));
   return stream;

@@ -8,6 +8,9 @@
 // only queue; both sides meet under the stream's lock.
 #pragma once
 
+#include <atomic>
+#include <memory>
+
 #include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "lorad/v1/inference.grpc.pb.h"
@@ -23,6 +26,10 @@ struct InferenceOptions {
   int32_t max_new_tokens = 4096;         // larger requests are INVALID_ARGUMENT
   int32_t default_max_new_tokens = 256;  // unless `defaults` has the model's own
   int64_t max_prompt_bytes = 1 << 20;
+  // Generate and Chat streams open at once, until their last chunk is written: a stream whose
+  // client stopped reading holds its output after the engine is done with it, so the engine's
+  // own queue limit does not bound them. More are RESOURCE_EXHAUSTED.
+  int64_t max_open_streams = 1024;
   // What a request gets for the sampling fields it leaves unset (the model's
   // generation_config.json under model.generation_config: auto; else greedy).
   engine::GenerationDefaults defaults;
@@ -61,6 +68,8 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
   InferenceOptions options_;
   const TokenAuthenticator* auth_;
   Metrics metrics_;
+  // Streams open now; each holds it until it is done (OnDone), which may be after the service.
+  std::shared_ptr<std::atomic<int64_t>> open_streams_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace lorad::server

@@ -484,3 +484,44 @@ def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
         assert not any(f.done() for f in waiting), "the request should still hold the adapter"
         list(stream)  # the request ends ...
         assert [f.result(timeout=60) for f in waiting] == [grpc.StatusCode.OK] * 16  # ... and so do they
+
+
+def test_streams_a_client_stopped_reading_count_until_written(tmp_path, stubs):
+    """A stream whose client stopped reading holds its output after the engine is done with it:
+    it counts against limits.max_queued_requests until its last chunk is written, so such
+    streams cannot pile up without bound."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=1")
+    # A receive window that stays small: the server cannot write far ahead of the reader.
+    slow = grpc.insecure_channel(d.grpc_address, options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    other = grpc.insecure_channel(d.grpc_address)
+    try:
+        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
+            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+                max_new_tokens=600, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
+        deadline = time.time() + 60
+        while time.time() < deadline and "finished_reason=\"length\"" not in d.http_get(
+                "/metrics")[1]:
+            time.sleep(0.2)
+        assert "finished_reason=\"length\"" in d.http_get("/metrics")[1], "the engine finished it"
+        stub = stubs.inference_pb2_grpc.InferenceServiceStub(other)
+        req = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=2))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(req, timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "generation streams are open" in err.value.details()
+        chunks = list(unread)  # read at last: the whole output, then the stream closes
+        assert sum(len(c.tokens) for c in chunks) == 600
+        deadline = time.time() + 10
+        while True:  # its slot is given back once the call is done on the server too
+            try:
+                assert len(list(stub.Generate(req, timeout=30))[-1].text) >= 0
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.time() < deadline
+                time.sleep(0.1)
+    finally:
+        slow.close()
+        other.close()
+        stop_daemon(d)
