@@ -36,9 +36,14 @@ absl::Status RequireJobId(const std::string& id) {
 // sent twice.
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
+  // `open_watches` counts this stream until it is done.
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
-                  const absl::Status& authorized, std::chrono::system_clock::time_point deadline)
-      : store_(store), events_(events), deadline_(deadline) {
+                  const absl::Status& authorized, std::chrono::system_clock::time_point deadline,
+                  std::shared_ptr<std::atomic<int64_t>> open_watches)
+      : store_(store),
+        events_(events),
+        deadline_(deadline),
+        open_watches_(std::move(open_watches)) {
     if (!authorized.ok()) {
       Finish(ToGrpcStatus(authorized));
       return;
@@ -113,6 +118,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
 
   void OnDone() override {
     Unsubscribe();
+    open_watches_->fetch_sub(1);
     delete this;
   }
 
@@ -281,6 +287,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   JobStore& store_;
   JobEventHub& events_;
   const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
+  std::shared_ptr<std::atomic<int64_t>> open_watches_;
   int64_t subscription_ = 0;
   std::mutex mu_;
   std::deque<JobEvent> queue_;
@@ -435,8 +442,15 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
 
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
-  return new WatchJobReactor(store_, events_, *request, Authorize(context, Role::kUser),
-                             context->deadline());
+  absl::Status admitted = Authorize(context, Role::kUser);
+  if (admitted.ok() && open_watches_->fetch_add(1) >= options_.max_watches) {
+    admitted = absl::ResourceExhaustedError(
+        absl::StrCat(options_.max_watches, " WatchJob streams are open; retry later"));
+  } else if (!admitted.ok()) {
+    open_watches_->fetch_add(1);  // every reactor gives its count back when it is done
+  }
+  return new WatchJobReactor(store_, events_, *request, admitted, context->deadline(),
+                             open_watches_);
 }
 
 absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context,

@@ -7,7 +7,9 @@
 // both thread-safe.
 #pragma once
 
+#include <atomic>
 #include <functional>
+#include <memory>
 
 #include "lorad/v1/training.grpc.pb.h"
 #include "server/job_event_hub.h"
@@ -30,6 +32,9 @@ struct TrainingServiceOptions {
   // that could never fit the training memory (RESOURCE_EXHAUSTED saying how much it needs), data
   // that would fail at the job's start (INVALID_ARGUMENT naming the file and line); unset: none.
   std::function<absl::Status(const lorad::v1::JobSpec&)> check_job;
+  // WatchJob streams open at once (each holds a page of history and a subscription); more are
+  // RESOURCE_EXHAUSTED.
+  int64_t max_watches = 1024;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {
@@ -59,6 +64,8 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   JobStore& store_;
   JobEventHub& events_;
   TrainingServiceOptions options_;
+  // WatchJob streams open now; each holds it until it is done, which may be after the service.
+  std::shared_ptr<std::atomic<int64_t>> open_watches_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 // Proto <-> store conversions shared with the job runner.

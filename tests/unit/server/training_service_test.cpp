@@ -25,14 +25,14 @@ using lorad::v1::JobEvent;
 
 class Rig {
  public:
-  explicit Rig(const std::string& name) {
+  explicit Rig(const std::string& name, TrainingServiceOptions options = {}) {
     dir_ = fs::path(::testing::TempDir()) / ("training_service_test-" + name);
     fs::remove_all(dir_);
     fs::create_directories(dir_);
     auto store = JobStore::Open(db_path());
     EXPECT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
-    service_ = std::make_unique<TrainingService>(*store_, hub_, TrainingServiceOptions{});
+    service_ = std::make_unique<TrainingService>(*store_, hub_, std::move(options));
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -258,6 +258,42 @@ TEST(TrainingServiceTest, JobsAreListedWithoutFieldsThisLoradDoesNotKnow) {
   lorad::v1::Job got;
   ASSERT_TRUE(rig.stub().GetJob(&get_context, get, &got).ok());
   EXPECT_LT(got.ByteSizeLong(), 1000u);
+}
+
+// WatchJob streams open at once are bounded (each holds a page of history and a subscription);
+// one more is RESOURCE_EXHAUSTED, and a closed one gives its place back.
+TEST(TrainingServiceTest, WatchStreamsOpenAtOnceAreBounded) {
+  TrainingServiceOptions options;
+  options.max_watches = 2;
+  Rig rig("watch-limit", options);
+  const std::string id = rig.RunningJob();
+  auto first = std::make_unique<Watch>(rig, id, 0);
+  Watch second(rig, id, 0);
+  grpc::ClientContext context;
+  lorad::v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto third = rig.stub().WatchJob(&context, request);
+  JobEvent e;
+  EXPECT_FALSE(third->Read(&e));
+  const grpc::Status refused = third->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.error_message().find("2 WatchJob streams are open"), std::string::npos);
+  rig.Fail(id);  // the job ends: the watches close
+  first->Rest();
+  second.Rest();
+  first.reset();
+  // A place is free again once the server is done with a closed stream.
+  bool admitted = false;
+  for (int i = 0; i < 100 && !admitted; ++i) {
+    grpc::ClientContext again_context;
+    auto again = rig.stub().WatchJob(&again_context, request);
+    admitted = again->Read(&e);
+    while (again->Read(&e)) {
+    }
+    again->Finish().IgnoreError();
+    if (!admitted) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(admitted);
 }
 
 }  // namespace
