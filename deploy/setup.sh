@@ -36,7 +36,7 @@ APT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libsentencepiece-dev libyaml-cpp-dev libgtest-dev libgmock-dev nlohmann-json3-dev
-  libre2-dev libsqlite3-dev libcpp-httplib-dev libssl-dev libcli11-dev libspdlog-dev libfmt-dev
+  libre2-dev libsqlite3-dev libssl-dev libcli11-dev libspdlog-dev libfmt-dev
   libicu-dev openssl
   python3 python3-venv python3-dev
 )

@@ -1,72 +1,218 @@
 #include "server/http_server.h"
 
-#include <httplib.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <list>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/server_config.h"
 
 namespace lorad::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string Response(int status, const char* reason, const std::string& content_type,
+                     const std::string& body, bool with_body, const char* extra_headers = "") {
+  std::string r = absl::StrCat("HTTP/1.1 ", status, " ", reason, "\r\nContent-Type: ", content_type,
+                               "\r\nContent-Length: ", body.size(), "\r\n", extra_headers,
+                               "Connection: close\r\n\r\n");
+  if (with_body) r += body;
+  return r;
+}
+
+// Where a request's head ends (after its blank line), or npos while it is incomplete. Bare LF
+// line ends are taken too, as HTTP/1.1 servers do.
+size_t HeadEnd(const std::string& in) {
+  const size_t crlf = in.find("\r\n\r\n");
+  const size_t lf = in.find("\n\n");
+  if (crlf == std::string::npos && lf == std::string::npos) return std::string::npos;
+  return std::min(crlf == std::string::npos ? std::string::npos : crlf + 4,
+                  lf == std::string::npos ? std::string::npos : lf + 2);
+}
+
+}  // namespace
+
+struct HttpServer::Connection {
+  int fd = -1;
+  Clock::time_point opened;
+  std::string in;   // the request head so far
+  std::string out;  // the response; bytes from `sent` on are still to write
+  size_t sent = 0;
+  bool responding = false;
+  bool done = false;
+};
 
 HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state)
-    : metrics_(metrics), state_(state), server_(std::make_unique<httplib::Server>()) {
-  // httplib's default sets SO_REUSEPORT, with which a second daemon binds the same port and the
-  // kernel spreads scrapes over both. SO_REUSEADDR alone still allows a quick restart (a port in
-  // TIME_WAIT) but makes a port in use an error.
-  server_->set_socket_options([](socket_t sock) {
-    int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-  });
-  // httplib serves each connection on a pool thread until it closes: its default pool (the
-  // number of cores, at least 8) let 8 slow clients hold every thread and starve the health
-  // checks. More threads, short keep-alives and a short read timeout raise that bar; the port
-  // should still face trusted networks only (loopback by default), as httplib bounds neither a
-  // request's header count nor its total time.
-  server_->new_task_queue = [] { return new httplib::ThreadPool(64); };
-  server_->set_read_timeout(5, 0);
-  server_->set_keep_alive_max_count(20);
-  server_->set_payload_max_length(1 << 20);
-  server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.Render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-  server_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-    res.status = state_.Serving() ? 200 : 503;
-    res.set_content(state_.Name() + "\n", "text/plain");
-  });
-}
+    : metrics_(metrics), state_(state) {}
 
 HttpServer::~HttpServer() { Stop(); }
 
 absl::Status HttpServer::Start(const std::string& address) {
   auto host_port = SplitHostPort(address);
   if (!host_port.ok()) return host_port.status();
-  if (!server_->bind_to_port(host_port->first.c_str(), host_port->second)) {
+  const auto cannot_listen = [&] {
     return absl::UnavailableError(
         absl::StrCat("server.http_address: cannot listen on ", address,
                      " (port in use or address not local); choose another with --http-address"));
+  };
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  const std::string& host = host_port->first;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(), std::to_string(host_port->second).c_str(),
+                  &hints, &found) != 0) {
+    return cannot_listen();
   }
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    // SO_REUSEADDR (a quick restart while the port is in TIME_WAIT), never SO_REUSEPORT: with it
+    // a second daemon would bind the same port and the kernel spread scrapes over both.
+    int yes = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) return cannot_listen();
+  if (pipe2(wake_fds_, O_NONBLOCK | O_CLOEXEC) != 0) {
+    close(fd);
+    return absl::InternalError("cannot create the HTTP server's wake-up pipe");
+  }
+  listen_fd_ = fd;
   port_ = host_port->second;
-  listen_returned_ = false;
-  thread_ = std::thread([this] {
-    server_->listen_after_bind();
-    listen_returned_ = true;
-  });
-  // httplib's stop() does nothing until the loop has marked itself running, and the loop then
-  // serves for ever: wait for it here, so that a Stop() right after Start() (a model that fails
-  // to load) always ends it.
-  while (!server_->is_running() && !listen_returned_) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  thread_ = std::thread([this] { Serve(); });
   return absl::OkStatus();
 }
 
 void HttpServer::Stop() {
   if (thread_.joinable()) {
-    server_->stop();
+    const char wake = 1;
+    (void)!write(wake_fds_[1], &wake, 1);
     thread_.join();
   }
+  for (int* fd : {&listen_fd_, &wake_fds_[0], &wake_fds_[1]}) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+  }
+}
+
+std::string HttpServer::Respond(const std::string& head) const {
+  // The request line: METHOD SP TARGET SP VERSION; the headers are not needed.
+  const std::string line = head.substr(0, head.find_first_of("\r\n"));
+  const size_t first = line.find(' ');
+  const size_t second = first == std::string::npos ? first : line.find(' ', first + 1);
+  if (second == std::string::npos || line.compare(second + 1, 5, "HTTP/") != 0) {
+    return Response(400, "Bad Request", "text/plain", "bad request line\n", true);
+  }
+  const std::string method = line.substr(0, first);
+  const std::string target = line.substr(first + 1, second - first - 1);
+  const std::string path = target.substr(0, target.find('?'));
+  const bool head_only = method == "HEAD";
+  if (method != "GET" && !head_only) {
+    return Response(405, "Method Not Allowed", "text/plain", "GET or HEAD\n", true,
+                    "Allow: GET, HEAD\r\n");
+  }
+  if (path == "/metrics") {
+    return Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", metrics_.Render(),
+                    !head_only);
+  }
+  if (path == "/healthz") {
+    const bool serving = state_.Serving();
+    return Response(serving ? 200 : 503, serving ? "OK" : "Service Unavailable", "text/plain",
+                    state_.Name() + "\n", !head_only);
+  }
+  return Response(404, "Not Found", "text/plain", "not found: try /metrics or /healthz\n",
+                  !head_only);
+}
+
+void HttpServer::Serve() {
+  std::list<Connection> connections;  // oldest first
+  std::vector<pollfd> fds;
+  std::vector<Connection*> owners;
+  char buffer[4096];
+  while (true) {
+    fds.assign({{wake_fds_[0], POLLIN, 0}, {listen_fd_, POLLIN, 0}});
+    owners.clear();
+    const Clock::time_point now = Clock::now();
+    int timeout_ms = -1;  // until the oldest connection's time is up
+    for (Connection& c : connections) {
+      fds.push_back({c.fd, static_cast<short>(c.responding ? POLLOUT : POLLIN), 0});
+      owners.push_back(&c);
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          c.opened + std::chrono::seconds(kConnectionSeconds) - now);
+      const int ms = static_cast<int>(std::max<int64_t>(0, left.count()) + 1);
+      timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+    }
+    if (poll(fds.data(), fds.size(), timeout_ms) < 0 && errno != EINTR) continue;
+    if (fds[0].revents != 0) break;  // Stop()
+    for (size_t i = 2; i < fds.size(); ++i) {
+      Connection& c = *owners[i - 2];
+      const short events = fds[i].revents;
+      if (!c.responding && (events & (POLLIN | POLLHUP | POLLERR))) {
+        const ssize_t n = recv(c.fd, buffer, sizeof(buffer), 0);
+        if (n <= 0) {
+          c.done = n == 0 || (errno != EAGAIN && errno != EINTR);
+          continue;
+        }
+        c.in.append(buffer, static_cast<size_t>(n));
+        const size_t end = HeadEnd(c.in);
+        if (end != std::string::npos && end <= kMaxRequestBytes) {
+          c.out = Respond(c.in.substr(0, end));
+          c.responding = true;
+        } else if (c.in.size() > kMaxRequestBytes) {
+          c.out = Response(431, "Request Header Fields Too Large", "text/plain",
+                           absl::StrCat("the request head is over ", kMaxRequestBytes, " bytes\n"),
+                           true);
+          c.responding = true;
+        }
+      } else if (c.responding && (events & (POLLOUT | POLLHUP | POLLERR))) {
+        const ssize_t n = send(c.fd, c.out.data() + c.sent, c.out.size() - c.sent, MSG_NOSIGNAL);
+        if (n < 0 && errno != EAGAIN && errno != EINTR) c.done = true;
+        if (n > 0) c.sent += static_cast<size_t>(n);
+        if (c.sent == c.out.size()) c.done = true;
+      }
+    }
+    const Clock::time_point after = Clock::now();
+    for (auto it = connections.begin(); it != connections.end();) {
+      if (it->done || after - it->opened >= std::chrono::seconds(kConnectionSeconds)) {
+        shutdown(it->fd, SHUT_WR);
+        close(it->fd);
+        it = connections.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (fds[1].revents & POLLIN) {
+      while (true) {
+        const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) break;
+        if (connections.size() >= kMaxConnections) {  // the oldest gives way
+          close(connections.front().fd);
+          connections.pop_front();
+        }
+        Connection c;
+        c.fd = fd;
+        c.opened = Clock::now();
+        connections.push_back(std::move(c));
+      }
+    }
+  }
+  for (Connection& c : connections) close(c.fd);
 }
 
 }  // namespace lorad::server

@@ -1,10 +1,16 @@
 // HttpServer: the operator-facing HTTP endpoint. GET /metrics renders the metrics registry in the
 // Prometheus text format; GET /healthz answers 200 "serving" or 503 with the lifecycle state.
-// Runs on its own thread; Stop() may be called from any thread.
+//
+// A small HTTP/1.x server of its own, one thread polling every connection, because what it must
+// withstand is bounded here and was not in the library it replaced (cpp-httplib 0.11, which
+// took any number of header lines, 2 GB from one connection, and gave each connection a thread
+// for as long as it trickled bytes): a request's head is at most kMaxRequestBytes, a connection
+// lives at most kConnectionSeconds, and at most kMaxConnections are open (a new one closes the
+// oldest, so a flood of slow clients cannot keep a health check out). Every answer closes its
+// connection. Stop() may be called from any thread.
 #pragma once
 
 #include <atomic>
-#include <memory>
 #include <string>
 #include <thread>
 
@@ -12,16 +18,18 @@
 #include "server/metrics_registry.h"
 #include "server/serving_state.h"
 
-namespace httplib {
-class Server;
-}
-
 namespace lorad::server {
 
 class HttpServer {
  public:
+  static constexpr size_t kMaxRequestBytes = 16 << 10;
+  static constexpr int kConnectionSeconds = 10;
+  static constexpr size_t kMaxConnections = 256;
+
   HttpServer(const MetricsRegistry& metrics, const ServingState& state);
   ~HttpServer();
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
 
   // Binds host:port now (so a taken port is an error at start-up) and serves in the background.
   absl::Status Start(const std::string& address);
@@ -29,11 +37,16 @@ class HttpServer {
   int port() const { return port_; }
 
  private:
+  struct Connection;
+  void Serve();
+  // The whole response to a request head (status line, headers, body).
+  std::string Respond(const std::string& head) const;
+
   const MetricsRegistry& metrics_;
   const ServingState& state_;
-  std::unique_ptr<httplib::Server> server_;
+  int listen_fd_ = -1;
+  int wake_fds_[2] = {-1, -1};  // a pipe: Stop() writes to end the loop
   std::thread thread_;
-  std::atomic<bool> listen_returned_{false};  // the serving loop ended (or never started)
   int port_ = 0;
 };
 

@@ -95,8 +95,8 @@ def run_lorad(*args, timeout=60):
 
 
 def test_slow_http_clients_do_not_starve_the_health_check(daemon):
-    """Sixteen connections that send half a request each and wait: /healthz still answers (the
-    HTTP server's default pool, 8 threads on a small machine, was held by 8 such clients)."""
+    """300 connections (more than the 256 the HTTP server keeps) that send half a request each and
+    trickle header lines: /healthz still answers (a thread per connection was held by each)."""
     import socket
     import threading
 
@@ -114,7 +114,7 @@ def test_slow_http_clients_do_not_starve_the_health_check(daemon):
 
     trickler = threading.Thread(target=trickle)
     try:
-        for _ in range(16):
+        for _ in range(300):
             sock = socket.create_connection((host, int(port)), timeout=10)
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
             slow.append(sock)
@@ -228,3 +228,38 @@ def test_a_stop_signal_during_start_up_stops_at_once(tmp_path):
     log_text = log_path.read_text()
     assert "received SIGTERM during start-up" in log_text, log_text
     assert "serving gRPC" not in log_text
+
+
+def raw_http(daemon, request: bytes, timeout=10) -> bytes:
+    """Sends `request` on a connection of its own and reads the reply until the server closes."""
+    import socket
+
+    host, port = daemon.http_address.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except OSError:  # the server may answer and close before a flood is all sent
+            pass
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+        return reply
+
+
+def test_the_http_port_answers_only_what_it_serves_and_bounds_a_request(daemon):
+    """GET and HEAD of /metrics and /healthz; anything else a clear status; a request head over
+    16 KiB (e.g. endless header lines: 2 GB of them once grew the daemon by 3 GB) is 431."""
+    assert raw_http(daemon, b"GET /healthz HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nserving\n")
+    head = raw_http(daemon, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and head.endswith(b"\r\n\r\n")
+    assert raw_http(daemon, b"GET /metrics?x=1 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+    assert raw_http(daemon, b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert raw_http(daemon, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert raw_http(daemon, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400")
+    flood = b"GET /metrics HTTP/1.1\r\n" + b"X-A: " + b"a" * 8000 + b"\r\n"
+    assert raw_http(daemon, flood * 200).startswith(b"HTTP/1.1 431")
+    assert daemon.http_get("/healthz") == (200, "serving\n")
+
