@@ -10,22 +10,10 @@ namespace lorad::engine {
 
 absl::Status CheckJsonNesting(std::string_view text, const std::string& source) {
   int depth = 0;
-  bool in_string = false;
-  bool escaped = false;
+  JsonStringState strings;
   for (const char c : text) {
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (c == '\\') {
-        escaped = true;
-      } else if (c == '"') {
-        in_string = false;
-      }
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
+    if (strings.Feed(c)) continue;
+    if (c == '[' || c == '{') {
       if (++depth > kMaxJsonNesting) {
         return absl::InvalidArgumentError(
             absl::StrCat(source, ": JSON nested more than ", kMaxJsonNesting, " levels deep"));

@@ -17,6 +17,29 @@ namespace lorad::engine {
 // a value recurses once a level, and a million levels ran the stack out.
 inline constexpr int kMaxJsonNesting = 64;
 
+// Follows JSON text a character at a time to tell its strings (quotes and escapes included) from
+// the rest, where brackets count.
+class JsonStringState {
+ public:
+  // Feeds `c`; true when it belongs to a string.
+  bool Feed(char c) {
+    if (!in_string_) return in_string_ = c == '"';
+    if (escaped_) {
+      escaped_ = false;
+    } else if (c == '\\') {
+      escaped_ = true;
+    } else if (c == '"') {
+      in_string_ = false;
+    }
+    return true;
+  }
+  bool in_string() const { return in_string_; }
+
+ private:
+  bool in_string_ = false;
+  bool escaped_ = false;
+};
+
 // InvalidArgument naming `source` when `text` nests arrays or objects deeper than
 // kMaxJsonNesting (brackets inside strings do not count; the text need not be valid JSON).
 absl::Status CheckJsonNesting(std::string_view text, const std::string& source);

@@ -305,7 +305,7 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
   array_element_read_ = true;
   line = line_;
   int depth = 0;
-  bool in_string = false, escaped = false;
+  JsonStringState strings;
   for (;; c = in_.get()) {
     if (c == EOF) return Bad(Where(line), "the file ends inside a record");
     if (c == '\n') ++line_;
@@ -314,20 +314,12 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
       return Bad(Where(line),
                  absl::StrCat("record is larger than ", options_.max_record_bytes, " bytes"));
     }
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (c == '\\') {
-        escaped = true;
-      } else if (c == '"') {
-        in_string = false;
-        if (depth == 0) return true;  // a bare string: not a record, which the parse then says
-      }
+    if (strings.Feed(c)) {
+      // A bare string, ended: not a record, which the parse then says.
+      if (!strings.in_string() && depth == 0) return true;
       continue;
     }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
+    if (c == '{' || c == '[') {
       ++depth;
     } else if (c == '}' || c == ']') {
       if (--depth <= 0) return true;
