@@ -33,9 +33,11 @@ absl::StatusOr<std::string> ResolveInsideRoot(const std::string& root, const std
   auto p = resolved.begin();
   for (; r != canonical_root.end() && !r->empty(); ++r, ++p) {
     if (p == resolved.end() || *p != *r) {
+      // Where it leads is not said: that would tell a caller what lies outside the root.
       return absl::PermissionDeniedError(absl::StrCat(
-          field, ": '", requested, "' resolves to '", resolved.string(), "', outside the root '",
-          canonical_root.string(), "' that the server allows for it"));
+          field, ": '", requested, "' leads outside the root '", canonical_root.string(),
+          "' that the server allows for it (symlinks are "
+          "followed)"));
     }
   }
   return resolved.string();
