@@ -133,21 +133,29 @@ TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRec
   ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
   std::atomic<bool> locked{false};
   const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
-    if (e.has_state() && e.state() == lorad::v1::JOB_STATE_RUNNING && !locked.exchange(true)) {
+    // The last checkpoint's event comes just before the job's end: the lock is taken as it is
+    // published (on the runner's thread), before the end is handled.
+    if (e.has_checkpoint() && !locked.exchange(true)) {
       ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
     }
   });
   rig.runner().Start();
-  // Each refused write waits out the store's busy timeout (5 s): the step, then the success.
-  ASSERT_TRUE(Rig::WaitFor([&] { return fs::exists(rig.job_dir() / "adapter"); }, 120));
-  std::this_thread::sleep_for(std::chrono::seconds(12));
+  ASSERT_TRUE(Rig::WaitFor([&] { return locked.load(); }, 120));
+  // The success's first record waits out the store's busy timeout (5 s) and fails.
+  std::this_thread::sleep_for(std::chrono::seconds(7));
+  ASSERT_TRUE(fs::exists(rig.job_dir() / "adapter"));
   EXPECT_EQ(rig.State(), JobState::kRunning);
   EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"))
       << "the adapter serves while its job reads as running";
   ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
   sqlite3_close(blocker);
-  EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60));
-  EXPECT_TRUE(rig.engine().adapters().Contains("runner-bot"));
+  // Recorded (the job reads as succeeded), then served, moments apart.
+  EXPECT_TRUE(Rig::WaitFor(
+      [&] {
+        return rig.State() == JobState::kSucceeded &&
+               rig.engine().adapters().Contains("runner-bot");
+      },
+      60));
   auto job = rig.store().Get(rig.job_id());
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->adapter_version, 1) << "the failed tries published no version";
