@@ -90,6 +90,7 @@ struct Engine::Impl {
   std::condition_variable wake;
   bool stop = false;
   bool pending_work = false;
+  bool adapter_retired = false;  // the store retired a version since the loop last looked
   // StopTraining: asked, then done (the loop checkpointed and ended every job; no more start).
   bool stop_training = false;
   bool training_stopped = false;
@@ -220,13 +221,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
     auto store = AdapterStore::Create(impl->model->config(), store_options);
     if (!store.ok()) return store.status();
     impl->adapters = std::move(*store);
-    // A retired adapter version wakes the loop, which releases the inference engine's copies of
-    // it if the engine is idle (else its next step does).
+    // A retired adapter version wakes the loop, which releases the inference engine's copy of
+    // it unless a running request still uses it.
     Impl* owner = impl.get();
     impl->adapters->SetRetireListener([owner] {
       {
         std::lock_guard<std::mutex> lock(owner->mu);
         owner->pending_work = true;
+        owner->adapter_retired = true;
       }
       owner->wake.notify_all();
     });
@@ -260,14 +262,15 @@ void Engine::Impl::Loop() {
   double train_credit = 0;
   const double ratio = options.train_share / (1.0 - options.train_share);
   while (true) {
-    bool poked = false;  // woken by pending_work (a job, a retired adapter version, ...)
+    bool retired = false;  // a retired adapter version woke it
     {
       std::unique_lock<std::mutex> lock(mu);
       wake.wait(lock, [&] {
         return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
                inference->HasWork() || (stop_training && !training_stopped && preparations.empty());
       });
-      poked = pending_work;
+      retired = adapter_retired;
+      adapter_retired = false;
       pending_work = false;
       if (stop) break;
     }
@@ -289,7 +292,7 @@ void Engine::Impl::Loop() {
       if (stopped) training_stopped_cv.notify_all();
     }
     const bool serving = inference->HasWork();
-    if (poked) inference->ReleaseIdleAdapters();
+    if (retired) inference->ReleaseIdleAdapters();
     if (serving) {
       const Clock::time_point t0 = Clock::now();
       // A failed step finished its own requests with kError; the engine keeps serving.
