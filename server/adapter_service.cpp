@@ -105,20 +105,13 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   if (request->version() > 0) version = request->version();
   // Each call waits on a thread of its own: a flood of them (thousands of threads) must not
   // exhaust the process's threads. Refused before anything changes.
-  if (unload_waiters_->fetch_add(1) >= kMaxUnloadWaiters) {
-    unload_waiters_->fetch_sub(1);
+  std::optional<OpenCalls::Slot> waiter = unload_waiters_.TryTake();
+  if (!waiter) {
     return FinishUnary(context, absl::ResourceExhaustedError(absl::StrCat(
-                                    kMaxUnloadWaiters,
+                                    unload_waiters_.limit(),
                                     " UnloadAdapter calls are waiting for their adapters' "
                                     "requests to end; retry once they have")));
   }
-  struct WaiterSlot {  // given back unless a waiting thread takes it over
-    std::shared_ptr<std::atomic<int>> count;
-    bool taken = false;
-    ~WaiterSlot() {
-      if (!taken) count->fetch_sub(1);
-    }
-  } slot{unload_waiters_};
   std::optional<int64_t> current_unloaded;  // the version that served, when it goes
   for (const auto& info : engine_.adapters().List()) {
     if (info.name == request->name() && (!version || info.version == *version)) {
@@ -148,12 +141,10 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   engine::AdapterStore* store = &engine_.adapters();
   try {
     std::thread([reactor, store, name = request->name(), version, timeout,
-                 waiters = unload_waiters_] {
+                 waiter = std::move(*waiter)] {
       const absl::Status unloaded = store->Unload(name, version, timeout);
-      waiters->fetch_sub(1);
       reactor->Finish(ToGrpcStatus(unloaded));
     }).detach();
-    slot.taken = true;
   } catch (const std::system_error&) {  // no thread to wait on: retire it, without waiting
     reactor->Finish(ToGrpcStatus(store->Unload(request->name(), version, std::chrono::seconds(0))));
   }

@@ -5,13 +5,12 @@
 // hold the adapter, on a thread of its own so no gRPC thread blocks.
 #pragma once
 
-#include <atomic>
-#include <memory>
 #include <string>
 
 #include "engine/runtime/engine.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "server/job_store.h"
+#include "server/open_calls.h"
 #include "server/token_authenticator.h"
 
 namespace lorad::server {
@@ -38,10 +37,8 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   std::string adapter_root_;
   const TokenAuthenticator* auth_;
   JobStore* record_;
-  // UnloadAdapter calls waiting for their adapter's requests (a thread each): at most
-  // kMaxUnloadWaiters; shared with the waiting threads, which may outlive a call's reactor.
-  static constexpr int kMaxUnloadWaiters = 16;
-  std::shared_ptr<std::atomic<int>> unload_waiters_ = std::make_shared<std::atomic<int>>(0);
+  // UnloadAdapter calls waiting for their adapter's requests, a thread each.
+  OpenCalls unload_waiters_{16};
 };
 
 // The proto view of one adapter version.

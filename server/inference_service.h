@@ -8,13 +8,11 @@
 // only queue; both sides meet under the stream's lock.
 #pragma once
 
-#include <atomic>
-#include <memory>
-
 #include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "server/metrics_registry.h"
+#include "server/open_calls.h"
 #include "server/token_authenticator.h"
 
 namespace lorad::server {
@@ -68,8 +66,7 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
   InferenceOptions options_;
   const TokenAuthenticator* auth_;
   Metrics metrics_;
-  // Streams open now; each holds it until it is done (OnDone), which may be after the service.
-  std::shared_ptr<std::atomic<int64_t>> open_streams_ = std::make_shared<std::atomic<int64_t>>(0);
+  OpenCalls open_streams_;  // a stream holds its slot until it is done (OnDone)
 };
 
 }  // namespace lorad::server

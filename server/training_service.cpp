@@ -36,14 +36,11 @@ absl::Status RequireJobId(const std::string& id) {
 // sent twice.
 class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
-  // `open_watches` counts this stream until it is done.
+  // `slot`: this stream's place among the open ones (none when it is refused for want of one).
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
                   const absl::Status& authorized, std::chrono::system_clock::time_point deadline,
-                  std::shared_ptr<std::atomic<int64_t>> open_watches)
-      : store_(store),
-        events_(events),
-        deadline_(deadline),
-        open_watches_(std::move(open_watches)) {
+                  std::optional<OpenCalls::Slot> slot)
+      : store_(store), events_(events), deadline_(deadline), slot_(std::move(slot)) {
     if (!authorized.ok()) {
       Finish(ToGrpcStatus(authorized));
       return;
@@ -118,7 +115,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
 
   void OnDone() override {
     Unsubscribe();
-    open_watches_->fetch_sub(1);
     delete this;
   }
 
@@ -287,7 +283,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   JobStore& store_;
   JobEventHub& events_;
   const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
-  std::shared_ptr<std::atomic<int64_t>> open_watches_;
+  std::optional<OpenCalls::Slot> slot_;
   int64_t subscription_ = 0;
   std::mutex mu_;
   std::deque<JobEvent> queue_;
@@ -337,7 +333,10 @@ JobEvent StateEvent(const std::string& job_id, JobState state, int64_t time_ms) 
 
 TrainingService::TrainingService(JobStore& store, JobEventHub& events,
                                  TrainingServiceOptions options)
-    : store_(store), events_(events), options_(std::move(options)) {}
+    : store_(store),
+      events_(events),
+      options_(std::move(options)),
+      open_watches_(options_.max_watches) {}
 
 absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   job->set_id(r.id);
@@ -443,14 +442,13 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
   absl::Status admitted = Authorize(context, Role::kUser);
-  if (admitted.ok() && open_watches_->fetch_add(1) >= options_.max_watches) {
+  std::optional<OpenCalls::Slot> slot = open_watches_.TryTake();
+  if (admitted.ok() && !slot) {
     admitted = absl::ResourceExhaustedError(
-        absl::StrCat(options_.max_watches, " WatchJob streams are open; retry later"));
-  } else if (!admitted.ok()) {
-    open_watches_->fetch_add(1);  // every reactor gives its count back when it is done
+        absl::StrCat(open_watches_.limit(), " WatchJob streams are open; retry later"));
   }
   return new WatchJobReactor(store_, events_, *request, admitted, context->deadline(),
-                             open_watches_);
+                             std::move(slot));
 }
 
 absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context,

@@ -7,7 +7,6 @@
 // both thread-safe.
 #pragma once
 
-#include <atomic>
 #include <functional>
 #include <memory>
 
@@ -15,6 +14,7 @@
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
+#include "server/open_calls.h"
 #include "server/token_authenticator.h"
 
 namespace lorad::server {
@@ -64,8 +64,7 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   JobStore& store_;
   JobEventHub& events_;
   TrainingServiceOptions options_;
-  // WatchJob streams open now; each holds it until it is done, which may be after the service.
-  std::shared_ptr<std::atomic<int64_t>> open_watches_ = std::make_shared<std::atomic<int64_t>>(0);
+  OpenCalls open_watches_;  // a WatchJob stream holds its slot until it is done
 };
 
 // Proto <-> store conversions shared with the job runner.
