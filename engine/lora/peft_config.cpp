@@ -1,0 +1,302 @@
+#include "engine/lora/peft_config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/model/json_file.h"
+#include "nlohmann/json.hpp"
+
+namespace lorad::engine {
+namespace {
+
+using nlohmann::ordered_json;
+
+// PEFT's defaults for fields an adapter_config.json leaves out (peft/tuners/lora/config.py).
+constexpr int kPeftDefaultRank = 8;
+constexpr double kPeftDefaultAlpha = 8;
+
+template <typename T>
+bool Contains(const std::vector<T>& v, const T& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+absl::Status ConfigError(const std::string& file, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(file, ": ", what));
+}
+
+// target_modules: a list of names, or one name. PEFT also takes a regex string (matched against
+// full module paths); lorad reads only plain names so it knows exactly which layers are adapted.
+absl::StatusOr<std::vector<std::string>> ParseTargets(const ordered_json& j,
+                                                      const std::string& file) {
+  auto it = j.find("target_modules");
+  const std::string known = absl::StrJoin(KnownLoraTargets(), ", ");
+  if (it == j.end() || it->is_null()) {
+    return ConfigError(
+        file, absl::StrCat("field 'target_modules' is missing; expected a list of ", known));
+  }
+  std::vector<std::string> names;
+  if (it->is_string()) {
+    const std::string s = it->get<std::string>();
+    if (!Contains(KnownLoraTargets(), s)) {
+      return ConfigError(
+          file, absl::StrCat("field 'target_modules' is the pattern '", s,
+                             "'; lorad does not read regex targets: list the projections (", known,
+                             ") instead"));
+    }
+    return std::vector<std::string>{s};
+  }
+  if (!it->is_array()) {
+    return ConfigError(file, "field 'target_modules' must be a list of module names");
+  }
+  for (const auto& v : *it) {
+    if (!v.is_string()) {
+      return ConfigError(file, "field 'target_modules' must be a list of module names");
+    }
+    // PEFT matches a name against the end of a module path, so "self_attn.q_proj" means q_proj.
+    std::string name = v.get<std::string>();
+    const std::string last = name.substr(name.rfind('.') + 1);
+    if (!Contains(KnownLoraTargets(), last)) {
+      return ConfigError(file, absl::StrCat("field 'target_modules' has '", name,
+                                            "', which lorad cannot adapt (known: ", known, ")"));
+    }
+    if (!Contains(names, last)) names.push_back(last);
+  }
+  return names;
+}
+
+// Features PEFT has that lorad's LoRA math does not implement: reading such an adapter would
+// silently change its outputs, so each is an error.
+absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
+  auto not_supported = [&](const std::string& field, const std::string& value) {
+    return ConfigError(
+        file, absl::StrCat("field '", field, "' is ", value, ", which lorad does not support"));
+  };
+  for (const char* field : {"use_dora", "lora_bias", "fan_in_fan_out"}) {
+    auto it = j.find(field);
+    if (it != j.end() && !it->is_null() && !(it->is_boolean() && !it->get<bool>())) {
+      return not_supported(field, it->dump());
+    }
+  }
+  auto bias = j.find("bias");
+  if (bias != j.end() && !bias->is_null() &&
+      !(bias->is_string() && bias->get<std::string>() == "none")) {
+    return not_supported("bias", absl::StrCat(bias->dump(), " (only \"none\")"));
+  }
+  auto save = j.find("modules_to_save");
+  if (save != j.end() && !save->is_null() && !(save->is_array() && save->empty())) {
+    return not_supported("modules_to_save", save->dump());
+  }
+  // Variants whose forward is not base + scale * B A on every token (activated LoRA, replicated
+  // or reordered layers, trainable token rows, block-diagonal and KaSA updates, Arrow routing,
+  // parameter targets, MonteCLoRA): served as plain LoRA they would give other output than PEFT.
+  for (const char* field :
+       {"alora_invocation_tokens", "layer_replication", "trainable_token_indices",
+        "target_parameters", "use_bdlora", "kasa_config", "arrow_config", "monteclora_config"}) {
+    auto it = j.find(field);
+    const bool unset = it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
+                       ((it->is_array() || it->is_object()) && it->empty());
+    if (!unset) return not_supported(field, it->dump());
+  }
+  // Inits that move part of the base weights into the adapter: PEFT rebuilds that base when it
+  // loads such an adapter; lorad serves every adapter on the unchanged base.
+  auto init = j.find("init_lora_weights");
+  if (init != j.end() && init->is_string()) {
+    const std::string name = init->get<std::string>();
+    // As PEFT tells them apart: by prefix, and OLoRA in any case ("OLoRA" is its own spelling).
+    bool changes_base = absl::AsciiStrToLower(name) == "olora";
+    for (const char* prefix : {"pissa", "olora", "loftq", "corda", "lora_ga"}) {
+      changes_base |= absl::StartsWith(name, prefix);
+    }
+    if (changes_base) {
+      return ConfigError(
+          file, absl::StrCat("field 'init_lora_weights' is \"", name,
+                             "\": that init changes the base weights, and lorad serves adapters "
+                             "on the unchanged base; convert it to a plain LoRA adapter first "
+                             "(PEFT: save_pretrained(..., "
+                             "path_initial_model_for_weight_conversion=...))"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<PeftModulePattern>> ParsePattern(const ordered_json& j,
+                                                            const char* field,
+                                                            const std::string& file) {
+  std::vector<PeftModulePattern> out;
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return out;
+  if (!it->is_object())
+    return ConfigError(file, absl::StrCat("field '", field, "' must be an object"));
+  for (const auto& [key, value] : it->items()) {
+    if (!value.is_number()) {
+      return ConfigError(file, absl::StrCat("field '", field, "': '", key, "' must be a number"));
+    }
+    auto matcher = std::make_shared<const RE2>(absl::StrCat("(.*\\.)?(", key, ")"));
+    if (!matcher->ok()) {
+      return ConfigError(file, absl::StrCat("field '", field, "': '", key,
+                                            "' is not a regular expression lorad can read"));
+    }
+    out.push_back({key, std::move(matcher), value.get<double>()});
+  }
+  return out;
+}
+
+}  // namespace
+
+// The value of the first pattern that matches `module` (PEFT: re.match(rf"(.*\.)?({key})$")).
+std::optional<double> PatternValue(const std::vector<PeftModulePattern>& patterns,
+                                   const std::string& module) {
+  for (const PeftModulePattern& p : patterns) {
+    if (RE2::FullMatch(module, *p.matcher)) return p.value;
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::string& file,
+                                           PeftModulePatterns* patterns) {
+  if (auto s = CheckJsonNesting(text, file); !s.ok()) return s;
+  ordered_json j;
+  try {
+    j = ordered_json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    // e.what() names the byte offset and what the parser expected there.
+    return ConfigError(file, absl::StrCat("not valid JSON: ", e.what()));
+  }
+  if (!j.is_object()) return ConfigError(file, "not a JSON object");
+  auto type = j.find("peft_type");
+  if (type == j.end() || !type->is_string()) {
+    return ConfigError(file, "field 'peft_type' is missing: not a PEFT adapter config");
+  }
+  if (type->get<std::string>() != "LORA") {
+    return ConfigError(file, absl::StrCat("field 'peft_type' is '", type->get<std::string>(),
+                                          "'; lorad reads LoRA adapters only (\"LORA\")"));
+  }
+  if (auto s = CheckUnsupported(j, file); !s.ok()) return s;
+
+  LoraConfig c;
+  c.r = kPeftDefaultRank;
+  c.alpha = kPeftDefaultAlpha;
+  c.dropout = 0;
+  if (auto it = j.find("r"); it != j.end()) {
+    if (!it->is_number_integer()) return ConfigError(file, "field 'r' must be an integer");
+    const int64_t r = it->get<int64_t>();
+    if (r < 1 || r > 1024) {  // checked before narrowing; Validate() words the message
+      return ConfigError(file, absl::StrCat("field 'r' must be in [1, 1024], got ", r));
+    }
+    c.r = static_cast<int>(r);
+  }
+  if (auto it = j.find("lora_alpha"); it != j.end()) {
+    if (!it->is_number()) return ConfigError(file, "field 'lora_alpha' must be a number");
+    c.alpha = it->get<double>();
+  }
+  if (auto it = j.find("lora_dropout"); it != j.end() && !it->is_null()) {
+    if (!it->is_number()) return ConfigError(file, "field 'lora_dropout' must be a number");
+    c.dropout = it->get<double>();
+  }
+  if (auto it = j.find("use_rslora"); it != j.end() && !it->is_null()) {
+    if (!it->is_boolean()) return ConfigError(file, "field 'use_rslora' must be true or false");
+    c.use_rslora = it->get<bool>();
+  }
+  if (auto it = j.find("base_model_name_or_path"); it != j.end() && it->is_string()) {
+    c.base_model_name_or_path = it->get<std::string>();
+  }
+  auto targets = ParseTargets(j, file);
+  if (!targets.ok()) return targets.status();
+  c.target_modules = *targets;
+  auto rank = ParsePattern(j, "rank_pattern", file);
+  if (!rank.ok()) return rank.status();
+  auto alpha = ParsePattern(j, "alpha_pattern", file);
+  if (!alpha.ok()) return alpha.status();
+  for (const PeftModulePattern& p : *rank) {
+    if (p.value != std::floor(p.value) || p.value < 1 || p.value > 1024) {
+      return ConfigError(file, absl::StrCat("field 'rank_pattern': '", p.key, "' is ", p.value,
+                                            "; ranks are whole numbers in [1, 1024]"));
+    }
+  }
+  for (const PeftModulePattern& p : *alpha) {
+    if (!(p.value > 0 && p.value <= kMaxLoraAlpha)) {
+      return ConfigError(file, absl::StrCat("field 'alpha_pattern': '", p.key, "' is ", p.value,
+                                            "; alphas are in (0, ", kMaxLoraAlpha, "]"));
+    }
+  }
+  patterns->rank = *std::move(rank);
+  patterns->alpha = *std::move(alpha);
+  // layers_to_transform: PEFT adapts only the layers listed (one index or a list).
+  if (auto it = j.find("layers_to_transform"); it != j.end() && !it->is_null()) {
+    const ordered_json list = it->is_array() ? *it : ordered_json::array({*it});
+    for (const auto& v : list) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0) {
+        return ConfigError(file,
+                           "field 'layers_to_transform' must be a layer index or a list of "
+                           "layer indices");
+      }
+      patterns->layers.push_back(v.get<int64_t>());
+    }
+  }
+  if (auto s = c.Validate(); !s.ok()) return ConfigError(file, std::string(s.message()));
+  return c;
+}
+
+// The adapter_config.json PEFT 0.21 writes for a LoRA adapter, field for field (sorted keys,
+// indent 2, as PEFT's save_pretrained), so PEFT loads it with the same settings it would have
+// saved. peft_version is left out: PEFT fills in its own version when it loads the file.
+std::string PeftConfigJson(const LoraConfig& c) {
+  ordered_json j;
+  auto null = ordered_json();
+  auto empty = ordered_json::object();
+  j["alora_invocation_tokens"] = null;
+  j["alpha_pattern"] = empty;
+  j["arrow_config"] = null;
+  j["auto_mapping"] = null;
+  j["base_model_name_or_path"] =
+      c.base_model_name_or_path.empty() ? null : ordered_json(c.base_model_name_or_path);
+  j["bias"] = "none";
+  j["corda_config"] = null;
+  j["ensure_weight_tying"] = false;
+  j["eva_config"] = null;
+  j["exclude_modules"] = null;
+  j["fan_in_fan_out"] = false;
+  j["inference_mode"] = true;
+  j["init_lora_weights"] = true;
+  j["kasa_config"] = null;
+  j["layer_replication"] = null;
+  j["layers_pattern"] = null;
+  j["layers_to_transform"] = null;
+  j["loftq_config"] = empty;
+  // PEFT keeps lora_alpha an int when it was given one.
+  if (c.alpha == std::floor(c.alpha) && std::abs(c.alpha) < 1e15) {
+    j["lora_alpha"] = static_cast<int64_t>(c.alpha);
+  } else {
+    j["lora_alpha"] = c.alpha;
+  }
+  j["lora_bias"] = false;
+  j["lora_dropout"] = c.dropout;
+  j["lora_ga_config"] = null;
+  j["megatron_config"] = null;
+  j["megatron_core"] = "megatron.core";
+  j["modules_to_save"] = null;
+  j["monteclora_config"] = null;
+  j["peft_type"] = "LORA";
+  j["qalora_group_size"] = 16;
+  j["r"] = c.r;
+  j["rank_pattern"] = empty;
+  j["revision"] = null;
+  j["target_modules"] = c.target_modules;
+  j["target_parameters"] = null;
+  j["task_type"] = "CAUSAL_LM";
+  j["trainable_token_indices"] = null;
+  j["use_bdlora"] = null;
+  j["use_dora"] = false;
+  j["use_qalora"] = false;
+  j["use_rslora"] = c.use_rslora;
+  j["velora_config"] = null;
+  return j.dump(2);
+}
+
+}  // namespace lorad::engine
