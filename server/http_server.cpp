@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/server_config.h"
+#include "spdlog/spdlog.h"
 
 namespace lorad::server {
 namespace {
@@ -145,11 +146,22 @@ void HttpServer::Serve() {
   std::vector<pollfd> fds;
   std::vector<Connection*> owners;
   char buffer[4096];
+  // When accept4 finds the process out of file descriptors, the connection stays in the listen
+  // queue and the listening socket stays readable: polling it at once again would spin a core
+  // for as long as the descriptors are short. So accepting pauses until then.
+  Clock::time_point accept_resumes{};
+  bool short_of_descriptors = false;  // logged once per shortage
   while (true) {
-    fds.assign({{wake_fds_[0], POLLIN, 0}, {listen_fd_, POLLIN, 0}});
-    owners.clear();
     const Clock::time_point now = Clock::now();
-    int timeout_ms = -1;  // until the oldest connection's time is up
+    const bool accepting = now >= accept_resumes;
+    fds.assign(
+        {{wake_fds_[0], POLLIN, 0}, {listen_fd_, static_cast<short>(accepting ? POLLIN : 0), 0}});
+    owners.clear();
+    int timeout_ms = -1;  // until the oldest connection's time is up, or accepting resumes
+    if (!accepting) {
+      timeout_ms = static_cast<int>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(accept_resumes - now).count() + 1);
+    }
     for (Connection& c : connections) {
       fds.push_back({c.fd, static_cast<short>(c.responding ? POLLOUT : POLLIN), 0});
       owners.push_back(&c);
@@ -200,7 +212,23 @@ void HttpServer::Serve() {
     if (fds[1].revents & POLLIN) {
       while (true) {
         const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) break;
+        if (fd < 0) {
+          if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            accept_resumes = Clock::now() + kAcceptPause;
+            if (!short_of_descriptors) {
+              spdlog::warn(
+                  "HTTP server: cannot accept a connection ({}); trying again every {} ms. Raise "
+                  "the open-files limit (ulimit -n, LimitNOFILE= in systemd) if this persists",
+                  errno == ENFILE   ? "the system is out of file descriptors"
+                  : errno == EMFILE ? "lorad has as many files open as its limit allows"
+                                    : "out of memory",
+                  kAcceptPause.count());
+            }
+            short_of_descriptors = true;
+          }
+          break;
+        }
+        short_of_descriptors = false;
         if (connections.size() >= kMaxConnections) {  // the oldest gives way
           close(connections.front().fd);
           connections.pop_front();

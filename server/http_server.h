@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <thread>
 
@@ -25,6 +26,8 @@ class HttpServer {
   static constexpr size_t kMaxRequestBytes = 16 << 10;
   static constexpr int kConnectionSeconds = 10;
   static constexpr size_t kMaxConnections = 256;
+  // How long accepting pauses when the process (or system) is out of file descriptors.
+  static constexpr std::chrono::milliseconds kAcceptPause{100};
 
   HttpServer(const MetricsRegistry& metrics, const ServingState& state);
   ~HttpServer();
