@@ -236,6 +236,15 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "server.shutdown_grace_seconds",
            [](ServerConfig& c) -> int64_t& { return c.server.shutdown_grace_seconds; }, 0, 3600)},
+      {"server.keepalive_seconds",
+       IntField(
+           "server.keepalive_seconds",
+           [](ServerConfig& c) -> int64_t& { return c.server.keepalive_seconds; }, 1, 86400)},
+      {"server.keepalive_timeout_seconds",
+       IntField(
+           "server.keepalive_timeout_seconds",
+           [](ServerConfig& c) -> int64_t& { return c.server.keepalive_timeout_seconds; }, 1,
+           3600)},
       {"server.tls_cert_file",
        StringField("server.tls_cert_file",
                    [](ServerConfig& c) -> std::string& { return c.server.tls_cert_file; })},

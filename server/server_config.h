@@ -45,7 +45,12 @@ struct ServerConfig {
     std::string http_address = "127.0.0.1:8080";  // /metrics and /healthz
     int64_t max_request_bytes = 4 << 20;          // largest gRPC message accepted
     int64_t shutdown_grace_seconds = 10;          // how long in-flight RPCs get on shutdown
-    std::string tls_cert_file;                    // PEM; with tls_key_file, gRPC serves TLS only
+    // A connection quiet this long gets an HTTP/2 ping; one that does not answer within
+    // keepalive_timeout_seconds is closed, with its calls (a client gone without closing: its
+    // streams and their slots of limits.max_queued_requests would otherwise stay for hours).
+    int64_t keepalive_seconds = 60;
+    int64_t keepalive_timeout_seconds = 20;
+    std::string tls_cert_file;  // PEM; with tls_key_file, gRPC serves TLS only
     std::string tls_key_file;
   } server;
   struct Auth {

@@ -263,3 +263,61 @@ def test_the_http_port_answers_only_what_it_serves_and_bounds_a_request(daemon):
     assert raw_http(daemon, flood * 200).startswith(b"HTTP/1.1 431")
     assert daemon.http_get("/healthz") == (200, "serving\n")
 
+
+
+class BlackholeProxy:
+    """A TCP proxy to `target` for one connection that forwards both ways until blackhole() is
+    called, then drops everything either side sends, as a network path that died would (no FIN,
+    no reset). `closed_by_target` is set when the target closes its side."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.target = target
+        self.dropping = threading.Event()
+        self.closed_by_target = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def blackhole(self):
+        self.dropping.set()
+
+    def _serve(self):
+        import socket
+        import threading
+
+        client, _ = self.listener.accept()
+        host, port = self.target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+
+        def pump(src, dst, on_eof):
+            try:
+                while data := src.recv(65536):
+                    if not self.dropping.is_set():
+                        dst.sendall(data)
+            except OSError:
+                pass
+            on_eof()
+
+        threading.Thread(target=pump, args=(client, upstream, lambda: None), daemon=True).start()
+        pump(upstream, client, self.closed_by_target.set)
+
+
+def test_a_client_gone_without_a_word_is_disconnected_by_keepalive(tmp_path):
+    """A client whose network vanished sends no FIN: without server keepalive pings its connection
+    (and any stream on it) would stay open for gRPC's default two hours."""
+    d = start_daemon(tmp_path, "--set", "server.keepalive_seconds=1",
+                     "--set", "server.keepalive_timeout_seconds=1")
+    try:
+        proxy = BlackholeProxy(d.grpc_address)
+        with grpc.insecure_channel(proxy.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            proxy.blackhole()
+            # A ping after 1 s quiet, closed 1 s later without its answer; slack for a busy CI.
+            assert proxy.closed_by_target.wait(timeout=20), "lorad kept the dead connection open"
+    finally:
+        stop_daemon(d)

@@ -11,6 +11,15 @@ TEST(ServerConfig, ShippedDefaultConfigParses) {
   EXPECT_EQ(c->server.grpc_address, "127.0.0.1:50051");
   EXPECT_EQ(c->server.http_address, "127.0.0.1:8080");
   EXPECT_EQ(c->engine.max_prefill_chunk, 0);  // prefill pieces as large as an iteration
+  EXPECT_EQ(c->server.keepalive_seconds, ServerConfig{}.server.keepalive_seconds);
+  EXPECT_EQ(c->server.keepalive_timeout_seconds, ServerConfig{}.server.keepalive_timeout_seconds);
+}
+
+TEST(ServerConfig, KeepaliveOfZeroIsRefused) {  // gRPC would take 0 as "ping without pause"
+  auto c = ParseServerConfig("server:\n  keepalive_seconds: 0\n", "k.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("server.keepalive_seconds"), std::string::npos);
+  EXPECT_NE(c.status().message().find("out of range"), std::string::npos) << c.status();
 }
 
 TEST(ServerConfig, UnknownKeyNamesKeyAndLine) {
