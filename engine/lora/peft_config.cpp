@@ -164,8 +164,9 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
   ordered_json j;
   try {
     j = ordered_json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    // e.what() names the byte offset and what the parser expected there.
+  } catch (const nlohmann::json::exception& e) {
+    // e.what() names the byte offset and what the parser expected there (parse_error), or the
+    // number past a double's range (out_of_range).
     return ConfigError(file, absl::StrCat("not valid JSON: ", e.what()));
   }
   if (!j.is_object()) return ConfigError(file, "not a JSON object");

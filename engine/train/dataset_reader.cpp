@@ -126,9 +126,10 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   if (auto s = CheckJsonNesting(json_text, where); !s.ok()) return s;
   try {
     record = json::parse(json_text);
-  } catch (const json::parse_error& e) {
-    // "[json.exception.parse_error.101] parse error at line 1, column 9: syntax error ...":
-    // the reason, without the library's code.
+  } catch (const json::exception& e) {
+    // "[json.exception.parse_error.101] parse error at line 1, column 9: syntax error ...", or
+    // out_of_range.406 for a number past a double's range (1e400): the reason, without the
+    // library's code.
     std::string_view reason = e.what();
     if (const size_t at = reason.find("] "); at != std::string_view::npos) {
       reason.remove_prefix(at + 2);
@@ -363,9 +364,11 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
       record_parsed_ = true;
       return std::optional<Example>(std::move(*example));
     }
-    // A pretty-printed object fails on its first line ("{"): say what the file must be instead.
+    // A pretty-printed object fails on its first line ("{"), which ends before the object does:
+    // say what the file must be instead (not for a first line that is wrong in another way).
     if (!array_ && !record_parsed_ &&
         absl::StrContains(example.status().message(), "not valid JSON") &&
+        absl::StrContains(example.status().message(), "unexpected end of input") &&
         absl::StartsWith(absl::StripLeadingAsciiWhitespace(text), "{")) {
       example =
           Bad(where,

@@ -255,6 +255,9 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       // Scales that overflow the activations (NaN output), as training refuses them.
       {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 1e308, "target_modules": ["q_proj"]})",
        "'alpha' must be in (0, 1e+06]"},
+      // Past a double's range: the parser's out_of_range, which escaped as an exception.
+      {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]})",
+       "adapter_config.json: not valid JSON: [json.exception.out_of_range.406] number overflow"},
       {ConfigText(R"("alpha_pattern": {"q_proj": -1e308})"), "alphas are in (0, 1e+06]"},
       {ConfigText(R"("bias": "all")"), "'bias'"},
       {ConfigText(R"("use_dora": true)"), "'use_dora'"},

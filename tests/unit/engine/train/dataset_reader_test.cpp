@@ -292,6 +292,37 @@ TEST_F(DatasetReaderTest, NullFieldsAndPrettyPrintedObjectsSayWhatIsWrong) {
       << none.status();
 }
 
+TEST_F(DatasetReaderTest, AFirstLineWrongInAnotherWayIsNotCalledPrettyPrinted) {
+  auto trailing = ReadDataset(Write("trailing.jsonl", "{\"text\": \"a\",}\n"));
+  ASSERT_FALSE(trailing.ok());
+  EXPECT_NE(trailing.status().message().find("trailing.jsonl:1: not valid JSON"), std::string::npos)
+      << trailing.status();
+  EXPECT_EQ(trailing.status().message().find("pretty-printed"), std::string::npos)
+      << trailing.status();
+}
+
+// Python's json (so datasets and TRL) reads 1e400 as inf; nlohmann refuses it with an exception
+// of its own kind (out_of_range, not parse_error), which escaped the reader and aborted it.
+TEST_F(DatasetReaderTest, ANumberPastADoublesRangeIsABadRecord) {
+  const std::string body =
+      "{\"question\": \"q\", \"answer\": \"a\", \"score\": 1e400}\n"
+      "{\"question\": \"q2\", \"answer\": \"a2\"}\n";
+  const std::string path = Write("overflow.jsonl", body);
+  auto strict = ReadDataset(path);
+  ASSERT_FALSE(strict.ok());
+  EXPECT_EQ(strict.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(strict.status().message().find("overflow.jsonl:1: not valid JSON"), std::string::npos)
+      << strict.status();
+  EXPECT_NE(strict.status().message().find("1e400"), std::string::npos) << strict.status();
+  DatasetReaderOptions skip;
+  skip.skip_bad_lines = true;
+  int64_t skipped = 0;
+  auto examples = ReadDataset(path, skip, &skipped);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  EXPECT_EQ(examples->size(), 1u);
+  EXPECT_EQ(skipped, 1);
+}
+
 TEST(DatasetFormat, NamesRoundTrip) {
   auto f = DatasetFormatFromName("qa");
   ASSERT_TRUE(f.ok());
