@@ -172,6 +172,9 @@ absl::Status Daemon::StartEngine() {
   options.chat_template = config_.model.chat_template;
   options.inference.kv_cache_bytes = config_.engine.kv_cache_bytes;
   options.inference.cuda_graphs = config_.engine.cuda_graphs;
+  options.inference.logprobs_mode = config_.engine.logprobs_mode == "processed"
+                                        ? engine::LogprobsMode::kProcessed
+                                        : engine::LogprobsMode::kRaw;
   options.inference.scheduler.max_running =
       static_cast<int32_t>(config_.engine.max_running_requests);
   options.inference.scheduler.token_budget = config_.engine.max_batch_tokens;

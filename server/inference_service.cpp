@@ -391,11 +391,17 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
       // The reply ends where the template ends a turn: as a token id when the tokenizer has one
       // (special tokens never reach the text), and as a stop string otherwise.
       if (!chat->end_of_turn.empty()) {
+        // Not the caller's: the limits on stops do not count them.
+        const auto add_stop = [&] {
+          r->stop.push_back(chat->end_of_turn);
+          ++r->added_stops;
+        };
         if (auto id = engine_.tokenizer().IdOf(chat->end_of_turn)) {
           r->stop_token_ids.push_back(*id);
-          if (!engine_.tokenizer().IsSpecial(*id)) r->stop.push_back(chat->end_of_turn);
+          ++r->added_stop_token_ids;
+          if (!engine_.tokenizer().IsSpecial(*id)) add_stop();
         } else {
-          r->stop.push_back(chat->end_of_turn);
+          add_stop();
         }
       }
     }

@@ -39,6 +39,9 @@ struct ServerConfig {
     int64_t max_resident_adapters = 8;  // adapters on the device at once
     double train_share = 0.3;  // training's least share of the GPU loop while both are busy
     bool cuda_graphs = true;   // replay decode steps from CUDA graphs (CUDA only)
+    // raw: log_softmax of the model's logits; processed: after penalties, temperature and the
+    // top-k/top-p/min-p filters (the distribution the token was drawn from).
+    std::string logprobs_mode = "raw";
   } engine;
   struct Server {
     std::string grpc_address = "127.0.0.1:50051";

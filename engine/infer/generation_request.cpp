@@ -1,5 +1,7 @@
 #include "engine/infer/generation_request.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace lorad::engine {
@@ -50,9 +52,10 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
   }
   // Every stop string is matched against every token's text on the loop thread: bounded, so one
   // request cannot slow the whole batch (nor hold megabytes while it waits).
-  if (r.stop.size() > kMaxStopStrings) {
+  const size_t stops = r.stop.size() - std::min(r.added_stops, r.stop.size());
+  if (stops > kMaxStopStrings) {
     return absl::InvalidArgumentError(
-        absl::StrCat("sampling.stop: ", r.stop.size(), " strings; at most ", kMaxStopStrings));
+        absl::StrCat("sampling.stop: ", stops, " strings; at most ", kMaxStopStrings));
   }
   for (size_t i = 0; i < r.stop.size(); ++i) {
     if (r.stop[i].empty()) {
@@ -63,14 +66,17 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
                                                      " bytes; at most ", kMaxStopStringBytes));
     }
   }
-  if (r.stop_token_ids.size() > kMaxStopTokenIds) {
-    return absl::InvalidArgumentError(absl::StrCat("sampling.stop_token_ids: ", r.stop_token_ids.size(),
-                                                   " ids; at most ", kMaxStopTokenIds));
+  const size_t stop_ids =
+      r.stop_token_ids.size() - std::min(r.added_stop_token_ids, r.stop_token_ids.size());
+  if (stop_ids > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.stop_token_ids: ", stop_ids, " ids; at most ", kMaxStopTokenIds));
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
     if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sampling.stop_token_ids[", i, "] = ", r.stop_token_ids[i], " is outside the vocabulary"));
+      return absl::InvalidArgumentError(absl::StrCat("sampling.stop_token_ids[", i,
+                                                     "] = ", r.stop_token_ids[i],
+                                                     " is outside the vocabulary"));
     }
   }
   return absl::OkStatus();

@@ -31,7 +31,11 @@ struct GenerationRequest {
   SamplingParams sampling;
   std::vector<std::string> stop;        // stop strings, matched on the decoded text
   std::vector<int32_t> stop_token_ids;  // end generation like EOS (the token counts as output)
-  bool ignore_eos = false;              // keep going past the model's EOS tokens
+  // How many entries at the end of `stop` and `stop_token_ids` the server added itself (a chat
+  // template's end of turn): not counted against the limits, which are the caller's.
+  size_t added_stops = 0;
+  size_t added_stop_token_ids = 0;
+  bool ignore_eos = false;  // keep going past the model's EOS tokens
   // After it the request finishes kCancelled with a DEADLINE_EXCEEDED status.
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
 };

@@ -134,6 +134,62 @@ def test_logprobs_equal_transformers_log_softmax_and_name_their_tokens(server, r
     assert chunks[-1].adapter == "" and chunks[-1].adapter_version == 0
 
 
+def test_processed_logprobs_are_of_the_distribution_the_token_was_drawn_from(
+        tmp_path, stubs, reference):
+    """engine.logprobs_mode=processed: with a repetition penalty, each greedy token ranks first
+    among its own top entries, and the values equal log_softmax of transformers' scores (the
+    logits after its processors), where raw ones need not."""
+    import torch
+
+    model, tok = reference
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none",
+                     "--set", "engine.logprobs_mode=processed")
+    try:
+        pb = stubs.inference_pb2
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+            req = pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParams(
+                max_new_tokens=6, temperature=0.0, repetition_penalty=1.5, logprobs=3))
+            chunks, ids = collect(stub.Generate(req, timeout=60))
+    finally:
+        stop_daemon(d)
+    prompt_ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(prompt_ids, max_new_tokens=6, do_sample=False,
+                             repetition_penalty=1.5, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+    assert ids == out.sequences[0, prompt_ids.shape[1]:].tolist()[:len(ids)]
+    infos = [t for c in chunks for t in c.tokens]
+    for i, info in enumerate(infos):
+        logp = torch.log_softmax(out.scores[i][0].double(), dim=-1)
+        assert info.top_logprobs[0].token_id == info.token_id
+        assert info.logprob == pytest.approx(logp[info.token_id].item(), abs=1e-4)
+        top = torch.topk(logp, 3)
+        assert [t.token_id for t in info.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in info.top_logprobs] == pytest.approx(top.values.tolist(),
+                                                                       abs=1e-4)
+
+
+def test_chat_end_of_turn_stops_do_not_count_against_the_callers_limits(server):
+    """Chat adds its template's end of turn to the stops; a request with as many stops as the
+    documented limit (64 strings, 1,024 ids) is still taken, and one past it is named."""
+    _, stub, pb, _, _, _ = server
+    messages = [pb.ChatMessage(role="user", content="Hello there")]
+    full = pb.SamplingParams(max_new_tokens=2, temperature=0.0,
+                             stop=[f"stop{i}" for i in range(64)],
+                             stop_token_ids=[100 + i % 400 for i in range(1024)])
+    for template in ("chatml", "llama3"):  # end of turn as a string / as a token or string
+        chunks, _ = collect(stub.Chat(pb.ChatRequest(messages=messages, template=template,
+                                                     sampling=full), timeout=60))
+        assert chunks[-1].finish_reason, template
+    over = pb.SamplingParams(max_new_tokens=2, stop=[f"stop{i}" for i in range(65)])
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Chat(pb.ChatRequest(messages=messages, template="chatml", sampling=over),
+                          timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "sampling.stop: 65 strings; at most 64", err.value.details()
+
+
 def test_chat_renders_the_template_and_streams(server, reference):
     _, stub, pb, _, _, _ = server
     _, tok = reference
