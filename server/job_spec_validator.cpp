@@ -191,11 +191,11 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
   } else {
     auto resolved = ResolveInsideRoot(limits.dataset_root, d.path(), "dataset.path");
     if (!resolved.ok()) return resolved.status();
-    auto examples = engine::ReadDataset(*resolved, options, &result.skipped);
+    auto examples = engine::CountDataset(*resolved, options, &result.skipped);
     if (!examples.ok()) {
       return Field("dataset.path", std::string(examples.status().message()));
     }
-    result.examples = static_cast<int64_t>(examples->size());
+    result.examples = *examples;
     result.resolved_path = *resolved;
     d.set_path(*resolved);
   }
@@ -211,7 +211,7 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
     auto resolved =
         ResolveInsideRoot(limits.dataset_root, d.validation_path(), "dataset.validation_path");
     if (!resolved.ok()) return resolved.status();
-    auto examples = engine::ReadDataset(*resolved, options);
+    auto examples = engine::CountDataset(*resolved, options);
     if (!examples.ok()) {
       return Field("dataset.validation_path", std::string(examples.status().message()));
     }

@@ -1,6 +1,7 @@
 #include "engine/train/dataset_reader.h"
 
 #include <cctype>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <string_view>
@@ -382,19 +383,25 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
   }
 }
 
-absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
-                                                 DatasetReaderOptions options, int64_t* skipped) {
+namespace {
+
+// Hands every usable record of `path` to `take`; returns how many, or the error ReadDataset
+// documents (none usable: why the first was skipped).
+absl::StatusOr<int64_t> ForEachRecord(const std::string& path, const DatasetReaderOptions& options,
+                                      int64_t* skipped,
+                                      const std::function<void(Example&&)>& take) {
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
-  std::vector<Example> examples;
+  int64_t count = 0;
   while (true) {
     auto next = (*reader)->Next();
     if (!next.ok()) return next.status();
     if (!next->has_value()) break;
-    examples.push_back(std::move(**next));
+    take(std::move(**next));
+    ++count;
   }
   if (skipped != nullptr) *skipped = (*reader)->skipped();
-  if (examples.empty()) {
+  if (count == 0) {
     const std::string& why = (*reader)->first_skip_reason();
     return absl::InvalidArgumentError(
         absl::StrCat("dataset '", path, "' has no usable records",
@@ -402,7 +409,23 @@ absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
                                  : absl::StrCat(" (", (*reader)->skipped(),
                                                 " bad records skipped; the first: ", why, ")")));
   }
+  return count;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
+                                                 DatasetReaderOptions options, int64_t* skipped) {
+  std::vector<Example> examples;
+  auto count =
+      ForEachRecord(path, options, skipped, [&](Example&& e) { examples.push_back(std::move(e)); });
+  if (!count.ok()) return count.status();
   return examples;
+}
+
+absl::StatusOr<int64_t> CountDataset(const std::string& path, DatasetReaderOptions options,
+                                     int64_t* skipped) {
+  return ForEachRecord(path, options, skipped, [](Example&&) {});
 }
 
 }  // namespace lorad::engine

@@ -100,9 +100,14 @@ class DatasetReader {
   bool record_parsed_ = false;  // a record came before (good or bad)
 };
 
-// Reads a whole dataset (for validation at submit time and small files).
+// Reads a whole dataset into memory (small files, tests). An error when no record is usable.
 absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
                                                  DatasetReaderOptions options = {},
                                                  int64_t* skipped = nullptr);
+
+// What ReadDataset would return the size of (or its error), keeping one record at a time: the
+// check when a job is submitted (a dataset of gigabytes must not be held in the daemon for it).
+absl::StatusOr<int64_t> CountDataset(const std::string& path, DatasetReaderOptions options = {},
+                                     int64_t* skipped = nullptr);
 
 }  // namespace lorad::engine

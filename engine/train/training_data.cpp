@@ -201,13 +201,13 @@ std::vector<int64_t> TrainingData::MicroBatch(int64_t k, int64_t micro_batch_siz
   const int64_t epoch = k / per_epoch;
   const int64_t index = k % per_epoch;
   const int64_t n = static_cast<int64_t>(train_.size());
-  std::vector<int64_t> order;
-  if (shuffle_) {
-    order = Permutation(n, seed_, static_cast<uint64_t>(epoch));
+  if (shuffle_ && order_epoch_ != epoch) {
+    order_ = Permutation(n, seed_, static_cast<uint64_t>(epoch));
+    order_epoch_ = epoch;
   }
   std::vector<int64_t> rows;
   for (int64_t i = index * micro_batch_size; i < std::min(n, (index + 1) * micro_batch_size); ++i) {
-    rows.push_back(shuffle_ ? order[static_cast<size_t>(i)] : i);
+    rows.push_back(shuffle_ ? order_[static_cast<size_t>(i)] : i);
   }
   return rows;
 }

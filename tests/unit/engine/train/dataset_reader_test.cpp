@@ -146,6 +146,15 @@ TEST_F(DatasetReaderTest, SkipBadLinesCountsThem) {
   ASSERT_TRUE(examples.ok()) << examples.status();
   EXPECT_EQ(examples->size(), 2u);
   EXPECT_EQ(skipped, 2);
+  // CountDataset (the submit-time check) counts the same without keeping the records.
+  int64_t count_skipped = 0;
+  auto count = CountDataset(path, options, &count_skipped);
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 2);
+  EXPECT_EQ(count_skipped, 2);
+  auto strict = CountDataset(path);
+  ASSERT_FALSE(strict.ok());
+  EXPECT_EQ(strict.status().message(), ReadDataset(path).status().message());
 }
 
 TEST_F(DatasetReaderTest, ExplicitFormatRequiresItsFields) {
