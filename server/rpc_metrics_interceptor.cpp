@@ -1,6 +1,7 @@
 #include "server/rpc_metrics_interceptor.h"
 
 #include <google/protobuf/descriptor.h>
+#include <grpcpp/server_context.h>
 
 #include <chrono>
 #include <set>
@@ -12,25 +13,60 @@ using grpc::experimental::InterceptionHookPoints;
 
 class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
  public:
-  RpcMetricsInterceptor(std::string method, CounterFamily& requests, HistogramFamily& duration)
+  RpcMetricsInterceptor(std::string method, grpc::ServerContextBase* context,
+                        CounterFamily& requests, HistogramFamily& duration)
       : method_(std::move(method)),
+        context_(context),
         requests_(requests),
         duration_(duration),
         start_(std::chrono::steady_clock::now()) {}
 
+  // A call without a request: what its status was, counted when the call is over.
+  ~RpcMetricsInterceptor() override {
+    if (deferred_) Count(CodeTheClientSees(sent_code_));
+  }
+
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
+        methods->GetRecvMessage() != nullptr) {
+      received_ = true;
+    }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
-      const grpc::Status status = methods->GetSendStatus();
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-      requests_.Inc({method_, StatusCodeName(status.error_code())});
-      duration_.Observe({method_}, seconds);
+      seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      sent_code_ = methods->GetSendStatus().error_code();
+      deferred_ = sent_code_ == grpc::StatusCode::UNIMPLEMENTED && !received_;
+      if (!deferred_) Count(sent_code_);
     }
     methods->Proceed();
   }
 
  private:
+  void Count(grpc::StatusCode code) {
+    requests_.Inc({method_, StatusCodeName(code)});
+    duration_.Observe({method_}, seconds_);
+  }
+
+  // A call cancelled, or past its deadline, before its request arrived is answered UNIMPLEMENTED
+  // by gRPC's callback server (no request to decode, as for an unparseable one: grpc#30454),
+  // while its client sees CANCELLED or DEADLINE_EXCEEDED. The context says which only once the
+  // call is over (measured: not yet when the status is sent). Counting what the client saw
+  // keeps UNIMPLEMENTED meaning a client built against the wrong API.
+  grpc::StatusCode CodeTheClientSees(grpc::StatusCode sent) const {
+    if (sent != grpc::StatusCode::UNIMPLEMENTED || context_ == nullptr ||
+        !context_->IsCancelled()) {
+      return sent;
+    }
+    return context_->deadline() <= std::chrono::system_clock::now()
+               ? grpc::StatusCode::DEADLINE_EXCEEDED
+               : grpc::StatusCode::CANCELLED;
+  }
+
   std::string method_;
+  grpc::ServerContextBase* context_;
+  bool received_ = false;  // a request message arrived and was decoded
+  bool deferred_ = false;  // UNIMPLEMENTED without a request: counted at the end
+  double seconds_ = 0;     // arrival to status
+  grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
   CounterFamily& requests_;
   HistogramFamily& duration_;
   std::chrono::steady_clock::time_point start_;
@@ -48,7 +84,8 @@ RpcMetricsInterceptorFactory::RpcMetricsInterceptorFactory(MetricsRegistry& regi
 
 grpc::experimental::Interceptor* RpcMetricsInterceptorFactory::CreateServerInterceptor(
     grpc::experimental::ServerRpcInfo* info) {
-  return new RpcMetricsInterceptor(MethodLabel(info->method()), requests_, duration_);
+  return new RpcMetricsInterceptor(MethodLabel(info->method()), info->server_context(), requests_,
+                                   duration_);
 }
 
 std::string MethodLabel(const char* full_method) {

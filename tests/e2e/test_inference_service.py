@@ -285,6 +285,49 @@ def rpc_count(daemon, method, code):
     return 0
 
 
+def test_calls_ended_before_their_request_arrived_are_not_counted_unimplemented(server):
+    """gRPC answers UNIMPLEMENTED itself for a call cancelled or out of time before its request
+    was read; the client sees CANCELLED or DEADLINE_EXCEEDED, and so must the metrics (an alert
+    on UNIMPLEMENTED is for clients built against the wrong API)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, stub, pb, _, _, _ = server
+    req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(max_new_tokens=8))
+    before = {m: rpc_count(d, f"lorad.v1.InferenceService/{m}", "UNIMPLEMENTED")
+              for m in ("Generate", "Chat")}
+
+    def one(i):
+        try:
+            if i % 3 == 0:
+                stub.Generate(req, timeout=30).cancel()
+            elif i % 3 == 1:
+                collect(stub.Generate(req, timeout=0.001 + 0.001 * (i % 2)))
+            else:
+                chat = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")],
+                                      sampling=req.sampling)
+                collect(stub.Chat(chat, timeout=0.001))
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED), e
+
+    def calls():  # every code of both methods: a call is counted once, if it reached the server
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for f in text_string_to_metric_families(d.http_get("/metrics")[1])
+                   for s in f.samples if s.name == "lorad_rpc_requests_total"
+                   and s.labels["method"] in ("lorad.v1.InferenceService/Generate",
+                                              "lorad.v1.InferenceService/Chat"))
+
+    counted_before = calls()
+    for _ in range(3):
+        with ThreadPoolExecutor(100) as pool:
+            list(pool.map(one, range(100)))
+    time.sleep(1.0)  # the server's side of the last calls ends after the client's
+    assert counted_before < calls() <= counted_before + 300
+    after = {m: rpc_count(d, f"lorad.v1.InferenceService/{m}", "UNIMPLEMENTED")
+             for m in ("Generate", "Chat")}
+    assert after == before
+
+
 def test_a_passed_deadline_is_deadline_exceeded_never_ok(tmp_path, stubs):
     """Whichever notices first, gRPC's timer or the engine's own deadline check, the call ends as
     DEADLINE_EXCEEDED: never OK with cut output, never counted as a client's cancel. One request
