@@ -20,6 +20,16 @@ class DatasetReaderTest : public ::testing::Test {
     std::ofstream(path, std::ios::binary) << body;
     return path;
   }
+  // With skip_bad_lines, `path` reads as `kept` examples with `skipped` records skipped.
+  static void ExpectSkipping(const std::string& path, size_t kept, int64_t skipped) {
+    DatasetReaderOptions skip;
+    skip.skip_bad_lines = true;
+    int64_t counted = 0;
+    auto examples = ReadDataset(path, skip, &counted);
+    ASSERT_TRUE(examples.ok()) << examples.status();
+    EXPECT_EQ(examples->size(), kept);
+    EXPECT_EQ(counted, skipped);
+  }
 };
 
 TEST_F(DatasetReaderTest, JsonlWithEveryFormatDetected) {
@@ -94,13 +104,7 @@ TEST_F(DatasetReaderTest, ARecordNestedTooDeepIsABadRecord) {
   EXPECT_NE(examples.status().message().find(path + ":2: JSON nested more than 64 levels deep"),
             std::string::npos)
       << examples.status().message().substr(0, 300);
-  DatasetReaderOptions skip;
-  skip.skip_bad_lines = true;
-  int64_t skipped = 0;
-  auto kept = ReadDataset(path, skip, &skipped);
-  ASSERT_TRUE(kept.ok()) << kept.status();
-  EXPECT_EQ(kept->size(), 2u);
-  EXPECT_EQ(skipped, 1);
+  ExpectSkipping(path, 2, 1);
 }
 
 TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
@@ -323,13 +327,7 @@ TEST_F(DatasetReaderTest, ANumberPastADoublesRangeIsABadRecord) {
   EXPECT_NE(strict.status().message().find("overflow.jsonl:1: not valid JSON"), std::string::npos)
       << strict.status();
   EXPECT_NE(strict.status().message().find("1e400"), std::string::npos) << strict.status();
-  DatasetReaderOptions skip;
-  skip.skip_bad_lines = true;
-  int64_t skipped = 0;
-  auto examples = ReadDataset(path, skip, &skipped);
-  ASSERT_TRUE(examples.ok()) << examples.status();
-  EXPECT_EQ(examples->size(), 1u);
-  EXPECT_EQ(skipped, 1);
+  ExpectSkipping(path, 1, 1);
 }
 
 TEST(DatasetFormat, NamesRoundTrip) {
