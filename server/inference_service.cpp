@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/tokenizer.h"
+#include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 
@@ -205,7 +206,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       usage->set_total_seconds(total);
       s.pending.set_adapter(s.adapter);
       s.pending.set_adapter_version(e.usage.adapter_version);
-      if (!e.status.ok()) s.pending.set_error(std::string(e.status.message()));
+      if (!e.status.ok()) s.pending.set_error(engine::Utf8Lossy(std::string(e.status.message())));
       s.final_queued = true;
       // An error, or a deadline the engine saw pass before gRPC did: the call's status says so
       // (a client cancel has an OK status here and the call is finished already).

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "engine/train/checkpoint_folders.h"
 #include "server/job_spec_validator.h"
@@ -265,7 +266,11 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   if (!added.ok() || *added) events_.Publish(event);
 }
 
-void JobRunner::FailJob(const std::string& job_id, const std::string& error) {
+void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error) {
+  // An error may quote what it read (a dataset's bytes, in the JSON parser's "last read: ...");
+  // proto3 strings must be UTF-8, and a client's parser refuses a message that is not (one such
+  // job made every ListJobs page unreadable in Python).
+  const std::string error = engine::Utf8Lossy(raw_error);
   const int64_t now = NowMs();
   const absl::Status stored = store_.MarkFailed(job_id, error, now);
   if (absl::IsFailedPrecondition(stored) || absl::IsNotFound(stored)) {  // cancelled meanwhile

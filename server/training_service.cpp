@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 
@@ -225,7 +226,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
         JobEvent failed;
         failed.set_job_id(record_.id);
         SetTime(failed.mutable_time(), record_.finished_ms);
-        failed.set_failed(record_.error);
+        failed.set_failed(engine::Utf8Lossy(record_.error));  // rows of older lorad versions
         queue_.push_back(failed);
       }
       queue_.push_back(end);
@@ -348,7 +349,7 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   SetTime(job->mutable_created(), r.created_ms);
   if (r.started_ms > 0) SetTime(job->mutable_started(), r.started_ms);
   if (r.finished_ms > 0) SetTime(job->mutable_finished(), r.finished_ms);
-  job->set_error(r.error);
+  job->set_error(engine::Utf8Lossy(r.error));  // rows of older lorad versions
   job->set_total_steps(r.total_steps);
   auto last = store_.LastStep(r.id);
   if (last.ok() && last->has_value()) *job->mutable_last_step() = ToProtoStep(**last);

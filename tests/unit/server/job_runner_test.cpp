@@ -7,10 +7,13 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
+#include "engine/model/utf8.h"
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
@@ -68,6 +71,7 @@ class Rig {
   }
 
   std::string db_path() const { return (dir_ / "jobs.db").string(); }
+  fs::path dataset() const { return dir_ / "datasets/qa.jsonl"; }
   fs::path job_dir() const { return dir_ / "jobs" / job_id_; }
   const std::string& job_id() const { return job_id_; }
   engine::Engine& engine() { return *engine_; }
@@ -160,6 +164,30 @@ TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRec
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->adapter_version, 1) << "the failed tries published no version";
   rig.hub().Unsubscribe(subscription);
+}
+
+// A job whose dataset became unreadable after it was submitted fails with the parser's error,
+// which quotes the bytes it read: invalid UTF-8 here. proto3 strings must be UTF-8 (a Python
+// client refuses a Job or JobEvent that is not), so what is stored and sent is made valid.
+TEST(JobRunnerTest, AFailureQuotingInvalidUtf8IsStoredAndSentAsValidUtf8) {
+  Rig rig("invalid-utf8-error", 2);
+  std::ofstream(rig.dataset(), std::ios::binary | std::ios::trunc)
+      << "{\"question\": \"q\", \"answer\": \"bad \xFF\xFE byte\"}\n";
+  std::mutex mu;
+  std::string sent;
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (e.has_failed()) sent = e.failed();
+  });
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kFailed; }, 120));
+  rig.hub().Unsubscribe(subscription);
+  auto job = rig.store().Get(rig.job_id());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_NE(job->error.find("qa.jsonl:1"), std::string::npos) << job->error;
+  EXPECT_TRUE(engine::IsValidUtf8(job->error)) << job->error;
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(sent, job->error);
 }
 
 }  // namespace
