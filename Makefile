@@ -10,7 +10,9 @@ CONFIG ?= deploy/lorad.yaml
 # deploy/setup.sh options (e.g. --no-model in the Docker build) and extra CMake arguments.
 SETUP_FLAGS ?=
 CMAKE_ARGS ?=
-# Extra arguments for lorad under `make run`, e.g. ARGS="--model /models/Llama-3.2-1B".
+# The model folder `make run` serves (default: the tiny model), e.g. MODEL=/models/Llama-3.2-1B.
+MODEL ?=
+# Extra arguments for lorad under `make run`, e.g. ARGS="--log-level debug".
 ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_MAXSIZE ?= 5G
@@ -62,7 +64,7 @@ test: test-cpp test-py
 
 run: build
 	source $(BUILD_DIR)/setup.env && \
-	exec $(BUILD_DIR)/server/lorad --config $(CONFIG) --model "$$LORAD_MODEL" $(ARGS)
+	exec $(BUILD_DIR)/server/lorad --config $(CONFIG) --model "$(if $(MODEL),$(MODEL),$$LORAD_MODEL)" $(ARGS)
 
 format:
 	find engine kernels server tests clients \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) \

@@ -3,6 +3,8 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <sys/resource.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +28,30 @@ int Fail(int code, const std::string& message) {
 }
 
 const char* SignalName(int number) { return number == SIGINT ? "SIGINT" : "SIGTERM"; }
+
+// Every connection, stream and file lorad serves takes a descriptor, and gRPC's server (1.51)
+// stops accepting connections for good after one accept fails with EMFILE (grpc#20418: the port
+// stays dead until a restart while /healthz says serving). Docker and systemd start services
+// with a soft limit of 1,024, below limits.max_queued_requests' default: take the hard limit.
+void RaiseOpenFilesLimit() {
+  constexpr rlim_t kEnough = 65536;
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  if (limit.rlim_cur < limit.rlim_max) {
+    const rlim_t before = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+      spdlog::info("open-files limit raised from {} to {}", before, limit.rlim_cur);
+    }
+  }
+  if (limit.rlim_cur < kEnough) {
+    spdlog::warn(
+        "the open-files limit is {} (its hard limit): gRPC stops accepting connections for good "
+        "once it runs out; raise it to {} or more (docker run --ulimit nofile={}:{}, "
+        "LimitNOFILE= in systemd, ulimit -Hn)",
+        limit.rlim_cur, kEnough, kEnough, kEnough);
+  }
+}
 
 }  // namespace
 
@@ -105,6 +131,7 @@ int main(int argc, char** argv) {
     return Fail(kExitUsage, std::string(status.message()));
   }
   spdlog::set_level(spdlog::level::from_str(config.logging.level));
+  RaiseOpenFilesLimit();
 
   // Block the stop signals before any thread starts so only the thread below receives them.
   // One thread takes them from here on. A first signal during start-up exits at once: loading a

@@ -321,3 +321,36 @@ def test_a_client_gone_without_a_word_is_disconnected_by_keepalive(tmp_path):
             assert proxy.closed_by_target.wait(timeout=20), "lorad kept the dead connection open"
     finally:
         stop_daemon(d)
+
+
+def test_the_open_files_limit_is_raised_so_a_connection_flood_cannot_kill_grpc(tmp_path):
+    """Started with the soft open-files limit of a Docker or systemd service (here 256), lorad
+    takes its hard limit: gRPC 1.51 stops accepting for good after one EMFILE, so a burst of
+    connections above the soft limit would otherwise leave the port dead until a restart."""
+    import resource
+    import socket
+    import time
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.fail(f"this machine's hard open-files limit is {hard}: the test needs 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        d = start_daemon(tmp_path)  # inherits the low soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = pathlib.Path(f"/proc/{d.proc.pid}/limits").read_text()
+        line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+        assert line.split()[3] == line.split()[4], line  # soft == hard
+        host, port = d.grpc_address.rsplit(":", 1)
+        flood = [socket.create_connection((host, int(port))) for _ in range(300)]
+        time.sleep(1.0)  # the server accepts them (or fails to)
+        for s in flood:
+            s.close()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop_daemon(d)

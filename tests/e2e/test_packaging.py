@@ -28,3 +28,18 @@ def test_dockerfile_calls_only_existing_scripts_and_make_targets():
     # runtime registered), and docker stop leaves time for the training checkpoint.
     assert "capabilities: [gpu]" in compose and "runtime: nvidia" not in compose
     assert "stop_grace_period" in compose
+
+
+def test_make_run_serves_the_model_the_readme_names():
+    """The README's `make run MODEL=<folder>` passes that folder, once (lorad refuses --model
+    given twice); without MODEL, the tiny model setup.sh made."""
+    def run_line(*args):
+        out = subprocess.run(["make", "-n", "-s", "run", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if "server/lorad" in line)
+
+    named = run_line("MODEL=/models/Llama-3.2-1B-Instruct")
+    assert named.count("--model") == 1 and '--model "/models/Llama-3.2-1B-Instruct"' in named
+    assert '--model "$LORAD_MODEL"' in run_line()
+    assert "make run MODEL=" in (ROOT / "README.md").read_text()
