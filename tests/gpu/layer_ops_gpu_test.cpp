@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "kernels/bfloat16.h"
@@ -164,6 +165,100 @@ TEST_P(LayerOpsGpuTest, SiluMulBackward) {
     // sigmoid's derivative and bf16's rounding of silu may carry one unit further.
     ExpectClose(d_up.Read(), want_up, kind, kind == FloatKind::kF32 ? 8 : 2.01f, 1e-30f);
     ExpectClose(d_gate.Read(), want_gate, kind, kind == FloatKind::kF32 ? 64 : 2.01f, 1e-6f);
+  }
+}
+
+// The other models lorad serves (README): hidden 576 (SmolLM-135M), 896 (Qwen2-0.5B), 960
+// (SmolLM-360M), 1536 (Qwen2-1.5B), 2048 (TinyLlama): every one a row the norm keeps in registers
+// (a multiple of 8 and at most 8192 bf16 / 4096 fp32), most threads of the block holding none of
+// it; decode rows (1, 32) and a prefill's.
+TEST_P(LayerOpsGpuTest, NormsAtOtherModelsHiddenSizes) {
+  const FloatKind kind = GetParam();
+  for (const int64_t width : {576, 896, 960, 1536, 2048}) {
+    for (const int64_t rows : {1, 32, 333}) {
+      const auto x = RandomValues(rows * width, kind, 31),
+                 delta = RandomValues(rows * width, kind, 32), w = RandomValues(width, kind, 33);
+      std::vector<char> want(x.size()), want_sum(x.size()), want_added(x.size());
+      rms_norm_cpu(x.data(), w.data(), kind, rows, width, 1e-6f, want.data());
+      add_rms_norm_cpu(x.data(), delta.data(), w.data(), kind, rows, width, 1e-6f, want_sum.data(),
+                       want_added.data());
+      GpuBuffer<char> x_dev(x), d_dev(delta), w_dev(w), out_dev(x.size()), sum_dev(x.size()),
+          added_dev(x.size());
+      LORAD_ASSERT_LAUNCH(rms_norm_cuda(x_dev.get(), w_dev.get(), kind, rows, width, 1e-6f,
+                                        out_dev.get(), nullptr));
+      LORAD_ASSERT_LAUNCH(add_rms_norm_cuda(x_dev.get(), d_dev.get(), w_dev.get(), kind, rows,
+                                            width, 1e-6f, sum_dev.get(), added_dev.get(), nullptr));
+      SCOPED_TRACE(::testing::Message() << "width " << width << ", rows " << rows);
+      ExpectClose(out_dev.Read(), want, kind, kind == FloatKind::kF32 ? 64 : 2.01f, 1e-6f);
+      EXPECT_EQ(sum_dev.Read(), want_sum);
+      ExpectClose(added_dev.Read(), want_added, kind, kind == FloatKind::kF32 ? 64 : 2.01f, 1e-6f);
+    }
+  }
+}
+
+// Rotary and the decode step's rotary + cache write at head_dim 64 with the other models' heads
+// (9 over 3, 15 over 5, 14 over 2, 32 over 4) and head_dim 128 with 12 over 2 and 32 over 32.
+TEST_P(LayerOpsGpuTest, RotaryAtOtherModelsHeads) {
+  const FloatKind kind = GetParam();
+  for (const auto& [heads, kv_heads, d] : {std::tuple<int64_t, int64_t, int64_t>{9, 3, 64},
+                                           {15, 5, 64},
+                                           {14, 2, 64},
+                                           {32, 4, 64},
+                                           {12, 2, 128},
+                                           {32, 32, 128}}) {
+    for (const int64_t rows : {1, 32}) {
+      SCOPED_TRACE(::testing::Message() << heads << " heads over " << kv_heads << ", head_dim " << d
+                                        << ", rows " << rows);
+      const auto x = RandomValues(rows * heads * d, kind, 41), c = RandomValues(rows * d, kind, 42),
+                 s = RandomValues(rows * d, kind, 43);
+      std::vector<char> want(x.size());
+      rotary_cpu(x.data(), c.data(), s.data(), kind, rows, heads, d, want.data());
+      GpuBuffer<char> x_dev(x), c_dev(c), s_dev(s), out_dev(x.size());
+      LORAD_ASSERT_LAUNCH(rotary_cuda(x_dev.get(), c_dev.get(), s_dev.get(), kind, rows, heads, d,
+                                      out_dev.get(), nullptr));
+      EXPECT_EQ(out_dev.Read(), want);
+
+      const int64_t pool_slots = 2 * rows + 5;
+      std::vector<int64_t> slots(rows);
+      for (int64_t r = 0; r < rows; ++r) slots[r] = (7 * r + 3) % pool_slots;  // distinct
+      const auto k = RandomValues(rows * kv_heads * d, kind, 44),
+                 v = RandomValues(rows * kv_heads * d, kind, 45),
+                 pool = RandomValues(pool_slots * kv_heads * d, kind, 46);
+      std::vector<char> want_q(x.size()), want_k = pool, want_v = pool;
+      RotaryStoreArgs args;
+      args.q = x.data(), args.k = k.data(), args.v = v.data(), args.cos = c.data();
+      args.sin = s.data(), args.slots = slots.data(), args.q_out = want_q.data();
+      args.k_pool = want_k.data(), args.v_pool = want_v.data();
+      args.rows = rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = d;
+      rotary_store_cpu(args, kind);
+      GpuBuffer<char> k_dev(k), v_dev(v), q_out(x.size()), k_pool(pool), v_pool(pool);
+      GpuBuffer<int64_t> slots_dev(slots);
+      args.q = x_dev.get(), args.k = k_dev.get(), args.v = v_dev.get(), args.cos = c_dev.get();
+      args.sin = s_dev.get(), args.slots = slots_dev.get(), args.q_out = q_out.get();
+      args.k_pool = k_pool.get(), args.v_pool = v_pool.get();
+      LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
+      EXPECT_EQ(q_out.Read(), want_q);
+      EXPECT_EQ(k_pool.Read(), want_k);
+      EXPECT_EQ(v_pool.Read(), want_v);
+    }
+  }
+}
+
+// silu_mul at the other models' intermediate sizes (SmolLM 1536 / 2560, Qwen2 4864 / 8960,
+// TinyLlama 5632, Llama-2 11008), a decode row and a batch of 32.
+TEST_P(LayerOpsGpuTest, SiluMulAtOtherModelsIntermediateSizes) {
+  const FloatKind kind = GetParam();
+  for (const int64_t width : {1536, 2560, 4864, 5632, 8960, 11008}) {
+    for (const int64_t rows : {1, 32}) {
+      const int64_t n = rows * width;
+      const auto g = RandomValues(n, kind, 51, 3.0f), u = RandomValues(n, kind, 52);
+      std::vector<char> want(g.size());
+      silu_mul_cpu(g.data(), u.data(), kind, n, want.data());
+      GpuBuffer<char> g_dev(g), u_dev(u), out_dev(g.size());
+      LORAD_ASSERT_LAUNCH(silu_mul_cuda(g_dev.get(), u_dev.get(), kind, n, out_dev.get(), nullptr));
+      SCOPED_TRACE(::testing::Message() << "width " << width << ", rows " << rows);
+      ExpectClose(out_dev.Read(), want, kind, kind == FloatKind::kF32 ? 8 : 1.01f, 1e-30f);
+    }
   }
 }
 

@@ -172,18 +172,15 @@ struct Shape {
 
 class LoraGpu : public ::testing::TestWithParam<FloatKind> {};
 
-TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
-  const FloatKind kind = GetParam();
-  std::mt19937 rng(21);
-  // Decode batches at Llama-3-8B shapes (q: 4096 -> 4096, gate: 4096 -> 14336, down:
-  // 14336 -> 4096, k: 4096 -> 1024) and odd sizes; ranks 8, 16, 64 and an odd 7. The expand sums
-  // t from 16 chunks of partial sums at a time: 17000 gives 34 chunks (two full groups and a part).
-  for (const Shape& sh :
-       {Shape{1, 4096, 4096}, Shape{32, 4096, 14336}, Shape{13, 14336, 4096}, Shape{64, 4096, 1024},
-        Shape{5, 77, 45}, Shape{3, 1, 1}, Shape{9, 17000, 40}}) {
-    const auto set = MakeAdapters({8, 16, 64, 7}, sh.in, sh.out, kind, rng);
+// BGMV against the reference at each shape, with adapters of ranks `ranks` and rows on every slot,
+// none and an out-of-range one.
+void CheckBgmv(FloatKind kind, const std::vector<Shape>& shapes, const std::vector<int32_t>& ranks,
+               std::mt19937& rng) {
+  for (const Shape& sh : shapes) {
+    const auto set = MakeAdapters(ranks, sh.in, sh.out, kind, rng);
     std::vector<int32_t> index(sh.rows);
-    for (auto& s : index) s = static_cast<int32_t>(rng() % 6) - 1;  // -1..4: 4 is out of range
+    const auto slots = static_cast<uint32_t>(ranks.size()) + 2;  // -1 .. ranks.size(): out of range
+    for (auto& s : index) s = static_cast<int32_t>(rng() % slots) - 1;
     if (sh.rows >= 8) index[1] = index[2] = index[3] = 2;  // a run of one adapter in a tile
     GpuBuffer<int32_t> index_dev(index);
     RunAndCompare(
@@ -196,6 +193,37 @@ TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
           lora_bgmv_cpu(x, k, sh.rows, sh.in, index.data(), t, sh.out, y);
         });
   }
+}
+
+TEST_P(LoraGpu, BgmvMatchesTheCpuReference) {
+  std::mt19937 rng(21);
+  // Decode batches at Llama-3-8B shapes (q: 4096 -> 4096, gate: 4096 -> 14336, down:
+  // 14336 -> 4096, k: 4096 -> 1024) and odd sizes; ranks 8, 16, 64 and an odd 7. The expand sums
+  // t from 16 chunks of partial sums at a time: 17000 gives 34 chunks (two full groups and a part).
+  CheckBgmv(GetParam(),
+            {Shape{1, 4096, 4096}, Shape{32, 4096, 14336}, Shape{13, 14336, 4096},
+             Shape{64, 4096, 1024}, Shape{5, 77, 45}, Shape{3, 1, 1}, Shape{9, 17000, 40}},
+            {8, 16, 64, 7}, rng);
+}
+
+// The other models lorad serves (README): in_features 576, 896 and 960 (one full 512-wide shrink
+// chunk and a partial one), k/v outputs of 128-320 columns (one expand block, partly idle), and the
+// intermediate sizes 1536-11008; ranks 8, 16, 32, 64 and an odd 7, plus one of 128 (above 64: the
+// expand's unvectorized dot product, the shrink's loop over more rank rows than two a warp).
+TEST_P(LoraGpu, BgmvAtOtherModelShapes) {
+  std::mt19937 rng(25);
+  CheckBgmv(GetParam(),
+            {Shape{1, 576, 576}, Shape{8, 576, 192}, Shape{32, 576, 1536},  // SmolLM-135M
+             Shape{13, 1536, 576},                                          //   down
+             Shape{1, 960, 960}, Shape{5, 960, 320}, Shape{32, 960, 2560},  // SmolLM-360M
+             Shape{9, 2560, 960},                                           //   down
+             Shape{1, 896, 896}, Shape{32, 896, 128}, Shape{8, 896, 4864},  // Qwen2-0.5B
+             Shape{13, 4864, 896},                                          //   down
+             Shape{1, 1536, 256}, Shape{32, 8960, 1536},                    // Qwen2-1.5B
+             Shape{3, 2048, 256}, Shape{32, 5632, 2048},                    // TinyLlama
+             Shape{4, 11008, 4096}},                                        // Llama-2-7B down
+            {8, 16, 32, 64, 7}, rng);
+  CheckBgmv(GetParam(), {Shape{8, 576, 192}, Shape{13, 896, 4864}}, {128, 16}, rng);
 }
 
 TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {
@@ -230,41 +258,61 @@ TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {
 // A group launch (q, k, v of one layer: one x, three outputs) must give bit for bit what one
 // launch per target gives (that one is checked against the CPU reference above), with targets of
 // different widths and adapters of different ranks, and leave rows without an adapter untouched.
+// sh.out unused: the targets' widths are `outs`.
+void CheckGroupEqualsOneLaunchPerTarget(FloatKind kind, const Shape& sh,
+                                        const std::vector<int64_t>& outs, std::mt19937& rng) {
+  std::vector<std::unique_ptr<AdapterSet>> sets;
+  for (const int64_t out : outs) sets.push_back(MakeAdapters({16, 8, 64}, sh.in, out, kind, rng));
+  std::vector<int32_t> index(sh.rows);
+  for (auto& s : index) s = static_cast<int32_t>(rng() % 5) - 1;  // -1..3: 3 is out of range
+  index[0] = 0;
+  GpuBuffer<int32_t> index_dev(index);
+  const Values x = MakeValues(sh.rows * sh.in, kind, 1.f, rng);
+  GpuBuffer<char> x_dev(x.bytes);
+  std::vector<Values> ys;
+  std::vector<std::unique_ptr<GpuBuffer<char>>> group_y, single_y;
+  std::vector<LoraTarget> targets;
+  int64_t total_rank = 0;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    ys.push_back(MakeValues(sh.rows * outs[i], kind, 1.f, rng));
+    group_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
+    single_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
+    targets.push_back({sets[i]->Device(), outs[i], group_y.back()->get()});
+    total_rank += sets[i]->max_rank;
+  }
+  GpuBuffer<char> scratch(lora_scratch_bytes(sh.rows, sh.in, total_rank));
+  LORAD_ASSERT_LAUNCH(lora_bgmv_group_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
+                                           targets.data(), static_cast<int>(targets.size()),
+                                           scratch.get(), nullptr));
+  for (size_t i = 0; i < outs.size(); ++i) {
+    LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
+                                       sets[i]->Device(), outs[i], single_y[i]->get(),
+                                       scratch.get(), nullptr));
+    const std::vector<char> group = group_y[i]->Read(), single = single_y[i]->Read();
+    EXPECT_EQ(group, single) << "target " << i << " (out " << outs[i] << "), rows " << sh.rows;
+    EXPECT_NE(single, ys[i].bytes) << "target " << i << ": no row took an adapter";
+  }
+}
+
 TEST_P(LoraGpu, GroupEqualsOneLaunchPerTarget) {
-  const FloatKind kind = GetParam();
   std::mt19937 rng(23);
   for (const Shape& sh : {Shape{1, 4096, 0}, Shape{13, 4096, 0}, Shape{32, 1000, 0}}) {
-    const std::vector<int64_t> outs = {sh.in, 1024, 333};
-    std::vector<std::unique_ptr<AdapterSet>> sets;
-    for (const int64_t out : outs) sets.push_back(MakeAdapters({16, 8, 64}, sh.in, out, kind, rng));
-    std::vector<int32_t> index(sh.rows);
-    for (auto& s : index) s = static_cast<int32_t>(rng() % 5) - 1;  // -1..3: 3 is out of range
-    index[0] = 0;
-    GpuBuffer<int32_t> index_dev(index);
-    const Values x = MakeValues(sh.rows * sh.in, kind, 1.f, rng);
-    GpuBuffer<char> x_dev(x.bytes);
-    std::vector<Values> ys;
-    std::vector<std::unique_ptr<GpuBuffer<char>>> group_y, single_y;
-    std::vector<LoraTarget> targets;
-    int64_t total_rank = 0;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      ys.push_back(MakeValues(sh.rows * outs[i], kind, 1.f, rng));
-      group_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
-      single_y.push_back(std::make_unique<GpuBuffer<char>>(ys.back().bytes));
-      targets.push_back({sets[i]->Device(), outs[i], group_y.back()->get()});
-      total_rank += sets[i]->max_rank;
-    }
-    GpuBuffer<char> scratch(lora_scratch_bytes(sh.rows, sh.in, total_rank));
-    LORAD_ASSERT_LAUNCH(lora_bgmv_group_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
-                                             targets.data(), 3, scratch.get(), nullptr));
-    for (size_t i = 0; i < outs.size(); ++i) {
-      LORAD_ASSERT_LAUNCH(lora_bgmv_cuda(x_dev.get(), kind, sh.rows, sh.in, index_dev.get(),
-                                         sets[i]->Device(), outs[i], single_y[i]->get(),
-                                         scratch.get(), nullptr));
-      const std::vector<char> group = group_y[i]->Read(), single = single_y[i]->Read();
-      EXPECT_EQ(group, single) << "target " << i << " (out " << outs[i] << "), rows " << sh.rows;
-      EXPECT_NE(single, ys[i].bytes) << "target " << i << ": no row took an adapter";
-    }
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), sh, {sh.in, 1024, 333}, rng);
+  }
+}
+
+// q, k, v groups (and gate, up) of the other models: SmolLM-135M (576 -> 576, 192, 192),
+// SmolLM-360M (960 -> 960, 320, 320), Qwen2-0.5B (896 -> 896, 128, 128; gate/up 4864),
+// Qwen2-1.5B (1536 -> 1536, 256, 256), TinyLlama (2048 -> 2048, 256, 256; gate/up 5632).
+TEST_P(LoraGpu, GroupAtOtherModelShapes) {
+  std::mt19937 rng(26);
+  for (const int64_t rows : {1, 13, 32}) {
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 576, 0}, {576, 192, 192}, rng);
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 960, 0}, {960, 320, 320}, rng);
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 896, 0}, {896, 128, 128}, rng);
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 896, 0}, {4864, 4864}, rng);
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 1536, 0}, {1536, 256, 256}, rng);
+    CheckGroupEqualsOneLaunchPerTarget(GetParam(), Shape{rows, 2048, 0}, {5632, 5632}, rng);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -290,6 +291,31 @@ TEST(Nf4GemvGpu, OddShapesMatchTheCpuReference) {
   }
 }
 
+// The other models lorad serves (README), whose shapes no benchmark ran: hidden 576 (SmolLM-135M),
+// 960 (SmolLM-360M) and 896 (Qwen2-0.5B) are multiples of 64 but not of 256, so every product
+// whose in_features is the hidden size (q, k, v, o, gate, up) takes this GEMV kernel at every
+// decode batch of up to 32 rows (engine/model/nf4_tensor.cpp, 8 rows a launch): fewer 16-byte
+// chunks per row (18, 30, 28) than a warp has lanes, and k/v of only 128-320 rows. Also the
+// reductions over in_features 1536, 4864, 5632 and 11008 (not powers of two).
+TEST(Nf4GemvGpu, OtherModelShapesMatchTheCpuReference) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{576, 576},  // SmolLM-135M q, o
+                                {192, 576},                             //   k, v (3 x 64)
+                                {1536, 576},                            //   gate, up
+                                {576, 1536},                            //   down
+                                {960, 960},                             // SmolLM-360M q, o
+                                {320, 960},                             //   k, v (5 x 64)
+                                {2560, 960},                            //   gate, up
+                                {896, 896},                             // Qwen2-0.5B q, o
+                                {128, 896},                             //   k, v (2 x 64)
+                                {4864, 896},                            //   gate, up
+                                {896, 4864},                            //   down
+                                {2048, 5632},                           // TinyLlama down
+                                {256, 2048}}) {                         //   k, v (4 x 64)
+    CheckGemv(MakeWeight(out, in, static_cast<uint32_t>(7 * out + in)), {1, 5, 8}, 6);
+  }
+  CheckGemv(MakeWeight(4096, 11008, 11008), {1, 8}, 7);  // Llama-2-7B down
+}
+
 TEST(Nf4GemvGpu, RejectsShapesItDoesNotHandle) {
   EXPECT_FALSE(nf4_gemv_cuda_supports(0, 4096));
   EXPECT_FALSE(nf4_gemv_cuda_supports(kNf4GemvMaxRows + 1, 4096));
@@ -364,6 +390,55 @@ TEST(Nf4MmaGpu, OddShapesMatchTheCpuReference) {
                                 {1000, 256},
                                 {4100, 512}}) {
     CheckMma(MakeWeight(out, in, static_cast<uint32_t>(5 * out + in)), all_rows, 4);
+  }
+}
+
+// The other models' products that the tensor-core kernel takes (in_features a multiple of 256):
+// reductions of 6, 10, 19, 22, 35 and 43 pipeline stages of 256 (1536, 2560, 4864, 5632, 8960,
+// 11008: not powers of two, some odd), k/v of 256 rows (a block's tiles fewer than its warps),
+// and outputs of 576, 896 and 960 rows (hidden sizes that are multiples of 64 but not of 256).
+TEST(Nf4MmaGpu, OtherModelShapesMatchTheCpuReference) {
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{576, 1536},  // SmolLM-135M down
+                                {960, 2560},                             // SmolLM-360M down
+                                {896, 4864},                             // Qwen2-0.5B down
+                                {256, 1536},                             // Qwen2-1.5B k, v
+                                {256, 2048}}) {                          // TinyLlama k, v
+    CheckMma(MakeWeight(out, in, static_cast<uint32_t>(9 * out + in)), {1, 8, 9, 13, 32}, 8);
+  }
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{1536, 8960},  // Qwen2-1.5B down
+                                {8960, 1536},                             //   gate, up
+                                {2048, 5632},                             // TinyLlama down
+                                {5632, 2048},                             //   gate, up
+                                {4096, 11008}}) {                         // Llama-2-7B down
+    CheckMma(MakeWeight(out, in, static_cast<uint32_t>(9 * out + in)), {1, 9, 32}, 9);
+  }
+}
+
+// Which 4-bit kernel each supported model's decode products take (engine/model/nf4_tensor.cpp:
+// MmaProducts and SiluMulProduct where nf4_mma_cuda_supports, else the GEMV kernel where
+// nf4_gemv_cuda_supports, else dequantize + matmul): hidden 576, 896 and 960 are refused by the
+// tensor-core launchers with an error (never a wrong result) and served by the GEMV kernel; every
+// other in_features of the README's models is a multiple of 256.
+TEST(Nf4MmaGpu, HiddenSizesNotAMultipleOf256FallBackToTheGemvKernel) {
+  for (const int64_t in : {576, 896, 960}) {
+    for (const int64_t rows : {1, 8, 9, 32}) {
+      EXPECT_FALSE(nf4_mma_cuda_supports(rows, in, FloatKind::kBF16)) << in;
+      EXPECT_TRUE(nf4_gemv_cuda_supports(std::min<int64_t>(rows, kNf4GemvMaxRows), in)) << in;
+    }
+    EXPECT_NE(nf4_mma_cuda(nullptr, FloatKind::kBF16, 1, nullptr, Nf4Absmax{}, in, in, nullptr,
+                           nullptr, false),
+              nullptr)
+        << in;
+    Nf4MmaTarget gate, up;
+    gate.out_features = up.out_features = 4 * in;
+    EXPECT_NE(
+        nf4_mma_silu_mul_cuda(nullptr, FloatKind::kBF16, 1, gate, up, in, nullptr, nullptr, false),
+        nullptr)
+        << in;
+  }
+  for (const int64_t in : {1536, 2048, 2560, 4096, 4864, 5632, 8960, 11008, 14336}) {
+    EXPECT_TRUE(nf4_mma_cuda_supports(1, in, FloatKind::kBF16)) << in;
+    EXPECT_TRUE(nf4_mma_cuda_supports(kNf4MmaMaxRows, in, FloatKind::kBF16)) << in;
   }
 }
 
@@ -458,6 +533,13 @@ TEST(Nf4MmaGpu, SiluMulOfGateAndUpMatchesTheCpuReference) {
        {std::pair<int64_t, int64_t>{1, 256}, {33, 768}, {130, 2048}, {1000, 256}}) {
     CheckSiluMul(out, in, {1, 8, 13, 32}, {0, 1, 3, 7}, static_cast<uint32_t>(out + in));
   }
+}
+
+// The fused MLP activation at the other models' gate/up shapes it serves: TinyLlama (5632 x
+// 2048: 176 pairs of 32-row tiles) and Qwen2-1.5B (8960 x 1536: 6 stages a tile).
+TEST(Nf4MmaGpu, SiluMulAtOtherModelShapes) {
+  CheckSiluMul(5632, 2048, {1, 9, 32}, {0, 3}, 12);
+  CheckSiluMul(8960, 1536, {1, 32}, {0}, 13);
 }
 
 TEST(Nf4MmaGpu, SiluMulRefusesWhatItDoesNotHandle) {

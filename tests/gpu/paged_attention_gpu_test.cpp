@@ -207,6 +207,53 @@ TEST(PagedAttentionGpuTest, RotaryInTheLaunchGivesTheBitsOfRotaryStoreThenAttent
   RunRotaryCase(FloatKind::kBF16, {2, 333}, 12, 4, 64, 8, 45);
 }
 
+// The heads of the other models lorad serves (README), which no benchmark ran: head_dim 64 with
+// 3 (SmolLM-135M: 9 over 3), 5 (SmolLM-360M: 15 over 5), 7 (Qwen2-0.5B: 14 over 2) and 8
+// (TinyLlama: 32 over 4) query heads per KV head; head_dim 128 with 6 (Qwen2-1.5B: 12 over 2) and
+// 1 (Llama-2-7B: 32 over 32, no GQA). A group of 3, 5 or 7 keeps one query head per block
+// (PlanHeadsPerBlock); 6 takes 2 a block and 8 takes 8 at 64 rows. Batch 1 (keys split over a
+// cluster), a few rows of one key to several tiles, and 64 rows.
+struct ModelHeads {
+  int64_t heads, kv_heads, head_dim;
+};
+constexpr ModelHeads kOtherModelHeads[] = {{9, 3, 64},  {15, 5, 64},  {14, 2, 64},
+                                           {32, 4, 64}, {12, 2, 128}, {32, 32, 128}};
+
+TEST(PagedAttentionGpuTest, OtherModelsHeads) {
+  uint32_t seed = 100;
+  for (const ModelHeads& m : kOtherModelHeads) {
+    SCOPED_TRACE(::testing::Message()
+                 << m.heads << " heads over " << m.kv_heads << ", head_dim " << m.head_dim);
+    for (const FloatKind kind : {FloatKind::kBF16, FloatKind::kF32}) {
+      RunCase(kind, {300}, m.heads, m.kv_heads, m.head_dim, 16, seed++);
+      RunCase(kind, {1, 17, 128, 129, 700}, m.heads, m.kv_heads, m.head_dim, 16, seed++);
+      // 64 rows: where query heads may share a block (not for Llama-2's 32 KV heads, whose pools
+      // at 64 rows of up to 400 keys would be 800 MB each on the host).
+      if (m.kv_heads < m.heads) {
+        RunCase(kind, Lengths(64, seed), m.heads, m.kv_heads, m.head_dim, 16, seed + 1);
+      }
+      seed += 2;
+    }
+  }
+}
+
+TEST(PagedAttentionGpuTest, RotaryInTheLaunchAtOtherModelsHeads) {
+  uint32_t seed = 200;
+  for (const ModelHeads& m : kOtherModelHeads) {
+    SCOPED_TRACE(::testing::Message()
+                 << m.heads << " heads over " << m.kv_heads << ", head_dim " << m.head_dim);
+    for (const FloatKind kind : {FloatKind::kBF16, FloatKind::kF32}) {
+      RunRotaryCase(kind, {1}, m.heads, m.kv_heads, m.head_dim, 16, seed++);
+      RunRotaryCase(kind, {129}, m.heads, m.kv_heads, m.head_dim, 16, seed++);
+      RunRotaryCase(kind, {5, 700, 1, 64}, m.heads, m.kv_heads, m.head_dim, 16, seed++);
+      if (m.kv_heads < m.heads) {
+        RunRotaryCase(kind, Lengths(64, seed), m.heads, m.kv_heads, m.head_dim, 16, seed + 1);
+      }
+      seed += 2;
+    }
+  }
+}
+
 TEST(PagedAttentionGpuTest, RejectsHeadDimsItCannotServe) {
   PagedAttentionShape shape{1, 4, 4, 48, 16, 1};
   EXPECT_NE(paged_attention_cuda(nullptr, nullptr, nullptr, FloatKind::kBF16, nullptr, nullptr,

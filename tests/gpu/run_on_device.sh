@@ -43,7 +43,7 @@ status=0
 # benchmarks below time the kernels alone).
 [ -n "${BEFORE_TESTS:-}" ] && bash -c "$BEFORE_TESTS"
 step "gpu_tests"
-timeout 270 "$BUILD/tests/gpu/gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" \
+timeout "${GPU_TEST_TIMEOUT_S:-420}" "$BUILD/tests/gpu/gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" \
   > "$OUT/gpu_tests.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED) |^\[==========\]|^\[  FAILED  \]" "$OUT/gpu_tests.log" \
   | tee -a "$OUT/summary.txt"

@@ -159,6 +159,19 @@ INSTANTIATE_TEST_SUITE_P(
                       std::make_tuple(int64_t{70}, int64_t{4096}, false),    // 2 blocks a row
                       std::make_tuple(int64_t{300}, int64_t{1000}, true)));  // 1 block a row
 
+// The vocabularies of the other models lorad serves (README): Qwen2's 151936 (the largest: 37984
+// float4s a row, split over 8 blocks at batch 1) and SmolLM's 49152, at batch 1 (8 blocks a row),
+// a few rows, and 32 rows (one block a row on most GPUs).
+INSTANTIATE_TEST_SUITE_P(
+    OtherModelVocabularies, SamplingGpu,
+    ::testing::Values(std::make_tuple(int64_t{1}, int64_t{151936}, false),  // Qwen2
+                      std::make_tuple(int64_t{3}, int64_t{151936}, true),
+                      std::make_tuple(int64_t{32}, int64_t{151936}, false),
+                      std::make_tuple(int64_t{1}, int64_t{49152}, false),  // SmolLM
+                      std::make_tuple(int64_t{5}, int64_t{49152}, true),
+                      std::make_tuple(int64_t{32}, int64_t{49152}, false),
+                      std::make_tuple(int64_t{1}, int64_t{32000}, true)));  // TinyLlama, Mistral
+
 TEST(SamplingGpuEdges, RowsWithoutAFiniteLogitFallBackToTheArgmax) {
   const int64_t vocab = 700;
   std::vector<float> x(2 * vocab, -kInf);
