@@ -191,6 +191,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
         auto* t = info->add_top_logprobs();
         t->set_token_id(top.token);
         t->set_token(top.text);
+        t->set_token_bytes(top.bytes);
         t->set_logprob(top.logprob);
       }
     }

@@ -734,7 +734,8 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
     event.logprob = sampled.logprob;
     event.top_logprobs = sampled.top_logprobs;
     for (TokenLogprob& top : event.top_logprobs) {
-      top.text = Utf8Lossy(tokenizer->TokenBytes(top.token));
+      top.bytes = tokenizer->TokenBytes(top.token);
+      top.text = Utf8Lossy(top.bytes);
     }
   }
   const auto& stop_ids = seq.request.stop_token_ids;

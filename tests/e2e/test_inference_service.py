@@ -105,23 +105,25 @@ def test_generate_equals_transformers_greedy_with_repetition_penalty(server, ref
 
 
 def test_logprobs_equal_transformers_log_softmax_and_name_their_tokens(server, reference):
-    """logprobs=3: each chosen token's log-probability and its top 3 (ids, values and the
-    tokens' own text) equal log_softmax of transformers' logits before any penalty."""
+    """logprobs=20: each chosen token's log-probability and its top 20 (ids, values, the tokens'
+    own text and bytes) equal log_softmax of transformers' logits before any penalty. The tiny
+    model's vocabulary is half byte-fallback pieces: some are among them."""
     import torch
 
     _, stub, pb, _, _, _ = server
     model, tok = reference
     req = pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParams(
-        max_new_tokens=6, temperature=0.0, logprobs=3))
+        max_new_tokens=6, temperature=0.0, logprobs=20))
     chunks, ids = collect(stub.Generate(req, timeout=60))
     infos = [t for c in chunks for t in c.tokens]
+    byte_pieces = 0
     prompt_ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(torch.cat([prompt_ids, torch.tensor([ids])], dim=1)).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)[prompt_ids.shape[1] - 1:-1]
     for i, info in enumerate(infos):
         assert info.logprob == pytest.approx(logp[i, info.token_id].item(), abs=1e-4)
-        top = torch.topk(logp[i], 3)
+        top = torch.topk(logp[i], 20)
         assert [t.token_id for t in info.top_logprobs] == top.indices.tolist()
         assert [t.logprob for t in info.top_logprobs] == pytest.approx(top.values.tolist(),
                                                                        abs=1e-4)
@@ -129,8 +131,15 @@ def test_logprobs_equal_transformers_log_softmax_and_name_their_tokens(server, r
             piece = tok.convert_ids_to_tokens(t.token_id)
             want = tok.convert_tokens_to_string([piece]) if not piece.startswith("<0x") else None
             assert t.token, f"token {t.token_id} has no text"
+            # Its bytes: a byte-fallback piece's one byte, else the text's own.
+            if piece.startswith("<0x"):
+                byte_pieces += 1
+                assert t.token_bytes == bytes([int(piece[3:5], 16)]), (t.token_id, piece)
+            else:
+                assert t.token_bytes.decode() == t.token, (t.token_id, piece)
             if want is not None and not piece.startswith("\u2581"):
                 assert t.token == want, (t.token_id, piece)
+    assert byte_pieces > 0
     assert chunks[-1].adapter == "" and chunks[-1].adapter_version == 0
 
 
