@@ -405,7 +405,9 @@ absl::Status Trainer::Impl::FinishStep() {
 }
 
 absl::Status Trainer::Impl::AfterStep(bool early_stop) {
-  if (state.step >= total_steps || early_stop) return Finish(false, early_stop);
+  // Patience that runs out on the last step stopped nothing: the job ran every step.
+  if (state.step >= total_steps) return Finish(false, /*early_stopped=*/false);
+  if (early_stop) return Finish(false, /*early_stopped=*/true);
   if (config.save_every > 0 && state.step % config.save_every == 0) {
     auto path = Checkpoint();
     if (!path.ok()) return path.status();

@@ -209,6 +209,30 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   EXPECT_LT(events.back().summary.steps, 40);
 }
 
+// Patience that runs out at the last step stops nothing: a job that ran every step is not
+// reported as stopped early (the same run, given as many steps as it ran when it did stop early).
+TEST_F(TrainerTest, PatienceRunningOutOnTheLastStepIsNotAnEarlyStop) {
+  const auto run = [&](const std::string& sub, int64_t max_steps) {
+    TrainingJobConfig config = StoppingEarlyConfig(sub);
+    config.schedule = "constant";  // the same learning rates whatever max_steps is
+    config.warmup_steps = 0;
+    config.max_steps = max_steps;
+    std::vector<TrainingEvent> events;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { events.push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    EXPECT_TRUE((*t)->Run().ok());
+    EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+    return events.back().summary;
+  };
+  const TrainingSummary stopped = run("patience-40", 40);
+  ASSERT_TRUE(stopped.early_stopped);
+  ASSERT_LT(stopped.steps, 40);
+  const TrainingSummary ran_out = run("patience-last", stopped.steps);
+  EXPECT_EQ(ran_out.steps, stopped.steps);
+  EXPECT_FALSE(ran_out.early_stopped) << "the job ran all its " << ran_out.steps << " steps";
+}
+
 // load_best_at_end: a job stopped early (its last evaluation was no better) publishes the adapter
 // of its best evaluation, not the last step's weights (its final checkpoint).
 TEST_F(TrainerTest, LoadBestAtEndPublishesTheBestEvaluationsAdapter) {
