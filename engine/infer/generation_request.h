@@ -28,6 +28,9 @@ struct GenerationRequest {
   std::string prompt;
   std::vector<int32_t> prompt_ids;
   std::string adapter;  // "" = the base model; else a name in the AdapterStore (latest version)
+  // > 0: only that version of `adapter` may serve the request (FAILED_PRECONDITION once a newer
+  // one serves new requests, NOT_FOUND before it exists), checked as the engine pins it.
+  int64_t adapter_version = 0;
   SamplingParams sampling;
   std::vector<std::string> stop;        // stop strings, matched on the decoded text
   std::vector<int32_t> stop_token_ids;  // end generation like EOS (the token counts as output)

@@ -243,6 +243,17 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
     }
     auto lease = m.adapters->Acquire(request.adapter);
     if (!lease.ok()) return lease.status();
+    const int64_t serving = lease->version(), wanted = request.adapter_version;
+    if (wanted > serving) {
+      return absl::NotFoundError(absl::StrCat("adapter_version: '", request.adapter,
+                                              "' has no version ", wanted, "; the newest is ",
+                                              serving));
+    }
+    if (wanted != 0 && wanted < serving) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter_version: '", request.adapter, "' serves version ", serving,
+                       " to new requests; version ", wanted, " is retired (use 0)"));
+    }
     seq->lease = *std::move(lease);
   }
   seq->all = seq->prompt;

@@ -421,6 +421,40 @@ TEST(InferenceEngineTest, HotSwapServesRunningRequestsOnTheOldVersionAndNewOnesO
   EXPECT_EQ(list[0].version, 2);
 }
 
+// A request pinned to a version is served by it or refused, decided as the engine pins the
+// adapter: the server's own check of the version, before, could be overtaken by a swap.
+TEST(InferenceEngineTest, APinnedVersionServesOnlyWhileItIsCurrent) {
+  Fixture f;
+  ASSERT_EQ(f.Publish("pinned", 4, 61), 1);
+  GenerationRequest on_v1 = Greedy(RandomPrompt(5, 610), "pinned", 4);
+  on_v1.adapter_version = 1;
+  const Result v1 = f.Alone(on_v1);
+  EXPECT_EQ(v1.tokens.size(), 4u);
+  EXPECT_EQ(v1.usage.adapter_version, 1);
+  ASSERT_EQ(f.Publish("pinned", 4, 62), 2);
+  auto engine = f.Engine();
+  auto retired = engine->Submit(on_v1, nullptr);
+  ASSERT_FALSE(retired.ok());
+  EXPECT_EQ(retired.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(retired.status().message(),
+            "adapter_version: 'pinned' serves version 2 to new requests; version 1 is retired "
+            "(use 0)");
+  GenerationRequest ahead = on_v1;
+  ahead.adapter_version = 3;
+  auto future = engine->Submit(ahead, nullptr);
+  ASSERT_FALSE(future.ok());
+  EXPECT_EQ(future.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(future.status().message().find("has no version 3; the newest is 2"), std::string::npos)
+      << future.status();
+  GenerationRequest on_v2 = on_v1;
+  on_v2.adapter_version = 2;
+  Result v2;
+  ASSERT_TRUE(engine->Submit(on_v2, Fixture::Collector(&v2)).ok());
+  Fixture::StepAll(*engine);
+  EXPECT_EQ(v2.usage.adapter_version, 2);
+  EXPECT_EQ(f.store().List().size(), 1u) << "the refused requests released their pins";
+}
+
 TEST(InferenceEngineTest, AnIdleEngineKeepsItsAdapterStackWhileTheVersionIsCurrent) {
   Fixture f;
   f.Publish("chat", 4, 41);
