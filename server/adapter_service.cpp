@@ -28,6 +28,7 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
   }
   out->set_resident(info.resident);
   out->set_active_requests(info.requests);
+  out->set_current(info.current);
 }
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,

@@ -1,5 +1,7 @@
 #include "clients/loradctl/adapter_commands.h"
 
+#include <google/protobuf/util/json_util.h>
+
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
@@ -37,19 +39,33 @@ std::string Describe(const lorad::v1::Adapter& adapter) {
 
 }  // namespace
 
-int RunAdaptersList(Connection& connection) {
+int RunAdaptersList(Connection& connection, bool json) {
   lorad::v1::ListAdaptersResponse response;
   auto context = connection.NewContext(CallKind::kUnary);
   grpc::Status status = connection.adapters().ListAdapters(
       context.get(), lorad::v1::ListAdaptersRequest(), &response);
   if (!status.ok()) return connection.Fail(status);
-  TextTable table(
-      {"NAME", "VERSION", "RANK", "ALPHA", "TARGETS", "SIZE", "SOURCE", "RESIDENT", "ACTIVE"});
+  if (json) {  // for scripts: a SOURCE path or a SIZE may hold spaces in the table
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    options.preserve_proto_field_names = true;
+    options.always_print_primitive_fields = true;
+    std::string text;
+    if (!google::protobuf::util::MessageToJsonString(response, &text, options).ok()) {
+      std::cerr << "loradctl: cannot print the adapters as JSON" << std::endl;
+      return kExitError;
+    }
+    std::cout << text;
+    return kExitOk;
+  }
+  TextTable table({"NAME", "VERSION", "STATE", "RANK", "ALPHA", "TARGETS", "SIZE", "SOURCE",
+                   "RESIDENT", "ACTIVE"});
   for (const auto& a : response.adapters()) {
-    table.AddRow({a.name(), absl::StrCat(a.version()), absl::StrCat(a.rank()),
-                  absl::StrCat(a.alpha()), absl::StrJoin(a.target_modules(), ","),
-                  FormatBytes(a.bytes()), Source(a), a.resident() ? "yes" : "no",
-                  absl::StrCat(a.active_requests())});
+    // draining: replaced or unloaded; new requests do not get it, running ones finish on it.
+    table.AddRow({a.name(), absl::StrCat(a.version()), a.current() ? "serving" : "draining",
+                  absl::StrCat(a.rank()), absl::StrCat(a.alpha()),
+                  absl::StrJoin(a.target_modules(), ","), FormatBytes(a.bytes()), Source(a),
+                  a.resident() ? "yes" : "no", absl::StrCat(a.active_requests())});
   }
   table.Print(std::cout);
   return kExitOk;

@@ -9,7 +9,8 @@
 
 namespace lorad::cli {
 
-int RunAdaptersList(Connection& connection);
+// The loaded adapters as a table, or (json) as the lorad.v1.ListAdaptersResponse in JSON.
+int RunAdaptersList(Connection& connection, bool json);
 
 // `path` is a PEFT folder under the daemon's adapter root (resolved by the daemon, not here).
 int RunAdaptersLoad(Connection& connection, const std::string& name, const std::string& path);

@@ -213,8 +213,13 @@ int main(int argc, char** argv) {
   CLI::App* adapters = app.add_subcommand("adapters", "LoRA adapters")->require_subcommand(1);
   std::string adapter_name, adapter_path;
   int64_t adapter_version = 0;
-  adapters->add_subcommand("ls", "list loaded adapters and their versions")->callback([&] {
-    command = [](Connection& c) { return lorad::cli::RunAdaptersList(c); };
+  bool adapters_json = false;
+  CLI::App* adapters_list =
+      adapters->add_subcommand("ls", "list loaded adapters and their versions");
+  adapters_list->add_flag("--json", adapters_json,
+                          "print the lorad.v1.ListAdaptersResponse as JSON (for scripts)");
+  adapters_list->callback([&] {
+    command = [&](Connection& c) { return lorad::cli::RunAdaptersList(c, adapters_json); };
   });
   CLI::App* load = adapters->add_subcommand(
       "load", "load a PEFT adapter folder (under the daemon's adapter root) as NAME");

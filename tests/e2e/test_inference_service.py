@@ -422,6 +422,43 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_replaced_version_is_listed_as_not_current_while_it_drains(server, peft_adapter_dir):
+    """During a hot swap both versions are listed (the old one until its requests end): only the
+    one new requests get is `current`, in ListAdapters and in `loradctl adapters ls`."""
+    import json
+
+    from test_loradctl import loradctl
+
+    d, stub, pb, astub, apb, tmp = server
+    src, _ = peft_adapter_dir
+    shutil.copytree(src, tmp / "data" / "adapters" / "swapped")
+    load = apb.LoadAdapterRequest(name="swapped", path="swapped")
+    assert astub.LoadAdapter(load, timeout=60).version == 1
+    held = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", adapter="swapped",
+                                            sampling=pb.SamplingParams(max_new_tokens=4000,
+                                                                       ignore_eos=True)),
+                         timeout=120)
+    try:
+        assert next(held).tokens  # v1 has a running request
+        assert astub.LoadAdapter(load, timeout=60).version == 2
+        listed = {a.version: a.current for a in
+                  astub.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+                  if a.name == "swapped"}
+        assert listed == {1: False, 2: True}
+        table = loradctl("adapters", "ls", address=d.grpc_address)
+        assert table.returncode == 0, table.stderr
+        states = {line.split()[1]: line.split()[2] for line in table.stdout.splitlines()
+                  if line.startswith("swapped ")}
+        assert states == {"1": "draining", "2": "serving"}, table.stdout
+        as_json = loradctl("adapters", "ls", "--json", address=d.grpc_address)
+        assert as_json.returncode == 0, as_json.stderr
+        rows = [a for a in json.loads(as_json.stdout)["adapters"] if a["name"] == "swapped"]
+        assert {int(a["version"]): a["current"] for a in rows} == {1: False, 2: True}
+    finally:
+        held.cancel()
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="swapped"), timeout=60)
+
+
 def test_rank_and_alpha_patterns_serve_like_peft(server, reference, stubs):
     """PEFT's per-module ranks and alphas (rank_pattern, alpha_pattern; EVA writes them too): the
     same greedy tokens as PEFT, and the listed rank is the largest."""

@@ -282,7 +282,7 @@ def assert_result_or_unimplemented(result, check_result):
 def test_adapters_ls(daemon):
     result = loradctl("adapters", "ls", address=daemon.grpc_address)
     assert_result_or_unimplemented(
-        result, lambda out: out.splitlines()[0].split()[:3] == ["NAME", "VERSION", "RANK"])
+        result, lambda out: out.splitlines()[0].split()[:4] == ["NAME", "VERSION", "STATE", "RANK"])
 
 
 def test_generate(daemon):
