@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "clients/loradctl/exit_codes.h"
 #include "clients/loradctl/text_table.h"
+#include "clients/loradctl/utf8_fields.h"
 
 namespace lorad::cli {
 
@@ -75,6 +76,7 @@ int RunAdaptersLoad(Connection& connection, const std::string& name, const std::
   lorad::v1::LoadAdapterRequest request;
   request.set_name(name);
   request.set_path(path);
+  if (ReportInvalidUtf8(request)) return kExitUsage;
   lorad::v1::Adapter adapter;
   auto context = connection.NewContext(CallKind::kUnary);
   grpc::Status status = connection.adapters().LoadAdapter(context.get(), request, &adapter);
@@ -87,6 +89,7 @@ int RunAdaptersUnload(Connection& connection, const std::string& name, int64_t v
   lorad::v1::UnloadAdapterRequest request;
   request.set_name(name);
   request.set_version(version);
+  if (ReportInvalidUtf8(request)) return kExitUsage;
   lorad::v1::UnloadAdapterResponse response;
   auto context = connection.NewContext(CallKind::kUnary);
   grpc::Status status = connection.adapters().UnloadAdapter(context.get(), request, &response);

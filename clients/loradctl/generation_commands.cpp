@@ -9,6 +9,7 @@
 #include "absl/strings/strip.h"
 #include "clients/loradctl/enum_names.h"
 #include "clients/loradctl/exit_codes.h"
+#include "clients/loradctl/utf8_fields.h"
 
 namespace lorad::cli {
 
@@ -73,6 +74,7 @@ int RunGenerate(Connection& connection, const GenerationOptions& options, std::s
   request.set_prompt(prompt);
   request.set_adapter(options.adapter);
   *request.mutable_sampling() = ToSamplingParams(options.sampling);
+  if (ReportInvalidUtf8(request)) return kExitUsage;
   auto context = connection.NewContext(CallKind::kStream);
   auto reader = connection.inference().Generate(context.get(), request);
   std::string reply;
@@ -93,6 +95,7 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
     }
   };
   start_conversation();
+  if (ReportInvalidUtf8(request)) return kExitUsage;  // the system message, stops, the adapter
   const bool terminal = isatty(STDIN_FILENO) != 0 && &in == &std::cin;
   if (terminal) std::cerr << "(one message per line; /reset starts over, /exit or Ctrl-D quits)\n";
   std::string line;
@@ -110,9 +113,11 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
       start_conversation();
       continue;
     }
-    auto* user = request.add_messages();
-    user->set_role("user");
-    user->set_content(text);
+    lorad::v1::ChatMessage message;
+    message.set_role("user");
+    message.set_content(text);
+    if (ReportInvalidUtf8(message)) continue;  // that line is not sent; the conversation goes on
+    *request.add_messages() = std::move(message);
     auto context = connection.NewContext(CallKind::kStream);
     auto reader = connection.inference().Chat(context.get(), request);
     std::string reply;

@@ -2,11 +2,13 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <system_error>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
@@ -19,6 +21,15 @@
 namespace lorad::cli {
 
 namespace {
+
+// The shortest text that reads back as the same value (2e-4 stays "0.0002", 1.23456789e-4 keeps
+// every digit): a spec printed by `train show --spec` and submitted again is the same job.
+template <typename T>
+std::string ShortestText(T value) {
+  char buffer[64];
+  const auto [end, error] = std::to_chars(buffer, buffer + sizeof(buffer), value);
+  return error == std::errc() ? std::string(buffer, end) : std::to_string(value);
+}
 
 using google::protobuf::Descriptor;
 using google::protobuf::FieldDescriptor;
@@ -255,10 +266,12 @@ void EmitScalar(YAML::Emitter& out, const Message& message, const FieldDescripto
       out << (rep ? r->GetRepeatedUInt64(message, field, index) : r->GetUInt64(message, field));
       break;
     case FieldDescriptor::CPPTYPE_DOUBLE:
-      out << (rep ? r->GetRepeatedDouble(message, field, index) : r->GetDouble(message, field));
+      out << ShortestText(rep ? r->GetRepeatedDouble(message, field, index)
+                              : r->GetDouble(message, field));
       break;
     case FieldDescriptor::CPPTYPE_FLOAT:
-      out << (rep ? r->GetRepeatedFloat(message, field, index) : r->GetFloat(message, field));
+      out << ShortestText(rep ? r->GetRepeatedFloat(message, field, index)
+                              : r->GetFloat(message, field));
       break;
     case FieldDescriptor::CPPTYPE_BOOL:
       out << (rep ? r->GetRepeatedBool(message, field, index) : r->GetBool(message, field));
@@ -356,7 +369,6 @@ absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
 
 std::string JobSpecToYaml(const lorad::v1::JobSpec& spec) {
   YAML::Emitter out;
-  out.SetDoublePrecision(8);
   EmitMessage(out, spec);
   return std::string(out.c_str()) + "\n";
 }

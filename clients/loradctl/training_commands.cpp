@@ -14,6 +14,7 @@
 #include "clients/loradctl/job_spec_yaml.h"
 #include "clients/loradctl/job_text.h"
 #include "clients/loradctl/text_table.h"
+#include "clients/loradctl/utf8_fields.h"
 
 namespace lorad::cli {
 
@@ -73,6 +74,7 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool wa
   }
   lorad::v1::SubmitJobRequest request;
   *request.mutable_spec() = *std::move(spec);
+  if (ReportInvalidUtf8(request)) return kExitUsage;  // "spec.dataset.path: not UTF-8 ..."
   Job job;
   auto context = connection.NewContext(CallKind::kUnary);
   grpc::Status status = connection.training().SubmitJob(context.get(), request, &job);

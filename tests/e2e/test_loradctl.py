@@ -36,7 +36,7 @@ lora:
   rslora: true
 training:
   max_steps: 100000      # never finishes before the test cancels it
-  learning_rate: 1e-4
+  learning_rate: 1.234567891e-4   # every digit survives train show --spec
   schedule: cosine
   optimizer: adamw
   gradient_checkpointing: false
@@ -88,7 +88,7 @@ def test_submit_list_show_watch_cancel(daemon, job_file, stubs):
     assert (spec.lora.r, spec.lora.alpha, spec.lora.use_rslora) == (8, 32, True)
     assert list(spec.lora.target_modules) == ["q_proj", "v_proj"]
     t = spec.training
-    assert (t.max_steps, t.learning_rate, t.seed) == (100000, 1e-4, 7)
+    assert (t.max_steps, t.learning_rate, t.seed) == (100000, 1.234567891e-4, 7)
     assert t.schedule == pb.LR_SCHEDULE_COSINE and t.optimizer == pb.OPTIMIZER_ADAMW
     assert t.HasField("gradient_checkpointing") and not t.gradient_checkpointing
 
@@ -432,3 +432,23 @@ def test_chat_keeps_the_conversation(fake_training):
     assert [(m.role, m.content) for m in second.messages] == [
         ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "And again?")]
     assert len(first.messages) == 2
+
+
+def test_text_that_is_not_utf8_is_refused_before_sending(daemon):
+    """A Latin-1 terminal or file: loradctl names the field and the byte (exit 2) instead of
+    sending a request the server can only answer with a bare UNIMPLEMENTED; in chat that line is
+    skipped and the conversation goes on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
+    base = [str(LORADCTL), "--address", daemon.grpc_address]
+    generate = subprocess.run([*base, "generate", "--max-new-tokens", "2", b"caf\xe9"],
+                              capture_output=True, env=env, timeout=60)
+    assert generate.returncode == 2, generate.stderr
+    assert b"prompt: not UTF-8 (byte 0xE9 at offset 3)" in generate.stderr, generate.stderr
+    chat = subprocess.run([*base, "chat", "--max-new-tokens", "2"], input=b"caf\xe9\nhello\n",
+                          capture_output=True, env=env, timeout=60)
+    assert chat.returncode == 0, chat.stderr
+    assert b"not UTF-8" in chat.stderr and b"UNIMPLEMENTED" not in chat.stderr, chat.stderr
+    assert len(chat.stdout.decode().splitlines()) == 1, chat.stdout  # the reply to "hello"
+    load = subprocess.run([*base, "adapters", "load", "x", b"caf\xe9"], capture_output=True,
+                          env=env, timeout=60)
+    assert load.returncode == 2 and b"path: not UTF-8" in load.stderr, load.stderr
