@@ -414,6 +414,7 @@ void JobRunner::Succeed(const Pending& p) {
     auto* s = out.mutable_finished();
     s->set_runtime_seconds(summary.runtime_s);
     s->set_final_loss(summary.final_loss);
+    s->set_train_loss(summary.train_loss);
     if (summary.best_is_eval) s->set_best_validation_loss(summary.best_loss);
     s->set_steps(summary.steps);
     s->set_merged_model_path(summary.merged_path);

@@ -60,10 +60,10 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
       break;
     case JobEvent::kFinished: {
       const auto& s = event.finished();
-      PrintLine(absl::StrFormat(
-          "succeeded: adapter %s v%d, %d steps, final loss %.4f, %d tokens in %s%s",
-          s.adapter_name(), s.adapter_version(), s.steps(), s.final_loss(), s.trained_tokens(),
-          FormatDuration(s.runtime_seconds()), FormatDatasetLosses(s)));
+      PrintLine(absl::StrFormat("succeeded: adapter %s v%d, %d steps, %s, %d tokens in %s%s",
+                                s.adapter_name(), s.adapter_version(), s.steps(),
+                                FormatTrainingLoss(s), s.trained_tokens(),
+                                FormatDuration(s.runtime_seconds()), FormatDatasetLosses(s)));
       break;
     }
     case JobEvent::kFailed:

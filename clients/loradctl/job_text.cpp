@@ -39,6 +39,12 @@ std::string FormatProgress(int64_t step, int64_t total_steps) {
   return total_steps > 0 ? absl::StrCat(step, "/", total_steps) : absl::StrCat(step);
 }
 
+std::string FormatTrainingLoss(const lorad::v1::JobSummary& s) {
+  return s.train_loss() > 0
+             ? absl::StrFormat("final loss %.4f (mean %.4f)", s.final_loss(), s.train_loss())
+             : absl::StrFormat("final loss %.4f", s.final_loss());
+}
+
 std::string FormatDatasetLosses(const lorad::v1::JobSummary& s) {
   std::vector<std::string> parts;
   auto count = [](int64_t n, const char* one, const char* many) {
@@ -81,11 +87,11 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
   if (!job.error().empty()) line("error", job.error());
   if (job.has_summary()) {
     const auto& s = job.summary();
-    line("result", absl::StrFormat("adapter %s v%d, %d steps%s, final loss %.4f, %d tokens in %s%s",
+    line("result", absl::StrFormat("adapter %s v%d, %d steps%s, %s, %d tokens in %s%s",
                                    s.adapter_name(), s.adapter_version(), s.steps(),
-                                   s.early_stopped() ? " (stopped early)" : "", s.final_loss(),
-                                   s.trained_tokens(), FormatDuration(s.runtime_seconds()),
-                                   FormatDatasetLosses(s)));
+                                   s.early_stopped() ? " (stopped early)" : "",
+                                   FormatTrainingLoss(s), s.trained_tokens(),
+                                   FormatDuration(s.runtime_seconds()), FormatDatasetLosses(s)));
     if (!s.adapter_path().empty()) {
       line("adapter folder", s.adapter_step() > 0 && s.adapter_step() != s.steps()
                                  ? absl::StrCat(s.adapter_path(), " (step ", s.adapter_step(), ")")

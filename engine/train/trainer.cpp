@@ -365,6 +365,7 @@ absl::Status Trainer::Impl::FinishStep() {
   state.trained_tokens += step_input_tokens;
   const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_tokens));
   state.last_loss = loss;
+  state.loss_sum += loss;
   state.best_train_loss = state.step == 1 ? loss : std::min(state.best_train_loss, loss);
 
   const auto now = Clock::now();
@@ -618,9 +619,16 @@ absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, Tra
   e.kind = TrainingEvent::Kind::kFinished;
   s.steps = state.step;
   s.epochs = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
-  s.runtime_s = seconds_before_this_run + Seconds(Clock::now() - job_start);
+  // As transformers' train_runtime: the training loop (its evaluations and checkpoints included),
+  // not the held-out answers and merged export after the last step's checkpoint.
+  const bool past_training = finishing && finishing->stage != Finishing::Stage::kLastEval;
+  s.runtime_s = past_training ? state.train_seconds
+                              : seconds_before_this_run + Seconds(Clock::now() - job_start);
   s.trained_tokens = state.trained_tokens;
   s.final_loss = state.last_loss;
+  s.train_loss = state.step > 0 && std::isfinite(state.loss_sum)
+                     ? state.loss_sum / static_cast<double>(state.step)
+                     : 0.0;
   s.best_is_eval = state.has_eval;
   s.best_loss = state.has_eval ? state.best_eval_loss : state.best_train_loss;
   s.cancelled = cancelled;

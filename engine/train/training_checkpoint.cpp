@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -38,6 +39,7 @@ json StateToJson(const TrainerState& s) {
               {"last_eval_step", s.last_eval_step},
               {"trained_tokens", s.trained_tokens},
               {"train_seconds", s.train_seconds},
+              {"loss_sum", s.loss_sum},
               {"dataset_fingerprint", s.dataset_fingerprint}};
 }
 
@@ -145,6 +147,7 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     // Absent from checkpoints of older lorad versions: the totals then start there.
     s.trained_tokens = j.value("trained_tokens", int64_t{0});
     s.train_seconds = j.value("train_seconds", 0.0);
+    s.loss_sum = j.value("loss_sum", std::numeric_limits<double>::quiet_NaN());
     s.best_eval_step = j.value("best_eval_step", int64_t{0});
     s.last_eval_step = j.value("last_eval_step", int64_t{-1});
     s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());

@@ -39,6 +39,9 @@ struct TrainerState {
   // Totals over every run of the job up to this step (a resumed job continues them).
   int64_t trained_tokens = 0;
   double train_seconds = 0;
+  // Every step's loss added up (transformers' train_loss is their mean); NaN in checkpoints of
+  // older lorad versions (unknown: the summary then reports no mean).
+  double loss_sum = 0;
   // The dataset files' contents when the job started (size and hash of each): a resume on files
   // that changed since would train the rest of the job on other examples. "" in checkpoints of
   // older lorad versions (not checked).

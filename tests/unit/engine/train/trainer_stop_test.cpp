@@ -71,6 +71,10 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   for (size_t i = 0; i < 20; ++i) EXPECT_EQ(joined[i], expected[i]) << "step " << i + 1;
   ASSERT_EQ(second.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_EQ(second.back().summary.steps, 20);
+  // The mean loss covers both runs (the sum is kept in the checkpoint), as the straight run's.
+  ASSERT_EQ(straight.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_EQ(second.back().summary.train_loss, straight.back().summary.train_loss);
+  EXPECT_GT(second.back().summary.train_loss, 0);
 }
 
 // Jobs that take turns step by step (the GPU loop's way with several jobs) draw LoRA dropout from

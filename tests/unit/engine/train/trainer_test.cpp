@@ -207,6 +207,19 @@ TEST_F(TrainerTest, EvaluatesAndStopsEarly) {
   }
   EXPECT_TRUE(events.back().summary.best_is_eval);
   EXPECT_LT(events.back().summary.steps, 40);
+  // transformers' train_loss: the mean of the step losses. The runtime is the training loop's,
+  // as its train_runtime: what the last step's checkpoint recorded, not the held-out answers
+  // after it.
+  const std::vector<double> losses = Losses(events);
+  double sum = 0;
+  for (double l : losses) sum += l;
+  EXPECT_NEAR(summary.train_loss, sum / static_cast<double>(losses.size()), 1e-12);
+  EXPECT_EQ(summary.final_loss, losses.back());
+  const auto state = nlohmann::json::parse(
+      ReadFile((fs::path(config.output_dir) / ("checkpoint-" + std::to_string(summary.steps)) /
+                "trainer_state.json")
+                   .string()));
+  EXPECT_EQ(summary.runtime_s, state["train_seconds"].get<double>());
 }
 
 // Patience that runs out at the last step stops nothing: a job that ran every step is not
