@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""A small Python client for lorad: the walk-through of the README in a few calls.
+
+    python clients/python/lorad_client.py [--address HOST:PORT] [--token T] COMMAND ...
+
+    submit JOB.json        queue a fine-tuning job (a lorad.v1.JobSpec as JSON); prints its id
+    watch JOB_ID           print the job's steps (loss, learning rate) until it ends
+    chat [--adapter NAME] MESSAGE...
+                           one chat turn per MESSAGE, streamed as the tokens come
+    adapters               list the adapters lorad serves
+
+It needs grpcio and grpcio-tools (the venv `make` builds has both: ~/.cache/lorad/venv). The
+Python stubs are compiled from the checkout's proto/ at start into ~/.cache/lorad/py-stubs, so
+nothing generated is kept in the repository. `LoradClient` is the part to copy into your code.
+"""
+import argparse
+import hashlib
+import json
+import pathlib
+import sys
+
+import grpc
+
+PROTO_ROOT = pathlib.Path(__file__).resolve().parents[2] / "proto"
+
+
+def load_stubs(proto_root=PROTO_ROOT):
+    """Compiles proto/lorad/v1/*.proto (once per content) and imports the generated modules."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    protos = sorted(proto_root.rglob("*.proto"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in protos)).hexdigest()[:16]
+    out = pathlib.Path.home() / ".cache" / "lorad" / "py-stubs" / digest
+    if not (out / "lorad" / "v1" / "training_pb2_grpc.py").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+        args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={out}",
+                f"--grpc_python_out={out}", *(str(p.relative_to(proto_root)) for p in protos)]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto_root}")
+    sys.path.insert(0, str(out))
+    from lorad.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+    from lorad.v1 import training_pb2, training_pb2_grpc
+    return argparse.Namespace(**{k: v for k, v in locals().items() if k.endswith(("_pb2", "_grpc"))})
+
+
+class LoradClient:
+    """lorad's three services over one channel, with the bearer token (if any) on every call."""
+
+    def __init__(self, address="127.0.0.1:50051", token=None, stubs=None):
+        self.pb = stubs or load_stubs()
+        self.channel = grpc.insecure_channel(address)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.training = self.pb.training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.inference = self.pb.inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.adapters = self.pb.adapters_pb2_grpc.AdapterServiceStub(self.channel)
+
+    def submit(self, spec: dict) -> str:
+        """Queues a job from a JobSpec given as a dict (the proto's JSON form); returns its id."""
+        from google.protobuf import json_format
+
+        request = self.pb.training_pb2.SubmitJobRequest(
+            spec=json_format.ParseDict(spec, self.pb.training_pb2.JobSpec()))
+        return self.training.SubmitJob(request, metadata=self.metadata, timeout=60).id
+
+    def watch(self, job_id: str):
+        """Yields the job's events (its history first, then live ones) until it ends."""
+        request = self.pb.training_pb2.WatchJobRequest(job_id=job_id)
+        yield from self.training.WatchJob(request, metadata=self.metadata)
+
+    def chat(self, messages, adapter="", **sampling):
+        """Yields the reply's text as it streams; `messages` are (role, content) pairs."""
+        pb = self.pb.inference_pb2
+        request = pb.ChatRequest(
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], adapter=adapter,
+            sampling=pb.SamplingParams(**sampling))
+        for chunk in self.inference.Chat(request, metadata=self.metadata, timeout=600):
+            if chunk.text:
+                yield chunk.text
+
+    def list_adapters(self):
+        request = self.pb.adapters_pb2.ListAdaptersRequest()
+        return list(self.adapters.ListAdapters(request, metadata=self.metadata,
+                                               timeout=30).adapters)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--address", default="127.0.0.1:50051")
+    ap.add_argument("--token", default=None, help="a bearer token from auth.tokens")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("submit").add_argument("job_file", type=pathlib.Path)
+    sub.add_parser("watch").add_argument("job_id")
+    chat = sub.add_parser("chat")
+    chat.add_argument("--adapter", default="")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("messages", nargs="+")
+    sub.add_parser("adapters")
+    args = ap.parse_args(argv)
+
+    client = LoradClient(args.address, args.token)
+    try:
+        if args.command == "submit":
+            print(client.submit(json.loads(args.job_file.read_text())))
+        elif args.command == "watch":
+            for event in client.watch(args.job_id):
+                if event.HasField("step"):
+                    s = event.step
+                    print(f"step {s.step}  loss {s.loss:.4f}  lr {s.learning_rate:.3g}", flush=True)
+                elif event.HasField("finished"):
+                    f = event.finished
+                    print(f"succeeded: adapter {f.adapter_name} v{f.adapter_version}, "
+                          f"{f.steps} steps, final loss {f.final_loss:.4f}")
+                elif event.HasField("failed"):
+                    print(f"failed: {event.failed}")
+                    return 1
+        elif args.command == "chat":
+            history = []
+            for message in args.messages:
+                history.append(("user", message))
+                reply = ""
+                for text in client.chat(history, adapter=args.adapter,
+                                        max_new_tokens=args.max_new_tokens):
+                    print(text, end="", flush=True)
+                    reply += text
+                print()
+                history.append(("assistant", reply))
+        elif args.command == "adapters":
+            for a in client.list_adapters():
+                state = "serving" if a.current else "draining"
+                print(f"{a.name}  v{a.version}  rank {a.rank}  {state}")
+    except grpc.RpcError as e:
+        print(f"lorad_client: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""clients/python/lorad_client.py, the Python client example, against the real daemon: the
+README's walk-through (submit a job, watch its loss, chat with its adapter) through it."""
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT, start_daemon, stop_daemon
+
+CLIENT = ROOT / "clients" / "python" / "lorad_client.py"
+
+
+def run_client(address, *args):
+    result = subprocess.run([sys.executable, str(CLIENT), "--address", address, *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_submit_watch_chat_and_list_through_the_python_example(tmp_path):
+    d = start_daemon(tmp_path)
+    try:
+        datasets = tmp_path / "data" / "datasets"
+        datasets.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "tests" / "fixtures" / "qa_small.jsonl", datasets / "qa.jsonl")
+        job = tmp_path / "job.json"
+        job.write_text(json.dumps({
+            "adapter_name": "qa-py",
+            "dataset": {"path": "qa.jsonl", "format": "DATASET_FORMAT_QA"},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1,
+                         "learning_rate": 2e-3, "max_seq_length": 128},
+        }))
+        job_id = run_client(d.grpc_address, "submit", str(job)).strip()
+        assert job_id.startswith("job-"), job_id
+
+        watched = run_client(d.grpc_address, "watch", job_id).splitlines()
+        steps = [line for line in watched if line.startswith("step ")]
+        assert [line.split()[1] for line in steps] == ["1", "2", "3"], watched
+        assert watched[-1].startswith("succeeded: adapter qa-py v1, 3 steps"), watched
+
+        listed = run_client(d.grpc_address, "adapters")
+        assert "qa-py  v1  rank 4  serving" in listed, listed
+        replies = run_client(d.grpc_address, "chat", "--adapter", "qa-py", "--max-new-tokens",
+                             "4", "What is 2+2?", "And 3+3?")
+        assert len(replies.splitlines()) == 2, replies  # one line per turn
+    finally:
+        stop_daemon(d)
