@@ -85,6 +85,36 @@ TEST_P(LayerOpsGpuTest, RotaryIsBitExact) {
   }
 }
 
+// rotary_store_cuda against rotary_store_cpu for `rows` decode rows of q (given) and random k, v,
+// cos, sin (from `seed` on), written to slots scattered over a pool whose other slots must stay.
+void ExpectRotaryStoreMatches(const std::vector<char>& q, FloatKind kind, int64_t rows,
+                              int64_t heads, int64_t kv_heads, int64_t d, uint32_t seed) {
+  const int64_t pool_slots = 2 * rows + 5;
+  std::vector<int64_t> slots(rows);
+  for (int64_t r = 0; r < rows; ++r) slots[r] = (7 * r + 3) % pool_slots;  // distinct
+  const auto k = RandomValues(rows * kv_heads * d, kind, seed),
+             v = RandomValues(rows * kv_heads * d, kind, seed + 1),
+             c = RandomValues(rows * d, kind, seed + 2), s = RandomValues(rows * d, kind, seed + 3),
+             pool = RandomValues(pool_slots * kv_heads * d, kind, seed + 4);
+  std::vector<char> want_q(q.size()), want_k = pool, want_v = pool;
+  RotaryStoreArgs args;
+  args.q = q.data(), args.k = k.data(), args.v = v.data(), args.cos = c.data();
+  args.sin = s.data(), args.slots = slots.data(), args.q_out = want_q.data();
+  args.k_pool = want_k.data(), args.v_pool = want_v.data();
+  args.rows = rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = d;
+  rotary_store_cpu(args, kind);
+  GpuBuffer<char> q_dev(q), k_dev(k), v_dev(v), c_dev(c), s_dev(s), q_out(q.size()), k_pool(pool),
+      v_pool(pool);
+  GpuBuffer<int64_t> slots_dev(slots);
+  args.q = q_dev.get(), args.k = k_dev.get(), args.v = v_dev.get(), args.cos = c_dev.get();
+  args.sin = s_dev.get(), args.slots = slots_dev.get(), args.q_out = q_out.get();
+  args.k_pool = k_pool.get(), args.v_pool = v_pool.get();
+  LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
+  EXPECT_EQ(q_out.Read(), want_q);
+  EXPECT_EQ(k_pool.Read(), want_k);
+  EXPECT_EQ(v_pool.Read(), want_v);
+}
+
 // A decode step's rotary of q and k and its paged-cache write: rows scattered over a pool, slots
 // not in row order, the pool's other slots left as they were.
 TEST_P(LayerOpsGpuTest, RotaryStoreIsBitExact) {
@@ -93,31 +123,8 @@ TEST_P(LayerOpsGpuTest, RotaryStoreIsBitExact) {
        {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 32, 8, 128},
         {32, 32, 8, 128},
         {3, 4, 2, 12}}) {
-    const int64_t pool_slots = 2 * rows + 5;
-    std::vector<int64_t> slots(rows);
-    for (int64_t r = 0; r < rows; ++r) slots[r] = (7 * r + 3) % pool_slots;  // distinct
-    const auto q = RandomValues(rows * heads * d, kind, 21),
-               k = RandomValues(rows * kv_heads * d, kind, 22),
-               v = RandomValues(rows * kv_heads * d, kind, 23),
-               c = RandomValues(rows * d, kind, 24), s = RandomValues(rows * d, kind, 25),
-               pool = RandomValues(pool_slots * kv_heads * d, kind, 26);
-    std::vector<char> want_q(q.size()), want_k = pool, want_v = pool;
-    RotaryStoreArgs args;
-    args.q = q.data(), args.k = k.data(), args.v = v.data(), args.cos = c.data();
-    args.sin = s.data(), args.slots = slots.data(), args.q_out = want_q.data();
-    args.k_pool = want_k.data(), args.v_pool = want_v.data();
-    args.rows = rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = d;
-    rotary_store_cpu(args, kind);
-    GpuBuffer<char> q_dev(q), k_dev(k), v_dev(v), c_dev(c), s_dev(s), q_out(q.size()), k_pool(pool),
-        v_pool(pool);
-    GpuBuffer<int64_t> slots_dev(slots);
-    args.q = q_dev.get(), args.k = k_dev.get(), args.v = v_dev.get(), args.cos = c_dev.get();
-    args.sin = s_dev.get(), args.slots = slots_dev.get(), args.q_out = q_out.get();
-    args.k_pool = k_pool.get(), args.v_pool = v_pool.get();
-    LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
-    EXPECT_EQ(q_out.Read(), want_q);
-    EXPECT_EQ(k_pool.Read(), want_k);
-    EXPECT_EQ(v_pool.Read(), want_v);
+    ExpectRotaryStoreMatches(RandomValues(rows * heads * d, kind, 21), kind, rows, heads, kv_heads,
+                             d, 22);
   }
 }
 
@@ -218,28 +225,7 @@ TEST_P(LayerOpsGpuTest, RotaryAtOtherModelsHeads) {
                                       out_dev.get(), nullptr));
       EXPECT_EQ(out_dev.Read(), want);
 
-      const int64_t pool_slots = 2 * rows + 5;
-      std::vector<int64_t> slots(rows);
-      for (int64_t r = 0; r < rows; ++r) slots[r] = (7 * r + 3) % pool_slots;  // distinct
-      const auto k = RandomValues(rows * kv_heads * d, kind, 44),
-                 v = RandomValues(rows * kv_heads * d, kind, 45),
-                 pool = RandomValues(pool_slots * kv_heads * d, kind, 46);
-      std::vector<char> want_q(x.size()), want_k = pool, want_v = pool;
-      RotaryStoreArgs args;
-      args.q = x.data(), args.k = k.data(), args.v = v.data(), args.cos = c.data();
-      args.sin = s.data(), args.slots = slots.data(), args.q_out = want_q.data();
-      args.k_pool = want_k.data(), args.v_pool = want_v.data();
-      args.rows = rows, args.heads = heads, args.kv_heads = kv_heads, args.head_dim = d;
-      rotary_store_cpu(args, kind);
-      GpuBuffer<char> k_dev(k), v_dev(v), q_out(x.size()), k_pool(pool), v_pool(pool);
-      GpuBuffer<int64_t> slots_dev(slots);
-      args.q = x_dev.get(), args.k = k_dev.get(), args.v = v_dev.get(), args.cos = c_dev.get();
-      args.sin = s_dev.get(), args.slots = slots_dev.get(), args.q_out = q_out.get();
-      args.k_pool = k_pool.get(), args.v_pool = v_pool.get();
-      LORAD_ASSERT_LAUNCH(rotary_store_cuda(args, kind, nullptr));
-      EXPECT_EQ(q_out.Read(), want_q);
-      EXPECT_EQ(k_pool.Read(), want_k);
-      EXPECT_EQ(v_pool.Read(), want_v);
+      ExpectRotaryStoreMatches(x, kind, rows, heads, kv_heads, d, 44);
     }
   }
 }
