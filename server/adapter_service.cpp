@@ -32,8 +32,13 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
 }
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
-                               const TokenAuthenticator* auth, JobStore* record)
-    : engine_(engine), adapter_root_(std::move(adapter_root)), auth_(auth), record_(record) {}
+                               const TokenAuthenticator* auth, JobStore* record,
+                               BlockingCalls* blocking)
+    : engine_(engine),
+      adapter_root_(std::move(adapter_root)),
+      auth_(auth),
+      record_(record),
+      blocking_(blocking) {}
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
@@ -58,8 +63,17 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
     return FinishUnary(context,
                        absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
   }
-  auto folder = ResolveAdapterFolder(adapter_root_, request->path(), "path");
-  if (!folder.ok()) return FinishUnary(context, folder.status());
+  if (blocking_ == nullptr) return FinishUnary(context, Load(*request, response));
+  // Reading, hashing and checking an adapter's weights takes seconds for a large one: not on
+  // gRPC's threads. The request lives until the call ends.
+  return blocking_->Run(context, "adapter loads",
+                        [this, request, response] { return Load(*request, response); });
+}
+
+absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
+                                  lorad::v1::Adapter* response) {
+  auto folder = ResolveAdapterFolder(adapter_root_, request.path(), "path");
+  if (!folder.ok()) return folder.status();
   // The record as published: by the time List() runs, a load of the same name just after this
   // one may already have retired this version.
   engine::AdapterInfo published;
@@ -73,21 +87,20 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
     record = [&](int64_t version) {
       const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
       recorded = record_->RecordAdapter(
-          {request->name(), version, *folder, *folder, /*served=*/true, fingerprint});
+          {request.name(), version, *folder, *folder, /*served=*/true, fingerprint});
       return recorded;
     };
   }
-  auto version = engine_.adapters().LoadPeft(request->name(), *folder, "", &published, record);
+  auto version = engine_.adapters().LoadPeft(request.name(), *folder, "", &published, record);
   if (!version.ok()) {
     if (!recorded.ok()) {
-      return FinishUnary(context, absl::Status(recorded.code(),
-                                               absl::StrCat("recording adapter '", request->name(),
-                                                            "' failed: ", recorded.message())));
+      return absl::Status(recorded.code(), absl::StrCat("recording adapter '", request.name(),
+                                                        "' failed: ", recorded.message()));
     }
-    return FinishUnary(context, version.status());
+    return version.status();
   }
   ToProto(published, response);
-  return FinishUnary(context, absl::OkStatus());
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(

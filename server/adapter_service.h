@@ -9,6 +9,7 @@
 
 #include "engine/runtime/engine.h"
 #include "lorad/v1/adapters.grpc.pb.h"
+#include "server/blocking_calls.h"
 #include "server/job_store.h"
 #include "server/open_calls.h"
 #include "server/token_authenticator.h"
@@ -19,8 +20,10 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
  public:
   // `auth` (may be null: open): listing needs the user role, loading and unloading admin.
   // `record` (may be null) keeps what is loaded and unloaded, so a restart serves it again.
+  // `blocking` (may be null: on gRPC's thread) reads LoadAdapter's files.
   AdapterService(engine::Engine& engine, std::string adapter_root,
-                 const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr);
+                 const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr,
+                 BlockingCalls* blocking = nullptr);
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -37,6 +40,9 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   std::string adapter_root_;
   const TokenAuthenticator* auth_;
   JobStore* record_;
+  BlockingCalls* blocking_;
+  // LoadAdapter's work: read, record and publish the folder; answer in `response`.
+  absl::Status Load(const lorad::v1::LoadAdapterRequest& request, lorad::v1::Adapter* response);
   // UnloadAdapter calls waiting for their adapter's requests, a thread each.
   OpenCalls unload_waiters_{16};
 };

@@ -583,7 +583,10 @@ absl::Status Daemon::StartGrpc() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
+  // Two threads read datasets and adapter files for SubmitJob and LoadAdapter (admin calls).
+  blocking_calls_ = std::make_unique<BlockingCalls>(2, 64);
   TrainingServiceOptions training;
+  training.blocking = blocking_calls_.get();
   training.spec_limits.dataset_root = dataset_root_;
   training.spec_limits.model_layers = engine_->model_config().num_hidden_layers;
   training.max_queued_jobs = config_.limits.max_queued_jobs;
@@ -605,8 +608,8 @@ absl::Status Daemon::StartGrpc() {
   inference.max_open_streams = config_.limits.max_queued_requests;
   inference.defaults = generation_defaults_;
   services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
-  services_.push_back(
-      std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_, jobs_.get()));
+  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_, jobs_.get(),
+                                                       blocking_calls_.get()));
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
@@ -671,6 +674,8 @@ void Daemon::Shutdown() {
     grpc_server_->GetHealthCheckService()->SetServingStatus(false);
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
     job_events_.CloseAll();  // job watches never end by themselves
+    // Calls reading files end (a dataset's count gives up): the server waits for every call.
+    if (blocking_calls_) blocking_calls_->Stop();
     grpc_server_->Shutdown(std::chrono::system_clock::now() +
                            std::chrono::seconds(config_.server.shutdown_grace_seconds));
     grpc_server_->Wait();

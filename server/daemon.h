@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
+#include "server/blocking_calls.h"
 #include "server/http_server.h"
 #include "server/job_event_hub.h"
 #include "server/job_runner.h"
@@ -77,6 +78,7 @@ class Daemon {
   // Sampling for requests' unset fields (model.generation_config).
   engine::GenerationDefaults generation_defaults_;
   std::unique_ptr<JobRunner> job_runner_;
+  std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's and LoadAdapter's file reads
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;

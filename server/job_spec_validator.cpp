@@ -145,7 +145,8 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
 }
 
 absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
-                                                 const JobSpecLimits& limits) {
+                                                 const JobSpecLimits& limits,
+                                                 const std::atomic<bool>* abandon) {
   if (!d.has_response_only()) d.set_response_only(true);
   const std::vector<std::string> templates = engine::ExampleFormatter::TemplateNames();
   if (!d.template_().empty() &&
@@ -191,7 +192,8 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
   } else {
     auto resolved = ResolveInsideRoot(limits.dataset_root, d.path(), "dataset.path");
     if (!resolved.ok()) return resolved.status();
-    auto examples = engine::CountDataset(*resolved, options, &result.skipped);
+    auto examples = engine::CountDataset(*resolved, options, &result.skipped, abandon);
+    if (absl::IsCancelled(examples.status())) return examples.status();
     if (!examples.ok()) {
       return Field("dataset.path", std::string(examples.status().message()));
     }
@@ -211,7 +213,8 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
     auto resolved =
         ResolveInsideRoot(limits.dataset_root, d.validation_path(), "dataset.validation_path");
     if (!resolved.ok()) return resolved.status();
-    auto examples = engine::CountDataset(*resolved, options);
+    auto examples = engine::CountDataset(*resolved, options, nullptr, abandon);
+    if (absl::IsCancelled(examples.status())) return examples.status();
     if (!examples.ok()) {
       return Field("dataset.validation_path", std::string(examples.status().message()));
     }
@@ -232,12 +235,13 @@ absl::Status CheckAdapterName(const std::string& name, const std::string& field)
   return absl::OkStatus();
 }
 
-absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLimits& limits) {
+absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLimits& limits,
+                                                 const std::atomic<bool>* abandon) {
   if (auto s = CheckAdapterName(spec.adapter_name(), "adapter_name"); !s.ok()) return s;
   if (auto s = InRange("priority", spec.priority(), -1000, 1000); !s.ok()) return s;
   if (auto s = ValidateLora(*spec.mutable_lora()); !s.ok()) return s;
   if (auto s = ValidateTraining(*spec.mutable_training(), limits); !s.ok()) return s;
-  auto dataset = ValidateDataset(*spec.mutable_dataset(), limits);
+  auto dataset = ValidateDataset(*spec.mutable_dataset(), limits, abandon);
   if (!dataset.ok()) return dataset.status();
   // The rules across fields (evaluation needs a validation split, early stopping needs
   // evaluation, ...) are the trainer's own: checked here so a job that would fail at its start

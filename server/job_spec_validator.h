@@ -4,6 +4,7 @@
 // outside the dataset root.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "absl/status/status.h"
@@ -34,9 +35,10 @@ struct ValidatedDataset {
 absl::Status CheckAdapterName(const std::string& name, const std::string& field);
 
 // Validates `spec` in place (defaults filled, dataset path replaced by its resolved form) and
-// reads the dataset once to prove it parses.
+// reads the dataset once to prove it parses; CANCELLED soon after `*abandon` turns true.
 absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
-                                                 const JobSpecLimits& limits);
+                                                 const JobSpecLimits& limits,
+                                                 const std::atomic<bool>* abandon = nullptr);
 
 // What errors call a request's inline records: "dataset.inline_examples[2]" (0-based).
 inline constexpr absl::string_view kInlineExamples = "dataset.inline_examples";

@@ -1,10 +1,9 @@
 // lorad: the daemon. Flags and config in, Daemon started, signals wait, clean stop.
 // Exit codes: 0 after a clean stop, 2 for a bad config, flag or model folder, 1 otherwise.
 #include <spdlog/spdlog.h>
-
-#include <CLI/CLI.hpp>
 #include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>

@@ -375,17 +375,28 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   // Fields this lorad does not know are not stored: they served nothing, and a client could
   // make every listing of jobs megabytes with them.
   spec.DiscardUnknownFields();
-  auto dataset = ValidateJobSpec(spec, options_.spec_limits);
-  if (!dataset.ok()) return FinishUnary(context, dataset.status());
+  if (options_.blocking == nullptr) return FinishUnary(context, Submit(spec, nullptr, response));
+  // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads.
+  BlockingCalls* blocking = options_.blocking;
+  return blocking->Run(context, "job submissions",
+                       [this, blocking, spec = std::move(spec), response]() mutable {
+                         return Submit(spec, &blocking->stopping(), response);
+                       });
+}
+
+absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
+                                     lorad::v1::Job* response) {
+  auto dataset = ValidateJobSpec(spec, options_.spec_limits, abandon);
+  if (!dataset.ok()) return dataset.status();
   if (options_.check_job) {
-    if (auto s = options_.check_job(spec); !s.ok()) return FinishUnary(context, s);
+    if (auto s = options_.check_job(spec); !s.ok()) return s;
   }
   auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
                               TotalSteps(spec, dataset->examples), options_.max_queued_jobs);
-  if (!record.ok()) return FinishUnary(context, record.status());
+  if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();
-  return FinishUnary(context, FillJob(*record, response));
+  return FillJob(*record, response);
 }
 
 grpc::ServerUnaryReactor* TrainingService::GetJob(grpc::CallbackServerContext* context,

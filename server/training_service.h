@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "lorad/v1/training.grpc.pb.h"
+#include "server/blocking_calls.h"
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
@@ -35,6 +36,9 @@ struct TrainingServiceOptions {
   // WatchJob streams open at once (each holds a page of history and a subscription); more are
   // RESOURCE_EXHAUSTED.
   int64_t max_watches = 1024;
+  // Where SubmitJob reads the dataset and runs check_job, off gRPC's threads; null: on the
+  // handler's thread (tests).
+  BlockingCalls* blocking = nullptr;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {
@@ -60,6 +64,9 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed) const;
   // The proto view of a stored job, with its latest step.
   absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
+  // SubmitJob's work: validate (reading the dataset), check, queue, answer in `response`.
+  absl::Status Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
+                      lorad::v1::Job* response);
 
   JobStore& store_;
   JobEventHub& events_;

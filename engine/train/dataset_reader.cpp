@@ -388,12 +388,15 @@ namespace {
 // Hands every usable record of `path` to `take`; returns how many, or the error ReadDataset
 // documents (none usable: why the first was skipped).
 absl::StatusOr<int64_t> ForEachRecord(const std::string& path, const DatasetReaderOptions& options,
-                                      int64_t* skipped,
-                                      const std::function<void(Example&&)>& take) {
+                                      int64_t* skipped, const std::function<void(Example&&)>& take,
+                                      const std::atomic<bool>* abandon = nullptr) {
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   int64_t count = 0;
   while (true) {
+    if (abandon != nullptr && abandon->load()) {
+      return absl::CancelledError(absl::StrCat("reading dataset '", path, "' was abandoned"));
+    }
     auto next = (*reader)->Next();
     if (!next.ok()) return next.status();
     if (!next->has_value()) break;
@@ -424,8 +427,9 @@ absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
 }
 
 absl::StatusOr<int64_t> CountDataset(const std::string& path, DatasetReaderOptions options,
-                                     int64_t* skipped) {
-  return ForEachRecord(path, options, skipped, [](Example&&) {});
+                                     int64_t* skipped, const std::atomic<bool>* abandon) {
+  return ForEachRecord(
+      path, options, skipped, [](Example&&) {}, abandon);
 }
 
 }  // namespace lorad::engine

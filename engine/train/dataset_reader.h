@@ -13,6 +13,7 @@
 // reader counts it and moves on.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <fstream>
 #include <memory>
@@ -107,7 +108,9 @@ absl::StatusOr<std::vector<Example>> ReadDataset(const std::string& path,
 
 // What ReadDataset would return the size of (or its error), keeping one record at a time: the
 // check when a job is submitted (a dataset of gigabytes must not be held in the daemon for it).
+// CANCELLED soon after `*abandon` turns true (the daemon stopping).
 absl::StatusOr<int64_t> CountDataset(const std::string& path, DatasetReaderOptions options = {},
-                                     int64_t* skipped = nullptr);
+                                     int64_t* skipped = nullptr,
+                                     const std::atomic<bool>* abandon = nullptr);
 
 }  // namespace lorad::engine

@@ -6,14 +6,18 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "lorad/v1/training.grpc.pb.h"
+#include "server/blocking_calls.h"
 #include "server/job_event_hub.h"
 #include "server/job_store.h"
 
@@ -258,6 +262,67 @@ TEST(TrainingServiceTest, JobsAreListedWithoutFieldsThisLoradDoesNotKnow) {
   lorad::v1::Job got;
   ASSERT_TRUE(rig.stub().GetJob(&get_context, get, &got).ok());
   EXPECT_LT(got.ByteSizeLong(), 1000u);
+}
+
+// SubmitJob reads the dataset and runs the model's checks on BlockingCalls' threads, not gRPC's:
+// one worker and one place in its queue here, the first job held in check_job. A third call is
+// refused while both are taken; at a stop the running one ends and the queued one is UNAVAILABLE.
+TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
+  BlockingCalls blocking(/*threads=*/1, /*max_queued=*/1);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false, release = false;
+  TrainingServiceOptions options;
+  options.blocking = &blocking;
+  options.check_job = [&](const lorad::v1::JobSpec&) {
+    std::unique_lock<std::mutex> lock(mu);
+    entered = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+    return absl::OkStatus();
+  };
+  Rig rig("blocking-submits", std::move(options));
+  lorad::v1::SubmitJobRequest request;
+  request.mutable_spec()->set_adapter_name("bot");
+  request.mutable_spec()->mutable_dataset()->add_inline_examples()->set_json(
+      R"({"question": "q", "answer": "a"})");
+  request.mutable_spec()->mutable_training()->set_max_steps(3);
+  const auto submit = [&] {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    lorad::v1::Job job;
+    return rig.stub().SubmitJob(&context, request, &job);
+  };
+  grpc::Status first, second;
+  std::thread a([&] { first = submit(); });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return entered; }));
+  }
+  std::thread b([&] { second = submit(); });
+  for (int i = 0; i < 3000 && blocking.queued() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(blocking.queued(), 1u);
+  const grpc::Status third = submit();
+  EXPECT_EQ(third.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << third.error_message();
+  EXPECT_EQ(third.error_message(),
+            "1 job submissions are waiting to be read already; send it again shortly");
+  std::thread stop([&] { blocking.Stop(); });
+  while (!blocking.stopping().load()) std::this_thread::yield();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  stop.join();
+  a.join();
+  b.join();
+  EXPECT_TRUE(first.ok()) << first.error_message();
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::UNAVAILABLE) << second.error_message();
+  auto jobs = rig.store().List({}, 10, "");
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(jobs->jobs.size(), 1u) << "only the first was queued";
 }
 
 // WatchJob streams open at once are bounded (each holds a page of history and a subscription);
