@@ -1,6 +1,13 @@
 #include "engine/train/dataset_reader.h"
 
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -13,6 +20,10 @@
 #include "engine/model/json_file.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
+
+#ifndef SYS_openat2
+#define SYS_openat2 437  // the same number on every Linux architecture
+#endif
 
 namespace lorad::engine {
 namespace {
@@ -194,13 +205,48 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   return ex;
 }
 
+namespace {
+
+// Opens `path` into `in` refusing any symlink on the way (openat2 RESOLVE_NO_SYMLINKS), then
+// reads through /proc/self/fd: the file opened is the one checked, whatever the path becomes.
+absl::Status OpenWithoutSymlinks(const std::string& path, std::ifstream& in) {
+  open_how how{};
+  how.flags = O_RDONLY | O_CLOEXEC;
+  how.resolve = RESOLVE_NO_SYMLINKS;
+  const int fd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how)));
+  if (fd < 0) {
+    if (errno == ELOOP || errno == EXDEV) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("dataset '", path,
+                       "' now leads through a symlink: it changed since the job was "
+                       "checked; submit the job again"));
+    }
+    if (errno == ENOSYS || errno == EPERM) {  // an old kernel, or a seccomp filter without it
+      in.open(path, std::ios::binary);
+      return absl::OkStatus();
+    }
+    return absl::NotFoundError(
+        absl::StrCat("dataset '", path, "' cannot be read: ", std::strerror(errno)));
+  }
+  in.open(absl::StrCat("/proc/self/fd/", fd), std::ios::binary);
+  close(fd);  // the stream holds its own descriptor of the same file
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::string& path,
                                                                    DatasetReaderOptions options) {
   std::unique_ptr<DatasetReader> reader(new DatasetReader());
   reader->path_ = path;
   reader->options_ = options;
   if (auto s = RequireRegularFile(path, absl::StrCat("dataset '", path, "'")); !s.ok()) return s;
-  reader->in_.open(path, std::ios::binary);
+  if (options.no_symlinks) {
+    auto opened = OpenWithoutSymlinks(path, reader->in_);
+    if (!opened.ok()) return opened;
+  } else {
+    reader->in_.open(path, std::ios::binary);
+  }
   if (!reader->in_) {
     return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));
   }

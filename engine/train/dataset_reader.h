@@ -54,6 +54,10 @@ struct DatasetReaderOptions {
   // Non-empty: the file holds a request's inline records, one a line, and errors name them as
   // the request does ("dataset.inline_examples[2]", 0-based) rather than "<file>:3".
   std::string inline_name;
+  // The path was resolved when the job was checked (no symlink in it): open it without following
+  // any, so that a symlink put in its way since (to a file outside the dataset root) is refused
+  // rather than read. Linux's openat2 RESOLVE_NO_SYMLINKS; where the kernel lacks it, a plain open.
+  bool no_symlinks = false;
 };
 
 class DatasetReader {

@@ -35,6 +35,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   options.format = *format;
   options.skip_bad_lines = config.skip_bad_lines;
   if (path == config.path) options.inline_name = config.inline_name;
+  options.no_symlinks = config.resolved_paths;
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;

@@ -11,12 +11,15 @@
 namespace lorad::engine {
 namespace {
 
+namespace fs = std::filesystem;
+
 class DatasetReaderTest : public ::testing::Test {
  protected:
   std::string Write(const std::string& name, const std::string& body) {
     const auto dir = std::filesystem::path(::testing::TempDir()) / "dataset_reader_test";
     std::filesystem::create_directories(dir);
     const std::string path = (dir / name).string();
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path());
     std::ofstream(path, std::ios::binary) << body;
     return path;
   }
@@ -328,6 +331,29 @@ TEST_F(DatasetReaderTest, ANumberPastADoublesRangeIsABadRecord) {
       << strict.status();
   EXPECT_NE(strict.status().message().find("1e400"), std::string::npos) << strict.status();
   ExpectSkipping(path, 1, 1);
+}
+
+// A job's dataset path was resolved at submit (no symlink in it): a symlink put in its way since,
+// in a folder or as the file itself, is refused when the job reads it, not followed out of the
+// dataset root. Without the option (a path given as is) symlinks are followed.
+TEST_F(DatasetReaderTest, AResolvedPathIsReadWithoutFollowingSymlinks) {
+  const fs::path file = Write("real/data.jsonl", "{\"text\": \"a\"}\n");
+  const fs::path dir = file.parent_path().parent_path();
+  fs::remove(dir / "through");
+  fs::create_directory_symlink(dir / "real", dir / "through");
+  fs::remove(dir / "link.jsonl");
+  fs::create_symlink(file, dir / "link.jsonl");
+  DatasetReaderOptions resolved;
+  resolved.no_symlinks = true;
+  EXPECT_TRUE(ReadDataset(file.string(), resolved).ok());
+  for (const fs::path& path : {dir / "through" / "data.jsonl", dir / "link.jsonl"}) {
+    auto refused = ReadDataset(path.string(), resolved);
+    ASSERT_FALSE(refused.ok()) << path;
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied) << refused.status();
+    EXPECT_NE(refused.status().message().find("now leads through a symlink"), std::string::npos)
+        << refused.status();
+    EXPECT_TRUE(ReadDataset(path.string()).ok()) << path;
+  }
 }
 
 TEST(DatasetFormat, NamesRoundTrip) {
