@@ -299,8 +299,14 @@ void Engine::Impl::Loop() {
       (void)inference->Step();
       const double dt = Seconds(Clock::now() - t0);
       inference_seconds.store(inference_seconds.load() + dt);
-      train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
+      // Earned only while a job trains: credit saved up with none (serving alone, or while a
+      // job read its data) made the next job run up to kMaxTrainCreditSeconds of micro-batches
+      // in a row, every stream waiting.
+      if (!trainers.empty()) {
+        train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
+      }
     }
+    if (trainers.empty()) train_credit = std::min(train_credit, 0.0);
     // While serving, training spends all the credit the step earned (a share above a half earns
     // more than one micro-batch per step); idle, one micro-batch a turn, so that a request that
     // arrives waits for one at most.

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace lorad::engine {
@@ -84,6 +86,77 @@ struct Observed {
                                    job_events.back().kind == TrainingEvent::Kind::kFailed);
   }
 };
+
+// Training's share of the loop is earned by inference steps taken while a job trains: a job that
+// starts after the engine has served alone for a while (or read its data beside the loop) must
+// not run on credit saved up meanwhile. It did, up to 2 s of micro-batches in a row before the
+// next token of any stream. Here: streams served back to back, then a job; between two tokens
+// only a micro-batch or so runs (train_share 0.3: each costs far more than a decode step earns).
+TEST(EngineTest, AJobStartingBesideStreamsDoesNotSpendCreditSavedBeforeIt) {
+  auto engine = StartTinyEngine();
+  ASSERT_NE(engine, nullptr);
+  const fs::path folder = FreshFolder("saved-credit");
+  std::mutex mu;
+  std::condition_variable cv;
+  std::string log;  // 'T' a token of a stream, 'S' a training step, in the loop's order
+  bool request_done = false, stop_feeding = false;
+  std::thread feeder([&] {
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (stop_feeding) return;
+        request_done = false;
+      }
+      GenerationRequest request;
+      request.prompt = "Once upon a time";
+      request.sampling.max_new_tokens = 900;
+      request.ignore_eos = true;
+      auto id = engine->Generate(request, [&](const TokenEvent& e) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (e.token) log += 'T';
+        if (e.finished) request_done = true;
+        cv.notify_all();
+      });
+      ASSERT_TRUE(id.ok()) << id.status();
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return request_done; });
+    }
+  });
+  {  // serve alone long enough to have saved up many micro-batches' worth
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, seconds(120), [&] { return log.size() >= 2000; }));
+  }
+  TrainingJobConfig config =
+      JobOn(std::string(LORAD_SOURCE_DIR) + "/tests/fixtures/qa_small.jsonl", folder / "job");
+  config.max_steps = 12;
+  bool job_ended = false;
+  ASSERT_TRUE(engine
+                  ->StartTraining("beside-streams", config,
+                                  [&](const TrainingEvent& e) {
+                                    std::lock_guard<std::mutex> lock(mu);
+                                    if (e.kind == TrainingEvent::Kind::kStep) log += 'S';
+                                    job_ended |= e.kind == TrainingEvent::Kind::kFinished ||
+                                                 e.kind == TrainingEvent::Kind::kFailed;
+                                    cv.notify_all();
+                                  })
+                  .ok());
+  std::string seen;
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, seconds(300), [&] { return job_ended; }));
+    stop_feeding = true;
+    seen = log;
+  }
+  feeder.join();
+  size_t longest = 0, run = 0;
+  for (char c : seen) {
+    run = c == 'S' ? run + 1 : 0;
+    longest = std::max(longest, run);
+  }
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), 'S'), 12);
+  EXPECT_LE(longest, 4u) << "training steps in a row while streams waited: " << longest;
+  engine.reset();  // before what its callbacks use
+}
 
 TEST(EngineTest, ServesWhileAJobReadsItsDataAndACancelThenEndsItUntrained) {
   auto engine = StartTinyEngine();
