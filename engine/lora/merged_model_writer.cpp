@@ -52,7 +52,8 @@ absl::Status WriteConfig(const std::string& base_folder, const std::string& out,
 }
 
 absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapter& adapter,
-                                const std::string& out_folder, const std::string& dtype) {
+                                const std::string& out_folder, const std::string& dtype,
+                                const std::atomic<bool>* abandon) {
   auto out_dtype = OutputDType(dtype);
   if (!out_dtype.ok()) return out_dtype.status();
   auto weights = ModelWeights::Open(base_folder);
@@ -61,7 +62,14 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
 
   std::vector<torch::Tensor> keep;  // the tensors the views point into
   std::vector<TensorView> views;
+  const auto abandoned = [&] {
+    return abandon != nullptr && abandon->load()
+               ? absl::CancelledError(absl::StrCat("the merged export to ", out_folder,
+                                                   " was abandoned (lorad is stopping)"))
+               : absl::OkStatus();
+  };
   for (const std::string& name : weights->names()) {
+    if (auto s = abandoned(); !s.ok()) return s;
     if (weights->IsBitsandbytes4bit(name)) {
       return absl::UnimplementedError(absl::StrCat(
           "'", name, "' in ", base_folder,
@@ -107,6 +115,7 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
     views.push_back(std::move(v));
   }
 
+  if (auto s = abandoned(); !s.ok()) return s;
   const fs::path out(out_folder);
   const fs::path tmp = out.parent_path() / (out.filename().string() + ".tmp");
   std::error_code ec;
@@ -138,9 +147,10 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
 }  // namespace
 
 absl::Status WriteMergedModel(const std::string& base_folder, const LoraAdapter& adapter,
-                              const std::string& out_folder, const std::string& dtype) {
+                              const std::string& out_folder, const std::string& dtype,
+                              const std::atomic<bool>* abandon) {
   try {
-    return WriteMergedOrThrow(base_folder, adapter, out_folder, dtype);
+    return WriteMergedOrThrow(base_folder, adapter, out_folder, dtype, abandon);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("merging the adapter: ", e.what_without_backtrace()));
   } catch (const std::exception& e) {

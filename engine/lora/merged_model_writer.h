@@ -9,6 +9,7 @@
 // quantized by bitsandbytes is refused: merge into the 16-bit model it came from.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "absl/status/status.h"
@@ -17,7 +18,10 @@
 namespace lorad::engine {
 
 // `dtype`: "auto" (each tensor keeps its checkpoint dtype), "bfloat16", "float16" or "float32".
+// CANCELLED, with nothing written, soon after `*abandon` turns true (a daemon stopping: a large
+// model's export takes minutes).
 absl::Status WriteMergedModel(const std::string& base_folder, const LoraAdapter& adapter,
-                              const std::string& out_folder, const std::string& dtype);
+                              const std::string& out_folder, const std::string& dtype,
+                              const std::atomic<bool>* abandon = nullptr);
 
 }  // namespace lorad::engine

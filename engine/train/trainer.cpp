@@ -139,6 +139,9 @@ struct Trainer::Impl {
     AnswerEvaluation answers;
     bool files_written = false;  // the report and the adapter; the merged export may go on
     std::future<absl::Status> merged_export;
+    // Set when a shutdown stops the job during its export: the export gives up (minutes for a
+    // large model, past a container's stop timeout); the job resumes at its end next time.
+    std::shared_ptr<std::atomic<bool>> abandon_export = std::make_shared<std::atomic<bool>>(false);
     TrainingSummary summary;
   };
   std::optional<Finishing> finishing;
@@ -596,11 +599,12 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
       // large model a minute of it, on a thread of its own while the loop serves.
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-      f.merged_export = std::async(std::launch::async,
-                                   [folder = model_folder, adapter = std::move(final_adapter),
-                                    path = s.merged_path, dtype = config.export_merged_dtype] {
-                                     return WriteMergedModel(folder, adapter, path, dtype);
-                                   });
+      f.merged_export =
+          std::async(std::launch::async, [folder = model_folder, adapter = std::move(final_adapter),
+                                          path = s.merged_path, dtype = config.export_merged_dtype,
+                                          abandon = f.abandon_export] {
+            return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
+          });
     }
     f.files_written = true;
   }
@@ -713,8 +717,16 @@ absl::Status Trainer::Step() {
   // The job's own random stream for this step, kept for its next one whatever happens here.
   ScopedRandomState installed(t.random, t.model->options().device.is_cuda());
   try {
-    // Once its files are written the job is done but for the merged export: a cancel then
-    // would report a written adapter as cancelled, and wait for the export at destruction.
+    // A shutdown (Interrupt, then Cancel) during the merged export: the export gives up and the
+    // job ends unfinished; its last checkpoint is written, so the next start redoes its end.
+    if (t.cancel.load() && t.interrupt.load() && t.finishing && t.finishing->files_written &&
+        t.finishing->merged_export.valid()) {
+      t.finishing->abandon_export->store(true);
+      (void)t.finishing->merged_export.get();
+      return t.Finish(/*cancelled=*/true, false);
+    }
+    // Once its files are written the job is done but for the merged export: a user's cancel
+    // then would report a written adapter as cancelled (the job finishes).
     if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       // Trained to its last step, with that step's checkpoint not yet written (its evaluation

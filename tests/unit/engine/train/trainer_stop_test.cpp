@@ -177,6 +177,47 @@ TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
   EXPECT_TRUE(fs::exists(fs::path(events.back().summary.merged_path) / "config.json"));
 }
 
+// A shutdown during the merged export (minutes for a large model, past a container's stop
+// timeout) does not wait for it: the export gives up, writing nothing, and the job ends unfinished
+// (its last step's checkpoint is there: the next start redoes its end).
+TEST_F(TrainerTest, AShutdownDuringTheMergedExportAbandonsIt) {
+  const fs::path slow = out_ / "slow-model-shutdown";
+  fs::create_directories(slow);
+  for (const auto& f : fs::directory_iterator(model_dir_)) {
+    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
+  }
+  fs::create_symlink(fs::path(model_dir_) / "model.safetensors", slow / "weights.safetensors");
+  ASSERT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  TrainingJobConfig config = Config("shutdown-export");
+  config.max_steps = 2;
+  config.export_merged_dtype = "float32";
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, slow.string(), config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  const fs::path adapter = fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors";
+  while (!fs::exists(adapter)) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
+  (*t)->Interrupt();  // StopTraining's order: interrupt, then cancel
+  (*t)->Cancel();
+  // The export is held on its index (the FIFO) until it is written; then it sees it must stop.
+  std::thread index_writer([&] {
+    auto weights = ModelWeights::Open(model_dir_);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    nlohmann::json index;
+    for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
+    std::ofstream(slow / "model.safetensors.index.json") << index.dump();
+  });
+  ASSERT_TRUE((*t)->Step().ok());
+  index_writer.join();
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged"));
+  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged.tmp"));
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-2" / "trainer_state.json"));
+}
+
 // A shutdown's checkpoint during a job's end (after the best evaluation's weights replaced the
 // last step's, with load_best_at_end) keeps the end's checkpoint of the last step, and the resumed
 // job publishes the best evaluation's adapter.
