@@ -280,6 +280,14 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
       return absl::Status(s.code(), absl::StrCat("checkpoint ", latest, ": ", s.message()));
     }
     // A checkpoint at the last step (the end writes one before the adapter): Step() only ends it.
+    // One a shutdown wrote before its step's cadence evaluation (skipped, not waited for): that
+    // evaluation runs first, so that its loss counts for the best and for early stopping. (The
+    // last step's is the end's own: Finish sees to it.) Older checkpoints do not say (-1).
+    if (config.eval_every > 0 && state.step > 0 && state.step < total_steps &&
+        state.step % config.eval_every == 0 && state.last_eval_step >= 0 &&
+        state.last_eval_step != state.step && !data->validation().empty()) {
+      periodic_eval.emplace();
+    }
   }
   // The job's stream: its seed's (set above) or the checkpoint's CPU state.
   random = RandomState::Capture(model->options().device.is_cuda());

@@ -386,6 +386,40 @@ TEST_F(TrainerTest, AShutdownBeforeTheLastStepsCadenceEvaluationReportsItOnResum
   EXPECT_DOUBLE_EQ(again.back().summary.best_loss, straight.back().summary.best_loss);
 }
 
+// A shutdown before a cadence evaluation in the middle of a job: the resumed job runs it first, so
+// the history, the best validation loss and early stopping have every evaluation the
+// uninterrupted run had.
+TEST_F(TrainerTest, AShutdownBeforeACadenceEvaluationRunsItOnResume) {
+  TrainingJobConfig config = Config("straight-mid");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 2;
+  config.max_steps = 6;
+  std::vector<TrainingEvent> straight, first, second;
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { straight.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+  }
+  config.output_dir = (out_ / "stopped-mid").string();
+  {
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(t.ok()) << t.status();
+    while ((*t)->step() < 4) ASSERT_TRUE((*t)->Step().ok());  // step 4 trained, its eval next
+    StopLikeTheEngine(**t);
+  }
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  std::vector<int64_t> evals = EvalSteps(first);
+  for (int64_t s : EvalSteps(second)) evals.push_back(s);
+  EXPECT_EQ(EvalSteps(straight), (std::vector<int64_t>{2, 4, 6}));
+  EXPECT_EQ(evals, (std::vector<int64_t>{2, 4, 6}));
+  EXPECT_DOUBLE_EQ(second.back().summary.best_loss, straight.back().summary.best_loss);
+}
+
 // A cancel during the last step's cadence evaluation writes that step's checkpoint first, as one
 // during the end's own evaluation does.
 TEST_F(TrainerTest, ACancelDuringTheLastStepsCadenceEvaluationKeepsItsCheckpoint) {
