@@ -66,8 +66,7 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
   if (blocking_ == nullptr) return FinishUnary(context, Load(*request, response));
   // Reading, hashing and checking an adapter's weights takes seconds for a large one: not on
   // gRPC's threads. The request lives until the call ends.
-  return blocking_->Run(context, "adapter loads",
-                        [this, request, response] { return Load(*request, response); });
+  return blocking_->Run(context, [this, request, response] { return Load(*request, response); });
 }
 
 absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,

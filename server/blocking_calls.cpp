@@ -23,21 +23,21 @@ BlockingCalls::BlockingCalls(int threads, int max_queued)
 BlockingCalls::~BlockingCalls() { Stop(); }
 
 grpc::ServerUnaryReactor* BlockingCalls::Run(grpc::CallbackServerContext* context,
-                                             const std::string& what,
                                              std::function<absl::Status()> work) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_.load() && queue_.size() < max_queued_) {
       grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-      queue_.push_back({reactor, std::move(work)});
+      queue_.push_back({context, reactor, std::move(work)});
       cv_.notify_one();
       return reactor;
     }
   }
   if (stopping_.load()) return FinishUnary(context, Stopping());
   return FinishUnary(context, absl::ResourceExhaustedError(absl::StrCat(
-                                  max_queued_, " ", what,
-                                  " are waiting to be read already; send it again shortly")));
+                                  max_queued_,
+                                  " calls that read files (job submissions, adapter loads) are "
+                                  "waiting already; send it again shortly")));
 }
 
 void BlockingCalls::Work() {
@@ -52,9 +52,17 @@ void BlockingCalls::Work() {
     }
     absl::Status status;
     try {
-      status = stopping_.load() ? Stopping() : task.work();
+      if (stopping_.load()) {
+        status = Stopping();
+      } else if (task.context->IsCancelled()) {
+        status = absl::CancelledError("the call ended before its turn came");
+      } else {
+        status = task.work();
+      }
     } catch (const std::exception& e) {  // nothing a call does may end the daemon
       status = absl::InternalError(absl::StrCat("unexpected error: ", e.what()));
+    } catch (...) {
+      status = absl::InternalError("unexpected error");
     }
     if (stopping_.load() && absl::IsCancelled(status)) status = Stopping();
     task.reactor->Finish(ToGrpcStatus(status));

@@ -33,8 +33,10 @@ class BlockingCalls {
   BlockingCalls& operator=(const BlockingCalls&) = delete;
 
   // Runs `work` on a worker and ends the call with the status it returns (its response filled
-  // by `work`). `what` names the work in the refusal when the queue is full ("job submissions").
-  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const std::string& what,
+  // by `work`); a call its client cancelled (or whose deadline passed) while it waited ends
+  // CANCELLED without running: a job submitted twice by a client retrying after its deadline
+  // would be queued twice.
+  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context,
                                 std::function<absl::Status()> work);
 
   // True once Stop() began: long work checks it and returns early.
@@ -48,6 +50,7 @@ class BlockingCalls {
 
  private:
   struct Task {
+    grpc::CallbackServerContext* context;
     grpc::ServerUnaryReactor* reactor;
     std::function<absl::Status()> work;
   };

@@ -56,9 +56,9 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
   if (ec)
     return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
   engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
-  // Resolved inside the dataset root at submit and checked again just above; the inline records'
-  // file is lorad's own, in the job's folder (whose path may hold symlinks: data_dir's).
-  c.data.resolved_paths = spec.dataset().inline_examples_size() == 0;
+  // Resolved inside the dataset root at submit and checked again just above (the inline records'
+  // file, lorad's own, is not opened that way).
+  c.data.resolved_paths = true;
   if (spec.dataset().inline_examples_size() > 0) {
     std::string jsonl;
     // One example a line, whatever its layout: a line break in JSON is only ever whitespace

@@ -4,9 +4,11 @@
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <future>
 #include <iostream>
 #include <map>
@@ -28,26 +30,30 @@ int Fail(int code, const std::string& message) {
 
 const char* SignalName(int number) { return number == SIGINT ? "SIGINT" : "SIGTERM"; }
 
-// Every connection, stream and file lorad serves takes a descriptor, and gRPC's server (1.51)
-// stops accepting connections for good after one accept fails with EMFILE (grpc#20418: the port
-// stays dead until a restart while /healthz says serving). Docker and systemd start services
-// with a soft limit of 1,024, below limits.max_queued_requests' default: take the hard limit.
+// Every connection and file lorad serves takes a descriptor, and gRPC's server (1.51) stops
+// accepting connections for good after one accept fails with EMFILE (grpc#20418: the port stays
+// dead until a restart while /healthz says serving). Docker and systemd start services with a
+// soft limit of 1,024 (a thousand clients): take the hard limit.
 void RaiseOpenFilesLimit() {
   constexpr rlim_t kEnough = 65536;
   rlimit limit{};
   if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
   if (limit.rlim_cur < limit.rlim_max) {
-    const rlim_t before = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
-      spdlog::info("open-files limit raised from {} to {}", before, limit.rlim_cur);
+    rlimit raised = limit;
+    raised.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) {
+      spdlog::info("open-files limit raised from {} to {}", limit.rlim_cur, raised.rlim_cur);
+      limit = raised;
+    } else {
+      spdlog::warn("cannot raise the open-files limit from {} to its hard limit {}: {}",
+                   limit.rlim_cur, limit.rlim_max, std::strerror(errno));
     }
   }
   if (limit.rlim_cur < kEnough) {
     spdlog::warn(
-        "the open-files limit is {} (its hard limit): gRPC stops accepting connections for good "
-        "once it runs out; raise it to {} or more (docker run --ulimit nofile={}:{}, "
-        "LimitNOFILE= in systemd, ulimit -Hn)",
+        "the open-files limit is {}: gRPC stops accepting connections for good once it runs "
+        "out; raise it to {} or more (docker run --ulimit nofile={}:{}, LimitNOFILE= in "
+        "systemd, ulimit -Hn)",
         limit.rlim_cur, kEnough, kEnough, kEnough);
   }
 }

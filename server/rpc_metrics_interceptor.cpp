@@ -21,9 +21,10 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
         duration_(duration),
         start_(std::chrono::steady_clock::now()) {}
 
-  // A call without a request: what its status was, counted when the call is over.
+  // A deferred call whose end never came (no POST_RECV_CLOSE): counted as sent, without the
+  // context (being destroyed with the call by now).
   ~RpcMetricsInterceptor() override {
-    if (deferred_) Count(CodeTheClientSees(sent_code_));
+    if (deferred_) Count(sent_code_);
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
@@ -34,8 +35,21 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
       sent_code_ = methods->GetSendStatus().error_code();
-      deferred_ = sent_code_ == grpc::StatusCode::UNIMPLEMENTED && !received_;
-      if (!deferred_) Count(sent_code_);
+      // Without a request, UNIMPLEMENTED may be a call that ended before its request arrived:
+      // the context knows once the call is over (POST_RECV_CLOSE), unless it does already.
+      const bool maybe_ended = sent_code_ == grpc::StatusCode::UNIMPLEMENTED && !received_;
+      if (!maybe_ended || closed_ || context_ == nullptr || context_->IsCancelled()) {
+        Count(CodeTheClientSees(sent_code_));
+      } else {
+        deferred_ = true;
+      }
+    }
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_CLOSE)) {
+      closed_ = true;
+      if (deferred_) {
+        deferred_ = false;
+        Count(CodeTheClientSees(sent_code_));
+      }
     }
     methods->Proceed();
   }
@@ -48,11 +62,12 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
 
   // A call cancelled, or past its deadline, before its request arrived is answered UNIMPLEMENTED
   // by gRPC's callback server (no request to decode, as for an unparseable one: grpc#30454),
-  // while its client sees CANCELLED or DEADLINE_EXCEEDED. The context says which only once the
-  // call is over (measured: not yet when the status is sent). Counting what the client saw
-  // keeps UNIMPLEMENTED meaning a client built against the wrong API.
+  // while its client sees CANCELLED or DEADLINE_EXCEEDED. The context says which once the call
+  // is over (measured: mostly not yet when the status is sent). Counting what the client saw
+  // keeps UNIMPLEMENTED meaning a client built against the wrong API. Called while the call
+  // lives (its context too).
   grpc::StatusCode CodeTheClientSees(grpc::StatusCode sent) const {
-    if (sent != grpc::StatusCode::UNIMPLEMENTED || context_ == nullptr ||
+    if (sent != grpc::StatusCode::UNIMPLEMENTED || received_ || context_ == nullptr ||
         !context_->IsCancelled()) {
       return sent;
     }
@@ -64,7 +79,8 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
   std::string method_;
   grpc::ServerContextBase* context_;
   bool received_ = false;  // a request message arrived and was decoded
-  bool deferred_ = false;  // UNIMPLEMENTED without a request: counted at the end
+  bool deferred_ = false;  // UNIMPLEMENTED without a request: counted at POST_RECV_CLOSE
+  bool closed_ = false;    // POST_RECV_CLOSE came
   double seconds_ = 0;     // arrival to status
   grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
   CounterFamily& requests_;

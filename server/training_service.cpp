@@ -378,10 +378,9 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   if (options_.blocking == nullptr) return FinishUnary(context, Submit(spec, nullptr, response));
   // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads.
   BlockingCalls* blocking = options_.blocking;
-  return blocking->Run(context, "job submissions",
-                       [this, blocking, spec = std::move(spec), response]() mutable {
-                         return Submit(spec, &blocking->stopping(), response);
-                       });
+  return blocking->Run(context, [this, blocking, spec = std::move(spec), response]() mutable {
+    return Submit(spec, &blocking->stopping(), response);
+  });
 }
 
 absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,

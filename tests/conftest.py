@@ -82,7 +82,7 @@ class Daemon:
         return pathlib.Path(self.log_path).read_text(errors="replace")
 
 
-def start_daemon(tmp_path, *extra_args, config=None, model=None):
+def start_daemon(tmp_path, *extra_args, config=None, model=None, preexec_fn=None):
     """Starts lorad (on `model`, else the tiny fixture model) and returns a Daemon once health
     answers SERVING (or fails the test)."""
     import grpc
@@ -98,7 +98,7 @@ def start_daemon(tmp_path, *extra_args, config=None, model=None):
         "--http-address", http_address, "--data-dir", str(tmp_path / "data"), *extra_args,
     ]
     log = open(log_path, "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     daemon = Daemon(proc, grpc_address, http_address, log_path)
     deadline = time.time() + 60
     with grpc.insecure_channel(grpc_address) as channel:

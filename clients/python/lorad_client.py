@@ -115,6 +115,10 @@ def main(argv=None) -> int:
                 elif event.HasField("failed"):
                     print(f"failed: {event.failed}")
                     return 1
+                elif (event.HasField("state") and event.state ==
+                      client.pb.training_pb2.JOB_STATE_CANCELLED):
+                    print("cancelled")
+                    return 1
         elif args.command == "chat":
             history = []
             for message in args.messages:

@@ -71,8 +71,8 @@ struct TokenLogprob {
   int32_t token = 0;
   float logprob = 0.0f;
   std::string text;  // the token's own bytes as text (invalid UTF-8 as U+FFFD); set by the engine
-  std::string
-      bytes;  // the token's own bytes (a byte-fallback piece: its one byte); set by the engine
+  // The token's own bytes (a byte-fallback piece: its one byte); set by the engine.
+  std::string bytes;
 };
 
 struct SampledToken {

@@ -306,6 +306,7 @@ void Engine::Impl::Loop() {
         train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
       }
     }
+    // A debt (a long micro-batch overdrew) stays with the loop: the next job waits it out.
     if (trainers.empty()) train_credit = std::min(train_credit, 0.0);
     // While serving, training spends all the credit the step earned (a share above a half earns
     // more than one micro-batch per step); idle, one micro-batch a turn, so that a request that

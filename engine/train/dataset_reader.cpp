@@ -1,15 +1,16 @@
 #include "engine/train/dataset_reader.h"
 
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <initializer_list>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -21,6 +22,16 @@
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h>
+#else  // older kernel headers: the ABI of Linux 5.6
+struct open_how {
+  uint64_t flags;
+  uint64_t mode;
+  uint64_t resolve;
+};
+#define RESOLVE_NO_SYMLINKS 0x04
+#endif
 #ifndef SYS_openat2
 #define SYS_openat2 437  // the same number on every Linux architecture
 #endif
@@ -222,6 +233,13 @@ absl::Status OpenWithoutSymlinks(const std::string& path, std::ifstream& in) {
                        "checked; submit the job again"));
     }
     if (errno == ENOSYS || errno == EPERM) {  // an old kernel, or a seccomp filter without it
+      static std::once_flag warned;
+      std::call_once(warned, [] {  // the engine does not use spdlog (torch's fmt)
+        std::fprintf(stderr,
+                     "lorad: openat2 is not available (an old kernel or a container's seccomp "
+                     "profile): job datasets are opened following symlinks, so one put in a "
+                     "dataset's path after its job was checked would be followed\n");
+      });
       in.open(path, std::ios::binary);
       return absl::OkStatus();
     }

@@ -728,7 +728,9 @@ absl::Status Trainer::Step() {
     // A shutdown (Interrupt, then Cancel) during the merged export: the export gives up and the
     // job ends unfinished; its last checkpoint is written, so the next start redoes its end.
     if (t.cancel.load() && t.interrupt.load() && t.finishing && t.finishing->files_written &&
-        t.finishing->merged_export.valid()) {
+        t.finishing->merged_export.valid() &&
+        t.finishing->merged_export.wait_for(std::chrono::seconds(0)) !=
+            std::future_status::ready) {  // one already written is kept: the job finishes
       t.finishing->abandon_export->store(true);
       (void)t.finishing->merged_export.get();
       return t.Finish(/*cancelled=*/true, false);

@@ -35,7 +35,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   options.format = *format;
   options.skip_bad_lines = config.skip_bad_lines;
   if (path == config.path) options.inline_name = config.inline_name;
-  options.no_symlinks = config.resolved_paths;
+  // The inline records' file is lorad's own, in the job's folder (whose path may hold symlinks).
+  options.no_symlinks = config.resolved_paths && options.inline_name.empty();
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;

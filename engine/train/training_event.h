@@ -42,8 +42,8 @@ struct CheckpointWritten {
 struct TrainingSummary {
   int64_t steps = 0;
   double epochs = 0;
-  double runtime_s =
-      0;  // the training loop's time, over every run (held-out answers and export not)
+  // The training loop's time, over every run (not the held-out answers and export after it).
+  double runtime_s = 0;
   double final_loss = 0;  // last step's training loss
   double train_loss = 0;  // the mean of every step's loss (transformers' train_loss); 0: unknown
   double best_loss = 0;   // best validation loss when evaluated, else the best training loss

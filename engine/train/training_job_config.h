@@ -30,8 +30,9 @@ struct TrainingDataConfig {
   bool response_only = true;  // loss on the assistant's tokens only; false: on every token
   bool packing = false;       // pack several short examples into one row of max_seq_length
   bool skip_bad_lines = false;
-  // `path` and `validation_path` were resolved when the job was checked (no symlink in them):
-  // they are opened without following any (DatasetReaderOptions::no_symlinks).
+  // `path` (unless it holds inline records) and `validation_path` were resolved when the job was
+  // checked (no symlink in them): they are opened without following any
+  // (DatasetReaderOptions::no_symlinks).
   bool resolved_paths = false;
   bool shuffle = true;               // reshuffle every epoch from the job's seed
   double validation_fraction = 0.0;  // [0, 0.5]: held out from `path` after a seeded shuffle

@@ -43,6 +43,6 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path):
         assert "qa-py  v1  rank 4  serving" in listed, listed
         replies = run_client(d.grpc_address, "chat", "--adapter", "qa-py", "--max-new-tokens",
                              "4", "What is 2+2?", "And 3+3?")
-        assert len(replies.splitlines()) == 2, replies  # one line per turn
+        assert replies.count("\n") >= 2, replies  # each turn's reply ends its line
     finally:
         stop_daemon(d)

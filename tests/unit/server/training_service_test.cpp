@@ -10,6 +10,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -294,12 +295,30 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
     return rig.stub().SubmitJob(&context, request, &job);
   };
   grpc::Status first, second;
-  std::thread a([&] { first = submit(); });
+  std::thread a, b, stop;
+  // Whatever fails below, nothing is left blocked or unjoined (std::thread's destructor would
+  // end the whole test binary).
+  const auto cleanup = [&] {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+    for (std::thread* t : {&stop, &a, &b}) {
+      if (t->joinable()) t->join();
+    }
+    blocking.Stop();
+  };
+  struct Finally {
+    std::function<void()> run;
+    ~Finally() { run(); }
+  } finally{cleanup};
+  a = std::thread([&] { first = submit(); });
   {
     std::unique_lock<std::mutex> lock(mu);
     ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return entered; }));
   }
-  std::thread b([&] { second = submit(); });
+  b = std::thread([&] { second = submit(); });
   for (int i = 0; i < 3000 && blocking.queued() == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -307,8 +326,9 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
   const grpc::Status third = submit();
   EXPECT_EQ(third.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << third.error_message();
   EXPECT_EQ(third.error_message(),
-            "1 job submissions are waiting to be read already; send it again shortly");
-  std::thread stop([&] { blocking.Stop(); });
+            "1 calls that read files (job submissions, adapter loads) are waiting already; send "
+            "it again shortly");
+  stop = std::thread([&] { blocking.Stop(); });
   while (!blocking.stopping().load()) std::this_thread::yield();
   {
     std::lock_guard<std::mutex> lock(mu);

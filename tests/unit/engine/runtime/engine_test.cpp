@@ -122,6 +122,18 @@ TEST(EngineTest, AJobStartingBesideStreamsDoesNotSpendCreditSavedBeforeIt) {
       cv.wait(lock, [&] { return request_done; });
     }
   });
+  struct StopFeeding {  // whatever fails below, the feeder ends and is joined
+    std::mutex& mu;
+    bool& stop;
+    std::thread& feeder;
+    ~StopFeeding() {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        stop = true;
+      }
+      if (feeder.joinable()) feeder.join();
+    }
+  } stop_feeder{mu, stop_feeding, feeder};
   {  // serve alone long enough to have saved up many micro-batches' worth
     std::unique_lock<std::mutex> lock(mu);
     ASSERT_TRUE(cv.wait_for(lock, seconds(120), [&] { return log.size() >= 2000; }));
@@ -147,7 +159,7 @@ TEST(EngineTest, AJobStartingBesideStreamsDoesNotSpendCreditSavedBeforeIt) {
     stop_feeding = true;
     seen = log;
   }
-  feeder.join();
+  feeder.join();  // its last request ends first
   size_t longest = 0, run = 0;
   for (char c : seen) {
     run = c == 'S' ? run + 1 : 0;
