@@ -31,6 +31,62 @@ void StopLikeTheEngine(Trainer& t) {
   }
 }
 
+// `config` run straight through, and run again stopped like the engine once step `stop_at` is
+// trained (its cadence evaluation next), then resumed: each run's events.
+struct StoppedBeforeEvaluation {
+  std::vector<TrainingEvent> straight, first, second;
+};
+StoppedBeforeEvaluation RunStoppedBeforeEvaluation(const TrainerTest& test,
+                                                   TrainingJobConfig config, int64_t stop_at,
+                                                   const std::string& stopped_folder) {
+  StoppedBeforeEvaluation runs;
+  const auto create = [&](std::vector<TrainingEvent>* events) {
+    auto t = Trainer::Create(test.model(), test.tokenizer(), test.model_dir(), config,
+                             [events](const TrainingEvent& e) { events->push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *std::move(t) : nullptr;
+  };
+  if (auto t = create(&runs.straight)) EXPECT_TRUE(t->Run().ok());
+  config.output_dir = (test.out() / stopped_folder).string();
+  if (auto t = create(&runs.first)) {
+    while (t->step() < stop_at) {
+      if (!t->Step().ok()) break;
+    }
+    StopLikeTheEngine(*t);
+  }
+  if (auto t = create(&runs.second)) EXPECT_TRUE(t->Run().ok());
+  return runs;
+}
+
+// Every evaluation step of the stopped run's two parts.
+std::vector<int64_t> JoinedEvalSteps(const StoppedBeforeEvaluation& runs) {
+  std::vector<int64_t> evals = EvalSteps(runs.first);
+  for (int64_t s : EvalSteps(runs.second)) evals.push_back(s);
+  return evals;
+}
+
+// A copy of the model folder whose weight index is a FIFO: a merged export waits on it until
+// WriteWeightIndex writes it (the job's files are written by then).
+fs::path SlowExportModel(const TrainerTest& test, const std::string& name) {
+  const fs::path slow = test.out() / name;
+  fs::create_directories(slow);
+  for (const auto& f : fs::directory_iterator(test.model_dir())) {
+    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
+  }
+  fs::create_symlink(fs::path(test.model_dir()) / "model.safetensors",
+                     slow / "weights.safetensors");
+  EXPECT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  return slow;
+}
+
+void WriteWeightIndex(const std::string& model_dir, const fs::path& slow) {
+  auto weights = ModelWeights::Open(model_dir);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  nlohmann::json index;
+  for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
+  std::ofstream(slow / "model.safetensors.index.json") << index.dump();
+}
+
 TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   TrainingJobConfig config = Config("straight");
   config.lora.dropout = 0.1;  // the RNG state must be restored too
@@ -141,14 +197,7 @@ TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
 // shutdown's) then still ends it as finished, with the export written, rather than reporting a
 // written adapter as cancelled and leaving the export to block the trainer's destruction.
 TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
-  // The model folder's weight index is a FIFO: the export waits on it until it is written.
-  const fs::path slow = out_ / "slow-model";
-  fs::create_directories(slow);
-  for (const auto& f : fs::directory_iterator(model_dir_)) {
-    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
-  }
-  fs::create_symlink(fs::path(model_dir_) / "model.safetensors", slow / "weights.safetensors");
-  ASSERT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  const fs::path slow = SlowExportModel(*this, "slow-model");
   TrainingJobConfig config = Config("cancel-export");
   config.max_steps = 2;
   config.export_merged_dtype = "float32";
@@ -162,13 +211,7 @@ TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
   (*t)->Cancel();
   ASSERT_TRUE((*t)->Step().ok());
   EXPECT_FALSE((*t)->done());
-  std::thread index_writer([&] {
-    auto weights = ModelWeights::Open(model_dir_);
-    ASSERT_TRUE(weights.ok()) << weights.status();
-    nlohmann::json index;
-    for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
-    std::ofstream(slow / "model.safetensors.index.json") << index.dump();
-  });
+  std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
   const absl::Status ran = (*t)->Run();
   index_writer.join();
   ASSERT_TRUE(ran.ok()) << ran;
@@ -181,13 +224,7 @@ TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
 // timeout) does not wait for it: the export gives up, writing nothing, and the job ends unfinished
 // (its last step's checkpoint is there: the next start redoes its end).
 TEST_F(TrainerTest, AShutdownDuringTheMergedExportAbandonsIt) {
-  const fs::path slow = out_ / "slow-model-shutdown";
-  fs::create_directories(slow);
-  for (const auto& f : fs::directory_iterator(model_dir_)) {
-    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
-  }
-  fs::create_symlink(fs::path(model_dir_) / "model.safetensors", slow / "weights.safetensors");
-  ASSERT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  const fs::path slow = SlowExportModel(*this, "slow-model-shutdown");
   TrainingJobConfig config = Config("shutdown-export");
   config.max_steps = 2;
   config.export_merged_dtype = "float32";
@@ -201,13 +238,7 @@ TEST_F(TrainerTest, AShutdownDuringTheMergedExportAbandonsIt) {
   (*t)->Interrupt();  // StopTraining's order: interrupt, then cancel
   (*t)->Cancel();
   // The export is held on its index (the FIFO) until it is written; then it sees it must stop.
-  std::thread index_writer([&] {
-    auto weights = ModelWeights::Open(model_dir_);
-    ASSERT_TRUE(weights.ok()) << weights.status();
-    nlohmann::json index;
-    for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
-    std::ofstream(slow / "model.safetensors.index.json") << index.dump();
-  });
+  std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
   ASSERT_TRUE((*t)->Step().ok());
   index_writer.join();
   EXPECT_TRUE((*t)->done());
@@ -350,30 +381,11 @@ TEST_F(TrainerTest, AShutdownBeforeTheLastStepsCadenceEvaluationReportsItOnResum
   config.data.validation_fraction = 0.25;
   config.eval_every = 2;
   config.max_steps = 4;
-  std::vector<TrainingEvent> straight, first, second;
-  {
-    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                             [&](const TrainingEvent& e) { straight.push_back(e); });
-    ASSERT_TRUE(t.ok()) << t.status();
-    ASSERT_TRUE((*t)->Run().ok());
-  }
+  const StoppedBeforeEvaluation runs = RunStoppedBeforeEvaluation(*this, config, 4, "stopped");
+  EXPECT_EQ(EvalSteps(runs.straight), (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(JoinedEvalSteps(runs), (std::vector<int64_t>{2, 4}));
+  EXPECT_DOUBLE_EQ(runs.second.back().summary.best_loss, runs.straight.back().summary.best_loss);
   config.output_dir = (out_ / "stopped").string();
-  {
-    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                             [&](const TrainingEvent& e) { first.push_back(e); });
-    ASSERT_TRUE(t.ok()) << t.status();
-    while ((*t)->step() < 4) ASSERT_TRUE((*t)->Step().ok());  // step 4 trained, its eval next
-    StopLikeTheEngine(**t);
-  }
-  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                           [&](const TrainingEvent& e) { second.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  ASSERT_TRUE((*t)->Run().ok());
-  std::vector<int64_t> evals = EvalSteps(first);
-  for (int64_t s : EvalSteps(second)) evals.push_back(s);
-  EXPECT_EQ(EvalSteps(straight), (std::vector<int64_t>{2, 4}));
-  EXPECT_EQ(evals, (std::vector<int64_t>{2, 4}));
-  EXPECT_DOUBLE_EQ(second.back().summary.best_loss, straight.back().summary.best_loss);
   // ... and a job resumed from its final checkpoint (written after the last evaluation) does not
   // report that evaluation again.
   std::vector<TrainingEvent> again;
@@ -383,7 +395,7 @@ TEST_F(TrainerTest, AShutdownBeforeTheLastStepsCadenceEvaluationReportsItOnResum
   ASSERT_TRUE(resumed.ok()) << resumed.status();
   ASSERT_TRUE((*resumed)->Run().ok());
   EXPECT_TRUE(EvalSteps(again).empty());
-  EXPECT_DOUBLE_EQ(again.back().summary.best_loss, straight.back().summary.best_loss);
+  EXPECT_DOUBLE_EQ(again.back().summary.best_loss, runs.straight.back().summary.best_loss);
 }
 
 // A shutdown before a cadence evaluation in the middle of a job: the resumed job runs it first, so
@@ -394,30 +406,10 @@ TEST_F(TrainerTest, AShutdownBeforeACadenceEvaluationRunsItOnResume) {
   config.data.validation_fraction = 0.25;
   config.eval_every = 2;
   config.max_steps = 6;
-  std::vector<TrainingEvent> straight, first, second;
-  {
-    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                             [&](const TrainingEvent& e) { straight.push_back(e); });
-    ASSERT_TRUE(t.ok()) << t.status();
-    ASSERT_TRUE((*t)->Run().ok());
-  }
-  config.output_dir = (out_ / "stopped-mid").string();
-  {
-    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                             [&](const TrainingEvent& e) { first.push_back(e); });
-    ASSERT_TRUE(t.ok()) << t.status();
-    while ((*t)->step() < 4) ASSERT_TRUE((*t)->Step().ok());  // step 4 trained, its eval next
-    StopLikeTheEngine(**t);
-  }
-  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                           [&](const TrainingEvent& e) { second.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  ASSERT_TRUE((*t)->Run().ok());
-  std::vector<int64_t> evals = EvalSteps(first);
-  for (int64_t s : EvalSteps(second)) evals.push_back(s);
-  EXPECT_EQ(EvalSteps(straight), (std::vector<int64_t>{2, 4, 6}));
-  EXPECT_EQ(evals, (std::vector<int64_t>{2, 4, 6}));
-  EXPECT_DOUBLE_EQ(second.back().summary.best_loss, straight.back().summary.best_loss);
+  const StoppedBeforeEvaluation runs = RunStoppedBeforeEvaluation(*this, config, 4, "stopped-mid");
+  EXPECT_EQ(EvalSteps(runs.straight), (std::vector<int64_t>{2, 4, 6}));
+  EXPECT_EQ(JoinedEvalSteps(runs), (std::vector<int64_t>{2, 4, 6}));
+  EXPECT_DOUBLE_EQ(runs.second.back().summary.best_loss, runs.straight.back().summary.best_loss);
 }
 
 // A cancel during the last step's cadence evaluation writes that step's checkpoint first, as one

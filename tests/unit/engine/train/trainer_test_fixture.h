@@ -23,6 +23,13 @@ namespace lorad::engine {
 namespace fs = std::filesystem;
 
 class TrainerTest : public ::testing::Test {
+ public:
+  // For helpers outside the tests.
+  const LlamaModel& model() const { return *model_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const std::string& model_dir() const { return model_dir_; }
+  const fs::path& out() const { return out_; }
+
  protected:
   void SetUp() override {
     model_dir_ = std::getenv("LORAD_TINY_MODEL");
