@@ -87,6 +87,25 @@ void WriteWeightIndex(const std::string& model_dir, const fs::path& slow) {
   std::ofstream(slow / "model.safetensors.index.json") << index.dump();
 }
 
+// `config` as a 2-step job on `slow` (SlowExportModel) exporting a merged model, stepped until its
+// adapter is written: its export then waits on the model's index.
+std::unique_ptr<Trainer> TrainUntilItsFilesAreWritten(const TrainerTest& test, const fs::path& slow,
+                                                      TrainingJobConfig* config,
+                                                      std::vector<TrainingEvent>* events) {
+  config->max_steps = 2;
+  config->export_merged_dtype = "float32";
+  auto t = Trainer::Create(test.model(), test.tokenizer(), slow.string(), *config,
+                           [events](const TrainingEvent& e) { events->push_back(e); });
+  EXPECT_TRUE(t.ok()) << t.status();
+  if (!t.ok()) return nullptr;
+  const fs::path adapter = fs::path(config->output_dir) / "adapter" / "adapter_model.safetensors";
+  while (!fs::exists(adapter)) {
+    if (!(*t)->Step().ok()) return nullptr;
+  }
+  EXPECT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
+  return *std::move(t);
+}
+
 TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   TrainingJobConfig config = Config("straight");
   config.lora.dropout = 0.1;  // the RNG state must be restored too
@@ -193,26 +212,20 @@ TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
   EXPECT_EQ(joined, Losses(alone));
 }
 
-// Once its report and adapter are written a job only waits for its merged export: a cancel (or a
-// shutdown's) then still ends it as finished, with the export written, rather than reporting a
+// Once its report and adapter are written a job only waits for its merged export: a user's cancel
+// then still ends it as finished, with the export written, rather than reporting a
 // written adapter as cancelled and leaving the export to block the trainer's destruction.
 TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
   const fs::path slow = SlowExportModel(*this, "slow-model");
-  TrainingJobConfig config = Config("cancel-export");
-  config.max_steps = 2;
-  config.export_merged_dtype = "float32";
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(*model_, *tokenizer_, slow.string(), config,
-                           [&](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  const fs::path adapter = fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors";
-  while (!fs::exists(adapter)) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
-  (*t)->Cancel();
-  ASSERT_TRUE((*t)->Step().ok());
-  EXPECT_FALSE((*t)->done());
+  TrainingJobConfig config = Config("cancel-export");
+  auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
+  ASSERT_NE(t, nullptr);
+  t->Cancel();
+  ASSERT_TRUE(t->Step().ok());
+  EXPECT_FALSE(t->done());
   std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
-  const absl::Status ran = (*t)->Run();
+  const absl::Status ran = t->Run();
   index_writer.join();
   ASSERT_TRUE(ran.ok()) << ran;
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
@@ -225,23 +238,17 @@ TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
 // (its last step's checkpoint is there: the next start redoes its end).
 TEST_F(TrainerTest, AShutdownDuringTheMergedExportAbandonsIt) {
   const fs::path slow = SlowExportModel(*this, "slow-model-shutdown");
-  TrainingJobConfig config = Config("shutdown-export");
-  config.max_steps = 2;
-  config.export_merged_dtype = "float32";
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(*model_, *tokenizer_, slow.string(), config,
-                           [&](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  const fs::path adapter = fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors";
-  while (!fs::exists(adapter)) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
-  (*t)->Interrupt();  // StopTraining's order: interrupt, then cancel
-  (*t)->Cancel();
+  TrainingJobConfig config = Config("shutdown-export");
+  auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
+  ASSERT_NE(t, nullptr);
+  t->Interrupt();  // StopTraining's order: interrupt, then cancel
+  t->Cancel();
   // The export is held on its index (the FIFO) until it is written; then it sees it must stop.
   std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
-  ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE(t->Step().ok());
   index_writer.join();
-  EXPECT_TRUE((*t)->done());
+  EXPECT_TRUE(t->done());
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged"));
