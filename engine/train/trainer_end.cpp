@@ -1,0 +1,167 @@
+#include <filesystem>
+#include <future>
+
+#include "engine/train/trainer_impl.h"
+
+namespace lorad::engine {
+
+using trainer_impl::Clock;
+using trainer_impl::kAnsweredExamples;
+using trainer_impl::kAnswerTokens;
+using trainer_impl::Seconds;
+
+absl::Status Trainer::Impl::Finish(bool cancelled, bool early_stopped) {
+  if (cancelled) return EmitFinished(true, early_stopped, TrainingSummary());
+  if (!finishing) {
+    finishing.emplace();
+    finishing->early_stopped = early_stopped;
+    finishing->scored_step = state.step;
+  }
+  return ContinueFinishing();
+}
+
+absl::Status Trainer::Impl::ContinueFinishing() {
+  Finishing& f = *finishing;
+  const bool validating = !data->validation().empty();
+  // A stage returns after a piece of work (a validation micro-batch, a token of an answer), and
+  // goes on to the next one when it has none left.
+  if (f.stage == Finishing::Stage::kLastEval) {
+    // The last step's evaluation counts for the best, and its event precedes the last
+    // checkpoint's, as a cadence evaluation's does (and as a replayed history orders them). The
+    // cadence's own is reused, not repeated.
+    // Reported already when the job resumed from this step's checkpoint (written after it), not
+    // when a shutdown interrupted the cadence's evaluation before it. A checkpoint of an older
+    // lorad version does not say: then the cadence's was reported.
+    const bool reported = state.last_eval_step >= 0
+                              ? state.last_eval_step == state.step
+                              : config.eval_every > 0 && state.step % config.eval_every == 0;
+    if (validating && last_eval && last_eval->step == state.step) {
+      f.scored = last_eval;
+    } else if (validating) {
+      auto complete = EvaluateSome(f.eval);
+      if (!complete.ok()) return complete.status();
+      if (!*complete) return absl::OkStatus();
+      f.scored = EvaluationOf(f.eval);
+      if (!reported) {
+        if (auto st = ReportEvaluation(*f.scored); !st.ok()) return st.status();
+      }
+    }
+    auto path = Checkpoint();  // the last step's weights: what a resume continues from
+    if (!path.ok()) return path.status();
+    f.stage = Finishing::Stage::kBestEval;
+    f.eval = EvalProgress();
+  }
+  if (f.stage == Finishing::Stage::kBestEval) {
+    // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so
+    // the held-out report scores, and the merged model holds, what the job publishes.
+    if (config.load_best_at_end && state.has_eval && state.best_eval_step != state.step &&
+        (f.best_loaded || std::filesystem::exists(BestAdapterPath()))) {
+      if (!f.best_loaded) {
+        auto best = LoraAdapter::ReadPeft(BestAdapterPath());
+        if (!best.ok()) return best.status();
+        if (auto st = adapter.CopyWeightsFrom(*best); !st.ok()) {
+          return absl::DataLossError(absl::StrCat(
+              BestAdapterPath(), " does not hold the job's LoRA weights: ", st.message(),
+              " (was the folder changed?); delete it and resume, or submit the job again"));
+        }
+        f.best_loaded = true;
+      }
+      auto complete = EvaluateSome(f.eval);
+      if (!complete.ok()) return complete.status();
+      if (!*complete) return absl::OkStatus();
+      f.scored = EvaluationOf(f.eval);
+      f.scored->step = state.best_eval_step;  // the weights' step, not the job's
+      f.scored_step = state.best_eval_step;
+    }
+    f.stage = validating ? Finishing::Stage::kAnswers : Finishing::Stage::kFiles;
+  }
+  if (f.stage == Finishing::Stage::kAnswers) {
+    // One forward a piece: a group's prompts, then a token of each of its answers (up to 128).
+    // A group's cache and prompts take about what a training micro-batch took.
+    if (!f.answering && static_cast<int64_t>(f.answers.examples.size()) < kAnsweredExamples) {
+      auto group = ExampleAnswerer::NextGroup(
+          *model, data->validation(), &f.next_answer_row,
+          kAnsweredExamples - static_cast<int64_t>(f.answers.examples.size()), kAnswerTokens,
+          config.micro_batch_size * config.max_seq_length);
+      if (!group.empty()) {
+        auto started = ExampleAnswerer::Start(*model, *tokenizer, std::move(group), kAnswerTokens,
+                                              end_of_turn);
+        if (!started.ok()) return started.status();
+        f.answering = *std::move(started);
+      }
+    }
+    if (f.answering) {
+      auto answered = f.answering->Advance(adapter);
+      if (!answered.ok()) return answered.status();
+      if (answered->has_value()) {
+        for (AnsweredExample& e : **answered) f.answers.Add(std::move(e));
+        f.answering.reset();
+      }
+      return absl::OkStatus();
+    }
+    f.stage = Finishing::Stage::kFiles;
+  }
+  TrainingSummary& s = f.summary;
+  if (!f.files_written) {
+    if (validating) {
+      if (auto st = WriteEvaluationReport(config.output_dir, state.step, *f.scored,
+                                          data->validation().size(), f.answers, s);
+          !st.ok()) {
+        return st;
+      }
+    }
+    s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
+    s.adapter_step = f.scored_step;
+    LoraAdapter final_adapter = adapter.HostCopy();
+    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    if (!config.export_merged_dtype.empty()) {
+      // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
+      // large model a minute of it, on a thread of its own while the loop serves.
+      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+      f.merged_export =
+          std::async(std::launch::async, [folder = model_folder, adapter = std::move(final_adapter),
+                                          path = s.merged_path, dtype = config.export_merged_dtype,
+                                          abandon = f.abandon_export] {
+            return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
+          });
+    }
+    f.files_written = true;
+  }
+  if (f.merged_export.valid()) {
+    if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
+      return absl::OkStatus();
+    }
+    if (auto st = f.merged_export.get(); !st.ok()) return st;
+  }
+  return EmitFinished(false, f.early_stopped, std::move(s));
+}
+
+absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, TrainingSummary s) {
+  done = true;
+  TrainingEvent e;
+  e.kind = TrainingEvent::Kind::kFinished;
+  s.steps = state.step;
+  s.epochs = static_cast<double>(state.micro_batches) / static_cast<double>(per_epoch);
+  // As transformers' train_runtime: the training loop (its evaluations and checkpoints included),
+  // not the held-out answers and merged export after the last step's checkpoint.
+  const bool past_training = finishing && finishing->stage != Finishing::Stage::kLastEval;
+  s.runtime_s = past_training ? state.train_seconds
+                              : seconds_before_this_run + Seconds(Clock::now() - job_start);
+  s.trained_tokens = state.trained_tokens;
+  s.final_loss = state.last_loss;
+  s.train_loss = state.step > 0 && std::isfinite(state.loss_sum)
+                     ? state.loss_sum / static_cast<double>(state.step)
+                     : 0.0;
+  s.best_is_eval = state.has_eval;
+  s.best_loss = state.has_eval ? state.best_eval_loss : state.best_train_loss;
+  s.cancelled = cancelled;
+  s.early_stopped = early_stopped;
+  s.skipped_records = data->skipped_records();
+  s.dropped_examples = data->dropped();
+  s.truncated_examples = data->truncated();
+  e.summary = std::move(s);
+  Emit(e);
+  return absl::OkStatus();
+}
+
+}  // namespace lorad::engine

@@ -1,0 +1,175 @@
+// Trainer::Impl, the trainer's state and steps, shared by the files that define its parts:
+// trainer.cpp (set-up, steps, evaluations, checkpoints) and trainer_end.cpp (the end of a job:
+// its last evaluation and checkpoint, held-out answers, files, summary). Not part of the API.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <optional>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/lora/lora_adapter.h"
+#include "engine/lora/merged_model_writer.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/tokenizer.h"
+#include "engine/runtime/durable_file.h"
+#include "engine/runtime/file_fingerprint.h"
+#include "engine/runtime/random_state.h"
+#include "engine/train/answer_evaluation.h"
+#include "engine/train/checkpoint_folders.h"
+#include "engine/train/chunked_cross_entropy.h"
+#include "engine/train/example_formatter.h"
+#include "engine/train/lr_schedule.h"
+#include "engine/train/micro_batch.h"
+#include "engine/train/optimizer.h"
+#include "engine/train/trainer.h"
+#include "engine/train/training_checkpoint.h"
+#include "engine/train/training_data.h"
+
+namespace lorad::engine {
+namespace trainer_impl {
+
+using Clock = std::chrono::steady_clock;
+
+// The held-out examples the report answers for ROUGE (the first ones with a prompt): greedy
+// answers on the training job's turn of the GPU loop, so a bounded number.
+inline constexpr int64_t kAnsweredExamples = 32;
+inline constexpr int64_t kAnswerTokens = 128;  // the longest answer
+
+inline double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace trainer_impl
+
+struct Trainer::PreparedData {
+  TrainingJobConfig config;  // as given, max_seq_length capped at the model's sliding window
+  std::string end_of_turn;   // the chat template's, where evaluated answers end
+  std::string dataset_fingerprint;
+  std::optional<TrainingData> data;
+};
+
+struct Trainer::Impl {
+  const LlamaModel* model = nullptr;
+  const Tokenizer* tokenizer = nullptr;
+  std::string end_of_turn;  // the chat template's, where evaluated answers end
+  TrainingJobConfig config;
+  EventCallback on_event;
+  std::optional<TrainingData> data;
+  LoraAdapter adapter;
+  std::vector<torch::Tensor> params;  // the adapter's tensors, fp32, requires_grad
+  std::unique_ptr<Optimizer> optimizer;
+  std::optional<LrSchedule> schedule;
+  TrainerState state;
+  int64_t total_steps = 0;
+  int64_t per_epoch = 1;
+  bool resumed = false;
+  std::string resumed_from;  // the checkpoint folder, until the first Step reports it
+  bool done = false;
+  std::atomic<bool> cancel{false};
+  std::atomic<bool> interrupt{false};  // Interrupt(): skip periodic evaluations
+
+  // The optimizer step in progress.
+  int64_t micro_in_step = 0;  // micro-batches of this step already run
+  int64_t step_micro = 0;     // micro-batches in this step
+  int64_t step_tokens = 0;    // trained tokens over the whole step: the loss's denominator
+  int64_t step_input_tokens = 0;
+  torch::Tensor step_loss_sum;  // the step's summed token losses so far, on the device, fp64
+  trainer_impl::Clock::time_point step_start;
+  trainer_impl::Clock::time_point job_start = trainer_impl::Clock::now();
+  double seconds_before_this_run = 0;  // a resumed job's time up to its checkpoint
+  int64_t steps_this_run = 0;
+  // This job's random stream (LoRA dropout), installed in the default generators while it steps:
+  // jobs that take turns on the GPU loop never draw from each other's.
+  RandomState random;
+
+  absl::Status Init(const Tokenizer& tokenizer, const std::string& model_folder,
+                    PreparedData prepared);
+  std::string model_folder;  // the base model's folder (chat template; merged export)
+  absl::Status StepOrThrow();
+  void PlanStep();
+  absl::Status FinishStep();
+  // Work that follows an optimizer step runs a piece per Step(), so that the GPU loop serves
+  // between pieces (an evaluation of a large validation split, or the held-out answers, took
+  // minutes in one piece): a periodic evaluation, one validation micro-batch a piece; and once
+  // training ends, the finishing stages (Finishing).
+  struct EvalProgress {
+    size_t next_row = 0;
+    double sum = 0;
+    int64_t tokens = 0;
+  };
+  std::optional<EvalProgress> periodic_eval;  // the evaluation after the step just completed
+  std::optional<EvalMetrics> last_eval;       // the latest evaluation's result
+  struct Finishing {
+    // The last step's evaluation (unless the cadence made it), its checkpoint, the best weights'
+    // evaluation (load_best_at_end), the held-out answers (one forward a piece), the files.
+    enum class Stage { kLastEval, kBestEval, kAnswers, kFiles } stage = Stage::kLastEval;
+    bool early_stopped = false;
+    EvalProgress eval;
+    bool best_loaded = false;
+    std::optional<EvalMetrics> scored;  // the evaluation of the weights the job publishes
+    int64_t scored_step = 0;
+    size_t next_answer_row = 0;
+    std::optional<ExampleAnswerer> answering;  // the held-out example being answered
+    AnswerEvaluation answers;
+    bool files_written = false;  // the report and the adapter; the merged export may go on
+    std::future<absl::Status> merged_export;
+    // Set when a shutdown stops the job during its export: the export gives up (minutes for a
+    // large model, past a container's stop timeout); the job resumes at its end next time.
+    std::shared_ptr<std::atomic<bool>> abandon_export = std::make_shared<std::atomic<bool>>(false);
+    TrainingSummary summary;
+  };
+  std::optional<Finishing> finishing;
+  // One validation micro-batch into `progress`; true once every row is in.
+  absl::StatusOr<bool> EvaluateSome(EvalProgress& progress);
+  EvalMetrics EvaluationOf(const EvalProgress& progress) const;
+  absl::Status ContinuePeriodicEvaluation();
+  // After a step and its evaluation: the end, or a checkpoint when the cadence says so.
+  absl::Status AfterStep(bool early_stop);
+  absl::Status ContinueFinishing();
+  // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
+  // so a resumed job still has it); returns whether it improved on the best.
+  absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
+    last_eval = eval;
+    state.last_eval_step = eval.step;
+    TrainingEvent ev;
+    ev.kind = TrainingEvent::Kind::kEval;
+    ev.eval = eval;
+    Emit(ev);
+    if (state.has_eval && eval.loss >= state.best_eval_loss) return false;
+    state.best_eval_loss = eval.loss;
+    state.best_eval_step = eval.step;
+    state.has_eval = true;
+    if (config.load_best_at_end) {
+      if (auto s = adapter.HostCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
+    }
+    return true;
+  }
+  // Cancelled: ends now. Else starts the finishing stages (ContinueFinishing ends the job).
+  absl::Status Finish(bool cancelled, bool early_stopped);
+  absl::Status EmitFinished(bool cancelled, bool early_stopped, TrainingSummary summary);
+  std::string BestAdapterPath() const {
+    return (std::filesystem::path(config.output_dir) / "best-adapter").string();
+  }
+  absl::StatusOr<std::string> Checkpoint();
+  void Emit(const TrainingEvent& e) {
+    if (on_event) on_event(e);
+  }
+  absl::Status Fail(absl::Status status) {
+    done = true;
+    TrainingEvent e;
+    e.kind = TrainingEvent::Kind::kFailed;
+    e.error = std::string(status.message());
+    Emit(e);
+    return status;
+  }
+};
+
+}  // namespace lorad::engine
