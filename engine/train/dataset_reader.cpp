@@ -59,7 +59,7 @@ absl::StatusOr<std::string> StringField(const json& record, const char* key,
 }
 
 DatasetFormat DetectFormat(const json& record) {
-  if (record.contains("messages")) return DatasetFormat::kChat;
+  if (record.contains("messages") || record.contains("conversations")) return DatasetFormat::kChat;
   if (record.contains("instruction") && record.contains("output")) return DatasetFormat::kAlpaca;
   if (record.contains("prompt") && record.contains("completion")) return DatasetFormat::kCompletion;
   if (record.contains("question") && record.contains("answer")) return DatasetFormat::kQa;
@@ -67,27 +67,44 @@ DatasetFormat DetectFormat(const json& record) {
   return DatasetFormat::kAuto;  // none matched
 }
 
-// The list of {role, content} in record[key], appended to ex.messages; an error unless it has an
-// assistant message when `needs_assistant`.
+// How a conversation's turns are spelled: {role, content} with system/user/assistant, or
+// ShareGPT's {from, value} with system/human/gpt (many Hugging Face datasets; Unsloth's notebooks
+// convert them with standardize_sharegpt).
+struct TurnKeys {
+  const char* role;
+  const char* content;
+  const char* user;
+  const char* assistant;
+};
+constexpr TurnKeys kOpenAiTurns = {"role", "content", "user", "assistant"};
+constexpr TurnKeys kShareGptTurns = {"from", "value", "human", "gpt"};
+
+// The list of turns in record[key], appended to ex.messages (as system/user/assistant); an error
+// unless it has an assistant message when `needs_assistant`.
 absl::Status ParseMessages(const json& record, const char* key, bool needs_assistant,
-                           const std::string& where, Example& ex) {
+                           const std::string& where, Example& ex,
+                           const TurnKeys& turns = kOpenAiTurns) {
   const json& messages = record[key];
   if (!messages.is_array() || messages.empty()) {
-    return Bad(where,
-               absl::StrCat("field '", key, "' must be a non-empty list of {role, content}"));
+    return Bad(where, absl::StrCat("field '", key, "' must be a non-empty list of {", turns.role,
+                                   ", ", turns.content, "}"));
   }
   bool has_assistant = false;
   for (size_t i = 0; i < messages.size(); ++i) {
     const std::string field = absl::StrCat(key, "[", i, "]");
     if (!messages[i].is_object())
       return Bad(where, absl::StrCat("field '", field, "' must be an object"));
-    auto role = StringField(messages[i], "role", absl::StrCat(where, ": ", field));
+    auto role = StringField(messages[i], turns.role, absl::StrCat(where, ": ", field));
     if (!role.ok()) return role.status();
-    if (*role != "system" && *role != "user" && *role != "assistant") {
-      return Bad(where, absl::StrCat("field '", field, ".role' is '", *role,
-                                     "'; expected system, user or assistant"));
+    if (*role == turns.user) {
+      *role = "user";
+    } else if (*role == turns.assistant) {
+      *role = "assistant";
+    } else if (*role != "system") {
+      return Bad(where, absl::StrCat("field '", field, ".", turns.role, "' is '", *role,
+                                     "'; expected system, ", turns.user, " or ", turns.assistant));
     }
-    auto content = StringField(messages[i], "content", absl::StrCat(where, ": ", field));
+    auto content = StringField(messages[i], turns.content, absl::StrCat(where, ": ", field));
     if (!content.ok()) return content.status();
     has_assistant |= *role == "assistant";
     ex.messages.push_back({*role, *content});
@@ -166,11 +183,17 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   switch (ex.format) {
     case DatasetFormat::kAuto:
       return Bad(where,
-                 "record matches no known format: expected keys messages | instruction+"
-                 "output | prompt+completion | question+answer | text");
+                 "record matches no known format: expected keys messages | conversations | "
+                 "instruction+output | prompt+completion | question+answer | text");
     case DatasetFormat::kChat:
-      if (!record.contains("messages")) return Bad(where, "field 'messages' is missing");
-      status = ParseMessages(record, "messages", /*needs_assistant=*/true, where, ex);
+      if (record.contains("messages")) {
+        status = ParseMessages(record, "messages", /*needs_assistant=*/true, where, ex);
+      } else if (record.contains("conversations")) {
+        status = ParseMessages(record, "conversations", /*needs_assistant=*/true, where, ex,
+                               kShareGptTurns);
+      } else {
+        return Bad(where, "field 'messages' (or ShareGPT's 'conversations') is missing");
+      }
       break;
     case DatasetFormat::kAlpaca: {
       auto instruction = StringField(record, "instruction", where);

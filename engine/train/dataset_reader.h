@@ -4,7 +4,8 @@
 //
 // Formats (DatasetFormat::kAuto detects each record's format from its keys):
 //   alpaca      {"instruction", "input"?, "output"}
-//   chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}...]}
+//   chat        {"messages": [{"role": "system"|"user"|"assistant", "content"}...]}, or ShareGPT's
+//               {"conversations": [{"from": "system"|"human"|"gpt", "value"}...]}
 //   completion  {"prompt", "completion"}: strings, or lists of messages (TRL's conversational
 //               prompt-completion: the completion's assistant turns train, not the prompt's)
 //   text        {"text"}

@@ -126,6 +126,36 @@ TEST_F(DatasetReaderTest, ChatRoleAndMissingAssistantAreErrors) {
   EXPECT_NE(no_assistant.status().message().find("no assistant"), std::string::npos);
 }
 
+// ShareGPT's {"conversations": [{"from", "value"}]} (system/human/gpt) is a chat record: the
+// same messages as its {role, content} spelling, and its errors name its own fields.
+TEST_F(DatasetReaderTest, ShareGptConversationsAreChatRecords) {
+  auto share = DatasetReader::ParseRecord(
+      R"({"conversations": [{"from": "system", "value": "Be brief."},
+                            {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                            {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]})",
+      DatasetFormat::kAuto, "f:1");
+  ASSERT_TRUE(share.ok()) << share.status();
+  auto same = DatasetReader::ParseRecord(
+      R"({"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                       {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]})",
+      DatasetFormat::kAuto, "f:1");
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_EQ(share->format, DatasetFormat::kChat);
+  ASSERT_EQ(share->messages.size(), same->messages.size());
+  for (size_t i = 0; i < same->messages.size(); ++i) {
+    EXPECT_EQ(share->messages[i].role, same->messages[i].role) << i;
+    EXPECT_EQ(share->messages[i].content, same->messages[i].content) << i;
+  }
+  auto bad = DatasetReader::ParseRecord(R"({"conversations": [{"from": "bot", "value": "x"}]})",
+                                        DatasetFormat::kChat, "f:1");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find(
+                "field 'conversations[0].from' is 'bot'; expected system, human or gpt"),
+            std::string::npos)
+      << bad.status();
+}
+
 // TRL's conversational prompt-completion: message lists; the completion's assistant turns train.
 TEST_F(DatasetReaderTest, ConversationalPromptCompletionIsOneConversation) {
   auto ex = DatasetReader::ParseRecord(
