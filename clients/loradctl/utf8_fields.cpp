@@ -5,45 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/model/utf8.h"
 
 namespace lorad::cli {
 namespace {
 
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
-
-// The offset of the first byte that does not start a well-formed UTF-8 sequence (RFC 3629: no
-// overlong forms, no surrogates, nothing past U+10FFFF); npos when `text` is UTF-8.
-size_t FirstInvalidByte(std::string_view text) {
-  size_t i = 0;
-  while (i < text.size()) {
-    const auto b = static_cast<unsigned char>(text[i]);
-    size_t length = 0;
-    unsigned char low = 0x80, high = 0xBF;  // the allowed range of the second byte
-    if (b < 0x80) {
-      length = 1;
-    } else if (b >= 0xC2 && b <= 0xDF) {
-      length = 2;
-    } else if (b >= 0xE0 && b <= 0xEF) {
-      length = 3;
-      if (b == 0xE0) low = 0xA0;   // overlong
-      if (b == 0xED) high = 0x9F;  // surrogates
-    } else if (b >= 0xF0 && b <= 0xF4) {
-      length = 4;
-      if (b == 0xF0) low = 0x90;   // overlong
-      if (b == 0xF4) high = 0x8F;  // past U+10FFFF
-    } else {
-      return i;
-    }
-    if (i + length > text.size()) return i;
-    for (size_t k = 1; k < length; ++k) {
-      const auto c = static_cast<unsigned char>(text[i + k]);
-      if (k == 1 ? (c < low || c > high) : (c < 0x80 || c > 0xBF)) return i;
-    }
-    i += length;
-  }
-  return std::string_view::npos;
-}
 
 std::optional<std::string> Check(const Message& message, const std::string& prefix) {
   const auto* reflection = message.GetReflection();
@@ -61,7 +29,7 @@ std::optional<std::string> Check(const Message& message, const std::string& pref
         const std::string& text =
             repeated ? reflection->GetRepeatedStringReference(message, field, i, &scratch)
                      : reflection->GetStringReference(message, field, &scratch);
-        if (const size_t bad = FirstInvalidByte(text); bad != std::string_view::npos) {
+        if (const size_t bad = engine::FirstInvalidUtf8Byte(text); bad != std::string_view::npos) {
           return absl::StrFormat("%s: not UTF-8 (byte 0x%02X at offset %d)", at,
                                  static_cast<unsigned char>(text[bad]), bad);
         }

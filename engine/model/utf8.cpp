@@ -51,11 +51,15 @@ Step Classify(std::string_view s, size_t i, size_t* len) {
 
 }  // namespace
 
-bool IsValidUtf8(std::string_view bytes) {
+size_t FirstInvalidUtf8Byte(std::string_view bytes) {
   for (size_t i = 0, len = 0; i < bytes.size(); i += len) {
-    if (Classify(bytes, i, &len) != Step::kChar) return false;
+    if (Classify(bytes, i, &len) != Step::kChar) return i;
   }
-  return true;
+  return std::string_view::npos;
+}
+
+bool IsValidUtf8(std::string_view bytes) {
+  return FirstInvalidUtf8Byte(bytes) == std::string_view::npos;
 }
 
 size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,

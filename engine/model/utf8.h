@@ -1,4 +1,5 @@
-// UTF-8 helpers shared by the tokenizers and the incremental detokenizer: validation, decoding
+// UTF-8 helpers shared by the tokenizers, the incremental detokenizer and loradctl (which compiles
+// this file alone: it must stay free of torch and of other engine code): validation, decoding
 // with U+FFFD replacement the way Rust's String::from_utf8_lossy does it (the `tokenizers`
 // library's ByteLevel decoder), and the Unicode White_Space property the pre-tokenizer regexes
 // mean by \s.
@@ -13,6 +14,9 @@ namespace lorad::engine {
 inline constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
 
 bool IsValidUtf8(std::string_view bytes);
+// The offset of the first byte that does not start a well-formed character (an incomplete one at
+// the end included); std::string_view::npos when `bytes` is UTF-8.
+size_t FirstInvalidUtf8Byte(std::string_view bytes);
 
 // Appends `bytes` to `out`, replacing each maximal ill-formed subsequence with one U+FFFD
 // (Unicode's "substitution of maximal subparts", as from_utf8_lossy). When `final` is false a
