@@ -593,6 +593,7 @@ absl::Status Daemon::StartGrpc() {
   JobRunner* runner = job_runner_.get();
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
+  training.delete_job = [runner](const std::string& id) { return runner->DeleteJob(id); };
   training.auth = &auth_;
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.

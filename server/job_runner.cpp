@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
@@ -19,6 +20,18 @@ namespace {
 
 namespace fs = std::filesystem;
 using engine::TrainingEvent;
+
+// A deleted job's folder is renamed to this + its id before its record goes.
+constexpr const char* kDeletedPrefix = ".deleted-";
+
+// Whether `path` is `folder` or inside it, after symlinks (either may be relative, or not exist).
+bool IsWithin(const fs::path& path, const fs::path& folder) {
+  std::error_code ec;
+  const fs::path p = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  const fs::path f = fs::weakly_canonical(fs::absolute(folder, ec), ec);
+  const fs::path relative = p.lexically_relative(f);
+  return !relative.empty() && *relative.begin() != "..";
+}
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -100,6 +113,17 @@ JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& event
 JobRunner::~JobRunner() { Stop(); }
 
 void JobRunner::Start() {
+  // What a DeleteJob interrupted by a crash left behind.
+  std::error_code ec;
+  for (fs::directory_iterator it(jobs_dir_, ec), end; !ec && it != end; it.increment(ec)) {
+    if (!absl::StartsWith(it->path().filename().string(), kDeletedPrefix)) continue;
+    std::error_code removed;
+    fs::remove_all(it->path(), removed);
+    if (removed) {
+      spdlog::warn("cannot remove {}, left by a deleted job: {}", it->path().string(),
+                   removed.message());
+    }
+  }
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -175,6 +199,7 @@ void JobRunner::StartNextJob() {
       }
     }
   }
+  std::unique_lock<std::mutex> folders(folders_mu_);
   auto next = store_.NextQueued();
   if (!next.ok() || !next->has_value()) return;
   const JobRecord job = **next;
@@ -197,13 +222,27 @@ void JobRunner::StartNextJob() {
   }
   if (!*fits) return;
   const int64_t started_ms = NowMs();  // stored and published alike: a replay shows the same
+  {
+    // Before MarkRunning: a CancelJob right after it must find the job running here, or the
+    // engine would never hear of it (see the check after StartTraining).
+    std::lock_guard<std::mutex> lock(mu_);
+    running_.insert(job.id);
+  }
   if (auto s = store_.MarkRunning(job.id, started_ms); !s.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_.erase(job.id);
+    }
+    {
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      cancelled_.erase(job.id);
+    }
     Wake();  // cancelled meanwhile: look for the next one
     return;
   }
+  folders.unlock();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    running_.insert(job.id);
     look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
   }
   events_.Publish(StateEvent(job.id, JobState::kRunning, started_ms));
@@ -254,6 +293,74 @@ void JobRunner::StartNextJob() {
     return;
   }
   FailJob(id, std::string(started.message()));
+}
+
+absl::Status JobRunner::DeleteJob(const std::string& job_id) {
+  std::lock_guard<std::mutex> folders(folders_mu_);
+  auto record = store_.Get(job_id);
+  if (!record.ok()) return record.status();
+  if (!IsTerminal(record->state)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", job_id, "' is ", JobStateName(record->state),
+        "; only an ended job can be deleted: cancel it first (CancelJob), then delete it"));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (running_.count(job_id) > 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job '", job_id,
+          "' is cancelled but its trainer is still stopping (it may be writing a checkpoint or "
+          "its merged export); delete it once it has stopped, in a few seconds"));
+    }
+  }
+  const fs::path folder = fs::path(jobs_dir_) / job_id;
+  // A restart serves every served adapter again from its folder.
+  auto adapters = store_.Adapters();
+  if (!adapters.ok()) return adapters.status();
+  for (const ServedAdapter& a : *adapters) {
+    if (a.served && IsWithin(a.path, folder)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job '", job_id, "': adapter '", a.name, "' (version ", a.version,
+          ") is served from its folder ", a.path,
+          "; unload the adapter first (UnloadAdapter), or load a copy from the adapter root "
+          "under the same name, then delete the job"));
+    }
+  }
+  const fs::path doomed = fs::path(jobs_dir_) / (kDeletedPrefix + job_id);
+  std::error_code ec;
+  const bool has_folder = fs::exists(folder, ec);
+  if (has_folder) {
+    fs::rename(folder, doomed, ec);
+    if (ec) {
+      return absl::InternalError(absl::StrCat("job '", job_id, "': cannot move its folder ",
+                                              folder.string(), " aside (", ec.message(),
+                                              "); nothing was deleted"));
+    }
+  }
+  if (absl::Status deleted = store_.Delete(job_id); !deleted.ok()) {
+    if (has_folder) {
+      fs::rename(doomed, folder, ec);
+      if (ec) {
+        spdlog::error(
+            "job {}: its record could not be deleted, and its folder {} not moved back "
+            "from {}: {}",
+            job_id, folder.string(), doomed.string(), ec.message());
+      }
+    }
+    return deleted;
+  }
+  if (has_folder) {
+    fs::remove_all(doomed, ec);
+    if (ec) {
+      spdlog::warn(
+          "job {} deleted; some of its files in {} could not be removed ({}); lorad "
+          "removes them at its next start",
+          job_id, doomed.string(), ec.message());
+    }
+  }
+  spdlog::info("job {} ({}, {}) deleted", job_id, record->adapter_name,
+               JobStateName(record->state));
+  return absl::OkStatus();
 }
 
 void JobRunner::PublishKept(const std::string& job_id, int64_t step,

@@ -55,6 +55,12 @@ class JobRunner {
   void Wake();
   // A job was cancelled in the store (any state): stop it if it is running.
   void Cancel(const std::string& job_id);
+  // Deletes an ended job: moves its folder aside to <jobs_dir>/.deleted-<id>, deletes its record
+  // (JobStore::Delete; the folder is moved back if that fails), then removes the folder; what a
+  // crash leaves of one is removed at the next Start(). FAILED_PRECONDITION while the job's trainer
+  // has not ended (a cancelled job still stopping) or while an adapter is served from its folder (a
+  // restart reads it from there).
+  absl::Status DeleteJob(const std::string& job_id);
 
  private:
   struct Pending {
@@ -83,6 +89,9 @@ class JobRunner {
   std::string dataset_root_;
   int max_running_;  // jobs handed to the engine at once; 0: jobs stay queued
 
+  // Held by StartNextJob from choosing a job until it runs (it writes the job's folder first)
+  // and by DeleteJob throughout: a job is never deleted between the two.
+  std::mutex folders_mu_;
   std::mutex mu_;
   std::condition_variable wake_;
   std::deque<Pending> pending_;

@@ -470,6 +470,32 @@ absl::Status JobStore::BeginPublishing(const std::string& id) {
   return absl::OkStatus();
 }
 
+absl::Status JobStore::Delete(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  auto rollback = [this](absl::Status s) {
+    Exec("ROLLBACK;").IgnoreError();
+    return s;
+  };
+  auto job = GetLocked(id);
+  if (!job.ok()) return rollback(job.status());
+  if (!IsTerminal(job->state) || publishing_.count(id) > 0) {
+    return rollback(absl::FailedPreconditionError(
+        absl::StrCat("job '", id, "' is ", JobStateName(job->state),
+                     "; only an ended job can be deleted: cancel it first (CancelJob)")));
+  }
+  for (const char* table : {"job_steps", "job_events"}) {
+    Statement s(db_, absl::StrCat("DELETE FROM ", table, " WHERE job_id = ?;"));
+    s.BindText(1, id);
+    if (auto st = s.Run(); !st.ok()) return rollback(st);
+  }
+  Statement s(db_, "DELETE FROM jobs WHERE id = ?;");
+  s.BindText(1, id);
+  if (auto st = s.Run(); !st.ok()) return rollback(st);
+  if (auto st = Exec("COMMIT;"); !st.ok()) return rollback(st);
+  return absl::OkStatus();
+}
+
 absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
   std::lock_guard<std::mutex> lock(mu_);
   // REPLACE: a job resumed from a checkpoint reports the steps after it again.

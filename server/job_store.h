@@ -127,6 +127,11 @@ class JobStore {
   // when it is no longer running (cancelled first: nothing may be published).
   absl::Status BeginPublishing(const std::string& id);
 
+  // Removes an ended job (succeeded, failed or cancelled) with its steps and events, in one
+  // transaction. NOT_FOUND for an unknown job; FAILED_PRECONDITION, saying to cancel it first, for
+  // one that is queued or running (or publishing its adapter).
+  absl::Status Delete(const std::string& id);
+
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
   // The trainer's count of the job's steps, once it has read the dataset.
   absl::Status SetTotalSteps(const std::string& id, int64_t total_steps);

@@ -450,6 +450,22 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
   return FinishUnary(context, FillJob(*record, response));
 }
 
+grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext* context,
+                                                     const lorad::v1::DeleteJobRequest* request,
+                                                     lorad::v1::DeleteJobResponse* /*response*/) {
+  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
+  if (!options_.delete_job) {
+    return FinishUnary(context, absl::UnimplementedError("this server deletes no jobs"));
+  }
+  if (options_.blocking == nullptr) {
+    return FinishUnary(context, options_.delete_job(request->job_id()));
+  }
+  // Removing a job's checkpoints and merged export may take a while on a slow disk.
+  return options_.blocking->Run(context,
+                                [this, id = request->job_id()] { return options_.delete_job(id); });
+}
+
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
   absl::Status admitted = Authorize(context, Role::kUser);

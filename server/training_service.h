@@ -27,7 +27,10 @@ struct TrainingServiceOptions {
   std::function<void()> on_submit;
   // Called after a job is cancelled, so a running job can be stopped (set by the job runner).
   std::function<void(const std::string& job_id)> on_cancel;
-  // Bearer tokens (none configured: open). Submit and cancel need admin; reads need user.
+  // Deletes an ended job with its files (JobRunner::DeleteJob); unset: DeleteJob is
+  // UNIMPLEMENTED.
+  std::function<absl::Status(const std::string& job_id)> delete_job;
+  // Bearer tokens (none configured: open). Submit, cancel and delete need admin; reads need user.
   const TokenAuthenticator* auth = nullptr;
   // The checks of a validated spec that need the model, whose error refuses it at submit: a job
   // that could never fit the training memory (RESOURCE_EXHAUSTED saying how much it needs), data
@@ -57,6 +60,9 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
                                       const lorad::v1::CancelJobRequest* request,
                                       lorad::v1::Job* response) override;
+  grpc::ServerUnaryReactor* DeleteJob(grpc::CallbackServerContext* context,
+                                      const lorad::v1::DeleteJobRequest* request,
+                                      lorad::v1::DeleteJobResponse* response) override;
   grpc::ServerWriteReactor<lorad::v1::JobEvent>* WatchJob(
       grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) override;
 

@@ -209,6 +209,12 @@ int main(int argc, char** argv) {
   cancel->callback(
       [&] { command = [&](Connection& c) { return lorad::cli::RunTrainCancel(c, job_id); }; });
 
+  CLI::App* remove = train->add_subcommand(
+      "rm", "delete an ended job: its record, history and files (checkpoints, adapter, export)");
+  remove->add_option("ID", job_id, "job id")->required();
+  remove->callback(
+      [&] { command = [&](Connection& c) { return lorad::cli::RunTrainDelete(c, job_id); }; });
+
   // ---- adapters ----
   CLI::App* adapters = app.add_subcommand("adapters", "LoRA adapters")->require_subcommand(1);
   std::string adapter_name, adapter_path;

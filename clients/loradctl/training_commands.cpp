@@ -196,4 +196,15 @@ int RunTrainCancel(Connection& connection, const std::string& job_id) {
   return kExitOk;
 }
 
+int RunTrainDelete(Connection& connection, const std::string& job_id) {
+  lorad::v1::DeleteJobRequest request;
+  request.set_job_id(job_id);
+  lorad::v1::DeleteJobResponse response;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.training().DeleteJob(context.get(), request, &response);
+  if (!status.ok()) return connection.Fail(status);
+  std::cout << job_id << ": deleted" << std::endl;
+  return kExitOk;
+}
+
 }  // namespace lorad::cli

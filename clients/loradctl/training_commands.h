@@ -1,4 +1,4 @@
-// `loradctl train ...`: submit a job from YAML, watch it, list, show and cancel jobs.
+// `loradctl train ...`: submit a job from YAML, watch it, list, show, cancel and delete jobs.
 // Each function runs one command and returns the process exit code (exit_codes.h).
 #pragma once
 
@@ -27,5 +27,8 @@ enum class JobShowFormat { kText, kJson, kSpec };
 int RunTrainShow(Connection& connection, const std::string& job_id, JobShowFormat format);
 
 int RunTrainCancel(Connection& connection, const std::string& job_id);
+
+// Deletes an ended job with its history and files; prints "<id>: deleted".
+int RunTrainDelete(Connection& connection, const std::string& job_id);
 
 }  // namespace lorad::cli

@@ -64,6 +64,9 @@ def test_tokens_and_roles(secured, stubs):
     code, details = code_of(submit(bearer(USER)))
     assert code == grpc.StatusCode.PERMISSION_DENIED, details
     assert code_of(submit(bearer(ADMIN)))[0] == grpc.StatusCode.OK
+    code, details = code_of(lambda: train.DeleteJob(tpb.DeleteJobRequest(job_id="job-1"),
+                                                    metadata=bearer(USER), timeout=10))
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
     assert code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), metadata=bearer(USER),
                                           timeout=10))[0] == grpc.StatusCode.OK
     assert code_of(lambda: list(train.WatchJob(tpb.WatchJobRequest(job_id="job-1"),

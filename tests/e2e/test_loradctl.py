@@ -71,7 +71,7 @@ def job_file(tmp_path):
     return path
 
 
-def test_submit_list_show_watch_cancel(daemon, job_file, stubs):
+def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
     pb = stubs.training_pb2
     submitted = loradctl("train", "submit", str(job_file), address=daemon.grpc_address)
     assert submitted.returncode == 0, submitted.stderr
@@ -136,6 +136,12 @@ def test_submit_list_show_watch_cancel(daemon, job_file, stubs):
     watched = loradctl("train", "watch", job_id, address=daemon.grpc_address)
     assert watched.returncode == EXIT_JOB_CANCELLED, watched.stderr
     assert watched.stdout.splitlines()[-1] == "state cancelled"
+
+    removed = loradctl("train", "rm", job_id, address=daemon.grpc_address)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == f"{job_id}: deleted"
+    gone = loradctl("train", "show", job_id, address=daemon.grpc_address)
+    assert gone.returncode == EXIT_NOT_FOUND and job_id in gone.stderr, gone.stderr
 
 
 def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):

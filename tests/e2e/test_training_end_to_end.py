@@ -567,6 +567,67 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
     assert lost.returncode != 0 and "holds no job" in lost.stderr, lost.stderr
 
 
+def test_a_deleted_job_leaves_no_record_or_files_and_its_adapter_must_be_unloaded_first(
+        tmp_path, stubs):
+    """DeleteJob frees a finished job's disk (checkpoints, adapter) and its history; it refuses
+    while the job's adapter is served from the job's folder (a restart serves it from there), and
+    a restart after the deletion starts clean, its other jobs and adapters as they were."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    prepare(tmp_path)
+    jobs = tmp_path / "data" / "jobs"
+    d = start_daemon(tmp_path)
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+        done = {}
+        for name in ("old", "kept"):
+            job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, name, 2, save_every=1)),
+                                  timeout=30)
+            _, states, _ = watch_until_done(train, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            done[name] = job.id
+        old = jobs / done["old"]
+        assert (old / "adapter" / "adapter_model.safetensors").exists()
+        assert any(p.name.startswith("checkpoint-") for p in old.iterdir()), list(old.iterdir())
+
+        with pytest.raises(grpc.RpcError) as refused:
+            train.DeleteJob(tpb.DeleteJobRequest(job_id=done["old"]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "adapter 'old' (version 1) is served" in refused.value.details()
+        assert "unload the adapter first" in refused.value.details()
+        assert (old / "adapter").exists()
+
+        adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="old"), timeout=30)
+        train.DeleteJob(tpb.DeleteJobRequest(job_id=done["old"]), timeout=30)
+        assert not old.exists()
+        assert sorted(p.name for p in jobs.iterdir()) == [done["kept"]]
+        with pytest.raises(grpc.RpcError) as gone:
+            train.GetJob(tpb.GetJobRequest(job_id=done["old"]), timeout=10)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    d = start_daemon(tmp_path)
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+        listed = train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs
+        assert [(j.id, j.state) for j in listed] == [(done["kept"], tpb.JOB_STATE_SUCCEEDED)]
+        served = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+        assert [(a.name, a.version) for a in served] == [("kept", 1)], d.log()
+        # The name of the deleted job's adapter goes on from its last version.
+        job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "old", 1)), timeout=30)
+        _, states, _ = watch_until_done(train, tpb, job.id)
+        assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+        assert train.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10) \
+            .summary.adapter_version == 2
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
 def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, stubs):
     """Inline examples laid out over several lines (as YAML block scalars or json.dumps(indent=2)
     give them) train like one-line ones, here with template 'raw' (TRL's prompt + completion).

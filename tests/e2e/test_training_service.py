@@ -335,6 +335,28 @@ def test_unknown_job_is_not_found(service):
                 grpc.StatusCode.INVALID_ARGUMENT, "job_id")
 
 
+def test_delete_job_removes_only_ended_jobs(service):
+    _, stub, pb, _ = service
+    queued = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    kept = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    expect_code(lambda: stub.DeleteJob(pb.DeleteJobRequest(job_id=queued.id), timeout=10),
+                grpc.StatusCode.FAILED_PRECONDITION, queued.id, "queued", "cancel it first")
+    stub.CancelJob(pb.CancelJobRequest(job_id=queued.id), timeout=10)
+    assert stub.DeleteJob(pb.DeleteJobRequest(job_id=queued.id), timeout=10) == \
+        pb.DeleteJobResponse()
+    expect_code(lambda: stub.GetJob(pb.GetJobRequest(job_id=queued.id), timeout=10),
+                grpc.StatusCode.NOT_FOUND, queued.id)
+    expect_code(lambda: stub.DeleteJob(pb.DeleteJobRequest(job_id=queued.id), timeout=10),
+                grpc.StatusCode.NOT_FOUND, queued.id)
+    expect_code(lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id=queued.id), timeout=10)),
+                grpc.StatusCode.NOT_FOUND)
+    expect_code(lambda: stub.DeleteJob(pb.DeleteJobRequest(), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT, "job_id")
+    listed = stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs
+    assert [j.id for j in listed] == [kept.id]
+    assert listed[0].state == pb.JOB_STATE_QUEUED
+
+
 def test_full_queue_is_resource_exhausted_and_jobs_survive_a_restart(tmp_path, stubs):
     pb = stubs.training_pb2
     config = tmp_path / "lorad.yaml"

@@ -190,5 +190,74 @@ TEST(JobRunnerTest, AFailureQuotingInvalidUtf8IsStoredAndSentAsValidUtf8) {
   EXPECT_EQ(sent, job->error);
 }
 
+// A succeeded job whose adapter serves from its folder is not deleted (a restart serves it from
+// there); once the adapter is unloaded, DeleteJob removes the job's record and its folder. What
+// an earlier deletion left (a crash between its steps) is removed when a runner starts.
+TEST(JobRunnerTest, AnEndedJobIsDeletedWithItsFolderOnceItsAdapterIsNotServed) {
+  Rig rig("delete-ended", 1);
+  const fs::path leftover = rig.job_dir().parent_path() / ".deleted-job-0123456789abcdef";
+  fs::create_directories(leftover / "checkpoint-1");
+  std::ofstream(leftover / "checkpoint-1/optimizer.pt") << "state";
+  rig.runner().Start();
+  EXPECT_FALSE(fs::exists(leftover));
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 120));
+  ASSERT_TRUE(fs::exists(rig.job_dir() / "adapter/adapter_model.safetensors"));
+
+  absl::Status refused = rig.runner().DeleteJob(rig.job_id());
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused)) << refused;
+  EXPECT_NE(refused.message().find("adapter 'runner-bot' (version 1) is served"), std::string::npos)
+      << refused;
+  EXPECT_TRUE(fs::exists(rig.job_dir() / "adapter"));
+  EXPECT_TRUE(rig.store().Get(rig.job_id()).ok());
+
+  // AdapterService::UnloadAdapter's sequence, minus gRPC.
+  ASSERT_TRUE(rig.store().MarkAdapterUnserved("runner-bot", 1).ok());
+  ASSERT_TRUE(rig.engine().adapters().Unload("runner-bot").ok());
+  const absl::Status deleted = rig.runner().DeleteJob(rig.job_id());
+  ASSERT_TRUE(deleted.ok()) << deleted;
+  EXPECT_FALSE(fs::exists(rig.job_dir()));
+  EXPECT_TRUE(fs::is_empty(rig.job_dir().parent_path())) << "nothing is left in the jobs folder";
+  EXPECT_TRUE(absl::IsNotFound(rig.store().Get(rig.job_id()).status()));
+  EXPECT_TRUE(rig.store().Steps(rig.job_id(), 0)->empty());
+  EXPECT_TRUE(absl::IsNotFound(rig.runner().DeleteJob(rig.job_id())));
+}
+
+// A queued or running job is not deleted, and neither is a cancelled one whose trainer has not
+// stopped yet (it may still write a checkpoint into the folder); once it has, it is.
+TEST(JobRunnerTest, ACancelledJobIsDeletedOnlyOnceItsTrainerHasStopped) {
+  Rig rig("delete-cancelled", 400);
+  EXPECT_TRUE(absl::IsFailedPrecondition(rig.runner().DeleteJob(rig.job_id()))) << "queued";
+  std::atomic<bool> cancelled{false};
+  absl::Status while_stopping;
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    // On the runner's thread, as the job starts (a step's listener holds the runner's lock
+    // that Cancel takes).
+    if (e.has_state() && e.state() == lorad::v1::JOB_STATE_RUNNING && !cancelled.load()) {
+      EXPECT_TRUE(absl::IsFailedPrecondition(rig.runner().DeleteJob(rig.job_id()))) << "running";
+      // TrainingService::CancelJob's sequence, minus gRPC.
+      ASSERT_TRUE(rig.store().Cancel(rig.job_id()).ok());
+      rig.runner().Cancel(rig.job_id());
+      while_stopping = rig.runner().DeleteJob(rig.job_id());
+      cancelled = true;
+    }
+  });
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return cancelled.load(); }, 120));
+  rig.hub().Unsubscribe(subscription);
+  EXPECT_TRUE(absl::IsFailedPrecondition(while_stopping)) << while_stopping;
+  EXPECT_NE(while_stopping.message().find("still stopping"), std::string::npos) << while_stopping;
+  absl::Status deleted;
+  EXPECT_TRUE(Rig::WaitFor(
+      [&] {
+        deleted = rig.runner().DeleteJob(rig.job_id());
+        return deleted.ok();
+      },
+      120))
+      << deleted;
+  EXPECT_FALSE(rig.engine().TrainingActive());
+  EXPECT_FALSE(fs::exists(rig.job_dir()));
+  EXPECT_TRUE(absl::IsNotFound(rig.store().Get(rig.job_id()).status()));
+}
+
 }  // namespace
 }  // namespace lorad::server

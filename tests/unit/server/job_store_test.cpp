@@ -303,5 +303,42 @@ TEST_F(JobStoreTest, UnopenablePathIsAClearError) {
   EXPECT_NE(store.status().message().find("/nonexistent-dir/jobs.db"), std::string::npos);
 }
 
+// Delete removes an ended job with its steps and events, survives a reopen, and refuses a job
+// that has not ended (or is publishing its adapter); other jobs keep theirs.
+TEST_F(JobStoreTest, DeleteRemovesOnlyAnEndedJobWithItsHistory) {
+  auto store = OpenStore();
+  auto ended = store->Insert("a", "a", 0, 2, 10);
+  auto kept = store->Insert("b", "b", 0, 2, 10);
+  auto queued = store->Insert("c", "c", 0, 2, 10);
+  ASSERT_TRUE(ended.ok() && kept.ok() && queued.ok());
+  for (const auto* job : {&*ended, &*kept}) {
+    ASSERT_TRUE(store->MarkRunning(job->id).ok());
+    StepRecord step;
+    step.step = 1;
+    ASSERT_TRUE(store->AppendStep(job->id, step).ok());
+    ASSERT_TRUE(store->AppendEvent(job->id, {1, 6, "checkpoint 1"}).ok());
+  }
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->Delete(queued->id)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->Delete(ended->id))) << "running";
+  ASSERT_TRUE(store->BeginPublishing(ended->id).ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->Delete(ended->id))) << "publishing";
+  ASSERT_TRUE(store->MarkFailed(ended->id, "boom").ok());
+  ASSERT_TRUE(store->MarkFailed(kept->id, "boom").ok());
+  const absl::Status deleted = store->Delete(ended->id);
+  ASSERT_TRUE(deleted.ok()) << deleted;
+  EXPECT_TRUE(absl::IsNotFound(store->Delete(ended->id)));
+  store = OpenStore();
+  EXPECT_TRUE(absl::IsNotFound(store->Get(ended->id).status()));
+  EXPECT_TRUE(store->Steps(ended->id, 0)->empty());
+  EXPECT_TRUE(store->Events(ended->id, 0)->empty());
+  auto page = store->List({}, 10, "");
+  ASSERT_TRUE(page.ok());
+  ASSERT_EQ(page->jobs.size(), 2u);
+  EXPECT_EQ(page->jobs[0].id, queued->id);
+  EXPECT_EQ(page->jobs[1].id, kept->id);
+  EXPECT_EQ(store->Steps(kept->id, 0)->size(), 1u);
+  EXPECT_EQ(store->Events(kept->id, 0)->size(), 1u);
+}
+
 }  // namespace
 }  // namespace lorad::server
