@@ -443,9 +443,11 @@ absl::Status Trainer::Step() {
   // The job's own random stream for this step, kept for its next one whatever happens here.
   ScopedRandomState installed(t.random, t.model->options().device.is_cuda());
   try {
-    // A shutdown (Interrupt, then Cancel) during the merged export: the export gives up and the
-    // job ends unfinished; its last checkpoint is written, so the next start redoes its end.
-    if (t.cancel.load() && t.interrupt.load() && t.finishing && t.finishing->files_written &&
+    // A cancel during the merged export (minutes for a large model): the export gives up and
+    // the job ends unfinished. A user's cancel ends it for good (the server publishes nothing
+    // of a cancelled job, so the export would serve no one); a shutdown's (Interrupt, then
+    // Cancel) leaves the last checkpoint, so the next start redoes the job's end.
+    if (t.cancel.load() && t.finishing && t.finishing->files_written &&
         t.finishing->merged_export.valid() &&
         t.finishing->merged_export.wait_for(std::chrono::seconds(0)) !=
             std::future_status::ready) {  // one already written is kept: the job finishes
@@ -453,8 +455,8 @@ absl::Status Trainer::Step() {
       (void)t.finishing->merged_export.get();
       return t.Finish(/*cancelled=*/true, false);
     }
-    // Once its files are written the job is done but for the merged export: a user's cancel
-    // then would report a written adapter as cancelled (the job finishes).
+    // Once its files are written, and its merged export with them, the job is done: a cancel
+    // then would report a finished job as cancelled (the job finishes).
     if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
       for (const torch::Tensor& p : t.params) p.mutable_grad() = torch::Tensor();
       // Trained to its last step, with that step's checkpoint not yet written (its evaluation

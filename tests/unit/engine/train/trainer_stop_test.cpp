@@ -212,48 +212,32 @@ TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
   EXPECT_EQ(joined, Losses(alone));
 }
 
-// Once its report and adapter are written a job only waits for its merged export: a user's cancel
-// then still ends it as finished, with the export written, rather than reporting a
-// written adapter as cancelled and leaving the export to block the trainer's destruction.
-TEST_F(TrainerTest, AJobWhoseFilesAreWrittenFinishesDespiteACancel) {
-  const fs::path slow = SlowExportModel(*this, "slow-model");
-  std::vector<TrainingEvent> events;
-  TrainingJobConfig config = Config("cancel-export");
-  auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
-  ASSERT_NE(t, nullptr);
-  t->Cancel();
-  ASSERT_TRUE(t->Step().ok());
-  EXPECT_FALSE(t->done());
-  std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
-  const absl::Status ran = t->Run();
-  index_writer.join();
-  ASSERT_TRUE(ran.ok()) << ran;
-  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
-  EXPECT_FALSE(events.back().summary.cancelled);
-  EXPECT_TRUE(fs::exists(fs::path(events.back().summary.merged_path) / "config.json"));
-}
-
 // A shutdown during the merged export (minutes for a large model, past a container's stop
-// timeout) does not wait for it: the export gives up, writing nothing, and the job ends unfinished
-// (its last step's checkpoint is there: the next start redoes its end).
-TEST_F(TrainerTest, AShutdownDuringTheMergedExportAbandonsIt) {
-  const fs::path slow = SlowExportModel(*this, "slow-model-shutdown");
-  std::vector<TrainingEvent> events;
-  TrainingJobConfig config = Config("shutdown-export");
-  auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
-  ASSERT_NE(t, nullptr);
-  t->Interrupt();  // StopTraining's order: interrupt, then cancel
-  t->Cancel();
-  // The export is held on its index (the FIFO) until it is written; then it sees it must stop.
-  std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
-  ASSERT_TRUE(t->Step().ok());
-  index_writer.join();
-  EXPECT_TRUE(t->done());
-  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
-  EXPECT_TRUE(events.back().summary.cancelled);
-  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged"));
-  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged.tmp"));
-  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-2" / "trainer_state.json"));
+// timeout) does not wait for it, nor does a user's cancel (the server publishes nothing of a
+// cancelled job): the export gives up, writing nothing, and the job ends unfinished (its last
+// step's checkpoint is there: after a shutdown, the next start redoes its end).
+TEST_F(TrainerTest, ACancelOrShutdownDuringTheMergedExportAbandonsIt) {
+  for (const bool shutdown : {false, true}) {
+    SCOPED_TRACE(shutdown ? "shutdown" : "user's cancel");
+    const std::string name = shutdown ? "shutdown-export" : "cancel-export";
+    const fs::path slow = SlowExportModel(*this, "slow-model-" + name);
+    std::vector<TrainingEvent> events;
+    TrainingJobConfig config = Config(name);
+    auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
+    ASSERT_NE(t, nullptr);
+    if (shutdown) t->Interrupt();  // StopTraining's order: interrupt, then cancel
+    t->Cancel();
+    // The export is held on its index (the FIFO) until it is written; then it sees it must stop.
+    std::thread index_writer([&] { WriteWeightIndex(model_dir_, slow); });
+    ASSERT_TRUE(t->Step().ok());
+    index_writer.join();
+    EXPECT_TRUE(t->done());
+    ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+    EXPECT_TRUE(events.back().summary.cancelled);
+    EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged"));
+    EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged.tmp"));
+    EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-2" / "trainer_state.json"));
+  }
 }
 
 // A shutdown's checkpoint during a job's end (after the best evaluation's weights replaced the
