@@ -148,6 +148,10 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
                                                  const JobSpecLimits& limits,
                                                  const std::atomic<bool>* abandon) {
   if (!d.has_response_only()) d.set_response_only(true);
+  if (d.has_packing_separate() && !d.packing()) {
+    return Field("dataset.packing_separate", "applies only to packing; set dataset.packing: true");
+  }
+  if (d.packing() && !d.has_packing_separate()) d.set_packing_separate(true);
   const std::vector<std::string> templates = engine::ExampleFormatter::TemplateNames();
   if (!d.template_().empty() &&
       std::find(templates.begin(), templates.end(), d.template_()) == templates.end()) {
@@ -266,6 +270,8 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   c.data.template_name = d.template_().empty() ? "auto" : d.template_();
   c.data.response_only = !d.has_response_only() || d.response_only();
   c.data.packing = d.packing();
+  // Unset in a packing job submitted to a lorad before the field: it packed the classic way.
+  c.data.packing_separate = d.packing_separate();
   c.data.skip_bad_lines = d.skip_bad_lines();
   c.data.validation_fraction = d.validation_fraction();
   c.data.validation_path = d.validation_path();

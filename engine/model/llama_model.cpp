@@ -256,6 +256,21 @@ absl::Status LlamaModel::CheckBatch(const ForwardBatch& batch, const AttentionCa
     return Invalid(absl::StrCat("token id ", min_id < 0 ? min_id : max_id,
                                 " is outside the vocabulary [0, ", config_.vocab_size, ")"));
   }
+  if (batch.positions.defined()) {
+    const torch::Tensor& p = batch.positions;
+    if (p.dim() != 2 || p.size(0) != rows || p.size(1) != tokens ||
+        (p.scalar_type() != torch::kLong && p.scalar_type() != torch::kInt)) {
+      return Invalid(absl::StrCat("positions must be int64 [", rows, ", ", tokens,
+                                  "] as input_ids, got ", c10::toString(p.scalar_type()), " [",
+                                  absl::StrJoin(p.sizes(), ", "), "]"));
+    }
+    if (cache != nullptr) return Invalid("positions are for forwards without a KV cache");
+    const auto [low, high] = torch::aminmax(p);
+    if (low.item<int64_t>() < 0 || high.item<int64_t>() >= tokens) {
+      return Invalid(absl::StrCat("positions must be in [0, ", tokens, "), got ",
+                                  low.item<int64_t>(), " .. ", high.item<int64_t>()));
+    }
+  }
   if (cache != nullptr) {
     if (cache->batch_size() != rows) {
       return Invalid(
@@ -455,9 +470,12 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
       std::any_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n != tokens; });
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device);
 
-  // Positions [B, T]: each row continues where its cached tokens end.
+  // Positions [B, T]: the batch's, or each row continues where its cached tokens end.
+  const bool packed = batch.positions.defined();
   torch::Tensor positions = torch::arange(tokens, long_options).view({1, tokens});
-  if (cache != nullptr) {
+  if (packed) {
+    positions = batch.positions.to(device, torch::kLong);
+  } else if (cache != nullptr) {
     positions =
         torch::tensor(cache->lengths(), torch::kLong).to(device).view({rows, 1}) + positions;
   } else {
@@ -465,15 +483,26 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   }
   const auto [cos, sin] = rope_.CosSin(positions, options_.dtype);  // [B, T, head_dim]
 
-  // Without a cache: causal attention, plus the padding of shorter rows as keys. (A padded
-  // query still sees its row's first token, so no softmax row is empty.)
+  // Without a cache: causal attention, without the padding of shorter rows as keys, and within
+  // each sequence of a packed row. (A padded query still sees its row's first token, or its
+  // sequence's, so no softmax row is empty.)
   torch::Tensor mask;
-  if (cache == nullptr && padded) {
+  if (cache == nullptr && (padded || packed)) {
     const torch::Tensor t = torch::arange(tokens, long_options);
-    const torch::Tensor causal = t.view({1, tokens}) <= t.view({tokens, 1});  // [T(q), T(k)]
-    const torch::Tensor valid =
-        t.view({1, tokens}) < torch::tensor(lengths, torch::kLong).to(device).view({rows, 1});
-    mask = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1);  // [B, 1, T, T]
+    torch::Tensor allowed = (t.view({1, tokens}) <= t.view({tokens, 1})).unsqueeze(0);  // [1,T,T]
+    if (padded) {
+      const torch::Tensor valid =
+          t.view({1, tokens}) < torch::tensor(lengths, torch::kLong).to(device).view({rows, 1});
+      allowed = allowed & valid.unsqueeze(1);  // [B, T(q), T(k)]
+    }
+    if (packed) {
+      // transformers' find_packed_sequence_indices: a sequence starts where positions do not go
+      // up by one.
+      const torch::Tensor step = torch::diff(positions, 1, -1, positions.narrow(1, 0, 1) - 1);
+      const torch::Tensor sequence = (step != 1).cumsum(-1);  // [B, T]
+      allowed = allowed & (sequence.unsqueeze(2) == sequence.unsqueeze(1));
+    }
+    mask = allowed.unsqueeze(1);  // [B, 1, T, T]
   }
 
   // Shared: a checkpointed layer recomputes in backward, after this call has returned.

@@ -46,6 +46,11 @@ struct LlamaModelOptions {
 struct ForwardBatch {
   torch::Tensor input_ids;       // [B, T] int64 (any device; moved to the model's)
   std::vector<int64_t> lengths;  // [B] valid tokens per row, 1..T; empty = every row is T long
+  // [B, T] int64 token positions (forwards without a cache only), or undefined: 0, 1, 2, ... in
+  // every row. Where a row's positions do not go up by one, another sequence starts: its tokens
+  // attend only to the tokens of their own sequence (packed examples kept apart, as transformers
+  // reads packed position_ids).
+  torch::Tensor positions;
 };
 
 enum class LogitsMode {

@@ -58,6 +58,10 @@ struct TokenizedExample {
   // Where the first response starts (the first assistant turn that trains), whatever the loss
   // covers; 0 when there is none (plain text). A held-out example is answered from here.
   int64_t response_start = 0;
+  // A packed row whose examples are kept apart (TrainingDataConfig::packing_separate): where its
+  // second, third, ... examples start. Empty for a row of one example, or of examples that
+  // attend to each other.
+  std::vector<int32_t> example_starts;
 
   // Labels the loss will score: those at positions >= 1 (the first token is never predicted).
   int64_t TrainedTokens() const;

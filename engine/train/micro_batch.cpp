@@ -28,6 +28,24 @@ MicroBatchTensors MakeBatch(const std::vector<TokenizedExample>& rows,
   }
   out.batch.input_ids = ids;
   out.targets = targets.view({-1});
+  // Rows of packed examples kept apart: positions start again at each example (padding goes on
+  // from the row's last one); the model attends within each.
+  const bool packed = std::any_of(indices.begin(), indices.end(),
+                                  [&](int64_t i) { return !rows[i].example_starts.empty(); });
+  if (packed) {
+    torch::Tensor positions = torch::zeros({b, width}, torch::kLong);
+    auto positions_a = positions.accessor<int64_t, 2>();
+    for (int64_t r = 0; r < b; ++r) {
+      const std::vector<int32_t>& starts = rows[indices[r]].example_starts;
+      int64_t start = 0;
+      size_t next = 0;
+      for (int64_t t = 0; t < width; ++t) {
+        if (next < starts.size() && t == starts[next]) start = starts[next++];
+        positions_a[r][t] = t - start;
+      }
+    }
+    out.batch.positions = positions;
+  }
   return out;
 }
 

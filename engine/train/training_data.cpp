@@ -81,7 +81,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
 }
 
 std::vector<TokenizedExample> Pack(const std::vector<TokenizedExample>& examples,
-                                   int64_t max_seq_length, uint64_t seed) {
+                                   int64_t max_seq_length, uint64_t seed, bool separate) {
   std::vector<TokenizedExample> rows;
   TokenizedExample row;
   for (int64_t i : Permutation(static_cast<int64_t>(examples.size()), seed, kPackStream)) {
@@ -91,9 +91,17 @@ std::vector<TokenizedExample> Pack(const std::vector<TokenizedExample>& examples
       rows.push_back(std::move(row));
       row = TokenizedExample();
     }
-    if (row.input_ids.empty()) row.line = e.line;
+    if (row.input_ids.empty()) {
+      row.line = e.line;
+    } else if (separate) {
+      // The example starts a sequence of its own: its first token is not predicted from the
+      // example before (TRL masks the labels where position_ids is 0).
+      row.example_starts.push_back(static_cast<int32_t>(row.input_ids.size()));
+    }
+    const size_t start = row.labels.size();
     row.input_ids.insert(row.input_ids.end(), e.input_ids.begin(), e.input_ids.end());
     row.labels.insert(row.labels.end(), e.labels.begin(), e.labels.end());
+    if (separate && start > 0) row.labels[start] = kNotTrained;
   }
   if (!row.input_ids.empty()) rows.push_back(std::move(row));
   return rows;
@@ -188,7 +196,8 @@ absl::StatusOr<TrainingData> TrainingData::FromExamples(std::vector<TokenizedExa
     }
     examples = std::move(train);
   }
-  data.train_ = config.packing ? Pack(examples, max_seq_length, seed) : std::move(examples);
+  data.train_ = config.packing ? Pack(examples, max_seq_length, seed, config.packing_separate)
+                               : std::move(examples);
   data.validation_ = std::move(validation);
   return data;
 }

@@ -8,7 +8,9 @@
 //     validation_path instead reads a second file;
 //   - packing: training examples, in a seeded order, are appended greedily into rows of at most
 //     max_seq_length tokens (an example never splits; one that does not fit starts a new row);
-//     attention is not separated between packed examples (as TRL's classic packing);
+//     with packing_separate (the default) each example attends only to itself, its positions
+//     start at 0 and its first token is not trained (TRL's padding-free packing), without it
+//     the examples attend to each other (the classic constant-length packing);
 //   - epoch e's order: the identity without shuffle, else Permutation(n, seed, e);
 //   - micro-batches: consecutive runs of micro_batch_size rows of an epoch's order; the last one
 //     of an epoch may be shorter. Micro-batch k of the whole run is (epoch, index) =

@@ -29,6 +29,10 @@ struct TrainingDataConfig {
   std::string model_chat_template;
   bool response_only = true;  // loss on the assistant's tokens only; false: on every token
   bool packing = false;       // pack several short examples into one row of max_seq_length
+  // With packing: each packed example attends only to itself, its positions start at 0 and its
+  // first token is not predicted from the example before (TRL's padding-free packing); false:
+  // they attend to each other and positions run on (the classic constant-length packing).
+  bool packing_separate = true;
   bool skip_bad_lines = false;
   // `path` (unless it holds inline records) and `validation_path` were resolved when the job was
   // checked (no symlink in them): they are opened without following any

@@ -48,6 +48,12 @@ def test_submit_fills_defaults_and_get_returns_the_stored_job(service):
     assert (t.micro_batch_size, t.grad_accum, t.learning_rate, t.warmup_steps) == (2, 4, 2e-4, 5)
     assert t.weight_decay == pytest.approx(0.01) and t.optimizer == pb.OPTIMIZER_ADAMW_8BIT
     assert job.spec.dataset.response_only is True
+    assert not job.spec.dataset.HasField("packing_separate")  # no packing: not filled in
+    packed = spec(pb)
+    packed.dataset.packing = True
+    packed = stub.SubmitJob(pb.SubmitJobRequest(spec=packed), timeout=30)
+    assert packed.spec.dataset.HasField("packing_separate")
+    assert packed.spec.dataset.packing_separate is True  # TRL's padding-free packing
     assert job.spec.dataset.path == str((root / "qa.jsonl").resolve())
     assert job.total_steps == 2  # 16 examples, 1 epoch, batch 2 x 4
     again = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10)
@@ -193,6 +199,10 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     # A huge value is quoted shortened: the status still fits the client's header limit.
     bad_name.adapter_name = "a" * 100_000
     expect_code(submit(bad_name), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name", "left out")
+    unpacked = spec(pb)
+    unpacked.dataset.packing_separate = True
+    expect_code(submit(unpacked), grpc.StatusCode.INVALID_ARGUMENT, "dataset.packing_separate",
+                "dataset.packing: true")
     bad_lr = spec(pb)
     bad_lr.training.learning_rate = 5
     expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT, "training.learning_rate")

@@ -197,7 +197,7 @@ TEST(LlamaParity, ShardedCheckpointGivesTheSameLogitsAsOneFile) {
 }
 
 // loss.backward() through the training forward: the loss and every LoRA gradient equal PEFT's;
-// the base gets no gradient.
+// the base gets no gradient. Also for rows of packed examples kept apart (position_ids).
 TEST(LlamaParity, LoraGradientsMatchPeft) {
   const json cases = Cases();
   ASSERT_TRUE(cases.contains("train") && !cases["train"].empty());
@@ -218,9 +218,13 @@ TEST(LlamaParity, LoraGradientsMatchPeft) {
     for (int64_t i = 0; i < lengths.size(0); ++i) {
       batch.lengths.push_back(lengths[i].item<int64_t>());
     }
+    // Packed examples kept apart: transformers attends within each run of positions.
+    if (refs.count("position_ids") > 0) batch.positions = refs.at("position_ids");
     ForwardOptions options;
     options.adapter = &*adapter;
     options.train = true;
+    // The packed case also runs checkpointed, as the trainer runs it.
+    options.checkpoint_layers = refs.count("position_ids") > 0;
     auto loss = model->Loss(batch, refs.at("labels"), options);
     ASSERT_TRUE(loss.ok()) << loss.status();
     EXPECT_NEAR(loss->item<double>(), refs.at("loss").item<double>(), kTolerance);

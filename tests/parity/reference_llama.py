@@ -6,7 +6,8 @@ Writes into out/ (= <build>/parity/llama/):
                            with decode, "sequence.{i}" [P_i + 16] int64 (the prompt and transformers'
                            16 greedy tokens) and "sequence_logits.{i}" [P_i + 16, vocab]
   <train case>.safetensors "input_ids" [B, T], "labels" [B, T] (-100 = ignored), "lengths" [B],
-                           "loss" [], "<module path>.lora_A" / ".lora_B" gradients
+                           "loss" [], "<module path>.lora_A" / ".lora_B" gradients; a packed
+                           case also "position_ids" [B, T] (starting again at each example)
   adapter/                 a PEFT LoRA adapter (r=8, alpha=16, seven targets, random A and B)
   tiny_sharded/            the fixture saved in several shards (model.safetensors.index.json)
   tiny_bf16/               the fixture saved in bfloat16
@@ -112,26 +113,52 @@ def make_adapter(model_folder: pathlib.Path, out: pathlib.Path) -> None:
     model.save_pretrained(str(out))
 
 
-def train_case(out: pathlib.Path, name: str, model, vocab: int) -> None:
-    """One training forward + backward through PEFT: the loss and every LoRA gradient."""
+PACKED_EXAMPLES = [[5, 4, 5], [9, 5]]  # example lengths of each packed row (14 tokens)
+
+
+def train_case(out: pathlib.Path, name: str, model, vocab: int, packed: bool = False) -> None:
+    """One training forward + backward through PEFT: the loss and every LoRA gradient.
+    packed: rows of several examples kept apart as TRL's padding-free packing trains them:
+    position_ids start again at each example (transformers then attends within each), and the
+    labels where position_ids is 0 are -100 (DataCollatorForLanguageModeling)."""
     from safetensors.torch import save_file
 
-    lengths = [9, 14]
     g = torch.Generator().manual_seed(3)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.int64)
-    labels = torch.full((len(lengths), T), -100, dtype=torch.int64)
-    mask = torch.zeros(len(lengths), T, dtype=torch.int64)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = torch.randint(3, vocab, (n,), generator=g)
-        labels[b, 3:n] = ids[b, 3:n]  # the first tokens are "prompt": no loss on them
-        mask[b, :n] = 1
-    model.train()
-    model.zero_grad()
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    if packed:
+        T = sum(PACKED_EXAMPLES[0])
+        assert all(sum(row) == T for row in PACKED_EXAMPLES)
+        ids = torch.randint(3, vocab, (len(PACKED_EXAMPLES), T), generator=g)
+        positions = torch.tensor([[t for n in row for t in range(n)] for row in PACKED_EXAMPLES])
+        labels = ids.clone()
+        labels[positions == 0] = -100
+        model.train()
+        model.zero_grad()
+        # use_cache=False, as training runs (with a cache transformers does not look for packing).
+        loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
+        lengths = [T] * len(PACKED_EXAMPLES)
+        with torch.no_grad():  # transformers did keep them apart: the second example as if alone
+            a, n = PACKED_EXAMPLES[0][0], PACKED_EXAMPLES[0][1]
+            inside = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=ids[:1, a:a + n], use_cache=False).logits
+            assert torch.allclose(inside[:1, a:a + n], alone, atol=1e-4)
+    else:
+        lengths = [9, 14]
+        T = max(lengths)
+        ids = torch.zeros(len(lengths), T, dtype=torch.int64)
+        labels = torch.full((len(lengths), T), -100, dtype=torch.int64)
+        mask = torch.zeros(len(lengths), T, dtype=torch.int64)
+        for b, n in enumerate(lengths):
+            ids[b, :n] = torch.randint(3, vocab, (n,), generator=g)
+            labels[b, 3:n] = ids[b, 3:n]  # the first tokens are "prompt": no loss on them
+            mask[b, :n] = 1
+        model.train()
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     tensors = {"input_ids": ids, "labels": labels, "lengths": torch.tensor(lengths),
                "loss": loss.detach().reshape(())}
+    if packed:
+        tensors["position_ids"] = positions
     prefix = "base_model.model."
     for pname, p in model.named_parameters():
         if "lora_" in pname:
@@ -281,6 +308,13 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     train_case(out, "train_nf4", PeftModel.from_pretrained(nf4_train, str(adapter),
                                                            is_trainable=True), vocab)
     train.append({"name": "train_nf4", "model": str(model), "base": "nf4",
+                  "adapter": str(adapter)})
+    packed_train = load(model)
+    quantize_projections(packed_train)
+    train_case(out, "train_nf4_packed", PeftModel.from_pretrained(packed_train, str(adapter),
+                                                                  is_trainable=True),
+               vocab, packed=True)
+    train.append({"name": "train_nf4_packed", "model": str(model), "base": "nf4",
                   "adapter": str(adapter)})
 
     (out / "cases.json").write_text(json.dumps(

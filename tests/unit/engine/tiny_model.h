@@ -35,14 +35,16 @@ inline PagedKvCacheOptions PagedOptionsFor(const LlamaModel& model, int64_t bloc
   return o;
 }
 
-// One training step of `model` on `ids` (labels = ids) with a fresh adapter of `config`: PEFT's
-// initialisation, then B drawn from N(0, 0.05) (PEFT's zero B would hide A's gradients). Returns
-// the loss, then each A's and B's gradient; `options` says how to train (train and adapter are
-// set here). The global random state is seeded, so two calls draw the same adapter and dropout.
+// One training step of `model` on `ids` (labels = ids, or `labels`) with a fresh adapter of
+// `config`: PEFT's initialisation, then B drawn from N(0, 0.05) (PEFT's zero B would hide A's
+// gradients). Returns the loss, then each A's and B's gradient; `options` says how to train (train
+// and adapter are set here). The global random state is seeded, so two calls draw the same adapter
+// and dropout.
 inline std::vector<torch::Tensor> LossAndLoraGradients(const LlamaModel& model,
                                                        const LoraConfig& config,
                                                        const ForwardBatch& batch,
-                                                       ForwardOptions options) {
+                                                       ForwardOptions options,
+                                                       torch::Tensor labels = {}) {
   torch::manual_seed(3);
   auto adapter = LoraAdapter::Init(model.config(), config, 1);
   EXPECT_TRUE(adapter.ok()) << adapter.status();
@@ -59,7 +61,8 @@ inline std::vector<torch::Tensor> LossAndLoraGradients(const LlamaModel& model,
   options.train = true;
   torch::manual_seed(5);
   torch::AutoGradMode grad(true);
-  auto loss = model.Loss(batch, batch.input_ids.clone(), options);
+  // Undefined labels: every token (but the padding).
+  auto loss = model.Loss(batch, labels.defined() ? labels : batch.input_ids.clone(), options);
   EXPECT_TRUE(loss.ok()) << loss.status();
   if (!loss.ok()) return {};
   loss->backward();

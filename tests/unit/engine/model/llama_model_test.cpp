@@ -382,5 +382,59 @@ TEST(LlamaModelTest, CheckpointedLayersGiveTheSameLossAndGradients) {
   EXPECT_GT(plain[1].abs().sum().item<double>(), 0);  // A really got a gradient
 }
 
+// Examples packed into one row and kept apart (positions starting again at each, the label of
+// each one's first token ignored) train exactly as the same examples in rows of their own: the
+// same loss and LoRA gradients, with a padded row beside them, checkpointed or not.
+TEST(LlamaModelTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {
+  auto model = Tiny(BaseWeights::kNf4);
+  ASSERT_NE(model, nullptr);
+  LoraConfig config;
+  config.r = 4;
+  const std::vector<std::vector<int64_t>> examples = {
+      {1, 2, 3, 4, 5}, {6, 7, 8}, {9, 10, 11, 12}, {13, 14, 15, 16, 17, 18, 19}};
+  const ForwardBatch alone = Tokens(examples);
+  ForwardBatch packed = Tokens({{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, examples[3]});
+  packed.positions = torch::tensor({0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2,  3,  //
+                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11})
+                         .view({2, 12});
+  torch::Tensor labels = packed.input_ids.clone();
+  labels[0][5] = kIgnoreLabel;  // not predicted from the example before
+  labels[0][8] = kIgnoreLabel;
+  const auto want = test_fixtures::LossAndLoraGradients(*model, config, alone, {});
+  for (const bool checkpoint : {false, true}) {
+    ForwardOptions options;
+    options.checkpoint_layers = checkpoint;
+    const auto got = test_fixtures::LossAndLoraGradients(*model, config, packed, options, labels);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      const double diff = (got[i] - want[i]).abs().max().item<double>();
+      const double scale = want[i].abs().max().item<double>();
+      EXPECT_LE(diff, 1e-5 * scale + 1e-9)
+          << "checkpoint " << checkpoint << " tensor " << i << " max diff " << diff;
+    }
+  }
+  // Without the positions the examples see each other: another loss.
+  ForwardBatch together = packed;
+  together.positions = torch::Tensor();
+  const auto mixed = test_fixtures::LossAndLoraGradients(*model, config, together, {}, labels);
+  EXPECT_GT((mixed[0] - want[0]).abs().item<double>(), 1e-4);
+
+  ForwardBatch bad = packed;
+  bad.positions = packed.positions.narrow(1, 0, 11);
+  auto r = model->Forward(bad, nullptr, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("positions must be int64 [2, 12]"), std::string::npos)
+      << r.status();
+  bad.positions = packed.positions.clone();
+  bad.positions[1][3] = 12;
+  r = model->Forward(bad, nullptr, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("positions must be in [0, 12)"), std::string::npos)
+      << r.status();
+  auto cache = model->NewCache(2, 16);
+  ASSERT_TRUE(cache.ok());
+  EXPECT_FALSE(model->Forward(packed, cache->get(), {}).ok());
+}
+
 }  // namespace
 }  // namespace lorad::engine

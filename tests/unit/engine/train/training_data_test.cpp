@@ -1,9 +1,12 @@
 #include "engine/train/training_data.h"
 
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <algorithm>
 #include <set>
+
+#include "engine/train/micro_batch.h"
 
 namespace lorad::engine {
 namespace {
@@ -71,6 +74,46 @@ TEST(TrainingData, PackingFillsRowsWithoutSplittingExamples) {
     tokens += static_cast<int64_t>(row.input_ids.size());
   }
   EXPECT_EQ(tokens, 60);
+}
+
+// Packed examples kept apart (the default): each row records where its examples start, their
+// first tokens are not trained, and its micro-batch carries positions that start again at each
+// (padding goes on from the row's last); the classic packing keeps the labels and has none.
+TEST(TrainingData, PackedExamplesKeptApartStartTheirPositionsAgain) {
+  TrainingDataConfig config;
+  config.packing = true;
+  std::vector<TokenizedExample> examples = Examples(5, 6);
+  for (auto& e : examples) e.labels[0] = e.input_ids[0];  // trained everywhere
+  auto data = TrainingData::FromExamples(examples, {}, config, 20, 1);
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(data->train().size(), 2u);  // 3 + 2 examples of 6
+  const TokenizedExample& full = data->train()[0];
+  EXPECT_EQ(full.example_starts, (std::vector<int32_t>{6, 12}));
+  for (int t : {6, 12})
+    EXPECT_EQ(full.labels[t], kNotTrained) << t;  // the row's first: never scored
+  EXPECT_EQ(full.labels[7], full.input_ids[7]);
+  EXPECT_EQ(full.TrainedTokens(), 15);  // 5 of each example's 6
+
+  const MicroBatchTensors mb = MakeBatch(data->train(), {0, 1});
+  ASSERT_TRUE(mb.batch.positions.defined());
+  EXPECT_TRUE(torch::equal(mb.batch.positions,
+                           torch::tensor({0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4,  5,  //
+                                          0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11})
+                               .view({2, 18})));
+  // The target of position t is row label t + 1: none at 5 and 11 (the next example's first).
+  const torch::Tensor targets = mb.targets.view({2, 18});
+  EXPECT_EQ(targets[0][5].item<int64_t>(), kIgnoreLabel);
+  EXPECT_EQ(targets[0][11].item<int64_t>(), kIgnoreLabel);
+  EXPECT_EQ(targets[0][6].item<int64_t>(), full.input_ids[7]);
+  EXPECT_EQ((targets != kIgnoreLabel).sum().item<int64_t>(),
+            full.TrainedTokens() + data->train()[1].TrainedTokens());
+
+  config.packing_separate = false;
+  auto classic = TrainingData::FromExamples(examples, {}, config, 20, 1);
+  ASSERT_TRUE(classic.ok());
+  EXPECT_TRUE(classic->train()[0].example_starts.empty());
+  EXPECT_EQ(classic->train()[0].labels[6], classic->train()[0].input_ids[6]);
+  EXPECT_FALSE(MakeBatch(classic->train(), {0, 1}).batch.positions.defined());
 }
 
 TEST(TrainingData, EpochsCoverEveryRowOnceInSeededOrder) {
