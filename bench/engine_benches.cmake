@@ -19,7 +19,8 @@ endforeach()
 find_package(GTest QUIET)
 if(GTest_FOUND)
   add_executable(engine_gpu_test ${PROJECT_SOURCE_DIR}/tests/gpu/engine_gpu_test.cpp)
-  target_link_libraries(engine_gpu_test PRIVATE lorad_engine GTest::gtest GTest::gtest_main
-                                                absl::status absl::statusor)
+  # It includes llama_model.h (torch) itself, as the benchmarks do.
+  target_link_libraries(engine_gpu_test PRIVATE lorad_engine ${TORCH_LIBRARIES} GTest::gtest
+                                                GTest::gtest_main absl::status absl::statusor)
   target_compile_options(engine_gpu_test PRIVATE ${LORAD_WARNINGS})
 endif()
