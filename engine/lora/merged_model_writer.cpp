@@ -65,7 +65,7 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
   const auto abandoned = [&] {
     return abandon != nullptr && abandon->load()
                ? absl::CancelledError(absl::StrCat("the merged export to ", out_folder,
-                                                   " was abandoned (lorad is stopping)"))
+                                                   " was abandoned (its job was stopped)"))
                : absl::OkStatus();
   };
   for (const std::string& name : weights->names()) {
@@ -137,6 +137,11 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
     if (auto s = SyncPath((tmp / name).string()); !s.ok()) return s;
   }
   if (auto s = SyncPath(tmp.string()); !s.ok()) return s;
+  // Abandoned while the files were written (minutes for a large model): not published.
+  if (auto s = abandoned(); !s.ok()) {
+    fs::remove_all(tmp, ec);
+    return s;
+  }
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);
   if (ec)

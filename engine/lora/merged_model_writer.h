@@ -18,8 +18,9 @@
 namespace lorad::engine {
 
 // `dtype`: "auto" (each tensor keeps its checkpoint dtype), "bfloat16", "float16" or "float32".
-// CANCELLED, with nothing written, soon after `*abandon` turns true (a daemon stopping: a large
-// model's export takes minutes).
+// CANCELLED, with nothing written, soon after `*abandon` turns true (its job cancelled, or the
+// daemon stopping: a large model's export takes minutes): between tensors, and once the files are
+// written (before they replace `out_folder`).
 absl::Status WriteMergedModel(const std::string& base_folder, const LoraAdapter& adapter,
                               const std::string& out_folder, const std::string& dtype,
                               const std::atomic<bool>* abandon = nullptr);

@@ -449,9 +449,17 @@ absl::Status Trainer::Step() {
     // Cancel) leaves the last checkpoint, so the next start redoes the job's end.
     if (t.cancel.load() && t.finishing && t.finishing->files_written &&
         t.finishing->merged_export.valid() &&
-        t.finishing->merged_export.wait_for(std::chrono::seconds(0)) !=
-            std::future_status::ready) {  // one already written is kept: the job finishes
+        (t.finishing->abandon_export->load() ||
+         t.finishing->merged_export.wait_for(std::chrono::seconds(0)) !=
+             std::future_status::ready)) {  // one already written is kept: the job finishes
       t.finishing->abandon_export->store(true);
+      // The export notices between tensors, or once its file is written: a user's cancel does
+      // not hold the loop (its streams, other jobs) meanwhile, it looks again next turn; a
+      // shutdown waits.
+      if (!t.interrupt.load() && t.finishing->merged_export.wait_for(
+                                     std::chrono::milliseconds(2)) != std::future_status::ready) {
+        return absl::OkStatus();
+      }
       (void)t.finishing->merged_export.get();
       return t.Finish(/*cancelled=*/true, false);
     }

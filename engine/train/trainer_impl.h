@@ -121,8 +121,9 @@ struct Trainer::Impl {
     AnswerEvaluation answers;
     bool files_written = false;  // the report and the adapter; the merged export may go on
     std::future<absl::Status> merged_export;
-    // Set when a shutdown stops the job during its export: the export gives up (minutes for a
-    // large model, past a container's stop timeout); the job resumes at its end next time.
+    // Set when a cancel stops the job during its export: the export gives up (minutes for a
+    // large model, past a container's stop timeout). After a shutdown's, the job resumes at its
+    // end next time; after a user's, it is over.
     std::shared_ptr<std::atomic<bool>> abandon_export = std::make_shared<std::atomic<bool>>(false);
     TrainingSummary summary;
   };
