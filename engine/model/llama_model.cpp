@@ -466,8 +466,6 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   const std::vector<int64_t> lengths = batch.lengths.empty()
                                            ? std::vector<int64_t>(static_cast<size_t>(rows), tokens)
                                            : batch.lengths;
-  const bool padded =
-      std::any_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n != tokens; });
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device);
 
   // Positions [B, T]: the batch's, or each row continues where its cached tokens end.
@@ -483,26 +481,20 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   }
   const auto [cos, sin] = rope_.CosSin(positions, options_.dtype);  // [B, T, head_dim]
 
-  // Without a cache: causal attention, without the padding of shorter rows as keys, and within
-  // each sequence of a packed row. (A padded query still sees its row's first token, or its
-  // sequence's, so no softmax row is empty.)
+  // Without a cache: causal attention (the flash kernel on CUDA). Rows are right-padded, so a
+  // valid token never sees the padding after it: no mask for that (a padded query's output is
+  // neither scored nor seen by a valid one). A packed row's sequences need one: each attends
+  // only within itself.
   torch::Tensor mask;
-  if (cache == nullptr && (padded || packed)) {
+  if (cache == nullptr && packed) {
+    // transformers' find_packed_sequence_indices: a sequence starts where positions do not go
+    // up by one.
+    const torch::Tensor step = torch::diff(positions, 1, -1, positions.narrow(1, 0, 1) - 1);
+    const torch::Tensor sequence = (step != 1).cumsum(-1);  // [B, T]
     const torch::Tensor t = torch::arange(tokens, long_options);
-    torch::Tensor allowed = (t.view({1, tokens}) <= t.view({tokens, 1})).unsqueeze(0);  // [1,T,T]
-    if (padded) {
-      const torch::Tensor valid =
-          t.view({1, tokens}) < torch::tensor(lengths, torch::kLong).to(device).view({rows, 1});
-      allowed = allowed & valid.unsqueeze(1);  // [B, T(q), T(k)]
-    }
-    if (packed) {
-      // transformers' find_packed_sequence_indices: a sequence starts where positions do not go
-      // up by one.
-      const torch::Tensor step = torch::diff(positions, 1, -1, positions.narrow(1, 0, 1) - 1);
-      const torch::Tensor sequence = (step != 1).cumsum(-1);  // [B, T]
-      allowed = allowed & (sequence.unsqueeze(2) == sequence.unsqueeze(1));
-    }
-    mask = allowed.unsqueeze(1);  // [B, 1, T, T]
+    const torch::Tensor causal = t.view({1, tokens}) <= t.view({tokens, 1});  // [T(q), T(k)]
+    mask = (causal.unsqueeze(0) & (sequence.unsqueeze(2) == sequence.unsqueeze(1)))
+               .unsqueeze(1);  // [B, 1, T, T]
   }
 
   // Shared: a checkpointed layer recomputes in backward, after this call has returned.
