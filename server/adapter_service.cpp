@@ -33,12 +33,14 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
                                const TokenAuthenticator* auth, JobStore* record,
-                               BlockingCalls* blocking)
+                               BlockingCalls* blocking,
+                               std::function<std::unique_lock<std::mutex>()> hold_job_folders)
     : engine_(engine),
       adapter_root_(std::move(adapter_root)),
       auth_(auth),
       record_(record),
-      blocking_(blocking) {}
+      blocking_(blocking),
+      hold_job_folders_(std::move(hold_job_folders)) {}
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
@@ -84,6 +86,15 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   absl::Status recorded;
   if (record_ != nullptr) {
     record = [&](int64_t version) {
+      std::unique_lock<std::mutex> held;
+      if (hold_job_folders_) held = hold_job_folders_();
+      // Read, but deleted since (its job, by DeleteJob): a restart could not serve it again.
+      std::error_code ec;
+      if (!std::filesystem::is_directory(*folder, ec)) {
+        recorded = absl::NotFoundError(
+            absl::StrCat("adapter folder ", *folder, " was deleted while it was loaded"));
+        return recorded;
+      }
       const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
       recorded = record_->RecordAdapter(
           {request.name(), version, *folder, *folder, /*served=*/true, fingerprint});

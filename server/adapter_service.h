@@ -5,6 +5,8 @@
 // hold the adapter, on a thread of its own so no gRPC thread blocks.
 #pragma once
 
+#include <functional>
+#include <mutex>
 #include <string>
 
 #include "engine/runtime/engine.h"
@@ -20,10 +22,14 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
  public:
   // `auth` (may be null: open): listing needs the user role, loading and unloading admin.
   // `record` (may be null) keeps what is loaded and unloaded, so a restart serves it again.
-  // `blocking` (may be null: on gRPC's thread) reads LoadAdapter's files.
+  // `blocking` (may be null: on gRPC's thread) reads LoadAdapter's files. `hold_job_folders`
+  // (may be null) is held while a load is recorded, which then checks its folder is still
+  // there: a DeleteJob (JobRunner::HoldJobFolders) may remove a job's folder an adapter root
+  // that holds the jobs folder lets LoadAdapter read.
   AdapterService(engine::Engine& engine, std::string adapter_root,
                  const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr,
-                 BlockingCalls* blocking = nullptr);
+                 BlockingCalls* blocking = nullptr,
+                 std::function<std::unique_lock<std::mutex>()> hold_job_folders = nullptr);
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -41,6 +47,7 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   const TokenAuthenticator* auth_;
   JobStore* record_;
   BlockingCalls* blocking_;
+  std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
   // LoadAdapter's work: read, record and publish the folder; answer in `response`.
   absl::Status Load(const lorad::v1::LoadAdapterRequest& request, lorad::v1::Adapter* response);
   // UnloadAdapter calls waiting for their adapter's requests, a thread each.

@@ -156,6 +156,7 @@ absl::Status Daemon::Start() {
     return s;
   }
   job_runner_->Start();
+  job_runner_->RemoveInBackground(std::move(deleted_job_folders_));
   state_.Set(Lifecycle::kServing);
   grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("serving gRPC on {} and HTTP (/metrics, /healthz) on {}",
@@ -517,6 +518,8 @@ absl::Status Daemon::OpenJobStore() {
         absl::StrCat("job database '", db_path, "': ", s.message(),
                      "; move the file aside to start with an empty job queue"));
   };
+  // A deletion a crash interrupted: its folder back, or gone (before the count of job folders).
+  deleted_job_folders_ = FinishInterruptedDeletions(*jobs_, JobsDir());
   auto counts = jobs_->CountByState();
   if (!counts.ok()) return damaged(counts.status());
   int64_t known = 0;
@@ -593,7 +596,10 @@ absl::Status Daemon::StartGrpc() {
   JobRunner* runner = job_runner_.get();
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
-  training.delete_job = [runner](const std::string& id) { return runner->DeleteJob(id); };
+  BlockingCalls* blocking = blocking_calls_.get();
+  training.delete_job = [runner, blocking](const std::string& id) {
+    return runner->DeleteJob(id, &blocking->stopping());
+  };
   training.auth = &auth_;
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.
@@ -609,8 +615,9 @@ absl::Status Daemon::StartGrpc() {
   inference.max_open_streams = config_.limits.max_queued_requests;
   inference.defaults = generation_defaults_;
   services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
-  services_.push_back(std::make_unique<AdapterService>(*engine_, adapter_root_, &auth_, jobs_.get(),
-                                                       blocking_calls_.get()));
+  services_.push_back(std::make_unique<AdapterService>(
+      *engine_, adapter_root_, &auth_, jobs_.get(), blocking_calls_.get(),
+      [runner] { return runner->HoldJobFolders(); }));
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();

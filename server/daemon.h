@@ -78,6 +78,8 @@ class Daemon {
   // Sampling for requests' unset fields (model.generation_config).
   engine::GenerationDefaults generation_defaults_;
   std::unique_ptr<JobRunner> job_runner_;
+  // Folders of deleted jobs a crash left (FinishInterruptedDeletions), removed once serving.
+  std::vector<std::string> deleted_job_folders_;
   std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's and LoadAdapter's file reads
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;

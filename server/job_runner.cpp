@@ -112,19 +112,65 @@ JobRunner::JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& event
 
 JobRunner::~JobRunner() { Stop(); }
 
-void JobRunner::Start() {
-  // What a DeleteJob interrupted by a crash left behind.
+std::vector<std::string> FinishInterruptedDeletions(JobStore& store, const std::string& jobs_dir) {
   std::error_code ec;
-  for (fs::directory_iterator it(jobs_dir_, ec), end; !ec && it != end; it.increment(ec)) {
-    if (!absl::StartsWith(it->path().filename().string(), kDeletedPrefix)) continue;
-    std::error_code removed;
-    fs::remove_all(it->path(), removed);
-    if (removed) {
-      spdlog::warn("cannot remove {}, left by a deleted job: {}", it->path().string(),
-                   removed.message());
+  std::vector<fs::path> moved;
+  for (fs::directory_iterator it(jobs_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    if (absl::StartsWith(it->path().filename().string(), kDeletedPrefix)) {
+      moved.push_back(it->path());
     }
   }
+  std::vector<std::string> to_remove;
+  for (const fs::path& path : moved) {
+    const std::string id = path.filename().string().substr(std::string(kDeletedPrefix).size());
+    auto record = store.Get(id);
+    if (record.ok()) {  // stopped before its record went: the job stays, with its files
+      std::error_code restored;
+      fs::rename(path, fs::path(jobs_dir) / id, restored);
+      if (restored) {
+        spdlog::warn("job {}: its deletion was interrupted, and its folder {} cannot go back: {}",
+                     id, path.string(), restored.message());
+      } else {
+        spdlog::warn("job {}: its deletion was interrupted; the job is kept", id);
+      }
+    } else if (absl::IsNotFound(record.status())) {
+      to_remove.push_back(path.string());
+    }  // else the store cannot say: left for the next start
+  }
+  return to_remove;
+}
+
+bool RemoveTree(const std::string& folder, const std::atomic<bool>* stop, std::error_code& ec) {
+  // Entry by entry (a checkpoint folder each, mostly), so that a stop is not held up for long.
+  std::vector<fs::path> entries;
+  for (fs::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec)) {
+    entries.push_back(it->path());
+  }
+  if (ec) return false;
+  for (const fs::path& entry : entries) {
+    if (stop != nullptr && stop->load()) return false;
+    fs::remove_all(entry, ec);
+    if (ec) return false;
+  }
+  fs::remove_all(folder, ec);
+  return !ec;
+}
+
+void JobRunner::Start() {
   thread_ = std::thread([this] { Loop(); });
+}
+
+void JobRunner::RemoveInBackground(std::vector<std::string> folders) {
+  if (folders.empty()) return;
+  spdlog::info("removing {} folder(s) of deleted jobs in the background", folders.size());
+  leftovers_ = std::thread([this, folders = std::move(folders)] {
+    for (const std::string& folder : folders) {
+      std::error_code ec;
+      if (!RemoveTree(folder, &stop_removing_, ec) && ec) {
+        spdlog::warn("cannot remove {}, left by a deleted job: {}", folder, ec.message());
+      }
+    }
+  });
 }
 
 void JobRunner::Stop() {
@@ -134,6 +180,8 @@ void JobRunner::Stop() {
   }
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
+  stop_removing_ = true;  // the rest goes at the next start
+  if (leftovers_.joinable()) leftovers_.join();
 }
 
 void JobRunner::StopStartingJobs() {
@@ -295,14 +343,15 @@ void JobRunner::StartNextJob() {
   FailJob(id, std::string(started.message()));
 }
 
-absl::Status JobRunner::DeleteJob(const std::string& job_id) {
-  std::lock_guard<std::mutex> folders(folders_mu_);
+absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<bool>* stop) {
+  std::unique_lock<std::mutex> folders(folders_mu_);
   auto record = store_.Get(job_id);
   if (!record.ok()) return record.status();
   if (!IsTerminal(record->state)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "job '", job_id, "' is ", JobStateName(record->state),
-        "; only an ended job can be deleted: cancel it first (CancelJob), then delete it"));
+        "; only an ended job can be deleted: cancel it first (CancelJob, or loradctl train "
+        "cancel), then delete it"));
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -329,6 +378,11 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id) {
   const fs::path doomed = fs::path(jobs_dir_) / (kDeletedPrefix + job_id);
   std::error_code ec;
   const bool has_folder = fs::exists(folder, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("job '", job_id, "': cannot look at its folder ",
+                                            folder.string(), " (", ec.message(),
+                                            "); nothing was deleted"));
+  }
   if (has_folder) {
     fs::rename(folder, doomed, ec);
     if (ec) {
@@ -349,13 +403,19 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id) {
     }
     return deleted;
   }
-  if (has_folder) {
-    fs::remove_all(doomed, ec);
+  // The job is gone: its files go without holding up the runner (a large folder takes a while).
+  folders.unlock();
+  if (has_folder && !RemoveTree(doomed.string(), stop, ec)) {
     if (ec) {
       spdlog::warn(
-          "job {} deleted; some of its files in {} could not be removed ({}); lorad "
-          "removes them at its next start",
+          "job {} deleted; some of its files in {} could not be removed ({}); lorad tries "
+          "again at its next start",
           job_id, doomed.string(), ec.message());
+    } else {
+      spdlog::info(
+          "job {} deleted; lorad is stopping: the rest of its files in {} go at its "
+          "next start",
+          job_id, doomed.string());
     }
   }
   spdlog::info("job {} ({}, {}) deleted", job_id, record->adapter_name,
@@ -510,6 +570,7 @@ void JobRunner::Succeed(const Pending& p) {
   // leaves the job to succeed or fail.
   if (!store_.BeginPublishing(p.job_id).ok()) {
     spdlog::info("job {} was cancelled as it finished; its adapter is not published", p.job_id);
+    unrecorded_successes_.erase(p.job_id);  // nothing left to record
     return;
   }
   const int64_t now = NowMs();

@@ -12,6 +12,7 @@
 // a slow disk never stalls the GPU loop. Cancel may be called from any thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -20,6 +21,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/runtime/engine.h"
@@ -36,6 +38,12 @@ namespace lorad::server {
 // waited in the queue.
 absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
     const lorad::v1::JobSpec& spec, const std::string& output_dir, const std::string& dataset_root);
+
+// Finishes what a DeleteJob interrupted by a crash left in `jobs_dir`: a folder moved aside
+// (.deleted-<id>) goes back if the store still has the job (its record was not deleted); the
+// others, of deleted jobs, are returned for JobRunner::RemoveInBackground. Called at start,
+// before any call is served.
+std::vector<std::string> FinishInterruptedDeletions(JobStore& store, const std::string& jobs_dir);
 
 class JobRunner {
  public:
@@ -57,10 +65,20 @@ class JobRunner {
   void Cancel(const std::string& job_id);
   // Deletes an ended job: moves its folder aside to <jobs_dir>/.deleted-<id>, deletes its record
   // (JobStore::Delete; the folder is moved back if that fails), then removes the folder; what a
-  // crash leaves of one is removed at the next Start(). FAILED_PRECONDITION while the job's trainer
-  // has not ended (a cancelled job still stopping) or while an adapter is served from its folder (a
-  // restart reads it from there).
-  absl::Status DeleteJob(const std::string& job_id);
+  // crash leaves of one, FinishInterruptedDeletions sorts out. FAILED_PRECONDITION while the job's
+  // trainer has not ended (a cancelled job still stopping) or while an adapter is served from its
+  // folder (a restart reads it from there).
+  // The files go after the lock is released, on the caller's thread; `stop` turning true (a
+  // shutdown) leaves the rest for the next start.
+  absl::Status DeleteJob(const std::string& job_id, const std::atomic<bool>* stop = nullptr);
+  // Removes these folders (FinishInterruptedDeletions') on a thread of their own; Stop() ends it,
+  // leaving what is left for the next start.
+  void RemoveInBackground(std::vector<std::string> folders);
+  // Held while an adapter from any folder is recorded as served (AdapterService): a job's folder
+  // is never deleted between a check that it exists and that record, nor recorded once gone.
+  std::unique_lock<std::mutex> HoldJobFolders() {
+    return std::unique_lock<std::mutex>(folders_mu_);
+  }
 
  private:
   struct Pending {
@@ -89,8 +107,8 @@ class JobRunner {
   std::string dataset_root_;
   int max_running_;  // jobs handed to the engine at once; 0: jobs stay queued
 
-  // Held by StartNextJob from choosing a job until it runs (it writes the job's folder first)
-  // and by DeleteJob throughout: a job is never deleted between the two.
+  // Held by StartNextJob from choosing a job until it runs (it writes the job's folder first),
+  // by DeleteJob until the job's record is gone, and by HoldJobFolders' callers.
   std::mutex folders_mu_;
   std::mutex mu_;
   std::condition_variable wake_;
@@ -122,6 +140,8 @@ class JobRunner {
   bool stop_ = false;
   bool starting_stopped_ = false;  // StopStartingJobs
   std::thread thread_;
+  std::thread leftovers_;  // RemoveInBackground
+  std::atomic<bool> stop_removing_{false};
 };
 
 }  // namespace lorad::server

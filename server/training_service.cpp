@@ -181,7 +181,16 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       last_step_ms_ = s.time_ms;
       next_step_ = s.step + 1;
     }
-    if (static_cast<int64_t>(steps->size()) < kStepsPerPage) FinishHistoryLocked();
+    if (static_cast<int64_t>(steps->size()) < kStepsPerPage) {
+      // Deleted (DeleteJob) since the stream began: what was read may be cut short, so the
+      // stream ends NOT_FOUND rather than with the job's end state.
+      if (IsTerminal(record_.state)) {
+        if (auto now = store_.Get(record_.id); absl::IsNotFound(now.status())) {
+          return now.status();
+        }
+      }
+      FinishHistoryLocked();
+    }
     return absl::OkStatus();
   }
 

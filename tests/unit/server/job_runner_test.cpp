@@ -192,16 +192,24 @@ TEST(JobRunnerTest, AFailureQuotingInvalidUtf8IsStoredAndSentAsValidUtf8) {
 
 // A succeeded job whose adapter serves from its folder is not deleted (a restart serves it from
 // there); once the adapter is unloaded, DeleteJob removes the job's record and its folder. What
-// an earlier deletion left (a crash between its steps) is removed when a runner starts.
+// a deletion a crash interrupted left is sorted out at the next start: the folder of a job whose
+// record is still there goes back, one of a deleted job goes.
 TEST(JobRunnerTest, AnEndedJobIsDeletedWithItsFolderOnceItsAdapterIsNotServed) {
   Rig rig("delete-ended", 1);
-  const fs::path leftover = rig.job_dir().parent_path() / ".deleted-job-0123456789abcdef";
+  const fs::path jobs = rig.job_dir().parent_path();
+  const fs::path leftover = jobs / ".deleted-job-0123456789abcdef";
   fs::create_directories(leftover / "checkpoint-1");
   std::ofstream(leftover / "checkpoint-1/optimizer.pt") << "state";
   rig.runner().Start();
-  EXPECT_FALSE(fs::exists(leftover));
   ASSERT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 120));
   ASSERT_TRUE(fs::exists(rig.job_dir() / "adapter/adapter_model.safetensors"));
+  fs::rename(rig.job_dir(), jobs / (".deleted-" + rig.job_id()));  // killed before its record went
+  const std::vector<std::string> to_remove = FinishInterruptedDeletions(rig.store(), jobs.string());
+  EXPECT_EQ(to_remove, std::vector<std::string>{leftover.string()});
+  rig.runner().RemoveInBackground(to_remove);
+  EXPECT_TRUE(Rig::WaitFor([&] { return !fs::exists(leftover); }, 30));
+  EXPECT_TRUE(fs::exists(rig.job_dir() / "adapter/adapter_model.safetensors"));
+  EXPECT_FALSE(fs::exists(jobs / (".deleted-" + rig.job_id())));
 
   absl::Status refused = rig.runner().DeleteJob(rig.job_id());
   EXPECT_TRUE(absl::IsFailedPrecondition(refused)) << refused;

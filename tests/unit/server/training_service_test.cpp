@@ -145,11 +145,17 @@ class Watch {
     EXPECT_TRUE(reader_->Read(&events_.back()));
   }
   std::vector<JobEvent> Rest() {
-    JobEvent e;
-    while (reader_->Read(&e)) events_.push_back(e);
-    EXPECT_TRUE(reader_->Finish().ok());
+    const grpc::Status status = RestAndStatus();
+    EXPECT_TRUE(status.ok()) << status.error_message();
     return events_;
   }
+  // The rest of the events (events()), and how the stream ended.
+  grpc::Status RestAndStatus() {
+    JobEvent e;
+    while (reader_->Read(&e)) events_.push_back(e);
+    return reader_->Finish();
+  }
+  const std::vector<JobEvent>& events() const { return events_; }
 
  private:
   grpc::ClientContext context_;
@@ -192,6 +198,25 @@ TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
   ASSERT_GE(events.size(), 2u);
   EXPECT_EQ(Describe(events[events.size() - 2]), "failed");
   EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
+}
+
+// A job deleted (DeleteJob) while its long history is replayed: the stream ends NOT_FOUND, not
+// with the job's end state after a history cut short.
+TEST(TrainingServiceTest, AJobDeletedDuringItsReplayEndsTheStreamNotFound) {
+  Rig rig("deleted-replay");
+  const std::string id = rig.RunningJob();
+  constexpr int64_t kHistory = 100000;
+  rig.BulkSteps(id, kHistory);
+  rig.Fail(id);
+  Watch watch(rig, id, 0);
+  ASSERT_TRUE(rig.store().Delete(id).ok());
+  const grpc::Status status = watch.RestAndStatus();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+  EXPECT_LT(watch.events().size(), static_cast<size_t>(kHistory));
+  for (const JobEvent& e : watch.events()) {
+    EXPECT_FALSE(e.has_failed() || (e.has_state() && e.state() == lorad::v1::JOB_STATE_FAILED))
+        << "the end of a history cut short";
+  }
 }
 
 // from_step leaves out earlier steps live as well as replayed (a job resumed from a checkpoint
