@@ -4,10 +4,13 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/lora/lora_config.h"
+#include "engine/lora/peft_config.h"
 #include "engine/train/dataset_reader.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/training_data.h"
@@ -256,10 +259,74 @@ absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLim
   return dataset;
 }
 
+absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>& served) {
+  spec.clear_init_adapter_path();
+  spec.clear_init_adapter_version();
+  if (spec.init_adapter().empty()) return absl::OkStatus();
+  if (auto s = CheckAdapterName(spec.init_adapter(), "init_adapter"); !s.ok()) return s;
+  const auto found = std::find_if(served.begin(), served.end(), [&](const ServedAdapter& a) {
+    return a.served && a.name == spec.init_adapter();
+  });
+  if (found == served.end()) {
+    return absl::NotFoundError(absl::StrCat("init_adapter: adapter '", spec.init_adapter(),
+                                            "' is not served; load it first (LoadAdapter)"));
+  }
+  const std::string file = found->path + "/adapter_config.json";
+  std::ifstream in(file, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (!in) {
+    return Field("init_adapter",
+                 absl::StrCat("cannot read ", file, " of adapter '", spec.init_adapter(), "'"));
+  }
+  engine::PeftModulePatterns patterns;
+  auto config = engine::ParsePeftConfig(text.str(), file, &patterns);
+  if (!config.ok()) return Field("init_adapter", std::string(config.status().message()));
+  if (!patterns.rank.empty() || !patterns.alpha.empty()) {
+    return Field("init_adapter",
+                 absl::StrCat("adapter '", spec.init_adapter(),
+                              "' has per-module ranks or alphas (rank_pattern / alpha_pattern): "
+                              "lorad serves such adapters but does not train them further"));
+  }
+  // Each setting left unset takes the adapter's; one given must be the adapter's (the trainer
+  // continues with those of the folder).
+  lorad::v1::LoraSpec& lora = *spec.mutable_lora();
+  const auto differs = [&](const std::string& field, const std::string& given,
+                           const std::string& has) {
+    return Field("lora." + field,
+                 absl::StrCat(given, ", but init_adapter '", spec.init_adapter(), "' has ", has,
+                              " (", file, "); leave it unset to continue with the adapter's"));
+  };
+  if (lora.r() != 0 && lora.r() != config->r) {
+    return differs("r", absl::StrCat(lora.r()), absl::StrCat(config->r));
+  }
+  if (lora.alpha() != 0 && lora.alpha() != config->alpha) {
+    return differs("alpha", absl::StrCat(lora.alpha()), absl::StrCat(config->alpha));
+  }
+  if (lora.dropout() != 0 && lora.dropout() != config->dropout) {
+    return differs("dropout", absl::StrCat(lora.dropout()), absl::StrCat(config->dropout));
+  }
+  const std::set<std::string> targets(config->target_modules.begin(), config->target_modules.end());
+  const std::set<std::string> given(lora.target_modules().begin(), lora.target_modules().end());
+  if (!given.empty() && given != targets) {
+    return differs("target_modules", absl::StrJoin(given, ", "), absl::StrJoin(targets, ", "));
+  }
+  lora.set_r(config->r);
+  lora.set_alpha(config->alpha);
+  lora.set_dropout(config->dropout);
+  lora.set_use_rslora(config->use_rslora);
+  lora.clear_target_modules();
+  for (const std::string& t : config->target_modules) lora.add_target_modules(t);
+  spec.set_init_adapter_path(found->path);
+  spec.set_init_adapter_version(found->version);
+  return absl::OkStatus();
+}
+
 engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::string& output_dir) {
   engine::TrainingJobConfig c;
   const auto& d = spec.dataset();
   c.output_dir = output_dir;
+  c.init_adapter_path = spec.init_adapter_path();
   if (d.inline_examples_size() > 0) {
     c.data.path = output_dir + "/inline_dataset.jsonl";  // the job runner writes it, one a line
     c.data.inline_name = std::string(kInlineExamples);

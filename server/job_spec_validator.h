@@ -6,12 +6,14 @@
 
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "engine/train/training_job_config.h"
 #include "lorad/v1/training.pb.h"
+#include "server/job_store.h"
 
 namespace lorad::server {
 
@@ -39,6 +41,13 @@ absl::Status CheckAdapterName(const std::string& name, const std::string& field)
 absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
                                                  const JobSpecLimits& limits,
                                                  const std::atomic<bool>* abandon = nullptr);
+
+// JobSpec.init_adapter: the adapter a job continues, found among `served` (the adapters lorad
+// serves, as the job store records them). Sets init_adapter_path and init_adapter_version (or
+// clears them when init_adapter is empty), and fills an unset `lora` with the adapter's settings,
+// read from its adapter_config.json; an explicit `lora` must agree. NOT_FOUND for an adapter not
+// served, INVALID_ARGUMENT naming the field otherwise.
+absl::Status ResolveInitAdapter(lorad::v1::JobSpec& spec, const std::vector<ServedAdapter>& served);
 
 // What errors call a request's inline records: "dataset.inline_examples[2]" (0-based).
 inline constexpr absl::string_view kInlineExamples = "dataset.inline_examples";

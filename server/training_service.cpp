@@ -394,6 +394,14 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
 
 absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
                                      lorad::v1::Job* response) {
+  // The adapter a job continues sets its LoRA settings, which the rest checks.
+  std::vector<ServedAdapter> served;
+  if (!spec.init_adapter().empty()) {
+    auto adapters = store_.Adapters();
+    if (!adapters.ok()) return adapters.status();
+    served = *std::move(adapters);
+  }
+  if (auto s = ResolveInitAdapter(spec, served); !s.ok()) return s;
   auto dataset = ValidateJobSpec(spec, options_.spec_limits, abandon);
   if (!dataset.ok()) return dataset.status();
   if (options_.check_job) {

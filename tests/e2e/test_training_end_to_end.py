@@ -628,6 +628,57 @@ def test_a_deleted_job_leaves_no_record_or_files_and_its_adapter_must_be_unloade
         assert stop_daemon(d) == 0, d.log()
 
 
+def test_a_job_continues_a_served_adapter_from_its_weights_and_settings(tmp_path, stubs):
+    """init_adapter, as PEFT's PeftModel.from_pretrained(..., is_trainable=True): the job starts
+    from the served adapter's weights (its first loss is the trained adapter's, below a fresh
+    adapter's on the same batch), takes its r, alpha and targets when lora is unset, and publishes
+    a new version; an adapter not served, or a lora that disagrees, is refused naming the field."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    try:
+        channel = grpc.insecure_channel(d.grpc_address)
+        train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+
+        def run(spec):
+            job = train.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            _, states, steps = watch_until_done(train, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            return job, [s.loss for s in steps]
+
+        first, _ = run(job_spec(tpb, "qa", 12))
+        _, fresh = run(job_spec(tpb, "fresh", 2))
+        again = job_spec(tpb, "qa", 2)
+        again.ClearField("lora")
+        again.init_adapter = "qa"
+        again.init_adapter_path = "/etc"  # the server's to set: replaced
+        job, continued = run(again)
+        assert (job.spec.lora.r, job.spec.lora.alpha, len(job.spec.lora.target_modules)) == \
+            (8, 16, 7)
+        assert job.spec.init_adapter_path == str(tmp_path / "data" / "jobs" / first.id / "adapter")
+        assert job.spec.init_adapter_version == 1
+        assert continued[0] < fresh[0], (continued, fresh)
+        done = train.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10)
+        assert (done.summary.adapter_name, done.summary.adapter_version) == ("qa", 2)
+
+        unknown = job_spec(tpb, "x", 2)
+        unknown.init_adapter = "nope"
+        with pytest.raises(grpc.RpcError) as refused:
+            train.SubmitJob(tpb.SubmitJobRequest(spec=unknown), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "init_adapter: adapter 'nope' is not served" in refused.value.details()
+        other_rank = job_spec(tpb, "x", 2)
+        other_rank.init_adapter = "qa"
+        other_rank.lora.r = 4
+        with pytest.raises(grpc.RpcError) as refused:
+            train.SubmitJob(tpb.SubmitJobRequest(spec=other_rank), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "lora.r: 4, but init_adapter 'qa' has 8" in refused.value.details()
+        channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
 def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, stubs):
     """Inline examples laid out over several lines (as YAML block scalars or json.dumps(indent=2)
     give them) train like one-line ones, here with template 'raw' (TRL's prompt + completion).
