@@ -261,6 +261,20 @@ void JobRunner::StartNextJob() {
     FailJob(job.id, std::string(config.status().message()));
     return;
   }
+  // A job continuing an adapter reads its folder when it starts afresh (a resume reads its own
+  // checkpoint): the files must still be those SubmitJob took the adapter's settings from.
+  if (!spec.init_adapter_path().empty() && engine::LatestCheckpoint(config->output_dir).empty()) {
+    auto now = AdapterFolderFingerprint(spec.init_adapter_path());
+    if (!now.ok() || *now != spec.init_adapter_fingerprint()) {
+      FailJob(job.id, absl::StrCat(
+                          "init_adapter '", spec.init_adapter(), "' version ",
+                          spec.init_adapter_version(), ": its folder ", spec.init_adapter_path(),
+                          now.ok() ? " holds other files than when the job was submitted"
+                                   : absl::StrCat(" cannot be read (", now.status().message(), ")"),
+                          "; submit the job again to continue the adapter's current version"));
+      return;
+    }
+  }
   // The memory planner: a job that can never fit fails saying what it needs; one that fits only
   // once a running job ends stays queued (the runner looks again when a job ends).
   absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config);
@@ -375,6 +389,23 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
           "under the same name, then delete the job"));
     }
   }
+  // A job waiting to continue an adapter of this folder reads it when it starts.
+  std::string page_token;
+  do {
+    auto page = store_.List({JobState::kQueued, JobState::kRunning}, 500, page_token);
+    if (!page.ok()) return page.status();
+    for (const JobRecord& waiting : page->jobs) {
+      lorad::v1::JobSpec spec;
+      if (spec.ParseFromString(waiting.spec) && !spec.init_adapter_path().empty() &&
+          IsWithin(spec.init_adapter_path(), folder)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "job '", job_id, "': job '", waiting.id, "' (", JobStateName(waiting.state),
+            ") continues adapter '", spec.init_adapter(), "' from its folder ",
+            spec.init_adapter_path(), "; delete the job once that one has ended"));
+      }
+    }
+    page_token = page->next_page_token;
+  } while (!page_token.empty());
   const fs::path doomed = fs::path(jobs_dir_) / (kDeletedPrefix + job_id);
   std::error_code ec;
   const bool has_folder = fs::exists(folder, ec);

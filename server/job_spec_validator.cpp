@@ -262,6 +262,7 @@ absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLim
 absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>& served) {
   spec.clear_init_adapter_path();
   spec.clear_init_adapter_version();
+  spec.clear_init_adapter_fingerprint();
   if (spec.init_adapter().empty()) return absl::OkStatus();
   if (auto s = CheckAdapterName(spec.init_adapter(), "init_adapter"); !s.ok()) return s;
   const auto found = std::find_if(served.begin(), served.end(), [&](const ServedAdapter& a) {
@@ -276,8 +277,8 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   std::ostringstream text;
   text << in.rdbuf();
   if (!in) {
-    return Field("init_adapter",
-                 absl::StrCat("cannot read ", file, " of adapter '", spec.init_adapter(), "'"));
+    return absl::FailedPreconditionError(absl::StrCat("init_adapter: cannot read ", file,
+                                                      " of adapter '", spec.init_adapter(), "'"));
   }
   engine::PeftModulePatterns patterns;
   auto config = engine::ParsePeftConfig(text.str(), file, &patterns);
@@ -311,14 +312,21 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   if (!given.empty() && given != targets) {
     return differs("target_modules", absl::StrJoin(given, ", "), absl::StrJoin(targets, ", "));
   }
+  if (lora.use_rslora() && !config->use_rslora) return differs("use_rslora", "true", "false");
   lora.set_r(config->r);
   lora.set_alpha(config->alpha);
   lora.set_dropout(config->dropout);
   lora.set_use_rslora(config->use_rslora);
   lora.clear_target_modules();
   for (const std::string& t : config->target_modules) lora.add_target_modules(t);
+  auto fingerprint = AdapterFolderFingerprint(found->path);
+  if (!fingerprint.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init_adapter: adapter '", spec.init_adapter(), "': ", fingerprint.status().message()));
+  }
   spec.set_init_adapter_path(found->path);
   spec.set_init_adapter_version(found->version);
+  spec.set_init_adapter_fingerprint(*fingerprint);
   return absl::OkStatus();
 }
 

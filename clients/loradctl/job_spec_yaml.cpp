@@ -368,8 +368,15 @@ absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
 }
 
 std::string JobSpecToYaml(const lorad::v1::JobSpec& spec) {
+  // What SubmitJob fills from init_adapter is left out: submitted again, the job continues the
+  // adapter's current version, with its settings.
+  lorad::v1::JobSpec editable = spec;
+  editable.clear_init_adapter_path();
+  editable.clear_init_adapter_version();
+  editable.clear_init_adapter_fingerprint();
+  if (!editable.init_adapter().empty()) editable.clear_lora();
   YAML::Emitter out;
-  EmitMessage(out, spec);
+  EmitMessage(out, editable);
   return std::string(out.c_str()) + "\n";
 }
 

@@ -26,7 +26,8 @@ absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
 absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
 // The spec as YAML in the same format (fields left at their defaults are omitted), so the
-// output of `train show` can be edited and submitted again.
+// output of `train show` can be edited and submitted again (without what SubmitJob fills from
+// init_adapter: the folder, version and LoRA settings of the adapter's version then).
 std::string JobSpecToYaml(const lorad::v1::JobSpec& spec);
 
 }  // namespace lorad::cli

@@ -674,6 +674,37 @@ def test_a_job_continues_a_served_adapter_from_its_weights_and_settings(tmp_path
             train.SubmitJob(tpb.SubmitJobRequest(spec=other_rank), timeout=30)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "lora.r: 4, but init_adapter 'qa' has 8" in refused.value.details()
+
+        # Behind a long job: the folder a waiting job continues is not deleted, and one changed
+        # before the job starts fails it, naming the folder.
+        adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+        apb = stubs.adapters_pb2
+        shutil.copytree(tmp_path / "data" / "jobs" / job.id / "adapter",
+                        tmp_path / "data" / "adapters" / "copy")
+        adapters.LoadAdapter(apb.LoadAdapterRequest(name="copied", path="copy"), timeout=30)
+        long_job = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "long", 100000)),
+                                   timeout=30)
+        wait_for_state(train, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
+        waiting = []
+        for source in ("qa", "copied"):
+            spec = job_spec(tpb, "later", 2)
+            spec.init_adapter = source
+            waiting.append(train.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30))
+        adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="qa"), timeout=30)
+        with pytest.raises(grpc.RpcError) as kept:
+            train.DeleteJob(tpb.DeleteJobRequest(job_id=job.id), timeout=30)
+        assert kept.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"job '{waiting[0].id}' (queued) continues adapter 'qa'" in kept.value.details()
+        weights = tmp_path / "data" / "adapters" / "copy" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+        wait_for_state(train, tpb, waiting[0].id, tpb.JOB_STATE_SUCCEEDED)
+        failed = wait_for_state(train, tpb, waiting[1].id, tpb.JOB_STATE_FAILED)
+        assert "init_adapter 'copied' version 1" in failed.error
+        assert "holds other files than when the job was submitted" in failed.error
+        train.DeleteJob(tpb.DeleteJobRequest(job_id=job.id), timeout=30)  # nothing waits on it now
         channel.close()
     finally:
         assert stop_daemon(d) == 0, d.log()
