@@ -63,6 +63,17 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           ? (model.num_hidden_layers - kept) * inputs_kept * tokens * h * element_bytes +
                 std::max<int64_t>(kept, 1) * layer
           : model.num_hidden_layers * layer;
+  // Packed rows kept apart attend through a mask ([B, T, T]: bool temporaries while it is built,
+  // and the copy SDPA makes in the compute dtype) with K and V repeated for every query head (the
+  // masked kernel has no grouped-query attention); a layer kept for backward holds the last two.
+  if (config.data.packing && config.data.packing_separate) {
+    const int64_t mask = config.micro_batch_size * config.max_seq_length * config.max_seq_length;
+    const int64_t held = mask * element_bytes +
+                         2 * tokens * model.num_attention_heads * model.head_dim * element_bytes;
+    const int64_t holding_layers =
+        config.gradient_checkpointing ? std::max<int64_t>(kept, 1) : model.num_hidden_layers;
+    e.activation_bytes += 3 * mask + holding_layers * held;
+  }
   // A chunk of logits and their gradient: 8 bytes a logit covers fp32, and fp16's fp32 copy
   // (bf16 needs 4).
   const int64_t logits_chunk = std::min(tokens, config.loss_chunk_tokens) * model.vocab_size * 8;

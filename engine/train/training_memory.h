@@ -5,7 +5,8 @@
 // The estimate counts, in the compute dtype (2 bytes on the GPU): the LoRA weights, gradients and
 // optimizer state (fp32); the decoder-layer inputs kept for backward (gradient checkpointing) or
 // every layer's activations (without); one layer's activations during its recomputation; the
-// largest dequantized NF4 weight; and the loss's logits chunk in fp32. It is an estimate: the
+// largest dequantized NF4 weight; the loss's logits chunk in fp32; and for packed rows kept apart,
+// their attention mask and repeated K and V. It is an estimate: the
 // 8B-shape, 2 x 2048-token, r=16 run on an H200 peaked at 8.2 GiB, about 3.0 GiB above its NF4
 // base; this gives 3.4 GiB for it.
 #pragma once

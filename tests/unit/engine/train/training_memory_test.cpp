@@ -69,5 +69,22 @@ TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
             inputs);
 }
 
+// Packed rows kept apart attend through a [B, T, T] mask with K and V repeated for every query
+// head: at 2 x 2048 tokens, 8 MiB of bool temporaries three times over while the mask is built,
+// and 16 MiB of mask plus 64 MiB of repeated K and V for the layer a checkpointed backward holds.
+// The classic packing (flash attention, no mask) adds nothing.
+TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskAndRepeatedKeysAndValues) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 2;
+  c.max_seq_length = 2048;
+  const int64_t plain = EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes;
+  c.data.packing = true;
+  const int64_t mask = int64_t{2} * 2048 * 2048;
+  const int64_t held = mask * 2 + int64_t{2} * 2 * 2048 * 32 * 128 * 2;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes, plain + 3 * mask + held);
+  c.data.packing_separate = false;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes, plain);
+}
+
 }  // namespace
 }  // namespace lorad::engine
