@@ -3,6 +3,8 @@
 
     python clients/python/lorad_client.py [--address HOST:PORT] [--token T] COMMAND ...
 
+--address and --token default to $LORAD_ADDRESS and $LORAD_TOKEN, as loradctl's do.
+
     submit JOB.json        queue a fine-tuning job (a lorad.v1.JobSpec as JSON); prints its id
     watch JOB_ID           print the job's steps (loss, learning rate) until it ends
     chat [--adapter NAME] MESSAGE...
@@ -16,6 +18,7 @@ nothing generated is kept in the repository. `LoradClient` is the part to copy i
 import argparse
 import hashlib
 import json
+import os
 import pathlib
 import sys
 
@@ -87,8 +90,9 @@ class LoradClient:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--address", default="127.0.0.1:50051")
-    ap.add_argument("--token", default=None, help="a bearer token from auth.tokens")
+    ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS", "127.0.0.1:50051"))
+    ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
+                    help="a bearer token from auth.tokens")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("submit").add_argument("job_file", type=pathlib.Path)
     sub.add_parser("watch").add_argument("job_id")
