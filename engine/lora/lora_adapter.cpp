@@ -195,6 +195,8 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
     at::Generator gen = at::detail::createCPUGenerator(seed);
     torch::NoGradGuard no_grad;
     for (int64_t layer = 0; layer < model.num_hidden_layers; ++layer) {
+      const std::vector<int64_t>& only = config.layers_to_transform;
+      if (!only.empty() && std::find(only.begin(), only.end(), layer) == only.end()) continue;
       for (const auto& projection : KnownLoraTargets()) {
         if (!Contains(config.target_modules, projection)) continue;
         const Features f = ProjectionFeatures(model, projection);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,10 @@ struct LoraConfig {
                                              "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
   std::string base_model_name_or_path;
+  // PEFT's layers_to_transform: the only decoder layers adapted, as read from an adapter folder
+  // (and written back, so PEFT adapts the same layers after a lorad job continued it); empty =
+  // every layer.
+  std::vector<int64_t> layers_to_transform;
 
   double scaling() const { return use_rslora ? alpha / std::sqrt(double(r)) : alpha / r; }
   // r in [1, 1024], alpha > 0, dropout in [0, 1), targets known and not empty.

@@ -239,6 +239,7 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
       }
       patterns->layers.push_back(v.get<int64_t>());
     }
+    c.layers_to_transform = patterns->layers;
   }
   if (auto s = c.Validate(); !s.ok()) return ConfigError(file, std::string(s.message()));
   return c;
@@ -268,7 +269,11 @@ std::string PeftConfigJson(const LoraConfig& c) {
   j["kasa_config"] = null;
   j["layer_replication"] = null;
   j["layers_pattern"] = null;
-  j["layers_to_transform"] = null;
+  if (c.layers_to_transform.empty()) {
+    j["layers_to_transform"] = null;
+  } else {
+    j["layers_to_transform"] = c.layers_to_transform;
+  }
   j["loftq_config"] = empty;
   // PEFT keeps lora_alpha an int when it was given one.
   if (c.alpha == std::floor(c.alpha) && std::abs(c.alpha) < 1e15) {

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "engine/model/safetensors.h"
+#include "nlohmann/json.hpp"
 
 namespace lorad::engine {
 namespace {
@@ -184,6 +185,26 @@ TEST_F(LoraAdapterTest, WriteThenReadGivesTheSameAdapter) {
   EXPECT_TRUE(read->ValidateAgainst(TinyModel()).ok());
   // Only the folder itself: the temporary folder was renamed into place.
   EXPECT_EQ(std::distance(fs::directory_iterator(dir_ / "out"), fs::directory_iterator()), 1);
+}
+
+// An adapter of some layers only (PEFT's layers_to_transform) keeps that list through a read and
+// a write: PEFT then adapts the same layers (a job that continues it writes it back).
+TEST_F(LoraAdapterTest, LayersToTransformSurviveAWriteAndARead) {
+  LoraConfig config = Config(4, {"q_proj"});
+  config.layers_to_transform = {1};
+  auto adapter = LoraAdapter::Init(TinyModel(), config, 3);
+  ASSERT_TRUE(adapter.ok());
+  ASSERT_EQ(adapter->layers.size(), 1u);
+  EXPECT_EQ(adapter->layers.begin()->first, "model.layers.1.self_attn.q_proj");
+  const std::string folder = (dir_ / "layers" / "adapter").string();
+  ASSERT_TRUE(adapter->WritePeft(folder).ok());
+  auto read = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->config.layers_to_transform, std::vector<int64_t>{1});
+  ASSERT_TRUE(read->WritePeft(folder).ok());
+  std::ifstream in(folder + "/adapter_config.json");
+  const nlohmann::json written = nlohmann::json::parse(in);
+  EXPECT_EQ(written["layers_to_transform"], nlohmann::json::array({1}));
 }
 
 TEST_F(LoraAdapterTest, WriteReplacesAnAdapterButNeverAnotherFolder) {
