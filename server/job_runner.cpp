@@ -261,20 +261,6 @@ void JobRunner::StartNextJob() {
     FailJob(job.id, std::string(config.status().message()));
     return;
   }
-  // A job continuing an adapter reads its folder when it starts afresh (a resume reads its own
-  // checkpoint): the files must still be those SubmitJob took the adapter's settings from.
-  if (!spec.init_adapter_path().empty() && engine::LatestCheckpoint(config->output_dir).empty()) {
-    auto now = AdapterFolderFingerprint(spec.init_adapter_path());
-    if (!now.ok() || *now != spec.init_adapter_fingerprint()) {
-      FailJob(job.id, absl::StrCat(
-                          "init_adapter '", spec.init_adapter(), "' version ",
-                          spec.init_adapter_version(), ": its folder ", spec.init_adapter_path(),
-                          now.ok() ? " holds other files than when the job was submitted"
-                                   : absl::StrCat(" cannot be read (", now.status().message(), ")"),
-                          "; submit the job again to continue the adapter's current version"));
-      return;
-    }
-  }
   // The memory planner: a job that can never fit fails saying what it needs; one that fits only
   // once a running job ends stays queued (the runner looks again when a job ends).
   absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config);

@@ -272,6 +272,19 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
     return absl::NotFoundError(absl::StrCat("init_adapter: adapter '", spec.init_adapter(),
                                             "' is not served; load it first (LoadAdapter)"));
   }
+  // Taken before the settings are read: files changed after it fail the job at its start.
+  auto fingerprint = AdapterFolderFingerprint(found->path);
+  if (!fingerprint.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init_adapter: adapter '", spec.init_adapter(), "': ", fingerprint.status().message()));
+  }
+  if (!found->fingerprint.empty() && *fingerprint != found->fingerprint) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("init_adapter: adapter '", spec.init_adapter(), "' version ", found->version,
+                     ": its folder ", found->path,
+                     " holds other files than when it was loaded; load it again (LoadAdapter) "
+                     "to serve, and continue, what it holds now"));
+  }
   const std::string file = found->path + "/adapter_config.json";
   std::ifstream in(file, std::ios::binary);
   std::ostringstream text;
@@ -319,11 +332,6 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   lora.set_use_rslora(config->use_rslora);
   lora.clear_target_modules();
   for (const std::string& t : config->target_modules) lora.add_target_modules(t);
-  auto fingerprint = AdapterFolderFingerprint(found->path);
-  if (!fingerprint.ok()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "init_adapter: adapter '", spec.init_adapter(), "': ", fingerprint.status().message()));
-  }
   spec.set_init_adapter_path(found->path);
   spec.set_init_adapter_version(found->version);
   spec.set_init_adapter_fingerprint(*fingerprint);
@@ -335,6 +343,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   const auto& d = spec.dataset();
   c.output_dir = output_dir;
   c.init_adapter_path = spec.init_adapter_path();
+  c.init_adapter_fingerprint = spec.init_adapter_fingerprint();
   if (d.inline_examples_size() > 0) {
     c.data.path = output_dir + "/inline_dataset.jsonl";  // the job runner writes it, one a line
     c.data.inline_name = std::string(kInlineExamples);

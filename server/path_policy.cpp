@@ -3,7 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "engine/runtime/file_fingerprint.h"
+#include "engine/lora/peft_config.h"
 
 namespace lorad::server {
 
@@ -58,8 +58,7 @@ absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const 
 }
 
 absl::StatusOr<std::string> AdapterFolderFingerprint(const std::string& folder) {
-  return engine::FilesFingerprint({absl::StrCat(folder, "/adapter_config.json"),
-                                   absl::StrCat(folder, "/adapter_model.safetensors")});
+  return engine::PeftFolderFingerprint(folder);
 }
 
 }  // namespace lorad::server

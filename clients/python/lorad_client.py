@@ -90,7 +90,7 @@ class LoradClient:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS", "127.0.0.1:50051"))
+    ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS") or "127.0.0.1:50051")
     ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
                     help="a bearer token from auth.tokens")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/model/json_file.h"
+#include "engine/runtime/file_fingerprint.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -303,6 +304,11 @@ std::string PeftConfigJson(const LoraConfig& c) {
   j["use_rslora"] = c.use_rslora;
   j["velora_config"] = null;
   return j.dump(2);
+}
+
+absl::StatusOr<std::string> PeftFolderFingerprint(const std::string& folder) {
+  return FilesFingerprint({absl::StrCat(folder, "/adapter_config.json"),
+                           absl::StrCat(folder, "/adapter_model.safetensors")});
 }
 
 }  // namespace lorad::engine

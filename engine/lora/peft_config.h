@@ -37,6 +37,11 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
 std::optional<double> PatternValue(const std::vector<PeftModulePattern>& patterns,
                                    const std::string& module);
 
+// What a PEFT adapter folder's two files (adapter_config.json, adapter_model.safetensors) hold
+// (FilesFingerprint): recorded when an adapter is loaded or a job is submitted to continue it,
+// compared when it is read again.
+absl::StatusOr<std::string> PeftFolderFingerprint(const std::string& folder);
+
 // The adapter_config.json PEFT 0.21 writes for a LoRA adapter, field for field (sorted keys,
 // indent 2, as PEFT's save_pretrained), so PEFT loads it with the same settings it would have
 // saved.

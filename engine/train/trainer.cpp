@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/lora/lora_adapter.h"
 #include "engine/lora/merged_model_writer.h"
+#include "engine/lora/peft_config.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/runtime/durable_file.h"
@@ -93,6 +94,16 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     resumed = true;
     resumed_from = latest;
   } else if (!config.init_adapter_path.empty()) {
+    if (!config.init_adapter_fingerprint.empty()) {
+      auto now = PeftFolderFingerprint(config.init_adapter_path);
+      if (!now.ok() || *now != config.init_adapter_fingerprint) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("init_adapter: its folder ", config.init_adapter_path,
+                         now.ok() ? " holds other files than when the job was submitted"
+                                  : absl::StrCat(" cannot be read (", now.status().message(), ")"),
+                         "; submit the job again to continue the adapter's current version"));
+      }
+    }
     auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
     if (!a.ok()) return a.status();
     if (a->from_patterns) {

@@ -49,6 +49,10 @@ struct TrainingJobConfig {
   // A PEFT adapter folder to start from instead of a fresh PEFT-style initialisation (parity
   // tests load the same initial weights on both sides; users continue an adapter).
   std::string init_adapter_path;
+  // What its files held when the job was submitted (PeftFolderFingerprint); not empty: a folder
+  // that holds other files when the job starts afresh fails it (its settings were taken from
+  // those files).
+  std::string init_adapter_fingerprint;
 
   // Length: max_steps optimizer steps when > 0, else num_epochs passes over the training split.
   int64_t max_steps = 0;

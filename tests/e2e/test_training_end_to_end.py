@@ -699,11 +699,17 @@ def test_a_job_continues_a_served_adapter_from_its_weights_and_settings(tmp_path
         data = bytearray(weights.read_bytes())
         data[-1] ^= 1
         weights.write_bytes(bytes(data))
+        changed = job_spec(tpb, "later", 2)
+        changed.init_adapter = "copied"
+        with pytest.raises(grpc.RpcError) as refused:
+            train.SubmitJob(tpb.SubmitJobRequest(spec=changed), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "holds other files than when it was loaded" in refused.value.details()
         train.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
         wait_for_state(train, tpb, waiting[0].id, tpb.JOB_STATE_SUCCEEDED)
         failed = wait_for_state(train, tpb, waiting[1].id, tpb.JOB_STATE_FAILED)
-        assert "init_adapter 'copied' version 1" in failed.error
-        assert "holds other files than when the job was submitted" in failed.error
+        assert "init_adapter: its folder " + str(tmp_path / "data" / "adapters" / "copy") \
+            + " holds other files than when the job was submitted" in failed.error, failed.error
         train.DeleteJob(tpb.DeleteJobRequest(job_id=job.id), timeout=30)  # nothing waits on it now
         channel.close()
     finally:
