@@ -1,0 +1,107 @@
+// ResolveInitAdapter: the adapter a job continues is found among the served ones, its settings
+// fill an unset `lora` and must agree with a given one, and its folder is fingerprinted (one that
+// changed since it was loaded is refused).
+#include "server/job_spec_validator.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "engine/lora/peft_config.h"
+
+namespace lorad::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+class ResolveInitAdapterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    folder_ = fs::path(::testing::TempDir()) / "resolve_init_adapter" / "qa";
+    fs::remove_all(folder_);
+    fs::create_directories(folder_);
+    engine::LoraConfig config;
+    config.r = 8;
+    config.alpha = 32;
+    config.dropout = 0.05;
+    config.target_modules = {"q_proj", "v_proj"};
+    std::ofstream(folder_ / "adapter_config.json") << engine::PeftConfigJson(config);
+    // Only its bytes matter here (the fingerprint); the trainer reads the weights.
+    std::ofstream(folder_ / "adapter_model.safetensors") << "weights";
+    auto fingerprint = engine::PeftFolderFingerprint(folder_.string());
+    ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
+    served_ = {{"qa", 3, folder_.string(), folder_.string(), true, *fingerprint},
+               {"gone", 1, folder_.string(), folder_.string(), false, ""}};
+  }
+  lorad::v1::JobSpec Spec(const std::string& init) const {
+    lorad::v1::JobSpec spec;
+    spec.set_adapter_name("next");
+    spec.set_init_adapter(init);
+    spec.set_init_adapter_path("/etc");  // the server's to set
+    return spec;
+  }
+  fs::path folder_;
+  std::vector<ServedAdapter> served_;
+};
+
+TEST_F(ResolveInitAdapterTest, AnUnsetLoraTakesTheAdaptersSettings) {
+  lorad::v1::JobSpec spec = Spec("qa");
+  ASSERT_TRUE(ResolveInitAdapter(spec, served_).ok());
+  EXPECT_EQ(spec.init_adapter_path(), folder_.string());
+  EXPECT_EQ(spec.init_adapter_version(), 3);
+  EXPECT_EQ(spec.init_adapter_fingerprint(), served_[0].fingerprint);
+  EXPECT_EQ(spec.lora().r(), 8);
+  EXPECT_EQ(spec.lora().alpha(), 32);
+  EXPECT_DOUBLE_EQ(spec.lora().dropout(), 0.05);
+  EXPECT_EQ(std::vector<std::string>(spec.lora().target_modules().begin(),
+                                     spec.lora().target_modules().end()),
+            (std::vector<std::string>{"q_proj", "v_proj"}));
+
+  lorad::v1::JobSpec none = Spec("");
+  ASSERT_TRUE(ResolveInitAdapter(none, served_).ok());
+  EXPECT_TRUE(none.init_adapter_path().empty()) << "a client's value is not kept";
+  EXPECT_FALSE(none.has_lora());
+}
+
+TEST_F(ResolveInitAdapterTest, AGivenLoraMustAgreeAndEachErrorNamesItsField) {
+  lorad::v1::JobSpec same = Spec("qa");
+  same.mutable_lora()->set_r(8);
+  same.mutable_lora()->add_target_modules("v_proj");
+  same.mutable_lora()->add_target_modules("q_proj");
+  EXPECT_TRUE(ResolveInitAdapter(same, served_).ok());
+
+  const auto refused = [&](const std::function<void(lorad::v1::LoraSpec&)>& set) {
+    lorad::v1::JobSpec spec = Spec("qa");
+    set(*spec.mutable_lora());
+    return ResolveInitAdapter(spec, served_);
+  };
+  absl::Status s = refused([](auto& l) { l.set_r(16); });
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_NE(s.message().find("lora.r: 16, but init_adapter 'qa' has 8"), std::string::npos) << s;
+  s = refused([](auto& l) { l.set_alpha(16); });
+  EXPECT_NE(s.message().find("lora.alpha"), std::string::npos) << s;
+  s = refused([](auto& l) { l.set_dropout(0.1); });
+  EXPECT_NE(s.message().find("lora.dropout"), std::string::npos) << s;
+  s = refused([](auto& l) { l.add_target_modules("o_proj"); });
+  EXPECT_NE(s.message().find("lora.target_modules"), std::string::npos) << s;
+  s = refused([](auto& l) { l.set_use_rslora(true); });
+  EXPECT_NE(s.message().find("lora.use_rslora"), std::string::npos) << s;
+}
+
+TEST_F(ResolveInitAdapterTest, AnAdapterNotServedOrChangedSinceItWasLoadedIsRefused) {
+  for (const char* name : {"gone", "never"}) {
+    lorad::v1::JobSpec spec = Spec(name);
+    const absl::Status s = ResolveInitAdapter(spec, served_);
+    EXPECT_TRUE(absl::IsNotFound(s)) << s;
+    EXPECT_NE(s.message().find("is not served"), std::string::npos) << s;
+  }
+  std::ofstream(folder_ / "adapter_model.safetensors") << "other weights";
+  lorad::v1::JobSpec spec = Spec("qa");
+  const absl::Status s = ResolveInitAdapter(spec, served_);
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_NE(s.message().find("holds other files than when it was loaded"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace lorad::server
