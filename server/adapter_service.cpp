@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "engine/lora/peft_config.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 #include "server/job_spec_validator.h"
@@ -95,7 +96,7 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
             absl::StrCat("adapter folder ", *folder, " was deleted while it was loaded"));
         return recorded;
       }
-      const std::string fingerprint = AdapterFolderFingerprint(*folder).value_or("");
+      const std::string fingerprint = engine::PeftFolderFingerprint(*folder).value_or("");
       recorded = record_->RecordAdapter(
           {request.name(), version, *folder, *folder, /*served=*/true, fingerprint});
       return recorded;

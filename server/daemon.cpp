@@ -19,6 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/lora/peft_config.h"
 #include "engine/model/json_file.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
@@ -433,7 +434,7 @@ absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a
       ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
                            from_job ? "the job's adapter folder" : "storage.adapter_root");
   if (folder.ok() && !a.fingerprint.empty() &&
-      AdapterFolderFingerprint(*folder).value_or("") != a.fingerprint) {
+      engine::PeftFolderFingerprint(*folder).value_or("") != a.fingerprint) {
     return absl::FailedPreconditionError(
         absl::StrCat(a.path, " holds other files than when version ", a.version,
                      " was loaded; load it again to serve them as a new version"));

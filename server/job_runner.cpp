@@ -343,26 +343,7 @@ void JobRunner::StartNextJob() {
   FailJob(id, std::string(started.message()));
 }
 
-absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<bool>* stop) {
-  std::unique_lock<std::mutex> folders(folders_mu_);
-  auto record = store_.Get(job_id);
-  if (!record.ok()) return record.status();
-  if (!IsTerminal(record->state)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job '", job_id, "' is ", JobStateName(record->state),
-        "; only an ended job can be deleted: cancel it first (CancelJob, or loradctl train "
-        "cancel), then delete it"));
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (running_.count(job_id) > 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "job '", job_id,
-          "' is cancelled but its trainer is still stopping (it may be writing a checkpoint or "
-          "its merged export); delete it once it has stopped, in a few seconds"));
-    }
-  }
-  const fs::path folder = fs::path(jobs_dir_) / job_id;
+absl::Status JobRunner::CheckFolderUnread(const std::string& job_id, const fs::path& folder) {
   // A restart serves every served adapter again from its folder.
   auto adapters = store_.Adapters();
   if (!adapters.ok()) return adapters.status();
@@ -392,6 +373,30 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
     }
     page_token = page->next_page_token;
   } while (!page_token.empty());
+  return absl::OkStatus();
+}
+
+absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<bool>* stop) {
+  std::unique_lock<std::mutex> folders(folders_mu_);
+  auto record = store_.Get(job_id);
+  if (!record.ok()) return record.status();
+  if (!IsTerminal(record->state)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", job_id, "' is ", JobStateName(record->state),
+        "; only an ended job can be deleted: cancel it first (CancelJob, or loradctl train "
+        "cancel), then delete it"));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (running_.count(job_id) > 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job '", job_id,
+          "' is cancelled but its trainer is still stopping (it may be writing a checkpoint or "
+          "its merged export); delete it once it has stopped, in a few seconds"));
+    }
+  }
+  const fs::path folder = fs::path(jobs_dir_) / job_id;
+  if (auto s = CheckFolderUnread(job_id, folder); !s.ok()) return s;
   const fs::path doomed = fs::path(jobs_dir_) / (kDeletedPrefix + job_id);
   std::error_code ec;
   const bool has_folder = fs::exists(folder, ec);

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -88,6 +89,9 @@ class JobRunner {
   };
   void Loop();
   void StartNextJob();
+  // DeleteJob's last check: FAILED_PRECONDITION when a served adapter lives in `folder` (a
+  // restart reads it from there) or a queued or running job continues one from there.
+  absl::Status CheckFolderUnread(const std::string& job_id, const std::filesystem::path& folder);
   void Handle(const Pending& pending);
   // Stores an evaluation or checkpoint event with the job and publishes it if it is new.
   void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event);

@@ -273,7 +273,7 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
                                             "' is not served; load it first (LoadAdapter)"));
   }
   // Taken before the settings are read: files changed after it fail the job at its start.
-  auto fingerprint = AdapterFolderFingerprint(found->path);
+  auto fingerprint = engine::PeftFolderFingerprint(found->path);
   if (!fingerprint.ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "init_adapter: adapter '", spec.init_adapter(), "': ", fingerprint.status().message()));

@@ -3,7 +3,6 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "engine/lora/peft_config.h"
 
 namespace lorad::server {
 
@@ -55,10 +54,6 @@ absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const 
     if (!resolved.ok()) return resolved.status();
   }
   return folder;
-}
-
-absl::StatusOr<std::string> AdapterFolderFingerprint(const std::string& folder) {
-  return engine::PeftFolderFingerprint(folder);
 }
 
 }  // namespace lorad::server

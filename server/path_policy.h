@@ -21,8 +21,4 @@ absl::StatusOr<std::string> ResolveInsideRoot(const std::string& root, const std
 absl::StatusOr<std::string> ResolveAdapterFolder(const std::string& root, const std::string& path,
                                                  const std::string& field);
 
-// What the adapter files of `folder` hold (engine::FilesFingerprint of adapter_config.json and
-// adapter_model.safetensors): recorded at a load, compared when a restart serves it again.
-absl::StatusOr<std::string> AdapterFolderFingerprint(const std::string& folder);
-
 }  // namespace lorad::server
