@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/model_weights.h"
@@ -27,6 +28,10 @@ absl::StatusOr<torch::ScalarType> OutputDType(const std::string& name) {
   if (name == "float32") return torch::kFloat;
   return absl::InvalidArgumentError(
       absl::StrCat("merged dtype '", name, "' is not one of bfloat16, float16, float32"));
+}
+
+bool IsFloat(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16 || t == DType::kF64;
 }
 
 DType SafetensorsDType(torch::ScalarType t) {
@@ -60,60 +65,63 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
   if (!weights.ok()) return weights.status();
   const double scaling = adapter.config.scaling();
 
-  std::vector<torch::Tensor> keep;  // the tensors the views point into
-  std::vector<TensorView> views;
   const auto abandoned = [&] {
     return abandon != nullptr && abandon->load()
                ? absl::CancelledError(absl::StrCat("the merged export to ", out_folder,
                                                    " was abandoned (its job was stopped)"))
                : absl::OkStatus();
   };
+  // The plan first (every output tensor's name, dtype and shape, and which adapter layer merges
+  // into it), checked whole before anything is written; then each tensor is read, merged and
+  // written in turn, so the export holds one tensor in memory, not the model.
+  std::vector<TensorView> outputs;
+  std::map<std::string, const LoraPair*> merges;
   for (const std::string& name : weights->names()) {
-    if (auto s = abandoned(); !s.ok()) return s;
     if (weights->IsBitsandbytes4bit(name)) {
       return absl::UnimplementedError(absl::StrCat(
           "'", name, "' in ", base_folder,
           " is quantized by bitsandbytes; merge into the 16-bit model it was made from"));
     }
     const TensorView* view = weights->Find(name);
-    const bool is_float = view->dtype == DType::kF32 || view->dtype == DType::kF16 ||
-                          view->dtype == DType::kBF16 || view->dtype == DType::kF64;
-    torch::Tensor t;
-    if (is_float) {
-      auto read = weights->Get(name, torch::kFloat, torch::kCPU);
-      if (!read.ok()) return read.status();
-      t = *read;
+    TensorView planned;
+    planned.name = name;
+    planned.shape = view->shape;
+    planned.dtype = view->dtype;
+    if (IsFloat(view->dtype)) {
+      planned.dtype = *out_dtype != torch::ScalarType::Undefined ? SafetensorsDType(*out_dtype)
+                      : view->dtype == DType::kF64               ? DType::kF32
+                                                                 : view->dtype;
       const std::string module = name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0
                                      ? name.substr(0, name.size() - 7)
                                      : "";
       auto pair = adapter.layers.find(module);
       if (pair != adapter.layers.end()) {
-        const torch::Tensor delta =
-            torch::matmul(pair->second.b.to(torch::kFloat), pair->second.a.to(torch::kFloat));
-        if (delta.sizes() != t.sizes()) {
+        const std::vector<int64_t> delta_shape = {pair->second.b.size(0), pair->second.a.size(1)};
+        if (delta_shape != view->shape) {
           return absl::InvalidArgumentError(absl::StrCat(
               "adapter layer '", module, "' does not fit '", name, "' of ", base_folder));
         }
-        t = t + scaling * delta;
+        merges[name] = &pair->second;
       }
-      const torch::ScalarType target = *out_dtype != torch::ScalarType::Undefined ? *out_dtype
-                                       : view->dtype == DType::kF64               ? torch::kFloat
-                                                                    : TorchDType(view->dtype);
-      t = t.to(target).contiguous();
-    } else {
-      auto read = weights->Get(name, TorchDType(view->dtype), torch::kCPU);
-      if (!read.ok()) return read.status();
-      t = read->contiguous();
     }
-    keep.push_back(t);
-    TensorView v;
-    v.name = name;
-    v.dtype = is_float ? SafetensorsDType(t.scalar_type()) : view->dtype;
-    v.shape = t.sizes().vec();
-    v.data = static_cast<const uint8_t*>(t.data_ptr());
-    v.nbytes = t.nbytes();
-    views.push_back(std::move(v));
+    planned.nbytes = static_cast<size_t>(planned.numel()) * DTypeSize(planned.dtype);
+    outputs.push_back(std::move(planned));
   }
+  const TensorBytesProducer produce = [&](const TensorView& planned,
+                                          const TensorBytesSink& write) -> absl::Status {
+    if (auto s = abandoned(); !s.ok()) return s;
+    const TensorView* view = weights->Find(planned.name);
+    if (!IsFloat(view->dtype)) return write(view->data, view->nbytes);
+    auto read = weights->Get(planned.name, torch::kFloat, torch::kCPU);
+    if (!read.ok()) return read.status();
+    torch::Tensor t = *read;
+    if (auto merge = merges.find(planned.name); merge != merges.end()) {
+      t = t + scaling * torch::matmul(merge->second->b.to(torch::kFloat),
+                                      merge->second->a.to(torch::kFloat));
+    }
+    t = t.to(TorchDType(planned.dtype)).contiguous();
+    return write(static_cast<const uint8_t*>(t.data_ptr()), t.nbytes());
+  };
 
   if (auto s = abandoned(); !s.ok()) return s;
   const fs::path out(out_folder);
@@ -123,22 +131,28 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
   fs::create_directories(tmp, ec);
   if (ec)
     return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
-  if (auto s = WriteSafetensors((tmp / "model.safetensors").string(), views, {{"format", "pt"}});
-      !s.ok()) {
-    return s;
-  }
-  if (auto s = WriteConfig(base_folder, tmp.string(), dtype); !s.ok()) return s;
-  for (const char* name : kCopiedFiles) {
-    const fs::path from = fs::path(base_folder) / name;
-    if (!fs::exists(from)) continue;
-    fs::copy_file(from, tmp / name, fs::copy_options::overwrite_existing, ec);
-    if (ec)
-      return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
-    if (auto s = SyncPath((tmp / name).string()); !s.ok()) return s;
-  }
-  if (auto s = SyncPath(tmp.string()); !s.ok()) return s;
-  // Abandoned while the files were written (minutes for a large model): not published.
-  if (auto s = abandoned(); !s.ok()) {
+  const auto write_files = [&]() -> absl::Status {
+    if (auto s = WriteSafetensorsStreaming((tmp / "model.safetensors").string(), outputs,
+                                           {{"format", "pt"}}, produce);
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = WriteConfig(base_folder, tmp.string(), dtype); !s.ok()) return s;
+    for (const char* name : kCopiedFiles) {
+      const fs::path from = fs::path(base_folder) / name;
+      if (!fs::exists(from)) continue;
+      fs::copy_file(from, tmp / name, fs::copy_options::overwrite_existing, ec);
+      if (ec) {
+        return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
+      }
+      if (auto s = SyncPath((tmp / name).string()); !s.ok()) return s;
+    }
+    if (auto s = SyncPath(tmp.string()); !s.ok()) return s;
+    // Abandoned while the files were written (minutes for a large model): not published.
+    return abandoned();
+  };
+  // A failed or abandoned export leaves nothing behind, not even the temp folder.
+  if (auto s = write_files(); !s.ok()) {
     fs::remove_all(tmp, ec);
     return s;
   }

@@ -4,8 +4,9 @@
 // merge_and_unload() + save_pretrained() gives it: transformers loads it without PEFT.
 // (tests/e2e/test_training_end_to_end.py compares it with PEFT's merge.)
 //
-// The merge is computed in fp32 and rounded once to the output dtype. The folder is written
-// atomically (a temp folder beside it, fsynced files, then a rename). A base checkpoint already
+// The merge is computed in fp32 and rounded once to the output dtype, one tensor at a time: the
+// export holds one tensor in memory, not the model. The folder is written atomically (a temp
+// folder beside it, fsynced files, then a rename; a failed export removes it). A base checkpoint already
 // quantized by bitsandbytes is refused: merge into the 16-bit model it came from.
 #pragma once
 

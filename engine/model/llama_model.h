@@ -50,7 +50,7 @@ struct ForwardBatch {
   // every row. Where a row's positions do not go up by one, another sequence starts: its tokens
   // attend only to the tokens of their own sequence (packed examples kept apart, as transformers
   // reads packed position_ids).
-  torch::Tensor positions;
+  torch::Tensor positions{};  // {}: brace-initialized batches may leave it out
 };
 
 enum class LogitsMode {

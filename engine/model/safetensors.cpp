@@ -333,8 +333,10 @@ const TensorView* SafetensorsFile::Find(const std::string& name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorView>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
+absl::Status WriteSafetensorsStreaming(const std::string& path,
+                                       const std::vector<TensorView>& tensors,
+                                       const std::map<std::string, std::string>& metadata,
+                                       const TensorBytesProducer& produce) {
   std::set<std::string> names;
   for (const auto& t : tensors) {
     const std::string where = absl::StrCat(path, ": tensor '", t.name, "'");
@@ -355,9 +357,6 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
       return absl::InvalidArgumentError(absl::StrCat(where, ": shape ", ShapeString(t.shape),
                                                      " of ", DTypeName(t.dtype), " needs ", *nbytes,
                                                      " bytes, got ", t.nbytes));
-    }
-    if (t.nbytes > 0 && t.data == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": no data"));
     }
   }
 
@@ -415,7 +414,29 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
     return fail("write");
   }
   for (const TensorView* t : order) {
-    if (t->nbytes > 0 && !WriteAll(fd, t->data, t->nbytes)) return fail("write");
+    size_t written = 0;
+    const TensorBytesSink write = [&](const uint8_t* bytes, size_t n) {
+      if (written + n > t->nbytes) {
+        return absl::InternalError(absl::StrCat("writing ", path, ": tensor '", t->name,
+                                                "' has more than its ", t->nbytes, " bytes"));
+      }
+      if (n > 0 && !WriteAll(fd, bytes, n)) {
+        return absl::InternalError(absl::StrCat("writing ", path, ": write: ", ErrnoText()));
+      }
+      written += n;
+      return absl::OkStatus();
+    };
+    absl::Status produced = produce(*t, write);
+    if (produced.ok() && written != t->nbytes) {
+      produced =
+          absl::InternalError(absl::StrCat("writing ", path, ": tensor '", t->name, "' gave ",
+                                           written, " of its ", t->nbytes, " bytes"));
+    }
+    if (!produced.ok()) {
+      ::close(fd);
+      ::unlink(temp.c_str());
+      return produced;
+    }
   }
   if (::fchmod(fd, 0644) != 0) return fail("chmod");
   if (::fsync(fd) != 0) return fail("fsync");
@@ -430,6 +451,18 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
     return absl::InternalError(absl::StrCat("cannot rename ", temp, " to ", path, ": ", err));
   }
   return SyncPath(folder);
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorView>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  for (const auto& t : tensors) {
+    if (t.nbytes > 0 && t.data == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", t.name, "': no data"));
+    }
+  }
+  return WriteSafetensorsStreaming(
+      path, tensors, metadata,
+      [](const TensorView& t, const TensorBytesSink& write) { return write(t.data, t.nbytes); });
 }
 
 }  // namespace lorad::engine

@@ -168,6 +168,66 @@ TEST_F(SafetensorsTest, WriteRejectsBadInputAndWritesNothing) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("no/such/folder"));
 }
 
+// A merged model is written tensor by tensor (WriteSafetensorsStreaming): the file equals the one
+// written from memory, whatever pieces the bytes come in, and a producer that fails, or gives too
+// few or too many bytes, leaves nothing behind.
+TEST_F(SafetensorsTest, StreamedWriteEqualsTheWriteFromMemoryAndAFailedOneLeavesNothing) {
+  const std::vector<float> f32 = {1.5f, -2.25f, 3.0f, 0.0f, 1e-30f, -7.0f};
+  const std::vector<uint16_t> f16 = {0x3c00, 0xc000, 0x7bff};
+  const std::vector<TensorView> tensors = {View("half", DType::kF16, {3}, f16.data(), 6),
+                                           View("weight", DType::kF32, {2, 3}, f32.data(), 24),
+                                           View("empty", DType::kF32, {0}, nullptr, 0)};
+  const std::string from_memory = PathOf("memory.safetensors");
+  ASSERT_TRUE(WriteSafetensors(from_memory, tensors, {{"format", "pt"}}).ok());
+
+  // The producer is told only names and shapes (no data), and gives the bytes one at a time.
+  std::vector<TensorView> planned = tensors;
+  for (auto& t : planned) t.data = nullptr;
+  std::vector<std::string> asked;
+  const std::string streamed = PathOf("streamed.safetensors");
+  const auto one_byte_at_a_time = [&](const TensorView& t, const TensorBytesSink& write) {
+    asked.push_back(t.name);
+    const TensorView* source = nullptr;
+    for (const auto& s : tensors) source = s.name == t.name ? &s : source;
+    for (size_t i = 0; i < t.nbytes; ++i) {
+      if (auto s = write(source->data + i, 1); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  };
+  ASSERT_TRUE(
+      WriteSafetensorsStreaming(streamed, planned, {{"format", "pt"}}, one_byte_at_a_time).ok());
+  EXPECT_EQ(ReadBytes(streamed), ReadBytes(from_memory));
+  EXPECT_EQ(asked, (std::vector<std::string>{"weight", "empty", "half"}));  // file order
+
+  const std::string failed = PathOf("failed.safetensors");
+  struct Case {
+    TensorBytesProducer produce;
+    std::string what;
+  };
+  const std::vector<Case> cases = {
+      {[](const TensorView& t, const TensorBytesSink&) {
+         return absl::CancelledError("abandoned at " + t.name);
+       },
+       "abandoned at weight"},
+      {[&](const TensorView& t, const TensorBytesSink& write) {
+         return t.nbytes == 0 ? absl::OkStatus()
+                              : write(reinterpret_cast<const uint8_t*>(f32.data()), t.nbytes - 1);
+       },
+       "gave 23 of its 24 bytes"},
+      {[&](const TensorView& t, const TensorBytesSink& write) {
+         return write(reinterpret_cast<const uint8_t*>(f32.data()), t.nbytes + 1);
+       },
+       "more than its 24 bytes"},
+  };
+  for (const auto& c : cases) {
+    auto s = WriteSafetensorsStreaming(failed, planned, {}, c.produce);
+    ASSERT_FALSE(s.ok()) << c.what;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(c.what));
+  }
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 2)
+      << "a failed write left a file behind";
+}
+
 TEST_F(SafetensorsTest, MissingFileAndFolderAreErrors) {
   ExpectError(PathOf("absent.safetensors"), "cannot open");
   ExpectError(dir_.string(), "not a regular file");
