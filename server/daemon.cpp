@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/json_file.h"
+#include "engine/runtime/device_info.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "lorad/v1/training.grpc.pb.h"
@@ -131,6 +132,9 @@ absl::Status Daemon::Start() {
     std::error_code ec;
     if (!path->empty()) *path = std::filesystem::absolute(*path, ec).lexically_normal().string();
   }
+  // Checks that need no files first: a refusal leaves no data folder behind.
+  if (auto s = LoadTokens(); !s.ok()) return s;
+  if (auto s = engine::CheckDeviceAvailable(config_.model.device); !s.ok()) return s;
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);
   if (ec) {
@@ -141,10 +145,16 @@ absl::Status Daemon::Start() {
   if (auto s = LockDataDir(); !s.ok()) return s;
   // Scratch folders of submissions a previous run did not finish (killed meanwhile).
   std::filesystem::remove_all(std::filesystem::path(config_.storage.data_dir) / "tmp", ec);
-  if (auto s = LoadTokens(); !s.ok()) return s;
   if (auto s = OpenJobStore(); !s.ok()) return s;
   // HTTP first: /healthz says "loading" while the model loads.
   if (auto s = http_.Start(config_.server.http_address); !s.ok()) return s;
+  if (auto probe = ListenOn(config_.server.grpc_address, "server.grpc_address", "--grpc-address");
+      probe.ok()) {
+    close(*probe);  // gRPC binds it once the services exist, after the model has loaded
+  } else {
+    http_.Stop();
+    return probe.status();
+  }
   if (auto s = StartEngine(); !s.ok()) {
     http_.Stop();
     return s;

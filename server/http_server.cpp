@@ -57,14 +57,16 @@ HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state
 
 HttpServer::~HttpServer() { Stop(); }
 
-absl::Status HttpServer::Start(const std::string& address) {
-  auto host_port = SplitHostPort(address);
-  if (!host_port.ok()) return host_port.status();
+absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
+                             const std::string& flag) {
   const auto cannot_listen = [&] {
-    return absl::UnavailableError(
-        absl::StrCat("server.http_address: cannot listen on ", address,
-                     " (port in use or address not local); choose another with --http-address"));
+    return absl::UnavailableError(absl::StrCat(key, ": cannot listen on ", address,
+                                               " (port in use or address not local); choose "
+                                               "another with ",
+                                               flag));
   };
+  auto host_port = SplitHostPort(address);
+  if (!host_port.ok()) return cannot_listen();
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -90,6 +92,15 @@ absl::Status HttpServer::Start(const std::string& address) {
   }
   freeaddrinfo(found);
   if (fd < 0) return cannot_listen();
+  return fd;
+}
+
+absl::Status HttpServer::Start(const std::string& address) {
+  auto host_port = SplitHostPort(address);
+  if (!host_port.ok()) return host_port.status();
+  auto listening = ListenOn(address, "server.http_address", "--http-address");
+  if (!listening.ok()) return listening.status();
+  const int fd = *listening;
   if (pipe2(wake_fds_, O_NONBLOCK | O_CLOEXEC) != 0) {
     close(fd);
     return absl::InternalError("cannot create the HTTP server's wake-up pipe");

@@ -16,10 +16,18 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "server/metrics_registry.h"
 #include "server/serving_state.h"
 
 namespace lorad::server {
+
+// A listening TCP socket on `address` (host:port) as lorad listens: SO_REUSEADDR, never
+// SO_REUSEPORT (a second daemon must not share the port). UNAVAILABLE names `key` and the `flag`
+// that chooses another. The daemon also opens and closes one on the gRPC address before the model
+// loads, so a port in use is found in a second, not after minutes of loading.
+absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
+                             const std::string& flag);
 
 class HttpServer {
  public:

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <set>
 
+#include "server/grpc_status.h"
+
 namespace lorad::server {
 namespace {
 
@@ -71,9 +73,8 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
         !context_->IsCancelled()) {
       return sent;
     }
-    return context_->deadline() <= std::chrono::system_clock::now()
-               ? grpc::StatusCode::DEADLINE_EXCEEDED
-               : grpc::StatusCode::CANCELLED;
+    // With CancelledCallStatus's slack: gRPC's deadline timer may fire a little early.
+    return CancelledCallStatus(context_->deadline()).error_code();
   }
 
   std::string method_;

@@ -5,13 +5,17 @@
 #include <openssl/x509.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -68,6 +72,12 @@ Field IntField(const std::string& key, std::function<int64_t&(ServerConfig&)> re
                                const std::string& where) -> absl::Status {
     int64_t v = 0;
     if (!n.IsScalar() || !absl::SimpleAtoi(n.Scalar(), &v)) {
+      double d = 0;  // an integer too large for int64 is out of range, not "not an integer"
+      if (n.IsScalar() && absl::SimpleAtod(n.Scalar(), &d) && std::trunc(d) == d &&
+          std::abs(d) >= 9.2e18) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": ", key, ": ", n.Scalar(),
+                                                       " is out of range [", min, ", ", max, "]"));
+      }
       return TypeError(where, key, "an integer", n);
     }
     if (v < min || v > max) {
@@ -137,8 +147,13 @@ Field TokensField() {
       if (!item.IsMap()) return TypeError(at, key, "a mapping {name, role, token}", item);
       AuthToken t;
       t.where = at;
+      std::set<std::string> given;
       for (const auto& kv : item) {
         const std::string k = kv.first.Scalar();
+        if (!given.insert(k).second) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(at, ": ", key, ".", k, ": set twice in one token; keep one"));
+        }
         if (!kv.second.IsScalar()) return TypeError(at, key + "." + k, "a string", kv.second);
         if (k == "name") {
           t.name = kv.second.Scalar();
@@ -150,6 +165,10 @@ Field TokensField() {
           return absl::InvalidArgumentError(
               absl::StrCat(at, ": ", key, ": unknown key '", k, "' (known: name, role, token)"));
         }
+      }
+      if (given.count("token") == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(at, ": ", key, ": no token (give each entry name, role and token)"));
       }
       if (t.role != "user" && t.role != "admin") {
         return absl::InvalidArgumentError(
@@ -168,12 +187,13 @@ Field TokensField() {
     return absl::OkStatus();
   };
   f.show = [](const ServerConfig& c) {
-    return absl::StrCat("[", c.auth.tokens.size(), " tokens]");
+    return c.auth.tokens.empty() ? std::string("[]")
+                                 : absl::StrCat("[", c.auth.tokens.size(), " tokens]");
   };
   return f;
 }
 
-// The schema: every key lorad knows, in file order. Add a key here and to ServerConfig.
+// The schema: every key lorad knows (a map: listed by key). Add a key here and to ServerConfig.
 const std::map<std::string, Field>& Schema() {
   static const auto* kSchema = new std::map<std::string, Field>{
       {"model.path",
@@ -311,6 +331,12 @@ absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string
                   const std::string& source) {
   std::map<std::string, int> first_line;  // YAML lets a later key silently replace an earlier one
   for (const auto& kv : map) {
+    if (kv.first.Scalar().find('.') != std::string::npos) {
+      // Dotted keys are --set's; in the file they would slip past the check for a key set twice.
+      return absl::InvalidArgumentError(absl::StrCat(
+          Where(source, kv.first), ": '", kv.first.Scalar(),
+          "': write a key inside its section (e.g. server:\n  grpc_address: ...), not dotted"));
+    }
     const std::string key = prefix.empty() ? kv.first.Scalar() : prefix + "." + kv.first.Scalar();
     const auto [seen, added] = first_line.emplace(key, kv.first.Mark().line + 1);
     if (!added) {
@@ -330,6 +356,7 @@ absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string
     // A section is a key that prefixes some schema keys.
     auto section = schema.lower_bound(key + ".");
     if (section != schema.end() && section->first.rfind(key + ".", 0) == 0) {
+      if (kv.second.IsNull()) continue;  // "section:" with every key in it commented out
       if (!kv.second.IsMap()) {
         return absl::InvalidArgumentError(
             absl::StrCat(Where(source, kv.first), ": ", key, ": expected a mapping (section)"));
@@ -412,6 +439,17 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
   std::string host = address.substr(0, colon);
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
+  } else if (host.find(':') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "'", address, "': put an IPv6 address in brackets (e.g. [::1]:", address.substr(colon + 1),
+        ")"));
+  }
+  for (const char ch : host) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(ch)) && ch != '.' && ch != '-' &&
+        ch != ':' && ch != '_') {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", address, "': '", host, "' is not a host name or IP address"));
+    }
   }
   int port = 0;
   if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
@@ -421,6 +459,21 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
 }
 
 namespace {
+
+// Whether two listening addresses would take the same port: the same host, a wildcard on either
+// side, or two names of the loopback interface.
+bool ListenAddressesOverlap(const std::pair<std::string, int>& a,
+                            const std::pair<std::string, int>& b) {
+  if (a.second != b.second) return false;
+  const auto wildcard = [](const std::string& h) {
+    return h.empty() || h == "0.0.0.0" || h == "::";
+  };
+  const auto loopback = [](const std::string& h) {
+    return h == "localhost" || h == "::1" || absl::StartsWith(h, "127.");
+  };
+  return a.first == b.first || wildcard(a.first) || wildcard(b.first) ||
+         (loopback(a.first) && loopback(b.first));
+}
 
 struct TlsFileProblem {
   const char* key;  // the config key of the file at fault
@@ -490,8 +543,19 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
     auto hp = SplitHostPort(*value);
     if (!hp.ok()) return error({key}, std::string(hp.status().message()));
   }
-  if (config.server.grpc_address == config.server.http_address) {
-    return error({"server.http_address"}, "must differ from server.grpc_address");
+  if (ListenAddressesOverlap(*SplitHostPort(config.server.grpc_address),
+                             *SplitHostPort(config.server.http_address))) {
+    return error({"server.http_address"},
+                 absl::StrCat(config.server.http_address, " takes the port of server.grpc_address ",
+                              config.server.grpc_address, "; give them different ports"));
+  }
+  if (config.limits.max_prompt_bytes > config.server.max_request_bytes) {
+    return error(
+        {"limits.max_prompt_bytes", "server.max_request_bytes"},
+        absl::StrCat("a prompt of limits.max_prompt_bytes (", config.limits.max_prompt_bytes,
+                     ") could not arrive in a request of server.max_request_bytes (",
+                     config.server.max_request_bytes,
+                     "); raise server.max_request_bytes or lower limits.max_prompt_bytes"));
   }
   if (config.storage.data_dir.empty()) return error({"storage.data_dir"}, "must not be empty");
   if (config.server.tls_cert_file.empty() != config.server.tls_key_file.empty()) {

@@ -76,8 +76,8 @@ struct ServerConfig {
     int64_t max_prompt_bytes = 1 << 20;  // of a prompt or a chat's content
   } limits;
   struct Training {
-    // Jobs trained at once: 1, or 0 to hold every job in the queue (maintenance; they start when
-    // the daemon is restarted with 1).
+    // Jobs trained at once (up to 16), or 0 to hold every job in the queue (maintenance; they
+    // start when the daemon is restarted with 1 or more).
     int64_t max_running_jobs = 1;
     // Memory the running jobs may hold together by the planner's estimate, MiB; 0 = no budget
     // (on CUDA a job is still refused when the device's free memory cannot hold it).

@@ -100,8 +100,10 @@ absl::Status ValidateDistribution(const SamplingParams& p) {
   if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) {
     return OutOfRange("min_p", "in [0, 1) (0 = off)", p.min_p);
   }
-  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0.0f) {
-    return OutOfRange("repetition_penalty", "finite and > 0 (1 = off)", p.repetition_penalty);
+  // Hugging Face takes any value > 0; past these bounds a logit divided or multiplied by it
+  // overflows float (the distribution turns NaN) while no smaller step changes what is sampled.
+  if (!(p.repetition_penalty >= 1e-6f && p.repetition_penalty <= 1e6f)) {
+    return OutOfRange("repetition_penalty", "in [1e-6, 1e6] (1 = off)", p.repetition_penalty);
   }
   // OpenAI's range (vLLM's too): beyond it a penalty only ever bans or forces tokens.
   if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f)) {
@@ -259,6 +261,8 @@ void AddLogprobs(const torch::Tensor& scores, absl::Span<const SampleRow> rows,
     if (n == 0) continue;
     out[b].logprob = chosen_a[b];
     for (int64_t i = 0; i < n; ++i) {
+      // A token the filters removed (-inf: top-k, top-p, min-p) is not a candidate: not listed.
+      if (std::isinf(values_a[b][i]) && values_a[b][i] < 0) break;  // sorted: the rest are too
       out[b].top_logprobs.push_back({static_cast<int32_t>(ids_a[b][i]), values_a[b][i]});
     }
   }

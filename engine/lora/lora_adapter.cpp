@@ -199,6 +199,7 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
       if (!only.empty() && std::find(only.begin(), only.end(), layer) == only.end()) continue;
       for (const auto& projection : KnownLoraTargets()) {
         if (!Contains(config.target_modules, projection)) continue;
+        if (config.Excludes(ModulePathFor(layer, projection))) continue;
         const Features f = ProjectionFeatures(model, projection);
         // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + 5)), bound
         // gain * sqrt(3 / fan_in) = 1 / sqrt(in_features), as torch.nn.Linear and PEFT.
@@ -316,6 +317,11 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
         return absl::InvalidArgumentError(
             absl::StrCat(weights_path, ": tensor '", v.name, "' adapts layer ", module->layer,
                          ", which layers_to_transform in ", kConfigFile, " does not list"));
+      }
+      if (config->Excludes(path)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(weights_path, ": tensor '", v.name, "' adapts ", path,
+                         ", which exclude_modules in ", kConfigFile, " leaves out"));
       }
       auto t = ToFloatTensor(v, weights_path);
       if (!t.ok()) return t.status();

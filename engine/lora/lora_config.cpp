@@ -1,8 +1,11 @@
 #include "engine/lora/lora_config.h"
 
+#include <re2/re2.h>
+
 #include <algorithm>
 #include <set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
@@ -46,7 +49,25 @@ absl::Status LoraConfig::Validate() const {
           absl::StrCat("LoRA field 'target_modules' lists '", t, "' twice"));
     }
   }
+  if (!exclude_modules_regex.empty()) {
+    const RE2 pattern(exclude_modules_regex, RE2::Quiet);
+    if (!pattern.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LoRA field 'exclude_modules': '", exclude_modules_regex,
+                       "' is not a regular expression lorad reads (", pattern.error(), ")"));
+    }
+  }
   return absl::OkStatus();
+}
+
+bool LoraConfig::Excludes(const std::string& module_path) const {
+  if (!exclude_modules_regex.empty()) {
+    return RE2::FullMatch(module_path, RE2(exclude_modules_regex, RE2::Quiet));
+  }
+  for (const std::string& name : exclude_modules) {
+    if (module_path == name || absl::EndsWith(module_path, "." + name)) return true;
+  }
+  return false;
 }
 
 }  // namespace lorad::engine

@@ -24,9 +24,19 @@ struct LoraConfig {
   // (and written back, so PEFT adapts the same layers after a lorad job continued it); empty =
   // every layer.
   std::vector<int64_t> layers_to_transform;
+  // PEFT's exclude_modules: modules left unadapted although target_modules names them, as read
+  // from an adapter folder (and written back). Names, each matching a module path whole or its
+  // end after a '.', or (exclude_modules_regex) one regular expression the whole path must match,
+  // as PEFT's check_target_module_exists. Empty = none.
+  std::vector<std::string> exclude_modules;
+  std::string exclude_modules_regex;
+
+  // Whether exclude_modules leaves `module_path` ("model.layers.3.self_attn.q_proj") unadapted.
+  bool Excludes(const std::string& module_path) const;
 
   double scaling() const { return use_rslora ? alpha / std::sqrt(double(r)) : alpha / r; }
-  // r in [1, 1024], alpha > 0, dropout in [0, 1), targets known and not empty.
+  // r in [1, 1024], alpha > 0, dropout in [0, 1), targets known and not empty, an
+  // exclude_modules_regex that compiles.
   absl::Status Validate() const;
 };
 

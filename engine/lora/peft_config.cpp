@@ -242,6 +242,23 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
     }
     c.layers_to_transform = patterns->layers;
   }
+  // exclude_modules: PEFT leaves these modules unadapted (a list of names, or one regex).
+  if (auto it = j.find("exclude_modules"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      c.exclude_modules_regex = it->get<std::string>();
+    } else if (it->is_array()) {
+      for (const auto& v : *it) {
+        if (!v.is_string() || v.get<std::string>().empty()) {
+          return ConfigError(file, "field 'exclude_modules' must be a list of module names");
+        }
+        c.exclude_modules.push_back(v.get<std::string>());
+      }
+    } else {
+      return ConfigError(file,
+                         "field 'exclude_modules' must be a list of module names or a regular "
+                         "expression");
+    }
+  }
   if (auto s = c.Validate(); !s.ok()) return ConfigError(file, std::string(s.message()));
   return c;
 }
@@ -263,7 +280,13 @@ std::string PeftConfigJson(const LoraConfig& c) {
   j["corda_config"] = null;
   j["ensure_weight_tying"] = false;
   j["eva_config"] = null;
-  j["exclude_modules"] = null;
+  if (!c.exclude_modules_regex.empty()) {
+    j["exclude_modules"] = c.exclude_modules_regex;
+  } else if (!c.exclude_modules.empty()) {
+    j["exclude_modules"] = c.exclude_modules;
+  } else {
+    j["exclude_modules"] = null;
+  }
   j["fan_in_fan_out"] = false;
   j["inference_mode"] = true;
   j["init_lora_weights"] = true;

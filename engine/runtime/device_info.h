@@ -1,7 +1,10 @@
 // DeviceInfo: what the engine will run on, decided once at start-up.
 #pragma once
 
+#include <cstdint>
 #include <string>
+
+#include "absl/status/status.h"
 
 namespace lorad::engine {
 
@@ -15,5 +18,13 @@ struct DeviceInfo {
   // Picks CUDA device 0 when one is visible and `prefer` is not "cpu"; otherwise the CPU.
   static DeviceInfo Detect(const std::string& prefer);
 };
+
+// INVALID_ARGUMENT naming model.device when `prefer` asks for CUDA ("cuda...") and none is visible.
+absl::Status CheckDeviceAvailable(const std::string& prefer);
+
+// Bytes of host memory a new allocation can still get: /proc/meminfo's MemAvailable, or less
+// where the process's cgroup (a container's memory limit) leaves less. -1 when neither is
+// readable.
+int64_t AvailableHostBytes();
 
 }  // namespace lorad::engine

@@ -172,12 +172,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->device = DeviceInfo::Detect(options.device);
-  if (options.device.rfind("cuda", 0) == 0 && impl->device.cuda_devices == 0) {
-    return absl::InvalidArgumentError(
-        "model.device: '" + options.device +
-        "' was asked for but no CUDA device is visible (check the NVIDIA runtime and "
-        "CUDA_VISIBLE_DEVICES, or use 'auto' or 'cpu')");
-  }
+  if (auto s = CheckDeviceAvailable(options.device); !s.ok()) return s;
   if (!(options.train_share >= 0 && options.train_share <= 0.95)) {
     return absl::InvalidArgumentError("train_share must be in [0, 0.95]");
   }
@@ -233,6 +228,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
       owner->wake.notify_all();
     });
 
+    // The KV cache is allocated whole: more than there is fails here with a clear message, not
+    // with an allocator's error (CUDA) or the out-of-memory killer once its pages are touched.
+    const int64_t available = cuda ? AvailableDeviceBytes(impl->device) : AvailableHostBytes();
+    if (options.inference.kv_cache_blocks == 0 && available >= 0 &&
+        options.inference.kv_cache_bytes > available) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("engine.kv_cache_bytes: ", ReadableBytes(options.inference.kv_cache_bytes),
+                       " of KV cache is more than the ", ReadableBytes(available), " of ",
+                       cuda ? "device" : "host", " memory left after loading the model; lower it"));
+    }
     auto inference = InferenceEngine::Create(impl->model.get(), impl->tokenizer.get(),
                                              impl->adapters.get(), options.inference);
     if (!inference.ok()) return inference.status();

@@ -1,7 +1,12 @@
 #include "engine/runtime/file_fingerprint.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdint>
-#include <fstream>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -10,21 +15,40 @@ namespace lorad::engine {
 absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
                                              const std::atomic<bool>* abandon) {
   std::string out;
-  std::vector<char> buffer(1 << 20);
+  std::vector<unsigned char> buffer(1 << 20);
   for (const std::string& path : paths) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat("'", path, "' cannot be read"));
+    // O_NONBLOCK: a named pipe in the file's place must not hold the open (and its caller: a
+    // job's start, SubmitJob, the daemon's start) until something writes to it.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+      return absl::NotFoundError(
+          absl::StrCat("'", path, "' cannot be read: ", std::strerror(errno)));
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      return absl::NotFoundError(absl::StrCat("'", path, "' cannot be read: not a regular file"));
+    }
     uint64_t hash = 14695981039346656037ULL;
     uint64_t size = 0;
-    while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount()) {
+    while (true) {
       if (abandon != nullptr && abandon->load()) {
+        ::close(fd);
         return absl::CancelledError(absl::StrCat("reading '", path, "' was abandoned"));
       }
-      for (std::streamsize i = 0; i < in.gcount(); ++i) {
-        hash = (hash ^ static_cast<unsigned char>(buffer[i])) * 1099511628211ULL;
+      const ssize_t n = ::read(fd, buffer.data(), buffer.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        const int err = errno;
+        ::close(fd);
+        return absl::NotFoundError(
+            absl::StrCat("'", path, "' cannot be read: ", std::strerror(err)));
       }
-      size += static_cast<uint64_t>(in.gcount());
+      if (n == 0) break;
+      for (ssize_t i = 0; i < n; ++i) hash = (hash ^ buffer[i]) * 1099511628211ULL;
+      size += static_cast<uint64_t>(n);
     }
+    ::close(fd);
     absl::StrAppend(&out, out.empty() ? "" : ";", size, ":", absl::Hex(hash, absl::kZeroPad16));
   }
   return out;

@@ -12,8 +12,9 @@
 
 namespace lorad::engine {
 
-// NOT_FOUND naming the first file that cannot be read; CANCELLED soon after `*abandon` turns
-// true (a large file takes about a second a GB).
+// NOT_FOUND naming the first file that cannot be read or is not a regular file (a named pipe is
+// refused, not waited on); CANCELLED soon after `*abandon` turns true (a large file takes about a
+// second a GB).
 absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
                                              const std::atomic<bool>* abandon = nullptr);
 

@@ -1,6 +1,7 @@
 #include "engine/train/dataset_reader.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -241,21 +242,24 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
 
 namespace {
 
-// Opens `path` into `in` refusing any symlink on the way (openat2 RESOLVE_NO_SYMLINKS), then
-// reads through /proc/self/fd: the file opened is the one checked, whatever the path becomes.
-absl::Status OpenWithoutSymlinks(const std::string& path, std::ifstream& in) {
-  open_how how{};
-  how.flags = O_RDONLY | O_CLOEXEC;
-  how.resolve = RESOLVE_NO_SYMLINKS;
-  const int fd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how)));
-  if (fd < 0) {
-    if (errno == ELOOP || errno == EXDEV) {
+// Opens `path` into `in`, refusing any symlink on the way when `no_symlinks` (openat2
+// RESOLVE_NO_SYMLINKS), then reads through /proc/self/fd: the file opened is the one checked,
+// whatever the path becomes. O_NONBLOCK and the check that it is a regular file: a named pipe put
+// in the dataset's place would otherwise hold the open (and the job, and a shutdown) for ever.
+absl::Status OpenDataset(const std::string& path, bool no_symlinks, std::ifstream& in) {
+  int fd = -1;
+  if (no_symlinks) {
+    open_how how{};
+    how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+    how.resolve = RESOLVE_NO_SYMLINKS;
+    fd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how)));
+    if (fd < 0 && (errno == ELOOP || errno == EXDEV)) {
       return absl::PermissionDeniedError(
           absl::StrCat("dataset '", path,
                        "' now leads through a symlink: it changed since the job was "
                        "checked; submit the job again"));
     }
-    if (errno == ENOSYS || errno == EPERM) {  // an old kernel, or a seccomp filter without it
+    if (fd < 0 && (errno == ENOSYS || errno == EPERM)) {  // an old kernel, or a seccomp filter
       static std::once_flag warned;
       std::call_once(warned, [] {  // the engine does not use spdlog (torch's fmt)
         std::fprintf(stderr,
@@ -263,11 +267,19 @@ absl::Status OpenWithoutSymlinks(const std::string& path, std::ifstream& in) {
                      "profile): job datasets are opened following symlinks, so one put in a "
                      "dataset's path after its job was checked would be followed\n");
       });
-      in.open(path, std::ios::binary);
-      return absl::OkStatus();
+      no_symlinks = false;
     }
+  }
+  if (!no_symlinks) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
     return absl::NotFoundError(
         absl::StrCat("dataset '", path, "' cannot be read: ", std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dataset '", path, "' is not a regular file (it changed since the job was checked)"));
   }
   in.open(absl::StrCat("/proc/self/fd/", fd), std::ios::binary);
   close(fd);  // the stream holds its own descriptor of the same file
@@ -282,11 +294,8 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
   reader->path_ = path;
   reader->options_ = options;
   if (auto s = RequireRegularFile(path, absl::StrCat("dataset '", path, "'")); !s.ok()) return s;
-  if (options.no_symlinks) {
-    auto opened = OpenWithoutSymlinks(path, reader->in_);
-    if (!opened.ok()) return opened;
-  } else {
-    reader->in_.open(path, std::ios::binary);
+  if (auto opened = OpenDataset(path, options.no_symlinks, reader->in_); !opened.ok()) {
+    return opened;
   }
   if (!reader->in_) {
     return absl::NotFoundError(absl::StrCat("dataset '", path, "' cannot be read"));

@@ -169,6 +169,8 @@ def test_taken_port_is_a_clear_error(tmp_path):
                            "--data-dir", str(tmp_path / "b"))
         assert result.returncode == 1
         assert "server.grpc_address" in result.stderr and first.grpc_address in result.stderr
+        # Found before the model loads (minutes for a large one), not after.
+        assert "model loaded" not in result.stdout + result.stderr, result.stdout
         # The HTTP port too: no second daemon shares it (scrapes would go to either one).
         result = run_lorad("--model", tiny_model_path(), "--grpc-address", f"127.0.0.1:{free_port()}",
                            "--http-address", first.http_address,
@@ -177,6 +179,20 @@ def test_taken_port_is_a_clear_error(tmp_path):
         assert "server.http_address" in result.stderr and first.http_address in result.stderr
     finally:
         stop_daemon(first)
+
+
+def test_a_config_refused_at_start_leaves_no_data_folder(tmp_path):
+    """A token too short (checked as the daemon starts, not as the file is parsed) is refused
+    before the data folder is made: nothing is left to clean up."""
+    config = tmp_path / "short-token.yaml"
+    config.write_text("auth:\n  tokens:\n    - {name: ci, role: admin, token: short}\n")
+    data = tmp_path / "data"
+    result = run_lorad("--config", str(config), "--model", tiny_model_path(),
+                       "--grpc-address", f"127.0.0.1:{free_port()}",
+                       "--http-address", f"127.0.0.1:{free_port()}", "--data-dir", str(data))
+    assert result.returncode == 2, result.stderr
+    assert f"{config}:3: auth.tokens[0]" in result.stderr, result.stderr
+    assert not data.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

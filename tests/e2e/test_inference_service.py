@@ -337,6 +337,30 @@ def test_calls_ended_before_their_request_arrived_are_not_counted_unimplemented(
     assert after == before
 
 
+def test_calls_out_of_time_are_counted_deadline_exceeded_never_cancelled(server):
+    """Calls whose few-millisecond deadline passes, many before their request arrives: the
+    client sees DEADLINE_EXCEEDED, and so do the metrics (a quarter were counted CANCELLED: gRPC's
+    deadline timer fires a little before the deadline the context reports)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, stub, pb, _, _, _ = server
+    # Long enough that none can finish in time.
+    req = pb.GenerateRequest(prompt="hello",
+                             sampling=pb.SamplingParams(max_new_tokens=200, ignore_eos=True))
+    method = "lorad.v1.InferenceService/Generate"
+    cancelled_before = rpc_count(d, method, "CANCELLED")
+
+    def one(i):
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Generate(req, timeout=0.001 * (1 + i % 10)))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+
+    with ThreadPoolExecutor(50) as pool:
+        list(pool.map(one, range(300)))
+    time.sleep(1.0)  # the server's side of the last calls ends after the client's
+    assert rpc_count(d, method, "CANCELLED") == cancelled_before
+
+
 def test_a_passed_deadline_is_deadline_exceeded_never_ok(tmp_path, stubs):
     """Whichever notices first, gRPC's timer or the engine's own deadline check, the call ends as
     DEADLINE_EXCEEDED: never OK with cut output, never counted as a client's cancel. One request

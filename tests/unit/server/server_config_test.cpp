@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace lorad::server {
 namespace {
 
@@ -140,6 +144,86 @@ TEST(ServerConfig, SplitHostPortHandlesIpv6) {
   ASSERT_TRUE(hp.ok());
   EXPECT_EQ(hp->first, "::1");
   EXPECT_EQ(hp->second, 8080);
+}
+
+// A dotted key in the file would replace its section's value without the set-twice check.
+TEST(ServerConfig, ADottedKeyInTheFileIsRefused) {
+  auto c = ParseServerConfig(
+      "server:\n  grpc_address: 127.0.0.1:18051\nserver.grpc_address: 127.0.0.1:18052\n", "d.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().message().rfind("d.yaml:3: 'server.grpc_address': write a key inside its "
+                                       "section",
+                                       0),
+            0u)
+      << c.status();
+}
+
+// "auth:" with every key in it commented out keeps the section's defaults, as "key:" does.
+TEST(ServerConfig, ASectionLeftEmptyKeepsItsDefaults) {
+  auto c = ParseServerConfig("auth:\n  # tokens: []\nlimits:\n  max_queued_jobs: 7\n", "e.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->auth.tokens.empty());
+  EXPECT_EQ(c->auth.allow_remote_without_tokens, ServerConfig{}.auth.allow_remote_without_tokens);
+  EXPECT_EQ(c->limits.max_queued_jobs, 7);
+}
+
+TEST(ServerConfig, ATokenEntryWithAKeyTwiceOrNoTokenIsRefused) {
+  auto twice = ParseServerConfig(
+      "auth:\n  tokens:\n    - {name: a, role: admin, token: aaaaaaaaaaaaaaaa, token: "
+      "bbbbbbbbbbbbbbbb}\n",
+      "t.yaml");
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.status().message().find("t.yaml:3: auth.tokens[0].token: set twice"),
+            std::string::npos)
+      << twice.status();
+  auto none = ParseServerConfig("auth:\n  tokens:\n    - {name: a, role: admin}\n", "t.yaml");
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("auth.tokens[0]: no token"), std::string::npos)
+      << none.status();
+}
+
+TEST(ServerConfig, AnIntegerTooLargeIsOutOfRange) {
+  auto c = ParseServerConfig("limits:\n  max_queued_jobs: 99999999999999999999999\n", "i.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("limits.max_queued_jobs: 99999999999999999999999 is out of "
+                                      "range [1, 100000]"),
+            std::string::npos)
+      << c.status();
+}
+
+// Refused before the model loads: addresses gRPC or the HTTP server could not listen on, two
+// addresses on one port, and a prompt limit no request could carry.
+TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
+  EXPECT_FALSE(SplitHostPort("::1:18051").ok());  // IPv6 needs brackets
+  EXPECT_NE(SplitHostPort("::1:18051").status().message().find("[::1]:18051"), std::string::npos);
+  EXPECT_FALSE(SplitHostPort("no such host:18051").ok());
+  EXPECT_TRUE(SplitHostPort("my-host.example_1:18051").ok());
+
+  ServerConfig c;
+  c.model.path = "/m";
+  const std::vector<std::pair<std::string, std::string>> overlapping = {
+      {"127.0.0.1:18051", "localhost:18051"},
+      {"127.0.0.1:18051", "0.0.0.0:18051"},
+      {"[::]:18051", "127.0.0.1:18051"},
+      {"127.0.0.1:18051", "127.0.0.1:18051"},
+  };
+  for (const auto& [grpc, http] : overlapping) {
+    c.server.grpc_address = grpc;
+    c.server.http_address = http;
+    const absl::Status s = ValidateServerConfig(c);
+    ASSERT_FALSE(s.ok()) << grpc << " " << http;
+    EXPECT_NE(s.message().find("give them different ports"), std::string::npos) << s;
+  }
+  c.server.grpc_address = "127.0.0.1:18051";
+  c.server.http_address = "localhost:18052";
+  EXPECT_TRUE(ValidateServerConfig(c).ok());
+
+  c.limits.max_prompt_bytes = 8 << 20;
+  const absl::Status prompt = ValidateServerConfig(c);
+  ASSERT_FALSE(prompt.ok());
+  EXPECT_NE(prompt.message().find("raise server.max_request_bytes"), std::string::npos) << prompt;
+  c.server.max_request_bytes = 9 << 20;
+  EXPECT_TRUE(ValidateServerConfig(c).ok());
 }
 
 }  // namespace

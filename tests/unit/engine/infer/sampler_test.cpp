@@ -191,13 +191,13 @@ TEST(Sampler, ProcessedLogprobsFollowTemperatureAndFilters) {
   auto out = Sampler(LogprobsMode::kProcessed).Sample(logits, {row});
   ASSERT_TRUE(out.ok()) << out.status();
   // Temperature 0.5 squares the probabilities; top-k 2 keeps 0.3 and 0.4: 9/25 and 16/25.
+  // The two tokens top-k removed are not candidates: not listed (they were, as -inf).
   const auto& top = (*out)[0].top_logprobs;
-  ASSERT_EQ(top.size(), 4u);
+  ASSERT_EQ(top.size(), 2u);
   EXPECT_EQ(top[0].token, 3);
   EXPECT_NEAR(top[0].logprob, std::log(16.0 / 25.0), 1e-5);
   EXPECT_EQ(top[1].token, 2);
   EXPECT_NEAR(top[1].logprob, std::log(9.0 / 25.0), 1e-5);
-  EXPECT_EQ(top[2].logprob, -std::numeric_limits<float>::infinity());
   EXPECT_TRUE((*out)[0].token == 2 || (*out)[0].token == 3);
 }
 
@@ -229,8 +229,15 @@ TEST(Sampler, BadParametersNameTheFieldAndItsRange) {
       {[=](SamplingParams& p) { p.top_p = nan; }, "top_p", "(0, 1]"},
       {[=](SamplingParams& p) { p.min_p = 1.0f; }, "min_p", "[0, 1)"},
       {[=](SamplingParams& p) { p.min_p = -0.1f; }, "min_p", "[0, 1)"},
-      {[=](SamplingParams& p) { p.repetition_penalty = 0.0f; }, "repetition_penalty", "> 0"},
-      {[=](SamplingParams& p) { p.repetition_penalty = inf; }, "repetition_penalty", "finite"},
+      {[=](SamplingParams& p) { p.repetition_penalty = 0.0f; }, "repetition_penalty",
+       "[1e-6, 1e6]"},
+      {[=](SamplingParams& p) { p.repetition_penalty = inf; }, "repetition_penalty", "[1e-6, 1e6]"},
+      {[=](SamplingParams& p) { p.repetition_penalty = nan; }, "repetition_penalty", "[1e-6, 1e6]"},
+      // Past float's range once a logit is divided by it (the distribution turned NaN).
+      {[=](SamplingParams& p) { p.repetition_penalty = 1e-39f; }, "repetition_penalty",
+       "[1e-6, 1e6]"},
+      {[=](SamplingParams& p) { p.repetition_penalty = 2e6f; }, "repetition_penalty",
+       "[1e-6, 1e6]"},
       {[=](SamplingParams& p) { p.presence_penalty = nan; }, "presence_penalty", "[-2, 2]"},
       {[=](SamplingParams& p) { p.presence_penalty = 2.5f; }, "presence_penalty", "[-2, 2]"},
       {[=](SamplingParams& p) { p.frequency_penalty = -inf; }, "frequency_penalty", "[-2, 2]"},

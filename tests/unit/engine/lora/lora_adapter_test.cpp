@@ -207,6 +207,52 @@ TEST_F(LoraAdapterTest, LayersToTransformSurviveAWriteAndARead) {
   EXPECT_EQ(written["layers_to_transform"], nlohmann::json::array({1}));
 }
 
+// PEFT's exclude_modules (names matched whole or at a '.'-boundary end, or one regex the whole
+// module path must match): those modules are not adapted by Init, a tensor of one is refused as
+// PEFT would leave it unused, and the field survives a write and a read.
+TEST_F(LoraAdapterTest, ExcludeModulesLeaveModulesOutAndSurviveAWriteAndARead) {
+  LoraConfig config = Config(4, {"q_proj", "v_proj"});
+  config.exclude_modules = {"layers.0.self_attn.q_proj", "v_proj"};
+  EXPECT_TRUE(config.Excludes("model.layers.0.self_attn.q_proj"));
+  EXPECT_FALSE(config.Excludes("model.layers.10.self_attn.q_proj"));
+  EXPECT_FALSE(config.Excludes("model.layers.1.self_attn.q_proj"));
+  EXPECT_TRUE(config.Excludes("model.layers.1.self_attn.v_proj"));
+  EXPECT_FALSE(config.Excludes("model.layers.1.self_attn.kv_proj"));  // not at a '.' boundary
+  auto adapter = LoraAdapter::Init(TinyModel(), config, 3);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  ASSERT_EQ(adapter->layers.size(), 1u);
+  EXPECT_EQ(adapter->layers.begin()->first, "model.layers.1.self_attn.q_proj");
+
+  const std::string folder = (dir_ / "excluded" / "adapter").string();
+  ASSERT_TRUE(adapter->WritePeft(folder).ok());
+  auto read = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->config.exclude_modules, config.exclude_modules);
+  std::ifstream in(folder + "/adapter_config.json");
+  EXPECT_EQ(nlohmann::json::parse(in)["exclude_modules"],
+            nlohmann::json::array({"layers.0.self_attn.q_proj", "v_proj"}));
+
+  // One regular expression, matched against the whole module path.
+  LoraConfig regex = Config(4, {"q_proj"});
+  regex.exclude_modules_regex = R"(model\.layers\.[0]\..*)";
+  auto only_layer_1 = LoraAdapter::Init(TinyModel(), regex, 3);
+  ASSERT_TRUE(only_layer_1.ok()) << only_layer_1.status();
+  ASSERT_EQ(only_layer_1->layers.size(), 1u);
+  EXPECT_EQ(only_layer_1->layers.begin()->first, "model.layers.1.self_attn.q_proj");
+  EXPECT_FALSE(regex.Excludes("layers.0.self_attn.q_proj"));  // a full match, not a search
+
+  // A file holding weights of a module it excludes: refused (PEFT would leave them unused).
+  ExpectReadError(WriteFolder("excluded-weights", ConfigText(R"("exclude_modules": ["q_proj"])"),
+                              QProjWeights()),
+                  "which exclude_modules in adapter_config.json leaves out");
+  ExpectReadError(
+      WriteFolder("bad-regex", ConfigText(R"("exclude_modules": "(unclosed")"), QProjWeights()),
+      "field 'exclude_modules'");
+  ExpectReadError(
+      WriteFolder("bad-type", ConfigText(R"("exclude_modules": {"q_proj": 1})"), QProjWeights()),
+      "field 'exclude_modules' must be");
+}
+
 TEST_F(LoraAdapterTest, WriteReplacesAnAdapterButNeverAnotherFolder) {
   auto first = LoraAdapter::Init(TinyModel(), Config(4, {"q_proj"}), 1);
   auto second = LoraAdapter::Init(TinyModel(), Config(2, {"o_proj"}), 2);

@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "engine/runtime/device_info.h"
+
 namespace lorad::engine {
 namespace {
 
@@ -252,6 +254,24 @@ TEST(EngineTest, AStoppedEngineRefusesTrainingJobs) {
       "late", JobOn(LargeDataset(folder, 10), folder / "job"), [](const TrainingEvent&) {});
   EXPECT_TRUE(absl::IsUnavailable(started)) << started;
   EXPECT_EQ(engine->Stats().training_jobs_preparing, 0);
+}
+
+// A KV cache larger than the memory left is refused naming the setting, before it is allocated
+// (the allocation failed with the allocator's own words on CUDA; on the CPU the out-of-memory
+// killer ended the process once its pages were touched).
+TEST(EngineTest, AKvCacheLargerThanTheMemoryLeftIsRefusedNamingTheSetting) {
+  const int64_t available = AvailableHostBytes();
+  ASSERT_GT(available, 0) << "/proc/meminfo is not readable here";
+  EngineOptions options;
+  options.model_folder = std::getenv("LORAD_TINY_MODEL");
+  options.device = "cpu";
+  options.inference.kv_cache_bytes = available + (int64_t{1} << 30);
+  auto engine = Engine::Start(options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_TRUE(absl::IsResourceExhausted(engine.status())) << engine.status();
+  EXPECT_NE(engine.status().message().find("engine.kv_cache_bytes"), std::string::npos)
+      << engine.status();
+  EXPECT_NE(engine.status().message().find("lower it"), std::string::npos) << engine.status();
 }
 
 }  // namespace

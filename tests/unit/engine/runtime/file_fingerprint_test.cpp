@@ -1,0 +1,48 @@
+// FilesFingerprint (engine/runtime/file_fingerprint.h): it tells a changed file from an unchanged
+// one, and refuses at once what is not a regular file: a named pipe in an adapter's or dataset's
+// place held a job's start, SubmitJob (and with it every admin call) and the daemon's start.
+#include "engine/runtime/file_fingerprint.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace lorad::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(FilesFingerprintTest, ChangesWithTheBytesAndRefusesWhatIsNotARegularFile) {
+  const fs::path folder = fs::path(::testing::TempDir()) / "lorad-fingerprint-test";
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  const std::string a = (folder / "a.json").string();
+  const std::string b = (folder / "b.bin").string();
+  std::ofstream(a) << "{\"r\": 8}";
+  std::ofstream(b) << std::string(3 << 20, 'x');  // more than one 1 MiB read
+
+  auto first = FilesFingerprint({a, b});
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*FilesFingerprint({a, b}), *first);
+  EXPECT_EQ(first->substr(0, 2), "8:");  // the size, then the hash
+  std::ofstream(a) << "{\"r\": 9}";      // same size, other bytes
+  EXPECT_NE(*FilesFingerprint({a, b}), *first);
+
+  auto missing = FilesFingerprint({a, (folder / "gone").string()});
+  EXPECT_TRUE(absl::IsNotFound(missing.status())) << missing.status();
+
+  // A named pipe with no writer: refused at once, not waited on.
+  const std::string pipe = (folder / "adapter_model.safetensors").string();
+  ASSERT_EQ(::mkfifo(pipe.c_str(), 0600), 0);
+  auto fifo = FilesFingerprint({a, pipe});
+  ASSERT_TRUE(absl::IsNotFound(fifo.status())) << fifo.status();
+  EXPECT_NE(fifo.status().message().find("not a regular file"), std::string::npos) << fifo.status();
+  auto dir = FilesFingerprint({folder.string()});
+  EXPECT_TRUE(absl::IsNotFound(dir.status())) << dir.status();
+}
+
+}  // namespace
+}  // namespace lorad::engine
