@@ -15,6 +15,10 @@ if [ -d "$ROOT/.device-python" ]; then
   export PYTHONPATH="$ROOT/.device-python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 mkdir -p "$DEPS" "$WORK"
+# The card in results files' names ("h100", "h200"; "gpu" for another): runs may land on either.
+DEVICE_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 |
+  grep -o -i 'h[0-9]00' | head -n 1 | tr 'A-Z' 'a-z')
+DEVICE_TAG=${DEVICE_TAG:-gpu}
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 # A results-file line saying which base the transformers baseline has (hf_baseline.py --base auto).
 baseline_note() {

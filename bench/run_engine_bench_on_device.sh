@@ -15,7 +15,7 @@
 #   cp ~/.cache/lorad/tiny-llama/{tokenizer.model,tokenizer_config.json,special_tokens_map.json} \
 #     tiny-tokenizer/
 #
-# Writes under $OUT: 2026-12-01-h200-trainer.txt, 2026-12-01-h200-generation.txt (each: device,
+# Writes under $OUT: 2026-12-01-<device>-trainer.txt, 2026-12-01-<device>-generation.txt (each: device,
 # versions, the raw outputs of both sides and the ratio table) and build.log. Every step has its
 # own time limit, so one that hangs still leaves the others' results. Never asserts a timing.
 set -uo pipefail
@@ -62,8 +62,8 @@ bench() {  # bench FILE LIMIT_S COMMAND...
 }
 
 # ---- the runs: the core comparisons first, the extras while the call's time lasts ----------------
-TRAIN=$OUT/$DATE-h200-trainer.txt
-GEN=$OUT/$DATE-h200-generation.txt
+TRAIN=$OUT/$DATE-$DEVICE_TAG-trainer.txt
+GEN=$OUT/$DATE-$DEVICE_TAG-generation.txt
 header "Training throughput: lorad Trainer (QLoRA) vs transformers + PEFT LoRA loop, same run" > "$TRAIN"
 echo "# LoRA r=16 alpha=16 dropout 0 on all seven projections; micro-batch 2 x seq 512; grad_accum 1; lr 2e-4; 3 warm-up steps then 10 timed" >> "$TRAIN"
 echo "# lorad: gradient checkpointing is not implemented yet (TrainingJobConfig), so both sides keep all activations; the baseline with checkpointing is shown for reference" >> "$TRAIN"

@@ -18,7 +18,7 @@
 # switch of the working tree measured off and on; no .device-ab needed). bench/ keeps the working
 # tree's files for both builds (the same measuring code, and a script is never rewritten while it
 # runs); the rest of the tree is swapped.
-# Writes $OUT/<date>-h200-generation-<shape>-ab.txt and the two build logs. Never asserts a timing.
+# Writes $OUT/<date>-<device>-generation-<shape>-ab.txt and the two build logs. Never asserts a timing.
 set -uo pipefail
 OUT=${OUT:-/tmp/lorad-generation-ab-out}
 DATE=${BENCH_DATE:-$(date +%F)}
@@ -35,7 +35,7 @@ if [ -n "${AB_FLAGS:-}" ]; then
 else
   ab_start
 fi
-RESULT=$OUT/$DATE-h200-generation-$SHAPE-ab.txt
+RESULT=$OUT/$DATE-$DEVICE_TAG-generation-$SHAPE-ab.txt
 
 log "model ($SHAPE)"
 make_model &

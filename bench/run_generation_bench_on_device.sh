@@ -44,7 +44,7 @@ log "gpu tests: $(grep -E '^\[  (PASSED|FAILED)|skipped' "$OUT/gpu-tests/summary
 wait $MODEL_PID
 log "model: $(tail -1 "$OUT/model.log")"
 
-RESULT=$OUT/$DATE-h200-generation-$SHAPE.txt
+RESULT=$OUT/$DATE-$DEVICE_TAG-generation-$SHAPE.txt
 {
   echo "# Generation: lorad InferenceEngine vs transformers + PEFT generate, same run (issue 5)"
   echo "# date: $DATE; device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"

@@ -11,7 +11,7 @@
 #
 # env: AB_ROUNDS (default 2), BENCH_SHAPE (default 8b), BENCH_DATE. Batch 2 x 2048 tokens, r=16
 # on all seven projections, 8-bit AdamW, gradient checkpointing: issue 4's benchmark setting.
-# Writes $OUT/<date>-h200-trainer-<shape>-ab.txt (with every step's loss, and whether the first
+# Writes $OUT/<date>-<device>-trainer-<shape>-ab.txt (with every step's loss, and whether the first
 # round's losses of the two sides are equal: the same data and seed, so a change meant to keep the
 # numerics shows them identical) and the two build logs. Never asserts a timing.
 set -uo pipefail
@@ -22,7 +22,7 @@ ROUNDS=${AB_ROUNDS:-2}
 mkdir -p "$OUT"
 source bench/device_build.sh
 ab_start
-RESULT=$OUT/$DATE-h200-trainer-$SHAPE-ab.txt
+RESULT=$OUT/$DATE-$DEVICE_TAG-trainer-$SHAPE-ab.txt
 
 log "model ($SHAPE) and dataset"
 (make_model && "$PY" bench/make_bench_dataset.py --out "$WORK/train.jsonl" --rows 64 --min-chars 40000 \

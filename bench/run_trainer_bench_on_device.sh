@@ -63,7 +63,7 @@ run() {  # run LIMIT_S COMMAND...
   echo >> "$RESULT"
 }
 for shape in $SHAPES; do
-  RESULT=$OUT/$DATE-h200-trainer-$shape-2x2048${BENCH_OFFLOAD:+-offload}.txt
+  RESULT=$OUT/$DATE-$DEVICE_TAG-trainer-$shape-2x2048${BENCH_OFFLOAD:+-offload}.txt
   header > "$RESULT"
   log "shape $shape: $(tail -1 "$OUT/model-$shape.log")"
   echo "## shape $shape: $(tail -1 "$OUT/model-$shape.log")" >> "$RESULT"

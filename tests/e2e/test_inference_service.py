@@ -253,10 +253,18 @@ def test_values_inside_a_range_are_accepted_however_close_to_its_edge(server):
     range stays inside when narrowed (tiny top_p, min_p just under 1, a huge temperature)."""
     _, stub, pb, _, _, _ = server
     for sampling in [dict(top_p=1e-300), dict(min_p=0.999999999999), dict(temperature=1e39),
-                     dict(repetition_penalty=1e-300)]:
+                     dict(repetition_penalty=1e-6), dict(repetition_penalty=1e6)]:
         req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
             max_new_tokens=2, seed=1, **sampling))
         assert len(collect(stub.Generate(req, timeout=30))[1]) >= 1, sampling
+    # Below its range a repetition penalty overflowed float once a logit was divided by it (NaN
+    # log-probabilities, the same tokens for every seed): refused, naming the field.
+    req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
+        max_new_tokens=2, repetition_penalty=1e-300))
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "repetition_penalty: must be in [1e-6, 1e6]" in err.value.details()
 
 
 def test_unknown_adapter_is_not_found(server):

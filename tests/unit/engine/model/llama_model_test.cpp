@@ -370,10 +370,11 @@ TEST(LlamaModelTest, CheckpointedLayersGiveTheSameLossAndGradients) {
       ASSERT_EQ(plain.size(), checkpointed.size());
       for (size_t i = 0; i < plain.size(); ++i) {
         // Equal up to fp32 summation order (the two pieces add a layer's input gradients in
-        // another order than one piece does): within 1e-6 of the tensor's largest value.
+        // another order than one piece does): within 4e-6 of the tensor's largest value, about
+        // 32 float ulps of it (1.03e-6 was seen on a CPU whose kernels sum in another order).
         const double diff = (plain[i] - checkpointed[i]).abs().max().item<double>();
         const double scale = plain[i].abs().max().item<double>();
-        EXPECT_LE(diff, 1e-6 * scale + 1e-9)
+        EXPECT_LE(diff, 4e-6 * scale + 1e-9)
             << "offload " << offload << " skip_last " << skip_last << " tensor " << i
             << " max diff " << diff << " of " << scale;
       }
