@@ -198,8 +198,7 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
       const std::vector<int64_t>& only = config.layers_to_transform;
       if (!only.empty() && std::find(only.begin(), only.end(), layer) == only.end()) continue;
       for (const auto& projection : KnownLoraTargets()) {
-        if (!Contains(config.target_modules, projection)) continue;
-        if (config.Excludes(ModulePathFor(layer, projection))) continue;
+        if (!config.Adapts(ModulePathFor(layer, projection))) continue;
         const Features f = ProjectionFeatures(model, projection);
         // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + 5)), bound
         // gain * sqrt(3 / fan_in) = 1 / sqrt(in_features), as torch.nn.Linear and PEFT.
@@ -297,6 +296,12 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
       std::string path;
       char factor = 0;
       if (!ParsePeftKey(v.name, &path, &factor)) {
+        if (absl::EndsWith(v.name, ".bias")) {  // bias: "all" or "lora_only" trained it
+          return absl::InvalidArgumentError(absl::StrCat(
+              weights_path, ": tensor '", v.name,
+              "' is a trained bias (PEFT's bias \"all\" or \"lora_only\"), which lorad does "
+              "not serve: train with bias \"none\""));
+        }
         return absl::InvalidArgumentError(absl::StrCat(
             weights_path, ": tensor '", v.name,
             "' is not a LoRA weight (expected base_model.model.<module>.lora_A.weight or "
@@ -313,6 +318,12 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
                          ", which target_modules in ", kConfigFile, " does not list"));
       }
       // PEFT would leave such a tensor unused; serving it would change the output.
+      if (!config->TargetNamesInclude(path)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(weights_path, ": tensor '", v.name, "' adapts ", path,
+                         ", which target_modules in ", kConfigFile, " does not name (it names ",
+                         absl::StrJoin(config->target_names, ", "), ")"));
+      }
       if (!patterns.layers.empty() && !Contains(patterns.layers, module->layer)) {
         return absl::InvalidArgumentError(
             absl::StrCat(weights_path, ": tensor '", v.name, "' adapts layer ", module->layer,

@@ -60,14 +60,34 @@ absl::Status LoraConfig::Validate() const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// PEFT's rule for a list of names: the whole path, or its end after a '.'.
+bool NameMatches(const std::string& module_path, const std::string& name) {
+  return module_path == name || absl::EndsWith(module_path, "." + name);
+}
+
+}  // namespace
+
+bool LoraConfig::TargetNamesInclude(const std::string& module_path) const {
+  if (target_names.empty()) return true;
+  return std::any_of(target_names.begin(), target_names.end(),
+                     [&](const std::string& name) { return NameMatches(module_path, name); });
+}
+
+bool LoraConfig::Adapts(const std::string& module_path) const {
+  const std::string projection = module_path.substr(module_path.rfind('.') + 1);
+  return std::find(target_modules.begin(), target_modules.end(), projection) !=
+             target_modules.end() &&
+         TargetNamesInclude(module_path) && !Excludes(module_path);
+}
+
 bool LoraConfig::Excludes(const std::string& module_path) const {
   if (!exclude_modules_regex.empty()) {
     return RE2::FullMatch(module_path, RE2(exclude_modules_regex, RE2::Quiet));
   }
-  for (const std::string& name : exclude_modules) {
-    if (module_path == name || absl::EndsWith(module_path, "." + name)) return true;
-  }
-  return false;
+  return std::any_of(exclude_modules.begin(), exclude_modules.end(),
+                     [&](const std::string& name) { return NameMatches(module_path, name); });
 }
 
 }  // namespace lorad::engine

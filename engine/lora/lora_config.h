@@ -31,8 +31,18 @@ struct LoraConfig {
   std::vector<std::string> exclude_modules;
   std::string exclude_modules_regex;
 
+  // PEFT's target_modules as an adapter folder names them, when some name more than a projection
+  // ("layers.1.self_attn.q_proj"): PEFT adapts a module whose path is a name or ends with "." and
+  // a name. Written back as read. Empty = every module of a projection in target_modules.
+  std::vector<std::string> target_names;
+
   // Whether exclude_modules leaves `module_path` ("model.layers.3.self_attn.q_proj") unadapted.
   bool Excludes(const std::string& module_path) const;
+  // Whether target_names (when given) names `module_path`.
+  bool TargetNamesInclude(const std::string& module_path) const;
+  // Whether the module at `module_path` is adapted: its projection is a target, target_names
+  // name it, and exclude_modules does not leave it out (layers_to_transform is the caller's).
+  bool Adapts(const std::string& module_path) const;
 
   double scaling() const { return use_rslora ? alpha / std::sqrt(double(r)) : alpha / r; }
   // r in [1, 1024], alpha > 0, dropout in [0, 1), targets known and not empty, an

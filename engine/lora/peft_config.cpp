@@ -31,44 +31,58 @@ absl::Status ConfigError(const std::string& file, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(file, ": ", what));
 }
 
-// target_modules: a list of names, or one name. PEFT also takes a regex string (matched against
-// full module paths); lorad reads only plain names so it knows exactly which layers are adapted.
+// target_modules: a list of names, matched as PEFT matches them (a module whose path is a name
+// or ends with "." and a name; names matching no projection of a Llama model are ignored, as PEFT
+// ignores them), or "all-linear" (the seven projections). Names that say more than a projection
+// ("layers.1.self_attn.q_proj") go to `names`, which then picks the modules. PEFT reads any other
+// string as a regular expression over whole module paths, which lorad does not.
 absl::StatusOr<std::vector<std::string>> ParseTargets(const ordered_json& j,
-                                                      const std::string& file) {
+                                                      const std::string& file,
+                                                      std::vector<std::string>* names) {
   auto it = j.find("target_modules");
   const std::string known = absl::StrJoin(KnownLoraTargets(), ", ");
   if (it == j.end() || it->is_null()) {
     return ConfigError(
         file, absl::StrCat("field 'target_modules' is missing; expected a list of ", known));
   }
-  std::vector<std::string> names;
   if (it->is_string()) {
     const std::string s = it->get<std::string>();
-    if (!Contains(KnownLoraTargets(), s)) {
-      return ConfigError(
-          file, absl::StrCat("field 'target_modules' is the pattern '", s,
-                             "'; lorad does not read regex targets: list the projections (", known,
-                             ") instead"));
+    if (absl::AsciiStrToLower(s) == "all-linear") return KnownLoraTargets();
+    if (Contains(KnownLoraTargets(), s)) {
+      return ConfigError(file, absl::StrCat("field 'target_modules' is the string '", s,
+                                            "', which PEFT reads as a regular expression over "
+                                            "whole module paths: it matches no module; write "
+                                            "the list [\"",
+                                            s, "\"]"));
     }
-    return std::vector<std::string>{s};
+    return ConfigError(
+        file, absl::StrCat("field 'target_modules' is the pattern '", s,
+                           "'; lorad does not read regex targets: list the projections (", known,
+                           ") instead"));
   }
   if (!it->is_array()) {
     return ConfigError(file, "field 'target_modules' must be a list of module names");
   }
+  std::vector<std::string> projections;
+  bool paths = false;
   for (const auto& v : *it) {
     if (!v.is_string()) {
       return ConfigError(file, "field 'target_modules' must be a list of module names");
     }
-    // PEFT matches a name against the end of a module path, so "self_attn.q_proj" means q_proj.
-    std::string name = v.get<std::string>();
+    const std::string name = v.get<std::string>();
     const std::string last = name.substr(name.rfind('.') + 1);
-    if (!Contains(KnownLoraTargets(), last)) {
-      return ConfigError(file, absl::StrCat("field 'target_modules' has '", name,
-                                            "', which lorad cannot adapt (known: ", known, ")"));
-    }
-    if (!Contains(names, last)) names.push_back(last);
+    if (!Contains(KnownLoraTargets(), last)) continue;  // matches no module of a Llama model
+    paths |= name != last;
+    names->push_back(name);
+    if (!Contains(projections, last)) projections.push_back(last);
   }
-  return names;
+  if (projections.empty()) {
+    return ConfigError(file,
+                       absl::StrCat("field 'target_modules' (", it->dump(),
+                                    ") names no module lorad can adapt (known: ", known, ")"));
+  }
+  if (!paths) names->clear();  // projections alone: every module of each
+  return projections;
 }
 
 // Features PEFT has that lorad's LoRA math does not implement: reading such an adapter would
@@ -78,16 +92,22 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
     return ConfigError(
         file, absl::StrCat("field '", field, "' is ", value, ", which lorad does not support"));
   };
-  for (const char* field : {"use_dora", "lora_bias", "fan_in_fan_out"}) {
+  // (fan_in_fan_out is not here: PEFT turns it off itself for the Linear projections of Llama,
+  // Mistral and Qwen2.)
+  for (const char* field : {"use_dora", "lora_bias"}) {
     auto it = j.find(field);
     if (it != j.end() && !it->is_null() && !(it->is_boolean() && !it->get<bool>())) {
       return not_supported(field, it->dump());
     }
   }
+  // bias "all" / "lora_only" trains the base's biases: served as PEFT serves it while the folder
+  // holds none (Llama has none); a trained bias in the weights file is refused when read.
   auto bias = j.find("bias");
   if (bias != j.end() && !bias->is_null() &&
-      !(bias->is_string() && bias->get<std::string>() == "none")) {
-    return not_supported("bias", absl::StrCat(bias->dump(), " (only \"none\")"));
+      !(bias->is_string() &&
+        (bias->get<std::string>() == "none" || bias->get<std::string>() == "all" ||
+         bias->get<std::string>() == "lora_only"))) {
+    return not_supported("bias", absl::StrCat(bias->dump(), " (none, all or lora_only)"));
   }
   auto save = j.find("modules_to_save");
   if (save != j.end() && !save->is_null() && !(save->is_array() && save->empty())) {
@@ -96,9 +116,9 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
   // Variants whose forward is not base + scale * B A on every token (activated LoRA, replicated
   // or reordered layers, trainable token rows, block-diagonal and KaSA updates, Arrow routing,
   // parameter targets, MonteCLoRA): served as plain LoRA they would give other output than PEFT.
-  for (const char* field :
-       {"alora_invocation_tokens", "layer_replication", "trainable_token_indices",
-        "target_parameters", "use_bdlora", "kasa_config", "arrow_config", "monteclora_config"}) {
+  for (const char* field : {"alora_invocation_tokens", "layer_replication",
+                            "trainable_token_indices", "target_parameters", "use_bdlora",
+                            "kasa_config", "arrow_config", "monteclora_config", "velora_config"}) {
     auto it = j.find(field);
     const bool unset = it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
                        ((it->is_array() || it->is_object()) && it->empty());
@@ -138,7 +158,7 @@ absl::StatusOr<std::vector<PeftModulePattern>> ParsePattern(const ordered_json& 
     if (!value.is_number()) {
       return ConfigError(file, absl::StrCat("field '", field, "': '", key, "' must be a number"));
     }
-    auto matcher = std::make_shared<const RE2>(absl::StrCat("(.*\\.)?(", key, ")"));
+    auto matcher = std::make_shared<const RE2>(absl::StrCat("(.*\\.)?(", key, ")"), RE2::Quiet);
     if (!matcher->ok()) {
       return ConfigError(file, absl::StrCat("field '", field, "': '", key,
                                             "' is not a regular expression lorad can read"));
@@ -196,6 +216,10 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
   if (auto it = j.find("lora_alpha"); it != j.end()) {
     if (!it->is_number()) return ConfigError(file, "field 'lora_alpha' must be a number");
     c.alpha = it->get<double>();
+    if (!(c.alpha > 0 && c.alpha <= kMaxLoraAlpha)) {  // named as the file names it
+      return ConfigError(file, absl::StrCat("field 'lora_alpha' must be in (0, ", kMaxLoraAlpha,
+                                            "], got ", c.alpha));
+    }
   }
   if (auto it = j.find("lora_dropout"); it != j.end() && !it->is_null()) {
     if (!it->is_number()) return ConfigError(file, "field 'lora_dropout' must be a number");
@@ -208,7 +232,7 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
   if (auto it = j.find("base_model_name_or_path"); it != j.end() && it->is_string()) {
     c.base_model_name_or_path = it->get<std::string>();
   }
-  auto targets = ParseTargets(j, file);
+  auto targets = ParseTargets(j, file, &c.target_names);
   if (!targets.ok()) return targets.status();
   c.target_modules = *targets;
   auto rank = ParsePattern(j, "rank_pattern", file);
@@ -241,6 +265,34 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
       patterns->layers.push_back(v.get<int64_t>());
     }
     c.layers_to_transform = patterns->layers;
+  }
+  // layers_pattern: where PEFT finds the layer index layers_to_transform picks by; Llama-family
+  // paths have it after "layers" (model.layers.3...). PEFT adapts nothing with another one.
+  if (auto it = j.find("layers_pattern"); it != j.end() && !it->is_null()) {
+    const ordered_json list = it->is_array() ? *it : ordered_json::array({*it});
+    bool names_layers = false;
+    for (const auto& v : list) {
+      if (!v.is_string()) {
+        return ConfigError(file, "field 'layers_pattern' must be a name or a list of names");
+      }
+      // PEFT: re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key).
+      const RE2 finds_index(absl::StrCat("(?:|.*?\\.)", v.get<std::string>(), "\\.\\d+\\..*"),
+                            RE2::Quiet);
+      names_layers |=
+          finds_index.ok() && RE2::FullMatch("model.layers.0.self_attn.q_proj", finds_index);
+    }
+    const auto given = j.find("layers_to_transform");
+    if (!list.empty() && !(it->is_string() && it->get<std::string>().empty()) &&
+        (given == j.end() || given->is_null())) {
+      return ConfigError(file,
+                         "field 'layers_pattern' is given without layers_to_transform (PEFT "
+                         "refuses such a config)");
+    }
+    if (!list.empty() && !c.layers_to_transform.empty() && !names_layers) {
+      return ConfigError(file, absl::StrCat("field 'layers_pattern' is ", it->dump(),
+                                            ": this model's layers are 'layers' "
+                                            "(model.layers.<i>), so PEFT would adapt no module"));
+    }
   }
   // exclude_modules: PEFT leaves these modules unadapted (a list of names, or one regex).
   if (auto it = j.find("exclude_modules"); it != j.end() && !it->is_null()) {
@@ -317,7 +369,11 @@ std::string PeftConfigJson(const LoraConfig& c) {
   j["r"] = c.r;
   j["rank_pattern"] = empty;
   j["revision"] = null;
-  j["target_modules"] = c.target_modules;
+  if (c.target_names.empty()) {
+    j["target_modules"] = c.target_modules;
+  } else {
+    j["target_modules"] = c.target_names;
+  }
   j["target_parameters"] = null;
   j["task_type"] = "CAUSAL_LM";
   j["trainable_token_indices"] = null;

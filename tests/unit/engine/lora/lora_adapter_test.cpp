@@ -285,18 +285,75 @@ TEST_F(LoraAdapterTest, WriteRejectsShapesThatDoNotMatchR) {
   EXPECT_TRUE(fs::is_empty(dir_));
 }
 
-TEST_F(LoraAdapterTest, ReadAcceptsAdapterNamesInKeysStringTargetAndBf16) {
+TEST_F(LoraAdapterTest, ReadAcceptsAdapterNamesInKeysAllLinearAndBf16) {
   auto weights = QProjWeights("default.weight");
   weights[1].second = weights[1].second.to(torch::kBFloat16);
   const std::string folder = WriteFolder("named", R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                              "target_modules": "q_proj", "rank_pattern": {}, "bias": "none"})",
+                              "target_modules": "all-linear", "rank_pattern": {}, "bias": "none"})",
                                          weights);
   auto adapter = LoraAdapter::ReadPeft(folder);
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   const LoraPair& p = adapter->layers.at("model.layers.0.self_attn.q_proj");
   EXPECT_EQ(p.b.scalar_type(), torch::kFloat32);
   EXPECT_TRUE(torch::equal(p.b, torch::full({128, 4}, 0.5f)));
-  EXPECT_EQ(adapter->config.target_modules, std::vector<std::string>{"q_proj"});
+  EXPECT_EQ(adapter->config.target_modules, KnownLoraTargets());
+}
+
+// What PEFT serves exactly as plain LoRA (checked with PEFT 0.21: get_peft_model on the tiny
+// model) is read: bias "all" / "lora_only" with no bias in the file (Llama has none),
+// fan_in_fan_out (PEFT turns it off for Linear layers), names that match no Llama module beside
+// ones that do (PEFT ignores them). A trained bias in the file is refused, naming it.
+TEST_F(LoraAdapterTest, ReadsWhatPeftServesAsPlainLoraAndRefusesATrainedBias) {
+  for (const std::string extra :
+       {R"("bias": "all")", R"("bias": "lora_only")", R"("fan_in_fan_out": true)",
+        R"("target_modules": ["query_key_value", "q_proj"])"}) {
+    SCOPED_TRACE(extra);
+    const std::string folder = WriteFolder("plain",
+                                           R"({"peft_type": "LORA", "r": 4,
+        "lora_alpha": 8, "target_modules": ["q_proj"], )" +
+                                               extra + "}",
+                                           QProjWeights());
+    auto adapter = LoraAdapter::ReadPeft(folder);
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    EXPECT_EQ(adapter->config.target_modules, std::vector<std::string>{"q_proj"});
+    fs::remove_all(folder);
+  }
+  auto weights = QProjWeights();
+  weights.push_back({"base_model.model.model.layers.0.self_attn.q_proj.bias", torch::ones({128})});
+  ExpectReadError(WriteFolder("bias", ConfigText(R"("bias": "all")"), weights),
+                  "is a trained bias (PEFT's bias \"all\" or \"lora_only\")");
+}
+
+// target_modules naming more than a projection picks modules as PEFT does (a path equal to a
+// name, or ending with "." and it): a tensor of another module is refused (PEFT leaves it
+// unused), Init adapts only the named ones, and the names are written back as read.
+TEST_F(LoraAdapterTest, TargetNamesWithAPathPickTheirModulesAsPeftDoes) {
+  auto w = QProjWeights();  // layer 0's q_proj
+  ExpectReadError(WriteFolder("other-layer",
+                              ConfigText(R"("target_modules": ["layers.1.self_attn.q_proj"])"), w),
+                  "adapts model.layers.0.self_attn.q_proj, which target_modules in "
+                  "adapter_config.json does not name (it names layers.1.self_attn.q_proj)");
+  ExpectReadError(WriteFolder("mlp", ConfigText(R"("target_modules": ["mlp.q_proj"])"), w),
+                  "does not name (it names mlp.q_proj)");
+  const std::string folder = WriteFolder(
+      "named", ConfigText(R"("target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"])"), w);
+  auto adapter = LoraAdapter::ReadPeft(folder);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_EQ(adapter->config.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_EQ(adapter->config.target_names,
+            (std::vector<std::string>{"model.layers.0.self_attn.q_proj", "v_proj"}));
+  auto init = LoraAdapter::Init(TinyModel(), adapter->config, 1);
+  ASSERT_TRUE(init.ok()) << init.status();
+  std::vector<std::string> paths;
+  for (const auto& [path, pair] : init->layers) paths.push_back(path);
+  EXPECT_EQ(paths, (std::vector<std::string>{"model.layers.0.self_attn.q_proj",
+                                             "model.layers.0.self_attn.v_proj",
+                                             "model.layers.1.self_attn.v_proj"}));
+  const std::string rewritten = (dir_ / "rewritten").string();
+  ASSERT_TRUE(adapter->WritePeft(rewritten).ok());
+  std::ifstream in(rewritten + "/adapter_config.json");
+  EXPECT_EQ(nlohmann::json::parse(in)["target_modules"],
+            nlohmann::json::array({"model.layers.0.self_attn.q_proj", "v_proj"}));
 }
 
 TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
@@ -315,18 +372,27 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {R"({"peft_type": "IA3", "target_modules": ["q_proj"]})", "'IA3'"},
       {R"({"peft_type": "LORA", "r": 4, "target_modules": ".*attn.*"})",
        "pattern '.*attn.*'; lorad does not read regex targets"},
-      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]})", "'lm_head'"},
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]})",
+       "([\"lm_head\"]) names no module lorad can adapt"},
+      // PEFT reads a string as a regular expression over whole paths: "q_proj" matches none.
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": "q_proj"})",
+       "write the list [\"q_proj\"]"},
+      // layers_pattern: PEFT finds no layer index with "h" in model.layers.<i> paths.
+      {ConfigText(R"("layers_to_transform": [0], "layers_pattern": "h")"),
+       "this model's layers are 'layers'"},
+      {ConfigText(R"("layers_pattern": "layers")"), "without layers_to_transform"},
+      {ConfigText(R"("velora_config": {"rank": 2})"), "'velora_config'"},
       {R"({"peft_type": "LORA", "r": 4})", "'target_modules' is missing"},
       {ConfigText(R"("rank_pattern": {"q_proj": 8})"), "has shape [4, 128] but r is 8"},
       {ConfigText(R"("rank_pattern": {"q_proj": 2.5})"), "ranks are whole numbers"},
       // Scales that overflow the activations (NaN output), as training refuses them.
       {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 1e308, "target_modules": ["q_proj"]})",
-       "'alpha' must be in (0, 1e+06]"},
+       "'lora_alpha' must be in (0, 1e+06]"},
       // Past a double's range: the parser's out_of_range, which escaped as an exception.
       {R"({"peft_type": "LORA", "r": 4, "lora_alpha": 1e400, "target_modules": ["q_proj"]})",
        "adapter_config.json: not valid JSON: [json.exception.out_of_range.406] number overflow"},
       {ConfigText(R"("alpha_pattern": {"q_proj": -1e308})"), "alphas are in (0, 1e+06]"},
-      {ConfigText(R"("bias": "all")"), "'bias'"},
+      {ConfigText(R"("bias": "sometimes")"), "'bias'"},
       {ConfigText(R"("use_dora": true)"), "'use_dora'"},
       {ConfigText(R"("modules_to_save": ["lm_head"])"), "'modules_to_save'"},
       // Served as plain LoRA these would differ from PEFT (activated LoRA, reordered layers,
