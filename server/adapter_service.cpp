@@ -1,5 +1,6 @@
 #include "server/adapter_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <optional>
@@ -35,13 +36,28 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
                                const TokenAuthenticator* auth, JobStore* record,
                                BlockingCalls* blocking,
-                               std::function<std::unique_lock<std::mutex>()> hold_job_folders)
+                               std::function<std::unique_lock<std::mutex>()> hold_job_folders,
+                               std::function<void(const std::string&)> on_name_gone)
     : engine_(engine),
       adapter_root_(std::move(adapter_root)),
       auth_(auth),
       record_(record),
       blocking_(blocking),
-      hold_job_folders_(std::move(hold_job_folders)) {}
+      hold_job_folders_(std::move(hold_job_folders)),
+      on_name_gone_(std::move(on_name_gone)) {}
+
+absl::Status AdapterService::Unload(const std::string& name, std::optional<int64_t> version,
+                                    std::chrono::milliseconds timeout) {
+  const absl::Status unloaded = engine_.adapters().Unload(name, version, timeout);
+  if (unloaded.ok() && on_name_gone_) {
+    const auto listed = engine_.adapters().List();
+    if (std::none_of(listed.begin(), listed.end(),
+                     [&](const engine::AdapterInfo& info) { return info.name == name; })) {
+      on_name_gone_(name);
+    }
+  }
+  return unloaded;
+}
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
@@ -163,15 +179,13 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
         deadline - std::chrono::system_clock::now());
     if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
   }
-  engine::AdapterStore* store = &engine_.adapters();
   try {
-    std::thread([reactor, store, name = request->name(), version, timeout,
+    std::thread([this, reactor, name = request->name(), version, timeout,
                  waiter = std::move(*waiter)] {
-      const absl::Status unloaded = store->Unload(name, version, timeout);
-      reactor->Finish(ToGrpcStatus(unloaded));
+      reactor->Finish(ToGrpcStatus(Unload(name, version, timeout)));
     }).detach();
   } catch (const std::system_error&) {  // no thread to wait on: retire it, without waiting
-    reactor->Finish(ToGrpcStatus(store->Unload(request->name(), version, std::chrono::seconds(0))));
+    reactor->Finish(ToGrpcStatus(Unload(request->name(), version, std::chrono::milliseconds(0))));
   }
   return reactor;
 }

@@ -5,8 +5,10 @@
 // hold the adapter, on a thread of its own so no gRPC thread blocks.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "engine/runtime/engine.h"
@@ -26,10 +28,13 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   // (may be null) is held while a load is recorded, which then checks its folder is still
   // there: a DeleteJob (JobRunner::HoldJobFolders) may remove a job's folder an adapter root
   // that holds the jobs folder lets LoadAdapter read.
+  // `on_name_gone` (may be null) is called once an UnloadAdapter has left a name no version
+  // (InferenceService::ForgetAdapter).
   AdapterService(engine::Engine& engine, std::string adapter_root,
                  const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr,
                  BlockingCalls* blocking = nullptr,
-                 std::function<std::unique_lock<std::mutex>()> hold_job_folders = nullptr);
+                 std::function<std::unique_lock<std::mutex>()> hold_job_folders = nullptr,
+                 std::function<void(const std::string&)> on_name_gone = nullptr);
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -48,6 +53,11 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   JobStore* record_;
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
+  std::function<void(const std::string&)> on_name_gone_;
+  // Unload (the store's, waiting up to `timeout`), then on_name_gone_ when nothing of `name` is
+  // left.
+  absl::Status Unload(const std::string& name, std::optional<int64_t> version,
+                      std::chrono::milliseconds timeout);
   // LoadAdapter's work: read, record and publish the folder; answer in `response`.
   absl::Status Load(const lorad::v1::LoadAdapterRequest& request, lorad::v1::Adapter* response);
   // UnloadAdapter calls waiting for their adapter's requests, a thread each.

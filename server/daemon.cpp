@@ -625,10 +625,14 @@ absl::Status Daemon::StartGrpc() {
   inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
   inference.max_open_streams = config_.limits.max_queued_requests;
   inference.defaults = generation_defaults_;
-  services_.push_back(std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_));
+  auto inference_service =
+      std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_);
+  InferenceService* serving = inference_service.get();
+  services_.push_back(std::move(inference_service));
   services_.push_back(std::make_unique<AdapterService>(
       *engine_, adapter_root_, &auth_, jobs_.get(), blocking_calls_.get(),
-      [runner] { return runner->HoldJobFolders(); }));
+      [runner] { return runner->HoldJobFolders(); },
+      [serving](const std::string& name) { serving->ForgetAdapter(name); }));
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();

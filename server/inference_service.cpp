@@ -327,6 +327,10 @@ absl::Status InferenceService::Authorize(const grpc::CallbackServerContext* cont
   return auth_ != nullptr ? AuthorizeCall(*auth_, *context, Role::kUser) : absl::OkStatus();
 }
 
+void InferenceService::ForgetAdapter(const std::string& name) {
+  metrics_.requests.RemoveWhere(0, name);  // labels: adapter, finished_reason
+}
+
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) {
   // The caller first: tokenizing a prompt is work an unauthenticated caller must not get done.

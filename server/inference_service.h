@@ -44,6 +44,10 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
   grpc::ServerWriteReactor<lorad::v1::GenerateChunk>* Chat(
       grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) override;
 
+  // Drops the request series of an adapter that no longer serves (after its last version was
+  // unloaded): adapters loaded and unloaded by the thousand must not grow /metrics for ever.
+  void ForgetAdapter(const std::string& name);
+
   // Request metrics, shared by every stream.
   struct Metrics {
     HistogramFamily& time_to_first_token;

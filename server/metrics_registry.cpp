@@ -75,6 +75,13 @@ double CounterFamily::Value(const LabelValues& labels) const {
   return it == series_.end() ? 0.0 : it->second;
 }
 
+void CounterFamily::RemoveWhere(size_t label, const std::string& value) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = series_.begin(); it != series_.end();) {
+    it = label < it->first.size() && it->first[label] == value ? series_.erase(it) : std::next(it);
+  }
+}
+
 void GaugeFamily::Set(const LabelValues& labels, double value) {
   std::lock_guard<std::mutex> lock(mu_);
   series_[labels] = value;

@@ -22,6 +22,9 @@ class CounterFamily {
   // Adds `value` (>= 0) to the series with these label values (created at 0 on first use).
   void Inc(const LabelValues& labels, double value = 1.0);
   double Value(const LabelValues& labels) const;
+  // Drops every series whose label number `label` is `value` (an unloaded adapter's), so it is
+  // no longer exported; one that comes back starts again at 0, which Prometheus reads as a reset.
+  void RemoveWhere(size_t label, const std::string& value);
 
  private:
   friend class MetricsRegistry;

@@ -52,9 +52,9 @@ struct GenerationUsage {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   double time_to_first_token_s = 0;  // submission -> first token sampled; 0 if none was
-  double queue_time_s = 0;           // submission -> first admitted to the batch; 0 if never
-  int32_t preemptions = 0;           // times the sequence was evicted and recomputed
-  int64_t adapter_version = 0;       // the adapter version that served it; 0 for the base model
+  double queue_time_s = 0;      // submission -> first admitted to the batch; -> the end if never
+  int32_t preemptions = 0;      // times the sequence was evicted and recomputed
+  int64_t adapter_version = 0;  // the adapter version that served it; 0 for the base model
 };
 
 // One callback invocation. Every generated token gives one event (text may be empty while a

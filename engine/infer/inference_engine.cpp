@@ -362,7 +362,10 @@ void InferenceEngine::Impl::Finish(Sequence& seq, FinishReason reason, absl::Sta
   event.usage.prompt_tokens = static_cast<int64_t>(seq.prompt.size());
   event.usage.completion_tokens = static_cast<int64_t>(seq.generated.size());
   event.usage.time_to_first_token_s = seq.ttft_s;
-  event.usage.queue_time_s = std::max(0.0, seq.queue_s);
+  // Never admitted (cancelled, out of time or failed while waiting): it queued its whole life.
+  event.usage.queue_time_s =
+      seq.queue_s >= 0 ? seq.queue_s
+                       : std::chrono::duration<double>(Clock::now() - seq.submitted).count();
   event.usage.preemptions = seq.preemptions;
   event.usage.adapter_version = seq.lease.valid() ? seq.lease.version() : 0;
   Emit(seq, std::move(event));

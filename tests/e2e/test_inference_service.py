@@ -593,6 +593,38 @@ def test_concurrent_streams_and_metrics(server):
     assert any(s.name.endswith("_count") and s.value >= 6 for s in queue)
 
 
+def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_dir):
+    """lorad_request_success_total has a series per adapter: once an adapter's last version is
+    unloaded its series go (they stayed until a restart, so adapter churn grew /metrics for
+    ever); another adapter's stay, and so do its own while a newer version serves."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d, stub, pb, astub, apb, tmp = server
+    folder, _ = peft_adapter_dir
+    root = tmp / "data" / "adapters"
+
+    def series(adapter):
+        return [s for f in text_string_to_metric_families(d.http_get("/metrics")[1])
+                for s in f.samples
+                if s.name == "lorad_request_success_total" and s.labels["adapter"] == adapter]
+
+    for name in ("churn-a", "churn-b"):
+        shutil.copytree(folder, root / name, dirs_exist_ok=True)
+        astub.LoadAdapter(apb.LoadAdapterRequest(name=name, path=name), timeout=60)
+        req = pb.GenerateRequest(prompt="Hello", adapter=name,
+                                 sampling=pb.SamplingParams(max_new_tokens=2))
+        collect(stub.Generate(req, timeout=60))
+        assert series(name), name
+    # A new version retires the first: the name still serves, its series stay.
+    astub.LoadAdapter(apb.LoadAdapterRequest(name="churn-a", path="churn-a"), timeout=60)
+    assert series("churn-a")
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-a"), timeout=60)
+    assert series("churn-a") == []
+    assert series("churn-b")
+    astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-b"), timeout=60)
+    assert series("churn-b") == []
+
+
 def test_a_hot_swap_the_database_cannot_record_leaves_the_served_version(server, peft_adapter_dir):
     """LoadAdapter records a new version before it serves: while the job database refuses writes
     (what a full disk does; here another connection holds its write lock) a hot swap fails, and

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -640,6 +641,27 @@ TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {
   EXPECT_EQ(other.reason, FinishReason::kLength);
   EXPECT_EQ(other.tokens.size(), 10u);
   EXPECT_EQ(engine->Stats().running, 0);
+}
+
+// A request that never joined the batch (cancelled while it waited) queued its whole life: its
+// queue time is that wait, not 0 (lorad_request_queue_time_seconds showed queueing as instant
+// exactly when requests gave up waiting).
+TEST(InferenceEngineTest, ARequestCancelledWhileWaitingReportsItsWaitAsQueueTime) {
+  Fixture f;
+  auto engine = f.Engine();
+  Result waited;
+  auto id = engine->Submit(Greedy(RandomPrompt(5, 1), "", 10), Fixture::Collector(&waited));
+  ASSERT_TRUE(id.ok()) << id.status();
+  const auto submitted = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no step: it is never admitted
+  engine->Cancel(*id);
+  Fixture::StepAll(*engine);
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - submitted).count();
+  EXPECT_EQ(waited.reason, FinishReason::kCancelled);
+  EXPECT_TRUE(waited.tokens.empty());
+  EXPECT_GE(waited.usage.queue_time_s, 0.05);
+  EXPECT_LE(waited.usage.queue_time_s, elapsed + 1.0);  // its own wait, not another clock's
 }
 
 TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
