@@ -180,6 +180,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
   }
   try {
+    // `this` outlives the thread: the server's shutdown waits for every call to Finish.
     std::thread([this, reactor, name = request->name(), version, timeout,
                  waiter = std::move(*waiter)] {
       reactor->Finish(ToGrpcStatus(Unload(name, version, timeout)));

@@ -622,7 +622,10 @@ absl::Status Daemon::StartGrpc() {
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
   InferenceOptions inference;
   inference.max_new_tokens = static_cast<int32_t>(config_.limits.max_new_tokens);
-  inference.max_prompt_bytes = config_.limits.max_prompt_bytes;
+  // A prompt larger than a request could never arrive (ValidateServerConfig refuses the two set
+  // so; the default prompt limit follows a smaller request limit).
+  inference.max_prompt_bytes =
+      std::min(config_.limits.max_prompt_bytes, config_.server.max_request_bytes);
   inference.max_open_streams = config_.limits.max_queued_requests;
   inference.defaults = generation_defaults_;
   auto inference_service =

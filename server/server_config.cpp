@@ -15,7 +15,6 @@
 #include <sstream>
 
 #include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -326,17 +325,13 @@ std::string Where(const std::string& source, const YAML::Node& node) {
   return absl::StrCat(source, ":", node.Mark().line + 1);
 }
 
-// Walks a mapping, descending into sections, and sets every leaf through the schema.
+// Walks a mapping, descending into sections, and sets every leaf through the schema. A key may
+// also be written dotted (`server.grpc_address: ...`). `first_line` is shared by the whole walk
+// and keyed by the full name: YAML lets a later key silently replace an earlier one, and a
+// dotted key may repeat one written inside its section.
 absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string& prefix,
-                  const std::string& source) {
-  std::map<std::string, int> first_line;  // YAML lets a later key silently replace an earlier one
+                  const std::string& source, std::map<std::string, int>& first_line) {
   for (const auto& kv : map) {
-    if (kv.first.Scalar().find('.') != std::string::npos) {
-      // Dotted keys are --set's; in the file they would slip past the check for a key set twice.
-      return absl::InvalidArgumentError(absl::StrCat(
-          Where(source, kv.first), ": '", kv.first.Scalar(),
-          "': write a key inside its section (e.g. server:\n  grpc_address: ...), not dotted"));
-    }
     const std::string key = prefix.empty() ? kv.first.Scalar() : prefix + "." + kv.first.Scalar();
     const auto [seen, added] = first_line.emplace(key, kv.first.Mark().line + 1);
     if (!added) {
@@ -361,7 +356,7 @@ absl::Status Walk(ServerConfig& config, const YAML::Node& map, const std::string
         return absl::InvalidArgumentError(
             absl::StrCat(Where(source, kv.first), ": ", key, ": expected a mapping (section)"));
       }
-      auto status = Walk(config, kv.second, key, source);
+      auto status = Walk(config, kv.second, key, source, first_line);
       if (!status.ok()) return status;
       continue;
     }
@@ -397,7 +392,8 @@ absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
         absl::StrCat(source, ":1: expected a mapping of sections at the top level"));
   }
   try {
-    auto status = Walk(config, root, "", source);
+    std::map<std::string, int> first_line;
+    auto status = Walk(config, root, "", source, first_line);
     if (!status.ok()) return status;
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ":", e.mark.line + 1, ": ", e.msg));
@@ -437,7 +433,8 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
         absl::StrCat("'", address, "' is not host:port (e.g. 127.0.0.1:8080)"));
   }
   std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+  const bool bracketed = host.size() >= 2 && host.front() == '[' && host.back() == ']';
+  if (bracketed) {
     host = host.substr(1, host.size() - 2);
   } else if (host.find(':') != std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -445,8 +442,9 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
         ")"));
   }
   for (const char ch : host) {
+    // (A bracketed IPv6 address may carry a zone: [fe80::1%eth0].)
     if (!absl::ascii_isalnum(static_cast<unsigned char>(ch)) && ch != '.' && ch != '-' &&
-        ch != ':' && ch != '_') {
+        ch != ':' && ch != '_' && !(bracketed && ch == '%')) {
       return absl::InvalidArgumentError(
           absl::StrCat("'", address, "': '", host, "' is not a host name or IP address"));
     }
@@ -460,19 +458,20 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
 
 namespace {
 
-// Whether two listening addresses would take the same port: the same host, a wildcard on either
-// side, or two names of the loopback interface.
+// Whether two listening addresses surely take the same port: the same host, a wildcard on either
+// side, or "localhost" beside the loopback address it names. (Other clashes, two names of one
+// interface, are found when the daemon opens the ports, before the model loads.)
 bool ListenAddressesOverlap(const std::pair<std::string, int>& a,
                             const std::pair<std::string, int>& b) {
   if (a.second != b.second) return false;
   const auto wildcard = [](const std::string& h) {
-    return h.empty() || h == "0.0.0.0" || h == "::";
+    return h.empty() || h == "0.0.0.0" || h == "::" || h == "::0";
   };
-  const auto loopback = [](const std::string& h) {
-    return h == "localhost" || h == "::1" || absl::StartsWith(h, "127.");
+  const auto localhost_pair = [](const std::string& x, const std::string& y) {
+    return x == "localhost" && (y == "127.0.0.1" || y == "::1");
   };
   return a.first == b.first || wildcard(a.first) || wildcard(b.first) ||
-         (loopback(a.first) && loopback(b.first));
+         localhost_pair(a.first, b.first) || localhost_pair(b.first, a.first);
 }
 
 struct TlsFileProblem {
@@ -549,7 +548,10 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
                  absl::StrCat(config.server.http_address, " takes the port of server.grpc_address ",
                               config.server.grpc_address, "; give them different ports"));
   }
-  if (config.limits.max_prompt_bytes > config.server.max_request_bytes) {
+  // Only when both were chosen: the default prompt limit follows a smaller request limit (the
+  // daemon takes the smaller of the two).
+  if (config.set_at.count("limits.max_prompt_bytes") > 0 &&
+      config.limits.max_prompt_bytes > config.server.max_request_bytes) {
     return error(
         {"limits.max_prompt_bytes", "server.max_request_bytes"},
         absl::StrCat("a prompt of limits.max_prompt_bytes (", config.limits.max_prompt_bytes,

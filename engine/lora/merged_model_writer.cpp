@@ -140,7 +140,7 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
     if (auto s = WriteConfig(base_folder, tmp.string(), dtype); !s.ok()) return s;
     for (const char* name : kCopiedFiles) {
       const fs::path from = fs::path(base_folder) / name;
-      if (!fs::exists(from)) continue;
+      if (!fs::exists(from, ec)) continue;
       fs::copy_file(from, tmp / name, fs::copy_options::overwrite_existing, ec);
       if (ec) {
         return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
@@ -151,10 +151,18 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
     // Abandoned while the files were written (minutes for a large model): not published.
     return abandoned();
   };
-  // A failed or abandoned export leaves nothing behind, not even the temp folder.
-  if (auto s = write_files(); !s.ok()) {
+  // A failed or abandoned export leaves nothing behind, not even the temp folder (a merge that
+  // throws, out of memory say, included).
+  absl::Status written;
+  try {
+    written = write_files();
+  } catch (...) {
     fs::remove_all(tmp, ec);
-    return s;
+    throw;  // WriteMergedModel turns it into a status
+  }
+  if (!written.ok()) {
+    fs::remove_all(tmp, ec);
+    return written;
   }
   fs::remove_all(out, ec);
   fs::rename(tmp, out, ec);

@@ -268,7 +268,9 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
   }
   // layers_pattern: where PEFT finds the layer index layers_to_transform picks by; Llama-family
   // paths have it after "layers" (model.layers.3...). PEFT adapts nothing with another one.
-  if (auto it = j.find("layers_pattern"); it != j.end() && !it->is_null()) {
+  // An empty one ("" or []) is "any", as PEFT reads it.
+  if (auto it = j.find("layers_pattern");
+      it != j.end() && !it->is_null() && !(it->is_string() && it->get<std::string>().empty())) {
     const ordered_json list = it->is_array() ? *it : ordered_json::array({*it});
     bool names_layers = false;
     for (const auto& v : list) {
@@ -282,8 +284,7 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
           finds_index.ok() && RE2::FullMatch("model.layers.0.self_attn.q_proj", finds_index);
     }
     const auto given = j.find("layers_to_transform");
-    if (!list.empty() && !(it->is_string() && it->get<std::string>().empty()) &&
-        (given == j.end() || given->is_null())) {
+    if (!list.empty() && (given == j.end() || given->is_null())) {
       return ConfigError(file,
                          "field 'layers_pattern' is given without layers_to_transform (PEFT "
                          "refuses such a config)");
@@ -300,10 +301,11 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
       c.exclude_modules_regex = it->get<std::string>();
     } else if (it->is_array()) {
       for (const auto& v : *it) {
-        if (!v.is_string() || v.get<std::string>().empty()) {
+        if (!v.is_string()) {
           return ConfigError(file, "field 'exclude_modules' must be a list of module names");
         }
-        c.exclude_modules.push_back(v.get<std::string>());
+        // An empty name matches no module (PEFT's rule); kept out so it cannot match all.
+        if (!v.get<std::string>().empty()) c.exclude_modules.push_back(v.get<std::string>());
       }
     } else {
       return ConfigError(file,

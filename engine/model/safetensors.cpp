@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <limits>
 #include <optional>
@@ -426,7 +427,13 @@ absl::Status WriteSafetensorsStreaming(const std::string& path,
       written += n;
       return absl::OkStatus();
     };
-    absl::Status produced = produce(*t, write);
+    absl::Status produced;
+    try {  // the producer may throw (torch, bad_alloc): the file is abandoned all the same
+      produced = produce(*t, write);
+    } catch (const std::exception& e) {
+      produced = absl::InternalError(
+          absl::StrCat("writing ", path, ": making tensor '", t->name, "': ", e.what()));
+    }
     if (produced.ok() && written != t->nbytes) {
       produced =
           absl::InternalError(absl::StrCat("writing ", path, ": tensor '", t->name, "' gave ",

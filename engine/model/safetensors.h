@@ -83,8 +83,9 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
 // The same file, with each tensor's bytes made only when the writer reaches it, so a file larger
 // than memory can be written (a merged model): `tensors` give names, dtypes, shapes and nbytes
 // (their data is not read); `produce` is called once per tensor, in file order, and hands the
-// bytes to `write`, in as many pieces as it likes. Its non-OK status, a `write` error, or a
-// count of bytes other than nbytes abandons the file (nothing is left at `path` or beside it).
+// bytes to `write`, in as many pieces as it likes. Its non-OK status (or exception), a `write`
+// error, or a count of bytes other than nbytes abandons the file (nothing is left at `path` or
+// beside it).
 using TensorBytesSink = std::function<absl::Status(const uint8_t* bytes, size_t n)>;
 using TensorBytesProducer =
     std::function<absl::Status(const TensorView& tensor, const TensorBytesSink& write)>;

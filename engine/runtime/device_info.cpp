@@ -4,8 +4,10 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 namespace lorad::engine {
 
@@ -45,27 +47,65 @@ int64_t ReadNumber(const std::string& path) {
   return value;
 }
 
+// The value of `key` in a "key value" file (/proc/meminfo's kB lines, a cgroup's memory.stat),
+// or -1.
+int64_t ReadKeyed(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key, 0) != 0 || line.size() <= key.size() || !std::isspace(line[key.size()])) {
+      continue;
+    }
+    std::istringstream fields(line.substr(key.size()));
+    int64_t value = -1;
+    return fields >> value ? value : -1;
+  }
+  return -1;
+}
+
+// What this process's memory cgroup still allows: its limit less what it uses, counting the page
+// cache it could drop (inactive files: the model's files read at load) as free. -1 without a
+// limit. cgroup v2 (one hierarchy) or v1 (the memory controller's), at the group
+// /proc/self/cgroup names (a systemd unit's MemoryMax=), else at the mount's root (a container).
+int64_t CgroupBytesLeft() {
+  std::ifstream self("/proc/self/cgroup");
+  std::string line, v2_path, v1_path;
+  while (std::getline(self, line)) {
+    if (line.rfind("0::", 0) == 0) v2_path = line.substr(3);
+    const auto memory = line.find(":memory:");
+    if (memory != std::string::npos) v1_path = line.substr(memory + 8);
+  }
+  struct Files {
+    std::string limit, usage, stat, inactive_key;
+  };
+  std::vector<Files> candidates;
+  for (const std::string& dir : {"/sys/fs/cgroup" + v2_path, std::string("/sys/fs/cgroup")}) {
+    candidates.push_back(
+        {dir + "/memory.max", dir + "/memory.current", dir + "/memory.stat", "inactive_file"});
+  }
+  for (const std::string& dir :
+       {"/sys/fs/cgroup/memory" + v1_path, std::string("/sys/fs/cgroup/memory")}) {
+    candidates.push_back({dir + "/memory.limit_in_bytes", dir + "/memory.usage_in_bytes",
+                          dir + "/memory.stat", "total_inactive_file"});
+  }
+  for (const Files& f : candidates) {
+    const int64_t limit = ReadNumber(f.limit);
+    const int64_t usage = ReadNumber(f.usage);
+    // v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages).
+    if (limit <= 0 || usage < 0 || limit >= (int64_t{1} << 60)) continue;
+    const int64_t reclaimable = std::max<int64_t>(0, ReadKeyed(f.stat, f.inactive_key));
+    return std::max<int64_t>(0, limit - usage + reclaimable);
+  }
+  return -1;
+}
+
 }  // namespace
 
 int64_t AvailableHostBytes() {
-  int64_t available = -1;
-  std::ifstream meminfo("/proc/meminfo");
-  std::string line;
-  while (std::getline(meminfo, line)) {
-    if (line.rfind("MemAvailable:", 0) == 0) {
-      std::istringstream fields(line.substr(13));
-      int64_t kib = 0;
-      if (fields >> kib) available = kib * 1024;
-      break;
-    }
-  }
-  // cgroup v2 (Docker, Kubernetes, systemd): the limit less what the group already uses.
-  const int64_t limit = ReadNumber("/sys/fs/cgroup/memory.max");
-  const int64_t used = ReadNumber("/sys/fs/cgroup/memory.current");
-  if (limit > 0 && used >= 0) {
-    const int64_t left = std::max<int64_t>(0, limit - used);
-    available = available < 0 ? left : std::min(available, left);
-  }
+  const int64_t kib = ReadKeyed("/proc/meminfo", "MemAvailable:");
+  int64_t available = kib >= 0 ? kib * 1024 : -1;
+  const int64_t cgroup = CgroupBytesLeft();
+  if (cgroup >= 0) available = available < 0 ? cgroup : std::min(available, cgroup);
   return available;
 }
 

@@ -23,8 +23,8 @@ struct DeviceInfo {
 absl::Status CheckDeviceAvailable(const std::string& prefer);
 
 // Bytes of host memory a new allocation can still get: /proc/meminfo's MemAvailable, or less
-// where the process's cgroup (a container's memory limit) leaves less. -1 when neither is
-// readable.
+// where the process's memory cgroup (a container's limit, a systemd unit's MemoryMax=; v1 or v2)
+// leaves less, counting page cache it could drop as free. -1 when neither is readable.
 int64_t AvailableHostBytes();
 
 }  // namespace lorad::engine

@@ -306,7 +306,9 @@ TEST_F(LoraAdapterTest, ReadAcceptsAdapterNamesInKeysAllLinearAndBf16) {
 TEST_F(LoraAdapterTest, ReadsWhatPeftServesAsPlainLoraAndRefusesATrainedBias) {
   for (const std::string extra :
        {R"("bias": "all")", R"("bias": "lora_only")", R"("fan_in_fan_out": true)",
-        R"("target_modules": ["query_key_value", "q_proj"])"}) {
+        R"("target_modules": ["query_key_value", "q_proj"])",
+        R"("layers_to_transform": [0], "layers_pattern": "")",  // "" is any pattern
+        R"("exclude_modules": [""])"}) {                        // "" matches no module
     SCOPED_TRACE(extra);
     const std::string folder = WriteFolder("plain",
                                            R"({"peft_type": "LORA", "r": 4,

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <new>
 
 namespace lorad::engine {
 namespace {
@@ -218,6 +219,9 @@ TEST_F(SafetensorsTest, StreamedWriteEqualsTheWriteFromMemoryAndAFailedOneLeaves
          return write(reinterpret_cast<const uint8_t*>(f32.data()), t.nbytes + 1);
        },
        "more than its 24 bytes"},
+      // A producer that throws (a merge out of memory): the file is abandoned, not left open.
+      {[](const TensorView&, const TensorBytesSink&) -> absl::Status { throw std::bad_alloc(); },
+       "making tensor 'weight': std::bad_alloc"},
   };
   for (const auto& c : cases) {
     auto s = WriteSafetensorsStreaming(failed, planned, {}, c.produce);
