@@ -259,20 +259,14 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
         absl::StrCat("adapter folder '", folder, "' does not exist or is not a directory"));
   }
   const std::string config_path = (fs::path(folder) / kConfigFile).string();
-  if (fs::exists(config_path, ec)) {
-    if (auto s = RequireRegularFile(config_path, absl::StrCat("'", config_path, "'")); !s.ok()) {
-      return s;
-    }
-  }
-  std::ifstream in(config_path);
-  if (!in) {
+  auto text = ReadRegularFile(config_path, absl::StrCat("'", config_path, "'"));
+  if (absl::IsNotFound(text.status())) {
     return absl::NotFoundError(
         absl::StrCat("'", folder, "' is not a PEFT adapter folder: it has no ", kConfigFile));
   }
-  std::stringstream text;
-  text << in.rdbuf();
+  if (!text.ok()) return text.status();
   PeftModulePatterns patterns;
-  auto config = ParsePeftConfig(text.str(), config_path, &patterns);
+  auto config = ParsePeftConfig(*text, config_path, &patterns);
   if (!config.ok()) return config.status();
 
   const std::string weights_path = (fs::path(folder) / kWeightsFile).string();

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 
 namespace lorad::engine {
 
@@ -28,12 +29,10 @@ absl::Status CheckJsonNesting(std::string_view text, const std::string& source) 
 absl::StatusOr<std::optional<nlohmann::json>> ReadJsonObjectIfPresent(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::optional<nlohmann::json>();
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot be read"));
-  std::stringstream text;
-  text << in.rdbuf();
-  if (auto s = CheckJsonNesting(text.str(), path); !s.ok()) return s;
-  nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  auto text = ReadRegularFile(path, path);  // a FIFO in its place is refused, not waited on
+  if (!text.ok()) return text.status();
+  if (auto s = CheckJsonNesting(*text, path); !s.ok()) return s;
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
   }

@@ -65,15 +65,17 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
   return SyncPath(folder.empty() ? "." : folder.string());
 }
 
-absl::Status RequireRegularFile(const std::string& path, const std::string& what) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    const int err = errno;
-    if (err == ENOENT || err == ENOTDIR) {
-      return absl::NotFoundError(absl::StrCat(what, " does not exist"));
-    }
-    return absl::InvalidArgumentError(absl::StrCat(what, " cannot be read: ", std::strerror(err)));
+namespace {
+
+absl::Status CannotStat(int err, const std::string& what) {
+  if (err == ENOENT || err == ENOTDIR) {
+    return absl::NotFoundError(absl::StrCat(what, " does not exist"));
   }
+  return absl::InvalidArgumentError(absl::StrCat(what, " cannot be read: ", std::strerror(err)));
+}
+
+// OK for a regular file, else InvalidArgument naming what it is.
+absl::Status RegularOrError(const struct stat& st, const std::string& what) {
   if (S_ISREG(st.st_mode)) return absl::OkStatus();
   const char* kind = S_ISDIR(st.st_mode)                          ? "a directory"
                      : S_ISFIFO(st.st_mode)                       ? "a named pipe (FIFO)"
@@ -81,6 +83,33 @@ absl::Status RequireRegularFile(const std::string& path, const std::string& what
                      : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
                                                                   : "not a regular file";
   return absl::InvalidArgumentError(absl::StrCat(what, " is ", kind, "; name a regular file"));
+}
+
+}  // namespace
+
+absl::Status RequireRegularFile(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return CannotStat(errno, what);
+  return RegularOrError(st, what);
+}
+
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return CannotStat(errno, what);
+  struct stat st {};
+  absl::Status regular = ::fstat(fd, &st) == 0 ? RegularOrError(st, what) : CannotStat(errno, what);
+  std::string bytes;
+  char buffer[1 << 16];
+  while (regular.ok()) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) regular = CannotStat(errno, what);
+    if (n <= 0) break;
+    bytes.append(buffer, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  if (!regular.ok()) return regular;
+  return bytes;
 }
 
 }  // namespace lorad::engine

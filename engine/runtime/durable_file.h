@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace lorad::engine {
 
@@ -24,5 +25,10 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
 // it does not exist, InvalidArgument naming what it is otherwise; `what` starts the message
 // ("dataset 'x.jsonl'").
 absl::Status RequireRegularFile(const std::string& path, const std::string& what);
+
+// The whole of the file at `path`, checked as RequireRegularFile checks it but on the file
+// opened (O_NONBLOCK, then fstat): one swapped for a FIFO between a check and the read does not
+// block the reader. The same codes and messages.
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what);
 
 }  // namespace lorad::engine

@@ -1,6 +1,7 @@
-// FilesFingerprint (engine/runtime/file_fingerprint.h): it tells a changed file from an unchanged
-// one, and refuses at once what is not a regular file: a named pipe in an adapter's or dataset's
-// place held a job's start, SubmitJob (and with it every admin call) and the daemon's start.
+// FilesFingerprint (engine/runtime/file_fingerprint.h) and ReadRegularFile
+// (engine/runtime/durable_file.h): a changed file is told from an unchanged one, and what is not a
+// regular file is refused at once: a named pipe in an adapter's or dataset's place held a job's
+// start, SubmitJob (and with it every admin call) and the daemon's start.
 #include "engine/runtime/file_fingerprint.h"
 
 #include <gtest/gtest.h>
@@ -9,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+
+#include "engine/runtime/durable_file.h"
 
 namespace lorad::engine {
 namespace {
@@ -42,6 +45,29 @@ TEST(FilesFingerprintTest, ChangesWithTheBytesAndRefusesWhatIsNotARegularFile) {
   EXPECT_NE(fifo.status().message().find("not a regular file"), std::string::npos) << fifo.status();
   auto dir = FilesFingerprint({folder.string()});
   EXPECT_TRUE(absl::IsNotFound(dir.status())) << dir.status();
+}
+
+TEST(ReadRegularFileTest, ReadsAFileAndRefusesAPipeOrAFolderAtOnce) {
+  const fs::path folder = fs::path(::testing::TempDir()) / "lorad-read-regular-test";
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  const std::string file = (folder / "adapter_config.json").string();
+  const std::string text = "{\"r\": 8}" + std::string(100000, ' ');  // more than one read
+  std::ofstream(file) << text;
+  auto read = ReadRegularFile(file, "'adapter_config.json'");
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(*read, text);
+
+  const std::string pipe = (folder / "pipe.json").string();
+  ASSERT_EQ(::mkfifo(pipe.c_str(), 0600), 0);
+  auto fifo = ReadRegularFile(pipe, "'pipe.json'");
+  ASSERT_TRUE(absl::IsInvalidArgument(fifo.status())) << fifo.status();
+  EXPECT_NE(fifo.status().message().find("'pipe.json' is a named pipe (FIFO)"), std::string::npos)
+      << fifo.status();
+  auto dir = ReadRegularFile(folder.string(), "'folder'");
+  EXPECT_NE(dir.status().message().find("'folder' is a directory"), std::string::npos)
+      << dir.status();
+  EXPECT_TRUE(absl::IsNotFound(ReadRegularFile((folder / "gone").string(), "'gone'").status()));
 }
 
 }  // namespace
