@@ -295,6 +295,19 @@ absl::StatusOr<LoraConfig> ParsePeftConfig(const std::string& text, const std::s
                                             "(model.layers.<i>), so PEFT would adapt no module"));
     }
   }
+  // PEFT refuses layers_to_transform and layers_pattern beside a string target ("all-linear").
+  if (auto targets_it = j.find("target_modules");
+      targets_it != j.end() && targets_it->is_string()) {
+    for (const char* field : {"layers_to_transform", "layers_pattern"}) {
+      auto it = j.find(field);
+      if (it != j.end() && !it->is_null()) {
+        return ConfigError(file, absl::StrCat("field '", field,
+                                              "' cannot be used when 'target_modules' is a "
+                                              "string (PEFT refuses such a config); list the "
+                                              "projections instead"));
+      }
+    }
+  }
   // exclude_modules: PEFT leaves these modules unadapted (a list of names, or one regex).
   if (auto it = j.find("exclude_modules"); it != j.end() && !it->is_null()) {
     if (it->is_string()) {
