@@ -7,7 +7,8 @@
 // kernels would). Second table: the tensor-core kernel (kernels/nf4_mma.h) at batch 1 (the
 // planner's split and each fixed split), batch 8 and batch 32, next to cuBLAS on the bf16 weight
 // and dequantize + cuBLAS at batch 32 (the engine's batch-32 path before this kernel), and the
-// whole decoder layer's bandwidth (its seven products' bytes over their summed times).
+// whole decoder layer's bandwidth (its seven products' bytes over their summed times). Last, the
+// layer's products launched as the engine's decode step launches them (four launches, chained).
 //
 // Timing: bench_timer.h (warm-up, CUDA graph of back-to-back runs, CUDA events, median). Every
 // method rotates among enough copies of its weights to exceed the L2 cache several times, so the
@@ -160,6 +161,148 @@ void PrintMmaTable(const std::vector<MmaRow>& rows, double copy_gbs) {
     std::printf("%-14s %5lld x %5lld | %7.2f %7.2f %7.2f %7.2f %7.2f\n", m.name,
                 static_cast<long long>(m.out), static_cast<long long>(m.in), m.t32_blocks[0],
                 m.t32_blocks[1], m.t32_blocks[2], m.t32_blocks[3], m.t32_blocks[4]);
+  }
+}
+
+// One NF4 weight as the engine stores it (packed nibbles, double-quantized absmax), `copies`
+// copies of it so that a chain rotating among them reads HBM, not L2.
+struct Nf4Copies {
+  int64_t out = 0, in = 0;
+  double bytes = 0;  // one copy's packed + qabsmax + absmax2
+  std::vector<uint8_t*> packed, qabsmax;
+  std::vector<float*> absmax2;
+  float offset = 0.f;
+};
+
+Nf4Copies MakeNf4Copies(int64_t out, int64_t in, int copies, uint32_t seed, const float* code,
+                        cudaStream_t stream) {
+  Nf4Copies w;
+  w.out = out;
+  w.in = in;
+  const int64_t n = out * in, blocks = kernels::Nf4Blocks(n), blocks2 = (blocks + 255) / 256;
+  w.bytes = n / 2.0 + blocks + blocks2 * 4.0;
+  __nv_bfloat16* dense;
+  float* absmax;
+  Check(cudaMalloc(&dense, n * 2), "malloc");
+  Check(cudaMalloc(&absmax, blocks * 4), "malloc");
+  Fill(dense, n, seed, 0.02f);
+  for (int c = 0; c < copies; ++c) {
+    uint8_t *packed, *qabsmax;
+    float* absmax2;
+    Check(cudaMalloc(&packed, n / 2), "malloc");
+    Check(cudaMalloc(&qabsmax, blocks), "malloc");
+    Check(cudaMalloc(&absmax2, blocks2 * 4), "malloc");
+    CheckKernel(kernels::nf4_quantize_cuda(dense, FloatKind::kBF16, n, packed, absmax, stream),
+                "quantize");
+    if (c == 0) {
+      std::vector<float> host(blocks);
+      Check(cudaMemcpy(host.data(), absmax, blocks * 4, cudaMemcpyDeviceToHost), "absmax");
+      double sum = 0;
+      for (float a : host) sum += a;
+      w.offset = static_cast<float>(sum / blocks);
+    }
+    CheckKernel(kernels::dynamic_quant8_quantize_cuda(absmax, blocks, w.offset, 256, code, qabsmax,
+                                                      absmax2, stream),
+                "double quant");
+    w.packed.push_back(packed);
+    w.qabsmax.push_back(qabsmax);
+    w.absmax2.push_back(absmax2);
+  }
+  Check(cudaStreamSynchronize(stream), "quantize");
+  cudaFree(dense);
+  cudaFree(absmax);
+  return w;
+}
+
+void FreeNf4Copies(Nf4Copies& w) {
+  for (size_t c = 0; c < w.packed.size(); ++c) {
+    cudaFree(w.packed[c]);
+    cudaFree(w.qabsmax[c]);
+    cudaFree(w.absmax2[c]);
+  }
+}
+
+kernels::Nf4MmaTarget TargetOf(const Nf4Copies& w, int c, const float* code, void* y) {
+  kernels::Nf4MmaTarget t;
+  const size_t k = static_cast<size_t>(c) % w.packed.size();
+  t.packed = w.packed[k];
+  t.absmax = kernels::Nf4Absmax{w.qabsmax[k], w.absmax2[k], code, w.offset};
+  t.out_features = w.out;
+  t.y = y;
+  return t;
+}
+
+// A Llama-3-8B decoder layer's products at batch 1 launched as the engine's decode step launches
+// them (engine/model/nf4_tensor.cpp): q, k and v in one grouped launch, o alone, gate and up in one
+// launch ending in silu(gate) * up, down alone; each chain of four from the next copy of the
+// layer's weights. The table above times each weight alone, so its "decoder layer" line sums
+// seven launches where the engine makes four. Here the attention, norms and residual adds that
+// run between the products in the engine are left out: these are the products' own figures.
+void PrintEngineLayer(cudaStream_t stream, double copy_gbs) {
+  float* code;
+  Check(cudaMalloc(&code, 256 * 4), "malloc");
+  Check(cudaMemcpy(code, kernels::kDynamicMapSigned, 1024, cudaMemcpyHostToDevice), "code");
+  const int64_t hidden = 4096, kv = 1024, inter = 14336;
+  const double layer_bytes =
+      (2.0 * hidden * hidden + 2.0 * kv * hidden + 3.0 * inter * hidden) * (0.5 + 1.0 / 64);
+  const int copies = static_cast<int>(std::max(2.0, (size_t{256} << 20) / layer_bytes + 1));
+  Nf4Copies q = MakeNf4Copies(hidden, hidden, copies, 11u, code, stream);
+  Nf4Copies k = MakeNf4Copies(kv, hidden, copies, 12u, code, stream);
+  Nf4Copies v = MakeNf4Copies(kv, hidden, copies, 13u, code, stream);
+  Nf4Copies o = MakeNf4Copies(hidden, hidden, copies, 14u, code, stream);
+  Nf4Copies gate = MakeNf4Copies(inter, hidden, copies, 15u, code, stream);
+  Nf4Copies up = MakeNf4Copies(inter, hidden, copies, 16u, code, stream);
+  Nf4Copies down = MakeNf4Copies(hidden, inter, copies, 17u, code, stream);
+  // Activations: x (hidden), q/k/v outputs, attention output stand-in, o output, MLP activation.
+  __nv_bfloat16 *x, *yq, *yk, *yv, *yo, *act, *ydown;
+  __nv_bfloat16** const buffers[] = {&x, &yq, &yk, &yv, &yo, &act, &ydown};
+  const int64_t sizes[] = {hidden, hidden, kv, kv, hidden, inter, hidden};
+  for (int i = 0; i < 7; ++i) {
+    Check(cudaMalloc(buffers[i], sizes[i] * 2), "malloc");
+    Fill(*buffers[i], sizes[i], 99u + i, 1.f);
+  }
+  Check(cudaDeviceSynchronize(), "setup");
+  auto chain = [&](int c, bool overlapped) {
+    const kernels::Nf4MmaTarget qkv[3] = {TargetOf(q, c, code, yq), TargetOf(k, c, code, yk),
+                                          TargetOf(v, c, code, yv)};
+    CheckKernel(
+        kernels::nf4_mma_group_cuda(x, FloatKind::kBF16, 1, qkv, 3, hidden, stream, overlapped),
+        "qkv");
+    // o reads q's output as its stand-in for the attention output.
+    const kernels::Nf4MmaTarget ot = TargetOf(o, c, code, yo);
+    CheckKernel(
+        kernels::nf4_mma_group_cuda(yq, FloatKind::kBF16, 1, &ot, 1, hidden, stream, overlapped),
+        "o");
+    CheckKernel(kernels::nf4_mma_silu_mul_cuda(
+                    yo, FloatKind::kBF16, 1, TargetOf(gate, c, code, nullptr),
+                    TargetOf(up, c, code, nullptr), hidden, act, stream, overlapped),
+                "gate/up");
+    const kernels::Nf4MmaTarget dt = TargetOf(down, c, code, ydown);
+    CheckKernel(
+        kernels::nf4_mma_group_cuda(act, FloatKind::kBF16, 1, &dt, 1, inter, stream, overlapped),
+        "down");
+  };
+  bool g1 = false, g2 = false;
+  const double t_plain = MedianMicros(
+      stream, [&](int c) { chain(c, false); }, 30, 41, &g1);
+  const double t_pdl = MedianMicros(
+      stream, [&](int c) { chain(c, true); }, 30, 41, &g2);
+  const double bytes =
+      q.bytes + k.bytes + v.bytes + o.bytes + gate.bytes + up.bytes + down.bytes +
+      2.0 * (hidden + hidden + kv + kv + hidden + hidden + hidden + inter + inter + hidden);
+  std::printf(
+      "\ndecoder layer as the engine launches it at batch 1 (q+k+v grouped, o, gate+up ending in "
+      "silu * up, down: 4 launches), %d rotating copies of the layer (%.1f MB each):\n"
+      "  plain launches %.1f us = %.0f GB/s = %.0f%% of copy; programmatic launch (the engine's) "
+      "%.1f us = %.0f GB/s = %.0f%% of copy%s\n",
+      copies, bytes / 1e6, t_plain, bytes / t_plain / 1e3, 100.0 * bytes / t_plain / 1e3 / copy_gbs,
+      t_pdl, bytes / t_pdl / 1e3, 100.0 * bytes / t_pdl / 1e3 / copy_gbs,
+      g1 && g2 ? "" : "  (not graphed)");
+  for (Nf4Copies* w : {&q, &k, &v, &o, &gate, &up, &down}) FreeNf4Copies(*w);
+  for (void* p : {static_cast<void*>(x), static_cast<void*>(yq), static_cast<void*>(yk),
+                  static_cast<void*>(yv), static_cast<void*>(yo), static_cast<void*>(act),
+                  static_cast<void*>(ydown), static_cast<void*>(code)}) {
+    cudaFree(p);
   }
 }
 
@@ -435,6 +578,7 @@ int main() {
       "r/w=1/2/4: the NF4 GEMV (plain launches) with 1, 2 or 4 output rows per warp, us\n"
       "(nf4_gemv_cuda picks rows per warp and split-K parts from the shape).\n");
   PrintMmaTable(mma_rows, copy_gbs);
+  if (only == nullptr) PrintEngineLayer(stream, copy_gbs);
 #if defined(LORAD_NF4_MMA_TIMELINE)
   PrintMmaTimeline(timelines);
 #endif
