@@ -179,21 +179,12 @@ int64_t TensorView::numel() const {
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
                                                                        Access access) {
-  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (fstat below then
-  // refuses it); for a regular file the flag changes nothing.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", ErrnoText()));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const std::string err = ErrnoText();
-    ::close(fd);
-    return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
+  // Not waiting on a FIFO in the file's place, and refusing anything but a regular file.
+  int64_t file_size = 0;
+  auto opened = OpenRegularFile(path, path, &file_size);
+  if (!opened.ok()) return opened.status();
+  const int fd = *opened;
+  const size_t size = static_cast<size_t>(file_size);
   if (size < kHeaderLengthBytes) {
     ::close(fd);
     return absl::InvalidArgumentError(

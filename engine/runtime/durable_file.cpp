@@ -93,22 +93,40 @@ absl::Status RequireRegularFile(const std::string& path, const std::string& what
   return RegularOrError(st, what);
 }
 
-absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what) {
+absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* size) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return CannotStat(errno, what);
+  if (auto s = RegularOrError(st, what); !s.ok()) return s;
+  if (size != nullptr) *size = static_cast<int64_t>(st.st_size);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> OpenRegularFile(const std::string& path, const std::string& what,
+                                    int64_t* size) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return CannotStat(errno, what);
-  struct stat st {};
-  absl::Status regular = ::fstat(fd, &st) == 0 ? RegularOrError(st, what) : CannotStat(errno, what);
+  if (auto s = RequireRegularDescriptor(fd, what, size); !s.ok()) {
+    ::close(fd);
+    return s;
+  }
+  return fd;
+}
+
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what) {
+  auto fd = OpenRegularFile(path, what);
+  if (!fd.ok()) return fd.status();
+  absl::Status status;
   std::string bytes;
   char buffer[1 << 16];
-  while (regular.ok()) {
-    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+  while (true) {
+    const ssize_t n = ::read(*fd, buffer, sizeof(buffer));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) regular = CannotStat(errno, what);
+    if (n < 0) status = CannotStat(errno, what);
     if (n <= 0) break;
     bytes.append(buffer, static_cast<size_t>(n));
   }
-  ::close(fd);
-  if (!regular.ok()) return regular;
+  ::close(*fd);
+  if (!status.ok()) return status;
   return bytes;
 }
 

@@ -3,6 +3,7 @@
 // checkpoints, safetensors, reports, job datasets). torch-free: the server uses them too.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
@@ -30,5 +31,15 @@ absl::Status RequireRegularFile(const std::string& path, const std::string& what
 // opened (O_NONBLOCK, then fstat): one swapped for a FIFO between a check and the read does not
 // block the reader. The same codes and messages.
 absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what);
+
+// `path` opened for reading (O_RDONLY | O_CLOEXEC | O_NONBLOCK: a FIFO in the file's place does
+// not hold the open until a writer comes) and the file opened checked to be a regular file
+// (fstat), with RequireRegularFile's codes and messages. The caller closes the descriptor.
+// *size, when given, is the file's size.
+absl::StatusOr<int> OpenRegularFile(const std::string& path, const std::string& what,
+                                    int64_t* size = nullptr);
+
+// OpenRegularFile's check on a descriptor opened otherwise (openat2); closes nothing.
+absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* size = nullptr);
 
 }  // namespace lorad::engine

@@ -1,7 +1,6 @@
 #include "engine/runtime/file_fingerprint.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -9,6 +8,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/durable_file.h"
 
 namespace lorad::engine {
 
@@ -17,18 +17,11 @@ absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& pat
   std::string out;
   std::vector<unsigned char> buffer(1 << 20);
   for (const std::string& path : paths) {
-    // O_NONBLOCK: a named pipe in the file's place must not hold the open (and its caller: a
-    // job's start, SubmitJob, the daemon's start) until something writes to it.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-      return absl::NotFoundError(
-          absl::StrCat("'", path, "' cannot be read: ", std::strerror(errno)));
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      return absl::NotFoundError(absl::StrCat("'", path, "' cannot be read: not a regular file"));
-    }
+    // Opened without waiting on a named pipe in the file's place (it would hold its caller: a
+    // job's start, SubmitJob, the daemon's start) and refused unless a regular file.
+    auto opened = OpenRegularFile(path, absl::StrCat("'", path, "'"));
+    if (!opened.ok()) return opened.status();
+    const int fd = *opened;
     uint64_t hash = 14695981039346656037ULL;
     uint64_t size = 0;
     while (true) {
@@ -41,7 +34,7 @@ absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& pat
       if (n < 0) {
         const int err = errno;
         ::close(fd);
-        return absl::NotFoundError(
+        return absl::InvalidArgumentError(
             absl::StrCat("'", path, "' cannot be read: ", std::strerror(err)));
       }
       if (n == 0) break;

@@ -12,9 +12,10 @@
 
 namespace lorad::engine {
 
-// NOT_FOUND naming the first file that cannot be read or is not a regular file (a named pipe is
-// refused, not waited on); CANCELLED soon after `*abandon` turns true (a large file takes about a
-// second a GB).
+// The first file that cannot be read is an error naming it, with ReadRegularFile's codes
+// (durable_file.h): NOT_FOUND when missing, INVALID_ARGUMENT when not a regular file (a named pipe
+// is refused, not waited on) or unreadable; CANCELLED soon after `*abandon` turns true (a large
+// file takes about a second a GB).
 absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
                                              const std::atomic<bool>* abandon = nullptr);
 

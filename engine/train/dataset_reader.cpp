@@ -1,7 +1,6 @@
 #include "engine/train/dataset_reader.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -270,16 +269,16 @@ absl::Status OpenDataset(const std::string& path, bool no_symlinks, std::ifstrea
       no_symlinks = false;
     }
   }
-  if (!no_symlinks) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    return absl::NotFoundError(
-        absl::StrCat("dataset '", path, "' cannot be read: ", std::strerror(errno)));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  const std::string what = absl::StrCat("dataset '", path, "'");
+  if (!no_symlinks) {
+    auto opened = OpenRegularFile(path, what);
+    if (!opened.ok()) return opened.status();
+    fd = *opened;
+  } else if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat(what, " cannot be read: ", std::strerror(errno)));
+  } else if (auto s = RequireRegularDescriptor(fd, what); !s.ok()) {
     close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dataset '", path, "' is not a regular file (it changed since the job was checked)"));
+    return s;
   }
   in.open(absl::StrCat("/proc/self/fd/", fd), std::ios::binary);
   close(fd);  // the stream holds its own descriptor of the same file

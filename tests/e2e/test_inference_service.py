@@ -544,7 +544,7 @@ def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_eac
     with pytest.raises(grpc.RpcError) as err:
         astub.LoadAdapter(apb.LoadAdapterRequest(name="pipe", path="pipe"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a regular file" in err.value.details()
+    assert "adapter_model.safetensors is a named pipe (FIFO)" in err.value.details()
 
     shutil.copytree(src, root / "same")
     # The names a job may publish, no others: "-x" reads as a flag, ".." as a folder.

@@ -233,8 +233,8 @@ TEST_F(SafetensorsTest, StreamedWriteEqualsTheWriteFromMemoryAndAFailedOneLeaves
 }
 
 TEST_F(SafetensorsTest, MissingFileAndFolderAreErrors) {
-  ExpectError(PathOf("absent.safetensors"), "cannot open");
-  ExpectError(dir_.string(), "not a regular file");
+  ExpectError(PathOf("absent.safetensors"), "does not exist");
+  ExpectError(dir_.string(), "is a directory; name a regular file");
   ExpectError(WriteBytes("empty.safetensors", ""), "too short");
 }
 
