@@ -551,6 +551,18 @@ void JobRunner::Handle(const Pending& p) {
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
       PublishKept(p.job_id, e.checkpoint.step, out);
       return;
+    case TrainingEvent::Kind::kWarning: {
+      const std::string warning = engine::Utf8Lossy(e.error);
+      spdlog::warn("job {}: {}", p.job_id, warning);
+      out.set_warning(warning);
+      // Kept with the job, the latest one per step (a write retried every minute on a full disk
+      // replaces its own), and always published: on a full disk it is not kept, but watchers and
+      // the log still get it.
+      (void)store_.AppendEvent(
+          p.job_id, {e.step.step, static_cast<int32_t>(out.event_case()), out.SerializeAsString()});
+      events_.Publish(out);
+      return;
+    }
     case TrainingEvent::Kind::kFinished:
     case TrainingEvent::Kind::kFailed:
       break;

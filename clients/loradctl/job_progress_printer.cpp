@@ -69,6 +69,9 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
     case JobEvent::kFailed:
       PrintLine(absl::StrCat("failed: ", event.failed()));
       break;
+    case JobEvent::kWarning:
+      PrintLine(absl::StrCat("warning: ", event.warning()));
+      break;
     case JobEvent::EVENT_NOT_SET:
       break;  // an event kind newer than this client: nothing to show
   }

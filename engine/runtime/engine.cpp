@@ -119,6 +119,10 @@ struct Engine::Impl {
   };
   std::vector<ActiveTrainer> trainers;  // the loop's; the vector itself changes under `mu`
   size_t next_trainer = 0;              // whose micro-batch is next
+  // Every job waits for storage (a write failed) until trainers_idle_until: the loop sleeps
+  // rather than spin. Under `mu`.
+  bool trainers_idle = false;
+  Clock::time_point trainers_idle_until;
   std::thread loop;
 
   std::atomic<double> train_seconds{0};
@@ -132,7 +136,9 @@ struct Engine::Impl {
   void EndUnstartedJob(const PendingJob& job);
   // Abandons every preparation and joins its thread (the loop thread or Stop; without mu).
   void JoinPreparations();
-  void RunTrainingMicroBatch();
+  // Runs the next job's micro-batch (one piece of work); false when every job waits for
+  // storage (Trainer::idle_until), with the earliest time one may go on in *idle_until.
+  bool RunTrainingMicroBatch(Clock::time_point* idle_until = nullptr);
   void EndJob(const std::string& id) {  // under mu
     active_job_ids.erase(std::remove(active_job_ids.begin(), active_job_ids.end(), id),
                          active_job_ids.end());
@@ -270,10 +276,19 @@ void Engine::Impl::Loop() {
     bool retired = false;  // a retired adapter version woke it
     {
       std::unique_lock<std::mutex> lock(mu);
-      wake.wait(lock, [&] {
-        return stop || pending_work || !pending_jobs.empty() || !trainers.empty() ||
-               inference->HasWork() || (stop_training && !training_stopped && preparations.empty());
-      });
+      auto ready = [&] {
+        return stop || pending_work || !pending_jobs.empty() ||
+               (!trainers.empty() && !trainers_idle) || inference->HasWork() ||
+               (stop_training && !training_stopped && preparations.empty());
+      };
+      if (trainers_idle) {
+        // Every job waits for storage: until the first may go on, or other work comes (a cancel
+        // sets pending_work).
+        wake.wait_until(lock, trainers_idle_until, ready);
+        trainers_idle = false;
+      } else {
+        wake.wait(lock, ready);
+      }
       retired = adapter_retired;
       adapter_retired = false;
       pending_work = false;
@@ -318,7 +333,13 @@ void Engine::Impl::Loop() {
     // arrives waits for one at most.
     while (!trainers.empty() && (!serving || train_credit > 0)) {
       const Clock::time_point t0 = Clock::now();
-      RunTrainingMicroBatch();
+      Clock::time_point idle_until;
+      if (!RunTrainingMicroBatch(&idle_until)) {
+        std::lock_guard<std::mutex> lock(mu);
+        trainers_idle = true;
+        trainers_idle_until = idle_until;
+        break;
+      }
       const double dt = Seconds(Clock::now() - t0);
       train_seconds.store(train_seconds.load() + dt);
       if (!serving) break;
@@ -456,15 +477,28 @@ void Engine::Impl::StartJob(PendingJob job) {
   trainers.push_back({id, *std::move(created)});
 }
 
-void Engine::Impl::RunTrainingMicroBatch() {
-  // The jobs take turns, one micro-batch each.
+bool Engine::Impl::RunTrainingMicroBatch(Clock::time_point* idle_until) {
+  // The jobs take turns, one micro-batch each; a job waiting for storage is passed over.
+  const Clock::time_point now = Clock::now();
+  Clock::time_point earliest = Clock::time_point::max();
+  size_t tried = 0;
+  for (; tried < trainers.size(); ++tried, ++next_trainer) {
+    if (next_trainer >= trainers.size()) next_trainer = 0;
+    const auto until = trainers[next_trainer].trainer->idle_until();
+    if (!until || *until <= now) break;
+    earliest = std::min(earliest, *until);
+  }
+  if (tried == trainers.size()) {
+    if (idle_until != nullptr) *idle_until = earliest;
+    return false;
+  }
   if (next_trainer >= trainers.size()) next_trainer = 0;
   Trainer& trainer = *trainers[next_trainer].trainer;
   // Step reports its own failure as a kFailed event; either way the job may now be done.
   (void)trainer.Step();
   if (!trainer.done()) {
     ++next_trainer;
-    return;
+    return true;
   }
   std::unique_ptr<Trainer> finished;
   {
@@ -472,6 +506,7 @@ void Engine::Impl::RunTrainingMicroBatch() {
     finished = std::move(trainers[next_trainer].trainer);
     trainers.erase(trainers.begin() + static_cast<std::ptrdiff_t>(next_trainer));
   }
+  return true;
 }
 
 absl::StatusOr<RequestId> Engine::Generate(GenerationRequest request, TokenCallback on_token) {

@@ -305,7 +305,8 @@ absl::Status Trainer::Impl::AfterStep(bool early_stop) {
   if (early_stop) return Finish(false, /*early_stopped=*/true);
   if (config.save_every > 0 && state.step % config.save_every == 0) {
     auto path = Checkpoint();
-    if (!path.ok()) return path.status();
+    pending_checkpoint = !path.ok();
+    return RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", state.step));
   }
   return absl::OkStatus();
 }
@@ -369,6 +370,11 @@ EvalMetrics Trainer::Impl::EvaluationOf(const EvalProgress& progress) const {
 }
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
+  // The checkpoint's state names the best evaluation: its adapter goes to disk first.
+  if (unsaved_best) {
+    if (auto s = unsaved_best->WritePeft(BestAdapterPath()); !s.ok()) return s;
+    unsaved_best.reset();
+  }
   state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
   // Called while the job steps: its stream is the one installed in the default generators.
   auto path = WriteCheckpoint(config.output_dir, adapter.HostCopy(), optimizer->SaveState(),
@@ -482,10 +488,15 @@ absl::Status Trainer::Step() {
       // was under way, the end's or the cadence's): the checkpoint first, so that a cancel at
       // the end keeps what was trained (its adapter/ folder loads like any adapter).
       const bool last_step_unsaved =
-          (t.finishing && t.finishing->stage == Impl::Finishing::Stage::kLastEval) ||
+          (t.finishing && (t.finishing->stage == Impl::Finishing::Stage::kLastEval ||
+                           t.finishing->stage == Impl::Finishing::Stage::kLastCheckpoint)) ||
           (t.periodic_eval && t.state.step >= t.total_steps);
       if (last_step_unsaved) {
-        if (auto path = t.Checkpoint(); !path.ok()) return t.Fail(path.status());
+        // A shutdown's cancel leaves the job to resume from its last checkpoint on disk, even
+        // when this one cannot be written; a user's fails it, saying why.
+        if (auto path = t.Checkpoint(); !path.ok() && !t.interrupt.load()) {
+          return t.Fail(path.status());
+        }
       }
       return t.Finish(/*cancelled=*/true, false);
     }
@@ -498,8 +509,14 @@ absl::Status Trainer::Step() {
       t.resumed_from.clear();
       t.Emit(resumed);
     }
+    // Waiting for storage: no work until the write that failed may be tried again.
+    if (t.storage_wait && Clock::now() < t.storage_wait->retry_at) return absl::OkStatus();
     absl::Status s;
-    if (t.finishing) {
+    if (t.pending_checkpoint) {
+      auto path = t.Checkpoint();
+      t.pending_checkpoint = !path.ok();
+      s = t.RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", t.state.step));
+    } else if (t.finishing) {
       s = t.ContinueFinishing();
     } else if (t.periodic_eval) {
       s = t.ContinuePeriodicEvaluation();
@@ -542,7 +559,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   }
   // Past the last evaluation the end has written the last step's checkpoint, and the weights
   // may be the best evaluation's by now (load_best_at_end): that checkpoint stays as it is.
-  if (impl_->finishing && impl_->finishing->stage != Impl::Finishing::Stage::kLastEval) {
+  if (impl_->finishing && impl_->finishing->stage != Impl::Finishing::Stage::kLastEval &&
+      impl_->finishing->stage != Impl::Finishing::Stage::kLastCheckpoint) {
     return CheckpointPath(impl_->config.output_dir, impl_->state.step);
   }
   // Between steps the generators hold whichever job stepped last: the job's own stream is saved.
@@ -551,6 +569,10 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
 }
 
 bool Trainer::at_step_boundary() const { return impl_->micro_in_step == 0; }
+std::optional<std::chrono::steady_clock::time_point> Trainer::idle_until() const {
+  if (!impl_->storage_wait || impl_->cancel.load()) return std::nullopt;
+  return impl_->storage_wait->retry_at;
+}
 bool Trainer::done() const { return impl_->done; }
 int64_t Trainer::step() const { return impl_->state.step; }
 int64_t Trainer::total_steps() const { return impl_->total_steps; }

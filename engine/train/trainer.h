@@ -32,9 +32,11 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -98,6 +100,10 @@ class Trainer {
   // a checkpoint now (the daemon's drain on SIGTERM) and returns its folder.
   absl::StatusOr<std::string> SaveCheckpoint();
   bool at_step_boundary() const;
+  // Set while a write that failed waits to be tried again (a full disk: see
+  // TrainingJobConfig::storage_retry_s): until then Step() does no work, so the loop may leave
+  // the job be. Unset once cancelled (the next Step() ends it).
+  std::optional<std::chrono::steady_clock::time_point> idle_until() const;
 
   bool done() const;
   bool cancelled() const;       // Cancel() was called

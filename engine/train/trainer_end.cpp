@@ -46,14 +46,22 @@ absl::Status Trainer::Impl::ContinueFinishing() {
         if (auto st = ReportEvaluation(*f.scored); !st.ok()) return st.status();
       }
     }
+    f.stage = Finishing::Stage::kLastCheckpoint;
+  }
+  if (f.stage == Finishing::Stage::kLastCheckpoint) {
     auto path = Checkpoint();  // the last step's weights: what a resume continues from
-    if (!path.ok()) return path.status();
+    if (!path.ok()) {
+      return RetryIfNotWritten(path.status(),
+                               absl::StrCat("the last checkpoint (step ", state.step, ")"));
+    }
+    storage_wait.reset();
     f.stage = Finishing::Stage::kBestEval;
     f.eval = EvalProgress();
   }
   if (f.stage == Finishing::Stage::kBestEval) {
     // With load_best_at_end the best evaluation's adapter replaces the last step's weights, so
     // the held-out report scores, and the merged model holds, what the job publishes.
+    // (The last checkpoint wrote the best adapter if it was only in memory.)
     if (config.load_best_at_end && state.has_eval && state.best_eval_step != state.step &&
         (f.best_loaded || std::filesystem::exists(BestAdapterPath()))) {
       if (!f.best_loaded) {
@@ -107,13 +115,16 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       if (auto st = WriteEvaluationReport(config.output_dir, state.step, *f.scored,
                                           data->validation().size(), f.answers, s);
           !st.ok()) {
-        return st;
+        return RetryIfNotWritten(st, "the evaluation report");
       }
     }
     s.adapter_path = (std::filesystem::path(config.output_dir) / "adapter").string();
     s.adapter_step = f.scored_step;
     LoraAdapter final_adapter = adapter.HostCopy();
-    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) return st;
+    if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) {
+      return RetryIfNotWritten(st, absl::StrCat("the adapter (", s.adapter_path, ")"));
+    }
+    storage_wait.reset();
     if (!config.export_merged_dtype.empty()) {
       // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
       // large model a minute of it, on a thread of its own while the loop serves.
@@ -131,7 +142,16 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
       return absl::OkStatus();
     }
-    if (auto st = f.merged_export.get(); !st.ok()) return st;
+    if (auto st = f.merged_export.get(); !st.ok()) {
+      // Out of room or permissions while writing (not a base model it cannot read): written
+      // again, with the adapter and report, after the wait.
+      if (!absl::IsInternal(st) && !absl::IsResourceExhausted(st) &&
+          !absl::IsPermissionDenied(st)) {
+        return st;
+      }
+      f.files_written = false;
+      return RetryIfNotWritten(st, absl::StrCat("the merged model (", s.merged_path, ")"));
+    }
   }
   return EmitFinished(false, f.early_stopped, std::move(s));
 }

@@ -110,7 +110,13 @@ struct Trainer::Impl {
   struct Finishing {
     // The last step's evaluation (unless the cadence made it), its checkpoint, the best weights'
     // evaluation (load_best_at_end), the held-out answers (one forward a piece), the files.
-    enum class Stage { kLastEval, kBestEval, kAnswers, kFiles } stage = Stage::kLastEval;
+    enum class Stage {
+      kLastEval,
+      kLastCheckpoint,
+      kBestEval,
+      kAnswers,
+      kFiles
+    } stage = Stage::kLastEval;
     bool early_stopped = false;
     EvalProgress eval;
     bool best_loaded = false;
@@ -149,7 +155,17 @@ struct Trainer::Impl {
     state.best_eval_step = eval.step;
     state.has_eval = true;
     if (config.load_best_at_end) {
-      if (auto s = adapter.HostCopy().WritePeft(BestAdapterPath()); !s.ok()) return s;
+      // Not written (a full disk): kept in memory, written before the next checkpoint (which
+      // refers to it) and used at the end; training goes on meanwhile.
+      LoraAdapter best = adapter.HostCopy();
+      if (auto s = best.WritePeft(BestAdapterPath()); !s.ok()) {
+        unsaved_best = std::move(best);
+        Warn(absl::StrCat("the best evaluation's adapter (step ", eval.step,
+                          ") could not be written (", s.message(),
+                          "); it is kept in memory and written with the next checkpoint"));
+      } else {
+        unsaved_best.reset();
+      }
     }
     return true;
   }
@@ -162,6 +178,46 @@ struct Trainer::Impl {
   absl::StatusOr<std::string> Checkpoint();
   void Emit(const TrainingEvent& e) {
     if (on_event) on_event(e);
+  }
+  void Warn(std::string message) {
+    TrainingEvent e;
+    e.kind = TrainingEvent::Kind::kWarning;
+    e.step.step = state.step;  // when it happened
+    e.error = std::move(message);
+    Emit(e);
+  }
+
+  // Writes that fail (a full disk, a folder that cannot be written) do not fail the job: what
+  // it trained is in memory, and an operator can make room. The job then holds still (Step()
+  // does no work) until retry_at, and the write that failed runs again; each failure is a
+  // kWarning, and the wait doubles up to config.storage_retry_max_s. A cancel still ends it.
+  struct StorageWait {
+    trainer_impl::Clock::time_point retry_at;
+    int failures = 0;
+  };
+  std::optional<StorageWait> storage_wait;
+  bool pending_checkpoint = false;          // a periodic checkpoint waits for storage
+  std::optional<LoraAdapter> unsaved_best;  // load_best_at_end's adapter, not yet on disk
+  // `written`'s failure starts (or prolongs) the wait and returns OK; its success ends it.
+  absl::Status RetryIfNotWritten(const absl::Status& written, const std::string& what) {
+    if (written.ok()) {
+      storage_wait.reset();
+      return written;
+    }
+    const int failures = storage_wait ? storage_wait->failures + 1 : 1;
+    const double wait =
+        std::min(config.storage_retry_max_s,
+                 config.storage_retry_s * std::pow(2.0, std::min(failures - 1, 20)));
+    storage_wait = StorageWait{
+        trainer_impl::Clock::now() + std::chrono::duration_cast<trainer_impl::Clock::duration>(
+                                         std::chrono::duration<double>(wait)),
+        failures};
+    Warn(absl::StrCat(
+        what, " could not be written: ", written.message(),
+        "; the job holds what it trained and tries again in ",
+        static_cast<int64_t>(std::ceil(wait)),
+        " s (free disk space, or make the folder writable; cancelling the job ends it)"));
+    return absl::OkStatus();
   }
   absl::Status Fail(absl::Status status) {
     done = true;

@@ -4,7 +4,8 @@
 // Order: kStep after every optimizer step; kEval after the step it follows (every eval_every
 // steps); kCheckpoint after a checkpoint is durable on disk, and once more for the checkpoint a
 // resumed job starts from; exactly one of kFinished or kFailed last (a cancelled job ends with
-// kFinished, summary.cancelled = true).
+// kFinished, summary.cancelled = true). kWarning (any time): something the job waits out or works
+// around, in words a user can act on (a checkpoint that could not be written: the job retries).
 #pragma once
 
 #include <cstdint>
@@ -68,13 +69,13 @@ struct TrainingSummary {
 };
 
 struct TrainingEvent {
-  enum class Kind { kStep, kEval, kCheckpoint, kFinished, kFailed };
+  enum class Kind { kStep, kEval, kCheckpoint, kFinished, kFailed, kWarning };
   Kind kind = Kind::kStep;
-  StepMetrics step;              // kStep
+  StepMetrics step;              // kStep; kWarning: step.step only
   EvalMetrics eval;              // kEval
   CheckpointWritten checkpoint;  // kCheckpoint
   TrainingSummary summary;       // kFinished
-  std::string error;             // kFailed: a message a user can act on
+  std::string error;             // kFailed, kWarning: a message a user can act on
 };
 
 }  // namespace lorad::engine

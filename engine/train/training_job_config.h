@@ -107,6 +107,12 @@ struct TrainingJobConfig {
   // "float32"); "" = no merged export.
   std::string export_merged_dtype;
   bool resume = true;
+  // A checkpoint, or the end's files, that could not be written (a full disk, a folder that
+  // cannot be written) do not fail the job: it holds its state, reports a kWarning, and tries
+  // again after this wait, doubled after each failure up to storage_retry_max_s. Not part of the
+  // job spec (tests shorten it).
+  double storage_retry_s = 5;
+  double storage_retry_max_s = 60;
 
   // Every field in range; the error names the field and the allowed range. Does not touch the
   // file system (the server checks paths against its roots first).

@@ -1,0 +1,170 @@
+// The trainer when its writes fail (a full disk, a folder that cannot be written): a checkpoint
+// or the end's adapter that cannot be written does not fail the job. It holds what it trained,
+// does no work until the write may be tried again, says why (kWarning), and once the write goes
+// through carries on as if nothing had happened.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "engine/train/trainer.h"
+#include "tests/unit/engine/train/trainer_test_fixture.h"
+
+namespace lorad::engine {
+namespace {
+
+// Puts a regular file where the job's output folder was (every write into it then fails), and
+// puts the folder back.
+class BlockedFolder {
+ public:
+  explicit BlockedFolder(fs::path folder) : folder_(std::move(folder)) {
+    aside_ = folder_.string() + ".aside";
+    fs::create_directories(folder_);
+    fs::rename(folder_, aside_);
+    std::ofstream(folder_) << "in the way";
+  }
+  void Unblock() {
+    fs::remove(folder_);
+    fs::rename(aside_, folder_);
+  }
+
+ private:
+  fs::path folder_, aside_;
+};
+
+int Count(const std::vector<TrainingEvent>& events, TrainingEvent::Kind kind) {
+  return static_cast<int>(std::count_if(events.begin(), events.end(),
+                                        [kind](const TrainingEvent& e) { return e.kind == kind; }));
+}
+
+// Steps `t` until a warning arrives (or the job ends): the warning's message.
+std::string StepUntilWarning(Trainer& t, const std::vector<TrainingEvent>& events) {
+  while (!t.done() && Count(events, TrainingEvent::Kind::kWarning) == 0) {
+    if (!t.Step().ok()) break;
+  }
+  for (const TrainingEvent& e : events) {
+    if (e.kind == TrainingEvent::Kind::kWarning) return e.error;
+  }
+  return "";
+}
+
+// While it waits, Step() does nothing: no step trained, no event, until idle_until.
+void ExpectHoldsStill(Trainer& t, const std::vector<TrainingEvent>& events) {
+  ASSERT_TRUE(t.idle_until().has_value());
+  const int64_t step = t.step();
+  const size_t seen = events.size();
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(t.Step().ok());
+  if (std::chrono::steady_clock::now() < *t.idle_until()) {
+    EXPECT_EQ(t.step(), step);
+    EXPECT_EQ(events.size(), seen);
+  }
+  EXPECT_FALSE(t.done());
+}
+
+void RunToTheEnd(Trainer& t) {
+  while (!t.done()) {
+    if (auto until = t.idle_until()) std::this_thread::sleep_until(*until);
+    ASSERT_TRUE(t.Step().ok());
+  }
+}
+
+class TrainerStorageTest : public TrainerTest {
+ protected:
+  TrainingJobConfig Blockable(const std::string& sub) const {
+    TrainingJobConfig c = Config(sub);
+    c.max_steps = 8;
+    c.storage_retry_s = 0.3;  // long enough to see it hold still, short for the test
+    c.storage_retry_max_s = 0.6;
+    return c;
+  }
+  std::vector<TrainingEvent> Straight(const TrainingJobConfig& config) {
+    std::vector<TrainingEvent> events;
+    auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                             [&events](const TrainingEvent& e) { events.push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (t.ok()) EXPECT_TRUE((*t)->Run().ok());
+    return events;
+  }
+};
+
+TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNothingIsLost) {
+  TrainingJobConfig config = Blockable("straight");
+  config.save_every = 4;
+  const std::vector<TrainingEvent> straight = Straight(config);
+
+  config.output_dir = (out() / "blocked").string();
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                           [&events](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  BlockedFolder blocked(config.output_dir);
+  const std::string warning = StepUntilWarning(**t, events);
+  EXPECT_NE(warning.find("the checkpoint of step 4 could not be written"), std::string::npos)
+      << warning;
+  EXPECT_NE(warning.find("tries again in"), std::string::npos) << warning;
+  EXPECT_EQ((*t)->step(), 4);
+  ExpectHoldsStill(**t, events);
+  // Still blocked when the wait is over: tried again, a second warning, still no failure.
+  std::this_thread::sleep_until(*(*t)->idle_until());
+  EXPECT_TRUE((*t)->Step().ok());
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 2);
+  EXPECT_EQ((*t)->step(), 4);
+
+  blocked.Unblock();
+  RunToTheEnd(**t);
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kFailed), 0);
+  ASSERT_EQ(Count(events, TrainingEvent::Kind::kFinished), 1);
+  EXPECT_FALSE(events.back().summary.cancelled);
+  EXPECT_EQ(Losses(events), Losses(straight));  // the wait changed nothing trained
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-4" / "trainer_state.json"));
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+}
+
+TEST_F(TrainerStorageTest, TheEndsCheckpointAndAdapterThatCannotBeWrittenAreRetried) {
+  TrainingJobConfig config = Blockable("straight");
+  const std::vector<TrainingEvent> straight = Straight(config);
+
+  config.output_dir = (out() / "blocked").string();
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                           [&events](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 7) ASSERT_TRUE((*t)->Step().ok());
+  BlockedFolder blocked(config.output_dir);
+  const std::string warning = StepUntilWarning(**t, events);
+  EXPECT_NE(warning.find("the last checkpoint (step 8) could not be written"), std::string::npos)
+      << warning;
+  ExpectHoldsStill(**t, events);
+  blocked.Unblock();
+  RunToTheEnd(**t);
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kFailed), 0);
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_FALSE(events.back().summary.cancelled);
+  EXPECT_EQ(Losses(events), Losses(straight));
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+}
+
+TEST_F(TrainerStorageTest, ACancelEndsAJobWaitingForStorage) {
+  TrainingJobConfig config = Blockable("blocked");
+  config.save_every = 4;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                           [&events](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  BlockedFolder blocked(config.output_dir);
+  ASSERT_FALSE(StepUntilWarning(**t, events).empty());
+  (*t)->Cancel();
+  EXPECT_FALSE((*t)->idle_until().has_value());  // the loop steps it at once
+  EXPECT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_TRUE(events.back().summary.cancelled);
+  blocked.Unblock();
+}
+
+}  // namespace
+}  // namespace lorad::engine
