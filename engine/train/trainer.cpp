@@ -83,11 +83,34 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
 
   std::optional<TrainingCheckpoint> checkpoint;
   if (config.resume) RemoveLeftovers(config.output_dir);  // of a process killed mid-write
-  const std::string latest = config.resume ? LatestCheckpoint(config.output_dir) : "";
-  if (!latest.empty()) {
-    auto c = ReadCheckpoint(latest);
-    if (!c.ok()) return c.status();
+  // The newest checkpoint that reads; one damaged (a file emptied or cut short: a disk that
+  // failed, an operator's mistake) is passed over for the one before it, saying so.
+  std::string latest;
+  auto found = config.resume ? CompleteCheckpoints(config.output_dir)
+                             : std::vector<std::pair<int64_t, std::filesystem::path>>();
+  std::sort(found.begin(), found.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  absl::Status newest_error;
+  for (const auto& [step, folder] : found) {
+    auto c = ReadCheckpoint(folder.string());
+    if (!c.ok()) {
+      if (newest_error.ok()) newest_error = c.status();
+      resume_warnings.push_back(absl::StrCat("checkpoint ", folder.string(),
+                                             " cannot be resumed from (", c.status().message(),
+                                             "); it is passed over"));
+      continue;
+    }
+    latest = folder.string();
     checkpoint = *std::move(c);
+    break;
+  }
+  if (!newest_error.ok() && !checkpoint) {
+    return absl::DataLossError(absl::StrCat(
+        newest_error.message(), "; no checkpoint in ", config.output_dir,
+        " can be resumed from: move the checkpoint-* folders aside and submit the job again to "
+        "train it from its first step"));
+  }
+  if (checkpoint) {
     adapter = checkpoint->adapter;
     state = checkpoint->state;
     seconds_before_this_run = state.train_seconds;
@@ -500,6 +523,8 @@ absl::Status Trainer::Step() {
       }
       return t.Finish(/*cancelled=*/true, false);
     }
+    for (std::string& warning : t.resume_warnings) t.Warn(std::move(warning));
+    t.resume_warnings.clear();
     if (!t.resumed_from.empty()) {
       // Reported again: a process killed between writing it and reporting it never did (the
       // job's history keeps one event per checkpoint).

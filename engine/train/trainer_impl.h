@@ -72,6 +72,7 @@ struct Trainer::Impl {
   int64_t per_epoch = 1;
   bool resumed = false;
   std::string resumed_from;  // the checkpoint folder, until the first Step reports it
+  std::vector<std::string> resume_warnings;  // damaged checkpoints passed over, until then too
   bool done = false;
   std::atomic<bool> cancel{false};
   std::atomic<bool> interrupt{false};  // Interrupt(): skip periodic evaluations

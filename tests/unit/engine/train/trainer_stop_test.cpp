@@ -152,6 +152,60 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_GT(second.back().summary.train_loss, 0);
 }
 
+// A damaged newest checkpoint (a file emptied: a failing disk, an operator's mistake) is passed
+// over for the one before it, with a warning: the job resumes and ends as an uninterrupted run
+// does. With every checkpoint damaged, the job's start says what to do.
+TEST_F(TrainerTest, AResumePassesOverADamagedCheckpointForTheOneBefore) {
+  TrainingJobConfig config = Config("straight");
+  config.max_steps = 8;
+  config.save_every = 2;
+  std::vector<TrainingEvent> straight;
+  auto a = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { straight.push_back(e); });
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE((*a)->Run().ok());
+
+  config.output_dir = (out_ / "damaged").string();
+  std::vector<TrainingEvent> first, second;
+  {
+    auto b = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                             [&](const TrainingEvent& e) { first.push_back(e); });
+    ASSERT_TRUE(b.ok());
+    while ((*b)->step() < 5) ASSERT_TRUE((*b)->Step().ok());  // killed: checkpoints 2 and 4
+  }
+  const fs::path damaged = fs::path(config.output_dir) / "checkpoint-4" / "trainer_state.json";
+  ASSERT_TRUE(fs::exists(damaged));
+  std::ofstream(damaged, std::ios::trunc).flush();
+  auto c = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { second.push_back(e); });
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ((*c)->step(), 2);
+  ASSERT_TRUE((*c)->Run().ok());
+  ASSERT_GE(second.size(), 2u);
+  EXPECT_EQ(second[0].kind, TrainingEvent::Kind::kWarning);
+  EXPECT_NE(second[0].error.find("checkpoint-4 cannot be resumed from"), std::string::npos)
+      << second[0].error;
+  EXPECT_EQ(second[1].kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(second[1].checkpoint.step, 2);
+  std::vector<double> joined = Losses(first);
+  joined.resize(2);  // steps 3 to 5 are trained again
+  for (double l : Losses(second)) joined.push_back(l);
+  EXPECT_EQ(joined, Losses(straight));
+  ASSERT_EQ(second.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_FALSE(second.back().summary.cancelled);
+
+  // Every checkpoint damaged: refused, saying what to do.
+  for (const auto& f : fs::directory_iterator(config.output_dir)) {
+    if (f.path().filename().string().rfind("checkpoint-", 0) == 0) {
+      std::ofstream(f.path() / "trainer_state.json", std::ios::trunc).flush();
+    }
+  }
+  auto d = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("move the checkpoint-* folders aside"), std::string::npos)
+      << d.status();
+}
+
 // Jobs that take turns step by step (the GPU loop's way with several jobs) draw LoRA dropout from
 // their own streams: each one's losses equal its run alone, also across a shutdown and resume.
 TEST_F(TrainerTest, InterleavedJobsKeepTheirOwnDropoutStreams) {
