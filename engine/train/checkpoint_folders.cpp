@@ -66,9 +66,15 @@ void RemoveLeftovers(const std::string& output_dir) {
   std::vector<fs::path> leftovers;
   for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
     const std::string name = entry.path().filename().string();
-    const bool tmp = name.rfind(absl::StrCat(".", kCheckpointPrefix), 0) == 0 && name.size() > 4 &&
+    const auto starts = [&](const std::string& prefix) { return name.rfind(prefix, 0) == 0; };
+    const bool tmp = starts(absl::StrCat(".", kCheckpointPrefix)) && name.size() > 4 &&
                      name.compare(name.size() - 4, 4, ".tmp") == 0;
-    if (tmp || name.rfind(".deleting-", 0) == 0) leftovers.push_back(entry.path());
+    // The job's other writers' work in progress: LoraAdapter::WritePeft's temporary folders for
+    // adapter/ and best-adapter/, WriteMergedModel's merged.tmp, WriteFileAtomically's
+    // eval_report.json.tmp.
+    const bool end_tmp = starts(".adapter.tmp-") || starts(".best-adapter.tmp-") ||
+                         name == "merged.tmp" || name == "eval_report.json.tmp";
+    if (tmp || end_tmp || starts(".deleting-")) leftovers.push_back(entry.path());
   }
   for (const fs::path& p : leftovers) fs::remove_all(p, ec);
 }

@@ -32,8 +32,9 @@ std::string LatestCheckpoint(const std::string& output_dir);
 // folder left behind costs space, not correctness.
 void RemoveFolder(const std::filesystem::path& folder);
 
-// Clears what a killed process may have left in output_dir: half-written (".checkpoint-*.tmp")
-// and half-deleted (".deleting-*") folders.
+// Clears what a killed process may have left in output_dir: half-written checkpoints
+// (".checkpoint-*.tmp"), adapters (".adapter.tmp-*", ".best-adapter.tmp-*"), merged exports
+// ("merged.tmp") and reports ("eval_report.json.tmp"), and half-deleted folders (".deleting-*").
 void RemoveLeftovers(const std::string& output_dir);
 
 }  // namespace lorad::engine

@@ -50,10 +50,22 @@ TEST_F(CheckpointFoldersTest, RemovedFoldersLeaveNoPartUnderTheirNameAndLeftover
   fs::create_directories(dir_ / ".checkpoint-7.tmp" / "adapter");
   fs::create_directories(dir_ / ".deleting-checkpoint-3");
   fs::create_directories(dir_ / "adapter");  // the job's own output stays
+  // The end's files, killed mid-write (names as their writers make them).
+  for (const char* leftover : {".adapter.tmp-Ab12Cd", ".best-adapter.tmp-Zz9Yy8", "merged.tmp"}) {
+    fs::create_directories(dir_ / leftover);
+    std::ofstream(dir_ / leftover / "adapter_config.json") << "{}";
+  }
+  std::ofstream(dir_ / "eval_report.json.tmp") << "{";
+  std::ofstream(dir_ / "eval_report.json") << "{}";
   RemoveLeftovers(dir_.string());
   EXPECT_FALSE(fs::exists(dir_ / ".checkpoint-7.tmp"));
   EXPECT_FALSE(fs::exists(dir_ / ".deleting-checkpoint-3"));
+  for (const char* leftover :
+       {".adapter.tmp-Ab12Cd", ".best-adapter.tmp-Zz9Yy8", "merged.tmp", "eval_report.json.tmp"}) {
+    EXPECT_FALSE(fs::exists(dir_ / leftover)) << leftover;
+  }
   EXPECT_TRUE(fs::exists(dir_ / "adapter"));
+  EXPECT_TRUE(fs::exists(dir_ / "eval_report.json"));
 }
 
 }  // namespace
