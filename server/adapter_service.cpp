@@ -47,8 +47,8 @@ AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
       on_name_gone_(std::move(on_name_gone)) {}
 
 absl::Status AdapterService::Unload(const std::string& name, std::optional<int64_t> version,
-                                    std::chrono::milliseconds timeout) {
-  const absl::Status unloaded = engine_.adapters().Unload(name, version, timeout);
+                                    std::chrono::milliseconds timeout, int64_t up_to) {
+  const absl::Status unloaded = engine_.adapters().Unload(name, version, timeout, up_to);
   if (unloaded.ok() && on_name_gone_) {
     const auto listed = engine_.adapters().List();
     if (std::none_of(listed.begin(), listed.end(),
@@ -154,10 +154,14 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
                                     "requests to end; retry once they have")));
   }
   std::optional<int64_t> current_unloaded;  // the version that served, when it goes
+  // What this call unloads, at most (0: nothing, NotFound): a version published after this
+  // look (a LoadAdapter, a job's end) is recorded as served and stays so.
+  int64_t newest_listed = 0;
   for (const auto& info : engine_.adapters().List()) {
     if (info.name == request->name() && (!version || info.version == *version)) {
       ToProto(info, response->add_unloaded());
       if (info.current) current_unloaded = info.version;
+      newest_listed = std::max(newest_listed, info.version);
     }
   }
   // The name serves nothing after this: a restart must not bring it back. Recorded first: an
@@ -181,12 +185,13 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   }
   try {
     // `this` outlives the thread: the server's shutdown waits for every call to Finish.
-    std::thread([this, reactor, name = request->name(), version, timeout,
+    std::thread([this, reactor, name = request->name(), version, timeout, newest_listed,
                  waiter = std::move(*waiter)] {
-      reactor->Finish(ToGrpcStatus(Unload(name, version, timeout)));
+      reactor->Finish(ToGrpcStatus(Unload(name, version, timeout, newest_listed)));
     }).detach();
   } catch (const std::system_error&) {  // no thread to wait on: retire it, without waiting
-    reactor->Finish(ToGrpcStatus(Unload(request->name(), version, std::chrono::milliseconds(0))));
+    reactor->Finish(ToGrpcStatus(
+        Unload(request->name(), version, std::chrono::milliseconds(0), newest_listed)));
   }
   return reactor;
 }

@@ -342,13 +342,18 @@ bool AdapterStore::Contains(const std::string& name) const {
 }
 
 absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t> version,
-                                  std::chrono::milliseconds timeout) {
+                                  std::chrono::milliseconds timeout, std::optional<int64_t> up_to) {
   State& s = *state_;
   std::unique_lock<std::mutex> lock(s.mu);
   std::vector<std::shared_ptr<AdapterLease::Entry>> targets;
   for (const auto& e : s.entries) {
-    if (e->name == name && (!version || e->version == *version)) targets.push_back(e);
+    if (e->name == name && (!version || e->version == *version) &&
+        (!up_to || e->version <= *up_to)) {
+      targets.push_back(e);
+    }
   }
+  // Bounded: the versions the caller saw were replaced and freed meanwhile; nothing to wait for.
+  if (targets.empty() && up_to && *up_to > 0) return absl::OkStatus();
   if (targets.empty()) {
     return absl::NotFoundError(
         version ? absl::StrCat("adapter '", name, "' has no loaded version ", *version)

@@ -126,9 +126,12 @@ class AdapterStore {
 
   // Retires `name` (every version, or only `version`): new requests get NotFound at once; then
   // waits until no request holds it and frees it. DeadlineExceeded after `timeout` (it is still
-  // freed when its last request ends). NotFound for an unknown name or version.
+  // freed when its last request ends). NotFound for an unknown name or version. `up_to`: only
+  // versions up to it (what the caller saw and recorded as unloaded; one published since stays,
+  // and those seen but already replaced and freed make it OK); 0 unloads nothing (NotFound).
   absl::Status Unload(const std::string& name, std::optional<int64_t> version = std::nullopt,
-                      std::chrono::milliseconds timeout = std::chrono::hours(24));
+                      std::chrono::milliseconds timeout = std::chrono::hours(24),
+                      std::optional<int64_t> up_to = std::nullopt);
 
   // Called (on the calling thread, without the store's lock) whenever a version stops being
   // current: a newer one was published, or it was unloaded. The engine uses it to wake its loop,

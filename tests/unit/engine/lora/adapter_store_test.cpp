@@ -70,6 +70,33 @@ TEST(AdapterStoreTest, PublishIsAtomicAndLeasesKeepTheirVersion) {
   EXPECT_EQ(list[0].source, "job:2");
 }
 
+// An unload bounded by the versions its caller saw (UnloadAdapter records those as unloaded
+// first) leaves a version published since then serving: what serves agrees with the record.
+TEST(AdapterStoreTest, AnUnloadUpToAVersionLeavesANewerOneServing) {
+  auto store = Store();
+  ASSERT_EQ(*store->Publish("race", Adapter(4, 1.0f), "folder:a"), 1);
+  auto v1 = store->Acquire("race");  // a request on v1
+  ASSERT_TRUE(v1.ok());
+  ASSERT_EQ(*store->Publish("race", Adapter(4, 2.0f), "folder:b"), 2);  // published meanwhile
+  std::thread request([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    v1->Release();
+  });
+  EXPECT_TRUE(store->Unload("race", std::nullopt, std::chrono::seconds(5), 1).ok());
+  request.join();
+  // v1 already replaced and freed: the bounded unload has nothing left to do.
+  EXPECT_TRUE(store->Unload("race", std::nullopt, std::chrono::seconds(5), 1).ok());
+  auto lease = store->Acquire("race");
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  EXPECT_EQ(lease->version(), 2);
+  lease->Release();
+  // Nothing seen: nothing unloaded.
+  EXPECT_TRUE(absl::IsNotFound(store->Unload("race", std::nullopt, std::chrono::seconds(5), 0)));
+  EXPECT_TRUE(store->Contains("race"));
+  EXPECT_TRUE(store->Unload("race", std::nullopt, std::chrono::seconds(5), 2).ok());
+  EXPECT_FALSE(store->Contains("race"));
+}
+
 // The retire listener hears every version that stops being current: replaced by a newer one,
 // or unloaded; a first publish retires nothing. It may call back into the store.
 // The server records a version before it serves (the hook): one it cannot record never serves,
