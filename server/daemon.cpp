@@ -522,12 +522,11 @@ absl::Status Daemon::OpenJobStore() {
   // A database that knows no job beside a jobs folder that holds some was lost or replaced (a
   // deleted or truncated file opens as a new, empty one): starting would forget those jobs and
   // publish their adapter names from version 1 again.
-  // A damaged page shows only when read: say which file, and what to do.
+  // The store's errors name the file and say what to do (a damaged one, a full disk, one that
+  // cannot be written); others are said to be about it.
   const auto damaged = [&db_path](const absl::Status& s) {
-    if (absl::IsResourceExhausted(s)) return s;
-    return absl::FailedPreconditionError(
-        absl::StrCat("job database '", db_path, "': ", s.message(),
-                     "; move the file aside to start with an empty job queue"));
+    if (absl::StrContains(s.message(), db_path)) return s;
+    return absl::Status(s.code(), absl::StrCat("job database '", db_path, "': ", s.message()));
   };
   // A deletion a crash interrupted: its folder back, or gone (before the count of job folders).
   deleted_job_folders_ = FinishInterruptedDeletions(*jobs_, JobsDir());

@@ -81,14 +81,39 @@ std::string NewJobId() {
 
 // The connection's last error as a status: a full disk is RESOURCE_EXHAUSTED with what to do,
 // anything else INTERNAL.
+// What a user does about a damaged job database (JobStore::Open's check, or a page that shows its
+// damage only when read).
+constexpr char kDamagedAdvice[] =
+    "restore it from a backup, or stop lorad and move it, and the jobs folder beside it, aside to "
+    "start with an empty job queue (adapter versions then start from 1)";
+
+// An error of `db` that names the file and, where there is one, what to do.
 absl::Status SqliteError(sqlite3* db) {
   const int code = sqlite3_extended_errcode(db) & 0xff;
-  if (code == SQLITE_FULL) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the job database's disk is full (", sqlite3_errmsg(db),
-        "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
+  const char* file = sqlite3_db_filename(db, "main");
+  const std::string name = absl::StrCat("job database '", file != nullptr ? file : "", "'");
+  const char* message = sqlite3_errmsg(db);
+  switch (code) {
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the job database's disk is full (", name, ": ", message,
+          "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(
+          absl::StrCat(name, " is damaged (", message, "); ", kDamagedAdvice));
+    case SQLITE_READONLY:
+    case SQLITE_PERM:
+    case SQLITE_CANTOPEN:
+      return absl::PermissionDeniedError(
+          absl::StrCat(name, " cannot be written (", message,
+                       "): give the user lorad runs as write access to it and to its folder"));
+    case SQLITE_IOERR:
+      return absl::UnavailableError(
+          absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
+    default:
+      return absl::InternalError(absl::StrCat(name, ": sqlite: ", message));
   }
-  return absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db)));
 }
 
 // A prepared statement, finalized when it goes out of scope.
@@ -237,18 +262,14 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   }
   std::unique_ptr<JobStore> store(new JobStore(db, path));
   sqlite3_busy_timeout(db, 5000);
-  // A damaged file fails at the pragmas or the schema below: say which file, and what to do.
-  const auto damaged = [&path](const absl::Status& s) {
-    if (absl::IsResourceExhausted(s)) return s;  // a full disk says so itself
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job database '", path, "': ", s.message(),
-        "; move the file aside to start with an empty job queue (the job folders beside it stay)"));
-  };
+  // A damaged file fails at the pragmas, the schema or the check below; SqliteError names the
+  // file and says what to do. A damaged page elsewhere would pass them: the whole file is
+  // checked before the daemon serves (a healthy daemon whose calls fail is worse than a refusal).
   // WAL keeps readers off the writer's back; synchronous=FULL fsyncs every commit, so a job
   // event acknowledged is an event kept, even across a power cut.
   for (const char* pragma :
        {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;", "PRAGMA foreign_keys=ON;"}) {
-    if (auto s = store->Exec(pragma); !s.ok()) return damaged(s);
+    if (auto s = store->Exec(pragma); !s.ok()) return s;
   }
   Statement version(db, "PRAGMA user_version;");
   if (auto s = version.status(); !s.ok()) return s;
@@ -258,24 +279,36 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         "job database '", path, "' has schema version ", found, ", newer than this lorad (",
         kSchemaVersion, "); upgrade lorad or point storage.data_dir elsewhere"));
   }
-  if (auto s = store->Exec(kSchema); !s.ok()) return damaged(s);
+  if (auto s = store->Exec(kSchema); !s.ok()) return s;
   // Columns added since schema version 1, with their defaults.
   for (const auto& [table, column, definition] :
        {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"}}) {
     Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
                                        "') WHERE name = '", column, "';"));
-    if (auto s = present.status(); !s.ok()) return damaged(s);
+    if (auto s = present.status(); !s.ok()) return s;
     if (present.Step() != SQLITE_ROW) {
       if (auto s = store->Exec(
               absl::StrCat("ALTER TABLE ", table, " ADD COLUMN ", column, " ", definition, ";"));
           !s.ok()) {
-        return damaged(s);
+        return s;
       }
     }
   }
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
     return s;
+  }
+  Statement check(db, "PRAGMA quick_check;");
+  if (auto s = check.status(); !s.ok()) return s;
+  std::vector<std::string> problems;
+  int rc = SQLITE_ROW;
+  while ((rc = check.Step()) == SQLITE_ROW && problems.size() < 3) {
+    if (std::string row = check.Blob(0); row != "ok") problems.push_back(std::move(row));
+  }
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return check.StepError();
+  if (!problems.empty()) {
+    return absl::DataLossError(absl::StrCat("job database '", path, "' is damaged (",
+                                            absl::StrJoin(problems, "; "), "); ", kDamagedAdvice));
   }
   return store;
 }

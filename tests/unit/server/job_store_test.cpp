@@ -303,6 +303,35 @@ TEST_F(JobStoreTest, UnopenablePathIsAClearError) {
   EXPECT_NE(store.status().message().find("/nonexistent-dir/jobs.db"), std::string::npos);
 }
 
+// A page damaged inside the file (a failing disk, a bad copy) passes the opening pragmas and the
+// schema, and would show only when a call reads it: the file is checked before the store opens,
+// and the error names it and says what to do.
+TEST_F(JobStoreTest, ADamagedPageIsFoundWhenTheStoreOpens) {
+  {
+    auto store = OpenStore();
+    for (int i = 0; i < 200; ++i) {
+      ASSERT_TRUE(store->Insert(std::string(300, 'x'), "a", 0, 1, 1000).ok());
+    }
+  }
+  const auto size = std::filesystem::file_size(path_);
+  ASSERT_GT(size, 8u * 4096u);
+  {
+    FILE* f = std::fopen(path_.c_str(), "r+b");
+    ASSERT_NE(f, nullptr);
+    std::fseek(f, 4 * 4096, SEEK_SET);  // a page of the jobs table, past the schema's
+    const std::string zeros(4096, '\0');
+    std::fwrite(zeros.data(), 1, zeros.size(), f);
+    std::fclose(f);
+  }
+  auto store = JobStore::Open(path_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_TRUE(absl::IsDataLoss(store.status())) << store.status();
+  EXPECT_NE(store.status().message().find(path_), std::string::npos) << store.status();
+  EXPECT_NE(store.status().message().find("is damaged"), std::string::npos) << store.status();
+  EXPECT_NE(store.status().message().find("and the jobs folder beside it"), std::string::npos)
+      << store.status();
+}
+
 // Delete removes an ended job with its steps and events, survives a reopen, and refuses a job
 // that has not ended (or is publishing its adapter); other jobs keep theirs.
 TEST_F(JobStoreTest, DeleteRemovesOnlyAnEndedJobWithItsHistory) {
