@@ -227,6 +227,7 @@ void JobRunner::Loop() {
       if (look) look_for_jobs_ = false;
       if (stop_ && batch.empty()) return;
     }
+    RecordHistoryAgain();  // before this batch's: the history stays in order
     for (const Pending& p : batch) Handle(p);
     RecordFailuresAgain();
     RecordSuccessesAgain();
@@ -449,13 +450,15 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
                             const lorad::v1::JobEvent& event) {
   // Kept with the job (WatchJob replays it), then published, unless a first run of a resumed
   // job reported it already (its watchers got it from the history).
-  auto added = store_.AppendEvent(
-      job_id, {step, static_cast<int32_t>(event.event_case()), event.SerializeAsString()});
-  if (!added.ok()) {
-    spdlog::warn("job {}: an event of step {} is not in the job's history: {}", job_id, step,
-                 std::string(added.status().message()));
+  const StoredEvent stored{step, static_cast<int32_t>(event.event_case()),
+                           event.SerializeAsString()};
+  absl::StatusOr<bool> added = true;
+  if (unrecorded_history_.empty()) added = store_.AppendEvent(job_id, stored);
+  if (!unrecorded_history_.empty() || !added.ok()) {
+    RecordHistory({job_id, std::nullopt, stored});  // waits its turn, then is recorded
+    added = true;
   }
-  if (!added.ok() || *added) events_.Publish(event);
+  if (*added) events_.Publish(event);
 }
 
 void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error) {
@@ -482,6 +485,40 @@ void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error)
   events_.Publish(failed);
   events_.Publish(StateEvent(job_id, JobState::kFailed, now));
   Wake();
+}
+
+void JobRunner::RecordHistory(UnrecordedHistory entry) {
+  if (unrecorded_history_.empty()) {
+    const absl::Status stored = entry.step ? store_.AppendStep(entry.job_id, *entry.step)
+                                           : store_.AppendEvent(entry.job_id, entry.event).status();
+    if (stored.ok()) return;
+    spdlog::warn("job {}: its history of step {} waits to be recorded: {}", entry.job_id,
+                 entry.step ? entry.step->step : entry.event.step, std::string(stored.message()));
+  }
+  if (unrecorded_history_.size() >= kMaxUnrecordedHistory) {
+    const UnrecordedHistory& dropped = unrecorded_history_.front();
+    spdlog::warn("job {}: step {}'s history is left out of the job database ({} rows waited)",
+                 dropped.job_id, dropped.step ? dropped.step->step : dropped.event.step,
+                 kMaxUnrecordedHistory);
+    unrecorded_history_.pop_front();
+  }
+  unrecorded_history_.push_back(std::move(entry));
+}
+
+void JobRunner::RecordHistoryAgain() {
+  bool recorded_any = false;
+  while (!unrecorded_history_.empty()) {
+    const UnrecordedHistory& entry = unrecorded_history_.front();
+    const absl::Status stored = entry.step ? store_.AppendStep(entry.job_id, *entry.step)
+                                           : store_.AppendEvent(entry.job_id, entry.event).status();
+    // A job deleted meanwhile has no history to keep.
+    if (!stored.ok() && !absl::IsNotFound(store_.Get(entry.job_id).status())) break;
+    recorded_any = recorded_any || stored.ok();
+    unrecorded_history_.pop_front();
+  }
+  if (recorded_any && unrecorded_history_.empty()) {
+    spdlog::info("the jobs' history that waited is recorded now");
+  }
 }
 
 void JobRunner::RecordFailuresAgain() {
@@ -521,11 +558,8 @@ void JobRunner::Handle(const Pending& p) {
       s.eta_seconds = e.step.eta_s;
       s.time_ms = now;
       // A resumed job re-reports the steps after its checkpoint: the row is replaced. One the
-      // store refuses (a full disk) is still sent to watchers, but a later replay lacks it.
-      if (auto stored = store_.AppendStep(p.job_id, s); !stored.ok()) {
-        spdlog::warn("job {}: step {} is not in the job's history: {}", p.job_id, s.step,
-                     std::string(stored.message()));
-      }
+      // store refuses (a full disk) is still sent to watchers, and recorded once it can be.
+      RecordHistory({p.job_id, s, {}});
       job_loss_.Set(labels, s.loss);
       job_lr_.Set(labels, s.learning_rate);
       job_tokens_per_s_.Set(labels, s.tokens_per_second);
@@ -558,8 +592,10 @@ void JobRunner::Handle(const Pending& p) {
       // Kept with the job, the latest one per step (a write retried every minute on a full disk
       // replaces its own), and always published: on a full disk it is not kept, but watchers and
       // the log still get it.
-      (void)store_.AppendEvent(
-          p.job_id, {e.step.step, static_cast<int32_t>(out.event_case()), out.SerializeAsString()});
+      RecordHistory(
+          {p.job_id,
+           std::nullopt,
+           {e.step.step, static_cast<int32_t>(out.event_case()), out.SerializeAsString()}});
       events_.Publish(out);
       return;
     }

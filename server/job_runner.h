@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -140,6 +141,20 @@ class JobRunner {
   };
   std::map<std::string, UnrecordedSuccess> unrecorded_successes_;
   void RecordSuccessesAgain();
+  // Runner thread only: a running job's history (steps, evaluations, checkpoints, warnings) the
+  // store could not record when it came (a full disk, a moment's lock), in order, recorded on
+  // the next turns of the loop so that a replay (WatchJob, a restart) lacks nothing. Watchers
+  // got it live. At most kMaxUnrecordedHistory rows wait; past that the oldest go, said in the log.
+  struct UnrecordedHistory {
+    std::string job_id;
+    std::optional<StepRecord> step;  // or:
+    StoredEvent event;
+  };
+  static constexpr size_t kMaxUnrecordedHistory = 100000;
+  std::deque<UnrecordedHistory> unrecorded_history_;
+  // Records `entry` now unless older rows still wait (they go first); false: it waits.
+  void RecordHistory(UnrecordedHistory entry);
+  void RecordHistoryAgain();
   bool look_for_jobs_ = true;
   bool stop_ = false;
   bool starting_stopped_ = false;  // StopStartingJobs

@@ -166,6 +166,39 @@ TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRec
   rig.hub().Unsubscribe(subscription);
 }
 
+// Steps the job database refuses when they come (what a full disk does; here another
+// connection holds its write lock for a while) are recorded once it takes writes again: the
+// job's history, which WatchJob replays, lacks none of them.
+TEST(JobRunnerTest, StepsTheDatabaseRefusedAreRecordedOnceItTakesWritesAgain) {
+  Rig rig("refused-steps", 6);
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
+  std::atomic<bool> locked{false};
+  std::thread release;
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    // Step 2 is recorded as it is published; the steps after it meet the lock (the store's
+    // busy timeout is 5 s), until it goes a while later.
+    if (e.has_step() && e.step().step() == 2 && !locked.exchange(true)) {
+      ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+      release = std::thread([blocker] {
+        std::this_thread::sleep_for(std::chrono::seconds(8));
+        sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr);
+      });
+    }
+  });
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return locked.load(); }, 120));
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 120));
+  release.join();
+  sqlite3_close(blocker);
+  rig.hub().Unsubscribe(subscription);
+  auto steps = rig.store().Steps(rig.job_id(), 0);
+  ASSERT_TRUE(steps.ok()) << steps.status();
+  std::vector<int64_t> numbers;
+  for (const StepRecord& s : *steps) numbers.push_back(s.step);
+  EXPECT_EQ(numbers, (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+}
+
 // A job whose dataset became unreadable after it was submitted fails with the parser's error,
 // which quotes the bytes it read: invalid UTF-8 here. proto3 strings must be UTF-8 (a Python
 // client refuses a Job or JobEvent that is not), so what is stored and sent is made valid.
