@@ -198,6 +198,45 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
         stop_daemon(d)
 
 
+def test_a_job_whose_folder_cannot_be_written_waits_says_why_and_ends_once_it_can(tmp_path, stubs):
+    """A checkpoint that cannot be written (a full disk; here a file put where the job's folder
+    was) does not fail the job: it stays running, holds what it trained, says why in a warning
+    event (live and in its replayed history), and ends as usual once the folder is back."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "blocked", 12, 4)),
+                                 timeout=30)
+            folder = tmp_path / "data" / "jobs" / job.id
+            aside = folder.with_name(job.id + ".aside")
+            warning = None
+            for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
+                kind = event.WhichOneof("event")
+                if kind == "step" and not aside.exists():
+                    folder.rename(aside)
+                    folder.write_text("in the way")
+                if kind == "warning":
+                    warning = event.warning
+                    break
+            assert warning is not None, d.log()
+            assert "could not be written" in warning and "tries again in" in warning, warning
+            assert stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).state == \
+                tpb.JOB_STATE_RUNNING
+            folder.unlink()
+            aside.rename(folder)
+            events, states, steps = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            assert sorted({s.step for s in steps}) == list(range(1, 13)), "no step lost"
+            assert warning in [e.warning for e in events if e.HasField("warning")]
+            assert (folder / "adapter" / "adapter_model.safetensors").exists()
+        assert f"job {job.id}: " in d.log() and "could not be written" in d.log()
+    finally:
+        stop_daemon(d)
+
+
 def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_path, stubs):
     """Ctrl-C while a job is between micro-batches of a step (grad_accum 4): the step is finished
     and checkpointed, the queued job is not started on the way out, and the next start resumes
