@@ -43,20 +43,13 @@ AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
       auth_(auth),
       record_(record),
       blocking_(blocking),
-      hold_job_folders_(std::move(hold_job_folders)),
-      on_name_gone_(std::move(on_name_gone)) {}
+      hold_job_folders_(std::move(hold_job_folders)) {
+  if (on_name_gone) engine_.adapters().SetNameGoneListener(std::move(on_name_gone));
+}
 
 absl::Status AdapterService::Unload(const std::string& name, std::optional<int64_t> version,
                                     std::chrono::milliseconds timeout, int64_t up_to) {
-  const absl::Status unloaded = engine_.adapters().Unload(name, version, timeout, up_to);
-  if (unloaded.ok() && on_name_gone_) {
-    const auto listed = engine_.adapters().List();
-    if (std::none_of(listed.begin(), listed.end(),
-                     [&](const engine::AdapterInfo& info) { return info.name == name; })) {
-      on_name_gone_(name);
-    }
-  }
-  return unloaded;
+  return engine_.adapters().Unload(name, version, timeout, up_to);
 }
 
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,

@@ -28,8 +28,9 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   // (may be null) is held while a load is recorded, which then checks its folder is still
   // there: a DeleteJob (JobRunner::HoldJobFolders) may remove a job's folder an adapter root
   // that holds the jobs folder lets LoadAdapter read.
-  // `on_name_gone` (may be null) is called once an UnloadAdapter has left a name no version
-  // (InferenceService::ForgetAdapter).
+  // `on_name_gone` (may be null) is called once an unload has left a name no version, when the
+  // last request on it ends, also after the UnloadAdapter call timed out
+  // (InferenceService::ForgetAdapter; AdapterStore::SetNameGoneListener).
   AdapterService(engine::Engine& engine, std::string adapter_root,
                  const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr,
                  BlockingCalls* blocking = nullptr,
@@ -53,9 +54,7 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   JobStore* record_;
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
-  std::function<void(const std::string&)> on_name_gone_;
-  // Unload (the store's, waiting up to `timeout`, versions up to `up_to`), then on_name_gone_
-  // when nothing of `name` is left.
+  // Unload (the store's, waiting up to `timeout`, versions up to `up_to`).
   absl::Status Unload(const std::string& name, std::optional<int64_t> version,
                       std::chrono::milliseconds timeout, int64_t up_to);
   // LoadAdapter's work: read, record and publish the folder; answer in `response`.

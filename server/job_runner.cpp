@@ -212,7 +212,7 @@ void JobRunner::Cancel(const std::string& job_id) {
 void JobRunner::Loop() {
   while (true) {
     std::deque<Pending> batch;
-    bool look = false;
+    bool look = false, exiting = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
       // Looking is wanted only while there is room: a full (or held) runner must sleep, not spin.
@@ -225,7 +225,17 @@ void JobRunner::Loop() {
       batch.swap(pending_);
       look = look_for_jobs_ && room() && !stop_;
       if (look) look_for_jobs_ = false;
-      if (stop_ && batch.empty()) return;
+      exiting = stop_ && batch.empty();
+    }
+    if (exiting) {
+      RecordHistoryAgain();  // a last try
+      if (!unrecorded_history_.empty()) {
+        spdlog::warn(
+            "{} rows of the jobs' history are not in the job database: it refused writes "
+            "until the stop",
+            unrecorded_history_.size());
+      }
+      return;
     }
     RecordHistoryAgain();  // before this batch's: the history stays in order
     for (const Pending& p : batch) Handle(p);
@@ -590,8 +600,7 @@ void JobRunner::Handle(const Pending& p) {
       spdlog::warn("job {}: {}", p.job_id, warning);
       out.set_warning(warning);
       // Kept with the job, the latest one per step (a write retried every minute on a full disk
-      // replaces its own), and always published: on a full disk it is not kept, but watchers and
-      // the log still get it.
+      // replaces its own; on a full disk recorded once it can be), and always published.
       RecordHistory(
           {p.job_id,
            std::nullopt,

@@ -102,14 +102,16 @@ absl::Status SqliteError(sqlite3* db) {
     case SQLITE_NOTADB:
       return absl::DataLossError(
           absl::StrCat(name, " is damaged (", message, "); ", kDamagedAdvice));
+    // (INTERNAL, as any other: PERMISSION_DENIED would read as the caller's, UNAVAILABLE as the
+    // daemon gone.)
     case SQLITE_READONLY:
     case SQLITE_PERM:
     case SQLITE_CANTOPEN:
-      return absl::PermissionDeniedError(
+      return absl::InternalError(
           absl::StrCat(name, " cannot be written (", message,
                        "): give the user lorad runs as write access to it and to its folder"));
     case SQLITE_IOERR:
-      return absl::UnavailableError(
+      return absl::InternalError(
           absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
     default:
       return absl::InternalError(absl::StrCat(name, ": sqlite: ", message));
@@ -601,9 +603,11 @@ absl::Status JobStore::AppendEventLocked(const std::string& id, const StoredEven
 absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,
                                                           int64_t from_step) {
   std::lock_guard<std::mutex> lock(mu_);
+  // By step, then kind, a job's end (finished, failed) last: a warning of its last step (field 9)
+  // came before it.
   Statement s(db_,
               "SELECT step, kind, event FROM job_events WHERE job_id = ? AND step >= ? ORDER BY "
-              "step, kind;");
+              "step, kind IN (7, 8), kind;");
   s.BindText(1, id).Bind(2, from_step);
   std::vector<StoredEvent> events;
   int rc;

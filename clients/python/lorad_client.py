@@ -116,10 +116,10 @@ def main(argv=None) -> int:
                     f = event.finished
                     print(f"succeeded: adapter {f.adapter_name} v{f.adapter_version}, "
                           f"{f.steps} steps, final loss {f.final_loss:.4f}")
-                elif event.HasField("failed"):
-                    print(f"failed: {event.failed}")
                 elif event.HasField("warning"):
                     print(f"warning: {event.warning}")
+                elif event.HasField("failed"):
+                    print(f"failed: {event.failed}")
                     return 1
                 elif (event.HasField("state") and event.state ==
                       client.pb.training_pb2.JOB_STATE_CANCELLED):

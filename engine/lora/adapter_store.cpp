@@ -41,7 +41,9 @@ struct AdapterStore::State {
   std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
   std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
   uint64_t tick = 0;
-  std::function<void()> on_retire;  // SetRetireListener's
+  std::function<void()> on_retire;                       // SetRetireListener's
+  std::function<void(const std::string&)> on_name_gone;  // SetNameGoneListener's
+  std::vector<std::string> gone;  // names MaybeFree left without a version, not yet told
 
   bool same_as_host() const { return device.is_cpu() && dtype == torch::kFloat; }
 
@@ -56,14 +58,31 @@ struct AdapterStore::State {
     lock.lock();
   }
 
-  // Frees `e` when it is retired and unused. Caller holds mu.
+  // Frees `e` when it is retired and unused. Caller holds mu, and calls NotifyGone after.
   void MaybeFree(const std::shared_ptr<AdapterLease::Entry>& e) {
     if (e->current || e->users > 0 || !e->alive) return;
     e->alive = false;
     e->host.reset();
     e->device.reset();
     entries.erase(std::remove(entries.begin(), entries.end(), e), entries.end());
+    if (current.count(e->name) == 0 &&
+        std::none_of(entries.begin(), entries.end(),
+                     [&](const auto& other) { return other->name == e->name; })) {
+      gone.push_back(e->name);
+    }
     released.notify_all();
+  }
+  // Tells the name-gone listener of the names MaybeFree left without a version, as
+  // NotifyRetired tells its listener (the lock released for the call).
+  void NotifyGone(std::unique_lock<std::mutex>& lock) {
+    if (gone.empty()) return;
+    std::vector<std::string> names;
+    names.swap(gone);
+    if (!on_name_gone) return;
+    const std::function<void(const std::string&)> notify = on_name_gone;
+    lock.unlock();
+    for (const std::string& name : names) notify(name);
+    lock.lock();
   }
   int32_t Resident() const {
     int32_t n = 0;
@@ -184,9 +203,10 @@ void AdapterLease::Release() {
   if (entry_ == nullptr) return;
   Deactivate();
   {
-    std::lock_guard<std::mutex> lock(store_->state_->mu);
+    std::unique_lock<std::mutex> lock(store_->state_->mu);
     --entry_->users;
     store_->state_->MaybeFree(entry_);
+    store_->state_->NotifyGone(lock);
   }
   entry_.reset();
   store_ = nullptr;
@@ -312,6 +332,11 @@ void AdapterStore::SetRetireListener(std::function<void()> listener) {
   state_->on_retire = std::move(listener);
 }
 
+void AdapterStore::SetNameGoneListener(std::function<void(const std::string&)> listener) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->on_name_gone = std::move(listener);
+}
+
 absl::StatusOr<int64_t> AdapterStore::LoadPeft(const std::string& name, const std::string& folder,
                                                const std::string& source, AdapterInfo* published,
                                                const BeforePublish& before_publish) {
@@ -368,6 +393,7 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
     }
     s.MaybeFree(e);
   }
+  s.NotifyGone(lock);
   if (retired) s.NotifyRetired(lock);
   const bool freed = s.released.wait_for(lock, timeout, [&] {
     return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });

@@ -137,6 +137,11 @@ class AdapterStore {
   // current: a newer one was published, or it was unloaded. The engine uses it to wake its loop,
   // which then releases its own copies of that version while idle. Set once, before use.
   void SetRetireListener(std::function<void()> listener);
+  // Called (on the calling thread, without the store's lock) when a name is left without any
+  // version, current or held: an unload's last request ended (the unload may have timed out long
+  // before), or an unused one was unloaded. The server forgets the name's metric series then,
+  // after that last request was counted. Set once, before use.
+  void SetNameGoneListener(std::function<void(const std::string&)> listener);
 
   // Current versions and retired ones still held by requests, by name then version.
   std::vector<AdapterInfo> List() const;

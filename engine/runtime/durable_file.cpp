@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lorad::engine {
@@ -91,6 +92,20 @@ absl::Status RequireRegularFile(const std::string& path, const std::string& what
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return CannotStat(errno, what);
   return RegularOrError(st, what);
+}
+
+bool IsStorageFailure(const absl::Status& status) {
+  if (status.ok() || absl::IsInvalidArgument(status) || absl::IsAlreadyExists(status) ||
+      absl::IsCancelled(status)) {
+    return false;
+  }
+  if (absl::IsResourceExhausted(status)) return true;
+  for (int err : {ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EIO, ENOTDIR, EEXIST}) {
+    if (absl::StrContains(status.message(), std::strerror(err))) return true;
+  }
+  // torch's PytorchStreamWriter says only this; "(disk full?)" is WriteSyncedFile's.
+  return absl::StrContains(status.message(), "file write failed") ||
+         absl::StrContains(status.message(), "(disk full?)");
 }
 
 absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* size) {

@@ -32,6 +32,12 @@ absl::Status RequireRegularFile(const std::string& path, const std::string& what
 // block the reader. The same codes and messages.
 absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what);
 
+// Whether a write failed for want of storage (a full disk or quota, a read-only or failing
+// disk, a folder that cannot be written or is not a folder): what an operator can fix while the
+// writer waits, as opposed to an error in what is written. Read from the OS error text lorad's
+// writers quote (strerror, std::filesystem) and torch's archive writer's.
+bool IsStorageFailure(const absl::Status& status);
+
 // `path` opened for reading (O_RDONLY | O_CLOEXEC | O_NONBLOCK: a FIFO in the file's place does
 // not hold the open until a writer comes) and the file opened checked to be a regular file
 // (fstat), with RequireRegularFile's codes and messages. The caller closes the descriptor.

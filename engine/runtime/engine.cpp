@@ -123,6 +123,15 @@ struct Engine::Impl {
   // rather than spin. Under `mu`.
   bool trainers_idle = false;
   Clock::time_point trainers_idle_until;
+  // Whether every job waits for storage now (the loop thread's view of its own trainers).
+  bool AllTrainersWaiting() const {
+    const Clock::time_point now = Clock::now();
+    for (const ActiveTrainer& t : trainers) {
+      const auto until = t.trainer->idle_until();
+      if (!until || *until <= now) return false;
+    }
+    return !trainers.empty();
+  }
   std::thread loop;
 
   std::atomic<double> train_seconds{0};
@@ -322,7 +331,8 @@ void Engine::Impl::Loop() {
       // Earned only while a job trains: credit saved up with none (serving alone, or while a
       // job read its data) made the next job run up to kMaxTrainCreditSeconds of micro-batches
       // in a row, every stream waiting.
-      if (!trainers.empty()) {
+      // Nor while every job waits for storage: the credit would go to a burst once one may go on.
+      if (!trainers.empty() && !AllTrainersWaiting()) {
         train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
       }
     }

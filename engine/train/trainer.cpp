@@ -300,8 +300,8 @@ absl::Status Trainer::Impl::FinishStep() {
   m.tokens_per_s = m.step_time_s > 0 ? static_cast<double>(step_input_tokens) / m.step_time_s : 0;
   // A resumed job's time goes on from its checkpoint's (as the summary's runtime does); the
   // ETA is from this run's pace.
-  m.elapsed_s = seconds_before_this_run + Seconds(now - job_start);
-  m.eta_s = Seconds(now - job_start) / static_cast<double>(steps_this_run) *
+  m.elapsed_s = seconds_before_this_run + RunSeconds();
+  m.eta_s = RunSeconds() / static_cast<double>(steps_this_run) *
             static_cast<double>(total_steps - state.step);
   Emit(e);
   if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -398,7 +398,7 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
     if (auto s = unsaved_best->WritePeft(BestAdapterPath()); !s.ok()) return s;
     unsaved_best.reset();
   }
-  state.train_seconds = seconds_before_this_run + Seconds(Clock::now() - job_start);
+  state.train_seconds = seconds_before_this_run + RunSeconds();
   // Called while the job steps: its stream is the one installed in the default generators.
   auto path = WriteCheckpoint(config.output_dir, adapter.HostCopy(), optimizer->SaveState(),
                               RandomState::Capture(model->options().device.is_cuda()), state,
@@ -487,6 +487,11 @@ absl::Status Trainer::Step() {
     // the job ends unfinished. A user's cancel ends it for good (the server publishes nothing
     // of a cancelled job, so the export would serve no one); a shutdown's (Interrupt, then
     // Cancel) leaves the last checkpoint, so the next start redoes the job's end.
+    // A cancel while the merged export waits to be tried again (for room): given up.
+    if (t.cancel.load() && t.finishing && t.finishing->files_written && t.finishing->export_again &&
+        !t.finishing->merged_export.valid()) {
+      return t.Finish(/*cancelled=*/true, false);
+    }
     if (t.cancel.load() && t.finishing && t.finishing->files_written &&
         t.finishing->merged_export.valid() &&
         (t.finishing->abandon_export->load() ||

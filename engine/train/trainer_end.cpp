@@ -54,7 +54,7 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       return RetryIfNotWritten(path.status(),
                                absl::StrCat("the last checkpoint (step ", state.step, ")"));
     }
-    storage_wait.reset();
+    EndStorageWait(/*all=*/true);
     f.stage = Finishing::Stage::kBestEval;
     f.eval = EvalProgress();
   }
@@ -124,33 +124,36 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) {
       return RetryIfNotWritten(st, absl::StrCat("the adapter (", s.adapter_path, ")"));
     }
-    storage_wait.reset();
+    // The merged export may still fail for room: its wait goes on from these failures.
+    EndStorageWait(/*all=*/config.export_merged_dtype.empty());
     if (!config.export_merged_dtype.empty()) {
-      // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a
-      // large model a minute of it, on a thread of its own while the loop serves.
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-      f.merged_export =
-          std::async(std::launch::async, [folder = model_folder, adapter = std::move(final_adapter),
-                                          path = s.merged_path, dtype = config.export_merged_dtype,
-                                          abandon = f.abandon_export] {
-            return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
-          });
+      f.export_again = true;
     }
     f.files_written = true;
+  }
+  if (f.export_again) {
+    // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a large
+    // model a minute of it, on a thread of its own while the loop serves. Again after a wait
+    // when it failed for room; the adapter and report written before it stay.
+    f.export_again = false;
+    f.merged_export =
+        std::async(std::launch::async,
+                   [folder = model_folder, adapter = adapter.HostCopy(), path = s.merged_path,
+                    dtype = config.export_merged_dtype, abandon = f.abandon_export] {
+                     return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
+                   });
   }
   if (f.merged_export.valid()) {
     if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
       return absl::OkStatus();
     }
-    if (auto st = f.merged_export.get(); !st.ok()) {
-      // Out of room or permissions while writing (not a base model it cannot read): written
-      // again, with the adapter and report, after the wait.
-      if (!absl::IsInternal(st) && !absl::IsResourceExhausted(st) &&
-          !absl::IsPermissionDenied(st)) {
-        return st;
-      }
-      f.files_written = false;
-      return RetryIfNotWritten(st, absl::StrCat("the merged model (", s.merged_path, ")"));
+    absl::Status exported = f.merged_export.get();
+    if (!exported.ok() && IsStorageFailure(exported)) f.export_again = true;  // after the wait
+    if (auto st =
+            RetryIfNotWritten(exported, absl::StrCat("the merged model (", s.merged_path, ")"));
+        !st.ok() || !exported.ok()) {
+      return st;
     }
   }
   return EmitFinished(false, f.early_stopped, std::move(s));
@@ -165,8 +168,7 @@ absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, Tra
   // As transformers' train_runtime: the training loop (its evaluations and checkpoints included),
   // not the held-out answers and merged export after the last step's checkpoint.
   const bool past_training = finishing && finishing->stage != Finishing::Stage::kLastEval;
-  s.runtime_s = past_training ? state.train_seconds
-                              : seconds_before_this_run + Seconds(Clock::now() - job_start);
+  s.runtime_s = past_training ? state.train_seconds : seconds_before_this_run + RunSeconds();
   s.trained_tokens = state.trained_tokens;
   s.final_loss = state.last_loss;
   s.train_loss = state.step > 0 && std::isfinite(state.loss_sum)

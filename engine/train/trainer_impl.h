@@ -127,6 +127,7 @@ struct Trainer::Impl {
     std::optional<ExampleAnswerer> answering;  // the held-out example being answered
     AnswerEvaluation answers;
     bool files_written = false;  // the report and the adapter; the merged export may go on
+    bool export_again = false;   // the merged export is (re)started at the next piece
     std::future<absl::Status> merged_export;
     // Set when a cancel stops the job during its export: the export gives up (minutes for a
     // large model, past a container's stop timeout). After a shutdown's, the job resumes at its
@@ -160,6 +161,7 @@ struct Trainer::Impl {
       // refers to it) and used at the end; training goes on meanwhile.
       LoraAdapter best = adapter.HostCopy();
       if (auto s = best.WritePeft(BestAdapterPath()); !s.ok()) {
+        if (!IsStorageFailure(s)) return s;
         unsaved_best = std::move(best);
         Warn(absl::StrCat("the best evaluation's adapter (step ", eval.step,
                           ") could not be written (", s.message(),
@@ -188,31 +190,52 @@ struct Trainer::Impl {
     Emit(e);
   }
 
-  // Writes that fail (a full disk, a folder that cannot be written) do not fail the job: what
-  // it trained is in memory, and an operator can make room. The job then holds still (Step()
-  // does no work) until retry_at, and the write that failed runs again; each failure is a
-  // kWarning, and the wait doubles up to config.storage_retry_max_s. A cancel still ends it.
+  // Writes that fail for want of storage (a full disk, a folder that cannot be written:
+  // IsStorageFailure) do not fail the job: what it trained is in memory, and an operator can
+  // make room. The job then holds still (Step() does no work) until retry_at, and the write that
+  // failed runs again; each failure is a kWarning, and the wait doubles up to
+  // config.storage_retry_max_s. A cancel still ends it. Other write errors fail the job.
   struct StorageWait {
     trainer_impl::Clock::time_point retry_at;
-    int failures = 0;
+    trainer_impl::Clock::time_point since;
   };
   std::optional<StorageWait> storage_wait;
+  int storage_failures = 0;                 // in a row: the next wait's length
+  double seconds_waited = 0;                // this run's waits, left out of its training time
   bool pending_checkpoint = false;          // a periodic checkpoint waits for storage
   std::optional<LoraAdapter> unsaved_best;  // load_best_at_end's adapter, not yet on disk
-  // `written`'s failure starts (or prolongs) the wait and returns OK; its success ends it.
+  // This run's training time so far: since the job started here, less its waits for storage.
+  double RunSeconds() const {
+    const auto now = trainer_impl::Clock::now();
+    double waiting = seconds_waited;
+    if (storage_wait) waiting += trainer_impl::Seconds(now - storage_wait->since);
+    return trainer_impl::Seconds(now - job_start) - waiting;
+  }
+  // A write went through: the wait (if any) is over; `all` when nothing else waits behind it
+  // (the next failure then waits the shortest time again).
+  void EndStorageWait(bool all) {
+    if (storage_wait) {
+      seconds_waited += trainer_impl::Seconds(trainer_impl::Clock::now() - storage_wait->since);
+      storage_wait.reset();
+    }
+    if (all) storage_failures = 0;
+  }
+  // `written`'s storage failure starts (or prolongs) the wait and returns OK; its success ends
+  // it; any other error is returned (the job fails).
   absl::Status RetryIfNotWritten(const absl::Status& written, const std::string& what) {
     if (written.ok()) {
-      storage_wait.reset();
+      EndStorageWait(/*all=*/true);
       return written;
     }
-    const int failures = storage_wait ? storage_wait->failures + 1 : 1;
+    if (!IsStorageFailure(written)) return written;
+    const int failures = ++storage_failures;
     const double wait =
         std::min(config.storage_retry_max_s,
                  config.storage_retry_s * std::pow(2.0, std::min(failures - 1, 20)));
-    storage_wait = StorageWait{
-        trainer_impl::Clock::now() + std::chrono::duration_cast<trainer_impl::Clock::duration>(
+    const auto now = trainer_impl::Clock::now();
+    storage_wait = StorageWait{now + std::chrono::duration_cast<trainer_impl::Clock::duration>(
                                          std::chrono::duration<double>(wait)),
-        failures};
+                               storage_wait ? storage_wait->since : now};
     Warn(absl::StrCat(
         what, " could not be written: ", written.message(),
         "; the job holds what it trained and tries again in ",

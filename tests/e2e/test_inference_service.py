@@ -623,6 +623,25 @@ def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_
     assert series("churn-b")
     astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-b"), timeout=60)
     assert series("churn-b") == []
+    # An unload whose call gives up waiting for a running request: the series go once that
+    # request ends (they stayed for good).
+    shutil.copytree(folder, root / "churn-c", dirs_exist_ok=True)
+    astub.LoadAdapter(apb.LoadAdapterRequest(name="churn-c", path="churn-c"), timeout=60)
+    collect(stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-c",
+                                             sampling=pb.SamplingParams(max_new_tokens=2)),
+                          timeout=60))
+    stream = stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-c", sampling=pb.SamplingParams(
+        max_new_tokens=1000, temperature=0.0, ignore_eos=True)), timeout=120)
+    next(stream)  # it runs on the adapter
+    with pytest.raises(grpc.RpcError) as err:
+        astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-c"), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert series("churn-c")
+    list(stream)
+    deadline = time.time() + 10
+    while series("churn-c") and time.time() < deadline:
+        time.sleep(0.05)
+    assert series("churn-c") == []
 
 
 def test_a_hot_swap_the_database_cannot_record_leaves_the_served_version(server, peft_adapter_dir):

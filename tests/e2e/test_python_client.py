@@ -17,7 +17,7 @@ def run_client(address, *args):
     return result.stdout
 
 
-def test_submit_watch_chat_and_list_through_the_python_example(tmp_path):
+def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
     d = start_daemon(tmp_path)
     try:
         datasets = tmp_path / "data" / "datasets"
@@ -44,5 +44,28 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path):
         replies = run_client(d.grpc_address, "chat", "--adapter", "qa-py", "--max-new-tokens",
                              "4", "What is 2+2?", "And 3+3?")
         assert replies.count("\n") >= 2, replies  # each turn's reply ends its line
+
+        # A job that fails (its dataset became unreadable while it waited behind another): watch
+        # says so and exits 1.
+        import grpc
+
+        tpb = stubs.training_pb2
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            ahead = train.SubmitJob(tpb.SubmitJobRequest(spec=tpb.JobSpec(
+                adapter_name="ahead", dataset=tpb.DatasetSpec(path="qa.jsonl"),
+                training=tpb.TrainingSpec(max_steps=100000, max_seq_length=64))), timeout=30)
+            shutil.copy(ROOT / "tests" / "fixtures" / "qa_small.jsonl", datasets / "qa2.jsonl")
+            spec = json.loads(job.read_text())
+            spec["adapter_name"] = "qa-py-fails"
+            spec["dataset"]["path"] = "qa2.jsonl"
+            job.write_text(json.dumps(spec))
+            failing = run_client(d.grpc_address, "submit", str(job)).strip()
+            (datasets / "qa2.jsonl").write_text('{"question": "q", "answer": \n')
+            train.CancelJob(tpb.CancelJobRequest(job_id=ahead.id), timeout=30)
+        result = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address,
+                                 "watch", failing], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "failed: " in result.stdout, result.stdout
     finally:
         stop_daemon(d)

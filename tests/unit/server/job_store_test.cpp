@@ -201,6 +201,15 @@ TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {
   EXPECT_EQ((*store->LastEvent(job->id, 6))->event, "checkpoint 4 again");
   EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value());
   EXPECT_TRUE(store->Events("job-unknown", 0)->empty());
+  // A job's end comes last among its last step's events, after a warning of that step (a field
+  // number above it): a replay never shows a warning after "succeeded".
+  EXPECT_TRUE(*store->AppendEvent(job->id, {4, 7, "finished"}));
+  EXPECT_TRUE(*store->AppendEvent(job->id, {4, 9, "warning 4"}));
+  texts.clear();
+  auto last = store->Events(job->id, 4);
+  ASSERT_TRUE(last.ok());
+  for (const StoredEvent& e : *last) texts.push_back(e.event);
+  EXPECT_EQ(texts, (std::vector<std::string>{"checkpoint 4 again", "warning 4", "finished"}));
 }
 
 TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {

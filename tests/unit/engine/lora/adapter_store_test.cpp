@@ -187,6 +187,32 @@ TEST(AdapterStoreTest, ResidencyEvictsTheLeastRecentlyUsedIdleAdapter) {
   }
 }
 
+// The name-gone listener hears a name once nothing of it is left: at once for an unused one;
+// for one a request holds, when that request ends, even though its unload gave up waiting long
+// before (the server forgets the name's metric series then). Replacing a version leaves the
+// name, and so does unloading one version of two.
+TEST(AdapterStoreTest, NameGoneListenerHearsTheLastVersionLeave) {
+  auto store = Store();
+  std::vector<std::string> gone;
+  store->SetNameGoneListener([&](const std::string& name) { gone.push_back(name); });
+  ASSERT_TRUE(store->Publish("idle", Adapter(4, 1), "").ok());
+  ASSERT_TRUE(store->Publish("idle", Adapter(4, 2), "").ok());  // v1 replaced and freed
+  EXPECT_TRUE(gone.empty());
+  ASSERT_TRUE(store->Unload("idle").ok());
+  EXPECT_EQ(gone, (std::vector<std::string>{"idle"}));
+
+  ASSERT_TRUE(store->Publish("held", Adapter(4, 1), "").ok());
+  auto lease = *store->Acquire("held");
+  ASSERT_TRUE(store->Publish("held", Adapter(4, 2), "").ok());
+  ASSERT_TRUE(store->Unload("held", int64_t{2}).ok());  // v1 is still held
+  EXPECT_EQ(gone.size(), 1u);
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(store->Unload("held", std::nullopt, std::chrono::milliseconds(10))));
+  EXPECT_EQ(gone.size(), 1u);
+  lease.Release();  // the last request on it ends
+  EXPECT_EQ(gone, (std::vector<std::string>{"idle", "held"}));
+}
+
 TEST(AdapterStoreTest, UnloadWaitsForItsUsersThenFrees) {
   auto store = Store();
   ASSERT_TRUE(store->Publish("x", Adapter(4, 1), "").ok());

@@ -147,6 +147,24 @@ TEST_F(TrainerStorageTest, TheEndsCheckpointAndAdapterThatCannotBeWrittenAreRetr
   EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
 }
 
+// An error waiting cannot fix (here a file where the adapter folder goes, which the writer
+// refuses to replace) fails the job as before, rather than keep it running for ever.
+TEST_F(TrainerStorageTest, AWriteErrorWaitingCannotFixStillFailsTheJob) {
+  TrainingJobConfig config = Blockable("refused");
+  config.max_steps = 2;
+  fs::create_directories(config.output_dir);
+  std::ofstream(fs::path(config.output_dir) / "adapter") << "not an adapter folder";
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                           [&events](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_FALSE((*t)->Run().ok());
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 0);
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFailed);
+  EXPECT_NE(events.back().error.find("refusing to replace it"), std::string::npos)
+      << events.back().error;
+}
+
 TEST_F(TrainerStorageTest, ACancelEndsAJobWaitingForStorage) {
   TrainingJobConfig config = Blockable("blocked");
   config.save_every = 4;
