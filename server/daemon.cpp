@@ -692,7 +692,9 @@ void Daemon::Shutdown() {
   if (engine_) {
     if (const int jobs = engine_->StopTraining(); jobs > 0) {
       spdlog::info(
-          "training stopped: {} running job(s) checkpointed; they resume at the next start", jobs);
+          "training stopped: {} running job(s) checkpointed (a checkpoint that could not be "
+          "written is logged above); they resume at the next start",
+          jobs);
     }
   }
   if (grpc_server_) {

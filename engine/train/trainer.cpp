@@ -595,7 +595,13 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   }
   // Between steps the generators hold whichever job stepped last: the job's own stream is saved.
   ScopedRandomState installed(impl_->random, impl_->model->options().device.is_cuda());
-  return impl_->Checkpoint();
+  auto path = impl_->Checkpoint();
+  if (!path.ok()) {
+    impl_->Warn(absl::StrCat("the checkpoint of step ", impl_->state.step,
+                             " could not be written: ", path.status().message(),
+                             "; the job resumes from its last checkpoint on disk"));
+  }
+  return path;
 }
 
 bool Trainer::at_step_boundary() const { return impl_->micro_in_step == 0; }
