@@ -87,6 +87,28 @@ class TrainerStorageTest : public TrainerTest {
     if (t.ok()) EXPECT_TRUE((*t)->Run().ok());
     return events;
   }
+  // A trainer for `config` that reports into *events, trained to step `to_step`.
+  std::unique_ptr<Trainer> TrainedTo(const TrainingJobConfig& config,
+                                     std::vector<TrainingEvent>* events, int64_t to_step) {
+    auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                             [events](const TrainingEvent& e) { events->push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return nullptr;
+    while ((*t)->step() < to_step) {
+      if (!(*t)->Step().ok()) break;
+    }
+    return *std::move(t);
+  }
+  // Ended as a run that never waited: no failure, finished, the same losses, the adapter written.
+  static void ExpectEndedAsStraight(const std::vector<TrainingEvent>& events,
+                                    const std::vector<TrainingEvent>& straight,
+                                    const TrainingJobConfig& config) {
+    EXPECT_EQ(Count(events, TrainingEvent::Kind::kFailed), 0);
+    ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+    EXPECT_FALSE(events.back().summary.cancelled);
+    EXPECT_EQ(Losses(events), Losses(straight));  // the wait changed nothing trained
+    EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+  }
 };
 
 TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNothingIsLost) {
@@ -96,31 +118,26 @@ TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNot
 
   config.output_dir = (out() / "blocked").string();
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  auto t = TrainedTo(config, &events, 3);
+  ASSERT_NE(t, nullptr);
   BlockedFolder blocked(config.output_dir);
-  const std::string warning = StepUntilWarning(**t, events);
+  const std::string warning = StepUntilWarning(*t, events);
   EXPECT_NE(warning.find("the checkpoint of step 4 could not be written"), std::string::npos)
       << warning;
   EXPECT_NE(warning.find("tries again in"), std::string::npos) << warning;
-  EXPECT_EQ((*t)->step(), 4);
-  ExpectHoldsStill(**t, events);
+  EXPECT_EQ(t->step(), 4);
+  ExpectHoldsStill(*t, events);
   // Still blocked when the wait is over: tried again, a second warning, still no failure.
-  std::this_thread::sleep_until(*(*t)->idle_until());
-  EXPECT_TRUE((*t)->Step().ok());
+  std::this_thread::sleep_until(*t->idle_until());
+  EXPECT_TRUE(t->Step().ok());
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 2);
-  EXPECT_EQ((*t)->step(), 4);
+  EXPECT_EQ(t->step(), 4);
 
   blocked.Unblock();
-  RunToTheEnd(**t);
-  EXPECT_EQ(Count(events, TrainingEvent::Kind::kFailed), 0);
-  ASSERT_EQ(Count(events, TrainingEvent::Kind::kFinished), 1);
-  EXPECT_FALSE(events.back().summary.cancelled);
-  EXPECT_EQ(Losses(events), Losses(straight));  // the wait changed nothing trained
+  RunToTheEnd(*t);
+  ExpectEndedAsStraight(events, straight, config);
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kFinished), 1);
   EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-4" / "trainer_state.json"));
-  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
 }
 
 TEST_F(TrainerStorageTest, TheEndsCheckpointAndAdapterThatCannotBeWrittenAreRetried) {
@@ -129,22 +146,16 @@ TEST_F(TrainerStorageTest, TheEndsCheckpointAndAdapterThatCannotBeWrittenAreRetr
 
   config.output_dir = (out() / "blocked").string();
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 7) ASSERT_TRUE((*t)->Step().ok());
+  auto t = TrainedTo(config, &events, 7);
+  ASSERT_NE(t, nullptr);
   BlockedFolder blocked(config.output_dir);
-  const std::string warning = StepUntilWarning(**t, events);
+  const std::string warning = StepUntilWarning(*t, events);
   EXPECT_NE(warning.find("the last checkpoint (step 8) could not be written"), std::string::npos)
       << warning;
-  ExpectHoldsStill(**t, events);
+  ExpectHoldsStill(*t, events);
   blocked.Unblock();
-  RunToTheEnd(**t);
-  EXPECT_EQ(Count(events, TrainingEvent::Kind::kFailed), 0);
-  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
-  EXPECT_FALSE(events.back().summary.cancelled);
-  EXPECT_EQ(Losses(events), Losses(straight));
-  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
+  RunToTheEnd(*t);
+  ExpectEndedAsStraight(events, straight, config);
 }
 
 // An error waiting cannot fix (here a file where the adapter folder goes, which the writer
@@ -155,10 +166,9 @@ TEST_F(TrainerStorageTest, AWriteErrorWaitingCannotFixStillFailsTheJob) {
   fs::create_directories(config.output_dir);
   std::ofstream(fs::path(config.output_dir) / "adapter") << "not an adapter folder";
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  EXPECT_FALSE((*t)->Run().ok());
+  auto t = TrainedTo(config, &events, config.max_steps);
+  ASSERT_NE(t, nullptr);
+  EXPECT_TRUE(t->done());
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 0);
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFailed);
   EXPECT_NE(events.back().error.find("refusing to replace it"), std::string::npos)
@@ -169,16 +179,14 @@ TEST_F(TrainerStorageTest, ACancelEndsAJobWaitingForStorage) {
   TrainingJobConfig config = Blockable("blocked");
   config.save_every = 4;
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  auto t = TrainedTo(config, &events, 3);
+  ASSERT_NE(t, nullptr);
   BlockedFolder blocked(config.output_dir);
-  ASSERT_FALSE(StepUntilWarning(**t, events).empty());
-  (*t)->Cancel();
-  EXPECT_FALSE((*t)->idle_until().has_value());  // the loop steps it at once
-  EXPECT_TRUE((*t)->Step().ok());
-  EXPECT_TRUE((*t)->done());
+  ASSERT_FALSE(StepUntilWarning(*t, events).empty());
+  t->Cancel();
+  EXPECT_FALSE(t->idle_until().has_value());  // the loop steps it at once
+  EXPECT_TRUE(t->Step().ok());
+  EXPECT_TRUE(t->done());
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   blocked.Unblock();
