@@ -282,22 +282,33 @@ void PrintEngineLayer(cudaStream_t stream, double copy_gbs) {
         kernels::nf4_mma_group_cuda(act, FloatKind::kBF16, 1, &dt, 1, inter, stream, overlapped),
         "down");
   };
-  bool g1 = false, g2 = false;
-  const double t_plain = MedianMicros(
-      stream, [&](int c) { chain(c, false); }, 30, 41, &g1);
-  const double t_pdl = MedianMicros(
-      stream, [&](int c) { chain(c, true); }, 30, 41, &g2);
   const double bytes =
       q.bytes + k.bytes + v.bytes + o.bytes + gate.bytes + up.bytes + down.bytes +
       2.0 * (hidden + hidden + kv + kv + hidden + hidden + hidden + inter + inter + hidden);
+  const auto percent = [&](double us) { return 100.0 * bytes / us / 1e3 / copy_gbs; };
   std::printf(
       "\ndecoder layer as the engine launches it at batch 1 (q+k+v grouped, o, gate+up ending in "
-      "silu * up, down: 4 launches), %d rotating copies of the layer (%.1f MB each):\n"
-      "  plain launches %.1f us = %.0f GB/s = %.0f%% of copy; programmatic launch (the engine's) "
-      "%.1f us = %.0f GB/s = %.0f%% of copy%s\n",
-      copies, bytes / 1e6, t_plain, bytes / t_plain / 1e3, 100.0 * bytes / t_plain / 1e3 / copy_gbs,
-      t_pdl, bytes / t_pdl / 1e3, 100.0 * bytes / t_pdl / 1e3 / copy_gbs,
-      g1 && g2 ? "" : "  (not graphed)");
+      "silu * up, down: 4 launches), %d rotating copies of the layer (%.1f MB each); five "
+      "measurements of each (each the median of 41), %% of the copy bandwidth above:\n",
+      copies, bytes / 1e6);
+  for (const bool overlapped : {false, true}) {
+    std::vector<double> runs;
+    bool graphed = true;
+    for (int i = 0; i < 5; ++i) {
+      bool g = false;
+      runs.push_back(MedianMicros(
+          stream, [&](int c) { chain(c, overlapped); }, 30, 41, &g));
+      graphed = graphed && g;
+    }
+    std::string each;
+    for (double us : runs)
+      each += (each.empty() ? "" : ", ") + std::to_string(percent(us)).substr(0, 4) + "%";
+    std::sort(runs.begin(), runs.end());
+    std::printf("  %-36s median %.1f us = %.0f GB/s = %.1f%% of copy (each: %s)%s\n",
+                overlapped ? "programmatic launch (the engine's):" : "plain launches:", runs[2],
+                bytes / runs[2] / 1e3, percent(runs[2]), each.c_str(),
+                graphed ? "" : "  (not graphed)");
+  }
   for (Nf4Copies* w : {&q, &k, &v, &o, &gate, &up, &down}) FreeNf4Copies(*w);
   for (void* p : {static_cast<void*>(x), static_cast<void*>(yq), static_cast<void*>(yk),
                   static_cast<void*>(yv), static_cast<void*>(yo), static_cast<void*>(act),
