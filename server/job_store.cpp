@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <random>
@@ -305,7 +306,10 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   std::vector<std::string> problems;
   int rc = SQLITE_ROW;
   while ((rc = check.Step()) == SQLITE_ROW && problems.size() < 3) {
-    if (std::string row = check.Blob(0); row != "ok") problems.push_back(std::move(row));
+    if (std::string row = check.Blob(0); row != "ok") {
+      std::replace(row.begin(), row.end(), '\n', ' ');  // the error stays one line
+      problems.push_back(std::move(row));
+    }
   }
   if (rc != SQLITE_ROW && rc != SQLITE_DONE) return check.StepError();
   if (!problems.empty()) {
