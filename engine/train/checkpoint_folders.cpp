@@ -17,9 +17,9 @@ const std::vector<std::string>& CheckpointFiles() {
   return kFiles;
 }
 
-std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string& output_dir) {
+std::vector<CheckpointFolder> CheckpointFolders(const std::string& output_dir) {
   constexpr size_t kPrefixLength = sizeof(kCheckpointPrefix) - 1;
-  std::vector<std::pair<int64_t, fs::path>> found;
+  std::vector<CheckpointFolder> found;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
     const std::string name = entry.path().filename().string();
@@ -32,13 +32,23 @@ std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string&
     } catch (...) {
       continue;
     }
-    bool complete = true;
+    CheckpointFolder folder{step, entry.path(), ""};
     for (const std::string& file : CheckpointFiles()) {
-      complete = complete && fs::is_regular_file(entry.path() / file, ec);
+      if (folder.missing.empty() && !fs::is_regular_file(entry.path() / file, ec)) {
+        folder.missing = file;
+      }
     }
-    if (complete) found.emplace_back(step, entry.path());
+    found.push_back(std::move(folder));
   }
   return found;
+}
+
+std::vector<std::pair<int64_t, fs::path>> CompleteCheckpoints(const std::string& output_dir) {
+  std::vector<std::pair<int64_t, fs::path>> complete;
+  for (CheckpointFolder& f : CheckpointFolders(output_dir)) {
+    if (f.missing.empty()) complete.emplace_back(f.step, std::move(f.path));
+  }
+  return complete;
 }
 
 std::string LatestCheckpoint(const std::string& output_dir) {

@@ -20,6 +20,15 @@ std::string CheckpointPath(const std::string& output_dir, int64_t step);
 // kill during a delete may leave part of a folder behind).
 const std::vector<std::string>& CheckpointFiles();
 
+// Every checkpoint-<step> folder in output_dir, in no particular order, with the first of
+// CheckpointFiles() it lacks ("" when complete).
+struct CheckpointFolder {
+  int64_t step = 0;
+  std::filesystem::path path;
+  std::string missing;
+};
+std::vector<CheckpointFolder> CheckpointFolders(const std::string& output_dir);
+
 // Every complete checkpoint folder in output_dir, with its step, in no particular order.
 std::vector<std::pair<int64_t, std::filesystem::path>> CompleteCheckpoints(
     const std::string& output_dir);

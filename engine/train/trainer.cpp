@@ -104,6 +104,16 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     checkpoint = *std::move(c);
     break;
   }
+  // Folders a file is missing from (a disk that failed, an operator's mistake; a kill never
+  // leaves one under the name) newer than the one resumed from: passed over too, saying so.
+  if (config.resume) {
+    for (const CheckpointFolder& f : CheckpointFolders(config.output_dir)) {
+      if (!f.missing.empty() && (!checkpoint || f.step > checkpoint->state.step)) {
+        resume_warnings.push_back(absl::StrCat("checkpoint ", f.path.string(), " lacks ", f.missing,
+                                               "; it is passed over"));
+      }
+    }
+  }
   if (!newest_error.ok() && !checkpoint) {
     return absl::DataLossError(absl::StrCat(
         newest_error.message(), "; no checkpoint in ", config.output_dir,

@@ -194,6 +194,29 @@ TEST_F(TrainerTest, AResumePassesOverADamagedCheckpointForTheOneBefore) {
   ASSERT_EQ(second.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_FALSE(second.back().summary.cancelled);
 
+  // A newest folder a file is missing from is passed over too, and said so.
+  {
+    auto e = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(e.ok()) << e.status();
+  }
+  std::vector<int64_t> complete;
+  for (const auto& [step, folder] : CompleteCheckpoints(config.output_dir)) {
+    complete.push_back(step);
+  }
+  ASSERT_FALSE(complete.empty());
+  const int64_t newest = *std::max_element(complete.begin(), complete.end());
+  fs::remove(fs::path(CheckpointPath(config.output_dir, newest)) / "rng.pt");
+  std::vector<TrainingEvent> third;
+  auto f = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { third.push_back(e); });
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_LT((*f)->step(), newest);
+  ASSERT_TRUE((*f)->Step().ok());
+  ASSERT_FALSE(third.empty());
+  EXPECT_EQ(third[0].kind, TrainingEvent::Kind::kWarning);
+  EXPECT_NE(third[0].error.find("lacks rng.pt; it is passed over"), std::string::npos)
+      << third[0].error;
+
   // Every checkpoint damaged: refused, saying what to do.
   for (const auto& f : fs::directory_iterator(config.output_dir)) {
     if (f.path().filename().string().rfind("checkpoint-", 0) == 0) {
