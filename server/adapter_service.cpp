@@ -43,8 +43,13 @@ AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
       auth_(auth),
       record_(record),
       blocking_(blocking),
-      hold_job_folders_(std::move(hold_job_folders)) {
+      hold_job_folders_(std::move(hold_job_folders)),
+      sets_name_gone_(on_name_gone != nullptr) {
   if (on_name_gone) engine_.adapters().SetNameGoneListener(std::move(on_name_gone));
+}
+
+AdapterService::~AdapterService() {
+  if (sets_name_gone_) engine_.adapters().SetNameGoneListener(nullptr);
 }
 
 absl::Status AdapterService::Unload(const std::string& name, std::optional<int64_t> version,

@@ -36,6 +36,9 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
                  BlockingCalls* blocking = nullptr,
                  std::function<std::unique_lock<std::mutex>()> hold_job_folders = nullptr,
                  std::function<void(const std::string&)> on_name_gone = nullptr);
+  // Clears the store's name-gone listener it set: the engine (and the requests it ends as it goes)
+  // outlives the services.
+  ~AdapterService();
 
   grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
                                          const lorad::v1::ListAdaptersRequest* request,
@@ -54,6 +57,7 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   JobStore* record_;
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
+  bool sets_name_gone_ = false;  // this service set the store's name-gone listener
   // Unload (the store's, waiting up to `timeout`, versions up to `up_to`).
   absl::Status Unload(const std::string& name, std::optional<int64_t> version,
                       std::chrono::milliseconds timeout, int64_t up_to);

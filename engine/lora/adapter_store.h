@@ -140,7 +140,8 @@ class AdapterStore {
   // Called (on the calling thread, without the store's lock) when a name is left without any
   // version, current or held: an unload's last request ended (the unload may have timed out long
   // before), or an unused one was unloaded. The server forgets the name's metric series then,
-  // after that last request was counted. Set once, before use.
+  // after that last request was counted. Set once, before use; set to nullptr before what it
+  // calls goes (the engine, and the requests it ends as it stops, outlive the services).
   void SetNameGoneListener(std::function<void(const std::string&)> listener);
 
   // Current versions and retired ones still held by requests, by name then version.

@@ -202,14 +202,15 @@ TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {
   EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value());
   EXPECT_TRUE(store->Events("job-unknown", 0)->empty());
   // A job's end comes last among its last step's events, after a warning of that step (a field
-  // number above it): a replay never shows a warning after "succeeded".
+  // number above it): a replay never shows a warning after "succeeded"; and a warning (a write
+  // that failed) before the checkpoint its retry wrote.
   EXPECT_TRUE(*store->AppendEvent(job->id, {4, 7, "finished"}));
   EXPECT_TRUE(*store->AppendEvent(job->id, {4, 9, "warning 4"}));
   texts.clear();
   auto last = store->Events(job->id, 4);
   ASSERT_TRUE(last.ok());
   for (const StoredEvent& e : *last) texts.push_back(e.event);
-  EXPECT_EQ(texts, (std::vector<std::string>{"checkpoint 4 again", "warning 4", "finished"}));
+  EXPECT_EQ(texts, (std::vector<std::string>{"warning 4", "checkpoint 4 again", "finished"}));
 }
 
 TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {
