@@ -52,11 +52,6 @@ AdapterService::~AdapterService() {
   if (sets_name_gone_) engine_.adapters().SetNameGoneListener(nullptr);
 }
 
-absl::Status AdapterService::Unload(const std::string& name, std::optional<int64_t> version,
-                                    std::chrono::milliseconds timeout, int64_t up_to) {
-  return engine_.adapters().Unload(name, version, timeout, up_to);
-}
-
 grpc::ServerUnaryReactor* AdapterService::ListAdapters(grpc::CallbackServerContext* context,
                                                        const lorad::v1::ListAdaptersRequest*,
                                                        lorad::v1::ListAdaptersResponse* response) {
@@ -185,11 +180,12 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     // `this` outlives the thread: the server's shutdown waits for every call to Finish.
     std::thread([this, reactor, name = request->name(), version, timeout, newest_listed,
                  waiter = std::move(*waiter)] {
-      reactor->Finish(ToGrpcStatus(Unload(name, version, timeout, newest_listed)));
+      reactor->Finish(
+          ToGrpcStatus(engine_.adapters().Unload(name, version, timeout, newest_listed)));
     }).detach();
   } catch (const std::system_error&) {  // no thread to wait on: retire it, without waiting
-    reactor->Finish(ToGrpcStatus(
-        Unload(request->name(), version, std::chrono::milliseconds(0), newest_listed)));
+    reactor->Finish(ToGrpcStatus(engine_.adapters().Unload(
+        request->name(), version, std::chrono::milliseconds(0), newest_listed)));
   }
   return reactor;
 }

@@ -58,9 +58,6 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
   bool sets_name_gone_ = false;  // this service set the store's name-gone listener
-  // Unload (the store's, waiting up to `timeout`, versions up to `up_to`).
-  absl::Status Unload(const std::string& name, std::optional<int64_t> version,
-                      std::chrono::milliseconds timeout, int64_t up_to);
   // LoadAdapter's work: read, record and publish the folder; answer in `response`.
   absl::Status Load(const lorad::v1::LoadAdapterRequest& request, lorad::v1::Adapter* response);
   // UnloadAdapter calls waiting for their adapter's requests, a thread each.

@@ -227,8 +227,9 @@ void JobRunner::Loop() {
       if (look) look_for_jobs_ = false;
       exiting = stop_ && batch.empty();
     }
+    RecordHistoryAgain();  // before this batch's (the history stays in order); at a stop, a last
+                           // try
     if (exiting) {
-      RecordHistoryAgain();  // a last try
       if (!unrecorded_history_.empty()) {
         spdlog::warn(
             "{} rows of the jobs' history are not in the job database: it refused writes "
@@ -237,7 +238,6 @@ void JobRunner::Loop() {
       }
       return;
     }
-    RecordHistoryAgain();  // before this batch's: the history stays in order
     for (const Pending& p : batch) Handle(p);
     RecordFailuresAgain();
     RecordSuccessesAgain();
@@ -497,19 +497,22 @@ void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error)
   Wake();
 }
 
+absl::Status JobRunner::Store(const UnrecordedHistory& entry) {
+  return entry.step ? store_.AppendStep(entry.job_id, *entry.step)
+                    : store_.AppendEvent(entry.job_id, entry.event).status();
+}
+
 void JobRunner::RecordHistory(UnrecordedHistory entry) {
   if (unrecorded_history_.empty()) {
-    const absl::Status stored = entry.step ? store_.AppendStep(entry.job_id, *entry.step)
-                                           : store_.AppendEvent(entry.job_id, entry.event).status();
+    const absl::Status stored = Store(entry);
     if (stored.ok()) return;
     spdlog::warn("job {}: its history of step {} waits to be recorded: {}", entry.job_id,
-                 entry.step ? entry.step->step : entry.event.step, std::string(stored.message()));
+                 entry.Step(), std::string(stored.message()));
   }
   if (unrecorded_history_.size() >= kMaxUnrecordedHistory) {
     const UnrecordedHistory& dropped = unrecorded_history_.front();
     spdlog::warn("job {}: step {}'s history is left out of the job database ({} rows waited)",
-                 dropped.job_id, dropped.step ? dropped.step->step : dropped.event.step,
-                 kMaxUnrecordedHistory);
+                 dropped.job_id, dropped.Step(), kMaxUnrecordedHistory);
     unrecorded_history_.pop_front();
   }
   unrecorded_history_.push_back(std::move(entry));
@@ -519,8 +522,7 @@ void JobRunner::RecordHistoryAgain() {
   bool recorded_any = false;
   while (!unrecorded_history_.empty()) {
     const UnrecordedHistory& entry = unrecorded_history_.front();
-    const absl::Status stored = entry.step ? store_.AppendStep(entry.job_id, *entry.step)
-                                           : store_.AppendEvent(entry.job_id, entry.event).status();
+    const absl::Status stored = Store(entry);
     // A job deleted meanwhile has no history to keep.
     if (!stored.ok() && !absl::IsNotFound(store_.Get(entry.job_id).status())) break;
     recorded_any = recorded_any || stored.ok();

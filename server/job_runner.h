@@ -149,11 +149,13 @@ class JobRunner {
     std::string job_id;
     std::optional<StepRecord> step;  // or:
     StoredEvent event;
+    int64_t Step() const { return step ? step->step : event.step; }
   };
   static constexpr size_t kMaxUnrecordedHistory = 100000;
   std::deque<UnrecordedHistory> unrecorded_history_;
   // Records `entry` now unless older rows still wait (they go first); false: it waits.
   void RecordHistory(UnrecordedHistory entry);
+  absl::Status Store(const UnrecordedHistory& entry);  // one row, now
   void RecordHistoryAgain();
   bool look_for_jobs_ = true;
   bool stop_ = false;
