@@ -88,6 +88,14 @@ for shape in $SHAPES; do
       --warmup=3 --steps=8 --gradient_checkpointing=1 --keep_activations_layers="$keep" \
       --output_dir="$WORK/out-$shape-keep-$keep"
   done
+  # BENCH_OFFLOAD_KEEP="6 9": also offloaded, with the last N layers keeping their activations
+  # (the device memory the offloaded inputs leave spent on skipping recomputes).
+  for keep in ${BENCH_OFFLOAD_KEEP:-}; do
+    [ $BUILD_RC -eq 0 ] && run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" \
+      --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 \
+      --warmup=3 --steps=8 --gradient_checkpointing=1 --offload_activations=1 \
+      --keep_activations_layers="$keep" --output_dir="$WORK/out-$shape-offload-keep-$keep"
+  done
   # BENCH_BASELINES (default auto): hf_baseline.py --base for each baseline, e.g. "bf16 nf4" for
   # both the bf16 LoRA loop and the 4-bit QLoRA one.
   for hf_base in ${BENCH_BASELINES:-auto}; do

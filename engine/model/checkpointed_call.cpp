@@ -3,13 +3,100 @@
 #include <ATen/core/ivalue.h>
 #include <torch/custom_class.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 
 #include "engine/runtime/random_state.h"
 
+#if defined(LORAD_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#endif
+
 namespace lorad::engine {
 namespace {
+
+#if defined(LORAD_WITH_CUDA)
+// The side stream that carries a device's offloaded layer inputs to the host and back, so the
+// copies overlap the layers' compute instead of standing in its stream (a copy each way of every
+// checkpointed piece's input: on the compute stream they cost more than the memory was worth).
+c10::cuda::CUDAStream CopyStream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, cudaStream_t> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaStream_t& stream = streams[device];
+  if (stream == nullptr) {
+    const c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  return c10::cuda::getStreamFromExternal(stream, device);
+}
+
+// A checkpointed piece's CUDA input parked in pinned host memory until its backward. The copy
+// out starts after the work queued so far on the compute stream and runs on the copy stream; the
+// input's device memory is not handed out again before that copy has read it. Prefetch starts the
+// copy back (the piece before this one starts its own as this one's backward begins, so it
+// arrives while this backward computes); Take makes the compute stream wait for it.
+class OffloadedInput {
+ public:
+  explicit OffloadedInput(const torch::Tensor& x) : device_index_(x.device().index()) {
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_index_);
+    const c10::cuda::CUDAStream copy = CopyStream(device_index_);
+    at::cuda::CUDAEvent ready;
+    ready.record(compute);
+    ready.block(copy);
+    host_ = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
+    {
+      const c10::cuda::CUDAStreamGuard guard(copy);
+      host_.copy_(x.detach(), /*non_blocking=*/true);
+    }
+    c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), copy);
+  }
+
+  void Prefetch() {
+    if (device_.defined() || !host_.defined()) return;
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_index_);
+    const c10::cuda::CUDAStream copy = CopyStream(device_index_);
+    // Allocated in the compute stream's order: the copy waits until that memory is free there.
+    device_ = torch::empty(
+        host_.sizes(),
+        torch::TensorOptions().dtype(host_.dtype()).device(torch::kCUDA, device_index_));
+    at::cuda::CUDAEvent allocated;
+    allocated.record(compute);
+    allocated.block(copy);
+    {
+      const c10::cuda::CUDAStreamGuard guard(copy);
+      device_.copy_(host_, /*non_blocking=*/true);
+    }
+    copied_back_.record(copy);
+    // Freed unread (a backward that failed), the memory still waits for the copy.
+    c10::cuda::CUDACachingAllocator::recordStream(device_.storage().data_ptr(), copy);
+  }
+
+  torch::Tensor Take() {
+    Prefetch();
+    copied_back_.block(c10::cuda::getCurrentCUDAStream(device_index_));
+    host_ = torch::Tensor();  // the host allocator keeps it until the copy back has read it
+    return std::move(device_);
+  }
+
+ private:
+  c10::DeviceIndex device_index_;
+  torch::Tensor host_;
+  torch::Tensor device_;  // the copy back, once started
+  at::cuda::CUDAEvent copied_back_;
+};
+
+// The input offloaded last on this thread: the next piece to offload links to it (its backward
+// runs just before this one's and prefetches it).
+thread_local std::weak_ptr<OffloadedInput> last_offloaded;
+#endif
 
 thread_local int recomputing = 0;  // CheckpointFunction::backward calls in their recompute
 
@@ -25,8 +112,10 @@ struct RecomputeScope {
 struct Saved : torch::CustomClassHolder {
   CheckpointedFn fn;
   RandomState rng;
-  torch::Tensor offloaded;  // the input in pinned host memory, when offloading
-  torch::Device device = torch::kCPU;
+#if defined(LORAD_WITH_CUDA)
+  std::shared_ptr<OffloadedInput> offloaded;  // the input, when offloading
+  std::weak_ptr<OffloadedInput> previous;     // the piece offloaded before this one
+#endif
 };
 
 class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
@@ -36,15 +125,19 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     auto saved = c10::make_intrusive<Saved>();
     saved->rng = RandomState::Capture(x.is_cuda());
     saved->fn = std::move(fn);
-    saved->device = x.device();
+#if defined(LORAD_WITH_CUDA)
     if (offload && x.is_cuda()) {
-      saved->offloaded =
-          torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
-      saved->offloaded.copy_(x.detach(), /*non_blocking=*/true);
+      saved->offloaded = std::make_shared<OffloadedInput>(x);
+      saved->previous = last_offloaded;
+      last_offloaded = saved->offloaded;
       ctx->save_for_backward({});
     } else {
       ctx->save_for_backward({x});
     }
+#else
+    (void)offload;
+    ctx->save_for_backward({x});
+#endif
     torch::Tensor y;
     {
       torch::NoGradGuard no_grad;
@@ -58,10 +151,19 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
                                                  torch::autograd::variable_list grads) {
     const auto saved =
         c10::static_intrusive_pointer_cast<Saved>(ctx->saved_data["saved"].toCapsule());
-    const torch::Tensor x =
-        (saved->offloaded.defined() ? saved->offloaded.to(saved->device, /*non_blocking=*/true)
-                                    : ctx->get_saved_variables()[0].detach())
-            .requires_grad_(true);
+    torch::Tensor x;
+#if defined(LORAD_WITH_CUDA)
+    if (saved->offloaded != nullptr) {
+      x = saved->offloaded->Take();
+      saved->offloaded.reset();
+      // The piece before this one is the next backward: its input comes back while this runs.
+      if (const std::shared_ptr<OffloadedInput> previous = saved->previous.lock()) {
+        previous->Prefetch();
+      }
+    }
+#endif
+    if (!x.defined()) x = ctx->get_saved_variables()[0].detach();
+    x.requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
     const RandomState now = RandomState::Capture(x.is_cuda());
     saved->rng.Restore();

@@ -19,8 +19,10 @@ using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
 
 // `fn` is copied and kept until backward; what it captures must stay valid until then. With
 // `offload`, a CUDA `x` waits for backward in pinned host memory instead of on the device
-// (Unsloth's "unsloth" checkpointing): the device holds no layer input between forward and
-// backward, at the cost of a copy each way. A CPU `x` is kept as it is.
+// (Unsloth's "unsloth" checkpointing): the device holds no piece's input between forward and
+// backward. The copies run on a side stream, overlapping the compute: out as soon as `x` is
+// computed, and back while the backward of the piece checkpointed after it (on this thread) runs.
+// A CPU `x` is kept as it is.
 torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false);
 
 // True on this thread while a checkpointed piece recomputes its forward for backward. The

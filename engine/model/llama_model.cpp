@@ -414,23 +414,13 @@ LlamaModel::Residual LlamaModel::CheckpointedBlock(
     const torch::Tensor& mask, const std::shared_ptr<const LoraApplier>& lora, bool offload) const {
   // The pieces are copied into the autograd graph and run again in backward, after this call
   // has returned: they hold the applier (shared) and the tensors themselves.
-  if (offload) {
-    return {CheckpointedCall(
-                [this, index, cos, sin, mask, lora](const torch::Tensor& x) {
-                  return Block(index, {x, torch::Tensor()}, cos, sin, mask, nullptr, lora.get(),
-                               /*output_needed=*/!InCheckpointRecompute())
-                      .Value();
-                },
-                x, /*offload=*/true),
-            torch::Tensor()};
-  }
   const torch::Tensor attended = CheckpointedCall(
       [this, index, cos, sin, mask, lora](const torch::Tensor& x) {
         const DecoderLayer& layer = layers_[index];
         return Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, nullptr,
                          lora.get(), /*value_needed=*/!InCheckpointRecompute());
       },
-      x);
+      x, offload);
   const torch::Tensor h = x + attended;
   return {h, CheckpointedCall(
                  [this, index, lora](const torch::Tensor& h) {
@@ -438,7 +428,7 @@ LlamaModel::Residual LlamaModel::CheckpointedBlock(
                    return Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora.get(),
                               /*value_needed=*/!InCheckpointRecompute());
                  },
-                 h)};
+                 h, offload)};
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,

@@ -181,9 +181,9 @@ class LlamaModel {
   // Each piece's recompute (run only for its backward, which never reads the piece's output)
   // skips the product whose output only that output needs: o_proj in the first, down_proj in the
   // second. Keeping h as well as x costs [B, T, hidden] a layer and saves o_proj's recompute
-  // (8B shape, 2 x 2048 tokens: 349.6 -> 343.1 ms a step, 7.72 -> 8.50 GiB). With `offload` the
-  // layer stays one piece: the kept inputs cross to the host and back on the compute stream, and
-  // a second one a layer cost more than the recompute it saves (375 -> 399 ms a step).
+  // (8B shape, 2 x 2048 tokens: 349.6 -> 343.1 ms a step, 7.72 -> 8.50 GiB). With `offload` both
+  // inputs wait in pinned host memory, copied out and back on a side stream while layers compute
+  // (CheckpointedCall).
   Residual CheckpointedBlock(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                              const torch::Tensor& sin, const torch::Tensor& mask,
                              const std::shared_ptr<const LoraApplier>& lora, bool offload) const;

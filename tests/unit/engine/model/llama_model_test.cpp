@@ -343,11 +343,10 @@ namespace lorad::engine {
 namespace {
 
 // Gradient checkpointing recomputes each layer in backward, as two pieces (attention without its
-// o projection, MLP without its down projection: values backward never reads), or as one piece
-// when the kept inputs are offloaded (a CPU input stays where it is, but the one-piece path runs);
-// with LoRA dropout on, the replayed random state must draw the same masks, so loss and every LoRA
-// gradient equal the plain run's. So do they with the last layer kept out of checkpointing
-// (checkpoint_skip_last).
+// o projection, MLP without its down projection: values backward never reads; with offloading a
+// CPU input stays where it is, tests/gpu/engine_gpu_test.cpp offloads CUDA ones); with LoRA dropout
+// on, the replayed random state must draw the same masks, so loss and every LoRA gradient equal the
+// plain run's. So do they with the last layer kept out of checkpointing (checkpoint_skip_last).
 TEST(LlamaModelTest, CheckpointedLayersGiveTheSameLossAndGradients) {
   auto model = Tiny(BaseWeights::kNf4);
   ASSERT_NE(model, nullptr);

@@ -56,7 +56,7 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
 }
 
 // A checkpointed layer keeps two [tokens, hidden] tensors on the device (its input and its
-// attention half's output); offloaded, it keeps none there (one waits in host memory).
+// attention half's output); offloaded, it keeps none there (both wait in host memory).
 TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
   TrainingJobConfig c;
   c.micro_batch_size = 2;
