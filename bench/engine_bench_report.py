@@ -57,6 +57,8 @@ def report_train(rows):
             label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
             if r.get("layer_ops") == "torch":
                 label += ", torch layer ops"
+            if r.get("packing") == "1":
+                label += ", short examples packed"
             base = baseline_for(r)
             t_ratio = ratio(tps, float(base["tokens_per_s"])) if base else None
             m_ratio = ratio(peak, float(base["peak_gib"])) if base else None

@@ -96,6 +96,14 @@ for shape in $SHAPES; do
       --warmup=3 --steps=8 --gradient_checkpointing=1 --offload_activations=1 \
       --keep_activations_layers="$keep" --output_dir="$WORK/out-$shape-offload-keep-$keep"
   done
+  # BENCH_PACKING=1: also short examples (about 100 tokens) packed several to a row, kept apart.
+  if [ $BUILD_RC -eq 0 ] && [ "${BENCH_PACKING:-0}" = 1 ]; then
+    "$PY" bench/make_bench_dataset.py --out "$WORK/short.jsonl" --rows 4000 --min-chars 400 \
+      > "$OUT/dataset-short.log" 2>&1
+    run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" --data="$WORK/short.jsonl" \
+      --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 --warmup=3 --steps=8 \
+      --gradient_checkpointing=1 --packing=1 --output_dir="$WORK/out-$shape-packing"
+  fi
   # BENCH_BASELINES (default auto): hf_baseline.py --base for each baseline, e.g. "bf16 nf4" for
   # both the bf16 LoRA loop and the 4-bit QLoRA one.
   for hf_base in ${BENCH_BASELINES:-auto}; do

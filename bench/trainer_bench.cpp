@@ -89,6 +89,8 @@ int Run(const BenchArgs& args) {
   config.gradient_checkpointing = args.Int("gradient_checkpointing") != 0;
   config.offload_activations = args.Int("offload_activations") != 0;
   config.keep_activations_layers = args.Int("keep_activations_layers");
+  // Short examples several to a row, kept apart (TRL's padding-free packing).
+  config.data.packing = args.Int("packing") != 0;
   config.output_dir = args.Get("output_dir");
   config.resume = false;
   std::filesystem::remove_all(config.output_dir);
@@ -173,11 +175,12 @@ int Run(const BenchArgs& args) {
       step_ms[step_ms.size() / 2], tokens_per_s, peak / kGiB, peak_reserved / kGiB);
   std::printf(
       "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d "
-      "kept_layers=%lld layer_ops=%s batch=%lld seq=%lld "
+      "kept_layers=%lld layer_ops=%s packing=%d batch=%lld seq=%lld "
       "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
       args.Get("base").c_str(), config.optimizer.c_str(), config.gradient_checkpointing ? 1 : 0,
       config.offload_activations ? 1 : 0, static_cast<long long>(config.keep_activations_layers),
-      args.Get("layer_ops").c_str(), static_cast<long long>(config.micro_batch_size),
+      args.Get("layer_ops").c_str(), config.data.packing ? 1 : 0,
+      static_cast<long long>(config.micro_batch_size),
       static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
       step_ms[step_ms.size() / 2]);
   return 0;
@@ -202,6 +205,7 @@ int main(int argc, char** argv) {
                                       {"gradient_checkpointing", "0"},
                                       {"offload_activations", "0"},
                                       {"keep_activations_layers", "0"},
+                                      {"packing", "0"},
                                       {"profile_steps", "0"},
                                       {"layer_ops", "fused"},
                                       {"output_dir", "/tmp/lorad-trainer-bench"}});

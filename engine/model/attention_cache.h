@@ -45,6 +45,30 @@ class AttentionCache {
   virtual void EndStep(const std::vector<int64_t>& valid) = 0;
 };
 
+// Rows that pack several sequences, attended without a cache: each token sees only the earlier
+// tokens of its own sequence (a sequence starts where positions do not go up by one, and at each
+// row's start). Either a mask for torch's SDPA (the CPU, and where flash attention cannot run), or
+// on CUDA the sequences as flash attention's variable-length segments of the flattened rows: no
+// [B, T, T] mask, and K and V not repeated for every query head.
+struct PackedSequences {
+  torch::Tensor mask;        // [B, 1, T, T] bool, true = attend; or undefined
+  torch::Tensor cu_seqlens;  // [segments + 1] int32 on the device: segment starts in B * T tokens
+  int64_t max_seqlen = 0;    // the longest segment, with cu_seqlens
+  bool defined() const { return mask.defined() || cu_seqlens.defined(); }
+
+  // From positions [B, T] (long, on the model's device). `flash`: segments, else the mask.
+  static PackedSequences FromPositions(const torch::Tensor& positions, bool flash);
+  // Whether flash attention's variable-length kernel runs for q of this device, dtype and
+  // head_dim (CUDA, sm_80 or later, fp16/bf16, head_dim a multiple of 8 up to 256).
+  static bool FlashRuns(const torch::Tensor& like, int64_t head_dim);
+};
+
+// Attention of a packed forward: q [B, heads, T, D], k and v [B, kv_heads, T, D] -> [B, heads, T,
+// D], through GroupedQueryAttention with `packed.mask` or flash attention over its segments
+// (differentiable either way).
+torch::Tensor PackedAttention(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, const PackedSequences& packed);
+
 // softmax(q k^T / sqrt(head_dim) + mask) v with grouped-query heads (each KV head serves
 // heads / kv_heads query heads), through torch's scaled_dot_product_attention.
 //   q [B, heads, T, D], k and v [B, kv_heads, S, D]

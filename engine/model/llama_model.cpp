@@ -334,7 +334,7 @@ std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, 
 
 torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
                                     const torch::Tensor& x, const torch::Tensor& cos,
-                                    const torch::Tensor& sin, const torch::Tensor& mask,
+                                    const torch::Tensor& sin, const PackedSequences& packed,
                                     AttentionCache* cache, const LoraApplier* lora,
                                     bool value_needed) const {
   const int64_t rows = x.size(0);
@@ -366,7 +366,7 @@ torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
     k = RotaryEmbedding::Apply(heads(k), cos, sin);
   }
   return output(cache != nullptr ? cache->Attend(index, q, k, v)
-                                 : GroupedQueryAttention(q, k, v, mask));
+                                 : PackedAttention(q, k, v, packed));
 }
 
 torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
@@ -399,25 +399,28 @@ std::pair<torch::Tensor, torch::Tensor> LlamaModel::AddRmsNorm(const Residual& r
 }
 
 LlamaModel::Residual LlamaModel::Block(int64_t index, const Residual& r, const torch::Tensor& cos,
-                                       const torch::Tensor& sin, const torch::Tensor& mask,
+                                       const torch::Tensor& sin, const PackedSequences& packed,
                                        AttentionCache* cache, const LoraApplier* lora,
                                        bool output_needed) const {
   const DecoderLayer& layer = layers_[index];
   const auto [x, x_normed] = AddRmsNorm(r, layer.input_norm);
-  const Residual attended{x, Attention(layer, index, x_normed, cos, sin, mask, cache, lora)};
+  const Residual attended{x, Attention(layer, index, x_normed, cos, sin, packed, cache, lora)};
   const auto [h, h_normed] = AddRmsNorm(attended, layer.post_attention_norm);
   return {h, Mlp(layer, index, h_normed, lora, output_needed)};
 }
 
-LlamaModel::Residual LlamaModel::CheckpointedBlock(
-    int64_t index, const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-    const torch::Tensor& mask, const std::shared_ptr<const LoraApplier>& lora, bool offload) const {
+LlamaModel::Residual LlamaModel::CheckpointedBlock(int64_t index, const torch::Tensor& x,
+                                                   const torch::Tensor& cos,
+                                                   const torch::Tensor& sin,
+                                                   const PackedSequences& packed,
+                                                   const std::shared_ptr<const LoraApplier>& lora,
+                                                   bool offload) const {
   // The pieces are copied into the autograd graph and run again in backward, after this call
   // has returned: they hold the applier (shared) and the tensors themselves.
   const torch::Tensor attended = CheckpointedCall(
-      [this, index, cos, sin, mask, lora](const torch::Tensor& x) {
+      [this, index, cos, sin, packed, lora](const torch::Tensor& x) {
         const DecoderLayer& layer = layers_[index];
-        return Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, mask, nullptr,
+        return Attention(layer, index, RmsNorm(x, layer.input_norm), cos, sin, packed, nullptr,
                          lora.get(), /*value_needed=*/!InCheckpointRecompute());
       },
       x, offload);
@@ -439,7 +442,7 @@ torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tens
   cache->BeginStep(1);
   Residual h{embed_tokens_.index_select(0, ids).view({rows, 1, -1}), torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
-    h = Block(i, h, cos, sin, torch::Tensor(), cache, lora);
+    h = Block(i, h, cos, sin, PackedSequences(), cache, lora);
   }
   cache->EndStep(std::vector<int64_t>(static_cast<size_t>(rows), 1));
   return torch::linear(AddRmsNorm(h, final_norm_).second.select(1, 0), lm_head_);
@@ -473,18 +476,12 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
 
   // Without a cache: causal attention (the flash kernel on CUDA). Rows are right-padded, so a
   // valid token never sees the padding after it: no mask for that (a padded query's output is
-  // neither scored nor seen by a valid one). A packed row's sequences need one: each attends
-  // only within itself.
-  torch::Tensor mask;
+  // neither scored nor seen by a valid one). A packed row's sequences each attend only within
+  // themselves: flash attention's variable-length segments on CUDA, a mask elsewhere.
+  PackedSequences packed_sequences;
   if (cache == nullptr && packed) {
-    // transformers' find_packed_sequence_indices: a sequence starts where positions do not go
-    // up by one.
-    const torch::Tensor step = torch::diff(positions, 1, -1, positions.narrow(1, 0, 1) - 1);
-    const torch::Tensor sequence = (step != 1).cumsum(-1);  // [B, T]
-    const torch::Tensor t = torch::arange(tokens, long_options);
-    const torch::Tensor causal = t.view({1, tokens}) <= t.view({tokens, 1});  // [T(q), T(k)]
-    mask = (causal.unsqueeze(0) & (sequence.unsqueeze(2) == sequence.unsqueeze(1)))
-               .unsqueeze(1);  // [B, 1, T, T]
+    packed_sequences = PackedSequences::FromPositions(
+        positions, PackedSequences::FlashRuns(embed_tokens_, config_.head_dim));
   }
 
   // Shared: a checkpointed layer recomputes in backward, after this call has returned.
@@ -506,11 +503,11 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
       // A checkpointed piece takes one tensor: the pending add is done here.
-      residual =
-          CheckpointedBlock(i, residual.Value(), cos, sin, mask, lora, options.offload_checkpoints);
+      residual = CheckpointedBlock(i, residual.Value(), cos, sin, packed_sequences, lora,
+                                   options.offload_checkpoints);
       continue;
     }
-    residual = Block(i, residual, cos, sin, mask, cache, applier);
+    residual = Block(i, residual, cos, sin, packed_sequences, cache, applier);
   }
   if (cache != nullptr) cache->EndStep(lengths);
   h = AddRmsNorm(residual, final_norm_).second;  // [B, T, hidden]

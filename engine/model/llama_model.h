@@ -153,8 +153,8 @@ class LlamaModel {
   // x [B, T, hidden] -> [B, T, hidden]; value_needed as Project's, for the output projection.
   torch::Tensor Attention(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                           const torch::Tensor& cos, const torch::Tensor& sin,
-                          const torch::Tensor& mask, AttentionCache* cache, const LoraApplier* lora,
-                          bool value_needed = true) const;
+                          const PackedSequences& packed, AttentionCache* cache,
+                          const LoraApplier* lora, bool value_needed = true) const;
   torch::Tensor Mlp(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                     const LoraApplier* lora, bool value_needed = true) const;
   // The residual stream between layers with its last add deferred: its value is stream +
@@ -174,7 +174,7 @@ class LlamaModel {
   // checkpointed layer's recompute, run only for its backward) the result carries the exact
   // backward but undefined values: the down projection is not computed.
   Residual Block(int64_t index, const Residual& r, const torch::Tensor& cos,
-                 const torch::Tensor& sin, const torch::Tensor& mask, AttentionCache* cache,
+                 const torch::Tensor& sin, const PackedSequences& packed, AttentionCache* cache,
                  const LoraApplier* lora, bool output_needed = true) const;
   // Block under gradient checkpointing, as two pieces that each keep only their input: the
   // attention half (x -> x + attention) and the MLP half (h -> h + MLP, the add left pending).
@@ -185,7 +185,7 @@ class LlamaModel {
   // inputs wait in pinned host memory, copied out and back on a side stream while layers compute
   // (CheckpointedCall).
   Residual CheckpointedBlock(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
-                             const torch::Tensor& sin, const torch::Tensor& mask,
+                             const torch::Tensor& sin, const PackedSequences& packed,
                              const std::shared_ptr<const LoraApplier>& lora, bool offload) const;
   torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                const ForwardOptions& options) const;

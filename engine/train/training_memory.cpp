@@ -63,10 +63,12 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           ? (model.num_hidden_layers - kept) * inputs_kept * tokens * h * element_bytes +
                 std::max<int64_t>(kept, 1) * layer
           : model.num_hidden_layers * layer;
-  // Packed rows kept apart attend through a mask ([B, T, T]: bool temporaries while it is built,
-  // and the copy SDPA makes in the compute dtype) with K and V repeated for every query head (the
-  // masked kernel has no grouped-query attention); a layer kept for backward holds the last two.
-  if (config.data.packing && config.data.packing_separate) {
+  // Packed rows kept apart attend in 16 bits (the GPU) through flash attention's variable-length
+  // segments, which need nothing more; in fp32 through a mask ([B, T, T]: bool temporaries while
+  // it is built, and the copy SDPA makes in the compute dtype) with K and V repeated for every
+  // query head (the masked kernel has no grouped-query attention); a layer kept for backward
+  // holds the last two (engine/model/attention_cache.h, PackedSequences).
+  if (config.data.packing && config.data.packing_separate && element_bytes > 2) {
     const int64_t mask = config.micro_batch_size * config.max_seq_length * config.max_seq_length;
     const int64_t held = mask * element_bytes +
                          2 * tokens * model.num_attention_heads * model.head_dim * element_bytes;
