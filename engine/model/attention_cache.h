@@ -56,7 +56,10 @@ struct PackedSequences {
   int64_t max_seqlen = 0;    // the longest segment, with cu_seqlens
   bool defined() const { return mask.defined() || cu_seqlens.defined(); }
 
-  // From positions [B, T] (long, on the model's device). `flash`: segments, else the mask.
+  // The most segments one flash launch takes (its grid's y dimension).
+  static constexpr int64_t kMaxSegments = 65535;
+  // From positions [B, T] (long). `flash`: the segments (cu_seqlens on positions' device; from
+  // CPU positions no device sync), else the mask (on positions' device).
   static PackedSequences FromPositions(const torch::Tensor& positions, bool flash);
   // Whether flash attention's variable-length kernel runs for q of this device, dtype and
   // head_dim (CUDA, sm_80 or later, fp16/bf16, head_dim a multiple of 8 up to 256).

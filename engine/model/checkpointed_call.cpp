@@ -162,7 +162,13 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
       }
     }
 #endif
-    if (!x.defined()) x = ctx->get_saved_variables()[0].detach();
+    if (!x.defined()) {
+      const torch::autograd::variable_list kept = ctx->get_saved_variables();
+      TORCH_CHECK(!kept.empty(),
+                  "a checkpointed piece whose input was offloaded runs backward once "
+                  "(retain_graph is not supported)");
+      x = kept[0].detach();
+    }
     x.requires_grad_(true);
     // Replay the forward's random draws, then put the generators back where backward found them.
     const RandomState now = RandomState::Capture(x.is_cuda());
@@ -179,9 +185,48 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
   }
 };
 
+#if defined(LORAD_WITH_CUDA)
+struct LastOffloaded : torch::CustomClassHolder {
+  std::weak_ptr<OffloadedInput> input;
+};
+
+class PrefetchOnBackward : public torch::autograd::Function<PrefetchOnBackward> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
+    auto last = c10::make_intrusive<LastOffloaded>();
+    last->input = last_offloaded;
+    ctx->saved_data["last"] = c10::IValue::make_capsule(std::move(last));
+    return x.view_as(x);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto last =
+        c10::static_intrusive_pointer_cast<LastOffloaded>(ctx->saved_data["last"].toCapsule());
+    if (const std::shared_ptr<OffloadedInput> input = last->input.lock()) input->Prefetch();
+    return {grads[0]};
+  }
+};
+#endif
+
 }  // namespace
 
 bool InCheckpointRecompute() { return recomputing > 0; }
+
+void StartOffloadChain() {
+#if defined(LORAD_WITH_CUDA)
+  last_offloaded.reset();
+#endif
+}
+
+torch::Tensor PrefetchLastOffloadedInBackward(const torch::Tensor& x) {
+#if defined(LORAD_WITH_CUDA)
+  if (last_offloaded.expired() || !torch::GradMode::is_enabled() || !x.requires_grad()) return x;
+  return PrefetchOnBackward::apply(x);
+#else
+  return x;
+#endif
+}
 
 torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload) {
   return CheckpointFunction::apply(x, std::move(fn), offload);

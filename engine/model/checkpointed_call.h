@@ -25,6 +25,14 @@ using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
 // A CPU `x` is kept as it is.
 torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false);
 
+// Offloaded pieces link each to the one offloaded before it on this thread, whose input it
+// prefetches as its own backward starts. A training forward that offloads starts its own chain
+// (so no piece links to another forward's), and may pass a tensor computed after its last piece
+// through PrefetchLastOffloadedInBackward: the identity, whose backward (which runs before that
+// piece's) starts the last piece's copy back early.
+void StartOffloadChain();
+torch::Tensor PrefetchLastOffloadedInBackward(const torch::Tensor& x);
+
 // True on this thread while a checkpointed piece recomputes its forward for backward. The
 // piece's backward follows at once, so an op may keep more for it (the NF4 base projections keep
 // their dequantized weight instead of dequantizing it again): the memory lasts one piece's

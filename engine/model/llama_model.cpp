@@ -480,8 +480,18 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   // themselves: flash attention's variable-length segments on CUDA, a mask elsewhere.
   PackedSequences packed_sequences;
   if (cache == nullptr && packed) {
-    packed_sequences = PackedSequences::FromPositions(
-        positions, PackedSequences::FlashRuns(embed_tokens_, config_.head_dim));
+    if (PacksWithFlash()) {  // from the host's positions: no device sync
+      packed_sequences =
+          PackedSequences::FromPositions(batch.positions.to(torch::kCPU, torch::kLong), true);
+      packed_sequences.cu_seqlens = packed_sequences.cu_seqlens.to(device);
+    }
+    if (packed_sequences.cu_seqlens.defined() &&
+        packed_sequences.cu_seqlens.size(0) - 1 > PackedSequences::kMaxSegments) {
+      packed_sequences = PackedSequences();  // more than one launch takes: the mask
+    }
+    if (!packed_sequences.defined()) {
+      packed_sequences = PackedSequences::FromPositions(positions, false);
+    }
   }
 
   // Shared: a checkpointed layer recomputes in backward, after this call has returned.
@@ -499,17 +509,20 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   // The layer's backward runs only if its input requires grad; the embedding is frozen.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   const int64_t first_kept = config_.num_hidden_layers - options.checkpoint_skip_last;
+  const bool offload = checkpoint && options.offload_checkpoints;
+  if (offload) StartOffloadChain();
   Residual residual{h, torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
       // A checkpointed piece takes one tensor: the pending add is done here.
-      residual = CheckpointedBlock(i, residual.Value(), cos, sin, packed_sequences, lora,
-                                   options.offload_checkpoints);
+      residual = CheckpointedBlock(i, residual.Value(), cos, sin, packed_sequences, lora, offload);
       continue;
     }
     residual = Block(i, residual, cos, sin, packed_sequences, cache, applier);
   }
   if (cache != nullptr) cache->EndStep(lengths);
+  // The last offloaded input comes back while the layers after it (and the loss) run backward.
+  if (offload) residual.stream = PrefetchLastOffloadedInBackward(residual.stream);
   h = AddRmsNorm(residual, final_norm_).second;  // [B, T, hidden]
   if (options.logits == LogitsMode::kLast) {
     const torch::Tensor last =

@@ -123,6 +123,11 @@ class LlamaModel {
   // [vocab, hidden] in the compute dtype; frozen (see ForwardOptions::hidden_states).
   const torch::Tensor& lm_head() const { return lm_head_; }
   const LlamaModelOptions& options() const { return options_; }
+  // Whether packed rows kept apart attend through flash attention's variable-length segments
+  // here (PackedSequences::FlashRuns for this device, dtype and head_dim), not a mask.
+  bool PacksWithFlash() const {
+    return PackedSequences::FlashRuns(embed_tokens_, config_.head_dim);
+  }
   // Device bytes of the base weights.
   int64_t bytes() const;
   // Every tensor of the base (float weights, NF4 parts, norms, embeddings): for memory accounting

@@ -155,7 +155,8 @@ struct Engine::Impl {
   }
   // The estimate for a job on this device (bf16 on CUDA, fp32 on the CPU).
   TrainingMemoryEstimate Need(const TrainingJobConfig& config) const {
-    return EstimateTrainingBytes(model->config(), config, device.device == "cpu" ? 4 : 2);
+    return EstimateTrainingBytes(model->config(), config, device.device == "cpu" ? 4 : 2,
+                                 model->PacksWithFlash());
   }
   // What makes a job smaller, for the messages of jobs that cannot fit.
   static std::string ShrinkHint(const TrainingJobConfig& config) {

@@ -25,8 +25,8 @@ Shape ProjectionShape(const ModelConfig& m, const std::string& name) {
 }  // namespace
 
 TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
-                                             const TrainingJobConfig& config,
-                                             int64_t element_bytes) {
+                                             const TrainingJobConfig& config, int64_t element_bytes,
+                                             bool flash_packing) {
   TrainingMemoryEstimate e;
   int64_t lora_params = 0;
   for (const std::string& target : config.lora.target_modules) {
@@ -63,12 +63,17 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           ? (model.num_hidden_layers - kept) * inputs_kept * tokens * h * element_bytes +
                 std::max<int64_t>(kept, 1) * layer
           : model.num_hidden_layers * layer;
-  // Packed rows kept apart attend in 16 bits (the GPU) through flash attention's variable-length
-  // segments, which need nothing more; in fp32 through a mask ([B, T, T]: bool temporaries while
-  // it is built, and the copy SDPA makes in the compute dtype) with K and V repeated for every
-  // query head (the masked kernel has no grouped-query attention); a layer kept for backward
-  // holds the last two (engine/model/attention_cache.h, PackedSequences).
-  if (config.data.packing && config.data.packing_separate && element_bytes > 2) {
+  // Packed rows kept apart attend through flash attention's variable-length segments
+  // (`flash_packing`), whose backward pads its fp32 accumulators by 128 rows a segment (counted
+  // for one example per 64 tokens and one per row); or through a mask ([B, T, T]: bool
+  // temporaries while it is built, and the copy SDPA makes in the compute dtype) with K and V
+  // repeated for every query head (the masked kernel has no grouped-query attention), a layer
+  // kept for backward holding the last two (engine/model/attention_cache.h, PackedSequences).
+  if (config.data.packing && config.data.packing_separate && flash_packing) {
+    const int64_t segments = config.micro_batch_size + tokens / 64;
+    const int64_t padded_dim = (model.head_dim + 31) / 32 * 32;
+    e.activation_bytes += 128 * segments * model.num_attention_heads * (padded_dim + 1) * 4;
+  } else if (config.data.packing && config.data.packing_separate) {
     const int64_t mask = config.micro_batch_size * config.max_seq_length * config.max_seq_length;
     const int64_t held = mask * element_bytes +
                          2 * tokens * model.num_attention_heads * model.head_dim * element_bytes;

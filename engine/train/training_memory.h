@@ -25,9 +25,10 @@ struct TrainingMemoryEstimate {
   int64_t total() const { return lora_bytes + activation_bytes + workspace_bytes; }
 };
 
-// `element_bytes`: 2 for bf16/fp16 compute, 4 for fp32.
+// `element_bytes`: 2 for bf16/fp16 compute, 4 for fp32. `flash_packing`: packed rows attend
+// through flash attention's variable-length segments (LlamaModel::PacksWithFlash), not a mask.
 TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
-                                             const TrainingJobConfig& config,
-                                             int64_t element_bytes);
+                                             const TrainingJobConfig& config, int64_t element_bytes,
+                                             bool flash_packing = false);
 
 }  // namespace lorad::engine

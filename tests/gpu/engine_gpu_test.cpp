@@ -337,7 +337,8 @@ TEST(EngineGpuTest, TwoJobsTrainingAtOnceEachKeepTheirOwnRandomStream) {
 // `batch` through `model` with a fresh adapter (B drawn from N(0, 0.05)), fp32 on the model's
 // device as the trainer keeps it; checkpointed layers, their inputs offloaded to the host or not.
 std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const ForwardBatch& batch,
-                                            const torch::Tensor& labels, bool offload = false) {
+                                            const torch::Tensor& labels, bool offload = false,
+                                            int64_t keep_last = 0) {
   LoraConfig config;
   config.r = 4;
   torch::manual_seed(3);
@@ -355,6 +356,7 @@ std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const Forwa
   options.train = true;
   options.checkpoint_layers = true;
   options.offload_checkpoints = offload;
+  options.checkpoint_skip_last = keep_last;
   auto loss = model.Loss(batch, labels, options);
   EXPECT_TRUE(loss.ok()) << loss.status();
   if (!loss.ok()) return {};
@@ -369,7 +371,8 @@ std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const Forwa
 
 // Checkpointed layers whose inputs wait in pinned host memory (copied out and back on a side
 // stream while the layers compute) give the loss and LoRA gradients of inputs kept on the device,
-// step after step (each step's first backward prefetches only its own step's inputs).
+// step after step (each step's first backward prefetches only its own step's inputs), with the last
+// layer kept out of the checkpointing too (its backward runs while the last input comes back).
 TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
   ASSERT_FALSE(EnvOrEmpty("LORAD_TINY_MODEL").empty()) << "set LORAD_TINY_MODEL";
   LlamaModelOptions options;
@@ -382,8 +385,11 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
     ForwardBatch batch;
     batch.input_ids = torch::randint(3, (*model)->config().vocab_size, {2, 200},
                                      torch::TensorOptions().dtype(torch::kLong));
-    const auto want = LossAndGradients(**model, batch, batch.input_ids.clone());
-    const auto got = LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/true);
+    const int64_t keep_last = step == 1 ? 1 : 0;
+    const auto want =
+        LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/false, keep_last);
+    const auto got =
+        LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/true, keep_last);
     ASSERT_EQ(got.size(), want.size());
     ASSERT_FALSE(want.empty());
     EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), 1e-4 * want[0].item<double>())
@@ -409,25 +415,38 @@ TEST(ModelGpuTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {
   options.dtype = options.device.is_cuda() ? torch::kBFloat16 : torch::kFloat;
   auto model = LlamaModel::Load(EnvOrEmpty("LORAD_TINY_MODEL"), options);
   ASSERT_TRUE(model.ok()) << model.status();
-  // Examples of 40, 25 and 60 tokens, alone (padded rows), and packed into one row of 125.
+  // Examples of 40, 25 and 60 tokens, alone (padded rows), and packed into two rows of 65: the
+  // first two examples in row 0, the third in row 1 with 5 tokens of padding after it (whose
+  // positions go on from the example's, as the trainer pads a packed row).
   const std::vector<int64_t> sizes = {40, 25, 60};
+  const std::vector<int64_t> row_of = {0, 0, 1};
   const int64_t total = 125;
+  const int64_t width = 65;
   const torch::Tensor tokens = torch::randint(3, (*model)->config().vocab_size, {total},
                                               torch::TensorOptions().dtype(torch::kLong));
   ForwardBatch alone;
   alone.input_ids = torch::zeros({3, 60}, torch::kLong);
   ForwardBatch packed;
-  packed.input_ids = tokens.view({1, total});
-  packed.positions = torch::zeros({1, total}, torch::kLong);
-  torch::Tensor packed_labels = packed.input_ids.clone();
+  packed.input_ids = torch::zeros({2, width}, torch::kLong);
+  packed.positions = torch::arange(width).repeat({2, 1});
+  packed.lengths = {65, 60};
+  torch::Tensor packed_labels;
   int64_t start = 0;
+  std::vector<int64_t> row_start = {0, 0};
   for (int64_t i = 0; i < 3; ++i) {
-    alone.input_ids[i].narrow(0, 0, sizes[i]).copy_(tokens.narrow(0, start, sizes[i]));
+    const torch::Tensor example = tokens.narrow(0, start, sizes[i]);
+    alone.input_ids[i].narrow(0, 0, sizes[i]).copy_(example);
     alone.lengths.push_back(sizes[i]);
-    packed.positions[0].narrow(0, start, sizes[i]).copy_(torch::arange(sizes[i]));
-    packed_labels[0][start] = kIgnoreLabel;
+    const int64_t r = row_of[i];
+    packed.input_ids[r].narrow(0, row_start[r], sizes[i]).copy_(example);
+    packed.positions[r].narrow(0, row_start[r], sizes[i]).copy_(torch::arange(sizes[i]));
+    row_start[r] += sizes[i];
     start += sizes[i];
   }
+  packed_labels = packed.input_ids.clone();
+  packed_labels[0][0] = kIgnoreLabel;
+  packed_labels[0][40] = kIgnoreLabel;  // not predicted from the example before it
+  packed_labels[1][0] = kIgnoreLabel;
   const auto want = LossAndGradients(**model, alone, alone.input_ids.clone());
   const auto got = LossAndGradients(**model, packed, packed_labels);
   ASSERT_EQ(got.size(), want.size());

@@ -69,24 +69,27 @@ TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
             inputs);
 }
 
-// Packed rows kept apart attend in fp32 (the CPU) through a [B, T, T] mask with K and V repeated
-// for every query head: at 2 x 2048 tokens, 8 MiB of bool temporaries three times over while the
-// mask is built, and 32 MiB of mask plus 128 MiB of repeated K and V for the layer a checkpointed
-// backward holds. In 16 bits (the GPU: flash attention's segments) and with the classic packing
-// (flash attention, no mask) nothing more.
-TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskAndRepeatedKeysAndValuesInFp32) {
+// Packed rows kept apart attend through a [B, T, T] mask with K and V repeated for every query
+// head: at 2 x 2048 tokens in bf16, 8 MiB of bool temporaries three times over while the mask is
+// built, and 16 MiB of mask plus 64 MiB of repeated K and V for the layer a checkpointed backward
+// holds. Through flash attention's segments (flash_packing), the padding of the backward's fp32
+// accumulators: 128 rows for each of 2 + 4096 / 64 segments. The classic packing (flash
+// attention, no mask) adds nothing.
+TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskOrTheirSegments) {
   TrainingJobConfig c;
   c.micro_batch_size = 2;
   c.max_seq_length = 2048;
-  const int64_t plain = EstimateTrainingBytes(Llama3_8B(), c, 4).activation_bytes;
-  const int64_t plain16 = EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes;
+  const int64_t plain = EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes;
   c.data.packing = true;
   const int64_t mask = int64_t{2} * 2048 * 2048;
-  const int64_t held = mask * 4 + int64_t{2} * 2 * 2048 * 32 * 128 * 4;
-  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 4).activation_bytes, plain + 3 * mask + held);
-  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes, plain16);
+  const int64_t held = mask * 2 + int64_t{2} * 2 * 2048 * 32 * 128 * 2;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes, plain + 3 * mask + held);
+  const int64_t segments = 2 + 4096 / 64;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2, /*flash_packing=*/true).activation_bytes,
+            plain + 128 * segments * 32 * (128 + 1) * 4);
   c.data.packing_separate = false;
-  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 4).activation_bytes, plain);
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes, plain);
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2, true).activation_bytes, plain);
 }
 
 }  // namespace
