@@ -10,6 +10,7 @@
 #include "engine/runtime/random_state.h"
 
 #if defined(LORAD_WITH_CUDA)
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -216,6 +217,16 @@ bool InCheckpointRecompute() { return recomputing > 0; }
 void StartOffloadChain() {
 #if defined(LORAD_WITH_CUDA)
   last_offloaded.reset();
+#endif
+}
+
+void ReleaseCachedPinnedMemory() {
+#if defined(LORAD_WITH_CUDA)
+  try {
+    at::getHostAllocator(at::kCUDA)->empty_cache();
+  } catch (const c10::Error&) {
+    // No CUDA host allocator in this process (a CPU-only torch): nothing was cached.
+  }
 #endif
 }
 

@@ -33,6 +33,10 @@ torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool o
 void StartOffloadChain();
 torch::Tensor PrefetchLastOffloadedInBackward(const torch::Tensor& x);
 
+// Gives the pinned host memory torch's host allocator keeps cached for reuse (the offloaded
+// inputs', once freed) back to the system: after an offloading job ends. Blocks in use stay.
+void ReleaseCachedPinnedMemory();
+
 // True on this thread while a checkpointed piece recomputes its forward for backward. The
 // piece's backward follows at once, so an op may keep more for it (the NF4 base projections keep
 // their dequantized weight instead of dequantizing it again): the memory lasts one piece's

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/model/checkpointed_call.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
@@ -116,6 +117,7 @@ struct Engine::Impl {
   struct ActiveTrainer {
     std::string id;
     std::unique_ptr<Trainer> trainer;
+    bool offloads = false;  // its checkpointed layer inputs wait in pinned host memory
   };
   std::vector<ActiveTrainer> trainers;  // the loop's; the vector itself changes under `mu`
   size_t next_trainer = 0;              // whose micro-batch is next
@@ -485,7 +487,7 @@ void Engine::Impl::StartJob(PendingJob job) {
   }
   std::lock_guard<std::mutex> lock(mu);
   if (cancel_job_ids.erase(id) > 0) (*created)->Cancel();
-  trainers.push_back({id, *std::move(created)});
+  trainers.push_back({id, *std::move(created), job.config.offload_activations});
 }
 
 bool Engine::Impl::RunTrainingMicroBatch(Clock::time_point* idle_until) {
@@ -512,11 +514,15 @@ bool Engine::Impl::RunTrainingMicroBatch(Clock::time_point* idle_until) {
     return true;
   }
   std::unique_ptr<Trainer> finished;
+  bool offloaded = false;
   {
     std::lock_guard<std::mutex> lock(mu);  // CancelTraining reads the trainers under the lock
     finished = std::move(trainers[next_trainer].trainer);
+    offloaded = trainers[next_trainer].offloads;
     trainers.erase(trainers.begin() + static_cast<std::ptrdiff_t>(next_trainer));
   }
+  finished.reset();
+  if (offloaded && device.device != "cpu") ReleaseCachedPinnedMemory();
   return true;
 }
 
