@@ -369,17 +369,34 @@ std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const Forwa
   return out;
 }
 
+// The tiny fixture model with an NF4 base on the device under test (bf16 on CUDA).
+absl::StatusOr<std::unique_ptr<LlamaModel>> TinyNf4Model() {
+  LlamaModelOptions options;
+  options.base = BaseWeights::kNf4;
+  options.device = torch::Device(DeviceUnderTest());
+  options.dtype = options.device.is_cuda() ? torch::kBFloat16 : torch::kFloat;
+  return LlamaModel::Load(EnvOrEmpty("LORAD_TINY_MODEL"), options);
+}
+
+// Over LossAndGradients' LoRA gradients (index 1 on): the largest difference of got's from
+// want's, relative to want's largest value.
+double WorstGradientDiff(const std::vector<torch::Tensor>& got,
+                         const std::vector<torch::Tensor>& want) {
+  double worst = 0;
+  for (size_t i = 1; i < want.size() && i < got.size(); ++i) {
+    const double scale = std::max(want[i].abs().max().item<double>(), 1e-12);
+    worst = std::max(worst, (got[i] - want[i]).abs().max().item<double>() / scale);
+  }
+  return worst;
+}
+
 // Checkpointed layers whose inputs wait in pinned host memory (copied out and back on a side
 // stream while the layers compute) give the loss and LoRA gradients of inputs kept on the device,
 // step after step (each step's first backward prefetches only its own step's inputs), with the last
 // layer kept out of the checkpointing too (its backward runs while the last input comes back).
 TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
   ASSERT_FALSE(EnvOrEmpty("LORAD_TINY_MODEL").empty()) << "set LORAD_TINY_MODEL";
-  LlamaModelOptions options;
-  options.base = BaseWeights::kNf4;
-  options.device = torch::Device(DeviceUnderTest());
-  options.dtype = options.device.is_cuda() ? torch::kBFloat16 : torch::kFloat;
-  auto model = LlamaModel::Load(EnvOrEmpty("LORAD_TINY_MODEL"), options);
+  auto model = TinyNf4Model();
   ASSERT_TRUE(model.ok()) << model.status();
   for (int step = 0; step < 3; ++step) {
     ForwardBatch batch;
@@ -394,11 +411,7 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
     ASSERT_FALSE(want.empty());
     EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), 1e-4 * want[0].item<double>())
         << "step " << step;
-    double worst = 0;
-    for (size_t i = 1; i < want.size(); ++i) {
-      const double scale = std::max(want[i].abs().max().item<double>(), 1e-12);
-      worst = std::max(worst, (got[i] - want[i]).abs().max().item<double>() / scale);
-    }
+    const double worst = WorstGradientDiff(got, want);
     std::cout << "[offload] step " << step << ": loss " << got[0].item<double>() << " vs "
               << want[0].item<double>() << "; LoRA gradients max relative diff " << worst << "\n";
     // The same kernels on the same inputs: only the attention backward's order of atomic adds
@@ -409,11 +422,7 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
 
 TEST(ModelGpuTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {
   ASSERT_FALSE(EnvOrEmpty("LORAD_TINY_MODEL").empty()) << "set LORAD_TINY_MODEL";
-  LlamaModelOptions options;
-  options.base = BaseWeights::kNf4;
-  options.device = torch::Device(DeviceUnderTest());
-  options.dtype = options.device.is_cuda() ? torch::kBFloat16 : torch::kFloat;
-  auto model = LlamaModel::Load(EnvOrEmpty("LORAD_TINY_MODEL"), options);
+  auto model = TinyNf4Model();
   ASSERT_TRUE(model.ok()) << model.status();
   // Examples of 40, 25 and 60 tokens, alone (padded rows), and packed into two rows of 65: the
   // first two examples in row 0, the third in row 1 with 5 tokens of padding after it (whose
@@ -453,11 +462,7 @@ TEST(ModelGpuTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {
   ASSERT_FALSE(want.empty());
   // Within bf16's rounding (the two run different attention kernels and layouts).
   EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), 1e-2 * want[0].item<double>());
-  double worst = 0;
-  for (size_t i = 1; i < want.size(); ++i) {
-    const double scale = std::max(want[i].abs().max().item<double>(), 1e-12);
-    worst = std::max(worst, (got[i] - want[i]).abs().max().item<double>() / scale);
-  }
+  const double worst = WorstGradientDiff(got, want);
   std::cout << "[packed] loss " << got[0].item<double>() << " vs " << want[0].item<double>()
             << "; LoRA gradients max relative diff " << worst << "\n";
   EXPECT_LE(worst, 5e-2);
