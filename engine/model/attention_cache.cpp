@@ -30,6 +30,18 @@ PackedSequences PackedSequences::FromPositions(const torch::Tensor& positions, b
   return packed;
 }
 
+PackedSequences PackedSequences::For(const torch::Tensor& positions, const torch::Device& device,
+                                     bool flash) {
+  if (flash) {
+    PackedSequences packed = FromPositions(positions.to(torch::kCPU, torch::kLong), true);
+    if (packed.cu_seqlens.size(0) - 1 <= kMaxSegments) {
+      packed.cu_seqlens = packed.cu_seqlens.to(device);
+      return packed;
+    }
+  }
+  return FromPositions(positions.to(device, torch::kLong), false);
+}
+
 bool PackedSequences::FlashRuns(const torch::Tensor& like, int64_t head_dim) {
 #if defined(LORAD_WITH_CUDA)
   if (!like.is_cuda() ||

@@ -54,13 +54,16 @@ struct PackedSequences {
   torch::Tensor mask;        // [B, 1, T, T] bool, true = attend; or undefined
   torch::Tensor cu_seqlens;  // [segments + 1] int32 on the device: segment starts in B * T tokens
   int64_t max_seqlen = 0;    // the longest segment, with cu_seqlens
-  bool defined() const { return mask.defined() || cu_seqlens.defined(); }
 
   // The most segments one flash launch takes (its grid's y dimension).
   static constexpr int64_t kMaxSegments = 65535;
   // From positions [B, T] (long). `flash`: the segments (cu_seqlens on positions' device; from
   // CPU positions no device sync), else the mask (on positions' device).
   static PackedSequences FromPositions(const torch::Tensor& positions, bool flash);
+  // For a forward on `device`: with `flash`, the segments, built from the positions on the host
+  // (no device sync) unless there are more than kMaxSegments; else the mask, built on `device`.
+  static PackedSequences For(const torch::Tensor& positions, const torch::Device& device,
+                             bool flash);
   // Whether flash attention's variable-length kernel runs for q of this device, dtype and
   // head_dim (CUDA, sm_80 or later, fp16/bf16, head_dim a multiple of 8 up to 256).
   static bool FlashRuns(const torch::Tensor& like, int64_t head_dim);

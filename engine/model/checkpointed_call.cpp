@@ -39,6 +39,16 @@ c10::cuda::CUDAStream CopyStream(c10::DeviceIndex device) {
   return c10::cuda::getStreamFromExternal(stream, device);
 }
 
+// dst.copy_(src) on the copy stream, after the work queued so far on the compute stream.
+void CopyOnSideStream(torch::Tensor& dst, const torch::Tensor& src,
+                      const c10::cuda::CUDAStream& copy) {
+  at::cuda::CUDAEvent queued;
+  queued.record(c10::cuda::getCurrentCUDAStream(copy.device_index()));
+  queued.block(copy);
+  const c10::cuda::CUDAStreamGuard guard(copy);
+  dst.copy_(src, /*non_blocking=*/true);
+}
+
 // A checkpointed piece's CUDA input parked in pinned host memory until its backward. The copy
 // out starts after the work queued so far on the compute stream and runs on the copy stream; the
 // input's device memory is not handed out again before that copy has read it. Prefetch starts the
@@ -47,34 +57,20 @@ c10::cuda::CUDAStream CopyStream(c10::DeviceIndex device) {
 class OffloadedInput {
  public:
   explicit OffloadedInput(const torch::Tensor& x) : device_index_(x.device().index()) {
-    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_index_);
     const c10::cuda::CUDAStream copy = CopyStream(device_index_);
-    at::cuda::CUDAEvent ready;
-    ready.record(compute);
-    ready.block(copy);
     host_ = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
-    {
-      const c10::cuda::CUDAStreamGuard guard(copy);
-      host_.copy_(x.detach(), /*non_blocking=*/true);
-    }
+    CopyOnSideStream(host_, x.detach(), copy);
     c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), copy);
   }
 
   void Prefetch() {
     if (device_.defined() || !host_.defined()) return;
-    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_index_);
     const c10::cuda::CUDAStream copy = CopyStream(device_index_);
     // Allocated in the compute stream's order: the copy waits until that memory is free there.
     device_ = torch::empty(
         host_.sizes(),
         torch::TensorOptions().dtype(host_.dtype()).device(torch::kCUDA, device_index_));
-    at::cuda::CUDAEvent allocated;
-    allocated.record(compute);
-    allocated.block(copy);
-    {
-      const c10::cuda::CUDAStreamGuard guard(copy);
-      device_.copy_(host_, /*non_blocking=*/true);
-    }
+    CopyOnSideStream(device_, host_, copy);
     copied_back_.record(copy);
     // Freed unread (a backward that failed), the memory still waits for the copy.
     c10::cuda::CUDACachingAllocator::recordStream(device_.storage().data_ptr(), copy);

@@ -480,18 +480,7 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   // themselves: flash attention's variable-length segments on CUDA, a mask elsewhere.
   PackedSequences packed_sequences;
   if (cache == nullptr && packed) {
-    if (PacksWithFlash()) {  // from the host's positions: no device sync
-      packed_sequences =
-          PackedSequences::FromPositions(batch.positions.to(torch::kCPU, torch::kLong), true);
-      packed_sequences.cu_seqlens = packed_sequences.cu_seqlens.to(device);
-    }
-    if (packed_sequences.cu_seqlens.defined() &&
-        packed_sequences.cu_seqlens.size(0) - 1 > PackedSequences::kMaxSegments) {
-      packed_sequences = PackedSequences();  // more than one launch takes: the mask
-    }
-    if (!packed_sequences.defined()) {
-      packed_sequences = PackedSequences::FromPositions(positions, false);
-    }
+    packed_sequences = PackedSequences::For(batch.positions, device, PacksWithFlash());
   }
 
   // Shared: a checkpointed layer recomputes in backward, after this call has returned.
