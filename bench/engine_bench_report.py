@@ -54,6 +54,10 @@ def report_train(rows):
                 ckpt += " (offloaded)"
             if r.get("kept_layers", "0") != "0":
                 ckpt += f" (last {r['kept_layers']} kept)"
+            if r.get("kept_mlp", "0") != "0":
+                ckpt += f" ({r['kept_mlp']} MLPs kept)"
+            if r.get("cap_gib", "0") != "0":
+                ckpt += f" [cap {r['cap_gib']} GiB]"
             label = f"lorad {base_name} base, {r['optimizer']}, grad ckpt {ckpt}"
             if r.get("layer_ops") == "torch":
                 label += ", torch layer ops"
@@ -83,6 +87,8 @@ def report_train(rows):
             ops = ", torch layer ops" if r.get("layer_ops") == "torch" else ""
             if r.get("kept_layers", "0") != "0":
                 ops += f", last {r['kept_layers']} layers kept"
+            if r.get("kept_mlp", "0") != "0":
+                ops += f", {r['kept_mlp']} MLPs kept"
             print(f"  lorad ({r['optimizer']}{ops}): " + "; ".join(parts))
 
 

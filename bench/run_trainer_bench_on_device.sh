@@ -88,13 +88,20 @@ for shape in $SHAPES; do
       --warmup=3 --steps=8 --gradient_checkpointing=1 --keep_activations_layers="$keep" \
       --output_dir="$WORK/out-$shape-keep-$keep"
   done
-  # BENCH_OFFLOAD_KEEP="6 9": also offloaded, with the last N layers keeping their activations
-  # (the device memory the offloaded inputs leave spent on skipping recomputes).
-  for keep in ${BENCH_OFFLOAD_KEEP:-}; do
+  # BENCH_OFFLOAD_KEEP="6 9 6:12": also offloaded, with the last N layers keeping their
+  # activations (the device memory the offloaded inputs leave spent on skipping recomputes);
+  # N:M also has M checkpointed layers keep their MLP's gate and up on the host (keep_mlp_layers).
+  # BENCH_MEMORY_CAP_GIB=10: these runs may reserve no more than that (trainer_bench).
+  for spec in ${BENCH_OFFLOAD_KEEP:-}; do
+    keep=${spec%%:*}
+    mlp=0
+    [ "$spec" != "$keep" ] && mlp=${spec#*:}
     [ $BUILD_RC -eq 0 ] && run 150 "$BUILD/trainer_bench" --model="$WORK/model-$shape" \
       --data="$WORK/train.jsonl" --base=nf4 --optimizer=adamw_8bit --micro_batch=2 --seq=2048 \
       --warmup=3 --steps=8 --gradient_checkpointing=1 --offload_activations=1 \
-      --keep_activations_layers="$keep" --output_dir="$WORK/out-$shape-offload-keep-$keep"
+      --keep_activations_layers="$keep" --keep_mlp_layers="$mlp" \
+      --memory_cap_gib="${BENCH_MEMORY_CAP_GIB:-0}" \
+      --output_dir="$WORK/out-$shape-offload-keep-$keep-mlp-$mlp"
   done
   # BENCH_PACKING=1: also short examples (about 100 tokens) packed several to a row, kept apart.
   if [ $BUILD_RC -eq 0 ] && [ "${BENCH_PACKING:-0}" = 1 ]; then

@@ -55,6 +55,16 @@ int Run(const BenchArgs& args) {
     model_options.device = torch::Device(torch::kCUDA, 0);
     model_options.dtype = torch::kBFloat16;
   }
+  // --memory_cap_gib=10: the caching allocator may hold (reserve) no more than this, as on a
+  // card of that size: past it it frees its cache and waits for pending work before it fails.
+  // The peak allocated figure alone misses what waits for a copy or is lost to fragmentation.
+  const double cap_gib = args.Double("memory_cap_gib");
+  if (cuda && cap_gib > 0) {
+    torch::empty({1}, torch::Device(torch::kCUDA, 0));  // the allocator starts lazily
+    const double total = static_cast<double>(at::cuda::getDeviceProperties(0)->totalGlobalMem);
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(std::min(1.0, cap_gib * kGiB / total), 0);
+    std::printf("memory cap: the allocator reserves at most %.2f GiB\n", cap_gib);
+  }
   const std::string folder = args.Get("model");
   const Clock::time_point load_start = Clock::now();
   auto model = engine::LlamaModel::Load(folder, model_options);
@@ -89,6 +99,7 @@ int Run(const BenchArgs& args) {
   config.gradient_checkpointing = args.Int("gradient_checkpointing") != 0;
   config.offload_activations = args.Int("offload_activations") != 0;
   config.keep_activations_layers = args.Int("keep_activations_layers");
+  config.keep_mlp_layers = args.Int("keep_mlp_layers");
   // Short examples several to a row, kept apart (TRL's padding-free packing).
   config.data.packing = args.Int("packing") != 0;
   config.output_dir = args.Get("output_dir");
@@ -175,12 +186,12 @@ int Run(const BenchArgs& args) {
       step_ms[step_ms.size() / 2], tokens_per_s, peak / kGiB, peak_reserved / kGiB);
   std::printf(
       "RESULT bench=train system=lorad base=%s optimizer=%s checkpointing=%d offload=%d "
-      "kept_layers=%lld layer_ops=%s packing=%d batch=%lld seq=%lld "
+      "kept_layers=%lld kept_mlp=%lld cap_gib=%g layer_ops=%s packing=%d batch=%lld seq=%lld "
       "tokens_per_s=%.1f peak_gib=%.3f step_ms=%.2f\n",
       args.Get("base").c_str(), config.optimizer.c_str(), config.gradient_checkpointing ? 1 : 0,
       config.offload_activations ? 1 : 0, static_cast<long long>(config.keep_activations_layers),
-      args.Get("layer_ops").c_str(), config.data.packing ? 1 : 0,
-      static_cast<long long>(config.micro_batch_size),
+      static_cast<long long>(config.keep_mlp_layers), cap_gib, args.Get("layer_ops").c_str(),
+      config.data.packing ? 1 : 0, static_cast<long long>(config.micro_batch_size),
       static_cast<long long>(config.max_seq_length), tokens_per_s, peak / kGiB,
       step_ms[step_ms.size() / 2]);
   return 0;
@@ -205,6 +216,8 @@ int main(int argc, char** argv) {
                                       {"gradient_checkpointing", "0"},
                                       {"offload_activations", "0"},
                                       {"keep_activations_layers", "0"},
+                                      {"keep_mlp_layers", "0"},
+                                      {"memory_cap_gib", "0"},
                                       {"packing", "0"},
                                       {"profile_steps", "0"},
                                       {"layer_ops", "fused"},

@@ -121,6 +121,8 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
       InRange("training.early_stopping_patience", t.early_stopping_patience(), 0, 1000),
       InRange("training.keep_activations_layers", t.keep_activations_layers(), 0,
               limits.model_layers > 0 ? static_cast<int32_t>(limits.model_layers) : 1024),
+      InRange("training.keep_mlp_layers", t.keep_mlp_layers(), 0,
+              limits.model_layers > 0 ? static_cast<int32_t>(limits.model_layers) : 1024),
   };
   for (const auto& s : checks) {
     if (!s.ok()) return s;
@@ -133,6 +135,11 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
     }
     if (t.keep_activations_layers() > 0) {
       return Field("training.keep_activations_layers",
+                   "needs training.gradient_checkpointing (without it every layer keeps its "
+                   "activations)");
+    }
+    if (t.keep_mlp_layers() > 0) {
+      return Field("training.keep_mlp_layers",
                    "needs training.gradient_checkpointing (without it every layer keeps its "
                    "activations)");
     }
@@ -387,6 +394,7 @@ engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::st
   c.gradient_checkpointing = !t.has_gradient_checkpointing() || t.gradient_checkpointing();
   c.offload_activations = t.offload_activations();
   c.keep_activations_layers = t.keep_activations_layers();
+  c.keep_mlp_layers = t.keep_mlp_layers();
   if (t.seed() != 0) c.seed = t.seed();
   c.eval_every = t.eval_every();
   c.save_every = t.save_every();

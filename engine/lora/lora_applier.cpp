@@ -5,6 +5,60 @@
 #include "absl/strings/str_cat.h"
 
 namespace lorad::engine {
+namespace {
+
+// The autograd nodes of y.addmm_(h, bt, 1, alpha) and y.baddbmm_(h, bt, 1, alpha) (AddUpdate)
+// without their products: the value is y's, backward is PyTorch's, formula for formula
+// (derivatives.yaml; mm's operand-layout choice from FunctionsManual's mm_mat1/mat2_backward), so
+// the gradients equal the computed update's bit for bit.
+torch::Tensor TimesAlpha(const torch::Tensor& t, double alpha) {
+  return alpha == 1 ? t : t * alpha;
+}
+
+bool IsColumnMajor(const torch::Tensor& t) {
+  return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= std::max<int64_t>(1, t.size(0)));
+}
+
+class GraphOnlyAddmmFunction : public torch::autograd::Function<GraphOnlyAddmmFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
+                               const torch::Tensor& h, const torch::Tensor& bt, double alpha) {
+    ctx->save_for_backward({h, bt});
+    ctx->saved_data["alpha"] = alpha;
+    return y.view_as(y);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& h = saved[0];
+    const torch::Tensor& bt = saved[1];
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const torch::Tensor& g = grads[0];
+    const torch::Tensor dh = IsColumnMajor(h) ? bt.mm(g.t()).t() : g.mm(bt.t());
+    const torch::Tensor dbt = IsColumnMajor(bt) ? g.t().mm(h).t() : h.t().mm(g);
+    return {g, TimesAlpha(dh, alpha), TimesAlpha(dbt, alpha), torch::Tensor()};
+  }
+};
+
+class GraphOnlyBaddbmmFunction : public torch::autograd::Function<GraphOnlyBaddbmmFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
+                               const torch::Tensor& h, const torch::Tensor& bt, double alpha) {
+    ctx->save_for_backward({h, bt});
+    ctx->saved_data["alpha"] = alpha;
+    return y.view_as(y);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const torch::Tensor& g = grads[0];
+    return {g, TimesAlpha(g.bmm(saved[1].transpose(1, 2)), alpha),
+            TimesAlpha(saved[0].transpose(1, 2).bmm(g), alpha), torch::Tensor()};
+  }
+};
+
+}  // namespace
 
 const char* ProjectionName(Projection projection) {
   switch (projection) {
@@ -59,6 +113,12 @@ SingleLoraApplier::SingleLoraApplier(const LoraAdapter& adapter, int64_t num_lay
 
 torch::Tensor SingleLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                                        const torch::Tensor& y) const {
+  return ApplyOrGraph(layer, projection, x, y, /*value_needed=*/true);
+}
+
+torch::Tensor SingleLoraApplier::ApplyOrGraph(int64_t layer, Projection projection,
+                                              const torch::Tensor& x, const torch::Tensor& y,
+                                              bool value_needed) const {
   const LoraPair* pair = pairs_.at(layer)[static_cast<int>(projection)];
   if (pair == nullptr) return y;
   const auto options = x.options();
@@ -66,18 +126,22 @@ torch::Tensor SingleLoraApplier::Apply(int64_t layer, Projection projection, con
   const torch::Tensor b = pair->b.to(options);  // [out, r]
   const torch::Tensor dx = train_ && dropout_ > 0 ? torch::dropout(x, dropout_, true) : x;
   // Rank r is small: x A^T first keeps the intermediate [..., r].
-  return AddUpdate(y, torch::linear(dx, a), b);
+  return AddUpdate(y, torch::linear(dx, a), b, value_needed);
 }
 
-std::vector<torch::Tensor> SingleLoraApplier::ApplyShared(
+std::vector<torch::Tensor> SingleLoraApplier::ApplySharedOrGraph(
     int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x,
-    const std::vector<torch::Tensor>& ys) const {
+    const std::vector<torch::Tensor>& ys, bool value_needed) const {
   std::vector<const LoraPair*> pairs;
   for (const Projection p : projections) pairs.push_back(pairs_.at(layer)[static_cast<int>(p)]);
   const bool all_targeted =
       std::all_of(pairs.begin(), pairs.end(), [](const LoraPair* p) { return p != nullptr; });
   if (pairs.size() < 2 || pairs.size() != ys.size() || !all_targeted || (train_ && dropout_ > 0)) {
-    return LoraApplier::ApplyShared(layer, projections, x, ys);
+    std::vector<torch::Tensor> out;
+    for (size_t i = 0; i < projections.size() && i < ys.size(); ++i) {
+      out.push_back(ApplyOrGraph(layer, projections[i], x, ys[i], value_needed));
+    }
+    return out;
   }
   std::vector<torch::Tensor> as;
   std::vector<int64_t> ranks;
@@ -92,15 +156,20 @@ std::vector<torch::Tensor> SingleLoraApplier::ApplyShared(
   const std::vector<torch::Tensor> hs = h_all.split_with_sizes(ranks, -1);
   std::vector<torch::Tensor> out;
   for (size_t i = 0; i < pairs.size(); ++i) {
-    out.push_back(AddUpdate(ys[i], hs[i], pairs[i]->b.to(x.options())));
+    out.push_back(AddUpdate(ys[i], hs[i], pairs[i]->b.to(x.options()), value_needed));
   }
   return out;
 }
 
 torch::Tensor SingleLoraApplier::AddUpdate(const torch::Tensor& y, const torch::Tensor& h,
-                                           const torch::Tensor& b) const {
+                                           const torch::Tensor& b, bool value_needed) const {
   if (!y.is_contiguous() || y.dim() < 2 || y.dim() > 3) {
     return y + torch::linear(h, b) * scaling_;
+  }
+  if (!value_needed && torch::GradMode::is_enabled()) {
+    return y.dim() == 2
+               ? GraphOnlyAddmmFunction::apply(y, h, b.t(), scaling_)
+               : GraphOnlyBaddbmmFunction::apply(y, h, b.t().expand({y.size(0), -1, -1}), scaling_);
   }
   // One GEMM adds scaling * h B^T into y in place (beta 1, alpha scaling): no [..., out]
   // temporaries for the product, its scaling and the sum, which at 4,096 training tokens are

@@ -44,6 +44,14 @@ class LoraApplier {
                                                  const std::vector<Projection>& projections,
                                                  const torch::Tensor& x,
                                                  const std::vector<torch::Tensor>& ys) const;
+  // ApplyShared's autograd graph (the same backward) where the caller replaces the values it
+  // returns (a checkpointed recompute given parked values: WithParkedValue): an applier may skip
+  // computing them. This default computes them.
+  virtual std::vector<torch::Tensor> ApplySharedGraphOnly(
+      int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x,
+      const std::vector<torch::Tensor>& ys) const {
+    return ApplyShared(layer, projections, x, ys);
+  }
   // Whether Apply may change this projection's output (false: it returns y as it is), so the
   // model may fuse what follows the base product (the MLP's gate and up with their activation).
   virtual bool Targets(int64_t layer, Projection projection) const = 0;
@@ -63,15 +71,31 @@ class SingleLoraApplier : public LoraApplier {
   // gradients) instead of one product and one sum each.
   std::vector<torch::Tensor> ApplyShared(int64_t layer, const std::vector<Projection>& projections,
                                          const torch::Tensor& x,
-                                         const std::vector<torch::Tensor>& ys) const override;
+                                         const std::vector<torch::Tensor>& ys) const override {
+    return ApplySharedOrGraph(layer, projections, x, ys, /*value_needed=*/true);
+  }
+  // The updates' graph without their products (the [..., out] GEMMs that add h B^T into y).
+  std::vector<torch::Tensor> ApplySharedGraphOnly(
+      int64_t layer, const std::vector<Projection>& projections, const torch::Tensor& x,
+      const std::vector<torch::Tensor>& ys) const override {
+    return ApplySharedOrGraph(layer, projections, x, ys, /*value_needed=*/false);
+  }
   bool Targets(int64_t layer, Projection projection) const override {
     return pairs_.at(layer)[static_cast<int>(projection)] != nullptr;
   }
 
  private:
-  // y + scaling * h B^T, in place on y where one GEMM can do it.
-  torch::Tensor AddUpdate(const torch::Tensor& y, const torch::Tensor& h,
-                          const torch::Tensor& b) const;
+  torch::Tensor ApplyOrGraph(int64_t layer, Projection projection, const torch::Tensor& x,
+                             const torch::Tensor& y, bool value_needed) const;
+  std::vector<torch::Tensor> ApplySharedOrGraph(int64_t layer,
+                                                const std::vector<Projection>& projections,
+                                                const torch::Tensor& x,
+                                                const std::vector<torch::Tensor>& ys,
+                                                bool value_needed) const;
+  // y + scaling * h B^T, in place on y where one GEMM can do it. Without `value_needed`, that
+  // GEMM's autograd node without its product: the result's value is y's.
+  torch::Tensor AddUpdate(const torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& b,
+                          bool value_needed) const;
 
   double scaling_ = 1;
   double dropout_ = 0;

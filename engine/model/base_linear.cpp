@@ -13,17 +13,25 @@ namespace {
 // accumulated by the GEMMs themselves (one product, then one accumulating product per further
 // weight, not an add kernel each), except in a checkpointed layer's recompute, whose backward
 // follows at once: there the forward keeps its dequantized weights for it (one dequantization
-// fewer per projection and step, for one layer's weights in 16-bit at a time).
+// fewer per projection and step, for one layer's weights in 16-bit at a time). Without
+// `value_needed` nothing is computed: the outputs are uninitialized (BaseLinear::ForwardGraphOnly).
 class Nf4GroupLinearFunction : public torch::autograd::Function<Nf4GroupLinearFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const torch::Tensor& x,
-                                                const std::vector<const Nf4Tensor*>& weights) {
+                                                const std::vector<const Nf4Tensor*>& weights,
+                                                bool value_needed) {
     std::vector<int64_t> pointers;
     const bool keep = InCheckpointRecompute();
     torch::autograd::variable_list ys;
     for (size_t i = 0; i < weights.size(); ++i) {
       pointers.push_back(reinterpret_cast<int64_t>(weights[i]));
+      if (!value_needed) {
+        std::vector<int64_t> sizes = x.sizes().vec();
+        sizes.back() = weights[i]->out_features();
+        ys.push_back(torch::empty(sizes, x.options()));
+        continue;
+      }
       if (!keep) {
         ys.push_back(weights[i]->Linear(x));
         continue;
@@ -60,7 +68,7 @@ class Nf4GroupLinearFunction : public torch::autograd::Function<Nf4GroupLinearFu
       }
     }
     if (dx.defined()) dx = dx.view(ctx->saved_data["x_sizes"].toIntVector());
-    return {dx, torch::Tensor()};
+    return {dx, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -104,9 +112,10 @@ torch::Tensor BaseLinear::Forward(const torch::Tensor& x) const {
   if (!nf4_) return torch::linear(x, weight_, bias_);
   // Only record the custom backward when a gradient is wanted; otherwise the plain call lets
   // Nf4Tensor::Linear pick its GEMV kernel.
-  torch::Tensor y = torch::GradMode::is_enabled() && x.requires_grad()
-                        ? Nf4GroupLinearFunction::apply(x, std::vector<const Nf4Tensor*>{&*nf4_})[0]
-                        : nf4_->Linear(x);
+  torch::Tensor y =
+      torch::GradMode::is_enabled() && x.requires_grad()
+          ? Nf4GroupLinearFunction::apply(x, std::vector<const Nf4Tensor*>{&*nf4_}, true)[0]
+          : nf4_->Linear(x);
   return bias_.defined() ? y + bias_ : y;
 }
 
@@ -118,19 +127,21 @@ torch::Tensor BaseLinear::ForwardGraphOnly(const torch::Tensor& x) const {
 }
 
 std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const BaseLinear*>& linears,
-                                                     const torch::Tensor& x) {
+                                                     const torch::Tensor& x, bool value_needed) {
+  const bool records = torch::GradMode::is_enabled() && x.requires_grad();
   std::vector<const Nf4Tensor*> weights;
   for (const BaseLinear* l : linears) {
     if (l->nf4_) weights.push_back(&*l->nf4_);
   }
   std::vector<torch::Tensor> ys;
   if (weights.size() != linears.size()) {
-    for (const BaseLinear* l : linears) ys.push_back(l->Forward(x));
+    for (const BaseLinear* l : linears) {
+      ys.push_back(value_needed || !records ? l->Forward(x) : l->ForwardGraphOnly(x));
+    }
     return ys;
   }
-  ys = torch::GradMode::is_enabled() && x.requires_grad()
-           ? Nf4GroupLinearFunction::apply(x, weights)
-           : Nf4Tensor::LinearGroup(weights, x);
+  ys = records ? Nf4GroupLinearFunction::apply(x, weights, value_needed)
+               : Nf4Tensor::LinearGroup(weights, x);
   for (size_t i = 0; i < ys.size(); ++i) {
     if (linears[i]->bias_.defined()) ys[i] = ys[i] + linears[i]->bias_;
   }

@@ -38,9 +38,10 @@ class BaseLinear {
   // Forward of several projections on one x (q, k, v; gate, up). All NF4: through
   // Nf4Tensor::LinearGroup (one kernel launch on CUDA) when no gradient is recorded, else as
   // Forward for each but with one backward node whose products accumulate dx themselves (no add
-  // kernel per further weight). Otherwise one Forward each.
+  // kernel per further weight). Otherwise one Forward each. Without `value_needed`, as
+  // ForwardGraphOnly: the graph without the values.
   static std::vector<torch::Tensor> ForwardShared(const std::vector<const BaseLinear*>& linears,
-                                                  const torch::Tensor& x);
+                                                  const torch::Tensor& x, bool value_needed = true);
 
   // The MLP's activation silu(gate(x)) * up(x) in one launch (Nf4Tensor::SiluMulProduct) when
   // both are NF4 without bias and that launch applies; undefined otherwise.

@@ -6,6 +6,8 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "engine/runtime/random_state.h"
 
@@ -17,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <deque>
 #include <map>
 #endif
 
@@ -39,6 +42,37 @@ c10::cuda::CUDAStream CopyStream(c10::DeviceIndex device) {
   return c10::cuda::getStreamFromExternal(stream, device);
 }
 
+// kMaxPendingCopyOutBytes: the caching allocator hands a tensor's device memory out again only
+// once the copy that reads it has ended, so without a bound a forward that offloads faster than
+// the link carries (parked MLP values: 235 MB a layer at Llama-3-8B, 2 x 2048 tokens) would hold
+// gigabytes of waiting tensors beyond what it has allocated (and what its peak counts).
+// The copies out still in flight on this thread, oldest first, with their bytes.
+struct PendingCopyOut {
+  std::shared_ptr<at::cuda::CUDAEvent> done;
+  int64_t bytes;
+};
+thread_local std::deque<PendingCopyOut> pending_copies_out;
+thread_local int64_t pending_copy_out_bytes = 0;
+
+// Counts a copy out just queued on `copy`, then waits until at most kMaxPendingCopyOutBytes are
+// in flight (forgetting the copies that ended on the way).
+void BoundPendingCopiesOut(int64_t bytes, const c10::cuda::CUDAStream& copy) {
+  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  done->record(copy);
+  pending_copies_out.push_back({std::move(done), bytes});
+  pending_copy_out_bytes += bytes;
+  while (!pending_copies_out.empty()) {
+    PendingCopyOut& oldest = pending_copies_out.front();
+    if (pending_copy_out_bytes > kMaxPendingCopyOutBytes) {
+      oldest.done->synchronize();
+    } else if (!oldest.done->query()) {
+      break;
+    }
+    pending_copy_out_bytes -= oldest.bytes;
+    pending_copies_out.pop_front();
+  }
+}
+
 // dst.copy_(src) on the copy stream, after the work queued so far on the compute stream.
 void CopyOnSideStream(torch::Tensor& dst, const torch::Tensor& src,
                       const c10::cuda::CUDAStream& copy) {
@@ -49,18 +83,18 @@ void CopyOnSideStream(torch::Tensor& dst, const torch::Tensor& src,
   dst.copy_(src, /*non_blocking=*/true);
 }
 
-// A checkpointed piece's CUDA input parked in pinned host memory until its backward. The copy
-// out starts after the work queued so far on the compute stream and runs on the copy stream; the
-// input's device memory is not handed out again before that copy has read it. Prefetch starts the
-// copy back (the piece before this one starts its own as this one's backward begins, so it
-// arrives while this backward computes); Take makes the compute stream wait for it.
-class OffloadedInput {
+// A CUDA tensor a checkpointed piece keeps for its backward (its input, or a value it parked),
+// waiting in pinned host memory. The copy out starts after the work queued so far on the compute
+// stream and runs on the copy stream; the tensor's device memory is not handed out again before
+// that copy has read it. Prefetch starts the copy back; Take makes the compute stream wait for it.
+class OffloadedTensor {
  public:
-  explicit OffloadedInput(const torch::Tensor& x) : device_index_(x.device().index()) {
+  explicit OffloadedTensor(const torch::Tensor& x) : device_index_(x.device().index()) {
     const c10::cuda::CUDAStream copy = CopyStream(device_index_);
     host_ = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
     CopyOnSideStream(host_, x.detach(), copy);
     c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), copy);
+    BoundPendingCopiesOut(static_cast<int64_t>(x.nbytes()), copy);
   }
 
   void Prefetch() {
@@ -90,9 +124,29 @@ class OffloadedInput {
   at::cuda::CUDAEvent copied_back_;
 };
 
-// The input offloaded last on this thread: the next piece to offload links to it (its backward
-// runs just before this one's and prefetches it).
-thread_local std::weak_ptr<OffloadedInput> last_offloaded;
+// What an offloading piece keeps on the host: its input and the values it parked. Pieces link
+// each to the one offloaded before it (on this thread), whose backward follows theirs: as piece
+// P's backward starts it prefetches P - 1's input (33 MB a piece at Llama-3-8B, 2 x 2048 tokens)
+// and P - 2's parked values (235 MB for an MLP's gate and up: one piece's backward is too short
+// to bring them, two are not), so both arrive while the backward computes.
+struct OffloadedPiece {
+  std::shared_ptr<OffloadedTensor> input;
+  std::vector<std::shared_ptr<OffloadedTensor>> parked;
+  std::weak_ptr<OffloadedPiece> previous;
+
+  void PrefetchParked() {
+    for (const auto& value : parked) value->Prefetch();
+  }
+  // The prefetches due as the backward of the piece after this one starts.
+  void PrefetchAsNext() {
+    input->Prefetch();
+    PrefetchParked();  // already started one piece earlier, unless this is the first
+    if (const std::shared_ptr<OffloadedPiece> before = previous.lock()) before->PrefetchParked();
+  }
+};
+
+// The piece offloaded last on this thread: the next piece to offload links to it.
+thread_local std::weak_ptr<OffloadedPiece> last_offloaded;
 #endif
 
 thread_local int recomputing = 0;  // CheckpointFunction::backward calls in their recompute
@@ -109,23 +163,39 @@ struct RecomputeScope {
 struct Saved : torch::CustomClassHolder {
   CheckpointedFn fn;
   RandomState rng;
+  bool park = false;                  // the piece may park values for its recompute
+  std::vector<torch::Tensor> parked;  // those parked where they are (not offloading)
 #if defined(LORAD_WITH_CUDA)
-  std::shared_ptr<OffloadedInput> offloaded;  // the input, when offloading
-  std::weak_ptr<OffloadedInput> previous;     // the piece offloaded before this one
+  std::shared_ptr<OffloadedPiece> offloaded;  // input and parked values, when offloading
 #endif
+};
+
+// The piece whose function runs on this thread (forward or recompute): ParkForRecompute and
+// TakeParked talk to it.
+thread_local Saved* running_piece = nullptr;
+
+// Sets running_piece while it lives.
+struct RunningPieceScope {
+  explicit RunningPieceScope(Saved* piece) : outer(running_piece) { running_piece = piece; }
+  ~RunningPieceScope() { running_piece = outer; }
+  RunningPieceScope(const RunningPieceScope&) = delete;
+  RunningPieceScope& operator=(const RunningPieceScope&) = delete;
+  Saved* outer;
 };
 
 class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               CheckpointedFn fn, bool offload) {
+                               CheckpointedFn fn, bool offload, bool park) {
     auto saved = c10::make_intrusive<Saved>();
     saved->rng = RandomState::Capture(x.is_cuda());
     saved->fn = std::move(fn);
+    saved->park = park;
 #if defined(LORAD_WITH_CUDA)
     if (offload && x.is_cuda()) {
-      saved->offloaded = std::make_shared<OffloadedInput>(x);
-      saved->previous = last_offloaded;
+      saved->offloaded = std::make_shared<OffloadedPiece>();
+      saved->offloaded->input = std::make_shared<OffloadedTensor>(x);
+      saved->offloaded->previous = last_offloaded;
       last_offloaded = saved->offloaded;
       ctx->save_for_backward({});
     } else {
@@ -138,6 +208,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor y;
     {
       torch::NoGradGuard no_grad;
+      const RunningPieceScope running(saved.get());
       y = saved->fn(x);
     }
     ctx->saved_data["saved"] = c10::IValue::make_capsule(std::move(saved));
@@ -151,12 +222,14 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor x;
 #if defined(LORAD_WITH_CUDA)
     if (saved->offloaded != nullptr) {
-      x = saved->offloaded->Take();
-      saved->offloaded.reset();
-      // The piece before this one is the next backward: its input comes back while this runs.
-      if (const std::shared_ptr<OffloadedInput> previous = saved->previous.lock()) {
-        previous->Prefetch();
+      x = saved->offloaded->input->Take();
+      for (const auto& value : saved->offloaded->parked) saved->parked.push_back(value->Take());
+      // The pieces before this one are the next backwards: their tensors come back while this
+      // one runs.
+      if (const std::shared_ptr<OffloadedPiece> previous = saved->offloaded->previous.lock()) {
+        previous->PrefetchAsNext();
       }
+      saved->offloaded.reset();
     }
 #endif
     if (!x.defined()) {
@@ -174,24 +247,26 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     {
       torch::AutoGradMode grad(true);
       const RecomputeScope recompute;
+      const RunningPieceScope running(saved.get());
       y = saved->fn(x);
     }
     now.Restore();
+    saved->parked.clear();  // a value the recompute did not take
     torch::autograd::backward({y}, {grads[0]});
-    return {x.grad(), torch::Tensor(), torch::Tensor()};
+    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 #if defined(LORAD_WITH_CUDA)
 struct LastOffloaded : torch::CustomClassHolder {
-  std::weak_ptr<OffloadedInput> input;
+  std::weak_ptr<OffloadedPiece> piece;
 };
 
 class PrefetchOnBackward : public torch::autograd::Function<PrefetchOnBackward> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
     auto last = c10::make_intrusive<LastOffloaded>();
-    last->input = last_offloaded;
+    last->piece = last_offloaded;
     ctx->saved_data["last"] = c10::IValue::make_capsule(std::move(last));
     return x.view_as(x);
   }
@@ -200,7 +275,7 @@ class PrefetchOnBackward : public torch::autograd::Function<PrefetchOnBackward> 
                                                  torch::autograd::variable_list grads) {
     const auto last =
         c10::static_intrusive_pointer_cast<LastOffloaded>(ctx->saved_data["last"].toCapsule());
-    if (const std::shared_ptr<OffloadedInput> input = last->input.lock()) input->Prefetch();
+    if (const std::shared_ptr<OffloadedPiece> piece = last->piece.lock()) piece->PrefetchAsNext();
     return {grads[0]};
   }
 };
@@ -235,8 +310,53 @@ torch::Tensor PrefetchLastOffloadedInBackward(const torch::Tensor& x) {
 #endif
 }
 
-torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload) {
-  return CheckpointFunction::apply(x, std::move(fn), offload);
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload, bool park) {
+  return CheckpointFunction::apply(x, std::move(fn), offload, park);
+}
+
+bool ParkForRecompute(const std::vector<torch::Tensor>& values) {
+  Saved* piece = running_piece;
+  if (piece == nullptr || !piece->park || InCheckpointRecompute()) return false;
+#if defined(LORAD_WITH_CUDA)
+  if (piece->offloaded != nullptr) {
+    for (const torch::Tensor& v : values) {
+      TORCH_CHECK(v.is_cuda(), "ParkForRecompute: an offloading piece parks CUDA tensors");
+      piece->offloaded->parked.push_back(std::make_shared<OffloadedTensor>(v));
+    }
+    return true;
+  }
+#endif
+  for (const torch::Tensor& v : values) piece->parked.push_back(v.detach());
+  return true;
+}
+
+std::vector<torch::Tensor> TakeParked() {
+  Saved* piece = running_piece;
+  if (piece == nullptr || !InCheckpointRecompute()) return {};
+  return std::exchange(piece->parked, {});
+}
+
+namespace {
+
+// value's data, with graph's place in autograd: the gradient passes to graph unchanged.
+class WithValueFunction : public torch::autograd::Function<WithValueFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& graph,
+                               const torch::Tensor& value) {
+    TORCH_CHECK(graph.sizes() == value.sizes(), "WithParkedValue: the graph's tensor is [",
+                graph.sizes(), "], the parked value [", value.sizes(), "]");
+    return value.view_as(value);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor WithParkedValue(const torch::Tensor& graph, const torch::Tensor& value) {
+  return WithValueFunction::apply(graph, value.detach());
 }
 
 }  // namespace lorad::engine

@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <vector>
 
 namespace lorad::engine {
 
@@ -23,7 +24,25 @@ using CheckpointedFn = std::function<torch::Tensor(const torch::Tensor&)>;
 // backward. The copies run on a side stream, overlapping the compute: out as soon as `x` is
 // computed, and back while the backward of the piece checkpointed after it (on this thread) runs.
 // A CPU `x` is kept as it is.
-torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false);
+//
+// With `park`, the piece may keep values its recompute would compute again (ParkForRecompute),
+// offloaded with its input when it offloads: memory (or copy bandwidth) for compute.
+torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool offload = false,
+                               bool park = false);
+
+// Inside the `fn` of a piece called with `park`: in its forward, ParkForRecompute keeps `values`
+// (on the host when the piece offloads, else where they are) and returns true; in its recompute,
+// TakeParked returns them, in order and on their device (the copies back were started two pieces'
+// backward earlier). Elsewhere ParkForRecompute returns false and TakeParked nothing. The recompute
+// makes the same autograd graph without computing the values: WithParkedValue gives a graph
+// tensor (one whose value was not computed) the parked value, passing its gradient through.
+bool ParkForRecompute(const std::vector<torch::Tensor>& values);
+std::vector<torch::Tensor> TakeParked();
+torch::Tensor WithParkedValue(const torch::Tensor& graph, const torch::Tensor& value);
+
+// At most this many bytes of a thread's offloaded tensors wait on the device for their copy out
+// to the host; past it the host waits for the oldest copies.
+constexpr int64_t kMaxPendingCopyOutBytes = int64_t{512} << 20;
 
 // Offloaded pieces link each to the one offloaded before it on this thread, whose input it
 // prefetches as its own backward starts. A training forward that offloads starts its own chain

@@ -322,14 +322,17 @@ torch::Tensor LlamaModel::Project(const DecoderLayer& layer, int64_t index, Proj
 std::vector<torch::Tensor> LlamaModel::ProjectShared(const DecoderLayer& layer, int64_t index,
                                                      const std::vector<Projection>& projections,
                                                      const torch::Tensor& x,
-                                                     const LoraApplier* lora) const {
+                                                     const LoraApplier* lora,
+                                                     bool value_needed) const {
   std::vector<const BaseLinear*> linears;
   linears.reserve(projections.size());
   for (const Projection p : projections) {
     linears.push_back(&layer.projections[static_cast<int>(p)]);
   }
-  std::vector<torch::Tensor> ys = BaseLinear::ForwardShared(linears, x);
-  return lora == nullptr ? ys : lora->ApplyShared(index, projections, x, ys);
+  std::vector<torch::Tensor> ys = BaseLinear::ForwardShared(linears, x, value_needed);
+  if (lora == nullptr) return ys;
+  return value_needed ? lora->ApplyShared(index, projections, x, ys)
+                      : lora->ApplySharedGraphOnly(index, projections, x, ys);
 }
 
 torch::Tensor LlamaModel::Attention(const DecoderLayer& layer, int64_t index,
@@ -380,8 +383,18 @@ torch::Tensor LlamaModel::Mlp(const DecoderLayer& layer, int64_t index, const to
                                   layer.projections[static_cast<int>(Projection::kUp)], x);
     if (act.defined()) return Project(layer, index, Projection::kDown, act, lora, value_needed);
   }
-  const std::vector<torch::Tensor> gate_up =
-      ProjectShared(layer, index, {Projection::kGate, Projection::kUp}, x, lora);
+  // A checkpointed piece that parked gate and up in its forward takes them in its recompute:
+  // the same graph (and so the same gradients), without the two largest products.
+  const std::vector<torch::Tensor> parked = TakeParked();
+  std::vector<torch::Tensor> gate_up = ProjectShared(
+      layer, index, {Projection::kGate, Projection::kUp}, x, lora, /*value_needed=*/parked.empty());
+  if (parked.size() == gate_up.size()) {
+    for (size_t i = 0; i < parked.size(); ++i) gate_up[i] = WithParkedValue(gate_up[i], parked[i]);
+  } else {
+    TORCH_CHECK(parked.empty(), "Mlp: a recompute took ", parked.size(),
+                " parked values, not gate and up");
+    ParkForRecompute(gate_up);
+  }
   const torch::Tensor& gate = gate_up[0];
   const torch::Tensor& up = gate_up[1];
   const torch::Tensor act =
@@ -414,7 +427,7 @@ LlamaModel::Residual LlamaModel::CheckpointedBlock(int64_t index, const torch::T
                                                    const torch::Tensor& sin,
                                                    const PackedSequences& packed,
                                                    const std::shared_ptr<const LoraApplier>& lora,
-                                                   bool offload) const {
+                                                   bool offload, bool keep_mlp) const {
   // The pieces are copied into the autograd graph and run again in backward, after this call
   // has returned: they hold the applier (shared) and the tensors themselves.
   const torch::Tensor attended = CheckpointedCall(
@@ -431,7 +444,7 @@ LlamaModel::Residual LlamaModel::CheckpointedBlock(int64_t index, const torch::T
                    return Mlp(layer, index, RmsNorm(h, layer.post_attention_norm), lora.get(),
                               /*value_needed=*/!InCheckpointRecompute());
                  },
-                 h, offload)};
+                 h, offload, /*park=*/keep_mlp)};
 }
 
 torch::Tensor LlamaModel::DecodeStep(const torch::Tensor& ids, const torch::Tensor& positions,
@@ -500,11 +513,19 @@ torch::Tensor LlamaModel::ForwardOrThrow(const ForwardBatch& batch, AttentionCac
   const int64_t first_kept = config_.num_hidden_layers - options.checkpoint_skip_last;
   const bool offload = checkpoint && options.offload_checkpoints;
   if (offload) StartOffloadChain();
+  // Checkpointed layers whose MLP keeps gate and up: spread evenly over them, so that the copies
+  // out (when offloading) spread over the forward.
+  const int64_t keep_mlp =
+      std::clamp<int64_t>(options.checkpoint_keep_mlp, 0, std::max<int64_t>(first_kept, 0));
+  const auto keeps_mlp = [&](int64_t i) {
+    return (i + 1) * keep_mlp / first_kept != i * keep_mlp / first_kept;
+  };
   Residual residual{h, torch::Tensor()};
   for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
     if (checkpoint && i < first_kept) {
       // A checkpointed piece takes one tensor: the pending add is done here.
-      residual = CheckpointedBlock(i, residual.Value(), cos, sin, packed_sequences, lora, offload);
+      residual = CheckpointedBlock(i, residual.Value(), cos, sin, packed_sequences, lora, offload,
+                                   keeps_mlp(i));
       continue;
     }
     residual = Block(i, residual, cos, sin, packed_sequences, cache, applier);

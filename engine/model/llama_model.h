@@ -79,6 +79,11 @@ struct ForwardOptions {
   // activations for backward, which then skips their recompute (their backward comes first, so
   // they are held only until the backward starts). Values above the layer count mean every layer.
   int64_t checkpoint_skip_last = 0;
+  // With checkpoint_layers: this many of the checkpointed layers (spread evenly) keep their
+  // MLP's gate and up outputs for backward, whose recompute then skips those two products (the
+  // largest: about 2/3 of a layer's recompute). With offload_checkpoints they wait in pinned host
+  // memory (2 x tokens x intermediate_size values a layer); else on the device.
+  int64_t checkpoint_keep_mlp = 0;
 };
 
 // The ignored label (transformers' and PyTorch's ignore_index).
@@ -151,10 +156,12 @@ class LlamaModel {
                         bool value_needed = true) const;
   // Projections of one input (q, k, v; gate, up): the base outputs at once
   // (BaseLinear::ForwardShared), then the LoRA updates of all of them at once
-  // (LoraApplier::ApplyShared).
+  // (LoraApplier::ApplyShared). Without `value_needed`, only their autograd graph: the caller
+  // gives the outputs their values (WithParkedValue).
   std::vector<torch::Tensor> ProjectShared(const DecoderLayer& layer, int64_t index,
                                            const std::vector<Projection>& projections,
-                                           const torch::Tensor& x, const LoraApplier* lora) const;
+                                           const torch::Tensor& x, const LoraApplier* lora,
+                                           bool value_needed = true) const;
   // x [B, T, hidden] -> [B, T, hidden]; value_needed as Project's, for the output projection.
   torch::Tensor Attention(const DecoderLayer& layer, int64_t index, const torch::Tensor& x,
                           const torch::Tensor& cos, const torch::Tensor& sin,
@@ -188,10 +195,12 @@ class LlamaModel {
   // second. Keeping h as well as x costs [B, T, hidden] a layer and saves o_proj's recompute
   // (8B shape, 2 x 2048 tokens: 349.6 -> 343.1 ms a step, 7.72 -> 8.50 GiB). With `offload` both
   // inputs wait in pinned host memory, copied out and back on a side stream while layers compute
-  // (CheckpointedCall).
+  // (CheckpointedCall). With `keep_mlp` the MLP piece parks its gate and up values (with its
+  // input) and its recompute takes them instead of computing the two products again.
   Residual CheckpointedBlock(int64_t index, const torch::Tensor& x, const torch::Tensor& cos,
                              const torch::Tensor& sin, const PackedSequences& packed,
-                             const std::shared_ptr<const LoraApplier>& lora, bool offload) const;
+                             const std::shared_ptr<const LoraApplier>& lora, bool offload,
+                             bool keep_mlp) const;
   torch::Tensor ForwardOrThrow(const ForwardBatch& batch, AttentionCache* cache,
                                const ForwardOptions& options) const;
 

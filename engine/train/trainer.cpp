@@ -241,6 +241,7 @@ absl::Status Trainer::Impl::StepOrThrow() {
   fo.checkpoint_layers = config.gradient_checkpointing;
   fo.offload_checkpoints = config.offload_activations;
   fo.checkpoint_skip_last = config.keep_activations_layers;
+  fo.checkpoint_keep_mlp = config.keep_mlp_layers;
   auto hidden = model->Forward(mb.batch, nullptr, fo);  // [B, T, hidden]
   if (!hidden.ok()) return hidden.status();
   const torch::Tensor flat = hidden->reshape({-1, hidden->size(2)});

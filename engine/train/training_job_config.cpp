@@ -60,6 +60,7 @@ absl::Status TrainingJobConfig::Validate() const {
   if (keep_activations_layers < 0) {
     return OutOfRange("keep_activations_layers", ">= 0", keep_activations_layers);
   }
+  if (keep_mlp_layers < 0) return OutOfRange("keep_mlp_layers", ">= 0", keep_mlp_layers);
   if (eval_every < 0) return OutOfRange("eval_every", ">= 0", eval_every);
   if (save_every < 0) return OutOfRange("save_every", ">= 0", save_every);
   if (keep_checkpoints < 0) return OutOfRange("keep_checkpoints", ">= 0", keep_checkpoints);

@@ -85,6 +85,11 @@ struct TrainingJobConfig {
   // 0.35 GiB and 2 ms of a 343 ms step per layer
   // (bench/results/2026-12-04-h200-trainer-8b-ab-checkpoint-halves.txt).
   int64_t keep_activations_layers = 0;
+  // With gradient_checkpointing: this many of the checkpointed layers (spread evenly) keep their
+  // MLP's gate and up outputs (ForwardOptions::checkpoint_keep_mlp), so backward skips those two
+  // products' recompute. With offload_activations they wait in pinned host memory (235 MB a layer
+  // at Llama-3-8B shapes and 2 x 2048 tokens) and cost the device nothing but copy bandwidth.
+  int64_t keep_mlp_layers = 0;
   uint64_t seed = 3407;
 
   int64_t eval_every = 0;               // optimizer steps between validation runs; 0: never

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <string>
 
+#include "engine/model/checkpointed_call.h"
+
 namespace lorad::engine {
 namespace {
 
@@ -63,6 +65,19 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           ? (model.num_hidden_layers - kept) * inputs_kept * tokens * h * element_bytes +
                 std::max<int64_t>(kept, 1) * layer
           : model.num_hidden_layers * layer;
+  // Checkpointed layers keeping their MLP's gate and up: on the device each; offloaded, two
+  // layers' worth (one in use, the next coming back: CheckpointedCall's prefetch), and any
+  // offload's copies out waiting on the device up to their bound.
+  const int64_t mlp_values = 2 * tokens * i * element_bytes;
+  const int64_t kept_mlp =
+      config.gradient_checkpointing
+          ? std::clamp<int64_t>(config.keep_mlp_layers, 0, model.num_hidden_layers - kept)
+          : 0;
+  if (config.gradient_checkpointing && config.offload_activations) {
+    e.activation_bytes += std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes;
+  } else {
+    e.activation_bytes += kept_mlp * mlp_values;
+  }
   // Packed rows kept apart attend through flash attention's variable-length segments
   // (`flash_packing`), whose backward pads its fp32 accumulators by 128 rows a segment (counted
   // for one example per 64 tokens and one per row); or through a mask ([B, T, T]: bool

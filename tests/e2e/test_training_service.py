@@ -220,6 +220,15 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     too_many.training.keep_activations_layers = 3  # the tiny model has 2
     expect_code(submit(too_many), grpc.StatusCode.INVALID_ARGUMENT,
                 "training.keep_activations_layers", "[0, 2]")
+    too_many_mlp = spec(pb)
+    too_many_mlp.training.keep_mlp_layers = 3
+    expect_code(submit(too_many_mlp), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.keep_mlp_layers", "[0, 2]")
+    mlp_without_checkpoints = spec(pb)
+    mlp_without_checkpoints.training.gradient_checkpointing = False
+    mlp_without_checkpoints.training.keep_mlp_layers = 1
+    expect_code(submit(mlp_without_checkpoints), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.keep_mlp_layers", "gradient_checkpointing")
     no_checkpoints = spec(pb)
     no_checkpoints.training.gradient_checkpointing = False
     no_checkpoints.training.offload_activations = True

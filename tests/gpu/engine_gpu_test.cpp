@@ -338,7 +338,7 @@ TEST(EngineGpuTest, TwoJobsTrainingAtOnceEachKeepTheirOwnRandomStream) {
 // device as the trainer keeps it; checkpointed layers, their inputs offloaded to the host or not.
 std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const ForwardBatch& batch,
                                             const torch::Tensor& labels, bool offload = false,
-                                            int64_t keep_last = 0) {
+                                            int64_t keep_last = 0, int64_t keep_mlp = 0) {
   LoraConfig config;
   config.r = 4;
   torch::manual_seed(3);
@@ -357,6 +357,7 @@ std::vector<torch::Tensor> LossAndGradients(const LlamaModel& model, const Forwa
   options.checkpoint_layers = true;
   options.offload_checkpoints = offload;
   options.checkpoint_skip_last = keep_last;
+  options.checkpoint_keep_mlp = keep_mlp;
   auto loss = model.Loss(batch, labels, options);
   EXPECT_TRUE(loss.ok()) << loss.status();
   if (!loss.ok()) return {};
@@ -393,7 +394,9 @@ double WorstGradientDiff(const std::vector<torch::Tensor>& got,
 // Checkpointed layers whose inputs wait in pinned host memory (copied out and back on a side
 // stream while the layers compute) give the loss and LoRA gradients of inputs kept on the device,
 // step after step (each step's first backward prefetches only its own step's inputs), with the last
-// layer kept out of the checkpointing too (its backward runs while the last input comes back).
+// layer kept out of the checkpointing too (its backward runs while the last input comes back), and
+// with checkpointed layers whose MLP keeps gate and up on the host (step 2: both layers; the
+// recompute takes them instead of computing the products again).
 TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
   ASSERT_FALSE(EnvOrEmpty("LORAD_TINY_MODEL").empty()) << "set LORAD_TINY_MODEL";
   auto model = TinyNf4Model();
@@ -403,10 +406,11 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
     batch.input_ids = torch::randint(3, (*model)->config().vocab_size, {2, 200},
                                      torch::TensorOptions().dtype(torch::kLong));
     const int64_t keep_last = step == 1 ? 1 : 0;
+    const int64_t keep_mlp = step == 2 ? 2 : 0;
     const auto want =
         LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/false, keep_last);
-    const auto got =
-        LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/true, keep_last);
+    const auto got = LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/true,
+                                      keep_last, keep_mlp);
     ASSERT_EQ(got.size(), want.size());
     ASSERT_FALSE(want.empty());
     EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), 1e-4 * want[0].item<double>())

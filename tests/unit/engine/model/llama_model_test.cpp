@@ -382,6 +382,45 @@ TEST(LlamaModelTest, CheckpointedLayersGiveTheSameLossAndGradients) {
   EXPECT_GT(plain[1].abs().sum().item<double>(), 0);  // A really got a gradient
 }
 
+// Checkpointed layers whose MLP keeps gate and up (checkpoint_keep_mlp: one of the two layers,
+// then both) give exactly the loss and LoRA gradients of layers that recompute them: the recompute
+// builds the same graph around the kept values. With the last layer kept too, and offloading (a
+// CPU input and kept values stay where they are; tests/gpu/engine_gpu_test.cpp offloads CUDA
+// ones), and LoRA dropout replayed (with dropout each projection's update is its own node; without,
+// gate's and up's share their A product).
+TEST(LlamaModelTest, CheckpointedLayersKeepingTheirMlpGiveTheSameLossAndGradients) {
+  auto model = Tiny(BaseWeights::kNf4);
+  ASSERT_NE(model, nullptr);
+  ASSERT_EQ(model->config().num_hidden_layers, 2);
+  LoraConfig config;
+  config.r = 4;
+  config.alpha = 12;  // scaling 3: the updates' gradients are scaled
+  const ForwardBatch batch = Tokens({{1, 2, 3, 4, 5}, {6, 7, 8}});
+  for (const double dropout : {0.0, 0.2}) {
+    config.dropout = dropout;
+    for (const bool offload : {false, true}) {
+      for (const int64_t skip_last : {0, 1}) {
+        ForwardOptions options;
+        options.checkpoint_layers = true;
+        options.checkpoint_skip_last = skip_last;
+        options.offload_checkpoints = offload;
+        const auto want = test_fixtures::LossAndLoraGradients(*model, config, batch, options);
+        for (const int64_t keep_mlp : {1, 2, 5}) {
+          options.checkpoint_keep_mlp = keep_mlp;
+          const auto got = test_fixtures::LossAndLoraGradients(*model, config, batch, options);
+          ASSERT_EQ(got.size(), want.size());
+          for (size_t i = 0; i < want.size(); ++i) {
+            EXPECT_TRUE(torch::equal(got[i], want[i]))
+                << "dropout " << dropout << " offload " << offload << " skip_last " << skip_last
+                << " keep_mlp " << keep_mlp << " tensor " << i << " max diff "
+                << (got[i] - want[i]).abs().max().item<double>();
+          }
+        }
+      }
+    }
+  }
+}
+
 // Examples packed into one row and kept apart (positions starting again at each, the label of
 // each one's first token ignored) train exactly as the same examples in rows of their own: the
 // same loss and LoRA gradients, with a padded row beside them, checkpointed or not.

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "engine/model/checkpointed_call.h"
+
 namespace lorad::engine {
 namespace {
 
@@ -56,7 +58,8 @@ TEST(TrainingMemoryTest, CheckpointingAndEightBitStatesLowerTheEstimate) {
 }
 
 // A checkpointed layer keeps two [tokens, hidden] tensors on the device (its input and its
-// attention half's output); offloaded, it keeps none there (both wait in host memory).
+// attention half's output); offloaded, it keeps none there (both wait in host memory), but the
+// copies out may hold up to kMaxPendingCopyOutBytes on the device until they have read it.
 TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
   TrainingJobConfig c;
   c.micro_batch_size = 2;
@@ -66,7 +69,29 @@ TEST(TrainingMemoryTest, OffloadingLeavesNoCheckpointedInputsOnTheDevice) {
   const int64_t inputs = int64_t{32} * 2 * 2 * 2048 * 4096 * 2;  // 32 layers x 2 bf16 tensors
   EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes -
                 EstimateTrainingBytes(Llama3_8B(), offloaded, 2).activation_bytes,
-            inputs);
+            inputs - kMaxPendingCopyOutBytes);
+}
+
+// Checkpointed layers keeping their MLP's gate and up (two [tokens, intermediate] tensors each)
+// hold them on the device; offloaded, only the two layers' worth that are back for backward at
+// a time. At most every checkpointed layer keeps them.
+TEST(TrainingMemoryTest, KeptMlpValuesCountOnTheDeviceUnlessOffloaded) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 2;
+  c.max_seq_length = 2048;
+  c.keep_activations_layers = 4;
+  const int64_t mlp = int64_t{2} * 4096 * 14336 * 2;
+  const int64_t plain = EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes;
+  TrainingJobConfig kept = c;
+  kept.keep_mlp_layers = 10;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), kept, 2).activation_bytes, plain + 10 * mlp);
+  kept.keep_mlp_layers = 99;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), kept, 2).activation_bytes, plain + 28 * mlp);
+  c.offload_activations = true;
+  kept.offload_activations = true;
+  kept.keep_mlp_layers = 10;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), kept, 2).activation_bytes,
+            EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes + 2 * mlp);
 }
 
 // Packed rows kept apart attend through a [B, T, T] mask with K and V repeated for every query
