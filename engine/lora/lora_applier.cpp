@@ -19,7 +19,8 @@ bool IsColumnMajor(const torch::Tensor& t) {
   return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= std::max<int64_t>(1, t.size(0)));
 }
 
-class GraphOnlyAddmmFunction : public torch::autograd::Function<GraphOnlyAddmmFunction> {
+// 2-D (addmm_) or 3-D (baddbmm_, bt expanded over the batch) by the rank of y.
+class GraphOnlyUpdateFunction : public torch::autograd::Function<GraphOnlyUpdateFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
                                const torch::Tensor& h, const torch::Tensor& bt, double alpha) {
@@ -34,27 +35,16 @@ class GraphOnlyAddmmFunction : public torch::autograd::Function<GraphOnlyAddmmFu
     const torch::Tensor& bt = saved[1];
     const double alpha = ctx->saved_data["alpha"].toDouble();
     const torch::Tensor& g = grads[0];
-    const torch::Tensor dh = IsColumnMajor(h) ? bt.mm(g.t()).t() : g.mm(bt.t());
-    const torch::Tensor dbt = IsColumnMajor(bt) ? g.t().mm(h).t() : h.t().mm(g);
+    torch::Tensor dh;
+    torch::Tensor dbt;
+    if (g.dim() == 3) {
+      dh = g.bmm(bt.transpose(1, 2));
+      dbt = h.transpose(1, 2).bmm(g);
+    } else {
+      dh = IsColumnMajor(h) ? bt.mm(g.t()).t() : g.mm(bt.t());
+      dbt = IsColumnMajor(bt) ? g.t().mm(h).t() : h.t().mm(g);
+    }
     return {g, TimesAlpha(dh, alpha), TimesAlpha(dbt, alpha), torch::Tensor()};
-  }
-};
-
-class GraphOnlyBaddbmmFunction : public torch::autograd::Function<GraphOnlyBaddbmmFunction> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
-                               const torch::Tensor& h, const torch::Tensor& bt, double alpha) {
-    ctx->save_for_backward({h, bt});
-    ctx->saved_data["alpha"] = alpha;
-    return y.view_as(y);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const double alpha = ctx->saved_data["alpha"].toDouble();
-    const torch::Tensor& g = grads[0];
-    return {g, TimesAlpha(g.bmm(saved[1].transpose(1, 2)), alpha),
-            TimesAlpha(saved[0].transpose(1, 2).bmm(g), alpha), torch::Tensor()};
   }
 };
 
@@ -167,9 +157,8 @@ torch::Tensor SingleLoraApplier::AddUpdate(const torch::Tensor& y, const torch::
     return y + torch::linear(h, b) * scaling_;
   }
   if (!value_needed && torch::GradMode::is_enabled()) {
-    return y.dim() == 2
-               ? GraphOnlyAddmmFunction::apply(y, h, b.t(), scaling_)
-               : GraphOnlyBaddbmmFunction::apply(y, h, b.t().expand({y.size(0), -1, -1}), scaling_);
+    return GraphOnlyUpdateFunction::apply(
+        y, h, y.dim() == 2 ? b.t() : b.t().expand({y.size(0), -1, -1}), scaling_);
   }
   // One GEMM adds scaling * h B^T into y in place (beta 1, alpha scaling): no [..., out]
   // temporaries for the product, its scaling and the sum, which at 4,096 training tokens are

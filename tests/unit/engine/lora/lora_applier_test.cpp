@@ -163,5 +163,61 @@ TEST(LoraApplierTest, SharedProjectionsEqualOneApplyEach) {
       torch::allclose(outs[0], partial.Apply(0, Projection::kQ, x, ys[0].clone()), 1e-6, 1e-6));
 }
 
+// ApplySharedGraphOnly (a recompute whose values the caller replaces) computes no update: its
+// outputs keep the base values, and for the same upstream gradients x, every A and every B get
+// exactly ApplyShared's gradients, for [B, T, in] and [N, in] inputs (3-D and 2-D update GEMMs),
+// with a scaling of 4.
+TEST(LoraApplierTest, GraphOnlyUpdatesGiveTheComputedUpdatesGradients) {
+  LoraAdapter adapter;
+  adapter.config.r = 2;
+  adapter.config.alpha = 8;
+  torch::manual_seed(5);
+  const std::vector<Projection> projections = {Projection::kGate, Projection::kUp};
+  for (const Projection p : projections) {
+    adapter.layers[ProjectionPath(0, p)] = {torch::randn({2, 6}).requires_grad_(true),
+                                            torch::randn({7, 2}).requires_grad_(true)};
+  }
+  const SingleLoraApplier applier(adapter, 1, /*train=*/true);
+  for (const std::vector<int64_t>& lead : {std::vector<int64_t>{2, 4}, std::vector<int64_t>{8}}) {
+    std::vector<int64_t> x_shape = lead;
+    x_shape.push_back(6);
+    std::vector<int64_t> y_shape = lead;
+    y_shape.push_back(7);
+    const torch::Tensor x0 = torch::randn(x_shape);
+    const std::vector<torch::Tensor> ys0 = {torch::randn(y_shape), torch::randn(y_shape)};
+    const std::vector<torch::Tensor> upstream = {torch::randn(y_shape), torch::randn(y_shape)};
+    auto run = [&](bool graph_only) {
+      for (auto& [path, pair] : adapter.layers) {
+        pair.a.mutable_grad().reset();
+        pair.b.mutable_grad().reset();
+      }
+      const torch::Tensor x = x0.clone().requires_grad_(true);
+      // The base outputs as a graph tensor (their gradient reaches x), as a recompute's are.
+      std::vector<torch::Tensor> ys;
+      for (const torch::Tensor& y : ys0) ys.push_back(y + 0 * x.sum());
+      const std::vector<torch::Tensor> outs =
+          graph_only ? applier.ApplySharedGraphOnly(0, projections, x, ys)
+                     : applier.ApplyShared(0, projections, x, ys);
+      torch::autograd::backward(outs, upstream);
+      std::vector<torch::Tensor> result = {outs[0].detach().clone(), outs[1].detach().clone(),
+                                           x.grad()};
+      for (auto& [path, pair] : adapter.layers) {
+        result.push_back(pair.a.grad().clone());
+        result.push_back(pair.b.grad().clone());
+      }
+      return result;
+    };
+    const auto computed = run(false);
+    const auto graph = run(true);
+    EXPECT_TRUE(torch::equal(graph[0], ys0[0]));  // no update added
+    EXPECT_TRUE(torch::equal(graph[1], ys0[1]));
+    EXPECT_FALSE(torch::allclose(computed[0], ys0[0]));
+    for (size_t i = 2; i < computed.size(); ++i) {
+      EXPECT_TRUE(torch::equal(graph[i], computed[i]))
+          << "gradient " << i << " of lead " << lead.size();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lorad::engine
