@@ -168,6 +168,21 @@ struct Engine::Impl {
   // TrainingFitsNow's answer, under mu.
   absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need,
                                const TrainingJobConfig& config) const {
+    // Offloading parks tensors in pinned host memory (CUDA only), which the host must have: a
+    // job that would take more than is available waits for running jobs to give theirs back, or
+    // with none running is refused.
+    if (device.device != "cpu" && need.host_bytes > 0) {
+      const int64_t host = AvailableHostBytes();
+      if (host >= 0 && need.host_bytes > host) {
+        if (!active_job_ids.empty()) return false;
+        return absl::ResourceExhaustedError(
+            "training.offload_activations needs about " + ReadableBytes(need.host_bytes) +
+            " of pinned host memory for this job (the checkpointed layers' inputs" +
+            (config.keep_mlp_layers > 0 ? " and the kept MLP values" : "") + ") but the host has " +
+            ReadableBytes(host) + " available; lower training.keep_mlp_layers, " +
+            "turn offload_activations off, or " + ShrinkHint(config));
+      }
+    }
     const int64_t budget = options.training_memory_budget_bytes;
     if (budget <= 0) return true;
     if (need.total() > budget) {

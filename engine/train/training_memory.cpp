@@ -75,6 +75,8 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           : 0;
   if (config.gradient_checkpointing && config.offload_activations) {
     e.activation_bytes += std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes;
+    e.host_bytes =
+        (model.num_hidden_layers - kept) * 2 * tokens * h * element_bytes + kept_mlp * mlp_values;
   } else {
     e.activation_bytes += kept_mlp * mlp_values;
   }

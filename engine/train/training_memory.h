@@ -23,6 +23,9 @@ struct TrainingMemoryEstimate {
   int64_t activation_bytes = 0;  // kept for backward, plus one layer's working set
   int64_t workspace_bytes = 0;   // dequantized base weights, logits chunk
   int64_t total() const { return lora_bytes + activation_bytes + workspace_bytes; }
+  // Pinned host memory (not in total()): what offload_activations parks on the host on CUDA,
+  // the checkpointed layers' inputs and kept MLP values.
+  int64_t host_bytes = 0;
 };
 
 // `element_bytes`: 2 for bf16/fp16 compute, 4 for fp32. `flash_packing`: packed rows attend

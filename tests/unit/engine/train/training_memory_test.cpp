@@ -92,6 +92,13 @@ TEST(TrainingMemoryTest, KeptMlpValuesCountOnTheDeviceUnlessOffloaded) {
   kept.keep_mlp_layers = 10;
   EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), kept, 2).activation_bytes,
             EstimateTrainingBytes(Llama3_8B(), c, 2).activation_bytes + 2 * mlp);
+  // On the host: the 28 checkpointed layers' two inputs, and the 10 layers' gate and up.
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), kept, 2).host_bytes,
+            int64_t{28} * 2 * 2 * 2048 * 4096 * 2 + 10 * mlp);
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).host_bytes,
+            int64_t{28} * 2 * 2 * 2048 * 4096 * 2);
+  c.offload_activations = false;
+  EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2).host_bytes, 0);
 }
 
 // Packed rows kept apart attend through a [B, T, T] mask with K and V repeated for every query
