@@ -62,8 +62,9 @@ int Run(const BenchArgs& args) {
   if (cuda && cap_gib > 0) {
     torch::empty({1}, torch::Device(torch::kCUDA, 0));  // the allocator starts lazily
     const double total = static_cast<double>(at::cuda::getDeviceProperties(0)->totalGlobalMem);
-    c10::cuda::CUDACachingAllocator::setMemoryFraction(std::min(1.0, cap_gib * kGiB / total), 0);
-    std::printf("memory cap: the allocator reserves at most %.2f GiB\n", cap_gib);
+    const double fraction = std::min(1.0, cap_gib * kGiB / total);
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, 0);
+    std::printf("memory cap: the allocator reserves at most %.2f GiB\n", fraction * total / kGiB);
   }
   const std::string folder = args.Get("model");
   const Clock::time_point load_start = Clock::now();

@@ -15,9 +15,8 @@ torch::Tensor TimesAlpha(const torch::Tensor& t, double alpha) {
   return alpha == 1 ? t : t * alpha;
 }
 
-bool IsColumnMajor(const torch::Tensor& t) {
-  return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= std::max<int64_t>(1, t.size(0)));
-}
+// mm_mat1/mat2_backward's test, verbatim.
+bool IsColumnMajor(const torch::Tensor& t) { return t.stride(0) == 1 && t.stride(1) == t.size(0); }
 
 // 2-D (addmm_) or 3-D (baddbmm_, bt expanded over the batch) by the rank of y.
 class GraphOnlyUpdateFunction : public torch::autograd::Function<GraphOnlyUpdateFunction> {

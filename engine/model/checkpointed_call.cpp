@@ -3,6 +3,7 @@
 #include <ATen/core/ivalue.h>
 #include <torch/custom_class.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -55,13 +56,14 @@ thread_local std::deque<PendingCopyOut> pending_copies_out;
 thread_local int64_t pending_copy_out_bytes = 0;
 
 // Counts a copy out just queued on `copy`, then waits until at most kMaxPendingCopyOutBytes are
-// in flight (forgetting the copies that ended on the way).
+// in flight (forgetting the copies that ended on the way), but never for that copy itself: one
+// tensor above the bound would make the host wait for all the queued compute before it.
 void BoundPendingCopiesOut(int64_t bytes, const c10::cuda::CUDAStream& copy) {
   auto done = std::make_shared<at::cuda::CUDAEvent>();
   done->record(copy);
   pending_copies_out.push_back({std::move(done), bytes});
   pending_copy_out_bytes += bytes;
-  while (!pending_copies_out.empty()) {
+  while (pending_copies_out.size() > 1) {
     PendingCopyOut& oldest = pending_copies_out.front();
     if (pending_copy_out_bytes > kMaxPendingCopyOutBytes) {
       oldest.done->synchronize();
@@ -330,11 +332,17 @@ bool ParkForRecompute(const std::vector<torch::Tensor>& values) {
   return true;
 }
 
+// Process-wide: a CUDA backward (and so the recompute) runs on autograd's device thread.
+std::atomic<int64_t> parked_values_taken{0};
+
 std::vector<torch::Tensor> TakeParked() {
   Saved* piece = running_piece;
   if (piece == nullptr || !InCheckpointRecompute()) return {};
+  parked_values_taken += static_cast<int64_t>(piece->parked.size());
   return std::exchange(piece->parked, {});
 }
+
+int64_t ParkedValuesTaken() { return parked_values_taken; }
 
 namespace {
 

@@ -37,8 +37,11 @@ torch::Tensor CheckpointedCall(CheckpointedFn fn, const torch::Tensor& x, bool o
 // makes the same autograd graph without computing the values: WithParkedValue gives a graph
 // tensor (one whose value was not computed) the parked value, passing its gradient through.
 bool ParkForRecompute(const std::vector<torch::Tensor>& values);
+// A piece has one consumer of its parked values: one TakeParked call takes them all.
 std::vector<torch::Tensor> TakeParked();
 torch::Tensor WithParkedValue(const torch::Tensor& graph, const torch::Tensor& value);
+// How many parked values recomputes have taken so far in this process (tests, diagnostics).
+int64_t ParkedValuesTaken();
 
 // At most this many bytes of a thread's offloaded tensors wait on the device for their copy out
 // to the host; past it the host waits for the oldest copies.

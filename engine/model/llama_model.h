@@ -82,7 +82,10 @@ struct ForwardOptions {
   // With checkpoint_layers: this many of the checkpointed layers (spread evenly) keep their
   // MLP's gate and up outputs for backward, whose recompute then skips those two products (the
   // largest: about 2/3 of a layer's recompute). With offload_checkpoints they wait in pinned host
-  // memory (2 x tokens x intermediate_size values a layer); else on the device.
+  // memory (2 x tokens x intermediate_size values a layer); else on the device. The spread
+  // includes the last checkpointed layer, whose values are copied out last and needed first: its
+  // copy back is hidden by the backward of the layers kept out of checkpointing after it, not
+  // without them (measured with 4-6 such layers: bench/results/*-keep-mlp-cap-10*.txt).
   int64_t checkpoint_keep_mlp = 0;
 };
 

@@ -88,7 +88,8 @@ struct TrainingJobConfig {
   // With gradient_checkpointing: this many of the checkpointed layers (spread evenly) keep their
   // MLP's gate and up outputs (ForwardOptions::checkpoint_keep_mlp), so backward skips those two
   // products' recompute. With offload_activations they wait in pinned host memory (235 MB a layer
-  // at Llama-3-8B shapes and 2 x 2048 tokens) and cost the device nothing but copy bandwidth.
+  // at Llama-3-8B shapes and 2 x 2048 tokens; two layers' worth on the device while they come
+  // back for backward); otherwise they stay on the device.
   int64_t keep_mlp_layers = 0;
   uint64_t seed = 3407;
 

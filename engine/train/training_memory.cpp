@@ -73,7 +73,8 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
       config.gradient_checkpointing
           ? std::clamp<int64_t>(config.keep_mlp_layers, 0, model.num_hidden_layers - kept)
           : 0;
-  if (config.gradient_checkpointing && config.offload_activations) {
+  if (config.gradient_checkpointing && config.offload_activations &&
+      kept < model.num_hidden_layers) {
     e.activation_bytes += std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes;
     e.host_bytes =
         (model.num_hidden_layers - kept) * 2 * tokens * h * element_bytes + kept_mlp * mlp_values;

@@ -224,6 +224,11 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     too_many_mlp.training.keep_mlp_layers = 3
     expect_code(submit(too_many_mlp), grpc.StatusCode.INVALID_ARGUMENT,
                 "training.keep_mlp_layers", "[0, 2]")
+    kept_twice = spec(pb)
+    kept_twice.training.keep_activations_layers = 1
+    kept_twice.training.keep_mlp_layers = 2  # with one layer kept, one is checkpointed
+    expect_code(submit(kept_twice), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.keep_mlp_layers", "more than the model's 2 layers")
     mlp_without_checkpoints = spec(pb)
     mlp_without_checkpoints.training.gradient_checkpointing = False
     mlp_without_checkpoints.training.keep_mlp_layers = 1

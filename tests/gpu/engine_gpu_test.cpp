@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "engine/lora/lora_adapter.h"
+#include "engine/model/checkpointed_call.h"
 #include "engine/model/llama_model.h"
 #include "engine/runtime/engine.h"
 
@@ -409,8 +410,10 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
     const int64_t keep_mlp = step == 2 ? 2 : 0;
     const auto want =
         LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/false, keep_last);
+    const int64_t taken = ParkedValuesTaken();
     const auto got = LossAndGradients(**model, batch, batch.input_ids.clone(), /*offload=*/true,
                                       keep_last, keep_mlp);
+    EXPECT_EQ(ParkedValuesTaken() - taken, 2 * keep_mlp) << "step " << step;  // gate, up a layer
     ASSERT_EQ(got.size(), want.size());
     ASSERT_FALSE(want.empty());
     EXPECT_NEAR(got[0].item<double>(), want[0].item<double>(), 1e-4 * want[0].item<double>())

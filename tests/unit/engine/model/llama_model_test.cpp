@@ -6,11 +6,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "engine/model/checkpointed_call.h"
 #include "nlohmann/json.hpp"
 #include "tests/unit/engine/tiny_model.h"
 
@@ -407,7 +409,12 @@ TEST(LlamaModelTest, CheckpointedLayersKeepingTheirMlpGiveTheSameLossAndGradient
         const auto want = test_fixtures::LossAndLoraGradients(*model, config, batch, options);
         for (const int64_t keep_mlp : {1, 2, 5}) {
           options.checkpoint_keep_mlp = keep_mlp;
+          const int64_t taken = ParkedValuesTaken();
           const auto got = test_fixtures::LossAndLoraGradients(*model, config, batch, options);
+          // Gate and up of each checkpointed layer asked for (at most 2 - skip_last) came from
+          // the forward, not from the recompute.
+          EXPECT_EQ(ParkedValuesTaken() - taken, 2 * std::min<int64_t>(keep_mlp, 2 - skip_last))
+              << "dropout " << dropout << " offload " << offload << " skip_last " << skip_last;
           ASSERT_EQ(got.size(), want.size());
           for (size_t i = 0; i < want.size(); ++i) {
             EXPECT_TRUE(torch::equal(got[i], want[i]))
