@@ -24,6 +24,12 @@ Shape ProjectionShape(const ModelConfig& m, const std::string& name) {
   return {m.hidden_size, m.intermediate_size};  // gate_proj, up_proj
 }
 
+int64_t PowerOfTwoCeil(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
 }  // namespace
 
 TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
@@ -76,8 +82,11 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
   if (config.gradient_checkpointing && config.offload_activations &&
       kept < model.num_hidden_layers) {
     e.activation_bytes += std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes;
+    // Each tensor is its own pinned block, which torch's host allocator rounds up to a power of
+    // two (a gate or up value at the 8B shape, 112 MiB, takes 128).
     e.host_bytes =
-        (model.num_hidden_layers - kept) * 2 * tokens * h * element_bytes + kept_mlp * mlp_values;
+        (model.num_hidden_layers - kept) * 2 * PowerOfTwoCeil(tokens * h * element_bytes) +
+        kept_mlp * 2 * PowerOfTwoCeil(tokens * i * element_bytes);
   } else {
     e.activation_bytes += kept_mlp * mlp_values;
   }
