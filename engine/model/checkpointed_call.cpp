@@ -47,6 +47,7 @@ c10::cuda::CUDAStream CopyStream(c10::DeviceIndex device) {
 // once the copy that reads it has ended, so without a bound a forward that offloads faster than
 // the link carries (parked MLP values: 235 MB a layer at Llama-3-8B, 2 x 2048 tokens) would hold
 // gigabytes of waiting tensors beyond what it has allocated (and what its peak counts).
+//
 // The copies out still in flight on this thread, oldest first, with their bytes.
 struct PendingCopyOut {
   std::shared_ptr<at::cuda::CUDAEvent> done;
