@@ -127,15 +127,6 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
   for (const auto& s : checks) {
     if (!s.ok()) return s;
   }
-  if (limits.model_layers > 0 && t.keep_mlp_layers() > 0 &&
-      int64_t{t.keep_activations_layers()} + t.keep_mlp_layers() > limits.model_layers) {
-    return Field("training.keep_mlp_layers",
-                 absl::StrCat(t.keep_mlp_layers(), " MLPs kept and ", t.keep_activations_layers(),
-                              " layers kept (training.keep_activations_layers) are more than the "
-                              "model's ",
-                              limits.model_layers,
-                              " layers: an MLP is kept only in a checkpointed layer; lower one"));
-  }
   if (!t.gradient_checkpointing()) {  // both shape what checkpointing keeps
     if (t.offload_activations()) {
       return Field("training.offload_activations",
@@ -152,6 +143,15 @@ absl::Status ValidateTraining(lorad::v1::TrainingSpec& t, const JobSpecLimits& l
                    "needs training.gradient_checkpointing (without it every layer keeps its "
                    "activations)");
     }
+  }
+  if (limits.model_layers > 0 && t.keep_mlp_layers() > 0 &&
+      int64_t{t.keep_activations_layers()} + t.keep_mlp_layers() > limits.model_layers) {
+    return Field("training.keep_mlp_layers",
+                 absl::StrCat(t.keep_mlp_layers(), " MLPs kept and ", t.keep_activations_layers(),
+                              " layers kept (training.keep_activations_layers) are more than the "
+                              "model's ",
+                              limits.model_layers,
+                              " layers: an MLP is kept only in a checkpointed layer; lower one"));
   }
   if (auto s = KnownEnum("training.optimizer", t.optimizer(), lorad::v1::Optimizer_IsValid);
       !s.ok())

@@ -43,8 +43,8 @@ torch::Tensor WithParkedValue(const torch::Tensor& graph, const torch::Tensor& v
 // How many parked values recomputes have taken so far in this process (tests, diagnostics).
 int64_t ParkedValuesTaken();
 
-// At most this many bytes of a thread's offloaded tensors wait on the device for their copy out
-// to the host; past it the host waits for the oldest copies.
+// At most this many bytes of a thread's offloaded tensors, beside the one offloaded last, wait on
+// the device for their copy out to the host; past it the host waits for the oldest copies.
 constexpr int64_t kMaxPendingCopyOutBytes = int64_t{512} << 20;
 
 // Offloaded pieces link each to the one offloaded before it on this thread, whose input it

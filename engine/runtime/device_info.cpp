@@ -63,11 +63,12 @@ int64_t ReadKeyed(const std::string& path, const std::string& key) {
   return -1;
 }
 
-// What this process's memory cgroup still allows: its limit less what it uses, counting the page
-// cache it could drop (inactive files: the model's files read at load) as free. -1 without a
-// limit. cgroup v2 (one hierarchy) or v1 (the memory controller's), at the group
-// /proc/self/cgroup names (a systemd unit's MemoryMax=), else at the mount's root (a container).
-int64_t CgroupBytesLeft() {
+// What this process's memory cgroup allows: its limit (`left` false) or that limit less what it
+// uses, counting the page cache it could drop (inactive files: the model's files read at load) as
+// free (`left` true). -1 without a limit. cgroup v2 (one hierarchy) or v1 (the memory
+// controller's), at the group /proc/self/cgroup names (a systemd unit's MemoryMax=), else at the
+// mount's root (a container).
+int64_t CgroupBytes(bool left) {
   std::ifstream self("/proc/self/cgroup");
   std::string line, v2_path, v1_path;
   while (std::getline(self, line)) {
@@ -93,6 +94,7 @@ int64_t CgroupBytesLeft() {
     const int64_t usage = ReadNumber(f.usage);
     // v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages).
     if (limit <= 0 || usage < 0 || limit >= (int64_t{1} << 60)) continue;
+    if (!left) return limit;
     const int64_t reclaimable = std::max<int64_t>(0, ReadKeyed(f.stat, f.inactive_key));
     return std::max<int64_t>(0, limit - usage + reclaimable);
   }
@@ -104,9 +106,17 @@ int64_t CgroupBytesLeft() {
 int64_t AvailableHostBytes() {
   const int64_t kib = ReadKeyed("/proc/meminfo", "MemAvailable:");
   int64_t available = kib >= 0 ? kib * 1024 : -1;
-  const int64_t cgroup = CgroupBytesLeft();
+  const int64_t cgroup = CgroupBytes(/*left=*/true);
   if (cgroup >= 0) available = available < 0 ? cgroup : std::min(available, cgroup);
   return available;
+}
+
+int64_t TotalHostBytes() {
+  const int64_t kib = ReadKeyed("/proc/meminfo", "MemTotal:");
+  int64_t total = kib >= 0 ? kib * 1024 : -1;
+  const int64_t cgroup = CgroupBytes(/*left=*/false);
+  if (cgroup >= 0) total = total < 0 ? cgroup : std::min(total, cgroup);
+  return total;
 }
 
 }  // namespace lorad::engine

@@ -26,5 +26,8 @@ absl::Status CheckDeviceAvailable(const std::string& prefer);
 // where the process's memory cgroup (a container's limit, a systemd unit's MemoryMax=; v1 or v2)
 // leaves less, counting page cache it could drop as free. -1 when neither is readable.
 int64_t AvailableHostBytes();
+// Bytes of host memory in all: /proc/meminfo's MemTotal, or the memory cgroup's limit where it is
+// lower. -1 when neither is readable.
+int64_t TotalHostBytes();
 
 }  // namespace lorad::engine

@@ -78,6 +78,7 @@ std::string DescribeNeed(const TrainingMemoryEstimate& need) {
 struct Engine::Impl {
   EngineOptions options;
   DeviceInfo device;
+  int64_t host_total_bytes = -1;  // TotalHostBytes() at start
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<Tokenizer> tokenizer;
   std::optional<ChatTemplate> chat_template;  // nullopt when the model names none
@@ -168,20 +169,20 @@ struct Engine::Impl {
   // TrainingFitsNow's answer, under mu.
   absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need,
                                const TrainingJobConfig& config) const {
-    // Offloading parks tensors in pinned host memory (CUDA only), which the host must have: a
-    // job that would take more than is available waits for running jobs to give theirs back, or
-    // with none running is refused.
-    if (device.device != "cpu" && need.host_bytes > 0) {
-      const int64_t host = AvailableHostBytes();
-      if (host >= 0 && need.host_bytes > host) {
-        if (!active_job_ids.empty()) return false;
-        return absl::ResourceExhaustedError(
-            "training.offload_activations needs about " + ReadableBytes(need.host_bytes) +
-            " of pinned host memory for this job (the checkpointed layers' inputs" +
-            (config.keep_mlp_layers > 0 ? " and the kept MLP values" : "") + ") but the host has " +
-            ReadableBytes(host) + " available; lower training.keep_mlp_layers, " +
-            "turn offload_activations off, or " + ShrinkHint(config));
-      }
+    // Offloading parks tensors in pinned host memory (CUDA only): a job that needs more than the
+    // host has in all can never run. (What is available now is not asked: a job that just ended
+    // hands its pinned blocks back only after its last event, and the next job is admitted on
+    // that event.)
+    if (device.device != "cpu" && need.host_bytes > 0 && host_total_bytes >= 0 &&
+        need.host_bytes > host_total_bytes) {
+      return absl::ResourceExhaustedError(
+          "training.offload_activations needs up to " + ReadableBytes(need.host_bytes) +
+          " of pinned host memory for this job (the checkpointed layers' inputs" +
+          (config.keep_mlp_layers > 0 ? " and the kept MLP values" : "") + ") but the host has " +
+          ReadableBytes(host_total_bytes) + " in all; " +
+          (config.keep_mlp_layers > 0 ? "lower training.keep_mlp_layers, " : "") +
+          "raise training.keep_activations_layers, turn offload_activations off, or " +
+          ShrinkHint(config));
     }
     const int64_t budget = options.training_memory_budget_bytes;
     if (budget <= 0) return true;
@@ -205,6 +206,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->device = DeviceInfo::Detect(options.device);
+  impl->host_total_bytes = TotalHostBytes();
   if (auto s = CheckDeviceAvailable(options.device); !s.ok()) return s;
   if (!(options.train_share >= 0 && options.train_share <= 0.95)) {
     return absl::InvalidArgumentError("train_share must be in [0, 0.95]");

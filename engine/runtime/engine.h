@@ -106,7 +106,9 @@ class Engine {
   // ---- training ----
   // The memory planner's answer for a job with `config` under training_memory_budget_bytes:
   // true when it fits beside the active jobs now; false when it fits only once some of them end
-  // (keep it queued); RESOURCE_EXHAUSTED, saying how much it needs, when it cannot fit even alone.
+  // (keep it queued); RESOURCE_EXHAUSTED, saying how much it needs, when it cannot fit even alone
+  // (in the budget, or, offloading on CUDA, in the host's memory: TrainingMemoryEstimate's
+  // host_bytes against TotalHostBytes()).
   absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config) const;
   // What starting a job with `config` would refuse about its data (the template cannot take a
   // record, no usable example), from at most `max_records` records of each file; for a check at

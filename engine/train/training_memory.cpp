@@ -81,12 +81,17 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
           : 0;
   if (config.gradient_checkpointing && config.offload_activations &&
       kept < model.num_hidden_layers) {
-    e.activation_bytes += std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes;
+    // The bound lets the last copy's tensor wait beside it: a layer input, or a gate or up value.
+    const int64_t largest = (kept_mlp > 0 ? i : h) * tokens * element_bytes;
+    e.activation_bytes +=
+        std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes + largest;
     // Each tensor is its own pinned block, which torch's host allocator rounds up to a power of
-    // two (a gate or up value at the 8B shape, 112 MiB, takes 128).
+    // two (a gate or up value at the 8B shape, 112 MiB, takes 128) and keeps cached for reuse
+    // until the job ends; batches padded to their longest row vary in size, and each size keeps
+    // its own blocks: up to twice the largest size's (1 + 1/2 + 1/4 + ...).
     e.host_bytes =
-        (model.num_hidden_layers - kept) * 2 * PowerOfTwoCeil(tokens * h * element_bytes) +
-        kept_mlp * 2 * PowerOfTwoCeil(tokens * i * element_bytes);
+        2 * ((model.num_hidden_layers - kept) * 2 * PowerOfTwoCeil(tokens * h * element_bytes) +
+             kept_mlp * 2 * PowerOfTwoCeil(tokens * i * element_bytes));
   } else {
     e.activation_bytes += kept_mlp * mlp_values;
   }

@@ -23,8 +23,8 @@ struct TrainingMemoryEstimate {
   int64_t activation_bytes = 0;  // kept for backward, plus one layer's working set
   int64_t workspace_bytes = 0;   // dequantized base weights, logits chunk
   int64_t total() const { return lora_bytes + activation_bytes + workspace_bytes; }
-  // Pinned host memory (not in total()): what offload_activations parks on the host on CUDA,
-  // the checkpointed layers' inputs and kept MLP values.
+  // Pinned host memory (not in total()), at most: what offload_activations parks on the host on
+  // CUDA, the checkpointed layers' inputs and kept MLP values.
   int64_t host_bytes = 0;
 };
 

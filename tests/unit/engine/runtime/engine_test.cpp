@@ -256,6 +256,24 @@ TEST(EngineTest, AStoppedEngineRefusesTrainingJobs) {
   EXPECT_EQ(engine->Stats().training_jobs_preparing, 0);
 }
 
+// The host's memory in all (what a job's pinned offload memory is checked against) is at least
+// what is available now, and both agree with /proc/meminfo's own lines within a cgroup's limit.
+TEST(EngineTest, HostMemoryInAllIsAtLeastWhatIsAvailable) {
+  const int64_t total = TotalHostBytes();
+  const int64_t available = AvailableHostBytes();
+  ASSERT_GT(total, 0) << "/proc/meminfo is not readable here";
+  ASSERT_GT(available, 0);
+  EXPECT_GE(total, available);
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit && key != "MemTotal:") {
+  }
+  ASSERT_EQ(key, "MemTotal:");
+  EXPECT_LE(total, kib * 1024);  // a cgroup's limit may be lower, never higher
+}
+
 // A KV cache larger than the memory left is refused naming the setting, before it is allocated
 // (the allocation failed with the allocator's own words on CUDA; on the CPU the out-of-memory
 // killer ended the process once its pages were touched).
