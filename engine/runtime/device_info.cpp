@@ -101,22 +101,19 @@ int64_t CgroupBytes(bool left) {
   return -1;
 }
 
+// /proc/meminfo's `key` line in bytes, or the memory cgroup's figure where it is lower.
+int64_t HostBytes(const char* key, bool cgroup_left) {
+  const int64_t kib = ReadKeyed("/proc/meminfo", key);
+  int64_t bytes = kib >= 0 ? kib * 1024 : -1;
+  const int64_t cgroup = CgroupBytes(cgroup_left);
+  if (cgroup >= 0) bytes = bytes < 0 ? cgroup : std::min(bytes, cgroup);
+  return bytes;
+}
+
 }  // namespace
 
-int64_t AvailableHostBytes() {
-  const int64_t kib = ReadKeyed("/proc/meminfo", "MemAvailable:");
-  int64_t available = kib >= 0 ? kib * 1024 : -1;
-  const int64_t cgroup = CgroupBytes(/*left=*/true);
-  if (cgroup >= 0) available = available < 0 ? cgroup : std::min(available, cgroup);
-  return available;
-}
+int64_t AvailableHostBytes() { return HostBytes("MemAvailable:", /*cgroup_left=*/true); }
 
-int64_t TotalHostBytes() {
-  const int64_t kib = ReadKeyed("/proc/meminfo", "MemTotal:");
-  int64_t total = kib >= 0 ? kib * 1024 : -1;
-  const int64_t cgroup = CgroupBytes(/*left=*/false);
-  if (cgroup >= 0) total = total < 0 ? cgroup : std::min(total, cgroup);
-  return total;
-}
+int64_t TotalHostBytes() { return HostBytes("MemTotal:", /*cgroup_left=*/false); }
 
 }  // namespace lorad::engine

@@ -88,6 +88,16 @@ TEST(LoraApplierTest, GradientsReachTheAdapter) {
 namespace lorad::engine {
 namespace {
 
+// `tensors` followed by every pair's A and B gradients, in the adapter's order.
+std::vector<torch::Tensor> WithAdapterGradients(const LoraAdapter& adapter,
+                                                std::vector<torch::Tensor> tensors) {
+  for (const auto& [path, pair] : adapter.layers) {
+    tensors.push_back(pair.a.grad().clone());
+    tensors.push_back(pair.b.grad().clone());
+  }
+  return tensors;
+}
+
 // ApplyShared stacks the A matrices of projections that share x (q, k, v with ranks 2, 3, 2):
 // outputs and the gradients of x, every A and every B equal Apply on each projection in turn, for
 // [B, T, in] and [N, in] inputs; an untargeted projection in the group falls back to Apply.
@@ -135,11 +145,7 @@ TEST(LoraApplierTest, SharedProjectionsEqualOneApplyEach) {
       loss.backward();
       std::vector<torch::Tensor> result = outs;
       result.push_back(x.grad());
-      for (auto& [path, pair] : adapter.layers) {
-        result.push_back(pair.a.grad().clone());
-        result.push_back(pair.b.grad().clone());
-      }
-      return result;
+      return WithAdapterGradients(adapter, std::move(result));
     };
     const auto one_each = run(false);
     const auto shared = run(true);
@@ -199,13 +205,8 @@ TEST(LoraApplierTest, GraphOnlyUpdatesGiveTheComputedUpdatesGradients) {
           graph_only ? applier.ApplySharedGraphOnly(0, projections, x, ys)
                      : applier.ApplyShared(0, projections, x, ys);
       torch::autograd::backward(outs, upstream);
-      std::vector<torch::Tensor> result = {outs[0].detach().clone(), outs[1].detach().clone(),
-                                           x.grad()};
-      for (auto& [path, pair] : adapter.layers) {
-        result.push_back(pair.a.grad().clone());
-        result.push_back(pair.b.grad().clone());
-      }
-      return result;
+      return WithAdapterGradients(adapter,
+                                  {outs[0].detach().clone(), outs[1].detach().clone(), x.grad()});
     };
     const auto computed = run(false);
     const auto graph = run(true);
