@@ -141,9 +141,16 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     // steps after it).
     if (StepOf(e) >= 0 && StepOf(e) < from_step_) return;
     if (!history_loaded_) {
-      // A step is stored before it is published, so the history's pages still to read hold it;
-      // keeping only the rest bounds what a long replay holds.
-      if (!e.has_step()) live_.push_back(e);
+      // Kept until the history is read, steps too: a step is stored before it is published, so
+      // the pages still to read normally hold it (HistoryHolds then drops this copy), but one the
+      // job database refused (a full disk) is published first and recorded once it can be, and
+      // this copy is all the watcher gets. Past kMaxQueued waiting steps later ones are dropped
+      // (what a long replay holds stays bounded; the history has them once recorded).
+      if (e.has_step()) {
+        if (live_steps_ >= kMaxQueued) return;
+        ++live_steps_;
+      }
+      live_.push_back(e);
       return;
     }
     // The end was queued: the stream sends nothing after it (a failed job publishes its error
@@ -203,6 +210,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
         ++it;
         continue;
       }
+      if (it->has_step()) --live_steps_;
       if (!HistoryHolds(history_, *it)) queue_.push_back(std::move(*it));
       it = live_.erase(it);
     }
@@ -247,10 +255,12 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       if (closed_) break;
       if (HistoryHolds(history_, e)) continue;
       if (e.has_state()) history_.last_state = e.state();
+      if (e.has_step()) history_.last_step = e.step().step();
       if (IsEnd(e)) closed_ = true;
       queue_.push_back(std::move(e));
     }
     live_.clear();
+    live_steps_ = 0;
     history_loaded_ = true;
   }
 
@@ -297,7 +307,8 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   int64_t subscription_ = 0;
   std::mutex mu_;
   std::deque<JobEvent> queue_;
-  std::deque<JobEvent> live_;        // events other than steps that arrived while history was read
+  std::deque<JobEvent> live_;        // events that arrived while history was read
+  size_t live_steps_ = 0;            // the steps among them
   JobRecord record_;                 // the job as the stream began
   std::vector<StoredEvent> stored_;  // its stored events not yet queued, from next_stored_ on
   size_t next_stored_ = 0;

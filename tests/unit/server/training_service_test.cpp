@@ -200,6 +200,42 @@ TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
   EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
 }
 
+// Steps the job database refused while a long history was replayed (a full disk: JobRunner
+// publishes them and records them once it can) reach the watcher once each, in order, after the
+// history's steps; so do those recorded before the replay reaches them.
+TEST(TrainingServiceTest, StepsPublishedBeforeTheyAreRecordedReachAReplayingWatcher) {
+  Rig rig("unrecorded-steps");
+  const std::string id = rig.RunningJob();
+  constexpr int64_t kHistory = 100000;
+  rig.BulkSteps(id, kHistory);
+  Watch watch(rig, id, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int64_t n = kHistory + 1; n <= kHistory + 3; ++n) {
+    StepRecord s;
+    s.step = n;
+    s.loss = 1.0 / static_cast<double>(n);
+    s.time_ms = 1700000000000 + n;
+    JobEvent e;
+    e.set_job_id(id);
+    *e.mutable_step() = ToProtoStep(s);
+    rig.hub().Publish(e);  // refused by the store: published only
+    if (n == kHistory + 1) {
+      ASSERT_TRUE(rig.store().AppendStep(id, s).ok());  // recorded at once after all
+    }
+  }
+  rig.Fail(id);
+  const std::vector<JobEvent> events = watch.Rest();
+  int64_t steps = 0;
+  for (const JobEvent& e : events) {
+    if (!e.has_step()) continue;
+    ++steps;
+    EXPECT_EQ(e.step().step(), steps) << "steps in order, each once";
+  }
+  EXPECT_EQ(steps, kHistory + 3);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
+}
+
 // A job deleted (DeleteJob) while its long history is replayed: the stream ends NOT_FOUND, not
 // with the job's end state after a history cut short.
 TEST(TrainingServiceTest, AJobDeletedDuringItsReplayEndsTheStreamNotFound) {
