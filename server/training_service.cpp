@@ -146,9 +146,10 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       // job database refused (a full disk) is published first and recorded once it can be, and
       // this copy is all the watcher gets. Past kMaxQueued waiting steps later ones are dropped
       // (what a long replay holds stays bounded; the history has them once recorded).
-      if (e.has_step()) {
-        if (live_steps_ >= kMaxQueued) return;
-        ++live_steps_;
+      if (e.has_step() && std::count_if(live_.begin(), live_.end(), [](const JobEvent& l) {
+                            return l.has_step();
+                          }) >= static_cast<std::ptrdiff_t>(kMaxQueued)) {
+        return;
       }
       live_.push_back(e);
       return;
@@ -210,7 +211,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
         ++it;
         continue;
       }
-      if (it->has_step()) --live_steps_;
       if (!HistoryHolds(history_, *it)) queue_.push_back(std::move(*it));
       it = live_.erase(it);
     }
@@ -260,7 +260,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       queue_.push_back(std::move(e));
     }
     live_.clear();
-    live_steps_ = 0;
     history_loaded_ = true;
   }
 
@@ -308,7 +307,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   std::mutex mu_;
   std::deque<JobEvent> queue_;
   std::deque<JobEvent> live_;        // events that arrived while history was read
-  size_t live_steps_ = 0;            // the steps among them
   JobRecord record_;                 // the job as the stream began
   std::vector<StoredEvent> stored_;  // its stored events not yet queued, from next_stored_ on
   size_t next_stored_ = 0;

@@ -136,7 +136,7 @@ std::vector<torch::Tensor> BaseLinear::ForwardShared(const std::vector<const Bas
   std::vector<torch::Tensor> ys;
   if (weights.size() != linears.size()) {
     for (const BaseLinear* l : linears) {
-      ys.push_back(value_needed || !records ? l->Forward(x) : l->ForwardGraphOnly(x));
+      ys.push_back(value_needed ? l->Forward(x) : l->ForwardGraphOnly(x));
     }
     return ys;
   }

@@ -74,7 +74,9 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
   // Checkpointed layers keeping their MLP's gate and up: on the device each; offloaded, two
   // layers' worth (one in use, the next coming back: CheckpointedCall's prefetch), and any
   // offload's copies out waiting on the device up to their bound.
-  const int64_t mlp_values = 2 * tokens * i * element_bytes;
+  const int64_t hidden_value = tokens * h * element_bytes;  // a layer input
+  const int64_t mlp_value = tokens * i * element_bytes;     // gate's or up's output
+  const int64_t mlp_values = 2 * mlp_value;
   const int64_t kept_mlp =
       config.gradient_checkpointing
           ? std::clamp<int64_t>(config.keep_mlp_layers, 0, model.num_hidden_layers - kept)
@@ -82,16 +84,15 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
   if (config.gradient_checkpointing && config.offload_activations &&
       kept < model.num_hidden_layers) {
     // The bound lets the last copy's tensor wait beside it: a layer input, or a gate or up value.
-    const int64_t largest = (kept_mlp > 0 ? i : h) * tokens * element_bytes;
+    const int64_t largest = kept_mlp > 0 ? mlp_value : hidden_value;
     e.activation_bytes +=
         std::min<int64_t>(kept_mlp, 2) * mlp_values + kMaxPendingCopyOutBytes + largest;
     // Each tensor is its own pinned block, which torch's host allocator rounds up to a power of
     // two (a gate or up value at the 8B shape, 112 MiB, takes 128) and keeps cached for reuse
     // until the job ends; batches padded to their longest row vary in size, and each size keeps
     // its own blocks: up to twice the largest size's (1 + 1/2 + 1/4 + ...).
-    e.host_bytes =
-        2 * ((model.num_hidden_layers - kept) * 2 * PowerOfTwoCeil(tokens * h * element_bytes) +
-             kept_mlp * 2 * PowerOfTwoCeil(tokens * i * element_bytes));
+    e.host_bytes = 2 * ((model.num_hidden_layers - kept) * 2 * PowerOfTwoCeil(hidden_value) +
+                        kept_mlp * 2 * PowerOfTwoCeil(mlp_value));
   } else {
     e.activation_bytes += kept_mlp * mlp_values;
   }

@@ -83,16 +83,26 @@ class Rig {
     sqlite3_close(db);
   }
 
-  // JobRunner::Handle for a step, and PublishKept for an evaluation.
+  // A running job with steps 1..n in its history (BulkSteps).
+  std::string JobWithHistory(int64_t n) {
+    const std::string id = RunningJob();
+    BulkSteps(id, n);
+    return id;
+  }
+
+  // JobRunner::Handle for a step (stored, then published; a step the store refuses is published
+  // only, and recorded later), and PublishKept for an evaluation.
   void Step(const std::string& id, int64_t n) {
-    StepRecord s;
-    s.step = n;
-    s.loss = 1.0 / static_cast<double>(n);
-    s.time_ms = 1700000000000 + n;
-    ASSERT_TRUE(store_->AppendStep(id, s).ok());
+    RecordStep(id, n);
+    PublishStep(id, n);
+  }
+  void RecordStep(const std::string& id, int64_t n) {
+    ASSERT_TRUE(store_->AppendStep(id, StepAt(n)).ok());
+  }
+  void PublishStep(const std::string& id, int64_t n) {
     JobEvent e;
     e.set_job_id(id);
-    *e.mutable_step() = ToProtoStep(s);
+    *e.mutable_step() = ToProtoStep(StepAt(n));
     hub_.Publish(e);
   }
   void Eval(const std::string& id, int64_t n) {
@@ -115,6 +125,14 @@ class Rig {
   }
 
  private:
+  static StepRecord StepAt(int64_t n) {
+    StepRecord s;
+    s.step = n;
+    s.loss = 1.0 / static_cast<double>(n);
+    s.time_ms = 1700000000000 + n;
+    return s;
+  }
+
   fs::path dir_;
   std::unique_ptr<JobStore> store_;
   JobEventHub hub_;
@@ -122,6 +140,9 @@ class Rig {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<lorad::v1::TrainingService::Stub> stub_;
 };
+
+// Steps in a long job's history: many pages for a replay.
+constexpr int64_t kLongHistory = 100000;
 
 std::string Describe(const JobEvent& e) {
   if (e.has_step()) return "step " + std::to_string(e.step().step());
@@ -168,12 +189,10 @@ class Watch {
 // after the last page.
 TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
   Rig rig("long-replay");
-  const std::string id = rig.RunningJob();
-  constexpr int64_t kHistory = 100000;
-  rig.BulkSteps(id, kHistory);
+  const std::string id = rig.JobWithHistory(kLongHistory);
   Watch watch(rig, id, 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  for (int64_t n = kHistory + 1; n <= kHistory + 3; ++n) {
+  for (int64_t n = kLongHistory + 1; n <= kLongHistory + 3; ++n) {
     rig.Step(id, n);
     rig.Eval(id, n);
   }
@@ -193,7 +212,7 @@ TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
           << "eval " << events[i].eval().step() << " follows " << Describe(events[i - 1]);
     }
   }
-  EXPECT_EQ(steps, kHistory + 3);
+  EXPECT_EQ(steps, kLongHistory + 3);
   EXPECT_EQ(evals, 3);
   ASSERT_GE(events.size(), 2u);
   EXPECT_EQ(Describe(events[events.size() - 2]), "failed");
@@ -205,23 +224,12 @@ TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
 // history's steps; so do those recorded before the replay reaches them.
 TEST(TrainingServiceTest, StepsPublishedBeforeTheyAreRecordedReachAReplayingWatcher) {
   Rig rig("unrecorded-steps");
-  const std::string id = rig.RunningJob();
-  constexpr int64_t kHistory = 100000;
-  rig.BulkSteps(id, kHistory);
+  const std::string id = rig.JobWithHistory(kLongHistory);
   Watch watch(rig, id, 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  for (int64_t n = kHistory + 1; n <= kHistory + 3; ++n) {
-    StepRecord s;
-    s.step = n;
-    s.loss = 1.0 / static_cast<double>(n);
-    s.time_ms = 1700000000000 + n;
-    JobEvent e;
-    e.set_job_id(id);
-    *e.mutable_step() = ToProtoStep(s);
-    rig.hub().Publish(e);  // refused by the store: published only
-    if (n == kHistory + 1) {
-      ASSERT_TRUE(rig.store().AppendStep(id, s).ok());  // recorded at once after all
-    }
+  for (int64_t n = kLongHistory + 1; n <= kLongHistory + 3; ++n) {
+    rig.PublishStep(id, n);                            // refused by the store: published only
+    if (n == kLongHistory + 1) rig.RecordStep(id, n);  // recorded at once after all
   }
   rig.Fail(id);
   const std::vector<JobEvent> events = watch.Rest();
@@ -231,7 +239,7 @@ TEST(TrainingServiceTest, StepsPublishedBeforeTheyAreRecordedReachAReplayingWatc
     ++steps;
     EXPECT_EQ(e.step().step(), steps) << "steps in order, each once";
   }
-  EXPECT_EQ(steps, kHistory + 3);
+  EXPECT_EQ(steps, kLongHistory + 3);
   ASSERT_GE(events.size(), 2u);
   EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
 }
@@ -240,15 +248,13 @@ TEST(TrainingServiceTest, StepsPublishedBeforeTheyAreRecordedReachAReplayingWatc
 // with the job's end state after a history cut short.
 TEST(TrainingServiceTest, AJobDeletedDuringItsReplayEndsTheStreamNotFound) {
   Rig rig("deleted-replay");
-  const std::string id = rig.RunningJob();
-  constexpr int64_t kHistory = 100000;
-  rig.BulkSteps(id, kHistory);
+  const std::string id = rig.JobWithHistory(kLongHistory);
   rig.Fail(id);
   Watch watch(rig, id, 0);
   ASSERT_TRUE(rig.store().Delete(id).ok());
   const grpc::Status status = watch.RestAndStatus();
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
-  EXPECT_LT(watch.events().size(), static_cast<size_t>(kHistory));
+  EXPECT_LT(watch.events().size(), static_cast<size_t>(kLongHistory));
   for (const JobEvent& e : watch.events()) {
     EXPECT_FALSE(e.has_failed() || (e.has_state() && e.state() == lorad::v1::JOB_STATE_FAILED))
         << "the end of a history cut short";
