@@ -206,6 +206,14 @@ void JobRunner::Cancel(const std::string& job_id) {
     if (running_.count(job_id) > 0) cancelled_.insert(job_id);
   }
   engine_.CancelTraining(job_id);
+  const std::map<std::string, std::string> unrecorded = store_.UnrecordedCancels();
+  if (auto it = unrecorded.find(job_id); it != unrecorded.end()) {
+    spdlog::error(
+        "job {} cancelled, but the job database could not record that ({}); the job stops now "
+        "and the cancel is recorded once the database takes writes again; a restart before "
+        "that queues the job again: cancel it then",
+        job_id, it->second);
+  }
   Wake();
 }
 
@@ -215,6 +223,10 @@ void JobRunner::Loop() {
     bool look = false, exiting = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      if (start_again_at_ && std::chrono::steady_clock::now() >= *start_again_at_) {
+        look_for_jobs_ = true;
+        start_again_at_.reset();
+      }
       // Looking is wanted only while there is room: a full (or held) runner must sleep, not spin.
       // (Nor one that starts no more jobs, for the shutdown.)
       const auto room = [&] {
@@ -229,7 +241,14 @@ void JobRunner::Loop() {
     }
     RecordHistoryAgain();  // before this batch's (the history stays in order); at a stop, a last
                            // try
+    RecordCancelsAgain();
     if (exiting) {
+      for (const auto& [id, why] : store_.UnrecordedCancels()) {
+        spdlog::warn(
+            "job {}: its cancel is not in the job database (it refused writes until the stop); "
+            "the job is queued again at the next start: cancel it then",
+            id);
+      }
       if (!unrecorded_history_.empty()) {
         spdlog::warn(
             "{} rows of the jobs' history are not in the job database: it refused writes "
@@ -296,9 +315,20 @@ void JobRunner::StartNextJob() {
       std::lock_guard<std::mutex> lock(progress_mu_);
       cancelled_.erase(job.id);
     }
-    Wake();  // cancelled meanwhile: look for the next one
+    if (absl::IsFailedPrecondition(s) || absl::IsNotFound(s)) {
+      Wake();  // cancelled (or deleted) meanwhile: look for the next one
+    } else {
+      // The database refuses writes (a full disk): looking again at once would spin on it.
+      if (!start_refused_) {
+        spdlog::error("job {} cannot start: {}; trying again every few seconds", job.id,
+                      std::string(s.message()));
+      }
+      start_refused_ = true;
+      start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    }
     return;
   }
+  start_refused_ = false;
   folders.unlock();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -530,6 +560,14 @@ void JobRunner::RecordHistoryAgain() {
   }
   if (recorded_any && unrecorded_history_.empty()) {
     spdlog::info("the jobs' history that waited is recorded now");
+  }
+}
+
+void JobRunner::RecordCancelsAgain() {
+  const size_t waiting = store_.UnrecordedCancels().size();
+  if (waiting == 0) return;
+  if (auto recorded = store_.RecordCancels(); recorded.ok()) {
+    spdlog::info("{} cancel(s) the job database refused are recorded now", waiting);
   }
 }
 

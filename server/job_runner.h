@@ -133,6 +133,13 @@ class JobRunner {
   // turn of the loop, so a failed job never reads as running for ever.
   std::map<std::string, std::string> unrecorded_failures_;
   void RecordFailuresAgain();
+  // Runner thread only: cancels the store holds in memory because the database refused them
+  // (JobStore::Cancel), written on every turn of the loop once it takes writes.
+  void RecordCancelsAgain();
+  // Runner thread only: when to look for a job to start again after the store refused to mark
+  // one running (a full disk), and whether the last try was refused (said once in the log).
+  std::optional<std::chrono::steady_clock::time_point> start_again_at_;
+  bool start_refused_ = false;
   // Runner thread only: ended jobs whose success the store could not record yet (their adapter
   // serves only once it does), retried every few seconds.
   struct UnrecordedSuccess {

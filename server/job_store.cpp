@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/sqlite_statement.h"
 
 namespace lorad::server {
 namespace {
@@ -79,110 +80,6 @@ std::string NewJobId() {
   snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(rng()));
   return buf;
 }
-
-// The connection's last error as a status: a full disk is RESOURCE_EXHAUSTED with what to do,
-// anything else INTERNAL.
-// What a user does about a damaged job database (JobStore::Open's check, or a page that shows its
-// damage only when read).
-constexpr char kDamagedAdvice[] =
-    "restore it from a backup, or stop lorad and move it, and the jobs folder beside it, aside to "
-    "start with an empty job queue (adapter versions then start from 1)";
-
-// An error of `db` that names the file and, where there is one, what to do.
-absl::Status SqliteError(sqlite3* db) {
-  const int code = sqlite3_extended_errcode(db) & 0xff;
-  const char* file = sqlite3_db_filename(db, "main");
-  const std::string name = absl::StrCat("job database '", file != nullptr ? file : "", "'");
-  const char* message = sqlite3_errmsg(db);
-  switch (code) {
-    case SQLITE_FULL:
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the job database's disk is full (", name, ": ", message,
-          "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
-    case SQLITE_CORRUPT:
-    case SQLITE_NOTADB:
-      return absl::DataLossError(
-          absl::StrCat(name, " is damaged (", message, "); ", kDamagedAdvice));
-    // (INTERNAL, as any other: PERMISSION_DENIED would read as the caller's, UNAVAILABLE as the
-    // daemon gone.)
-    case SQLITE_READONLY:
-    case SQLITE_PERM:
-    case SQLITE_CANTOPEN:
-      return absl::InternalError(
-          absl::StrCat(name, " cannot be written (", message,
-                       "): give the user lorad runs as write access to it and to its folder"));
-    case SQLITE_IOERR:
-      return absl::InternalError(
-          absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
-    default:
-      return absl::InternalError(absl::StrCat(name, ": sqlite: ", message));
-  }
-}
-
-// A prepared statement, finalized when it goes out of scope.
-class Statement {
- public:
-  Statement(sqlite3* db, const std::string& sql) : db_(db) {
-    rc_ = sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt_, nullptr);
-  }
-  ~Statement() { sqlite3_finalize(stmt_); }
-  // Whether the statement compiled.
-  absl::Status status() const { return rc_ == SQLITE_OK ? absl::OkStatus() : SqliteError(db_); }
-  // Why the last Step() did not give what the caller needed: the error it (or the compile) met,
-  // or, when it simply found no row, that. Never OK.
-  absl::Status StepError() const {
-    if (rc_ != SQLITE_OK || (step_rc_ != SQLITE_ROW && step_rc_ != SQLITE_DONE)) {
-      return SqliteError(db_);
-    }
-    return absl::InternalError("sqlite: the query returned no row");
-  }
-  Statement& Bind(int i, const std::string& v) {
-    sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
-    return *this;
-  }
-  int Index(const char* name) { return sqlite3_bind_parameter_index(stmt_, name); }
-  Statement& BindText(int i, const std::string& v) {
-    sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
-    return *this;
-  }
-  Statement& Bind(int i, int64_t v) {
-    sqlite3_bind_int64(stmt_, i, v);
-    return *this;
-  }
-  // Binds a named parameter (":now") when the statement has it.
-  Statement& BindNamed(const char* name, int64_t v) {
-    const int i = sqlite3_bind_parameter_index(stmt_, name);
-    if (i > 0) sqlite3_bind_int64(stmt_, i, v);
-    return *this;
-  }
-  Statement& Bind(int i, double v) {
-    sqlite3_bind_double(stmt_, i, v);
-    return *this;
-  }
-  // SQLITE_ROW, SQLITE_DONE, or an error code.
-  int Step() { return step_rc_ = sqlite3_step(stmt_); }
-  absl::Status Run() {
-    const int rc = Step();
-    if (rc == SQLITE_DONE || rc == SQLITE_ROW) return absl::OkStatus();
-    return SqliteError(db_);
-  }
-  int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
-  // SQLite stores a NaN as NULL: it reads back as NaN (a diverged step's loss or norm), not 0.
-  double Double(int col) {
-    return sqlite3_column_type(stmt_, col) == SQLITE_NULL ? std::numeric_limits<double>::quiet_NaN()
-                                                          : sqlite3_column_double(stmt_, col);
-  }
-  std::string Blob(int col) {
-    const void* p = sqlite3_column_blob(stmt_, col);
-    return p ? std::string(static_cast<const char*>(p), sqlite3_column_bytes(stmt_, col)) : "";
-  }
-
- private:
-  sqlite3* db_;
-  sqlite3_stmt* stmt_ = nullptr;
-  int rc_;
-  int step_rc_ = SQLITE_OK;
-};
 
 // A row of "SELECT step, kind, event FROM job_events".
 StoredEvent ReadEvent(Statement& s) {
@@ -363,9 +260,18 @@ absl::StatusOr<JobRecord> JobStore::GetLocked(const std::string& id) {
   Statement s(db_, absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id = ?;"));
   s.BindText(1, id);
   const int rc = s.Step();
-  if (rc == SQLITE_ROW) return ReadJob(s);
+  if (rc == SQLITE_ROW) return WithUnrecordedCancel(ReadJob(s));
   if (rc == SQLITE_DONE) return absl::NotFoundError(absl::StrCat("job '", id, "' does not exist"));
   return s.StepError();
+}
+
+JobRecord JobStore::WithUnrecordedCancel(JobRecord record) const {
+  if (auto it = unrecorded_cancels_.find(record.id);
+      it != unrecorded_cancels_.end() && !IsTerminal(record.state)) {
+    record.state = JobState::kCancelled;
+    record.finished_ms = it->second.at_ms;
+  }
+  return record;
 }
 
 absl::StatusOr<JobRecord> JobStore::Get(const std::string& id) {
@@ -398,22 +304,33 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
           "start again without a page_token");
     }
   }
-  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq < ?");
-  if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(states), ")");
-  absl::StrAppend(&sql, " ORDER BY seq DESC LIMIT ?;");
   std::lock_guard<std::mutex> lock(mu_);
+  // A cancel waiting to be recorded is stored as queued or running: those rows are read too and
+  // the filter applied to what they read as.
+  std::vector<JobState> stored_states = states;
+  const auto wanted = [&](JobState state) {
+    return states.empty() || std::find(states.begin(), states.end(), state) != states.end();
+  };
+  if (!unrecorded_cancels_.empty() && wanted(JobState::kCancelled)) {
+    stored_states.insert(stored_states.end(), {JobState::kQueued, JobState::kRunning});
+  }
+  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq < ?");
+  if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(stored_states), ")");
+  absl::StrAppend(&sql, " ORDER BY seq DESC;");
   Statement s(db_, sql);
   if (auto st = s.status(); !st.ok()) return st;
-  s.Bind(1, before_seq).Bind(2, static_cast<int64_t>(page_size) + 1);
+  s.Bind(1, before_seq);
   JobPage page;
   int64_t last_seq = 0;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
+    JobRecord job = WithUnrecordedCancel(ReadJob(s));
+    if (!wanted(job.state)) continue;
     if (static_cast<int32_t>(page.jobs.size()) == page_size) {
       page.next_page_token = absl::StrCat(last_seq, ".", states_mask);
       break;
     }
-    page.jobs.push_back(ReadJob(s));
+    page.jobs.push_back(std::move(job));
     last_seq = s.Int(12);
   }
   if (rc != SQLITE_ROW && rc != SQLITE_DONE) return s.StepError();
@@ -423,10 +340,13 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
 absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
-                                " FROM jobs WHERE state = ? ORDER BY priority DESC, seq LIMIT 1;"));
+                                " FROM jobs WHERE state = ? ORDER BY priority DESC, seq;"));
   s.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  const int rc = s.Step();
-  if (rc == SQLITE_ROW) return std::optional<JobRecord>(ReadJob(s));
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    JobRecord job = ReadJob(s);
+    if (unrecorded_cancels_.count(job.id) == 0) return std::optional<JobRecord>(std::move(job));
+  }
   if (rc == SQLITE_DONE) return std::optional<JobRecord>();
   return s.StepError();
 }
@@ -490,11 +410,38 @@ absl::Status JobStore::MarkFailed(const std::string& id, const std::string& erro
 absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
   if (publishing_.count(id) == 0) {
+    const int64_t now = NowMs();
     auto status = TransitionLocked(id, {JobState::kQueued, JobState::kRunning},
-                                   JobState::kCancelled, "finished_ms = :now", "", 0);
-    if (!status.ok() && !absl::IsFailedPrecondition(status)) return status;
+                                   JobState::kCancelled, "finished_ms = :now", "", 0, now);
+    if (absl::IsNotFound(status)) return status;
+    // Refused by the database, not by the job's state: the cancel holds from now on.
+    if (!status.ok() && !absl::IsFailedPrecondition(status)) {
+      unrecorded_cancels_[id] = {now, std::string(status.message())};
+    }
   }
   return GetLocked(id);  // already ended, or publishing: unchanged
+}
+
+absl::Status JobStore::RecordCancels() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = unrecorded_cancels_.begin(); it != unrecorded_cancels_.end();) {
+    // Only a job still queued or running becomes cancelled; one deleted meanwhile has no row.
+    Statement s(db_, absl::StrCat("UPDATE jobs SET state = ?, finished_ms = ? WHERE id = ? AND "
+                                  "state IN (",
+                                  StateList({JobState::kQueued, JobState::kRunning}), ");"));
+    s.Bind(1, static_cast<int64_t>(JobState::kCancelled)).Bind(2, it->second.at_ms);
+    s.BindText(3, it->first);
+    if (auto st = s.Run(); !st.ok()) return st;
+    it = unrecorded_cancels_.erase(it);
+  }
+  return absl::OkStatus();
+}
+
+std::map<std::string, std::string> JobStore::UnrecordedCancels() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::map<std::string, std::string> why;
+  for (const auto& [id, cancel] : unrecorded_cancels_) why[id] = cancel.why;
+  return why;
 }
 
 absl::Status JobStore::BeginPublishing(const std::string& id) {
@@ -532,6 +479,7 @@ absl::Status JobStore::Delete(const std::string& id) {
   s.BindText(1, id);
   if (auto st = s.Run(); !st.ok()) return rollback(st);
   if (auto st = Exec("COMMIT;"); !st.ok()) return rollback(st);
+  unrecorded_cancels_.erase(id);
   return absl::OkStatus();
 }
 
@@ -695,6 +643,16 @@ absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState
     s.Bind(1, static_cast<int64_t>(state));
     if (s.Step() != SQLITE_ROW) return s.StepError();
     counts.emplace_back(state, s.Int(0));
+  }
+  // Cancels waiting to be recorded count as cancelled (counts[i] is state i + 1).
+  for (const auto& [id, cancel] : unrecorded_cancels_) {
+    Statement s(db_, "SELECT state FROM jobs WHERE id = ?;");
+    s.BindText(1, id);
+    if (s.Step() != SQLITE_ROW) continue;  // deleted
+    const auto stored = static_cast<JobState>(s.Int(0));
+    if (IsTerminal(stored)) continue;
+    --counts[static_cast<int>(stored) - 1].second;
+    ++counts[static_cast<int>(JobState::kCancelled) - 1].second;
   }
   return counts;
 }

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -121,7 +122,15 @@ class JobStore {
   absl::Status MarkFailed(const std::string& id, const std::string& error, int64_t at_ms = 0);
   // Cancels a queued or running job; returns the record after the call. Cancelling a job that
   // already ended, or one that is publishing its adapter, changes nothing.
+  // When the database refuses the write (a full disk, its lock held too long, a read-only file),
+  // the cancel holds anyway, in memory: the job reads as cancelled here (Get, List, CountByState),
+  // NextQueued skips it and no other state change takes it, until RecordCancels writes it (a
+  // restart before that forgets it: the job is queued again).
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
+  // Writes the cancels the database refused; the first error when some still wait.
+  absl::Status RecordCancels();
+  // The cancels waiting to be recorded: job id -> why the database refused it.
+  std::map<std::string, std::string> UnrecordedCancels();
   // A running job whose training ended is about to publish its adapter: from now on it can only
   // succeed or fail (a cancel that comes later leaves it running, and says so). FAILED_PRECONDITION
   // when it is no longer running (cancelled first: nothing may be published).
@@ -187,9 +196,16 @@ class JobStore {
   absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
   absl::Status RecordAdapterLocked(const ServedAdapter& adapter);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
+  // The record as Cancel left it: cancelled if its cancel waits to be recorded.
+  JobRecord WithUnrecordedCancel(JobRecord record) const;
 
   std::mutex mu_;
   std::set<std::string> publishing_;  // BeginPublishing's jobs, until they succeed or fail
+  struct UnrecordedCancel {
+    int64_t at_ms;    // when it was cancelled
+    std::string why;  // the database's error
+  };
+  std::map<std::string, UnrecordedCancel> unrecorded_cancels_;  // by job id
   sqlite3* db_;
   std::string path_;
 };

@@ -166,6 +166,68 @@ TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRec
   rig.hub().Unsubscribe(subscription);
 }
 
+// A CancelJob while the job database refuses writes (what a full disk does; here another
+// connection holds its write lock) stops the running job all the same: it trains no further, its
+// adapter is never published, it reads as cancelled, and the runner records the cancel once the
+// database takes writes again. (It was refused, and the job trained on.)
+TEST(JobRunnerTest, ACancelTheDatabaseRefusesStopsTheJobAndIsRecordedLater) {
+  Rig rig("refused-cancel", 400);
+  std::atomic<int64_t> steps{0};
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    if (e.has_step()) steps = e.step().step();
+  });
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return steps.load() >= 1; }, 120));
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
+  sqlite3_busy_timeout(blocker, 5000);  // the runner may be writing a step just now
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  // TrainingService::CancelJob's sequence, minus gRPC (the write waits out the busy timeout).
+  auto cancelled = rig.store().Cancel(rig.job_id());
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  EXPECT_EQ(cancelled->state, JobState::kCancelled);
+  rig.runner().Cancel(rig.job_id());
+  EXPECT_TRUE(Rig::WaitFor([&] { return !rig.engine().TrainingActive(); }, 120))
+      << "the cancelled job still trains";
+  EXPECT_EQ(rig.State(), JobState::kCancelled);
+  sqlite3_stmt* stored = nullptr;  // the row itself still says running
+  ASSERT_EQ(
+      sqlite3_prepare_v2(blocker, "SELECT state FROM jobs WHERE id = ?;", -1, &stored, nullptr),
+      SQLITE_OK);
+  sqlite3_bind_text(stored, 1, rig.job_id().c_str(), -1, SQLITE_TRANSIENT);
+  ASSERT_EQ(sqlite3_step(stored), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int64(stored, 0), static_cast<int64_t>(JobState::kRunning));
+  sqlite3_finalize(stored);
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  EXPECT_TRUE(Rig::WaitFor([&] { return rig.store().UnrecordedCancels().empty(); }, 60))
+      << "the runner did not record the cancel";
+  rig.hub().Unsubscribe(subscription);
+  auto reopened = JobStore::Open(rig.db_path());  // what the database itself says now
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ((*reopened)->Get(rig.job_id())->state, JobState::kCancelled);
+  EXPECT_FALSE(fs::exists(rig.job_dir() / "adapter")) << "it trained to its end";
+  EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"));
+}
+
+// A job the job database refuses to mark running (what a full disk does; here another connection
+// holds its write lock) stays queued, and starts once the database takes writes again: the runner
+// tries again every few seconds rather than at once (on a full disk, at once was a busy loop).
+TEST(JobRunnerTest, AJobTheDatabaseRefusesToStartStartsOnceItTakesWrites) {
+  Rig rig("refused-start", 1);
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  rig.runner().Start();
+  std::this_thread::sleep_for(std::chrono::seconds(7));  // past the first try's busy timeout
+  EXPECT_EQ(rig.State(), JobState::kQueued);
+  EXPECT_FALSE(rig.engine().TrainingActive());
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60))
+      << "the job never started after the database took writes again";
+}
+
 // Steps the job database refuses when they come (what a full disk does; here another
 // connection holds its write lock for a while) are recorded once it takes writes again: the
 // job's history, which WatchJob replays, lacks none of them.

@@ -122,6 +122,61 @@ TEST_F(JobStoreTest, APublishingJobCannotBeCancelledAndACancelledOneCannotPublis
   EXPECT_TRUE(absl::IsFailedPrecondition(store->BeginPublishing(cancelled->id)));
 }
 
+// A cancel the database refuses (what a full disk does; here another connection holds its write
+// lock past the store's busy timeout) holds anyway: the jobs read, list and count as cancelled,
+// neither starts nor publishes nor fails, the queue moves past them, and once writes work again
+// RecordCancels stores them as the cancel left them.
+TEST_F(JobStoreTest, ACancelTheDatabaseRefusesHoldsUntilItIsRecorded) {
+  auto store = OpenStore();
+  auto queued = store->Insert("q", "q", 5, 1, 10);
+  auto running = store->Insert("r", "r", 0, 1, 10);
+  auto next = store->Insert("n", "n", 0, 1, 10);
+  ASSERT_TRUE(queued.ok() && running.ok() && next.ok());
+  ASSERT_TRUE(store->MarkRunning(running->id).ok());
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+
+  for (const auto& job : {queued, running}) {
+    auto cancelled = store->Cancel(job->id);
+    ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+    EXPECT_EQ(cancelled->state, JobState::kCancelled);
+    EXPECT_GT(cancelled->finished_ms, 0);
+    EXPECT_EQ(store->Get(job->id)->state, JobState::kCancelled);
+  }
+  EXPECT_EQ(store->UnrecordedCancels().size(), 2u);
+  EXPECT_EQ((*store->NextQueued())->id, next->id) << "a cancelled job is next in the queue";
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkRunning(queued->id)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->BeginPublishing(running->id)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(store->MarkFailed(running->id, "late")));
+  auto cancelled_page = store->List({JobState::kCancelled}, 10, "");
+  ASSERT_TRUE(cancelled_page.ok()) << cancelled_page.status();
+  EXPECT_EQ(cancelled_page->jobs.size(), 2u);
+  auto live_page = store->List({JobState::kQueued, JobState::kRunning}, 10, "");
+  ASSERT_TRUE(live_page.ok()) << live_page.status();
+  ASSERT_EQ(live_page->jobs.size(), 1u);
+  EXPECT_EQ(live_page->jobs[0].id, next->id);
+  auto counts = store->CountByState();
+  ASSERT_TRUE(counts.ok()) << counts.status();
+  EXPECT_EQ(*counts, (std::vector<std::pair<JobState, int64_t>>{{JobState::kQueued, 1},
+                                                                {JobState::kRunning, 0},
+                                                                {JobState::kSucceeded, 0},
+                                                                {JobState::kFailed, 0},
+                                                                {JobState::kCancelled, 2}}));
+
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  const int64_t cancelled_at = store->Get(queued->id)->finished_ms;
+  ASSERT_TRUE(store->RecordCancels().ok());
+  EXPECT_TRUE(store->UnrecordedCancels().empty());
+  store.reset();
+  auto reopened = OpenStore();  // what the database itself says
+  EXPECT_EQ(reopened->Get(queued->id)->state, JobState::kCancelled);
+  EXPECT_EQ(reopened->Get(queued->id)->finished_ms, cancelled_at);
+  EXPECT_EQ(reopened->Get(running->id)->state, JobState::kCancelled);
+  EXPECT_EQ(reopened->Get(next->id)->state, JobState::kQueued);
+}
+
 TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
   auto store = OpenStore();
   auto job = store->Insert("s", "a", 0, 3, 10);

@@ -1,0 +1,37 @@
+#include "server/sqlite_statement.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace lorad::server {
+// An error of `db` that names the file and, where there is one, what to do.
+absl::Status SqliteError(sqlite3* db) {
+  const int code = sqlite3_extended_errcode(db) & 0xff;
+  const char* file = sqlite3_db_filename(db, "main");
+  const std::string name = absl::StrCat("job database '", file != nullptr ? file : "", "'");
+  const char* message = sqlite3_errmsg(db);
+  switch (code) {
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the job database's disk is full (", name, ": ", message,
+          "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(
+          absl::StrCat(name, " is damaged (", message, "); ", kDamagedAdvice));
+    // (INTERNAL, as any other: PERMISSION_DENIED would read as the caller's, UNAVAILABLE as the
+    // daemon gone.)
+    case SQLITE_READONLY:
+    case SQLITE_PERM:
+    case SQLITE_CANTOPEN:
+      return absl::InternalError(
+          absl::StrCat(name, " cannot be written (", message,
+                       "): give the user lorad runs as write access to it and to its folder"));
+    case SQLITE_IOERR:
+      return absl::InternalError(
+          absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
+    default:
+      return absl::InternalError(absl::StrCat(name, ": sqlite: ", message));
+  }
+}
+
+}  // namespace lorad::server
