@@ -55,17 +55,6 @@ int64_t AvailableDeviceBytes(const DeviceInfo& device) {
 #endif
 }
 
-// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
-std::string ReadableBytes(int64_t bytes) {
-  char text[32];
-  if (bytes < (int64_t{1} << 30)) {
-    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  } else {
-    std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
-  }
-  return text;
-}
-
 // What EstimateTrainingBytes says a job needs, in words: total and parts.
 std::string DescribeNeed(const TrainingMemoryEstimate& need) {
   return "about " + ReadableBytes(need.total()) + " (LoRA " + ReadableBytes(need.lora_bytes) +
@@ -114,6 +103,7 @@ struct Engine::Impl {
   std::map<std::string, Preparation> preparations;  // by job id, until the loop takes the job
   std::vector<std::string> active_job_ids;          // from hand-over until each job's last event
   std::map<std::string, int64_t> job_bytes;         // each active job's estimated memory
+  std::map<std::string, int64_t> job_host_bytes;    // and its pinned host memory (CUDA)
   std::set<std::string> cancel_job_ids;  // cancels that arrived before the loop took the job
   struct ActiveTrainer {
     std::string id;
@@ -155,6 +145,7 @@ struct Engine::Impl {
     active_job_ids.erase(std::remove(active_job_ids.begin(), active_job_ids.end(), id),
                          active_job_ids.end());
     job_bytes.erase(id);
+    job_host_bytes.erase(id);
   }
   // The estimate for a job on this device (bf16 on CUDA, fp32 on the CPU).
   TrainingMemoryEstimate Need(const TrainingJobConfig& config) const {
@@ -167,22 +158,27 @@ struct Engine::Impl {
            (config.gradient_checkpointing ? "" : ", or turn on gradient_checkpointing");
   }
   // TrainingFitsNow's answer, under mu.
-  absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need,
-                               const TrainingJobConfig& config) const {
+  // `waits_for` (optional): when it is false, what the job needs that the jobs training hold.
+  absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need, const TrainingJobConfig& config,
+                               std::string* waits_for = nullptr) const {
     // Offloading parks tensors in pinned host memory (CUDA only): a job that needs more than the
-    // host has in all can never run. (What is available now is not asked: a job that just ended
-    // hands its pinned blocks back only after its last event, and the next job is admitted on
-    // that event.)
-    if (device.device != "cpu" && need.host_bytes > 0 && host_total_bytes >= 0 &&
-        need.host_bytes > host_total_bytes) {
-      return absl::ResourceExhaustedError(
-          "training.offload_activations needs up to " + ReadableBytes(need.host_bytes) +
-          " of pinned host memory for this job (the checkpointed layers' inputs" +
-          (config.keep_mlp_layers > 0 ? " and the kept MLP values" : "") + ") but the host has " +
-          ReadableBytes(host_total_bytes) + " in all; " +
-          (config.keep_mlp_layers > 0 ? "lower training.keep_mlp_layers, " : "") +
-          "raise training.keep_activations_layers, turn offload_activations off, or " +
-          ShrinkHint(config));
+    // host has in all can never run, and one that needs more than the jobs training leave of it
+    // waits for one to end. (What is available now is not asked: a job that just ended hands its
+    // pinned blocks back only after its last event, and the next job is admitted on that event.)
+    if (device.device != "cpu") {
+      int64_t held_host = 0;
+      for (const auto& [id, bytes] : job_host_bytes) held_host += bytes;
+      absl::StatusOr<bool> host_fits =
+          PinnedHostMemoryFits(need, config, host_total_bytes, held_host);
+      if (!host_fits.ok() || !*host_fits) {
+        if (waits_for != nullptr) {
+          *waits_for = "up to " + ReadableBytes(need.host_bytes) +
+                       " of pinned host memory, and the jobs training hold " +
+                       ReadableBytes(held_host) + " of the host's " +
+                       ReadableBytes(host_total_bytes);
+        }
+        return host_fits;
+      }
     }
     const int64_t budget = options.training_memory_budget_bytes;
     if (budget <= 0) return true;
@@ -194,6 +190,11 @@ struct Engine::Impl {
     }
     int64_t held = 0;
     for (const auto& [id, bytes] : job_bytes) held += bytes;
+    if (waits_for != nullptr) {
+      *waits_for = DescribeNeed(need) + " of training memory, and the jobs training hold " +
+                   ReadableBytes(held) + " of training.memory_budget_mib (" +
+                   ReadableBytes(budget) + ")";
+    }
     return need.total() <= budget - held;
   }
 };
@@ -606,17 +607,17 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
           std::to_string(impl_->options.max_training_jobs) + " train at a time");
     }
     const TrainingMemoryEstimate need = impl_->Need(config);
-    absl::StatusOr<bool> fits = impl_->FitsNow(need, config);
+    std::string waits_for;
+    absl::StatusOr<bool> fits = impl_->FitsNow(need, config, &waits_for);
     if (!fits.ok()) return fits.status();
     if (!*fits) {
-      return absl::ResourceExhaustedError(
-          "the job needs " + DescribeNeed(need) + " of training memory; the jobs " +
-          absl::StrJoin(active, ", ") + " hold the rest of training.memory_budget_mib (" +
-          ReadableBytes(impl_->options.training_memory_budget_bytes) +
-          "): start it when one of them ends");
+      return absl::ResourceExhaustedError("the job needs " + waits_for +
+                                          "; start it when one of them (" +
+                                          absl::StrJoin(active, ", ") + ") ends");
     }
     active.push_back(job_id);
     impl_->job_bytes[job_id] = need.total();
+    if (impl_->device.device != "cpu") impl_->job_host_bytes[job_id] = need.host_bytes;
     TrainingJobConfig job = config;
     // Training formats conversations with the template serving renders chats with.
     job.data.model_chat_template = impl_->options.chat_template;

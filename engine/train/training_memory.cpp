@@ -1,6 +1,7 @@
 #include "engine/train/training_memory.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <string>
 
 #include "engine/model/checkpointed_call.h"
@@ -124,6 +125,34 @@ TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
       config.gradient_checkpointing ? layer_weights + largest_weight : 2 * largest_weight;
   e.workspace_bytes = dequantized * element_bytes + logits_chunk + tokens * h * 4;
   return e;
+}
+
+absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
+                                          const TrainingJobConfig& config, int64_t host_total_bytes,
+                                          int64_t held_bytes) {
+  if (need.host_bytes <= 0 || host_total_bytes < 0) return true;
+  if (need.host_bytes > host_total_bytes) {
+    return absl::ResourceExhaustedError(
+        "training.offload_activations needs up to " + ReadableBytes(need.host_bytes) +
+        " of pinned host memory for this job (the checkpointed layers' inputs" +
+        (config.keep_mlp_layers > 0 ? " and the kept MLP values" : "") + ") but the host has " +
+        ReadableBytes(host_total_bytes) + " in all; " +
+        (config.keep_mlp_layers > 0 ? "lower training.keep_mlp_layers, " : "") +
+        "raise training.keep_activations_layers, turn offload_activations off, or lower "
+        "training.micro_batch_size or max_seq_length");
+  }
+  return need.host_bytes <= host_total_bytes - held_bytes;
+}
+
+// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
+std::string ReadableBytes(int64_t bytes) {
+  char text[32];
+  if (bytes < (int64_t{1} << 30)) {
+    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  } else {
+    std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  }
+  return text;
 }
 
 }  // namespace lorad::engine

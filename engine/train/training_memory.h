@@ -12,7 +12,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "absl/status/statusor.h"
 #include "engine/model/model_config.h"
 #include "engine/train/training_job_config.h"
 
@@ -33,5 +35,17 @@ struct TrainingMemoryEstimate {
 TrainingMemoryEstimate EstimateTrainingBytes(const ModelConfig& model,
                                              const TrainingJobConfig& config, int64_t element_bytes,
                                              bool flash_packing = false);
+
+// Whether a job's pinned host memory (`need.host_bytes`, offloading on CUDA) fits the host: an
+// error naming the fields to change when it never can (more than `host_total_bytes`, the host's
+// memory in all), false while the jobs already training hold too much of it (`held_bytes`: their
+// host_bytes summed; the job may start when one ends), true otherwise, and when the host's memory
+// is not known (host_total_bytes < 0).
+absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
+                                          const TrainingJobConfig& config, int64_t host_total_bytes,
+                                          int64_t held_bytes);
+
+// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
+std::string ReadableBytes(int64_t bytes);
 
 }  // namespace lorad::engine

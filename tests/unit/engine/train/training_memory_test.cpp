@@ -112,6 +112,38 @@ TEST(TrainingMemoryTest, KeptMlpValuesCountOnTheDeviceUnlessOffloaded) {
 // holds. Through flash attention's segments (flash_packing), the padding of the backward's fp32
 // accumulators: 128 rows for each of 2 + 4096 / 64 segments. The classic packing (flash
 // attention, no mask) adds nothing.
+// Pinned host memory (offloading): a job that needs more than the host has in all is refused,
+// naming the fields to change; one that fits the host but not beside the jobs training waits; a
+// job that offloads nothing, or a host whose memory is unknown, never waits for it.
+TEST(TrainingMemoryTest, PinnedHostMemoryIsRefusedAboveTheHostAndWaitsBesideOtherJobs) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 2;
+  c.max_seq_length = 2048;
+  c.offload_activations = true;
+  c.keep_mlp_layers = 15;
+  const TrainingMemoryEstimate need = EstimateTrainingBytes(Llama3_8B(), c, 2);
+  ASSERT_GT(need.host_bytes, 0);
+  const int64_t host = 16 * (int64_t{1} << 30);
+  ASSERT_LT(need.host_bytes, host);
+  EXPECT_EQ(PinnedHostMemoryFits(need, c, host, 0).value(), true);
+  EXPECT_EQ(PinnedHostMemoryFits(need, c, host, host - need.host_bytes).value(), true);
+  EXPECT_EQ(PinnedHostMemoryFits(need, c, host, host - need.host_bytes + 1).value(), false)
+      << "a second offloading job started beside one holding the rest of the host";
+  EXPECT_EQ(PinnedHostMemoryFits(need, c, -1, host).value(), true);
+
+  const absl::StatusOr<bool> never = PinnedHostMemoryFits(need, c, need.host_bytes - 1, 0);
+  ASSERT_TRUE(absl::IsResourceExhausted(never.status())) << never.status();
+  for (const char* field : {"offload_activations", "keep_mlp_layers", "keep_activations_layers"}) {
+    EXPECT_NE(never.status().message().find(field), std::string::npos) << never.status();
+  }
+
+  TrainingJobConfig kept = c;
+  kept.offload_activations = false;
+  const TrainingMemoryEstimate on_device = EstimateTrainingBytes(Llama3_8B(), kept, 2);
+  EXPECT_EQ(on_device.host_bytes, 0);
+  EXPECT_EQ(PinnedHostMemoryFits(on_device, kept, 1, 1).value(), true);
+}
+
 TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskOrTheirSegments) {
   TrainingJobConfig c;
   c.micro_batch_size = 2;
