@@ -103,7 +103,11 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
       const int64_t chunk = ChunkFor(b, seq);
       if (!FitsTokenBudget(b, chunk)) break;
       if (!FitsKvCache(b, seq)) break;  // FIFO: a large request is not starved by small ones
-      if (!FitsAdapterLimit(b, seq.adapter)) continue;
+      if (!FitsAdapterLimit(b, seq.adapter)) {
+        if (seq.passed_over >= limits.max_passed_over) break;  // its turn: the others wait
+        plan.passed_over.push_back(seq.id);
+        continue;
+      }
       b.free_blocks -= b.ExtraBlocks(seq, seq.prompt_tokens + 1);
       b.tokens_left -= chunk;
       if (!seq.adapter.empty()) b.adapters.insert(seq.adapter);

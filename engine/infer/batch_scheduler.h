@@ -8,7 +8,9 @@
 //      until it fits — a running sequence is never failed for lack of memory;
 //   2. running sequences still in (chunked) prefill get their next chunk;
 //   3. waiting requests are admitted in arrival order while every admission rule holds; a request
-//      whose adapter would exceed the per-batch adapter limit is skipped, the others may pass it.
+//      whose adapter would exceed the per-batch adapter limit is skipped, the others may pass it,
+//      but only `max_passed_over` times: then nothing behind it is admitted until it fits (the
+//      batch's other adapters drain), so steady traffic on some adapters never starves another.
 // All prefill and decode tokens of an iteration share `token_budget`.
 #pragma once
 
@@ -26,6 +28,7 @@ struct SchedulerLimits {
   int64_t token_budget = 2048;         // prefill + decode tokens per iteration
   int64_t prefill_chunk = 2048;        // longest prefill piece of one sequence per iteration
   int32_t max_adapters_per_batch = 8;  // distinct adapters in one batch ("" = base counts none)
+  int32_t max_passed_over = 64;        // iterations a request may be skipped for that limit
 };
 
 // What the scheduler needs to know of a sequence.
@@ -34,6 +37,7 @@ struct ScheduledSequence {
   std::string adapter;          // "" for the base model
   int64_t prompt_tokens = 0;    // tokens to prefill (after a preemption: prompt + generated)
   int64_t computed_tokens = 0;  // tokens already in the KV cache
+  int32_t passed_over = 0;      // iterations it waited, skipped for the adapter limit
 };
 
 struct StepPlan {
@@ -41,6 +45,7 @@ struct StepPlan {
   std::vector<std::pair<SequenceId, int64_t>> prefill;  // (sequence, tokens this iteration)
   std::vector<SequenceId> admitted;                     // waiting -> running (also in prefill)
   std::vector<SequenceId> preempted;                    // running -> front of waiting
+  std::vector<SequenceId> passed_over;                  // waiting, skipped for the adapter limit
   int64_t tokens = 0;                                   // decode + prefill tokens planned
 };
 

@@ -54,6 +54,7 @@ struct Sequence {
   double ttft_s = 0;
   double queue_s = -1;  // submission -> first admission; -1 until admitted
   int32_t preemptions = 0;
+  int32_t passed_over = 0;  // steps it waited, skipped for the batch's adapter limit
 
   // Orders sequences by adapter (the base model first) without building key strings.
   std::pair<std::string_view, int64_t> adapter_order() const {
@@ -118,7 +119,14 @@ struct InferenceEngine::Impl {
   std::shared_ptr<const LoraStack> stack;
 
   Impl(const LlamaModel* m, const Tokenizer* t, AdapterStore* a, const InferenceEngineOptions& o)
-      : model(m), tokenizer(t), adapters(a), options(o), sampler(o.logprobs_mode) {}
+      : model(m), tokenizer(t), adapters(a), options(o), sampler(o.logprobs_mode) {
+    // A batch never names more adapters than can be resident at once: a request admitted beyond
+    // that could not be made resident while the others run, and waited for ever.
+    if (a != nullptr) {
+      options.scheduler.max_adapters_per_batch =
+          std::min(options.scheduler.max_adapters_per_batch, a->max_resident());
+    }
+  }
 
   void DrainInbox();
   void Emit(Sequence& seq, TokenEvent event);
@@ -138,9 +146,11 @@ struct InferenceEngine::Impl {
                                              const std::vector<int32_t>& slots,
                                              const std::shared_ptr<const LoraStack>& stack);
   void Accept(Sequence& seq, const SampledToken& sampled, std::set<RequestId>* finished);
-  // With no request running: keeps the stack (and its decode graphs) while every adapter in it
-  // is the current, resident version of its name; drops both otherwise.
+  // Keeps the stack (and its decode graphs) while every adapter in it is the current, resident
+  // version of its name or in use by a running request; drops both otherwise.
   void KeepStackWhileCurrent();
+  // A sequence holding an adapter on the device left or was preempted since the last check.
+  bool adapter_released = false;
   absl::StatusOr<std::shared_ptr<const LoraStack>> StackFor(const std::vector<Row>& rows,
                                                             std::vector<int32_t>* slots);
   // Ends the current phase: adds its time to `total` (after waiting for the device's queued
@@ -376,6 +386,7 @@ void InferenceEngine::Impl::Remove(const std::set<RequestId>& ids) {
   auto done = [&](const std::unique_ptr<Sequence>& s) {
     if (!ids.count(s->id)) return false;
     kv->Release(s->id);
+    if (s->device != nullptr) adapter_released = true;
     s->lease.Release();  // may free a retired adapter version
     --unfinished;
     return true;
@@ -404,9 +415,14 @@ absl::Status InferenceEngine::Step() {
     running.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed});
   }
   for (const auto& s : m.waiting) {
-    waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed});
+    waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed, s->passed_over});
   }
   const StepPlan plan = PlanStep(running, waiting, *m.kv, m.options.scheduler);
+  for (SequenceId id : plan.passed_over) {
+    for (auto& s : m.waiting) {
+      if (s->id == id) ++s->passed_over;
+    }
+  }
 
   // Preempted: free the blocks; recompute prompt + generated when readmitted, in arrival order at
   // the front of the queue.
@@ -420,6 +436,7 @@ absl::Status InferenceEngine::Step() {
     s.computed = 0;
     s.prefill_target = static_cast<int64_t>(s.all.size());
     s.lease.Deactivate();
+    if (s.device != nullptr) m.adapter_released = true;
     s.device = nullptr;
     ++s.preemptions;
     ++m.preemptions;
@@ -501,7 +518,10 @@ absl::Status InferenceEngine::Step() {
     }
   }
   m.Remove(finished);
-  if (m.running.empty()) m.KeepStackWhileCurrent();
+  // A request that ends may leave a stale copy in the stack unused (its version unloaded or
+  // replaced while it ran): dropped now, not at the next retire signal, which may never come.
+  if (m.running.empty() || m.adapter_released) m.KeepStackWhileCurrent();
+  m.adapter_released = false;
   m.UpdateCounts();
   return status;
 }

@@ -366,6 +366,8 @@ bool AdapterStore::Contains(const std::string& name) const {
   return state_->current.count(name) > 0;
 }
 
+int32_t AdapterStore::max_resident() const { return state_->options.max_resident; }
+
 absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t> version,
                                   std::chrono::milliseconds timeout, std::optional<int64_t> up_to) {
   State& s = *state_;

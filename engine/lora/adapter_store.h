@@ -123,6 +123,8 @@ class AdapterStore {
   // The current version of `name` for one request. NotFound naming the adapter.
   absl::StatusOr<AdapterLease> Acquire(const std::string& name);
   bool Contains(const std::string& name) const;
+  // Adapters resident on the device at most (AdapterStoreOptions::max_resident).
+  int32_t max_resident() const;
 
   // Retires `name` (every version, or only `version`): new requests get NotFound at once; then
   // waits until no request holds it and frees it. DeadlineExceeded after `timeout` (it is still

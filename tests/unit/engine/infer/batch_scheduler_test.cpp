@@ -68,6 +68,26 @@ TEST(BatchScheduler, AdapterLimitSkipsOnlyTheRequestsOverIt) {
   EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{2, 4, 5}));
 }
 
+// A request skipped for the adapter limit may be passed over max_passed_over times; then nothing
+// behind it is admitted until it fits.
+TEST(BatchScheduler, ARequestPassedOverForTheAdapterLimitGetsItsTurn) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.max_adapters_per_batch = 1;
+  limits.max_passed_over = 2;
+  ScheduledSequence other = Seq(2, 4, 0, "b");
+  auto plan =
+      PlanStep({Seq(1, 4, 4, "a")}, {other, Seq(3, 4, 0, "a"), Seq(4, 4, 0, "")}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3, 4}));
+  EXPECT_EQ(plan.passed_over, (std::vector<SequenceId>{2}));
+  other.passed_over = 2;
+  plan = PlanStep({Seq(1, 4, 4, "a")}, {other, Seq(3, 4, 0, "a"), Seq(4, 4, 0, "")}, kv, limits);
+  EXPECT_TRUE(plan.admitted.empty()) << "the requests behind it passed it again";
+  EXPECT_TRUE(plan.passed_over.empty());
+  plan = PlanStep({}, {other, Seq(3, 4, 0, "a")}, kv, limits);  // the batch drained of 'a'
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{2}));
+}
+
 TEST(BatchScheduler, MaxRunningBoundsAdmission) {
   KvBlockAllocator kv(100, 16);
   SchedulerLimits limits;
