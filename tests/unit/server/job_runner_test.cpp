@@ -171,7 +171,7 @@ TEST(JobRunnerTest, AJobThatEndsWhileTheDatabaseRefusesWritesSucceedsOnceItIsRec
 // adapter is never published, it reads as cancelled, and the runner records the cancel once the
 // database takes writes again. (It was refused, and the job trained on.)
 TEST(JobRunnerTest, ACancelTheDatabaseRefusesStopsTheJobAndIsRecordedLater) {
-  Rig rig("refused-cancel", 400);
+  Rig rig("refused-cancel", 100000);  // still training when the cancel lands, however slow
   std::atomic<int64_t> steps{0};
   const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
     if (e.has_step()) steps = e.step().step();
