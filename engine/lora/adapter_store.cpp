@@ -38,6 +38,9 @@ struct AdapterStore::State {
   torch::Device device = torch::kCPU;
   torch::ScalarType dtype = torch::kFloat;
   std::map<std::string, int64_t> last_version;  // every name ever published
+  // The newest version of each name that became current (it may be unloaded since): an older
+  // one whose recording finished later never serves.
+  std::map<std::string, int64_t> newest_published;
   std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
   std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
   uint64_t tick = 0;
@@ -305,11 +308,14 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   }
   std::unique_lock<std::mutex> lock(s.mu);
   auto it = s.current.find(name);
-  if (it != s.current.end() && it->second->version > entry->version) {
-    // A newer version was published while this one was recorded: it never serves.
+  int64_t& newest = s.newest_published[name];
+  if (newest > entry->version) {
+    // A newer version was published while this one was recorded (and may since have been
+    // unloaded: this one must not serve in its place): it never serves.
     if (published != nullptr) *published = InfoOf(*entry);
     return entry->version;
   }
+  newest = entry->version;
   entry->current = true;
   const bool replaced = it != s.current.end();
   if (replaced) {

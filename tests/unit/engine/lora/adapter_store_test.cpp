@@ -131,6 +131,19 @@ TEST(AdapterStoreTest, AVersionItsHookRefusesIsNotPublished) {
   ASSERT_TRUE(current.ok()) << current.status();
   EXPECT_EQ(current->version(), 3);
   EXPECT_EQ(FirstB(current->host()), 4.0f);
+  current->Release();
+  // ... and also when that newer version was unloaded before the older one's record ended: the
+  // older one does not serve in its place (it did: an unload undone, an old adapter serving).
+  auto after_unload = store->Publish("chat", Adapter(4, 5.0f), "v4", &info, [&](int64_t version) {
+    EXPECT_EQ(version, 4);
+    EXPECT_EQ(*store->Publish("chat", Adapter(4, 6.0f), "v5"), 5);
+    EXPECT_TRUE(store->Unload("chat", std::nullopt, std::chrono::seconds(1), 5).ok());
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(after_unload.ok()) << after_unload.status();
+  EXPECT_EQ(*after_unload, 4);
+  EXPECT_FALSE(info.current);
+  EXPECT_FALSE(store->Contains("chat")) << "the unloaded name serves again, an older version";
 }
 
 TEST(AdapterStoreTest, RetireListenerHearsReplacedAndUnloadedVersions) {
