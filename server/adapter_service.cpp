@@ -157,6 +157,27 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
       newest_listed = std::max(newest_listed, info.version);
     }
   }
+  // Nothing of the name serves, but the record says it does: the restart could not serve it again
+  // (its folder changed or left the adapter root, another base model). Unloading clears the
+  // record, so that a later restart does not try again and its job can be deleted.
+  if (newest_listed == 0 && record_ != nullptr) {
+    auto recorded = record_->Adapters();
+    if (!recorded.ok()) return FinishUnary(context, recorded.status());
+    for (const ServedAdapter& a : *recorded) {
+      if (a.name != request->name() || !a.served || (version && a.version != *version)) continue;
+      if (auto s = record_->MarkAdapterUnserved(a.name, a.version); !s.ok()) {
+        return FinishUnary(context,
+                           absl::Status(s.code(), absl::StrCat("recording the unload of '", a.name,
+                                                               "' failed: ", s.message())));
+      }
+      engine::AdapterInfo info;
+      info.name = a.name;
+      info.version = a.version;
+      info.source = a.source;
+      ToProto(info, response->add_unloaded());
+      return FinishUnary(context, absl::OkStatus());
+    }
+  }
   // The name serves nothing after this: a restart must not bring it back. Recorded first: an
   // unload that a restart would undo is refused (a full disk).
   if (current_unloaded && record_ != nullptr) {

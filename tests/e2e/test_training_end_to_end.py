@@ -582,6 +582,13 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
                          d.log()), d.log()
         assert re.search(r"adapter changed version 1 is not served again: .*holds other files",
                          d.log()), d.log()
+        # A recorded adapter the restart could not serve again is unloaded from the record (it
+        # was NOT_FOUND, and the record stayed: a dead end for deleting its job).
+        gone = adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="moved"), timeout=10)
+        assert [(a.name, a.version) for a in gone.unloaded] == [("moved", 1)]
+        with pytest.raises(grpc.RpcError) as err:
+            adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="moved"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
         reloaded = adapters.LoadAdapter(apb.LoadAdapterRequest(name="changed", path="changed"),
                                         timeout=30)
         assert reloaded.version == 2
