@@ -124,6 +124,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->config_ = config;
   m->options_ = options;
+  m->bitsandbytes_checkpoint_ =
+      weights.IsBitsandbytes4bit(ProjectionPath(0, Projection::kQ) + ".weight");
   const auto& o = options;
   const Shape hidden{config.hidden_size};
   const Shape embedding{config.vocab_size, config.hidden_size};

@@ -435,10 +435,24 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
   return Create(model, tokenizer, model_folder, *std::move(prepared), std::move(on_event));
 }
 
+absl::Status Trainer::CheckMergedExport(const LlamaModel& model, const std::string& model_folder,
+                                        const TrainingJobConfig& config) {
+  if (config.export_merged_dtype.empty() || !model.bitsandbytes_checkpoint()) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      "export_merged: the base model in " + model_folder +
+      " was quantized by bitsandbytes (a 4-bit checkpoint), and a merged export needs the 16-bit "
+      "model it was made from; turn export_merged off (the adapter is saved either way), or serve "
+      "the 16-bit model");
+}
+
 absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
     const LlamaModel& model, const Tokenizer& tokenizer, const std::string& model_folder,
     const TrainingJobConfig& config, const std::atomic<bool>* abandon) {
   if (auto s = config.Validate(); !s.ok()) return s;
+  // Before the data is read: the job would train to its end and fail at its export.
+  if (auto s = CheckMergedExport(model, model_folder, config); !s.ok()) return s;
   auto prepared = std::make_shared<PreparedData>();
   prepared->config = config;
   TrainingJobConfig& c = prepared->config;
@@ -482,6 +496,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
 absl::Status Trainer::CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
                                 const std::string& model_folder, const TrainingJobConfig& config,
                                 int64_t max_records) {
+  if (auto s = CheckMergedExport(model, model_folder, config); !s.ok()) return s;
   TrainingJobConfig checked = config;
   auto formatter = FormatterFor(model, tokenizer, model_folder, checked);
   if (!formatter.ok()) return formatter.status();

@@ -75,8 +75,13 @@ class Trainer {
                                                          const std::string& model_folder,
                                                          std::shared_ptr<PreparedData> data,
                                                          EventCallback on_event);
+  // InvalidArgument for export_merged on a base the folder holds quantized by bitsandbytes: there
+  // is no 16-bit model to merge into (PrepareData and CheckData refuse such a job).
+  static absl::Status CheckMergedExport(const LlamaModel& model, const std::string& model_folder,
+                                        const TrainingJobConfig& config);
   // What Create would refuse about the data (TrainingData::Check, at most `max_records` records
-  // of each file), without building anything: for a check when a job is submitted.
+  // of each file), and a merged export it cannot write, without building anything: for a check
+  // when a job is submitted.
   static absl::Status CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
                                 const std::string& model_folder, const TrainingJobConfig& config,
                                 int64_t max_records);

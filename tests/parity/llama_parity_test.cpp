@@ -17,6 +17,7 @@
 #include "engine/model/llama_model.h"
 #include "engine/model/model_weights.h"
 #include "engine/model/safetensors.h"
+#include "engine/train/trainer.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -198,6 +199,26 @@ TEST(LlamaParity, ShardedCheckpointGivesTheSameLogitsAsOneFile) {
 
 // loss.backward() through the training forward: the loss and every LoRA gradient equal PEFT's;
 // the base gets no gradient. Also for rows of packed examples kept apart (position_ids).
+// A folder quantized by bitsandbytes has no 16-bit base to merge an adapter into: a job asking
+// for a merged export is refused before it trains (it trained to its end, then failed there).
+TEST(LlamaParity, AMergedExportOfABitsandbytesCheckpointIsRefusedBeforeTraining) {
+  const std::string bnb_folder = Dir() + "tiny_bnb_nf4";
+  auto bnb = LlamaModel::Load(bnb_folder, LlamaModelOptions());
+  ASSERT_TRUE(bnb.ok()) << bnb.status();
+  EXPECT_TRUE((*bnb)->bitsandbytes_checkpoint());
+  auto float_model = LlamaModel::Load(std::getenv("LORAD_TINY_MODEL"), LlamaModelOptions());
+  ASSERT_TRUE(float_model.ok()) << float_model.status();
+  EXPECT_FALSE((*float_model)->bitsandbytes_checkpoint());
+  TrainingJobConfig config;
+  config.export_merged_dtype = "bf16";
+  const absl::Status refused = Trainer::CheckMergedExport(**bnb, bnb_folder, config);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+  EXPECT_NE(refused.message().find("export_merged"), std::string::npos) << refused;
+  EXPECT_TRUE(Trainer::CheckMergedExport(**float_model, "tiny", config).ok());
+  config.export_merged_dtype.clear();
+  EXPECT_TRUE(Trainer::CheckMergedExport(**bnb, bnb_folder, config).ok());
+}
+
 TEST(LlamaParity, LoraGradientsMatchPeft) {
   const json cases = Cases();
   ASSERT_TRUE(cases.contains("train") && !cases["train"].empty());
