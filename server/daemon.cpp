@@ -417,8 +417,16 @@ absl::Status Daemon::LockDataDir() {
   // The holder's pid, for the message a second daemon gives.
   const std::string pid_path = (std::filesystem::path(dir) / "lorad.lock").string();
   if (::flock(data_dir_lock_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
     ::close(data_dir_lock_);
     data_dir_lock_ = -1;
+    if (err != EWOULDBLOCK) {  // no other daemon: the folder's filesystem takes no such lock
+      return absl::FailedPreconditionError(absl::StrCat(
+          "storage.data_dir '", dir, "': cannot lock it (", std::strerror(err),
+          "); its filesystem does not take the lock that keeps a second lorad off it (NFS "
+          "without local locks?): put the data folder on a local disk, or mount it with "
+          "local_lock=all"));
+    }
     std::string pid;
     std::ifstream(pid_path) >> pid;
     return absl::FailedPreconditionError(

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <list>
 #include <vector>
 
@@ -59,39 +60,57 @@ HttpServer::~HttpServer() { Stop(); }
 
 absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
                              const std::string& flag) {
-  const auto cannot_listen = [&] {
-    return absl::UnavailableError(absl::StrCat(key, ": cannot listen on ", address,
-                                               " (port in use or address not local); choose "
-                                               "another with ",
-                                               flag));
+  // Why, in the words that say what to do: the port taken, a privileged port, a name or address
+  // this host does not have.
+  const auto cannot_listen = [&](const std::string& why) {
+    return absl::UnavailableError(absl::StrCat(key, ": cannot listen on ", address, " (", why,
+                                               "); choose another with ", flag));
+  };
+  const auto reason = [](int err) -> std::string {
+    switch (err) {
+      case EADDRINUSE:
+        return "port in use";
+      case EACCES:
+        return "permission denied: ports below 1024 need privileges";
+      case EADDRNOTAVAIL:
+        return "not an address of this host";
+      default:
+        return std::strerror(err);
+    }
   };
   auto host_port = SplitHostPort(address);
-  if (!host_port.ok()) return cannot_listen();
+  if (!host_port.ok()) return cannot_listen(std::string(host_port.status().message()));
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE;
   addrinfo* found = nullptr;
   const std::string& host = host_port->first;
-  if (getaddrinfo(host.empty() ? nullptr : host.c_str(), std::to_string(host_port->second).c_str(),
-                  &hints, &found) != 0) {
-    return cannot_listen();
+  if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(),
+                                 std::to_string(host_port->second).c_str(), &hints, &found);
+      rc != 0) {
+    return cannot_listen(absl::StrCat("address not found: ", gai_strerror(rc)));
   }
   int fd = -1;
+  int err = 0;
   for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
     fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      err = errno;
+      continue;
+    }
     // SO_REUSEADDR (a quick restart while the port is in TIME_WAIT), never SO_REUSEPORT: with it
     // a second daemon would bind the same port and the kernel spread scrapes over both.
     int yes = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
     if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+      err = errno;
       close(fd);
       fd = -1;
     }
   }
   freeaddrinfo(found);
-  if (fd < 0) return cannot_listen();
+  if (fd < 0) return cannot_listen(reason(err));
   return fd;
 }
 

@@ -1,6 +1,7 @@
 """The daemon as a user meets it: it starts on the tiny model, lists its services through
 reflection, answers health checks, exposes parseable metrics, refuses bad configs with one
 clear line and exit code 2, and stops cleanly on Ctrl-C / SIGTERM."""
+import os
 import pathlib
 import signal
 import subprocess
@@ -169,6 +170,7 @@ def test_taken_port_is_a_clear_error(tmp_path):
                            "--data-dir", str(tmp_path / "b"))
         assert result.returncode == 1
         assert "server.grpc_address" in result.stderr and first.grpc_address in result.stderr
+        assert "port in use" in result.stderr, result.stderr
         # Found before the model loads (minutes for a large one), not after.
         assert "model loaded" not in result.stdout + result.stderr, result.stdout
         # The HTTP port too: no second daemon shares it (scrapes would go to either one).
@@ -179,6 +181,24 @@ def test_taken_port_is_a_clear_error(tmp_path):
         assert "server.http_address" in result.stderr and first.http_address in result.stderr
     finally:
         stop_daemon(first)
+
+
+def test_a_data_folder_whose_filesystem_takes_no_lock_is_said_so(tmp_path):
+    """flock failing with ENOLCK (NFS without local locks, here a preloaded shim) is not another
+    lorad holding the folder: the daemon says what failed and what to do."""
+    source = tmp_path / "nolock.c"
+    source.write_text("#include <errno.h>\n"
+                      "int flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n")
+    shim = tmp_path / "nolock.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source)], check=True)
+    result = subprocess.run(
+        [str(LORAD), "--model", tiny_model_path(), "--grpc-address", f"127.0.0.1:{free_port()}",
+         "--http-address", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, LD_PRELOAD=str(shim)))
+    assert result.returncode != 0
+    assert "in use by another lorad" not in result.stderr, result.stderr
+    assert "storage.data_dir" in result.stderr and "cannot lock it" in result.stderr, result.stderr
+    assert "No locks available" in result.stderr and "local disk" in result.stderr, result.stderr
 
 
 def test_a_config_refused_at_start_leaves_no_data_folder(tmp_path):
