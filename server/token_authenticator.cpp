@@ -32,9 +32,12 @@ absl::Status TokenAuthenticator::Add(const std::string& token, Role role, const 
         absl::StrCat("token for '", name, "' is shorter than 16 characters; use a random one"));
   }
   for (char c : token) {
-    if (std::isspace(static_cast<unsigned char>(c))) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token for '", name, "' contains white space"));
+    // A gRPC header value carries printable ASCII only: a client could never send another.
+    if (c < '!' || c > '~') {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token for '", name,
+          "' contains white space or a character outside printable ASCII, which a gRPC header "
+          "cannot carry; use letters, digits and punctuation"));
     }
   }
   for (const auto& e : entries_) {

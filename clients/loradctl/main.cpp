@@ -91,6 +91,18 @@ struct SamplingFlags {
 // host:port with a port in 1..65535 ("[::1]:50051" too); gRPC target URIs ("unix:/path",
 // "dns:///host:port") pass as they are. gRPC itself would dial port 0 for "host:notaport" and
 // wrap 99999 around, and only say it cannot connect.
+// A token a gRPC header can carry (printable ASCII): another aborts the client in gRPC, e.g. the
+// line ending of `LORAD_TOKEN=$(cat token.txt)` on a file with Windows line endings.
+std::string CheckToken(std::string& value) {
+  for (char c : value) {
+    if (c < '!' || c > '~') {
+      return "the token has white space or a character outside printable ASCII (a line ending "
+             "from a token file?); a gRPC header cannot carry it";
+    }
+  }
+  return "";
+}
+
 std::string CheckAddress(std::string& value) {
   if (absl::StartsWith(value, "unix:") || absl::StrContains(value, "://")) return "";
   const size_t colon = value.rfind(':');
@@ -141,7 +153,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Validator(CheckAddress, "HOST:PORT"));
   app.add_option("--token", connection_options.token,
                  "bearer token, sent as `authorization: Bearer <token>`")
-      ->envname("LORAD_TOKEN");
+      ->envname("LORAD_TOKEN")
+      ->check(CLI::Validator(CheckToken, "TOKEN"));
   app.add_option("--timeout", connection_options.timeout_seconds,
                  "deadline per call in seconds (default: 60 for single calls, none for "
                  "watch/generate/chat)")

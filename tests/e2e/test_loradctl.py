@@ -251,6 +251,12 @@ def test_flags_below_their_bound_say_the_bound():
         assert "no valid port (1..65535)" in result.stderr, result.stderr
     result = loradctl("--version")
     assert result.returncode == 0 and result.stdout.startswith("loradctl "), result.stdout
+    # A token no gRPC header can carry (gRPC aborted the client, exit 134): a line ending read
+    # from a token file with Windows line endings, or a letter outside ASCII.
+    for env in [{"LORAD_TOKEN": "0123456789abcdef\r"}, {"LORAD_TOKEN": "p\u00e4sswort-0123456789"}]:
+        result = loradctl("adapters", "ls", address=f"127.0.0.1:{free_port()}", env=env)
+        assert result.returncode == EXIT_USAGE, (env, result.returncode, result.stderr)
+        assert "printable ASCII" in result.stderr, result.stderr
 
 
 def test_a_ca_cert_that_is_not_pem_is_one_clear_line(tmp_path):

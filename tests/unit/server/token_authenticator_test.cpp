@@ -45,6 +45,12 @@ TEST(TokenAuthenticator, WeakOrDuplicateTokensAreRejectedAtConfigTime) {
   TokenAuthenticator auth;
   EXPECT_FALSE(auth.Add("short", Role::kUser, "a").ok());
   EXPECT_FALSE(auth.Add("has a space in it!!", Role::kUser, "a").ok());
+  // Outside printable ASCII, a gRPC header cannot carry it: no client could send the token.
+  for (const char* unsendable : {"p\xC3\xA4sswort-0123456789", "0123456789abcdef\r"}) {
+    const absl::Status refused = auth.Add(unsendable, Role::kUser, "a");
+    EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+    EXPECT_NE(refused.message().find("printable ASCII"), std::string::npos) << refused;
+  }
   ASSERT_TRUE(auth.Add(kUserToken, Role::kUser, "a").ok());
   EXPECT_FALSE(auth.Add(kUserToken, Role::kAdmin, "b").ok());
 }
