@@ -120,8 +120,9 @@ void HistogramFamily::Observe(const LabelValues& labels, double value) {
   s.count += 1;
 }
 
-MetricsRegistry::Family& MetricsRegistry::Add(const std::string& name, const std::string& help,
-                                              Kind kind, std::vector<std::string> label_names) {
+std::unique_ptr<MetricsRegistry::Family> MetricsRegistry::NewFamily(
+    const std::string& name, const std::string& help, Kind kind,
+    std::vector<std::string> label_names) {
   if (!ValidName(name, /*allow_colon=*/true)) {
     throw std::invalid_argument("invalid metric name: " + name);
   }
@@ -130,15 +131,23 @@ MetricsRegistry::Family& MetricsRegistry::Add(const std::string& name, const std
       throw std::invalid_argument("invalid label name '" + l + "' for metric " + name);
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& f : families_) {
-    if (f->name == name) throw std::invalid_argument("metric registered twice: " + name);
-  }
   auto family = std::make_unique<Family>();
   family->name = name;
   family->help = help;
   family->kind = kind;
   family->label_names = std::move(label_names);
+  return family;
+}
+
+MetricsRegistry::Family& MetricsRegistry::Publish(std::unique_ptr<Family> family) {
+  // Whole before a scrape (Render, on the HTTP thread) can see it: families are added while the
+  // daemon starts, and /metrics answers from the first moment.
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& f : families_) {
+    if (f->name == family->name) {
+      throw std::invalid_argument("metric registered twice: " + family->name);
+    }
+  }
   families_.push_back(std::move(family));
   return *families_.back();
 }
@@ -146,59 +155,63 @@ MetricsRegistry::Family& MetricsRegistry::Add(const std::string& name, const std
 CounterFamily& MetricsRegistry::AddCounter(const std::string& name, const std::string& help,
                                            std::vector<std::string> label_names) {
   const bool unlabelled = label_names.empty();
-  Family& f = Add(name, help, Kind::kCounter, std::move(label_names));
-  f.counter = std::make_unique<CounterFamily>();
+  auto f = NewFamily(name, help, Kind::kCounter, std::move(label_names));
+  f->counter = std::make_unique<CounterFamily>();
   // One series and no label to wait for: exported as 0 from the start (rate() and absent() then
   // see it before the first event).
-  if (unlabelled) f.counter->series_[{}] = 0;
-  return *f.counter;
+  if (unlabelled) f->counter->series_[{}] = 0;
+  return *Publish(std::move(f)).counter;
 }
 
 GaugeFamily& MetricsRegistry::AddGauge(const std::string& name, const std::string& help,
                                        std::vector<std::string> label_names) {
-  Family& f = Add(name, help, Kind::kGauge, std::move(label_names));
-  f.gauge = std::make_unique<GaugeFamily>();
-  return *f.gauge;
+  auto f = NewFamily(name, help, Kind::kGauge, std::move(label_names));
+  f->gauge = std::make_unique<GaugeFamily>();
+  return *Publish(std::move(f)).gauge;
 }
 
 void MetricsRegistry::AddGaugeCallback(const std::string& name, const std::string& help,
                                        std::function<double()> value) {
-  Family& f = Add(name, help, Kind::kGaugeCallback, {});
-  f.callback = std::move(value);
+  auto f = NewFamily(name, help, Kind::kGaugeCallback, {});
+  f->callback = std::move(value);
+  Publish(std::move(f));
 }
 
 void MetricsRegistry::AddGaugeFamilyCallback(
     const std::string& name, const std::string& help, std::vector<std::string> label_names,
     std::function<std::vector<std::pair<LabelValues, double>>()> series) {
-  Family& f = Add(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
-  f.family_callback = std::move(series);
+  auto f = NewFamily(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
+  f->family_callback = std::move(series);
+  Publish(std::move(f));
 }
 
 void MetricsRegistry::AddCounterCallback(const std::string& name, const std::string& help,
                                          std::function<double()> value) {
-  Family& f = Add(name, help, Kind::kGaugeCallback, {});
-  f.callback = std::move(value);
-  f.callback_is_counter = true;
+  auto f = NewFamily(name, help, Kind::kGaugeCallback, {});
+  f->callback = std::move(value);
+  f->callback_is_counter = true;
+  Publish(std::move(f));
 }
 
 void MetricsRegistry::AddCounterFamilyCallback(
     const std::string& name, const std::string& help, std::vector<std::string> label_names,
     std::function<std::vector<std::pair<LabelValues, double>>()> series) {
-  Family& f = Add(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
-  f.family_callback = std::move(series);
-  f.callback_is_counter = true;
+  auto f = NewFamily(name, help, Kind::kGaugeFamilyCallback, std::move(label_names));
+  f->family_callback = std::move(series);
+  f->callback_is_counter = true;
+  Publish(std::move(f));
 }
 
 HistogramFamily& MetricsRegistry::AddHistogram(const std::string& name, const std::string& help,
                                                std::vector<std::string> label_names,
                                                std::vector<double> upper_bounds) {
   const bool unlabelled = label_names.empty();
-  Family& f = Add(name, help, Kind::kHistogram, std::move(label_names));
-  f.histogram = std::make_unique<HistogramFamily>(std::move(upper_bounds));
+  auto f = NewFamily(name, help, Kind::kHistogram, std::move(label_names));
+  f->histogram = std::make_unique<HistogramFamily>(std::move(upper_bounds));
   if (unlabelled) {  // as an unlabelled counter: all zeros from the start
-    f.histogram->series_[{}].bucket_counts.assign(f.histogram->upper_bounds_.size() + 1, 0.0);
+    f->histogram->series_[{}].bucket_counts.assign(f->histogram->upper_bounds_.size() + 1, 0.0);
   }
-  return *f.histogram;
+  return *Publish(std::move(f)).histogram;
 }
 
 std::string MetricsRegistry::Render() const {

@@ -106,8 +106,11 @@ class MetricsRegistry {
     std::unique_ptr<HistogramFamily> histogram;
     bool callback_is_counter = false;  // a callback family typed counter
   };
-  Family& Add(const std::string& name, const std::string& help, Kind kind,
-              std::vector<std::string> label_names);
+  // A family built whole (NewFamily, then its series or callback), then Published: a scrape
+  // never sees one half made.
+  static std::unique_ptr<Family> NewFamily(const std::string& name, const std::string& help,
+                                           Kind kind, std::vector<std::string> label_names);
+  Family& Publish(std::unique_ptr<Family> family);
 
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Family>> families_;  // in registration order
