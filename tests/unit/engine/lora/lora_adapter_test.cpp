@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
+#include "engine/lora/merged_model_writer.h"
 #include "engine/model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -533,6 +536,36 @@ TEST_F(LoraAdapterTest, ValidateAgainstNamesTensorShapeAndExpectedShape) {
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("k_proj.lora_B.weight has shape [64, 8]"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("needs [128, 8]"));
+}
+
+// A merged export over one already there (a resumed job's, a retry after a full disk) replaces it
+// whole, in one swap, and leaves no temp folder behind.
+TEST(MergedModelWriterTest, AnExportOverAnEarlierOneReplacesIt) {
+  const std::string base = std::getenv("LORAD_TINY_MODEL");
+  auto model = ModelConfig::LoadFromFolder(base);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const fs::path dir = fs::path(::testing::TempDir()) / "merged-replace";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path out = dir / "merged";
+  std::string first_bytes;
+  for (float fill : {0.5f, -0.25f}) {
+    auto adapter = LoraAdapter::Init(*model, Config(2), 7);
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    for (auto& [path, pair] : adapter->layers) pair.b.fill_(fill);
+    const absl::Status written = WriteMergedModel(base, *adapter, out.string(), "float32");
+    ASSERT_TRUE(written.ok()) << written;
+    std::ifstream in(out / "model.safetensors", std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_FALSE(bytes.empty());
+    if (first_bytes.empty()) {
+      first_bytes = bytes;
+    } else {
+      EXPECT_NE(bytes, first_bytes) << "the second export did not replace the first";
+    }
+    EXPECT_TRUE(fs::exists(out / "config.json"));
+    EXPECT_FALSE(fs::exists(dir / "merged.tmp")) << "the temp folder (or the old export) is left";
+  }
 }
 
 }  // namespace
