@@ -77,7 +77,6 @@ __global__ void __launch_bounds__(kThreads)
                          const int32_t* __restrict__ context_lens, PagedAttentionShape shape,
                          float scale, const PagedAttentionRotary rotary, T* __restrict__ out) {
   AllowDependents();
-  WaitForPredecessor();  // q and the cache are earlier kernels' outputs
   constexpr int kHeadDim = 32 * kDimsPerLane;
   constexpr int kTile = TileKeys<T, kDimsPerLane>();
   constexpr int kPieces = kHeadDim * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
@@ -106,6 +105,34 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = per_split * blockIdx.z < n ? per_split * blockIdx.z : n;
   const int64_t end = begin + per_split < n ? begin + per_split : n;
   const int32_t* table = block_tables + b * shape.max_blocks;
+  const uint32_t s_k_address = SharedAddress(s_k);
+  const uint32_t s_v_address = SharedAddress(s_v);
+  // The tile's key and value rows into shared memory in one round trip, each thread half of its
+  // key's. Key piece c of row j goes to position (c + 2 j) % kPieces of the row, so the eight
+  // threads of a 16-byte shared load (four keys, both halves) read distinct banks.
+  const auto copy_tile = [&](int64_t start, int count) {
+    if (key < count) {
+      const int64_t t = start + key;
+      const int64_t slot = static_cast<int64_t>(table[t / shape.block_size]) * shape.block_size +
+                           t % shape.block_size;
+      const int64_t base = (slot * shape.kv_heads + g) * kHeadDim;
+      const auto* k_row = reinterpret_cast<const unsigned char*>(k_pool + base);
+      const auto* v_row = reinterpret_cast<const unsigned char*>(v_pool + base);
+#pragma unroll
+      for (int c = half; c < kPieces; c += 2) {
+        CopyAsync16(s_k_address + key * kRowBytes + (c + 2 * key) % kPieces * 16, k_row + c * 16);
+        CopyAsync16(s_v_address + key * kRowBytes + c * 16, v_row + c * 16);
+      }
+    }
+    CommitCopies();
+  };
+  // A block whose keys end before the row's newest holds only keys of earlier steps: their rows,
+  // the block table and the lengths were written before this step's kernels began (the kernel
+  // before this one, on the SM it leaves, has itself waited for all before it), so its first tile
+  // is asked for before the wait for the q/k/v product, which the wait then hides.
+  const bool prefetched = end < n && begin < end;
+  if (prefetched) copy_tile(begin, static_cast<int>(end - begin < kTile ? end - begin : kTile));
+  WaitForPredecessor();  // q (and the newest key and value) are the kernel before's outputs
   if (rotary.k == nullptr) {
     for (int e = threadIdx.x; e < kHeads * kHeadDim; e += kThreads) {
       s_q[e / kHeadDim][e % kHeadDim] = ToFloat(q[(b * shape.heads + h0) * kHeadDim + e]);
@@ -138,27 +165,9 @@ __global__ void __launch_bounds__(kThreads)
   float running_max[kHeads], running_sum[kHeads];
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) running_max[h] = -INFINITY, running_sum[h] = 0.0f;
-  const uint32_t s_k_address = SharedAddress(s_k);
-  const uint32_t s_v_address = SharedAddress(s_v);
   for (int64_t start = begin; start < end; start += kTile) {
     const int count = static_cast<int>(end - start < kTile ? end - start : kTile);
-    // The tile's key and value rows into shared memory in one round trip, each thread half of
-    // its key's. Key piece c of row j goes to position (c + 2 j) % kPieces of the row, so the
-    // eight threads of a 16-byte shared load (four keys, both halves) read distinct banks.
-    if (key < count) {
-      const int64_t t = start + key;
-      const int64_t slot = static_cast<int64_t>(table[t / shape.block_size]) * shape.block_size +
-                           t % shape.block_size;
-      const int64_t base = (slot * shape.kv_heads + g) * kHeadDim;
-      const auto* k_row = reinterpret_cast<const unsigned char*>(k_pool + base);
-      const auto* v_row = reinterpret_cast<const unsigned char*>(v_pool + base);
-#pragma unroll
-      for (int c = half; c < kPieces; c += 2) {
-        CopyAsync16(s_k_address + key * kRowBytes + (c + 2 * key) % kPieces * 16, k_row + c * 16);
-        CopyAsync16(s_v_address + key * kRowBytes + c * 16, v_row + c * 16);
-      }
-    }
-    CommitCopies();
+    if (!(prefetched && start == begin)) copy_tile(start, count);
     WaitCopies<0>();
     __syncthreads();  // the rows (and, on the first tile, the queries) are in
     float dot[kHeads] = {};
