@@ -410,6 +410,17 @@ int ResidentBlocksPerSm() {
   return blocks;
 }
 
+// Whether every kernel LaunchTiles may pick for `rows` rows fits this device's shared memory: the
+// layout is sized for sm_90's 227 KB a block; an A100 opts in to 163 KB (the kernels for 9 rows
+// and more do not fit) and sm_86 / sm_89 cards to 99 KB (none does). Where one does not, the
+// engine takes its other 4-bit products (nf4_mma_cuda_supports is false).
+template <typename T>
+bool FitsOnDevice(int64_t rows) {
+  if (rows <= 8) return ResidentBlocksPerSm<T, 1, 1>() > 0;
+  if (rows <= 16) return ResidentBlocksPerSm<T, 2, 2>() > 0 && ResidentBlocksPerSm<T, 2, 1>() > 0;
+  return ResidentBlocksPerSm<T, 4, 2>() > 0 && ResidentBlocksPerSm<T, 4, 1>() > 0;
+}
+
 // The ranges of a launch on `blocks` blocks (the resident ones for the planner's grid): one per
 // block (or per tile, when there are fewer tiles), more in rounds of that many when a range would
 // pass kMaxTiles tiles.
@@ -551,10 +562,12 @@ Nf4MmaTarget Single(const uint8_t* packed, const Nf4Absmax& absmax, int64_t out_
 }  // namespace
 
 bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind) {
-  return (kind == FloatKind::kBF16 || kind == FloatKind::kF16) && rows >= 1 &&
-         rows <= kNf4MmaMaxRows && in_features > 0 && in_features % 256 == 0 &&
-         // TileCopy's 32-bit row offsets span up to 24 rows of in_features / 2 bytes.
-         12 * in_features < (int64_t{1} << 32);
+  const bool shape = (kind == FloatKind::kBF16 || kind == FloatKind::kF16) && rows >= 1 &&
+                     rows <= kNf4MmaMaxRows && in_features > 0 && in_features % 256 == 0 &&
+                     // TileCopy's 32-bit row offsets span up to 24 rows of in_features / 2 bytes.
+                     12 * in_features < (int64_t{1} << 32);
+  if (!shape) return false;
+  return kind == FloatKind::kBF16 ? FitsOnDevice<__nv_bfloat16>(rows) : FitsOnDevice<__half>(rows);
 }
 
 const char* nf4_mma_cuda(const void* x, FloatKind kind, int64_t rows, const uint8_t* packed,

@@ -45,7 +45,10 @@ void nf4_mma_silu_mul_cpu(const float* x, int64_t rows, const uint8_t* gate_pack
 #if defined(LORAD_WITH_CUDA)
 // Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
 // in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row) and below 2^32 / 12
-// (32-bit row offsets), and x and y 16-byte aligned (checked by the caller). Needs sm_80 or later.
+// (32-bit row offsets), and x and y 16-byte aligned (checked by the caller). Needs sm_80 or later,
+// and the kernels for `rows` must fit the current device's shared memory (all do on sm_90; on an
+// A100 those for 9 rows and more do not, on sm_86 / sm_89 none does): false otherwise, so that the
+// caller takes another product.
 bool nf4_mma_cuda_supports(int64_t rows, int64_t in_features, FloatKind kind);
 
 // Device pointers; x [rows, in_features] and y [rows, out_features] row-major, of `kind`.
