@@ -152,6 +152,9 @@ struct Trainer::Impl {
     ev.kind = TrainingEvent::Kind::kEval;
     ev.eval = eval;
     Emit(ev);
+    // A non-finite loss (an overflowing forward) never improves on the best: it would replace a
+    // real best and reset early stopping's patience.
+    if (!std::isfinite(eval.loss)) return false;
     if (state.has_eval && eval.loss >= state.best_eval_loss) return false;
     state.best_eval_loss = eval.loss;
     state.best_eval_step = eval.step;

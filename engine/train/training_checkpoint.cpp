@@ -1,9 +1,11 @@
 #include "engine/train/training_checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -27,19 +29,45 @@ absl::Status FsyncTree(const fs::path& root) {
   return SyncPath(root.string());
 }
 
+// JSON has no NaN or infinity (nlohmann writes them as null): those are written as the strings
+// "nan", "inf" and "-inf" (a resumed job of an older lorad sums its losses from NaN; an evaluation
+// may overflow), and read back as they were, or as NaN from null (what this file held before).
+json Number(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return v;
+}
+
+// `key` of `j` as Number wrote it; `missing` where a checkpoint of an older lorad lacks it.
+double ReadNumber(const json& j, const char* key, std::optional<double> missing = std::nullopt) {
+  const auto it = j.find(key);
+  if (it == j.end()) {
+    if (missing) return *missing;
+    return j.at(key).get<double>();  // throws: names the key
+  }
+  if (it->is_null()) return std::numeric_limits<double>::quiet_NaN();
+  if (it->is_string()) {
+    const std::string text = it->get<std::string>();
+    if (text == "nan") return std::numeric_limits<double>::quiet_NaN();
+    if (text == "inf") return std::numeric_limits<double>::infinity();
+    if (text == "-inf") return -std::numeric_limits<double>::infinity();
+  }
+  return it->get<double>();  // throws for anything else
+}
+
 json StateToJson(const TrainerState& s) {
   return json{{"step", s.step},
               {"micro_batches", s.micro_batches},
-              {"last_loss", s.last_loss},
-              {"best_train_loss", s.best_train_loss},
-              {"best_eval_loss", s.best_eval_loss},
+              {"last_loss", Number(s.last_loss)},
+              {"best_train_loss", Number(s.best_train_loss)},
+              {"best_eval_loss", Number(s.best_eval_loss)},
               {"best_eval_step", s.best_eval_step},
               {"has_eval", s.has_eval},
               {"evals_without_improvement", s.evals_without_improvement},
               {"last_eval_step", s.last_eval_step},
               {"trained_tokens", s.trained_tokens},
-              {"train_seconds", s.train_seconds},
-              {"loss_sum", s.loss_sum},
+              {"train_seconds", Number(s.train_seconds)},
+              {"loss_sum", Number(s.loss_sum)},
               {"dataset_fingerprint", s.dataset_fingerprint}};
 }
 
@@ -139,15 +167,15 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     TrainerState& s = ckpt.state;
     s.step = j.at("step").get<int64_t>();
     s.micro_batches = j.at("micro_batches").get<int64_t>();
-    s.last_loss = j.at("last_loss").get<double>();
-    s.best_train_loss = j.at("best_train_loss").get<double>();
-    s.best_eval_loss = j.at("best_eval_loss").get<double>();
+    s.last_loss = ReadNumber(j, "last_loss");
+    s.best_train_loss = ReadNumber(j, "best_train_loss");
+    s.best_eval_loss = ReadNumber(j, "best_eval_loss");
     s.has_eval = j.at("has_eval").get<bool>();
     s.evals_without_improvement = j.at("evals_without_improvement").get<int64_t>();
     // Absent from checkpoints of older lorad versions: the totals then start there.
     s.trained_tokens = j.value("trained_tokens", int64_t{0});
-    s.train_seconds = j.value("train_seconds", 0.0);
-    s.loss_sum = j.value("loss_sum", std::numeric_limits<double>::quiet_NaN());
+    s.train_seconds = ReadNumber(j, "train_seconds", 0.0);
+    s.loss_sum = ReadNumber(j, "loss_sum", std::numeric_limits<double>::quiet_NaN());
     s.best_eval_step = j.value("best_eval_step", int64_t{0});
     s.last_eval_step = j.value("last_eval_step", int64_t{-1});
     s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());

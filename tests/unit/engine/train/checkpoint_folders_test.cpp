@@ -3,8 +3,15 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
+
+#include "engine/lora/lora_adapter.h"
+#include "engine/runtime/random_state.h"
+#include "engine/train/optimizer.h"
+#include "engine/train/training_checkpoint.h"
 
 namespace lorad::engine {
 namespace {
@@ -66,6 +73,46 @@ TEST_F(CheckpointFoldersTest, RemovedFoldersLeaveNoPartUnderTheirNameAndLeftover
   }
   EXPECT_TRUE(fs::exists(dir_ / "adapter"));
   EXPECT_TRUE(fs::exists(dir_ / "eval_report.json"));
+}
+
+// Non-finite values in the trainer's state (the loss sum of a job resumed from an older lorad's
+// checkpoint starts at NaN; an evaluation can overflow) come back as they were: JSON has no NaN,
+// they were written as null and read as "malformed", so no later checkpoint could be resumed.
+TEST_F(CheckpointFoldersTest, ACheckpointWithNonFiniteValuesIsReadBackAsItWasWritten) {
+  ModelConfig model;
+  model.architecture = "LlamaForCausalLM";
+  model.vocab_size = 32;
+  model.hidden_size = 16;
+  model.intermediate_size = 32;
+  model.num_hidden_layers = 1;
+  model.num_attention_heads = 2;
+  model.num_key_value_heads = 1;
+  model.head_dim = 8;
+  LoraConfig lora;
+  lora.r = 2;
+  lora.target_modules = {"q_proj"};
+  auto adapter = LoraAdapter::Init(model, lora, 1);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  std::vector<torch::Tensor> params;
+  for (auto& [path, pair] : adapter->layers) params.insert(params.end(), {pair.a, pair.b});
+  auto optimizer = MakeOptimizer(OptimizerKind::kAdamW, params);
+  ASSERT_TRUE(optimizer.ok()) << optimizer.status();
+  TrainerState state;
+  state.step = 3;
+  state.loss_sum = std::numeric_limits<double>::quiet_NaN();
+  state.best_eval_loss = std::numeric_limits<double>::infinity();
+  state.best_train_loss = -std::numeric_limits<double>::infinity();
+  state.last_loss = 1.5;
+  auto folder = WriteCheckpoint(dir_.string(), *adapter, (*optimizer)->SaveState(),
+                                RandomState::Capture(false), state);
+  ASSERT_TRUE(folder.ok()) << folder.status();
+  auto read = ReadCheckpoint(*folder);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(std::isnan(read->state.loss_sum));
+  EXPECT_EQ(read->state.best_eval_loss, std::numeric_limits<double>::infinity());
+  EXPECT_EQ(read->state.best_train_loss, -std::numeric_limits<double>::infinity());
+  EXPECT_EQ(read->state.last_loss, 1.5);
+  EXPECT_EQ(read->state.step, 3);
 }
 
 }  // namespace
