@@ -621,7 +621,17 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   }
   // Between steps the generators hold whichever job stepped last: the job's own stream is saved.
   ScopedRandomState installed(impl_->random, impl_->model->options().device.is_cuda());
-  auto path = impl_->Checkpoint();
+  // Called at the daemon's stop (Engine::StopTrainers): an exception here (a copy to the host
+  // failing, a folder that cannot be listed) would end the process with the other jobs
+  // unsaved; as in Step, libtorch's and the filesystem's exceptions become a status.
+  absl::StatusOr<std::string> path;
+  try {
+    path = impl_->Checkpoint();
+  } catch (const c10::Error& e) {
+    path = absl::InternalError(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    path = absl::InternalError(e.what());
+  }
   if (!path.ok()) {
     impl_->Warn(absl::StrCat("the checkpoint of step ", impl_->state.step,
                              " could not be written: ", path.status().message(),
