@@ -1,7 +1,10 @@
 #include "engine/train/training_checkpoint.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -111,9 +114,17 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
       return s;
     }
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
-    // A folder of this step already there (a resumed job writes its step again) leaves by a
-    // rename first, so a kill mid-delete never leaves a part of it under the name.
-    if (fs::exists(final_path)) RemoveFolder(final_path);
+    // A folder of this step already there (a resumed job writes its step again, a stop right
+    // after a periodic checkpoint) is swapped out in one step, then deleted, so a kill meanwhile
+    // always leaves a complete checkpoint under the name; where the filesystem cannot swap, it
+    // leaves by a rename first, so a kill mid-delete never leaves a part of it under the name.
+    if (fs::exists(final_path)) {
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_path.c_str(), RENAME_EXCHANGE) == 0) {
+        RemoveFolder(tmp);
+        return SyncPath(output_dir);
+      }
+      RemoveFolder(final_path);
+    }
     fs::rename(tmp, final_path);
     return SyncPath(output_dir);
   } catch (const fs::filesystem_error& e) {
