@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -79,19 +80,12 @@ TEST_F(CheckpointFoldersTest, RemovedFoldersLeaveNoPartUnderTheirNameAndLeftover
 // checkpoint starts at NaN; an evaluation can overflow) come back as they were: JSON has no NaN,
 // they were written as null and read as "malformed", so no later checkpoint could be resumed.
 TEST_F(CheckpointFoldersTest, ACheckpointWithNonFiniteValuesIsReadBackAsItWasWritten) {
-  ModelConfig model;
-  model.architecture = "LlamaForCausalLM";
-  model.vocab_size = 32;
-  model.hidden_size = 16;
-  model.intermediate_size = 32;
-  model.num_hidden_layers = 1;
-  model.num_attention_heads = 2;
-  model.num_key_value_heads = 1;
-  model.head_dim = 8;
+  auto model = ModelConfig::LoadFromFolder(std::getenv("LORAD_TINY_MODEL"));
+  ASSERT_TRUE(model.ok()) << model.status();
   LoraConfig lora;
   lora.r = 2;
   lora.target_modules = {"q_proj"};
-  auto adapter = LoraAdapter::Init(model, lora, 1);
+  auto adapter = LoraAdapter::Init(*model, lora, 1);
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   std::vector<torch::Tensor> params;
   for (auto& [path, pair] : adapter->layers) params.insert(params.end(), {pair.a, pair.b});
