@@ -165,6 +165,9 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     if (!recorded.ok()) return FinishUnary(context, recorded.status());
     for (const ServedAdapter& a : *recorded) {
       if (a.name != request->name() || !a.served || (version && a.version != *version)) continue;
+      // A version newer than the restart restored is this process's own, being published right
+      // now (recorded before it serves): not a record left behind, and not this call's to clear.
+      if (a.version > engine_.adapters().RestoredVersion(a.name)) continue;
       if (auto s = record_->MarkAdapterUnserved(a.name, a.version); !s.ok()) {
         return FinishUnary(context,
                            absl::Status(s.code(), absl::StrCat("recording the unload of '", a.name,

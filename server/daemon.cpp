@@ -681,7 +681,8 @@ absl::Status Daemon::StartGrpc() {
     grpc_server_.reset();
     return absl::UnavailableError(
         absl::StrCat("server.grpc_address: cannot listen on ", config_.server.grpc_address,
-                     " (port in use or address not local); choose another with --grpc-address"));
+                     " (it could at start-up: taken since, while the model loaded?); choose "
+                     "another with --grpc-address"));
   }
   auto* health = grpc_server_->GetHealthCheckService();
   for (const char* name : kServiceNames) health->SetServingStatus(name, true);

@@ -71,7 +71,8 @@ absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
       case EADDRINUSE:
         return "port in use";
       case EACCES:
-        return "permission denied: ports below 1024 need privileges";
+        return "permission denied: a port below 1024 needs privileges, or a security policy "
+               "refuses it";
       case EADDRNOTAVAIL:
         return "not an address of this host";
       default:

@@ -281,6 +281,13 @@ void JobRunner::StartNextJob() {
   auto next = store_.NextQueued();
   if (!next.ok() || !next->has_value()) return;
   const JobRecord job = **next;
+  if (unrecorded_failures_.count(job.id) > 0) {
+    // It failed, and the database refused to record that (a full disk): it still reads as
+    // queued. Starting it again would fail it again at once, every turn; the queue waits until
+    // RecordFailuresAgain records it (every other write would be refused too).
+    start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    return;
+  }
   lorad::v1::JobSpec spec;
   if (!spec.ParseFromString(job.spec)) {
     FailJob(job.id, "the stored job spec is unreadable");

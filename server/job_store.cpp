@@ -151,7 +151,8 @@ bool IsTerminal(JobState state) {
          state == JobState::kCancelled;
 }
 
-absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
+                                                         std::chrono::milliseconds busy_timeout) {
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db,
                       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
@@ -161,7 +162,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
     return absl::UnavailableError(absl::StrCat("job database '", path, "': ", message));
   }
   std::unique_ptr<JobStore> store(new JobStore(db, path));
-  sqlite3_busy_timeout(db, 5000);
+  sqlite3_busy_timeout(db, static_cast<int>(busy_timeout.count()));
   // A damaged file fails at the pragmas, the schema or the check below; SqliteError names the
   // file and says what to do. A damaged page elsewhere would pass them: the whole file is
   // checked before the daemon serves (a healthy daemon whose calls fail is worse than a refusal).

@@ -10,6 +10,7 @@
 // (writes are small: a row per job event).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -92,8 +93,11 @@ struct JobPage {
 
 class JobStore {
  public:
-  // Opens (creating if needed) the database file. Errors name the path.
-  static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& path);
+  // Opens (creating if needed) the database file. Errors name the path. A write that finds the
+  // database locked by another connection waits up to `busy_timeout`, then fails (tests give 0:
+  // a write refused at once, as on a full disk).
+  static absl::StatusOr<std::unique_ptr<JobStore>> Open(
+      const std::string& path, std::chrono::milliseconds busy_timeout = std::chrono::seconds(5));
   ~JobStore();
   JobStore(const JobStore&) = delete;
   JobStore& operator=(const JobStore&) = delete;

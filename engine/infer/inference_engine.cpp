@@ -537,8 +537,8 @@ void InferenceEngine::Impl::KeepStackWhileCurrent() {
   // frees its own copy when the version's last request ends.
   std::set<std::string> current;
   if (adapters != nullptr) {
-    for (const AdapterInfo& info : adapters->List()) {
-      if (info.current && info.resident) current.insert(AdapterKey(info.name, info.version));
+    for (const auto& [name, version] : adapters->CurrentResident()) {
+      current.insert(AdapterKey(name, version));
     }
   }
   // While requests run, a stale copy goes once none of them uses it (base-model requests could

@@ -41,6 +41,8 @@ struct AdapterStore::State {
   // The newest version of each name that became current (it may be unloaded since): an older
   // one whose recording finished later never serves.
   std::map<std::string, int64_t> newest_published;
+  // The versions a restart restored (ContinueVersionsAfter): a later one is this process's own.
+  std::map<std::string, int64_t> restored_version;
   std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
   std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
   uint64_t tick = 0;
@@ -355,6 +357,14 @@ void AdapterStore::ContinueVersionsAfter(const std::string& name, int64_t versio
   std::lock_guard<std::mutex> lock(state_->mu);
   int64_t& last = state_->last_version[name];
   last = std::max(last, version);
+  int64_t& restored = state_->restored_version[name];
+  restored = std::max(restored, version);
+}
+
+int64_t AdapterStore::RestoredVersion(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  const auto it = state_->restored_version.find(name);
+  return it == state_->restored_version.end() ? 0 : it->second;
 }
 
 absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {
@@ -373,6 +383,15 @@ bool AdapterStore::Contains(const std::string& name) const {
 }
 
 int32_t AdapterStore::max_resident() const { return state_->options.max_resident; }
+
+std::vector<std::pair<std::string, int64_t>> AdapterStore::CurrentResident() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (const auto& e : state_->entries) {
+    if (e->current && e->device != nullptr) out.emplace_back(e->name, e->version);
+  }
+  return out;
+}
 
 absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t> version,
                                   std::chrono::milliseconds timeout, std::optional<int64_t> up_to) {

@@ -25,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -120,11 +121,17 @@ class AdapterStore {
   // The next version published under `name` will be at least `version` + 1 (a restart restores
   // the versions a name had, so that they only grow).
   void ContinueVersionsAfter(const std::string& name, int64_t version);
+  // The highest version ContinueVersionsAfter was given for `name` (0: none): a version above it
+  // was handed out by this process.
+  int64_t RestoredVersion(const std::string& name) const;
   // The current version of `name` for one request. NotFound naming the adapter.
   absl::StatusOr<AdapterLease> Acquire(const std::string& name);
   bool Contains(const std::string& name) const;
   // Adapters resident on the device at most (AdapterStoreOptions::max_resident).
   int32_t max_resident() const;
+  // The (name, version) of every current version resident on the device: List()'s answer to that
+  // question alone, cheap enough for the engine to ask on every step a request ends.
+  std::vector<std::pair<std::string, int64_t>> CurrentResident() const;
 
   // Retires `name` (every version, or only `version`): new requests get NotFound at once; then
   // waits until no request holds it and frees it. DeadlineExceeded after `timeout` (it is still

@@ -454,11 +454,7 @@ absl::Status LoraAdapter::WritePeft(const std::string& folder) const {
   if (replace) {
     // Swap in one step so readers see the old adapter or the new one, never neither; the old
     // one then sits at `temp` and is removed.
-    if (::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0) {
-      return cleanup(
-          absl::InternalError(absl::StrCat("cannot replace ", target.string(), ": ", ErrnoText())));
-    }
-    cleanup(absl::OkStatus()).IgnoreError();  // the old adapter, swapped out
+    if (auto s = ReplaceFolder(temp, target.string()); !s.ok()) return cleanup(s);
   } else if (::rename(temp.c_str(), target.c_str()) != 0) {
     return cleanup(absl::InternalError(
         absl::StrCat("cannot rename ", temp, " to ", target.string(), ": ", ErrnoText())));

@@ -1,10 +1,5 @@
 #include "engine/lora/merged_model_writer.h"
 
-#include <fcntl.h>
-
-#include <cerrno>
-#include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -169,20 +164,19 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
     fs::remove_all(tmp, ec);
     return written;
   }
-  // An export already there (a resumed job, a retry after a full disk) is swapped out in one
-  // step, so the folder holds the old export or the new one, never neither or half of one; the
-  // old one then sits at `tmp` and is removed.
-  const bool replace = fs::exists(out, ec);
-  const int renamed =
-      replace ? ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE)
-              : ::rename(tmp.c_str(), out.c_str());
-  if (renamed != 0) {
-    const int err = errno;
-    fs::remove_all(tmp, ec);
-    return absl::InternalError(absl::StrCat("cannot ", replace ? "replace " : "rename to ",
-                                            out.string(), ": ", std::strerror(err)));
+  // An export already there (a resumed job, a retry after a full disk) is replaced in one swap
+  // where the filesystem can, so the folder never holds neither or half of one.
+  absl::Status placed;
+  if (fs::exists(out, ec)) {
+    placed = ReplaceFolder(tmp.string(), out.string());
+  } else if (fs::rename(tmp, out, ec); ec) {
+    placed = absl::InternalError(
+        absl::StrCat("cannot rename ", tmp.string(), " to ", out.string(), ": ", ec.message()));
   }
-  if (replace) fs::remove_all(tmp, ec);
+  if (!placed.ok()) {
+    fs::remove_all(tmp, ec);
+    return placed;
+  }
   return SyncPath(out.parent_path().empty() ? "." : out.parent_path().string());
 }
 

@@ -88,6 +88,35 @@ absl::Status RegularOrError(const struct stat& st, const std::string& what) {
 
 }  // namespace
 
+absl::Status ReplaceFolder(const std::string& from, const std::string& to) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(from, ec);  // the old folder, swapped out
+    return absl::OkStatus();
+  }
+  const int err = errno;
+  if (err != EINVAL && err != ENOSYS && err != ENOTSUP) {
+    return absl::InternalError(absl::StrCat("cannot replace ", to, ": ", std::strerror(err)));
+  }
+  // No swap on this filesystem: the old folder goes aside (the name is briefly empty), the new
+  // one takes its name, then the old one is removed.
+  const fs::path target(to);
+  const fs::path aside = target.parent_path() / (".replaced-" + target.filename().string());
+  fs::remove_all(aside, ec);
+  if (::rename(to.c_str(), aside.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("cannot move ", to, " aside: ", std::strerror(errno)));
+  }
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    const int rename_err = errno;
+    ::rename(aside.c_str(), to.c_str());  // the old one back
+    return absl::InternalError(
+        absl::StrCat("cannot rename ", from, " to ", to, ": ", std::strerror(rename_err)));
+  }
+  fs::remove_all(aside, ec);
+  return absl::OkStatus();
+}
+
 absl::Status RequireRegularFile(const std::string& path, const std::string& what) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return CannotStat(errno, what);

@@ -21,6 +21,13 @@ absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes);
 // sees the old file or the new one, never a part.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
 
+// Puts the finished folder `from` in the place of the folder `to`, which exists, and removes the
+// old one: swapped in one step where the filesystem can (RENAME_EXCHANGE), so a kill meanwhile
+// leaves the old folder or the new one under the name, never neither; where it cannot (NFS, CIFS,
+// many FUSE filesystems), the old one is renamed aside first. `from` is gone on success; on an
+// error nothing has changed but `from` may remain (the caller removes it).
+absl::Status ReplaceFolder(const std::string& from, const std::string& to);
+
 // Before reading a file a request named: `path` (after symlinks) must be a regular file. A FIFO
 // would block the reader until some writer opened it, and a device may never end. NotFound when
 // it does not exist, InvalidArgument naming what it is otherwise; `what` starts the message

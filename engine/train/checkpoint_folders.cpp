@@ -84,7 +84,10 @@ void RemoveLeftovers(const std::string& output_dir) {
     // eval_report.json.tmp.
     const bool end_tmp = starts(".adapter.tmp-") || starts(".best-adapter.tmp-") ||
                          name == "merged.tmp" || name == "eval_report.json.tmp";
-    if (tmp || end_tmp || starts(".deleting-")) leftovers.push_back(entry.path());
+    // ".replaced-": a folder ReplaceFolder moved aside on a filesystem that cannot swap.
+    if (tmp || end_tmp || starts(".deleting-") || starts(".replaced-")) {
+      leftovers.push_back(entry.path());
+    }
   }
   for (const fs::path& p : leftovers) fs::remove_all(p, ec);
 }

@@ -1,10 +1,7 @@
 #include "engine/train/training_checkpoint.h"
 
-#include <fcntl.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -115,17 +112,13 @@ absl::Status WriteCheckpointFolder(const fs::path& tmp, const fs::path& final_pa
     }
     if (auto s = FsyncTree(tmp); !s.ok()) return s;
     // A folder of this step already there (a resumed job writes its step again, a stop right
-    // after a periodic checkpoint) is swapped out in one step, then deleted, so a kill meanwhile
-    // always leaves a complete checkpoint under the name; where the filesystem cannot swap, it
-    // leaves by a rename first, so a kill mid-delete never leaves a part of it under the name.
+    // after a periodic checkpoint) is replaced in one swap where the filesystem can, so a kill
+    // meanwhile leaves a complete checkpoint under the name.
     if (fs::exists(final_path)) {
-      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_path.c_str(), RENAME_EXCHANGE) == 0) {
-        RemoveFolder(tmp);
-        return SyncPath(output_dir);
-      }
-      RemoveFolder(final_path);
+      if (auto s = ReplaceFolder(tmp.string(), final_path.string()); !s.ok()) return s;
+    } else {
+      fs::rename(tmp, final_path);
     }
-    fs::rename(tmp, final_path);
     return SyncPath(output_dir);
   } catch (const fs::filesystem_error& e) {
     return absl::InternalError(

@@ -170,7 +170,7 @@ def test_taken_port_is_a_clear_error(tmp_path):
                            "--data-dir", str(tmp_path / "b"))
         assert result.returncode == 1
         assert "server.grpc_address" in result.stderr and first.grpc_address in result.stderr
-        assert "port in use" in result.stderr, result.stderr
+        assert "(port in use)" in result.stderr, result.stderr
         # Found before the model loads (minutes for a large one), not after.
         assert "model loaded" not in result.stdout + result.stderr, result.stdout
         # The HTTP port too: no second daemon shares it (scrapes would go to either one).

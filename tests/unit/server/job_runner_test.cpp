@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -29,7 +30,10 @@ using Clock = std::chrono::steady_clock;
 // temporary folder, the event hub; one job of `steps` steps on the Q&A fixture, queued.
 class Rig {
  public:
-  Rig(const std::string& name, int steps) {
+  // `busy_timeout`: how long the job store's writes wait for a lock another connection holds
+  // (0: refused at once, as a full disk refuses them).
+  Rig(const std::string& name, int steps,
+      std::chrono::milliseconds busy_timeout = std::chrono::seconds(5)) {
     dir_ = fs::path(::testing::TempDir()) / ("job_runner_test-" + name);
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "datasets");
@@ -42,7 +46,7 @@ class Rig {
     auto started = engine::Engine::Start(options);
     EXPECT_TRUE(started.ok()) << started.status();
     engine_ = *std::move(started);
-    auto store = JobStore::Open(db_path());
+    auto store = JobStore::Open(db_path(), busy_timeout);
     EXPECT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
     lorad::v1::JobSpec spec;
@@ -210,22 +214,56 @@ TEST(JobRunnerTest, ACancelTheDatabaseRefusesStopsTheJobAndIsRecordedLater) {
   EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"));
 }
 
-// A job the job database refuses to mark running (what a full disk does; here another connection
-// holds its write lock) stays queued, and starts once the database takes writes again: the runner
-// tries again every few seconds rather than at once (on a full disk, at once was a busy loop).
+// The process's CPU time, in seconds: a runner that retries at once spins a core.
+double CpuSeconds() { return static_cast<double>(std::clock()) / CLOCKS_PER_SEC; }
+
+// A job the job database refuses to mark running at once (what a full disk does; here another
+// connection holds its write lock and the store waits for none) stays queued, and starts once the
+// database takes writes again: the runner tries again every few seconds, not at once (a busy loop).
 TEST(JobRunnerTest, AJobTheDatabaseRefusesToStartStartsOnceItTakesWrites) {
-  Rig rig("refused-start", 1);
+  Rig rig("refused-start", 1, std::chrono::milliseconds(0));
   sqlite3* blocker = nullptr;
   ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
   ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
   rig.runner().Start();
-  std::this_thread::sleep_for(std::chrono::seconds(7));  // past the first try's busy timeout
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const double cpu_before = CpuSeconds();
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  EXPECT_LT(CpuSeconds() - cpu_before, 1.0) << "the runner retried at once, in a loop";
   EXPECT_EQ(rig.State(), JobState::kQueued);
   EXPECT_FALSE(rig.engine().TrainingActive());
   ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
   sqlite3_close(blocker);
   EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60))
       << "the job never started after the database took writes again";
+}
+
+// A job that fails as it starts (its folder cannot be made: a file holds its name) while the job
+// database refuses writes at once (a full disk) is failed once, not again on every turn of the
+// runner (it was: a busy loop that published a failure each time); its failure is recorded once
+// the database takes writes.
+TEST(JobRunnerTest, AJobFailingAtStartWhileTheDatabaseRefusesWritesFailsOnce) {
+  Rig rig("refused-failure", 1, std::chrono::milliseconds(0));
+  fs::create_directories(rig.job_dir().parent_path());
+  std::ofstream(rig.job_dir()) << "not a folder";
+  std::atomic<int> failures{0};
+  const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
+    if (e.has_failed()) ++failures;
+  });
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(rig.db_path().c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return failures.load() >= 1; }, 60));
+  const double cpu_before = CpuSeconds();
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  EXPECT_LT(CpuSeconds() - cpu_before, 1.0) << "the runner failed the job again, in a loop";
+  EXPECT_EQ(failures.load(), 1);
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kFailed; }, 60));
+  rig.hub().Unsubscribe(subscription);
+  EXPECT_EQ(failures.load(), 1);
 }
 
 // Steps the job database refuses when they come (what a full disk does; here another

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "engine/runtime/durable_file.h"
 
@@ -71,6 +72,34 @@ TEST(ReadRegularFileTest, ReadsAFileAndRefusesAPipeOrAFolderAtOnce) {
   EXPECT_NE(dir.status().message().find("'folder' is a directory"), std::string::npos)
       << dir.status();
   EXPECT_TRUE(absl::IsNotFound(ReadRegularFile((folder / "gone").string(), "'gone'").status()));
+}
+
+// ReplaceFolder (durable_file.h), which every writer of a whole folder (an adapter, a checkpoint,
+// a merged export) replaces an existing one with: the new folder takes the name, the old one is
+// gone with nothing left beside it, and a folder it cannot replace is an error that changes
+// nothing.
+TEST(ReplaceFolderTest, TheNewFolderTakesTheNameAndTheOldOneGoes) {
+  const fs::path root = fs::path(::testing::TempDir()) / "lorad-replace-folder-test";
+  fs::remove_all(root);
+  fs::create_directories(root / "old");
+  fs::create_directories(root / "new");
+  std::ofstream(root / "old" / "file") << "old";
+  std::ofstream(root / "new" / "file") << "new";
+  ASSERT_TRUE(ReplaceFolder((root / "new").string(), (root / "old").string()).ok());
+  std::string text;
+  std::ifstream(root / "old" / "file") >> text;
+  EXPECT_EQ(text, "new");
+  std::vector<std::string> left;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    left.push_back(entry.path().filename().string());
+  }
+  EXPECT_EQ(left, std::vector<std::string>{"old"}) << "the old folder or a temporary is left";
+  fs::create_directories(root / "new");
+  const absl::Status missing =
+      ReplaceFolder((root / "new").string(), (root / "nothing-here").string());
+  EXPECT_FALSE(missing.ok());
+  EXPECT_TRUE(fs::exists(root / "new")) << "a failed replace removed its source";
+  EXPECT_FALSE(fs::exists(root / "nothing-here"));
 }
 
 }  // namespace
