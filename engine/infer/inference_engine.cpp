@@ -418,9 +418,10 @@ absl::Status InferenceEngine::Step() {
     waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed, s->passed_over});
   }
   const StepPlan plan = PlanStep(running, waiting, *m.kv, m.options.scheduler);
-  for (SequenceId id : plan.passed_over) {
+  if (!plan.passed_over.empty()) {  // one pass over the queue (up to max_queued requests)
+    const std::set<SequenceId> passed(plan.passed_over.begin(), plan.passed_over.end());
     for (auto& s : m.waiting) {
-      if (s->id == id) ++s->passed_over;
+      if (passed.count(s->id) > 0) ++s->passed_over;
     }
   }
 
