@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/infer/decode_runner.h"
+#include "engine/infer/inference_sequence.h"
 #include "engine/infer/kv_block_allocator.h"
 #include "engine/infer/paged_kv_cache.h"
 #include "engine/infer/stop_matcher.h"
@@ -26,54 +27,10 @@
 
 namespace lorad::engine {
 
-using Clock = std::chrono::steady_clock;
-
-namespace {
-
-// A version of an adapter as the engine names it in its stack keys.
-std::string AdapterKey(const std::string& name, int64_t version) {
-  return absl::StrCat(name, "@", version);
-}
-
-// One request from Submit to its last event. Owned by the inbox, then by the loop thread.
-struct Sequence {
-  RequestId id = 0;
-  GenerationRequest request;
-  TokenCallback on_token;
-  AdapterLease lease;                   // invalid for the base model
-  const LoraAdapter* device = nullptr;  // the lease's resident copy while running
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> generated;
-  std::vector<int32_t> all;    // prompt + generated: the forward's input
-  int64_t computed = 0;        // tokens of `all` in the KV cache
-  int64_t prefill_target = 0;  // tokens to prefill (prompt, or all after a preemption)
-  uint64_t seed = 0;
-  std::unique_ptr<IncrementalDetokenizer> detokenizer;
-  std::unique_ptr<StopMatcher> stops;
-  Clock::time_point submitted;
-  double ttft_s = 0;
-  double queue_s = -1;  // submission -> first admission; -1 until admitted
-  int32_t preemptions = 0;
-  int32_t passed_over = 0;  // steps it waited, skipped for the batch's adapter limit
-
-  // Orders sequences by adapter (the base model first) without building key strings.
-  std::pair<std::string_view, int64_t> adapter_order() const {
-    if (!lease.valid()) return {std::string_view(), 0};
-    return {lease.name(), lease.version()};
-  }
-  std::string adapter_key() const {
-    return lease.valid() ? AdapterKey(lease.name(), lease.version()) : "";
-  }
-};
-
-// One row of the step's forward.
-struct Row {
-  Sequence* seq;
-  int64_t tokens;  // new tokens this step
-  bool samples;    // the row's prompt is complete after this step: sample its next token
-};
-
-}  // namespace
+using inference::AdapterKey;
+using inference::Clock;
+using inference::Row;
+using inference::Sequence;
 
 struct InferenceEngine::Impl {
   const LlamaModel* model;

@@ -1,7 +1,6 @@
 #include "engine/lora/lora_adapter.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
