@@ -203,9 +203,12 @@ absl::StatusOr<torch::Tensor> ModelWeights::Get(
 
 bool ModelWeights::IsBitsandbytes4bit(const std::string& name) const {
   const TensorView* v = Find(name);
-  return v != nullptr && v->dtype == DType::kU8 &&
-         (Contains(name + kNf4StateSuffix) || Contains(name + kFp4StateSuffix) ||
-          Contains(name + ".absmax"));
+  if (v == nullptr) return false;
+  // A quant state beside it marks a packed weight of any dtype: bitsandbytes stores the packed
+  // bytes as bnb_4bit_quant_storage says (uint8 by default, bf16 for FSDP QLoRA). Without one,
+  // uint8 with an absmax beside it (the state is then reported missing).
+  return Contains(name + kNf4StateSuffix) || Contains(name + kFp4StateSuffix) ||
+         (v->dtype == DType::kU8 && Contains(name + ".absmax"));
 }
 
 absl::StatusOr<Nf4Tensor> ModelWeights::GetNf4(const std::string& name,

@@ -172,9 +172,11 @@ def train_case(out: pathlib.Path, name: str, model, vocab: int, packed: bool = F
     save_file(tensors, str(out / f"{name}.safetensors"))
 
 
-def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path) -> None:
+def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path,
+                        quant_storage: torch.dtype = torch.uint8) -> None:
     """The fixture as transformers saves a bitsandbytes 4-bit model: each projection weight packed
-    (uint8) with its quant state beside it (Linear4bit._save_to_state_dict's layout)."""
+    (uint8, or the same bytes as another dtype: bnb_4bit_quant_storage, e.g. bf16 for FSDP) with
+    its quant state beside it (Linear4bit._save_to_state_dict's layout)."""
     import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file, save_file
 
@@ -184,7 +186,8 @@ def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path) -> None:
     for key, w in sd.items():
         if key.endswith(".weight") and key.split(".")[-2] in PROJECTIONS:
             packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True,
-                                               quant_type="nf4")
+                                               quant_type="nf4", quant_storage=quant_storage)
+            assert packed.dtype == quant_storage, packed.dtype
             result[key] = packed
             for k, v in state.as_dict(packed=True).items():
                 result[f"{key}.{k}"] = v
@@ -195,6 +198,7 @@ def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path) -> None:
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": str(quant_storage).removeprefix("torch."),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -282,6 +286,10 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     bnb_folder = out / "tiny_bnb_nf4"
     save_bnb_checkpoint(model, bnb_folder)
     case("bnb_prequantized", bnb_folder, base="nf4", reference="nf4")
+    # The same bytes stored as bf16 (bnb_4bit_quant_storage=bfloat16, as FSDP QLoRA saves them).
+    bnb_bf16_folder = out / "tiny_bnb_nf4_bf16_storage"
+    save_bnb_checkpoint(model, bnb_bf16_folder, quant_storage=torch.bfloat16)
+    case("bnb_prequantized_bf16_storage", bnb_bf16_folder, base="nf4", reference="nf4")
     nf4_peft = load(model)
     quantize_projections(nf4_peft)
     forward_case(out, "nf4_peft", with_adapter(nf4_peft, adapter), prompt_ids, decode=False)
