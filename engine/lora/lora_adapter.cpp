@@ -11,13 +11,16 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <string>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/lora/peft_config.h"
@@ -222,10 +225,35 @@ namespace {
 // rank, the smaller ones padded with zero rows of A and zero columns of B (which add nothing),
 // and each module's scaling folded into its B, so that scaling() * B' A' equals the module's own
 // scaling * B A. Serving then needs one rank and one scale per adapter.
+// Padding a module of rank r to R costs (R - r) * (in + out) more values; an adapter whose ranks
+// are far apart (one module of rank 1024, the others 8) would grow from megabytes to gigabytes on
+// the host and the GPU. Refused past kMaxPaddingGrowth times its own size, when that is also more
+// than kPaddingFloorBytes (fp32).
+constexpr int64_t kMaxPaddingGrowth = 4;
+constexpr int64_t kPaddingFloorBytes = int64_t{256} << 20;
+
 absl::Status MakeUniform(LoraAdapter& adapter, const PeftModulePatterns& patterns) {
   LoraConfig& c = adapter.config;
-  int64_t max_rank = 0;
-  for (const auto& [path, pair] : adapter.layers) max_rank = std::max(max_rank, pair.a.size(0));
+  int64_t max_rank = 0, min_rank = std::numeric_limits<int64_t>::max();
+  std::string max_path;
+  for (const auto& [path, pair] : adapter.layers) {
+    if (pair.a.size(0) > max_rank) max_rank = pair.a.size(0), max_path = path;
+    min_rank = std::min(min_rank, pair.a.size(0));
+  }
+  int64_t own = 0, padded = 0;  // values
+  for (const auto& [path, pair] : adapter.layers) {
+    own += pair.a.numel() + pair.b.numel();
+    padded += max_rank * (pair.a.size(1) + pair.b.size(0));
+  }
+  const int64_t padded_bytes = padded * static_cast<int64_t>(sizeof(float));
+  if (padded > kMaxPaddingGrowth * own && padded_bytes > kPaddingFloorBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "'rank_pattern': lorad serves one rank per adapter and pads every module to the largest "
+        "(%d, '%s'; the smallest is %d), which would make this adapter %.1f MB instead of %.1f MB "
+        "(more than %d times its size): train it with ranks closer together",
+        max_rank, max_path, min_rank, padded_bytes / 1e6,
+        own * static_cast<double>(sizeof(float)) / 1e6, kMaxPaddingGrowth));
+  }
   const double alpha = c.alpha;
   auto module_scaling = [&](const std::string& path, int64_t r) {
     LoraConfig m = c;

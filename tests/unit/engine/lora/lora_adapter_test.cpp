@@ -461,6 +461,38 @@ TEST_F(LoraAdapterTest, PerModuleRanksAndAlphasBecomeOneRankAndScale) {
                   "'rank_pattern': 'q_proj(' is not a regular expression");
 }
 
+// A rank_pattern with ranks far apart would pad the small modules to hundreds of megabytes (one
+// rank-1024 module beside rank-1 ones of a wide layer): refused with the sizes, before any
+// padding is allocated.
+TEST_F(LoraAdapterTest, RankPatternsThatWouldPadToHundredsOfMegabytesAreRefused) {
+  const std::vector<std::pair<std::string, torch::Tensor>> w = {
+      {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch::zeros({1024, 128})},
+      {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", torch::zeros({128, 1024})},
+      {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", torch::zeros({1, 32768})},
+      {"base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", torch::zeros({32768, 1})}};
+  const std::string folder =
+      WriteFolder("far_apart",
+                  R"({"peft_type": "LORA", "r": 1, "target_modules": ["q_proj", "down_proj"],
+          "rank_pattern": {"q_proj": 1024}})",
+                  w);
+  ExpectReadError(folder,
+                  "pads every module to the largest (1024, 'model.layers.0.self_attn.q_proj'; the "
+                  "smallest is 1), which would make this adapter 269.5 MB instead of 1.3 MB");
+  // The same modules with ranks 4 apart: served, padded.
+  const std::vector<std::pair<std::string, torch::Tensor>> near = {
+      {w[0].first, torch::zeros({4, 128})},
+      {w[1].first, torch::zeros({128, 4})},
+      {w[2].first, torch::zeros({1, 32768})},
+      {w[3].first, torch::zeros({32768, 1})}};
+  auto adapter = LoraAdapter::ReadPeft(WriteFolder(
+      "near", R"({"peft_type": "LORA", "r": 1, "target_modules": ["q_proj", "down_proj"],
+                  "rank_pattern": {"q_proj": 4}})",
+      near));
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_EQ(adapter->layers.at("model.layers.0.mlp.down_proj").a.sizes(),
+            (std::vector<int64_t>{4, 32768}));
+}
+
 TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
   auto w = QProjWeights();
   ExpectReadError(WriteFolder("no_b", ConfigText(), {w[0]}), "has no matching lora_B");
