@@ -62,6 +62,7 @@ struct InferenceEngine::Impl {
   std::atomic<int64_t> lora_stacks_built{0};
   std::atomic<int32_t> lora_stack_adapters{0};
   std::string graph_error;  // under mu
+  std::string shut_down;    // under mu: why Submit refuses (Shutdown), empty while serving
   // profile_phases: nanoseconds per phase, summed; `phase_start` is when the current phase began.
   std::atomic<int64_t> plan_ns{0}, forward_ns{0}, sample_ns{0}, emit_ns{0};
   Clock::time_point phase_start;
@@ -234,6 +235,9 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   seq->request = std::move(request);
   seq->on_token = std::move(on_token);
   std::lock_guard<std::mutex> lock(m.mu);
+  if (!m.shut_down.empty()) {
+    return absl::UnavailableError(absl::StrCat("no new requests: ", m.shut_down));
+  }
   if (m.unfinished >= m.options.max_queued) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the engine already has ", m.options.max_queued, " unfinished requests; retry later"));
@@ -248,6 +252,21 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
 void InferenceEngine::Cancel(RequestId id) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->cancelled.insert(id);
+}
+
+void InferenceEngine::Shutdown(const std::string& why) {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.shut_down = why.empty() ? "the engine stopped" : why;
+  }
+  m.DrainInbox();  // every request submitted before the flag was set, and pending cancels
+  std::vector<Sequence*> left;
+  for (const auto& s : m.running) left.push_back(s.get());
+  for (const auto& s : m.waiting) left.push_back(s.get());
+  m.FinishAndRemove(left, FinishReason::kCancelled, absl::UnavailableError(m.shut_down));
+  m.running_count = 0;
+  m.waiting_count = 0;
 }
 
 bool InferenceEngine::HasWork() const { return impl_->unfinished > 0; }

@@ -112,6 +112,12 @@ class InferenceEngine {
   // while base-model requests keep the engine busy.
   void ReleaseIdleAdapters();
 
+  // Once the loop has stopped calling Step (or on its thread, between steps): finishes every
+  // queued and running request with FinishReason::kCancelled and status Unavailable(why), its
+  // last event sent on the calling thread, and refuses every later Submit (Unavailable).
+  // Idempotent. Engine::Stop calls it as its loop ends, so no request is left without its end.
+  void Shutdown(const std::string& why);
+
   // True while any request is queued or running.
   bool HasWork() const;
   InferenceStats Stats() const;

@@ -377,8 +377,9 @@ void Engine::Impl::Loop() {
       train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
     }
   }
-  // Stopping: requests end as cancelled (InferenceEngine's destructor); the training jobs stop
-  // as StopTraining stops them.
+  // Stopping: every request still queued or running ends as cancelled (its last event sent), later
+  // ones are refused; the training jobs stop as StopTraining stops them.
+  inference->Shutdown("the engine stopped");
   StopTrainers();
 }
 

@@ -643,6 +643,43 @@ TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {
   EXPECT_EQ(engine->Stats().running, 0);
 }
 
+// Shutdown (Engine::Stop, as its loop ends): a running request, a waiting one and one submitted
+// after the last step each get exactly one last event, cancelled with the reason; later Submits
+// are refused, and the engine holds no work. (Before, they were dropped with the engine: an
+// embedder waiting on their end waited for ever.)
+TEST(InferenceEngineTest, ShutdownEndsEveryRequestAndRefusesNewOnes) {
+  Fixture f;
+  InferenceEngineOptions options = Fixture::Small();
+  options.scheduler.max_running = 1;  // the second request waits
+  auto engine = f.Engine(options);
+  Result running, waiting, late;
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(5, 1), "", 100), Fixture::Collector(&running)).ok());
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(5, 2), "", 100), Fixture::Collector(&waiting)).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(engine->Step().ok());
+  ASSERT_TRUE(engine->Submit(Greedy(RandomPrompt(5, 3), "", 100), Fixture::Collector(&late)).ok());
+  EXPECT_EQ(engine->Stats().running, 1);
+  engine->Shutdown("the test stopped it");
+  for (const Result* r : {&running, &waiting, &late}) {
+    EXPECT_EQ(r->finished_events, 1);
+    EXPECT_EQ(r->reason, FinishReason::kCancelled);
+    EXPECT_EQ(r->status.code(), absl::StatusCode::kUnavailable) << r->status;
+    EXPECT_NE(r->status.message().find("the test stopped it"), std::string::npos) << r->status;
+  }
+  EXPECT_GE(running.tokens.size(), 1u);
+  EXPECT_TRUE(waiting.tokens.empty());
+  EXPECT_FALSE(engine->HasWork());
+  EXPECT_EQ(engine->Stats().running, 0);
+  EXPECT_EQ(engine->Stats().waiting, 0);
+  Result refused;
+  auto again = engine->Submit(Greedy(RandomPrompt(5, 4), "", 10), Fixture::Collector(&refused));
+  EXPECT_TRUE(absl::IsUnavailable(again.status())) << again.status();
+  EXPECT_EQ(refused.events, 0);
+  engine->Shutdown("twice");  // idempotent: nothing more is sent
+  EXPECT_EQ(running.finished_events, 1);
+}
+
 // A request that never joined the batch (cancelled while it waited) queued its whole life: its
 // queue time is that wait, not 0 (lorad_request_queue_time_seconds showed queueing as instant
 // exactly when requests gave up waiting).

@@ -256,6 +256,38 @@ TEST(EngineTest, AStoppedEngineRefusesTrainingJobs) {
   EXPECT_EQ(engine->Stats().training_jobs_preparing, 0);
 }
 
+// Stop ends the requests still streaming (their last event: cancelled, Unavailable) and refuses
+// later ones: before, they were dropped with the loop and an embedder waiting on their end hung.
+TEST(EngineTest, StopEndsTheRequestsStillStreamingAndRefusesNewOnes) {
+  auto engine = StartTinyEngine();
+  ASSERT_NE(engine, nullptr);
+  Observed seen;
+  std::vector<int32_t> tokens;
+  GenerationRequest request;
+  request.prompt_ids = {1, 5, 9, 13};
+  request.sampling.max_new_tokens = 4000;
+  request.ignore_eos = true;
+  auto id = engine->Generate(request, [&](const TokenEvent& e) {
+    std::lock_guard<std::mutex> lock(seen.mu);
+    if (e.token) tokens.push_back(*e.token);
+    if (e.finished) seen.finished = e;
+    seen.cv.notify_all();
+  });
+  ASSERT_TRUE(id.ok()) << id.status();
+  {
+    std::unique_lock<std::mutex> lock(seen.mu);
+    ASSERT_TRUE(seen.cv.wait_for(lock, seconds(60), [&] { return tokens.size() >= 2; }));
+  }
+  engine->Stop();
+  std::lock_guard<std::mutex> lock(seen.mu);
+  ASSERT_TRUE(seen.finished.has_value());
+  EXPECT_EQ(seen.finished->finish_reason, FinishReason::kCancelled);
+  EXPECT_TRUE(absl::IsUnavailable(seen.finished->status)) << seen.finished->status;
+  EXPECT_LT(tokens.size(), 4000u);
+  auto late = engine->Generate(request, [](const TokenEvent&) {});
+  EXPECT_TRUE(absl::IsUnavailable(late.status())) << late.status();
+}
+
 // The host's memory in all (what a job's pinned offload memory is checked against) is at least
 // what is available now, and both agree with /proc/meminfo's own lines within a cgroup's limit.
 TEST(EngineTest, HostMemoryInAllIsAtLeastWhatIsAvailable) {
