@@ -10,6 +10,7 @@
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "engine/train/checkpoint_folders.h"
+#include "engine/train/dataset_reader.h"
 #include "server/job_spec_validator.h"
 #include "server/path_policy.h"
 #include "server/training_service.h"
@@ -73,11 +74,18 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
   // file, lorad's own, is not opened that way).
   c.data.resolved_paths = true;
   if (spec.dataset().inline_examples_size() > 0) {
+    auto format = engine::DatasetFormatFromName(c.data.format);
+    if (!format.ok()) return format.status();
     std::string jsonl;
-    // One example a line, whatever its layout: a line break in JSON is only ever whitespace
-    // between tokens (inside a string it is escaped), so a space in its place means the same.
-    for (const auto& example : spec.dataset().inline_examples()) {
-      std::string line = example.json();
+    // One example a line, whatever its layout: in a valid record a line break is only ever
+    // whitespace between tokens (inside a string it is escaped), so a space in its place means the
+    // same. An invalid one (skipped at submit with skip_bad_lines) stays invalid: a raw line break
+    // inside a string, replaced, would have made it valid and trained on altered text.
+    for (int i = 0; i < spec.dataset().inline_examples_size(); ++i) {
+      std::string line = spec.dataset().inline_examples(i).json();
+      if (!engine::DatasetReader::ParseRecord(line, *format, "").ok()) {
+        line = "not a valid record when the job was submitted";
+      }
       std::replace(line.begin(), line.end(), '\n', ' ');
       std::replace(line.begin(), line.end(), '\r', ' ');
       absl::StrAppend(&jsonl, line, "\n");

@@ -474,7 +474,10 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     }
     record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();
-    if (skipped_++ == 0) first_skip_reason_ = std::string(example.status().message());
+    if (skipped_++ == 0) {
+      first_skip_reason_ = std::string(example.status().message());
+      first_skip_line_ = line;
+    }
   }
 }
 

@@ -81,6 +81,7 @@ class DatasetReader {
   int64_t skipped() const { return skipped_; }
   // The first skipped record's error, for reports ("skipped 3 records; first: ...").
   const std::string& first_skip_reason() const { return first_skip_reason_; }
+  int64_t first_skip_line() const { return first_skip_line_; }  // its line; 0 when none
 
   // Parses one JSON record (already isolated) into an Example; `where` prefixes errors.
   static absl::StatusOr<Example> ParseRecord(const std::string& json_text, DatasetFormat format,
@@ -103,6 +104,7 @@ class DatasetReader {
   int64_t line_ = 1;                 // current line of the read position
   int64_t skipped_ = 0;
   std::string first_skip_reason_;
+  int64_t first_skip_line_ = 0;
   bool record_parsed_ = false;  // a record came before (good or bad)
 };
 

@@ -40,7 +40,10 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   auto reader = DatasetReader::Open(path, options);
   if (!reader.ok()) return reader.status();
   std::vector<TokenizedExample> out;
-  std::string first_bad;  // why the first skipped record was skipped
+  // The first record the formatter refused, and its line: the reader keeps its own first (a
+  // record that is not JSON or lacks its fields); the error names whichever came first.
+  std::string first_bad;
+  int64_t first_bad_line = 0, formatter_skipped = 0;
   bool whole_file = true;
   for (int64_t records = 0;; ++records) {
     if (max_records > 0 && records == max_records) {
@@ -58,8 +61,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
       const std::string why =
           absl::StrCat((*reader)->Where((**next).line), ": ", t.status().message());
       if (!config.skip_bad_lines) return absl::InvalidArgumentError(why);
-      if (first_bad.empty()) first_bad = why;
-      ++skipped;
+      if (first_bad.empty()) first_bad = why, first_bad_line = (**next).line;
+      ++formatter_skipped;
       continue;
     }
     if (t->TrainedTokens() == 0) {  // e.g. the response was truncated away
@@ -69,11 +72,16 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     truncated += t->truncated;
     out.push_back(*std::move(t));
   }
-  skipped += (*reader)->skipped();
-  if (first_bad.empty()) first_bad = (*reader)->first_skip_reason();
+  // This file's skips (`skipped` may already hold the training file's).
+  const int64_t skipped_here = formatter_skipped + (*reader)->skipped();
+  skipped += skipped_here;
+  if (const int64_t line = (*reader)->first_skip_line();
+      line > 0 && (first_bad.empty() || line < first_bad_line)) {
+    first_bad = (*reader)->first_skip_reason();
+  }
   if (out.empty() && whole_file) {
     return absl::InvalidArgumentError(absl::StrCat(
-        (*reader)->name(), ": no usable ", role, " example (", skipped, " records skipped, ",
+        (*reader)->name(), ": no usable ", role, " example (", skipped_here, " records skipped, ",
         dropped, " without a trained token after truncation to max_seq_length",
         first_bad.empty() ? std::string() : absl::StrCat("; the first skipped: ", first_bad), ")"));
   }

@@ -13,8 +13,10 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "engine/model/utf8.h"
+#include "engine/train/dataset_reader.h"
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
@@ -112,6 +114,36 @@ class Rig {
 // A CancelJob that lands as the job starts (after the store marked it running, before the engine
 // had it, which then ignored the cancel) stops it: it trained every step before. The hub's
 // listeners run on the runner's thread, and the RUNNING state is published in that window.
+// The inline examples' file the job trains on: one record a line, a valid record's line breaks
+// (between tokens) made spaces, and a record that was invalid at submit (a raw line break inside
+// a string: skipped there with skip_bad_lines) still invalid. Replaced by a space, it became
+// {"text": "a b"}: counted as skipped at submit, then trained on as altered text.
+TEST(JobRunnerTest, AnInlineExampleInvalidAtSubmitStaysInvalidInTheJobsFile) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "job_runner_test-inline";
+  fs::remove_all(dir);
+  lorad::v1::JobSpec spec;
+  spec.set_adapter_name("inline-bot");
+  spec.mutable_dataset()->set_skip_bad_lines(true);
+  const std::string texts[] = {R"({"text": "first"})", "{\"text\": \"a\nb\"}",
+                               "{\"text\":\r\n \"second\"}"};
+  for (const std::string& t : texts) spec.mutable_dataset()->add_inline_examples()->set_json(t);
+  auto config = TrainingJobConfigFromSpec(spec, (dir / "job").string(), (dir / "data").string());
+  ASSERT_TRUE(config.ok()) << config.status();
+  std::ifstream in(config->data.path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 3u);
+  auto format = engine::DatasetFormatFromName(config->data.format);
+  ASSERT_TRUE(format.ok()) << format.status();
+  for (int i = 0; i < 3; ++i) {
+    const bool valid_at_submit = engine::DatasetReader::ParseRecord(texts[i], *format, "").ok();
+    auto read = engine::DatasetReader::ParseRecord(lines[i], *format, "");
+    EXPECT_EQ(read.ok(), valid_at_submit) << lines[i];
+  }
+  EXPECT_FALSE(engine::DatasetReader::ParseRecord(texts[1], *format, "").ok());
+  EXPECT_EQ(lines[2], R"({"text":   "second"})");
+}
+
 TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {
   Rig rig("cancel-at-start", 400);
   std::atomic<bool> cancelled{false};

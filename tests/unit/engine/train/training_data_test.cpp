@@ -4,8 +4,14 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <set>
+#include <string>
 
+#include "engine/model/tokenizer.h"
+#include "engine/train/example_formatter.h"
 #include "engine/train/micro_batch.h"
 
 namespace lorad::engine {
@@ -25,6 +31,54 @@ std::vector<TokenizedExample> Examples(int count, int len) {
   std::vector<TokenizedExample> out;
   for (int i = 0; i < count; ++i) out.push_back(Ex(len, 100 * i));
   return out;
+}
+
+// A file of `lines` in a fresh folder of the test's temporary directory.
+std::string WriteLines(const std::string& name, const std::vector<std::string>& lines) {
+  const std::filesystem::path path =
+      std::filesystem::path(::testing::TempDir()) / ("training_data_test-" + name);
+  std::ofstream out(path);
+  for (const std::string& line : lines) out << line << "\n";
+  return path.string();
+}
+
+// With skip_bad_lines and nothing usable, the error names the first skipped record of the file
+// (the reader's refusals and the template's are kept apart: the template's was named first
+// whatever its line), and counts that file's skips only (a validation file's count included the
+// training file's).
+TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
+  const char* folder = std::getenv("LORAD_TINY_MODEL");
+  auto tokenizer = LoadTokenizer(folder);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ExampleFormatterOptions options;
+  options.template_name = "alpaca";
+  auto formatter = ExampleFormatter::Create(**tokenizer, folder, options);
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  const std::string not_a_record = R"({"text": 5})";
+  const std::string three_turns =
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},)"
+      R"( {"role": "user", "content": "c"}]})";
+  const std::string good = R"({"question": "What is one and one?", "answer": "Two."})";
+  TrainingDataConfig config;
+  config.skip_bad_lines = true;
+  config.template_name = "alpaca";
+  config.path = WriteLines("all-bad.jsonl", {not_a_record, three_turns});
+  auto data = TrainingData::Build(config, *formatter, 64, 1);
+  ASSERT_FALSE(data.ok());
+  EXPECT_NE(data.status().message().find("2 records skipped"), std::string::npos) << data.status();
+  EXPECT_NE(data.status().message().find("the first skipped: " + config.path + ":1: "),
+            std::string::npos)
+      << data.status();
+
+  config.path = WriteLines("mixed.jsonl", {good, not_a_record, three_turns, good, not_a_record});
+  config.validation_path = WriteLines("validation-bad.jsonl", {three_turns, not_a_record});
+  data = TrainingData::Build(config, *formatter, 64, 1);
+  ASSERT_FALSE(data.ok());
+  EXPECT_NE(data.status().message().find("no usable validation example (2 records skipped"),
+            std::string::npos)
+      << data.status();
+  EXPECT_NE(data.status().message().find("validation-bad.jsonl:1: "), std::string::npos)
+      << data.status();
 }
 
 TEST(Permutation, DeterministicFromSeedAndAPermutation) {
