@@ -7,9 +7,11 @@
 namespace lorad::engine {
 namespace {
 
-absl::Status OutOfRange(const char* field, const std::string& range, double value) {
+// `field` under the job spec's "training." unless it names its own section ("dataset.").
+absl::Status OutOfRange(const std::string& field, const std::string& range, double value) {
+  const bool sectioned = field.find('.') != std::string::npos;
   return absl::InvalidArgumentError(
-      absl::StrCat("training.", field, " is ", value, "; it must be ", range));
+      absl::StrCat(sectioned ? "" : "training.", field, " is ", value, "; it must be ", range));
 }
 
 }  // namespace

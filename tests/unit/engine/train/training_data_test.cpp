@@ -10,9 +10,11 @@
 #include <set>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/micro_batch.h"
+#include "engine/train/training_job_config.h"
 
 namespace lorad::engine {
 namespace {
@@ -79,6 +81,20 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
       << data.status();
   EXPECT_NE(data.status().message().find("validation-bad.jsonl:1: "), std::string::npos)
       << data.status();
+}
+
+// Range errors name the field as a job spec spells it: dataset fields under "dataset.", the
+// others under "training." (the dataset's was "training.dataset.validation_fraction").
+TEST(TrainingJobConfig, RangeErrorsNameTheFieldAsTheJobSpecSpellsIt) {
+  TrainingJobConfig config;
+  config.data.path = "data.jsonl";
+  config.data.validation_fraction = 0.7;
+  absl::Status s = config.Validate();
+  EXPECT_TRUE(absl::StartsWith(s.message(), "dataset.validation_fraction is 0.7; it must be")) << s;
+  config.data.validation_fraction = 0.1;
+  config.micro_batch_size = 0;
+  s = config.Validate();
+  EXPECT_TRUE(absl::StartsWith(s.message(), "training.micro_batch_size is 0; it must be")) << s;
 }
 
 TEST(Permutation, DeterministicFromSeedAndAPermutation) {
