@@ -733,6 +733,14 @@ absl::Status InferenceEngine::Impl::RunBatch(const std::vector<Row>& rows,
 void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
                                    std::set<RequestId>* finished) {
   const int32_t token = sampled.token;
+  if (token == kNanLogitsToken) {  // this request fails; the batch's others go on
+    Finish(seq, FinishReason::kError,
+           absl::InternalError("the model's logits for this request are not numbers (NaN): the "
+                               "model overflowed in its dtype, or its adapter's weights hold NaN"),
+           TokenEvent());
+    finished->insert(seq.id);
+    return;
+  }
   if (seq.generated.empty()) {
     seq.ttft_s = std::chrono::duration<double>(Clock::now() - seq.submitted).count();
   }

@@ -177,8 +177,9 @@ HistoryArrays Histories(absl::Span<const SampleRow> rows, const std::vector<Samp
 #if defined(LORAD_WITH_CUDA)
 // Penalties, warp and draw on the logits' GPU; returns the tokens (on the CPU). Nothing here
 // waits for the device but the tokens' copy back.
-torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
-                      const HistoryArrays* history, Sampler::Upload& upload) {
+torch::Tensor RunCuda(torch::Tensor& work, const torch::Tensor& nan_rows,
+                      const std::vector<SamplingRow>& k, const HistoryArrays* history,
+                      Sampler::Upload& upload) {
   const torch::Device device = work.device();
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream cuda_stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -218,12 +219,13 @@ torch::Tensor RunCuda(torch::Tensor& work, const std::vector<SamplingRow>& k,
               "sampling_draw_cuda");
   // The kernels are the last readers of the device buffer: the next upload waits for them too.
   upload.done->record(cuda_stream);
+  tokens.masked_fill_(nan_rows, kNanLogitsToken);  // on the device: still one copy back
   return tokens.cpu();
 }
 #endif
 
-torch::Tensor RunCpu(torch::Tensor& work, const std::vector<SamplingRow>& k,
-                     const HistoryArrays* history) {
+torch::Tensor RunCpu(torch::Tensor& work, const torch::Tensor& nan_rows,
+                     const std::vector<SamplingRow>& k, const HistoryArrays* history) {
   const int64_t batch = work.size(0), vocab = work.size(1);
   if (history != nullptr) {
     TokenHistory h;
@@ -236,6 +238,7 @@ torch::Tensor RunCpu(torch::Tensor& work, const std::vector<SamplingRow>& k,
   torch::Tensor tokens = torch::empty({batch}, torch::kInt32);
   kernels::sampling_draw_cpu(work.data_ptr<float>(), batch, vocab, k.data(),
                              tokens.data_ptr<int32_t>());
+  tokens.masked_fill_(nan_rows, kNanLogitsToken);
   return tokens;
 }
 
@@ -339,16 +342,23 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Sample(const torch::Tensor& l
     // A private fp32 copy: the kernels work in place and the caller's logits stay as they were.
     torch::Tensor work =
         logits.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    // A row holding NaN has no distribution: the kernels assume none (the CPU top-p loop never
+    // ended on one; the GPU drew the NaN's index, or token 0 from a row of NaN, as if it were
+    // text). Such a row is reported as kNanLogitsToken. Found by its sum (NaN also for a row
+    // holding both infinities, which has no distribution either): two small ops a step on the
+    // GPU, where the row's token is replaced; the CPU kernels get zeros in its place.
+    const torch::Tensor nan_rows = work.sum(/*dim=*/1).isnan();
+    if (!work.is_cuda()) work.masked_fill_(nan_rows.unsqueeze(1), 0.0f);
     HistoryArrays history;
     if (any_penalty) history = Histories(rows, k);
     const HistoryArrays* h = any_penalty ? &history : nullptr;
     torch::Tensor tokens;
     if (work.is_cuda()) {
 #if defined(LORAD_WITH_CUDA)
-      tokens = RunCuda(work, k, h, *upload_);
+      tokens = RunCuda(work, nan_rows, k, h, *upload_);
 #endif
     } else {
-      tokens = RunCpu(work, k, h);
+      tokens = RunCpu(work, nan_rows, k, h);
     }
     std::vector<SampledToken> out(rows.size());
     const auto tokens_a = tokens.accessor<int32_t, 1>();

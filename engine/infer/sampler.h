@@ -75,8 +75,12 @@ struct TokenLogprob {
   std::string bytes;
 };
 
+// SampledToken::token of a row whose logits hold NaN (a model that overflowed): it has no
+// distribution to draw from, and its request should fail while the batch's others go on.
+inline constexpr int32_t kNanLogitsToken = -1;
+
 struct SampledToken {
-  int32_t token = 0;
+  int32_t token = 0;                       // or kNanLogitsToken
   float logprob = 0.0f;                    // set when params.logprobs > 0
   std::vector<TokenLogprob> top_logprobs;  // params.logprobs entries, most likely first
 };
@@ -93,8 +97,9 @@ class Sampler {
   Sampler& operator=(const Sampler&) = delete;
 
   // logits: [batch, vocab] fp32, bf16 or fp16, CPU or CUDA (left unchanged); rows: [batch].
-  // Returns one token per row, in row order. InvalidArgument for a shape, a parameter or a token
-  // id out of range; Internal if libtorch or CUDA fails.
+  // Returns one token per row, in row order (kNanLogitsToken for a row holding NaN).
+  // InvalidArgument for a shape, a parameter or a token id out of range; Internal if libtorch or
+  // CUDA fails.
   absl::StatusOr<std::vector<SampledToken>> Sample(const at::Tensor& logits,
                                                    absl::Span<const SampleRow> rows) const;
 

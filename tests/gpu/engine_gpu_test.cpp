@@ -20,11 +20,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "engine/infer/sampler.h"
 #include "engine/lora/lora_adapter.h"
 #include "engine/model/checkpointed_call.h"
 #include "engine/model/llama_model.h"
@@ -425,6 +427,33 @@ TEST(ModelGpuTest, OffloadedCheckpointsGiveTheSameLossAndGradients) {
     // may differ between two runs.
     EXPECT_LE(worst, 1e-2) << "step " << step;
   }
+}
+
+// The sampler on CUDA logits: a row holding NaN comes back as kNanLogitsToken (the GPU kernels
+// drew the NaN's index, or token 0 from a row of NaN, as text), the other rows as on the CPU.
+TEST(ModelGpuTest, SamplerReportsRowsOfNanLogitsOnTheGpuAsOnTheCpu) {
+  torch::manual_seed(4);
+  torch::Tensor logits = torch::randn({4, 1000});
+  logits[0][7] = std::numeric_limits<float>::quiet_NaN();
+  logits[2].fill_(std::numeric_limits<float>::quiet_NaN());
+  std::vector<SampleRow> rows(4);
+  for (int b = 0; b < 4; ++b) {
+    rows[b].params.temperature = b % 2 == 0 ? 1.0f : 0.0f;
+    rows[b].params.top_p = 0.9f;
+    rows[b].seed = 40 + b;
+  }
+  const Sampler sampler;
+  auto cpu = sampler.Sample(logits, rows);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = sampler.Sample(logits.to(torch::kCUDA), rows);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  for (int b = 0; b < 4; ++b) {
+    EXPECT_EQ((*gpu)[b].token, (*cpu)[b].token) << "row " << b;
+  }
+  EXPECT_EQ((*gpu)[0].token, kNanLogitsToken);
+  EXPECT_EQ((*gpu)[2].token, kNanLogitsToken);
+  EXPECT_GE((*gpu)[1].token, 0);
+  EXPECT_GE((*gpu)[3].token, 0);
 }
 
 TEST(ModelGpuTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {

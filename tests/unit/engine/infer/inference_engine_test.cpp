@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -641,6 +642,36 @@ TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {
   EXPECT_EQ(other.reason, FinishReason::kLength);
   EXPECT_EQ(other.tokens.size(), 10u);
   EXPECT_EQ(engine->Stats().running, 0);
+}
+
+// A request whose logits are NaN (here an adapter whose weights are NaN, published directly: a
+// file with them is refused when read) ends with an error, and the base-model request beside it
+// gets the tokens it gets alone.
+TEST(InferenceEngineTest, ARequestWithNanLogitsFailsAndTheOthersGoOn) {
+  Fixture f;
+  LoraConfig config;
+  config.r = 2;
+  config.alpha = 4;
+  auto adapter = LoraAdapter::Init(f.model().config(), config, 5);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  for (auto& [path, pair] : adapter->layers) {
+    pair.b.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  ASSERT_TRUE(f.store().Publish("broken", *adapter, "test").ok());
+  GenerationRequest broken = Greedy(RandomPrompt(6, 1), "broken", 10);
+  broken.sampling.temperature = 1.0f;
+  broken.sampling.top_p = 0.9f;
+  const GenerationRequest base = Greedy(RandomPrompt(6, 2), "", 10);
+  auto engine = f.Engine();
+  const std::vector<Result> results = f.Run(*engine, {broken, base});
+  EXPECT_EQ(results[0].reason, FinishReason::kError);
+  EXPECT_EQ(results[0].finished_events, 1);
+  EXPECT_TRUE(results[0].tokens.empty());
+  EXPECT_NE(results[0].status.message().find("not numbers (NaN)"), std::string::npos)
+      << results[0].status;
+  const Result alone = f.Alone(base);
+  EXPECT_EQ(results[1].reason, FinishReason::kLength);
+  EXPECT_EQ(results[1].tokens, alone.tokens);
 }
 
 // Shutdown (Engine::Stop, as its loop ends): a running request, a waiting one and one submitted

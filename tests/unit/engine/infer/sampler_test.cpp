@@ -53,6 +53,31 @@ TEST(Sampler, TopKOneIsGreedyAtAnyTemperature) {
   EXPECT_EQ(Tokens(*out), Argmax(logits));
 }
 
+// A row whose logits hold NaN (a model that overflowed) comes back as kNanLogitsToken and the
+// batch's other rows as they would alone. The CPU top-p loop never ended on a NaN (the engine's
+// loop hung with it); the GPU drew the NaN's index as if it were text.
+TEST(Sampler, ARowOfNanLogitsIsReportedAndTheOthersAreSampled) {
+  torch::manual_seed(4);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  torch::Tensor logits = torch::randn({3, 200});
+  logits[0][0] = nan;    // one NaN, sampled with top-p
+  logits[1].fill_(nan);  // a whole row, greedy
+  std::vector<SampleRow> rows(3);
+  for (int b : {0, 2}) {
+    rows[b].params.temperature = 1.0f;
+    rows[b].params.top_p = 0.9f;
+    rows[b].seed = 11 + b;
+  }
+  auto out = Sampler().Sample(logits, rows);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].token, kNanLogitsToken);
+  EXPECT_EQ((*out)[1].token, kNanLogitsToken);
+  auto alone = Sampler().Sample(logits.slice(0, 2, 3), {rows[2]});
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_EQ((*out)[2].token, (*alone)[0].token);
+  EXPECT_GE((*out)[2].token, 0);
+}
+
 TEST(Sampler, LeavesTheCallersLogitsUnchanged) {
   torch::manual_seed(3);
   const torch::Tensor logits = torch::randn({2, 64});
