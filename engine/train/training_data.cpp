@@ -47,7 +47,11 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   bool whole_file = true;
   for (int64_t records = 0;; ++records) {
     if (max_records > 0 && records == max_records) {
-      whole_file = false;
+      // Read whole if nothing follows: a file of exactly max_records unusable records is refused
+      // here too.
+      auto more = (*reader)->Next();
+      if (!more.ok()) return more.status();
+      whole_file = !more->has_value();
       break;
     }
     if (abandon != nullptr && records % 64 == 0 && abandon->load()) {

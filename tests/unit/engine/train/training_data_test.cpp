@@ -72,6 +72,15 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
             std::string::npos)
       << data.status();
 
+  // The submit-time check of at most N records (those the reader parses: line 1 is skipped
+  // inside it): a file of exactly N unusable records is the whole file, refused as Build refuses
+  // it (it passed, and the job failed when it started). One more record after them: not whole.
+  EXPECT_FALSE(TrainingData::Check(config, *formatter, 1).ok());
+  EXPECT_FALSE(TrainingData::Check(config, *formatter, 2).ok());
+  TrainingDataConfig longer = config;
+  longer.path = WriteLines("two-refused.jsonl", {three_turns, three_turns});
+  EXPECT_TRUE(TrainingData::Check(longer, *formatter, 1).ok());
+
   config.path = WriteLines("mixed.jsonl", {good, not_a_record, three_turns, good, not_a_record});
   config.validation_path = WriteLines("validation-bad.jsonl", {three_turns, not_a_record});
   data = TrainingData::Build(config, *formatter, 64, 1);
