@@ -88,7 +88,7 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
     // The kernels' tables are built on every device (on the CPU they are a few bytes), so that
     // the CPU tests check them too. Their fp32 scales are the slot scales without the none slot.
     const torch::Tensor all_scales = upload(scales, torch::kFloat);
-    const torch::Tensor all_slot_scales = all_scales.to(dtype);
+    const torch::Tensor& all_slot_scales = all_scales;  // fp32 for the torch path too
     const torch::Tensor all_pointers = upload(pointers, torch::kLong);
     const torch::Tensor all_ranks = upload(ranks, torch::kInt);
     for (size_t k = 0; k < entries.size(); ++k) {
@@ -196,22 +196,23 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   if (!e.a.defined()) return y;
   if (AddOnDevice(layer, {projection}, x, {y})) return y;
   const int64_t rows = x.size(0);
-  const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});                      // [B, T, in]
-  const torch::Tensor a = e.a.index_select(0, rows_).to(x.scalar_type());          // [B, r, in]
-  const torch::Tensor b = e.b.index_select(0, rows_).to(x.scalar_type());          // [B, out, r]
-  const torch::Tensor scale = e.scale.index_select(0, rows_).to(x.scalar_type());  // [B]
+  const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});                     // [B, T, in]
+  const torch::Tensor a = e.a.index_select(0, rows_).to(x.scalar_type());         // [B, r, in]
+  const torch::Tensor b = e.b.index_select(0, rows_).to(x.scalar_type());         // [B, out, r]
+  const torch::Tensor scale = e.scale.index_select(0, rows_).view({rows, 1, 1});  // fp32
   // Rank first, as PEFT does: the intermediate is [B, T, r].
   const torch::Tensor h = torch::bmm(x3, a.transpose(1, 2));
   if (y.is_contiguous() && !y.requires_grad()) {
     // Added into y by one batched GEMM (beta 1) with each row's scale folded into its B: no
     // [B, T, out] temporaries for the product, its scaling and the sum (a prefill of 2,048
     // tokens made three of each projection's output size).
-    const torch::Tensor scaled_b = b * scale.view({rows, 1, 1});
+    const torch::Tensor scaled_b = (b * scale).to(x.scalar_type());  // in fp32, rounded once
     torch::Tensor y3 = y.view({rows, -1, y.size(-1)});
     y3.baddbmm_(h, scaled_b.transpose(1, 2));
     return y;
   }
-  const torch::Tensor delta = torch::bmm(h, b.transpose(1, 2)) * scale.view({rows, 1, 1});
+  // The product in x's dtype times the fp32 scale, rounded once: as PEFT's tensor * float.
+  const torch::Tensor delta = (torch::bmm(h, b.transpose(1, 2)) * scale).to(x.scalar_type());
   return y + delta.view(y.sizes());
 }
 
