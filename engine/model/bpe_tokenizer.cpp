@@ -658,6 +658,11 @@ std::vector<int32_t> BpeTokenizer::MergePiece(const std::string& piece) const {
 
 void BpeTokenizer::EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const {
   if (piece.empty()) return;
+  if (piece.size() > kMaxCachedPieceBytes) {
+    std::vector<int32_t> merged = MergePiece(piece);
+    ids->insert(ids->end(), merged.begin(), merged.end());
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(cache_mutex_);
     auto it = cache_.find(piece);

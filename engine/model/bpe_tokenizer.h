@@ -93,10 +93,21 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<int32_t> prefix_ids_;  // added by Encode(..., add_special_tokens=true)
   std::vector<int32_t> suffix_ids_;
 
-  // Pieces recur (" the"), so their merges are cached. Bounded: cleared when full.
+  // Pieces recur (" the"), so their merges are cached. Bounded: cleared when full, and only
+  // pieces up to kMaxCachedPieceBytes (as Hugging Face's BPE caches only short words): a
+  // sentencepiece-style tokenizer.json (split false) makes a whole run of text between special
+  // tokens one piece, and every distinct 20 KB prompt cached grew the daemon by gigabytes.
   static constexpr size_t kCacheCapacity = 1 << 16;
+  static constexpr size_t kMaxCachedPieceBytes = 256;
   mutable std::mutex cache_mutex_;
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+
+ public:
+  // Pieces in the cache now (tests).
+  size_t cached_pieces() const {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    return cache_.size();
+  }
 };
 
 }  // namespace lorad::engine

@@ -67,6 +67,26 @@ TEST(BpeTokenizer, MergesByRankAndDecodesBytes) {
   EXPECT_EQ(t->bos_id(), -1);  // no bos_token named in the settings
 }
 
+// Long pieces (a run of text with no split point, as a sentencepiece-style tokenizer.json makes
+// of everything between special tokens) are merged but not cached: 1,000 distinct 2 KB prompts
+// left 1,000 cache entries (a daemon grew by gigabytes); short ones still are.
+TEST(BpeTokenizer, LongPiecesAreEncodedButNotCached) {
+  auto t = Parse(Spec());
+  ASSERT_TRUE(t);
+  for (int i = 0; i < 1000; ++i) {
+    // One run of letters (one piece for the byte-level split), distinct for every i.
+    const std::string text =
+        std::string{static_cast<char>('a' + i % 26), static_cast<char>('a' + i / 26 % 26),
+                    static_cast<char>('a' + i / 676)} +
+        std::string(2000, 'x');
+    const auto ids = t->Encode(text, /*add_special_tokens=*/false);
+    ASSERT_EQ(t->Decode(ids, /*skip_special_tokens=*/false), text);
+  }
+  EXPECT_LE(t->cached_pieces(), 1u);
+  t->Encode("hello", false);
+  EXPECT_GE(t->cached_pieces(), 1u);
+}
+
 TEST(BpeTokenizer, StringAndPairMergesAreTheSame) {
   Spec pairs, strings;
   strings.merges = R"(["l l", "h e", "he ll", "hell o", "Ġ w"])";
