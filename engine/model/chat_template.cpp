@@ -187,10 +187,22 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
     return FromName(override_name, settings->bos_token, settings->eos_token);
   }
   const fs::path config_path = fs::path(folder) / "tokenizer_config.json";
+  // Newer folders keep the template in a file of its own, which transformers reads in place of
+  // the config's field when both are there (the field may be an older template left behind).
+  const fs::path jinja_path = fs::path(folder) / "chat_template.jinja";
   std::string jinja;
+  {
+    std::ifstream jinja_in(jinja_path);
+    std::stringstream text;
+    if (jinja_in) text << jinja_in.rdbuf();
+    jinja = text.str();
+  }
+  const std::string source = jinja.empty()
+                                 ? absl::StrCat(config_path.string(), ": field 'chat_template'")
+                                 : jinja_path.string();
   absl::StatusOr<std::optional<json>> config = ReadJsonObjectIfPresent(config_path.string());
   if (!config.ok()) return config.status();
-  if (config->has_value()) {
+  if (jinja.empty() && config->has_value()) {
     const json chat = (**config).value("chat_template", json());
     if (chat.is_string()) jinja = chat.get<std::string>();
     // A list of named templates: [{"name": "default", "template": "..."}, ...].
@@ -203,12 +215,6 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
       }
     }
   }
-  if (jinja.empty()) {  // newer folders keep the template in a file of its own
-    std::ifstream jinja_in(fs::path(folder) / "chat_template.jinja");
-    std::stringstream text;
-    if (jinja_in) text << jinja_in.rdbuf();
-    jinja = text.str();
-  }
   if (jinja.empty()) {
     return absl::NotFoundError(
         absl::StrCat(config_path.string(),
@@ -219,9 +225,7 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   const std::optional<std::string> name = Recognize(jinja);
   if (!name) {
     return absl::InvalidArgumentError(
-        absl::StrCat(config_path.string(),
-                     ": field 'chat_template' is not a template lorad recognises (it "
-                     "renders the families ",
+        absl::StrCat(source, " is not a template lorad recognises (it renders the families ",
                      KnownList(), "); name one of them to use it instead"));
   }
   absl::StatusOr<ChatTemplate> t = FromName(*name, settings->bos_token, settings->eos_token);

@@ -100,6 +100,19 @@ TEST(ChatTemplate, FolderTemplatesFromListsAndJinjaFiles) {
   auto b = ChatTemplate::FromTokenizerConfig(file.string());
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ(b->name(), "chatml");
+
+  // Both: the file wins, as in transformers (the config's field may be an older template).
+  const fs::path both = Folder("both", R"({"chat_template": "{{ '[INST]' }}"})");
+  std::ofstream(both / "chat_template.jinja") << "{{ '<|start_header_id|>' }}";
+  auto c = ChatTemplate::FromTokenizerConfig(both.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->name(), "llama3");
+  const fs::path unknown = Folder("both-unknown", R"({"chat_template": "{{ '[INST]' }}"})");
+  std::ofstream(unknown / "chat_template.jinja") << "{{ '<start_of_turn>' }}";
+  auto d = ChatTemplate::FromTokenizerConfig(unknown.string());
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("chat_template.jinja is not a template"), std::string::npos)
+      << d.status();
 }
 
 // A dated system header lorad cannot read the date rule of is not rendered: the template says so,
