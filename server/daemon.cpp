@@ -160,7 +160,11 @@ absl::Status Daemon::Start() {
     return s;
   }
   RegisterProcessMetrics();
-  ServeRecordedAdapters();
+  if (auto s = ServeRecordedAdapters(); !s.ok()) {
+    engine_->Stop();
+    http_.Stop();
+    return s;
+  }
   if (auto s = StartGrpc(); !s.ok()) {
     engine_->Stop();
     http_.Stop();
@@ -460,12 +464,16 @@ absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a
   return folder;
 }
 
-void Daemon::ServeRecordedAdapters() {
+absl::Status Daemon::ServeRecordedAdapters() {
   auto recorded = jobs_->Adapters();
   if (!recorded.ok()) {
-    spdlog::warn("the adapters served before the last stop are not known: {}",
-                 std::string(recorded.status().message()));
-    return;
+    // Started anyway, every name would count its versions from 1 again: a client that saw v5
+    // would see v1, and a load would be answered while its record stayed the older v5.
+    return absl::DataLossError(absl::StrCat(
+        "storage.data_dir: the adapter records in ",
+        (std::filesystem::path(config_.storage.data_dir) / "jobs.db").string(), " cannot be read (",
+        recorded.status().message(),
+        "); restore the file from a backup, or move it aside to start with no jobs or adapters"));
   }
   std::vector<ServedAdapter> adapters = *std::move(recorded);
   // A data folder from before lorad recorded adapters (its first start since): the newest
@@ -508,6 +516,7 @@ void Daemon::ServeRecordedAdapters() {
     spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
                  std::string(refused.message()));
   }
+  return absl::OkStatus();
 }
 
 absl::Status Daemon::OpenJobStore() {

@@ -46,7 +46,9 @@ class Daemon {
  private:
   absl::Status StartGrpc();
   // Publishes again the adapters that were served at the last stop, with the same versions.
-  void ServeRecordedAdapters();
+  // Refused (the start stops) when the records cannot be read: the store would number new
+  // versions from 1 again, and the records would keep the older, higher ones.
+  absl::Status ServeRecordedAdapters();
   // A recorded adapter's folder, resolved, if it may be served again; else why not.
   absl::StatusOr<std::string> RecordedAdapterFolder(const ServedAdapter& a) const;
   // Takes <data_dir>/lorad.lock for the life of the process: one daemon per data folder.

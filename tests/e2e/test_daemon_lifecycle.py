@@ -215,6 +215,23 @@ def test_a_config_refused_at_start_leaves_no_data_folder(tmp_path):
     assert not data.exists()
 
 
+def test_adapter_records_that_cannot_be_read_stop_the_start(tmp_path):
+    """The job database's adapter records unreadable (here a column renamed): the daemon does not
+    start. It started and numbered every adapter's versions from 1 again, and a load was answered
+    while its record kept the older, higher version."""
+    import sqlite3
+
+    stop_daemon(start_daemon(tmp_path))
+    db = tmp_path / "data" / "jobs.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE adapters RENAME COLUMN served TO served_renamed")
+    result = run_lorad("--model", tiny_model_path(), "--grpc-address", f"127.0.0.1:{free_port()}",
+                       "--http-address", f"127.0.0.1:{free_port()}",
+                       "--data-dir", str(tmp_path / "data"))
+    assert result.returncode != 0, result.stderr
+    assert "adapter records" in result.stderr and str(db) in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signals_exit_cleanly(tmp_path, sig):
     d = start_daemon(tmp_path)
