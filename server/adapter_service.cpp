@@ -94,6 +94,12 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   // the current version serving.
   engine::AdapterStore::BeforePublish record;
   absl::Status recorded;
+  // What the files hold, taken before they are read and compared again before the version is
+  // recorded: the record must name the files that serve (taken after the read, a folder rewritten
+  // meanwhile was recorded with the new files' fingerprint while the old ones served, and a
+  // restart served the new ones as that version).
+  const std::string fingerprint =
+      record_ != nullptr ? engine::PeftFolderFingerprint(*folder).value_or("") : std::string();
   if (record_ != nullptr) {
     record = [&](int64_t version) {
       std::unique_lock<std::mutex> held;
@@ -105,7 +111,11 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
             absl::StrCat("adapter folder ", *folder, " was deleted while it was loaded"));
         return recorded;
       }
-      const std::string fingerprint = engine::PeftFolderFingerprint(*folder).value_or("");
+      if (engine::PeftFolderFingerprint(*folder).value_or("") != fingerprint) {
+        recorded = absl::AbortedError(
+            absl::StrCat("adapter folder ", *folder, " changed while it was read; load it again"));
+        return recorded;
+      }
       recorded = record_->RecordAdapter(
           {request.name(), version, *folder, *folder, /*served=*/true, fingerprint});
       return recorded;
