@@ -505,7 +505,17 @@ absl::Status Daemon::ServeRecordedAdapters() {
     absl::Status refused = folder.status();
     if (refused.ok()) {
       store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
-      auto version = store.LoadPeft(a.name, *folder, a.source);
+      // Checked again once read (RecordedAdapterFolder checked before): files replaced between
+      // the two would serve as this version.
+      const auto same_files = [&](int64_t) {
+        if (a.fingerprint.empty() ||
+            engine::PeftFolderFingerprint(*folder).value_or("") == a.fingerprint) {
+          return absl::OkStatus();
+        }
+        return absl::FailedPreconditionError(
+            absl::StrCat(a.path, " changed while it was read; load it again"));
+      };
+      auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
         continue;
