@@ -10,7 +10,6 @@
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "engine/train/checkpoint_folders.h"
-#include "engine/train/dataset_reader.h"
 #include "server/job_spec_validator.h"
 #include "server/path_policy.h"
 #include "server/training_service.h"
@@ -74,20 +73,15 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
   // file, lorad's own, is not opened that way).
   c.data.resolved_paths = true;
   if (spec.dataset().inline_examples_size() > 0) {
-    auto format = engine::DatasetFormatFromName(c.data.format);
-    if (!format.ok()) return format.status();
     std::string jsonl;
-    // One example a line, whatever its layout: in a valid record a line break is only ever
-    // whitespace between tokens (inside a string it is escaped), so a space in its place means the
-    // same. An invalid one (skipped at submit with skip_bad_lines) stays invalid: a raw line break
-    // inside a string, replaced, would have made it valid and trained on altered text.
+    // One example a line, whatever its layout: a line break becomes a tab, which between tokens
+    // is whitespace like it (a valid record means the same) and inside a string is a control
+    // character JSON refuses like it (a record invalid at submit, skipped there with
+    // skip_bad_lines, stays invalid; a space made it valid and trained as altered text).
     for (int i = 0; i < spec.dataset().inline_examples_size(); ++i) {
       std::string line = spec.dataset().inline_examples(i).json();
-      if (!engine::DatasetReader::ParseRecord(line, *format, "").ok()) {
-        line = "not a valid record when the job was submitted";
-      }
-      std::replace(line.begin(), line.end(), '\n', ' ');
-      std::replace(line.begin(), line.end(), '\r', ' ');
+      std::replace(line.begin(), line.end(), '\n', '\t');
+      std::replace(line.begin(), line.end(), '\r', '\t');
       absl::StrAppend(&jsonl, line, "\n");
     }
     if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;

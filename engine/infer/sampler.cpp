@@ -250,7 +250,9 @@ void AddLogprobs(const torch::Tensor& scores, absl::Span<const SampleRow> rows,
   if (most == 0) return;
   const torch::Tensor logprobs = torch::log_softmax(scores.to(torch::kFloat), /*dim=*/-1);
   std::vector<int64_t> chosen_ids(out.size());
-  for (size_t b = 0; b < out.size(); ++b) chosen_ids[b] = out[b].token;
+  // A row of NaN logits (kNanLogitsToken) gathers at 0 and gets none: an index of -1 threw on
+  // the CPU and was a device-side assert on CUDA (every later CUDA call failed).
+  for (size_t b = 0; b < out.size(); ++b) chosen_ids[b] = std::max<int32_t>(out[b].token, 0);
   const torch::Tensor index =
       torch::tensor(chosen_ids, torch::kInt64).to(logprobs.device()).unsqueeze(1);
   const torch::Tensor chosen = logprobs.gather(1, index).squeeze(1).cpu();
@@ -261,7 +263,7 @@ void AddLogprobs(const torch::Tensor& scores, absl::Span<const SampleRow> rows,
   const auto ids_a = ids.accessor<int64_t, 2>();
   for (size_t b = 0; b < out.size(); ++b) {
     const int64_t n = std::min<int64_t>(rows[b].params.logprobs, values.size(1));
-    if (n == 0) continue;
+    if (n == 0 || out[b].token == kNanLogitsToken) continue;
     out[b].logprob = chosen_a[b];
     for (int64_t i = 0; i < n; ++i) {
       // A token the filters removed (-inf: top-k, top-p, min-p) is not a candidate: not listed.

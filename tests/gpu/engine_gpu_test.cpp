@@ -440,6 +440,7 @@ TEST(ModelGpuTest, SamplerReportsRowsOfNanLogitsOnTheGpuAsOnTheCpu) {
   for (int b = 0; b < 4; ++b) {
     rows[b].params.temperature = b % 2 == 0 ? 1.0f : 0.0f;
     rows[b].params.top_p = 0.9f;
+    rows[b].params.logprobs = 2;  // gathered for every row: a NaN row's -1 was a device assert
     rows[b].seed = 40 + b;
   }
   const Sampler sampler;
@@ -454,6 +455,10 @@ TEST(ModelGpuTest, SamplerReportsRowsOfNanLogitsOnTheGpuAsOnTheCpu) {
   EXPECT_EQ((*gpu)[2].token, kNanLogitsToken);
   EXPECT_GE((*gpu)[1].token, 0);
   EXPECT_GE((*gpu)[3].token, 0);
+  EXPECT_TRUE((*gpu)[0].top_logprobs.empty());
+  EXPECT_EQ((*gpu)[1].top_logprobs.size(), 2u);
+  // The device is still usable (a device-side assert would fail every later CUDA call).
+  EXPECT_EQ(torch::ones({4}, torch::kCUDA).sum().item<float>(), 4.0f);
 }
 
 TEST(ModelGpuTest, PackedExamplesKeptApartTrainAsTheExamplesAlone) {

@@ -141,7 +141,7 @@ TEST(JobRunnerTest, AnInlineExampleInvalidAtSubmitStaysInvalidInTheJobsFile) {
     EXPECT_EQ(read.ok(), valid_at_submit) << lines[i];
   }
   EXPECT_FALSE(engine::DatasetReader::ParseRecord(texts[1], *format, "").ok());
-  EXPECT_EQ(lines[2], R"({"text":   "second"})");
+  EXPECT_EQ(lines[2], "{\"text\":\t\t \"second\"}");
 }
 
 TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {

@@ -661,7 +661,9 @@ TEST(InferenceEngineTest, ARequestWithNanLogitsFailsAndTheOthersGoOn) {
   GenerationRequest broken = Greedy(RandomPrompt(6, 1), "broken", 10);
   broken.sampling.temperature = 1.0f;
   broken.sampling.top_p = 0.9f;
-  const GenerationRequest base = Greedy(RandomPrompt(6, 2), "", 10);
+  broken.sampling.logprobs = 2;  // the batch's log-probabilities are gathered with the NaN row's
+  GenerationRequest base = Greedy(RandomPrompt(6, 2), "", 10);
+  base.sampling.logprobs = 1;
   auto engine = f.Engine();
   const std::vector<Result> results = f.Run(*engine, {broken, base});
   EXPECT_EQ(results[0].reason, FinishReason::kError);

@@ -76,6 +76,15 @@ TEST(Sampler, ARowOfNanLogitsIsReportedAndTheOthersAreSampled) {
   ASSERT_TRUE(alone.ok()) << alone.status();
   EXPECT_EQ((*out)[2].token, (*alone)[0].token);
   EXPECT_GE((*out)[2].token, 0);
+  // With log-probabilities asked for (by the NaN row and another): the NaN rows get none, the
+  // other its own (a token of -1 was gathered: an exception here, a device assert on CUDA).
+  for (SampleRow& r : rows) r.params.logprobs = 2;
+  out = Sampler().Sample(logits, rows);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].token, kNanLogitsToken);
+  EXPECT_TRUE((*out)[0].top_logprobs.empty());
+  EXPECT_EQ((*out)[2].token, (*alone)[0].token);
+  EXPECT_EQ((*out)[2].top_logprobs.size(), 2u);
 }
 
 TEST(Sampler, LeavesTheCallersLogitsUnchanged) {
