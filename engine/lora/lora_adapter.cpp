@@ -198,9 +198,11 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
     torch::NoGradGuard no_grad;
     for (int64_t layer = 0; layer < model.num_hidden_layers; ++layer) {
       const std::vector<int64_t>& only = config.layers_to_transform;
-      if (!only.empty() && std::find(only.begin(), only.end(), layer) == only.end()) continue;
+      const bool listed = only.empty() || std::find(only.begin(), only.end(), layer) != only.end();
       for (const auto& projection : KnownLoraTargets()) {
-        if (!config.Adapts(ModulePathFor(layer, projection))) continue;
+        const std::string module_path = ModulePathFor(layer, projection);
+        if (!listed && !config.NamesWholePath(module_path)) continue;
+        if (!config.Adapts(module_path)) continue;
         const Features f = ProjectionFeatures(model, projection);
         // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + 5)), bound
         // gain * sqrt(3 / fan_in) = 1 / sqrt(in_features), as torch.nn.Linear and PEFT.
@@ -345,7 +347,8 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
                          ", which target_modules in ", kConfigFile, " does not name (it names ",
                          absl::StrJoin(config->target_names, ", "), ")"));
       }
-      if (!patterns.layers.empty() && !Contains(patterns.layers, module->layer)) {
+      if (!patterns.layers.empty() && !Contains(patterns.layers, module->layer) &&
+          !config->NamesWholePath(path)) {
         return absl::InvalidArgumentError(
             absl::StrCat(weights_path, ": tensor '", v.name, "' adapts layer ", module->layer,
                          ", which layers_to_transform in ", kConfigFile, " does not list"));

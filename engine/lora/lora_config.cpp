@@ -75,6 +75,10 @@ bool LoraConfig::TargetNamesInclude(const std::string& module_path) const {
                      [&](const std::string& name) { return NameMatches(module_path, name); });
 }
 
+bool LoraConfig::NamesWholePath(const std::string& module_path) const {
+  return std::find(target_names.begin(), target_names.end(), module_path) != target_names.end();
+}
+
 bool LoraConfig::Adapts(const std::string& module_path) const {
   const std::string projection = module_path.substr(module_path.rfind('.') + 1);
   return std::find(target_modules.begin(), target_modules.end(), projection) !=

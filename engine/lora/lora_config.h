@@ -40,6 +40,9 @@ struct LoraConfig {
   bool Excludes(const std::string& module_path) const;
   // Whether target_names (when given) names `module_path`.
   bool TargetNamesInclude(const std::string& module_path) const;
+  // Whether target_modules names this module by its whole path: PEFT then adapts it whatever
+  // layers_to_transform says (that filter applies to names matched at a path's end).
+  bool NamesWholePath(const std::string& module_path) const;
   // Whether the module at `module_path` is adapted: its projection is a target, target_names
   // name it, and exclude_modules does not leave it out (layers_to_transform is the caller's).
   bool Adapts(const std::string& module_path) const;

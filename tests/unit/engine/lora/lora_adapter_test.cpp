@@ -359,6 +359,23 @@ TEST_F(LoraAdapterTest, TargetNamesWithAPathPickTheirModulesAsPeftDoes) {
   std::ifstream in(rewritten + "/adapter_config.json");
   EXPECT_EQ(nlohmann::json::parse(in)["target_modules"],
             nlohmann::json::array({"model.layers.0.self_attn.q_proj", "v_proj"}));
+
+  // A module named by its whole path is adapted whatever layers_to_transform lists (PEFT 0.21:
+  // layer 1's q_proj beside layer 0's v_proj); it was refused on read and left out by Init.
+  LoraConfig layered = adapter->config;
+  layered.target_names = {"model.layers.1.self_attn.q_proj", "v_proj"};
+  layered.layers_to_transform = {0};
+  auto both = LoraAdapter::Init(TinyModel(), layered, 2);
+  ASSERT_TRUE(both.ok()) << both.status();
+  paths.clear();
+  for (const auto& [path, pair] : both->layers) paths.push_back(path);
+  EXPECT_EQ(paths, (std::vector<std::string>{"model.layers.0.self_attn.v_proj",
+                                             "model.layers.1.self_attn.q_proj"}));
+  const std::string layered_folder = (dir_ / "layered").string();
+  ASSERT_TRUE(both->WritePeft(layered_folder).ok());
+  auto reread = LoraAdapter::ReadPeft(layered_folder);
+  ASSERT_TRUE(reread.ok()) << reread.status();
+  EXPECT_EQ(reread->layers.size(), 2u);
 }
 
 TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
