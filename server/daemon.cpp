@@ -450,18 +450,11 @@ absl::Status Daemon::LockDataDir() {
 
 absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a) const {
   // The folder must still be where the roots allow (it may have been replaced by a symlink to
-  // elsewhere while lorad was stopped) and hold the files it was loaded from.
+  // elsewhere while lorad was stopped); that it holds the files it was loaded from is checked
+  // once they are read (ServeRecordedAdapters).
   const bool from_job = a.source.rfind("job:", 0) == 0;
-  auto folder =
-      ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
-                           from_job ? "the job's adapter folder" : "storage.adapter_root");
-  if (folder.ok() && !a.fingerprint.empty() &&
-      engine::PeftFolderFingerprint(*folder).value_or("") != a.fingerprint) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(a.path, " holds other files than when version ", a.version,
-                     " was loaded; load it again to serve them as a new version"));
-  }
-  return folder;
+  return ResolveAdapterFolder(from_job ? JobsDir() : adapter_root_, a.path,
+                              from_job ? "the job's adapter folder" : "storage.adapter_root");
 }
 
 absl::Status Daemon::ServeRecordedAdapters() {
@@ -505,15 +498,16 @@ absl::Status Daemon::ServeRecordedAdapters() {
     absl::Status refused = folder.status();
     if (refused.ok()) {
       store.ContinueVersionsAfter(a.name, a.version - 1);  // so it comes back as that version
-      // Checked again once read (RecordedAdapterFolder checked before): files replaced between
-      // the two would serve as this version.
+      // The files it was loaded from, checked once read (before, files replaced between a check
+      // and the read would have served as this version).
       const auto same_files = [&](int64_t) {
         if (a.fingerprint.empty() ||
             engine::PeftFolderFingerprint(*folder).value_or("") == a.fingerprint) {
           return absl::OkStatus();
         }
         return absl::FailedPreconditionError(
-            absl::StrCat(a.path, " changed while it was read; load it again"));
+            absl::StrCat(a.path, " holds other files than when version ", a.version,
+                         " was loaded; load it again to serve them as a new version"));
       };
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {

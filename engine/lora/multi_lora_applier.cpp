@@ -87,14 +87,13 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
     };
     // The kernels' tables are built on every device (on the CPU they are a few bytes), so that
     // the CPU tests check them too. Their fp32 scales are the slot scales without the none slot.
-    const torch::Tensor all_scales = upload(scales, torch::kFloat);
-    const torch::Tensor& all_slot_scales = all_scales;  // fp32 for the torch path too
+    const torch::Tensor all_scales = upload(scales, torch::kFloat);  // fp32 for both paths
     const torch::Tensor all_pointers = upload(pointers, torch::kLong);
     const torch::Tensor all_ranks = upload(ranks, torch::kInt);
     for (size_t k = 0; k < entries.size(); ++k) {
       Entry& e = *entries[k];
       const int64_t at = static_cast<int64_t>(k);
-      e.scale = all_slot_scales.narrow(0, at * slots, slots);
+      e.scale = all_scales.narrow(0, at * slots, slots);
       e.scales_f32 = all_scales.narrow(0, at * slots, n);
       e.a_pointers = all_pointers.narrow(0, 2 * n * at, n);
       e.b_pointers = all_pointers.narrow(0, 2 * n * at + n, n);

@@ -656,6 +656,11 @@ std::vector<int32_t> BpeTokenizer::MergePiece(const std::string& piece) const {
   return ids;
 }
 
+size_t BpeTokenizer::cached_pieces() const {
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  return cache_.size();
+}
+
 void BpeTokenizer::EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const {
   if (piece.empty()) return;
   if (piece.size() > kMaxCachedPieceBytes) {

@@ -46,6 +46,8 @@ class BpeTokenizer final : public Tokenizer {
   std::optional<int32_t> IdOf(std::string_view piece) const override;
   bool IsSpecial(int32_t id) const override { return added_.IsSpecial(id); }
   DecodeRules decode_rules() const override;
+  // Pieces in the merge cache now (tests).
+  size_t cached_pieces() const;
 
   // One pre-tokenizer step, applied to every piece the previous steps produced.
   struct PreTokenizerStep {
@@ -101,13 +103,6 @@ class BpeTokenizer final : public Tokenizer {
   static constexpr size_t kMaxCachedPieceBytes = 256;
   mutable std::mutex cache_mutex_;
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
-
- public:
-  // Pieces in the cache now (tests).
-  size_t cached_pieces() const {
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    return cache_.size();
-  }
 };
 
 }  // namespace lorad::engine
