@@ -492,8 +492,11 @@ class BpeTokenizerParser {
     return absl::OkStatus();
   }
 
-  // BOS/EOS: explicit add_bos_token/add_eos_token in tokenizer_config.json replace the
-  // tokenizer.json post-processor (transformers 5 rebuilds it from them), else it rules.
+  // BOS/EOS: the tokenizer.json post-processor alone decides what Encode adds; transformers 5
+  // drops tokenizer_config.json's add_bos_token / add_eos_token whenever tokenizer.json exists.
+  // A LlamaTokenizer folder's sentencepiece-style pipeline is the class's, rebuilt from
+  // add_prefix_space and legacy whatever tokenizer.json says (transformers 5's LlamaTokenizer:
+  // no normalizer, Metaspace without split, a decoder that strips the space it prepends).
   void ApplySettings(const TokenizerSettings& settings, const std::vector<int32_t>& prefix,
                      const std::vector<int32_t>& suffix) {
     std::optional<int32_t> bos, eos;
@@ -502,12 +505,18 @@ class BpeTokenizerParser {
     t_->bos_id_ = bos.value_or(-1);
     if (eos) t_->eos_ids_.insert(*eos);
     for (int32_t id : settings.extra_eos_ids) t_->eos_ids_.insert(id);
-    if (settings.add_bos_token.has_value() || settings.add_eos_token.has_value()) {
-      if (settings.add_bos_token.value_or(false) && bos) t_->prefix_ids_.push_back(*bos);
-      if (settings.add_eos_token.value_or(false) && eos) t_->suffix_ids_.push_back(*eos);
-    } else {
-      t_->prefix_ids_ = prefix;
-      t_->suffix_ids_ = suffix;
+    t_->prefix_ids_ = prefix;
+    t_->suffix_ids_ = suffix;
+    const bool llama_class = settings.tokenizer_class == "LlamaTokenizer" ||
+                             settings.tokenizer_class == "LlamaTokenizerFast";
+    if (t_->metaspace_ && llama_class) {
+      const bool add_prefix_space = settings.add_prefix_space.value_or(true);
+      t_->prepend_ = !add_prefix_space                 ? BpeTokenizer::Prepend::kNever
+                     : settings.legacy.value_or(false) ? BpeTokenizer::Prepend::kAlways
+                                                       : BpeTokenizer::Prepend::kFirst;
+      t_->metaspace_split_ = false;
+      t_->strip_leading_space_ = add_prefix_space;
+      t_->nfc_ = false;
     }
   }
 

@@ -46,7 +46,8 @@ struct TokenizerSettings {
   std::optional<std::string> unk_token;
   std::optional<std::string> pad_token;
   std::vector<std::string> extra_special_tokens;  // additional_special_tokens
-  // Explicit add_bos_token / add_eos_token; when unset a tokenizer.json's post_processor rules.
+  // Explicit add_bos_token / add_eos_token, for tokenizer.model folders; a tokenizer.json's
+  // post_processor rules whatever they say (as in transformers 5).
   std::optional<bool> add_bos_token;
   std::optional<bool> add_eos_token;
   std::optional<bool> add_prefix_space;

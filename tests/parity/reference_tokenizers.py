@@ -2,7 +2,8 @@
 the `tokenizers` library) for the tiny sentencepiece model, the same tokenizer as transformers 5
 saves it (a sentencepiece-style tokenizer.json without tokenizer.model), and three byte-level BPE
 tokenizers trained here on tests/fixtures/tiny_corpus.txt in the shapes of Llama 3, Qwen2 and
-GPT-2, and the Llama 3 one with added tokens (single_word, lstrip/rstrip) beside many characters.
+GPT-2, and the Llama 3 one with added tokens (single_word, lstrip/rstrip) beside many characters;
+and copies whose tokenizer_config.json disagrees with tokenizer.json (CONFIG_VARIANTS).
 
 Output (out = <build>/parity/tokenizers/):
   <name>/                 the trained tokenizer folders (tokenizer.json, tokenizer_config.json,
@@ -252,6 +253,30 @@ def _resaved_by_transformers(out, model):
     return folder
 
 
+# tokenizer_config.json fields that disagree with tokenizer.json, as in folders users edit by
+# hand: transformers 5 ignores add_bos_token / add_eos_token whenever tokenizer.json exists (its
+# post_processor rules), while LlamaTokenizer rebuilds its pre-tokenizer from legacy and
+# add_prefix_space.
+CONFIG_VARIANTS = {
+    "llama3_config_disagrees": ("llama3_bpe", {"add_bos_token": False, "add_eos_token": True}),
+    "sentencepiece_json_config_disagrees": (
+        "sentencepiece_json", {"add_bos_token": False, "add_eos_token": True, "legacy": True}),
+    "sentencepiece_json_no_prefix_space": ("sentencepiece_json", {"add_prefix_space": False}),
+}
+
+
+def _config_variant(out, name, source, fields):
+    import shutil
+
+    folder = out / name
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(fields)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
 def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets = {"sentencepiece": (model, "<|im_start|>", "<|im_end|>", "<s>")}
     targets["sentencepiece_json"] = (_resaved_by_transformers(out, pathlib.Path(model)),
@@ -259,6 +284,9 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets.update(_fixtures(out))
     added, added_texts = _with_added_tokens(out, targets["llama3_bpe"][0])
     targets["llama3_added"] = (added, *targets["llama3_bpe"][1:])
+    for name, (source, fields) in CONFIG_VARIANTS.items():
+        folder, *specials = targets[source]
+        targets[name] = (_config_variant(out, name, pathlib.Path(folder), fields), *specials)
     for name, (folder, *specials) in targets.items():
         extra = added_texts if name == "llama3_added" else ()
         refs = _references(pathlib.Path(folder), specials, extra)

@@ -113,7 +113,10 @@ TEST_P(TokenizerParity, StreamedTextEqualsTransformersDecode) {
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, TokenizerParity,
                          ::testing::Values("sentencepiece", "sentencepiece_json", "llama3_bpe",
-                                           "qwen2_bpe", "gpt2_bpe", "llama3_added"),
+                                           "qwen2_bpe", "gpt2_bpe", "llama3_added",
+                                           "llama3_config_disagrees",
+                                           "sentencepiece_json_config_disagrees",
+                                           "sentencepiece_json_no_prefix_space"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace
