@@ -424,8 +424,11 @@ absl::Status InferenceEngine::Step() {
     m.waiting.push_front(std::move(*it));
   }
 
-  // Admitted: make the adapter resident; one that cannot be (every slot in use) waits.
+  // Admitted: make the adapter resident; one that cannot be yet (every slot in use) waits. One
+  // whose copy to the device failed (its memory) ends with the error: tried again every step, it
+  // waited for ever without a word.
   std::set<SequenceId> refused;
+  std::vector<std::pair<Sequence*, absl::Status>> not_resident;
   for (SequenceId id : plan.admitted) {
     auto it = std::find_if(m.waiting.begin(), m.waiting.end(),
                            [&](const auto& s) { return s->id == id; });
@@ -435,6 +438,7 @@ absl::Status InferenceEngine::Step() {
       auto device = s.lease.Activate();
       if (!device.ok()) {
         refused.insert(id);
+        if (!absl::IsUnavailable(device.status())) not_resident.push_back({&s, device.status()});
         continue;
       }
       s.device = *device;
@@ -444,6 +448,7 @@ absl::Status InferenceEngine::Step() {
     m.running.push_back(std::move(*it));
     m.waiting.erase(it);
   }
+  for (const auto& [s, status] : not_resident) m.FinishAndRemove({s}, FinishReason::kError, status);
   std::sort(m.running.begin(), m.running.end(),
             [](const auto& a, const auto& b) { return a->id < b->id; });
 
@@ -601,10 +606,16 @@ absl::StatusOr<torch::Tensor> InferenceEngine::Impl::Logits(const std::vector<Ro
   }
   std::stable_sort(widest_first.begin(), widest_first.end(),
                    [&](size_t a, size_t b) { return rows[a].tokens > rows[b].tokens; });
+  // A row goes with wider ones only while its cached tokens plus the part's width fit the
+  // context (the padded positions are written too): a prompt's last piece near the context's
+  // end beside a wider new prompt failed the whole step, every other request in it included.
+  // The widest row of a part always fits: its own cached plus new tokens do.
+  const int64_t capacity = cache->capacity();
   int64_t width = 0, padding = 0;
   for (size_t i = 0; i < widest_first.size(); ++i) {
     const Row& r = rows[widest_first[i]];
-    if (i == 0 || padding + (width - r.tokens) > kMaxPaddingTokens) {
+    if (i == 0 || padding + (width - r.tokens) > kMaxPaddingTokens ||
+        r.seq->computed + width > capacity) {
       width = r.tokens;
       padding = 0;
       ++parts;

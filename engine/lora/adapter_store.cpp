@@ -166,7 +166,7 @@ absl::StatusOr<const LoraAdapter*> AdapterLease::Activate() {
           }
         }
         if (victim == nullptr) {
-          return absl::ResourceExhaustedError(absl::StrCat(
+          return absl::UnavailableError(absl::StrCat(
               "all ", s.options.max_resident, " resident adapter slots are in use; adapter '",
               e.name, "' waits for one"));
         }

@@ -75,8 +75,8 @@ class AdapterLease {
   const LoraAdapter& host() const;
 
   // GPU loop: makes this version resident and keeps it so until Deactivate (or release); returns
-  // the device copy. RESOURCE_EXHAUSTED when max_resident adapters are resident and all are in
-  // use (the request waits). Idempotent.
+  // the device copy. UNAVAILABLE when max_resident adapters are resident and all are in use (the
+  // request waits); RESOURCE_EXHAUSTED when the copy failed (device memory). Idempotent.
   absl::StatusOr<const LoraAdapter*> Activate();
   void Deactivate();
   void Release();

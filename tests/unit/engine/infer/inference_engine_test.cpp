@@ -196,6 +196,34 @@ TEST(InferenceEngineTest, PromptsOfVeryDifferentLengthsTogetherGiveTheTokensOfEa
   }
 }
 
+// A long prompt's last piece near the end of the context (1,024 tokens for the fixture) beside a
+// wider new prompt in the same step: padded to that width, the piece would pass the context's end,
+// so it prefills in a forward of its own. Before, the step failed and every request in it ended
+// with an error, the one decoding beside them included.
+TEST(InferenceEngineTest, APieceNearTheContextEndBesideAWiderPromptPrefillsApart) {
+  Fixture f;
+  const std::vector<GenerationRequest> requests = {Greedy(RandomPrompt(10, 3), "", 12),
+                                                   Greedy(RandomPrompt(1000, 1), "", 5),
+                                                   Greedy(RandomPrompt(300, 2), "", 5)};
+  std::vector<Result> alone;
+  for (const auto& r : requests) alone.push_back(f.Alone(r));
+  InferenceEngineOptions options = Fixture::Small();
+  options.scheduler.token_budget = 900;
+  options.scheduler.prefill_chunk = 900;
+  auto engine = f.Engine(options);
+  std::vector<Result> together(requests.size());
+  ASSERT_TRUE(engine->Submit(requests[0], Fixture::Collector(&together[0])).ok());
+  ASSERT_TRUE(engine->Step().ok());  // the first request decodes from here on
+  for (size_t i = 1; i < requests.size(); ++i) {
+    ASSERT_TRUE(engine->Submit(requests[i], Fixture::Collector(&together[i])).ok());
+  }
+  Fixture::StepAll(*engine);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(together[i].reason, alone[i].reason) << "request " << i << ": " << together[i].status;
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+  }
+}
+
 TEST(InferenceEngineTest, PagedDecodePathGivesTheTokensOfTheGatherPath) {
   // Decode steps run through DecodeStep + the paged attention kernel's reference by default; the
   // Forward path (gather + scaled_dot_product_attention) is the independent check.
