@@ -75,14 +75,16 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
     return FinishUnary(context,
                        absl::InvalidArgumentError("path: is empty (a PEFT adapter folder)"));
   }
-  if (blocking_ == nullptr) return FinishUnary(context, Load(*request, response));
+  if (blocking_ == nullptr) return FinishUnary(context, Load(*request, nullptr, response));
   // Reading, hashing and checking an adapter's weights takes seconds for a large one: not on
   // gRPC's threads. The request lives until the call ends.
-  return blocking_->Run(context, [this, request, response] { return Load(*request, response); });
+  return blocking_->Run(context, [this, request, response](const std::atomic<bool>& give_up) {
+    return Load(*request, &give_up, response);
+  });
 }
 
 absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
-                                  lorad::v1::Adapter* response) {
+                                  const std::atomic<bool>* abandon, lorad::v1::Adapter* response) {
   auto folder = ResolveAdapterFolder(adapter_root_, request.path(), "path");
   if (!folder.ok()) return folder.status();
   // The record as published: by the time List() runs, a load of the same name just after this
@@ -94,16 +96,29 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   // the current version serving.
   engine::AdapterStore::BeforePublish record;
   absl::Status recorded;
+  // The client gave up while the files were read: it saw the call fail, so the version must not
+  // serve (nor be recorded): a load it sends again would publish a second one.
+  absl::Status gave_up;
+  auto client_gone = [&]() {
+    if (abandon == nullptr || !abandon->load()) return false;
+    gave_up = absl::CancelledError(
+        "the call ended (the client cancelled or its deadline passed) before the adapter "
+        "was published; nothing changed");
+    return true;
+  };
   // What the files hold, taken before they are read and compared again before the version is
   // recorded: the record must name the files that serve (taken after the read, a folder rewritten
   // meanwhile was recorded with the new files' fingerprint while the old ones served, and a
   // restart served the new ones as that version).
   const std::string fingerprint =
       record_ != nullptr ? engine::PeftFolderFingerprint(*folder).value_or("") : std::string();
-  if (record_ != nullptr) {
+  if (record_ == nullptr) {
+    record = [&](int64_t) { return client_gone() ? gave_up : absl::OkStatus(); };
+  } else {
     record = [&](int64_t version) {
       std::unique_lock<std::mutex> held;
       if (hold_job_folders_) held = hold_job_folders_();
+      if (client_gone()) return gave_up;
       // Read, but deleted since (its job, by DeleteJob): a restart could not serve it again.
       std::error_code ec;
       if (!std::filesystem::is_directory(*folder, ec)) {
@@ -123,6 +138,7 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   }
   auto version = engine_.adapters().LoadPeft(request.name(), *folder, "", &published, record);
   if (!version.ok()) {
+    if (!gave_up.ok()) return gave_up;
     if (!recorded.ok()) {
       return absl::Status(recorded.code(), absl::StrCat("recording adapter '", request.name(),
                                                         "' failed: ", recorded.message()));

@@ -5,6 +5,7 @@
 // hold the adapter, on a thread of its own so no gRPC thread blocks.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -58,8 +59,10 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
   bool sets_name_gone_ = false;  // this service set the store's name-gone listener
-  // LoadAdapter's work: read, record and publish the folder; answer in `response`.
-  absl::Status Load(const lorad::v1::LoadAdapterRequest& request, lorad::v1::Adapter* response);
+  // LoadAdapter's work: read, record and publish the folder; answer in `response`. CANCELLED,
+  // nothing published, when `*abandon` is true by then (the client gone, lorad stopping).
+  absl::Status Load(const lorad::v1::LoadAdapterRequest& request, const std::atomic<bool>* abandon,
+                    lorad::v1::Adapter* response);
   // UnloadAdapter calls waiting for their adapter's requests, a thread each.
   OpenCalls unload_waiters_{16};
 };

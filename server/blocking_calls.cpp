@@ -13,22 +13,35 @@ absl::Status Stopping() {
   return absl::UnavailableError("lorad is stopping; send the call again once it is back");
 }
 
+// The call's reactor, which learns when the client is gone: gRPC calls OnCancel when the client
+// cancels or the call's deadline passes (before Finish), from any thread.
+class GiveUpReactor : public grpc::ServerUnaryReactor {
+ public:
+  explicit GiveUpReactor(std::shared_ptr<std::atomic<bool>> give_up)
+      : give_up_(std::move(give_up)) {}
+  void OnCancel() override { give_up_->store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> give_up_;
+};
+
 }  // namespace
 
 BlockingCalls::BlockingCalls(int threads, int max_queued)
     : max_queued_(static_cast<size_t>(max_queued)) {
-  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Work(); });
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { WorkLoop(); });
 }
 
 BlockingCalls::~BlockingCalls() { Stop(); }
 
-grpc::ServerUnaryReactor* BlockingCalls::Run(grpc::CallbackServerContext* context,
-                                             std::function<absl::Status()> work) {
+grpc::ServerUnaryReactor* BlockingCalls::Run(grpc::CallbackServerContext* context, Work work) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_.load() && queue_.size() < max_queued_) {
-      grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-      queue_.push_back({context, reactor, std::move(work)});
+      auto give_up = std::make_shared<std::atomic<bool>>(false);
+      grpc::ServerUnaryReactor* reactor = new GiveUpReactor(give_up);
+      queue_.push_back({reactor, std::move(give_up), std::move(work)});
       cv_.notify_one();
       return reactor;
     }
@@ -40,7 +53,7 @@ grpc::ServerUnaryReactor* BlockingCalls::Run(grpc::CallbackServerContext* contex
                                   "waiting already; send it again shortly")));
 }
 
-void BlockingCalls::Work() {
+void BlockingCalls::WorkLoop() {
   while (true) {
     Task task;
     {
@@ -49,20 +62,26 @@ void BlockingCalls::Work() {
       if (queue_.empty()) return;  // stopping, nothing left
       task = std::move(queue_.front());
       queue_.pop_front();
+      // Under the lock: Stop() either sees this flag or has set stopping_ before the check below.
+      running_.insert(task.give_up.get());
     }
     absl::Status status;
     try {
       if (stopping_.load()) {
         status = Stopping();
-      } else if (task.context->IsCancelled()) {
+      } else if (task.give_up->load()) {
         status = absl::CancelledError("the call ended before its turn came");
       } else {
-        status = task.work();
+        status = task.work(*task.give_up);
       }
     } catch (const std::exception& e) {  // nothing a call does may end the daemon
       status = absl::InternalError(absl::StrCat("unexpected error: ", e.what()));
     } catch (...) {
       status = absl::InternalError("unexpected error");
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_.erase(task.give_up.get());
     }
     if (stopping_.load() && absl::IsCancelled(status)) status = Stopping();
     task.reactor->Finish(ToGrpcStatus(status));
@@ -73,6 +92,7 @@ void BlockingCalls::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_.exchange(true)) return;
+    for (std::atomic<bool>* give_up : running_) give_up->store(true);
   }
   cv_.notify_all();
   // The workers end the running calls (told to give up early) and answer the queued ones.

@@ -3,7 +3,7 @@
 // that reads a 5 GB dataset for a minute holds up the other calls those threads serve (a stream's
 // next token waits on them too). Bounded: `threads` run at once and at most `max_queued` wait;
 // beyond that a call is refused with RESOURCE_EXHAUSTED. Stop() lets the running ones end
-// (stopping() tells them to give up early) and answers the queued ones UNAVAILABLE.
+// (their give-up flag tells them to stop early) and answers the queued ones UNAVAILABLE.
 //
 // Thread rules: Run() from gRPC handlers, Stop() once from the daemon's shutdown, before the
 // gRPC server waits for its calls (they cannot end before their reactors finish).
@@ -16,7 +16,9 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,12 +34,15 @@ class BlockingCalls {
   BlockingCalls(const BlockingCalls&) = delete;
   BlockingCalls& operator=(const BlockingCalls&) = delete;
 
+  // `give_up` turns true once the call's client is gone (it cancelled, or its deadline passed)
+  // or Stop() began: long work returns early, and work that changes state checks it last.
+  using Work = std::function<absl::Status(const std::atomic<bool>& give_up)>;
+
   // Runs `work` on a worker and ends the call with the status it returns (its response filled
   // by `work`); a call its client cancelled (or whose deadline passed) while it waited ends
-  // CANCELLED without running: a job submitted twice by a client retrying after its deadline
-  // would be queued twice.
-  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context,
-                                std::function<absl::Status()> work);
+  // CANCELLED without running: the client saw it fail, so a job it submits again after its
+  // deadline would be queued twice.
+  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, Work work);
 
   // True once Stop() began: long work checks it and returns early.
   const std::atomic<bool>& stopping() const { return stopping_; }
@@ -50,16 +55,17 @@ class BlockingCalls {
 
  private:
   struct Task {
-    grpc::CallbackServerContext* context;
     grpc::ServerUnaryReactor* reactor;
-    std::function<absl::Status()> work;
+    std::shared_ptr<std::atomic<bool>> give_up;  // shared with the reactor that sets it
+    BlockingCalls::Work work;
   };
-  void Work();
+  void WorkLoop();
 
   const size_t max_queued_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Task> queue_;
+  std::set<std::atomic<bool>*> running_;  // the running tasks' give-up flags, for Stop()
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> threads_;
 };

@@ -333,8 +333,9 @@ absl::Status Daemon::FollowMovedFolders() {
       lorad::v1::JobSpec spec;
       if (!spec.ParseFromString(blob)) return std::nullopt;
       bool changed = false;
-      for (std::string* path : {spec.mutable_dataset()->mutable_path(),
-                                spec.mutable_dataset()->mutable_validation_path()}) {
+      for (std::string* path :
+           {spec.mutable_dataset()->mutable_path(),
+            spec.mutable_dataset()->mutable_validation_path(), spec.mutable_init_adapter_path()}) {
         if (auto moved_path = relocate(*path)) {
           *path = *std::move(moved_path);
           changed = true;
@@ -634,7 +635,8 @@ absl::Status Daemon::StartGrpc() {
   training.auth = &auth_;
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.
-  training.check_job = [this](const lorad::v1::JobSpec& spec) -> absl::Status {
+  training.check_job = [this](const lorad::v1::JobSpec& spec,
+                              const std::atomic<bool>*) -> absl::Status {
     auto fits = engine_->TrainingFitsNow(TrainingJobConfigOf(spec, ""));
     if (!fits.ok()) return fits.status();
     return CheckJobData(spec);

@@ -389,15 +389,19 @@ absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_vers
                                      const StoredEvent& final_event, const ServedAdapter& adapter,
                                      int64_t at_ms) {
   std::lock_guard<std::mutex> lock(mu_);
-  publishing_.erase(id);
-  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
-  absl::Status s =
-      TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
-                       "finished_ms = :now, adapter_version = :number", "", adapter_version, at_ms);
-  if (s.ok()) s = AppendEventLocked(id, final_event);
-  if (s.ok()) s = RecordAdapterLocked(adapter);
-  if (s.ok()) s = Exec("COMMIT;");
-  if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
+  absl::Status s = Exec("BEGIN IMMEDIATE;");
+  if (s.ok()) {
+    s = TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
+                         "finished_ms = :now, adapter_version = :number", "", adapter_version,
+                         at_ms);
+    if (s.ok()) s = AppendEventLocked(id, final_event);
+    if (s.ok()) s = RecordAdapterLocked(adapter);
+    if (s.ok()) s = Exec("COMMIT;");
+    if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
+  }
+  // A record the database refused (a full disk) keeps the job publishing until the runner's
+  // retry: a cancel meanwhile must not take a job whose adapter is about to serve.
+  if (s.ok() || absl::IsFailedPrecondition(s) || absl::IsNotFound(s)) publishing_.erase(id);
   return s;
 }
 

@@ -395,10 +395,10 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   spec.DiscardUnknownFields();
   if (options_.blocking == nullptr) return FinishUnary(context, Submit(spec, nullptr, response));
   // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads.
-  BlockingCalls* blocking = options_.blocking;
-  return blocking->Run(context, [this, blocking, spec = std::move(spec), response]() mutable {
-    return Submit(spec, &blocking->stopping(), response);
-  });
+  return options_.blocking->Run(
+      context, [this, spec = std::move(spec), response](const std::atomic<bool>& give_up) mutable {
+        return Submit(spec, &give_up, response);
+      });
 }
 
 absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
@@ -414,14 +414,25 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic
   auto dataset = ValidateJobSpec(spec, options_.spec_limits, abandon);
   if (!dataset.ok()) return dataset.status();
   if (options_.check_job) {
-    if (auto s = options_.check_job(spec); !s.ok()) return s;
+    if (auto s = options_.check_job(spec, abandon); !s.ok()) return s;
+  }
+  // The client gave up while its dataset was counted: it saw the call fail, and a job queued
+  // anyway would train twice when it sends the call again.
+  if (abandon != nullptr && abandon->load()) {
+    return absl::CancelledError(
+        "the call ended (the client cancelled or its deadline passed) before the job was queued; "
+        "nothing was submitted");
   }
   auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
                               TotalSteps(spec, dataset->examples), options_.max_queued_jobs);
   if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();
-  return FillJob(*record, response);
+  if (auto s = FillJob(*record, response); !s.ok()) return s;
+  // The client sent the examples: echoed, the reply outgrew the request, and a client's
+  // receive limit (gRPC's 4 MiB) turned a queued job into a failure it would send again.
+  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* TrainingService::GetJob(grpc::CallbackServerContext* context,
@@ -473,7 +484,11 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
     if (options_.on_cancel) options_.on_cancel(record->id);
     events_.Publish(StateEvent(record->id, JobState::kCancelled, record->finished_ms));
   }
-  return FinishUnary(context, FillJob(*record, response));
+  // Without its inline examples, as a submission's reply (they could outgrow a client's limit
+  // and make a cancel that took effect look failed); GetJob has them.
+  absl::Status filled = FillJob(*record, response);
+  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
+  return FinishUnary(context, filled);
 }
 
 grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext* context,
@@ -488,8 +503,11 @@ grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext
     return FinishUnary(context, options_.delete_job(request->job_id()));
   }
   // Removing a job's checkpoints and merged export may take a while on a slow disk.
-  return options_.blocking->Run(context,
-                                [this, id = request->job_id()] { return options_.delete_job(id); });
+  // Deleting goes on when the client gives up (what it removed stays removed; a retry finishes
+  // what is left), and stops early only when lorad stops.
+  return options_.blocking->Run(context, [this, id = request->job_id()](const std::atomic<bool>&) {
+    return options_.delete_job(id);
+  });
 }
 
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(

@@ -7,6 +7,7 @@
 // both thread-safe.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 
@@ -35,7 +36,9 @@ struct TrainingServiceOptions {
   // The checks of a validated spec that need the model, whose error refuses it at submit: a job
   // that could never fit the training memory (RESOURCE_EXHAUSTED saying how much it needs), data
   // that would fail at the job's start (INVALID_ARGUMENT naming the file and line); unset: none.
-  std::function<absl::Status(const lorad::v1::JobSpec&)> check_job;
+  // `abandon` (null when nothing can) turns true once the call's client is gone or lorad stops.
+  std::function<absl::Status(const lorad::v1::JobSpec&, const std::atomic<bool>* abandon)>
+      check_job;
   // WatchJob streams open at once (each holds a page of history and a subscription); more are
   // RESOURCE_EXHAUSTED.
   int64_t max_watches = 1024;
@@ -70,7 +73,8 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed) const;
   // The proto view of a stored job, with its latest step.
   absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
-  // SubmitJob's work: validate (reading the dataset), check, queue, answer in `response`.
+  // SubmitJob's work: validate (reading the dataset), check, queue, answer in `response`;
+  // CANCELLED, nothing queued, once `*abandon` is true (the client gone, lorad stopping).
   absl::Status Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
                       lorad::v1::Job* response);
 

@@ -78,7 +78,7 @@ int RunAdaptersLoad(Connection& connection, const std::string& name, const std::
   request.set_path(path);
   if (ReportInvalidUtf8(request)) return kExitUsage;
   lorad::v1::Adapter adapter;
-  auto context = connection.NewContext(CallKind::kUnary);
+  auto context = connection.NewContext(CallKind::kSlowUnary);
   grpc::Status status = connection.adapters().LoadAdapter(context.get(), request, &adapter);
   if (!status.ok()) return connection.Fail(status);
   std::cout << "loaded " << Describe(adapter) << std::endl;
@@ -91,7 +91,7 @@ int RunAdaptersUnload(Connection& connection, const std::string& name, int64_t v
   request.set_version(version);
   if (ReportInvalidUtf8(request)) return kExitUsage;
   lorad::v1::UnloadAdapterResponse response;
-  auto context = connection.NewContext(CallKind::kUnary);
+  auto context = connection.NewContext(CallKind::kSlowUnary);
   grpc::Status status = connection.adapters().UnloadAdapter(context.get(), request, &response);
   if (!status.ok()) return connection.Fail(status);
   for (const auto& adapter : response.unloaded()) {

@@ -12,6 +12,19 @@
 
 namespace lorad::cli {
 
+namespace {
+
+// Replies without gRPC's 4 MiB receive limit: GetJob returns a job's inline examples, which the
+// daemon accepts up to server.max_request_bytes (a failed read of a job that exists would only
+// mislead).
+grpc::ChannelArguments ChannelArgs() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  return args;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   if (options.ca_cert_path.empty()) {
@@ -41,7 +54,7 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionO
 Connection::Connection(const ConnectionOptions& options,
                        std::shared_ptr<grpc::ChannelCredentials> credentials)
     : options_(options),
-      channel_(grpc::CreateChannel(options.address, std::move(credentials))),
+      channel_(grpc::CreateCustomChannel(options.address, std::move(credentials), ChannelArgs())),
       training_(lorad::v1::TrainingService::NewStub(channel_)),
       inference_(lorad::v1::InferenceService::NewStub(channel_)),
       adapters_(lorad::v1::AdapterService::NewStub(channel_)) {}
@@ -51,8 +64,9 @@ std::unique_ptr<grpc::ClientContext> Connection::NewContext(CallKind kind) const
   if (!options_.token.empty()) {
     context->AddMetadata("authorization", "Bearer " + options_.token);
   }
-  double seconds = options_.timeout_seconds;
+  double seconds = kind == CallKind::kWatch ? 0 : options_.timeout_seconds;
   if (seconds <= 0 && kind == CallKind::kUnary) seconds = kDefaultUnaryTimeoutSeconds;
+  if (seconds <= 0 && kind == CallKind::kSlowUnary) seconds = kDefaultSlowUnaryTimeoutSeconds;
   if (seconds > 0) {
     context->set_deadline(std::chrono::system_clock::now() +
                           std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));

@@ -19,15 +19,19 @@ namespace lorad::cli {
 struct ConnectionOptions {
   std::string address = "127.0.0.1:50051";  // host:port
   std::string token;                        // empty = no authorization metadata
-  double timeout_seconds = 0;               // 0 = kDefaultUnaryTimeoutSeconds / no stream limit
+  double timeout_seconds = 0;               // 0 = the CallKind's default deadline
   std::string ca_cert_path;                 // non-empty = TLS, trusting this PEM bundle
 };
 
 // Unary calls get a deadline even when the user sets none, so a hung daemon never hangs a script;
-// streams (watch, generate, chat) legitimately run for as long as the job or reply takes.
+// calls that read files or wait on requests (submitting a job counts its dataset, loading an
+// adapter reads it, unloading waits for its requests) get longer. Streams (generate, chat)
+// legitimately run for as long as the reply takes; a watch follows its job for hours and no
+// --timeout cuts it (the job would go on while loradctl reported a failure).
 constexpr double kDefaultUnaryTimeoutSeconds = 60;
+constexpr double kDefaultSlowUnaryTimeoutSeconds = 600;
 
-enum class CallKind { kUnary, kStream };
+enum class CallKind { kUnary, kSlowUnary, kStream, kWatch };
 
 class Connection {
  public:

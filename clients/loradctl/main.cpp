@@ -156,8 +156,8 @@ int main(int argc, char** argv) {
       ->envname("LORAD_TOKEN")
       ->check(CLI::Validator(CheckToken, "TOKEN"));
   app.add_option("--timeout", connection_options.timeout_seconds,
-                 "deadline per call in seconds (default: 60 for single calls, none for "
-                 "watch/generate/chat)")
+                 "deadline per call in seconds (default: 60 for single calls, 600 for "
+                 "submit, delete, load and unload, none for generate/chat; never for watch)")
       ->check(kNotNegative);
   app.add_option("--ca-cert", connection_options.ca_cert_path,
                  "use TLS, trusting this PEM CA bundle")

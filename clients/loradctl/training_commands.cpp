@@ -76,7 +76,7 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool wa
   *request.mutable_spec() = *std::move(spec);
   if (ReportInvalidUtf8(request)) return kExitUsage;  // "spec.dataset.path: not UTF-8 ..."
   Job job;
-  auto context = connection.NewContext(CallKind::kUnary);
+  auto context = connection.NewContext(CallKind::kSlowUnary);
   grpc::Status status = connection.training().SubmitJob(context.get(), request, &job);
   if (!status.ok()) return connection.Fail(status);
   std::cout << job.id() << std::endl;
@@ -93,7 +93,7 @@ int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t fro
   lorad::v1::WatchJobRequest request;
   request.set_job_id(job_id);
   request.set_from_step(from_step);
-  auto context = connection.NewContext(CallKind::kStream);
+  auto context = connection.NewContext(CallKind::kWatch);
   auto reader = connection.training().WatchJob(context.get(), request);
   JobState final_state = lorad::v1::JOB_STATE_UNSPECIFIED;
   JobEvent event;
@@ -200,7 +200,7 @@ int RunTrainDelete(Connection& connection, const std::string& job_id) {
   lorad::v1::DeleteJobRequest request;
   request.set_job_id(job_id);
   lorad::v1::DeleteJobResponse response;
-  auto context = connection.NewContext(CallKind::kUnary);
+  auto context = connection.NewContext(CallKind::kSlowUnary);
   grpc::Status status = connection.training().DeleteJob(context.get(), request, &response);
   if (!status.ok()) return connection.Fail(status);
   std::cout << job_id << ": deleted" << std::endl;

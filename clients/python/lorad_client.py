@@ -65,7 +65,7 @@ class LoradClient:
 
         request = self.pb.training_pb2.SubmitJobRequest(
             spec=json_format.ParseDict(spec, self.pb.training_pb2.JobSpec()))
-        return self.training.SubmitJob(request, metadata=self.metadata, timeout=60).id
+        return self.training.SubmitJob(request, metadata=self.metadata, timeout=600).id
 
     def watch(self, job_id: str):
         """Yields the job's events (its history first, then live ones) until it ends."""

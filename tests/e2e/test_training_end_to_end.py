@@ -279,7 +279,8 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
 
 def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
     """The data folder moved (or mounted elsewhere, as into a container) between two starts:
-    the adapters are served again and an interrupted job resumes, from the new place."""
+    the adapters are served again, an interrupted job resumes, and a queued job that continues
+    an adapter reads it, from the new place."""
     tpb, apb = stubs.training_pb2, stubs.adapters_pb2
     first = tmp_path / "first"
     prepare(first)
@@ -295,6 +296,12 @@ def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
             for event in stub.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=120):
                 if event.WhichOneof("event") == "checkpoint":
                     break
+            # Queued behind the long one (one job at a time): its init_adapter_path names the
+            # first job's adapter folder, inside the data folder.
+            spec = job_spec(tpb, "continued", 2)
+            spec.init_adapter = "moved"
+            continued = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            assert continued.spec.init_adapter_path.startswith(str(first)), continued.spec
     finally:
         assert stop_daemon(d) == 0, d.log()
     # Moved, and reached through a symlink (a mount point, say): paths follow to the place itself.
@@ -319,6 +326,10 @@ def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
                 time.sleep(0.1)
             assert f"resuming from {link}" in d.log(), d.log()  # the job folder as configured
             stub.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+            _, states, _ = watch_until_done(stub, tpb, continued.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            job = stub.GetJob(tpb.GetJobRequest(job_id=continued.id), timeout=10)
+            assert job.spec.init_adapter_path.startswith(str(second)), job.spec.init_adapter_path
     finally:
         stop_daemon(d)
 

@@ -122,6 +122,30 @@ TEST_F(JobStoreTest, APublishingJobCannotBeCancelledAndACancelledOneCannotPublis
   EXPECT_TRUE(absl::IsFailedPrecondition(store->BeginPublishing(cancelled->id)));
 }
 
+// A success the database refuses (another connection holds its write lock past the store's busy
+// timeout, as a full disk refuses it) leaves the job publishing: a cancel until the runner
+// records it again leaves it running, and the success is then recorded. Before, the refused
+// record ended the publishing, the cancel took the job, and its adapter was thrown away.
+TEST_F(JobStoreTest, ASuccessTheDatabaseRefusesKeepsTheJobPublishing) {
+  auto store = OpenStore();
+  auto job = store->Insert("s", "a", 0, 1, 10);
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_TRUE(store->MarkRunning(job->id).ok());
+  ASSERT_TRUE(store->BeginPublishing(job->id).ok());
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  EXPECT_FALSE(
+      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""}).ok());
+  ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  EXPECT_EQ(store->Cancel(job->id)->state, JobState::kRunning) << "too late to cancel";
+  ASSERT_TRUE(store->BeginPublishing(job->id).ok());  // the runner's retry
+  ASSERT_TRUE(
+      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""}).ok());
+  EXPECT_EQ(store->Get(job->id)->state, JobState::kSucceeded);
+}
+
 // A cancel the database refuses (what a full disk does; here another connection holds its write
 // lock past the store's busy timeout) holds anyway: the jobs read, list and count as cancelled,
 // neither starts nor publishes nor fails, the queue moves past them, and once writes work again

@@ -334,7 +334,8 @@ TEST(TrainingServiceTest, JobsAreListedWithoutFieldsThisLoradDoesNotKnow) {
 
 // SubmitJob reads the dataset and runs the model's checks on BlockingCalls' threads, not gRPC's:
 // one worker and one place in its queue here, the first job held in check_job. A third call is
-// refused while both are taken; at a stop the running one ends and the queued one is UNAVAILABLE.
+// refused while both are taken; at a stop the running one gives up and the queued one does not
+// run: both are UNAVAILABLE (send again once lorad is back) and nothing is queued.
 TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
   BlockingCalls blocking(/*threads=*/1, /*max_queued=*/1);
   std::mutex mu;
@@ -342,7 +343,7 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
   bool entered = false, release = false;
   TrainingServiceOptions options;
   options.blocking = &blocking;
-  options.check_job = [&](const lorad::v1::JobSpec&) {
+  options.check_job = [&](const lorad::v1::JobSpec&, const std::atomic<bool>*) {
     std::unique_lock<std::mutex> lock(mu);
     entered = true;
     cv.notify_all();
@@ -405,11 +406,50 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
   stop.join();
   a.join();
   b.join();
-  EXPECT_TRUE(first.ok()) << first.error_message();
+  EXPECT_EQ(first.error_code(), grpc::StatusCode::UNAVAILABLE) << first.error_message();
+  EXPECT_EQ(first.error_message(), "lorad is stopping; send the call again once it is back");
   EXPECT_EQ(second.error_code(), grpc::StatusCode::UNAVAILABLE) << second.error_message();
   auto jobs = rig.store().List({}, 10, "");
   ASSERT_TRUE(jobs.ok()) << jobs.status();
-  EXPECT_EQ(jobs->jobs.size(), 1u) << "only the first was queued";
+  EXPECT_TRUE(jobs->jobs.empty()) << "a submission lorad gave up on was queued";
+}
+
+// A submission whose client gave up (its deadline passed) while its dataset was checked is not
+// queued: the client saw the call fail, and the same job sent again would train twice. check_job
+// holds the call until the service is told the client is gone, then lets it go on.
+TEST(TrainingServiceTest, ASubmissionWhoseClientGaveUpIsNotQueued) {
+  BlockingCalls blocking(/*threads=*/1, /*max_queued=*/4);
+  std::atomic<bool> told{false}, returned{false};
+  TrainingServiceOptions options;
+  options.blocking = &blocking;
+  options.check_job = [&](const lorad::v1::JobSpec&, const std::atomic<bool>* abandon) {
+    for (int i = 0; i < 3000 && abandon != nullptr && !abandon->load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    told = abandon != nullptr && abandon->load();
+    returned = true;
+    return absl::OkStatus();
+  };
+  Rig rig("client-gave-up", std::move(options));
+  lorad::v1::SubmitJobRequest request;
+  request.mutable_spec()->set_adapter_name("bot");
+  request.mutable_spec()->mutable_dataset()->add_inline_examples()->set_json(
+      R"({"question": "q", "answer": "a"})");
+  request.mutable_spec()->mutable_training()->set_max_steps(3);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  lorad::v1::Job job;
+  const grpc::Status status = rig.stub().SubmitJob(&context, request, &job);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  // Not stopped before check_job returned: a stop tells running work to give up too.
+  for (int i = 0; i < 3000 && !returned.load(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(told.load()) << "the service was never told that the client gave up";
+  blocking.Stop();  // waits for the submission's work to end
+  auto jobs = rig.store().List({}, 10, "");
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_TRUE(jobs->jobs.empty()) << "a submission its client gave up on was queued";
 }
 
 // WatchJob streams open at once are bounded (each holds a page of history and a subscription);
