@@ -81,18 +81,20 @@ std::vector<int64_t> TokenIds(const json& j, const std::string& key) {
   return ids;
 }
 
-absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source) {
+absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source,
+                                     int64_t max_position_embeddings) {
   RopeConfig rope;
   rope.theta = Optional<double>(j, "rope_theta", rope.theta);
-  // transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+  // transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters, and
+  // reads rope_scaling first when a file has both (a scaling added by hand to a saved config).
   const json* params = nullptr;
   std::string field;
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    params = &j["rope_parameters"];
-    field = "rope_parameters";
-  } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-    params = &j["rope_scaling"];
-    field = "rope_scaling";
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (j.contains(key) && j[key].is_object() && !j[key].empty()) {
+      params = &j[key];
+      field = key;
+      break;
+    }
   }
   if (params == nullptr) return rope;
   rope.theta = Optional<double>(*params, "rope_theta", rope.theta);
@@ -113,17 +115,24 @@ absl::StatusOr<RopeConfig> ParseRope(const json& j, const std::string& source) {
     if (!v.ok()) return v.status();
     *field = *v;
   }
-  // transformers' default: the model's own max_position_embeddings.
-  rope.original_max_position_embeddings =
-      Optional<int64_t>(*params, "original_max_position_embeddings",
-                        Optional<int64_t>(j, "max_position_embeddings", 4096));
+  // transformers: a top-level original_max_position_embeddings first (Phi-3 style configs),
+  // then the one in the scaling, then the model's own max_position_embeddings.
+  rope.original_max_position_embeddings = Optional<int64_t>(
+      j, "original_max_position_embeddings",
+      Optional<int64_t>(*params, "original_max_position_embeddings", max_position_embeddings));
   return rope;
 }
 
-// The window of the layers that slide, as transformers decides it; 0 when none does.
+// The window of the layers that slide, as transformers decides it; 0 when none does. Llama never
+// slides; Mistral's and Qwen2's windows are 4096 when the key is absent (null: none).
 int64_t SlidingWindow(const json& j, const ModelConfig& c) {
-  const int64_t window = Optional<int64_t>(j, "sliding_window", 0);
+  if (c.architecture == "LlamaForCausalLM") return 0;
+  const int64_t window =
+      j.contains("sliding_window") ? Optional<int64_t>(j, "sliding_window", 0) : 4096;
   if (window <= 0) return 0;
+  if (c.architecture == "Qwen2ForCausalLM" && !Optional<bool>(j, "use_sliding_window", false)) {
+    return 0;
+  }
   if (j.contains("layer_types") && j["layer_types"].is_array()) {
     for (const auto& t : j["layer_types"]) {
       if (t.is_string() && t.get<std::string>() == "sliding_attention") return window;
@@ -131,11 +140,8 @@ int64_t SlidingWindow(const json& j, const ModelConfig& c) {
     return 0;
   }
   if (c.architecture == "Qwen2ForCausalLM") {
-    // Layers from max_window_layers on slide, and only with use_sliding_window.
-    if (!Optional<bool>(j, "use_sliding_window", false)) return 0;
-    return Optional<int64_t>(j, "max_window_layers", c.num_hidden_layers) < c.num_hidden_layers
-               ? window
-               : 0;
+    // Layers from max_window_layers (transformers' default 28) on slide.
+    return Optional<int64_t>(j, "max_window_layers", 28) < c.num_hidden_layers ? window : 0;
   }
   return window;  // Mistral: every layer
 }
@@ -184,7 +190,14 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
     if (!v.ok()) return v.status();
     *field = *v;
   }
-  c.num_key_value_heads = Optional<int64_t>(j, "num_key_value_heads", c.num_attention_heads);
+  // transformers' defaults when a key is absent (null: as many as the attention heads).
+  const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
+  const bool mistral = c.architecture == "MistralForCausalLM";
+  c.num_key_value_heads = j.contains("num_key_value_heads")
+                              ? Optional<int64_t>(j, "num_key_value_heads", c.num_attention_heads)
+                              : (qwen2     ? 32
+                                 : mistral ? 8
+                                           : c.num_attention_heads);
   if (!j.contains("head_dim") && c.num_attention_heads > 0 &&
       c.hidden_size % c.num_attention_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -192,10 +205,14 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
         c.num_attention_heads, ") and no head_dim is given"));
   }
   c.head_dim = Optional<int64_t>(j, "head_dim", c.hidden_size / c.num_attention_heads);
-  c.max_position_embeddings = Optional<int64_t>(j, "max_position_embeddings", 4096);
+  c.max_position_embeddings = Optional<int64_t>(j, "max_position_embeddings",
+                                                qwen2     ? 32768
+                                                : mistral ? 131072
+                                                          : 2048);
   c.rms_norm_eps = Optional<double>(j, "rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings = Optional<bool>(j, "tie_word_embeddings", false);
-  c.attention_bias = Optional<bool>(j, "attention_bias", c.architecture == "Qwen2ForCausalLM");
+  // Qwen2's q/k/v always have a bias in transformers, whatever attention_bias says.
+  c.attention_bias = qwen2 || Optional<bool>(j, "attention_bias", false);
   c.mlp_bias = Optional<bool>(j, "mlp_bias", false);
   c.hidden_act = Optional<std::string>(j, "hidden_act", c.hidden_act);
   if (c.hidden_act == "swish") c.hidden_act = "silu";  // the same function (transformers' ACT2FN)
@@ -204,7 +221,7 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
   c.bos_token_ids = TokenIds(j, "bos_token_id");
   c.eos_token_ids = TokenIds(j, "eos_token_id");
 
-  auto rope = ParseRope(j, source);
+  auto rope = ParseRope(j, source, c.max_position_embeddings);
   if (!rope.ok()) return rope.status();
   c.rope = *rope;
 

@@ -62,6 +62,7 @@ TEST(ModelConfig, MissingFieldIsNamed) {
 std::string SmallConfig(const std::string& architecture, const std::string& extra) {
   return R"({"architectures": [")" + architecture + R"("], "vocab_size": 10, "hidden_size": 64,
       "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 4,
       "max_position_embeddings": 32)" +
          extra + "}";
 }
@@ -125,7 +126,7 @@ TEST(ModelConfig, Llama3RopeFollowsTransformersDefaultsAndRequirements) {
 TEST(ModelConfig, ModelTypeStandsInForArchitecturesAndSwishIsSilu) {
   auto c = ModelConfig::Parse(R"({"model_type": "mistral", "vocab_size": 10, "hidden_size": 64,
       "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-      "hidden_act": "swish"})",
+      "num_key_value_heads": 4, "hidden_act": "swish"})",
                               "n/config.json");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->architecture, "MistralForCausalLM");
