@@ -1,5 +1,6 @@
 #include "engine/model/model_weights.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -238,6 +239,49 @@ absl::StatusOr<Nf4Tensor> ModelWeights::GetNf4(const std::string& name,
     return absl::InternalError(absl::StrCat("moving quantized tensor '", name, "' to ",
                                             device.str(), ": ", e.what_without_backtrace()));
   }
+}
+
+namespace {
+
+// FNV-1a 64, as FilesFingerprint.
+void Mix(uint64_t* hash, const void* data, size_t n) {
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) *hash = (*hash ^ bytes[i]) * 1099511628211ULL;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder) {
+  namespace fs = std::filesystem;
+  uint64_t hash = 14695981039346656037ULL;
+  for (const char* name :
+       {"config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+        "special_tokens_map.json", "chat_template.jinja"}) {
+    const fs::path path = fs::path(folder) / name;
+    std::error_code ec;
+    Mix(&hash, name, std::strlen(name) + 1);
+    if (!fs::exists(path, ec)) continue;
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot be read"));
+    std::ostringstream text;
+    text << in.rdbuf();
+    const std::string bytes = text.str();
+    Mix(&hash, bytes.data(), bytes.size());
+  }
+  auto weights = ModelWeights::Open(folder);
+  if (!weights.ok()) return weights.status();
+  constexpr size_t kSample = 4096;
+  for (const std::string& name : weights->names()) {
+    const TensorView* t = weights->Find(name);
+    Mix(&hash, name.data(), name.size() + 1);
+    const std::string shape =
+        absl::StrCat(DTypeName(t->dtype), "[", absl::StrJoin(t->shape, ","), "]");
+    Mix(&hash, shape.data(), shape.size());
+    for (size_t start : {size_t{0}, t->nbytes / 2, t->nbytes > kSample ? t->nbytes - kSample : 0}) {
+      if (start < t->nbytes) Mix(&hash, t->data + start, std::min(kSample, t->nbytes - start));
+    }
+  }
+  return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
 }
 
 }  // namespace lorad::engine

@@ -74,4 +74,12 @@ class ModelWeights {
 // safetensors dtype -> torch dtype (every DType has one).
 torch::ScalarType TorchDType(DType dtype);
 
+// What a base model folder holds, to tell whether a job resumes on the base it was trained on:
+// config.json and the tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json,
+// special_tokens_map.json, chat_template.jinja) whole, and every weight tensor by its name, dtype,
+// shape and 4 KiB of its bytes at its start, middle and end (an 8B model in milliseconds; another
+// checkpoint of the same shapes, a fine-tune or another revision, differs there). Where the folder
+// is plays no part (a moved folder is the same model). Not a defence against a crafted file.
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder);
+
 }  // namespace lorad::engine

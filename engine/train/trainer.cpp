@@ -18,6 +18,7 @@
 #include "engine/lora/merged_model_writer.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/llama_model.h"
+#include "engine/model/model_weights.h"
 #include "engine/model/tokenizer.h"
 #include "engine/runtime/durable_file.h"
 #include "engine/runtime/file_fingerprint.h"
@@ -166,6 +167,17 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
         "job on other examples; put the original file back to resume, or submit a new job"));
   }
   state.dataset_fingerprint = fingerprint;
+  if (checkpoint && !state.base_fingerprint.empty() &&
+      state.base_fingerprint != prepared.base_fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the base model in ", model_folder,
+        " is not the one the job started on (its config, tokenizer, weights or the operator's "
+        "model.chat_template differ): ",
+        resumed_from,
+        " was trained on the other, and resuming would train the rest of the job on this one; "
+        "start lorad on the original model folder to resume, or submit the job again"));
+  }
+  state.base_fingerprint = prepared.base_fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) return s;
   // fp32 master weights on the model's device: the optimizer updates these; the forward casts
   // them to the compute dtype (bf16 on CUDA) with autograd through the cast.
@@ -464,6 +476,9 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   auto fingerprint = FilesFingerprint(DatasetFiles(c), abandon);
   if (!fingerprint.ok()) return fingerprint.status();
   prepared->dataset_fingerprint = *std::move(fingerprint);
+  auto base = ModelFolderFingerprint(model_folder);
+  if (!base.ok()) return base.status();
+  prepared->base_fingerprint = absl::StrCat(*base, "|", c.data.model_chat_template);
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);

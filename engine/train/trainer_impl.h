@@ -53,6 +53,7 @@ struct Trainer::PreparedData {
   TrainingJobConfig config;  // as given, max_seq_length capped at the model's sliding window
   std::string end_of_turn;   // the chat template's, where evaluated answers end
   std::string dataset_fingerprint;
+  std::string base_fingerprint;  // TrainerState::base_fingerprint
   std::optional<TrainingData> data;
 };
 

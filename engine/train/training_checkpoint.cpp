@@ -68,7 +68,8 @@ json StateToJson(const TrainerState& s) {
               {"trained_tokens", s.trained_tokens},
               {"train_seconds", Number(s.train_seconds)},
               {"loss_sum", Number(s.loss_sum)},
-              {"dataset_fingerprint", s.dataset_fingerprint}};
+              {"dataset_fingerprint", s.dataset_fingerprint},
+              {"base_fingerprint", s.base_fingerprint}};
 }
 
 // Serializes `archive` in memory, then writes it to `path` (fsynced).
@@ -183,6 +184,7 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     s.best_eval_step = j.value("best_eval_step", int64_t{0});
     s.last_eval_step = j.value("last_eval_step", int64_t{-1});
     s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());
+    s.base_fingerprint = j.value("base_fingerprint", std::string());
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));

@@ -53,6 +53,58 @@ TEST_F(TrainerTest, AResumeRefusesADatasetThatChanged) {
       << changed.status();
 }
 
+// A job resumed on another base model of the same shapes (here the fixture with one projection's
+// weights changed, as another revision or a fine-tune of it) is refused: the rest of the job would
+// train on it. The same model copied to another folder resumes (where it is plays no part).
+TEST_F(TrainerTest, AResumeRefusesAnotherBaseModel) {
+  TrainingJobConfig config = Config("other-base");
+  config.save_every = 2;
+  {
+    auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    ASSERT_TRUE(first.ok()) << first.status();
+    while ((*first)->step() < 2) ASSERT_TRUE((*first)->Step().ok());
+  }
+  const fs::path moved = out_ / "moved-base";
+  const fs::path other = out_ / "other-base";
+  for (const fs::path& copy : {moved, other}) {
+    fs::create_directories(copy);
+    for (const auto& entry : fs::directory_iterator(model_dir_)) {
+      fs::copy_file(entry.path(), copy / entry.path().filename());
+    }
+  }
+  auto same = Trainer::Create(*model_, *tokenizer_, moved.string(), config, nullptr);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_TRUE((*same)->resumed());
+
+  {  // other-base: layer 0's q_proj weights changed in their last bits
+    auto file = SafetensorsFile::Open((other / "model.safetensors").string(),
+                                      SafetensorsFile::Access::kRead);
+    ASSERT_TRUE(file.ok()) << file.status();
+    std::vector<std::vector<uint8_t>> bytes;
+    bytes.reserve((*file)->tensors().size());  // the views point into these
+    std::vector<TensorView> tensors;
+    for (const TensorView& t : (*file)->tensors()) {
+      bytes.emplace_back(t.data, t.data + t.nbytes);
+      if (t.name == "model.layers.0.self_attn.q_proj.weight") {
+        for (uint8_t& b : bytes.back()) b ^= 1;
+      }
+      TensorView copy = t;
+      copy.data = bytes.back().data();
+      tensors.push_back(copy);
+    }
+    ASSERT_TRUE(WriteSafetensors((other / "model.safetensors").string(), tensors).ok());
+  }
+  auto base = LlamaModel::Load(other.string(), LlamaModelOptions());
+  ASSERT_TRUE(base.ok()) << base.status();
+  auto refused = Trainer::Create(**base, *tokenizer_, other.string(), config, nullptr);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("the base model in " + other.string() +
+                                            " is not the one the job started on"),
+            std::string::npos)
+      << refused.status();
+}
+
 // The learning requirement of the trainer issue: 60 steps on the Q&A fixture lower the loss at
 // least 5x, and greedy answers to the training questions then contain the reference answers.
 // The fixture model is tiny (2 layers, hidden 128) with frozen random embeddings, so it needs a
