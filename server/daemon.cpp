@@ -19,6 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/json_file.h"
 #include "engine/runtime/device_info.h"
@@ -489,6 +490,13 @@ absl::Status Daemon::ServeRecordedAdapters() {
     } while (!page_token.empty());
   }
 
+  // The base model's files differ from the last start's (another revision or fine-tune of the
+  // same shapes): its adapters serve again, as PEFT would load them onto it, but they were
+  // trained or loaded for the other one, which the operator is told.
+  auto last_base = jobs_->GetMeta("base_model_fingerprint");
+  const bool base_changed =
+      last_base.ok() && last_base->has_value() && **last_base != engine_->base_fingerprint();
+  std::vector<std::string> served_again;
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {
     if (!a.served) {
@@ -513,6 +521,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
+        served_again.push_back(absl::StrCat(a.name, " v", *version));
         continue;
       }
       refused = version.status();
@@ -521,7 +530,14 @@ absl::Status Daemon::ServeRecordedAdapters() {
     spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
                  std::string(refused.message()));
   }
-  return absl::OkStatus();
+  if (base_changed && !served_again.empty()) {
+    spdlog::warn(
+        "the base model in {} is not the one of the last start (its config, tokenizer or weights "
+        "differ); {} adapter(s) served again were trained or loaded on the other one and may not "
+        "fit it: {} (unload them, or start lorad on the original model folder)",
+        config_.model.path, served_again.size(), absl::StrJoin(served_again, ", "));
+  }
+  return jobs_->SetMeta("base_model_fingerprint", engine_->base_fingerprint());
 }
 
 absl::Status Daemon::OpenJobStore() {

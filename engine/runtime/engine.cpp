@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/model/checkpointed_call.h"
 #include "engine/model/llama_model.h"
+#include "engine/model/model_weights.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
 #include "engine/train/training_memory.h"
@@ -72,6 +73,7 @@ struct Engine::Impl {
   std::unique_ptr<Tokenizer> tokenizer;
   std::optional<ChatTemplate> chat_template;  // nullopt when the model names none
   std::string chat_template_error;
+  std::string base_fingerprint;  // ModelFolderFingerprint of the model folder at start
   std::unique_ptr<AdapterStore> adapters;
   std::unique_ptr<InferenceEngine> inference;
 
@@ -235,6 +237,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
     auto tokenizer = LoadTokenizer(options.model_folder);
     if (!tokenizer.ok()) return tokenizer.status();
     impl->tokenizer = std::move(*tokenizer);
+    auto fingerprint = ModelFolderFingerprint(options.model_folder);
+    if (!fingerprint.ok()) return fingerprint.status();
+    impl->base_fingerprint = *std::move(fingerprint);
 
     auto chat = ChatTemplate::FromTokenizerConfig(options.model_folder, options.chat_template);
     if (chat.ok()) {
@@ -715,6 +720,7 @@ bool Engine::TrainingActive() const {
 const ModelConfig& Engine::model_config() const { return impl_->model->config(); }
 const DeviceInfo& Engine::device() const { return impl_->device; }
 const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
+const std::string& Engine::base_fingerprint() const { return impl_->base_fingerprint; }
 
 EngineStats Engine::Stats() const {
   EngineStats stats;

@@ -133,6 +133,8 @@ class Engine {
   const ModelConfig& model_config() const;
   const DeviceInfo& device() const;
   const Tokenizer& tokenizer() const;
+  // What the model folder held at start (ModelFolderFingerprint): config, tokenizer, weights.
+  const std::string& base_fingerprint() const;
   EngineStats Stats() const;
 
   struct Impl;

@@ -807,3 +807,4 @@ def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, st
             assert "step" not in kinds and kinds[-2:] == ["finished", "state"], kinds
     finally:
         stop_daemon(d)
+
