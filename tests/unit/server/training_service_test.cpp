@@ -332,6 +332,16 @@ TEST(TrainingServiceTest, JobsAreListedWithoutFieldsThisLoradDoesNotKnow) {
   EXPECT_LT(got.ByteSizeLong(), 1000u);
 }
 
+// A job of one inline example, 3 steps.
+lorad::v1::SubmitJobRequest OneExampleJob() {
+  lorad::v1::SubmitJobRequest request;
+  request.mutable_spec()->set_adapter_name("bot");
+  request.mutable_spec()->mutable_dataset()->add_inline_examples()->set_json(
+      R"({"question": "q", "answer": "a"})");
+  request.mutable_spec()->mutable_training()->set_max_steps(3);
+  return request;
+}
+
 // SubmitJob reads the dataset and runs the model's checks on BlockingCalls' threads, not gRPC's:
 // one worker and one place in its queue here, the first job held in check_job. A third call is
 // refused while both are taken; at a stop the running one gives up and the queued one does not
@@ -351,11 +361,7 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
     return absl::OkStatus();
   };
   Rig rig("blocking-submits", std::move(options));
-  lorad::v1::SubmitJobRequest request;
-  request.mutable_spec()->set_adapter_name("bot");
-  request.mutable_spec()->mutable_dataset()->add_inline_examples()->set_json(
-      R"({"question": "q", "answer": "a"})");
-  request.mutable_spec()->mutable_training()->set_max_steps(3);
+  const lorad::v1::SubmitJobRequest request = OneExampleJob();
   const auto submit = [&] {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -431,11 +437,7 @@ TEST(TrainingServiceTest, ASubmissionWhoseClientGaveUpIsNotQueued) {
     return absl::OkStatus();
   };
   Rig rig("client-gave-up", std::move(options));
-  lorad::v1::SubmitJobRequest request;
-  request.mutable_spec()->set_adapter_name("bot");
-  request.mutable_spec()->mutable_dataset()->add_inline_examples()->set_json(
-      R"({"question": "q", "answer": "a"})");
-  request.mutable_spec()->mutable_training()->set_max_steps(3);
+  const lorad::v1::SubmitJobRequest request = OneExampleJob();
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
   lorad::v1::Job job;
