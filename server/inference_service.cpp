@@ -49,9 +49,12 @@ float Narrow(double v) {
 }
 
 // The engine's request for the proto's sampling fields, the model's defaults for those left unset;
-// range checks are the engine's (SamplingParams::Validate names the field).
-engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
-                                    const InferenceOptions& options) {
+// range checks are the engine's (SamplingParams::Validate names the field). Filters (top_k, top_p,
+// min_p) without a temperature on a model whose default is greedy are refused: they would do
+// nothing (transformers only warns; OpenAI-style clients expect a temperature of 1 there). A
+// seed alone is harmless: a client may send one with every request.
+absl::StatusOr<engine::GenerationRequest> FromProto(const lorad::v1::SamplingParams& p,
+                                                    const InferenceOptions& options) {
   engine::GenerationRequest r;
   engine::SamplingParams& s = r.sampling;
   s = options.defaults.sampling;
@@ -74,6 +77,17 @@ engine::GenerationRequest FromProto(const lorad::v1::SamplingParams& p,
   r.stop.assign(p.stop().begin(), p.stop().end());
   r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
   r.ignore_eos = p.ignore_eos();
+  if (!p.has_temperature() && s.temperature == 0) {
+    for (const auto& [given, name] :
+         {std::pair{p.has_top_k(), "top_k"}, std::pair{p.has_top_p(), "top_p"},
+          std::pair{p.has_min_p(), "min_p"}}) {
+      if (!given) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sampling.", name,
+          ": takes effect only when sampling, and the temperature is unset while the model's "
+          "default is greedy; set sampling.temperature > 0 to sample (0 for greedy)"));
+    }
+  }
   return r;
 }
 
@@ -318,7 +332,18 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
         "not yet read by their clients; retry later"));
   }
   auto* stream = new GenerateStream(engine_, metrics_, context->deadline(), std::move(slot));
-  if (request.ok()) request->deadline = DeadlineOf(context);
+  if (request.ok()) {
+    request->deadline = DeadlineOf(context);
+    // A stop string that is a special token's text (<|eot_id|>) never reaches the decoded text
+    // (special tokens are not sent): it stops at that token instead.
+    const engine::Tokenizer& tokenizer = engine_.tokenizer();
+    for (const std::string& stop : request->stop) {
+      if (auto id = tokenizer.IdOf(stop); id && tokenizer.IsSpecial(*id)) {
+        request->stop_token_ids.push_back(*id);
+        ++request->added_stop_token_ids;
+      }
+    }
+  }
   stream->Begin(std::move(request));
   return stream;
 }
@@ -336,6 +361,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
   // The caller first: tokenizing a prompt is work an unauthenticated caller must not get done.
   if (auto s = Authorize(context); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
+  if (!r.ok()) return Start(context, std::move(r));
   if (request->prompt().empty()) {
     r = absl::InvalidArgumentError("prompt: is empty");
   } else if (static_cast<int64_t>(request->prompt().size()) > options_.max_prompt_bytes) {
@@ -357,6 +383,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) {
   if (auto s = Authorize(context); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
+  if (!r.ok()) return Start(context, std::move(r));
   // Roles count with the contents: half a million empty messages still render megabytes.
   int64_t bytes = 0;
   for (const auto& m : request->messages()) {
@@ -395,9 +422,12 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
           ++r->added_stops;
         };
         if (auto id = engine_.tokenizer().IdOf(chat->end_of_turn)) {
-          r->stop_token_ids.push_back(*id);
-          ++r->added_stop_token_ids;
-          if (!engine_.tokenizer().IsSpecial(*id)) add_stop();
+          // With ignore_eos an end of turn that is an EOS id is passed too, as the EOS is.
+          if (!(r->ignore_eos && engine_.tokenizer().IsEos(*id))) {
+            r->stop_token_ids.push_back(*id);
+            ++r->added_stop_token_ids;
+            if (!engine_.tokenizer().IsSpecial(*id)) add_stop();
+          }
         } else {
           add_stop();
         }

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <iostream>
 #include <iterator>
 
@@ -28,16 +30,50 @@ lorad::v1::SamplingParams ToSamplingParams(const SamplingOptions& options) {
   return params;
 }
 
-// Copies a reply stream to stdout as it arrives and appends its text to `reply`.
-int StreamReply(Connection& connection,
+}  // namespace
+
+std::string ForTerminal(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f) {
+      out += absl::StrFormat("\\x%02x", c);
+    } else if (c == 0xc2 && i + 1 < text.size() &&
+               static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(text[i + 1]) <= 0x9f) {  // C1: U+0080..U+009F
+      out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(text[i + 1]));
+      ++i;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// Copies a reply stream to stdout as it arrives and appends its text to `reply`. On a terminal
+// the text's control characters are shown, not obeyed (ForTerminal). Output that cannot be
+// written (a full disk, a closed pipe whose SIGPIPE is ignored) cancels the request.
+int StreamReply(Connection& connection, grpc::ClientContext& context,
                 grpc::ClientReaderInterface<lorad::v1::GenerateChunk>& reader, bool show_usage,
                 std::string* reply) {
+  const bool terminal = isatty(STDOUT_FILENO) != 0;
   lorad::v1::GenerateChunk chunk;
   lorad::v1::GenerateChunk last;
   bool answered = false;
   while (reader.Read(&chunk)) {
     answered = true;
-    std::cout << chunk.text() << std::flush;
+    std::cout << (terminal ? ForTerminal(chunk.text()) : chunk.text()) << std::flush;
+    if (!std::cout) {
+      const int err = errno;
+      context.TryCancel();
+      (void)reader.Finish();
+      std::cerr << "loradctl: cannot write the output (" << std::strerror(err)
+                << "); the request was cancelled" << std::endl;
+      return kExitError;
+    }
     reply->append(chunk.text());
     if (chunk.finish_reason() != lorad::v1::FINISH_REASON_UNSPECIFIED) last = chunk;
   }
@@ -78,7 +114,7 @@ int RunGenerate(Connection& connection, const GenerationOptions& options, std::s
   auto context = connection.NewContext(CallKind::kStream);
   auto reader = connection.inference().Generate(context.get(), request);
   std::string reply;
-  return StreamReply(connection, *reader, options.show_usage, &reply);
+  return StreamReply(connection, *context, *reader, options.show_usage, &reply);
 }
 
 int RunChat(Connection& connection, const ChatOptions& options, std::istream& in) {
@@ -121,7 +157,8 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
     auto context = connection.NewContext(CallKind::kStream);
     auto reader = connection.inference().Chat(context.get(), request);
     std::string reply;
-    if (int code = StreamReply(connection, *reader, options.generation.show_usage, &reply);
+    if (int code =
+            StreamReply(connection, *context, *reader, options.generation.show_usage, &reply);
         code != kExitOk) {
       return code;
     }

@@ -30,6 +30,11 @@ struct GenerationOptions {
   bool show_usage = false;  // token counts and timings on stderr after each reply
 };
 
+// `text` for a terminal: control characters other than a line break and a tab (ESC, CR, BEL, DEL
+// and the C1 range U+0080..U+009F) written as \xNN / \uNNNN, so that a reply cannot retitle the
+// window, clear the screen or hide text with escape sequences. Output to a pipe keeps the bytes.
+std::string ForTerminal(const std::string& text);
+
 // `prompt` "-" reads the whole prompt from `in`.
 int RunGenerate(Connection& connection, const GenerationOptions& options, std::string prompt,
                 std::istream& in);

@@ -22,6 +22,9 @@ namespace lorad::cli {
 
 namespace {
 
+// An inline example's record at most (the daemon's default server.max_request_bytes).
+constexpr int64_t kMaxInlineExampleBytes = int64_t{4} << 20;
+
 // The shortest text that reads back as the same value (2e-4 stays "0.0002", 1.23456789e-4 keeps
 // every digit): a spec printed by `train show --spec` and submitted again is the same job.
 template <typename T>
@@ -129,7 +132,17 @@ class YamlToProto {
     if (message->GetDescriptor()->full_name() == kInlineExample &&
         (node.IsScalar() || node.IsMap())) {
       const FieldDescriptor* json = message->GetDescriptor()->FindFieldByName("json");
-      std::string text = node.IsScalar() ? node.Scalar() : ToJson(node).dump();
+      // Aliases repeat what they name: a few hundred bytes of nested aliases ("billion laughs")
+      // expand to gigabytes. A record larger than a request could be is refused before.
+      int64_t budget = kMaxInlineExampleBytes;
+      nlohmann::json record = node.IsScalar() ? nlohmann::json() : ToJson(node, &budget);
+      if (budget < 0) {
+        return Error(
+            node, absl::StrCat("'", path, "' expands to more than ", kMaxInlineExampleBytes >> 20,
+                               " MiB (YAML aliases repeat what they name); write the "
+                               "record out, or put the examples in a dataset file"));
+      }
+      std::string text = node.IsScalar() ? node.Scalar() : record.dump();
       message->GetReflection()->SetString(message, json, text);
       return absl::OkStatus();
     }
@@ -221,18 +234,29 @@ class YamlToProto {
   // written (`answer: yes` is "yes", `answer: 42` is "42": YAML 1.1 would make them a boolean
   // and a number, which the record then refuses); only a missing value (`input:`, `~`, null)
   // is null.
-  static nlohmann::json ToJson(const YAML::Node& node) {
+  // `*budget` (bytes) goes down by each value's size; below 0 the rest is left out.
+  static nlohmann::json ToJson(const YAML::Node& node, int64_t* budget) {
+    *budget -= 8;
+    if (*budget < 0) return nullptr;
     if (node.IsMap()) {
       nlohmann::json object = nlohmann::json::object();
-      for (const auto& entry : node) object[entry.first.Scalar()] = ToJson(entry.second);
+      for (const auto& entry : node) {
+        *budget -= static_cast<int64_t>(entry.first.Scalar().size());
+        object[entry.first.Scalar()] = ToJson(entry.second, budget);
+        if (*budget < 0) break;
+      }
       return object;
     }
     if (node.IsSequence()) {
       nlohmann::json array = nlohmann::json::array();
-      for (const auto& item : node) array.push_back(ToJson(item));
+      for (const auto& item : node) {
+        array.push_back(ToJson(item, budget));
+        if (*budget < 0) break;
+      }
       return array;
     }
     if (node.IsNull()) return nullptr;
+    *budget -= static_cast<int64_t>(node.Scalar().size());
     return node.Scalar();
   }
 
@@ -330,9 +354,10 @@ absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
   try {
     // One job per file: a second document (after `---`) would be silently left out.
     std::vector<YAML::Node> documents = YAML::LoadAll(text);
-    if (documents.size() > 1 && !documents[1].IsNull()) {
+    for (size_t i = 1; i < documents.size(); ++i) {  // empty ones (a stray `---`) are fine
+      if (documents[i].IsNull()) continue;
       return absl::InvalidArgumentError(
-          absl::StrCat(source, ":", documents[1].Mark().line + 1,
+          absl::StrCat(source, ":", documents[i].Mark().line + 1,
                        ": a second YAML document; a job file holds one job (submit each "
                        "job from a file of its own)"));
     }

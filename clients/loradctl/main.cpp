@@ -1,6 +1,9 @@
 // loradctl: the command-line client of lorad. Parses the command line (CLI11), opens one gRPC
 // channel and runs one command; the commands themselves live in *_commands.cpp.
 #include <CLI/CLI.hpp>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -32,6 +35,20 @@ CLI::Validator AtLeast(double minimum) {
 }
 const CLI::Validator kAtLeastOne = AtLeast(1);
 const CLI::Validator kNotNegative = AtLeast(0);
+
+// --timeout: 0 (each call's default) up to 1e7 seconds (115 days). nan passed a ">= 0" check and
+// set no deadline at all; inf or 1e300 overflowed the clock and failed every call at once.
+constexpr double kMaxTimeoutSeconds = 1e7;
+const CLI::Validator kTimeoutSeconds(
+    [](std::string& value) -> std::string {
+      double number = 0;
+      if (!CLI::detail::lexical_cast(value, number) || !std::isfinite(number)) {
+        return "'" + value + "' is not a number of seconds";
+      }
+      if (number < 0 || number > kMaxTimeoutSeconds) return "must be 0 .. 1e7 seconds";
+      return "";
+    },
+    "0 .. 1e7");
 
 using lorad::cli::Connection;
 
@@ -158,7 +175,7 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", connection_options.timeout_seconds,
                  "deadline per call in seconds (default: 60 for single calls, 600 for "
                  "submit, delete, load and unload, none for generate/chat; never for watch)")
-      ->check(kNotNegative);
+      ->check(kTimeoutSeconds);
   app.add_option("--ca-cert", connection_options.ca_cert_path,
                  "use TLS, trusting this PEM CA bundle")
       ->check(CLI::ExistingFile);
@@ -312,5 +329,13 @@ int main(int argc, char** argv) {
     std::cerr << "loradctl: " << connection.status().message() << std::endl;
     return lorad::cli::kExitUsage;
   }
-  return command(**connection);
+  const int code = command(**connection);
+  // Output that could not be written (a full disk, a pipe closed with SIGPIPE ignored) is a
+  // failure: a submitted job's id, a listing, were lost.
+  std::cout.flush();
+  if (!std::cout && code == lorad::cli::kExitOk) {
+    std::cerr << "loradctl: cannot write the output (" << std::strerror(errno) << ")" << std::endl;
+    return lorad::cli::kExitError;
+  }
+  return code;
 }

@@ -127,3 +127,71 @@ def test_a_generation_config_that_is_not_json_must_be_corrected(tmp_path):
     line = start_up_error(folder, tmp_path / "data")
     assert "generation_config.json" in line and "correct the file" in line, line
     assert "model.generation_config: none" not in line, line
+
+
+def test_sampling_fields_without_a_temperature_on_a_greedy_model_are_refused(tmp_path, stubs):
+    """do_sample false: a request that sets top_p (or top_k, min_p) but no temperature was run
+    greedy, its filters silently doing nothing; it is refused, naming the field. With an explicit
+    temperature it is served, and a seed alone is taken (greedy)."""
+    folder = model_with_generation_config(tmp_path / "model", {"do_sample": False})
+    d = start_daemon(tmp_path / "run", model=folder)
+    try:
+        for field, value in (("top_p", 0.9), ("top_k", 40), ("min_p", 0.1)):
+            with pytest.raises(grpc.RpcError) as err:
+                generate(d, stubs, PROMPTS[0], max_new_tokens=2, **{field: value})
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith(f"sampling.{field}: takes effect only when "
+                                                  "sampling"), err.value.details()
+        for temperature in (0.0, 0.8):
+            got, _ = generate(d, stubs, PROMPTS[0], max_new_tokens=2, temperature=temperature,
+                              top_p=0.9, seed=7)
+            assert len(got) == 2
+        assert generate(d, stubs, PROMPTS[0], max_new_tokens=2, seed=7)[0] == \
+            generate(d, stubs, PROMPTS[0], max_new_tokens=2, temperature=0.0)[0]
+    finally:
+        stop_daemon(d)
+
+
+def test_chat_ignore_eos_and_stops_at_special_tokens(tmp_path, stubs):
+    """A model whose EOS is its chat template's end of turn (<|im_end|>, as Qwen2.5-Instruct's):
+    a Chat with ignore_eos goes past it as Generate does (it stopped there, the end of turn added
+    as a stop); and a stop string that is a special token's text, which never reaches the
+    decoded text, stops at that token."""
+    folder = model_with_generation_config(tmp_path / "model", {"do_sample": False,
+                                                               "eos_token_id": [2, 4]})
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_end|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    # fp32 weights: the fixture then answers this message with <|im_end|> at once, as
+    # transformers does.
+    d = start_daemon(tmp_path / "run", "--set", "model.base_weights=none", model=folder)
+    pb = stubs.inference_pb2
+    messages = [pb.ChatMessage(role="user", content="hi hi bye")]
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+
+            def chat(**sampling):
+                chunks = list(stub.Chat(pb.ChatRequest(messages=messages, template="chatml",
+                                                       sampling=pb.SamplingParams(**sampling)),
+                                        timeout=60))
+                return chunks[-1]
+
+            ended = chat(max_new_tokens=8, temperature=0.0)
+            assert ended.finish_reason == pb.FINISH_REASON_EOS, ended
+            assert ended.usage.completion_tokens == 1
+            past = chat(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+            assert past.finish_reason == pb.FINISH_REASON_LENGTH, past
+            assert past.usage.completion_tokens == 8
+
+            rendered = "<|im_start|>user\nhi hi bye<|im_end|>\n<|im_start|>assistant\n"
+            request = pb.GenerateRequest(
+                prompt=rendered, add_special_tokens=False,
+                sampling=pb.SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True,
+                                           stop=["<|im_end|>"]))
+            chunks = list(stub.Generate(request, timeout=60))
+            assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP, chunks[-1]
+            assert chunks[-1].usage.completion_tokens == 1
+            assert "".join(c.text for c in chunks) == ""
+    finally:
+        stop_daemon(d)

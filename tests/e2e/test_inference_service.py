@@ -252,7 +252,8 @@ def test_values_inside_a_range_are_accepted_however_close_to_its_edge(server):
     """The sampling fields are doubles on the wire and floats in the engine: a value inside its
     range stays inside when narrowed (tiny top_p, min_p just under 1, a huge temperature)."""
     _, stub, pb, _, _, _ = server
-    for sampling in [dict(top_p=1e-300), dict(min_p=0.999999999999), dict(temperature=1e39),
+    for sampling in [dict(top_p=1e-300, temperature=1.0),
+                     dict(min_p=0.999999999999, temperature=1.0), dict(temperature=1e39),
                      dict(repetition_penalty=1e-6), dict(repetition_penalty=1e6)]:
         req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
             max_new_tokens=2, seed=1, **sampling))

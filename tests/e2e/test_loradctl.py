@@ -205,6 +205,7 @@ def test_spec_rejected_by_the_daemon_names_the_field(daemon, tmp_path):
     ("lora:\n  target_modules: q_proj\n", 2, ["'lora.target_modules' must be a list"]),
     ("adapter_name: a\nadapter_name: b\n", 2, ["duplicate key 'adapter_name'"]),
     ("adapter_name: a\n---\nadapter_name: b\n", 3, ["second YAML document"]),
+    ("adapter_name: a\n---\n---\nadapter_name: b\n", 4, ["second YAML document"]),
     ("adapter_name: a\ntraining:\n  micro_batch_size: 99999999999\n", 3,
      ["'training.micro_batch_size' must be an integer the field can hold (int32)"]),
 ])
@@ -217,6 +218,20 @@ def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
     assert result.stderr.startswith(f"loradctl: {path}:{line}: "), result.stderr
     for word in words:
         assert word in result.stderr
+
+
+def test_an_inline_example_of_nested_aliases_is_refused_before_it_expands(tmp_path):
+    """A few hundred bytes of nested YAML aliases ("billion laughs") expanded to gigabytes (and
+    crashed loradctl): a record over 4 MiB is refused, naming it."""
+    lines = ["adapter_name: a", "dataset:", "  inline_examples:",
+             "    - l0: &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"      l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = loradctl("train", "submit", str(path), address=f"127.0.0.1:{free_port()}")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr.startswith(f"loradctl: {path}:4: 'dataset.inline_examples[0]' expands to "
+                                    "more than 4 MiB"), result.stderr
 
 
 def test_job_files_that_are_not_yaml_text_are_usage_errors(tmp_path):
@@ -232,7 +247,8 @@ def test_job_files_that_are_not_yaml_text_are_usage_errors(tmp_path):
 def test_flags_below_their_bound_say_the_bound():
     for args, bound in [(["train", "ls", "--limit", "0"], ">= 1"),
                         (["generate", "--max-new-tokens", "0", "hi"], ">= 1"),
-                        (["--timeout", "-1", "adapters", "ls"], ">= 0")]:
+                        (["--timeout", "-1", "adapters", "ls"], "0 .. 1e7 seconds"),
+                        (["--timeout", "1e300", "adapters", "ls"], "0 .. 1e7 seconds")]:
         result = loradctl(*args, address=f"127.0.0.1:{free_port()}")
         assert result.returncode == EXIT_USAGE, result.stderr
         assert f"must be {bound}" in result.stderr and "17976931348623157" not in result.stderr
@@ -243,6 +259,11 @@ def test_flags_below_their_bound_say_the_bound():
                         (["generate", "--seed", "18446744073709551616", "hi"], "2^64")]:
         result = loradctl(*args, address=f"127.0.0.1:{free_port()}")
         assert result.returncode == EXIT_USAGE and words in result.stderr, result.stderr
+    # nan passed ">= 0" and set no deadline; inf overflowed the clock and failed every call.
+    for value in ["nan", "inf"]:
+        result = loradctl("--timeout", value, "adapters", "ls", address=f"127.0.0.1:{free_port()}")
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert f"'{value}' is not a number of seconds" in result.stderr, result.stderr
     result = loradctl("--address", "", "adapters", "ls")
     assert result.returncode == EXIT_USAGE and "is not host:port" in result.stderr, result.stderr
     for address in ["127.0.0.1:notaport", "127.0.0.1:99999", "127.0.0.1:0", "host:"]:
@@ -301,6 +322,63 @@ def test_generate(daemon):
     result = loradctl("generate", "--max-new-tokens", "4", "--temperature", "0", "--seed", "1",
                       "Hello", address=daemon.grpc_address)
     assert_result_or_unimplemented(result, lambda out: out.endswith("\n") and len(out) > 1)
+
+
+def test_output_that_cannot_be_written_is_a_failure(daemon):
+    """stdout on a full disk: the listing (or a submitted job's id) was lost, so the exit code
+    says so; a stream that cannot be written is cancelled."""
+    for args in [("adapters", "ls"),
+                 ("generate", "--max-new-tokens", "4", "--temperature", "0", "Hello")]:
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([str(LORADCTL), "--address", daemon.grpc_address, *args],
+                                    stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "loradctl: cannot write the output (No space left on device)" in result.stderr
+
+
+def _for_terminal(text):
+    """ForTerminal's rule: control characters but a line break and a tab, DEL and C1, escaped."""
+    def shown(c):
+        if (ord(c) < 0x20 and c not in "\n\t") or c == "\x7f":
+            return "\\x%02x" % ord(c)
+        return "\\u%04x" % ord(c) if 0x80 <= ord(c) <= 0x9f else c
+    return "".join(shown(c) for c in text)
+
+
+def test_control_characters_of_a_reply_are_shown_not_obeyed_on_a_terminal(daemon):
+    """A model may emit ESC, CR, BEL (the tiny one does, sampled hot): on a terminal loradctl
+    shows them as \\xNN instead of letting an escape sequence retitle the window, clear the
+    screen or hide text; piped, the bytes are kept."""
+    import pty
+    import tty
+
+    def args(seed):
+        return [str(LORADCTL), "--address", daemon.grpc_address, "generate", "--temperature",
+                "20", "--max-new-tokens", "120", "--seed", str(seed), "Hello"]
+
+    for seed in range(1, 40):
+        piped = subprocess.run(args(seed), capture_output=True, text=True, timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        if re.search(r"[\x00-\x08\x0b-\x1f\x7f]", piped.stdout):
+            break
+    else:
+        pytest.fail("no seed gave a reply with a control character")
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no output processing: the bytes as loradctl wrote them
+    proc = subprocess.Popen(args(seed), stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO once the child has gone
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert shown.decode() == _for_terminal(piped.stdout)
 
 
 def test_chat_reads_piped_stdin(daemon):
