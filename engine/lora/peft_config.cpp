@@ -71,6 +71,11 @@ absl::StatusOr<std::vector<std::string>> ParseTargets(const ordered_json& j,
     }
     const std::string name = v.get<std::string>();
     const std::string last = name.substr(name.rfind('.') + 1);
+    if (last == "lm_head" || last == "embed_tokens") {  // PEFT adapts them; lorad does not
+      return ConfigError(file, absl::StrCat("field 'target_modules' names '", name,
+                                            "': lorad adapts the attention and MLP projections (",
+                                            known, "), not the embeddings or lm_head"));
+    }
     if (!Contains(KnownLoraTargets(), last)) continue;  // matches no module of a Llama model
     paths |= name != last;
     names->push_back(name);
@@ -116,12 +121,14 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
   // Variants whose forward is not base + scale * B A on every token (activated LoRA, replicated
   // or reordered layers, trainable token rows, block-diagonal and KaSA updates, Arrow routing,
   // parameter targets, MonteCLoRA): served as plain LoRA they would give other output than PEFT.
+  // An empty list is unset; an empty object is not: PEFT makes any dict, {} too, a sub-config
+  // with its defaults, which turns the variant on.
   for (const char* field : {"alora_invocation_tokens", "layer_replication",
                             "trainable_token_indices", "target_parameters", "use_bdlora",
                             "kasa_config", "arrow_config", "monteclora_config", "velora_config"}) {
     auto it = j.find(field);
     const bool unset = it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
-                       ((it->is_array() || it->is_object()) && it->empty());
+                       (it->is_array() && it->empty());
     if (!unset) return not_supported(field, it->dump());
   }
   // Inits that move part of the base weights into the adapter: PEFT rebuilds that base when it

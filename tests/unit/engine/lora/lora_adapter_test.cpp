@@ -394,8 +394,8 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {R"({"peft_type": "IA3", "target_modules": ["q_proj"]})", "'IA3'"},
       {R"({"peft_type": "LORA", "r": 4, "target_modules": ".*attn.*"})",
        "pattern '.*attn.*'; lorad does not read regex targets"},
-      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["lm_head"]})",
-       "([\"lm_head\"]) names no module lorad can adapt"},
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["c_attn"]})",
+       "([\"c_attn\"]) names no module lorad can adapt"},
       // PEFT reads a string as a regular expression over whole paths: "q_proj" matches none.
       {R"({"peft_type": "LORA", "r": 4, "target_modules": "q_proj"})",
        "write the list [\"q_proj\"]"},
@@ -426,6 +426,11 @@ TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
       {ConfigText(R"("layer_replication": [[1, 2], [0, 1]])"), "'layer_replication'"},
       {ConfigText(R"("target_parameters": ["q_proj.weight"])"), "'target_parameters'"},
       {ConfigText(R"("use_bdlora": {"nblocks": 2})"), "'use_bdlora'"},
+      // An empty sub-config turns the variant on in PEFT (its defaults), KaSA changing the base.
+      {ConfigText(R"("kasa_config": {})"), "'kasa_config' is {}"},
+      // LoRA on lm_head / embed_tokens: refused by the field, not by a tensor name.
+      {R"({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "lm_head"]})",
+       "field 'target_modules' names 'lm_head'"},
       {ConfigText(R"("trainable_token_indices": [3])"), "'trainable_token_indices'"},
       {ConfigText(R"("init_lora_weights": "pissa_niter_4")"),
        "'init_lora_weights' is \"pissa_niter_4\": that init changes the base weights"},
