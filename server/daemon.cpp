@@ -270,11 +270,14 @@ void Daemon::RegisterEngineMetrics() {
   metrics_.AddGaugeCallback("lorad_adapters_loaded", "LoRA adapter versions held (host copies)",
                             [e] { return static_cast<double>(e->adapters().List().size()); });
   metrics_.AddGaugeFamilyCallback(
-      "lorad_memory_bytes", "Device memory by use: base model, adapters, KV cache", {"use"}, [e] {
+      "lorad_memory_bytes",
+      "Device memory by use: base model, adapters, the batch's adapter stack, KV cache", {"use"},
+      [e] {
         const engine::EngineStats s = e->Stats();
         return std::vector<std::pair<LabelValues, double>>{
             {{"base"}, static_cast<double>(s.base_bytes)},
             {{"adapters"}, static_cast<double>(s.adapter_device_bytes)},
+            {{"adapter_stack"}, static_cast<double>(s.adapter_stack_bytes)},
             {{"kv_cache"}, static_cast<double>(s.kv_cache_bytes)}};
       });
   metrics_.AddCounterFamilyCallback(

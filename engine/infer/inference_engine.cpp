@@ -61,6 +61,7 @@ struct InferenceEngine::Impl {
   std::atomic<int64_t> graphs_captured{0};
   std::atomic<int64_t> lora_stacks_built{0};
   std::atomic<int32_t> lora_stack_adapters{0};
+  std::atomic<int64_t> lora_stack_bytes{0};
   std::string graph_error;  // under mu
   std::string shut_down;    // under mu: why Submit refuses (Shutdown), empty while serving
   // profile_phases: nanoseconds per phase, summed; `phase_start` is when the current phase began.
@@ -286,6 +287,7 @@ InferenceStats InferenceEngine::Stats() const {
   s.graphs_captured = m.graphs_captured;
   s.lora_stacks_built = m.lora_stacks_built;
   s.lora_stack_adapters = m.lora_stack_adapters;
+  s.lora_stack_bytes = m.lora_stack_bytes;
   {
     std::lock_guard<std::mutex> lock(m.mu);
     s.graph_error = m.graph_error;
@@ -536,6 +538,7 @@ void InferenceEngine::Impl::KeepStackWhileCurrent() {
       stack.reset();
       stack_key.clear();
       lora_stack_adapters = 0;
+      lora_stack_bytes = 0;
       return;
     }
   }
@@ -572,6 +575,7 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> InferenceEngine::Impl::StackFor
   stack = *built;
   stack_key = keys;
   lora_stack_adapters = static_cast<int32_t>(keys.size());
+  lora_stack_bytes = stack->bytes();
   return stack;
 }
 

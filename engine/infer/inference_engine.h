@@ -72,6 +72,9 @@ struct InferenceStats {
   // idle engine keeps the last one while its versions stay current.
   int64_t lora_stacks_built = 0;
   int32_t lora_stack_adapters = 0;  // adapters in the stack held now (kept while idle)
+  // That stack's device bytes: a copy of its adapters beside the store's, each padded to the
+  // largest rank among them (an r=128 adapter beside r=8 ones makes every slot r=128).
+  int64_t lora_stack_bytes = 0;
   // With InferenceEngineOptions::profile_phases: seconds spent, summed over steps, in planning
   // and admission, the forward (until its logits are ready), sampling, and emitting tokens.
   double plan_s = 0, forward_s = 0, sample_s = 0, emit_s = 0;

@@ -727,6 +727,7 @@ EngineStats Engine::Stats() const {
   stats.inference = impl_->inference->Stats();
   stats.adapters_resident = impl_->adapters->resident_count();
   stats.adapter_device_bytes = impl_->adapters->resident_bytes();
+  stats.adapter_stack_bytes = stats.inference.lora_stack_bytes;
   stats.base_bytes = impl_->model->bytes();
   stats.kv_cache_bytes = impl_->options.inference.kv_cache_bytes;
   stats.train_seconds = impl_->train_seconds.load();

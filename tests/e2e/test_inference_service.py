@@ -1,6 +1,7 @@
 """InferenceService and AdapterService over real gRPC against the real daemon (tiny fixture model,
 float base so the output can be compared token for token with transformers + PEFT on CPU)."""
 import math
+import re
 import shutil
 import threading
 import time
@@ -434,6 +435,9 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
         base = greedy_reference(model, tok, prompt, 10, 1.3)
         assert [t for t in ids if t != tok.eos_token_id] == expected
         assert expected != base, "the test adapter must change the output"
+    # The batch's adapter stack (the copy the LoRA kernels read) is counted with device memory.
+    _, text = d.http_get("/metrics")
+    assert re.search(r'^lorad_memory_bytes\{use="adapter_stack"\} [1-9]', text, re.M), text
 
     # A version that does not exist (yet) is NOT_FOUND, a negative one INVALID_ARGUMENT.
     for version, code in [(7, grpc.StatusCode.NOT_FOUND), (-1, grpc.StatusCode.INVALID_ARGUMENT)]:
