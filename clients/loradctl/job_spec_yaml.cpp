@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <charconv>
 #include <filesystem>
 #include <fstream>
@@ -22,8 +23,11 @@ namespace lorad::cli {
 
 namespace {
 
-// An inline example's record at most (the daemon's default server.max_request_bytes).
+// An inline example's record at most (the daemon's default server.max_request_bytes), and all of
+// a file's records together: what YAML aliases may expand to (ToJson's count, about the memory
+// taken).
 constexpr int64_t kMaxInlineExampleBytes = int64_t{4} << 20;
+constexpr int64_t kMaxInlineExamplesBytes = int64_t{256} << 20;
 
 // The shortest text that reads back as the same value (2e-4 stays "0.0002", 1.23456789e-4 keeps
 // every digit): a spec printed by `train show --spec` and submitted again is the same job.
@@ -133,15 +137,27 @@ class YamlToProto {
         (node.IsScalar() || node.IsMap())) {
       const FieldDescriptor* json = message->GetDescriptor()->FindFieldByName("json");
       // Aliases repeat what they name: a few hundred bytes of nested aliases ("billion laughs")
-      // expand to gigabytes. A record larger than a request could be is refused before.
-      int64_t budget = kMaxInlineExampleBytes;
-      nlohmann::json record = node.IsScalar() ? nlohmann::json() : ToJson(node, &budget);
-      if (budget < 0) {
-        return Error(
-            node, absl::StrCat("'", path, "' expands to more than ", kMaxInlineExampleBytes >> 20,
-                               " MiB (YAML aliases repeat what they name); write the "
-                               "record out, or put the examples in a dataset file"));
+      // expand to gigabytes, in one record or in thousands of records naming one. Refused
+      // before: a record larger than a request could be, or records past 256 MiB in all.
+      const int64_t allowed = std::min(kMaxInlineExampleBytes, inline_bytes_left_);
+      int64_t budget = allowed;
+      nlohmann::json record;
+      if (node.IsScalar()) {
+        budget -= static_cast<int64_t>(node.Scalar().size());
+      } else {
+        record = ToJson(node, &budget);
       }
+      if (budget < 0) {
+        const bool one = allowed == kMaxInlineExampleBytes;
+        return Error(node,
+                     absl::StrCat(one ? absl::StrCat("'", path, "' expands") : "the records expand",
+                                  " to more than ",
+                                  (one ? kMaxInlineExampleBytes : kMaxInlineExamplesBytes) >> 20,
+                                  one ? " MiB" : " MiB in all",
+                                  " (YAML aliases repeat what they name); write the "
+                                  "records out, or put the examples in a dataset file"));
+      }
+      inline_bytes_left_ -= allowed - budget;
       std::string text = node.IsScalar() ? node.Scalar() : record.dump();
       message->GetReflection()->SetString(message, json, text);
       return absl::OkStatus();
@@ -236,7 +252,7 @@ class YamlToProto {
   // is null.
   // `*budget` (bytes) goes down by each value's size; below 0 the rest is left out.
   static nlohmann::json ToJson(const YAML::Node& node, int64_t* budget) {
-    *budget -= 8;
+    *budget -= 64;  // about what a JSON value takes beside its text
     if (*budget < 0) return nullptr;
     if (node.IsMap()) {
       nlohmann::json object = nlohmann::json::object();
@@ -270,6 +286,7 @@ class YamlToProto {
   }
 
   std::string source_;
+  int64_t inline_bytes_left_ = kMaxInlineExamplesBytes;  // of all inline examples
 };
 
 void EmitScalar(YAML::Emitter& out, const Message& message, const FieldDescriptor* field,

@@ -127,8 +127,11 @@ absl::Status CheckUnsupported(const ordered_json& j, const std::string& file) {
                             "trainable_token_indices", "target_parameters", "use_bdlora",
                             "kasa_config", "arrow_config", "monteclora_config", "velora_config"}) {
     auto it = j.find(field);
-    const bool unset = it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
-                       (it->is_array() && it->empty());
+    // (trainable_token_indices may be a dict of layers: {} is none.)
+    const bool unset =
+        it == j.end() || it->is_null() || (it->is_boolean() && !it->get<bool>()) ||
+        (it->is_array() && it->empty()) ||
+        (it->is_object() && it->empty() && std::string(field) == "trainable_token_indices");
     if (!unset) return not_supported(field, it->dump());
   }
   // Inits that move part of the base weights into the adapter: PEFT rebuilds that base when it

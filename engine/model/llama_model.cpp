@@ -124,6 +124,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->config_ = config;
   m->options_ = options;
+  m->weights_fingerprint_ = weights.Fingerprint();
   m->bitsandbytes_checkpoint_ =
       weights.IsBitsandbytes4bit(ProjectionPath(0, Projection::kQ) + ".weight");
   const auto& o = options;

@@ -139,6 +139,8 @@ class LlamaModel {
   // The folder's projections were quantized by bitsandbytes (a "-bnb-4bit" model): there is no
   // 16-bit base to merge an adapter into.
   bool bitsandbytes_checkpoint() const { return bitsandbytes_checkpoint_; }
+  // ModelWeights::Fingerprint of the checkpoint it was loaded from.
+  const std::string& weights_fingerprint() const { return weights_fingerprint_; }
   // Device bytes of the base weights.
   int64_t bytes() const;
   // Every tensor of the base (float weights, NF4 parts, norms, embeddings): for memory accounting
@@ -213,6 +215,7 @@ class LlamaModel {
   ModelConfig config_;
   LlamaModelOptions options_;
   bool bitsandbytes_checkpoint_ = false;
+  std::string weights_fingerprint_;
   torch::Tensor embed_tokens_;  // [vocab, hidden]
   torch::Tensor final_norm_;    // [hidden]
   torch::Tensor lm_head_;       // [vocab, hidden]; the embedding itself when tied

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/model/json_file.h"
+#include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -251,7 +252,24 @@ void Mix(uint64_t* hash, const void* data, size_t n) {
 
 }  // namespace
 
-absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder) {
+std::string ModelWeights::Fingerprint() const {
+  uint64_t hash = 14695981039346656037ULL;
+  constexpr size_t kSample = 4096;
+  for (const std::string& name : names()) {
+    const TensorView* t = Find(name);
+    Mix(&hash, name.data(), name.size() + 1);
+    const std::string shape =
+        absl::StrCat(DTypeName(t->dtype), "[", absl::StrJoin(t->shape, ","), "]");
+    Mix(&hash, shape.data(), shape.size());
+    for (size_t start : {size_t{0}, t->nbytes / 2, t->nbytes > kSample ? t->nbytes - kSample : 0}) {
+      if (start < t->nbytes) Mix(&hash, t->data + start, std::min(kSample, t->nbytes - start));
+    }
+  }
+  return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
+}
+
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder,
+                                                   const std::string& weights_fingerprint) {
   namespace fs = std::filesystem;
   uint64_t hash = 14695981039346656037ULL;
   for (const char* name :
@@ -261,26 +279,11 @@ absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder) {
     std::error_code ec;
     Mix(&hash, name, std::strlen(name) + 1);
     if (!fs::exists(path, ec)) continue;
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot be read"));
-    std::ostringstream text;
-    text << in.rdbuf();
-    const std::string bytes = text.str();
-    Mix(&hash, bytes.data(), bytes.size());
+    auto bytes = ReadRegularFile(path.string(), name);
+    if (!bytes.ok()) return bytes.status();
+    Mix(&hash, bytes->data(), bytes->size());
   }
-  auto weights = ModelWeights::Open(folder);
-  if (!weights.ok()) return weights.status();
-  constexpr size_t kSample = 4096;
-  for (const std::string& name : weights->names()) {
-    const TensorView* t = weights->Find(name);
-    Mix(&hash, name.data(), name.size() + 1);
-    const std::string shape =
-        absl::StrCat(DTypeName(t->dtype), "[", absl::StrJoin(t->shape, ","), "]");
-    Mix(&hash, shape.data(), shape.size());
-    for (size_t start : {size_t{0}, t->nbytes / 2, t->nbytes > kSample ? t->nbytes - kSample : 0}) {
-      if (start < t->nbytes) Mix(&hash, t->data + start, std::min(kSample, t->nbytes - start));
-    }
-  }
+  Mix(&hash, weights_fingerprint.data(), weights_fingerprint.size());
   return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
 }
 

@@ -52,6 +52,11 @@ class ModelWeights {
                                     const torch::Device& device,
                                     const std::optional<std::vector<int64_t>>& shape = {}) const;
 
+  // Every tensor by its name, dtype, shape and 4 KiB of its bytes at its start, middle and end:
+  // an 8B model in milliseconds; another checkpoint of the same shapes (a fine-tune, another
+  // revision) differs there.
+  std::string Fingerprint() const;
+
   // True when `name` is a bitsandbytes 4-bit weight (uint8 with a quant_state sibling).
   bool IsBitsandbytes4bit(const std::string& name) const;
   // Reads such a weight onto `device`; `shape` [out, in] must match its quant state's shape.
@@ -76,10 +81,11 @@ torch::ScalarType TorchDType(DType dtype);
 
 // What a base model folder holds, to tell whether a job resumes on the base it was trained on:
 // config.json and the tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json,
-// special_tokens_map.json, chat_template.jinja) whole, and every weight tensor by its name, dtype,
-// shape and 4 KiB of its bytes at its start, middle and end (an 8B model in milliseconds; another
-// checkpoint of the same shapes, a fine-tune or another revision, differs there). Where the folder
-// is plays no part (a moved folder is the same model). Not a defence against a crafted file.
-absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder);
+// special_tokens_map.json, chat_template.jinja) whole, read as regular files only, and
+// `weights_fingerprint` (ModelWeights::Fingerprint of the weights loaded from it). Where the
+// folder is plays no part (a moved folder is the same model). Not a defence against a crafted
+// file.
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder,
+                                                   const std::string& weights_fingerprint);
 
 }  // namespace lorad::engine

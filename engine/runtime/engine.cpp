@@ -237,7 +237,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
     auto tokenizer = LoadTokenizer(options.model_folder);
     if (!tokenizer.ok()) return tokenizer.status();
     impl->tokenizer = std::move(*tokenizer);
-    auto fingerprint = ModelFolderFingerprint(options.model_folder);
+    auto fingerprint =
+        ModelFolderFingerprint(options.model_folder, impl->model->weights_fingerprint());
     if (!fingerprint.ok()) return fingerprint.status();
     impl->base_fingerprint = *std::move(fingerprint);
 

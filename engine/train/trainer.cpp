@@ -476,7 +476,7 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   auto fingerprint = FilesFingerprint(DatasetFiles(c), abandon);
   if (!fingerprint.ok()) return fingerprint.status();
   prepared->dataset_fingerprint = *std::move(fingerprint);
-  auto base = ModelFolderFingerprint(model_folder);
+  auto base = ModelFolderFingerprint(model_folder, model.weights_fingerprint());
   if (!base.ok()) return base.status();
   prepared->base_fingerprint = absl::StrCat(*base, "|", c.data.model_chat_template);
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);

@@ -234,6 +234,21 @@ def test_an_inline_example_of_nested_aliases_is_refused_before_it_expands(tmp_pa
                                     "more than 4 MiB"), result.stderr
 
 
+def test_many_records_naming_one_aliased_record_are_refused_before_they_expand(tmp_path):
+    """Each record under 4 MiB, but thousands of records naming one of 10,000 aliased values
+    expanded to gigabytes (and crashed loradctl): records past 256 MiB in all are refused."""
+    lines = ["adapter_name: a", "dataset:", "  inline_examples:",
+             "    - &r",
+             "      l0: &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"      l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 4)]
+    lines += ["    - *r"] * 3000
+    path = tmp_path / "many.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = loradctl("train", "submit", str(path), address=f"127.0.0.1:{free_port()}")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "the records expand to more than 256 MiB in all" in result.stderr, result.stderr
+
+
 def test_job_files_that_are_not_yaml_text_are_usage_errors(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00")

@@ -378,6 +378,19 @@ TEST_F(LoraAdapterTest, TargetNamesWithAPathPickTheirModulesAsPeftDoes) {
   EXPECT_EQ(reread->layers.size(), 2u);
 }
 
+// Fields PEFT writes switched off: an empty list, false, or (trainable_token_indices, a dict of
+// layers) an empty dict. Read as plain LoRA.
+TEST_F(LoraAdapterTest, VariantFieldsSwitchedOffAreRead) {
+  for (const std::string extra :
+       {R"("trainable_token_indices": {})", R"("trainable_token_indices": [])",
+        R"("layer_replication": null)", R"("use_bdlora": false)", R"("kasa_config": null)"}) {
+    SCOPED_TRACE(extra);
+    const std::string folder = WriteFolder("off", ConfigText(extra), QProjWeights());
+    auto read = LoraAdapter::ReadPeft(folder);
+    EXPECT_TRUE(read.ok()) << read.status();
+  }
+}
+
 TEST_F(LoraAdapterTest, ReadErrorsNameTheFolderFileAndField) {
   ExpectReadError((dir_ / "absent").string(), "does not exist");
   fs::create_directories(dir_ / "empty");
