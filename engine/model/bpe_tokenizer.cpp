@@ -148,6 +148,13 @@ class BpeTokenizerParser {
     return absl::OkStatus();
   }
 
+  // The post_processor's special tokens alone (BpeTokenizer::ReadPostProcessor).
+  absl::Status PostProcessorOf(const json& root, std::vector<int32_t>* prefix,
+                               std::vector<int32_t>* suffix) {
+    return ParsePostProcessor(root.value("post_processor", json()), "post_processor", prefix,
+                              suffix);
+  }
+
  private:
   absl::Status Invalid(const std::string& field, const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(source_, ": field '", field, "' ", what));
@@ -546,6 +553,26 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Parse(
     return absl::InvalidArgumentError(absl::StrCat(source, ": ", e.what()));
   }
   return t;
+}
+
+absl::Status BpeTokenizer::ReadPostProcessor(const std::string& json_path,
+                                             std::vector<int32_t>* prefix,
+                                             std::vector<int32_t>* suffix) {
+  std::ifstream in(json_path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(json_path, ": cannot be read"));
+  std::stringstream text;
+  text << in.rdbuf();
+  if (auto s = CheckJsonNesting(text.str(), json_path); !s.ok()) return s;
+  const json root = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded() || !root.is_object()) {
+    return absl::InvalidArgumentError(json_path + ": not valid JSON");
+  }
+  BpeTokenizer scratch;
+  try {
+    return BpeTokenizerParser(json_path, &scratch).PostProcessorOf(root, prefix, suffix);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(json_path, ": ", e.what()));
+  }
 }
 
 std::vector<std::string> BpeTokenizer::PreTokenize(std::string_view text) const {

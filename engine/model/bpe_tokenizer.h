@@ -37,6 +37,10 @@ class BpeTokenizer final : public Tokenizer {
   static absl::StatusOr<std::unique_ptr<BpeTokenizer>> Parse(const std::string& json_text,
                                                              const std::string& source,
                                                              const TokenizerSettings& settings);
+  // The special tokens `json_path`'s post_processor puts before and after a text (none without
+  // one), for a tokenizer.json lorad does not otherwise read (one beside tokenizer.model).
+  static absl::Status ReadPostProcessor(const std::string& json_path, std::vector<int32_t>* prefix,
+                                        std::vector<int32_t>* suffix);
 
   std::vector<int32_t> Encode(std::string_view text, bool add_special_tokens) const override;
   std::string Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const override;

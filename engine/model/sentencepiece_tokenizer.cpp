@@ -83,8 +83,13 @@ absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::
   t->bos_id_ = bos.value_or(-1);
   if (eos) t->eos_ids_.insert(*eos);
   for (int32_t id : settings.extra_eos_ids) t->eos_ids_.insert(id);
-  if (settings.add_bos_token.value_or(false) && bos) t->prefix_ids_.push_back(*bos);
-  if (settings.add_eos_token.value_or(false) && eos) t->suffix_ids_.push_back(*eos);
+  if (settings.template_prefix_ids || settings.template_suffix_ids) {
+    t->prefix_ids_ = settings.template_prefix_ids.value_or(std::vector<int32_t>());
+    t->suffix_ids_ = settings.template_suffix_ids.value_or(std::vector<int32_t>());
+  } else {
+    if (settings.add_bos_token.value_or(false) && bos) t->prefix_ids_.push_back(*bos);
+    if (settings.add_eos_token.value_or(false) && eos) t->suffix_ids_.push_back(*eos);
+  }
   return t;
 }
 

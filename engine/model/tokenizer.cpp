@@ -204,6 +204,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& fold
     }
   }
   if (has_model) {
+    if (fs::exists(json_path, ec)) {  // read for its post_processor alone
+      std::vector<int32_t> prefix, suffix;
+      if (auto s = BpeTokenizer::ReadPostProcessor(json_path.string(), &prefix, &suffix); !s.ok()) {
+        return s;
+      }
+      settings->template_prefix_ids = std::move(prefix);
+      settings->template_suffix_ids = std::move(suffix);
+    }
     absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> sp =
         SentencePieceTokenizer::Load(model_path.string(), *settings);
     if (!sp.ok()) return sp.status();

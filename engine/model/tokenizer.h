@@ -51,6 +51,10 @@ struct TokenizerSettings {
   std::optional<bool> add_bos_token;
   std::optional<bool> add_eos_token;
   std::optional<bool> add_prefix_space;
+  // The special tokens a tokenizer.json's post_processor adds, when lorad reads the
+  // tokenizer.model beside it instead: they rule over add_bos_token / add_eos_token, as in
+  // transformers 5 (which drops those two whenever tokenizer.json exists).
+  std::optional<std::vector<int32_t>> template_prefix_ids, template_suffix_ids;
   std::optional<bool> legacy;
   std::vector<AddedToken> added_tokens;  // tokenizer_config.json "added_tokens_decoder"
   std::vector<int32_t> extra_eos_ids;  // generation_config.json's eos_token_id, else config.json's

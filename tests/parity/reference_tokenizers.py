@@ -277,6 +277,31 @@ def _config_variant(out, name, source, fields):
     return folder
 
 
+def _legacy_json_beside_model(out, model, resaved):
+    """The layout of older Llama 2 / Mistral / TinyLlama folders: tokenizer.model beside a
+    tokenizer.json whose normalizer prepends and replaces (no pre_tokenizer), which lorad reads
+    through tokenizer.model; its post_processor still decides BOS/EOS, whatever
+    tokenizer_config.json's add_bos_token / add_eos_token say."""
+    import shutil
+
+    folder = out / "sentencepiece_legacy_json"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(resaved, folder)
+    shutil.copy(model / "tokenizer.model", folder / "tokenizer.model")
+    data = json.loads((resaved / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    data["pre_tokenizer"] = None
+    for token in data["added_tokens"]:  # as such files mark theirs
+        token["special"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update({"add_bos_token": False, "add_eos_token": True})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
 def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets = {"sentencepiece": (model, "<|im_start|>", "<|im_end|>", "<s>")}
     targets["sentencepiece_json"] = (_resaved_by_transformers(out, pathlib.Path(model)),
@@ -284,6 +309,10 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     targets.update(_fixtures(out))
     added, added_texts = _with_added_tokens(out, targets["llama3_bpe"][0])
     targets["llama3_added"] = (added, *targets["llama3_bpe"][1:])
+    targets["sentencepiece_legacy_json"] = (
+        _legacy_json_beside_model(out, pathlib.Path(model),
+                                  pathlib.Path(targets["sentencepiece_json"][0])),
+        *targets["sentencepiece"][1:])
     for name, (source, fields) in CONFIG_VARIANTS.items():
         folder, *specials = targets[source]
         targets[name] = (_config_variant(out, name, pathlib.Path(folder), fields), *specials)

@@ -116,7 +116,8 @@ INSTANTIATE_TEST_SUITE_P(Tokenizers, TokenizerParity,
                                            "qwen2_bpe", "gpt2_bpe", "llama3_added",
                                            "llama3_config_disagrees",
                                            "sentencepiece_json_config_disagrees",
-                                           "sentencepiece_json_no_prefix_space"),
+                                           "sentencepiece_json_no_prefix_space",
+                                           "sentencepiece_legacy_json"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace
