@@ -277,63 +277,6 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
         stop_daemon(d)
 
 
-def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
-    """The data folder moved (or mounted elsewhere, as into a container) between two starts:
-    the adapters are served again, an interrupted job resumes, and a queued job that continues
-    an adapter reads it, from the new place."""
-    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
-    first = tmp_path / "first"
-    prepare(first)
-    d = start_daemon(first)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "moved", 3)), timeout=30)
-            _, states, _ = watch_until_done(stub, tpb, done.id)
-            assert states[-1] == tpb.JOB_STATE_SUCCEEDED
-            long_job = stub.SubmitJob(
-                tpb.SubmitJobRequest(spec=job_spec(tpb, "long", 100000, save_every=2)), timeout=30)
-            for event in stub.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=120):
-                if event.WhichOneof("event") == "checkpoint":
-                    break
-            # Queued behind the long one (one job at a time): its init_adapter_path names the
-            # first job's adapter folder, inside the data folder.
-            spec = job_spec(tpb, "continued", 2)
-            spec.init_adapter = "moved"
-            continued = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
-            assert continued.spec.init_adapter_path.startswith(str(first)), continued.spec
-    finally:
-        assert stop_daemon(d) == 0, d.log()
-    # Moved, and reached through a symlink (a mount point, say): paths follow to the place itself.
-    second = tmp_path / "second"
-    shutil.move(first, second)
-    link = tmp_path / "link"
-    link.symlink_to(second)
-    d = start_daemon(link)
-    try:
-        assert "moved since the last start" in d.log(), d.log()
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
-            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
-            assert [(a.name, a.version) for a in listed] == [("moved", 1)], d.log()
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            summary = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10).summary
-            assert summary.adapter_path.startswith(str(second)), summary.adapter_path
-            job = wait_for_state(stub, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
-            assert job.spec.dataset.path.startswith(str(second)), job.spec.dataset.path
-            deadline = time.time() + 60
-            while "resuming from" not in d.log() and time.time() < deadline:
-                time.sleep(0.1)
-            assert f"resuming from {link}" in d.log(), d.log()  # the job folder as configured
-            stub.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
-            _, states, _ = watch_until_done(stub, tpb, continued.id)
-            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
-            job = stub.GetJob(tpb.GetJobRequest(job_id=continued.id), timeout=10)
-            assert job.spec.init_adapter_path.startswith(str(second)), job.spec.init_adapter_path
-    finally:
-        stop_daemon(d)
-
-
 def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
     """export_merged writes the base with the adapter merged in; transformers loads it and its
     logits equal PEFT's merge_and_unload() of the job's own adapter on the same base."""

@@ -1,0 +1,107 @@
+"""Restarts of the daemon on folders that moved or changed since the last start: the data folder
+moved (its jobs and adapters follow), the model folder's files changed (the adapters made for
+the old base are named)."""
+import json
+import re
+import shutil
+import time
+
+import grpc
+
+from conftest import start_daemon, stop_daemon, tiny_model_path
+from test_training_end_to_end import job_spec, prepare, wait_for_state, watch_until_done
+
+
+def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_other(
+        tmp_path, stubs):
+    """A restart on a model folder whose files differ from the last start's (here its config's
+    rms_norm_eps, as another revision of the same shapes): the recorded adapters serve again, as
+    PEFT would load them, and the log names them as made for the other base."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path(), model)
+    prepare(tmp_path)
+    d = start_daemon(tmp_path, model=model)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "made-here", 2)),
+                                  timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    d = start_daemon(tmp_path, model=model)  # the same files: nothing to say
+    assert stop_daemon(d) == 0, d.log()
+    assert "is not the one of the last start" not in d.log(), d.log()
+
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = config["rms_norm_eps"] * 10
+    (model / "config.json").write_text(json.dumps(config))
+    d = start_daemon(tmp_path, model=model)
+    try:
+        assert re.search(r"the base model in .* is not the one of the last start .* 1 adapter\(s\) "
+                         r"served again .*: made-here v1", d.log()), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+            assert [(a.name, a.version) for a in listed] == [("made-here", 1)]
+    finally:
+        stop_daemon(d)
+
+
+def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
+    """The data folder moved (or mounted elsewhere, as into a container) between two starts:
+    the adapters are served again, an interrupted job resumes, and a queued job that continues
+    an adapter reads it, from the new place."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    first = tmp_path / "first"
+    prepare(first)
+    d = start_daemon(first)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "moved", 3)), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED
+            long_job = stub.SubmitJob(
+                tpb.SubmitJobRequest(spec=job_spec(tpb, "long", 100000, save_every=2)), timeout=30)
+            for event in stub.WatchJob(tpb.WatchJobRequest(job_id=long_job.id), timeout=120):
+                if event.WhichOneof("event") == "checkpoint":
+                    break
+            # Queued behind the long one (one job at a time): its init_adapter_path names the
+            # first job's adapter folder, inside the data folder.
+            spec = job_spec(tpb, "continued", 2)
+            spec.init_adapter = "moved"
+            continued = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            assert continued.spec.init_adapter_path.startswith(str(first)), continued.spec
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    # Moved, and reached through a symlink (a mount point, say): paths follow to the place itself.
+    second = tmp_path / "second"
+    shutil.move(first, second)
+    link = tmp_path / "link"
+    link.symlink_to(second)
+    d = start_daemon(link)
+    try:
+        assert "moved since the last start" in d.log(), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+            assert [(a.name, a.version) for a in listed] == [("moved", 1)], d.log()
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            summary = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10).summary
+            assert summary.adapter_path.startswith(str(second)), summary.adapter_path
+            job = wait_for_state(stub, tpb, long_job.id, tpb.JOB_STATE_RUNNING)
+            assert job.spec.dataset.path.startswith(str(second)), job.spec.dataset.path
+            deadline = time.time() + 60
+            while "resuming from" not in d.log() and time.time() < deadline:
+                time.sleep(0.1)
+            assert f"resuming from {link}" in d.log(), d.log()  # the job folder as configured
+            stub.CancelJob(tpb.CancelJobRequest(job_id=long_job.id), timeout=10)
+            _, states, _ = watch_until_done(stub, tpb, continued.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            job = stub.GetJob(tpb.GetJobRequest(job_id=continued.id), timeout=10)
+            assert job.spec.init_adapter_path.startswith(str(second)), job.spec.init_adapter_path
+    finally:
+        stop_daemon(d)
