@@ -478,7 +478,12 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   prepared->dataset_fingerprint = *std::move(fingerprint);
   auto base = ModelFolderFingerprint(model_folder, model.weights_fingerprint());
   if (!base.ok()) return base.status();
-  prepared->base_fingerprint = absl::StrCat(*base, "|", c.data.model_chat_template);
+  // The operator's template only where the job takes the model's own (ExampleFormatter): a job
+  // naming its template formats its examples the same whatever the operator picks.
+  const std::string& name = c.data.template_name;
+  const bool models_own = name.empty() || name == "auto" || name == "chat";
+  prepared->base_fingerprint =
+      absl::StrCat(*base, "|", models_own ? c.data.model_chat_template : std::string());
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);

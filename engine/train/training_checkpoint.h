@@ -47,7 +47,7 @@ struct TrainerState {
   // older lorad versions (not checked).
   std::string dataset_fingerprint;
   // The base model folder's contents (ModelFolderFingerprint) and the operator's chat template
-  // when the job started: a resume on another base (a re-download of another revision, the
+  // (for a job that takes the model's own) when the job started: a resume on another base (a re-download of another revision, the
   // Instruct variant, same shapes) would train the rest of the job on it. "" in checkpoints of
   // older lorad versions (not checked).
   std::string base_fingerprint;

@@ -105,6 +105,32 @@ TEST_F(TrainerTest, AResumeRefusesAnotherBaseModel) {
       << refused.status();
 }
 
+// The operator's model.chat_template is part of the base for a job that takes the model's own
+// template ("auto", "chat"): changed between a stop and a resume, the rest would be formatted
+// otherwise. A job naming its template (alpaca) formats the same whatever it is, and resumes.
+TEST_F(TrainerTest, AResumeRefusesAnotherOperatorTemplateOnlyForJobsThatTakeIt) {
+  for (const std::string& template_name : {std::string("auto"), std::string("alpaca")}) {
+    SCOPED_TRACE(template_name);
+    TrainingJobConfig config = Config("operator-template-" + template_name);
+    config.data.template_name = template_name;
+    config.save_every = 2;
+    {
+      auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+      ASSERT_TRUE(first.ok()) << first.status();
+      while ((*first)->step() < 2) ASSERT_TRUE((*first)->Step().ok());
+    }
+    config.data.model_chat_template = "chatml";
+    auto again = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+    if (template_name == "auto") {
+      ASSERT_FALSE(again.ok());
+      EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition) << again.status();
+    } else {
+      ASSERT_TRUE(again.ok()) << again.status();
+      EXPECT_TRUE((*again)->resumed());
+    }
+  }
+}
+
 // The learning requirement of the trainer issue: 60 steps on the Q&A fixture lower the loss at
 // least 5x, and greedy answers to the training questions then contain the reference answers.
 // The fixture model is tiny (2 layers, hidden 128) with frozen random embeddings, so it needs a
