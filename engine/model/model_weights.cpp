@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/model/json_file.h"
 #include "engine/runtime/durable_file.h"
+#include "engine/runtime/file_fingerprint.h"
 #include "nlohmann/json.hpp"
 
 namespace lorad::engine {
@@ -242,27 +243,17 @@ absl::StatusOr<Nf4Tensor> ModelWeights::GetNf4(const std::string& name,
   }
 }
 
-namespace {
-
-// FNV-1a 64, as FilesFingerprint.
-void Mix(uint64_t* hash, const void* data, size_t n) {
-  const auto* bytes = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; ++i) *hash = (*hash ^ bytes[i]) * 1099511628211ULL;
-}
-
-}  // namespace
-
 std::string ModelWeights::Fingerprint() const {
-  uint64_t hash = 14695981039346656037ULL;
+  uint64_t hash = kFnv1aBasis;
   constexpr size_t kSample = 4096;
   for (const std::string& name : names()) {
     const TensorView* t = Find(name);
-    Mix(&hash, name.data(), name.size() + 1);
+    MixFnv1a(&hash, name.data(), name.size() + 1);
     const std::string shape =
         absl::StrCat(DTypeName(t->dtype), "[", absl::StrJoin(t->shape, ","), "]");
-    Mix(&hash, shape.data(), shape.size());
+    MixFnv1a(&hash, shape.data(), shape.size());
     for (size_t start : {size_t{0}, t->nbytes / 2, t->nbytes > kSample ? t->nbytes - kSample : 0}) {
-      if (start < t->nbytes) Mix(&hash, t->data + start, std::min(kSample, t->nbytes - start));
+      if (start < t->nbytes) MixFnv1a(&hash, t->data + start, std::min(kSample, t->nbytes - start));
     }
   }
   return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
@@ -271,19 +262,19 @@ std::string ModelWeights::Fingerprint() const {
 absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder,
                                                    const std::string& weights_fingerprint) {
   namespace fs = std::filesystem;
-  uint64_t hash = 14695981039346656037ULL;
+  uint64_t hash = kFnv1aBasis;
   for (const char* name :
        {"config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja"}) {
     const fs::path path = fs::path(folder) / name;
     std::error_code ec;
-    Mix(&hash, name, std::strlen(name) + 1);
+    MixFnv1a(&hash, name, std::strlen(name) + 1);
     if (!fs::exists(path, ec)) continue;
     auto bytes = ReadRegularFile(path.string(), name);
     if (!bytes.ok()) return bytes.status();
-    Mix(&hash, bytes->data(), bytes->size());
+    MixFnv1a(&hash, bytes->data(), bytes->size());
   }
-  Mix(&hash, weights_fingerprint.data(), weights_fingerprint.size());
+  MixFnv1a(&hash, weights_fingerprint.data(), weights_fingerprint.size());
   return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
 }
 

@@ -22,7 +22,7 @@ absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& pat
     auto opened = OpenRegularFile(path, absl::StrCat("'", path, "'"));
     if (!opened.ok()) return opened.status();
     const int fd = *opened;
-    uint64_t hash = 14695981039346656037ULL;
+    uint64_t hash = kFnv1aBasis;
     uint64_t size = 0;
     while (true) {
       if (abandon != nullptr && abandon->load()) {
@@ -38,7 +38,7 @@ absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& pat
             absl::StrCat("'", path, "' cannot be read: ", std::strerror(err)));
       }
       if (n == 0) break;
-      for (ssize_t i = 0; i < n; ++i) hash = (hash ^ buffer[i]) * 1099511628211ULL;
+      MixFnv1a(&hash, buffer.data(), static_cast<size_t>(n));
       size += static_cast<uint64_t>(n);
     }
     ::close(fd);

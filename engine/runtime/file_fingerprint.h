@@ -5,6 +5,8 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -18,5 +20,13 @@ namespace lorad::engine {
 // file takes about a second a GB).
 absl::StatusOr<std::string> FilesFingerprint(const std::vector<std::string>& paths,
                                              const std::atomic<bool>* abandon = nullptr);
+
+// FNV-1a 64 over `n` bytes, continuing from `*hash` (start from kFnv1aBasis): the hash of
+// FilesFingerprint and ModelFolderFingerprint.
+inline constexpr uint64_t kFnv1aBasis = 14695981039346656037ULL;
+inline void MixFnv1a(uint64_t* hash, const void* data, size_t n) {
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) *hash = (*hash ^ bytes[i]) * 1099511628211ULL;
+}
 
 }  // namespace lorad::engine
