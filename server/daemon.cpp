@@ -151,7 +151,7 @@ absl::Status Daemon::Start() {
   if (auto s = http_.Start(config_.server.http_address); !s.ok()) return s;
   if (auto probe = ListenOn(config_.server.grpc_address, "server.grpc_address", "--grpc-address");
       probe.ok()) {
-    close(*probe);  // gRPC binds it once the services exist, after the model has loaded
+    for (const int fd : *probe) close(fd);  // gRPC binds them once the services exist
   } else {
     http_.Stop();
     return probe.status();
@@ -312,14 +312,32 @@ absl::Status Daemon::FollowMovedFolders() {
   now.insert(now.end(), plain.begin(), plain.end());
   // Where each was at the last start -> where it is now; the longest match wins (then the
   // resolved form), so a root that stayed keeps its paths even inside a data folder that moved.
+  // A folder moved only where the old place is gone (or is the same folder, reached another
+  // way): a root pointed at another folder while the old one is still there is a change, and the
+  // paths recorded under the old one keep naming their files (rewritten into the new root, a
+  // queued job trained on another file of the same name).
   std::vector<std::pair<std::string, std::string>> moves;
   bool moved = false;
   for (const auto& [key, folder] : now) {
     auto before = jobs_->GetMeta(key);
     if (!before.ok()) return before.status();
     if (!before->has_value()) continue;
-    moves.emplace_back(**before, folder);
-    moved |= **before != folder;
+    const std::string& old_place = **before;
+    std::error_code gone_ec, same_ec;
+    const bool gone = !fs::exists(old_place, gone_ec) && !gone_ec;
+    const bool same = fs::equivalent(old_place, folder, same_ec) && !same_ec;
+    if (old_place != folder && !gone && !same) {
+      if (!absl::EndsWith(key, ".resolved")) {
+        spdlog::info(
+            "{} is {} now, {} at the last start (still there): the paths recorded "
+            "under the old place stay as they are",
+            key, folder, old_place);
+      }
+      moves.emplace_back(old_place, old_place);  // paths under it stay
+      continue;
+    }
+    moves.emplace_back(old_place, folder);
+    moved |= old_place != folder;
   }
   if (moved) {
     std::stable_sort(moves.begin(), moves.end(),

@@ -58,29 +58,82 @@ HttpServer::HttpServer(const MetricsRegistry& metrics, const ServingState& state
 
 HttpServer::~HttpServer() { Stop(); }
 
-absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
-                             const std::string& flag) {
-  // Why, in the words that say what to do: the port taken, a privileged port, a name or address
-  // this host does not have.
-  const auto cannot_listen = [&](const std::string& why) {
-    return absl::UnavailableError(absl::StrCat(key, ": cannot listen on ", address, " (", why,
-                                               "); choose another with ", flag));
-  };
-  const auto reason = [](int err) -> std::string {
-    switch (err) {
-      case EADDRINUSE:
-        return "port in use";
-      case EACCES:
-        return "permission denied: a port below 1024 needs privileges, or a security policy "
-               "refuses it";
-      case EADDRNOTAVAIL:
-        return "not an address of this host";
-      default:
-        return std::strerror(err);
+namespace {
+
+// Why, in the words that say what to do: the port taken, a privileged port, a name or address
+// this host does not have.
+absl::Status CannotListen(const std::string& address, const std::string& key,
+                          const std::string& flag, const std::string& why) {
+  return absl::UnavailableError(absl::StrCat(key, ": cannot listen on ", address, " (", why,
+                                             "); choose another with ", flag));
+}
+
+std::string ListenFailure(int err) {
+  switch (err) {
+    case EADDRINUSE:
+      return "port in use";
+    case EACCES:
+      return "permission denied: a port below 1024 needs privileges, or a security policy "
+             "refuses it";
+    case EADDRNOTAVAIL:
+      return "not an address of this host";
+    default:
+      return std::strerror(err);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<int>> ListenOnResolved(const addrinfo* found, const std::string& address,
+                                                  const std::string& key, const std::string& flag) {
+  std::vector<int> fds;
+  std::vector<std::string> bound;  // the addresses listened on, as bytes
+  int skipped = 0;                 // why the last address this host cannot have was skipped
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    const std::string bytes(reinterpret_cast<const char*>(a->ai_addr), a->ai_addrlen);
+    if (std::find(bound.begin(), bound.end(), bytes) != bound.end()) continue;
+    int err = 0;
+    const int fd =
+        socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      err = errno;
+    } else {
+      // SO_REUSEADDR (a quick restart while the port is in TIME_WAIT), never SO_REUSEPORT: with
+      // it a second daemon would bind the same port and the kernel spread scrapes over both. An
+      // IPv6 socket takes its own address only, so that an IPv4 one beside it can bind too.
+      int yes = 1;
+      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+      if (a->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &yes, sizeof(yes));
+      if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+        err = errno;
+        close(fd);
+      }
     }
-  };
+    if (err == 0) {
+      fds.push_back(fd);
+      bound.push_back(bytes);
+      continue;
+    }
+    if (err == EAFNOSUPPORT || err == EADDRNOTAVAIL) {
+      skipped = err;  // e.g. ::1 where IPv6 is turned off: the other addresses serve
+      continue;
+    }
+    for (const int open_fd : fds) close(open_fd);
+    return CannotListen(address, key, flag, ListenFailure(err));
+  }
+  if (fds.empty()) {
+    return CannotListen(address, key, flag,
+                        skipped != 0 ? ListenFailure(skipped) : "the name has no address");
+  }
+  return fds;
+}
+
+absl::StatusOr<std::vector<int>> ListenOn(const std::string& address, const std::string& key,
+                                          const std::string& flag) {
   auto host_port = SplitHostPort(address);
-  if (!host_port.ok()) return cannot_listen(std::string(host_port.status().message()));
+  if (!host_port.ok()) {
+    return CannotListen(address, key, flag, std::string(host_port.status().message()));
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -90,29 +143,11 @@ absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
   if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(),
                                  std::to_string(host_port->second).c_str(), &hints, &found);
       rc != 0) {
-    return cannot_listen(absl::StrCat("address not found: ", gai_strerror(rc)));
+    return CannotListen(address, key, flag, absl::StrCat("address not found: ", gai_strerror(rc)));
   }
-  int fd = -1;
-  int err = 0;
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) {
-      err = errno;
-      continue;
-    }
-    // SO_REUSEADDR (a quick restart while the port is in TIME_WAIT), never SO_REUSEPORT: with it
-    // a second daemon would bind the same port and the kernel spread scrapes over both.
-    int yes = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
-      err = errno;
-      close(fd);
-      fd = -1;
-    }
-  }
+  auto fds = ListenOnResolved(found, address, key, flag);
   freeaddrinfo(found);
-  if (fd < 0) return cannot_listen(reason(err));
-  return fd;
+  return fds;
 }
 
 absl::Status HttpServer::Start(const std::string& address) {
@@ -120,12 +155,11 @@ absl::Status HttpServer::Start(const std::string& address) {
   if (!host_port.ok()) return host_port.status();
   auto listening = ListenOn(address, "server.http_address", "--http-address");
   if (!listening.ok()) return listening.status();
-  const int fd = *listening;
   if (pipe2(wake_fds_, O_NONBLOCK | O_CLOEXEC) != 0) {
-    close(fd);
+    for (const int fd : *listening) close(fd);
     return absl::InternalError("cannot create the HTTP server's wake-up pipe");
   }
-  listen_fd_ = fd;
+  listen_fds_ = *std::move(listening);
   port_ = host_port->second;
   thread_ = std::thread([this] { Serve(); });
   return absl::OkStatus();
@@ -137,7 +171,9 @@ void HttpServer::Stop() {
     (void)!write(wake_fds_[1], &wake, 1);
     thread_.join();
   }
-  for (int* fd : {&listen_fd_, &wake_fds_[0], &wake_fds_[1]}) {
+  for (const int fd : listen_fds_) close(fd);
+  listen_fds_.clear();
+  for (int* fd : {&wake_fds_[0], &wake_fds_[1]}) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
   }
@@ -185,8 +221,11 @@ void HttpServer::Serve() {
   while (true) {
     const Clock::time_point now = Clock::now();
     const bool accepting = now >= accept_resumes;
-    fds.assign(
-        {{wake_fds_[0], POLLIN, 0}, {listen_fd_, static_cast<short>(accepting ? POLLIN : 0), 0}});
+    fds.assign({{wake_fds_[0], POLLIN, 0}});
+    for (const int fd : listen_fds_) {
+      fds.push_back({fd, static_cast<short>(accepting ? POLLIN : 0), 0});
+    }
+    const size_t first_connection = fds.size();
     owners.clear();
     int timeout_ms = -1;  // until the oldest connection's time is up, or accepting resumes
     if (!accepting) {
@@ -203,8 +242,8 @@ void HttpServer::Serve() {
     }
     if (poll(fds.data(), fds.size(), timeout_ms) < 0 && errno != EINTR) continue;
     if (fds[0].revents != 0) break;  // Stop()
-    for (size_t i = 2; i < fds.size(); ++i) {
-      Connection& c = *owners[i - 2];
+    for (size_t i = first_connection; i < fds.size(); ++i) {
+      Connection& c = *owners[i - first_connection];
       const short events = fds[i].revents;
       if (!c.responding && (events & (POLLIN | POLLHUP | POLLERR))) {
         const ssize_t n = recv(c.fd, buffer, sizeof(buffer), 0);
@@ -240,9 +279,10 @@ void HttpServer::Serve() {
         ++it;
       }
     }
-    if (fds[1].revents & POLLIN) {
+    for (size_t l = 1; l < first_connection; ++l) {
+      if (!(fds[l].revents & POLLIN)) continue;
       while (true) {
-        const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        const int fd = accept4(fds[l].fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
           if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
             accept_resumes = Clock::now() + kAcceptPause;

@@ -10,10 +10,13 @@
 // connection. Stop() may be called from any thread.
 #pragma once
 
+#include <netdb.h>
+
 #include <atomic>
 #include <chrono>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -22,12 +25,20 @@
 
 namespace lorad::server {
 
-// A listening TCP socket on `address` (host:port) as lorad listens: SO_REUSEADDR, never
-// SO_REUSEPORT (a second daemon must not share the port). UNAVAILABLE names `key` and the `flag`
-// that chooses another. The daemon also opens and closes one on the gRPC address before the model
-// loads, so a port in use is found in a second, not after minutes of loading.
-absl::StatusOr<int> ListenOn(const std::string& address, const std::string& key,
-                             const std::string& flag);
+// Listening TCP sockets on `address` (host:port) as lorad listens: one on every address the host
+// name resolves to, as gRPC listens (`localhost` is ::1 and 127.0.0.1 on most hosts: the first
+// alone left scrapers of 127.0.0.1 refused, and the port there free for another program);
+// SO_REUSEADDR, never SO_REUSEPORT (a second daemon must not share the port). An address this
+// host cannot have (IPv6 turned off) is skipped; any other failure (port in use) fails it all.
+// UNAVAILABLE names `key` and the `flag` that chooses another. The daemon also opens and closes
+// them on the gRPC address before the model loads, so a port in use is found in a second, not
+// after minutes of loading.
+absl::StatusOr<std::vector<int>> ListenOn(const std::string& address, const std::string& key,
+                                          const std::string& flag);
+// ListenOn after name resolution: the addresses in `found` (a getaddrinfo list; an address listed
+// twice is listened on once), `address`, `key` and `flag` for the messages.
+absl::StatusOr<std::vector<int>> ListenOnResolved(const addrinfo* found, const std::string& address,
+                                                  const std::string& key, const std::string& flag);
 
 class HttpServer {
  public:
@@ -55,7 +66,7 @@ class HttpServer {
 
   const MetricsRegistry& metrics_;
   const ServingState& state_;
-  int listen_fd_ = -1;
+  std::vector<int> listen_fds_;
   int wake_fds_[2] = {-1, -1};  // a pipe: Stop() writes to end the loop
   std::thread thread_;
   int port_ = 0;

@@ -436,6 +436,13 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
   const bool bracketed = host.size() >= 2 && host.front() == '[' && host.back() == ']';
   if (bracketed) {
     host = host.substr(1, host.size() - 2);
+    // Brackets hold an IPv6 address only (gRPC refuses [127.0.0.1] and [localhost], after the
+    // model has loaded).
+    if (host.find(':') == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "'", address, "': brackets hold an IPv6 address (e.g. [::1]:", address.substr(colon + 1),
+          "); write a host name or IPv4 address without them"));
+    }
   } else if (host.find(':') != std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat(
         "'", address, "': put an IPv6 address in brackets (e.g. [::1]:", address.substr(colon + 1),
@@ -450,7 +457,10 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
     }
   }
   int port = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+  const std::string digits = address.substr(colon + 1);  // SimpleAtoi would take "80 " and "+80"
+  if (digits.empty() || digits.size() > 5 ||
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      !absl::SimpleAtoi(digits, &port) || port < 1 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("'", address, "' has no valid port (1..65535)"));
   }
   return std::make_pair(host, port);
@@ -544,7 +554,7 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   }
   if (ListenAddressesOverlap(*SplitHostPort(config.server.grpc_address),
                              *SplitHostPort(config.server.http_address))) {
-    return error({"server.http_address"},
+    return error({"server.http_address", "server.grpc_address"},
                  absl::StrCat(config.server.http_address, " takes the port of server.grpc_address ",
                               config.server.grpc_address, "; give them different ports"));
   }

@@ -23,9 +23,12 @@ absl::Status SqliteError(sqlite3* db) {
     case SQLITE_READONLY:
     case SQLITE_PERM:
     case SQLITE_CANTOPEN:
-      return absl::InternalError(
-          absl::StrCat(name, " cannot be written (", message,
-                       "): give the user lorad runs as write access to it and to its folder"));
+      // Its -wal and -shm files too: a -shm left read-only by a start that was refused kept
+      // refusing after the database itself was made writable.
+      return absl::InternalError(absl::StrCat(
+          name, " cannot be written (", message,
+          "): give the user lorad runs as write access to it, to its -wal and -shm files beside it "
+          "and to its folder"));
     case SQLITE_IOERR:
       return absl::InternalError(
           absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));

@@ -68,12 +68,12 @@ struct InferenceStats {
   int64_t graph_replays = 0;
   int64_t graphs_captured = 0;
   std::string graph_error;
-  // Copies of the step's adapter set into one stack (multi_lora_applier.h): one per new set; an
-  // idle engine keeps the last one while its versions stay current.
+  // Stacks built for the step's adapter set (multi_lora_applier.h): one per new set; an idle
+  // engine keeps the last one while its versions stay current.
   int64_t lora_stacks_built = 0;
   int32_t lora_stack_adapters = 0;  // adapters in the stack held now (kept while idle)
-  // That stack's device bytes: a copy of its adapters beside the store's, each padded to the
-  // largest rank among them (an r=128 adapter beside r=8 ones makes every slot r=128).
+  // That stack's own device bytes: the kernels' tables (the adapters' weights are the store's,
+  // shared, not copied).
   int64_t lora_stack_bytes = 0;
   // With InferenceEngineOptions::profile_phases: seconds spent, summed over steps, in planning
   // and admission, the forward (until its logits are ready), sampling, and emitting tokens.

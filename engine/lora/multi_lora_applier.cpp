@@ -19,32 +19,39 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
     torch::ScalarType dtype) {
   auto stack = std::make_shared<LoraStack>();
   const int64_t n = static_cast<int64_t>(adapters.size());
-  const int64_t slots = n + 1;
   stack->num_adapters_ = static_cast<int32_t>(n);
+  stack->dtype_ = dtype;
   stack->entries_.resize(static_cast<size_t>(num_layers));
-  const auto options = torch::TensorOptions().dtype(dtype).device(device);
-  // Every entry's small tables (its slot scales, and the kernels' pointer, rank and scale
-  // arrays) are gathered on the host and go to the device in one copy per kind, each entry
-  // a view of them: a copy per table and entry (five for each of 224 entries of an 8B model)
-  // each waited for the stream, and a request on an adapter that found the engine idle waited
-  // for all of them before its first token.
+  // Every entry's kernel tables (pointer, rank and scale arrays) are gathered on the host and go
+  // to the device in one copy per kind, each entry a view of them: a copy per table and entry
+  // (four for each of 224 entries of an 8B model) each waited for the stream, and a request on an
+  // adapter that found the engine idle waited for all of them before its first token.
   std::vector<Entry*> entries;
   std::vector<int64_t> pointers;  // per entry: a[0..n), then b[0..n)
   std::vector<int32_t> ranks;     // per entry: [n]
-  std::vector<float> scales;      // per entry: [slots], the none slot last
+  std::vector<float> scales;      // per entry: [n]
   try {
     torch::NoGradGuard no_grad;
+    // The adapter's own tensor where the kernels and the torch path can read it as it is (the
+    // store's device copies are), else a copy the stack owns.
+    const auto on_device = [&](const torch::Tensor& t) {
+      torch::Tensor out = t.detach().to(device, dtype).contiguous();
+      if (out.data_ptr() != t.data_ptr()) stack->own_bytes_ += static_cast<int64_t>(out.nbytes());
+      return out;
+    };
     for (int64_t layer = 0; layer < num_layers; ++layer) {
       for (int p = 0; p < kNumProjections; ++p) {
         const std::string path = ProjectionPath(layer, static_cast<Projection>(p));
-        std::vector<const LoraPair*> pairs(adapters.size(), nullptr);
-        int64_t r_max = 0, in = 0, out = 0;
+        Entry e;
+        e.a.resize(adapters.size());
+        e.b.resize(adapters.size());
+        e.scale.assign(adapters.size(), 0.0f);
+        int64_t in = 0, out = 0;
         for (size_t i = 0; i < adapters.size(); ++i) {
           auto it = adapters[i]->layers.find(path);
           if (it == adapters[i]->layers.end()) continue;
-          pairs[i] = &it->second;
-          r_max = std::max<int64_t>(r_max, it->second.a.size(0));
-          const int64_t pin = it->second.a.size(1), pout = it->second.b.size(0);
+          const LoraPair& pair = it->second;
+          const int64_t pin = pair.a.size(1), pout = pair.b.size(0);
           if ((in != 0 && in != pin) || (out != 0 && out != pout)) {
             return absl::InvalidArgumentError(absl::StrCat("adapters disagree on the shape of ",
                                                            path, ": [", out, ", ", in, "] and [",
@@ -52,29 +59,24 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
           }
           in = pin;
           out = pout;
+          e.a[i] = on_device(pair.a);
+          e.b[i] = on_device(pair.b);
+          e.scale[i] = static_cast<float>(adapters[i]->config.scaling());
+          e.max_rank = std::max<int32_t>(e.max_rank, static_cast<int32_t>(pair.a.size(0)));
         }
-        if (r_max == 0) continue;  // no adapter targets this projection
-        Entry& e = stack->entries_[layer][p];
-        e.a = torch::zeros({slots, r_max, in}, options);
-        e.b = torch::zeros({slots, out, r_max}, options);
-        entries.push_back(&e);
+        if (!e.targeted()) continue;  // no adapter targets this projection
         std::vector<int64_t> b_pointers;
-        for (int64_t i = 0; i < n; ++i) {
-          const LoraPair* pair = pairs[static_cast<size_t>(i)];
-          if (pair != nullptr) {
-            const int64_t r = pair->a.size(0);
-            e.a[i].narrow(0, 0, r).copy_(pair->a);
-            e.b[i].narrow(1, 0, r).copy_(pair->b);
-          }
-          const float scale =
-              pair == nullptr ? 0.0f : static_cast<float>(adapters[i]->config.scaling());
-          pointers.push_back(reinterpret_cast<int64_t>(e.a[i].data_ptr()));
-          b_pointers.push_back(reinterpret_cast<int64_t>(e.b[i].data_ptr()));
-          ranks.push_back(static_cast<int32_t>(r_max));
-          scales.push_back(scale);
+        for (size_t i = 0; i < adapters.size(); ++i) {
+          const bool has = e.a[i].defined();
+          pointers.push_back(has ? reinterpret_cast<int64_t>(e.a[i].data_ptr()) : 0);
+          b_pointers.push_back(has ? reinterpret_cast<int64_t>(e.b[i].data_ptr()) : 0);
+          ranks.push_back(has ? static_cast<int32_t>(e.a[i].size(0)) : 0);
+          scales.push_back(e.scale[i]);
         }
         pointers.insert(pointers.end(), b_pointers.begin(), b_pointers.end());
-        scales.push_back(0.0f);  // the none slot
+        Entry& kept = stack->entries_[layer][p];
+        kept = std::move(e);
+        entries.push_back(&kept);
       }
     }
     // Owned host tensors (on the CPU, .to(device) returns them as they are).
@@ -83,18 +85,19 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
       if (!values.empty()) {
         std::memcpy(host.data_ptr(), values.data(), values.size() * sizeof(values[0]));
       }
-      return host.to(device);
+      torch::Tensor table = host.to(device);
+      stack->own_bytes_ += static_cast<int64_t>(table.nbytes());
+      return table;
     };
     // The kernels' tables are built on every device (on the CPU they are a few bytes), so that
-    // the CPU tests check them too. Their fp32 scales are the slot scales without the none slot.
-    const torch::Tensor all_scales = upload(scales, torch::kFloat);  // fp32 for both paths
+    // the CPU tests check them too.
+    const torch::Tensor all_scales = upload(scales, torch::kFloat);
     const torch::Tensor all_pointers = upload(pointers, torch::kLong);
     const torch::Tensor all_ranks = upload(ranks, torch::kInt);
     for (size_t k = 0; k < entries.size(); ++k) {
       Entry& e = *entries[k];
       const int64_t at = static_cast<int64_t>(k);
-      e.scale = all_scales.narrow(0, at * slots, slots);
-      e.scales_f32 = all_scales.narrow(0, at * slots, n);
+      e.scales_f32 = all_scales.narrow(0, n * at, n);
       e.a_pointers = all_pointers.narrow(0, 2 * n * at, n);
       e.b_pointers = all_pointers.narrow(0, 2 * n * at + n, n);
       e.ranks = all_ranks.narrow(0, n * at, n);
@@ -107,22 +110,16 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
   return std::shared_ptr<const LoraStack>(std::move(stack));
 }
 
-int64_t LoraStack::bytes() const {
-  int64_t n = 0;
-  for (const auto& layer : entries_) {
-    for (const Entry& e : layer) {
-      if (e.a.defined()) n += static_cast<int64_t>(e.a.nbytes() + e.b.nbytes() + e.scale.nbytes());
-    }
-  }
-  return n;
-}
-
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
                                    const std::vector<int32_t>& row_slots, torch::Device device)
     : stack_(std::move(stack)) {
   std::vector<int32_t> rows;
   rows.reserve(row_slots.size());
-  for (int32_t s : row_slots) rows.push_back(s < 0 ? stack_->none_slot() : s);
+  for (int32_t s : row_slots) {
+    const bool none = s < 0 || s >= stack_->num_adapters();
+    rows.push_back(none ? stack_->none_slot() : s);
+    host_slots_.push_back(none ? -1 : s);
+  }
   rows_ = torch::tensor(rows, torch::kInt).to(device);
 }
 
@@ -146,9 +143,9 @@ bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>&
   int64_t total_rank = 0;
   for (size_t i = 0; i < projections.size(); ++i) {
     const LoraStack::Entry& e = stack_->entry(layer, projections[i]);
-    if (!e.a.defined()) continue;  // no adapter targets this projection
+    if (!e.targeted()) continue;  // no adapter targets this projection
     const torch::Tensor& y = ys[i];
-    if (!e.a_pointers.defined() || e.a.scalar_type() != x.scalar_type() ||
+    if (!e.a_pointers.defined() || !e.a_pointers.is_cuda() || stack_->dtype() != x.scalar_type() ||
         y.scalar_type() != x.scalar_type() || !y.is_contiguous() || !y.is_cuda()) {
       return false;  // checked for all before any launch: the torch path takes them all
     }
@@ -158,7 +155,7 @@ bool MultiLoraApplier::AddOnDevice(int64_t layer, const std::vector<Projection>&
     t.table.rank = e.ranks.data_ptr<int32_t>();
     t.table.scale = e.scales_f32.data_ptr<float>();
     t.table.num_slots = stack_->num_adapters();
-    t.table.max_rank = static_cast<int32_t>(e.a.size(1));
+    t.table.max_rank = e.max_rank;
     t.out_features = y.size(-1);
     t.y = y.data_ptr();
     total_rank += t.table.max_rank;
@@ -189,29 +186,67 @@ std::vector<torch::Tensor> MultiLoraApplier::ApplyShared(
   return LoraApplier::ApplyShared(layer, projections, x, ys);
 }
 
+std::vector<int32_t> MultiLoraApplier::HostSlots() const {
+  if (!host_slots_.empty() || rows_.numel() == 0) return host_slots_;
+  const torch::Tensor rows = rows_.to(torch::kCPU, torch::kInt).contiguous();
+  const int32_t* p = rows.data_ptr<int32_t>();
+  std::vector<int32_t> slots(p, p + rows.numel());
+  for (int32_t& s : slots) {
+    if (s < 0 || s >= stack_->num_adapters()) s = -1;
+  }
+  return slots;
+}
+
 torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
                                       const torch::Tensor& y) const {
   const LoraStack::Entry& e = stack_->entry(layer, projection);
-  if (!e.a.defined()) return y;
+  if (!e.targeted()) return y;
   if (AddOnDevice(layer, {projection}, x, {y})) return y;
+  const std::vector<int32_t> slots = HostSlots();
   const int64_t rows = x.size(0);
-  const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});                     // [B, T, in]
-  const torch::Tensor a = e.a.index_select(0, rows_).to(x.scalar_type());         // [B, r, in]
-  const torch::Tensor b = e.b.index_select(0, rows_).to(x.scalar_type());         // [B, out, r]
-  const torch::Tensor scale = e.scale.index_select(0, rows_).view({rows, 1, 1});  // fp32
-  // Rank first, as PEFT does: the intermediate is [B, T, r].
-  const torch::Tensor h = torch::bmm(x3, a.transpose(1, 2));
-  if (y.is_contiguous() && !y.requires_grad()) {
-    // Added into y by one batched GEMM (beta 1) with each row's scale folded into its B: no
-    // [B, T, out] temporaries for the product, its scaling and the sum (a prefill of 2,048
-    // tokens made three of each projection's output size).
-    const torch::Tensor scaled_b = (b * scale).to(x.scalar_type());  // in fp32, rounded once
-    torch::Tensor y3 = y.view({rows, -1, y.size(-1)});
-    y3.baddbmm_(h, scaled_b.transpose(1, 2));
-    return y;
+  const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});  // [B, T, in]
+  // Added into y in place (one batched GEMM with beta 1 and each group's scale folded into its B:
+  // no [B, T, out] temporaries for the product, its scaling and the sum; a prefill of 2,048 tokens
+  // made three of each projection's output size), or, where y needs grad, as y + delta.
+  const bool in_place = y.is_contiguous() && !y.requires_grad();
+  torch::Tensor y3 = in_place ? y.view({rows, -1, y.size(-1)}) : torch::Tensor();
+  torch::Tensor delta;
+  for (int32_t s = 0; s < stack_->num_adapters(); ++s) {
+    if (!e.a[s].defined()) continue;  // this adapter does not target the projection
+    std::vector<int64_t> members;
+    for (int64_t b = 0; b < rows && b < static_cast<int64_t>(slots.size()); ++b) {
+      if (slots[b] == s) members.push_back(b);
+    }
+    if (members.empty()) continue;
+    const int64_t n = static_cast<int64_t>(members.size());
+    const bool all = n == rows;
+    const torch::Tensor index = all ? torch::Tensor() : torch::tensor(members).to(x.device());
+    const torch::Tensor xs = all ? x3 : x3.index_select(0, index);
+    // Each row its own product, as a batch of one adapter's [r, in] broadcast over the rows: a
+    // row's sums do not depend on what else is in the batch. Rank first, as PEFT does.
+    const torch::Tensor a = e.a[s].to(x.scalar_type()).unsqueeze(0).expand({n, -1, -1});
+    const torch::Tensor h = torch::bmm(xs, a.transpose(1, 2));  // [n, T, r]
+    if (in_place) {
+      // In fp32, rounded once, as PEFT's tensor * float.
+      const torch::Tensor scaled_b =
+          (e.b[s].to(torch::kFloat) * e.scale[s]).to(x.scalar_type()).unsqueeze(0);
+      torch::Tensor ys = all ? y3 : y3.index_select(0, index);
+      ys.baddbmm_(h, scaled_b.expand({n, -1, -1}).transpose(1, 2));
+      if (!all) y3.index_copy_(0, index, ys);
+      continue;
+    }
+    // The product in x's dtype times the fp32 scale, rounded once: as PEFT's tensor * float.
+    const torch::Tensor b = e.b[s].to(x.scalar_type()).unsqueeze(0).expand({n, -1, -1});
+    const torch::Tensor d =
+        (torch::bmm(h, b.transpose(1, 2)).to(torch::kFloat) * e.scale[s]).to(x.scalar_type());
+    if (all) {
+      delta = d;
+      continue;
+    }
+    if (!delta.defined()) delta = torch::zeros({rows, x3.size(1), y.size(-1)}, d.options());
+    delta.index_copy_(0, index, d);
   }
-  // The product in x's dtype times the fp32 scale, rounded once: as PEFT's tensor * float.
-  const torch::Tensor delta = (torch::bmm(h, b.transpose(1, 2)) * scale).to(x.scalar_type());
+  if (in_place || !delta.defined()) return y;
   return y + delta.view(y.sizes());
 }
 

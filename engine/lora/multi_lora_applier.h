@@ -1,17 +1,19 @@
 // MultiLoraApplier: a LoraApplier where every row of the batch names its own adapter (or none), so
 // requests for different adapters share one forward (S-LoRA / Punica's BGMV semantics):
 //
-//   y[b] += scale[s_b] * (x[b] @ A[s_b]^T) @ B[s_b]^T     s_b = row b's slot, none -> zero slot
+//   y[b] += scale[s_b] * (x[b] @ A[s_b]^T) @ B[s_b]^T     s_b = row b's slot (none: y[b] as is)
 //
 // computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
-// (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter; q, k, v
-// and gate, up each as one launch pair through ApplyShared); every
-// other case uses gathers and batched matmuls in torch. Adapters of different ranks share a stack:
-// each is zero-padded to the largest rank, which adds exact zeros. Rows with no adapter get the
-// all-zero slot, so their outputs are the base's.
+// (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter at its own
+// rank; q, k, v and gate, up each as one launch pair through ApplyShared); every other case
+// (prefill pieces, the CPU) groups the rows by adapter and adds each group's delta with batched
+// matmuls in torch, at that adapter's own rank. Rows with no adapter take no delta, so their
+// outputs are the base's.
 //
-// LoraStack holds the stacked weights of one set of adapters and is built once per set (the
-// engine caches it while the set of adapters in its batches does not change).
+// LoraStack names one set of adapters (slot i = the step's i-th adapter) and is built once per set
+// (the engine caches it while the set of adapters in its batches does not change). It does not
+// copy the adapters: its entries are the adapter store's device tensors themselves, so serving
+// adapters of ranks 8 and 128 side by side costs their own bytes, not eight copies padded to 128.
 #pragma once
 
 #include <torch/torch.h>
@@ -29,33 +31,43 @@ namespace lorad::engine {
 
 class LoraStack {
  public:
-  // Stacks `adapters` (slot i = adapters[i]; slot adapters.size() = none) for `num_layers` layers
-  // on `device` in `dtype`. The adapters may be freed afterwards: the stack holds copies.
+  // Names `adapters` (slot i = adapters[i]; slot adapters.size() = none) for `num_layers` layers
+  // on `device` in `dtype`. The stack shares the adapters' tensors where they are already on
+  // `device` in `dtype` and contiguous (as the adapter store's device copies are) and copies them
+  // otherwise; the shared tensors stay allocated while the stack lives, whatever happens to the
+  // LoraAdapter objects.
   static absl::StatusOr<std::shared_ptr<const LoraStack>> Build(
       const std::vector<const LoraAdapter*>& adapters, int64_t num_layers, torch::Device device,
       torch::ScalarType dtype);
 
   int32_t num_adapters() const { return num_adapters_; }
   int32_t none_slot() const { return num_adapters_; }
+  torch::ScalarType dtype() const { return dtype_; }  // of every entry's tensors
 
   struct Entry {
-    torch::Tensor a;  // [slots + 1, r_max, in]; undefined when no adapter targets this
-    torch::Tensor b;  // [slots + 1, out, r_max]
-    // [slots + 1] fp32, 0 for the none slot: PEFT multiplies by its float scaling (rounded to
-    // bf16, 1.3333 was 1.3359: every prefill delta 0.2% off, decode's kernels unaffected).
-    torch::Tensor scale;
-    // The BGMV kernel's table over the adapter slots (not the none slot), used on CUDA: arrays
-    // of a[s] and b[s] pointers (int64), ranks (int32, all r_max) and scales (fp32), on the
-    // stack's device.
+    // Per slot (not the none slot): A [r_s, in] and B [out, r_s] at the adapter's own rank r_s,
+    // undefined where that adapter does not target this projection.
+    std::vector<torch::Tensor> a, b;
+    // Per slot, the adapter's float scaling (PEFT multiplies by it in fp32; rounded to bf16,
+    // 1.3333 was 1.3359: every prefill delta 0.2% off); 0 where the adapter does not target this.
+    std::vector<float> scale;
+    int32_t max_rank = 0;  // the largest r_s; 0: no adapter of the set targets this projection
+    // The BGMV kernel's table over the slots, used on CUDA: arrays of a[s] and b[s] pointers
+    // (int64; null for rank 0), ranks (int32, r_s or 0) and scales (fp32), on the stack's device.
     torch::Tensor a_pointers, b_pointers, ranks, scales_f32;
+    bool targeted() const { return max_rank > 0; }
   };
   const Entry& entry(int64_t layer, Projection projection) const {
     return entries_.at(layer)[static_cast<int>(projection)];
   }
-  int64_t bytes() const;
+  // Device bytes the stack itself holds: the kernels' tables, and any adapter tensor it had to
+  // copy (another device or dtype). Tensors shared with the adapter store are the store's bytes.
+  int64_t bytes() const { return own_bytes_; }
 
  private:
   int32_t num_adapters_ = 0;
+  torch::ScalarType dtype_ = torch::kFloat;
+  int64_t own_bytes_ = 0;
   std::vector<std::array<Entry, kNumProjections>> entries_;  // [layer][projection]
 };
 
@@ -75,7 +87,7 @@ class MultiLoraApplier : public LoraApplier {
                                          const torch::Tensor& x,
                                          const std::vector<torch::Tensor>& ys) const override;
   bool Targets(int64_t layer, Projection projection) const override {
-    return stack_->entry(layer, projection).a.defined();
+    return stack_->entry(layer, projection).targeted();
   }
 
  private:
@@ -84,8 +96,13 @@ class MultiLoraApplier : public LoraApplier {
   bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
                    const torch::Tensor& x, const std::vector<torch::Tensor>& ys) const;
 
+  // Each row's slot on the host (none -> -1) for the torch path: the constructor's, or rows_ read
+  // at the call (a caller may refill it between forwards).
+  std::vector<int32_t> HostSlots() const;
+
   std::shared_ptr<const LoraStack> stack_;
-  torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
+  torch::Tensor rows_;               // [B] int32 slot per row (none -> stack's none slot)
+  std::vector<int32_t> host_slots_;  // set by the first constructor only
 };
 
 }  // namespace lorad::engine

@@ -272,10 +272,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
 
     // The KV cache is allocated whole: more than there is fails here with a clear message, not
     // with an allocator's error (CUDA) or the out-of-memory killer once its pages are touched.
+    // A setting to change, so INVALID_ARGUMENT (the daemon exits 2, as for any bad config).
     const int64_t available = cuda ? AvailableDeviceBytes(impl->device) : AvailableHostBytes();
     if (options.inference.kv_cache_blocks == 0 && available >= 0 &&
         options.inference.kv_cache_bytes > available) {
-      return absl::ResourceExhaustedError(
+      return absl::InvalidArgumentError(
           absl::StrCat("engine.kv_cache_bytes: ", ReadableBytes(options.inference.kv_cache_bytes),
                        " of KV cache is more than the ", ReadableBytes(available), " of ",
                        cuda ? "device" : "host", " memory left after loading the model; lower it"));

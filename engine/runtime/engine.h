@@ -61,7 +61,7 @@ struct EngineStats {
   InferenceStats inference;
   int32_t adapters_resident = 0;
   int64_t adapter_device_bytes = 0;
-  int64_t adapter_stack_bytes = 0;  // the inference engine's padded copy (InferenceStats)
+  int64_t adapter_stack_bytes = 0;  // the inference engine's adapter tables (InferenceStats)
   int64_t base_bytes = 0;
   int64_t kv_cache_bytes = 0;
   bool training = false;

@@ -2,6 +2,7 @@
 moved (its jobs and adapters follow), the model folder's files changed (the adapters made for
 the old base are named)."""
 import json
+import os
 import re
 import shutil
 import time
@@ -9,7 +10,7 @@ import time
 import grpc
 
 from conftest import start_daemon, stop_daemon, tiny_model_path
-from test_training_end_to_end import job_spec, prepare, wait_for_state, watch_until_done
+from test_training_end_to_end import QA, job_spec, prepare, wait_for_state, watch_until_done
 
 
 def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_other(
@@ -103,5 +104,37 @@ def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
             job = stub.GetJob(tpb.GetJobRequest(job_id=continued.id), timeout=10)
             assert job.spec.init_adapter_path.startswith(str(second)), job.spec.init_adapter_path
+    finally:
+        stop_daemon(d)
+
+
+def test_another_dataset_root_leaves_queued_jobs_on_their_files(tmp_path, stubs):
+    """storage.dataset_root pointed at another folder between two starts, the old one still
+    there: a queued job's dataset still names the file it was submitted with (it was rewritten
+    into the new root as if the folder had moved, and the job trained on another file of the same
+    name there)."""
+    tpb = stubs.training_pb2
+    old_root, new_root = tmp_path / "datasets-a", tmp_path / "datasets-b"
+    for root in (old_root, new_root):
+        root.mkdir()
+        shutil.copy(QA, root / "qa.jsonl")
+    held = ("--set", "training.max_running_jobs=0")  # the job stays queued
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
+            submitted = job.spec.dataset.path
+            assert submitted == os.path.realpath(old_root / "qa.jsonl"), submitted
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}", *held)
+    try:
+        assert "moved since the last start" not in d.log(), d.log()
+        assert "the paths recorded under the old place stay as they are" in d.log(), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
+            assert spec.dataset.path == submitted, spec.dataset.path
     finally:
         stop_daemon(d)

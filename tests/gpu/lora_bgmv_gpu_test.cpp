@@ -104,6 +104,11 @@ std::unique_ptr<AdapterSet> MakeAdapters(const std::vector<int32_t>& ranks, int6
     };
     set->a_abs.push_back(abs(set->a[s].f));
     set->b_abs.push_back(abs(set->b[s].f));
+    if (ranks[s] == 0) {  // null pointers, as the engine's stack gives a slot that is not there
+      a_dev.push_back(nullptr);
+      b_dev.push_back(nullptr);
+      continue;
+    }
     set->storage.push_back(std::make_unique<GpuBuffer<char>>(set->a[s].bytes));
     a_dev.push_back(set->storage.back()->get());
     set->storage.push_back(std::make_unique<GpuBuffer<char>>(set->b[s].bytes));
@@ -224,6 +229,15 @@ TEST_P(LoraGpu, BgmvAtOtherModelShapes) {
              Shape{4, 11008, 4096}},                                        // Llama-2-7B down
             {8, 16, 32, 64, 7}, rng);
   CheckBgmv(GetParam(), {Shape{8, 576, 192}, Shape{13, 896, 4864}}, {128, 16}, rng);
+}
+
+// Adapters at their own ranks side by side, one of them rank 0 with null pointers: the engine's
+// stack shares each adapter's own tensors (no padding to the largest rank) and gives a slot
+// whose adapter does not target the projection rank 0; its rows keep y as it is.
+TEST_P(LoraGpu, BgmvWithASlotOfRankZero) {
+  std::mt19937 rng(26);
+  CheckBgmv(GetParam(), {Shape{8, 4096, 1024}, Shape{13, 14336, 4096}, Shape{32, 576, 1536}},
+            {16, 0, 8, 128}, rng);
 }
 
 TEST_P(LoraGpu, SgmvMatchesTheCpuReference) {

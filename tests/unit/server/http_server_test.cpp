@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -149,6 +150,106 @@ TEST_F(HttpServerTest, OutOfDescriptorsItWaitsWithoutSpinningThenServes) {
   const std::string answer = Exchange(client, "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
   EXPECT_EQ(answer.rfind("HTTP/1.1 200", 0), 0u) << "the waiting connection got: " << answer;
   close(client);
+}
+
+// A getaddrinfo list of numeric hosts on one port, as a host name resolving to several addresses
+// gives (localhost: ::1 and 127.0.0.1 on most hosts; an address can be listed twice).
+class AddressList {
+ public:
+  AddressList(const std::vector<std::string>& hosts, int port) {
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
+    for (const std::string& host : hosts) {
+      addrinfo* one = nullptr;
+      EXPECT_EQ(getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &one), 0) << host;
+      while (one != nullptr) {  // one entry a host: keep the first, free the rest
+        parts_.push_back(one);
+        addrinfo* next = one->ai_next;
+        one->ai_next = nullptr;
+        one = next;
+      }
+    }
+    for (size_t i = 0; i + 1 < parts_.size(); ++i) parts_[i]->ai_next = parts_[i + 1];
+  }
+  ~AddressList() {
+    for (addrinfo* part : parts_) {
+      part->ai_next = nullptr;
+      freeaddrinfo(part);
+    }
+  }
+  const addrinfo* get() const { return parts_.empty() ? nullptr : parts_.front(); }
+
+ private:
+  std::vector<addrinfo*> parts_;
+};
+
+// Whether this machine can listen on IPv6's loopback at all (a host with IPv6 turned off cannot).
+bool HasIpv6Loopback() {
+  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 address{};
+  address.sin6_family = AF_INET6;
+  address.sin6_addr = in6addr_loopback;
+  const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
+  close(fd);
+  return bound;
+}
+
+bool ConnectsTo(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) return false;
+  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const bool connected = fd >= 0 && connect(fd, found->ai_addr, found->ai_addrlen) == 0;
+  if (fd >= 0) close(fd);
+  freeaddrinfo(found);
+  return connected;
+}
+
+// A name with two addresses (and one listed twice) is listened on at each, once: the first alone
+// (::1 for localhost) left clients of 127.0.0.1 refused and the port there free for another
+// program.
+TEST(ListenOnTest, ListensOnEveryAddressANameResolvesToOnce) {
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  const bool ipv6 = HasIpv6Loopback();
+  const AddressList addresses({"::1", "127.0.0.1", "127.0.0.1"}, port);
+  auto fds = ListenOnResolved(addresses.get(), "localhost:" + std::to_string(port),
+                              "server.http_address", "--http-address");
+  ASSERT_TRUE(fds.ok()) << fds.status();
+  EXPECT_EQ(fds->size(), ipv6 ? 2u : 1u) << "::1 (where this machine has it) and 127.0.0.1";
+  EXPECT_TRUE(ConnectsTo("127.0.0.1", port));
+  if (ipv6) EXPECT_TRUE(ConnectsTo("::1", port));
+  for (const int fd : *fds) close(fd);
+}
+
+// The port taken on one of the addresses fails the whole listen, naming the key, and leaves none
+// of the others open.
+TEST(ListenOnTest, APortInUseOnOneAddressFailsAllAndLeavesNoneOpen) {
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  const int taken = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(taken, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(listen(taken, 4), 0);
+  const AddressList addresses({"::1", "127.0.0.1"}, port);
+  auto fds = ListenOnResolved(addresses.get(), "localhost:" + std::to_string(port),
+                              "server.http_address", "--http-address");
+  ASSERT_FALSE(fds.ok());
+  EXPECT_EQ(fds.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(fds.status().message().find("server.http_address"), std::string::npos) << fds.status();
+  EXPECT_NE(fds.status().message().find("port in use"), std::string::npos) << fds.status();
+  close(taken);
+  if (HasIpv6Loopback()) {
+    EXPECT_FALSE(ConnectsTo("::1", port))
+        << "the ::1 socket opened before the failure was left open";
+  }
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
+
 namespace lorad::server {
 namespace {
 
@@ -202,6 +204,12 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
   EXPECT_FALSE(SplitHostPort("no such host:18051").ok());
   EXPECT_TRUE(SplitHostPort("my-host.example_1:18051").ok());
   EXPECT_TRUE(SplitHostPort("[fe80::fc:ff:fe00:1%eth0]:18051").ok());  // a zone, as gRPC takes
+  // What gRPC cannot parse (found only after the model had loaded): a port with a space or a
+  // sign, brackets around what is not an IPv6 address.
+  for (const std::string& address : {"127.0.0.1:18051 ", "127.0.0.1: 18051", "127.0.0.1:+18051",
+                                     "[127.0.0.1]:18051", "[localhost]:18051", "[]:18051"}) {
+    EXPECT_FALSE(SplitHostPort(address).ok()) << "'" << address << "'";
+  }
 
   ServerConfig c;
   c.model.path = "/m";
@@ -218,6 +226,13 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
     ASSERT_FALSE(s.ok()) << grpc << " " << http;
     EXPECT_NE(s.message().find("give them different ports"), std::string::npos) << s;
   }
+  // The clash named where it was made, whichever of the two was set in the file.
+  c.server.grpc_address = "127.0.0.1:8080";
+  c.server.http_address = "127.0.0.1:8080";
+  c.set_at["server.grpc_address"] = "lorad.yaml:4";
+  EXPECT_TRUE(absl::StartsWith(ValidateServerConfig(c).message(), "lorad.yaml:4: "))
+      << ValidateServerConfig(c);
+  c.set_at.clear();
   // Different interfaces on one port can both listen (the start-up probe finds real clashes).
   for (const std::string& http : {"[::1]:18051", "127.0.0.2:18051", "localhost:18052"}) {
     c.server.grpc_address = "127.0.0.1:18051";

@@ -396,10 +396,9 @@ TEST(InferenceEngineTest, AnIdleEngineKeepsItsAdapterStackWhileTheVersionIsCurre
   EXPECT_EQ(on_v2.tokens, f.Alone(turn).tokens);
   EXPECT_NE(on_v2.tokens, first.tokens);
   EXPECT_EQ(engine->Stats().lora_stack_adapters, 1);
-  // One rank-4 adapter over the fixture's 2 layers: q,k,v,o,gate,up,down, A [4, in] and B [out, 4]
-  // in fp32, with the none slot beside it; at least the adapter's own bytes.
+  // The stack's kernel tables only: it reads the store's copy of the adapter, no second one.
   EXPECT_GT(engine->Stats().lora_stack_bytes, 0);
-  EXPECT_GE(engine->Stats().lora_stack_bytes, f.store().resident_bytes());
+  EXPECT_LT(engine->Stats().lora_stack_bytes, f.store().resident_bytes() / 10);
   // Unloaded while the engine is idle: the loop's call (on the store's retire signal) drops the
   // engine's copy too; the next request on another adapter builds a new stack.
   ASSERT_TRUE(f.store().Unload("chat").ok());

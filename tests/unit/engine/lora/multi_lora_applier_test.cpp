@@ -69,10 +69,9 @@ TEST(MultiLoraApplierTest, EveryRowGetsItsOwnAdapterWhateverTheRanks) {
 }
 
 // The CUDA kernels' view of a stack (kernels/lora_bgmv.h's LoraAdapterTable): per projection,
-// slot s's A and B pointers at its rows of the padded stacks, every rank r_max (the stacks are
-// zero-padded to it), the adapter's scaling where it targets the projection and 0 where not, and
-// the torch path's slot scales with 0 for the none slot.
-TEST(MultiLoraApplierTest, KernelTablesPointAtEachSlotOfTheStacks) {
+// slot s's A and B pointers at the adapter's own tensors (not a copy), its own rank (0 and null
+// pointers where it does not target the projection) and its scaling (0 where not).
+TEST(MultiLoraApplierTest, KernelTablesPointAtEachAdaptersOwnTensors) {
   auto model = test_fixtures::LoadTinyModel();
   ASSERT_NE(model, nullptr);
   const ModelConfig& c = model->config();
@@ -82,6 +81,7 @@ TEST(MultiLoraApplierTest, KernelTablesPointAtEachSlotOfTheStacks) {
                                 torch::kFloat);
   ASSERT_TRUE(stack.ok()) << stack.status();
   const std::vector<double> scaling = {adapters[0].config.scaling(), adapters[1].config.scaling()};
+  const std::vector<int32_t> rank = {2, 8};
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     for (const auto& [projection, targeted] : std::vector<std::pair<Projection, std::vector<bool>>>{
              {Projection::kQ, {true, true}},
@@ -89,22 +89,58 @@ TEST(MultiLoraApplierTest, KernelTablesPointAtEachSlotOfTheStacks) {
              {Projection::kDown, {true, false}}}) {
       const LoraStack::Entry& e = (*stack)->entry(layer, projection);
       ASSERT_TRUE(e.a_pointers.defined());
-      const int64_t r_max = targeted[1] ? 8 : 2;
-      EXPECT_EQ(e.a.size(1), r_max);
+      EXPECT_EQ(e.max_rank, targeted[1] ? 8 : 2);
       for (int64_t s = 0; s < 2; ++s) {
-        EXPECT_EQ(e.a_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(e.a[s].data_ptr()));
-        EXPECT_EQ(e.b_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(e.b[s].data_ptr()));
-        EXPECT_EQ(e.ranks[s].item<int32_t>(), r_max);
-        const float want = targeted[s] ? static_cast<float>(scaling[s]) : 0.0f;
-        EXPECT_EQ(e.scales_f32[s].item<float>(), want) << "layer " << layer << ", slot " << s;
-        EXPECT_EQ(e.scale[s].item<float>(), want);
+        const std::string at = "layer " + std::to_string(layer) + ", slot " + std::to_string(s);
+        if (targeted[s]) {
+          const LoraPair& pair = adapters[s].layers.at(ProjectionPath(layer, projection));
+          EXPECT_EQ(e.a_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(pair.a.data_ptr()))
+              << at;
+          EXPECT_EQ(e.b_pointers[s].item<int64_t>(), reinterpret_cast<int64_t>(pair.b.data_ptr()))
+              << at;
+          EXPECT_EQ(e.ranks[s].item<int32_t>(), rank[s]) << at;
+          EXPECT_EQ(e.scales_f32[s].item<float>(), static_cast<float>(scaling[s])) << at;
+        } else {
+          EXPECT_FALSE(e.a[s].defined()) << at;
+          EXPECT_EQ(e.a_pointers[s].item<int64_t>(), 0) << at;
+          EXPECT_EQ(e.b_pointers[s].item<int64_t>(), 0) << at;
+          EXPECT_EQ(e.ranks[s].item<int32_t>(), 0) << at;
+          EXPECT_EQ(e.scales_f32[s].item<float>(), 0.0f) << at;
+        }
       }
-      EXPECT_EQ(e.scale[2].item<float>(), 0.0f);  // the none slot
-      EXPECT_EQ(e.scale.numel(), 3);
       EXPECT_EQ(e.a_pointers.numel(), 2);
     }
-    EXPECT_FALSE((*stack)->entry(layer, Projection::kO).a.defined());  // no adapter targets it
+    EXPECT_FALSE((*stack)->entry(layer, Projection::kO).targeted());  // no adapter targets it
   }
+}
+
+// Adapters of very different ranks side by side: the stack holds no copy of them, padded or not
+// (it held every adapter again, padded to the largest rank: one r=64 beside r=2 made the r=2
+// slot 32 times its size), only the kernels' tables.
+TEST(MultiLoraApplierTest, TheStackSharesTheAdaptersInsteadOfCopyingThem) {
+  auto model = test_fixtures::LoadTinyModel();
+  ASSERT_NE(model, nullptr);
+  const ModelConfig& c = model->config();
+  const std::vector<LoraAdapter> adapters = {RandomAdapter(c, 2, KnownLoraTargets(), 8),
+                                             RandomAdapter(c, 64, KnownLoraTargets(), 9)};
+  int64_t adapter_bytes = 0;
+  for (const LoraAdapter& adapter : adapters) {
+    for (const auto& [path, pair] : adapter.layers) {
+      adapter_bytes += static_cast<int64_t>(pair.a.nbytes() + pair.b.nbytes());
+    }
+  }
+  auto stack = LoraStack::Build({&adapters[0], &adapters[1]}, c.num_hidden_layers, torch::kCPU,
+                                torch::kFloat);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  // The tables: per entry two pointers, a rank and a scale a slot (7 projections x layers).
+  const int64_t tables = 7 * c.num_hidden_layers * 2 * (8 + 8 + 4 + 4);
+  EXPECT_EQ((*stack)->bytes(), tables);
+  EXPECT_LT((*stack)->bytes(), adapter_bytes / 100);
+  // In another dtype the stack must convert, and counts its copies.
+  auto bf16 = LoraStack::Build({&adapters[0], &adapters[1]}, c.num_hidden_layers, torch::kCPU,
+                               torch::kBFloat16);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ((*bf16)->bytes(), tables + adapter_bytes / 2);
 }
 
 // bf16 rows (the prefill path on a GPU): the delta scaled by the adapter's fp32 scaling, as PEFT
