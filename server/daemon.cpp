@@ -402,7 +402,8 @@ absl::Status Daemon::FollowMovedFolders() {
   return absl::OkStatus();
 }
 
-absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
+absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec,
+                                  const std::atomic<bool>* abandon) const {
   // The records the job's template cannot take and files with no usable example, found by
   // formatting the first records of each file as the job will (a large dataset is not tokenized
   // twice). Inline examples go to a scratch folder first, as the job writes them.
@@ -418,7 +419,7 @@ absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec) const {
   }
   auto config = TrainingJobConfigFromSpec(spec, scratch, dataset_root_);
   absl::Status checked =
-      config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords) : config.status();
+      config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords, abandon) : config.status();
   fs::remove_all(scratch, ec);
   if (!absl::IsInvalidArgument(checked)) return checked;
   // Inline records are named as the request has them (the scratch file is gone); a file is
@@ -604,6 +605,28 @@ absl::Status Daemon::OpenJobStore() {
           " job folders: the database was lost or replaced; restore it, or move ", JobsDir(),
           " aside to start with an empty job queue (and adapter versions from 1)"));
     }
+  } else {
+    // Job folders it does not know: an older copy of the database (a restored backup, a copy
+    // made without jobs.db-wal) forgot the jobs made since. Nothing lists or deletes those
+    // folders, and the versions their adapters published may be published again.
+    std::vector<std::string> unknown;
+    for (const auto& entry : fs::directory_iterator(JobsDir(), ec)) {
+      const std::string name = entry.path().filename().string();
+      if (!entry.is_directory() || name.rfind("job-", 0) != 0) continue;
+      if (absl::IsNotFound(jobs_->Get(name).status())) unknown.push_back(name);
+    }
+    if (!unknown.empty()) {
+      const size_t shown = std::min<size_t>(unknown.size(), 5);
+      spdlog::warn(
+          "{} holds {} job folder(s) the job database '{}' does not know ({}{}): is the database "
+          "older than they are (a restored backup, or a copy made without jobs.db-wal)? Their "
+          "jobs are not listed, and adapter versions they published may be published again; "
+          "restore the newer database, or move those folders aside",
+          JobsDir(), unknown.size(), db_path,
+          absl::StrJoin(unknown.begin(), unknown.begin() + static_cast<std::ptrdiff_t>(shown),
+                        ", "),
+          unknown.size() > shown ? ", ..." : "");
+    }
   }
   if (auto s = FollowMovedFolders(); !s.ok()) return damaged(s);
   // A job that was running when the last process died goes back to the queue; its trainer
@@ -615,16 +638,20 @@ absl::Status Daemon::OpenJobStore() {
   JobStore* jobs = jobs_.get();
   metrics_.AddGaugeFamilyCallback("lorad_jobs", "Training jobs by state", {"state"}, [jobs] {
     std::vector<std::pair<LabelValues, double>> series;
+    // A database that cannot be read gives no series (an alert on absent() fires), not zeros
+    // that read as an idle daemon.
+    auto counts = jobs->CountByState();
+    if (!counts.ok()) {
+      spdlog::warn("lorad_jobs: {}", std::string(counts.status().message()));
+      return series;
+    }
     for (JobState state : {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
                            JobState::kFailed, JobState::kCancelled}) {
       series.push_back({{JobStateName(state)}, 0.0});
     }
-    auto counts = jobs->CountByState();
-    if (counts.ok()) {
-      for (const auto& [state, n] : *counts) {
-        for (auto& s : series) {
-          if (s.first[0] == JobStateName(state)) s.second = static_cast<double>(n);
-        }
+    for (const auto& [state, n] : *counts) {
+      for (auto& s : series) {
+        if (s.first[0] == JobStateName(state)) s.second = static_cast<double>(n);
       }
     }
     return series;
@@ -673,10 +700,10 @@ absl::Status Daemon::StartGrpc() {
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.
   training.check_job = [this](const lorad::v1::JobSpec& spec,
-                              const std::atomic<bool>*) -> absl::Status {
+                              const std::atomic<bool>* abandon) -> absl::Status {
     auto fits = engine_->TrainingFitsNow(TrainingJobConfigOf(spec, ""));
     if (!fits.ok()) return fits.status();
-    return CheckJobData(spec);
+    return CheckJobData(spec, abandon);  // given up with the call (deadline, cancel, shutdown)
   };
   services_.push_back(std::make_unique<TrainingService>(*jobs_, job_events_, training));
   InferenceOptions inference;

@@ -60,7 +60,7 @@ class Daemon {
   // holds are moved along; then records where the folders are now.
   absl::Status FollowMovedFolders();
   // INVALID_ARGUMENT naming the file and line when a submitted job's data would fail at its start.
-  absl::Status CheckJobData(const lorad::v1::JobSpec& spec) const;
+  absl::Status CheckJobData(const lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon) const;
   absl::Status OpenJobStore();
   absl::Status StartEngine();
   absl::Status LoadTokens();

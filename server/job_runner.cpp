@@ -616,6 +616,20 @@ void JobRunner::Handle(const Pending& p) {
       s.elapsed_seconds = e.step.elapsed_s;
       s.eta_seconds = e.step.eta_s;
       s.time_ms = now;
+      if (e.replayed) {
+        // A step before the checkpoint a resumed job starts from, reported again: recorded (and
+        // sent to watchers) only where a process killed before recording it lost it. Progress
+        // made earlier, so no metrics and no counted tokens.
+        absl::StatusOr<bool> added = false;
+        if (unrecorded_history_.empty()) added = store_.AppendStepIfMissing(p.job_id, s);
+        if (!unrecorded_history_.empty() || !added.ok()) {
+          RecordHistory({p.job_id, s, {}});
+        } else if (*added) {
+          *out.mutable_step() = ToProtoStep(s);
+          events_.Publish(out);
+        }
+        return;
+      }
       // A resumed job re-reports the steps after its checkpoint: the row is replaced. One the
       // store refuses (a full disk) is still sent to watchers, and recorded once it can be.
       RecordHistory({p.job_id, s, {}});

@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   adapter_version INTEGER NOT NULL DEFAULT 0,
   total_steps INTEGER NOT NULL DEFAULT 0,
   attempts INTEGER NOT NULL DEFAULT 0);
+  -- listed_spec BLOB: what List reads as the spec, where smaller (no inline examples); NULL: the
+  -- spec itself. Added after schema version 1 (see Open).
 CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_steps (
   job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -66,6 +68,10 @@ CREATE TABLE IF NOT EXISTS meta (
 constexpr const char* kJobColumns =
     "id, spec, adapter_name, state, priority, created_ms, started_ms, finished_ms, error, "
     "adapter_version, total_steps, attempts";
+// The same, with the listed spec (JobStore::Insert) in the spec's place.
+constexpr const char* kListedJobColumns =
+    "id, COALESCE(listed_spec, spec), adapter_name, state, priority, created_ms, started_ms, "
+    "finished_ms, error, adapter_version, total_steps, attempts";
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -184,7 +190,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   // Columns added since schema version 1, with their defaults.
   for (const auto& [table, column, definition] :
        {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"}}) {
+        std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"},
+        std::tuple{"jobs", "listed_spec", "BLOB"}}) {
     Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
                                        "') WHERE name = '", column, "';"));
     if (auto s = present.status(); !s.ok()) return s;
@@ -228,7 +235,8 @@ absl::Status JobStore::Exec(const std::string& sql) {
 
 absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::string& adapter_name,
                                            int32_t priority, int64_t total_steps,
-                                           int64_t max_queued) {
+                                           int64_t max_queued,
+                                           const std::optional<std::string>& listed_spec) {
   std::lock_guard<std::mutex> lock(mu_);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   auto rollback = [this](absl::Status s) {
@@ -247,11 +255,12 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
   const std::string id = NewJobId();
   Statement insert(db_,
                    "INSERT INTO jobs (id, seq, spec, adapter_name, state, priority, created_ms, "
-                   "total_steps) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, "
-                   "?, ?, ?);");
+                   "total_steps, listed_spec) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM "
+                   "jobs), ?, ?, ?, ?, ?, ?, ?);");
   insert.BindText(1, id).Bind(2, spec).BindText(3, adapter_name);
   insert.Bind(4, static_cast<int64_t>(JobState::kQueued)).Bind(5, static_cast<int64_t>(priority));
   insert.Bind(6, NowMs()).Bind(7, total_steps);
+  if (listed_spec) insert.Bind(8, *listed_spec);  // else NULL
   if (auto s = insert.Run(); !s.ok()) return rollback(s);
   if (auto s = Exec("COMMIT;"); !s.ok()) return rollback(s);
   return GetLocked(id);
@@ -315,7 +324,7 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
   if (!unrecorded_cancels_.empty() && wanted(JobState::kCancelled)) {
     stored_states.insert(stored_states.end(), {JobState::kQueued, JobState::kRunning});
   }
-  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq < ?");
+  std::string sql = absl::StrCat("SELECT ", kListedJobColumns, ", seq FROM jobs WHERE seq < ?");
   if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(stored_states), ")");
   absl::StrAppend(&sql, " ORDER BY seq DESC;");
   Statement s(db_, sql);
@@ -489,12 +498,22 @@ absl::Status JobStore::Delete(const std::string& id) {
 }
 
 absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
+  return InsertStep(id, r, "REPLACE").status();
+}
+
+absl::StatusOr<bool> JobStore::AppendStepIfMissing(const std::string& id, const StepRecord& r) {
+  return InsertStep(id, r, "IGNORE");
+}
+
+absl::StatusOr<bool> JobStore::InsertStep(const std::string& id, const StepRecord& r,
+                                          const char* conflict) {
   std::lock_guard<std::mutex> lock(mu_);
-  // REPLACE: a job resumed from a checkpoint reports the steps after it again.
-  Statement s(db_,
-              "INSERT OR REPLACE INTO job_steps (job_id, step, epoch, loss, learning_rate, "
-              "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, eta_seconds, "
-              "time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);");
+  // REPLACE: a job resumed from a checkpoint reports the steps after it again. IGNORE: the
+  // steps before it it reports again, kept as first recorded.
+  Statement s(db_, absl::StrCat("INSERT OR ", conflict,
+                                " INTO job_steps (job_id, step, epoch, loss, learning_rate, "
+                                "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, "
+                                "eta_seconds, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);"));
   s.BindText(1, id).Bind(2, r.step).Bind(3, r.epoch).Bind(4, r.loss).Bind(5, r.learning_rate);
   s.Bind(6, r.grad_norm).Bind(7, r.tokens_per_second).Bind(8, r.step_seconds);
   s.Bind(9, r.elapsed_seconds).Bind(10, r.eta_seconds).Bind(11, r.time_ms);
@@ -502,7 +521,7 @@ absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
     return absl::InternalError(
         absl::StrCat("job '", id, "': cannot record step ", r.step, ": ", st.message()));
   }
-  return absl::OkStatus();
+  return sqlite3_changes(db_) > 0;
 }
 
 absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps) {
@@ -727,6 +746,8 @@ absl::StatusOr<int64_t> JobStore::RewritePaths(const Rewrite& rewrite_spec,
   for (absl::Status s :
        {rewrite_column("SELECT id, spec FROM jobs;", "UPDATE jobs SET spec = ? WHERE id = ?;", 1,
                        rewrite_spec),
+        rewrite_column("SELECT id, listed_spec FROM jobs WHERE listed_spec IS NOT NULL;",
+                       "UPDATE jobs SET listed_spec = ? WHERE id = ?;", 1, rewrite_spec),
         rewrite_column(
             "SELECT job_id, step, kind, event FROM job_events;",
             "UPDATE job_events SET event = ? WHERE job_id = ? AND step = ? AND kind = ?;", 3,

@@ -103,10 +103,15 @@ class JobStore {
   JobStore& operator=(const JobStore&) = delete;
 
   // Queues a new job. RESOURCE_EXHAUSTED when `max_queued` jobs are already queued.
+  // `listed_spec`: what List returns as the job's spec, where it is smaller than the spec (the
+  // spec without its inline examples: 100 jobs of 4 MB each made one ListJobs page read 400 MB);
+  // nullopt: the spec itself.
   absl::StatusOr<JobRecord> Insert(const std::string& spec, const std::string& adapter_name,
-                                   int32_t priority, int64_t total_steps, int64_t max_queued);
+                                   int32_t priority, int64_t total_steps, int64_t max_queued,
+                                   const std::optional<std::string>& listed_spec = std::nullopt);
   absl::StatusOr<JobRecord> Get(const std::string& id);
-  // Newest first; `states` empty = all. page_size in [1, 500].
+  // Newest first; `states` empty = all. page_size in [1, 500]. Each job's spec is its listed
+  // spec (see Insert).
   absl::StatusOr<JobPage> List(const std::vector<JobState>& states, int32_t page_size,
                                const std::string& page_token);
   // The queued job to run next: highest priority, then oldest. nullopt when none is queued.
@@ -146,6 +151,8 @@ class JobStore {
   absl::Status Delete(const std::string& id);
 
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
+  // The step where the job has no row of it yet; true when it was added.
+  absl::StatusOr<bool> AppendStepIfMissing(const std::string& id, const StepRecord& step);
   // The trainer's count of the job's steps, once it has read the dataset.
   absl::Status SetTotalSteps(const std::string& id, int64_t total_steps);
   // Steps with step >= from_step, in order; at most `limit` of them when limit > 0 (a page: a
@@ -198,6 +205,9 @@ class JobStore {
                                 JobState to, const std::string& extra_set_sql,
                                 const std::string& error, int64_t number, int64_t at_ms = 0);
   absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
+  // INSERT OR `conflict` (REPLACE, IGNORE) of a step row; true when a row was written.
+  absl::StatusOr<bool> InsertStep(const std::string& id, const StepRecord& step,
+                                  const char* conflict);
   absl::Status RecordAdapterLocked(const ServedAdapter& adapter);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
   // The record as Cancel left it: cancelled if its cancel waits to be recorded.

@@ -423,8 +423,15 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic
         "the call ended (the client cancelled or its deadline passed) before the job was queued; "
         "nothing was submitted");
   }
-  auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
-                              TotalSteps(spec, dataset->examples), options_.max_queued_jobs);
+  std::optional<std::string> listed;  // what ListJobs reads of it: no inline examples
+  if (spec.dataset().inline_examples_size() > 0) {
+    lorad::v1::JobSpec without = spec;
+    without.mutable_dataset()->clear_inline_examples();
+    listed = without.SerializeAsString();
+  }
+  auto record =
+      store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
+                    TotalSteps(spec, dataset->examples), options_.max_queued_jobs, listed);
   if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();

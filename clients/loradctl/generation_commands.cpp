@@ -160,7 +160,15 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
     if (int code =
             StreamReply(connection, *context, *reader, options.generation.show_usage, &reply);
         code != kExitOk) {
-      return code;
+      // On a terminal the conversation goes on without that message (a full context, a busy
+      // server: shorten it, try again or /reset); piped, a script learns from the exit code.
+      // Output that cannot be written ends it either way.
+      if (!terminal || !std::cout) return code;
+      request.mutable_messages()->RemoveLast();
+      std::cerr << "loradctl: that message was not added to the conversation (/reset starts over, "
+                   "/exit quits)"
+                << std::endl;
+      continue;
     }
     auto* assistant = request.add_messages();
     assistant->set_role("assistant");

@@ -118,9 +118,9 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
   for (int32_t s : row_slots) {
     const bool none = s < 0 || s >= stack_->num_adapters();
     rows.push_back(none ? stack_->none_slot() : s);
-    host_slots_.push_back(none ? -1 : s);
   }
   rows_ = torch::tensor(rows, torch::kInt).to(device);
+  groups_ = GroupRows(row_slots, stack_->num_adapters(), device);
 }
 
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
@@ -186,15 +186,31 @@ std::vector<torch::Tensor> MultiLoraApplier::ApplyShared(
   return LoraApplier::ApplyShared(layer, projections, x, ys);
 }
 
-std::vector<int32_t> MultiLoraApplier::HostSlots() const {
-  if (!host_slots_.empty() || rows_.numel() == 0) return host_slots_;
+std::vector<MultiLoraApplier::RowGroup> MultiLoraApplier::GroupRows(
+    const std::vector<int32_t>& slots, int32_t num_adapters, torch::Device device) {
+  std::vector<RowGroup> groups;
+  const int64_t batch = static_cast<int64_t>(slots.size());
+  for (int32_t s = 0; s < num_adapters; ++s) {
+    std::vector<int64_t> members;
+    for (int64_t b = 0; b < batch; ++b) {
+      if (slots[b] == s) members.push_back(b);
+    }
+    if (members.empty()) continue;
+    RowGroup& g = groups.emplace_back();
+    g.slot = s;
+    g.rows = static_cast<int64_t>(members.size());
+    g.all = g.rows == batch;
+    if (!g.all) g.index = torch::tensor(members).to(device);
+  }
+  return groups;
+}
+
+std::vector<MultiLoraApplier::RowGroup> MultiLoraApplier::Groups() const {
+  if (groups_) return *groups_;
   const torch::Tensor rows = rows_.to(torch::kCPU, torch::kInt).contiguous();
   const int32_t* p = rows.data_ptr<int32_t>();
-  std::vector<int32_t> slots(p, p + rows.numel());
-  for (int32_t& s : slots) {
-    if (s < 0 || s >= stack_->num_adapters()) s = -1;
-  }
-  return slots;
+  return GroupRows(std::vector<int32_t>(p, p + rows.numel()), stack_->num_adapters(),
+                   rows_.device());
 }
 
 torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
@@ -202,7 +218,6 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   const LoraStack::Entry& e = stack_->entry(layer, projection);
   if (!e.targeted()) return y;
   if (AddOnDevice(layer, {projection}, x, {y})) return y;
-  const std::vector<int32_t> slots = HostSlots();
   const int64_t rows = x.size(0);
   const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});  // [B, T, in]
   // Added into y in place (one batched GEMM with beta 1 and each group's scale folded into its B:
@@ -211,16 +226,12 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   const bool in_place = y.is_contiguous() && !y.requires_grad();
   torch::Tensor y3 = in_place ? y.view({rows, -1, y.size(-1)}) : torch::Tensor();
   torch::Tensor delta;
-  for (int32_t s = 0; s < stack_->num_adapters(); ++s) {
+  for (const RowGroup& group : Groups()) {
+    const int32_t s = group.slot;
     if (!e.a[s].defined()) continue;  // this adapter does not target the projection
-    std::vector<int64_t> members;
-    for (int64_t b = 0; b < rows && b < static_cast<int64_t>(slots.size()); ++b) {
-      if (slots[b] == s) members.push_back(b);
-    }
-    if (members.empty()) continue;
-    const int64_t n = static_cast<int64_t>(members.size());
-    const bool all = n == rows;
-    const torch::Tensor index = all ? torch::Tensor() : torch::tensor(members).to(x.device());
+    const int64_t n = group.rows;
+    const bool all = group.all;
+    const torch::Tensor& index = group.index;
     const torch::Tensor xs = all ? x3 : x3.index_select(0, index);
     // Each row its own product, as a batch of one adapter's [r, in] broadcast over the rows: a
     // row's sums do not depend on what else is in the batch. Rank first, as PEFT does.

@@ -21,6 +21,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -96,13 +97,24 @@ class MultiLoraApplier : public LoraApplier {
   bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
                    const torch::Tensor& x, const std::vector<torch::Tensor>& ys) const;
 
-  // Each row's slot on the host (none -> -1) for the torch path: the constructor's, or rows_ read
-  // at the call (a caller may refill it between forwards).
-  std::vector<int32_t> HostSlots() const;
+  // The rows of one adapter, for the torch path.
+  struct RowGroup {
+    int32_t slot = 0;
+    int64_t rows = 0;
+    bool all = false;     // every row of the batch, in order: no gather needed
+    torch::Tensor index;  // [rows] int64 on the batch's device (undefined when `all`)
+  };
+  static std::vector<RowGroup> GroupRows(const std::vector<int32_t>& slots, int32_t num_adapters,
+                                         torch::Device device);
+  // The first constructor's groups, or rows_ read and grouped at the call (a caller may refill it
+  // between forwards).
+  std::vector<RowGroup> Groups() const;
 
   std::shared_ptr<const LoraStack> stack_;
-  torch::Tensor rows_;               // [B] int32 slot per row (none -> stack's none slot)
-  std::vector<int32_t> host_slots_;  // set by the first constructor only
+  torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
+  // Set by the first constructor, whose slots are known on the host: the index tensors go to the
+  // device once, not at every projection of every layer.
+  std::optional<std::vector<RowGroup>> groups_;
 };
 
 }  // namespace lorad::engine

@@ -667,11 +667,12 @@ absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config) co
   return impl_->FitsNow(need, config);
 }
 
-absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records) const {
+absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,
+                                       const std::atomic<bool>* abandon) const {
   TrainingJobConfig checked = config;
   checked.data.model_chat_template = impl_->options.chat_template;  // as StartTraining gives it
   return Trainer::CheckData(*impl_->model, *impl_->tokenizer, impl_->options.model_folder, checked,
-                            max_records);
+                            max_records, abandon);
 }
 
 int Engine::StopTraining() {

@@ -113,8 +113,10 @@ class Engine {
   absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config) const;
   // What starting a job with `config` would refuse about its data (the template cannot take a
   // record, no usable example), from at most `max_records` records of each file; for a check at
-  // submission. Thread-safe; it reads the files and tokenizes on the caller's thread.
-  absl::Status CheckTrainingData(const TrainingJobConfig& config, int64_t max_records) const;
+  // submission. Thread-safe; it reads the files and tokenizes on the caller's thread. CANCELLED
+  // soon after `*abandon` turns true.
+  absl::Status CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,
+                                 const std::atomic<bool>* abandon = nullptr) const;
   // Starts a job: validates the config, reads the dataset, resumes from the last checkpoint in
   // config.output_dir if one is there. FailedPrecondition while max_training_jobs jobs are
   // active, or when job_id is one of them; RESOURCE_EXHAUSTED when it does not fit the training

@@ -515,12 +515,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel& model
 
 absl::Status Trainer::CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
                                 const std::string& model_folder, const TrainingJobConfig& config,
-                                int64_t max_records) {
+                                int64_t max_records, const std::atomic<bool>* abandon) {
   if (auto s = CheckMergedExport(model, model_folder, config); !s.ok()) return s;
   TrainingJobConfig checked = config;
   auto formatter = FormatterFor(model, tokenizer, model_folder, checked);
   if (!formatter.ok()) return formatter.status();
-  return TrainingData::Check(checked.data, *formatter, max_records);
+  return TrainingData::Check(checked.data, *formatter, max_records, abandon);
 }
 
 absl::Status Trainer::Step() {
@@ -577,8 +577,24 @@ absl::Status Trainer::Step() {
     for (std::string& warning : t.resume_warnings) t.Warn(std::move(warning));
     t.resume_warnings.clear();
     if (!t.resumed_from.empty()) {
-      // Reported again: a process killed between writing it and reporting it never did (the
-      // job's history keeps one event per checkpoint).
+      // The checkpoint's recent steps and evaluations, then the checkpoint, reported again: a
+      // process killed before its history was recorded lost them (the job's history keeps one
+      // row per step and one event per evaluation and checkpoint).
+      for (const StepMetrics& m : t.state.recent_steps) {
+        TrainingEvent step;
+        step.kind = TrainingEvent::Kind::kStep;
+        step.step = m;
+        step.replayed = true;
+        t.Emit(step);
+        for (const EvalMetrics& e : t.state.recent_evals) {
+          if (e.step != m.step) continue;
+          TrainingEvent eval;
+          eval.kind = TrainingEvent::Kind::kEval;
+          eval.eval = e;
+          eval.replayed = true;
+          t.Emit(eval);
+        }
+      }
       TrainingEvent resumed;
       resumed.kind = TrainingEvent::Kind::kCheckpoint;
       resumed.checkpoint = {t.state.step, t.resumed_from};

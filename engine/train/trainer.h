@@ -84,7 +84,7 @@ class Trainer {
   // when a job is submitted.
   static absl::Status CheckData(const LlamaModel& model, const Tokenizer& tokenizer,
                                 const std::string& model_folder, const TrainingJobConfig& config,
-                                int64_t max_records);
+                                int64_t max_records, const std::atomic<bool>* abandon = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;

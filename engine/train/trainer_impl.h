@@ -184,6 +184,7 @@ struct Trainer::Impl {
   }
   absl::StatusOr<std::string> Checkpoint();
   void Emit(const TrainingEvent& e) {
+    state.Remember(e);  // a step's and an evaluation's metrics go into the next checkpoint
     if (on_event) on_event(e);
   }
   void Warn(std::string message) {

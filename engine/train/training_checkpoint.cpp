@@ -55,7 +55,42 @@ double ReadNumber(const json& j, const char* key, std::optional<double> missing 
   return it->get<double>();  // throws for anything else
 }
 
+json StepToJson(const StepMetrics& m) {
+  return json{{"step", m.step},
+              {"total_steps", m.total_steps},
+              {"epoch", Number(m.epoch)},
+              {"loss", Number(m.loss)},
+              {"learning_rate", Number(m.learning_rate)},
+              {"grad_norm", Number(m.grad_norm)},
+              {"tokens", m.tokens},
+              {"tokens_per_s", Number(m.tokens_per_s)},
+              {"step_time_s", Number(m.step_time_s)},
+              {"elapsed_s", Number(m.elapsed_s)},
+              {"eta_s", Number(m.eta_s)}};
+}
+
+StepMetrics StepFromJson(const json& j) {
+  StepMetrics m;
+  m.step = j.at("step").get<int64_t>();
+  m.total_steps = j.at("total_steps").get<int64_t>();
+  m.epoch = ReadNumber(j, "epoch");
+  m.loss = ReadNumber(j, "loss");
+  m.learning_rate = ReadNumber(j, "learning_rate");
+  m.grad_norm = ReadNumber(j, "grad_norm");
+  m.tokens = j.at("tokens").get<int64_t>();
+  m.tokens_per_s = ReadNumber(j, "tokens_per_s");
+  m.step_time_s = ReadNumber(j, "step_time_s");
+  m.elapsed_s = ReadNumber(j, "elapsed_s");
+  m.eta_s = ReadNumber(j, "eta_s");
+  return m;
+}
+
 json StateToJson(const TrainerState& s) {
+  json steps = json::array(), evals = json::array();
+  for (const StepMetrics& m : s.recent_steps) steps.push_back(StepToJson(m));
+  for (const EvalMetrics& e : s.recent_evals) {
+    evals.push_back(json{{"step", e.step}, {"loss", Number(e.loss)}, {"tokens", e.tokens}});
+  }
   return json{{"step", s.step},
               {"micro_batches", s.micro_batches},
               {"last_loss", Number(s.last_loss)},
@@ -69,7 +104,9 @@ json StateToJson(const TrainerState& s) {
               {"train_seconds", Number(s.train_seconds)},
               {"loss_sum", Number(s.loss_sum)},
               {"dataset_fingerprint", s.dataset_fingerprint},
-              {"base_fingerprint", s.base_fingerprint}};
+              {"base_fingerprint", s.base_fingerprint},
+              {"recent_steps", std::move(steps)},
+              {"recent_evals", std::move(evals)}};
 }
 
 // Serializes `archive` in memory, then writes it to `path` (fsynced).
@@ -185,6 +222,15 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
     s.last_eval_step = j.value("last_eval_step", int64_t{-1});
     s.dataset_fingerprint = j.value("dataset_fingerprint", std::string());
     s.base_fingerprint = j.value("base_fingerprint", std::string());
+    if (const auto it = j.find("recent_steps"); it != j.end()) {
+      for (const json& m : *it) s.recent_steps.push_back(StepFromJson(m));
+    }
+    if (const auto it = j.find("recent_evals"); it != j.end()) {
+      for (const json& e : *it) {
+        s.recent_evals.push_back(
+            {e.at("step").get<int64_t>(), ReadNumber(e, "loss"), e.at("tokens").get<int64_t>()});
+      }
+    }
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint file ", state_path.string(), " is malformed: ", e.what()));
@@ -209,6 +255,23 @@ absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
                      ": cannot read optimizer.pt or rng.pt: ", e.what_without_backtrace()));
   }
   return ckpt;
+}
+
+void TrainerState::Remember(const TrainingEvent& e) {
+  if (e.replayed) return;
+  if (e.kind == TrainingEvent::Kind::kStep) {
+    recent_steps.push_back(e.step);
+    if (recent_steps.size() > kRecentSteps) {
+      recent_steps.erase(recent_steps.begin(),
+                         recent_steps.end() - static_cast<std::ptrdiff_t>(kRecentSteps));
+      const int64_t first = recent_steps.front().step;
+      recent_evals.erase(std::remove_if(recent_evals.begin(), recent_evals.end(),
+                                        [first](const EvalMetrics& m) { return m.step < first; }),
+                         recent_evals.end());
+    }
+  } else if (e.kind == TrainingEvent::Kind::kEval) {
+    recent_evals.push_back(e.eval);
+  }
 }
 
 }  // namespace lorad::engine

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -20,6 +21,7 @@
 #include "engine/runtime/random_state.h"
 #include "engine/train/checkpoint_folders.h"
 #include "engine/train/optimizer.h"
+#include "engine/train/training_event.h"
 
 namespace lorad::engine {
 
@@ -47,10 +49,18 @@ struct TrainerState {
   // older lorad versions (not checked).
   std::string dataset_fingerprint;
   // The base model folder's contents (ModelFolderFingerprint) and the operator's chat template
-  // (for a job that takes the model's own) when the job started: a resume on another base (a re-download of another revision, the
-  // Instruct variant, same shapes) would train the rest of the job on it. "" in checkpoints of
-  // older lorad versions (not checked).
+  // (for a job that takes the model's own) when the job started: a resume on another base (a
+  // re-download of another revision, the Instruct variant, same shapes) would train the rest of the
+  // job on it. "" in checkpoints of older lorad versions (not checked).
   std::string base_fingerprint;
+  // The last kRecentSteps steps' metrics and the evaluations among them, as reported: a resume
+  // reports them again (TrainingEvent::replayed), where the process was killed before its
+  // history was recorded. Empty in checkpoints of older lorad versions.
+  static constexpr size_t kRecentSteps = 512;
+  std::vector<StepMetrics> recent_steps;
+  std::vector<EvalMetrics> recent_evals;
+  // Keeps `e` (a kStep or kEval not replayed) among the recent ones.
+  void Remember(const TrainingEvent& e);
 };
 
 struct TrainingCheckpoint {

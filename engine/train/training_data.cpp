@@ -54,7 +54,8 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
       whole_file = !more->has_value();
       break;
     }
-    if (abandon != nullptr && records % 64 == 0 && abandon->load()) {
+    // Every record: one long conversation can take a second to format.
+    if (abandon != nullptr && abandon->load(std::memory_order_relaxed)) {
       return absl::CancelledError(absl::StrCat("reading ", path, " was abandoned"));
     }
     auto next = (*reader)->Next();
@@ -171,13 +172,14 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
 }
 
 absl::Status TrainingData::Check(const TrainingDataConfig& config,
-                                 const ExampleFormatter& formatter, int64_t max_records) {
+                                 const ExampleFormatter& formatter, int64_t max_records,
+                                 const std::atomic<bool>* abandon) {
   for (const auto& [path, role] :
        {std::pair{&config.path, "training"}, std::pair{&config.validation_path, "validation"}}) {
     if (path->empty()) continue;
     int64_t skipped = 0, dropped = 0, truncated = 0;
-    auto examples =
-        ReadAndFormat(*path, role, config, formatter, skipped, dropped, truncated, max_records);
+    auto examples = ReadAndFormat(*path, role, config, formatter, skipped, dropped, truncated,
+                                  max_records, abandon);
     if (!examples.ok()) return examples.status();
   }
   return absl::OkStatus();

@@ -52,9 +52,10 @@ class TrainingData {
                                             const std::atomic<bool>* abandon = nullptr);
   // What Build would refuse, from at most `max_records` records of each file (a check when a
   // job is submitted, without tokenizing a large dataset twice): a record the template cannot
-  // take, or no usable example in a file read whole.
+  // take, or no usable example in a file read whole. CANCELLED soon after `*abandon` turns true
+  // (the client gone, a shutdown).
   static absl::Status Check(const TrainingDataConfig& config, const ExampleFormatter& formatter,
-                            int64_t max_records);
+                            int64_t max_records, const std::atomic<bool>* abandon = nullptr);
   // From already tokenized examples (tests).
   static absl::StatusOr<TrainingData> FromExamples(std::vector<TokenizedExample> examples,
                                                    std::vector<TokenizedExample> validation,

@@ -557,3 +557,32 @@ def test_text_that_is_not_utf8_is_refused_before_sending(daemon):
     load = subprocess.run([*base, "adapters", "load", "x", b"caf\xe9"], capture_output=True,
                           env=env, timeout=60)
     assert load.returncode == 2 and b"path: not UTF-8" in load.stderr, load.stderr
+
+
+def test_chat_on_a_terminal_goes_on_after_a_failed_turn(daemon):
+    """A turn the daemon refuses (here a message longer than the model's context) ends a piped
+    chat (a script learns it from the exit code); on a terminal the message is left out of the
+    conversation and the next one is answered (the chat ended there)."""
+    import pty
+    import tty
+
+    lines = "word " * 3000 + "\nhello\n/exit\n"
+    piped = loradctl("chat", "--usage", "--max-new-tokens", "2", address=daemon.grpc_address,
+                     stdin=lines)
+    assert piped.returncode != 0, piped.stderr
+    assert "completion tokens" not in piped.stderr, piped.stderr  # "hello" was never sent
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no line-length limit, no echo
+    proc = subprocess.Popen(
+        [str(LORADCTL), "--address", daemon.grpc_address, "chat", "--usage", "--max-new-tokens",
+         "2"], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    os.write(master, lines.encode())
+    out, err = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0, err
+    assert b"not added to the conversation" in err, err
+    assert err.count(b"completion tokens") == 1, err  # the reply to "hello"
+    prompt_tokens = int(re.search(rb"\[(\d+) prompt", err).group(1))
+    assert prompt_tokens < 100, err  # "hello" in the template, without the refused message

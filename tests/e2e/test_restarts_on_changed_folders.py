@@ -138,3 +138,26 @@ def test_another_dataset_root_leaves_queued_jobs_on_their_files(tmp_path, stubs)
             assert spec.dataset.path == submitted, spec.dataset.path
     finally:
         stop_daemon(d)
+
+
+def test_job_folders_the_database_does_not_know_are_named_at_start(tmp_path, stubs):
+    """A job database older than the job folders beside it (a restored backup): the start says
+    which folders it does not know (nothing lists or deletes them, and their adapters' versions
+    may be published again)."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    held = ("--set", "training.max_running_jobs=0")
+    d = start_daemon(tmp_path, *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "known", 2)), timeout=30)
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    (tmp_path / "data" / "jobs" / "job-made-after-the-backup").mkdir(parents=True)
+    d = start_daemon(tmp_path, *held)
+    try:
+        assert re.search(r"holds 1 job folder\(s\) the job database .* does not know "
+                         r"\(job-made-after-the-backup\)", d.log()), d.log()
+    finally:
+        stop_daemon(d)

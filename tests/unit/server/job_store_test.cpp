@@ -9,6 +9,8 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <optional>
+#include <string>
 
 namespace lorad::server {
 namespace {
@@ -45,6 +47,40 @@ TEST_F(JobStoreTest, InsertGetAndSpecRoundTripBinary) {
   EXPECT_EQ(again->adapter_name, "my-adapter");
   EXPECT_EQ(again->total_steps, 60);
   EXPECT_TRUE(absl::IsNotFound(store->Get("job-nope").status()));
+}
+
+// A job's listed spec (the spec without its inline examples) is what List reads: 100 queued
+// jobs of 4 MB each made one ListJobs page read 400 MB. Get and the queue read the whole spec; a
+// job inserted without one (older lorad) lists its spec; a path rewrite reaches both.
+TEST_F(JobStoreTest, ListReadsTheListedSpecAndGetTheWholeOne) {
+  auto store = OpenStore();
+  const std::string whole = "/old/data/a.jsonl" + std::string(1 << 20, 'x');
+  auto big = store->Insert(whole, "big", 0, 1, 10, std::string("/old/data/a.jsonl"));
+  ASSERT_TRUE(big.ok()) << big.status();
+  auto plain = store->Insert("/old/data/b.jsonl", "plain", 0, 1, 10);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  auto page = store->List({}, 10, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->jobs.size(), 2u);
+  EXPECT_EQ(page->jobs[1].id, big->id);  // newest first
+  EXPECT_EQ(page->jobs[1].spec, "/old/data/a.jsonl");
+  EXPECT_EQ(page->jobs[0].spec, "/old/data/b.jsonl");
+  EXPECT_EQ(store->Get(big->id)->spec, whole);
+  auto next = store->NextQueued();
+  ASSERT_TRUE(next.ok() && next->has_value());
+  EXPECT_EQ((*next)->spec, whole);
+
+  const JobStore::Rewrite moved = [](const std::string& v) -> std::optional<std::string> {
+    if (v.rfind("/old/", 0) != 0) return std::nullopt;
+    return "/new/" + v.substr(5);
+  };
+  const JobStore::Rewrite none = [](const std::string&) { return std::optional<std::string>(); };
+  ASSERT_TRUE(store->RewritePaths(moved, none, none).ok());
+  page = store->List({}, 10, "");
+  ASSERT_TRUE(page.ok());
+  EXPECT_EQ(page->jobs[1].spec, "/new/data/a.jsonl");
+  EXPECT_EQ(page->jobs[0].spec, "/new/data/b.jsonl");
+  EXPECT_EQ(store->Get(big->id)->spec.substr(0, 17), "/new/data/a.jsonl");
 }
 
 TEST_F(JobStoreTest, QueueOrderIsPriorityThenSubmission) {
@@ -199,6 +235,34 @@ TEST_F(JobStoreTest, ACancelTheDatabaseRefusesHoldsUntilItIsRecorded) {
   EXPECT_EQ(reopened->Get(queued->id)->finished_ms, cancelled_at);
   EXPECT_EQ(reopened->Get(running->id)->state, JobState::kCancelled);
   EXPECT_EQ(reopened->Get(next->id)->state, JobState::kQueued);
+}
+
+// The steps before the checkpoint a resumed job starts from, reported again: added where the
+// database lacks them (a process killed before recording them), kept as first recorded where not.
+TEST_F(JobStoreTest, StepsReportedAgainAreAddedOnlyWhereMissing) {
+  auto store = OpenStore();
+  auto job = store->Insert("s", "a", 0, 3, 10);
+  StepRecord first;
+  first.step = 1;
+  first.loss = 2.0;
+  first.time_ms = 1000;
+  ASSERT_TRUE(store->AppendStep(job->id, first).ok());
+  StepRecord again = first;
+  again.time_ms = 2000;
+  auto added = store->AppendStepIfMissing(job->id, again);
+  ASSERT_TRUE(added.ok()) << added.status();
+  EXPECT_FALSE(*added);
+  StepRecord lost;
+  lost.step = 2;
+  lost.loss = 1.0;
+  added = store->AppendStepIfMissing(job->id, lost);
+  ASSERT_TRUE(added.ok()) << added.status();
+  EXPECT_TRUE(*added);
+  auto steps = store->Steps(job->id, 1);
+  ASSERT_TRUE(steps.ok());
+  ASSERT_EQ(steps->size(), 2u);
+  EXPECT_EQ((*steps)[0].time_ms, 1000);
+  EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.0);
 }
 
 TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {

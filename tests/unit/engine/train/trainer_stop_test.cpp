@@ -133,10 +133,28 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   EXPECT_TRUE((*c)->resumed());
   EXPECT_EQ((*c)->step(), 10);
   ASSERT_TRUE((*c)->Run().ok());
-  // The checkpoint it resumed from is reported first (the first run may have died before it did).
-  ASSERT_FALSE(second.empty());
-  EXPECT_EQ(second.front().kind, TrainingEvent::Kind::kCheckpoint);
-  EXPECT_EQ(second.front().checkpoint.step, 10);
+  // The checkpoint's steps, then the checkpoint it resumed from, are reported first, as the
+  // first run reported them (it may have died before its history was recorded), marked replayed.
+  std::vector<StepMetrics> reported;
+  for (const TrainingEvent& e : first) {
+    if (e.kind == TrainingEvent::Kind::kStep) reported.push_back(e.step);
+  }
+  ASSERT_EQ(reported.size(), 10u);
+  ASSERT_GT(second.size(), 11u);
+  for (size_t i = 0; i < 10; ++i) {
+    const TrainingEvent& e = second[i];
+    ASSERT_EQ(e.kind, TrainingEvent::Kind::kStep) << i;
+    EXPECT_TRUE(e.replayed);
+    EXPECT_EQ(e.step.step, reported[i].step);
+    EXPECT_EQ(e.step.loss, reported[i].loss);
+    EXPECT_EQ(e.step.learning_rate, reported[i].learning_rate);
+    EXPECT_EQ(e.step.grad_norm, reported[i].grad_norm);
+    EXPECT_EQ(e.step.tokens, reported[i].tokens);
+    EXPECT_EQ(e.step.elapsed_s, reported[i].elapsed_s);
+  }
+  EXPECT_EQ(second[10].kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(second[10].checkpoint.step, 10);
+  for (size_t i = 11; i < second.size(); ++i) EXPECT_FALSE(second[i].replayed) << i;
 
   std::vector<double> joined = Losses(first);
   for (double l : Losses(second)) joined.push_back(l);
@@ -185,8 +203,12 @@ TEST_F(TrainerTest, AResumePassesOverADamagedCheckpointForTheOneBefore) {
   EXPECT_EQ(second[0].kind, TrainingEvent::Kind::kWarning);
   EXPECT_NE(second[0].error.find("checkpoint-4 cannot be resumed from"), std::string::npos)
       << second[0].error;
-  EXPECT_EQ(second[1].kind, TrainingEvent::Kind::kCheckpoint);
-  EXPECT_EQ(second[1].checkpoint.step, 2);
+  // Steps 1 and 2 reported again (replayed), then the checkpoint resumed from.
+  ASSERT_GE(second.size(), 4u);
+  EXPECT_TRUE(second[1].replayed && second[2].replayed);
+  EXPECT_EQ(second[2].step.step, 2);
+  EXPECT_EQ(second[3].kind, TrainingEvent::Kind::kCheckpoint);
+  EXPECT_EQ(second[3].checkpoint.step, 2);
   std::vector<double> joined = Losses(first);
   joined.resize(2);  // steps 3 to 5 are trained again
   for (double l : Losses(second)) joined.push_back(l);
@@ -338,9 +360,12 @@ TEST_F(TrainerTest, ACheckpointDuringTheEndKeepsTheLastStepsWeights) {
   config.max_steps = 3;
   config.load_best_at_end = true;
   std::vector<TrainingEvent> first, second;
-  auto eval_of = [](const std::vector<TrainingEvent>& events, int64_t step) {
+  // The evaluation's loss where the run computed it (replayed: reported again from a checkpoint).
+  auto eval_of = [](const std::vector<TrainingEvent>& events, int64_t step, bool replayed = false) {
     for (const auto& e : events) {
-      if (e.kind == TrainingEvent::Kind::kEval && e.eval.step == step) return e.eval.loss;
+      if (e.kind == TrainingEvent::Kind::kEval && e.eval.step == step && e.replayed == replayed) {
+        return e.eval.loss;
+      }
     }
     return -1.0;
   };
@@ -368,8 +393,10 @@ TEST_F(TrainerTest, ACheckpointDuringTheEndKeepsTheLastStepsWeights) {
                            [&](const TrainingEvent& e) { second.push_back(e); });
   ASSERT_TRUE(t.ok()) << t.status();
   ASSERT_TRUE((*t)->Run().ok());
-  // Step 3's evaluation was reported before its checkpoint was written: not again.
+  // Step 3's evaluation was reported before its checkpoint was written: not run again, only
+  // reported again from the checkpoint.
   EXPECT_EQ(eval_of(second, 3), -1.0);
+  EXPECT_EQ(eval_of(second, 3, /*replayed=*/true), eval_of(first, 3));
   EXPECT_DOUBLE_EQ(second.back().summary.best_loss, eval_of(first, 2));
   EXPECT_FALSE(second.back().summary.cancelled);
   EXPECT_EQ(second.back().summary.adapter_step, 2);
@@ -397,7 +424,9 @@ TEST_F(TrainerTest, AJobStoppedAfterItsFinalCheckpointEndsWhenResumed) {
   ASSERT_FALSE(events.empty());
   EXPECT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_EQ(events.back().summary.steps, 4);
-  for (const auto& e : events) EXPECT_NE(e.kind, TrainingEvent::Kind::kStep) << "no step 5";
+  for (const auto& e : events) {
+    EXPECT_TRUE(e.kind != TrainingEvent::Kind::kStep || e.replayed) << "no step 5";
+  }
   EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "adapter" / "adapter_model.safetensors"));
 }
 

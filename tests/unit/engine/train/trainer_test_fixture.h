@@ -102,7 +102,7 @@ inline std::string ReadFile(const std::string& path) {
 inline std::vector<double> Losses(const std::vector<TrainingEvent>& events) {
   std::vector<double> out;
   for (const auto& e : events) {
-    if (e.kind == TrainingEvent::Kind::kStep) out.push_back(e.step.loss);
+    if (e.kind == TrainingEvent::Kind::kStep && !e.replayed) out.push_back(e.step.loss);
   }
   return out;
 }
@@ -110,7 +110,7 @@ inline std::vector<double> Losses(const std::vector<TrainingEvent>& events) {
 inline std::vector<int64_t> EvalSteps(const std::vector<TrainingEvent>& events) {
   std::vector<int64_t> out;
   for (const auto& e : events) {
-    if (e.kind == TrainingEvent::Kind::kEval) out.push_back(e.eval.step);
+    if (e.kind == TrainingEvent::Kind::kEval && !e.replayed) out.push_back(e.eval.step);
   }
   return out;
 }

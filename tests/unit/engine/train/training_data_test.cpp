@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -90,6 +91,53 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
       << data.status();
   EXPECT_NE(data.status().message().find("validation-bad.jsonl:1: "), std::string::npos)
       << data.status();
+}
+
+// A conversation whose turns run past max_seq_length formats as the same conversation formatted
+// in full and truncated: the same tokens and labels (its later turns are not rendered, each a
+// render and encode of the conversation so far: 2,000 turns took 23 s). And the submit-time
+// check gives up when its caller has (the client gone; it went on formatting for minutes).
+TEST(TrainingData, LongConversationsFormatAsTruncatedAndTheCheckCanBeAbandoned) {
+  const char* folder = std::getenv("LORAD_TINY_MODEL");
+  auto tokenizer = LoadTokenizer(folder);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  Example chat;
+  chat.format = DatasetFormat::kChat;
+  for (int turn = 0; turn < 60; ++turn) {
+    chat.messages.push_back({"user", "question number " + std::to_string(turn)});
+    chat.messages.push_back({"assistant", "answer " + std::to_string(turn * 7)});
+  }
+  ExampleFormatterOptions options;
+  options.template_name = "chatml";
+  options.max_seq_length = 100000;
+  auto whole = ExampleFormatter::Create(**tokenizer, folder, options);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  auto full = whole->Format(chat);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_GT(full->input_ids.size(), 400u);
+  for (const int64_t max : {64, 100, 257}) {
+    options.max_seq_length = max;
+    auto cut = ExampleFormatter::Create(**tokenizer, folder, options);
+    ASSERT_TRUE(cut.ok()) << cut.status();
+    auto formatted = cut->Format(chat);
+    ASSERT_TRUE(formatted.ok()) << formatted.status();
+    const auto n = static_cast<std::ptrdiff_t>(max);
+    EXPECT_EQ(formatted->input_ids,
+              std::vector<int32_t>(full->input_ids.begin(), full->input_ids.begin() + n));
+    EXPECT_EQ(formatted->labels,
+              std::vector<int32_t>(full->labels.begin(), full->labels.begin() + n))
+        << "max_seq_length " << max;
+    EXPECT_TRUE(formatted->truncated);
+  }
+
+  TrainingDataConfig config;
+  config.template_name = "chatml";
+  config.path = WriteLines("chat.jsonl", {R"({"messages": [{"role": "user", "content": "a"},)"
+                                          R"( {"role": "assistant", "content": "b"}]})"});
+  EXPECT_TRUE(TrainingData::Check(config, *whole, 10).ok());
+  const std::atomic<bool> gone{true};
+  const absl::Status abandoned = TrainingData::Check(config, *whole, 10, &gone);
+  EXPECT_TRUE(absl::IsCancelled(abandoned)) << abandoned;
 }
 
 // Range errors name the field as a job spec spells it: dataset fields under "dataset.", the
