@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -312,21 +313,38 @@ absl::Status Daemon::FollowMovedFolders() {
   now.insert(now.end(), plain.begin(), plain.end());
   // Where each was at the last start -> where it is now; the longest match wins (then the
   // resolved form), so a root that stayed keeps its paths even inside a data folder that moved.
-  // A folder moved only where the old place is gone (or is the same folder, reached another
-  // way): a root pointed at another folder while the old one is still there is a change, and the
-  // paths recorded under the old one keep naming their files (rewritten into the new root, a
-  // queued job trained on another file of the same name).
-  std::vector<std::pair<std::string, std::string>> moves;
-  bool moved = false;
+  // The data folder holds the job database itself: found at a new place, it was moved or copied,
+  // and everything in it follows. A root outside it moved only where the old place is gone (or
+  // is the same folder, reached another way): one pointed at another folder while the old one is
+  // still there is a change, and the paths recorded under the old one keep naming their files
+  // (rewritten into the new root, a queued job trained on another file of the same name).
+  std::map<std::string, std::string> before_of;  // meta key -> the folder at the last start
   for (const auto& [key, folder] : now) {
     auto before = jobs_->GetMeta(key);
     if (!before.ok()) return before.status();
-    if (!before->has_value()) continue;
-    const std::string& old_place = **before;
+    if (before->has_value()) before_of[key] = **before;
+  }
+  const auto in_old_data_dir = [&before_of](const std::string& path) {
+    for (const char* key : {"data_dir", "data_dir.resolved"}) {
+      auto it = before_of.find(key);
+      if (it != before_of.end() &&
+          (path == it->second || absl::StartsWith(path, it->second + "/"))) {
+        return true;
+      }
+    }
+    return false;
+  };
+  std::vector<std::pair<std::string, std::string>> moves;
+  bool moved = false;
+  for (const auto& [key, folder] : now) {
+    auto found = before_of.find(key);
+    if (found == before_of.end()) continue;
+    const std::string& old_place = found->second;
     std::error_code gone_ec, same_ec;
     const bool gone = !fs::exists(old_place, gone_ec) && !gone_ec;
     const bool same = fs::equivalent(old_place, folder, same_ec) && !same_ec;
-    if (old_place != folder && !gone && !same) {
+    const bool follows_data_dir = absl::StartsWith(key, "data_dir") || in_old_data_dir(old_place);
+    if (old_place != folder && !gone && !same && !follows_data_dir) {
       if (!absl::EndsWith(key, ".resolved")) {
         spdlog::info(
             "{} is {} now, {} at the last start (still there): the paths recorded "

@@ -88,7 +88,11 @@ absl::StatusOr<std::vector<int>> ListenOnResolved(const addrinfo* found, const s
                                                   const std::string& key, const std::string& flag) {
   std::vector<int> fds;
   std::vector<std::string> bound;  // the addresses listened on, as bytes
-  int skipped = 0;                 // why the last address this host cannot have was skipped
+  // An IPv6 socket takes its own address only where an IPv4 one is to bind beside it (localhost:
+  // ::1 and 127.0.0.1); alone ([::]), it keeps the system's dual stack and takes IPv4 too.
+  bool has_ipv4 = false;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) has_ipv4 |= a->ai_family == AF_INET;
+  int skipped = 0;  // why the last address this host cannot have was skipped
   for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
     const std::string bytes(reinterpret_cast<const char*>(a->ai_addr), a->ai_addrlen);
     if (std::find(bound.begin(), bound.end(), bytes) != bound.end()) continue;
@@ -99,11 +103,12 @@ absl::StatusOr<std::vector<int>> ListenOnResolved(const addrinfo* found, const s
       err = errno;
     } else {
       // SO_REUSEADDR (a quick restart while the port is in TIME_WAIT), never SO_REUSEPORT: with
-      // it a second daemon would bind the same port and the kernel spread scrapes over both. An
-      // IPv6 socket takes its own address only, so that an IPv4 one beside it can bind too.
+      // it a second daemon would bind the same port and the kernel spread scrapes over both.
       int yes = 1;
       setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-      if (a->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &yes, sizeof(yes));
+      if (a->ai_family == AF_INET6 && has_ipv4) {
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &yes, sizeof(yes));
+      }
       if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
         err = errno;
         close(fd);

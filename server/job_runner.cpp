@@ -57,7 +57,12 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
         std::pair{"dataset.validation_path", &spec.dataset().validation_path()}}) {
     if (path->empty()) continue;
     if (auto resolved = ResolveInsideRoot(dataset_root, *path, field); !resolved.ok()) {
-      return resolved.status();
+      // Recorded inside the root at submit: the root was pointed elsewhere since.
+      if (!absl::IsPermissionDenied(resolved.status())) return resolved.status();
+      return absl::PermissionDeniedError(absl::StrCat(
+          resolved.status().message(),
+          " (storage.dataset_root changed since the job was submitted; point it back, or submit "
+          "the job again with a file under the new root)"));
     } else if (*resolved != *path) {  // stored resolved at submit: a symlink appeared since
       return absl::PermissionDeniedError(
           absl::StrCat(field, ": '", *path, "' now resolves to '", *resolved,
@@ -496,15 +501,19 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
 }
 
 void JobRunner::PublishKept(const std::string& job_id, int64_t step,
-                            const lorad::v1::JobEvent& event) {
+                            const lorad::v1::JobEvent& event, bool replayed) {
   // Kept with the job (WatchJob replays it), then published, unless a first run of a resumed
-  // job reported it already (its watchers got it from the history).
+  // job reported it already (its watchers got it from the history). Replayed (reported again
+  // from a checkpoint): a row already there is kept as it was, with its time.
   const StoredEvent stored{step, static_cast<int32_t>(event.event_case()),
                            event.SerializeAsString()};
   absl::StatusOr<bool> added = true;
-  if (unrecorded_history_.empty()) added = store_.AppendEvent(job_id, stored);
+  if (unrecorded_history_.empty()) {
+    added =
+        replayed ? store_.AppendEventIfMissing(job_id, stored) : store_.AppendEvent(job_id, stored);
+  }
   if (!unrecorded_history_.empty() || !added.ok()) {
-    RecordHistory({job_id, std::nullopt, stored});  // waits its turn, then is recorded
+    RecordHistory({job_id, std::nullopt, stored, replayed});  // waits its turn, then is recorded
     added = true;
   }
   if (*added) events_.Publish(event);
@@ -537,6 +546,10 @@ void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error)
 }
 
 absl::Status JobRunner::Store(const UnrecordedHistory& entry) {
+  if (entry.replayed) {
+    return entry.step ? store_.AppendStepIfMissing(entry.job_id, *entry.step).status()
+                      : store_.AppendEventIfMissing(entry.job_id, entry.event).status();
+  }
   return entry.step ? store_.AppendStep(entry.job_id, *entry.step)
                     : store_.AppendEvent(entry.job_id, entry.event).status();
 }
@@ -623,7 +636,7 @@ void JobRunner::Handle(const Pending& p) {
         absl::StatusOr<bool> added = false;
         if (unrecorded_history_.empty()) added = store_.AppendStepIfMissing(p.job_id, s);
         if (!unrecorded_history_.empty() || !added.ok()) {
-          RecordHistory({p.job_id, s, {}});
+          RecordHistory({p.job_id, s, {}, /*replayed=*/true});
         } else if (*added) {
           *out.mutable_step() = ToProtoStep(s);
           events_.Publish(out);
@@ -651,7 +664,7 @@ void JobRunner::Handle(const Pending& p) {
     case TrainingEvent::Kind::kEval:
       out.mutable_eval()->set_step(e.eval.step);
       out.mutable_eval()->set_validation_loss(e.eval.loss);
-      PublishKept(p.job_id, e.eval.step, out);
+      PublishKept(p.job_id, e.eval.step, out, e.replayed);
       return;
     case TrainingEvent::Kind::kCheckpoint:
       out.mutable_checkpoint()->set_step(e.checkpoint.step);

@@ -94,8 +94,10 @@ class JobRunner {
   // restart reads it from there) or a queued or running job continues one from there.
   absl::Status CheckFolderUnread(const std::string& job_id, const std::filesystem::path& folder);
   void Handle(const Pending& pending);
-  // Stores an evaluation or checkpoint event with the job and publishes it if it is new.
-  void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event);
+  // Stores an evaluation or checkpoint event with the job and publishes it if it is new;
+  // `replayed` (reported again by a resumed job) keeps a row already there as it is.
+  void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event,
+                   bool replayed = false);
   void FailJob(const std::string& job_id, const std::string& error);
   // A job that trained to its end: recorded as succeeded and its adapter published.
   void Succeed(const Pending& finished);
@@ -156,6 +158,9 @@ class JobRunner {
     std::string job_id;
     std::optional<StepRecord> step;  // or:
     StoredEvent event;
+    // Reported again by a resumed job (TrainingEvent::replayed): written only where the job has
+    // no such row, which keeps the first one and its time.
+    bool replayed = false;
     int64_t Step() const { return step ? step->step : event.step; }
   };
   static constexpr size_t kMaxUnrecordedHistory = 100000;

@@ -564,6 +564,20 @@ absl::StatusOr<bool> JobStore::AppendEvent(const std::string& id, const StoredEv
   return rc == SQLITE_DONE;
 }
 
+absl::StatusOr<bool> JobStore::AppendEventIfMissing(const std::string& id,
+                                                    const StoredEvent& event) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "INSERT OR IGNORE INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);");
+  s.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
+  s.Bind(4, event.event);
+  if (auto st = s.Run(); !st.ok()) {
+    return absl::InternalError(absl::StrCat("job '", id, "': cannot record the event of step ",
+                                            event.step, ": ", st.message()));
+  }
+  return sqlite3_changes(db_) > 0;
+}
+
 absl::Status JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event) {
   Statement s(db_,
               "INSERT OR REPLACE INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);");

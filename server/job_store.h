@@ -165,6 +165,9 @@ class JobStore {
   // Returns whether the job had no event of that (step, kind) yet: a resumed job reports again
   // what its first run may have reported, and a watcher must not get it twice.
   absl::StatusOr<bool> AppendEvent(const std::string& id, const StoredEvent& event);
+  // The same where the job has no event of that (step, kind); one there is kept as it is (a
+  // replayed report must not restamp it). True when it was added.
+  absl::StatusOr<bool> AppendEventIfMissing(const std::string& id, const StoredEvent& event);
   // Events with step >= from_step, by step, then kind.
   absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step);
   // The event of `kind` with the highest step; nullopt when there is none.

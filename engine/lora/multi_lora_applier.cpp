@@ -120,7 +120,10 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
     rows.push_back(none ? stack_->none_slot() : s);
   }
   rows_ = torch::tensor(rows, torch::kInt).to(device);
-  groups_ = GroupRows(row_slots, stack_->num_adapters(), device);
+  if (!rows.empty() && rows.front() != stack_->none_slot() &&
+      std::all_of(rows.begin(), rows.end(), [&](int32_t s) { return s == rows.front(); })) {
+    uniform_slot_ = rows.front();
+  }
 }
 
 MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack, torch::Tensor row_slots)
@@ -186,31 +189,31 @@ std::vector<torch::Tensor> MultiLoraApplier::ApplyShared(
   return LoraApplier::ApplyShared(layer, projections, x, ys);
 }
 
-std::vector<MultiLoraApplier::RowGroup> MultiLoraApplier::GroupRows(
-    const std::vector<int32_t>& slots, int32_t num_adapters, torch::Device device) {
-  std::vector<RowGroup> groups;
-  const int64_t batch = static_cast<int64_t>(slots.size());
-  for (int32_t s = 0; s < num_adapters; ++s) {
-    std::vector<int64_t> members;
-    for (int64_t b = 0; b < batch; ++b) {
-      if (slots[b] == s) members.push_back(b);
-    }
-    if (members.empty()) continue;
-    RowGroup& g = groups.emplace_back();
-    g.slot = s;
-    g.rows = static_cast<int64_t>(members.size());
-    g.all = g.rows == batch;
-    if (!g.all) g.index = torch::tensor(members).to(device);
+MultiLoraApplier::Gathered MultiLoraApplier::Gather(const LoraStack::Entry& e,
+                                                    torch::ScalarType dtype) const {
+  const int64_t n = stack_->num_adapters();
+  int64_t in = 0, out = 0;
+  for (const torch::Tensor& a : e.a) {
+    if (a.defined()) in = a.size(1);
   }
-  return groups;
-}
-
-std::vector<MultiLoraApplier::RowGroup> MultiLoraApplier::Groups() const {
-  if (groups_) return *groups_;
-  const torch::Tensor rows = rows_.to(torch::kCPU, torch::kInt).contiguous();
-  const int32_t* p = rows.data_ptr<int32_t>();
-  return GroupRows(std::vector<int32_t>(p, p + rows.numel()), stack_->num_adapters(),
-                   rows_.device());
+  for (const torch::Tensor& b : e.b) {
+    if (b.defined()) out = b.size(0);
+  }
+  const auto options = torch::TensorOptions().dtype(stack_->dtype()).device(rows_.device());
+  torch::Tensor a = torch::zeros({n + 1, e.max_rank, in}, options);
+  torch::Tensor b = torch::zeros({n + 1, out, e.max_rank}, options);
+  std::vector<float> scales(static_cast<size_t>(n) + 1, 0.0f);  // the none slot's 0 last
+  for (int64_t s = 0; s < n; ++s) {
+    if (!e.a[s].defined()) continue;
+    const int64_t r = e.a[s].size(0);
+    a[s].narrow(0, 0, r).copy_(e.a[s]);
+    b[s].narrow(1, 0, r).copy_(e.b[s]);
+    scales[static_cast<size_t>(s)] = e.scale[static_cast<size_t>(s)];
+  }
+  const torch::Tensor scale = torch::tensor(scales).to(rows_.device());
+  const int64_t rows = rows_.size(0);
+  return {a.index_select(0, rows_).to(dtype), b.index_select(0, rows_).to(dtype),
+          scale.index_select(0, rows_).view({rows, 1, 1})};
 }
 
 torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, const torch::Tensor& x,
@@ -220,44 +223,32 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   if (AddOnDevice(layer, {projection}, x, {y})) return y;
   const int64_t rows = x.size(0);
   const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});  // [B, T, in]
-  // Added into y in place (one batched GEMM with beta 1 and each group's scale folded into its B:
-  // no [B, T, out] temporaries for the product, its scaling and the sum; a prefill of 2,048 tokens
-  // made three of each projection's output size), or, where y needs grad, as y + delta.
-  const bool in_place = y.is_contiguous() && !y.requires_grad();
-  torch::Tensor y3 = in_place ? y.view({rows, -1, y.size(-1)}) : torch::Tensor();
-  torch::Tensor delta;
-  for (const RowGroup& group : Groups()) {
-    const int32_t s = group.slot;
-    if (!e.a[s].defined()) continue;  // this adapter does not target the projection
-    const int64_t n = group.rows;
-    const bool all = group.all;
-    const torch::Tensor& index = group.index;
-    const torch::Tensor xs = all ? x3 : x3.index_select(0, index);
-    // Each row its own product, as a batch of one adapter's [r, in] broadcast over the rows: a
-    // row's sums do not depend on what else is in the batch. Rank first, as PEFT does.
-    const torch::Tensor a = e.a[s].to(x.scalar_type()).unsqueeze(0).expand({n, -1, -1});
-    const torch::Tensor h = torch::bmm(xs, a.transpose(1, 2));  // [n, T, r]
-    if (in_place) {
-      // In fp32, rounded once, as PEFT's tensor * float.
-      const torch::Tensor scaled_b =
-          (e.b[s].to(torch::kFloat) * e.scale[s]).to(x.scalar_type()).unsqueeze(0);
-      torch::Tensor ys = all ? y3 : y3.index_select(0, index);
-      ys.baddbmm_(h, scaled_b.expand({n, -1, -1}).transpose(1, 2));
-      if (!all) y3.index_copy_(0, index, ys);
-      continue;
-    }
-    // The product in x's dtype times the fp32 scale, rounded once: as PEFT's tensor * float.
-    const torch::Tensor b = e.b[s].to(x.scalar_type()).unsqueeze(0).expand({n, -1, -1});
-    const torch::Tensor d =
-        (torch::bmm(h, b.transpose(1, 2)).to(torch::kFloat) * e.scale[s]).to(x.scalar_type());
-    if (all) {
-      delta = d;
-      continue;
-    }
-    if (!delta.defined()) delta = torch::zeros({rows, x3.size(1), y.size(-1)}, d.options());
-    delta.index_copy_(0, index, d);
+  const int32_t uniform = uniform_slot_;
+  if (uniform >= 0 && !e.a[uniform].defined()) return y;  // its adapter does not target this
+  // Each row's A, B and scale: one adapter's tensors broadcast over the rows (no copy), or each
+  // row's gathered. Either way a row's sums do not depend on what else is in the batch.
+  Gathered g;
+  if (uniform >= 0) {
+    g.a = e.a[uniform].to(x.scalar_type()).unsqueeze(0).expand({rows, -1, -1});
+    g.b = e.b[uniform].to(x.scalar_type()).unsqueeze(0).expand({rows, -1, -1});
+    g.scale = torch::full({rows, 1, 1}, e.scale[static_cast<size_t>(uniform)],
+                          torch::TensorOptions().dtype(torch::kFloat).device(x.device()));
+  } else {
+    g = Gather(e, x.scalar_type());
   }
-  if (in_place || !delta.defined()) return y;
+  // Rank first, as PEFT does: the intermediate is [B, T, r].
+  const torch::Tensor h = torch::bmm(x3, g.a.transpose(1, 2));
+  if (y.is_contiguous() && !y.requires_grad()) {
+    // Added into y by one batched GEMM (beta 1) with each row's scale folded into its B: no
+    // [B, T, out] temporaries for the product, its scaling and the sum (a prefill of 2,048
+    // tokens made three of each projection's output size).
+    const torch::Tensor scaled_b = (g.b * g.scale).to(x.scalar_type());  // in fp32, rounded once
+    torch::Tensor y3 = y.view({rows, -1, y.size(-1)});
+    y3.baddbmm_(h, scaled_b.transpose(1, 2));
+    return y;
+  }
+  // The product in x's dtype times the fp32 scale, rounded once: as PEFT's tensor * float.
+  const torch::Tensor delta = (torch::bmm(h, g.b.transpose(1, 2)) * g.scale).to(x.scalar_type());
   return y + delta.view(y.sizes());
 }
 

@@ -6,9 +6,9 @@
 // computed for the whole batch. Decode rows (one token each) on CUDA go through the BGMV kernel
 // (kernels/lora_bgmv.h: fp32 sums, y rounded once, each row reads only its own adapter at its own
 // rank; q, k, v and gate, up each as one launch pair through ApplyShared); every other case
-// (prefill pieces, the CPU) groups the rows by adapter and adds each group's delta with batched
-// matmuls in torch, at that adapter's own rank. Rows with no adapter take no delta, so their
-// outputs are the base's.
+// (prefill pieces, the CPU) uses batched matmuls in torch over each row's adapter (gathered for
+// the call, padded to the largest rank among them: exact zeros). Rows with no adapter get an
+// all-zero slot, so their outputs are the base's.
 //
 // LoraStack names one set of adapters (slot i = the step's i-th adapter) and is built once per set
 // (the engine caches it while the set of adapters in its batches does not change). It does not
@@ -21,7 +21,6 @@
 #include <array>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -97,24 +96,20 @@ class MultiLoraApplier : public LoraApplier {
   bool AddOnDevice(int64_t layer, const std::vector<Projection>& projections,
                    const torch::Tensor& x, const std::vector<torch::Tensor>& ys) const;
 
-  // The rows of one adapter, for the torch path.
-  struct RowGroup {
-    int32_t slot = 0;
-    int64_t rows = 0;
-    bool all = false;     // every row of the batch, in order: no gather needed
-    torch::Tensor index;  // [rows] int64 on the batch's device (undefined when `all`)
+  // The torch path's per-row A, B and scale for this call: every row's adapter gathered from a
+  // stack of the step's adapters made for the call (each padded to the largest rank among them:
+  // exact zeros; base rows get an all-zero slot), as the old persistent stack was, but freed
+  // after the call.
+  struct Gathered {
+    torch::Tensor a, b, scale;  // [B, r, in], [B, out, r] in x's dtype; [B, 1, 1] fp32
   };
-  static std::vector<RowGroup> GroupRows(const std::vector<int32_t>& slots, int32_t num_adapters,
-                                         torch::Device device);
-  // The first constructor's groups, or rows_ read and grouped at the call (a caller may refill it
-  // between forwards).
-  std::vector<RowGroup> Groups() const;
+  Gathered Gather(const LoraStack::Entry& e, torch::ScalarType dtype) const;
 
   std::shared_ptr<const LoraStack> stack_;
   torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
-  // Set by the first constructor, whose slots are known on the host: the index tensors go to the
-  // device once, not at every projection of every layer.
-  std::optional<std::vector<RowGroup>> groups_;
+  // The one slot every row uses, where the first constructor saw one (a batch on one adapter):
+  // its tensors are used as they are, nothing gathered. -1 otherwise.
+  int32_t uniform_slot_ = -1;
 };
 
 }  // namespace lorad::engine

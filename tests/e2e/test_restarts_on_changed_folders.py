@@ -137,6 +137,17 @@ def test_another_dataset_root_leaves_queued_jobs_on_their_files(tmp_path, stubs)
             spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
             assert spec.dataset.path == submitted, spec.dataset.path
     finally:
+        assert stop_daemon(d) == 0, d.log()
+    # Let run under the new root, the job is refused saying why, not trained on the other file.
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            _, states, _ = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_FAILED, d.log()
+            error = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).error
+            assert "storage.dataset_root changed since the job was submitted" in error, error
+    finally:
         stop_daemon(d)
 
 
@@ -159,5 +170,37 @@ def test_job_folders_the_database_does_not_know_are_named_at_start(tmp_path, stu
     try:
         assert re.search(r"holds 1 job folder\(s\) the job database .* does not know "
                          r"\(job-made-after-the-backup\)", d.log()), d.log()
+    finally:
+        stop_daemon(d)
+
+
+def test_a_copied_data_folder_serves_its_adapters_from_the_copy(tmp_path, stubs):
+    """The data folder copied (the original left in place) and the daemon started on the copy:
+    the job database in it is the copy's, so its paths follow to the copy (kept at the original,
+    they led outside the copy's adapter root and nothing was served)."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    first = tmp_path / "first"
+    prepare(first)
+    d = start_daemon(first)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "copied", 2)), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    second = tmp_path / "second"
+    shutil.copytree(first, second, symlinks=True)
+    d = start_daemon(second)
+    try:
+        assert "moved since the last start" in d.log(), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+            assert [(a.name, a.version) for a in listed] == [("copied", 1)], d.log()
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10)
+            assert job.summary.adapter_path.startswith(str(second)), job.summary.adapter_path
     finally:
         stop_daemon(d)

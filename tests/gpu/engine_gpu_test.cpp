@@ -106,7 +106,10 @@ class JobEvents {
     std::unique_lock<std::mutex> lock(mu_);
     return cv_.wait_for(lock, timeout, [&] {
       for (const auto& e : events_) {
-        if ((e.kind == TrainingEvent::Kind::kStep && e.step.step >= step) || Ended(e)) return true;
+        if ((e.kind == TrainingEvent::Kind::kStep && !e.replayed && e.step.step >= step) ||
+            Ended(e)) {
+          return true;
+        }
       }
       return false;
     });
@@ -119,11 +122,11 @@ class JobEvents {
     std::lock_guard<std::mutex> lock(mu_);
     return events_;
   }
-  // Step -> loss.
+  // Step -> loss, of the steps this run trained (not those a resume reports again).
   std::map<int64_t, double> Losses() const {
     std::map<int64_t, double> losses;
     for (const auto& e : events()) {
-      if (e.kind == TrainingEvent::Kind::kStep) losses[e.step.step] = e.step.loss;
+      if (e.kind == TrainingEvent::Kind::kStep && !e.replayed) losses[e.step.step] = e.step.loss;
     }
     return losses;
   }

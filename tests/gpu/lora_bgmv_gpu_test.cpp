@@ -91,7 +91,8 @@ std::unique_ptr<AdapterSet> MakeAdapters(const std::vector<int32_t>& ranks, int6
     set->a.push_back(MakeValues(r * in, kind, 1.f / std::sqrt(float(in)), rng));
     set->b.push_back(MakeValues(out * r, kind, 0.05f, rng));
     set->rank.push_back(r);
-    set->scale.push_back(2.f * 16.f / r);  // alpha = 2r at r = 16
+    // alpha = 2r at r = 16; 0 for a slot of rank 0, as the engine's stack gives it.
+    set->scale.push_back(r > 0 ? 2.f * 16.f / r : 0.f);
     set->max_rank = std::max(set->max_rank, r);
   }
   for (size_t s = 0; s < ranks.size(); ++s) {

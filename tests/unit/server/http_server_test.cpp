@@ -14,6 +14,7 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -223,6 +224,30 @@ TEST(ListenOnTest, ListensOnEveryAddressANameResolvesToOnce) {
   EXPECT_EQ(fds->size(), ipv6 ? 2u : 1u) << "::1 (where this machine has it) and 127.0.0.1";
   EXPECT_TRUE(ConnectsTo("127.0.0.1", port));
   if (ipv6) EXPECT_TRUE(ConnectsTo("::1", port));
+  for (const int fd : *fds) close(fd);
+}
+
+// [::] alone keeps the system's dual stack: IPv4 clients reach it too (an IPv6-only socket left
+// scrapers of 127.0.0.1 refused), as gRPC's does.
+TEST(ListenOnTest, TheIpv6WildcardAloneTakesIpv4Too) {
+  if (!HasIpv6Loopback()) {
+    // Without IPv6 there is no [::] to listen on: the address is refused, as this machine lacks it.
+    EXPECT_FALSE(ListenOn("[::]:" + std::to_string(FreePort()), "k", "--f").ok());
+    return;
+  }
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  auto fds = ListenOn("[::]:" + std::to_string(port), "server.http_address", "--http-address");
+  ASSERT_TRUE(fds.ok()) << fds.status();
+  EXPECT_EQ(fds->size(), 1u);
+  EXPECT_TRUE(ConnectsTo("::1", port));
+  int v6only = 0;
+  socklen_t size = sizeof(v6only);
+  ASSERT_EQ(getsockopt(fds->front(), IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &size), 0);
+  if (v6only == 0) EXPECT_TRUE(ConnectsTo("127.0.0.1", port)) << "the system's dual stack";
+  std::ifstream bindv6only("/proc/sys/net/ipv6/bindv6only");
+  int system_v6only = 0;
+  if (bindv6only >> system_v6only) EXPECT_EQ(v6only, system_v6only) << "the system's default";
   for (const int fd : *fds) close(fd);
 }
 

@@ -263,6 +263,18 @@ TEST_F(JobStoreTest, StepsReportedAgainAreAddedOnlyWhereMissing) {
   ASSERT_EQ(steps->size(), 2u);
   EXPECT_EQ((*steps)[0].time_ms, 1000);
   EXPECT_DOUBLE_EQ((*steps)[1].loss, 1.0);
+  // An evaluation the same way: kept as first recorded (its event carries its time).
+  ASSERT_TRUE(store->AppendEvent(job->id, {2, 5, "first"}).ok());
+  added = store->AppendEventIfMissing(job->id, {2, 5, "again"});
+  ASSERT_TRUE(added.ok()) << added.status();
+  EXPECT_FALSE(*added);
+  added = store->AppendEventIfMissing(job->id, {1, 5, "lost"});
+  ASSERT_TRUE(added.ok() && *added);
+  auto events = store->Events(job->id, 0);
+  ASSERT_TRUE(events.ok());
+  ASSERT_EQ(events->size(), 2u);
+  EXPECT_EQ((*events)[0].event, "lost");
+  EXPECT_EQ((*events)[1].event, "first");
 }
 
 TEST_F(JobStoreTest, StepsAreKeptInOrderAndReplacedOnResume) {
