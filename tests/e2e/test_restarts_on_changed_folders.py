@@ -1,6 +1,7 @@
 """Restarts of the daemon on folders that moved or changed since the last start: the data folder
-moved (its jobs and adapters follow), the model folder's files changed (the adapters made for
-the old base are named)."""
+moved or copied (its jobs and adapters follow), a dataset root pointed elsewhere (recorded paths
+stay), the model folder's files changed (the adapters made for the old base are named), a job
+database older than its job folders (they are named), adapter names an older lorad recorded."""
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import shutil
 import time
 
 import grpc
+import pytest
 
 from conftest import start_daemon, stop_daemon, tiny_model_path
 from test_training_end_to_end import QA, job_spec, prepare, wait_for_state, watch_until_done
@@ -202,5 +204,49 @@ def test_a_copied_data_folder_serves_its_adapters_from_the_copy(tmp_path, stubs)
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
             job = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10)
             assert job.summary.adapter_path.startswith(str(second)), job.summary.adapter_path
+    finally:
+        stop_daemon(d)
+
+
+def test_an_adapter_name_an_older_lorad_took_can_still_be_unloaded(tmp_path, stubs):
+    """An adapter recorded under a name an older lorad accepted (a leading '.', '..' inside, over
+    64 characters) is served again at every start: unloading it must work, or it never goes."""
+    import sqlite3
+
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "today", 2)), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    legacy = [".hidden", "a..b", "x" * 70]
+    db = sqlite3.connect(tmp_path / "data" / "jobs.db")
+    row = db.execute("SELECT version, path, source, served, fingerprint FROM adapters").fetchone()
+    for name in legacy:  # as the older lorad recorded them
+        db.execute("INSERT INTO adapters (name, version, path, source, served, fingerprint) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", (name, *row))
+    db.commit()
+    db.close()
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = {a.name for a in adapters.ListAdapters(apb.ListAdaptersRequest(),
+                                                           timeout=10).adapters}
+            assert set(legacy) <= listed, d.log()
+            for name in legacy:
+                adapters.UnloadAdapter(apb.UnloadAdapterRequest(name=name), timeout=30)
+            listed = {a.name for a in adapters.ListAdapters(apb.ListAdaptersRequest(),
+                                                           timeout=10).adapters}
+            assert listed == {"today"}, listed
+            # A name no older lorad could have served is still refused by today's rule.
+            with pytest.raises(grpc.RpcError) as refused:
+                adapters.UnloadAdapter(apb.UnloadAdapterRequest(name=".other"), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         stop_daemon(d)
