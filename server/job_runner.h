@@ -34,13 +34,6 @@
 
 namespace lorad::server {
 
-// The engine's view of a stored JobSpec (TrainingJobConfigOf), after creating `output_dir` and
-// writing the inline examples to <output_dir>/inline_dataset.jsonl. The dataset files are checked
-// again against `dataset_root`: one may have been replaced by a symlink to elsewhere while the job
-// waited in the queue.
-absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
-    const lorad::v1::JobSpec& spec, const std::string& output_dir, const std::string& dataset_root);
-
 // Finishes what a DeleteJob interrupted by a crash left in `jobs_dir`: a folder moved aside
 // (.deleted-<id>) goes back if the store still has the job (its record was not deleted); the
 // others, of deleted jobs, are returned for JobRunner::RemoveInBackground. Called at start,

@@ -7,10 +7,12 @@
 #include <set>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/lora/lora_config.h"
 #include "engine/lora/peft_config.h"
+#include "engine/runtime/durable_file.h"
 #include "engine/train/dataset_reader.h"
 #include "engine/train/example_formatter.h"
 #include "engine/train/training_data.h"
@@ -427,6 +429,52 @@ int64_t TotalSteps(const JobSpec& spec, int64_t examples) {
   const int64_t micro_batches = (std::max<int64_t>(train, 1) + t.micro_batch_size() - 1) /
                                 static_cast<int64_t>(t.micro_batch_size());
   return engine::TrainingStepsForEpochs(t.num_epochs(), micro_batches, t.grad_accum());
+}
+
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
+    const lorad::v1::JobSpec& spec, const std::string& output_dir,
+    const std::string& dataset_root) {
+  for (const auto& [field, path] :
+       {std::pair{"dataset.path", &spec.dataset().path()},
+        std::pair{"dataset.validation_path", &spec.dataset().validation_path()}}) {
+    if (path->empty()) continue;
+    if (auto resolved = ResolveInsideRoot(dataset_root, *path, field); !resolved.ok()) {
+      // Recorded inside the root at submit: the root was pointed elsewhere since.
+      if (!absl::IsPermissionDenied(resolved.status())) return resolved.status();
+      return absl::PermissionDeniedError(absl::StrCat(
+          resolved.status().message(),
+          " (storage.dataset_root changed since the job was submitted; point it back, or submit "
+          "the job again with a file under the new root)"));
+    } else if (*resolved != *path) {  // stored resolved at submit: a symlink appeared since
+      return absl::PermissionDeniedError(
+          absl::StrCat(field, ": '", *path, "' now resolves to '", *resolved,
+                       "'; it changed since the job was submitted; submit the job again"));
+    }
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(output_dir, ec);
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+  engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
+  // Resolved inside the dataset root at submit and checked again just above (the inline records'
+  // file, lorad's own, is not opened that way).
+  c.data.resolved_paths = true;
+  if (spec.dataset().inline_examples_size() > 0) {
+    std::string jsonl;
+    // One example a line, whatever its layout: a line break becomes a tab, which between tokens
+    // is whitespace like it (a valid record means the same) and inside a string is a control
+    // character JSON refuses like it (a record invalid at submit, skipped there with
+    // skip_bad_lines, stays invalid; a space made it valid and trained as altered text).
+    for (int i = 0; i < spec.dataset().inline_examples_size(); ++i) {
+      std::string line = spec.dataset().inline_examples(i).json();
+      std::replace(line.begin(), line.end(), '\n', '\t');
+      std::replace(line.begin(), line.end(), '\r', '\t');
+      absl::StrAppend(&jsonl, line, "\n");
+    }
+    if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
+  }
+  if (auto s = c.Validate(); !s.ok()) return s;
+  return c;
 }
 
 }  // namespace lorad::server

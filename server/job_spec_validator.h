@@ -58,6 +58,13 @@ inline constexpr absl::string_view kInlineExamples = "dataset.inline_examples";
 engine::TrainingJobConfig TrainingJobConfigOf(const lorad::v1::JobSpec& spec,
                                               const std::string& output_dir);
 
+// The engine's view of a stored JobSpec (TrainingJobConfigOf), after creating `output_dir` and
+// writing the inline examples to <output_dir>/inline_dataset.jsonl. The dataset files are checked
+// again against `dataset_root`: one may have been replaced by a symlink to elsewhere while the job
+// waited in the queue.
+absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
+    const lorad::v1::JobSpec& spec, const std::string& output_dir, const std::string& dataset_root);
+
 // Optimizer steps the job will run: max_steps, or epochs over the examples.
 int64_t TotalSteps(const lorad::v1::JobSpec& spec, int64_t examples);
 
