@@ -156,13 +156,21 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
       return FinishUnary(context, s);
   }
-  // A name served now may be one an older lorad took (up to 128 characters, any first one) and
-  // each start serves again: it must stay unloadable, whatever today's rule for new names says.
-  const auto served = engine_.adapters().List();
-  const bool listed = std::any_of(served.begin(), served.end(),
-                                  [&](const auto& info) { return info.name == request->name(); });
-  if (auto s = CheckAdapterName(request->name(), "name"); !s.ok() && !listed) {
-    return FinishUnary(context, s);
+  // A name served now, or recorded as served, may be one an older lorad took (up to 128
+  // characters, any first one) that each start serves again, or could not (its folder changed)
+  // while its record blocks deleting its job: it must stay unloadable, whatever today's rule for
+  // new names says.
+  if (auto s = CheckAdapterName(request->name(), "name"); !s.ok()) {
+    const auto served = engine_.adapters().List();
+    bool known = std::any_of(served.begin(), served.end(),
+                             [&](const auto& info) { return info.name == request->name(); });
+    if (!known && record_ != nullptr) {
+      auto recorded = record_->Adapters();
+      known = recorded.ok() && std::any_of(recorded->begin(), recorded->end(), [&](const auto& a) {
+                return a.name == request->name() && a.served;
+              });
+    }
+    if (!known) return FinishUnary(context, s);
   }
   std::optional<int64_t> version;
   if (request->version() < 0) {

@@ -39,25 +39,27 @@ absl::Status Daemon::FollowMovedFolders() {
   // Where each was at the last start -> where it is now; the longest match wins (then the
   // resolved form), so a root that stayed keeps its paths even inside a data folder that moved.
   // The data folder holds the job database itself: found at a new place, it was moved or copied,
-  // and everything in it follows. A root outside it moved only where the old place is gone (or
-  // is the same folder, reached another way): one pointed at another folder while the old one is
-  // still there is a change, and the paths recorded under the old one keep naming their files
-  // (rewritten into the new root, a queued job trained on another file of the same name).
-  std::map<std::string, std::string> before_of;  // meta key -> the folder at the last start
+  // and what is in it follows, a root inside it where it is at the same place in the new one. A
+  // root otherwise moved only where the old place is gone (or is the same folder, reached another
+  // way): one pointed at another folder while the old one is still there is a change, and the
+  // paths recorded under the old one keep naming their files (rewritten into the new root, a
+  // queued job trained on another file of the same name).
+  std::map<std::string, std::string> before_of, now_of;  // meta key -> the folder then, now
   for (const auto& [key, folder] : now) {
+    now_of[key] = folder;
     auto before = jobs_->GetMeta(key);
     if (!before.ok()) return before.status();
     if (before->has_value()) before_of[key] = **before;
   }
-  const auto in_old_data_dir = [&before_of](const std::string& path) {
-    for (const char* key : {"data_dir", "data_dir.resolved"}) {
-      auto it = before_of.find(key);
-      if (it != before_of.end() &&
-          (path == it->second || absl::StartsWith(path, it->second + "/"))) {
-        return true;
-      }
+  // `key`'s root was inside the data folder and is at the same place inside the new one.
+  const auto went_with_data_dir = [&](const std::string& key, const std::string& old_root) {
+    const std::string data_key =
+        absl::EndsWith(key, ".resolved") ? "data_dir.resolved" : "data_dir";
+    const auto old_data = before_of.find(data_key);
+    if (old_data == before_of.end() || !absl::StartsWith(old_root, old_data->second + "/")) {
+      return false;
     }
-    return false;
+    return now_of[key] == now_of[data_key] + old_root.substr(old_data->second.size());
   };
   std::vector<std::pair<std::string, std::string>> moves;
   bool moved = false;
@@ -68,7 +70,8 @@ absl::Status Daemon::FollowMovedFolders() {
     std::error_code gone_ec, same_ec;
     const bool gone = !fs::exists(old_place, gone_ec) && !gone_ec;
     const bool same = fs::equivalent(old_place, folder, same_ec) && !same_ec;
-    const bool follows_data_dir = absl::StartsWith(key, "data_dir") || in_old_data_dir(old_place);
+    const bool follows_data_dir =
+        absl::StartsWith(key, "data_dir") || went_with_data_dir(key, old_place);
     if (old_place != folder && !gone && !same && !follows_data_dir) {
       if (!absl::EndsWith(key, ".resolved")) {
         spdlog::info(

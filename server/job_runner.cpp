@@ -468,7 +468,7 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   }
   if (!unrecorded_history_.empty() || !added.ok()) {
     RecordHistory({job_id, std::nullopt, stored, replayed});  // waits its turn, then is recorded
-    added = true;
+    added = !replayed;  // one reported again may be there already: watchers got it then
   }
   if (*added) events_.Publish(event);
 }
@@ -623,7 +623,7 @@ void JobRunner::Handle(const Pending& p) {
     case TrainingEvent::Kind::kCheckpoint:
       out.mutable_checkpoint()->set_step(e.checkpoint.step);
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
-      PublishKept(p.job_id, e.checkpoint.step, out);
+      PublishKept(p.job_id, e.checkpoint.step, out, e.replayed);
       return;
     case TrainingEvent::Kind::kWarning: {
       const std::string warning = engine::Utf8Lossy(e.error);

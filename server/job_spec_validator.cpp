@@ -439,8 +439,17 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
         std::pair{"dataset.validation_path", &spec.dataset().validation_path()}}) {
     if (path->empty()) continue;
     if (auto resolved = ResolveInsideRoot(dataset_root, *path, field); !resolved.ok()) {
-      // Recorded inside the root at submit: the root was pointed elsewhere since.
+      // Recorded inside the root at submit (resolved): a path no longer under it as written
+      // means the root was pointed elsewhere since; one still under it, that a symlink in its
+      // way leads out now.
       if (!absl::IsPermissionDenied(resolved.status())) return resolved.status();
+      std::error_code ec;
+      const std::string root = std::filesystem::weakly_canonical(dataset_root, ec).string();
+      if (!ec && absl::StartsWith(*path, root + "/")) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            resolved.status().message(),
+            " (a symlink put in its way since the job was submitted); submit the job again"));
+      }
       return absl::PermissionDeniedError(absl::StrCat(
           resolved.status().message(),
           " (storage.dataset_root changed since the job was submitted; point it back, or submit "

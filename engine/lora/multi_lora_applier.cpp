@@ -120,9 +120,9 @@ MultiLoraApplier::MultiLoraApplier(std::shared_ptr<const LoraStack> stack,
     rows.push_back(none ? stack_->none_slot() : s);
   }
   rows_ = torch::tensor(rows, torch::kInt).to(device);
-  if (!rows.empty() && rows.front() != stack_->none_slot() &&
+  if (!rows.empty() &&
       std::all_of(rows.begin(), rows.end(), [&](int32_t s) { return s == rows.front(); })) {
-    uniform_slot_ = rows.front();
+    uniform_slot_ = rows.front();  // the none slot: a part of base-model rows, no delta at all
   }
 }
 
@@ -202,15 +202,16 @@ MultiLoraApplier::Gathered MultiLoraApplier::Gather(const LoraStack::Entry& e,
   const auto options = torch::TensorOptions().dtype(stack_->dtype()).device(rows_.device());
   torch::Tensor a = torch::zeros({n + 1, e.max_rank, in}, options);
   torch::Tensor b = torch::zeros({n + 1, out, e.max_rank}, options);
-  std::vector<float> scales(static_cast<size_t>(n) + 1, 0.0f);  // the none slot's 0 last
   for (int64_t s = 0; s < n; ++s) {
     if (!e.a[s].defined()) continue;
     const int64_t r = e.a[s].size(0);
     a[s].narrow(0, 0, r).copy_(e.a[s]);
     b[s].narrow(1, 0, r).copy_(e.b[s]);
-    scales[static_cast<size_t>(s)] = e.scale[static_cast<size_t>(s)];
   }
-  const torch::Tensor scale = torch::tensor(scales).to(rows_.device());
+  // The kernels' scales, already on the device (a host copy here waited for the stream at every
+  // projection), and the none slot's 0.
+  const torch::Tensor scale =
+      torch::cat({e.scales_f32, torch::zeros({1}, e.scales_f32.options())}).to(rows_.device());
   const int64_t rows = rows_.size(0);
   return {a.index_select(0, rows_).to(dtype), b.index_select(0, rows_).to(dtype),
           scale.index_select(0, rows_).view({rows, 1, 1})};
@@ -224,6 +225,7 @@ torch::Tensor MultiLoraApplier::Apply(int64_t layer, Projection projection, cons
   const int64_t rows = x.size(0);
   const torch::Tensor x3 = x.reshape({rows, -1, x.size(-1)});  // [B, T, in]
   const int32_t uniform = uniform_slot_;
+  if (uniform == stack_->none_slot()) return y;           // base-model rows only
   if (uniform >= 0 && !e.a[uniform].defined()) return y;  // its adapter does not target this
   // Each row's A, B and scale: one adapter's tensors broadcast over the rows (no copy), or each
   // row's gathered. Either way a row's sums do not depend on what else is in the batch.

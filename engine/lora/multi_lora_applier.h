@@ -107,8 +107,8 @@ class MultiLoraApplier : public LoraApplier {
 
   std::shared_ptr<const LoraStack> stack_;
   torch::Tensor rows_;  // [B] int32 slot per row (none -> stack's none slot)
-  // The one slot every row uses, where the first constructor saw one (a batch on one adapter):
-  // its tensors are used as they are, nothing gathered. -1 otherwise.
+  // The one slot every row uses, where the first constructor saw one: a batch on one adapter (its
+  // tensors are used as they are, nothing gathered) or on none (no delta). -1 otherwise.
   int32_t uniform_slot_ = -1;
 };
 

@@ -598,6 +598,7 @@ absl::Status Trainer::Step() {
       TrainingEvent resumed;
       resumed.kind = TrainingEvent::Kind::kCheckpoint;
       resumed.checkpoint = {t.state.step, t.resumed_from};
+      resumed.replayed = true;
       t.resumed_from.clear();
       t.Emit(resumed);
     }

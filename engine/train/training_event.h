@@ -76,10 +76,11 @@ struct TrainingEvent {
   CheckpointWritten checkpoint;  // kCheckpoint
   TrainingSummary summary;       // kFinished
   std::string error;             // kFailed, kWarning: a message a user can act on
-  // kStep, kEval: reported again by a resumed job from its checkpoint, before the kCheckpoint it
-  // starts from (a process killed before its history was recorded had lost them: the runner
-  // records events after the trainer reports them). Record what is missing; it is not new
-  // progress (no metrics, no counters).
+  // kStep, kEval, kCheckpoint: reported again by a resumed job from its checkpoint (its recent
+  // steps and evaluations, then the checkpoint it starts from: a process killed before its
+  // history was recorded had lost them, as the runner records events after the trainer reports
+  // them). Record what is missing and keep what is there; it is not new progress (no metrics, no
+  // counters).
   bool replayed = false;
 };
 

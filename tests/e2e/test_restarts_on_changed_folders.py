@@ -230,6 +230,9 @@ def test_an_adapter_name_an_older_lorad_took_can_still_be_unloaded(tmp_path, stu
     for name in legacy:  # as the older lorad recorded them
         db.execute("INSERT INTO adapters (name, version, path, source, served, fingerprint) "
                    "VALUES (?, ?, ?, ?, ?, ?)", (name, *row))
+    # One whose folder changed since: not served again, its record left to unload.
+    db.execute("INSERT INTO adapters (name, version, path, source, served, fingerprint) "
+               "VALUES (?, ?, ?, ?, ?, ?)", ("..unserved", *row[:4], "changed"))
     db.commit()
     db.close()
     d = start_daemon(tmp_path)
@@ -239,7 +242,8 @@ def test_an_adapter_name_an_older_lorad_took_can_still_be_unloaded(tmp_path, stu
             listed = {a.name for a in adapters.ListAdapters(apb.ListAdaptersRequest(),
                                                            timeout=10).adapters}
             assert set(legacy) <= listed, d.log()
-            for name in legacy:
+            assert "..unserved" not in listed, d.log()
+            for name in [*legacy, "..unserved"]:
                 adapters.UnloadAdapter(apb.UnloadAdapterRequest(name=name), timeout=30)
             listed = {a.name for a in adapters.ListAdapters(apb.ListAdaptersRequest(),
                                                            timeout=10).adapters}
@@ -248,5 +252,34 @@ def test_an_adapter_name_an_older_lorad_took_can_still_be_unloaded(tmp_path, stu
             with pytest.raises(grpc.RpcError) as refused:
                 adapters.UnloadAdapter(apb.UnloadAdapterRequest(name=".other"), timeout=30)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        stop_daemon(d)
+
+
+def test_the_default_dataset_root_pointed_elsewhere_leaves_queued_jobs_on_their_files(
+        tmp_path, stubs):
+    """The default dataset root (inside the data folder) pointed at another folder, the data
+    folder where it was: not a move (the data folder's roots follow it only where it moved)."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)  # data/datasets/qa.jsonl, the default root
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(QA, other / "qa.jsonl")
+    held = ("--set", "training.max_running_jobs=0")
+    d = start_daemon(tmp_path, *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
+            submitted = job.spec.dataset.path
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={other}", *held)
+    try:
+        assert "moved since the last start" not in d.log(), d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
+            assert spec.dataset.path == submitted, spec.dataset.path
     finally:
         stop_daemon(d)

@@ -144,6 +144,36 @@ TEST(JobRunnerTest, AnInlineExampleInvalidAtSubmitStaysInvalidInTheJobsFile) {
   EXPECT_EQ(lines[2], "{\"text\":\t\t \"second\"}");
 }
 
+// A recorded dataset path the job can no longer read inside the root says why: the root pointed
+// elsewhere since the job was submitted, or a symlink put in the file's place that leads out.
+TEST(JobRunnerTest, ADatasetNoLongerInsideTheRootSaysWhetherTheRootOrTheFileChanged) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "job_runner_test-root-changed";
+  fs::remove_all(dir);
+  fs::create_directories(dir / "old");
+  fs::create_directories(dir / "new");
+  fs::create_directories(dir / "elsewhere");
+  std::ofstream(dir / "old" / "qa.jsonl") << R"({"text": "a"})"
+                                          << "\n";
+  std::ofstream(dir / "elsewhere" / "qa.jsonl") << R"({"text": "b"})"
+                                                << "\n";
+  const std::string old_root = fs::weakly_canonical(dir / "old").string();
+  lorad::v1::JobSpec spec;
+  spec.set_adapter_name("rooted");
+  spec.mutable_dataset()->set_path(old_root + "/qa.jsonl");
+  auto config = TrainingJobConfigFromSpec(spec, (dir / "job").string(), (dir / "new").string());
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("storage.dataset_root changed"), std::string::npos)
+      << config.status();
+  fs::remove(dir / "old" / "qa.jsonl");
+  fs::create_symlink(dir / "elsewhere" / "qa.jsonl", dir / "old" / "qa.jsonl");
+  config = TrainingJobConfigFromSpec(spec, (dir / "job").string(), old_root);
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("a symlink put in its way"), std::string::npos)
+      << config.status();
+  EXPECT_EQ(config.status().message().find("dataset_root changed"), std::string::npos)
+      << config.status();
+}
+
 TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {
   Rig rig("cancel-at-start", 400);
   std::atomic<bool> cancelled{false};

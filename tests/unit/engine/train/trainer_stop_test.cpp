@@ -154,6 +154,7 @@ TEST_F(TrainerTest, ResumedRunRepeatsTheUninterruptedLossCurve) {
   }
   EXPECT_EQ(second[10].kind, TrainingEvent::Kind::kCheckpoint);
   EXPECT_EQ(second[10].checkpoint.step, 10);
+  EXPECT_TRUE(second[10].replayed);
   for (size_t i = 11; i < second.size(); ++i) EXPECT_FALSE(second[i].replayed) << i;
 
   std::vector<double> joined = Losses(first);
