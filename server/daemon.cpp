@@ -131,7 +131,11 @@ absl::Status Daemon::Start() {
   for (std::string* path : {&config_.storage.data_dir, &config_.storage.dataset_root,
                             &config_.storage.adapter_root, &config_.model.path}) {
     std::error_code ec;
-    if (!path->empty()) *path = std::filesystem::absolute(*path, ec).lexically_normal().string();
+    if (path->empty()) continue;
+    std::filesystem::path normal = std::filesystem::absolute(*path, ec).lexically_normal();
+    // Without a trailing separator ("/data/" kept one): paths are matched as folder + "/".
+    if (!normal.has_filename() && normal.has_relative_path()) normal = normal.parent_path();
+    *path = normal.string();
   }
   // Checks that need no files first: a refusal leaves no data folder behind.
   if (auto s = LoadTokens(); !s.ok()) return s;

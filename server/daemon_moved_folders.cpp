@@ -49,17 +49,20 @@ absl::Status Daemon::FollowMovedFolders() {
     now_of[key] = folder;
     auto before = jobs_->GetMeta(key);
     if (!before.ok()) return before.status();
-    if (before->has_value()) before_of[key] = **before;
+    if (!before->has_value()) continue;
+    std::string old_place = **before;  // recorded with a trailing separator by older lorad
+    while (old_place.size() > 1 && old_place.back() == '/') old_place.pop_back();
+    before_of[key] = old_place;
   }
-  // `key`'s root was inside the data folder and is at the same place inside the new one.
-  const auto went_with_data_dir = [&](const std::string& key, const std::string& old_root) {
+  // Where `key`'s old root is now: inside a data folder that moved, at its place in the new one.
+  const auto old_root_now = [&](const std::string& key, const std::string& old_root) {
     const std::string data_key =
         absl::EndsWith(key, ".resolved") ? "data_dir.resolved" : "data_dir";
     const auto old_data = before_of.find(data_key);
     if (old_data == before_of.end() || !absl::StartsWith(old_root, old_data->second + "/")) {
-      return false;
+      return old_root;
     }
-    return now_of[key] == now_of[data_key] + old_root.substr(old_data->second.size());
+    return now_of[data_key] + old_root.substr(old_data->second.size());
   };
   std::vector<std::pair<std::string, std::string>> moves;
   bool moved = false;
@@ -67,19 +70,23 @@ absl::Status Daemon::FollowMovedFolders() {
     auto found = before_of.find(key);
     if (found == before_of.end()) continue;
     const std::string& old_place = found->second;
+    // A root inside the data folder is judged where the data folder is now (moved, its old
+    // place is gone with it, while its files are still there, in the new one).
+    const std::string there = old_root_now(key, old_place);
     std::error_code gone_ec, same_ec;
-    const bool gone = !fs::exists(old_place, gone_ec) && !gone_ec;
-    const bool same = fs::equivalent(old_place, folder, same_ec) && !same_ec;
-    const bool follows_data_dir =
-        absl::StartsWith(key, "data_dir") || went_with_data_dir(key, old_place);
+    const bool gone = !fs::exists(there, gone_ec) && !gone_ec;
+    const bool same = fs::equivalent(there, folder, same_ec) && !same_ec;
+    // The data folder itself, or a root inside it at the same place in the new one.
+    const bool follows_data_dir = absl::StartsWith(key, "data_dir") || there == folder;
     if (old_place != folder && !gone && !same && !follows_data_dir) {
       if (!absl::EndsWith(key, ".resolved")) {
         spdlog::info(
             "{} is {} now, {} at the last start (still there): the paths recorded "
             "under the old place stay as they are",
-            key, folder, old_place);
+            key, folder, there);
       }
-      moves.emplace_back(old_place, old_place);  // paths under it stay
+      moves.emplace_back(old_place, there);  // paths under it stay (or follow the data folder)
+      moved |= there != old_place;
       continue;
     }
     moves.emplace_back(old_place, folder);

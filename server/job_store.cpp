@@ -403,7 +403,7 @@ absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_vers
     s = TransitionLocked(id, {JobState::kRunning}, JobState::kSucceeded,
                          "finished_ms = :now, adapter_version = :number", "", adapter_version,
                          at_ms);
-    if (s.ok()) s = AppendEventLocked(id, final_event);
+    if (s.ok()) s = AppendEventLocked(id, final_event).status();
     if (s.ok()) s = RecordAdapterLocked(adapter);
     if (s.ok()) s = Exec("COMMIT;");
     if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
@@ -560,34 +560,28 @@ absl::StatusOr<bool> JobStore::AppendEvent(const std::string& id, const StoredEv
   seen.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
   const int rc = seen.Step();
   if (rc != SQLITE_ROW && rc != SQLITE_DONE) return seen.StepError();
-  if (auto s = AppendEventLocked(id, event); !s.ok()) return s;
+  if (auto s = AppendEventLocked(id, event); !s.ok()) return s.status();
   return rc == SQLITE_DONE;
 }
 
 absl::StatusOr<bool> JobStore::AppendEventIfMissing(const std::string& id,
                                                     const StoredEvent& event) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_,
-              "INSERT OR IGNORE INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);");
-  s.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
-  s.Bind(4, event.event);
-  if (auto st = s.Run(); !st.ok()) {
-    return absl::InternalError(absl::StrCat("job '", id, "': cannot record the event of step ",
-                                            event.step, ": ", st.message()));
-  }
-  return sqlite3_changes(db_) > 0;
+  return AppendEventLocked(id, event, "IGNORE");
 }
 
-absl::Status JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event) {
+absl::StatusOr<bool> JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event,
+                                                 const char* conflict) {
   Statement s(db_,
-              "INSERT OR REPLACE INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);");
+              absl::StrCat("INSERT OR ", conflict,
+                           " INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);"));
   s.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
   s.Bind(4, event.event);
   if (auto st = s.Run(); !st.ok()) {
     return absl::InternalError(absl::StrCat("job '", id, "': cannot record an event of step ",
                                             event.step, ": ", st.message()));
   }
-  return absl::OkStatus();
+  return sqlite3_changes(db_) > 0;
 }
 
 absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,

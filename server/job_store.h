@@ -207,7 +207,9 @@ class JobStore {
   absl::Status TransitionLocked(const std::string& id, const std::vector<JobState>& from,
                                 JobState to, const std::string& extra_set_sql,
                                 const std::string& error, int64_t number, int64_t at_ms = 0);
-  absl::Status AppendEventLocked(const std::string& id, const StoredEvent& event);
+  // INSERT OR `conflict` (REPLACE, IGNORE) of an event row; true when a row was written.
+  absl::StatusOr<bool> AppendEventLocked(const std::string& id, const StoredEvent& event,
+                                         const char* conflict = "REPLACE");
   // INSERT OR `conflict` (REPLACE, IGNORE) of a step row; true when a row was written.
   absl::StatusOr<bool> InsertStep(const std::string& id, const StepRecord& step,
                                   const char* conflict);

@@ -15,25 +15,32 @@ from conftest import start_daemon, stop_daemon, tiny_model_path
 from test_training_end_to_end import QA, job_spec, prepare, wait_for_state, watch_until_done
 
 
+def train_then_stop(folder, stubs, name, **start):
+    """Trains a 2-step job named `name` to its end on a daemon over `folder`, then stops the
+    daemon; returns the job's id."""
+    tpb = stubs.training_pb2
+    d = start_daemon(folder, **start)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, name, 2)), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    return done.id
+
+
 def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_other(
         tmp_path, stubs):
     """A restart on a model folder whose files differ from the last start's (here its config's
     rms_norm_eps, as another revision of the same shapes): the recorded adapters serve again, as
     PEFT would load them, and the log names them as made for the other base."""
-    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    apb = stubs.adapters_pb2
     model = tmp_path / "model"
     shutil.copytree(tiny_model_path(), model)
     prepare(tmp_path)
-    d = start_daemon(tmp_path, model=model)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "made-here", 2)),
-                                  timeout=30)
-            _, states, _ = watch_until_done(stub, tpb, done.id)
-            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    train_then_stop(tmp_path, stubs, "made-here", model=model)
     d = start_daemon(tmp_path, model=model)  # the same files: nothing to say
     assert stop_daemon(d) == 0, d.log()
     assert "is not the one of the last start" not in d.log(), d.log()
@@ -183,15 +190,7 @@ def test_a_copied_data_folder_serves_its_adapters_from_the_copy(tmp_path, stubs)
     tpb, apb = stubs.training_pb2, stubs.adapters_pb2
     first = tmp_path / "first"
     prepare(first)
-    d = start_daemon(first)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "copied", 2)), timeout=30)
-            _, states, _ = watch_until_done(stub, tpb, done.id)
-            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    done_id = train_then_stop(first, stubs, "copied")
     second = tmp_path / "second"
     shutil.copytree(first, second, symlinks=True)
     d = start_daemon(second)
@@ -202,7 +201,7 @@ def test_a_copied_data_folder_serves_its_adapters_from_the_copy(tmp_path, stubs)
             listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
             assert [(a.name, a.version) for a in listed] == [("copied", 1)], d.log()
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            job = stub.GetJob(tpb.GetJobRequest(job_id=done.id), timeout=10)
+            job = stub.GetJob(tpb.GetJobRequest(job_id=done_id), timeout=10)
             assert job.summary.adapter_path.startswith(str(second)), job.summary.adapter_path
     finally:
         stop_daemon(d)
@@ -213,17 +212,9 @@ def test_an_adapter_name_an_older_lorad_took_can_still_be_unloaded(tmp_path, stu
     64 characters) is served again at every start: unloading it must work, or it never goes."""
     import sqlite3
 
-    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    apb = stubs.adapters_pb2
     prepare(tmp_path)
-    d = start_daemon(tmp_path)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "today", 2)), timeout=30)
-            _, states, _ = watch_until_done(stub, tpb, done.id)
-            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    train_then_stop(tmp_path, stubs, "today")
     legacy = [".hidden", "a..b", "x" * 70]
     db = sqlite3.connect(tmp_path / "data" / "jobs.db")
     row = db.execute("SELECT version, path, source, served, fingerprint FROM adapters").fetchone()
@@ -281,5 +272,36 @@ def test_the_default_dataset_root_pointed_elsewhere_leaves_queued_jobs_on_their_
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
             spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
             assert spec.dataset.path == submitted, spec.dataset.path
+    finally:
+        stop_daemon(d)
+
+
+def test_a_moved_data_folder_beside_a_new_dataset_root_keeps_its_jobs_files(tmp_path, stubs):
+    """The data folder moved and storage.dataset_root pointed elsewhere at the same restart: the
+    default root's files moved with the data folder, so a queued job follows them there, not into
+    the new root (where it trained on another file of the same name)."""
+    tpb = stubs.training_pb2
+    first = tmp_path / "first"
+    prepare(first)  # first/data/datasets/qa.jsonl, the default root
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(QA, other / "qa.jsonl")
+    held = ("--set", "training.max_running_jobs=0")
+    d = start_daemon(first, *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    second = tmp_path / "second"
+    shutil.move(first, second)
+    d = start_daemon(second, "--set", f"storage.dataset_root={other}", *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
+            want = os.path.realpath(second / "data" / "datasets" / "qa.jsonl")
+            assert spec.dataset.path == want, spec.dataset.path
     finally:
         stop_daemon(d)
