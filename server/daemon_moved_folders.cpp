@@ -73,17 +73,26 @@ absl::Status Daemon::FollowMovedFolders() {
     // A root inside the data folder is judged where the data folder is now (moved, its old
     // place is gone with it, while its files are still there, in the new one).
     const std::string there = old_root_now(key, old_place);
-    std::error_code gone_ec, same_ec;
-    const bool gone = !fs::exists(there, gone_ec) && !gone_ec;
+    // Empty counts as gone: lorad creates a root it does not find, so a start before the
+    // config named the new place left an empty folder at the old one (which then kept the
+    // paths on it for good).
+    std::error_code gone_ec, empty_ec, same_ec;
+    const bool gone =
+        (!fs::exists(there, gone_ec) && !gone_ec) || (fs::is_empty(there, empty_ec) && !empty_ec);
     const bool same = fs::equivalent(there, folder, same_ec) && !same_ec;
     // The data folder itself, or a root inside it at the same place in the new one.
     const bool follows_data_dir = absl::StartsWith(key, "data_dir") || there == folder;
     if (old_place != folder && !gone && !same && !follows_data_dir) {
-      if (!absl::EndsWith(key, ".resolved")) {
+      if (!absl::EndsWith(key, ".resolved") && there == old_place) {
         spdlog::info(
             "{} is {} now, {} at the last start (still there): the paths recorded "
             "under the old place stay as they are",
-            key, folder, there);
+            key, folder, old_place);
+      } else if (!absl::EndsWith(key, ".resolved")) {
+        spdlog::info(
+            "{} is {} now, {} at the last start, which moved with the data folder to {}: the "
+            "paths recorded under it follow it there, not into {}",
+            key, folder, old_place, there, folder);
       }
       moves.emplace_back(old_place, there);  // paths under it stay (or follow the data folder)
       moved |= there != old_place;

@@ -305,3 +305,33 @@ def test_a_moved_data_folder_beside_a_new_dataset_root_keeps_its_jobs_files(tmp_
             assert spec.dataset.path == want, spec.dataset.path
     finally:
         stop_daemon(d)
+
+
+def test_a_moved_dataset_root_is_followed_after_a_start_on_the_old_config(tmp_path, stubs):
+    """A dataset root moved and lorad started once on the old config (it creates the root it does
+    not find: an empty folder at the old place) before the config names the new place: the
+    empty old folder counts as gone, and the queued job follows its file."""
+    tpb = stubs.training_pb2
+    old_root, new_root = tmp_path / "datasets-a", tmp_path / "datasets-b"
+    old_root.mkdir()
+    shutil.copy(QA, old_root / "qa.jsonl")
+    held = ("--set", "training.max_running_jobs=0")
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    shutil.move(old_root, new_root)
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
+    assert stop_daemon(d) == 0, d.log()
+    assert old_root.is_dir() and not any(old_root.iterdir())  # created again, empty
+    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}", *held)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
+            assert spec.dataset.path == os.path.realpath(new_root / "qa.jsonl"), spec.dataset.path
+    finally:
+        stop_daemon(d)
