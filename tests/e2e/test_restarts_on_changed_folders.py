@@ -31,6 +31,36 @@ def train_then_stop(folder, stubs, name, **start):
     return done.id
 
 
+HELD = ("--set", "training.max_running_jobs=0")  # jobs stay queued
+
+
+def queue_held_job(folder, stubs, *args):
+    """Queues a 2-step job on dataset qa.jsonl on a daemon over `folder` (jobs held, `args` added),
+    then stops it; returns SubmitJob's reply."""
+    tpb = stubs.training_pb2
+    d = start_daemon(folder, *args, *HELD)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            return stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)),
+                                  timeout=30)
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
+def recorded_dataset_path(folder, stubs, job_id, *args):
+    """The dataset path a restart (jobs held, `args` added) gives the job; and its log."""
+    tpb = stubs.training_pb2
+    d = start_daemon(folder, *args, *HELD)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            return stub.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=10).spec.dataset.path, \
+                d.log()
+    finally:
+        stop_daemon(d)
+
+
 def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_other(
         tmp_path, stubs):
     """A restart on a model folder whose files differ from the last start's (here its config's
@@ -127,26 +157,14 @@ def test_another_dataset_root_leaves_queued_jobs_on_their_files(tmp_path, stubs)
     for root in (old_root, new_root):
         root.mkdir()
         shutil.copy(QA, root / "qa.jsonl")
-    held = ("--set", "training.max_running_jobs=0")  # the job stays queued
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
-            submitted = job.spec.dataset.path
-            assert submitted == os.path.realpath(old_root / "qa.jsonl"), submitted
-    finally:
-        assert stop_daemon(d) == 0, d.log()
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}", *held)
-    try:
-        assert "moved since the last start" not in d.log(), d.log()
-        assert "the paths recorded under the old place stay as they are" in d.log(), d.log()
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
-            assert spec.dataset.path == submitted, spec.dataset.path
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    job = queue_held_job(tmp_path, stubs, "--set", f"storage.dataset_root={old_root}")
+    submitted = job.spec.dataset.path
+    assert submitted == os.path.realpath(old_root / "qa.jsonl"), submitted
+    path, log = recorded_dataset_path(tmp_path, stubs, job.id,
+                                      "--set", f"storage.dataset_root={new_root}")
+    assert "moved since the last start" not in log, log
+    assert "the paths recorded under the old place stay as they are" in log, log
+    assert path == submitted, path
     # Let run under the new root, the job is refused saying why, not trained on the other file.
     d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}")
     try:
@@ -251,87 +269,42 @@ def test_the_default_dataset_root_pointed_elsewhere_leaves_queued_jobs_on_their_
         tmp_path, stubs):
     """The default dataset root (inside the data folder) pointed at another folder, the data
     folder where it was: not a move (the data folder's roots follow it only where it moved)."""
-    tpb = stubs.training_pb2
     prepare(tmp_path)  # data/datasets/qa.jsonl, the default root
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(QA, other / "qa.jsonl")
-    held = ("--set", "training.max_running_jobs=0")
-    d = start_daemon(tmp_path, *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
-            submitted = job.spec.dataset.path
-    finally:
-        assert stop_daemon(d) == 0, d.log()
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={other}", *held)
-    try:
-        assert "moved since the last start" not in d.log(), d.log()
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
-            assert spec.dataset.path == submitted, spec.dataset.path
-    finally:
-        stop_daemon(d)
-
+    job = queue_held_job(tmp_path, stubs)
+    path, log = recorded_dataset_path(tmp_path, stubs, job.id,
+                                      "--set", f"storage.dataset_root={other}")
+    assert "moved since the last start" not in log, log
+    assert path == job.spec.dataset.path, path
 
 def test_a_moved_data_folder_beside_a_new_dataset_root_keeps_its_jobs_files(tmp_path, stubs):
     """The data folder moved and storage.dataset_root pointed elsewhere at the same restart: the
     default root's files moved with the data folder, so a queued job follows them there, not into
     the new root (where it trained on another file of the same name)."""
-    tpb = stubs.training_pb2
     first = tmp_path / "first"
     prepare(first)  # first/data/datasets/qa.jsonl, the default root
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(QA, other / "qa.jsonl")
-    held = ("--set", "training.max_running_jobs=0")
-    d = start_daemon(first, *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    job = queue_held_job(first, stubs)
     second = tmp_path / "second"
     shutil.move(first, second)
-    d = start_daemon(second, "--set", f"storage.dataset_root={other}", *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
-            want = os.path.realpath(second / "data" / "datasets" / "qa.jsonl")
-            assert spec.dataset.path == want, spec.dataset.path
-    finally:
-        stop_daemon(d)
-
+    path, _ = recorded_dataset_path(second, stubs, job.id, "--set", f"storage.dataset_root={other}")
+    assert path == os.path.realpath(second / "data" / "datasets" / "qa.jsonl"), path
 
 def test_a_moved_dataset_root_is_followed_after_a_start_on_the_old_config(tmp_path, stubs):
     """A dataset root moved and lorad started once on the old config (it creates the root it does
     not find: an empty folder at the old place) before the config names the new place: the
     empty old folder counts as gone, and the queued job follows its file."""
-    tpb = stubs.training_pb2
     old_root, new_root = tmp_path / "datasets-a", tmp_path / "datasets-b"
     old_root.mkdir()
     shutil.copy(QA, old_root / "qa.jsonl")
-    held = ("--set", "training.max_running_jobs=0")
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "rooted", 2)), timeout=30)
-    finally:
-        assert stop_daemon(d) == 0, d.log()
+    job = queue_held_job(tmp_path, stubs, "--set", f"storage.dataset_root={old_root}")
     shutil.move(old_root, new_root)
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={old_root}", *held)
-    assert stop_daemon(d) == 0, d.log()
+    recorded_dataset_path(tmp_path, stubs, job.id, "--set", f"storage.dataset_root={old_root}")
     assert old_root.is_dir() and not any(old_root.iterdir())  # created again, empty
-    d = start_daemon(tmp_path, "--set", f"storage.dataset_root={new_root}", *held)
-    try:
-        with grpc.insecure_channel(d.grpc_address) as channel:
-            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
-            spec = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).spec
-            assert spec.dataset.path == os.path.realpath(new_root / "qa.jsonl"), spec.dataset.path
-    finally:
-        stop_daemon(d)
+    path, _ = recorded_dataset_path(tmp_path, stubs, job.id,
+                                    "--set", f"storage.dataset_root={new_root}")
+    assert path == os.path.realpath(new_root / "qa.jsonl"), path
