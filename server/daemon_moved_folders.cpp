@@ -83,12 +83,14 @@ absl::Status Daemon::FollowMovedFolders() {
     // The data folder itself, or a root inside it at the same place in the new one.
     const bool follows_data_dir = absl::StartsWith(key, "data_dir") || there == folder;
     if (old_place != folder && !gone && !same && !follows_data_dir) {
-      if (!absl::EndsWith(key, ".resolved") && there == old_place) {
+      if (absl::EndsWith(key, ".resolved")) {
+        // Said once, for the folder as configured.
+      } else if (there == old_place) {
         spdlog::info(
             "{} is {} now, {} at the last start (still there): the paths recorded "
             "under the old place stay as they are",
             key, folder, old_place);
-      } else if (!absl::EndsWith(key, ".resolved")) {
+      } else {
         spdlog::info(
             "{} is {} now, {} at the last start, which moved with the data folder to {}: the "
             "paths recorded under it follow it there, not into {}",

@@ -46,7 +46,8 @@ absl::StatusOr<std::shared_ptr<const LoraStack>> LoraStack::Build(
         e.a.resize(adapters.size());
         e.b.resize(adapters.size());
         e.scale.assign(adapters.size(), 0.0f);
-        int64_t in = 0, out = 0;
+        int64_t& in = e.in_features;
+        int64_t& out = e.out_features;
         for (size_t i = 0; i < adapters.size(); ++i) {
           auto it = adapters[i]->layers.find(path);
           if (it == adapters[i]->layers.end()) continue;
@@ -192,16 +193,9 @@ std::vector<torch::Tensor> MultiLoraApplier::ApplyShared(
 MultiLoraApplier::Gathered MultiLoraApplier::Gather(const LoraStack::Entry& e,
                                                     torch::ScalarType dtype) const {
   const int64_t n = stack_->num_adapters();
-  int64_t in = 0, out = 0;
-  for (const torch::Tensor& a : e.a) {
-    if (a.defined()) in = a.size(1);
-  }
-  for (const torch::Tensor& b : e.b) {
-    if (b.defined()) out = b.size(0);
-  }
   const auto options = torch::TensorOptions().dtype(stack_->dtype()).device(rows_.device());
-  torch::Tensor a = torch::zeros({n + 1, e.max_rank, in}, options);
-  torch::Tensor b = torch::zeros({n + 1, out, e.max_rank}, options);
+  torch::Tensor a = torch::zeros({n + 1, e.max_rank, e.in_features}, options);
+  torch::Tensor b = torch::zeros({n + 1, e.out_features, e.max_rank}, options);
   for (int64_t s = 0; s < n; ++s) {
     if (!e.a[s].defined()) continue;
     const int64_t r = e.a[s].size(0);

@@ -52,6 +52,7 @@ class LoraStack {
     // 1.3333 was 1.3359: every prefill delta 0.2% off); 0 where the adapter does not target this.
     std::vector<float> scale;
     int32_t max_rank = 0;  // the largest r_s; 0: no adapter of the set targets this projection
+    int64_t in_features = 0, out_features = 0;
     // The BGMV kernel's table over the slots, used on CUDA: arrays of a[s] and b[s] pointers
     // (int64; null for rank 0), ranks (int32, r_s or 0) and scales (fp32), on the stack's device.
     torch::Tensor a_pointers, b_pointers, ranks, scales_f32;
