@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -50,6 +51,10 @@ constexpr const char* kServiceNames[] = {
     "lorad.v1.InferenceService",
     "lorad.v1.AdapterService",
 };
+
+// A job running at this many deaths of the daemon in a row (no checkpoint between them) is
+// failed at the next start, not run again: it is likely what kills the daemon.
+constexpr int64_t kMaxUncleanStops = 3;
 
 }  // namespace
 
@@ -174,6 +179,20 @@ absl::Status Daemon::Start() {
     engine_->Stop();
     http_.Stop();
     return s;
+  }
+  // From here jobs may run: a death before Shutdown's end counts against them (OpenJobStore).
+  const std::time_t now = std::time(nullptr);
+  char started[32] = "";
+  std::tm utc{};
+  if (gmtime_r(&now, &utc)) std::strftime(started, sizeof(started), "%Y-%m-%d %H:%M:%S UTC", &utc);
+  if (auto s = jobs_->MarkDaemonRunning(absl::StrCat("pid ", getpid(), ", started ", started));
+      s.ok()) {
+    marked_running_ = true;
+  } else {
+    spdlog::warn(
+        "the job database did not record that lorad runs ({}): a job that crashes lorad would "
+        "not be noticed at the next start",
+        std::string(s.message()));
   }
   job_runner_->Start();
   job_runner_->RemoveInBackground(std::move(deleted_job_folders_));
@@ -520,12 +539,22 @@ absl::Status Daemon::OpenJobStore() {
     }
   }
   if (auto s = FollowMovedFolders(); !s.ok()) return damaged(s);
-  // A job that was running when the last process died goes back to the queue; its trainer
-  // resumes from the last checkpoint.
-  auto requeued = jobs_->RecoverAfterRestart();
-  if (!requeued.ok()) return damaged(requeued.status());
-  for (const auto& id : *requeued)
+  // A job that was running when the last process stopped goes back to the queue; its trainer
+  // resumes from the last checkpoint. One that was running at each of the last
+  // kMaxUncleanStops deaths of the daemon, with no checkpoint between them, fails instead.
+  auto recovered = jobs_->RecoverAfterRestart(kMaxUncleanStops);
+  if (!recovered.ok()) return damaged(recovered.status());
+  if (recovered->unclean_stop) {
+    spdlog::warn(
+        "the last lorad on this data folder ({}) did not stop cleanly (a crash, an out-of-memory "
+        "kill, kill -9 or a power cut); its log, and the system's, say why",
+        *recovered->unclean_stop);
+  }
+  for (const auto& id : recovered->requeued)
     spdlog::warn("job {} was running at the last stop; re-queued", id);
+  for (const auto& id : recovered->failed) {
+    spdlog::error("job {} failed: {}", id, JobStore::UncleanStopsError(kMaxUncleanStops));
+  }
   JobStore* jobs = jobs_.get();
   metrics_.AddGaugeFamilyCallback("lorad_jobs", "Training jobs by state", {"state"}, [jobs] {
     std::vector<std::pair<LabelValues, double>> series;
@@ -690,6 +719,14 @@ void Daemon::Shutdown() {
   // The runner then records the events still queued.
   if (engine_) engine_->Stop();
   if (job_runner_) job_runner_->Stop();
+  if (marked_running_) {
+    if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
+      spdlog::warn("the job database did not record this clean stop ({}): the next start "
+                   "counts it against the jobs that were running",
+                   std::string(s.message()));
+    }
+    marked_running_ = false;
+  }
   http_.Stop();
   spdlog::info("stopped");
 }

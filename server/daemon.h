@@ -86,6 +86,8 @@ class Daemon {
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
+  // The job database says this daemon runs jobs (JobStore::MarkDaemonRunning) until Shutdown.
+  bool marked_running_ = false;
   int data_dir_lock_ = -1;  // held (flock) while the daemon lives; the kernel drops it on exit
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };

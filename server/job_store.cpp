@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   attempts INTEGER NOT NULL DEFAULT 0);
   -- listed_spec BLOB: what List reads as the spec, where smaller (no inline examples); NULL: the
   -- spec itself. Added after schema version 1 (see Open).
+  -- unclean_stops INTEGER: times the daemon died while the job ran, since its last checkpoint
+  -- (RecoverAfterRestart). Added after schema version 1 (see Open).
 CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_steps (
   job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -67,11 +69,15 @@ CREATE TABLE IF NOT EXISTS meta (
 
 constexpr const char* kJobColumns =
     "id, spec, adapter_name, state, priority, created_ms, started_ms, finished_ms, error, "
-    "adapter_version, total_steps, attempts";
+    "adapter_version, total_steps, attempts, unclean_stops";
 // The same, with the listed spec (JobStore::Insert) in the spec's place.
 constexpr const char* kListedJobColumns =
     "id, COALESCE(listed_spec, spec), adapter_name, state, priority, created_ms, started_ms, "
-    "finished_ms, error, adapter_version, total_steps, attempts";
+    "finished_ms, error, adapter_version, total_steps, attempts, unclean_stops";
+
+// The meta key a daemon sets before it runs jobs and removes when it stops cleanly: found at the
+// next start, that daemon died (RecoverAfterRestart).
+constexpr const char* kDaemonRunningKey = "daemon_running";
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -125,6 +131,7 @@ JobRecord ReadJob(Statement& s) {
   r.adapter_version = s.Int(9);
   r.total_steps = s.Int(10);
   r.attempts = s.Int(11);
+  r.unclean_stops = s.Int(12);
   return r;
 }
 
@@ -191,7 +198,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   for (const auto& [table, column, definition] :
        {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"},
-        std::tuple{"jobs", "listed_spec", "BLOB"}}) {
+        std::tuple{"jobs", "listed_spec", "BLOB"},
+        std::tuple{"jobs", "unclean_stops", "INTEGER NOT NULL DEFAULT 0"}}) {
     Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
                                        "') WHERE name = '", column, "';"));
     if (auto s = present.status(); !s.ok()) return s;
@@ -341,7 +349,7 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
       break;
     }
     page.jobs.push_back(std::move(job));
-    last_seq = s.Int(12);
+    last_seq = s.Int(13);
   }
   if (rc != SQLITE_ROW && rc != SQLITE_DONE) return s.StepError();
   return page;
@@ -653,17 +661,69 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   return out;
 }
 
-absl::StatusOr<std::vector<std::string>> JobStore::RecoverAfterRestart() {
+absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_unclean_stops) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<std::string> ids;
-  Statement select(db_, "SELECT id FROM jobs WHERE state = ? ORDER BY seq;");
-  select.Bind(1, static_cast<int64_t>(JobState::kRunning));
-  while (select.Step() == SQLITE_ROW) ids.push_back(select.Blob(0));
-  Statement update(db_, "UPDATE jobs SET state = ? WHERE state = ?;");
-  update.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  update.Bind(2, static_cast<int64_t>(JobState::kRunning));
-  if (auto s = update.Run(); !s.ok()) return s;
-  return ids;
+  Recovered recovered;
+  {
+    Statement marker(db_, "SELECT value FROM meta WHERE key = ?;");
+    marker.BindText(1, kDaemonRunningKey);
+    const int rc = marker.Step();
+    if (rc == SQLITE_ROW) recovered.unclean_stop = marker.Blob(0);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return marker.StepError();
+  }
+  const bool unclean_stop = recovered.unclean_stop.has_value();
+  std::vector<std::pair<std::string, int64_t>> running;  // id, unclean stops counting this one
+  {
+    Statement select(db_, "SELECT id, unclean_stops FROM jobs WHERE state = ? ORDER BY seq;");
+    select.Bind(1, static_cast<int64_t>(JobState::kRunning));
+    int rc;
+    while ((rc = select.Step()) == SQLITE_ROW) {
+      running.emplace_back(select.Blob(0), select.Int(1) + (unclean_stop ? 1 : 0));
+    }
+    if (rc != SQLITE_DONE) return select.StepError();
+  }
+  absl::Status s = Exec("BEGIN IMMEDIATE;");
+  for (size_t i = 0; s.ok() && i < running.size(); ++i) {
+    const auto& [id, stops] = running[i];
+    const bool give_up = unclean_stop && max_unclean_stops > 0 && stops >= max_unclean_stops;
+    Statement update(db_, "UPDATE jobs SET state = ?, unclean_stops = ?, error = ?, "
+                          "finished_ms = ? WHERE id = ?;");
+    update.Bind(1, static_cast<int64_t>(give_up ? JobState::kFailed : JobState::kQueued));
+    update.Bind(2, stops);
+    update.BindText(3, give_up ? UncleanStopsError(stops) : std::string());
+    update.Bind(4, give_up ? NowMs() : int64_t{0});
+    update.BindText(5, id);
+    s = update.Run();
+    (give_up ? recovered.failed : recovered.requeued).push_back(id);
+  }
+  if (s.ok()) {
+    Statement forget(db_, "DELETE FROM meta WHERE key = ?;");
+    forget.BindText(1, kDaemonRunningKey);
+    s = forget.Run();
+  }
+  if (s.ok()) s = Exec("COMMIT;");
+  if (!s.ok()) {
+    Exec("ROLLBACK;").IgnoreError();
+    return s;
+  }
+  return recovered;
+}
+
+std::string JobStore::UncleanStopsError(int64_t stops) {
+  return absl::StrCat(
+      "lorad stopped without shutting down (a crash, an out-of-memory kill, kill -9 or a power "
+      "cut) ",
+      stops,
+      " times while this job was running, with no checkpoint written in between, so it was not "
+      "started again: the job may be what stops lorad. Look at lorad's log before those stops "
+      "(and the system's, for an out-of-memory kill); submit the job again to retry it");
+}
+
+absl::Status JobStore::ClearUncleanStops(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "UPDATE jobs SET unclean_stops = 0 WHERE id = ? AND unclean_stops != 0;");
+  s.BindText(1, id);
+  return s.Run();
 }
 
 absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {
@@ -705,6 +765,17 @@ absl::Status JobStore::SetMeta(const std::string& key, const std::string& value)
               "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value "
               "= excluded.value;");
   s.BindText(1, key).BindText(2, value);
+  return s.Run();
+}
+
+absl::Status JobStore::MarkDaemonRunning(const std::string& since) {
+  return SetMeta(kDaemonRunningKey, since);
+}
+
+absl::Status JobStore::MarkDaemonStopped() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "DELETE FROM meta WHERE key = ?;");
+  s.BindText(1, kDaemonRunningKey);
   return s.Run();
 }
 

@@ -46,6 +46,9 @@ struct JobRecord {
   int64_t adapter_version = 0;  // set when the job succeeded and published its adapter
   int64_t total_steps = 0;
   int64_t attempts = 0;  // times the job entered running (a restart resumes it)
+  // Times the daemon died while the job ran, since the job's last checkpoint (a clean stop does
+  // not count): RecoverAfterRestart fails a job that keeps killing it.
+  int64_t unclean_stops = 0;
 };
 
 // One optimizer step's metrics, as the trainer reports them.
@@ -180,9 +183,24 @@ class JobStore {
   absl::Status MarkAdapterUnserved(const std::string& name, int64_t version);
   absl::StatusOr<std::vector<ServedAdapter>> Adapters();
 
+  // A daemon is about to run jobs (`since`: what its log should say about it, e.g. its pid and
+  // start time), and it stopped cleanly: its running jobs were checkpointed.
+  absl::Status MarkDaemonRunning(const std::string& since);
+  absl::Status MarkDaemonStopped();
   // After a restart: every running job goes back to queued (to resume from its checkpoint).
-  // Returns their ids.
-  absl::StatusOr<std::vector<std::string>> RecoverAfterRestart();
+  // Where the last daemon marked itself running and never stopped, it died (a crash, an
+  // out-of-memory kill, kill -9): its running jobs count that in unclean_stops, and one whose
+  // count reaches max_unclean_stops (> 0) fails instead, with UncleanStopsError (a job that
+  // crashes the daemon would otherwise crash every start after it). Forgets the mark.
+  struct Recovered {
+    std::vector<std::string> requeued;
+    std::vector<std::string> failed;
+    std::optional<std::string> unclean_stop;  // the dead daemon's mark
+  };
+  absl::StatusOr<Recovered> RecoverAfterRestart(int64_t max_unclean_stops = 0);
+  static std::string UncleanStopsError(int64_t stops);
+  // The job wrote a checkpoint: the stops counted so far did not stop it from making progress.
+  absl::Status ClearUncleanStops(const std::string& id);
 
   // Jobs per state, for metrics.
   absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();

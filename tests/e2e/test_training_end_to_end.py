@@ -198,6 +198,44 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
         stop_daemon(d)
 
 
+def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_again(
+        tmp_path, stubs):
+    """A job that kills the daemon (a CUDA fault, the out-of-memory killer) was queued again and
+    started at every start, killing each one for good: after three deaths while it ran, with no
+    checkpoint in between, the next start fails it and says why."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    job_id = None
+    for death in range(3):
+        d = start_daemon(tmp_path)
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            if job_id is None:
+                job_id = stub.SubmitJob(
+                    tpb.SubmitJobRequest(spec=job_spec(tpb, "crasher", 100000)), timeout=30).id
+            wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)  # the daemon dies under it
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        if death > 0:
+            assert "did not stop cleanly" in d.log(), d.log()
+            assert f"job {job_id} was running at the last stop; re-queued" in d.log()
+
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=10)
+            assert job.state == tpb.JOB_STATE_FAILED, d.log()
+            assert "3 times while this job was running" in job.error, job.error
+            assert "submit the job again" in job.error
+            _, states, _ = watch_until_done(stub, tpb, job_id, timeout=30)
+            assert states[-1] == tpb.JOB_STATE_FAILED
+        assert f"job {job_id} failed: " in d.log()
+        assert f"job {job_id} (crasher) started" not in d.log(), "it was started again"
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
 def test_a_job_whose_folder_cannot_be_written_waits_says_why_and_ends_once_it_can(tmp_path, stubs):
     """A checkpoint that cannot be written (a full disk; here a file put where the job's folder
     was) does not fail the job: it stays running, holds what it trained, says why in a warning

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -432,6 +433,7 @@ TEST_F(JobStoreTest, SurvivesKill9AndRequeuesRunningJobs) {
   ASSERT_GE(child, 0);
   if (child == 0) {
     auto store = JobStore::Open(path_);
+    if (!(*store)->MarkDaemonRunning("pid 42, the child").ok()) _exit(2);
     for (int64_t step = 1;; ++step) {
       StepRecord r;
       r.step = step;
@@ -449,17 +451,77 @@ TEST_F(JobStoreTest, SurvivesKill9AndRequeuesRunningJobs) {
   close(pipe_fds[0]);
 
   auto store = OpenStore();
-  auto recovered = store->RecoverAfterRestart();
+  auto recovered = store->RecoverAfterRestart(3);
   ASSERT_TRUE(recovered.ok());
-  EXPECT_EQ(*recovered, std::vector<std::string>{running_id});
+  EXPECT_EQ(recovered->requeued, std::vector<std::string>{running_id});
+  EXPECT_EQ(recovered->unclean_stop, "pid 42, the child");
   EXPECT_EQ(store->Get(running_id)->state, JobState::kQueued);
   EXPECT_EQ(store->Get(running_id)->attempts, 1);
+  EXPECT_EQ(store->Get(running_id)->unclean_stops, 1);
   auto steps = store->Steps(running_id, 0);
   ASSERT_TRUE(steps.ok());
   EXPECT_GE(static_cast<int64_t>(steps->size()), acknowledged);
   auto counts = store->CountByState();
   ASSERT_TRUE(counts.ok());
   EXPECT_EQ((*counts)[0], std::make_pair(JobState::kQueued, int64_t{2}));
+}
+
+// A job that kills the daemon (a CUDA fault, the kernel's out-of-memory killer) was queued again
+// and started at every start, killing each one: after three deaths while it ran, with no
+// checkpoint of it in between, it fails instead. A clean stop does not count, and a checkpoint
+// forgets the deaths before it.
+TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonFails) {
+  std::string crasher, other;
+  {
+    auto store = OpenStore();
+    crasher = store->Insert("c", "crasher", 0, 10, 10)->id;
+    other = store->Insert("o", "other", 0, 10, 10)->id;
+  }
+  // Starts a daemon's life on the database with `running` running; ends it cleanly or not, and
+  // returns what the next start recovers.
+  const auto life = [this](const std::vector<std::string>& running, bool clean,
+                           const std::function<void(JobStore&)>& meanwhile =
+                               [](JobStore&) {}) {
+    {
+      auto store = OpenStore();
+      EXPECT_TRUE(store->MarkDaemonRunning("pid 7").ok());
+      for (const auto& id : running) EXPECT_TRUE(store->MarkRunning(id).ok());
+      meanwhile(*store);
+      if (clean) EXPECT_TRUE(store->MarkDaemonStopped().ok());
+    }  // closed: what a dead process leaves is what it committed
+    auto store = OpenStore();
+    auto recovered = store->RecoverAfterRestart(3);
+    EXPECT_TRUE(recovered.ok()) << recovered.status();
+    return *recovered;
+  };
+  auto recovered = life({crasher, other}, /*clean=*/false);
+  EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
+  EXPECT_EQ(recovered.unclean_stop, "pid 7");
+  recovered = life({crasher, other}, /*clean=*/true);
+  EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
+  EXPECT_FALSE(recovered.unclean_stop.has_value());
+  EXPECT_EQ(OpenStore()->Get(crasher)->unclean_stops, 1);  // the clean stop did not count
+  recovered = life({crasher, other}, /*clean=*/false, [&](JobStore& store) {
+    EXPECT_TRUE(store.ClearUncleanStops(other).ok());  // other wrote a checkpoint
+  });
+  EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
+  EXPECT_EQ(OpenStore()->Get(crasher)->unclean_stops, 2);
+  EXPECT_EQ(OpenStore()->Get(other)->unclean_stops, 1);
+  recovered = life({crasher, other}, /*clean=*/false);
+  EXPECT_EQ(recovered.requeued, std::vector<std::string>{other});
+  EXPECT_EQ(recovered.failed, std::vector<std::string>{crasher});
+  auto store = OpenStore();
+  const JobRecord failed = *store->Get(crasher);
+  EXPECT_EQ(failed.state, JobState::kFailed);
+  EXPECT_EQ(failed.error, JobStore::UncleanStopsError(3));
+  EXPECT_NE(failed.error.find("3 times"), std::string::npos) << failed.error;
+  EXPECT_GT(failed.finished_ms, 0);
+  EXPECT_EQ(store->Get(other)->state, JobState::kQueued);
+  EXPECT_EQ(store->Get(other)->unclean_stops, 2);
+  // The mark is forgotten once recovered: a start that dies before running jobs counts nothing.
+  auto again = store->RecoverAfterRestart(3);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->unclean_stop.has_value());
 }
 
 TEST_F(JobStoreTest, UnopenablePathIsAClearError) {

@@ -290,9 +290,9 @@ TEST(TrainingServiceTest, AJobARestartQueuedAgainIsWatchedQueuedThenRunning) {
   Rig rig("requeued");
   const std::string id = rig.RunningJob();
   for (int64_t n = 1; n <= 3; ++n) rig.Step(id, n);
-  auto requeued = rig.store().RecoverAfterRestart();
-  ASSERT_TRUE(requeued.ok()) << requeued.status();
-  ASSERT_EQ(*requeued, std::vector<std::string>{id});
+  auto recovered = rig.store().RecoverAfterRestart();
+  ASSERT_TRUE(recovered.ok()) << recovered.status();
+  ASSERT_EQ(recovered->requeued, std::vector<std::string>{id});
   Watch watch(rig, id, 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   ASSERT_TRUE(rig.store().MarkRunning(id, 1750000000000).ok());
