@@ -721,9 +721,10 @@ void Daemon::Shutdown() {
   if (job_runner_) job_runner_->Stop();
   if (marked_running_) {
     if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
-      spdlog::warn("the job database did not record this clean stop ({}): the next start "
-                   "counts it against the jobs that were running",
-                   std::string(s.message()));
+      spdlog::warn(
+          "the job database did not record this clean stop ({}): the next start "
+          "counts it against the jobs that were running",
+          std::string(s.message()));
     }
     marked_running_ = false;
   }

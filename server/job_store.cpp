@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   attempts INTEGER NOT NULL DEFAULT 0);
   -- listed_spec BLOB: what List reads as the spec, where smaller (no inline examples); NULL: the
   -- spec itself. Added after schema version 1 (see Open).
+  -- request_id TEXT, request_digest TEXT: the client's id for the submission that queued the job
+  -- and a digest of its spec (Insert); NULL: none. Added after schema version 1 (see Open).
   -- unclean_stops INTEGER: times the daemon died while the job ran, since its last checkpoint
   -- (RecoverAfterRestart). Added after schema version 1 (see Open).
 CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
@@ -199,7 +201,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
        {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"},
         std::tuple{"jobs", "listed_spec", "BLOB"},
-        std::tuple{"jobs", "unclean_stops", "INTEGER NOT NULL DEFAULT 0"}}) {
+        std::tuple{"jobs", "unclean_stops", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"jobs", "request_id", "TEXT"}, std::tuple{"jobs", "request_digest", "TEXT"}}) {
     Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
                                        "') WHERE name = '", column, "';"));
     if (auto s = present.status(); !s.ok()) return s;
@@ -210,6 +213,11 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         return s;
       }
     }
+  }
+  if (auto s = store->Exec("CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id) "
+                           "WHERE request_id IS NOT NULL;");
+      !s.ok()) {
+    return s;
   }
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
     return s;
@@ -244,13 +252,24 @@ absl::Status JobStore::Exec(const std::string& sql) {
 absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::string& adapter_name,
                                            int32_t priority, int64_t total_steps,
                                            int64_t max_queued,
-                                           const std::optional<std::string>& listed_spec) {
+                                           const std::optional<std::string>& listed_spec,
+                                           const std::optional<Submission>& submission) {
   std::lock_guard<std::mutex> lock(mu_);
   if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   auto rollback = [this](absl::Status s) {
     Exec("ROLLBACK;").IgnoreError();
     return s;
   };
+  if (submission) {
+    Statement taken(db_, "SELECT id FROM jobs WHERE request_id = ?;");
+    taken.BindText(1, submission->request_id);
+    const int rc = taken.Step();
+    if (rc == SQLITE_ROW) {
+      return rollback(absl::AlreadyExistsError(absl::StrCat("request_id '", submission->request_id,
+                                                            "' queued job '", taken.Blob(0), "'")));
+    }
+    if (rc != SQLITE_DONE) return rollback(taken.StepError());
+  }
   Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
   count.Bind(1, static_cast<int64_t>(JobState::kQueued));
   if (count.Step() != SQLITE_ROW) return rollback(count.StepError());
@@ -263,15 +282,30 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
   const std::string id = NewJobId();
   Statement insert(db_,
                    "INSERT INTO jobs (id, seq, spec, adapter_name, state, priority, created_ms, "
-                   "total_steps, listed_spec) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM "
-                   "jobs), ?, ?, ?, ?, ?, ?, ?);");
+                   "total_steps, listed_spec, request_id, request_digest) VALUES (?, (SELECT "
+                   "COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, ?, ?, ?, ?, ?);");
   insert.BindText(1, id).Bind(2, spec).BindText(3, adapter_name);
   insert.Bind(4, static_cast<int64_t>(JobState::kQueued)).Bind(5, static_cast<int64_t>(priority));
   insert.Bind(6, NowMs()).Bind(7, total_steps);
   if (listed_spec) insert.Bind(8, *listed_spec);  // else NULL
+  if (submission) insert.BindText(9, submission->request_id).BindText(10, submission->digest);
   if (auto s = insert.Run(); !s.ok()) return rollback(s);
   if (auto s = Exec("COMMIT;"); !s.ok()) return rollback(s);
   return GetLocked(id);
+}
+
+absl::StatusOr<std::optional<std::pair<JobRecord, std::string>>> JobStore::FindSubmission(
+    const std::string& request_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, "SELECT id, request_digest FROM jobs WHERE request_id = ?;");
+  s.BindText(1, request_id);
+  const int rc = s.Step();
+  if (rc == SQLITE_DONE) return std::optional<std::pair<JobRecord, std::string>>();
+  if (rc != SQLITE_ROW) return s.StepError();
+  const std::string id = s.Blob(0), digest = s.Blob(1);
+  auto job = GetLocked(id);
+  if (!job.ok()) return job.status();
+  return std::optional<std::pair<JobRecord, std::string>>(std::pair(*std::move(job), digest));
 }
 
 absl::StatusOr<JobRecord> JobStore::GetLocked(const std::string& id) {
@@ -686,8 +720,9 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
   for (size_t i = 0; s.ok() && i < running.size(); ++i) {
     const auto& [id, stops] = running[i];
     const bool give_up = unclean_stop && max_unclean_stops > 0 && stops >= max_unclean_stops;
-    Statement update(db_, "UPDATE jobs SET state = ?, unclean_stops = ?, error = ?, "
-                          "finished_ms = ? WHERE id = ?;");
+    Statement update(db_,
+                     "UPDATE jobs SET state = ?, unclean_stops = ?, error = ?, "
+                     "finished_ms = ? WHERE id = ?;");
     update.Bind(1, static_cast<int64_t>(give_up ? JobState::kFailed : JobState::kQueued));
     update.Bind(2, stops);
     update.BindText(3, give_up ? UncleanStopsError(stops) : std::string());

@@ -105,13 +105,25 @@ class JobStore {
   JobStore(const JobStore&) = delete;
   JobStore& operator=(const JobStore&) = delete;
 
-  // Queues a new job. RESOURCE_EXHAUSTED when `max_queued` jobs are already queued.
+  // A client's id for one submission (SubmitJobRequest.request_id) and a digest of the spec it
+  // sent: the same id sent again names the job that submission queued.
+  struct Submission {
+    std::string request_id;
+    std::string digest;
+  };
+  // Queues a new job. RESOURCE_EXHAUSTED when `max_queued` jobs are already queued;
+  // ALREADY_EXISTS when a job holds `submission`'s request_id (FindSubmission says which).
   // `listed_spec`: what List returns as the job's spec, where it is smaller than the spec (the
   // spec without its inline examples: 100 jobs of 4 MB each made one ListJobs page read 400 MB);
   // nullopt: the spec itself.
   absl::StatusOr<JobRecord> Insert(const std::string& spec, const std::string& adapter_name,
                                    int32_t priority, int64_t total_steps, int64_t max_queued,
-                                   const std::optional<std::string>& listed_spec = std::nullopt);
+                                   const std::optional<std::string>& listed_spec = std::nullopt,
+                                   const std::optional<Submission>& submission = std::nullopt);
+  // The job a submission with this request_id queued, and that submission's digest; nullopt
+  // where none did (or its job was deleted).
+  absl::StatusOr<std::optional<std::pair<JobRecord, std::string>>> FindSubmission(
+      const std::string& request_id);
   absl::StatusOr<JobRecord> Get(const std::string& id);
   // Newest first; `states` empty = all. page_size in [1, 500]. Each job's spec is its listed
   // spec (see Insert).

@@ -1,10 +1,16 @@
 #include "server/training_service.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
+#include <openssl/evp.h>
+
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <deque>
 #include <mutex>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
@@ -29,6 +35,40 @@ absl::Status RequireJobId(const std::string& id) {
         absl::StrCat("job_id: ", id.size(), " characters; job ids look like job-0123456789abcdef"));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckRequestId(const std::string& id) {
+  constexpr size_t kMaxLength = 128;
+  if (id.size() > kMaxLength) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: ", id.size(), " characters; at most ", kMaxLength));
+  }
+  for (const char c : id) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == ':' ||
+          c == '-')) {
+      return absl::InvalidArgumentError(
+          "request_id: only letters, digits and . _ : - may be used (e.g. a UUID)");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// SHA-256 of the spec's deterministic encoding, in hex: a request_id sent again with the same
+// spec is the same submission.
+std::string SpecDigest(const lorad::v1::JobSpec& spec) {
+  std::string bytes;
+  {
+    google::protobuf::io::StringOutputStream stream(&bytes);
+    google::protobuf::io::CodedOutputStream coded(&stream);
+    coded.SetSerializationDeterministic(true);
+    spec.SerializeToCodedStream(&coded);
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_Digest(bytes.data(), bytes.size(), digest, &length, EVP_sha256(), nullptr) != 1) {
+    return bytes;  // no digest: the encoding itself compares the same way
+  }
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(digest), length));
 }
 
 // One WatchJob stream: history first (read a page of steps at a time), then live events, one
@@ -393,16 +433,44 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   // Fields this lorad does not know are not stored: they served nothing, and a client could
   // make every listing of jobs megabytes with them.
   spec.DiscardUnknownFields();
-  if (options_.blocking == nullptr) return FinishUnary(context, Submit(spec, nullptr, response));
+  std::optional<JobStore::Submission> submission;
+  if (!request->request_id().empty()) {
+    if (auto s = CheckRequestId(request->request_id()); !s.ok()) return FinishUnary(context, s);
+    submission = JobStore::Submission{request->request_id(), SpecDigest(spec)};
+  }
+  if (options_.blocking == nullptr) {
+    return FinishUnary(context, Submit(spec, submission, nullptr, response));
+  }
   // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads.
-  return options_.blocking->Run(
-      context, [this, spec = std::move(spec), response](const std::atomic<bool>& give_up) mutable {
-        return Submit(spec, &give_up, response);
-      });
+  return options_.blocking->Run(context, [this, spec = std::move(spec), submission,
+                                          response](const std::atomic<bool>& give_up) mutable {
+    return Submit(spec, submission, &give_up, response);
+  });
 }
 
-absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
-                                     lorad::v1::Job* response) {
+std::optional<absl::Status> TrainingService::Resubmitted(const JobStore::Submission& submission,
+                                                         lorad::v1::Job* response) {
+  auto found = store_.FindSubmission(submission.request_id);
+  if (!found.ok()) return found.status();
+  if (!found->has_value()) return std::nullopt;
+  const auto& [record, digest] = **found;
+  if (digest != submission.digest) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "request_id '", submission.request_id, "' queued job '", record.id, "' (adapter '",
+        record.adapter_name, "') with another spec; a new job needs a new request_id (or none)"));
+  }
+  if (auto s = FillJob(record, response); !s.ok()) return s;
+  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
+  return absl::OkStatus();
+}
+
+absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
+                                     const std::optional<JobStore::Submission>& submission,
+                                     const std::atomic<bool>* abandon, lorad::v1::Job* response) {
+  // Sent again: the job the first one queued, without reading its dataset again.
+  if (submission) {
+    if (auto again = Resubmitted(*submission, response)) return *again;
+  }
   // The adapter a job continues sets its LoRA settings, which the rest checks.
   std::vector<ServedAdapter> served;
   if (!spec.init_adapter().empty()) {
@@ -429,9 +497,13 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec, const std::atomic
     without.mutable_dataset()->clear_inline_examples();
     listed = without.SerializeAsString();
   }
-  auto record =
-      store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
-                    TotalSteps(spec, dataset->examples), options_.max_queued_jobs, listed);
+  auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
+                              TotalSteps(spec, dataset->examples), options_.max_queued_jobs, listed,
+                              submission);
+  // The same request_id queued a job meanwhile (two retries at once).
+  if (absl::IsAlreadyExists(record.status()) && submission) {
+    if (auto again = Resubmitted(*submission, response)) return *again;
+  }
   if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();

@@ -75,8 +75,14 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
   // SubmitJob's work: validate (reading the dataset), check, queue, answer in `response`;
   // CANCELLED, nothing queued, once `*abandon` is true (the client gone, lorad stopping).
-  absl::Status Submit(lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon,
-                      lorad::v1::Job* response);
+  // `submission`: the client's request_id for it, where it sent one.
+  absl::Status Submit(lorad::v1::JobSpec& spec,
+                      const std::optional<JobStore::Submission>& submission,
+                      const std::atomic<bool>* abandon, lorad::v1::Job* response);
+  // SubmitJob sent again: the job `submission`'s request_id queued in `response` (OK), or
+  // ALREADY_EXISTS where that submission sent another spec; nullopt where no job holds the id.
+  std::optional<absl::Status> Resubmitted(const JobStore::Submission& submission,
+                                          lorad::v1::Job* response);
 
   JobStore& store_;
   JobEventHub& events_;

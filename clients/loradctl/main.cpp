@@ -192,9 +192,14 @@ int main(int argc, char** argv) {
                                            "(fields of lorad.v1.JobSpec); prints its id");
   submit->add_option("FILE", yaml_path, "job YAML file")->required();
   submit->add_flag("--watch", watch_after_submit, "then follow the job as `train watch` does");
+  std::string request_id;
+  submit->add_option("--request-id", request_id,
+                     "your id for this submission (letters, digits, . _ : -): run again with "
+                     "the same id, it prints the job the first run queued instead of queuing "
+                     "another");
   submit->callback([&] {
     command = [&](Connection& c) {
-      return lorad::cli::RunTrainSubmit(c, yaml_path, watch_after_submit);
+      return lorad::cli::RunTrainSubmit(c, yaml_path, request_id, watch_after_submit);
     };
   });
 

@@ -66,7 +66,8 @@ grpc::Status GetJob(Connection& connection, const std::string& job_id, Job* job)
 
 }  // namespace
 
-int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool watch) {
+int RunTrainSubmit(Connection& connection, const std::string& yaml_path,
+                   const std::string& request_id, bool watch) {
   auto spec = LoadJobSpecYaml(yaml_path);
   if (!spec.ok()) {
     std::cerr << "loradctl: " << spec.status().message() << std::endl;
@@ -74,6 +75,7 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool wa
   }
   lorad::v1::SubmitJobRequest request;
   *request.mutable_spec() = *std::move(spec);
+  request.set_request_id(request_id);
   if (ReportInvalidUtf8(request)) return kExitUsage;  // "spec.dataset.path: not UTF-8 ..."
   Job job;
   auto context = connection.NewContext(CallKind::kSlowUnary);

@@ -12,7 +12,9 @@ namespace lorad::cli {
 
 // Prints the new job's id on stdout (alone, so `ID=$(loradctl train submit job.yaml)` works);
 // with `watch`, then follows it as RunTrainWatch does.
-int RunTrainSubmit(Connection& connection, const std::string& yaml_path, bool watch);
+// request_id: SubmitJobRequest.request_id (empty: none).
+int RunTrainSubmit(Connection& connection, const std::string& yaml_path,
+                   const std::string& request_id, bool watch);
 
 // Streams the job's events from `from_step` until it ends. 0 when it succeeded,
 // kExitJobFailed / kExitJobCancelled otherwise.

@@ -59,12 +59,14 @@ class LoradClient:
         self.inference = self.pb.inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = self.pb.adapters_pb2_grpc.AdapterServiceStub(self.channel)
 
-    def submit(self, spec: dict) -> str:
-        """Queues a job from a JobSpec given as a dict (the proto's JSON form); returns its id."""
+    def submit(self, spec: dict, request_id: str = "") -> str:
+        """Queues a job from a JobSpec given as a dict (the proto's JSON form); returns its id.
+        With a request_id (e.g. str(uuid.uuid4())), sending it again returns the same job."""
         from google.protobuf import json_format
 
         request = self.pb.training_pb2.SubmitJobRequest(
-            spec=json_format.ParseDict(spec, self.pb.training_pb2.JobSpec()))
+            spec=json_format.ParseDict(spec, self.pb.training_pb2.JobSpec()),
+            request_id=request_id)
         return self.training.SubmitJob(request, metadata=self.metadata, timeout=600).id
 
     def watch(self, job_id: str):
@@ -94,7 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
                     help="a bearer token from auth.tokens")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("submit").add_argument("job_file", type=pathlib.Path)
+    submit = sub.add_parser("submit")
+    submit.add_argument("job_file", type=pathlib.Path)
+    submit.add_argument("--request-id", default="",
+                        help="your id for this submission: sent again, it returns the same job")
     sub.add_parser("watch").add_argument("job_id")
     chat = sub.add_parser("chat")
     chat.add_argument("--adapter", default="")
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
     client = LoradClient(args.address, args.token)
     try:
         if args.command == "submit":
-            print(client.submit(json.loads(args.job_file.read_text())))
+            print(client.submit(json.loads(args.job_file.read_text()), args.request_id))
         elif args.command == "watch":
             for event in client.watch(args.job_id):
                 if event.HasField("step"):

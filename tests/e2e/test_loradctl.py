@@ -144,6 +144,28 @@ def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
     assert gone.returncode == EXIT_NOT_FOUND and job_id in gone.stderr, gone.stderr
 
 
+def test_a_submit_run_again_with_its_request_id_names_the_same_job(daemon, job_file):
+    """A script that submits again after a failure (a lost reply, a passed deadline) with the
+    same --request-id gets the job the first call queued, not a second one."""
+    address = daemon.grpc_address
+    first = loradctl("train", "submit", str(job_file), "--request-id", "nightly-1",
+                     address=address)
+    assert first.returncode == 0, first.stderr
+    again = loradctl("train", "submit", str(job_file), "--request-id", "nightly-1",
+                     address=address)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    other = job_file.parent / "other.yaml"
+    other.write_text(job_file.read_text().replace("qa-yaml", "qa-other"))
+    clash = loradctl("train", "submit", str(other), "--request-id", "nightly-1", address=address)
+    assert clash.returncode != 0
+    assert "request_id 'nightly-1' queued job '" + first.stdout.strip() in clash.stderr
+    listed = loradctl("train", "ls", address=address)
+    assert listed.stdout.count(first.stdout.strip()) == 1
+    assert "qa-other" not in listed.stdout
+    assert loradctl("train", "cancel", first.stdout.strip(), address=address).returncode == 0
+
+
 def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):
     pb = stubs.training_pb2
     path = tmp_path / "inline.yaml"

@@ -31,8 +31,11 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
             "training": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1,
                          "learning_rate": 2e-3, "max_seq_length": 128},
         }))
-        job_id = run_client(d.grpc_address, "submit", str(job)).strip()
+        job_id = run_client(d.grpc_address, "submit", str(job), "--request-id", "py-1").strip()
         assert job_id.startswith("job-"), job_id
+        # Sent again (a retry), the same request_id names the same job.
+        assert run_client(d.grpc_address, "submit", str(job), "--request-id", "py-1").strip() == \
+            job_id
 
         watched = run_client(d.grpc_address, "watch", job_id).splitlines()
         steps = [line for line in watched if line.startswith("step ")]

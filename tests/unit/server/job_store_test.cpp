@@ -479,15 +479,19 @@ TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonFails) {
   }
   // Starts a daemon's life on the database with `running` running; ends it cleanly or not, and
   // returns what the next start recovers.
-  const auto life = [this](const std::vector<std::string>& running, bool clean,
-                           const std::function<void(JobStore&)>& meanwhile =
-                               [](JobStore&) {}) {
+  const auto life = [this](
+                        const std::vector<std::string>& running, bool clean,
+                        const std::function<void(JobStore&)>& meanwhile = [](JobStore&) {}) {
     {
       auto store = OpenStore();
       EXPECT_TRUE(store->MarkDaemonRunning("pid 7").ok());
-      for (const auto& id : running) EXPECT_TRUE(store->MarkRunning(id).ok());
+      for (const auto& id : running) {
+        EXPECT_TRUE(store->MarkRunning(id).ok());
+      }
       meanwhile(*store);
-      if (clean) EXPECT_TRUE(store->MarkDaemonStopped().ok());
+      if (clean) {
+        EXPECT_TRUE(store->MarkDaemonStopped().ok());
+      }
     }  // closed: what a dead process leaves is what it committed
     auto store = OpenStore();
     auto recovered = store->RecoverAfterRestart(3);
@@ -522,6 +526,35 @@ TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonFails) {
   auto again = store->RecoverAfterRestart(3);
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->unclean_stop.has_value());
+}
+
+// A submission's request_id names the one job it queued, across a reopen, until that job is
+// deleted; jobs without one are many.
+TEST_F(JobStoreTest, ARequestIdNamesOneJobUntilItIsDeleted) {
+  std::string id;
+  {
+    auto store = OpenStore();
+    const JobStore::Submission submission{"req-1", "digest-a"};
+    auto job = store->Insert("s", "bot", 0, 1, 10, std::nullopt, submission);
+    ASSERT_TRUE(job.ok()) << job.status();
+    id = job->id;
+    auto again = store->Insert("s", "bot", 0, 1, 10, std::nullopt, submission);
+    EXPECT_TRUE(absl::IsAlreadyExists(again.status())) << again.status();
+    ASSERT_TRUE(store->Insert("s", "bot", 0, 1, 10).ok());
+    ASSERT_TRUE(store->Insert("s", "bot", 0, 1, 10).ok());
+  }
+  auto store = OpenStore();
+  auto found = store->FindSubmission("req-1");
+  ASSERT_TRUE(found.ok()) << found.status();
+  ASSERT_TRUE(found->has_value());
+  EXPECT_EQ((*found)->first.id, id);
+  EXPECT_EQ((*found)->second, "digest-a");
+  EXPECT_FALSE(store->FindSubmission("req-2")->has_value());
+  ASSERT_TRUE(store->Cancel(id).ok());
+  ASSERT_TRUE(store->Delete(id).ok());
+  EXPECT_FALSE(store->FindSubmission("req-1")->has_value());
+  EXPECT_TRUE(
+      store->Insert("s", "bot", 0, 1, 10, std::nullopt, JobStore::Submission{"req-1", "b"}).ok());
 }
 
 TEST_F(JobStoreTest, UnopenablePathIsAClearError) {

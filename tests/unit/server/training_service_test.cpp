@@ -454,6 +454,75 @@ TEST(TrainingServiceTest, ASubmissionWhoseClientGaveUpIsNotQueued) {
   EXPECT_TRUE(jobs->jobs.empty()) << "a submission its client gave up on was queued";
 }
 
+// A SubmitJob sent again with its request_id (a retry after a lost reply, a script run twice)
+// returns the job the first one queued, without reading its dataset again, also when the two
+// arrive at once; the same id with another spec is ALREADY_EXISTS, and a malformed one is refused.
+TEST(TrainingServiceTest, ASubmissionSentAgainWithItsRequestIdReturnsTheJobItQueued) {
+  std::atomic<int> checks{0};
+  TrainingServiceOptions options;
+  options.check_job = [&](const lorad::v1::JobSpec&, const std::atomic<bool>*) {
+    ++checks;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // two at once meet here
+    return absl::OkStatus();
+  };
+  Rig rig("request-id", std::move(options));
+  const auto submit = [&](const lorad::v1::SubmitJobRequest& request, lorad::v1::Job* job) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    return rig.stub().SubmitJob(&context, request, job);
+  };
+  lorad::v1::SubmitJobRequest request = OneExampleJob();
+  request.set_request_id("nightly-2026-12-06");
+  lorad::v1::Job first, again;
+  ASSERT_TRUE(submit(request, &first).ok());
+  ASSERT_TRUE(submit(request, &again).ok());
+  EXPECT_EQ(again.id(), first.id());
+  EXPECT_EQ(again.spec().adapter_name(), "bot");
+  EXPECT_EQ(checks.load(), 1) << "the retry read the dataset again";
+
+  // Two at once with a new id: one job.
+  request.set_request_id("6f1c0d2e-3b4a-4c5d-8e9f-0a1b2c3d4e5f");
+  lorad::v1::Job a, b;
+  grpc::Status status_a, status_b;
+  std::thread ta([&] { status_a = submit(request, &a); });
+  std::thread tb([&] { status_b = submit(request, &b); });
+  ta.join();
+  tb.join();
+  ASSERT_TRUE(status_a.ok()) << status_a.error_message();
+  ASSERT_TRUE(status_b.ok()) << status_b.error_message();
+  EXPECT_EQ(a.id(), b.id());
+  EXPECT_NE(a.id(), first.id());
+
+  // Without one, every call queues a job.
+  lorad::v1::SubmitJobRequest plain = OneExampleJob();
+  lorad::v1::Job p1, p2;
+  ASSERT_TRUE(submit(plain, &p1).ok());
+  ASSERT_TRUE(submit(plain, &p2).ok());
+  EXPECT_NE(p1.id(), p2.id());
+  auto jobs = rig.store().List({}, 10, "");
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(jobs->jobs.size(), 4u);
+
+  lorad::v1::SubmitJobRequest other = OneExampleJob();
+  other.mutable_spec()->mutable_training()->set_max_steps(4);
+  other.set_request_id("nightly-2026-12-06");
+  lorad::v1::Job refused;
+  grpc::Status status = submit(other, &refused);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(status.error_message(),
+            "request_id 'nightly-2026-12-06' queued job '" + first.id() +
+                "' (adapter 'bot') with another spec; a new job needs a new request_id (or none)");
+  for (const std::string& bad : {std::string("two words"), std::string(129, 'x')}) {
+    other.set_request_id(bad);
+    status = submit(other, &refused);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_EQ(status.error_message().rfind("request_id: ", 0), 0u) << status.error_message();
+  }
+  jobs = rig.store().List({}, 10, "");
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  EXPECT_EQ(jobs->jobs.size(), 4u);
+}
+
 // WatchJob streams open at once are bounded (each holds a page of history and a subscription);
 // one more is RESOURCE_EXHAUSTED, and a closed one gives its place back.
 TEST(TrainingServiceTest, WatchStreamsOpenAtOnceAreBounded) {
