@@ -214,10 +214,16 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
       }
     }
   }
-  if (auto s = store->Exec("CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id) "
-                           "WHERE request_id IS NOT NULL;");
-      !s.ok()) {
-    return s;
+  // jobs_listing holds every column List reads but the spec: a row's spec (megabytes of inline
+  // examples) sits before the later columns, and SQLite walks its overflow pages to reach them
+  // (100 queued jobs of 4 MB each: 400 MB read a page). Built once on an older database.
+  for (const char* index :
+       {"CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id) WHERE request_id "
+        "IS NOT NULL;",
+        "CREATE INDEX IF NOT EXISTS jobs_listing ON jobs(seq, state, id, adapter_name, priority, "
+        "created_ms, started_ms, finished_ms, error, adapter_version, total_steps, attempts, "
+        "unclean_stops, listed_spec);"}) {
+    if (auto s = store->Exec(index); !s.ok()) return s;
   }
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
     return s;
@@ -366,7 +372,10 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
   if (!unrecorded_cancels_.empty() && wanted(JobState::kCancelled)) {
     stored_states.insert(stored_states.end(), {JobState::kQueued, JobState::kRunning});
   }
-  std::string sql = absl::StrCat("SELECT ", kListedJobColumns, ", seq FROM jobs WHERE seq < ?");
+  // Through jobs_listing: the spec itself is read only where a row has no listed spec (then a
+  // small one).
+  std::string sql = absl::StrCat("SELECT ", kListedJobColumns,
+                                 ", seq FROM jobs INDEXED BY jobs_listing WHERE seq < ?");
   if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", StateList(stored_states), ")");
   absl::StrAppend(&sql, " ORDER BY seq DESC;");
   Statement s(db_, sql);
