@@ -52,8 +52,8 @@ constexpr const char* kServiceNames[] = {
     "lorad.v1.AdapterService",
 };
 
-// A job running at this many deaths of the daemon in a row (no checkpoint between them) is
-// failed at the next start, not run again: it is likely what kills the daemon.
+// A job running at this many deaths of the daemon in a row, getting no further than its furthest
+// step in between, is failed at the next start, not run again: it is likely what kills the daemon.
 constexpr int64_t kMaxUncleanStops = 3;
 
 }  // namespace
@@ -541,7 +541,7 @@ absl::Status Daemon::OpenJobStore() {
   if (auto s = FollowMovedFolders(); !s.ok()) return damaged(s);
   // A job that was running when the last process stopped goes back to the queue; its trainer
   // resumes from the last checkpoint. One that was running at each of the last
-  // kMaxUncleanStops deaths of the daemon, with no checkpoint between them, fails instead.
+  // kMaxUncleanStops deaths of the daemon in a row, getting no further in between, fails instead.
   auto recovered = jobs_->RecoverAfterRestart(kMaxUncleanStops);
   if (!recovered.ok()) return damaged(recovered.status());
   if (recovered->unclean_stop) {
@@ -552,9 +552,7 @@ absl::Status Daemon::OpenJobStore() {
   }
   for (const auto& id : recovered->requeued)
     spdlog::warn("job {} was running at the last stop; re-queued", id);
-  for (const auto& id : recovered->failed) {
-    spdlog::error("job {} failed: {}", id, JobStore::UncleanStopsError(kMaxUncleanStops));
-  }
+  for (const auto& [id, error] : recovered->failed) spdlog::error("job {} failed: {}", id, error);
   JobStore* jobs = jobs_.get();
   metrics_.AddGaugeFamilyCallback("lorad_jobs", "Training jobs by state", {"state"}, [jobs] {
     std::vector<std::pair<LabelValues, double>> series;

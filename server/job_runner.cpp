@@ -624,12 +624,6 @@ void JobRunner::Handle(const Pending& p) {
       out.mutable_checkpoint()->set_step(e.checkpoint.step);
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
       PublishKept(p.job_id, e.checkpoint.step, out, e.replayed);
-      // Progress kept: deaths of the daemon before it did not stop the job (RecoverAfterRestart).
-      if (!e.replayed) {
-        if (auto s = store_.ClearUncleanStops(p.job_id); !s.ok()) {
-          spdlog::warn("job {}: {}", p.job_id, std::string(s.message()));
-        }
-      }
       return;
     case TrainingEvent::Kind::kWarning: {
       const std::string warning = engine::Utf8Lossy(e.error);

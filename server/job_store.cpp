@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   -- spec itself. Added after schema version 1 (see Open).
   -- request_id TEXT, request_digest TEXT: the client's id for the submission that queued the job
   -- and a digest of its spec (Insert); NULL: none. Added after schema version 1 (see Open).
-  -- unclean_stops INTEGER: times the daemon died while the job ran, since its last checkpoint
+  -- unclean_stops INTEGER: deaths of the daemon while the job ran, in a row without the job
+  -- getting further than unclean_stop_step INTEGER, its furthest step at the last one
   -- (RecoverAfterRestart). Added after schema version 1 (see Open).
 CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_steps (
@@ -202,6 +203,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"},
         std::tuple{"jobs", "listed_spec", "BLOB"},
         std::tuple{"jobs", "unclean_stops", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"jobs", "unclean_stop_step", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"jobs", "request_id", "TEXT"}, std::tuple{"jobs", "request_digest", "TEXT"}}) {
     Statement present(db, absl::StrCat("SELECT 1 FROM pragma_table_info('", table,
                                        "') WHERE name = '", column, "';"));
@@ -714,31 +716,50 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
     if (rc == SQLITE_ROW) recovered.unclean_stop = marker.Blob(0);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) return marker.StepError();
   }
-  const bool unclean_stop = recovered.unclean_stop.has_value();
-  std::vector<std::pair<std::string, int64_t>> running;  // id, unclean stops counting this one
+  struct Running {
+    std::string id;
+    int64_t stops;  // unclean stops, counting this one where it counts
+    int64_t step;   // the furthest step the job has recorded
+  };
+  std::vector<Running> running;
   {
-    Statement select(db_, "SELECT id, unclean_stops FROM jobs WHERE state = ? ORDER BY seq;");
+    Statement select(db_,
+                     "SELECT id, unclean_stops, unclean_stop_step, (SELECT COALESCE(MAX(step), 0) "
+                     "FROM job_steps WHERE job_id = jobs.id) FROM jobs WHERE state = ? ORDER BY "
+                     "seq;");
     select.Bind(1, static_cast<int64_t>(JobState::kRunning));
     int rc;
     while ((rc = select.Step()) == SQLITE_ROW) {
-      running.emplace_back(select.Blob(0), select.Int(1) + (unclean_stop ? 1 : 0));
+      Running r{select.Blob(0), select.Int(1), select.Int(3)};
+      // A job that got further than at its last counted death made progress: its deaths before
+      // were not its doing (or not only), and this one starts the count again.
+      if (recovered.unclean_stop) r.stops = r.step > select.Int(2) ? 1 : r.stops + 1;
+      running.push_back(std::move(r));
     }
     if (rc != SQLITE_DONE) return select.StepError();
   }
   absl::Status s = Exec("BEGIN IMMEDIATE;");
   for (size_t i = 0; s.ok() && i < running.size(); ++i) {
-    const auto& [id, stops] = running[i];
-    const bool give_up = unclean_stop && max_unclean_stops > 0 && stops >= max_unclean_stops;
+    const Running& job = running[i];
+    const bool give_up =
+        recovered.unclean_stop && max_unclean_stops > 0 && job.stops >= max_unclean_stops;
+    std::vector<std::string> others;
+    for (const Running& other : running) {
+      if (other.id != job.id) others.push_back(other.id);
+    }
+    const std::string error = give_up ? UncleanStopsError(job.stops, job.step, others) : "";
     Statement update(db_,
-                     "UPDATE jobs SET state = ?, unclean_stops = ?, error = ?, "
-                     "finished_ms = ? WHERE id = ?;");
+                     "UPDATE jobs SET state = ?, unclean_stops = ?, unclean_stop_step = ?, "
+                     "error = ?, finished_ms = ? WHERE id = ?;");
     update.Bind(1, static_cast<int64_t>(give_up ? JobState::kFailed : JobState::kQueued));
-    update.Bind(2, stops);
-    update.BindText(3, give_up ? UncleanStopsError(stops) : std::string());
-    update.Bind(4, give_up ? NowMs() : int64_t{0});
-    update.BindText(5, id);
+    update.Bind(2, job.stops).Bind(3, job.step).BindText(4, error);
+    update.Bind(5, give_up ? NowMs() : int64_t{0}).BindText(6, job.id);
     s = update.Run();
-    (give_up ? recovered.failed : recovered.requeued).push_back(id);
+    if (give_up) {
+      recovered.failed.emplace_back(job.id, error);
+    } else {
+      recovered.requeued.push_back(job.id);
+    }
   }
   if (s.ok()) {
     Statement forget(db_, "DELETE FROM meta WHERE key = ?;");
@@ -753,21 +774,21 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
   return recovered;
 }
 
-std::string JobStore::UncleanStopsError(int64_t stops) {
-  return absl::StrCat(
+std::string JobStore::UncleanStopsError(int64_t stops, int64_t step,
+                                        const std::vector<std::string>& others) {
+  std::string error = absl::StrCat(
       "lorad stopped without shutting down (a crash, an out-of-memory kill, kill -9 or a power "
       "cut) ",
-      stops,
-      " times while this job was running, with no checkpoint written in between, so it was not "
-      "started again: the job may be what stops lorad. Look at lorad's log before those stops "
-      "(and the system's, for an out-of-memory kill); submit the job again to retry it");
-}
-
-absl::Status JobStore::ClearUncleanStops(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, "UPDATE jobs SET unclean_stops = 0 WHERE id = ? AND unclean_stops != 0;");
-  s.BindText(1, id);
-  return s.Run();
+      stops, " times while this job was running, and it got no further than step ", step,
+      " in between, so it was not started again: the job may be what stops lorad");
+  if (!others.empty()) {
+    absl::StrAppend(&error, " (", absl::StrJoin(others, ", "), " ran beside it at the last stop)");
+  }
+  absl::StrAppend(&error,
+                  ". Look at lorad's log before those stops (and the system's, for an "
+                  "out-of-memory kill); submit the job again to retry it (with a new request_id, "
+                  "if you gave one)");
+  return error;
 }
 
 absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {

@@ -46,8 +46,8 @@ struct JobRecord {
   int64_t adapter_version = 0;  // set when the job succeeded and published its adapter
   int64_t total_steps = 0;
   int64_t attempts = 0;  // times the job entered running (a restart resumes it)
-  // Times the daemon died while the job ran, since the job's last checkpoint (a clean stop does
-  // not count): RecoverAfterRestart fails a job that keeps killing it.
+  // Deaths of the daemon while the job ran, in a row without the job getting further (a clean
+  // stop does not count): RecoverAfterRestart fails a job that keeps killing it.
   int64_t unclean_stops = 0;
 };
 
@@ -201,18 +201,20 @@ class JobStore {
   absl::Status MarkDaemonStopped();
   // After a restart: every running job goes back to queued (to resume from its checkpoint).
   // Where the last daemon marked itself running and never stopped, it died (a crash, an
-  // out-of-memory kill, kill -9): its running jobs count that in unclean_stops, and one whose
-  // count reaches max_unclean_stops (> 0) fails instead, with UncleanStopsError (a job that
-  // crashes the daemon would otherwise crash every start after it). Forgets the mark.
+  // out-of-memory kill, kill -9): its running jobs count that in unclean_stops, from 1 again for
+  // one that recorded a step further than at its last counted death (it made progress), and one
+  // whose count reaches max_unclean_stops (> 0) fails instead, with UncleanStopsError (a job that
+  // crashes the daemon at the same point, or while it ends, would otherwise crash every start
+  // after it). Forgets the mark.
   struct Recovered {
     std::vector<std::string> requeued;
-    std::vector<std::string> failed;
-    std::optional<std::string> unclean_stop;  // the dead daemon's mark
+    std::vector<std::pair<std::string, std::string>> failed;  // id, error
+    std::optional<std::string> unclean_stop;                  // the dead daemon's mark
   };
   absl::StatusOr<Recovered> RecoverAfterRestart(int64_t max_unclean_stops = 0);
-  static std::string UncleanStopsError(int64_t stops);
-  // The job wrote a checkpoint: the stops counted so far did not stop it from making progress.
-  absl::Status ClearUncleanStops(const std::string& id);
+  // `others`: the jobs that were running beside it at the last death.
+  static std::string UncleanStopsError(int64_t stops, int64_t step,
+                                       const std::vector<std::string>& others);
 
   // Jobs per state, for metrics.
   absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();

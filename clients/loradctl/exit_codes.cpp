@@ -27,8 +27,12 @@ std::string ExitCodesHelp() {
       "Exit codes:\n", "  ", kExitOk, "   success (for `train watch`: the job succeeded)\n", "  ",
       kExitError, "   local error (the stream ended early, the generation failed, output failed)\n",
       "  ", kExitUsage, "   bad command line, or a job file missing, unreadable or invalid\n", "  ",
-      kExitJobFailed, "   `train watch`: the job failed\n", "  ", kExitJobCancelled,
-      "   `train watch`: the job was cancelled\n", "  ", kExitGrpcBase,
+      kExitJobFailed,
+      "   `train watch`: the job failed (`train submit --request-id`: the job the id queued "
+      "before failed)\n",
+      "  ", kExitJobCancelled,
+      "   `train watch`: the job was cancelled (`train submit --request-id`: likewise)\n", "  ",
+      kExitGrpcBase,
       "+N gRPC error with status code N, printed as `loradctl: <CODE>: <message>`:\n");
   for (int code = 1; code < kCodeCount; ++code) {
     absl::StrAppend(&text, "      ", kExitGrpcBase + code, " ", kCodeNames[code], "\n");

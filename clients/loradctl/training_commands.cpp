@@ -82,7 +82,16 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path,
   grpc::Status status = connection.training().SubmitJob(context.get(), request, &job);
   if (!status.ok()) return connection.Fail(status);
   std::cout << job.id() << std::endl;
-  return watch ? RunTrainWatch(connection, job.id(), 0) : kExitOk;
+  if (watch) return RunTrainWatch(connection, job.id(), 0);
+  // Only a request_id sent again returns an ended job: nothing new was queued, and a script
+  // must not take the first job's failure for a new job.
+  if (IsTerminal(job.state())) {
+    std::cerr << "loradctl: request_id '" << request_id << "' queued job " << job.id()
+              << " before, which has ended (" << JobStateName(job.state())
+              << "); nothing new was queued: give another --request-id to train again" << std::endl;
+    return ExitCodeForFinalState(job.state());
+  }
+  return kExitOk;
 }
 
 int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t from_step) {

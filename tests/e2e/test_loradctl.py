@@ -164,6 +164,12 @@ def test_a_submit_run_again_with_its_request_id_names_the_same_job(daemon, job_f
     assert listed.stdout.count(first.stdout.strip()) == 1
     assert "qa-other" not in listed.stdout
     assert loradctl("train", "cancel", first.stdout.strip(), address=address).returncode == 0
+    # Run again once its job has ended: nothing new is queued, and the command says so.
+    ended = loradctl("train", "submit", str(job_file), "--request-id", "nightly-1",
+                     address=address)
+    assert ended.returncode == EXIT_JOB_CANCELLED, ended.stderr
+    assert ended.stdout == first.stdout
+    assert "which has ended (cancelled); nothing new was queued" in ended.stderr
 
 
 def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):

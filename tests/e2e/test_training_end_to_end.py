@@ -201,8 +201,10 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
 def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_again(
         tmp_path, stubs):
     """A job that kills the daemon (a CUDA fault, the out-of-memory killer) was queued again and
-    started at every start, killing each one for good: after three deaths while it ran, with no
-    checkpoint in between, the next start fails it and says why."""
+    started at every start, killing each one for good: after three deaths while it ran, in a row
+    without it getting further than its furthest step, the next start fails it and says why. The
+    first life trains to step 100 (no checkpoint: the next ones start again from step 1); the
+    next two die as soon as the job runs again, far short of step 100."""
     tpb = stubs.training_pb2
     prepare(tmp_path)
     job_id = None
@@ -213,8 +215,12 @@ def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_a
             if job_id is None:
                 job_id = stub.SubmitJob(
                     tpb.SubmitJobRequest(spec=job_spec(tpb, "crasher", 100000)), timeout=30).id
-            wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)  # the daemon dies under it
-        d.proc.send_signal(signal.SIGKILL)
+                for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job_id), timeout=120):
+                    if event.WhichOneof("event") == "step" and event.step.step >= 100:
+                        break
+            else:
+                wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)
+        d.proc.send_signal(signal.SIGKILL)  # the daemon dies under the job
         d.proc.wait()
         if death > 0:
             assert "did not stop cleanly" in d.log(), d.log()
@@ -227,6 +233,8 @@ def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_a
             job = stub.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=10)
             assert job.state == tpb.JOB_STATE_FAILED, d.log()
             assert "3 times while this job was running" in job.error, job.error
+            assert re.search(r"no further than step (\d+)", job.error), job.error
+            assert int(re.search(r"step (\d+)", job.error).group(1)) >= 100
             assert "submit the job again" in job.error
             _, states, _ = watch_until_done(stub, tpb, job_id, timeout=30)
             assert states[-1] == tpb.JOB_STATE_FAILED

@@ -503,28 +503,31 @@ TEST_F(JobStoreTest, SurvivesKill9AndRequeuesRunningJobs) {
 }
 
 // A job that kills the daemon (a CUDA fault, the kernel's out-of-memory killer) was queued again
-// and started at every start, killing each one: after three deaths while it ran, with no
-// checkpoint of it in between, it fails instead. A clean stop does not count, and a checkpoint
-// forgets the deaths before it.
-TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonFails) {
+// and started at every start, killing each one: after three deaths while it ran, in a row without
+// it getting further than its furthest step, it fails instead. A clean stop does not count, and a
+// job that got further (here `other`, beside it) starts its count again.
+TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonWithoutProgressFails) {
   std::string crasher, other;
   {
     auto store = OpenStore();
     crasher = store->Insert("c", "crasher", 0, 10, 10)->id;
-    other = store->Insert("o", "other", 0, 10, 10)->id;
+    other = store->Insert("o", "other", 0, 100, 10)->id;
   }
-  // Starts a daemon's life on the database with `running` running; ends it cleanly or not, and
+  // One life of a daemon on the database: both jobs run, each records steps 1..its last (a job
+  // resumed without a checkpoint records its steps again), and the daemon stops cleanly or dies;
   // returns what the next start recovers.
-  const auto life = [this](
-                        const std::vector<std::string>& running, bool clean,
-                        const std::function<void(JobStore&)>& meanwhile = [](JobStore&) {}) {
+  const auto life = [this, &crasher, &other](int64_t crasher_last, int64_t other_last, bool clean) {
     {
       auto store = OpenStore();
       EXPECT_TRUE(store->MarkDaemonRunning("pid 7").ok());
-      for (const auto& id : running) {
+      for (const auto& [id, last] : {std::pair{crasher, crasher_last}, {other, other_last}}) {
         EXPECT_TRUE(store->MarkRunning(id).ok());
+        for (int64_t n = 1; n <= last; ++n) {
+          StepRecord step;
+          step.step = n;
+          EXPECT_TRUE(store->AppendStep(id, step).ok());
+        }
       }
-      meanwhile(*store);
       if (clean) {
         EXPECT_TRUE(store->MarkDaemonStopped().ok());
       }
@@ -534,30 +537,36 @@ TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonFails) {
     EXPECT_TRUE(recovered.ok()) << recovered.status();
     return *recovered;
   };
-  auto recovered = life({crasher, other}, /*clean=*/false);
+  const auto stops = [this](const std::string& id) { return OpenStore()->Get(id)->unclean_stops; };
+  auto recovered = life(5, 10, /*clean=*/false);
   EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
   EXPECT_EQ(recovered.unclean_stop, "pid 7");
-  recovered = life({crasher, other}, /*clean=*/true);
+  EXPECT_EQ(stops(crasher), 1);
+  EXPECT_EQ(stops(other), 1);
+  recovered = life(3, 12, /*clean=*/true);
   EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
   EXPECT_FALSE(recovered.unclean_stop.has_value());
-  EXPECT_EQ(OpenStore()->Get(crasher)->unclean_stops, 1);  // the clean stop did not count
-  recovered = life({crasher, other}, /*clean=*/false, [&](JobStore& store) {
-    EXPECT_TRUE(store.ClearUncleanStops(other).ok());  // other wrote a checkpoint
-  });
-  EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
-  EXPECT_EQ(OpenStore()->Get(crasher)->unclean_stops, 2);
-  EXPECT_EQ(OpenStore()->Get(other)->unclean_stops, 1);
-  recovered = life({crasher, other}, /*clean=*/false);
+  EXPECT_EQ(stops(crasher), 1);  // the clean stop did not count
+  recovered = life(5, 15, /*clean=*/false);
+  EXPECT_EQ(stops(crasher), 2);  // no further than step 5
+  EXPECT_EQ(stops(other), 1);    // further than step 10: counted from 1 again
+  recovered = life(4, 16, /*clean=*/false);
   EXPECT_EQ(recovered.requeued, std::vector<std::string>{other});
-  EXPECT_EQ(recovered.failed, std::vector<std::string>{crasher});
+  ASSERT_EQ(recovered.failed.size(), 1u);
+  EXPECT_EQ(recovered.failed[0].first, crasher);
   auto store = OpenStore();
   const JobRecord failed = *store->Get(crasher);
   EXPECT_EQ(failed.state, JobState::kFailed);
-  EXPECT_EQ(failed.error, JobStore::UncleanStopsError(3));
-  EXPECT_NE(failed.error.find("3 times"), std::string::npos) << failed.error;
+  EXPECT_EQ(failed.error, recovered.failed[0].second);
+  EXPECT_EQ(failed.error, JobStore::UncleanStopsError(3, 5, {other}));
+  for (const std::string& words :
+       {std::string("3 times while this job was running"), std::string("no further than step 5"),
+        other + " ran beside it"}) {
+    EXPECT_NE(failed.error.find(words), std::string::npos) << failed.error;
+  }
   EXPECT_GT(failed.finished_ms, 0);
   EXPECT_EQ(store->Get(other)->state, JobState::kQueued);
-  EXPECT_EQ(store->Get(other)->unclean_stops, 2);
+  EXPECT_EQ(store->Get(other)->unclean_stops, 1);
   // The mark is forgotten once recovered: a start that dies before running jobs counts nothing.
   auto again = store->RecoverAfterRestart(3);
   ASSERT_TRUE(again.ok());
