@@ -314,6 +314,7 @@ void JobRunner::StartNextJob() {
         "job {} ({}) started again from its first step: it stopped before writing a "
         "checkpoint",
         job.id, job.adapter_name);
+    ForgetHistoryAfter(job.id, 0);
   }
   const std::string id = job.id;
   const std::string adapter = job.adapter_name;
@@ -473,6 +474,15 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   if (*added) events_.Publish(event);
 }
 
+void JobRunner::ForgetHistoryAfter(const std::string& job_id, int64_t step) {
+  if (auto s = store_.ForgetHistoryAfter(job_id, step); !s.ok()) {
+    spdlog::warn(
+        "job {}: its history after step {}, where it resumed, could not be removed ({}): until "
+        "the job gets past those steps again, its progress reads as the last run's",
+        job_id, step, std::string(s.message()));
+  }
+}
+
 void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error) {
   // An error may quote what it read (a dataset's bytes, in the JSON parser's "last read: ...");
   // proto3 strings must be UTF-8, and a client's parser refuses a message that is not (one such
@@ -623,6 +633,8 @@ void JobRunner::Handle(const Pending& p) {
     case TrainingEvent::Kind::kCheckpoint:
       out.mutable_checkpoint()->set_step(e.checkpoint.step);
       out.mutable_checkpoint()->set_path(e.checkpoint.path);
+      // Reported again: the checkpoint the job resumes from, and what came after it is gone.
+      if (e.replayed) ForgetHistoryAfter(p.job_id, e.checkpoint.step);
       PublishKept(p.job_id, e.checkpoint.step, out, e.replayed);
       return;
     case TrainingEvent::Kind::kWarning: {

@@ -92,6 +92,8 @@ class JobRunner {
   void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event,
                    bool replayed = false);
   void FailJob(const std::string& job_id, const std::string& error);
+  // JobStore::ForgetHistoryAfter, a failure logged (the rows are only stale until replaced).
+  void ForgetHistoryAfter(const std::string& job_id, int64_t step);
   // A job that trained to its end: recorded as succeeded and its adapter published.
   void Succeed(const Pending& finished);
 

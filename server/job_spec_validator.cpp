@@ -1,11 +1,13 @@
 #include "server/job_spec_validator.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -29,11 +31,25 @@ absl::Status Field(const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
 }
 
+// A number as it reads back exactly: StrCat's 6 digits showed alpha 1000001 as "1e+06", in
+// range by its own message.
+template <typename T>
+std::string Exact(T value) {
+  if constexpr (std::is_floating_point_v<T>) {
+    char text[32];
+    const auto written = std::to_chars(text, text + sizeof(text), value);
+    return std::string(text, written.ptr);
+  } else {
+    return absl::StrCat(value);
+  }
+}
+
 // In [lo, hi]; NaN fails.
 template <typename T>
 absl::Status InRange(const std::string& field, T value, T lo, T hi) {
   if (!(value >= lo && value <= hi)) {
-    return Field(field, absl::StrCat(value, " is out of range [", lo, ", ", hi, "]"));
+    return Field(field,
+                 absl::StrCat(Exact(value), " is out of range [", Exact(lo), ", ", Exact(hi), "]"));
   }
   return absl::OkStatus();
 }

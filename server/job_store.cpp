@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   -- request_id TEXT, request_digest TEXT: the client's id for the submission that queued the job
   -- and a digest of its spec (Insert); NULL: none. Added after schema version 1 (see Open).
   -- unclean_stops INTEGER: deaths of the daemon while the job ran, in a row without the job
-  -- getting further than unclean_stop_step INTEGER, its furthest step at the last one
+  -- getting further than unclean_stop_step INTEGER, the furthest step it reached in any run
   -- (RecoverAfterRestart). Added after schema version 1 (see Open).
 CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs(state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_steps (
@@ -550,6 +550,24 @@ absl::Status JobStore::Delete(const std::string& id) {
   return absl::OkStatus();
 }
 
+absl::Status JobStore::ForgetHistoryAfter(const std::string& id, int64_t step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  for (const char* table : {"job_steps", "job_events"}) {
+    Statement s(db_, absl::StrCat("DELETE FROM ", table, " WHERE job_id = ? AND step > ?;"));
+    s.BindText(1, id).Bind(2, step);
+    if (auto st = s.Run(); !st.ok()) {
+      Exec("ROLLBACK;").IgnoreError();
+      return st;
+    }
+  }
+  if (auto st = Exec("COMMIT;"); !st.ok()) {
+    Exec("ROLLBACK;").IgnoreError();
+    return st;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
   return InsertStep(id, r, "REPLACE").status();
 }
@@ -719,7 +737,7 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
   struct Running {
     std::string id;
     int64_t stops;  // unclean stops, counting this one where it counts
-    int64_t step;   // the furthest step the job has recorded
+    int64_t step;   // the furthest step the job has reached in any run
   };
   std::vector<Running> running;
   {
@@ -730,10 +748,12 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
     select.Bind(1, static_cast<int64_t>(JobState::kRunning));
     int rc;
     while ((rc = select.Step()) == SQLITE_ROW) {
-      Running r{select.Blob(0), select.Int(1), select.Int(3)};
+      // Its steps are this run's (a resumed run forgets the dead one's after its resume point).
+      const int64_t furthest_before = select.Int(2), now = select.Int(3);
+      Running r{select.Blob(0), select.Int(1), std::max(furthest_before, now)};
       // A job that got further than at its last counted death made progress: its deaths before
       // were not its doing (or not only), and this one starts the count again.
-      if (recovered.unclean_stop) r.stops = r.step > select.Int(2) ? 1 : r.stops + 1;
+      if (recovered.unclean_stop) r.stops = now > furthest_before ? 1 : r.stops + 1;
       running.push_back(std::move(r));
     }
     if (rc != SQLITE_DONE) return select.StepError();

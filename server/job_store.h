@@ -166,6 +166,10 @@ class JobStore {
   absl::Status Delete(const std::string& id);
 
   absl::Status AppendStep(const std::string& id, const StepRecord& step);
+  // The job resumed from `step` (0: from its start): its steps and events after it were a dead
+  // process's run, which the resumed one replaces or never reaches (a cancel, a failure), so they
+  // go: the job's progress and history are this run's.
+  absl::Status ForgetHistoryAfter(const std::string& id, int64_t step);
   // The step where the job has no row of it yet; true when it was added.
   absl::StatusOr<bool> AppendStepIfMissing(const std::string& id, const StepRecord& step);
   // The trainer's count of the job's steps, once it has read the dataset.

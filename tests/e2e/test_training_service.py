@@ -206,6 +206,10 @@ def test_bad_specs_are_invalid_argument_naming_the_field(service):
     bad_lr = spec(pb)
     bad_lr.training.learning_rate = 5
     expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT, "training.learning_rate")
+    # A value just out of range reads so (6 digits showed 1.0000001 as "1", in range).
+    bad_lr.training.learning_rate = 1.0000001
+    expect_code(submit(bad_lr), grpc.StatusCode.INVALID_ARGUMENT,
+                "training.learning_rate: 1.0000001 is out of range [1e-10, 1]")
     bad_keep = spec(pb)
     bad_keep.training.keep_activations_layers = -1
     expect_code(submit(bad_keep), grpc.StatusCode.INVALID_ARGUMENT,

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/model/utf8.h"
+#include "engine/train/checkpoint_folders.h"
 #include "engine/train/dataset_reader.h"
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
@@ -34,8 +35,10 @@ class Rig {
  public:
   // `busy_timeout`: how long the job store's writes wait for a lock another connection holds
   // (0: refused at once, as a full disk refuses them).
+  // `save_every`: the job's checkpoint cadence (0: only at the end), every checkpoint kept.
   Rig(const std::string& name, int steps,
-      std::chrono::milliseconds busy_timeout = std::chrono::seconds(5)) {
+      std::chrono::milliseconds busy_timeout = std::chrono::seconds(5), int save_every = 0)
+      : steps_(steps) {
     dir_ = fs::path(::testing::TempDir()) / ("job_runner_test-" + name);
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "datasets");
@@ -58,15 +61,15 @@ class Rig {
     spec.mutable_training()->set_micro_batch_size(2);
     spec.mutable_training()->set_grad_accum(1);
     spec.mutable_training()->set_max_seq_length(128);
-    spec.mutable_training()->set_save_every(0);
+    spec.mutable_training()->set_save_every(save_every);
+    spec.mutable_training()->set_keep_checkpoints(0);
     spec.mutable_lora()->set_r(4);
     JobSpecLimits limits;
     limits.dataset_root = (dir_ / "datasets").string();
     auto validated = ValidateJobSpec(spec, limits);
     EXPECT_TRUE(validated.ok()) << validated.status();
-    auto record = store_->Insert(spec.SerializeAsString(), "runner-bot", 0, steps, 64);
-    EXPECT_TRUE(record.ok()) << record.status();
-    job_id_ = record->id;
+    spec_ = spec.SerializeAsString();
+    job_id_ = InsertJob();
     runner_ = std::make_unique<JobRunner>(*engine_, *store_, hub_, metrics_,
                                           (dir_ / "jobs").string(), limits.dataset_root, 1);
   }
@@ -76,17 +79,25 @@ class Rig {
     engine_->Stop();
   }
 
+  // Another job of the same spec, queued.
+  std::string InsertJob() {
+    auto record = store_->Insert(spec_, "runner-bot", 0, steps_, 64);
+    EXPECT_TRUE(record.ok()) << record.status();
+    return record.ok() ? record->id : "";
+  }
+
   std::string db_path() const { return (dir_ / "jobs.db").string(); }
   fs::path dataset() const { return dir_ / "datasets/qa.jsonl"; }
   fs::path job_dir() const { return dir_ / "jobs" / job_id_; }
+  fs::path job_dir(const std::string& id) const { return dir_ / "jobs" / id; }
   const std::string& job_id() const { return job_id_; }
   engine::Engine& engine() { return *engine_; }
   JobStore& store() { return *store_; }
   JobEventHub& hub() { return hub_; }
   JobRunner& runner() { return *runner_; }
 
-  JobState State() {
-    auto job = store_->Get(job_id_);
+  JobState State(const std::string& id = "") {
+    auto job = store_->Get(id.empty() ? job_id_ : id);
     EXPECT_TRUE(job.ok()) << job.status();
     return job.ok() ? job->state : JobState::kQueued;
   }
@@ -108,8 +119,74 @@ class Rig {
   JobEventHub hub_;
   MetricsRegistry metrics_;
   std::unique_ptr<JobRunner> runner_;
+  int steps_;
+  std::string spec_;
   std::string job_id_;
 };
+
+// The steps the store holds for the job, by number.
+std::vector<int64_t> StepNumbers(JobStore& store, const std::string& id) {
+  auto steps = store.Steps(id, 0);
+  EXPECT_TRUE(steps.ok()) << steps.status();
+  std::vector<int64_t> numbers;
+  for (const StepRecord& s : steps.ok() ? *steps : std::vector<StepRecord>{}) {
+    numbers.push_back(s.step);
+  }
+  return numbers;
+}
+
+// A job resumed after the process died keeps no history past the point it resumed from: the
+// dead run's later steps and events showed progress the job had not made (GetJob's last step,
+// ListJobs, a watch's replay), for good if it was then cancelled. Two jobs die (their steps 1-9
+// recorded by a run that was gone): one resumes from a checkpoint at step 4 (a copy of the first
+// job's), one from its first step (no checkpoint); each keeps only its own 6 steps.
+TEST(JobRunnerTest, AJobResumedAfterADeathForgetsTheDeadRunsStepsPastItsResumePoint) {
+  Rig rig("forget-dead-run", 6, std::chrono::seconds(5), /*save_every=*/2);
+  const std::string from_checkpoint = rig.InsertJob(), from_start = rig.InsertJob();
+  for (const std::string& id : {from_checkpoint, from_start}) {
+    ASSERT_TRUE(rig.store().MarkRunning(id).ok());  // not queued: the first job runs alone
+  }
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 120));
+  std::string checkpoint_4;
+  for (const auto& [step, folder] : engine::CompleteCheckpoints(rig.job_dir().string())) {
+    if (step == 4) checkpoint_4 = folder.string();
+  }
+  ASSERT_FALSE(checkpoint_4.empty());
+  fs::create_directories(rig.job_dir(from_checkpoint));
+  fs::copy(checkpoint_4, rig.job_dir(from_checkpoint) / fs::path(checkpoint_4).filename(),
+           fs::copy_options::recursive);
+  for (const std::string& id : {from_checkpoint, from_start}) {
+    for (int64_t n = 1; n <= 9; ++n) {
+      StepRecord step;
+      step.step = n;
+      step.loss = 99;
+      ASSERT_TRUE(rig.store().AppendStep(id, step).ok());
+    }
+    lorad::v1::JobEvent eval;
+    eval.mutable_eval()->set_step(8);
+    ASSERT_TRUE(
+        rig.store()
+            .AppendEvent(id, {8, static_cast<int32_t>(eval.event_case()), eval.SerializeAsString()})
+            .ok());
+  }
+  ASSERT_TRUE(rig.store().RecoverAfterRestart().ok());  // both queued again
+  rig.runner().Wake();
+  for (const std::string& id : {from_checkpoint, from_start}) {
+    ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(id) == JobState::kSucceeded; }, 120)) << id;
+    EXPECT_EQ(StepNumbers(rig.store(), id), (std::vector<int64_t>{1, 2, 3, 4, 5, 6})) << id;
+    auto events = rig.store().Events(id, 7);
+    ASSERT_TRUE(events.ok()) << events.status();
+    EXPECT_TRUE(events->empty()) << id << ": the dead run's evaluation at step 8 is kept";
+    auto steps = rig.store().Steps(id, 5);
+    ASSERT_TRUE(steps.ok());
+    for (const StepRecord& s : *steps) EXPECT_NE(s.loss, 99) << id << " step " << s.step;
+  }
+  // The one resumed from step 4 kept the dead run's steps up to it.
+  auto kept = rig.store().Steps(from_checkpoint, 1, 4);
+  ASSERT_TRUE(kept.ok());
+  for (const StepRecord& s : *kept) EXPECT_EQ(s.loss, 99) << "step " << s.step;
+}
 
 // A CancelJob that lands as the job starts (after the store marked it running, before the engine
 // had it, which then ignored the cancel) stops it: it trained every step before. The hub's
