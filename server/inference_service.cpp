@@ -78,9 +78,10 @@ absl::StatusOr<engine::GenerationRequest> FromProto(const lorad::v1::SamplingPar
   r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
   r.ignore_eos = p.ignore_eos();
   if (!p.has_temperature() && s.temperature == 0) {
-    for (const auto& [given, name] :
-         {std::pair{p.has_top_k(), "top_k"}, std::pair{p.has_top_p(), "top_p"},
-          std::pair{p.has_min_p(), "min_p"}}) {
+    // A filter given at its off value (top_k 0, top_p 1, min_p 0) asks for nothing.
+    for (const auto& [given, name] : {std::pair{p.has_top_k() && p.top_k() != 0, "top_k"},
+                                      std::pair{p.has_top_p() && p.top_p() != 1, "top_p"},
+                                      std::pair{p.has_min_p() && p.min_p() != 0, "min_p"}}) {
       if (!given) continue;
       return absl::InvalidArgumentError(absl::StrCat(
           "sampling.", name,

@@ -152,7 +152,12 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
     lorad::v1::ChatMessage message;
     message.set_role("user");
     message.set_content(text);
-    if (ReportInvalidUtf8(message)) continue;  // that line is not sent; the conversation goes on
+    // On a terminal that line is not sent and the conversation goes on; piped, a script learns
+    // from the exit code (as `generate -` with the same input).
+    if (ReportInvalidUtf8(message)) {
+      if (!terminal) return kExitUsage;
+      continue;
+    }
     *request.add_messages() = std::move(message);
     auto context = connection.NewContext(CallKind::kStream);
     auto reader = connection.inference().Chat(context.get(), request);

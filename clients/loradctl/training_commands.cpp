@@ -82,6 +82,12 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path,
   grpc::Status status = connection.training().SubmitJob(context.get(), request, &job);
   if (!status.ok()) return connection.Fail(status);
   std::cout << job.id() << std::endl;
+  // Queued whatever happens to the output: where it cannot be written (a full disk), the id
+  // still reaches the user, and a script retrying on the failure would queue the job twice.
+  if (!std::cout.flush()) {
+    std::cerr << "loradctl: job " << job.id()
+              << " was queued, but its id could not be written to the output" << std::endl;
+  }
   if (watch) return RunTrainWatch(connection, job.id(), 0);
   // Only a request_id sent again returns an ended job: nothing new was queued, and a script
   // must not take the first job's failure for a new job.

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     chat.add_argument("messages", nargs="+")
     sub.add_parser("adapters")
     args = ap.parse_args(argv)
+    from google.protobuf import json_format
 
     client = LoradClient(args.address, args.token)
     try:
@@ -148,6 +149,15 @@ def main(argv=None) -> int:
     except grpc.RpcError as e:
         print(f"lorad_client: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        # Python flushes stdout again at exit; point it at /dev/null so that says nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, ValueError, json_format.Error) as e:
+        # A job file unreadable, not JSON, or not a JobSpec's (enums by their full names, as
+        # DATASET_FORMAT_QA): one line, not a traceback.
+        print(f"lorad_client: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

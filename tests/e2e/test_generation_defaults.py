@@ -132,7 +132,8 @@ def test_a_generation_config_that_is_not_json_must_be_corrected(tmp_path):
 def test_sampling_fields_without_a_temperature_on_a_greedy_model_are_refused(tmp_path, stubs):
     """do_sample false: a request that sets top_p (or top_k, min_p) but no temperature was run
     greedy, its filters silently doing nothing; it is refused, naming the field. With an explicit
-    temperature it is served, and a seed alone is taken (greedy)."""
+    temperature it is served, and so are a seed alone (greedy) and the filters at their off
+    values (top_k 0, top_p 1, min_p 0: loradctl's --top-k 0 says "off")."""
     folder = model_with_generation_config(tmp_path / "model", {"do_sample": False})
     d = start_daemon(tmp_path / "run", model=folder)
     try:
@@ -142,6 +143,8 @@ def test_sampling_fields_without_a_temperature_on_a_greedy_model_are_refused(tmp
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert err.value.details().startswith(f"sampling.{field}: takes effect only when "
                                                   "sampling"), err.value.details()
+        off, _ = generate(d, stubs, PROMPTS[0], max_new_tokens=2, top_k=0, top_p=1.0, min_p=0.0)
+        assert off == generate(d, stubs, PROMPTS[0], max_new_tokens=2, temperature=0.0)[0]
         for temperature in (0.0, 0.8):
             got, _ = generate(d, stubs, PROMPTS[0], max_new_tokens=2, temperature=temperature,
                               top_p=0.9, seed=7)

@@ -367,7 +367,7 @@ def test_generate(daemon):
     assert_result_or_unimplemented(result, lambda out: out.endswith("\n") and len(out) > 1)
 
 
-def test_output_that_cannot_be_written_is_a_failure(daemon):
+def test_output_that_cannot_be_written_is_a_failure(daemon, job_file):
     """stdout on a full disk: the listing (or a submitted job's id) was lost, so the exit code
     says so; a stream that cannot be written is cancelled."""
     for args in [("adapters", "ls"),
@@ -377,6 +377,17 @@ def test_output_that_cannot_be_written_is_a_failure(daemon):
                                     stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
         assert result.returncode == 1, (args, result.stderr)
         assert "loradctl: cannot write the output (No space left on device)" in result.stderr
+    # A job queued whose id cannot be written: stderr still names it, so it is not sent twice.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([str(LORADCTL), "--address", daemon.grpc_address, "train",
+                                 "submit", str(job_file)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    queued = re.search(r"loradctl: job (job-\S+) was queued, but its id could not be written",
+                       result.stderr)
+    assert queued, result.stderr
+    cancel = loradctl("train", "cancel", queued.group(1), address=daemon.grpc_address)
+    assert cancel.returncode == 0, cancel.stderr
 
 
 def _for_terminal(text):
@@ -569,8 +580,8 @@ def test_chat_keeps_the_conversation(fake_training):
 
 def test_text_that_is_not_utf8_is_refused_before_sending(daemon):
     """A Latin-1 terminal or file: loradctl names the field and the byte (exit 2) instead of
-    sending a request the server can only answer with a bare UNIMPLEMENTED; in chat that line is
-    skipped and the conversation goes on."""
+    sending a request the server can only answer with a bare UNIMPLEMENTED; a piped chat ends
+    there with the same code (as a refused turn ends it: a script must learn it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
     base = [str(LORADCTL), "--address", daemon.grpc_address]
     generate = subprocess.run([*base, "generate", "--max-new-tokens", "2", b"caf\xe9"],
@@ -579,9 +590,9 @@ def test_text_that_is_not_utf8_is_refused_before_sending(daemon):
     assert b"prompt: not UTF-8 (byte 0xE9 at offset 3)" in generate.stderr, generate.stderr
     chat = subprocess.run([*base, "chat", "--max-new-tokens", "2"], input=b"caf\xe9\nhello\n",
                           capture_output=True, env=env, timeout=60)
-    assert chat.returncode == 0, chat.stderr
+    assert chat.returncode == 2, chat.stderr
     assert b"not UTF-8" in chat.stderr and b"UNIMPLEMENTED" not in chat.stderr, chat.stderr
-    assert len(chat.stdout.decode().splitlines()) == 1, chat.stdout  # the reply to "hello"
+    assert chat.stdout == b"", chat.stdout  # "hello" was not sent
     load = subprocess.run([*base, "adapters", "load", "x", b"caf\xe9"], capture_output=True,
                           env=env, timeout=60)
     assert load.returncode == 2 and b"path: not UTF-8" in load.stderr, load.stderr

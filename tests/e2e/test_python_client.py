@@ -33,6 +33,18 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
         }))
         job_id = run_client(d.grpc_address, "submit", str(job), "--request-id", "py-1").strip()
         assert job_id.startswith("job-"), job_id
+        # A piped reader that stops early, and a job file that is not a JobSpec's JSON (loradctl's
+        # short enum names): no traceback.
+        head = subprocess.run(f"{sys.executable} {CLIENT} --address {d.grpc_address} watch "
+                              f"{job_id} | head -n 1", shell=True, capture_output=True, text=True,
+                              timeout=300)
+        assert head.stdout.startswith("step 1 ") and head.stderr == "", head.stderr
+        short = tmp_path / "short.json"
+        short.write_text(json.dumps({"adapter_name": "x", "dataset": {"format": "qa"}}))
+        bad = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address, "submit",
+                              str(short)], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert bad.stderr.startswith("lorad_client: ") and "qa" in bad.stderr, bad.stderr
         # Sent again (a retry), the same request_id names the same job.
         assert run_client(d.grpc_address, "submit", str(job), "--request-id", "py-1").strip() == \
             job_id
