@@ -116,7 +116,7 @@ class MetricsRegistry {
   std::vector<std::unique_ptr<Family>> families_;  // in registration order
 };
 
-// Latency buckets in seconds, from 1 ms to 60 s, for RPC and request histograms.
+// Latency buckets in seconds, from 1 ms to an hour, for RPC and request histograms.
 std::vector<double> LatencyBucketsSeconds();
 
 }  // namespace lorad::server

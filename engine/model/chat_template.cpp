@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/model/json_file.h"
@@ -409,6 +410,13 @@ absl::StatusOr<std::string> ChatTemplate::RenderMistral(
     }
   }
   return out;
+}
+
+ChatTemplate::Encodable ChatTemplate::ForEncoding(std::string rendered) const {
+  if (family_ == Family::kAlpaca && !bos_token_.empty() && absl::StartsWith(rendered, bos_token_)) {
+    return {rendered.substr(bos_token_.size()), true};
+  }
+  return {std::move(rendered), false};
 }
 
 absl::StatusOr<std::string> ChatTemplate::RenderAlpaca(const std::vector<ChatMessage>& messages,

@@ -19,9 +19,9 @@
 //            [INST] templates (Mistral v0.1/v0.3 spacing) are not recognised: name one instead
 //   alpaca   bos + system (or Alpaca's default preamble) + "### Instruction:\n...\n\n" +
 //            "### Response:\n..." + eos + "\n\n"
-// The rendered text already holds the BOS token where the family writes one, so encode it with
-// Tokenizer::Encode(text, /*add_special_tokens=*/false), as apply_chat_template(tokenize=True)
-// does.
+// The rendered text already holds the BOS token where the family writes one, so it is encoded
+// with Tokenizer::Encode(text, /*add_special_tokens=*/false), as apply_chat_template(tokenize=True)
+// does; except alpaca's (ForEncoding).
 //
 // Torch-free: the server renders chats. Immutable once built; thread-safe.
 #pragma once
@@ -75,6 +75,18 @@ class ChatTemplate {
   // apply_chat_template(date_string=...)) instead of its own; templates without a dated system
   // header are unchanged.
   ChatTemplate WithDate(std::string date) const;
+
+  // How a prompt this template rendered becomes tokens, in training and in serving alike:
+  // Tokenizer::Encode(text, add_special_tokens). Alpaca has no model-published template, and the
+  // notebooks (and lorad's trainer, ExampleFormatter::FormatAlpaca) encode its prompt through the
+  // tokenizer, which adds the BOS: for a sentencepiece model that differs from the BOS written as
+  // text (the space put before the first word), so alpaca's text loses its BOS and the tokenizer
+  // adds it. Every other family's text is encoded as it is, without added tokens.
+  struct Encodable {
+    std::string text;
+    bool add_special_tokens = false;
+  };
+  Encodable ForEncoding(std::string rendered) const;
 
   const std::string& name() const { return name_; }
   // The text that ends an assistant turn in this family ("<|eot_id|>", "<|im_end|>", or the EOS

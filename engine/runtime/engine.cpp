@@ -73,6 +73,9 @@ struct Engine::Impl {
   std::unique_ptr<Tokenizer> tokenizer;
   std::optional<ChatTemplate> chat_template;  // nullopt when the model names none
   std::string chat_template_error;
+  // The model folder's BOS/EOS tokens (tokenizer_config.json), written by a template a request
+  // names as training writes them (nullopt: the family's usual ones).
+  std::optional<std::string> bos_token, eos_token;
   std::string base_fingerprint;  // ModelFolderFingerprint of the model folder at start
   std::unique_ptr<AdapterStore> adapters;
   std::unique_ptr<InferenceEngine> inference;
@@ -242,6 +245,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Start(const EngineOptions& optio
     if (!fingerprint.ok()) return fingerprint.status();
     impl->base_fingerprint = *std::move(fingerprint);
 
+    if (auto settings = TokenizerSettings::Load(options.model_folder); settings.ok()) {
+      impl->bos_token = settings->bos_token;
+      impl->eos_token = settings->eos_token;
+    }
     auto chat = ChatTemplate::FromTokenizerConfig(options.model_folder, options.chat_template);
     if (chat.ok()) {
       impl->chat_template = std::move(*chat);
@@ -577,9 +584,9 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
                                                         const std::string& name) const {
   std::optional<ChatTemplate> named;
   if (!name.empty()) {
-    const auto& own = impl_->chat_template;
-    auto t = ChatTemplate::FromName(name, own ? std::optional(own->bos_token()) : std::nullopt,
-                                    own ? std::optional(own->eos_token()) : std::nullopt);
+    // The folder's tokens also where it has no template of its own (a template's usual "<s>"
+    // written as text is not the BOS of a model whose BOS is another token).
+    auto t = ChatTemplate::FromName(name, impl_->bos_token, impl_->eos_token);
     if (!t.ok()) {  // the request's field
       return absl::Status(t.status().code(), absl::StrCat("template: ", t.status().message()));
     }
@@ -592,7 +599,9 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
   const ChatTemplate& chat = named ? *named : *impl_->chat_template;
   auto prompt = chat.Render(messages, /*add_generation_prompt=*/true);
   if (!prompt.ok()) return prompt.status();
-  return RenderedChat{*std::move(prompt), chat.end_of_turn()};
+  // Encoded as training encodes it (ChatTemplate::ForEncoding).
+  ChatTemplate::Encodable encodable = chat.ForEncoding(*std::move(prompt));
+  return RenderedChat{std::move(encodable.text), chat.end_of_turn(), encodable.add_special_tokens};
 }
 
 AdapterStore& Engine::adapters() { return *impl_->adapters; }

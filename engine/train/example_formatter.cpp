@@ -171,13 +171,18 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatRaw(const Example& ex) 
   return FormatPair(turn->first, turn->second);
 }
 
+std::vector<int32_t> ExampleFormatter::Encode(std::string rendered) const {
+  ChatTemplate::Encodable e = chat_->ForEncoding(std::move(rendered));
+  return tokenizer_->Encode(e.text, e.add_special_tokens);
+}
+
 absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex) const {
   auto render = [&](size_t count, bool gen) -> absl::StatusOr<std::vector<int32_t>> {
     std::vector<ChatMessage> head(ex.messages.begin(),
                                   ex.messages.begin() + static_cast<std::ptrdiff_t>(count));
     auto text = chat_->Render(head, gen);
     if (!text.ok()) return Unfit(std::string(text.status().message()));
-    return tokenizer_->Encode(*text, /*add_special_tokens=*/false);
+    return Encode(*std::move(text));
   };
   TokenizedExample t;
   auto all = render(ex.messages.size(), false);
@@ -186,8 +191,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   t.labels.assign(t.input_ids.size(), kNotTrained);
   for (size_t i = 0; i < ex.messages.size(); ++i) {
     if (ex.messages[i].role != "assistant" || i < ex.first_trained_message) continue;
-    auto before =
-        i == 0 ? tokenizer_->Encode(chat_->AssistantStart(), false) : render(i, /*gen=*/true);
+    auto before = i == 0 ? Encode(chat_->AssistantStart()) : render(i, /*gen=*/true);
     if (!before.ok()) return before.status();
     const size_t begin = std::min(before->size(), t.input_ids.size());
     // A turn that starts past max_seq_length is cut off by truncation, and so is every later

@@ -1,5 +1,6 @@
 """InferenceService and AdapterService over real gRPC against the real daemon (tiny fixture model,
 float base so the output can be compared token for token with transformers + PEFT on CPU)."""
+import json
 import math
 import re
 import shutil
@@ -218,6 +219,65 @@ def test_chat_renders_the_template_and_streams(server, reference):
             collect(stub.Chat(bad, timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith(field), err.value.details()
+
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that "
+                 "appropriately completes the request.\n\n### Instruction:\n{}\n\n"
+                 "### Response:\n")
+
+
+def test_an_alpaca_chat_is_the_prompt_alpaca_training_gave_the_model(server, reference):
+    """A Chat on the alpaca template gets the tokens lorad's trainer (and the notebooks) give the
+    Alpaca prompt, the tokenizer adding the BOS: with the BOS written as text, a sentencepiece
+    model lost the space before the first word, a prompt the adapter never saw."""
+    _, stub, pb, _, _, _ = server
+    _, tok = reference
+    sampling = pb.SamplingParams(max_new_tokens=8, temperature=0.0)
+    question = "What is the capital of France?"
+    chat, chat_ids = collect(stub.Chat(pb.ChatRequest(
+        messages=[pb.ChatMessage(role="user", content=question)], template="alpaca",
+        sampling=sampling), timeout=60))
+    trained = tok(ALPACA_PROMPT.format(question)).input_ids  # FormatAlpaca's prompt tokens
+    assert chat[-1].usage.prompt_tokens == len(trained)
+    # The same text through Generate, which adds the BOS as tokenizer(text) does.
+    generate, generate_ids = collect(stub.Generate(pb.GenerateRequest(
+        prompt=ALPACA_PROMPT.format(question), sampling=sampling), timeout=60))
+    assert generate[-1].usage.prompt_tokens == len(trained)
+    assert chat_ids == generate_ids and len(chat_ids) > 0
+
+
+def test_a_template_named_on_a_model_without_one_writes_the_models_bos(tmp_path, server, stubs):
+    """A model folder with no chat template: a Chat naming one writes the folder's BOS token, as
+    training does (the family's usual text was written and tokenized as plain text); and a
+    conversation that renders nothing (a system message alone, in llama2's template) is refused
+    naming the messages."""
+    _, stub, pb, _, _, _ = server
+    messages = [pb.ChatMessage(role="user", content="Hello there")]
+    sampling = pb.SamplingParams(max_new_tokens=4, temperature=0.0)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path(), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    d = start_daemon(tmp_path / "run", "--set", "model.base_weights=none", model=folder)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            bare = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+            for template in ("llama3", "llama2", "alpaca"):
+                request = pb.ChatRequest(messages=messages, template=template, sampling=sampling)
+                got, got_ids = collect(bare.Chat(request, timeout=60))
+                want, want_ids = collect(stub.Chat(request, timeout=60))  # the folder as it was
+                assert got[-1].usage.prompt_tokens == want[-1].usage.prompt_tokens, template
+                assert got_ids == want_ids, template
+            with pytest.raises(grpc.RpcError) as err:
+                collect(bare.Chat(pb.ChatRequest(
+                    messages=[pb.ChatMessage(role="system", content="Be nice.")],
+                    template="llama2"), timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("messages: the chat template renders nothing"), \
+                err.value.details()
+    finally:
+        stop_daemon(d)
 
 
 def test_seeded_sampling_is_reproducible(server):

@@ -38,6 +38,24 @@ TEST(ChatTemplate, NameOverridesTheFolderTemplateAndKeepsItsTokens) {
   EXPECT_EQ(*text, "<s> [INST] Be brief.\n\nHi [/INST]");
 }
 
+// Alpaca's prompt is encoded as the trainer encodes it (the tokenizer adds the BOS); every
+// other family's text is encoded as it is.
+TEST(ChatTemplate, AlpacaTextLosesItsBosForTheTokenizerToAdd) {
+  auto alpaca = ChatTemplate::FromName("alpaca", "<s>", "</s>");
+  ASSERT_TRUE(alpaca.ok()) << alpaca.status();
+  auto text = alpaca->Render({{"user", "hi"}}, true);
+  ASSERT_TRUE(text.ok());
+  ASSERT_EQ(text->rfind("<s>Below is an instruction", 0), 0u) << *text;
+  const ChatTemplate::Encodable e = alpaca->ForEncoding(*text);
+  EXPECT_EQ(e.text, text->substr(3));
+  EXPECT_TRUE(e.add_special_tokens);
+  auto llama2 = ChatTemplate::FromName("llama2", "<s>", "</s>");
+  ASSERT_TRUE(llama2.ok());
+  const ChatTemplate::Encodable as_is = llama2->ForEncoding("<s>[INST] hi [/INST]");
+  EXPECT_EQ(as_is.text, "<s>[INST] hi [/INST]");
+  EXPECT_FALSE(as_is.add_special_tokens);
+}
+
 TEST(ChatTemplate, UnknownNameListsTheKnownOnes) {
   auto t = ChatTemplate::FromName("vicuna");
   ASSERT_FALSE(t.ok());
