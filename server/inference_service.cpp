@@ -409,15 +409,13 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     auto chat = engine_.RenderChat(messages, request->template_());
     if (!chat.ok()) {
       r = chat.status();
-    } else if (chat->prompt.empty() && !chat->add_special_tokens) {
-      r = absl::InvalidArgumentError(
-          "messages: the chat template renders nothing from them (a system message alone, in "
-          "llama2's and mistral's); give a user message");
     } else {
       r->adapter = request->adapter();
       r->adapter_version = request->adapter_version();
       // The rendered text holds the BOS token where the template writes one.
-      r->prompt_ids = engine_.tokenizer().Encode(chat->prompt, chat->add_special_tokens);
+      r->prompt_ids = chat->add_bos
+                          ? engine_.tokenizer().EncodePrompt(chat->prompt)
+                          : engine_.tokenizer().Encode(chat->prompt, /*add_special_tokens=*/false);
       // The reply ends where the template ends a turn: as a token id when the tokenizer has one
       // (special tokens never reach the text), and as a stop string otherwise.
       if (!chat->end_of_turn.empty()) {

@@ -751,9 +751,10 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
       // Its steps are this run's (a resumed run forgets the dead one's after its resume point).
       const int64_t furthest_before = select.Int(2), now = select.Int(3);
       Running r{select.Blob(0), select.Int(1), std::max(furthest_before, now)};
-      // A job that got further than at its last counted death made progress: its deaths before
-      // were not its doing (or not only), and this one starts the count again.
-      if (recovered.unclean_stop) r.stops = now > furthest_before ? 1 : r.stops + 1;
+      // A job that got further than ever before made progress: its deaths before were not its
+      // doing (or not only), and the count starts again (a clean stop's start too).
+      if (now > furthest_before) r.stops = 0;
+      if (recovered.unclean_stop) ++r.stops;
       running.push_back(std::move(r));
     }
     if (rc != SQLITE_DONE) return select.StepError();

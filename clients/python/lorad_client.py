@@ -69,6 +69,12 @@ class LoradClient:
             request_id=request_id)
         return self.training.SubmitJob(request, metadata=self.metadata, timeout=600).id
 
+    def state(self, job_id: str) -> str:
+        """The job's state's name ("JOB_STATE_RUNNING", ...)."""
+        job = self.training.GetJob(self.pb.training_pb2.GetJobRequest(job_id=job_id),
+                                   metadata=self.metadata, timeout=30)
+        return self.pb.training_pb2.JobState.Name(job.state)
+
     def watch(self, job_id: str):
         """Yields the job's events (its history first, then live ones) until it ends."""
         request = self.pb.training_pb2.WatchJobRequest(job_id=job_id)
@@ -112,7 +118,18 @@ def main(argv=None) -> int:
     client = LoradClient(args.address, args.token)
     try:
         if args.command == "submit":
-            print(client.submit(json.loads(args.job_file.read_text()), args.request_id))
+            spec = json.loads(args.job_file.read_text())
+            if not isinstance(spec, dict):
+                raise ValueError(f"{args.job_file}: not a JSON object (a JobSpec's fields)")
+            job_id = client.submit(spec, args.request_id)
+            print(job_id)
+            # Only a request_id sent again returns an ended job: nothing new was queued.
+            state = client.state(job_id) if args.request_id else None
+            if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+                print(f"lorad_client: request_id '{args.request_id}' queued job {job_id} before, "
+                      f"which has ended ({state}); nothing new was queued: give another "
+                      "--request-id to train again", file=sys.stderr)
+                return {"JOB_STATE_SUCCEEDED": 0, "JOB_STATE_FAILED": 3}.get(state, 4)
         elif args.command == "watch":
             for event in client.watch(args.job_id):
                 if event.HasField("step"):

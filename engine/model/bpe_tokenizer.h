@@ -96,8 +96,6 @@ class BpeTokenizer final : public Tokenizer {
   bool fuse_unk_ = false;
   bool nfc_ = false;
   std::vector<PreTokenizerStep> pre_tokenizer_;
-  std::vector<int32_t> prefix_ids_;  // added by Encode(..., add_special_tokens=true)
-  std::vector<int32_t> suffix_ids_;
 
   // Pieces recur (" the"), so their merges are cached. Bounded: cleared when full, and only
   // pieces up to kMaxCachedPieceBytes (as Hugging Face's BPE caches only short words): a

@@ -231,6 +231,7 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   }
   absl::StatusOr<ChatTemplate> t = FromName(*name, settings->bos_token, settings->eos_token);
   if (!t.ok()) return t;
+  t->from_model_jinja_ = true;
   if (t->family_ == Family::kChatMl) t->default_system_ = DefaultSystemTurn(jinja);
   if (t->family_ == Family::kLlama3 && jinja.find("Cutting Knowledge Date") != std::string::npos) {
     t->dated_header_ = ReadDatedSystemHeader(jinja);
@@ -413,7 +414,8 @@ absl::StatusOr<std::string> ChatTemplate::RenderMistral(
 }
 
 ChatTemplate::Encodable ChatTemplate::ForEncoding(std::string rendered) const {
-  if (family_ == Family::kAlpaca && !bos_token_.empty() && absl::StartsWith(rendered, bos_token_)) {
+  if (family_ == Family::kAlpaca && !from_model_jinja_ && !bos_token_.empty() &&
+      absl::StartsWith(rendered, bos_token_)) {
     return {rendered.substr(bos_token_.size()), true};
   }
   return {std::move(rendered), false};

@@ -76,15 +76,18 @@ class ChatTemplate {
   // header are unchanged.
   ChatTemplate WithDate(std::string date) const;
 
-  // How a prompt this template rendered becomes tokens, in training and in serving alike:
-  // Tokenizer::Encode(text, add_special_tokens). Alpaca has no model-published template, and the
-  // notebooks (and lorad's trainer, ExampleFormatter::FormatAlpaca) encode its prompt through the
-  // tokenizer, which adds the BOS: for a sentencepiece model that differs from the BOS written as
-  // text (the space put before the first word), so alpaca's text loses its BOS and the tokenizer
-  // adds it. Every other family's text is encoded as it is, without added tokens.
+  // How a prompt this template rendered becomes tokens, in training and in serving alike: the
+  // text encoded as it is (Tokenizer::Encode(text, false)), or, with add_bos,
+  // Tokenizer::EncodePrompt(text). An Alpaca template lorad was told to use (by name: a request's
+  // template, model.chat_template) is the notebooks' Alpaca prompt, which they (and lorad's
+  // trainer, ExampleFormatter::FormatAlpaca) encode through the tokenizer, the BOS added: for a
+  // sentencepiece model that differs from the BOS written as text (the space before the first
+  // word), so its text loses the BOS and the tokenizer's is added. Every other template's text,
+  // a model folder's own Alpaca-like one included (as transformers' apply_chat_template), is
+  // encoded as it is.
   struct Encodable {
     std::string text;
-    bool add_special_tokens = false;
+    bool add_bos = false;
   };
   Encodable ForEncoding(std::string rendered) const;
 
@@ -128,7 +131,8 @@ class ChatTemplate {
   std::string name_;
   std::string bos_token_;
   std::string eos_token_;
-  std::string default_system_;  // chatml: the system turn's text when a conversation has none
+  std::string default_system_;     // chatml: the system turn's text when a conversation has none
+  bool from_model_jinja_ = false;  // recognised from the model folder's template, not named
   std::optional<DatedSystemHeader> dated_header_;  // llama3: Llama 3.1+'s
   std::string unrendered_;
 };

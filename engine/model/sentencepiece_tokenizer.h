@@ -50,8 +50,6 @@ class SentencePieceTokenizer final : public Tokenizer {
   int32_t vocab_size_ = 0;
   Prepend prepend_ = Prepend::kFirst;
   bool strip_leading_space_ = true;
-  std::vector<int32_t> prefix_ids_;  // added by Encode(..., add_special_tokens=true)
-  std::vector<int32_t> suffix_ids_;
 };
 
 }  // namespace lorad::engine

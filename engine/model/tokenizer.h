@@ -72,6 +72,16 @@ class Tokenizer {
   // Ill-formed UTF-8 in `text` is read as U+FFFD.
   virtual std::vector<int32_t> Encode(std::string_view text, bool add_special_tokens) const = 0;
 
+  // `text` as a prompt the tokenizer's special tokens begin: the ids Encode(text, true) puts
+  // before the text's (the BOS), not those it puts after (an EOS, add_eos_token), as a
+  // prompt-response pair's prompt is encoded for training (tokenizer(prompt + response)).
+  std::vector<int32_t> EncodePrompt(std::string_view text) const {
+    std::vector<int32_t> ids = prefix_ids_;
+    const std::vector<int32_t> own = Encode(text, /*add_special_tokens=*/false);
+    ids.insert(ids.end(), own.begin(), own.end());
+    return ids;
+  }
+
   // Text for `ids`, as transformers' tokenizer.decode(ids, skip_special_tokens) gives it. Ids
   // outside the vocabulary are ignored.
   virtual std::string Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const = 0;
@@ -102,6 +112,9 @@ class Tokenizer {
  protected:
   int32_t bos_id_ = -1;
   std::set<int32_t> eos_ids_;
+  // Added by Encode(..., add_special_tokens=true) before and after the text's own ids.
+  std::vector<int32_t> prefix_ids_;
+  std::vector<int32_t> suffix_ids_;
 };
 
 // Loads the tokenizer of a Hugging Face model folder. Errors name the file and field.

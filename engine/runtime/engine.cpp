@@ -599,9 +599,17 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
   const ChatTemplate& chat = named ? *named : *impl_->chat_template;
   auto prompt = chat.Render(messages, /*add_generation_prompt=*/true);
   if (!prompt.ok()) return prompt.status();
+  // A conversation the template renders to nothing, or to its BOS alone (llama2's and
+  // mistral's without a user message): nothing to answer.
+  if (prompt->empty() || *prompt == chat.bos_token()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "messages: the ", chat.name(),
+        " chat template renders nothing from them (a system message alone); give a user "
+        "message"));
+  }
   // Encoded as training encodes it (ChatTemplate::ForEncoding).
   ChatTemplate::Encodable encodable = chat.ForEncoding(*std::move(prompt));
-  return RenderedChat{std::move(encodable.text), chat.end_of_turn(), encodable.add_special_tokens};
+  return RenderedChat{std::move(encodable.text), chat.end_of_turn(), encodable.add_bos};
 }
 
 AdapterStore& Engine::adapters() { return *impl_->adapters; }

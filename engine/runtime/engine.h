@@ -96,9 +96,9 @@ class Engine {
   struct RenderedChat {
     std::string prompt;
     std::string end_of_turn;
-    // Encode `prompt` with the tokenizer's special tokens added (Tokenizer::Encode): the text
-    // then holds no BOS of its own.
-    bool add_special_tokens = false;
+    // Encode `prompt` with Tokenizer::EncodePrompt (the BOS added), not as it is
+    // (ChatTemplate::ForEncoding).
+    bool add_bos = false;
   };
   absl::StatusOr<RenderedChat> RenderChat(const std::vector<ChatMessage>& messages,
                                           const std::string& name) const;

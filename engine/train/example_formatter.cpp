@@ -173,7 +173,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatRaw(const Example& ex) 
 
 std::vector<int32_t> ExampleFormatter::Encode(std::string rendered) const {
   ChatTemplate::Encodable e = chat_->ForEncoding(std::move(rendered));
-  return tokenizer_->Encode(e.text, e.add_special_tokens);
+  return e.add_bos ? tokenizer_->EncodePrompt(e.text) : tokenizer_->Encode(e.text, false);
 }
 
 absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex) const {

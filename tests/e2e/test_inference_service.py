@@ -248,9 +248,10 @@ def test_an_alpaca_chat_is_the_prompt_alpaca_training_gave_the_model(server, ref
 
 def test_a_template_named_on_a_model_without_one_writes_the_models_bos(tmp_path, server, stubs):
     """A model folder with no chat template: a Chat naming one writes the folder's BOS token, as
-    training does (the family's usual text was written and tokenized as plain text); and a
-    conversation that renders nothing (a system message alone, in llama2's template) is refused
-    naming the messages."""
+    training does (the family's usual text was written and tokenized as plain text); an Alpaca
+    prompt gets the tokenizer's BOS but not the EOS add_eos_token puts after a text (training's
+    prompts have none); and a conversation that renders nothing (a system message alone, in
+    llama2's and mistral's templates) is refused naming the messages."""
     _, stub, pb, _, _, _ = server
     messages = [pb.ChatMessage(role="user", content="Hello there")]
     sampling = pb.SamplingParams(max_new_tokens=4, temperature=0.0)
@@ -258,6 +259,7 @@ def test_a_template_named_on_a_model_without_one_writes_the_models_bos(tmp_path,
     shutil.copytree(tiny_model_path(), folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     del config["chat_template"]
+    config["add_eos_token"] = True
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     d = start_daemon(tmp_path / "run", "--set", "model.base_weights=none", model=folder)
     try:
@@ -269,13 +271,14 @@ def test_a_template_named_on_a_model_without_one_writes_the_models_bos(tmp_path,
                 want, want_ids = collect(stub.Chat(request, timeout=60))  # the folder as it was
                 assert got[-1].usage.prompt_tokens == want[-1].usage.prompt_tokens, template
                 assert got_ids == want_ids, template
-            with pytest.raises(grpc.RpcError) as err:
-                collect(bare.Chat(pb.ChatRequest(
-                    messages=[pb.ChatMessage(role="system", content="Be nice.")],
-                    template="llama2"), timeout=30))
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert err.value.details().startswith("messages: the chat template renders nothing"), \
-                err.value.details()
+            for template in ("llama2", "mistral"):
+                with pytest.raises(grpc.RpcError) as err:
+                    collect(bare.Chat(pb.ChatRequest(
+                        messages=[pb.ChatMessage(role="system", content="Be nice.")],
+                        template=template), timeout=30))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.value.details().startswith(
+                    f"messages: the {template} chat template renders nothing"), err.value.details()
     finally:
         stop_daemon(d)
 

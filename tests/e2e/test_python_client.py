@@ -40,11 +40,13 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
                               timeout=300)
         assert head.stdout.startswith("step 1 ") and head.stderr == "", head.stderr
         short = tmp_path / "short.json"
-        short.write_text(json.dumps({"adapter_name": "x", "dataset": {"format": "qa"}}))
-        bad = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address, "submit",
-                              str(short)], capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-        assert bad.stderr.startswith("lorad_client: ") and "qa" in bad.stderr, bad.stderr
+        for body in (json.dumps({"adapter_name": "x", "dataset": {"format": "qa"}}), "null"):
+            short.write_text(body)
+            bad = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address,
+                                  "submit", str(short)], capture_output=True, text=True,
+                                 timeout=60)
+            assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+            assert bad.stderr.startswith("lorad_client: "), bad.stderr
         # Sent again (a retry), the same request_id names the same job.
         assert run_client(d.grpc_address, "submit", str(job), "--request-id", "py-1").strip() == \
             job_id
@@ -53,6 +55,12 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
         steps = [line for line in watched if line.startswith("step ")]
         assert [line.split()[1] for line in steps] == ["1", "2", "3"], watched
         assert watched[-1].startswith("succeeded: adapter qa-py v1, 3 steps"), watched
+        # Its request_id sent again once it has ended: the same job, and stderr says so.
+        ended = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address,
+                                "submit", str(job), "--request-id", "py-1"],
+                               capture_output=True, text=True, timeout=60)
+        assert ended.returncode == 0 and ended.stdout.strip() == job_id, ended.stderr
+        assert "which has ended (JOB_STATE_SUCCEEDED); nothing new was queued" in ended.stderr
 
         listed = run_client(d.grpc_address, "adapters")
         assert "qa-py  v1  rank 4  serving" in listed, listed

@@ -505,7 +505,8 @@ TEST_F(JobStoreTest, SurvivesKill9AndRequeuesRunningJobs) {
 // A job that kills the daemon (a CUDA fault, the kernel's out-of-memory killer) was queued again
 // and started at every start, killing each one: after three deaths while it ran, in a row without
 // it getting further than its furthest step, it fails instead. A clean stop does not count, and a
-// job that got further (here `other`, beside it) starts its count again.
+// job that got further (here `other`, beside it), before a death or a clean stop, starts its
+// count again.
 TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonWithoutProgressFails) {
   std::string crasher, other;
   {
@@ -547,6 +548,7 @@ TEST_F(JobStoreTest, AJobRunningAtThreeDeathsOfTheDaemonWithoutProgressFails) {
   EXPECT_EQ(recovered.requeued, (std::vector<std::string>{crasher, other}));
   EXPECT_FALSE(recovered.unclean_stop.has_value());
   EXPECT_EQ(stops(crasher), 1);  // the clean stop did not count
+  EXPECT_EQ(stops(other), 0);    // it got further (10 -> 12) before the clean stop
   recovered = life(5, 15, /*clean=*/false);
   EXPECT_EQ(stops(crasher), 2);  // no further than step 5
   EXPECT_EQ(stops(other), 1);    // further than step 10: counted from 1 again

@@ -48,12 +48,12 @@ TEST(ChatTemplate, AlpacaTextLosesItsBosForTheTokenizerToAdd) {
   ASSERT_EQ(text->rfind("<s>Below is an instruction", 0), 0u) << *text;
   const ChatTemplate::Encodable e = alpaca->ForEncoding(*text);
   EXPECT_EQ(e.text, text->substr(3));
-  EXPECT_TRUE(e.add_special_tokens);
+  EXPECT_TRUE(e.add_bos);
   auto llama2 = ChatTemplate::FromName("llama2", "<s>", "</s>");
   ASSERT_TRUE(llama2.ok());
   const ChatTemplate::Encodable as_is = llama2->ForEncoding("<s>[INST] hi [/INST]");
   EXPECT_EQ(as_is.text, "<s>[INST] hi [/INST]");
-  EXPECT_FALSE(as_is.add_special_tokens);
+  EXPECT_FALSE(as_is.add_bos);
 }
 
 TEST(ChatTemplate, UnknownNameListsTheKnownOnes) {
