@@ -614,6 +614,7 @@ absl::Status Daemon::StartGrpc() {
   training.delete_job = [runner, blocking](const std::string& id) {
     return runner->DeleteJob(id, &blocking->stopping());
   };
+  training.retry_job = [runner](const std::string& id) { return runner->RetryJob(id); };
   training.auth = &auth_;
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.

@@ -455,6 +455,26 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
   return absl::OkStatus();
 }
 
+absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id) {
+  std::unique_lock<std::mutex> folders(folders_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (running_.count(job_id) > 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job '", job_id,
+          "' has ended but its trainer is still stopping (it may be writing a checkpoint); "
+          "retry it once it has stopped, in a few seconds"));
+    }
+  }
+  auto record = store_.Requeue(job_id);
+  if (!record.ok()) return record.status();
+  spdlog::info("job {} ({}) queued again", job_id, record->adapter_name);
+  events_.Publish(StateEvent(job_id, JobState::kQueued, NowMs()));
+  folders.unlock();
+  Wake();
+  return record;
+}
+
 void JobRunner::PublishKept(const std::string& job_id, int64_t step,
                             const lorad::v1::JobEvent& event, bool replayed) {
   // Kept with the job (WatchJob replays it), then published, unless a first run of a resumed

@@ -66,6 +66,9 @@ class JobRunner {
   // The files go after the lock is released, on the caller's thread; `stop` turning true (a
   // shutdown) leaves the rest for the next start.
   absl::Status DeleteJob(const std::string& job_id, const std::atomic<bool>* stop = nullptr);
+  // RetryJob: a failed or cancelled job queued again (JobStore::Requeue), to resume from its
+  // last checkpoint; FAILED_PRECONDITION while its trainer has not ended.
+  absl::StatusOr<JobRecord> RetryJob(const std::string& job_id);
   // Removes these folders (FinishInterruptedDeletions') on a thread of their own; Stop() ends it,
   // leaving what is left for the next start.
   void RemoveInBackground(std::vector<std::string> folders);

@@ -489,6 +489,28 @@ absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
   return GetLocked(id);  // already ended, or publishing: unchanged
 }
 
+absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto job = GetLocked(id);
+  if (!job.ok()) return job.status();
+  if (job->state != JobState::kFailed && job->state != JobState::kCancelled) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", id, "' is ", JobStateName(job->state),
+        job->state == JobState::kSucceeded
+            ? "; only a failed or cancelled job is retried: submit its spec again for a new one"
+            : "; only a failed or cancelled job is retried"));
+  }
+  // A cancel the database never recorded is stored as queued or running: the row is right as
+  // it is, and the cancel is forgotten.
+  Statement s(db_,
+              "UPDATE jobs SET state = ?, error = '', finished_ms = 0, unclean_stops = 0 WHERE "
+              "id = ?;");
+  s.Bind(1, static_cast<int64_t>(JobState::kQueued)).BindText(2, id);
+  if (auto st = s.Run(); !st.ok()) return st;
+  unrecorded_cancels_.erase(id);
+  return GetLocked(id);
+}
+
 absl::Status JobStore::RecordCancels() {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = unrecorded_cancels_.begin(); it != unrecorded_cancels_.end();) {
@@ -807,8 +829,8 @@ std::string JobStore::UncleanStopsError(int64_t stops, int64_t step,
   }
   absl::StrAppend(&error,
                   ". Look at lorad's log before those stops (and the system's, for an "
-                  "out-of-memory kill); submit the job again to retry it (with a new request_id, "
-                  "if you gave one)");
+                  "out-of-memory kill); once the cause is fixed, RetryJob (loradctl train retry) "
+                  "resumes the job from its last checkpoint");
   return error;
 }
 

@@ -151,6 +151,9 @@ class JobStore {
   // NextQueued skips it and no other state change takes it, until RecordCancels writes it (a
   // restart before that forgets it: the job is queued again).
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
+  // A failed or cancelled job queued again (RetryJob): its error and end time cleared, its count
+  // of unclean stops too; FAILED_PRECONDITION from any other state.
+  absl::StatusOr<JobRecord> Requeue(const std::string& id);
   // Writes the cancels the database refused; the first error when some still wait.
   absl::Status RecordCancels();
   // The cancels waiting to be recorded: job id -> why the database refused it.

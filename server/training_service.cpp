@@ -589,6 +589,21 @@ grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext
   });
 }
 
+grpc::ServerUnaryReactor* TrainingService::RetryJob(grpc::CallbackServerContext* context,
+                                                    const lorad::v1::RetryJobRequest* request,
+                                                    lorad::v1::Job* response) {
+  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
+  if (!options_.retry_job) {
+    return FinishUnary(context, absl::UnimplementedError("this server retries no jobs"));
+  }
+  auto record = options_.retry_job(request->job_id());
+  if (!record.ok()) return FinishUnary(context, record.status());
+  absl::Status filled = FillJob(*record, response);
+  response->mutable_spec()->mutable_dataset()->clear_inline_examples();  // as CancelJob's reply
+  return FinishUnary(context, filled);
+}
+
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) {
   absl::Status admitted = Authorize(context, Role::kUser);

@@ -31,6 +31,9 @@ struct TrainingServiceOptions {
   // Deletes an ended job with its files (JobRunner::DeleteJob); unset: DeleteJob is
   // UNIMPLEMENTED.
   std::function<absl::Status(const std::string& job_id)> delete_job;
+  // Queues a failed or cancelled job again (JobRunner::RetryJob); unset: RetryJob is
+  // UNIMPLEMENTED.
+  std::function<absl::StatusOr<JobRecord>(const std::string& job_id)> retry_job;
   // Bearer tokens (none configured: open). Submit, cancel and delete need admin; reads need user.
   const TokenAuthenticator* auth = nullptr;
   // The checks of a validated spec that need the model, whose error refuses it at submit: a job
@@ -66,6 +69,9 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   grpc::ServerUnaryReactor* DeleteJob(grpc::CallbackServerContext* context,
                                       const lorad::v1::DeleteJobRequest* request,
                                       lorad::v1::DeleteJobResponse* response) override;
+  grpc::ServerUnaryReactor* RetryJob(grpc::CallbackServerContext* context,
+                                     const lorad::v1::RetryJobRequest* request,
+                                     lorad::v1::Job* response) override;
   grpc::ServerWriteReactor<lorad::v1::JobEvent>* WatchJob(
       grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) override;
 

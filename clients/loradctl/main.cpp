@@ -244,6 +244,12 @@ int main(int argc, char** argv) {
   cancel->callback(
       [&] { command = [&](Connection& c) { return lorad::cli::RunTrainCancel(c, job_id); }; });
 
+  CLI::App* retry = train->add_subcommand(
+      "retry", "queue a failed or cancelled job again: it resumes from its last checkpoint");
+  retry->add_option("ID", job_id, "job id")->required();
+  retry->callback(
+      [&] { command = [&](Connection& c) { return lorad::cli::RunTrainRetry(c, job_id); }; });
+
   CLI::App* remove = train->add_subcommand(
       "rm", "delete an ended job: its record, history and files (checkpoints, adapter, export)");
   remove->add_option("ID", job_id, "job id")->required();

@@ -213,6 +213,17 @@ int RunTrainCancel(Connection& connection, const std::string& job_id) {
   return kExitOk;
 }
 
+int RunTrainRetry(Connection& connection, const std::string& job_id) {
+  lorad::v1::RetryJobRequest request;
+  request.set_job_id(job_id);
+  Job job;
+  auto context = connection.NewContext(CallKind::kUnary);
+  grpc::Status status = connection.training().RetryJob(context.get(), request, &job);
+  if (!status.ok()) return connection.Fail(status);
+  std::cout << job.id() << ": " << JobStateName(job.state()) << std::endl;
+  return kExitOk;
+}
+
 int RunTrainDelete(Connection& connection, const std::string& job_id) {
   lorad::v1::DeleteJobRequest request;
   request.set_job_id(job_id);

@@ -32,5 +32,7 @@ int RunTrainCancel(Connection& connection, const std::string& job_id);
 
 // Deletes an ended job with its history and files; prints "<id>: deleted".
 int RunTrainDelete(Connection& connection, const std::string& job_id);
+// RetryJob: prints "ID: queued".
+int RunTrainRetry(Connection& connection, const std::string& job_id);
 
 }  // namespace lorad::cli

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+import time
 from concurrent import futures
 
 import grpc
@@ -123,6 +124,15 @@ def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
     cancelled = loradctl("train", "cancel", job_id, address=daemon.grpc_address)
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.strip() == f"{job_id}: cancelled"
+    # Retried once its trainer has stopped, it is queued again; then cancelled for good.
+    for _ in range(300):
+        retried = loradctl("train", "retry", job_id, address=daemon.grpc_address)
+        if "still stopping" not in retried.stderr:
+            break
+        time.sleep(0.1)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == f"{job_id}: queued"
+    assert loradctl("train", "cancel", job_id, address=daemon.grpc_address).returncode == 0
     as_json = loradctl("train", "show", "--json", job_id, address=daemon.grpc_address)
     assert '"state": "JOB_STATE_CANCELLED"' in as_json.stdout
 

@@ -604,6 +604,32 @@ TEST_F(JobStoreTest, ARequestIdNamesOneJobUntilItIsDeleted) {
       store->Insert("s", "bot", 0, 1, 10, std::nullopt, JobStore::Submission{"req-1", "b"}).ok());
 }
 
+// RetryJob: a failed or cancelled job goes back to the queue, its error, end and count of
+// unclean stops cleared; no other state is retried.
+TEST_F(JobStoreTest, AFailedOrCancelledJobIsQueuedAgain) {
+  auto store = OpenStore();
+  const std::string failed = store->Insert("f", "a", 0, 1, 10)->id;
+  const std::string cancelled = store->Insert("c", "b", 0, 1, 10)->id;
+  const std::string queued = store->Insert("q", "c", 0, 1, 10)->id;
+  ASSERT_TRUE(store->MarkRunning(failed).ok());
+  ASSERT_TRUE(store->MarkFailed(failed, "boom").ok());
+  ASSERT_TRUE(store->Cancel(cancelled).ok());
+  for (const std::string& id : {failed, cancelled}) {
+    auto again = store->Requeue(id);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->state, JobState::kQueued) << id;
+    EXPECT_EQ(again->error, "") << id;
+    EXPECT_EQ(again->finished_ms, 0) << id;
+  }
+  EXPECT_EQ(store->Get(failed)->attempts, 1);  // it resumes: the runner says "started again"
+  auto refused = store->Requeue(queued);
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
+  EXPECT_TRUE(absl::IsNotFound(store->Requeue("job-nope").status()));
+  auto next = store->NextQueued();
+  ASSERT_TRUE(next.ok() && next->has_value());
+  EXPECT_EQ((*next)->id, failed);  // in its place in the queue (submission order)
+}
+
 TEST_F(JobStoreTest, UnopenablePathIsAClearError) {
   auto store = JobStore::Open("/nonexistent-dir/jobs.db");
   ASSERT_FALSE(store.ok());
