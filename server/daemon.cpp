@@ -614,7 +614,8 @@ absl::Status Daemon::StartGrpc() {
   training.delete_job = [runner, blocking](const std::string& id) {
     return runner->DeleteJob(id, &blocking->stopping());
   };
-  training.retry_job = [runner](const std::string& id) { return runner->RetryJob(id); };
+  training.retry_job = [runner, max_queued = config_.limits.max_queued_jobs](
+                           const std::string& id) { return runner->RetryJob(id, max_queued); };
   training.auth = &auth_;
   // A job is refused at once, not queued to fail later (after waiting behind running jobs),
   // when it could never fit the training memory or its data would fail at its start.

@@ -314,8 +314,12 @@ void JobRunner::StartNextJob() {
         "job {} ({}) started again from its first step: it stopped before writing a "
         "checkpoint",
         job.id, job.adapter_name);
-    ForgetHistoryAfter(job.id, 0);
   }
+  // What the last run recorded past the checkpoint this one resumes from is gone now, not once
+  // the trainer has prepared its data (a watch meanwhile replayed the dead run's steps and missed
+  // this run's); a damaged newest checkpoint is passed over, and the trainer's report of the one
+  // it resumes from forgets more (Handle).
+  if (job.attempts > 0) ForgetHistoryAfter(job.id, ResumeStep(job.id));
   const std::string id = job.id;
   const std::string adapter = job.adapter_name;
   absl::Status started =
@@ -455,9 +459,12 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
   return absl::OkStatus();
 }
 
-absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id) {
+absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t max_queued) {
   std::unique_lock<std::mutex> folders(folders_mu_);
-  {
+  auto current = store_.Get(job_id);
+  if (!current.ok()) return current.status();
+  // Ended, its trainer not yet stopped; a job in another state is Requeue's to refuse.
+  if (current->state == JobState::kFailed || current->state == JobState::kCancelled) {
     std::lock_guard<std::mutex> lock(mu_);
     if (running_.count(job_id) > 0) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -466,8 +473,9 @@ absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id) {
           "retry it once it has stopped, in a few seconds"));
     }
   }
-  auto record = store_.Requeue(job_id);
+  auto record = store_.Requeue(job_id, max_queued);
   if (!record.ok()) return record.status();
+  if (record->attempts > 0) ForgetHistoryAfter(job_id, ResumeStep(job_id));
   spdlog::info("job {} ({}) queued again", job_id, record->adapter_name);
   events_.Publish(StateEvent(job_id, JobState::kQueued, NowMs()));
   folders.unlock();
@@ -492,6 +500,15 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
     added = !replayed;  // one reported again may be there already: watchers got it then
   }
   if (*added) events_.Publish(event);
+}
+
+int64_t JobRunner::ResumeStep(const std::string& job_id) const {
+  int64_t step = 0;
+  for (const auto& [at, folder] :
+       engine::CompleteCheckpoints((fs::path(jobs_dir_) / job_id).string())) {
+    step = std::max(step, at);
+  }
+  return step;
 }
 
 void JobRunner::ForgetHistoryAfter(const std::string& job_id, int64_t step) {

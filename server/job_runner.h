@@ -67,8 +67,10 @@ class JobRunner {
   // shutdown) leaves the rest for the next start.
   absl::Status DeleteJob(const std::string& job_id, const std::atomic<bool>* stop = nullptr);
   // RetryJob: a failed or cancelled job queued again (JobStore::Requeue), to resume from its
-  // last checkpoint; FAILED_PRECONDITION while its trainer has not ended.
-  absl::StatusOr<JobRecord> RetryJob(const std::string& job_id);
+  // last checkpoint, its history after that forgotten at once (a watch or a listing meanwhile
+  // showed the run it resumes from no further than the job will); FAILED_PRECONDITION while
+  // its trainer has not ended.
+  absl::StatusOr<JobRecord> RetryJob(const std::string& job_id, int64_t max_queued);
   // Removes these folders (FinishInterruptedDeletions') on a thread of their own; Stop() ends it,
   // leaving what is left for the next start.
   void RemoveInBackground(std::vector<std::string> folders);
@@ -95,6 +97,9 @@ class JobRunner {
   void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event,
                    bool replayed = false);
   void FailJob(const std::string& job_id, const std::string& error);
+  // The step of the job's newest complete checkpoint (its folder under jobs_dir_), where it
+  // resumes; 0 without one.
+  int64_t ResumeStep(const std::string& job_id) const;
   // JobStore::ForgetHistoryAfter, a failure logged (the rows are only stale until replaced).
   void ForgetHistoryAfter(const std::string& job_id, int64_t step);
   // A job that trained to its end: recorded as succeeded and its adapter published.

@@ -78,6 +78,12 @@ constexpr const char* kListedJobColumns =
     "id, COALESCE(listed_spec, spec), adapter_name, state, priority, created_ms, started_ms, "
     "finished_ms, error, adapter_version, total_steps, attempts, unclean_stops";
 
+absl::Status QueueFullError(int64_t max_queued) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("the job queue is full (", max_queued,
+                   " queued jobs); wait for jobs to finish or cancel some"));
+}
+
 // The meta key a daemon sets before it runs jobs and removes when it stops cleanly: found at the
 // next start, that daemon died (RecoverAfterRestart).
 constexpr const char* kDaemonRunningKey = "daemon_running";
@@ -281,12 +287,7 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
   Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
   count.Bind(1, static_cast<int64_t>(JobState::kQueued));
   if (count.Step() != SQLITE_ROW) return rollback(count.StepError());
-  if (count.Int(0) >= max_queued) {
-    return rollback(absl::ResourceExhaustedError(
-        absl::StrCat("the job queue is full (", max_queued,
-                     " queued jobs); wait for jobs to finish or cancel "
-                     "some")));
-  }
+  if (count.Int(0) >= max_queued) return rollback(QueueFullError(max_queued));
   const std::string id = NewJobId();
   Statement insert(db_,
                    "INSERT INTO jobs (id, seq, spec, adapter_name, state, priority, created_ms, "
@@ -489,7 +490,7 @@ absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
   return GetLocked(id);  // already ended, or publishing: unchanged
 }
 
-absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id) {
+absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id, int64_t max_queued) {
   std::lock_guard<std::mutex> lock(mu_);
   auto job = GetLocked(id);
   if (!job.ok()) return job.status();
@@ -500,11 +501,16 @@ absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id) {
             ? "; only a failed or cancelled job is retried: submit its spec again for a new one"
             : "; only a failed or cancelled job is retried"));
   }
+  Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
+  count.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  if (count.Step() != SQLITE_ROW) return count.StepError();
+  if (count.Int(0) >= max_queued) return QueueFullError(max_queued);
   // A cancel the database never recorded is stored as queued or running: the row is right as
-  // it is, and the cancel is forgotten.
+  // it is, and the cancel is forgotten. The crash-loop guard starts again from nothing (its
+  // furthest step too: the retried job's progress is measured from where it resumes).
   Statement s(db_,
-              "UPDATE jobs SET state = ?, error = '', finished_ms = 0, unclean_stops = 0 WHERE "
-              "id = ?;");
+              "UPDATE jobs SET state = ?, error = '', finished_ms = 0, unclean_stops = 0, "
+              "unclean_stop_step = 0 WHERE id = ?;");
   s.Bind(1, static_cast<int64_t>(JobState::kQueued)).BindText(2, id);
   if (auto st = s.Run(); !st.ok()) return st;
   unrecorded_cancels_.erase(id);

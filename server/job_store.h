@@ -152,8 +152,9 @@ class JobStore {
   // restart before that forgets it: the job is queued again).
   absl::StatusOr<JobRecord> Cancel(const std::string& id);
   // A failed or cancelled job queued again (RetryJob): its error and end time cleared, its count
-  // of unclean stops too; FAILED_PRECONDITION from any other state.
-  absl::StatusOr<JobRecord> Requeue(const std::string& id);
+  // of unclean stops too; FAILED_PRECONDITION from any other state, RESOURCE_EXHAUSTED when
+  // `max_queued` jobs are queued already.
+  absl::StatusOr<JobRecord> Requeue(const std::string& id, int64_t max_queued);
   // Writes the cancels the database refused; the first error when some still wait.
   absl::Status RecordCancels();
   // The cancels waiting to be recorded: job id -> why the database refused it.

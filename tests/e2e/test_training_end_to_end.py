@@ -248,6 +248,7 @@ def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_a
             with pytest.raises(grpc.RpcError) as err:  # not while it runs
                 stub.RetryJob(tpb.RetryJobRequest(job_id=job_id), timeout=10)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is running; only a failed or cancelled job is retried" in err.value.details()
             stub.CancelJob(tpb.CancelJobRequest(job_id=job_id), timeout=10)
     finally:
         assert stop_daemon(d) == 0, d.log()

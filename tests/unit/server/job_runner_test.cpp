@@ -188,6 +188,45 @@ TEST(JobRunnerTest, AJobResumedAfterADeathForgetsTheDeadRunsStepsPastItsResumePo
   for (const StepRecord& s : *kept) EXPECT_EQ(s.loss, 99) << "step " << s.step;
 }
 
+// RetryJob forgets at once what the job recorded past the checkpoint it will resume from (a
+// watch or a listing while it waits showed the last run's steps, and a watch opened then missed
+// the new run's), and tells a job still running that only ended jobs are retried.
+TEST(JobRunnerTest, ARetriedJobForgetsItsHistoryPastItsCheckpointAtOnce) {
+  Rig rig("retry-forgets", 6);  // the runner is not started: nothing runs the job
+  const std::string id = rig.job_id();
+  ASSERT_TRUE(rig.store().MarkRunning(id).ok());
+  auto refused = rig.runner().RetryJob(id, 64);
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("is running; only a failed or cancelled job"),
+            std::string::npos)
+      << refused.status();
+  for (int64_t n = 1; n <= 9; ++n) {
+    StepRecord step;
+    step.step = n;
+    ASSERT_TRUE(rig.store().AppendStep(id, step).ok());
+  }
+  lorad::v1::JobEvent eval;
+  eval.mutable_eval()->set_step(8);
+  ASSERT_TRUE(
+      rig.store()
+          .AppendEvent(id, {8, static_cast<int32_t>(eval.event_case()), eval.SerializeAsString()})
+          .ok());
+  ASSERT_TRUE(rig.store().MarkFailed(id, "boom").ok());
+  // A complete checkpoint at step 4 (its files are what makes it one).
+  const fs::path checkpoint = rig.job_dir() / "checkpoint-4";
+  for (const std::string& file : engine::CheckpointFiles()) {
+    fs::create_directories((checkpoint / file).parent_path());
+    std::ofstream(checkpoint / file) << "x";
+  }
+  auto retried = rig.runner().RetryJob(id, 64);
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  EXPECT_EQ(retried->state, JobState::kQueued);
+  EXPECT_EQ(StepNumbers(rig.store(), id), (std::vector<int64_t>{1, 2, 3, 4}));
+  auto events = rig.store().Events(id, 5);
+  ASSERT_TRUE(events.ok()) << events.status();
+  EXPECT_TRUE(events->empty());
+}
+
 // A CancelJob that lands as the job starts (after the store marked it running, before the engine
 // had it, which then ignored the cancel) stops it: it trained every step before. The hub's
 // listeners run on the runner's thread, and the RUNNING state is published in that window.

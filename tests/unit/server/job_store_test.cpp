@@ -615,19 +615,64 @@ TEST_F(JobStoreTest, AFailedOrCancelledJobIsQueuedAgain) {
   ASSERT_TRUE(store->MarkFailed(failed, "boom").ok());
   ASSERT_TRUE(store->Cancel(cancelled).ok());
   for (const std::string& id : {failed, cancelled}) {
-    auto again = store->Requeue(id);
+    auto again = store->Requeue(id, 10);
     ASSERT_TRUE(again.ok()) << again.status();
     EXPECT_EQ(again->state, JobState::kQueued) << id;
     EXPECT_EQ(again->error, "") << id;
     EXPECT_EQ(again->finished_ms, 0) << id;
   }
   EXPECT_EQ(store->Get(failed)->attempts, 1);  // it resumes: the runner says "started again"
-  auto refused = store->Requeue(queued);
+  auto refused = store->Requeue(queued, 10);
   EXPECT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
-  EXPECT_TRUE(absl::IsNotFound(store->Requeue("job-nope").status()));
+  EXPECT_TRUE(absl::IsNotFound(store->Requeue("job-nope", 10).status()));
   auto next = store->NextQueued();
   ASSERT_TRUE(next.ok() && next->has_value());
   EXPECT_EQ((*next)->id, failed);  // in its place in the queue (submission order)
+  // A full queue refuses a retry as it refuses a submission.
+  ASSERT_TRUE(store->Cancel(failed).ok());
+  auto full = store->Requeue(failed, /*max_queued=*/2);
+  EXPECT_TRUE(absl::IsResourceExhausted(full.status())) << full.status();
+}
+
+// A retried job's crash-loop guard measures progress from where it resumes: one the guard failed
+// at step 100, retried without a checkpoint, dies at steps 20, 40 and 60 (further each time) and
+// stays queued; dying at the same step three times fails it again.
+TEST_F(JobStoreTest, ARetriedJobsDeathsCountFromWhereItResumes) {
+  std::string id;
+  {
+    auto store = OpenStore();
+    id = store->Insert("j", "bot", 0, 1000, 10)->id;
+  }
+  // One life that records steps 1..last (none if 0), then dies; returns the state after.
+  const auto die_at = [&](int64_t last) {
+    {
+      auto store = OpenStore();
+      EXPECT_TRUE(store->MarkDaemonRunning("pid 9").ok());
+      EXPECT_TRUE(store->MarkRunning(id).ok());
+      for (int64_t n = 1; n <= last; ++n) {
+        StepRecord step;
+        step.step = n;
+        EXPECT_TRUE(store->AppendStep(id, step).ok());
+      }
+    }
+    auto store = OpenStore();
+    EXPECT_TRUE(store->RecoverAfterRestart(3).ok());
+    return store->Get(id)->state;
+  };
+  EXPECT_EQ(die_at(100), JobState::kQueued);
+  EXPECT_EQ(die_at(0), JobState::kQueued);
+  EXPECT_EQ(die_at(0), JobState::kFailed);
+  {
+    auto store = OpenStore();
+    ASSERT_TRUE(store->Requeue(id, 10).ok());
+    ASSERT_TRUE(store->ForgetHistoryAfter(id, 0).ok());  // no checkpoint: from step 1 again
+  }
+  for (int64_t last : {20, 40, 60}) {
+    EXPECT_EQ(die_at(last), JobState::kQueued) << "died at step " << last;
+  }
+  EXPECT_EQ(OpenStore()->Get(id)->unclean_stops, 1);
+  EXPECT_EQ(die_at(60), JobState::kQueued);
+  EXPECT_EQ(die_at(60), JobState::kFailed);
 }
 
 TEST_F(JobStoreTest, UnopenablePathIsAClearError) {
