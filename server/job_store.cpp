@@ -84,10 +84,6 @@ absl::Status QueueFullError(int64_t max_queued) {
                    " queued jobs); wait for jobs to finish or cancel some"));
 }
 
-// The meta key a daemon sets before it runs jobs and removes when it stops cleanly: found at the
-// next start, that daemon died (RecoverAfterRestart).
-constexpr const char* kDaemonRunningKey = "daemon_running";
-
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -100,30 +96,6 @@ std::string NewJobId() {
   char buf[24];
   snprintf(buf, sizeof(buf), "job-%016llx", static_cast<unsigned long long>(rng()));
   return buf;
-}
-
-// A row of "SELECT step, kind, event FROM job_events".
-StoredEvent ReadEvent(Statement& s) {
-  return {s.Int(0), static_cast<int32_t>(s.Int(1)), s.Blob(2)};
-}
-
-constexpr const char* kStepColumns =
-    "SELECT step, epoch, loss, learning_rate, grad_norm, tokens_per_second, step_seconds, "
-    "elapsed_seconds, eta_seconds, time_ms FROM job_steps WHERE job_id = ? ";
-
-StepRecord ReadStep(Statement& s) {
-  StepRecord r;
-  r.step = s.Int(0);
-  r.epoch = s.Double(1);
-  r.loss = s.Double(2);
-  r.learning_rate = s.Double(3);
-  r.grad_norm = s.Double(4);
-  r.tokens_per_second = s.Double(5);
-  r.step_seconds = s.Double(6);
-  r.elapsed_seconds = s.Double(7);
-  r.eta_seconds = s.Double(8);
-  r.time_ms = s.Int(9);
-  return r;
 }
 
 JobRecord ReadJob(Statement& s) {
@@ -578,140 +550,11 @@ absl::Status JobStore::Delete(const std::string& id) {
   return absl::OkStatus();
 }
 
-absl::Status JobStore::ForgetHistoryAfter(const std::string& id, int64_t step) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (auto s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
-  for (const char* table : {"job_steps", "job_events"}) {
-    Statement s(db_, absl::StrCat("DELETE FROM ", table, " WHERE job_id = ? AND step > ?;"));
-    s.BindText(1, id).Bind(2, step);
-    if (auto st = s.Run(); !st.ok()) {
-      Exec("ROLLBACK;").IgnoreError();
-      return st;
-    }
-  }
-  if (auto st = Exec("COMMIT;"); !st.ok()) {
-    Exec("ROLLBACK;").IgnoreError();
-    return st;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status JobStore::AppendStep(const std::string& id, const StepRecord& r) {
-  return InsertStep(id, r, "REPLACE").status();
-}
-
-absl::StatusOr<bool> JobStore::AppendStepIfMissing(const std::string& id, const StepRecord& r) {
-  return InsertStep(id, r, "IGNORE");
-}
-
-absl::StatusOr<bool> JobStore::InsertStep(const std::string& id, const StepRecord& r,
-                                          const char* conflict) {
-  std::lock_guard<std::mutex> lock(mu_);
-  // REPLACE: a job resumed from a checkpoint reports the steps after it again. IGNORE: the
-  // steps before it it reports again, kept as first recorded.
-  Statement s(db_, absl::StrCat("INSERT OR ", conflict,
-                                " INTO job_steps (job_id, step, epoch, loss, learning_rate, "
-                                "grad_norm, tokens_per_second, step_seconds, elapsed_seconds, "
-                                "eta_seconds, time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);"));
-  s.BindText(1, id).Bind(2, r.step).Bind(3, r.epoch).Bind(4, r.loss).Bind(5, r.learning_rate);
-  s.Bind(6, r.grad_norm).Bind(7, r.tokens_per_second).Bind(8, r.step_seconds);
-  s.Bind(9, r.elapsed_seconds).Bind(10, r.eta_seconds).Bind(11, r.time_ms);
-  if (auto st = s.Run(); !st.ok()) {
-    return absl::InternalError(
-        absl::StrCat("job '", id, "': cannot record step ", r.step, ": ", st.message()));
-  }
-  return sqlite3_changes(db_) > 0;
-}
-
 absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps) {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_, "UPDATE jobs SET total_steps = ? WHERE id = ?;");
   s.Bind(1, total_steps).BindText(2, id);
   return s.Run();
-}
-
-absl::StatusOr<std::vector<StepRecord>> JobStore::Steps(const std::string& id, int64_t from_step,
-                                                        int64_t limit) {
-  std::lock_guard<std::mutex> lock(mu_);
-  // LIMIT -1: no limit.
-  Statement s(db_, absl::StrCat(kStepColumns, "AND step >= ? ORDER BY step LIMIT ?;"));
-  s.BindText(1, id).Bind(2, from_step).Bind(3, limit > 0 ? limit : int64_t{-1});
-  std::vector<StepRecord> steps;
-  int rc;
-  while ((rc = s.Step()) == SQLITE_ROW) steps.push_back(ReadStep(s));
-  if (rc != SQLITE_DONE) return s.StepError();
-  return steps;
-}
-
-absl::StatusOr<std::optional<StepRecord>> JobStore::LastStep(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, absl::StrCat(kStepColumns, "ORDER BY step DESC LIMIT 1;"));
-  s.BindText(1, id);
-  const int rc = s.Step();
-  if (rc == SQLITE_ROW) return std::optional<StepRecord>(ReadStep(s));
-  if (rc != SQLITE_DONE) return s.StepError();
-  return std::optional<StepRecord>();
-}
-
-absl::StatusOr<bool> JobStore::AppendEvent(const std::string& id, const StoredEvent& event) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Statement seen(db_, "SELECT 1 FROM job_events WHERE job_id = ? AND step = ? AND kind = ?;");
-  seen.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
-  const int rc = seen.Step();
-  if (rc != SQLITE_ROW && rc != SQLITE_DONE) return seen.StepError();
-  if (auto s = AppendEventLocked(id, event); !s.ok()) return s.status();
-  return rc == SQLITE_DONE;
-}
-
-absl::StatusOr<bool> JobStore::AppendEventIfMissing(const std::string& id,
-                                                    const StoredEvent& event) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return AppendEventLocked(id, event, "IGNORE");
-}
-
-absl::StatusOr<bool> JobStore::AppendEventLocked(const std::string& id, const StoredEvent& event,
-                                                 const char* conflict) {
-  Statement s(db_,
-              absl::StrCat("INSERT OR ", conflict,
-                           " INTO job_events (job_id, step, kind, event) VALUES (?, ?, ?, ?);"));
-  s.BindText(1, id).Bind(2, event.step).Bind(3, static_cast<int64_t>(event.kind));
-  s.Bind(4, event.event);
-  if (auto st = s.Run(); !st.ok()) {
-    return absl::InternalError(absl::StrCat("job '", id, "': cannot record an event of step ",
-                                            event.step, ": ", st.message()));
-  }
-  return sqlite3_changes(db_) > 0;
-}
-
-absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,
-                                                          int64_t from_step) {
-  std::lock_guard<std::mutex> lock(mu_);
-  // By step, then as a job reports them: evaluation (field 5), a warning (9: a write that failed,
-  // or a damaged checkpoint passed over), the checkpoint (6) the warning's retry wrote, and a
-  // job's end (finished 7, failed 8) last.
-  Statement s(db_,
-              "SELECT step, kind, event FROM job_events WHERE job_id = ? AND step >= ? ORDER BY "
-              "step, CASE kind WHEN 9 THEN 55 WHEN 7 THEN 100 WHEN 8 THEN 100 ELSE kind * 10 END, "
-              "kind;");
-  s.BindText(1, id).Bind(2, from_step);
-  std::vector<StoredEvent> events;
-  int rc;
-  while ((rc = s.Step()) == SQLITE_ROW) events.push_back(ReadEvent(s));
-  if (rc != SQLITE_DONE) return s.StepError();
-  return events;
-}
-
-absl::StatusOr<std::optional<StoredEvent>> JobStore::LastEvent(const std::string& id,
-                                                               int32_t kind) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_,
-              "SELECT step, kind, event FROM job_events WHERE job_id = ? AND kind = ? ORDER BY "
-              "step DESC LIMIT 1;");
-  s.BindText(1, id).Bind(2, static_cast<int64_t>(kind));
-  const int rc = s.Step();
-  if (rc == SQLITE_ROW) return std::optional<StoredEvent>(ReadEvent(s));
-  if (rc == SQLITE_DONE) return std::optional<StoredEvent>();
-  return s.StepError();
 }
 
 absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
@@ -750,94 +593,6 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   }
   if (rc != SQLITE_DONE) return s.StepError();
   return out;
-}
-
-absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_unclean_stops) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Recovered recovered;
-  {
-    Statement marker(db_, "SELECT value FROM meta WHERE key = ?;");
-    marker.BindText(1, kDaemonRunningKey);
-    const int rc = marker.Step();
-    if (rc == SQLITE_ROW) recovered.unclean_stop = marker.Blob(0);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return marker.StepError();
-  }
-  struct Running {
-    std::string id;
-    int64_t stops;  // unclean stops, counting this one where it counts
-    int64_t step;   // the furthest step the job has reached in any run
-  };
-  std::vector<Running> running;
-  {
-    Statement select(db_,
-                     "SELECT id, unclean_stops, unclean_stop_step, (SELECT COALESCE(MAX(step), 0) "
-                     "FROM job_steps WHERE job_id = jobs.id) FROM jobs WHERE state = ? ORDER BY "
-                     "seq;");
-    select.Bind(1, static_cast<int64_t>(JobState::kRunning));
-    int rc;
-    while ((rc = select.Step()) == SQLITE_ROW) {
-      // Its steps are this run's (a resumed run forgets the dead one's after its resume point).
-      const int64_t furthest_before = select.Int(2), now = select.Int(3);
-      Running r{select.Blob(0), select.Int(1), std::max(furthest_before, now)};
-      // A job that got further than ever before made progress: its deaths before were not its
-      // doing (or not only), and the count starts again (a clean stop's start too).
-      if (now > furthest_before) r.stops = 0;
-      if (recovered.unclean_stop) ++r.stops;
-      running.push_back(std::move(r));
-    }
-    if (rc != SQLITE_DONE) return select.StepError();
-  }
-  absl::Status s = Exec("BEGIN IMMEDIATE;");
-  for (size_t i = 0; s.ok() && i < running.size(); ++i) {
-    const Running& job = running[i];
-    const bool give_up =
-        recovered.unclean_stop && max_unclean_stops > 0 && job.stops >= max_unclean_stops;
-    std::vector<std::string> others;
-    for (const Running& other : running) {
-      if (other.id != job.id) others.push_back(other.id);
-    }
-    const std::string error = give_up ? UncleanStopsError(job.stops, job.step, others) : "";
-    Statement update(db_,
-                     "UPDATE jobs SET state = ?, unclean_stops = ?, unclean_stop_step = ?, "
-                     "error = ?, finished_ms = ? WHERE id = ?;");
-    update.Bind(1, static_cast<int64_t>(give_up ? JobState::kFailed : JobState::kQueued));
-    update.Bind(2, job.stops).Bind(3, job.step).BindText(4, error);
-    update.Bind(5, give_up ? NowMs() : int64_t{0}).BindText(6, job.id);
-    s = update.Run();
-    if (give_up) {
-      recovered.failed.emplace_back(job.id, error);
-    } else {
-      recovered.requeued.push_back(job.id);
-    }
-  }
-  if (s.ok()) {
-    Statement forget(db_, "DELETE FROM meta WHERE key = ?;");
-    forget.BindText(1, kDaemonRunningKey);
-    s = forget.Run();
-  }
-  if (s.ok()) s = Exec("COMMIT;");
-  if (!s.ok()) {
-    Exec("ROLLBACK;").IgnoreError();
-    return s;
-  }
-  return recovered;
-}
-
-std::string JobStore::UncleanStopsError(int64_t stops, int64_t step,
-                                        const std::vector<std::string>& others) {
-  std::string error = absl::StrCat(
-      "lorad stopped without shutting down (a crash, an out-of-memory kill, kill -9 or a power "
-      "cut) ",
-      stops, " times while this job was running, and it got no further than step ", step,
-      " in between, so it was not started again: the job may be what stops lorad");
-  if (!others.empty()) {
-    absl::StrAppend(&error, " (", absl::StrJoin(others, ", "), " ran beside it at the last stop)");
-  }
-  absl::StrAppend(&error,
-                  ". Look at lorad's log before those stops (and the system's, for an "
-                  "out-of-memory kill); once the cause is fixed, RetryJob (loradctl train retry) "
-                  "resumes the job from its last checkpoint");
-  return error;
 }
 
 absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {
@@ -879,17 +634,6 @@ absl::Status JobStore::SetMeta(const std::string& key, const std::string& value)
               "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value "
               "= excluded.value;");
   s.BindText(1, key).BindText(2, value);
-  return s.Run();
-}
-
-absl::Status JobStore::MarkDaemonRunning(const std::string& since) {
-  return SetMeta(kDaemonRunningKey, since);
-}
-
-absl::Status JobStore::MarkDaemonStopped() {
-  std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, "DELETE FROM meta WHERE key = ?;");
-  s.BindText(1, kDaemonRunningKey);
   return s.Run();
 }
 
