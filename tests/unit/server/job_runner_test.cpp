@@ -124,6 +124,22 @@ class Rig {
   std::string job_id_;
 };
 
+// What a run that died recorded: steps 1-9 (loss 99, so that a step of a later run tells itself
+// apart) and an evaluation at step 8.
+void RecordDeadRun(JobStore& store, const std::string& id) {
+  for (int64_t n = 1; n <= 9; ++n) {
+    StepRecord step;
+    step.step = n;
+    step.loss = 99;
+    ASSERT_TRUE(store.AppendStep(id, step).ok());
+  }
+  lorad::v1::JobEvent eval;
+  eval.mutable_eval()->set_step(8);
+  ASSERT_TRUE(
+      store.AppendEvent(id, {8, static_cast<int32_t>(eval.event_case()), eval.SerializeAsString()})
+          .ok());
+}
+
 // The steps the store holds for the job, by number.
 std::vector<int64_t> StepNumbers(JobStore& store, const std::string& id) {
   auto steps = store.Steps(id, 0);
@@ -157,18 +173,7 @@ TEST(JobRunnerTest, AJobResumedAfterADeathForgetsTheDeadRunsStepsPastItsResumePo
   fs::copy(checkpoint_4, rig.job_dir(from_checkpoint) / fs::path(checkpoint_4).filename(),
            fs::copy_options::recursive);
   for (const std::string& id : {from_checkpoint, from_start}) {
-    for (int64_t n = 1; n <= 9; ++n) {
-      StepRecord step;
-      step.step = n;
-      step.loss = 99;
-      ASSERT_TRUE(rig.store().AppendStep(id, step).ok());
-    }
-    lorad::v1::JobEvent eval;
-    eval.mutable_eval()->set_step(8);
-    ASSERT_TRUE(
-        rig.store()
-            .AppendEvent(id, {8, static_cast<int32_t>(eval.event_case()), eval.SerializeAsString()})
-            .ok());
+    RecordDeadRun(rig.store(), id);
   }
   ASSERT_TRUE(rig.store().RecoverAfterRestart().ok());  // both queued again
   rig.runner().Wake();
@@ -200,17 +205,7 @@ TEST(JobRunnerTest, ARetriedJobForgetsItsHistoryPastItsCheckpointAtOnce) {
   EXPECT_NE(refused.status().message().find("is running; only a failed or cancelled job"),
             std::string::npos)
       << refused.status();
-  for (int64_t n = 1; n <= 9; ++n) {
-    StepRecord step;
-    step.step = n;
-    ASSERT_TRUE(rig.store().AppendStep(id, step).ok());
-  }
-  lorad::v1::JobEvent eval;
-  eval.mutable_eval()->set_step(8);
-  ASSERT_TRUE(
-      rig.store()
-          .AppendEvent(id, {8, static_cast<int32_t>(eval.event_case()), eval.SerializeAsString()})
-          .ok());
+  RecordDeadRun(rig.store(), id);
   ASSERT_TRUE(rig.store().MarkFailed(id, "boom").ok());
   // A complete checkpoint at step 4 (its files are what makes it one).
   const fs::path checkpoint = rig.job_dir() / "checkpoint-4";
