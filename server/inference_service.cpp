@@ -412,10 +412,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     } else {
       r->adapter = request->adapter();
       r->adapter_version = request->adapter_version();
-      // The rendered text holds the BOS token where the template writes one.
-      r->prompt_ids = chat->add_bos
-                          ? engine_.tokenizer().EncodePrompt(chat->prompt)
-                          : engine_.tokenizer().Encode(chat->prompt, /*add_special_tokens=*/false);
+      r->prompt_ids = std::move(chat->prompt_ids);
       // The reply ends where the template ends a turn: as a token id when the tokenizer has one
       // (special tokens never reach the text), and as a stop string otherwise.
       if (!chat->end_of_turn.empty()) {

@@ -236,21 +236,23 @@ void JobRunner::StartNextJob() {
   events_.Publish(StateEvent(job.id, JobState::kRunning, started_ms));
   if (job.attempts == 0) {
     spdlog::info("job {} ({}) started", job.id, job.adapter_name);
-  } else if (const std::string checkpoint = engine::LatestCheckpoint(config->output_dir);
-             !checkpoint.empty()) {
-    spdlog::info("job {} ({}) started again: resuming from {}", job.id, job.adapter_name,
-                 checkpoint);
   } else {
-    spdlog::info(
-        "job {} ({}) started again from its first step: it stopped before writing a "
-        "checkpoint",
-        job.id, job.adapter_name);
+    const auto [step, checkpoint] = ResumePoint(job.id);
+    if (!checkpoint.empty()) {
+      spdlog::info("job {} ({}) started again: resuming from {}", job.id, job.adapter_name,
+                   checkpoint);
+    } else {
+      spdlog::info(
+          "job {} ({}) started again from its first step: it stopped before writing a "
+          "checkpoint",
+          job.id, job.adapter_name);
+    }
+    // What the last run recorded past the checkpoint this one resumes from is gone now, not
+    // once the trainer has prepared its data (a watch meanwhile replayed the dead run's steps
+    // and missed this run's); a damaged newest checkpoint is passed over, and the trainer's
+    // report of the one it resumes from forgets more (Handle).
+    ForgetHistoryAfter(job.id, step);
   }
-  // What the last run recorded past the checkpoint this one resumes from is gone now, not once
-  // the trainer has prepared its data (a watch meanwhile replayed the dead run's steps and missed
-  // this run's); a damaged newest checkpoint is passed over, and the trainer's report of the one
-  // it resumes from forgets more (Handle).
-  if (job.attempts > 0) ForgetHistoryAfter(job.id, ResumeStep(job.id));
   const std::string id = job.id;
   const std::string adapter = job.adapter_name;
   absl::Status started =
@@ -304,7 +306,7 @@ absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t
   }
   auto record = store_.Requeue(job_id, max_queued);
   if (!record.ok()) return record.status();
-  if (record->attempts > 0) ForgetHistoryAfter(job_id, ResumeStep(job_id));
+  if (record->attempts > 0) ForgetHistoryAfter(job_id, ResumePoint(job_id).first);
   spdlog::info("job {} ({}) queued again", job_id, record->adapter_name);
   events_.Publish(StateEvent(job_id, JobState::kQueued, NowMs()));
   folders.unlock();
@@ -331,13 +333,13 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   if (*added) events_.Publish(event);
 }
 
-int64_t JobRunner::ResumeStep(const std::string& job_id) const {
-  int64_t step = 0;
-  for (const auto& [at, folder] :
+std::pair<int64_t, std::string> JobRunner::ResumePoint(const std::string& job_id) const {
+  std::pair<int64_t, std::string> newest{0, ""};
+  for (auto& [step, folder] :
        engine::CompleteCheckpoints((fs::path(jobs_dir_) / job_id).string())) {
-    step = std::max(step, at);
+    if (newest.second.empty() || step > newest.first) newest = {step, folder.string()};
   }
-  return step;
+  return newest;
 }
 
 void JobRunner::ForgetHistoryAfter(const std::string& job_id, int64_t step) {

@@ -23,6 +23,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -97,9 +98,9 @@ class JobRunner {
   void PublishKept(const std::string& job_id, int64_t step, const lorad::v1::JobEvent& event,
                    bool replayed = false);
   void FailJob(const std::string& job_id, const std::string& error);
-  // The step of the job's newest complete checkpoint (its folder under jobs_dir_), where it
-  // resumes; 0 without one.
-  int64_t ResumeStep(const std::string& job_id) const;
+  // The step and folder of the job's newest complete checkpoint (under its folder in jobs_dir_),
+  // where it resumes; {0, ""} without one.
+  std::pair<int64_t, std::string> ResumePoint(const std::string& job_id) const;
   // JobStore::ForgetHistoryAfter, a failure logged (the rows are only stale until replaced).
   void ForgetHistoryAfter(const std::string& job_id, int64_t step);
   // A job that trained to its end: recorded as succeeded and its adapter published.

@@ -78,12 +78,6 @@ constexpr const char* kListedJobColumns =
     "id, COALESCE(listed_spec, spec), adapter_name, state, priority, created_ms, started_ms, "
     "finished_ms, error, adapter_version, total_steps, attempts, unclean_stops";
 
-absl::Status QueueFullError(int64_t max_queued) {
-  return absl::ResourceExhaustedError(
-      absl::StrCat("the job queue is full (", max_queued,
-                   " queued jobs); wait for jobs to finish or cancel some"));
-}
-
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -256,10 +250,7 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
     }
     if (rc != SQLITE_DONE) return rollback(taken.StepError());
   }
-  Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
-  count.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  if (count.Step() != SQLITE_ROW) return rollback(count.StepError());
-  if (count.Int(0) >= max_queued) return rollback(QueueFullError(max_queued));
+  if (auto s = CheckQueueRoomLocked(max_queued); !s.ok()) return rollback(s);
   const std::string id = NewJobId();
   Statement insert(db_,
                    "INSERT INTO jobs (id, seq, spec, adapter_name, state, priority, created_ms, "
@@ -287,6 +278,16 @@ absl::StatusOr<std::optional<std::pair<JobRecord, std::string>>> JobStore::FindS
   auto job = GetLocked(id);
   if (!job.ok()) return job.status();
   return std::optional<std::pair<JobRecord, std::string>>(std::pair(*std::move(job), digest));
+}
+
+absl::Status JobStore::CheckQueueRoomLocked(int64_t max_queued) {
+  Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
+  count.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  if (count.Step() != SQLITE_ROW) return count.StepError();
+  if (count.Int(0) < max_queued) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat("the job queue is full (", max_queued,
+                   " queued jobs); wait for jobs to finish or cancel some"));
 }
 
 absl::StatusOr<JobRecord> JobStore::GetLocked(const std::string& id) {
@@ -473,10 +474,7 @@ absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id, int64_t max_q
             ? "; only a failed or cancelled job is retried: submit its spec again for a new one"
             : "; only a failed or cancelled job is retried"));
   }
-  Statement count(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?;");
-  count.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  if (count.Step() != SQLITE_ROW) return count.StepError();
-  if (count.Int(0) >= max_queued) return QueueFullError(max_queued);
+  if (auto st = CheckQueueRoomLocked(max_queued); !st.ok()) return st;
   // A cancel the database never recorded is stored as queued or running: the row is right as
   // it is, and the cancel is forgotten. The crash-loop guard starts again from nothing (its
   // furthest step too: the retried job's progress is measured from where it resumes).

@@ -255,6 +255,10 @@ class JobStore {
                                   const char* conflict);
   absl::Status RecordAdapterLocked(const ServedAdapter& adapter);
   absl::StatusOr<JobRecord> GetLocked(const std::string& id);
+  // RESOURCE_EXHAUSTED when `max_queued` jobs are queued (Insert, Requeue).
+  absl::Status CheckQueueRoomLocked(int64_t max_queued);
+  // Removes the mark MarkDaemonRunning set.
+  absl::Status ForgetDaemonMarkLocked();
   // The record as Cancel left it: cancelled if its cancel waits to be recorded.
   JobRecord WithUnrecordedCancel(JobRecord record) const;
 

@@ -32,6 +32,10 @@ absl::Status JobStore::MarkDaemonRunning(const std::string& since) {
 
 absl::Status JobStore::MarkDaemonStopped() {
   std::lock_guard<std::mutex> lock(mu_);
+  return ForgetDaemonMarkLocked();
+}
+
+absl::Status JobStore::ForgetDaemonMarkLocked() {
   Statement s(db_, "DELETE FROM meta WHERE key = ?;");
   s.BindText(1, kDaemonRunningKey);
   return s.Run();
@@ -95,11 +99,7 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
       recovered.requeued.push_back(job.id);
     }
   }
-  if (s.ok()) {
-    Statement forget(db_, "DELETE FROM meta WHERE key = ?;");
-    forget.BindText(1, kDaemonRunningKey);
-    s = forget.Run();
-  }
+  if (s.ok()) s = ForgetDaemonMarkLocked();
   if (s.ok()) s = Exec("COMMIT;");
   if (!s.ok()) {
     Exec("ROLLBACK;").IgnoreError();

@@ -397,6 +397,12 @@ TrainingService::TrainingService(JobStore& store, JobEventHub& events,
       options_(std::move(options)),
       open_watches_(options_.max_watches) {}
 
+absl::Status TrainingService::FillReply(const JobRecord& record, lorad::v1::Job* job) {
+  if (auto s = FillJob(record, job); !s.ok()) return s;
+  job->mutable_spec()->mutable_dataset()->clear_inline_examples();
+  return absl::OkStatus();
+}
+
 absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   job->set_id(r.id);
   if (!job->mutable_spec()->ParseFromString(r.spec)) {
@@ -459,9 +465,7 @@ std::optional<absl::Status> TrainingService::Resubmitted(const JobStore::Submiss
         "request_id '", submission.request_id, "' queued job '", record.id, "' (adapter '",
         record.adapter_name, "') with another spec; a new job needs a new request_id (or none)"));
   }
-  if (auto s = FillJob(record, response); !s.ok()) return s;
-  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
-  return absl::OkStatus();
+  return FillReply(record, response);
 }
 
 absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
@@ -507,11 +511,7 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
   if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
   if (options_.on_submit) options_.on_submit();
-  if (auto s = FillJob(*record, response); !s.ok()) return s;
-  // The client sent the examples: echoed, the reply outgrew the request, and a client's
-  // receive limit (gRPC's 4 MiB) turned a queued job into a failure it would send again.
-  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
-  return absl::OkStatus();
+  return FillReply(*record, response);
 }
 
 grpc::ServerUnaryReactor* TrainingService::GetJob(grpc::CallbackServerContext* context,
@@ -540,11 +540,7 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
   auto page = store_.List(states, page_size, request->page_token());
   if (!page.ok()) return FinishUnary(context, page.status());
   for (const auto& record : page->jobs) {
-    lorad::v1::Job* job = response->add_jobs();
-    if (auto s = FillJob(record, job); !s.ok()) return FinishUnary(context, s);
-    // A page of 500 jobs with megabytes of inline examples each made responses of gigabytes:
-    // lists leave them out (GetJob has them).
-    job->mutable_spec()->mutable_dataset()->clear_inline_examples();
+    if (auto s = FillReply(record, response->add_jobs()); !s.ok()) return FinishUnary(context, s);
   }
   response->set_next_page_token(page->next_page_token);
   return FinishUnary(context, absl::OkStatus());
@@ -563,11 +559,7 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
     if (options_.on_cancel) options_.on_cancel(record->id);
     events_.Publish(StateEvent(record->id, JobState::kCancelled, record->finished_ms));
   }
-  // Without its inline examples, as a submission's reply (they could outgrow a client's limit
-  // and make a cancel that took effect look failed); GetJob has them.
-  absl::Status filled = FillJob(*record, response);
-  response->mutable_spec()->mutable_dataset()->clear_inline_examples();
-  return FinishUnary(context, filled);
+  return FinishUnary(context, FillReply(*record, response));
 }
 
 grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext* context,
@@ -599,9 +591,7 @@ grpc::ServerUnaryReactor* TrainingService::RetryJob(grpc::CallbackServerContext*
   }
   auto record = options_.retry_job(request->job_id());
   if (!record.ok()) return FinishUnary(context, record.status());
-  absl::Status filled = FillJob(*record, response);
-  response->mutable_spec()->mutable_dataset()->clear_inline_examples();  // as CancelJob's reply
-  return FinishUnary(context, filled);
+  return FinishUnary(context, FillReply(*record, response));
 }
 
 grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(

@@ -421,6 +421,11 @@ ChatTemplate::Encodable ChatTemplate::ForEncoding(std::string rendered) const {
   return {std::move(rendered), false};
 }
 
+std::vector<int32_t> ChatTemplate::Encode(const Tokenizer& tokenizer, std::string rendered) const {
+  const Encodable e = ForEncoding(std::move(rendered));
+  return e.add_bos ? tokenizer.EncodePrompt(e.text) : tokenizer.Encode(e.text, false);
+}
+
 absl::StatusOr<std::string> ChatTemplate::RenderAlpaca(const std::vector<ChatMessage>& messages,
                                                        bool gen) const {
   std::string out = bos_token_;

@@ -35,6 +35,8 @@
 
 namespace lorad::engine {
 
+class Tokenizer;
+
 struct ChatMessage {
   std::string role;  // system, user or assistant
   std::string content;
@@ -90,6 +92,8 @@ class ChatTemplate {
     bool add_bos = false;
   };
   Encodable ForEncoding(std::string rendered) const;
+  // The token ids of a prompt this template rendered, by ForEncoding's rule.
+  std::vector<int32_t> Encode(const Tokenizer& tokenizer, std::string rendered) const;
 
   const std::string& name() const { return name_; }
   // The text that ends an assistant turn in this family ("<|eot_id|>", "<|im_end|>", or the EOS

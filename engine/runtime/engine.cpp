@@ -607,9 +607,7 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
         " chat template renders nothing from them (a system message alone); give a user "
         "message"));
   }
-  // Encoded as training encodes it (ChatTemplate::ForEncoding).
-  ChatTemplate::Encodable encodable = chat.ForEncoding(*std::move(prompt));
-  return RenderedChat{std::move(encodable.text), chat.end_of_turn(), encodable.add_bos};
+  return RenderedChat{chat.Encode(*impl_->tokenizer, *std::move(prompt)), chat.end_of_turn()};
 }
 
 AdapterStore& Engine::adapters() { return *impl_->adapters; }

@@ -91,14 +91,11 @@ class Engine {
   // ---- serving ----
   absl::StatusOr<RequestId> Generate(GenerationRequest request, TokenCallback on_token);
   void Cancel(RequestId id);
-  // The prompt text for a conversation, with the template `name` ("" = the model's own), and the
-  // text that ends the assistant's turn in that template (generation stops there).
+  // The prompt's token ids for a conversation, with the template `name` ("" = the model's own),
+  // and the text that ends the assistant's turn in that template (generation stops there).
   struct RenderedChat {
-    std::string prompt;
+    std::vector<int32_t> prompt_ids;  // encoded as training encodes it (ChatTemplate::Encode)
     std::string end_of_turn;
-    // Encode `prompt` with Tokenizer::EncodePrompt (the BOS added), not as it is
-    // (ChatTemplate::ForEncoding).
-    bool add_bos = false;
   };
   absl::StatusOr<RenderedChat> RenderChat(const std::vector<ChatMessage>& messages,
                                           const std::string& name) const;

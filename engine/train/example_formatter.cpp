@@ -171,18 +171,13 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatRaw(const Example& ex) 
   return FormatPair(turn->first, turn->second);
 }
 
-std::vector<int32_t> ExampleFormatter::Encode(std::string rendered) const {
-  ChatTemplate::Encodable e = chat_->ForEncoding(std::move(rendered));
-  return e.add_bos ? tokenizer_->EncodePrompt(e.text) : tokenizer_->Encode(e.text, false);
-}
-
 absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex) const {
   auto render = [&](size_t count, bool gen) -> absl::StatusOr<std::vector<int32_t>> {
     std::vector<ChatMessage> head(ex.messages.begin(),
                                   ex.messages.begin() + static_cast<std::ptrdiff_t>(count));
     auto text = chat_->Render(head, gen);
     if (!text.ok()) return Unfit(std::string(text.status().message()));
-    return Encode(*std::move(text));
+    return chat_->Encode(*tokenizer_, *std::move(text));  // as serving encodes it
   };
   TokenizedExample t;
   auto all = render(ex.messages.size(), false);
@@ -191,7 +186,8 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::FormatChat(const Example& ex)
   t.labels.assign(t.input_ids.size(), kNotTrained);
   for (size_t i = 0; i < ex.messages.size(); ++i) {
     if (ex.messages[i].role != "assistant" || i < ex.first_trained_message) continue;
-    auto before = i == 0 ? Encode(chat_->AssistantStart()) : render(i, /*gen=*/true);
+    auto before =
+        i == 0 ? chat_->Encode(*tokenizer_, chat_->AssistantStart()) : render(i, /*gen=*/true);
     if (!before.ok()) return before.status();
     const size_t begin = std::min(before->size(), t.input_ids.size());
     // A turn that starts past max_seq_length is cut off by truncation, and so is every later

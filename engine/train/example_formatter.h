@@ -106,8 +106,6 @@ class ExampleFormatter {
   // prompt + response as one encoded string, the prompt's tokens untrained.
   TokenizedExample FormatPair(const std::string& prompt, const std::string& response) const;
   absl::StatusOr<TokenizedExample> FormatChat(const Example& example) const;
-  // The tokens of text chat_ rendered (ChatTemplate::ForEncoding), as serving encodes it.
-  std::vector<int32_t> Encode(std::string rendered) const;
   absl::StatusOr<TokenizedExample> FormatAlpaca(const Example& example) const;
   absl::StatusOr<TokenizedExample> FormatRaw(const Example& example) const;
   void Finish(TokenizedExample& out, bool append_eos) const;
