@@ -1,0 +1,158 @@
+"""A training job across stops of the real daemon (tiny fixture model): a kill -9 resumes from
+the checkpoint with the same losses, a job that keeps killing the daemon is failed (and retried),
+and a Ctrl-C mid-step writes the checkpoint the next start resumes from."""
+import re
+import signal
+import time
+
+import grpc
+import pytest
+
+from conftest import start_daemon, stop_daemon
+from test_training_end_to_end import job_spec, prepare, wait_for_state, watch_until_done
+
+
+def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_loss(tmp_path, stubs):
+    tpb = stubs.training_pb2
+    spec = job_spec(tpb, "crash", 16, save_every=4)
+
+    # The uninterrupted run.
+    prepare(tmp_path / "a")
+    d = start_daemon(tmp_path / "a")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            _, states, steps = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            reference = [s.loss for s in steps]
+    finally:
+        stop_daemon(d)
+
+    # The same job, killed after its second checkpoint.
+    prepare(tmp_path / "b")
+    d = start_daemon(tmp_path / "b")
+    with grpc.insecure_channel(d.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
+            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 8:
+                break
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+
+    d = start_daemon(tmp_path / "b")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            events, states, steps = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            kinds = [e.WhichOneof("event") for e in events]
+            assert kinds.count("finished") == 1 and states.count(tpb.JOB_STATE_SUCCEEDED) == 1
+            checkpoints = [e.checkpoint.step for e in events if e.HasField("checkpoint")]
+            assert checkpoints == [4, 8, 12, 16], "each checkpoint once, in order, across the kill"
+            summary = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10).summary
+            assert summary.steps == 16 and summary.adapter_name == "crash"
+            by_step = {s.step: s.loss for s in steps}
+            assert sorted(by_step) == list(range(1, 17)), "no step lost or repeated"
+            resumed = [by_step[i] for i in range(1, 17)]
+            assert resumed == pytest.approx(reference, rel=1e-5)
+            assert len(stub.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs) == 1
+    finally:
+        stop_daemon(d)
+
+
+def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_again(
+        tmp_path, stubs):
+    """A job that kills the daemon (a CUDA fault, the out-of-memory killer) was queued again and
+    started at every start, killing each one for good: after three deaths while it ran, in a row
+    without it getting further than its furthest step, the next start fails it and says why. The
+    first life trains to step 100 (no checkpoint: the next ones start again from step 1); the
+    next two die as soon as the job runs again, far short of step 100."""
+    tpb = stubs.training_pb2
+    prepare(tmp_path)
+    job_id = None
+    for death in range(3):
+        d = start_daemon(tmp_path)
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            if job_id is None:
+                job_id = stub.SubmitJob(
+                    tpb.SubmitJobRequest(spec=job_spec(tpb, "crasher", 100000)), timeout=30).id
+                for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job_id), timeout=120):
+                    if event.WhichOneof("event") == "step" and event.step.step >= 100:
+                        break
+            else:
+                wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)
+        d.proc.send_signal(signal.SIGKILL)  # the daemon dies under the job
+        d.proc.wait()
+        if death > 0:
+            assert "did not stop cleanly" in d.log(), d.log()
+            assert f"job {job_id} was running at the last stop; re-queued" in d.log()
+
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            job = stub.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=10)
+            assert job.state == tpb.JOB_STATE_FAILED, d.log()
+            assert "3 times while this job was running" in job.error, job.error
+            assert re.search(r"no further than step (\d+)", job.error), job.error
+            assert int(re.search(r"step (\d+)", job.error).group(1)) >= 100
+            assert "RetryJob (loradctl train retry) resumes the job" in job.error
+            _, states, _ = watch_until_done(stub, tpb, job_id, timeout=30)
+            assert states[-1] == tpb.JOB_STATE_FAILED
+            assert f"job {job_id} failed: " in d.log()
+            assert f"job {job_id} (crasher) started" not in d.log(), "it was started again"
+            # Once the cause is fixed: retried, it runs again, its error gone.
+            retried = stub.RetryJob(tpb.RetryJobRequest(job_id=job_id), timeout=10)
+            assert retried.state == tpb.JOB_STATE_QUEUED and retried.error == ""
+            wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)
+            assert f"job {job_id} (crasher) started again from its first step" in d.log()
+            with pytest.raises(grpc.RpcError) as err:  # not while it runs
+                stub.RetryJob(tpb.RetryJobRequest(job_id=job_id), timeout=10)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is running; only a failed or cancelled job is retried" in err.value.details()
+            stub.CancelJob(tpb.CancelJobRequest(job_id=job_id), timeout=10)
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
+def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_path, stubs):
+    """Ctrl-C while a job is between micro-batches of a step (grad_accum 4): the step is finished
+    and checkpointed, the queued job is not started on the way out, and the next start resumes
+    from that checkpoint."""
+    tpb = stubs.training_pb2
+    spec = job_spec(tpb, "ctrl-c", 100000)
+    spec.training.grad_accum = 4
+    prepare(tmp_path)
+    d = start_daemon(tmp_path)
+    with grpc.insecure_channel(d.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        queued = stub.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "queued", 5)), timeout=30)
+        for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
+            if event.WhichOneof("event") == "step" and event.step.step >= 2:
+                break
+    assert stop_daemon(d, signal.SIGINT) == 0
+    first_log = d.log()
+    checkpoints = sorted((tmp_path / "data" / "jobs" / job.id).glob("checkpoint-*"))
+    assert checkpoints, first_log
+    # The job checkpoints before the RPCs' grace period, which a container's stop timeout
+    # (docker: 10 s, the default grace) may not outlast.
+    stopped = first_log.find("training stopped: 1 running job(s) checkpointed")
+    assert 0 <= stopped < first_log.find("draining: in-flight RPCs"), first_log
+    assert f"job {queued.id} (queued) started" not in first_log
+
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            wait_for_state(stub, tpb, job.id, tpb.JOB_STATE_RUNNING)
+            deadline = time.time() + 60
+            while f"resuming from {checkpoints[-1]}" not in d.log() and time.time() < deadline:
+                time.sleep(0.1)
+            assert f"resuming from {checkpoints[-1]}" in d.log(), d.log()
+            stub.CancelJob(tpb.CancelJobRequest(job_id=job.id), timeout=10)
+    finally:
+        stop_daemon(d)
