@@ -108,7 +108,13 @@ def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_a
             retried = stub.RetryJob(tpb.RetryJobRequest(job_id=job_id), timeout=10)
             assert retried.state == tpb.JOB_STATE_QUEUED and retried.error == ""
             wait_for_state(stub, tpb, job_id, tpb.JOB_STATE_RUNNING)
-            assert f"job {job_id} (crasher) started again from its first step" in d.log()
+            # The runner logs the start just after it records it as running.
+            started_again = f"job {job_id} (crasher) started again from its first step"
+            for _ in range(300):
+                if started_again in d.log():
+                    break
+                time.sleep(0.1)
+            assert started_again in d.log()
             with pytest.raises(grpc.RpcError) as err:  # not while it runs
                 stub.RetryJob(tpb.RetryJobRequest(job_id=job_id), timeout=10)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
