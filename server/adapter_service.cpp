@@ -1,8 +1,11 @@
 #include "server/adapter_service.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <system_error>
 #include <thread>
@@ -146,6 +149,9 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
     return version.status();
   }
   ToProto(published, response);
+  // An operator's hot swap, in the log beside the jobs' publications.
+  spdlog::info("adapter {} version {} loaded from {} (LoadAdapter)", request.name(),
+               published.version, *folder);
   return absl::OkStatus();
 }
 
@@ -219,6 +225,8 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
       info.version = a.version;
       info.source = a.source;
       ToProto(info, response->add_unloaded());
+      spdlog::info("adapter {} version {} unloaded (UnloadAdapter; it was recorded as served)",
+                   a.name, a.version);
       return FinishUnary(context, absl::OkStatus());
     }
   }
@@ -231,26 +239,47 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
                                                        "' failed: ", s.message())));
     }
   }
-  // Unload blocks until the adapter's requests finish: wait on a thread of our own, bounded by
-  // the call's deadline, and answer from there.
+  // Unload waits for the adapter's requests to finish: on a thread of our own, until a little
+  // before the call's deadline (a fifth of it, at most 250 ms: the answer must reach the client
+  // in time), and answers from there. Requests still running then do not fail the call: the
+  // unload has taken effect (new requests get NOT_FOUND, a restart does not serve it again), and
+  // the reply lists the versions still draining with their running requests.
   auto* reactor = context->DefaultReactor();
   const auto deadline = context->deadline();
   auto timeout = std::chrono::milliseconds(std::chrono::hours(1));
   if (deadline != std::chrono::system_clock::time_point::max()) {
     timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::system_clock::now());
+    timeout -= std::min(timeout / 5, std::chrono::milliseconds(250));
     if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
   }
+  const auto unload = [this, response, name = request->name(), version,
+                       newest_listed](std::chrono::milliseconds wait) {
+    absl::Status status = engine_.adapters().Unload(name, version, wait, newest_listed);
+    if (status.ok()) spdlog::info("adapter {} unloaded (UnloadAdapter)", name);
+    if (status.code() != absl::StatusCode::kDeadlineExceeded) return status;
+    std::map<int64_t, int32_t> running;  // version -> its requests, for those still draining
+    for (const auto& info : engine_.adapters().List()) {
+      if (info.name == name) running[info.version] = info.requests;
+    }
+    for (auto& listed : *response->mutable_unloaded()) {
+      const auto it = running.find(listed.version());
+      listed.set_active_requests(it == running.end() ? 0 : it->second);
+      listed.set_current(false);
+    }
+    spdlog::info(
+        "adapter {} unloaded (UnloadAdapter); it leaves memory when the requests still "
+        "running on it end",
+        name);
+    return absl::OkStatus();
+  };
   try {
     // `this` outlives the thread: the server's shutdown waits for every call to Finish.
-    std::thread([this, reactor, name = request->name(), version, timeout, newest_listed,
-                 waiter = std::move(*waiter)] {
-      reactor->Finish(
-          ToGrpcStatus(engine_.adapters().Unload(name, version, timeout, newest_listed)));
+    std::thread([reactor, unload, timeout, waiter = std::move(*waiter)] {
+      reactor->Finish(ToGrpcStatus(unload(timeout)));
     }).detach();
   } catch (const std::system_error&) {  // no thread to wait on: retire it, without waiting
-    reactor->Finish(ToGrpcStatus(engine_.adapters().Unload(
-        request->name(), version, std::chrono::milliseconds(0), newest_listed)));
+    reactor->Finish(ToGrpcStatus(unload(std::chrono::milliseconds(0))));
   }
   return reactor;
 }

@@ -95,7 +95,13 @@ int RunAdaptersUnload(Connection& connection, const std::string& name, int64_t v
   grpc::Status status = connection.adapters().UnloadAdapter(context.get(), request, &response);
   if (!status.ok()) return connection.Fail(status);
   for (const auto& adapter : response.unloaded()) {
-    std::cout << "unloaded " << Describe(adapter) << std::endl;
+    std::cout << "unloaded " << Describe(adapter);
+    // The call's deadline came before the requests on it ended: unloaded all the same.
+    if (adapter.active_requests() > 0) {
+      std::cout << " (draining: " << adapter.active_requests()
+                << " running request(s) finish on it; it leaves memory when they end)";
+    }
+    std::cout << std::endl;
   }
   return kExitOk;
 }

@@ -92,7 +92,9 @@ struct SamplingFlags {
                 },
                 "UINT")),
         [this](auto& s) { s.seed = seed; });
-    app->add_option("--stop", stop, "stop string (repeat for several)")->take_all();
+    // One value a flag (repeated for several): taking every following word would take the
+    // prompt after it as a second stop string.
+    app->add_option("--stop", stop, "stop string (repeat for several)")->allow_extra_args(false);
   }
 
   lorad::cli::SamplingOptions Get() const {

@@ -575,6 +575,18 @@ def test_generate_sends_the_sampling_flags_and_streams_the_reply(fake_training):
     assert not sampling.HasField("repetition_penalty")  # unset flags keep the daemon's default
 
 
+def test_a_stop_flag_takes_one_value_whatever_follows(fake_training):
+    """`--stop X PROMPT --flag ...`: the prompt after the stop string stays the prompt (it was
+    taken as a second stop string, and the call refused with "PROMPT is required")."""
+    address, seen = fake_training
+    result = loradctl("generate", "--stop", " a", "Once upon a time", "--max-new-tokens", "5",
+                      "--adapter", "qa-bot", address=address)
+    assert result.returncode == 0, result.stderr
+    request = seen["inference"][0]
+    assert request.prompt == "Once upon a time" and request.adapter == "qa-bot"
+    assert list(request.sampling.stop) == [" a"] and request.sampling.max_new_tokens == 5
+
+
 def test_chat_keeps_the_conversation(fake_training):
     address, seen = fake_training
     result = loradctl("chat", "--system", "Be brief.", "--template", "chatml", address=address,
