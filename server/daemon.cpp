@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <unistd.h>
@@ -197,7 +196,7 @@ absl::Status Daemon::Start() {
   job_runner_->Start();
   job_runner_->RemoveInBackground(std::move(deleted_job_folders_));
   state_.Set(Lifecycle::kServing);
-  grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  health_->SetServing(true);
   spdlog::info("serving gRPC on {} and HTTP (/metrics, /healthz) on {}",
                config_.server.grpc_address, config_.server.http_address);
   return absl::OkStatus();
@@ -597,7 +596,10 @@ absl::Status Daemon::LoadTokens() {
 }
 
 absl::Status Daemon::StartGrpc() {
-  grpc::EnableDefaultHealthCheckService(true);
+  // lorad's own health service (HealthService: gRPC's built-in one never ends Watch streams).
+  grpc::EnableDefaultHealthCheckService(false);
+  health_ = std::make_unique<HealthService>(
+      std::vector<std::string>(std::begin(kServiceNames), std::end(kServiceNames)));
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
   // Two threads read datasets and adapter files for SubmitJob and LoadAdapter (admin calls).
@@ -671,6 +673,7 @@ absl::Status Daemon::StartGrpc() {
   // pings more often than every 5 minutes with GOAWAY "too_many_pings").
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
   for (auto& service : services_) builder.RegisterService(service.get());
+  builder.RegisterService(health_.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<RpcMetricsInterceptorFactory>(metrics_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -683,8 +686,6 @@ absl::Status Daemon::StartGrpc() {
                      " (it could at start-up: taken since, while the model loaded?); choose "
                      "another with --grpc-address"));
   }
-  auto* health = grpc_server_->GetHealthCheckService();
-  for (const char* name : kServiceNames) health->SetServingStatus(name, true);
   return absl::OkStatus();
 }
 
@@ -706,7 +707,9 @@ void Daemon::Shutdown() {
     }
   }
   if (grpc_server_) {
-    grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+    // NOT_SERVING, and health watches (client-side health checking) end: each held the stop for
+    // the whole grace.
+    health_->Shutdown();
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
     job_events_.CloseAll();  // job watches never end by themselves
     // Calls reading files end (a dataset's count gives up): the server waits for every call.

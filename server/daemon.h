@@ -13,6 +13,7 @@
 #include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "server/blocking_calls.h"
+#include "server/health_service.h"
 #include "server/http_server.h"
 #include "server/job_event_hub.h"
 #include "server/job_runner.h"
@@ -84,6 +85,7 @@ class Daemon {
   std::vector<std::string> deleted_job_folders_;
   std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's and LoadAdapter's file reads
   std::vector<std::unique_ptr<grpc::Service>> services_;
+  std::unique_ptr<HealthService> health_;  // grpc.health.v1.Health
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
   // The job database says this daemon runs jobs (JobStore::MarkDaemonRunning) until Shutdown.

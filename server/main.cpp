@@ -28,7 +28,9 @@ int Fail(int code, const std::string& message) {
   return code;
 }
 
-const char* SignalName(int number) { return number == SIGINT ? "SIGINT" : "SIGTERM"; }
+const char* SignalName(int number) {
+  return number == SIGINT ? "SIGINT" : number == SIGHUP ? "SIGHUP" : "SIGTERM";
+}
 
 // Every connection and file lorad serves takes a descriptor, and gRPC's server (1.51) stops
 // accepting connections for good after one accept fails with EMFILE (grpc#20418: the port stays
@@ -138,6 +140,9 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(config.logging.level));
   RaiseOpenFilesLimit();
 
+  // A log piped to a reader that has gone (`lorad | tee`, Ctrl-C stops tee first) fails its
+  // writes instead of killing lorad mid-shutdown; sockets already send with MSG_NOSIGNAL.
+  std::signal(SIGPIPE, SIG_IGN);
   // Block the stop signals before any thread starts so only the thread below receives them.
   // One thread takes them from here on. A first signal during start-up exits at once: loading a
   // large model takes minutes, no job runs yet and nothing is half-written (a signal in the
@@ -155,6 +160,9 @@ int main(int argc, char** argv) {
   sigemptyset(&stop->set);
   sigaddset(&stop->set, SIGINT);
   sigaddset(&stop->set, SIGTERM);
+  // The terminal closing (an SSH session dropped, the window of `make run` closed) stops lorad as
+  // Ctrl-C does: its default action killed it mid-step, counted as an unclean stop.
+  sigaddset(&stop->set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop->set, nullptr);
   std::thread([stop] {
     int first = 0;

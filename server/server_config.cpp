@@ -1,5 +1,6 @@
 #include "server/server_config.h"
 
+#include <arpa/inet.h>
 #include <openssl/bio.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -468,6 +469,16 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
 
 namespace {
 
+// localhost, 127.0.0.0/8 (127.0.0.2 and the like run instances side by side) and ::1 in any
+// spelling: reachable from this machine only.
+bool IsLoopbackHost(const std::string& host) {
+  if (host == "localhost") return true;
+  in_addr v4{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
 // Whether two listening addresses surely take the same port: the same host, a wildcard on either
 // side, or "localhost" beside the loopback address it names. (Other clashes, two names of one
 // interface, are found when the daemon opens the ports, before the model loads.)
@@ -581,8 +592,7 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
     }
   }
   if (config.auth.tokens.empty() && !config.auth.allow_remote_without_tokens) {
-    const std::string host = SplitHostPort(config.server.grpc_address)->first;
-    if (host != "127.0.0.1" && host != "localhost" && host != "[::1]" && host != "::1") {
+    if (!IsLoopbackHost(SplitHostPort(config.server.grpc_address)->first)) {
       return error({"server.grpc_address"},
                    absl::StrCat(config.server.grpc_address,
                                 " is reachable from other machines but no auth.tokens are "

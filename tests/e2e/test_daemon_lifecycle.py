@@ -40,6 +40,9 @@ def test_health_is_serving_overall_and_per_service(daemon):
         for service in ["", *sorted(LORAD_SERVICES)]:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="lorad.v1.Nothing"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     status, body = daemon.http_get("/healthz")
     assert (status, body.strip()) == (200, "serving")
 
@@ -240,11 +243,76 @@ def test_adapter_records_that_cannot_be_read_stop_the_start(tmp_path):
     assert "adapter records" in result.stderr and str(db) in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_stop_signals_exit_cleanly(tmp_path, sig):
+    """SIGHUP too: the terminal of `make run` closing (an SSH session dropped) killed lorad
+    mid-step, an unclean stop that the crash-loop guard counted against the running job."""
     d = start_daemon(tmp_path)
     assert stop_daemon(d, sig) == 0
     assert "stopped" in d.log()
+    assert f"received {sig.name}, shutting down" in d.log()
+
+
+def test_a_health_watch_sees_not_serving_and_does_not_hold_the_stop(tmp_path):
+    """gRPC client-side health checking keeps a Health.Watch stream open: at a stop it is told
+    NOT_SERVING and then ended, so the stop does not wait out the grace (here an hour) for it."""
+    import threading
+
+    d = start_daemon(tmp_path, "--set", "server.shutdown_grace_seconds=3600")
+    seen, ended = [], threading.Event()
+    channel = grpc.insecure_channel(d.grpc_address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+    def follow():
+        try:
+            for reply in watch:
+                seen.append(reply.status)
+        except grpc.RpcError:
+            pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    try:
+        deadline = time.time() + 30
+        while not seen and time.time() < deadline:
+            time.sleep(0.05)
+        assert seen == [health_pb2.HealthCheckResponse.SERVING]
+        assert stop_daemon(d, signal.SIGTERM) == 0  # waits at most 30 s
+        assert ended.wait(timeout=30)
+        assert seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, seen
+    finally:
+        watch.cancel()
+        channel.close()
+
+
+def test_a_log_pipe_whose_reader_has_gone_does_not_kill_the_shutdown(tmp_path):
+    """`lorad | tee lorad.log` and Ctrl-C: tee dies first, and lorad's next log line went to a
+    pipe without a reader; SIGPIPE killed it mid-shutdown (exit -13, no checkpoint written)."""
+    import urllib.request
+
+    http_address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [str(LORAD), "--config", str(ROOT / "deploy" / "lorad.yaml"), "--model", tiny_model_path(),
+         "--grpc-address", f"127.0.0.1:{free_port()}", "--http-address", http_address,
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "lorad did not start"
+            try:
+                with urllib.request.urlopen(f"http://{http_address}/healthz", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        proc.stdout.close()  # the reader goes
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_stop_signal_during_start_up_stops_at_once(tmp_path):

@@ -126,6 +126,19 @@ TEST(ServerConfig, ValidationErrorsNameTheFileLineOrFlag) {
   ASSERT_FALSE(remote.ok());
   EXPECT_EQ(remote.message().rfind("--grpc-address: server.grpc_address: 0.0.0.0:1", 0), 0u)
       << remote;
+  // Every loopback spelling serves without tokens (127.0.0.2 was called reachable from other
+  // machines); an address of the machine's network does not.
+  for (const char* loopback : {"127.0.0.1:1", "127.0.0.2:1", "127.255.0.9:1", "localhost:1",
+                               "[::1]:1", "[0:0:0:0:0:0:0:1]:1"}) {
+    ASSERT_TRUE(ApplyConfigOverride(*c, "server.grpc_address", loopback, "--grpc-address").ok());
+    EXPECT_TRUE(ValidateServerConfig(*c).ok()) << loopback << ": " << ValidateServerConfig(*c);
+  }
+  for (const char* remote_address : {"128.0.0.1:1", "10.1.2.3:1", "[::2]:1"}) {
+    ASSERT_TRUE(
+        ApplyConfigOverride(*c, "server.grpc_address", remote_address, "--grpc-address").ok());
+    EXPECT_FALSE(ValidateServerConfig(*c).ok()) << remote_address;
+  }
+  ASSERT_TRUE(ApplyConfigOverride(*c, "server.grpc_address", "0.0.0.0:1", "--grpc-address").ok());
   ASSERT_TRUE(ApplyConfigOverride(*c, "server.http_address", "localhost", "--http-address").ok());
   EXPECT_EQ(ValidateServerConfig(*c).message().rfind("--http-address: server.http_address", 0), 0u);
 }
