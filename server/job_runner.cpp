@@ -471,6 +471,7 @@ void JobRunner::Handle(const Pending& p) {
           RecordHistory({p.job_id, s, {}, /*replayed=*/true});
         } else if (*added) {
           *out.mutable_step() = ToProtoStep(s);
+          out.mutable_step()->set_total_steps(e.step.total_steps);
           events_.Publish(out);
         }
         return;
@@ -490,6 +491,7 @@ void JobRunner::Handle(const Pending& p) {
         }
       }
       *out.mutable_step() = ToProtoStep(s);
+      out.mutable_step()->set_total_steps(e.step.total_steps);
       events_.Publish(out);
       return;
     }

@@ -224,6 +224,9 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       e.set_job_id(record_.id);
       if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
       *e.mutable_step() = ToProtoStep(s);
+      // The job's total when the watch began: the trainer's own once it has run a step (the
+      // runner records it with the first step it publishes), so a replay equals the live events.
+      e.mutable_step()->set_total_steps(record_.total_steps);
       queue_.push_back(std::move(e));
       history_.last_step = s.step;
       last_step_ms_ = s.time_ms;
@@ -416,7 +419,10 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   job->set_error(engine::Utf8Lossy(r.error));  // rows of older lorad versions
   job->set_total_steps(r.total_steps);
   auto last = store_.LastStep(r.id);
-  if (last.ok() && last->has_value()) *job->mutable_last_step() = ToProtoStep(**last);
+  if (last.ok() && last->has_value()) {
+    *job->mutable_last_step() = ToProtoStep(**last);
+    job->mutable_last_step()->set_total_steps(r.total_steps);
+  }
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept
     // them: then only the adapter is known).

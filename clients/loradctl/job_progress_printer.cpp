@@ -41,6 +41,8 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
       PrintLine(absl::StrCat("state ", JobStateName(event.state())));
       break;
     case JobEvent::kStep:
+      // The trainer's count: GetJob's, read while the job was queued, is an estimate.
+      if (event.step().total_steps() > 0) total_steps_ = event.step().total_steps();
       if (!terminal_) {
         PrintLine(StepText(event.step()));
         break;
@@ -60,10 +62,17 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
       break;
     case JobEvent::kFinished: {
       const auto& s = event.finished();
-      PrintLine(absl::StrFormat("succeeded: adapter %s v%d, %d steps, %s, %d tokens in %s%s",
-                                s.adapter_name(), s.adapter_version(), s.steps(),
-                                FormatTrainingLoss(s), s.trained_tokens(),
-                                FormatDuration(s.runtime_seconds()), FormatDatasetLosses(s)));
+      // Which weights were published, where not the last step's (load_best_at_end), and an early
+      // stop: as `train show` says them.
+      const std::string adapter_step =
+          s.adapter_step() > 0 && s.adapter_step() != s.steps()
+              ? absl::StrCat(" (the weights of step ", s.adapter_step(), ")")
+              : "";
+      PrintLine(absl::StrFormat("succeeded: adapter %s v%d%s, %d steps%s, %s, %d tokens in %s%s",
+                                s.adapter_name(), s.adapter_version(), adapter_step, s.steps(),
+                                s.early_stopped() ? " (stopped early)" : "", FormatTrainingLoss(s),
+                                s.trained_tokens(), FormatDuration(s.runtime_seconds()),
+                                FormatDatasetLosses(s)));
       break;
     }
     case JobEvent::kFailed:

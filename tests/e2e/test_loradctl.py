@@ -461,11 +461,18 @@ def fake_training(stubs):
 
     def events(job_id, outcome):
         yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_RUNNING)
+        # "early": the trainer counts 4 steps (GetJob's queued estimate says 2) and stops early.
+        total = 4 if outcome == "early" else 0
         for step in (1, 2):
             yield pb.JobEvent(job_id=job_id, step=pb.StepMetrics(
                 step=step, loss=2.0 / step, learning_rate=1e-4, tokens_per_second=500,
-                eta_seconds=2 - step))
-        if outcome == "ok":
+                eta_seconds=2 - step, total_steps=total))
+        if outcome == "early":
+            yield pb.JobEvent(job_id=job_id, finished=pb.JobSummary(
+                steps=2, final_loss=1.0, adapter_name="fake", adapter_version=1,
+                adapter_step=1, early_stopped=True))
+            yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_SUCCEEDED)
+        elif outcome == "ok":
             yield pb.JobEvent(job_id=job_id, finished=pb.JobSummary(
                 steps=2, final_loss=1.0, adapter_name="fake", adapter_version=1))
             yield pb.JobEvent(job_id=job_id, state=pb.JOB_STATE_SUCCEEDED)
@@ -535,6 +542,16 @@ def test_watch_prints_one_line_per_event_and_exits_by_outcome(fake_training):
     assert lines[2].startswith("step 2/2  loss 1.0000")
     assert lines[3].startswith("succeeded: adapter fake v1, 2 steps, final loss 1.0000")
     assert "\r" not in ok.stdout  # no progress-bar redraws off a terminal
+
+    # The trainer's total in the step events wins over GetJob's estimate (packing: 8/32 and the
+    # bar a quarter full at the end); the last line says which step's weights were published
+    # and that the job stopped early, as `train show` does.
+    early = loradctl("train", "watch", "job-early", address=address)
+    assert early.returncode == 0, early.stderr
+    lines = early.stdout.splitlines()
+    assert lines[1].startswith("step 1/4  ") and lines[2].startswith("step 2/4  "), lines
+    assert lines[3].startswith(
+        "succeeded: adapter fake v1 (the weights of step 1), 2 steps (stopped early), "), lines
 
     failed = loradctl("train", "watch", "job-bad", address=address)
     assert failed.returncode == EXIT_JOB_FAILED

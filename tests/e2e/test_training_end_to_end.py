@@ -63,6 +63,7 @@ def test_train_watch_publish_chat_while_training_metrics_cancel(tmp_path, stubs)
         events, states, steps = watch_until_done(train, tpb, job.id)
         assert states[0] == tpb.JOB_STATE_QUEUED and states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
         assert [s.step for s in steps] == list(range(1, 13))
+        assert {s.total_steps for s in steps} == {12}  # the trainer's count, in every step
         losses = [s.loss for s in steps]
         assert all(loss > 0 for loss in losses)
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
