@@ -9,6 +9,7 @@
 #include <sstream>
 #include <type_traits>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -81,7 +82,11 @@ absl::Status KnownEnum(const std::string& field, int value, bool (*is_valid)(int
 absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
   if (lora.r() == 0) lora.set_r(16);
   if (lora.alpha() == 0) lora.set_alpha(16);
-  if (lora.target_modules().empty()) {
+  // None, or PEFT's and TRL's "all-linear": the seven projections.
+  if (lora.target_modules().empty() ||
+      (lora.target_modules_size() == 1 &&
+       absl::AsciiStrToLower(lora.target_modules(0)) == "all-linear")) {
+    lora.clear_target_modules();
     for (const auto& t : engine::KnownLoraTargets()) lora.add_target_modules(t);
   }
   // alpha / r scales every update: beyond 1e6 it overflows bf16 activations at the first step.

@@ -26,6 +26,73 @@ absl::Status CheckJsonNesting(std::string_view text, const std::string& source) 
   return absl::OkStatus();
 }
 
+namespace {
+
+// The value of the 4 hex digits at text[at], or -1.
+int Hex4(std::string_view text, size_t at) {
+  if (at + 4 > text.size()) return -1;
+  int value = 0;
+  for (size_t i = at; i < at + 4; ++i) {
+    const char c = text[i];
+    const int digit = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                             : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
+}
+
+}  // namespace
+
+std::string WithPythonJsonExtensions(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  JsonStringState strings;
+  size_t i = 0;
+  while (i < text.size()) {
+    const char c = text[i];
+    if (strings.in_string() && !strings.escaped() && c == '\\' && i + 1 < text.size() &&
+        text[i + 1] == 'u') {
+      // A whole \uXXXX escape at a time (the string state is the same after it as before).
+      const int unit = Hex4(text, i + 2);
+      const bool high = unit >= 0xD800 && unit <= 0xDBFF;
+      const bool low = unit >= 0xDC00 && unit <= 0xDFFF;
+      if (high && i + 12 <= text.size() && text[i + 6] == '\\' && text[i + 7] == 'u') {
+        const int next = Hex4(text, i + 8);
+        if (next >= 0xDC00 && next <= 0xDFFF) {  // a pair: one character
+          out.append(text.substr(i, 12));
+          i += 12;
+          continue;
+        }
+      }
+      if (high || low) {
+        out += "\\ufffd";
+        i += 6;
+        continue;
+      }
+    }
+    if (!strings.in_string()) {
+      // Python's constants for the floats JSON has no spelling for.
+      bool replaced = false;
+      for (const std::string_view constant : {"NaN", "Infinity", "-Infinity"}) {
+        if (text.substr(i, constant.size()) == constant) {
+          out += "null";
+          i += constant.size();
+          replaced = true;
+          break;
+        }
+      }
+      if (replaced) continue;
+    }
+    strings.Feed(c);
+    out += c;
+    ++i;
+  }
+  return out;
+}
+
 absl::StatusOr<std::optional<nlohmann::json>> ReadJsonObjectIfPresent(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::optional<nlohmann::json>();

@@ -34,6 +34,8 @@ class JsonStringState {
     return true;
   }
   bool in_string() const { return in_string_; }
+  // Inside a string, just after a backslash: the next character is the escaped one.
+  bool escaped() const { return escaped_; }
 
  private:
   bool in_string_ = false;
@@ -43,6 +45,12 @@ class JsonStringState {
 // InvalidArgument naming `source` when `text` nests arrays or objects deeper than
 // kMaxJsonNesting (brackets inside strings do not count; the text need not be valid JSON).
 absl::Status CheckJsonNesting(std::string_view text, const std::string& source);
+
+// `text` with what Python's json.dumps writes and json.loads reads back, beyond JSON, spelled as
+// JSON: NaN, Infinity and -Infinity outside strings become null, and a \u escape of a lone UTF-16
+// surrogate (scraped text, a string cut between the two halves of an emoji) becomes \ufffd, the
+// replacement character. Nothing else changes; the text need not be valid JSON.
+std::string WithPythonJsonExtensions(std::string_view text);
 
 // The object in the file at `path`; nullopt when there is no such file. NotFound when it cannot
 // be read, InvalidArgument when it is not one JSON object.

@@ -165,7 +165,16 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   }
   if (auto s = CheckJsonNesting(json_text, where); !s.ok()) return s;
   try {
-    record = json::parse(json_text);
+    try {
+      record = json::parse(json_text);
+    } catch (const json::exception&) {
+      // What Python's json reads beyond JSON (NaN in a record's metadata, as json.dumps writes a
+      // float NaN; a lone surrogate escape): read as Python does, else the first error stands.
+      const std::string extended = WithPythonJsonExtensions(json_text);
+      if (extended == json_text) throw;
+      record = json::parse(extended, nullptr, /*allow_exceptions=*/false);
+      if (record.is_discarded()) throw;
+    }
   } catch (const json::exception& e) {
     // "[json.exception.parse_error.101] parse error at line 1, column 9: syntax error ...", or
     // out_of_range.406 for a number past a double's range (1e400): the reason, without the
@@ -189,8 +198,13 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
       if (record.contains("messages")) {
         status = ParseMessages(record, "messages", /*needs_assistant=*/true, where, ex);
       } else if (record.contains("conversations")) {
+        // ShareGPT's {from, value} turns, or {role, content} ones under the same key (what
+        // Unsloth's standardize_sharegpt writes): by the first turn's keys.
+        const json& turns = record["conversations"];
+        const bool role_content = turns.is_array() && !turns.empty() && turns[0].is_object() &&
+                                  turns[0].contains("role") && !turns[0].contains("from");
         status = ParseMessages(record, "conversations", /*needs_assistant=*/true, where, ex,
-                               kShareGptTurns);
+                               role_content ? kOpenAiTurns : kShareGptTurns);
       } else {
         return Bad(where, "field 'messages' (or ShareGPT's 'conversations') is missing");
       }
@@ -320,6 +334,16 @@ absl::StatusOr<std::unique_ptr<DatasetReader>> DatasetReader::Open(const std::st
     if (absl::StartsWith(magic, prefix)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "dataset '", path, "' is ", what, " (lorad reads UTF-8 JSON Lines or a JSON array)"));
+    }
+  }
+  // Comma- or tab-separated values, by name: a parse error of their header line says nothing.
+  for (const char* table : {".csv", ".tsv"}) {
+    if (absl::EndsWithIgnoreCase(path, table)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dataset '", path, "' is ", table + 1,
+          " text: lorad reads UTF-8 JSON Lines or a JSON array; convert it first (e.g. "
+          "pandas.read_csv(path",
+          table[1] == 't' ? ", sep='\\t'" : "", ").to_json(out, orient='records', lines=True))"));
     }
   }
   // A UTF-8 byte order mark (as some Windows editors write) is not part of the JSON.
@@ -460,17 +484,22 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
       record_parsed_ = true;
       return std::optional<Example>(std::move(*example));
     }
-    // A pretty-printed object fails on its first line ("{"), which ends before the object does:
-    // say what the file must be instead (not for a first line that is wrong in another way).
-    if (!array_ && !record_parsed_ &&
-        absl::StrContains(example.status().message(), "not valid JSON") &&
-        absl::StrContains(example.status().message(), "unexpected end of input") &&
-        absl::StartsWith(absl::StripLeadingAsciiWhitespace(text), "{")) {
+    // A pretty-printed object fails on its first line ("{"), which ends before the object does,
+    // and a JSON array in a .jsonl file on its first ("["): say what the file must be instead
+    // (not for a first line that is wrong in another way).
+    const absl::string_view first = absl::StripLeadingAsciiWhitespace(text);
+    const absl::string_view message = example.status().message();
+    const bool cut_object = absl::StrContains(message, "not valid JSON") &&
+                            absl::StrContains(message, "unexpected end of input") &&
+                            absl::StartsWith(first, "{");
+    if (!array_ && !record_parsed_ && (cut_object || absl::StartsWith(first, "["))) {
       example =
           Bad(where,
-              absl::StrCat(absl::StripPrefix(example.status().message(), absl::StrCat(where, ": ")),
-                           "; JSON Lines hold one whole record per line (a "
-                           "pretty-printed file must be a JSON array of records)"));
+              absl::StrCat(absl::StripPrefix(message, absl::StrCat(where, ": ")),
+                           cut_object ? "; JSON Lines hold one whole record per line (a "
+                                        "pretty-printed file must be a JSON array of records)"
+                                      : "; a .jsonl file is read line by line, one record a line: "
+                                        "name a file holding a JSON array .json"));
     }
     record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();

@@ -45,6 +45,11 @@ def test_submit_fills_defaults_and_get_returns_the_stored_job(service):
     assert job.id.startswith("job-") and job.state == pb.JOB_STATE_QUEUED
     t, lora = job.spec.training, job.spec.lora
     assert (lora.r, lora.alpha, len(lora.target_modules)) == (16, 16, 7)
+    # PEFT's and TRL's "all-linear" (a job file's `target_modules: [all-linear]`): the same seven.
+    every = spec(pb)
+    every.lora.target_modules.append("all-linear")
+    every = stub.SubmitJob(pb.SubmitJobRequest(spec=every), timeout=30)
+    assert list(every.spec.lora.target_modules) == list(lora.target_modules)
     assert (t.micro_batch_size, t.grad_accum, t.learning_rate, t.warmup_steps) == (2, 4, 2e-4, 5)
     assert t.weight_decay == pytest.approx(0.01) and t.optimizer == pb.OPTIMIZER_ADAMW_8BIT
     assert job.spec.dataset.response_only is True

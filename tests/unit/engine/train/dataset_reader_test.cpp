@@ -147,6 +147,19 @@ TEST_F(DatasetReaderTest, ShareGptConversationsAreChatRecords) {
     EXPECT_EQ(share->messages[i].role, same->messages[i].role) << i;
     EXPECT_EQ(share->messages[i].content, same->messages[i].content) << i;
   }
+  // The same turns spelled {role, content} under "conversations" (Unsloth's
+  // standardize_sharegpt writes them so).
+  auto standardized = DatasetReader::ParseRecord(
+      R"({"conversations": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                       {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]})",
+      DatasetFormat::kAuto, "f:1");
+  ASSERT_TRUE(standardized.ok()) << standardized.status();
+  ASSERT_EQ(standardized->messages.size(), same->messages.size());
+  for (size_t i = 0; i < same->messages.size(); ++i) {
+    EXPECT_EQ(standardized->messages[i].role, same->messages[i].role) << i;
+    EXPECT_EQ(standardized->messages[i].content, same->messages[i].content) << i;
+  }
   auto bad = DatasetReader::ParseRecord(R"({"conversations": [{"from": "bot", "value": "x"}]})",
                                         DatasetFormat::kChat, "f:1");
   ASSERT_FALSE(bad.ok());
@@ -269,6 +282,55 @@ TEST_F(DatasetReaderTest, ArraysAreReadAsStrictlyAsPythonJson) {
     const std::string message(examples.status().message());
     EXPECT_NE(message.find(c.words), std::string::npos) << message;
     EXPECT_NE(message.find(path + ":"), std::string::npos) << message;
+  }
+}
+
+// What Python's json.dumps writes beyond JSON reads as json.loads reads it: NaN and Infinity (a
+// float in a record's metadata) and a lone surrogate escape (as U+FFFD). They were refused.
+TEST_F(DatasetReaderTest, WhatPythonsJsonWritesBeyondJsonIsRead) {
+  auto examples = ReadDataset(Write(
+      "python.jsonl",
+      "{\"question\": \"q\", \"answer\": \"a\", \"score\": NaN, \"range\": [-Infinity, Infinity]}\n"
+      "{\"question\": \"cut \\ud83d\", \"answer\": \"\\ud83d\\ude00 and \\\\ud800\"}\n"
+      "{\"question\": \"lone low\", \"answer\": \"x\\udc00y\"}\n"));
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  ASSERT_EQ(examples->size(), 3u);
+  EXPECT_EQ((*examples)[1].messages[0].content, "cut \xEF\xBF\xBD");  // U+FFFD
+  // A pair is one character (U+1F600); an escaped backslash before "ud800" is text.
+  EXPECT_EQ((*examples)[1].messages[1].content, "\xF0\x9F\x98\x80 and \\ud800");
+  EXPECT_EQ((*examples)[2].messages[1].content, "x\xEF\xBF\xBDy");
+  // Inside a string the words stay, and text that is wrong in another way keeps its error.
+  auto in_string =
+      DatasetReader::ParseRecord(R"({"text": "NaN Infinity"})", DatasetFormat::kAuto, "f:1");
+  ASSERT_TRUE(in_string.ok()) << in_string.status();
+  EXPECT_EQ(in_string->text, "NaN Infinity");
+  auto still_bad =
+      DatasetReader::ParseRecord(R"({"text": "a", "x": NaN,})", DatasetFormat::kAuto, "f:1");
+  ASSERT_FALSE(still_bad.ok());
+  EXPECT_NE(still_bad.status().message().find("invalid literal"), std::string::npos)
+      << still_bad.status();
+}
+
+// CSV and TSV by name, and a JSON array in a .jsonl file: what to do, not a parse error.
+TEST_F(DatasetReaderTest, TablesAndArraysInJsonlFilesSayWhatToDo) {
+  auto csv = ReadDataset(Write("data.csv", "question,answer\nq,a\n"));
+  ASSERT_FALSE(csv.ok());
+  EXPECT_NE(csv.status().message().find("is csv text: lorad reads UTF-8 JSON Lines or a JSON "
+                                        "array; convert it first (e.g. pandas.read_csv(path)"),
+            std::string::npos)
+      << csv.status();
+  auto tsv = ReadDataset(Write("data.TSV", "question\tanswer\n"));
+  ASSERT_FALSE(tsv.ok());
+  EXPECT_NE(tsv.status().message().find("sep='\\t'"), std::string::npos) << tsv.status();
+  for (const char* body : {"[\n  {\"text\": \"a\"}\n]\n", "[{\"text\": \"a\"}]\n"}) {
+    auto array = ReadDataset(Write("array.jsonl", body));
+    ASSERT_FALSE(array.ok());
+    EXPECT_NE(array.status().message().find("array.jsonl:1: "), std::string::npos);
+    EXPECT_NE(array.status().message().find(
+                  "; a .jsonl file is read line by line, one record a line: name a file holding "
+                  "a JSON array .json"),
+              std::string::npos)
+        << array.status();
   }
 }
 
