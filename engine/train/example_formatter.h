@@ -94,6 +94,7 @@ class ExampleFormatter {
   absl::StatusOr<TokenizedExample> Format(const Example& example) const;
 
   int32_t eos_id() const { return eos_id_; }
+  bool response_only() const { return options_.response_only; }
   // The text that ends a reply under the model's chat template ("<|im_end|>"); empty without
   // one. An evaluation cuts answers there: a model whose end of turn is not its EOS token goes on.
   std::string end_of_turn() const { return chat_ ? chat_->end_of_turn() : ""; }

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string_view>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "engine/train/dataset_reader.h"
 
@@ -20,6 +22,17 @@ uint64_t SplitMix64(uint64_t& state) {
 // Streams for Permutation(): distinct so the split and the epoch orders are independent.
 constexpr uint64_t kSplitStream = 0xFFFFFFFF00000001ULL;
 constexpr uint64_t kPackStream = 0xFFFFFFFF00000002ULL;
+
+// Whether what an example trains has text: a text record, or an assistant turn (of those that
+// train) that is not all white space.
+bool HasAnswerText(const Example& example) {
+  if (example.format == DatasetFormat::kText) return true;
+  for (size_t i = example.first_trained_message; i < example.messages.size(); ++i) {
+    const ChatMessage& m = example.messages[i];
+    if (m.role == "assistant" && !absl::StripAsciiWhitespace(m.content).empty()) return true;
+  }
+  return false;
+}
 
 // The examples of one file (`role`: "training" or "validation", for messages), counting the
 // records skipped as bad, dropped (nothing trained after truncation) and truncated. With
@@ -45,6 +58,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   std::string first_bad;
   int64_t first_bad_line = 0, formatter_skipped = 0;
   bool whole_file = true;
+  bool answered = false;  // an example with an answer to learn
   for (int64_t records = 0;; ++records) {
     if (max_records > 0 && records == max_records) {
       // Read whole if nothing follows: a file of exactly max_records unusable records is refused
@@ -75,6 +89,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
       continue;
     }
     truncated += t->truncated;
+    answered = answered || HasAnswerText(**next);
     out.push_back(*std::move(t));
   }
   // This file's skips (`skipped` may already hold the training file's).
@@ -89,6 +104,16 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
         (*reader)->name(), ": no usable ", role, " example (", skipped_here, " records skipped, ",
         dropped, " without a trained token after truncation to max_seq_length",
         first_bad.empty() ? std::string() : absl::StrCat("; the first skipped: ", first_bad), ")"));
+  }
+  // Answers all empty (a dataset export that lost them): the job would train the end of turn
+  // alone, an adapter that makes the model answer nothing.
+  if (!out.empty() && whole_file && !answered && formatter.response_only() &&
+      std::string_view(role) == "training") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        (*reader)->name(), ": every example's answer is empty (", out.size(),
+        " examples): the job would only teach the model to end its reply at once; fill in the "
+        "answers (the assistant messages, output, answer or completion), or train on whole "
+        "records (dataset.response_only: false)"));
   }
   return out;
 }

@@ -93,6 +93,37 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
       << data.status();
 }
 
+// Answers all empty (or white space): refused, naming the file; it trained the end of turn alone
+// and published an adapter that answers nothing. One answer, or whole records trained, is enough.
+TEST(TrainingData, ADatasetWhoseAnswersAreAllEmptyIsRefused) {
+  const char* folder = std::getenv("LORAD_TINY_MODEL");
+  auto tokenizer = LoadTokenizer(folder);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto formatter = ExampleFormatter::Create(**tokenizer, folder, {});
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  const std::string empty_qa = R"({"question": "What is one and one?", "answer": ""})";
+  const std::string empty_chat =
+      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]})";
+  TrainingDataConfig config;
+  config.path = WriteLines("empty-answers.jsonl", {empty_qa, empty_chat});
+  for (const absl::Status& status : {TrainingData::Build(config, *formatter, 64, 1).status(),
+                                     TrainingData::Check(config, *formatter, 4096)}) {
+    ASSERT_FALSE(status.ok());
+    EXPECT_NE(status.message().find(config.path + ": every example's answer is empty (2 examples)"),
+              std::string::npos)
+        << status;
+  }
+  config.path =
+      WriteLines("one-answer.jsonl", {empty_qa, R"({"question": "And two?", "answer": "Four."})"});
+  EXPECT_TRUE(TrainingData::Build(config, *formatter, 64, 1).ok());
+  ExampleFormatterOptions whole;
+  whole.response_only = false;
+  auto whole_formatter = ExampleFormatter::Create(**tokenizer, folder, whole);
+  ASSERT_TRUE(whole_formatter.ok()) << whole_formatter.status();
+  config.path = WriteLines("empty-answers-whole.jsonl", {empty_qa, empty_chat});
+  EXPECT_TRUE(TrainingData::Build(config, *whole_formatter, 64, 1).ok());
+}
+
 // A conversation whose turns run past max_seq_length formats as the same conversation formatted
 // in full and truncated: the same tokens and labels (its later turns are not rendered, each a
 // render and encode of the conversation so far: 2,000 turns took 23 s). And the submit-time
