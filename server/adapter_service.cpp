@@ -255,22 +255,23 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   }
   const auto unload = [this, response, name = request->name(), version,
                        newest_listed](std::chrono::milliseconds wait) {
-    absl::Status status = engine_.adapters().Unload(name, version, wait, newest_listed);
-    if (status.ok()) spdlog::info("adapter {} unloaded (UnloadAdapter)", name);
-    if (status.code() != absl::StatusCode::kDeadlineExceeded) return status;
-    std::map<int64_t, int32_t> running;  // version -> its requests, for those still draining
-    for (const auto& info : engine_.adapters().List()) {
-      if (info.name == name) running[info.version] = info.requests;
+    const absl::Status status = engine_.adapters().Unload(name, version, wait, newest_listed);
+    const bool draining = status.code() == absl::StatusCode::kDeadlineExceeded;
+    if (!status.ok() && !draining) return status;
+    // The reply as things are now (it was listed before the wait): unloaded, and the requests
+    // still running on each version (none once it is freed).
+    std::map<int64_t, engine::AdapterInfo> now;
+    for (auto& info : engine_.adapters().List()) {
+      if (info.name == name) now.emplace(info.version, std::move(info));
     }
     for (auto& listed : *response->mutable_unloaded()) {
-      const auto it = running.find(listed.version());
-      listed.set_active_requests(it == running.end() ? 0 : it->second);
+      const auto it = now.find(listed.version());
+      listed.set_active_requests(it == now.end() ? 0 : it->second.requests);
+      listed.set_resident(it != now.end() && it->second.resident);
       listed.set_current(false);
     }
-    spdlog::info(
-        "adapter {} unloaded (UnloadAdapter); it leaves memory when the requests still "
-        "running on it end",
-        name);
+    spdlog::info("adapter {} unloaded (UnloadAdapter){}", name,
+                 draining ? "; it leaves memory when the requests still running on it end" : "");
     return absl::OkStatus();
   };
   try {

@@ -36,8 +36,11 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
     writing_ = false;
+    // Finished meanwhile (the client cancelled while the write was in flight): a second Finish,
+    // or a write after it, aborts the process.
+    if (finished_) return;
     if (!ok) {  // the client has gone
-      if (!finished_) FinishLocked(grpc::Status::CANCELLED);
+      FinishLocked(grpc::Status::CANCELLED);
       return;
     }
     if (queued_) {

@@ -161,8 +161,12 @@ int main(int argc, char** argv) {
   sigaddset(&stop->set, SIGINT);
   sigaddset(&stop->set, SIGTERM);
   // The terminal closing (an SSH session dropped, the window of `make run` closed) stops lorad as
-  // Ctrl-C does: its default action killed it mid-step, counted as an unclean stop.
-  sigaddset(&stop->set, SIGHUP);
+  // Ctrl-C does: its default action killed it mid-step, counted as an unclean stop. Unless it was
+  // started to outlive its terminal (nohup: SIGHUP ignored), which a blocked signal would undo.
+  struct sigaction hangup {};
+  if (sigaction(SIGHUP, nullptr, &hangup) == 0 && hangup.sa_handler != SIG_IGN) {
+    sigaddset(&stop->set, SIGHUP);
+  }
   pthread_sigmask(SIG_BLOCK, &stop->set, nullptr);
   std::thread([stop] {
     int first = 0;

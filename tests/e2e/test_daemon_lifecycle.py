@@ -285,6 +285,23 @@ def test_a_health_watch_sees_not_serving_and_does_not_hold_the_stop(tmp_path):
         channel.close()
 
 
+def test_a_daemon_started_to_ignore_hangups_outlives_its_terminal(tmp_path):
+    """`nohup lorad ...`: SIGHUP ignored from the start stays ignored (the stop signals' thread
+    took it, and closing the terminal stopped the daemon nohup was meant to keep)."""
+    d = start_daemon(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert d.proc.poll() is None, d.log()
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert "SIGHUP" not in d.log()
+    finally:
+        assert stop_daemon(d) == 0
+
+
 def test_a_log_pipe_whose_reader_has_gone_does_not_kill_the_shutdown(tmp_path):
     """`lorad | tee lorad.log` and Ctrl-C: tee dies first, and lorad's next log line went to a
     pipe without a reader; SIGPIPE killed it mid-shutdown (exit -13, no checkpoint written)."""

@@ -609,6 +609,16 @@ def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert series("churn-c")
     list(stream)
+    # One whose request ends while it waits: nothing left draining, and nothing said to be.
+    shutil.copytree(folder, root / "churn-d", dirs_exist_ok=True)
+    astub.LoadAdapter(apb.LoadAdapterRequest(name="churn-d", path="churn-d"), timeout=60)
+    stream = stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-d", sampling=pb.SamplingParams(
+        max_new_tokens=300, temperature=0.0, ignore_eos=True)), timeout=120)
+    next(stream)
+    unloaded = astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-d"), timeout=120)
+    assert [(a.name, a.current, a.active_requests, a.resident) for a in unloaded.unloaded] == [
+        ("churn-d", False, 0, False)]
+    list(stream)
     deadline = time.time() + 10
     while series("churn-c") and time.time() < deadline:
         time.sleep(0.05)
