@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 
 namespace lorad::engine {
@@ -30,18 +31,7 @@ namespace {
 
 // The value of the 4 hex digits at text[at], or -1.
 int Hex4(std::string_view text, size_t at) {
-  if (at + 4 > text.size()) return -1;
-  int value = 0;
-  for (size_t i = at; i < at + 4; ++i) {
-    const char c = text[i];
-    const int digit = c >= '0' && c <= '9'   ? c - '0'
-                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                             : -1;
-    if (digit < 0) return -1;
-    value = value * 16 + digit;
-  }
-  return value;
+  return at + 4 <= text.size() ? HexValue(text.substr(at, 4)) : -1;
 }
 
 }  // namespace

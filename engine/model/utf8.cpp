@@ -86,10 +86,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
   return i;
 }
 
-int ByteFallbackValue(std::string_view piece) {
-  if (piece.size() != 6 || piece.substr(0, 3) != "<0x" || piece[5] != '>') return -1;
+int HexValue(std::string_view digits) {
+  if (digits.empty() || digits.size() > 7) return -1;
   int value = 0;
-  for (char c : piece.substr(3, 2)) {
+  for (char c : digits) {
     const int digit = c >= '0' && c <= '9'   ? c - '0'
                       : c >= 'A' && c <= 'F' ? c - 'A' + 10
                       : c >= 'a' && c <= 'f' ? c - 'a' + 10
@@ -98,6 +98,11 @@ int ByteFallbackValue(std::string_view piece) {
     value = value * 16 + digit;
   }
   return value;
+}
+
+int ByteFallbackValue(std::string_view piece) {
+  if (piece.size() != 6 || piece.substr(0, 3) != "<0x" || piece[5] != '>') return -1;
+  return HexValue(piece.substr(3, 2));
 }
 
 void AppendByteFallbackRun(std::string_view run, std::string* out) {

@@ -29,6 +29,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
 // The whole of `bytes` with ill-formed subsequences replaced.
 std::string Utf8Lossy(std::string_view bytes);
 
+// The value of `digits` read as hexadecimal (either case, up to 7 digits); -1 when empty or any
+// is not a hex digit.
+int HexValue(std::string_view digits);
+
 // The byte a byte-fallback piece stands for ("<0x0A>" -> 10, as sentencepiece and tokenizers
 // write them), or -1 when `piece` is not one.
 int ByteFallbackValue(std::string_view piece);
