@@ -2,7 +2,7 @@
 # Copies the lorad binary and every shared library it loads (libtorch, gRPC, protobuf, ...) into
 # one folder tree, so the Docker runtime stage needs no compilers, venv or -dev packages:
 #
-#   deploy/collect_runtime_libs.sh BUILD_DIR DEST   ->  DEST/bin/lorad, DEST/lib/*.so*
+#   deploy/collect_runtime_libs.sh BUILD_DIR DEST   ->  DEST/bin/{lorad,loradctl}, DEST/lib/*.so*
 #   deploy/collect_runtime_libs.sh BUILD_DIR --list ->  prints the libraries it would copy
 #
 # ldd sees only the libraries linked at build time. torch dlopen()s more once it runs (cuDNN's
@@ -58,5 +58,8 @@ if [[ "$DEST" == "--list" ]]; then
 fi
 mkdir -p "$DEST/bin" "$DEST/lib"
 cp "$BIN" "$DEST/bin/lorad"
+# The command-line client too (it links nothing lorad does not): `docker compose exec lorad
+# loradctl ...` needs no client built on the host.
+if [[ -x "$BUILD/clients/loradctl" ]]; then cp "$BUILD/clients/loradctl" "$DEST/bin/loradctl"; fi
 cp -L "${libs[@]}" "$DEST/lib/"
 echo "collected ${#libs[@]} libraries into $DEST/lib"

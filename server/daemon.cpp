@@ -365,14 +365,18 @@ absl::Status Daemon::LockDataDir() {
           "local_lock=all"));
     }
     std::string pid;
-    std::ifstream(pid_path) >> pid;
+    std::getline(std::ifstream(pid_path), pid);
     return absl::FailedPreconditionError(
         absl::StrCat("storage.data_dir '", dir, "' is in use by another lorad",
                      pid.empty() ? "" : absl::StrCat(" (pid ", pid, ")"),
                      "; stop it, or give this one another --data-dir"));
   }
+  // With the host name: a pid is another namespace's in a container (Docker's host name is the
+  // container's id), and "pid 1" read on the host would name init.
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
   std::ofstream pid_file(pid_path, std::ios::trunc);
-  pid_file << ::getpid() << "\n";
+  pid_file << ::getpid() << " on host " << host << "\n";
   pid_file.flush();
   if (!pid_file) {
     return absl::InvalidArgumentError(

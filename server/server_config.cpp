@@ -6,7 +6,9 @@
 #include <openssl/x509.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -409,7 +411,10 @@ absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
   }
   std::ifstream in(path);
   if (!in) {
-    return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read"));
+    // Most often its mode: a secrets file of mode 0600 owned by another user than lorad's.
+    return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read (",
+                                            std::strerror(errno),
+                                            "); make it readable by the user lorad runs as"));
   }
   std::stringstream text;
   text << in.rdbuf();

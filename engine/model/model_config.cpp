@@ -1,6 +1,8 @@
 #include "engine/model/model_config.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -280,6 +282,22 @@ absl::StatusOr<ModelConfig> ModelConfig::LoadFromFolder(const std::string& folde
   const fs::path config_path = fs::path(folder) / "config.json";
   std::ifstream in(config_path);
   if (!in) {
+    const int err = errno;
+    // There but not readable (another user's mode 0600 files, as a container's user meets them),
+    // or a symlink to nothing (a Hugging Face cache snapshot mounted without its blobs/ folder):
+    // "no config.json" sent users to look for a file `ls` shows them.
+    if (fs::is_symlink(fs::symlink_status(config_path, ec)) && !fs::exists(config_path, ec)) {
+      return absl::NotFoundError(absl::StrCat(
+          "model folder '", folder, "': config.json is a symlink to ",
+          fs::read_symlink(config_path, ec).string(),
+          ", which does not exist here (a Hugging Face cache snapshot links into the cache's "
+          "blobs/ folder: download with --local-dir, or make the whole cache visible)"));
+    }
+    if (fs::exists(fs::symlink_status(config_path, ec))) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "model folder '", folder, "': config.json cannot be read (", std::strerror(err),
+          "): make the model's files readable by the user lorad runs as"));
+    }
     return absl::NotFoundError(
         absl::StrCat("'", folder,
                      "' is not a model folder: it has no config.json (expected a Hugging Face "

@@ -5,6 +5,7 @@ continued adapters (stops and crashes: test_training_stops.py)."""
 import math
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -401,7 +402,9 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
 
         second = start_another()
         assert second.returncode != 0 and "in use by another lorad" in second.stderr, second
-        assert f"(pid {d.proc.pid})" in second.stderr, second.stderr
+        # With the host name: in a container the pid is the container's ("pid 1" read on the host
+        # named init).
+        assert f"(pid {d.proc.pid} on host {socket.gethostname()})" in second.stderr, second.stderr
         (tmp_path / "data" / "lorad.lock").unlink()  # taken for a stale pid file: still refused
         second = start_another()
         assert second.returncode != 0 and "in use by another lorad" in second.stderr, second

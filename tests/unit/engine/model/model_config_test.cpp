@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -186,6 +187,24 @@ TEST(ModelConfig, FolderWithoutConfigIsNotAModelFolder) {
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("not a model folder"), std::string::npos);
   EXPECT_FALSE(ModelConfig::LoadFromFolder("/nonexistent/model").ok());
+}
+
+// A Hugging Face cache snapshot mounted without the cache's blobs/ folder (a container's -v of
+// the snapshot alone): config.json is there but links to nothing. Said so; it read "has no
+// config.json" while `ls` showed one.
+TEST(ModelConfig, AConfigLinkingToNothingIsNamedAsSuch) {
+  namespace fs = std::filesystem;
+  const fs::path folder = fs::path(::testing::TempDir()) / "model_config_test-snapshot";
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  fs::create_symlink("../../blobs/0123abcd", folder / "config.json");
+  auto c = ModelConfig::LoadFromFolder(folder.string());
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find(
+                "config.json is a symlink to ../../blobs/0123abcd, which does not exist here"),
+            std::string::npos)
+      << c.status();
+  fs::remove_all(folder);
 }
 
 TEST(ModelConfig, LoadsTheTinyFixtureModel) {
