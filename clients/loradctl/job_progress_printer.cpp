@@ -13,6 +13,9 @@ namespace {
 constexpr int kBarWidth = 20;
 constexpr const char* kClearToEndOfLine = "\x1b[K";
 
+constexpr char kEndingLine[] =
+    "training steps done: the final evaluation and the held-out answers follow (not in the ETA)";
+
 std::string Bar(int64_t step, int64_t total) {
   const int64_t filled = std::clamp<int64_t>(step * kBarWidth / total, 0, kBarWidth);
   return absl::StrCat("[", std::string(filled, '#'), std::string(kBarWidth - filled, '-'), "]");
@@ -45,12 +48,20 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
       if (event.step().total_steps() > 0) total_steps_ = event.step().total_steps();
       if (!terminal_) {
         PrintLine(StepText(event.step()));
+        if (evaluates_at_end_ && total_steps_ > 0 && event.step().step() >= total_steps_) {
+          PrintLine(kEndingLine);
+        }
         break;
       }
       out_ << "\r" << (total_steps_ > 0 ? Bar(event.step().step(), total_steps_) + "  " : "")
            << StepText(event.step()) << kClearToEndOfLine;
       out_.flush();
       bar_open_ = true;
+      if (evaluates_at_end_ && total_steps_ > 0 && event.step().step() >= total_steps_) {
+        out_ << "\n";  // the full bar stays
+        bar_open_ = false;
+        PrintLine(kEndingLine);
+      }
       break;
     case JobEvent::kEval:
       PrintLine(absl::StrFormat("eval at step %d: validation loss %.4f", event.eval().step(),

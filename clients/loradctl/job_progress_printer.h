@@ -14,9 +14,15 @@ namespace lorad::cli {
 
 class JobProgressPrinter {
  public:
-  // `total_steps` of 0 means unknown: no bar, just the step count.
-  JobProgressPrinter(std::ostream& out, bool terminal, int64_t total_steps)
-      : out_(out), terminal_(terminal), total_steps_(total_steps) {}
+  // `total_steps` of 0 means unknown: no bar, just the step count. `evaluates_at_end`: the job has
+  // a validation split, so its last step is followed by the final evaluation and the held-out
+  // answers, which the ETA does not count: the watch says so then rather than sit at "ETA 0s".
+  JobProgressPrinter(std::ostream& out, bool terminal, int64_t total_steps,
+                     bool evaluates_at_end = false)
+      : out_(out),
+        terminal_(terminal),
+        total_steps_(total_steps),
+        evaluates_at_end_(evaluates_at_end) {}
 
   void Print(const lorad::v1::JobEvent& event);
 
@@ -30,6 +36,7 @@ class JobProgressPrinter {
   std::ostream& out_;
   bool terminal_;
   int64_t total_steps_;
+  bool evaluates_at_end_;
   bool bar_open_ = false;  // the cursor sits at the end of a progress line
 };
 

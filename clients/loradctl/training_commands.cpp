@@ -106,7 +106,10 @@ int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t fro
   if (grpc::Status status = GetJob(connection, job_id, &job); !status.ok()) {
     return connection.Fail(status);
   }
-  JobProgressPrinter printer(std::cout, isatty(STDOUT_FILENO) != 0, job.total_steps());
+  const auto& dataset = job.spec().dataset();
+  JobProgressPrinter printer(
+      std::cout, isatty(STDOUT_FILENO) != 0, job.total_steps(),
+      !dataset.validation_path().empty() || dataset.validation_fraction() > 0);
   lorad::v1::WatchJobRequest request;
   request.set_job_id(job_id);
   request.set_from_step(from_step);

@@ -483,7 +483,10 @@ def fake_training(stubs):
     class Fake(pb_grpc.TrainingServiceServicer):
         def GetJob(self, request, context):
             seen["metadata"].append(dict(context.invocation_metadata()))
-            return pb.Job(id=request.job_id, total_steps=2, state=pb.JOB_STATE_RUNNING)
+            # "-ok": a job with a validation split (a final evaluation after its last step).
+            validation = 0.1 if request.job_id.endswith("-ok") else 0.0
+            return pb.Job(id=request.job_id, total_steps=2, state=pb.JOB_STATE_RUNNING,
+                          spec=pb.JobSpec(dataset=pb.DatasetSpec(validation_fraction=validation)))
 
         def ListJobs(self, request, context):
             seen["metadata"].append(dict(context.invocation_metadata()))
@@ -540,7 +543,10 @@ def test_watch_prints_one_line_per_event_and_exits_by_outcome(fake_training):
     assert lines[0] == "state running"
     assert lines[1].startswith("step 1/2  loss 2.0000  lr 0.0001  500 tok/s  ETA 1s")
     assert lines[2].startswith("step 2/2  loss 1.0000")
-    assert lines[3].startswith("succeeded: adapter fake v1, 2 steps, final loss 1.0000")
+    # ETA 0s, and then the final evaluation: said, rather than sit at ETA 0s.
+    assert lines[3] == ("training steps done: the final evaluation and the held-out answers "
+                        "follow (not in the ETA)")
+    assert lines[4].startswith("succeeded: adapter fake v1, 2 steps, final loss 1.0000")
     assert "\r" not in ok.stdout  # no progress-bar redraws off a terminal
 
     # The trainer's total in the step events wins over GetJob's estimate (packing: 8/32 and the
