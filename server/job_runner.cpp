@@ -470,8 +470,7 @@ void JobRunner::Handle(const Pending& p) {
         if (!unrecorded_history_.empty() || !added.ok()) {
           RecordHistory({p.job_id, s, {}, /*replayed=*/true});
         } else if (*added) {
-          *out.mutable_step() = ToProtoStep(s);
-          out.mutable_step()->set_total_steps(e.step.total_steps);
+          *out.mutable_step() = ToProtoStep(s, e.step.total_steps);
           events_.Publish(out);
         }
         return;
@@ -490,8 +489,7 @@ void JobRunner::Handle(const Pending& p) {
           it->second = e.step.total_steps;
         }
       }
-      *out.mutable_step() = ToProtoStep(s);
-      out.mutable_step()->set_total_steps(e.step.total_steps);
+      *out.mutable_step() = ToProtoStep(s, e.step.total_steps);
       events_.Publish(out);
       return;
     }

@@ -223,10 +223,9 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       JobEvent e;
       e.set_job_id(record_.id);
       if (s.time_ms > 0) SetTime(e.mutable_time(), s.time_ms);
-      *e.mutable_step() = ToProtoStep(s);
       // The job's total when the watch began: the trainer's own once it has run a step (the
       // runner records it with the first step it publishes), so a replay equals the live events.
-      e.mutable_step()->set_total_steps(record_.total_steps);
+      *e.mutable_step() = ToProtoStep(s, record_.total_steps);
       queue_.push_back(std::move(e));
       history_.last_step = s.step;
       last_step_ms_ = s.time_ms;
@@ -371,8 +370,9 @@ lorad::v1::JobState ToProtoState(JobState state) {
   return static_cast<lorad::v1::JobState>(static_cast<int>(state));
 }
 
-lorad::v1::StepMetrics ToProtoStep(const StepRecord& s) {
+lorad::v1::StepMetrics ToProtoStep(const StepRecord& s, int64_t total_steps) {
   lorad::v1::StepMetrics m;
+  m.set_total_steps(total_steps);
   m.set_step(s.step);
   m.set_epoch(s.epoch);
   m.set_loss(s.loss);
@@ -420,8 +420,7 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   job->set_total_steps(r.total_steps);
   auto last = store_.LastStep(r.id);
   if (last.ok() && last->has_value()) {
-    *job->mutable_last_step() = ToProtoStep(**last);
-    job->mutable_last_step()->set_total_steps(r.total_steps);
+    *job->mutable_last_step() = ToProtoStep(**last, r.total_steps);
   }
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept

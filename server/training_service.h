@@ -103,7 +103,8 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
 
 // Proto <-> store conversions shared with the job runner.
 lorad::v1::JobState ToProtoState(JobState state);
-lorad::v1::StepMetrics ToProtoStep(const StepRecord& step);
+// `total_steps`: the job's planned steps (the trainer's count), sent with every step.
+lorad::v1::StepMetrics ToProtoStep(const StepRecord& step, int64_t total_steps);
 lorad::v1::JobEvent StateEvent(const std::string& job_id, JobState state, int64_t time_ms);
 
 }  // namespace lorad::server

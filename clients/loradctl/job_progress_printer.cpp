@@ -43,26 +43,24 @@ void JobProgressPrinter::Print(const lorad::v1::JobEvent& event) {
     case JobEvent::kState:
       PrintLine(absl::StrCat("state ", JobStateName(event.state())));
       break;
-    case JobEvent::kStep:
+    case JobEvent::kStep: {
       // The trainer's count: GetJob's, read while the job was queued, is an estimate.
       if (event.step().total_steps() > 0) total_steps_ = event.step().total_steps();
       if (!terminal_) {
         PrintLine(StepText(event.step()));
-        if (evaluates_at_end_ && total_steps_ > 0 && event.step().step() >= total_steps_) {
-          PrintLine(kEndingLine);
-        }
-        break;
+      } else {
+        out_ << "\r" << (total_steps_ > 0 ? Bar(event.step().step(), total_steps_) + "  " : "")
+             << StepText(event.step()) << kClearToEndOfLine;
+        out_.flush();
+        bar_open_ = true;
       }
-      out_ << "\r" << (total_steps_ > 0 ? Bar(event.step().step(), total_steps_) + "  " : "")
-           << StepText(event.step()) << kClearToEndOfLine;
-      out_.flush();
-      bar_open_ = true;
       if (evaluates_at_end_ && total_steps_ > 0 && event.step().step() >= total_steps_) {
-        out_ << "\n";  // the full bar stays
+        if (bar_open_) out_ << "\n";  // the full bar stays
         bar_open_ = false;
         PrintLine(kEndingLine);
       }
       break;
+    }
     case JobEvent::kEval:
       PrintLine(absl::StrFormat("eval at step %d: validation loss %.4f", event.eval().step(),
                                 event.eval().validation_loss()));

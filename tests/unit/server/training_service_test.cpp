@@ -102,7 +102,7 @@ class Rig {
   void PublishStep(const std::string& id, int64_t n) {
     JobEvent e;
     e.set_job_id(id);
-    *e.mutable_step() = ToProtoStep(StepAt(n));
+    *e.mutable_step() = ToProtoStep(StepAt(n), /*total_steps=*/0);
     hub_.Publish(e);
   }
   void Eval(const std::string& id, int64_t n) {
