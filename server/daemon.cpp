@@ -211,6 +211,7 @@ absl::Status Daemon::StartEngine() {
   options.chat_template = config_.model.chat_template;
   options.inference.kv_cache_bytes = config_.engine.kv_cache_bytes;
   options.inference.cuda_graphs = config_.engine.cuda_graphs;
+  options.inference.on_warning = [](const std::string& warning) { spdlog::warn("{}", warning); };
   options.inference.logprobs_mode = config_.engine.logprobs_mode == "processed"
                                         ? engine::LogprobsMode::kProcessed
                                         : engine::LogprobsMode::kRaw;

@@ -12,6 +12,8 @@
 #include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
+#include "server/log_limiter.h"
+#include "spdlog/spdlog.h"
 
 namespace lorad::server {
 namespace {
@@ -227,6 +229,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       // An error, or a deadline the engine saw pass before gRPC did: the call's status says so
       // (a client cancel has an OK status here and the call is finished already).
       if (!e.status.ok()) s.end_status = ToGrpcStatus(e.status);
+      if (e.finish_reason == engine::FinishReason::kError) LogError(s, e);
       m.e2e_latency.Observe({}, total);
       m.queue_time.Observe({}, e.usage.queue_time_s);
       if (e.usage.completion_tokens > 0) {
@@ -237,6 +240,19 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       m.requests.Inc({s.adapter, engine::FinishReasonName(e.finish_reason)});
     }
     WriteNextLocked(s);
+  }
+
+  // A request the engine ended with an error (a failed forward, an adapter that could not be
+  // copied to the device, ...): the client has the message, and the operator who sees
+  // lorad_request_success_total{finished_reason="error"} rise finds it here. A failed step ends
+  // every request of its batch, hence the limit.
+  static void LogError(const State& s, const engine::TokenEvent& e) {
+    static LogLimiter limiter(std::chrono::seconds(10));
+    if (auto held = limiter.Allow()) {
+      spdlog::warn("a generation request{} ended with an error after {} token(s): {}{}",
+                   s.adapter.empty() ? "" : absl::StrCat(" on adapter '", s.adapter, "'"),
+                   e.usage.completion_tokens, std::string(e.status.message()), LogLimiter::HeldBack(*held));
+    }
   }
 
   static void WriteNextLocked(State& s) {

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "server/grpc_status.h"
+#include "spdlog/spdlog.h"
 
 namespace lorad::server {
 namespace {
@@ -37,6 +38,9 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
       sent_code_ = methods->GetSendStatus().error_code();
+      if (context_ != nullptr && spdlog::should_log(spdlog::level::debug)) {
+        peer_ = context_->peer();
+      }
       // Without a request, UNIMPLEMENTED may be a call that ended before its request arrived:
       // the context knows once the call is over (POST_RECV_CLOSE), unless it does already.
       const bool maybe_ended = sent_code_ == grpc::StatusCode::UNIMPLEMENTED && !received_;
@@ -60,6 +64,8 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
   void Count(grpc::StatusCode code) {
     requests_.Inc({method_, StatusCodeName(code)});
     duration_.Observe({method_}, seconds_);
+    // --log-level debug: a line a call, as the counters see it.
+    spdlog::debug("{} {} {:.3f} s {}", method_, StatusCodeName(code), seconds_, peer_);
   }
 
   // A call cancelled, or past its deadline, before its request arrived is answered UNIMPLEMENTED
@@ -84,6 +90,7 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
   bool closed_ = false;    // POST_RECV_CLOSE came
   double seconds_ = 0;     // arrival to status
   grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
+  std::string peer_;  // the client's address, for the debug log
   CounterFamily& requests_;
   HistogramFamily& duration_;
   std::chrono::steady_clock::time_point start_;

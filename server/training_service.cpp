@@ -15,6 +15,7 @@
 #include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
+#include "spdlog/spdlog.h"
 
 namespace lorad::server {
 namespace {
@@ -515,6 +516,11 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
   }
   if (!record.ok()) return record.status();
   events_.Publish(StateEvent(record->id, JobState::kQueued, record->created_ms));
+  spdlog::info("job {} ({}) queued: {} step(s) on {}", record->id, record->adapter_name,
+               record->total_steps,
+               spec.dataset().path().empty()
+                   ? absl::StrCat(spec.dataset().inline_examples_size(), " inline example(s)")
+                   : spec.dataset().path());
   if (options_.on_submit) options_.on_submit();
   return FillReply(*record, response);
 }
@@ -562,6 +568,8 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
   if (!record.ok()) return FinishUnary(context, record.status());
   if (!IsTerminal(before->state) && record->state == JobState::kCancelled) {
     if (options_.on_cancel) options_.on_cancel(record->id);
+    spdlog::info("job {} ({}) cancelled{}", record->id, record->adapter_name,
+                 before->state == JobState::kRunning ? " while running" : "");
     events_.Publish(StateEvent(record->id, JobState::kCancelled, record->finished_ms));
   }
   return FinishUnary(context, FillReply(*record, response));

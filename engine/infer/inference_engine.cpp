@@ -125,9 +125,10 @@ struct InferenceEngine::Impl {
     if (decoder != nullptr) {
       graph_replays = decoder->graph_replays();
       graphs_captured = decoder->graphs_captured();
-      if (!decoder->graph_error().empty()) {
+      if (!decoder->graph_error().empty() && graph_error.empty()) {  // written by this thread
         std::lock_guard<std::mutex> lock(mu);
         graph_error = decoder->graph_error();
+        if (options.on_warning) options.on_warning(graph_error);
       }
     }
     running_count = static_cast<int32_t>(running.size());

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -52,6 +53,10 @@ struct InferenceEngineOptions {
   // Benchmarks: wait for the device after each phase of a step and add its time to the stats
   // (slows every step a little; off in the daemon).
   bool profile_phases = false;
+  // Told, from the engine's loop, of what an operator should know that no request reports:
+  // CUDA graphs turned off after a failed capture (every decode step slower from then on). The
+  // engine does not log (no spdlog under engine/); the daemon writes these to its log.
+  std::function<void(const std::string&)> on_warning;
 };
 
 struct InferenceStats {

@@ -1,6 +1,7 @@
 """Bearer tokens and roles over real gRPC: missing and wrong tokens are UNAUTHENTICATED, a user
 token calling an admin method is PERMISSION_DENIED, and the daemon keeps serving; without tokens
 the daemon refuses to listen beyond loopback unless told to."""
+import re
 import shutil
 import subprocess
 import time
@@ -94,6 +95,42 @@ def test_tokens_and_roles(secured, stubs):
     assert chunks[-1].usage.completion_tokens == 3
     status, body = d.http_get("/metrics")
     assert 'code="UNAUTHENTICATED"' in body and 'code="PERMISSION_DENIED"' in body
+
+
+def test_refused_calls_are_logged_without_the_token_and_at_most_every_10_s(secured, stubs):
+    """After tokens are rotated, the client still sending an old one is found in the log (nothing
+    was logged: the client saw UNAUTHENTICATED, the operator saw nothing). A client retrying in a
+    loop writes one line, then one every 10 s saying how many were held back."""
+    d, channel = secured
+    tpb = stubs.training_pb2
+    train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+    old = "old-token-0123456789abcdef"
+    for _ in range(5):
+        code, _ = code_of(lambda: train.ListJobs(tpb.ListJobsRequest(), metadata=bearer(old),
+                                                 timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    lines = [line for line in d.log().splitlines() if "refused a call from" in line]
+    assert len(lines) == 1, lines
+    assert "the bearer token is not valid" in lines[0] and "127.0.0.1" in lines[0], lines
+    assert old not in d.log() and ADMIN not in d.log()
+
+
+def test_debug_log_level_logs_each_call(tmp_path, stubs):
+    """--log-level debug added nothing (no debug line anywhere): now a line a call, with its
+    method, status code, duration and client."""
+    d = start_daemon(tmp_path, "--log-level", "debug")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            train.ListJobs(stubs.training_pb2.ListJobsRequest(), timeout=10)
+            code, _ = code_of(lambda: train.GetJob(stubs.training_pb2.GetJobRequest(
+                job_id="job-0000000000000000"), timeout=10))
+            assert code == grpc.StatusCode.NOT_FOUND
+    finally:
+        stop_daemon(d)
+    log = d.log()
+    assert re.search(r"lorad\.v1\.TrainingService/ListJobs OK [0-9.]+ s ipv4:127\.0\.0\.1:", log), log
+    assert "lorad.v1.TrainingService/GetJob NOT_FOUND" in log, log
 
 
 def run_lorad(tmp_path, body, *args):

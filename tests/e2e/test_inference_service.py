@@ -529,6 +529,41 @@ def test_adapter_folders_that_escape_or_block_are_refused_and_parallel_loads_eac
     assert d.proc.poll() is None
 
 
+def test_requests_the_engine_ends_with_an_error_are_logged(server, peft_adapter_dir):
+    """An adapter whose weights are finite but overflow the activations (here B = 3e38) makes the
+    logits NaN: each request on it ends with an error, and the others keep being served. The
+    client had the message and the error counter rose, but the log said nothing; now it names the
+    adapter and the error, one line per 10 s however many requests fail."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d, stub, pb, astub, apb, tmp = server
+    src, _ = peft_adapter_dir
+    folder = tmp / "data" / "adapters" / "overflows"
+    shutil.copytree(src, folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    for name, t in weights.items():
+        weights[name] = torch.full_like(t, 3e38 if "lora_B" in name else 1.0)
+    save_file(weights, folder / "adapter_model.safetensors")
+    astub.LoadAdapter(apb.LoadAdapterRequest(name="overflows", path="overflows"), timeout=30)
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub.Generate(pb.GenerateRequest(prompt="hello", adapter="overflows",
+                                                         sampling=pb.SamplingParams(
+                                                             max_new_tokens=4)), timeout=30))
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "not numbers (NaN)" in err.value.details()
+        _, ids = collect(stub.Generate(pb.GenerateRequest(
+            prompt="hello", sampling=pb.SamplingParams(max_new_tokens=4)), timeout=30))
+        assert len(ids) > 0
+    finally:
+        astub.UnloadAdapter(apb.UnloadAdapterRequest(name="overflows"), timeout=60)
+    lines = [line for line in d.log().splitlines() if "ended with an error" in line]
+    assert len(lines) == 1, lines
+    assert "on adapter 'overflows'" in lines[0] and "not numbers (NaN)" in lines[0], lines
+
+
 def test_concurrent_streams_and_metrics(server):
     d, stub, pb, _, _, _ = server
     results = {}

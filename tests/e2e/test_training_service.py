@@ -132,6 +132,11 @@ def test_watch_streams_history_then_live_cancellation(service):
     assert [e.state for e in replay] == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_CANCELLED]
     # Cancelling again changes nothing.
     assert stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10).state == pb.JOB_STATE_CANCELLED
+    # The log tells the job's story (it said nothing of a job until its deletion): queued with its
+    # steps and dataset, and cancelled, once.
+    log = d.log()
+    assert f"job {job.id} (qa-bot) queued: 2 step(s) on " in log and "qa.jsonl" in log, log
+    assert log.count(f"job {job.id} (qa-bot) cancelled") == 1, log
 
 
 def test_watch_replays_a_long_history_in_order_from_any_step(tmp_path, stubs):
