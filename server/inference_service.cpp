@@ -251,7 +251,8 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     if (auto held = limiter.Allow()) {
       spdlog::warn("a generation request{} ended with an error after {} token(s): {}{}",
                    s.adapter.empty() ? "" : absl::StrCat(" on adapter '", s.adapter, "'"),
-                   e.usage.completion_tokens, std::string(e.status.message()), LogLimiter::HeldBack(*held));
+                   e.usage.completion_tokens, std::string(e.status.message()),
+                   LogLimiter::HeldBack(*held));
     }
   }
 

@@ -775,9 +775,9 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
   }
   const auto& stop_ids = seq.request.stop_token_ids;
   const bool eos = !seq.request.ignore_eos && tokenizer->IsEos(token);
-  const bool stop_token =
-      !eos && std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end();
-  // A stop token's own text is not output (vLLM's default; the token is, in tokens and usage).
+  const bool stop_token = std::find(stop_ids.begin(), stop_ids.end(), token) != stop_ids.end();
+  // A stop token's own text is not output (vLLM's default; the token is, in tokens and usage),
+  // also when the token is an EOS too (whose finish reason wins).
   if (!stop_token) event.text = seq.stops->Add(seq.detokenizer->Add(token));
 
   FinishReason reason = FinishReason::kNone;
@@ -788,6 +788,7 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
   } else if (seq.stops->stopped()) {
     reason = FinishReason::kStop;
   } else if (seq.stops->watching() && seq.detokenizer->pending_bytes() > 0 &&
+             !seq.detokenizer->EndsMidCharacter() &&
              seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
     reason = FinishReason::kStop;  // complete in held-back text, which ending here makes final
   } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||

@@ -59,6 +59,16 @@ std::string IncrementalDetokenizer::TextIfEndedNow() const {
   return copy.Finish();
 }
 
+bool IncrementalDetokenizer::EndsMidCharacter() const {
+  std::string decoded;
+  if (AppendUtf8Lossy(pending_, /*final=*/false, &decoded) < pending_.size()) return true;
+  // A byte run decodes as a whole: only one valid so far can still become text.
+  decoded.clear();
+  const size_t complete = AppendUtf8Lossy(byte_run_, /*final=*/false, &decoded);
+  return complete < byte_run_.size() &&
+         IsValidUtf8(std::string_view(byte_run_).substr(0, complete));
+}
+
 std::string IncrementalDetokenizer::Drain(bool final) {
   std::string out;
   pending_.erase(0, AppendUtf8Lossy(pending_, final, &out, rules_.replacement_per_byte));

@@ -42,6 +42,11 @@ class IncrementalDetokenizer {
   // already be complete in text that is held back only because more bytes could follow.
   std::string TextIfEndedNow() const;
 
+  // Whether the held-back bytes end in a character that more bytes could still complete (a
+  // character split across tokens): ending now would make it U+FFFD, which a stop string holding
+  // U+FFFD must not match, as the text may never hold it.
+  bool EndsMidCharacter() const;
+
  private:
   std::string Drain(bool final);
   void FlushByteRun();

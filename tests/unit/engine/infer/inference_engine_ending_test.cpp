@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <thread>
@@ -24,6 +26,7 @@
 namespace lorad::engine {
 namespace {
 
+namespace fs = std::filesystem;
 using test_fixtures::Fixture;
 using test_fixtures::Greedy;
 using test_fixtures::RandomPrompt;
@@ -85,6 +88,87 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   for (auto it = full.tokens.begin(); it != first; ++it) expected += before.Add(*it);
   expected += before.Finish();
   EXPECT_EQ(at_token.text, expected);
+}
+
+// A stop string holding U+FFFD (a client ending generation at the first undecodable output)
+// ended it at the first byte of any character split across tokens: the text "if it ended here",
+// which the check for stops complete in held-back bytes reads, turns that byte into U+FFFD. The
+// stop now matches only a U+FFFD the text holds: the output is the full text up to it.
+TEST(InferenceEngineTest, AReplacementCharacterStopMatchesOnlyOneTheTextHolds) {
+  Fixture f;
+  const std::string replacement(kReplacementChar);
+  std::vector<GenerationRequest> plain, stopping;
+  for (uint64_t seed = 1; seed <= 24; ++seed) {
+    GenerationRequest r = Greedy({}, "", 40);
+    r.prompt = "Once upon a time";
+    r.sampling.temperature = 0.9f;
+    r.sampling.repetition_penalty = 1.0f;
+    r.sampling.seed = seed;
+    plain.push_back(r);
+    r.stop = {replacement};
+    stopping.push_back(r);
+  }
+  auto engine = f.Engine();
+  const std::vector<Result> full = f.Run(*engine, plain);
+  const std::vector<Result> stopped = f.Run(*engine, stopping);
+  const Tokenizer& tok = f.tokenizer();
+  int split_characters_passed = 0;  // requests that went on past a character split across tokens
+  for (size_t i = 0; i < full.size(); ++i) {
+    EXPECT_EQ(stopped[i].text, full[i].text.substr(0, full[i].text.find(replacement)))
+        << "seed " << i + 1;
+    ASSERT_LE(stopped[i].tokens.size(), full[i].tokens.size());
+    EXPECT_TRUE(
+        std::equal(stopped[i].tokens.begin(), stopped[i].tokens.end(), full[i].tokens.begin()));
+    for (size_t t = 0; t + 1 < stopped[i].tokens.size(); ++t) {
+      const std::string bytes = tok.TokenBytes(stopped[i].tokens[t]);
+      if (bytes.size() == 1 && static_cast<unsigned char>(bytes[0]) >= 0xC2 &&
+          tok.Piece(stopped[i].tokens[t]).rfind("<0x", 0) == 0) {
+        ++split_characters_passed;  // a lead byte's piece, and generation went on
+        break;
+      }
+    }
+  }
+  EXPECT_GT(split_characters_passed, 0) << "no sample split a character: the test proves nothing";
+}
+
+// A stop token that is also an EOS id (a model whose generation_config lists a non-special token
+// such as <|im_end|> among its EOS ids) had its text output, although a stop token's text is not
+// (vLLM drops both). The finish reason stays EOS.
+TEST(InferenceEngineTest, AStopTokenThatIsAlsoAnEosIdIsNotInTheText) {
+  Fixture f;
+  GenerationRequest r = Greedy({}, "", 24);
+  r.prompt = "Once upon a time";
+  const Result full = f.Alone(r);
+  ASSERT_GE(full.tokens.size(), 6u);
+  const int32_t end = full.tokens[3];
+  ASSERT_FALSE(f.tokenizer().IsSpecial(end));
+  // The fixture's tokenizer files, with `end` among generation_config.json's EOS ids.
+  const fs::path folder = fs::path(::testing::TempDir()) / "stop-token-is-eos";
+  fs::create_directories(folder);
+  for (const char* name :
+       {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json"}) {
+    fs::copy_file(fs::path(std::getenv("LORAD_TINY_MODEL")) / name, folder / name,
+                  fs::copy_options::overwrite_existing);
+  }
+  std::ofstream(folder / "generation_config.json")
+      << "{\"bos_token_id\": 1, \"eos_token_id\": [2, " << end << "]}";
+  auto tokenizer = LoadTokenizer(folder.string());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_TRUE((*tokenizer)->IsEos(end));
+  GenerationRequest until = r;
+  until.ignore_eos = false;
+  until.stop_token_ids = {end};
+  auto engine = f.Engine(Fixture::Small(), tokenizer->get());
+  const Result got = f.Run(*engine, {until})[0];
+  EXPECT_EQ(got.reason, FinishReason::kEos);
+  const auto first = std::find(full.tokens.begin(), full.tokens.end(), end);
+  EXPECT_EQ(got.tokens, std::vector<int32_t>(full.tokens.begin(), first + 1));
+  IncrementalDetokenizer before(f.tokenizer(), /*skip_special_tokens=*/true,
+                                /*continues_text=*/true);
+  std::string expected;
+  for (auto it = full.tokens.begin(); it != first; ++it) expected += before.Add(*it);
+  expected += before.Finish();
+  EXPECT_EQ(got.text, expected);
 }
 
 TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {

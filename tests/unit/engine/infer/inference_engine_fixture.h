@@ -64,8 +64,11 @@ class Fixture {
     return o;
   }
 
-  std::unique_ptr<InferenceEngine> Engine(InferenceEngineOptions options = Small()) {
-    auto engine = InferenceEngine::Create(model_.get(), tokenizer_.get(), store_.get(), options);
+  // On the fixture's tokenizer, or `tokenizer` (which must outlive the engine).
+  std::unique_ptr<InferenceEngine> Engine(InferenceEngineOptions options = Small(),
+                                          const Tokenizer* tokenizer = nullptr) {
+    auto engine = InferenceEngine::Create(
+        model_.get(), tokenizer != nullptr ? tokenizer : tokenizer_.get(), store_.get(), options);
     EXPECT_TRUE(engine.ok()) << engine.status();
     return engine.ok() ? *std::move(engine) : nullptr;
   }

@@ -136,6 +136,37 @@ TEST(IncrementalDetokenizer, AnIllFormedByteRunIsOneReplacementPerPieceAsTransfo
   EXPECT_EQ(text, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
+TEST(IncrementalDetokenizer, SaysWhenItsHeldBackBytesEndInACharacterMoreBytesCouldComplete) {
+  ByteTokenizer bytes;  // byte-level: held back until the character completes
+  IncrementalDetokenizer detok(bytes, true);
+  detok.Add('o');
+  EXPECT_FALSE(detok.EndsMidCharacter());
+  detok.Add(0xF0);
+  EXPECT_TRUE(detok.EndsMidCharacter());
+  detok.Add(0x9F);
+  EXPECT_TRUE(detok.EndsMidCharacter());
+  detok.Add('k');  // the character never completed: its U+FFFD is out already
+  EXPECT_FALSE(detok.EndsMidCharacter());
+
+  auto tok = LoadTokenizer(std::getenv("LORAD_TINY_MODEL"));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const auto ids = (*tok)->Encode("語", false);  // "▁", <0xE8>, <0xAA>, <0x9E>: a byte run
+  IncrementalDetokenizer run(**tok, true);
+  run.Add(ids[0]);
+  run.Add(ids[1]);
+  EXPECT_TRUE(run.EndsMidCharacter());
+  run.Add(ids[2]);
+  EXPECT_TRUE(run.EndsMidCharacter());
+  run.Add(ids[3]);  // complete, still held (the run may go on), and final if it ended here
+  EXPECT_GT(run.pending_bytes(), 0u);
+  EXPECT_FALSE(run.EndsMidCharacter());
+  EXPECT_EQ(run.TextIfEndedNow(), "語");
+  // A run ill-formed already decodes as U+FFFD per piece whatever follows.
+  IncrementalDetokenizer bad(**tok, true);
+  bad.Add(ids[2]);
+  EXPECT_FALSE(bad.EndsMidCharacter());
+}
+
 TEST(IncrementalDetokenizer, StripsOnlyTheFirstSpaceOfTheStream) {
   auto tok = LoadTokenizer(std::getenv("LORAD_TINY_MODEL"));
   ASSERT_TRUE(tok.ok()) << tok.status();
