@@ -694,6 +694,15 @@ absl::Status Daemon::StartGrpc() {
   return absl::OkStatus();
 }
 
+void Daemon::RecordForcedStop() {
+  if (!marked_running_.exchange(false)) return;
+  if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
+    spdlog::warn("the job database did not record the forced stop ({}): the next start counts it "
+                 "against the jobs that were running",
+                 std::string(s.message()));
+  }
+}
+
 void Daemon::Shutdown() {
   if (!grpc_server_ && state_.Get() != Lifecycle::kServing) {
     http_.Stop();
@@ -727,14 +736,13 @@ void Daemon::Shutdown() {
   // The runner then records the events still queued.
   if (engine_) engine_->Stop();
   if (job_runner_) job_runner_->Stop();
-  if (marked_running_) {
+  if (marked_running_.exchange(false)) {
     if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
       spdlog::warn(
           "the job database did not record this clean stop ({}): the next start "
           "counts it against the jobs that were running",
           std::string(s.message()));
     }
-    marked_running_ = false;
   }
   http_.Stop();
   spdlog::info("stopped");

@@ -5,6 +5,7 @@
 // threads only read the ServingState and the metrics.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <vector>
@@ -40,6 +41,10 @@ class Daemon {
   absl::Status Start();
   // Reports NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops.
   void Shutdown();
+  // A second stop signal ends the process without the clean shutdown: the job database stops
+  // saying this daemon runs jobs, so the next start does not count the stop as a death of the
+  // running jobs (they resume from their last checkpoint). Thread-safe; after Start.
+  void RecordForcedStop();
 
   int grpc_port() const { return grpc_port_; }
   const MetricsRegistry& metrics() const { return metrics_; }
@@ -89,7 +94,7 @@ class Daemon {
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
   // The job database says this daemon runs jobs (JobStore::MarkDaemonRunning) until Shutdown.
-  bool marked_running_ = false;
+  std::atomic<bool> marked_running_{false};
   int data_dir_lock_ = -1;  // held (flock) while the daemon lives; the kernel drops it on exit
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
     sigset_t set;
     std::mutex mutex;
     bool serving = false;
+    lorad::server::Daemon* daemon = nullptr;  // while serving and stopping
     std::promise<int> first_while_serving;
   };
   auto* stop = new StopSignals;
@@ -182,9 +184,19 @@ int main(int argc, char** argv) {
     stop->first_while_serving.set_value(first);
     int again = 0;
     sigwait(&stop->set, &again);
+    // The operator's choice, not a death: the crash-loop guard must not count it against the
+    // running jobs (three impatient stops failed a job). The job database gets 3 s for that.
+    std::thread([] {
+      std::this_thread::sleep_for(std::chrono::seconds(3));
+      std::_Exit(kExitRuntime);
+    }).detach();
+    {
+      std::lock_guard<std::mutex> lock(stop->mutex);
+      if (stop->daemon != nullptr) stop->daemon->RecordForcedStop();
+    }
     spdlog::warn(
         "second stop signal: exiting now; running jobs resume from their last checkpoint at the "
-        "next start");
+        "next start (not counted as a crash)");
     spdlog::shutdown();
     std::_Exit(kExitRuntime);
   }).detach();
@@ -198,9 +210,12 @@ int main(int argc, char** argv) {
   {
     std::lock_guard<std::mutex> lock(stop->mutex);
     stop->serving = true;
+    stop->daemon = &daemon;
   }
   spdlog::info("received {}, shutting down (a second signal stops at once)",
                SignalName(stop_signal.get()));
   daemon.Shutdown();
+  std::lock_guard<std::mutex> lock(stop->mutex);
+  stop->daemon = nullptr;
   return 0;
 }

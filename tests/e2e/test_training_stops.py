@@ -162,3 +162,57 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
             stub.CancelJob(tpb.CancelJobRequest(job_id=job.id), timeout=10)
     finally:
         stop_daemon(d)
+
+
+def test_a_second_ctrl_c_is_not_counted_as_a_death_of_the_running_job(tmp_path, stubs):
+    """A second stop signal exits at once, without the clean shutdown. The job database still said
+    the daemon ran jobs, so the next start counted the stop as a death of the running job, and
+    three impatient double Ctrl-Cs failed a job that never crashed anything. The steps here are
+    long (64 examples of 256 tokens, 8 micro-batches a step) so the second signal lands while the
+    first waits for the step to end."""
+    import json
+    import sqlite3
+
+    tpb = stubs.training_pb2
+    root = tmp_path / "data" / "datasets"
+    root.mkdir(parents=True)
+    with open(root / "long.jsonl", "w") as f:
+        for i in range(64):
+            words = " ".join(f"w{(i * 7 + k) % 97}" for k in range(400))
+            f.write(json.dumps({"question": f"Say the list {i}.", "answer": words}) + "\n")
+    spec = job_spec(tpb, "double-ctrl-c", 1000)
+    spec.dataset.path = "long.jsonl"
+    spec.training.max_seq_length = 256
+    spec.training.micro_batch_size = 8
+    spec.training.grad_accum = 8
+    d = start_daemon(tmp_path)
+    with grpc.insecure_channel(d.grpc_address) as channel:
+        stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=300):
+            if event.WhichOneof("event") == "step":
+                break
+    d.proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 30
+    while "shutting down" not in d.log() and time.time() < deadline:
+        time.sleep(0.01)
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=30) != 0
+    log = d.log()
+    assert "second stop signal: exiting now" in log and "(not counted as a crash)" in log, log
+    # The second signal cut the shutdown short (else this test would prove nothing).
+    assert "training stopped:" not in log, log
+    with sqlite3.connect(tmp_path / "data" / "jobs.db") as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'daemon_running'").fetchall() == []
+
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            wait_for_state(stub, tpb, job.id, tpb.JOB_STATE_RUNNING)
+            stub.CancelJob(tpb.CancelJobRequest(job_id=job.id), timeout=10)
+    finally:
+        stop_daemon(d)
+    with sqlite3.connect(tmp_path / "data" / "jobs.db") as conn:
+        stops = conn.execute("SELECT unclean_stops FROM jobs WHERE id = ?", (job.id,)).fetchone()
+    assert stops == (0,)
