@@ -697,9 +697,10 @@ absl::Status Daemon::StartGrpc() {
 void Daemon::RecordForcedStop() {
   if (!marked_running_.exchange(false)) return;
   if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
-    spdlog::warn("the job database did not record the forced stop ({}): the next start counts it "
-                 "against the jobs that were running",
-                 std::string(s.message()));
+    spdlog::warn(
+        "the job database did not record the forced stop ({}): the next start counts it "
+        "against the jobs that were running",
+        std::string(s.message()));
   }
 }
 

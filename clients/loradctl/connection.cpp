@@ -88,11 +88,19 @@ int Connection::Fail(const grpc::Status& status, bool answered) const {
                            "); is it still running?");
   } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
     message = absl::StrCat("cannot reach lorad at ", options_.address, " (", message, ")");
-    // A plaintext client at a TLS port sees the server close the socket on its first bytes.
+    // A plaintext client at a TLS port sees the server close the socket on its first bytes; a
+    // TLS client at a plaintext port reads its answer as a record of a wrong version.
     if (options_.ca_cert_path.empty() &&
         absl::StrContains(status.error_message(), "Socket closed")) {
       absl::StrAppend(&message, "; if lorad serves TLS there, give --ca-cert");
+    } else if (!options_.ca_cert_path.empty() &&
+               absl::StrContains(status.error_message(), "wrong version number")) {
+      absl::StrAppend(&message, "; lorad there serves plaintext: leave out --ca-cert");
     }
+  } else if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+    absl::StrAppend(&message, options_.token.empty()
+                                  ? " (give --token or set LORAD_TOKEN)"
+                                  : " (the token given is not one of the daemon's auth.tokens)");
   } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
     message = absl::StrCat(message, " (raise --timeout to wait longer)");
   }

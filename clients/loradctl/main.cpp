@@ -1,5 +1,7 @@
 // loradctl: the command-line client of lorad. Parses the command line (CLI11), opens one gRPC
 // channel and runs one command; the commands themselves live in *_commands.cpp.
+#include <grpc/support/log.h>
+
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cmath>
@@ -157,6 +159,9 @@ std::string CommandNames(const CLI::App& app) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // gRPC's own log lines (a failed TLS handshake's "E1207 ... Handshake failed") came before
+  // loradctl's one-line error, which says the same with what to do.
+  gpr_set_log_function([](gpr_log_func_args*) {});
   CLI::App app{
       "loradctl: submit and watch QLoRA fine-tuning jobs, manage adapters and generate "
       "text with a running lorad daemon"};

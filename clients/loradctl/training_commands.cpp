@@ -157,6 +157,7 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
   }
   TextTable table({"ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED"});
   int listed = 0;
+  bool more = false;  // jobs left out by the limit
   while (listed < limit) {
     request.set_page_size(std::min(limit - listed, kMaxPageSize));
     lorad::v1::ListJobsResponse response;
@@ -172,10 +173,16 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
                     has_step ? absl::StrFormat("%.4f", job.last_step().loss()) : "-",
                     FormatTimestamp(job.created())});
     }
-    if (response.next_page_token().empty() || response.jobs().empty()) break;
+    more = !response.next_page_token().empty() && !response.jobs().empty();
+    if (!more) break;
     request.set_page_token(response.next_page_token());
   }
   table.Print(std::cout);
+  // Jobs are kept until deleted: past the limit, an older (failed) job looked absent.
+  if (more && listed == limit) {
+    std::cerr << "(the newest " << limit << " shown; older ones: --limit " << 2 * limit << ")"
+              << std::endl;
+  }
   return kExitOk;
 }
 

@@ -1,6 +1,7 @@
 """Bearer tokens and roles over real gRPC: missing and wrong tokens are UNAUTHENTICATED, a user
 token calling an admin method is PERMISSION_DENIED, and the daemon keeps serving; without tokens
 the daemon refuses to listen beyond loopback unless told to."""
+import os
 import re
 import shutil
 import subprocess
@@ -113,6 +114,41 @@ def test_refused_calls_are_logged_without_the_token_and_at_most_every_10_s(secur
     assert len(lines) == 1, lines
     assert "the bearer token is not valid" in lines[0] and "127.0.0.1" in lines[0], lines
     assert old not in d.log() and ADMIN not in d.log()
+
+
+def test_loradctl_says_what_to_do_about_tokens_tls_and_its_listing_limit(secured, stubs,
+                                                                         tmp_path):
+    """Without a token loradctl relayed the server's text about gRPC metadata (not --token); a TLS
+    client at a plaintext port got gRPC's own log line before its error and no hint; and
+    `train ls` left out every job past its limit without a word."""
+    d, channel = secured
+    tpb = stubs.training_pb2
+    train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+    for name in ("one", "two", "three"):
+        train.SubmitJob(tpb.SubmitJobRequest(spec=tpb.JobSpec(
+            adapter_name=name, dataset=tpb.DatasetSpec(path="qa.jsonl"))), metadata=bearer(ADMIN),
+            timeout=30)
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
+
+    def ctl(*args):
+        return subprocess.run([str(BUILD / "clients" / "loradctl"), "--address", d.grpc_address,
+                               *args], capture_output=True, text=True, env=env, timeout=60)
+
+    none = ctl("train", "ls")
+    assert none.returncode == 26 and none.stderr.count("\n") == 1, none.stderr
+    assert "(give --token or set LORAD_TOKEN)" in none.stderr, none.stderr
+    wrong = ctl("--token", "wrong-token-0123456789abcdef", "train", "ls")
+    assert "(the token given is not one of the daemon's auth.tokens)" in wrong.stderr, wrong.stderr
+    cut = ctl("--token", USER, "train", "ls", "--limit", "2")
+    assert cut.returncode == 0 and len(cut.stdout.strip().splitlines()) == 3, cut.stdout
+    assert cut.stderr == "(the newest 2 shown; older ones: --limit 4)\n", cut.stderr
+    whole = ctl("--token", USER, "train", "ls", "--limit", "3")
+    assert whole.returncode == 0 and whole.stderr == "", whole.stderr
+    cert, _ = make_certificate(tmp_path, "client-side")
+    tls = ctl("--ca-cert", str(cert), "--token", USER, "adapters", "ls")
+    assert tls.returncode == 24 and tls.stderr.count("\n") == 1, tls.stderr
+    assert tls.stderr.startswith("loradctl: UNAVAILABLE: cannot reach lorad at "), tls.stderr
+    assert "lorad there serves plaintext: leave out --ca-cert" in tls.stderr, tls.stderr
 
 
 def test_debug_log_level_logs_each_call(tmp_path, stubs):
