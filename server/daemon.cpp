@@ -324,13 +324,17 @@ absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec,
   fs::create_directories(scratch_root, ec);
   std::string scratch = (scratch_root / "submit-XXXXXX").string();
   if (ec || mkdtemp(scratch.data()) == nullptr) {
-    return absl::InternalError(
-        absl::StrCat("cannot create a scratch folder in ", scratch_root.string()));
+    // Storage refuses (RESOURCE_EXHAUSTED, as the job database's full disk is): say why.
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot create a scratch folder in ", scratch_root.string(), ": ",
+                     ec ? ec.message() : std::strerror(errno),
+                     "; free space in storage.data_dir or make it writable"));
   }
   auto config = TrainingJobConfigFromSpec(spec, scratch, dataset_root_);
   absl::Status checked =
       config.ok() ? engine_->CheckTrainingData(*config, kCheckedRecords, abandon) : config.status();
   fs::remove_all(scratch, ec);
+  if (absl::IsUnavailable(checked)) return absl::ResourceExhaustedError(checked.message());
   if (!absl::IsInvalidArgument(checked)) return checked;
   // Inline records are named as the request has them (the scratch file is gone); a file is
   // named by its path.

@@ -185,9 +185,24 @@ void JobRunner::StartNextJob() {
     FailJob(job.id, "the stored job spec is unreadable");
     return;
   }
+  // Storage that refuses the job's folder or its records (a full disk, jobs/ not writable) or the
+  // database's write: the job stays queued, tried again every few seconds, as README says. Failing
+  // it left it failed for good once the disk had room again.
+  const auto wait_for_storage = [&](const absl::Status& s) {
+    if (!start_refused_) {
+      spdlog::error("job {} cannot start: {}; trying again every few seconds", job.id,
+                    std::string(s.message()));
+    }
+    start_refused_ = true;
+    start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  };
   auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id, dataset_root_);
   if (!config.ok()) {
-    FailJob(job.id, std::string(config.status().message()));
+    if (absl::IsUnavailable(config.status())) {
+      wait_for_storage(config.status());
+    } else {
+      FailJob(job.id, std::string(config.status().message()));
+    }
     return;
   }
   // The memory planner: a job that can never fit fails saying what it needs; one that fits only
@@ -217,13 +232,7 @@ void JobRunner::StartNextJob() {
     if (absl::IsFailedPrecondition(s) || absl::IsNotFound(s)) {
       Wake();  // cancelled (or deleted) meanwhile: look for the next one
     } else {
-      // The database refuses writes (a full disk): looking again at once would spin on it.
-      if (!start_refused_) {
-        spdlog::error("job {} cannot start: {}; trying again every few seconds", job.id,
-                      std::string(s.message()));
-      }
-      start_refused_ = true;
-      start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      wait_for_storage(s);  // looking again at once would spin on it
     }
     return;
   }

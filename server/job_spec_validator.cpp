@@ -483,8 +483,9 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
   }
   std::error_code ec;
   std::filesystem::create_directories(output_dir, ec);
-  if (ec)
-    return absl::InternalError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+  }
   engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
   // Resolved inside the dataset root at submit and checked again just above (the inline records'
   // file, lorad's own, is not opened that way).
@@ -501,7 +502,16 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
       std::replace(line.begin(), line.end(), '\r', '\t');
       absl::StrAppend(&jsonl, line, "\n");
     }
-    if (auto s = engine::WriteFileAtomically(c.data.path, jsonl); !s.ok()) return s;
+    // Rewritten at every start only when it changed (a resumed job's folder may be read-only).
+    const absl::StatusOr<std::string> stored =
+        std::filesystem::exists(c.data.path, ec)
+            ? engine::ReadRegularFile(c.data.path, "the job's inline examples")
+            : absl::NotFoundError("");
+    const bool same = stored.ok() && *stored == jsonl;
+    if (auto s = same ? absl::OkStatus() : engine::WriteFileAtomically(c.data.path, jsonl);
+        !s.ok()) {
+      return engine::IsStorageFailure(s) ? absl::UnavailableError(s.message()) : s;
+    }
   }
   if (auto s = c.Validate(); !s.ok()) return s;
   return c;

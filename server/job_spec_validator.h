@@ -61,7 +61,8 @@ engine::TrainingJobConfig TrainingJobConfigOf(const lorad::v1::JobSpec& spec,
 // The engine's view of a stored JobSpec (TrainingJobConfigOf), after creating `output_dir` and
 // writing the inline examples to <output_dir>/inline_dataset.jsonl. The dataset files are checked
 // again against `dataset_root`: one may have been replaced by a symlink to elsewhere while the job
-// waited in the queue.
+// waited in the queue. UNAVAILABLE when storage refuses the folder or the examples' file (a full
+// disk, a folder that cannot be written): the job can start once it takes them.
 absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
     const lorad::v1::JobSpec& spec, const std::string& output_dir, const std::string& dataset_root);
 

@@ -1,5 +1,8 @@
 #include "server/sqlite_statement.h"
 
+#include <cerrno>
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 
 namespace lorad::server {
@@ -29,9 +32,24 @@ absl::Status SqliteError(sqlite3* db) {
           name, " cannot be written (", message,
           "): give the user lorad runs as write access to it, to its -wal and -shm files beside it "
           "and to its folder"));
-    case SQLITE_IOERR:
+    case SQLITE_IOERR: {
+      // An I/O error may be a full disk (the -shm's pwrite at start) or a file lorad may not
+      // write: the system's errno says which, and a failing disk is the rest.
+      const int err = sqlite3_system_errno(db);
+      if (err == ENOSPC || err == EDQUOT) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "the job database's disk is full (", name, ": ", message, ": ", std::strerror(err),
+            "); free space in storage.data_dir (old job folders hold checkpoints) and retry"));
+      }
+      if (err == EROFS || err == EACCES || err == EPERM) {
+        return absl::InternalError(absl::StrCat(
+            name, " cannot be written (", message, ": ", std::strerror(err),
+            "): give the user lorad runs as write access to it, to its -wal and -shm files "
+            "beside it and to its folder"));
+      }
       return absl::InternalError(
           absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
+    }
     default:
       return absl::InternalError(absl::StrCat(name, ": sqlite: ", message));
   }

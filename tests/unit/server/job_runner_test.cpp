@@ -411,14 +411,15 @@ TEST(JobRunnerTest, AJobTheDatabaseRefusesToStartStartsOnceItTakesWrites) {
       << "the job never started after the database took writes again";
 }
 
-// A job that fails as it starts (its folder cannot be made: a file holds its name) while the job
-// database refuses writes at once (a full disk) is failed once, not again on every turn of the
-// runner (it was: a busy loop that published a failure each time); its failure is recorded once
-// the database takes writes.
+// A job that fails as it starts (its dataset became a symlink out of the dataset root while it
+// was queued) while the job database refuses writes at once (a full disk) is failed once, not
+// again on every turn of the runner (it was: a busy loop that published a failure each time); its
+// failure is recorded once the database takes writes.
 TEST(JobRunnerTest, AJobFailingAtStartWhileTheDatabaseRefusesWritesFailsOnce) {
   Rig rig("refused-failure", 1, std::chrono::milliseconds(0));
-  fs::create_directories(rig.job_dir().parent_path());
-  std::ofstream(rig.job_dir()) << "not a folder";
+  const fs::path outside = rig.dataset().parent_path().parent_path() / "outside.jsonl";
+  fs::rename(rig.dataset(), outside);
+  fs::create_symlink(outside, rig.dataset());
   std::atomic<int> failures{0};
   const int64_t subscription = rig.hub().Subscribe(rig.job_id(), [&](const lorad::v1::JobEvent& e) {
     if (e.has_failed()) ++failures;
@@ -437,6 +438,20 @@ TEST(JobRunnerTest, AJobFailingAtStartWhileTheDatabaseRefusesWritesFailsOnce) {
   EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kFailed; }, 60));
   rig.hub().Unsubscribe(subscription);
   EXPECT_EQ(failures.load(), 1);
+}
+
+// A queued job whose folder cannot be made when its turn comes (a full disk, jobs/ not writable;
+// here a file holds its name) stays queued and starts once it can be made: it was failed for good.
+TEST(JobRunnerTest, AJobWhoseFolderCannotBeMadeWaitsAndStartsOnceItCan) {
+  Rig rig("folder-in-the-way", 1);
+  fs::create_directories(rig.job_dir().parent_path());
+  std::ofstream(rig.job_dir()) << "not a folder";
+  rig.runner().Start();
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  EXPECT_EQ(rig.State(), JobState::kQueued);
+  fs::remove(rig.job_dir());
+  EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60))
+      << "the job never started after its folder could be made";
 }
 
 // Steps the job database refuses when they come (what a full disk does; here another
