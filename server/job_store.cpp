@@ -379,12 +379,16 @@ absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
   Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
                                 " FROM jobs WHERE state = ? ORDER BY priority DESC, seq;"));
   s.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  std::optional<JobRecord> next;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
     JobRecord job = ReadJob(s);
-    if (unrecorded_cancels_.count(job.id) == 0) return std::optional<JobRecord>(std::move(job));
+    if (unrecorded_cancels_.count(job.id) > 0) continue;
+    if (interrupted_.count(job.id) > 0) return std::optional<JobRecord>(std::move(job));
+    if (!next) next = std::move(job);
+    if (interrupted_.empty()) break;
   }
-  if (rc == SQLITE_DONE) return std::optional<JobRecord>();
+  if (rc == SQLITE_DONE || rc == SQLITE_ROW) return next;
   return s.StepError();
 }
 
@@ -414,11 +418,14 @@ absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector
 }
 
 absl::Status JobStore::MarkRunning(const std::string& id, int64_t at_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
   // started_ms keeps the first start across restarts; attempts counts them.
-  return Transition(id, {JobState::kQueued}, JobState::kRunning,
-                    "started_ms = CASE started_ms WHEN 0 THEN :now ELSE started_ms END, "
-                    "attempts = attempts + 1",
-                    "", 0, at_ms);
+  absl::Status s = TransitionLocked(id, {JobState::kQueued}, JobState::kRunning,
+                                    "started_ms = CASE started_ms WHEN 0 THEN :now ELSE "
+                                    "started_ms END, attempts = attempts + 1",
+                                    "", 0, at_ms);
+  if (s.ok()) interrupted_.erase(id);
+  return s;
 }
 
 absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,

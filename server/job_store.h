@@ -129,7 +129,9 @@ class JobStore {
   // spec (see Insert).
   absl::StatusOr<JobPage> List(const std::vector<JobState>& states, int32_t page_size,
                                const std::string& page_token);
-  // The queued job to run next: highest priority, then oldest. nullopt when none is queued.
+  // The queued job to run next: the highest priority, then oldest, of those RecoverAfterRestart
+  // queued again (a stop and start must not let the jobs queued behind a running one go first),
+  // else of all. nullopt when none is queued.
   absl::StatusOr<std::optional<JobRecord>> NextQueued();
 
   // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
@@ -269,6 +271,8 @@ class JobStore {
     std::string why;  // the database's error
   };
   std::map<std::string, UnrecordedCancel> unrecorded_cancels_;  // by job id
+  // Jobs RecoverAfterRestart queued again, until they run (NextQueued takes them first).
+  std::set<std::string> interrupted_;
   sqlite3* db_;
   std::string path_;
 };

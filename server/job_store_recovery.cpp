@@ -105,6 +105,7 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
     Exec("ROLLBACK;").IgnoreError();
     return s;
   }
+  interrupted_.insert(recovered.requeued.begin(), recovered.requeued.end());
   return recovered;
 }
 

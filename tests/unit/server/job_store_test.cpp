@@ -134,6 +134,31 @@ TEST_F(JobStoreTest, QueueOrderIsPriorityThenSubmission) {
   EXPECT_EQ((*store->NextQueued())->id, a->id);
 }
 
+// A stop and start queues the running jobs again; they run first, before the queued jobs of
+// higher priority that were waiting behind them (a restart let those jump ahead of a job days
+// into its training, which then waited for them all).
+TEST_F(JobStoreTest, JobsRunningAtAStopRunFirstAfterTheStart) {
+  std::string low, high, other;
+  {
+    auto store = OpenStore();
+    low = store->Insert("l", "low", 0, 1, 10)->id;
+    ASSERT_TRUE(store->MarkRunning(low).ok());
+    high = store->Insert("h", "high", 5, 1, 10)->id;
+    other = store->Insert("o", "other", 9, 1, 10)->id;
+    ASSERT_TRUE(store->MarkDaemonRunning("pid 1").ok());
+    ASSERT_TRUE(store->MarkDaemonStopped().ok());  // a clean stop
+  }
+  auto store = OpenStore();
+  auto recovered = store->RecoverAfterRestart(3);
+  ASSERT_TRUE(recovered.ok());
+  EXPECT_EQ(recovered->requeued, std::vector<std::string>{low});
+  EXPECT_EQ((*store->NextQueued())->id, low);
+  ASSERT_TRUE(store->MarkRunning(low).ok());
+  EXPECT_EQ((*store->NextQueued())->id, other);  // then priority order again
+  ASSERT_TRUE(store->MarkRunning(other).ok());
+  EXPECT_EQ((*store->NextQueued())->id, high);
+}
+
 TEST_F(JobStoreTest, FullQueueIsResourceExhausted) {
   auto store = OpenStore();
   ASSERT_TRUE(store->Insert("a", "a", 0, 1, 2).ok());
