@@ -558,8 +558,11 @@ absl::Status Daemon::OpenJobStore() {
         "kill, kill -9 or a power cut); its log, and the system's, say why",
         *recovered->unclean_stop);
   }
-  for (const auto& id : recovered->requeued)
-    spdlog::warn("job {} was running at the last stop; re-queued", id);
+  for (const auto& id : recovered->requeued) {
+    // After a clean stop this is the plan, not a warning.
+    spdlog::log(recovered->unclean_stop ? spdlog::level::warn : spdlog::level::info,
+                "job {} was running at the last stop; queued again, to run first", id);
+  }
   for (const auto& [id, error] : recovered->failed) spdlog::error("job {} failed: {}", id, error);
   JobStore* jobs = jobs_.get();
   metrics_.AddGaugeFamilyCallback("lorad_jobs", "Training jobs by state", {"state"}, [jobs] {
@@ -718,11 +721,10 @@ void Daemon::Shutdown() {
   // RPC grace period, which a container's stop timeout may not outlast.
   if (job_runner_) job_runner_->StopStartingJobs();
   if (engine_) {
+    // Each job's own line (the job runner's) says whether it checkpointed and resumes: this count
+    // holds jobs still reading their data and jobs ending by a cancel too.
     if (const int jobs = engine_->StopTraining(); jobs > 0) {
-      spdlog::info(
-          "training stopped: {} running job(s) checkpointed (a checkpoint that could not be "
-          "written is logged above); they resume at the next start",
-          jobs);
+      spdlog::info("training stopped: {} active job(s)", jobs);
     }
   }
   if (grpc_server_) {

@@ -88,7 +88,7 @@ def test_a_job_running_at_three_deaths_of_the_daemon_fails_instead_of_starting_a
         d.proc.wait()
         if death > 0:
             assert "did not stop cleanly" in d.log(), d.log()
-            assert f"job {job_id} was running at the last stop; re-queued" in d.log()
+            assert f"job {job_id} was running at the last stop; queued again" in d.log()
 
     d = start_daemon(tmp_path)
     try:
@@ -146,7 +146,7 @@ def test_ctrl_c_mid_step_writes_a_checkpoint_the_next_start_resumes_from(tmp_pat
     assert checkpoints, first_log
     # The job checkpoints before the RPCs' grace period, which a container's stop timeout
     # (docker: 10 s, the default grace) may not outlast.
-    stopped = first_log.find("training stopped: 1 running job(s) checkpointed")
+    stopped = first_log.find("training stopped: 1 active job(s)")
     assert 0 <= stopped < first_log.find("draining: in-flight RPCs"), first_log
     assert f"job {queued.id} (queued) started" not in first_log
 
