@@ -32,6 +32,15 @@ using test_fixtures::Greedy;
 using test_fixtures::RandomPrompt;
 using test_fixtures::Result;
 
+// The text a request streams for `tokens` (continuing its prompt), ended after them.
+std::string StreamedText(const Tokenizer& tokenizer, const std::vector<int32_t>& tokens) {
+  IncrementalDetokenizer detokenizer(tokenizer, /*skip_special_tokens=*/true,
+                                     /*continues_text=*/true);
+  std::string text;
+  for (int32_t id : tokens) text += detokenizer.Add(id);
+  return text + detokenizer.Finish();
+}
+
 TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   Fixture f;
   GenerationRequest r = Greedy({}, "", 24);
@@ -60,11 +69,8 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
       size_t shortest = 1;
       std::string decoded;
       for (; shortest <= full.tokens.size(); ++shortest) {
-        // The prefix's text as the stream has it: continuing the prompt, as if it ended here.
-        IncrementalDetokenizer prefix(tok, /*skip_special_tokens=*/true, /*continues_text=*/true);
-        decoded.clear();
-        for (size_t i = 0; i < shortest; ++i) decoded += prefix.Add(full.tokens[i]);
-        decoded += prefix.Finish();
+        // The prefix's text as the stream has it, as if it ended here.
+        decoded = StreamedText(tok, {full.tokens.begin(), full.tokens.begin() + shortest});
         if (decoded.find(stop_here.stop[0]) != std::string::npos) break;
       }
       ASSERT_LE(shortest, full.tokens.size());
@@ -82,12 +88,7 @@ TEST(InferenceEngineTest, StopStringsAndStopTokensEndGeneration) {
   const auto first = std::find(full.tokens.begin(), full.tokens.end(), full.tokens[3]);
   EXPECT_EQ(at_token.tokens, std::vector<int32_t>(full.tokens.begin(), first + 1));
   // ... but its text is not (vLLM's default): the text is that of the tokens before it.
-  IncrementalDetokenizer before(f.tokenizer(), /*skip_special_tokens=*/true,
-                                /*continues_text=*/true);
-  std::string expected;
-  for (auto it = full.tokens.begin(); it != first; ++it) expected += before.Add(*it);
-  expected += before.Finish();
-  EXPECT_EQ(at_token.text, expected);
+  EXPECT_EQ(at_token.text, StreamedText(f.tokenizer(), {full.tokens.begin(), first}));
 }
 
 // A stop string holding U+FFFD (a client ending generation at the first undecodable output)
@@ -163,12 +164,7 @@ TEST(InferenceEngineTest, AStopTokenThatIsAlsoAnEosIdIsNotInTheText) {
   EXPECT_EQ(got.reason, FinishReason::kEos);
   const auto first = std::find(full.tokens.begin(), full.tokens.end(), end);
   EXPECT_EQ(got.tokens, std::vector<int32_t>(full.tokens.begin(), first + 1));
-  IncrementalDetokenizer before(f.tokenizer(), /*skip_special_tokens=*/true,
-                                /*continues_text=*/true);
-  std::string expected;
-  for (auto it = full.tokens.begin(); it != first; ++it) expected += before.Add(*it);
-  expected += before.Finish();
-  EXPECT_EQ(got.text, expected);
+  EXPECT_EQ(got.text, StreamedText(f.tokenizer(), {full.tokens.begin(), first}));
 }
 
 TEST(InferenceEngineTest, CancelAndDeadlineFinishCleanlyWhileOthersContinue) {
