@@ -3,6 +3,7 @@
 // the field. Encoding and decoding are in bpe_tokenizer.cpp.
 #include <algorithm>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/match.h"
@@ -230,7 +231,16 @@ class BpeTokenizerParser {
       t.single_word = BoolField(a, "single_word", false);
       tokens.push_back(std::move(t));
     }
-    tokens.insert(tokens.end(), settings.added_tokens.begin(), settings.added_tokens.end());
+    // tokenizer_config.json's entries come last and win, except that one never makes a token
+    // tokenizer.json calls special a plain one (transformers still skips <|eom_id|> there).
+    std::set<int32_t> special_in_json;
+    for (const AddedToken& t : tokens) {
+      if (t.special) special_in_json.insert(t.id);
+    }
+    for (AddedToken t : settings.added_tokens) {
+      t.special = t.special || special_in_json.count(t.id) > 0;
+      tokens.push_back(std::move(t));
+    }
     for (const AddedToken& t : tokens) {
       t_->added_.Add(t);
       if (t.id >= static_cast<int32_t>(t_->pieces_.size())) t_->pieces_.resize(t.id + 1);

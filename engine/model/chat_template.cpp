@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -155,6 +156,20 @@ std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
 
 namespace {
 
+// A Jinja string literal's text with its Python escapes (\n, \t, \', ...) read.
+std::string UnescapeJinjaString(const std::string& text) {
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '\\' || i + 1 == text.size()) {
+      out += text[i];
+      continue;
+    }
+    const char next = text[++i];
+    out += next == 'n' ? '\n' : next == 't' ? '\t' : next;
+  }
+  return out;
+}
+
 // The fixed system message a ChatML template writes when the conversation opens without one, as
 // Qwen2's does: a Jinja string literal '<|im_start|>system\n...<|im_end|>\n' (the conditional
 // one around it splices messages[0]['content'] in, so it is not a single literal). "" if none.
@@ -165,16 +180,7 @@ std::string DefaultSystemTurn(const std::string& jinja) {
   re2::StringPiece input(jinja);
   std::string quote, text;
   if (!RE2::PartialMatch(input, kLiteral, &quote, &text)) return "";
-  std::string out;
-  for (size_t i = 0; i < text.size(); ++i) {  // Python/Jinja string escapes
-    if (text[i] != '\\' || i + 1 == text.size()) {
-      out += text[i];
-      continue;
-    }
-    const char next = text[++i];
-    out += next == 'n' ? '\n' : next == 't' ? '\t' : next;
-  }
-  return out;
+  return UnescapeJinjaString(text);
 }
 
 }  // namespace
@@ -232,7 +238,22 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
   absl::StatusOr<ChatTemplate> t = FromName(*name, settings->bos_token, settings->eos_token);
   if (!t.ok()) return t;
   t->from_model_jinja_ = true;
-  if (t->family_ == Family::kChatMl) t->default_system_ = DefaultSystemTurn(jinja);
+  if (t->family_ == Family::kChatMl) {
+    t->default_system_ = DefaultSystemTurn(jinja);
+    // ChatML on a tokenizer with a BOS (Hermes 2 Pro, Hermes 3 on Llama 3) writes it first.
+    static const RE2 kBos(R"re(\{\{-?\s*bos_token\b)re");
+    t->chatml_bos_ = RE2::PartialMatch(jinja, kBos);
+    // A reply opened with more than the role line (QwQ's '<|im_start|>assistant\n<think>\n'):
+    // said at start-up, as the rendering leaves it out.
+    static const RE2 kOpening(R"re(<\|im_start\|>assistant(?:\\n|\n)([^'"]+)['"])re");
+    std::string opening;
+    if (RE2::PartialMatch(jinja, kOpening, &opening)) {
+      t->unrendered_ = absl::StrCat(
+          "the model's chat template opens the assistant's reply with more than its role line (",
+          absl::CHexEscape(UnescapeJinjaString(opening)),
+          "), which lorad's chatml rendering leaves out");
+    }
+  }
   if (t->family_ == Family::kLlama3 && jinja.find("Cutting Knowledge Date") != std::string::npos) {
     t->dated_header_ = ReadDatedSystemHeader(jinja);
     if (!t->dated_header_) {
@@ -354,7 +375,7 @@ std::string ChatTemplate::RenderLlama3(const std::vector<ChatMessage>& messages,
 }
 
 std::string ChatTemplate::RenderChatMl(const std::vector<ChatMessage>& messages, bool gen) const {
-  std::string out;
+  std::string out = chatml_bos_ ? bos_token_ : "";
   if (!default_system_.empty() && (messages.empty() || messages[0].role != "system")) {
     absl::StrAppend(&out, "<|im_start|>system\n", default_system_, "<|im_end|>\n");
   }

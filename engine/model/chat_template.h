@@ -135,7 +135,9 @@ class ChatTemplate {
   std::string name_;
   std::string bos_token_;
   std::string eos_token_;
-  std::string default_system_;     // chatml: the system turn's text when a conversation has none
+  std::string default_system_;  // chatml: the system turn's text when a conversation has none
+  bool chatml_bos_ =
+      false;  // chatml: the model's template writes bos_token first (Hermes on Llama)
   bool from_model_jinja_ = false;  // recognised from the model folder's template, not named
   std::optional<DatedSystemHeader> dated_header_;  // llama3: Llama 3.1+'s
   std::string unrendered_;

@@ -93,6 +93,14 @@ QWEN2 = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# NousResearch/Hermes-2-Pro-Llama-3-8B's default template (Hermes 3 too): ChatML that writes the
+# tokenizer's BOS first.
+HERMES = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 # Llama 3.1 and 3.2 Instruct open every conversation with a system turn holding the knowledge
 # cutoff and a date: 3.1 a fixed date_string, 3.2 today's (transformers defines strftime_now).
 # The parts for tools are left out (lorad's Chat has no tools); the rest is as
@@ -158,6 +166,7 @@ FAMILIES = {
     "llama3.2": (LLAMA32, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
     "chatml": (CHATML, "<s>", "</s>", "chatml"),
     "qwen2": (QWEN2, None, "<|im_end|>", "chatml"),
+    "hermes": (HERMES, "<s>", "<|im_end|>", "chatml"),
     "llama2": (LLAMA2, "<s>", "</s>", "llama2"),
     "mistral": (MISTRAL, "<s>", "</s>", "mistral"),
     "alpaca": (ALPACA, "<s>", "</s>", "alpaca"),

@@ -121,6 +121,27 @@ TEST(BpeTokenizer, AddBosTokenSettingsLeaveThePostProcessorAlone) {
   EXPECT_TRUE(t->IsEos(*t->IdOf("!")));
 }
 
+// tokenizer_config.json's added_tokens_decoder saying `special: false` of a token tokenizer.json
+// calls special left it a plain token, so its text leaked into generated output; transformers
+// still skips it. The config may make a token special, never the reverse.
+TEST(BpeTokenizer, TheConfigNeverMakesATokenTheJsonCallsSpecialAPlainOne) {
+  TokenizerSettings settings;
+  AddedToken plain;
+  plain.id = 0;
+  plain.content = "<|bos|>";
+  plain.special = false;
+  AddedToken marked;
+  marked.id = *Parse(Spec())->IdOf("!");
+  marked.content = "!";
+  marked.special = true;
+  settings.added_tokens = {plain, marked};
+  auto t = Parse(Spec(), settings);
+  ASSERT_TRUE(t);
+  EXPECT_TRUE(t->IsSpecial(0));
+  EXPECT_TRUE(t->IsSpecial(marked.id));
+  EXPECT_EQ(t->Decode({0, *t->IdOf("he"), marked.id}, /*skip_special_tokens=*/true), "he");
+}
+
 TEST(BpeTokenizer, BytesOutsideTheVocabularyAreDroppedNotFatal) {
   auto t = Parse(Spec());
   ASSERT_TRUE(t);

@@ -145,6 +145,17 @@ TEST(ChatTemplate, LeftOutPartsOfAModelTemplateAreNamed) {
   auto b = ChatTemplate::FromTokenizerConfig(plain.string());
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_TRUE(b->unrendered().empty());
+  // QwQ opens the reply with '<think>\n' after the role line: rendered as ChatML without it.
+  const fs::path thinking = Folder("thinking", R"({"chat_template":
+      "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}{{- '<|im_start|>assistant\\n<think>\\n' }}"})");
+  auto c = ChatTemplate::FromTokenizerConfig(thinking.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_NE(c->unrendered().find("more than its role line (<think>\\n)"), std::string::npos)
+      << c->unrendered();
+  // Qwen2's own opening is the role line alone: nothing left out.
+  auto tiny = ChatTemplate::FromTokenizerConfig(std::getenv("LORAD_TINY_MODEL"));
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  EXPECT_TRUE(tiny->unrendered().empty()) << tiny->unrendered();
 }
 
 TEST(ChatTemplate, MissingOrUnknownFolderTemplatesAreErrorsNamingTheFile) {
