@@ -3,6 +3,7 @@
 #include <chrono>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "server/log_limiter.h"
 #include "spdlog/spdlog.h"
 
@@ -17,12 +18,14 @@ absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerCon
   if (it != metadata.end()) header.assign(it->second.data(), it->second.size());
   auto principal = auth.Authorize(header, needed);
   if (principal.ok()) return absl::OkStatus();
-  // Who was refused and why (never the token): after tokens are rotated, the client still
-  // sending an old one is found here. A client retrying in a loop writes a line every 10 s.
+  // Who was refused and why (never the token): after tokens are rotated, the clients still
+  // sending an old one are found here. Each client address (its port aside) and reason writes a
+  // line every 10 s at most, so one retrying in a loop hides no other.
   static LogLimiter limiter(std::chrono::seconds(10));
-  if (auto held = limiter.Allow()) {
-    spdlog::warn("refused a call from {}: {}{}", context.peer(),
-                 std::string(principal.status().message()), LogLimiter::HeldBack(*held));
+  const std::string peer = context.peer();
+  const std::string reason(principal.status().message());
+  if (auto held = limiter.Allow(absl::StrCat(peer.substr(0, peer.rfind(':')), "|", reason))) {
+    spdlog::warn("refused a call from {}: {}{}", peer, reason, LogLimiter::HeldBack(*held));
   }
   return principal.status();
 }

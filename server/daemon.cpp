@@ -701,14 +701,9 @@ absl::Status Daemon::StartGrpc() {
   return absl::OkStatus();
 }
 
-void Daemon::RecordForcedStop() {
-  if (!marked_running_.exchange(false)) return;
-  if (auto s = jobs_->MarkDaemonStopped(); !s.ok()) {
-    spdlog::warn(
-        "the job database did not record the forced stop ({}): the next start counts it "
-        "against the jobs that were running",
-        std::string(s.message()));
-  }
+absl::Status Daemon::RecordForcedStop(std::chrono::milliseconds budget) {
+  if (!marked_running_.exchange(false)) return absl::OkStatus();
+  return jobs_->MarkDaemonStoppedWithin(budget);
 }
 
 void Daemon::Shutdown() {

@@ -43,8 +43,9 @@ class Daemon {
   void Shutdown();
   // A second stop signal ends the process without the clean shutdown: the job database stops
   // saying this daemon runs jobs, so the next start does not count the stop as a death of the
-  // running jobs (they resume from their last checkpoint). Thread-safe; after Start.
-  void RecordForcedStop();
+  // running jobs (they resume from their last checkpoint). Waits at most `budget`; an error when
+  // the database did not take it. Thread-safe; after Start.
+  absl::Status RecordForcedStop(std::chrono::milliseconds budget);
 
   int grpc_port() const { return grpc_port_; }
   const MetricsRegistry& metrics() const { return metrics_; }

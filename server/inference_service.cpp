@@ -248,11 +248,11 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   // every request of its batch, hence the limit.
   static void LogError(const State& s, const engine::TokenEvent& e) {
     static LogLimiter limiter(std::chrono::seconds(10));
-    if (auto held = limiter.Allow()) {
+    const std::string message(e.status.message());
+    if (auto held = limiter.Allow(absl::StrCat(s.adapter, "|", message))) {
       spdlog::warn("a generation request{} ended with an error after {} token(s): {}{}",
                    s.adapter.empty() ? "" : absl::StrCat(" on adapter '", s.adapter, "'"),
-                   e.usage.completion_tokens, std::string(e.status.message()),
-                   LogLimiter::HeldBack(*held));
+                   e.usage.completion_tokens, message, LogLimiter::HeldBack(*held));
     }
   }
 

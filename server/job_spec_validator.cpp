@@ -1,6 +1,7 @@
 #include "server/job_spec_validator.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
@@ -484,7 +485,13 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
   std::error_code ec;
   std::filesystem::create_directories(output_dir, ec);
   if (ec) {
-    return absl::UnavailableError(absl::StrCat("cannot create ", output_dir, ": ", ec.message()));
+    // Storage that refuses (a full disk, a folder lorad may not write) may take it later: the
+    // job waits. Anything else (a file where the folder goes) fails it, and the queue goes on.
+    const std::string message = absl::StrCat("cannot create ", output_dir, ": ", ec.message());
+    const int e = ec.value();
+    const bool storage =
+        e == ENOSPC || e == EDQUOT || e == EROFS || e == EACCES || e == EPERM || e == EIO;
+    return storage ? absl::UnavailableError(message) : absl::InternalError(message);
   }
   engine::TrainingJobConfig c = TrainingJobConfigOf(spec, output_dir);
   // Resolved inside the dataset root at submit and checked again just above (the inline records'

@@ -149,7 +149,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
     sqlite3_close(db);
     return absl::UnavailableError(absl::StrCat("job database '", path, "': ", message));
   }
-  std::unique_ptr<JobStore> store(new JobStore(db, path));
+  std::unique_ptr<JobStore> store(new JobStore(db, path, busy_timeout));
   sqlite3_busy_timeout(db, static_cast<int>(busy_timeout.count()));
   // A damaged file fails at the pragmas, the schema or the check below; SqliteError names the
   // file and says what to do. A damaged page elsewhere would pass them: the whole file is
@@ -414,18 +414,20 @@ absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector
   s.BindNamed(":number", number);
   s.BindText(s.Index(":error"), error);
   s.BindText(s.Index(":id"), id);
-  return s.Run();
+  absl::Status run = s.Run();
+  // Out of the queue (run, cancelled, failed): no longer one a restart queued again, also when
+  // a retry queues it later.
+  if (run.ok()) interrupted_.erase(id);
+  return run;
 }
 
 absl::Status JobStore::MarkRunning(const std::string& id, int64_t at_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   // started_ms keeps the first start across restarts; attempts counts them.
-  absl::Status s = TransitionLocked(id, {JobState::kQueued}, JobState::kRunning,
-                                    "started_ms = CASE started_ms WHEN 0 THEN :now ELSE "
-                                    "started_ms END, attempts = attempts + 1",
-                                    "", 0, at_ms);
-  if (s.ok()) interrupted_.erase(id);
-  return s;
+  return TransitionLocked(id, {JobState::kQueued}, JobState::kRunning,
+                          "started_ms = CASE started_ms WHEN 0 THEN :now ELSE started_ms END, "
+                          "attempts = attempts + 1",
+                          "", 0, at_ms);
 }
 
 absl::Status JobStore::MarkSucceeded(const std::string& id, int64_t adapter_version,
@@ -491,6 +493,7 @@ absl::StatusOr<JobRecord> JobStore::Requeue(const std::string& id, int64_t max_q
   s.Bind(1, static_cast<int64_t>(JobState::kQueued)).BindText(2, id);
   if (auto st = s.Run(); !st.ok()) return st;
   unrecorded_cancels_.erase(id);
+  interrupted_.erase(id);  // queued by the retry, in the priority order
   return GetLocked(id);
 }
 

@@ -209,6 +209,9 @@ class JobStore {
   // start time), and it stopped cleanly: its running jobs were checkpointed.
   absl::Status MarkDaemonRunning(const std::string& since);
   absl::Status MarkDaemonStopped();
+  // The same within `budget` (a second stop signal's: the process ends at once either way), for
+  // a database another writer holds or that refuses: DEADLINE_EXCEEDED or its error then.
+  absl::Status MarkDaemonStoppedWithin(std::chrono::milliseconds budget);
   // After a restart: every running job goes back to queued (to resume from its checkpoint).
   // Where the last daemon marked itself running and never stopped, it died (a crash, an
   // out-of-memory kill, kill -9): its running jobs count that in unclean_stops, from 1 again for
@@ -241,7 +244,8 @@ class JobStore {
                                        const Rewrite& relocate);
 
  private:
-  explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  explicit JobStore(sqlite3* db, std::string path, std::chrono::milliseconds busy_timeout)
+      : db_(db), path_(std::move(path)), busy_timeout_(busy_timeout) {}
   absl::Status Exec(const std::string& sql);
   absl::Status Transition(const std::string& id, const std::vector<JobState>& from, JobState to,
                           const std::string& extra_set_sql, const std::string& error,
@@ -275,6 +279,7 @@ class JobStore {
   std::set<std::string> interrupted_;
   sqlite3* db_;
   std::string path_;
+  std::chrono::milliseconds busy_timeout_;  // how long a write waits for another writer
 };
 
 }  // namespace lorad::server

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -33,6 +34,23 @@ absl::Status JobStore::MarkDaemonRunning(const std::string& since) {
 absl::Status JobStore::MarkDaemonStopped() {
   std::lock_guard<std::mutex> lock(mu_);
   return ForgetDaemonMarkLocked();
+}
+
+absl::Status JobStore::MarkDaemonStoppedWithin(std::chrono::milliseconds budget) {
+  const auto deadline = std::chrono::steady_clock::now() + budget;
+  std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+  while (!lock.try_lock()) {  // a step's write under way: it ends in milliseconds, or not soon
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return absl::DeadlineExceededError("the job database was busy");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  sqlite3_busy_timeout(db_, static_cast<int>(std::max<int64_t>(1, left.count())));
+  absl::Status s = ForgetDaemonMarkLocked();
+  sqlite3_busy_timeout(db_, static_cast<int>(busy_timeout_.count()));
+  return s;
 }
 
 absl::Status JobStore::ForgetDaemonMarkLocked() {

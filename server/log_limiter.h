@@ -1,11 +1,13 @@
-// LogLimiter: lets one log line through per interval and counts those it held back, for events
-// that may repeat at a request's rate (a failing device ends every request with an error, a
-// client keeps retrying with a revoked token): the log says what happened without flooding.
-// Thread-safe.
+// LogLimiter: lets one log line per key through per interval and counts those it held back, for
+// events that may repeat at a request's rate (a failing device ends every request with an error,
+// a client keeps retrying with a revoked token): the log says what happened without flooding,
+// and one noisy key (a client, an error) does not hide the others. The count of lines held back
+// is written with the key's next line. Thread-safe.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -18,32 +20,43 @@ class LogLimiter {
  public:
   explicit LogLimiter(std::chrono::steady_clock::duration interval) : interval_(interval) {}
 
-  // When a line may be written now: how many were held back since the last one; else nothing.
-  std::optional<int64_t> Allow() {
+  // When a line for `key` may be written now: how many of its lines were held back since its
+  // last one; else nothing. Past kMaxKeys keys, new ones share one.
+  std::optional<int64_t> Allow(const std::string& key) {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mu_);
-    if (written_ && now - last_ < interval_) {
-      ++held_back_;
+    auto it = keys_.find(key);
+    if (it == keys_.end()) {
+      it = keys_.size() < kMaxKeys ? keys_.emplace(key, Key{}).first
+                                   : keys_.emplace("", Key{}).first;
+    }
+    Key& k = it->second;
+    if (k.written && now - k.last < interval_) {
+      ++k.held_back;
       return std::nullopt;
     }
-    written_ = true;
-    last_ = now;
-    const int64_t held = held_back_;
-    held_back_ = 0;
+    k.written = true;
+    k.last = now;
+    const int64_t held = k.held_back;
+    k.held_back = 0;
     return held;
   }
 
-  // " (N more like it since the last line)" for a count above zero, for the line's end.
+  // " (N more like it since the last such line)" for a count above zero, for the line's end.
   static std::string HeldBack(int64_t held) {
     return held > 0 ? absl::StrCat(" (", held, " more like it since the last such line)") : "";
   }
 
  private:
+  static constexpr size_t kMaxKeys = 256;
+  struct Key {
+    bool written = false;
+    std::chrono::steady_clock::time_point last;
+    int64_t held_back = 0;
+  };
   const std::chrono::steady_clock::duration interval_;
   std::mutex mu_;
-  bool written_ = false;
-  std::chrono::steady_clock::time_point last_;
-  int64_t held_back_ = 0;
+  std::map<std::string, Key> keys_;
 };
 
 }  // namespace lorad::server

@@ -184,19 +184,30 @@ int main(int argc, char** argv) {
     stop->first_while_serving.set_value(first);
     int again = 0;
     sigwait(&stop->set, &again);
+    spdlog::warn(
+        "second stop signal: exiting now; running jobs resume from their last checkpoint at the "
+        "next start");
     // The operator's choice, not a death: the crash-loop guard must not count it against the
-    // running jobs (three impatient stops failed a job). The job database gets 3 s for that.
+    // running jobs (three impatient stops failed a job). The job database gets 2 s for that.
     std::thread([] {
       std::this_thread::sleep_for(std::chrono::seconds(3));
       std::_Exit(kExitRuntime);
     }).detach();
+    absl::Status recorded = absl::OkStatus();
     {
       std::lock_guard<std::mutex> lock(stop->mutex);
-      if (stop->daemon != nullptr) stop->daemon->RecordForcedStop();
+      if (stop->daemon != nullptr) {
+        recorded = stop->daemon->RecordForcedStop(std::chrono::seconds(2));
+      }
     }
-    spdlog::warn(
-        "second stop signal: exiting now; running jobs resume from their last checkpoint at the "
-        "next start (not counted as a crash)");
+    if (recorded.ok()) {
+      spdlog::warn("the forced stop is recorded: not counted as a crash");
+    } else {
+      spdlog::warn(
+          "the job database did not record the forced stop ({}): the next start counts it as a "
+          "crash of the jobs that were running",
+          std::string(recorded.message()));
+    }
     spdlog::shutdown();
     std::_Exit(kExitRuntime);
   }).detach();

@@ -276,7 +276,7 @@ std::string MetricsRegistry::Render() const {
 std::vector<double> LatencyBucketsSeconds() {
   // Up to an hour: a long generation on a busy GPU, or a long wait in the queue, took minutes,
   // and everything past 60 s fell into +Inf, where no percentile can be read.
-  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,  1,
           2.5,   5,      10,    30,   60,    120,  300, 600,  1800, 3600};
 }
 

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <iostream>
@@ -160,8 +161,10 @@ std::string CommandNames(const CLI::App& app) {
 
 int main(int argc, char** argv) {
   // gRPC's own log lines (a failed TLS handshake's "E1207 ... Handshake failed") came before
-  // loradctl's one-line error, which says the same with what to do.
-  gpr_set_log_function([](gpr_log_func_args*) {});
+  // loradctl's one-line error, which says the same with what to do; unless asked for them.
+  if (std::getenv("GRPC_VERBOSITY") == nullptr && std::getenv("GRPC_TRACE") == nullptr) {
+    gpr_set_log_function([](gpr_log_func_args*) {});
+  }
   CLI::App app{
       "loradctl: submit and watch QLoRA fine-tuning jobs, manage adapters and generate "
       "text with a running lorad daemon"};

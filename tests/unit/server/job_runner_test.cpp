@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <ctime>
@@ -440,16 +442,20 @@ TEST(JobRunnerTest, AJobFailingAtStartWhileTheDatabaseRefusesWritesFailsOnce) {
   EXPECT_EQ(failures.load(), 1);
 }
 
-// A queued job whose folder cannot be made when its turn comes (a full disk, jobs/ not writable;
-// here a file holds its name) stays queued and starts once it can be made: it was failed for good.
-TEST(JobRunnerTest, AJobWhoseFolderCannotBeMadeWaitsAndStartsOnceItCan) {
-  Rig rig("folder-in-the-way", 1);
-  fs::create_directories(rig.job_dir().parent_path());
-  std::ofstream(rig.job_dir()) << "not a folder";
+// A queued job whose folder storage refuses when its turn comes (a full disk, jobs/ not
+// writable; here jobs/ leads into /sys, where even root may not make a folder: EPERM) stays
+// queued and starts once the folder can be made: it was failed for good.
+TEST(JobRunnerTest, AJobWhoseFolderStorageRefusesWaitsAndStartsOnceItCan) {
+  ASSERT_NE(::mkdir("/sys/kernel/lorad-job-runner-test", 0755), 0);
+  ASSERT_EQ(errno, EPERM) << "this test needs /sys, where mkdir is refused with EPERM";
+  Rig rig("storage-refuses", 1);
+  fs::remove_all(rig.job_dir().parent_path());
+  fs::create_directory_symlink("/sys/kernel", rig.job_dir().parent_path());
   rig.runner().Start();
   std::this_thread::sleep_for(std::chrono::seconds(2));
   EXPECT_EQ(rig.State(), JobState::kQueued);
-  fs::remove(rig.job_dir());
+  fs::remove(rig.job_dir().parent_path());
+  fs::create_directories(rig.job_dir().parent_path());
   EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60))
       << "the job never started after its folder could be made";
 }

@@ -159,6 +159,25 @@ TEST_F(JobStoreTest, JobsRunningAtAStopRunFirstAfterTheStart) {
   EXPECT_EQ((*store->NextQueued())->id, high);
 }
 
+// A job queued again by a restart and cancelled before it ran is, once retried, queued in the
+// priority order like any other (it kept its place at the head of the queue).
+TEST_F(JobStoreTest, AnInterruptedJobCancelledAndRetriedTakesItsPriorityPlace) {
+  std::string low, high;
+  {
+    auto store = OpenStore();
+    low = store->Insert("l", "low", 0, 1, 10)->id;
+    ASSERT_TRUE(store->MarkRunning(low).ok());
+    ASSERT_TRUE(store->MarkDaemonRunning("pid 1").ok());
+    ASSERT_TRUE(store->MarkDaemonStopped().ok());
+  }
+  auto store = OpenStore();
+  ASSERT_TRUE(store->RecoverAfterRestart(3).ok());
+  ASSERT_TRUE(store->Cancel(low).ok());
+  high = store->Insert("h", "high", 5, 1, 10)->id;
+  ASSERT_TRUE(store->Requeue(low, 10).ok());
+  EXPECT_EQ((*store->NextQueued())->id, high);
+}
+
 TEST_F(JobStoreTest, FullQueueIsResourceExhausted) {
   auto store = OpenStore();
   ASSERT_TRUE(store->Insert("a", "a", 0, 1, 2).ok());
