@@ -54,10 +54,12 @@ bool HasBias(const ModelConfig& config, Projection p) {
 }
 
 // Loads one projection: float or NF4 per `options.base`, from a float or a bitsandbytes 4-bit
-// checkpoint tensor, with its bias where the module has one (HasBias).
+// checkpoint tensor, with its bias where the module has one (HasBias). In a bitsandbytes
+// checkpoint a float projection is one it left 16-bit on purpose (llm_int8_skip_modules, the
+// sensitive layers of "dynamic" 4-bit downloads): it stays float, as transformers keeps it.
 absl::StatusOr<BaseLinear> LoadProjection(const ModelConfig& config, const ModelWeights& weights,
                                           const LlamaModelOptions& options, int64_t layer,
-                                          Projection p) {
+                                          Projection p, bool bitsandbytes_checkpoint) {
   const std::string path = ProjectionPath(layer, p);
   const std::string weight_name = path + ".weight";
   const std::string bias_name = path + ".bias";
@@ -74,7 +76,7 @@ absl::StatusOr<BaseLinear> LoadProjection(const ModelConfig& config, const Model
     if (options.base == BaseWeights::kNf4) return BaseLinear::Nf4(*std::move(nf4), bias);
     return BaseLinear::Float(nf4->Dequantize(options.dtype), bias);
   }
-  if (options.base == BaseWeights::kFloat) {
+  if (options.base == BaseWeights::kFloat || bitsandbytes_checkpoint) {
     auto w = weights.Get(weight_name, options.dtype, options.device, shape);
     if (!w.ok()) return w.status();
     return BaseLinear::Float(*w, bias);
@@ -125,14 +127,22 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
   m->config_ = config;
   m->options_ = options;
   m->weights_fingerprint_ = weights.Fingerprint();
-  m->bitsandbytes_checkpoint_ =
-      weights.IsBitsandbytes4bit(ProjectionPath(0, Projection::kQ) + ".weight");
+  // Any tensor: a folder may keep some layers 16-bit (llm_int8_skip_modules).
+  for (const std::string& name : weights.names()) {
+    if (weights.IsBitsandbytes4bit(name)) m->bitsandbytes_checkpoint_ = true;
+  }
   const auto& o = options;
   const Shape hidden{config.hidden_size};
   const Shape embedding{config.vocab_size, config.hidden_size};
   try {
     torch::NoGradGuard no_grad;
-    auto embed = weights.Get("model.embed_tokens.weight", o.dtype, o.device, embedding);
+    // A tied checkpoint saved with only the lm_head (safetensors' save_model keeps one name of
+    // a shared tensor) holds the embedding there, and transformers ties it back.
+    const bool embedding_in_head = config.tie_word_embeddings &&
+                                   !weights.Contains("model.embed_tokens.weight") &&
+                                   weights.Contains("lm_head.weight");
+    auto embed = weights.Get(embedding_in_head ? "lm_head.weight" : "model.embed_tokens.weight",
+                             o.dtype, o.device, embedding);
     if (!embed.ok()) return embed.status();
     m->embed_tokens_ = *embed;
     auto norm = weights.Get("model.norm.weight", o.dtype, o.device, hidden);
@@ -147,6 +157,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
         if (!head.ok()) return head.status();
         if (!torch::equal(*head, m->embed_tokens_)) m->lm_head_ = *head;
       }
+    } else if (weights.IsBitsandbytes4bit("lm_head.weight")) {
+      // Quantized with it (llm_int8_skip_modules without lm_head): lorad keeps lm_head 16-bit.
+      auto head = weights.GetNf4("lm_head.weight", embedding, o.device);
+      if (!head.ok()) return head.status();
+      m->lm_head_ = head->Dequantize(o.dtype);
     } else {
       auto head = weights.Get("lm_head.weight", o.dtype, o.device, embedding);
       if (!head.ok()) {
@@ -168,7 +183,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
       if (!post_norm.ok()) return post_norm.status();
       layer.post_attention_norm = *post_norm;
       for (int p = 0; p < kNumProjections; ++p) {
-        auto linear = LoadProjection(config, weights, o, i, static_cast<Projection>(p));
+        auto linear = LoadProjection(config, weights, o, i, static_cast<Projection>(p),
+                                     m->bitsandbytes_checkpoint_);
         if (!linear.ok()) return linear.status();
         layer.projections[p] = *std::move(linear);
       }

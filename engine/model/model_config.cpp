@@ -160,6 +160,24 @@ absl::StatusOr<ModelConfig> ParseFields(const json& j, const std::string& source
                        "'; lorad reads 16/32-bit checkpoints (and quantizes them to NF4 itself) or "
                        "bitsandbytes 4-bit ones: point it at the unquantized model folder"));
     }
+    // bitsandbytes 4-bit as lorad reads it: NF4 with double quantization (the -bnb-4bit
+    // downloads); transformers' default BitsAndBytesConfig(load_in_4bit=True) is FP4 without.
+    const std::string type = Optional<std::string>(q, "bnb_4bit_quant_type", "nf4");
+    const bool double_quant = Optional<bool>(q, "bnb_4bit_use_double_quant", true);
+    if (type != "nf4" || !double_quant) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": quantization_config says bitsandbytes 4-bit '", type, "'",
+          double_quant ? "" : " without double quantization",
+          "; lorad reads bitsandbytes NF4 with double quantization, or 16/32-bit checkpoints (it "
+          "quantizes them to NF4 itself): point it at the unquantized model folder"));
+    }
+  }
+  // MLX's quantized folders (mlx-community's -4bit) say so in a "quantization" object.
+  if (j.contains("quantization") && j["quantization"].is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": the checkpoint is quantized by MLX ('quantization' ", j["quantization"].dump(),
+        "); lorad reads 16/32-bit checkpoints (and quantizes them to "
+        "NF4 itself) or bitsandbytes 4-bit ones: point it at the unquantized model folder"));
   }
   // transformers falls back on model_type when there is no architectures list.
   static const std::map<std::string, std::string> kByModelType = {{"llama", "LlamaForCausalLM"},

@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 #include <set>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -225,6 +226,16 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
 
   uint64_t header_len = 0;
   std::memcpy(&header_len, base, sizeof(header_len));
+  // `git clone` without git-lfs leaves a small text pointer in the weights' place.
+  constexpr std::string_view kLfsPointer = "version https://git-lfs";
+  if (size >= kLfsPointer.size() &&
+      std::string_view(reinterpret_cast<const char*>(base), kLfsPointer.size()) == kLfsPointer) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path,
+                     " is a git-lfs pointer, not the weights (the repository was cloned without "
+                     "git-lfs): run `git lfs pull` in the folder, or download it again with the "
+                     "Hugging Face CLI (`hf download`)"));
+  }
   if (header_len > kMaxHeaderBytes) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": header length ", header_len,
                                                    " bytes exceeds the limit of ", kMaxHeaderBytes,

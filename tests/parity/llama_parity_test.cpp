@@ -215,6 +215,12 @@ TEST(LlamaParity, AMergedExportOfABitsandbytesCheckpointIsRefusedBeforeTraining)
   EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
   EXPECT_NE(refused.message().find("export_merged"), std::string::npos) << refused;
   EXPECT_TRUE(Trainer::CheckMergedExport(**float_model, "tiny", config).ok());
+  // Also one whose first layer's attention is 16-bit (the flag looked at that projection alone).
+  const std::string partly_folder = Dir() + "tiny_bnb_nf4_skip_modules";
+  auto partly = LlamaModel::Load(partly_folder, LlamaModelOptions());
+  ASSERT_TRUE(partly.ok()) << partly.status();
+  EXPECT_TRUE((*partly)->bitsandbytes_checkpoint());
+  EXPECT_TRUE(absl::IsInvalidArgument(Trainer::CheckMergedExport(**partly, partly_folder, config)));
   config.export_merged_dtype.clear();
   EXPECT_TRUE(Trainer::CheckMergedExport(**bnb, bnb_folder, config).ok());
 }

@@ -56,10 +56,13 @@ def nf4_round_trip(w: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).reshape(w.shape).to(w.dtype)
 
 
-def quantize_projections(model) -> None:
-    """Replaces each targeted linear weight by its NF4 round trip, as lorad's nf4 base holds it."""
+def quantize_projections(model, skip: tuple = ()) -> None:
+    """Replaces each targeted linear weight by its NF4 round trip, as lorad's nf4 base holds it;
+    modules under a `skip` prefix stay as they are (bitsandbytes' llm_int8_skip_modules)."""
     with torch.no_grad():
         for name, module in model.named_modules():
+            if name.startswith(skip) and skip:
+                continue
             if name.split(".")[-1] in PROJECTIONS and isinstance(module, torch.nn.Linear):
                 w = module.weight.data
                 module.weight.data = nf4_round_trip(w)
@@ -173,10 +176,13 @@ def train_case(out: pathlib.Path, name: str, model, vocab: int, packed: bool = F
 
 
 def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path,
-                        quant_storage: torch.dtype = torch.uint8) -> None:
+                        quant_storage: torch.dtype = torch.uint8, skip: tuple = (),
+                        quantize_head: bool = False) -> None:
     """The fixture as transformers saves a bitsandbytes 4-bit model: each projection weight packed
     (uint8, or the same bytes as another dtype: bnb_4bit_quant_storage, e.g. bf16 for FSDP) with
-    its quant state beside it (Linear4bit._save_to_state_dict's layout)."""
+    its quant state beside it (Linear4bit._save_to_state_dict's layout); those under a `skip`
+    prefix (llm_int8_skip_modules) left as they are; with `quantize_head`, lm_head too (a skip
+    list without it)."""
     import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file, save_file
 
@@ -184,7 +190,9 @@ def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path,
     sd = load_file(str(model_folder / "model.safetensors"))
     result = {}
     for key, w in sd.items():
-        if key.endswith(".weight") and key.split(".")[-2] in PROJECTIONS:
+        projection = key.endswith(".weight") and key.split(".")[-2] in PROJECTIONS
+        if ((projection and not (skip and key.startswith(skip)))
+                or (quantize_head and key == "lm_head.weight")):
             packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True,
                                                quant_type="nf4", quant_storage=quant_storage)
             assert packed.dtype == quant_storage, packed.dtype
@@ -199,8 +207,34 @@ def save_bnb_checkpoint(model_folder: pathlib.Path, out: pathlib.Path,
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32",
         "bnb_4bit_quant_storage": str(quant_storage).removeprefix("torch."),
+        "llm_int8_skip_modules": list(skip) or None,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_tied_lm_head_only(folder: pathlib.Path) -> pathlib.Path:
+    """A small tied Llama saved as safetensors.torch.save_model saves it: the embedding and the
+    lm_head are one tensor, stored once, under lm_head.weight."""
+    from safetensors.torch import save_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                         initializer_range=0.05)
+    model = LlamaForCausalLM(config).eval()
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(str(folder))
+    (folder / "model.safetensors").unlink()
+    save_model(model, str(folder / "model.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" not in names, names
+    return folder
 
 
 def make_architectures(out: pathlib.Path) -> dict:
@@ -290,6 +324,30 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
     bnb_bf16_folder = out / "tiny_bnb_nf4_bf16_storage"
     save_bnb_checkpoint(model, bnb_bf16_folder, quant_storage=torch.bfloat16)
     case("bnb_prequantized_bf16_storage", bnb_bf16_folder, base="nf4", reference="nf4")
+    # Layer 0's attention left 16-bit (llm_int8_skip_modules, as "dynamic" 4-bit downloads keep
+    # sensitive layers): transformers keeps those projections float, and so must lorad.
+    skip = ("model.layers.0.self_attn",)
+    partly = load(model)
+    quantize_projections(partly, skip=skip)
+    forward_case(out, "bnb_skip_modules", partly, prompt_ids, decode=True)
+    bnb_skip_folder = out / "tiny_bnb_nf4_skip_modules"
+    save_bnb_checkpoint(model, bnb_skip_folder, skip=skip)
+    case("bnb_skip_modules", bnb_skip_folder, base="nf4", decode=True)
+    # lm_head quantized too (a skip list that leaves it out): transformers computes it from its
+    # NF4 weight, lorad from the same weight dequantized once.
+    with_head = load(model)
+    quantize_projections(with_head)
+    with torch.no_grad():
+        with_head.lm_head.weight.data = nf4_round_trip(with_head.lm_head.weight.data)
+    forward_case(out, "bnb_quantized_head", with_head, prompt_ids, decode=False)
+    bnb_head_folder = out / "tiny_bnb_nf4_quantized_head"
+    save_bnb_checkpoint(model, bnb_head_folder, quantize_head=True)
+    case("bnb_quantized_head", bnb_head_folder, base="nf4")
+    # A tied checkpoint holding the shared matrix under lm_head.weight alone (safetensors'
+    # save_model keeps one name of a shared tensor): transformers ties it back.
+    tied = make_tied_lm_head_only(out / "tiny_tied_lm_head_only")
+    forward_case(out, "tied_lm_head_only", load(tied), prompt_ids, decode=True)
+    case("tied_lm_head_only", tied, decode=True)
     nf4_peft = load(model)
     quantize_projections(nf4_peft)
     forward_case(out, "nf4_peft", with_adapter(nf4_peft, adapter), prompt_ids, decode=False)

@@ -137,13 +137,26 @@ TEST(ModelConfig, ModelTypeStandsInForArchitecturesAndSwishIsSilu) {
 TEST(ModelConfig, OtherQuantizationMethodsAreRefusedByName) {
   for (const std::string& q :
        {std::string(R"({"quant_method": "gptq", "bits": 4})"),
-        std::string(R"({"quant_method": "bitsandbytes", "load_in_8bit": true})")}) {
+        std::string(R"({"quant_method": "bitsandbytes", "load_in_8bit": true})"),
+        // transformers' default 4-bit config, FP4 without double quantization: refused here
+        // (exit 2, before the data folder is touched), not once its weights load.
+        std::string(R"({"quant_method": "bitsandbytes", "load_in_4bit": true,
+                        "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": false})"),
+        std::string(R"({"quant_method": "bitsandbytes", "load_in_4bit": true,
+                        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": false})")}) {
     auto c = ModelConfig::Parse(SmallConfig("LlamaForCausalLM", ", \"quantization_config\": " + q),
                                 "q/config.json");
     ASSERT_FALSE(c.ok()) << q;
+    EXPECT_TRUE(absl::IsInvalidArgument(c.status())) << c.status();
     EXPECT_NE(c.status().message().find("unquantized model folder"), std::string::npos)
         << c.status();
   }
+  // MLX's quantized folders (mlx-community's -4bit) say so outside quantization_config.
+  auto mlx = ModelConfig::Parse(
+      SmallConfig("LlamaForCausalLM", R"(, "quantization": {"group_size": 64, "bits": 4})"),
+      "q/config.json");
+  ASSERT_FALSE(mlx.ok());
+  EXPECT_NE(mlx.status().message().find("quantized by MLX"), std::string::npos) << mlx.status();
   auto nf4 = ModelConfig::Parse(
       SmallConfig("LlamaForCausalLM",
                   R"(, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true,

@@ -236,6 +236,14 @@ TEST_F(SafetensorsTest, MissingFileAndFolderAreErrors) {
   ExpectError(PathOf("absent.safetensors"), "does not exist");
   ExpectError(dir_.string(), "is a directory; name a regular file");
   ExpectError(WriteBytes("empty.safetensors", ""), "too short");
+  // `git clone` without git-lfs: a text pointer in the weights' place (its first bytes read as a
+  // header length of 2.3e18 bytes).
+  ExpectError(
+      WriteBytes("pointer.safetensors",
+                 "version https://git-lfs.example/spec/v1\n"
+                 "oid sha256:4d7a2146b5a0e5c4e8a5f3b3b6a1a2c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5\n"
+                 "size 2471645608\n"),
+      "is a git-lfs pointer, not the weights");
 }
 
 TEST_F(SafetensorsTest, TruncatedFileIsAnErrorAtEveryCutPoint) {
