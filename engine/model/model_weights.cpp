@@ -135,14 +135,17 @@ absl::StatusOr<ModelWeights> ModelWeights::Open(const std::string& folder) {
     shards[shard] = *file;
     w.files_.push_back(*file);
   }
+  // As transformers reads an index that drifted from its shards: a tensor is taken from the shard
+  // the index names when that shard has it, else from any listed shard that has it; an entry no
+  // shard holds is passed over (a tied lm_head listed but never saved), and a tensor the model
+  // needs that no shard holds is an error when it is read.
   for (const auto& [name, shard] : *map) {
     const auto& file = shards.at(shard);
-    const TensorView* view = file->Find(name);
-    if (view == nullptr) {
-      return absl::NotFoundError(absl::StrCat(index.string(), " maps tensor '", name, "' to ",
-                                              shard, ", but that file has no such tensor"));
-    }
-    w.tensors_[name] = {file, view};
+    if (const TensorView* view = file->Find(name)) w.tensors_[name] = {file, view};
+  }
+  for (const auto& file : w.files_) {
+    for (const TensorView& view : file->tensors())
+      w.tensors_.try_emplace(view.name, Entry{file, &view});
   }
   return w;
 }
