@@ -647,6 +647,7 @@ absl::Status Daemon::StartGrpc() {
   inference.max_prompt_bytes =
       std::min(config_.limits.max_prompt_bytes, config_.server.max_request_bytes);
   inference.max_open_streams = config_.limits.max_queued_requests;
+  inference.max_unread_stream_bytes = config_.limits.max_unread_stream_bytes;
   inference.defaults = generation_defaults_;
   auto inference_service =
       std::make_unique<InferenceService>(*engine_, metrics_, inference, &auth_);

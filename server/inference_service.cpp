@@ -113,18 +113,25 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     Clock::time_point submitted = Clock::now();
     Clock::time_point last_token;
     bool seen_token = false;
+    // Output not yet handed to gRPC (about, in bytes), and its limit: past it the stream ends
+    // RESOURCE_EXHAUSTED (`overflowed`) and later events are dropped.
+    int64_t unread_bytes = 0;
+    int64_t max_unread_bytes = 0;
+    bool overflowed = false;
+    GenerateChunk dropped;  // where an overflowed stream's events go
   };
 
   // `slot`: this stream's place among the open ones (none when it is refused for want of one).
   GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
                  std::chrono::system_clock::time_point deadline,
-                 std::optional<OpenCalls::Slot> slot)
+                 std::optional<OpenCalls::Slot> slot, int64_t max_unread_bytes)
       : engine_(engine),
         metrics_(metrics),
         state_(std::make_shared<State>()),
         call_deadline_(deadline),
         slot_(std::move(slot)) {
     state_->reactor = this;
+    state_->max_unread_bytes = max_unread_bytes;
   }
 
   void Begin(absl::StatusOr<engine::GenerationRequest> request) {
@@ -135,14 +142,16 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     state_->adapter = request->adapter;
     std::shared_ptr<State> state = state_;
     InferenceService::Metrics* metrics = &metrics_;
-    auto id = engine_.Generate(std::move(*request), [state, metrics](const engine::TokenEvent& e) {
-      OnEvent(*state, *metrics, e);
-    });
+    engine::Engine* engine = &engine_;
+    auto id = engine_.Generate(std::move(*request),
+                               [state, metrics, engine](const engine::TokenEvent& e) {
+                                 // Outside the stream's lock, as Begin and OnCancel cancel.
+                                 if (OnEvent(*state, *metrics, e)) engine->Cancel(e.id);
+                               });
     if (!id.ok()) {
       FinishWith(ToGrpcStatus(id.status()));
       return;
     }
-    engine::Engine* engine = &engine_;
     bool cancelled = false;
     {
       std::lock_guard<std::mutex> lock(state_->mu);
@@ -191,9 +200,11 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   }
 
  private:
-  static void OnEvent(State& s, InferenceService::Metrics& m, const engine::TokenEvent& e) {
+  // Returns true when the request should be cancelled: its client fell too far behind.
+  static bool OnEvent(State& s, InferenceService::Metrics& m, const engine::TokenEvent& e) {
     const Clock::time_point now = Clock::now();
     std::lock_guard<std::mutex> lock(s.mu);
+    GenerateChunk& out = s.overflowed ? s.dropped : s.pending;
     if (e.token) {
       if (s.seen_token) {
         m.inter_token_latency.Observe({},
@@ -201,7 +212,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       }
       s.seen_token = true;
       s.last_token = now;
-      auto* info = s.pending.add_tokens();
+      auto* info = out.add_tokens();
       info->set_token_id(*e.token);
       if (e.logprob) info->set_logprob(*e.logprob);
       for (const auto& top : e.top_logprobs) {
@@ -212,19 +223,19 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
         t->set_logprob(top.logprob);
       }
     }
-    s.pending.mutable_text()->append(e.text);
-    s.has_pending = true;
+    out.mutable_text()->append(e.text);
+    s.has_pending = !s.overflowed;
     if (e.finished) {
-      s.pending.set_finish_reason(ToProto(e.finish_reason));
-      auto* usage = s.pending.mutable_usage();
+      out.set_finish_reason(ToProto(e.finish_reason));
+      auto* usage = out.mutable_usage();
       usage->set_prompt_tokens(static_cast<int32_t>(e.usage.prompt_tokens));
       usage->set_completion_tokens(static_cast<int32_t>(e.usage.completion_tokens));
       usage->set_time_to_first_token_seconds(e.usage.time_to_first_token_s);
       const double total = std::chrono::duration<double>(now - s.submitted).count();
       usage->set_total_seconds(total);
-      s.pending.set_adapter(s.adapter);
-      s.pending.set_adapter_version(e.usage.adapter_version);
-      if (!e.status.ok()) s.pending.set_error(engine::Utf8Lossy(std::string(e.status.message())));
+      out.set_adapter(s.adapter);
+      out.set_adapter_version(e.usage.adapter_version);
+      if (!e.status.ok()) out.set_error(engine::Utf8Lossy(std::string(e.status.message())));
       s.final_queued = true;
       // An error, or a deadline the engine saw pass before gRPC did: the call's status says so
       // (a client cancel has an OK status here and the call is finished already).
@@ -239,7 +250,28 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       m.generation_tokens.Inc({}, static_cast<double>(e.usage.completion_tokens));
       m.requests.Inc({s.adapter, engine::FinishReasonName(e.finish_reason)});
     }
+    s.dropped.Clear();
+    if (s.overflowed) return false;
+    s.unread_bytes += static_cast<int64_t>(e.text.size()) + (e.token ? 16 : 0);
+    for (const auto& top : e.top_logprobs) {
+      s.unread_bytes += static_cast<int64_t>(top.text.size() + top.bytes.size()) + 24;
+    }
+    if (!e.finished && s.unread_bytes > s.max_unread_bytes) {
+      // The client stopped reading (or reads slower than the model writes): what it has not
+      // read is dropped and the stream ends, rather than held in memory without bound.
+      s.overflowed = true;
+      s.pending.Clear();
+      s.has_pending = false;
+      FinishLocked(s, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                   absl::StrCat("the client did not read this stream's output: "
+                                                "more than ",
+                                                s.max_unread_bytes,
+                                                " bytes waited (limits.max_unread_stream_bytes); "
+                                                "the request was cancelled")));
+      return true;
+    }
     WriteNextLocked(s);
+    return false;
   }
 
   // A request the engine ended with an error (a failed forward, an adapter that could not be
@@ -262,6 +294,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       s.current = std::move(s.pending);
       s.pending.Clear();
       s.has_pending = false;
+      s.unread_bytes = 0;  // handed to gRPC, whose own buffers are bounded by flow control
       if (s.final_queued) s.final_written = true;
       s.writing = true;
       s.reactor->StartWrite(&s.current);
@@ -349,7 +382,8 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
         " generation streams are open (limits.max_queued_requests), some of them finished but "
         "not yet read by their clients; retry later"));
   }
-  auto* stream = new GenerateStream(engine_, metrics_, context->deadline(), std::move(slot));
+  auto* stream = new GenerateStream(engine_, metrics_, context->deadline(), std::move(slot),
+                                    options_.max_unread_stream_bytes);
   if (request.ok()) {
     request->deadline = DeadlineOf(context);
     // A stop string that is a special token's text (<|eot_id|>) never reaches the decoded text

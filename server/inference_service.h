@@ -28,6 +28,9 @@ struct InferenceOptions {
   // client stopped reading holds its output after the engine is done with it, so the engine's
   // own queue limit does not bound them. More are RESOURCE_EXHAUSTED.
   int64_t max_open_streams = 1024;
+  // A stream's output not yet written to its client, in bytes (about): past it the stream ends
+  // RESOURCE_EXHAUSTED and its request is cancelled.
+  int64_t max_unread_stream_bytes = int64_t{8} << 20;
   // What a request gets for the sampling fields it leaves unset (the model's
   // generation_config.json under model.generation_config: auto; else greedy).
   engine::GenerationDefaults defaults;

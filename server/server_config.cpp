@@ -298,6 +298,11 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "limits.max_queued_requests",
            [](ServerConfig& c) -> int64_t& { return c.limits.max_queued_requests; }, 1, 1 << 20)},
+      {"limits.max_unread_stream_bytes",
+       IntField(
+           "limits.max_unread_stream_bytes",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_unread_stream_bytes; }, 4096,
+           int64_t{1} << 30)},
       {"limits.max_prompt_bytes",
        IntField(
            "limits.max_prompt_bytes",

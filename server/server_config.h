@@ -73,6 +73,9 @@ struct ServerConfig {
     int64_t max_queued_jobs = 64;        // SubmitJob answers RESOURCE_EXHAUSTED beyond this
     int64_t max_new_tokens = 4096;       // per request
     int64_t max_queued_requests = 1024;  // unfinished generation requests
+    // A Generate/Chat stream's output its client has not read yet, in bytes: past it the stream
+    // ends RESOURCE_EXHAUSTED (a client that stopped reading held all of it in memory).
+    int64_t max_unread_stream_bytes = int64_t{8} << 20;
     int64_t max_prompt_bytes = 1 << 20;  // of a prompt or a chat's content
   } limits;
   struct Training {

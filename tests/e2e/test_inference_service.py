@@ -769,3 +769,36 @@ def test_streams_a_client_stopped_reading_count_until_written(tmp_path, stubs):
         slow.close()
         other.close()
         stop_daemon(d)
+
+
+def test_a_stream_whose_client_stops_reading_ends_at_its_unread_limit(tmp_path, stubs):
+    """A Generate stream whose client stopped reading held all its output in memory (about 3 KB a
+    token with 20 log-probabilities: 1,024 such streams of 4,096 tokens were 14 GB). Past
+    limits.max_unread_stream_bytes of unread output the stream ends RESOURCE_EXHAUSTED and the
+    request is cancelled, and the daemon serves the others."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_unread_stream_bytes=65536")
+    slow = grpc.insecure_channel(d.grpc_address, options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    try:
+        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
+            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+                max_new_tokens=900, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
+        deadline = time.time() + 60
+        while time.time() < deadline and "finished_reason=\"cancelled\"" not in d.http_get(
+                "/metrics")[1]:
+            time.sleep(0.2)
+        assert "finished_reason=\"cancelled\"" in d.http_get("/metrics")[1], d.log()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in unread:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_unread_stream_bytes" in err.value.details()
+        with grpc.insecure_channel(d.grpc_address) as other:
+            _, ids = collect(stubs.inference_pb2_grpc.InferenceServiceStub(other).Generate(
+                pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=3)),
+                timeout=30))
+            assert len(ids) == 3
+    finally:
+        slow.close()
+        stop_daemon(d)
