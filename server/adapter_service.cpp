@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <set>
 #include <system_error>
 #include <thread>
 
@@ -40,14 +41,16 @@ AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
                                const TokenAuthenticator* auth, JobStore* record,
                                BlockingCalls* blocking,
                                std::function<std::unique_lock<std::mutex>()> hold_job_folders,
-                               std::function<void(const std::string&)> on_name_gone)
+                               std::function<void(const std::string&)> on_name_gone,
+                               int64_t max_loaded_names)
     : engine_(engine),
       adapter_root_(std::move(adapter_root)),
       auth_(auth),
       record_(record),
       blocking_(blocking),
       hold_job_folders_(std::move(hold_job_folders)),
-      sets_name_gone_(on_name_gone != nullptr) {
+      sets_name_gone_(on_name_gone != nullptr),
+      max_loaded_names_(max_loaded_names) {
   if (on_name_gone) engine_.adapters().SetNameGoneListener(std::move(on_name_gone));
 }
 
@@ -88,6 +91,17 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
 
 absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
                                   const std::atomic<bool>* abandon, lorad::v1::Adapter* response) {
+  if (max_loaded_names_ > 0) {  // a new name, not a new version of a loaded one
+    std::set<std::string> names;
+    for (const auto& info : engine_.adapters().List()) names.insert(info.name);
+    if (names.count(request.name()) == 0 &&
+        static_cast<int64_t>(names.size()) >= max_loaded_names_) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(names.size(),
+                       " adapters are loaded (limits.max_loaded_adapters; each keeps a host "
+                       "copy of its weights): unload one first, or raise the limit"));
+    }
+  }
   auto folder = ResolveAdapterFolder(adapter_root_, request.path(), "path");
   if (!folder.ok()) return folder.status();
   // The record as published: by the time List() runs, a load of the same name just after this

@@ -32,11 +32,14 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   // `on_name_gone` (may be null) is called once an unload has left a name no version, when the
   // last request on it ends, also after the UnloadAdapter call timed out
   // (InferenceService::ForgetAdapter; AdapterStore::SetNameGoneListener).
+  // `max_loaded_names` (0: none): a LoadAdapter of a new name while that many names are loaded
+  // is RESOURCE_EXHAUSTED (each keeps a host copy of its weights).
   AdapterService(engine::Engine& engine, std::string adapter_root,
                  const TokenAuthenticator* auth = nullptr, JobStore* record = nullptr,
                  BlockingCalls* blocking = nullptr,
                  std::function<std::unique_lock<std::mutex>()> hold_job_folders = nullptr,
-                 std::function<void(const std::string&)> on_name_gone = nullptr);
+                 std::function<void(const std::string&)> on_name_gone = nullptr,
+                 int64_t max_loaded_names = 0);
   // Clears the store's name-gone listener it set: the engine (and the requests it ends as it goes)
   // outlives the services.
   ~AdapterService();
@@ -58,7 +61,8 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   JobStore* record_;
   BlockingCalls* blocking_;
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
-  bool sets_name_gone_ = false;  // this service set the store's name-gone listener
+  bool sets_name_gone_ = false;     // this service set the store's name-gone listener
+  const int64_t max_loaded_names_;  // 0: no limit
   // LoadAdapter's work: read, record and publish the folder; answer in `response`. CANCELLED,
   // nothing published, when `*abandon` is true by then (the client gone, lorad stopping).
   absl::Status Load(const lorad::v1::LoadAdapterRequest& request, const std::atomic<bool>* abandon,

@@ -656,7 +656,8 @@ absl::Status Daemon::StartGrpc() {
   services_.push_back(std::make_unique<AdapterService>(
       *engine_, adapter_root_, &auth_, jobs_.get(), blocking_calls_.get(),
       [runner] { return runner->HoldJobFolders(); },
-      [serving](const std::string& name) { serving->ForgetAdapter(name); }));
+      [serving](const std::string& name) { serving->ForgetAdapter(name); },
+      config_.limits.max_loaded_adapters));
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();

@@ -303,6 +303,10 @@ const std::map<std::string, Field>& Schema() {
            "limits.max_unread_stream_bytes",
            [](ServerConfig& c) -> int64_t& { return c.limits.max_unread_stream_bytes; }, 4096,
            int64_t{1} << 30)},
+      {"limits.max_loaded_adapters",
+       IntField(
+           "limits.max_loaded_adapters",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_loaded_adapters; }, 1, 1 << 16)},
       {"limits.max_prompt_bytes",
        IntField(
            "limits.max_prompt_bytes",

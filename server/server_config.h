@@ -76,6 +76,7 @@ struct ServerConfig {
     // A Generate/Chat stream's output its client has not read yet, in bytes: past it the stream
     // ends RESOURCE_EXHAUSTED (a client that stopped reading held all of it in memory).
     int64_t max_unread_stream_bytes = int64_t{8} << 20;
+    int64_t max_loaded_adapters = 64;    // names LoadAdapter may hold at once
     int64_t max_prompt_bytes = 1 << 20;  // of a prompt or a chat's content
   } limits;
   struct Training {

@@ -802,3 +802,30 @@ def test_a_stream_whose_client_stops_reading_ends_at_its_unread_limit(tmp_path, 
     finally:
         slow.close()
         stop_daemon(d)
+
+
+def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_adapter_dir):
+    """LoadAdapter took any number of names, each with its own host copy of the weights (200
+    loads of a 19 MB adapter: +4 GB, and a restart reloading them all before serving): a new name
+    past limits.max_loaded_adapters is RESOURCE_EXHAUSTED naming the limit; a new version of a
+    loaded name is not, and an unload makes room."""
+    apb = stubs.adapters_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_loaded_adapters=2")
+    src, _ = peft_adapter_dir
+    shutil.copytree(src, tmp_path / "data" / "adapters" / "a")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            astub = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            load = lambda name: astub.LoadAdapter(apb.LoadAdapterRequest(name=name, path="a"),
+                                                  timeout=30)
+            load("one")
+            load("two")
+            with pytest.raises(grpc.RpcError) as err:
+                load("three")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limits.max_loaded_adapters" in err.value.details()
+            assert load("two").version == 2  # a new version of a loaded name
+            astub.UnloadAdapter(apb.UnloadAdapterRequest(name="one"), timeout=60)
+            assert load("three").version == 1
+    finally:
+        stop_daemon(d)
