@@ -181,6 +181,15 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     // from_step holds for live events too (a job resumed from a checkpoint reports again the
     // steps after it).
     if (StepOf(e) >= 0 && StepOf(e) < from_step_) return;
+    // A watcher that stopped reading: steps past kMaxQueued are dropped below, but evaluations,
+    // checkpoints and warnings were kept without bound (a stalled watcher grew by megabytes a
+    // minute and slowed the job's event handling). Past kMaxBehind events it is ended.
+    if (live_.size() + queue_.size() >= kMaxBehind) {
+      FinishLocked(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                "this watch fell too far behind the job's events (the client "
+                                "did not read them); watch again, with from_step to go on"));
+      return;
+    }
     if (!history_loaded_) {
       // Kept until the history is read, steps too: a step is stored before it is published, so
       // the pages still to read normally hold it (HistoryHolds then drops this copy), but one the
@@ -342,6 +351,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   }
 
   static constexpr size_t kMaxQueued = 10000;
+  static constexpr size_t kMaxBehind = 2 * kMaxQueued;  // events of every kind, waiting
   JobStore& store_;
   JobEventHub& events_;
   const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
