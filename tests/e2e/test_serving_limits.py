@@ -1,0 +1,113 @@
+"""Limits a careless or stalled client meets on the serving side, against the real daemon (tiny
+fixture model): streams whose client stopped reading count against limits.max_queued_requests
+until written and end at limits.max_unread_stream_bytes; adapter names are bounded by
+limits.max_loaded_adapters."""
+import shutil
+import time
+
+import grpc
+import pytest
+
+from conftest import start_daemon, stop_daemon
+from test_inference_service import collect, peft_adapter_dir, reference  # noqa: F401 (fixtures)
+
+
+def test_streams_a_client_stopped_reading_count_until_written(tmp_path, stubs):
+    """A stream whose client stopped reading holds its output after the engine is done with it:
+    it counts against limits.max_queued_requests until its last chunk is written, so such
+    streams cannot pile up without bound."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=1")
+    # A receive window that stays small: the server cannot write far ahead of the reader.
+    slow = grpc.insecure_channel(d.grpc_address, options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    other = grpc.insecure_channel(d.grpc_address)
+    try:
+        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
+            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+                max_new_tokens=600, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
+        deadline = time.time() + 60
+        while time.time() < deadline and "finished_reason=\"length\"" not in d.http_get(
+                "/metrics")[1]:
+            time.sleep(0.2)
+        assert "finished_reason=\"length\"" in d.http_get("/metrics")[1], "the engine finished it"
+        stub = stubs.inference_pb2_grpc.InferenceServiceStub(other)
+        req = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=2))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(req, timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "generation streams are open" in err.value.details()
+        chunks = list(unread)  # read at last: the whole output, then the stream closes
+        assert sum(len(c.tokens) for c in chunks) == 600
+        deadline = time.time() + 10
+        while True:  # its slot is given back once the call is done on the server too
+            try:
+                assert len(list(stub.Generate(req, timeout=30))[-1].text) >= 0
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.time() < deadline
+                time.sleep(0.1)
+    finally:
+        slow.close()
+        other.close()
+        stop_daemon(d)
+
+
+def test_a_stream_whose_client_stops_reading_ends_at_its_unread_limit(tmp_path, stubs):
+    """A Generate stream whose client stopped reading held all its output in memory (about 3 KB a
+    token with 20 log-probabilities: 1,024 such streams of 4,096 tokens were 14 GB). Past
+    limits.max_unread_stream_bytes of unread output the stream ends RESOURCE_EXHAUSTED and the
+    request is cancelled, and the daemon serves the others."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_unread_stream_bytes=65536")
+    slow = grpc.insecure_channel(d.grpc_address, options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    try:
+        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
+            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+                max_new_tokens=900, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
+        deadline = time.time() + 60
+        while time.time() < deadline and "finished_reason=\"cancelled\"" not in d.http_get(
+                "/metrics")[1]:
+            time.sleep(0.2)
+        assert "finished_reason=\"cancelled\"" in d.http_get("/metrics")[1], d.log()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in unread:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_unread_stream_bytes" in err.value.details()
+        with grpc.insecure_channel(d.grpc_address) as other:
+            _, ids = collect(stubs.inference_pb2_grpc.InferenceServiceStub(other).Generate(
+                pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=3)),
+                timeout=30))
+            assert len(ids) == 3
+    finally:
+        slow.close()
+        stop_daemon(d)
+
+
+def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_adapter_dir):
+    """LoadAdapter took any number of names, each with its own host copy of the weights (200
+    loads of a 19 MB adapter: +4 GB, and a restart reloading them all before serving): a new name
+    past limits.max_loaded_adapters is RESOURCE_EXHAUSTED naming the limit; a new version of a
+    loaded name is not, and an unload makes room."""
+    apb = stubs.adapters_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_loaded_adapters=2")
+    src, _ = peft_adapter_dir
+    shutil.copytree(src, tmp_path / "data" / "adapters" / "a")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            astub = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            load = lambda name: astub.LoadAdapter(apb.LoadAdapterRequest(name=name, path="a"),
+                                                  timeout=30)
+            load("one")
+            load("two")
+            with pytest.raises(grpc.RpcError) as err:
+                load("three")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limits.max_loaded_adapters" in err.value.details()
+            assert load("two").version == 2  # a new version of a loaded name
+            astub.UnloadAdapter(apb.UnloadAdapterRequest(name="one"), timeout=60)
+            assert load("three").version == 1
+    finally:
+        stop_daemon(d)
