@@ -12,25 +12,39 @@ from conftest import start_daemon, stop_daemon
 from test_inference_service import collect, peft_adapter_dir, reference  # noqa: F401 (fixtures)
 
 
+def slow_reader(d):
+    """A channel whose receive window stays small: the server cannot write far ahead of it."""
+    return grpc.insecure_channel(d.grpc_address, options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+
+
+def unread_stream(stubs, channel, max_new_tokens):
+    """A greedy stream of `max_new_tokens` with 20 log-probabilities a token, not read yet."""
+    pb = stubs.inference_pb2
+    return stubs.inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+        pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, logprobs=20)),
+        timeout=120)
+
+
+def wait_for_metric(d, text):
+    deadline = time.time() + 60
+    while time.time() < deadline and text not in d.http_get("/metrics")[1]:
+        time.sleep(0.2)
+    return text in d.http_get("/metrics")[1]
+
+
 def test_streams_a_client_stopped_reading_count_until_written(tmp_path, stubs):
     """A stream whose client stopped reading holds its output after the engine is done with it:
     it counts against limits.max_queued_requests until its last chunk is written, so such
     streams cannot pile up without bound."""
     pb = stubs.inference_pb2
     d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=1")
-    # A receive window that stays small: the server cannot write far ahead of the reader.
-    slow = grpc.insecure_channel(d.grpc_address, options=[
-        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    slow = slow_reader(d)
     other = grpc.insecure_channel(d.grpc_address)
     try:
-        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
-            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
-                max_new_tokens=600, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
-        deadline = time.time() + 60
-        while time.time() < deadline and "finished_reason=\"length\"" not in d.http_get(
-                "/metrics")[1]:
-            time.sleep(0.2)
-        assert "finished_reason=\"length\"" in d.http_get("/metrics")[1], "the engine finished it"
+        unread = unread_stream(stubs, slow, 600)
+        assert wait_for_metric(d, "finished_reason=\"length\""), "the engine finished it"
         stub = stubs.inference_pb2_grpc.InferenceServiceStub(other)
         req = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=2))
         with pytest.raises(grpc.RpcError) as err:
@@ -60,17 +74,10 @@ def test_a_stream_whose_client_stops_reading_ends_at_its_unread_limit(tmp_path, 
     request is cancelled, and the daemon serves the others."""
     pb = stubs.inference_pb2
     d = start_daemon(tmp_path, "--set", "limits.max_unread_stream_bytes=65536")
-    slow = grpc.insecure_channel(d.grpc_address, options=[
-        ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)])
+    slow = slow_reader(d)
     try:
-        unread = stubs.inference_pb2_grpc.InferenceServiceStub(slow).Generate(
-            pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
-                max_new_tokens=900, temperature=0.0, ignore_eos=True, logprobs=20)), timeout=120)
-        deadline = time.time() + 60
-        while time.time() < deadline and "finished_reason=\"cancelled\"" not in d.http_get(
-                "/metrics")[1]:
-            time.sleep(0.2)
-        assert "finished_reason=\"cancelled\"" in d.http_get("/metrics")[1], d.log()
+        unread = unread_stream(stubs, slow, 900)
+        assert wait_for_metric(d, "finished_reason=\"cancelled\""), d.log()
         with pytest.raises(grpc.RpcError) as err:
             for _ in unread:
                 pass
