@@ -34,7 +34,7 @@ void JobEventHub::Publish(const lorad::v1::JobEvent& event) {
 bool HistoryHolds(const WatchHistory& history, const lorad::v1::JobEvent& live) {
   if (live.has_step()) return live.step().step() <= history.last_step;
   if (live.has_state()) return live.state() == history.last_state;
-  return history.stored.count(live.SerializeAsString()) > 0;
+  return history.stored.count(std::hash<std::string>{}(live.SerializeAsString())) > 0;
 }
 
 }  // namespace lorad::server

@@ -193,8 +193,9 @@ class JobStore {
   // The same where the job has no event of that (step, kind); one there is kept as it is (a
   // replayed report must not restamp it). True when it was added.
   absl::StatusOr<bool> AppendEventIfMissing(const std::string& id, const StoredEvent& event);
-  // Events with step >= from_step, by step, then kind.
-  absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step);
+  // Events with from_step <= step <= through_step, by step, then kind.
+  absl::StatusOr<std::vector<StoredEvent>> Events(const std::string& id, int64_t from_step,
+                                                  int64_t through_step = INT64_MAX);
   // The event of `kind` with the highest step; nullopt when there is none.
   absl::StatusOr<std::optional<StoredEvent>> LastEvent(const std::string& id, int32_t kind);
 

@@ -133,17 +133,18 @@ absl::StatusOr<bool> JobStore::AppendEventLocked(const std::string& id, const St
   return sqlite3_changes(db_) > 0;
 }
 
-absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id,
-                                                          int64_t from_step) {
+absl::StatusOr<std::vector<StoredEvent>> JobStore::Events(const std::string& id, int64_t from_step,
+                                                          int64_t through_step) {
   std::lock_guard<std::mutex> lock(mu_);
   // By step, then as a job reports them: evaluation (field 5), a warning (9: a write that failed,
   // or a damaged checkpoint passed over), the checkpoint (6) the warning's retry wrote, and a
   // job's end (finished 7, failed 8) last.
-  Statement s(db_,
-              "SELECT step, kind, event FROM job_events WHERE job_id = ? AND step >= ? ORDER BY "
-              "step, CASE kind WHEN 9 THEN 55 WHEN 7 THEN 100 WHEN 8 THEN 100 ELSE kind * 10 END, "
-              "kind;");
-  s.BindText(1, id).Bind(2, from_step);
+  Statement s(
+      db_,
+      "SELECT step, kind, event FROM job_events WHERE job_id = ? AND step >= ? AND step <= ? "
+      "ORDER BY step, CASE kind WHEN 9 THEN 55 WHEN 7 THEN 100 WHEN 8 THEN 100 ELSE kind * 10 END, "
+      "kind;");
+  s.BindText(1, id).Bind(2, from_step).Bind(3, through_step);
   std::vector<StoredEvent> events;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) events.push_back(ReadEvent(s));

@@ -110,22 +110,8 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       FinishNow(record.status());
       return;
     }
-    // from_step skips earlier steps and their evaluations and checkpoints, never the summary.
-    auto stored = store.Events(request.job_id(), 0);
-    if (!stored.ok()) {
-      FinishNow(stored.status());
-      return;
-    }
-    stored->erase(std::remove_if(stored->begin(), stored->end(),
-                                 [&](const StoredEvent& e) {
-                                   return e.step < request.from_step() &&
-                                          e.kind != JobEvent::kFinishedFieldNumber;
-                                 }),
-                  stored->end());
-
     std::lock_guard<std::mutex> lock(mu_);
     record_ = *std::move(record);
-    stored_ = *std::move(stored);
     next_step_ = request.from_step();
     from_step_ = request.from_step();
     queue_.push_back(StateEvent(record_.id, JobState::kQueued, record_.created_ms));
@@ -224,9 +210,20 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
 
   // Queues the next page of steps, each after the stored events (evaluations, checkpoints) of
   // the steps before it; after the last page, the rest of the history (FinishHistoryLocked).
+  // Stored events are read a page at a time too, after the page's steps: one read at the start
+  // held gRPC's thread for seconds on a long job evaluated often, and each watcher held them all.
+  // An event stored after its range was read was published after the subscription, so it is
+  // among the live ones.
   absl::Status LoadStepsLocked() {
     auto steps = store_.Steps(record_.id, next_step_, kStepsPerPage);
     if (!steps.ok()) return steps.status();
+    const bool last_page = static_cast<int64_t>(steps->size()) < kStepsPerPage;
+    if (last_page || !steps->empty()) {
+      if (auto s = LoadStoredThroughLocked(last_page ? INT64_MAX : steps->back().step - 1);
+          !s.ok()) {
+        return s;
+      }
+    }
     for (const auto& s : *steps) {
       QueueStoredThroughLocked(s.step - 1);
       QueueLiveThroughLocked(s.step - 1);
@@ -241,7 +238,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
       last_step_ms_ = s.time_ms;
       next_step_ = s.step + 1;
     }
-    if (static_cast<int64_t>(steps->size()) < kStepsPerPage) {
+    if (last_page) {
       // Deleted (DeleteJob) since the stream began: what was read may be cut short, so the
       // stream ends NOT_FOUND rather than with the job's end state.
       if (IsTerminal(record_.state)) {
@@ -268,11 +265,28 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     }
   }
 
+  // Reads the stored events after those read so far, through `step`. from_step skips earlier
+  // steps' evaluations and checkpoints, never the summary.
+  absl::Status LoadStoredThroughLocked(int64_t step) {
+    if (step < stored_from_) return absl::OkStatus();
+    auto stored = store_.Events(record_.id, stored_from_, step);
+    if (!stored.ok()) return stored.status();
+    stored_.erase(stored_.begin(), stored_.begin() + static_cast<std::ptrdiff_t>(next_stored_));
+    next_stored_ = 0;
+    for (auto& e : *stored) {
+      if (e.step >= from_step_ || e.kind == JobEvent::kFinishedFieldNumber) {
+        stored_.push_back(std::move(e));
+      }
+    }
+    stored_from_ = step == INT64_MAX ? step : step + 1;
+    return absl::OkStatus();
+  }
+
   void QueueStoredThroughLocked(int64_t step) {
     for (; next_stored_ < stored_.size() && stored_[next_stored_].step <= step; ++next_stored_) {
       JobEvent e;
       if (!e.ParseFromString(stored_[next_stored_].event)) continue;  // unreadable: not replayed
-      history_.stored.insert(stored_[next_stored_].event);
+      history_.stored.insert(std::hash<std::string>{}(stored_[next_stored_].event));
       queue_.push_back(std::move(e));
     }
   }
@@ -363,6 +377,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   JobRecord record_;                 // the job as the stream began
   std::vector<StoredEvent> stored_;  // its stored events not yet queued, from next_stored_ on
   size_t next_stored_ = 0;
+  int64_t stored_from_ = 0;   // the first step whose stored events are still to read
   int64_t next_step_ = 0;     // the first step of the history's next page
   int64_t from_step_ = 0;     // the request's: earlier steps are not sent, live or replayed
   int64_t last_step_ms_ = 0;  // the time of the history's last step

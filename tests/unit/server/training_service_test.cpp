@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -217,6 +218,42 @@ TEST(TrainingServiceTest, EvaluationsDuringALongReplayFollowTheirSteps) {
   ASSERT_GE(events.size(), 2u);
   EXPECT_EQ(Describe(events[events.size() - 2]), "failed");
   EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
+}
+
+// Stored evaluations are read a page of steps at a time with the steps: each, at a page's edges
+// too, comes once, right after its own step, whatever from_step is; one stored and published
+// while the replay is under way, before its page is read, comes once as well.
+TEST(TrainingServiceTest, StoredEvaluationsOfALongHistoryFollowTheirStepsPageAfterPage) {
+  Rig rig("paged-evals");
+  const std::string id = rig.JobWithHistory(kLongHistory);
+  std::set<int64_t> evaluated = {1, 999, 1000, 1001, 2000, 2001, kLongHistory};
+  for (int64_t n = 997; n < kLongHistory; n += 997) evaluated.insert(n);
+  for (int64_t n : evaluated) rig.Eval(id, n);
+  for (int64_t from_step : {int64_t{0}, int64_t{1500}}) {
+    Watch watch(rig, id, from_step);
+    if (from_step == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      rig.Eval(id, kLongHistory / 2);  // stored and published: the page holding it is unread
+      evaluated.insert(kLongHistory / 2);
+      rig.Fail(id);
+    }
+    const std::vector<JobEvent> events = watch.Rest();
+    std::vector<int64_t> evals;
+    for (size_t i = 0; i < events.size(); ++i) {
+      if (!events[i].has_eval()) continue;
+      evals.push_back(events[i].eval().step());
+      ASSERT_GT(i, 0u);
+      EXPECT_TRUE(events[i - 1].has_step() &&
+                  events[i - 1].step().step() == events[i].eval().step())
+          << "eval " << events[i].eval().step() << " follows " << Describe(events[i - 1]);
+    }
+    std::vector<int64_t> expected;
+    for (int64_t n : evaluated) {
+      if (n >= from_step) expected.push_back(n);
+    }
+    EXPECT_EQ(evals, expected) << "from_step " << from_step;
+    EXPECT_EQ(Describe(events.back()), "JOB_STATE_FAILED");
+  }
 }
 
 // Steps the job database refused while a long history was replayed (a full disk: JobRunner
