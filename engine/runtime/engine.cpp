@@ -56,13 +56,6 @@ int64_t AvailableDeviceBytes(const DeviceInfo& device) {
 #endif
 }
 
-// What EstimateTrainingBytes says a job needs, in words: total and parts.
-std::string DescribeNeed(const TrainingMemoryEstimate& need) {
-  return "about " + ReadableBytes(need.total()) + " (LoRA " + ReadableBytes(need.lora_bytes) +
-         ", activations " + ReadableBytes(need.activation_bytes) + ", workspace " +
-         ReadableBytes(need.workspace_bytes) + ")";
-}
-
 }  // namespace
 
 struct Engine::Impl {
@@ -157,11 +150,6 @@ struct Engine::Impl {
     return EstimateTrainingBytes(model->config(), config, device.device == "cpu" ? 4 : 2,
                                  model->PacksWithFlash());
   }
-  // What makes a job smaller, for the messages of jobs that cannot fit.
-  static std::string ShrinkHint(const TrainingJobConfig& config) {
-    return std::string("lower training.micro_batch_size or max_seq_length") +
-           (config.gradient_checkpointing ? "" : ", or turn on gradient_checkpointing");
-  }
   // TrainingFitsNow's answer, under mu.
   // `waits_for` (optional): when it is false, what the job needs that the jobs training hold.
   absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need, const TrainingJobConfig& config,
@@ -170,7 +158,11 @@ struct Engine::Impl {
     // host has in all can never run, and one that needs more than the jobs training leave of it
     // waits for one to end. (What is available now is not asked: a job that just ended hands its
     // pinned blocks back only after its last event, and the next job is admitted on that event.)
-    if (device.device != "cpu") {
+    if (device.device == "cpu") {
+      // The job's memory is the host's: one needing more than the host has in all was accepted
+      // and then ended the daemon (the out-of-memory killer) when no budget was set.
+      if (auto s = CpuTrainingMemoryFits(need, config, host_total_bytes); !s.ok()) return s;
+    } else {
       int64_t held_host = 0;
       for (const auto& [id, bytes] : job_host_bytes) held_host += bytes;
       absl::StatusOr<bool> host_fits =
@@ -189,14 +181,14 @@ struct Engine::Impl {
     if (budget <= 0) return true;
     if (need.total() > budget) {
       return absl::ResourceExhaustedError(
-          "the job needs " + DescribeNeed(need) + " of training memory but " +
+          "the job needs " + DescribeTrainingNeed(need) + " of training memory but " +
           "training.memory_budget_mib allows " + ReadableBytes(budget) + "; raise the budget, or " +
-          ShrinkHint(config));
+          TrainingShrinkHint(config));
     }
     int64_t held = 0;
     for (const auto& [id, bytes] : job_bytes) held += bytes;
     if (waits_for != nullptr) {
-      *waits_for = DescribeNeed(need) + " of training memory, and the jobs training hold " +
+      *waits_for = DescribeTrainingNeed(need) + " of training memory, and the jobs training hold " +
                    ReadableBytes(held) + " of training.memory_budget_mib (" +
                    ReadableBytes(budget) + ")";
     }
@@ -492,14 +484,15 @@ void Engine::Impl::StartJob(PendingJob job) {
   }
   // The memory planner: refuse a job that cannot fit, saying how much it needs. What running
   // jobs hold is already missing from the free memory it measures.
-  const int64_t available = AvailableDeviceBytes(device);
+  const bool cpu = device.device == "cpu";
+  const int64_t available = cpu ? AvailableHostBytes() : AvailableDeviceBytes(device);
   if (available >= 0) {
     const TrainingMemoryEstimate need = Need(job.config);
     if (need.total() > available) {
-      fail("the job needs " + DescribeNeed(need) + " of device memory but " +
-           ReadableBytes(available) +
-           " is free beside the base model, the KV cache and the jobs already training; " +
-           ShrinkHint(job.config));
+      fail("the job needs " + DescribeTrainingNeed(need) + " of " + (cpu ? "host" : "device") +
+           " memory but " + ReadableBytes(available) + " is " + (cpu ? "available" : "free") +
+           " beside the base model, the KV cache and the jobs already training; " +
+           TrainingShrinkHint(job.config));
       return;
     }
   }

@@ -144,6 +144,26 @@ absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
   return need.host_bytes <= host_total_bytes - held_bytes;
 }
 
+absl::Status CpuTrainingMemoryFits(const TrainingMemoryEstimate& need,
+                                   const TrainingJobConfig& config, int64_t host_total_bytes) {
+  if (host_total_bytes < 0 || need.total() <= host_total_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      "the job needs " + DescribeTrainingNeed(need) + " of memory but this host has " +
+      ReadableBytes(host_total_bytes) + " in all (lorad trains on the CPU here); " +
+      TrainingShrinkHint(config));
+}
+
+std::string DescribeTrainingNeed(const TrainingMemoryEstimate& need) {
+  return "about " + ReadableBytes(need.total()) + " (LoRA " + ReadableBytes(need.lora_bytes) +
+         ", activations " + ReadableBytes(need.activation_bytes) + ", workspace " +
+         ReadableBytes(need.workspace_bytes) + ")";
+}
+
+std::string TrainingShrinkHint(const TrainingJobConfig& config) {
+  return std::string("lower training.micro_batch_size or max_seq_length") +
+         (config.gradient_checkpointing ? "" : ", or turn on gradient_checkpointing");
+}
+
 // "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
 std::string ReadableBytes(int64_t bytes) {
   char text[32];

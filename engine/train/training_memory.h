@@ -45,7 +45,20 @@ absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
                                           const TrainingJobConfig& config, int64_t host_total_bytes,
                                           int64_t held_bytes);
 
+// A job training on the CPU: an error naming the fields to change when its memory (all of
+// need.total(), on the host) is more than the host has in all (`host_total_bytes`; not known
+// when < 0), whatever the memory budget.
+absl::Status CpuTrainingMemoryFits(const TrainingMemoryEstimate& need,
+                                   const TrainingJobConfig& config, int64_t host_total_bytes);
+
 // "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
 std::string ReadableBytes(int64_t bytes);
+
+// What EstimateTrainingBytes says a job needs, in words: "about <total> (LoRA .., activations
+// .., workspace ..)".
+std::string DescribeTrainingNeed(const TrainingMemoryEstimate& need);
+
+// What makes a job smaller, for the messages of jobs that cannot fit.
+std::string TrainingShrinkHint(const TrainingJobConfig& config);
 
 }  // namespace lorad::engine

@@ -144,6 +144,23 @@ TEST(TrainingMemoryTest, PinnedHostMemoryIsRefusedAboveTheHostAndWaitsBesideOthe
   EXPECT_EQ(PinnedHostMemoryFits(on_device, kept, 1, 1).value(), true);
 }
 
+// On the CPU a job's memory is the host's: one needing more than the host has in all is refused,
+// saying what it needs and what to lower, whatever the budget.
+TEST(TrainingMemoryTest, ACpuJobNeedingMoreThanTheHostHasIsRefused) {
+  TrainingJobConfig c;
+  c.micro_batch_size = 8;
+  c.max_seq_length = 4096;
+  const TrainingMemoryEstimate need = EstimateTrainingBytes(Llama3_8B(), c, 4);
+  EXPECT_TRUE(CpuTrainingMemoryFits(need, c, need.total()).ok());
+  EXPECT_TRUE(CpuTrainingMemoryFits(need, c, -1).ok()) << "the host's memory not known";
+  const absl::Status never = CpuTrainingMemoryFits(need, c, need.total() - 1);
+  ASSERT_TRUE(absl::IsResourceExhausted(never)) << never;
+  for (const std::string& part : {DescribeTrainingNeed(need), std::string("this host has"),
+                                  std::string("micro_batch_size"), std::string("max_seq_length")}) {
+    EXPECT_NE(never.message().find(part), std::string::npos) << never;
+  }
+}
+
 TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskOrTheirSegments) {
   TrainingJobConfig c;
   c.micro_batch_size = 2;
