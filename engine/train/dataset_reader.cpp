@@ -14,9 +14,11 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "engine/model/json_file.h"
 #include "engine/runtime/durable_file.h"
@@ -58,13 +60,53 @@ absl::StatusOr<std::string> StringField(const json& record, const char* key,
   return it->get<std::string>();
 }
 
-DatasetFormat DetectFormat(const json& record) {
-  if (record.contains("messages") || record.contains("conversations")) return DatasetFormat::kChat;
-  if (record.contains("instruction") && record.contains("output")) return DatasetFormat::kAlpaca;
-  if (record.contains("prompt") && record.contains("completion")) return DatasetFormat::kCompletion;
-  if (record.contains("question") && record.contains("answer")) return DatasetFormat::kQa;
-  if (record.contains("text")) return DatasetFormat::kText;
+// Whether the record has `key` with a value: a null is a column the record lacks (what
+// datasets' to_json and pandas write for a file made of differently shaped records), unless
+// `nulls` (a record no format matches without them: its error then names the null field).
+bool Has(const json& record, const char* key, bool nulls = false) {
+  auto it = record.find(key);
+  return it != record.end() && (nulls || !it->is_null());
+}
+
+// As TRL's SFTTrainer reads a record: messages, then prompt-completion, then a text field (a
+// record Unsloth's notebooks mapped to "text" keeps its Alpaca columns beside it, and the text
+// is what they train); Alpaca and question-answer pairs are lorad's.
+DatasetFormat DetectFormat(const json& record, bool nulls = false) {
+  const auto has = [&](const char* key) { return Has(record, key, nulls); };
+  if (has("messages") || has("conversations")) return DatasetFormat::kChat;
+  if (has("prompt") && has("completion")) return DatasetFormat::kCompletion;
+  if (has("text")) return DatasetFormat::kText;
+  if (has("instruction") && has("output")) return DatasetFormat::kAlpaca;
+  if (has("question") && has("answer")) return DatasetFormat::kQa;
+  if (!nulls) return DetectFormat(record, /*nulls=*/true);
   return DatasetFormat::kAuto;  // none matched
+}
+
+// The record's keys, for the error of a record no format matches ("instruction, outptu").
+std::string KeysOf(const json& record) {
+  std::vector<std::string> keys;
+  for (auto it = record.begin(); it != record.end() && keys.size() < 12; ++it) {
+    keys.push_back(it.key());
+  }
+  if (keys.empty()) return "it has none";
+  return absl::StrCat("its keys: ", absl::StrJoin(keys, ", "),
+                      record.size() > keys.size() ? ", ..." : "");
+}
+
+// Tool calls and tool schemas: lorad renders a turn's role and content only, so a turn that
+// calls a tool would train as an empty (or cut) reply and the schemas would never reach the
+// prompt. Refused, naming the field, rather than trained wrong.
+absl::Status RefuseTools(const json& record, const std::string& where) {
+  for (const char* key : {"tools", "functions"}) {
+    auto it = record.find(key);
+    if (it != record.end() && !it->is_null() && !it->empty()) {
+      return Bad(where, absl::StrCat("field '", key,
+                                     "': tool schemas are not supported (lorad's chat templates "
+                                     "render each turn's role and content only); leave such "
+                                     "records out, or set dataset.skip_bad_lines"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 // How a conversation's turns are spelled: {role, content} with system/user/assistant, or
@@ -103,6 +145,16 @@ absl::Status ParseMessages(const json& record, const char* key, bool needs_assis
     } else if (*role != "system") {
       return Bad(where, absl::StrCat("field '", field, ".", turns.role, "' is '", *role,
                                      "'; expected system, ", turns.user, " or ", turns.assistant));
+    }
+    for (const char* calls : {"tool_calls", "function_call"}) {
+      auto it = messages[i].find(calls);
+      if (it != messages[i].end() && !it->is_null() && !it->empty()) {
+        return Bad(where, absl::StrCat("field '", field, ".", calls,
+                                       "': tool calls are not supported (lorad's chat templates "
+                                       "render each turn's role and content only, so the turn "
+                                       "would train as a reply without its call); leave such "
+                                       "records out, or set dataset.skip_bad_lines"));
+      }
     }
     auto content = StringField(messages[i], turns.content, absl::StrCat(where, ": ", field));
     if (!content.ok()) return content.status();
@@ -191,13 +243,15 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
   absl::Status status;
   switch (ex.format) {
     case DatasetFormat::kAuto:
-      return Bad(where,
-                 "record matches no known format: expected keys messages | conversations | "
-                 "instruction+output | prompt+completion | question+answer | text");
+      return Bad(where, absl::StrCat("record matches no known format: expected keys messages | "
+                                     "conversations | prompt+completion | text | "
+                                     "instruction+output | question+answer (",
+                                     KeysOf(record), ")"));
     case DatasetFormat::kChat:
-      if (record.contains("messages")) {
+      if (auto s = RefuseTools(record, where); !s.ok()) return s;
+      if (Has(record, "messages")) {
         status = ParseMessages(record, "messages", /*needs_assistant=*/true, where, ex);
-      } else if (record.contains("conversations")) {
+      } else if (Has(record, "conversations")) {
         // ShareGPT's {from, value} turns, or {role, content} ones under the same key (what
         // Unsloth's standardize_sharegpt writes): by the first turn's keys.
         const json& turns = record["conversations"];
@@ -206,7 +260,7 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
         status = ParseMessages(record, "conversations", /*needs_assistant=*/true, where, ex,
                                role_content ? kOpenAiTurns : kShareGptTurns);
       } else {
-        return Bad(where, "field 'messages' (or ShareGPT's 'conversations') is missing");
+        return Bad(where, "field 'messages' (or ShareGPT's 'conversations') is missing or null");
       }
       break;
     case DatasetFormat::kAlpaca: {
@@ -226,6 +280,7 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
     case DatasetFormat::kCompletion:
       if (record.contains("prompt") && record["prompt"].is_array()) {
         // TRL's conversational prompt-completion: message lists; the completion's train.
+        if (auto s = RefuseTools(record, where); !s.ok()) return s;
         status = ParseMessages(record, "prompt", /*needs_assistant=*/false, where, ex);
         ex.first_trained_message = ex.messages.size();
         if (status.ok() && !record.contains("completion")) {
@@ -424,6 +479,7 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
     break;
   }
   array_element_read_ = true;
+  ++array_elements_;
   line = line_;
   int depth = 0;
   JsonStringState strings;
@@ -453,6 +509,11 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
 
 std::string DatasetReader::Where(int64_t line) const {
   if (!options_.inline_name.empty()) return absl::StrCat(options_.inline_name, "[", line - 1, "]");
+  // A JSON array is often written on one line (json.dump, pandas' to_json): the line alone
+  // would name every record alike.
+  if (array_ && array_elements_ > 0) {
+    return absl::StrCat(path_, ":", line, " (record [", array_elements_ - 1, "] of the array)");
+  }
   return absl::StrCat(path_, ":", line);
 }
 
@@ -493,13 +554,18 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
                             absl::StrContains(message, "unexpected end of input") &&
                             absl::StartsWith(first, "{");
     if (!array_ && !record_parsed_ && (cut_object || absl::StartsWith(first, "["))) {
-      example =
-          Bad(where,
-              absl::StrCat(absl::StripPrefix(message, absl::StrCat(where, ": ")),
-                           cut_object ? "; JSON Lines hold one whole record per line (a "
-                                        "pretty-printed file must be a JSON array of records)"
-                                      : "; a .jsonl file is read line by line, one record a line: "
-                                        "name a file holding a JSON array .json"));
+      // A line holding a bare list of turns is a conversation without its key.
+      const bool turns = !cut_object && absl::StrContains(first, "\"role\"");
+      example = Bad(where,
+                    absl::StrCat(absl::StripPrefix(message, absl::StrCat(where, ": ")),
+                                 cut_object ? "; JSON Lines hold one whole record per line (a "
+                                              "pretty-printed file must be a JSON array of records)"
+                                 : turns    ? "; a line holding a list of messages is a "
+                                              "conversation without its key: write each line "
+                                              "as {\"messages\": [...]}"
+                                            : "; a .jsonl file is read line by line, one "
+                                              "record a line: name a file holding a JSON "
+                                              "array .json"));
     }
     record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();

@@ -101,6 +101,7 @@ class DatasetReader {
   bool array_ = false;               // a JSON array file rather than JSONL
   bool array_done_ = false;          // the closing bracket was read
   bool array_element_read_ = false;  // an element came before: a ',' must separate the next
+  int64_t array_elements_ = 0;       // elements begun so far (Where names the last)
   int64_t line_ = 1;                 // current line of the read position
   int64_t skipped_ = 0;
   std::string first_skip_reason_;

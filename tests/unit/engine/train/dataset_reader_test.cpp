@@ -11,6 +11,7 @@
 #include <fstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lorad::engine {
@@ -467,6 +468,75 @@ TEST(DatasetFormat, NamesRoundTrip) {
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(*f, DatasetFormat::kQa);
   EXPECT_FALSE(DatasetFormatFromName("csv").ok());
+}
+
+// Records as dataset exports write them: columns a record lacks as null (datasets' to_json,
+// pandas), a "text" column Unsloth's notebooks map beside the Alpaca ones (TRL trains the text).
+TEST_F(DatasetReaderTest, NullColumnsAreAbsentAndAPreparedTextWinsOverAlpacaColumns) {
+  const std::string path =
+      Write("exported.jsonl",
+            "{\"messages\": null, \"prompt\": \"Q1\", \"completion\": \"A1\", \"text\": null}\n"
+            "{\"instruction\": \"Add\", \"input\": \"2 and 3\", \"output\": \"5\", \"text\": \"### "
+            "Instruction: Add 2 and 3\\n### Response: 5\"}\n"
+            "{\"instruction\": \"Say hi\", \"output\": \"hi\", \"text\": null}\n");
+  auto examples = ReadDataset(path);
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  ASSERT_EQ(examples->size(), 3u);
+  EXPECT_EQ((*examples)[0].format, DatasetFormat::kCompletion);
+  EXPECT_EQ((*examples)[0].messages.back().content, "A1");
+  EXPECT_EQ((*examples)[1].format, DatasetFormat::kText);
+  EXPECT_EQ((*examples)[1].text, "### Instruction: Add 2 and 3\n### Response: 5");
+  EXPECT_EQ((*examples)[2].format, DatasetFormat::kAlpaca);
+}
+
+// Tool calls and tool schemas are refused naming the field (lorad renders role and content
+// only: a tool-calling turn would train as an empty reply), in chat and conversational
+// prompt-completion records; an empty tool_calls list is no call.
+TEST_F(DatasetReaderTest, ToolCallsAndToolSchemasAreRefusedNamingTheField) {
+  const std::string calls =
+      R"({"messages": [{"role": "user", "content": "Weather in Rome?"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]}]})";
+  const std::string tools =
+      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": [{"type": "function", "function": {"name": "weather"}}]})";
+  const std::string prompt_tools =
+      R"({"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}], "tools": [{"type": "function"}]})";
+  const std::string no_calls =
+      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "tool_calls": []}], "tools": null})";
+  for (const auto& [body, field] : std::vector<std::pair<std::string, std::string>>{
+           {calls, "'messages[1].tool_calls'"}, {tools, "'tools'"}, {prompt_tools, "'tools'"}}) {
+    auto examples = ReadDataset(Write("tools.jsonl", body + "\n"));
+    ASSERT_FALSE(examples.ok()) << body;
+    EXPECT_NE(examples.status().message().find("tools.jsonl:1: field " + field), std::string::npos)
+        << examples.status();
+    EXPECT_NE(examples.status().message().find("not supported"), std::string::npos)
+        << examples.status();
+  }
+  auto plain = ReadDataset(Write("no-calls.jsonl", no_calls + "\n"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ((*plain)[0].messages.size(), 2u);
+}
+
+// A JSON array written on one line (json.dump, pandas' to_json): errors name the record's index
+// in the array, and a record no format matches lists its keys; a JSONL line holding a bare list
+// of messages is told to be wrapped as {"messages": [...]}.
+TEST_F(DatasetReaderTest, ErrorsNameTheArrayRecordAndWhatTheRecordHolds) {
+  auto typo = ReadDataset(Write(
+      "one-line.json",
+      R"([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}, {"instruction": "e", "outptu": "f"}])"));
+  ASSERT_FALSE(typo.ok());
+  EXPECT_NE(typo.status().message().find("one-line.json:1 (record [2] of the array): record "
+                                         "matches no known format"),
+            std::string::npos)
+      << typo.status();
+  EXPECT_NE(typo.status().message().find("its keys: instruction, outptu"), std::string::npos)
+      << typo.status();
+  auto bare = ReadDataset(
+      Write("bare.jsonl",
+            R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])"
+            "\n"));
+  ASSERT_FALSE(bare.ok());
+  EXPECT_NE(bare.status().message().find("write each line as {\"messages\": [...]}"),
+            std::string::npos)
+      << bare.status();
 }
 
 }  // namespace
