@@ -17,6 +17,19 @@ constexpr char kAlpacaNoInput[] =
 // The record cannot take this template (the caller names the file and line).
 absl::Status Unfit(const std::string& what) { return absl::InvalidArgumentError(what); }
 
+// tokenizer(text) for training text that may begin with the BOS written out, as a chat
+// template's output does (apply_chat_template(tokenize=False), the text Unsloth's notebooks
+// train): the BOS is not added a second time. tokenizer(text) would give two, which a rendered
+// chat never gives the model when it serves; Unsloth drops the second too.
+std::vector<int32_t> EncodeWithOneBos(const Tokenizer& tokenizer, const std::string& text) {
+  std::vector<int32_t> ids = tokenizer.Encode(text, /*add_special_tokens=*/true);
+  if (tokenizer.bos_id() >= 0 && ids.size() >= 2 && ids[0] == tokenizer.bos_id() &&
+      ids[1] == tokenizer.bos_id()) {
+    ids.erase(ids.begin());
+  }
+  return ids;
+}
+
 size_t CommonPrefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
   size_t n = 0;
   while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
@@ -107,7 +120,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
   bool chat = false;
   if (ex.format == DatasetFormat::kText) {
     TokenizedExample t;
-    t.input_ids = tokenizer_->Encode(ex.text, /*add_special_tokens=*/true);
+    t.input_ids = EncodeWithOneBos(*tokenizer_, ex.text);
     t.labels = t.input_ids;
     out = std::move(t);
   } else if (mode_ == Mode::kAuto && ex.format != DatasetFormat::kAlpaca &&
@@ -136,9 +149,9 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
 TokenizedExample ExampleFormatter::FormatPair(const std::string& prompt,
                                               const std::string& response) const {
   TokenizedExample t;
-  t.input_ids = tokenizer_->Encode(prompt + response, /*add_special_tokens=*/true);
+  t.input_ids = EncodeWithOneBos(*tokenizer_, prompt + response);
   t.labels = t.input_ids;
-  const size_t n = CommonPrefix(t.input_ids, tokenizer_->Encode(prompt, true));
+  const size_t n = CommonPrefix(t.input_ids, EncodeWithOneBos(*tokenizer_, prompt));
   t.response_start = static_cast<int64_t>(n);
   if (options_.response_only) {
     std::fill(t.labels.begin(), t.labels.begin() + static_cast<std::ptrdiff_t>(n), kNotTrained);

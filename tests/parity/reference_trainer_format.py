@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 QA = ROOT / "tests" / "fixtures" / "qa_small.jsonl"
 ALPACA = ROOT / "tests" / "unit" / "engine" / "train" / "alpaca_sample.jsonl"
 CHAT = ROOT / "tests" / "unit" / "engine" / "train" / "chat_sample.jsonl"
+TEXT = ROOT / "tests" / "unit" / "engine" / "train" / "text_sample.jsonl"
 IGNORE = -100
 
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
@@ -105,8 +106,20 @@ def format_raw(tok, rec, response_only):
     return format_pair(tok, msgs[0]["content"], msgs[1]["content"], response_only)
 
 
+def format_text(tok, rec):
+    """A text record: every token trains. A text that begins with the BOS written out (a chat
+    template's output, apply_chat_template(tokenize=False)) gets no second BOS, as Unsloth's
+    SFT preparation encodes it (add_special_tokens=False when the text already has the BOS)."""
+    text = rec["text"]
+    ids = tok(text, add_special_tokens=not text.startswith(tok.bos_token))["input_ids"]
+    return ids, list(ids)
+
+
 def format_record(tok, rec, template, response_only, max_len):
     """template: 'alpaca', 'raw' or 'chat' (the rules of 'auto' for these files)."""
+    if "text" in rec:
+        ids, labels = format_text(tok, rec)
+        return finish(tok, ids, labels, max_len, append_eos=True)
     if template == "alpaca":
         ids, labels = format_alpaca(tok, rec, response_only)
     elif template == "raw":
@@ -126,6 +139,8 @@ CASES = [  # (name, file, template, response_only, max_seq_length)
     # after it), one opening with the assistant, TRL's conversational prompt-completion.
     ("chat_turns", CHAT, "chat", True, 512),
     ("qa_raw", QA, "raw", True, 512),
+    # Text records, one opening with the BOS written out (one BOS, not two) and one without.
+    ("text_bos_written_out", TEXT, "auto", True, 512),
 ]
 
 
