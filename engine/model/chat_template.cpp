@@ -138,7 +138,11 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromName(std::string_view name,
 
 std::optional<std::string> ChatTemplate::Recognize(std::string_view jinja) {
   if (jinja.find("<|start_header_id|>") != std::string_view::npos) return "llama3";
-  if (jinja.find("<|im_start|>") != std::string_view::npos) return "chatml";
+  if (jinja.find("<|im_start|>") != std::string_view::npos) {
+    // Phi-4's variant separates the role with <|im_sep|> and no newlines: other tokens.
+    if (jinja.find("<|im_sep|>") != std::string_view::npos) return std::nullopt;
+    return "chatml";
+  }
   // [INST] templates differ in their spacing, which changes the tokens: only the published ones
   // lorad renders are recognised (Llama 2 Chat's, with <<SYS>>; Mistral v0.2's " [INST] ").
   if (jinja.find("<<SYS>>") != std::string_view::npos) {
@@ -252,6 +256,12 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
           "the model's chat template opens the assistant's reply with more than its role line (",
           absl::CHexEscape(UnescapeJinjaString(opening)),
           "), which lorad's chatml rendering leaves out");
+    } else if (jinja.find("<think>") != std::string::npos) {
+      // Qwen3's: a reasoning block before the last reply (empty when there is none), earlier
+      // replies' blocks stripped.
+      t->unrendered_ =
+          "the model's chat template writes <think> reasoning blocks into assistant replies, "
+          "which lorad's chatml rendering leaves out";
     }
   }
   if (t->family_ == Family::kLlama3 && jinja.find("Cutting Knowledge Date") != std::string::npos) {

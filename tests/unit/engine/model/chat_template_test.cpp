@@ -152,6 +152,12 @@ TEST(ChatTemplate, LeftOutPartsOfAModelTemplateAreNamed) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_NE(c->unrendered().find("more than its role line (<think>\\n)"), std::string::npos)
       << c->unrendered();
+  // Qwen3's reasoning blocks in the replies themselves.
+  const fs::path reasoning = Folder("reasoning", R"({"chat_template":
+      "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>' + m['role'] + '\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"})");
+  auto d = ChatTemplate::FromTokenizerConfig(reasoning.string());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_NE(d->unrendered().find("<think> reasoning blocks"), std::string::npos) << d->unrendered();
   // Qwen2's own opening is the role line alone: nothing left out.
   auto tiny = ChatTemplate::FromTokenizerConfig(std::getenv("LORAD_TINY_MODEL"));
   ASSERT_TRUE(tiny.ok()) << tiny.status();
@@ -163,6 +169,14 @@ TEST(ChatTemplate, MissingOrUnknownFolderTemplatesAreErrorsNamingTheFile) {
   ASSERT_FALSE(none.ok());
   EXPECT_NE(none.status().message().find("tokenizer_config.json"), std::string::npos);
   EXPECT_NE(none.status().message().find("chatml"), std::string::npos);
+
+  // Phi-4's ChatML variant (<|im_sep|> after the role, no newlines) renders other tokens.
+  auto phi4 = ChatTemplate::FromTokenizerConfig(
+      Folder("phi4", R"({"chat_template": "{{ '<|im_start|>' + m['role'] + '<|im_sep|>' }}"})")
+          .string());
+  ASSERT_FALSE(phi4.ok());
+  EXPECT_NE(phi4.status().message().find("not a template lorad recognises"), std::string::npos)
+      << phi4.status();
 
   auto gemma = ChatTemplate::FromTokenizerConfig(
       Folder("gemma", R"({"chat_template": "{{ '<start_of_turn>' }}"})").string());
