@@ -597,6 +597,7 @@ void JobRunner::Succeed(const Pending& p) {
     s->set_adapter_name(adapter);
     s->set_adapter_version(version);
     s->set_skipped_lines(summary.skipped_records);
+    s->set_first_skipped(engine::Utf8Lossy(summary.first_skipped));
     s->set_dropped_examples(summary.dropped_examples);
     s->set_truncated_examples(summary.truncated_examples);
     s->set_adapter_path(summary.adapter_path);

@@ -51,7 +51,8 @@ std::string FormatDatasetLosses(const lorad::v1::JobSummary& s) {
     return absl::StrCat(n, " ", n == 1 ? one : many);
   };
   if (s.skipped_lines() > 0) {
-    parts.push_back(count(s.skipped_lines(), "bad line skipped", "bad lines skipped"));
+    parts.push_back(count(s.skipped_lines(), "bad line skipped", "bad lines skipped") +
+                    (s.first_skipped().empty() ? "" : " (the first: " + s.first_skipped() + ")"));
   }
   if (s.dropped_examples() > 0) {
     parts.push_back(absl::StrCat(count(s.dropped_examples(), "example", "examples"),

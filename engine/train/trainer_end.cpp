@@ -179,6 +179,7 @@ absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, Tra
   s.cancelled = cancelled;
   s.early_stopped = early_stopped;
   s.skipped_records = data->skipped_records();
+  s.first_skipped = data->first_skipped();
   s.dropped_examples = data->dropped();
   s.truncated_examples = data->truncated();
   e.summary = std::move(s);

@@ -37,11 +37,13 @@ bool HasAnswerText(const Example& example) {
 // The examples of one file (`role`: "training" or "validation", for messages), counting the
 // records skipped as bad, dropped (nothing trained after truncation) and truncated. With
 // max_records > 0 it stops after that many records (a check): no usable example among them is an
-// error only when they were the whole file.
+// error only when they were the whole file. `first_skipped` (optional, when empty): the first
+// skipped record's place and reason.
 absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
     const std::string& path, const char* role, const TrainingDataConfig& config,
     const ExampleFormatter& formatter, int64_t& skipped, int64_t& dropped, int64_t& truncated,
-    int64_t max_records = 0, const std::atomic<bool>* abandon = nullptr) {
+    int64_t max_records = 0, const std::atomic<bool>* abandon = nullptr,
+    std::string* first_skipped = nullptr) {
   auto format = DatasetFormatFromName(config.format);
   if (!format.ok()) return format.status();
   DatasetReaderOptions options;
@@ -99,6 +101,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
       line > 0 && (first_bad.empty() || line < first_bad_line)) {
     first_bad = (*reader)->first_skip_reason();
   }
+  if (first_skipped != nullptr && first_skipped->empty()) *first_skipped = first_bad;
   if (out.empty() && whole_file) {
     return absl::InvalidArgumentError(absl::StrCat(
         (*reader)->name(), ": no usable ", role, " example (", skipped_here, " records skipped, ",
@@ -174,8 +177,9 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
                                                  int64_t max_seq_length, uint64_t seed,
                                                  const std::atomic<bool>* abandon) {
   int64_t skipped = 0, dropped = 0, truncated = 0;
+  std::string first_skipped;
   auto examples = ReadAndFormat(config.path, "training", config, formatter, skipped, dropped,
-                                truncated, 0, abandon);
+                                truncated, 0, abandon, &first_skipped);
   if (!examples.ok()) return examples.status();
   std::vector<TokenizedExample> validation;
   if (!config.validation_path.empty()) {
@@ -183,7 +187,7 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
     // those counts describe the training examples.
     int64_t validation_dropped = 0, validation_truncated = 0;
     auto v = ReadAndFormat(config.validation_path, "validation", config, formatter, skipped,
-                           validation_dropped, validation_truncated, 0, abandon);
+                           validation_dropped, validation_truncated, 0, abandon, &first_skipped);
     if (!v.ok()) return v.status();
     validation = *std::move(v);
   }
@@ -191,6 +195,7 @@ absl::StatusOr<TrainingData> TrainingData::Build(const TrainingDataConfig& confi
       FromExamples(*std::move(examples), std::move(validation), config, max_seq_length, seed);
   if (!data.ok()) return data.status();
   data->skipped_records_ = skipped;
+  data->first_skipped_ = std::move(first_skipped);
   data->dropped_ = dropped;
   data->truncated_ = truncated;
   return data;

@@ -72,6 +72,9 @@ class TrainingData {
   std::vector<int64_t> MicroBatch(int64_t k, int64_t micro_batch_size) const;
 
   int64_t skipped_records() const { return skipped_records_; }
+  // The first skipped record's place and why ("data.jsonl:7: field 'output' is missing"): the
+  // training file's, else the validation file's; empty when none was skipped.
+  const std::string& first_skipped() const { return first_skipped_; }
   int64_t dropped() const { return dropped_; }
   int64_t truncated() const { return truncated_; }
 
@@ -83,6 +86,7 @@ class TrainingData {
   mutable int64_t order_epoch_ = -1;  // the epoch order_ is the order of; -1 = none yet
   mutable std::vector<int64_t> order_;
   int64_t skipped_records_ = 0;
+  std::string first_skipped_;
   int64_t dropped_ = 0;
   int64_t truncated_ = 0;
 };

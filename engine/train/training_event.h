@@ -52,6 +52,7 @@ struct TrainingSummary {
   bool cancelled = false;
   bool early_stopped = false;
   int64_t skipped_records = 0;  // bad dataset records skipped (DatasetConfig::skip_bad_lines)
+  std::string first_skipped;    // the first one's place and why (TrainingData::first_skipped)
   // Examples left out for having no trained token within max_seq_length, and examples cut there.
   int64_t dropped_examples = 0;
   int64_t truncated_examples = 0;

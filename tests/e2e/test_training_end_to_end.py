@@ -662,16 +662,18 @@ def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, st
     """Inline examples laid out over several lines (as YAML block scalars or json.dumps(indent=2)
     give them) train like one-line ones, here with template 'raw' (TRL's prompt + completion).
     The summary counts the example whose prompt alone passes max_seq_length (128) as dropped and
-    the one whose answer does as truncated."""
+    the one whose answer does as truncated; with skip_bad_lines, the record without its answer
+    is counted as skipped and named, with why and its keys, as the first skipped."""
     import json
 
     pb = stubs.training_pb2
     records = [json.loads(line) for line in QA.read_text().splitlines()[:4]]
     long_text = " ".join(["words"] * 400)
     records += [{"question": long_text, "answer": "short"},
-                {"question": "Say many words.", "answer": long_text}]
+                {"question": "Say many words.", "answer": long_text}, {"question": "Lost?"}]
     spec = job_spec(pb, "inline-raw", steps=2)
     spec.dataset.path = ""
+    spec.dataset.skip_bad_lines = True
     spec.dataset.template = "raw"
     for record in records:
         spec.dataset.inline_examples.add(json=json.dumps(record, indent=2))
@@ -685,6 +687,10 @@ def test_pretty_printed_inline_examples_train_with_the_raw_template(tmp_path, st
             assert states[-1] == pb.JOB_STATE_SUCCEEDED, done.error
             assert [s.step for s in steps] == [1, 2]
             assert (done.summary.dropped_examples, done.summary.truncated_examples) == (1, 1)
+            assert done.summary.skipped_lines == 1, done.summary
+            first = done.summary.first_skipped
+            assert first.startswith("dataset.inline_examples[6]: record matches no known format")\
+                and first.endswith("(its keys: question)"), done.summary
             # A replay from past the last step still ends with the summary.
             late = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id, from_step=1000),
                                       timeout=30))

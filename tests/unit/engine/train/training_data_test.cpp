@@ -91,6 +91,15 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
       << data.status();
   EXPECT_NE(data.status().message().find("validation-bad.jsonl:1: "), std::string::npos)
       << data.status();
+
+  // Some skipped, the job goes on: the first one skipped is kept for its summary (the training
+  // file's, though the validation file's comes before it by line).
+  config.path = WriteLines("some-bad.jsonl", {good, good, three_turns, not_a_record});
+  config.validation_path = WriteLines("validation-some-bad.jsonl", {not_a_record, good});
+  data = TrainingData::Build(config, *formatter, 64, 1);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_EQ(data->skipped_records(), 3);
+  EXPECT_EQ(data->first_skipped().rfind(config.path + ":3: ", 0), 0u) << data->first_skipped();
 }
 
 // Answers all empty (or white space): refused, naming the file; it trained the end of turn alone
