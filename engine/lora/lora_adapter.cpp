@@ -300,12 +300,14 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
 
   const std::string weights_path = (fs::path(folder) / kWeightsFile).string();
   if (!fs::exists(weights_path, ec)) {
-    const bool pickle = fs::exists(fs::path(folder) / "adapter_model.bin", ec);
-    return absl::NotFoundError(absl::StrCat(
-        "'", folder, "' has no ", kWeightsFile,
-        pickle ? " (only adapter_model.bin: lorad does not read pickle files; re-save the adapter "
-                 "with safe_serialization=True)"
-               : ""));
+    // The weights are there, in a form lorad does not read: not a wrong path (NOT_FOUND).
+    if (fs::exists(fs::path(folder) / "adapter_model.bin", ec)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "'", folder, "' has no ", kWeightsFile,
+          " (only adapter_model.bin: lorad does not read pickle files; re-save the adapter with "
+          "safe_serialization=True)"));
+    }
+    return absl::NotFoundError(absl::StrCat("'", folder, "' has no ", kWeightsFile));
   }
   // Read, not mapped: the folder is the operator's or a client's, and may be rewritten meanwhile.
   auto file = SafetensorsFile::Open(weights_path, SafetensorsFile::Access::kRead);
@@ -324,6 +326,18 @@ absl::StatusOr<LoraAdapter> LoraAdapter::ReadPeft(const std::string& folder) {
               weights_path, ": tensor '", v.name,
               "' is a trained bias (PEFT's bias \"all\" or \"lora_only\"), which lorad does "
               "not serve: train with bias \"none\""));
+        }
+        if (absl::EndsWith(v.name, "embed_tokens.weight") ||
+            absl::EndsWith(v.name, "lm_head.weight")) {
+          // PEFT's save_embedding_layers: a resized vocabulary, or trained embeddings.
+          return absl::InvalidArgumentError(absl::StrCat(
+              weights_path, ": tensor '", v.name, "' is a whole ",
+              absl::EndsWith(v.name, "lm_head.weight") ? "lm_head" : "embedding",
+              " weight of shape [", absl::StrJoin(v.shape, ", "),
+              "] (PEFT saves them when the vocabulary was resized or the embeddings trained): "
+              "lorad serves LoRA weights on the base model's own embeddings and head only; for an "
+              "adapter whose vocabulary was not resized, re-save it with "
+              "save_embedding_layers=False"));
         }
         return absl::InvalidArgumentError(absl::StrCat(
             weights_path, ": tensor '", v.name,

@@ -534,8 +534,8 @@ TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
   ExpectReadError(WriteFolder("no_a", ConfigText(), {w[1]}), "has no matching lora_A");
   ExpectReadError(WriteFolder("none", ConfigText(), {}), "holds no LoRA weights");
   ExpectReadError(
-      WriteFolder("bad_key", ConfigText(), {w[0], w[1], {"lm_head.weight", w[0].second}}),
-      "'lm_head.weight' is not a LoRA weight");
+      WriteFolder("bad_key", ConfigText(), {w[0], w[1], {"model.norm.weight", w[0].second}}),
+      "'model.norm.weight' is not a LoRA weight");
   ExpectReadError(
       WriteFolder("embed", ConfigText(),
                   {{"base_model.model.model.embed_tokens.lora_A.weight", torch::ones({4, 8})}}),
@@ -574,6 +574,18 @@ TEST_F(LoraAdapterTest, ReadErrorsOnBadWeights) {
   std::ofstream(pickle / "adapter_config.json") << ConfigText();
   std::ofstream(pickle / "adapter_model.bin") << "pickle";
   ExpectReadError(pickle.string(), "does not read pickle files");
+  EXPECT_TRUE(absl::IsFailedPrecondition(LoraAdapter::ReadPeft(pickle.string()).status()))
+      << "the weights are there, in a form lorad does not read: not a wrong path";
+  // A resized vocabulary (PEFT's save_embedding_layers): the whole head and embedding, named.
+  ExpectReadError(
+      WriteFolder("resized", ConfigText(),
+                  {w[0], w[1], {"base_model.model.lm_head.weight", torch::ones({520, 128})}}),
+      "is a whole lm_head weight of shape [520, 128]");
+  ExpectReadError(
+      WriteFolder(
+          "embedded", ConfigText(),
+          {w[0], w[1], {"base_model.model.model.embed_tokens.weight", torch::ones({520, 128})}}),
+      "save_embedding_layers=False");
 }
 
 TEST_F(LoraAdapterTest, ValidateAgainstNamesTensorShapeAndExpectedShape) {
