@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/json_file.h"
 #include "engine/runtime/device_info.h"
@@ -91,7 +92,8 @@ absl::Status Daemon::Start() {
   state_.Set(Lifecycle::kLoading);
   auto model = engine::ModelConfig::LoadFromFolder(config_.model.path);
   if (!model.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("model.path: ", model.status().message()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(KeyAt("model.path"), ": ", model.status().message()));
   }
   // The device is the engine's to pick (Engine::Start); this early read of config.json only turns
   // a wrong model path into one clear line before anything starts.
@@ -143,13 +145,17 @@ absl::Status Daemon::Start() {
   }
   // Checks that need no files first: a refusal leaves no data folder behind.
   if (auto s = LoadTokens(); !s.ok()) return s;
-  if (auto s = engine::CheckDeviceAvailable(config_.model.device); !s.ok()) return s;
+  if (auto s = engine::CheckDeviceAvailable(config_.model.device); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(KeyAt("model.device"), absl::StripPrefix(s.message(), "model.device")));
+  }
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);
   if (ec) {
-    return absl::InvalidArgumentError(absl::StrCat("storage.data_dir: cannot create '",
+    return absl::InvalidArgumentError(absl::StrCat(KeyAt("storage.data_dir"), ": cannot create '",
                                                    config_.storage.data_dir, "': ", ec.message()));
   }
+  spdlog::info("data folder {} (storage.data_dir)", config_.storage.data_dir);
 
   if (auto s = LockDataDir(); !s.ok()) return s;
   // Scratch folders of submissions a previous run did not finish (killed meanwhile).
@@ -250,17 +256,6 @@ absl::Status Daemon::StartEngine() {
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                config_.model.base_weights, engine_->Stats().base_bytes / 1048576.0, device.device,
                device.dtype, device.torch_version);
-  adapter_root_ = config_.storage.adapter_root.empty()
-                      ? (fs::path(config_.storage.data_dir) / "adapters").string()
-                      : config_.storage.adapter_root;
-  std::error_code ec;
-  if (fs::create_directories(adapter_root_, ec)) {
-    spdlog::info("created the adapter root {} (storage.adapter_root)", adapter_root_);
-  }
-  if (ec) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("storage.adapter_root: cannot create '", adapter_root_, "': ", ec.message()));
-  }
   job_runner_ =
       std::make_unique<JobRunner>(*engine_, *jobs_, job_events_, metrics_, JobsDir(), dataset_root_,
                                   static_cast<int>(config_.training.max_running_jobs));
@@ -390,6 +385,11 @@ absl::Status Daemon::LockDataDir() {
   return absl::OkStatus();
 }
 
+std::string Daemon::KeyAt(const std::string& key) const {
+  auto it = config_.set_at.find(key);
+  return it == config_.set_at.end() ? key : absl::StrCat(it->second, ": ", key);
+}
+
 absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a) const {
   // The folder must still be where the roots allow (it may have been replaced by a symlink to
   // elsewhere while lorad was stopped); that it holds the files it was loaded from is checked
@@ -485,14 +485,20 @@ absl::Status Daemon::OpenJobStore() {
   dataset_root_ = config_.storage.dataset_root.empty()
                       ? (fs::path(config_.storage.data_dir) / "datasets").string()
                       : config_.storage.dataset_root;
+  // Both roots before the model loads (minutes for a large one): a typo fails at once.
+  adapter_root_ = config_.storage.adapter_root.empty()
+                      ? (fs::path(config_.storage.data_dir) / "adapters").string()
+                      : config_.storage.adapter_root;
+  for (const auto& [key, root] : {std::pair{"storage.dataset_root", &dataset_root_},
+                                  std::pair{"storage.adapter_root", &adapter_root_}}) {
+    std::error_code ec;
+    if (fs::create_directories(*root, ec)) spdlog::info("created the folder {} ({})", *root, key);
+    if (ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(KeyAt(key), ": cannot create '", *root, "': ", ec.message()));
+    }
+  }
   std::error_code ec;
-  if (fs::create_directories(dataset_root_, ec)) {
-    spdlog::info("created the dataset root {} (storage.dataset_root)", dataset_root_);
-  }
-  if (ec) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("storage.dataset_root: cannot create '", dataset_root_, "': ", ec.message()));
-  }
   const std::string db_path = (fs::path(config_.storage.data_dir) / "jobs.db").string();
   auto store = JobStore::Open(db_path);
   if (!store.ok()) return store.status();

@@ -69,6 +69,9 @@ class Daemon {
   // INVALID_ARGUMENT naming the file and line when a submitted job's data would fail at its start.
   absl::Status CheckJobData(const lorad::v1::JobSpec& spec, const std::atomic<bool>* abandon) const;
   absl::Status OpenJobStore();
+  // `key` with where the config set it, for errors about its value: "lorad.yaml:12: model.path"
+  // (the key alone when it has its default).
+  std::string KeyAt(const std::string& key) const;
   absl::Status StartEngine();
   absl::Status LoadTokens();
   void RegisterEngineMetrics();

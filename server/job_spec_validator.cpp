@@ -300,6 +300,14 @@ absl::StatusOr<ValidatedDataset> ValidateJobSpec(JobSpec& spec, const JobSpecLim
 }
 
 absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>& served) {
+  // Filled in here. A version a client asks for (a spec copied from an earlier job) is the one
+  // it must continue: one served no longer is refused, not replaced by the current one.
+  const int64_t asked_version = spec.init_adapter_version();
+  if (spec.init_adapter().empty() && (asked_version != 0 || !spec.init_adapter_path().empty())) {
+    return absl::InvalidArgumentError(
+        "init_adapter_path and init_adapter_version are filled in by lorad from init_adapter, "
+        "which is empty: name the adapter to continue with init_adapter");
+  }
   spec.clear_init_adapter_path();
   spec.clear_init_adapter_version();
   spec.clear_init_adapter_fingerprint();
@@ -311,6 +319,13 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   if (found == served.end()) {
     return absl::NotFoundError(absl::StrCat("init_adapter: adapter '", spec.init_adapter(),
                                             "' is not served; load it first (LoadAdapter)"));
+  }
+  if (asked_version != 0 && asked_version != found->version) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init_adapter_version: ", asked_version, " was asked, but adapter '", spec.init_adapter(),
+        "' serves version ", found->version,
+        " now and a job continues the version served; leave init_adapter_version unset to "
+        "continue it, or load that version's folder under another name"));
   }
   // Taken before the settings are read: files changed after it fail the job at its start.
   auto fingerprint = engine::PeftFolderFingerprint(found->path);

@@ -101,10 +101,12 @@ int main(int argc, char** argv) {
              overrides.push_back({item.substr(0, eq), item.substr(eq + 1), "--set"});
            }
          },
-         "KEY=VALUE: set any config key, e.g. --set engine.train_share=0.5 (repeatable)")
+         "KEY=VALUE: set any config key, e.g. --set engine.train_share=0.5 (repeat --set for "
+         "several)")
       ->take_all()
       ->allow_extra_args(false);
   app.add_flag("--print-config-keys", print_keys, "print every config key with its default");
+  app.set_version_flag("--version", std::string("lorad ") + LORAD_VERSION);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -4,6 +4,7 @@
 #include <openssl/bio.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <sys/stat.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cerrno>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/runtime/durable_file.h"
+#include "re2/re2.h"
 
 namespace lorad::server {
 namespace {
@@ -64,6 +66,26 @@ Field StringField(const std::string& key, std::function<std::string&(ServerConfi
     return absl::OkStatus();
   };
   f.show = [ref](const ServerConfig& c) { return ref(const_cast<ServerConfig&>(c)); };
+  return f;
+}
+
+// A file or folder: a shell's `~` or `$VARIABLE` in it is refused (taken as they are, `~/data`
+// made a folder named `~` in the working directory, which relative paths are relative to).
+Field PathField(const std::string& key, std::function<std::string&(ServerConfig&)> ref) {
+  Field f = StringField(key, ref);
+  f.set = [key, set = f.set](ServerConfig& c, const YAML::Node& n,
+                             const std::string& where) -> absl::Status {
+    if (auto s = set(c, n, where); !s.ok()) return s;
+    static const RE2 kShell(R"re(^~|\$\{?[A-Za-z_])re");
+    const std::string v = n.Scalar();
+    if (RE2::PartialMatch(v, kShell)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": ", key, ": '", v, "' holds ", v[0] == '~' ? "a '~'" : "a $VARIABLE",
+          ", which lorad does not expand (no shell reads this file): write the whole path (a "
+          "relative one is relative to the folder lorad starts in)"));
+    }
+    return absl::OkStatus();
+  };
   return f;
 }
 
@@ -120,9 +142,11 @@ Field BoolField(const std::string& key, std::function<bool&(ServerConfig&)> ref)
   f.set = [key, ref](ServerConfig& c, const YAML::Node& n,
                      const std::string& where) -> absl::Status {
     const std::string v = n.IsScalar() ? n.Scalar() : "";
-    if (v == "true" || v == "yes" || v == "on") {
+    // YAML's spellings (True, TRUE, as loradctl's job files take them) and the usual words.
+    const std::string lower = absl::AsciiStrToLower(v);
+    if (lower == "true" || lower == "yes" || lower == "on") {
       ref(c) = true;
-    } else if (v == "false" || v == "no" || v == "off") {
+    } else if (lower == "false" || lower == "no" || lower == "off") {
       ref(c) = false;
     } else {
       return TypeError(where, key, "true or false", n);
@@ -199,7 +223,7 @@ Field TokensField() {
 const std::map<std::string, Field>& Schema() {
   static const auto* kSchema = new std::map<std::string, Field>{
       {"model.path",
-       StringField("model.path", [](ServerConfig& c) -> std::string& { return c.model.path; })},
+       PathField("model.path", [](ServerConfig& c) -> std::string& { return c.model.path; })},
       {"model.device",
        StringField("model.device", [](ServerConfig& c) -> std::string& { return c.model.device; },
                    {"auto", "cpu", "cuda"})},
@@ -272,24 +296,24 @@ const std::map<std::string, Field>& Schema() {
            [](ServerConfig& c) -> int64_t& { return c.server.keepalive_timeout_seconds; }, 1,
            3600)},
       {"server.tls_cert_file",
-       StringField("server.tls_cert_file",
-                   [](ServerConfig& c) -> std::string& { return c.server.tls_cert_file; })},
+       PathField("server.tls_cert_file",
+                 [](ServerConfig& c) -> std::string& { return c.server.tls_cert_file; })},
       {"server.tls_key_file",
-       StringField("server.tls_key_file",
-                   [](ServerConfig& c) -> std::string& { return c.server.tls_key_file; })},
+       PathField("server.tls_key_file",
+                 [](ServerConfig& c) -> std::string& { return c.server.tls_key_file; })},
       {"auth.tokens", TokensField()},
       {"auth.allow_remote_without_tokens",
        BoolField("auth.allow_remote_without_tokens",
                  [](ServerConfig& c) -> bool& { return c.auth.allow_remote_without_tokens; })},
       {"storage.data_dir",
-       StringField("storage.data_dir",
-                   [](ServerConfig& c) -> std::string& { return c.storage.data_dir; })},
+       PathField("storage.data_dir",
+                 [](ServerConfig& c) -> std::string& { return c.storage.data_dir; })},
       {"storage.dataset_root",
-       StringField("storage.dataset_root",
-                   [](ServerConfig& c) -> std::string& { return c.storage.dataset_root; })},
+       PathField("storage.dataset_root",
+                 [](ServerConfig& c) -> std::string& { return c.storage.dataset_root; })},
       {"storage.adapter_root",
-       StringField("storage.adapter_root",
-                   [](ServerConfig& c) -> std::string& { return c.storage.adapter_root; })},
+       PathField("storage.adapter_root",
+                 [](ServerConfig& c) -> std::string& { return c.storage.adapter_root; })},
       {"limits.max_new_tokens",
        IntField(
            "limits.max_new_tokens",
@@ -387,6 +411,8 @@ absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
   try {
     // One document: a second ("---") would otherwise be read by nobody, its keys silently lost.
     std::vector<YAML::Node> documents = YAML::LoadAll(yaml_text);
+    // A '---' with nothing after it (a trailing separator) ends no second document.
+    while (documents.size() > 1 && documents.back().IsNull()) documents.pop_back();
     if (documents.size() > 1) {
       return absl::InvalidArgumentError(
           absl::StrCat(source, ":", documents[1].Mark().line + 1,
@@ -414,8 +440,13 @@ absl::StatusOr<ServerConfig> ParseServerConfig(const std::string& yaml_text,
 }
 
 absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
+  // Read once, so a pipe serves as well as a file: `--config <(envsubst < lorad.yaml)` keeps
+  // secrets (auth.tokens) out of a file on disk, and so does /dev/stdin.
+  struct stat st {};
+  const bool stream =
+      ::stat(path.c_str(), &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode));
   if (auto s = engine::RequireRegularFile(path, absl::StrCat("config file '", path, "'"));
-      !s.ok()) {
+      !stream && !s.ok()) {
     return s;
   }
   std::ifstream in(path);

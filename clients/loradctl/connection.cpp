@@ -17,9 +17,12 @@ namespace {
 // Replies without gRPC's 4 MiB receive limit: GetJob returns a job's inline examples, which the
 // daemon accepts up to server.max_request_bytes (a failed read of a job that exists would only
 // mislead).
-grpc::ChannelArguments ChannelArgs() {
+grpc::ChannelArguments ChannelArgs(const ConnectionOptions& options) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
+  if (!options.tls_server_name.empty()) {
+    args.SetSslTargetNameOverride(options.tls_server_name);
+  }
   return args;
 }
 
@@ -27,6 +30,10 @@ grpc::ChannelArguments ChannelArgs() {
 
 absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (options.ca_cert_path.empty() && !options.tls_server_name.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-server-name names the certificate of a TLS connection: give --ca-cert too");
+  }
   if (options.ca_cert_path.empty()) {
     credentials = grpc::InsecureChannelCredentials();
   } else {
@@ -54,7 +61,8 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionO
 Connection::Connection(const ConnectionOptions& options,
                        std::shared_ptr<grpc::ChannelCredentials> credentials)
     : options_(options),
-      channel_(grpc::CreateCustomChannel(options.address, std::move(credentials), ChannelArgs())),
+      channel_(
+          grpc::CreateCustomChannel(options.address, std::move(credentials), ChannelArgs(options))),
       training_(lorad::v1::TrainingService::NewStub(channel_)),
       inference_(lorad::v1::InferenceService::NewStub(channel_)),
       adapters_(lorad::v1::AdapterService::NewStub(channel_)) {}

@@ -21,6 +21,9 @@ struct ConnectionOptions {
   std::string token;                        // empty = no authorization metadata
   double timeout_seconds = 0;               // 0 = the CallKind's default deadline
   std::string ca_cert_path;                 // non-empty = TLS, trusting this PEM bundle
+  // With TLS: the name the server's certificate must carry, when it is not the address's host
+  // (an SSH tunnel or port forward to 127.0.0.1, an address by IP).
+  std::string tls_server_name;
 };
 
 // Unary calls get a deadline even when the user sets none, so a hung daemon never hangs a script;

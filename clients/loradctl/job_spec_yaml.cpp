@@ -53,7 +53,16 @@ constexpr FieldAlias kAliases[] = {{"lorad.v1.LoraSpec", "rslora", "use_rslora"}
 
 constexpr const char* kInlineExample = "lorad.v1.InlineExample";
 
+// Fields SubmitJob fills in itself (from init_adapter): a job file naming them would be
+// accepted and then trained from something else than it says.
+bool FilledBySubmit(const Descriptor* type, const std::string& key) {
+  return type->full_name() == "lorad.v1.JobSpec" &&
+         (key == "init_adapter_path" || key == "init_adapter_version" ||
+          key == "init_adapter_fingerprint");
+}
+
 const FieldDescriptor* FindField(const Descriptor* type, const std::string& key) {
+  if (FilledBySubmit(type, key)) return nullptr;
   if (const FieldDescriptor* field = type->FindFieldByName(key)) return field;
   for (const auto& alias : kAliases) {
     if (type->full_name() == alias.message && key == alias.alias) {
@@ -65,7 +74,9 @@ const FieldDescriptor* FindField(const Descriptor* type, const std::string& key)
 
 std::string KnownKeys(const Descriptor* type) {
   std::vector<std::string> keys;
-  for (int i = 0; i < type->field_count(); ++i) keys.push_back(type->field(i)->name());
+  for (int i = 0; i < type->field_count(); ++i) {
+    if (!FilledBySubmit(type, type->field(i)->name())) keys.push_back(type->field(i)->name());
+  }
   return absl::StrJoin(keys, ", ");
 }
 
@@ -86,6 +97,12 @@ class YamlToProto {
       const std::string key = key_node.Scalar();
       const std::string key_path = path.empty() ? key : absl::StrCat(path, ".", key);
       const FieldDescriptor* field = FindField(type, key);
+      if (field == nullptr && FilledBySubmit(type, key)) {
+        return Error(key_node, absl::StrCat("'", key,
+                                            "' is filled in by lorad when the job is submitted "
+                                            "(the version init_adapter serves then); name the "
+                                            "adapter to continue with init_adapter alone"));
+      }
       if (field == nullptr) {
         return Error(key_node, absl::StrCat("unknown key '", key, "' in ", Describe(path),
                                             " (known keys: ", KnownKeys(type), ")"));

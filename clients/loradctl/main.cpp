@@ -115,26 +115,42 @@ struct SamplingFlags {
 // wrap 99999 around, and only say it cannot connect.
 // A token a gRPC header can carry (printable ASCII): another aborts the client in gRPC, e.g. the
 // line ending of `LORAD_TOKEN=$(cat token.txt)` on a file with Windows line endings.
+// Errors name the environment variable too: a value may come from it, which the user then
+// looks for on no command line.
 std::string CheckToken(std::string& value) {
   for (char c : value) {
     if (c < '!' || c > '~') {
-      return "the token has white space or a character outside printable ASCII (a line ending "
-             "from a token file?); a gRPC header cannot carry it";
+      return "the token (given by --token or LORAD_TOKEN) has white space or a character outside "
+             "printable ASCII (a line ending from a token file?); a gRPC header cannot carry it";
     }
   }
   return "";
 }
 
 std::string CheckAddress(std::string& value) {
-  if (absl::StartsWith(value, "unix:") || absl::StrContains(value, "://")) return "";
+  const std::string from = " (given by --address or LORAD_ADDRESS)";
+  // gRPC's own target schemes; another (http://) would be resolved as a host name and fail
+  // with a DNS error.
+  for (const char* scheme : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:"}) {
+    if (absl::StartsWith(value, scheme)) return "";
+  }
+  if (absl::StrContains(value, "://")) {
+    return "'" + value + "'" + from +
+           ": loradctl speaks gRPC to host:port (or a gRPC target such as unix:/path or "
+           "dns:///host:port); leave out the scheme";
+  }
   const size_t colon = value.rfind(':');
   int port = 0;
   if (colon == std::string::npos || colon == 0) {
-    return "'" + value + "' is not host:port";
+    return "'" + value + "'" + from + " is not host:port";
+  }
+  if (value[0] != '[' && value.find(':') != colon) {
+    return "'" + value + "'" + from + " looks like an IPv6 address without brackets: write [" +
+           value.substr(0, colon) + "]" + value.substr(colon);
   }
   if (!absl::SimpleAtoi(value.substr(colon + 1), &port) || port < 1 || port > 65535 ||
       value[colon + 1] == '+' || value[colon + 1] == '-') {
-    return "'" + value + "' has no valid port (1..65535)";
+    return "'" + value + "'" + from + " has no valid port (1..65535)";
   }
   return "";
 }
@@ -189,6 +205,9 @@ int main(int argc, char** argv) {
   app.add_option("--ca-cert", connection_options.ca_cert_path,
                  "use TLS, trusting this PEM CA bundle")
       ->check(CLI::ExistingFile);
+  app.add_option("--tls-server-name", connection_options.tls_server_name,
+                 "with --ca-cert: the name the server's certificate must carry, when it is not "
+                 "the address's host (an SSH tunnel to 127.0.0.1, an address by IP)");
 
   // The command to run, chosen by the subcommand callbacks once parsing has succeeded.
   std::function<int(Connection&)> command;

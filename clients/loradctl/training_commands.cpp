@@ -202,6 +202,9 @@ int RunTrainShow(Connection& connection, const std::string& job_id, JobShowForma
   google::protobuf::util::JsonPrintOptions options;
   options.add_whitespace = true;
   options.preserve_proto_field_names = true;
+  // Every field, zeros too (as `adapters ls --json` prints them): a script reading
+  // summary.skipped_lines finds 0, not a missing key.
+  options.always_print_primitive_fields = true;
   std::string text;
   if (!google::protobuf::util::MessageToJsonString(job, &text, options).ok()) {
     std::cerr << "loradctl: cannot print " << job_id << " as JSON" << std::endl;

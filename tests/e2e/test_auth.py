@@ -196,11 +196,12 @@ def test_bad_tokens_exit_2_naming_the_line(tmp_path):
     assert result.returncode == 2 and "lorad.yaml:4: auth.tokens[1].name: 'a'" in result.stderr
 
 
-def make_certificate(folder, name):
-    """A self-signed certificate for 127.0.0.1 and its unencrypted key, as PEM files."""
+def make_certificate(folder, name, san="IP:127.0.0.1"):
+    """A self-signed certificate for 127.0.0.1 (or `san`) and its unencrypted key, as PEM
+    files."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-subj", "/CN=localhost", "-addext", f"subjectAltName={san}",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
@@ -210,7 +211,8 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
 
     from conftest import free_port
 
-    cert, key = make_certificate(tmp_path, "server")
+    # Made out to a name, not the address: reached through 127.0.0.1 as through a tunnel.
+    cert, key = make_certificate(tmp_path, "server", san="DNS:lorad.internal")
     _, other_key = make_certificate(tmp_path, "other")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
@@ -232,7 +234,8 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-        with grpc.secure_channel(address, credentials) as channel:
+        with grpc.secure_channel(address, credentials, options=[
+                ("grpc.ssl_target_name_override", "lorad.internal")]) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(600):
                 try:
@@ -252,6 +255,15 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
                                     "adapters", "ls"], capture_output=True, text=True, timeout=60)
         assert plain_ctl.returncode == 24, plain_ctl.stderr
         assert "give --ca-cert" in plain_ctl.stderr, plain_ctl.stderr
+        # The certificate names another host than the address's: --tls-server-name says which.
+        tls_ctl = [str(BUILD / "clients" / "loradctl"), "--address", address, "--ca-cert",
+                   str(cert)]
+        wrong_name = subprocess.run(tls_ctl + ["adapters", "ls"], capture_output=True, text=True,
+                                    timeout=60)
+        assert wrong_name.returncode == 24, wrong_name.stderr
+        named = subprocess.run(tls_ctl + ["--tls-server-name", "lorad.internal", "adapters", "ls"],
+                               capture_output=True, text=True, timeout=60)
+        assert named.returncode == 0, named.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0

@@ -173,6 +173,28 @@ def test_missing_or_non_model_folder_exits_2_with_one_line(tmp_path):
         assert len(lines) == 1 and words in lines[0] and "model.path" in lines[0], result.stderr
 
 
+def test_start_up_errors_about_a_value_name_the_line_that_set_it(tmp_path):
+    """A model folder that does not exist, or an adapter root that cannot be made, is named with
+    the config line that set it; the adapter root is checked before the model loads (it was
+    found after a load that takes minutes for a large model). lorad --version answers."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for body, words in [(f"model:\n  path: {tmp_path / 'nope'}\n", "cfg.yaml:2: model.path"),
+                        (f"model:\n  path: {tiny_model_path()}\nstorage:\n"
+                         f"  adapter_root: {blocker}/adapters\n",
+                         "cfg.yaml:4: storage.adapter_root: cannot create")]:
+        config = tmp_path / "cfg.yaml"
+        config.write_text(body)
+        result = run_lorad("--config", str(config), "--data-dir", str(tmp_path / "data"),
+                           "--grpc-address", f"127.0.0.1:{free_port()}",
+                           "--http-address", f"127.0.0.1:{free_port()}")
+        assert result.returncode == 2, result.stderr
+        assert f"{tmp_path}/{words}" in result.stderr, result.stderr
+        assert "model loaded" not in result.stdout + result.stderr, result.stdout
+    version = run_lorad("--version")
+    assert version.returncode == 0 and version.stdout.startswith("lorad "), version
+
+
 def test_taken_port_is_a_clear_error(tmp_path):
     first = start_daemon(tmp_path / "a")
     try:

@@ -135,6 +135,8 @@ def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
     assert loradctl("train", "cancel", job_id, address=daemon.grpc_address).returncode == 0
     as_json = loradctl("train", "show", "--json", job_id, address=daemon.grpc_address)
     assert '"state": "JOB_STATE_CANCELLED"' in as_json.stdout
+    # Zeros are printed, not left out (a script reading a count found no key).
+    assert json.loads(as_json.stdout)["spec"]["dataset"]["packing"] is False, as_json.stdout
 
     only_cancelled = loradctl("train", "ls", "--state", "cancelled", address=daemon.grpc_address)
     assert job_id in only_cancelled.stdout
@@ -246,6 +248,10 @@ def test_spec_rejected_by_the_daemon_names_the_field(daemon, tmp_path):
     ("adapter_name: a\n---\n---\nadapter_name: b\n", 4, ["second YAML document"]),
     ("adapter_name: a\ntraining:\n  micro_batch_size: 99999999999\n", 3,
      ["'training.micro_batch_size' must be an integer the field can hold (int32)"]),
+    # Filled in by SubmitJob from init_adapter: a job file naming them trained something else.
+    ("adapter_name: a\ninit_adapter: x\ninit_adapter_version: 1\n", 3,
+     ["'init_adapter_version' is filled in by lorad", "init_adapter alone"]),
+    ("adapter_name: a\ninit_adapter_path: /data/x\n", 2, ["'init_adapter_path' is filled in"]),
 ])
 def test_yaml_mistakes_name_the_key_and_line(tmp_path, body, line, words):
     path = tmp_path / "job.yaml"
@@ -323,6 +329,14 @@ def test_flags_below_their_bound_say_the_bound():
         result = loradctl("--address", address, "adapters", "ls")
         assert result.returncode == EXIT_USAGE, (address, result.stderr)
         assert "no valid port (1..65535)" in result.stderr, result.stderr
+    # Forms gRPC would only answer with a DNS error: IPv6 without brackets, a URL's scheme. The
+    # environment variable a value may come from is named.
+    for address, words in [("::1:50051", "write [::1]:50051"),
+                            ("http://127.0.0.1:50051", "leave out the scheme")]:
+        result = loradctl("--address", address, "adapters", "ls")
+        assert result.returncode == EXIT_USAGE and words in result.stderr, result.stderr
+    result = loradctl("adapters", "ls", env={"LORAD_ADDRESS": "localhost"})
+    assert result.returncode == EXIT_USAGE and "LORAD_ADDRESS" in result.stderr, result.stderr
     result = loradctl("--version")
     assert result.returncode == 0 and result.stdout.startswith("loradctl "), result.stdout
     # A token no gRPC header can carry (gRPC aborted the client, exit 134): a line ending read

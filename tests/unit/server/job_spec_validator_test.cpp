@@ -59,9 +59,33 @@ TEST_F(ResolveInitAdapterTest, AnUnsetLoraTakesTheAdaptersSettings) {
             (std::vector<std::string>{"q_proj", "v_proj"}));
 
   lorad::v1::JobSpec none = Spec("");
+  none.clear_init_adapter_path();
   ASSERT_TRUE(ResolveInitAdapter(none, served_).ok());
-  EXPECT_TRUE(none.init_adapter_path().empty()) << "a client's value is not kept";
   EXPECT_FALSE(none.has_lora());
+}
+
+// What SubmitJob fills in, sent by a client: a path or version without init_adapter is refused
+// (the job would have trained a new adapter from scratch), a version the adapter no longer
+// serves too (it was replaced by the current one, and the job trained from another version than
+// its spec said); the version served is taken.
+TEST_F(ResolveInitAdapterTest, WhatSubmitFillsInIsRefusedWhenItDisagrees) {
+  lorad::v1::JobSpec path_alone = Spec("");
+  const absl::Status s = ResolveInitAdapter(path_alone, served_);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("name the adapter to continue with init_adapter"), std::string::npos)
+      << s;
+  lorad::v1::JobSpec older = Spec("qa");
+  older.set_init_adapter_version(1);
+  const absl::Status v = ResolveInitAdapter(older, served_);
+  EXPECT_TRUE(absl::IsFailedPrecondition(v)) << v;
+  EXPECT_NE(
+      v.message().find("init_adapter_version: 1 was asked, but adapter 'qa' serves version 3"),
+      std::string::npos)
+      << v;
+  lorad::v1::JobSpec current = Spec("qa");
+  current.set_init_adapter_version(3);
+  ASSERT_TRUE(ResolveInitAdapter(current, served_).ok());
+  EXPECT_EQ(current.init_adapter_path(), folder_.string()) << "a client's path is not kept";
 }
 
 TEST_F(ResolveInitAdapterTest, AGivenLoraMustAgreeAndEachErrorNamesItsField) {

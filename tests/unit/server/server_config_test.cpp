@@ -1,6 +1,7 @@
 #include "server/server_config.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <string>
 #include <utility>
@@ -42,6 +43,22 @@ TEST(ServerConfig, WrongTypeNamesKeyAndLine) {
   EXPECT_NE(c.status().message().find("b.yaml:4"), std::string::npos);
   EXPECT_NE(c.status().message().find("server.max_request_bytes"), std::string::npos);
   EXPECT_NE(c.status().message().find("integer"), std::string::npos);
+}
+
+// A shell's ~ and $VARIABLE are not expanded (no shell reads the file): refused in a path,
+// naming the line, rather than taken as a folder named '~' in the working directory.
+TEST(ServerConfig, AShellsTildeOrVariableInAPathIsRefused) {
+  for (const auto& [yaml, line] : std::vector<std::pair<std::string, std::string>>{
+           {"storage:\n  data_dir: ~/lorad-data\n", "p.yaml:2: storage.data_dir: '~/lorad-data'"},
+           {"model:\n  path: $HOME/models/x\n", "p.yaml:2: model.path: '$HOME/models/x'"},
+           {"storage:\n  dataset_root: /srv/${USER}/ds\n", "p.yaml:2: storage.dataset_root"}}) {
+    auto c = ParseServerConfig(yaml, "p.yaml");
+    ASSERT_FALSE(c.ok()) << yaml;
+    EXPECT_TRUE(absl::StartsWith(c.status().message(), line)) << c.status();
+    EXPECT_NE(c.status().message().find("does not expand"), std::string::npos) << c.status();
+  }
+  auto plain = ParseServerConfig("storage:\n  data_dir: /srv/a~b$1\n", "p.yaml");
+  EXPECT_TRUE(plain.ok()) << plain.status();
 }
 
 TEST(ServerConfig, OutOfRangeNamesTheRange) {
@@ -86,6 +103,20 @@ TEST(ServerConfig, AConfigPathThatIsNotAFileIsAnError) {
   ASSERT_FALSE(folder.ok());
   EXPECT_NE(folder.status().message().find("is a directory"), std::string::npos) << folder.status();
   EXPECT_EQ(LoadServerConfig("/no/such/lorad.yaml").status().code(), absl::StatusCode::kNotFound);
+}
+
+// A pipe is read as the file it carries (`--config <(envsubst < lorad.yaml)`, /dev/stdin):
+// secrets need not be written to disk.
+TEST(ServerConfig, AConfigFromAPipeIsRead) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const std::string yaml = "server:\n  grpc_address: 127.0.0.1:7\n";
+  ASSERT_EQ(::write(fds[1], yaml.data(), yaml.size()), static_cast<ssize_t>(yaml.size()));
+  ::close(fds[1]);
+  auto piped = LoadServerConfig("/proc/self/fd/" + std::to_string(fds[0]));
+  ::close(fds[0]);
+  ASSERT_TRUE(piped.ok()) << piped.status();
+  EXPECT_EQ(piped->server.grpc_address, "127.0.0.1:7");
 }
 
 TEST(ServerConfig, FlagsOverrideWithTheSameRules) {
@@ -152,6 +183,20 @@ TEST(ServerConfig, ASecondYamlDocumentIsAnError) {
   EXPECT_NE(c.status().message().find("lorad.yaml:4: a second YAML document"), std::string::npos)
       << c.status();
   EXPECT_TRUE(ParseServerConfig("---\nengine:\n  max_running_requests: 2\n", "f").ok());
+  // A trailing separator ends no second document.
+  auto trailing = ParseServerConfig("engine:\n  max_running_requests: 2\n---\n", "f");
+  ASSERT_TRUE(trailing.ok()) << trailing.status();
+  EXPECT_EQ(trailing->engine.max_running_requests, 2);
+}
+
+// YAML's capitalised booleans (True, FALSE), as loradctl's job files take them.
+TEST(ServerConfig, CapitalisedBooleansAreRead) {
+  auto c = ParseServerConfig("engine:\n  cuda_graphs: False\n", "f");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->engine.cuda_graphs);
+  c = ParseServerConfig("engine:\n  cuda_graphs: TRUE\n", "f");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->engine.cuda_graphs);
 }
 
 TEST(ServerConfig, SplitHostPortHandlesIpv6) {
