@@ -780,21 +780,7 @@ void InferenceEngine::Impl::Accept(Sequence& seq, const SampledToken& sampled,
   // also when the token is an EOS too (whose finish reason wins).
   if (!stop_token) event.text = seq.stops->Add(seq.detokenizer->Add(token));
 
-  FinishReason reason = FinishReason::kNone;
-  if (eos) {
-    reason = FinishReason::kEos;
-  } else if (stop_token) {
-    reason = FinishReason::kStop;
-  } else if (seq.stops->stopped()) {
-    reason = FinishReason::kStop;
-  } else if (seq.stops->watching() && seq.detokenizer->pending_bytes() > 0 &&
-             !seq.detokenizer->EndsMidCharacter() &&
-             seq.stops->WouldStop(seq.detokenizer->TextIfEndedNow())) {
-    reason = FinishReason::kStop;  // complete in held-back text, which ending here makes final
-  } else if (static_cast<int64_t>(seq.generated.size()) >= seq.request.sampling.max_new_tokens ||
-             static_cast<int64_t>(seq.all.size()) >= max_sequence) {
-    reason = FinishReason::kLength;
-  }
+  const FinishReason reason = seq.EndsWith(eos, stop_token, max_sequence);
   if (reason == FinishReason::kNone) {
     Emit(seq, std::move(event));
     return;

@@ -55,6 +55,23 @@ struct Sequence {
   std::string adapter_key() const {
     return lease.valid() ? AdapterKey(lease.name(), lease.version()) : "";
   }
+
+  // Why the request ends with the token just accepted (an EOS, a stop token, a stop string,
+  // its length or the context's), or kNone.
+  FinishReason EndsWith(bool eos, bool stop_token, int64_t max_sequence) const {
+    if (eos) return FinishReason::kEos;
+    if (stop_token || stops->stopped()) return FinishReason::kStop;
+    // Complete in held-back text, which ending here makes final.
+    if (stops->watching() && detokenizer->pending_bytes() > 0 && !detokenizer->EndsMidCharacter() &&
+        stops->WouldStop(detokenizer->TextIfEndedNow())) {
+      return FinishReason::kStop;
+    }
+    if (static_cast<int64_t>(generated.size()) >= request.sampling.max_new_tokens ||
+        static_cast<int64_t>(all.size()) >= max_sequence) {
+      return FinishReason::kLength;
+    }
+    return FinishReason::kNone;
+  }
 };
 
 // One row of the step's forward.
