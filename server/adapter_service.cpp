@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/lora/peft_config.h"
+#include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
 #include "server/job_spec_validator.h"
@@ -35,6 +36,7 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
   out->set_resident(info.resident);
   out->set_active_requests(info.requests);
   out->set_current(info.current);
+  out->set_base_model(engine::Utf8Lossy(info.base_model));
 }
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,
@@ -164,8 +166,12 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   }
   ToProto(published, response);
   // An operator's hot swap, in the log beside the jobs' publications.
-  spdlog::info("adapter {} version {} loaded from {} (LoadAdapter)", request.name(),
-               published.version, *folder);
+  spdlog::info("adapter {} version {} loaded from {} (LoadAdapter){}", request.name(),
+               published.version, *folder,
+               published.base_model.empty()
+                   ? std::string()
+                   : absl::StrCat("; its adapter_config.json names the base model '",
+                                  published.base_model, "'"));
   return absl::OkStatus();
 }
 

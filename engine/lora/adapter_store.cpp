@@ -253,6 +253,7 @@ AdapterInfo InfoOf(const AdapterLease::Entry& e) {
   info.version = e.version;
   info.rank = e.host->config.r;
   info.alpha = e.host->config.alpha;
+  info.base_model = e.host->config.base_model_name_or_path;
   // The projections the adapter has weights for (a config may name more than its file holds).
   std::set<std::string> targets;
   for (const auto& [path, pair] : e.host->layers) targets.insert(path.substr(path.rfind('.') + 1));

@@ -53,6 +53,8 @@ struct AdapterInfo {
   bool current = false;   // new requests get this version
   bool resident = false;  // on the device now
   int32_t requests = 0;   // requests holding it
+  // The base model its adapter_config.json names (base_model_name_or_path); empty if none.
+  std::string base_model;
 };
 
 class AdapterStore;

@@ -386,6 +386,10 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     assert sorted(loaded.target_modules) == ["down_proj", "q_proj", "v_proj"]
     listed = astub.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
     assert [a.name for a in listed] == ["peft-made"]
+    # The base model its adapter_config.json names, as PEFT wrote it.
+    import json
+    written = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written and listed[0].base_model == written, (listed[0], written)
 
     for prompt in PROMPTS[:2]:
         req = pb.GenerateRequest(prompt=prompt, adapter="peft-made", sampling=pb.SamplingParams(
