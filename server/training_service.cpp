@@ -96,6 +96,10 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
           absl::StrCat("from_step: ", request.from_step(), " is negative; 0 replays every step"))));
       return;
     }
+    // Before the subscription: a live event that arrives as it is taken must meet from_step too
+    // (a step below it reached the client before step from_step now and then).
+    from_step_ = request.from_step();
+    next_step_ = request.from_step();
     const absl::Status stopping =
         absl::UnavailableError("lorad is stopping; watch the job again once it is back");
     subscription_ = events_.Subscribe(
@@ -112,8 +116,6 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     }
     std::lock_guard<std::mutex> lock(mu_);
     record_ = *std::move(record);
-    next_step_ = request.from_step();
-    from_step_ = request.from_step();
     queue_.push_back(StateEvent(record_.id, JobState::kQueued, record_.created_ms));
     if (record_.started_ms > 0) {
       queue_.push_back(StateEvent(record_.id, JobState::kRunning, record_.started_ms));

@@ -322,6 +322,28 @@ TEST(TrainingServiceTest, FromStepHoldsForLiveEventsToo) {
   EXPECT_EQ(got, expected);
 }
 
+// Watches opened while the job publishes steps, from a step it has not reached: none gets an
+// earlier step (from_step was set after the subscription, so a step published between the two
+// reached the client now and then: 7 watches of 150 in a stress run).
+TEST(TrainingServiceTest, FromStepHoldsForEventsPublishedAsTheWatchOpens) {
+  Rig rig("from-step-race");
+  const std::string id = rig.RunningJob();
+  std::atomic<bool> publishing{true};
+  std::thread job([&] {
+    for (int64_t n = 1; publishing.load(); ++n) rig.PublishStep(id, n);
+  });
+  std::vector<std::unique_ptr<Watch>> watches;
+  for (int i = 0; i < 40; ++i) watches.push_back(std::make_unique<Watch>(rig, id, 1000000000));
+  publishing = false;
+  job.join();
+  rig.Fail(id);
+  int64_t early_steps = 0;
+  for (auto& watch : watches) {
+    for (const JobEvent& e : watch->Rest()) early_steps += e.has_step();
+  }
+  EXPECT_EQ(early_steps, 0);
+}
+
 // A running job that a restart queued again ends its replay queued, and its next start is sent.
 TEST(TrainingServiceTest, AJobARestartQueuedAgainIsWatchedQueuedThenRunning) {
   Rig rig("requeued");
