@@ -114,8 +114,9 @@ int main(int argc, char** argv) {
   }
 
   if (print_keys) {
-    for (const auto& [key, value] : lorad::server::ConfigKeysWithDefaults()) {
-      std::cout << key << ": " << value << "\n";
+    // YAML, with what each key accepts as a comment.
+    for (const auto& k : lorad::server::ConfigKeysWithDefaults()) {
+      std::cout << k.key << ": " << k.default_value << "  # " << k.accepts << "\n";
     }
     return 0;
   }

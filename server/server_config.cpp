@@ -35,6 +35,7 @@ using Setter =
 struct Field {
   Setter set;
   std::function<std::string(const ServerConfig&)> show;  // the current value, as text
+  std::string accepts;  // what a value may be, for --print-config-keys ("an integer in [1, 64]")
 };
 
 absl::Status TypeError(const std::string& where, const std::string& key, const std::string& want,
@@ -66,7 +67,20 @@ Field StringField(const std::string& key, std::function<std::string&(ServerConfi
     return absl::OkStatus();
   };
   f.show = [ref](const ServerConfig& c) { return ref(const_cast<ServerConfig&>(c)); };
+  f.accepts =
+      allowed.empty()
+          ? "text"
+          : absl::StrCat("one of ",
+                         absl::StrJoin(allowed, ", ", [](std::string* out, const std::string& v) {
+                           absl::StrAppend(out, v.empty() ? "\"\"" : v);
+                         }));
   return f;
+}
+
+// `field`, saying more precisely what it accepts than its type does.
+Field Accepting(std::string accepts, Field field) {
+  field.accepts = std::move(accepts);
+  return field;
 }
 
 // A file or folder: a shell's `~` or `$VARIABLE` in it is refused (taken as they are, `~/data`
@@ -86,6 +100,7 @@ Field PathField(const std::string& key, std::function<std::string&(ServerConfig&
     }
     return absl::OkStatus();
   };
+  f.accepts = "a path (absolute, or relative to the folder lorad starts in)";
   return f;
 }
 
@@ -114,6 +129,7 @@ Field IntField(const std::string& key, std::function<int64_t&(ServerConfig&)> re
   f.show = [ref](const ServerConfig& c) {
     return std::to_string(ref(const_cast<ServerConfig&>(c)));
   };
+  f.accepts = absl::StrCat("an integer in [", min, ", ", max, "]");
   return f;
 }
 
@@ -134,6 +150,7 @@ Field DoubleField(const std::string& key, std::function<double&(ServerConfig&)> 
     return absl::OkStatus();
   };
   f.show = [ref](const ServerConfig& c) { return absl::StrCat(ref(const_cast<ServerConfig&>(c))); };
+  f.accepts = absl::StrCat("a number in [", min, ", ", max, "]");
   return f;
 }
 
@@ -156,6 +173,7 @@ Field BoolField(const std::string& key, std::function<bool&(ServerConfig&)> ref)
   f.show = [ref](const ServerConfig& c) {
     return ref(const_cast<ServerConfig&>(c)) ? std::string("true") : std::string("false");
   };
+  f.accepts = "true or false";
   return f;
 }
 
@@ -216,6 +234,7 @@ Field TokensField() {
     return c.auth.tokens.empty() ? std::string("[]")
                                  : absl::StrCat("[", c.auth.tokens.size(), " tokens]");
   };
+  f.accepts = "a list of {name, role: user or admin, token: at least 16 characters}";
   return f;
 }
 
@@ -271,12 +290,16 @@ const std::map<std::string, Field>& Schema() {
        StringField("engine.logprobs_mode",
                    [](ServerConfig& c) -> std::string& { return c.engine.logprobs_mode; },
                    {"raw", "processed"})},
-      {"server.grpc_address",
-       StringField("server.grpc_address",
-                   [](ServerConfig& c) -> std::string& { return c.server.grpc_address; })},
-      {"server.http_address",
-       StringField("server.http_address",
-                   [](ServerConfig& c) -> std::string& { return c.server.http_address; })},
+      {"server.grpc_address", Accepting("host:port ([::1]:port for IPv6)",
+                                        StringField("server.grpc_address",
+                                                    [](ServerConfig& c) -> std::string& {
+                                                      return c.server.grpc_address;
+                                                    }))},
+      {"server.http_address", Accepting("host:port ([::1]:port for IPv6)",
+                                        StringField("server.http_address",
+                                                    [](ServerConfig& c) -> std::string& {
+                                                      return c.server.http_address;
+                                                    }))},
       {"server.max_request_bytes",
        IntField(
            "server.max_request_bytes",
@@ -648,10 +671,12 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   return absl::OkStatus();
 }
 
-std::vector<std::pair<std::string, std::string>> ConfigKeysWithDefaults() {
-  std::vector<std::pair<std::string, std::string>> keys;
+std::vector<ConfigKey> ConfigKeysWithDefaults() {
+  std::vector<ConfigKey> keys;
   const ServerConfig defaults;
-  for (const auto& [key, field] : Schema()) keys.emplace_back(key, field.show(defaults));
+  for (const auto& [key, field] : Schema()) {
+    keys.push_back({key, field.show(defaults), field.accepts});
+  }
   return keys;
 }
 

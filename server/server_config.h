@@ -109,8 +109,13 @@ absl::Status ApplyConfigOverride(ServerConfig& config, const std::string& key,
 // Checks what no single key can: address syntax, required keys.
 absl::Status ValidateServerConfig(const ServerConfig& config);
 
-// Every known key with its default, for `lorad --print-config-keys` and the README.
-std::vector<std::pair<std::string, std::string>> ConfigKeysWithDefaults();
+// Every known key with its default and what it accepts, for `lorad --print-config-keys`.
+struct ConfigKey {
+  std::string key;
+  std::string default_value;
+  std::string accepts;  // "an integer in [1, 4096]", "one of auto, cpu, cuda", ...
+};
+std::vector<ConfigKey> ConfigKeysWithDefaults();
 
 // Splits "host:port" (IPv6 as "[::1]:port"); port must be 1..65535.
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);

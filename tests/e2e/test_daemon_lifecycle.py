@@ -2,6 +2,7 @@
 reflection, answers health checks, exposes parseable metrics, refuses bad configs with one
 clear line and exit code 2, and stops cleanly on Ctrl-C / SIGTERM."""
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -193,6 +194,24 @@ def test_start_up_errors_about_a_value_name_the_line_that_set_it(tmp_path):
         assert "model loaded" not in result.stdout + result.stderr, result.stdout
     version = run_lorad("--version")
     assert version.returncode == 0 and version.stdout.startswith("lorad "), version
+
+
+def test_print_config_keys_is_yaml_saying_what_each_key_accepts_and_matches_the_readme():
+    """Every key with its default and, as a comment, what it accepts (the ranges were found only
+    by being refused); the README's configuration table lists the same keys."""
+    import yaml
+
+    result = run_lorad("--print-config-keys")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all("  # " in line for line in lines), result.stdout
+    printed = yaml.safe_load(result.stdout)
+    assert printed["engine.max_running_requests"] == 64
+    assert "engine.max_running_requests: 64  # an integer in [1, 4096]" in lines
+    readme = (ROOT / "README.md").read_text()
+    documented = {key for line in readme.splitlines() if line.startswith("| `")
+                  for key in re.findall(r"`([a-z_]+\.[a-z_]+)`", line.split("|")[1])}
+    assert documented == set(printed), (documented ^ set(printed))
 
 
 def test_taken_port_is_a_clear_error(tmp_path):
