@@ -1,13 +1,12 @@
 #include "clients/loradctl/adapter_commands.h"
 
-#include <google/protobuf/util/json_util.h>
-
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "clients/loradctl/exit_codes.h"
+#include "clients/loradctl/json_output.h"
 #include "clients/loradctl/text_table.h"
 #include "clients/loradctl/utf8_fields.h"
 
@@ -46,19 +45,8 @@ int RunAdaptersList(Connection& connection, bool json) {
   grpc::Status status = connection.adapters().ListAdapters(
       context.get(), lorad::v1::ListAdaptersRequest(), &response);
   if (!status.ok()) return connection.Fail(status);
-  if (json) {  // for scripts: a SOURCE path or a SIZE may hold spaces in the table
-    google::protobuf::util::JsonPrintOptions options;
-    options.add_whitespace = true;
-    options.preserve_proto_field_names = true;
-    options.always_print_primitive_fields = true;
-    std::string text;
-    if (!google::protobuf::util::MessageToJsonString(response, &text, options).ok()) {
-      std::cerr << "loradctl: cannot print the adapters as JSON" << std::endl;
-      return kExitError;
-    }
-    std::cout << text;
-    return kExitOk;
-  }
+  // For scripts: a SOURCE path or a SIZE may hold spaces in the table.
+  if (json) return PrintJson(response, "the adapters");
   TextTable table({"NAME", "VERSION", "STATE", "RANK", "ALPHA", "TARGETS", "SIZE", "SOURCE",
                    "RESIDENT", "ACTIVE"});
   for (const auto& a : response.adapters()) {

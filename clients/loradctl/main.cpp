@@ -250,8 +250,11 @@ int main(int argc, char** argv) {
   list->add_option("--limit", limit, "show at most N jobs")
       ->check(kAtLeastOne)
       ->capture_default_str();
-  list->callback(
-      [&] { command = [&](Connection& c) { return lorad::cli::RunTrainList(c, states, limit); }; });
+  bool list_json = false;
+  list->add_flag("--json", list_json, "print the jobs as JSON (every field), for scripts");
+  list->callback([&] {
+    command = [&](Connection& c) { return lorad::cli::RunTrainList(c, states, limit, list_json); };
+  });
 
   bool show_json = false;
   CLI::App* show = train->add_subcommand("show", "a job's state, metrics and spec");

@@ -1,6 +1,5 @@
 #include "clients/loradctl/training_commands.h"
 
-#include <google/protobuf/util/json_util.h>
 #include <unistd.h>
 
 #include <iostream>
@@ -13,6 +12,7 @@
 #include "clients/loradctl/job_progress_printer.h"
 #include "clients/loradctl/job_spec_yaml.h"
 #include "clients/loradctl/job_text.h"
+#include "clients/loradctl/json_output.h"
 #include "clients/loradctl/text_table.h"
 #include "clients/loradctl/utf8_fields.h"
 
@@ -144,7 +144,8 @@ int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t fro
   return ExitCodeForFinalState(final_state);
 }
 
-int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit) {
+int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit,
+                 bool json) {
   lorad::v1::ListJobsRequest request;
   for (const std::string& name : states) {
     const auto* value = ParseEnumShortName(lorad::v1::JobState_descriptor(), name);
@@ -156,6 +157,7 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
     request.add_states(static_cast<JobState>(value->number()));
   }
   TextTable table({"ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED"});
+  lorad::v1::ListJobsResponse all;  // with --json: the jobs listed, as one reply
   int listed = 0;
   bool more = false;  // jobs left out by the limit
   while (listed < limit) {
@@ -167,6 +169,7 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
     for (const Job& job : response.jobs()) {
       if (listed == limit) break;  // a server that ignores page_size
       ++listed;
+      if (json) *all.add_jobs() = job;
       const bool has_step = job.last_step().step() > 0;
       table.AddRow({job.id(), JobStateName(job.state()), job.spec().adapter_name(),
                     FormatProgress(job.last_step().step(), job.total_steps()),
@@ -177,7 +180,11 @@ int RunTrainList(Connection& connection, const std::vector<std::string>& states,
     if (!more) break;
     request.set_page_token(response.next_page_token());
   }
-  table.Print(std::cout);
+  if (json) {
+    if (const int code = PrintJson(all, "the jobs"); code != kExitOk) return code;
+  } else {
+    table.Print(std::cout);
+  }
   // Jobs are kept until deleted: past the limit, an older (failed) job looked absent.
   if (more && listed == limit) {
     std::cerr << "(the newest " << limit << " shown; older ones: --limit " << 2 * limit << ")"
@@ -199,18 +206,7 @@ int RunTrainShow(Connection& connection, const std::string& job_id, JobShowForma
     std::cout << JobSpecToYaml(job.spec());
     return kExitOk;
   }
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.preserve_proto_field_names = true;
-  // Every field, zeros too (as `adapters ls --json` prints them): a script reading
-  // summary.skipped_lines finds 0, not a missing key.
-  options.always_print_primitive_fields = true;
-  std::string text;
-  if (!google::protobuf::util::MessageToJsonString(job, &text, options).ok()) {
-    std::cerr << "loradctl: cannot print " << job_id << " as JSON" << std::endl;
-    return kExitError;
-  }
-  std::cout << text;
+  return PrintJson(job, job_id);
   return kExitOk;
 }
 

@@ -21,7 +21,9 @@ int RunTrainSubmit(Connection& connection, const std::string& yaml_path,
 int RunTrainWatch(Connection& connection, const std::string& job_id, int64_t from_step);
 
 // A table of the newest `limit` jobs, optionally only those in `states` ("queued", ...).
-int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit);
+// `json`: the jobs as one ListJobsResponse in JSON (every field), for scripts.
+int RunTrainList(Connection& connection, const std::vector<std::string>& states, int limit,
+                 bool json);
 
 // How `train show` prints a job: its details and spec; the whole lorad.v1.Job as JSON; or only
 // the spec as a job file (`train submit` takes it back).

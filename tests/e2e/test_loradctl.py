@@ -140,6 +140,10 @@ def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
 
     only_cancelled = loradctl("train", "ls", "--state", "cancelled", address=daemon.grpc_address)
     assert job_id in only_cancelled.stdout
+    listed = loradctl("train", "ls", "--json", "--state", "cancelled",
+                      address=daemon.grpc_address)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in [j["id"] for j in json.loads(listed.stdout)["jobs"]], listed.stdout
     only_queued = loradctl("train", "ls", "--state", "queued", address=daemon.grpc_address)
     assert job_id not in only_queued.stdout
 
