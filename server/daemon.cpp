@@ -247,8 +247,8 @@ absl::Status Daemon::StartEngine() {
   engine_ = std::move(*engine);
   if (const std::string note = engine_->chat_template_note(); !note.empty()) {
     spdlog::warn(
-        "chat template: {}; give chats a system message of your own, or set "
-        "model.chat_template",
+        "chat template: {} (training and Chat render the same way, without it; "
+        "model.chat_template names a family to render instead)",
         note);
   }
   const engine::DeviceInfo& device = engine_->device();

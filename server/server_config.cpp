@@ -95,8 +95,8 @@ Field PathField(const std::string& key, std::function<std::string&(ServerConfig&
     if (RE2::PartialMatch(v, kShell)) {
       return absl::InvalidArgumentError(absl::StrCat(
           where, ": ", key, ": '", v, "' holds ", v[0] == '~' ? "a '~'" : "a $VARIABLE",
-          ", which lorad does not expand (no shell reads this file): write the whole path (a "
-          "relative one is relative to the folder lorad starts in)"));
+          ", which lorad does not expand: write the whole path (a relative one is relative to "
+          "the folder lorad starts in)"));
     }
     return absl::OkStatus();
   };

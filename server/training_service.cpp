@@ -100,6 +100,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     // (a step below it reached the client before step from_step now and then).
     from_step_ = request.from_step();
     next_step_ = request.from_step();
+    stored_from_ = request.from_step();
     const absl::Status stopping =
         absl::UnavailableError("lorad is stopping; watch the job again once it is back");
     subscription_ = events_.Subscribe(
@@ -267,17 +268,22 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     }
   }
 
-  // Reads the stored events after those read so far, through `step`. from_step skips earlier
-  // steps' evaluations and checkpoints, never the summary.
+  // Reads the stored events after those read so far, through `step`, from from_step on (earlier
+  // steps' evaluations and checkpoints are not sent; the summary always is).
   absl::Status LoadStoredThroughLocked(int64_t step) {
     if (step < stored_from_) return absl::OkStatus();
     auto stored = store_.Events(record_.id, stored_from_, step);
     if (!stored.ok()) return stored.status();
     stored_.erase(stored_.begin(), stored_.begin() + static_cast<std::ptrdiff_t>(next_stored_));
     next_stored_ = 0;
-    for (auto& e : *stored) {
-      if (e.step >= from_step_ || e.kind == JobEvent::kFinishedFieldNumber) {
-        stored_.push_back(std::move(e));
+    for (auto& e : *stored) stored_.push_back(std::move(e));
+    if (step == INT64_MAX && from_step_ > 0) {
+      // The summary is sent whatever from_step is: one stored at an earlier step (a watch from
+      // past the job's last step) was not among those read.
+      auto summary = store_.LastEvent(record_.id, JobEvent::kFinishedFieldNumber);
+      if (!summary.ok()) return summary.status();
+      if (summary->has_value() && (*summary)->step < from_step_) {
+        stored_.push_back(**std::move(summary));
       }
     }
     stored_from_ = step == INT64_MAX ? step : step + 1;

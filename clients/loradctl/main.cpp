@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
@@ -129,27 +130,33 @@ std::string CheckToken(std::string& value) {
 
 std::string CheckAddress(std::string& value) {
   const std::string from = " (given by --address or LORAD_ADDRESS)";
-  // gRPC's own target schemes; another (http://) would be resolved as a host name and fail
-  // with a DNS error.
-  for (const char* scheme : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:"}) {
-    if (absl::StartsWith(value, scheme)) return "";
+  // A URL's scheme (http://) is no gRPC target: gRPC would resolve it as a host name and fail
+  // with a DNS error. gRPC's own schemes (unix:, dns:, passthrough:, xds:, ...) pass.
+  for (const char* scheme : {"http://", "https://", "grpc://", "grpcs://"}) {
+    if (absl::StartsWith(absl::AsciiStrToLower(value), scheme)) {
+      return "'" + value + "'" + from +
+             ": loradctl speaks gRPC to host:port (or a gRPC target such as unix:/path or "
+             "dns:///host:port); leave out the scheme";
+    }
   }
-  if (absl::StrContains(value, "://")) {
-    return "'" + value + "'" + from +
-           ": loradctl speaks gRPC to host:port (or a gRPC target such as unix:/path or "
-           "dns:///host:port); leave out the scheme";
+  if (absl::StrContains(value, "://") || absl::StartsWith(value, "unix:") ||
+      absl::StartsWith(value, "unix-abstract:")) {
+    return "";
   }
   const size_t colon = value.rfind(':');
   int port = 0;
   if (colon == std::string::npos || colon == 0) {
     return "'" + value + "'" + from + " is not host:port";
   }
+  const bool port_ok = absl::SimpleAtoi(value.substr(colon + 1), &port) && port >= 1 &&
+                       port <= 65535 && value[colon + 1] != '+' && value[colon + 1] != '-';
   if (value[0] != '[' && value.find(':') != colon) {
-    return "'" + value + "'" + from + " looks like an IPv6 address without brackets: write [" +
-           value.substr(0, colon) + "]" + value.substr(colon);
+    // "::1:50051", or "::1" alone: which group is the port cannot be told.
+    return "'" + value + "'" + from +
+           " looks like an IPv6 address without brackets: write [ADDRESS]:PORT, e.g. "
+           "[::1]:50051";
   }
-  if (!absl::SimpleAtoi(value.substr(colon + 1), &port) || port < 1 || port > 65535 ||
-      value[colon + 1] == '+' || value[colon + 1] == '-') {
+  if (!port_ok) {
     return "'" + value + "'" + from + " has no valid port (1..65535)";
   }
   return "";

@@ -120,6 +120,13 @@ std::string Utf8Lossy(std::string_view bytes) {
   return out;
 }
 
+std::string Utf8Shortened(std::string_view text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return std::string(text);
+  size_t cut = max_bytes;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return std::string(text.substr(0, cut)) + "...";
+}
+
 char32_t NextCodePoint(std::string_view text, size_t* pos) {
   size_t len = 0;
   if (Classify(text, *pos, &len) != Step::kChar) {

@@ -29,6 +29,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool final, std::string* out,
 // The whole of `bytes` with ill-formed subsequences replaced.
 std::string Utf8Lossy(std::string_view bytes);
 
+// `text` cut to at most `max_bytes` bytes at a character boundary, with "..." after it when cut
+// (a message that quotes user data: a record's text can be megabytes).
+std::string Utf8Shortened(std::string_view text, size_t max_bytes);
+
 // The value of `digits` read as hexadecimal (either case, up to 7 digits); -1 when empty or any
 // is not a hex digit.
 int HexValue(std::string_view digits);

@@ -21,6 +21,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "engine/model/json_file.h"
+#include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
 
@@ -60,6 +61,10 @@ absl::StatusOr<std::string> StringField(const json& record, const char* key,
   return it->get<std::string>();
 }
 
+// What a message quotes of a record at most: a record's text can be megabytes, and a skipped
+// record's reason is kept in the job's summary, which every ListJobs page carries.
+constexpr size_t kMaxQuotedBytes = 300;
+
 // Whether the record has `key` with a value: a null is a column the record lacks (what
 // datasets' to_json and pandas write for a file made of differently shaped records), unless
 // `nulls` (a record no format matches without them: its error then names the null field).
@@ -86,11 +91,23 @@ DatasetFormat DetectFormat(const json& record, bool nulls = false) {
 std::string KeysOf(const json& record) {
   std::vector<std::string> keys;
   for (auto it = record.begin(); it != record.end() && keys.size() < 12; ++it) {
-    keys.push_back(it.key());
+    keys.push_back(Utf8Shortened(it.key(), 40));
   }
   if (keys.empty()) return "it has none";
   return absl::StrCat("its keys: ", absl::StrJoin(keys, ", "),
                       record.size() > keys.size() ? ", ..." : "");
+}
+
+// Whether a tools / tool_calls value holds something: exports fill a column a record lacks with
+// null, "" or false (pandas' fillna(""), CSV conversions), or write an empty list as "[]".
+bool HoldsTools(const json& value) {
+  if (value.is_array() || value.is_object()) return !value.empty();
+  if (value.is_string()) {
+    const std::string& s = value.get_ref<const std::string&>();
+    return !s.empty() && s != "[]";
+  }
+  if (value.is_boolean()) return value.get<bool>();
+  return !value.is_null();
 }
 
 // Tool calls and tool schemas: lorad renders a turn's role and content only, so a turn that
@@ -99,7 +116,7 @@ std::string KeysOf(const json& record) {
 absl::Status RefuseTools(const json& record, const std::string& where) {
   for (const char* key : {"tools", "functions"}) {
     auto it = record.find(key);
-    if (it != record.end() && !it->is_null() && !it->empty()) {
+    if (it != record.end() && HoldsTools(*it)) {
       return Bad(where, absl::StrCat("field '", key,
                                      "': tool schemas are not supported (lorad's chat templates "
                                      "render each turn's role and content only); leave such "
@@ -148,7 +165,7 @@ absl::Status ParseMessages(const json& record, const char* key, bool needs_assis
     }
     for (const char* calls : {"tool_calls", "function_call"}) {
       auto it = messages[i].find(calls);
-      if (it != messages[i].end() && !it->is_null() && !it->empty()) {
+      if (it != messages[i].end() && HoldsTools(*it)) {
         return Bad(where, absl::StrCat("field '", field, ".", calls,
                                        "': tool calls are not supported (lorad's chat templates "
                                        "render each turn's role and content only, so the turn "
@@ -235,7 +252,9 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
     if (const size_t at = reason.find("] "); at != std::string_view::npos) {
       reason.remove_prefix(at + 2);
     }
-    return Bad(where, absl::StrCat("not valid JSON (", std::string(reason), ")"));
+    // The parser quotes what it read last, which may be a whole megabyte-long string.
+    return Bad(where,
+               absl::StrCat("not valid JSON (", Utf8Shortened(reason, kMaxQuotedBytes), ")"));
   }
   if (!record.is_object()) return Bad(where, "expected a JSON object");
   Example ex;
@@ -451,7 +470,7 @@ bool DatasetReader::ReadLineKeepingAtMost(int64_t keep, std::string& buffer) {
 absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t& line) {
   if (array_done_) return false;
   text.clear();
-  const auto here = [this] { return Where(line_); };
+  const auto here = [this] { return Where(line_, /*name_record=*/false); };
   bool after_comma = false;
   int c;
   while (true) {  // white space and the separator before the next element
@@ -507,11 +526,11 @@ absl::StatusOr<bool> DatasetReader::NextArrayElement(std::string& text, int64_t&
   }
 }
 
-std::string DatasetReader::Where(int64_t line) const {
+std::string DatasetReader::Where(int64_t line, bool name_record) const {
   if (!options_.inline_name.empty()) return absl::StrCat(options_.inline_name, "[", line - 1, "]");
   // A JSON array is often written on one line (json.dump, pandas' to_json): the line alone
   // would name every record alike.
-  if (array_ && array_elements_ > 0) {
+  if (array_ && array_elements_ > 0 && name_record) {
     return absl::StrCat(path_, ":", line, " (record [", array_elements_ - 1, "] of the array)");
   }
   return absl::StrCat(path_, ":", line);
@@ -532,6 +551,7 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     auto more = NextRecordText(text, line);
     if (!more.ok()) return more.status();  // the file's structure is broken: nothing to skip to
     if (!*more) return std::optional<Example>();
+    ++records_;
     const std::string where = Where(line);
     // A JSONL line is read whole; one over the limit is a bad record like any other (an array
     // element stops the read at the limit, see NextArrayElement).
@@ -542,6 +562,7 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
             : ParseRecord(text, options_.format, where);
     if (example.ok()) {
       example->line = line;
+      example->record = records_;
       record_parsed_ = true;
       return std::optional<Example>(std::move(*example));
     }
@@ -570,8 +591,8 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();
     if (skipped_++ == 0) {
-      first_skip_reason_ = std::string(example.status().message());
-      first_skip_line_ = line;
+      first_skip_reason_ = Utf8Shortened(std::string(example.status().message()), kMaxQuotedBytes);
+      first_skip_record_ = records_;
     }
   }
 }

@@ -43,6 +43,7 @@ struct Example {
   std::string input;                            // alpaca: optional context
   std::string text;                             // text format only
   int64_t line = 0;                             // 1-based line where the record starts
+  int64_t record = 0;  // 1-based place among the file's records, bad ones counted
   // The first message whose assistant turns train: 0, or the length of a conversational prompt
   // (TRL's {"prompt": [messages], "completion": [messages]}: only the completion trains).
   size_t first_trained_message = 0;
@@ -73,15 +74,19 @@ class DatasetReader {
   // skip_bad_lines is set, in which case it is counted in skipped() and skipped over.
   absl::StatusOr<std::optional<Example>> Next();
 
-  // How errors name the record that starts at `line`: "<file>:<line>", or the inline record.
-  std::string Where(int64_t line) const;
+  // How errors name the record that starts at `line`: "<file>:<line>" (in a JSON array with the
+  // index of the record last begun, unless `name_record` is false: an error between records),
+  // or the inline record.
+  std::string Where(int64_t line, bool name_record = true) const;
   // How errors name the whole file: its path, or the inline records' name.
   const std::string& name() const;
 
   int64_t skipped() const { return skipped_; }
-  // The first skipped record's error, for reports ("skipped 3 records; first: ...").
+  // The first skipped record's error, for reports ("skipped 3 records; first: ..."), cut to a
+  // few hundred bytes (it may quote the record).
   const std::string& first_skip_reason() const { return first_skip_reason_; }
-  int64_t first_skip_line() const { return first_skip_line_; }  // its line; 0 when none
+  // Its place among the records (Example::record); 0 when none was skipped.
+  int64_t first_skip_record() const { return first_skip_record_; }
 
   // Parses one JSON record (already isolated) into an Example; `where` prefixes errors.
   static absl::StatusOr<Example> ParseRecord(const std::string& json_text, DatasetFormat format,
@@ -105,7 +110,8 @@ class DatasetReader {
   int64_t line_ = 1;                 // current line of the read position
   int64_t skipped_ = 0;
   std::string first_skip_reason_;
-  int64_t first_skip_line_ = 0;
+  int64_t first_skip_record_ = 0;
+  int64_t records_ = 0;         // record texts read so far, bad ones counted
   bool record_parsed_ = false;  // a record came before (good or bad)
 };
 

@@ -7,6 +7,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "engine/model/utf8.h"
 #include "engine/train/dataset_reader.h"
 
 namespace lorad::engine {
@@ -58,7 +59,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   // The first record the formatter refused, and its line: the reader keeps its own first (a
   // record that is not JSON or lacks its fields); the error names whichever came first.
   std::string first_bad;
-  int64_t first_bad_line = 0, formatter_skipped = 0;
+  int64_t first_bad_record = 0, formatter_skipped = 0;
   bool whole_file = true;
   bool answered = false;  // an example with an answer to learn
   for (int64_t records = 0;; ++records) {
@@ -82,7 +83,10 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
       const std::string why =
           absl::StrCat((*reader)->Where((**next).line), ": ", t.status().message());
       if (!config.skip_bad_lines) return absl::InvalidArgumentError(why);
-      if (first_bad.empty()) first_bad = why, first_bad_line = (**next).line;
+      if (first_bad.empty()) {
+        first_bad = Utf8Shortened(why, 400);
+        first_bad_record = (**next).record;
+      }
       ++formatter_skipped;
       continue;
     }
@@ -97,8 +101,9 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
   // This file's skips (`skipped` may already hold the training file's).
   const int64_t skipped_here = formatter_skipped + (*reader)->skipped();
   skipped += skipped_here;
-  if (const int64_t line = (*reader)->first_skip_line();
-      line > 0 && (first_bad.empty() || line < first_bad_line)) {
+  // By place among the records, not by line: a one-line JSON array holds them all on line 1.
+  if (const int64_t record = (*reader)->first_skip_record();
+      record > 0 && (first_bad.empty() || record < first_bad_record)) {
     first_bad = (*reader)->first_skip_reason();
   }
   if (first_skipped != nullptr && first_skipped->empty()) *first_skipped = first_bad;

@@ -335,12 +335,15 @@ def test_flags_below_their_bound_say_the_bound():
         assert "no valid port (1..65535)" in result.stderr, result.stderr
     # Forms gRPC would only answer with a DNS error: IPv6 without brackets, a URL's scheme. The
     # environment variable a value may come from is named.
-    for address, words in [("::1:50051", "write [::1]:50051"),
+    for address, words in [("::1:50051", "write [ADDRESS]:PORT"), ("::1", "write [ADDRESS]:PORT"),
                             ("http://127.0.0.1:50051", "leave out the scheme")]:
         result = loradctl("--address", address, "adapters", "ls")
         assert result.returncode == EXIT_USAGE and words in result.stderr, result.stderr
     result = loradctl("adapters", "ls", env={"LORAD_ADDRESS": "localhost"})
     assert result.returncode == EXIT_USAGE and "LORAD_ADDRESS" in result.stderr, result.stderr
+    # gRPC's own target schemes pass the check (nothing listens there: UNAVAILABLE).
+    result = loradctl("--address", f"passthrough:///127.0.0.1:{free_port()}", "adapters", "ls")
+    assert result.returncode == 24, result.stderr
     result = loradctl("--version")
     assert result.returncode == 0 and result.stdout.startswith("loradctl "), result.stdout
     # A token no gRPC header can carry (gRPC aborted the client, exit 134): a line ending read

@@ -19,6 +19,13 @@ TEST(Utf8, LossyReplacesMaximalIllFormedSubsequences) {
   EXPECT_TRUE(IsValidUtf8("\xF4\x8F\xBF\xBF"));                 // U+10FFFF
 }
 
+TEST(Utf8, ShortenedCutsAtACharacterBoundary) {
+  EXPECT_EQ(Utf8Shortened("short", 5), "short");
+  EXPECT_EQ(Utf8Shortened("abcdef", 3), "abc...");
+  EXPECT_EQ(Utf8Shortened("ab日本", 4), "ab...");  // 日 (3 bytes) would be cut: left out whole
+  EXPECT_EQ(Utf8Shortened("ab日本", 5), "ab日...");
+}
+
 TEST(Utf8, NonFinalHoldsBackAnIncompleteCharacter) {
   std::string out;
   EXPECT_EQ(AppendUtf8Lossy("ab\xF0\x9F\x98", /*final=*/false, &out), 2u);

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
+
 namespace lorad::engine {
 namespace {
 
@@ -499,8 +501,11 @@ TEST_F(DatasetReaderTest, ToolCallsAndToolSchemasAreRefusedNamingTheField) {
       R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": [{"type": "function", "function": {"name": "weather"}}]})";
   const std::string prompt_tools =
       R"({"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}], "tools": [{"type": "function"}]})";
+  // What exports write for a column a record lacks: null, "", false, an empty list or "[]".
   const std::string no_calls =
-      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "tool_calls": []}], "tools": null})";
+      R"({"messages": [{"role": "user", "content": "Hi", "tool_calls": ""}, {"role": "assistant", "content": "Hello", "tool_calls": []}], "tools": null, "functions": false})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "tool_calls": "[]"}], "tools": ""})";
   for (const auto& [body, field] : std::vector<std::pair<std::string, std::string>>{
            {calls, "'messages[1].tool_calls'"}, {tools, "'tools'"}, {prompt_tools, "'tools'"}}) {
     auto examples = ReadDataset(Write("tools.jsonl", body + "\n"));
@@ -512,6 +517,7 @@ TEST_F(DatasetReaderTest, ToolCallsAndToolSchemasAreRefusedNamingTheField) {
   }
   auto plain = ReadDataset(Write("no-calls.jsonl", no_calls + "\n"));
   ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_EQ(plain->size(), 2u);
   EXPECT_EQ((*plain)[0].messages.size(), 2u);
 }
 
@@ -529,6 +535,30 @@ TEST_F(DatasetReaderTest, ErrorsNameTheArrayRecordAndWhatTheRecordHolds) {
       << typo.status();
   EXPECT_NE(typo.status().message().find("its keys: instruction, outptu"), std::string::npos)
       << typo.status();
+  // An error between records names no record (it is none of them).
+  const std::string trail = Write("trail.json", "[{\"text\": \"a\"},\n{\"text\": \"b\"}]\nx\n");
+  auto trailing = ReadDataset(trail);
+  ASSERT_FALSE(trailing.ok());
+  EXPECT_TRUE(
+      absl::StartsWith(trailing.status().message(), trail + ":3: text after the JSON array"))
+      << trailing.status();
+  // A record quoting megabytes (a long text the parser stops in) is named in a few hundred
+  // bytes: a skipped one's reason is kept in its job's summary.
+  DatasetReaderOptions skip;
+  skip.skip_bad_lines = true;
+  auto reader =
+      DatasetReader::Open(Write("long-bad.jsonl", "{\"text\": \"" + std::string(100000, 'x') +
+                                                      "\t\"}\n{\"text\": \"ok\"}\n"),
+                          skip);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  auto good = (*reader)->Next();
+  ASSERT_TRUE(good.ok() && good->has_value()) << good.status();
+  EXPECT_EQ((*good)->record, 2);
+  EXPECT_EQ((*reader)->first_skip_record(), 1);
+  EXPECT_LT((*reader)->first_skip_reason().size(), 400u) << (*reader)->first_skip_reason();
+  EXPECT_NE((*reader)->first_skip_reason().find("long-bad.jsonl:1: not valid JSON"),
+            std::string::npos)
+      << (*reader)->first_skip_reason();
   auto bare = ReadDataset(
       Write("bare.jsonl",
             R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])"

@@ -100,6 +100,16 @@ TEST(TrainingData, NothingUsableNamesTheFirstSkippedRecordAndThisFilesCount) {
   ASSERT_TRUE(data.ok()) << data.status();
   EXPECT_EQ(data->skipped_records(), 3);
   EXPECT_EQ(data->first_skipped().rfind(config.path + ":3: ", 0), 0u) << data->first_skipped();
+
+  // One JSON array on one line (json.dump): the first skipped is told by its place among the
+  // records, not by its line (all on line 1; the template's refusal of record [1] was named).
+  config.path = WriteLines(
+      "one-line.json", {"[" + not_a_record + ", " + three_turns + ", " + good + ", " + good + "]"});
+  config.validation_path.clear();
+  data = TrainingData::Build(config, *formatter, 64, 1);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_EQ(data->first_skipped().rfind(config.path + ":1 (record [0] of the array)", 0), 0u)
+      << data->first_skipped();
 }
 
 // Answers all empty (or white space): refused, naming the file; it trained the end of turn alone
