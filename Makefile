@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 BUILD_DIR ?= build
-CUDA ?= ON
+# ON or OFF; empty: CMake decides (ON when nvcc is at /usr/local/cuda or on the PATH).
+CUDA ?=
 BUILD_TYPE ?= RelWithDebInfo
 CONFIG ?= deploy/lorad.yaml
 # deploy/setup.sh options (e.g. --no-model in the Docker build) and extra CMake arguments.
@@ -46,7 +47,7 @@ setup: $(BUILD_DIR)/setup.env
 
 configure: setup
 	source $(BUILD_DIR)/setup.env && \
-	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DLORAD_CUDA=$(CUDA) \
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(if $(CUDA),-DLORAD_CUDA=$(CUDA)) \
 	  -DCMAKE_PREFIX_PATH="$$LORAD_TORCH_CMAKE" -DCUDAToolkit_ROOT=/usr/local/cuda $(CMAKE_ARGS) > $(BUILD_DIR)/configure.log || \
 	  { cat $(BUILD_DIR)/configure.log; exit 1; }
 

@@ -6,6 +6,7 @@
 #include <charconv>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -409,21 +410,39 @@ absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
   return spec;
 }
 
+namespace {
+
+absl::StatusOr<lorad::v1::JobSpec> ParseLoadedJobSpec(const std::string& text,
+                                                      const std::string& source) {
+  if (text.find('\0') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": not a text file (it holds NUL bytes)"));
+  }
+  return ParseJobSpecYaml(text, source);
+}
+
+}  // namespace
+
 absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
-  // All of these are a bad job file (exit 2), whatever the reason.
+  // All of these are a bad job file (exit 2), whatever the reason. "-" and a pipe are read once,
+  // as a file is (`docker compose exec -T lorad loradctl train submit - < job.yaml`: the file
+  // is on the host, loradctl in the container).
+  std::stringstream text;
+  if (path == "-") {
+    text << std::cin.rdbuf();
+    return ParseLoadedJobSpec(text.str(), "<stdin>");
+  }
   std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
+  const auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::is_regular_file(status) && !std::filesystem::is_fifo(status) &&
+      !std::filesystem::is_character_file(status)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        path, ": ", std::filesystem::exists(path, ec) ? "not a regular file" : "no such file"));
+        path, ": ", std::filesystem::exists(status) ? "not a regular file" : "no such file"));
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot be read"));
-  std::stringstream text;
   text << in.rdbuf();
-  if (text.str().find('\0') != std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a text file (it holds NUL bytes)"));
-  }
-  return ParseJobSpecYaml(text.str(), path);
+  return ParseLoadedJobSpec(text.str(), path);
 }
 
 std::string JobSpecToYaml(const lorad::v1::JobSpec& spec) {

@@ -22,7 +22,7 @@ namespace lorad::cli {
 absl::StatusOr<lorad::v1::JobSpec> ParseJobSpecYaml(const std::string& text,
                                                     const std::string& source);
 
-// Reads and parses the file at `path`.
+// Reads and parses the file at `path`: a file, a pipe, or "-" for stdin.
 absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
 // The spec as YAML in the same format (fields left at their defaults are omitted), so the

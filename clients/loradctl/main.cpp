@@ -226,7 +226,7 @@ int main(int argc, char** argv) {
   CLI::App* submit = train->add_subcommand("submit",
                                            "submit a job described by a YAML file "
                                            "(fields of lorad.v1.JobSpec); prints its id");
-  submit->add_option("FILE", yaml_path, "job YAML file")->required();
+  submit->add_option("FILE", yaml_path, "job YAML file (- reads stdin)")->required();
   submit->add_flag("--watch", watch_after_submit, "then follow the job as `train watch` does");
   std::string request_id;
   submit->add_option("--request-id", request_id,

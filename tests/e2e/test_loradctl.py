@@ -208,7 +208,8 @@ def test_inline_examples_are_written_as_yaml_records(daemon, tmp_path, stubs):
           seed:
         """))
     # (`seed:` with no value keeps the default, as a key with no value does in lorad.yaml.)
-    result = loradctl("train", "submit", str(path), address=daemon.grpc_address)
+    # Given on stdin ("-"), as a job file on the host reaches loradctl in a container.
+    result = loradctl("train", "submit", "-", stdin=path.read_text(), address=daemon.grpc_address)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
     with grpc.insecure_channel(daemon.grpc_address) as channel:
