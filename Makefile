@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 BUILD_DIR ?= build
-# ON or OFF; empty: CMake decides (ON when nvcc is at /usr/local/cuda or on the PATH).
+# ON or OFF; empty: CMake decides at every configure (ON when nvcc is at /usr/local/cuda or on
+# the PATH), so a toolkit installed after a first CPU-only build is taken up.
 CUDA ?=
 BUILD_TYPE ?= RelWithDebInfo
 CONFIG ?= deploy/lorad.yaml
@@ -47,7 +48,7 @@ setup: $(BUILD_DIR)/setup.env
 
 configure: setup
 	source $(BUILD_DIR)/setup.env && \
-	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(if $(CUDA),-DLORAD_CUDA=$(CUDA)) \
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) $(if $(CUDA),-DLORAD_CUDA=$(CUDA),-ULORAD_CUDA) \
 	  -DCMAKE_PREFIX_PATH="$$LORAD_TORCH_CMAKE" -DCUDAToolkit_ROOT=/usr/local/cuda $(CMAKE_ARGS) > $(BUILD_DIR)/configure.log || \
 	  { cat $(BUILD_DIR)/configure.log; exit 1; }
 

@@ -1,5 +1,6 @@
 #include "clients/loradctl/job_spec_yaml.h"
 
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -429,6 +430,9 @@ absl::StatusOr<lorad::v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
   // is on the host, loradctl in the container).
   std::stringstream text;
   if (path == "-") {
+    if (isatty(STDIN_FILENO)) {  // typed by hand: say what it waits for
+      std::cerr << "loradctl: reading the job from stdin (end it with Ctrl-D)" << std::endl;
+    }
     text << std::cin.rdbuf();
     return ParseLoadedJobSpec(text.str(), "<stdin>");
   }

@@ -139,9 +139,9 @@ std::string CheckAddress(std::string& value) {
              "dns:///host:port); leave out the scheme";
     }
   }
-  if (absl::StrContains(value, "://") || absl::StartsWith(value, "unix:") ||
-      absl::StartsWith(value, "unix-abstract:")) {
-    return "";
+  if (absl::StrContains(value, "://")) return "";
+  for (const char* scheme : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:"}) {
+    if (absl::StartsWith(value, scheme)) return "";
   }
   const size_t colon = value.rfind(':');
   int port = 0;

@@ -343,8 +343,10 @@ def test_flags_below_their_bound_say_the_bound():
     result = loradctl("adapters", "ls", env={"LORAD_ADDRESS": "localhost"})
     assert result.returncode == EXIT_USAGE and "LORAD_ADDRESS" in result.stderr, result.stderr
     # gRPC's own target schemes pass the check (nothing listens there: UNAVAILABLE).
-    result = loradctl("--address", f"passthrough:///127.0.0.1:{free_port()}", "adapters", "ls")
-    assert result.returncode == 24, result.stderr
+    for target in [f"passthrough:///127.0.0.1:{free_port()}", f"ipv4:127.0.0.1:{free_port()}",
+                   f"dns:localhost:{free_port()}"]:
+        result = loradctl("--address", target, "adapters", "ls")
+        assert result.returncode == 24, (target, result.stderr)
     result = loradctl("--version")
     assert result.returncode == 0 and result.stdout.startswith("loradctl "), result.stdout
     # A token no gRPC header can carry (gRPC aborted the client, exit 134): a line ending read
