@@ -468,9 +468,11 @@ absl::StatusOr<ServerConfig> LoadServerConfig(const std::string& path) {
   struct stat st {};
   const bool stream =
       ::stat(path.c_str(), &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode));
-  if (auto s = engine::RequireRegularFile(path, absl::StrCat("config file '", path, "'"));
-      !stream && !s.ok()) {
-    return s;
+  if (!stream) {
+    if (auto s = engine::RequireRegularFile(path, absl::StrCat("config file '", path, "'"));
+        !s.ok()) {
+      return s;
+    }
   }
   std::ifstream in(path);
   if (!in) {

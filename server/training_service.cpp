@@ -221,11 +221,8 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
     auto steps = store_.Steps(record_.id, next_step_, kStepsPerPage);
     if (!steps.ok()) return steps.status();
     const bool last_page = static_cast<int64_t>(steps->size()) < kStepsPerPage;
-    if (last_page || !steps->empty()) {
-      if (auto s = LoadStoredThroughLocked(last_page ? INT64_MAX : steps->back().step - 1);
-          !s.ok()) {
-        return s;
-      }
+    if (auto s = LoadStoredThroughLocked(last_page ? INT64_MAX : steps->back().step - 1); !s.ok()) {
+      return s;
     }
     for (const auto& s : *steps) {
       QueueStoredThroughLocked(s.step - 1);

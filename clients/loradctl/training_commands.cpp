@@ -207,7 +207,6 @@ int RunTrainShow(Connection& connection, const std::string& job_id, JobShowForma
     return kExitOk;
   }
   return PrintJson(job, job_id);
-  return kExitOk;
 }
 
 int RunTrainCancel(Connection& connection, const std::string& job_id) {

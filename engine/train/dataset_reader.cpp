@@ -61,10 +61,6 @@ absl::StatusOr<std::string> StringField(const json& record, const char* key,
   return it->get<std::string>();
 }
 
-// What a message quotes of a record at most: a record's text can be megabytes, and a skipped
-// record's reason is kept in the job's summary, which every ListJobs page carries.
-constexpr size_t kMaxQuotedBytes = 300;
-
 // Whether the record has `key` with a value: a null is a column the record lacks (what
 // datasets' to_json and pandas write for a file made of differently shaped records), unless
 // `nulls` (a record no format matches without them: its error then names the null field).
@@ -254,7 +250,7 @@ absl::StatusOr<Example> DatasetReader::ParseRecord(const std::string& json_text,
     }
     // The parser quotes what it read last, which may be a whole megabyte-long string.
     return Bad(where,
-               absl::StrCat("not valid JSON (", Utf8Shortened(reason, kMaxQuotedBytes), ")"));
+               absl::StrCat("not valid JSON (", Utf8Shortened(reason, kMaxSkipReasonBytes), ")"));
   }
   if (!record.is_object()) return Bad(where, "expected a JSON object");
   Example ex;
@@ -591,7 +587,8 @@ absl::StatusOr<std::optional<Example>> DatasetReader::Next() {
     record_parsed_ = true;
     if (!options_.skip_bad_lines) return example.status();
     if (skipped_++ == 0) {
-      first_skip_reason_ = Utf8Shortened(std::string(example.status().message()), kMaxQuotedBytes);
+      first_skip_reason_ =
+          Utf8Shortened(std::string(example.status().message()), kMaxSkipReasonBytes);
       first_skip_record_ = records_;
     }
   }

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <fstream>
 #include <memory>
@@ -36,6 +37,10 @@ const char* DatasetFormatName(DatasetFormat format);
 
 // One training record in a format-independent shape. Every format but text becomes a
 // conversation whose assistant turns are the response (what response-only loss trains on).
+// What a message about a bad record quotes of it at most: a record's text can be megabytes, and
+// a skipped record's reason is kept in its job's summary, which every ListJobs page carries.
+inline constexpr size_t kMaxSkipReasonBytes = 300;
+
 struct Example {
   DatasetFormat format = DatasetFormat::kText;  // the record's own format (never kAuto)
   std::vector<ChatMessage> messages;            // all formats but text

@@ -84,7 +84,7 @@ absl::StatusOr<std::vector<TokenizedExample>> ReadAndFormat(
           absl::StrCat((*reader)->Where((**next).line), ": ", t.status().message());
       if (!config.skip_bad_lines) return absl::InvalidArgumentError(why);
       if (first_bad.empty()) {
-        first_bad = Utf8Shortened(why, 400);
+        first_bad = Utf8Shortened(why, kMaxSkipReasonBytes);
         first_bad_record = (**next).record;
       }
       ++formatter_skipped;
