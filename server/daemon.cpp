@@ -332,8 +332,11 @@ absl::Status Daemon::CheckJobData(const lorad::v1::JobSpec& spec,
   if (absl::IsUnavailable(checked)) return absl::ResourceExhaustedError(checked.message());
   if (!absl::IsInvalidArgument(checked)) return checked;
   // Inline records are named as the request has them (the scratch file is gone); a file is
-  // named by its path.
-  if (absl::StartsWith(checked.message(), kInlineExamples)) return checked;
+  // named by its path. The merged export's own check names its field.
+  if (absl::StartsWith(checked.message(), kInlineExamples) ||
+      absl::StartsWith(checked.message(), "export_merged")) {
+    return checked;
+  }
   return absl::InvalidArgumentError(absl::StrCat("dataset: ", checked.message()));
 }
 

@@ -587,6 +587,7 @@ void JobRunner::Succeed(const Pending& p) {
     if (summary.best_is_eval) s->set_best_validation_loss(summary.best_loss);
     s->set_steps(summary.steps);
     s->set_merged_model_path(summary.merged_path);
+    s->set_merged_model_error(engine::Utf8Lossy(summary.merged_error));
     if (summary.has_eval_report) {
       s->set_rouge1(summary.rouge.rouge1);
       s->set_rouge2(summary.rouge.rouge2);

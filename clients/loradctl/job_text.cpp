@@ -114,6 +114,9 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
     }
     if (!s.eval_report_path().empty()) line("eval report", s.eval_report_path());
     if (!s.merged_model_path().empty()) line("merged model", s.merged_model_path());
+    if (!s.merged_model_error().empty()) {
+      line("merged model", "not written: " + s.merged_model_error());
+    }
   }
   // Indented so the block is valid YAML both inside this report and on its own.
   std::string spec = JobSpecToYaml(job.spec());

@@ -56,6 +56,18 @@ absl::Status WriteConfig(const std::string& base_folder, const std::string& out,
   return WriteSyncedFile(out + "/config.json", config.dump(2) + "\n");
 }
 
+// What the export writes: the weights planned, their header, config.json and the copied files.
+uint64_t ExportBytes(const std::string& base_folder, const std::vector<TensorView>& planned) {
+  uint64_t bytes = 64 * 1024;  // config.json and the safetensors header, generously
+  for (const TensorView& t : planned) bytes += t.nbytes + 256;
+  std::error_code ec;
+  for (const char* name : kCopiedFiles) {
+    const uintmax_t size = fs::file_size(fs::path(base_folder) / name, ec);
+    if (!ec) bytes += size;
+  }
+  return bytes;
+}
+
 absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapter& adapter,
                                 const std::string& out_folder, const std::string& dtype,
                                 const std::atomic<bool>* abandon) {
@@ -127,7 +139,15 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
   const fs::path out(out_folder);
   const fs::path tmp = out.parent_path() / (out.filename().string() + ".tmp");
   std::error_code ec;
-  fs::remove_all(tmp, ec);
+  fs::remove_all(tmp, ec);  // a killed export's
+  // Room for it all first: a 16 GB export that fits in 10 GB filled the disk before it failed,
+  // under the job database and every other job's checkpoints. (The temp folder is written whole
+  // before it replaces an export already there.)
+  if (auto room = RequireRoom(out.parent_path().empty() ? "." : out.parent_path().string(),
+                              ExportBytes(base_folder, outputs), "the merged model");
+      !room.ok()) {
+    return room;
+  }
   fs::create_directories(tmp, ec);
   if (ec)
     return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));

@@ -7,7 +7,9 @@
 // The merge is computed in fp32 and rounded once to the output dtype, one tensor at a time: the
 // export holds one tensor in memory, not the model. The folder is written atomically (a temp
 // folder beside it, fsynced files, then a rename; a failed export removes it). A base checkpoint
-// already quantized by bitsandbytes is refused: merge into the 16-bit model it came from.
+// already quantized by bitsandbytes is refused: merge into the 16-bit model it came from. A
+// folder whose filesystem has no room for the whole export is RESOURCE_EXHAUSTED before anything
+// is written (RequireRoom).
 #pragma once
 
 #include <atomic>

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -115,5 +116,15 @@ int64_t HostBytes(const char* key, bool cgroup_left) {
 int64_t AvailableHostBytes() { return HostBytes("MemAvailable:", /*cgroup_left=*/true); }
 
 int64_t TotalHostBytes() { return HostBytes("MemTotal:", /*cgroup_left=*/false); }
+
+std::string ReadableBytes(int64_t bytes) {
+  char text[32];
+  if (bytes < (int64_t{1} << 30)) {
+    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  } else {
+    std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
+  }
+  return text;
+}
 
 }  // namespace lorad::engine

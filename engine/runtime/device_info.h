@@ -30,4 +30,7 @@ int64_t AvailableHostBytes();
 // lower. -1 when neither is readable.
 int64_t TotalHostBytes();
 
+// "4.6 MiB", "3.42 GiB": the unit that keeps a small size readable.
+std::string ReadableBytes(int64_t bytes);
+
 }  // namespace lorad::engine

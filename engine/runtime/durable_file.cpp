@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/device_info.h"
 
 namespace lorad::engine {
 
@@ -135,6 +136,15 @@ bool IsStorageFailure(const absl::Status& status) {
   // torch's PytorchStreamWriter says only this; "(disk full?)" is WriteSyncedFile's.
   return absl::StrContains(status.message(), "file write failed") ||
          absl::StrContains(status.message(), "(disk full?)");
+}
+
+absl::Status RequireRoom(const std::string& folder, uint64_t bytes, const std::string& what) {
+  std::error_code ec;
+  const std::filesystem::space_info space = std::filesystem::space(folder, ec);
+  if (ec || space.available >= bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(what, " needs ", ReadableBytes(static_cast<int64_t>(bytes)), " and ", folder,
+                   " has ", ReadableBytes(static_cast<int64_t>(space.available)), " free"));
 }
 
 absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* size) {

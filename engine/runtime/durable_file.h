@@ -45,6 +45,11 @@ absl::StatusOr<std::string> ReadRegularFile(const std::string& path, const std::
 // writers quote (strerror, std::filesystem) and torch's archive writer's.
 bool IsStorageFailure(const absl::Status& status);
 
+// RESOURCE_EXHAUSTED (a storage failure) naming both sizes when the filesystem of `folder` has
+// less than `bytes` available to this process; OK where that cannot be read (the writes will
+// tell). `what` names what needs the room ("the merged model").
+absl::Status RequireRoom(const std::string& folder, uint64_t bytes, const std::string& what);
+
 // `path` opened for reading (O_RDONLY | O_CLOEXEC | O_NONBLOCK: a FIFO in the file's place does
 // not hold the open until a writer comes) and the file opened checked to be a regular file
 // (fstat), with RequireRegularFile's codes and messages. The caller closes the descriptor.

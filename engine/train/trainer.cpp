@@ -532,12 +532,7 @@ absl::Status Trainer::Step() {
     // A cancel during the merged export (minutes for a large model): the export gives up and
     // the job ends unfinished. A user's cancel ends it for good (the server publishes nothing
     // of a cancelled job, so the export would serve no one); a shutdown's (Interrupt, then
-    // Cancel) leaves the last checkpoint, so the next start redoes the job's end. So does a
-    // cancel while the export waits to be tried again (for room).
-    if (t.cancel.load() && t.finishing && t.finishing->files_written && t.finishing->export_again &&
-        !t.finishing->merged_export.valid()) {
-      return t.Finish(/*cancelled=*/true, false);
-    }
+    // Cancel) leaves the last checkpoint, so the next start redoes the job's end.
     if (t.cancel.load() && t.finishing && t.finishing->files_written &&
         t.finishing->merged_export.valid() &&
         (t.finishing->abandon_export->load() ||

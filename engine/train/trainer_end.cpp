@@ -124,36 +124,35 @@ absl::Status Trainer::Impl::ContinueFinishing() {
     if (auto st = final_adapter.WritePeft(s.adapter_path); !st.ok()) {
       return RetryIfNotWritten(st, absl::StrCat("the adapter (", s.adapter_path, ")"));
     }
-    // The merged export may still fail for room: its wait goes on from these failures.
-    EndStorageWait(/*all=*/config.export_merged_dtype.empty());
-    if (!config.export_merged_dtype.empty()) {
-      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-      f.export_again = true;
-    }
+    EndStorageWait(/*all=*/true);
     f.files_written = true;
-  }
-  if (f.export_again) {
-    // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a large
-    // model a minute of it, on a thread of its own while the loop serves. Again after a wait
-    // when it failed for room; the adapter and report written before it stay.
-    f.export_again = false;
-    f.merged_export =
-        std::async(std::launch::async,
-                   [folder = model_folder, adapter = adapter.HostCopy(), path = s.merged_path,
-                    dtype = config.export_merged_dtype, abandon = f.abandon_export] {
-                     return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
-                   });
+    if (!config.export_merged_dtype.empty()) {
+      // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a large
+      // model a minute of it, on a thread of its own while the loop serves.
+      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+      f.merged_export =
+          std::async(std::launch::async,
+                     [folder = model_folder, adapter = adapter.HostCopy(), path = s.merged_path,
+                      dtype = config.export_merged_dtype, abandon = f.abandon_export] {
+                       return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
+                     });
+    }
   }
   if (f.merged_export.valid()) {
     if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
       return absl::OkStatus();
     }
     absl::Status exported = f.merged_export.get();
-    if (!exported.ok() && IsStorageFailure(exported)) f.export_again = true;  // after the wait
-    if (auto st =
-            RetryIfNotWritten(exported, absl::StrCat("the merged model (", s.merged_path, ")"));
-        !st.ok() || !exported.ok()) {
-      return st;
+    if (!exported.ok() && !IsStorageFailure(exported)) return exported;
+    if (!exported.ok()) {
+      // Not waited for, as a checkpoint is: the adapter is what the job is for, and a wait for
+      // room held it unpublished (and the jobs queued behind it) for as long as the disk stayed
+      // full. The job ends with its adapter and says why the export is missing.
+      s.merged_error = std::string(exported.message());
+      Warn(absl::StrCat("the merged model (", s.merged_path, ") was not written: ", s.merged_error,
+                        "; the adapter is published without it (merge it elsewhere with PEFT's "
+                        "merge_and_unload(), or free space and submit the job again)"));
+      s.merged_path.clear();
     }
   }
   return EmitFinished(false, f.early_stopped, std::move(s));

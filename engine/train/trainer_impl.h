@@ -128,7 +128,6 @@ struct Trainer::Impl {
     std::optional<ExampleAnswerer> answering;  // the held-out example being answered
     AnswerEvaluation answers;
     bool files_written = false;  // the report and the adapter; the merged export may go on
-    bool export_again = false;   // the merged export is (re)started at the next piece
     std::future<absl::Status> merged_export;
     // Set when a cancel stops the job during its export: the export gives up (minutes for a
     // large model, past a container's stop timeout). After a shutdown's, the job resumes at its

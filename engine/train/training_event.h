@@ -60,6 +60,7 @@ struct TrainingSummary {
   std::string adapter_path;    // the final PEFT adapter folder
   int64_t adapter_step = 0;    // the step whose weights it holds (load_best_at_end: the best's)
   std::string merged_path;     // the merged 16-bit model folder, when export_merged_dtype is set
+  std::string merged_error;    // why it was not written (no room for it); merged_path is then ""
   // With a validation split: the held-out report (loss, ROUGE-1/2/L of greedy answers), also
   // written as eval_report.json.
   bool has_eval_report = false;

@@ -1,7 +1,6 @@
 #include "engine/train/training_memory.h"
 
 #include <algorithm>
-#include <cstdio>
 #include <string>
 
 #include "engine/model/checkpointed_call.h"
@@ -162,17 +161,6 @@ std::string DescribeTrainingNeed(const TrainingMemoryEstimate& need) {
 std::string TrainingShrinkHint(const TrainingJobConfig& config) {
   return std::string("lower training.micro_batch_size or max_seq_length") +
          (config.gradient_checkpointing ? "" : ", or turn on gradient_checkpointing");
-}
-
-// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
-std::string ReadableBytes(int64_t bytes) {
-  char text[32];
-  if (bytes < (int64_t{1} << 30)) {
-    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  } else {
-    std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
-  }
-  return text;
 }
 
 }  // namespace lorad::engine

@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/model/model_config.h"
+#include "engine/runtime/device_info.h"  // ReadableBytes
 #include "engine/train/training_job_config.h"
 
 namespace lorad::engine {
@@ -50,9 +51,6 @@ absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
 // when < 0), whatever the memory budget.
 absl::Status CpuTrainingMemoryFits(const TrainingMemoryEstimate& need,
                                    const TrainingJobConfig& config, int64_t host_total_bytes);
-
-// "4.6 MiB", "3.42 GiB": the unit that keeps a small job's need readable.
-std::string ReadableBytes(int64_t bytes);
 
 // What EstimateTrainingBytes says a job needs, in words: "about <total> (LoRA .., activations
 // .., workspace ..)".

@@ -5,10 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
 
+#include "absl/strings/match.h"
+#include "engine/runtime/durable_file.h"
 #include "engine/train/trainer.h"
 #include "tests/unit/engine/train/trainer_test_fixture.h"
 
@@ -190,6 +193,55 @@ TEST_F(TrainerStorageTest, ACancelEndsAJobWaitingForStorage) {
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   blocked.Unblock();
+}
+
+// A merged export that cannot be written (no room for it; here its folder has become a file) is
+// not waited for as a checkpoint is: it held the adapter unpublished, and every job queued behind
+// it, for as long as the disk stayed full. The job ends with its adapter and says why the merged
+// model is missing.
+TEST_F(TrainerStorageTest, AMergedExportThatCannotBeWrittenEndsTheJobWithItsAdapter) {
+  TrainingJobConfig config = Blockable("export");
+  const fs::path slow = SlowExportModel(*this, "slow-model");
+  std::vector<TrainingEvent> events;
+  auto t = TrainUntilItsFilesAreWritten(*this, slow, &config, &events);
+  ASSERT_NE(t, nullptr);
+  BlockedFolder blocked(config.output_dir);
+  std::thread index_writer([&] { WriteWeightIndex(model_dir(), slow); });  // the export goes on
+  for (int turn = 0; !t->done() && turn < 60000; ++turn) {
+    ASSERT_TRUE(t->Step().ok());
+    if (t->idle_until()) break;  // waiting for room: what it must not do
+  }
+  index_writer.join();
+  blocked.Unblock();
+  ASSERT_TRUE(t->done());
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  const TrainingSummary& summary = events.back().summary;
+  EXPECT_FALSE(summary.cancelled);
+  EXPECT_TRUE(summary.merged_path.empty());
+  EXPECT_NE(summary.merged_error.find(std::strerror(ENOTDIR)), std::string::npos)
+      << summary.merged_error;
+  ASSERT_EQ(Count(events, TrainingEvent::Kind::kWarning), 1);
+  const std::string warning = events[events.size() - 2].error;
+  EXPECT_NE(warning.find("/merged) was not written"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("the adapter is published without it"), std::string::npos) << warning;
+  EXPECT_TRUE(fs::exists(fs::path(summary.adapter_path) / "adapter_model.safetensors"));
+  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged"));
+  EXPECT_FALSE(fs::exists(fs::path(config.output_dir) / "merged.tmp"));
+}
+
+// The room check before an export: more than the filesystem has is RESOURCE_EXHAUSTED (a storage
+// failure) naming both sizes; what fits passes.
+TEST(RequireRoomTest, NamesWhatIsNeededAndWhatIsFree) {
+  const std::string folder = fs::temp_directory_path().string();
+  const absl::Status refused = RequireRoom(folder, uint64_t{1} << 62, "the merged model");
+  ASSERT_TRUE(absl::IsResourceExhausted(refused)) << refused;
+  EXPECT_TRUE(IsStorageFailure(refused));
+  EXPECT_NE(
+      refused.message().find("the merged model needs 4294967296.00 GiB and " + folder + " has "),
+      std::string::npos)
+      << refused;
+  EXPECT_TRUE(absl::EndsWith(refused.message(), " free")) << refused;
+  EXPECT_TRUE(RequireRoom(folder, 1, "a byte").ok());
 }
 
 }  // namespace

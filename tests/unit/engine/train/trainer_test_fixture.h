@@ -3,6 +3,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "engine/model/llama_model.h"
+#include "engine/model/model_weights.h"
 #include "engine/model/tokenizer.h"
 #include "engine/train/trainer.h"
 #include "nlohmann/json.hpp"
@@ -113,6 +115,48 @@ inline std::vector<int64_t> EvalSteps(const std::vector<TrainingEvent>& events) 
     if (e.kind == TrainingEvent::Kind::kEval && !e.replayed) out.push_back(e.eval.step);
   }
   return out;
+}
+
+// A copy of the model folder whose weight index is a FIFO: a merged export waits on it until
+// WriteWeightIndex writes it (the job's files are written by then).
+inline fs::path SlowExportModel(const TrainerTest& test, const std::string& name) {
+  const fs::path slow = test.out() / name;
+  fs::create_directories(slow);
+  for (const auto& f : fs::directory_iterator(test.model_dir())) {
+    if (f.path().filename() != "model.safetensors") fs::copy(f.path(), slow / f.path().filename());
+  }
+  fs::create_symlink(fs::path(test.model_dir()) / "model.safetensors",
+                     slow / "weights.safetensors");
+  EXPECT_EQ(mkfifo((slow / "model.safetensors.index.json").c_str(), 0644), 0);
+  return slow;
+}
+
+inline void WriteWeightIndex(const std::string& model_dir, const fs::path& slow) {
+  auto weights = ModelWeights::Open(model_dir);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  nlohmann::json index;
+  for (const auto& name : weights->names()) index["weight_map"][name] = "weights.safetensors";
+  std::ofstream(slow / "model.safetensors.index.json") << index.dump();
+}
+
+// `config` as a 2-step job on `slow` (SlowExportModel) exporting a merged model, stepped until its
+// adapter is written: its export then waits on the model's index.
+inline std::unique_ptr<Trainer> TrainUntilItsFilesAreWritten(const TrainerTest& test,
+                                                             const fs::path& slow,
+                                                             TrainingJobConfig* config,
+                                                             std::vector<TrainingEvent>* events) {
+  config->max_steps = 2;
+  config->export_merged_dtype = "float32";
+  auto t = Trainer::Create(test.model(), test.tokenizer(), slow.string(), *config,
+                           [events](const TrainingEvent& e) { events->push_back(e); });
+  EXPECT_TRUE(t.ok()) << t.status();
+  if (!t.ok()) return nullptr;
+  const fs::path adapter = fs::path(config->output_dir) / "adapter" / "adapter_model.safetensors";
+  while (!fs::exists(adapter)) {
+    if (!(*t)->Step().ok()) return nullptr;
+  }
+  EXPECT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
+  return *std::move(t);
 }
 
 }  // namespace lorad::engine
