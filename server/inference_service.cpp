@@ -457,7 +457,8 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
              !s.ok()) {
     r = s;
   } else {
-    auto chat = engine_.RenderChat(messages, request->template_());
+    auto chat =
+        engine_.RenderChat(messages, request->template_(), request->continue_final_message());
     if (!chat.ok()) {
       r = chat.status();
     } else {

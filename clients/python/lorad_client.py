@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """A small Python client for lorad: the walk-through of the README in a few calls.
 
-    python clients/python/lorad_client.py [--address HOST:PORT] [--token T] COMMAND ...
+    python clients/python/lorad_client.py [--address HOST:PORT] [--token T]
+        [--ca-cert PEM [--tls-server-name NAME]] COMMAND ...
 
---address and --token default to $LORAD_ADDRESS and $LORAD_TOKEN, as loradctl's do.
+--address and --token default to $LORAD_ADDRESS and $LORAD_TOKEN, as loradctl's do; --ca-cert
+(a lorad serving TLS: server.tls_cert_file) trusts that CA bundle, and --tls-server-name is the
+name its certificate carries when the address's host is not (a tunnel, an address by IP).
 
     submit JOB.json        queue a fine-tuning job (a lorad.v1.JobSpec as JSON); prints its id
     watch JOB_ID           print the job's steps (loss, learning rate) until it ends
     chat [--adapter NAME] MESSAGE...
-                           one chat turn per MESSAGE, streamed as the tokens come
+                           one chat turn per MESSAGE, streamed as the tokens come (a reply
+                           cut at --max-new-tokens is followed by a note on stderr)
     adapters               list the adapters lorad serves
 
 It needs grpcio and grpcio-tools (the venv `make` builds has both: ~/.cache/lorad/venv). The
@@ -20,7 +24,9 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import grpc
 
@@ -35,13 +41,24 @@ def load_stubs(proto_root=PROTO_ROOT):
     protos = sorted(proto_root.rglob("*.proto"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in protos)).hexdigest()[:16]
     out = pathlib.Path.home() / ".cache" / "lorad" / "py-stubs" / digest
-    if not (out / "lorad" / "v1" / "training_pb2_grpc.py").exists():
-        out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        # Compiled beside it and renamed into place whole: processes starting together (a
+        # service's workers) never import another's half-written modules, and a compile killed
+        # midway leaves nothing that looks complete.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=out.parent))
         well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-        args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={out}",
-                f"--grpc_python_out={out}", *(str(p.relative_to(proto_root)) for p in protos)]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {proto_root}")
+        args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}", *(str(p.relative_to(proto_root)) for p in protos)]
+        try:
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed on {proto_root}")
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():  # else another process put its own there first
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     sys.path.insert(0, str(out))
     from lorad.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
     from lorad.v1 import training_pb2, training_pb2_grpc
@@ -51,9 +68,19 @@ def load_stubs(proto_root=PROTO_ROOT):
 class LoradClient:
     """lorad's three services over one channel, with the bearer token (if any) on every call."""
 
-    def __init__(self, address="127.0.0.1:50051", token=None, stubs=None):
+    def __init__(self, address="127.0.0.1:50051", token=None, stubs=None, ca_cert=None,
+                 tls_server_name=None):
+        """`ca_cert`: a PEM CA bundle (bytes or a path) for a lorad serving TLS;
+        `tls_server_name`: the name its certificate carries, where the address's host is not."""
         self.pb = stubs or load_stubs()
-        self.channel = grpc.insecure_channel(address)
+        if ca_cert is None:
+            self.channel = grpc.insecure_channel(address)
+        else:
+            if not isinstance(ca_cert, bytes):
+                ca_cert = pathlib.Path(ca_cert).read_bytes()
+            options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+            self.channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates=ca_cert), options=options)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.training = self.pb.training_pb2_grpc.TrainingServiceStub(self.channel)
         self.inference = self.pb.inference_pb2_grpc.InferenceServiceStub(self.channel)
@@ -81,14 +108,20 @@ class LoradClient:
         yield from self.training.WatchJob(request, metadata=self.metadata)
 
     def chat(self, messages, adapter="", **sampling):
-        """Yields the reply's text as it streams; `messages` are (role, content) pairs."""
+        """Yields the reply's text as it streams; `messages` are (role, content) pairs. Once it
+        has ended, self.last_finish ("FINISH_REASON_LENGTH": cut at max_new_tokens, or _EOS,
+        _STOP) and self.last_usage (prompt and completion tokens) say how."""
         pb = self.pb.inference_pb2
         request = pb.ChatRequest(
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], adapter=adapter,
             sampling=pb.SamplingParams(**sampling))
+        self.last_finish, self.last_usage = None, None
         for chunk in self.inference.Chat(request, metadata=self.metadata, timeout=600):
             if chunk.text:
                 yield chunk.text
+            if chunk.finish_reason:
+                self.last_finish = pb.FinishReason.Name(chunk.finish_reason)
+                self.last_usage = chunk.usage
 
     def list_adapters(self):
         request = self.pb.adapters_pb2.ListAdaptersRequest()
@@ -101,6 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS") or "127.0.0.1:50051")
     ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
                     help="a bearer token from auth.tokens")
+    ap.add_argument("--ca-cert", type=pathlib.Path,
+                    help="use TLS, trusting this PEM CA bundle")
+    ap.add_argument("--tls-server-name",
+                    help="with --ca-cert: the name the server's certificate carries")
     sub = ap.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit")
     submit.add_argument("job_file", type=pathlib.Path)
@@ -113,10 +150,13 @@ def main(argv=None) -> int:
     chat.add_argument("messages", nargs="+")
     sub.add_parser("adapters")
     args = ap.parse_args(argv)
+    if args.tls_server_name and not args.ca_cert:
+        ap.error("--tls-server-name needs --ca-cert (the name is checked on a TLS connection)")
     from google.protobuf import json_format
 
-    client = LoradClient(args.address, args.token)
     try:
+        client = LoradClient(args.address, args.token, ca_cert=args.ca_cert,
+                             tls_server_name=args.tls_server_name)
         if args.command == "submit":
             spec = json.loads(args.job_file.read_text())
             if not isinstance(spec, dict):
@@ -158,6 +198,9 @@ def main(argv=None) -> int:
                     print(text, end="", flush=True)
                     reply += text
                 print()
+                if client.last_finish == "FINISH_REASON_LENGTH":
+                    print(f"lorad_client: the reply was cut at {args.max_new_tokens} tokens "
+                          "(--max-new-tokens)", file=sys.stderr)
                 history.append(("assistant", reply))
         elif args.command == "adapters":
             for a in client.list_adapters():

@@ -229,9 +229,13 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   seq->all = seq->prompt;
   seq->prefill_target = static_cast<int64_t>(seq->prompt.size());
   seq->seed = ResolveSeed(request.sampling);
-  // The text continues the prompt: a first word keeps its space (stop strings see it too).
+  // The text continues the prompt's: a first word keeps its space (stop strings see it too).
+  // A prompt of special tokens alone (a BOS, to generate unconditionally) has no text to
+  // continue: the first word loses it, as the tokenizer's decode of the reply (and vLLM) has it.
+  const bool continues_text = std::any_of(seq->prompt.begin(), seq->prompt.end(),
+                                          [&](int32_t id) { return !m.tokenizer->IsSpecial(id); });
   seq->detokenizer =
-      std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true, /*continues_text=*/true);
+      std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true, continues_text);
   seq->stops = std::make_unique<StopMatcher>(request.stop);
   seq->submitted = Clock::now();
   seq->request = std::move(request);

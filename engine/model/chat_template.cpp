@@ -77,6 +77,15 @@ std::string KnownList() { return absl::StrJoin(ChatTemplate::KnownNames(), ", ")
 // U+001C..U+001F, which Python also counts as whitespace.
 bool IsPythonSpace(char32_t cp) { return IsUnicodeWhitespace(cp) || (cp >= 0x1C && cp <= 0x1F); }
 
+// str.rstrip()
+std::string_view PythonRstrip(std::string_view s) {
+  size_t end = 0;  // end of the last non-space character
+  for (size_t pos = 0; pos < s.size();) {
+    if (!IsPythonSpace(NextCodePoint(s, &pos))) end = pos;
+  }
+  return s.substr(0, end);
+}
+
 std::string PythonStrip(std::string_view s) {
   size_t begin = 0;
   while (begin < s.size()) {
@@ -84,11 +93,7 @@ std::string PythonStrip(std::string_view s) {
     if (!IsPythonSpace(NextCodePoint(s, &next))) break;
     begin = next;
   }
-  size_t end = begin;  // end of the last non-space character
-  for (size_t pos = begin; pos < s.size();) {
-    if (!IsPythonSpace(NextCodePoint(s, &pos))) end = pos;
-  }
-  return std::string(s.substr(begin, end - begin));
+  return std::string(PythonRstrip(s.substr(begin)));
 }
 
 // The [INST] templates' "messages[0] is system": its text, which they fold into the first user
@@ -286,6 +291,31 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
     }
   }
   return RenderFamily(messages, add_generation_prompt);
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderContinuing(
+    const std::vector<ChatMessage>& messages) const {
+  if (messages.empty() || messages.back().role != "assistant") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "continue_final_message: the last message must be the assistant's reply to continue (it "
+        "is ",
+        messages.empty() ? "missing" : "a " + messages.back().role + " message",
+        "); leave continue_final_message off to have the model answer it"));
+  }
+  // transformers' own way: a marker after the content, rendered, and the text cut at it. Where
+  // the template keeps the marker's trailing space it kept the content as given; where not, it
+  // trimmed the content, so its trailing white space goes too.
+  constexpr std::string_view kTag = "CONTINUE_FINAL_MESSAGE_TAG ";
+  std::vector<ChatMessage> tagged = messages;
+  tagged.back().content += kTag;
+  auto text = Render(tagged, /*add_generation_prompt=*/false);
+  if (!text.ok()) return text.status();
+  const size_t at = text->rfind(kTag.substr(0, kTag.size() - 1));
+  if (at == std::string::npos) {
+    return TemplateError(name_, "the last message does not appear in the rendered conversation");
+  }
+  if (text->compare(at, kTag.size(), kTag) == 0) return text->substr(0, at);
+  return std::string(PythonRstrip(std::string_view(*text).substr(0, at)));
 }
 
 std::string ChatTemplate::AssistantStart() const {

@@ -69,6 +69,12 @@ class ChatTemplate {
   // anywhere but first for mistral and alpaca).
   absl::StatusOr<std::string> Render(const std::vector<ChatMessage>& messages,
                                      bool add_generation_prompt) const;
+  // The prompt that continues the last message, an assistant's (a reply prefilled: "Sure, here",
+  // or "{" to start JSON): transformers' apply_chat_template(continue_final_message=True), i.e.
+  // rendered without a generation prompt and cut where the last message's content ends (and,
+  // where the family trims it, with its trailing space). Render's errors, and INVALID_ARGUMENT
+  // when the last message is not an assistant's.
+  absl::StatusOr<std::string> RenderContinuing(const std::vector<ChatMessage>& messages) const;
   // What a conversation that opens with the assistant renders before its first reply (transformers'
   // apply_chat_template([], add_generation_prompt=True)): training masks it like any prompt.
   std::string AssistantStart() const;

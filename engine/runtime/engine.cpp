@@ -574,7 +574,8 @@ std::string Engine::chat_template_note() const {
 }
 
 absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMessage>& messages,
-                                                        const std::string& name) const {
+                                                        const std::string& name,
+                                                        bool continue_final_message) const {
   std::optional<ChatTemplate> named;
   if (!name.empty()) {
     // The folder's tokens also where it has no template of its own (a template's usual "<s>"
@@ -590,7 +591,8 @@ absl::StatusOr<Engine::RenderedChat> Engine::RenderChat(const std::vector<ChatMe
         "); name one in the request's template field or in model.chat_template");
   }
   const ChatTemplate& chat = named ? *named : *impl_->chat_template;
-  auto prompt = chat.Render(messages, /*add_generation_prompt=*/true);
+  auto prompt = continue_final_message ? chat.RenderContinuing(messages)
+                                       : chat.Render(messages, /*add_generation_prompt=*/true);
   if (!prompt.ok()) return prompt.status();
   // A conversation the template renders to nothing, or to its BOS alone (llama2's and
   // mistral's without a user message): nothing to answer.

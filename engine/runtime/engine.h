@@ -92,13 +92,16 @@ class Engine {
   absl::StatusOr<RequestId> Generate(GenerationRequest request, TokenCallback on_token);
   void Cancel(RequestId id);
   // The prompt's token ids for a conversation, with the template `name` ("" = the model's own),
-  // and the text that ends the assistant's turn in that template (generation stops there).
+  // and the text that ends the assistant's turn in that template (generation stops there). With
+  // `continue_final_message` the prompt continues the last message, an assistant's
+  // (ChatTemplate::RenderContinuing), instead of opening a new reply.
   struct RenderedChat {
     std::vector<int32_t> prompt_ids;  // encoded as training encodes it (ChatTemplate::Encode)
     std::string end_of_turn;
   };
   absl::StatusOr<RenderedChat> RenderChat(const std::vector<ChatMessage>& messages,
-                                          const std::string& name) const;
+                                          const std::string& name,
+                                          bool continue_final_message = false) const;
   // What the model's own chat template writes that lorad's rendering of it leaves out, for a
   // warning at start-up ("" when nothing known; ChatTemplate::unrendered).
   std::string chat_template_note() const;

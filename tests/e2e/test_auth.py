@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import grpc
@@ -255,6 +256,12 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
                                     "adapters", "ls"], capture_output=True, text=True, timeout=60)
         assert plain_ctl.returncode == 24, plain_ctl.stderr
         assert "give --ca-cert" in plain_ctl.stderr, plain_ctl.stderr
+        # The Python client example too, with the same two arguments.
+        py = subprocess.run([sys.executable, str(ROOT / "clients" / "python" / "lorad_client.py"),
+                             "--address", address, "--ca-cert", str(cert), "--tls-server-name",
+                             "lorad.internal", "adapters"], capture_output=True, text=True,
+                            timeout=120)
+        assert py.returncode == 0 and py.stdout == "", py.stderr
         # The certificate names another host than the address's: --tls-server-name says which.
         tls_ctl = [str(BUILD / "clients" / "loradctl"), "--address", address, "--ca-cert",
                    str(cert)]

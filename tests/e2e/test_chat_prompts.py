@@ -1,6 +1,7 @@
 """InferenceService.Chat's prompts against the real daemon (tiny fixture model): the template's
 rendering and tokens, the end-of-turn stops, the Alpaca prompt as training gave it, a template
-named on a model folder without one."""
+named on a model folder without one, a prefilled reply continued; and Generate's text from a
+prompt of the BOS alone."""
 import json
 import shutil
 
@@ -111,3 +112,56 @@ def test_a_template_named_on_a_model_without_one_writes_the_models_bos(tmp_path,
                     f"messages: the {template} chat template renders nothing"), err.value.details()
     finally:
         stop_daemon(d)
+
+
+def test_chat_continues_a_prefilled_reply_as_transformers_does(server, reference):
+    """continue_final_message: the prompt is transformers' apply_chat_template(
+    continue_final_message=True) of the model's own template, the reply is what greedy generate
+    gives from it, and its text goes on from the prefill (a first word keeps its space). A
+    conversation that does not end with the assistant's message is refused naming the field."""
+    import torch
+
+    _, stub, pb, _, _, _ = server
+    model, tok = reference
+    sampling = pb.SamplingParams(max_new_tokens=8, temperature=0.0)
+    for prefill in ("Sure, here ", "Sure, here", "{"):
+        messages = [{"role": "user", "content": "Write a list"},
+                    {"role": "assistant", "content": prefill}]
+        rendered = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        prompt_ids = tok(rendered, add_special_tokens=False).input_ids
+        chunks, ids = collect(stub.Chat(pb.ChatRequest(
+            messages=[pb.ChatMessage(**m) for m in messages], continue_final_message=True,
+            sampling=sampling), timeout=60))
+        assert chunks[-1].usage.prompt_tokens == len(prompt_ids), prefill
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        expected = out[0, len(prompt_ids):].tolist()
+        assert ids and ids == expected[:len(ids)], prefill
+        if len(ids) < 8:  # ended at the template's end of turn (<|im_end|>) or the EOS
+            assert expected[len(ids)] in (tok.convert_tokens_to_ids("<|im_end|>"),
+                                          tok.eos_token_id), prefill
+        text = "".join(c.text for c in chunks)
+        whole = tok.decode(prompt_ids + ids, skip_special_tokens=True)
+        assert whole == tok.decode(prompt_ids, skip_special_tokens=True) + text, prefill
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Chat(pb.ChatRequest(
+            messages=[pb.ChatMessage(role="user", content="Hi")], continue_final_message=True,
+            sampling=sampling), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(
+        "continue_final_message: the last message must be the assistant's"), err.value.details()
+
+
+def test_a_prompt_of_the_bos_alone_generates_text_as_the_tokenizer_decodes_it(server, reference):
+    """Generate from the BOS alone (unconditional generation: an empty prompt is refused) has no
+    prompt text to continue: the reply's first word loses its sentencepiece space, as
+    tokenizer.decode(reply) gives it (it kept it: ' sleeps ne' for 'sleeps ne')."""
+    _, stub, pb, _, _, _ = server
+    _, tok = reference
+    chunks, ids = collect(stub.Generate(pb.GenerateRequest(
+        prompt=tok.bos_token, add_special_tokens=False,
+        sampling=pb.SamplingParams(max_new_tokens=6, temperature=0.0)), timeout=60))
+    assert chunks[-1].usage.prompt_tokens == 1 and ids
+    text = "".join(c.text for c in chunks)
+    assert text == tok.decode(ids, skip_special_tokens=True) and not text.startswith(" "), text

@@ -1,6 +1,7 @@
 """clients/python/lorad_client.py, the Python client example, against the real daemon: the
 README's walk-through (submit a job, watch its loss, chat with its adapter) through it."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
         replies = run_client(d.grpc_address, "chat", "--adapter", "qa-py", "--max-new-tokens",
                              "4", "What is 2+2?", "And 3+3?")
         assert replies.count("\n") >= 2, replies  # each turn's reply ends its line
+        cut = subprocess.run([sys.executable, str(CLIENT), "--address", d.grpc_address, "chat",
+                              "--max-new-tokens", "1", "What is 2+2?"], capture_output=True,
+                             text=True, timeout=120)
+        assert cut.returncode == 0 and "the reply was cut at 1 tokens" in cut.stderr, cut.stderr
 
         # A job that fails (its dataset became unreadable while it waited behind another): watch
         # says so and exits 1.
@@ -92,3 +97,24 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
         assert "failed: " in result.stdout, result.stdout
     finally:
         stop_daemon(d)
+
+
+def test_clients_starting_together_each_get_whole_stubs(tmp_path):
+    """Processes starting at once with an empty stub cache (a service's workers after a proto
+    change): each imports whole modules (one imported another's half-written ones and died with
+    an AttributeError traceback, 2 runs in 30), and one compiled copy is left."""
+    from conftest import free_port
+
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    for _ in range(3):
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)
+        procs = [subprocess.Popen([sys.executable, str(CLIENT), "--address",
+                                   f"127.0.0.1:{free_port()}", "adapters"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            # Nothing listens there: the call's own error, after the stubs imported.
+            assert p.returncode == 1 and err.startswith("lorad_client: UNAVAILABLE"), err
+        cache = tmp_path / "home" / ".cache" / "lorad" / "py-stubs"
+        assert len(list(cache.iterdir())) == 1, list(cache.iterdir())

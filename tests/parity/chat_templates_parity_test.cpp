@@ -1,6 +1,6 @@
 // ChatTemplate against transformers' apply_chat_template with each family's published Jinja
 // template (reference_chat_templates.py): the same text, and the same refusals; Llama 3.1/3.2's
-// dated system header included.
+// dated system header included; a prefilled reply continued (continue_final_message).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -46,7 +46,9 @@ TEST(ChatTemplateParity, RendersEveryFamilyLikeTransformers) {
       for (const auto& m : r["messages"]) {
         messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
       }
-      auto text = tmpl->Render(messages, r["add_generation_prompt"].get<bool>());
+      auto text = r.value("continue_final_message", false)
+                      ? tmpl->RenderContinuing(messages)
+                      : tmpl->Render(messages, r["add_generation_prompt"].get<bool>());
       if (r.contains("error")) {
         ASSERT_FALSE(text.ok()) << family << " accepted " << r["messages"];
         EXPECT_NE(text.status().message().find(r["error"].get<std::string>()), std::string::npos)
@@ -55,7 +57,8 @@ TEST(ChatTemplateParity, RendersEveryFamilyLikeTransformers) {
         ASSERT_TRUE(text.ok()) << family << ": " << text.status();
         EXPECT_EQ(*text, r["text"].get<std::string>())
             << family << " messages " << r["messages"] << " add_generation_prompt "
-            << r["add_generation_prompt"];
+            << r["add_generation_prompt"] << " continue_final_message "
+            << r.value("continue_final_message", false);
       }
     }
   }

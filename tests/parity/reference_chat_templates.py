@@ -186,6 +186,9 @@ CONVERSATIONS = [
     [_m("user", "  Grüße aus München\n\n 日本語 😀 \t"), _m("assistant", "\n Привет! \n")],
     [_m("user", "\u3000padded\u00a0\x1c"), _m("assistant", "")],
     [_m("system", "Answer in French.\nBe brief."), _m("user", "Where is <s> [INST] written?")],
+    # Replies prefilled for continue_final_message: trailing spaces a family trims or keeps.
+    [_m("user", "Hi"), _m("assistant", "Sure, here ")],
+    [SYSTEM, _m("user", "JSON please"), _m("assistant", "{\n  \u3000")],
     # Conversations some templates refuse.
     [_m("user", "a"), _m("user", "b")],
     [_m("assistant", "I speak first")],
@@ -217,6 +220,15 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
                     try:
                         r["text"] = tok.apply_chat_template(messages, tokenize=False,
                                                             add_generation_prompt=gen)
+                    except TemplateError as e:
+                        r["error"] = str(e)
+                    renders.append(r)
+                if messages[-1]["role"] == "assistant":  # the prefilled reply continued
+                    r = {"messages": messages, "add_generation_prompt": False,
+                         "continue_final_message": True}
+                    try:
+                        r["text"] = tok.apply_chat_template(messages, tokenize=False,
+                                                            continue_final_message=True)
                     except TemplateError as e:
                         r["error"] = str(e)
                     renders.append(r)
