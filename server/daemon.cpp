@@ -37,6 +37,15 @@
 namespace lorad::server {
 namespace {
 
+// A data folder lorad cannot make or write: the operator's to fix (INVALID_ARGUMENT, exit code 2),
+// unless the disk is full or failing (exit code 1, as for the job database: a supervisor that
+// does not restart after a bad config still restarts after a full disk).
+absl::Status StartupStorageError(int err, std::string message) {
+  return err == ENOSPC || err == EDQUOT || err == EIO
+             ? absl::FailedPreconditionError(std::move(message))
+             : absl::InvalidArgumentError(std::move(message));
+}
+
 absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& key) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read '", path, "'"));
@@ -152,8 +161,9 @@ absl::Status Daemon::Start() {
   std::error_code ec;
   std::filesystem::create_directories(config_.storage.data_dir, ec);
   if (ec) {
-    return absl::InvalidArgumentError(absl::StrCat(KeyAt("storage.data_dir"), ": cannot create '",
-                                                   config_.storage.data_dir, "': ", ec.message()));
+    return StartupStorageError(ec.value(),
+                               absl::StrCat(KeyAt("storage.data_dir"), ": cannot create '",
+                                            config_.storage.data_dir, "': ", ec.message()));
   }
   spdlog::info("data folder {} (storage.data_dir)", config_.storage.data_dir);
 
@@ -382,8 +392,9 @@ absl::Status Daemon::LockDataDir() {
   pid_file << ::getpid() << " on host " << host << "\n";
   pid_file.flush();
   if (!pid_file) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("storage.data_dir: cannot write ", pid_path, ": ", std::strerror(errno)));
+    const int err = errno;
+    return StartupStorageError(
+        err, absl::StrCat("storage.data_dir: cannot write ", pid_path, ": ", std::strerror(err)));
   }
   return absl::OkStatus();
 }

@@ -4,6 +4,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/runtime/device_info.h"
 #include "server/job_runner.h"
 #include "spdlog/spdlog.h"
 
@@ -68,6 +69,31 @@ bool RemoveTree(const std::string& folder, const std::atomic<bool>* stop, std::e
   }
   fs::remove_all(folder, ec);
   return !ec;
+}
+
+int64_t RemoveCheckpointsAndExport(const std::string& folder) {
+  int64_t removed = 0;
+  std::error_code ec;
+  std::vector<fs::path> doomed;
+  for (fs::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (absl::StartsWith(name, "checkpoint-") || absl::StartsWith(name, ".checkpoint-") ||
+        absl::StartsWith(name, ".replaced-checkpoint-") || name == "merged" ||
+        name == "merged.tmp") {
+      doomed.push_back(it->path());
+    }
+  }
+  for (const fs::path& path : doomed) {
+    int64_t bytes = 0;
+    std::error_code walk;
+    for (fs::recursive_directory_iterator it(path, walk), end; !walk && it != end;
+         it.increment(walk)) {
+      std::error_code size;
+      if (it->is_regular_file(size)) bytes += static_cast<int64_t>(it->file_size(size));
+    }
+    if (fs::remove_all(path, ec) != static_cast<std::uintmax_t>(-1) && !ec) removed += bytes;
+  }
+  return removed;
 }
 
 void JobRunner::RemoveInBackground(std::vector<std::string> folders) {
@@ -154,6 +180,13 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
     }
   }
   if (absl::Status deleted = store_.Delete(job_id); !deleted.ok()) {
+    // The database's disk is full: deleting a job is how a user frees space, and the delete
+    // itself needs some. What only the job's resume and export needed goes now (the job stays,
+    // with its adapter and reports), so that deleting it again goes through.
+    int64_t freed = 0;
+    if (has_folder && absl::IsResourceExhausted(deleted)) {
+      freed = RemoveCheckpointsAndExport(doomed.string());
+    }
     if (has_folder) {
       fs::rename(doomed, folder, ec);
       if (ec) {
@@ -162,6 +195,18 @@ absl::Status JobRunner::DeleteJob(const std::string& job_id, const std::atomic<b
             "from {}: {}",
             job_id, folder.string(), doomed.string(), ec.message());
       }
+    }
+    if (freed > 0) {
+      spdlog::warn(
+          "job {}: its record could not be deleted ({}); its checkpoints and merged "
+          "export ({}) were removed to make room",
+          job_id, std::string(deleted.message()), engine::ReadableBytes(freed));
+      return absl::ResourceExhaustedError(absl::StrCat(deleted.message(), "; job '", job_id,
+                                                       "' is kept, but its checkpoints and "
+                                                       "merged export (",
+                                                       engine::ReadableBytes(freed),
+                                                       ") were removed to make "
+                                                       "room: delete it again"));
     }
     return deleted;
   }

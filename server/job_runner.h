@@ -41,6 +41,12 @@ namespace lorad::server {
 // before any call is served.
 std::vector<std::string> FinishInterruptedDeletions(JobStore& store, const std::string& jobs_dir);
 
+// Removes from an ended job's folder what only resuming it or its merged export needed: its
+// checkpoints (checkpoint-N, and the temp or replaced ones a crash left) and merged/, keeping
+// its adapter and reports. The bytes removed. DeleteJob frees this much when the job database's
+// full disk refuses to delete the record, so that deleting it again goes through.
+int64_t RemoveCheckpointsAndExport(const std::string& folder);
+
 class JobRunner {
  public:
   JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events, MetricsRegistry& metrics,

@@ -160,9 +160,14 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
        {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;", "PRAGMA foreign_keys=ON;"}) {
     if (auto s = store->Exec(pragma); !s.ok()) return s;
   }
-  Statement version(db, "PRAGMA user_version;");
-  if (auto s = version.status(); !s.ok()) return s;
-  const int64_t found = version.Step() == SQLITE_ROW ? version.Int(0) : 0;
+  int64_t found = 0;
+  {
+    // Finished before the writes below: a statement left open holds a read transaction, and
+    // SQLite does not wait (the busy timeout) for a lock it would upgrade that to.
+    Statement version(db, "PRAGMA user_version;");
+    if (auto s = version.status(); !s.ok()) return s;
+    if (version.Step() == SQLITE_ROW) found = version.Int(0);
+  }
   if (found > kSchemaVersion) {
     return absl::FailedPreconditionError(absl::StrCat(
         "job database '", path, "' has schema version ", found, ", newer than this lorad (",

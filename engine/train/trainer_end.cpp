@@ -150,8 +150,9 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       // full. The job ends with its adapter and says why the export is missing.
       s.merged_error = std::string(exported.message());
       Warn(absl::StrCat("the merged model (", s.merged_path, ") was not written: ", s.merged_error,
-                        "; the adapter is published without it (merge it elsewhere with PEFT's "
-                        "merge_and_unload(), or free space and submit the job again)"));
+                        "; the adapter is published without it: merge ", s.adapter_path,
+                        " into the base where there is room, with PEFT (PeftModel.from_pretrained("
+                        "base, adapter).merge_and_unload().save_pretrained(folder))"));
       s.merged_path.clear();
     }
   }

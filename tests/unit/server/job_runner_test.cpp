@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -592,6 +593,38 @@ TEST(JobRunnerTest, ACancelledJobIsDeletedOnlyOnceItsTrainerHasStopped) {
   EXPECT_FALSE(rig.engine().TrainingActive());
   EXPECT_FALSE(fs::exists(rig.job_dir()));
   EXPECT_TRUE(absl::IsNotFound(rig.store().Get(rig.job_id()).status()));
+}
+
+// What DeleteJob frees when the job database's full disk refuses to delete the record: the
+// checkpoints (also a crash's temp and replaced ones) and the merged export, not the adapter or
+// the reports; the bytes it says are those removed.
+TEST(JobFolderTest, RemoveCheckpointsAndExportKeepsTheAdapterAndReports) {
+  const fs::path folder =
+      fs::path(::testing::TempDir()) / ("job-folder-room-" + std::to_string(getpid()));
+  fs::remove_all(folder);
+  const auto write = [&](const std::string& path, size_t bytes) {
+    fs::create_directories((folder / path).parent_path());
+    std::ofstream(folder / path) << std::string(bytes, 'x');
+  };
+  write("checkpoint-10/optimizer.pt", 1000);
+  write("checkpoint-10/adapter/adapter_model.safetensors", 200);
+  write(".checkpoint-20.tmp/optimizer.pt", 30);
+  write(".replaced-checkpoint-10/trainer_state.json", 4);
+  write("merged/model.safetensors", 5000);
+  write("merged.tmp/model.safetensors", 60);
+  write("adapter/adapter_model.safetensors", 700);
+  write("eval_report.json", 8);
+  write("inline_dataset.jsonl", 9);
+  EXPECT_EQ(RemoveCheckpointsAndExport(folder.string()), 1000 + 200 + 30 + 4 + 5000 + 60);
+  std::vector<std::string> left;
+  for (const auto& entry : fs::directory_iterator(folder)) {
+    left.push_back(entry.path().filename().string());
+  }
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left,
+            (std::vector<std::string>{"adapter", "eval_report.json", "inline_dataset.jsonl"}));
+  EXPECT_TRUE(fs::exists(folder / "adapter/adapter_model.safetensors"));
+  fs::remove_all(folder);
 }
 
 }  // namespace
