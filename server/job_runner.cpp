@@ -252,8 +252,8 @@ void JobRunner::StartNextJob() {
                    checkpoint);
     } else {
       spdlog::info(
-          "job {} ({}) started again from its first step: it stopped before writing a "
-          "checkpoint",
+          "job {} ({}) started again from its first step: its folder holds no complete "
+          "checkpoint (it stopped before writing one, or they were removed)",
           job.id, job.adapter_name);
     }
     // What the last run recorded past the checkpoint this one resumes from is gone now, not

@@ -43,7 +43,9 @@ void RemoveFolder(const std::filesystem::path& folder);
 
 // Clears what a killed process may have left in output_dir: half-written checkpoints
 // (".checkpoint-*.tmp"), adapters (".adapter.tmp-*", ".best-adapter.tmp-*"), merged exports
-// ("merged.tmp") and reports ("eval_report.json.tmp"), and half-deleted folders (".deleting-*").
+// ("merged.tmp") and reports ("eval_report.json.tmp"), and half-deleted folders (".deleting-*");
+// a folder ReplaceFolder moved aside (".replaced-<name>") goes back where <name> is missing (the
+// kill came between its two renames), and is removed where not.
 void RemoveLeftovers(const std::string& output_dir);
 
 }  // namespace lorad::engine

@@ -76,6 +76,28 @@ TEST_F(CheckpointFoldersTest, RemovedFoldersLeaveNoPartUnderTheirNameAndLeftover
   EXPECT_TRUE(fs::exists(dir_ / "eval_report.json"));
 }
 
+// Replacing a folder where the filesystem cannot swap two (NFS, CIFS) moves the old one aside,
+// then renames the new one in: killed between the two, the old one is the only whole copy, and
+// goes back (both were removed, and a job killed during its end retrained from its first step).
+// Where the new one took its name, the old one goes.
+TEST_F(CheckpointFoldersTest, AFolderMovedAsideByAnInterruptedReplaceGoesBack) {
+  Make(8);
+  fs::rename(CheckpointPath(dir_.string(), 8), dir_ / ".replaced-checkpoint-8");
+  fs::create_directories(dir_ / ".checkpoint-8.tmp" / "adapter");
+  fs::create_directories(dir_ / ".replaced-adapter");
+  std::ofstream(dir_ / ".replaced-adapter" / "adapter_config.json") << "{}";
+  fs::create_directories(dir_ / ".replaced-merged");  // replaced: merged/ is the new one
+  fs::create_directories(dir_ / "merged");
+  RemoveLeftovers(dir_.string());
+  EXPECT_EQ(LatestCheckpoint(dir_.string()), CheckpointPath(dir_.string(), 8));
+  EXPECT_TRUE(fs::exists(dir_ / "adapter" / "adapter_config.json"));
+  EXPECT_TRUE(fs::exists(dir_ / "merged"));
+  for (const char* gone :
+       {".replaced-checkpoint-8", ".checkpoint-8.tmp", ".replaced-adapter", ".replaced-merged"}) {
+    EXPECT_FALSE(fs::exists(dir_ / gone)) << gone;
+  }
+}
+
 // Non-finite values in the trainer's state (the loss sum of a job resumed from an older lorad's
 // checkpoint starts at NaN; an evaluation can overflow) come back as they were: JSON has no NaN,
 // they were written as null and read as "malformed", so no later checkpoint could be resumed.
