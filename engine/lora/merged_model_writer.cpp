@@ -1,10 +1,12 @@
 #include "engine/lora/merged_model_writer.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "engine/model/chat_template.h"
 #include "engine/model/model_weights.h"
 #include "engine/model/safetensors.h"
 #include "engine/runtime/durable_file.h"
@@ -40,6 +42,52 @@ DType SafetensorsDType(torch::ScalarType t) {
   return DType::kF32;
 }
 
+// A JSON object file, or an empty object where there is none.
+absl::StatusOr<nlohmann::json> ReadObject(const fs::path& file) {
+  std::error_code ec;
+  if (!fs::exists(file, ec)) return nlohmann::json::object();
+  std::ifstream in(file);
+  nlohmann::json object = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!object.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(file.string(), " is not a JSON object"));
+  }
+  return object;
+}
+
+// The job's template into the export's (copied) tokenizer files, as transformers' save_pretrained
+// writes a tokenizer's: tokenizer_config.json's chat_template and chat_template.jinja; and its end
+// of turn among generation_config.json's EOS ids (a base without that file keeps config.json's).
+absl::Status WriteChatTemplate(const fs::path& out, const MergedChatTemplate& chat) {
+  const std::string jinja(ChatTemplate::PublishedJinja(chat.family));
+  if (jinja.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("no published chat template for '", chat.family,
+                                                   "' to write into the export"));
+  }
+  auto tokenizer_config = ReadObject(out / "tokenizer_config.json");
+  if (!tokenizer_config.ok()) return tokenizer_config.status();
+  (*tokenizer_config)["chat_template"] = jinja;
+  if (auto s = WriteSyncedFile((out / "tokenizer_config.json").string(),
+                               tokenizer_config->dump(2) + "\n");
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = WriteSyncedFile((out / "chat_template.jinja").string(), jinja); !s.ok()) return s;
+  std::error_code ec;
+  if (chat.end_of_turn_id < 0 || !fs::exists(out / "generation_config.json", ec)) {
+    return absl::OkStatus();
+  }
+  auto generation = ReadObject(out / "generation_config.json");
+  if (!generation.ok()) return generation.status();
+  nlohmann::json eos = generation->value("eos_token_id", nlohmann::json());
+  if (!eos.is_array())
+    eos = eos.is_number_integer() ? nlohmann::json::array({eos}) : nlohmann::json::array();
+  if (std::find(eos.begin(), eos.end(), chat.end_of_turn_id) == eos.end()) {
+    eos.push_back(chat.end_of_turn_id);
+  }
+  (*generation)["eos_token_id"] = eos;
+  return WriteSyncedFile((out / "generation_config.json").string(), generation->dump(2) + "\n");
+}
+
 absl::Status WriteConfig(const std::string& base_folder, const std::string& out,
                          const std::string& dtype) {
   std::ifstream in(base_folder + "/config.json");
@@ -70,7 +118,7 @@ uint64_t ExportBytes(const std::string& base_folder, const std::vector<TensorVie
 
 absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapter& adapter,
                                 const std::string& out_folder, const std::string& dtype,
-                                const std::atomic<bool>* abandon) {
+                                const std::atomic<bool>* abandon, const MergedChatTemplate& chat) {
   auto out_dtype = OutputDType(dtype);
   if (!out_dtype.ok()) return out_dtype.status();
   auto weights = ModelWeights::Open(base_folder);
@@ -167,6 +215,9 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
       }
       if (auto s = SyncPath((tmp / name).string()); !s.ok()) return s;
     }
+    if (!chat.family.empty()) {
+      if (auto s = WriteChatTemplate(tmp, chat); !s.ok()) return s;
+    }
     if (auto s = SyncPath(tmp.string()); !s.ok()) return s;
     // Abandoned while the files were written (minutes for a large model): not published.
     return abandoned();
@@ -204,9 +255,9 @@ absl::Status WriteMergedOrThrow(const std::string& base_folder, const LoraAdapte
 
 absl::Status WriteMergedModel(const std::string& base_folder, const LoraAdapter& adapter,
                               const std::string& out_folder, const std::string& dtype,
-                              const std::atomic<bool>* abandon) {
+                              const std::atomic<bool>* abandon, const MergedChatTemplate& chat) {
   try {
-    return WriteMergedOrThrow(base_folder, adapter, out_folder, dtype, abandon);
+    return WriteMergedOrThrow(base_folder, adapter, out_folder, dtype, abandon, chat);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("merging the adapter: ", e.what_without_backtrace()));
   } catch (const std::exception& e) {

@@ -51,6 +51,76 @@ constexpr std::string_view kLlama2ChatJinja =
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
     "{% endif %}{% endfor %}";
 
+// meta-llama/Meta-Llama-3-8B-Instruct's chat_template.
+constexpr std::string_view kLlama3Jinja =
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content "
+    "= '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n"
+    "\n"
+    "'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set "
+    "content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+    "add_generation_prompt "
+    "%}{{ '<|start_header_id|>assistant<|end_header_id|>\n"
+    "\n"
+    "' }}{% endif %}";
+
+// The ChatML template (teknium/OpenHermes).
+constexpr std::string_view kChatMlJinja =
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n"
+    "' + message['content'] + '<|im_end|>' + '\n"
+    "'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n"
+    "' }}{% endif %}";
+
+// mistralai/Mistral-7B-Instruct-v0.2's (the one with an optional system message).
+constexpr std::string_view kMistralJinja =
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation "
+    "roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + "
+    "' [/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- ' ' + message['content'] + eos_token}}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with "
+    "the exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n";
+
+// The multi-turn Alpaca template Unsloth ships, with Stanford Alpaca's preamble as the default
+// system.
+constexpr std::string_view kAlpacaJinja =
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] "
+    "+ '\n"
+    "\n"
+    "' }}{% set loop_messages = messages[1:] %}{% else %}{{ 'Below is an instruction "
+    "that describes a task. Write a response that appropriately completes the request.' "
+    "+ '\n"
+    "\n"
+    "' }}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages "
+    "%}{% if message['role'] == 'user' %}{{ '### Instruction:\n"
+    "' + message['content'] + '\n"
+    "\n"
+    "' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\n"
+    "' + message['content'] + eos_token + '\n"
+    "\n"
+    "' }}{% else %}{{ raise_exception('Only user and assistant roles are supported!') "
+    "}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n"
+    "' }}{% endif %}";
+
 // The template without the white space between its tags (line breaks and indentation: output
 // the published template has none of), to compare templates however they are laid out; white
 // space inside a tag, which can be inside a string literal, stays.
@@ -108,6 +178,15 @@ absl::Status TemplateError(std::string_view name, std::string_view message) {
 }
 
 }  // namespace
+
+std::string_view ChatTemplate::PublishedJinja(std::string_view name) {
+  if (name == "llama3") return kLlama3Jinja;
+  if (name == "chatml") return kChatMlJinja;
+  if (name == "llama2") return kLlama2ChatJinja;
+  if (name == "mistral") return kMistralJinja;
+  if (name == "alpaca") return kAlpacaJinja;
+  return "";
+}
 
 const std::vector<std::string>& ChatTemplate::KnownNames() {
   static const std::vector<std::string> names = {"llama3", "chatml", "llama2", "mistral", "alpaca"};

@@ -62,6 +62,14 @@ class ChatTemplate {
 
   static const std::vector<std::string>& KnownNames();
 
+  // The Jinja template the family's models publish, which lorad renders string for string
+  // (tests/parity/reference_chat_templates.py), for a model folder that must carry it (a merged
+  // export of a job trained on a family by name); "" for an unknown name.
+  static std::string_view PublishedJinja(std::string_view name);
+  // Whether this is the model folder's own template (FromTokenizerConfig without a name), not a
+  // family named by a request, a job or the operator.
+  bool from_model_folder() const { return from_model_jinja_; }
+
   // The prompt for `messages`; with add_generation_prompt it ends where the assistant's reply
   // starts (mistral's template adds nothing). Errors: an empty conversation, a role other than
   // system/user/assistant, and what the family's template itself refuses (mistral: roles that do

@@ -60,6 +60,11 @@ int64_t TokenizedExample::TrainedTokens() const {
   return n;
 }
 
+std::string ExampleFormatter::TrainedTemplateNotTheFolders() const {
+  if (mode_ == Mode::kAlpaca) return "alpaca";
+  return chat_ && !chat_->from_model_folder() ? chat_->name() : "";
+}
+
 std::vector<std::string> ExampleFormatter::TemplateNames() {
   std::vector<std::string> names = {"auto", "chat", "raw"};
   for (const std::string& family : ChatTemplate::KnownNames()) names.push_back(family);

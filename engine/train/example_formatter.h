@@ -98,6 +98,11 @@ class ExampleFormatter {
   // The text that ends a reply under the model's chat template ("<|im_end|>"); empty without
   // one. An evaluation cuts answers there: a model whose end of turn is not its EOS token goes on.
   std::string end_of_turn() const { return chat_ ? chat_->end_of_turn() : ""; }
+  // The template family the job's prompts follow where it is not the model folder's own
+  // template (dataset.template or model.chat_template named one; "alpaca": Alpaca's prompt), for
+  // its merged export to carry; "" where the folder's own is the one trained, or where none is
+  // (raw; auto on a model without a template).
+  std::string TrainedTemplateNotTheFolders() const;
 
  private:
   enum class Mode { kAuto, kAlpaca, kRaw, kChat };

@@ -69,6 +69,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   this->model_folder = model_folder;
   this->tokenizer = &tokenizer;
   end_of_turn = std::move(prepared.end_of_turn);
+  merged_template = std::move(prepared.merged_template);
   data = std::move(prepared.data);
   per_epoch = data->MicroBatchesPerEpoch(config.micro_batch_size);
   total_steps = config.max_steps > 0
@@ -471,6 +472,15 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   auto formatter = FormatterFor(model, tokenizer, model_folder, c);
   if (!formatter.ok()) return formatter.status();
   prepared->end_of_turn = formatter->end_of_turn();
+  // A merged export carries the template the job trained on where the folder's is another (or
+  // none): transformers' apply_chat_template and vLLM then prompt it as lorad's Chat does, and
+  // generation stops at its end of turn.
+  prepared->merged_template.family = formatter->TrainedTemplateNotTheFolders();
+  if (!prepared->merged_template.family.empty() && prepared->merged_template.family != "alpaca") {
+    if (auto id = tokenizer.IdOf(formatter->end_of_turn())) {
+      prepared->merged_template.end_of_turn_id = *id;
+    }
+  }
   // Fingerprinted before the read: a file changed during it then fails the next resume's check
   // rather than passing it with examples of two versions.
   auto fingerprint = FilesFingerprint(DatasetFiles(c), abandon);

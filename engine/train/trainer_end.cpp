@@ -131,11 +131,11 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       // model a minute of it, on a thread of its own while the loop serves.
       s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
       f.merged_export =
-          std::async(std::launch::async,
-                     [folder = model_folder, adapter = adapter.HostCopy(), path = s.merged_path,
-                      dtype = config.export_merged_dtype, abandon = f.abandon_export] {
-                       return WriteMergedModel(folder, adapter, path, dtype, abandon.get());
-                     });
+          std::async(std::launch::async, [folder = model_folder, adapter = adapter.HostCopy(),
+                                          path = s.merged_path, dtype = config.export_merged_dtype,
+                                          chat = merged_template, abandon = f.abandon_export] {
+            return WriteMergedModel(folder, adapter, path, dtype, abandon.get(), chat);
+          });
     }
   }
   if (f.merged_export.valid()) {

@@ -52,6 +52,7 @@ inline double Seconds(Clock::duration d) { return std::chrono::duration<double>(
 struct Trainer::PreparedData {
   TrainingJobConfig config;  // as given, max_seq_length capped at the model's sliding window
   std::string end_of_turn;   // the chat template's, where evaluated answers end
+  MergedChatTemplate merged_template;  // what the merged export's tokenizer files get
   std::string dataset_fingerprint;
   std::string base_fingerprint;  // TrainerState::base_fingerprint
   std::optional<TrainingData> data;
@@ -61,6 +62,7 @@ struct Trainer::Impl {
   const LlamaModel* model = nullptr;
   const Tokenizer* tokenizer = nullptr;
   std::string end_of_turn;  // the chat template's, where evaluated answers end
+  MergedChatTemplate merged_template;
   TrainingJobConfig config;
   EventCallback on_event;
   std::optional<TrainingData> data;

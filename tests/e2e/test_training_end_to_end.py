@@ -3,6 +3,7 @@ QLoRA): submit a fine-tuning job, watch its loss step by step, see the adapter p
 with it while a second job trains, scrape the metrics, cancel; jobs across restarts, deletion,
 continued adapters (stops and crashes: test_training_stops.py)."""
 import math
+import pathlib
 import re
 import shutil
 import socket
@@ -283,6 +284,54 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.float32)(ids).logits
     assert (got - want).abs().max().item() < 1e-4
     assert (want - plain).abs().max().item() > 1e-3, "the adapter must change the model"
+
+
+def test_merged_export_carries_the_template_the_job_trained_on(tmp_path, stubs):
+    """A model folder without a chat template, served with model.chat_template: chatml (as README
+    says, so that training and chat agree): the merged export carries ChatML
+    (tokenizer_config.json's chat_template and chat_template.jinja), so transformers'
+    apply_chat_template gives the prompt lorad's Chat gives, and generation_config.json's EOS ids
+    hold <|im_end|>'s, where lorad's Chat stops. The export had no template at all."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path(), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tpb, ipb = stubs.training_pb2, stubs.inference_pb2
+    prepare(tmp_path)
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none", "--set",
+                     "model.chat_template=chatml", model=folder)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = job_spec(tpb, "templated", 2)
+            spec.export_merged = True
+            job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            events, states, _ = watch_until_done(stub, tpb, job.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            merged = [e.finished for e in events if e.WhichOneof("event") == "finished"][0] \
+                .merged_model_path
+            messages = [{"role": "user", "content": "What is 2+2?"}]
+            chat = list(stubs.inference_pb2_grpc.InferenceServiceStub(channel).Chat(
+                ipb.ChatRequest(messages=[ipb.ChatMessage(**m) for m in messages],
+                                adapter="templated",
+                                sampling=ipb.SamplingParams(max_new_tokens=1)), timeout=60))
+    finally:
+        stop_daemon(d)
+    tok = AutoTokenizer.from_pretrained(merged)
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat[-1].usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
+    written = json.loads((pathlib.Path(merged) / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == (pathlib.Path(merged) / "chat_template.jinja").read_text()
+    eos = json.loads((pathlib.Path(merged) / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos and tok.eos_token_id in eos, eos
 
 
 def test_two_jobs_train_at_once_with_the_losses_of_each_alone(tmp_path, stubs):

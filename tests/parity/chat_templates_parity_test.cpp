@@ -64,5 +64,25 @@ TEST(ChatTemplateParity, RendersEveryFamilyLikeTransformers) {
   }
 }
 
+// What a merged export writes for a job trained on a family by name (PublishedJinja) is the
+// published template transformers rendered above, word for word.
+TEST(ChatTemplateParity, PublishedTemplatesAreTheOnesRenderedLikeTransformers) {
+  const std::string path =
+      std::string(std::getenv("LORAD_PARITY_DIR")) + "/chat_templates/cases.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "missing reference " << path;
+  int compared = 0;
+  for (const auto& f : json::parse(in)) {
+    const std::string family = f["family"].get<std::string>();
+    if (family != f["recognised"].get<std::string>()) continue;  // a model's variant
+    std::ifstream config(f["folder"].get<std::string>() + "/tokenizer_config.json");
+    const json published = json::parse(config)["chat_template"];
+    EXPECT_EQ(ChatTemplate::PublishedJinja(family), published.get<std::string>()) << family;
+    ++compared;
+  }
+  EXPECT_EQ(compared, static_cast<int>(ChatTemplate::KnownNames().size()));
+  EXPECT_EQ(ChatTemplate::PublishedJinja("nope"), "");
+}
+
 }  // namespace
 }  // namespace lorad::engine
