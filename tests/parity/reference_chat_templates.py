@@ -5,7 +5,8 @@ Output (out = <build>/parity/chat_templates/):
   <family>/tokenizer_config.json (+ the tiny model's tokenizer.model): a folder whose
       chat_template is the family's Jinja text, for ChatTemplate::FromTokenizerConfig
   cases.json  [{"family", "recognised", "folder", "today" (the date strftime_now gave),
-               "renders": [{"messages", "add_generation_prompt", "text" | "error"}]}]
+               "renders": [{"messages", "add_generation_prompt", ["continue_final_message"],
+                            "text" | "error"}]}]
 """
 import datetime
 import json
@@ -214,24 +215,23 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
         while True:  # again if the day changed while rendering (strftime_now's date)
             today = datetime.datetime.now().strftime("%d %b %Y")
             renders = []
+            def render(messages, gen, cont=False):
+                r = {"messages": messages, "add_generation_prompt": gen}
+                if cont:
+                    r["continue_final_message"] = True
+                try:
+                    r["text"] = tok.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=gen,
+                                                        continue_final_message=cont)
+                except TemplateError as e:
+                    r["error"] = str(e)
+                renders.append(r)
+
             for messages in CONVERSATIONS:
                 for gen in (False, True):
-                    r = {"messages": messages, "add_generation_prompt": gen}
-                    try:
-                        r["text"] = tok.apply_chat_template(messages, tokenize=False,
-                                                            add_generation_prompt=gen)
-                    except TemplateError as e:
-                        r["error"] = str(e)
-                    renders.append(r)
+                    render(messages, gen)
                 if messages[-1]["role"] == "assistant":  # the prefilled reply continued
-                    r = {"messages": messages, "add_generation_prompt": False,
-                         "continue_final_message": True}
-                    try:
-                        r["text"] = tok.apply_chat_template(messages, tokenize=False,
-                                                            continue_final_message=True)
-                    except TemplateError as e:
-                        r["error"] = str(e)
-                    renders.append(r)
+                    render(messages, False, cont=True)
             if datetime.datetime.now().strftime("%d %b %Y") == today:
                 break
         results.append({"family": family, "recognised": recognised,
