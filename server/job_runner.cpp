@@ -343,6 +343,9 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
 }
 
 std::pair<int64_t, std::string> JobRunner::ResumePoint(const std::string& job_id) const {
+  // A checkpoint a kill left aside while replacing it is the job's to resume from: put back
+  // before the runner says where the job resumes and forgets the history after it.
+  engine::RestoreReplacedFolders((fs::path(jobs_dir_) / job_id).string());
   std::pair<int64_t, std::string> newest{0, ""};
   for (auto& [step, folder] :
        engine::CompleteCheckpoints((fs::path(jobs_dir_) / job_id).string())) {

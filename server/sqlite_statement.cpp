@@ -51,10 +51,10 @@ absl::Status SqliteError(sqlite3* db) {
           absl::StrCat(name, ": the disk failed to read or write it (", message, ")"));
     }
     case SQLITE_BUSY:
-    case SQLITE_LOCKED:
       // lorad waits (the busy timeout) for its own writers; past that the lock is another
-      // process's (a sqlite3 shell in a transaction, a backup tool).
-      return absl::UnavailableError(absl::StrCat(
+      // process's (a sqlite3 shell in a transaction, a backup tool). ABORTED: a retry may go
+      // through (UNAVAILABLE would read as the daemon unreachable).
+      return absl::AbortedError(absl::StrCat(
           name, " is locked by another process (", message,
           "): close what holds it open in a transaction (a sqlite3 shell, a backup tool) and "
           "retry"));

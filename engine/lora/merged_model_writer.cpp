@@ -56,7 +56,8 @@ absl::StatusOr<nlohmann::json> ReadObject(const fs::path& file) {
 
 // The job's template into the export's (copied) tokenizer files, as transformers' save_pretrained
 // writes a tokenizer's: tokenizer_config.json's chat_template and chat_template.jinja; and its end
-// of turn among generation_config.json's EOS ids (a base without that file keeps config.json's).
+// of turn among generation_config.json's EOS ids (made from config.json's where the base has no
+// such file).
 absl::Status WriteChatTemplate(const fs::path& out, const MergedChatTemplate& chat) {
   const std::string jinja(ChatTemplate::PublishedJinja(chat.family));
   if (jinja.empty()) {
@@ -72,12 +73,18 @@ absl::Status WriteChatTemplate(const fs::path& out, const MergedChatTemplate& ch
     return s;
   }
   if (auto s = WriteSyncedFile((out / "chat_template.jinja").string(), jinja); !s.ok()) return s;
-  std::error_code ec;
-  if (chat.end_of_turn_id < 0 || !fs::exists(out / "generation_config.json", ec)) {
-    return absl::OkStatus();
-  }
+  if (chat.end_of_turn_id < 0) return absl::OkStatus();
   auto generation = ReadObject(out / "generation_config.json");
   if (!generation.ok()) return generation.status();
+  if (generation->empty()) {
+    // None in the base folder: the one transformers makes of config.json
+    // (GenerationConfig.from_model_config), with the end of turn added below.
+    auto config = ReadObject(out / "config.json");
+    if (!config.ok()) return config.status();
+    for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"}) {
+      if (config->contains(key) && !(*config)[key].is_null()) (*generation)[key] = (*config)[key];
+    }
+  }
   nlohmann::json eos = generation->value("eos_token_id", nlohmann::json());
   if (!eos.is_array())
     eos = eos.is_number_integer() ? nlohmann::json::array({eos}) : nlohmann::json::array();

@@ -71,13 +71,26 @@ void RemoveFolder(const fs::path& folder) {
   fs::remove_all(ec ? folder : doomed, ec);
 }
 
+void RestoreReplacedFolders(const std::string& output_dir) {
+  constexpr std::string_view kReplaced = ".replaced-";
+  std::error_code ec;
+  std::vector<fs::path> replaced;  // first: they are renamed below
+  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
+    if (entry.path().filename().string().rfind(kReplaced, 0) == 0) replaced.push_back(entry.path());
+  }
+  for (const fs::path& aside : replaced) {
+    const fs::path original =
+        aside.parent_path() / aside.filename().string().substr(kReplaced.size());
+    if (!fs::exists(original, ec) && !ec) fs::rename(aside, original, ec);
+  }
+}
+
 void RemoveLeftovers(const std::string& output_dir) {
+  RestoreReplacedFolders(output_dir);
   std::error_code ec;
   std::vector<fs::path> leftovers;
-  std::vector<fs::path> entries;  // first: some are renamed below
-  for (const auto& entry : fs::directory_iterator(output_dir, ec)) entries.push_back(entry.path());
-  for (const fs::path& entry : entries) {
-    const std::string name = entry.filename().string();
+  for (const auto& entry : fs::directory_iterator(output_dir, ec)) {
+    const std::string name = entry.path().filename().string();
     const auto starts = [&](const std::string& prefix) { return name.rfind(prefix, 0) == 0; };
     const bool tmp = starts(absl::StrCat(".", kCheckpointPrefix)) && name.size() > 4 &&
                      name.compare(name.size() - 4, 4, ".tmp") == 0;
@@ -86,19 +99,9 @@ void RemoveLeftovers(const std::string& output_dir) {
     // eval_report.json.tmp.
     const bool end_tmp = starts(".adapter.tmp-") || starts(".best-adapter.tmp-") ||
                          name == "merged.tmp" || name == "eval_report.json.tmp";
-    // ".replaced-": a folder ReplaceFolder moved aside on a filesystem that cannot swap (NFS,
-    // CIFS, many FUSE). Killed before the new one took its name, it is the only whole copy
-    // (the new one's temp folder goes as any other): it goes back.
-    constexpr std::string_view kReplaced = ".replaced-";
-    if (starts(std::string(kReplaced))) {
-      const fs::path original = entry.parent_path() / name.substr(kReplaced.size());
-      if (!fs::exists(original, ec) && !ec) {
-        fs::rename(entry, original, ec);
-        if (!ec) continue;
-      }
-    }
+    // ".replaced-": one RestoreReplacedFolders left, the new folder having taken its name.
     if (tmp || end_tmp || starts(".deleting-") || starts(".replaced-")) {
-      leftovers.push_back(entry);
+      leftovers.push_back(entry.path());
     }
   }
   for (const fs::path& p : leftovers) fs::remove_all(p, ec);

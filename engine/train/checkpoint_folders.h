@@ -41,11 +41,16 @@ std::string LatestCheckpoint(const std::string& output_dir);
 // folder left behind costs space, not correctness.
 void RemoveFolder(const std::filesystem::path& folder);
 
-// Clears what a killed process may have left in output_dir: half-written checkpoints
+// Puts back a folder ReplaceFolder moved aside (".replaced-<name>") on a filesystem that cannot
+// swap two (NFS, CIFS, many FUSE) where <name> is missing: the kill came between its two
+// renames, and it is the only whole copy. Before a job's resume point is looked for.
+void RestoreReplacedFolders(const std::string& output_dir);
+
+// Clears what a killed process may have left in output_dir (after RestoreReplacedFolders):
+// half-written checkpoints
 // (".checkpoint-*.tmp"), adapters (".adapter.tmp-*", ".best-adapter.tmp-*"), merged exports
-// ("merged.tmp") and reports ("eval_report.json.tmp"), and half-deleted folders (".deleting-*");
-// a folder ReplaceFolder moved aside (".replaced-<name>") goes back where <name> is missing (the
-// kill came between its two renames), and is removed where not.
+// ("merged.tmp") and reports ("eval_report.json.tmp"), half-deleted folders (".deleting-*"), and
+// replaced ones whose successor took their name (".replaced-*").
 void RemoveLeftovers(const std::string& output_dir);
 
 }  // namespace lorad::engine

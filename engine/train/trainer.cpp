@@ -55,6 +55,22 @@ absl::StatusOr<ExampleFormatter> FormatterFor(const LlamaModel& model, const Tok
   return ExampleFormatter::Create(tokenizer, model_folder, fo);
 }
 
+// `family` where the tokens transformers makes of its published template's text (as they are,
+// apply_chat_template's way) are the ones the job trained on, else "": a named Alpaca template
+// trains the BOS as the tokenizer adds it (ChatTemplate::ForEncoding), which on a sentencepiece
+// tokenizer gives the first word another token than the BOS written as text does.
+std::string MergedTemplateFamily(const Tokenizer& tokenizer, const std::string& model_folder,
+                                 const std::string& family) {
+  if (family.empty()) return "";
+  auto chat = ChatTemplate::FromTokenizerConfig(model_folder, family);
+  if (!chat.ok()) return "";
+  auto text = chat->Render({{"user", "Hello there"}, {"assistant", "Hi"}}, false);
+  if (!text.ok()) return "";
+  return tokenizer.Encode(*text, /*add_special_tokens=*/false) == chat->Encode(tokenizer, *text)
+             ? family
+             : "";
+}
+
 // The files a job reads: its dataset, and its validation file when it has one.
 std::vector<std::string> DatasetFiles(const TrainingJobConfig& config) {
   std::vector<std::string> files = {config.data.path};
@@ -475,7 +491,8 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   // A merged export carries the template the job trained on where the folder's is another (or
   // none): transformers' apply_chat_template and vLLM then prompt it as lorad's Chat does, and
   // generation stops at its end of turn.
-  prepared->merged_template.family = formatter->TrainedTemplateNotTheFolders();
+  prepared->merged_template.family =
+      MergedTemplateFamily(tokenizer, model_folder, formatter->TrainedTemplateNotTheFolders());
   if (!prepared->merged_template.family.empty() && prepared->merged_template.family != "alpaca") {
     if (auto id = tokenizer.IdOf(formatter->end_of_turn())) {
       prepared->merged_template.end_of_turn_id = *id;

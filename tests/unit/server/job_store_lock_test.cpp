@@ -53,7 +53,7 @@ TEST_F(JobStoreLockTest, OpenWaitsForALockReleasedWithinItsBusyTimeout) {
 TEST_F(JobStoreLockTest, ALockHeldPastTheBusyTimeoutIsNamed) {
   auto store = JobStore::Open(path_, std::chrono::milliseconds(200));
   ASSERT_FALSE(store.ok());
-  EXPECT_TRUE(absl::IsUnavailable(store.status())) << store.status();
+  EXPECT_TRUE(absl::IsAborted(store.status())) << store.status();
   EXPECT_TRUE(absl::StrContains(store.status().message(), "is locked by another process"))
       << store.status();
   EXPECT_TRUE(absl::StrContains(store.status().message(), "sqlite3 shell")) << store.status();

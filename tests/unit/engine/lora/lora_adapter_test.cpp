@@ -10,6 +10,7 @@
 #include <iterator>
 
 #include "engine/lora/merged_model_writer.h"
+#include "engine/model/chat_template.h"
 #include "engine/model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -644,6 +645,45 @@ TEST(MergedModelWriterTest, AnExportOverAnEarlierOneReplacesIt) {
     }
     EXPECT_TRUE(fs::exists(out / "config.json"));
     EXPECT_FALSE(fs::exists(dir / "merged.tmp")) << "the temp folder (or the old export) is left";
+  }
+}
+
+// The job's template in the export: tokenizer_config.json's chat_template and
+// chat_template.jinja hold the family's published Jinja, and the end of turn joins the EOS ids
+// of generation_config.json, made from config.json's ids where the base has none (transformers'
+// from_model_config: the export's generate then stopped only at the EOS).
+TEST(MergedModelWriterTest, TheJobsTemplateAndItsEndOfTurnAreWritten) {
+  const std::string fixture = std::getenv("LORAD_TINY_MODEL");
+  auto model = ModelConfig::LoadFromFolder(fixture);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto adapter = LoraAdapter::Init(*model, Config(2), 7);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const fs::path dir = fs::path(::testing::TempDir()) / "merged-template";
+  fs::remove_all(dir);
+  const auto read_json = [](const fs::path& file) {
+    std::ifstream in(file);
+    return nlohmann::json::parse(in);
+  };
+  const nlohmann::json config = read_json(fs::path(fixture) / "config.json");
+  for (const bool has_generation_config : {true, false}) {
+    const fs::path base = dir / (has_generation_config ? "base" : "base-without");
+    fs::create_directories(base);
+    for (const auto& f : fs::directory_iterator(fixture)) {
+      if (f.path().filename() == "generation_config.json" && !has_generation_config) continue;
+      fs::copy(f.path(), base / f.path().filename());
+    }
+    const fs::path out = base.string() + "-merged";
+    const absl::Status written =
+        WriteMergedModel(base.string(), *adapter, out.string(), "auto", nullptr, {"llama3", 4});
+    ASSERT_TRUE(written.ok()) << written;
+    const std::string jinja(ChatTemplate::PublishedJinja("llama3"));
+    EXPECT_EQ(read_json(out / "tokenizer_config.json")["chat_template"], jinja);
+    std::ifstream in(out / "chat_template.jinja");
+    EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), jinja);
+    const nlohmann::json generation = read_json(out / "generation_config.json");
+    EXPECT_EQ(generation["eos_token_id"], nlohmann::json::array({config["eos_token_id"], 4}))
+        << has_generation_config;
+    if (!has_generation_config) EXPECT_EQ(generation["bos_token_id"], config["bos_token_id"]);
   }
 }
 

@@ -680,5 +680,29 @@ TEST_F(TrainerTest, InvalidConfigNamesTheField) {
   EXPECT_NE(t.status().message().find("grad_accum"), std::string::npos) << t.status();
 }
 
+// Which template a merged export carries: a family the job named (llama3 here) where it is not
+// the model folder's own (ChatML), as published; the folder's own where the job trained on it;
+// and the folder's too for a job named alpaca on a sentencepiece tokenizer, whose published
+// template (the BOS written as text) tokenizes otherwise than the job trained (the tokenizer's
+// BOS, then the first word with its space).
+TEST_F(TrainerTest, AMergedExportCarriesTheTemplateTheJobTrainedOnWhereItTokenizesAlike) {
+  const auto exported_template = [&](const std::string& sub, const std::string& template_name) {
+    TrainingJobConfig config = Config(sub);
+    config.max_steps = 1;
+    config.export_merged_dtype = "float32";
+    config.data.template_name = template_name;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, [](const TrainingEvent&) {});
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok() || !(*t)->Run().ok()) return std::string("(not run)");
+    std::ifstream in(fs::path(config.output_dir) / "merged" / "tokenizer_config.json");
+    return nlohmann::json::parse(in)["chat_template"].get<std::string>();
+  };
+  std::ifstream own_config(fs::path(model_dir_) / "tokenizer_config.json");
+  const std::string own = nlohmann::json::parse(own_config)["chat_template"].get<std::string>();
+  EXPECT_EQ(exported_template("named", "llama3"), ChatTemplate::PublishedJinja("llama3"));
+  EXPECT_EQ(exported_template("own", "auto"), own);
+  EXPECT_EQ(exported_template("alpaca", "alpaca"), own);
+}
+
 }  // namespace
 }  // namespace lorad::engine
