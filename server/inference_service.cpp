@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/tokenizer.h"
 #include "engine/model/utf8.h"
@@ -460,8 +461,13 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     auto chat =
         engine_.RenderChat(messages, request->template_(), request->continue_final_message());
     if (!chat.ok()) {
-      r = chat.status();
+      // A refusal of the template's own (roles that do not alternate) names the messages.
+      r = absl::StartsWith(chat.status().message(), "chat template '")
+              ? absl::Status(chat.status().code(),
+                             absl::StrCat("messages: ", chat.status().message()))
+              : chat.status();
     } else {
+      r->prompt_field = "messages";
       r->adapter = request->adapter();
       r->adapter_version = request->adapter_version();
       r->prompt_ids = std::move(chat->prompt_ids);

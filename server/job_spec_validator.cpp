@@ -80,13 +80,17 @@ absl::Status KnownEnum(const std::string& field, int value, bool (*is_valid)(int
   return Field(field, absl::StrCat(value, " is not one of its values (see training.proto)"));
 }
 
+// PEFT's and TRL's "all-linear": the seven projections.
+bool IsAllLinear(const lorad::v1::LoraSpec& lora) {
+  return lora.target_modules_size() == 1 &&
+         absl::AsciiStrToLower(lora.target_modules(0)) == "all-linear";
+}
+
 absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
   if (lora.r() == 0) lora.set_r(16);
   if (lora.alpha() == 0) lora.set_alpha(16);
-  // None, or PEFT's and TRL's "all-linear": the seven projections.
-  if (lora.target_modules().empty() ||
-      (lora.target_modules_size() == 1 &&
-       absl::AsciiStrToLower(lora.target_modules(0)) == "all-linear")) {
+  // None, or "all-linear": the seven projections.
+  if (lora.target_modules().empty() || IsAllLinear(lora)) {
     lora.clear_target_modules();
     for (const auto& t : engine::KnownLoraTargets()) lora.add_target_modules(t);
   }
@@ -376,7 +380,9 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
     return differs("dropout", absl::StrCat(lora.dropout()), absl::StrCat(config->dropout));
   }
   const std::set<std::string> targets(config->target_modules.begin(), config->target_modules.end());
-  const std::set<std::string> given(lora.target_modules().begin(), lora.target_modules().end());
+  std::set<std::string> given(lora.target_modules().begin(), lora.target_modules().end());
+  if (IsAllLinear(lora))
+    given = {engine::KnownLoraTargets().begin(), engine::KnownLoraTargets().end()};
   if (!given.empty() && given != targets) {
     return differs("target_modules", absl::StrJoin(given, ", "), absl::StrJoin(targets, ", "));
   }

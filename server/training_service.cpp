@@ -577,7 +577,9 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
     }
     states.push_back(static_cast<JobState>(s));
   }
-  const int32_t page_size = request->page_size() == 0 ? 50 : request->page_size();
+  // Unset: 50; more than 500 is 500 (AIP-158: capped, not refused); negative is refused.
+  const int32_t page_size =
+      request->page_size() == 0 ? 50 : std::min<int32_t>(request->page_size(), 500);
   auto page = store_.List(states, page_size, request->page_token());
   if (!page.ok()) return FinishUnary(context, page.status());
   for (const auto& record : page->jobs) {

@@ -40,13 +40,13 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
   }
   const int64_t n = static_cast<int64_t>(prompt.size());
   if (n >= limits.max_context) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt: ", n, " tokens; the model's context is ", limits.max_context,
-                     " tokens, which must leave room for at least one new token"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        r.prompt_field, ": ", n, " tokens; the model's context is ", limits.max_context,
+        " tokens, which must leave room for at least one new token"));
   }
   const int64_t pool = limits.kv_pool_tokens;
   if (n + 1 > pool) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt: ", n,
+    return absl::InvalidArgumentError(absl::StrCat(r.prompt_field, ": ", n,
                                                    " tokens; the KV cache holds only ", pool,
                                                    " tokens in all (raise engine.kv_cache_bytes)"));
   }

@@ -27,6 +27,9 @@ struct GenerationRequest {
   // model's special tokens (BOS) added. The server renders chat templates into `prompt`.
   std::string prompt;
   std::vector<int32_t> prompt_ids;
+  // The request's field the prompt came from, as errors about its length name it ("messages" for
+  // a rendered chat).
+  std::string prompt_field = "prompt";
   std::string adapter;  // "" = the base model; else a name in the AdapterStore (latest version)
   // > 0: only that version of `adapter` may serve the request (FAILED_PRECONDITION once a newer
   // one serves new requests, NOT_FOUND before it exists), checked as the engine pins it.

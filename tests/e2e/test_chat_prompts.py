@@ -153,6 +153,23 @@ def test_chat_continues_a_prefilled_reply_as_transformers_does(server, reference
         "continue_final_message: the last message must be the assistant's"), err.value.details()
 
 
+def test_chat_refusals_name_the_messages(server):
+    """What the template refuses (roles that do not alternate) and a conversation longer than
+    the context name `messages`, the request's field (they named none, or Generate's `prompt`)."""
+    _, stub, pb, _, _, _ = server
+    user = pb.ChatMessage(role="user", content="Hi")
+    long = pb.ChatMessage(role="user", content="hello " * 1500)
+    for request, words in (
+            (pb.ChatRequest(messages=[user, user], template="llama2"),
+             "messages: chat template 'llama2': Conversation roles must alternate"),
+            (pb.ChatRequest(messages=[long]), "messages: ")):
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Chat(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(words), err.value.details()
+    assert "tokens; the model's context is" in err.value.details(), err.value.details()
+
+
 def test_a_prompt_of_the_bos_alone_generates_text_as_the_tokenizer_decodes_it(server, reference):
     """Generate from the BOS alone (unconditional generation: an empty prompt is refused) has no
     prompt text to continue: the reply's first word loses its sentencepiece space, as

@@ -80,6 +80,14 @@ def test_list_filters_and_paginates(service):
     assert [j.id for j in rest.jobs] == [ids[0]] and not rest.next_page_token
     cancelled = stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_CANCELLED]), timeout=10)
     assert [j.id for j in cancelled.jobs] == [ids[0]]
+    # A page size past the most (500) is that most, as AIP-158 has it (it was refused); a
+    # negative one is refused naming it.
+    big = stub.ListJobs(pb.ListJobsRequest(page_size=100000), timeout=10)
+    assert [j.id for j in big.jobs][:3] == [ids[2], ids[1], ids[0]] and not big.next_page_token
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListJobs(pb.ListJobsRequest(page_size=-1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("page_size: "), err.value.details()
     # Lists leave inline examples out (a page of them could reach gigabytes); GetJob has them.
     inline = spec(pb)
     inline.dataset.path = ""

@@ -113,6 +113,30 @@ TEST_F(ResolveInitAdapterTest, AGivenLoraMustAgreeAndEachErrorNamesItsField) {
   EXPECT_NE(s.message().find("lora.use_rslora"), std::string::npos) << s;
 }
 
+// "all-linear" (PEFT's and TRL's, which a job file may already say) is the seven projections:
+// taken for an adapter on all of them (it was refused as naming other modules), refused for one
+// on fewer.
+TEST_F(ResolveInitAdapterTest, AllLinearIsTheSevenProjections) {
+  const fs::path all = folder_.parent_path() / "all";
+  fs::create_directories(all);
+  engine::LoraConfig config;
+  config.target_modules = engine::KnownLoraTargets();
+  std::ofstream(all / "adapter_config.json") << engine::PeftConfigJson(config);
+  std::ofstream(all / "adapter_model.safetensors") << "weights";
+  auto fingerprint = engine::PeftFolderFingerprint(all.string());
+  ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
+  served_.push_back({"all", 1, all.string(), all.string(), true, *fingerprint});
+  lorad::v1::JobSpec spec = Spec("all");
+  spec.mutable_lora()->add_target_modules("All-Linear");
+  const absl::Status taken = ResolveInitAdapter(spec, served_);
+  EXPECT_TRUE(taken.ok()) << taken;
+  EXPECT_EQ(spec.lora().target_modules_size(), 7);
+  lorad::v1::JobSpec fewer = Spec("qa");
+  fewer.mutable_lora()->add_target_modules("all-linear");
+  const absl::Status refused = ResolveInitAdapter(fewer, served_);
+  EXPECT_NE(refused.message().find("lora.target_modules"), std::string::npos) << refused;
+}
+
 TEST_F(ResolveInitAdapterTest, AnAdapterNotServedOrChangedSinceItWasLoadedIsRefused) {
   for (const char* name : {"gone", "never"}) {
     lorad::v1::JobSpec spec = Spec(name);
