@@ -191,10 +191,8 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     bool known = std::any_of(served.begin(), served.end(),
                              [&](const auto& info) { return info.name == request->name(); });
     if (!known && record_ != nullptr) {
-      auto recorded = record_->Adapters();
-      known = recorded.ok() && std::any_of(recorded->begin(), recorded->end(), [&](const auto& a) {
-                return a.name == request->name() && a.served;
-              });
+      auto recorded = record_->ServedAdapters(request->name());
+      known = recorded.ok() && !recorded->empty();
     }
     if (!known) return FinishUnary(context, s);
   }
@@ -228,7 +226,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   // (its folder changed or left the adapter root, another base model). Unloading clears the
   // record, so that a later restart does not try again and its job can be deleted.
   if (newest_listed == 0 && record_ != nullptr) {
-    auto recorded = record_->Adapters();
+    auto recorded = record_->ServedAdapters(request->name());
     if (!recorded.ok()) return FinishUnary(context, recorded.status());
     for (const ServedAdapter& a : *recorded) {
       if (a.name != request->name() || !a.served || (version && a.version != *version)) continue;

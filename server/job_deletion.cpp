@@ -111,7 +111,7 @@ void JobRunner::RemoveInBackground(std::vector<std::string> folders) {
 
 absl::Status JobRunner::CheckFolderUnread(const std::string& job_id, const fs::path& folder) {
   // A restart serves every served adapter again from its folder.
-  auto adapters = store_.Adapters();
+  auto adapters = store_.ServedAdapters();
   if (!adapters.ok()) return adapters.status();
   for (const ServedAdapter& a : *adapters) {
     if (a.served && IsWithin(a.path, folder)) {

@@ -201,7 +201,8 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
         "IS NOT NULL;",
         "CREATE INDEX IF NOT EXISTS jobs_listing ON jobs(seq, state, id, adapter_name, priority, "
         "created_ms, started_ms, finished_ms, error, adapter_version, total_steps, attempts, "
-        "unclean_stops, listed_spec);"}) {
+        "unclean_stops, listed_spec);",
+        "CREATE INDEX IF NOT EXISTS adapters_served ON adapters(name) WHERE served = 1;"}) {
     if (auto s = store->Exec(index); !s.ok()) return s;
   }
   if (auto s = store->Exec(absl::StrCat("PRAGMA user_version=", kSchemaVersion, ";")); !s.ok()) {
@@ -599,6 +600,21 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   Statement s(db_,
               "SELECT name, version, path, source, served, fingerprint FROM adapters ORDER BY "
               "name;");
+  return ReadAdapters(s);
+}
+
+absl::StatusOr<std::vector<ServedAdapter>> JobStore::ServedAdapters(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, name.empty()
+                       ? "SELECT name, version, path, source, served, fingerprint FROM adapters "
+                         "WHERE served = 1 ORDER BY name;"
+                       : "SELECT name, version, path, source, served, fingerprint FROM adapters "
+                         "WHERE served = 1 AND name = ?;");
+  if (!name.empty()) s.BindText(1, name);
+  return ReadAdapters(s);
+}
+
+absl::StatusOr<std::vector<ServedAdapter>> JobStore::ReadAdapters(Statement& s) {
   std::vector<ServedAdapter> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {

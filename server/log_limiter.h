@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -21,12 +22,20 @@ class LogLimiter {
   explicit LogLimiter(std::chrono::steady_clock::duration interval) : interval_(interval) {}
 
   // When a line for `key` may be written now: how many of its lines were held back since its
-  // last one; else nothing. Past kMaxKeys keys, new ones share one.
+  // last one; else nothing. At kMaxKeys keys, those past their interval with nothing held back
+  // (they hold no state: their next line would go through anyway) give way to new ones; only
+  // while all are active do new keys share one.
   std::optional<int64_t> Allow(const std::string& key) {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     auto it = keys_.find(key);
     if (it == keys_.end()) {
+      if (keys_.size() >= kMaxKeys) {
+        for (auto k = keys_.begin(); k != keys_.end();) {
+          const bool idle = k->second.held_back == 0 && now - k->second.last >= interval_;
+          k = idle ? keys_.erase(k) : std::next(k);
+        }
+      }
       it = keys_.size() < kMaxKeys ? keys_.emplace(key, Key{}).first
                                    : keys_.emplace("", Key{}).first;
     }

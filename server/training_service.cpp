@@ -514,7 +514,7 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
   // The adapter a job continues sets its LoRA settings, which the rest checks.
   std::vector<ServedAdapter> served;
   if (!spec.init_adapter().empty()) {
-    auto adapters = store_.Adapters();
+    auto adapters = store_.ServedAdapters(spec.init_adapter());
     if (!adapters.ok()) return adapters.status();
     served = *std::move(adapters);
   }

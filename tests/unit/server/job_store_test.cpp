@@ -467,6 +467,10 @@ TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {
   EXPECT_TRUE((*all)[0].served);
   EXPECT_FALSE((*all)[1].served);
   EXPECT_TRUE((*all)[2].served);
+  auto served = store->ServedAdapters();  // through its index: a and c
+  ASSERT_TRUE(served.ok() && served->size() == 2u && (*served)[1].name == "c");
+  EXPECT_EQ(store->ServedAdapters("c")->at(0).version, 2);
+  EXPECT_TRUE(store->ServedAdapters("b")->empty());
 }
 
 TEST_F(JobStoreTest, ListPaginatesNewestFirstAndFilters) {
