@@ -444,13 +444,16 @@ absl::Status Daemon::ServeRecordedAdapters() {
     } while (!page_token.empty());
   }
 
-  // The base model's files differ from the last start's (another revision or fine-tune of the
-  // same shapes): its adapters serve again, as PEFT would load them onto it, but they were
-  // trained or loaded for the other one, which the operator is told.
-  auto last_base = jobs_->GetMeta("base_model_fingerprint");
-  const bool base_changed =
-      last_base.ok() && last_base->has_value() && **last_base != engine_->base_fingerprint();
-  std::vector<std::string> served_again;
+  // An adapter published on another base model than this one (another revision or fine-tune of
+  // the same shapes) serves again, as PEFT would load it onto this one, but the operator is told.
+  // Each adapter's own base where its record has one; else (an older lorad's record) the last
+  // start's. (Compared with the last start's alone, going back to the original folder named the
+  // adapters made on it, and a second start on the other named none.)
+  const std::string current_base = engine_->base_fingerprint();
+  jobs_->SetBaseFingerprint(current_base);
+  auto last = jobs_->GetMeta("base_model_fingerprint");
+  const std::string last_base = last.ok() && last->has_value() ? **last : current_base;
+  std::vector<std::string> other_base;
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {
     if (!a.served) {
@@ -475,7 +478,8 @@ absl::Status Daemon::ServeRecordedAdapters() {
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
-        served_again.push_back(absl::StrCat(a.name, " v", *version));
+        const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
+        if (made_on != current_base) other_base.push_back(absl::StrCat(a.name, " v", *version));
         continue;
       }
       refused = version.status();
@@ -484,14 +488,14 @@ absl::Status Daemon::ServeRecordedAdapters() {
     spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
                  std::string(refused.message()));
   }
-  if (base_changed && !served_again.empty()) {
+  if (!other_base.empty()) {
     spdlog::warn(
-        "the base model in {} is not the one of the last start (its config, tokenizer or weights "
-        "differ); {} adapter(s) served again were trained or loaded on the other one and may not "
-        "fit it: {} (unload them, or start lorad on the original model folder)",
-        config_.model.path, served_again.size(), absl::StrJoin(served_again, ", "));
+        "the base model in {} is not the one {} adapter(s) served again were trained or loaded "
+        "on (its config, tokenizer or weights differ) and they may not fit it: {} (unload them, "
+        "or start lorad on the model folder they were made on)",
+        config_.model.path, other_base.size(), absl::StrJoin(other_base, ", "));
   }
-  return jobs_->SetMeta("base_model_fingerprint", engine_->base_fingerprint());
+  return jobs_->SetMeta("base_model_fingerprint", current_base);
 }
 
 absl::Status Daemon::OpenJobStore() {

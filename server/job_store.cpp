@@ -178,6 +178,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   for (const auto& [table, column, definition] :
        {std::tuple{"job_steps", "time_ms", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"adapters", "fingerprint", "TEXT NOT NULL DEFAULT ''"},
+        std::tuple{"adapters", "base_fingerprint", "TEXT NOT NULL DEFAULT ''"},
         std::tuple{"jobs", "listed_spec", "BLOB"},
         std::tuple{"jobs", "unclean_stops", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"jobs", "unclean_stop_step", "INTEGER NOT NULL DEFAULT 0"},
@@ -579,12 +580,14 @@ absl::Status JobStore::RecordAdapter(const ServedAdapter& a) {
 absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
   // Never back to an older version: two loads of one name may record in either order.
   Statement s(db_,
-              "INSERT INTO adapters (name, version, path, source, served, fingerprint) VALUES (?, "
-              "?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET version = excluded.version, path = "
-              "excluded.path, source = excluded.source, served = excluded.served, fingerprint = "
-              "excluded.fingerprint WHERE excluded.version >= adapters.version;");
+              "INSERT INTO adapters (name, version, path, source, served, fingerprint, "
+              "base_fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+              "version = excluded.version, path = excluded.path, source = excluded.source, served "
+              "= excluded.served, fingerprint = excluded.fingerprint, base_fingerprint = "
+              "excluded.base_fingerprint WHERE excluded.version >= adapters.version;");
   s.BindText(1, a.name).Bind(2, a.version).BindText(3, a.path).BindText(4, a.source);
   s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0)).BindText(6, a.fingerprint);
+  s.BindText(7, a.base_fingerprint.empty() ? base_fingerprint_ : a.base_fingerprint);
   return s.Run();
 }
 
@@ -598,18 +601,20 @@ absl::Status JobStore::MarkAdapterUnserved(const std::string& name, int64_t vers
 absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_,
-              "SELECT name, version, path, source, served, fingerprint FROM adapters ORDER BY "
+              "SELECT name, version, path, source, served, fingerprint, base_fingerprint FROM "
+              "adapters ORDER BY "
               "name;");
   return ReadAdapters(s);
 }
 
 absl::StatusOr<std::vector<ServedAdapter>> JobStore::ServedAdapters(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, name.empty()
-                       ? "SELECT name, version, path, source, served, fingerprint FROM adapters "
-                         "WHERE served = 1 ORDER BY name;"
-                       : "SELECT name, version, path, source, served, fingerprint FROM adapters "
-                         "WHERE served = 1 AND name = ?;");
+  Statement s(db_, name.empty() ? "SELECT name, version, path, source, served, fingerprint, "
+                                  "base_fingerprint FROM adapters "
+                                  "WHERE served = 1 ORDER BY name;"
+                                : "SELECT name, version, path, source, served, fingerprint, "
+                                  "base_fingerprint FROM adapters "
+                                  "WHERE served = 1 AND name = ?;");
   if (!name.empty()) s.BindText(1, name);
   return ReadAdapters(s);
 }
@@ -618,7 +623,7 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::ReadAdapters(Statement& s) 
   std::vector<ServedAdapter> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
-    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0, s.Blob(5)});
+    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0, s.Blob(5), s.Blob(6)});
   }
   if (rc != SQLITE_DONE) return s.StepError();
   return out;

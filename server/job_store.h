@@ -89,6 +89,9 @@ struct ServedAdapter {
   // What the folder's files held when it was loaded (engine::FilesFingerprint); "" = not known.
   // A restart serves the version again only from the same contents.
   std::string fingerprint;
+  // The base model it was published on (Engine::base_fingerprint): "" = the store's
+  // (SetBaseFingerprint) when recorded, and when read, not known (an older lorad's record).
+  std::string base_fingerprint;
 };
 
 struct JobPage {
@@ -207,6 +210,11 @@ class JobStore {
   absl::Status RecordAdapter(const ServedAdapter& adapter);
   absl::Status MarkAdapterUnserved(const std::string& name, int64_t version);
   absl::StatusOr<std::vector<ServedAdapter>> Adapters();  // every name's, served or not
+  // The base model this process serves, recorded with every adapter published from now on.
+  void SetBaseFingerprint(std::string fingerprint) {
+    std::lock_guard<std::mutex> lock(mu_);
+    base_fingerprint_ = std::move(fingerprint);
+  }
   // The served ones (of `name` alone when not empty), through an index: the table keeps every
   // name ever published (its versions go on from there), hundreds of thousands where names are
   // made per tenant or per run, and calls that read it whole took 150 ms each.
@@ -287,6 +295,7 @@ class JobStore {
   std::set<std::string> interrupted_;
   sqlite3* db_;
   std::string path_;
+  std::string base_fingerprint_;            // SetBaseFingerprint
   std::chrono::milliseconds busy_timeout_;  // how long a write waits for another writer
 };
 

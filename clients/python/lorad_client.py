@@ -16,7 +16,8 @@ name its certificate carries when the address's host is not (a tunnel, an addres
     adapters               list the adapters lorad serves
 
 It needs grpcio and grpcio-tools (the venv `make` builds has both: ~/.cache/lorad/venv). The
-Python stubs are compiled from the checkout's proto/ at start into ~/.cache/lorad/py-stubs, so
+Python stubs are compiled from the checkout's proto/ at start into $LORAD_CACHE/py-stubs
+(~/.cache/lorad/py-stubs), so
 nothing generated is kept in the repository. `LoradClient` is the part to copy into your code.
 """
 import argparse
@@ -40,7 +41,8 @@ def load_stubs(proto_root=PROTO_ROOT):
 
     protos = sorted(proto_root.rglob("*.proto"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in protos)).hexdigest()[:16]
-    out = pathlib.Path.home() / ".cache" / "lorad" / "py-stubs" / digest
+    cache = os.environ.get("LORAD_CACHE") or pathlib.Path.home() / ".cache" / "lorad"
+    out = pathlib.Path(cache) / "py-stubs" / digest
     if not out.is_dir():
         # Compiled beside it and renamed into place whole: processes starting together (a
         # service's workers) never import another's half-written modules, and a compile killed

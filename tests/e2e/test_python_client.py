@@ -105,9 +105,9 @@ def test_clients_starting_together_each_get_whole_stubs(tmp_path):
     an AttributeError traceback, 2 runs in 30), and one compiled copy is left."""
     from conftest import free_port
 
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = dict(os.environ, LORAD_CACHE=str(tmp_path / "cache"))  # where the stubs go
     for _ in range(3):
-        shutil.rmtree(tmp_path / "home", ignore_errors=True)
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
         procs = [subprocess.Popen([sys.executable, str(CLIENT), "--address",
                                    f"127.0.0.1:{free_port()}", "adapters"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -116,5 +116,5 @@ def test_clients_starting_together_each_get_whole_stubs(tmp_path):
             _, err = p.communicate(timeout=120)
             # Nothing listens there: the call's own error, after the stubs imported.
             assert p.returncode == 1 and err.startswith("lorad_client: UNAVAILABLE"), err
-        cache = tmp_path / "home" / ".cache" / "lorad" / "py-stubs"
+        cache = tmp_path / "cache" / "py-stubs"
         assert len(list(cache.iterdir())) == 1, list(cache.iterdir())
