@@ -190,7 +190,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     const auto served = engine_.adapters().List();
     bool known = std::any_of(served.begin(), served.end(),
                              [&](const auto& info) { return info.name == request->name(); });
-    if (!known && record_ != nullptr) {
+    if (!known && record_ != nullptr && !request->name().empty()) {  // "": every name's
       auto recorded = record_->ServedAdapters(request->name());
       known = recorded.ok() && !recorded->empty();
     }

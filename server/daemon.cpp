@@ -450,9 +450,14 @@ absl::Status Daemon::ServeRecordedAdapters() {
   // start's. (Compared with the last start's alone, going back to the original folder named the
   // adapters made on it, and a second start on the other named none.)
   const std::string current_base = engine_->base_fingerprint();
-  jobs_->SetBaseFingerprint(current_base);
   auto last = jobs_->GetMeta("base_model_fingerprint");
   const std::string last_base = last.ok() && last->has_value() ? **last : current_base;
+  // A record whose base is not known takes the last start's, once: later starts compare with
+  // that, not with whichever base the start before them had.
+  if (auto s = jobs_->FillUnknownAdapterBases(last_base); !s.ok()) {
+    spdlog::warn("the adapters' base models could not be recorded: {}", std::string(s.message()));
+  }
+  jobs_->SetBaseFingerprint(current_base);
   std::vector<std::string> other_base;
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {

@@ -587,7 +587,18 @@ absl::Status JobStore::RecordAdapterLocked(const ServedAdapter& a) {
               "excluded.base_fingerprint WHERE excluded.version >= adapters.version;");
   s.BindText(1, a.name).Bind(2, a.version).BindText(3, a.path).BindText(4, a.source);
   s.Bind(5, static_cast<int64_t>(a.served ? 1 : 0)).BindText(6, a.fingerprint);
-  s.BindText(7, a.base_fingerprint.empty() ? base_fingerprint_ : a.base_fingerprint);
+  // With the version it belongs to: an older lorad that publishes a newer version leaves it.
+  const std::string& base = a.base_fingerprint.empty() ? base_fingerprint_ : a.base_fingerprint;
+  s.BindText(7, base.empty() ? "" : absl::StrCat(a.version, ":", base));
+  return s.Run();
+}
+
+absl::Status JobStore::FillUnknownAdapterBases(const std::string& fingerprint) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "UPDATE adapters SET base_fingerprint = version || ':' || ? WHERE base_fingerprint "
+              "NOT LIKE version || ':%';");
+  s.BindText(1, fingerprint);
   return s.Run();
 }
 
@@ -623,7 +634,11 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::ReadAdapters(Statement& s) 
   std::vector<ServedAdapter> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
-    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0, s.Blob(5), s.Blob(6)});
+    out.push_back({s.Blob(0), s.Int(1), s.Blob(2), s.Blob(3), s.Int(4) != 0, s.Blob(5), ""});
+    // "<version>:<base>"; another version's base is not this one's.
+    const std::string base = s.Blob(6);
+    const std::string prefix = absl::StrCat(out.back().version, ":");
+    if (absl::StartsWith(base, prefix)) out.back().base_fingerprint = base.substr(prefix.size());
   }
   if (rc != SQLITE_DONE) return s.StepError();
   return out;

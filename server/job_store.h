@@ -90,7 +90,8 @@ struct ServedAdapter {
   // A restart serves the version again only from the same contents.
   std::string fingerprint;
   // The base model it was published on (Engine::base_fingerprint): "" = the store's
-  // (SetBaseFingerprint) when recorded, and when read, not known (an older lorad's record).
+  // (SetBaseFingerprint) when recorded, and when read, not known (an older lorad's record, or a
+  // newer version an older lorad published).
   std::string base_fingerprint;
 };
 
@@ -215,6 +216,10 @@ class JobStore {
     std::lock_guard<std::mutex> lock(mu_);
     base_fingerprint_ = std::move(fingerprint);
   }
+  // Records `fingerprint` as the base of every adapter whose base is not known: recorded by a
+  // lorad before bases were kept, or by one that published a newer version without its base
+  // (each base is kept with the version it belongs to).
+  absl::Status FillUnknownAdapterBases(const std::string& fingerprint);
   // The served ones (of `name` alone when not empty), through an index: the table keeps every
   // name ever published (its versions go on from there), hundreds of thousands where names are
   // made per tenant or per run, and calls that read it whole took 150 ms each.

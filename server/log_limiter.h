@@ -22,19 +22,25 @@ class LogLimiter {
   explicit LogLimiter(std::chrono::steady_clock::duration interval) : interval_(interval) {}
 
   // When a line for `key` may be written now: how many of its lines were held back since its
-  // last one; else nothing. At kMaxKeys keys, those past their interval with nothing held back
-  // (they hold no state: their next line would go through anyway) give way to new ones; only
-  // while all are active do new keys share one.
+  // last one; else nothing. At kMaxKeys keys, those past their interval give way to new ones
+  // (their next line would go through anyway), those with nothing held back first; a count held
+  // back by a key that goes is carried to the shared key's next line. Only while all are within
+  // their interval do new keys share one.
   std::optional<int64_t> Allow(const std::string& key) {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     auto it = keys_.find(key);
     if (it == keys_.end()) {
-      if (keys_.size() >= kMaxKeys) {
+      for (const bool with_counts : {false, true}) {
+        if (keys_.size() < kMaxKeys) break;
+        int64_t carried = 0;
         for (auto k = keys_.begin(); k != keys_.end();) {
-          const bool idle = k->second.held_back == 0 && now - k->second.last >= interval_;
+          const bool idle = !k->first.empty() && now - k->second.last >= interval_ &&
+                            (with_counts || k->second.held_back == 0);
+          if (idle) carried += k->second.held_back;
           k = idle ? keys_.erase(k) : std::next(k);
         }
+        if (carried > 0) keys_[""].held_back += carried;
       }
       it = keys_.size() < kMaxKeys ? keys_.emplace(key, Key{}).first
                                    : keys_.emplace("", Key{}).first;

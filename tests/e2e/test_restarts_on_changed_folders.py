@@ -77,6 +77,13 @@ def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_o
     d = start_daemon(tmp_path, model=model)  # the same files: nothing to say
     assert stop_daemon(d) == 0, d.log()
     assert "adapter(s) served again were trained" not in d.log(), d.log()
+    # As an older lorad left the record (no base), or one that published a newer version: the
+    # base is not known, and the last start's is taken for it, once.
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "jobs.db") as db:
+        db.execute("UPDATE adapters SET base_fingerprint = '0:another version''s'")
+    db.close()
 
     original = (model / "config.json").read_text()
     config = json.loads(original)

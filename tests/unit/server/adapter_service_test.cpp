@@ -173,5 +173,23 @@ TEST_F(AdapterServiceTest, ALoadWhoseClientGaveUpIsNotPublished) {
   EXPECT_EQ(recorded->size(), 1u);
 }
 
+// An unload of no name is refused naming the field, also where an adapter is recorded as served
+// (the served-records lookup of that name took "" for every name's, and the call went on to
+// NOT_FOUND).
+TEST_F(AdapterServiceTest, AnUnloadOfNoNameIsRefusedNamingTheField) {
+  AdapterService service(*engine_, (dir_ / "adapters").string(), nullptr, store_.get());
+  const std::unique_ptr<grpc::Server> server = Serve(service);
+  lorad::v1::Adapter loaded;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->LoadAdapter(&context, LoadBot(), &loaded).ok());
+  }
+  grpc::ClientContext context;
+  lorad::v1::UnloadAdapterResponse reply;
+  const grpc::Status s = stub_->UnloadAdapter(&context, lorad::v1::UnloadAdapterRequest(), &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(s.error_message().rfind("name: ", 0), 0u) << s.error_message();
+}
+
 }  // namespace
 }  // namespace lorad::server

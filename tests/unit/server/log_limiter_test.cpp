@@ -28,6 +28,20 @@ TEST(LogLimiterTest, KeysPastTheirIntervalGiveWayToNewOnes) {
   EXPECT_EQ(limiter.Allow("old0"), 1);
 }
 
+// Keys that held lines back and then went quiet (clients retrying twice, then gone) give way too,
+// once those with nothing held back are gone: their counts are not lost but carried to the shared
+// key's next line.
+TEST(LogLimiterTest, KeysWithCountsGiveWayWhenNothingElseCan) {
+  LogLimiter limiter(milliseconds(100));
+  for (int i = 0; i < kKeys; ++i) {
+    const std::string key = "retried" + std::to_string(i);
+    ASSERT_TRUE(limiter.Allow(key));
+    ASSERT_FALSE(limiter.Allow(key));
+  }
+  std::this_thread::sleep_for(milliseconds(150));
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(limiter.Allow("new" + std::to_string(i)), 0) << i;
+}
+
 // While every key is within its interval, new ones share a key: the log stays bounded.
 TEST(LogLimiterTest, NewKeysShareOneWhileAllAreActive) {
   LogLimiter limiter(std::chrono::seconds(60));
