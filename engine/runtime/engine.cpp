@@ -32,12 +32,11 @@
 namespace lorad::engine {
 namespace {
 
-// Hands heap a job freed (its tokenized dataset: gigabytes for a large one) back to the system.
-// glibc keeps freed heap for reuse: a daemon up for weeks held its resident size near the largest
-// dataset it ever trained, against a container's memory limit and the CPU planner's
-// MemAvailable.
-// On a thread of its own: a trim walks every free chunk (a quarter of a second for 2 GB freed),
-// which on the loop would pause every stream; one at a time.
+// Hands heap a job freed (its tokenized dataset: gigabytes for a large one) back to the system:
+// glibc keeps freed heap for reuse, and a daemon up for weeks held its resident size near the
+// largest dataset it ever trained, against a container's memory limit and the CPU planner's
+// MemAvailable. On a thread of its own, one at a time: a trim walks every free chunk (a quarter
+// of a second for 2 GB freed), which on the loop would pause every stream.
 void ReturnFreedHeap() {
 #if defined(__GLIBC__)
   static std::atomic<bool> trimming{false};
