@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/device_info.h"
+#include "engine/train/checkpoint_folders.h"
 #include "server/job_runner.h"
 #include "spdlog/spdlog.h"
 
@@ -77,8 +78,11 @@ int64_t RemoveCheckpointsAndExport(const std::string& folder) {
   std::vector<fs::path> doomed;
   for (fs::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (absl::StartsWith(name, "checkpoint-") || absl::StartsWith(name, ".checkpoint-") ||
-        absl::StartsWith(name, ".replaced-checkpoint-") || name == "merged" ||
+    // checkpoint-N, and a crash's .checkpoint-N.tmp and .replaced-checkpoint-N
+    const absl::string_view checkpoint = engine::kCheckpointPrefix;
+    if (absl::StartsWith(name, checkpoint) ||
+        absl::StartsWith(name, absl::StrCat(".", checkpoint)) ||
+        absl::StartsWith(name, absl::StrCat(".replaced-", checkpoint)) || name == "merged" ||
         name == "merged.tmp") {
       doomed.push_back(it->path());
     }

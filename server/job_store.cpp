@@ -78,6 +78,10 @@ constexpr const char* kListedJobColumns =
     "id, COALESCE(listed_spec, spec), adapter_name, state, priority, created_ms, started_ms, "
     "finished_ms, error, adapter_version, total_steps, attempts, unclean_stops";
 
+// What ReadAdapters reads, in its order.
+constexpr const char* kAdapterColumns =
+    "name, version, path, source, served, fingerprint, base_fingerprint";
+
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -611,21 +615,14 @@ absl::Status JobStore::MarkAdapterUnserved(const std::string& name, int64_t vers
 
 absl::StatusOr<std::vector<ServedAdapter>> JobStore::Adapters() {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_,
-              "SELECT name, version, path, source, served, fingerprint, base_fingerprint FROM "
-              "adapters ORDER BY "
-              "name;");
+  Statement s(db_, absl::StrCat("SELECT ", kAdapterColumns, " FROM adapters ORDER BY name;"));
   return ReadAdapters(s);
 }
 
 absl::StatusOr<std::vector<ServedAdapter>> JobStore::ServedAdapters(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_, name.empty() ? "SELECT name, version, path, source, served, fingerprint, "
-                                  "base_fingerprint FROM adapters "
-                                  "WHERE served = 1 ORDER BY name;"
-                                : "SELECT name, version, path, source, served, fingerprint, "
-                                  "base_fingerprint FROM adapters "
-                                  "WHERE served = 1 AND name = ?;");
+  Statement s(db_, absl::StrCat("SELECT ", kAdapterColumns, " FROM adapters WHERE served = 1",
+                                name.empty() ? " ORDER BY name;" : " AND name = ?;"));
   if (!name.empty()) s.BindText(1, name);
   return ReadAdapters(s);
 }
