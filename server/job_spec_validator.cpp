@@ -29,6 +29,9 @@ namespace {
 
 using lorad::v1::JobSpec;
 
+// A job's LoRA dropout: PEFT allows up to 1, which would drop every input of the adapter.
+constexpr double kMaxTrainingDropout = 0.99;
+
 absl::Status Field(const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
 }
@@ -98,7 +101,7 @@ absl::Status ValidateLora(lorad::v1::LoraSpec& lora) {
   const absl::Status checks[] = {
       InRange("lora.r", lora.r(), 1, engine::kMaxLoraRank),
       InRange("lora.alpha", static_cast<double>(lora.alpha()), 1e-6, 1e6),
-      InRange("lora.dropout", static_cast<double>(lora.dropout()), 0.0, 0.99),
+      InRange("lora.dropout", static_cast<double>(lora.dropout()), 0.0, kMaxTrainingDropout),
   };
   for (const auto& s : checks) {
     if (!s.ok()) return s;
@@ -378,6 +381,14 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   }
   if (lora.dropout() != 0 && lora.dropout() != config->dropout) {
     return differs("dropout", absl::StrCat(lora.dropout()), absl::StrCat(config->dropout));
+  }
+  // PEFT's range reaches 1, which drops every LoRA input: nothing would train.
+  if (config->dropout > kMaxTrainingDropout) {
+    return Field("init_adapter",
+                 absl::StrCat("adapter '", spec.init_adapter(), "' has lora_dropout ",
+                              config->dropout, " (", file, "), which drops every LoRA input: ",
+                              "training continues adapters of dropout up to ",
+                              kMaxTrainingDropout));
   }
   const std::set<std::string> targets(config->target_modules.begin(), config->target_modules.end());
   std::set<std::string> given(lora.target_modules().begin(), lora.target_modules().end());

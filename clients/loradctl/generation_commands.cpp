@@ -56,10 +56,12 @@ namespace {
 // Copies a reply stream to stdout as it arrives and appends its text to `reply`. On a terminal
 // the text's control characters are shown, not obeyed (ForTerminal). Output that cannot be
 // written (a full disk, a closed pipe whose SIGPIPE is ignored) cancels the request.
+// `reply` may hold a prefilled start, shown first.
 int StreamReply(Connection& connection, grpc::ClientContext& context,
                 grpc::ClientReaderInterface<lorad::v1::GenerateChunk>& reader, bool show_usage,
                 std::string* reply) {
   const bool terminal = isatty(STDOUT_FILENO) != 0;
+  std::cout << (terminal ? ForTerminal(*reply) : *reply);
   lorad::v1::GenerateChunk chunk;
   lorad::v1::GenerateChunk last;
   bool answered = false;
@@ -77,8 +79,9 @@ int StreamReply(Connection& connection, grpc::ClientContext& context,
     reply->append(chunk.text());
     if (chunk.finish_reason() != lorad::v1::FINISH_REASON_UNSPECIFIED) last = chunk;
   }
-  // The reply never has to end in a newline; the terminal prompt (or next line) should.
-  if (!reply->empty() && reply->back() != '\n') std::cout << std::endl;
+  // The reply never has to end in a newline; the terminal prompt (or next line) should. An empty
+  // reply (an end of sequence first) is an empty line: piped, each turn of a chat ends its own.
+  if (reply->empty() || reply->back() != '\n') std::cout << std::endl;
   if (grpc::Status status = reader.Finish(); !status.ok()) {
     return connection.Fail(status, answered);
   }
@@ -131,7 +134,12 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
     }
   };
   start_conversation();
-  if (ReportInvalidUtf8(request)) return kExitUsage;  // the system message, stops, the adapter
+  // The system message, stops, the adapter; then the prefill, sent with every turn.
+  if (ReportInvalidUtf8(request)) return kExitUsage;
+  lorad::v1::ChatMessage prefill;
+  prefill.set_role("assistant");
+  prefill.set_content(options.prefill);
+  if (ReportInvalidUtf8(prefill)) return kExitUsage;
   const bool terminal = isatty(STDIN_FILENO) != 0 && &in == &std::cin;
   if (terminal) std::cerr << "(one message per line; /reset starts over, /exit or Ctrl-D quits)\n";
   std::string line;
@@ -159,9 +167,12 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
       continue;
     }
     *request.add_messages() = std::move(message);
+    const bool prefilled = !options.prefill.empty();
+    if (prefilled) *request.add_messages() = prefill;
+    request.set_continue_final_message(prefilled);
     auto context = connection.NewContext(CallKind::kStream);
     auto reader = connection.inference().Chat(context.get(), request);
-    std::string reply;
+    std::string reply = options.prefill;
     if (int code =
             StreamReply(connection, *context, *reader, options.generation.show_usage, &reply);
         code != kExitOk) {
@@ -169,15 +180,16 @@ int RunChat(Connection& connection, const ChatOptions& options, std::istream& in
       // server: shorten it, try again or /reset); piped, a script learns from the exit code.
       // Output that cannot be written ends it either way.
       if (!terminal || !std::cout) return code;
+      if (prefilled) request.mutable_messages()->RemoveLast();
       request.mutable_messages()->RemoveLast();
       std::cerr << "loradctl: that message was not added to the conversation (/reset starts over, "
                    "/exit quits)"
                 << std::endl;
       continue;
     }
-    auto* assistant = request.add_messages();
-    assistant->set_role("assistant");
-    assistant->set_content(reply);
+    // The reply, prefill and all, as the conversation's next message (the prefill's own, if any).
+    if (!prefilled) request.add_messages()->set_role("assistant");
+    request.mutable_messages()->rbegin()->set_content(reply);
   }
   if (terminal) std::cout << std::endl;
   return kExitOk;

@@ -43,6 +43,9 @@ struct ChatOptions {
   GenerationOptions generation;
   std::string template_name;  // empty = the model's own chat template
   std::string system;         // optional system message, first in the conversation
+  // Optional start of every reply, which the model continues (ChatRequest's
+  // continue_final_message): "{" for JSON, "Sure," for an answer.
+  std::string prefill;
 };
 
 // Reads one user message per line from `in` until end of input or `/exit`, streaming each

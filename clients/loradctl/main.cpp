@@ -353,6 +353,8 @@ int main(int argc, char** argv) {
   chat->add_option("--template", chat_options.template_name,
                    "chat template: llama3, chatml, llama2, mistral, alpaca (default: the model's)");
   chat->add_option("--system", chat_options.system, "system message");
+  chat->add_option("--prefill", chat_options.prefill,
+                   "start of every reply, which the model continues (e.g. '{' for JSON)");
   chat->add_flag("--usage", chat_options.generation.show_usage,
                  "print token counts and timings to stderr");
   chat_flags.Add(chat);

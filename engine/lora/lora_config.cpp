@@ -26,10 +26,12 @@ absl::Status LoraConfig::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("LoRA field 'alpha' must be in (0, ", kMaxLoraAlpha, "], got ", alpha));
   }
-  // Written so that NaN fails too.
-  if (!(dropout >= 0 && dropout < 1)) {
+  // Written so that NaN fails too. 1 is torch's (and PEFT's) limit: an adapter trained with it
+  // serves as any other (dropout is off in inference); a training job is refused it by the job
+  // spec's narrower range.
+  if (!(dropout >= 0 && dropout <= 1)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("LoRA field 'dropout' must be in [0, 1), got ", dropout));
+        absl::StrCat("LoRA field 'dropout' must be in [0, 1], got ", dropout));
   }
   if (target_modules.empty()) {
     return absl::InvalidArgumentError(

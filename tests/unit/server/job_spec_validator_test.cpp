@@ -137,6 +137,28 @@ TEST_F(ResolveInitAdapterTest, AllLinearIsTheSevenProjections) {
   EXPECT_NE(refused.message().find("lora.target_modules"), std::string::npos) << refused;
 }
 
+// PEFT trains (and lorad serves) dropout up to 1, which drops every LoRA input: continuing such an
+// adapter would train nothing, and is refused naming the adapter.
+TEST_F(ResolveInitAdapterTest, AnAdapterOfDropoutOneIsServedButNotTrainedFurther) {
+  const fs::path dropped = folder_.parent_path() / "dropped";
+  fs::create_directories(dropped);
+  engine::LoraConfig config;
+  config.dropout = 1.0;
+  ASSERT_TRUE(config.Validate().ok());
+  std::ofstream(dropped / "adapter_config.json") << engine::PeftConfigJson(config);
+  std::ofstream(dropped / "adapter_model.safetensors") << "weights";
+  auto fingerprint = engine::PeftFolderFingerprint(dropped.string());
+  ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
+  served_.push_back({"dropped", 1, dropped.string(), dropped.string(), true, *fingerprint});
+  lorad::v1::JobSpec spec = Spec("dropped");
+  const absl::Status s = ResolveInitAdapter(spec, served_);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("init_adapter: adapter 'dropped' has lora_dropout 1"),
+            std::string::npos)
+      << s;
+  EXPECT_NE(s.message().find("up to 0.99"), std::string::npos) << s;
+}
+
 TEST_F(ResolveInitAdapterTest, AnAdapterNotServedOrChangedSinceItWasLoadedIsRefused) {
   for (const char* name : {"gone", "never"}) {
     lorad::v1::JobSpec spec = Spec(name);

@@ -384,7 +384,9 @@ TEST_F(LoraAdapterTest, TargetNamesWithAPathPickTheirModulesAsPeftDoes) {
 TEST_F(LoraAdapterTest, VariantFieldsSwitchedOffAreRead) {
   for (const std::string extra :
        {R"("trainable_token_indices": {})", R"("trainable_token_indices": [])",
-        R"("layer_replication": null)", R"("use_bdlora": false)", R"("kasa_config": null)"}) {
+        R"("layer_replication": null)", R"("use_bdlora": false)", R"("kasa_config": null)",
+        // Trained with PEFT's whole dropout range: it does not apply in inference.
+        R"("lora_dropout": 1.0)"}) {
     SCOPED_TRACE(extra);
     const std::string folder = WriteFolder("off", ConfigText(extra), QProjWeights());
     auto read = LoraAdapter::ReadPeft(folder);

@@ -46,11 +46,15 @@ TEST(LoraConfigTest, AlphaMustBePositiveAndAtMostAMillion) {
 }
 
 TEST(LoraConfigTest, DropoutMustBeInZeroOne) {
-  for (double dropout : {-0.1, 1.0, 2.0, std::numeric_limits<double>::quiet_NaN()}) {
+  for (double dropout : {-0.1, 1.0000001, 2.0, std::numeric_limits<double>::quiet_NaN()}) {
     LoraConfig c;
     c.dropout = dropout;
-    ExpectInvalid(c, "dropout", "[0, 1)");
+    ExpectInvalid(c, "dropout", "[0, 1]");
   }
+  // torch.nn.Dropout's (and so PEFT's) range includes 1.
+  LoraConfig c;
+  c.dropout = 1.0;
+  EXPECT_TRUE(c.Validate().ok());
 }
 
 TEST(LoraConfigTest, TargetsMustBeKnownUniqueAndNotEmpty) {
