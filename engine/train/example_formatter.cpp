@@ -61,7 +61,9 @@ int64_t TokenizedExample::TrainedTokens() const {
 }
 
 std::string ExampleFormatter::TrainedTemplateNotTheFolders() const {
-  if (mode_ == Mode::kAlpaca) return "alpaca";
+  if (mode_ == Mode::kAlpaca || (mode_ == Mode::kAuto && formatted_alpaca_ && !formatted_otherwise_)) {
+    return "alpaca";
+  }
   return chat_ && !chat_->from_model_folder() ? chat_->name() : "";
 }
 
@@ -123,6 +125,7 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
 absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) const {
   absl::StatusOr<TokenizedExample> out;
   bool chat = false;
+  bool alpaca = false;
   if (ex.format == DatasetFormat::kText) {
     TokenizedExample t;
     t.input_ids = EncodeWithOneBos(*tokenizer_, ex.text);
@@ -139,6 +142,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
   } else if (mode_ == Mode::kAlpaca ||
              (mode_ == Mode::kAuto && (ex.format == DatasetFormat::kAlpaca || !chat_))) {
     out = FormatAlpaca(ex);
+    alpaca = true;
   } else if (mode_ == Mode::kRaw) {
     out = FormatRaw(ex);
   } else {
@@ -146,6 +150,7 @@ absl::StatusOr<TokenizedExample> ExampleFormatter::Format(const Example& ex) con
     chat = true;
   }
   if (!out.ok()) return out.status();
+  (alpaca ? formatted_alpaca_ : formatted_otherwise_) = true;
   out->line = ex.line;
   Finish(*out, /*append_eos=*/!chat);
   return out;

@@ -99,9 +99,9 @@ class ExampleFormatter {
   // one. An evaluation cuts answers there: a model whose end of turn is not its EOS token goes on.
   std::string end_of_turn() const { return chat_ ? chat_->end_of_turn() : ""; }
   // The template family the job's prompts follow where it is not the model folder's own
-  // template (dataset.template or model.chat_template named one; "alpaca": Alpaca's prompt), for
-  // its merged export to carry; "" where the folder's own is the one trained, or where none is
-  // (raw; auto on a model without a template).
+  // template (dataset.template or model.chat_template named one; "alpaca": Alpaca's prompt, also
+  // under auto once every example formatted so far took it), for its merged export to carry; ""
+  // where the folder's own is the one trained, or where none is (raw; auto on text records).
   std::string TrainedTemplateNotTheFolders() const;
 
  private:
@@ -124,6 +124,10 @@ class ExampleFormatter {
   // a conversation then is an error rather than silently Alpaca-formatted.
   std::string unusable_chat_template_;
   int32_t eos_id_ = -1;
+  // How the examples Format returned were laid out (auto takes Alpaca's prompt for Alpaca
+  // records, and for conversations on a model without a template). Format runs on one thread.
+  mutable bool formatted_alpaca_ = false;
+  mutable bool formatted_otherwise_ = false;
 };
 
 }  // namespace lorad::engine

@@ -488,16 +488,6 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   auto formatter = FormatterFor(model, tokenizer, model_folder, c);
   if (!formatter.ok()) return formatter.status();
   prepared->end_of_turn = formatter->end_of_turn();
-  // A merged export carries the template the job trained on where the folder's is another (or
-  // none): transformers' apply_chat_template and vLLM then prompt it as lorad's Chat does, and
-  // generation stops at its end of turn.
-  prepared->merged_template.family =
-      MergedTemplateFamily(tokenizer, model_folder, formatter->TrainedTemplateNotTheFolders());
-  if (!prepared->merged_template.family.empty() && prepared->merged_template.family != "alpaca") {
-    if (auto id = tokenizer.IdOf(formatter->end_of_turn())) {
-      prepared->merged_template.end_of_turn_id = *id;
-    }
-  }
   // Fingerprinted before the read: a file changed during it then fails the next resume's check
   // rather than passing it with examples of two versions.
   auto fingerprint = FilesFingerprint(DatasetFiles(c), abandon);
@@ -514,6 +504,16 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);
+  // A merged export carries the template the job trained on where the folder's is another (or
+  // none): transformers' apply_chat_template and vLLM then prompt it as lorad's Chat does, and
+  // generation stops at its end of turn. After the read: under auto, the records decide.
+  prepared->merged_template.family =
+      MergedTemplateFamily(tokenizer, model_folder, formatter->TrainedTemplateNotTheFolders());
+  if (!prepared->merged_template.family.empty() && prepared->merged_template.family != "alpaca") {
+    if (auto id = tokenizer.IdOf(formatter->end_of_turn())) {
+      prepared->merged_template.end_of_turn_id = *id;
+    }
+  }
   return prepared;
 }
 

@@ -143,6 +143,28 @@ TEST(TrainingData, ADatasetWhoseAnswersAreAllEmptyIsRefused) {
   EXPECT_TRUE(TrainingData::Build(config, *whole_formatter, 64, 1).ok());
 }
 
+// The template a merged export carries where it is not the folder's: under auto, Alpaca's prompt
+// once every example took it (Alpaca records), none where conversations took the model's own.
+TEST(TrainingData, UnderAutoTheTrainedTemplateIsAlpacaOnlyWhereEveryExampleTookIt) {
+  const char* folder = std::getenv("LORAD_TINY_MODEL");
+  auto tokenizer = LoadTokenizer(folder);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  const std::string alpaca = R"({"instruction": "Add one and one.", "input": "", "output": "2"})";
+  const std::string chat =
+      R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})";
+  const auto trained = [&](const std::vector<std::string>& lines) {
+    auto formatter = ExampleFormatter::Create(**tokenizer, folder, {});
+    EXPECT_TRUE(formatter.ok()) << formatter.status();
+    TrainingDataConfig config;
+    config.path = WriteLines("trained-template.jsonl", lines);
+    EXPECT_TRUE(TrainingData::Build(config, *formatter, 256, 1).ok());
+    return formatter->TrainedTemplateNotTheFolders();
+  };
+  EXPECT_EQ(trained({alpaca, alpaca}), "alpaca");
+  EXPECT_EQ(trained({chat, chat}), "");
+  EXPECT_EQ(trained({alpaca, chat}), "");
+}
+
 // A conversation whose turns run past max_seq_length formats as the same conversation formatted
 // in full and truncated: the same tokens and labels (its later turns are not rendered, each a
 // render and encode of the conversation so far: 2,000 turns took 23 s). And the submit-time
