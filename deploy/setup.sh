@@ -38,6 +38,7 @@ APT_PACKAGES=(
   libsentencepiece-dev libyaml-cpp-dev libgtest-dev libgmock-dev nlohmann-json3-dev
   libre2-dev libsqlite3-dev libssl-dev libcli11-dev libspdlog-dev libfmt-dev
   libicu-dev openssl
+  curl  # a test sends a gRPC call no gRPC library can (HTTP/2 with a header of its choosing)
   python3 python3-venv python3-dev
 )
 

@@ -263,7 +263,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   // unload has taken effect (new requests get NOT_FOUND, a restart does not serve it again), and
   // the reply lists the versions still draining with their running requests.
   auto* reactor = context->DefaultReactor();
-  const auto deadline = context->deadline();
+  const auto deadline = CallDeadline(*context);
   auto timeout = std::chrono::milliseconds(std::chrono::hours(1));
   if (deadline != std::chrono::system_clock::time_point::max()) {
     timeout = std::chrono::duration_cast<std::chrono::milliseconds>(

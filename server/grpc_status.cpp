@@ -1,5 +1,9 @@
 #include "server/grpc_status.h"
 
+#include <grpc/support/time.h>
+
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +36,17 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   // absl::StatusCode and grpc::StatusCode share their numbering (both follow google.rpc.Code).
   return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(status.code())),
                       FitForHeader(status.message()));
+}
+
+std::chrono::system_clock::time_point CallDeadline(const grpc::ServerContextBase& context) {
+  using std::chrono::system_clock;
+  const gpr_timespec raw = gpr_convert_clock_type(context.raw_deadline(), GPR_CLOCK_REALTIME);
+  // Seconds whose nanoseconds fit, with room for tv_nsec.
+  constexpr int64_t kLastSecond = std::numeric_limits<int64_t>::max() / 1000000000 - 1;
+  if (raw.tv_sec > kLastSecond) return system_clock::time_point::max();
+  if (raw.tv_sec < -kLastSecond) return system_clock::time_point::min();
+  return system_clock::time_point(std::chrono::duration_cast<system_clock::duration>(
+      std::chrono::seconds(raw.tv_sec) + std::chrono::nanoseconds(raw.tv_nsec)));
 }
 
 grpc::Status CancelledCallStatus(std::chrono::system_clock::time_point deadline) {

@@ -327,7 +327,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
 
 // The deadline of the call, on the engine's clock; none when the client set none.
 Clock::time_point DeadlineOf(const grpc::CallbackServerContext* context) {
-  const auto deadline = context->deadline();
+  const auto deadline = CallDeadline(*context);
   if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
   const auto left = deadline - std::chrono::system_clock::now();
   if (left > std::chrono::hours(24 * 365)) return Clock::time_point::max();
@@ -383,7 +383,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
         " generation streams are open (limits.max_queued_requests), some of them finished but "
         "not yet read by their clients; retry later"));
   }
-  auto* stream = new GenerateStream(engine_, metrics_, context->deadline(), std::move(slot),
+  auto* stream = new GenerateStream(engine_, metrics_, CallDeadline(*context), std::move(slot),
                                     options_.max_unread_stream_bytes);
   if (request.ok()) {
     request->deadline = DeadlineOf(context);

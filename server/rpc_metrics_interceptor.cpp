@@ -80,7 +80,7 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
       return sent;
     }
     // With CancelledCallStatus's slack: gRPC's deadline timer may fire a little early.
-    return CancelledCallStatus(context_->deadline()).error_code();
+    return CancelledCallStatus(CallDeadline(*context_)).error_code();
   }
 
   std::string method_;

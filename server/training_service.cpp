@@ -647,7 +647,7 @@ grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
     admitted = absl::ResourceExhaustedError(
         absl::StrCat(open_watches_.limit(), " WatchJob streams are open; retry later"));
   }
-  return new WatchJobReactor(store_, events_, *request, admitted, context->deadline(),
+  return new WatchJobReactor(store_, events_, *request, admitted, CallDeadline(*context),
                              std::move(slot));
 }
 

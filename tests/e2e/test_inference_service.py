@@ -371,6 +371,33 @@ def test_a_passed_deadline_is_deadline_exceeded_never_ok(tmp_path, stubs):
         stop_daemon(d)
 
 
+def test_a_deadline_centuries_away_is_no_deadline(server):
+    """grpc-timeout's largest value (99999999H, 11,415 years; no gRPC library sends it, so curl
+    sends the call): gRPC's C++ deadline counts nanoseconds since 1970 in 64 bits, and wrapped
+    this one to a time long past: the call ended at once as DEADLINE_EXCEEDED. It is no
+    deadline."""
+    import subprocess
+
+    d, _, pb, _, _, _ = server
+    message = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
+        max_new_tokens=3, ignore_eos=True)).SerializeToString()
+    framed = b"\x00" + len(message).to_bytes(4, "big") + message
+    result = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-X", "POST",
+         "-H", "content-type: application/grpc", "-H", "te: trailers",
+         "-H", "grpc-timeout: 99999999H", "--data-binary", "@-",
+         f"http://{d.grpc_address}/lorad.v1.InferenceService/Generate"],
+        input=framed, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    chunks, body = [], result.stdout
+    while body:
+        size = int.from_bytes(body[1:5], "big")
+        chunks.append(pb.GenerateChunk.FromString(body[5:5 + size]))
+        body = body[5 + size:]
+    assert chunks and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH, chunks
+    assert sum(len(c.tokens) for c in chunks) == 3, chunks
+
+
 def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft_adapter_dir, stubs):
     import shutil
 
