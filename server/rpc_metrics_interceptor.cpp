@@ -38,6 +38,16 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
       sent_code_ = methods->GetSendStatus().error_code();
+      // gRPC's callback server answers a request it could not decode with a bare UNIMPLEMENTED
+      // (grpc#30454), which reads as a client built against the wrong API. For lorad's methods
+      // (an unknown one stays UNIMPLEMENTED) the client is told what it sent. A call that ended
+      // before its request arrived is answered the same way, but its client has stopped
+      // listening (and the count says what it saw: CodeTheClientSees).
+      if (sent_code_ == grpc::StatusCode::UNIMPLEMENTED && !received_ && method_ != "unknown") {
+        unreadable_ = true;
+        methods->ModifySendStatus(
+            grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, UnreadableRequestMessage(method_)));
+      }
       if (context_ != nullptr && spdlog::should_log(spdlog::level::debug)) {
         peer_ = context_->peer();
       }
@@ -75,20 +85,21 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
   // keeps UNIMPLEMENTED meaning a client built against the wrong API. Called while the call
   // lives (its context too).
   grpc::StatusCode CodeTheClientSees(grpc::StatusCode sent) const {
-    if (sent != grpc::StatusCode::UNIMPLEMENTED || received_ || context_ == nullptr ||
-        !context_->IsCancelled()) {
-      return sent;
+    if (sent != grpc::StatusCode::UNIMPLEMENTED || received_) return sent;
+    if (context_ != nullptr && context_->IsCancelled()) {
+      // With CancelledCallStatus's slack: gRPC's deadline timer may fire a little early.
+      return CancelledCallStatus(CallDeadline(*context_)).error_code();
     }
-    // With CancelledCallStatus's slack: gRPC's deadline timer may fire a little early.
-    return CancelledCallStatus(CallDeadline(*context_)).error_code();
+    return unreadable_ ? grpc::StatusCode::INVALID_ARGUMENT : sent;
   }
 
   std::string method_;
   grpc::ServerContextBase* context_;
-  bool received_ = false;  // a request message arrived and was decoded
-  bool deferred_ = false;  // UNIMPLEMENTED without a request: counted at POST_RECV_CLOSE
-  bool closed_ = false;    // POST_RECV_CLOSE came
-  double seconds_ = 0;     // arrival to status
+  bool received_ = false;    // a request message arrived and was decoded
+  bool deferred_ = false;    // UNIMPLEMENTED without a request: counted at POST_RECV_CLOSE
+  bool closed_ = false;      // POST_RECV_CLOSE came
+  bool unreadable_ = false;  // its UNIMPLEMENTED was sent as INVALID_ARGUMENT
+  double seconds_ = 0;       // arrival to status
   grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
   std::string peer_;  // the client's address, for the debug log
   CounterFamily& requests_;
@@ -97,6 +108,21 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
 };
 
 }  // namespace
+
+std::string UnreadableRequestMessage(const std::string& method) {
+  const auto slash = method.find('/');
+  const google::protobuf::MethodDescriptor* described =
+      slash == std::string::npos
+          ? nullptr
+          : google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
+                method.substr(0, slash) + "." + method.substr(slash + 1));
+  const std::string type =
+      described != nullptr ? described->input_type()->full_name() : std::string("request");
+  return "the request could not be read as a " + type +
+         ": a text field holds bytes that are not UTF-8 (protobuf's string fields must be), or "
+         "the message is not of that type (a client built from another version of lorad's "
+         ".proto files?)";
+}
 
 RpcMetricsInterceptorFactory::RpcMetricsInterceptorFactory(MetricsRegistry& registry)
     : requests_(registry.AddCounter("lorad_rpc_requests_total",

@@ -308,6 +308,31 @@ def test_calls_ended_before_their_request_arrived_are_not_counted_unimplemented(
     assert after == before
 
 
+def test_a_request_that_is_not_utf8_is_refused_naming_what_was_wrong(server):
+    """A prompt of Latin-1 bytes (what a script reading a file in another encoding sends through
+    a client that does not check): gRPC cannot decode the request (protobuf's strings are UTF-8)
+    and answered a bare UNIMPLEMENTED, which reads as a client built against the wrong API. It is
+    INVALID_ARGUMENT naming the message type and the likely cause, and counted so."""
+    d, _, pb, _, _, _ = server
+    method = "lorad.v1.InferenceService/Generate"
+    before = rpc_count(d, method, "INVALID_ARGUMENT")
+    latin1 = b"caf\xe9"
+    raw = b"\x0a" + bytes([len(latin1)]) + latin1  # field 1 (prompt), length-delimited
+    channel = grpc.insecure_channel(d.grpc_address)
+    generate = channel.unary_stream("/" + method, request_serializer=lambda b: b,
+                                    response_deserializer=pb.GenerateChunk.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        list(generate(raw, timeout=30))
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "could not be read as a lorad.v1.GenerateRequest" in err.value.details()
+    assert "not UTF-8" in err.value.details()
+    deadline = time.time() + 10
+    while rpc_count(d, method, "INVALID_ARGUMENT") == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert rpc_count(d, method, "INVALID_ARGUMENT") == before + 1
+
+
 def test_calls_out_of_time_are_counted_deadline_exceeded_never_cancelled(server):
     """Calls whose few-millisecond deadline passes, many before their request arrives: the
     client sees DEADLINE_EXCEEDED, and so do the metrics (a quarter were counted CANCELLED: gRPC's

@@ -663,7 +663,7 @@ def test_chat_prefill_starts_every_reply(fake_training, daemon):
 
 def test_text_that_is_not_utf8_is_refused_before_sending(daemon):
     """A Latin-1 terminal or file: loradctl names the field and the byte (exit 2) instead of
-    sending a request the server can only answer with a bare UNIMPLEMENTED; a piped chat ends
+    sending a request the server can only refuse as a whole (naming no field); a piped chat ends
     there with the same code (as a refused turn ends it: a script must learn it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
     base = [str(LORADCTL), "--address", daemon.grpc_address]
