@@ -109,14 +109,17 @@ class LoradClient:
         request = self.pb.training_pb2.WatchJobRequest(job_id=job_id)
         yield from self.training.WatchJob(request, metadata=self.metadata)
 
-    def chat(self, messages, adapter="", **sampling):
-        """Yields the reply's text as it streams; `messages` are (role, content) pairs. Once it
-        has ended, self.last_finish ("FINISH_REASON_LENGTH": cut at max_new_tokens, or _EOS,
-        _STOP) and self.last_usage (prompt and completion tokens) say how."""
+    def chat(self, messages, adapter="", continue_final_message=False, **sampling):
+        """Yields the reply's text as it streams; `messages` are (role, content) pairs. With
+        continue_final_message the last, an assistant's start of a reply ("{", "Sure,"), is
+        continued instead of answered. Once it has ended, self.last_finish
+        ("FINISH_REASON_LENGTH": cut at max_new_tokens, or _EOS, _STOP) and self.last_usage
+        (prompt and completion tokens) say how."""
         pb = self.pb.inference_pb2
         request = pb.ChatRequest(
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], adapter=adapter,
-            sampling=pb.SamplingParams(**sampling))
+            sampling=pb.SamplingParams(**sampling),
+            continue_final_message=continue_final_message)
         self.last_finish, self.last_usage = None, None
         for chunk in self.inference.Chat(request, metadata=self.metadata, timeout=600):
             if chunk.text:

@@ -72,6 +72,23 @@ def test_submit_watch_chat_and_list_through_the_python_example(tmp_path, stubs):
                               "--max-new-tokens", "1", "What is 2+2?"], capture_output=True,
                              text=True, timeout=120)
         assert cut.returncode == 0 and "the reply was cut at 1 tokens" in cut.stderr, cut.stderr
+        # The library: a prefilled reply is continued; continuing a user's message is refused
+        # naming the field (so the field reached the server).
+        sys.path.insert(0, str(CLIENT.parent))
+        from lorad_client import LoradClient
+
+        client = LoradClient(d.grpc_address)
+        text = "".join(client.chat([("user", "Hi"), ("assistant", "Sure,")], adapter="qa-py",
+                                   continue_final_message=True, max_new_tokens=2))
+        assert client.last_finish is not None and client.last_usage.completion_tokens >= 1, text
+        import grpc
+
+        try:
+            list(client.chat([("user", "Hi")], continue_final_message=True, max_new_tokens=2))
+            raise AssertionError("continuing a user's message was not refused")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+            assert "continue_final_message" in e.details(), e.details()
 
         # A job that fails (its dataset became unreadable while it waited behind another): watch
         # says so and exits 1.
