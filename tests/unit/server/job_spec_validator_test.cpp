@@ -34,6 +34,16 @@ class ResolveInitAdapterTest : public ::testing::Test {
     served_ = {{"qa", 3, folder_.string(), folder_.string(), true, *fingerprint},
                {"gone", 1, folder_.string(), folder_.string(), false, ""}};
   }
+  // Adds a served adapter `name` (version 1) of `config`, in a folder of its own.
+  void Serve(const std::string& name, const engine::LoraConfig& config) {
+    const fs::path folder = folder_.parent_path() / name;
+    fs::create_directories(folder);
+    std::ofstream(folder / "adapter_config.json") << engine::PeftConfigJson(config);
+    std::ofstream(folder / "adapter_model.safetensors") << "weights";
+    auto fingerprint = engine::PeftFolderFingerprint(folder.string());
+    ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
+    served_.push_back({name, 1, folder.string(), folder.string(), true, *fingerprint});
+  }
   lorad::v1::JobSpec Spec(const std::string& init) const {
     lorad::v1::JobSpec spec;
     spec.set_adapter_name("next");
@@ -117,15 +127,9 @@ TEST_F(ResolveInitAdapterTest, AGivenLoraMustAgreeAndEachErrorNamesItsField) {
 // taken for an adapter on all of them (it was refused as naming other modules), refused for one
 // on fewer.
 TEST_F(ResolveInitAdapterTest, AllLinearIsTheSevenProjections) {
-  const fs::path all = folder_.parent_path() / "all";
-  fs::create_directories(all);
   engine::LoraConfig config;
   config.target_modules = engine::KnownLoraTargets();
-  std::ofstream(all / "adapter_config.json") << engine::PeftConfigJson(config);
-  std::ofstream(all / "adapter_model.safetensors") << "weights";
-  auto fingerprint = engine::PeftFolderFingerprint(all.string());
-  ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
-  served_.push_back({"all", 1, all.string(), all.string(), true, *fingerprint});
+  ASSERT_NO_FATAL_FAILURE(Serve("all", config));
   lorad::v1::JobSpec spec = Spec("all");
   spec.mutable_lora()->add_target_modules("All-Linear");
   const absl::Status taken = ResolveInitAdapter(spec, served_);
@@ -140,16 +144,10 @@ TEST_F(ResolveInitAdapterTest, AllLinearIsTheSevenProjections) {
 // PEFT trains (and lorad serves) dropout up to 1, which drops every LoRA input: continuing such an
 // adapter would train nothing, and is refused naming the adapter.
 TEST_F(ResolveInitAdapterTest, AnAdapterOfDropoutOneIsServedButNotTrainedFurther) {
-  const fs::path dropped = folder_.parent_path() / "dropped";
-  fs::create_directories(dropped);
   engine::LoraConfig config;
   config.dropout = 1.0;
   ASSERT_TRUE(config.Validate().ok());
-  std::ofstream(dropped / "adapter_config.json") << engine::PeftConfigJson(config);
-  std::ofstream(dropped / "adapter_model.safetensors") << "weights";
-  auto fingerprint = engine::PeftFolderFingerprint(dropped.string());
-  ASSERT_TRUE(fingerprint.ok()) << fingerprint.status();
-  served_.push_back({"dropped", 1, dropped.string(), dropped.string(), true, *fingerprint});
+  ASSERT_NO_FATAL_FAILURE(Serve("dropped", config));
   lorad::v1::JobSpec spec = Spec("dropped");
   const absl::Status s = ResolveInitAdapter(spec, served_);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
