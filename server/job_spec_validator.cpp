@@ -384,11 +384,11 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   }
   // PEFT's range reaches 1, which drops every LoRA input: nothing would train.
   if (config->dropout > kMaxTrainingDropout) {
-    return Field("init_adapter",
-                 absl::StrCat("adapter '", spec.init_adapter(), "' has lora_dropout ",
-                              config->dropout, " (", file, "), which drops every LoRA input: ",
-                              "training continues adapters of dropout up to ",
-                              kMaxTrainingDropout));
+    return Field(
+        "init_adapter",
+        absl::StrCat("adapter '", spec.init_adapter(), "' has lora_dropout ", config->dropout, " (",
+                     file, "), which drops every LoRA input: ",
+                     "training continues adapters of dropout up to ", kMaxTrainingDropout));
   }
   const std::set<std::string> targets(config->target_modules.begin(), config->target_modules.end());
   std::set<std::string> given(lora.target_modules().begin(), lora.target_modules().end());

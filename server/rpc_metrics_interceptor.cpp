@@ -27,7 +27,7 @@ class RpcMetricsInterceptor : public grpc::experimental::Interceptor {
   // A deferred call whose end never came (no POST_RECV_CLOSE): counted as sent, without the
   // context (being destroyed with the call by now).
   ~RpcMetricsInterceptor() override {
-    if (deferred_) Count(sent_code_);
+    if (deferred_) Count(unreadable_ ? grpc::StatusCode::INVALID_ARGUMENT : sent_code_);
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {

@@ -61,7 +61,8 @@ int64_t TokenizedExample::TrainedTokens() const {
 }
 
 std::string ExampleFormatter::TrainedTemplateNotTheFolders() const {
-  if (mode_ == Mode::kAlpaca || (mode_ == Mode::kAuto && formatted_alpaca_ && !formatted_otherwise_)) {
+  if (mode_ == Mode::kAlpaca ||
+      (mode_ == Mode::kAuto && formatted_alpaca_ && !formatted_otherwise_)) {
     return "alpaca";
   }
   return chat_ && !chat_->from_model_folder() ? chat_->name() : "";
