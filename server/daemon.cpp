@@ -643,19 +643,22 @@ absl::Status Daemon::StartGrpc() {
       std::vector<std::string>(std::begin(kServiceNames), std::end(kServiceNames)));
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
-  // Two threads read datasets and adapter files for SubmitJob and LoadAdapter (admin calls).
+  // Two threads read datasets for SubmitJob (a large one takes a minute); two more read adapter
+  // files for LoadAdapter and remove DeleteJob's folders, so that neither waits behind those.
   blocking_calls_ = std::make_unique<BlockingCalls>(2, 64);
+  admin_calls_ = std::make_unique<BlockingCalls>(2, 64);
   TrainingServiceOptions training;
   training.blocking = blocking_calls_.get();
+  training.deletions = admin_calls_.get();
   training.spec_limits.dataset_root = dataset_root_;
   training.spec_limits.model_layers = engine_->model_config().num_hidden_layers;
   training.max_queued_jobs = config_.limits.max_queued_jobs;
   JobRunner* runner = job_runner_.get();
   training.on_submit = [runner] { runner->Wake(); };
   training.on_cancel = [runner](const std::string& id) { runner->Cancel(id); };
-  BlockingCalls* blocking = blocking_calls_.get();
-  training.delete_job = [runner, blocking](const std::string& id) {
-    return runner->DeleteJob(id, &blocking->stopping());
+  BlockingCalls* deletions = admin_calls_.get();
+  training.delete_job = [runner, deletions](const std::string& id) {
+    return runner->DeleteJob(id, &deletions->stopping());
   };
   training.retry_job = [runner, max_queued = config_.limits.max_queued_jobs](
                            const std::string& id) { return runner->RetryJob(id, max_queued); };
@@ -683,7 +686,7 @@ absl::Status Daemon::StartGrpc() {
   InferenceService* serving = inference_service.get();
   services_.push_back(std::move(inference_service));
   services_.push_back(std::make_unique<AdapterService>(
-      *engine_, adapter_root_, &auth_, jobs_.get(), blocking_calls_.get(),
+      *engine_, adapter_root_, &auth_, jobs_.get(), admin_calls_.get(),
       [runner] { return runner->HoldJobFolders(); },
       [serving](const std::string& name) { serving->ForgetAdapter(name); },
       config_.limits.max_loaded_adapters));
@@ -761,6 +764,7 @@ void Daemon::Shutdown() {
     job_events_.CloseAll();  // job watches never end by themselves
     // Calls reading files end (a dataset's count gives up): the server waits for every call.
     if (blocking_calls_) blocking_calls_->Stop();
+    if (admin_calls_) admin_calls_->Stop();
     grpc_server_->Shutdown(std::chrono::system_clock::now() +
                            std::chrono::seconds(config_.server.shutdown_grace_seconds));
     grpc_server_->Wait();

@@ -92,7 +92,10 @@ class Daemon {
   std::unique_ptr<JobRunner> job_runner_;
   // Folders of deleted jobs a crash left (FinishInterruptedDeletions), removed once serving.
   std::vector<std::string> deleted_job_folders_;
-  std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's and LoadAdapter's file reads
+  std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's dataset checks
+  // LoadAdapter's file reads and DeleteJob's removals: an operator's hot swap does not wait
+  // behind users' submissions of large datasets.
+  std::unique_ptr<BlockingCalls> admin_calls_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<HealthService> health_;  // grpc.health.v1.Health
   std::unique_ptr<grpc::Server> grpc_server_;

@@ -615,13 +615,12 @@ grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext
   if (!options_.delete_job) {
     return FinishUnary(context, absl::UnimplementedError("this server deletes no jobs"));
   }
-  if (options_.blocking == nullptr) {
-    return FinishUnary(context, options_.delete_job(request->job_id()));
-  }
+  BlockingCalls* pool = options_.deletions != nullptr ? options_.deletions : options_.blocking;
+  if (pool == nullptr) return FinishUnary(context, options_.delete_job(request->job_id()));
   // Removing a job's checkpoints and merged export may take a while on a slow disk.
   // Deleting goes on when the client gives up (what it removed stays removed; a retry finishes
   // what is left), and stops early only when lorad stops.
-  return options_.blocking->Run(context, [this, id = request->job_id()](const std::atomic<bool>&) {
+  return pool->Run(context, [this, id = request->job_id()](const std::atomic<bool>&) {
     return options_.delete_job(id);
   });
 }

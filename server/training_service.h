@@ -48,6 +48,9 @@ struct TrainingServiceOptions {
   // Where SubmitJob reads the dataset and runs check_job, off gRPC's threads; null: on the
   // handler's thread (tests).
   BlockingCalls* blocking = nullptr;
+  // Where DeleteJob removes a job's files: not behind submissions, whose dataset checks may take
+  // minutes each (`blocking` when null).
+  BlockingCalls* deletions = nullptr;
 };
 
 class TrainingService final : public lorad::v1::TrainingService::CallbackService {

@@ -381,6 +381,40 @@ def test_unknown_job_is_not_found(service):
                 grpc.StatusCode.INVALID_ARGUMENT, "job_id")
 
 
+def test_deletes_and_adapter_loads_do_not_wait_behind_submissions(tmp_path, stubs):
+    """Submissions check their dataset on two threads (a large one takes a minute); DeleteJob and
+    LoadAdapter, an operator's calls, ran on the same two and waited behind every queued
+    submission (a hot swap with a 10 s deadline failed). They have their own now: both answer
+    while the submissions are still being checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = start_daemon(tmp_path, *HOLD_JOBS, "--set", "model.base_weights=none")
+    root = dataset_root(tmp_path)
+    lines = QA.read_text()
+    (root / "big.jsonl").write_text(lines * (64 * 1024 * 1024 // len(lines)))  # ~2 s a check
+    pb, apb = stubs.training_pb2, stubs.adapters_pb2
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel, ThreadPoolExecutor(6) as pool:
+            train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            submissions = [pool.submit(train.SubmitJob, pb.SubmitJobRequest(spec=pb.JobSpec(
+                adapter_name=f"big-{i}", dataset=pb.DatasetSpec(path="big.jsonl"))), timeout=300)
+                for i in range(6)]
+            while not any(f.running() for f in submissions):
+                pass
+            with pytest.raises(grpc.RpcError) as deleted:
+                train.DeleteJob(pb.DeleteJobRequest(job_id="job-none"), timeout=120)
+            with pytest.raises(grpc.RpcError) as loaded:
+                adapters.LoadAdapter(apb.LoadAdapterRequest(name="x", path="missing"), timeout=120)
+            waiting = sum(not f.done() for f in submissions)
+            assert all(f.result().id for f in submissions)
+        assert deleted.value.code() == grpc.StatusCode.NOT_FOUND, deleted.value
+        assert loaded.value.code() == grpc.StatusCode.NOT_FOUND, loaded.value
+        assert waiting >= 2, f"the calls were answered after all but {waiting} submissions"
+    finally:
+        stop_daemon(d)
+
+
 def test_delete_job_removes_only_ended_jobs(service):
     _, stub, pb, _ = service
     queued = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
