@@ -650,6 +650,7 @@ absl::Status Daemon::StartGrpc() {
   TrainingServiceOptions training;
   training.blocking = blocking_calls_.get();
   training.deletions = admin_calls_.get();
+  training.hold_job_folders = [runner = job_runner_.get()] { return runner->HoldJobFolders(); };
   training.spec_limits.dataset_root = dataset_root_;
   training.spec_limits.model_layers = engine_->model_config().num_hidden_layers;
   training.max_queued_jobs = config_.limits.max_queued_jobs;

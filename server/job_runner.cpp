@@ -313,6 +313,15 @@ absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t
           "retry it once it has stopped, in a few seconds"));
     }
   }
+  // A job with no checkpoint starts from the adapter it continues, whose folder may have gone
+  // since it ended (the job that trained it deleted): refused now rather than failed at its start.
+  if ((current->state == JobState::kFailed || current->state == JobState::kCancelled) &&
+      ResumePoint(job_id).first == 0) {
+    lorad::v1::JobSpec spec;
+    if (spec.ParseFromString(current->spec)) {
+      if (auto s = CheckInitAdapterUnchanged(spec); !s.ok()) return s;
+    }
+  }
   auto record = store_.Requeue(job_id, max_queued);
   if (!record.ok()) return record.status();
   if (record->attempts > 0) ForgetHistoryAfter(job_id, ResumePoint(job_id).first);

@@ -410,6 +410,21 @@ absl::Status ResolveInitAdapter(JobSpec& spec, const std::vector<ServedAdapter>&
   return absl::OkStatus();
 }
 
+absl::Status CheckInitAdapterUnchanged(const JobSpec& spec) {
+  if (spec.init_adapter_path().empty() || spec.init_adapter_fingerprint().empty()) {
+    return absl::OkStatus();
+  }
+  auto now = engine::PeftFolderFingerprint(spec.init_adapter_path());
+  if (now.ok() && *now == spec.init_adapter_fingerprint()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("init_adapter: adapter '", spec.init_adapter(), "' version ",
+                   spec.init_adapter_version(), ": its folder ", spec.init_adapter_path(),
+                   now.ok() ? " holds other files than when the job was submitted"
+                            : absl::StrCat(" cannot be read (", now.status().message(), ")"),
+                   " (deleted with the job that trained it, or replaced?); load the adapter again "
+                   "(LoadAdapter) and submit a job that continues what it serves"));
+}
+
 engine::TrainingJobConfig TrainingJobConfigOf(const JobSpec& spec, const std::string& output_dir) {
   engine::TrainingJobConfig c;
   const auto& d = spec.dataset();

@@ -49,6 +49,11 @@ absl::StatusOr<ValidatedDataset> ValidateJobSpec(lorad::v1::JobSpec& spec,
 // served, INVALID_ARGUMENT naming the field otherwise.
 absl::Status ResolveInitAdapter(lorad::v1::JobSpec& spec, const std::vector<ServedAdapter>& served);
 
+// FAILED_PRECONDITION when the folder of the adapter a job continues (ResolveInitAdapter's) is
+// gone or holds other files than when the job was submitted: checked again as the job is queued
+// (its dataset check takes time, in which the folder's job may be deleted) and retried.
+absl::Status CheckInitAdapterUnchanged(const lorad::v1::JobSpec& spec);
+
 // What errors call a request's inline records: "dataset.inline_examples[2]" (0-based).
 inline constexpr absl::string_view kInlineExamples = "dataset.inline_examples";
 

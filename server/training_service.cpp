@@ -537,6 +537,14 @@ absl::Status TrainingService::Submit(lorad::v1::JobSpec& spec,
     without.mutable_dataset()->clear_inline_examples();
     listed = without.SerializeAsString();
   }
+  // The adapter it continues was found served before the dataset check, which takes a while:
+  // its folder may have gone since (its job deleted). Checked again, and held until the job is
+  // recorded (DeleteJob then sees a queued job reading it).
+  std::unique_lock<std::mutex> folders;
+  if (!spec.init_adapter_path().empty()) {
+    if (options_.hold_job_folders) folders = options_.hold_job_folders();
+    if (auto s = CheckInitAdapterUnchanged(spec); !s.ok()) return s;
+  }
   auto record = store_.Insert(spec.SerializeAsString(), spec.adapter_name(), spec.priority(),
                               TotalSteps(spec, dataset->examples), options_.max_queued_jobs, listed,
                               submission);

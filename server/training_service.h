@@ -10,6 +10,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 
 #include "lorad/v1/training.grpc.pb.h"
 #include "server/blocking_calls.h"
@@ -48,6 +49,9 @@ struct TrainingServiceOptions {
   // Where SubmitJob reads the dataset and runs check_job, off gRPC's threads; null: on the
   // handler's thread (tests).
   BlockingCalls* blocking = nullptr;
+  // Held while a job that continues an adapter is queued (JobRunner::HoldJobFolders): DeleteJob
+  // does not remove that adapter's folder between the check of its files and the job's record.
+  std::function<std::unique_lock<std::mutex>()> hold_job_folders;
   // Where DeleteJob removes a job's files: not behind submissions, whose dataset checks may take
   // minutes each (`blocking` when null).
   BlockingCalls* deletions = nullptr;

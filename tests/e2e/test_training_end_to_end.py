@@ -701,8 +701,56 @@ def test_a_job_continues_a_served_adapter_from_its_weights_and_settings(tmp_path
         failed = wait_for_state(train, tpb, waiting[1].id, tpb.JOB_STATE_FAILED)
         assert "init_adapter: its folder " + str(tmp_path / "data" / "adapters" / "copy") \
             + " holds other files than when the job was submitted" in failed.error, failed.error
+        # Retried, it would fail at its start again (it has no checkpoint): refused up front.
+        with pytest.raises(grpc.RpcError) as refused:
+            train.RetryJob(tpb.RetryJobRequest(job_id=waiting[1].id), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "holds other files than when the job was submitted" in refused.value.details()
         train.DeleteJob(tpb.DeleteJobRequest(job_id=job.id), timeout=30)  # nothing waits on it now
         channel.close()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
+def test_a_submission_whose_adapter_folder_is_deleted_meanwhile_is_refused(tmp_path, stubs):
+    """A job continuing adapter 'qa' is submitted on a large dataset (its check takes seconds);
+    meanwhile 'qa' is unloaded and the job that trained it deleted, folder and all. The
+    submission was queued anyway (and failed at its start): it is refused, naming the folder."""
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    prepare(tmp_path)
+    lines = QA.read_text()
+    (tmp_path / "data" / "datasets" / "big.jsonl").write_text(
+        lines * (64 * 1024 * 1024 // len(lines)))  # ~2 s a check
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            first = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "qa", 2)), timeout=30)
+            _, states, _ = watch_until_done(train, tpb, first.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+            spec = job_spec(tpb, "later", 2)
+            spec.ClearField("lora")
+            spec.init_adapter = "qa"
+            spec.dataset.path = "big.jsonl"
+            outcome = {}
+
+            def submit():
+                try:
+                    outcome["job"] = train.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=300)
+                except grpc.RpcError as e:
+                    outcome["error"] = e
+
+            submitting = threading.Thread(target=submit)
+            submitting.start()
+            time.sleep(0.5)  # its check of the dataset has begun
+            adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="qa"), timeout=30)
+            train.DeleteJob(tpb.DeleteJobRequest(job_id=first.id), timeout=30)
+            submitting.join()
+        assert "error" in outcome, f"queued: {outcome.get('job')}"
+        assert outcome["error"].code() == grpc.StatusCode.FAILED_PRECONDITION, outcome["error"]
+        folder = str(tmp_path / "data" / "jobs" / first.id / "adapter")
+        assert f"its folder {folder} cannot be read" in outcome["error"].details()
     finally:
         assert stop_daemon(d) == 0, d.log()
 
