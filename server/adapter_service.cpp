@@ -11,6 +11,7 @@
 #include <system_error>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/utf8.h"
@@ -93,17 +94,27 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
 
 absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
                                   const std::atomic<bool>* abandon, lorad::v1::Adapter* response) {
-  if (max_loaded_names_ > 0) {  // a new name, not a new version of a loaded one
-    std::set<std::string> names;
-    for (const auto& info : engine_.adapters().List()) names.insert(info.name);
-    if (names.count(request.name()) == 0 &&
-        static_cast<int64_t>(names.size()) >= max_loaded_names_) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat(names.size(),
-                       " adapters are loaded (limits.max_loaded_adapters; each keeps a host "
-                       "copy of its weights): unload one first, or raise the limit"));
+  {
+    std::lock_guard<std::mutex> lock(loading_mu_);
+    if (max_loaded_names_ > 0) {  // a new name, not a new version of a loaded one
+      std::set<std::string> names;
+      for (const auto& info : engine_.adapters().List()) names.insert(info.name);
+      for (const auto& [name, loads] : loading_) names.insert(name);
+      if (names.count(request.name()) == 0 &&
+          static_cast<int64_t>(names.size()) >= max_loaded_names_) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            names.size(),
+            " adapters are loaded or loading (limits.max_loaded_adapters; each keeps a host "
+            "copy of its weights): unload one first, or raise the limit"));
+      }
     }
+    ++loading_[request.name()];
   }
+  // Until this load has published its version or failed.
+  const auto loaded = absl::MakeCleanup([this, name = request.name()] {
+    std::lock_guard<std::mutex> lock(loading_mu_);
+    if (--loading_[name] == 0) loading_.erase(name);
+  });
   auto folder = ResolveAdapterFolder(adapter_root_, request.path(), "path");
   if (!folder.ok()) return folder.status();
   // The record as published: by the time List() runs, a load of the same name just after this

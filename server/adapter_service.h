@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -63,6 +64,10 @@ class AdapterService final : public lorad::v1::AdapterService::CallbackService {
   std::function<std::unique_lock<std::mutex>()> hold_job_folders_;
   bool sets_name_gone_ = false;     // this service set the store's name-gone listener
   const int64_t max_loaded_names_;  // 0: no limit
+  // Names LoadAdapter is reading now, each with its count of loads: counted against
+  // max_loaded_names_ before they publish (two loads of new names at once both passed the check).
+  std::mutex loading_mu_;
+  std::map<std::string, int> loading_;
   // LoadAdapter's work: read, record and publish the folder; answer in `response`. CANCELLED,
   // nothing published, when `*abandon` is true by then (the client gone, lorad stopping).
   absl::Status Load(const lorad::v1::LoadAdapterRequest& request, const std::atomic<bool>* abandon,

@@ -3,7 +3,9 @@ fixture model): streams whose client stopped reading count against limits.max_qu
 until written and end at limits.max_unread_stream_bytes; adapter names are bounded by
 limits.max_loaded_adapters."""
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -116,5 +118,24 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
             assert load("two").version == 2  # a new version of a loaded name
             astub.UnloadAdapter(apb.UnloadAdapterRequest(name="one"), timeout=60)
             assert load("three").version == 1
+            # Loads of new names at once: each counted from its start (two running together
+            # both passed the check, and three names were loaded 4 times in 5).
+            for name in ("two", "three"):
+                astub.UnloadAdapter(apb.UnloadAdapterRequest(name=name), timeout=60)
+            barrier = threading.Barrier(8)
+
+            def load_at_once(i):
+                barrier.wait()
+                try:
+                    return load(f"new-{i}").version
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                    return None
+
+            with ThreadPoolExecutor(8) as pool:
+                loaded = [v for v in pool.map(load_at_once, range(8)) if v is not None]
+            listed = {a.name for a in astub.ListAdapters(apb.ListAdaptersRequest(),
+                                                         timeout=30).adapters}
+            assert len(loaded) == 2 and len(listed) == 2, listed
     finally:
         stop_daemon(d)
