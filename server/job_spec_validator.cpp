@@ -220,6 +220,9 @@ absl::StatusOr<ValidatedDataset> ValidateDataset(lorad::v1::DatasetSpec& d,
   engine::DatasetReaderOptions options;
   options.format = ToEngineFormat(d.format());
   options.skip_bad_lines = d.skip_bad_lines();
+  // The paths counted are resolved inside the root first: a symlink put in the way between that
+  // and the read (to a file outside the root, whose keys an error would quote) is refused.
+  options.no_symlinks = true;
   ValidatedDataset result;
   const bool has_path = !d.path().empty();
   const bool has_inline = d.inline_examples_size() > 0;

@@ -339,7 +339,7 @@ absl::Status OpenDataset(const std::string& path, bool no_symlinks, std::ifstrea
     if (fd < 0 && (errno == ELOOP || errno == EXDEV)) {
       return absl::PermissionDeniedError(
           absl::StrCat("dataset '", path,
-                       "' now leads through a symlink: it changed since the job was "
+                       "' now leads through a symlink: it changed since its path was "
                        "checked; submit the job again"));
     }
     if (fd < 0 && (errno == ENOSYS || errno == EPERM)) {  // an old kernel, or a seccomp filter

@@ -214,6 +214,25 @@ def test_print_config_keys_is_yaml_saying_what_each_key_accepts_and_matches_the_
     assert documented == set(printed), (documented ^ set(printed))
 
 
+def test_the_job_database_is_readable_by_its_owner_alone(tmp_path):
+    """jobs.db holds every job's spec and inline examples: it was made 0644 (any local account
+    could read a team's training data). A new one is 0600; one an operator opened up is said."""
+    import stat
+
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none")
+    db = tmp_path / "data" / "jobs.db"
+    try:
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600, oct(db.stat().st_mode)
+    finally:
+        stop_daemon(d)
+    db.chmod(0o644)
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none")
+    try:
+        assert f"{db} can be read by other accounts (mode 644)" in d.log(), d.log()
+    finally:
+        stop_daemon(d)
+
+
 def test_taken_port_is_a_clear_error(tmp_path):
     first = start_daemon(tmp_path / "a")
     try:
