@@ -142,6 +142,9 @@ int main(int argc, char** argv) {
     return Fail(kExitUsage, std::string(status.message()));
   }
   spdlog::set_level(spdlog::level::from_str(config.logging.level));
+  for (const std::string& warning : lorad::server::ServerConfigWarnings(config, config_path)) {
+    spdlog::warn("{}", warning);
+  }
   RaiseOpenFilesLimit();
 
   // A log piped to a reader that has gone (`lorad | tee`, Ctrl-C stops tee first) fails its

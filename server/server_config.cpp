@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -21,6 +22,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "engine/runtime/durable_file.h"
 #include "re2/re2.h"
@@ -38,9 +40,11 @@ struct Field {
   std::string accepts;  // what a value may be, for --print-config-keys ("an integer in [1, 64]")
 };
 
+// `quote`: false for a value that may be a secret (auth.tokens), which errors do not repeat.
 absl::Status TypeError(const std::string& where, const std::string& key, const std::string& want,
-                       const YAML::Node& node) {
-  std::string got = node.IsScalar()     ? absl::StrCat("'", node.Scalar(), "'")
+                       const YAML::Node& node, bool quote = true) {
+  std::string got = node.IsScalar()     ? (quote ? absl::StrCat("'", node.Scalar(), "'")
+                                                 : "a single value (not shown: it may be a token)")
                     : node.IsMap()      ? "a mapping"
                     : node.IsSequence() ? "a list"
                                         : "nothing";
@@ -177,18 +181,23 @@ Field BoolField(const std::string& key, std::function<bool&(ServerConfig&)> ref)
   return f;
 }
 
-// auth.tokens: a list of {name, role, token} mappings.
+// auth.tokens: a list of {name, role, token} mappings. A value of the wrong shape is not
+// quoted in the error (it may be a token, and the error goes to the log).
 Field TokensField() {
   Field f;
   f.set = [](ServerConfig& c, const YAML::Node& n, const std::string& where) -> absl::Status {
-    if (!n.IsSequence()) return TypeError(where, "auth.tokens", "a list of {name, role, token}", n);
+    if (!n.IsSequence()) {
+      return TypeError(where, "auth.tokens", "a list of {name, role, token}", n, /*quote=*/false);
+    }
     c.auth.tokens.clear();
     for (size_t i = 0; i < n.size(); ++i) {
       const YAML::Node& item = n[i];
       const std::string at =
           absl::StrCat(where.substr(0, where.rfind(':')), ":", item.Mark().line + 1);
       const std::string key = absl::StrCat("auth.tokens[", i, "]");
-      if (!item.IsMap()) return TypeError(at, key, "a mapping {name, role, token}", item);
+      if (!item.IsMap()) {
+        return TypeError(at, key, "a mapping {name, role, token}", item, /*quote=*/false);
+      }
       AuthToken t;
       t.where = at;
       std::set<std::string> given;
@@ -671,6 +680,73 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
     }
   }
   return absl::OkStatus();
+}
+
+namespace {
+
+// "'<path>' can be read by other accounts (mode 644); chmod 600 it" for a file of group or
+// other permissions, for `what`; nothing otherwise (or for a pipe: no file holds it).
+std::optional<std::string> ReadableByOthers(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (path.empty() || ::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) ||
+      (st.st_mode & 0077) == 0) {
+    return std::nullopt;
+  }
+  return absl::StrFormat("%s '%s' can be read by other accounts (mode %o); chmod 600 it", what,
+                         path, st.st_mode & 0777);
+}
+
+}  // namespace
+
+std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
+                                              const std::string& config_path) {
+  std::vector<std::string> warnings;
+  const bool tls = !config.server.tls_cert_file.empty();
+  if (!config.auth.tokens.empty()) {
+    if (auto mode = ReadableByOthers(config_path, "the config file, which holds auth.tokens,")) {
+      warnings.push_back(*mode);
+    }
+    const auto host = SplitHostPort(config.server.grpc_address);
+    if (!tls && host.ok() && !IsLoopbackHost(host->first)) {
+      warnings.push_back(absl::StrCat(
+          "server.grpc_address ", config.server.grpc_address,
+          " is reachable from other machines without TLS: clients send their auth.tokens in "
+          "plain text, readable on the way; set server.tls_cert_file and server.tls_key_file, "
+          "or serve behind a TLS proxy"));
+    }
+  }
+  if (!tls) return warnings;
+  if (auto mode = ReadableByOthers(config.server.tls_key_file, "server.tls_key_file")) {
+    warnings.push_back(*mode);
+  }
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_file(config.server.tls_cert_file.c_str(), "r"), &BIO_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr, &X509_free);
+  if (!cert) return warnings;  // ValidateServerConfig refused it
+  const auto date = [](const ASN1_TIME* t) {
+    std::tm tm{};
+    char text[32] = "?";
+    if (ASN1_TIME_to_tm(t, &tm) == 1) std::strftime(text, sizeof(text), "%Y-%m-%d %H:%M UTC", &tm);
+    return std::string(text);
+  };
+  const ASN1_TIME* not_after = X509_get0_notAfter(cert.get());
+  const ASN1_TIME* not_before = X509_get0_notBefore(cert.get());
+  const std::string file = absl::StrCat("server.tls_cert_file '", config.server.tls_cert_file, "'");
+  const std::string clients_refuse =
+      "clients refuse the connection (\"certificate verify failed\"); renew it";
+  std::time_t in_14_days = std::time(nullptr) + 14 * 24 * 3600;
+  if (X509_cmp_current_time(not_after) <= 0) {
+    warnings.push_back(
+        absl::StrCat(file, ": the certificate expired on ", date(not_after), ": ", clients_refuse));
+  } else if (X509_cmp_current_time(not_before) >= 0) {
+    warnings.push_back(absl::StrCat(file, ": the certificate is not valid before ",
+                                    date(not_before), ": ", clients_refuse));
+  } else if (X509_cmp_time(not_after, &in_14_days) <= 0) {
+    warnings.push_back(absl::StrCat(file, ": the certificate expires on ", date(not_after),
+                                    "; renew it before then"));
+  }
+  return warnings;
 }
 
 std::vector<ConfigKey> ConfigKeysWithDefaults() {

@@ -109,6 +109,13 @@ absl::Status ApplyConfigOverride(ServerConfig& config, const std::string& key,
 // Checks what no single key can: address syntax, required keys.
 absl::Status ValidateServerConfig(const ServerConfig& config);
 
+// What a valid config leaves exposed, one line each for the start-up log: bearer tokens sent in
+// plain text to an address other machines reach, a TLS key or a config file holding tokens that
+// other accounts can read (`config_path`: the file read, if any), a certificate out of its
+// validity dates or within 14 days of its end.
+std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
+                                              const std::string& config_path);
+
 // Every known key with its default and what it accepts, for `lorad --print-config-keys`.
 struct ConfigKey {
   std::string key;

@@ -1,8 +1,16 @@
 #include "server/server_config.h"
 
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -308,6 +316,95 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
   EXPECT_NE(prompt.message().find("raise server.max_request_bytes"), std::string::npos) << prompt;
   c.server.max_request_bytes = 9 << 20;
   EXPECT_TRUE(ValidateServerConfig(c).ok());
+}
+
+// A self-signed certificate valid from `from_days` to `to_days` from now, and its key, as PEM.
+bool WriteSelfSignedCertificate(const std::string& cert_path, const std::string& key_path,
+                                long from_days, long to_days) {
+  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(EVP_RSA_gen(2048), &EVP_PKEY_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(X509_new(), &X509_free);
+  if (!key || !cert) return false;
+  X509_set_version(cert.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), from_days * 24 * 3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), to_days * 24 * 3600);
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("lorad-test"), -1, -1, 0);
+  X509_set_issuer_name(cert.get(), name);
+  X509_set_pubkey(cert.get(), key.get());
+  if (X509_sign(cert.get(), key.get(), EVP_sha256()) == 0) return false;
+  FILE* c = std::fopen(cert_path.c_str(), "w");
+  FILE* k = std::fopen(key_path.c_str(), "w");
+  const bool written =
+      c != nullptr && k != nullptr && PEM_write_X509(c, cert.get()) == 1 &&
+      PEM_write_PrivateKey(k, key.get(), nullptr, nullptr, 0, nullptr, nullptr) == 1;
+  if (c != nullptr) std::fclose(c);
+  if (k != nullptr) std::fclose(k);
+  return written;
+}
+
+// A value of the wrong shape under auth.tokens may be a token itself: errors (which go to the
+// log) do not quote it.
+TEST(ServerConfig, AMisshapedTokenValueIsNotQuoted) {
+  for (const std::string yaml : {"auth:\n  tokens: SECRETsecretSECRET3\n",
+                                 "auth:\n  tokens:\n    - SECRETsecretSECRET3\n"}) {
+    auto c = ParseServerConfig(yaml, "t.yaml");
+    ASSERT_FALSE(c.ok());
+    EXPECT_EQ(c.status().message().find("SECRET"), std::string::npos) << c.status();
+    EXPECT_NE(c.status().message().find("not shown: it may be a token"), std::string::npos)
+        << c.status();
+  }
+}
+
+// What a valid config leaves exposed is said at start-up: tokens in plain text to an address
+// other machines reach, a config file holding tokens or a TLS key that other accounts can read,
+// a certificate past its end.
+TEST(ServerConfig, WarningsNameTokensInPlainTextReadableSecretsAndAnExpiredCertificate) {
+  const std::string dir = ::testing::TempDir() + "/server_config_warnings";
+  ASSERT_EQ(std::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
+  const std::string yaml = dir + "/lorad.yaml";
+  FILE* f = std::fopen(yaml.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fputs("auth:\n  tokens:\n    - {name: ops, role: admin, token: aaaaaaaaaaaaaaaa}\n", f);
+  std::fclose(f);
+  ASSERT_EQ(::chmod(yaml.c_str(), 0644), 0);
+  auto c = LoadServerConfig(yaml);
+  ASSERT_TRUE(c.ok()) << c.status();
+  c->server.grpc_address = "0.0.0.0:50051";
+  const auto joined = [](const std::vector<std::string>& lines) {
+    std::string all;
+    for (const auto& l : lines) all += l + "\n";
+    return all;
+  };
+  std::string said = joined(ServerConfigWarnings(*c, yaml));
+  EXPECT_NE(said.find("the config file, which holds auth.tokens, '" + yaml +
+                      "' can be read by other accounts (mode 644); chmod 600 it"),
+            std::string::npos)
+      << said;
+  EXPECT_NE(said.find("server.grpc_address 0.0.0.0:50051 is reachable from other machines "
+                      "without TLS"),
+            std::string::npos)
+      << said;
+  ASSERT_EQ(::chmod(yaml.c_str(), 0600), 0);
+  c->server.grpc_address = "127.0.0.1:50051";
+  EXPECT_EQ(joined(ServerConfigWarnings(*c, yaml)), "");
+
+  // A certificate that ended a year ago, its key of mode 0644; then one that ends tomorrow.
+  const std::string cert = dir + "/old.crt", key = dir + "/old.key";
+  ASSERT_TRUE(WriteSelfSignedCertificate(cert, key, -730, -365));
+  ASSERT_EQ(::chmod(key.c_str(), 0644), 0);
+  c->server.tls_cert_file = cert;
+  c->server.tls_key_file = key;
+  said = joined(ServerConfigWarnings(*c, yaml));
+  EXPECT_NE(said.find("server.tls_key_file '" + key + "' can be read by other accounts"),
+            std::string::npos)
+      << said;
+  EXPECT_NE(said.find("the certificate expired on "), std::string::npos) << said;
+  EXPECT_NE(said.find("certificate verify failed"), std::string::npos) << said;
+  ASSERT_TRUE(WriteSelfSignedCertificate(cert, key, -1, 1));
+  said = joined(ServerConfigWarnings(*c, yaml));
+  EXPECT_NE(said.find("the certificate expires on "), std::string::npos) << said;
 }
 
 }  // namespace
