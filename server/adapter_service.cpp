@@ -76,7 +76,9 @@ grpc::ServerUnaryReactor* AdapterService::LoadAdapter(grpc::CallbackServerContex
                                                       const lorad::v1::LoadAdapterRequest* request,
                                                       lorad::v1::Adapter* response) {
   if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin,
+                               absl::StrCat("LoadAdapter '", request->name(), "'"));
+        !s.ok())
       return FinishUnary(context, s);
   }
   if (auto s = CheckAdapterName(request->name(), "name"); !s.ok()) return FinishUnary(context, s);
@@ -190,7 +192,9 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     grpc::CallbackServerContext* context, const lorad::v1::UnloadAdapterRequest* request,
     lorad::v1::UnloadAdapterResponse* response) {
   if (auth_ != nullptr) {
-    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin); !s.ok())
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kAdmin,
+                               absl::StrCat("UnloadAdapter '", request->name(), "'"));
+        !s.ok())
       return FinishUnary(context, s);
   }
   // A name served now, or recorded as served, may be one an older lorad took (up to 128

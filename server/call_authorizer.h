@@ -5,14 +5,18 @@
 
 #include <grpcpp/server_context.h>
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "server/token_authenticator.h"
 
 namespace lorad::server {
 
 // OK when no tokens are configured. UNAUTHENTICATED / PERMISSION_DENIED otherwise, as
-// TokenAuthenticator::Authorize says.
+// TokenAuthenticator::Authorize says. `action` (an admin method's name): an authorized call is
+// logged with the name of the token that made it, so that a team sharing lorad can tell who
+// submitted, cancelled, deleted, loaded or unloaded what.
 absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerContextBase& context,
-                           Role needed);
+                           Role needed, const std::string& action = "");
 
 }  // namespace lorad::server

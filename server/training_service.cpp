@@ -470,7 +470,11 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
 grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext* context,
                                                      const lorad::v1::SubmitJobRequest* request,
                                                      lorad::v1::Job* response) {
-  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s =
+          Authorize(context, Role::kAdmin,
+                    absl::StrCat("SubmitJob (adapter '", request->spec().adapter_name(), "')"));
+      !s.ok())
+    return FinishUnary(context, s);
   lorad::v1::JobSpec spec = request->spec();
   // Fields this lorad does not know are not stored: they served nothing, and a client could
   // make every listing of jobs megabytes with them.
@@ -600,7 +604,8 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext* context,
                                                      const lorad::v1::CancelJobRequest* request,
                                                      lorad::v1::Job* response) {
-  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = Authorize(context, Role::kAdmin, "CancelJob " + request->job_id()); !s.ok())
+    return FinishUnary(context, s);
   if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
   auto before = store_.Get(request->job_id());
   if (!before.ok()) return FinishUnary(context, before.status());
@@ -618,7 +623,8 @@ grpc::ServerUnaryReactor* TrainingService::CancelJob(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext* context,
                                                      const lorad::v1::DeleteJobRequest* request,
                                                      lorad::v1::DeleteJobResponse* /*response*/) {
-  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = Authorize(context, Role::kAdmin, "DeleteJob " + request->job_id()); !s.ok())
+    return FinishUnary(context, s);
   if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
   if (!options_.delete_job) {
     return FinishUnary(context, absl::UnimplementedError("this server deletes no jobs"));
@@ -636,7 +642,8 @@ grpc::ServerUnaryReactor* TrainingService::DeleteJob(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* TrainingService::RetryJob(grpc::CallbackServerContext* context,
                                                     const lorad::v1::RetryJobRequest* request,
                                                     lorad::v1::Job* response) {
-  if (auto s = Authorize(context, Role::kAdmin); !s.ok()) return FinishUnary(context, s);
+  if (auto s = Authorize(context, Role::kAdmin, "RetryJob " + request->job_id()); !s.ok())
+    return FinishUnary(context, s);
   if (auto s = RequireJobId(request->job_id()); !s.ok()) return FinishUnary(context, s);
   if (!options_.retry_job) {
     return FinishUnary(context, absl::UnimplementedError("this server retries no jobs"));
@@ -658,9 +665,9 @@ grpc::ServerWriteReactor<JobEvent>* TrainingService::WatchJob(
                              std::move(slot));
 }
 
-absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context,
-                                        Role needed) const {
-  return options_.auth ? AuthorizeCall(*options_.auth, *context, needed) : absl::OkStatus();
+absl::Status TrainingService::Authorize(const grpc::CallbackServerContext* context, Role needed,
+                                        const std::string& action) const {
+  return options_.auth ? AuthorizeCall(*options_.auth, *context, needed, action) : absl::OkStatus();
 }
 
 }  // namespace lorad::server

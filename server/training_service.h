@@ -83,7 +83,9 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
       grpc::CallbackServerContext* context, const lorad::v1::WatchJobRequest* request) override;
 
  private:
-  absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed) const;
+  // `action`: an admin method's name, logged with the caller's token name (AuthorizeCall).
+  absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed,
+                         const std::string& action = "") const;
   // The proto view of a stored job, with its latest step.
   absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
   // FillJob without the spec's inline examples, for every reply but GetJob's: echoed, a reply

@@ -99,6 +99,28 @@ def test_tokens_and_roles(secured, stubs):
     assert 'code="UNAUTHENTICATED"' in body and 'code="PERMISSION_DENIED"' in body
 
 
+def test_admin_calls_are_logged_with_the_name_of_their_token(secured, stubs):
+    """Several admins share a lorad: who submitted, cancelled, deleted, loaded or unloaded what
+    was nowhere (the log named the job, not the caller). Each admin call names its token."""
+    d, channel = secured
+    tpb, apb = stubs.training_pb2, stubs.adapters_pb2
+    train = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+    adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+    job = train.SubmitJob(tpb.SubmitJobRequest(spec=tpb.JobSpec(
+        adapter_name="audited", dataset=tpb.DatasetSpec(path="qa.jsonl"))), metadata=bearer(ADMIN),
+        timeout=30)
+    train.CancelJob(tpb.CancelJobRequest(job_id=job.id), metadata=bearer(ADMIN), timeout=30)
+    code, _ = code_of(lambda: adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="x\nforged"),
+                                                     metadata=bearer(ADMIN), timeout=30))
+    log = d.log()
+    assert "SubmitJob (adapter 'audited') by 'ops' (ipv4:127.0.0.1:" in log, log
+    assert f"CancelJob {job.id} by 'ops'" in log, log
+    assert "UnloadAdapter 'x?forged' by 'ops'" in log and "\nforged" not in log, log
+    # Reads are not logged.
+    train.ListJobs(tpb.ListJobsRequest(), metadata=bearer(USER), timeout=30)
+    assert "by 'app'" not in d.log()
+
+
 def test_refused_calls_are_logged_without_the_token_and_at_most_every_10_s(secured, stubs):
     """After tokens are rotated, the client still sending an old one is found in the log (nothing
     was logged: the client saw UNAUTHENTICATED, the operator saw nothing). A client retrying in a
