@@ -1,5 +1,6 @@
 // lorad: the daemon. Flags and config in, Daemon started, signals wait, clean stop.
 // Exit codes: 0 after a clean stop, 2 for a bad config, flag or model folder, 1 otherwise.
+#include <grpc/support/log.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 
@@ -16,7 +17,9 @@
 #include <mutex>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "server/daemon.h"
+#include "server/log_limiter.h"
 #include "server/server_config.h"
 
 namespace {
@@ -37,6 +40,29 @@ const char* SignalName(int number) {
 // accepting connections for good after one accept fails with EMFILE (grpc#20418: the port stays
 // dead until a restart while /healthz says serving). Docker and systemd start services with a
 // soft limit of 1,024 (a thousand clients): take the hard limit.
+// gRPC's own log lines (written to stderr in its format, one a failed TLS handshake: anyone
+// who reaches the port wrote a line per connection) go through spdlog, each source line's at most
+// every 10 s with the count held back (GRPC_VERBOSITY and GRPC_TRACE still choose which).
+void RouteGrpcLogs() {
+  gpr_set_log_function([](gpr_log_func_args* args) {
+    static lorad::server::LogLimiter limiter(std::chrono::seconds(10));
+    const std::string file = args->file != nullptr ? args->file : "?";
+    const std::string where = absl::StrCat(file.substr(file.rfind('/') + 1), ":", args->line);
+    const auto held = limiter.Allow(where);
+    if (!held) return;
+    const std::string line =
+        absl::StrCat("grpc ", where, ": ", args->message != nullptr ? args->message : "",
+                     lorad::server::LogLimiter::HeldBack(*held));
+    if (args->severity == GPR_LOG_SEVERITY_ERROR) {  // often a client's: a failed handshake
+      spdlog::warn("{}", line);
+    } else if (args->severity == GPR_LOG_SEVERITY_INFO) {
+      spdlog::info("{}", line);
+    } else {
+      spdlog::debug("{}", line);
+    }
+  });
+}
+
 void RaiseOpenFilesLimit() {
   constexpr rlim_t kEnough = 65536;
   rlimit limit{};
@@ -142,6 +168,7 @@ int main(int argc, char** argv) {
     return Fail(kExitUsage, std::string(status.message()));
   }
   spdlog::set_level(spdlog::level::from_str(config.logging.level));
+  RouteGrpcLogs();
   for (const std::string& warning : lorad::server::ServerConfigWarnings(config, config_path)) {
     spdlog::warn("{}", warning);
   }
