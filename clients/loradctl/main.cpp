@@ -202,7 +202,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Validator(CheckAddress, "HOST:PORT"));
   app.add_option("--token", connection_options.token,
-                 "bearer token, sent as `authorization: Bearer <token>`")
+                 "bearer token, sent as `authorization: Bearer <token>` (other local "
+                 "accounts see arguments in ps: prefer LORAD_TOKEN)")
       ->envname("LORAD_TOKEN")
       ->check(CLI::Validator(CheckToken, "TOKEN"));
   app.add_option("--timeout", connection_options.timeout_seconds,

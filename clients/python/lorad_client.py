@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS") or "127.0.0.1:50051")
     ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
-                    help="a bearer token from auth.tokens")
+                    help="a bearer token from auth.tokens (other local accounts see "
+                         "arguments in ps: prefer LORAD_TOKEN)")
     ap.add_argument("--ca-cert", type=pathlib.Path,
                     help="use TLS, trusting this PEM CA bundle")
     ap.add_argument("--tls-server-name",
