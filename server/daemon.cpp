@@ -524,15 +524,10 @@ absl::Status Daemon::OpenJobStore() {
   }
   std::error_code ec;
   const std::string db_path = (fs::path(config_.storage.data_dir) / "jobs.db").string();
-  // Made readable by its owner alone (SQLite's journal files take its mode): it holds every
-  // job's spec and inline examples. One another account can read is the operator's choice, said.
-  if (const int fd = open(db_path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
-      fd >= 0) {
-    close(fd);
-  }
   auto store = JobStore::Open(db_path);
   if (!store.ok()) return store.status();
   jobs_ = std::move(*store);
+  // One another account can read (JobStore::Open makes it its owner's alone) is said.
   if (struct stat st{}; stat(db_path.c_str(), &st) == 0 && (st.st_mode & 0077) != 0) {
     spdlog::warn(
         "{} can be read by other accounts (mode {:o}): it holds every job's spec and "
