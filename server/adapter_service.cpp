@@ -14,6 +14,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "engine/lora/peft_config.h"
+#include "engine/runtime/durable_file.h"
 #include "engine/model/utf8.h"
 #include "server/call_authorizer.h"
 #include "server/grpc_status.h"
@@ -119,6 +120,9 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   });
   auto folder = ResolveAdapterFolder(adapter_root_, request.path(), "path");
   if (!folder.ok()) return folder.status();
+  // Its files are read as the files they resolve to now inside the root: a folder or file
+  // swapped for a symlink to one outside since the check is refused, not read (and quoted).
+  const engine::ScopedConfinedReads confined(adapter_root_);
   // The record as published: by the time List() runs, a load of the same name just after this
   // one may already have retired this version.
   engine::AdapterInfo published;

@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -13,7 +15,28 @@
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/device_info.h"
 
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h>
+#else  // older kernel headers: the ABI of Linux 5.6
+struct open_how {
+  uint64_t flags;
+  uint64_t mode;
+  uint64_t resolve;
+};
+#define RESOLVE_NO_SYMLINKS 0x04
+#endif
+#ifndef SYS_openat2
+#define SYS_openat2 437  // the same number on every Linux architecture
+#endif
+
 namespace lorad::engine {
+
+int OpenWithoutSymlinks(const std::string& path) {
+  open_how how{};
+  how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+  how.resolve = RESOLVE_NO_SYMLINKS;
+  return static_cast<int>(syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how)));
+}
 
 absl::Status SyncPath(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -155,9 +178,51 @@ absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* 
   return absl::OkStatus();
 }
 
+namespace {
+
+// ScopedConfinedReads' root on this thread, resolved; empty when none.
+thread_local std::string confined_root;
+
+// `path` under confined_root opened as ScopedConfinedReads says; -1 with errno set otherwise.
+int OpenConfined(const std::string& path, const std::string& what, absl::Status* refused) {
+  char resolved[PATH_MAX];
+  if (::realpath(path.c_str(), resolved) == nullptr) return -1;
+  const std::string file(resolved);
+  if (!absl::StartsWith(file, confined_root + "/")) {
+    *refused = absl::PermissionDeniedError(
+        absl::StrCat(what, " now leads outside ", confined_root,
+                     " (a symlink changed since its path was checked); give the path again"));
+    return -1;
+  }
+  const int fd = OpenWithoutSymlinks(file);
+  if (fd >= 0) return fd;
+  if (errno == ELOOP || errno == EXDEV) {
+    *refused = absl::PermissionDeniedError(
+        absl::StrCat(what, " changed into a symlink while it was opened; give the path again"));
+    return -1;
+  }
+  if (errno == ENOSYS || errno == EPERM) {  // an old kernel, or a seccomp filter
+    return ::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  }
+  return -1;
+}
+
+}  // namespace
+
+ScopedConfinedReads::ScopedConfinedReads(const std::string& root) : previous_(confined_root) {
+  char resolved[PATH_MAX];
+  confined_root = ::realpath(root.c_str(), resolved) != nullptr ? resolved : root;
+}
+
+ScopedConfinedReads::~ScopedConfinedReads() { confined_root = previous_; }
+
 absl::StatusOr<int> OpenRegularFile(const std::string& path, const std::string& what,
                                     int64_t* size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  absl::Status refused;
+  const int fd = confined_root.empty() || !absl::StartsWith(path, confined_root + "/")
+                     ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+                     : OpenConfined(path, what, &refused);
+  if (!refused.ok()) return refused;
   if (fd < 0) return CannotStat(errno, what);
   if (auto s = RequireRegularDescriptor(fd, what, size); !s.ok()) {
     ::close(fd);

@@ -57,6 +57,28 @@ absl::Status RequireRoom(const std::string& folder, uint64_t bytes, const std::s
 absl::StatusOr<int> OpenRegularFile(const std::string& path, const std::string& what,
                                     int64_t* size = nullptr);
 
+// `path` opened O_RDONLY | O_CLOEXEC | O_NONBLOCK through no symlink (openat2
+// RESOLVE_NO_SYMLINKS); -1 with errno otherwise: ELOOP or EXDEV for a symlink on the way, ENOSYS
+// or EPERM where the kernel (or a container's seccomp filter) has no openat2.
+int OpenWithoutSymlinks(const std::string& path);
+
+// While one lives, OpenRegularFile (and so ReadRegularFile) on this thread opens a file under
+// `root` only as the file its path resolves to now, inside `root`, through no symlink: a folder
+// or file of a request's path, checked inside its root, then swapped for a symlink to a file
+// outside (whose contents an error might quote) is refused, PERMISSION_DENIED, not read. Paths
+// outside `root` open as before. Where the kernel lacks openat2, a plain open of the resolved
+// path.
+class ScopedConfinedReads {
+ public:
+  explicit ScopedConfinedReads(const std::string& root);
+  ~ScopedConfinedReads();
+  ScopedConfinedReads(const ScopedConfinedReads&) = delete;
+  ScopedConfinedReads& operator=(const ScopedConfinedReads&) = delete;
+
+ private:
+  std::string previous_;
+};
+
 // OpenRegularFile's check on a descriptor opened otherwise (openat2); closes nothing.
 absl::Status RequireRegularDescriptor(int fd, const std::string& what, int64_t* size = nullptr);
 

@@ -1,7 +1,6 @@
 #include "engine/train/dataset_reader.h"
 
 #include <fcntl.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cctype>
@@ -24,20 +23,6 @@
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "nlohmann/json.hpp"
-
-#if __has_include(<linux/openat2.h>)
-#include <linux/openat2.h>
-#else  // older kernel headers: the ABI of Linux 5.6
-struct open_how {
-  uint64_t flags;
-  uint64_t mode;
-  uint64_t resolve;
-};
-#define RESOLVE_NO_SYMLINKS 0x04
-#endif
-#ifndef SYS_openat2
-#define SYS_openat2 437  // the same number on every Linux architecture
-#endif
 
 namespace lorad::engine {
 namespace {
@@ -332,10 +317,7 @@ namespace {
 absl::Status OpenDataset(const std::string& path, bool no_symlinks, std::ifstream& in) {
   int fd = -1;
   if (no_symlinks) {
-    open_how how{};
-    how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
-    how.resolve = RESOLVE_NO_SYMLINKS;
-    fd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how)));
+    fd = OpenWithoutSymlinks(path);
     if (fd < 0 && (errno == ELOOP || errno == EXDEV)) {
       return absl::PermissionDeniedError(
           absl::StrCat("dataset '", path,

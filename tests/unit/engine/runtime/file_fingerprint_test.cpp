@@ -102,5 +102,38 @@ TEST(ReplaceFolderTest, TheNewFolderTakesTheNameAndTheOldOneGoes) {
   EXPECT_FALSE(fs::exists(root / "nothing-here"));
 }
 
+// ScopedConfinedReads: under its root, a file opens as what it resolves to inside the root
+// (symlinks that stay inside, as a Hugging Face cache's, are followed); one leading outside, as a
+// folder swapped for a symlink after its path was checked, is refused and not read. Paths
+// outside the root, and reads without one, are as before.
+TEST(ScopedConfinedReadsTest, ReadsUnderTheRootStayInsideIt) {
+  const fs::path base = fs::path(::testing::TempDir()) / "lorad-confined-reads-test";
+  fs::remove_all(base);
+  const fs::path root = base / "adapters";
+  fs::create_directories(root / "real");
+  fs::create_directories(base / "outside");
+  std::ofstream(root / "real" / "adapter_config.json") << "inside";
+  std::ofstream(base / "outside" / "adapter_config.json") << "secret";
+  fs::create_directory_symlink(root / "real", root / "linked");      // inside: followed
+  fs::create_directory_symlink(base / "outside", root / "swapped");  // outside: refused
+  const std::string swapped = (root / "swapped" / "adapter_config.json").string();
+  {
+    const ScopedConfinedReads confined(root.string());
+    auto linked = ReadRegularFile((root / "linked" / "adapter_config.json").string(), "config");
+    ASSERT_TRUE(linked.ok()) << linked.status();
+    EXPECT_EQ(*linked, "inside");
+    auto refused = ReadRegularFile(swapped, "'" + swapped + "'");
+    ASSERT_TRUE(absl::IsPermissionDenied(refused.status())) << refused.status();
+    EXPECT_NE(refused.status().message().find("now leads outside"), std::string::npos)
+        << refused.status();
+    EXPECT_EQ(refused.status().message().find("secret"), std::string::npos);
+    auto elsewhere = ReadRegularFile((base / "outside" / "adapter_config.json").string(), "x");
+    EXPECT_TRUE(elsewhere.ok()) << elsewhere.status();  // not under the root
+  }
+  auto after = ReadRegularFile(swapped, "x");  // no longer confined
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(*after, "secret");
+}
+
 }  // namespace
 }  // namespace lorad::engine
