@@ -76,7 +76,8 @@ void adamw8bit_step_cpu(float* param, const float* grad, uint8_t* q1, uint8_t* q
                         float* absmax2, const float* code1, const float* code2, int64_t n,
                         const AdamW8bitScalars& s);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Same contract as adamw8bit_step_cpu, device pointers (code books too), enqueued on `stream`
 // (a cudaStream_t). One thread block per 256-element block. Returns nullptr on success or the CUDA
 // error string.
@@ -84,6 +85,5 @@ const char* adamw8bit_step_cuda(float* param, const float* grad, uint8_t* q1, ui
                                 float* absmax1, float* absmax2, const float* code1,
                                 const float* code2, int64_t n, const AdamW8bitScalars& s,
                                 void* stream);
-#endif
 
 }  // namespace lorad::kernels

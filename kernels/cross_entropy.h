@@ -20,12 +20,12 @@ namespace lorad::kernels {
 void cross_entropy_rows_cpu(const void* logits, FloatKind kind, const int64_t* targets,
                             int64_t rows, int64_t vocab, float* loss, void* grad);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Device pointers, enqueued on `stream` (a cudaStream_t); nullptr on success or an error. fp32 or
 // bf16.
 const char* cross_entropy_rows_cuda(const void* logits, FloatKind kind, const int64_t* targets,
                                     int64_t rows, int64_t vocab, float* loss, void* grad,
                                     void* stream);
-#endif
 
 }  // namespace lorad::kernels

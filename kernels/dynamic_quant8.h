@@ -46,7 +46,8 @@ void dynamic_quant8_quantize_cpu(const float* x, int64_t n, float offset, int bl
 void dynamic_quant8_dequantize_cpu(const uint8_t* q, const float* absmax, const float* code,
                                    int64_t n, int blocksize, float offset, float* y);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // CUDA launchers: device pointers (code too), enqueued on `stream` (a cudaStream_t); each returns
 // nullptr on success or the CUDA error string. blocksize must be 256 for the quantize launcher
 // (one thread per element of a block).
@@ -56,6 +57,5 @@ const char* dynamic_quant8_quantize_cuda(const float* x, int64_t n, float offset
 const char* dynamic_quant8_dequantize_cuda(const uint8_t* q, const float* absmax, const float* code,
                                            int64_t n, int blocksize, float offset, float* y,
                                            void* stream);
-#endif
 
 }  // namespace lorad::kernels

@@ -79,7 +79,8 @@ void rms_norm_backward_cpu(const void* x, const void* weight, const void* dy, Fl
 void silu_mul_backward_cpu(const void* gate, const void* up, const void* dy, FloatKind kind,
                            int64_t n, void* d_gate, void* d_up);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Device pointers, enqueued on `stream` (a cudaStream_t); nullptr on success or an error. kF16 is
 // refused. rotary and rotary_store need an even head_dim.
 const char* rms_norm_cuda(const void* x, const void* weight, FloatKind kind, int64_t rows,
@@ -97,6 +98,5 @@ const char* rms_norm_backward_cuda(const void* x, const void* weight, const void
                                    void* stream);
 const char* silu_mul_backward_cuda(const void* gate, const void* up, const void* dy, FloatKind kind,
                                    int64_t n, void* d_gate, void* d_up, void* stream);
-#endif
 
 }  // namespace lorad::kernels

@@ -61,7 +61,8 @@ struct LoraTarget {
 };
 constexpr int kMaxLoraTargets = 3;
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Bytes of device scratch the CUDA launchers need: the fp32 partial sums of t = A x, one per
 // 512-wide chunk of in_features, [chunks, rows, max_rank] per target. total_max_rank: the sum of
 // table.max_rank over the targets of the launch (table.max_rank for the single-target launchers).
@@ -87,6 +88,5 @@ const char* lora_sgmv_cuda(const void* x, FloatKind kind, int64_t rows, int64_t 
                            const int64_t* segment_starts, const int32_t* segment_adapter,
                            int64_t num_segments, const LoraAdapterTable& table,
                            int64_t out_features, void* y, void* scratch, void* stream);
-#endif
 
 }  // namespace lorad::kernels

@@ -90,7 +90,8 @@ struct Nf4Absmax {
   float offset = 0.f;                // mean of the first-level absmax
 };
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // CUDA launchers: device pointers, enqueued on `stream` (a cudaStream_t). Each returns nullptr on
 // success or the CUDA error string of the launch. Sizes are not re-validated: the torch-facing
 // wrapper (engine/model/nf4_tensor.cpp) checks them.
@@ -109,6 +110,5 @@ const char* nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, int6
 // out 16-byte aligned (what torch allocations are).
 const char* nf4_dequantize_double_cuda(const uint8_t* packed, const Nf4Absmax& absmax, int64_t n,
                                        void* out, FloatKind out_kind, void* stream);
-#endif
 
 }  // namespace lorad::kernels

@@ -29,7 +29,8 @@ void nf4_gemv_with_code_cpu(const float code[16], const float* x, int64_t rows,
                             const uint8_t* packed, const float* absmax, int64_t out_features,
                             int64_t in_features, float* y);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Whether nf4_gemv_cuda handles this problem; otherwise dequantize + matmul. Needs
 // in_features % 64 == 0 (every row starts a block and 16-byte loads stay aligned),
 // 1 <= rows <= kNf4GemvMaxRows, and x and y 16-byte aligned (checked by the caller).
@@ -60,6 +61,5 @@ const char* nf4_gemv_cuda_rows_per_warp(int rows_per_warp, const void* x, FloatK
                                         int64_t rows, const uint8_t* packed,
                                         const Nf4Absmax& absmax, int64_t out_features,
                                         int64_t in_features, void* y, void* stream);
-#endif
 
 }  // namespace lorad::kernels

@@ -42,7 +42,8 @@ void nf4_mma_silu_mul_cpu(const float* x, int64_t rows, const uint8_t* gate_pack
                           const float* up_absmax, int64_t out_features, int64_t in_features,
                           float* out);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Whether nf4_mma_cuda handles this problem: x of bf16 or fp16, 1 <= rows <= kNf4MmaMaxRows,
 // in_features % 256 == 0 (a pipeline stage reads four 64-blocks of a row) and below 2^32 / 12
 // (32-bit row offsets), and x and y 16-byte aligned (checked by the caller). Needs sm_80 or later,
@@ -116,6 +117,5 @@ enum Nf4MmaTimelinePoint {
 // Copies g_nf4_timeline ([launch slot][block][point]) to `host` and clears it; nonzero on error.
 int nf4_mma_timeline_copy(unsigned long long* host);
 #endif  // LORAD_NF4_MMA_TIMELINE
-#endif
 
 }  // namespace lorad::kernels

@@ -50,7 +50,8 @@ struct PagedAttentionRotary {
   const int64_t* slots = nullptr;  // [rows]
 };
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // Device pointers, enqueued on `stream` (a cudaStream_t). Returns nullptr on success or an error.
 const char* paged_attention_cuda(const void* q, const void* k_pool, const void* v_pool,
                                  FloatKind kind, const int32_t* block_tables,
@@ -66,6 +67,5 @@ const char* paged_attention_rotary_cuda(const void* q, void* k_pool, void* v_poo
                                         const PagedAttentionShape& shape, float scale,
                                         const PagedAttentionRotary& rotary, void* out,
                                         void* stream);
-#endif
 
 }  // namespace lorad::kernels

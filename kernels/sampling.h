@@ -81,7 +81,8 @@ void sampling_warp_cpu(float* logits, int64_t batch, int64_t vocab, const Sampli
 void sampling_draw_cpu(const float* logits, int64_t batch, int64_t vocab, const SamplingRow* rows,
                        int32_t* tokens);
 
-#if defined(LORAD_WITH_CUDA)
+// Declared in every build, defined in CUDA builds only: a CPU build's callers name them in
+// the lambdas RunKernel (engine/model/kernel_launch.h) never calls there.
 // CUDA launchers: device pointers (rows and every history array too), enqueued on `stream` (a
 // cudaStream_t); each returns nullptr on success or the CUDA error string.
 //
@@ -94,6 +95,5 @@ const char* sampling_warp_cuda(float* logits, int64_t batch, int64_t vocab, cons
                                void* stream);
 const char* sampling_draw_cuda(const float* logits, int64_t batch, int64_t vocab,
                                const SamplingRow* rows, int32_t* tokens, void* stream);
-#endif
 
 }  // namespace lorad::kernels
