@@ -1,6 +1,8 @@
 #include "engine/infer/generation_defaults.h"
 
 #include <climits>
+#include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -68,14 +70,21 @@ absl::StatusOr<GenerationDefaults> GenerationDefaults::FromFile(const std::optio
     }
   }
 
+  // A double beyond float's range becomes an infinity (the cast alone is undefined there), which
+  // the sampler's ranges below then refuse, naming the field.
+  const auto to_float = [](double v) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    if (std::abs(v) > std::numeric_limits<float>::max()) return v > 0 ? kInf : -kInf;
+    return static_cast<float>(v);
+  };
   SamplingParams& s = d.sampling;
   if (do_sample) {
-    s.temperature = static_cast<float>(temperature.value_or(1.0));
+    s.temperature = to_float(temperature.value_or(1.0));
     s.top_k = static_cast<int32_t>(top_k.value_or(kTransformersTopK));
-    s.top_p = static_cast<float>(top_p.value_or(1.0));
-    s.min_p = static_cast<float>(min_p.value_or(0.0));
+    s.top_p = to_float(top_p.value_or(1.0));
+    s.min_p = to_float(min_p.value_or(0.0));
   }
-  s.repetition_penalty = static_cast<float>(repetition_penalty.value_or(1.0));
+  s.repetition_penalty = to_float(repetition_penalty.value_or(1.0));
   if (max_new_tokens && *max_new_tokens >= 1)
     d.max_new_tokens = static_cast<int32_t>(*max_new_tokens);
   // The sampler's own ranges, with the file's field named instead of the request's

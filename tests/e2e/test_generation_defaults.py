@@ -108,6 +108,8 @@ def start_up_error(folder, data_dir):
     ({"do_sample": True, "top_p": 0}, "top_p"),
     ({"do_sample": False, "temperature": "warm"}, "temperature"),
     ({"top_k": 2.5}, "top_k"),
+    # Beyond float's range: refused as the infinity it is, not cast (undefined behaviour).
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
 ])
 def test_a_bad_generation_config_stops_start_up_naming_the_file_and_field(tmp_path, config,
                                                                          field):
