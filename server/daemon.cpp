@@ -25,6 +25,7 @@
 #include "engine/lora/peft_config.h"
 #include "engine/model/json_file.h"
 #include "engine/runtime/device_info.h"
+#include "engine/runtime/durable_file.h"
 #include "lorad/v1/adapters.grpc.pb.h"
 #include "lorad/v1/inference.grpc.pb.h"
 #include "lorad/v1/training.grpc.pb.h"
@@ -481,6 +482,8 @@ absl::Status Daemon::ServeRecordedAdapters() {
             absl::StrCat(a.path, " holds other files than when version ", a.version,
                          " was loaded; load it again to serve them as a new version"));
       };
+      const engine::ScopedConfinedReads confined(  // read as LoadAdapter reads them
+          a.source.rfind("job:", 0) == 0 ? JobsDir() : adapter_root_);
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
