@@ -303,28 +303,31 @@ absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t
   std::unique_lock<std::mutex> folders(folders_mu_);
   auto current = store_.Get(job_id);
   if (!current.ok()) return current.status();
-  // Ended, its trainer not yet stopped; a job in another state is Requeue's to refuse.
+  // A job in another state than these is Requeue's to refuse.
+  std::optional<int64_t> resume_step;
   if (current->state == JobState::kFailed || current->state == JobState::kCancelled) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (running_.count(job_id) > 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "job '", job_id,
-          "' has ended but its trainer is still stopping (it may be writing a checkpoint); "
-          "retry it once it has stopped, in a few seconds"));
+    {
+      std::lock_guard<std::mutex> lock(mu_);  // ended, its trainer not yet stopped
+      if (running_.count(job_id) > 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "job '", job_id,
+            "' has ended but its trainer is still stopping (it may be writing a checkpoint); "
+            "retry it once it has stopped, in a few seconds"));
+      }
     }
-  }
-  // A job with no checkpoint starts from the adapter it continues, whose folder may have gone
-  // since it ended (the job that trained it deleted): refused now rather than failed at its start.
-  if ((current->state == JobState::kFailed || current->state == JobState::kCancelled) &&
-      ResumePoint(job_id).first == 0) {
+    // A job with no checkpoint starts from the adapter it continues, whose folder may have gone
+    // since it ended (the job that trained it deleted): refused now, not failed at its start.
+    resume_step = ResumePoint(job_id).first;
     lorad::v1::JobSpec spec;
-    if (spec.ParseFromString(current->spec)) {
+    if (*resume_step == 0 && spec.ParseFromString(current->spec)) {
       if (auto s = CheckInitAdapterUnchanged(spec); !s.ok()) return s;
     }
   }
   auto record = store_.Requeue(job_id, max_queued);
   if (!record.ok()) return record.status();
-  if (record->attempts > 0) ForgetHistoryAfter(job_id, ResumePoint(job_id).first);
+  if (record->attempts > 0) {
+    ForgetHistoryAfter(job_id, resume_step ? *resume_step : ResumePoint(job_id).first);
+  }
   spdlog::info("job {} ({}) queued again", job_id, record->adapter_name);
   events_.Publish(StateEvent(job_id, JobState::kQueued, NowMs()));
   folders.unlock();

@@ -417,13 +417,12 @@ absl::Status CheckInitAdapterUnchanged(const JobSpec& spec) {
   if (spec.init_adapter_path().empty() || spec.init_adapter_fingerprint().empty()) {
     return absl::OkStatus();
   }
-  auto now = engine::PeftFolderFingerprint(spec.init_adapter_path());
-  if (now.ok() && *now == spec.init_adapter_fingerprint()) return absl::OkStatus();
+  const absl::Status s = engine::CheckPeftFolderFingerprint(
+      spec.init_adapter_path(), spec.init_adapter_fingerprint(), "when the job was submitted");
+  if (s.ok()) return s;
   return absl::FailedPreconditionError(
       absl::StrCat("init_adapter: adapter '", spec.init_adapter(), "' version ",
-                   spec.init_adapter_version(), ": its folder ", spec.init_adapter_path(),
-                   now.ok() ? " holds other files than when the job was submitted"
-                            : absl::StrCat(" cannot be read (", now.status().message(), ")"),
+                   spec.init_adapter_version(), ": ", s.message(),
                    " (deleted with the job that trained it, or replaced?); load the adapter again "
                    "(LoadAdapter) and submit a job that continues what it serves"));
 }

@@ -574,6 +574,15 @@ bool ListenAddressesOverlap(const std::pair<std::string, int>& a,
          localhost_pair(a.first, b.first) || localhost_pair(b.first, a.first);
 }
 
+using Certificate = std::unique_ptr<X509, decltype(&X509_free)>;
+
+// The first certificate of the PEM file at `path`; null when it has none or cannot be read.
+Certificate ReadPemCertificate(const std::string& path) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_file(path.c_str(), "r"), &BIO_free);
+  return Certificate(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr,
+                     &X509_free);
+}
+
 struct TlsFileProblem {
   const char* key;  // the config key of the file at fault
   std::string message;
@@ -589,11 +598,7 @@ std::optional<TlsFileProblem> CheckTlsFiles(const std::string& cert_path,
       return TlsFileProblem{key, std::string(s.message())};
     }
   }
-  std::unique_ptr<BIO, decltype(&BIO_free)> cert_bio(BIO_new_file(cert_path.c_str(), "r"),
-                                                     &BIO_free);
-  std::unique_ptr<X509, decltype(&X509_free)> cert(
-      cert_bio ? PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr) : nullptr,
-      &X509_free);
+  const Certificate cert = ReadPemCertificate(cert_path);
   if (!cert) {
     return TlsFileProblem{kCert,
                           absl::StrCat("'", cert_path, "' cannot be read as a PEM certificate")};
@@ -719,10 +724,7 @@ std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
   if (auto mode = ReadableByOthers(config.server.tls_key_file, "server.tls_key_file")) {
     warnings.push_back(*mode);
   }
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
-      BIO_new_file(config.server.tls_cert_file.c_str(), "r"), &BIO_free);
-  std::unique_ptr<X509, decltype(&X509_free)> cert(
-      bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr, &X509_free);
+  const Certificate cert = ReadPemCertificate(config.server.tls_cert_file);
   if (!cert) return warnings;  // ValidateServerConfig refused it
   const auto date = [](const ASN1_TIME* t) {
     std::tm tm{};

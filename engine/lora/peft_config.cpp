@@ -415,4 +415,14 @@ absl::StatusOr<std::string> PeftFolderFingerprint(const std::string& folder) {
                            absl::StrCat(folder, "/adapter_model.safetensors")});
 }
 
+absl::Status CheckPeftFolderFingerprint(const std::string& folder, const std::string& fingerprint,
+                                        const std::string& since) {
+  auto now = PeftFolderFingerprint(folder);
+  if (now.ok() && *now == fingerprint) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("its folder ", folder,
+                   now.ok() ? absl::StrCat(" holds other files than ", since)
+                            : absl::StrCat(" cannot be read (", now.status().message(), ")")));
+}
+
 }  // namespace lorad::engine

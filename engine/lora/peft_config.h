@@ -42,6 +42,12 @@ std::optional<double> PatternValue(const std::vector<PeftModulePattern>& pattern
 // compared when it is read again.
 absl::StatusOr<std::string> PeftFolderFingerprint(const std::string& folder);
 
+// OK when the PEFT folder holds the files `fingerprint` was taken of; else FAILED_PRECONDITION
+// "its folder <folder> holds other files than <since>" or "... cannot be read (<why>)", which
+// callers wrap with what the folder is and what to do.
+absl::Status CheckPeftFolderFingerprint(const std::string& folder, const std::string& fingerprint,
+                                        const std::string& since);
+
 // The adapter_config.json PEFT 0.21 writes for a LoRA adapter, field for field (sorted keys,
 // indent 2, as PEFT's save_pretrained), so PEFT loads it with the same settings it would have
 // saved.

@@ -146,12 +146,12 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     resumed_from = latest;
   } else if (!config.init_adapter_path.empty()) {
     if (!config.init_adapter_fingerprint.empty()) {
-      auto now = PeftFolderFingerprint(config.init_adapter_path);
-      if (!now.ok() || *now != config.init_adapter_fingerprint) {
+      if (auto s =
+              CheckPeftFolderFingerprint(config.init_adapter_path, config.init_adapter_fingerprint,
+                                         "when the job was submitted");
+          !s.ok()) {
         return absl::FailedPreconditionError(
-            absl::StrCat("init_adapter: its folder ", config.init_adapter_path,
-                         now.ok() ? " holds other files than when the job was submitted"
-                                  : absl::StrCat(" cannot be read (", now.status().message(), ")"),
+            absl::StrCat("init_adapter: ", s.message(),
                          "; submit the job again to continue the adapter's current version"));
       }
     }
