@@ -1,11 +1,16 @@
 #include "clients/loradctl/connection.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "clients/loradctl/exit_codes.h"
@@ -26,9 +31,59 @@ grpc::ChannelArguments ChannelArgs(const ConnectionOptions& options) {
   return args;
 }
 
+constexpr char kTokenFileSource[] = "--token-file or LORAD_TOKEN_FILE";
+
+// The token file's content without the line ending an editor or `echo` leaves; a token shared
+// with other accounts is warned about, as ssh does for a private key.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read the token file ", path, " (given by ",
+                                            kTokenFileSource, "): ", std::strerror(errno)));
+  }
+  std::stringstream content;
+  content << in.rdbuf();
+  std::string token(absl::StripAsciiWhitespace(content.str()));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the token file ", path, " (given by ", kTokenFileSource, ") is empty"));
+  }
+  const std::string problem =
+      TokenProblem(token, absl::StrCat("in ", path, " (given by ", kTokenFileSource, ")"));
+  if (!problem.empty()) return absl::InvalidArgumentError(problem);
+  struct stat info {};
+  if (::stat(path.c_str(), &info) == 0 && (info.st_mode & (S_IRGRP | S_IROTH)) != 0) {
+    std::cerr << "loradctl: warning: the token file " << path
+              << " is readable by other accounts (chmod 600 " << path << ")" << std::endl;
+  }
+  return token;
+}
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionOptions& options) {
+std::string TokenProblem(const std::string& token, const std::string& source) {
+  for (char c : token) {
+    if (c < '!' || c > '~') {
+      return absl::StrCat("the token ", source,
+                          " has white space or a character outside printable ASCII (a line "
+                          "ending from a token file?); a gRPC header cannot carry it");
+    }
+  }
+  return "";
+}
+
+absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionOptions& given) {
+  ConnectionOptions options = given;
+  if (!options.token_file.empty()) {
+    if (!options.token.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("give a token (--token or LORAD_TOKEN) or a token file (", kTokenFileSource,
+                       "), not both: unset the one you do not mean"));
+    }
+    absl::StatusOr<std::string> token = ReadTokenFile(options.token_file);
+    if (!token.ok()) return token.status();
+    options.token = *std::move(token);
+  }
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   if (options.ca_cert_path.empty() && !options.tls_server_name.empty()) {
     return absl::InvalidArgumentError(
@@ -107,7 +162,7 @@ int Connection::Fail(const grpc::Status& status, bool answered) const {
     }
   } else if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
     absl::StrAppend(&message, options_.token.empty()
-                                  ? " (give --token or set LORAD_TOKEN)"
+                                  ? " (give --token or --token-file, or set LORAD_TOKEN)"
                                   : " (the token given is not one of the daemon's auth.tokens)");
   } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
     message = absl::StrCat(message, " (raise --timeout to wait longer)");

@@ -19,8 +19,10 @@ namespace lorad::cli {
 struct ConnectionOptions {
   std::string address = "127.0.0.1:50051";  // host:port
   std::string token;                        // empty = no authorization metadata
-  double timeout_seconds = 0;               // 0 = the CallKind's default deadline
-  std::string ca_cert_path;                 // non-empty = TLS, trusting this PEM bundle
+  // A file holding the token (read by Create; other accounts see --token in ps). Not with token.
+  std::string token_file;
+  double timeout_seconds = 0;  // 0 = the CallKind's default deadline
+  std::string ca_cert_path;    // non-empty = TLS, trusting this PEM bundle
   // With TLS: the name the server's certificate must carry, when it is not the address's host
   // (an SSH tunnel or port forward to 127.0.0.1, an address by IP).
   std::string tls_server_name;
@@ -36,9 +38,14 @@ constexpr double kDefaultSlowUnaryTimeoutSeconds = 600;
 
 enum class CallKind { kUnary, kSlowUnary, kStream, kWatch };
 
+// Why `token` cannot travel in a gRPC header (white space or a character outside printable
+// ASCII, e.g. a Windows line ending), or "" when it can; `source` names where it came from.
+std::string TokenProblem(const std::string& token, const std::string& source);
+
 class Connection {
  public:
-  // Fails only when the CA bundle cannot be read; the channel itself connects lazily.
+  // Fails when the token file or the CA bundle cannot be read or holds no token / certificate;
+  // the channel itself connects lazily.
   static absl::StatusOr<std::unique_ptr<Connection>> Create(const ConnectionOptions& options);
 
   // A fresh context for one call, carrying `authorization: Bearer <token>` and the deadline.

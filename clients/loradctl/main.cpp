@@ -111,23 +111,17 @@ struct SamplingFlags {
   }
 };
 
-// host:port with a port in 1..65535 ("[::1]:50051" too); gRPC target URIs ("unix:/path",
-// "dns:///host:port") pass as they are. gRPC itself would dial port 0 for "host:notaport" and
-// wrap 99999 around, and only say it cannot connect.
 // A token a gRPC header can carry (printable ASCII): another aborts the client in gRPC, e.g. the
 // line ending of `LORAD_TOKEN=$(cat token.txt)` on a file with Windows line endings.
 // Errors name the environment variable too: a value may come from it, which the user then
 // looks for on no command line.
 std::string CheckToken(std::string& value) {
-  for (char c : value) {
-    if (c < '!' || c > '~') {
-      return "the token (given by --token or LORAD_TOKEN) has white space or a character outside "
-             "printable ASCII (a line ending from a token file?); a gRPC header cannot carry it";
-    }
-  }
-  return "";
+  return lorad::cli::TokenProblem(value, "(given by --token or LORAD_TOKEN)");
 }
 
+// host:port with a port in 1..65535 ("[::1]:50051" too); gRPC target URIs ("unix:/path",
+// "dns:///host:port") pass as they are. gRPC itself would dial port 0 for "host:notaport" and
+// wrap 99999 around, and only say it cannot connect.
 std::string CheckAddress(std::string& value) {
   const std::string from = " (given by --address or LORAD_ADDRESS)";
   // A URL's scheme (http://) is no gRPC target: gRPC would resolve it as a host name and fail
@@ -206,6 +200,10 @@ int main(int argc, char** argv) {
                  "accounts see arguments in ps: prefer LORAD_TOKEN)")
       ->envname("LORAD_TOKEN")
       ->check(CLI::Validator(CheckToken, "TOKEN"));
+  app.add_option("--token-file", connection_options.token_file,
+                 "read the bearer token from this file (its line ending dropped); keep it "
+                 "chmod 600")
+      ->envname("LORAD_TOKEN_FILE");
   app.add_option("--timeout", connection_options.timeout_seconds,
                  "deadline per call in seconds (default: 60 for single calls, 600 for "
                  "submit, delete, load and unload, none for generate/chat; never for watch)")

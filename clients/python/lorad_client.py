@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A small Python client for lorad: the walk-through of the README in a few calls.
 
-    python clients/python/lorad_client.py [--address HOST:PORT] [--token T]
+    python clients/python/lorad_client.py [--address HOST:PORT] [--token T | --token-file F]
         [--ca-cert PEM [--tls-server-name NAME]] COMMAND ...
 
---address and --token default to $LORAD_ADDRESS and $LORAD_TOKEN, as loradctl's do; --ca-cert
+--address, --token and --token-file default to $LORAD_ADDRESS, $LORAD_TOKEN and
+$LORAD_TOKEN_FILE, as loradctl's do; --ca-cert
 (a lorad serving TLS: server.tls_cert_file) trusts that CA bundle, and --tls-server-name is the
 name its certificate carries when the address's host is not (a tunnel, an address by IP).
 
@@ -139,7 +140,10 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS") or "127.0.0.1:50051")
     ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
                     help="a bearer token from auth.tokens (other local accounts see "
-                         "arguments in ps: prefer LORAD_TOKEN)")
+                         "arguments in ps: prefer LORAD_TOKEN or --token-file)")
+    ap.add_argument("--token-file", type=pathlib.Path,
+                    default=os.environ.get("LORAD_TOKEN_FILE") or None,
+                    help="read the bearer token from this file (its line ending dropped)")
     ap.add_argument("--ca-cert", type=pathlib.Path,
                     help="use TLS, trusting this PEM CA bundle")
     ap.add_argument("--tls-server-name",
@@ -161,6 +165,13 @@ def main(argv=None) -> int:
     from google.protobuf import json_format
 
     try:
+        if args.token_file:
+            if args.token:
+                raise ValueError("give a token (--token or LORAD_TOKEN) or a token file "
+                                 "(--token-file or LORAD_TOKEN_FILE), not both")
+            args.token = args.token_file.read_text().strip()
+            if not args.token:
+                raise ValueError(f"the token file {args.token_file} is empty")
         client = LoradClient(args.address, args.token, ca_cert=args.ca_cert,
                              tls_server_name=args.tls_server_name)
         if args.command == "submit":

@@ -152,7 +152,8 @@ def test_loradctl_says_what_to_do_about_tokens_tls_and_its_listing_limit(secured
         train.SubmitJob(tpb.SubmitJobRequest(spec=tpb.JobSpec(
             adapter_name=name, dataset=tpb.DatasetSpec(path="qa.jsonl"))), metadata=bearer(ADMIN),
             timeout=30)
-    env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "LORAD_TOKEN")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LORAD_ADDRESS", "LORAD_TOKEN", "LORAD_TOKEN_FILE")}
 
     def ctl(*args):
         return subprocess.run([str(BUILD / "clients" / "loradctl"), "--address", d.grpc_address,
@@ -160,7 +161,7 @@ def test_loradctl_says_what_to_do_about_tokens_tls_and_its_listing_limit(secured
 
     none = ctl("train", "ls")
     assert none.returncode == 26 and none.stderr.count("\n") == 1, none.stderr
-    assert "(give --token or set LORAD_TOKEN)" in none.stderr, none.stderr
+    assert "(give --token or --token-file, or set LORAD_TOKEN)" in none.stderr, none.stderr
     wrong = ctl("--token", "wrong-token-0123456789abcdef", "train", "ls")
     assert "(the token given is not one of the daemon's auth.tokens)" in wrong.stderr, wrong.stderr
     cut = ctl("--token", USER, "train", "ls", "--limit", "2")
@@ -173,6 +174,72 @@ def test_loradctl_says_what_to_do_about_tokens_tls_and_its_listing_limit(secured
     assert tls.returncode == 24 and tls.stderr.count("\n") == 1, tls.stderr
     assert tls.stderr.startswith("loradctl: UNAVAILABLE: cannot reach lorad at "), tls.stderr
     assert "lorad there serves plaintext: leave out --ca-cert" in tls.stderr, tls.stderr
+
+
+def test_loradctl_reads_its_token_from_a_file(secured, tmp_path):
+    """--token was the only way to give a token on the command line, and other accounts see it
+    in ps: --token-file (or LORAD_TOKEN_FILE) reads it from a file, without the line ending an
+    editor or echo leaves, and says when the file is readable by others."""
+    d, _ = secured
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LORAD_ADDRESS", "LORAD_TOKEN", "LORAD_TOKEN_FILE")}
+
+    def ctl(*args, extra_env=None):
+        return subprocess.run([str(BUILD / "clients" / "loradctl"), "--address", d.grpc_address,
+                               *args], capture_output=True, text=True,
+                              env={**env, **(extra_env or {})}, timeout=60)
+
+    private = tmp_path / "token"
+    private.write_bytes(USER.encode() + b"\r\n")
+    private.chmod(0o600)
+    by_flag = ctl("--token-file", str(private), "train", "ls")
+    assert by_flag.returncode == 0 and by_flag.stderr == "", by_flag.stderr
+    by_env = ctl("adapters", "ls", extra_env={"LORAD_TOKEN_FILE": str(private)})
+    assert by_env.returncode == 0 and by_env.stderr == "", by_env.stderr
+
+    shared = tmp_path / "shared-token"
+    shared.write_text(USER + "\n")
+    shared.chmod(0o644)
+    warned = ctl("--token-file", str(shared), "train", "ls")
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr == (f"loradctl: warning: the token file {shared} is readable by other "
+                             f"accounts (chmod 600 {shared})\n"), warned.stderr
+
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("wrong-token-0123456789abcdef\n")
+    refused = ctl("--token-file", str(wrong), "train", "ls")
+    assert refused.returncode == 26, refused.stderr
+    assert "(the token given is not one of the daemon's auth.tokens)" in refused.stderr
+
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    for args, extra, says in [
+        (["--token-file", str(empty)], None, f"the token file {empty} (given by --token-file or "
+                                             "LORAD_TOKEN_FILE) is empty"),
+        (["--token-file", str(tmp_path / "absent")], None,
+         f"cannot read the token file {tmp_path / 'absent'} (given by --token-file or "
+         "LORAD_TOKEN_FILE): No such file or directory"),
+        (["--token-file", str(private)], {"LORAD_TOKEN": USER},
+         "give a token (--token or LORAD_TOKEN) or a token file (--token-file or "
+         "LORAD_TOKEN_FILE), not both"),
+    ]:
+        failed = ctl(*args, "train", "ls", extra_env=extra)
+        assert failed.returncode == 2 and failed.stdout == "", failed.stderr
+        assert failed.stderr.startswith("loradctl: " + says), failed.stderr
+    spaced = tmp_path / "spaced-token"
+    spaced.write_text("two words\n")
+    failed = ctl("--token-file", str(spaced), "train", "ls")
+    assert failed.returncode == 2 and "has white space" in failed.stderr, failed.stderr
+    assert str(spaced) in failed.stderr, failed.stderr
+    # The Python client example takes the same file.
+    client = [sys.executable, str(ROOT / "clients" / "python" / "lorad_client.py"), "--address",
+              d.grpc_address]
+    py = subprocess.run(client + ["--token-file", str(private), "adapters"], capture_output=True,
+                        text=True, env=env, timeout=120)
+    assert py.returncode == 0 and py.stderr == "", py.stderr
+    py = subprocess.run(client + ["adapters"], capture_output=True, text=True, timeout=120,
+                        env={**env, "LORAD_TOKEN_FILE": str(private), "LORAD_TOKEN": USER})
+    assert py.returncode == 2 and "not both" in py.stderr, py.stderr
 
 
 def test_debug_log_level_logs_each_call(tmp_path, stubs):
