@@ -24,7 +24,8 @@ absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerCon
     if (!action.empty()) {
       // A client's names in it, cut and without line breaks: one line a call.
       std::string said = engine::Utf8Shortened(action, 200);
-      std::replace_if(said.begin(), said.end(), [](char c) { return c >= 0 && c < 0x20; }, '?');
+      std::replace_if(
+          said.begin(), said.end(), [](char c) { return c >= 0 && c < 0x20; }, '?');
       spdlog::info("{} by '{}' ({})", said, principal->name, context.peer());
     }
     return absl::OkStatus();
@@ -35,8 +36,9 @@ absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerCon
   static LogLimiter limiter(std::chrono::seconds(10));
   const std::string peer = context.peer();
   const std::string reason(principal.status().message());
-  if (auto held = limiter.Allow(absl::StrCat(peer.substr(0, peer.rfind(':')), "|", reason))) {
-    spdlog::warn("refused a call from {}: {}{}", peer, reason, LogLimiter::HeldBack(*held));
+  const std::string line = absl::StrCat("refused a call from ", peer, ": ", reason);
+  if (auto held = limiter.Allow(absl::StrCat(peer.substr(0, peer.rfind(':')), "|", reason), line)) {
+    spdlog::warn("{}{}", line, LogLimiter::HeldBack(*held));
   }
   return principal.status();
 }

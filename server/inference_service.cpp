@@ -282,10 +282,12 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   static void LogError(const State& s, const engine::TokenEvent& e) {
     static LogLimiter limiter(std::chrono::seconds(10));
     const std::string message(e.status.message());
-    if (auto held = limiter.Allow(absl::StrCat(s.adapter, "|", message))) {
-      spdlog::warn("a generation request{} ended with an error after {} token(s): {}{}",
-                   s.adapter.empty() ? "" : absl::StrCat(" on adapter '", s.adapter, "'"),
-                   e.usage.completion_tokens, message, LogLimiter::HeldBack(*held));
+    const std::string line = absl::StrCat(
+        "a generation request",
+        s.adapter.empty() ? "" : absl::StrCat(" on adapter '", s.adapter, "'"),
+        " ended with an error after ", e.usage.completion_tokens, " token(s): ", message);
+    if (auto held = limiter.Allow(absl::StrCat(s.adapter, "|", message), line)) {
+      spdlog::warn("{}{}", line, LogLimiter::HeldBack(*held));
     }
   }
 

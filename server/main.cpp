@@ -48,11 +48,11 @@ void RouteGrpcLogs() {
     static lorad::server::LogLimiter limiter(std::chrono::seconds(10));
     const std::string file = args->file != nullptr ? args->file : "?";
     const std::string where = absl::StrCat(file.substr(file.rfind('/') + 1), ":", args->line);
-    const auto held = limiter.Allow(where);
+    std::string line =
+        absl::StrCat("grpc ", where, ": ", args->message != nullptr ? args->message : "");
+    const auto held = limiter.Allow(where, line);
     if (!held) return;
-    const std::string line =
-        absl::StrCat("grpc ", where, ": ", args->message != nullptr ? args->message : "",
-                     lorad::server::LogLimiter::HeldBack(*held));
+    line += lorad::server::LogLimiter::HeldBack(*held);
     if (args->severity == GPR_LOG_SEVERITY_ERROR) {  // often a client's: a failed handshake
       spdlog::warn("{}", line);
     } else if (args->severity == GPR_LOG_SEVERITY_INFO) {
@@ -245,6 +245,9 @@ int main(int argc, char** argv) {
     std::_Exit(kExitRuntime);
   }).detach();
 
+  // Counts of log lines held back that no later line carried, every 10 s and at the end (made
+  // before the daemon, so it goes after it).
+  lorad::server::HeldBackCountsWriter held_back_counts(std::chrono::seconds(10));
   lorad::server::Daemon daemon(config);
   if (auto status = daemon.Start(); !status.ok()) {
     const bool usage = absl::IsInvalidArgument(status) || absl::IsNotFound(status);

@@ -375,3 +375,11 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+    # The count of those held back was written only with a next such line, which never came: at
+    # the latest the shutdown writes it.
+    counts = [line for line in log.read_text().splitlines()
+              if "more log line(s) like this one were held back: grpc " in line
+              and "Handshake failed" in line]
+    assert counts, log.read_text()[-3000:]
+    held = sum(int(re.search(r"\] (\d+) more log line", line).group(1)) for line in counts)
+    assert held >= 20, counts

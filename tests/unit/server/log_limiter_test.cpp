@@ -3,9 +3,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace lorad::server {
 namespace {
@@ -49,6 +52,41 @@ TEST(LogLimiterTest, NewKeysShareOneWhileAllAreActive) {
   EXPECT_TRUE(limiter.Allow("late-a"));
   EXPECT_FALSE(limiter.Allow("late-b"));
   EXPECT_FALSE(limiter.Allow("key0"));  // its own interval too
+}
+
+// A burst, then quiet: the count held back was written only with the key's next line, so a
+// client refused 500 times in a second and never again left one line and no count. It is taken
+// once the interval has passed with the last line written, and all of it at shutdown.
+TEST(LogLimiterTest, CountsNoLaterLineCarriesAreTaken) {
+  LogLimiter limiter(milliseconds(100));
+  std::vector<std::pair<std::string, int64_t>> taken;
+  const auto take = [&](const std::string& line, int64_t held) { taken.emplace_back(line, held); };
+  ASSERT_EQ(limiter.Allow("client-a", "refused a"), 0);
+  ASSERT_EQ(limiter.Allow("client-b", "refused b"), 0);
+  for (int i = 0; i < 5; ++i) ASSERT_FALSE(limiter.Allow("client-a", "refused a again"));
+  limiter.TakeHeldBack(false, take);
+  EXPECT_TRUE(taken.empty());  // within the interval: a next line may still carry it
+  std::this_thread::sleep_for(milliseconds(150));
+  limiter.TakeHeldBack(false, take);
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0], std::make_pair(std::string("refused a"), int64_t{5}));
+  // Taken counts start again: the key's next line has none to carry, and is held back as after
+  // a written line; at shutdown every count goes, whatever its interval.
+  EXPECT_FALSE(limiter.Allow("client-a", "refused a"));
+  limiter.TakeHeldBack(false, take);
+  EXPECT_EQ(taken.size(), 1u);
+  limiter.TakeHeldBack(true, take);
+  ASSERT_EQ(taken.size(), 2u);
+  EXPECT_EQ(taken[1], std::make_pair(std::string("refused a"), int64_t{1}));
+  // The daemon's writer reaches every limiter of the process (most are function-local statics).
+  ASSERT_EQ(limiter.Allow("client-b", "refused b again"), 0);
+  for (int i = 0; i < 2; ++i) ASSERT_FALSE(limiter.Allow("client-b", "refused b once more"));
+  std::this_thread::sleep_for(milliseconds(150));
+  taken.clear();
+  LogLimiter::TakeAllHeldBack(false, take);
+  EXPECT_NE(std::find(taken.begin(), taken.end(),
+                      std::make_pair(std::string("refused b again"), int64_t{2})),
+            taken.end());
 }
 
 }  // namespace
