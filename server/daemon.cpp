@@ -420,11 +420,11 @@ absl::Status Daemon::ServeRecordedAdapters() {
   if (!recorded.ok()) {
     // Started anyway, every name would count its versions from 1 again: a client that saw v5
     // would see v1, and a load would be answered while its record stayed the older v5.
-    return absl::DataLossError(absl::StrCat(
-        "storage.data_dir: the adapter records in ",
-        (std::filesystem::path(config_.storage.data_dir) / "jobs.db").string(), " cannot be read (",
-        recorded.status().message(),
-        "); restore the file from a backup, or move it aside to start with no jobs or adapters"));
+    return absl::DataLossError(
+        absl::StrCat("storage.data_dir: the adapter records in ",
+                     (std::filesystem::path(config_.storage.data_dir) / "jobs.db").string(),
+                     " cannot be read (", recorded.status().message(), "); ", kRestoreAdvice,
+                     ", or move it aside to start with no jobs or adapters"));
   }
   std::vector<ServedAdapter> adapters = *std::move(recorded);
   // A data folder from before lorad recorded adapters (its first start since): the newest
@@ -560,8 +560,8 @@ absl::Status Daemon::OpenJobStore() {
     if (folders > 0) {
       return absl::FailedPreconditionError(absl::StrCat(
           "job database '", db_path, "' holds no job, but ", JobsDir(), " holds ", folders,
-          " job folders: the database was lost or replaced; restore it, or move ", JobsDir(),
-          " aside to start with an empty job queue (and adapter versions from 1)"));
+          " job folders: the database was lost or replaced; ", kRestoreAdvice, ", or move ",
+          JobsDir(), " aside to start with an empty job queue (and adapter versions from 1)"));
     }
   } else {
     // Job folders it does not know: an older copy of the database (a restored backup, a copy

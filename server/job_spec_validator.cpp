@@ -564,7 +564,10 @@ absl::StatusOr<engine::TrainingJobConfig> TrainingJobConfigFromSpec(
             ? engine::ReadRegularFile(c.data.path, "the job's inline examples")
             : absl::NotFoundError("");
     const bool same = stored.ok() && *stored == jsonl;
-    if (auto s = same ? absl::OkStatus() : engine::WriteFileAtomically(c.data.path, jsonl);
+    // Private as jobs.db, which holds the same examples (an older lorad wrote it 0644).
+    if (same) std::filesystem::permissions(c.data.path, std::filesystem::perms(0600), ec);
+    if (auto s = same ? absl::OkStatus()
+                      : engine::WriteFileAtomically(c.data.path, jsonl, engine::kPrivateFile);
         !s.ok()) {
       return engine::IsStorageFailure(s) ? absl::UnavailableError(s.message()) : s;
     }

@@ -649,7 +649,14 @@ absl::StatusOr<std::vector<ServedAdapter>> JobStore::ReadAdapters(Statement& s) 
 }
 
 absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    {
+      std::lock_guard<std::mutex> counted(counted_mu_);
+      if (last_counts_) return *last_counts_;
+    }
+    lock.lock();
+  }
   std::vector<std::pair<JobState, int64_t>> counts;
   for (JobState state : {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
                          JobState::kFailed, JobState::kCancelled}) {
@@ -668,6 +675,8 @@ absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState
     --counts[static_cast<int>(stored) - 1].second;
     ++counts[static_cast<int>(JobState::kCancelled) - 1].second;
   }
+  std::lock_guard<std::mutex> counted(counted_mu_);
+  last_counts_ = counts;
   return counts;
 }
 

@@ -30,6 +30,13 @@ namespace lorad::server {
 
 class Statement;  // sqlite_statement.h
 
+// How to put a backup of the job database in its place: the -wal file a running (or killed)
+// lorad left beside it would be replayed over the backup by SQLite, which then either never takes
+// or reads as damaged. (sqlite_statement.h's kDamagedAdvice begins with the same words.)
+inline constexpr char kRestoreAdvice[] =
+    "with lorad stopped, restore it from a backup and delete its -wal and -shm files beside it "
+    "(SQLite would replay them over the backup)";
+
 enum class JobState { kQueued = 1, kRunning = 2, kSucceeded = 3, kFailed = 4, kCancelled = 5 };
 
 const char* JobStateName(JobState state);
@@ -249,7 +256,10 @@ class JobStore {
   static std::string UncleanStopsError(int64_t stops, int64_t step,
                                        const std::vector<std::string>& others);
 
-  // Jobs per state, for metrics.
+  // Jobs per state, for metrics. While another call holds the store (a write waiting out the
+  // busy timeout behind a sqlite3 shell's lock, a deletion of a long job's history) it answers
+  // the last counts at once, rather than hold the HTTP server's one thread, and with it /healthz,
+  // for seconds; the first call waits.
   absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();
 
   // Small facts about the data folder kept with the jobs ("data_dir": where it was at the last
@@ -302,6 +312,9 @@ class JobStore {
   std::string path_;
   std::string base_fingerprint_;            // SetBaseFingerprint
   std::chrono::milliseconds busy_timeout_;  // how long a write waits for another writer
+  // CountByState's last answer, for a call that finds mu_ taken.
+  std::mutex counted_mu_;
+  std::optional<std::vector<std::pair<JobState, int64_t>>> last_counts_;
 };
 
 }  // namespace lorad::server

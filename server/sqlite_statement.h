@@ -13,10 +13,11 @@
 namespace lorad::server {
 
 // What a user does about a damaged job database (JobStore::Open's check, or a page that shows its
-// damage only when read).
+// damage only when read): restore it (kRestoreAdvice, job_store.h), or start again.
 inline constexpr char kDamagedAdvice[] =
-    "restore it from a backup, or stop lorad and move it, and the jobs folder beside it, aside to "
-    "start with an empty job queue (adapter versions then start from 1)";
+    "with lorad stopped, restore it from a backup and delete its -wal and -shm files beside it "
+    "(SQLite would replay them over the backup), or move it, and the jobs folder beside it, aside "
+    "to start with an empty job queue (adapter versions then start from 1)";
 
 // An error of `db` that names the file and, where there is one, what to do: a full disk is
 // RESOURCE_EXHAUSTED, a damaged file DATA_LOSS, anything else INTERNAL.

@@ -50,10 +50,19 @@ absl::Status SyncPath(const std::string& path) {
   return absl::OkStatus();
 }
 
-absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes, unsigned mode) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
   if (fd < 0) {
     return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+  }
+  // A file left from an earlier write (a .tmp of a killed one, a file of an older lorad) keeps
+  // its mode through O_CREAT: a private one is made private whatever it was (the umask only ever
+  // takes permissions away, so 0600 is what O_CREAT would have given).
+  if ((mode & 077) == 0 && ::fchmod(fd, mode) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return absl::InternalError(
+        absl::StrCat("cannot set the mode of ", path, ": ", std::strerror(err)));
   }
   size_t done = 0;
   while (done < bytes.size()) {
@@ -74,9 +83,9 @@ absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes) 
   return absl::OkStatus();
 }
 
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes, unsigned mode) {
   const std::string tmp = path + ".tmp";
-  if (auto s = WriteSyncedFile(tmp, bytes); !s.ok()) {
+  if (auto s = WriteSyncedFile(tmp, bytes, mode); !s.ok()) {
     std::remove(tmp.c_str());
     return s;
   }

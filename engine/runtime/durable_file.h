@@ -14,12 +14,21 @@ namespace lorad::engine {
 // fsyncs a file or a folder (a folder's fsync makes the renames inside it durable).
 absl::Status SyncPath(const std::string& path);
 
-// Writes `bytes` to `path` (replacing it) and fsyncs the file; no rename.
-absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes);
+// The mode of what lorad writes: kSharedFile for what other accounts may read (adapters, merged
+// models), kPrivateFile for a job's examples and what quotes them (inline datasets, held-out
+// answers), which jobs.db (0600) also keeps from other accounts.
+inline constexpr unsigned kSharedFile = 0644;
+inline constexpr unsigned kPrivateFile = 0600;
+
+// Writes `bytes` to `path` (replacing it, with `mode` whatever it had) and fsyncs the file; no
+// rename.
+absl::Status WriteSyncedFile(const std::string& path, const std::string& bytes,
+                             unsigned mode = kSharedFile);
 
 // Writes `bytes` to <path>.tmp, fsyncs it, renames it over `path` and fsyncs the folder: a reader
 // sees the old file or the new one, never a part.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes,
+                                 unsigned mode = kSharedFile);
 
 // Puts the finished folder `from` in the place of the folder `to`, which exists, and removes the
 // old one: swapped in one step where the filesystem can (RENAME_EXCHANGE), so a kill meanwhile

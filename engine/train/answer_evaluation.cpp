@@ -237,7 +237,8 @@ absl::Status WriteEvaluationReport(const std::string& output_dir, int64_t step,
   std::filesystem::create_directories(output_dir, ec);  // a write below names a failure
   const std::filesystem::path path = std::filesystem::path(output_dir) / "eval_report.json";
   const std::string text = EvaluationReportJson(step, loss, held_out, answers);
-  if (auto st = WriteFileAtomically(path.string(), text); !st.ok()) return st;
+  // It quotes held-out examples: private, as the job's dataset.
+  if (auto st = WriteFileAtomically(path.string(), text, kPrivateFile); !st.ok()) return st;
   summary.eval_report_path = path.string();
   summary.eval_loss = loss.loss;
   summary.rouge = answers.mean;

@@ -3,6 +3,7 @@ QLoRA): submit a fine-tuning job, watch its loss step by step, see the adapter p
 with it while a second job trains, scrape the metrics, cancel; jobs across restarts, deletion,
 continued adapters (stops and crashes: test_training_stops.py)."""
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -267,6 +268,8 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, stubs):
     from rouge_score import rouge_scorer
 
     report = json.loads(open(summary.eval_report_path).read())
+    # It quotes held-out examples: private, as jobs.db (it was 0644).
+    assert os.stat(summary.eval_report_path).st_mode & 0o777 == 0o600
     assert report["answered"] == 4 and report["validation_loss"] > 0
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     mean_l = sum(scorer.score(e["reference"], e["prediction"])["rougeL"].fmeasure
@@ -556,6 +559,7 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
         (tmp_path / "data" / f"jobs.db{suffix}").unlink(missing_ok=True)
     lost = start_another()
     assert lost.returncode != 0 and "holds no job" in lost.stderr, lost.stderr
+    assert "with lorad stopped, restore it from a backup and delete its -wal" in lost.stderr
 
 
 def test_a_deleted_job_leaves_no_record_or_files_and_its_adapter_must_be_unloaded_first(

@@ -258,6 +258,25 @@ TEST(JobRunnerTest, AnInlineExampleInvalidAtSubmitStaysInvalidInTheJobsFile) {
   EXPECT_EQ(lines[2], "{\"text\":\t\t \"second\"}");
 }
 
+// The inline examples' file holds what jobs.db (0600) keeps from other accounts: it was written
+// 0644 in a 0755 folder. Private now, and one an older lorad wrote is made private at the next
+// start even when its content is unchanged.
+TEST(JobRunnerTest, TheInlineExamplesFileIsPrivate) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "job_runner_test-inline-private";
+  fs::remove_all(dir);
+  lorad::v1::JobSpec spec;
+  spec.set_adapter_name("inline-bot");
+  spec.mutable_dataset()->add_inline_examples()->set_json(R"({"text": "a secret"})");
+  auto config = TrainingJobConfigFromSpec(spec, (dir / "job").string(), (dir / "data").string());
+  ASSERT_TRUE(config.ok()) << config.status();
+  const auto mode = [&] { return fs::status(config->data.path).permissions() & fs::perms::all; };
+  EXPECT_EQ(mode(), fs::perms::owner_read | fs::perms::owner_write);
+  fs::permissions(config->data.path, fs::perms(0644));
+  config = TrainingJobConfigFromSpec(spec, (dir / "job").string(), (dir / "data").string());
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(mode(), fs::perms::owner_read | fs::perms::owner_write);
+}
+
 // A recorded dataset path the job can no longer read inside the root says why: the root pointed
 // elsewhere since the job was submitted, or a symlink put in the file's place that leads out.
 TEST(JobRunnerTest, ADatasetNoLongerInsideTheRootSaysWhetherTheRootOrTheFileChanged) {

@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <thread>
 
 namespace lorad::server {
 namespace {
@@ -261,6 +264,40 @@ TEST_F(JobStoreTest, ASuccessTheDatabaseRefusesKeepsTheJobPublishing) {
   ASSERT_TRUE(
       store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""}).ok());
   EXPECT_EQ(store->Get(job->id)->state, JobState::kSucceeded);
+}
+
+// A write waiting out the busy timeout behind another connection's lock (a sqlite3 shell, a
+// backup tool) held the store, and the metrics' job counts waited for it: every scrape, and a
+// /healthz behind it on the HTTP server's one thread, took seconds. The counts answer at once
+// with the last ones while the store is taken: here before the blocked write has given up.
+TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
+  auto opened = JobStore::Open(path_, std::chrono::seconds(30));
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  std::unique_ptr<JobStore> store = std::move(*opened);
+  ASSERT_TRUE(store->Insert("a", "a", 0, 1, 10).ok());
+  auto before = store->CountByState();
+  ASSERT_TRUE(before.ok()) << before.status();
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  std::atomic<bool> inserted{false};
+  std::thread writer([&] {
+    EXPECT_TRUE(store->Insert("b", "b", 0, 1, 10).ok());
+    inserted = true;
+  });
+  // The writer takes the store and waits on the lock; the counts answer meanwhile (before, they
+  // waited out the writer's 30 s, which then failed).
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto during = store->CountByState();
+  ASSERT_TRUE(during.ok()) << during.status();
+  EXPECT_EQ(*during, *before);
+  EXPECT_FALSE(inserted) << "the write should still be waiting for the lock";
+  ASSERT_EQ(sqlite3_exec(blocker, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(blocker);
+  writer.join();
+  auto after = store->CountByState();
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ((*after)[0], std::make_pair(JobState::kQueued, int64_t{2}));
 }
 
 // A cancel the database refuses (what a full disk does; here another connection holds its write
@@ -755,6 +792,9 @@ TEST_F(JobStoreTest, ADamagedPageIsFoundWhenTheStoreOpens) {
   EXPECT_NE(store.status().message().find(path_), std::string::npos) << store.status();
   EXPECT_NE(store.status().message().find("is damaged"), std::string::npos) << store.status();
   EXPECT_NE(store.status().message().find("and the jobs folder beside it"), std::string::npos)
+      << store.status();
+  // A backup put in its place with the last run's -wal beside it is replayed over by SQLite.
+  EXPECT_NE(store.status().message().find("delete its -wal and -shm files"), std::string::npos)
       << store.status();
 }
 
