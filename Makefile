@@ -16,6 +16,8 @@ CMAKE_ARGS ?=
 MODEL ?=
 # Extra arguments for lorad under `make run`, e.g. ARGS="--log-level debug".
 ARGS ?=
+# Where `make install` puts bin/{lorad,loradctl} and lib/ (every library they load).
+PREFIX ?= /opt/lorad
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_MAXSIZE ?= 5G
 # Build folders of one checkout share cache hits: paths relative to the checkout, and the
@@ -25,7 +27,7 @@ export CCACHE_NOHASHDIR ?= 1
 # Precompiled headers (torch/torch.h) are cacheable only with these relaxations.
 export CCACHE_SLOPPINESS ?= pch_defines,time_macros,include_file_mtime,include_file_ctime
 
-.PHONY: all setup configure build test test-cpp test-py run format clean
+.PHONY: all setup configure build test test-cpp test-py run install format clean
 
 all: build
 
@@ -67,6 +69,10 @@ test: test-cpp test-py
 run: build
 	source $(BUILD_DIR)/setup.env && \
 	exec $(BUILD_DIR)/server/lorad --config $(CONFIG) --model "$(if $(MODEL),$(MODEL),$$LORAD_MODEL)" $(ARGS)
+
+# A tree that runs without the build's venv or this checkout (deploy/lorad.service runs it).
+install: build
+	bash deploy/collect_runtime_libs.sh $(BUILD_DIR) $(PREFIX)
 
 format:
 	find engine kernels server tests clients \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) \

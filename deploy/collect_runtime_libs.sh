@@ -5,6 +5,11 @@
 #   deploy/collect_runtime_libs.sh BUILD_DIR DEST   ->  DEST/bin/{lorad,loradctl}, DEST/lib/*.so*
 #   deploy/collect_runtime_libs.sh BUILD_DIR --list ->  prints the libraries it would copy
 #
+# The binaries in DEST/bin find their libraries in DEST/lib through their RUNPATH
+# ($ORIGIN/../lib), not through the build's venv under the builder's home: `make install`
+# (PREFIX=/opt/lorad) uses it for a service run by another account (deploy/lorad.service).
+# LINK=1 hard-links the libraries where DEST is on their filesystem (a test's quick copy).
+#
 # ldd sees only the libraries linked at build time. torch dlopen()s more once it runs (cuDNN's
 # libcudnn_*.so.9 pieces, libnvrtc*, libcaffe2_nvrtc.so, libtorch_cuda_linalg.so with cuSOLVER,
 # libnvJitLink, ...), so every library of the torch wheel's lib folder and of the nvidia/*/lib
@@ -61,5 +66,18 @@ cp "$BIN" "$DEST/bin/lorad"
 # The command-line client too (it links nothing lorad does not): `docker compose exec lorad
 # loradctl ...` needs no client built on the host.
 if [[ -x "$BUILD/clients/loradctl" ]]; then cp "$BUILD/clients/loradctl" "$DEST/bin/loradctl"; fi
-cp -L "${libs[@]}" "$DEST/lib/"
+if [[ "${LINK:-}" == 1 ]] && cp -L --link "${libs[@]}" "$DEST/lib/" 2>/dev/null; then :; else
+  cp -L "${libs[@]}" "$DEST/lib/"
+fi
+# The build's RUNPATH names the venv's torch/lib (and CUDA's folders): replaced, in place, by the
+# folder beside bin/. (CMake edits ELF files without patchelf; the new path is shorter.)
+set_runpath="$(mktemp --suffix=.cmake)"
+trap 'rm -f "$set_runpath"' EXIT
+cat > "$set_runpath" <<'CMAKE'
+file(READ_ELF "${FILE}" RUNPATH runpath)
+if(runpath)  # loradctl links no library of the venv: it has none
+  file(RPATH_SET FILE "${FILE}" NEW_RPATH "$ORIGIN/../lib")
+endif()
+CMAKE
+for bin in "$DEST"/bin/*; do cmake -DFILE="$bin" -P "$set_runpath"; done
 echo "collected ${#libs[@]} libraries into $DEST/lib"

@@ -1,5 +1,6 @@
 """The Docker image is a thin wrapper around scripts CI runs: the runtime-library collector finds
 every library lorad needs, and the Dockerfile only calls files that exist."""
+import os
 import re
 import subprocess
 
@@ -14,6 +15,36 @@ def test_runtime_library_collector_resolves_everything():
     for needed in ["libtorch_cpu.so", "libc10.so", "libgrpc++.so", "libprotobuf.so"]:
         assert any(n.startswith(needed) for n in names), (needed, names)
     assert not any(n.startswith("libcuda.so") for n in names)  # the driver comes from the host
+
+
+def test_installed_tree_runs_without_the_build_venv(tmp_path):
+    """The build's lorad finds libtorch through a RUNPATH into the builder's venv (under a home
+    a service account cannot read, and gone with ~/.cache): the installed tree carries its
+    libraries and finds them beside it. LINK=1 hard-links them (4 GB otherwise)."""
+    prefix = tmp_path / "opt-lorad"
+    result = subprocess.run(["make", "-s", "install", f"PREFIX={prefix}",
+                             f"BUILD_DIR={BUILD}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "LINK": "1"})
+    assert result.returncode == 0, result.stderr
+    elf = subprocess.run(["readelf", "-d", str(prefix / "bin" / "lorad")], capture_output=True,
+                         text=True, timeout=60)
+    assert re.search(r"RUNPATH.*\[\$ORIGIN/\.\./lib\]", elf.stdout), elf.stdout
+    # No LD_LIBRARY_PATH, no venv: what a systemd unit's environment gives it.
+    for binary in ("lorad", "loradctl"):
+        ran = subprocess.run([str(prefix / "bin" / binary), "--version"], capture_output=True,
+                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+        assert ran.returncode == 0 and ran.stdout.startswith(binary + " "), ran.stderr
+    loaded = subprocess.run(["ldd", str(prefix / "bin" / "lorad")], capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    torch_line = next(line for line in loaded.stdout.splitlines() if "libtorch_cpu.so" in line)
+    assert str(prefix / "bin" / ".." / "lib") in torch_line, torch_line
+    # The unit stops lorad as compose does, never restarts a bad config, and does not send the
+    # SIGHUP a reload would (lorad stops cleanly on it).
+    unit = (ROOT / "deploy" / "lorad.service").read_text()
+    for line in ("ExecStart=/opt/lorad/bin/lorad ", "TimeoutStopSec=60", "Restart=on-failure",
+                 "RestartPreventExitStatus=2", "LimitNOFILE=65536"):
+        assert "\n" + line in unit, line
+    assert "\nExecReload" not in unit
 
 
 def test_dockerfile_calls_only_existing_scripts_and_make_targets():
