@@ -1,11 +1,15 @@
 // TextTable: left-aligned columns separated by two spaces, for `train ls` and `adapters ls`.
 #pragma once
 
+#include <cstddef>
 #include <ostream>
 #include <string>
 #include <vector>
 
 namespace lorad::cli {
+
+// The columns `text` (UTF-8) takes on a terminal.
+std::size_t DisplayWidth(const std::string& text);
 
 class TextTable {
  public:

@@ -76,12 +76,17 @@ class LoradClient:
         """`ca_cert`: a PEM CA bundle (bytes or a path) for a lorad serving TLS;
         `tls_server_name`: the name its certificate carries, where the address's host is not."""
         self.pb = stubs or load_stubs()
+        # Replies without gRPC's 4 MB receive limit, as loradctl: GetJob returns a job's inline
+        # examples, which lorad accepts up to server.max_request_bytes (a job this client queued
+        # could not be read back).
+        options = [("grpc.max_receive_message_length", -1)]
         if ca_cert is None:
-            self.channel = grpc.insecure_channel(address)
+            self.channel = grpc.insecure_channel(address, options=options)
         else:
             if not isinstance(ca_cert, bytes):
                 ca_cert = pathlib.Path(ca_cert).read_bytes()
-            options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
             self.channel = grpc.secure_channel(
                 address, grpc.ssl_channel_credentials(root_certificates=ca_cert), options=options)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []

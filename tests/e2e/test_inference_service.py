@@ -513,6 +513,37 @@ def test_a_replaced_version_is_listed_as_not_current_while_it_drains(server, pef
     astub.UnloadAdapter(apb.UnloadAdapterRequest(name="swapped"), timeout=60)
 
 
+def test_adapters_ls_lines_up_cells_after_a_non_ascii_path(server, peft_adapter_dir):
+    """The table padded its cells by bytes: a row whose source path held 'é' or '日本' had its
+    RESIDENT and ACTIVE cells out of line with the others'."""
+    from test_loradctl import loradctl
+
+    d, _, _, astub, apb, tmp = server
+    src, _ = peft_adapter_dir
+    for name, folder in [("plain", "plain"), ("accented", "kundé ädapter"), ("wide", "日本語")]:
+        shutil.copytree(src, tmp / "data" / "adapters" / folder)
+        astub.LoadAdapter(apb.LoadAdapterRequest(name=name, path=folder), timeout=60)
+    try:
+        table = loradctl("adapters", "ls", address=d.grpc_address)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        header = lines[0]
+        resident = header.index("RESIDENT")
+
+        def columns(text):  # what a terminal shows: CJK characters take two columns
+            return sum(2 if "\u3000" <= ch <= "\u9fff" else 1 for ch in text)
+
+        rows = [line for line in lines[1:] if line.split()[0] in ("plain", "accented", "wide")]
+        assert len(rows) == 3, table.stdout
+        for row in rows:
+            cell = re.search(r"  (yes|no) +\d+$", row)  # RESIDENT, then ACTIVE
+            assert cell, row
+            assert columns(row[:cell.start(1)]) == resident, table.stdout
+    finally:
+        for name in ("plain", "accented", "wide"):
+            astub.UnloadAdapter(apb.UnloadAdapterRequest(name=name), timeout=60)
+
+
 def test_rank_and_alpha_patterns_serve_like_peft(server, reference, stubs):
     """PEFT's per-module ranks and alphas (rank_pattern, alpha_pattern; EVA writes them too): the
     same greedy tokens as PEFT, and the listed rank is the largest."""

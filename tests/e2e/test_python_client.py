@@ -135,3 +135,22 @@ def test_clients_starting_together_each_get_whole_stubs(tmp_path):
             assert p.returncode == 1 and err.startswith("lorad_client: UNAVAILABLE"), err
         cache = tmp_path / "cache" / "py-stubs"
         assert len(list(cache.iterdir())) == 1, list(cache.iterdir())
+
+
+def test_the_python_client_reads_back_a_job_over_4_mb(tmp_path, stubs):
+    """GetJob returns a job's inline examples, which lorad accepts up to server.max_request_bytes:
+    the client kept gRPC's 4 MB receive limit and could not read the state of a job it had just
+    queued (RESOURCE_EXHAUSTED), which loradctl reads."""
+    d = start_daemon(tmp_path, "--set", "server.max_request_bytes=16777216", "--set",
+                     "training.max_running_jobs=0")
+    try:
+        sys.path.insert(0, str(CLIENT.parent))
+        from lorad_client import LoradClient
+
+        client = LoradClient(d.grpc_address, stubs=stubs)
+        examples = [{"json": json.dumps({"text": f"example {i} " + "x" * 1000})}
+                    for i in range(6000)]
+        job_id = client.submit({"adapter_name": "big", "dataset": {"inline_examples": examples}})
+        assert client.state(job_id) == "JOB_STATE_QUEUED"
+    finally:
+        stop_daemon(d)
