@@ -57,11 +57,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string&
 }
 
 // The services the daemon exposes.
-constexpr const char* kServiceNames[] = {
-    "lorad.v1.TrainingService",
-    "lorad.v1.InferenceService",
-    "lorad.v1.AdapterService",
-};
+constexpr const char* kServiceNames[] = {"lorad.v1.TrainingService", "lorad.v1.InferenceService",
+                                         "lorad.v1.AdapterService"};
 
 // A job running at this many deaths of the daemon in a row, getting no further than its furthest
 // step in between, is failed at the next start, not run again: it is likely what kills the daemon.
@@ -654,12 +651,15 @@ absl::Status Daemon::StartGrpc() {
       std::vector<std::string>(std::begin(kServiceNames), std::end(kServiceNames)));
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
-  // Two threads read datasets for SubmitJob (a large one takes a minute); two more read adapter
-  // files for LoadAdapter and remove DeleteJob's folders, so that neither waits behind those.
+  // Two threads read datasets for SubmitJob (a large one takes a minute); two check submissions
+  // of inline examples only; two more read adapter files for LoadAdapter and remove DeleteJob's
+  // folders: none waits behind the dataset counts.
   blocking_calls_ = std::make_unique<BlockingCalls>(2, 64);
+  file_free_calls_ = std::make_unique<BlockingCalls>(2, 64);
   admin_calls_ = std::make_unique<BlockingCalls>(2, 64);
   TrainingServiceOptions training;
   training.blocking = blocking_calls_.get();
+  training.file_free = file_free_calls_.get();
   training.deletions = admin_calls_.get();
   training.hold_job_folders = [runner = job_runner_.get()] { return runner->HoldJobFolders(); };
   training.spec_limits.dataset_root = dataset_root_;
@@ -775,8 +775,9 @@ void Daemon::Shutdown() {
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
     job_events_.CloseAll();  // job watches never end by themselves
     // Calls reading files end (a dataset's count gives up): the server waits for every call.
-    if (blocking_calls_) blocking_calls_->Stop();
-    if (admin_calls_) admin_calls_->Stop();
+    for (auto* calls : {&blocking_calls_, &file_free_calls_, &admin_calls_}) {
+      if (*calls) (*calls)->Stop();
+    }
     grpc_server_->Shutdown(std::chrono::system_clock::now() +
                            std::chrono::seconds(config_.server.shutdown_grace_seconds));
     grpc_server_->Wait();

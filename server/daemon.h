@@ -92,7 +92,8 @@ class Daemon {
   std::unique_ptr<JobRunner> job_runner_;
   // Folders of deleted jobs a crash left (FinishInterruptedDeletions), removed once serving.
   std::vector<std::string> deleted_job_folders_;
-  std::unique_ptr<BlockingCalls> blocking_calls_;  // SubmitJob's dataset checks
+  std::unique_ptr<BlockingCalls> blocking_calls_;   // SubmitJob's dataset checks
+  std::unique_ptr<BlockingCalls> file_free_calls_;  // ... of jobs on inline examples only
   // LoadAdapter's file reads and DeleteJob's removals: an operator's hot swap does not wait
   // behind users' submissions of large datasets.
   std::unique_ptr<BlockingCalls> admin_calls_;

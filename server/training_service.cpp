@@ -484,12 +484,20 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
     if (auto s = CheckRequestId(request->request_id()); !s.ok()) return FinishUnary(context, s);
     submission = JobStore::Submission{request->request_id(), SpecDigest(spec)};
   }
-  if (options_.blocking == nullptr) {
-    return FinishUnary(context, Submit(spec, submission, nullptr, response));
+  // Sent again: the job the first one queued, at once (a lookup), not behind other submissions'
+  // dataset counts.
+  if (submission) {
+    if (auto again = Resubmitted(*submission, response)) return FinishUnary(context, *again);
   }
-  // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads.
-  return options_.blocking->Run(context, [this, spec = std::move(spec), submission,
-                                          response](const std::atomic<bool>& give_up) mutable {
+  // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads, and a
+  // job on inline examples alone does not wait behind those counts.
+  const bool reads_files =
+      !spec.dataset().path().empty() || !spec.dataset().validation_path().empty();
+  BlockingCalls* calls =
+      reads_files || options_.file_free == nullptr ? options_.blocking : options_.file_free;
+  if (calls == nullptr) return FinishUnary(context, Submit(spec, submission, nullptr, response));
+  return calls->Run(context, [this, spec = std::move(spec), submission,
+                              response](const std::atomic<bool>& give_up) mutable {
     return Submit(spec, submission, &give_up, response);
   });
 }

@@ -49,6 +49,9 @@ struct TrainingServiceOptions {
   // Where SubmitJob reads the dataset and runs check_job, off gRPC's threads; null: on the
   // handler's thread (tests).
   BlockingCalls* blocking = nullptr;
+  // Where SubmitJob checks a spec that names no dataset file (inline examples only): not behind
+  // the counts of large files (`blocking` when null).
+  BlockingCalls* file_free = nullptr;
   // Held while a job that continues an adapter is queued (JobRunner::HoldJobFolders): DeleteJob
   // does not remove that adapter's folder between the check of its files and the job's record.
   std::function<std::unique_lock<std::mutex>()> hold_job_folders;

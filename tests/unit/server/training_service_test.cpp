@@ -10,6 +10,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -477,6 +478,81 @@ TEST(TrainingServiceTest, SubmissionsRunOffGrpcsThreadsBoundedAndEndAtAStop) {
   auto jobs = rig.store().List({}, 10, "");
   ASSERT_TRUE(jobs.ok()) << jobs.status();
   EXPECT_TRUE(jobs->jobs.empty()) << "a submission lorad gave up on was queued";
+}
+
+// A job on inline examples alone, and a submission sent again with its request_id, waited
+// behind other submissions' dataset counts (two 400 MB files held every submission 12 s): they
+// have threads of their own, and a resubmission is a lookup. Here the one thread for datasets is
+// held by a file's submission until both have been answered.
+TEST(TrainingServiceTest, InlineJobsAndResubmissionsDoNotWaitBehindDatasetCounts) {
+  BlockingCalls blocking(/*threads=*/1, /*max_queued=*/1);
+  BlockingCalls file_free(/*threads=*/1, /*max_queued=*/4);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false, release = false;
+  const fs::path root = fs::path(::testing::TempDir()) / "training_service_test-file-free";
+  TrainingServiceOptions options;
+  options.blocking = &blocking;
+  options.file_free = &file_free;
+  options.spec_limits.dataset_root = root.string();
+  options.check_job = [&](const lorad::v1::JobSpec& spec, const std::atomic<bool>*) {
+    if (spec.dataset().path().empty()) return absl::OkStatus();
+    std::unique_lock<std::mutex> lock(mu);
+    entered = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+    return absl::OkStatus();
+  };
+  Rig rig("file-free", std::move(options));
+  std::ofstream(root / "big.jsonl") << R"({"question": "q", "answer": "a"})"
+                                    << "\n";
+  const auto submit = [&](const lorad::v1::SubmitJobRequest& request, lorad::v1::Job* job) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    return rig.stub().SubmitJob(&context, request, job);
+  };
+  lorad::v1::SubmitJobRequest retried = OneExampleJob();
+  retried.set_request_id("retry-1");
+  lorad::v1::Job first;
+  ASSERT_TRUE(submit(retried, &first).ok());
+  lorad::v1::SubmitJobRequest from_file;
+  from_file.mutable_spec()->set_adapter_name("big");
+  from_file.mutable_spec()->mutable_dataset()->set_path("big.jsonl");
+  grpc::Status held;
+  std::thread counting([&] {
+    lorad::v1::Job job;
+    held = submit(from_file, &job);
+  });
+  struct Finally {
+    std::function<void()> run;
+    ~Finally() { run(); }
+  } finally{[&] {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+    if (counting.joinable()) counting.join();
+    blocking.Stop();
+    file_free.Stop();
+  }};
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return entered; }));
+  }
+  lorad::v1::Job inline_job, again;
+  const grpc::Status inline_status = submit(OneExampleJob(), &inline_job);
+  EXPECT_TRUE(inline_status.ok()) << inline_status.error_message();
+  const grpc::Status again_status = submit(retried, &again);
+  EXPECT_TRUE(again_status.ok()) << again_status.error_message();
+  EXPECT_EQ(again.id(), first.id());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  counting.join();
+  EXPECT_TRUE(held.ok()) << held.error_message();
 }
 
 // A submission whose client gave up (its deadline passed) while its dataset was checked is not
