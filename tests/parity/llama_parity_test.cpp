@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -49,10 +50,16 @@ std::map<std::string, torch::Tensor> References(const std::string& name) {
   return out;
 }
 
+// Infinity when either side holds a NaN or an infinity: callers keep the worst difference with
+// std::max, which drops a NaN (it compares false), and a model that output only NaNs passed.
 double MaxAbsDiff(const torch::Tensor& a, const torch::Tensor& b) {
   EXPECT_EQ(a.sizes(), b.sizes());
   if (a.sizes() != b.sizes()) return 1e30;
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+  const torch::Tensor x = a.to(torch::kDouble), y = b.to(torch::kDouble);
+  if (!torch::isfinite(x).all().item<bool>() || !torch::isfinite(y).all().item<bool>()) {
+    return std::numeric_limits<double>::infinity();
+  }
+  return (x - y).abs().max().item<double>();
 }
 
 std::unique_ptr<LlamaModel> LoadModel(const json& c) {

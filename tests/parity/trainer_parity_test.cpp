@@ -79,16 +79,28 @@ TEST_P(TrainerParity, LossCurveAndFinalWeightsEqualPeft) {
   const auto norms = c["grad_norms"].get<std::vector<double>>();
   const auto lrs = c["lrs"].get<std::vector<double>>();
   ASSERT_EQ(steps.size(), losses.size());
+  // fp32 on both sides: the losses, gradient norms and weights agree to ~2e-7 (1e-6 over four
+  // accumulated micro-batches), so 1e-5 tells apart a trainer that drops the default weight decay
+  // of 0.01 (loss 1.7e-5, gradient norm 3e-4, weights 6e-5 away). The 8-bit optimizer's moments
+  // round block by block on both sides, a code either way at a boundary: looser there.
+  const bool eight_bit = GetParam() == "adamw_8bit";
+  const double loss_tolerance = eight_bit ? 1e-4 : 1e-5;
+  const double norm_tolerance = eight_bit ? 1e-3 : 1e-5;
   double max_loss_rel = 0, max_norm_rel = 0;
   for (size_t i = 0; i < losses.size(); ++i) {
     const double rel = std::abs(steps[i].loss - losses[i]) / std::abs(losses[i]);
+    const double norm_rel = std::abs(steps[i].grad_norm - norms[i]) / norms[i];
+    // (A NaN compares false with both: std::max and EXPECT_LT would pass it.)
+    ASSERT_TRUE(std::isfinite(rel) && std::isfinite(norm_rel)) << "step " << i + 1;
     max_loss_rel = std::max(max_loss_rel, rel);
-    max_norm_rel = std::max(max_norm_rel, std::abs(steps[i].grad_norm - norms[i]) / norms[i]);
-    EXPECT_LT(rel, 1e-4) << "step " << i + 1 << ": lorad " << steps[i].loss << ", PEFT "
-                         << losses[i];
+    max_norm_rel = std::max(max_norm_rel, norm_rel);
+    EXPECT_LT(rel, loss_tolerance)
+        << "step " << i + 1 << ": lorad " << steps[i].loss << ", PEFT " << losses[i];
+    EXPECT_LT(norm_rel, norm_tolerance) << "step " << i + 1 << ": lorad's gradient norm "
+                                        << steps[i].grad_norm << ", PEFT " << norms[i];
     EXPECT_NEAR(steps[i].learning_rate, lrs[i], 1e-12) << "step " << i + 1;
   }
-  EXPECT_LT(losses.back(), losses.front());  // the run learned something
+  EXPECT_LT(steps.back().loss, steps.front().loss);  // lorad's run learned something
 
   auto ours = LoraAdapter::ReadPeft(summary.adapter_path);
   ASSERT_TRUE(ours.ok()) << ours.status();
@@ -99,8 +111,11 @@ TEST_P(TrainerParity, LossCurveAndFinalWeightsEqualPeft) {
   for (const auto& [name, pair] : theirs->layers) {
     ASSERT_TRUE(ours->layers.count(name)) << name;
     const LoraPair& mine = ours->layers.at(name);
-    max_weight_diff = std::max({max_weight_diff, (mine.a - pair.a).abs().max().item<double>(),
-                                (mine.b - pair.b).abs().max().item<double>()});
+    for (const double diff : {(mine.a - pair.a).abs().max().item<double>(),
+                              (mine.b - pair.b).abs().max().item<double>()}) {
+      ASSERT_TRUE(std::isfinite(diff)) << name;
+      max_weight_diff = std::max(max_weight_diff, diff);
+    }
   }
   if (GetParam() == "adamw_8bit") {
     // Both sides quantize the moments to 8 bits, block by block; a value on the boundary of two
@@ -111,7 +126,7 @@ TEST_P(TrainerParity, LossCurveAndFinalWeightsEqualPeft) {
     for (double lr : lrs) total_lr += lr;
     EXPECT_LT(max_weight_diff, 0.25 * total_lr);
   } else {
-    EXPECT_LT(max_weight_diff, 1e-4);
+    EXPECT_LT(max_weight_diff, 1e-5);
   }
   std::cout << "[parity] " << GetParam() << ": max loss rel diff " << max_loss_rel
             << ", max grad-norm rel diff " << max_norm_rel << ", max final weight diff "

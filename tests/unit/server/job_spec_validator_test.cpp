@@ -4,9 +4,11 @@
 #include "server/job_spec_validator.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <string>
 
 #include "engine/lora/peft_config.h"
 
@@ -18,7 +20,12 @@ namespace fs = std::filesystem;
 class ResolveInitAdapterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    folder_ = fs::path(::testing::TempDir()) / "resolve_init_adapter" / "qa";
+    // A folder per test: ctest runs this fixture's tests as separate processes, two at once.
+    folder_ = fs::path(::testing::TempDir()) /
+              (std::string("resolve_init_adapter-") +
+               ::testing::UnitTest::GetInstance()->current_test_info()->name() + "-" +
+               std::to_string(getpid())) /
+              "qa";
     fs::remove_all(folder_);
     fs::create_directories(folder_);
     engine::LoraConfig config;
