@@ -93,7 +93,7 @@ struct Observed {
 // starts after the engine has served alone for a while (or read its data beside the loop) must
 // not run on credit saved up meanwhile. It did, up to 2 s of micro-batches in a row before the
 // next token of any stream. Here: streams served back to back, then a job; between two tokens
-// only a micro-batch or so runs (train_share 0.3: each costs far more than a decode step earns).
+// only a few micro-batches run (train_share 0.3: each costs far more than a decode step earns).
 TEST(EngineTest, AJobStartingBesideStreamsDoesNotSpendCreditSavedBeforeIt) {
   auto engine = StartTinyEngine();
   ASSERT_NE(engine, nullptr);
@@ -168,7 +168,10 @@ TEST(EngineTest, AJobStartingBesideStreamsDoesNotSpendCreditSavedBeforeIt) {
     longest = std::max(longest, run);
   }
   EXPECT_EQ(std::count(seen.begin(), seen.end(), 'S'), 12);
-  EXPECT_LE(longest, 4u) << "training steps in a row while streams waited: " << longest;
+  // Credit is earned by measured time: a decode step the OS paused on a loaded machine earns a
+  // few micro-batches at once (5 in a row seen with the 2 cores busy beside the test), while
+  // saved-up credit ran all 12. 8 tells the two apart without failing on a busy machine.
+  EXPECT_LE(longest, 8u) << "training steps in a row while streams waited: " << longest;
   engine.reset();  // before what its callbacks use
 }
 
