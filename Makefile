@@ -71,7 +71,8 @@ run: build
 	exec $(BUILD_DIR)/server/lorad --config $(CONFIG) --model "$(if $(MODEL),$(MODEL),$$LORAD_MODEL)" $(ARGS)
 
 # A tree that runs without the build's venv or this checkout (deploy/lorad.service runs it).
-install: build
+# It builds nothing (`make build` first, as yourself: `sudo make install` would build as root).
+install:
 	bash deploy/collect_runtime_libs.sh $(BUILD_DIR) $(PREFIX)
 
 format:

@@ -5,9 +5,11 @@
 #   deploy/collect_runtime_libs.sh BUILD_DIR DEST   ->  DEST/bin/{lorad,loradctl}, DEST/lib/*.so*
 #   deploy/collect_runtime_libs.sh BUILD_DIR --list ->  prints the libraries it would copy
 #
-# The binaries in DEST/bin find their libraries in DEST/lib through their RUNPATH
-# ($ORIGIN/../lib), not through the build's venv under the builder's home: `make install`
-# (PREFIX=/opt/lorad) uses it for a service run by another account (deploy/lorad.service).
+# lorad in DEST/bin finds the libraries it names in DEST/lib through its RUNPATH
+# ($ORIGIN/../lib), not through the build's venv under the builder's home; a RUNPATH does not
+# reach the libraries' own dependencies (gRPC's, ICU's), so run it with
+# LD_LIBRARY_PATH=DEST/lib as the image and deploy/lorad.service do, or they come from the host.
+# `make install` (PREFIX=/opt/lorad) uses it for a service run by another account.
 # LINK=1 hard-links the libraries where DEST is on their filesystem (a test's quick copy).
 #
 # ldd sees only the libraries linked at build time. torch dlopen()s more once it runs (cuDNN's

@@ -25,6 +25,10 @@ namespace lorad::server {
 
 class LogLimiter {
  public:
+  // Takes a count of lines held back with the key's last line written and its level.
+  using HeldBackWriter =
+      std::function<void(const std::string& line, int64_t held, spdlog::level::level_enum level)>;
+
   explicit LogLimiter(std::chrono::steady_clock::duration interval) : interval_(interval) {
     std::lock_guard<std::mutex> lock(Registry().mu);
     Registry().limiters.insert(this);
@@ -41,7 +45,9 @@ class LogLimiter {
   // to new ones (their next line would go through anyway), those with nothing held back first;
   // a count held back by a key that goes is carried to the shared key's next line. Only while
   // all are within their interval do new keys share one.
-  std::optional<int64_t> Allow(const std::string& key, const std::string& line = "") {
+  // `level`: the one `line` is logged at, for its count written alone.
+  std::optional<int64_t> Allow(const std::string& key, const std::string& line = "",
+                               spdlog::level::level_enum level = spdlog::level::warn) {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     auto it = keys_.find(key);
@@ -68,6 +74,7 @@ class LogLimiter {
     k.written = true;
     k.last = now;
     k.line = line;
+    k.level = level;
     const int64_t held = k.held_back;
     k.held_back = 0;
     return held;
@@ -76,21 +83,19 @@ class LogLimiter {
   // Hands `write` each key's count of lines held back whose interval has passed with no line
   // to carry it (all of them with `all`, at shutdown), with the key's last line written; the
   // count then starts again, as after a written line.
-  void TakeHeldBack(bool all,
-                    const std::function<void(const std::string& line, int64_t held)>& write) {
+  void TakeHeldBack(bool all, const HeldBackWriter& write) {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [key, k] : keys_) {
       if (k.held_back == 0 || (!all && now - k.last < interval_)) continue;
-      write(k.line, k.held_back);
+      write(k.line, k.held_back, k.level);
       k.held_back = 0;
       k.last = now;
     }
   }
 
   // TakeHeldBack over every LogLimiter of the process.
-  static void TakeAllHeldBack(
-      bool all, const std::function<void(const std::string& line, int64_t held)>& write) {
+  static void TakeAllHeldBack(bool all, const HeldBackWriter& write) {
     std::lock_guard<std::mutex> lock(Registry().mu);
     for (LogLimiter* limiter : Registry().limiters) limiter->TakeHeldBack(all, write);
   }
@@ -107,6 +112,7 @@ class LogLimiter {
     std::chrono::steady_clock::time_point last;
     int64_t held_back = 0;
     std::string line;  // the last one written, for a count written without a line of its own
+    spdlog::level::level_enum level = spdlog::level::warn;  // ... and its level
   };
   // Every LogLimiter (most are function-local statics), for TakeAllHeldBack; never destroyed,
   // so a limiter destroyed at exit can still leave it.
@@ -149,9 +155,10 @@ class HeldBackCountsWriter {
   HeldBackCountsWriter& operator=(const HeldBackCountsWriter&) = delete;
 
  private:
-  static void Write(const std::string& line, int64_t held) {
-    spdlog::warn("{} more log line(s) like this one were held back: {}", held,
-                 line.empty() ? "(lines of several kinds)" : line);
+  // At the line's own level: counts of gRPC's debug lines stay out of an info log.
+  static void Write(const std::string& line, int64_t held, spdlog::level::level_enum level) {
+    spdlog::log(level, "{} more log line(s) like this one were held back: {}", held,
+                line.empty() ? "(lines of several kinds)" : line);
   }
 
   std::mutex mu_;

@@ -50,16 +50,13 @@ void RouteGrpcLogs() {
     const std::string where = absl::StrCat(file.substr(file.rfind('/') + 1), ":", args->line);
     std::string line =
         absl::StrCat("grpc ", where, ": ", args->message != nullptr ? args->message : "");
-    const auto held = limiter.Allow(where, line);
+    const spdlog::level::level_enum level =
+        args->severity == GPR_LOG_SEVERITY_ERROR  ? spdlog::level::warn  // often a client's
+        : args->severity == GPR_LOG_SEVERITY_INFO ? spdlog::level::info
+                                                  : spdlog::level::debug;
+    const auto held = limiter.Allow(where, line, level);
     if (!held) return;
-    line += lorad::server::LogLimiter::HeldBack(*held);
-    if (args->severity == GPR_LOG_SEVERITY_ERROR) {  // often a client's: a failed handshake
-      spdlog::warn("{}", line);
-    } else if (args->severity == GPR_LOG_SEVERITY_INFO) {
-      spdlog::info("{}", line);
-    } else {
-      spdlog::debug("{}", line);
-    }
+    spdlog::log(level, "{}{}", line, lorad::server::LogLimiter::HeldBack(*held));
   });
 }
 

@@ -491,8 +491,10 @@ grpc::ServerUnaryReactor* TrainingService::SubmitJob(grpc::CallbackServerContext
   }
   // Counting a large dataset's records takes seconds to minutes: not on gRPC's threads, and a
   // job on inline examples alone does not wait behind those counts.
-  const bool reads_files =
-      !spec.dataset().path().empty() || !spec.dataset().validation_path().empty();
+  // (Continuing an adapter fingerprints its weights file: a read too.)
+  const bool reads_files = !spec.dataset().path().empty() ||
+                           !spec.dataset().validation_path().empty() ||
+                           !spec.init_adapter().empty();
   BlockingCalls* calls =
       reads_files || options_.file_free == nullptr ? options_.blocking : options_.file_free;
   if (calls == nullptr) return FinishUnary(context, Submit(spec, submission, nullptr, response));

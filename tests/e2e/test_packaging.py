@@ -38,11 +38,26 @@ def test_installed_tree_runs_without_the_build_venv(tmp_path):
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     torch_line = next(line for line in loaded.stdout.splitlines() if "libtorch_cpu.so" in line)
     assert str(prefix / "bin" / ".." / "lib") in torch_line, torch_line
+    # With the unit's LD_LIBRARY_PATH, every library comes from the tree but glibc's and the
+    # driver's (a RUNPATH does not reach the libraries' own dependencies).
+    for binary in ("lorad", "loradctl"):
+        loaded = subprocess.run(["ldd", str(prefix / "bin" / binary)], capture_output=True,
+                                text=True, timeout=60,
+                                env={"PATH": "/usr/bin:/bin",
+                                     "LD_LIBRARY_PATH": str(prefix / "lib")})
+        for line in loaded.stdout.splitlines():
+            if "=>" not in line or "linux-vdso" in line:
+                continue
+            name, path = line.split("=>")[0].strip(), line.split("=>")[1].split("(")[0].strip()
+            if re.match(r"lib(c|m|dl|rt|pthread|cuda|nvidia-.*)\.so", name):
+                continue
+            assert path.startswith(str(prefix)), (binary, line)
     # The unit stops lorad as compose does, never restarts a bad config, and does not send the
     # SIGHUP a reload would (lorad stops cleanly on it).
     unit = (ROOT / "deploy" / "lorad.service").read_text()
     for line in ("ExecStart=/opt/lorad/bin/lorad ", "TimeoutStopSec=60", "Restart=on-failure",
-                 "RestartPreventExitStatus=2", "LimitNOFILE=65536"):
+                 "RestartPreventExitStatus=2", "LimitNOFILE=65536", "StartLimitBurst=5",
+                 "Environment=LD_LIBRARY_PATH=/opt/lorad/lib"):
         assert "\n" + line in unit, line
     assert "\nExecReload" not in unit
 

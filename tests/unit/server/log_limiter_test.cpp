@@ -60,7 +60,9 @@ TEST(LogLimiterTest, NewKeysShareOneWhileAllAreActive) {
 TEST(LogLimiterTest, CountsNoLaterLineCarriesAreTaken) {
   LogLimiter limiter(milliseconds(100));
   std::vector<std::pair<std::string, int64_t>> taken;
-  const auto take = [&](const std::string& line, int64_t held) { taken.emplace_back(line, held); };
+  const auto take = [&](const std::string& line, int64_t held, spdlog::level::level_enum) {
+    taken.emplace_back(line, held);
+  };
   ASSERT_EQ(limiter.Allow("client-a", "refused a"), 0);
   ASSERT_EQ(limiter.Allow("client-b", "refused b"), 0);
   for (int i = 0; i < 5; ++i) ASSERT_FALSE(limiter.Allow("client-a", "refused a again"));
@@ -87,6 +89,14 @@ TEST(LogLimiterTest, CountsNoLaterLineCarriesAreTaken) {
   EXPECT_NE(std::find(taken.begin(), taken.end(),
                       std::make_pair(std::string("refused b again"), int64_t{2})),
             taken.end());
+  // At the level of its line: counts of gRPC's debug lines stayed warnings in an info log.
+  std::vector<spdlog::level::level_enum> levels;
+  ASSERT_EQ(limiter.Allow("grpc", "grpc config.cc:113: ...", spdlog::level::debug), 0);
+  ASSERT_FALSE(limiter.Allow("grpc", "grpc config.cc:113: ...", spdlog::level::debug));
+  limiter.TakeHeldBack(true, [&](const std::string&, int64_t, spdlog::level::level_enum level) {
+    levels.push_back(level);
+  });
+  EXPECT_EQ(levels, std::vector<spdlog::level::level_enum>{spdlog::level::debug});
 }
 
 }  // namespace

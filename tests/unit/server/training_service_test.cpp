@@ -496,7 +496,7 @@ TEST(TrainingServiceTest, InlineJobsAndResubmissionsDoNotWaitBehindDatasetCounts
   options.file_free = &file_free;
   options.spec_limits.dataset_root = root.string();
   options.check_job = [&](const lorad::v1::JobSpec& spec, const std::atomic<bool>*) {
-    if (spec.dataset().path().empty()) return absl::OkStatus();
+    if (spec.adapter_name() != "big") return absl::OkStatus();
     std::unique_lock<std::mutex> lock(mu);
     entered = true;
     cv.notify_all();
@@ -504,14 +504,19 @@ TEST(TrainingServiceTest, InlineJobsAndResubmissionsDoNotWaitBehindDatasetCounts
     return absl::OkStatus();
   };
   Rig rig("file-free", std::move(options));
-  std::ofstream(root / "big.jsonl") << R"({"question": "q", "answer": "a"})"
-                                    << "\n";
+  for (const char* file : {"big.jsonl", "small.jsonl"}) {
+    std::ofstream(root / file) << R"({"question": "q", "answer": "a"})"
+                               << "\n";
+  }
   const auto submit = [&](const lorad::v1::SubmitJobRequest& request, lorad::v1::Job* job) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
     return rig.stub().SubmitJob(&context, request, job);
   };
-  lorad::v1::SubmitJobRequest retried = OneExampleJob();
+  // Sent again while the dataset thread is taken, a file's job known by its request_id.
+  lorad::v1::SubmitJobRequest retried;
+  retried.mutable_spec()->set_adapter_name("small");
+  retried.mutable_spec()->mutable_dataset()->set_path("small.jsonl");
   retried.set_request_id("retry-1");
   lorad::v1::Job first;
   ASSERT_TRUE(submit(retried, &first).ok());
