@@ -44,6 +44,10 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
   std::stringstream content;
   content << in.rdbuf();
   std::string token(absl::StripAsciiWhitespace(content.str()));
+  // A UTF-8 byte order mark, as some editors begin a saved file with.
+  if (absl::StartsWith(token, "\xEF\xBB\xBF")) {
+    token = std::string(absl::StripAsciiWhitespace(token.substr(3)));
+  }
   if (token.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the token file ", path, " (given by ", kTokenFileSource, ") is empty"));
@@ -78,7 +82,8 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionO
     if (!options.token.empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("give a token (--token or LORAD_TOKEN) or a token file (", kTokenFileSource,
-                       "), not both: unset the one you do not mean"));
+                       "), not both: unset the one you do not mean (one on the command "
+                       "line wins over the other's environment variable)"));
     }
     absl::StatusOr<std::string> token = ReadTokenFile(options.token_file);
     if (!token.ok()) return token.status();

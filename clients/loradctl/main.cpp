@@ -375,6 +375,19 @@ int main(int argc, char** argv) {
     }
     return app.exit(e) == 0 ? lorad::cli::kExitOk : lorad::cli::kExitUsage;
   }
+  // A token given on the command line wins over a token file from the environment, and the
+  // other way round (an exported LORAD_TOKEN is overridden for one command); two at one level
+  // are refused (Connection::Create).
+  const auto given = [&](const std::string& flag) {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "--") break;
+      if (arg == flag || absl::StartsWith(arg, flag + "=")) return true;
+    }
+    return false;
+  };
+  if (given("--token") && !given("--token-file")) connection_options.token_file.clear();
+  if (given("--token-file") && !given("--token")) connection_options.token.clear();
   auto connection = Connection::Create(connection_options);
   if (!connection.ok()) {
     std::cerr << "loradctl: " << connection.status().message() << std::endl;

@@ -143,11 +143,10 @@ class LoradClient:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--address", default=os.environ.get("LORAD_ADDRESS") or "127.0.0.1:50051")
-    ap.add_argument("--token", default=os.environ.get("LORAD_TOKEN") or None,
+    ap.add_argument("--token", default=None,
                     help="a bearer token from auth.tokens (other local accounts see "
                          "arguments in ps: prefer LORAD_TOKEN or --token-file)")
-    ap.add_argument("--token-file", type=pathlib.Path,
-                    default=os.environ.get("LORAD_TOKEN_FILE") or None,
+    ap.add_argument("--token-file", type=pathlib.Path, default=None,
                     help="read the bearer token from this file (its line ending dropped)")
     ap.add_argument("--ca-cert", type=pathlib.Path,
                     help="use TLS, trusting this PEM CA bundle")
@@ -170,11 +169,17 @@ def main(argv=None) -> int:
     from google.protobuf import json_format
 
     try:
+        # The command line wins over the environment; two at one level are refused.
+        if not args.token and not args.token_file:
+            args.token = os.environ.get("LORAD_TOKEN") or None
+            env_file = os.environ.get("LORAD_TOKEN_FILE")
+            args.token_file = pathlib.Path(env_file) if env_file else None
         if args.token_file:
             if args.token:
                 raise ValueError("give a token (--token or LORAD_TOKEN) or a token file "
                                  "(--token-file or LORAD_TOKEN_FILE), not both")
-            args.token = args.token_file.read_text().strip()
+            # (utf-8-sig: without the byte order mark some editors save first)
+            args.token = args.token_file.read_text(encoding="utf-8-sig").strip()
             if not args.token:
                 raise ValueError(f"the token file {args.token_file} is empty")
         client = LoradClient(args.address, args.token, ca_cert=args.ca_cert,

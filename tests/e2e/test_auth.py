@@ -219,13 +219,26 @@ def test_loradctl_reads_its_token_from_a_file(secured, tmp_path):
         (["--token-file", str(tmp_path / "absent")], None,
          f"cannot read the token file {tmp_path / 'absent'} (given by --token-file or "
          "LORAD_TOKEN_FILE): No such file or directory"),
-        (["--token-file", str(private)], {"LORAD_TOKEN": USER},
+        (["--token", USER, "--token-file", str(private)], None,
+         "give a token (--token or LORAD_TOKEN) or a token file (--token-file or "
+         "LORAD_TOKEN_FILE), not both"),
+        ([], {"LORAD_TOKEN": USER, "LORAD_TOKEN_FILE": str(private)},
          "give a token (--token or LORAD_TOKEN) or a token file (--token-file or "
          "LORAD_TOKEN_FILE), not both"),
     ]:
         failed = ctl(*args, "train", "ls", extra_env=extra)
         assert failed.returncode == 2 and failed.stdout == "", failed.stderr
         assert failed.stderr.startswith("loradctl: " + says), failed.stderr
+    # One on the command line wins over the other's environment variable.
+    for args, extra in [(["--token-file", str(private)], {"LORAD_TOKEN": "stale-0123456789"}),
+                        (["--token", USER], {"LORAD_TOKEN_FILE": str(wrong)})]:
+        overridden = ctl(*args, "train", "ls", extra_env=extra)
+        assert overridden.returncode == 0, (args, overridden.stderr)
+    # A byte order mark some editors save first is not part of the token.
+    marked = tmp_path / "bom-token"
+    marked.write_bytes(b"\xef\xbb\xbf" + USER.encode() + b"\r\n")
+    marked.chmod(0o600)
+    assert ctl("--token-file", str(marked), "train", "ls").returncode == 0
     spaced = tmp_path / "spaced-token"
     spaced.write_text("two words\n")
     failed = ctl("--token-file", str(spaced), "train", "ls")
@@ -240,6 +253,9 @@ def test_loradctl_reads_its_token_from_a_file(secured, tmp_path):
     py = subprocess.run(client + ["adapters"], capture_output=True, text=True, timeout=120,
                         env={**env, "LORAD_TOKEN_FILE": str(private), "LORAD_TOKEN": USER})
     assert py.returncode == 2 and "not both" in py.stderr, py.stderr
+    py = subprocess.run(client + ["--token-file", str(marked), "adapters"], capture_output=True,
+                        text=True, timeout=120, env={**env, "LORAD_TOKEN": "stale-0123456789"})
+    assert py.returncode == 0 and py.stderr == "", py.stderr
 
 
 def test_debug_log_level_logs_each_call(tmp_path, stubs):
