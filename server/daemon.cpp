@@ -545,6 +545,9 @@ absl::Status Daemon::OpenJobStore() {
   };
   // A deletion a crash interrupted: its folder back, or gone (before the count of job folders).
   deleted_job_folders_ = FinishInterruptedDeletions(*jobs_, JobsDir());
+  if (const int64_t n = MakeJobExamplesPrivate(JobsDir())) {
+    spdlog::info("made {} job files holding examples readable by lorad's account alone", n);
+  }
   auto counts = jobs_->CountByState();
   if (!counts.ok()) return damaged(counts.status());
   int64_t known = 0;

@@ -673,4 +673,23 @@ void JobRunner::RecordSuccessesAgain() {
   }
 }
 
+int64_t MakeJobExamplesPrivate(const std::string& jobs_dir) {
+  int64_t changed = 0;
+  std::error_code ec;
+  for (const auto& job : fs::directory_iterator(jobs_dir, ec)) {
+    for (const char* name : {"inline_dataset.jsonl", "eval_report.json"}) {
+      const fs::path file = job.path() / name;
+      const fs::file_status status = fs::symlink_status(file, ec);
+      if (ec || !fs::is_regular_file(status)) continue;
+      if ((status.permissions() & (fs::perms::group_all | fs::perms::others_all)) ==
+          fs::perms::none) {
+        continue;
+      }
+      fs::permissions(file, fs::perms::owner_read | fs::perms::owner_write, ec);
+      changed += ec ? 0 : 1;
+    }
+  }
+  return changed;
+}
+
 }  // namespace lorad::server

@@ -41,6 +41,11 @@ namespace lorad::server {
 // before any call is served.
 std::vector<std::string> FinishInterruptedDeletions(JobStore& store, const std::string& jobs_dir);
 
+// Makes the files of the jobs in `jobs_dir` that hold or quote their examples
+// (inline_dataset.jsonl, eval_report.json) their owner's alone, as jobs.db is; an older lorad
+// wrote them 0644. Returns how many it changed. Called at start.
+int64_t MakeJobExamplesPrivate(const std::string& jobs_dir);
+
 // Removes from an ended job's folder what only resuming it or its merged export needed: its
 // checkpoints (checkpoint-N, and the temp or replaced ones a crash left) and merged/, keeping
 // its adapter and reports. The bytes removed. DeleteJob frees this much when the job database's

@@ -277,6 +277,28 @@ TEST(JobRunnerTest, TheInlineExamplesFileIsPrivate) {
   EXPECT_EQ(mode(), fs::perms::owner_read | fs::perms::owner_write);
 }
 
+// Those an older lorad wrote 0644 are made private at start (an ended job never starts again to
+// have its inline file rewritten), and nothing else in a job's folder is touched.
+TEST(JobRunnerTest, AStartMakesOlderJobsExampleFilesPrivate) {
+  const fs::path jobs = fs::path(::testing::TempDir()) / "job_runner_test-examples-private";
+  fs::remove_all(jobs);
+  fs::create_directories(jobs / "job-a");
+  fs::create_directories(jobs / "job-b");
+  const fs::path files[] = {
+      jobs / "job-a" / "inline_dataset.jsonl", jobs / "job-a" / "eval_report.json",
+      jobs / "job-b" / "eval_report.json", jobs / "job-a" / "adapter_config.json"};
+  for (const fs::path& file : files) {
+    std::ofstream(file) << "{}\n";
+    fs::permissions(file, fs::perms(0644));
+  }
+  fs::permissions(files[2], fs::perms(0600));  // already private: not counted
+  EXPECT_EQ(MakeJobExamplesPrivate(jobs.string()), 2);
+  const auto mode = [](const fs::path& f) { return fs::status(f).permissions() & fs::perms::all; };
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(mode(files[i]), fs::perms(0600)) << files[i];
+  EXPECT_EQ(mode(files[3]), fs::perms(0644));
+  EXPECT_EQ(MakeJobExamplesPrivate((jobs / "absent").string()), 0);
+}
+
 // A recorded dataset path the job can no longer read inside the root says why: the root pointed
 // elsewhere since the job was submitted, or a symlink put in the file's place that leads out.
 TEST(JobRunnerTest, ADatasetNoLongerInsideTheRootSaysWhetherTheRootOrTheFileChanged) {
