@@ -284,9 +284,9 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
   auto* reactor = context->DefaultReactor();
   const auto deadline = CallDeadline(*context);
   auto timeout = std::chrono::milliseconds(std::chrono::hours(1));
-  if (deadline != std::chrono::system_clock::time_point::max()) {
+  if (deadline != std::chrono::steady_clock::time_point::max()) {
     timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::system_clock::now());
+        deadline - std::chrono::steady_clock::now());
     timeout -= std::min(timeout / 5, std::chrono::milliseconds(250));
     if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
   }

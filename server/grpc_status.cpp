@@ -38,23 +38,28 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
                       FitForHeader(status.message()));
 }
 
-std::chrono::system_clock::time_point CallDeadline(const grpc::ServerContextBase& context) {
-  using std::chrono::system_clock;
-  const gpr_timespec raw = gpr_convert_clock_type(context.raw_deadline(), GPR_CLOCK_REALTIME);
-  // Seconds whose nanoseconds fit, with room for tv_nsec.
-  constexpr int64_t kLastSecond = std::numeric_limits<int64_t>::max() / 1000000000 - 1;
-  if (raw.tv_sec > kLastSecond) return system_clock::time_point::max();
-  if (raw.tv_sec < -kLastSecond) return system_clock::time_point::min();
-  return system_clock::time_point(std::chrono::duration_cast<system_clock::duration>(
-      std::chrono::seconds(raw.tv_sec) + std::chrono::nanoseconds(raw.tv_nsec)));
+std::chrono::steady_clock::time_point CallDeadline(const grpc::ServerContextBase& context) {
+  using std::chrono::steady_clock;
+  // The time left, on gRPC's monotonic clock (the one it keeps deadlines on), from now on the
+  // steady clock: a wall clock stepped meanwhile (NTP, a VM resumed) moves neither.
+  const gpr_timespec left =
+      gpr_time_sub(gpr_convert_clock_type(context.raw_deadline(), GPR_CLOCK_MONOTONIC),
+                   gpr_now(GPR_CLOCK_MONOTONIC));
+  // Beyond ten years, or gRPC's infinite future: none (gpr_time_sub saturates there).
+  constexpr int64_t kTenYears = int64_t{10} * 365 * 24 * 3600;
+  if (left.tv_sec > kTenYears) return steady_clock::time_point::max();
+  if (left.tv_sec < -kTenYears) return steady_clock::now() - std::chrono::hours(24 * 365 * 10);
+  return steady_clock::now() +
+         std::chrono::duration_cast<steady_clock::duration>(std::chrono::seconds(left.tv_sec) +
+                                                            std::chrono::nanoseconds(left.tv_nsec));
 }
 
-grpc::Status CancelledCallStatus(std::chrono::system_clock::time_point deadline) {
-  // gRPC's deadline timer runs on another clock and may fire a little before the deadline it
-  // reports here: a cancel that close to the deadline is the deadline's.
+grpc::Status CancelledCallStatus(std::chrono::steady_clock::time_point deadline) {
+  // gRPC's deadline timer may fire a little before the deadline it reports here: a cancel that
+  // close to the deadline is the deadline's.
   constexpr auto kTimerSlack = std::chrono::milliseconds(100);
-  if (deadline != std::chrono::system_clock::time_point::max() &&
-      std::chrono::system_clock::now() + kTimerSlack >= deadline) {
+  if (deadline != std::chrono::steady_clock::time_point::max() &&
+      std::chrono::steady_clock::now() + kTimerSlack >= deadline) {
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the call's deadline passed");
   }
   return grpc::Status::CANCELLED;

@@ -14,15 +14,16 @@ namespace lorad::server {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-// The call's deadline; max() when it has none, or one past 2262: gRPC's own conversion
-// (ServerContextBase::deadline) counts nanoseconds since 1970 in 64 bits and wraps such a
-// deadline (a client's timeout of centuries) to one long past, which ended the call at once.
-std::chrono::system_clock::time_point CallDeadline(const grpc::ServerContextBase& context);
+// The call's deadline on the steady clock (a step of the wall clock while the call runs moves
+// it not); max() when it has none, or one more than ten years away: gRPC's own conversion
+// (ServerContextBase::deadline) counts nanoseconds since 1970 in 64 bits and wraps a deadline
+// past 2262 (a client's timeout of centuries) to one long past, which ended the call at once.
+std::chrono::steady_clock::time_point CallDeadline(const grpc::ServerContextBase& context);
 
 // The status of a call gRPC cancelled (OnCancel): DEADLINE_EXCEEDED when its deadline has passed
 // or is within 100 ms (gRPC cancels such a call too), else CANCELLED. The client sees its own
 // status either way; this is the one lorad_rpc_requests_total counts.
-grpc::Status CancelledCallStatus(std::chrono::system_clock::time_point deadline);
+grpc::Status CancelledCallStatus(std::chrono::steady_clock::time_point deadline);
 
 // Ends a unary callback call with `status` (its response as filled so far when OK).
 grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,

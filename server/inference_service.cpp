@@ -124,7 +124,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
 
   // `slot`: this stream's place among the open ones (none when it is refused for want of one).
   GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
-                 std::chrono::system_clock::time_point deadline,
+                 std::chrono::steady_clock::time_point deadline,
                  std::optional<OpenCalls::Slot> slot, int64_t max_unread_bytes)
       : engine_(engine),
         metrics_(metrics),
@@ -323,17 +323,15 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   engine::RequestId id_ = 0;
   bool submitted_ = false;                               // guarded by state_->mu
   bool cancelled_ = false;                               // guarded by state_->mu
-  std::chrono::system_clock::time_point call_deadline_;  // max() when the client set none
+  std::chrono::steady_clock::time_point call_deadline_;  // max() when the client set none
   std::optional<OpenCalls::Slot> slot_;
 };
 
 // The deadline of the call, on the engine's clock; none when the client set none.
 Clock::time_point DeadlineOf(const grpc::CallbackServerContext* context) {
-  const auto deadline = CallDeadline(*context);
-  if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
-  const auto left = deadline - std::chrono::system_clock::now();
-  if (left > std::chrono::hours(24 * 365)) return Clock::time_point::max();
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+  const Clock::time_point deadline = CallDeadline(*context);
+  if (deadline - Clock::now() > std::chrono::hours(24 * 365)) return Clock::time_point::max();
+  return deadline;
 }
 
 // The request's own checks; whether that version serves is the engine's to say, as it pins the

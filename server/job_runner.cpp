@@ -21,12 +21,6 @@ namespace {
 namespace fs = std::filesystem;
 using engine::TrainingEvent;
 
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 lorad::v1::JobEvent EventFor(const std::string& job_id, int64_t ms) {
   lorad::v1::JobEvent e;
   e.set_job_id(job_id);
@@ -213,7 +207,7 @@ void JobRunner::StartNextJob() {
     return;
   }
   if (!*fits) return;
-  const int64_t started_ms = NowMs();  // stored and published alike: a replay shows the same
+  const int64_t started_ms = JobTimeMs();  // stored and published alike: a replay shows the same
   {
     // Before MarkRunning: a CancelJob right after it must find the job running here, or the
     // engine would never hear of it (see the check after StartTraining).
@@ -329,7 +323,7 @@ absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t
     ForgetHistoryAfter(job_id, resume_step ? *resume_step : ResumePoint(job_id).first);
   }
   spdlog::info("job {} ({}) queued again", job_id, record->adapter_name);
-  events_.Publish(StateEvent(job_id, JobState::kQueued, NowMs()));
+  events_.Publish(StateEvent(job_id, JobState::kQueued, JobTimeMs()));
   folders.unlock();
   Wake();
   return record;
@@ -380,7 +374,7 @@ void JobRunner::FailJob(const std::string& job_id, const std::string& raw_error)
   // proto3 strings must be UTF-8, and a client's parser refuses a message that is not (one such
   // job made every ListJobs page unreadable in Python).
   const std::string error = engine::Utf8Lossy(raw_error);
-  const int64_t now = NowMs();
+  const int64_t now = JobTimeMs();
   const absl::Status stored = store_.MarkFailed(job_id, error, now);
   if (absl::IsFailedPrecondition(stored) || absl::IsNotFound(stored)) {  // cancelled meanwhile
     Wake();
@@ -465,7 +459,7 @@ void JobRunner::Handle(const Pending& p) {
   const TrainingEvent& e = p.event;
   const std::string& adapter = p.adapter;
   const LabelValues labels = {p.job_id, adapter};
-  const int64_t now = NowMs();
+  const int64_t now = JobTimeMs();
   lorad::v1::JobEvent out = EventFor(p.job_id, now);
   std::unique_lock<std::mutex> progress;
   if (e.kind != TrainingEvent::Kind::kFinished && e.kind != TrainingEvent::Kind::kFailed) {
@@ -586,7 +580,7 @@ void JobRunner::Succeed(const Pending& p) {
     unrecorded_successes_.erase(p.job_id);  // nothing left to record
     return;
   }
-  const int64_t now = NowMs();
+  const int64_t now = JobTimeMs();
   lorad::v1::JobEvent out = EventFor(p.job_id, now);
   // The job is recorded as succeeded, with its adapter as served, before the new version serves
   // (LoadPeft's hook): a record the store refuses (a full disk) publishes nothing, and is tried

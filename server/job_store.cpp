@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <limits>
 #include <random>
@@ -18,6 +19,18 @@
 #include "spdlog/spdlog.h"
 
 namespace lorad::server {
+
+int64_t JobTimeMs() {
+  static std::atomic<int64_t> last{0};
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  int64_t seen = last.load();
+  while (seen < now && !last.compare_exchange_weak(seen, now)) {
+  }
+  return std::max(now, seen);
+}
+
 namespace {
 
 // Tables added since (job_events, adapters) are created by kSchema's IF NOT EXISTS: an older
@@ -84,12 +97,6 @@ constexpr const char* kListedJobColumns =
 // What ReadAdapters reads, in its order.
 constexpr const char* kAdapterColumns =
     "name, version, path, source, served, fingerprint, base_fingerprint";
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 // "job-" + 16 random hex digits: unguessable enough that ids are not enumerable.
 std::string NewJobId() {
@@ -282,7 +289,7 @@ absl::StatusOr<JobRecord> JobStore::Insert(const std::string& spec, const std::s
                    "COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, ?, ?, ?, ?, ?);");
   insert.BindText(1, id).Bind(2, spec).BindText(3, adapter_name);
   insert.Bind(4, static_cast<int64_t>(JobState::kQueued)).Bind(5, static_cast<int64_t>(priority));
-  insert.Bind(6, NowMs()).Bind(7, total_steps);
+  insert.Bind(6, JobTimeMs()).Bind(7, total_steps);
   if (listed_spec) insert.Bind(8, *listed_spec);  // else NULL
   if (submission) insert.BindText(9, submission->request_id).BindText(10, submission->digest);
   if (auto s = insert.Run(); !s.ok()) return rollback(s);
@@ -434,7 +441,9 @@ absl::Status JobStore::TransitionLocked(const std::string& id, const std::vector
   }
   Statement s(db_, absl::StrCat("UPDATE jobs SET state = :state, error = :error, ", extra_set_sql,
                                 " WHERE id = :id;"));
-  s.BindNamed(":state", static_cast<int64_t>(to)).BindNamed(":now", at_ms > 0 ? at_ms : NowMs());
+  // Never before the job was made or started (a wall clock stepped back across a restart).
+  const int64_t now = std::max({at_ms > 0 ? at_ms : JobTimeMs(), job->created_ms, job->started_ms});
+  s.BindNamed(":state", static_cast<int64_t>(to)).BindNamed(":now", now);
   s.BindNamed(":number", number);
   s.BindText(s.Index(":error"), error);
   s.BindText(s.Index(":id"), id);
@@ -484,7 +493,7 @@ absl::Status JobStore::MarkFailed(const std::string& id, const std::string& erro
 absl::StatusOr<JobRecord> JobStore::Cancel(const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
   if (publishing_.count(id) == 0) {
-    const int64_t now = NowMs();
+    const int64_t now = JobTimeMs();
     auto status = TransitionLocked(id, {JobState::kQueued, JobState::kRunning},
                                    JobState::kCancelled, "finished_ms = :now", "", 0, now);
     if (absl::IsNotFound(status)) return status;

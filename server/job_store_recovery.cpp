@@ -19,12 +19,6 @@ namespace {
 // next start, that daemon died (RecoverAfterRestart).
 constexpr const char* kDaemonRunningKey = "daemon_running";
 
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 }  // namespace
 
 absl::Status JobStore::MarkDaemonRunning(const std::string& since) {
@@ -109,7 +103,7 @@ absl::StatusOr<JobStore::Recovered> JobStore::RecoverAfterRestart(int64_t max_un
                      "error = ?, finished_ms = ? WHERE id = ?;");
     update.Bind(1, static_cast<int64_t>(give_up ? JobState::kFailed : JobState::kQueued));
     update.Bind(2, job.stops).Bind(3, job.step).BindText(4, error);
-    update.Bind(5, give_up ? NowMs() : int64_t{0}).BindText(6, job.id);
+    update.Bind(5, give_up ? JobTimeMs() : int64_t{0}).BindText(6, job.id);
     s = update.Run();
     if (give_up) {
       recovered.failed.emplace_back(job.id, error);

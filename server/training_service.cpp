@@ -80,7 +80,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
  public:
   // `slot`: this stream's place among the open ones (none when it is refused for want of one).
   WatchJobReactor(JobStore& store, JobEventHub& events, const lorad::v1::WatchJobRequest& request,
-                  const absl::Status& authorized, std::chrono::system_clock::time_point deadline,
+                  const absl::Status& authorized, std::chrono::steady_clock::time_point deadline,
                   std::optional<OpenCalls::Slot> slot)
       : store_(store), events_(events), deadline_(deadline), slot_(std::move(slot)) {
     if (!authorized.ok()) {
@@ -373,7 +373,7 @@ class WatchJobReactor : public grpc::ServerWriteReactor<JobEvent> {
   static constexpr size_t kMaxBehind = 2 * kMaxQueued;  // events of every kind, waiting
   JobStore& store_;
   JobEventHub& events_;
-  const std::chrono::system_clock::time_point deadline_;  // the call's; max() when none
+  const std::chrono::steady_clock::time_point deadline_;  // the call's; max() when none
   std::optional<OpenCalls::Slot> slot_;
   int64_t subscription_ = 0;
   std::mutex mu_;
