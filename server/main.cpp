@@ -88,6 +88,9 @@ void RaiseOpenFilesLimit() {
 
 int main(int argc, char** argv) {
   using lorad::server::ServerConfig;
+  // Local time with its UTC offset: a line is matched with clients' times (loradctl prints its
+  // zone, --json and the crash mark UTC) and stays in order across a DST change.
+  spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e %z] [%^%l%$] %v");
   CLI::App app{"lorad: QLoRA fine-tuning and multi-adapter serving on one GPU"};
   std::string config_path;
   struct Override {

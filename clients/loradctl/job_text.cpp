@@ -30,8 +30,10 @@ std::string FormatTimestamp(const google::protobuf::Timestamp& time) {
   const std::time_t t = static_cast<std::time_t>(time.seconds());
   std::tm local{};
   localtime_r(&t, &local);
-  char buffer[32];
-  std::strftime(buffer, sizeof(buffer), "%Y-%m-%d %H:%M:%S", &local);
+  char buffer[64];
+  // With its zone: times in local time are unlabelled otherwise, and run backwards across a
+  // DST change (01:40 EDT, then 01:10 EST).
+  std::strftime(buffer, sizeof(buffer), "%Y-%m-%d %H:%M:%S %Z", &local);
   return buffer;
 }
 

@@ -99,6 +99,14 @@ def test_submit_list_show_watch_cancel_delete(daemon, job_file, stubs):
     assert header.split() == ["ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED"]
     row = next(r for r in rows if r.startswith(job_id))
     assert row.split()[1] in ("queued", "running") and row.split()[2] == "qa-yaml"
+    # Times carry their zone (local and unlabelled, they did not match the server's log or
+    # --json's UTC, and ran backwards across a DST change); a POSIX TZ needs no zone files.
+    zoned = loradctl("train", "ls", address=daemon.grpc_address, env={"TZ": "XYZ+5"})
+    row = next(r for r in zoned.stdout.splitlines() if r.startswith(job_id))
+    assert re.search(r" \d{4}-\d\d-\d\d \d\d:\d\d:\d\d XYZ$", row), row
+    # The daemon's log lines carry their UTC offset too.
+    assert re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d\d:?\d\d\] \[[a-z]+\] ",
+                    daemon.log()), daemon.log()[:200]
 
     shown = loradctl("train", "show", job_id, address=daemon.grpc_address)
     assert shown.returncode == 0, shown.stderr
