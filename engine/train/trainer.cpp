@@ -339,10 +339,10 @@ absl::Status Trainer::Impl::FinishStep() {
   m.step_time_s = Seconds(now - step_start);
   m.tokens_per_s = m.step_time_s > 0 ? static_cast<double>(step_input_tokens) / m.step_time_s : 0;
   // A resumed job's time goes on from its checkpoint's (as the summary's runtime does); the
-  // ETA is from this run's pace.
+  // ETA is from this run's recent pace (StepPace).
   m.elapsed_s = seconds_before_this_run + RunSeconds();
-  m.eta_s = RunSeconds() / static_cast<double>(steps_this_run) *
-            static_cast<double>(total_steps - state.step);
+  pace.Add(now);
+  m.eta_s = pace.SecondsPerStep(RunSeconds()) * static_cast<double>(total_steps - state.step);
   Emit(e);
   if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
     // The update just applied was not finite either: every later step, checkpoint and the

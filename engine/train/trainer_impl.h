@@ -31,6 +31,7 @@
 #include "engine/train/lr_schedule.h"
 #include "engine/train/micro_batch.h"
 #include "engine/train/optimizer.h"
+#include "engine/train/step_pace.h"
 #include "engine/train/trainer.h"
 #include "engine/train/training_checkpoint.h"
 #include "engine/train/training_data.h"
@@ -90,6 +91,7 @@ struct Trainer::Impl {
   trainer_impl::Clock::time_point job_start = trainer_impl::Clock::now();
   double seconds_before_this_run = 0;  // a resumed job's time up to its checkpoint
   int64_t steps_this_run = 0;
+  StepPace pace;  // the ETA's
   // This job's random stream (LoRA dropout), installed in the default generators while it steps:
   // jobs that take turns on the GPU loop never draw from each other's.
   RandomState random;

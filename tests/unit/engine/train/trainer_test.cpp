@@ -19,6 +19,7 @@
 #include "engine/train/answer_evaluation.h"
 #include "engine/train/dataset_reader.h"
 #include "engine/train/example_formatter.h"
+#include "engine/train/step_pace.h"
 #include "engine/train/training_checkpoint.h"
 #include "nlohmann/json.hpp"
 #include "tests/unit/engine/train/trainer_test_fixture.h"
@@ -702,6 +703,23 @@ TEST_F(TrainerTest, AMergedExportCarriesTheTemplateTheJobTrainedOnWhereItTokeniz
   EXPECT_EQ(exported_template("named", "llama3"), ChatTemplate::PublishedJinja("llama3"));
   EXPECT_EQ(exported_template("own", "auto"), own);
   EXPECT_EQ(exported_template("alpaca", "alpaca"), own);
+}
+
+// The ETA's pace follows the run's recent steps: 800 steps at 1 s, then 3 s a step (serving
+// began beside the job): 100 steps later the run's mean (1.2 s) was still far off; the window
+// (the last 90 steps) has the new pace. The first step (the job's set-up) counts only until a
+// second one ends.
+TEST(StepPaceTest, FollowsTheRecentPace) {
+  StepPace pace;
+  const StepPace::Clock::time_point start{};
+  EXPECT_EQ(pace.SecondsPerStep(0), 0);
+  pace.Add(start + std::chrono::seconds(30));
+  EXPECT_DOUBLE_EQ(pace.SecondsPerStep(30), 30);  // the run's mean: the set-up included
+  auto at = start + std::chrono::seconds(30);
+  for (int i = 1; i < 800; ++i) pace.Add(at += std::chrono::seconds(1));
+  EXPECT_DOUBLE_EQ(pace.SecondsPerStep(829), 1);
+  for (int i = 0; i < 100; ++i) pace.Add(at += std::chrono::seconds(3));
+  EXPECT_DOUBLE_EQ(pace.SecondsPerStep(1129), 3);
 }
 
 }  // namespace
