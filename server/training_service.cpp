@@ -452,6 +452,7 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   auto last = store_.LastStep(r.id);
   if (last.ok() && last->has_value()) {
     *job->mutable_last_step() = ToProtoStep(**last, r.total_steps);
+    if ((*last)->time_ms > 0) SetTime(job->mutable_last_step_time(), (*last)->time_ms);
   }
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept

@@ -84,6 +84,12 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
                                        m.learning_rate(), m.grad_norm(), m.tokens_per_second());
     if (job.state() == lorad::v1::JOB_STATE_RUNNING) {  // an ended job has nothing left to wait
       absl::StrAppend(&last, "  ETA ", FormatDuration(m.eta_seconds()));
+      // An ETA measured a while ago (the job has been in an evaluation, a storage wait, or is
+      // preparing after a restart since) says how old it is: shown as it was, it looked current.
+      if (job.has_last_step_time()) {
+        const double age = static_cast<double>(std::time(nullptr) - job.last_step_time().seconds());
+        if (age >= 10) absl::StrAppend(&last, " as of ", FormatDuration(age), " ago");
+      }
     }
     line("last step", last);
   }

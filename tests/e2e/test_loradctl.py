@@ -512,8 +512,14 @@ def fake_training(stubs):
             seen["metadata"].append(dict(context.invocation_metadata()))
             # "-ok": a job with a validation split (a final evaluation after its last step).
             validation = 0.1 if request.job_id.endswith("-ok") else 0.0
-            return pb.Job(id=request.job_id, total_steps=2, state=pb.JOB_STATE_RUNNING,
-                          spec=pb.JobSpec(dataset=pb.DatasetSpec(validation_fraction=validation)))
+            job = pb.Job(id=request.job_id, total_steps=2, state=pb.JOB_STATE_RUNNING,
+                         spec=pb.JobSpec(dataset=pb.DatasetSpec(validation_fraction=validation)))
+            if request.job_id.endswith("-stale"):  # its last step 130 s ago, an ETA of 64 s
+                job.total_steps = 10
+                job.last_step.CopyFrom(pb.StepMetrics(step=5, loss=1.5, learning_rate=1e-4,
+                                                      tokens_per_second=500, eta_seconds=64))
+                job.last_step_time.FromSeconds(int(time.time()) - 130)
+            return job
 
         def ListJobs(self, request, context):
             seen["metadata"].append(dict(context.invocation_metadata()))
@@ -549,6 +555,15 @@ def fake_training(stubs):
     server.start()
     yield address, seen
     server.stop(0)
+
+
+def test_show_says_how_old_a_running_jobs_eta_is(fake_training):
+    """`train show` printed a running job's last ETA as it was, however long ago its step ended
+    (an evaluation, a full disk, a restart's data preparation since): it says how old it is."""
+    address, _ = fake_training
+    shown = loradctl("train", "show", "job-1-stale", address=address)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"ETA 1m04s as of 2m1\ds ago\n", shown.stdout), shown.stdout
 
 
 def test_token_is_sent_as_bearer_metadata(fake_training):

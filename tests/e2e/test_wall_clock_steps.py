@@ -105,6 +105,9 @@ def test_clock_steps_neither_mislabel_cancels_nor_end_jobs_before_they_start(tmp
             created, started, finished = (t.ToMilliseconds() for t in
                                           (got.created, got.started, got.finished))
             assert created <= started <= finished, (created, started, finished)
+            # When its last step was reported (loradctl says how old the ETA is from it).
+            assert got.HasField("last_step_time")
+            assert started <= got.last_step_time.ToMilliseconds() <= finished
             times = [e.time.ToMilliseconds() for e in
                      train.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=60)]
             assert times == sorted(times), times
