@@ -751,6 +751,19 @@ std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
   return warnings;
 }
 
+std::optional<int64_t> CertificateNotAfter(const std::string& cert_file) {
+  const Certificate cert = ReadPemCertificate(cert_file);
+  if (!cert) return std::nullopt;
+  // The difference from the epoch, as ASN1_TIME_diff gives it (no time zone involved).
+  ASN1_TIME* epoch = ASN1_TIME_set(nullptr, 0);
+  int days = 0, seconds = 0;
+  const bool ok = epoch != nullptr &&
+                  ASN1_TIME_diff(&days, &seconds, epoch, X509_get0_notAfter(cert.get())) == 1;
+  ASN1_TIME_free(epoch);
+  if (!ok) return std::nullopt;
+  return int64_t{days} * 86400 + seconds;
+}
+
 std::vector<ConfigKey> ConfigKeysWithDefaults() {
   std::vector<ConfigKey> keys;
   const ServerConfig defaults;

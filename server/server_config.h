@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -115,6 +116,10 @@ absl::Status ValidateServerConfig(const ServerConfig& config);
 // validity dates or within 14 days of its end.
 std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
                                               const std::string& config_path);
+
+// When the certificate in `cert_file` (PEM) stops being valid, in Unix seconds; nullopt when it
+// cannot be read. lorad reads it at start only: a renewed one needs a restart.
+std::optional<int64_t> CertificateNotAfter(const std::string& cert_file);
 
 // Every known key with its default and what it accepts, for `lorad --print-config-keys`.
 struct ConfigKey {

@@ -334,10 +334,10 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
     config = tmp_path / "tls.yaml"
     config.write_text(f"server:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n")
     log = tmp_path / "tls.log"
+    http_address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [str(LORAD), "--config", str(config), "--model", tiny_model_path(), "--data-dir",
-         str(tmp_path / "data"), "--grpc-address", address,
-         "--http-address", f"127.0.0.1:{free_port()}"],
+         str(tmp_path / "data"), "--grpc-address", address, "--http-address", http_address],
         stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -354,6 +354,21 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
             adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
             assert list(adapters.ListAdapters(stubs.adapters_pb2.ListAdaptersRequest(),
                                               timeout=10).adapters) == []
+        # The certificate's end, for an alert before clients refuse it (it is read at start
+        # only): as openssl reads it.
+        import calendar
+        import urllib.request
+
+        end = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", str(cert)],
+                             capture_output=True, text=True, check=True).stdout
+        end = " ".join(end.split("=", 1)[1].split())  # "Dec 8 13:45:00 2026 GMT"
+        expected = calendar.timegm(time.strptime(end, "%b %d %H:%M:%S %Y %Z"))
+        from prometheus_client.parser import text_string_to_metric_families
+
+        metrics = urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10).read()
+        values = [s.value for f in text_string_to_metric_families(metrics.decode())
+                  for s in f.samples if s.name == "lorad_tls_certificate_expiry_timestamp_seconds"]
+        assert values == [expected], values
         with grpc.insecure_channel(address) as plain:  # TLS only
             with pytest.raises(grpc.RpcError):
                 health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
