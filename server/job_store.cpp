@@ -20,15 +20,22 @@
 
 namespace lorad::server {
 
+namespace {
+std::atomic<int64_t> job_time_floor{0};  // JobTimeMs's last answer, or a time the store holds
+
+void RaiseJobTimeFloor(int64_t ms) {
+  int64_t seen = job_time_floor.load();
+  while (seen < ms && !job_time_floor.compare_exchange_weak(seen, ms)) {
+  }
+}
+}  // namespace
+
 int64_t JobTimeMs() {
-  static std::atomic<int64_t> last{0};
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();
-  int64_t seen = last.load();
-  while (seen < now && !last.compare_exchange_weak(seen, now)) {
-  }
-  return std::max(now, seen);
+  RaiseJobTimeFloor(now);
+  return std::max(now, job_time_floor.load());
 }
 
 namespace {
@@ -247,6 +254,15 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path
   if (!problems.empty()) {
     return absl::DataLossError(absl::StrCat("job database '", path, "' is damaged (",
                                             absl::StrJoin(problems, "; "), "); ", kDamagedAdvice));
+  }
+  {
+    // Times this process writes follow those of the runs before it, also after the wall clock
+    // was stepped back across the restart (a job failed at the start finished before it began).
+    Statement latest(db, "SELECT MAX(created_ms), MAX(started_ms), MAX(finished_ms) FROM jobs;");
+    if (auto s = latest.status(); !s.ok()) return s;
+    if (latest.Step() == SQLITE_ROW) {
+      RaiseJobTimeFloor(std::max({latest.Int(0), latest.Int(1), latest.Int(2)}));
+    }
   }
   return store;
 }

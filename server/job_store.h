@@ -40,8 +40,9 @@ inline constexpr char kRestoreAdvice[] =
 enum class JobState { kQueued = 1, kRunning = 2, kSucceeded = 3, kFailed = 4, kCancelled = 5 };
 
 // The wall clock in Unix milliseconds for job records and events, never less than a value it
-// returned before in this process: a clock stepped back (NTP, a VM resumed) while a job runs
-// made it finish before it started, and its step times go backwards.
+// returned before in this process, nor than the job times a JobStore opened holds: a clock
+// stepped back (NTP, a VM resumed) while a job runs, or across a restart, made it finish before
+// it started. (Step times of a run before a restart are not read for it: a full scan.)
 int64_t JobTimeMs();
 
 const char* JobStateName(JobState state);

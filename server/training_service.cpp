@@ -452,7 +452,14 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
   auto last = store_.LastStep(r.id);
   if (last.ok() && last->has_value()) {
     *job->mutable_last_step() = ToProtoStep(**last, r.total_steps);
-    if ((*last)->time_ms > 0) SetTime(job->mutable_last_step_time(), (*last)->time_ms);
+    if ((*last)->time_ms > 0) {
+      SetTime(job->mutable_last_step_time(), (*last)->time_ms);
+      const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count();
+      job->set_last_step_age_seconds(
+          static_cast<double>(std::max<int64_t>(0, now_ms - (*last)->time_ms)) / 1000.0);
+    }
   }
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept

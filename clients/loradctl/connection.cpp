@@ -88,6 +88,13 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Create(const ConnectionO
     absl::StatusOr<std::string> token = ReadTokenFile(options.token_file);
     if (!token.ok()) return token.status();
     options.token = *std::move(token);
+  } else if (!options.token.empty()) {
+    // A token a gRPC header can carry (printable ASCII): another aborts the client in gRPC, e.g.
+    // the line ending of `LORAD_TOKEN=$(cat token.txt)` on a file with Windows line endings.
+    // Checked here, not as the option is parsed: an exported one --token-file overrides is not
+    // the user's problem. The error names the environment variable, where it may come from.
+    const std::string problem = TokenProblem(options.token, "(given by --token or LORAD_TOKEN)");
+    if (!problem.empty()) return absl::InvalidArgumentError(problem);
   }
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   if (options.ca_cert_path.empty() && !options.tls_server_name.empty()) {

@@ -111,14 +111,6 @@ struct SamplingFlags {
   }
 };
 
-// A token a gRPC header can carry (printable ASCII): another aborts the client in gRPC, e.g. the
-// line ending of `LORAD_TOKEN=$(cat token.txt)` on a file with Windows line endings.
-// Errors name the environment variable too: a value may come from it, which the user then
-// looks for on no command line.
-std::string CheckToken(std::string& value) {
-  return lorad::cli::TokenProblem(value, "(given by --token or LORAD_TOKEN)");
-}
-
 // host:port with a port in 1..65535 ("[::1]:50051" too); gRPC target URIs ("unix:/path",
 // "dns:///host:port") pass as they are. gRPC itself would dial port 0 for "host:notaport" and
 // wrap 99999 around, and only say it cannot connect.
@@ -198,8 +190,7 @@ int main(int argc, char** argv) {
   app.add_option("--token", connection_options.token,
                  "bearer token, sent as `authorization: Bearer <token>` (other local "
                  "accounts see arguments in ps: prefer LORAD_TOKEN)")
-      ->envname("LORAD_TOKEN")
-      ->check(CLI::Validator(CheckToken, "TOKEN"));
+      ->envname("LORAD_TOKEN");  // checked by Connection::Create, once one source has won
   app.add_option("--token-file", connection_options.token_file,
                  "read the bearer token from this file (its line ending dropped); keep it "
                  "chmod 600")

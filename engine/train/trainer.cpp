@@ -341,7 +341,7 @@ absl::Status Trainer::Impl::FinishStep() {
   // A resumed job's time goes on from its checkpoint's (as the summary's runtime does); the
   // ETA is from this run's recent pace (StepPace).
   m.elapsed_s = seconds_before_this_run + RunSeconds();
-  pace.Add(now);
+  pace.Add(m.step_time_s);
   m.eta_s = pace.SecondsPerStep(RunSeconds()) * static_cast<double>(total_steps - state.step);
   Emit(e);
   if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {

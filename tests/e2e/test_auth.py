@@ -231,6 +231,7 @@ def test_loradctl_reads_its_token_from_a_file(secured, tmp_path):
         assert failed.stderr.startswith("loradctl: " + says), failed.stderr
     # One on the command line wins over the other's environment variable.
     for args, extra in [(["--token-file", str(private)], {"LORAD_TOKEN": "stale-0123456789"}),
+                        (["--token-file", str(private)], {"LORAD_TOKEN": "crlf-0123456789\r"}),
                         (["--token", USER], {"LORAD_TOKEN_FILE": str(wrong)})]:
         overridden = ctl(*args, "train", "ls", extra_env=extra)
         assert overridden.returncode == 0, (args, overridden.stderr)

@@ -835,6 +835,22 @@ TEST_F(JobStoreTest, DeleteRemovesOnlyAnEndedJobWithItsHistory) {
   EXPECT_EQ(store->Events(kept->id, 0)->size(), 1u);
 }
 
+// Times written after a restart follow those the database holds, also when the wall clock was
+// stepped back across it (a job failed at the start finished before it had started). Here the
+// last run's times lie 2 s ahead of this clock.
+TEST_F(JobStoreTest, TimesAfterAReopenFollowThoseTheDatabaseHolds) {
+  const int64_t ahead = JobTimeMs() + 2000;
+  {
+    auto store = OpenStore();
+    auto job = store->Insert("a", "a", 0, 2, 10);
+    ASSERT_TRUE(job.ok()) << job.status();
+    ASSERT_TRUE(store->MarkRunning(job->id, ahead - 1).ok());
+    ASSERT_TRUE(store->MarkFailed(job->id, "boom", ahead).ok());
+  }
+  auto store = OpenStore();
+  EXPECT_GE(JobTimeMs(), ahead);
+}
+
 // Deleting a long job's history left its pages free inside jobs.db for good (88 MB of free
 // pages after a job of 1M steps) and the WAL at its largest while the daemon ran: a new database
 // gives them back at each delete.
