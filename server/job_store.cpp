@@ -35,7 +35,7 @@ int64_t JobTimeMs() {
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();
   RaiseJobTimeFloor(now);
-  return std::max(now, job_time_floor.load());
+  return job_time_floor.load();  // now, or a later time already given or held
 }
 
 namespace {
