@@ -16,7 +16,6 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -46,14 +45,6 @@ absl::Status StartupStorageError(int err, std::string message) {
   return err == ENOSPC || err == EDQUOT || err == EIO
              ? absl::FailedPreconditionError(std::move(message))
              : absl::InvalidArgumentError(std::move(message));
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& key) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read '", path, "'"));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 // The services the daemon exposes.
@@ -152,6 +143,15 @@ absl::Status Daemon::Start() {
   } else {
     http_.Stop();
     return probe.status();
+  }
+  if (!config_.server.tls_cert_file.empty()) {
+    auto tls = ServedTlsPair::Start(config_.server.tls_cert_file, config_.server.tls_key_file,
+                                    std::chrono::seconds(config_.server.tls_reload_seconds));
+    if (!tls.ok()) {
+      http_.Stop();
+      return tls.status();
+    }
+    tls_ = *std::move(tls);
   }
   if (auto s = StartEngine(); !s.ok()) {
     http_.Stop();
@@ -638,15 +638,7 @@ absl::Status Daemon::StartGrpc() {
 
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
-  if (!config_.server.tls_cert_file.empty()) {
-    auto cert = ReadFile(config_.server.tls_cert_file, "server.tls_cert_file");
-    if (!cert.ok()) return cert.status();
-    auto key = ReadFile(config_.server.tls_key_file, "server.tls_key_file");
-    if (!key.ok()) return key.status();
-    grpc::SslServerCredentialsOptions tls;
-    tls.pem_key_cert_pairs.push_back({*key, *cert});
-    credentials = grpc::SslServerCredentials(tls);
-  }
+  if (tls_) credentials = tls_->Credentials();
   builder.AddListeningPort(config_.server.grpc_address, credentials, &grpc_port_);
   // gRPC sets SO_REUSEPORT by default, which lets a second daemon silently share the port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

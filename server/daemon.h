@@ -22,6 +22,7 @@
 #include "server/metrics_registry.h"
 #include "server/server_config.h"
 #include "server/serving_state.h"
+#include "server/tls_files.h"
 #include "server/token_authenticator.h"
 
 namespace grpc {
@@ -99,6 +100,9 @@ class Daemon {
   std::unique_ptr<BlockingCalls> admin_calls_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<HealthService> health_;  // grpc.health.v1.Health
+  // The TLS pair gRPC serves, renewed from its files (declared first: gRPC reads it until the
+  // server is gone).
+  std::unique_ptr<ServedTlsPair> tls_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int grpc_port_ = 0;
   // The job database says this daemon runs jobs (JobStore::MarkDaemonRunning) until Shutdown.

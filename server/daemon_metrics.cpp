@@ -23,12 +23,12 @@ void Daemon::RegisterProcessMetrics() {
   metrics_.AddGaugeCallback("lorad_process_uptime_seconds", "Seconds since lorad started", [this] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   });
-  // Read at start only (a renewed certificate needs a restart): an alert on it comes before
-  // clients start refusing a certificate that expired while lorad ran.
-  if (auto not_after = CertificateNotAfter(config_.server.tls_cert_file)) {
+  // An alert on it comes before clients start refusing a certificate that expired while lorad
+  // ran; it follows renewals (ServedTlsPair).
+  if (tls_) {
     metrics_.AddGaugeCallback("lorad_tls_certificate_expiry_timestamp_seconds",
                               "When the served TLS certificate expires (Unix time)",
-                              [t = static_cast<double>(*not_after)] { return t; });
+                              [tls = tls_.get()] { return static_cast<double>(tls->not_after()); });
   }
   metrics_
       .AddGauge("lorad_model_info", "The served base model; the value is always 1",

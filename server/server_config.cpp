@@ -1,9 +1,6 @@
 #include "server/server_config.h"
 
 #include <arpa/inet.h>
-#include <openssl/bio.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
 #include <sys/stat.h>
 #include <yaml-cpp/yaml.h>
 
@@ -26,6 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/runtime/durable_file.h"
 #include "re2/re2.h"
+#include "server/tls_files.h"
 
 namespace lorad::server {
 namespace {
@@ -333,6 +331,10 @@ const std::map<std::string, Field>& Schema() {
       {"server.tls_key_file",
        PathField("server.tls_key_file",
                  [](ServerConfig& c) -> std::string& { return c.server.tls_key_file; })},
+      {"server.tls_reload_seconds",
+       IntField(
+           "server.tls_reload_seconds",
+           [](ServerConfig& c) -> int64_t& { return c.server.tls_reload_seconds; }, 1, 86400)},
       {"auth.tokens", TokensField()},
       {"auth.allow_remote_without_tokens",
        BoolField("auth.allow_remote_without_tokens",
@@ -574,55 +576,6 @@ bool ListenAddressesOverlap(const std::pair<std::string, int>& a,
          localhost_pair(a.first, b.first) || localhost_pair(b.first, a.first);
 }
 
-using Certificate = std::unique_ptr<X509, decltype(&X509_free)>;
-
-// The first certificate of the PEM file at `path`; null when it has none or cannot be read.
-Certificate ReadPemCertificate(const std::string& path) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_file(path.c_str(), "r"), &BIO_free);
-  return Certificate(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr,
-                     &X509_free);
-}
-
-struct TlsFileProblem {
-  const char* key;  // the config key of the file at fault
-  std::string message;
-};
-
-// The certificate chain and private key gRPC will serve: PEM, readable, and a pair.
-std::optional<TlsFileProblem> CheckTlsFiles(const std::string& cert_path,
-                                            const std::string& key_path) {
-  constexpr const char* kCert = "server.tls_cert_file";
-  constexpr const char* kKey = "server.tls_key_file";
-  for (const auto& [key, path] : {std::pair{kCert, &cert_path}, std::pair{kKey, &key_path}}) {
-    if (auto s = engine::RequireRegularFile(*path, absl::StrCat("'", *path, "'")); !s.ok()) {
-      return TlsFileProblem{key, std::string(s.message())};
-    }
-  }
-  const Certificate cert = ReadPemCertificate(cert_path);
-  if (!cert) {
-    return TlsFileProblem{kCert,
-                          absl::StrCat("'", cert_path, "' cannot be read as a PEM certificate")};
-  }
-  std::unique_ptr<BIO, decltype(&BIO_free)> key_bio(BIO_new_file(key_path.c_str(), "r"), &BIO_free);
-  // An empty passphrase callback: an encrypted key fails here instead of prompting.
-  auto no_passphrase = [](char*, int, int, void*) { return 0; };
-  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
-      key_bio ? PEM_read_bio_PrivateKey(key_bio.get(), nullptr, no_passphrase, nullptr) : nullptr,
-      &EVP_PKEY_free);
-  if (!key) {
-    return TlsFileProblem{
-        kKey, absl::StrCat("'", key_path,
-                           "' cannot be read as an unencrypted PEM private key (remove a "
-                           "passphrase first)")};
-  }
-  if (X509_check_private_key(cert.get(), key.get()) != 1) {
-    return TlsFileProblem{
-        kKey,
-        absl::StrCat("'", key_path, "' is not the key of the certificate in '", cert_path, "'")};
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
 absl::Status ValidateServerConfig(const ServerConfig& config) {
@@ -671,7 +624,8 @@ absl::Status ValidateServerConfig(const ServerConfig& config) {
   if (!config.server.tls_cert_file.empty()) {
     // Read here, before the model loads: gRPC would only fail at listen, as if the port were
     // taken.
-    if (auto problem = CheckTlsFiles(config.server.tls_cert_file, config.server.tls_key_file)) {
+    auto pair = ReadTlsPair(config.server.tls_cert_file, config.server.tls_key_file);
+    if (auto* problem = std::get_if<TlsFileProblem>(&pair)) {
       return error({problem->key}, problem->message);
     }
   }
@@ -724,44 +678,15 @@ std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
   if (auto mode = ReadableByOthers(config.server.tls_key_file, "server.tls_key_file")) {
     warnings.push_back(*mode);
   }
-  const Certificate cert = ReadPemCertificate(config.server.tls_cert_file);
-  if (!cert) return warnings;  // ValidateServerConfig refused it
-  const auto date = [](const ASN1_TIME* t) {
-    std::tm tm{};
-    char text[32] = "?";
-    if (ASN1_TIME_to_tm(t, &tm) == 1) std::strftime(text, sizeof(text), "%Y-%m-%d %H:%M UTC", &tm);
-    return std::string(text);
-  };
-  const ASN1_TIME* not_after = X509_get0_notAfter(cert.get());
-  const ASN1_TIME* not_before = X509_get0_notBefore(cert.get());
-  const std::string file = absl::StrCat("server.tls_cert_file '", config.server.tls_cert_file, "'");
-  const std::string clients_refuse =
-      "clients refuse the connection (\"certificate verify failed\"); renew it";
-  std::time_t in_14_days = std::time(nullptr) + 14 * 24 * 3600;
-  if (X509_cmp_current_time(not_after) <= 0) {
-    warnings.push_back(
-        absl::StrCat(file, ": the certificate expired on ", date(not_after), ": ", clients_refuse));
-  } else if (X509_cmp_current_time(not_before) >= 0) {
-    warnings.push_back(absl::StrCat(file, ": the certificate is not valid before ",
-                                    date(not_before), ": ", clients_refuse));
-  } else if (X509_cmp_time(not_after, &in_14_days) <= 0) {
-    warnings.push_back(absl::StrCat(file, ": the certificate expires on ", date(not_after),
-                                    "; renew it before then"));
+  auto pair = ReadTlsPair(config.server.tls_cert_file, config.server.tls_key_file);
+  if (const auto* read = std::get_if<TlsPair>(&pair)) {
+    if (auto date = CertificateDateWarning(
+            read->cert_pem,
+            absl::StrCat("server.tls_cert_file '", config.server.tls_cert_file, "'"))) {
+      warnings.push_back(*std::move(date));
+    }
   }
   return warnings;
-}
-
-std::optional<int64_t> CertificateNotAfter(const std::string& cert_file) {
-  const Certificate cert = ReadPemCertificate(cert_file);
-  if (!cert) return std::nullopt;
-  // The difference from the epoch, as ASN1_TIME_diff gives it (no time zone involved).
-  ASN1_TIME* epoch = ASN1_TIME_set(nullptr, 0);
-  int days = 0, seconds = 0;
-  const bool ok = epoch != nullptr &&
-                  ASN1_TIME_diff(&days, &seconds, epoch, X509_get0_notAfter(cert.get())) == 1;
-  ASN1_TIME_free(epoch);
-  if (!ok) return std::nullopt;
-  return int64_t{days} * 86400 + seconds;
 }
 
 std::vector<ConfigKey> ConfigKeysWithDefaults() {

@@ -56,6 +56,9 @@ struct ServerConfig {
     int64_t keepalive_timeout_seconds = 20;
     std::string tls_cert_file;  // PEM; with tls_key_file, gRPC serves TLS only
     std::string tls_key_file;
+    // How often gRPC reads the two files again: a renewed certificate is served without a
+    // restart (a pair it cannot use leaves the one it serves).
+    int64_t tls_reload_seconds = 60;
   } server;
   struct Auth {
     // Empty: every caller is an admin, and the gRPC address must be loopback unless
@@ -116,10 +119,6 @@ absl::Status ValidateServerConfig(const ServerConfig& config);
 // validity dates or within 14 days of its end.
 std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
                                               const std::string& config_path);
-
-// When the certificate in `cert_file` (PEM) stops being valid, in Unix seconds; nullopt when it
-// cannot be read. lorad reads it at start only: a renewed one needs a restart.
-std::optional<int64_t> CertificateNotAfter(const std::string& cert_file);
 
 // Every known key with its default and what it accepts, for `lorad --print-config-keys`.
 struct ConfigKey {

@@ -355,8 +355,8 @@ def test_tls_serves_and_bad_files_are_one_line_before_the_model_loads(tmp_path, 
             adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
             assert list(adapters.ListAdapters(stubs.adapters_pb2.ListAdaptersRequest(),
                                               timeout=10).adapters) == []
-        # The certificate's end, for an alert before clients refuse it (it is read at start
-        # only): as openssl reads it.
+        # The certificate's end, for an alert before clients refuse it (renewals:
+        # test_tls_renewal.py): as openssl reads it.
         import calendar
         import urllib.request
 

@@ -272,7 +272,7 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
   EXPECT_TRUE(SplitHostPort("[fe80::fc:ff:fe00:1%eth0]:18051").ok());  // a zone, as gRPC takes
   // What gRPC cannot parse (found only after the model had loaded): a port with a space or a
   // sign, brackets around what is not an IPv6 address.
-  for (const std::string& address : {"127.0.0.1:18051 ", "127.0.0.1: 18051", "127.0.0.1:+18051",
+  for (const char* address : {"127.0.0.1:18051 ", "127.0.0.1: 18051", "127.0.0.1:+18051",
                                      "[127.0.0.1]:18051", "[localhost]:18051", "[]:18051"}) {
     EXPECT_FALSE(SplitHostPort(address).ok()) << "'" << address << "'";
   }
@@ -300,7 +300,7 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
       << ValidateServerConfig(c);
   c.set_at.clear();
   // Different interfaces on one port can both listen (the start-up probe finds real clashes).
-  for (const std::string& http : {"[::1]:18051", "127.0.0.2:18051", "localhost:18052"}) {
+  for (const char* http : {"[::1]:18051", "127.0.0.2:18051", "localhost:18052"}) {
     c.server.grpc_address = "127.0.0.1:18051";
     c.server.http_address = http;
     EXPECT_TRUE(ValidateServerConfig(c).ok()) << http;
