@@ -181,6 +181,24 @@ bool ReplaceableFolder(const fs::path& folder) {
   return fs::is_empty(folder, ec) || fs::exists(folder / kConfigFile, ec);
 }
 
+// The modules `config` adapts in `model` (path, projection), in the order of the layers, then of
+// KnownLoraTargets: those PEFT's get_peft_model wraps.
+std::vector<std::pair<std::string, std::string>> AdaptedModules(const ModelConfig& model,
+                                                                const LoraConfig& config) {
+  std::vector<std::pair<std::string, std::string>> modules;
+  for (int64_t layer = 0; layer < model.num_hidden_layers; ++layer) {
+    const std::vector<int64_t>& only = config.layers_to_transform;
+    const bool listed = only.empty() || std::find(only.begin(), only.end(), layer) != only.end();
+    for (const auto& projection : KnownLoraTargets()) {
+      std::string module_path = ModulePathFor(layer, projection);
+      if (!listed && !config.NamesWholePath(module_path)) continue;
+      if (!config.Adapts(module_path)) continue;
+      modules.emplace_back(std::move(module_path), projection);
+    }
+  }
+  return modules;
+}
+
 }  // namespace
 
 absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const LoraConfig& config,
@@ -196,24 +214,17 @@ absl::StatusOr<LoraAdapter> LoraAdapter::Init(const ModelConfig& model, const Lo
     // KnownLoraTargets), so the weights depend on the seed only, not on how targets are listed.
     at::Generator gen = at::detail::createCPUGenerator(seed);
     torch::NoGradGuard no_grad;
-    for (int64_t layer = 0; layer < model.num_hidden_layers; ++layer) {
-      const std::vector<int64_t>& only = config.layers_to_transform;
-      const bool listed = only.empty() || std::find(only.begin(), only.end(), layer) != only.end();
-      for (const auto& projection : KnownLoraTargets()) {
-        const std::string module_path = ModulePathFor(layer, projection);
-        if (!listed && !config.NamesWholePath(module_path)) continue;
-        if (!config.Adapts(module_path)) continue;
-        const Features f = ProjectionFeatures(model, projection);
-        // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + 5)), bound
-        // gain * sqrt(3 / fan_in) = 1 / sqrt(in_features), as torch.nn.Linear and PEFT.
-        const double bound = 1.0 / std::sqrt(static_cast<double>(f.in));
-        LoraPair pair;
-        pair.a = torch::empty({config.r, f.in}, torch::kFloat32);
-        pair.a.uniform_(-bound, bound, gen);
-        // B = 0 makes the adapted model equal the base model at step 0.
-        pair.b = torch::zeros({f.out, config.r}, torch::kFloat32);
-        adapter.layers.emplace(ModulePathFor(layer, projection), std::move(pair));
-      }
+    for (const auto& [module_path, projection] : AdaptedModules(model, config)) {
+      const Features f = ProjectionFeatures(model, projection);
+      // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + 5)), bound
+      // gain * sqrt(3 / fan_in) = 1 / sqrt(in_features), as torch.nn.Linear and PEFT.
+      const double bound = 1.0 / std::sqrt(static_cast<double>(f.in));
+      LoraPair pair;
+      pair.a = torch::empty({config.r, f.in}, torch::kFloat32);
+      pair.a.uniform_(-bound, bound, gen);
+      // B = 0 makes the adapted model equal the base model at step 0.
+      pair.b = torch::zeros({f.out, config.r}, torch::kFloat32);
+      adapter.layers.emplace(module_path, std::move(pair));
     }
     return adapter;
   } catch (const c10::Error& e) {
@@ -529,6 +540,20 @@ absl::Status LoraAdapter::ValidateAgainst(const ModelConfig& model) const {
                        module->projection, " needs [", absl::StrJoin(want, ", "), "] (r ", config.r,
                        "; ", f.why, "): the adapter was made for a different base model"));
     }
+  }
+  // A module the config targets but the adapter has no weights for: made on a base of fewer
+  // layers. PEFT warns ("missing adapter keys") and leaves such modules at their fresh init, so
+  // part of the model would run unadapted, silently.
+  std::vector<std::string> missing;
+  for (const auto& [module_path, projection] : AdaptedModules(model, config)) {
+    if (layers.count(module_path) == 0) missing.push_back(module_path);
+  }
+  if (!missing.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the adapter has no LoRA weights for ", missing.front(),
+        missing.size() > 1 ? absl::StrCat(" and ", missing.size() - 1, " more modules") : "",
+        ", which its target_modules adapt in this base model (", model.num_hidden_layers,
+        " layers): the adapter was made for a different base model (of fewer layers?)"));
   }
   return absl::OkStatus();
 }

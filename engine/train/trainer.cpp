@@ -164,6 +164,9 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
           "adapters but does not train them further"));
     }
     adapter = *std::move(a);
+    // Trained on from here on this base: its adapter_config.json (and ListAdapters) name it, as a
+    // fresh job's do; PEFT loads the result onto the model named there.
+    adapter.config.base_model_name_or_path = model_folder;
   } else {
     LoraConfig lora = config.lora;
     lora.base_model_name_or_path = model_folder;
@@ -177,11 +180,13 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   const std::string& fingerprint = prepared.dataset_fingerprint;
   if (checkpoint && !state.dataset_fingerprint.empty() &&
       state.dataset_fingerprint != fingerprint) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the dataset (", absl::StrJoin(DatasetFiles(config), ", "),
-        ") changed since the job started: ", resumed_from,
-        " was trained on other contents, and resuming would train the rest of the "
-        "job on other examples; put the original file back to resume, or submit a new job"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the dataset (", absl::StrJoin(DatasetFiles(config), ", "),
+                     ") changed since the job started: ", resumed_from,
+                     " was trained on other contents, and resuming would train the rest of the "
+                     "job on other examples; put the original file back and retry the job "
+                     "(loradctl train retry) to "
+                     "resume it, or submit a new job"));
   }
   state.dataset_fingerprint = fingerprint;
   if (checkpoint && !state.base_fingerprint.empty() &&
@@ -192,10 +197,15 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
         "model.chat_template differ): ",
         resumed_from,
         " was trained on the other, and resuming would train the rest of the job on this one; "
-        "start lorad on the original model folder to resume, or submit the job again"));
+        "start lorad on the original model folder and retry the job (loradctl train retry) to "
+        "resume it, or submit the job again"));
   }
   state.base_fingerprint = prepared.base_fingerprint;
-  if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) return s;
+  if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) {
+    if (checkpoint || config.init_adapter_path.empty()) return s;
+    return absl::Status(
+        s.code(), absl::StrCat("init_adapter '", config.init_adapter_path, "': ", s.message()));
+  }
   // fp32 master weights on the model's device: the optimizer updates these; the forward casts
   // them to the compute dtype (bf16 on CUDA) with autograd through the cast.
   for (auto& [name, pair] : adapter.layers) {

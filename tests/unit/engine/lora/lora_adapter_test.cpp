@@ -612,6 +612,21 @@ TEST_F(LoraAdapterTest, ValidateAgainstNamesTensorShapeAndExpectedShape) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("model.layers.1."));
   EXPECT_THAT(std::string(s.message()), HasSubstr("1 layers"));
 
+  // A base of more layers: the adapter lacks the last one's modules (PEFT would leave them at
+  // their fresh init, unadapted, with a warning).
+  ModelConfig deeper = TinyModel();
+  deeper.num_hidden_layers = 3;
+  s = adapter->ValidateAgainst(deeper);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("the adapter has no LoRA weights for model.layers.2.self_attn.q_proj and 6 "
+                        "more modules, which its target_modules adapt in this base model (3 "
+                        "layers)"));
+  // ... unless its config adapts only the layers it has (PEFT's layers_to_transform).
+  LoraAdapter first_layers = *adapter;
+  first_layers.config.layers_to_transform = {0, 1};
+  EXPECT_TRUE(first_layers.ValidateAgainst(deeper).ok());
+
   ModelConfig mha = TinyModel();  // 4 KV heads instead of 2: k/v outputs double
   mha.num_key_value_heads = 4;
   s = adapter->ValidateAgainst(mha);
@@ -685,7 +700,9 @@ TEST(MergedModelWriterTest, TheJobsTemplateAndItsEndOfTurnAreWritten) {
     const nlohmann::json generation = read_json(out / "generation_config.json");
     EXPECT_EQ(generation["eos_token_id"], nlohmann::json::array({config["eos_token_id"], 4}))
         << has_generation_config;
-    if (!has_generation_config) EXPECT_EQ(generation["bos_token_id"], config["bos_token_id"]);
+    if (!has_generation_config) {
+      EXPECT_EQ(generation["bos_token_id"], config["bos_token_id"]);
+    }
   }
 }
 

@@ -106,6 +106,47 @@ TEST_F(TrainerTest, AResumeRefusesAnotherBaseModel) {
       << refused.status();
 }
 
+// A job continuing an adapter made elsewhere trains on this base: the adapter it publishes names
+// this model folder (PEFT loads it onto the model named there). An adapter of a base with fewer
+// layers is refused, naming what it lacks: PEFT would train the missing layers from scratch.
+TEST_F(TrainerTest, AContinuedAdapterNamesTheBaseItTrainedOnAndOneOfFewerLayersIsRefused) {
+  LoraConfig lora;
+  lora.r = 8;
+  lora.base_model_name_or_path = "/models/another-base";
+  auto made_elsewhere = LoraAdapter::Init(model_->config(), lora, 3);
+  ASSERT_TRUE(made_elsewhere.ok()) << made_elsewhere.status();
+  ASSERT_TRUE(made_elsewhere->WritePeft((out_ / "elsewhere").string()).ok());
+  TrainingJobConfig config = Config("continued");
+  config.init_adapter_path = (out_ / "elsewhere").string();
+  config.max_steps = 1;
+  TrainingSummary summary;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config, [&](const TrainingEvent& e) {
+    if (e.kind == TrainingEvent::Kind::kFinished) summary = e.summary;
+  });
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  auto published = LoraAdapter::ReadPeft(summary.adapter_path);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->config.base_model_name_or_path, model_dir_);
+
+  ModelConfig one_layer = model_->config();
+  one_layer.num_hidden_layers = 1;
+  auto shallow = LoraAdapter::Init(one_layer, lora, 3);
+  ASSERT_TRUE(shallow.ok()) << shallow.status();
+  ASSERT_TRUE(shallow->WritePeft((out_ / "shallow").string()).ok());
+  config = Config("continued-shallow");
+  config.init_adapter_path = (out_ / "shallow").string();
+  auto refused = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find(
+                "init_adapter '" + (out_ / "shallow").string() +
+                "': the adapter has no LoRA weights for model.layers.1.self_attn.q_proj and 6 "
+                "more modules"),
+            std::string::npos)
+      << refused.status();
+}
+
 // The operator's model.chat_template is part of the base for a job that takes the model's own
 // template ("auto", "chat"): changed between a stop and a resume, the rest would be formatted
 // otherwise. A job naming its template (alpaca) formats the same whatever it is, and resumes.
