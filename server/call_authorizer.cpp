@@ -12,7 +12,7 @@
 namespace lorad::server {
 
 absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerContextBase& context,
-                           Role needed, const std::string& action) {
+                           Role needed, const std::string& action, std::string* caller) {
   if (!auth.enabled()) return absl::OkStatus();
   std::string header;
   const auto& metadata = context.client_metadata();
@@ -20,6 +20,7 @@ absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerCon
   if (it != metadata.end()) header.assign(it->second.data(), it->second.size());
   auto principal = auth.Authorize(header, needed);
   if (principal.ok()) {
+    if (caller != nullptr) *caller = principal->name;
     // Its outcome follows in the action's own line (or the client's status).
     if (!action.empty()) {
       // A client's names in it, cut and without line breaks: one line a call.

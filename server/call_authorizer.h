@@ -15,8 +15,10 @@ namespace lorad::server {
 // OK when no tokens are configured. UNAUTHENTICATED / PERMISSION_DENIED otherwise, as
 // TokenAuthenticator::Authorize says. `action` (an admin method's name): an authorized call is
 // logged with the name of the token that made it, so that a team sharing lorad can tell who
-// submitted, cancelled, deleted, loaded or unloaded what.
+// submitted, cancelled, deleted, loaded or unloaded what. `caller`, when given, is set to the
+// name of the token that made an authorized call ("" without tokens).
 absl::Status AuthorizeCall(const TokenAuthenticator& auth, const grpc::ServerContextBase& context,
-                           Role needed, const std::string& action = "");
+                           Role needed, const std::string& action = "",
+                           std::string* caller = nullptr);
 
 }  // namespace lorad::server

@@ -405,9 +405,12 @@ absl::Status Daemon::ServeRecordedAdapters() {
             engine::PeftFolderFingerprint(*folder).value_or("") == a.fingerprint) {
           return absl::OkStatus();
         }
-        return absl::FailedPreconditionError(
-            absl::StrCat(a.path, " holds other files than when version ", a.version,
-                         " was loaded; load it again to serve them as a new version"));
+        const bool of_a_job = a.source.rfind("job:", 0) == 0;
+        return absl::FailedPreconditionError(absl::StrCat(
+            a.path, " holds other files than when version ", a.version,
+            of_a_job ? " was published by its job; copy the folder into the adapter root and "
+                       "load it to serve them, or train the adapter again"
+                     : " was loaded; load it again to serve them as a new version"));
       };
       const engine::ScopedConfinedReads confined(  // read as LoadAdapter reads them
           a.source.rfind("job:", 0) == 0 ? JobsDir() : adapter_root_);
@@ -423,6 +426,9 @@ absl::Status Daemon::ServeRecordedAdapters() {
     store.ContinueVersionsAfter(a.name, a.version);
     spdlog::warn("adapter {} version {} is not served again: {}", a.name, a.version,
                  std::string(refused.message()));
+    store.NoteNotServedAgain(
+        a.name, absl::StrCat("version ", a.version,
+                             " was not served again at start-up: ", refused.message()));
   }
   if (!other_base.empty()) {
     spdlog::warn(

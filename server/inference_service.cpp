@@ -378,10 +378,16 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
   std::optional<OpenCalls::Slot> slot = open_streams_.TryTake();
   if (!slot && request.ok()) {
+    // What holds the places: requests decoding, waiting, and finished streams whose clients
+    // have not read them yet.
+    const engine::EngineStats stats = engine_.Stats();
+    const int64_t unread = std::max<int64_t>(
+        0, open_streams_.limit() - stats.inference.running - stats.inference.waiting);
     request = absl::ResourceExhaustedError(absl::StrCat(
-        open_streams_.limit(),
-        " generation streams are open (limits.max_queued_requests), some of them finished but "
-        "not yet read by their clients; retry later"));
+        open_streams_.limit(), " generation streams are open (limits.max_queued_requests): ",
+        stats.inference.running, " decoding, ", stats.inference.waiting, " waiting",
+        unread > 0 ? absl::StrCat(", ", unread, " finished but not yet read by their clients") : "",
+        "; retry later"));
   }
   auto* stream = new GenerateStream(engine_, metrics_, CallDeadline(*context), std::move(slot),
                                     options_.max_unread_stream_bytes);
@@ -401,8 +407,14 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
   return stream;
 }
 
-absl::Status InferenceService::Authorize(const grpc::CallbackServerContext* context) const {
-  return auth_ != nullptr ? AuthorizeCall(*auth_, *context, Role::kUser) : absl::OkStatus();
+absl::Status InferenceService::Authorize(const grpc::CallbackServerContext* context,
+                                         std::string* client) const {
+  client->clear();
+  if (auth_ != nullptr) {
+    if (auto s = AuthorizeCall(*auth_, *context, Role::kUser, "", client); !s.ok()) return s;
+  }
+  if (client->empty()) *client = context->peer();
+  return absl::OkStatus();
 }
 
 void InferenceService::ForgetAdapter(const std::string& name) {
@@ -412,9 +424,11 @@ void InferenceService::ForgetAdapter(const std::string& name) {
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const lorad::v1::GenerateRequest* request) {
   // The caller first: tokenizing a prompt is work an unauthenticated caller must not get done.
-  if (auto s = Authorize(context); !s.ok()) return Start(context, s);
+  std::string client;
+  if (auto s = Authorize(context, &client); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
   if (!r.ok()) return Start(context, std::move(r));
+  r->client = std::move(client);
   if (request->prompt().empty()) {
     r = absl::InvalidArgumentError("prompt: is empty");
   } else if (static_cast<int64_t>(request->prompt().size()) > options_.max_prompt_bytes) {
@@ -434,9 +448,11 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Generate(
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Chat(
     grpc::CallbackServerContext* context, const lorad::v1::ChatRequest* request) {
-  if (auto s = Authorize(context); !s.ok()) return Start(context, s);
+  std::string client;
+  if (auto s = Authorize(context, &client); !s.ok()) return Start(context, s);
   absl::StatusOr<engine::GenerationRequest> r = FromProto(request->sampling(), options_);
   if (!r.ok()) return Start(context, std::move(r));
+  r->client = std::move(client);
   // Roles count with the contents: half a million empty messages still render megabytes.
   int64_t bytes = 0;
   for (const auto& m : request->messages()) {

@@ -67,7 +67,9 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
       grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request);
 
   // UNAUTHENTICATED / PERMISSION_DENIED unless the caller holds the user role (open: OK).
-  absl::Status Authorize(const grpc::CallbackServerContext* context) const;
+  // The caller checked, and named in *client (GenerationRequest::client): its token's name, or
+  // without tokens its connection (peer address and port).
+  absl::Status Authorize(const grpc::CallbackServerContext* context, std::string* client) const;
 
   engine::Engine& engine_;
   InferenceOptions options_;

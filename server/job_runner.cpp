@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/lora/peft_config.h"
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
 #include "engine/train/checkpoint_folders.h"
@@ -587,6 +588,9 @@ void JobRunner::Succeed(const Pending& p) {
   // again (RecordSuccessesAgain) rather than leave a served adapter's job running for ever.
   bool hook_ran = false;
   absl::Status recorded;
+  // What the folder holds, recorded with it: a restart serves this version again only from the
+  // same files, as an adapter loaded by hand.
+  const std::string fingerprint = engine::PeftFolderFingerprint(summary.adapter_path).value_or("");
   auto record = [&](int64_t version) {
     hook_ran = true;
     auto* s = out.mutable_finished();
@@ -618,8 +622,8 @@ void JobRunner::Succeed(const Pending& p) {
     recorded = store_.MarkSucceeded(
         p.job_id, version,
         {summary.steps, lorad::v1::JobEvent::kFinishedFieldNumber, out.SerializeAsString()},
-        {adapter, version, summary.adapter_path, "job:" + p.job_id, /*served=*/true,
-         /*fingerprint=*/""},
+        {adapter, version, summary.adapter_path, "job:" + p.job_id, /*served=*/true, fingerprint,
+         /*base_fingerprint=*/""},
         now);
     return recorded;
   };

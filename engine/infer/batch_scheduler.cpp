@@ -1,6 +1,7 @@
 #include "engine/infer/batch_scheduler.h"
 
 #include <algorithm>
+#include <map>
 #include <set>
 
 namespace lorad::engine {
@@ -35,6 +36,24 @@ bool FitsKvCache(const Budget& b, const ScheduledSequence& seq) {
 bool FitsAdapterLimit(const Budget& b, const std::string& adapter) {
   return adapter.empty() || b.adapters.count(adapter) > 0 ||
          static_cast<int32_t>(b.adapters.size()) < b.limits.max_adapters_per_batch;
+}
+
+// `waiting` in the order admission considers it (the header's rule 3).
+std::vector<const ScheduledSequence*> AdmissionOrder(
+    const std::vector<const ScheduledSequence*>& running,
+    const std::vector<ScheduledSequence>& waiting) {
+  std::map<std::string, int64_t> load;  // a client's running requests, then those before
+  for (const ScheduledSequence* seq : running) ++load[seq->client];
+  std::vector<std::pair<int64_t, const ScheduledSequence*>> keyed;
+  for (const auto& seq : waiting) {
+    const int64_t share = load[seq.client]++;
+    keyed.emplace_back(seq.preempted ? -1 : share, &seq);
+  }
+  std::stable_sort(keyed.begin(), keyed.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<const ScheduledSequence*> order;
+  for (const auto& [share, seq] : keyed) order.push_back(seq);
+  return order;
 }
 
 int64_t ChunkFor(const Budget& b, const ScheduledSequence& seq) {
@@ -98,7 +117,8 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
   // 3. Admit waiting requests (none while anything was just preempted: memory is short).
   size_t running_count = kept.size();
   if (plan.preempted.empty()) {
-    for (const auto& seq : waiting) {
+    for (const ScheduledSequence* next : AdmissionOrder(kept, waiting)) {
+      const ScheduledSequence& seq = *next;
       if (!FitsRunningLimit(running_count, limits)) break;
       const int64_t chunk = ChunkFor(b, seq);
       if (!FitsTokenBudget(b, chunk)) break;

@@ -7,7 +7,10 @@
 //      are freed and it goes back to the front of the waiting queue, to be recomputed later)
 //      until it fits — a running sequence is never failed for lack of memory;
 //   2. running sequences still in (chunked) prefill get their next chunk;
-//   3. waiting requests are admitted in arrival order while every admission rule holds; a request
+//   3. waiting requests are admitted while every admission rule holds: first those preempted
+//      (in arrival order), then by their client's share, so that one client's burst does not
+//      hold back the others: a client's k-th waiting request (arrival order) comes at its
+//      running requests + k, and ties go by arrival (one client alone: arrival order). A request
 //      whose adapter would exceed the per-batch adapter limit is skipped, the others may pass it,
 //      but only `max_passed_over` times: then nothing behind it is admitted until it fits (the
 //      batch's other adapters drain), so steady traffic on some adapters never starves another.
@@ -38,6 +41,8 @@ struct ScheduledSequence {
   int64_t prompt_tokens = 0;    // tokens to prefill (after a preemption: prompt + generated)
   int64_t computed_tokens = 0;  // tokens already in the KV cache
   int32_t passed_over = 0;      // iterations it waited, skipped for the adapter limit
+  std::string client;           // who sent it (GenerationRequest::client)
+  bool preempted = false;       // waiting again after it ran
 };
 
 struct StepPlan {

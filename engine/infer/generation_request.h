@@ -31,6 +31,9 @@ struct GenerationRequest {
   // a rendered chat).
   std::string prompt_field = "prompt";
   std::string adapter;  // "" = the base model; else a name in the AdapterStore (latest version)
+  // Who sent it (a token's name, a connection): waiting requests are admitted by their client's
+  // share of the batch (batch_scheduler.h), so one client's burst does not hold back the others.
+  std::string client;
   // > 0: only that version of `adapter` may serve the request (FAILED_PRECONDITION once a newer
   // one serves new requests, NOT_FOUND before it exists), checked as the engine pins it.
   int64_t adapter_version = 0;

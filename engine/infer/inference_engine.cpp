@@ -234,8 +234,7 @@ absl::StatusOr<RequestId> InferenceEngine::Submit(GenerationRequest request,
   // continue: the first word loses it, as the tokenizer's decode of the reply (and vLLM) has it.
   const bool continues_text = std::any_of(seq->prompt.begin(), seq->prompt.end(),
                                           [&](int32_t id) { return !m.tokenizer->IsSpecial(id); });
-  seq->detokenizer =
-      std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true, continues_text);
+  seq->detokenizer = std::make_unique<IncrementalDetokenizer>(*m.tokenizer, true, continues_text);
   seq->stops = std::make_unique<StopMatcher>(request.stop);
   seq->submitted = Clock::now();
   seq->request = std::move(request);
@@ -395,10 +394,12 @@ absl::Status InferenceEngine::Step() {
   m.DrainInbox();
   std::vector<ScheduledSequence> running, waiting;
   for (const auto& s : m.running) {
-    running.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed});
+    running.push_back(
+        {s->id, s->adapter_key(), s->prefill_target, s->computed, 0, s->request.client});
   }
   for (const auto& s : m.waiting) {
-    waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed, s->passed_over});
+    waiting.push_back({s->id, s->adapter_key(), s->prefill_target, s->computed, s->passed_over,
+                       s->request.client, s->preemptions > 0});
   }
   const StepPlan plan = PlanStep(running, waiting, *m.kv, m.options.scheduler);
   if (!plan.passed_over.empty()) {  // one pass over the queue (up to max_queued requests)

@@ -43,6 +43,8 @@ struct AdapterStore::State {
   std::map<std::string, int64_t> newest_published;
   // The versions a restart restored (ContinueVersionsAfter): a later one is this process's own.
   std::map<std::string, int64_t> restored_version;
+  // Why a restart did not serve a name again (NoteNotServedAgain), until a version is published.
+  std::map<std::string, std::string> not_served_again;
   std::map<std::string, std::shared_ptr<AdapterLease::Entry>> current;
   std::vector<std::shared_ptr<AdapterLease::Entry>> entries;  // every live version
   uint64_t tick = 0;
@@ -329,6 +331,7 @@ absl::StatusOr<int64_t> AdapterStore::Publish(const std::string& name, const Lor
   } else {
     s.current.emplace(name, entry);
   }
+  s.not_served_again.erase(name);
   s.entries.push_back(entry);
   const int64_t version = entry->version;
   if (published != nullptr) *published = InfoOf(*entry);
@@ -362,6 +365,11 @@ void AdapterStore::ContinueVersionsAfter(const std::string& name, int64_t versio
   restored = std::max(restored, version);
 }
 
+void AdapterStore::NoteNotServedAgain(const std::string& name, const std::string& why) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->current.count(name) == 0) state_->not_served_again[name] = why;
+}
+
 int64_t AdapterStore::RestoredVersion(const std::string& name) const {
   std::lock_guard<std::mutex> lock(state_->mu);
   const auto it = state_->restored_version.find(name);
@@ -372,7 +380,10 @@ absl::StatusOr<AdapterLease> AdapterStore::Acquire(const std::string& name) {
   std::lock_guard<std::mutex> lock(state_->mu);
   auto it = state_->current.find(name);
   if (it == state_->current.end()) {
-    return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
+    const auto why = state_->not_served_again.find(name);
+    return absl::NotFoundError(
+        absl::StrCat("adapter '", name, "' is not loaded",
+                     why == state_->not_served_again.end() ? "" : absl::StrCat(": ", why->second)));
   }
   ++it->second->users;
   return AdapterLease(this, it->second);

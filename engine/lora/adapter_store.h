@@ -123,6 +123,9 @@ class AdapterStore {
   // The next version published under `name` will be at least `version` + 1 (a restart restores
   // the versions a name had, so that they only grow).
   void ContinueVersionsAfter(const std::string& name, int64_t version);
+  // Why a restart left `name` out (its folder changed, it does not fit the base): Acquire's
+  // NotFound says so, until a version of it is published.
+  void NoteNotServedAgain(const std::string& name, const std::string& why);
   // The highest version ContinueVersionsAfter was given for `name` (0: none): a version above it
   // was handed out by this process.
   int64_t RestoredVersion(const std::string& name) const;

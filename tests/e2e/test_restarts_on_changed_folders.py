@@ -106,6 +106,39 @@ def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_o
     assert "adapter(s) served again were trained" not in d.log(), d.log()
 
 
+def test_a_jobs_adapter_whose_files_changed_is_not_served_again_and_requests_say_why(
+        tmp_path, stubs):
+    """A job's adapter is recorded with what its files held, as one loaded by hand: weights
+    changed in its job folder while lorad was stopped are not served as the version they were
+    not, and a request naming it says why, not only that it is not loaded."""
+    ipb = stubs.inference_pb2
+    prepare(tmp_path)
+    job_id = train_then_stop(tmp_path, stubs, "tampered")
+    weights = tmp_path / "data" / "jobs" / job_id / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    d = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(stubs.adapters_pb2.ListAdaptersRequest(), timeout=10)
+            assert [a.name for a in listed.adapters] == [], d.log()
+            inference = stubs.inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                list(inference.Generate(ipb.GenerateRequest(
+                    prompt="hi", adapter="tampered",
+                    sampling=ipb.SamplingParams(max_new_tokens=2)), timeout=30))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            details = err.value.details()
+            assert details.startswith("adapter 'tampered' is not loaded: version 1 was not served "
+                                      "again at start-up: "), details
+            assert "holds other files than when version 1 was published by its job" in details, \
+                details
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
 def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
     """The data folder moved (or mounted elsewhere, as into a container) between two starts:
     the adapters are served again, an interrupted job resumes, and a queued job that continues

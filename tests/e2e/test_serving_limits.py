@@ -52,7 +52,10 @@ def test_streams_a_client_stopped_reading_count_until_written(tmp_path, stubs):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(req, timeout=30))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "generation streams are open" in err.value.details()
+        # What holds the place, as it is: not a request decoding or waiting.
+        assert err.value.details() == (
+            "1 generation streams are open (limits.max_queued_requests): 0 decoding, 0 waiting, "
+            "1 finished but not yet read by their clients; retry later"), err.value.details()
         chunks = list(unread)  # read at last: the whole output, then the stream closes
         assert sum(len(c.tokens) for c in chunks) == 600
         deadline = time.time() + 10
@@ -139,3 +142,52 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
             assert len(loaded) == 2 and len(listed) == 2, listed
     finally:
         stop_daemon(d)
+
+
+def test_one_clients_burst_does_not_hold_back_another_clients_request(tmp_path, stubs):
+    """Waiting requests are admitted by their client's share of the batch, not in arrival order
+    alone: with two places, a client running two and waiting with four more does not keep a
+    second client's request (another connection) waiting behind all six."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "model.base_weights=none",
+                     "--set", "engine.max_running_requests=2")
+
+    def channel():  # a connection of its own: without tokens, a client is its connection
+        return grpc.insecure_channel(d.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    def request(tokens):
+        return pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+            max_new_tokens=tokens, temperature=0.0, ignore_eos=True))
+
+    first_token = {}
+
+    def stream(stub, name, tokens):
+        for chunk in stub.Generate(request(tokens), timeout=300):
+            if chunk.tokens and name not in first_token:
+                first_token[name] = time.monotonic()
+
+    try:
+        with channel() as busy, channel() as other, ThreadPoolExecutor(8) as pool:
+            busy_stub = stubs.inference_pb2_grpc.InferenceServiceStub(busy)
+            # The first ends well before the second: its place is the first to come free.
+            lengths = [500, 1500, 1500, 1500, 1500, 1500]
+            burst = []
+            for i, tokens in enumerate(lengths):
+                burst.append(pool.submit(stream, busy_stub, f"busy{i}", tokens))
+                while f"busy{min(i, 1)}" not in first_token:  # in this order
+                    assert all(not f.done() or f.exception() is None for f in burst)
+                    time.sleep(0.005)
+            deadline = time.time() + 60
+            while "lorad_num_requests_waiting 4" not in d.http_get("/metrics")[1]:
+                assert time.time() < deadline, d.http_get("/metrics")[1]
+                time.sleep(0.01)
+            waiting = [f"busy{i}" for i in range(6) if f"busy{i}" not in first_token]
+            assert len(waiting) >= 3, first_token  # the shortest may have ended meanwhile
+            other_stub = stubs.inference_pb2_grpc.InferenceServiceStub(other)
+            pool.submit(stream, other_stub, "other", 4).result()
+            for f in burst:
+                f.result()
+        assert first_token["other"] < min(first_token[name] for name in waiting), \
+            (first_token, d.log())
+    finally:
+        assert stop_daemon(d) == 0, d.log()

@@ -7,7 +7,12 @@ namespace {
 
 ScheduledSequence Seq(SequenceId id, int64_t prompt, int64_t computed = 0,
                       std::string adapter = "") {
-  return ScheduledSequence{id, std::move(adapter), prompt, computed};
+  ScheduledSequence seq;
+  seq.id = id;
+  seq.adapter = std::move(adapter);
+  seq.prompt_tokens = prompt;
+  seq.computed_tokens = computed;
+  return seq;
 }
 
 TEST(BatchScheduler, AdmitsInArrivalOrderWithinTheTokenBudgetAndChunksLongPrompts) {
@@ -94,6 +99,39 @@ TEST(BatchScheduler, MaxRunningBoundsAdmission) {
   limits.max_running = 2;
   auto plan = PlanStep({Seq(1, 4, 4)}, {Seq(2, 4), Seq(3, 4)}, kv, limits);
   EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{2}));
+}
+
+ScheduledSequence From(std::string client, SequenceId id, int64_t computed = 0,
+                       bool preempted = false) {
+  ScheduledSequence seq = Seq(id, 4, computed);
+  seq.client = std::move(client);
+  seq.preempted = preempted;
+  return seq;
+}
+
+// One client's burst does not hold back another's request: a client's waiting requests come at
+// its running ones plus their place among its own; one client alone keeps arrival order.
+TEST(BatchScheduler, WaitingRequestsAreAdmittedByTheirClientsShare) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.max_running = 4;
+  // a runs 2 and waits with 3 more; b's one request came last.
+  const std::vector<ScheduledSequence> running = {From("a", 1, 4), From("a", 2, 4)};
+  auto plan =
+      PlanStep(running, {From("a", 3), From("a", 4), From("a", 5), From("b", 6)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{6, 3}));
+  // b running 1 and waiting 2 more beside a's 3: they take turns, a's first at its share of 2.
+  limits.max_running = 8;
+  plan = PlanStep({From("a", 1, 4), From("a", 2, 4), From("b", 3, 4)},
+                  {From("a", 4), From("a", 5), From("b", 6), From("b", 7)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{6, 4, 7, 5}));
+  // A preempted request comes back first, whoever sent it.
+  limits.max_running = 3;
+  plan = PlanStep(running, {From("b", 6), From("a", 3, 0, /*preempted=*/true)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3}));
+  // One client: arrival order.
+  plan = PlanStep({}, {From("a", 3), From("a", 4)}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3, 4}));
 }
 
 }  // namespace
