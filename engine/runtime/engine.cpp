@@ -21,6 +21,7 @@
 #include "engine/model/llama_model.h"
 #include "engine/model/model_weights.h"
 #include "engine/model/tokenizer.h"
+#include "engine/runtime/training_credit.h"
 #include "engine/train/trainer.h"
 #include "engine/train/training_memory.h"
 
@@ -55,10 +56,6 @@ void ReturnFreedHeap() {
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-// The longest the loop lets training run ahead on credit it has not yet earned: one long
-// micro-batch may overdraw, but the debt is capped so serving recovers within a few steps.
-constexpr double kMaxTrainCreditSeconds = 2.0;
 
 // Device bytes a new allocation can still get: what the driver has free plus what torch's caching
 // allocator holds but does not use. -1 on the CPU (no limit is checked there).
@@ -329,8 +326,7 @@ void Engine::Stop() {
 
 void Engine::Impl::Loop() {
   // Seconds of training the inference steps have earned (see the class comment).
-  double train_credit = 0;
-  const double ratio = options.train_share / (1.0 - options.train_share);
+  TrainingCredit credit(options.train_share);
   while (true) {
     bool retired = false;  // a retired adapter version woke it
     {
@@ -378,20 +374,13 @@ void Engine::Impl::Loop() {
       (void)inference->Step();
       const double dt = Seconds(Clock::now() - t0);
       inference_seconds.store(inference_seconds.load() + dt);
-      // Earned only while a job trains: credit saved up with none (serving alone, or while a
-      // job read its data) made the next job run up to kMaxTrainCreditSeconds of micro-batches
-      // in a row, every stream waiting.
-      // Nor while every job waits for storage: the credit would go to a burst once one may go on.
-      if (!trainers.empty() && !AllTrainersWaiting()) {
-        train_credit = std::min(train_credit + dt * ratio, kMaxTrainCreditSeconds);
-      }
+      if (!trainers.empty() && !AllTrainersWaiting()) credit.Earn(dt);
     }
-    // A debt (a long micro-batch overdrew) stays with the loop: the next job waits it out.
-    if (trainers.empty()) train_credit = std::min(train_credit, 0.0);
+    if (trainers.empty()) credit.DropSaved();
     // While serving, training spends all the credit the step earned (a share above a half earns
     // more than one micro-batch per step); idle, one micro-batch a turn, so that a request that
     // arrives waits for one at most.
-    while (!trainers.empty() && (!serving || train_credit > 0)) {
+    while (!trainers.empty() && (!serving || credit.CanTrain())) {
       const Clock::time_point t0 = Clock::now();
       Clock::time_point idle_until;
       if (!RunTrainingMicroBatch(&idle_until)) {
@@ -403,7 +392,7 @@ void Engine::Impl::Loop() {
       const double dt = Seconds(Clock::now() - t0);
       train_seconds.store(train_seconds.load() + dt);
       if (!serving) break;
-      train_credit = std::max(train_credit - dt, -kMaxTrainCreditSeconds);
+      credit.Spend(dt);
     }
   }
   // Stopping: every request still queued or running ends as cancelled (its last event sent), later
