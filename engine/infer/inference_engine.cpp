@@ -313,12 +313,16 @@ void InferenceEngine::Impl::DrainInbox() {
   }
   for (auto& seq : fresh) waiting.push_back(std::move(seq));
   const auto now = Clock::now();
-  std::vector<Sequence*> to_cancel, expired;
+  std::vector<Sequence*> to_cancel, expired, unloaded;
   auto check = [&](const std::unique_ptr<Sequence>& s) {
     if (cancel.count(s->id)) {
       to_cancel.push_back(s.get());
     } else if (now > s->request.deadline) {
       expired.push_back(s.get());
+    } else if (s->queue_s < 0 && s->lease.unloaded()) {
+      // Never admitted: an operator who unloads an adapter wants it gone, not minutes more of
+      // its output from the queue. Running requests finish on it.
+      unloaded.push_back(s.get());
     }
   };
   for (const auto& s : running) check(s);
@@ -326,6 +330,13 @@ void InferenceEngine::Impl::DrainInbox() {
   FinishAndRemove(to_cancel, FinishReason::kCancelled, absl::CancelledError("cancelled"));
   FinishAndRemove(expired, FinishReason::kCancelled,
                   absl::DeadlineExceededError("the request's deadline passed"));
+  for (Sequence* s : unloaded) {
+    FinishAndRemove({s}, FinishReason::kCancelled,
+                    absl::FailedPreconditionError(absl::StrCat(
+                        "adapter '", s->lease.name(), "' version ", s->lease.version(),
+                        " was unloaded before this request started; send it again to be served "
+                        "by the adapter's current version, if it has one")));
+  }
 }
 
 void InferenceEngine::Impl::Emit(Sequence& seq, TokenEvent event) {

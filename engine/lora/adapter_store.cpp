@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <condition_variable>
 #include <map>
@@ -28,6 +29,8 @@ struct AdapterLease::Entry {
   uint64_t last_used = 0;                     // LRU tick of the last Activate
   bool current = false;
   bool alive = true;  // false once retired and released by its last user (freed)
+  // Unload named it: requests holding it that have not started end (read without the lock).
+  std::atomic<bool> unloaded{false};
 };
 
 struct AdapterStore::State {
@@ -150,6 +153,7 @@ AdapterLease::~AdapterLease() { Release(); }
 
 const std::string& AdapterLease::name() const { return entry_->name; }
 int64_t AdapterLease::version() const { return entry_->version; }
+bool AdapterLease::unloaded() const { return entry_ != nullptr && entry_->unloaded.load(); }
 const LoraAdapter& AdapterLease::host() const { return *entry_->host; }
 
 absl::StatusOr<const LoraAdapter*> AdapterLease::Activate() {
@@ -425,6 +429,7 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
   }
   bool retired = false;
   for (const auto& e : targets) {
+    e->unloaded = true;
     if (e->current) {
       e->current = false;
       s.current.erase(name);

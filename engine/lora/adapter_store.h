@@ -73,6 +73,8 @@ class AdapterLease {
   bool valid() const { return entry_ != nullptr; }
   const std::string& name() const;
   int64_t version() const;
+  // Whether Unload named this version since (a request holding it that has not started ends).
+  bool unloaded() const;
   // The host copy (fp32, CPU).
   const LoraAdapter& host() const;
 

@@ -282,6 +282,48 @@ TEST(InferenceEngineTest, ARequestCancelledWhileWaitingReportsItsWaitAsQueueTime
   EXPECT_LE(waited.usage.queue_time_s, elapsed + 1.0);  // its own wait, not another clock's
 }
 
+// An unloaded adapter's requests that have not started end at once, saying why, instead of
+// starting on it after the unload answered (an operator pulling a bad adapter got minutes more
+// of its output); the running one finishes on it, and another adapter's request is served.
+TEST(InferenceEngineTest, AnUnloadEndsTheAdaptersRequestsThatHaveNotStarted) {
+  Fixture f;
+  f.Publish("pulled", 4, 31);
+  f.Publish("kept", 4, 32);
+  InferenceEngineOptions options = Fixture::Small();
+  options.scheduler.max_running = 1;
+  auto engine = f.Engine(options);
+  std::vector<Result> pulled(3);
+  Result kept;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(
+        engine
+            ->Submit(Greedy(RandomPrompt(5, 300 + i), "pulled", 12), Fixture::Collector(&pulled[i]))
+            .ok());
+  }
+  ASSERT_TRUE(
+      engine->Submit(Greedy(RandomPrompt(5, 9), "kept", 6), Fixture::Collector(&kept)).ok());
+  ASSERT_TRUE(engine->Step().ok());  // the first runs, the others wait
+  std::thread unloader([&] { EXPECT_TRUE(f.store().Unload("pulled").ok()); });
+  for (int i = 0; i < 200 && f.store().Contains("pulled"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  Fixture::StepAll(*engine);
+  unloader.join();
+  EXPECT_EQ(pulled[0].tokens.size(), 12u);
+  for (int i = 1; i < 3; ++i) {
+    EXPECT_TRUE(pulled[i].tokens.empty()) << i;
+    EXPECT_EQ(pulled[i].reason, FinishReason::kCancelled) << i;
+    EXPECT_EQ(pulled[i].status.code(), absl::StatusCode::kFailedPrecondition) << i;
+    EXPECT_EQ(pulled[i].status.message(),
+              "adapter 'pulled' version 1 was unloaded before this request started; send it "
+              "again to be served by the adapter's current version, if it has one");
+  }
+  EXPECT_EQ(kept.tokens.size(), 6u);
+  const auto left = f.store().List();  // the unloaded version freed once its request ended
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].name, "kept");
+}
+
 TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
   Fixture f;
   auto engine = f.Engine();
