@@ -13,6 +13,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/lora/peft_config.h"
 #include "engine/model/utf8.h"
 #include "engine/runtime/durable_file.h"
@@ -100,15 +101,28 @@ absl::Status AdapterService::Load(const lorad::v1::LoadAdapterRequest& request,
   {
     std::lock_guard<std::mutex> lock(loading_mu_);
     if (max_loaded_names_ > 0) {  // a new name, not a new version of a loaded one
-      std::set<std::string> names;
-      for (const auto& info : engine_.adapters().List()) names.insert(info.name);
-      for (const auto& [name, loads] : loading_) names.insert(name);
+      std::set<std::string> names, current;
+      for (const auto& info : engine_.adapters().List()) {
+        names.insert(info.name);
+        if (info.current) current.insert(info.name);
+      }
+      for (const auto& [name, loads] : loading_) names.insert(name), current.insert(name);
       if (names.count(request.name()) == 0 &&
           static_cast<int64_t>(names.size()) >= max_loaded_names_) {
+        // Unloaded names whose running requests still hold them count (their weights are still
+        // in memory): said, or "unload one first" reads as a call that did nothing.
+        std::vector<std::string> draining;
+        for (const std::string& name : names) {
+          if (current.count(name) == 0) draining.push_back("'" + name + "'");
+        }
         return absl::ResourceExhaustedError(absl::StrCat(
             names.size(),
             " adapters are loaded or loading (limits.max_loaded_adapters; each keeps a host "
-            "copy of its weights): unload one first, or raise the limit"));
+            "copy of its weights): unload one first, or raise the limit",
+            draining.empty() ? ""
+                             : absl::StrCat("; unloaded but still held by running requests, "
+                                            "until they end: ",
+                                            absl::StrJoin(draining, ", "))));
       }
     }
     ++loading_[request.name()];

@@ -140,6 +140,23 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
             listed = {a.name for a in astub.ListAdapters(apb.ListAdaptersRequest(),
                                                          timeout=30).adapters}
             assert len(loaded) == 2 and len(listed) == 2, listed
+            # A name unloaded while a request runs on it still holds its weights, and counts:
+            # the refusal says so, or "unload one first" reads as an unload that did nothing.
+            held = sorted(listed)[0]
+            ipb = stubs.inference_pb2
+            stream = stubs.inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                ipb.GenerateRequest(prompt="Once upon a time", adapter=held,
+                                    sampling=ipb.SamplingParams(max_new_tokens=4000,
+                                                                ignore_eos=True)), timeout=300)
+            next(stream)  # running
+            astub.UnloadAdapter(apb.UnloadAdapterRequest(name=held), timeout=2)
+            with pytest.raises(grpc.RpcError) as err:
+                load("another")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.value.details().endswith(
+                f"unload one first, or raise the limit; unloaded but still held by running "
+                f"requests, until they end: '{held}'"), err.value.details()
+            stream.cancel()
     finally:
         stop_daemon(d)
 
