@@ -705,6 +705,9 @@ void Daemon::Shutdown() {
     health_->Shutdown();
     spdlog::info("draining: in-flight RPCs get {} s", config_.server.shutdown_grace_seconds);
     job_events_.CloseAll();  // job watches never end by themselves
+    // UnloadAdapter calls waiting on running requests answer now, as at their deadline (the
+    // unload took effect): cut by the grace period they read as failed, and a client retried.
+    if (engine_) engine_->adapters().EndUnloadWaits();
     // Calls reading files end (a dataset's count gives up): the server waits for every call.
     for (auto* calls : {&blocking_calls_, &file_free_calls_, &admin_calls_}) {
       if (*calls) (*calls)->Stop();

@@ -36,6 +36,7 @@ struct AdapterLease::Entry {
 struct AdapterStore::State {
   std::mutex mu;
   std::condition_variable released;  // signalled when a retired version is freed
+  bool unload_waits_ended = false;   // EndUnloadWaits: Unload waits no more
   ModelConfig base;
   AdapterStoreOptions options;
   torch::Device device = torch::kCPU;
@@ -369,6 +370,14 @@ void AdapterStore::ContinueVersionsAfter(const std::string& name, int64_t versio
   restored = std::max(restored, version);
 }
 
+void AdapterStore::EndUnloadWaits() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->unload_waits_ended = true;
+  }
+  state_->released.notify_all();
+}
+
 void AdapterStore::NoteNotServedAgain(const std::string& name, const std::string& why) {
   std::lock_guard<std::mutex> lock(state_->mu);
   if (state_->current.count(name) == 0) state_->not_served_again[name] = why;
@@ -439,9 +448,12 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
   }
   s.NotifyGone(lock);
   if (retired) s.NotifyRetired(lock);
-  const bool freed = s.released.wait_for(lock, timeout, [&] {
+  const auto all_freed = [&] {
     return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });
-  });
+  };
+  const bool freed = s.released.wait_for(lock, timeout, [&] {
+    return all_freed() || s.unload_waits_ended;
+  }) && all_freed();
   if (!freed) {
     return absl::DeadlineExceededError(
         absl::StrCat("adapter '", name, "' is still used by running requests after ",

@@ -125,6 +125,9 @@ class AdapterStore {
   // The next version published under `name` will be at least `version` + 1 (a restart restores
   // the versions a name had, so that they only grow).
   void ContinueVersionsAfter(const std::string& name, int64_t version);
+  // Unload calls waiting for running requests return now, and later ones do not wait (a
+  // shutdown: the unload took effect; what drains is freed when its requests end).
+  void EndUnloadWaits();
   // Why a restart left `name` out (its folder changed, it does not fit the base): Acquire's
   // NotFound says so, until a version of it is published.
   void NoteNotServedAgain(const std::string& name, const std::string& why);
