@@ -78,6 +78,32 @@ std::vector<std::string> DatasetFiles(const TrainingJobConfig& config) {
   return files;
 }
 
+// A resume's inputs against those its checkpoint (`resumed_from`) was trained on: the rest of
+// the job would train on other examples, or on another base.
+absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::PreparedData& now,
+                             const std::string& model_folder, const std::string& resumed_from) {
+  if (!trained_on.dataset_fingerprint.empty() &&
+      trained_on.dataset_fingerprint != now.dataset_fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the dataset (", absl::StrJoin(DatasetFiles(now.config), ", "),
+        ") changed since the job started: ", resumed_from,
+        " was trained on other contents, and resuming would train the rest of the job on other "
+        "examples; put the original file back and retry the job (loradctl train retry) to "
+        "resume it, or submit a new job"));
+  }
+  if (!trained_on.base_fingerprint.empty() && trained_on.base_fingerprint != now.base_fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the base model in ", model_folder,
+        " is not the one the job started on (its config, tokenizer, weights or the operator's "
+        "model.chat_template differ): ",
+        resumed_from,
+        " was trained on the other, and resuming would train the rest of the job on this one; "
+        "start lorad on the original model folder and retry the job (loradctl train retry) to "
+        "resume it, or submit the job again"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& model_folder,
@@ -177,29 +203,14 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
   // resumed one continues the checkpoint's generator state (taken below).
   if (!checkpoint) torch::manual_seed(config.seed);
-  const std::string& fingerprint = prepared.dataset_fingerprint;
-  if (checkpoint && !state.dataset_fingerprint.empty() &&
-      state.dataset_fingerprint != fingerprint) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the dataset (", absl::StrJoin(DatasetFiles(config), ", "),
-                     ") changed since the job started: ", resumed_from,
-                     " was trained on other contents, and resuming would train the rest of the "
-                     "job on other examples; put the original file back and retry the job "
-                     "(loradctl train retry) to "
-                     "resume it, or submit a new job"));
+  if (checkpoint) {
+    if (auto s = CheckSameInputs({state.dataset_fingerprint, state.base_fingerprint}, prepared,
+                                 model_folder, resumed_from);
+        !s.ok()) {
+      return s;
+    }
   }
-  state.dataset_fingerprint = fingerprint;
-  if (checkpoint && !state.base_fingerprint.empty() &&
-      state.base_fingerprint != prepared.base_fingerprint) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the base model in ", model_folder,
-        " is not the one the job started on (its config, tokenizer, weights or the operator's "
-        "model.chat_template differ): ",
-        resumed_from,
-        " was trained on the other, and resuming would train the rest of the job on this one; "
-        "start lorad on the original model folder and retry the job (loradctl train retry) to "
-        "resume it, or submit the job again"));
-  }
+  state.dataset_fingerprint = prepared.dataset_fingerprint;
   state.base_fingerprint = prepared.base_fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) {
     if (checkpoint || config.init_adapter_path.empty()) return s;
@@ -511,6 +522,23 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   const bool models_own = name.empty() || name == "auto" || name == "chat";
   prepared->base_fingerprint =
       absl::StrCat(*base, "|", models_own ? c.data.model_chat_template : std::string());
+  // A resume on another dataset or base fails before the whole dataset is read and tokenized
+  // (minutes for a large one), by the newest checkpoint's state alone; Create checks again the
+  // checkpoint it resumes from.
+  if (c.resume) {
+    auto found = CompleteCheckpoints(c.output_dir);
+    std::sort(found.begin(), found.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    if (!found.empty()) {
+      if (auto inputs = ReadCheckpointInputs(found.front().second.string()); inputs.ok()) {
+        if (auto s =
+                CheckSameInputs(*inputs, *prepared, model_folder, found.front().second.string());
+            !s.ok()) {
+          return s;
+        }
+      }
+    }
+  }
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);

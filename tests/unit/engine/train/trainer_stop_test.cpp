@@ -44,7 +44,9 @@ StoppedBeforeEvaluation RunStoppedBeforeEvaluation(const TrainerTest& test,
     EXPECT_TRUE(t.ok()) << t.status();
     return t.ok() ? *std::move(t) : nullptr;
   };
-  if (auto t = create(&runs.straight)) EXPECT_TRUE(t->Run().ok());
+  if (auto t = create(&runs.straight)) {
+    EXPECT_TRUE(t->Run().ok());
+  }
   config.output_dir = (test.out() / stopped_folder).string();
   if (auto t = create(&runs.first)) {
     while (t->step() < stop_at) {
@@ -52,7 +54,9 @@ StoppedBeforeEvaluation RunStoppedBeforeEvaluation(const TrainerTest& test,
     }
     StopLikeTheEngine(*t);
   }
-  if (auto t = create(&runs.second)) EXPECT_TRUE(t->Run().ok());
+  if (auto t = create(&runs.second)) {
+    EXPECT_TRUE(t->Run().ok());
+  }
   return runs;
 }
 

@@ -52,6 +52,13 @@ TEST_F(TrainerTest, AResumeRefusesADatasetThatChanged) {
   EXPECT_NE(changed.status().message().find(copy.string() + ") changed since the job started"),
             std::string::npos)
       << changed.status();
+  // Said before the dataset is read and tokenized (minutes for a large one): a line the read
+  // would refuse is never reached.
+  std::ofstream(copy, std::ios::app) << "not json\n";
+  auto early = Trainer::PrepareData(*model_, *tokenizer_, model_dir_, config);
+  ASSERT_FALSE(early.ok());
+  EXPECT_NE(early.status().message().find("changed since the job started"), std::string::npos)
+      << early.status();
 }
 
 // A job resumed on another base model of the same shapes (here the fixture with one projection's
