@@ -611,6 +611,9 @@ absl::Status Daemon::StartGrpc() {
   training.delete_job = [runner, deletions](const std::string& id) {
     return runner->DeleteJob(id, &deletions->stopping());
   };
+  training.waiting_for = [runner](const std::string& id, bool first_in_line) {
+    return runner->WaitingFor(id, first_in_line);
+  };
   training.retry_job = [runner, max_queued = config_.limits.max_queued_jobs](
                            const std::string& id) { return runner->RetryJob(id, max_queued); };
   training.auth = &auth_;

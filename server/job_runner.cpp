@@ -84,6 +84,22 @@ void JobRunner::Wake() {
   wake_.notify_all();
 }
 
+std::string JobRunner::WaitingFor(const std::string& job_id, bool first_in_line) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (max_running_ == 0)
+    return "training.max_running_jobs is 0: jobs stay queued until it is raised";
+  if (static_cast<int>(running_.size()) >= max_running_) {
+    return absl::StrCat("the ", running_.size(), " running job(s) fill training.max_running_jobs");
+  }
+  if (!memory_wait_.first.empty()) {
+    return first_in_line && memory_wait_.first == job_id
+               ? absl::StrCat("it waits for training memory: it needs ", memory_wait_.second,
+                              "; it starts when a running job ends")
+               : absl::StrCat(memory_wait_.first, ", first in line, waits for training memory");
+  }
+  return "";
+}
+
 void JobRunner::Cancel(const std::string& job_id) {
   // The store already says cancelled, and the caller publishes that next; the engine stops the
   // job at its next micro-batch (the cancelled state stays: MarkSucceeded/Failed refuse).
@@ -91,6 +107,7 @@ void JobRunner::Cancel(const std::string& job_id) {
     std::lock_guard<std::mutex> lock(mu_);
     std::lock_guard<std::mutex> progress(progress_mu_);
     if (running_.count(job_id) > 0) cancelled_.insert(job_id);
+    if (memory_wait_.first == job_id) memory_wait_ = {};  // the next in line is tried at Wake
   }
   engine_.CancelTraining(job_id);
   const std::map<std::string, std::string> unrecorded = store_.UnrecordedCancels();
@@ -202,12 +219,28 @@ void JobRunner::StartNextJob() {
   }
   // The memory planner: a job that can never fit fails saying what it needs; one that fits only
   // once a running job ends stays queued (the runner looks again when a job ends).
-  absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config);
+  std::string waits_for;
+  absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config, &waits_for);
   if (!fits.ok()) {
     FailJob(job.id, std::string(fits.status().message()));
     return;
   }
-  if (!*fits) return;
+  if (!*fits) {
+    // Said once (GetJob's waiting_for says it while it lasts): the log showed only "queued".
+    std::lock_guard<std::mutex> lock(mu_);
+    if (memory_wait_.first != job.id) {
+      spdlog::info(
+          "job {} ({}) waits for training memory: it needs {}; it starts when a running "
+          "job ends",
+          job.id, job.adapter_name, waits_for);
+    }
+    memory_wait_ = {job.id, waits_for};
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    memory_wait_ = {};
+  }
   const int64_t started_ms = JobTimeMs();  // stored and published alike: a replay shows the same
   {
     // Before MarkRunning: a CancelJob right after it must find the job running here, or the

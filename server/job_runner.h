@@ -88,6 +88,10 @@ class JobRunner {
   void RemoveInBackground(std::vector<std::string> folders);
   // Held while an adapter from any folder is recorded as served (AdapterService): a job's folder
   // is never deleted between a check that it exists and that record, nor recorded once gone.
+  // Why queued jobs have not started, as far as the runner knows (Job.waiting_for): the running
+  // jobs fill training.max_running_jobs, or the job first in line waits for training memory
+  // (`first_in_line`: the job asked about is first in line); "" when nothing holds them.
+  std::string WaitingFor(const std::string& job_id, bool first_in_line);
   std::unique_lock<std::mutex> HoldJobFolders() {
     return std::unique_lock<std::mutex>(folders_mu_);
   }
@@ -136,6 +140,8 @@ class JobRunner {
   std::condition_variable wake_;
   std::deque<Pending> pending_;
   std::set<std::string> running_;  // jobs handed to the engine and not yet ended
+  // The queued job first in line that waits for training memory, and what it needs.
+  std::pair<std::string, std::string> memory_wait_;
   // Running jobs CancelJob has ended (and published as cancelled): steps the engine still
   // finishes are neither recorded nor published, so a live watch, which ends at the cancelled
   // state, and a later replay tell the same history. progress_mu_ is held while a job's progress

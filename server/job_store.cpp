@@ -417,6 +417,17 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
   return page;
 }
 
+absl::StatusOr<int64_t> JobStore::QueuedAhead(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_,
+              "SELECT COUNT(*) FROM jobs AS other, jobs AS me WHERE me.id = ? AND other.state = ? "
+              "AND (other.priority > me.priority OR (other.priority = me.priority AND other.seq "
+              "< me.seq));");
+  s.BindText(1, id).Bind(2, static_cast<int64_t>(JobState::kQueued));
+  if (s.Step() != SQLITE_ROW) return s.StepError();
+  return s.Int(0);
+}
+
 absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_, absl::StrCat("SELECT ", kJobColumns,

@@ -461,6 +461,17 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
           static_cast<double>(std::max<int64_t>(0, now_ms - (*last)->time_ms)) / 1000.0);
     }
   }
+  if (r.state == JobState::kQueued) {
+    auto ahead = store_.QueuedAhead(r.id);
+    const bool first = ahead.ok() && *ahead == 0;
+    const std::string why = options_.waiting_for ? options_.waiting_for(r.id, first) : "";
+    if (ahead.ok() && *ahead > 0) {
+      job->set_waiting_for(
+          absl::StrCat(*ahead, " queued job(s) start before it", why.empty() ? "" : "; ", why));
+    } else {
+      job->set_waiting_for(why.empty() ? "nothing: it starts next" : why);
+    }
+  }
   if (r.state == JobState::kSucceeded) {
     // The summary stored with the state change (none for a job that succeeded before lorad kept
     // them: then only the adapter is known).

@@ -35,6 +35,8 @@ struct TrainingServiceOptions {
   // Queues a failed or cancelled job again (JobRunner::RetryJob); unset: RetryJob is
   // UNIMPLEMENTED.
   std::function<absl::StatusOr<JobRecord>(const std::string& job_id)> retry_job;
+  // Why a queued job has not started (JobRunner::WaitingFor); unset: only its place in line.
+  std::function<std::string(const std::string& job_id, bool first_in_line)> waiting_for;
   // Bearer tokens (none configured: open). Submit, cancel and delete need admin; reads need user.
   const TokenAuthenticator* auth = nullptr;
   // The checks of a validated spec that need the model, whose error refuses it at submit: a job

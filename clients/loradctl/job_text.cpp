@@ -86,13 +86,15 @@ std::string FormatJobDetails(const lorad::v1::Job& job) {
       absl::StrAppend(&last, "  ETA ", FormatDuration(m.eta_seconds()));
       // An ETA measured a while ago (the job has been in an evaluation, a storage wait, or is
       // preparing after a restart since) says how old it is: shown as it was, it looked current.
+      // By lorad's clock (last_step_age_seconds): this machine's may be off by minutes.
       if (job.has_last_step_time()) {
-        const double age = static_cast<double>(std::time(nullptr) - job.last_step_time().seconds());
+        const double age = job.last_step_age_seconds();
         if (age >= 10) absl::StrAppend(&last, " as of ", FormatDuration(age), " ago");
       }
     }
     line("last step", last);
   }
+  if (!job.waiting_for().empty()) line("waiting for", job.waiting_for());
   if (!job.error().empty()) line("error", job.error());
   if (job.has_summary()) {
     const auto& s = job.summary();

@@ -685,10 +685,11 @@ absl::Status Engine::StartTraining(const std::string& job_id, const TrainingJobC
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config) const {
+absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config,
+                                             std::string* waits_for) const {
   const TrainingMemoryEstimate need = impl_->Need(config);
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->FitsNow(need, config);
+  return impl_->FitsNow(need, config, waits_for);
 }
 
 absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,

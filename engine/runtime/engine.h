@@ -113,7 +113,9 @@ class Engine {
   // (keep it queued); RESOURCE_EXHAUSTED, saying how much it needs, when it cannot fit even alone
   // (in the budget, or, offloading on CUDA, in the host's memory: TrainingMemoryEstimate's
   // host_bytes against TotalHostBytes()).
-  absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config) const;
+  // `waits_for` (optional): when false, what the job needs that the jobs training hold.
+  absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config,
+                                       std::string* waits_for = nullptr) const;
   // What starting a job with `config` would refuse about its data (the template cannot take a
   // record, no usable example), from at most `max_records` records of each file; for a check at
   // submission. Thread-safe; it reads the files and tokenizes on the caller's thread. CANCELLED

@@ -300,18 +300,25 @@ def test_memory_budget_refuses_a_job_that_never_fits_and_queues_one_that_fits_la
         a = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "first", 30)), timeout=30)
         b = train.SubmitJob(tpb.SubmitJobRequest(spec=job_spec(tpb, "second", 30)), timeout=30)
         seen_waiting = False
+        said = set()  # the second's waiting_for while it waited
         deadline = time.time() + 120
         while time.time() < deadline:
             # One ListJobs answer is one snapshot of the store: two GetJob calls could straddle
             # the moment the first job ends and the second starts, and see both running.
-            got = {j.id: j.state for j in train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs}
+            jobs = {j.id: j for j in train.ListJobs(tpb.ListJobsRequest(), timeout=10).jobs}
+            got = {i: j.state for i, j in jobs.items()}
             assert not (got[a.id] == got[b.id] == tpb.JOB_STATE_RUNNING), \
                 "two jobs ran at once beyond the memory budget"
             seen_waiting |= got[a.id] == tpb.JOB_STATE_RUNNING and got[b.id] == tpb.JOB_STATE_QUEUED
+            if got[b.id] == tpb.JOB_STATE_QUEUED:
+                said.add(jobs[b.id].waiting_for)
             if got[b.id] != tpb.JOB_STATE_QUEUED:
                 break  # the first ended and the second started (or ended)
             time.sleep(0.02)
         assert seen_waiting, "the second job should wait queued while the first trains"
+        assert any(w.startswith("it waits for training memory: it needs about ") for w in said), \
+            said
+        assert f"job {b.id} (second) waits for training memory: it needs about " in d.log()
         for job in (a, b):
             _, states, steps = watch_until_done(train, tpb, job.id)
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()

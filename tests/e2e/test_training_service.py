@@ -70,6 +70,32 @@ def test_submit_fills_defaults_and_get_returns_the_stored_job(service):
     assert len(stored.spec.SerializeToString()) == len(job.spec.SerializeToString())
 
 
+def test_a_queued_job_says_what_it_waits_for(service):
+    """A queued job's waiting_for: the jobs that start before it and what holds the line (the
+    log and GetJob said only "queued"); loradctl train show prints it."""
+    import subprocess
+
+    from conftest import BUILD
+
+    d, stub, pb, _ = service
+    later = stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30)
+    urgent = spec(pb)
+    urgent.priority = 5
+    urgent = stub.SubmitJob(pb.SubmitJobRequest(spec=urgent), timeout=30)
+    held = "training.max_running_jobs is 0: jobs stay queued until it is raised"
+    assert stub.GetJob(pb.GetJobRequest(job_id=urgent.id), timeout=10).waiting_for == held
+    behind = stub.GetJob(pb.GetJobRequest(job_id=later.id), timeout=10).waiting_for
+    assert behind == "1 queued job(s) start before it; " + held, behind
+    listed = {j.id: j.waiting_for for j in stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs}
+    assert listed == {urgent.id: held, later.id: behind}, listed
+    shown = subprocess.run([str(BUILD / "clients" / "loradctl"), "--address", d.grpc_address,
+                            "train", "show", later.id], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and f"waiting for: {behind}\n" in shown.stdout, shown
+    stub.CancelJob(pb.CancelJobRequest(job_id=later.id), timeout=10)
+    assert stub.GetJob(pb.GetJobRequest(job_id=later.id), timeout=10).waiting_for == ""
+
+
 def test_list_filters_and_paginates(service):
     _, stub, pb, _ = service
     ids = [stub.SubmitJob(pb.SubmitJobRequest(spec=spec(pb)), timeout=30).id for _ in range(3)]
