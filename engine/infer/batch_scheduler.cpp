@@ -38,16 +38,19 @@ bool FitsAdapterLimit(const Budget& b, const std::string& adapter) {
          static_cast<int32_t>(b.adapters.size()) < b.limits.max_adapters_per_batch;
 }
 
-// `waiting` in the order admission considers it (the header's rule 3).
+// `waiting` in the order admission considers it (the header's rule 3): preempted requests, then
+// those passed over `max_passed_over` times (their turn, whatever their client's share), then
+// by share.
 std::vector<const ScheduledSequence*> AdmissionOrder(
     const std::vector<const ScheduledSequence*>& running,
-    const std::vector<ScheduledSequence>& waiting) {
+    const std::vector<ScheduledSequence>& waiting, const SchedulerLimits& limits) {
   std::map<std::string, int64_t> load;  // a client's running requests, then those before
   for (const ScheduledSequence* seq : running) ++load[seq->client];
   std::vector<std::pair<int64_t, const ScheduledSequence*>> keyed;
   for (const auto& seq : waiting) {
     const int64_t share = load[seq.client]++;
-    keyed.emplace_back(seq.preempted ? -1 : share, &seq);
+    const int64_t key = seq.preempted ? -2 : seq.passed_over >= limits.max_passed_over ? -1 : share;
+    keyed.emplace_back(key, &seq);
   }
   std::stable_sort(keyed.begin(), keyed.end(),
                    [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -117,15 +120,22 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
   // 3. Admit waiting requests (none while anything was just preempted: memory is short).
   size_t running_count = kept.size();
   if (plan.preempted.empty()) {
-    for (const ScheduledSequence* next : AdmissionOrder(kept, waiting)) {
+    // Passed over: skipped for the adapter limit, or left waiting while a request that arrived
+    // after it was admitted (a lighter client's). At max_passed_over it comes first and holds
+    // the line until it fits, so neither traffic on other adapters nor other clients' requests
+    // starve it.
+    std::vector<bool> skipped(waiting.size(), false), admitted(waiting.size(), false);
+    size_t admitted_up_to = 0;  // 1 + the arrival index of the latest arrival admitted
+    for (const ScheduledSequence* next : AdmissionOrder(kept, waiting, limits)) {
       const ScheduledSequence& seq = *next;
+      const size_t arrival = static_cast<size_t>(next - waiting.data());
       if (!FitsRunningLimit(running_count, limits)) break;
       const int64_t chunk = ChunkFor(b, seq);
       if (!FitsTokenBudget(b, chunk)) break;
-      if (!FitsKvCache(b, seq)) break;  // FIFO: a large request is not starved by small ones
+      if (!FitsKvCache(b, seq)) break;  // first in line and too large: it holds the line
       if (!FitsAdapterLimit(b, seq.adapter)) {
         if (seq.passed_over >= limits.max_passed_over) break;  // its turn: the others wait
-        plan.passed_over.push_back(seq.id);
+        skipped[arrival] = true;
         continue;
       }
       b.free_blocks -= b.ExtraBlocks(seq, seq.prompt_tokens + 1);
@@ -134,6 +144,13 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
       plan.admitted.push_back(seq.id);
       plan.prefill.emplace_back(seq.id, chunk);
       ++running_count;
+      admitted[arrival] = true;
+      admitted_up_to = std::max(admitted_up_to, arrival + 1);
+    }
+    for (size_t i = 0; i < waiting.size(); ++i) {
+      if (!admitted[i] && (skipped[i] || i + 1 < admitted_up_to)) {
+        plan.passed_over.push_back(waiting[i].id);
+      }
     }
   }
   plan.tokens = limits.token_budget - b.tokens_left;

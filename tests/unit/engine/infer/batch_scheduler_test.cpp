@@ -134,5 +134,49 @@ TEST(BatchScheduler, WaitingRequestsAreAdmittedByTheirClientsShare) {
   EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3, 4}));
 }
 
+// The client's share does not undo the adapter limit's turn: a request of a client with a stream
+// running, skipped for the limit while other clients' requests on the batch's adapter keep
+// coming (each at share 0, ahead of it), counts as passed over, and at max_passed_over comes
+// first and holds the line. It waited until its own client's stream ended (3000 steps in a
+// simulation, 6 before the share).
+TEST(BatchScheduler, AClientsShareDoesNotStarveARequestPassedOverForTheAdapterLimit) {
+  KvBlockAllocator kv(100, 16);
+  SchedulerLimits limits;
+  limits.max_adapters_per_batch = 1;
+  limits.max_passed_over = 2;
+  ScheduledSequence a_stream = From("a", 1, 4);
+  a_stream.adapter = "y";
+  ScheduledSequence mine = From("a", 2);
+  mine.adapter = "z";
+  ScheduledSequence theirs = From("b", 3);
+  theirs.adapter = "y";
+  auto plan = PlanStep({a_stream}, {mine, theirs}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3}));
+  EXPECT_EQ(plan.passed_over, (std::vector<SequenceId>{2}));
+  mine.passed_over = 2;
+  plan = PlanStep({a_stream}, {mine, theirs}, kv, limits);
+  EXPECT_TRUE(plan.admitted.empty()) << "its turn: the other client waits behind it";
+}
+
+// Likewise a large prompt of a busy client that lighter clients' small requests overtake (it was
+// a rule that a request first in line and too large for the cache holds the line): overtaken
+// max_passed_over times, it comes first.
+TEST(BatchScheduler, ALargeRequestOvertakenByOtherClientsGetsItsTurn) {
+  KvBlockAllocator kv(8, 4);  // 32 tokens
+  ASSERT_TRUE(kv.Reserve(1, 8).ok());
+  SchedulerLimits limits;
+  limits.max_passed_over = 2;
+  const ScheduledSequence running = From("a", 1, 8);
+  ScheduledSequence large = From("a", 2);
+  large.prompt_tokens = 20;  // 6 blocks: does not fit beside the running one's
+  const ScheduledSequence small = From("b", 3);
+  auto plan = PlanStep({running}, {large, small}, kv, limits);
+  EXPECT_EQ(plan.admitted, (std::vector<SequenceId>{3}));
+  EXPECT_EQ(plan.passed_over, (std::vector<SequenceId>{2}));  // a later arrival went first
+  large.passed_over = 2;
+  plan = PlanStep({running}, {large, small}, kv, limits);
+  EXPECT_TRUE(plan.admitted.empty()) << "first in line and too large: it holds the line";
+}
+
 }  // namespace
 }  // namespace lorad::engine
