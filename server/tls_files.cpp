@@ -72,8 +72,33 @@ std::string UnixDate(int64_t seconds) {
   return text;
 }
 
-// An in-memory file holding `pair` (key first, then the chain: gRPC reads both from it, each
-// reader skipping the other's PEM blocks), modified at `mtime`.
+// What the in-memory file holds: the key first, then the chain (gRPC reads both from it, each
+// reader skipping the other's PEM blocks).
+std::string PairText(const TlsPair& pair) {
+  return absl::StrCat(pair.key_pem, "\n", pair.cert_pem);
+}
+
+std::string ProcPath(int fd) { return absl::StrCat("/proc/self/fd/", fd); }
+
+// Whether gRPC can read the in-memory file by its /proc path: not where /proc is not mounted or
+// is masked (a chroot, a sandbox without it, systemd's InaccessiblePaths=/proc). "" when it can,
+// else why not.
+std::string UnreadableThroughProc(int fd, const std::string& expected) {
+  const std::string path = ProcPath(fd);
+  const int in = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) return absl::StrCat(path, ": ", std::strerror(errno));
+  std::string text(expected.size() + 1, '\0');
+  size_t done = 0;
+  ssize_t n = 0;
+  while (done < text.size() && (n = read(in, text.data() + done, text.size() - done)) > 0) {
+    done += static_cast<size_t>(n);
+  }
+  close(in);
+  text.resize(done);
+  return text == expected ? "" : absl::StrCat(path, " does not read back what was written");
+}
+
+// An in-memory file holding PairText(pair), modified at `mtime`.
 absl::StatusOr<int> PairInMemory(const TlsPair& pair, time_t mtime) {
   const int fd = memfd_create("lorad-tls", MFD_CLOEXEC);
   if (fd < 0) {
@@ -81,7 +106,7 @@ absl::StatusOr<int> PairInMemory(const TlsPair& pair, time_t mtime) {
         absl::StrCat("TLS: cannot make an in-memory file for the certificate (memfd_create: ",
                      std::strerror(errno), ")"));
   }
-  const std::string text = absl::StrCat(pair.key_pem, "\n", pair.cert_pem);
+  const std::string text = PairText(pair);
   size_t done = 0;
   while (done < text.size()) {
     const ssize_t n = write(fd, text.data() + done, text.size() - done);
@@ -172,11 +197,28 @@ absl::StatusOr<std::unique_ptr<ServedTlsPair>> ServedTlsPair::Start(
     return absl::InvalidArgumentError(absl::StrCat(problem->key, ": ", problem->message));
   }
   TlsPair pair = std::get<TlsPair>(std::move(read));
-  auto fd = PairInMemory(pair, std::time(nullptr));
-  if (!fd.ok()) return fd.status();
+  // Where gRPC cannot read the pair from memory, it is served as read now (static credentials),
+  // not reloaded: every handshake failed there while lorad said it served.
+  int fd = -1;
+  std::string why_static;
+  if (auto in_memory = PairInMemory(pair, std::time(nullptr)); !in_memory.ok()) {
+    why_static = std::string(in_memory.status().message());
+  } else if (why_static = UnreadableThroughProc(*in_memory, PairText(pair)); !why_static.empty()) {
+    close(*in_memory);
+  } else {
+    fd = *in_memory;
+  }
+  if (fd < 0) {
+    spdlog::warn(
+        "TLS: the certificate is served as read at start and not reloaded ({}); restart lorad "
+        "to serve a renewed one",
+        why_static);
+  }
   std::unique_ptr<ServedTlsPair> served(
-      new ServedTlsPair(cert_path, key_path, *fd, std::move(pair)));
-  served->watcher_ = std::thread([s = served.get(), reload_every] { s->Watch(reload_every); });
+      new ServedTlsPair(cert_path, key_path, fd, std::move(pair)));
+  if (fd >= 0) {
+    served->watcher_ = std::thread([s = served.get(), reload_every] { s->Watch(reload_every); });
+  }
   return served;
 }
 
@@ -185,10 +227,13 @@ ServedTlsPair::ServedTlsPair(std::string cert_path, std::string key_path, int fd
       key_path_(std::move(key_path)),
       fd_(fd),
       served_(pair.cert_pem + pair.key_pem),
-      not_after_(pair.not_after),
-      provider_(std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-          absl::StrCat("/proc/self/fd/", fd), absl::StrCat("/proc/self/fd/", fd),
-          kGrpcReadSeconds)) {}
+      static_pair_(fd < 0 ? std::optional<TlsPair>(pair) : std::nullopt),
+      not_after_(pair.not_after) {
+  if (fd >= 0) {
+    provider_ = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        ProcPath(fd), ProcPath(fd), kGrpcReadSeconds);
+  }
+}
 
 ServedTlsPair::~ServedTlsPair() {
   {
@@ -198,10 +243,15 @@ ServedTlsPair::~ServedTlsPair() {
   stop_cv_.notify_all();
   if (watcher_.joinable()) watcher_.join();
   provider_.reset();  // its thread reads fd_
-  close(fd_);
+  if (fd_ >= 0) close(fd_);
 }
 
 std::shared_ptr<grpc::ServerCredentials> ServedTlsPair::Credentials() const {
+  if (static_pair_) {
+    grpc::SslServerCredentialsOptions options;
+    options.pem_key_cert_pairs.push_back({static_pair_->key_pem, static_pair_->cert_pem});
+    return grpc::SslServerCredentials(options);
+  }
   grpc::experimental::TlsServerCredentialsOptions options(provider_);
   options.watch_identity_key_cert_pairs();
   return grpc::experimental::TlsServerCredentials(options);
@@ -234,7 +284,9 @@ ServedTlsPair::Reload ServedTlsPair::ReloadNow(bool warn) {
                  std::string(fd.status().message()));
     return Reload::kRefused;
   }
-  dup2(*fd, fd_);  // one step: gRPC opens the old file or the new one, never neither
+  // One step: gRPC opens the old file or the new one, never neither (and, as dup2 would not,
+  // close-on-exec stays: no process lorad might start inherits the key).
+  dup3(*fd, fd_, O_CLOEXEC);
   close(*fd);
   served_ = pair.cert_pem + pair.key_pem;
   last_refused_.clear();

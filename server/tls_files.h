@@ -50,6 +50,8 @@ std::optional<std::string> CertificateDateWarning(const std::string& cert_pem,
 // warned about once. gRPC reads the pair from an in-memory file of this process (a memfd,
 // through /proc/self/fd), replaced in one step: gRPC's own file watcher reads the key and the
 // certificate one after the other and checks neither, so it could serve a half-renewed pair.
+// Where /proc cannot be read (a chroot, a sandbox without it), the pair read at start is served
+// as static credentials, not reloaded, with a warning.
 class ServedTlsPair {
  public:
   static absl::StatusOr<std::unique_ptr<ServedTlsPair>> Start(const std::string& cert_path,
@@ -75,10 +77,12 @@ class ServedTlsPair {
 
   const std::string cert_path_;
   const std::string key_path_;
-  const int fd_;  // the memfd gRPC reads, at a number that stays
+  const int fd_;  // the memfd gRPC reads, at a number that stays; -1: static_pair_
   std::mutex mu_;
   std::string served_;        // cert_pem + key_pem of the served pair
   std::string last_refused_;  // the last problem warned about
+  // Served as read at start where gRPC cannot read the memfd (no /proc): not reloaded.
+  std::optional<TlsPair> static_pair_;
   std::atomic<int64_t> not_after_;
   // gRPC's reader of the memfd (every second: the pair there is always one lorad checked).
   std::shared_ptr<grpc::experimental::CertificateProviderInterface> provider_;

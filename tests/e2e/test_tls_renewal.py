@@ -112,3 +112,40 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tm
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_without_proc_the_certificate_is_served_as_read_at_start(tmp_path):
+    """gRPC reads the served pair through /proc/self/fd: where /proc is masked (a chroot, a
+    sandbox without it, systemd's InaccessiblePaths=/proc), lorad serves the pair read at start,
+    saying it is not reloaded. Every handshake failed there while lorad said it served."""
+    import shutil as sh
+
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs none /proc"], capture_output=True)
+    if sh.which("unshare") is None or probe.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mask /proc here (needs CAP_SYS_ADMIN): {probe.stderr!r}")
+    cert, key = make_certificate(tmp_path, "served", days=1)
+    config = tmp_path / "lorad.yaml"
+    config.write_text(f"server:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n")
+    address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    log = tmp_path / "lorad.log"
+    lorad = " ".join([str(LORAD), "--config", str(config), "--model", tiny_model_path(),
+                      "--data-dir", str(tmp_path / "data"), "--grpc-address", address,
+                      "--http-address", http_address])
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs none /proc && exec {lorad}"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        with new_channel(address, cert) as channel:
+            deadline = time.time() + 120
+            while not healthy(channel, timeout=1):
+                assert time.time() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+        assert "TLS: the certificate is served as read at start and not reloaded (/proc/self/fd/" \
+            in log.read_text(), log.read_text()
+        assert expiry_gauge(http_address) == [end_of(cert)]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
