@@ -271,6 +271,7 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
                            absl::Status(s.code(), absl::StrCat("recording the unload of '", a.name,
                                                                "' failed: ", s.message())));
       }
+      engine_.adapters().ForgetNotServedAgain(a.name);  // now plainly not loaded
       engine::AdapterInfo info;
       info.name = a.name;
       info.version = a.version;

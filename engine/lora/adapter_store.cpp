@@ -383,6 +383,11 @@ void AdapterStore::NoteNotServedAgain(const std::string& name, const std::string
   if (state_->current.count(name) == 0) state_->not_served_again[name] = why;
 }
 
+void AdapterStore::ForgetNotServedAgain(const std::string& name) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->not_served_again.erase(name);
+}
+
 int64_t AdapterStore::RestoredVersion(const std::string& name) const {
   std::lock_guard<std::mutex> lock(state_->mu);
   const auto it = state_->restored_version.find(name);

@@ -131,6 +131,8 @@ class AdapterStore {
   // Why a restart left `name` out (its folder changed, it does not fit the base): Acquire's
   // NotFound says so, until a version of it is published.
   void NoteNotServedAgain(const std::string& name, const std::string& why);
+  // An unload cleared that record: NotFound says only that it is not loaded.
+  void ForgetNotServedAgain(const std::string& name);
   // The highest version ContinueVersionsAfter was given for `name` (0: none): a version above it
   // was handed out by this process.
   int64_t RestoredVersion(const std::string& name) const;

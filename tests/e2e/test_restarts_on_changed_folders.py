@@ -135,6 +135,14 @@ def test_a_jobs_adapter_whose_files_changed_is_not_served_again_and_requests_say
                                       "again at start-up: "), details
             assert "holds other files than when version 1 was published by its job" in details, \
                 details
+            # Unloaded (its record cleared), it is plainly not loaded.
+            adapters.UnloadAdapter(stubs.adapters_pb2.UnloadAdapterRequest(name="tampered"),
+                                   timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                list(inference.Generate(ipb.GenerateRequest(
+                    prompt="hi", adapter="tampered",
+                    sampling=ipb.SamplingParams(max_new_tokens=2)), timeout=30))
+            assert err.value.details() == "adapter 'tampered' is not loaded", err.value.details()
     finally:
         assert stop_daemon(d) == 0, d.log()
 
