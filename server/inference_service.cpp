@@ -120,12 +120,17 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     int64_t max_unread_bytes = 0;
     bool overflowed = false;
     GenerateChunk dropped;  // where an overflowed stream's events go
+    // Streams whose request finished and whose call is not done yet (their client has not read
+    // them all): InferenceService's count, and whether this one is in it.
+    std::shared_ptr<std::atomic<int64_t>> finished_unread;
+    bool counted_unread = false;
   };
 
   // `slot`: this stream's place among the open ones (none when it is refused for want of one).
   GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
                  std::chrono::steady_clock::time_point deadline,
-                 std::optional<OpenCalls::Slot> slot, int64_t max_unread_bytes)
+                 std::optional<OpenCalls::Slot> slot, int64_t max_unread_bytes,
+                 std::shared_ptr<std::atomic<int64_t>> finished_unread)
       : engine_(engine),
         metrics_(metrics),
         state_(std::make_shared<State>()),
@@ -133,6 +138,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
         slot_(std::move(slot)) {
     state_->reactor = this;
     state_->max_unread_bytes = max_unread_bytes;
+    state_->finished_unread = std::move(finished_unread);
   }
 
   void Begin(absl::StatusOr<engine::GenerationRequest> request) {
@@ -196,6 +202,8 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     {
       std::lock_guard<std::mutex> lock(state_->mu);
       state_->reactor = nullptr;
+      if (state_->counted_unread) --*state_->finished_unread;
+      state_->counted_unread = false;
     }
     delete this;
   }
@@ -238,6 +246,10 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       out.set_adapter_version(e.usage.adapter_version);
       if (!e.status.ok()) out.set_error(engine::Utf8Lossy(std::string(e.status.message())));
       s.final_queued = true;
+      if (s.reactor != nullptr && s.finished_unread != nullptr) {
+        ++*s.finished_unread;
+        s.counted_unread = true;
+      }
       // An error, or a deadline the engine saw pass before gRPC did: the call's status says so
       // (a client cancel has an OK status here and the call is finished already).
       if (!e.status.ok()) s.end_status = ToGrpcStatus(e.status);
@@ -378,11 +390,10 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
   std::optional<OpenCalls::Slot> slot = open_streams_.TryTake();
   if (!slot && request.ok()) {
-    // What holds the places: requests decoding, waiting, and finished streams whose clients
-    // have not read them yet.
+    // What holds the places: requests decoding and waiting (as of the engine's last step; one
+    // just submitted is in neither yet), and finished streams whose clients have not read them.
     const engine::EngineStats stats = engine_.Stats();
-    const int64_t unread = std::max<int64_t>(
-        0, open_streams_.limit() - stats.inference.running - stats.inference.waiting);
+    const int64_t unread = finished_unread_->load();
     request = absl::ResourceExhaustedError(absl::StrCat(
         open_streams_.limit(), " generation streams are open (limits.max_queued_requests): ",
         stats.inference.running, " decoding, ", stats.inference.waiting, " waiting",
@@ -390,7 +401,7 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
         "; retry later"));
   }
   auto* stream = new GenerateStream(engine_, metrics_, CallDeadline(*context), std::move(slot),
-                                    options_.max_unread_stream_bytes);
+                                    options_.max_unread_stream_bytes, finished_unread_);
   if (request.ok()) {
     request->deadline = DeadlineOf(context);
     // A stop string that is a special token's text (<|eot_id|>) never reaches the decoded text

@@ -8,6 +8,9 @@
 // only queue; both sides meet under the stream's lock.
 #pragma once
 
+#include <atomic>
+#include <memory>
+
 #include "engine/infer/generation_defaults.h"
 #include "engine/runtime/engine.h"
 #include "lorad/v1/inference.grpc.pb.h"
@@ -76,6 +79,9 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
   const TokenAuthenticator* auth_;
   Metrics metrics_;
   OpenCalls open_streams_;  // a stream holds its slot until it is done (OnDone)
+  // Open streams whose request has finished: their clients have not read all of them yet.
+  std::shared_ptr<std::atomic<int64_t>> finished_unread_ =
+      std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace lorad::server

@@ -208,3 +208,37 @@ def test_one_clients_burst_does_not_hold_back_another_clients_request(tmp_path, 
             (first_token, d.log())
     finally:
         assert stop_daemon(d) == 0, d.log()
+
+
+def test_a_refusal_for_open_streams_blames_unread_ones_only_when_there_are_some(tmp_path, stubs):
+    """limits.max_queued_requests refused a burst saying its places were held by streams
+    "finished but not yet read by their clients", counted as the limit less the engine's running
+    and waiting counts, which lag requests just submitted: every client was reading."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=2")
+    request = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+        max_new_tokens=4000, ignore_eos=True))
+    refusals, streams = [], []
+
+    def one(_):
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            call = stubs.inference_pb2_grpc.InferenceServiceStub(channel).Generate(request,
+                                                                                   timeout=120)
+            try:
+                next(call)
+                streams.append(call)
+                time.sleep(2)  # read, not finished
+                call.cancel()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refusals.append(e.details())
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(one, range(12)))
+        assert refusals, "the burst fitted in 2 places"
+        assert all(r.startswith("2 generation streams are open (limits.max_queued_requests): ")
+                   for r in refusals), refusals
+        assert not any("finished but not yet read" in r for r in refusals), refusals
+    finally:
+        stop_daemon(d)
