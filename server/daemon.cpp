@@ -388,6 +388,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
   }
   jobs_->SetBaseFingerprint(current_base);
   std::vector<std::string> other_base;
+  std::vector<std::string> trained_here;  // served again, published by jobs
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {
     if (!a.served) {
@@ -417,6 +418,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
+        if (a.source.rfind("job:", 0) == 0) trained_here.push_back(a.name);
         const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
         if (made_on != current_base) other_base.push_back(absl::StrCat(a.name, " v", *version));
         continue;
@@ -437,6 +439,23 @@ absl::Status Daemon::ServeRecordedAdapters() {
         "or start lorad on the model folder they were made on)",
         config_.model.path, other_base.size(), absl::StrJoin(other_base, ", "));
   }
+  // The operator's model.chat_template renders every Chat, and a job that takes the model's own
+  // template trains on the one rendered then: changed since the last start, Chat prompts those
+  // adapters in a form they did not learn (their answers change, silently).
+  const std::string& template_now = config_.model.chat_template;
+  auto template_then = jobs_->GetMeta("model_chat_template");
+  if (template_then.ok() && template_then->has_value() && **template_then != template_now &&
+      !trained_here.empty()) {
+    const auto describe = [](const std::string& name) {
+      return name.empty() ? std::string("\"\" (the model folder's own)") : "'" + name + "'";
+    };
+    spdlog::warn(
+        "model.chat_template is {} now but was {} at the last start: Chat renders the new one "
+        "for adapters jobs trained on the model's own template under the old one, and their "
+        "answers may change: {} (set it back, or train them again)",
+        describe(template_now), describe(**template_then), absl::StrJoin(trained_here, ", "));
+  }
+  if (auto s = jobs_->SetMeta("model_chat_template", template_now); !s.ok()) return s;
   return jobs_->SetMeta("base_model_fingerprint", current_base);
 }
 

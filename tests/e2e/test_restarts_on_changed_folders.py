@@ -147,6 +147,26 @@ def test_a_jobs_adapter_whose_files_changed_is_not_served_again_and_requests_say
         assert stop_daemon(d) == 0, d.log()
 
 
+def test_another_chat_template_than_at_the_last_start_names_the_adapters_jobs_trained(
+        tmp_path, stubs):
+    """A job on the model's own template trains on the one model.chat_template renders; started
+    with another, Chat prompts its adapter in a form it did not learn: the start says so, naming
+    the adapters (a running job would refuse to resume for the same change)."""
+    prepare(tmp_path)
+    train_then_stop(tmp_path, stubs, "templated")
+    d = start_daemon(tmp_path, "--set", "model.chat_template=llama2")
+    try:
+        assert re.search(r"model.chat_template is 'llama2' now but was \"\" \(the model folder's "
+                         r"own\) at the last start: .*: templated \(set it back", d.log()), d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+    d = start_daemon(tmp_path, "--set", "model.chat_template=llama2")  # the same again: quiet
+    try:
+        assert "model.chat_template is" not in d.log(), d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
+
+
 def test_a_moved_data_folder_keeps_its_jobs_and_adapters(tmp_path, stubs):
     """The data folder moved (or mounted elsewhere, as into a container) between two starts:
     the adapters are served again, an interrupted job resumes, and a queued job that continues
