@@ -40,6 +40,7 @@ void ToProto(const engine::AdapterInfo& info, lorad::v1::Adapter* out) {
   out->set_active_requests(info.requests);
   out->set_current(info.current);
   out->set_base_model(engine::Utf8Lossy(info.base_model));
+  out->set_other_base(info.other_base);
 }
 
 AdapterService::AdapterService(engine::Engine& engine, std::string adapter_root,

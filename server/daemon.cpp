@@ -420,7 +420,10 @@ absl::Status Daemon::ServeRecordedAdapters() {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
         if (a.source.rfind("job:", 0) == 0) trained_here.push_back(a.name);
         const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
-        if (made_on != current_base) other_base.push_back(absl::StrCat(a.name, " v", *version));
+        if (made_on != current_base) {
+          other_base.push_back(absl::StrCat(a.name, " v", *version));
+          store.MarkOtherBase(a.name, *version);
+        }
         continue;
       }
       refused = version.status();

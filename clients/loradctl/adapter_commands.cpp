@@ -51,10 +51,13 @@ int RunAdaptersList(Connection& connection, bool json) {
                    "RESIDENT", "ACTIVE"});
   for (const auto& a : response.adapters()) {
     // draining: replaced or unloaded; new requests do not get it, running ones finish on it.
-    table.AddRow({a.name(), absl::StrCat(a.version()), a.current() ? "serving" : "draining",
-                  absl::StrCat(a.rank()), absl::StrCat(a.alpha()),
-                  absl::StrJoin(a.target_modules(), ","), FormatBytes(a.bytes()), Source(a),
-                  a.resident() ? "yes" : "no", absl::StrCat(a.active_requests())});
+    // "other base": published on another base model than the one served (Adapter.other_base).
+    const std::string state =
+        absl::StrCat(a.current() ? "serving" : "draining", a.other_base() ? " (other base)" : "");
+    table.AddRow({a.name(), absl::StrCat(a.version()), state, absl::StrCat(a.rank()),
+                  absl::StrCat(a.alpha()), absl::StrJoin(a.target_modules(), ","),
+                  FormatBytes(a.bytes()), Source(a), a.resident() ? "yes" : "no",
+                  absl::StrCat(a.active_requests())});
   }
   table.Print(std::cout);
   return kExitOk;

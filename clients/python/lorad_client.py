@@ -231,7 +231,8 @@ def main(argv=None) -> int:
                 history.append(("assistant", reply))
         elif args.command == "adapters":
             for a in client.list_adapters():
-                state = "serving" if a.current else "draining"
+                state = ("serving" if a.current else "draining") + \
+                    (" (other base)" if a.other_base else "")
                 print(f"{a.name}  v{a.version}  rank {a.rank}  {state}")
     except grpc.RpcError as e:
         print(f"lorad_client: {e.code().name}: {e.details()}", file=sys.stderr)

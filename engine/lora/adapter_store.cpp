@@ -31,6 +31,7 @@ struct AdapterLease::Entry {
   bool alive = true;  // false once retired and released by its last user (freed)
   // Unload named it: requests holding it that have not started end (read without the lock).
   std::atomic<bool> unloaded{false};
+  bool other_base = false;  // MarkOtherBase
 };
 
 struct AdapterStore::State {
@@ -273,6 +274,7 @@ AdapterInfo InfoOf(const AdapterLease::Entry& e) {
   info.current = e.current;
   info.resident = e.device != nullptr;
   info.requests = e.users;
+  info.other_base = e.other_base;
   return info;
 }
 
@@ -381,6 +383,13 @@ void AdapterStore::EndUnloadWaits() {
 void AdapterStore::NoteNotServedAgain(const std::string& name, const std::string& why) {
   std::lock_guard<std::mutex> lock(state_->mu);
   if (state_->current.count(name) == 0) state_->not_served_again[name] = why;
+}
+
+void AdapterStore::MarkOtherBase(const std::string& name, int64_t version) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  for (const auto& e : state_->entries) {
+    if (e->name == name && e->version == version) e->other_base = true;
+  }
 }
 
 void AdapterStore::ForgetNotServedAgain(const std::string& name) {

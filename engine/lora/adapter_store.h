@@ -55,6 +55,8 @@ struct AdapterInfo {
   int32_t requests = 0;   // requests holding it
   // The base model its adapter_config.json names (base_model_name_or_path); empty if none.
   std::string base_model;
+  // Published on another base model than the one served (its files differ): MarkOtherBase.
+  bool other_base = false;
 };
 
 class AdapterStore;
@@ -131,6 +133,9 @@ class AdapterStore {
   // Why a restart left `name` out (its folder changed, it does not fit the base): Acquire's
   // NotFound says so, until a version of it is published.
   void NoteNotServedAgain(const std::string& name, const std::string& why);
+  // Says (AdapterInfo::other_base) that this version was published on another base model than
+  // the one served now (a restart on a changed model folder).
+  void MarkOtherBase(const std::string& name, int64_t version);
   // An unload cleared that record: NotFound says only that it is not loaded.
   void ForgetNotServedAgain(const std::string& name);
   // The highest version ContinueVersionsAfter was given for `name` (0: none): a version above it

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 
 import grpc
@@ -97,12 +98,26 @@ def test_a_restart_on_another_base_model_says_which_adapters_were_made_for_the_o
             with grpc.insecure_channel(d.grpc_address) as channel:
                 adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
                 listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
-                assert [(a.name, a.version) for a in listed] == [("made-here", 1)]
+                assert [(a.name, a.version, a.other_base) for a in listed] == \
+                    [("made-here", 1, True)]
+            # Clients are told too, not only the log.
+            from conftest import BUILD
+
+            ls = subprocess.run([str(BUILD / "clients" / "loradctl"), "--address",
+                                 d.grpc_address, "adapters", "ls"], capture_output=True,
+                                text=True, timeout=60)
+            assert ls.returncode == 0 and "serving (other base)" in ls.stdout, ls
         finally:
             stop_daemon(d)
     (model / "config.json").write_text(original)
     d = start_daemon(tmp_path, model=model)
-    assert stop_daemon(d) == 0, d.log()
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            adapters = stubs.adapters_pb2_grpc.AdapterServiceStub(channel)
+            listed = adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters
+            assert [(a.name, a.other_base) for a in listed] == [("made-here", False)]
+    finally:
+        assert stop_daemon(d) == 0, d.log()
     assert "adapter(s) served again were trained" not in d.log(), d.log()
 
 
