@@ -120,10 +120,12 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
   // 3. Admit waiting requests (none while anything was just preempted: memory is short).
   size_t running_count = kept.size();
   if (plan.preempted.empty()) {
-    // Passed over: skipped for the adapter limit, or left waiting while a request that arrived
-    // after it was admitted (a lighter client's). At max_passed_over it comes first and holds
-    // the line until it fits, so neither traffic on other adapters nor other clients' requests
-    // starve it.
+    // Passed over: skipped for the adapter limit, or, first of its client's waiting requests,
+    // left waiting while a request that arrived after it was admitted (a lighter client's). At
+    // max_passed_over it comes first and holds the line until it fits, so neither traffic on
+    // other adapters nor other clients' requests starve it. (Counted against every waiting
+    // request, a burst's whole backlog came first after 64 steps, and the lighter clients
+    // waited behind all of it again.)
     std::vector<bool> skipped(waiting.size(), false), admitted(waiting.size(), false);
     size_t admitted_up_to = 0;  // 1 + the arrival index of the latest arrival admitted
     for (const ScheduledSequence* next : AdmissionOrder(kept, waiting, limits)) {
@@ -147,8 +149,11 @@ StepPlan PlanStep(const std::vector<ScheduledSequence>& running,
       admitted[arrival] = true;
       admitted_up_to = std::max(admitted_up_to, arrival + 1);
     }
+    std::set<std::string> clients_seen;
     for (size_t i = 0; i < waiting.size(); ++i) {
-      if (!admitted[i] && (skipped[i] || i + 1 < admitted_up_to)) {
+      if (admitted[i]) continue;
+      const bool first_of_client = clients_seen.insert(waiting[i].client).second;
+      if (skipped[i] || (first_of_client && i + 1 < admitted_up_to)) {
         plan.passed_over.push_back(waiting[i].id);
       }
     }

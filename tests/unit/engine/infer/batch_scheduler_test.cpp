@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+
 namespace lorad::engine {
 namespace {
 
@@ -176,6 +179,53 @@ TEST(BatchScheduler, ALargeRequestOvertakenByOtherClientsGetsItsTurn) {
   large.passed_over = 2;
   plan = PlanStep({running}, {large, small}, kv, limits);
   EXPECT_TRUE(plan.admitted.empty()) << "first in line and too large: it holds the line";
+}
+
+// Steps of a burst (client a: 2 running, 40 waiting) beside a steady client (b: one request
+// waiting at a time, a new one as each is admitted), one running request ending each step. b's
+// requests wait at most a step or two throughout, and a's first waiting request still gets its
+// turn after max_passed_over steps of being overtaken. (Counted against every waiting request of
+// a's backlog, all of it came first after max_passed_over steps and b waited behind it again.)
+TEST(BatchScheduler, ABurstBesideASteadyClientNeitherHoldsItBackNorStarves) {
+  KvBlockAllocator kv(1000, 16);
+  SchedulerLimits limits;
+  limits.max_running = 2;
+  limits.max_passed_over = 4;
+  std::vector<ScheduledSequence> running = {From("a", 1, 4), From("a", 2, 4)};
+  std::vector<ScheduledSequence> waiting;
+  SequenceId next_id = 3;
+  for (int i = 0; i < 40; ++i) waiting.push_back(From("a", next_id++));
+  std::map<SequenceId, int> waited;  // b's requests: steps each waited
+  int steps_without_a = 0, longest_without_a = 0;
+  for (int step = 0; step < 30; ++step) {
+    running.erase(running.begin());  // the oldest ends
+    if (std::none_of(waiting.begin(), waiting.end(),
+                     [](const ScheduledSequence& s) { return s.client == "b"; })) {
+      waiting.push_back(From("b", next_id++));
+    }
+    const StepPlan plan = PlanStep(running, waiting, kv, limits);
+    for (SequenceId id : plan.passed_over) {
+      for (auto& s : waiting) s.passed_over += s.id == id ? 1 : 0;
+    }
+    bool a_admitted = false;
+    for (SequenceId id : plan.admitted) {
+      const auto it = std::find_if(waiting.begin(), waiting.end(),
+                                   [id](const ScheduledSequence& s) { return s.id == id; });
+      ASSERT_NE(it, waiting.end());
+      a_admitted |= it->client == "a";
+      ScheduledSequence admitted = *it;
+      admitted.computed_tokens = admitted.prompt_tokens;
+      running.push_back(admitted);
+      waiting.erase(it);
+    }
+    for (const auto& s : waiting) {
+      if (s.client == "b") ++waited[s.id];
+    }
+    steps_without_a = a_admitted ? 0 : steps_without_a + 1;
+    longest_without_a = std::max(longest_without_a, steps_without_a);
+  }
+  for (const auto& [id, steps] : waited) EXPECT_LE(steps, 2) << "b's request " << id;
+  EXPECT_LE(longest_without_a, limits.max_passed_over + 1);
 }
 
 }  // namespace
