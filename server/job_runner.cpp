@@ -91,6 +91,13 @@ std::string JobRunner::WaitingFor(const std::string& job_id, bool first_in_line)
   if (static_cast<int>(running_.size()) >= max_running_) {
     return absl::StrCat("the ", running_.size(), " running job(s) fill training.max_running_jobs");
   }
+  if (!storage_wait_.first.empty()) {
+    return first_in_line && storage_wait_.first == job_id
+               ? absl::StrCat("it cannot start: ", storage_wait_.second,
+                              "; tried again every few seconds")
+               : absl::StrCat(storage_wait_.first,
+                              ", first in line, cannot start: ", storage_wait_.second);
+  }
   if (!memory_wait_.first.empty()) {
     return first_in_line && memory_wait_.first == job_id
                ? absl::StrCat("it waits for training memory: it needs ", memory_wait_.second,
@@ -108,6 +115,8 @@ void JobRunner::Cancel(const std::string& job_id) {
     std::lock_guard<std::mutex> progress(progress_mu_);
     if (running_.count(job_id) > 0) cancelled_.insert(job_id);
     if (memory_wait_.first == job_id) memory_wait_ = {};  // the next in line is tried at Wake
+    if (storage_wait_.first == job_id) storage_wait_ = {};
+    memory_wait_logged_.erase(job_id);
   }
   engine_.CancelTraining(job_id);
   const std::map<std::string, std::string> unrecorded = store_.UnrecordedCancels();
@@ -205,6 +214,10 @@ void JobRunner::StartNextJob() {
       spdlog::error("job {} cannot start: {}; trying again every few seconds", job.id,
                     std::string(s.message()));
     }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      storage_wait_ = {job.id, std::string(s.message())};
+    }
     start_refused_ = true;
     start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   };
@@ -228,7 +241,7 @@ void JobRunner::StartNextJob() {
   if (!*fits) {
     // Said once (GetJob's waiting_for says it while it lasts): the log showed only "queued".
     std::lock_guard<std::mutex> lock(mu_);
-    if (memory_wait_.first != job.id) {
+    if (memory_wait_logged_.insert(job.id).second) {
       spdlog::info(
           "job {} ({}) waits for training memory: it needs {}; it starts when a running "
           "job ends",
@@ -240,6 +253,7 @@ void JobRunner::StartNextJob() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     memory_wait_ = {};
+    memory_wait_logged_.erase(job.id);
   }
   const int64_t started_ms = JobTimeMs();  // stored and published alike: a replay shows the same
   {
@@ -265,6 +279,10 @@ void JobRunner::StartNextJob() {
     return;
   }
   start_refused_ = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    storage_wait_ = {};
+  }
   folders.unlock();
   {
     std::lock_guard<std::mutex> lock(mu_);

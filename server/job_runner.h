@@ -140,8 +140,13 @@ class JobRunner {
   std::condition_variable wake_;
   std::deque<Pending> pending_;
   std::set<std::string> running_;  // jobs handed to the engine and not yet ended
-  // The queued job first in line that waits for training memory, and what it needs.
+  // The queued job first in line that waits for training memory, and what it needs; the jobs
+  // whose wait was logged (once each, until they start).
   std::pair<std::string, std::string> memory_wait_;
+  std::set<std::string> memory_wait_logged_;
+  // The queued job first in line that cannot start for its storage (a full disk, a folder that
+  // cannot be written), and why: tried again every few seconds.
+  std::pair<std::string, std::string> storage_wait_;
   // Running jobs CancelJob has ended (and published as cancelled): steps the engine still
   // finishes are neither recorded nor published, so a live watch, which ends at the cancelled
   // state, and a later replay tell the same history. progress_mu_ is held while a job's progress

@@ -417,15 +417,23 @@ absl::StatusOr<JobPage> JobStore::List(const std::vector<JobState>& states, int3
   return page;
 }
 
-absl::StatusOr<int64_t> JobStore::QueuedAhead(const std::string& id) {
+absl::StatusOr<std::map<std::string, int64_t>> JobStore::QueueOrder() {
   std::lock_guard<std::mutex> lock(mu_);
-  Statement s(db_,
-              "SELECT COUNT(*) FROM jobs AS other, jobs AS me WHERE me.id = ? AND other.state = ? "
-              "AND (other.priority > me.priority OR (other.priority = me.priority AND other.seq "
-              "< me.seq));");
-  s.BindText(1, id).Bind(2, static_cast<int64_t>(JobState::kQueued));
-  if (s.Step() != SQLITE_ROW) return s.StepError();
-  return s.Int(0);
+  Statement s(db_, "SELECT id FROM jobs WHERE state = ? ORDER BY priority DESC, seq;");
+  s.Bind(1, static_cast<int64_t>(JobState::kQueued));
+  std::vector<std::string> first, then;  // as NextQueued picks them
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    std::string id = s.Blob(0);
+    if (unrecorded_cancels_.count(id) > 0) continue;
+    (interrupted_.count(id) > 0 ? first : then).push_back(std::move(id));
+  }
+  if (rc != SQLITE_DONE) return s.StepError();
+  std::map<std::string, int64_t> order;
+  for (const auto* ids : {&first, &then}) {
+    for (const std::string& id : *ids) order.emplace(id, static_cast<int64_t>(order.size()));
+  }
+  return order;
 }
 
 absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {

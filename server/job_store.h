@@ -148,9 +148,10 @@ class JobStore {
   // spec (see Insert).
   absl::StatusOr<JobPage> List(const std::vector<JobState>& states, int32_t page_size,
                                const std::string& page_token);
-  // How many queued jobs start before the queued job `id` (higher priority, or the same and
-  // submitted earlier).
-  absl::StatusOr<int64_t> QueuedAhead(const std::string& id);
+  // Each queued job's place in the order NextQueued starts them (0: next), by id: jobs a restart
+  // interrupted first, then the highest priority, then the oldest; cancels not yet recorded are
+  // left out. One pass over the queue.
+  absl::StatusOr<std::map<std::string, int64_t>> QueueOrder();
   // The queued job to run next: the highest priority, then oldest, of those RecoverAfterRestart
   // queued again (a stop and start must not let the jobs queued behind a running one go first),
   // else of all. nullopt when none is queued.

@@ -431,13 +431,15 @@ TrainingService::TrainingService(JobStore& store, JobEventHub& events,
       options_(std::move(options)),
       open_watches_(options_.max_watches) {}
 
-absl::Status TrainingService::FillReply(const JobRecord& record, lorad::v1::Job* job) {
-  if (auto s = FillJob(record, job); !s.ok()) return s;
+absl::Status TrainingService::FillReply(const JobRecord& record, lorad::v1::Job* job,
+                                        const std::map<std::string, int64_t>* queue_order) {
+  if (auto s = FillJob(record, job, queue_order); !s.ok()) return s;
   job->mutable_spec()->mutable_dataset()->clear_inline_examples();
   return absl::OkStatus();
 }
 
-absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
+absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job,
+                                      const std::map<std::string, int64_t>* queue_order) {
   job->set_id(r.id);
   if (!job->mutable_spec()->ParseFromString(r.spec)) {
     return absl::DataLossError(absl::StrCat("job '", r.id, "': stored spec is unreadable"));
@@ -462,12 +464,20 @@ absl::Status TrainingService::FillJob(const JobRecord& r, lorad::v1::Job* job) {
     }
   }
   if (r.state == JobState::kQueued) {
-    auto ahead = store_.QueuedAhead(r.id);
-    const bool first = ahead.ok() && *ahead == 0;
-    const std::string why = options_.waiting_for ? options_.waiting_for(r.id, first) : "";
-    if (ahead.ok() && *ahead > 0) {
+    absl::StatusOr<std::map<std::string, int64_t>> read;
+    if (queue_order == nullptr) {
+      read = store_.QueueOrder();
+      if (read.ok()) queue_order = &*read;
+    }
+    int64_t ahead = 0;
+    if (queue_order != nullptr) {
+      const auto it = queue_order->find(r.id);
+      if (it != queue_order->end()) ahead = it->second;
+    }
+    const std::string why = options_.waiting_for ? options_.waiting_for(r.id, ahead == 0) : "";
+    if (ahead > 0) {
       job->set_waiting_for(
-          absl::StrCat(*ahead, " queued job(s) start before it", why.empty() ? "" : "; ", why));
+          absl::StrCat(ahead, " queued job(s) start before it", why.empty() ? "" : "; ", why));
     } else {
       job->set_waiting_for(why.empty() ? "nothing: it starts next" : why);
     }
@@ -623,8 +633,19 @@ grpc::ServerUnaryReactor* TrainingService::ListJobs(grpc::CallbackServerContext*
       request->page_size() == 0 ? 50 : std::min<int32_t>(request->page_size(), 500);
   auto page = store_.List(states, page_size, request->page_token());
   if (!page.ok()) return FinishUnary(context, page.status());
+  // The queue's order read once for the page (a query per queued job made a page of 500 take
+  // 0.75 s with 20,000 queued).
+  std::optional<std::map<std::string, int64_t>> queue_order;
   for (const auto& record : page->jobs) {
-    if (auto s = FillReply(record, response->add_jobs()); !s.ok()) return FinishUnary(context, s);
+    if (record.state == JobState::kQueued && !queue_order) {
+      auto read = store_.QueueOrder();
+      if (!read.ok()) return FinishUnary(context, read.status());
+      queue_order = *std::move(read);
+    }
+    if (auto s = FillReply(record, response->add_jobs(), queue_order ? &*queue_order : nullptr);
+        !s.ok()) {
+      return FinishUnary(context, s);
+    }
   }
   response->set_next_page_token(page->next_page_token);
   return FinishUnary(context, absl::OkStatus());

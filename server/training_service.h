@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 
@@ -92,12 +93,16 @@ class TrainingService final : public lorad::v1::TrainingService::CallbackService
   absl::Status Authorize(const grpc::CallbackServerContext* context, Role needed,
                          const std::string& action = "") const;
   // The proto view of a stored job, with its latest step.
-  absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job);
+  // `queue_order` (JobStore::QueueOrder; read here when null and the job is queued): a page of
+  // jobs reads it once.
+  absl::Status FillJob(const JobRecord& record, lorad::v1::Job* job,
+                       const std::map<std::string, int64_t>* queue_order = nullptr);
   // FillJob without the spec's inline examples, for every reply but GetJob's: echoed, a reply
   // outgrew its request, and a client's receive limit (gRPC's 4 MiB) turned a call that took
   // effect (a queued job, a cancel) into a failure it would send again; a page of 500 jobs with
   // megabytes each made responses of gigabytes.
-  absl::Status FillReply(const JobRecord& record, lorad::v1::Job* job);
+  absl::Status FillReply(const JobRecord& record, lorad::v1::Job* job,
+                         const std::map<std::string, int64_t>* queue_order = nullptr);
   // SubmitJob's work: validate (reading the dataset), check, queue, answer in `response`;
   // CANCELLED, nothing queued, once `*abandon` is true (the client gone, lorad stopping).
   // `submission`: the client's request_id for it, where it sent one.

@@ -496,10 +496,15 @@ TEST(JobRunnerTest, AJobWhoseFolderStorageRefusesWaitsAndStartsOnceItCan) {
   rig.runner().Start();
   std::this_thread::sleep_for(std::chrono::seconds(2));
   EXPECT_EQ(rig.State(), JobState::kQueued);
+  // Job.waiting_for says why (it said "nothing: it starts next").
+  const std::string why = rig.runner().WaitingFor(rig.job_id(), /*first_in_line=*/true);
+  EXPECT_EQ(why.rfind("it cannot start: cannot create ", 0), 0u) << why;
+  EXPECT_NE(why.find("; tried again every few seconds"), std::string::npos) << why;
   fs::remove(rig.job_dir().parent_path());
   fs::create_directories(rig.job_dir().parent_path());
   EXPECT_TRUE(Rig::WaitFor([&] { return rig.State() == JobState::kSucceeded; }, 60))
       << "the job never started after its folder could be made";
+  EXPECT_EQ(rig.runner().WaitingFor(rig.job_id(), true), "");
 }
 
 // Steps the job database refuses when they come (what a full disk does; here another

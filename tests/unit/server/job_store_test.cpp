@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -131,6 +132,10 @@ TEST_F(JobStoreTest, JobsRunningAtAStopRunFirstAfterTheStart) {
   auto recovered = store->RecoverAfterRestart(3);
   ASSERT_TRUE(recovered.ok());
   EXPECT_EQ(recovered->requeued, std::vector<std::string>{low});
+  // Job.waiting_for's places follow that order too (they followed the priority alone).
+  auto order = store->QueueOrder();
+  ASSERT_TRUE(order.ok()) << order.status();
+  EXPECT_EQ(*order, (std::map<std::string, int64_t>{{low, 0}, {other, 1}, {high, 2}}));
   EXPECT_EQ((*store->NextQueued())->id, low);
   ASSERT_TRUE(store->MarkRunning(low).ok());
   EXPECT_EQ((*store->NextQueued())->id, other);  // then priority order again
