@@ -12,12 +12,11 @@
 //      hold back the others: a client's k-th waiting request (arrival order) comes at its
 //      running requests + k, and ties go by arrival (one client alone: arrival order). A request
 //      whose adapter would exceed the per-batch adapter limit is skipped, the others may pass it;
-//      so may requests of lighter clients pass a client's first waiting request. Each step it
-//      is passed over so counts, and after
-//      `max_passed_over` it comes first (after preempted ones) and nothing behind it is admitted
-//      until it fits (the batch's other adapters drain, memory frees), so steady traffic on some
-//      adapters or from other clients never starves it. A request first in line that does not
-//      fit the KV cache holds the line too.
+//      lighter clients' requests may pass a client's first waiting request too. Each step it is
+//      passed over so counts, and after `max_passed_over` it comes first (after preempted ones)
+//      and nothing behind it is admitted until it fits (the batch's other adapters drain, memory
+//      frees), so steady traffic on some adapters or from other clients never starves it. A
+//      request first in line that does not fit the KV cache holds the line too.
 // All prefill and decode tokens of an iteration share `token_budget`.
 #pragma once
 
