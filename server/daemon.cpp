@@ -342,6 +342,15 @@ absl::StatusOr<std::string> Daemon::RecordedAdapterFolder(const ServedAdapter& a
                               from_job ? "the job's adapter folder" : "storage.adapter_root");
 }
 
+bool Daemon::TookModelsOwnTemplate(const std::string& source) {
+  if (source.rfind("job:", 0) != 0) return false;
+  auto job = jobs_->Get(source.substr(4));
+  lorad::v1::JobSpec spec;
+  if (!job.ok() || !spec.ParseFromString(job->spec)) return false;
+  const std::string& name = spec.dataset().template_();
+  return name.empty() || name == "auto" || name == "chat";
+}
+
 absl::Status Daemon::ServeRecordedAdapters() {
   auto recorded = jobs_->Adapters();
   if (!recorded.ok()) {
@@ -388,7 +397,9 @@ absl::Status Daemon::ServeRecordedAdapters() {
   }
   jobs_->SetBaseFingerprint(current_base);
   std::vector<std::string> other_base;
-  std::vector<std::string> trained_here;  // served again, published by jobs
+  // Served again, published by jobs that took the model's own template ("auto", "chat"): a job
+  // naming its template trained on that one whatever model.chat_template says.
+  std::vector<std::string> trained_here;
   engine::AdapterStore& store = engine_->adapters();
   for (const ServedAdapter& a : adapters) {
     if (!a.served) {
@@ -418,7 +429,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
       auto version = store.LoadPeft(a.name, *folder, a.source, nullptr, same_files);
       if (version.ok()) {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
-        if (a.source.rfind("job:", 0) == 0) trained_here.push_back(a.name);
+        if (TookModelsOwnTemplate(a.source)) trained_here.push_back(a.name);
         const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
         if (made_on != current_base) {
           other_base.push_back(absl::StrCat(a.name, " v", *version));
@@ -454,8 +465,8 @@ absl::Status Daemon::ServeRecordedAdapters() {
     };
     spdlog::warn(
         "model.chat_template is {} now but was {} at the last start: Chat renders the new one "
-        "for adapters jobs trained on the model's own template under the old one, and their "
-        "answers may change: {} (set it back, or train them again)",
+        "for adapters that jobs trained on the model's own template under the old one, and "
+        "their answers may change: {} (set it back, or train them again)",
         describe(template_now), describe(**template_then), absl::StrJoin(trained_here, ", "));
   }
   if (auto s = jobs_->SetMeta("model_chat_template", template_now); !s.ok()) return s;

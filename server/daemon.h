@@ -74,6 +74,8 @@ class Daemon {
   // (the key alone when it has its default).
   std::string KeyAt(const std::string& key) const;
   absl::Status StartEngine();
+  // Whether the job an adapter's source names ("job:<id>") took the model's own chat template.
+  bool TookModelsOwnTemplate(const std::string& source);
   absl::Status LoadTokens();
   void RegisterEngineMetrics();
   void RegisterProcessMetrics();

@@ -394,9 +394,12 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     // just submitted is in neither yet), and finished streams whose clients have not read them.
     const engine::EngineStats stats = engine_.Stats();
     const int64_t unread = finished_unread_->load();
+    const int64_t just_submitted = std::max<int64_t>(
+        0, open_streams_.limit() - unread - stats.inference.running - stats.inference.waiting);
     request = absl::ResourceExhaustedError(absl::StrCat(
         open_streams_.limit(), " generation streams are open (limits.max_queued_requests): ",
         stats.inference.running, " decoding, ", stats.inference.waiting, " waiting",
+        just_submitted > 0 ? absl::StrCat(", ", just_submitted, " just submitted") : "",
         unread > 0 ? absl::StrCat(", ", unread, " finished but not yet read by their clients") : "",
         "; retry later"));
   }

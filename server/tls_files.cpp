@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <grpcpp/security/tls_credentials_options.h>
 #include <openssl/bio.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <spdlog/spdlog.h>
@@ -45,6 +46,25 @@ Certificate FirstCertificate(const std::string& pem) {
   Bio bio = MemoryBio(pem);
   return Certificate(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr,
                      &X509_free);
+}
+
+// Whether every PEM certificate after the first in `pem` reads to its end: a chain file cut off
+// (a copy in place, half done) passes the first certificate's checks and fails every handshake.
+bool WholeChainReads(const std::string& pem) {
+  Bio bio = MemoryBio(pem);
+  if (!bio) return false;
+  ERR_clear_error();
+  int certificates = 0;
+  while (X509* cert = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)) {
+    X509_free(cert);
+    ++certificates;
+  }
+  // The loop ends at the text's end (no further BEGIN line), or at a block that does not read.
+  const unsigned long error = ERR_peek_last_error();
+  const bool at_end = certificates > 0 && ERR_GET_LIB(error) == ERR_LIB_PEM &&
+                      ERR_GET_REASON(error) == PEM_R_NO_START_LINE;
+  ERR_clear_error();
+  return at_end;
 }
 
 std::string Date(const ASN1_TIME* t) {
@@ -139,6 +159,12 @@ std::variant<TlsPair, TlsFileProblem> ReadTlsPair(const std::string& cert_path,
   if (!cert) {
     return TlsFileProblem{kCertKey,
                           absl::StrCat("'", cert_path, "' cannot be read as a PEM certificate")};
+  }
+  if (!WholeChainReads(pair.cert_pem)) {
+    return TlsFileProblem{
+        kCertKey, absl::StrCat("'", cert_path,
+                               "': a certificate after the first cannot be read (a chain file cut "
+                               "off or damaged; replace the files whole, by a rename)")};
   }
   Bio key_bio = MemoryBio(pair.key_pem);
   // An empty passphrase callback: an encrypted key fails here instead of prompting.

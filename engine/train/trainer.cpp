@@ -98,8 +98,8 @@ absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::
         "model.chat_template differ): ",
         resumed_from,
         " was trained on the other, and resuming would train the rest of the job on this one; "
-        "start lorad on the original model folder and retry the job (loradctl train retry) to "
-        "resume it, or submit the job again"));
+        "start lorad on the original model folder, with the model.chat_template it had, and "
+        "retry the job (loradctl train retry) to resume it, or submit the job again"));
   }
   return absl::OkStatus();
 }

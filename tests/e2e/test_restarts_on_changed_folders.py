@@ -167,8 +167,20 @@ def test_another_chat_template_than_at_the_last_start_names_the_adapters_jobs_tr
     """A job on the model's own template trains on the one model.chat_template renders; started
     with another, Chat prompts its adapter in a form it did not learn: the start says so, naming
     the adapters (a running job would refuse to resume for the same change)."""
+    tpb = stubs.training_pb2
     prepare(tmp_path)
     train_then_stop(tmp_path, stubs, "templated")
+    d = start_daemon(tmp_path)  # one naming its own template: not changed by the operator's
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            spec = job_spec(tpb, "own-template", 2)
+            spec.dataset.template = "alpaca"
+            done = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+            _, states, _ = watch_until_done(stub, tpb, done.id)
+            assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
+    finally:
+        assert stop_daemon(d) == 0, d.log()
     d = start_daemon(tmp_path, "--set", "model.chat_template=llama2")
     try:
         assert re.search(r"model.chat_template is 'llama2' now but was \"\" \(the model folder's "

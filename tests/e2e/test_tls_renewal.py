@@ -102,6 +102,15 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tm
             assert not healthy(channel), "a new connection still got the old certificate"
         assert healthy(before), "a connection made before the renewal was dropped"
         before.close()
+        # A chain file cut off after its first certificate (a copy in place, half done): the
+        # first certificate and the key check out, and every handshake failed once it served.
+        served_cert.write_bytes(renewed_cert.read_bytes() + first_cert.read_bytes()[:700])
+        deadline = time.time() + 30
+        while "a certificate after the first cannot be read" not in log.read_text():
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        with new_channel(address, renewed_cert) as channel:
+            assert healthy(channel), log.read_text()
         assert expiry_gauge(http_address) == [end_of(renewed_cert)]
         lines = log.read_text().splitlines()
         renewed = [line for line in lines if "renewed: new connections get the certificate" in line]
