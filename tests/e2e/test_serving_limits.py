@@ -215,9 +215,11 @@ def test_a_refusal_for_open_streams_blames_unread_ones_only_when_there_are_some(
     "finished but not yet read by their clients", counted as the limit less the engine's running
     and waiting counts, which lag requests just submitted: every client was reading."""
     pb = stubs.inference_pb2
-    d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=2")
+    d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=2",
+                     "--set", "limits.max_new_tokens=100000")
+    # Far longer than the 2 s each is held open: none finishes unread.
     request = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
-        max_new_tokens=4000, ignore_eos=True))
+        max_new_tokens=100000, ignore_eos=True))
     refusals, streams = [], []
 
     def one(_):
