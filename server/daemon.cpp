@@ -347,8 +347,7 @@ bool Daemon::TookModelsOwnTemplate(const std::string& source) {
   auto job = jobs_->Get(source.substr(4));
   lorad::v1::JobSpec spec;
   if (!job.ok() || !spec.ParseFromString(job->spec)) return false;
-  const std::string& name = spec.dataset().template_();
-  return name.empty() || name == "auto" || name == "chat";
+  return engine::TakesModelsOwnTemplate(spec.dataset().template_());
 }
 
 absl::Status Daemon::ServeRecordedAdapters() {

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "engine/train/training_job_config.h"
 
 namespace lorad::engine {
 namespace {
@@ -94,8 +95,7 @@ absl::StatusOr<ExampleFormatter> ExampleFormatter::Create(const Tokenizer& token
   }
   if (f.mode_ == Mode::kAuto || f.mode_ == Mode::kChat) {
     // "auto" and "chat" take the model's own template; any other name picks a family.
-    const std::string family =
-        (name.empty() || name == "auto" || name == "chat") ? options.model_chat_template : name;
+    const std::string family = TakesModelsOwnTemplate(name) ? options.model_chat_template : name;
     auto chat = ChatTemplate::FromTokenizerConfig(model_folder, family);
     if (chat.ok()) {
       f.chat_ = *std::move(chat);

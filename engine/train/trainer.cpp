@@ -518,10 +518,9 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   if (!base.ok()) return base.status();
   // The operator's template only where the job takes the model's own (ExampleFormatter): a job
   // naming its template formats its examples the same whatever the operator picks.
-  const std::string& name = c.data.template_name;
-  const bool models_own = name.empty() || name == "auto" || name == "chat";
-  prepared->base_fingerprint =
-      absl::StrCat(*base, "|", models_own ? c.data.model_chat_template : std::string());
+  prepared->base_fingerprint = absl::StrCat(
+      *base, "|",
+      TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string());
   // A resume on another dataset or base fails before the whole dataset is read and tokenized
   // (minutes for a large one), by the newest checkpoint's state alone; Create checks again the
   // checkpoint it resumes from.

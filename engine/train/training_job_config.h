@@ -43,6 +43,12 @@ struct TrainingDataConfig {
   std::string validation_path;       // a separate validation file (overrides the fraction)
 };
 
+// Whether a job's template (TrainingDataConfig::template_name, or a JobSpec's, where "" is "auto")
+// takes the model's own chat template, and so the operator's model.chat_template.
+inline bool TakesModelsOwnTemplate(const std::string& template_name) {
+  return template_name.empty() || template_name == "auto" || template_name == "chat";
+}
+
 struct TrainingJobConfig {
   TrainingDataConfig data;
   LoraConfig lora;

@@ -47,6 +47,14 @@ def healthy(channel, timeout=5):
         return False
 
 
+def wait_for_line(log, text, timeout=30):
+    """Waits until the daemon's log holds `text` (a reload happens every second here)."""
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
 def expiry_gauge(http_address):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -82,10 +90,7 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tm
         # The renewal half done: the new key beside the old certificate. lorad keeps the pair it
         # serves and says why; gRPC's own file watcher would have served the two.
         served_key.write_bytes(renewed_key.read_bytes())
-        deadline = time.time() + 30
-        while "is not the key of the certificate" not in log.read_text():
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_for_line(log, "is not the key of the certificate")
         with new_channel(address, first_cert) as channel:
             assert healthy(channel), log.read_text()
         assert expiry_gauge(http_address) == [end_of(first_cert)]
@@ -105,10 +110,7 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tm
         # A chain file cut off after its first certificate (a copy in place, half done): the
         # first certificate and the key check out, and every handshake failed once it served.
         served_cert.write_bytes(renewed_cert.read_bytes() + first_cert.read_bytes()[:700])
-        deadline = time.time() + 30
-        while "a certificate after the first cannot be read" not in log.read_text():
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_for_line(log, "a certificate after the first cannot be read")
         with new_channel(address, renewed_cert) as channel:
             assert healthy(channel), log.read_text()
         assert expiry_gauge(http_address) == [end_of(renewed_cert)]

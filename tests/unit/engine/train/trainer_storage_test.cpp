@@ -87,7 +87,9 @@ class TrainerStorageTest : public TrainerTest {
     auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
                              [&events](const TrainingEvent& e) { events.push_back(e); });
     EXPECT_TRUE(t.ok()) << t.status();
-    if (t.ok()) EXPECT_TRUE((*t)->Run().ok());
+    if (t.ok()) {
+      EXPECT_TRUE((*t)->Run().ok());
+    }
     return events;
   }
   // A trainer for `config` that reports into *events, trained to step `to_step`.
