@@ -386,7 +386,8 @@ absl::Status Daemon::ServeRecordedAdapters() {
   // Each adapter's own base where its record has one; else (an older lorad's record) the last
   // start's. (Compared with the last start's alone, going back to the original folder named the
   // adapters made on it, and a second start on the other named none.)
-  const std::string current_base = engine_->base_fingerprint();
+  const engine::ModelFolderFingerprints& base_now = engine_->base_fingerprint();
+  const std::string& current_base = base_now.current;
   auto last = jobs_->GetMeta("base_model_fingerprint");
   const std::string last_base = last.ok() && last->has_value() ? **last : current_base;
   // A record whose base is not known takes the last start's, once: later starts compare with
@@ -430,7 +431,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
         if (TookModelsOwnTemplate(a.source)) trained_here.push_back(a.name);
         const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
-        if (made_on != current_base) {
+        if (!base_now.Matches(made_on)) {
           other_base.push_back(absl::StrCat(a.name, " v", *version));
           store.MarkOtherBase(a.name, *version);
         }
@@ -665,6 +666,7 @@ absl::Status Daemon::StartGrpc() {
   inference.max_prompt_bytes =
       std::min(config_.limits.max_prompt_bytes, config_.server.max_request_bytes);
   inference.max_open_streams = config_.limits.max_queued_requests;
+  inference.max_streams_per_client = config_.limits.max_streams_per_client;
   inference.max_unread_stream_bytes = config_.limits.max_unread_stream_bytes;
   inference.defaults = generation_defaults_;
   auto inference_service =

@@ -126,16 +126,19 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     bool counted_unread = false;
   };
 
-  // `slot`: this stream's place among the open ones (none when it is refused for want of one).
+  // `slot`: this stream's place among the open ones (none when it is refused for want of one);
+  // `client_slot` among its client's (none without limits.max_streams_per_client).
   GenerateStream(engine::Engine& engine, InferenceService::Metrics& metrics,
                  std::chrono::steady_clock::time_point deadline,
-                 std::optional<OpenCalls::Slot> slot, int64_t max_unread_bytes,
+                 std::optional<OpenCalls::Slot> slot,
+                 std::optional<OpenCallsPerKey::Slot> client_slot, int64_t max_unread_bytes,
                  std::shared_ptr<std::atomic<int64_t>> finished_unread)
       : engine_(engine),
         metrics_(metrics),
         state_(std::make_shared<State>()),
         call_deadline_(deadline),
-        slot_(std::move(slot)) {
+        slot_(std::move(slot)),
+        client_slot_(std::move(client_slot)) {
     state_->reactor = this;
     state_->max_unread_bytes = max_unread_bytes;
     state_->finished_unread = std::move(finished_unread);
@@ -337,6 +340,7 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   bool cancelled_ = false;                               // guarded by state_->mu
   std::chrono::steady_clock::time_point call_deadline_;  // max() when the client set none
   std::optional<OpenCalls::Slot> slot_;
+  std::optional<OpenCallsPerKey::Slot> client_slot_;
 };
 
 // The deadline of the call, on the engine's clock; none when the client set none.
@@ -384,7 +388,10 @@ InferenceService::InferenceService(engine::Engine& engine, MetricsRegistry& metr
           metrics.AddCounter("lorad_request_success_total",
                              "Finished generation requests by adapter and finish reason",
                              {"adapter", "finished_reason"})},
-      open_streams_(options_.max_open_streams) {}
+      open_streams_(options_.max_open_streams),
+      client_streams_(options_.max_streams_per_client > 0
+                          ? std::make_unique<OpenCallsPerKey>(options_.max_streams_per_client)
+                          : nullptr) {}
 
 grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
     grpc::CallbackServerContext* context, absl::StatusOr<engine::GenerationRequest> request) {
@@ -403,8 +410,22 @@ grpc::ServerWriteReactor<GenerateChunk>* InferenceService::Start(
         unread > 0 ? absl::StrCat(", ", unread, " finished but not yet read by their clients") : "",
         "; retry later"));
   }
+  std::optional<OpenCallsPerKey::Slot> client_slot;
+  if (request.ok() && client_streams_) {
+    int64_t open = 0;
+    if (auto taken = client_streams_->TryTake(request->client, &open)) {
+      client_slot.emplace(*std::move(taken));
+    } else {
+      slot.reset();  // its place goes to other clients
+      request = absl::ResourceExhaustedError(absl::StrCat(
+          "this client (", request->client, ") has ", open,
+          " generation streams open, the most one client may (limits.max_streams_per_client); "
+          "retry when one of them has ended"));
+    }
+  }
   auto* stream = new GenerateStream(engine_, metrics_, CallDeadline(*context), std::move(slot),
-                                    options_.max_unread_stream_bytes, finished_unread_);
+                                    std::move(client_slot), options_.max_unread_stream_bytes,
+                                    finished_unread_);
   if (request.ok()) {
     request->deadline = DeadlineOf(context);
     // A stop string that is a special token's text (<|eot_id|>) never reaches the decoded text

@@ -31,6 +31,10 @@ struct InferenceOptions {
   // client stopped reading holds its output after the engine is done with it, so the engine's
   // own queue limit does not bound them. More are RESOURCE_EXHAUSTED.
   int64_t max_open_streams = 1024;
+  // Of those, one client's at most (GenerationRequest::client: its token's name, or without
+  // tokens its connection); 0: no limit. More are RESOURCE_EXHAUSTED, so that one client's burst
+  // cannot fill every place.
+  int64_t max_streams_per_client = 0;
   // A stream's output not yet written to its client, in bytes (about): past it the stream ends
   // RESOURCE_EXHAUSTED and its request is cancelled.
   int64_t max_unread_stream_bytes = int64_t{8} << 20;
@@ -79,6 +83,7 @@ class InferenceService final : public lorad::v1::InferenceService::CallbackServi
   const TokenAuthenticator* auth_;
   Metrics metrics_;
   OpenCalls open_streams_;  // a stream holds its slot until it is done (OnDone)
+  std::unique_ptr<OpenCallsPerKey> client_streams_;  // null: no per-client limit
   // Open streams whose request has finished: their clients have not read all of them yet.
   std::shared_ptr<std::atomic<int64_t>> finished_unread_ =
       std::make_shared<std::atomic<int64_t>>(0);

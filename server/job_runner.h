@@ -9,8 +9,9 @@
 //
 // Thread rules: the engine delivers trainer events on its loop thread; they are only queued
 // there. The runner's own thread does the SQLite writes, publishing and the next job's start, so
-// a slow job database never stalls the GPU loop (the trainer's own checkpoint writes still run
-// on it). Cancel may be called from any thread.
+// a slow job database never stalls the GPU loop (the trainer writes its periodic checkpoints on
+// a thread of its own; the end's and a shutdown's run on the loop). Cancel may be called from any
+// thread.
 #pragma once
 
 #include <atomic>

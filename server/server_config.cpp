@@ -356,6 +356,11 @@ const std::map<std::string, Field>& Schema() {
        IntField(
            "limits.max_queued_requests",
            [](ServerConfig& c) -> int64_t& { return c.limits.max_queued_requests; }, 1, 1 << 20)},
+      {"limits.max_streams_per_client",
+       IntField(
+           "limits.max_streams_per_client",
+           [](ServerConfig& c) -> int64_t& { return c.limits.max_streams_per_client; }, 0,
+           1 << 20)},
       {"limits.max_unread_stream_bytes",
        IntField(
            "limits.max_unread_stream_bytes",

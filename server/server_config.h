@@ -77,6 +77,8 @@ struct ServerConfig {
     int64_t max_queued_jobs = 64;        // SubmitJob answers RESOURCE_EXHAUSTED beyond this
     int64_t max_new_tokens = 4096;       // per request
     int64_t max_queued_requests = 1024;  // unfinished generation requests
+    // Of those, one client's (its token's name, or without tokens its connection); 0: no limit.
+    int64_t max_streams_per_client = 0;
     // A Generate/Chat stream's output its client has not read yet, in bytes: past it the stream
     // ends RESOURCE_EXHAUSTED (a client that stopped reading held all of it in memory).
     int64_t max_unread_stream_bytes = int64_t{8} << 20;

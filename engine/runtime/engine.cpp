@@ -88,7 +88,7 @@ struct Engine::Impl {
   // The model folder's BOS/EOS tokens (tokenizer_config.json), written by a template a request
   // names as training writes them (nullopt: the family's usual ones).
   std::optional<std::string> bos_token, eos_token;
-  std::string base_fingerprint;  // ModelFolderFingerprint of the model folder at start
+  ModelFolderFingerprints base_fingerprint;  // of the model folder at start
   std::unique_ptr<AdapterStore> adapters;
   std::unique_ptr<InferenceEngine> inference;
 
@@ -748,7 +748,7 @@ bool Engine::TrainingActive() const {
 const ModelConfig& Engine::model_config() const { return impl_->model->config(); }
 const DeviceInfo& Engine::device() const { return impl_->device; }
 const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
-const std::string& Engine::base_fingerprint() const { return impl_->base_fingerprint; }
+const ModelFolderFingerprints& Engine::base_fingerprint() const { return impl_->base_fingerprint; }
 
 EngineStats Engine::Stats() const {
   EngineStats stats;

@@ -91,7 +91,8 @@ absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::
         "examples; put the original file back and retry the job (loradctl train retry) to "
         "resume it, or submit a new job"));
   }
-  if (!trained_on.base_fingerprint.empty() && trained_on.base_fingerprint != now.base_fingerprint) {
+  if (!trained_on.base_fingerprint.empty() &&
+      !now.base_fingerprint.Matches(trained_on.base_fingerprint)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the base model in ", model_folder,
         " is not the one the job started on (its config, tokenizer, weights or the operator's "
@@ -101,6 +102,71 @@ absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::
         "start lorad on the original model folder, with the model.chat_template it had, and "
         "retry the job (loradctl train retry) to resume it, or submit the job again"));
   }
+  return absl::OkStatus();
+}
+
+// What the job starts from, read off the GPU loop (a large model's checkpoint is hundreds of
+// MB): with config.resume, the newest checkpoint that reads (one damaged, a file emptied or cut
+// short by a disk that failed or an operator's mistake, is passed over for the one before it,
+// saying so); else the adapter it continues (config.init_adapter_path), if any.
+absl::Status ReadStart(Trainer::PreparedData& prepared) {
+  const TrainingJobConfig& config = prepared.config;
+  if (config.resume) RemoveLeftovers(config.output_dir);  // of a process killed mid-write
+  auto found = config.resume ? CompleteCheckpoints(config.output_dir)
+                             : std::vector<std::pair<int64_t, std::filesystem::path>>();
+  std::sort(found.begin(), found.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  absl::Status newest_error;
+  std::optional<TrainingCheckpoint>& checkpoint = prepared.checkpoint;
+  for (const auto& [step, folder] : found) {
+    auto c = ReadCheckpoint(folder.string());
+    if (!c.ok()) {
+      if (newest_error.ok()) newest_error = c.status();
+      prepared.resume_warnings.push_back(
+          absl::StrCat("checkpoint ", folder.string(), " cannot be resumed from (",
+                       c.status().message(), "); it is passed over"));
+      continue;
+    }
+    prepared.resumed_from = folder.string();
+    checkpoint = *std::move(c);
+    break;
+  }
+  // Folders a file is missing from (a disk that failed, an operator's mistake; a kill never
+  // leaves one under the name) newer than the one resumed from: passed over too, saying so.
+  if (config.resume) {
+    for (const CheckpointFolder& f : CheckpointFolders(config.output_dir)) {
+      if (!f.missing.empty() && (!checkpoint || f.step > checkpoint->state.step)) {
+        prepared.resume_warnings.push_back(absl::StrCat("checkpoint ", f.path.string(), " lacks ",
+                                                        f.missing, "; it is passed over"));
+      }
+    }
+  }
+  if (!newest_error.ok() && !checkpoint) {
+    return absl::DataLossError(absl::StrCat(
+        newest_error.message(), "; no checkpoint in ", config.output_dir,
+        " can be resumed from: move the checkpoint-* folders aside and submit the job again to "
+        "train it from its first step"));
+  }
+  if (checkpoint || config.init_adapter_path.empty()) return absl::OkStatus();
+  if (!config.init_adapter_fingerprint.empty()) {
+    if (auto s =
+            CheckPeftFolderFingerprint(config.init_adapter_path, config.init_adapter_fingerprint,
+                                       "when the job was submitted");
+        !s.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("init_adapter: ", s.message(),
+                       "; submit the job again to continue the adapter's current version"));
+    }
+  }
+  auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
+  if (!a.ok()) return a.status();
+  if (a->from_patterns) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init_adapter_path: ", config.init_adapter_path,
+        " has per-module ranks or alphas (rank_pattern / alpha_pattern): lorad serves such "
+        "adapters but does not train them further"));
+  }
+  prepared.init_adapter = *std::move(a);
   return absl::OkStatus();
 }
 
@@ -125,71 +191,16 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
           : config.warmup_steps;
   schedule.emplace(*kind, config.learning_rate, warmup, total_steps);
 
-  std::optional<TrainingCheckpoint> checkpoint;
-  if (config.resume) RemoveLeftovers(config.output_dir);  // of a process killed mid-write
-  // The newest checkpoint that reads; one damaged (a file emptied or cut short: a disk that
-  // failed, an operator's mistake) is passed over for the one before it, saying so.
-  std::string latest;
-  auto found = config.resume ? CompleteCheckpoints(config.output_dir)
-                             : std::vector<std::pair<int64_t, std::filesystem::path>>();
-  std::sort(found.begin(), found.end(),
-            [](const auto& a, const auto& b) { return a.first > b.first; });
-  absl::Status newest_error;
-  for (const auto& [step, folder] : found) {
-    auto c = ReadCheckpoint(folder.string());
-    if (!c.ok()) {
-      if (newest_error.ok()) newest_error = c.status();
-      resume_warnings.push_back(absl::StrCat("checkpoint ", folder.string(),
-                                             " cannot be resumed from (", c.status().message(),
-                                             "); it is passed over"));
-      continue;
-    }
-    latest = folder.string();
-    checkpoint = *std::move(c);
-    break;
-  }
-  // Folders a file is missing from (a disk that failed, an operator's mistake; a kill never
-  // leaves one under the name) newer than the one resumed from: passed over too, saying so.
-  if (config.resume) {
-    for (const CheckpointFolder& f : CheckpointFolders(config.output_dir)) {
-      if (!f.missing.empty() && (!checkpoint || f.step > checkpoint->state.step)) {
-        resume_warnings.push_back(absl::StrCat("checkpoint ", f.path.string(), " lacks ", f.missing,
-                                               "; it is passed over"));
-      }
-    }
-  }
-  if (!newest_error.ok() && !checkpoint) {
-    return absl::DataLossError(absl::StrCat(
-        newest_error.message(), "; no checkpoint in ", config.output_dir,
-        " can be resumed from: move the checkpoint-* folders aside and submit the job again to "
-        "train it from its first step"));
-  }
+  std::optional<TrainingCheckpoint>& checkpoint = prepared.checkpoint;
+  resume_warnings = std::move(prepared.resume_warnings);
   if (checkpoint) {
     adapter = checkpoint->adapter;
     state = checkpoint->state;
     seconds_before_this_run = state.train_seconds;
     resumed = true;
-    resumed_from = latest;
-  } else if (!config.init_adapter_path.empty()) {
-    if (!config.init_adapter_fingerprint.empty()) {
-      if (auto s =
-              CheckPeftFolderFingerprint(config.init_adapter_path, config.init_adapter_fingerprint,
-                                         "when the job was submitted");
-          !s.ok()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("init_adapter: ", s.message(),
-                         "; submit the job again to continue the adapter's current version"));
-      }
-    }
-    auto a = LoraAdapter::ReadPeft(config.init_adapter_path);
-    if (!a.ok()) return a.status();
-    if (a->from_patterns) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init_adapter_path: ", config.init_adapter_path,
-          " has per-module ranks or alphas (rank_pattern / alpha_pattern): lorad serves such "
-          "adapters but does not train them further"));
-    }
-    adapter = *std::move(a);
+    resumed_from = prepared.resumed_from;
+  } else if (prepared.init_adapter) {
+    adapter = *std::move(prepared.init_adapter);
     // Trained on from here on this base: its adapter_config.json (and ListAdapters) name it, as a
     // fresh job's do; PEFT loads the result onto the model named there.
     adapter.config.base_model_name_or_path = model_folder;
@@ -211,7 +222,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     }
   }
   state.dataset_fingerprint = prepared.dataset_fingerprint;
-  state.base_fingerprint = prepared.base_fingerprint;
+  state.base_fingerprint = prepared.base_fingerprint.current;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) {
     if (checkpoint || config.init_adapter_path.empty()) return s;
     return absl::Status(
@@ -243,7 +254,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   optimizer = *std::move(opt);
   if (checkpoint) {
     if (auto s = optimizer->LoadState(checkpoint->optimizer); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("checkpoint ", latest, ": ", s.message()));
+      return absl::Status(s.code(), absl::StrCat("checkpoint ", resumed_from, ": ", s.message()));
     }
     // A checkpoint at the last step (the end writes one before the adapter): Step() only ends it.
     // One a shutdown wrote before its step's cadence evaluation (skipped, not waited for): that
@@ -387,11 +398,7 @@ absl::Status Trainer::Impl::AfterStep(bool early_stop) {
   // Patience that runs out on the last step stopped nothing: the job ran every step.
   if (state.step >= total_steps) return Finish(false, /*early_stopped=*/false);
   if (early_stop) return Finish(false, /*early_stopped=*/true);
-  if (config.save_every > 0 && state.step % config.save_every == 0) {
-    auto path = Checkpoint();
-    pending_checkpoint = !path.ok();
-    return RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", state.step));
-  }
+  if (config.save_every > 0 && state.step % config.save_every == 0) return StartCheckpoint();
   return absl::OkStatus();
 }
 
@@ -453,25 +460,6 @@ EvalMetrics Trainer::Impl::EvaluationOf(const EvalProgress& progress) const {
   return m;
 }
 
-absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
-  // The checkpoint's state names the best evaluation: its adapter goes to disk first.
-  if (unsaved_best) {
-    if (auto s = unsaved_best->WritePeft(BestAdapterPath()); !s.ok()) return s;
-    unsaved_best.reset();
-  }
-  state.train_seconds = seconds_before_this_run + RunSeconds();
-  // Called while the job steps: its stream is the one installed in the default generators.
-  auto path = WriteCheckpoint(config.output_dir, adapter.HostCopy(), optimizer->SaveState(),
-                              RandomState::Capture(model->options().device.is_cuda()), state,
-                              config.keep_checkpoints);
-  if (!path.ok()) return path.status();
-  TrainingEvent e;
-  e.kind = TrainingEvent::Kind::kCheckpoint;
-  e.checkpoint = {state.step, *path};
-  Emit(e);
-  return path;
-}
-
 Trainer::Trainer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Trainer::~Trainer() = default;
 
@@ -518,9 +506,10 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   if (!base.ok()) return base.status();
   // The operator's template only where the job takes the model's own (ExampleFormatter): a job
   // naming its template formats its examples the same whatever the operator picks.
-  prepared->base_fingerprint = absl::StrCat(
-      *base, "|",
-      TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string());
+  const std::string operators_template =
+      TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string();
+  prepared->base_fingerprint = {absl::StrCat(base->current, "|", operators_template),
+                                absl::StrCat(base->legacy, "|", operators_template)};
   // A resume on another dataset or base fails before the whole dataset is read and tokenized
   // (minutes for a large one), by the newest checkpoint's state alone; Create checks again the
   // checkpoint it resumes from.
@@ -538,6 +527,7 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
       }
     }
   }
+  if (auto s = ReadStart(*prepared); !s.ok()) return s;
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);
@@ -661,13 +651,16 @@ absl::Status Trainer::Step() {
       t.resumed_from.clear();
       t.Emit(resumed);
     }
+    // A periodic checkpoint written meanwhile is reported now; one that could not be starts a
+    // wait for storage.
+    if (auto collected = t.CollectCheckpointWrite(/*wait=*/false); !collected.ok()) {
+      return t.Fail(collected);
+    }
     // Waiting for storage: no work until the write that failed may be tried again.
     if (t.storage_wait && Clock::now() < t.storage_wait->retry_at) return absl::OkStatus();
     absl::Status s;
-    if (t.pending_checkpoint) {
-      auto path = t.Checkpoint();
-      t.pending_checkpoint = !path.ok();
-      s = t.RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", t.state.step));
+    if (t.unwritten_checkpoint) {
+      s = t.WriteUnwrittenCheckpoint();
     } else if (t.finishing) {
       s = t.ContinueFinishing();
     } else if (t.periodic_eval) {
@@ -734,6 +727,10 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
                              "; the job resumes from its last checkpoint on disk"));
   }
   return path;
+}
+
+void Trainer::SetCheckpointWriteGateForTesting(std::function<void(int64_t)> gate) {
+  impl_->checkpoint_write_gate = std::move(gate);
 }
 
 bool Trainer::at_step_boundary() const { return impl_->micro_in_step == 0; }

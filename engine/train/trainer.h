@@ -14,10 +14,11 @@
 // clips the gradient norm, steps the optimizer at the schedule's rate and emits a kStep event.
 // The work after a step comes in pieces, one per Step() call, so that the GPU loop serves
 // between them: an evaluation (eval_every) one validation micro-batch a call, then the
-// checkpoint (save_every); after the last step, the last evaluation, the final checkpoint, the
-// held-out answers (one forward a call, for a group of them: their prompts, or a token of
-// each), then
-// <output_dir>/adapter/ and kFinished.
+// checkpoint (save_every: copied to the host there, its files written and synced by a thread of
+// its own while the job trains on; kCheckpoint comes at the first Step() after they are durable,
+// and the next checkpoint waits for them); after the last step, the last evaluation, the final
+// checkpoint, the held-out answers (one forward a call, for a group of them: their prompts, or a
+// token of each), then <output_dir>/adapter/ and kFinished.
 //
 // Loss: per optimizer step, the token-weighted mean over all its micro-batches (the sum of token
 // losses / the step's trained tokens), as transformers' Trainer computes it with gradient
@@ -60,16 +61,17 @@ class Trainer {
                                                          const std::string& model_folder,
                                                          const TrainingJobConfig& config,
                                                          EventCallback on_event);
-  // A job's dataset, read, formatted and tokenized (and fingerprinted, for its resume check):
-  // the part of Create that uses no device and takes the longest (seconds for tens of thousands
-  // of records), so the runtime runs it on a thread of its own while the GPU loop goes on
-  // serving. Thread-safe. CANCELLED as soon as `*abandon` turns true.
+  // A job's dataset, read, formatted and tokenized (and fingerprinted, for its resume check),
+  // and the checkpoint it resumes from or the adapter it continues, read: the part of Create
+  // that uses no device and takes the longest (seconds for tens of thousands of records; a large
+  // model's optimizer state is hundreds of MB), so the runtime runs it on a thread of its own
+  // while the GPU loop goes on serving. Thread-safe. CANCELLED as soon as `*abandon` turns true.
   struct PreparedData;
   static absl::StatusOr<std::shared_ptr<PreparedData>> PrepareData(
       const LlamaModel& model, const Tokenizer& tokenizer, const std::string& model_folder,
       const TrainingJobConfig& config, const std::atomic<bool>* abandon = nullptr);
-  // The rest of Create (the adapter, the optimizer, a checkpoint to resume from), on the GPU loop
-  // thread, with what PrepareData made of the same config.
+  // The rest of Create (the adapter and the optimizer on the device, from what PrepareData read),
+  // on the GPU loop thread, with what PrepareData made of the same config.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const LlamaModel& model,
                                                          const Tokenizer& tokenizer,
                                                          const std::string& model_folder,
@@ -109,6 +111,10 @@ class Trainer {
   // TrainingJobConfig::storage_retry_s): until then Step() does no work, so the loop may leave
   // the job be. Unset once cancelled (the next Step() ends it).
   std::optional<std::chrono::steady_clock::time_point> idle_until() const;
+
+  // Tests: `gate` runs on the writing thread before each periodic checkpoint is written, with
+  // its step (it may hold the write in flight).
+  void SetCheckpointWriteGateForTesting(std::function<void(int64_t step)> gate);
 
   bool done() const;
   bool cancelled() const;       // Cancel() was called

@@ -160,6 +160,7 @@ absl::Status Trainer::Impl::ContinueFinishing() {
 }
 
 absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, TrainingSummary s) {
+  SettleCheckpointWrite();
   done = true;
   TrainingEvent e;
   e.kind = TrainingEvent::Kind::kFinished;

@@ -2,7 +2,8 @@
 // torch-free: the server turns each into a JobEvent (proto), a job-store row and metrics.
 //
 // Order: kStep after every optimizer step; kEval after the step it follows (every eval_every
-// steps); kCheckpoint after a checkpoint is durable on disk, and once more for the checkpoint a
+// steps); kCheckpoint after a checkpoint is durable on disk (a periodic one is written while the
+// job trains on: later steps' events may come first), and once more for the checkpoint a
 // resumed job starts from; exactly one of kFinished or kFailed last (a cancelled job ends with
 // kFinished, summary.cancelled = true). kWarning (any time): something the job waits out or works
 // around, in words a user can act on (a checkpoint that could not be written: the job retries).

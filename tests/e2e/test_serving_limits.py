@@ -1,7 +1,7 @@
 """Limits a careless or stalled client meets on the serving side, against the real daemon (tiny
 fixture model): streams whose client stopped reading count against limits.max_queued_requests
 until written and end at limits.max_unread_stream_bytes; adapter names are bounded by
-limits.max_loaded_adapters."""
+limits.max_loaded_adapters; one client's streams by limits.max_streams_per_client."""
 import shutil
 import threading
 import time
@@ -242,5 +242,49 @@ def test_a_refusal_for_open_streams_blames_unread_ones_only_when_there_are_some(
         assert all(r.startswith("2 generation streams are open (limits.max_queued_requests): ")
                    for r in refusals), refusals
         assert not any("finished but not yet read" in r for r in refusals), refusals
+    finally:
+        stop_daemon(d)
+
+
+def test_one_client_holds_at_most_its_share_of_the_streams(tmp_path, stubs):
+    """limits.max_streams_per_client: a client (without tokens, its connection) with that many
+    streams open is refused another, saying so, while another client is served; the place comes
+    back when one of its streams ends."""
+    pb = stubs.inference_pb2
+    d = start_daemon(tmp_path, "--set", "limits.max_streams_per_client=2",
+                     "--set", "limits.max_new_tokens=100000")
+
+    def channel():  # a connection of its own: without tokens, a client is its connection
+        return grpc.insecure_channel(d.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    endless = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+        max_new_tokens=100000, ignore_eos=True))
+    short = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_new_tokens=2))
+    try:
+        with channel() as busy, channel() as other:
+            busy_stub = stubs.inference_pb2_grpc.InferenceServiceStub(busy)
+            held = [busy_stub.Generate(endless, timeout=120) for _ in range(2)]
+            for call in held:
+                next(call)  # open and decoding
+            with pytest.raises(grpc.RpcError) as err:
+                list(busy_stub.Generate(short, timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = err.value.details()
+            assert details.startswith("this client (ipv"), details
+            assert details.endswith(
+                ") has 2 generation streams open, the most one client may "
+                "(limits.max_streams_per_client); retry when one of them has ended"), details
+            other_stub = stubs.inference_pb2_grpc.InferenceServiceStub(other)
+            assert sum(len(c.tokens) for c in other_stub.Generate(short, timeout=30)) == 2
+            held[0].cancel()
+            deadline = time.time() + 10
+            while True:  # its place is given back once the call is done on the server too
+                try:
+                    assert sum(len(c.tokens) for c in busy_stub.Generate(short, timeout=30)) == 2
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.time() < deadline
+                    time.sleep(0.1)
+            held[1].cancel()
     finally:
         stop_daemon(d)
