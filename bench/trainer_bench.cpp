@@ -104,6 +104,8 @@ int Run(const BenchArgs& args) {
   // Short examples several to a row, kept apart (TRL's padding-free packing).
   config.data.packing = args.Int("packing") != 0;
   config.output_dir = args.Get("output_dir");
+  // A checkpoint every N steps (0: none but the end's): what a checkpoint costs the loop.
+  config.save_every = args.Int("save_every");
   config.resume = false;
   std::filesystem::remove_all(config.output_dir);
   if (auto s = config.Validate(); !s.ok()) {
@@ -222,6 +224,7 @@ int main(int argc, char** argv) {
                                       {"packing", "0"},
                                       {"profile_steps", "0"},
                                       {"layer_ops", "fused"},
+                                      {"save_every", "0"},
                                       {"output_dir", "/tmp/lorad-trainer-bench"}});
   try {
     return lorad::bench::Run(args);
