@@ -386,8 +386,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
   // Each adapter's own base where its record has one; else (an older lorad's record) the last
   // start's. (Compared with the last start's alone, going back to the original folder named the
   // adapters made on it, and a second start on the other named none.)
-  const engine::ModelFolderFingerprints& base_now = engine_->base_fingerprint();
-  const std::string& current_base = base_now.current;
+  const std::string current_base = engine_->base_fingerprint();
   auto last = jobs_->GetMeta("base_model_fingerprint");
   const std::string last_base = last.ok() && last->has_value() ? **last : current_base;
   // A record whose base is not known takes the last start's, once: later starts compare with
@@ -431,7 +430,7 @@ absl::Status Daemon::ServeRecordedAdapters() {
         spdlog::info("adapter {} version {} served again (from {})", a.name, *version, a.path);
         if (TookModelsOwnTemplate(a.source)) trained_here.push_back(a.name);
         const std::string& made_on = a.base_fingerprint.empty() ? last_base : a.base_fingerprint;
-        if (!base_now.Matches(made_on)) {
+        if (made_on != current_base) {
           other_base.push_back(absl::StrCat(a.name, " v", *version));
           store.MarkOtherBase(a.name, *version);
         }

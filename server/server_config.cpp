@@ -666,6 +666,19 @@ std::vector<std::string> ServerConfigWarnings(const ServerConfig& config,
                                               const std::string& config_path) {
   std::vector<std::string> warnings;
   const bool tls = !config.server.tls_cert_file.empty();
+  const int64_t per_client = config.limits.max_streams_per_client;
+  if (per_client > 0 && per_client >= config.limits.max_queued_requests) {
+    warnings.push_back(absl::StrCat("limits.max_streams_per_client (", per_client,
+                                    ") is not below limits.max_queued_requests (",
+                                    config.limits.max_queued_requests,
+                                    "): it limits nothing; lower it"));
+  } else if (per_client > 0 && config.auth.tokens.empty()) {
+    warnings.push_back(absl::StrCat(
+        "limits.max_streams_per_client (", per_client,
+        ") counts each connection as a client without auth.tokens: a client that opens several "
+        "connections gets that many streams on each; give each team a token (auth.tokens) to "
+        "limit teams"));
+  }
   if (!config.auth.tokens.empty()) {
     if (auto mode = ReadableByOthers(config_path, "the config file, which holds auth.tokens,")) {
       warnings.push_back(*mode);

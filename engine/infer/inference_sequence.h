@@ -22,7 +22,7 @@ namespace lorad::engine::inference {
 using Clock = std::chrono::steady_clock;
 
 // A version of an adapter as the engine names it in its stack keys.
-std::string AdapterKey(const std::string& name, int64_t version) {
+inline std::string AdapterKey(const std::string& name, int64_t version) {
   return absl::StrCat(name, "@", version);
 }
 

@@ -262,54 +262,23 @@ std::string ModelWeights::Fingerprint() const {
   return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
 }
 
-namespace {
-
-// config.json and the tokenizer's small JSON files as parsed (key order, spacing and the spelling
-// of numbers play no part), config.json less the keys that record how the folder was written
-// rather than the model: a folder saved again by another transformers version is the same model.
-// A file that does not parse is taken as it is (loading the model says what is wrong with it).
-std::string CanonicalJson(const std::string& bytes, bool is_config) {
-  nlohmann::json j = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return bytes;
-  if (is_config && j.is_object()) {
-    for (const char* key :
-         {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}) {
-      j.erase(key);
-    }
-  }
-  return j.dump();
-}
-
-}  // namespace
-
-absl::StatusOr<ModelFolderFingerprints> ModelFolderFingerprint(
-    const std::string& folder, const std::string& weights_fingerprint) {
-  uint64_t current = kFnv1aBasis, legacy = kFnv1aBasis;
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder,
+                                                   const std::string& weights_fingerprint) {
+  namespace fs = std::filesystem;
+  uint64_t hash = kFnv1aBasis;
   for (const char* name :
        {"config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
         "special_tokens_map.json", "chat_template.jinja"}) {
     const fs::path path = fs::path(folder) / name;
     std::error_code ec;
-    MixFnv1a(&current, name, std::strlen(name) + 1);
-    MixFnv1a(&legacy, name, std::strlen(name) + 1);
+    MixFnv1a(&hash, name, std::strlen(name) + 1);
     if (!fs::exists(path, ec)) continue;
     auto bytes = ReadRegularFile(path.string(), name);
     if (!bytes.ok()) return bytes.status();
-    MixFnv1a(&legacy, bytes->data(), bytes->size());
-    const std::string file(name);
-    if (file == "config.json" || file == "tokenizer_config.json" ||
-        file == "special_tokens_map.json") {
-      const std::string canonical = CanonicalJson(*bytes, file == "config.json");
-      MixFnv1a(&current, canonical.data(), canonical.size());
-    } else {
-      MixFnv1a(&current, bytes->data(), bytes->size());
-    }
+    MixFnv1a(&hash, bytes->data(), bytes->size());
   }
-  MixFnv1a(&current, weights_fingerprint.data(), weights_fingerprint.size());
-  MixFnv1a(&legacy, weights_fingerprint.data(), weights_fingerprint.size());
-  return ModelFolderFingerprints{
-      absl::StrCat(kModelFolderFingerprintPrefix, absl::Hex(current, absl::kZeroPad16)),
-      absl::StrCat(absl::Hex(legacy, absl::kZeroPad16))};
+  MixFnv1a(&hash, weights_fingerprint.data(), weights_fingerprint.size());
+  return absl::StrCat(absl::Hex(hash, absl::kZeroPad16));
 }
 
 }  // namespace lorad::engine

@@ -29,7 +29,6 @@
 #include "absl/status/statusor.h"
 #include "engine/model/nf4_tensor.h"
 #include "engine/model/safetensors.h"
-#include "engine/runtime/file_fingerprint.h"
 
 namespace lorad::engine {
 
@@ -80,14 +79,13 @@ class ModelWeights {
 // safetensors dtype -> torch dtype (every DType has one).
 torch::ScalarType TorchDType(DType dtype);
 
-// What a base model folder holds, to tell whether a job resumes on the base it was trained on
-// and whether adapters serve on the base they were made on: config.json and the tokenizer files
-// (tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json,
-// chat_template.jinja), read as regular files only, and `weights_fingerprint`
-// (ModelWeights::Fingerprint of the weights loaded from it). Where the folder is plays no part (a
-// moved folder is the same model). Not a defence against a crafted file. The two kinds:
-// ModelFolderFingerprints (file_fingerprint.h).
-absl::StatusOr<ModelFolderFingerprints> ModelFolderFingerprint(
-    const std::string& folder, const std::string& weights_fingerprint);
+// What a base model folder holds, to tell whether a job resumes on the base it was trained on:
+// config.json and the tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json,
+// special_tokens_map.json, chat_template.jinja) whole, read as regular files only, and
+// `weights_fingerprint` (ModelWeights::Fingerprint of the weights loaded from it). Where the
+// folder is plays no part (a moved folder is the same model). Not a defence against a crafted
+// file.
+absl::StatusOr<std::string> ModelFolderFingerprint(const std::string& folder,
+                                                   const std::string& weights_fingerprint);
 
 }  // namespace lorad::engine

@@ -88,7 +88,7 @@ struct Engine::Impl {
   // The model folder's BOS/EOS tokens (tokenizer_config.json), written by a template a request
   // names as training writes them (nullopt: the family's usual ones).
   std::optional<std::string> bos_token, eos_token;
-  ModelFolderFingerprints base_fingerprint;  // of the model folder at start
+  std::string base_fingerprint;  // ModelFolderFingerprint of the model folder at start
   std::unique_ptr<AdapterStore> adapters;
   std::unique_ptr<InferenceEngine> inference;
 
@@ -408,8 +408,9 @@ void Engine::Impl::StopTrainers() {
   for (ActiveTrainer& active : trainers) {
     Trainer& trainer = *active.trainer;
     trainer.Interrupt();  // an evaluation under way is skipped, as StopTraining asks
+    // (A job waiting for storage does no work until its wait is over: stepped, it would spin.)
     while (!trainer.done() && !trainer.cancelled() && !trainer.at_step_boundary() &&
-           trainer.Step().ok()) {
+           !trainer.idle_until().has_value() && trainer.Step().ok()) {
     }
     if (!trainer.done() && !trainer.cancelled() && trainer.at_step_boundary()) {
       (void)trainer.SaveCheckpoint();
@@ -748,7 +749,7 @@ bool Engine::TrainingActive() const {
 const ModelConfig& Engine::model_config() const { return impl_->model->config(); }
 const DeviceInfo& Engine::device() const { return impl_->device; }
 const Tokenizer& Engine::tokenizer() const { return *impl_->tokenizer; }
-const ModelFolderFingerprints& Engine::base_fingerprint() const { return impl_->base_fingerprint; }
+const std::string& Engine::base_fingerprint() const { return impl_->base_fingerprint; }
 
 EngineStats Engine::Stats() const {
   EngineStats stats;

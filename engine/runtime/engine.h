@@ -33,7 +33,6 @@
 #include "engine/model/chat_template.h"
 #include "engine/model/model_config.h"
 #include "engine/runtime/device_info.h"
-#include "engine/runtime/file_fingerprint.h"
 #include "engine/train/training_event.h"
 #include "engine/train/training_job_config.h"
 
@@ -143,7 +142,7 @@ class Engine {
   const DeviceInfo& device() const;
   const Tokenizer& tokenizer() const;
   // What the model folder held at start (ModelFolderFingerprint): config, tokenizer, weights.
-  const ModelFolderFingerprints& base_fingerprint() const;
+  const std::string& base_fingerprint() const;
   EngineStats Stats() const;
 
   struct Impl;

@@ -29,21 +29,4 @@ inline void MixFnv1a(uint64_t* hash, const void* data, size_t n) {
   for (size_t i = 0; i < n; ++i) *hash = (*hash ^ bytes[i]) * 1099511628211ULL;
 }
 
-// ModelFolderFingerprint's (model_weights.h) two kinds.
-inline constexpr char kModelFolderFingerprintPrefix[] = "m2:";
-struct ModelFolderFingerprints {
-  // "m2:<hex>": config.json, tokenizer_config.json and special_tokens_map.json as parsed JSON,
-  // config.json less transformers_version, _name_or_path, torch_dtype, dtype and use_cache (a
-  // folder saved again by another transformers version is the same model; the weights' dtype is
-  // in weights_fingerprint); the other files byte for byte.
-  std::string current;
-  // "<hex>": every file byte for byte, as lorad recorded it before 2026-12-07.
-  std::string legacy;
-  // Whether `recorded`, of either kind, names what the folder holds now.
-  bool Matches(const std::string& recorded) const {
-    return recorded.rfind(kModelFolderFingerprintPrefix, 0) == 0 ? recorded == current
-                                                                 : recorded == legacy;
-  }
-};
-
 }  // namespace lorad::engine

@@ -91,8 +91,7 @@ absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::
         "examples; put the original file back and retry the job (loradctl train retry) to "
         "resume it, or submit a new job"));
   }
-  if (!trained_on.base_fingerprint.empty() &&
-      !now.base_fingerprint.Matches(trained_on.base_fingerprint)) {
+  if (!trained_on.base_fingerprint.empty() && trained_on.base_fingerprint != now.base_fingerprint) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the base model in ", model_folder,
         " is not the one the job started on (its config, tokenizer, weights or the operator's "
@@ -222,7 +221,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     }
   }
   state.dataset_fingerprint = prepared.dataset_fingerprint;
-  state.base_fingerprint = prepared.base_fingerprint.current;
+  state.base_fingerprint = prepared.base_fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) {
     if (checkpoint || config.init_adapter_path.empty()) return s;
     return absl::Status(
@@ -506,10 +505,9 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   if (!base.ok()) return base.status();
   // The operator's template only where the job takes the model's own (ExampleFormatter): a job
   // naming its template formats its examples the same whatever the operator picks.
-  const std::string operators_template =
-      TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string();
-  prepared->base_fingerprint = {absl::StrCat(base->current, "|", operators_template),
-                                absl::StrCat(base->legacy, "|", operators_template)};
+  prepared->base_fingerprint = absl::StrCat(
+      *base, "|",
+      TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string());
   // A resume on another dataset or base fails before the whole dataset is read and tokenized
   // (minutes for a large one), by the newest checkpoint's state alone; Create checks again the
   // checkpoint it resumes from.
@@ -652,15 +650,21 @@ absl::Status Trainer::Step() {
       t.Emit(resumed);
     }
     // A periodic checkpoint written meanwhile is reported now; one that could not be starts a
-    // wait for storage.
-    if (auto collected = t.CollectCheckpointWrite(/*wait=*/false); !collected.ok()) {
-      return t.Fail(collected);
+    // wait for storage. Between optimizer steps only: a wait starts there (a job held mid-step
+    // could not be checkpointed by a shutdown, and its step time would count the wait).
+    if (t.micro_in_step == 0) {
+      if (auto collected = t.CollectCheckpointWrite(/*wait=*/false); !collected.ok()) {
+        return t.Fail(collected);
+      }
     }
     // Waiting for storage: no work until the write that failed may be tried again.
     if (t.storage_wait && Clock::now() < t.storage_wait->retry_at) return absl::OkStatus();
     absl::Status s;
-    if (t.unwritten_checkpoint) {
-      s = t.WriteUnwrittenCheckpoint();
+    if (t.pending_checkpoint) {
+      // The job's state now (it has held still since the write failed), as one.
+      auto path = t.Checkpoint();
+      t.pending_checkpoint = !path.ok();
+      s = t.RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", t.state.step));
     } else if (t.finishing) {
       s = t.ContinueFinishing();
     } else if (t.periodic_eval) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <future>
 #include <memory>
+#include <system_error>
 
 #include "engine/train/trainer_impl.h"
 
@@ -53,27 +54,29 @@ absl::Status Trainer::Impl::StartCheckpoint() {
   // The one before it still being written (a disk slower than save_every steps): the job waits
   // for it, so that no more than one snapshot is held and the folders are written in order.
   if (auto s = CollectCheckpointWrite(/*wait=*/true); !s.ok()) return s;
-  std::shared_ptr<const CheckpointSnapshot> snapshot = Snapshot();
-  if (unwritten_checkpoint) {
-    // The one before it failed for want of storage (heard of just now): this newer one takes
-    // its place, written once the wait is over.
-    unwritten_checkpoint = std::move(snapshot);
-    return absl::OkStatus();
-  }
+  // That one failed for want of storage: the job holds still, and its state now is written
+  // once the wait is over.
+  if (pending_checkpoint) return absl::OkStatus();
   // The checkpoint's state names the best evaluation: its adapter goes to disk first, here (the
   // loop writes every best adapter, in order). Only one whose write failed is still in memory.
   if (auto s = WriteUnsavedBest(); !s.ok()) {
-    if (IsStorageFailure(s)) unwritten_checkpoint = snapshot;
-    return RetryIfNotWritten(s, CheckpointOfStep(*snapshot));
+    pending_checkpoint = IsStorageFailure(s);
+    return RetryIfNotWritten(s, absl::StrCat("the checkpoint of step ", state.step));
   }
   CheckpointWrite write;
-  write.snapshot = std::move(snapshot);
-  write.path = std::async(std::launch::async,
-                          [output_dir = config.output_dir, keep = config.keep_checkpoints,
-                           gate = checkpoint_write_gate, snapshot = write.snapshot] {
-                            if (gate) gate(snapshot->state.step);
-                            return WriteSnapshot(output_dir, *snapshot, keep);
-                          });
+  write.snapshot = Snapshot();
+  try {
+    write.path = std::async(std::launch::async,
+                            [output_dir = config.output_dir, keep = config.keep_checkpoints,
+                             gate = checkpoint_write_gate, snapshot = write.snapshot] {
+                              if (gate) gate(snapshot->state.step);
+                              return WriteSnapshot(output_dir, *snapshot, keep);
+                            });
+  } catch (const std::system_error&) {  // no thread to be had: written here
+    auto path = Checkpoint();
+    pending_checkpoint = !path.ok();
+    return RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", state.step));
+  }
   checkpoint_write = std::move(write);
   return absl::OkStatus();
 }
@@ -87,10 +90,12 @@ absl::Status Trainer::Impl::CollectCheckpointWrite(bool wait) {
   std::shared_ptr<const CheckpointSnapshot> snapshot;
   absl::StatusOr<std::string> path = TakeCheckpointWrite(&snapshot);
   if (path.ok()) {
-    if (!unwritten_checkpoint) EndStorageWait(/*all=*/true);
+    EndStorageWait(/*all=*/true);  // the next failure waits the shortest time again
     return absl::OkStatus();
   }
-  if (IsStorageFailure(path.status())) unwritten_checkpoint = snapshot;
+  // Its snapshot is dropped (hundreds of MB for a large model): the retry writes the state the
+  // job holds then.
+  pending_checkpoint = IsStorageFailure(path.status());
   return RetryIfNotWritten(path.status(), CheckpointOfStep(*snapshot));
 }
 
@@ -102,19 +107,6 @@ absl::StatusOr<std::string> Trainer::Impl::TakeCheckpointWrite(
   if (path.ok()) EmitCheckpoint(write.snapshot->state.step, *path);
   *snapshot = std::move(write.snapshot);
   return path;
-}
-
-absl::Status Trainer::Impl::WriteUnwrittenCheckpoint() {
-  std::shared_ptr<const CheckpointSnapshot> snapshot = unwritten_checkpoint;
-  const absl::Status best = WriteUnsavedBest();
-  absl::StatusOr<std::string> path =
-      best.ok() ? WriteSnapshot(config.output_dir, *snapshot, config.keep_checkpoints)
-                : absl::StatusOr<std::string>(best);
-  if (path.ok()) {
-    unwritten_checkpoint.reset();
-    EmitCheckpoint(snapshot->state.step, *path);
-  }
-  return RetryIfNotWritten(path.status(), CheckpointOfStep(*snapshot));
 }
 
 void Trainer::Impl::SettleCheckpointWrite() {
@@ -139,7 +131,6 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   if (auto s = WriteUnsavedBest(); !s.ok()) return s;
   auto path = WriteSnapshot(config.output_dir, *Snapshot(), config.keep_checkpoints);
   if (!path.ok()) return path.status();
-  unwritten_checkpoint.reset();  // an older step's, superseded
   EmitCheckpoint(state.step, *path);
   return path;
 }

@@ -65,9 +65,7 @@ struct Trainer::PreparedData {
   std::string end_of_turn;   // the chat template's, where evaluated answers end
   MergedChatTemplate merged_template;  // what the merged export's tokenizer files get
   std::string dataset_fingerprint;
-  // TrainerState::base_fingerprint: the folder's, then "|" and the operator's template where the
-  // job takes the model's own.
-  ModelFolderFingerprints base_fingerprint;
+  std::string base_fingerprint;  // TrainerState::base_fingerprint
   std::optional<TrainingData> data;
   // What the job starts from, read here rather than on the GPU loop (a large model's optimizer
   // state is hundreds of MB): the checkpoint it resumes from (its folder in resumed_from, the
@@ -205,7 +203,7 @@ struct Trainer::Impl {
     return (std::filesystem::path(config.output_dir) / "best-adapter").string();
   }
   // Writes a checkpoint of the job's state now, on this thread (the end's, a cancel's, a
-  // shutdown's), after the one in flight; one written supersedes unwritten_checkpoint.
+  // shutdown's, a failed one's retry), after the one in flight.
   absl::StatusOr<std::string> Checkpoint();
   void EmitCheckpoint(int64_t step, const std::string& path) {
     TrainingEvent e;
@@ -250,9 +248,9 @@ struct Trainer::Impl {
     std::future<absl::StatusOr<std::string>> path;
   };
   std::optional<CheckpointWrite> checkpoint_write;  // in flight
-  // A periodic checkpoint whose write failed for want of storage: written (from memory) once the
-  // wait is over, or superseded by a later checkpoint that is written.
-  std::shared_ptr<const CheckpointSnapshot> unwritten_checkpoint;
+  // A periodic checkpoint's write failed for want of storage: the job holds still, and writes
+  // its state (Checkpoint) once the wait is over.
+  bool pending_checkpoint = false;
   std::function<void(int64_t)> checkpoint_write_gate;  // SetCheckpointWriteGateForTesting
   // The job's state now, on the host.
   std::shared_ptr<const CheckpointSnapshot> Snapshot();
@@ -261,14 +259,13 @@ struct Trainer::Impl {
   // The cadence's checkpoint: waits for the one in flight, then starts writing this one.
   absl::Status StartCheckpoint();
   // The write in flight, once done (`wait`: waits for it): reports it, or on a storage failure
-  // keeps its snapshot as unwritten_checkpoint and starts the wait; other errors are returned.
+  // sets pending_checkpoint and starts the wait; other errors are returned. Called between
+  // optimizer steps only.
   absl::Status CollectCheckpointWrite(bool wait);
   // The write in flight, waited for and taken (its snapshot into *snapshot); kCheckpoint reported
   // when it went through.
   absl::StatusOr<std::string> TakeCheckpointWrite(
       std::shared_ptr<const CheckpointSnapshot>* snapshot);
-  // The write of unwritten_checkpoint, once its wait is over.
-  absl::Status WriteUnwrittenCheckpoint();
   // As the job ends (finished, cancelled, failed): waits for the write in flight and reports it,
   // or warns that it was not written.
   void SettleCheckpointWrite();

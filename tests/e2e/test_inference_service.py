@@ -551,7 +551,7 @@ def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_
                                              sampling=pb.SamplingParams(max_new_tokens=2)),
                           timeout=60))
     stream = stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-c", sampling=pb.SamplingParams(
-        max_new_tokens=1000, temperature=0.0, ignore_eos=True)), timeout=120)
+        max_new_tokens=4096, temperature=0.0, ignore_eos=True)), timeout=120)
     next(stream)  # it runs on the adapter
     unloaded = astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-c"), timeout=1.0)
     assert [(a.name, a.current, a.active_requests) for a in unloaded.unloaded] == [
@@ -622,7 +622,7 @@ def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
     shutil.copytree(folder, tmp / "data" / "adapters" / "busy", dirs_exist_ok=True)
     astub.LoadAdapter(apb.LoadAdapterRequest(name="busy", path="busy"), timeout=60)
     req = pb.GenerateRequest(prompt="Hello", adapter="busy", sampling=pb.SamplingParams(
-        max_new_tokens=1000, temperature=0.0, ignore_eos=True))
+        max_new_tokens=4096, temperature=0.0, ignore_eos=True))
     stream = stub.Generate(req, timeout=120)
     next(stream)  # it runs on the adapter
     with ThreadPoolExecutor(max_workers=24) as pool:

@@ -104,7 +104,8 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
     past limits.max_loaded_adapters is RESOURCE_EXHAUSTED naming the limit; a new version of a
     loaded name is not, and an unload makes room."""
     apb = stubs.adapters_pb2
-    d = start_daemon(tmp_path, "--set", "limits.max_loaded_adapters=2")
+    d = start_daemon(tmp_path, "--set", "limits.max_loaded_adapters=2",
+                     "--set", "limits.max_new_tokens=100000")
     src, _ = peft_adapter_dir
     shutil.copytree(src, tmp_path / "data" / "adapters" / "a")
     try:
@@ -146,7 +147,7 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
             ipb = stubs.inference_pb2
             stream = stubs.inference_pb2_grpc.InferenceServiceStub(channel).Generate(
                 ipb.GenerateRequest(prompt="Once upon a time", adapter=held,
-                                    sampling=ipb.SamplingParams(max_new_tokens=4000,
+                                    sampling=ipb.SamplingParams(max_new_tokens=100000,
                                                                 ignore_eos=True)), timeout=300)
             next(stream)  # running
             astub.UnloadAdapter(apb.UnloadAdapterRequest(name=held), timeout=2)

@@ -273,7 +273,7 @@ TEST(ServerConfig, AddressesThatCannotBothListenAreRefused) {
   // What gRPC cannot parse (found only after the model had loaded): a port with a space or a
   // sign, brackets around what is not an IPv6 address.
   for (const char* address : {"127.0.0.1:18051 ", "127.0.0.1: 18051", "127.0.0.1:+18051",
-                                     "[127.0.0.1]:18051", "[localhost]:18051", "[]:18051"}) {
+                              "[127.0.0.1]:18051", "[localhost]:18051", "[]:18051"}) {
     EXPECT_FALSE(SplitHostPort(address).ok()) << "'" << address << "'";
   }
 
@@ -405,6 +405,29 @@ TEST(ServerConfig, WarningsNameTokensInPlainTextReadableSecretsAndAnExpiredCerti
   ASSERT_TRUE(WriteSelfSignedCertificate(cert, key, -1, 1));
   said = joined(ServerConfigWarnings(*c, yaml));
   EXPECT_NE(said.find("the certificate expires on "), std::string::npos) << said;
+}
+
+// limits.max_streams_per_client where it cannot do what it is set for: without tokens a client
+// is a connection (one that opens several gets that many places on each), and at or above
+// limits.max_queued_requests it never refuses anything.
+TEST(ServerConfig, WarningsSayWhereAPerClientStreamLimitDoesNotLimitClients) {
+  ServerConfig c;
+  EXPECT_TRUE(ServerConfigWarnings(c, "").empty());
+  c.limits.max_streams_per_client = 8;
+  auto said = ServerConfigWarnings(c, "");
+  ASSERT_EQ(said.size(), 1u);
+  EXPECT_EQ(said[0],
+            "limits.max_streams_per_client (8) counts each connection as a client without "
+            "auth.tokens: a client that opens several connections gets that many streams on "
+            "each; give each team a token (auth.tokens) to limit teams");
+  c.auth.tokens.push_back({"team-a", "user", "aaaaaaaaaaaaaaaa"});
+  EXPECT_TRUE(ServerConfigWarnings(c, "").empty());
+  c.limits.max_streams_per_client = c.limits.max_queued_requests;
+  said = ServerConfigWarnings(c, "");
+  ASSERT_EQ(said.size(), 1u);
+  EXPECT_EQ(said[0],
+            "limits.max_streams_per_client (1024) is not below limits.max_queued_requests (1024): "
+            "it limits nothing; lower it");
 }
 
 }  // namespace

@@ -530,51 +530,6 @@ TEST_F(TrainerTest, ACheckpointKeepsTheCudaGeneratorsStateWhenTheJobHasOne) {
   EXPECT_TRUE(torch::equal(read->rng.cuda, rng.cuda));
 }
 
-// A job resumes on its base model saved again by another transformers version (config.json
-// respaced, its keys in another order, transformers_version and dtype rewritten): the same model,
-// which the byte-for-byte fingerprint of older lorad versions refused. A checkpoint an older
-// lorad wrote (that kind of fingerprint) still resumes on the folder as it was, and only there.
-TEST_F(TrainerTest, AResumeTakesItsBaseSavedAgainAndAnOlderLoradsCheckpoint) {
-  TrainingJobConfig config = Config("saved-again");
-  config.save_every = 2;
-  {
-    auto first = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
-    ASSERT_TRUE(first.ok()) << first.status();
-    while ((*first)->step() < 2) ASSERT_TRUE((*first)->Step().ok());
-  }
-  const fs::path saved_again = out_ / "saved-again-base";
-  fs::create_directories(saved_again);
-  for (const auto& f : fs::directory_iterator(model_dir_)) {
-    fs::copy(f.path(), saved_again / f.path().filename());
-  }
-  nlohmann::json model_config = nlohmann::json::parse(std::ifstream(saved_again / "config.json"));
-  model_config["transformers_version"] = "9.9.9";
-  model_config.erase("torch_dtype");
-  model_config["dtype"] = "float32";
-  std::ofstream(saved_again / "config.json") << model_config.dump(4);
-  auto resumed = Trainer::Create(*model_, *tokenizer_, saved_again.string(), config, nullptr);
-  ASSERT_TRUE(resumed.ok()) << resumed.status();
-  EXPECT_TRUE((*resumed)->resumed());
-  resumed->reset();
-
-  // As an older lorad wrote it: the folder's files byte for byte, then the operator's template.
-  auto base = ModelFolderFingerprint(model_dir_, model_->weights_fingerprint());
-  ASSERT_TRUE(base.ok()) << base.status();
-  const fs::path state_file = fs::path(CheckpointPath(config.output_dir, 2)) / "trainer_state.json";
-  nlohmann::json state = nlohmann::json::parse(std::ifstream(state_file));
-  ASSERT_EQ(state["base_fingerprint"], base->current + "|");
-  state["base_fingerprint"] = base->legacy + "|";
-  std::ofstream(state_file) << state.dump();
-  auto older = Trainer::Create(*model_, *tokenizer_, model_dir_, config, nullptr);
-  ASSERT_TRUE(older.ok()) << older.status();
-  EXPECT_TRUE((*older)->resumed());
-  older->reset();
-  auto refused = Trainer::Create(*model_, *tokenizer_, saved_again.string(), config, nullptr);
-  ASSERT_FALSE(refused.ok());
-  EXPECT_NE(refused.status().message().find("is not the one the job started on"), std::string::npos)
-      << refused.status();
-}
-
 // What a job starts from is read with its data, off the GPU loop (Create runs on the loop, and a
 // large model's checkpoint is hundreds of MB): the checkpoint it resumes from, moved away between
 // the two here, was read already.

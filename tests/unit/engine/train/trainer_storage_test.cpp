@@ -193,7 +193,44 @@ TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNot
   RunToTheEnd(*t);
   ExpectEndedAsStraight(events, straight, config);
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kFinished), 1);
-  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "checkpoint-4" / "trainer_state.json"));
+  // The retry wrote the state the job held still in.
+  EXPECT_TRUE(
+      fs::exists(fs::path(CheckpointPath(config.output_dir, held_at)) / "trainer_state.json"))
+      << held_at;
+}
+
+// A write that fails while the job is in the middle of an optimizer step (it heard of it between
+// micro-batches) holds the job at the end of that step, not in it: a shutdown can checkpoint a job
+// only between steps (it stepped a job held mid-step for ever), and the step's time would count
+// the wait.
+TEST_F(TrainerStorageTest, AWriteThatFailsMidStepHoldsTheJobBetweenSteps) {
+  TrainingJobConfig config = Blockable("mid-step");
+  config.save_every = 2;
+  ASSERT_EQ(config.grad_accum, 2);
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                           [&events](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  (*t)->SetCheckpointWriteGateForTesting([released](int64_t step) {
+    if (step == 2) released.wait_for(std::chrono::seconds(60));
+  });
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->Step().ok());  // step 3's first micro-batch; step 2's write held
+  ASSERT_FALSE((*t)->at_step_boundary());
+  BlockedFolder blocked(config.output_dir);
+  release.set_value();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the write fails meanwhile
+  for (int call = 0; call < 8 && !(*t)->idle_until(); ++call) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->idle_until().has_value()) << "the failed write was never heard of";
+  EXPECT_TRUE((*t)->at_step_boundary()) << "held in the middle of step " << (*t)->step() + 1;
+  EXPECT_NE(StepUntilWarning(**t, events).find("the checkpoint of step 2 could not be written"),
+            std::string::npos);
+  blocked.Unblock();
+  RunToTheEnd(**t);
+  ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
+  EXPECT_FALSE(events.back().summary.cancelled);
 }
 
 TEST_F(TrainerStorageTest, TheEndsCheckpointAndAdapterThatCannotBeWrittenAreRetried) {
