@@ -107,6 +107,20 @@ class TrainerStorageTest : public TrainerTest {
     }
     return *std::move(t);
   }
+  // A trainer for `config` that reports into *events, whose write of step 2's checkpoint waits
+  // for `released` (a minute at most: a trainer that waited for its write would wait that long).
+  std::unique_ptr<Trainer> HoldingStep2sWrite(const TrainingJobConfig& config,
+                                              std::vector<TrainingEvent>* events,
+                                              std::shared_future<void> released) {
+    auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
+                             [events](const TrainingEvent& e) { events->push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return nullptr;
+    (*t)->SetCheckpointWriteGateForTesting([released](int64_t step) {
+      if (step == 2) released.wait_for(std::chrono::seconds(60));
+    });
+    return *std::move(t);
+  }
   // Ended as a run that never waited: no failure, finished, the same losses, the adapter written.
   static void ExpectEndedAsStraight(const std::vector<TrainingEvent>& events,
                                     const std::vector<TrainingEvent>& straight,
@@ -131,18 +145,13 @@ TEST_F(TrainerStorageTest, AJobTrainsOnWhileItsPeriodicCheckpointIsWritten) {
   std::promise<void> release;
   std::shared_future<void> released = release.get_future().share();
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  // Holds the write of step 2 (a trainer that waited for it would wait here, a minute).
-  (*t)->SetCheckpointWriteGateForTesting([released](int64_t step) {
-    if (step == 2) released.wait_for(std::chrono::seconds(60));
-  });
-  while ((*t)->step() < 3) ASSERT_TRUE((*t)->Step().ok());
+  auto t = HoldingStep2sWrite(config, &events, released);
+  ASSERT_NE(t, nullptr);
+  while (t->step() < 3) ASSERT_TRUE(t->Step().ok());
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kCheckpoint), 0);
   EXPECT_FALSE(fs::exists(CheckpointPath(config.output_dir, 2)));
   release.set_value();
-  RunToTheEnd(**t);
+  RunToTheEnd(*t);
   ExpectEndedAsStraight(events, straight, config);
   // Reported once durable, after the step trained meanwhile; every checkpoint once, in order.
   std::vector<int64_t> checkpoints;
@@ -210,25 +219,21 @@ TEST_F(TrainerStorageTest, AWriteThatFailsMidStepHoldsTheJobBetweenSteps) {
   std::promise<void> release;
   std::shared_future<void> released = release.get_future().share();
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
-                           [&events](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  (*t)->SetCheckpointWriteGateForTesting([released](int64_t step) {
-    if (step == 2) released.wait_for(std::chrono::seconds(60));
-  });
-  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_TRUE((*t)->Step().ok());  // step 3's first micro-batch; step 2's write held
-  ASSERT_FALSE((*t)->at_step_boundary());
+  auto t = HoldingStep2sWrite(config, &events, released);
+  ASSERT_NE(t, nullptr);
+  while (t->step() < 2) ASSERT_TRUE(t->Step().ok());
+  ASSERT_TRUE(t->Step().ok());  // step 3's first micro-batch; step 2's write held
+  ASSERT_FALSE(t->at_step_boundary());
   BlockedFolder blocked(config.output_dir);
   release.set_value();
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the write fails meanwhile
-  for (int call = 0; call < 8 && !(*t)->idle_until(); ++call) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_TRUE((*t)->idle_until().has_value()) << "the failed write was never heard of";
-  EXPECT_TRUE((*t)->at_step_boundary()) << "held in the middle of step " << (*t)->step() + 1;
-  EXPECT_NE(StepUntilWarning(**t, events).find("the checkpoint of step 2 could not be written"),
+  for (int call = 0; call < 8 && !t->idle_until(); ++call) ASSERT_TRUE(t->Step().ok());
+  ASSERT_TRUE(t->idle_until().has_value()) << "the failed write was never heard of";
+  EXPECT_TRUE(t->at_step_boundary()) << "held in the middle of step " << t->step() + 1;
+  EXPECT_NE(StepUntilWarning(*t, events).find("the checkpoint of step 2 could not be written"),
             std::string::npos);
   blocked.Unblock();
-  RunToTheEnd(**t);
+  RunToTheEnd(*t);
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_FALSE(events.back().summary.cancelled);
 }
