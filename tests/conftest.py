@@ -25,6 +25,23 @@ def tiny_model_path() -> str:
     return path
 
 
+def long_context_model(folder) -> str:
+    """A copy of the tiny fixture model in `folder` whose context holds 131,072 tokens (the
+    weights are the same): a request of 100,000 new tokens there runs for a minute or more, so a
+    test can count on it still running (the fixture's 1,024 tokens took 1-2 s on a fast machine,
+    less than the waits of the tests that held one)."""
+    import json
+    import shutil
+
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").exists():
+        shutil.copytree(tiny_model_path(), folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["max_position_embeddings"] = 131072
+        (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def stubs(tmp_path_factory):
     """Compiles proto/lorad/v1/*.proto with grpc_tools into a temp folder and imports them."""

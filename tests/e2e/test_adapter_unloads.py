@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from conftest import start_daemon, stop_daemon
+from conftest import long_context_model, start_daemon, stop_daemon
 from test_inference_service import peft_adapter_dir, reference  # noqa: F401 (fixtures)
 
 
@@ -18,7 +18,8 @@ def test_an_unload_waiting_on_running_requests_answers_ok_when_lorad_stops(
     apb, ipb = stubs.adapters_pb2, stubs.inference_pb2
     src, _ = peft_adapter_dir
     d = start_daemon(tmp_path, "--set", "server.shutdown_grace_seconds=2",
-                     "--set", "limits.max_new_tokens=100000")
+                     "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp_path / "long-model"))
     shutil.copytree(src, tmp_path / "data" / "adapters" / "a")
     try:
         with grpc.insecure_channel(d.grpc_address) as channel, ThreadPoolExecutor(2) as pool:

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from conftest import start_daemon, stop_daemon, tiny_model_path
+from conftest import long_context_model, start_daemon, stop_daemon, tiny_model_path
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "lorad serves adapters"]
 
@@ -70,7 +70,10 @@ def greedy_reference(model, tok, prompt, max_new_tokens, repetition_penalty):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, stubs):
     tmp = tmp_path_factory.mktemp("inference")
-    d = start_daemon(tmp, "--set", "model.base_weights=none")
+    # The fixture's weights with a long context: the tests that hold a request running on an
+    # adapter while they unload it can count on it (100,000 tokens; cancelled when done).
+    d = start_daemon(tmp, "--set", "model.base_weights=none", "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp / "long-model"))
     channel = grpc.insecure_channel(d.grpc_address)
     yield (d, stubs.inference_pb2_grpc.InferenceServiceStub(channel), stubs.inference_pb2,
            stubs.adapters_pb2_grpc.AdapterServiceStub(channel), stubs.adapters_pb2, tmp)
@@ -319,7 +322,7 @@ def test_a_replaced_version_is_listed_as_not_current_while_it_drains(server, pef
     load = apb.LoadAdapterRequest(name="swapped", path="swapped")
     assert astub.LoadAdapter(load, timeout=60).version == 1
     held = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", adapter="swapped",
-                                            sampling=pb.SamplingParams(max_new_tokens=4000,
+                                            sampling=pb.SamplingParams(max_new_tokens=100000,
                                                                        ignore_eos=True)),
                          timeout=120)
     try:
@@ -551,7 +554,7 @@ def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_
                                              sampling=pb.SamplingParams(max_new_tokens=2)),
                           timeout=60))
     stream = stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-c", sampling=pb.SamplingParams(
-        max_new_tokens=4096, temperature=0.0, ignore_eos=True)), timeout=120)
+        max_new_tokens=100000, temperature=0.0, ignore_eos=True)), timeout=120)
     next(stream)  # it runs on the adapter
     unloaded = astub.UnloadAdapter(apb.UnloadAdapterRequest(name="churn-c"), timeout=1.0)
     assert [(a.name, a.current, a.active_requests) for a in unloaded.unloaded] == [
@@ -560,7 +563,7 @@ def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_
         collect(stub.Generate(pb.GenerateRequest(prompt="Hello", adapter="churn-c"), timeout=60))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert series("churn-c")
-    list(stream)
+    stream.cancel()
     # One whose request ends while it waits: nothing left draining, and nothing said to be.
     shutil.copytree(folder, root / "churn-d", dirs_exist_ok=True)
     astub.LoadAdapter(apb.LoadAdapterRequest(name="churn-d", path="churn-d"), timeout=60)
@@ -622,7 +625,7 @@ def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
     shutil.copytree(folder, tmp / "data" / "adapters" / "busy", dirs_exist_ok=True)
     astub.LoadAdapter(apb.LoadAdapterRequest(name="busy", path="busy"), timeout=60)
     req = pb.GenerateRequest(prompt="Hello", adapter="busy", sampling=pb.SamplingParams(
-        max_new_tokens=4096, temperature=0.0, ignore_eos=True))
+        max_new_tokens=100000, temperature=0.0, ignore_eos=True))
     stream = stub.Generate(req, timeout=120)
     next(stream)  # it runs on the adapter
     with ThreadPoolExecutor(max_workers=24) as pool:
@@ -643,5 +646,5 @@ def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
                 break
         assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
         assert not any(f.done() for f in waiting), "the request should still hold the adapter"
-        list(stream)  # the request ends ...
+        stream.cancel()  # the request ends ...
         assert [f.result(timeout=60) for f in waiting] == [grpc.StatusCode.OK] * 16  # ... and so do they

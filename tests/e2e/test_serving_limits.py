@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import start_daemon, stop_daemon
+from conftest import long_context_model, start_daemon, stop_daemon
 from test_inference_service import collect, peft_adapter_dir, reference  # noqa: F401 (fixtures)
 
 
@@ -105,7 +105,8 @@ def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_a
     loaded name is not, and an unload makes room."""
     apb = stubs.adapters_pb2
     d = start_daemon(tmp_path, "--set", "limits.max_loaded_adapters=2",
-                     "--set", "limits.max_new_tokens=100000")
+                     "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp_path / "long-model"))
     src, _ = peft_adapter_dir
     shutil.copytree(src, tmp_path / "data" / "adapters" / "a")
     try:
@@ -217,7 +218,8 @@ def test_a_refusal_for_open_streams_blames_unread_ones_only_when_there_are_some(
     and waiting counts, which lag requests just submitted: every client was reading."""
     pb = stubs.inference_pb2
     d = start_daemon(tmp_path, "--set", "limits.max_queued_requests=2",
-                     "--set", "limits.max_new_tokens=100000")
+                     "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp_path / "long-model"))
     # Far longer than the 2 s each is held open: none finishes unread.
     request = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
         max_new_tokens=100000, ignore_eos=True))
@@ -253,7 +255,8 @@ def test_one_client_holds_at_most_its_share_of_the_streams(tmp_path, stubs):
     back when one of its streams ends."""
     pb = stubs.inference_pb2
     d = start_daemon(tmp_path, "--set", "limits.max_streams_per_client=2",
-                     "--set", "limits.max_new_tokens=100000")
+                     "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp_path / "long-model"))
 
     def channel():  # a connection of its own: without tokens, a client is its connection
         return grpc.insecure_channel(d.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)])

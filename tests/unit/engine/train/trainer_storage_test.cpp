@@ -192,10 +192,11 @@ TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNot
   EXPECT_GE(held_at, 4);
   EXPECT_LE(held_at, 8);
   ExpectHoldsStill(*t, events);
-  // Still blocked when the wait is over: tried again, a second warning, still no failure.
+  // Still blocked when the wait is over: tried again, one more warning, still no failure.
+  const int warned = Count(events, TrainingEvent::Kind::kWarning);  // 2 if a slow turn retried
   std::this_thread::sleep_until(*t->idle_until());
   EXPECT_TRUE(t->Step().ok());
-  EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 2);
+  EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), warned + 1);
   EXPECT_EQ(t->step(), held_at);
 
   blocked.Unblock();
@@ -276,11 +277,14 @@ TEST_F(TrainerStorageTest, AWriteErrorWaitingCannotFixStillFailsTheJob) {
 TEST_F(TrainerStorageTest, ACancelEndsAJobWaitingForStorage) {
   TrainingJobConfig config = Blockable("blocked");
   config.save_every = 4;
+  config.max_steps = 12;  // step 4's write is heard of by step 8's checkpoint at the latest
   std::vector<TrainingEvent> events;
   auto t = TrainedTo(config, &events, 3);
   ASSERT_NE(t, nullptr);
   BlockedFolder blocked(config.output_dir);
-  ASSERT_FALSE(StepUntilWarning(*t, events).empty());
+  const std::string warning = StepUntilWarning(*t, events);
+  EXPECT_NE(warning.find("the checkpoint of step 4 could not be written"), std::string::npos)
+      << warning;
   t->Cancel();
   EXPECT_FALSE(t->idle_until().has_value());  // the loop steps it at once
   EXPECT_TRUE(t->Step().ok());
