@@ -70,8 +70,21 @@ def greedy_reference(model, tok, prompt, max_new_tokens, repetition_penalty):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, stubs):
     tmp = tmp_path_factory.mktemp("inference")
-    # The fixture's weights with a long context: the tests that hold a request running on an
-    # adapter while they unload it can count on it (100,000 tokens; cancelled when done).
+    d = start_daemon(tmp, "--set", "model.base_weights=none")
+    channel = grpc.insecure_channel(d.grpc_address)
+    yield (d, stubs.inference_pb2_grpc.InferenceServiceStub(channel), stubs.inference_pb2,
+           stubs.adapters_pb2_grpc.AdapterServiceStub(channel), stubs.adapters_pb2, tmp)
+    channel.close()
+    stop_daemon(d)
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory, stubs):
+    """As `server`, on the fixture's weights with a long context: the tests that hold a request
+    running on an adapter while they swap or unload it can count on it running (100,000 tokens,
+    cancelled when done; the fixture's 1,024-token context ended one in 1-2 s on a fast
+    machine, before the waits those tests count on)."""
+    tmp = tmp_path_factory.mktemp("inference-long")
     d = start_daemon(tmp, "--set", "model.base_weights=none", "--set", "limits.max_new_tokens=100000",
                      model=long_context_model(tmp / "long-model"))
     channel = grpc.insecure_channel(d.grpc_address)
@@ -309,14 +322,14 @@ def test_peft_adapter_loads_serves_like_peft_and_unloads(server, reference, peft
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_replaced_version_is_listed_as_not_current_while_it_drains(server, peft_adapter_dir):
+def test_a_replaced_version_is_listed_as_not_current_while_it_drains(long_server, peft_adapter_dir):
     """During a hot swap both versions are listed (the old one until its requests end): only the
     one new requests get is `current`, in ListAdapters and in `loradctl adapters ls`."""
     import json
 
     from test_loradctl import loradctl
 
-    d, stub, pb, astub, apb, tmp = server
+    d, stub, pb, astub, apb, tmp = long_server
     src, _ = peft_adapter_dir
     shutil.copytree(src, tmp / "data" / "adapters" / "swapped")
     load = apb.LoadAdapterRequest(name="swapped", path="swapped")
@@ -514,13 +527,13 @@ def test_concurrent_streams_and_metrics(server):
     assert any(s.name.endswith("_count") and s.value >= 6 for s in queue)
 
 
-def test_an_unloaded_adapters_request_series_leave_metrics(server, peft_adapter_dir):
+def test_an_unloaded_adapters_request_series_leave_metrics(long_server, peft_adapter_dir):
     """lorad_request_success_total has a series per adapter: once an adapter's last version is
     unloaded its series go (they stayed until a restart, so adapter churn grew /metrics for
     ever); another adapter's stay, and so do its own while a newer version serves."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    d, stub, pb, astub, apb, tmp = server
+    d, stub, pb, astub, apb, tmp = long_server
     folder, _ = peft_adapter_dir
     root = tmp / "data" / "adapters"
 
@@ -614,13 +627,13 @@ def test_a_hot_swap_the_database_cannot_record_leaves_the_served_version(server,
     astub.UnloadAdapter(apb.UnloadAdapterRequest(name="swap"), timeout=60)
 
 
-def test_unload_calls_waiting_at_once_are_bounded(server, peft_adapter_dir):
+def test_unload_calls_waiting_at_once_are_bounded(long_server, peft_adapter_dir):
     """Each UnloadAdapter call waits for its adapter's requests on a thread of its own: beyond 16
     waiting at once, a call is refused (RESOURCE_EXHAUSTED) rather than start another thread;
     the waiting ones finish once the request ends."""
     from concurrent.futures import ThreadPoolExecutor
 
-    d, stub, pb, astub, apb, tmp = server
+    d, stub, pb, astub, apb, tmp = long_server
     folder, _ = peft_adapter_dir
     shutil.copytree(folder, tmp / "data" / "adapters" / "busy", dirs_exist_ok=True)
     astub.LoadAdapter(apb.LoadAdapterRequest(name="busy", path="busy"), timeout=60)
