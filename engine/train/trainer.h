@@ -15,10 +15,10 @@
 // The work after a step comes in pieces, one per Step() call, so that the GPU loop serves
 // between them: an evaluation (eval_every) one validation micro-batch a call, then the
 // checkpoint (save_every: copied to the host there, its files written and synced by a thread of
-// its own while the job trains on; kCheckpoint comes at the first Step() after they are durable,
-// and the next checkpoint waits for them); after the last step, the last evaluation, the final
-// checkpoint, the held-out answers (one forward a call, for a group of them: their prompts, or a
-// token of each), then <output_dir>/adapter/ and kFinished.
+// its own while the job trains on; kCheckpoint comes at the first Step() between optimizer steps
+// after they are durable, and the next checkpoint waits for them); after the last step, the last
+// evaluation, the final checkpoint, the held-out answers (one forward a call, for a group of
+// them: their prompts, or a token of each), then <output_dir>/adapter/ and kFinished.
 //
 // Loss: per optimizer step, the token-weighted mean over all its micro-batches (the sum of token
 // losses / the step's trained tokens), as transformers' Trainer computes it with gradient

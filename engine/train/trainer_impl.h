@@ -238,10 +238,11 @@ struct Trainer::Impl {
   std::optional<LoraAdapter> unsaved_best;  // load_best_at_end's adapter, not yet on disk
 
   // Checkpoints (trainer_checkpoints.cpp). What one holds is copied to the host on the loop (a
-  // snapshot, tens of milliseconds for an 8B adapter and its optimizer state); a periodic one is
-  // then written by a thread of its own while the job trains on and the loop serves (the files
-  // and their fsyncs took 0.3-0.5 s for a 55 MB checkpoint, every stream paused for them). One
-  // write at a time; kCheckpoint is reported at the first Step() after it is durable.
+  // snapshot); a periodic one is then written by a thread of its own while the job trains on and
+  // the loop serves. At the 8B shape on an H100 a checkpoint held the loop 0.12 s so, against
+  // 0.94 s with its files written and synced there (every stream paused for them). One write at
+  // a time; kCheckpoint is reported at the first Step() between optimizer steps after it is
+  // durable.
   using CheckpointSnapshot = trainer_impl::CheckpointSnapshot;
   struct CheckpointWrite {
     std::shared_ptr<const CheckpointSnapshot> snapshot;
