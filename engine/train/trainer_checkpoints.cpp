@@ -104,7 +104,10 @@ absl::StatusOr<std::string> Trainer::Impl::TakeCheckpointWrite(
   CheckpointWrite write = *std::move(checkpoint_write);
   checkpoint_write.reset();
   absl::StatusOr<std::string> path = write.path.get();
-  if (path.ok()) EmitCheckpoint(write.snapshot->state.step, *path);
+  if (path.ok()) {
+    written = {write.snapshot->state.step, write.snapshot->state.last_eval_step, *path};
+    EmitCheckpoint(write.snapshot->state.step, *path);
+  }
   *snapshot = std::move(write.snapshot);
   return path;
 }
@@ -124,13 +127,18 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   // superseded by this one (which says why if it fails too).
   if (checkpoint_write) {
     std::shared_ptr<const CheckpointSnapshot> snapshot;
-    absl::StatusOr<std::string> path = TakeCheckpointWrite(&snapshot);
-    // Of this very step (a shutdown right after the cadence's): written already.
-    if (path.ok() && snapshot->state.step == state.step) return path;
+    (void)TakeCheckpointWrite(&snapshot);
+  }
+  // Of this very state, written already (a shutdown right after the cadence's; a shutdown's
+  // during the last evaluation, then its cancel's).
+  if (!unsaved_best && written.step == state.step &&
+      written.last_eval_step == state.last_eval_step) {
+    return written.path;
   }
   if (auto s = WriteUnsavedBest(); !s.ok()) return s;
   auto path = WriteSnapshot(config.output_dir, *Snapshot(), config.keep_checkpoints);
   if (!path.ok()) return path.status();
+  written = {state.step, state.last_eval_step, *path};
   EmitCheckpoint(state.step, *path);
   return path;
 }

@@ -249,6 +249,13 @@ struct Trainer::Impl {
     std::future<absl::StatusOr<std::string>> path;
   };
   std::optional<CheckpointWrite> checkpoint_write;  // in flight
+  // The newest checkpoint written, with the evaluation its state had seen: one of the same state
+  // is not written again (a shutdown during the last evaluation wrote it, then its cancel did).
+  struct WrittenCheckpoint {
+    int64_t step = -1;
+    int64_t last_eval_step = -1;
+    std::string path;
+  } written;
   // A periodic checkpoint's write failed for want of storage: the job holds still, and writes
   // its state (Checkpoint) once the wait is over.
   bool pending_checkpoint = false;

@@ -407,6 +407,35 @@ TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   EXPECT_FALSE((*t)->Step().ok());
 }
 
+// A shutdown during the last evaluation (the daemon's StopTrainers: Interrupt, SaveCheckpoint,
+// Cancel, Step) writes the last step's checkpoint once: the cancel's found it written (it was
+// written again, seconds more for a large model against a container's stop timeout).
+TEST_F(TrainerTest, AShutdownDuringTheLastEvaluationWritesItsCheckpointOnce) {
+  TrainingJobConfig config = Config("shutdown-at-end");
+  config.data.validation_fraction = 0.25;  // 4 of the 16 examples, one a Step() call
+  config.micro_batch_size = 1;
+  config.grad_accum = 1;
+  config.max_steps = 2;
+  config.save_every = 0;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->Step().ok());  // the last evaluation's first validation row
+  (*t)->Interrupt();
+  auto saved = (*t)->SaveCheckpoint();
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_TRUE((*t)->done());
+  std::vector<std::string> written;
+  for (const TrainingEvent& e : events) {
+    if (e.kind == TrainingEvent::Kind::kCheckpoint) written.push_back(e.checkpoint.path);
+  }
+  EXPECT_EQ(written, std::vector<std::string>{*saved});
+}
+
 // A cancel once the last step is trained, during the evaluation that precedes its checkpoint,
 // still writes that checkpoint: what was trained is kept (the cancelled job publishes nothing).
 TEST_F(TrainerTest, ACancelDuringTheLastEvaluationKeepsTheLastStepsCheckpoint) {
