@@ -80,7 +80,7 @@ std::vector<std::string> DatasetFiles(const TrainingJobConfig& config) {
 
 // A resume's inputs against those its checkpoint (`resumed_from`) was trained on: the rest of
 // the job would train on other examples, or on another base.
-absl::Status CheckSameInputs(const CheckpointInputs& trained_on, const Trainer::PreparedData& now,
+absl::Status CheckSameInputs(const TrainerState& trained_on, const Trainer::PreparedData& now,
                              const std::string& model_folder, const std::string& resumed_from) {
   if (!trained_on.dataset_fingerprint.empty() &&
       trained_on.dataset_fingerprint != now.dataset_fingerprint) {
@@ -213,13 +213,7 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
   // A fresh job's randomness (LoRA dropout) follows its seed, as transformers' set_seed; a
   // resumed one continues the checkpoint's generator state (taken below).
   if (!checkpoint) torch::manual_seed(config.seed);
-  if (checkpoint) {
-    if (auto s = CheckSameInputs({state.dataset_fingerprint, state.base_fingerprint}, prepared,
-                                 model_folder, resumed_from);
-        !s.ok()) {
-      return s;
-    }
-  }
+  // (PrepareData checked the checkpoint's inputs against the job's.)
   state.dataset_fingerprint = prepared.dataset_fingerprint;
   state.base_fingerprint = prepared.base_fingerprint;
   if (auto s = adapter.ValidateAgainst(model->config()); !s.ok()) {
@@ -508,24 +502,16 @@ absl::StatusOr<std::shared_ptr<Trainer::PreparedData>> Trainer::PrepareData(
   prepared->base_fingerprint = absl::StrCat(
       *base, "|",
       TakesModelsOwnTemplate(c.data.template_name) ? c.data.model_chat_template : std::string());
+  if (auto s = ReadStart(*prepared); !s.ok()) return s;
   // A resume on another dataset or base fails before the whole dataset is read and tokenized
-  // (minutes for a large one), by the newest checkpoint's state alone; Create checks again the
-  // checkpoint it resumes from.
-  if (c.resume) {
-    auto found = CompleteCheckpoints(c.output_dir);
-    std::sort(found.begin(), found.end(),
-              [](const auto& a, const auto& b) { return a.first > b.first; });
-    if (!found.empty()) {
-      if (auto inputs = ReadCheckpointInputs(found.front().second.string()); inputs.ok()) {
-        if (auto s =
-                CheckSameInputs(*inputs, *prepared, model_folder, found.front().second.string());
-            !s.ok()) {
-          return s;
-        }
-      }
+  // (minutes for a large one).
+  if (const auto& checkpoint = prepared->checkpoint) {
+    if (auto s =
+            CheckSameInputs(checkpoint->state, *prepared, model_folder, prepared->resumed_from);
+        !s.ok()) {
+      return s;
     }
   }
-  if (auto s = ReadStart(*prepared); !s.ok()) return s;
   auto built = TrainingData::Build(c.data, *formatter, c.max_seq_length, c.seed, abandon);
   if (!built.ok()) return built.status();
   prepared->data = *std::move(built);
@@ -661,10 +647,7 @@ absl::Status Trainer::Step() {
     if (t.storage_wait && Clock::now() < t.storage_wait->retry_at) return absl::OkStatus();
     absl::Status s;
     if (t.pending_checkpoint) {
-      // The job's state now (it has held still since the write failed), as one.
-      auto path = t.Checkpoint();
-      t.pending_checkpoint = !path.ok();
-      s = t.RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", t.state.step));
+      s = t.CheckpointOrWait();  // the state it has held since the write failed
     } else if (t.finishing) {
       s = t.ContinueFinishing();
     } else if (t.periodic_eval) {

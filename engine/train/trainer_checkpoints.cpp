@@ -29,9 +29,7 @@ absl::StatusOr<std::string> WriteSnapshot(const std::string& output_dir,
   }
 }
 
-std::string CheckpointOfStep(const CheckpointSnapshot& c) {
-  return absl::StrCat("the checkpoint of step ", c.state.step);
-}
+std::string CheckpointOfStep(int64_t step) { return absl::StrCat("the checkpoint of step ", step); }
 
 }  // namespace
 
@@ -61,7 +59,7 @@ absl::Status Trainer::Impl::StartCheckpoint() {
   // loop writes every best adapter, in order). Only one whose write failed is still in memory.
   if (auto s = WriteUnsavedBest(); !s.ok()) {
     pending_checkpoint = IsStorageFailure(s);
-    return RetryIfNotWritten(s, absl::StrCat("the checkpoint of step ", state.step));
+    return RetryIfNotWritten(s, CheckpointOfStep(state.step));
   }
   CheckpointWrite write;
   write.snapshot = Snapshot();
@@ -73,9 +71,7 @@ absl::Status Trainer::Impl::StartCheckpoint() {
                               return WriteSnapshot(output_dir, *snapshot, keep);
                             });
   } catch (const std::system_error&) {  // no thread to be had: written here
-    auto path = Checkpoint();
-    pending_checkpoint = !path.ok();
-    return RetryIfNotWritten(path.status(), absl::StrCat("the checkpoint of step ", state.step));
+    return CheckpointOrWait();
   }
   checkpoint_write = std::move(write);
   return absl::OkStatus();
@@ -96,7 +92,7 @@ absl::Status Trainer::Impl::CollectCheckpointWrite(bool wait) {
   // Its snapshot is dropped (hundreds of MB for a large model): the retry writes the state the
   // job holds then.
   pending_checkpoint = IsStorageFailure(path.status());
-  return RetryIfNotWritten(path.status(), CheckpointOfStep(*snapshot));
+  return RetryIfNotWritten(path.status(), CheckpointOfStep(snapshot->state.step));
 }
 
 absl::StatusOr<std::string> Trainer::Impl::TakeCheckpointWrite(
@@ -117,9 +113,15 @@ void Trainer::Impl::SettleCheckpointWrite() {
   std::shared_ptr<const CheckpointSnapshot> snapshot;
   absl::StatusOr<std::string> path = TakeCheckpointWrite(&snapshot);
   if (!path.ok()) {
-    Warn(absl::StrCat(CheckpointOfStep(*snapshot),
+    Warn(absl::StrCat(CheckpointOfStep(snapshot->state.step),
                       " could not be written: ", path.status().message()));
   }
+}
+
+absl::Status Trainer::Impl::CheckpointOrWait() {
+  auto path = Checkpoint();
+  pending_checkpoint = !path.ok();
+  return RetryIfNotWritten(path.status(), CheckpointOfStep(state.step));
 }
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {

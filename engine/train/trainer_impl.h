@@ -205,6 +205,9 @@ struct Trainer::Impl {
   // Writes a checkpoint of the job's state now, on this thread (the end's, a cancel's, a
   // shutdown's, a failed one's retry), after the one in flight.
   absl::StatusOr<std::string> Checkpoint();
+  // Checkpoint(), its storage failure starting a wait (pending_checkpoint: written again after
+  // it); other errors are returned.
+  absl::Status CheckpointOrWait();
   void EmitCheckpoint(int64_t step, const std::string& path) {
     TrainingEvent e;
     e.kind = TrainingEvent::Kind::kCheckpoint;

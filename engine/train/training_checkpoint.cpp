@@ -195,21 +195,6 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
   return final_path.string();
 }
 
-absl::StatusOr<CheckpointInputs> ReadCheckpointInputs(const std::string& folder) {
-  const fs::path state_path = fs::path(folder) / "trainer_state.json";
-  try {
-    std::ifstream in(state_path);
-    if (!in) {
-      return absl::NotFoundError(absl::StrCat("checkpoint file missing: ", state_path.string()));
-    }
-    const json j = json::parse(in);
-    return CheckpointInputs{j.value("dataset_fingerprint", std::string()),
-                            j.value("base_fingerprint", std::string())};
-  } catch (const json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(state_path.string(), ": ", e.what()));
-  }
-}
-
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder) {
   TrainingCheckpoint ckpt;
   auto adapter = LoraAdapter::ReadPeft((fs::path(folder) / "adapter").string());

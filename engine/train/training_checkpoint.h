@@ -84,12 +84,4 @@ absl::StatusOr<std::string> WriteCheckpoint(const std::string& output_dir,
 // Errors name the folder and the file at fault.
 absl::StatusOr<TrainingCheckpoint> ReadCheckpoint(const std::string& folder);
 
-// What the checkpoint in `folder` was trained on, from its trainer_state.json alone (cheap: read
-// before a resumed job tokenizes its dataset). Empty strings where an older lorad wrote none.
-struct CheckpointInputs {
-  std::string dataset_fingerprint;
-  std::string base_fingerprint;
-};
-absl::StatusOr<CheckpointInputs> ReadCheckpointInputs(const std::string& folder);
-
 }  // namespace lorad::engine

@@ -411,24 +411,16 @@ TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
 // Cancel, Step) writes the last step's checkpoint once: the cancel's found it written (it was
 // written again, seconds more for a large model against a container's stop timeout).
 TEST_F(TrainerTest, AShutdownDuringTheLastEvaluationWritesItsCheckpointOnce) {
-  TrainingJobConfig config = Config("shutdown-at-end");
-  config.data.validation_fraction = 0.25;  // 4 of the 16 examples, one a Step() call
-  config.micro_batch_size = 1;
-  config.grad_accum = 1;
-  config.max_steps = 2;
-  config.save_every = 0;
+  TrainingJobConfig config;
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                           [&](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_TRUE((*t)->Step().ok());  // the last evaluation's first validation row
-  (*t)->Interrupt();
-  auto saved = (*t)->SaveCheckpoint();
+  auto t = InItsLastEvaluation("shutdown-at-end", &config, &events);
+  ASSERT_NE(t, nullptr);
+  t->Interrupt();
+  auto saved = t->SaveCheckpoint();
   ASSERT_TRUE(saved.ok()) << saved.status();
-  (*t)->Cancel();
-  ASSERT_TRUE((*t)->Step().ok());
-  EXPECT_TRUE((*t)->done());
+  t->Cancel();
+  ASSERT_TRUE(t->Step().ok());
+  EXPECT_TRUE(t->done());
   std::vector<std::string> written;
   for (const TrainingEvent& e : events) {
     if (e.kind == TrainingEvent::Kind::kCheckpoint) written.push_back(e.checkpoint.path);
@@ -439,23 +431,15 @@ TEST_F(TrainerTest, AShutdownDuringTheLastEvaluationWritesItsCheckpointOnce) {
 // A cancel once the last step is trained, during the evaluation that precedes its checkpoint,
 // still writes that checkpoint: what was trained is kept (the cancelled job publishes nothing).
 TEST_F(TrainerTest, ACancelDuringTheLastEvaluationKeepsTheLastStepsCheckpoint) {
-  TrainingJobConfig config = Config("cancel-at-end");
-  config.data.validation_fraction = 0.25;  // 4 of the 16 examples, one a Step() call
-  config.micro_batch_size = 1;
-  config.grad_accum = 1;
-  config.max_steps = 2;
-  config.save_every = 0;
+  TrainingJobConfig config;
   std::vector<TrainingEvent> events;
-  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
-                           [&](const TrainingEvent& e) { events.push_back(e); });
-  ASSERT_TRUE(t.ok()) << t.status();
-  while ((*t)->step() < 2) ASSERT_TRUE((*t)->Step().ok());
-  ASSERT_TRUE((*t)->Step().ok());  // the last evaluation's first validation row
+  auto t = InItsLastEvaluation("cancel-at-end", &config, &events);
+  ASSERT_NE(t, nullptr);
   const std::string checkpoint = CheckpointPath(config.output_dir, 2);
   ASSERT_FALSE(fs::exists(checkpoint)) << "the evaluation of 4 rows cannot have ended";
-  (*t)->Cancel();
-  ASSERT_TRUE((*t)->Step().ok());
-  EXPECT_TRUE((*t)->done());
+  t->Cancel();
+  ASSERT_TRUE(t->Step().ok());
+  EXPECT_TRUE(t->done());
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   EXPECT_TRUE(events.back().summary.adapter_path.empty()) << "nothing is published";

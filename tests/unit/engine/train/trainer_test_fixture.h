@@ -64,6 +64,28 @@ class TrainerTest : public ::testing::Test {
     return c;
   }
 
+  // A job of two one-micro-batch steps validated on 4 rows (one a Step() call), without cadence
+  // checkpoints (its config in *config, its events into *events), trained to its last step and
+  // one validation row into its last evaluation; null (a test failure) if it could not be.
+  std::unique_ptr<Trainer> InItsLastEvaluation(const std::string& sub, TrainingJobConfig* config,
+                                               std::vector<TrainingEvent>* events) const {
+    *config = Config(sub);
+    config->data.validation_fraction = 0.25;
+    config->micro_batch_size = 1;
+    config->grad_accum = 1;
+    config->max_steps = 2;
+    config->save_every = 0;
+    auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, *config,
+                             [events](const TrainingEvent& e) { events->push_back(e); });
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return nullptr;
+    while ((*t)->step() < 2) {
+      if (!(*t)->Step().ok()) return nullptr;
+    }
+    if (!(*t)->Step().ok()) return nullptr;  // the last evaluation's first validation row
+    return *std::move(t);
+  }
+
   // A copy of the tiny model in out_/name whose tokenizer_config.json `edit` changes.
   fs::path ModelWithTokenizerConfig(const std::string& name,
                                     const std::function<void(nlohmann::json&)>& edit) const {
