@@ -11,8 +11,8 @@
 //                       most max_resident adapters are resident.
 //   Unload              retires a name (or one version), waits until no request holds it, frees.
 //
-// Every adapter keeps a host copy (fp32, CPU) from which it is made resident again after an
-// eviction. torch-free header, so the server can list, load and unload.
+// Every adapter keeps a host copy (CPU, in the compute dtype) from which it is made resident
+// again after an eviction. torch-free header, so the server can list, load and unload.
 //
 // Thread rules: every method is thread-safe. Activate/Deactivate do device copies and belong on
 // the GPU loop thread; Unload blocks and must never be called from the GPU loop thread (it waits
@@ -77,7 +77,7 @@ class AdapterLease {
   int64_t version() const;
   // Whether Unload named this version since (a request holding it that has not started ends).
   bool unloaded() const;
-  // The host copy (fp32, CPU).
+  // The host copy (CPU, in the compute dtype: AdapterStoreOptions::dtype).
   const LoraAdapter& host() const;
 
   // GPU loop: makes this version resident and keeps it so until Deactivate (or release); returns

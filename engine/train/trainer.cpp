@@ -196,6 +196,10 @@ absl::Status Trainer::Impl::Init(const Tokenizer& tokenizer, const std::string& 
     adapter = checkpoint->adapter;
     state = checkpoint->state;
     seconds_before_this_run = state.train_seconds;
+    std::vector<std::pair<double, double>> earlier;  // the ETA starts from their pace
+    for (const StepMetrics& m : state.recent_steps)
+      earlier.emplace_back(m.step_time_s, m.elapsed_s);
+    pace.Resume(earlier);
     resumed = true;
     resumed_from = prepared.resumed_from;
   } else if (prepared.init_adapter) {
@@ -722,8 +726,7 @@ void Trainer::SetCheckpointWriteGateForTesting(std::function<void(int64_t)> gate
 
 bool Trainer::at_step_boundary() const { return impl_->micro_in_step == 0; }
 std::optional<std::chrono::steady_clock::time_point> Trainer::idle_until() const {
-  if (!impl_->storage_wait || impl_->cancel.load()) return std::nullopt;
-  return impl_->storage_wait->retry_at;
+  return impl_->IdleUntil();
 }
 bool Trainer::done() const { return impl_->done; }
 int64_t Trainer::step() const { return impl_->state.step; }

@@ -108,12 +108,14 @@ class Trainer {
   absl::StatusOr<std::string> SaveCheckpoint();
   bool at_step_boundary() const;
   // Set while a write that failed waits to be tried again (a full disk: see
-  // TrainingJobConfig::storage_retry_s): until then Step() does no work, so the loop may leave
-  // the job be. Unset once cancelled (the next Step() ends it).
+  // TrainingJobConfig::storage_retry_s), and while the job's end waits for its last checkpoint
+  // or its adapter to be written (a few ms ahead: the loop looks again then): until then Step()
+  // does no work, so the loop may leave the job be. Unset once cancelled (the next Step() ends
+  // it).
   std::optional<std::chrono::steady_clock::time_point> idle_until() const;
 
-  // Tests: `gate` runs on the writing thread before each periodic checkpoint is written, with
-  // its step (it may hold the write in flight).
+  // Tests: `gate` runs on the writing thread before each checkpoint written there (the cadence's,
+  // the end's) is written, with its step (it may hold the write in flight).
   void SetCheckpointWriteGateForTesting(std::function<void(int64_t step)> gate);
 
   bool done() const;

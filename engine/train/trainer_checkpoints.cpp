@@ -1,7 +1,7 @@
 // Trainer::Impl's checkpoints: the job's state copied to the host on the GPU loop, and a periodic
-// checkpoint written from that copy by a thread of its own while the job trains on (see
-// trainer_impl.h). The end's, a cancel's and a shutdown's checkpoints are written on the loop:
-// what comes next (the adapter's files, the job's end, the process's exit) needs them on disk.
+// checkpoint (and the end's) written from that copy by a thread of its own while the job trains
+// on, or its end waits, and the loop serves (see trainer_impl.h). A cancel's and a shutdown's
+// checkpoints are written on the loop: the job's end, the process's exit, need them on disk.
 #include <chrono>
 #include <future>
 #include <memory>
@@ -14,11 +14,17 @@ namespace {
 
 using trainer_impl::CheckpointSnapshot;
 
-// WriteCheckpoint, whose filesystem and libtorch exceptions become a status: on the writing
-// thread one would end the process.
+// WriteCheckpoint (after the best evaluation's adapter it names, if that is not on disk yet),
+// whose filesystem and libtorch exceptions become a status: on the writing thread one would end
+// the process.
 absl::StatusOr<std::string> WriteSnapshot(const std::string& output_dir,
-                                          const CheckpointSnapshot& c, int64_t keep) {
+                                          const CheckpointSnapshot& c, int64_t keep,
+                                          const LoraAdapter* best = nullptr,
+                                          const std::string& best_path = "") {
   try {
+    if (best != nullptr) {
+      if (auto s = best->WritePeft(best_path); !s.ok()) return s;
+    }
     return WriteCheckpoint(output_dir, c.adapter, c.optimizer, c.rng, c.state, keep);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("writing the checkpoint of step ", c.state.step, ": ",
@@ -29,9 +35,38 @@ absl::StatusOr<std::string> WriteSnapshot(const std::string& output_dir,
   }
 }
 
-std::string CheckpointOfStep(int64_t step) { return absl::StrCat("the checkpoint of step ", step); }
+// How often the loop looks again at a job whose end waits for a write (Trainer::idle_until).
+constexpr auto kWriteLookAgain = std::chrono::milliseconds(5);
+
+template <typename T>
+bool InFlight(const std::future<T>& f) {
+  return f.valid() && f.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+}
 
 }  // namespace
+
+std::string Trainer::Impl::CheckpointName(int64_t step) const {
+  if (finishing && finishing->stage == Finishing::Stage::kLastCheckpoint && step == state.step) {
+    return absl::StrCat("the last checkpoint (step ", step, ")");
+  }
+  return absl::StrCat("the checkpoint of step ", step);
+}
+
+bool Trainer::Impl::WaitsForItsWrite() const {
+  if (!finishing) return false;
+  if (finishing->stage == Finishing::Stage::kLastCheckpoint && checkpoint_write &&
+      InFlight(checkpoint_write->path)) {
+    return true;
+  }
+  return InFlight(finishing->adapter_write);
+}
+
+std::optional<trainer_impl::Clock::time_point> Trainer::Impl::IdleUntil() const {
+  if (cancel.load()) return std::nullopt;  // the next Step() ends it
+  if (storage_wait) return storage_wait->retry_at;
+  if (WaitsForItsWrite()) return trainer_impl::Clock::now() + kWriteLookAgain;
+  return std::nullopt;
+}
 
 std::shared_ptr<const CheckpointSnapshot> Trainer::Impl::Snapshot() {
   state.train_seconds = seconds_before_this_run + RunSeconds();
@@ -55,22 +90,24 @@ absl::Status Trainer::Impl::StartCheckpoint() {
   // That one failed for want of storage: the job holds still, and its state now is written
   // once the wait is over.
   if (pending_checkpoint) return absl::OkStatus();
-  // The checkpoint's state names the best evaluation: its adapter goes to disk first, here (the
-  // loop writes every best adapter, in order). Only one whose write failed is still in memory.
-  if (auto s = WriteUnsavedBest(); !s.ok()) {
-    pending_checkpoint = IsStorageFailure(s);
-    return RetryIfNotWritten(s, CheckpointOfStep(state.step));
-  }
   CheckpointWrite write;
   write.snapshot = Snapshot();
+  // The checkpoint's state names the best evaluation: its adapter goes to disk first, on the
+  // same thread (one write at a time: the best adapters reach the disk in order).
+  if (unsaved_best) {
+    write.best = std::make_shared<const LoraAdapter>(*std::move(unsaved_best));
+    unsaved_best.reset();
+  }
   try {
-    write.path = std::async(std::launch::async,
-                            [output_dir = config.output_dir, keep = config.keep_checkpoints,
-                             gate = checkpoint_write_gate, snapshot = write.snapshot] {
-                              if (gate) gate(snapshot->state.step);
-                              return WriteSnapshot(output_dir, *snapshot, keep);
-                            });
+    write.path = std::async(
+        std::launch::async, [output_dir = config.output_dir, keep = config.keep_checkpoints,
+                             gate = checkpoint_write_gate, snapshot = write.snapshot,
+                             best = write.best, best_path = BestAdapterPath()] {
+          if (gate) gate(snapshot->state.step);
+          return WriteSnapshot(output_dir, *snapshot, keep, best.get(), best_path);
+        });
   } catch (const std::system_error&) {  // no thread to be had: written here
+    if (write.best) unsaved_best = *write.best;
     return CheckpointOrWait();
   }
   checkpoint_write = std::move(write);
@@ -92,7 +129,7 @@ absl::Status Trainer::Impl::CollectCheckpointWrite(bool wait) {
   // Its snapshot is dropped (hundreds of MB for a large model): the retry writes the state the
   // job holds then.
   pending_checkpoint = IsStorageFailure(path.status());
-  return RetryIfNotWritten(path.status(), CheckpointOfStep(snapshot->state.step));
+  return RetryIfNotWritten(path.status(), CheckpointName(snapshot->state.step));
 }
 
 absl::StatusOr<std::string> Trainer::Impl::TakeCheckpointWrite(
@@ -103,6 +140,8 @@ absl::StatusOr<std::string> Trainer::Impl::TakeCheckpointWrite(
   if (path.ok()) {
     written = {write.snapshot->state.step, write.snapshot->state.last_eval_step, *path};
     EmitCheckpoint(write.snapshot->state.step, *path);
+  } else if (write.best && !unsaved_best) {
+    unsaved_best = *write.best;  // written again with the next checkpoint (unless a newer best)
   }
   *snapshot = std::move(write.snapshot);
   return path;
@@ -113,7 +152,7 @@ void Trainer::Impl::SettleCheckpointWrite() {
   std::shared_ptr<const CheckpointSnapshot> snapshot;
   absl::StatusOr<std::string> path = TakeCheckpointWrite(&snapshot);
   if (!path.ok()) {
-    Warn(absl::StrCat(CheckpointOfStep(snapshot->state.step),
+    Warn(absl::StrCat(CheckpointName(snapshot->state.step),
                       " could not be written: ", path.status().message()));
   }
 }
@@ -121,7 +160,7 @@ void Trainer::Impl::SettleCheckpointWrite() {
 absl::Status Trainer::Impl::CheckpointOrWait() {
   auto path = Checkpoint();
   pending_checkpoint = !path.ok();
-  return RetryIfNotWritten(path.status(), CheckpointOfStep(state.step));
+  return RetryIfNotWritten(path.status(), CheckpointName(state.step));
 }
 
 absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
@@ -133,10 +172,7 @@ absl::StatusOr<std::string> Trainer::Impl::Checkpoint() {
   }
   // Of this very state, written already (a shutdown right after the cadence's; a shutdown's
   // during the last evaluation, then its cancel's).
-  if (!unsaved_best && written.step == state.step &&
-      written.last_eval_step == state.last_eval_step) {
-    return written.path;
-  }
+  if (StateWritten()) return written.path;
   if (auto s = WriteUnsavedBest(); !s.ok()) return s;
   auto path = WriteSnapshot(config.output_dir, *Snapshot(), config.keep_checkpoints);
   if (!path.ok()) return path.status();

@@ -148,6 +148,10 @@ struct Trainer::Impl {
     size_t next_answer_row = 0;
     std::optional<ExampleAnswerer> answering;  // the held-out example being answered
     AnswerEvaluation answers;
+    // The adapter's files, written by a thread of their own while the loop serves (idle_until
+    // says when to look again); the host copy is the merged export's too.
+    std::shared_ptr<const LoraAdapter> final_adapter;
+    std::future<absl::Status> adapter_write;
     bool files_written = false;  // the report and the adapter; the merged export may go on
     std::future<absl::Status> merged_export;
     // Set when a cancel stops the job during its export: the export gives up (minutes for a
@@ -180,20 +184,11 @@ struct Trainer::Impl {
     state.best_eval_loss = eval.loss;
     state.best_eval_step = eval.step;
     state.has_eval = true;
-    if (config.load_best_at_end) {
-      // Not written (a full disk): kept in memory, written before the next checkpoint (which
-      // refers to it) and used at the end; training goes on meanwhile.
-      LoraAdapter best = adapter.HostCopy();
-      if (auto s = best.WritePeft(BestAdapterPath()); !s.ok()) {
-        if (!IsStorageFailure(s)) return s;
-        unsaved_best = std::move(best);
-        Warn(absl::StrCat("the best evaluation's adapter (step ", eval.step,
-                          ") could not be written (", s.message(),
-                          "); it is kept in memory and written with the next checkpoint"));
-      } else {
-        unsaved_best.reset();
-      }
-    }
+    // Copied to the host here, written with the next checkpoint (the end's at the latest), by
+    // its thread and before it: a checkpoint's state names its best, and a resume reads that
+    // from best-adapter/. (Written here, on the loop, it held every stream for the files' write
+    // and sync at each better evaluation.)
+    if (config.load_best_at_end) unsaved_best = adapter.HostCopy();
     return true;
   }
   // Cancelled: ends now. Else starts the finishing stages (ContinueFinishing ends the job).
@@ -236,9 +231,10 @@ struct Trainer::Impl {
     trainer_impl::Clock::time_point since;
   };
   std::optional<StorageWait> storage_wait;
-  int storage_failures = 0;                 // in a row: the next wait's length
-  double seconds_waited = 0;                // this run's waits, left out of its training time
-  std::optional<LoraAdapter> unsaved_best;  // load_best_at_end's adapter, not yet on disk
+  int storage_failures = 0;   // in a row: the next wait's length
+  double seconds_waited = 0;  // this run's waits, left out of its training time
+  // load_best_at_end's adapter, not yet on disk (ReportEvaluation; a write that failed).
+  std::optional<LoraAdapter> unsaved_best;
 
   // Checkpoints (trainer_checkpoints.cpp). What one holds is copied to the host on the loop (a
   // snapshot); a periodic one is then written by a thread of its own while the job trains on and
@@ -249,6 +245,7 @@ struct Trainer::Impl {
   using CheckpointSnapshot = trainer_impl::CheckpointSnapshot;
   struct CheckpointWrite {
     std::shared_ptr<const CheckpointSnapshot> snapshot;
+    std::shared_ptr<const LoraAdapter> best;  // unsaved_best, written first; put back on failure
     std::future<absl::StatusOr<std::string>> path;
   };
   std::optional<CheckpointWrite> checkpoint_write;  // in flight
@@ -267,8 +264,25 @@ struct Trainer::Impl {
   std::shared_ptr<const CheckpointSnapshot> Snapshot();
   // unsaved_best, to disk (a checkpoint refers to it, so it goes first).
   absl::Status WriteUnsavedBest();
-  // The cadence's checkpoint: waits for the one in flight, then starts writing this one.
+  // The cadence's checkpoint (and the end's): waits for the one in flight, then starts writing
+  // this one.
   absl::Status StartCheckpoint();
+  // Whether the job's state now is on disk, its best adapter with it.
+  bool StateWritten() const {
+    return !unsaved_best && written.step == state.step &&
+           written.last_eval_step == state.last_eval_step;
+  }
+  // "the last checkpoint (step N)" for the end's, "the checkpoint of step N" otherwise.
+  std::string CheckpointName(int64_t step) const;
+  // The job's end waits for a write on its thread (its last checkpoint, its adapter): Step()
+  // would find nothing to do.
+  bool WaitsForItsWrite() const;
+  // Trainer::idle_until's answer.
+  std::optional<trainer_impl::Clock::time_point> IdleUntil() const;
+  // As the job ends: the adapter's write, if one is in flight, waited for.
+  void SettleAdapterWrite() {
+    if (finishing && finishing->adapter_write.valid()) (void)finishing->adapter_write.get();
+  }
   // The write in flight, once done (`wait`: waits for it): reports it, or on a storage failure
   // sets pending_checkpoint and starts the wait; other errors are returned. Called between
   // optimizer steps only.
@@ -321,6 +335,7 @@ struct Trainer::Impl {
   }
   absl::Status Fail(absl::Status status) {
     SettleCheckpointWrite();
+    SettleAdapterWrite();
     done = true;
     TrainingEvent e;
     e.kind = TrainingEvent::Kind::kFailed;

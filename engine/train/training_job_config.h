@@ -103,8 +103,8 @@ struct TrainingJobConfig {
   int64_t save_every = 0;               // optimizer steps between checkpoints; 0: only the end
   int64_t keep_checkpoints = 2;         // newest checkpoints kept on disk; 0: all
   int64_t early_stopping_patience = 0;  // evals without a better validation loss; 0: off
-  // Publish the adapter of the best evaluation (kept as <output_dir>/best-adapter whenever an
-  // evaluation improves), not the last step's; needs eval_every.
+  // Publish the adapter of the best evaluation (kept as <output_dir>/best-adapter, written with
+  // the checkpoint after an evaluation that improves), not the last step's; needs eval_every.
   bool load_best_at_end = false;
   // Rows of the loss computed at once: full-vocabulary fp32 logits exist for this many
   // positions at a time only.

@@ -46,6 +46,29 @@ std::unique_ptr<AdapterStore> Store(int32_t max_resident = 8) {
   return *std::move(s);
 }
 
+// The host copy is kept in the compute dtype (bf16 on a GPU): half the host memory of an fp32
+// one, and the weights that serve are the adapter's rounded once, as before.
+TEST(AdapterStoreTest, TheHostCopyIsInTheComputeDtype) {
+  AdapterStoreOptions bf16;
+  bf16.dtype = "bfloat16";
+  auto half = *AdapterStore::Create(SmallModel(), bf16);
+  auto full = Store();
+  LoraAdapter adapter = Adapter(4, 0.1f);
+  for (auto& [path, pair] : adapter.layers) pair.b.normal_();  // values bf16 must round
+  ASSERT_TRUE(half->Publish("x", adapter, "").ok());
+  ASSERT_TRUE(full->Publish("x", adapter, "").ok());
+  EXPECT_EQ(half->host_bytes() * 2, full->host_bytes());
+  auto lease = *half->Acquire("x");
+  auto resident = lease.Activate();
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  for (const auto& [path, pair] : adapter.layers) {
+    const LoraPair& served = (*resident)->layers.at(path);
+    EXPECT_EQ(served.a.scalar_type(), torch::kBFloat16);
+    EXPECT_TRUE(torch::equal(served.a, pair.a.to(torch::kBFloat16))) << path;
+    EXPECT_TRUE(torch::equal(served.b, pair.b.to(torch::kBFloat16))) << path;
+  }
+}
+
 TEST(AdapterStoreTest, PublishIsAtomicAndLeasesKeepTheirVersion) {
   auto store = Store();
   ASSERT_EQ(*store->Publish("chat", Adapter(4, 1.0f), "job:1"), 1);

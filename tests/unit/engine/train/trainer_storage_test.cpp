@@ -107,17 +107,18 @@ class TrainerStorageTest : public TrainerTest {
     }
     return *std::move(t);
   }
-  // A trainer for `config` that reports into *events, whose write of step 2's checkpoint waits
-  // for `released` (a minute at most: a trainer that waited for its write would wait that long).
-  std::unique_ptr<Trainer> HoldingStep2sWrite(const TrainingJobConfig& config,
-                                              std::vector<TrainingEvent>* events,
-                                              std::shared_future<void> released) {
+  // A trainer for `config` that reports into *events, whose write of step `held`'s checkpoint
+  // waits for `released` (a minute at most: a trainer that waited for its write would wait that
+  // long).
+  std::unique_ptr<Trainer> HoldingWriteOf(int64_t held, const TrainingJobConfig& config,
+                                          std::vector<TrainingEvent>* events,
+                                          std::shared_future<void> released) {
     auto t = Trainer::Create(model(), tokenizer(), model_dir(), config,
                              [events](const TrainingEvent& e) { events->push_back(e); });
     EXPECT_TRUE(t.ok()) << t.status();
     if (!t.ok()) return nullptr;
-    (*t)->SetCheckpointWriteGateForTesting([released](int64_t step) {
-      if (step == 2) released.wait_for(std::chrono::seconds(60));
+    (*t)->SetCheckpointWriteGateForTesting([released, held](int64_t step) {
+      if (step == held) released.wait_for(std::chrono::seconds(60));
     });
     return *std::move(t);
   }
@@ -145,7 +146,7 @@ TEST_F(TrainerStorageTest, AJobTrainsOnWhileItsPeriodicCheckpointIsWritten) {
   std::promise<void> release;
   std::shared_future<void> released = release.get_future().share();
   std::vector<TrainingEvent> events;
-  auto t = HoldingStep2sWrite(config, &events, released);
+  auto t = HoldingWriteOf(2, config, &events, released);
   ASSERT_NE(t, nullptr);
   while (t->step() < 3) ASSERT_TRUE(t->Step().ok());
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kCheckpoint), 0);
@@ -168,6 +169,34 @@ TEST_F(TrainerStorageTest, AJobTrainsOnWhileItsPeriodicCheckpointIsWritten) {
     EXPECT_TRUE(fs::exists(fs::path(CheckpointPath(config.output_dir, step)) / "optimizer.pt"))
         << step;
   }
+}
+
+// The end's checkpoint is written on the checkpoint thread too: until it is durable the job waits
+// (idle_until; Step() does no work), so the GPU loop serves, and other jobs train, meanwhile.
+TEST_F(TrainerStorageTest, TheEndsCheckpointIsWrittenWhileTheJobWaitsWithoutWork) {
+  TrainingJobConfig config = Blockable("straight");
+  config.load_best_at_end = true;  // the best adapter goes with the checkpoint, on its thread
+  config.eval_every = 4;
+  config.data.validation_fraction = 0.25;
+  const std::vector<TrainingEvent> straight = Straight(config);
+
+  config.output_dir = (out() / "held-end").string();
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::vector<TrainingEvent> events;
+  auto t = HoldingWriteOf(config.max_steps, config, &events, released);
+  ASSERT_NE(t, nullptr);
+  while (!t->done() && !t->idle_until()) ASSERT_TRUE(t->Step().ok());
+  ASSERT_FALSE(t->done()) << "the end's checkpoint was written on the loop";
+  EXPECT_EQ(t->step(), config.max_steps);
+  ExpectHoldsStill(*t, events);
+  EXPECT_FALSE(fs::exists(CheckpointPath(config.output_dir, config.max_steps)));
+  release.set_value();
+  RunToTheEnd(*t);
+  ExpectEndedAsStraight(events, straight, config);
+  EXPECT_TRUE(fs::exists(fs::path(CheckpointPath(config.output_dir, config.max_steps)) /
+                         "trainer_state.json"));
+  EXPECT_TRUE(fs::exists(fs::path(config.output_dir) / "best-adapter" / "adapter_config.json"));
 }
 
 TEST_F(TrainerStorageTest, APeriodicCheckpointThatCannotBeWrittenIsRetriedAndNothingIsLost) {
@@ -220,7 +249,7 @@ TEST_F(TrainerStorageTest, AWriteThatFailsMidStepHoldsTheJobBetweenSteps) {
   std::promise<void> release;
   std::shared_future<void> released = release.get_future().share();
   std::vector<TrainingEvent> events;
-  auto t = HoldingStep2sWrite(config, &events, released);
+  auto t = HoldingWriteOf(2, config, &events, released);
   ASSERT_NE(t, nullptr);
   while (t->step() < 2) ASSERT_TRUE(t->Step().ok());
   ASSERT_TRUE(t->Step().ok());  // step 3's first micro-batch; step 2's write held
@@ -267,6 +296,8 @@ TEST_F(TrainerStorageTest, AWriteErrorWaitingCannotFixStillFailsTheJob) {
   std::vector<TrainingEvent> events;
   auto t = TrainedTo(config, &events, config.max_steps);
   ASSERT_NE(t, nullptr);
+  while (!t->done() && t->Step().ok()) {  // the end, its writes on their thread
+  }
   EXPECT_TRUE(t->done());
   EXPECT_EQ(Count(events, TrainingEvent::Kind::kWarning), 0);
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFailed);

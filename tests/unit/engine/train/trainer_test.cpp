@@ -578,6 +578,9 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
                            [&](const TrainingEvent& e) { events.push_back(e); });
   ASSERT_TRUE(t.ok()) << t.status();
   while (!(*t)->done()) {
+    // Not while the end waits for a write on its thread (Step() would do nothing): every call
+    // counted does a piece of work.
+    while (auto until = (*t)->idle_until()) std::this_thread::sleep_until(*until);
     ASSERT_TRUE((*t)->Step().ok());
     events_after_call.push_back(events.size());
   }
@@ -591,10 +594,11 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
     return int64_t{-1};
   };
   // Calls 0 and 1 train steps 1 and 2; 2..5 evaluate the 4 validation rows, the last of them
-  // then checkpoints and runs the first held-out prompt; then a call per generated token (the
-  // first token of each later answer comes with its prompt); and a last call writes the files.
+  // then starts the checkpoint's write; 6 reports it written and runs the first held-out prompt;
+  // then a call per generated token (the first token of each later answer comes with its
+  // prompt); and a call writes the report and starts the adapter's write, a last one ends.
   EXPECT_EQ(call_of(TrainingEvent::Kind::kEval), 5);
-  EXPECT_EQ(call_of(TrainingEvent::Kind::kCheckpoint), 5);
+  EXPECT_EQ(call_of(TrainingEvent::Kind::kCheckpoint), 6);
   const TrainingSummary& summary = events.back().summary;
   EXPECT_EQ(summary.answered, 4);
   std::ifstream report_file(summary.eval_report_path);
@@ -606,7 +610,7 @@ TEST_F(TrainerTest, EvaluationsAndTheEndRunAPieceAStep) {
     EXPECT_LE(tokens, 128);
     generated += tokens;
   }
-  EXPECT_EQ(static_cast<int64_t>(events_after_call.size()), 5 + generated + 1);
+  EXPECT_EQ(static_cast<int64_t>(events_after_call.size()), 7 + (generated - 1) + 2);
   // The pieces add up to the evaluation the held-out report holds.
   for (const auto& e : events) {
     if (e.kind == TrainingEvent::Kind::kEval) {
@@ -788,6 +792,30 @@ TEST(StepPaceTest, FollowsTheRecentPaceWithTheTimeBetweenStepsAtItsMean) {
     EXPECT_NEAR(per_step[i], 3.2, 0.42) << "step " << i + 200;
   }
   EXPECT_NEAR(per_step.back(), 3.2, 0.13);
+}
+
+// A resumed job's ETA starts from the pace its checkpoint's recent steps had: 100 steps of 2 s
+// with 0.5 s between them, then this run's 60 s set-up and first step. Timed from that step
+// alone, the pace was the set-up's 62 s a step.
+TEST(StepPaceTest, AResumedRunStartsFromTheEarlierRunsPace) {
+  std::vector<std::pair<double, double>> earlier;  // (own seconds, elapsed when it ended)
+  double elapsed = 1000;
+  for (int i = 0; i < 100; ++i) {
+    elapsed += 2;
+    earlier.emplace_back(2, elapsed);
+    elapsed += 0.5;
+  }
+  StepPace fresh, resumed;
+  resumed.Resume(earlier);
+  fresh.Add(2);
+  resumed.Add(2);
+  EXPECT_DOUBLE_EQ(fresh.SecondsPerStep(62), 2 + 60);
+  EXPECT_DOUBLE_EQ(resumed.SecondsPerStep(62), 2 + (60 + 99 * 0.5) / 100);
+  // A checkpoint of an older lorad records no steps: the run's own pace, as before.
+  StepPace unrecorded;
+  unrecorded.Resume({});
+  unrecorded.Add(2);
+  EXPECT_DOUBLE_EQ(unrecorded.SecondsPerStep(62), 2 + 60);
 }
 
 }  // namespace

@@ -174,9 +174,12 @@ inline std::unique_ptr<Trainer> TrainUntilItsFilesAreWritten(const TrainerTest& 
   EXPECT_TRUE(t.ok()) << t.status();
   if (!t.ok()) return nullptr;
   const fs::path adapter = fs::path(config->output_dir) / "adapter" / "adapter_model.safetensors";
-  while (!fs::exists(adapter)) {
+  // Written on a thread of its own (the job waits meanwhile: idle_until); the export starts at
+  // the Step() after, which hears it is done.
+  while (!fs::exists(adapter) || (*t)->idle_until()) {
     if (!(*t)->Step().ok()) return nullptr;
   }
+  if (!(*t)->Step().ok()) return nullptr;
   EXPECT_FALSE((*t)->done()) << "the export cannot have finished: its index is not written";
   return *std::move(t);
 }
