@@ -10,6 +10,7 @@
 #include <fstream>
 #include <future>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -591,6 +592,12 @@ absl::Status Trainer::Step() {
       (void)t.finishing->merged_export.get();
       return t.Finish(/*cancelled=*/true, false);
     }
+    // Its adapter being written (on a thread of its own): waited for, so that a job whose
+    // adapter is written finishes, as below (it did when the write ran within one Step()).
+    if (t.cancel.load() && t.finishing && t.finishing->adapter_write.valid()) {
+      if (auto s = t.CollectAdapterWrite(/*wait=*/true); !s.ok()) return t.Fail(s);
+      if (t.finishing->merged_export.valid()) return absl::OkStatus();  // abandoned next turn
+    }
     // Once its files are written, and its merged export with them, the job is done: a cancel
     // then would report a finished job as cancelled (the job finishes).
     if (t.cancel.load() && !(t.finishing && t.finishing->files_written)) {
@@ -679,6 +686,10 @@ absl::Status Trainer::Step() {
 
 absl::Status Trainer::Run() {
   while (!done()) {
+    if (auto until = idle_until()) {  // a write to wait for: Step() would do nothing
+      std::this_thread::sleep_until(*until);
+      continue;
+    }
     if (auto s = Step(); !s.ok()) return s;
   }
   return absl::OkStatus();

@@ -145,25 +145,7 @@ absl::Status Trainer::Impl::ContinueFinishing() {
         f.adapter_write = here.get_future();
       }
     }
-    if (f.adapter_write.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-      return absl::OkStatus();
-    }
-    if (auto st = f.adapter_write.get(); !st.ok()) {
-      return RetryIfNotWritten(st, absl::StrCat("the adapter (", s.adapter_path, ")"));
-    }
-    EndStorageWait(/*all=*/true);
-    f.files_written = true;
-    if (!config.export_merged_dtype.empty()) {
-      // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a large
-      // model a minute of it, on a thread of its own while the loop serves.
-      s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
-      f.merged_export =
-          std::async(std::launch::async, [folder = model_folder, adapter = f.final_adapter,
-                                          path = s.merged_path, dtype = config.export_merged_dtype,
-                                          chat = merged_template, abandon = f.abandon_export] {
-            return WriteMergedModel(folder, *adapter, path, dtype, abandon.get(), chat);
-          });
-    }
+    if (auto st = CollectAdapterWrite(/*wait=*/false); !st.ok() || !f.files_written) return st;
   }
   if (f.merged_export.valid()) {
     if (f.merged_export.wait_for(std::chrono::milliseconds(2)) != std::future_status::ready) {
@@ -186,9 +168,46 @@ absl::Status Trainer::Impl::ContinueFinishing() {
   return EmitFinished(false, f.early_stopped, std::move(s));
 }
 
+absl::Status Trainer::Impl::CollectAdapterWrite(bool wait) {
+  Finishing& f = *finishing;
+  if (!f.adapter_write.valid()) return absl::OkStatus();
+  if (!wait && f.adapter_write.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    return absl::OkStatus();
+  }
+  TrainingSummary& s = f.summary;
+  if (auto st = f.adapter_write.get(); !st.ok()) {
+    return RetryIfNotWritten(st, absl::StrCat("the adapter (", s.adapter_path, ")"));
+  }
+  EndStorageWait(/*all=*/true);
+  f.files_written = true;
+  if (!config.export_merged_dtype.empty()) {
+    // Host work only (the base checkpoint's 16-bit weights plus B A, written out): for a large
+    // model a minute of it, on a thread of its own while the loop serves.
+    s.merged_path = (std::filesystem::path(config.output_dir) / "merged").string();
+    f.merged_export =
+        std::async(std::launch::async, [folder = model_folder, adapter = f.final_adapter,
+                                        path = s.merged_path, dtype = config.export_merged_dtype,
+                                        chat = merged_template, abandon = f.abandon_export] {
+          return WriteMergedModel(folder, *adapter, path, dtype, abandon.get(), chat);
+        });
+  }
+  return absl::OkStatus();
+}
+
+void Trainer::Impl::WriteBestBeforeTheEnd() {
+  if (!unsaved_best) return;
+  // What a job that fails or is cancelled still leaves: the adapter of its best evaluation
+  // (written with the next checkpoint, which will not come).
+  if (auto st = WriteUnsavedBest(); !st.ok()) {
+    Warn(absl::StrCat("the best evaluation's adapter (step ", state.best_eval_step,
+                      ") could not be written: ", st.message()));
+  }
+}
+
 absl::Status Trainer::Impl::EmitFinished(bool cancelled, bool early_stopped, TrainingSummary s) {
   SettleCheckpointWrite();
   SettleAdapterWrite();
+  WriteBestBeforeTheEnd();
   done = true;
   TrainingEvent e;
   e.kind = TrainingEvent::Kind::kFinished;

@@ -168,8 +168,16 @@ struct Trainer::Impl {
   // After a step and its evaluation: the end, or a checkpoint when the cadence says so.
   absl::Status AfterStep(bool early_stop);
   absl::Status ContinueFinishing();
-  // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, on disk,
-  // so a resumed job still has it); returns whether it improved on the best.
+  // The adapter's write (Finishing::adapter_write), once done (`wait`: waits for it): sets
+  // files_written and starts the merged export; a storage failure starts a wait (the write is
+  // started again after it); other errors are returned.
+  absl::Status CollectAdapterWrite(bool wait);
+  // As a job ends otherwise than at its end (failed, cancelled): unsaved_best to disk, warning
+  // if it cannot be.
+  void WriteBestBeforeTheEnd();
+  // Reports an evaluation and keeps the best (with load_best_at_end also its adapter, written
+  // with the next checkpoint, so a resumed job still has it); returns whether it improved on
+  // the best.
   absl::StatusOr<bool> ReportEvaluation(const EvalMetrics& eval) {
     last_eval = eval;
     state.last_eval_step = eval.step;
@@ -336,6 +344,7 @@ struct Trainer::Impl {
   absl::Status Fail(absl::Status status) {
     SettleCheckpointWrite();
     SettleAdapterWrite();
+    WriteBestBeforeTheEnd();
     done = true;
     TrainingEvent e;
     e.kind = TrainingEvent::Kind::kFailed;

@@ -2,6 +2,7 @@
 // loss curve, the evaluations, each job's random stream), and what was trained is never lost.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -405,6 +406,32 @@ TEST_F(TrainerTest, CancelEndsTheJobWithoutAnAdapter) {
   ASSERT_EQ(events.back().kind, TrainingEvent::Kind::kFinished);
   EXPECT_TRUE(events.back().summary.cancelled);
   EXPECT_FALSE((*t)->Step().ok());
+}
+
+// With load_best_at_end the best evaluation's adapter is written with the next checkpoint; a job
+// cancelled before one still leaves it (the weights worth keeping of a job that went wrong).
+TEST_F(TrainerTest, ACancelledJobLeavesItsBestEvaluationsAdapter) {
+  TrainingJobConfig config = Config("cancel-best");
+  config.data.validation_fraction = 0.25;
+  config.eval_every = 1;
+  config.load_best_at_end = true;
+  std::vector<TrainingEvent> events;
+  auto t = Trainer::Create(*model_, *tokenizer_, model_dir_, config,
+                           [&](const TrainingEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(t.ok()) << t.status();
+  const auto evaluated = [&] {
+    return std::any_of(events.begin(), events.end(),
+                       [](const TrainingEvent& e) { return e.kind == TrainingEvent::Kind::kEval; });
+  };
+  while (!evaluated()) ASSERT_TRUE((*t)->Step().ok());
+  const fs::path best = fs::path(config.output_dir) / "best-adapter";
+  EXPECT_FALSE(fs::exists(best)) << "written before a checkpoint asked for it";
+  (*t)->Cancel();
+  ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*t)->done());
+  EXPECT_TRUE(events.back().summary.cancelled);
+  auto written = LoraAdapter::ReadPeft(best.string());
+  ASSERT_TRUE(written.ok()) << written.status();
 }
 
 // A shutdown during the last evaluation (the daemon's StopTrainers: Interrupt, SaveCheckpoint,
