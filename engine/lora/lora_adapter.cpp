@@ -570,7 +570,10 @@ int64_t LoraAdapter::bytes() const {
 LoraAdapter LoraAdapter::HostCopy() const {
   LoraAdapter copy = *this;  // the config and flags; the tensors are replaced below
   for (auto& [path, pair] : copy.layers) {
-    pair = {pair.a.detach().to(torch::kCPU).clone(), pair.b.detach().to(torch::kCPU).clone()};
+    // One copy whether the tensor is on the device or the host (to(kCPU) then clone() copied a
+    // device tensor twice).
+    pair = {pair.a.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true),
+            pair.b.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true)};
   }
   return copy;
 }
