@@ -134,8 +134,14 @@ absl::Status Trainer::Impl::ContinueFinishing() {
       if (!f.final_adapter) {
         f.final_adapter = std::make_shared<const LoraAdapter>(adapter.HostCopy());
       }
-      const auto write = [adapter = f.final_adapter, path = s.adapter_path] {
-        return adapter->WritePeft(path);
+      // An exception on the writing thread would come back out of get() (in Fail, too): a
+      // status instead, as a checkpoint's write gives.
+      const auto write = [adapter = f.final_adapter, path = s.adapter_path]() -> absl::Status {
+        try {
+          return adapter->WritePeft(path);
+        } catch (const std::exception& e) {
+          return absl::InternalError(absl::StrCat("writing the adapter to ", path, ": ", e.what()));
+        }
       };
       try {
         f.adapter_write = std::async(std::launch::async, write);
