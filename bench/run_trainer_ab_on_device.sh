@@ -57,6 +57,7 @@ import re, sys
 steps = {"old": [], "new": []}
 losses = {"old": [], "new": []}  # each run's per-step losses, in order
 step_times = {}  # side -> (step, ms) of every timed step, all rounds
+ends = {}  # side -> (held ms, longest call ms) of the last step and the end, each round
 save_every = int(sys.argv[2])
 side = None
 for line in open(sys.argv[1]):
@@ -73,6 +74,9 @@ for line in open(sys.argv[1]):
     elif line.startswith("RESULT variant=") and "bench=train" in line:
         kv = dict(re.findall(r"(\w+)=(\S+)", line))
         steps[kv["variant"]].append(float(kv["step_ms"]))
+        if "end_held_ms" in kv:  # what the last step and the end held the loop (trainer_bench)
+            ends.setdefault(kv["variant"], []).append((float(kv["end_held_ms"]),
+                                                       float(kv["end_longest_ms"])))
 if steps["old"] and steps["new"]:
     old = sum(steps["old"]) / len(steps["old"])
     new = sum(steps["new"]) / len(steps["new"])
@@ -87,6 +91,10 @@ if save_every > 0:
             print(f"{side}: steps that checkpoint {sum(ck) / len(ck):.1f} ms mean ({len(ck)}), "
                   f"the others {sum(other) / len(other):.1f} ms ({len(other)}); "
                   f"the checkpoint holds the loop {sum(ck) / len(ck) - sum(other) / len(other):.1f} ms")
+for side in ("old", "new"):
+    if side in ends:
+        print(f"{side}: the last step and the end held the loop (ms, sum / longest call): "
+              + ", ".join(f"{h:.1f} / {l:.1f}" for h, l in ends[side]))
 # The same data and seed on both sides: a change meant to keep the numerics shows equal losses.
 if losses["old"] and losses["new"] and losses["old"][0] and losses["new"][0]:
     a, b = losses["old"][0], losses["new"][0]
