@@ -268,7 +268,7 @@ void AddLogprobs(const torch::Tensor& scores, absl::Span<const SampleRow> rows,
     for (int64_t i = 0; i < n; ++i) {
       // A token the filters removed (-inf: top-k, top-p, min-p) is not a candidate: not listed.
       if (std::isinf(values_a[b][i]) && values_a[b][i] < 0) break;  // sorted: the rest are too
-      out[b].top_logprobs.push_back({static_cast<int32_t>(ids_a[b][i]), values_a[b][i]});
+      out[b].top_logprobs.push_back({static_cast<int32_t>(ids_a[b][i]), values_a[b][i], {}, {}});
     }
   }
 }

@@ -223,7 +223,9 @@ TEST(ListenOnTest, ListensOnEveryAddressANameResolvesToOnce) {
   ASSERT_TRUE(fds.ok()) << fds.status();
   EXPECT_EQ(fds->size(), ipv6 ? 2u : 1u) << "::1 (where this machine has it) and 127.0.0.1";
   EXPECT_TRUE(ConnectsTo("127.0.0.1", port));
-  if (ipv6) EXPECT_TRUE(ConnectsTo("::1", port));
+  if (ipv6) {
+    EXPECT_TRUE(ConnectsTo("::1", port));
+  }
   for (const int fd : *fds) close(fd);
 }
 
@@ -244,10 +246,14 @@ TEST(ListenOnTest, TheIpv6WildcardAloneTakesIpv4Too) {
   int v6only = 0;
   socklen_t size = sizeof(v6only);
   ASSERT_EQ(getsockopt(fds->front(), IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &size), 0);
-  if (v6only == 0) EXPECT_TRUE(ConnectsTo("127.0.0.1", port)) << "the system's dual stack";
+  if (v6only == 0) {
+    EXPECT_TRUE(ConnectsTo("127.0.0.1", port)) << "the system's dual stack";
+  }
   std::ifstream bindv6only("/proc/sys/net/ipv6/bindv6only");
   int system_v6only = 0;
-  if (bindv6only >> system_v6only) EXPECT_EQ(v6only, system_v6only) << "the system's default";
+  if (bindv6only >> system_v6only) {
+    EXPECT_EQ(v6only, system_v6only) << "the system's default";
+  }
   for (const int fd : *fds) close(fd);
 }
 

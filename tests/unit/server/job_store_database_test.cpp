@@ -33,13 +33,15 @@ TEST_F(JobStoreTest, ASuccessTheDatabaseRefusesKeepsTheJobPublishing) {
   ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
   ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
   EXPECT_FALSE(
-      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""}).ok());
+      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, "", ""})
+          .ok());
   ASSERT_EQ(sqlite3_exec(blocker, "ROLLBACK;", nullptr, nullptr, nullptr), SQLITE_OK);
   sqlite3_close(blocker);
   EXPECT_EQ(store->Cancel(job->id)->state, JobState::kRunning) << "too late to cancel";
   ASSERT_TRUE(store->BeginPublishing(job->id).ok());  // the runner's retry
   ASSERT_TRUE(
-      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""}).ok());
+      store->MarkSucceeded(job->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, "", ""})
+          .ok());
   EXPECT_EQ(store->Get(job->id)->state, JobState::kSucceeded);
 }
 

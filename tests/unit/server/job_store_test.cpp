@@ -175,11 +175,12 @@ TEST_F(JobStoreTest, TransitionsAreChecked) {
   auto store = OpenStore();
   auto job = store->Insert("s", "a", 0, 1, 10);
   EXPECT_TRUE(absl::IsFailedPrecondition(
-      store->MarkSucceeded(job->id, 1, {1, 7, "early"}, {"a", 1, "/x", "job:x", true, ""})));
+      store->MarkSucceeded(job->id, 1, {1, 7, "early"}, {"a", 1, "/x", "job:x", true, "", ""})));
   EXPECT_FALSE(store->LastEvent(job->id, 7)->has_value()) << "a refused change stores nothing";
   ASSERT_TRUE(store->MarkRunning(job->id).ok());
   ASSERT_TRUE(
-      store->MarkSucceeded(job->id, 3, {1, 7, "summary"}, {"a", 3, "/x", "job:x", true, ""}).ok());
+      store->MarkSucceeded(job->id, 3, {1, 7, "summary"}, {"a", 3, "/x", "job:x", true, "", ""})
+          .ok());
   EXPECT_EQ((*store->LastEvent(job->id, 7))->event, "summary");
   auto recorded = store->Adapters();  // the adapter is recorded with the success, not before
   ASSERT_TRUE(recorded.ok());
@@ -213,9 +214,10 @@ TEST_F(JobStoreTest, APublishingJobCannotBeCancelledAndACancelledOneCannotPublis
   ASSERT_TRUE(store->MarkRunning(publishing->id).ok());
   ASSERT_TRUE(store->BeginPublishing(publishing->id).ok());
   EXPECT_EQ(store->Cancel(publishing->id)->state, JobState::kRunning) << "too late to cancel";
-  ASSERT_TRUE(
-      store->MarkSucceeded(publishing->id, 1, {1, 7, "summary"}, {"a", 1, "/x", "job:x", true, ""})
-          .ok());
+  ASSERT_TRUE(store
+                  ->MarkSucceeded(publishing->id, 1, {1, 7, "summary"},
+                                  {"a", 1, "/x", "job:x", true, "", ""})
+                  .ok());
 
   auto cancelled = store->Insert("s", "b", 0, 1, 10);
   ASSERT_TRUE(store->MarkRunning(cancelled->id).ok());
@@ -331,11 +333,11 @@ TEST_F(JobStoreTest, EventsAreKeptByStepAndKindAndReplacedOnResume) {
 
 TEST_F(JobStoreTest, AdaptersKeepTheirNewestVersion) {
   auto store = OpenStore();
-  ASSERT_TRUE(store->RecordAdapter({"a", 4, "/v4", "/v4", true, ""}).ok());
-  ASSERT_TRUE(
-      store->RecordAdapter({"a", 3, "/v3", "/v3", true, ""}).ok());  // a slower load, recorded late
-  ASSERT_TRUE(store->RecordAdapter({"b", 1, "/b", "job:x", true, ""}).ok());
-  ASSERT_TRUE(store->RecordAdapter({"c", 2, "/c2", "/c2", true, ""}).ok());
+  ASSERT_TRUE(store->RecordAdapter({"a", 4, "/v4", "/v4", true, "", ""}).ok());
+  ASSERT_TRUE(store->RecordAdapter({"a", 3, "/v3", "/v3", true, "", ""})
+                  .ok());  // a slower load, recorded late
+  ASSERT_TRUE(store->RecordAdapter({"b", 1, "/b", "job:x", true, "", ""}).ok());
+  ASSERT_TRUE(store->RecordAdapter({"c", 2, "/c2", "/c2", true, "", ""}).ok());
   ASSERT_TRUE(store->MarkAdapterUnserved("b", 1).ok());
   // An unload of version 1 after version 2 was recorded (a load racing it) leaves 2 served.
   ASSERT_TRUE(store->MarkAdapterUnserved("c", 1).ok());

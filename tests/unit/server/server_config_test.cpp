@@ -420,7 +420,7 @@ TEST(ServerConfig, WarningsSayWhereAPerClientStreamLimitDoesNotLimitClients) {
             "limits.max_streams_per_client (8) counts each connection as a client without "
             "auth.tokens: a client that opens several connections gets that many streams on "
             "each; give each team a token (auth.tokens) to limit teams");
-  c.auth.tokens.push_back({"team-a", "user", "aaaaaaaaaaaaaaaa"});
+  c.auth.tokens.push_back({"team-a", "user", "aaaaaaaaaaaaaaaa", ""});
   EXPECT_TRUE(ServerConfigWarnings(c, "").empty());
   c.limits.max_streams_per_client = c.limits.max_queued_requests;
   said = ServerConfigWarnings(c, "");
