@@ -5,6 +5,7 @@ Output (out = <build>/parity/chat_templates/):
   <family>/tokenizer_config.json (+ the tiny model's tokenizer.model): a folder whose
       chat_template is the family's Jinja text, for ChatTemplate::FromTokenizerConfig
   cases.json  [{"family", "recognised", "folder", "today" (the date strftime_now gave),
+               "dated" (whether the template asks strftime_now for it),
                "renders": [{"messages", "add_generation_prompt", ["continue_final_message"],
                             "text" | "error"}]}]
 """
@@ -235,6 +236,7 @@ def write(out: pathlib.Path, model: pathlib.Path) -> None:
             if datetime.datetime.now().strftime("%d %b %Y") == today:
                 break
         results.append({"family": family, "recognised": recognised,
-                        "folder": str(folder.resolve()), "renders": renders, "today": today})
+                        "folder": str(folder.resolve()), "renders": renders, "today": today,
+                        "dated": "strftime_now" in jinja})
     (out / "cases.json").write_text(json.dumps(results, ensure_ascii=False, indent=1),
                                     encoding="utf-8")
