@@ -102,7 +102,9 @@ std::string JobRunner::WaitingFor(const std::string& job_id, bool first_in_line)
     return first_in_line && memory_wait_.first == job_id
                ? absl::StrCat("it waits for training memory: it needs ", memory_wait_.second,
                               "; it starts when a running job ends")
-               : absl::StrCat(memory_wait_.first, ", first in line, waits for training memory");
+               : absl::StrCat(memory_wait_.first,
+                              ", first in line, waits for training memory (a job behind it "
+                              "starts first only where it fits now and leaves it its room)");
   }
   return "";
 }
@@ -175,174 +177,6 @@ void JobRunner::Loop() {
     RecordSuccessesAgain();
     if (look) StartNextJob();
   }
-}
-
-void JobRunner::StartNextJob() {
-  {
-    // The engine frees a job's memory before its last event reaches pending_; while that event
-    // waits, the store still says the job runs. Handle it first (it looks again after), so the
-    // store never shows a job started in memory that a finished one still holds there.
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const Pending& p : pending_) {
-      if (p.event.kind == TrainingEvent::Kind::kFinished ||
-          p.event.kind == TrainingEvent::Kind::kFailed) {
-        return;
-      }
-    }
-  }
-  std::unique_lock<std::mutex> folders(folders_mu_);
-  auto next = store_.NextQueued();
-  if (!next.ok() || !next->has_value()) return;
-  const JobRecord job = **next;
-  if (unrecorded_failures_.count(job.id) > 0) {
-    // It failed, and the database refused to record that (a full disk): it still reads as
-    // queued. Starting it again would fail it again at once, every turn; the queue waits until
-    // RecordFailuresAgain records it (every other write would be refused too).
-    start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    return;
-  }
-  lorad::v1::JobSpec spec;
-  if (!spec.ParseFromString(job.spec)) {
-    FailJob(job.id, "the stored job spec is unreadable");
-    return;
-  }
-  // Storage that refuses the job's folder or its records (a full disk, jobs/ not writable) or the
-  // database's write: the job stays queued, tried again every few seconds, as README says. Failing
-  // it left it failed for good once the disk had room again.
-  const auto wait_for_storage = [&](const absl::Status& s) {
-    if (!start_refused_) {
-      spdlog::error("job {} cannot start: {}; trying again every few seconds", job.id,
-                    std::string(s.message()));
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      storage_wait_ = {job.id, std::string(s.message())};
-    }
-    start_refused_ = true;
-    start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  };
-  auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id, dataset_root_);
-  if (!config.ok()) {
-    if (absl::IsUnavailable(config.status())) {
-      wait_for_storage(config.status());
-    } else {
-      FailJob(job.id, std::string(config.status().message()));
-    }
-    return;
-  }
-  // The memory planner: a job that can never fit fails saying what it needs; one that fits only
-  // once a running job ends stays queued (the runner looks again when a job ends).
-  std::string waits_for;
-  absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config, &waits_for);
-  if (!fits.ok()) {
-    FailJob(job.id, std::string(fits.status().message()));
-    return;
-  }
-  if (!*fits) {
-    // Said once (GetJob's waiting_for says it while it lasts): the log showed only "queued".
-    std::lock_guard<std::mutex> lock(mu_);
-    if (memory_wait_logged_.insert(job.id).second) {
-      spdlog::info(
-          "job {} ({}) waits for training memory: it needs {}; it starts when a running "
-          "job ends",
-          job.id, job.adapter_name, waits_for);
-    }
-    memory_wait_ = {job.id, waits_for};
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    memory_wait_ = {};
-    memory_wait_logged_.erase(job.id);
-  }
-  const int64_t started_ms = JobTimeMs();  // stored and published alike: a replay shows the same
-  {
-    // Before MarkRunning: a CancelJob right after it must find the job running here, or the
-    // engine would never hear of it (see the check after StartTraining).
-    std::lock_guard<std::mutex> lock(mu_);
-    running_.insert(job.id);
-  }
-  if (auto s = store_.MarkRunning(job.id, started_ms); !s.ok()) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      running_.erase(job.id);
-    }
-    {
-      std::lock_guard<std::mutex> lock(progress_mu_);
-      cancelled_.erase(job.id);
-    }
-    if (absl::IsFailedPrecondition(s) || absl::IsNotFound(s)) {
-      Wake();  // cancelled (or deleted) meanwhile: look for the next one
-    } else {
-      wait_for_storage(s);  // looking again at once would spin on it
-    }
-    return;
-  }
-  start_refused_ = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    storage_wait_ = {};
-  }
-  folders.unlock();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    look_for_jobs_ = true;  // room for another? the loop looks again (and stops at max_running_)
-  }
-  events_.Publish(StateEvent(job.id, JobState::kRunning, started_ms));
-  if (job.attempts == 0) {
-    spdlog::info("job {} ({}) started", job.id, job.adapter_name);
-  } else {
-    const auto [step, checkpoint] = ResumePoint(job.id);
-    if (!checkpoint.empty()) {
-      spdlog::info("job {} ({}) started again: resuming from {}", job.id, job.adapter_name,
-                   checkpoint);
-    } else {
-      spdlog::info(
-          "job {} ({}) started again from its first step: its folder holds no complete "
-          "checkpoint (it stopped before writing one, or they were removed)",
-          job.id, job.adapter_name);
-    }
-    // What the last run recorded past the checkpoint this one resumes from is gone now, not
-    // once the trainer has prepared its data (a watch meanwhile replayed the dead run's steps
-    // and missed this run's); a damaged newest checkpoint is passed over, and the trainer's
-    // report of the one it resumes from forgets more (Handle).
-    ForgetHistoryAfter(job.id, step);
-  }
-  const std::string id = job.id;
-  const std::string adapter = job.adapter_name;
-  absl::Status started =
-      engine_.StartTraining(id, *config, [this, id, adapter](const TrainingEvent& e) {
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          pending_.push_back({id, adapter, e});
-        }
-        wake_.notify_all();
-      });
-  if (started.ok()) {
-    // A CancelJob since MarkRunning reached the engine before the job did, which ignored it.
-    bool cancelled = false;
-    {
-      std::lock_guard<std::mutex> lock(progress_mu_);
-      cancelled = cancelled_.count(id) > 0;
-    }
-    if (cancelled) engine_.CancelTraining(id);
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    running_.erase(id);
-  }
-  {
-    std::lock_guard<std::mutex> lock(progress_mu_);
-    cancelled_.erase(id);
-  }
-  // The shutdown stopped training as this job started: it stays running in the store, and
-  // starts again at the next start like any job a shutdown interrupted.
-  if (absl::IsUnavailable(started)) {
-    spdlog::info("job {} starts at the next start: {}", id, std::string(started.message()));
-    return;
-  }
-  FailJob(id, std::string(started.message()));
 }
 
 absl::StatusOr<JobRecord> JobRunner::RetryJob(const std::string& job_id, int64_t max_queued) {
@@ -598,6 +432,7 @@ void JobRunner::Handle(const Pending& p) {
     running_.erase(p.job_id);
     look_for_jobs_ = true;
   }
+  started_ahead_.erase(p.job_id);
   {
     std::lock_guard<std::mutex> lock(progress_mu_);
     cancelled_.erase(p.job_id);

@@ -1,7 +1,8 @@
-// JobRunner: takes queued jobs from the JobStore, in priority order, up to max_running at once
-// (training.max_running_jobs), runs each on the engine's GPU loop, and turns the trainer's events
-// into durable rows (steps, final state), JobEvents for the WatchJob streams, per-job metrics, and,
-// when a job succeeds, a published adapter version.
+// JobRunner: takes queued jobs from the JobStore, in priority order (one that fits may start
+// ahead of one waiting for training memory where that one keeps its room: job_start.cpp), up to
+// max_running at once (training.max_running_jobs), runs each on the engine's GPU loop, and turns
+// the trainer's events into durable rows (steps, final state), JobEvents for the WatchJob streams,
+// per-job metrics, and, when a job succeeds, a published adapter version.
 //
 // Every job trains into <jobs_dir>/<job id>/ (checkpoints, then adapter/): a job that was running
 // when the daemon died is queued again by JobStore::RecoverAfterRestart and resumes from its
@@ -10,8 +11,8 @@
 // Thread rules: the engine delivers trainer events on its loop thread; they are only queued
 // there. The runner's own thread does the SQLite writes, publishing and the next job's start, so
 // a slow job database never stalls the GPU loop (the trainer writes its periodic checkpoints on
-// a thread of its own; the end's and a shutdown's run on the loop). Cancel may be called from any
-// thread.
+// a thread of its own, the end's too; a shutdown's runs on the loop). Cancel may be called from
+// any thread.
 #pragma once
 
 #include <atomic>
@@ -105,7 +106,20 @@ class JobRunner {
     engine::TrainingEvent event;
   };
   void Loop();
+  // The next queued job, if it can start now; if it waits for training memory, a job behind it
+  // that fits now and leaves it its room (job_start.cpp). Runner thread only.
   void StartNextJob();
+  // Starts the first job of `queued` (after `first`, which waits for memory) that fits now and
+  // leaves `first` its room: see job_start.cpp.
+  void StartOneAhead(const JobRecord& first, const engine::TrainingJobConfig& first_config,
+                     const std::vector<JobRecord>& queued, std::unique_lock<std::mutex>& folders);
+  // Marks the job running and hands it to the engine; `folders` (folders_mu_, held) is released
+  // once the job's record says running. Whether the engine took it (else it stays queued, waits
+  // for storage, or failed).
+  bool StartJob(const JobRecord& job, const engine::TrainingJobConfig& config,
+                std::unique_lock<std::mutex>& folders);
+  // The job cannot start for its storage (`s`): logged once, looked at again in a few seconds.
+  void WaitForStorage(const std::string& job_id, const absl::Status& s);
   // DeleteJob's last check: FAILED_PRECONDITION when a served adapter lives in `folder` (a
   // restart reads it from there) or a queued or running job continues one from there.
   absl::Status CheckFolderUnread(const std::string& job_id, const std::filesystem::path& folder);
@@ -146,6 +160,11 @@ class JobRunner {
   // whose wait was logged (once each, until they start).
   std::pair<std::string, std::string> memory_wait_;
   std::set<std::string> memory_wait_logged_;
+  // Runner thread only: the running jobs started ahead of started_ahead_of_ (the job first in
+  // line waiting for memory) while it waits, with their configs; it fits beside all of them.
+  // Reset when another job is first in line, or when it starts.
+  std::string started_ahead_of_;
+  std::map<std::string, engine::TrainingJobConfig> started_ahead_;
   // The queued job first in line that cannot start for its storage (a full disk, a folder that
   // cannot be written), and why: tried again every few seconds.
   std::pair<std::string, std::string> storage_wait_;

@@ -437,21 +437,36 @@ absl::StatusOr<std::map<std::string, int64_t>> JobStore::QueueOrder() {
 }
 
 absl::StatusOr<std::optional<JobRecord>> JobStore::NextQueued() {
+  auto next = NextQueued(1);
+  if (!next.ok()) return next.status();
+  if (next->empty()) return std::optional<JobRecord>();
+  return std::optional<JobRecord>(std::move(next->front()));
+}
+
+absl::StatusOr<std::vector<JobRecord>> JobStore::NextQueued(size_t count) {
   std::lock_guard<std::mutex> lock(mu_);
   Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
                                 " FROM jobs WHERE state = ? ORDER BY priority DESC, seq;"));
   s.Bind(1, static_cast<int64_t>(JobState::kQueued));
-  std::optional<JobRecord> next;
+  std::vector<JobRecord> first, then;  // as QueueOrder
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
     JobRecord job = ReadJob(s);
     if (unrecorded_cancels_.count(job.id) > 0) continue;
-    if (interrupted_.count(job.id) > 0) return std::optional<JobRecord>(std::move(job));
-    if (!next) next = std::move(job);
-    if (interrupted_.empty()) break;
+    if (interrupted_.count(job.id) > 0) {
+      first.push_back(std::move(job));
+      if (first.size() >= count) break;
+    } else if (then.size() < count) {
+      then.push_back(std::move(job));
+      if (interrupted_.empty() && then.size() >= count) break;
+    }
   }
-  if (rc == SQLITE_DONE || rc == SQLITE_ROW) return next;
-  return s.StepError();
+  if (rc != SQLITE_DONE && rc != SQLITE_ROW) return s.StepError();
+  for (JobRecord& job : then) {
+    if (first.size() >= count) break;
+    first.push_back(std::move(job));
+  }
+  return first;
 }
 
 absl::Status JobStore::Transition(const std::string& id, const std::vector<JobState>& from,

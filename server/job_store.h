@@ -156,6 +156,8 @@ class JobStore {
   // queued again (a stop and start must not let the jobs queued behind a running one go first),
   // else of all. nullopt when none is queued.
   absl::StatusOr<std::optional<JobRecord>> NextQueued();
+  // The first `count` queued jobs in that order (NextQueued's first).
+  absl::StatusOr<std::vector<JobRecord>> NextQueued(size_t count);
 
   // State changes. Each checks the job's current state and fails with FAILED_PRECONDITION when
   // the transition is not allowed (e.g. starting a cancelled job). `at_ms` is the time stored

@@ -174,6 +174,16 @@ struct Engine::Impl {
   // `waits_for` (optional): when it is false, what the job needs that the jobs training hold.
   absl::StatusOr<bool> FitsNow(const TrainingMemoryEstimate& need, const TrainingJobConfig& config,
                                std::string* waits_for = nullptr) const {
+    int64_t held = 0, held_host = 0;
+    for (const auto& [id, bytes] : job_bytes) held += bytes;
+    for (const auto& [id, bytes] : job_host_bytes) held_host += bytes;
+    return FitsBeside(need, config, held, held_host, waits_for);
+  }
+  // The same answer beside jobs holding `held` bytes of the budget and `held_host` of pinned
+  // host memory (`waits_for` describes them as the jobs training).
+  absl::StatusOr<bool> FitsBeside(const TrainingMemoryEstimate& need,
+                                  const TrainingJobConfig& config, int64_t held, int64_t held_host,
+                                  std::string* waits_for) const {
     // Offloading parks tensors in pinned host memory (CUDA only): a job that needs more than the
     // host has in all can never run, and one that needs more than the jobs training leave of it
     // waits for one to end. (What is available now is not asked: a job that just ended hands its
@@ -183,8 +193,6 @@ struct Engine::Impl {
       // and then ended the daemon (the out-of-memory killer) when no budget was set.
       if (auto s = CpuTrainingMemoryFits(need, config, host_total_bytes); !s.ok()) return s;
     } else {
-      int64_t held_host = 0;
-      for (const auto& [id, bytes] : job_host_bytes) held_host += bytes;
       absl::StatusOr<bool> host_fits =
           PinnedHostMemoryFits(need, config, host_total_bytes, held_host);
       if (!host_fits.ok() || !*host_fits) {
@@ -205,8 +213,6 @@ struct Engine::Impl {
           "training.memory_budget_mib allows " + ReadableBytes(budget) + "; raise the budget, or " +
           TrainingShrinkHint(config));
     }
-    int64_t held = 0;
-    for (const auto& [id, bytes] : job_bytes) held += bytes;
     if (waits_for != nullptr) {
       *waits_for = DescribeTrainingNeed(need) + " of training memory, and the jobs training hold " +
                    ReadableBytes(held) + " of training.memory_budget_mib (" +
@@ -691,6 +697,17 @@ absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config,
   const TrainingMemoryEstimate need = impl_->Need(config);
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->FitsNow(need, config, waits_for);
+}
+
+absl::StatusOr<bool> Engine::TrainingFitsBeside(
+    const TrainingJobConfig& config, const std::vector<TrainingJobConfig>& beside) const {
+  int64_t held = 0, held_host = 0;
+  for (const TrainingJobConfig& other : beside) {
+    const TrainingMemoryEstimate need = impl_->Need(other);
+    held += need.total();
+    if (impl_->device.device != "cpu") held_host += need.host_bytes;  // as StartTraining counts
+  }
+  return impl_->FitsBeside(impl_->Need(config), config, held, held_host, nullptr);
 }
 
 absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,

@@ -116,6 +116,11 @@ class Engine {
   // `waits_for` (optional): when false, what the job needs that the jobs training hold.
   absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config,
                                        std::string* waits_for = nullptr) const;
+  // Whether a job with `config` would fit beside jobs with the configs `beside` alone (the active
+  // jobs not counted), in the budget and the pinned host memory; errors as TrainingFitsNow's. For
+  // starting a job ahead of one that waits for memory only where that one keeps its room.
+  absl::StatusOr<bool> TrainingFitsBeside(const TrainingJobConfig& config,
+                                          const std::vector<TrainingJobConfig>& beside) const;
   // What starting a job with `config` would refuse about its data (the template cannot take a
   // record, no usable example), from at most `max_records` records of each file; for a check at
   // submission. Thread-safe; it reads the files and tokenizes on the caller's thread. CANCELLED

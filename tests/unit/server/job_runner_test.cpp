@@ -21,6 +21,7 @@
 #include "engine/model/utf8.h"
 #include "engine/train/checkpoint_folders.h"
 #include "engine/train/dataset_reader.h"
+#include "engine/train/training_memory.h"
 #include "server/job_event_hub.h"
 #include "server/job_spec_validator.h"
 #include "server/job_store.h"
@@ -39,8 +40,10 @@ class Rig {
   // `busy_timeout`: how long the job store's writes wait for a lock another connection holds
   // (0: refused at once, as a full disk refuses them).
   // `save_every`: the job's checkpoint cadence (0: only at the end), every checkpoint kept.
+  // `memory_budget_bytes`, `max_running`: training.memory_budget_mib and max_running_jobs.
   Rig(const std::string& name, int steps,
-      std::chrono::milliseconds busy_timeout = std::chrono::seconds(5), int save_every = 0)
+      std::chrono::milliseconds busy_timeout = std::chrono::seconds(5), int save_every = 0,
+      int64_t memory_budget_bytes = 0, int max_running = 1)
       : steps_(steps) {
     dir_ = fs::path(::testing::TempDir()) / ("job_runner_test-" + name);
     fs::remove_all(dir_);
@@ -51,6 +54,8 @@ class Rig {
     const char* model = std::getenv("LORAD_TINY_MODEL");
     options.model_folder = model != nullptr ? model : LORAD_TINY_MODEL_DEFAULT;
     options.device = "cpu";
+    options.training_memory_budget_bytes = memory_budget_bytes;
+    options.max_training_jobs = std::max(1, max_running);
     auto started = engine::Engine::Start(options);
     EXPECT_TRUE(started.ok()) << started.status();
     engine_ = *std::move(started);
@@ -73,8 +78,9 @@ class Rig {
     EXPECT_TRUE(validated.ok()) << validated.status();
     spec_ = spec.SerializeAsString();
     job_id_ = InsertJob();
-    runner_ = std::make_unique<JobRunner>(*engine_, *store_, hub_, metrics_,
-                                          (dir_ / "jobs").string(), limits.dataset_root, 1);
+    runner_ =
+        std::make_unique<JobRunner>(*engine_, *store_, hub_, metrics_, (dir_ / "jobs").string(),
+                                    limits.dataset_root, max_running);
   }
 
   ~Rig() {
@@ -87,6 +93,26 @@ class Rig {
     auto record = store_->Insert(spec_, "runner-bot", 0, steps_, 64);
     EXPECT_TRUE(record.ok()) << record.status();
     return record.ok() ? record->id : "";
+  }
+  // The rig's job spec, for a job of another shape.
+  lorad::v1::JobSpec Spec() const {
+    lorad::v1::JobSpec spec;
+    spec.ParseFromString(spec_);
+    return spec;
+  }
+  // A job of `spec`, queued, and the engine's estimate of its memory.
+  std::string InsertJob(const lorad::v1::JobSpec& spec) {
+    auto record = store_->Insert(spec.SerializeAsString(), spec.adapter_name(), 0,
+                                 spec.training().max_steps(), 64);
+    EXPECT_TRUE(record.ok()) << record.status();
+    return record.ok() ? record->id : "";
+  }
+  int64_t EstimatedBytes(const lorad::v1::JobSpec& spec) const {
+    auto config =
+        TrainingJobConfigFromSpec(spec, (dir_ / "estimate").string(), (dir_ / "datasets").string());
+    EXPECT_TRUE(config.ok()) << config.status();
+    return engine::EstimateTrainingBytes(engine_->model_config(), *config, /*element_bytes=*/4)
+        .total();
   }
 
   std::string db_path() const { return (dir_ / "jobs.db").string(); }
@@ -347,6 +373,61 @@ TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {
   EXPECT_EQ(rig.State(), JobState::kCancelled);
   EXPECT_FALSE(fs::exists(rig.job_dir() / "adapter")) << "it trained to its end";
   EXPECT_FALSE(rig.engine().adapters().Contains("runner-bot"));
+}
+
+// A job first in line that waits for training memory does not hold back, for nothing, a smaller
+// one behind it that fits now: that one starts first where the one waiting still fits beside it
+// once the jobs running before it waited have ended (and not where it would take its room).
+// Sizes, by the engine's estimate: a running job and a `small` one of its shape, a `large` one
+// first in line, a `tiny` one; the budget holds large + tiny, not large + small.
+TEST(JobRunnerTest, AJobThatLeavesRoomStartsAheadOfOneWaitingForMemory) {
+  auto shaped = [](lorad::v1::JobSpec spec, const std::string& name, int micro_batch,
+                   int seq_length) {
+    spec.set_adapter_name(name);
+    spec.mutable_training()->set_max_steps(100000);  // running until cancelled
+    spec.mutable_training()->set_micro_batch_size(micro_batch);
+    spec.mutable_training()->set_max_seq_length(seq_length);
+    return spec;
+  };
+  int64_t small = 0, large = 0, tiny = 0;
+  {
+    Rig sizes("ahead-sizes", 1);
+    small = sizes.EstimatedBytes(shaped(sizes.Spec(), "small", 2, 128));
+    large = sizes.EstimatedBytes(shaped(sizes.Spec(), "large", 16, 128));
+    tiny = sizes.EstimatedBytes(shaped(sizes.Spec(), "tiny", 1, 64));
+  }
+  // running (small) + large > budget: large waits; running + small <= budget, large + small >
+  // budget: small does not start ahead; running + tiny and large + tiny <= budget: tiny does.
+  ASSERT_LT(tiny, small);
+  ASSERT_LE(2 * small, large + tiny) << "the shapes no longer give the sizes this test needs";
+  Rig rig("ahead", 100000, std::chrono::seconds(5), 0, /*memory_budget_bytes=*/large + tiny,
+          /*max_running=*/3);
+  const std::string large_id = rig.InsertJob(shaped(rig.Spec(), "large", 16, 128));
+  const std::string small_id = rig.InsertJob(shaped(rig.Spec(), "small", 2, 128));
+  const std::string tiny_id = rig.InsertJob(shaped(rig.Spec(), "tiny", 1, 64));
+  rig.runner().Start();
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(tiny_id) == JobState::kRunning; }, 60))
+      << "the tiny job waits behind the large one";
+  EXPECT_EQ(rig.State(), JobState::kRunning);
+  EXPECT_EQ(rig.State(large_id), JobState::kQueued);
+  EXPECT_EQ(rig.State(small_id), JobState::kQueued) << "it took the large job's room";
+  EXPECT_NE(rig.runner().WaitingFor(small_id, false).find("waits for training memory"),
+            std::string::npos)
+      << rig.runner().WaitingFor(small_id, false);
+  // The job running before the large one waited ends: the large one starts beside the tiny one.
+  ASSERT_TRUE(rig.store().Cancel(rig.job_id()).ok());
+  rig.runner().Cancel(rig.job_id());
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(large_id) == JobState::kRunning; }, 60))
+      << "the large job did not get its room";
+  EXPECT_EQ(rig.State(tiny_id), JobState::kRunning);
+  EXPECT_EQ(rig.State(small_id), JobState::kQueued);
+  for (const std::string& id : {large_id, tiny_id}) {
+    ASSERT_TRUE(rig.store().Cancel(id).ok());
+    rig.runner().Cancel(id);
+  }
+  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(small_id) == JobState::kRunning; }, 60));
+  ASSERT_TRUE(rig.store().Cancel(small_id).ok());
+  rig.runner().Cancel(small_id);
 }
 
 // A job that ends while the job database refuses writes (what a full disk does; here another
