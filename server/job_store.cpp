@@ -9,6 +9,7 @@
 #include <chrono>
 #include <limits>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "absl/strings/match.h"
@@ -651,13 +652,20 @@ absl::Status JobStore::SetTotalSteps(const std::string& id, int64_t total_steps)
 }
 
 absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> JobStore::CountByState() {
-  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock()) {
-    {
-      std::lock_guard<std::mutex> counted(counted_mu_);
-      if (last_counts_) return *last_counts_;
+  // A write of a step or a state takes milliseconds: waited for (answering the last counts
+  // at once, a scrape while jobs trained read counts from minutes before, or the start's zeros).
+  std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+  const auto give_up = std::chrono::steady_clock::now() + kCountsWaitForStore;
+  while (!lock.try_lock()) {
+    if (std::chrono::steady_clock::now() >= give_up) {
+      {
+        std::lock_guard<std::mutex> counted(counted_mu_);
+        if (last_counts_) return *last_counts_;
+      }
+      lock.lock();
+      break;
     }
-    lock.lock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   std::vector<std::pair<JobState, int64_t>> counts;
   for (JobState state : {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,

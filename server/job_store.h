@@ -268,10 +268,11 @@ class JobStore {
   static std::string UncleanStopsError(int64_t stops, int64_t step,
                                        const std::vector<std::string>& others);
 
-  // Jobs per state, for metrics. While another call holds the store (a write waiting out the
-  // busy timeout behind a sqlite3 shell's lock, a deletion of a long job's history) it answers
-  // the last counts at once, rather than hold the HTTP server's one thread, and with it /healthz,
-  // for seconds; the first call waits.
+  // Jobs per state, for metrics. While another call holds the store for longer than
+  // kCountsWaitForStore (a write waiting out the busy timeout behind a sqlite3 shell's lock, a
+  // deletion of a long job's history) it answers the last counts, rather than hold the HTTP
+  // server's one thread, and with it /healthz, for seconds; the first call waits.
+  static constexpr std::chrono::milliseconds kCountsWaitForStore{250};
   absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> CountByState();
 
   // Small facts about the data folder kept with the jobs ("data_dir": where it was at the last

@@ -79,6 +79,37 @@ TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
   EXPECT_EQ((*after)[0], std::make_pair(JobState::kQueued, int64_t{2}));
 }
 
+// A write that holds the store for a moment (a step's row while jobs train) is waited for: the
+// counts answered at once then were the last ones, which could be the start's zeros (a scrape
+// while two jobs trained read "running 0"). Here the write waits a few ms for another
+// connection's lock (0.1 s), and the counts taken meanwhile include its job.
+TEST_F(JobStoreTest, CountsWaitForAShortWrite) {
+  auto opened = JobStore::Open(path_, std::chrono::seconds(30));
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  std::unique_ptr<JobStore> store = std::move(*opened);
+  ASSERT_TRUE(store->CountByState().ok());  // the last counts: none queued
+  sqlite3* blocker = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+  std::atomic<bool> inserted{false};
+  std::thread writer([&] {
+    EXPECT_TRUE(store->Insert("b", "b", 0, 1, 10).ok());
+    inserted = true;
+  });
+  std::thread committer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(sqlite3_exec(blocker, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the writer holds the store
+  auto during = store->CountByState();
+  committer.join();
+  writer.join();
+  sqlite3_close(blocker);
+  ASSERT_TRUE(during.ok()) << during.status();
+  ASSERT_TRUE(inserted);
+  EXPECT_EQ((*during)[0], std::make_pair(JobState::kQueued, int64_t{1}));
+}
+
 // A cancel the database refuses (what a full disk does; here another connection holds its write
 // lock past the store's busy timeout) holds anyway: the jobs read, list and count as cancelled,
 // neither starts nor publishes nor fails, the queue moves past them, and once writes work again
