@@ -53,7 +53,8 @@ class Daemon {
 
  private:
   absl::Status StartGrpc();
-  // Publishes again the adapters that were served at the last stop, with the same versions.
+  // Publishes again the adapters that were served at the last stop, with the same versions, read
+  // on a few threads (daemon_recorded_adapters.cpp).
   // Refused (the start stops) when the records cannot be read: the store would number new
   // versions from 1 again, and the records would keep the older, higher ones.
   absl::Status ServeRecordedAdapters();

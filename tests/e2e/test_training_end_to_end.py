@@ -418,6 +418,9 @@ def test_a_restart_serves_the_same_adapters_and_versions_keep_growing(tmp_path, 
                          d.log()), d.log()
         assert re.search(r"adapter changed version 1 is not served again: .*holds other files",
                          d.log()), d.log()
+        # Four names (two served again, two refused), read on more than one thread.
+        assert re.search(r"2 adapter\(s\) served again in [0-9.]+ s \([2-4] thread\(s\)\)",
+                         d.log()), d.log()
         # A recorded adapter the restart could not serve again is unloaded from the record (it
         # was NOT_FOUND, and the record stayed: a dead end for deleting its job).
         gone = adapters.UnloadAdapter(apb.UnloadAdapterRequest(name="moved"), timeout=10)
