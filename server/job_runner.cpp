@@ -432,7 +432,6 @@ void JobRunner::Handle(const Pending& p) {
     running_.erase(p.job_id);
     look_for_jobs_ = true;
   }
-  started_ahead_.erase(p.job_id);
   {
     std::lock_guard<std::mutex> lock(progress_mu_);
     cancelled_.erase(p.job_id);

@@ -110,14 +110,15 @@ class JobRunner {
   // that fits now and leaves it its room (job_start.cpp). Runner thread only.
   void StartNextJob();
   // Starts the first job of `queued` (after `first`, which waits for memory) that fits now and
-  // leaves `first` its room: see job_start.cpp.
+  // can never hold `first` back: see job_start.cpp.
   void StartOneAhead(const JobRecord& first, const engine::TrainingJobConfig& first_config,
                      const std::vector<JobRecord>& queued, std::unique_lock<std::mutex>& folders);
   // Marks the job running and hands it to the engine; `folders` (folders_mu_, held) is released
   // once the job's record says running. Whether the engine took it (else it stays queued, waits
-  // for storage, or failed).
+  // for storage, or failed). `first_in_line`: else started ahead of the first, whose storage wait
+  // (storage_wait_) a refusal of this one does not stand for.
   bool StartJob(const JobRecord& job, const engine::TrainingJobConfig& config,
-                std::unique_lock<std::mutex>& folders);
+                std::unique_lock<std::mutex>& folders, bool first_in_line);
   // The job cannot start for its storage (`s`): logged once, looked at again in a few seconds.
   void WaitForStorage(const std::string& job_id, const absl::Status& s);
   // DeleteJob's last check: FAILED_PRECONDITION when a served adapter lives in `folder` (a
@@ -160,11 +161,6 @@ class JobRunner {
   // whose wait was logged (once each, until they start).
   std::pair<std::string, std::string> memory_wait_;
   std::set<std::string> memory_wait_logged_;
-  // Runner thread only: the running jobs started ahead of started_ahead_of_ (the job first in
-  // line waiting for memory) while it waits, with their configs; it fits beside all of them.
-  // Reset when another job is first in line, or when it starts.
-  std::string started_ahead_of_;
-  std::map<std::string, engine::TrainingJobConfig> started_ahead_;
   // The queued job first in line that cannot start for its storage (a full disk, a folder that
   // cannot be written), and why: tried again every few seconds.
   std::pair<std::string, std::string> storage_wait_;

@@ -2,12 +2,12 @@
 //
 // Jobs start in the queue's order (JobStore::NextQueued). A job first in line that waits for
 // training memory (training.memory_budget_mib, or the pinned host memory offloading takes) would
-// hold every job behind it, a small one too, until a running job ends. A job behind it starts
-// first where that costs it nothing: the job fits now, and the one first in line still fits beside
-// it and every other job started ahead of it once the jobs that were running when it began to
-// wait have ended, with a slot of training.max_running_jobs left for it. Those jobs end as they
-// would have, so it waits no longer than it did before (EASY backfilling, without run times:
-// room is kept rather than time).
+// hold every job behind it, a small one too, until running jobs end. A job behind it starts
+// first where that can never make it wait longer, however the running jobs end: for every set of
+// them beside which the waiting job would fit (with a slot of training.max_running_jobs), it also
+// fits beside that set and the job started first (Engine::TrainingLeavesRoomFor). By induction
+// the jobs so started never hold it back together either (EASY backfilling, with room kept rather
+// than run times, which lorad does not know).
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -89,10 +89,6 @@ void JobRunner::StartNextJob() {
       }
       memory_wait_ = {job.id, waits_for};
     }
-    if (started_ahead_of_ != job.id) {  // another job's room was kept until now
-      started_ahead_of_ = job.id;
-      started_ahead_.clear();
-    }
     StartOneAhead(job, *config, *queued, folders);
     return;
   }
@@ -101,38 +97,32 @@ void JobRunner::StartNextJob() {
     memory_wait_ = {};
     memory_wait_logged_.erase(job.id);
   }
-  started_ahead_of_.clear();
-  started_ahead_.clear();
-  StartJob(job, *config, folders);
+  StartJob(job, *config, folders, /*first_in_line=*/true);
 }
 
 void JobRunner::StartOneAhead(const JobRecord& first, const engine::TrainingJobConfig& first_config,
                               const std::vector<JobRecord>& queued,
                               std::unique_lock<std::mutex>& folders) {
-  // A slot for each job started ahead, one more, and the first in line's.
-  if (static_cast<int>(started_ahead_.size()) + 2 > max_running_) return;
-  std::vector<engine::TrainingJobConfig> ahead;
-  for (const auto& [id, config] : started_ahead_) ahead.push_back(config);
   for (size_t i = 1; i < queued.size(); ++i) {
     const JobRecord& job = queued[i];
     if (unrecorded_failures_.count(job.id) > 0) continue;
-    // A spec or config that cannot start fails the job once it is first in line, as always.
+    // A spec or a dataset that cannot start fails the job once it is first in line, as always.
     lorad::v1::JobSpec spec;
     if (!spec.ParseFromString(job.spec)) continue;
+    // Screened by the spec alone (no file is touched for a job that does not start here).
+    const engine::TrainingJobConfig screened = TrainingJobConfigOf(spec, jobs_dir_ + "/" + job.id);
+    const absl::StatusOr<bool> fits = engine_.TrainingFitsNow(screened);
+    if (!fits.ok() || !*fits) continue;
+    const absl::StatusOr<bool> leaves_room =
+        engine_.TrainingLeavesRoomFor(first_config, screened, max_running_);
+    if (!leaves_room.ok() || !*leaves_room) continue;
     auto config = TrainingJobConfigFromSpec(spec, jobs_dir_ + "/" + job.id, dataset_root_);
     if (!config.ok()) continue;
-    const absl::StatusOr<bool> fits = engine_.TrainingFitsNow(*config);
-    if (!fits.ok() || !*fits) continue;
-    ahead.push_back(*config);
-    const absl::StatusOr<bool> leaves_room = engine_.TrainingFitsBeside(first_config, ahead);
-    ahead.pop_back();
-    if (!leaves_room.ok() || !*leaves_room) continue;
     spdlog::info(
         "job {} ({}) starts ahead of job {} ({}), which waits for training memory: it fits now, "
-        "and job {} still fits beside it once the jobs running before it waited have ended",
+        "and job {} keeps its room beside it however the running jobs end",
         job.id, job.adapter_name, first.id, first.adapter_name, first.id);
-    started_ahead_.emplace(job.id, *config);
-    if (!StartJob(job, *config, folders)) started_ahead_.erase(job.id);
+    StartJob(job, *config, folders, /*first_in_line=*/false);
     return;
   }
 }
@@ -151,7 +141,7 @@ void JobRunner::WaitForStorage(const std::string& job_id, const absl::Status& s)
 }
 
 bool JobRunner::StartJob(const JobRecord& job, const engine::TrainingJobConfig& config,
-                         std::unique_lock<std::mutex>& folders) {
+                         std::unique_lock<std::mutex>& folders, bool first_in_line) {
   const int64_t started_ms = JobTimeMs();  // stored and published alike: a replay shows the same
   {
     // Before MarkRunning: a CancelJob right after it must find the job running here, or the
@@ -170,13 +160,17 @@ bool JobRunner::StartJob(const JobRecord& job, const engine::TrainingJobConfig& 
     }
     if (absl::IsFailedPrecondition(s) || absl::IsNotFound(s)) {
       Wake();  // cancelled (or deleted) meanwhile: look for the next one
-    } else {
+    } else if (first_in_line) {
       WaitForStorage(job.id, s);  // looking again at once would spin on it
+    } else {
+      // Not the line's wait (GetJob's waiting_for names the first in line's): its turn comes.
+      spdlog::debug("job {} could not start ahead: {}", job.id, std::string(s.message()));
+      start_again_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     }
     return false;
   }
-  start_refused_ = false;
-  {
+  if (first_in_line) {
+    start_refused_ = false;
     std::lock_guard<std::mutex> lock(mu_);
     storage_wait_ = {};
   }

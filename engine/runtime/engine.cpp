@@ -699,15 +699,40 @@ absl::StatusOr<bool> Engine::TrainingFitsNow(const TrainingJobConfig& config,
   return impl_->FitsNow(need, config, waits_for);
 }
 
-absl::StatusOr<bool> Engine::TrainingFitsBeside(
-    const TrainingJobConfig& config, const std::vector<TrainingJobConfig>& beside) const {
-  int64_t held = 0, held_host = 0;
-  for (const TrainingJobConfig& other : beside) {
-    const TrainingMemoryEstimate need = impl_->Need(other);
-    held += need.total();
-    if (impl_->device.device != "cpu") held_host += need.host_bytes;  // as StartTraining counts
+absl::StatusOr<bool> Engine::TrainingLeavesRoomFor(const TrainingJobConfig& waiting,
+                                                   const TrainingJobConfig& candidate,
+                                                   int max_jobs) const {
+  const TrainingMemoryEstimate need = impl_->Need(waiting);
+  const TrainingMemoryEstimate other = impl_->Need(candidate);
+  const bool pinned = impl_->device.device != "cpu";  // as StartTraining counts host bytes
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::vector<std::pair<int64_t, int64_t>> held;  // each active job's bytes and pinned bytes
+  for (const std::string& id : impl_->active_job_ids) {
+    const auto bytes = impl_->job_bytes.find(id);
+    const auto host = impl_->job_host_bytes.find(id);
+    held.emplace_back(bytes == impl_->job_bytes.end() ? 0 : bytes->second,
+                      host == impl_->job_host_bytes.end() ? 0 : host->second);
   }
-  return impl_->FitsBeside(impl_->Need(config), config, held, held_host, nullptr);
+  if (held.size() > 20) return false;  // never: max_training_jobs is at most 16
+  for (uint32_t set = 0; set < (uint32_t{1} << held.size()); ++set) {
+    int64_t bytes = 0, host = 0;
+    int jobs = 0;
+    for (size_t i = 0; i < held.size(); ++i) {
+      if ((set >> i & 1) == 0) continue;
+      bytes += held[i].first;
+      host += held[i].second;
+      ++jobs;
+    }
+    if (jobs + 1 > max_jobs) continue;
+    absl::StatusOr<bool> fits = impl_->FitsBeside(need, waiting, bytes, host, nullptr);
+    if (!fits.ok()) return fits.status();
+    if (!*fits) continue;
+    if (jobs + 2 > max_jobs) return false;
+    fits = impl_->FitsBeside(need, waiting, bytes + other.total(),
+                             host + (pinned ? other.host_bytes : 0), nullptr);
+    if (!fits.ok() || !*fits) return fits;
+  }
+  return true;
 }
 
 absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,

@@ -116,11 +116,14 @@ class Engine {
   // `waits_for` (optional): when false, what the job needs that the jobs training hold.
   absl::StatusOr<bool> TrainingFitsNow(const TrainingJobConfig& config,
                                        std::string* waits_for = nullptr) const;
-  // Whether a job with `config` would fit beside jobs with the configs `beside` alone (the active
-  // jobs not counted), in the budget and the pinned host memory; errors as TrainingFitsNow's. For
-  // starting a job ahead of one that waits for memory only where that one keeps its room.
-  absl::StatusOr<bool> TrainingFitsBeside(const TrainingJobConfig& config,
-                                          const std::vector<TrainingJobConfig>& beside) const;
+  // Whether starting a job with `candidate` now can never hold back `waiting`, a job that waits
+  // for memory (TrainingFitsNow false), however the active jobs end: for every set of them beside
+  // which `waiting` would fit with a slot of `max_jobs` left, it also fits beside that set and the
+  // candidate with a slot left. (The largest such set decides: what the candidate takes must be
+  // memory `waiting` could never have used.) Errors as TrainingFitsNow's.
+  absl::StatusOr<bool> TrainingLeavesRoomFor(const TrainingJobConfig& waiting,
+                                             const TrainingJobConfig& candidate,
+                                             int max_jobs) const;
   // What starting a job with `config` would refuse about its data (the template cannot take a
   // record, no usable example), from at most `max_records` records of each file; for a check at
   // submission. Thread-safe; it reads the files and tokenizes on the caller's thread. CANCELLED

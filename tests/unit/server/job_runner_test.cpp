@@ -376,10 +376,12 @@ TEST(JobRunnerTest, ACancelAsTheJobStartsStopsIt) {
 }
 
 // A job first in line that waits for training memory does not hold back, for nothing, a smaller
-// one behind it that fits now: that one starts first where the one waiting still fits beside it
-// once the jobs running before it waited have ended (and not where it would take its room).
-// Sizes, by the engine's estimate: a running job and a `small` one of its shape, a `large` one
-// first in line, a `tiny` one; the budget holds large + tiny, not large + small.
+// one behind it that fits now: that one starts first where the one waiting keeps its room however
+// the running jobs end (and not where it would take it). Sizes, by the engine's estimate: two
+// running jobs and a third of their `small` shape, a `large` one first in line, a `tiny` one; the
+// budget holds small + large + tiny. The large one fits once either running job ends; the third
+// small one would fit beside it alone (it did start, before a review: the large one then waited
+// for both running jobs), the tiny one fits beside it and either running job.
 TEST(JobRunnerTest, AJobThatLeavesRoomStartsAheadOfOneWaitingForMemory) {
   auto shaped = [](lorad::v1::JobSpec spec, const std::string& name, int micro_batch,
                    int seq_length) {
@@ -396,12 +398,13 @@ TEST(JobRunnerTest, AJobThatLeavesRoomStartsAheadOfOneWaitingForMemory) {
     large = sizes.EstimatedBytes(shaped(sizes.Spec(), "large", 16, 128));
     tiny = sizes.EstimatedBytes(shaped(sizes.Spec(), "tiny", 1, 64));
   }
-  // running (small) + large > budget: large waits; running + small <= budget, large + small >
-  // budget: small does not start ahead; running + tiny and large + tiny <= budget: tiny does.
+  // 2 small + large > budget: large waits; 3 small <= budget (the third fits now), small + large
+  // + small > budget (it would take large's room); small + large + tiny = budget.
   ASSERT_LT(tiny, small);
   ASSERT_LE(2 * small, large + tiny) << "the shapes no longer give the sizes this test needs";
-  Rig rig("ahead", 100000, std::chrono::seconds(5), 0, /*memory_budget_bytes=*/large + tiny,
-          /*max_running=*/3);
+  Rig rig("ahead", 100000, std::chrono::seconds(5), 0,
+          /*memory_budget_bytes=*/small + large + tiny, /*max_running=*/4);
+  const std::string second_id = rig.InsertJob(shaped(rig.Spec(), "second", 2, 128));
   const std::string large_id = rig.InsertJob(shaped(rig.Spec(), "large", 16, 128));
   const std::string small_id = rig.InsertJob(shaped(rig.Spec(), "small", 2, 128));
   const std::string tiny_id = rig.InsertJob(shaped(rig.Spec(), "tiny", 1, 64));
@@ -409,25 +412,25 @@ TEST(JobRunnerTest, AJobThatLeavesRoomStartsAheadOfOneWaitingForMemory) {
   ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(tiny_id) == JobState::kRunning; }, 60))
       << "the tiny job waits behind the large one";
   EXPECT_EQ(rig.State(), JobState::kRunning);
+  EXPECT_EQ(rig.State(second_id), JobState::kRunning);
   EXPECT_EQ(rig.State(large_id), JobState::kQueued);
   EXPECT_EQ(rig.State(small_id), JobState::kQueued) << "it took the large job's room";
   EXPECT_NE(rig.runner().WaitingFor(small_id, false).find("waits for training memory"),
             std::string::npos)
       << rig.runner().WaitingFor(small_id, false);
-  // The job running before the large one waited ends: the large one starts beside the tiny one.
-  ASSERT_TRUE(rig.store().Cancel(rig.job_id()).ok());
-  rig.runner().Cancel(rig.job_id());
+  // One of the jobs running before the large one waited ends: the large one starts beside the
+  // other and the tiny one.
+  ASSERT_TRUE(rig.store().Cancel(second_id).ok());
+  rig.runner().Cancel(second_id);
   ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(large_id) == JobState::kRunning; }, 60))
       << "the large job did not get its room";
+  EXPECT_EQ(rig.State(), JobState::kRunning);
   EXPECT_EQ(rig.State(tiny_id), JobState::kRunning);
   EXPECT_EQ(rig.State(small_id), JobState::kQueued);
-  for (const std::string& id : {large_id, tiny_id}) {
+  for (const std::string& id : {rig.job_id(), large_id, tiny_id, small_id}) {
     ASSERT_TRUE(rig.store().Cancel(id).ok());
     rig.runner().Cancel(id);
   }
-  ASSERT_TRUE(Rig::WaitFor([&] { return rig.State(small_id) == JobState::kRunning; }, 60));
-  ASSERT_TRUE(rig.store().Cancel(small_id).ok());
-  rig.runner().Cancel(small_id);
 }
 
 // A job that ends while the job database refuses writes (what a full disk does; here another

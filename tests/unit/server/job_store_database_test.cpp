@@ -82,7 +82,7 @@ TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
 // A write that holds the store for a moment (a step's row while jobs train) is waited for: the
 // counts answered at once then were the last ones, which could be the start's zeros (a scrape
 // while two jobs trained read "running 0"). Here the write waits a few ms for another
-// connection's lock (0.1 s), and the counts taken meanwhile include its job.
+// connection's lock (0.15 s), and the counts taken meanwhile include its job.
 TEST_F(JobStoreTest, CountsWaitForAShortWrite) {
   auto opened = JobStore::Open(path_, std::chrono::seconds(30));
   ASSERT_TRUE(opened.ok()) << opened.status();
@@ -97,10 +97,10 @@ TEST_F(JobStoreTest, CountsWaitForAShortWrite) {
     inserted = true;
   });
   std::thread committer([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
     EXPECT_EQ(sqlite3_exec(blocker, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the writer holds the store
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the writer holds the store
   auto during = store->CountByState();
   committer.join();
   writer.join();
