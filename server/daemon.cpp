@@ -431,6 +431,18 @@ absl::Status Daemon::OpenJobStore() {
     // After a clean stop this is the plan, not a warning.
     spdlog::log(recovered->unclean_stop ? spdlog::level::warn : spdlog::level::info,
                 "job {} was running at the last stop; queued again, to run first", id);
+    // What the dead run recorded past the checkpoint the job resumes from goes now, as RetryJob
+    // does, not once the job starts: while it waited in the queue (behind a job first in line,
+    // or more of them than training.max_running_jobs) listings showed progress it had lost, and
+    // a watch, taking the resumed run's steps for ones it had sent, skipped them.
+    const int64_t resumes_at = NewestCheckpoint((fs::path(JobsDir()) / id).string()).first;
+    if (auto s = jobs_->ForgetHistoryAfter(id, resumes_at); !s.ok()) {
+      spdlog::warn(
+          "job {}: its history after step {}, where it resumes, could not be removed "
+          "({}): until it gets past those steps again, its progress reads as the last "
+          "run's",
+          id, resumes_at, std::string(s.message()));
+    }
   }
   for (const auto& [id, error] : recovered->failed) spdlog::error("job {} failed: {}", id, error);
   JobStore* jobs = jobs_.get();

@@ -234,16 +234,19 @@ void JobRunner::PublishKept(const std::string& job_id, int64_t step,
   if (*added) events_.Publish(event);
 }
 
-std::pair<int64_t, std::string> JobRunner::ResumePoint(const std::string& job_id) const {
+std::pair<int64_t, std::string> NewestCheckpoint(const std::string& job_folder) {
   // A checkpoint a kill left aside while replacing it is the job's to resume from: put back
-  // before the runner says where the job resumes and forgets the history after it.
-  engine::RestoreReplacedFolders((fs::path(jobs_dir_) / job_id).string());
+  // before the caller says where the job resumes and forgets the history after it.
+  engine::RestoreReplacedFolders(job_folder);
   std::pair<int64_t, std::string> newest{0, ""};
-  for (auto& [step, folder] :
-       engine::CompleteCheckpoints((fs::path(jobs_dir_) / job_id).string())) {
+  for (auto& [step, folder] : engine::CompleteCheckpoints(job_folder)) {
     if (newest.second.empty() || step > newest.first) newest = {step, folder.string()};
   }
   return newest;
+}
+
+std::pair<int64_t, std::string> JobRunner::ResumePoint(const std::string& job_id) const {
+  return NewestCheckpoint((fs::path(jobs_dir_) / job_id).string());
 }
 
 void JobRunner::ForgetHistoryAfter(const std::string& job_id, int64_t step) {

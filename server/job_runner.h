@@ -55,6 +55,10 @@ int64_t MakeJobExamplesPrivate(const std::string& jobs_dir);
 // full disk refuses to delete the record, so that deleting it again goes through.
 int64_t RemoveCheckpointsAndExport(const std::string& folder);
 
+// The step and folder of the newest complete checkpoint in a job's folder (where the job resumes),
+// after putting back one a kill left aside while replacing it; {0, ""} without one.
+std::pair<int64_t, std::string> NewestCheckpoint(const std::string& job_folder);
+
 class JobRunner {
  public:
   JobRunner(engine::Engine& engine, JobStore& store, JobEventHub& events, MetricsRegistry& metrics,

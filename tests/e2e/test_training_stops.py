@@ -35,17 +35,39 @@ def test_kill_9_during_a_job_resumes_from_its_checkpoint_with_the_same_final_los
     with grpc.insecure_channel(d.grpc_address) as channel:
         stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
         job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+        checkpoint, last = 0, 0
         for event in stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=120):
-            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 8:
+            if event.WhichOneof("event") == "checkpoint":
+                checkpoint = event.checkpoint.step
+            last = max(last, event.step.step)
+            if checkpoint >= 8 and last > checkpoint:  # steps past it recorded (and sent)
                 break
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
+    folder = tmp_path / "b" / "data" / "jobs" / job.id
+    resumes_at = max(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+                     if (p / "trainer_state.json").exists())
+
+    # Held in the queue (training.max_running_jobs 0), the job shows no step past the checkpoint
+    # it resumes from: the dead run's later steps were lost with it (a watch of the resumed run
+    # then skipped its steps up to the dead run's last, taking them for ones it had sent).
+    d = start_daemon(tmp_path / "b", "--set", "training.max_running_jobs=0")
+    try:
+        with grpc.insecure_channel(d.grpc_address) as channel:
+            stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
+            queued = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10)
+            assert queued.state == tpb.JOB_STATE_QUEUED
+            assert last > resumes_at >= 8 and queued.last_step.step == resumes_at, \
+                (last, resumes_at, queued.last_step)
+    finally:
+        stop_daemon(d)
 
     d = start_daemon(tmp_path / "b")
     try:
         with grpc.insecure_channel(d.grpc_address) as channel:
             stub = stubs.training_pb2_grpc.TrainingServiceStub(channel)
             events, states, steps = watch_until_done(stub, tpb, job.id)
+            assert [s.step for s in steps] == list(range(1, 17)), "each step once, in order"
             assert states[-1] == tpb.JOB_STATE_SUCCEEDED, d.log()
             kinds = [e.WhichOneof("event") for e in events]
             assert kinds.count("finished") == 1 and states.count(tpb.JOB_STATE_SUCCEEDED) == 1
