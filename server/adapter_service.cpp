@@ -306,10 +306,14 @@ grpc::ServerUnaryReactor* AdapterService::UnloadAdapter(
     timeout -= std::min(timeout / 5, std::chrono::milliseconds(250));
     if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
   }
-  const auto unload = [this, response, name = request->name(), version,
+  // A client that has gone (cancelled, disconnected: grpcurl and a plain stub set no deadline)
+  // ends the wait: each one held one of the unload_waiters_ places for the hour.
+  const auto unload = [this, context, response, name = request->name(), version,
                        newest_listed](std::chrono::milliseconds wait) {
-    const absl::Status status = engine_.adapters().Unload(name, version, wait, newest_listed);
-    const bool draining = status.code() == absl::StatusCode::kDeadlineExceeded;
+    const absl::Status status = engine_.adapters().Unload(
+        name, version, wait, newest_listed, [context] { return context->IsCancelled(); });
+    const bool draining = status.code() == absl::StatusCode::kDeadlineExceeded ||
+                          status.code() == absl::StatusCode::kCancelled;
     if (!status.ok() && !draining) return status;
     // The reply as things are now (it was listed before the wait): unloaded, and the requests
     // still running on each version (none once it is freed).

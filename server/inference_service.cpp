@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -21,6 +23,10 @@ namespace {
 
 using lorad::v1::GenerateChunk;
 using Clock = std::chrono::steady_clock;
+
+// The most output one stream message merges (by GenerateStream's count, a little above its
+// serialized size), well under the 4 MiB a gRPC client receives by default.
+constexpr int64_t kMaxChunkBytes = int64_t{1} << 20;
 
 lorad::v1::FinishReason ToProto(engine::FinishReason reason) {
   switch (reason) {
@@ -102,8 +108,11 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   struct State {
     std::mutex mu;
     GenerateStream* reactor = nullptr;  // null once OnDone ran
-    GenerateChunk pending;              // events merged since the last write
-    bool has_pending = false;
+    // Events not yet handed to gRPC, merged into chunks of about kMaxChunkBytes at most, with
+    // each chunk's bytes (as unread_bytes counts them): one chunk of everything a slow client
+    // had not read grew past the 4 MiB that gRPC clients receive by default, and its stream
+    // failed there (RESOURCE_EXHAUSTED on the client) short of limits.max_unread_stream_bytes.
+    std::deque<std::pair<GenerateChunk, int64_t>> pending;
     bool final_queued = false;   // the last event is in `pending` or written
     bool final_written = false;  // ... and has been handed to StartWrite
     bool writing = false;
@@ -216,7 +225,15 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
   static bool OnEvent(State& s, InferenceService::Metrics& m, const engine::TokenEvent& e) {
     const Clock::time_point now = Clock::now();
     std::lock_guard<std::mutex> lock(s.mu);
-    GenerateChunk& out = s.overflowed ? s.dropped : s.pending;
+    int64_t bytes = static_cast<int64_t>(e.text.size()) + (e.token ? 16 : 0);
+    for (const auto& top : e.top_logprobs) {
+      bytes += static_cast<int64_t>(top.text.size() + top.bytes.size()) + 24;
+    }
+    if (!s.overflowed && (s.pending.empty() || s.pending.back().second >= kMaxChunkBytes)) {
+      s.pending.emplace_back();
+    }
+    GenerateChunk& out = s.overflowed ? s.dropped : s.pending.back().first;
+    if (!s.overflowed) s.pending.back().second += bytes;
     if (e.token) {
       if (s.seen_token) {
         m.inter_token_latency.Observe({},
@@ -236,7 +253,6 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
       }
     }
     out.mutable_text()->append(e.text);
-    s.has_pending = !s.overflowed;
     if (e.finished) {
       out.set_finish_reason(ToProto(e.finish_reason));
       auto* usage = out.mutable_usage();
@@ -268,16 +284,12 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
     }
     s.dropped.Clear();
     if (s.overflowed) return false;
-    s.unread_bytes += static_cast<int64_t>(e.text.size()) + (e.token ? 16 : 0);
-    for (const auto& top : e.top_logprobs) {
-      s.unread_bytes += static_cast<int64_t>(top.text.size() + top.bytes.size()) + 24;
-    }
+    s.unread_bytes += bytes;
     if (!e.finished && s.unread_bytes > s.max_unread_bytes) {
       // The client stopped reading (or reads slower than the model writes): what it has not
       // read is dropped and the stream ends, rather than held in memory without bound.
       s.overflowed = true;
-      s.pending.Clear();
-      s.has_pending = false;
+      s.pending.clear();
       FinishLocked(s, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                    absl::StrCat("the client did not read this stream's output: "
                                                 "more than ",
@@ -308,12 +320,12 @@ class GenerateStream : public grpc::ServerWriteReactor<GenerateChunk> {
 
   static void WriteNextLocked(State& s) {
     if (s.reactor == nullptr || s.writing || s.finished) return;
-    if (s.has_pending) {
-      s.current = std::move(s.pending);
-      s.pending.Clear();
-      s.has_pending = false;
-      s.unread_bytes = 0;  // handed to gRPC, whose own buffers are bounded by flow control
-      if (s.final_queued) s.final_written = true;
+    if (!s.pending.empty()) {
+      s.current = std::move(s.pending.front().first);
+      // Handed to gRPC, whose own buffers are bounded by flow control.
+      s.unread_bytes -= s.pending.front().second;
+      s.pending.pop_front();
+      if (s.final_queued && s.pending.empty()) s.final_written = true;
       s.writing = true;
       s.reactor->StartWrite(&s.current);
       return;

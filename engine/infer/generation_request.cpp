@@ -28,14 +28,19 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
                                        const std::vector<int32_t>& prompt,
                                        const RequestLimits& limits) {
   if (auto s = r.sampling.Validate(limits.max_new_tokens); !s.ok()) return s;
+  // Errors name the request's field (`prompt`, or `messages` for a chat): the API takes text,
+  // and what is checked here is its encoding.
   if (prompt.empty()) {
-    return absl::InvalidArgumentError("prompt is empty: give prompt text or prompt_ids");
+    return absl::InvalidArgumentError(
+        absl::StrCat(r.prompt_field, ": encodes to no tokens; give text the model can read"));
   }
   const int64_t vocab = limits.vocab_size;
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt_ids[", i, "] = ", prompt[i], " is outside the vocabulary [0, ", vocab, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(r.prompt_field, ": token ", i, " of its encoding is id ", prompt[i],
+                       ", outside the model's vocabulary [0, ", vocab,
+                       ") (the tokenizer knows ids that config.json's vocab_size leaves out)"));
     }
   }
   const int64_t n = static_cast<int64_t>(prompt.size());

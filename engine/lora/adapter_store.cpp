@@ -436,7 +436,8 @@ std::vector<std::pair<std::string, int64_t>> AdapterStore::CurrentResident() con
 }
 
 absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t> version,
-                                  std::chrono::milliseconds timeout, std::optional<int64_t> up_to) {
+                                  std::chrono::milliseconds timeout, std::optional<int64_t> up_to,
+                                  const std::function<bool()>& give_up) {
   State& s = *state_;
   std::unique_lock<std::mutex> lock(s.mu);
   std::vector<std::shared_ptr<AdapterLease::Entry>> targets;
@@ -468,9 +469,18 @@ absl::Status AdapterStore::Unload(const std::string& name, std::optional<int64_t
   const auto all_freed = [&] {
     return std::none_of(targets.begin(), targets.end(), [](const auto& e) { return e->alive; });
   };
-  const bool freed = s.released.wait_for(lock, timeout, [&] {
-    return all_freed() || s.unload_waits_ended;
-  }) && all_freed();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!s.released.wait_until(
+      lock, std::min(deadline, std::chrono::steady_clock::now() + std::chrono::milliseconds(100)),
+      [&] { return all_freed() || s.unload_waits_ended; })) {
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    if (give_up && give_up()) {
+      return absl::CancelledError(absl::StrCat("the unload of adapter '", name,
+                                               "' stopped waiting for its running requests; "
+                                               "it will be freed when they end"));
+    }
+  }
+  const bool freed = all_freed();
   if (!freed) {
     return absl::DeadlineExceededError(
         absl::StrCat("adapter '", name, "' is still used by running requests after ",

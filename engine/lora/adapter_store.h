@@ -155,9 +155,13 @@ class AdapterStore {
   // freed when its last request ends). NotFound for an unknown name or version. `up_to`: only
   // versions up to it (what the caller saw and recorded as unloaded; one published since stays,
   // and those seen but already replaced and freed make it OK); 0 unloads nothing (NotFound).
+  // `give_up` (optional), asked every 100 ms of the wait (under the store's lock: keep it cheap,
+  // e.g. whether the caller's client has gone): true ends the wait with CANCELLED (the unload
+  // holds; it is freed when its last request ends).
   absl::Status Unload(const std::string& name, std::optional<int64_t> version = std::nullopt,
                       std::chrono::milliseconds timeout = std::chrono::hours(24),
-                      std::optional<int64_t> up_to = std::nullopt);
+                      std::optional<int64_t> up_to = std::nullopt,
+                      const std::function<bool()>& give_up = nullptr);
 
   // Called (on the calling thread, without the store's lock) whenever a version stops being
   // current: a newer one was published, or it was unloaded. The engine uses it to wake its loop,

@@ -98,6 +98,30 @@ def test_a_stream_whose_client_stops_reading_ends_at_its_unread_limit(tmp_path, 
         stop_daemon(d)
 
 
+def test_a_slow_clients_stream_comes_in_messages_it_can_receive(tmp_path, stubs):
+    """What a client has not read yet is sent in messages of about 1 MiB at most: sent as one, the
+    output of a client that read slower than the model wrote grew past the 4 MiB a gRPC client
+    receives by default, and its stream failed on the client (RESOURCE_EXHAUSTED, "received
+    message larger than max") well short of limits.max_unread_stream_bytes."""
+    d = start_daemon(tmp_path, "--set", "limits.max_unread_stream_bytes=33554432",
+                     "--set", "limits.max_new_tokens=100000",
+                     model=long_context_model(tmp_path / "long-model"))
+    slow = slow_reader(d)  # with the default 4 MiB receive limit
+    try:
+        # About 460 bytes a token here (the fixture's short tokens): 4,000 tokens wait as about
+        # 1.8 MB, in two messages or more.
+        unread = unread_stream(stubs, slow, 4000)
+        assert wait_for_metric(d, "finished_reason=\"length\""), d.log()
+        chunks = list(unread)
+        assert sum(len(c.tokens) for c in chunks) == 4000
+        sizes = [c.ByteSize() for c in chunks]
+        assert sum(sizes) > 1.5 * 2**20, "not enough output waited to test the limit"
+        assert max(sizes) < 1.25 * 2**20, sizes
+    finally:
+        slow.close()
+        stop_daemon(d)
+
+
 def test_loaded_adapter_names_are_bounded_by_their_limit(tmp_path, stubs, peft_adapter_dir):
     """LoadAdapter took any number of names, each with its own host copy of the weights (200
     loads of a 19 MB adapter: +4 GB, and a restart reloading them all before serving): a new name

@@ -191,5 +191,46 @@ TEST_F(AdapterServiceTest, AnUnloadOfNoNameIsRefusedNamingTheField) {
   EXPECT_EQ(s.error_message().rfind("name: ", 0), 0u) << s.error_message();
 }
 
+// An UnloadAdapter whose client goes away (cancelled, disconnected) while the adapter's requests
+// run stops waiting: each such call kept one of the 16 waiting places for an hour (a client with
+// no deadline: grpcurl, a plain stub), and the 17th unload of any adapter was refused. Here a
+// request's lease holds "bot" while 16 calls without a deadline are cancelled; a 17th is answered.
+TEST_F(AdapterServiceTest, AnUnloadWhoseClientLeftStopsWaiting) {
+  AdapterService service(*engine_, (dir_ / "adapters").string(), nullptr, store_.get());
+  const std::unique_ptr<grpc::Server> server = Serve(service);
+  lorad::v1::Adapter loaded;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->LoadAdapter(&context, LoadBot(), &loaded).ok());
+  }
+  auto lease = engine_->adapters().Acquire("bot");  // a running request's
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  lorad::v1::UnloadAdapterRequest request;
+  request.set_name("bot");
+  for (int i = 0; i < 16; ++i) {
+    grpc::ClientContext context;  // no deadline
+    grpc::Status status;
+    std::thread call([&] {
+      lorad::v1::UnloadAdapterResponse reply;
+      status = stub_->UnloadAdapter(&context, request, &reply);
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    context.TryCancel();
+    call.join();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  }
+  grpc::Status status;
+  for (int tries = 0; tries < 50; ++tries) {  // the server notices within 100 ms of each cancel
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    lorad::v1::UnloadAdapterResponse reply;
+    status = stub_->UnloadAdapter(&context, request, &reply);
+    if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(status.ok()) << status.error_message();  // still draining: the lease is held
+  lease->Release();
+}
+
 }  // namespace
 }  // namespace lorad::server

@@ -339,13 +339,16 @@ TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
   expect_error(r, absl::StatusCode::kNotFound, "no-such-adapter");
   r = good;
   r.prompt_ids.clear();
-  expect_error(r, absl::StatusCode::kInvalidArgument, "prompt");
+  expect_error(r, absl::StatusCode::kInvalidArgument, "prompt: encodes to no tokens");
   r = good;
   r.prompt_ids = RandomPrompt(f.model().config().max_position_embeddings, 2);
   expect_error(r, absl::StatusCode::kInvalidArgument, "context");
   r = good;
   r.prompt_ids[2] = 100000;
-  expect_error(r, absl::StatusCode::kInvalidArgument, "prompt_ids[2]");
+  expect_error(r, absl::StatusCode::kInvalidArgument,
+               "prompt: token 2 of its encoding is id 100000");
+  r.prompt_field = "messages";  // a chat's
+  expect_error(r, absl::StatusCode::kInvalidArgument, "messages: token 2");
   r = good;
   r.sampling.max_new_tokens = 0;
   expect_error(r, absl::StatusCode::kInvalidArgument, "max_new_tokens");
