@@ -215,7 +215,12 @@ absl::Status Daemon::StartEngine() {
           ? std::min(config_.engine.max_prefill_chunk, config_.engine.max_batch_tokens)
           : config_.engine.max_batch_tokens;
   options.inference.max_new_tokens_limit = static_cast<int32_t>(config_.limits.max_new_tokens);
-  options.inference.max_queued = static_cast<int32_t>(config_.limits.max_queued_requests);
+  // The open streams are what limits.max_queued_requests counts (InferenceService); the
+  // engine's own count is a backstop above it: a cancelled request leaves it only at the
+  // engine's next step (after a training micro-batch, maybe seconds), and a stream opened on
+  // the place it freed was refused by the engine meanwhile, with a message that did not say
+  // what held the places.
+  options.inference.max_queued = static_cast<int32_t>(2 * config_.limits.max_queued_requests);
   options.max_resident_adapters = static_cast<int32_t>(config_.engine.max_resident_adapters);
   options.train_share = config_.engine.train_share;
   options.max_training_jobs =

@@ -79,9 +79,15 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r,
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
     if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat("sampling.stop_token_ids[", i,
-                                                     "] = ", r.stop_token_ids[i],
-                                                     " is outside the vocabulary"));
+      // Those after the request's own come from stop strings that are special tokens' text.
+      return absl::InvalidArgumentError(
+          i < stop_ids
+              ? absl::StrCat("sampling.stop_token_ids[", i, "] = ", r.stop_token_ids[i],
+                             " is outside the vocabulary")
+              : absl::StrCat("sampling.stop: a stop string is the special token id ",
+                             r.stop_token_ids[i], ", outside the model's vocabulary [0, ", vocab,
+                             ") (the tokenizer knows ids that config.json's vocab_size leaves "
+                             "out)"));
     }
   }
   return absl::OkStatus();

@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "server/job_store.h"
 #include "tests/unit/server/job_store_fixture.h"
@@ -45,10 +47,42 @@ TEST_F(JobStoreTest, ASuccessTheDatabaseRefusesKeepsTheJobPublishing) {
   EXPECT_EQ(store->Get(job->id)->state, JobState::kSucceeded);
 }
 
+// Job "b" inserted through `store` on a thread of its own, behind a second connection that holds
+// the database's write lock (a sqlite3 shell's BEGIN IMMEDIATE) until Release(): the insert
+// holds the store while it waits (up to its busy timeout).
+class InsertBehindALock {
+ public:
+  InsertBehindALock(const std::string& path, JobStore& store) {
+    EXPECT_EQ(sqlite3_open(path.c_str(), &blocker_), SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(blocker_, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
+    writer_ = std::thread([this, &store] {
+      EXPECT_TRUE(store.Insert("b", "b", 0, 1, 10).ok());
+      inserted_ = true;
+    });
+  }
+  ~InsertBehindALock() {
+    Release();
+    writer_.join();
+    sqlite3_close(blocker_);
+  }
+  void Release() {
+    if (!released_.exchange(true)) {
+      EXPECT_EQ(sqlite3_exec(blocker_, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
+    }
+  }
+  bool inserted() const { return inserted_; }
+
+ private:
+  sqlite3* blocker_ = nullptr;
+  std::thread writer_;
+  std::atomic<bool> inserted_{false};
+  std::atomic<bool> released_{false};
+};
+
 // A write waiting out the busy timeout behind another connection's lock (a sqlite3 shell, a
 // backup tool) held the store, and the metrics' job counts waited for it: every scrape, and a
-// /healthz behind it on the HTTP server's one thread, took seconds. The counts answer at once
-// with the last ones while the store is taken: here before the blocked write has given up.
+// /healthz behind it on the HTTP server's one thread, took seconds. The counts answer with the
+// last ones once the store has been taken a while: here before the blocked write has given up.
 TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
   auto opened = JobStore::Open(path_, std::chrono::seconds(30));
   ASSERT_TRUE(opened.ok()) << opened.status();
@@ -56,24 +90,16 @@ TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
   ASSERT_TRUE(store->Insert("a", "a", 0, 1, 10).ok());
   auto before = store->CountByState();
   ASSERT_TRUE(before.ok()) << before.status();
-  sqlite3* blocker = nullptr;
-  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
-  std::atomic<bool> inserted{false};
-  std::thread writer([&] {
-    EXPECT_TRUE(store->Insert("b", "b", 0, 1, 10).ok());
-    inserted = true;
-  });
-  // The writer takes the store and waits on the lock; the counts answer meanwhile (before, they
-  // waited out the writer's 30 s, which then failed).
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  auto during = store->CountByState();
-  ASSERT_TRUE(during.ok()) << during.status();
-  EXPECT_EQ(*during, *before);
-  EXPECT_FALSE(inserted) << "the write should still be waiting for the lock";
-  ASSERT_EQ(sqlite3_exec(blocker, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
-  sqlite3_close(blocker);
-  writer.join();
+  {
+    InsertBehindALock write(path_, *store);
+    // The writer takes the store and waits on the lock; the counts answer meanwhile (before,
+    // they waited out the writer's 30 s, which then failed).
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    auto during = store->CountByState();
+    ASSERT_TRUE(during.ok()) << during.status();
+    EXPECT_EQ(*during, *before);
+    EXPECT_FALSE(write.inserted()) << "the write should still be waiting for the lock";
+  }
   auto after = store->CountByState();
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ((*after)[0], std::make_pair(JobState::kQueued, int64_t{2}));
@@ -81,32 +107,25 @@ TEST_F(JobStoreTest, CountsAnswerWhileAWriteWaitsForTheDatabase) {
 
 // A write that holds the store for a moment (a step's row while jobs train) is waited for: the
 // counts answered at once then were the last ones, which could be the start's zeros (a scrape
-// while two jobs trained read "running 0"). Here the write waits a few ms for another
-// connection's lock (0.15 s), and the counts taken meanwhile include its job.
+// while two jobs trained read "running 0"). Here the write waits 0.15 s for another
+// connection's lock, and the counts taken meanwhile include its job.
 TEST_F(JobStoreTest, CountsWaitForAShortWrite) {
   auto opened = JobStore::Open(path_, std::chrono::seconds(30));
   ASSERT_TRUE(opened.ok()) << opened.status();
   std::unique_ptr<JobStore> store = std::move(*opened);
   ASSERT_TRUE(store->CountByState().ok());  // the last counts: none queued
-  sqlite3* blocker = nullptr;
-  ASSERT_EQ(sqlite3_open(path_.c_str(), &blocker), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(blocker, "BEGIN IMMEDIATE;", nullptr, nullptr, nullptr), SQLITE_OK);
-  std::atomic<bool> inserted{false};
-  std::thread writer([&] {
-    EXPECT_TRUE(store->Insert("b", "b", 0, 1, 10).ok());
-    inserted = true;
-  });
-  std::thread committer([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(150));
-    EXPECT_EQ(sqlite3_exec(blocker, "COMMIT;", nullptr, nullptr, nullptr), SQLITE_OK);
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the writer holds the store
-  auto during = store->CountByState();
-  committer.join();
-  writer.join();
-  sqlite3_close(blocker);
+  absl::StatusOr<std::vector<std::pair<JobState, int64_t>>> during;
+  {
+    InsertBehindALock write(path_, *store);
+    std::thread committer([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(150));
+      write.Release();
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the writer holds the store
+    during = store->CountByState();
+    committer.join();
+  }
   ASSERT_TRUE(during.ok()) << during.status();
-  ASSERT_TRUE(inserted);
   EXPECT_EQ((*during)[0], std::make_pair(JobState::kQueued, int64_t{1}));
 }
 

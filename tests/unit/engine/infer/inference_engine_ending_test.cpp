@@ -350,6 +350,12 @@ TEST(InferenceEngineTest, BadInputIsAClearErrorAndTheEngineKeepsServing) {
   r.prompt_field = "messages";  // a chat's
   expect_error(r, absl::StatusCode::kInvalidArgument, "messages: token 2");
   r = good;
+  r.stop_token_ids = {5, 100000};
+  expect_error(r, absl::StatusCode::kInvalidArgument, "sampling.stop_token_ids[1] = 100000");
+  r.added_stop_token_ids = 1;  // from a stop string that is a special token's text
+  expect_error(r, absl::StatusCode::kInvalidArgument,
+               "sampling.stop: a stop string is the special token id 100000");
+  r = good;
   r.sampling.max_new_tokens = 0;
   expect_error(r, absl::StatusCode::kInvalidArgument, "max_new_tokens");
   r = good;
