@@ -706,33 +706,18 @@ absl::StatusOr<bool> Engine::TrainingLeavesRoomFor(const TrainingJobConfig& wait
   const TrainingMemoryEstimate other = impl_->Need(candidate);
   const bool pinned = impl_->device.device != "cpu";  // as StartTraining counts host bytes
   std::lock_guard<std::mutex> lock(impl_->mu);
-  std::vector<std::pair<int64_t, int64_t>> held;  // each active job's bytes and pinned bytes
+  std::vector<TrainingHold> running;
   for (const std::string& id : impl_->active_job_ids) {
     const auto bytes = impl_->job_bytes.find(id);
     const auto host = impl_->job_host_bytes.find(id);
-    held.emplace_back(bytes == impl_->job_bytes.end() ? 0 : bytes->second,
-                      host == impl_->job_host_bytes.end() ? 0 : host->second);
+    running.push_back({bytes == impl_->job_bytes.end() ? 0 : bytes->second,
+                       host == impl_->job_host_bytes.end() ? 0 : host->second});
   }
-  if (held.size() > 20) return false;  // never: max_training_jobs is at most 16
-  for (uint32_t set = 0; set < (uint32_t{1} << held.size()); ++set) {
-    int64_t bytes = 0, host = 0;
-    int jobs = 0;
-    for (size_t i = 0; i < held.size(); ++i) {
-      if ((set >> i & 1) == 0) continue;
-      bytes += held[i].first;
-      host += held[i].second;
-      ++jobs;
-    }
-    if (jobs + 1 > max_jobs) continue;
-    absl::StatusOr<bool> fits = impl_->FitsBeside(need, waiting, bytes, host, nullptr);
-    if (!fits.ok()) return fits.status();
-    if (!*fits) continue;
-    if (jobs + 2 > max_jobs) return false;
-    fits = impl_->FitsBeside(need, waiting, bytes + other.total(),
-                             host + (pinned ? other.host_bytes : 0), nullptr);
-    if (!fits.ok() || !*fits) return fits;
-  }
-  return true;
+  return LeavesRoomFor(running, {other.total(), pinned ? other.host_bytes : 0}, max_jobs,
+                       [&](const TrainingHold& beside) {
+                         return impl_->FitsBeside(need, waiting, beside.bytes,
+                                                  beside.pinned_host_bytes, nullptr);
+                       });
 }
 
 absl::Status Engine::CheckTrainingData(const TrainingJobConfig& config, int64_t max_records,

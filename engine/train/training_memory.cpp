@@ -152,6 +152,32 @@ absl::Status CpuTrainingMemoryFits(const TrainingMemoryEstimate& need,
       TrainingShrinkHint(config));
 }
 
+absl::StatusOr<bool> LeavesRoomFor(
+    const std::vector<TrainingHold>& running, const TrainingHold& candidate, int max_jobs,
+    const std::function<absl::StatusOr<bool>(const TrainingHold& beside)>& waiting_fits) {
+  if (running.size() > 20) return false;
+  for (uint32_t set = 0; set < (uint32_t{1} << running.size()); ++set) {
+    TrainingHold beside;
+    int jobs = 0;
+    for (size_t i = 0; i < running.size(); ++i) {
+      if ((set >> i & 1) == 0) continue;
+      beside.bytes += running[i].bytes;
+      beside.pinned_host_bytes += running[i].pinned_host_bytes;
+      ++jobs;
+    }
+    if (jobs + 1 > max_jobs) continue;
+    absl::StatusOr<bool> fits = waiting_fits(beside);
+    if (!fits.ok()) return fits.status();
+    if (!*fits) continue;
+    if (jobs + 2 > max_jobs) return false;
+    beside.bytes += candidate.bytes;
+    beside.pinned_host_bytes += candidate.pinned_host_bytes;
+    fits = waiting_fits(beside);
+    if (!fits.ok() || !*fits) return fits;
+  }
+  return true;
+}
+
 std::string DescribeTrainingNeed(const TrainingMemoryEstimate& need) {
   return "about " + ReadableBytes(need.total()) + " (LoRA " + ReadableBytes(need.lora_bytes) +
          ", activations " + ReadableBytes(need.activation_bytes) + ", workspace " +

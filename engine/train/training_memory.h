@@ -12,7 +12,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/model/model_config.h"
@@ -51,6 +53,23 @@ absl::StatusOr<bool> PinnedHostMemoryFits(const TrainingMemoryEstimate& need,
 // when < 0), whatever the memory budget.
 absl::Status CpuTrainingMemoryFits(const TrainingMemoryEstimate& need,
                                    const TrainingJobConfig& config, int64_t host_total_bytes);
+
+// What one job holds of what the planner counts: bytes of the training budget, and pinned host
+// bytes (offloading on CUDA; 0 on the CPU).
+struct TrainingHold {
+  int64_t bytes = 0;
+  int64_t pinned_host_bytes = 0;
+};
+
+// Whether starting a job that holds `candidate` beside jobs holding `running` can never delay a
+// job that waits, however the running ones end: for every set S of them beside which
+// `waiting_fits(S's holds summed)` with a slot of `max_jobs` left, it also fits beside S and the
+// candidate with a slot left. (The largest such S decide: what the candidate holds must be room
+// the waiting job could never have used.) An error of waiting_fits is the answer. Tries every
+// subset: more than 20 running jobs answer false (max_training_jobs is at most 16).
+absl::StatusOr<bool> LeavesRoomFor(
+    const std::vector<TrainingHold>& running, const TrainingHold& candidate, int max_jobs,
+    const std::function<absl::StatusOr<bool>(const TrainingHold& beside)>& waiting_fits);
 
 // What EstimateTrainingBytes says a job needs, in words: "about <total> (LoRA .., activations
 // .., workspace ..)".

@@ -178,5 +178,41 @@ TEST(TrainingMemoryTest, PackedRowsKeptApartCountTheirMaskOrTheirSegments) {
   EXPECT_EQ(EstimateTrainingBytes(Llama3_8B(), c, 2, true).activation_bytes, plain);
 }
 
+// LeavesRoomFor, with a budget of `budget` bytes and a waiting job of `waiting` bytes.
+absl::StatusOr<bool> LeavesRoom(std::vector<int64_t> running, int64_t candidate, int64_t waiting,
+                                int64_t budget, int max_jobs = 16) {
+  std::vector<TrainingHold> holds;
+  for (int64_t bytes : running) holds.push_back({bytes, 0});
+  return LeavesRoomFor(holds, {candidate, 0}, max_jobs, [&](const TrainingHold& beside) {
+    return absl::StatusOr<bool>(waiting + beside.bytes <= budget);
+  });
+}
+
+// A job may start ahead of one waiting for memory only with what the waiting job could never
+// use: with two jobs of 9 running in a budget of 24, a waiting job of 10 starts once either
+// ends, beside the other; a candidate of 6 would keep it waiting then (9 + 6 + 10 > 24) although
+// it fits beside the waiting job alone, one of 5 would not.
+TEST(TrainingMemoryTest, AJobStartsAheadOnlyWithRoomTheWaitingJobCouldNeverUse) {
+  EXPECT_FALSE(*LeavesRoom({9, 9}, 6, 10, 24));
+  EXPECT_TRUE(*LeavesRoom({9, 9}, 5, 10, 24));
+  EXPECT_TRUE(*LeavesRoom({}, 14, 10, 24));
+  EXPECT_FALSE(*LeavesRoom({}, 15, 10, 24));
+  // Slots: the waiting job needs one beside every set it fits with, the candidate's included.
+  EXPECT_TRUE(*LeavesRoom({50}, 40, 60, 100, /*max_jobs=*/2));
+  EXPECT_FALSE(*LeavesRoom({50}, 40, 60, 100, /*max_jobs=*/1));
+  EXPECT_FALSE(*LeavesRoom({10, 10}, 1, 60, 100, /*max_jobs=*/3)) << "3 running + the waiting one";
+  // Pinned host memory counts as well as the budget.
+  const auto host_fits = [](const TrainingHold& beside) {
+    return absl::StatusOr<bool>(beside.bytes <= 100 && beside.pinned_host_bytes <= 8);
+  };
+  EXPECT_FALSE(*LeavesRoomFor({{10, 4}}, {10, 5}, 16, host_fits));
+  EXPECT_TRUE(*LeavesRoomFor({{10, 4}}, {10, 4}, 16, host_fits));
+  // The waiting job's error is the answer.
+  const auto refused = LeavesRoomFor({{1, 0}}, {1, 0}, 16, [](const TrainingHold&) {
+    return absl::StatusOr<bool>(absl::ResourceExhaustedError("never fits"));
+  });
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+}
+
 }  // namespace
 }  // namespace lorad::engine
