@@ -4,7 +4,6 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
-#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -158,26 +157,14 @@ absl::Status Daemon::ServeRecordedAdapters() {
   };
   // On a few threads: each adapter is read and hashed (an 8B-shaped one at rank 16 on every
   // projection: 168 MB), and one after another a hundred took most of a minute before lorad
-  // served. A name's records stay on one thread, in their order (each version number follows
-  // from the ones before it).
-  std::vector<std::vector<size_t>> groups;
-  {
-    std::map<std::string, size_t> group_of;
-    for (size_t i = 0; i < adapters.size(); ++i) {
-      auto [it, added] = group_of.try_emplace(adapters[i].name, groups.size());
-      if (added) groups.emplace_back();
-      groups[it->second].push_back(i);
-    }
-  }
+  // served. A name has one record (the adapters table's key), so the records are independent.
   const auto started = std::chrono::steady_clock::now();
-  std::atomic<size_t> next_group{0};
+  std::atomic<size_t> next{0};
   const auto work = [&] {
-    for (size_t g; (g = next_group.fetch_add(1)) < groups.size();) {
-      for (const size_t i : groups[g]) serve_again(i);
-    }
+    for (size_t i; (i = next.fetch_add(1)) < adapters.size();) serve_again(i);
   };
   const size_t threads = std::min<size_t>(
-      {groups.size(), kMaxRestoreThreads, std::max(1u, std::thread::hardware_concurrency())});
+      {adapters.size(), kMaxRestoreThreads, std::max(1u, std::thread::hardware_concurrency())});
   std::vector<std::thread> helpers;
   for (size_t t = 1; t < threads; ++t) {
     try {
